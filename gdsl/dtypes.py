@@ -1,0 +1,92 @@
+"""The dtypes gdsl knows, and numpy-style promotion among them.
+
+Promotion follows numpy for the six supported dtypes, with JAX's two refinements: Python scalars are
+weakly typed (they take the array's dtype when they fit its kind), and float64/complex never appear
+(float64 inputs are canonicalised to float32).
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+float32 = np.dtype(np.float32)
+float16 = np.dtype(np.float16)
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+int32 = np.dtype(np.int32)
+int64 = np.dtype(np.int64)
+bool_ = np.dtype(np.bool_)
+
+SUPPORTED = (bool_, int32, int64, float16, bfloat16, float32)
+SHORT_NAMES = {bool_: "bool", int32: "i32", int64: "i64", float16: "f16", bfloat16: "bf16", float32: "f32"}
+
+# Kinds ordered as numpy orders them: a value of a lower kind converts to any dtype of a higher kind.
+_KIND = {bool_: 0, int32: 1, int64: 1, float16: 2, bfloat16: 2, float32: 2}
+_DEFAULT_OF_KIND = {0: bool_, 1: int32, 2: float32}
+
+
+def canonicalize(dtype) -> np.dtype:
+    """The gdsl dtype that values of numpy dtype `dtype` are stored as (TypeError if none)."""
+    dtype = np.dtype(dtype)
+    if dtype in SUPPORTED:
+        return dtype
+    if dtype == np.float64:
+        return float32
+    if dtype.kind in "iu" and dtype.itemsize <= 4:
+        return int32
+    if dtype.kind in "iu":
+        return int64
+    raise TypeError(f"gdsl does not support dtype {dtype}; use one of "
+                    + ", ".join(str(d) for d in SUPPORTED))
+
+
+def is_float(dtype) -> bool:
+    return _KIND[np.dtype(dtype)] == 2
+
+
+def is_int(dtype) -> bool:
+    return _KIND[np.dtype(dtype)] == 1
+
+
+def promote(a: np.dtype, b: np.dtype) -> np.dtype:
+    """numpy's promotion of two (strong) gdsl dtypes."""
+    if a == b:
+        return a
+    ka, kb = _KIND[a], _KIND[b]
+    if ka != kb:
+        return a if ka > kb else b
+    if ka == 1:
+        return int64
+    return float32  # two different floats: f16 with bf16, or either with f32
+
+
+def result_type(*operands) -> np.dtype:
+    """The dtype an operation on `operands` computes in. Python scalars are weak: they defer to arrays."""
+    strong = [dtype_of(x) for x in operands if not is_weak(x)]
+    weak = [x for x in operands if is_weak(x)]
+    out = None
+    for d in strong:
+        out = d if out is None else promote(out, d)
+    weak_kind = max((_python_kind(x) for x in weak), default=-1)
+    if out is None:
+        return _DEFAULT_OF_KIND[weak_kind]
+    if weak_kind > _KIND[out]:
+        return _DEFAULT_OF_KIND[weak_kind]
+    return out
+
+
+def is_weak(x) -> bool:
+    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def _python_kind(x) -> int:
+    return 0 if isinstance(x, bool) else 1 if isinstance(x, int) else 2
+
+
+def dtype_of(x) -> np.dtype:
+    """The gdsl dtype of an array-like, tracer or Python scalar."""
+    if is_weak(x):
+        return _DEFAULT_OF_KIND[_python_kind(x)]
+    d = getattr(x, "dtype", None)
+    if d is None:
+        d = np.asarray(x).dtype
+    return canonicalize(d)

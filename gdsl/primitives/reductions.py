@@ -1,0 +1,55 @@
+"""Reductions over static axes. Results keep the operand dtype (bool sums count in int32);
+argmax/argmin return int32 indices of the first extreme value, as numpy."""
+from __future__ import annotations
+
+import numpy as np
+
+from gdsl import dtypes
+from gdsl.primitives.registry import primitive
+from gdsl.tracing.ir import ShapedArray
+
+
+def _reduced_shape(x, axes):
+    if any(not 0 <= a < x.ndim for a in axes) or len(set(axes)) != len(axes):
+        raise TypeError(f"bad reduction axes {tuple(axes)} for {x}")
+    return tuple(d for i, d in enumerate(x.shape) if i not in axes)
+
+
+REDUCE = {"reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min}
+ARG_REDUCE = {"argmax": np.argmax, "argmin": np.argmin}
+REDUCE_PRIMS = {}
+
+
+def _declare_reduce(name, rule):
+    p = primitive(name, "reduce")
+
+    @p.def_abstract_eval
+    def _abstract(x, *, axes):
+        dtype = dtypes.int32 if (name == "reduce_sum" and x.dtype == dtypes.bool_) else x.dtype
+        if name != "reduce_sum" and x.size == 0 and axes:
+            raise TypeError(f"{name} of an empty array")
+        return [ShapedArray(_reduced_shape(x, axes), dtype)]
+
+    @p.def_impl
+    def _impl(x, *, axes):
+        if name == "reduce_sum" and x.dtype == dtypes.bool_:
+            x = x.astype(np.int32)
+        return [np.asarray(rule(x, axis=tuple(axes)))]
+    return p
+
+
+def _declare_arg(name, rule):
+    p = primitive(name, "reduce")
+
+    @p.def_abstract_eval
+    def _abstract(x, *, axis):
+        if x.shape[axis] == 0:
+            raise TypeError(f"{name} of an empty axis")
+        return [ShapedArray(_reduced_shape(x, (axis,)), dtypes.int32)]
+
+    p.def_impl(lambda x, *, axis: [np.asarray(rule(x, axis=axis)).astype(np.int32)])
+    return p
+
+
+REDUCE_PRIMS.update({n: _declare_reduce(n, r) for n, r in REDUCE.items()})
+REDUCE_PRIMS.update({n: _declare_arg(n, r) for n, r in ARG_REDUCE.items()})

@@ -1,0 +1,221 @@
+"""`gdsl.jit`, `gdsl.make_ir` and the Lowered object.
+
+A jitted function traces once per signature — (argument pytree, shapes/dtypes, static arguments, backend,
+options) — into a Program, which the backend lowers (plan + source) and loads. A second call with the same
+signature reuses both: no retrace, no recompile.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import sys
+import time
+
+import numpy as np
+
+from gdsl import dtypes
+from gdsl.backends import backend_module, default_backend, usable_backend
+from gdsl.control_flow import reset_function_names
+from gdsl.tracing.ir import Program, ShapedArray
+from gdsl.tracing.pytree import tree_flatten, tree_unflatten
+from gdsl.tracing.trace import Builder, builder_stack, tracing, type_error
+
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune"})
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("GDSL_DEBUG", "0") or 0)
+    except ValueError:
+        return 1
+
+
+def debug(level: int, what: str, text: str) -> None:
+    """Print `text` to stderr when GDSL_DEBUG >= level (1 IR, 2 plan, 3 source, 4 compile/launch timings)."""
+    if debug_level() >= level:
+        print(f"[gdsl {what}]\n{text}", file=sys.stderr)
+
+
+def leaf_aval(x) -> ShapedArray:
+    """The type of a jit argument: numpy/CuPy/any array with shape+dtype, dlpack objects, Python scalars."""
+    if dtypes.is_weak(x):
+        return ShapedArray((), dtypes.dtype_of(x))
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        arr = np.asarray(x)
+        shape, dtype = arr.shape, arr.dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # e.g. torch.float32
+        dtype = np.dtype(str(dtype).rsplit(".", 1)[-1])
+    return ShapedArray(tuple(int(d) for d in shape), dtypes.canonicalize(dtype))
+
+
+def trace_program(fun, args, kwargs, name="main") -> Program:
+    """Trace `fun(*args, **kwargs)` (pytrees of arrays) into a closed Program."""
+    flat, in_tree = tree_flatten((tuple(args), dict(kwargs)))
+    avals = [leaf_aval(x) for x in flat]
+    if builder_stack():
+        raise type_error("calling a jitted function while tracing another one is not supported yet; call "
+                         "the undecorated Python function instead")
+    reset_function_names()
+    builder = Builder()
+    with tracing(builder):
+        tracers = [builder.new_arg(a) for a in avals]
+        a, k = tree_unflatten(in_tree, tracers)
+        out = fun(*a, **k)
+        out_flat, out_tree = tree_flatten(out)
+        from gdsl.control_flow import _operand
+        jaxpr, consts = builder.finish([_operand(o) for o in out_flat])
+    program = Program(jaxpr, tuple(consts), in_tree, out_tree, name=name)
+    if os.environ.get("GDSL_CHECK"):
+        from gdsl.tracing.typecheck import typecheck_program
+        typecheck_program(program)
+    debug(1, f"IR of {name}", str(program))
+    return program
+
+
+def make_ir(fun, *, static_argnums=(), static_argnames=()):
+    """`gdsl.make_ir(f)(*args)` -> the traced Program; `str()` of it prints the IR."""
+    jitted = Jitted(fun, "interpret", static_argnums, static_argnames, {})
+
+    @functools.wraps(fun)
+    def build(*args, **kwargs):
+        dyn_args, dyn_kwargs, _ = jitted._split_static(args, kwargs)
+        return trace_program(jitted._with_static(args, kwargs), dyn_args, dyn_kwargs, jitted.__name__)
+    return build
+
+
+class Lowered:
+    """What `f.lower(*args)` returns: the IR, the backend's plan and its generated source (as text)."""
+
+    def __init__(self, program, lowering, backend):
+        self.program = program
+        self.lowering = lowering
+        self.backend = backend
+
+    @property
+    def ir(self) -> str:
+        return str(self.program)
+
+    @property
+    def plan(self) -> str:
+        return str(self.lowering.plan)
+
+    @property
+    def source(self) -> str:
+        return self.lowering.source
+
+
+class Jitted:
+    def __init__(self, fun, backend, static_argnums, static_argnames, options):
+        unknown = set(options) - KNOWN_OPTIONS
+        if unknown:
+            raise TypeError(f"gdsl.jit: unknown option(s) {sorted(unknown)}; known: {sorted(KNOWN_OPTIONS)}")
+        self.fun = fun
+        self.backend = backend
+        self.static_argnums = tuple(sorted(static_argnums if isinstance(static_argnums, (tuple, list))
+                                           else (static_argnums,)))
+        self.static_argnames = tuple(static_argnames if isinstance(static_argnames, (tuple, list))
+                                     else (static_argnames,))
+        self.options = dict(options)
+        self.trace_count = 0
+        self._cache: dict = {}
+        self.__name__ = getattr(fun, "__name__", "main")
+        self.__doc__ = getattr(fun, "__doc__", None)
+        self.__wrapped__ = fun
+        try:
+            self._signature = inspect.signature(fun)
+        except (TypeError, ValueError):
+            self._signature = None
+
+    def _split_static(self, args, kwargs):
+        """Dynamic args/kwargs (statics replaced by None) and the hashable static key."""
+        static = []
+        dyn_args = list(args)
+        for i in self.static_argnums:
+            if i < len(args):
+                static.append(("arg", i, args[i]))
+                dyn_args[i] = None
+        dyn_kwargs = dict(kwargs)
+        for name in self.static_argnames:
+            if name in kwargs:
+                static.append(("kw", name, kwargs[name]))
+                dyn_kwargs.pop(name)
+        try:
+            hash(tuple(static))
+        except TypeError:
+            raise TypeError(f"gdsl.jit: static arguments must be hashable, got {static!r}") from None
+        return tuple(dyn_args), dyn_kwargs, tuple(static)
+
+    def _with_static(self, args, kwargs):
+        """`fun` with the static arguments of this call put back in place."""
+        static_pos = {i: args[i] for i in self.static_argnums if i < len(args)}
+        static_kw = {n: kwargs[n] for n in self.static_argnames if n in kwargs}
+
+        def fun(*dyn_args, **dyn_kwargs):
+            full = [static_pos.get(i, a) for i, a in enumerate(dyn_args)]
+            return self.fun(*full, **dyn_kwargs, **static_kw)
+        return fun
+
+    def _entry(self, args, kwargs):
+        backend = self.backend or default_backend()
+        dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
+        flat, in_tree = tree_flatten((dyn_args, dyn_kwargs))
+        avals = tuple(leaf_aval(x) for x in flat)
+        key = (in_tree, avals, static, backend, tuple(sorted(self.options.items(), key=str)))
+        entry = self._cache.get(key)
+        if entry is None:
+            module = backend_module(backend)
+            unknown = set(self.options) - module.KNOWN_OPTIONS
+            if unknown:
+                raise TypeError(f"gdsl.jit: backend {backend!r} has no option(s) {sorted(unknown)}")
+            self.trace_count += 1
+            program = trace_program(self._with_static(args, kwargs), dyn_args, dyn_kwargs, self.__name__)
+            t0 = time.perf_counter()
+            lowering = module.lower(program, self.options)
+            debug(2, f"plan of {self.__name__} ({backend})", str(lowering.plan))
+            debug(3, f"source of {self.__name__} ({backend})", lowering.source)
+            debug(4, "timing", f"lower: {1e3 * (time.perf_counter() - t0):.1f} ms")
+            entry = self._cache[key] = {"program": program, "lowering": lowering, "backend": backend,
+                                        "executable": None, "avals": avals}
+        return entry, flat
+
+    def lower(self, *args, **kwargs) -> Lowered:
+        entry, _ = self._entry(args, kwargs)
+        return Lowered(entry["program"], entry["lowering"], entry["backend"])
+
+    def __call__(self, *args, **kwargs):
+        entry, flat = self._entry(args, kwargs)
+        if entry["executable"] is None:
+            module = usable_backend(entry["backend"])
+            t0 = time.perf_counter()
+            entry["executable"] = module.load(entry["lowering"])
+            debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+        flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
+        outs = entry["executable"](flat)
+        return tree_unflatten(entry["program"].out_tree, outs)
+
+
+def _as_dtype(x, aval):
+    """Python scalars and arrays of non-canonical dtypes (float64, ...) as the traced dtype."""
+    if dtypes.is_weak(x):
+        return np.asarray(x, dtype=aval.dtype)
+    if getattr(x, "dtype", None) != aval.dtype and hasattr(x, "astype"):
+        try:
+            return x.astype(aval.dtype)
+        except TypeError:
+            return x
+    return x
+
+
+def jit(fun=None, *, backend=None, static_argnums=(), static_argnames=(), **options):
+    """Compile `fun` (traced on first call per signature). Bare (`@gdsl.jit`) or with arguments.
+    Options: control ("device"|"host"), grid, block, unroll, autotune."""
+    if fun is None:
+        return lambda f: jit(f, backend=backend, static_argnums=static_argnums,
+                             static_argnames=static_argnames, **options)
+    jitted = Jitted(fun, backend, static_argnums, static_argnames, options)
+    functools.update_wrapper(jitted, fun, updated=())
+    return jitted

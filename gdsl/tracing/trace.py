@@ -1,0 +1,239 @@
+"""Tracing: tracers record primitive applications into the innermost active Builder.
+
+`bind(prim, *args, **params)` is the single entry point every operation goes through:
+- no trace is active -> the primitive's numpy rule runs now (eager mode, same semantics as jit);
+- otherwise an equation is appended to the innermost Builder. Values from outer builders and numpy
+  arrays that the traced function closes over are captured as explicit constants of the Builder
+  (closure conversion): the finished Jaxpr reads nothing but its binders.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+
+from gdsl import dtypes
+from gdsl.errors import ConcretizationError
+from gdsl.tracing.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
+
+_GDSL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_state = threading.local()
+
+
+def builder_stack() -> list["Builder"]:
+    if not hasattr(_state, "builders"):
+        _state.builders = []
+    return _state.builders
+
+
+def current_builder() -> "Builder | None":
+    stack = builder_stack()
+    return stack[-1] if stack else None
+
+
+def user_location() -> str:
+    """file:line of the innermost frame outside the gdsl package (the user's code)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_GDSL_DIR + os.sep) and "importlib" not in filename:
+            return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def type_error(message: str) -> TypeError:
+    """A TypeError whose message names the user's file:line."""
+    return TypeError(f"{message} (at {user_location()})")
+
+
+class Builder:
+    """Collects the equations of one Jaxpr being traced."""
+
+    def __init__(self):
+        self.eqns: list[Eqn] = []
+        self.in_binders: list[Var] = []
+        self.captured: list = []          # outer tracers or numpy arrays, in capture order
+        self.captured_vars: list[Var] = []
+        self._capture_index: dict[int, Var] = {}
+
+    def new_arg(self, aval: ShapedArray) -> "Tracer":
+        var = Var(aval)
+        self.in_binders.append(var)
+        return Tracer(self, var)
+
+    def capture(self, value) -> Var:
+        """The binder standing for an outer tracer or a closed-over array inside this Builder."""
+        key = id(value)
+        if key not in self._capture_index:
+            if isinstance(value, Tracer):
+                aval = value.aval
+            else:
+                value = np.asarray(value, dtype=dtypes.canonicalize(np.asarray(value).dtype))
+                aval = ShapedArray(value.shape, value.dtype)
+            var = Var(aval)
+            self._capture_index[key] = var
+            self.captured.append(value)
+            self.captured_vars.append(var)
+        return self._capture_index[key]
+
+    def atom(self, x):
+        if isinstance(x, Tracer):
+            return x.var if x.builder is self else self.capture(x)
+        if isinstance(x, Lit):
+            return x
+        if dtypes.is_weak(x):
+            return Lit.of(x, dtypes.dtype_of(x))
+        arr = np.asarray(x)
+        if arr.ndim == 0:
+            return Lit.of(arr, dtypes.canonicalize(arr.dtype))
+        return self.capture(x)
+
+    def finish(self, outs) -> tuple[Jaxpr, list]:
+        """The closed Jaxpr (captured values first, then arguments) and the captured values."""
+        out_atoms = tuple(self.atom(o) for o in outs)
+        jaxpr = Jaxpr(tuple(self.captured_vars) + tuple(self.in_binders), tuple(self.eqns), out_atoms)
+        return jaxpr, list(self.captured)
+
+
+class tracing:
+    """Context manager that makes a fresh Builder the innermost one."""
+
+    def __init__(self, builder: Builder):
+        self.builder = builder
+
+    def __enter__(self):
+        builder_stack().append(self.builder)
+        return self.builder
+
+    def __exit__(self, *exc):
+        builder_stack().pop()
+
+
+def aval_of(x) -> ShapedArray:
+    if isinstance(x, Tracer):
+        return x.aval
+    if isinstance(x, Lit):
+        return x.aval
+    if dtypes.is_weak(x):
+        return ShapedArray((), dtypes.dtype_of(x))
+    arr = np.asarray(x)
+    return ShapedArray(arr.shape, dtypes.canonicalize(arr.dtype))
+
+
+def bind(prim, *args, **params) -> list:
+    """Apply `prim` to `args`: eagerly with numpy, or by recording an equation when tracing."""
+    builder = current_builder()
+    avals = [aval_of(a) for a in args]
+    try:
+        out_avals = prim.abstract_eval(*avals, **params)
+    except TypeError as e:
+        if "(at " in str(e):
+            raise
+        raise type_error(f"{prim.name}: {e}") from None
+    if builder is None:
+        from gdsl.interpreter import apply_impl
+        return apply_impl(prim, [np.asarray(a) for a in args], params, out_avals)
+    inputs = tuple(builder.atom(a) for a in args)
+    outs = tuple(Var(a) for a in out_avals)
+    builder.eqns.append(Eqn(prim, inputs, params, outs))
+    return [Tracer(builder, v) for v in outs]
+
+
+def bind1(prim, *args, **params):
+    (out,) = bind(prim, *args, **params)
+    return out
+
+
+def _concretization_error(what: str, hint: str) -> ConcretizationError:
+    return ConcretizationError(
+        f"{what} on a traced value at {user_location()}: its value is known only when the compiled program "
+        f"runs. {hint}")
+
+
+_CONTROL_HINT = ("Use gdsl.cond(pred, true_fun, false_fun, *operands) (or gdsl.switch) for a branch, and "
+                 "gdsl.while_loop(cond_fun, body_fun, init_val) / gdsl.fori_loop for a loop.")
+
+
+class Tracer:
+    """A traced array. Supports the numpy-like surface of SPEC §1 by calling gdsl.numpy."""
+    __slots__ = ("builder", "var")
+    __array_ufunc__ = None          # numpy defers to our reflected operators
+    __array_priority__ = 1000
+
+    def __init__(self, builder: Builder, var: Var):
+        self.builder = builder
+        self.var = var
+
+    aval = property(lambda self: self.var.aval)
+    shape = property(lambda self: self.aval.shape)
+    dtype = property(lambda self: self.aval.dtype)
+    ndim = property(lambda self: self.aval.ndim)
+    size = property(lambda self: self.aval.size)
+
+    def __repr__(self):
+        return f"Tracer<{self.aval}>"
+
+    def __hash__(self):
+        return id(self)
+
+    def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d traced array")
+        return self.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __bool__(self):
+        raise _concretization_error("Python `if`/`while`/bool()", _CONTROL_HINT)
+
+    def __int__(self):
+        raise _concretization_error("int()", "Keep it an array (x.astype(gdsl.int32)); " + _CONTROL_HINT)
+
+    def __float__(self):
+        raise _concretization_error("float()", "Keep it an array (x.astype(gdsl.float32)); " + _CONTROL_HINT)
+
+    def __index__(self):
+        raise _concretization_error("Using it as a Python int (range(), list index)",
+                                    "Index arrays with it instead (x[i]); " + _CONTROL_HINT)
+
+    def __array__(self, *args, **kwargs):
+        raise _concretization_error("Converting it to a numpy array",
+                                    "Return it from the jitted function to get its value.")
+
+
+def _install_methods():
+    """Operators and methods of traced arrays (the same functions gdsl.numpy exposes)."""
+    from gdsl import numpy as gnp
+    from gdsl.indexing import IndexUpdateHelper, getitem
+
+    def binary(fn):
+        return lambda self, other: fn(self, other)
+
+    def reflected(fn):
+        return lambda self, other: fn(other, self)
+
+    table = {"add": gnp.add, "sub": gnp.subtract, "mul": gnp.multiply, "truediv": gnp.divide,
+             "floordiv": gnp.floor_divide, "mod": gnp.remainder, "pow": gnp.power, "matmul": gnp.matmul,
+             "and": gnp.bitwise_and, "or": gnp.bitwise_or}
+    for name, fn in table.items():
+        setattr(Tracer, f"__{name}__", binary(fn))
+        setattr(Tracer, f"__r{name}__", reflected(fn))
+    for name, fn in {"lt": gnp.less, "le": gnp.less_equal, "gt": gnp.greater, "ge": gnp.greater_equal,
+                     "eq": gnp.equal, "ne": gnp.not_equal}.items():
+        setattr(Tracer, f"__{name}__", binary(fn))
+    Tracer.__neg__ = lambda self: gnp.negative(self)
+    Tracer.__pos__ = lambda self: self
+    Tracer.__abs__ = lambda self: gnp.abs(self)
+    Tracer.__invert__ = lambda self: gnp.bitwise_not(self)
+    Tracer.__getitem__ = getitem
+    Tracer.T = property(lambda self: gnp.transpose(self))
+    Tracer.at = property(lambda self: IndexUpdateHelper(self))
+    Tracer.reshape = lambda self, *shape: gnp.reshape(self, shape[0] if len(shape) == 1 else shape)
+    Tracer.astype = lambda self, dtype: gnp.astype(self, dtype)
+    Tracer.transpose = lambda self, *axes: gnp.transpose(self, (axes[0] if len(axes) == 1 else axes) or None)
+    for name in ("sum", "max", "min", "mean", "argmax", "argmin"):
+        setattr(Tracer, name, getattr(gnp, name))
