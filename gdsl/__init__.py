@@ -7,7 +7,8 @@
 from gdsl import primitives as _primitives  # noqa: F401  (registers every primitive)
 from gdsl import numpy  # noqa: F401
 from gdsl import nn  # noqa: F401
-from gdsl.backends import backends, default_backend  # noqa: F401
+from gdsl import backends  # noqa: F401  (callable: gdsl.backends() lists the usable backends)
+from gdsl.backends import default_backend  # noqa: F401
 from gdsl.control_flow import ShapeDtype, cond, fori_loop, recurse, switch, while_loop  # noqa: F401
 from gdsl.dtypes import bfloat16, bool_, float16, float32, int32, int64  # noqa: F401
 from gdsl.errors import (BackendUnavailableError, CompileError, ConcretizationError,  # noqa: F401

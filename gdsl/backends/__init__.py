@@ -67,3 +67,16 @@ def default_backend() -> str:
         if unavailable_reason(name) is None:
             return name
     return "interpret"
+
+
+class _CallableModule(type(os)):
+    """`gdsl.backends()` is public API while `gdsl.backends` is also this package (gdsl.backends.cuda, ...):
+    calling the package lists the usable backends."""
+
+    def __call__(self) -> list[str]:
+        return backends()
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule
