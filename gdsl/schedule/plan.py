@@ -1,0 +1,226 @@
+"""The schedule: what the scheduler produces and every backend renders.
+
+Storage
+    Buffer    an array in (device) memory: an input, a const, an output, a temp, or a frame buffer of a
+              recursive function (one copy per recursion depth)
+    Uniform   a scalar that every vEU computes for itself (a register per vEU): trip counts, predicates,
+              indices. Reading one needs no barrier.
+    Value     what an IR variable became: storage + its type (+ which recursion frame, for frame storage)
+
+Work
+    Op        one operator, split into `n_utasks` uTasks (one thread block's share each); fused
+              elementwise chains are one Op whose `expr` is evaluated per output element
+    UniformOp a scalar operation every vEU evaluates itself
+
+Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persistent vEUs)
+    Wave(tasks)         Ops that run at once, each Task on its own vEU range; a vEU runs uTasks
+                        first+k, first+k+count, ... of its Op (rounds when n_utasks > count)
+    Sync(scope)         "grid": all vEUs wait (a real cross-vEU dependency); "block": vEU-local
+    Uniforms(ops)       every vEU evaluates these scalar ops
+    Assign(dst, src)    uniform copy (loop carries, call arguments)
+    Loop(cond, pred, body)      while True: cond; if not pred: break; body
+    Branch(index, branches)     run branches[index] (index is uniform and already clamped)
+    Call(fn, site)      push the return site, enter recursive function `fn` one frame deeper
+    Launch(kernel)      host control only: launch kernel number `kernel` and wait
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gdsl.tracing.ir import Lit, ShapedArray
+
+
+@dataclass(frozen=True, eq=False)
+class Buffer:
+    name: str
+    aval: ShapedArray
+    kind: str                      # "input", "const", "output", "temp", "frame"
+    frame_of: str | None = None    # recursive function whose frames hold one copy each
+
+    def __repr__(self):
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class Uniform:
+    name: str
+    aval: ShapedArray
+    frame_of: str | None = None
+
+    def __repr__(self):
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    storage: Any                   # Buffer | Uniform | Lit
+    aval: ShapedArray
+    frame_offset: int = 0          # 1: the callee's frame (one deeper) of storage.frame_of
+
+    @property
+    def is_uniform(self) -> bool:
+        return isinstance(self.storage, (Uniform, Lit))
+
+    @property
+    def buffer(self) -> Buffer | None:
+        return self.storage if isinstance(self.storage, Buffer) else None
+
+    def __repr__(self):
+        if isinstance(self.storage, Lit):
+            return repr(self.storage.val.item())
+        name = self.storage.name + ("'" if self.frame_offset else "")
+        if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
+            return f"{name}<{self.aval}>"
+        return name
+
+
+@dataclass(frozen=True, eq=False)
+class Expr:
+    """A node of a fused elementwise expression: `op` is an elementwise primitive name, "input" (read
+    input number params["index"] of the Op, broadcast to the output shape) or "literal"."""
+    op: str
+    args: tuple["Expr", ...]
+    params: dict
+    aval: ShapedArray
+
+    def __repr__(self):
+        if self.op == "input":
+            return f"in{self.params['index']}"
+        if self.op == "literal":
+            return repr(self.params["value"].item())
+        return f"{self.op}({', '.join(map(repr, self.args))})"
+
+
+@dataclass(frozen=True, eq=False)
+class Op:
+    name: str
+    kind: str                      # a primitive name, "fused" (elementwise chain) or "copy"
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
+    params: dict                   # the primitive's params plus the split's (chunk, tile sizes, ...)
+    n_utasks: int
+    cost: float                    # estimated ns per uTask on one vEU
+    expr: Expr | None = None
+
+    def __repr__(self):
+        return self.name
+
+
+@dataclass(frozen=True, eq=False)
+class UniformOp:
+    primitive: str
+    inputs: tuple[Value, ...]
+    output: Value
+    params: dict
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    op: Op
+    first: int                     # first vEU
+    count: int                     # number of vEUs
+
+
+@dataclass(frozen=True, eq=False)
+class Wave:
+    tasks: tuple[Task, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Sync:
+    scope: str                     # "grid" or "block"
+
+
+@dataclass(frozen=True, eq=False)
+class Uniforms:
+    ops: tuple[UniformOp, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Assign:
+    dst: Value
+    src: Value
+
+
+@dataclass(frozen=True, eq=False)
+class Loop:
+    cond: tuple
+    pred: Value
+    body: tuple
+
+
+@dataclass(frozen=True, eq=False)
+class Branch:
+    index: Value
+    branches: tuple[tuple, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    fn: str
+    site: int
+
+
+@dataclass(frozen=True, eq=False)
+class Launch:
+    kernel: int
+
+
+@dataclass(frozen=True, eq=False)
+class RecFunction:
+    name: str
+    params: tuple[Value, ...]      # in the function's own frame
+    results: tuple[Value, ...]     # in the function's own frame
+    body: tuple
+    max_depth: int
+    n_sites: int                   # call sites (return points) across the whole plan
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    name: str
+    body: tuple
+    functions: tuple[RecFunction, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    control: str                   # "device" or "host"
+    grid: int                      # vEUs
+    block: int                     # threads per vEU (a backend hint; the CPU runs one thread per vEU)
+    kernels: tuple[Kernel, ...]
+    host: tuple | None             # host control: the control flow around Launch statements
+    inputs: tuple[Value, ...]      # program consts first, then arguments
+    outputs: tuple[Value, ...]
+    consts: tuple                  # numpy arrays for the const buffers
+    buffers: tuple[Buffer, ...]
+    uniforms: tuple[Uniform, ...]
+    functions: tuple[RecFunction, ...]
+    stats: dict = field(default_factory=dict)
+
+    def __str__(self):
+        from gdsl.schedule.printer import print_plan
+        return print_plan(self)
+
+
+def walk(block):
+    """Every statement of `block`, nested ones included, outer first."""
+    for stmt in block:
+        yield stmt
+        if isinstance(stmt, Loop):
+            yield from walk(stmt.cond)
+            yield from walk(stmt.body)
+        elif isinstance(stmt, Branch):
+            for b in stmt.branches:
+                yield from walk(b)
+
+
+def plan_statements(plan: Plan):
+    """Every statement of every kernel, recursive function and the host program."""
+    for k in plan.kernels:
+        yield from walk(k.body)
+    for f in plan.functions:
+        yield from walk(f.body)
+    if plan.host is not None:
+        yield from walk(plan.host)

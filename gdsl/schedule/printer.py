@@ -1,0 +1,90 @@
+"""Text of a Plan for a person: kernels, waves with each op's vEU range, barriers, control flow.
+
+    kernel main  (grid 132 vEUs x 256 threads)
+      wave 0:  op0_matmul [16 uTasks] vEU 0-15 | op1_matmul [16 uTasks] vEU 16-31
+      barrier (grid)
+      loop while u3:
+        ...
+"""
+from __future__ import annotations
+
+from gdsl.schedule.plan import (Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave)
+
+
+def _veus(task) -> str:
+    if task.count == 1:
+        return f"vEU {task.first}"
+    return f"vEU {task.first}-{task.first + task.count - 1}"
+
+
+def _op(op) -> str:
+    ins = ", ".join(map(repr, op.inputs))
+    outs = ", ".join(map(repr, op.outputs))
+    return f"{outs} = {op.name}({ins})"
+
+
+def _uniform(u) -> str:
+    ins = " ".join(map(repr, u.inputs))
+    return f"{u.output!r} = {u.primitive} {ins}"
+
+
+def print_block(block, indent: int, lines: list) -> None:
+    pad = "  " * indent
+    wave_no = 0
+    for stmt in block:
+        if isinstance(stmt, Wave):
+            lines.append(f"{pad}wave {wave_no}:")
+            wave_no += 1
+            for t in stmt.tasks:
+                rounds = -(-t.op.n_utasks // t.count)
+                extra = f", {rounds} rounds" if rounds > 1 else ""
+                lines.append(f"{pad}  {_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
+        elif isinstance(stmt, Sync):
+            lines.append(f"{pad}barrier ({stmt.scope})")
+        elif isinstance(stmt, Uniforms):
+            lines.append(f"{pad}every vEU: " + "; ".join(_uniform(u) for u in stmt.ops))
+        elif isinstance(stmt, Assign):
+            lines.append(f"{pad}every vEU: {stmt.dst!r} = {stmt.src!r}")
+        elif isinstance(stmt, Loop):
+            lines.append(f"{pad}loop:")
+            print_block(stmt.cond, indent + 1, lines)
+            lines.append(f"{pad}  exit unless {stmt.pred!r}")
+            print_block(stmt.body, indent + 1, lines)
+            lines.append(f"{pad}end loop")
+        elif isinstance(stmt, Branch):
+            lines.append(f"{pad}branch on {stmt.index!r}:")
+            for k, b in enumerate(stmt.branches):
+                lines.append(f"{pad}  case {k}:")
+                print_block(b, indent + 2, lines)
+            lines.append(f"{pad}end branch")
+        elif isinstance(stmt, Call):
+            lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, one frame deeper)")
+        elif isinstance(stmt, Launch):
+            lines.append(f"{pad}launch kernel k{stmt.kernel}")
+        else:
+            lines.append(f"{pad}{stmt!r}")
+
+
+def print_plan(plan) -> str:
+    s = plan.stats
+    lines = [f"plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEUs x "
+             f"{plan.block} threads; {s.get('waves', 0)} waves, {s.get('ops', 0)} ops "
+             f"({s.get('fused_eqns', 0)} eqns fused away), {s.get('uniform_ops', 0)} uniform ops, "
+             f"{s.get('grid_syncs', 0)} grid barriers, {s.get('block_syncs', 0)} block syncs"]
+    ins = ", ".join(f"{v!r}:{v.aval}" for v in plan.inputs)
+    outs = ", ".join(f"{v!r}:{v.aval}" for v in plan.outputs)
+    lines.append(f"inputs: {ins}")
+    lines.append(f"outputs: {outs}")
+    if plan.host is not None:
+        lines.append("host:")
+        print_block(plan.host, 1, lines)
+    for k, kernel in enumerate(plan.kernels):
+        lines.append(f"kernel {kernel.name}:")
+        print_block(kernel.body, 1, lines)
+    for fn in plan.functions:
+        params = ", ".join(map(repr, fn.params))
+        results = ", ".join(map(repr, fn.results))
+        lines.append(f"function {fn.name}({params}) -> ({results})  [max_depth {fn.max_depth}, "
+                     f"{fn.n_sites} call sites; storage one copy per frame]:")
+        print_block(fn.body, 1, lines)
+    return "\n".join(lines)

@@ -1,0 +1,563 @@
+"""The scheduler: a traced Program -> a Plan of uTasks on vEUs in waves, with control flow placed in the
+kernel (control="device") or on the host (control="host").
+
+Per straight-line block of equations (a Jaxpr's eqns between control-flow equations, a "segment"):
+1. reshapes become aliases; scalar work becomes uniform ops every vEU computes itself (device control);
+2. elementwise chains fuse into one Op when the intermediate has no other use;
+3. the dataflow graph is levelled into waves; the ops of a wave share the grid, each on a vEU range sized
+   by its cost; a barrier separates two waves only where a uTask reads what another vEU wrote (a
+   vEU-local sync where producer and consumer are single uTasks on the same vEU).
+Control flow becomes Loop / Branch / Call statements; loop carries are updated in place when no reader
+can see the overwrite; recursive functions get frame storage (one copy per depth) and a call stack.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gdsl import dtypes
+from gdsl.primitives import elementwise as ew
+from gdsl.schedule import utasks
+from gdsl.schedule.plan import (Assign, Branch, Buffer, Call, Expr, Kernel, Launch, Loop, Op, Plan, RecFunction,
+                                Sync, Task, Uniform, UniformOp, Uniforms, Value, Wave)
+from gdsl.tracing.ir import Lit, ShapedArray, Var
+
+CONTROL = frozenset({"while", "cond", "recurse", "recurse_call"})
+FUSIBLE = frozenset(ew.UNARY) | frozenset(ew.BINARY) | {"select", "convert_element_type", "broadcast_to", "iota"}
+UNIFORM_OK = FUSIBLE | {"reshape", "slice", "dynamic_slice", "take", "reduce_sum", "reduce_max", "reduce_min",
+                        "argmax", "argmin", "concatenate", "transpose"}
+UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
+
+
+def _use_counts(jaxpr) -> dict:
+    counts: dict = {}
+    for eqn in jaxpr.eqns:
+        for a in eqn.inputs:
+            if isinstance(a, Var):
+                counts[a] = counts.get(a, 0) + 1
+    for a in jaxpr.outs:
+        if isinstance(a, Var):
+            counts[a] = counts.get(a, 0) + 1
+    return counts
+
+
+@dataclass(eq=False)
+class _Item:
+    """An equation (or fused chain) of the segment being scheduled."""
+    eqn: object
+    uniform: bool
+    expr: object = None                      # fused: Expr over `leaves`
+    leaves: list = field(default_factory=list)
+    deps: set = field(default_factory=set)
+    level: int = 0
+    alias: Value | None = None               # write the output here (in-place carry, branch result)
+    op: Op | None = None
+    index: int = 0                           # position in the segment (program order)
+
+
+class Scheduler:
+    def __init__(self, program, *, control="device", grid=132, block=256):
+        if control not in ("device", "host"):
+            raise ValueError(f"control must be 'device' or 'host', got {control!r}")
+        self.program = program
+        self.control = control
+        self.uniforms_allowed = control == "device"
+        self.grid = int(grid)
+        self.block = int(block)
+        self.env: dict = {}
+        self.buffers: list[Buffer] = []
+        self.uniform_list: list[Uniform] = []
+        self.names = itertools.count()
+        self.op_names = itertools.count()
+        self.frame: str | None = None       # recursive function whose body is being scheduled
+        self.fn_defs: dict = {}             # name -> (FunctionDef, params, results)
+        self.fn_bodies: dict = {}
+        self.sites: dict = {}               # name -> number of call sites
+        self.hints: dict = {}               # Var -> (Value to write into, carry binder or None)
+        self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
+                      "fused_eqns": 0}
+
+    # ---------------------------------------------------------------------------------------- storage
+    def _buffer(self, aval, kind="temp", name=None) -> Buffer:
+        kind = "frame" if (self.frame and kind == "temp") else kind
+        buf = Buffer(name or f"t{next(self.names)}", aval, kind, self.frame if kind == "frame" else None)
+        self.buffers.append(buf)
+        return buf
+
+    def _new_value(self, aval, uniform: bool) -> Value:
+        if uniform:
+            u = Uniform(f"u{next(self.names)}", aval, self.frame)
+            self.uniform_list.append(u)
+            return Value(u, aval)
+        return Value(self._buffer(aval), aval)
+
+    def _wants_uniform(self, aval) -> bool:
+        return self.uniforms_allowed and aval.size == 1
+
+    def read(self, atom) -> Value:
+        if isinstance(atom, Lit):
+            return Value(atom, atom.aval)
+        return self.env[atom]
+
+    # ---------------------------------------------------------------------------------------- entry
+    def run(self) -> Plan:
+        prog = self.program
+        inputs = []
+        for k, var in enumerate(prog.jaxpr.in_binders):
+            kind = "const" if k < prog.nconsts else "input"
+            name = f"c{k}" if kind == "const" else f"in{k - prog.nconsts}"
+            value = Value(self._buffer(var.aval, kind, name), var.aval)
+            self.env[var] = value
+            inputs.append(value)
+        outputs = [Value(self._buffer(v.aval, "output", f"out{k}"), v.aval) for k, v in
+                   enumerate(prog.jaxpr.outs)]
+        for atom, out in zip(prog.jaxpr.outs, outputs):   # let the producing op write the result itself
+            if isinstance(atom, Var) and atom not in self.hints:
+                self.hints[atom] = (out, None)
+        body = list(self.schedule_block(prog.jaxpr))
+        for atom, out in zip(prog.jaxpr.outs, outputs):
+            value = self.read(atom)
+            if value.storage is not out.storage:
+                body += self._copy(out, value)
+        functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
+                                      self.sites.get(name, 0))
+                          for name, (fn, params, results) in self.fn_defs.items())
+        body = tuple(_drop_trailing_sync(body))
+        if self.control == "device":
+            kernels, host = (Kernel("main", body, functions),), None
+        else:
+            kernels, host, functions = _split_host(body, functions)
+        return Plan(self.control, self.grid, self.block, kernels, host, tuple(inputs), tuple(outputs),
+                    tuple(prog.consts), tuple(self.buffers), tuple(self.uniform_list), functions,
+                    dict(self.stats))
+
+    # ---------------------------------------------------------------------------------------- blocks
+    def schedule_block(self, jaxpr):
+        """Statements for a Jaxpr's equations (its binders are already in env)."""
+        uses = _use_counts(jaxpr)
+        stmts: list = []
+        segment: list = []
+        for index, eqn in enumerate(jaxpr.eqns):
+            name = eqn.primitive.name
+            if name in CONTROL:
+                stmts += self._segment(segment, uses, jaxpr, index)
+                segment = []
+                stmts += getattr(self, f"_{name}")(eqn)
+            else:
+                segment.append((index, eqn))
+        stmts += self._segment(segment, uses, jaxpr, len(jaxpr.eqns))
+        return stmts
+
+    def _is_uniform(self, eqn) -> bool:
+        """Scalar work every vEU can do itself: scalar arithmetic, loading one element, tiny reductions."""
+        name = eqn.primitive.name
+        if not self.uniforms_allowed or name not in UNIFORM_OK or any(v.aval.size != 1 for v in eqn.outs):
+            return False
+        if name in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
+            return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
+        return True
+
+    def _segment(self, segment, uses, jaxpr, end_index):
+        """Fuse, level and place one straight-line run of equations."""
+        if not segment:
+            return []
+        items: list[_Item] = []
+        producer: dict = {}      # Var -> _Item (within this segment)
+        order: list = []         # items and reshapes in program order, for storage allocation
+        for index, eqn in segment:
+            if eqn.primitive.name == "reshape":   # an alias of its input's storage: no work
+                if eqn.inputs[0] in producer:
+                    producer[eqn.outs[0]] = producer[eqn.inputs[0]]
+                order.append(eqn)
+                continue
+            uniform = self._is_uniform(eqn)
+            item = _Item(eqn, uniform, index=index)
+            if not uniform and eqn.primitive.name in FUSIBLE:
+                item.expr = self._fuse(eqn, item, producer, uses)
+            for atom in (item.leaves if item.expr is not None else eqn.inputs):
+                if isinstance(atom, Var) and atom in producer:
+                    item.deps.add(producer[atom])
+            for v in eqn.outs:
+                producer[v] = item
+            items.append(item)
+            order.append(item)
+        items = [it for it in items if not getattr(it, "absorbed", False)]
+        self._level(items)
+        self._choose_aliases(items, jaxpr, end_index)
+        self._allocate(order)
+        return self._emit(items)
+
+    def _allocate(self, order):
+        """Storage for every value the segment produces, in program order (aliases follow their source)."""
+        for entry in order:
+            if not isinstance(entry, _Item):           # a reshape
+                src, out = entry.inputs[0], entry.outs[0]
+                if isinstance(src, Lit):
+                    self.env[out] = Value(src, out.aval)
+                else:
+                    value = self.read(src)
+                    self.env[out] = Value(value.storage, out.aval, value.frame_offset)
+            elif not getattr(entry, "absorbed", False):
+                for v in entry.eqn.outs:
+                    self.env[v] = entry.alias if entry.alias is not None else \
+                        self._new_value(v.aval, entry.uniform)
+
+    def _fuse(self, eqn, item, producer, uses) -> Expr:
+        """The expression of `eqn` with single-use elementwise producers of this segment folded in."""
+        def build(atom):
+            if isinstance(atom, Lit):
+                return Expr("literal", (), {"value": atom.val}, atom.aval)
+            p = producer.get(atom)
+            if p is not None and p.expr is not None and not p.uniform and uses.get(atom, 0) == 1 \
+                    and atom not in self.hints:
+                p.absorbed = True
+                self.stats["fused_eqns"] += 1
+                return p.raw_expr
+            return Expr("input", (), {"var": atom}, atom.aval)
+        item.raw_expr = Expr(eqn.primitive.name, tuple(build(a) for a in eqn.inputs), dict(eqn.params),
+                             eqn.outs[0].aval)
+        item.leaves = []
+        return _index_leaves(item.raw_expr, item.leaves)
+
+    @staticmethod
+    def _level(items):
+        """Waves: a global op runs one wave after its global producers and after the uniforms it reads;
+        a uniform op (level L) runs right after wave L (the -1 level: before any wave)."""
+        for it in items:
+            if it.uniform:
+                it.level = max([-1] + [d.level for d in it.deps])
+            else:
+                it.level = max([0] + [d.level + 1 for d in it.deps])
+
+    def _choose_aliases(self, items, jaxpr, end_index):
+        """Let an op write straight into a loop carry or a branch/function result when that is safe."""
+        for it in items:
+            if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
+                continue
+            target, binder = self.hints[it.eqn.outs[0]]
+            if binder is None:            # a fresh result buffer nobody else reads
+                it.alias = target
+                continue
+            names = _alias_closure(jaxpr, binder)       # the carry and its reshapes share storage
+            readers_ok = not any(a in names for a in jaxpr.outs if a is not it.eqn.outs[0])
+            for later_index, eqn in enumerate(jaxpr.eqns):
+                if later_index > it.index and any(a in names for a in eqn.inputs):
+                    readers_ok = False       # read after the overwrite
+            for other in items:
+                if other is not it and any(a in names for a in _reads(other)) and other.level >= it.level:
+                    readers_ok = False       # read concurrently with or after the overwrite
+            if any(a in names for a in _reads(it)) and not _same_index_read(it, binder):
+                readers_ok = False
+            if readers_ok and target.aval == it.eqn.outs[0].aval:
+                it.alias = target
+
+    def _emit(self, items):
+        by_level: dict = {}
+        for it in items:
+            by_level.setdefault((it.level, it.uniform), []).append(it)
+        top = max(it.level for it in items)
+        stmts = []
+        unsynced: list = []          # global items written since the last grid barrier
+        for level in range(-1, top + 1):
+            globals_ = by_level.get((level, False), [])
+            if globals_:
+                stmts.append(Wave(tuple(self._place([self._make_op(it) for it in globals_]))))
+                self.stats["waves"] += 1
+                unsynced += globals_
+                later = [it for it in items if (it.level > level and not it.uniform) or
+                         (it.uniform and it.level >= level)]
+                if level == top or any(d in unsynced for it in later for d in it.deps):
+                    # Readers after the segment may sit on any vEU: its last barrier is a grid barrier.
+                    scope = "grid" if level == top else self._sync_scope(items, unsynced, later)
+                    self.stats[f"{scope}_syncs"] += 1
+                    stmts.append(Sync(scope))
+                    if scope == "grid":
+                        unsynced = []
+            uniforms_ = by_level.get((level, True), [])
+            if uniforms_:
+                ops = tuple(self._make_uniform(it) for it in uniforms_)
+                self.stats["uniform_ops"] += len(ops)
+                stmts.append(Uniforms(ops))
+        return stmts
+
+    def _sync_scope(self, items, unsynced, later) -> str:
+        """"block" when every write since the last grid barrier and every later reader of it is a
+        single-uTask op alone in its wave: all of them run on vEU 0. Else "grid"."""
+        readers = [it for it in later if any(d in unsynced for d in it.deps)]
+        if any(it.uniform for it in readers):
+            return "grid"
+        per_level: dict = {}
+        for it in items:
+            if not it.uniform:
+                per_level[it.level] = per_level.get(it.level, 0) + 1
+        for it in unsynced + readers:
+            if per_level[it.level] != 1 or self._n_utasks(it) != 1:
+                return "grid"
+        return "block"
+
+    def _n_utasks(self, it) -> int:
+        kind, ins = self._kind_and_inputs(it)
+        return utasks.split(kind, [a.aval for a in ins], [v.aval for v in it.eqn.outs], it.eqn.params,
+                            self.grid, self.block)[0]
+
+    def _kind_and_inputs(self, it):
+        if it.expr is not None:
+            return "fused", it.leaves
+        return it.eqn.primitive.name, it.eqn.inputs
+
+    # ---------------------------------------------------------------------------------------- ops
+    def _make_op(self, it: _Item) -> Op:
+        eqn = it.eqn
+        kind, atoms = self._kind_and_inputs(it)
+        inputs = tuple(self.read(a) for a in atoms)
+        params = dict(eqn.params)
+        outs = [self.env[v] for v in eqn.outs]
+        if kind == "dynamic_update_slice" and it.alias is not None and inputs[0].storage is it.alias.storage:
+            params["in_place"] = True
+        count, split_params, cost = utasks.split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
+                                                 params, self.grid, self.block)
+        params.update(split_params)
+        label = _expr_label(it.expr) if it.expr is not None else kind
+        op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, it.expr)
+        it.op = op
+        self.stats["ops"] += 1
+        return op
+
+    def _make_uniform(self, it: _Item) -> UniformOp:
+        eqn = it.eqn
+        return UniformOp(eqn.primitive.name, tuple(self.read(a) for a in eqn.inputs), self.env[eqn.outs[0]],
+                         dict(eqn.params))
+
+    def _place(self, ops) -> list[Task]:
+        """vEU ranges for the ops of one wave: one vEU per uTask when they fit, else shares by cost."""
+        total = sum(op.n_utasks for op in ops)
+        if total <= self.grid:
+            counts = [op.n_utasks for op in ops]
+        else:
+            work = [op.n_utasks * op.cost for op in ops]
+            spare = self.grid - len(ops)
+            counts = [1 + min(op.n_utasks - 1, int(spare * w / sum(work))) for op, w in zip(ops, work)]
+        tasks, first = [], 0
+        for op, count in zip(ops, counts):
+            count = max(1, min(count, self.grid))
+            if first + count > self.grid:
+                first = 0  # more ops than vEUs: share from the start (they run one after another there)
+            tasks.append(Task(op, first, count))
+            first += count
+        return tasks
+
+    def _copy(self, dst: Value, src: Value) -> list:
+        """Statements that copy src into dst (an Assign for uniforms, else a copy Op and a barrier)."""
+        if dst.is_uniform:
+            return [Assign(dst, src)]
+        count, params, cost = utasks.split("copy", [src.aval], [dst.aval], {}, self.grid, self.block)
+        op = Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost)
+        self.stats["ops"] += 1
+        self.stats["waves"] += 1
+        self.stats["grid_syncs"] += 1
+        return [Wave(tuple(self._place([op]))), Sync("grid")]
+
+    def _as_uniform(self, value: Value):
+        """A uniform copy of a 1-element value (device control), with the statements that load it."""
+        if value.is_uniform or not self.uniforms_allowed:
+            return [], value
+        u = self._new_value(ShapedArray((), value.aval.dtype), True)
+        self.stats["uniform_ops"] += 1
+        return [Uniforms((UniformOp("reshape", (value,), u, {"new_shape": ()}),))], u
+
+    def _carry_storage(self, aval) -> Value:
+        return self._new_value(aval, self._wants_uniform(aval))
+
+    # ---------------------------------------------------------------------------------------- control
+    def _while(self, eqn):
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        ins = [self.read(a) for a in eqn.inputs]
+        cond_consts, body_consts, inits = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
+        stmts, carries = [], []
+        for init in inits:
+            carry = self._carry_storage(init.aval)
+            stmts += self._copy(carry, init)
+            carries.append(carry)
+        cond_j, body_j = p["cond_jaxpr"], p["body_jaxpr"]
+        self.env.update(zip(cond_j.in_binders, cond_consts + carries))
+        cond_stmts = self.schedule_block(cond_j)
+        load, pred = self._as_uniform(self.read(cond_j.outs[0]))
+        cond_stmts += load
+        body_binders = body_j.in_binders[nb:]
+        self.env.update(zip(body_j.in_binders, body_consts + carries))
+        for out, binder, carry in zip(body_j.outs, body_binders, carries):
+            if isinstance(out, Var) and out is not binder and not carry.is_uniform:
+                self.hints[out] = (carry, binder)
+        body_stmts = self.schedule_block(body_j)
+        for out, carry in zip(body_j.outs, carries):
+            value = self.read(out)
+            if value.storage is carry.storage:
+                continue
+            body_stmts += self._copy(carry, value)
+        for out in body_j.outs:
+            self.hints.pop(out, None)
+        self.env.update(zip(eqn.outs, carries))
+        return stmts + [Loop(tuple(cond_stmts), pred, tuple(body_stmts))]
+
+    def _cond(self, eqn):
+        index_value = self.read(eqn.inputs[0])
+        stmts, index = self._as_uniform(index_value)
+        operands = [self.read(a) for a in eqn.inputs[1:]]
+        results = [self._carry_storage(v.aval) for v in eqn.outs]
+        branches = []
+        for jaxpr in eqn.params["branches"]:
+            self.env.update(zip(jaxpr.in_binders, operands))
+            for out, res in zip(jaxpr.outs, results):
+                if isinstance(out, Var) and not res.is_uniform:
+                    self.hints[out] = (res, None)
+            body = self.schedule_block(jaxpr)
+            for out, res in zip(jaxpr.outs, results):
+                value = self.read(out)
+                if value.storage is not res.storage:
+                    body += self._copy(res, value)
+                self.hints.pop(out, None) if isinstance(out, Var) else None
+            branches.append(tuple(body))
+        self.env.update(zip(eqn.outs, results))
+        return stmts + [Branch(index, tuple(branches))]
+
+    def _recurse(self, eqn):
+        fn = eqn.params["fn"]
+        consts = [self.read(a) for a in eqn.inputs[:fn.nconsts]]
+        if fn.name not in self.fn_defs:
+            self._define_function(fn, consts)
+        return self._call(fn.name, [self.read(a) for a in eqn.inputs[fn.nconsts:]], eqn.outs)
+
+    def _recurse_call(self, eqn):
+        return self._call(eqn.params["name"], [self.read(a) for a in eqn.inputs], eqn.outs)
+
+    def _define_function(self, fn, consts):
+        outer = self.frame
+        self.frame = fn.name
+        params = [self._carry_storage(a) for a in fn.arg_avals]
+        results = [self._carry_storage(a) for a in fn.result_avals]
+        self.fn_defs[fn.name] = (fn, params, results)
+        self.env.update(zip(fn.jaxpr.in_binders, consts + params))
+        for out, res in zip(fn.jaxpr.outs, results):
+            if isinstance(out, Var) and not res.is_uniform:
+                self.hints[out] = (res, None)
+        body = self.schedule_block(fn.jaxpr)
+        for out, res in zip(fn.jaxpr.outs, results):
+            value = self.read(out)
+            if value.storage is not res.storage:
+                body += self._copy(res, value)
+            self.hints.pop(out, None) if isinstance(out, Var) else None
+        self.fn_bodies[fn.name] = tuple(body)
+        self.frame = outer
+
+    def _call(self, name, args, outs):
+        _, params, results = self.fn_defs[name]
+        stmts = []
+        for param, arg in zip(params, args):
+            stmts += self._copy(Value(param.storage, param.aval, 1), arg)
+        site = self.sites.get(name, 0)
+        self.sites[name] = site + 1
+        stmts.append(Call(name, site))
+        for out_var, res in zip(outs, results):
+            dst = self._carry_storage(out_var.aval)
+            stmts += self._copy(dst, Value(res.storage, res.aval, 1))
+            self.env[out_var] = dst
+        return stmts
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _alias_closure(jaxpr, var) -> set:
+    """`var` and every reshape of it (they share its storage)."""
+    names = {var}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reshape" and eqn.inputs[0] in names:
+            names.add(eqn.outs[0])
+    return names
+
+
+def _reads(item) -> list:
+    return list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
+
+
+def _same_index_read(item, binder) -> bool:
+    """Does the op read `binder` only at the element it writes (so writing in place is safe)?"""
+    name = item.eqn.primitive.name
+    if name == "dynamic_update_slice":
+        return item.eqn.inputs[0] is binder and binder not in item.eqn.inputs[1:]
+    return item.expr is not None and binder.aval.shape == item.eqn.outs[0].aval.shape
+
+
+def _expr_label(expr) -> str:
+    """A short name for a fused op: its outermost operations, e.g. `tanh_add`."""
+    names = []
+    node = expr
+    while node.op not in ("input", "literal") and len(names) < 3:
+        names.append({"convert_element_type": "convert"}.get(node.op, node.op))
+        node = max(node.args, key=_expr_size, default=None) if node.args else None
+        if node is None:
+            break
+    return "_".join(names) or "fused"
+
+
+def _expr_size(expr) -> int:
+    return 1 + sum(_expr_size(a) for a in expr.args)
+
+
+def _index_leaves(expr, leaves) -> Expr:
+    """`expr` with its input nodes numbered by first appearance; `leaves` gets the variables read."""
+    if expr.op == "input":
+        var = expr.params["var"]
+        if all(v is not var for v in leaves):
+            leaves.append(var)
+        return Expr("input", (), {"index": next(k for k, v in enumerate(leaves) if v is var)}, expr.aval)
+    return Expr(expr.op, tuple(_index_leaves(a, leaves) for a in expr.args), expr.params, expr.aval)
+
+
+def _drop_trailing_sync(stmts):
+    stmts = list(stmts)
+    while stmts and isinstance(stmts[-1], Sync):
+        stmts.pop()
+    return stmts
+
+
+def _split_host(body, functions):
+    """Host control: every maximal run of straight-line statements becomes its own kernel."""
+    kernels: list[Kernel] = []
+
+    def split(block):
+        out, run = [], []
+
+        def flush():
+            if run:
+                kernels.append(Kernel(f"k{len(kernels)}", tuple(_drop_trailing_sync(run))))
+                out.append(Launch(len(kernels) - 1))
+                run.clear()
+        for stmt in block:
+            if isinstance(stmt, Loop):
+                flush()
+                out.append(Loop(split(stmt.cond), stmt.pred, split(stmt.body)))
+            elif isinstance(stmt, Branch):
+                flush()
+                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches)))
+            elif isinstance(stmt, Call):
+                flush()
+                out.append(stmt)
+            else:
+                run.append(stmt)
+        flush()
+        return tuple(out)
+
+    host = split(body)
+    functions = tuple(RecFunction(f.name, f.params, f.results, split(f.body), f.max_depth, f.n_sites)
+                      for f in functions)
+    return tuple(kernels), host, functions
+
+
+def schedule(program, *, control="device", grid=132, block=256) -> Plan:
+    """The Plan for `program` (see gdsl.schedule.plan)."""
+    return Scheduler(program, control=control, grid=grid, block=block).run()

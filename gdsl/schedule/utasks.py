@@ -1,0 +1,73 @@
+"""How each operator splits into uTasks (one thread block's share of its output), and what a uTask costs.
+
+One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly the share written here:
+
+    elementwise-like kinds   output elements [t*chunk, min((t+1)*chunk, size)) in row-major order
+    matmul / conv2d          output tile (b, i, j) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n)));
+                             conv2d as implicit GEMM: M = N*HO*WO, N = O, K = C*KH*KW, batch = 1
+    reductions, argmax/min   output elements [t*rows, (t+1)*rows) (each a full reduction)
+    dynamic_update_slice     in place: update elements [t*chunk, ...); otherwise like elementwise
+
+Costs are a rough roofline per uTask on one vEU (ns), used to size vEU ranges within a wave.
+"""
+from __future__ import annotations
+
+import math
+
+# One vEU's share of an H100 (132 SMs): ~3 TB/s and ~50 TFLOP/s fp32 spread over the SMs.
+BYTES_PER_NS_PER_VEU = 3000 / 132
+FLOPS_PER_NS_PER_VEU = 50000 / 132
+
+ELEMENTWISE_KINDS = frozenset({
+    "fused", "copy", "broadcast_to", "iota", "transpose", "slice", "dynamic_slice", "take", "concatenate",
+    "avg_pool2d", "max_pool2d", "dynamic_update_slice"})
+REDUCE_KINDS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"})
+GEMM_KINDS = frozenset({"matmul", "conv2d"})
+
+
+def _cost(bytes_moved, flops=0.0):
+    return max(bytes_moved / BYTES_PER_NS_PER_VEU, flops / FLOPS_PER_NS_PER_VEU, 1.0)
+
+
+def gemm_dims(kind, in_avals, out_aval, params):
+    """(batch, M, N, K) of a matmul or conv2d."""
+    if kind == "matmul":
+        a, b = in_avals
+        batch = math.prod(out_aval.shape[:-2])
+        return batch, out_aval.shape[-2], out_aval.shape[-1], a.shape[-1]
+    x, w = in_avals
+    n, o, ho, wo = out_aval.shape
+    return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def _gemm_split(kind, in_avals, out_aval, params, grid, block):
+    batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
+    # Largest tile that still gives every vEU work, else the smallest one.
+    tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > 8 else \
+        [(m, 128), (m, 64), (m, 32), (m, 16)]
+    for tm, tn in tiles:
+        count = batch * math.ceil(m / tm) * math.ceil(n / tn)
+        if count >= grid:
+            break
+    flops = 2 * tm * tn * k
+    cost = _cost(4 * (tm * k + k * tn + tm * tn), flops)
+    return count, {"tile_m": tm, "tile_n": tn}, cost
+
+
+def split(kind, in_avals, out_avals, params, grid, block):
+    """(n_utasks, split params, cost of one uTask in ns) for an Op."""
+    out = out_avals[0]
+    if kind in GEMM_KINDS:
+        return _gemm_split(kind, in_avals, out, params, grid, block)
+    if kind in REDUCE_KINDS:
+        x = in_avals[0]
+        length = max(1, x.size // max(out.size, 1))
+        rows = max(1, (block * 4) // length)
+        count = max(1, math.ceil(out.size / rows))
+        return count, {"rows": rows}, _cost(4 * rows * (length + 1))
+    size = out.size
+    if kind == "dynamic_update_slice" and params.get("in_place"):
+        size = in_avals[1].size
+    chunk = block * 4
+    count = max(1, math.ceil(size / chunk))
+    return count, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
