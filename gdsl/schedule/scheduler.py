@@ -211,8 +211,9 @@ class Scheduler:
             if isinstance(atom, Lit):
                 return Expr("literal", (), {"value": atom.val}, atom.aval)
             p = producer.get(atom)
-            if p is not None and p.expr is not None and not p.uniform and uses.get(atom, 0) == 1 \
-                    and atom not in self.hints:
+            # (a reshape of p's output is not p's output: its index map differs, so it is not fused)
+            if p is not None and p.expr is not None and not p.uniform and atom in p.eqn.outs \
+                    and uses.get(atom, 0) == 1 and atom not in self.hints:
                 p.absorbed = True
                 self.stats["fused_eqns"] += 1
                 return p.raw_expr
@@ -247,8 +248,10 @@ class Scheduler:
                 if later_index > it.index and any(a in names for a in eqn.inputs):
                     readers_ok = False       # read after the overwrite
             for other in items:
-                if other is not it and any(a in names for a in _reads(other)) and other.level >= it.level:
-                    readers_ok = False       # read concurrently with or after the overwrite
+                if other is not it and any(a in names for a in _reads(other)) and \
+                        (other.level >= it.level or other.uniform):
+                    readers_ok = False       # read concurrently with or after the overwrite (every vEU
+                    #                          reads for a uniform op, with no barrier before the next wave)
             if any(a in names for a in _reads(it)) and not _same_index_read(it, binder):
                 readers_ok = False
             if readers_ok and target.aval == it.eqn.outs[0].aval:
@@ -281,19 +284,36 @@ class Scheduler:
                 ops = tuple(self._make_uniform(it) for it in uniforms_)
                 self.stats["uniform_ops"] += len(ops)
                 stmts.append(Uniforms(ops))
-        return stmts
+        return stmts + self._after_uniform_reads(stmts)
+
+    def _after_uniform_reads(self, stmts) -> list:
+        """Every vEU reads a buffer when it evaluates a uniform op on it; before anything may overwrite that
+        buffer (the next loop iteration, say) all vEUs must be done: a grid barrier, unless one follows
+        the reads already."""
+        dirty = False
+        for stmt in stmts:
+            if isinstance(stmt, Sync) and stmt.scope == "grid":
+                dirty = False
+            elif isinstance(stmt, Uniforms):
+                dirty |= any(_writable(v) for u in stmt.ops for v in u.inputs)
+            elif isinstance(stmt, Assign):
+                dirty |= _writable(stmt.src)
+        if not dirty:
+            return []
+        self.stats["grid_syncs"] += 1
+        return [Sync("grid")]
 
     def _sync_scope(self, items, unsynced, later) -> str:
-        """"block" when every write since the last grid barrier and every later reader of it is a
-        single-uTask op alone in its wave: all of them run on vEU 0. Else "grid"."""
-        readers = [it for it in later if any(d in unsynced for d in it.deps)]
-        if any(it.uniform for it in readers):
+        """"block" when the writes since the last grid barrier and everything after them in the segment are
+        single-uTask ops alone in their waves: all of it runs on vEU 0, in order. Else "grid" (this also
+        keeps in-place writes after reads by other vEUs safe)."""
+        if any(it.uniform for it in later):
             return "grid"
         per_level: dict = {}
         for it in items:
             if not it.uniform:
                 per_level[it.level] = per_level.get(it.level, 0) + 1
-        for it in unsynced + readers:
+        for it in unsynced + later:
             if per_level[it.level] != 1 or self._n_utasks(it) != 1:
                 return "grid"
         return "block"
@@ -350,15 +370,25 @@ class Scheduler:
         return tasks
 
     def _copy(self, dst: Value, src: Value) -> list:
-        """Statements that copy src into dst (an Assign for uniforms, else a copy Op and a barrier)."""
-        if dst.is_uniform:
-            return [Assign(dst, src)]
-        count, params, cost = utasks.split("copy", [src.aval], [dst.aval], {}, self.grid, self.block)
-        op = Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost)
-        self.stats["ops"] += 1
-        self.stats["waves"] += 1
-        self.stats["grid_syncs"] += 1
-        return [Wave(tuple(self._place([op]))), Sync("grid")]
+        return self._copies([(dst, src)])
+
+    def _copies(self, pairs) -> list:
+        """Statements that copy each src into its dst at once: Assigns for uniforms, else copy Ops in one
+        wave and a barrier. The sources must not be among the destinations (see _carry_update)."""
+        stmts = [Assign(dst, src) for dst, src in pairs if dst.is_uniform]
+        stmts += self._after_uniform_reads(stmts)
+        ops = []
+        for dst, src in pairs:
+            if dst.is_uniform:
+                continue
+            count, params, cost = utasks.split("copy", [src.aval], [dst.aval], {}, self.grid, self.block)
+            ops.append(Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost))
+        if ops:
+            self.stats["ops"] += len(ops)
+            self.stats["waves"] += 1
+            self.stats["grid_syncs"] += 1
+            stmts += [Wave(tuple(self._place(ops))), Sync("grid")]
+        return stmts
 
     def _as_uniform(self, value: Value):
         """A uniform copy of a 1-element value (device control), with the statements that load it."""
@@ -366,10 +396,32 @@ class Scheduler:
             return [], value
         u = self._new_value(ShapedArray((), value.aval.dtype), True)
         self.stats["uniform_ops"] += 1
-        return [Uniforms((UniformOp("reshape", (value,), u, {"new_shape": ()}),))], u
+        stmts = [Uniforms((UniformOp("reshape", (value,), u, {"new_shape": ()}),))]
+        return stmts + self._after_uniform_reads(stmts), u
 
-    def _carry_storage(self, aval) -> Value:
-        return self._new_value(aval, self._wants_uniform(aval))
+    def _carry_storage(self, var) -> Value:
+        """Storage for a loop carry, a branch result or a call result: the buffer the result is wanted in
+        (a program output) when there is one, else a new uniform (scalars) or buffer."""
+        hint = self.hints.get(var)
+        if hint is not None and hint[1] is None and hint[0].aval == var.aval and not self._wants_uniform(var.aval):
+            self.hints.pop(var)
+            return hint[0]
+        return self._new_value(var.aval, self._wants_uniform(var.aval))
+
+    def _carry_update(self, carries, values) -> list:
+        """carries[i] = values[i] for all i at once. A value that is itself one of the carries (a swap,
+        or a carry passed on unchanged to another slot) goes through a temporary first."""
+        pairs = [(c, v) for c, v in zip(carries, values)
+                 if not (v.storage is c.storage and v.frame_offset == c.frame_offset)]
+        targets = {id(c.storage) for c, _ in pairs}
+        staged = []
+        for c, v in pairs:
+            if id(v.storage) in targets:
+                tmp = self._new_value(v.aval, c.is_uniform)
+                staged.append((tmp, v))
+        stmts = self._copies(staged)
+        lookup = {id(v): t for t, v in staged}
+        return stmts + self._copies([(c, lookup.get(id(v), v)) for c, v in pairs])
 
     # ---------------------------------------------------------------------------------------- control
     def _while(self, eqn):
@@ -377,11 +429,8 @@ class Scheduler:
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         ins = [self.read(a) for a in eqn.inputs]
         cond_consts, body_consts, inits = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
-        stmts, carries = [], []
-        for init in inits:
-            carry = self._carry_storage(init.aval)
-            stmts += self._copy(carry, init)
-            carries.append(carry)
+        carries = [self._carry_storage(v) for v in eqn.outs]
+        stmts = self._copies(list(zip(carries, inits)))
         cond_j, body_j = p["cond_jaxpr"], p["body_jaxpr"]
         self.env.update(zip(cond_j.in_binders, cond_consts + carries))
         cond_stmts = self.schedule_block(cond_j)
@@ -393,11 +442,7 @@ class Scheduler:
             if isinstance(out, Var) and out is not binder and not carry.is_uniform:
                 self.hints[out] = (carry, binder)
         body_stmts = self.schedule_block(body_j)
-        for out, carry in zip(body_j.outs, carries):
-            value = self.read(out)
-            if value.storage is carry.storage:
-                continue
-            body_stmts += self._copy(carry, value)
+        body_stmts += self._carry_update(carries, [self.read(out) for out in body_j.outs])
         for out in body_j.outs:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
@@ -407,7 +452,7 @@ class Scheduler:
         index_value = self.read(eqn.inputs[0])
         stmts, index = self._as_uniform(index_value)
         operands = [self.read(a) for a in eqn.inputs[1:]]
-        results = [self._carry_storage(v.aval) for v in eqn.outs]
+        results = [self._carry_storage(v) for v in eqn.outs]
         branches = []
         for jaxpr in eqn.params["branches"]:
             self.env.update(zip(jaxpr.in_binders, operands))
@@ -415,11 +460,9 @@ class Scheduler:
                 if isinstance(out, Var) and not res.is_uniform:
                     self.hints[out] = (res, None)
             body = self.schedule_block(jaxpr)
-            for out, res in zip(jaxpr.outs, results):
-                value = self.read(out)
-                if value.storage is not res.storage:
-                    body += self._copy(res, value)
-                self.hints.pop(out, None) if isinstance(out, Var) else None
+            body += self._carry_update(results, [self.read(out) for out in jaxpr.outs])
+            for out in jaxpr.outs:
+                self.hints.pop(out, None)
             branches.append(tuple(body))
         self.env.update(zip(eqn.outs, results))
         return stmts + [Branch(index, tuple(branches))]
@@ -437,38 +480,38 @@ class Scheduler:
     def _define_function(self, fn, consts):
         outer = self.frame
         self.frame = fn.name
-        params = [self._carry_storage(a) for a in fn.arg_avals]
-        results = [self._carry_storage(a) for a in fn.result_avals]
+        params = [self._carry_storage(v) for v in fn.jaxpr.in_binders[fn.nconsts:]]
+        results = [self._carry_storage(v) for v in fn.jaxpr.outs]
         self.fn_defs[fn.name] = (fn, params, results)
         self.env.update(zip(fn.jaxpr.in_binders, consts + params))
         for out, res in zip(fn.jaxpr.outs, results):
             if isinstance(out, Var) and not res.is_uniform:
                 self.hints[out] = (res, None)
         body = self.schedule_block(fn.jaxpr)
-        for out, res in zip(fn.jaxpr.outs, results):
-            value = self.read(out)
-            if value.storage is not res.storage:
-                body += self._copy(res, value)
-            self.hints.pop(out, None) if isinstance(out, Var) else None
+        body += self._carry_update(results, [self.read(out) for out in fn.jaxpr.outs])
+        for out in fn.jaxpr.outs:
+            self.hints.pop(out, None)
         self.fn_bodies[fn.name] = tuple(body)
         self.frame = outer
 
     def _call(self, name, args, outs):
         _, params, results = self.fn_defs[name]
-        stmts = []
-        for param, arg in zip(params, args):
-            stmts += self._copy(Value(param.storage, param.aval, 1), arg)
+        stmts = self._copies([(Value(p.storage, p.aval, 1), arg) for p, arg in zip(params, args)])
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
         stmts.append(Call(name, site))
-        for out_var, res in zip(outs, results):
-            dst = self._carry_storage(out_var.aval)
-            stmts += self._copy(dst, Value(res.storage, res.aval, 1))
-            self.env[out_var] = dst
+        dsts = [self._carry_storage(v) for v in outs]
+        stmts += self._copies([(d, Value(r.storage, r.aval, 1)) for d, r in zip(dsts, results)])
+        self.env.update(zip(outs, dsts))
         return stmts
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _writable(value) -> bool:
+    """Is `value` in storage the plan may write (not an input, a const or a uniform)?"""
+    return isinstance(value.storage, Buffer) and value.storage.kind not in ("input", "const")
 
 
 def _alias_closure(jaxpr, var) -> set:

@@ -1,0 +1,225 @@
+"""The scheduler and the plan simulator: plans compute what the interpreter computes (both placements,
+several grid sizes), barriers are where dependencies need them and only there, plans print as golden text."""
+import os
+import pathlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.interpreter import run_program
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import Sync, Wave, plan_statements
+from gdsl.schedule.simulate import BarrierError, simulate
+from gdsl.tracing.jit import leaf_aval
+from gdsl.tracing.pytree import tree_flatten
+from strategies import assert_trees_close, programs, BACKEND_TOLERANCE
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+rng = np.random.default_rng(0)
+
+
+def _flat_args(args):
+    flat, _ = tree_flatten((tuple(args), {}))
+    return [np.asarray(x, leaf_aval(x).dtype) for x in flat]
+
+
+def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132)):
+    """simulate(plan) == interpreter for every placement and grid; returns the device plan at grid 132."""
+    program = gdsl.make_ir(fn)(*args)
+    flat = _flat_args(args)
+    try:
+        expected = run_program(program, flat)
+    except gdsl.RecursionDepthError:
+        expected = None
+    for control in controls:
+        for grid in grids:
+            plan = schedule(program, control=control, grid=grid)
+            if expected is None:
+                with pytest.raises(gdsl.RecursionDepthError):
+                    simulate(plan, flat, seed=grid)
+                continue
+            got = simulate(plan, flat, seed=grid)
+            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+    return schedule(program, control="device", grid=132)
+
+
+# ------------------------------------------------------------------------------------------- programs
+
+def lstm(xs, W, U, b):
+    def step(t, hc):
+        h, c = hc
+        g = xs[t] @ W + h @ U + b
+        i, f, gg, o = gnp.split(g, 4, axis=-1)
+        c = gdsl.nn.sigmoid(f) * c + gdsl.nn.sigmoid(i) * gnp.tanh(gg)
+        return gdsl.nn.sigmoid(o) * gnp.tanh(c), c
+    return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros((2, 32)), gnp.zeros((2, 32))))[0]
+
+
+LSTM_ARGS = (rng.standard_normal((5, 2, 32)).astype(np.float32),
+             (rng.standard_normal((32, 128)) * 0.2).astype(np.float32),
+             (rng.standard_normal((32, 128)) * 0.2).astype(np.float32), rng.standard_normal(128).astype(np.float32))
+
+
+def tree_encoder(x, W, b, left, right, is_leaf, root):
+    @gdsl.recurse(result=gdsl.ShapeDtype((8,), gdsl.float32), max_depth=6)
+    def encode(node):
+        return gdsl.cond(is_leaf[node], lambda: x[node],
+                         lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
+    return encode(root)
+
+
+def _tree_args(depth_chain=False):
+    # nodes 0-3 leaves; 4 = (0, 1), 5 = (2, 4), 6 = (5, 3)
+    left = np.array([0, 0, 0, 0, 0, 2, 5]); right = np.array([0, 0, 0, 0, 1, 4, 3])
+    is_leaf = np.array([1, 1, 1, 1, 0, 0, 0], bool)
+    return (rng.standard_normal((7, 8)).astype(np.float32), (rng.standard_normal((16, 8)) * 0.3).astype(np.float32),
+            rng.standard_normal(8).astype(np.float32), left, right, is_leaf, 6)
+
+
+def kv_cache(K, x, Wk):
+    def step(g, c):
+        K, x = c
+        K = K.at[:, g].set((x @ Wk)[0])
+        a = gdsl.nn.softmax(x @ K, axis=-1)
+        return K, gnp.tanh(a @ K.T + x)
+    return gdsl.fori_loop(2, 6, step, (K, x))
+
+
+def data_dependent(x):
+    def body(c):
+        bonus = gdsl.cond(c[0] % 2 == 0, lambda: 1.0, lambda: 2.0)
+        return c[0] + 1, c[1] * 2 + bonus
+    return gdsl.while_loop(lambda c: c[1].sum() < 1000, body, (0, x))
+
+
+def swap(a, b):
+    return gdsl.fori_loop(0, 3, lambda i, c: (c[1], c[0] + 1.0, c[0]), (a, b, a))
+
+
+def loops_in_recursion(x, n):
+    @gdsl.recurse(result=gdsl.ShapeDtype((4,), gdsl.float32), max_depth=5)
+    def f(k):
+        inner = gdsl.fori_loop(0, k, lambda i, h: gnp.tanh(h + x), x * 0.0)
+        return gdsl.cond(k > 0, lambda: f(k - 1) + inner, lambda: inner)
+    return gdsl.fori_loop(0, 2, lambda i, acc: acc + f(n), gnp.zeros(4))
+
+
+CASES = {
+    "lstm": (lstm, LSTM_ARGS),
+    "tree": (tree_encoder, _tree_args()),
+    "kv_cache": (kv_cache, (rng.standard_normal((8, 8)).astype(np.float32),
+                            rng.standard_normal((1, 8)).astype(np.float32),
+                            rng.standard_normal((8, 8)).astype(np.float32))),
+    "data_dependent": (data_dependent, (np.ones(40, np.float32),)),
+    "swap": (swap, (np.ones(3, np.float32), np.zeros(3, np.float32))),
+    "loops_in_recursion": (loops_in_recursion, (rng.standard_normal(4).astype(np.float32), 3)),
+    "recursion_too_deep": (loops_in_recursion, (rng.standard_normal(4).astype(np.float32), 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_plan_matches_interpreter(name):
+    fn, args = CASES[name]
+    check_plan(fn, *args)
+
+
+@settings(max_examples=15)
+@given(programs())
+def test_random_programs_plan_matches_interpreter(prog):
+    check_plan(prog.fn, *prog.args, grids=(2, 132))
+
+
+# ------------------------------------------------------------------------------------------- barriers
+
+def _remove_sync(block, which):
+    """The block with its `which`-th grid Sync (in walking order) removed, and how many there were."""
+    from gdsl.schedule.plan import Branch, Loop
+    count = [0]
+
+    def strip(stmts):
+        out = []
+        for s in stmts:
+            if isinstance(s, Sync) and s.scope == "grid":
+                count[0] += 1
+                if count[0] - 1 == which:
+                    continue
+            if isinstance(s, Loop):
+                s = Loop(strip(s.cond), s.pred, strip(s.body))
+            elif isinstance(s, Branch):
+                s = Branch(s.index, tuple(strip(b) for b in s.branches))
+            out.append(s)
+        return tuple(out)
+    return strip(block), count
+
+
+def test_removed_barrier_is_caught():
+    import dataclasses
+    program = gdsl.make_ir(lstm)(*LSTM_ARGS)
+    plan = schedule(program, grid=132)
+    flat = _flat_args(LSTM_ARGS)
+    simulate(plan, flat)  # the real plan is clean
+    kernel = plan.kernels[0]
+    _, count = _remove_sync(kernel.body, -1)
+    caught = 0
+    for k in range(count[0]):
+        body, _ = _remove_sync(kernel.body, k)
+        broken = dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=body),))
+        try:
+            simulate(broken, flat)
+        except BarrierError:
+            caught += 1
+    # Every grid barrier in this plan guards a real cross-vEU dependency.
+    assert caught == count[0] > 0
+
+
+def test_fused_elementwise_chain_has_no_barrier():
+    program = gdsl.make_ir(lambda x, y: gnp.tanh(x * 2.0 + y) * gdsl.nn.sigmoid(x))(
+        np.ones((64, 64), np.float32), np.ones(64, np.float32))
+    plan = schedule(program, grid=132)
+    stmts = list(plan_statements(plan))
+    waves = [s for s in stmts if isinstance(s, Wave)]
+    assert len(waves) == 1 and len(waves[0].tasks) == 1
+    assert waves[0].tasks[0].op.kind == "fused"
+    assert not any(isinstance(s, Sync) for s in stmts)
+
+
+def test_independent_ops_share_a_wave():
+    program = gdsl.make_ir(lambda a, b, w: (a @ w, b @ w))(
+        np.ones((1, 64), np.float32), np.ones((1, 64), np.float32), np.ones((64, 256), np.float32))
+    plan = schedule(program, grid=132)
+    waves = [s for s in plan_statements(plan) if isinstance(s, Wave)]
+    assert len(waves) == 1 and len(waves[0].tasks) == 2
+    t0, t1 = waves[0].tasks
+    assert t0.first + t0.count <= t1.first  # disjoint vEU ranges
+
+
+def test_loop_carry_updated_in_place():
+    from gdsl.schedule.plan import Loop, walk
+    plan = schedule(gdsl.make_ir(lstm)(*LSTM_ARGS), grid=132)
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    in_loop = [t.op for s in walk(loop.body) if isinstance(s, Wave) for t in s.tasks]
+    # h and c are written in place by their producers: the loop body copies nothing.
+    assert in_loop and not [op for op in in_loop if op.kind == "copy"]
+    assert any(op.outputs[0].storage is plan.outputs[0].storage for op in in_loop)
+
+
+def test_control_flow_runs_in_one_kernel_on_device_and_splits_on_host():
+    program = gdsl.make_ir(data_dependent)(np.ones(40, np.float32))
+    assert len(schedule(program, control="device").kernels) == 1
+    host = schedule(program, control="host")
+    assert len(host.kernels) > 1 and host.host is not None
+
+
+# ------------------------------------------------------------------------------------------- golden text
+
+@pytest.mark.parametrize("name", ["lstm", "tree", "data_dependent"])
+def test_plan_golden(name):
+    fn, args = CASES[name]
+    text = str(schedule(gdsl.make_ir(fn)(*args), grid=16)) + "\n"
+    path = GOLDEN / f"plan_{name}.txt"
+    if os.environ.get("GDSL_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text()
