@@ -39,3 +39,9 @@ def to_numpy(x):
 __all__ = ["jit", "make_ir", "backends", "default_backend", "to_numpy", "while_loop", "fori_loop", "cond",
            "switch", "recurse", "ShapeDtype", "float32", "float16", "bfloat16", "int32", "int64", "bool_",
            "ConcretizationError", "RecursionDepthError", "CompileError", "BackendUnavailableError", "Lowered"]
+
+
+def plot_plan(lowered, path):
+    """Draw a timeline of the plan's uTasks on vEUs per wave to `path` (needs matplotlib)."""
+    from gdsl.schedule.plot import plot_plan as _plot
+    return _plot(lowered, path)
