@@ -10,8 +10,9 @@ import dataclasses
 import inspect
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -187,8 +188,7 @@ def make_jit(fun: Callable, backend: str | None = None, control: str | None = No
 def _device_put_for(backend: str | None):
     """How to place arrays for a gdsl backend: CuPy arrays for cuda (no copy per call), else numpy."""
     import gdsl
-    name = backend or os.environ.get("GDSL_BACKEND") or ("cuda" if "cuda" in gdsl.backends() else "cpu")
-    if name == "cuda":
+    if (backend or gdsl.default_backend()) == "cuda":
         try:
             import cupy
             return (lambda a: cupy.asarray(a)), (lambda out: cupy.cuda.runtime.deviceSynchronize())
@@ -242,12 +242,12 @@ def torch_cuda_graphs(torch, device, fwd: Callable, arg_sets: list, system="torc
     for args in arg_sets:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), torch.inference_mode():
+        with torch.cuda.stream(side), torch.no_grad():
             for _ in range(3):
                 fwd(*args)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph), torch.no_grad():
             out = fwd(*args)
         graphs.append(graph)
         outs.append(out)
@@ -278,11 +278,37 @@ def jax_setup():
     return jax, jnp
 
 
+def jax_ops(jax, jnp):
+    """jax.numpy with the activation names torch has at top level (sigmoid, relu), for shared cell code."""
+    from types import SimpleNamespace
+    return SimpleNamespace(matmul=jnp.matmul, tanh=jnp.tanh, exp=jnp.exp, sigmoid=jax.nn.sigmoid,
+                           relu=jax.nn.relu, cat=jnp.concatenate, argmax=jnp.argmax)
+
+
 def jax_runner(jax, fn: Callable, weights, batches, system="jax") -> Runner:
     """A Runner calling jitted `fn(weights, inputs)` with everything already on the default device."""
     w = jax.device_put(weights)
     xs = [jax.device_put(b) for b in as_batches(batches)]
     return Runner(system, run=lambda i: fn(w, xs[i]), sync=jax.block_until_ready)
+
+
+def host_if(pred, run, skip, *operands):
+    """A branch taken on the host: bool() reads the predicate back from the device (one sync)."""
+    return run(*operands) if bool(pred) else skip(*operands)
+
+
+def always_run(pred, run, skip, *operands):
+    """No control flow: the branch body always runs (CUDA-graph-capturable; its result must not depend
+    on skipping, e.g. a mask blend)."""
+    return run(*operands)
+
+
+def ratio_pattern(n: int, ratio: float) -> np.ndarray:
+    """Which of n gated blocks run at an executed ratio: floor(ratio·n) of them, spread evenly
+    (50 % of 15 is 7 blocks, as the artifact's 0,1,0,1,... pattern)."""
+    k = int(np.floor(ratio * n + 1e-9))
+    b = np.arange(n)
+    return ((b + 1) * k // n) > (b * k // n)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,7 +367,7 @@ def variant_args(args) -> dict:
 
 def main(model, argv=None) -> int:
     """The CLI of one model: run its gdsl forward once (after a compile call), print outputs and time."""
-    name = model.__name__.split(".")[-1]
+    name = getattr(model.__spec__, "name", model.__name__).split(".")[-1]
     p = argparse.ArgumentParser(prog=f"python -m models.{name}", description=(model.__doc__ or "").split("\n")[0])
     p.add_argument("--backend", default=None, help="gdsl backend (default: gdsl's default backend)")
     p.add_argument("--batch", type=int, default=1)

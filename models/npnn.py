@@ -55,10 +55,10 @@ def global_avg_pool(x):
     return x.mean(axis=(2, 3))
 
 
-def batch_norm(x, bn, eps=1e-5):
-    """Inference batch norm with bn = dict(gamma, beta, mean, var), per channel of x[N,C,H,W]."""
-    scale = bn["gamma"] / np.sqrt(bn["var"] + eps)
-    return (x - bn["mean"][None, :, None, None]) * scale[None, :, None, None] + bn["beta"][None, :, None, None]
+def batch_norm(x, mean, var, gamma, beta, eps=1e-5):
+    """Inference batch norm per channel of x[N,C,H,W]: (x - mean) / sqrt(var + eps) * gamma + beta."""
+    scale = gamma / np.sqrt(var + eps)
+    return (x - mean[None, :, None, None]) * scale[None, :, None, None] + beta[None, :, None, None]
 
 
 def f64(tree):

@@ -1,0 +1,281 @@
+"""Benchmark of the model zoo: gdsl (device and host control) against PyTorch and JAX, side by side.
+
+    python -m models.bench [--models lstm,rae] [--batch 1,64] [--systems gdsl-device,torch-eager,...]
+                           [--runs 50] [--warmup 10] [--json out.json] [--plot out.png] [--small] [--sweep]
+
+Every system's output is checked against the numpy reference on every input set before it is timed; a
+system that mismatches or cannot run here gets a row with the reason instead of a time. All systems of a
+row run in this one process, one after the other, on the same weights and inputs. A time is the host
+clock around one forward, taken after a full device synchronisation (cudaDeviceSynchronize for PyTorch
+and CuPy, block_until_ready for JAX); the table shows the median and the 10th–90th percentiles, and each
+system's ratio to the fastest system of its row.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+
+from models import MODELS, common, load
+
+SYSTEMS = ("gdsl-device", "gdsl-host", "torch-eager", "torch-cudagraph", "torch-compile", "jax")
+BASELINE_FUNCS = {"torch-eager": "torch_eager", "torch-cudagraph": "torch_cudagraph",
+                  "torch-compile": "torch_compile", "jax": "jax_jit"}
+
+
+def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:
+    if system.startswith("gdsl-"):
+        return common.gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=backend,
+                                  control=system.split("-", 1)[1], system=system)
+    return getattr(model, BASELINE_FUNCS[system])(prob.weights, prob.cfg, prob.batches)
+
+
+def row_variants(model, sweep: bool) -> list[dict]:
+    """The input variants of one model: the default data, plus the executed-ratio sweep or fixed tree."""
+    out = [{}]
+    if sweep and hasattr(model, "RATIOS"):
+        out += [{"ratio": r} for r in model.RATIOS]
+    if sweep and model.__name__.endswith("rae"):
+        out.append({"tree": "fixed"})
+    return out
+
+
+def variant_name(variant: dict) -> str:
+    if "ratio" in variant:
+        return f"{round(variant['ratio'] * 100)}% run"
+    if "tree" in variant:
+        return f"{variant['tree']} tree"
+    return "-"
+
+
+def bench_row(model, batch: int, variant: dict, args) -> dict:
+    name = model.__name__.split(".")[-1]
+    n_inputs = args.inputs or (1 if variant.get("tree") == "fixed" else getattr(model, "BENCH_INPUTS", 1))
+    prob = common.build_problem(model, batch, small=args.small, seed=args.seed, n_inputs=n_inputs, **variant)
+    t0 = time.perf_counter()
+    refs = prob.references()
+    row = {"model": name, "batch": batch, "variant": variant_name(variant), "inputs": n_inputs,
+           "config": dataclasses.asdict(prob.cfg), "reference_s": time.perf_counter() - t0, "systems": {}}
+    if hasattr(model, "describe"):
+        row["data"] = model.describe(refs[0], prob.batches[0], prob.cfg)
+    print(f"\n== {name} bs{batch} {row['variant']}: {n_inputs} input set(s)"
+          + (f"; {row['data']}" if "data" in row else ""), flush=True)
+    for system in args.systems:
+        res: dict = {}
+        runner = None
+        try:
+            t0 = time.perf_counter()
+            runner = make_runner(system, model, prob, args.backend)
+            first = runner.output(0)
+            res["first_call_ms"] = (time.perf_counter() - t0) * 1e3
+            outs = [first] + [runner.output(i) for i in range(1, n_inputs)]
+            problems = [f"input {i}: {p}" for i, o in enumerate(outs) for p in common.compare(o, refs[i])]
+            if problems:
+                res.update(status="mismatch", reason="; ".join(problems[:3]))
+            else:
+                times = common.time_runner(runner, n_inputs, runs=args.runs, warmup=args.warmup)
+                res.update(status="ok", **common.stats(times))
+            res["note"] = runner.note
+        except common.BaselineUnavailable as e:
+            res.update(status="unavailable", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - a failing system is a row of the report, not a crash
+            if type(e).__name__ == "BackendUnavailableError":      # gdsl backend not usable here
+                res.update(status="unavailable", reason=str(e).splitlines()[0][:300])
+            else:
+                first_line = str(e).splitlines()[0] if str(e) else ""
+                res.update(status="error", reason=f"{type(e).__name__}: {first_line}"[:300])
+            if args.verbose:
+                traceback.print_exc()
+        row["systems"][system] = res
+        line = (f"  {system:16s} {res['median_ms']:10.3f} ms" if res["status"] == "ok"
+                else f"  {system:16s} {res['status']}: {res.get('reason', '')}")
+        print(line, flush=True)
+        del runner
+        _free_memory()
+    return row
+
+
+def _free_memory():
+    gc.collect()
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+def environment() -> dict:
+    env = {"time": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+           "host": platform.node(), "machine": platform.machine(), "versions": {}}
+    for mod in ("numpy", "gdsl", "torch", "jax", "jaxlib", "cupy", "llvmlite", "matplotlib"):
+        try:
+            m = __import__(mod)
+            env["versions"][mod] = getattr(m, "__version__", None) or _dist_version(mod)
+        except Exception:  # noqa: BLE001
+            env["versions"][mod] = None
+    try:
+        import gdsl
+        env["gdsl_backends"] = gdsl.backends()
+        env["gdsl_default_backend"] = gdsl.default_backend()
+    except Exception as e:  # noqa: BLE001
+        env["gdsl_backends"] = f"unavailable: {e}"
+    env["card"], env["driver"] = _card()
+    env["git_commit"], env["git_dirty"] = _git()
+    return env
+
+
+def _dist_version(name):
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "source tree"
+
+
+def _card():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False).stdout.strip().splitlines()
+        if out:
+            name, driver = (s.strip() for s in out[0].split(",", 1))
+            return name, driver
+    except (OSError, subprocess.SubprocessError):  # no NVIDIA driver here
+        pass
+    return platform.processor() or platform.machine() or "cpu", None
+
+
+def _git():
+    """(commit, dirty) of the checkout; GDSL_GIT_COMMIT where the tree travelled without its history."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*cmd):
+        r = subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, timeout=20, check=False)
+        return r.stdout.strip() if r.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit and len(commit) == 40:
+            return commit, bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):  # no git here
+        pass
+    return os.environ.get("GDSL_GIT_COMMIT"), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+def print_table(rows: list[dict], env: dict) -> None:
+    print(f"\nmedian ms per forward ({env['card']}, driver {env['driver']}); p10–p90; x = time / fastest of the row")
+    head = (f"{'model':10s} {'bs':>3s} {'variant':10s} {'system':16s} {'median':>10s} {'p10–p90':>19s} "
+            f"{'x best':>7s}  note")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        ok = {s: r for s, r in row["systems"].items() if r["status"] == "ok"}
+        best = min((r["median_ms"] for r in ok.values()), default=None)
+        for system, r in row["systems"].items():
+            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:10s} {system:16s}"
+            if r["status"] == "ok":
+                print(f"{lead} {r['median_ms']:10.3f} {r['p10_ms']:9.3f}–{r['p90_ms']:<9.3f} "
+                      f"{r['median_ms'] / best:6.2f}x  {r.get('note', '')}")
+            else:
+                print(f"{lead} {'—':>10s} {'':19s} {'':7s}  {r['status']}: {r.get('reason', '')[:90]}")
+        for g in ("gdsl-device", "gdsl-host"):
+            peers = {s: r["median_ms"] for s, r in ok.items() if not s.startswith("gdsl")}
+            if g in ok and peers:
+                peer = min(peers, key=peers.get)
+                print(f"{'':26s}{g}: {peers[peer] / ok[g]['median_ms']:.2f}x the speed of the best peer ({peer})")
+
+
+def plot(rows: list[dict], path: str, env: dict) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    systems = [s for s in SYSTEMS if any(r["systems"].get(s, {}).get("status") == "ok" for r in rows)]
+    labels = [f"{r['model']} bs{r['batch']}" + ("" if r["variant"] == "-" else f"\n{r['variant']}") for r in rows]
+    width = 0.8 / max(1, len(systems))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.8))
+    for k, s in enumerate(systems):
+        xs, ys, err = [], [], [[], []]
+        for i, r in enumerate(rows):
+            res = r["systems"].get(s, {})
+            if res.get("status") == "ok":
+                xs.append(i + (k - (len(systems) - 1) / 2) * width)
+                ys.append(res["median_ms"])
+                err[0].append(res["median_ms"] - res["p10_ms"])
+                err[1].append(res["p90_ms"] - res["median_ms"])
+        ax.bar(xs, ys, width, yerr=err, label=s, capsize=2)
+    ax.set_yscale("log")
+    ax.set_ylabel("median ms per forward (log)")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_title(f"gdsl model zoo — {env['card']}")
+    ax.legend(fontsize=8, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot written to {path}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m models.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: all seven)")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes (default: each model's own)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated from {', '.join(SYSTEMS)}")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per system (default 50)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--inputs", type=int, default=None,
+                   help="input sets cycled over (default: seq2seq 10 batches, rae 100 trees, others 1)")
+    p.add_argument("--backend", default=None, help="gdsl backend for the gdsl systems (default: gdsl's)")
+    p.add_argument("--small", action="store_true", help="scaled-down configurations")
+    p.add_argument("--sweep", action="store_true",
+                   help="add executed-ratio rows 0/25/50/75/100%% (blockdrop, skipnet) and the fixed tree (rae)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every measurement and the environment here")
+    p.add_argument("--plot", default=None, help="bar chart PNG (needs matplotlib)")
+    p.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.systems = [s for s in args.systems.split(",") if s]
+    for s in args.systems:
+        if s not in SYSTEMS:
+            p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
+    args.batch = [int(b) for b in args.batch.split(",")] if args.batch else None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment()
+    print(f"card {env['card']}, driver {env['driver']}, gdsl backends {env.get('gdsl_backends')}, "
+          f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}")
+    rows = []
+    for name in args.models:
+        model = load(name)
+        batches = [b for b in args.batch if b in model.BATCHES] if args.batch else list(model.BATCHES)
+        if not batches:
+            print(f"\n== {name}: no batch size of {args.batch} is one of its {model.BATCHES}; skipped")
+        for batch in batches:
+            for variant in row_variants(model, args.sweep):
+                rows.append(bench_row(model, batch, variant, args))
+    print_table(rows, env)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, f,
+                      indent=1)
+        print(f"results written to {args.json}")
+    if args.plot:
+        plot(rows, args.plot, env)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

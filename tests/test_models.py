@@ -1,0 +1,409 @@
+"""The model zoo (models/): references against independent checks, data generators, gdsl forwards against the
+references on every usable backend (small configurations), baselines, weight loading, CLI and bench.
+
+Full-size models run only in the GPU tests (`-m gpu`); the CPU part stays small.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+
+import gdsl
+from models import MODELS, common, load, npnn
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch is not installed")
+needs_jax = pytest.mark.skipif(not HAS_JAX, reason="JAX is not installed")
+CPU_BACKENDS = [b for b in ("interpret", "cpu") if b in gdsl.backends()]
+
+# (model, batch, input variant) cases of the small configurations
+SMALL_CASES = [
+    ("lstm", 2, {}), ("nasrnn", 3, {}), ("attention", 2, {}), ("seq2seq", 1, {}), ("seq2seq", 5, {}),
+    ("blockdrop", 1, {}), ("blockdrop", 4, {}), ("blockdrop", 2, {"ratio": 0.5}), ("skipnet", 1, {}),
+    ("skipnet", 2, {"ratio": 0.5}), ("rae", 1, {}), ("rae", 1, {"tree": "fixed"}),
+]
+
+
+def case_id(case):
+    name, batch, variant = case
+    return f"{name}-bs{batch}" + "".join(f"-{k}{v}" for k, v in variant.items())
+
+
+def small_problem(name, batch, variant, seed=0, n_inputs=1):
+    return common.build_problem(load(name), batch, small=True, seed=seed, n_inputs=n_inputs, **variant)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# references against hand computations and independent implementations
+
+def sig(v):
+    return 1 / (1 + math.exp(-v))
+
+
+def test_lstm_reference_by_hand():
+    m = load("lstm")
+    cfg = m.Config(seq_len=2, layers=1, hidden=1)
+    w = {"W_ih": np.array([[[[0.5]], [[-0.3]], [[0.8]], [[0.1]]]], np.float32),
+         "W_hh": np.array([[[[0.2]], [[0.4]], [[-0.6]], [[0.7]]]], np.float32),
+         "b_ih": np.array([[0.1, 0.2, 0.0, -0.1]], np.float32), "b_hh": np.array([[0.0, 0.1, 0.3, 0.2]], np.float32)}
+    xs = [1.5, -0.5]
+    h = c = 0.0
+    for x in xs:
+        i = sig(0.5 * x + 0.2 * h + 0.1)
+        f = sig(-0.3 * x + 0.4 * h + 0.3)
+        g = math.tanh(0.8 * x - 0.6 * h + 0.3)
+        o = sig(0.1 * x + 0.7 * h + 0.1)
+        c = f * c + i * g
+        h = o * math.tanh(c)
+    out = m.reference(w, {"x": np.array(xs, np.float32).reshape(2, 1, 1)}, cfg)
+    assert out.shape == (1, 1) and out[0, 0] == pytest.approx(h, rel=1e-6)
+
+
+@needs_torch
+def test_lstm_reference_matches_torch_nn_lstm():
+    import torch
+    m = load("lstm")
+    cfg = m.Config(seq_len=4, layers=3, hidden=8)
+    torch.manual_seed(0)
+    net = torch.nn.LSTM(cfg.hidden, cfg.hidden, num_layers=cfg.layers)
+    inputs = m.make_inputs(cfg, 2, seed=1)
+    with torch.no_grad():
+        out, _ = net(torch.from_numpy(inputs["x"]))
+    ref = m.reference(m.from_state_dict(net.state_dict(), cfg), inputs, cfg)
+    assert common.rel_error(ref, out[-1].numpy()) < 1e-5
+
+
+@needs_torch
+def test_seq2seq_twin_is_torch_embedding_lstmcell_linear():
+    import torch
+    m = load("seq2seq")
+    cfg = m.small()
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"embedding": torch.nn.Embedding(cfg.vocab, cfg.hidden),
+                               "lstm": torch.nn.LSTMCell(cfg.hidden, cfg.hidden),
+                               "out": torch.nn.Linear(cfg.hidden, cfg.vocab)})
+    w = m.from_state_dict(net.state_dict(), cfg)
+    inputs = m.make_inputs(cfg, 3, seed=2)
+    tokens = m.reference(w, inputs, cfg)[0]
+    # first decoding step through the real modules
+    with torch.no_grad():
+        emb = net["embedding"](torch.full((3,), cfg.sos))
+        h1, _ = net["lstm"](emb, (torch.from_numpy(inputs["h"]), torch.from_numpy(inputs["c"])))
+        tok = (net["out"](h1) + torch.from_numpy(inputs["mask"][0])).argmax(1).numpy()
+    np.testing.assert_array_equal(tokens[0], tok)
+
+
+def test_nasrnn_reference_by_hand():
+    m = load("nasrnn")
+    cfg = m.Config(seq_len=2, hidden=1)
+    wi = np.linspace(-0.8, 0.9, 8).astype(np.float32).reshape(8, 1, 1)
+    wh = np.linspace(0.7, -0.6, 8).astype(np.float32).reshape(8, 1, 1)
+    xs = [0.9, -1.2]
+    acts = [sig, lambda v: max(v, 0.0), sig, lambda v: max(v, 0.0), math.tanh, sig, math.tanh, sig]
+    mm = c = 0.0
+    for x in xs:
+        l = [acts[k](float(wi[k, 0, 0]) * x + float(wh[k, 0, 0]) * mm) for k in range(8)]
+        a, b = math.tanh(l[0] * l[1]), math.tanh(l[2] + l[3])
+        c2, d = math.tanh(l[4] * l[5]), sig(l[6] + l[7])
+        c = math.tanh(a + c) * b
+        mm = math.tanh(c * math.tanh(c2 + d))
+    out = m.reference({"W_ih": wi, "W_hh": wh}, {"x": np.array(xs, np.float32).reshape(2, 1, 1)}, cfg)
+    assert out[0, 0] == pytest.approx(c + mm, rel=1e-6)
+
+
+@needs_torch
+def test_attention_reference_matches_torch_sdpa():
+    import torch
+    m = load("attention")
+    cfg = m.small()
+    w, inputs = m.init_weights(cfg, seed=3), m.make_inputs(cfg, 2, seed=3)
+    K, V, x = (torch.from_numpy(inputs[k]).double() for k in ("K", "V", "x"))
+    W = {k: torch.from_numpy(v).double() for k, v in w.items()}
+    for g in range(cfg.start_len, cfg.cache_len):
+        K[:, :, g], V[:, :, g] = (x @ W["W_k"])[:, :, 0], (x @ W["W_v"])[:, :, 0]
+        x = torch.nn.functional.scaled_dot_product_attention(x @ W["W_q"], K, V) @ W["W_o"]
+    refK, _, refx = m.reference(w, inputs, cfg)
+    assert common.rel_error(refx, x.numpy()) < 1e-5 and common.rel_error(refK, K.numpy()) < 1e-6
+    np.testing.assert_array_equal(refK[:, :, :cfg.start_len], inputs["K"][:, :, :cfg.start_len])
+
+
+def test_seq2seq_stops_at_eos_where_the_mask_sentence_ends():
+    m = load("seq2seq")
+    cfg = m.small()
+    w = m.init_weights(cfg)
+    for seed, batch in [(0, 1), (1, 1), (2, 4), (3, 7)]:
+        inputs = m.make_inputs(cfg, batch, seed=seed)
+        lengths = m.mask_lengths(inputs, cfg)
+        tokens, _, steps = m.reference(w, inputs, cfg)
+        assert int(steps) == min(lengths.max() + 1, cfg.max_len)
+        forced = inputs["mask"].argmax(axis=2)
+        for b, n in enumerate(lengths):
+            np.testing.assert_array_equal(tokens[:n, b], forced[:n, b])
+            assert np.all(tokens[n:, b] == cfg.eos) and np.all(tokens[:n, b] != cfg.eos)
+
+
+def test_conv_and_pools_against_naive_loops():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    w = rng.standard_normal((4, 3, 3, 3))
+    b = rng.standard_normal(4)
+    out = npnn.conv2d(x, w, b, stride=2, padding=1)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    naive = np.zeros((2, 4, 4, 3))
+    for n, o, i, j in np.ndindex(*naive.shape):
+        naive[n, o, i, j] = (xp[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3] * w[o]).sum() + b[o]
+    np.testing.assert_allclose(out, naive, rtol=1e-12)
+    one = rng.standard_normal((5, 3, 1, 1))
+    np.testing.assert_allclose(npnn.conv2d(x, one, stride=2),
+                               np.einsum("nchw,oc->nohw", x[:, :, ::2, ::2], one[:, :, 0, 0]))
+    mp = npnn.max_pool2d(x, 3, stride=2, padding=1)
+    xm = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    assert mp.shape == (2, 3, 4, 3) and mp[1, 2, 1, 1] == xm[1, 2, 2:5, 2:5].max()
+    assert npnn.avg_pool2d(x[:, :, :6], 2)[0, 1, 2, 1] == pytest.approx(x[0, 1, 4:6, 2:4].mean())
+
+
+@needs_torch
+def test_conv_against_torch():
+    import torch
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((1, 8, 15, 15)), rng.standard_normal((16, 8, 7, 7))
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=2, padding=3).numpy()
+    np.testing.assert_allclose(npnn.conv2d(x, w, stride=2, padding=3), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_blockdrop_skipped_blocks_do_not_matter():
+    m = load("blockdrop")
+    cfg = m.small()
+    w = m.init_weights(cfg)
+    inputs = m.make_inputs(cfg, 3, seed=4, ratio=0.5)
+    ran = m.executed_blocks(inputs)
+    out = m.reference(w, inputs, cfg)
+    poked = dict(w)
+    for t, (p, *_rest) in enumerate(m.layout(cfg)):
+        poked[p + ".conv1.weight"] = w[p + ".conv1.weight"] * (1 if ran[t] else 100.0)
+    np.testing.assert_array_equal(m.reference(poked, inputs, cfg), out)
+    poked[m.layout(cfg)[int(np.argmax(ran))][0] + ".conv2.weight"] *= 2
+    assert common.rel_error(m.reference(poked, inputs, cfg), out) > 1e-3
+
+
+def test_skipnet_forced_gates_follow_the_pattern():
+    m = load("skipnet")
+    cfg = m.small()
+    w = m.init_weights(cfg)
+    for ratio in (0.0, 0.5, 1.0):
+        _, gates = m.reference(w, m.make_inputs(cfg, 2, seed=0, ratio=ratio), cfg)
+        np.testing.assert_array_equal(gates, np.broadcast_to(common.ratio_pattern(cfg.num_gates, ratio), gates.shape))
+
+
+def test_skipnet_full_size_gates_fire_about_half():
+    m = load("skipnet")
+    cfg = m.Config()
+    _, gates = m.reference(m.init_weights(cfg), m.make_inputs(cfg, 1, seed=0), cfg)
+    assert gates.shape == (1, 32) and 0.25 <= gates.mean() <= 0.75
+
+
+def test_rae_reference_on_a_three_node_tree_by_hand():
+    m = load("rae")
+    cfg = m.small()
+    w = m.init_weights(cfg, seed=5)
+    inputs = m.pack((None, None), cfg, np.random.default_rng(0))
+    assert int(inputs["root"]) == 2 and list(inputs["left"][:3]) == [0, 0, 0] and inputs["right"][2] == 1
+    expect = np.tanh(np.concatenate([inputs["x"][0], inputs["x"][1]]).astype(np.float64) @ w["W"] + w["b"])
+    np.testing.assert_allclose(m.reference(w, inputs, cfg), expect, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic data generators
+
+def test_seq2seq_sentence_lengths():
+    m = load("seq2seq")
+    cfg = m.Config()
+    lengths = m.sentence_lengths(cfg, 20000, np.random.default_rng(0))
+    assert 9.0 <= lengths.mean() <= 11.0 and lengths.min() >= 3 and lengths.max() <= 49
+    inputs = m.make_inputs(cfg, 64, seed=3)
+    assert inputs["mask"].shape == (50, 64, 3797) and inputs["mask"].dtype == np.float32
+    assert np.all((inputs["mask"] == m.FORCE).sum(axis=2) == 1) and set(np.unique(inputs["mask"])) == {0, m.FORCE}
+    lens = m.mask_lengths(inputs, cfg)
+    assert lens.min() >= 3 and lens.max() <= 49
+    np.testing.assert_array_equal(m.make_inputs(cfg, 64, seed=3)["mask"], inputs["mask"])   # seeded
+    assert not np.array_equal(m.make_inputs(cfg, 64, seed=4)["mask"], inputs["mask"])      # successive batches
+
+
+def test_blockdrop_policy_runs_about_half_the_blocks():
+    m = load("blockdrop")
+    cfg = m.Config()
+    for batch in (1, 64):
+        frac = np.mean([m.executed_blocks(m.make_inputs(cfg, batch, seed=s)).mean() for s in range(40)])
+        assert 0.4 <= frac <= 0.6, (batch, frac)
+    inputs = m.make_inputs(cfg, 64, seed=0)
+    assert inputs["x"].shape == (64, 3, 32, 32) and inputs["probs"].shape == (64, 15)
+    ran = m.executed_blocks(inputs)
+    assert 0 < (inputs["probs"][:, ran] > 0.5).mean() < 1       # per-sample masks differ inside running blocks
+    for ratio, count in zip(m.RATIOS, (0, 3, 7, 11, 15)):
+        assert m.executed_blocks(m.make_inputs(cfg, 2, seed=1, ratio=ratio)).sum() == count
+
+
+def test_rae_trees_are_valid():
+    m = load("rae")
+    cfg = m.Config()
+    leaves = []
+    for seed in range(300):
+        t = m.make_inputs(cfg, 1, seed=seed)
+        root = int(t["root"])
+        for n in range(root + 1):
+            if not t["is_leaf"][n]:
+                assert t["left"][n] < n and t["right"][n] < n
+        st = m.tree_stats(t)
+        assert st["nodes"] == root + 1 == 2 * st["leaves"] - 1 <= cfg.nodes
+        assert 2 <= st["leaves"] <= 64 and st["depth"] < cfg.max_depth
+        leaves.append(st["leaves"])
+    assert 16 <= np.mean(leaves) <= 22 and 6 <= np.std(leaves) <= 12
+    fixed = m.make_inputs(cfg, 1, tree="fixed")
+    assert m.tree_stats(fixed) == {"nodes": 65, "leaves": 33, "depth": 13} and int(fixed["root"]) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gdsl forwards against the references
+
+# every small case on the interpreter; one per model on the compiled CPU backend (its compiles cost seconds)
+CPU_CASES = [c for c in SMALL_CASES if case_id(c) in (
+    "lstm-bs2", "nasrnn-bs3", "attention-bs2", "seq2seq-bs5", "blockdrop-bs2-ratio0.5", "skipnet-bs1", "rae-bs1",
+    "rae-bs1-treefixed")]
+BACKEND_CASES = [("interpret", c) for c in SMALL_CASES] + \
+    [(b, c) for b in CPU_BACKENDS if b != "interpret" for c in CPU_CASES]
+
+
+@pytest.mark.parametrize("backend,case", BACKEND_CASES, ids=[f"{b}-{case_id(c)}" for b, c in BACKEND_CASES])
+def test_gdsl_forward_matches_reference(case, backend):
+    name, batch, variant = case
+    prob = small_problem(name, batch, variant)
+    fn = prob.model.make_forward(prob.cfg, backend=backend)
+    out = fn(prob.weights, prob.batches[0])
+    assert common.compare(out, prob.references()[0]) == []
+
+
+def test_gdsl_host_control_and_recompile_cache():
+    prob = small_problem("seq2seq", 3, {}, n_inputs=2)
+    fn = prob.model.make_forward(prob.cfg, backend="interpret", control="host")
+    refs = prob.references()
+    for b, ref in zip(prob.batches, refs):
+        assert common.compare(fn(prob.weights, b), ref) == []
+
+
+def test_rae_recursion_deeper_than_max_depth_raises():
+    m = load("rae")
+    cfg = common.replace(m.small(), max_depth=8)
+    inputs = m.make_inputs(cfg, 1, tree="fixed")                 # depth 13 > 8
+    with pytest.raises(gdsl.RecursionDepthError):
+        common.to_numpy(m.make_forward(cfg, backend="interpret")(m.init_weights(cfg), inputs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# baselines, weights, CLI, bench
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_round_trip(name):
+    m = load(name)
+    cfg = m.small()
+    w = m.init_weights(cfg, seed=1)
+    back = m.from_state_dict(m.to_state_dict(w, cfg), cfg)
+    assert back.keys() == w.keys()
+    for k in w:
+        assert back[k].dtype == np.float32
+        np.testing.assert_array_equal(back[k], w[k])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_weights_and_inputs_are_seeded_float32(name):
+    m = load(name)
+    cfg = m.small()
+    w1, w2 = m.init_weights(cfg, seed=7), m.init_weights(cfg, seed=7)
+    assert all(v.dtype == np.float32 and np.array_equal(v, w2[k]) for k, v in w1.items())
+    assert any(not np.array_equal(v, m.init_weights(cfg, seed=8)[k]) for k, v in w1.items())
+    x = m.make_inputs(cfg, 1, seed=0)
+    assert all(np.array_equal(v, m.make_inputs(cfg, 1, seed=0)[k]) for k, v in x.items())
+
+
+@pytest.mark.parametrize("system", [pytest.param("torch_eager", marks=needs_torch),
+                                    pytest.param("jax_jit", marks=needs_jax)])
+@pytest.mark.parametrize("name", MODELS)
+def test_baselines_match_reference(name, system):
+    variant = {"tree": "fixed"} if name == "rae" else {}
+    prob = small_problem(name, 1 if name in ("skipnet", "rae") else 2, variant, n_inputs=2)
+    runner = getattr(prob.model, system)(prob.weights, prob.cfg, prob.batches)
+    for i, ref in enumerate(prob.references()):
+        assert common.compare(runner.output(i), ref) == []
+
+
+def test_cli_check(capsys):
+    assert common.main(load("blockdrop"), ["--small", "--check", "--backend", "interpret", "--batch", "2",
+                                           "--ratio", "0.5"]) == 0
+    text = capsys.readouterr().out
+    assert "matches the numpy reference" in text and "3/6 blocks executed" in text
+
+
+def test_cli_check_fails_on_mismatch(monkeypatch, capsys):
+    m = load("nasrnn")
+    monkeypatch.setattr(m, "reference", lambda w, x, cfg: np.zeros((1, cfg.hidden), np.float32) + 1)
+    assert common.main(m, ["--small", "--check", "--backend", "interpret"]) == 1
+    assert "CHECK FAILED" in capsys.readouterr().out
+
+
+def test_compare_flags_tokens_and_relative_error():
+    assert common.compare((np.ones(4), np.arange(3)), (np.ones(4), np.arange(3))) == []
+    assert "relative error" in common.compare(np.ones(4) * 1.01, np.ones(4))[0]
+    assert "1 of 3" in common.compare(np.array([0, 1, 5]), np.arange(3))[0]
+    assert "non-finite" in common.compare(np.array([np.nan, 1.0]), np.ones(2))[0]
+
+
+def test_bench_small_writes_json(tmp_path):
+    from models import bench
+    path = tmp_path / "b.json"
+    assert bench.main(["--small", "--models", "rae,blockdrop", "--batch", "1", "--systems",
+                       "gdsl-device,gdsl-host", "--backend", "interpret", "--runs", "3", "--warmup", "1",
+                       "--inputs", "2", "--sweep", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert {"card", "driver", "versions", "git_commit"} <= data["environment"].keys()
+    rows = {(r["model"], r["variant"]) for r in data["rows"]}
+    assert ("rae", "fixed tree") in rows and ("blockdrop", "50% run") in rows and len(rows) == 8
+    for r in data["rows"]:
+        for res in r["systems"].values():
+            assert res["status"] == "ok" and res["runs"] == 3 and res["median_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full size on the GPU (python -m pytest -m gpu)
+
+def _cuda_usable() -> bool:
+    return "cuda" in gdsl.backends()
+
+
+FULL_CASES = [(n, b) for n in MODELS for b in load(n).BATCHES]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="no usable CUDA GPU for gdsl")
+@pytest.mark.parametrize("control", ["device", "host"])
+@pytest.mark.parametrize("name,batch", FULL_CASES, ids=[f"{n}-bs{b}" for n, b in FULL_CASES])
+def test_full_size_on_cuda(name, batch, control):
+    m = load(name)
+    prob = common.build_problem(m, batch, small=False, n_inputs=2 if name in ("seq2seq", "rae") else 1)
+    runner = common.gdsl_runner(m, prob.weights, prob.cfg, prob.batches, backend="cuda", control=control)
+    for i, ref in enumerate(prob.references()):
+        assert common.compare(runner.output(i), ref) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="no usable CUDA GPU for gdsl")
+@pytest.mark.parametrize("name", ["blockdrop", "skipnet"])
+def test_full_size_executed_ratios_on_cuda(name):
+    m = load(name)
+    for ratio in m.RATIOS:
+        prob = common.build_problem(m, 1, ratio=ratio)
+        runner = common.gdsl_runner(m, prob.weights, prob.cfg, prob.batches, backend="cuda")
+        assert common.compare(runner.output(0), prob.references()[0]) == []
