@@ -15,7 +15,8 @@ from gdsl import numpy as gnp
 from gdsl.primitives.control import cond_p, recurse_call_p, recurse_p, while_p
 from gdsl.tracing.ir import FunctionDef, Jaxpr, ShapedArray, Var
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
-from gdsl.tracing.trace import Builder, Tracer, aval_of, bind, tracing, type_error
+from gdsl.tracing.trace import (Builder, Tracer, aval_of, bind, builder_stack, current_option, tracing,
+                               type_error)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def fori_loop(lower, upper, body_fun, init_val):
             val = body_fun(i, val)
         return val
 
-    `lower` and `upper` may be traced integer scalars."""
+    `lower` and `upper` may be traced integer scalars. Under `jit(..., unroll=k)` the loop runs k steps per
+    iteration (plus a remainder loop), which gives the scheduler k bodies to overlap and fuse."""
     index_dtype = dtypes.result_type(lower, upper)
     if not dtypes.is_int(index_dtype):
         raise type_error(f"fori_loop: bounds must be integers, got {index_dtype}")
@@ -100,7 +102,18 @@ def fori_loop(lower, upper, body_fun, init_val):
         i, val = carry
         return gnp.add(i, np.asarray(1, index_dtype)), body_fun(i, val)
 
-    return while_loop(cond, body, (lower, init_val))[1]
+    unroll = int(current_option("unroll") or 1)
+    start = (lower, init_val)
+    if unroll > 1:
+        def cond_unrolled(carry):
+            return gnp.less_equal(gnp.add(carry[0], np.asarray(unroll, index_dtype)), upper)
+
+        def body_unrolled(carry):
+            for _ in range(unroll):
+                carry = body(carry)
+            return carry
+        start = while_loop(cond_unrolled, body_unrolled, start)
+    return while_loop(cond, body, start)[1]
 
 
 def cond(pred, true_fun, false_fun, *operands):
@@ -205,6 +218,8 @@ class RecursiveFunction:
         weak = tuple(dtypes.is_weak(x) for x in args_flat)
         args_flat = [_operand(x) for x in args_flat]
         arg_avals = tuple(aval_of(x) for x in args_flat)
+        if not builder_stack():  # an eager call is a program of its own: names restart there too
+            reset_function_names()
         name = _unique_name(self.__name__)
         entry = (self, name, arg_avals, args_tree, weak)
         _active().append(entry)

@@ -53,7 +53,10 @@ def promote(a: np.dtype, b: np.dtype) -> np.dtype:
         return a
     ka, kb = _KIND[a], _KIND[b]
     if ka != kb:
-        return a if ka > kb else b
+        high, low_kind = (a, kb) if ka > kb else (b, ka)
+        if low_kind == 1 and high in (float16, bfloat16):
+            return float32  # numpy: int32/int64 with float16 -> float64, canonically float32
+        return high
     if ka == 1:
         return int64
     return float32  # two different floats: f16 with bf16, or either with f32
@@ -82,11 +85,18 @@ def _python_kind(x) -> int:
     return 0 if isinstance(x, bool) else 1 if isinstance(x, int) else 2
 
 
+def as_numpy(x) -> np.ndarray:
+    """`x` as a numpy array; objects that only speak DLPack (`__dlpack__`, no `__array__`) included."""
+    if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
+        return np.from_dlpack(x)
+    return np.asarray(x)
+
+
 def dtype_of(x) -> np.dtype:
     """The gdsl dtype of an array-like, tracer or Python scalar."""
     if is_weak(x):
         return _DEFAULT_OF_KIND[_python_kind(x)]
     d = getattr(x, "dtype", None)
     if d is None:
-        d = np.asarray(x).dtype
+        d = as_numpy(x).dtype
     return canonicalize(d)

@@ -46,7 +46,7 @@ def _cast(x, dtype):
     """`x` as `dtype`: weak scalars become numpy scalars, arrays are converted where needed."""
     dtype = np.dtype(dtype)
     if dtypes.is_weak(x):
-        return np.asarray(x).astype(dtype)[()]
+        return np.asarray(x, dtype=dtype)[()]  # OverflowError for an int that does not fit, as numpy
     if isinstance(x, Tracer):
         return x if x.dtype == dtype else bind1(ew.convert_p, x, new_dtype=dtype)
     x = asarray(x)
@@ -183,7 +183,8 @@ def mean(a, axis=None, keepdims=False):
 def _arg_reduce(name, a, axis, keepdims):
     a = asarray(a)
     if axis is None:
-        a, axis = reshape(a, (-1,)), 0
+        out = _arg_reduce(name, reshape(a, (-1,)), 0, False)
+        return reshape(out, (1,) * a.ndim) if keepdims else out  # numpy keeps every axis, as size 1
     (axis,) = _axes(axis, a.ndim)
     out = bind1(reductions.REDUCE_PRIMS[name], a, axis=axis)
     if keepdims:
@@ -212,8 +213,8 @@ def matmul(a, b):
     out = bind1(linalg.matmul_p, a2, b2)
     if b.ndim == 1:
         out = reshape(out, out.shape[:-1])
-    if a.ndim == 1:
-        out = reshape(out, out.shape[:-2] + out.shape[-1:])
+    if a.ndim == 1:  # a's row axis is the last one left when b's column axis is gone
+        out = reshape(out, out.shape[:-1] if b.ndim == 1 else out.shape[:-2] + out.shape[-1:])
     return out
 
 

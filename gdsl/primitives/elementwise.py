@@ -85,6 +85,10 @@ BINARY = {
 }
 
 
+BITWISE = {"and", "or", "not"}   # bool or integer operands only
+NO_BOOL = {"neg", "sub", "sign"}  # numpy raises for bool operands
+
+
 def broadcast_shapes(*shapes) -> tuple[int, ...]:
     try:
         return tuple(np.broadcast_shapes(*shapes))
@@ -104,8 +108,10 @@ def _declare(name, arity, rule, result):
         dtype = avals[0].dtype
         if result == FLOAT and not dtypes.is_float(dtype):
             raise TypeError(f"needs floating-point operands, got {avals[0]}")
-        if name == "not" and dtypes.is_float(dtype):
+        if name in BITWISE and dtypes.is_float(dtype):
             raise TypeError(f"needs bool or integer operands, got {avals[0]}")
+        if name in NO_BOOL and dtype == dtypes.bool_:
+            raise TypeError(f"is not defined for bool operands (as in numpy), got {avals[0]}")
         out_dtype = dtypes.bool_ if result == BOOL else dtype
         return [ShapedArray(broadcast_shapes(*(a.shape for a in avals)), out_dtype)]
 

@@ -26,9 +26,10 @@ def _declare_reduce(name, rule):
     @p.def_abstract_eval
     def _abstract(x, *, axes):
         dtype = dtypes.int32 if (name == "reduce_sum" and x.dtype == dtypes.bool_) else x.dtype
-        if name != "reduce_sum" and x.size == 0 and axes:
+        shape = _reduced_shape(x, axes)
+        if name != "reduce_sum" and any(x.shape[a] == 0 for a in axes):
             raise TypeError(f"{name} of an empty array")
-        return [ShapedArray(_reduced_shape(x, axes), dtype)]
+        return [ShapedArray(shape, dtype)]
 
     @p.def_impl
     def _impl(x, *, axes):

@@ -71,8 +71,8 @@ def _slice(x, *, start, limit, step):
     return [ShapedArray(shape, x.dtype)]
 
 
-slice_p.def_impl(lambda x, *, start, limit, step: [
-    x[tuple(slice(b, e, s) for b, e, s in zip(start, limit, step))]])
+slice_p.def_impl(lambda x, *, start, limit, step: [  # limit -1 (negative steps) means "past index 0"
+    x[tuple(slice(b, e if e >= 0 else None, s) for b, e, s in zip(start, limit, step))]])
 
 
 def _check_indices(x, idx, what):

@@ -42,7 +42,10 @@ class Var:
     __slots__ = ("aval",)
 
     def __init__(self, aval: ShapedArray):
-        self.aval = aval
+        object.__setattr__(self, "aval", aval)
+
+    def __setattr__(self, name, value):  # immutable like the rest of the IR; identity is the object
+        raise AttributeError(f"Var is immutable: cannot set {name!r}")
 
     def __repr__(self):
         return f"Var({self.aval})"

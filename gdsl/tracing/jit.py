@@ -19,9 +19,9 @@ from gdsl.backends import backend_module, default_backend, usable_backend
 from gdsl.control_flow import reset_function_names
 from gdsl.tracing.ir import Program, ShapedArray
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
-from gdsl.tracing.trace import Builder, builder_stack, tracing, type_error
+from gdsl.tracing.trace import Builder, builder_stack, trace_options, tracing, type_error
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier"})
 
 
 def debug_level() -> int:
@@ -43,7 +43,7 @@ def leaf_aval(x) -> ShapedArray:
         return ShapedArray((), dtypes.dtype_of(x))
     shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
     if shape is None or dtype is None:
-        arr = np.asarray(x)
+        arr = dtypes.as_numpy(x)
         shape, dtype = arr.shape, arr.dtype
     try:
         dtype = np.dtype(dtype)
@@ -52,8 +52,9 @@ def leaf_aval(x) -> ShapedArray:
     return ShapedArray(tuple(int(d) for d in shape), dtypes.canonicalize(dtype))
 
 
-def trace_program(fun, args, kwargs, name="main") -> Program:
-    """Trace `fun(*args, **kwargs)` (pytrees of arrays) into a closed Program."""
+def trace_program(fun, args, kwargs, name="main", options=None) -> Program:
+    """Trace `fun(*args, **kwargs)` (pytrees of arrays) into a closed Program. `options` are the jit
+    options that act while tracing (`unroll`)."""
     flat, in_tree = tree_flatten((tuple(args), dict(kwargs)))
     avals = [leaf_aval(x) for x in flat]
     if builder_stack():
@@ -61,7 +62,7 @@ def trace_program(fun, args, kwargs, name="main") -> Program:
                          "the undecorated Python function instead")
     reset_function_names()
     builder = Builder()
-    with tracing(builder):
+    with tracing(builder), trace_options(options or {}):
         tracers = [builder.new_arg(a) for a in avals]
         a, k = tree_unflatten(in_tree, tracers)
         out = fun(*a, **k)
@@ -172,7 +173,8 @@ class Jitted:
             if unknown:
                 raise TypeError(f"gdsl.jit: backend {backend!r} has no option(s) {sorted(unknown)}")
             self.trace_count += 1
-            program = trace_program(self._with_static(args, kwargs), dyn_args, dyn_kwargs, self.__name__)
+            program = trace_program(self._with_static(args, kwargs), dyn_args, dyn_kwargs, self.__name__,
+                                    self.options)
             t0 = time.perf_counter()
             lowering = module.lower(program, self.options)
             debug(2, f"plan of {self.__name__} ({backend})", str(lowering.plan))
@@ -188,12 +190,18 @@ class Jitted:
 
     def __call__(self, *args, **kwargs):
         entry, flat = self._entry(args, kwargs)
+        flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
         if entry["executable"] is None:
             module = usable_backend(entry["backend"])
             t0 = time.perf_counter()
-            entry["executable"] = module.load(entry["lowering"])
+            if self.options.get("autotune"):
+                from gdsl.tracing.autotune import autotune
+                entry["lowering"], entry["executable"], chosen = autotune(
+                    module, entry["backend"], entry["program"], self.options, flat)
+                debug(1, f"autotune of {self.__name__}", f"chose {chosen}")
+            else:
+                entry["executable"] = module.load(entry["lowering"])
             debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
-        flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
         outs = entry["executable"](flat)
         return tree_unflatten(entry["program"].out_tree, outs)
 

@@ -12,8 +12,6 @@ import os
 import sys
 import threading
 
-import numpy as np
-
 from gdsl import dtypes
 from gdsl.errors import ConcretizationError
 from gdsl.tracing.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
@@ -71,7 +69,8 @@ class Builder:
             if isinstance(value, Tracer):
                 aval = value.aval
             else:
-                value = np.asarray(value, dtype=dtypes.canonicalize(np.asarray(value).dtype))
+                value = dtypes.as_numpy(value)
+                value = value.astype(dtypes.canonicalize(value.dtype), copy=False)
                 aval = ShapedArray(value.shape, value.dtype)
             var = Var(aval)
             self._capture_index[key] = var
@@ -86,7 +85,7 @@ class Builder:
             return x
         if dtypes.is_weak(x):
             return Lit.of(x, dtypes.dtype_of(x))
-        arr = np.asarray(x)
+        arr = dtypes.as_numpy(x)
         if arr.ndim == 0:
             return Lit.of(arr, dtypes.canonicalize(arr.dtype))
         return self.capture(x)
@@ -112,6 +111,24 @@ class tracing:
         builder_stack().pop()
 
 
+class trace_options:
+    """Context manager making jit options that act at trace time (`unroll`) visible to the tracers."""
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def __enter__(self):
+        self.saved = getattr(_state, "options", {})
+        _state.options = self.options
+
+    def __exit__(self, *exc):
+        _state.options = self.saved
+
+
+def current_option(name, default=None):
+    return getattr(_state, "options", {}).get(name, default)
+
+
 def aval_of(x) -> ShapedArray:
     if isinstance(x, Tracer):
         return x.aval
@@ -119,7 +136,7 @@ def aval_of(x) -> ShapedArray:
         return x.aval
     if dtypes.is_weak(x):
         return ShapedArray((), dtypes.dtype_of(x))
-    arr = np.asarray(x)
+    arr = dtypes.as_numpy(x)
     return ShapedArray(arr.shape, dtypes.canonicalize(arr.dtype))
 
 
@@ -135,7 +152,7 @@ def bind(prim, *args, **params) -> list:
         raise type_error(f"{prim.name}: {e}") from None
     if builder is None:
         from gdsl.interpreter import apply_impl
-        return apply_impl(prim, [np.asarray(a) for a in args], params, out_avals)
+        return apply_impl(prim, [dtypes.as_numpy(a) for a in args], params, out_avals)
     inputs = tuple(builder.atom(a) for a in args)
     outs = tuple(Var(a) for a in out_avals)
     builder.eqns.append(Eqn(prim, inputs, params, outs))
