@@ -17,13 +17,13 @@ def _veus(task) -> str:
     return f"vEU {task.first}-{task.first + task.count - 1}"
 
 
-def _op(op) -> str:
+def describe_op(op) -> str:
     ins = ", ".join(map(repr, op.inputs))
     outs = ", ".join(map(repr, op.outputs))
     return f"{outs} = {op.name}({ins})"
 
 
-def _uniform(u) -> str:
+def describe_uniform(u) -> str:
     ins = " ".join(map(repr, u.inputs))
     return f"{u.output!r} = {u.primitive} {ins}"
 
@@ -38,11 +38,11 @@ def print_block(block, indent: int, lines: list) -> None:
             for t in stmt.tasks:
                 rounds = -(-t.op.n_utasks // t.count)
                 extra = f", {rounds} rounds" if rounds > 1 else ""
-                lines.append(f"{pad}  {_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
+                lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}barrier ({stmt.scope})")
         elif isinstance(stmt, Uniforms):
-            lines.append(f"{pad}every vEU: " + "; ".join(_uniform(u) for u in stmt.ops))
+            lines.append(f"{pad}every vEU: " + "; ".join(describe_uniform(u) for u in stmt.ops))
         elif isinstance(stmt, Assign):
             lines.append(f"{pad}every vEU: {stmt.dst!r} = {stmt.src!r}")
         elif isinstance(stmt, Loop):

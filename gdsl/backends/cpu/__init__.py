@@ -1,0 +1,104 @@
+"""The `cpu` backend: the Plan rendered to LLVM IR and compiled with llvmlite's MCJIT (the default backend
+when no GPU is usable).
+
+    lower(program, options) -> Lowering(plan, source)   plan: the Plan (str() prints it); source: LLVM IR
+    load(lowering) -> callable(flat_args) -> flat results (fresh numpy arrays)
+
+Options:
+- `control`: "device" (default): the whole program, loops, branches and recursion included, is one
+  native function; "host": one native function per straight-line kernel, the control flow driven from
+  Python (the paper's CocktailerBase).
+- `grid`: vEUs. Each vEU is a CPU thread (at most one per core; with fewer cores, a thread runs several
+  vEUs' uTasks), all running the kernel at once like a GPU's persistent thread blocks, with barriers
+  between waves. Default: one vEU per core when the operands of the program's matmuls/convolutions add
+  up to more than half a core's L2 cache (then they fit the cores' caches together: the LSTM, NASRNN and
+  RAE benchmarks run 1.3-2x faster on two idle cores), else 1: a single thread runs every uTask, no
+  barrier costs anything, and each operator gets its largest tiles. A multi-vEU executable times itself
+  on all its threads and on one (same results) and keeps the faster, since on a machine whose cores are
+  busy with other work every barrier waits for a descheduled thread. Host control uses one thread.
+- `block`: threads per vEU on a GPU; here it only sizes uTasks (default 1024: 4096 elements per
+  elementwise uTask, see gdsl/schedule/utasks.py).
+- `unroll` acts when tracing (gdsl.fori_loop runs k steps per iteration) and `autotune` in gdsl.jit (it
+  searches `control`); this backend accepts both.
+
+See render.py for how the plan maps to LLVM, kinds.py for each uTask, lowerings.py for the elementwise
+table (`LOWERINGS`), runtime.py for the JIT engine and the executable.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from gdsl.backends.cpu.lowerings import LOWERINGS  # noqa: F401  (checked by tests/test_registry.py)
+
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune"})
+DEFAULT_BLOCK = 1024
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def l2_bytes() -> int:
+    """One core's L2 cache (1 MiB when the system does not say)."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            text = f.read().strip().upper()
+        return int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def default_grid(program) -> int:
+    """One vEU per core when the GEMM operands outgrow half an L2 cache, else one (see the docstring)."""
+    from gdsl.tracing.ir import Var, walk_eqns
+    seen, total = set(), 0
+    for eqn in walk_eqns(program.jaxpr):
+        if eqn.primitive.name in ("matmul", "conv2d"):
+            for v in eqn.inputs:
+                if isinstance(v, Var) and id(v) not in seen:
+                    seen.add(id(v))
+                    total += v.aval.size * v.aval.dtype.itemsize
+    return cpu_count() if total > l2_bytes() // 2 else 1
+
+
+def unavailable_reason():
+    try:
+        import llvmlite.binding  # noqa: F401
+    except ImportError as e:
+        return f"llvmlite is not installed ({e}); install it with `pip install llvmlite`"
+    return None
+
+
+@dataclass
+class Lowering:
+    plan: object            # gdsl.schedule.plan.Plan
+    source: str             # the LLVM IR module
+    symbols: list = field(default_factory=list)   # kernel entry points, in plan.kernels order
+    threads: int = 1
+
+
+def lower(program, options) -> Lowering:
+    from gdsl.backends.cpu.render import ModuleWriter
+    from gdsl.schedule import schedule
+    control = options.get("control", "device")
+    grid = int(options["grid"]) if "grid" in options else default_grid(program)
+    plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK))
+    threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
+    text, symbols = ModuleWriter(plan, threads).render()
+    return Lowering(plan, text, symbols, threads)
+
+
+def load(lowering: Lowering):
+    from gdsl.backends.cpu import runtime
+    addresses = runtime.compile_module(lowering.source, lowering.symbols)
+    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads)
+
+
+def to_device(x):
+    from gdsl.backends.cpu.runtime import _to_numpy
+    return _to_numpy(x)

@@ -1,0 +1,412 @@
+"""A Plan as one LLVM module.
+
+    kernel K            i32 @<prefix>_<K>(ptr %table, ptr %depths, i64 %thread, i64 %nthreads,
+                        ptr %barrier): %table holds the address of every plan buffer (plan.buffers order),
+                        %depths the current depth of every recursive function (host control; device
+                        control keeps its own counters). Returns 0, or 1 + the index of the recursive
+                        function that went deeper than its max_depth. %nthreads copies (at most the
+                        module's `threads`) run at once, thread = 0..nthreads-1: thread k runs the vEUs
+                        v with v % nthreads == k; with nthreads = 1 one thread runs them all.
+    Op                  three internal functions: the uTask function, void @<prefix>_<op>(one noalias
+                        pointer per distinct storage it touches, one scalar per uniform it reads, i64 %t)
+                        computing uTask t (kinds.py); for a matmul whose row bands fit L1, a row-band
+                        function computing every tile of a band in one pass (kinds.emit_matmul); and the
+                        run function that the kernel calls once per Task, which loops over this thread's
+                        uTasks (keeping the loops out of the kernel keeps its compile time linear).
+                        Ops whose functions come out identical (same kind, shapes, params) share them.
+    Wave                one call of each task's run function: on each of the task's vEUs v that this
+                        thread runs, for t in range(v - first, op.n_utasks, count): the uTask function
+                        (one thread: for t in range(op.n_utasks), or band by band)
+    Sync                "grid": a barrier of the threads (spin, then futex sleep); "block": nothing (a vEU
+                        is one thread, its uTasks run in order). With one thread: nothing at all.
+    Uniforms / Assign   scalars in stack slots of each thread (frame uniforms: one slot per recursion depth)
+    Loop / Branch       native loops and switches on uniform predicates and indices
+    Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
+                        return site on fn's site stack, depth += 1, jump to fn's body; the body's end pops
+                        the site and switches back to the block after that call
+    frame storage       buffer/uniform of fn at index depth_fn + value.frame_offset (max_depth + 2 copies)
+
+Symbols carry a placeholder prefix that `render` replaces by a hash of the text, so that modules of
+different plans never clash inside the one process-wide JIT engine.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+from gdsl.backends.cpu.ir import (
+    UNROLL_OFF,
+    Function,
+    compute_type,
+    const,
+    load_element,
+    mem_type,
+    store_element,
+)
+from gdsl.backends.cpu.kinds import Operands, emit_utask, matmul_bands, uniform_value
+from gdsl.backends.cpu.lowerings import support_code
+from gdsl.schedule.plan import (
+    Assign,
+    Branch,
+    Buffer,
+    Call,
+    Launch,
+    Loop,
+    Sync,
+    Uniform,
+    Uniforms,
+    Wave,
+)
+from gdsl.schedule.printer import describe_op, describe_uniform
+from gdsl.tracing.ir import Lit
+
+PREFIX = "GDSLPREFIX"
+SELF = "GDSLSELF"
+
+
+def _key(value):
+    return id(value.storage), value.frame_offset
+
+
+class ModuleWriter:
+    def __init__(self, plan, threads=1):
+        self.plan = plan
+        self.threads = threads
+        self.op_functions: list[str] = []
+        self.op_names: dict = {}
+        self.buffer_index = {id(b): i for i, b in enumerate(plan.buffers)}
+        self.fn_index = {f.name: i for i, f in enumerate(plan.functions)}
+        self.functions = {f.name: f for f in plan.functions}
+        self.metadata: list = []
+        self.op_texts: dict = {}      # uTask function text -> its symbol
+
+    def op_function(self, op):
+        """(symbol, [("ptr" | "scalar", Value)...]) of op's run function, written on first use:
+        run(pointers..., scalars..., i64 thread, i64 nthreads, i64 first, i64 count) runs the uTasks of
+        the vEUs first..first+count-1 that belong to `thread` (all of them when nthreads = 1), calling
+        the uTask function (or, alone, the matmul row-band function: kinds.matmul_bands)."""
+        if id(op) in self.op_names:
+            return self.op_names[id(op)]
+        params, args, slot_of = [], [], {}
+
+        def access(value):
+            if isinstance(value.storage, Lit):
+                return ("lit", value.storage.val)
+            if isinstance(value.storage, Uniform):
+                name = f"%s{len(params)}"
+                params.append(f"{compute_type(value.aval.dtype)} {name}")
+                args.append(("scalar", value))
+                return ("scalar", name)
+            key = _key(value)
+            if key not in slot_of:
+                slot_of[key] = f"%p{len(params)}"
+                params.append(f"ptr noalias {slot_of[key]}")
+                args.append(("ptr", value))
+            return ("ptr", slot_of[key])
+        ins = [access(v) for v in op.inputs]
+        outs = [access(v) for v in op.outputs]
+        forward = ", ".join(p.replace(" noalias", "") for p in params)
+
+        def body(band):
+            fn = Function(f"define internal void @{SELF}({', '.join(params + ['i64 %t'])})",
+                          attrs="nounwind noinline ", metadata=[])
+            emit_utask(fn, Operands(fn, op.inputs, ins, op.outputs, outs), op, "%t", band=band)
+            fn.do("ret void")
+            return fn
+        utask = self._add(body(False), op, "")
+        bands = matmul_bands(op)
+        band = self._add(body(True), op, "_band") if bands else None
+        fn = Function(f"define internal void @{SELF}({', '.join(params)}, i64 %thread, i64 %nthreads, "
+                      f"i64 %first, i64 %count)", attrs="nounwind noinline ", metadata=[])
+
+        def call(symbol):
+            return lambda t: fn.do(f"call void @{symbol}({forward}{', ' if forward else ''}i64 {t})")
+        n = op.n_utasks
+
+        def alone():
+            fn.loop(0, bands or n, call(band or utask))
+
+        def shared():     # vEU first + j runs uTasks j, j + count, ...; it is ours when (first + j) % nthreads
+            shift = fn.op("mul i64 %first, " + fn.op("sub i64 %nthreads, 1"))     # == thread
+            start = fn.op(f"urem i64 {fn.op(f'add i64 %thread, {shift}')}, %nthreads")
+            fn.loop(start, "%count", lambda j: fn.loop(j, n, call(utask), step="%count"), step="%nthreads")
+        fn.if_(fn.op("icmp eq i64 %nthreads, 1"), alone, shared)
+        fn.do("ret void")
+        symbol = self._add(fn, op, "_run")
+        self.op_names[id(op)] = (symbol, args)
+        return symbol, args
+
+    def _add(self, fn, op, suffix) -> str:
+        """The symbol of function `fn` (its name is SELF), added to the module unless an identical function
+        is there already: ops of the same kind, shapes and params share their functions."""
+        text = fn.text()
+        symbol = self.op_texts.get(text)
+        if symbol is None:
+            symbol = self.op_texts[text] = f"{PREFIX}_{op.name}{suffix}"
+            self.op_functions.append(f"; {describe_op(op)}   [{op.n_utasks} uTasks]\n" +
+                                     self._number_loops(text, fn.metadata).replace(f"@{SELF}(", f"@{symbol}("))
+        return symbol
+
+    def _number_loops(self, text, local):
+        """A function's text with its loop metadata (!1.. of `local`) renumbered into the module's."""
+        base = len(self.metadata)
+        self.metadata += [re.sub(r"!(\d+)", lambda m: f"!{int(m.group(1)) + base}" if m.group(1) != "0" else "!0", d)
+                          for d in local]
+        return re.sub(r"!llvm\.loop !(\d+)", lambda m: f"!llvm.loop !{int(m.group(1)) + base}", text)
+
+    def render(self):
+        """(module text, kernel symbols)."""
+        plan = self.plan
+        kernels, symbols = [], []
+        for k, kernel in enumerate(plan.kernels):
+            symbol = f"{PREFIX}_{kernel.name}"
+            kernels.append(KernelWriter(self, kernel, symbol, host=plan.control == "host").render())
+            symbols.append(symbol)
+        body = "\n".join(self.op_functions + kernels)
+        header = (f"; gdsl plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEU(s) "
+                  f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.op_names)} ops in "
+                  f"{len(self.op_functions)} uTask functions\n")
+        text = header + body + "\n" + support_code(body) + "\n".join([UNROLL_OFF] + self.metadata) + "\n"
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        name = f"gdsl_{digest}"
+        return text.replace(PREFIX, name), [s.replace(PREFIX, name) for s in symbols]
+
+
+class KernelWriter:
+    def __init__(self, module: ModuleWriter, kernel, symbol, host: bool):
+        self.mod = module
+        self.kernel = kernel
+        self.host = host
+        self.threads = module.threads
+        self.fn = Function(f"define i32 @{symbol}(ptr noalias %table, ptr noalias %depths, i64 %thread, "
+                           f"i64 %nthreads, ptr %barrier)", attrs="nounwind ", metadata=[])
+        self.alone = None      # i1: %nthreads == 1
+        self.sense = None
+        self.bases: dict = {}
+        self.uniform_slots: dict = {}
+        self.depths: dict = {}        # device: fn name -> slot; host: fn name -> SSA value
+        self.stacks: dict = {}
+        self.entries = {f.name: f"fn{module.fn_index[f.name]}_entry" for f in kernel.functions}
+        self.sites: dict = {f.name: {} for f in kernel.functions}
+        self.errors: dict = {}
+
+    # ----------------------------------------------------------------------------------- storage
+    def _prologue(self, line):
+        self.fn.allocas.append(line)
+
+    def base(self, buf: Buffer) -> str:
+        if id(buf) not in self.bases:
+            index = self.mod.buffer_index[id(buf)]
+            slot, name = self.fn.name("tab"), self.fn.name(f"{buf.name}_")
+            self._prologue(f"  {slot} = getelementptr inbounds ptr, ptr %table, i64 {index}")
+            self._prologue(f"  {name} = load ptr, ptr {slot}, align 8")
+            self.bases[id(buf)] = name
+        return self.bases[id(buf)]
+
+    def depth(self, fname) -> str:
+        """The current depth of recursive function `fname` (i64)."""
+        if self.host:
+            if fname not in self.depths:
+                slot, name = self.fn.name("dp"), self.fn.name("depth")
+                self._prologue(f"  {slot} = getelementptr inbounds i64, ptr %depths, i64 {self.mod.fn_index[fname]}")
+                self._prologue(f"  {name} = load i64, ptr {slot}, align 8")
+                self.depths[fname] = name
+            return self.depths[fname]
+        return self.fn.load("i64", self._depth_slot(fname))
+
+    def _depth_slot(self, fname):
+        if fname not in self.depths:
+            slot = self.fn.name("depth")
+            self._prologue(f"  {slot} = alloca i64, align 8")
+            self._prologue(f"  store i64 0, ptr {slot}")
+            self.depths[fname] = slot
+        return self.depths[fname]
+
+    def frame_index(self, fname, offset) -> str:
+        d = self.depth(fname)
+        return self.fn.op(f"add nsw i64 {d}, {offset}") if offset else d
+
+    def pointer(self, value) -> str:
+        buf = value.storage
+        base = self.base(buf)
+        if buf.frame_of is None:
+            return base
+        index = self.frame_index(buf.frame_of, value.frame_offset)
+        ty = mem_type(buf.aval.dtype)
+        return self.fn.gep(ty, base, self.fn.op(f"mul nsw i64 {index}, {buf.aval.size}"))
+
+    def uniform_pointer(self, value) -> str:
+        u = value.storage
+        ty = compute_type(u.aval.dtype)
+        if id(u) not in self.uniform_slots:
+            copies = self.mod.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
+            slot = self.fn.name(f"{u.name}_")
+            self._prologue(f"  {slot} = alloca {f'[{copies} x {ty}]' if copies else ty}, align 8")
+            self.uniform_slots[id(u)] = slot
+        slot = self.uniform_slots[id(u)]
+        if not u.frame_of:
+            return slot
+        return self.fn.gep(ty, slot, self.frame_index(u.frame_of, value.frame_offset))
+
+    def scalar(self, value) -> str:
+        """Element 0 of any value, in its compute type."""
+        if isinstance(value.storage, Lit):
+            return const(value.aval.dtype, value.storage.val)
+        if isinstance(value.storage, Uniform):
+            return self.fn.load(compute_type(value.aval.dtype), self.uniform_pointer(value))
+        return load_element(self.fn, value.aval.dtype, self.pointer(value), 0)
+
+    def set_scalar(self, value, v) -> None:
+        if isinstance(value.storage, Uniform):
+            self.fn.store(compute_type(value.aval.dtype), v, self.uniform_pointer(value))
+        else:
+            store_element(self.fn, value.aval.dtype, self.pointer(value), 0, v)
+
+    def operands(self, values):
+        access = []
+        for v in values:
+            if isinstance(v.storage, Lit):
+                access.append(("lit", v.storage.val))
+            elif isinstance(v.storage, Uniform):
+                access.append(("scalar", self.scalar(v)))
+            else:
+                access.append(("ptr", self.pointer(v)))
+        return Operands(self.fn, values, access)
+
+    # -------------------------------------------------------------------------------- statements
+    def block(self, stmts) -> None:
+        for stmt in stmts:
+            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+
+    def _wave(self, wave: Wave) -> None:
+        for task in wave.tasks:
+            op = task.op
+            symbol, args = self.mod.op_function(op)
+            actual = [f"ptr {self.pointer(v)}" if kind == "ptr" else f"{compute_type(v.aval.dtype)} {self.scalar(v)}"
+                      for kind, v in args]
+            veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, op.n_utasks)}"
+            self.fn.do(f"; {describe_op(op)}  [{op.n_utasks} uTasks, vEU {task.first}..{task.first + task.count - 1}]")
+            self.fn.do(f"call void @{symbol}({', '.join([*actual, veus])})")
+
+    def _is_alone(self):
+        if self.alone is None:
+            self.alone = self.fn.name("alone")
+            self._prologue(f"  {self.alone} = icmp eq i64 %nthreads, 1")
+        return self.alone
+
+    def _sync(self, stmt: Sync) -> None:
+        if self.threads == 1 or stmt.scope != "grid":
+            self.fn.do(f"; barrier ({stmt.scope}): nothing to wait for here")
+            return
+        if self.sense is None:
+            self.sense = self.fn.name("sense")
+            self._prologue(f"  {self.sense} = alloca i32, align 4")
+            self._prologue(f"  store i32 0, ptr {self.sense}")
+        self.fn.if_(self.fn.op(f"xor i1 {self._is_alone()}, true"), lambda: self.fn.do(
+            f"call void @gdsl_barrier(ptr %barrier, ptr {self.sense}, i64 %nthreads)"))
+
+    def _uniforms(self, stmt: Uniforms) -> None:
+        for u in stmt.ops:
+            self.fn.do(f"; {describe_uniform(u)}")
+            value = uniform_value(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
+            self.set_scalar(u.output, value)
+
+    def _assign(self, stmt: Assign) -> None:
+        self.fn.do(f"; {stmt.dst!r} = {stmt.src!r}")
+        self.set_scalar(stmt.dst, self.scalar(stmt.src))
+
+    def _loop(self, stmt: Loop) -> None:
+        fn = self.fn
+        head, body, done = fn.label("loop"), fn.label("loopbody"), fn.label("loopend")
+        fn.goto(head)
+        fn.start(head)
+        self.block(stmt.cond)
+        fn.do(f"br i1 {self._truth(stmt.pred)}, label %{body}, label %{done}")
+        fn.start(body)
+        self.block(stmt.body)
+        fn.goto(head)
+        fn.start(done)
+
+    def _truth(self, value) -> str:
+        v = self.scalar(value)
+        ty = compute_type(value.aval.dtype)
+        if ty == "i1":
+            return v
+        if ty == "float":
+            return self.fn.op(f"fcmp une float {v}, 0.0")
+        return self.fn.op(f"icmp ne {ty} {v}, 0")
+
+    def _branch(self, stmt: Branch) -> None:
+        fn = self.fn
+        n = len(stmt.branches)
+        index = fn.ext_index(self.scalar(stmt.index), compute_type(stmt.index.aval.dtype))
+        index = fn.clamp(index, 0, n - 1)
+        labels = [fn.label("case") for _ in range(n)]
+        done = fn.label("endbranch")
+        cases = " ".join(f"i64 {k}, label %{lab}" for k, lab in enumerate(labels[1:], 1))
+        fn.do(f"switch i64 {index}, label %{labels[0]} [{cases}]")
+        for lab, branch in zip(labels, stmt.branches):
+            fn.start(lab)
+            self.block(branch)
+            fn.goto(done)
+        fn.start(done)
+
+    def _call(self, stmt: Call) -> None:
+        fn, f = self.fn, self.mod.functions[stmt.fn]
+        depth_slot = self._depth_slot(f.name)
+        stack = self._stack(f)
+        d = fn.load("i64", depth_slot)
+        deeper = fn.op(f"add nsw i64 {d}, 1")
+        too_deep = fn.op(f"icmp sgt i64 {deeper}, {f.max_depth}")
+        push, back = fn.label("push"), fn.label(f"return{stmt.site}_")
+        fn.do(f"br i1 {too_deep}, label %{self._error_block(f)}, label %{push}")
+        fn.start(push)
+        fn.store("i32", str(stmt.site), fn.gep("i32", stack, d))
+        fn.store("i64", deeper, depth_slot)
+        fn.do(f"; call {f.name} (site {stmt.site})")
+        fn.goto(self.entries[f.name])
+        fn.start(back)
+        self.sites[f.name][stmt.site] = back
+
+    def _launch(self, stmt: Launch) -> None:
+        raise AssertionError("Launch statements belong to the host program")
+
+    def _stack(self, f):
+        if f.name not in self.stacks:
+            slot = self.fn.name("sites")
+            self._prologue(f"  {slot} = alloca [{f.max_depth + 1} x i32], align 4")
+            self.stacks[f.name] = slot
+        return self.stacks[f.name]
+
+    def _error_block(self, f) -> str:
+        if f.name not in self.errors:
+            self.errors[f.name] = self.fn.label("too_deep")
+        return self.errors[f.name]
+
+    # ----------------------------------------------------------------------------------- whole
+    def render(self) -> str:
+        fn = self.fn
+        fn.do(f"; kernel {self.kernel.name}")
+        self.block(self.kernel.body)
+        fn.do("ret i32 0")
+        for f in self.kernel.functions:
+            fn.start(self.entries[f.name])
+            fn.do(f"; function {f.name} (max_depth {f.max_depth})")
+            self.block(f.body)
+            fn.goto(f"fn{self.mod.fn_index[f.name]}_return")
+        for f in self.kernel.functions:
+            fn.start(f"fn{self.mod.fn_index[f.name]}_return")
+            slot = self._depth_slot(f.name)
+            d = fn.op(f"sub nsw i64 {fn.load('i64', slot)}, 1")
+            fn.store("i64", d, slot)
+            site = fn.load("i32", fn.gep("i32", self._stack(f), d))
+            cases = " ".join(f"i32 {s}, label %{lab}" for s, lab in sorted(self.sites[f.name].items()))
+            fn.do(f"switch i32 {site}, label %unreachable [{cases}]")
+        for f in self.kernel.functions:
+            if f.name in self.errors:
+                fn.start(self.errors[f.name])
+                fn.do(f"ret i32 {1 + self.mod.fn_index[f.name]}")
+        if self.kernel.functions:
+            fn.start("unreachable")
+            fn.do("unreachable")
+        return self.mod._number_loops(fn.text(), fn.metadata)

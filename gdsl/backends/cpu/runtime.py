@@ -1,0 +1,375 @@
+"""Compiling and running the CPU backend's modules.
+
+One MCJIT engine per process (llvmlite 0.50 allows no other safe pattern: the engine owns its target
+machine), host CPU and features, new-pass-manager O3. Modules are cached by the hash of their text: a
+second `compile_module` of the same IR returns the cached entry points without recompiling.
+
+`Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts),
+allocated once with numpy; each call writes the argument and fresh output addresses into the buffer
+table and runs the kernel (device control) or drives the host program (host control) with an explicit
+stack in Python. Calls of one Executable from several Python threads take turns (the workspace is shared).
+
+With `threads` > 1 (device control) the kernel runs as that many persistent threads at once, like the
+vEUs of a GPU kernel: the caller's thread is thread 0 and a process-wide pool of Python threads runs the
+others (ctypes releases the GIL for the call); the kernel's barriers synchronise them. The same kernel
+also runs on one thread (nthreads = 1: every vEU's uTasks in turn, no barrier); _ThreadChoice picks per
+call, by measured time.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import queue
+import re
+import threading
+import time
+
+import numpy as np
+
+from gdsl.errors import CompileError, RecursionDepthError
+from gdsl.schedule.plan import Branch, Call, Launch, Loop
+from gdsl.tracing.ir import Lit
+
+_lock = threading.Lock()
+_engine = None
+_target_machine = None
+_cache: dict = {}          # sha256 of the module text -> {symbol: address}
+stats = {"compiles": 0, "cache_hits": 0, "last_compile_s": 0.0}
+
+KERNEL_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p)
+
+
+def _llvm():
+    import llvmlite.binding as llvm
+    return llvm
+
+
+def _ensure_engine():
+    global _engine, _target_machine
+    if _engine is None:
+        llvm = _llvm()
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        target = llvm.Target.from_triple(llvm.get_process_triple())
+        _target_machine = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
+                                                       features=llvm.get_host_cpu_features().flatten(),
+                                                       opt=3, reloc="default", codemodel="jitdefault")
+        _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine)
+    return _engine
+
+
+def _compile_error(text, message):
+    line = None
+    m = re.search(r":(\d+):(\d+): error", message)
+    if m:
+        lines = text.splitlines()
+        k = int(m.group(1)) - 1
+        line = lines[k] if 0 <= k < len(lines) else None
+    return CompileError(f"LLVM rejected the generated module: {message.strip()}" +
+                        (f"\n  at: {line.strip()}" if line else ""), log=message, source=text, line=line)
+
+
+def compile_module(text: str, symbols) -> dict:
+    """{symbol: address} of the module's entry points; compiled once per distinct text."""
+    key = hashlib.sha256(text.encode()).hexdigest()
+    with _lock:
+        if key in _cache:
+            stats["cache_hits"] += 1
+            return _cache[key]
+        llvm = _llvm()
+        engine = _ensure_engine()
+        t0 = time.perf_counter()
+        try:
+            mod = llvm.parse_assembly(text)
+            mod.verify()
+        except RuntimeError as e:
+            raise _compile_error(text, str(e)) from None
+        _optimize(mod)
+        engine.add_module(mod)
+        engine.finalize_object()
+        addresses = {s: engine.get_function_address(s) for s in symbols}
+        missing = [s for s, a in addresses.items() if not a]
+        if missing:
+            raise CompileError(f"LLVM module lacks entry points {missing}", source=text)
+        stats["compiles"] += 1
+        stats["last_compile_s"] = time.perf_counter() - t0
+        _cache[key] = addresses
+        return addresses
+
+
+def _optimize(mod) -> None:
+    """New-pass-manager O3 for the host CPU (vectorisers on)."""
+    llvm = _llvm()
+    mod.triple = _target_machine.triple
+    mod.data_layout = str(_target_machine.target_data)
+    tuning = llvm.create_pipeline_tuning_options(speed_level=3)
+    tuning.loop_vectorization = True
+    tuning.slp_vectorization = True
+    passes = llvm.create_pass_builder(_target_machine, tuning)
+    passes.getModulePassManager().run(mod, passes)
+
+
+def optimized_ir(text: str) -> str:
+    """The module after O3, as text (to read what LLVM made of it; adds nothing to the engine)."""
+    with _lock:
+        _ensure_engine()
+        mod = _llvm().parse_assembly(text)
+        _optimize(mod)
+        return str(mod)
+
+
+def assembly(text: str) -> str:
+    """The host assembly of the optimised module."""
+    optimized = optimized_ir(text)
+    with _lock:
+        return _target_machine.emit_assembly(_llvm().parse_assembly(optimized))
+
+
+# ------------------------------------------------------------------------------------------ executable
+
+class _Pool:
+    """Persistent worker threads that run kernel copies 1..threads-1 (one job at a time per process)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.queues: list = []
+        self.done = queue.SimpleQueue()
+
+    def _work(self, jobs):
+        while True:
+            fn, args = jobs.get()
+            try:
+                self.done.put(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - reported by the caller
+                self.done.put(e)
+
+    def run(self, fn, threads, table, depths, barrier):
+        """fn(table, depths, k, threads, barrier) for k in range(threads) at once; the return codes."""
+        with self.lock:
+            while len(self.queues) < threads - 1:
+                jobs = queue.SimpleQueue()
+                threading.Thread(target=self._work, args=(jobs,), daemon=True, name="gdsl-cpu-veu").start()
+                self.queues.append(jobs)
+            for k in range(1, threads):
+                self.queues[k - 1].put((fn, (table, depths, k, threads, barrier)))
+            codes = [fn(table, depths, 0, threads, barrier)]
+            for _ in range(1, threads):
+                codes.append(self.done.get())
+        for c in codes:
+            if isinstance(c, BaseException):
+                raise c
+        return codes
+
+
+class _ThreadChoice:
+    """How many threads to run a multi-vEU kernel on: all of them pays on idle cores, one pays when other
+    work holds the cores (every barrier then waits for a descheduled thread). Both give the same results,
+    so the executable measures: it tries each count a few times, then runs the faster one, and every
+    RETRY calls times the other again (the machine's load changes)."""
+    TRIES, RETRY, KEEP = 3, 40, 5
+
+    def __init__(self, most):
+        self.options = (most, 1) if most > 1 else (1,)
+        self.times: dict = {k: [] for k in self.options}
+        self.calls = 0
+
+    def pick(self) -> int:
+        self.calls += 1
+        if len(self.options) == 1:
+            return 1
+        for k in self.options:
+            if len(self.times[k]) < self.TRIES:
+                return k
+        best = min(self.options, key=lambda k: min(self.times[k]))
+        if self.calls % self.RETRY == 0:
+            return next(k for k in self.options if k != best)
+        return best
+
+    def record(self, threads, seconds):
+        if len(self.options) > 1:
+            self.times[threads] = (self.times[threads] + [seconds])[-self.KEEP:]
+
+
+_pool = _Pool()
+
+
+class Executable:
+    def __init__(self, plan, addresses, symbols, threads=1):
+        self.plan = plan
+        self.threads = threads
+        self.choice = _ThreadChoice(threads)
+        self.lock = threading.Lock()
+        self.barrier = np.zeros(4, dtype=np.int32)
+        self.barrier_ptr = self.barrier.ctypes.data
+        self.kernels = [KERNEL_TYPE(addresses[s]) for s in symbols]
+        self.functions = list(plan.functions)
+        self.fn_index = {f.name: i for i, f in enumerate(self.functions)}
+        index = {id(b): i for i, b in enumerate(plan.buffers)}
+        self.table = np.zeros(max(len(plan.buffers), 1), dtype=np.uint64)
+        self.depths = np.zeros(max(len(self.functions), 1), dtype=np.int64)
+        self.arrays: dict = {}        # id(buffer) -> numpy array (the workspace; frames have a depth axis)
+        const_values = iter(plan.consts)
+        self.input_slots, self.output_slots = [], []
+        for value in plan.inputs:
+            buf = value.buffer
+            if buf.kind == "const":
+                arr = np.ascontiguousarray(np.asarray(next(const_values)), dtype=buf.aval.dtype)
+                self.arrays[id(buf)] = arr
+                self.table[index[id(buf)]] = arr.ctypes.data
+            else:
+                self.input_slots.append((index[id(buf)], buf))
+        for value in plan.outputs:
+            self.output_slots.append((index[id(value.buffer)], value.buffer))
+        for buf in plan.buffers:
+            if buf.kind in ("temp", "frame"):
+                shape = buf.aval.shape
+                if buf.frame_of is not None:
+                    shape = (self.functions[self.fn_index[buf.frame_of]].max_depth + 2,) + tuple(shape)
+                arr = np.zeros(shape, dtype=buf.aval.dtype)
+                self.arrays[id(buf)] = arr
+                self.table[index[id(buf)]] = arr.ctypes.data
+        self.table_ptr = self.table.ctypes.data
+        self.depths_ptr = self.depths.ctypes.data
+        self.program = _flatten_host(plan) if plan.control == "host" else None
+
+    def __call__(self, flat_args):
+        with self.lock:
+            return self._call(flat_args)
+
+    def _call(self, flat_args):
+        args = []
+        for (slot, buf), x in zip(self.input_slots, flat_args):
+            arr = np.ascontiguousarray(_to_numpy(x), dtype=buf.aval.dtype)
+            if arr.shape != buf.aval.shape:
+                arr = arr.reshape(buf.aval.shape)
+            args.append(arr)
+            self.arrays[id(buf)] = arr
+            self.table[slot] = arr.ctypes.data
+        outs = []
+        for slot, buf in self.output_slots:
+            arr = np.empty(buf.aval.shape, dtype=buf.aval.dtype)
+            outs.append(arr)
+            self.table[slot] = arr.ctypes.data
+            self.arrays[id(buf)] = arr
+        if self.program is None:
+            threads = self.choice.pick()
+            t0 = time.perf_counter()
+            if threads > 1:
+                self.barrier[:] = 0
+                codes = _pool.run(self.kernels[0], threads, self.table_ptr, self.depths_ptr, self.barrier_ptr)
+            else:
+                codes = [self.kernels[0](self.table_ptr, self.depths_ptr, 0, 1, self.barrier_ptr)]
+            self.choice.record(threads, time.perf_counter() - t0)
+            for code in codes:
+                self._check(code)
+        else:
+            self._run_host()
+        return outs
+
+    def _check(self, code):
+        if code:
+            f = self.functions[code - 1]
+            raise RecursionDepthError(
+                f"recursive function {f.name!r} went deeper than max_depth={f.max_depth}; "
+                f"raise max_depth in @gdsl.recurse(...) if the data needs it")
+
+    # --------------------------------------------------------------------------- host control
+    def _scalar(self, value):
+        storage = value.storage
+        if isinstance(storage, Lit):
+            return storage.val.item()
+        arr = self.arrays[id(storage)]
+        if storage.frame_of is not None:
+            arr = arr[self.depths[self.fn_index[storage.frame_of]] + value.frame_offset]
+        return arr.reshape(-1)[0].item()
+
+    def _run_host(self):
+        """The host program as flat instructions with an explicit return stack (no Python recursion)."""
+        code, depths, kernels = self.program, self.depths, self.kernels
+        depths[:] = 0
+        returns: list = []
+        pc = 0
+        while True:
+            ins = code[pc]
+            op = ins[0]
+            if op == "launch":
+                self._check(kernels[ins[1]](self.table_ptr, self.depths_ptr, 0, 1, self.barrier_ptr))
+                pc += 1
+            elif op == "jump_unless":
+                pc = pc + 1 if self._scalar(ins[1]) else ins[2]
+            elif op == "jump":
+                pc = ins[1]
+            elif op == "switch":
+                n = len(ins[2])
+                pc = ins[2][min(max(int(self._scalar(ins[1])), 0), n - 1)]
+            elif op == "call":
+                k = self.fn_index[ins[1]]
+                if depths[k] + 1 > self.functions[k].max_depth:
+                    self._check(k + 1)
+                depths[k] += 1
+                returns.append(pc + 1)
+                pc = ins[2]
+            elif op == "return":
+                depths[self.fn_index[ins[1]]] -= 1
+                pc = returns.pop()
+            else:   # halt
+                return
+
+
+def _to_numpy(x):
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__array__"):
+        return np.asarray(x)
+    if hasattr(x, "get"):
+        return x.get()
+    return np.from_dlpack(x)
+
+
+def _flatten_host(plan):
+    """The host statement tree (and recursive function bodies) as a list of instructions:
+    ("launch", k) ("jump_unless", pred, target) ("jump", target) ("switch", index, targets)
+    ("call", fn, entry) ("return", fn) ("halt",)."""
+    code: list = []
+    entries: dict = {}
+    calls: list = []
+
+    def emit(block):
+        for stmt in block:
+            if isinstance(stmt, Launch):
+                code.append(("launch", stmt.kernel))
+            elif isinstance(stmt, Loop):
+                head = len(code)
+                emit(stmt.cond)
+                exit_at = len(code)
+                code.append(None)
+                emit(stmt.body)
+                code.append(("jump", head))
+                code[exit_at] = ("jump_unless", stmt.pred, len(code))
+            elif isinstance(stmt, Branch):
+                at = len(code)
+                code.append(None)
+                targets, ends = [], []
+                for branch in stmt.branches:
+                    targets.append(len(code))
+                    emit(branch)
+                    ends.append(len(code))
+                    code.append(None)
+                for e in ends:
+                    code[e] = ("jump", len(code))
+                code[at] = ("switch", stmt.index, tuple(targets))
+            elif isinstance(stmt, Call):
+                calls.append(len(code))
+                code.append(("call", stmt.fn, None))
+            else:
+                raise TypeError(f"unexpected host statement {stmt!r}")
+    emit(plan.host)
+    code.append(("halt",))
+    for f in plan.functions:
+        entries[f.name] = len(code)
+        emit(f.body)
+        code.append(("return", f.name))
+    for at in calls:
+        code[at] = ("call", code[at][1], entries[code[at][1]])
+    return code
