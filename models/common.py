@@ -382,9 +382,10 @@ def main(model, argv=None) -> int:
         p.add_argument("--fixed-tree", action="store_true", help="the artifact's fixed 65-node tree")
     args = p.parse_args(argv)
 
+    import gdsl
     prob = build_problem(model, args.batch, small=args.small, seed=args.seed, **variant_args(args))
-    print(f"{name}: {prob.cfg}  batch {args.batch}  backend {args.backend or 'default'}  "
-          f"control {args.control or 'default'}")
+    print(f"{name}: {prob.cfg}  batch {args.batch}  backend {args.backend or gdsl.default_backend()}  "
+          f"control {args.control or 'device'}")
     t0 = time.perf_counter()
     runner = gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=args.backend,
                          control=args.control)
