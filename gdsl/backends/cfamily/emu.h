@@ -1,0 +1,87 @@
+// gdsl's CPU emulator dialect: the CUDA dialect's generated code compiled as C++ by g++, every CUDA thread a
+// POSIX thread. Only for testing the renderer where there is no GPU: blocks and warps are real barriers, so
+// a missing __syncthreads or grid barrier shows up as a wrong answer (or a hang), as it would on a GPU.
+// (C headers only: the standard C++ thread headers would triple the compile time of every test kernel.)
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct gdsl_dim3 { unsigned x, y, z; };
+struct gdsl_emu_block {
+  pthread_barrier_t bar;
+  pthread_barrier_t warps[32];
+  unsigned long long lanes[1024];   // one shuffle slot per thread
+  char* smem;
+};
+static __thread gdsl_dim3 threadIdx, blockIdx, blockDim, gridDim;
+static __thread gdsl_emu_block* gdsl_emu_cur;
+
+#define GDSL_DEV static inline
+#define GDSL_WARP 32
+#define GDSL_SPIN_PAUSE() sched_yield()
+#define __launch_bounds__(n)
+
+static inline void __syncthreads() { pthread_barrier_wait(&gdsl_emu_cur->bar); }
+static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+template <typename T> static inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  unsigned long long* slots = gdsl_emu_cur->lanes + warp * 32;
+  memcpy(&slots[lane], &v, sizeof(T));
+  pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
+  T r;
+  memcpy(&r, &slots[lane ^ mask], sizeof(T));
+  pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
+  return r;
+}
+#define GDSL_SHFL_XOR(v, m, w) gdsl_emu_shfl_xor((v), (m), (w))
+static inline float GDSL_U2F(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned GDSL_F2U(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+static inline float gdsl_h2f(unsigned short h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
+static inline unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsigned short h; memcpy(&h, &x, 2); return h; }
+
+struct gdsl_emu_thread { gdsl_emu_block* block; int b, t, grid, nthreads; void (*body)(void**); void** args; };
+
+static void* gdsl_emu_main(void* p) {
+  gdsl_emu_thread* th = (gdsl_emu_thread*)p;
+  threadIdx = {(unsigned)th->t, 0, 0};
+  blockIdx = {(unsigned)th->b, 0, 0};
+  blockDim = {(unsigned)th->nthreads, 1, 1};
+  gridDim = {(unsigned)th->grid, 1, 1};
+  gdsl_emu_cur = th->block;
+  th->body(th->args);
+  return 0;
+}
+
+// Run body(args) as grid x block threads; each block gets `smem` bytes of shared memory.
+static void gdsl_emu_launch(int grid, int block, int smem, void (*body)(void**), void** args) {
+  gdsl_emu_block* blocks = (gdsl_emu_block*)calloc(grid, sizeof(gdsl_emu_block));
+  gdsl_emu_thread* threads = (gdsl_emu_thread*)calloc((size_t)grid * block, sizeof(gdsl_emu_thread));
+  pthread_t* ids = (pthread_t*)calloc((size_t)grid * block, sizeof(pthread_t));
+  pthread_attr_t attr;
+  pthread_attr_init(&attr);
+  pthread_attr_setstacksize(&attr, 1 << 20);
+  for (int b = 0; b < grid; ++b) {
+    pthread_barrier_init(&blocks[b].bar, 0, block);
+    for (int w = 0; w < block / 32; ++w) pthread_barrier_init(&blocks[b].warps[w], 0, 32);
+    blocks[b].smem = (char*)aligned_alloc(64, ((smem + 64 + 63) / 64) * 64);
+  }
+  for (int b = 0; b < grid; ++b)
+    for (int t = 0; t < block; ++t) {
+      gdsl_emu_thread* th = &threads[(size_t)b * block + t];
+      *th = {&blocks[b], b, t, grid, block, body, args};
+      pthread_create(&ids[(size_t)b * block + t], &attr, gdsl_emu_main, th);
+    }
+  for (size_t i = 0; i < (size_t)grid * block; ++i) pthread_join(ids[i], 0);
+  for (int b = 0; b < grid; ++b) {
+    pthread_barrier_destroy(&blocks[b].bar);
+    for (int w = 0; w < block / 32; ++w) pthread_barrier_destroy(&blocks[b].warps[w]);
+    free(blocks[b].smem);
+  }
+  pthread_attr_destroy(&attr);
+  free(ids);
+  free(threads);
+  free(blocks);
+}

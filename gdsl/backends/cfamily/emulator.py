@@ -1,0 +1,151 @@
+"""Run the C-family backends' generated code on the CPU: the CUDA dialect's source compiled by g++ with
+`emu.h`, every CUDA thread a std::thread, every barrier a real barrier.
+
+It exists to test the renderer where no GPU is: the same plan, statement tree, op functions, prelude
+(GEMM tiles, warp-shuffle reductions, the atomic grid barrier) and executor run, so wrong indexing, a
+missing barrier or a broken stack machine gives a wrong answer here as it would on the GPU. Keep grids
+small (a few blocks of 32-64 threads): each thread is an OS thread.
+
+    device = EmulatedDevice()
+    executable = Executable(lowering, device)      # gdsl.backends.cfamily.executor
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gdsl.backends.cfamily import types as ct
+from gdsl.backends.cuda.dialect import CUDADialect
+from gdsl.backends.toolchain import cached_compile, compile_error
+
+EMU_HEADER = (Path(__file__).with_name("emu.h")).read_text()
+# GDSL_EMU_SANITIZE=address builds the kernels with AddressSanitizer (run Python with LD_PRELOAD=libasan.so):
+# an out-of-bounds access of generated code then stops the run with a report.
+_SANITIZE = tuple(f"-fsanitize={s}" for s in os.environ.get("GDSL_EMU_SANITIZE", "").split(",") if s)
+
+
+def cxx() -> str | None:
+    return shutil.which("g++")
+
+
+class EmulatorDialect(CUDADialect):
+    name = "emulator"
+    header = EMU_HEADER
+    barriers = ("atomic",)
+    kernel_prefix = "static void"
+    shared_decl = "char* gdsl_smem = gdsl_emu_cur->smem;"
+    ldg_types = frozenset()
+
+    def includes(self, barrier: str) -> str:
+        return ""
+
+    def host_code(self, kernels, plan) -> str:
+        out = []
+        for spec in kernels:
+            args = []
+            for i, (kind, obj) in enumerate(spec.params):
+                if kind == "buffer":
+                    args.append(f"({ct.storage(obj.aval.dtype)}*)args[{i}]")
+                elif kind == "ws":
+                    args.append(f"(char*)args[{i}]")
+                else:
+                    args.append(f"*(int*)args[{i}]")
+            out.append(f"static void emu_body_{spec.name}(void** args) {{ {spec.name}({', '.join(args)}); }}\n"
+                       f'extern "C" void emu_{spec.name}(int grid, int block, void** args) {{\n'
+                       f"  gdsl_emu_launch(grid, block, GDSL_SMEM_BYTES, emu_body_{spec.name}, args);\n}}")
+        return "\n".join(out)
+
+
+def compile_emulated(source: str) -> str:
+    """Compile an emulator-dialect source to a shared library (cached on disk); returns its path."""
+    def build() -> bytes:
+        with tempfile.TemporaryDirectory(prefix="gdsl-emu-") as tmp:
+            src, out = Path(tmp, "gdsl.cpp"), Path(tmp, "gdsl.so")
+            src.write_text(source)
+            done = subprocess.run([cxx(), "-std=c++20", "-O1", "-w", "-pthread", "-shared", "-fPIC", *_SANITIZE,
+                                   str(src), "-o", str(out)], capture_output=True, text=True)
+            if done.returncode:
+                raise compile_error("g++", done.stdout + done.stderr, source, r"gdsl\.cpp:(\d+):\d+: error")
+            return out.read_bytes()
+    binary = cached_compile("emu", ("emu", source, _SANITIZE), build, suffix=".so")
+    path = Path(tempfile.gettempdir(), f"gdsl-emu-{abs(hash(binary))}.so")
+    if not path.exists():
+        path.write_bytes(binary)
+    return str(path)
+
+
+class EmulatedDevice:
+    """The executor's Device on the CPU: numpy arrays as device memory, kernels from compile_emulated."""
+    name = "emulator"
+
+    def __init__(self):
+        self.lib = None
+
+    def load(self, rendered):
+        self.lib = _load(compile_emulated(rendered.source))
+
+    def max_grid(self, spec, block, smem) -> int:
+        return 1 << 30
+
+    def to_device(self, x, aval):
+        return np.ascontiguousarray(np.asarray(x), dtype=aval.dtype).copy()
+
+    def empty(self, aval):
+        return _poisoned(aval)
+
+    def zeros(self, nbytes):
+        return np.zeros(max(nbytes, 16), np.uint8)
+
+    def launch(self, spec, grid, block, args, cooperative):
+        ptrs = []
+        keep = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                ptrs.append(a.ctypes.data if a.size else 0)
+            else:
+                c = ctypes.c_int(int(a))
+                keep.append(c)
+                ptrs.append(ctypes.addressof(c))
+        array = (ctypes.c_void_p * len(ptrs))(*ptrs)
+        getattr(self.lib, f"emu_{spec.name}")(ctypes.c_int(grid), ctypes.c_int(block), array)
+
+    def read(self, array, byte_offset, dtype):
+        raw = array.reshape(-1).view(np.uint8)
+        return raw[byte_offset:byte_offset + dtype.itemsize].view(dtype)[0]
+
+    def sync(self):
+        pass
+
+
+def _poisoned(aval):
+    """A fresh output with every byte 0x5A, so an element nobody writes shows."""
+    raw = np.full(max(aval.size * aval.dtype.itemsize, 1), 0x5A, np.uint8)
+    return raw[:aval.size * aval.dtype.itemsize].view(aval.dtype).reshape(aval.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path):
+    return ctypes.CDLL(path)
+
+
+def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic"):
+    """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
+    CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
+    from gdsl.backends.cfamily.executor import Executable
+    from gdsl.backends.cuda import check_options, lower_with_grid
+    from gdsl.tracing.jit import _as_dtype, leaf_aval, make_ir
+    from gdsl.tracing.pytree import tree_flatten, tree_unflatten
+    program = make_ir(fun)(*args)
+    opts = check_options({"control": control, "block": block, "barrier": barrier}, EmulatorDialect)
+    lowering = lower_with_grid(program, opts, grid, dialect=EmulatorDialect())
+    flat, _ = tree_flatten((tuple(args), {}))
+    flat = [_as_dtype(x, leaf_aval(x)) for x in flat]
+    outs = Executable(lowering.plan, lowering.rendered, EmulatedDevice())(flat)
+    return tree_unflatten(program.out_tree, outs)

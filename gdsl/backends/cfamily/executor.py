@@ -1,0 +1,125 @@
+"""Running a rendered plan: buffers, launches, host control, and the recursion error flag, over a Device.
+
+A Device (CuPy on a GPU: gdsl.backends.cuda.device; numpy on the CPU: emulator.EmulatedDevice) provides
+
+    load(rendered)                       compile and load the translation unit
+    to_device(x, aval) / empty(aval) / zeros(nbytes)
+    launch(spec, grid, block, args, cooperative)
+    read(array, byte_offset, dtype)      one scalar back to the host (host control reads predicates)
+
+Device control: one launch of the single kernel; if the plan recurses, the error flag is read back and a
+set flag raises RecursionDepthError. Host control: the plan's `host` statements run here in Python,
+launching one kernel per straight-line block, reading loop predicates and branch indices back, and
+keeping the recursion depth counters (passed to every kernel to address frame storage).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gdsl.backends.cfamily.render import ERROR_OFFSET, Rendered
+from gdsl.errors import RecursionDepthError
+from gdsl.schedule.plan import Branch, Call, Launch, Loop, Sync, walk
+from gdsl.tracing.ir import Lit
+
+
+@dataclass
+class Lowering:
+    """What a C-family backend's `lower` returns: `.plan` (the Plan) and `.source` (the translation unit)."""
+    program: object
+    plan: object
+    rendered: Rendered
+    options: dict
+
+    @property
+    def source(self) -> str:
+        return self.rendered.source
+
+
+class Executable:
+    def __init__(self, plan, rendered: Rendered, device):
+        self.plan, self.rendered, self.device = plan, rendered, device
+        self.fns = {f.name: f for f in plan.functions}
+        device.load(rendered)
+        self.ws = device.zeros(rendered.layout.size)
+        nconsts = len(plan.consts)
+        self.consts = {v.buffer: device.to_device(c, v.aval) for v, c in zip(plan.inputs[:nconsts], plan.consts)}
+        self.args = plan.inputs[nconsts:]
+        self.cooperative = []
+        for spec, kernel in zip(rendered.kernels, plan.kernels):
+            # Grid barriers need every block resident at once: a cooperative launch checks that it is so.
+            self.cooperative.append(spec.grid_syncs > 0 or any(isinstance(s, Sync) and s.scope == "grid"
+                                                                for s in walk(kernel.body)))
+
+    def __call__(self, flat_args):
+        device, plan = self.device, self.plan
+        arrays = dict(self.consts)
+        for value, x in zip(self.args, flat_args, strict=True):
+            arrays[value.buffer] = device.to_device(x, value.aval)
+        outs = [device.empty(v.aval) for v in plan.outputs]
+        arrays.update((v.buffer, o) for v, o in zip(plan.outputs, outs))
+        depths = {f.name: 0 for f in plan.functions}
+        if plan.control == "device":
+            self.launch(0, arrays, depths)
+            if plan.functions:
+                flag = int(device.read(self.ws, ERROR_OFFSET, np.dtype(np.int32)))
+                if flag:
+                    raise _depth_error(plan.functions[min(flag, len(plan.functions)) - 1])
+        else:
+            self.run_host(plan.host, arrays, depths)
+        return outs
+
+    def launch(self, k, arrays, depths):
+        spec = self.rendered.kernels[k]
+        args = []
+        for kind, obj in spec.params:
+            if kind == "buffer":
+                args.append(arrays[obj])
+            elif kind == "ws":
+                args.append(self.ws)
+            else:
+                args.append(np.int32(depths[obj]))
+        self.device.launch(spec, self.plan.grid, self.plan.block, args, self.cooperative[k])
+
+    def run_host(self, block, arrays, depths):
+        for stmt in block:
+            if isinstance(stmt, Launch):
+                self.launch(stmt.kernel, arrays, depths)
+            elif isinstance(stmt, Loop):
+                while True:
+                    self.run_host(stmt.cond, arrays, depths)
+                    if not self.read(stmt.pred, arrays, depths):
+                        break
+                    self.run_host(stmt.body, arrays, depths)
+            elif isinstance(stmt, Branch):
+                index = int(self.read(stmt.index, arrays, depths))
+                self.run_host(stmt.branches[min(max(index, 0), len(stmt.branches) - 1)], arrays, depths)
+            elif isinstance(stmt, Call):
+                fn = self.fns[stmt.fn]
+                if depths[fn.name] >= fn.max_depth:
+                    raise _depth_error(fn)
+                depths[fn.name] += 1
+                try:
+                    self.run_host(fn.body, arrays, depths)
+                finally:
+                    depths[fn.name] -= 1
+            else:
+                raise TypeError(f"unexpected host statement {stmt!r}")
+
+    def read(self, value, arrays, depths):
+        """A scalar Value read back to the host (a loop predicate or a branch index)."""
+        if isinstance(value.storage, Lit):
+            return value.storage.val
+        buf = value.buffer
+        if buf in arrays:
+            return self.device.read(arrays[buf], 0, value.aval.dtype)
+        offset = self.rendered.layout.offsets[buf]
+        if buf.kind == "frame":
+            offset += (depths[buf.frame_of] + value.frame_offset) * buf.aval.size * buf.aval.dtype.itemsize
+        return self.device.read(self.ws, offset, value.aval.dtype)
+
+
+def _depth_error(fn) -> RecursionDepthError:
+    return RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
+                               f"raise max_depth in @gdsl.recurse(...) if the data needs it")

@@ -1,0 +1,273 @@
+// gdsl's device library, shared by every C-family dialect (CUDA, HIP, the CPU emulator).
+//
+// The dialect header in front of this file defines: GDSL_DEV (device function qualifier), GDSL_WARP (lanes
+// of a warp/wavefront), GDSL_SHFL_XOR(v, mask, width), GDSL_LDG(p) (a read-only load), GDSL_U2F/GDSL_F2U
+// (bit casts), gdsl_h2f/gdsl_f2h (float16 <-> float), GDSL_SPIN_PAUSE(), and __syncthreads, __threadfence,
+// atomicAdd with CUDA's meaning. float16 and bfloat16 are stored as 16-bit words and computed in float.
+
+#define GDSL_INF GDSL_U2F(0x7f800000u)
+#define GDSL_NAN GDSL_U2F(0x7fc00000u)
+typedef unsigned short gdsl_f16;
+typedef unsigned short gdsl_bf16;
+
+GDSL_DEV float gdsl_bf2f(gdsl_bf16 b) { return GDSL_U2F(((unsigned)b) << 16); }
+GDSL_DEV gdsl_bf16 gdsl_f2bf(float f) {            // round to nearest even, as ml_dtypes
+  unsigned u = GDSL_F2U(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (gdsl_bf16)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (gdsl_bf16)(u >> 16);
+}
+GDSL_DEV float gdsl_round_f16(float x) { return gdsl_h2f(gdsl_f2h(x)); }
+GDSL_DEV float gdsl_round_bf16(float x) { return gdsl_bf2f(gdsl_f2bf(x)); }
+
+// numpy's maximum/minimum propagate NaN (fmaxf would drop it).
+GDSL_DEV float gdsl_fmax(float a, float b) { return (a > b || a != a) ? a : b; }
+GDSL_DEV float gdsl_fmin(float a, float b) { return (a < b || a != a) ? a : b; }
+template <typename T> GDSL_DEV T gdsl_imax(T a, T b) { return a > b ? a : b; }
+template <typename T> GDSL_DEV T gdsl_imin(T a, T b) { return a < b ? a : b; }
+GDSL_DEV float gdsl_fsign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : x); }
+
+// numpy's floor_divide / remainder: integers by zero give 0; floats follow npy_divmod.
+template <typename T> GDSL_DEV T gdsl_ifloordiv(T a, T b) {
+  if (b == 0) return 0;
+  if (b == -1) return (T)(0 - (unsigned long long)a);   // no INT_MIN / -1 trap
+  T q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) q -= 1;
+  return q;
+}
+template <typename T> GDSL_DEV T gdsl_imod(T a, T b) {
+  if (b == 0 || b == -1) return 0;
+  T r = a % b;
+  if (r != 0 && ((r < 0) != (b < 0))) r += b;
+  return r;
+}
+GDSL_DEV float gdsl_fmod_py(float a, float b) {
+  float mod = fmodf(a, b);
+  if (b == 0.f) return mod;
+  if (mod != 0.f) { if ((b < 0.f) != (mod < 0.f)) mod += b; } else mod = copysignf(0.f, b);
+  return mod;
+}
+GDSL_DEV float gdsl_floordiv_py(float a, float b) {
+  if (b == 0.f) return a / b;
+  float mod = fmodf(a, b);
+  float div = (a - mod) / b;
+  if (mod != 0.f && ((b < 0.f) != (mod < 0.f))) div -= 1.f;
+  if (div == 0.f) return copysignf(0.f, a / b);
+  float fl = floorf(div);
+  if (div - fl > 0.5f) fl += 1.f;
+  return fl;
+}
+template <typename T> GDSL_DEV T gdsl_ipow(T a, T b) {   // numpy clamps negative integer powers to 0
+  unsigned long long r = 1, x = (unsigned long long)a;
+  for (T e = b; e > 0; e >>= 1) { if (e & 1) r *= x; x *= x; }
+  return (T)r;
+}
+
+// ---------------------------------------------------------------------------------------- reductions
+// A reduction over groups of W lanes (W a power of two <= GDSL_WARP): every lane ends with the result.
+template <int W, typename T, class F> GDSL_DEV T gdsl_group_reduce(T v, F f) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) v = f(v, (T)GDSL_SHFL_XOR(v, o, W));
+  return v;
+}
+// argmax/argmin pairs: `better(v, i, w, j)` says whether (v, i) wins over (w, j).
+template <int W, typename T, class B> GDSL_DEV void gdsl_group_argreduce(T& v, int& i, B better) {
+#pragma unroll
+  for (int o = W / 2; o > 0; o >>= 1) {
+    T w = (T)GDSL_SHFL_XOR(v, o, W);
+    int j = GDSL_SHFL_XOR(i, o, W);
+    if (better(w, j, v, i)) { v = w; i = j; }
+  }
+}
+// A whole-block reduction (NT threads, a multiple of GDSL_WARP); the result is valid in every thread.
+template <int NT, typename T, class F> GDSL_DEV T gdsl_block_reduce(T v, T ident, F f, char* smem) {
+  constexpr int NW = NT / GDSL_WARP;
+  T* red = (T*)smem;
+  v = gdsl_group_reduce<GDSL_WARP>(v, f);
+  if (NW == 1) return v;
+  const int lane = threadIdx.x % GDSL_WARP, w = threadIdx.x / GDSL_WARP;
+  if (lane == 0) red[w] = v;
+  __syncthreads();
+  v = lane < NW ? red[lane] : ident;
+  v = gdsl_group_reduce<GDSL_WARP>(v, f);
+  __syncthreads();
+  return v;
+}
+template <int NT, typename T, class B> GDSL_DEV void gdsl_block_argreduce(T& v, int& i, B better, char* smem) {
+  constexpr int NW = NT / GDSL_WARP;
+  gdsl_group_argreduce<GDSL_WARP>(v, i, better);
+  if (NW == 1) return;
+  T* rv = (T*)smem;
+  int* ri = (int*)(smem + NW * sizeof(T) + 8);
+  const int lane = threadIdx.x % GDSL_WARP, w = threadIdx.x / GDSL_WARP;
+  if (lane == 0) { rv[w] = v; ri[w] = i; }
+  __syncthreads();
+  v = rv[lane < NW ? lane : 0];
+  i = ri[lane < NW ? lane : 0];
+  gdsl_group_argreduce<GDSL_WARP>(v, i, better);
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------- GEMM tiles
+// One TM x TN output tile of C[M,N] = A[M,K] B[K,N] (fp32 FFMA, no tensor cores). A and B are read through
+// the loaders la(m, k) / lb(k, n) (so conv2d's implicit GEMM and batched/broadcast matmuls share this code)
+// into shared memory BK deep; each of the TX*TY computing threads owns an RM x RN register tile strided by
+// (TY, TX) so shared-memory reads are conflict-free and the stores coalesce. The next stage's global loads
+// are issued into registers before the current stage is computed, so their latency overlaps the FFMAs.
+// AK / BKC: the operand is contiguous along k in memory (then consecutive threads load consecutive k).
+template <int TM, int TN, int BK, int NT, int RM, int RN, bool AK, bool BKC, typename Acc, class LA, class LB,
+          class SC>
+GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB lb, SC sc, char* smem) {
+  constexpr int TX = TN / RN, TY = TM / RM, PA = TM + 1, PB = TN + 1;
+  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;   // staged loads per thread
+  Acc* As = (Acc*)smem;
+  Acc* Bs = As + BK * PA;
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const bool computes = tid < TX * TY;
+  Acc acc[RM][RN], ra[NA], rb[NB];
+#pragma unroll
+  for (int i = 0; i < RM; ++i)
+#pragma unroll
+    for (int j = 0; j < RN; ++j) acc[i][j] = Acc(0);
+  auto fetch = [&](int k0) {
+#pragma unroll
+    for (int r = 0; r < NA; ++r) {
+      const int e = tid + r * NT;
+      const int m = AK ? e / BK : e % TM, kk = AK ? e % BK : e / TM;
+      const int gm = row0 + m, gk = k0 + kk;
+      ra[r] = (e < TM * BK && gm < M && gk < K) ? la(gm, gk) : Acc(0);
+    }
+#pragma unroll
+    for (int r = 0; r < NB; ++r) {
+      const int e = tid + r * NT;
+      const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
+      const int gn = col0 + n, gk = k0 + kk;
+      rb[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : Acc(0);
+    }
+  };
+  fetch(0);
+  for (int k0 = 0; k0 < K; k0 += BK) {
+#pragma unroll
+    for (int r = 0; r < NA; ++r) {
+      const int e = tid + r * NT;
+      if (e < TM * BK) As[(AK ? e % BK : e / TM) * PA + (AK ? e / BK : e % TM)] = ra[r];
+    }
+#pragma unroll
+    for (int r = 0; r < NB; ++r) {
+      const int e = tid + r * NT;
+      if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rb[r];
+    }
+    __syncthreads();
+    if (k0 + BK < K) fetch(k0 + BK);
+    if (computes) {
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        Acc a[RM], b[RN];
+#pragma unroll
+        for (int i = 0; i < RM; ++i) a[i] = As[kk * PA + ty + i * TY];
+#pragma unroll
+        for (int j = 0; j < RN; ++j) b[j] = Bs[kk * PB + tx + j * TX];
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+          for (int j = 0; j < RN; ++j) acc[i][j] += a[i] * b[j];
+      }
+    }
+    __syncthreads();
+  }
+  if (computes) {
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int j = 0; j < RN; ++j) {
+        const int gm = row0 + ty + i * TY, gn = col0 + tx + j * TX;
+        if (gm < M && gn < N) sc(gm, gn, acc[i][j]);
+      }
+  }
+}
+
+// A GEMV-shaped tile for few rows (MR <= 8, the batch-1 case): C[0:MR, col0:col0+TN]. Threads split the
+// columns (CT column threads, CPT columns each) and K (KS slices); A's rows are staged in shared memory KC
+// at a time; the KS partial sums are reduced with warp shuffles, then across warps in shared memory.
+template <int MR, int TN, int NT, int KC, typename Acc, class LA, class LB, class SC>
+GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
+  constexpr int CT = TN < NT ? TN : NT, CPT = TN / CT, KS = NT / CT;
+  constexpr int LANES = CT < GDSL_WARP ? GDSL_WARP / CT : 1;   // k slices of one column within a warp
+  constexpr int SLOTS = KS / LANES;
+  Acc* As = (Acc*)smem;                 // [MR][KC]
+  Acc* red = As + MR * KC;              // [SLOTS][MR][TN]
+  const int tid = threadIdx.x, c = tid % CT, ks = tid / CT;
+  Acc acc[MR][CPT];
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) acc[m][j] = Acc(0);
+  for (int k0 = 0; k0 < K; k0 += KC) {
+    const int kc = K - k0 < KC ? K - k0 : KC;
+    for (int e = tid; e < MR * KC; e += NT) {
+      const int m = e / KC, kk = e % KC;
+      As[e] = kk < kc ? la(m, k0 + kk) : Acc(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = ks; kk < kc; kk += KS) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const int n = col0 + c + j * CT;
+        const Acc b = n < N ? lb(k0 + kk, n) : Acc(0);
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + kk] * b;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m)
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      Acc v = acc[m][j];
+#pragma unroll
+      for (int o = CT; o < GDSL_WARP && o < NT; o <<= 1) v += (Acc)GDSL_SHFL_XOR(v, o, GDSL_WARP);
+      acc[m][j] = v;
+    }
+  if (SLOTS == 1) {
+    if (ks == 0) {
+#pragma unroll
+      for (int m = 0; m < MR; ++m)
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) if (col0 + c + j * CT < N) sc(m, col0 + c + j * CT, acc[m][j]);
+    }
+    return;
+  }
+  const int slot = ks / LANES;
+  if (ks % LANES == 0) {
+#pragma unroll
+    for (int m = 0; m < MR; ++m)
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) red[(slot * MR + m) * TN + c + j * CT] = acc[m][j];
+  }
+  __syncthreads();
+  for (int e = tid; e < MR * TN; e += NT) {
+    Acc v = Acc(0);
+    for (int s = 0; s < SLOTS; ++s) v += red[s * MR * TN + e];
+    const int m = e / TN, n = col0 + e % TN;
+    if (n < N) sc(m, n, v);
+  }
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------- grid barrier
+// Every block's thread 0 adds to one counter: 1, and block 0 adds 2^31 - (blocks - 1), so each round adds
+// exactly 2^31 and flips the top bit, which the waiting blocks watch (the scheme of cooperative groups'
+// grid.sync, on our own counter: no reset, no generation variable, one atomic per block).
+GDSL_DEV void gdsl_grid_sync_atomic(unsigned* bar) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
+    __threadfence();
+    const unsigned old = atomicAdd(bar, add);
+    while (((old ^ *(volatile unsigned*)bar) & 0x80000000u) == 0u) GDSL_SPIN_PAUSE();
+    __threadfence();
+  }
+  __syncthreads();
+}

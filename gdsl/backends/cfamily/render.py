@@ -1,0 +1,581 @@
+"""A Plan -> one C-family translation unit: a device function per Op and one persistent kernel per Kernel.
+
+Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
+
+    Wave            for each Task whose vEU range holds blockIdx.x:
+                        for (t = blockIdx.x - first; t < n_utasks; t += count) op(..., t, smem)
+    Sync            "grid": the dialect's grid barrier; "block": __syncthreads()
+    Uniforms/Assign every thread computes the scalar into a register (all vEUs compute the same value)
+    Loop / Branch   native while / switch on uniforms
+    Call            the explicit stack machine below
+
+Recursion (device control): per recursive function `f` a depth counter `d_f`, a return-site stack `r_f`
+and the function body rendered once after the kernel's main body under the label `f_f`:
+
+    call site k:    if (d_f >= max_depth) { error flag; goto exit; }  r_f[d_f] = k; d_f += 1; goto f_f;
+                    f_f_ret_k: ;
+    return:         d_f -= 1; switch (r_f[d_f]) { case k: goto f_f_ret_k; ... }
+
+Frame storage of `f` (buffers and uniforms the scheduler put in f's frames) is addressed at frame
+`d_f + frame_offset`: a buffer at `base + (d_f + offset) * size`, a uniform that must survive a call as
+`u_s[d_f + offset]` (a per-thread array). Frame 0 belongs to the caller outside f, so f has max_depth + 2
+frames (the last one receives the arguments of the call that overflows). Every vEU reaches an overflow at
+the same point (control flow is uniform), so all leave together and the host raises RecursionDepthError.
+All locals are declared at the top so that the gotos never skip an initialisation.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gdsl import dtypes
+from gdsl.backends.cfamily import types as ct
+from gdsl.backends.cfamily.elementwise import ELEMENTWISE, c_expression
+from gdsl.backends.cfamily.ops import OpRenderer, strides
+from gdsl.backends.cfamily.views import find_views, view_decl
+from gdsl.schedule.plan import (Assign, Branch, Call, Launch, Loop, Sync, Uniform, Uniforms, Value, Wave,
+                                walk)
+from gdsl.tracing.ir import Lit
+
+PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
+ALIGN = 256
+BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
+
+
+class Dialect:
+    """What differs between C-family targets. Subclasses override class attributes (tinygrad-style)."""
+    name = "c"
+    warp = 32
+    header = ""                          # defines the GDSL_* macros the prelude needs
+    elementwise_overrides: dict = {}
+    barriers = ("atomic",)
+    kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
+    shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
+    ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
+    ldg_types = frozenset()              # storage types the read-only load exists for
+
+    @property
+    def elementwise(self) -> dict:
+        return {**ELEMENTWISE, **self.elementwise_overrides}
+
+    def ldg(self, dtype, ptr: str) -> str:
+        if ct.storage(dtype) in self.ldg_types:
+            return self.ldg_template.format(ptr=ptr)
+        return f"(*({ptr}))"
+
+    def grid_sync(self, barrier: str) -> str:
+        return "gdsl_grid_sync_atomic(gdsl_bar);"
+
+    def includes(self, barrier: str) -> str:
+        return ""
+
+    def host_code(self, kernels, plan) -> str:
+        """Extra host-side code after the kernels (the CPU emulator's launchers)."""
+        return ""
+
+
+@dataclass
+class Layout:
+    """Byte offsets in the workspace (one allocation per executable) of every temp and frame buffer."""
+    offsets: dict = field(default_factory=dict)      # Buffer -> offset
+    copies: dict = field(default_factory=dict)       # Buffer -> frames (1 for temps)
+    size: int = FIRST_BUFFER
+
+
+@dataclass
+class KernelSpec:
+    name: str
+    params: list                 # ("buffer", Buffer) | ("ws", None) | ("depth", function name)
+    grid_syncs: int
+
+
+@dataclass
+class Rendered:
+    source: str
+    kernels: list
+    layout: Layout
+    smem: int
+    views: frozenset = frozenset()     # Ops rendered as pointers into their source (no work)
+
+
+def cid(name: str) -> str:
+    """A C identifier for a plan name."""
+    return re.sub(r"\W", "_", name, flags=re.ASCII)
+
+
+def make_layout(plan) -> Layout:
+    layout = Layout()
+    depth = {f.name: f.max_depth for f in plan.functions}
+    for buf in plan.buffers:
+        if buf.kind not in ("temp", "frame"):
+            continue
+        copies = depth[buf.frame_of] + 2 if buf.kind == "frame" else 1
+        layout.offsets[buf] = layout.size
+        layout.copies[buf] = copies
+        nbytes = buf.aval.size * buf.aval.dtype.itemsize * copies
+        layout.size += -(-max(nbytes, 1) // ALIGN) * ALIGN
+    return layout
+
+
+def _values_of(stmt):
+    """Every Value a statement reads or writes (not those of nested statements)."""
+    if isinstance(stmt, Wave):
+        for task in stmt.tasks:
+            yield from task.op.inputs
+            yield from task.op.outputs
+    elif isinstance(stmt, Uniforms):
+        for u in stmt.ops:
+            yield from u.inputs
+            yield u.output
+    elif isinstance(stmt, Assign):
+        yield stmt.dst
+        yield stmt.src
+    elif isinstance(stmt, Loop):
+        yield stmt.pred
+    elif isinstance(stmt, Branch):
+        yield stmt.index
+
+
+def _reads_writes(stmt):
+    """(values read, values written) by one statement (not its nested ones)."""
+    if isinstance(stmt, Wave):
+        return [v for t in stmt.tasks for v in t.op.inputs], [v for t in stmt.tasks for v in t.op.outputs]
+    if isinstance(stmt, Uniforms):
+        return [v for u in stmt.ops for v in u.inputs], [u.output for u in stmt.ops]
+    if isinstance(stmt, Assign):
+        return [stmt.src], [stmt.dst]
+    if isinstance(stmt, Loop):
+        return [stmt.pred], []
+    if isinstance(stmt, Branch):
+        return [stmt.index], []
+    return [], []
+
+
+def stacked_uniforms(plan) -> set:
+    """Frame uniforms that need one copy per depth: those addressed in another frame (arguments, results),
+    read outside their function, or read after a call that could overwrite them (a call between their
+    first definition and the read in program order, or any call inside an enclosing loop). The others stay
+    plain registers."""
+    stacked = set()
+    for stmt in _all_statements(plan):
+        for v in _values_of(stmt):
+            if isinstance(v.storage, Uniform) and v.storage.frame_of and v.frame_offset:
+                stacked.add(v.storage)
+    bodies = [(None, k.body) for k in plan.kernels] + [(f.name, f.body) for f in plan.functions]
+    for owner, body in bodies:
+        calls, reads, first_def = _uniform_events(body)
+        loops_with_calls = {loop for _, loops in calls for loop in loops}
+        for pos, u, loops in reads:
+            if u.frame_of != owner or any(loop in loops_with_calls for loop in loops) or \
+                    any(first_def.get(u, -1) < c < pos for c, _ in calls):
+                stacked.add(u)
+    return stacked
+
+
+def _uniform_events(body):
+    """(calls, frame-uniform reads, first definitions) of a body in program order: calls as (position, enclosing
+    loops), reads as (position, uniform, enclosing loops), first_def as uniform -> position."""
+    calls, reads, first_def = [], [], {}
+    position = iter(range(10**9))
+
+    def visit(block, loops):
+        for stmt in block:
+            pos = next(position)
+            if isinstance(stmt, Call):
+                calls.append((pos, loops))
+                continue
+            read, written = _reads_writes(stmt)
+            reads.extend((pos, v.storage, loops) for v in read
+                         if isinstance(v.storage, Uniform) and v.storage.frame_of)
+            for v in written:
+                if isinstance(v.storage, Uniform):
+                    first_def.setdefault(v.storage, pos)
+            if isinstance(stmt, Loop):
+                visit(stmt.cond, loops + (stmt,))
+                visit(stmt.body, loops + (stmt,))
+            elif isinstance(stmt, Branch):
+                for b in stmt.branches:
+                    visit(b, loops)
+    visit(body, ())
+    return calls, reads, first_def
+
+
+def _all_statements(plan):
+    for k in plan.kernels:
+        yield from walk(k.body)
+    for f in plan.functions:
+        yield from walk(f.body)
+
+
+class Renderer:
+    def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic"):
+        if barrier not in dialect.barriers:
+            raise ValueError(f"barrier={barrier!r}: the {dialect.name} dialect has {', '.join(dialect.barriers)}")
+        self.plan, self.d, self.barrier = plan, dialect, barrier
+        self.fns = {f.name: f for f in plan.functions}
+        self.layout = make_layout(plan)
+        self.stacked = stacked_uniforms(plan)
+        self.op_code: dict = {}
+        self.smem = 16
+        self.device_control = plan.control == "device"
+        self.views = find_views(plan, self.elem)
+        self.read_only = {b for b, v in self.views.items() if v.read_only}
+
+    # ------------------------------------------------------------------------------------ values
+    def depth(self, fn: str) -> str:
+        return f"d_{cid(fn)}"
+
+    def ptr(self, value: Value) -> str:
+        buf = value.buffer
+        if buf.kind == "frame":
+            frame = self.depth(buf.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
+            return f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
+        return buf.name
+
+    def uniform_ref(self, value: Value) -> str:
+        u = value.storage
+        if u in self.stacked:
+            frame = self.depth(u.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
+            return f"{u.name}_s[{frame}]"
+        assert not value.frame_offset, f"uniform {u.name} addressed one frame deeper but not stacked"
+        return u.name
+
+    def elem(self, value: Value, idx: str = "0") -> str:
+        """Element `idx` of a value, in the compute type (a uniform or literal is one scalar)."""
+        if isinstance(value.storage, Lit):
+            return ct.literal(value.storage.val, value.aval.dtype)
+        if isinstance(value.storage, Uniform):
+            return self.uniform_ref(value)
+        return ct.from_storage(value.aval.dtype, f"{self.ptr(value)}[{idx}]")
+
+    def arg(self, value: Value) -> str:
+        return self.elem(value) if value.is_uniform else self.ptr(value)
+
+    # ------------------------------------------------------------------------------------ statements
+    # A barrier is redundant when no vEU touched memory since the last grid barrier ("quiet"): after views
+    # replace slices, the scheduler's barriers around them guard nothing.
+    def _touches_memory(self, stmt) -> bool:
+        if isinstance(stmt, Wave):
+            return any(t.op.outputs[0].buffer not in self.views or not all(
+                v.is_uniform for v in t.op.inputs[1:]) for t in stmt.tasks)
+        if isinstance(stmt, Uniforms):
+            return not all(v.is_uniform for u in stmt.ops for v in u.inputs)
+        if isinstance(stmt, Assign):
+            return not stmt.src.is_uniform
+        return True
+
+    def quiet_after(self, stmts, quiet: bool) -> bool:
+        demoted = self.demoted(stmts)
+        for index, stmt in enumerate(stmts):
+            if isinstance(stmt, Sync):
+                quiet = (stmt.scope == "grid" and index not in demoted) or quiet
+            elif isinstance(stmt, Loop):
+                quiet = self._loop_quiet(stmt, quiet)[1]
+            elif isinstance(stmt, Branch):
+                quiet = all([self.quiet_after(b, quiet) for b in stmt.branches])
+            elif isinstance(stmt, (Wave, Uniforms, Assign)):
+                quiet = quiet and not self._touches_memory(stmt)
+            else:
+                quiet = False
+        return quiet
+
+    def _loop_quiet(self, loop, quiet: bool) -> tuple[bool, bool]:
+        """(quiet entering the condition, quiet after it) of a loop entered `quiet`: the condition is entered
+        from before the loop and from the end of the body."""
+        entry = quiet
+        for _ in range(2):
+            after_cond = self.quiet_after(loop.cond, entry)
+            entry = quiet and self.quiet_after(loop.body, after_cond)
+        return entry, self.quiet_after(loop.cond, entry)
+
+    # A grid barrier whose neighbourhood (back to the previous grid barrier, on to the next) touches memory
+    # from one vEU only orders nothing between vEUs: a block barrier does (chains of one-uTask ops).
+    MULTI, OPEN = "multi", "open"
+
+    def _veu_of(self, stmt):
+        """The one vEU whose threads touch memory in `stmt`, None if none does, MULTI or OPEN (unknown)."""
+        if isinstance(stmt, Sync):
+            return None
+        if isinstance(stmt, (Loop, Branch, Call)):
+            return self.OPEN
+        if not isinstance(stmt, Wave):
+            return self.MULTI if self._touches_memory(stmt) else None
+        veus = set()
+        for task in stmt.tasks:
+            view = self.views.get(task.op.outputs[0].buffer)
+            if view is not None:
+                if view.dynamic and not all(v.is_uniform for v in task.op.inputs[1:]):
+                    return self.MULTI
+                continue
+            if min(task.op.n_utasks, task.count) != 1:
+                return self.MULTI
+            veus.add(task.first)
+        return self.MULTI if len(veus) > 1 else (veus.pop() if veus else None)
+
+    def demoted(self, stmts) -> set:
+        """Indices of the grid Syncs of `stmts` that a block barrier can replace."""
+        out, last_grid = set(), None
+        grids = [i for i, s in enumerate(stmts) if isinstance(s, Sync) and s.scope == "grid"]
+        for n, i in enumerate(grids):
+            nxt = grids[n + 1] if n + 1 < len(grids) else None
+            if last_grid is not None and nxt is not None:
+                veus = {self._veu_of(s) for s in stmts[last_grid + 1:nxt] if s is not stmts[i]} - {None}
+                if len(veus) <= 1 and not veus & {self.MULTI, self.OPEN}:
+                    out.add(i)
+                    continue
+            last_grid = i
+        return out
+
+    def block(self, stmts, ind: int, quiet: bool = False) -> list[str]:
+        pad = "  " * ind
+        lines: list[str] = []
+        demoted = self.demoted(stmts)
+        for index, stmt in enumerate(stmts):
+            if isinstance(stmt, Wave):
+                for task in stmt.tasks:
+                    lines += [pad + line for line in self.task(task)]
+            elif isinstance(stmt, Sync):
+                grid = stmt.scope == "grid" and index not in demoted
+                if not quiet:
+                    lines.append(pad + (self.d.grid_sync(self.barrier) if grid else "__syncthreads();"))
+                quiet = grid or quiet
+                continue
+            elif isinstance(stmt, Uniforms):
+                for u in stmt.ops:
+                    lines += [pad + line for line in self.uniform_op(u)]
+            elif isinstance(stmt, Assign):
+                lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
+            elif isinstance(stmt, Loop):
+                entry, after_cond = self._loop_quiet(stmt, quiet)
+                lines.append(pad + "while (true) {")
+                lines += self.block(stmt.cond, ind + 1, entry)
+                lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
+                lines += self.block(stmt.body, ind + 1, after_cond)
+                lines.append(pad + "}")
+                quiet = after_cond
+                continue
+            elif isinstance(stmt, Branch):
+                lines.append(f"{pad}switch ({self.elem(stmt.index)}) {{")
+                for k, branch in enumerate(stmt.branches):
+                    label = "default" if k == len(stmt.branches) - 1 else f"case {k}"
+                    lines.append(f"{pad}  {label}: {{")
+                    lines += self.block(branch, ind + 2, quiet)
+                    lines.append(f"{pad}  }} break;")
+                lines.append(pad + "}")
+                quiet = self.quiet_after([stmt], quiet)
+                continue
+            elif isinstance(stmt, Call):
+                f, name = self.fns[stmt.fn], cid(stmt.fn)
+                code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
+                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if (blockIdx.x == 0 && threadIdx.x == 0) "
+                          f"*gdsl_err = {code}; goto gdsl_exit; }}",
+                          f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
+                          f"{pad}f_{name}_ret_{stmt.site}: ;"]
+            elif isinstance(stmt, Launch):
+                raise ValueError("Launch statements belong to the host program, not to a kernel")
+            else:
+                raise TypeError(f"unknown plan statement {stmt!r}")
+            quiet = self.quiet_after([stmt], quiet)
+        return lines
+
+    def task(self, task) -> list[str]:
+        op = task.op
+        view = self.views.get(op.outputs[0].buffer)
+        if view is not None:     # no work: the output is a pointer into the source
+            if view.dynamic:
+                return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
+            return []
+        permuted = {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
+                    if v.buffer in self.views and self.views[v.buffer].perm is not None}
+        if op not in self.op_code:
+            remap = {k: (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm)
+                     for k, view in permuted.items()}
+            renderer = OpRenderer(op, self.d, self.plan.block, self.read_only, remap)
+            self.op_code[op] = renderer.render()
+            self.smem = max(self.smem, renderer.smem)
+        args = ", ".join([self.ptr(v) for v in op.outputs] +
+                         [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
+                          for k, v in enumerate(op.inputs)])
+        first, count, n = task.first, task.count, op.n_utasks
+        if n <= count:   # one round: vEU first + t runs uTask t
+            t = f"(int)blockIdx.x - {first}" if first else "(int)blockIdx.x"
+            call = f"{op.name}({args}, {t}, gdsl_smem);"
+            if first == 0 and n == self.plan.grid:
+                return [call]
+            lo = f"blockIdx.x >= {first} && " if first else ""
+            return [f"if ({lo}blockIdx.x < {first + n}) {call}"]
+        loop = (f"for (gdsl_t = (int)blockIdx.x - {first}; gdsl_t < {n}; gdsl_t += {count}) "
+                f"{op.name}({args}, gdsl_t, gdsl_smem);")
+        if first == 0 and count == self.plan.grid:
+            return [loop]
+        lo = f"blockIdx.x >= {first} && " if first else ""
+        return [f"if ({lo}blockIdx.x < {first + count}) {loop}"]
+
+    # ------------------------------------------------------------------------------------ uniform ops
+    def uniform_op(self, u) -> list[str]:
+        out = self.uniform_ref(u.output)
+        dt = u.output.aval.dtype
+        p, ins = u.primitive, u.inputs
+        table = self.d.elementwise
+        if p in table:
+            operand = ins[-1].aval.dtype
+            text = c_expression(table, p, ct.klass(operand), ct.compute(operand), [self.elem(v) for v in ins])
+            return [f"{out} = {ct.rounded(dt, text)};"]
+        if p == "convert_element_type":
+            return [f"{out} = {ct.convert(self.elem(ins[0]), ins[0].aval.dtype, dt)};"]
+        if p in ("reshape", "broadcast_to", "transpose"):
+            return [f"{out} = {self.elem(ins[0])};"]
+        if p == "iota":
+            return [f"{out} = {ct.literal(0, dt)};"]
+        if p == "slice":
+            x = ins[0]
+            return [f"{out} = {self.elem(x, str(sum(b * s for b, s in zip(u.params['start'], strides(x.aval.shape)))))};"]
+        if p == "dynamic_slice":
+            x, idx = ins[0], ins[1:]
+            terms = []
+            for n, z, st, v in zip(x.aval.shape, u.params["sizes"], strides(x.aval.shape), idx):
+                if n - z > 0:
+                    e = f"(long long)({self.elem(v)})"
+                    terms.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e})) * {st}")
+            index = f"(int)({' + '.join(terms)})" if terms else "0"
+            return [f"{out} = {self.elem(x, index)};"]
+        if p == "take":
+            x, ind = ins
+            n = x.aval.shape[u.params["axis"]]
+            e = f"(long long)({self.elem(ind)})"
+            return [f"{out} = {self.elem(x, f'(int)({e} < 0 ? 0LL : ({e} > {n - 1} ? {n - 1}LL : {e}))')};"]
+        if p == "concatenate":
+            x = next(v for v in ins if v.aval.size)
+            return [f"{out} = {self.elem(x)};"]
+        if p in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
+            return self.uniform_reduce(u, out)
+        raise NotImplementedError(f"no uniform lowering for {p}")
+
+    def uniform_reduce(self, u, out) -> list[str]:
+        x = u.inputs[0]
+        dt = x.aval.dtype
+        n = x.aval.size
+        acc = "int" if dt == dtypes.bool_ else ct.compute(dt)
+        items = [f"(({acc}){self.elem(x, str(k))})" for k in range(n)]
+        if u.primitive in ("argmax", "argmin"):
+            cmp = ">" if u.primitive == "argmax" else "<"
+            lines = [f"{{ {acc} v = {items[0]}; int k = 0; {acc} w;"]
+            for k in range(1, n):
+                if dtypes.is_float(dt):
+                    lines.append(f"  w = {items[k]}; if ((w != w && v == v) || w {cmp} v) {{ v = w; k = {k}; }}")
+                else:
+                    lines.append(f"  w = {items[k]}; if (w {cmp} v) {{ v = w; k = {k}; }}")
+            return lines + [f"  {out} = k; }}"]
+        if n == 0:
+            return [f"{out} = {ct.literal(0, u.output.aval.dtype)};"]
+        floaty = dtypes.is_float(dt)
+        comb = {"reduce_sum": "({a} + {b})",
+                "reduce_max": "gdsl_fmax({a}, {b})" if floaty else "({a} > {b} ? {a} : {b})",
+                "reduce_min": "gdsl_fmin({a}, {b})" if floaty else "({a} < {b} ? {a} : {b})"}[u.primitive]
+        lines = [f"{{ {acc} v = {items[0]};"]
+        for k in range(1, n):
+            lines.append(f"  v = {comb.format(a='v', b=items[k])};")
+        result = ct.rounded(u.output.aval.dtype, "v") if floaty else f"({ct.compute(u.output.aval.dtype)})v"
+        return lines + [f"  {out} = {result}; }}"]
+
+    # ------------------------------------------------------------------------------------ kernels
+    def kernel(self, kernel, index: int) -> tuple[str, KernelSpec]:
+        plan = self.plan
+        name = f"gdsl_{cid(kernel.name)}"
+        params = [("buffer", v.buffer) for v in plan.inputs] + [("buffer", v.buffer) for v in plan.outputs]
+        params.append(("ws", None))
+        functions = list(plan.functions) if self.device_control else []
+        if not self.device_control:
+            params += [("depth", f.name) for f in plan.functions]
+        body_lines = self.block(kernel.body, 1)
+        fn_lines = []
+        for f in functions:
+            n = cid(f.name)
+            fn_lines.append(f"f_{n}:")
+            fn_lines += self.block(f.body, 1)
+            fn_lines.append(f"  d_{n} -= 1;")
+            sites = " ".join(f"case {k}: goto f_{n}_ret_{k};" for k in range(f.n_sites - 1))
+            fn_lines.append(f"  switch (r_{n}[d_{n}]) {{ {sites} default: goto f_{n}_ret_{f.n_sites - 1}; }}")
+        stmts = list(walk(kernel.body)) + [s for f in functions for s in walk(f.body)]
+        grid_syncs = sum(1 for s in stmts if isinstance(s, Sync) and s.scope == "grid")
+
+        decls = []
+        c_params = []
+        for kind, obj in params:
+            if kind == "buffer":
+                const = "const " if obj.kind in ("input", "const") else ""
+                restrict = " __restrict__" if obj.kind in ("input", "const") else ""
+                c_params.append(f"{const}{ct.storage(obj.aval.dtype)}*{restrict} {obj.name}")
+            elif kind == "ws":
+                c_params.append("char* __restrict__ gdsl_ws")
+            else:
+                c_params.append(f"int d_{cid(obj)}")
+        used_buffers, used_uniforms = [], []
+        for s in stmts:
+            for v in _values_of(s):
+                if v.buffer is not None and v.buffer in self.layout.offsets and v.buffer not in used_buffers:
+                    used_buffers.append(v.buffer)
+                if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
+                    used_uniforms.append(v.storage)
+        decls.append(self.d.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
+        decls.append("unsigned* gdsl_bar = (unsigned*)(gdsl_ws + %d); (void)gdsl_bar;" % BARRIER_OFFSET)
+        if functions:
+            decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
+            decls.append("if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;")
+        for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
+            if buf not in self.views:
+                decls.append(f"{ct.storage(buf.aval.dtype)}* {buf.name} = ({ct.storage(buf.aval.dtype)}*)"
+                             f"(gdsl_ws + {self.layout.offsets[buf]});")
+        pending = [b for b in used_buffers if b in self.views]
+        declared = set(used_buffers) - set(pending)
+        while pending:       # a view of a view is declared after its source
+            buf = next(b for b in pending if self.views[b].source.buffer not in pending)
+            src = self.views[buf].source.buffer
+            if src in self.layout.offsets and src not in declared:
+                declared.add(src)
+                decls.append(f"{ct.storage(src.aval.dtype)}* {src.name} = ({ct.storage(src.aval.dtype)}*)"
+                             f"(gdsl_ws + {self.layout.offsets[src]});")
+            decls.append(view_decl(buf, self.views[buf], self.ptr(self.views[buf].source)))
+            pending.remove(buf)
+            declared.add(buf)
+        for f in functions:
+            n = cid(f.name)
+            decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];")
+        decls.append("int gdsl_t; (void)gdsl_t;")
+        for u in used_uniforms:
+            t = ct.compute(u.aval.dtype)
+            if u in self.stacked:
+                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].max_depth + 2}];")
+            else:
+                decls.append(f"{t} {u.name} = {ct.literal(0, u.aval.dtype)};")
+        head = f"{self.d.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
+        lines = [head] + ["  " + d for d in decls] + body_lines
+        if functions:
+            lines.append("  goto gdsl_exit;")
+            lines += fn_lines
+            lines.append("gdsl_exit: ;")
+        lines.append("}")
+        return "\n".join(lines) + "\n", KernelSpec(name, params, grid_syncs)
+
+    def render(self) -> Rendered:
+        kernels = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
+        specs = [spec for _, spec in kernels]
+        smem = -(-self.smem // 16) * 16
+        parts = [f"// generated by gdsl ({self.d.name} dialect): {self.plan.control} control, grid "
+                 f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
+                 self.d.includes(self.barrier) + self.d.header, PRELUDE,
+                 f"#define GDSL_SMEM_BYTES {smem}\n",
+                 "// ---------------------------------------------------------------------------------------- ops",
+                 "\n".join(self.op_code.values()),
+                 "// ---------------------------------------------------------------------------------------- kernels",
+                 "\n".join(code for code, _ in kernels),
+                 self.d.host_code(specs, self.plan)]
+        source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
+        return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()))
+
+
+def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic") -> Rendered:
+    """The translation unit for `plan` in `dialect` (see the module docstring for its shape)."""
+    return Renderer(plan, dialect, barrier=barrier).render()
+

@@ -1,0 +1,184 @@
+"""Slices and transposes that need no copy: a renderer-level optimisation (the plan itself is unchanged).
+
+A `slice` or `dynamic_slice` Op whose window is one contiguous run of its source becomes a *view*: its
+output buffer is rendered as a pointer into the source instead of a workspace copy, and the Op does no work
+(weights sliced per layer inside a loop, `x[t]` of a sequence, the gates of an LSTM's fused matmul). A
+`transpose` read only by Ops becomes a *permuted view*: those Ops read the source through permuted strides
+(attention's K transposed for q @ K^T). Safe when
+
+- the output is a temp written by this Op alone (so nothing else ever stores into the view), and
+- the source cannot change while the view is read: an input or const (never written by a kernel), or a
+  buffer that no Op writes, and no recursive call runs, between the view's Op and its last reader, all
+  readers following the view's Op in the same statement list (and none of them writing the source).
+
+Dynamic windows (`x[t]`) need the start at run time: device control only, where every vEU computes the
+pointer itself at the Op's place in the statement tree (a register write, no memory traffic).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gdsl.backends.cfamily import types as ct
+from gdsl.backends.cfamily.ops import strides
+from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
+
+
+@dataclass
+class View:
+    op: object
+    source: object          # the Value viewed
+    offset: str             # C expression of the element offset into the source
+    dynamic: bool           # the offset depends on run-time indices
+    read_only: bool         # the source is an input or const
+    perm: tuple | None = None   # a permuted view: output element (c_0..c_n) is source[c at perm positions]
+
+
+def _contiguous(shape, sizes) -> bool:
+    k = next((d for d, z in enumerate(sizes) if z != 1), len(sizes))
+    return all(sizes[d] == shape[d] for d in range(k + 1, len(shape)))
+
+
+def _writers(plan) -> dict:
+    writers: dict = {}
+    for stmt in _statements(plan):
+        if isinstance(stmt, Wave):
+            for task in stmt.tasks:
+                for v in task.op.outputs:
+                    if v.buffer is not None:
+                        writers.setdefault(v.buffer, []).append(task.op)
+    return writers
+
+
+def _statements(plan):
+    for k in plan.kernels:
+        yield from walk(k.body)
+    for f in plan.functions:
+        yield from walk(f.body)
+
+
+def _reads(stmt) -> list:
+    if isinstance(stmt, Wave):
+        return [v for t in stmt.tasks for v in t.op.inputs]
+    if isinstance(stmt, Uniforms):
+        return [v for u in stmt.ops for v in u.inputs]
+    if isinstance(stmt, Assign):
+        return [stmt.src]
+    if isinstance(stmt, Loop):
+        return [stmt.pred]
+    if isinstance(stmt, Branch):
+        return [stmt.index]
+    return []
+
+
+def _window(op, elem):
+    """(sizes, start expressions, dynamic) of a slice / dynamic_slice Op, or None if it is not a view."""
+    src = op.inputs[0]
+    shape = src.aval.shape
+    if op.kind == "slice":
+        p = op.params
+        sizes = [len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"])]
+        if any(s != 1 and z > 1 for s, z in zip(p["step"], sizes)):
+            return None
+        return sizes, [str(b) for b in p["start"]], False
+    sizes = list(op.params["sizes"])
+    starts = []
+    for n, z, v in zip(shape, sizes, op.inputs[1:]):
+        if n == z:
+            starts.append("0")
+            continue
+        e = f"(long long)({elem(v)})"
+        starts.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e}))")
+    return sizes, starts, any(s != "0" and not s.isdigit() for s in starts)
+
+
+def find_views(plan, elem) -> dict:
+    """Buffer -> View for every slice the renderer may turn into a pointer. `elem(value)` renders a scalar."""
+    writers = _writers(plan)
+    views: dict = {}
+    positions = _positions(plan)
+    stmt_of = {t.op: stmt for stmt in positions if isinstance(stmt, Wave) for t in stmt.tasks}
+    for stmt in _statements(plan):
+        if not isinstance(stmt, Wave):
+            continue
+        for task in stmt.tasks:
+            op = task.op
+            if op.kind not in ("slice", "dynamic_slice", "transpose"):
+                continue
+            out, src = op.outputs[0], op.inputs[0]
+            if out.buffer is None or out.buffer.kind != "temp" or writers.get(out.buffer) != [op]:
+                continue
+            if src.buffer is None or src.buffer.kind == "frame":
+                continue
+            read_only = src.buffer.kind in ("input", "const")
+            if op.kind == "transpose":
+                readers = [s for s in positions if any(x.buffer is out.buffer for x in _reads(s))]
+                if readers and all(isinstance(s, Wave) for s in readers) and \
+                        (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
+                    views[out.buffer] = View(op, src, "0", False, read_only, tuple(op.params["permutation"]))
+                continue
+            window = _window(op, elem)
+            if window is None or not _contiguous(src.aval.shape, window[0]):
+                continue
+            _, starts, dynamic = window
+            if dynamic and plan.control != "device":
+                continue
+            if not read_only and not _stable(src.buffer, op, out.buffer, positions, stmt_of):
+                continue
+            terms = [f"{s} * {st}" if st != 1 else s for s, st in zip(starts, strides(src.aval.shape)) if s != "0"]
+            views[out.buffer] = View(op, src, " + ".join(terms) or "0", dynamic, read_only)
+    while True:     # a permuted view is no array: nothing can view it in turn (its readers remap instead)
+        bad = [b for b, v in views.items() if v.source.buffer in views and views[v.source.buffer].perm is not None]
+        if not bad:
+            return views
+        for b in bad:
+            del views[b]
+
+
+def _positions(plan) -> dict:
+    """For every statement: (the statement list it sits in, its index there, its nesting path)."""
+    where: dict = {}
+
+    def visit(block, path):
+        for k, stmt in enumerate(block):
+            where[stmt] = (block, k, path)
+            inner = path + ((block, k),)
+            if isinstance(stmt, Loop):
+                visit(stmt.cond, inner)
+                visit(stmt.body, inner)
+            elif isinstance(stmt, Branch):
+                for b in stmt.branches:
+                    visit(b, inner)
+    for k in plan.kernels:
+        visit(k.body, ())
+    for f in plan.functions:
+        visit(f.body, ())
+    return where
+
+
+def _stable(src_buffer, op, out_buffer, positions, stmt_of) -> bool:
+    """Every reader of the view follows its Op in the same statement list, and between the two no Op
+    writes the source (readers included) and no recursive call runs."""
+    block, k, _ = positions[stmt_of[op]]
+    last = k
+    for stmt, (blk, j, path) in positions.items():
+        if any(x.buffer is out_buffer for x in _reads(stmt)):
+            anchor = (blk, j) if blk is block else next(((b, i) for b, i in path if b is block), None)
+            if anchor is None or anchor[1] <= k:
+                return False
+            last = max(last, anchor[1])
+    for stmt in walk(block[k + 1:last + 1]):
+        if isinstance(stmt, Call):
+            return False
+        if isinstance(stmt, Wave) and any(v.buffer is src_buffer for t in stmt.tasks for v in t.op.outputs):
+            return False
+    return True
+
+
+def view_decl(buf, view, base_ptr: str) -> str:
+    """The declaration of a view's pointer at the kernel's top (dynamic ones are assigned later)."""
+    t = ct.storage(buf.aval.dtype)
+    if view.perm is not None:       # readers get the source pointer and permute their indices
+        return f"// {buf.name}: read through {base_ptr} with axes {view.perm}"
+    if view.dynamic:
+        return f"const {t}* {buf.name} = {base_ptr};"
+    return f"const {t}* {buf.name} = {base_ptr} + {view.offset};"

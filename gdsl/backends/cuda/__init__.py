@@ -1,0 +1,200 @@
+"""The `cuda` backend: the whole jitted function as one persistent kernel (control="device"), or one fused
+wavefront kernel per straight-line block launched from Python (control="host"), compiled with NVRTC.
+
+    lower(program, options)   schedule (grid = options["grid"] or the device's SM count, 132 without a GPU;
+                              block = options["block"], 256) and render the CUDA dialect: needs no GPU
+    load(lowering)            compile (NVRTC, arch of the device), check that the grid can be co-resident
+                              (else re-schedule with the co-resident size: a cooperative grid that does not
+                              fit would deadlock), allocate the workspace once, and return the executable
+    executable(flat_args)     CuPy arrays as they are, numpy copied in, `__dlpack__` objects through
+                              cupy.from_dlpack (no copy for torch CUDA tensors); results are fresh CuPy arrays
+
+Options: control ("device" | "host"), grid, block (a power of two, 32..1024), barrier ("atomic": gdsl's
+own counter barrier; "coop": cooperative_groups grid.sync(), needs the CCCL headers CuPy ships).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from gdsl.backends.cfamily import LOWERINGS, render_plan  # noqa: F401  (LOWERINGS: the registry test)
+from gdsl.backends.cfamily.executor import Executable, Lowering
+from gdsl.backends.cuda import runtime
+from gdsl.backends.cuda.dialect import CUDADialect
+from gdsl.backends.cuda.toolchain import compile_cuda, nvrtc_available
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import Wave, walk
+
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier"})
+DEFAULT_SMS = 132           # an H100's SMs: assumed when no GPU is here to ask
+DEFAULT_BLOCK = 256
+
+
+def unavailable_reason() -> str | None:
+    missing = nvrtc_available()
+    if missing:
+        return missing
+    if not runtime.cuda_usable():
+        return "no CUDA GPU is usable here (CuPy sees no device); .lower(...).source still works"
+    return None
+
+
+def _sm_count() -> int | None:
+    if not runtime.cuda_usable():
+        return None
+    from cupy.cuda import runtime as rt
+    return rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, rt.getDevice())
+
+
+def check_options(options, dialect) -> dict:
+    control = options.get("control") or "device"
+    if control not in ("device", "host"):
+        raise ValueError(f"control must be 'device' or 'host', got {control!r}")
+    block = int(options.get("block") or DEFAULT_BLOCK)
+    if block < dialect.warp or block > 1024 or block & (block - 1):
+        raise ValueError(f"block must be a power of two from {dialect.warp} to 1024, got {block}")
+    barrier = options.get("barrier") or "atomic"
+    if barrier not in dialect.barriers:
+        raise ValueError(f"barrier must be one of {dialect.barriers} for {dialect.name}, got {barrier!r}")
+    grid = options.get("grid")
+    if grid is not None and int(grid) < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid)}
+
+
+def lower(program, options) -> Lowering:
+    """Without a `grid` option: one vEU per SM, or two when some op has more uTasks than SMs. Every grid
+    barrier gets dearer with more blocks (1.1 us at 132, 1.3 us at 264 on the H100), so a second resident
+    block per SM pays only where there is more parallel work than SMs (measured: batch 64 of LSTM, NASRNN
+    and Attention ran 1.3-1.5x faster with 264 vEUs, batch 1 5-10% slower)."""
+    opts = check_options(options, CUDADialect)
+    if opts["grid"]:
+        return lower_with_grid(program, opts, opts["grid"])
+    sms = _sm_count() or DEFAULT_SMS
+    lowering = lower_with_grid(program, opts, sms)
+    if _most_utasks(lowering) > sms:
+        lowering = lower_with_grid(program, opts, 2 * sms)
+    return lowering
+
+
+def _most_utasks(lowering) -> int:
+    """The most uTasks of any Op that does work (slices rendered as views do none)."""
+    plan = lowering.plan
+    stmts = [s for k in plan.kernels for s in walk(k.body)] + [s for f in plan.functions for s in walk(f.body)]
+    return max((t.op.n_utasks for s in stmts if isinstance(s, Wave) for t in s.tasks
+                if t.op not in lowering.rendered.views), default=0)
+
+
+def lower_with_grid(program, opts, grid, dialect=None) -> Lowering:
+    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"])
+    rendered = render_plan(plan, dialect or CUDADialect(), barrier=opts["barrier"])
+    return Lowering(program, plan, rendered, dict(opts, grid=grid))
+
+
+def compile_options(barrier: str) -> tuple:
+    """NVRTC options: cooperative_groups.h needs CCCL's libcu++ headers, which CuPy ships."""
+    if barrier != "coop":
+        return ()
+    return tuple(f"-I{d}" for d in [cccl_include_dir()] if d)
+
+
+def cccl_include_dir() -> str | None:
+    try:
+        import cupy
+    except ImportError:
+        return None
+    path = os.path.join(os.path.dirname(cupy.__file__), "_core", "include", "cupy", "_cccl", "libcudacxx")
+    return path if os.path.isdir(path) else None
+
+
+class CupyDevice:
+    """The executor's Device on a CUDA GPU, through CuPy."""
+    name = "cuda"
+
+    def __init__(self, barrier="atomic"):
+        import cupy
+        self.cupy = cupy
+        self.barrier = barrier
+        self.arch = f"sm_{cupy.cuda.Device().compute_capability}"
+        self.kernels = {}
+
+    def compile(self, rendered) -> None:
+        cubin = compile_cuda(rendered.source, self.arch, options=compile_options(self.barrier))
+        module = runtime.load_module(cubin)
+        self.kernels = {spec.name: module.get_function(spec.name) for spec in rendered.kernels}
+        self.loaded = rendered
+
+    def load(self, rendered) -> None:
+        if getattr(self, "loaded", None) is not rendered:
+            self.compile(rendered)
+
+    def max_grid(self, spec, block) -> int:
+        """The most blocks of this kernel that fit on the GPU at once (a cooperative grid's limit)."""
+        return runtime.max_coresident_blocks(self.kernels[spec.name], block)
+
+    def to_device(self, x, aval):
+        """CuPy arrays as they are; GPU `__dlpack__` objects (torch CUDA tensors) without a copy; anything
+        else through numpy, copied in. A dtype other than the traced one is converted on the device."""
+        cp = self.cupy
+        if not isinstance(x, cp.ndarray):
+            if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) and _on_gpu(x):
+                x = cp.from_dlpack(x)
+            else:
+                return cp.asarray(np.ascontiguousarray(np.asarray(x), dtype=aval.dtype))
+        if x.dtype != aval.dtype:
+            x = x.astype(aval.dtype)
+        return cp.ascontiguousarray(x)
+
+    def empty(self, aval):
+        return self.cupy.empty(aval.shape, dtype=aval.dtype)     # CuPy 14 holds bfloat16 (ml_dtypes)
+
+    def zeros(self, nbytes):
+        return self.cupy.zeros(max(nbytes, 16), dtype=np.uint8)
+
+    def launch(self, spec, grid, block, args, cooperative):
+        self.kernels[spec.name]((grid,), (block,), tuple(args), enable_cooperative_groups=cooperative)
+
+    def read(self, array, byte_offset, dtype):
+        raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
+        return raw.view(dtype)[0]
+
+
+def _on_gpu(x) -> bool:
+    try:
+        return x.__dlpack_device__()[0] in (2, 3, 13)   # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+    except Exception:  # noqa: BLE001 - no device query: treat as host memory
+        return False
+
+
+def load(lowering: Lowering):
+    """Compile, check co-residency (re-scheduling with a smaller grid if needed) and build the executable."""
+    from gdsl.tracing.jit import debug
+    opts = lowering.options
+    device = CupyDevice(opts["barrier"])
+    for attempt in range(4):
+        device.compile(lowering.rendered)
+        needs = [spec for spec in lowering.rendered.kernels if spec.grid_syncs]
+        limit = min([device.max_grid(spec, opts["block"]) for spec in needs], default=lowering.plan.grid)
+        if limit < 1:
+            raise RuntimeError(f"a block of {opts['block']} threads of this kernel does not fit on the GPU; "
+                               f"use a smaller block")
+        if lowering.plan.grid <= limit:
+            return Executable(lowering.plan, lowering.rendered, device)
+        if attempt == 3:
+            break
+        debug(1, "cuda", f"grid {lowering.plan.grid} cannot be co-resident (at most {limit} blocks of "
+                         f"{opts['block']} threads): re-scheduling with grid={limit}")
+        lowering = lower_with_grid(lowering.program, opts, limit)
+    # Never launch a grid that cannot be co-resident: its grid barriers would wait forever (CuPy would even
+    # shrink it silently, leaving vEUs' uTasks unrun).
+    raise RuntimeError(f"no co-resident grid found for this kernel (last: {lowering.plan.grid} > {limit})")
+
+
+def to_device(x):
+    import cupy
+    if isinstance(x, cupy.ndarray):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) and _on_gpu(x):
+        return cupy.from_dlpack(x)
+    return cupy.asarray(np.asarray(x))

@@ -1,0 +1,32 @@
+"""The CUDA dialect of the C-family renderer: NVRTC built-ins only (no headers needed), warp 32."""
+from __future__ import annotations
+
+from gdsl.backends.cfamily.render import Dialect
+
+HEADER = r"""
+#define GDSL_DEV __device__ __forceinline__
+#define GDSL_WARP 32
+#define GDSL_SHFL_XOR(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
+#define GDSL_U2F(u) __uint_as_float(u)
+#define GDSL_F2U(f) __float_as_uint(f)
+#define GDSL_SPIN_PAUSE() ((void)0)
+GDSL_DEV float gdsl_h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+"""
+
+
+class CUDADialect(Dialect):
+    name = "cuda"
+    warp = 32
+    header = HEADER
+    barriers = ("atomic", "coop")
+    ldg_template = "__ldg({ptr})"
+    ldg_types = frozenset({"float", "int", "long long", "gdsl_f16", "gdsl_bf16"})
+
+    def grid_sync(self, barrier: str) -> str:
+        if barrier == "coop":
+            return "cooperative_groups::this_grid().sync();"
+        return super().grid_sync(barrier)
+
+    def includes(self, barrier: str) -> str:
+        return "#include <cooperative_groups.h>\n" if barrier == "coop" else ""

@@ -1,0 +1,206 @@
+"""The CUDA backend.
+
+Without a GPU (CI): every program of backend_programs.PROGRAMS, in both placements, lowers to a source that
+NVRTC compiles to an sm_90 CUBIN; the generated code of three tiny programs is golden text
+(tests/golden/, regenerate with GDSL_UPDATE_GOLDEN=1); and the generated code runs on the CPU emulator
+(gdsl.backends.cfamily.emulator: the CUDA dialect compiled by g++, threads as std::threads) against the
+interpreter. On a GPU (`-m gpu`): cuda == interpreter for the same programs, random programs with nested
+control flow, recursion overflow, dlpack inputs, the grid fallback and both barrier kinds.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import gdsl
+from backend_programs import GOLDEN, PROGRAMS
+from gdsl.backends import cfamily
+from gdsl.backends.cfamily import emulator
+from gdsl.backends.cuda import cccl_include_dir, compile_options
+from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.primitives.registry import REGISTRY
+from strategies import check_backend, programs
+
+GOLDEN_DIR = Path(__file__).with_name("golden")
+needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
+                                 reason=str(cuda_toolchain.nvrtc_available()))
+needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
+CONTROLS = ("device", "host")
+CASES = [(name, control) for name in PROGRAMS for control in CONTROLS]
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    """A cache shared by this module's tests (compiles are reused across them) but not with the user's."""
+    monkeypatch.setenv("GDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "gdsl-cache"))
+
+
+def lowered(name, control, **options):
+    fn, args = PROGRAMS[name]
+    return gdsl.jit(fn, backend="cuda", control=control, **options).lower(*args)
+
+
+# ------------------------------------------------------------------------------------------ CI: no GPU
+@needs_nvrtc
+@pytest.mark.parametrize("name,control", CASES)
+def test_source_compiles_to_sm90_cubin(name, control):
+    lowering = lowered(name, control, grid=132)
+    cubin = cuda_toolchain.compile_cuda(lowering.source, "sm_90")
+    assert cubin[:4] == b"\x7fELF"
+    kernels = [line for line in lowering.source.splitlines() if line.startswith('extern "C" __global__')]
+    plan = lowering.lowering.plan
+    assert len(kernels) == len(plan.kernels) == (1 if control == "device" else len(plan.kernels))
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", ["loop", "recursion", "matmuls", "reductions", "nested_while_cond_recurse"])
+@pytest.mark.parametrize("block,barrier", [(64, "atomic"), (512, "atomic"), (1024, "atomic"), (256, "coop")])
+def test_other_blocks_and_barriers_compile(name, block, barrier):
+    if barrier == "coop" and cccl_include_dir() is None:
+        pytest.skip("cooperative_groups.h needs the CCCL headers CuPy ships")
+    source = lowered(name, "device", grid=132, block=block, barrier=barrier).source
+    assert cuda_toolchain.compile_cuda(source, "sm_90", options=compile_options(barrier))[:4] == b"\x7fELF"
+    assert ("cooperative_groups::this_grid().sync()" in source) == (barrier == "coop")
+
+
+def test_one_kernel_per_forward_with_device_control():
+    for name in ("loop", "branch", "recursion", "nested_while_cond_recurse"):
+        source = lowered(name, "device", grid=132).source
+        assert source.count('extern "C" __global__') == 1
+        assert "gdsl_grid_sync_atomic(gdsl_bar);" in source
+
+
+def _generated_part(source: str) -> str:
+    """The generated code (op functions and kernels), without the dialect header and the shared prelude."""
+    return source[source.index("#define GDSL_SMEM_BYTES"):]
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_source(name):
+    text = _generated_part(lowered(name, "device", grid=132).source)
+    path = GOLDEN_DIR / f"cuda_{name}.cu"
+    if os.environ.get("GDSL_UPDATE_GOLDEN"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path}; run with GDSL_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"generated code of {name} changed; regenerate with GDSL_UPDATE_GOLDEN=1"
+
+
+def test_lower_needs_no_gpu_and_checks_options():
+    fn, args = PROGRAMS["loop"]
+    assert "gdsl_main" in gdsl.jit(fn, backend="cuda").lower(*args).source
+    for bad in ({"block": 100}, {"block": 2048}, {"barrier": "spin"}, {"control": "hybrid"}, {"grid": 0}):
+        with pytest.raises(ValueError):
+            gdsl.jit(fn, backend="cuda", **bad).lower(*args)
+
+
+def test_every_primitive_has_a_lowering():
+    assert sorted(set(REGISTRY) - set(cfamily.LOWERINGS)) == []
+
+
+def test_views_replace_contiguous_slices():
+    """x[t] of a sequence and static weight slices become pointers, not copies."""
+    def f(xs, w):
+        return gdsl.fori_loop(0, xs.shape[0], lambda t, h: gdsl.numpy.tanh(xs[t] @ w[1] + h), xs[0])
+    source = gdsl.jit(f, backend="cuda", grid=132).lower(np.ones((5, 1, 8), np.float32),
+                                                        np.ones((3, 8, 8), np.float32)).source
+    assert "op_slice" not in source and "_dynamic_slice(" not in source.split("// ----")[-1]
+
+
+@needs_cxx
+@pytest.mark.parametrize("name,control", CASES)
+def test_emulated_matches_interpreter(name, control):
+    fn, args = PROGRAMS[name]
+    try:
+        expected = gdsl.jit(fn, backend="interpret")(*args)
+    except gdsl.RecursionDepthError:
+        with pytest.raises(gdsl.RecursionDepthError):
+            emulator.emulate(fn, *args, control=control, grid=3, block=64)
+        return
+    got = emulator.emulate(fn, *args, control=control, grid=3, block=64)
+    from strategies import BACKEND_TOLERANCE, assert_trees_close
+    assert_trees_close(gdsl.to_numpy(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@settings(max_examples=6, deadline=None)
+@given(programs(max_depth=2))
+def test_emulated_random_programs(prog):
+    from strategies import BACKEND_TOLERANCE, assert_trees_close
+    try:
+        expected = gdsl.jit(prog.fn, backend="interpret")(*prog.args)
+    except gdsl.RecursionDepthError:
+        expected = None
+    for control in CONTROLS:
+        if expected is None:
+            with pytest.raises(gdsl.RecursionDepthError):
+                emulator.emulate(prog.fn, *prog.args, control=control, grid=2, block=32)
+        else:
+            got = emulator.emulate(prog.fn, *prog.args, control=control, grid=2, block=32)
+            assert_trees_close(gdsl.to_numpy(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,control", CASES)
+def test_gpu_matches_interpreter(name, control):
+    fn, args = PROGRAMS[name]
+    check_backend(fn, args, "cuda", control=control)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["loop", "recursion", "nested_while_cond_recurse", "while_data_exit",
+                                  "switch_in_loop", "large", "matmuls"])
+@pytest.mark.parametrize("options", [{"barrier": "coop"}, {"block": 128}, {"block": 1024}, {"grid": 7},
+                                     {"grid": 100_000}])
+def test_gpu_schedule_options(name, options):
+    fn, args = PROGRAMS[name]
+    if options.get("barrier") == "coop" and cccl_include_dir() is None:
+        pytest.skip("no CCCL headers")
+    check_backend(fn, args, "cuda", **options)    # grid=100000 cannot be co-resident: re-scheduled
+
+
+@pytest.mark.gpu
+@settings(max_examples=40, deadline=None)
+@given(programs())
+def test_gpu_random_programs(prog):
+    for control in CONTROLS:
+        check_backend(prog.fn, prog.args, "cuda", control=control)
+
+
+@pytest.mark.gpu
+def test_gpu_results_are_cupy_and_inputs_stay_on_device():
+    import cupy
+    fn, args = PROGRAMS["loop"]
+    f = gdsl.jit(fn, backend="cuda")
+    out = f(*[cupy.asarray(a) for a in args])
+    assert isinstance(out, cupy.ndarray)
+    np.testing.assert_allclose(gdsl.to_numpy(out), gdsl.jit(fn, backend="interpret")(*args), rtol=2e-4, atol=2e-5)
+    f(*args)
+    assert f.trace_count == 1     # numpy and CuPy arguments of one signature share the compiled kernel
+
+
+@pytest.mark.gpu
+def test_gpu_dlpack_input_from_torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    fn, args = PROGRAMS["loop"]
+    targs = [torch.as_tensor(a, device="cuda") for a in args]
+    got = gdsl.jit(fn, backend="cuda")(*targs)
+    np.testing.assert_allclose(gdsl.to_numpy(got), gdsl.jit(fn, backend="interpret")(*args), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_recursion_overflow_then_recovers():
+    fn, args = PROGRAMS["recursion_overflow"]
+    f = gdsl.jit(fn, backend="cuda")
+    for control in CONTROLS:
+        g = gdsl.jit(fn, backend="cuda", control=control)
+        with pytest.raises(gdsl.RecursionDepthError):
+            g(*args)
+    ok_args = PROGRAMS["recursion_depth_ok"][1]
+    np.testing.assert_allclose(gdsl.to_numpy(f(*ok_args)), gdsl.jit(fn, backend="interpret")(*ok_args),
+                               rtol=2e-4, atol=2e-5)
