@@ -1,0 +1,49 @@
+"""Compile the CUDA kernels of the model zoo ahead of time into the compile cache (no GPU needed).
+
+    GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2]
+
+NVRTC takes minutes on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
+the cache folder to the GPU machine keeps the benchmark's device time for measuring. The cache key holds the
+source, the arch (sm_90) and the NVRTC version, so the GPU machine must use the same NVRTC.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
+
+
+def compile_one(name, batch, control):
+    from models import common, load
+    from gdsl.backends.cuda.toolchain import compile_cuda
+    model = load(name)
+    prob = common.build_problem(model, batch, small=False, seed=0, n_inputs=1)
+    fn = model.make_forward(prob.cfg, backend="cuda", control=control)
+    batch0 = common.as_batches(prob.batches)[0]
+    t0 = time.perf_counter()
+    source = fn.lower(prob.weights, batch0).source
+    t1 = time.perf_counter()
+    compile_cuda(source, "sm_90")
+    return f"{name} bs{batch} {control}: {len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, " \
+           f"NVRTC {time.perf_counter() - t1:.1f} s"
+
+
+def main():
+    from models import MODELS, load
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--controls", default="device,host")
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args()
+    work = [(m, b, c) for m in args.models.split(",") for b in load(m).BATCHES for c in args.controls.split(",")]
+    with cf.ProcessPoolExecutor(args.jobs) as pool:
+        for line in pool.map(compile_one, *zip(*work)):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
