@@ -17,18 +17,18 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
 
 
-def compile_one(name, batch, control):
+def compile_one(name, batch, control, grid=None):
     from models import common, load
     from gdsl.backends.cuda.toolchain import compile_cuda
     model = load(name)
     prob = common.build_problem(model, batch, small=False, seed=0, n_inputs=1)
-    fn = model.make_forward(prob.cfg, backend="cuda", control=control)
+    fn = model.make_forward(prob.cfg, backend="cuda", control=control, grid=grid)
     batch0 = common.as_batches(prob.batches)[0]
     t0 = time.perf_counter()
     source = fn.lower(prob.weights, batch0).source
     t1 = time.perf_counter()
     compile_cuda(source, "sm_90")
-    return f"{name} bs{batch} {control}: {len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, " \
+    return f"{name} bs{batch} {control} grid {grid or 'default'}: {len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, " \
            f"NVRTC {time.perf_counter() - t1:.1f} s"
 
 
@@ -37,9 +37,13 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--controls", default="device,host")
+    p.add_argument("--grids", default="", help="also these grids (device control), e.g. the autotuner's 33,66,264")
     p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args()
-    work = [(m, b, c) for m in args.models.split(",") for b in load(m).BATCHES for c in args.controls.split(",")]
+    work = [(m, b, c, None) for m in args.models.split(",") for b in load(m).BATCHES
+            for c in args.controls.split(",")]
+    work += [(m, b, "device", int(g)) for m in args.models.split(",") for b in load(m).BATCHES
+             for g in filter(None, args.grids.split(","))]
     with cf.ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(compile_one, *zip(*work)):
             print(line, flush=True)

@@ -26,12 +26,15 @@ import traceback
 
 from models import MODELS, common, load
 
-SYSTEMS = ("gdsl-device", "gdsl-host", "torch-eager", "torch-cudagraph", "torch-compile", "jax")
+SYSTEMS = ("gdsl-device", "gdsl-host", "gdsl-autotune", "torch-eager", "torch-cudagraph", "torch-compile", "jax")
 BASELINE_FUNCS = {"torch-eager": "torch_eager", "torch-cudagraph": "torch_cudagraph",
                   "torch-compile": "torch_compile", "jax": "jax_jit"}
 
 
 def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:
+    if system == "gdsl-autotune":   # the schedule knobs searched on the first call (gdsl.jit autotune=True)
+        return common.gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=backend,
+                                  system=system, autotune=True)
     if system.startswith("gdsl-"):
         return common.gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=backend,
                                   control=system.split("-", 1)[1], system=system)
@@ -185,7 +188,7 @@ def print_table(rows: list[dict], env: dict) -> None:
                       f"{r['median_ms'] / best:6.2f}x  {r.get('note', '')}")
             else:
                 print(f"{lead} {'—':>10s} {'':19s} {'':7s}  {r['status']}: {r.get('reason', '')[:90]}")
-        for g in ("gdsl-device", "gdsl-host"):
+        for g in ("gdsl-device", "gdsl-host", "gdsl-autotune"):
             peers = {s: r["median_ms"] for s, r in ok.items() if not s.startswith("gdsl")}
             if g in ok and peers:
                 peer = min(peers, key=peers.get)

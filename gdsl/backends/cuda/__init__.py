@@ -47,6 +47,22 @@ def _sm_count() -> int | None:
     return rt.deviceGetAttribute(rt.cudaDevAttrMultiProcessorCount, rt.getDevice())
 
 
+def autotune_candidates(program, options) -> list[dict]:
+    """What `jit(..., autotune=True)` tries: a quarter, half, one and two vEUs per SM with device control,
+    and host control. Measured on an H100: BlockDrop at batch 1 ran 2x faster on 33 vEUs than on 132 (its
+    small convolutions get larger tiles and barriers cost less), while the RNNs want every SM."""
+    sms = _sm_count() or DEFAULT_SMS
+    grids = sorted({max(1, sms // 4), max(1, sms // 2), sms, 2 * sms})
+    return [{"control": "device", "grid": g} for g in grids] + [{"control": "host"}]
+
+
+def device_name() -> str:
+    if not runtime.cuda_usable():
+        return "no-gpu"
+    import cupy
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"].decode()
+
+
 def check_options(options, dialect) -> dict:
     control = options.get("control") or "device"
     if control not in ("device", "host"):
