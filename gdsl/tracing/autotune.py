@@ -64,7 +64,7 @@ def _close(got, expected) -> bool:
     return True
 
 
-def autotune(module, backend: str, program, options: dict, flat_args, *, runs: int = 5):
+def autotune(module, backend: str, program, options: dict, flat_args, *, runs: int = 15, warmup: int = 3):
     """(lowering, executable, chosen options) for the fastest correct candidate."""
     from gdsl import to_numpy
     from gdsl.tracing.jit import debug
@@ -84,6 +84,8 @@ def autotune(module, backend: str, program, options: dict, flat_args, *, runs: i
             if not _close([to_numpy(o) for o in executable(flat_args)], expected):
                 debug(1, "autotune", f"{opts}: wrong results, skipped")
                 continue
+            for _ in range(warmup):
+                to_numpy(executable(flat_args))
             times = []
             for _ in range(runs):
                 t0 = time.perf_counter()
