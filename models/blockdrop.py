@@ -185,20 +185,7 @@ def generic_forward(O, w, inputs, cfg: Config, branch):
 
 
 def _torch(weights, cfg, batches, device, branch, system, compile_=False, note=""):
-    torch, dev = common.torch_setup(device)
-    w = common.torch_tree(torch, weights, dev)
-    xs = [common.torch_tree(torch, b, dev) for b in common.as_batches(batches)]
-    O = convnet.torch_ops(torch)
-
-    def fwd(inputs):
-        with torch.no_grad():
-            return generic_forward(O, w, inputs, cfg, branch)
-    if system == "torch-cudagraph":
-        runner = common.torch_cuda_graphs(torch, dev, fwd, [(x,) for x in xs])
-        runner.note = note
-        return runner
-    fn = common.torch_compile(torch, fwd) if compile_ else fwd
-    return common.Runner(system, run=lambda i: fn(xs[i]), sync=common.torch_sync(torch, dev), note=note)
+    return convnet.torch_runner(weights, batches, device, system, lambda torch, O, w, inputs: generic_forward(O, w, inputs, cfg, branch), compile_, note)
 
 
 def torch_eager(weights, cfg, batches, device=None) -> common.Runner:

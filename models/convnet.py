@@ -93,3 +93,22 @@ def jax_ops(jax, jnp):
         zeros=lambda shape, like: jnp.zeros(shape, like.dtype),
         linear=lambda x, w, name: jnp.matmul(x, w[name + ".weight"].T, precision=lax.Precision.HIGHEST)
         + w[name + ".bias"])
+
+
+def torch_runner(weights, batches, device, system, forward, compile_=False, note="") -> common.Runner:
+    """A PyTorch Runner for `forward(torch, O, w, inputs)` (O: torch_ops): eager, torch.compile'd, or one
+    CUDA graph per input set (system "torch-cudagraph")."""
+    torch, dev = common.torch_setup(device)
+    w = common.torch_tree(torch, weights, dev)
+    xs = [common.torch_tree(torch, b, dev) for b in common.as_batches(batches)]
+    O = torch_ops(torch)
+
+    def fwd(inputs):
+        with torch.no_grad():
+            return forward(torch, O, w, inputs)
+    if system == "torch-cudagraph":
+        runner = common.torch_cuda_graphs(torch, dev, fwd, [(x,) for x in xs])
+        runner.note = note
+        return runner
+    fn = common.torch_compile(torch, fwd) if compile_ else fwd
+    return common.Runner(system, run=lambda i: fn(xs[i]), sync=common.torch_sync(torch, dev), note=note)

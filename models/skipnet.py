@@ -261,22 +261,12 @@ def generic_forward(O, w, inputs, cfg: Config, branch):
     return logits, gates
 
 
-def _torch(weights, cfg, batches, device, branch, system, compile_=False, note=""):
-    torch, dev = common.torch_setup(device)
-    w = common.torch_tree(torch, weights, dev)
-    xs = [common.torch_tree(torch, b, dev) for b in common.as_batches(batches)]
-    O = convnet.torch_ops(torch)
+def _with_gate_bits(torch, logits, gates):
+    return logits, torch.stack(gates, dim=1).int()
 
-    def fwd(inputs):
-        with torch.no_grad():
-            logits, gates = generic_forward(O, w, inputs, cfg, branch)
-            return logits, torch.stack(gates, dim=1).int()
-    if system == "torch-cudagraph":
-        runner = common.torch_cuda_graphs(torch, dev, fwd, [(x,) for x in xs])
-        runner.note = note
-        return runner
-    fn = common.torch_compile(torch, fwd) if compile_ else fwd
-    return common.Runner(system, run=lambda i: fn(xs[i]), sync=common.torch_sync(torch, dev), note=note)
+
+def _torch(weights, cfg, batches, device, branch, system, compile_=False, note=""):
+    return convnet.torch_runner(weights, batches, device, system, lambda torch, O, w, inputs: _with_gate_bits(torch, *generic_forward(O, w, inputs, cfg, branch)), compile_, note)
 
 
 def torch_eager(weights, cfg, batches, device=None) -> common.Runner:
