@@ -2,7 +2,6 @@
 import pathlib
 import re
 
-import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 

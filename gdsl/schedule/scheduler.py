@@ -13,12 +13,9 @@ can see the overwrite; recursive functions get frame storage (one copy per depth
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 
-import numpy as np
 
-from gdsl import dtypes
 from gdsl.primitives import elementwise as ew
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import (Assign, Branch, Buffer, Call, Expr, Kernel, Launch, Loop, Op, Plan, RecFunction,
@@ -143,12 +140,12 @@ class Scheduler:
         for index, eqn in enumerate(jaxpr.eqns):
             name = eqn.primitive.name
             if name in CONTROL:
-                stmts += self._segment(segment, uses, jaxpr, index)
+                stmts += self._segment(segment, uses, jaxpr)
                 segment = []
                 stmts += getattr(self, f"_{name}")(eqn)
             else:
                 segment.append((index, eqn))
-        stmts += self._segment(segment, uses, jaxpr, len(jaxpr.eqns))
+        stmts += self._segment(segment, uses, jaxpr)
         return stmts
 
     def _is_uniform(self, eqn) -> bool:
@@ -160,7 +157,7 @@ class Scheduler:
             return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
         return True
 
-    def _segment(self, segment, uses, jaxpr, end_index):
+    def _segment(self, segment, uses, jaxpr):
         """Fuse, level and place one straight-line run of equations."""
         if not segment:
             return []
@@ -186,7 +183,7 @@ class Scheduler:
             order.append(item)
         items = [it for it in items if not getattr(it, "absorbed", False)]
         self._level(items)
-        self._choose_aliases(items, jaxpr, end_index)
+        self._choose_aliases(items, jaxpr)
         self._allocate(order)
         return self._emit(items)
 
@@ -233,7 +230,7 @@ class Scheduler:
             else:
                 it.level = max([0] + [d.level + 1 for d in it.deps])
 
-    def _choose_aliases(self, items, jaxpr, end_index):
+    def _choose_aliases(self, items, jaxpr):
         """Let an op write straight into a loop carry or a branch/function result when that is safe."""
         for it in items:
             if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
