@@ -342,27 +342,11 @@ class OpRenderer:
         }[kind]
         ident = f"({acc})({ident})"
         lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {comb}; }};"]
-        store = out.store("o", "v")
-        if rows == 1:
-            self.smem = max(self.smem, (self.nt // self.dialect.warp) * 8)
-            lines += ["  const int o = t;", f"  const int base = {base};", f"  {acc} v = {ident};",
-                      f"  for (int r = threadIdx.x; r < {length}; r += {self.nt}) v = comb(v, {load});",
-                      f"  v = gdsl_block_reduce<{self.nt}>(v, {ident}, comb, smem);",
-                      f"  if (threadIdx.x == 0) {store}"]
-        else:
-            g = min(self.dialect.warp, 1 << max(0, (length - 1).bit_length()))
-            lines += [f"  const int g = threadIdx.x / {g}, lane = threadIdx.x % {g};",
-                      f"  for (int b = 0; b < {rows}; b += {self.nt // g}) {{",
-                      f"    const int o = t * {rows} + b + g;",
-                      f"    const bool ok = b + g < {rows} && o < {n_out};",
-                      f"    {acc} v = {ident};",
-                      "    if (ok) {",
-                      f"      const int base = {base};",
-                      f"      for (int r = lane; r < {length}; r += {g}) v = comb(v, {load});",
-                      "    }",
-                      f"    v = gdsl_group_reduce<{g}>(v, comb);",
-                      f"    if (ok && lane == 0) {store}",
-                      "  }"]
+        lines += self.reduction_loops(
+            rows=rows, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
+            step=f"v = comb(v, {load});", store=out.store("o", "v"),
+            block_combine=f"v = gdsl_block_reduce<{self.nt}>(v, {ident}, comb, smem);",
+            group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(self.nt // self.dialect.warp) * 8)
         return "\n".join(lines) + "\n"
 
     def argreduce(self, kind, acc, dt, base, load, rows, length, n_out) -> str:
@@ -377,29 +361,38 @@ class OpRenderer:
             ident = (ct.lowest(dt) if kind == "argmax" else ct.highest(dt)) if dt != dtypes.bool_ else \
                 ("0" if kind == "argmax" else "1")
         lines = [f"  auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {better} }};"]
-        step = ("if (better(x, r, v, k)) { v = x; k = r; }")
-        if rows == 1:
-            self.smem = max(self.smem, (self.nt // self.dialect.warp) * 16 + 16)
-            lines += ["  const int o = t;", f"  const int base = {base};",
-                      f"  {acc} v = ({acc})({ident}); int k = 2147483647;",
-                      f"  for (int r = threadIdx.x; r < {length}; r += {self.nt}) {{ {acc} x = {load}; {step} }}",
-                      f"  gdsl_block_argreduce<{self.nt}>(v, k, better, smem);",
-                      f"  if (threadIdx.x == 0) {out.store('o', 'k')}"]
-        else:
-            g = min(self.dialect.warp, 1 << max(0, (length - 1).bit_length()))
-            lines += [f"  const int g = threadIdx.x / {g}, lane = threadIdx.x % {g};",
-                      f"  for (int b = 0; b < {rows}; b += {self.nt // g}) {{",
-                      f"    const int o = t * {rows} + b + g;",
-                      f"    const bool ok = b + g < {rows} && o < {n_out};",
-                      f"    {acc} v = ({acc})({ident}); int k = 2147483647;",
-                      "    if (ok) {",
-                      f"      const int base = {base};",
-                      f"      for (int r = lane; r < {length}; r += {g}) {{ {acc} x = {load}; {step} }}",
-                      "    }",
-                      f"    gdsl_group_argreduce<{g}>(v, k, better);",
-                      f"    if (ok && lane == 0) {out.store('o', 'k')}",
-                      "  }"]
+        lines += self.reduction_loops(
+            rows=rows, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({ident}); int k = 2147483647;",
+            step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=out.store("o", "k"),
+            block_combine=f"gdsl_block_argreduce<{self.nt}>(v, k, better, smem);",
+            group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
+            smem=(self.nt // self.dialect.warp) * 16 + 16)
         return "\n".join(lines) + "\n"
+
+    def reduction_loops(self, *, rows, length, n_out, base, init, step, store, block_combine, group_combine,
+                        smem) -> list[str]:
+        """The two layouts of a reduction uTask: one output row per uTask (the whole block reduces it, then
+        `block_combine`), or `rows` rows per uTask (a group of up to a warp's lanes per row, then
+        `group_combine`, formatted with the group size g). `init` starts an accumulator, `step` folds
+        element r in, `store` writes output o."""
+        if rows == 1:
+            self.smem = max(self.smem, smem)
+            return ["  const int o = t;", f"  const int base = {base};", f"  {init}",
+                    f"  for (int r = threadIdx.x; r < {length}; r += {self.nt}) {{ {step} }}",
+                    f"  {block_combine}", f"  if (threadIdx.x == 0) {store}"]
+        g = min(self.dialect.warp, 1 << max(0, (length - 1).bit_length()))
+        return [f"  const int g = threadIdx.x / {g}, lane = threadIdx.x % {g};",
+                f"  for (int b = 0; b < {rows}; b += {self.nt // g}) {{",
+                f"    const int o = t * {rows} + b + g;",
+                f"    const bool ok = b + g < {rows} && o < {n_out};",
+                f"    {init}",
+                "    if (ok) {",
+                f"      const int base = {base};",
+                f"      for (int r = lane; r < {length}; r += {g}) {{ {step} }}",
+                "    }",
+                f"    {group_combine.format(g=g)}",
+                f"    if (ok && lane == 0) {store}",
+                "  }"]
 
     # ------------------------------------------------------------------------------------ GEMM
     def gemm(self) -> str:
