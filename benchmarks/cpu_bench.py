@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
+from models import rae
 
 # ------------------------------------------------------------------------------------------------ models
 
@@ -134,22 +135,6 @@ def nasrnn_jax(jax, jnp, w, x):
     return c + m
 
 
-def random_tree(rng, leaves, nodes=127):
-    """Node arrays (left, right, is_leaf) of a random binary tree, root 0, padded to `nodes`."""
-    left, right, is_leaf = np.zeros(nodes, np.int32), np.zeros(nodes, np.int32), np.zeros(nodes, bool)
-    stack, next_id = [(0, leaves)], 1
-    while stack:
-        node, size = stack.pop()
-        if size == 1:
-            is_leaf[node] = True
-            continue
-        k = int(rng.integers(1, size))
-        left[node], right[node] = next_id, next_id + 1
-        next_id += 2
-        stack += [(left[node], k), (right[node], size - k)]
-    return left, right, is_leaf
-
-
 def rae_weights(rng, hidden=512):
     return {"W": (rng.standard_normal((2 * hidden, hidden)) / np.sqrt(2 * hidden)).astype(np.float32),
             "b": np.zeros(hidden, np.float32)}
@@ -195,8 +180,8 @@ def problems(rng):
     nw = nasrnn_weights(rng)
     nx = rng.standard_normal((100, 1, 256)).astype(np.float32)
     rw = rae_weights(rng)
-    left, right, is_leaf = random_tree(rng, 20)
-    rx = rng.standard_normal((127, 512)).astype(np.float32) * 0.5
+    tree = rae.pack(rae.random_tree(20, rng), rae.Config(), rng)   # the zoo's RAE data: ~20 leaves
+    left, right, is_leaf, rx, root = (tree[k] for k in ("left", "right", "is_leaf", "x", "root"))
 
     def rae_fn(l, r, il, x, root):
         return rae_gdsl(rw, l, r, il, x, root)
@@ -209,9 +194,9 @@ def problems(rng):
                    "torch": lambda torch: lambda: nasrnn_torch(torch, tw(torch, nw), torch.from_numpy(nx)),
                    "jax": lambda jax, jnp: (jax.jit(lambda w, x: nasrnn_jax(jax, jnp, w, x)), (nw, nx)),
                    "desc": "NASRNN hidden 256, 100 steps, bs 1"},
-        "rae": {"gdsl": lambda: (rae_fn, (left, right, is_leaf, rx, np.int32(0))),
+        "rae": {"gdsl": lambda: (rae_fn, (left, right, is_leaf, rx, root)),
                 "torch": lambda torch: lambda: rae_torch(torch, tw(torch, rw), left.tolist(), right.tolist(),
-                                                         is_leaf.tolist(), torch.from_numpy(rx), 0),
+                                                         is_leaf.tolist(), torch.from_numpy(rx), int(root)),
                 "jax": None, "desc": "RAE hidden 512, random tree of 20 leaves (39 nodes)"},
     }
 

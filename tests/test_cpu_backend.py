@@ -350,40 +350,30 @@ def test_switch_clamps_index():
 
 
 def _random_tree(rng, leaves):
-    """Parent-before-child arrays of a random binary tree with `leaves` leaves (root 0)."""
-    n = 2 * leaves - 1
-    left, right, is_leaf = np.full(n, -1, np.int32), np.full(n, -1, np.int32), np.zeros(n, bool)
-    nodes, stack, next_id = 0, [(0, leaves)], 1
-    while stack:
-        node, size = stack.pop()
-        nodes += 1
-        if size == 1:
-            is_leaf[node] = True
-            continue
-        k = int(rng.integers(1, size))
-        left[node], right[node] = next_id, next_id + 1
-        next_id += 2
-        stack += [(left[node], k), (right[node], size - k)]
-    return left, right, is_leaf
+    """(left, right, is_leaf, root) of a random binary tree with `leaves` leaves (the model zoo's RAE
+    trees: random bracketing, packed in post-order, so the root is the last node)."""
+    from models import rae
+    packed = rae.pack(rae.random_tree(leaves, rng), rae.Config(hidden=1, nodes=2 * leaves - 1), rng)
+    return packed["left"], packed["right"], packed["is_leaf"], packed["root"]
 
 
 def _tree_encoder(max_depth):
-    def f(left, right, is_leaf, x, W, b):
+    def f(left, right, is_leaf, x, W, b, root=0):
         @gdsl.recurse(result=gdsl.ShapeDtype((x.shape[1],), gdsl.float32), max_depth=max_depth)
         def enc(node):
             return gdsl.cond(is_leaf[node], lambda: x[node],
                              lambda: gnp.tanh(gnp.concatenate([enc(left[node]), enc(right[node])]) @ W + b))
-        return enc(0)
+        return enc(root)
     return f
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_recursion_over_random_trees(seed):
     rng = np.random.default_rng(seed)
-    left, right, is_leaf = _random_tree(rng, int(rng.integers(1, 12)))
+    left, right, is_leaf, root = _random_tree(rng, int(rng.integers(1, 12)))
     h = 8
     args = (left, right, is_leaf, rand(rng, (len(left), h), f32), rand(rng, (2 * h, h), f32, -0.4, 0.4),
-            rand(rng, (h,), f32))
+            rand(rng, (h,), f32), root)
     same(_tree_encoder(16), args, controls=BOTH)
 
 
@@ -527,9 +517,9 @@ def test_threads_run_the_plan_like_veus(grid):
     rng = np.random.default_rng(19)
     x, W, U = rand(rng, (6, 3, 16), f32), rand(rng, (4, 16, 16), f32, -0.3, 0.3), rand(rng, (4, 16, 16), f32, -0.3, 0.3)
     same(_small_lstm, (x, W, U, rand(rng, (4, 1, 16), f32)), grid=grid, block=4)
-    left, right, is_leaf = _random_tree(rng, 9)
+    left, right, is_leaf, root = _random_tree(rng, 9)
     args = (left, right, is_leaf, rand(rng, (len(left), 8), f32), rand(rng, (16, 8), f32, -0.4, 0.4),
-            rand(rng, (8,), f32))
+            rand(rng, (8,), f32), root)
     same(_tree_encoder(16), args, grid=grid, block=2)
     with pytest.raises(gdsl.RecursionDepthError):
         gdsl.jit(_tree_encoder(2), backend="cpu", grid=grid)(*args)
