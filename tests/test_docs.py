@@ -22,17 +22,9 @@ def test_schedule_md_prints_the_current_plan():
     import numpy as np
 
     import gdsl
-    import gdsl.numpy as gnp
     from gdsl.schedule import schedule
+    from test_schedule import lstm   # one LSTM cell program, at the docs' sizes here
 
-    def lstm(xs, W, U, b):
-        def step(t, hc):
-            h, c = hc
-            g = xs[t] @ W + h @ U + b
-            i, f, gg, o = gnp.split(g, 4, axis=-1)
-            c = gdsl.nn.sigmoid(f) * c + gdsl.nn.sigmoid(i) * gnp.tanh(gg)
-            return gdsl.nn.sigmoid(o) * gnp.tanh(c), c
-        return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros((1, 256)), gnp.zeros((1, 256))))[0]
     args = (np.zeros((64, 1, 256), np.float32), np.zeros((256, 1024), np.float32),
             np.zeros((256, 1024), np.float32), np.zeros(1024, np.float32))
     printed = re.search(r"```\n(plan: control=device.*?)```", (DOCS / "schedule.md").read_text(), re.S).group(1)

@@ -55,7 +55,8 @@ def lstm(xs, W, U, b):
         i, f, gg, o = gnp.split(g, 4, axis=-1)
         c = gdsl.nn.sigmoid(f) * c + gdsl.nn.sigmoid(i) * gnp.tanh(gg)
         return gdsl.nn.sigmoid(o) * gnp.tanh(c), c
-    return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros((2, 32)), gnp.zeros((2, 32))))[0]
+    state = (xs.shape[1], U.shape[0])
+    return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros(state), gnp.zeros(state)))[0]
 
 
 LSTM_ARGS = (rng.standard_normal((5, 2, 32)).astype(np.float32),
