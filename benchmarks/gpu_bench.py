@@ -8,10 +8,12 @@ timed in this one process with CUDA events around each forward (host overhead in
 after warm-up, median of --runs (>= 50). Prints a table (card, commit) and writes JSON with --json.
 
     python benchmarks/gpu_bench.py [--models lstm,nasrnn,attention] [--batches 1,64] [--runs 50] [--json f]
+                                   [--grids 132,264] [--options 'partition=False;grid=66']
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -73,6 +75,15 @@ def count_launches(executable, runner) -> int:
     return count[0]
 
 
+def parse_options(text: str) -> dict:
+    """'partition=False,grid=264' -> {'partition': False, 'grid': 264}."""
+    options = {}
+    for item in text.split(","):
+        key, value = item.split("=", 1)
+        options[key.strip()] = ast.literal_eval(value.strip())
+    return options
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="lstm,nasrnn,attention")
@@ -81,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--grids", default="", help="device-control grids to time besides the default one, e.g. "
                                              "132,264")
+    p.add_argument("--options", default="", help="more device-control variants to time, ';'-separated, each "
+                                               "comma-separated key=value jit options, e.g. 'partition=False'")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -108,8 +121,10 @@ def main(argv=None) -> int:
                                 f"compile {compile_s:.1f}s, grid {lowering.plan.grid}, "
                                 f"{stats['grid_syncs']} barrier sites"))
             default_grid = systems[0][2].split("grid ")[1].split(",")[0]
-            for grid in [int(g) for g in args.grids.split(",") if g and g != default_grid]:
-                runner, ex, lowering = gdsl_system(model, prob, "device", grid=grid)
+            variants = [{"grid": int(g)} for g in args.grids.split(",") if g and g != default_grid]
+            variants += [parse_options(v) for v in args.options.split(";") if v]
+            for options in variants:
+                runner, ex, lowering = gdsl_system(model, prob, "device", **options)
                 systems.append((runner, count_launches(ex, runner), f"grid {lowering.plan.grid}"))
             if not args.no_torch:
                 for make in (model.torch_eager, model.torch_cudagraph):

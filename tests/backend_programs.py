@@ -211,6 +211,16 @@ def loop_in_branch_in_loop(x, m):
     return gdsl.fori_loop(0, 5, outer, x)
 
 
+def heads(K, x, Wq, Wo, start):
+    """Per-head attention over a KV cache written in place: independent pipelines (a partitioned loop)."""
+    def step(g, c):
+        K, x = c
+        K = K.at[:, :, g].set((x @ Wq)[:, :, 0])
+        a = gdsl.nn.softmax(0.3 * (x @ gnp.swapaxes(K, 2, 3)), axis=-1)
+        return K, gnp.tanh((a @ K) @ Wo)
+    return gdsl.fori_loop(start, K.shape[2], step, (K, x))
+
+
 def _tree():
     # node 0 = (1, 2); 1 = (3, 4); 2 leaf; 3 leaf; 4 = (5, 6); 5, 6 leaves
     left = np.array([1, 3, 0, 0, 5, 0, 0], np.int32)
@@ -256,6 +266,8 @@ PROGRAMS = {
     "recursion_depth_ok": (recursion_overflow, (_f((3,), 49), np.int32(4))),
     "scalar_recursion": (scalar_recursion, (np.int32(9),)),
     "loop_in_branch_in_loop": (loop_in_branch_in_loop, (_f((2, 5), 50), _f((5, 5), 51, 0.4))),
+    "heads": (heads, (_f((2, 3, 12, 20), 52), _f((2, 3, 1, 20), 53), _f((3, 20, 20), 54, 0.3),
+                      _f((3, 20, 20), 55, 0.3), np.int32(5))),
 }
 
 # The tiny programs whose generated source is kept as golden text (tests/golden/).

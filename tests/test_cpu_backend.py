@@ -429,6 +429,11 @@ def test_random_programs_fine_split(prog):
     check_backend(prog.fn, prog.args, "cpu", control="device", grid=3, block=1)
 
 
+@given(programs(dtypes=(f32,), constructs=("while", "cond"), max_depth=2))
+def test_random_programs_partitioned_loops(prog):
+    check_backend(prog.fn, prog.args, "cpu", control="device", grid=3, partition=True)
+
+
 # ------------------------------------------------------------------------------------ the backend itself
 
 def test_compile_cache_second_load_does_not_recompile():

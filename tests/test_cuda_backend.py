@@ -7,6 +7,7 @@ NVRTC compiles to an sm_90 CUBIN; the generated code of three tiny programs is g
 interpreter. On a GPU (`-m gpu`): cuda == interpreter for the same programs, random programs with nested
 control flow, recursion overflow, dlpack inputs, the grid fallback and both barrier kinds.
 """
+import functools
 import os
 from pathlib import Path
 
@@ -125,6 +126,17 @@ def test_emulated_matches_interpreter(name, control):
 
 
 @needs_cxx
+@pytest.mark.parametrize("partition", [True, False])
+def test_emulated_partitioned_loop(partition):
+    fn, args = PROGRAMS["heads"]
+    lowering = lowered("heads", "device", grid=4, partition=partition).lowering
+    assert lowering.plan.stats["partitioned_loops"] == (1 if partition else 0)
+    got = emulator.emulate(fn, *args, grid=4, block=64, partition=partition)
+    from strategies import BACKEND_TOLERANCE, assert_trees_close
+    assert_trees_close(gdsl.to_numpy(got), gdsl.jit(fn, backend="interpret")(*args), tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
 @settings(max_examples=6, deadline=None)
 @given(programs(max_depth=2))
 def test_emulated_random_programs(prog):
@@ -133,13 +145,14 @@ def test_emulated_random_programs(prog):
         expected = gdsl.jit(prog.fn, backend="interpret")(*prog.args)
     except gdsl.RecursionDepthError:
         expected = None
-    for control in CONTROLS:
+    for control, partition in (("device", None), ("device", True), ("host", None)):
+        run = functools.partial(emulator.emulate, prog.fn, *prog.args, control=control, grid=2, block=32,
+                                partition=partition)
         if expected is None:
             with pytest.raises(gdsl.RecursionDepthError):
-                emulator.emulate(prog.fn, *prog.args, control=control, grid=2, block=32)
+                run()
         else:
-            got = emulator.emulate(prog.fn, *prog.args, control=control, grid=2, block=32)
-            assert_trees_close(gdsl.to_numpy(got), expected, tolerance=BACKEND_TOLERANCE)
+            assert_trees_close(gdsl.to_numpy(run()), expected, tolerance=BACKEND_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------------------ on a GPU
@@ -152,9 +165,9 @@ def test_gpu_matches_interpreter(name, control):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["loop", "recursion", "nested_while_cond_recurse", "while_data_exit",
-                                  "switch_in_loop", "large", "matmuls"])
+                                  "switch_in_loop", "large", "matmuls", "heads"])
 @pytest.mark.parametrize("options", [{"barrier": "coop"}, {"block": 128}, {"block": 1024}, {"grid": 7},
-                                     {"grid": 100_000}])
+                                     {"grid": 100_000}, {"partition": True}, {"partition": False}])
 def test_gpu_schedule_options(name, options):
     fn, args = PROGRAMS[name]
     if options.get("barrier") == "coop" and cccl_include_dir() is None:
@@ -168,6 +181,7 @@ def test_gpu_schedule_options(name, options):
 def test_gpu_random_programs(prog):
     for control in CONTROLS:
         check_backend(prog.fn, prog.args, "cuda", control=control)
+    check_backend(prog.fn, prog.args, "cuda", control="device", partition=True)
 
 
 @pytest.mark.gpu

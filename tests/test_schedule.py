@@ -11,7 +11,7 @@ import gdsl
 import gdsl.numpy as gnp
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import Sync, Wave, plan_statements
+from gdsl.schedule.plan import Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import BarrierError, simulate
 from gdsl.tracing.jit import leaf_aval
 from gdsl.tracing.pytree import tree_flatten
@@ -27,22 +27,24 @@ def _flat_args(args):
 
 
 def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132)):
-    """simulate(plan) == interpreter for every placement and grid; returns the device plan at grid 132."""
+    """simulate(plan) == interpreter for every placement and grid, and with device control for partitioned
+    loops by the cost estimate, forced and off; returns the device plan at grid 132."""
     program = gdsl.make_ir(fn)(*args)
     flat = _flat_args(args)
     try:
         expected = run_program(program, flat)
     except gdsl.RecursionDepthError:
         expected = None
-    for control in controls:
-        for grid in grids:
-            plan = schedule(program, control=control, grid=grid)
-            if expected is None:
-                with pytest.raises(gdsl.RecursionDepthError):
-                    simulate(plan, flat, seed=grid)
-                continue
-            got = simulate(plan, flat, seed=grid)
-            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+    runs = [(control, grid, partition) for control in controls for grid in grids
+            for partition in ((None, True, False) if control == "device" else (None,))]
+    for control, grid, partition in runs:
+        plan = schedule(program, control=control, grid=grid, partition=partition)
+        if expected is None:
+            with pytest.raises(gdsl.RecursionDepthError):
+                simulate(plan, flat, seed=grid)
+            continue
+        got = simulate(plan, flat, seed=grid)
+        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
     return schedule(program, control="device", grid=132)
 
 
@@ -89,6 +91,16 @@ def kv_cache(K, x, Wk):
     return gdsl.fori_loop(2, 6, step, (K, x))
 
 
+def heads(K, x, Wk, Wo):
+    """Attention over a KV cache, per head (K [heads, slots, dim], x [heads, 1, dim]): independent pipelines."""
+    def step(g, c):
+        K, x = c
+        K = K.at[:, g].set((x @ Wk)[:, 0])
+        a = gdsl.nn.softmax(x @ gnp.swapaxes(K, 1, 2), axis=-1)
+        return K, gnp.tanh((a @ K) @ Wo)
+    return gdsl.fori_loop(2, 6, step, (K, x))
+
+
 def data_dependent(x):
     def body(c):
         bonus = gdsl.cond(c[0] % 2 == 0, lambda: 1.0, lambda: 2.0)
@@ -114,6 +126,10 @@ CASES = {
     "kv_cache": (kv_cache, (rng.standard_normal((8, 8)).astype(np.float32),
                             rng.standard_normal((1, 8)).astype(np.float32),
                             rng.standard_normal((8, 8)).astype(np.float32))),
+    "heads": (heads, (rng.standard_normal((3, 8, 8)).astype(np.float32),
+                      rng.standard_normal((3, 1, 8)).astype(np.float32),
+                      rng.standard_normal((3, 8, 8)).astype(np.float32),
+                      rng.standard_normal((3, 8, 8)).astype(np.float32))),
     "data_dependent": (data_dependent, (np.ones(40, np.float32),)),
     "swap": (swap, (np.ones(3, np.float32), np.zeros(3, np.float32))),
     "loops_in_recursion": (loops_in_recursion, (rng.standard_normal(4).astype(np.float32), 3)),
@@ -198,7 +214,7 @@ def test_independent_ops_share_a_wave():
 
 
 def test_loop_carry_updated_in_place():
-    from gdsl.schedule.plan import Loop, walk
+    from gdsl.schedule.plan import Loop
     plan = schedule(gdsl.make_ir(lstm)(*LSTM_ARGS), grid=132)
     (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
     in_loop = [t.op for s in walk(loop.body) if isinstance(s, Wave) for t in s.tasks]
@@ -216,7 +232,68 @@ def test_control_flow_runs_in_one_kernel_on_device_and_splits_on_host():
 
 # ------------------------------------------------------------------------------------------- golden text
 
-@pytest.mark.parametrize("name", ["lstm", "tree", "data_dependent"])
+# ------------------------------------------------------------------------------------------- partitioned loops
+
+def _loop(plan):
+    from gdsl.schedule.plan import Loop
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    return loop
+
+
+def test_partitioned_loop_has_no_grid_barrier_inside():
+    fn, args = CASES["heads"]
+    program = gdsl.make_ir(fn)(*args)
+    loop = _loop(schedule(program, grid=132))
+    assert loop.parts == 3
+    assert all(s.scope == "block" for s in walk(loop.body) if isinstance(s, Sync))
+    ordinary = _loop(schedule(program, grid=132, partition=False))
+    assert ordinary.parts == 0 and any(s.scope == "grid" for s in ordinary.body if isinstance(s, Sync))
+
+
+def test_partitioned_op_on_the_wrong_veu_is_caught():
+    """Moving one op of a partitioned loop off its partition's vEU makes it read another vEU's writes."""
+    import dataclasses
+    from gdsl.schedule.plan import Loop
+    fn, args = CASES["heads"]
+    plan = schedule(gdsl.make_ir(fn)(*args), grid=132)
+    flat = _flat_args(args)
+    simulate(plan, flat)
+    kernel = plan.kernels[0]
+    loop = _loop(plan)
+    caught = 0
+    waves = [k for k, s in enumerate(loop.body) if isinstance(s, Wave)]
+    for k in waves[1:]:       # shift each later wave's first op by one vEU
+        wave = loop.body[k]
+        task = wave.tasks[0]
+        moved = Wave((dataclasses.replace(task, first=1),) + wave.tasks[1:])
+        body = loop.body[:k] + (moved,) + loop.body[k + 1:]
+        stmts = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
+        try:
+            simulate(dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=stmts),)), flat)
+        except BarrierError:
+            caught += 1
+    assert caught >= 1 and isinstance(loop, Loop)
+
+
+def test_loop_mixing_partitions_is_not_partitioned():
+    def mix(x):                    # row i reads every row: no independent pipelines
+        return gdsl.fori_loop(0, 4, lambda i, v: gnp.tanh(v + v.sum(axis=0)), x)
+
+    def rows(x):                   # each row on its own
+        return gdsl.fori_loop(0, 4, lambda i, v: gnp.tanh(v + v.sum(axis=1, keepdims=True)), x)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    assert _loop(schedule(gdsl.make_ir(mix)(x), grid=8, partition=True)).parts == 0
+    assert _loop(schedule(gdsl.make_ir(rows)(x), grid=8, partition=True)).parts == 4
+    check_plan(mix, x)
+    check_plan(rows, x)
+
+
+def test_partition_option_is_checked():
+    with pytest.raises(ValueError, match="partition"):
+        schedule(gdsl.make_ir(lambda x: x + 1.0)(np.ones(2, np.float32)), partition="yes")
+
+
+@pytest.mark.parametrize("name", ["lstm", "tree", "data_dependent", "heads"])
 def test_plan_golden(name):
     fn, args = CASES[name]
     text = str(schedule(gdsl.make_ir(fn)(*args), grid=16)) + "\n"

@@ -148,6 +148,7 @@ class Loop:
     cond: tuple
     pred: Value
     body: tuple
+    parts: int = 0                 # partitioned: uTask p of every op on vEU p mod grid (partition.py)
 
 
 @dataclass(frozen=True, eq=False)

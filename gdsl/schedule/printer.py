@@ -46,7 +46,8 @@ def print_block(block, indent: int, lines: list) -> None:
         elif isinstance(stmt, Assign):
             lines.append(f"{pad}every vEU: {stmt.dst!r} = {stmt.src!r}")
         elif isinstance(stmt, Loop):
-            lines.append(f"{pad}loop:")
+            parts = f" ({stmt.parts} partitions: uTask p of every op on vEU p mod grid)" if stmt.parts else ""
+            lines.append(f"{pad}loop{parts}:")
             print_block(stmt.cond, indent + 1, lines)
             lines.append(f"{pad}  exit unless {stmt.pred!r}")
             print_block(stmt.body, indent + 1, lines)

@@ -13,11 +13,12 @@ can see the overwrite; recursive functions get frame storage (one copy per depth
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 
 from gdsl.primitives import elementwise as ew
-from gdsl.schedule import utasks
+from gdsl.schedule import partition, utasks
 from gdsl.schedule.plan import (Assign, Branch, Buffer, Call, Expr, Kernel, Launch, Loop, Op, Plan, RecFunction,
                                 Sync, Task, Uniform, UniformOp, Uniforms, Value, Wave)
 from gdsl.tracing.ir import Lit, ShapedArray, Var
@@ -56,14 +57,18 @@ class _Item:
 
 
 class Scheduler:
-    def __init__(self, program, *, control="device", grid=132, block=256):
+    def __init__(self, program, *, control="device", grid=132, block=256, partition=None):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
+        if partition not in (None, True, False):
+            raise ValueError(f"partition must be None (when estimated faster), True or False, got {partition!r}")
         self.program = program
         self.control = control
         self.uniforms_allowed = control == "device"
         self.grid = int(grid)
         self.block = int(block)
+        self.partition = partition           # partitioned loops: None = when estimated faster, or a bool
+        self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         self.env: dict = {}
         self.buffers: list[Buffer] = []
         self.uniform_list: list[Uniform] = []
@@ -75,7 +80,7 @@ class Scheduler:
         self.sites: dict = {}               # name -> number of call sites
         self.hints: dict = {}               # Var -> (Value to write into, carry binder or None)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
-                      "fused_eqns": 0}
+                      "fused_eqns": 0, "partitioned_loops": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -271,7 +276,8 @@ class Scheduler:
                          (it.uniform and it.level >= level)]
                 if level == top or any(d in unsynced for it in later for d in it.deps):
                     # Readers after the segment may sit on any vEU: its last barrier is a grid barrier.
-                    scope = "grid" if level == top else self._sync_scope(items, unsynced, later)
+                    scope = "block" if self.parts else \
+                        "grid" if level == top else self._sync_scope(items, unsynced, later)
                     self.stats[f"{scope}_syncs"] += 1
                     stmts.append(Sync(scope))
                     if scope == "grid":
@@ -334,8 +340,7 @@ class Scheduler:
         outs = [self.env[v] for v in eqn.outs]
         if kind == "dynamic_update_slice" and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
-        count, split_params, cost = utasks.split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
-                                                 params, self.grid, self.block)
+        count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params)
         params.update(split_params)
         label = _expr_label(it.expr) if it.expr is not None else kind
         op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, it.expr)
@@ -343,13 +348,21 @@ class Scheduler:
         self.stats["ops"] += 1
         return op
 
+    def _split(self, kind, in_avals, out_avals, params):
+        if self.parts:
+            return utasks.partition_split(kind, in_avals, out_avals, params, self.parts)
+        return utasks.split(kind, in_avals, out_avals, params, self.grid, self.block)
+
     def _make_uniform(self, it: _Item) -> UniformOp:
         eqn = it.eqn
         return UniformOp(eqn.primitive.name, tuple(self.read(a) for a in eqn.inputs), self.env[eqn.outs[0]],
                          dict(eqn.params))
 
     def _place(self, ops) -> list[Task]:
-        """vEU ranges for the ops of one wave: one vEU per uTask when they fit, else shares by cost."""
+        """vEU ranges for the ops of one wave: one vEU per uTask when they fit, else shares by cost. In a
+        partitioned loop every op has uTask p on vEU p mod grid."""
+        if self.parts:
+            return [Task(op, 0, min(op.n_utasks, self.grid)) for op in ops]
         total = sum(op.n_utasks for op in ops)
         if total <= self.grid:
             counts = [op.n_utasks for op in ops]
@@ -378,13 +391,14 @@ class Scheduler:
         for dst, src in pairs:
             if dst.is_uniform:
                 continue
-            count, params, cost = utasks.split("copy", [src.aval], [dst.aval], {}, self.grid, self.block)
+            count, params, cost = self._split("copy", [src.aval], [dst.aval], {})
             ops.append(Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost))
         if ops:
+            scope = "block" if self.parts else "grid"
             self.stats["ops"] += len(ops)
             self.stats["waves"] += 1
-            self.stats["grid_syncs"] += 1
-            stmts += [Wave(tuple(self._place(ops))), Sync("grid")]
+            self.stats[f"{scope}_syncs"] += 1
+            stmts += [Wave(tuple(self._place(ops))), Sync(scope)]
         return stmts
 
     def _as_uniform(self, value: Value):
@@ -429,6 +443,7 @@ class Scheduler:
         carries = [self._carry_storage(v) for v in eqn.outs]
         stmts = self._copies(list(zip(carries, inits)))
         cond_j, body_j = p["cond_jaxpr"], p["body_jaxpr"]
+        outer_parts, self.parts = self.parts, self._loop_parts(cond_j, body_j, nb)
         self.env.update(zip(cond_j.in_binders, cond_consts + carries))
         cond_stmts = self.schedule_block(cond_j)
         load, pred = self._as_uniform(self.read(cond_j.outs[0]))
@@ -443,7 +458,27 @@ class Scheduler:
         for out in body_j.outs:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
-        return stmts + [Loop(tuple(cond_stmts), pred, tuple(body_stmts))]
+        loop = [Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts)]
+        if self.parts:      # after the loop, readers may sit on any vEU
+            self.stats["partitioned_loops"] += 1
+            self.stats["grid_syncs"] += 1
+            loop.append(Sync("grid"))
+        self.parts = outer_parts
+        return stmts + loop
+
+    def _loop_parts(self, cond_j, body_j, n_body_consts) -> int:
+        """The number of independent pipelines the loop body runs as (see partition.py), 0 for an
+        ordinary loop."""
+        if self.partition is False or not self.uniforms_allowed or self.frame is not None or self.parts:
+            return 0
+        P = partition.loop_partition(cond_j, body_j, n_body_consts, self._is_uniform)
+        if P is None:
+            return 0
+        parts = math.prod(P)
+        if self.partition is None and not partition.worth_it(body_j, parts, self.grid, self.block,
+                                                             self._is_uniform):
+            return 0
+        return parts
 
     def _cond(self, eqn):
         index_value = self.read(eqn.inputs[0])
@@ -598,6 +633,7 @@ def _split_host(body, functions):
     return tuple(kernels), host, functions
 
 
-def schedule(program, *, control="device", grid=132, block=256) -> Plan:
-    """The Plan for `program` (see gdsl.schedule.plan)."""
-    return Scheduler(program, control=control, grid=grid, block=block).run()
+def schedule(program, *, control="device", grid=132, block=256, partition=None) -> Plan:
+    """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
+    pipelines partitioned (True), never (False), or when estimated faster (None)."""
+    return Scheduler(program, control=control, grid=grid, block=block, partition=partition).run()

@@ -207,11 +207,16 @@ class Simulator:
         outs = REGISTRY[op.kind].impl(*ins, **params)
         return [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
 
+    def _starts(self, op) -> list:
+        """The start indices of a dynamic_slice / dynamic_update_slice, as this run has them."""
+        first = DYNAMIC_STARTS.get(op.kind)
+        return [] if first is None else [int(self.read(v).reshape(())) for v in op.inputs[first:]]
+
     def _run_utask(self, op, t, veu, results):
         if self.check:
             for k, value in enumerate(op.inputs):
                 if isinstance(value.storage, Buffer):
-                    flat = read_share(op, k, t)
+                    flat = read_share(op, k, t, self._starts(op))
                     m = self.mem[value.storage]
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name)
         for value, result in zip(op.outputs, results):
@@ -263,9 +268,25 @@ def window_share(op, t, starts) -> np.ndarray:
     return np.ravel_multi_index(tuple(i + s for i, s in zip(idx, starts)), x.shape)
 
 
-def read_share(op, k, t):
-    """Flat indices of input k that uTask t reads (None: all of it). Exact for elementwise ops, where
-    writing in place depends on it; conservative (everything) for the others."""
+DYNAMIC_STARTS = {"dynamic_slice": 1, "dynamic_update_slice": 2}     # where the start indices begin
+MOVES = frozenset({"transpose", "slice", "broadcast_to", "concatenate", "dynamic_slice", "dynamic_update_slice"})
+
+
+def read_share(op, k, t, starts=()):
+    """Flat indices of input k that uTask t reads (None: all of it): exact for elementwise ops, matmul,
+    reductions and data movement (where writing in place and partitioned loops depend on it),
+    conservative (everything) for the others."""
+    if op.kind in utasks.REDUCE_KINDS:
+        return _reduce_share(op, write_share(op, t))
+    if op.kind == "matmul":
+        return _matmul_share(op, k, write_share(op, t))
+    if op.kind == "dynamic_update_slice" and op.params.get("in_place") and k < 2:
+        if k == 0:
+            return np.zeros(0, np.int64)          # x is only written (in the window)
+        chunk = op.params["chunk"]
+        return np.arange(t * chunk, min((t + 1) * chunk, op.inputs[1].aval.size))
+    if op.kind in MOVES and k < DYNAMIC_STARTS.get(op.kind, len(op.inputs)):
+        return _move_share(op, k, write_share(op, t), starts)
     if op.kind not in ("fused", "copy"):
         return None
     out = op.outputs[0].aval
@@ -277,6 +298,47 @@ def read_share(op, k, t):
     offset = out.ndim - in_aval.ndim
     in_idx = tuple(np.zeros_like(idx[0]) if d == 1 else idx[offset + a] for a, d in enumerate(in_aval.shape))
     return np.ravel_multi_index(in_idx, in_aval.shape)
+
+
+def _reduce_share(op, flat) -> np.ndarray:
+    """The input elements the outputs `flat` of a reduction reduce."""
+    x = op.inputs[0].aval
+    axes = list(op.params["axes"] if "axes" in op.params else (op.params["axis"],))
+    keep = [a for a in range(x.ndim) if a not in axes]
+    idx = np.arange(x.size).reshape(x.shape).transpose(keep + axes)
+    return idx.reshape(op.outputs[0].aval.size, -1)[flat].reshape(-1)
+
+
+def _matmul_share(op, k, flat) -> np.ndarray:
+    """Operand k's elements that the outputs `flat` of a (batched, broadcasting) matmul read: their rows
+    of a, their columns of b, in the matching batch element."""
+    out, x = op.outputs[0].aval, op.inputs[k].aval
+    m, n = out.shape[-2:]
+    depth = op.inputs[0].aval.shape[-1]
+    b, rest = np.divmod(flat, m * n)
+    i, j = np.divmod(rest, n)
+    bshape, xshape = out.shape[:-2], x.shape[:-2]
+    bidx = np.unravel_index(b, bshape) if bshape else ()
+    offset = len(bshape) - len(xshape)
+    xb = np.ravel_multi_index(tuple(np.zeros_like(b) if d == 1 else bidx[offset + a]
+                                    for a, d in enumerate(xshape)), xshape) if xshape else np.zeros_like(b)
+    kk = np.arange(depth)
+    if k == 0:
+        idx = (xb * m + i)[:, None] * depth + kk[None, :]
+    else:
+        idx = xb[:, None] * depth * n + kk[None, :] * n + j[:, None]
+    return np.unique(idx.reshape(-1))
+
+
+def _move_share(op, k, flat, starts) -> np.ndarray:
+    """Data movement: run the primitive itself on element numbers (input k) and -1 (the others)."""
+    first = DYNAMIC_STARTS.get(op.kind, len(op.inputs))
+    ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
+           for j, v in enumerate(op.inputs[:first])]
+    params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
+    moved = np.asarray(REGISTRY[op.kind].impl(*ins, *[np.int64(s) for s in starts], **params)[0]).reshape(-1)
+    picked = moved[flat]
+    return np.unique(picked[picked >= 0])
 
 
 def evaluate_expr(expr, ins, out_aval) -> np.ndarray:

@@ -71,3 +71,23 @@ def split(kind, in_avals, out_avals, params, grid, block):
     chunk = block * 4
     count = max(1, math.ceil(size / chunk))
     return count, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
+
+
+def partition_tile_ok(m: int, n: int) -> bool:
+    """Can one uTask compute a whole m x n matmul output (a partitioned loop's GEMV or GEMM tile)?"""
+    return (m <= 8 and n <= 512) or (m <= 64 and n <= 64)
+
+
+def partition_split(kind, in_avals, out_avals, params, parts):
+    """The split of an op of a partitioned loop (gdsl/schedule/partition.py): uTask p is partition p,
+    the output elements [p*size/parts, (p+1)*size/parts) (for matmul: batch element p, one whole tile)."""
+    out = out_avals[0]
+    if kind in GEMM_KINDS:
+        _, m, n, k = gemm_dims(kind, in_avals, out, params)
+        return parts, {"tile_m": m, "tile_n": n}, _cost(4 * (m * k + k * n + m * n), 2 * m * n * k)
+    if kind in REDUCE_KINDS:
+        rows = out.size // parts
+        return parts, {"rows": rows}, _cost(4 * (in_avals[0].size + out.size) / parts)
+    size = in_avals[1].size if kind == "dynamic_update_slice" and params.get("in_place") else out.size
+    chunk = size // parts
+    return parts, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))

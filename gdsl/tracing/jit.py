@@ -21,7 +21,7 @@ from gdsl.tracing.ir import Program, ShapedArray
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
 from gdsl.tracing.trace import Builder, builder_stack, trace_options, tracing, type_error
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier", "partition"})
 
 
 def debug_level() -> int:
@@ -220,7 +220,7 @@ def _as_dtype(x, aval):
 
 def jit(fun=None, *, backend=None, static_argnums=(), static_argnames=(), **options):
     """Compile `fun` (traced on first call per signature). Bare (`@gdsl.jit`) or with arguments.
-    Options: control ("device"|"host"), grid, block, unroll, autotune."""
+    Options: control ("device"|"host"), grid, block, unroll, partition, autotune (docs/guide.md)."""
     if fun is None:
         return lambda f: jit(f, backend=backend, static_argnums=static_argnums,
                              static_argnames=static_argnames, **options)

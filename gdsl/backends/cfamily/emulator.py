@@ -135,7 +135,7 @@ def _load(path):
     return ctypes.CDLL(path)
 
 
-def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic"):
+def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None):
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
     CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
     from gdsl.backends.cfamily.executor import Executable
@@ -143,7 +143,8 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic"):
     from gdsl.tracing.jit import _as_dtype, leaf_aval, make_ir
     from gdsl.tracing.pytree import tree_flatten, tree_unflatten
     program = make_ir(fun)(*args)
-    opts = check_options({"control": control, "block": block, "barrier": barrier}, EmulatorDialect)
+    opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition},
+                         EmulatorDialect)
     lowering = lower_with_grid(program, opts, grid, dialect=EmulatorDialect())
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]

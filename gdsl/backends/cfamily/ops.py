@@ -429,6 +429,11 @@ class OpRenderer:
             sc = out.store(f"((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v")
             a_k, b_k = False, True
         tiles_m, tiles_n = -(-M // tm), -(-N // tn)
+        # A tile covering a whole dimension of any size (a partitioned loop's) is computed as the next power
+        # of two, its extra rows and columns masked: the tile routines split a power of two among threads.
+        gemv = tm == M and M <= 8          # (any number of rows)
+        tn = _pow2(tn) if tn >= N else tn
+        tm = _pow2(tm) if tm >= M and not gemv else tm
         lines = [f"  const int bt = t / {tiles_m * tiles_n}, ti = (t / {tiles_n}) % {tiles_m}, "
                  f"tj = t % {tiles_n};" if batch > 1 else
                  f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
@@ -437,7 +442,7 @@ class OpRenderer:
                   f"  auto lb = [&](int k, int n) -> {acc} {{ {lb} }};",
                   f"  auto sc = [&](int m, int n, {acc} v) {{ {sc} }};"]
         size = 8 if acc == "long long" else 4
-        if tm == M and M <= 8:
+        if gemv:
             ctn = min(tn, self.nt)
             lanes = self.dialect.warp // ctn if ctn < self.dialect.warp else 1
             slots = (self.nt // ctn) // lanes
@@ -450,6 +455,10 @@ class OpRenderer:
             lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {self.nt}, {rm}, {rn}, {str(a_k).lower()}, "
                          f"{str(b_k).lower()}, {acc}>({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
         return "\n".join(lines) + "\n"
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def micro_tile(tm: int, tn: int, nt: int) -> tuple[int, int]:

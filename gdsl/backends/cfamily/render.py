@@ -337,6 +337,8 @@ class Renderer:
                     lines += [pad + line for line in self.task(task)]
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
+                if not grid and lines and lines[-1] == pad + "__syncthreads();":
+                    continue                   # nothing happened since the last one
                 if not quiet:
                     lines.append(pad + (self.d.grid_sync(self.barrier) if grid else "__syncthreads();"))
                 quiet = grid or quiet

@@ -18,6 +18,8 @@ Options:
   busy with other work every barrier waits for a descheduled thread. Host control uses one thread.
 - `block`: threads per vEU on a GPU; here it only sizes uTasks (default 1024: 4096 elements per
   elementwise uTask, see gdsl/schedule/utasks.py).
+- `partition`: loops whose body is independent pipelines run partitioned (gdsl/schedule/partition.py):
+  None (default) when estimated faster, True whenever possible, False never.
 - `unroll` acts when tracing (gdsl.fori_loop runs k steps per iteration) and `autotune` in gdsl.jit (it
   searches `control`); this backend accepts both.
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 from gdsl.backends.cpu.lowerings import LOWERINGS  # noqa: F401  (checked by tests/test_registry.py)
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
@@ -87,7 +89,8 @@ def lower(program, options) -> Lowering:
     from gdsl.schedule import schedule
     control = options.get("control", "device")
     grid = int(options["grid"]) if "grid" in options else default_grid(program)
-    plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK))
+    plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
+                    partition=options.get("partition"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     text, symbols = ModuleWriter(plan, threads).render()
     return Lowering(plan, text, symbols, threads)

@@ -9,8 +9,10 @@ wavefront kernel per straight-line block launched from Python (control="host"), 
     executable(flat_args)     CuPy arrays as they are, numpy copied in, `__dlpack__` objects through
                               cupy.from_dlpack (no copy for torch CUDA tensors); results are fresh CuPy arrays
 
-Options: control ("device" | "host"), grid, block (a power of two, 32..1024), barrier ("atomic": gdsl's
-own counter barrier; "coop": cooperative_groups grid.sync(), needs the CCCL headers CuPy ships).
+Options: control ("device" | "host"), grid, block (a power of two, 32..1024), partition (loops run as
+independent pipelines: None = when estimated faster, True, False; gdsl/schedule/partition.py), barrier
+("atomic": gdsl's own counter barrier; "coop": cooperative_groups grid.sync(), needs the CCCL headers CuPy
+ships).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from gdsl.backends.cuda.toolchain import compile_cuda, nvrtc_available
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Wave, walk
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
 DEFAULT_SMS = 132           # an H100's SMs: assumed when no GPU is here to ask
 DEFAULT_BLOCK = 256
 
@@ -49,11 +51,14 @@ def _sm_count() -> int | None:
 
 def autotune_candidates(program, options) -> list[dict]:
     """What `jit(..., autotune=True)` tries: a quarter, half, one and two vEUs per SM with device control,
-    and host control. Measured on an H100: BlockDrop at batch 1 ran 2x faster on 33 vEUs than on 132 (its
-    small convolutions get larger tiles and barriers cost less), while the RNNs want every SM."""
+    partitioned loops forced on and off at one vEU per SM, and host control. Measured on an H100:
+    BlockDrop at batch 1 ran 2x faster on 33 vEUs than on 132 (its small convolutions get larger tiles and
+    barriers cost less), while the RNNs want every SM. (Identical plans compile once: the NVRTC cache is
+    keyed by source.)"""
     sms = _sm_count() or DEFAULT_SMS
     grids = sorted({max(1, sms // 4), max(1, sms // 2), sms, 2 * sms})
-    return [{"control": "device", "grid": g} for g in grids] + [{"control": "host"}]
+    return [{"control": "device", "grid": g} for g in grids] + \
+        [{"control": "device", "grid": sms, "partition": p} for p in (True, False)] + [{"control": "host"}]
 
 
 def device_name() -> str:
@@ -76,7 +81,8 @@ def check_options(options, dialect) -> dict:
     grid = options.get("grid")
     if grid is not None and int(grid) < 1:
         raise ValueError(f"grid must be positive, got {grid}")
-    return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid)}
+    return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
+            "partition": options.get("partition")}
 
 
 def lower(program, options) -> Lowering:
@@ -103,7 +109,7 @@ def _most_utasks(lowering) -> int:
 
 
 def lower_with_grid(program, opts, grid, dialect=None) -> Lowering:
-    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"])
+    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"])
     rendered = render_plan(plan, dialect or CUDADialect(), barrier=opts["barrier"])
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
 

@@ -12,7 +12,7 @@ from gdsl.backends.hip.dialect import HIPDialect
 from gdsl.backends.hip.toolchain import compile_hip
 from gdsl.errors import BackendUnavailableError
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
 DEFAULT_GRID = 110          # an MI250X GCD's compute units (gfx90a)
 DEFAULT_ARCH = "gfx90a"
 
