@@ -133,9 +133,12 @@ def main(argv=None) -> int:
                         systems.append((runner, None, runner.note))
                     except common.BaselineUnavailable as e:
                         print(f"  {name} bs{bs}: {make.__name__} unavailable: {e}")
+            # Each system is checked right before its own timing: a CUDA graph checked after the other
+            # systems' timing loops gave wrong outputs once (attention bs1/64, lstm bs64), right ones alone.
             for runner, launches, note in systems:
                 problems = common.compare(runner.output(0), ref)
                 times = event_times(runner, args.runs, args.warmup)   # timed even when wrong (flagged)
+                problems += [f"after timing: {p}" for p in common.compare(runner.output(0), ref)]
                 row = {"model": name, "batch": bs, "system": runner.system, "median_ms": float(np.median(times)),
                        "p10_ms": float(np.percentile(times, 10)), "p90_ms": float(np.percentile(times, 90)),
                        "runs": int(times.size), "launches": launches, "correct": not problems,
