@@ -1,6 +1,6 @@
 """Compile the CUDA kernels of the model zoo ahead of time into the compile cache (no GPU needed).
 
-    GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2]
+    GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
 
 NVRTC takes minutes on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
 the cache folder to the GPU machine keeps the benchmark's device time for measuring. The cache key holds the
@@ -17,19 +17,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
 
 
-def compile_one(name, batch, control, grid=None):
+def compile_one(name, batch, control, grid=None, program=None):
+    """Lower and compile one model at full size; `program` names one of its overhead test's programs."""
     from models import common, load
     from gdsl.backends.cuda.toolchain import compile_cuda
     model = load(name)
-    prob = common.build_problem(model, batch, small=False, seed=0, n_inputs=1)
+    cfg, inputs = None, {}
+    if program:
+        test = model.overhead_test(model.Config())
+        cfg, inputs = test.programs[program], test.inputs
+    prob = common.build_problem(model, batch, seed=0, n_inputs=1, cfg=cfg, **inputs)
     fn = model.make_forward(prob.cfg, backend="cuda", control=control, grid=grid)
-    batch0 = common.as_batches(prob.batches)[0]
     t0 = time.perf_counter()
-    source = fn.lower(prob.weights, batch0).source
+    source = fn.lower(prob.weights, prob.batches[0]).source
     t1 = time.perf_counter()
     compile_cuda(source, "sm_90")
-    return f"{name} bs{batch} {control} grid {grid or 'default'}: {len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, " \
-           f"NVRTC {time.perf_counter() - t1:.1f} s"
+    return f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'}: " \
+           f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s"
 
 
 def main():
@@ -39,11 +43,17 @@ def main():
     p.add_argument("--controls", default="device,host")
     p.add_argument("--grids", default="", help="also these grids (device control), e.g. the autotuner's 33,66,264")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--overhead", action="store_true",
+                   help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()
-    work = [(m, b, c, None) for m in args.models.split(",") for b in load(m).BATCHES
-            for c in args.controls.split(",")]
-    work += [(m, b, "device", int(g)) for m in args.models.split(",") for b in load(m).BATCHES
-             for g in filter(None, args.grids.split(","))]
+    models, controls = args.models.split(","), args.controls.split(",")
+    if args.overhead:
+        work = [(m, 1, c, None, program) for m in models
+                for program in load(m).overhead_test(load(m).Config()).programs for c in controls]
+    else:
+        work = [(m, b, c, None, None) for m in models for b in load(m).BATCHES for c in controls]
+        work += [(m, b, "device", int(g), None) for m in models for b in load(m).BATCHES
+                 for g in filter(None, args.grids.split(","))]
     with cf.ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(compile_one, *zip(*work)):
             print(line, flush=True)

@@ -10,6 +10,8 @@ Every module `models.<name>` offers the same interface:
     torch_eager / torch_cudagraph / torch_compile / jax_jit (weights, cfg, batches, device=None)
                                           baselines as common.Runner (BaselineUnavailable if they cannot run)
     from_state_dict(sd, cfg)              weights from the PyTorch twin's state_dict (keys in the docstring)
+    overhead_test(cfg)                    the control-flow overhead test: the computation as programs with and
+                                          without control flow, each a configuration (common.OverheadTest)
     BATCHES                               the batch sizes of the paper's evaluation
 
 `python -m models.<name> --small --check --backend interpret` runs one; `python -m models.bench` compares.

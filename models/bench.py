@@ -1,7 +1,8 @@
 """Benchmark of the model zoo: gdsl (device and host control) against PyTorch and JAX, side by side.
 
     python -m models.bench [--models lstm,rae] [--batch 1,64] [--systems gdsl-device,torch-eager,...]
-                           [--runs 50] [--warmup 10] [--json out.json] [--plot out.png] [--small] [--sweep]
+                           [--runs 50] [--warmup 10] [--json out.json] [--plot out.png] [--small]
+                           [--sweep | --overhead]
 
 Every system's output is checked against the numpy reference on every input set before it is timed; a
 system that mismatches or cannot run here gets a row with the reason instead of a time. All systems of a
@@ -9,6 +10,12 @@ row run in this one process, one after the other, on the same weights and inputs
 clock around one forward, taken after a full device synchronisation (cudaDeviceSynchronize for PyTorch
 and CuPy, block_until_ready for JAX); the table shows the median and the 10th–90th percentiles, and each
 system's ratio to the fastest system of its row.
+
+`--overhead` is the paper's control-flow overhead view (Figures 15, 16, 18; batch 1 unless --batch): each
+model's `overhead_test` writes one computation as several programs, the model with its control flow and
+the same without it (loops unrolled, branches decided or all run, the tree traced), each a row whose
+`variant` names the program; the control-flow row gets `overhead[program][system]` = time(control flow) /
+time(program) − 1.
 """
 from __future__ import annotations
 
@@ -59,22 +66,53 @@ def variant_name(variant: dict) -> str:
     return "-"
 
 
-def bench_row(model, batch: int, variant: dict, args) -> dict:
+def sweep_rows(model, batch: int, args) -> list[dict]:
+    """The rows of one model at one batch size: its default data, plus the sweep's variants."""
+    rows = []
+    for variant in row_variants(model, args.sweep):
+        n_inputs = args.inputs or (1 if variant.get("tree") == "fixed" else getattr(model, "BENCH_INPUTS", 1))
+        prob = common.build_problem(model, batch, small=args.small, seed=args.seed, n_inputs=n_inputs, **variant)
+        rows.append(bench_row(prob, variant_name(variant), args))
+    return rows
+
+
+def overhead_rows(model, batch: int, args) -> list[dict]:
+    """The model's control-flow overhead test: a row per program, the control-flow row first, holding
+    overhead[program][system] = its time / the program's time − 1 (None where either is missing)."""
+    test = model.overhead_test(model.small() if args.small else model.Config())
+    rows = []
+    for program, cfg in test.programs.items():
+        prob = common.build_problem(model, batch, seed=args.seed, n_inputs=args.inputs or 1, cfg=cfg, **test.inputs)
+        left_out = test.no_control_flow if program == "control flow" else ()
+        rows.append(bench_row(prob, program, args, test=test.label, left_out=left_out))
+    cf = rows[0]["systems"]
+    rows[0]["overhead"] = {
+        row["variant"]: {s: cf[s]["median_ms"] / r["median_ms"] - 1
+                         if cf[s]["status"] == r["status"] == "ok" else None for s, r in row["systems"].items()}
+        for row in rows[1:]}
+    return rows
+
+
+def bench_row(prob: common.Problem, variant: str, args, test: str | None = None, left_out=()) -> dict:
+    """Check and time every system of args.systems on one problem; `left_out` systems get no runner."""
+    model, n_inputs = prob.model, len(prob.batches)
     name = model.__name__.split(".")[-1]
-    n_inputs = args.inputs or (1 if variant.get("tree") == "fixed" else getattr(model, "BENCH_INPUTS", 1))
-    prob = common.build_problem(model, batch, small=args.small, seed=args.seed, n_inputs=n_inputs, **variant)
     t0 = time.perf_counter()
     refs = prob.references()
-    row = {"model": name, "batch": batch, "variant": variant_name(variant), "inputs": n_inputs,
+    row = {"model": name, "batch": prob.batch, "variant": variant, "inputs": n_inputs,
            "config": dataclasses.asdict(prob.cfg), "reference_s": time.perf_counter() - t0, "systems": {}}
+    if test:
+        row["test"] = test
     if hasattr(model, "describe"):
         row["data"] = model.describe(refs[0], prob.batches[0], prob.cfg)
-    print(f"\n== {name} bs{batch} {row['variant']}: {n_inputs} input set(s)"
+    print(f"\n== {name} bs{prob.batch} {variant}{f' ({test})' if test else ''}: {n_inputs} input set(s)"
           + (f"; {row['data']}" if "data" in row else ""), flush=True)
     for system in args.systems:
         res: dict = {}
         runner = None
         try:
+            if system in left_out:
+                raise common.BaselineUnavailable("cannot capture this control flow")
             t0 = time.perf_counter()
             runner = make_runner(system, model, prob, args.backend)
             first = runner.output(0)
@@ -174,7 +212,7 @@ def _git():
 # ---------------------------------------------------------------------------------------------------------
 def print_table(rows: list[dict], env: dict) -> None:
     print(f"\nmedian ms per forward ({env['card']}, driver {env['driver']}); p10–p90; x = time / fastest of the row")
-    head = (f"{'model':10s} {'bs':>3s} {'variant':10s} {'system':16s} {'median':>10s} {'p10–p90':>19s} "
+    head = (f"{'model':10s} {'bs':>3s} {'variant':12s} {'system':16s} {'median':>10s} {'p10–p90':>19s} "
             f"{'x best':>7s}  note")
     print(head)
     print("-" * len(head))
@@ -182,7 +220,7 @@ def print_table(rows: list[dict], env: dict) -> None:
         ok = {s: r for s, r in row["systems"].items() if r["status"] == "ok"}
         best = min((r["median_ms"] for r in ok.values()), default=None)
         for system, r in row["systems"].items():
-            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:10s} {system:16s}"
+            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:12s} {system:16s}"
             if r["status"] == "ok":
                 print(f"{lead} {r['median_ms']:10.3f} {r['p10_ms']:9.3f}–{r['p90_ms']:<9.3f} "
                       f"{r['median_ms'] / best:6.2f}x  {r.get('note', '')}")
@@ -195,7 +233,20 @@ def print_table(rows: list[dict], env: dict) -> None:
                 print(f"{'':26s}{g}: {peers[peer] / ok[g]['median_ms']:.2f}x the speed of the best peer ({peer})")
 
 
-def plot(rows: list[dict], path: str, env: dict) -> None:
+def print_overhead(rows: list[dict], systems: list[str]) -> None:
+    """The overhead of each control-flow program over the others, per system (as the paper's figures)."""
+    print("\ncontrol-flow overhead = time(control flow) / time(program) − 1")
+    head = f"{'model':10s} {'bs':>3s} {'test':18s} {'program':10s}" + "".join(f" {s:>16s}" for s in systems)
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        for program, by_system in row.get("overhead", {}).items():
+            cells = "".join(f" {'—' if by_system.get(s) is None else format(by_system[s], '+.1%'):>16s}"
+                            for s in systems)
+            print(f"{row['model']:10s} {row['batch']:3d} {row['test']:18s} {program:10s}{cells}")
+
+
+def plot(rows: list[dict], path: str, env: dict, title: str = "gdsl model zoo") -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -221,7 +272,7 @@ def plot(rows: list[dict], path: str, env: dict) -> None:
     ax.set_ylabel("median ms per forward (log)")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_title(f"gdsl model zoo — {env['card']}")
+    ax.set_title(f"{title} — {env['card']}")
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -239,8 +290,11 @@ def parse_args(argv=None):
                    help="input sets cycled over (default: seq2seq 10 batches, rae 100 trees, others 1)")
     p.add_argument("--backend", default=None, help="gdsl backend for the gdsl systems (default: gdsl's)")
     p.add_argument("--small", action="store_true", help="scaled-down configurations")
-    p.add_argument("--sweep", action="store_true",
-                   help="add executed-ratio rows 0/25/50/75/100%% (blockdrop, skipnet) and the fixed tree (rae)")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--sweep", action="store_true",
+                      help="add executed-ratio rows 0/25/50/75/100%% (blockdrop, skipnet) and the fixed tree (rae)")
+    view.add_argument("--overhead", action="store_true",
+                      help="control-flow overhead: each model with its control flow vs unrolled/traced (batch 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every measurement and the environment here")
     p.add_argument("--plot", default=None, help="bar chart PNG (needs matplotlib)")
@@ -263,20 +317,22 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         model = load(name)
-        batches = [b for b in args.batch if b in model.BATCHES] if args.batch else list(model.BATCHES)
+        default = (1,) if args.overhead else model.BATCHES
+        batches = [b for b in args.batch if b in model.BATCHES] if args.batch else list(default)
         if not batches:
             print(f"\n== {name}: no batch size of {args.batch} is one of its {model.BATCHES}; skipped")
         for batch in batches:
-            for variant in row_variants(model, args.sweep):
-                rows.append(bench_row(model, batch, variant, args))
+            rows += overhead_rows(model, batch, args) if args.overhead else sweep_rows(model, batch, args)
     print_table(rows, env)
+    if args.overhead:
+        print_overhead(rows, args.systems)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, f,
                       indent=1)
         print(f"results written to {args.json}")
     if args.plot:
-        plot(rows, args.plot, env)
+        plot(rows, args.plot, env, title="control-flow overhead" if args.overhead else "gdsl model zoo")
     return 0
 
 

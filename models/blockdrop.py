@@ -24,6 +24,7 @@ from models import common, convnet, npnn
 
 BATCHES = (1, 64)
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+OVERHEAD_RATIO = 0.5     # executed ratio of the overhead test
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Config:
     widths: tuple = (16, 32, 64)
     image: int = 32
     classes: int = 10
+    executed: tuple | None = None   # blocks decided at trace time: exactly those marked True run, no cond
+    #                                 (the overhead test's "no skip" and "trace"); None: a cond per block
 
     @property
     def num_blocks(self) -> int:
@@ -142,7 +145,10 @@ def forward(weights, inputs, cfg: Config):
             return shortcut
 
         mask = action[:, t].reshape((bs, 1, 1, 1))
-        x = gdsl.cond(gnp.sum(action[:, t]) > 0, run_block, skip_block, x, shortcut, mask)
+        if cfg.executed is None:
+            x = gdsl.cond(gnp.sum(action[:, t]) > 0, run_block, skip_block, x, shortcut, mask)
+        else:
+            x = (run_block if cfg.executed[t] else skip_block)(x, shortcut, mask)
     return gdsl.nn.linear(gdsl.nn.global_avg_pool(x), w["fc.weight"].T, w["fc.bias"])
 
 
@@ -150,6 +156,16 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def blockdrop_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(blockdrop_forward, backend=backend, control=control, **options)
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 16 at the 50 % pattern: a cond per block, vs every block run ("no skip", blended by the
+    mask), vs only the executed blocks traced ("trace"). A CUDA graph cannot hold the conds."""
+    ran = tuple(bool(r) for r in common.ratio_pattern(cfg.num_blocks, OVERHEAD_RATIO))
+    return common.OverheadTest({"control flow": cfg, "no skip": common.replace(cfg, executed=(True,) * len(ran)),
+                                "trace": common.replace(cfg, executed=ran)},
+                               f"{sum(ran)}/{len(ran)} blocks run", inputs={"ratio": OVERHEAD_RATIO},
+                               no_control_flow=("torch-cudagraph",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -164,7 +180,7 @@ def to_state_dict(weights, cfg: Config) -> dict[str, np.ndarray]:
 
 def generic_forward(O, w, inputs, cfg: Config, branch):
     """BlockDrop for an op namespace O (convnet.torch_ops / jax_ops) and a branch combinator
-    `branch(pred, run, skip, *operands)` (Python if, lax.cond, or always-run)."""
+    `branch(pred, run, skip, *operands)` (Python if, lax.cond, or always-run; unused with cfg.executed)."""
     x, probs = inputs["x"], inputs["probs"]
     action = (probs > 0.5).float() if hasattr(probs, "float") else (probs > 0.5).astype(probs.dtype)
     x = O.relu(O.bn(O.conv(x, w["conv1.weight"], padding=1), w, "bn1"))
@@ -179,13 +195,21 @@ def generic_forward(O, w, inputs, cfg: Config, branch):
             y = O.bn(O.conv(y, w[p + ".conv2.weight"], 1, 1), w, p + ".bn2")
             return mask * O.relu(shortcut + y) + (1 - mask) * shortcut
 
-        x = branch(action[:, t].sum() > 0, run, lambda x, shortcut, mask: shortcut,
-                   x, shortcut, action[:, t].reshape(-1, 1, 1, 1))
+        def skip(x, shortcut, mask):
+            return shortcut
+
+        mask = action[:, t].reshape(-1, 1, 1, 1)
+        if cfg.executed is None:
+            x = branch(action[:, t].sum() > 0, run, skip, x, shortcut, mask)
+        else:
+            x = (run if cfg.executed[t] else skip)(x, shortcut, mask)
     return O.linear(O.gap(x), w, "fc")
 
 
 def _torch(weights, cfg, batches, device, branch, system, compile_=False, note=""):
-    return convnet.torch_runner(weights, batches, device, system, lambda torch, O, w, inputs: generic_forward(O, w, inputs, cfg, branch), compile_, note)
+    return convnet.torch_runner(weights, batches, device, system,
+                                lambda torch, O, w, inputs: generic_forward(O, w, inputs, cfg, branch), compile_,
+                                convnet.branch_note(cfg, note))
 
 
 def torch_eager(weights, cfg, batches, device=None) -> common.Runner:

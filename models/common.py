@@ -303,6 +303,15 @@ def always_run(pred, run, skip, *operands):
     return run(*operands)
 
 
+def unrolled_fori_loop(lower: int, upper: int, body_fun: Callable, init_val):
+    """fori_loop written out at trace time: `body_fun(i, val)` for each Python int i in range(lower, upper),
+    so that the program holds no loop (the overhead test's unrolled programs)."""
+    val = init_val
+    for i in range(lower, upper):
+        val = body_fun(i, val)
+    return val
+
+
 def ratio_pattern(n: int, ratio: float) -> np.ndarray:
     """Which of n gated blocks run at an executed ratio: floor(ratio·n) of them, spread evenly
     (50 % of 15 is 7 blocks, as the artifact's 0,1,0,1,... pattern)."""
@@ -344,9 +353,11 @@ class Problem:
         return [self.model.reference(self.weights, b, self.cfg) for b in self.batches]
 
 
-def build_problem(model, batch: int, small: bool = False, seed: int = 0, n_inputs: int = 1,
+def build_problem(model, batch: int, small: bool = False, seed: int = 0, n_inputs: int = 1, cfg=None,
                   **variant) -> Problem:
-    cfg = model.small() if small else model.Config()
+    """The model at `cfg` (default: its full-size or small configuration) with its weights and
+    `n_inputs` input sets made with the input variant's keywords (ratio=0.5, tree="fixed", ...)."""
+    cfg = cfg or (model.small() if small else model.Config())
     weights = model.init_weights(cfg, seed=seed)
     params = inspect.signature(model.make_inputs).parameters
     for key in variant:
@@ -354,6 +365,20 @@ def build_problem(model, batch: int, small: bool = False, seed: int = 0, n_input
             raise SystemExit(f"{model.__name__} has no input variant {key!r}")
     batches = [model.make_inputs(cfg, batch, seed=seed + k, **variant) for k in range(n_inputs)]
     return Problem(model, cfg, weights, batches, batch, variant)
+
+
+@dataclass
+class OverheadTest:
+    """A model's control-flow overhead test (the paper's Figures 15, 16 and 18): one computation written as
+    several programs, each a configuration of the model. `programs` maps a name to it, "control flow" (the
+    model as it is) first; `inputs` are make_inputs' keywords for data on which every program computes the
+    same as the model; `label` says what they run (steps, executed ratio, tree); `no_control_flow` names
+    the systems that cannot capture this control flow (their "control flow" runner would be a stand-in
+    without it, so it is left out)."""
+    programs: dict
+    label: str
+    inputs: dict = field(default_factory=dict)
+    no_control_flow: tuple = ()
 
 
 def variant_args(args) -> dict:

@@ -95,6 +95,13 @@ def jax_ops(jax, jnp):
         + w[name + ".bias"])
 
 
+def branch_note(cfg, note: str) -> str:
+    """A runner's note: `note` where the blocks are decided at run time, else how many run (cfg.executed)."""
+    if cfg.executed is None:
+        return note
+    return f"{sum(cfg.executed)}/{len(cfg.executed)} blocks, decided at trace time"
+
+
 def torch_runner(weights, batches, device, system, forward, compile_=False, note="") -> common.Runner:
     """A PyTorch Runner for `forward(torch, O, w, inputs)` (O: torch_ops): eager, torch.compile'd, or one
     CUDA graph per input set (system "torch-cudagraph")."""

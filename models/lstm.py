@@ -17,6 +17,7 @@ import gdsl.numpy as gnp
 from models import common, npnn
 
 BATCHES = (1, 64)
+OVERHEAD_STEPS = 4       # time steps of the overhead test (see overhead_test)
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Config:
     seq_len: int = 64
     layers: int = 10
     hidden: int = 256          # input size = hidden size
+    unrolled: bool = False     # the time loop written out at trace time: no loop in the program
 
 
 def small() -> Config:
@@ -90,7 +92,8 @@ def forward(weights, inputs, cfg: Config):
         return tuple(new_h), tuple(new_c)
 
     zeros = tuple(gnp.zeros((bs, H), dtype=gdsl.float32) for _ in range(cfg.layers))
-    hs, _ = gdsl.fori_loop(0, x.shape[0], step, (zeros, zeros))
+    loop = common.unrolled_fori_loop if cfg.unrolled else gdsl.fori_loop
+    hs, _ = loop(0, x.shape[0], step, (zeros, zeros))
     return hs[-1]
 
 
@@ -98,6 +101,16 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def lstm_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(lstm_forward, backend=backend, control=control, **options)
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 15: the time loop as a fori_loop vs written out. PyTorch's loop is Python's either way.
+
+    At most OVERHEAD_STEPS steps: NVRTC's time grows faster than the unrolled kernel (4 steps × 10 layers
+    are 157 KiB of CUDA and 30–40 s, 16 steps 602 KiB and 264 s), so 64 steps would take most of an hour."""
+    cfg = common.replace(cfg, seq_len=min(cfg.seq_len, OVERHEAD_STEPS))
+    return common.OverheadTest({"control flow": cfg, "unrolled": common.replace(cfg, unrolled=True)},
+                               f"{cfg.seq_len} steps")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +161,8 @@ def _stack_step(F, w, cfg):
 
 
 def _torch_fwd(torch, w, cfg, step_fn=None):
-    """The artifact's time-major loop (a Python loop over time, layers unrolled) in PyTorch."""
+    """The artifact's time-major loop (a Python loop over time, layers unrolled) in PyTorch: the same
+    program whether cfg.unrolled or not."""
     step = _stack_step(torch, w, cfg)
     step = step_fn(step) if step_fn else step
 
@@ -197,7 +211,8 @@ def jax_jit(weights, cfg, batches, device=None) -> common.Runner:
         x = inputs["x"]
         step = _stack_step(F, dict(w, b=(w["b_ih"] + w["b_hh"])[:, :, None, :]), cfg)
         zeros = (jnp.zeros((x.shape[1], cfg.hidden), jnp.float32),) * cfg.layers
-        return jax.lax.fori_loop(0, x.shape[0], lambda t, s: step(x[t], *s), (zeros, zeros))[0][-1]
+        loop = common.unrolled_fori_loop if cfg.unrolled else jax.lax.fori_loop
+        return loop(0, x.shape[0], lambda t, s: step(x[t], *s), (zeros, zeros))[0][-1]
     return common.jax_runner(jax, jax.jit(fwd), weights, batches)
 
 

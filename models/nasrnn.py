@@ -17,12 +17,14 @@ import gdsl.numpy as gnp
 from models import common, npnn
 
 BATCHES = (1, 64)
+OVERHEAD_STEPS = 50      # time steps of the overhead test (see overhead_test)
 
 
 @dataclass(frozen=True)
 class Config:
     seq_len: int = 1000
     hidden: int = 256          # input size = hidden size
+    unrolled: bool = False     # the time loop written out at trace time: no loop in the program
 
 
 def small() -> Config:
@@ -74,7 +76,8 @@ def forward(weights, inputs, cfg: Config):
         return m, c
 
     zeros = gnp.zeros(x.shape[1:], dtype=gdsl.float32)
-    m, c = gdsl.fori_loop(0, x.shape[0], step, (zeros, zeros))
+    loop = common.unrolled_fori_loop if cfg.unrolled else gdsl.fori_loop
+    m, c = loop(0, x.shape[0], step, (zeros, zeros))
     return c + m
 
 
@@ -82,6 +85,16 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def nasrnn_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(nasrnn_forward, backend=backend, control=control, **options)
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 15: the time loop as a fori_loop vs written out. PyTorch's loop is Python's either way.
+
+    At most OVERHEAD_STEPS steps: NVRTC's time grows faster than the unrolled kernel (100 steps are 357 KiB
+    of CUDA and 134 s), so 1000 steps would take hours."""
+    cfg = common.replace(cfg, seq_len=min(cfg.seq_len, OVERHEAD_STEPS))
+    return common.OverheadTest({"control flow": cfg, "unrolled": common.replace(cfg, unrolled=True)},
+                               f"{cfg.seq_len} steps")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,8 +166,8 @@ def jax_jit(weights, cfg, batches, device=None) -> common.Runner:
     def fwd(w, inputs):
         x = inputs["x"]
         zeros = jnp.zeros(x.shape[1:], jnp.float32)
-        m, c = jax.lax.fori_loop(0, x.shape[0], lambda t, s: _cell(F, x[t], *s, w["W_ih"], w["W_hh"]),
-                                 (zeros, zeros))
+        loop = common.unrolled_fori_loop if cfg.unrolled else jax.lax.fori_loop
+        m, c = loop(0, x.shape[0], lambda t, s: _cell(F, x[t], *s, w["W_ih"], w["W_hh"]), (zeros, zeros))
         return c + m
     return common.jax_runner(jax, jax.jit(fwd), weights, batches)
 

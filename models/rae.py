@@ -29,6 +29,8 @@ class Config:
     min_leaves: int = 2
     max_leaves: int = 64
     max_depth: int = 64          # gdsl.recurse stack depth: enough for any tree in 127 nodes
+    known_tree: tuple | None = None   # a tree known at trace time (nested pairs, leaves None): the recursion
+    #                                   written out over it, no recurse or cond (inputs: that tree, packed)
 
 
 def small() -> Config:
@@ -70,28 +72,33 @@ def fixed_tree():
     return chain(0)
 
 
+def post_order(tree) -> list:
+    """The nodes of a tree in post-order (node ids = positions, root last): None for a leaf, (left id,
+    right id) for an inner node."""
+    order: list = []
+
+    def visit(t):                       # returns the node id
+        order.append(None if t is None else (visit(t[0]), visit(t[1])))
+        return len(order) - 1
+    visit(tree)
+    return order
+
+
 def pack(tree, cfg: Config, rng: np.random.Generator) -> dict:
+    order = post_order(tree)
+    if len(order) > cfg.nodes:
+        raise ValueError(f"tree of {len(order)} nodes does not fit {cfg.nodes}")
     left = np.zeros(cfg.nodes, np.int32)
     right = np.zeros(cfg.nodes, np.int32)
     is_leaf = np.ones(cfg.nodes, bool)
-    order = []
-
-    def visit(t):                       # post-order: returns the node id
-        if t is None:
-            order.append(None)
-            return len(order) - 1
-        a, b = visit(t[0]), visit(t[1])
-        order.append((a, b))
-        n = len(order) - 1
-        left[n], right[n], is_leaf[n] = a, b, False
-        return n
-    root = visit(tree)
-    if len(order) > cfg.nodes:
-        raise ValueError(f"tree of {len(order)} nodes does not fit {cfg.nodes}")
+    for n, children in enumerate(order):
+        if children is not None:
+            left[n], right[n] = children
+            is_leaf[n] = False
     x = np.zeros((cfg.nodes, cfg.hidden), np.float32)
     leaves = [n for n, o in enumerate(order) if o is None]
     x[leaves] = rng.uniform(-1, 1, size=(len(leaves), cfg.hidden))
-    return {"left": left, "right": right, "is_leaf": is_leaf, "x": x, "root": np.asarray(root, np.int32)}
+    return {"left": left, "right": right, "is_leaf": is_leaf, "x": x, "root": np.asarray(len(order) - 1, np.int32)}
 
 
 def make_inputs(cfg: Config, batch: int = 1, seed: int = 0, tree: str = "random") -> dict:
@@ -138,6 +145,8 @@ def reference(weights, inputs, cfg: Config) -> np.ndarray:
 def forward(weights, inputs, cfg: Config):
     left, right, is_leaf, x = inputs["left"], inputs["right"], inputs["is_leaf"], inputs["x"]
     W, b = weights["W"], weights["b"]
+    if cfg.known_tree is not None:
+        return unrolled_encode(gnp, cfg.known_tree, x, W, b)
 
     @gdsl.recurse(result=gdsl.ShapeDtype((cfg.hidden,), gdsl.float32), max_depth=cfg.max_depth)
     def encode(node):
@@ -151,6 +160,23 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def rae_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(rae_forward, backend=backend, control=control, **options)
+
+
+def unrolled_encode(F, tree, x, W, b):
+    """enc(root) of a tree known at trace time, node by node in post-order, for an array namespace F with
+    tanh and concatenate (gdsl.numpy, jax.numpy, torch)."""
+    enc: list = []
+    for n, children in enumerate(post_order(tree)):
+        enc.append(x[n] if children is None else F.tanh(F.concatenate([enc[children[0]], enc[children[1]]]) @ W + b))
+    return enc[-1]
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 18 on the fixed tree: gdsl.recurse vs the recursion written out over the tree at trace time
+    ("trace"). PyTorch recurses on the host either way; JAX, which has no recursion, runs a jitted node
+    function per node vs one jit of the whole tree; only the traced tree fits in a CUDA graph."""
+    return common.OverheadTest({"control flow": cfg, "trace": common.replace(cfg, known_tree=fixed_tree())},
+                               "fixed tree", inputs={"tree": "fixed"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,7 +216,13 @@ def torch_eager(weights, cfg, batches, device=None) -> common.Runner:
 
 
 def torch_cudagraph(weights, cfg, batches, device=None) -> common.Runner:
-    raise common.BaselineUnavailable("recursion over a data-dependent tree: no single CUDA graph")
+    """Only for a tree known at trace time (cfg.known_tree): one CUDA graph of the written-out recursion."""
+    if cfg.known_tree is None:
+        raise common.BaselineUnavailable("recursion over a data-dependent tree: no single CUDA graph")
+    torch, dev = common.torch_setup(device)
+    W, b = (torch.as_tensor(weights[k], device=dev) for k in ("W", "b"))
+    xs = [(torch.as_tensor(t["x"], device=dev),) for t in common.as_batches(batches)]
+    return common.torch_cuda_graphs(torch, dev, lambda x: unrolled_encode(torch, cfg.known_tree, x, W, b), xs)
 
 
 def torch_compile(weights, cfg, batches, device=None) -> common.Runner:
@@ -199,8 +231,14 @@ def torch_compile(weights, cfg, batches, device=None) -> common.Runner:
 
 
 def jax_jit(weights, cfg, batches, device=None) -> common.Runner:
-    """JAX has no recursion: Python recursion per tree calling a jitted node function (eager per tree)."""
+    """JAX has no recursion: Python recursion per tree calling a jitted node function (eager per tree);
+    for a tree known at trace time (cfg.known_tree), one jit of the whole written-out recursion."""
     jax, jnp = common.jax_setup()
+    if cfg.known_tree is not None:
+        fwd = jax.jit(lambda w, t: unrolled_encode(jnp, cfg.known_tree, t["x"], w["W"], w["b"]))
+        runner = common.jax_runner(jax, fwd, weights, batches)
+        runner.note = "one jit of the whole tree"
+        return runner
     W, b = jax.device_put(weights["W"]), jax.device_put(weights["b"])
     combine = jax.jit(lambda l, r, W, b: jnp.tanh(jnp.concatenate([l, r]) @ W + b))
     trees = [dict(t, x_dev=jax.device_put(t["x"])) for t in common.as_batches(batches)]

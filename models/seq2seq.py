@@ -20,6 +20,7 @@ from models import common, lstm, npnn
 BATCHES = (1, 64)
 BENCH_INPUTS = 10        # successive batches the benchmark cycles over (the paper iterated over its data)
 FORCE = 1e6
+OVERHEAD_STEPS = 10      # decoding steps of the overhead test (the paper's)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Config:
     mean_len: float = 10.0   # synthetic sentence lengths (Tatoeba eng-fra stand-in): mean ≈ 10,
     min_len: int = 3         # range min_len..max_sentence
     max_sentence: int = 49
+    fixed_steps: int | None = None   # decode exactly this many steps, written out at trace time with no exit
+    #                                  test (the overhead test; the model's result where decoding stops there)
 
 
 def small() -> Config:
@@ -54,14 +57,15 @@ def sentence_lengths(cfg: Config, n: int, rng: np.random.Generator) -> np.ndarra
     return np.clip(np.rint(raw), cfg.min_len, cfg.max_sentence).astype(np.int32)
 
 
-def make_inputs(cfg: Config, batch: int, seed: int = 0) -> dict:
+def make_inputs(cfg: Config, batch: int, seed: int = 0, steps: int | None = None) -> dict:
     """One batch of reference sentences as the forcing mask, plus random initial h, c.
 
     Sentence b has length L_b and tokens uniform in 1..vocab-1; the decoder is forced to emit them at
     steps 0..L_b-1 and EOS from step L_b on, so the loop runs max_b(L_b) + 1 steps (EOS included).
+    `steps` given: every sentence has length steps − 1, so that decoding takes exactly `steps` steps.
     """
     rng = np.random.default_rng(40_000 + seed)
-    lengths = sentence_lengths(cfg, batch, rng)
+    lengths = sentence_lengths(cfg, batch, rng) if steps is None else np.full(batch, steps - 1)
     targets = np.full((cfg.max_len, batch), cfg.eos, np.int64)
     for b, n in enumerate(lengths):
         targets[:n, b] = rng.integers(1, cfg.vocab, size=n)
@@ -123,7 +127,12 @@ def forward(weights, inputs, cfg: Config):
 
     init = (gnp.zeros((), dtype=gdsl.int32), gnp.full((bs,), cfg.sos, dtype=gdsl.int32), inputs["h"],
             inputs["c"], gnp.zeros((cfg.max_len, bs), dtype=gdsl.int32))
-    steps, _, h, _, tokens = gdsl.while_loop(keep_going, decode_step, init)
+    if cfg.fixed_steps is None:
+        steps, _, h, _, tokens = gdsl.while_loop(keep_going, decode_step, init)
+    else:       # the step counter a Python int: static slices and stores, no loop
+        _, _, h, _, tokens = common.unrolled_fori_loop(0, cfg.fixed_steps,
+                                                       lambda n, carry: decode_step((n,) + carry[1:]), init)
+        steps = np.int32(cfg.fixed_steps)
     return tokens, h, steps
 
 
@@ -131,6 +140,14 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def seq2seq_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(seq2seq_forward, backend=backend, control=control, **options)
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 15: OVERHEAD_STEPS decoding steps (every sentence ends there), as the while loop vs written
+    out with no exit test. A CUDA graph cannot hold the while loop."""
+    return common.OverheadTest({"control flow": cfg, "unrolled": common.replace(cfg, fixed_steps=OVERHEAD_STEPS)},
+                               f"{OVERHEAD_STEPS} steps", inputs={"steps": OVERHEAD_STEPS},
+                               no_control_flow=("torch-cudagraph",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,14 +191,20 @@ def _torch_step(torch, w):
 
 
 def _torch_while(torch, w, cfg, step):
-    """The artifact's loop: Python `while`, its condition read back from the GPU each step."""
+    """The artifact's loop: Python `while`, its condition read back from the GPU each step (with
+    cfg.fixed_steps: that many steps and no read-back)."""
+    def keep_going(n, tok):
+        if cfg.fixed_steps is not None:
+            return n < cfg.fixed_steps
+        return n < cfg.max_len and bool(tok.max() > cfg.eos)
+
     def fwd(inputs):
         with torch.no_grad():
             h, c, mask = inputs["h"], inputs["c"], inputs["mask"]
             tok = torch.full((h.shape[0],), cfg.sos, dtype=torch.int64, device=h.device)
             tokens = torch.zeros((cfg.max_len, h.shape[0]), dtype=torch.int64, device=h.device)
             n = 0
-            while n < cfg.max_len and bool(tok.max() > cfg.eos):
+            while keep_going(n, tok):
                 tok, h, c = step(tok, h, c, mask[n])
                 tokens[n] = tok
                 n += 1
@@ -192,8 +215,8 @@ def _torch_while(torch, w, cfg, step):
 def torch_eager(weights, cfg, batches, device=None) -> common.Runner:
     torch, dev, w, xs = _torch_setup(weights, batches, device)
     fwd = _torch_while(torch, w, cfg, _torch_step(torch, w))
-    return common.Runner("torch-eager", run=lambda i: fwd(xs[i]), sync=common.torch_sync(torch, dev),
-                         note="host loop, one GPU->host sync per step")
+    note = "host loop, one GPU->host sync per step" if cfg.fixed_steps is None else f"{cfg.fixed_steps} steps, no sync"
+    return common.Runner("torch-eager", run=lambda i: fwd(xs[i]), sync=common.torch_sync(torch, dev), note=note)
 
 
 def torch_compile(weights, cfg, batches, device=None) -> common.Runner:
@@ -204,9 +227,12 @@ def torch_compile(weights, cfg, batches, device=None) -> common.Runner:
 
 
 def torch_cudagraph(weights, cfg, batches, device=None) -> common.Runner:
-    """No control flow: always all max_len steps, finished batches frozen by torch.where (same outputs)."""
+    """No control flow: always all max_len steps, finished batches frozen by torch.where (same outputs);
+    with cfg.fixed_steps, those steps."""
     torch, dev, w, xs = _torch_setup(weights, batches, device)
     step = _torch_step(torch, w)
+    if cfg.fixed_steps is not None:
+        return common.torch_cuda_graphs(torch, dev, _torch_while(torch, w, cfg, step), [(x,) for x in xs])
 
     def fwd(inputs):
         h, c, mask = inputs["h"], inputs["c"], inputs["mask"]
@@ -242,6 +268,10 @@ def jax_jit(weights, cfg, batches, device=None) -> common.Runner:
         bs = inputs["h"].shape[0]
         init = (jnp.int32(0), jnp.full((bs,), cfg.sos, jnp.int32), inputs["h"], inputs["c"],
                 jnp.zeros((cfg.max_len, bs), jnp.int32))
+        if cfg.fixed_steps is not None:
+            _, _, h, _, tokens = common.unrolled_fori_loop(0, cfg.fixed_steps,
+                                                           lambda n, carry: body((n,) + carry[1:]), init)
+            return tokens, h, cfg.fixed_steps
         n, _, h, _, tokens = jax.lax.while_loop(lambda s: (s[1].max() > cfg.eos) & (s[0] < cfg.max_len),
                                                 body, init)
         return tokens, h, n

@@ -31,6 +31,7 @@ from models import common, convnet, npnn
 
 BATCHES = (1,)
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+OVERHEAD_RATIO = 0.5     # forced executed ratio of the overhead test
 FORCE = 50.0        # σ(±50) is 1 or 0 in float32: the gate is decided whatever the network computes
 
 
@@ -42,6 +43,8 @@ class Config:
     classes: int = 1000
     gate_dim: int = 10          # embed = hidden size of the gate's LSTM
     expansion: int = 4
+    executed: tuple | None = None   # blocks decided at trace time: exactly those marked True run, no cond
+    #                                 (the overhead test's "no skip" and "trace"); None: a cond per block
 
     @property
     def num_gates(self) -> int:
@@ -199,7 +202,10 @@ def forward(weights, inputs, cfg: Config):
         def skip_block(x, shortcut, mask):
             return shortcut
 
-        x = gdsl.cond(gnp.sum(mask) > 0, run_block, skip_block, x, shortcut, mask)
+        if cfg.executed is None:
+            x = gdsl.cond(gnp.sum(mask) > 0, run_block, skip_block, x, shortcut, mask)
+        else:
+            x = (run_block if cfg.executed[k] else skip_block)(x, shortcut, mask)
         if k < cfg.num_gates:
             mask, h, c = gate(x, h, c, name, k)
             gates.append(mask)
@@ -211,6 +217,17 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     def skipnet_forward(weights, inputs):
         return forward(weights, inputs, cfg)
     return common.make_jit(skipnet_forward, backend=backend, control=control, **options)
+
+
+def overhead_test(cfg: Config) -> common.OverheadTest:
+    """Figure 16 at the forced 50 % pattern: a cond per block, vs every block run ("no skip", blended by
+    the gate mask), vs only the executed blocks traced ("trace"; the first block always runs). The gates
+    are computed in every program. A CUDA graph cannot hold the conds."""
+    ran = (True,) + tuple(bool(r) for r in common.ratio_pattern(cfg.num_gates, OVERHEAD_RATIO))
+    return common.OverheadTest({"control flow": cfg, "no skip": common.replace(cfg, executed=(True,) * len(ran)),
+                                "trace": common.replace(cfg, executed=ran)},
+                               f"{sum(ran) - 1}/{cfg.num_gates} gates fire", inputs={"ratio": OVERHEAD_RATIO},
+                               no_control_flow=("torch-cudagraph",))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -225,7 +242,7 @@ def to_state_dict(weights, cfg: Config) -> dict[str, np.ndarray]:
 
 def generic_forward(O, w, inputs, cfg: Config, branch):
     """SkipNet for an op namespace O (convnet.torch_ops / jax_ops) and a branch combinator
-    `branch(pred, run, skip, *operands)` (Python if, lax.cond, or always-run)."""
+    `branch(pred, run, skip, *operands)` (Python if, lax.cond, or always-run; unused with cfg.executed)."""
     G = cfg.gate_dim
     x = O.relu(O.bn(O.conv(inputs["x"], w["conv1.weight"], 2, 3), w, "bn1"))
     x = O.max_pool(x, 3, 2, 1)
@@ -245,7 +262,13 @@ def generic_forward(O, w, inputs, cfg: Config, branch):
             m = mask.reshape(bs, 1, 1, 1)
             return m * O.relu(y + shortcut) + (1 - m) * shortcut
 
-        x = branch(mask.sum() > 0, run, lambda x, shortcut, mask: shortcut, x, shortcut, mask)
+        def skip(x, shortcut, mask):
+            return shortcut
+
+        if cfg.executed is None:
+            x = branch(mask.sum() > 0, run, skip, x, shortcut, mask)
+        else:
+            x = (run if cfg.executed[k] else skip)(x, shortcut, mask)
         if k == cfg.num_gates:
             break
         gw = name.replace("layer", "gate") + ".1"
@@ -266,7 +289,10 @@ def _with_gate_bits(torch, logits, gates):
 
 
 def _torch(weights, cfg, batches, device, branch, system, compile_=False, note=""):
-    return convnet.torch_runner(weights, batches, device, system, lambda torch, O, w, inputs: _with_gate_bits(torch, *generic_forward(O, w, inputs, cfg, branch)), compile_, note)
+    return convnet.torch_runner(
+        weights, batches, device, system,
+        lambda torch, O, w, inputs: _with_gate_bits(torch, *generic_forward(O, w, inputs, cfg, branch)), compile_,
+        convnet.branch_note(cfg, note))
 
 
 def torch_eager(weights, cfg, batches, device=None) -> common.Runner:

@@ -377,6 +377,57 @@ def test_bench_small_writes_json(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# the control-flow overhead tests (models.bench --overhead): programs without control flow, same results
+
+OVERHEAD_CASES = [(name, program) for name in MODELS
+                  for program in load(name).overhead_test(load(name).small()).programs]
+
+
+@pytest.mark.parametrize("name,program", OVERHEAD_CASES, ids=[f"{n}-{p.replace(' ', '_')}" for n, p in OVERHEAD_CASES])
+def test_overhead_programs_match_reference(name, program):
+    m = load(name)
+    test = m.overhead_test(m.small())
+    prob = common.build_problem(m, 1, cfg=test.programs[program], n_inputs=2, **test.inputs)
+    ir = gdsl.make_ir(lambda w, x: m.forward(w, x, prob.cfg))(prob.weights, prob.batches[0])
+    assert any(e.primitive.family == "control" for e in ir.jaxpr.eqns) == (program == "control flow")
+    refs = prob.references()
+    for backend in CPU_BACKENDS if program != "control flow" else ["interpret"]:
+        fn = m.make_forward(prob.cfg, backend=backend)
+        for batch, ref in zip(prob.batches, refs):
+            assert common.compare(fn(prob.weights, batch), ref) == [], backend
+
+
+@pytest.mark.parametrize("system", [pytest.param("torch_eager", marks=needs_torch),
+                                    pytest.param("jax_jit", marks=needs_jax)])
+@pytest.mark.parametrize("name,program", [c for c in OVERHEAD_CASES if c[1] != "control flow"],
+                         ids=[f"{n}-{p.replace(' ', '_')}" for n, p in OVERHEAD_CASES if p != "control flow"])
+def test_overhead_baselines_match_reference(name, program, system):
+    m = load(name)
+    test = m.overhead_test(m.small())
+    prob = common.build_problem(m, 1, cfg=test.programs[program], **test.inputs)
+    runner = getattr(m, system)(prob.weights, prob.cfg, prob.batches)
+    assert common.compare(runner.output(0), prob.references()[0]) == []
+
+
+def test_bench_overhead_small(tmp_path):
+    from models import bench
+    path = tmp_path / "o.json"
+    assert bench.main(["--overhead", "--small", "--models", "seq2seq,blockdrop", "--systems", "gdsl-device,gdsl-host",
+                       "--backend", CPU_BACKENDS[-1], "--runs", "3", "--warmup", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("seq2seq", "control flow"), ("seq2seq", "unrolled"),
+        ("blockdrop", "control flow"), ("blockdrop", "no skip"), ("blockdrop", "trace")]
+    assert rows[0]["test"] == "10 steps" and rows[0]["data"].startswith("decoded 10 steps")
+    for r in rows:
+        assert r["batch"] == 1 and all(res["status"] == "ok" and res["runs"] == 3 for res in r["systems"].values())
+    for cf, programs in ((rows[0], ["unrolled"]), (rows[2], ["no skip", "trace"])):
+        assert list(cf["overhead"]) == programs
+        for by_system in cf["overhead"].values():
+            assert by_system.keys() == {"gdsl-device", "gdsl-host"} and all(v > -1 for v in by_system.values())
+
+
+# ---------------------------------------------------------------------------------------------------------
 # full size on the GPU (python -m pytest -m gpu)
 
 def _cuda_usable() -> bool:
