@@ -1,5 +1,5 @@
-"""Run a loop, a branch and a recursion program (and the scaled-down LSTM/NASRNN/Attention) on the cuda
-backend, both placements, both barriers: the program compute-sanitizer watches on a GPU machine,
+"""Run a loop, a branch, a recursion program, a partitioned loop (and the scaled-down LSTM/NASRNN/Attention)
+on the cuda backend, both placements, both barriers: the program compute-sanitizer watches on a GPU machine,
 
     compute-sanitizer --tool memcheck python3 tests/gpu_sanitize.py
     compute-sanitizer --tool racecheck python3 tests/gpu_sanitize.py
@@ -18,7 +18,7 @@ from backend_programs import PROGRAMS  # noqa: E402
 from models import attention, common, lstm, nasrnn  # noqa: E402
 
 bad = 0
-for name in ("loop", "branch", "recursion", "while_data_exit"):
+for name in ("loop", "branch", "recursion", "while_data_exit", "heads"):       # heads: a partitioned loop
     fn, args = PROGRAMS[name]
     expected = gdsl.jit(fn, backend="interpret")(*args)
     for control in ("device", "host"):
