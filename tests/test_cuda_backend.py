@@ -110,6 +110,20 @@ def test_views_replace_contiguous_slices():
     assert "op_slice" not in source and "_dynamic_slice(" not in source.split("// ----")[-1]
 
 
+def test_identical_utasks_share_one_function():
+    """Ten identical layers: one tanh function called from ten sites and one GEMV from nine (the first
+    reads the argument, not a temporary), not inlined."""
+    def layers(x, w):
+        for k in range(10):
+            x = gdsl.numpy.tanh(x @ w[k])
+        return x
+    source = gdsl.jit(layers, backend="cuda", grid=8).lower(np.ones((1, 64), np.float32),
+                                                           np.ones((10, 64, 64), np.float32)).source
+    ops = _generated_part(source).split('extern "C"')[0]
+    assert ops.count("GDSL_SHARED_OP void") == 2 and ops.count("GDSL_DEV void") == 1
+    assert "// called from 10 sites" in ops and "// called from 9 sites" in ops
+
+
 @needs_cxx
 @pytest.mark.parametrize("name,control", CASES)
 def test_emulated_matches_interpreter(name, control):

@@ -1,23 +1,8 @@
 #define GDSL_SMEM_BYTES 16
 
 // ---------------------------------------------------------------------------------------- ops
-GDSL_DEV void op5_copy(float* o0, const float* i0, int t, char* smem) {
-  const int lo = t * 1024;
-  const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
-  for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
-    o0[i] = (float)(i0[i]);
-  }
-}
-
-GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
-  const int lo = t * 1024;
-  const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
-  for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
-    o0[i] = (float)(i0[i]);
-  }
-}
-
-GDSL_DEV void op1_copy(float* o0, const float* i0, int t, char* smem) {
+// called from 4 sites (ops of the same kind, shapes and split)
+GDSL_SHARED_OP void op5_copy(float* o0, const float* i0, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
@@ -42,14 +27,6 @@ GDSL_DEV void op3_dynamic_slice(float* o0, const float* i0, int i1, int i2, int 
   s1 = s1 < 0 ? 0 : (s1 > 0 ? 0 : s1);
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
     o0[i] = (float)(__ldg(i0 + (int)((s0 + 0) * 4 + (s1 + (i % 4)))));
-  }
-}
-
-GDSL_DEV void op4_copy(float* o0, const float* i0, int t, char* smem) {
-  const int lo = t * 1024;
-  const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
-  for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
-    o0[i] = (float)(i0[i]);
   }
 }
 
@@ -104,7 +81,7 @@ f_enc:
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
       r_enc[d_enc] = 0; d_enc += 1; goto f_enc;
       f_enc_ret_0: ;
-      if (blockIdx.x < 1) op0_copy((t11 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
+      if (blockIdx.x < 1) op5_copy((t11 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
       gdsl_grid_sync_atomic(gdsl_bar);
       u12 = (u0_s[d_enc] < 0);
       u13 = ((int)((unsigned long long)u0_s[d_enc] + (unsigned long long)7));
@@ -114,7 +91,7 @@ f_enc:
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
       r_enc[d_enc] = 1; d_enc += 1; goto f_enc;
       f_enc_ret_1: ;
-      if (blockIdx.x < 1) op1_copy((t16 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
+      if (blockIdx.x < 1) op5_copy((t16 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
       gdsl_grid_sync_atomic(gdsl_bar);
       if (blockIdx.x < 1) op2_tanh_add((t1 + (long long)(d_enc) * 4), (t11 + (long long)(d_enc) * 4), (t16 + (long long)(d_enc) * 4), (int)blockIdx.x, gdsl_smem);
       gdsl_grid_sync_atomic(gdsl_bar);
@@ -125,7 +102,7 @@ f_enc:
       u19 = (u17 ? u18 : u0_s[d_enc]);
       if (blockIdx.x < 1) op3_dynamic_slice((t20 + (long long)(d_enc) * 4), in0, u19, 0, (int)blockIdx.x, gdsl_smem);
       gdsl_grid_sync_atomic(gdsl_bar);
-      if (blockIdx.x < 1) op4_copy((t1 + (long long)(d_enc) * 4), (t20 + (long long)(d_enc) * 4), (int)blockIdx.x, gdsl_smem);
+      if (blockIdx.x < 1) op5_copy((t1 + (long long)(d_enc) * 4), (t20 + (long long)(d_enc) * 4), (int)blockIdx.x, gdsl_smem);
       gdsl_grid_sync_atomic(gdsl_bar);
     } break;
   }

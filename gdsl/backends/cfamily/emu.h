@@ -19,6 +19,7 @@ static __thread gdsl_dim3 threadIdx, blockIdx, blockDim, gridDim;
 static __thread gdsl_emu_block* gdsl_emu_cur;
 
 #define GDSL_DEV static inline
+#define GDSL_SHARED_OP static
 #define GDSL_WARP 32
 #define GDSL_SPIN_PAUSE() sched_yield()
 #define __launch_bounds__(n)

@@ -125,7 +125,8 @@ class OpRenderer:
         self.outs = [Arg(v, f"o{k}", dialect, output=True) for k, v in enumerate(op.outputs)]
         self.smem = 0
 
-    def render(self) -> str:
+    def render(self) -> tuple[str, str]:
+        """(parameter list, body) of the uTask function; ops with the same pair share one function."""
         kind = self.op.kind
         if kind in ("matmul", "conv2d"):
             body = self.gemm()
@@ -134,7 +135,7 @@ class OpRenderer:
         else:
             body = self.elementwise_like()
         params = ", ".join([a.decl() for a in self.outs + self.ins] + ["int t", "char* smem"])
-        return f"GDSL_DEV void {self.op.name}({params}) {{\n{body}}}\n"
+        return params, body
 
     # ------------------------------------------------------------------------------------ elementwise-like
     def elementwise_like(self) -> str:

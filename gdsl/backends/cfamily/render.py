@@ -1,4 +1,7 @@
 """A Plan -> one C-family translation unit: a device function per Op and one persistent kernel per Kernel.
+Ops whose functions would be the same text (same kind, shapes, expression, split: the repeated blocks of a
+ResNet, the steps of an unrolled loop) share one function, compiled once and called (GDSL_SHARED_OP, not
+inlined) from each site, which keeps NVRTC's time down; a function with one call site is inlined.
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
@@ -216,7 +219,9 @@ class Renderer:
         self.fns = {f.name: f for f in plan.functions}
         self.layout = make_layout(plan)
         self.stacked = stacked_uniforms(plan)
-        self.op_code: dict = {}
+        self.op_function: dict = {}         # Op -> the name of its uTask function
+        self.functions: dict = {}           # (parameters, body) -> (name, code): identical uTasks share one
+        self.call_sites: dict = {}          # function name -> call sites (a shared one is not inlined)
         self.smem = 16
         self.device_control = plan.control == "device"
         self.views = find_views(plan, self.elem)
@@ -390,25 +395,30 @@ class Renderer:
             return []
         permuted = {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
                     if v.buffer in self.views and self.views[v.buffer].perm is not None}
-        if op not in self.op_code:
+        if op not in self.op_function:
             remap = {k: (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm)
                      for k, view in permuted.items()}
             renderer = OpRenderer(op, self.d, self.plan.block, self.read_only, remap)
-            self.op_code[op] = renderer.render()
+            params, body = renderer.render()
+            if (params, body) not in self.functions:
+                self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
+            self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
+        fn = self.op_function[op]
+        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
         args = ", ".join([self.ptr(v) for v in op.outputs] +
                          [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                           for k, v in enumerate(op.inputs)])
         first, count, n = task.first, task.count, op.n_utasks
         if n <= count:   # one round: vEU first + t runs uTask t
             t = f"(int)blockIdx.x - {first}" if first else "(int)blockIdx.x"
-            call = f"{op.name}({args}, {t}, gdsl_smem);"
+            call = f"{fn}({args}, {t}, gdsl_smem);"
             if first == 0 and n == self.plan.grid:
                 return [call]
             lo = f"blockIdx.x >= {first} && " if first else ""
             return [f"if ({lo}blockIdx.x < {first + n}) {call}"]
         loop = (f"for (gdsl_t = (int)blockIdx.x - {first}; gdsl_t < {n}; gdsl_t += {count}) "
-                f"{op.name}({args}, gdsl_t, gdsl_smem);")
+                f"{fn}({args}, gdsl_t, gdsl_smem);")
         if first == 0 and count == self.plan.grid:
             return [loop]
         lo = f"blockIdx.x >= {first} && " if first else ""
@@ -560,6 +570,12 @@ class Renderer:
         lines.append("}")
         return "\n".join(lines) + "\n", KernelSpec(name, params, grid_syncs)
 
+    def function_code(self, name: str, code: str) -> str:
+        sites = self.call_sites[name]
+        if sites == 1:
+            return "GDSL_DEV " + code
+        return f"// called from {sites} sites (ops of the same kind, shapes and split)\nGDSL_SHARED_OP " + code
+
     def render(self) -> Rendered:
         kernels = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
         specs = [spec for _, spec in kernels]
@@ -569,7 +585,7 @@ class Renderer:
                  self.d.includes(self.barrier) + self.d.header, PRELUDE,
                  f"#define GDSL_SMEM_BYTES {smem}\n",
                  "// ---------------------------------------------------------------------------------------- ops",
-                 "\n".join(self.op_code.values()),
+                 "\n".join(self.function_code(name, code) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
                  "\n".join(code for code, _ in kernels),
                  self.d.host_code(specs, self.plan)]

@@ -5,6 +5,7 @@ from gdsl.backends.cfamily.render import Dialect
 
 HEADER = r"""
 #define GDSL_DEV __device__ __forceinline__
+#define GDSL_SHARED_OP __device__ __noinline__
 #define GDSL_WARP 32
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
 #define GDSL_U2F(u) __uint_as_float(u)

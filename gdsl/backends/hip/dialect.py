@@ -6,6 +6,7 @@ from gdsl.backends.cfamily.render import Dialect
 
 HEADER = r"""
 #define GDSL_DEV __device__ __forceinline__
+#define GDSL_SHARED_OP __device__ __noinline__
 #define GDSL_WARP 64
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor((v), (m), (w))
 #define GDSL_U2F(u) __uint_as_float(u)
