@@ -110,18 +110,26 @@ def test_views_replace_contiguous_slices():
     assert "op_slice" not in source and "_dynamic_slice(" not in source.split("// ----")[-1]
 
 
-def test_identical_utasks_share_one_function():
-    """Ten identical layers: one tanh function called from ten sites and one GEMV from nine (the first
-    reads the argument, not a temporary), not inlined."""
+def test_identical_utasks_share_one_function(monkeypatch):
+    """Ten identical layers: one tanh function for ten sites and one GEMV for nine (the first reads the
+    argument, not a temporary). Inlined while small; past the inlining budget, called instead."""
+    from gdsl.backends.cfamily import render
+
     def layers(x, w):
         for k in range(10):
             x = gdsl.numpy.tanh(x @ w[k])
         return x
-    source = gdsl.jit(layers, backend="cuda", grid=8).lower(np.ones((1, 64), np.float32),
-                                                           np.ones((10, 64, 64), np.float32)).source
-    ops = _generated_part(source).split('extern "C"')[0]
-    assert ops.count("GDSL_SHARED_OP void") == 2 and ops.count("GDSL_DEV void") == 1
-    assert "// called from 10 sites" in ops and "// called from 9 sites" in ops
+
+    def ops():
+        source = gdsl.jit(layers, backend="cuda", grid=8).lower(np.ones((1, 64), np.float32),
+                                                               np.ones((10, 64, 64), np.float32)).source
+        return _generated_part(source).split('extern "C"')[0]
+    small = ops()
+    assert small.count("GDSL_DEV void") == 3 and "GDSL_SHARED_OP" not in small
+    monkeypatch.setattr(render, "INLINE_BUDGET", 0)
+    large = ops()
+    assert large.count("GDSL_SHARED_OP void") == 2 and large.count("GDSL_DEV void") == 1
+    assert "// called from 10 sites" in large and "// called from 9 sites" in large
 
 
 @needs_cxx

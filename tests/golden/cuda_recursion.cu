@@ -1,8 +1,7 @@
 #define GDSL_SMEM_BYTES 16
 
 // ---------------------------------------------------------------------------------------- ops
-// called from 4 sites (ops of the same kind, shapes and split)
-GDSL_SHARED_OP void op5_copy(float* o0, const float* i0, int t, char* smem) {
+GDSL_DEV void op5_copy(float* o0, const float* i0, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
