@@ -284,11 +284,23 @@ def test_tiny_reductions_are_uniform_and_correct():
 
 @pytest.mark.parametrize("dtype", (f32, f16, bf16, i32), ids=str)
 @pytest.mark.parametrize("shapes", [((7, 13), (13, 5)), ((1, 300), (300, 257)), ((70, 33), (33, 130)),
-                                    ((2, 1, 3, 4), (5, 4, 6)), ((9,), (9, 4)), ((4, 9), (9,))])
+                                    ((5, 64), (64, 160)), ((2, 1, 3, 4), (5, 4, 6)), ((9,), (9, 4)), ((4, 9), (9,))])
 def test_matmul(dtype, shapes):
     rng = np.random.default_rng(14)
     a, b = rand(rng, shapes[0], dtype, -2, 2), rand(rng, shapes[1], dtype, -2, 2)
     same(gnp.matmul, (a, b), splits=SPLITS, rtol=2e-4 if dtype == f32 else None)
+
+
+@pytest.mark.parametrize("dtype", (f32, bf16, i32), ids=str)
+@pytest.mark.parametrize("shapes", [((1, 96), (96, 300)), ((3, 40), (40, 256)), ((2, 5, 17), (17, 200)),
+                                    ((4, 1, 24), (4, 24, 160)), ((20, 33), (33, 130))])
+def test_matmul_with_constant_weights(dtype, shapes):
+    """A constant right operand of several column tiles is read from a copy packed tile by tile."""
+    rng = np.random.default_rng(21)
+    a, b = rand(rng, shapes[0], dtype, -2, 2), rand(rng, shapes[1], dtype, -2, 2)
+    same(lambda x: gnp.matmul(x, b), (a,), controls=("device", "host"), splits=SPLITS,
+         rtol=2e-4 if dtype == f32 else None)
+    assert gdsl.jit(lambda x: gnp.matmul(x, b), backend="cpu").lower(a).lowering.packed
 
 
 @pytest.mark.parametrize("stride,padding", [(1, 0), (1, 1), (2, 1), (3, 2)])

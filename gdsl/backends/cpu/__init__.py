@@ -12,7 +12,7 @@ Options:
   vEUs' uTasks), all running the kernel at once like a GPU's persistent thread blocks, with barriers
   between waves. Default: one vEU per core when the operands of the program's matmuls/convolutions add
   up to more than half a core's L2 cache (then they fit the cores' caches together: the LSTM, NASRNN and
-  RAE benchmarks run 1.3-2x faster on two idle cores), else 1: a single thread runs every uTask, no
+  RAE benchmarks run 1.2-3.6x faster on two idle cores), else 1: a single thread runs every uTask, no
   barrier costs anything, and each operator gets its largest tiles. A multi-vEU executable times itself
   on all its threads and on one (same results) and keeps the faster, since on a machine whose cores are
   busy with other work every barrier waits for a descheduled thread. Host control uses one thread.
@@ -82,6 +82,7 @@ class Lowering:
     source: str             # the LLVM IR module
     symbols: list = field(default_factory=list)   # kernel entry points, in plan.kernels order
     threads: int = 1
+    packed: list = field(default_factory=list)    # (const buffer, shape, tile): packed copies, see render.py
 
 
 def lower(program, options) -> Lowering:
@@ -92,14 +93,15 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
-    text, symbols = ModuleWriter(plan, threads).render()
-    return Lowering(plan, text, symbols, threads)
+    writer = ModuleWriter(plan, threads)
+    text, symbols = writer.render()
+    return Lowering(plan, text, symbols, threads, writer.packed_operands())
 
 
 def load(lowering: Lowering):
     from gdsl.backends.cpu import runtime
     addresses = runtime.compile_module(lowering.source, lowering.symbols)
-    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads)
+    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed)
 
 
 def to_device(x):

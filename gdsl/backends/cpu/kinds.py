@@ -467,13 +467,35 @@ def _acc_dtype(dtype):
 
 
 PREFETCH_ROWS = 8
-BAND_LIMIT = 8192   # accumulator elements (32 KiB of float32: L1) of a matmul row band done in one pass
+BAND_LIMIT = 8192   # accumulator elements (32 KiB of float32: L1) of a matmul row band done in one go
+
+
+def packed_tile(op) -> int:
+    """The column tile width of a matmul whose right operand is a constant of several column tiles, which
+    the executable keeps packed (pack_columns); else 0. Row-major, a tile is a short piece of every row of
+    b: with a power-of-two row length those pieces map to a fraction of the L2 cache's sets, and the
+    prefetchers run on into the next tile, so a core cannot keep its tiles in its L2 across calls. Packed,
+    each tile is one contiguous panel."""
+    if op.kind != "matmul":
+        return 0
+    b, tn = op.inputs[1], op.params["tile_n"]
+    const = b.buffer is not None and b.buffer.kind == "const"
+    return tn if const and b.aval.ndim >= 2 and b.aval.shape[-1] > tn else 0
+
+
+def pack_columns(b: np.ndarray, tn: int) -> np.ndarray:
+    """b[..., k, n] as panels p[..., j, kk, c] = b[..., kk, j * tn + c] (zeros past column n)."""
+    *batch, k, n = b.shape
+    panels = -(-n // tn)
+    padded = np.zeros((*batch, k, panels * tn), b.dtype)
+    padded[..., :n] = b
+    return np.ascontiguousarray(np.swapaxes(padded.reshape(*batch, k, panels, tn), -2, -3))
 
 
 def matmul_bands(op) -> int:
     """How many row bands (b, ti) a matmul has, when one thread can compute all column tiles of a band in
-    one pass (its accumulators fit BAND_LIMIT); else 0."""
-    if op.kind != "matmul":
+    one go (its accumulators fit BAND_LIMIT) along b's rows (b not packed); else 0."""
+    if op.kind != "matmul" or packed_tile(op):
         return 0
     n, tm, tn = op.outputs[0].aval.shape[-1], op.params["tile_m"], op.params["tile_n"]
     if n <= tn or tm * n > BAND_LIMIT:
@@ -483,9 +505,10 @@ def matmul_bands(op) -> int:
 
 def emit_matmul(fn, ops, op, t, band=False):
     """uTask t: output tile (b, ti, tj). With `band`, t numbers a row band (b, ti) instead and the function
-    computes all of its column tiles in one pass over whole rows of the right operand: each output element
-    gets the same sum in the same order, but memory is read row after row, which prefetches far better
-    than a tile's short pieces of many rows (the GEMV case: LSTM cells, tree encoders)."""
+    computes all of its column tiles at once, reading the right operand in the longest pieces of its rows
+    that the accumulators allow (whole rows; float32: as many columns as the micro-kernel's registers
+    hold): each output element gets the same sum in the same order, but memory is read in far fewer, longer
+    streams than a tile's short pieces of many rows (the GEMV case: LSTM cells, tree encoders)."""
     a, b = ops.aval(0), ops.aval(1)
     out = op.outputs[0].aval
     batch, m, n, k = utasks.gemm_dims("matmul", [a, b], out, op.params)
@@ -504,15 +527,18 @@ def emit_matmul(fn, ops, op, t, band=False):
     a_st = broadcast_strides(a.shape[:-2], bshape)
     b_st = broadcast_strides(b.shape[:-2], bshape)
     a_base = affine(fn, 0, [(i, s * m * k) for i, s in zip(bidx, a_st)])
-    b_base = affine(fn, 0, [(i, s * k * n) for i, s in zip(bidx, b_st)])
+    packed = packed_tile(op)
+    b_base = affine(fn, 0, [(i, s * k * (nn * tn if packed else n)) for i, s in zip(bidx, b_st)])
     o_base = affine(fn, 0, [(i, s * m * n) for i, s in zip(bidx, strides(bshape))])
     i0 = fn.op(f"mul nsw i64 {ti}, {tm}") if nm > 1 else 0
     rows = min(tm, m) if m % tm == 0 or nm == 1 else fn.imin(fn.op(f"sub nsw i64 {m}, {i0}"), tm)
     j0 = fn.op(f"mul nsw i64 {tj}, {tn}") if nn > 1 else 0
     cols = min(tn, n) if n % tn == 0 or nn == 1 else fn.imin(fn.op(f"sub nsw i64 {n}, {j0}"), tn)
+    b_tile = affine(fn, b_base, [(tj, k * tn)] if packed else [(j0, 1)])   # b[kk, j0+c] at b_tile + kk*ldb + c
 
     def block(cols):
-        _gemm_block(fn, ops, a.dtype, b.dtype, out.dtype, k, n, a_base, b_base, o_base, i0, rows, j0, cols, tm, tn)
+        _gemm_block(fn, ops, a.dtype, b.dtype, out.dtype, k, n, a_base, b_tile, packed or n, o_base, i0, rows, j0,
+                    cols, tm, tn)
     if isinstance(cols, int):
         block(cols)
     else:   # every tile but the last column's is whole: give those constant columns (the micro-kernel)
@@ -531,29 +557,35 @@ def micro_shape() -> tuple[int, int, int]:
     return (8, 32, 16) if wide else (6, 16, 8)
 
 
-def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_base, o_base, i0, rows, j0, cols,
+def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb, o_base, i0, rows, j0, cols,
                 max_rows, max_cols):
-    """out[i0+r, j0+c] = sum_kk a[i0+r, kk] * b[kk, j0+c] for r < rows, c < cols (row-major a [., k],
-    b [k, n], out [., n] at the given bases), each element summed over kk in order (fused multiply-add).
+    """out[i0+r, j0+c] = sum_kk a[i0+r, kk] * b[b_tile + kk*ldb + c] for r < rows, c < cols (row-major a
+    [., k], out [., n] at the given bases), each element summed over kk in order (fused multiply-add).
 
-    float32 blocks whose columns are a constant multiple of the micro-kernel's go its number of rows at
-    a time through a register-blocked micro-kernel (_micro_kernel, micro_shape). The other rows use loop order k, r, c with
-    a row of accumulators per row (max_rows x max_cols, in L1): a row of b is read once per k and reused
-    by every row; for one row of a (GEMV) that row of accumulators stays in vector registers."""
+    float32 blocks whose columns are a constant multiple of the vector width go through the register-
+    blocked micro-kernel (_micro_kernel, micro_shape): its number of rows at a time, then the constant
+    rest of the rows (a GEMV's one row) at once. The other rows use loop order k, r, c with a row of
+    accumulators per row (max_rows x max_cols, in L1): a row of b is read once per k and reused by every
+    row."""
     done = 0
     f32 = dtypes.float32
-    mr, mc, _ = micro_shape()
-    if (a_dtype == b_dtype == out_dtype == f32 and isinstance(cols, int) and cols % mc == 0
-            and max_rows >= mr and k > 0 and ops.in_access[0][0] == ops.in_access[1][0] == "ptr"):
-        done = rows // mr * mr if isinstance(rows, int) else fn.op(f"mul nsw i64 {fn.op(f'sdiv i64 {rows}, {mr}')}, {mr}")
-        def panel(r):
-            rows_at = [affine(fn, a_base, [(i0, k), (r, k), (rr, k)]) for rr in range(mr)]
-            for c in range(0, cols, mc):
-                out_at = [affine(fn, o_base, [(i0, n), (r, n), (rr, n), (j0, 1), (c, 1)]) for rr in range(mr)]
-                _micro_kernel(fn, ops.in_access[0][1], rows_at, ops.in_access[1][1],
-                              affine(fn, b_base, [(j0, 1), (c, 1)]), n, ops.out_access[0][1], out_at, k)
-        fn.loop(0, done, panel, step=mr)
-        if isinstance(rows, int) and rows == done:
+    mr, mc, lanes = micro_shape()
+    if (a_dtype == b_dtype == out_dtype == f32 and isinstance(cols, int) and cols % lanes == 0
+            and k > 0 and ops.in_access[0][0] == ops.in_access[1][0] == "ptr"):
+        def block(r, count):
+            rows_at = [affine(fn, a_base, [(i0, k), (r, k), (rr, k)]) for rr in range(count)]
+            width = lanes * max(1, mr * mc // lanes // count)     # as many accumulators as mr x mc
+            for c in range(0, cols, width):
+                out_at = [affine(fn, o_base, [(i0, n), (r, n), (rr, n), (j0, 1), (c, 1)]) for rr in range(count)]
+                _micro_kernel(fn, ops.in_access[0][1], rows_at, ops.in_access[1][1], affine(fn, b_tile, [(c, 1)]),
+                              ldb, ops.out_access[0][1], out_at, k, min(width, cols - c))
+        if max_rows >= mr:
+            done = (rows // mr * mr if isinstance(rows, int)
+                    else fn.op(f"mul nsw i64 {fn.op(f'sdiv i64 {rows}, {mr}')}, {mr}"))
+            fn.loop(0, done, lambda r: block(r, mr), step=mr)
+        if isinstance(rows, int):
+            if rows > done:
+                block(done, rows - done)
             return
     acc_dtype = _acc_dtype(a_dtype)
     ty = compute_type(acc_dtype)
@@ -567,8 +599,8 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_base, o_ba
     fn.loop(done, rows, lambda r: fn.loop(0, cols, lambda c: fn.store(ty, zero, slot(r, c)), unroll=unroll))
 
     def kstep(kk):
-        _prefetch(fn, ops, b_dtype, b_base, kk, k, n, j0, cols)
-        b_row = affine(fn, b_base, [(kk, n), (j0, 1)])
+        _prefetch(fn, ops, b_dtype, b_tile, kk, k, ldb, cols)
+        b_row = affine(fn, b_tile, [(kk, ldb)])
 
         def row(r):
             av = convert(fn, ops.load(0, affine(fn, a_base, [(i0, k), (r, k), (kk, 1)])), a_dtype, acc_dtype)
@@ -588,8 +620,10 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_base, o_ba
     fn.loop(done, rows, store_row)
 
 
-def _micro_kernel(fn, a_ptr, a_rows, b_ptr, b_start, b_stride, out_ptr, out_rows, k_count, accumulate=False):
-    """The float32 register block of micro_shape(): for each row rr and column cc,
+def _micro_kernel(fn, a_ptr, a_rows, b_ptr, b_start, b_stride, out_ptr, out_rows, k_count, cols=None,
+                  accumulate=False):
+    """A float32 register block of len(a_rows) rows and `cols` columns (default: micro_shape()'s, a
+    multiple of its lanes): for each row rr and column cc,
 
         out[out_rows[rr] + cc] (+)= sum(a[a_rows[rr] + kk] * b[b_start + kk * b_stride + cc]
                                         for kk in range(k_count))           (kk in order, fused multiply-add)
@@ -597,8 +631,9 @@ def _micro_kernel(fn, a_ptr, a_rows, b_ptr, b_start, b_stride, out_ptr, out_rows
     The accumulators are explicit <lanes x float> SSA values carried through the k loop (phis), so they
     live in registers; per k one vector load of each piece of b's row and one broadcast of each a
     element feed rows x cols / lanes fused multiply-adds. `accumulate`: start from out's values."""
-    micro_rows, micro_cols, lanes = micro_shape()
-    vec, q = f"<{lanes} x float>", micro_cols // lanes
+    _, micro_cols, lanes = micro_shape()
+    micro_rows = len(a_rows)
+    vec, q = f"<{lanes} x float>", (cols or micro_cols) // lanes
 
     def vector_at(ptr, offset, j):
         return fn.gep("float", ptr, fn.op(f"add nsw i64 {offset}, {j * lanes}"))
@@ -633,14 +668,14 @@ def _micro_kernel(fn, a_ptr, a_rows, b_ptr, b_start, b_stride, out_ptr, out_rows
             fn.do(f"store {vec} {new[rr][j]}, ptr {vector_at(out_ptr, out_rows[rr], j)}, align 4")
 
 
-def _prefetch(fn, ops, b_dtype, b_base, kk, k, n, j0, cols):
+def _prefetch(fn, ops, b_dtype, b_tile, kk, k, ldb, cols):
     """Each k reads a short piece of a new row of b, which hardware prefetchers follow poorly: fetch the
     piece PREFETCH_ROWS rows ahead by hand."""
-    if not (PREFETCH_ROWS and isinstance(cols, int) and cols <= 128 and n > cols and ops.in_access[1][0] == "ptr"):
+    if not (PREFETCH_ROWS and isinstance(cols, int) and cols <= 128 and ldb > cols and ops.in_access[1][0] == "ptr"):
         return
     ahead = fn.imin(fn.op(f"add nsw i64 {kk}, {PREFETCH_ROWS}"), k - 1)
     for line in range(0, cols, 64 // b_dtype.itemsize):
-        at = fn.gep(mem_type(b_dtype), ops.in_access[1][1], affine(fn, b_base, [(ahead, n), (j0, 1), (line, 1)]))
+        at = fn.gep(mem_type(b_dtype), ops.in_access[1][1], affine(fn, b_tile, [(ahead, ldb), (line, 1)]))
         fn.do(f"call void @llvm.prefetch.p0(ptr {at}, i32 0, i32 3, i32 1)")
 
 

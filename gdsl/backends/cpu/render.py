@@ -10,15 +10,20 @@
     Op                  three internal functions: the uTask function, void @<prefix>_<op>(one noalias
                         pointer per distinct storage it touches, one scalar per uniform it reads, i64 %t)
                         computing uTask t (kinds.py); for a matmul whose row bands fit L1, a row-band
-                        function computing every tile of a band in one pass (kinds.emit_matmul); and the
+                        function computing every tile of a band at once (kinds.emit_matmul); and the
                         run function that the kernel calls once per Task, which loops over this thread's
                         uTasks (keeping the loops out of the kernel keeps its compile time linear).
                         Ops whose functions come out identical (same kind, shapes, params) share them.
     Wave                one call of each task's run function: on each of the task's vEUs v that this
                         thread runs, for t in range(v - first, op.n_utasks, count): the uTask function
                         (one thread: for t in range(op.n_utasks), or band by band)
-    Sync                "grid": a barrier of the threads (spin, then futex sleep); "block": nothing (a vEU
-                        is one thread, its uTasks run in order). With one thread: nothing at all.
+    Sync                "grid": a barrier of the threads (spin, then futex sleep), paid lazily: the next
+                        work (a wave, or every thread touching a buffer that waves write) waits for it
+                        unless the work since the last barrier and this work are all on one vEU (a chain
+                        of one-uTask ops: one thread, in order); "block": nothing (a vEU is one thread,
+                        its uTasks run in order). With one thread: nothing at all.
+    packed constants    the right operand of a matmul that is a constant of several column tiles is read
+                        from a copy packed tile by tile (kinds.packed_tile), in %table after the buffers
     Uniforms / Assign   scalars in stack slots of each thread (frame uniforms: one slot per recursion depth)
     Loop / Branch       native loops and switches on uniform predicates and indices
     Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
@@ -43,7 +48,13 @@ from gdsl.backends.cpu.ir import (
     mem_type,
     store_element,
 )
-from gdsl.backends.cpu.kinds import Operands, emit_utask, matmul_bands, uniform_value
+from gdsl.backends.cpu.kinds import (
+    Operands,
+    emit_utask,
+    matmul_bands,
+    packed_tile,
+    uniform_value,
+)
 from gdsl.backends.cpu.lowerings import support_code
 from gdsl.schedule.plan import (
     Assign,
@@ -56,16 +67,29 @@ from gdsl.schedule.plan import (
     Uniform,
     Uniforms,
     Wave,
+    plan_statements,
 )
 from gdsl.schedule.printer import describe_op, describe_uniform
 from gdsl.tracing.ir import Lit
 
 PREFIX = "GDSLPREFIX"
+NOBODY, MANY = -1, -2      # KernelWriter's record of who worked since the last barrier (else one vEU)
 SELF = "GDSLSELF"
 
 
 def _key(value):
     return id(value.storage), value.frame_offset
+
+
+def _written(plan):
+    """Every value that a statement of the plan writes."""
+    for stmt in plan_statements(plan):
+        if isinstance(stmt, Wave):
+            yield from (v for task in stmt.tasks for v in task.op.outputs)
+        elif isinstance(stmt, Uniforms):
+            yield from (u.output for u in stmt.ops)
+        elif isinstance(stmt, Assign):
+            yield stmt.dst
 
 
 class ModuleWriter:
@@ -79,9 +103,12 @@ class ModuleWriter:
         self.functions = {f.name: f for f in plan.functions}
         self.metadata: list = []
         self.op_texts: dict = {}      # uTask function text -> its symbol
+        self.packed: dict = {}        # (id(const buffer), shape, tile) -> (table slot, buffer, shape, tile)
+        self.written = {id(v.storage) for v in _written(plan)}   # buffers that ops and uniform ops write
 
     def op_function(self, op):
-        """(symbol, [("ptr" | "scalar", Value)...]) of op's run function, written on first use:
+        """(symbol, [("ptr" | "scalar", Value) or ("packed", table slot)...]) of op's run function, written
+        on first use:
         run(pointers..., scalars..., i64 thread, i64 nthreads, i64 first, i64 count) runs the uTasks of
         the vEUs first..first+count-1 that belong to `thread` (all of them when nthreads = 1), calling
         the uTask function (or, alone, the matmul row-band function: kinds.matmul_bands)."""
@@ -89,7 +116,7 @@ class ModuleWriter:
             return self.op_names[id(op)]
         params, args, slot_of = [], [], {}
 
-        def access(value):
+        def access(value, tile=0):
             if isinstance(value.storage, Lit):
                 return ("lit", value.storage.val)
             if isinstance(value.storage, Uniform):
@@ -97,13 +124,13 @@ class ModuleWriter:
                 params.append(f"{compute_type(value.aval.dtype)} {name}")
                 args.append(("scalar", value))
                 return ("scalar", name)
-            key = _key(value)
+            key = (_key(value), tile)
             if key not in slot_of:
                 slot_of[key] = f"%p{len(params)}"
                 params.append(f"ptr noalias {slot_of[key]}")
-                args.append(("ptr", value))
+                args.append(("packed", self.packed_slot(value, tile)) if tile else ("ptr", value))
             return ("ptr", slot_of[key])
-        ins = [access(v) for v in op.inputs]
+        ins = [access(v, packed_tile(op) if k == 1 else 0) for k, v in enumerate(op.inputs)]
         outs = [access(v) for v in op.outputs]
         forward = ", ".join(p.replace(" noalias", "") for p in params)
 
@@ -135,6 +162,18 @@ class ModuleWriter:
         symbol = self._add(fn, op, "_run")
         self.op_names[id(op)] = (symbol, args)
         return symbol, args
+
+    def packed_slot(self, value, tile) -> int:
+        """The table slot of constant `value` packed in column panels of `tile` (kinds.pack_columns), after
+        the plan's buffers."""
+        key = (id(value.storage), value.aval.shape, tile)
+        if key not in self.packed:
+            self.packed[key] = (len(self.plan.buffers) + len(self.packed), value.storage, value.aval.shape, tile)
+        return self.packed[key][0]
+
+    def packed_operands(self) -> list:
+        """(const buffer, shape, tile) of each packed copy, in table slot order."""
+        return [entry[1:] for entry in self.packed.values()]
 
     def _add(self, fn, op, suffix) -> str:
         """The symbol of function `fn` (its name is SELF), added to the module unless an identical function
@@ -181,7 +220,7 @@ class KernelWriter:
         self.fn = Function(f"define i32 @{symbol}(ptr noalias %table, ptr noalias %depths, i64 %thread, "
                            f"i64 %nthreads, ptr %barrier)", attrs="nounwind ", metadata=[])
         self.alone = None      # i1: %nthreads == 1
-        self.sense = None
+        self.sense = self.worked = self.owed = None
         self.bases: dict = {}
         self.uniform_slots: dict = {}
         self.depths: dict = {}        # device: fn name -> slot; host: fn name -> SSA value
@@ -195,13 +234,16 @@ class KernelWriter:
         self.fn.allocas.append(line)
 
     def base(self, buf: Buffer) -> str:
-        if id(buf) not in self.bases:
-            index = self.mod.buffer_index[id(buf)]
-            slot, name = self.fn.name("tab"), self.fn.name(f"{buf.name}_")
+        return self.table_entry(self.mod.buffer_index[id(buf)], buf.name)
+
+    def table_entry(self, index, name) -> str:
+        """The address in slot `index` of %table (loaded once, on entry)."""
+        if index not in self.bases:
+            slot, value = self.fn.name("tab"), self.fn.name(f"{name}_")
             self._prologue(f"  {slot} = getelementptr inbounds ptr, ptr %table, i64 {index}")
-            self._prologue(f"  {name} = load ptr, ptr {slot}, align 8")
-            self.bases[id(buf)] = name
-        return self.bases[id(buf)]
+            self._prologue(f"  {value} = load ptr, ptr {slot}, align 8")
+            self.bases[index] = value
+        return self.bases[index]
 
     def depth(self, fname) -> str:
         """The current depth of recursive function `fname` (i64)."""
@@ -279,14 +321,23 @@ class KernelWriter:
             getattr(self, "_" + type(stmt).__name__.lower())(stmt)
 
     def _wave(self, wave: Wave) -> None:
+        veus = {task.first + j for task in wave.tasks for j in range(min(task.count, task.op.n_utasks))}
+        if veus:
+            self._work(veus.pop() if len(veus) == 1 else MANY)
         for task in wave.tasks:
             op = task.op
             symbol, args = self.mod.op_function(op)
-            actual = [f"ptr {self.pointer(v)}" if kind == "ptr" else f"{compute_type(v.aval.dtype)} {self.scalar(v)}"
-                      for kind, v in args]
+            actual = [self._argument(kind, v) for kind, v in args]
             veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, op.n_utasks)}"
             self.fn.do(f"; {describe_op(op)}  [{op.n_utasks} uTasks, vEU {task.first}..{task.first + task.count - 1}]")
             self.fn.do(f"call void @{symbol}({', '.join([*actual, veus])})")
+
+    def _argument(self, kind, v) -> str:
+        if kind == "ptr":
+            return f"ptr {self.pointer(v)}"
+        if kind == "packed":
+            return f"ptr {self.table_entry(v, 'packed')}"
+        return f"{compute_type(v.aval.dtype)} {self.scalar(v)}"
 
     def _is_alone(self):
         if self.alone is None:
@@ -298,14 +349,51 @@ class KernelWriter:
         if self.threads == 1 or stmt.scope != "grid":
             self.fn.do(f"; barrier ({stmt.scope}): nothing to wait for here")
             return
+        self.fn.do("; barrier (grid): owed, paid by the next work that needs it (_work)")
+        self.fn.store("i1", "true", self._barrier_state()[1])
+
+    def _barrier_state(self):
+        """Slots (worked, owed): who worked since the last barrier (NOBODY, a vEU, MANY) and whether a grid
+        Sync came since. Every thread keeps the same state: control flow is uniform."""
         if self.sense is None:
-            self.sense = self.fn.name("sense")
-            self._prologue(f"  {self.sense} = alloca i32, align 4")
-            self._prologue(f"  store i32 0, ptr {self.sense}")
-        self.fn.if_(self.fn.op(f"xor i1 {self._is_alone()}, true"), lambda: self.fn.do(
-            f"call void @gdsl_barrier(ptr %barrier, ptr {self.sense}, i64 %nthreads)"))
+            self.sense, self.worked, self.owed = self.fn.name("sense"), self.fn.name("worked"), self.fn.name("owed")
+            for slot, ty, start in ((self.sense, "i32", 0), (self.worked, "i32", NOBODY), (self.owed, "i1", "false")):
+                self._prologue(f"  {slot} = alloca {ty}")
+                self._prologue(f"  store {ty} {start}, ptr {slot}")
+        return self.worked, self.owed
+
+    def _work(self, who) -> None:
+        """Before work of vEU `who` (MANY: of several vEUs, or of every thread on a buffer that waves write):
+        the barrier that an owed grid Sync stands for, unless everything since the last barrier and this
+        work run on one vEU, so on one thread, in order (a chain of one-uTask ops needs no barrier)."""
+        if self.threads == 1:
+            return
+        fn = self.fn
+        worked_slot, owed_slot = self._barrier_state()
+        worked, owed = fn.load("i32", worked_slot), fn.load("i1", owed_slot)
+        busy = fn.op(f"icmp ne i32 {worked}, {NOBODY}")
+        same = "false" if who == MANY else fn.op(f"icmp eq i32 {worked}, {who}")
+        pending = fn.op(f"and i1 {owed}, {busy}")
+        need = fn.op(f"and i1 {pending}, {fn.op(f'xor i1 {same}, true')}")
+
+        def wait():
+            fn.do(f"call void @gdsl_barrier(ptr %barrier, ptr {self.sense}, i64 %nthreads)")
+            fn.store("i32", str(who), worked_slot)
+            fn.store("i1", "false", owed_slot)
+
+        def go_on():
+            one = fn.op(f"or i1 {fn.op(f'xor i1 {busy}, true')}, {same}")
+            fn.store("i32", fn.op(f"select i1 {one}, i32 {who}, i32 {MANY}"), worked_slot)
+            fn.store("i1", pending, owed_slot)
+        fn.if_(fn.op(f"and i1 {need}, {fn.op(f'xor i1 {self._is_alone()}, true')}"), wait, go_on)
+
+    def _shared(self, values) -> None:
+        """Every thread reads or writes `values` next: work of MANY if any is a buffer that waves write."""
+        if any(isinstance(v.storage, Buffer) and id(v.storage) in self.mod.written for v in values):
+            self._work(MANY)
 
     def _uniforms(self, stmt: Uniforms) -> None:
+        self._shared([v for u in stmt.ops for v in (*u.inputs, u.output)])
         for u in stmt.ops:
             self.fn.do(f"; {describe_uniform(u)}")
             value = uniform_value(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
@@ -313,6 +401,7 @@ class KernelWriter:
 
     def _assign(self, stmt: Assign) -> None:
         self.fn.do(f"; {stmt.dst!r} = {stmt.src!r}")
+        self._shared([stmt.src, stmt.dst])
         self.set_scalar(stmt.dst, self.scalar(stmt.src))
 
     def _loop(self, stmt: Loop) -> None:
@@ -321,6 +410,7 @@ class KernelWriter:
         fn.goto(head)
         fn.start(head)
         self.block(stmt.cond)
+        self._shared([stmt.pred])
         fn.do(f"br i1 {self._truth(stmt.pred)}, label %{body}, label %{done}")
         fn.start(body)
         self.block(stmt.body)
@@ -339,6 +429,7 @@ class KernelWriter:
     def _branch(self, stmt: Branch) -> None:
         fn = self.fn
         n = len(stmt.branches)
+        self._shared([stmt.index])
         index = fn.ext_index(self.scalar(stmt.index), compute_type(stmt.index.aval.dtype))
         index = fn.clamp(index, 0, n - 1)
         labels = [fn.label("case") for _ in range(n)]

@@ -4,28 +4,31 @@ One MCJIT engine per process (llvmlite 0.50 allows no other safe pattern: the en
 machine), host CPU and features, new-pass-manager O3. Modules are cached by the hash of their text: a
 second `compile_module` of the same IR returns the cached entry points without recompiling.
 
-`Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts),
-allocated once with numpy; each call writes the argument and fresh output addresses into the buffer
-table and runs the kernel (device control) or drives the host program (host control) with an explicit
-stack in Python. Calls of one Executable from several Python threads take turns (the workspace is shared).
+`Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts,
+packed copies of matmul weights: kinds.pack_columns), allocated once with numpy, cache-line aligned; each
+call writes the argument and fresh output addresses into the buffer table and runs the kernel (device
+control) or drives the host program (host control) with an explicit stack in Python. Calls of one
+Executable from several Python threads take turns (the workspace is shared).
 
 With `threads` > 1 (device control) the kernel runs as that many persistent threads at once, like the
-vEUs of a GPU kernel: the caller's thread is thread 0 and a process-wide pool of Python threads runs the
-others (ctypes releases the GIL for the call); the kernel's barriers synchronise them. The same kernel
-also runs on one thread (nthreads = 1: every vEU's uTasks in turn, no barrier); _ThreadChoice picks per
-call, by measured time.
+vEUs of a GPU kernel: the caller's thread is thread 0 and a process-wide pool of worker threads, which
+wait for jobs in native code (_POOL_IR), runs the others; the kernel's barriers synchronise them. The
+same kernel also runs on one thread (nthreads = 1: every vEU's uTasks in turn, no barrier); _ThreadChoice
+picks per call, by measured time.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import queue
+import os
 import re
 import threading
 import time
 
 import numpy as np
 
+from gdsl.backends.cpu import cpu_count
+from gdsl.backends.cpu.kinds import pack_columns
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
 from gdsl.tracing.ir import Lit
@@ -128,38 +131,134 @@ def assembly(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ executable
 
-class _Pool:
-    """Persistent worker threads that run kernel copies 1..threads-1 (one job at a time per process)."""
+# The process's vEU workers, in native code. Control block (i64 words): 0 job counter (its low i32 is the
+# futex word), 1 sleeping workers (i32), 2 workers done with the job, 3 kernel, 4 table, 5 depths,
+# 6 threads, 7 barrier, 8 + k the return code of kernel copy k. A worker spins a while on the job counter,
+# then sleeps on it (futex); seq_cst on the counter and the sleeper count means no wake-up is lost (as in
+# lowerings._BARRIER). Linux x86-64: syscall 202 = futex (128: private; +1: wake), 24 = sched_yield.
+_POOL_IR = r"""
+define void @gdsl_pool_worker(ptr %ctl, i64 %k, i32 %first) nounwind {
+entry:
+  %sleepers = getelementptr inbounds i64, ptr %ctl, i64 1
+  %done = getelementptr inbounds i64, ptr %ctl, i64 2
+  %kernel_at = getelementptr inbounds i64, ptr %ctl, i64 3
+  %table_at = getelementptr inbounds i64, ptr %ctl, i64 4
+  %depths_at = getelementptr inbounds i64, ptr %ctl, i64 5
+  %threads_at = getelementptr inbounds i64, ptr %ctl, i64 6
+  %barrier_at = getelementptr inbounds i64, ptr %ctl, i64 7
+  %k8 = add i64 %k, 8
+  %code_at = getelementptr inbounds i64, ptr %ctl, i64 %k8
+  br label %spin
+spin:
+  %seen = phi i32 [%first, %entry], [%seen, %again], [%seen, %woke], [%job, %run], [%job, %work]
+  %i = phi i32 [0, %entry], [%i1, %again], [0, %woke], [0, %run], [0, %work]
+  %job = load atomic i32, ptr %ctl acquire, align 8
+  %new = icmp ne i32 %job, %seen
+  br i1 %new, label %run, label %again
+again:
+  %i1 = add i32 %i, 1
+  %patient = icmp ult i32 %i, 200000
+  br i1 %patient, label %spin, label %sleep
+sleep:
+  %s0 = atomicrmw add ptr %sleepers, i32 1 seq_cst, align 8
+  %now = load atomic i32, ptr %ctl seq_cst, align 8
+  %same = icmp eq i32 %now, %seen
+  br i1 %same, label %futex, label %woke
+futex:
+  %r = call i64 (i64, ...) @syscall(i64 202, ptr %ctl, i32 128, i32 %seen, ptr null, ptr null, i32 0)
+  br label %woke
+woke:
+  %s1 = atomicrmw sub ptr %sleepers, i32 1 seq_cst, align 8
+  br label %spin
+run:
+  %n = load atomic i64, ptr %threads_at monotonic, align 8
+  %mine = icmp slt i64 %k, %n
+  br i1 %mine, label %work, label %spin
+work:
+  %kernel = load ptr, ptr %kernel_at
+  %table = load ptr, ptr %table_at
+  %depths = load ptr, ptr %depths_at
+  %barrier = load ptr, ptr %barrier_at
+  %code = call i32 %kernel(ptr %table, ptr %depths, i64 %k, i64 %n, ptr %barrier)
+  %code64 = sext i32 %code to i64
+  store i64 %code64, ptr %code_at
+  %d = atomicrmw add ptr %done, i64 1 release, align 8
+  br label %spin
+}
 
+define i32 @gdsl_pool_run(ptr %ctl, ptr %kernel, ptr %table, ptr %depths, i64 %n, ptr %barrier) nounwind {
+entry:
+  %sleepers = getelementptr inbounds i64, ptr %ctl, i64 1
+  %done = getelementptr inbounds i64, ptr %ctl, i64 2
+  %kernel_at = getelementptr inbounds i64, ptr %ctl, i64 3
+  %table_at = getelementptr inbounds i64, ptr %ctl, i64 4
+  %depths_at = getelementptr inbounds i64, ptr %ctl, i64 5
+  %threads_at = getelementptr inbounds i64, ptr %ctl, i64 6
+  %barrier_at = getelementptr inbounds i64, ptr %ctl, i64 7
+  store ptr %kernel, ptr %kernel_at
+  store ptr %table, ptr %table_at
+  store ptr %depths, ptr %depths_at
+  store atomic i64 %n, ptr %threads_at monotonic, align 8
+  store ptr %barrier, ptr %barrier_at
+  store atomic i64 0, ptr %done monotonic, align 8
+  %job = atomicrmw add ptr %ctl, i32 1 seq_cst, align 8
+  %waiting = load atomic i32, ptr %sleepers seq_cst, align 8
+  %wake = icmp ne i32 %waiting, 0
+  br i1 %wake, label %wakeup, label %go
+wakeup:
+  %w = call i64 (i64, ...) @syscall(i64 202, ptr %ctl, i32 129, i32 2147483647, ptr null, ptr null, i32 0)
+  br label %go
+go:
+  %code = call i32 %kernel(ptr %table, ptr %depths, i64 0, i64 %n, ptr %barrier)
+  %others = sub i64 %n, 1
+  br label %join
+join:
+  %i = phi i32 [0, %go], [%i1, %more], [%i1, %yield]
+  %d = load atomic i64, ptr %done acquire, align 8
+  %all = icmp eq i64 %d, %others
+  br i1 %all, label %out, label %more
+more:
+  %i1 = add i32 %i, 1
+  %patient = icmp ult i32 %i, 200000
+  br i1 %patient, label %join, label %yield
+yield:
+  %y = call i64 (i64, ...) @syscall(i64 24)
+  br label %join
+out:
+  ret i32 %code
+}
+
+declare i64 @syscall(i64, ...)
+"""
+POOL_RUN_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_int64, ctypes.c_void_p)
+POOL_WORKER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
+
+
+class _Pool:
+    """Persistent worker threads that run kernel copies 1..threads-1 (one job at a time per process). Each
+    worker is a Python thread that calls gdsl_pool_worker once and stays in native code (the GIL released),
+    so handing out a job takes no Python thread switch."""
     def __init__(self):
         self.lock = threading.Lock()
-        self.queues: list = []
-        self.done = queue.SimpleQueue()
+        self.control = np.zeros(8 + cpu_count(), np.int64)
+        self.workers: list = []
+        self.run_job = None
 
-    def _work(self, jobs):
-        while True:
-            fn, args = jobs.get()
-            try:
-                self.done.put(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - reported by the caller
-                self.done.put(e)
-
-    def run(self, fn, threads, table, depths, barrier):
-        """fn(table, depths, k, threads, barrier) for k in range(threads) at once; the return codes."""
+    def run(self, kernel, threads, table, depths, barrier):
+        """kernel(table, depths, k, threads, barrier) for k in range(threads) at once; the return codes."""
         with self.lock:
-            while len(self.queues) < threads - 1:
-                jobs = queue.SimpleQueue()
-                threading.Thread(target=self._work, args=(jobs,), daemon=True, name="gdsl-cpu-veu").start()
-                self.queues.append(jobs)
-            for k in range(1, threads):
-                self.queues[k - 1].put((fn, (table, depths, k, threads, barrier)))
-            codes = [fn(table, depths, 0, threads, barrier)]
-            for _ in range(1, threads):
-                codes.append(self.done.get())
-        for c in codes:
-            if isinstance(c, BaseException):
-                raise c
-        return codes
+            if self.run_job is None:
+                addresses = compile_module(_POOL_IR, ["gdsl_pool_worker", "gdsl_pool_run"])
+                self.run_job = POOL_RUN_TYPE(addresses["gdsl_pool_run"])
+                self.worker = POOL_WORKER_TYPE(addresses["gdsl_pool_worker"])
+            while len(self.workers) < threads - 1:    # a new worker waits for the jobs after the last one
+                args = (self.control.ctypes.data, len(self.workers) + 1, int(self.control[:1].view(np.int32)[0]))
+                self.workers.append(threading.Thread(target=self.worker, args=args, daemon=True,
+                                                     name="gdsl-cpu-veu"))
+                self.workers[-1].start()
+            code = self.run_job(self.control.ctypes.data, kernel, table, depths, threads, barrier)
+            return [code, *self.control[9:8 + threads].tolist()]
 
 
 class _ThreadChoice:
@@ -192,21 +291,23 @@ class _ThreadChoice:
 
 
 _pool = _Pool()
+os.register_at_fork(after_in_child=_pool.__init__)     # a forked child has none of the worker threads
 
 
 class Executable:
-    def __init__(self, plan, addresses, symbols, threads=1):
+    def __init__(self, plan, addresses, symbols, threads=1, packed=()):
         self.plan = plan
         self.threads = threads
         self.choice = _ThreadChoice(threads)
         self.lock = threading.Lock()
         self.barrier = np.zeros(4, dtype=np.int32)
         self.barrier_ptr = self.barrier.ctypes.data
-        self.kernels = [KERNEL_TYPE(addresses[s]) for s in symbols]
+        self.addresses = [addresses[s] for s in symbols]
+        self.kernels = [KERNEL_TYPE(a) for a in self.addresses]
         self.functions = list(plan.functions)
         self.fn_index = {f.name: i for i, f in enumerate(self.functions)}
         index = {id(b): i for i, b in enumerate(plan.buffers)}
-        self.table = np.zeros(max(len(plan.buffers), 1), dtype=np.uint64)
+        self.table = np.zeros(max(len(plan.buffers) + len(packed), 1), dtype=np.uint64)
         self.depths = np.zeros(max(len(self.functions), 1), dtype=np.int64)
         self.arrays: dict = {}        # id(buffer) -> numpy array (the workspace; frames have a depth axis)
         const_values = iter(plan.consts)
@@ -214,7 +315,7 @@ class Executable:
         for value in plan.inputs:
             buf = value.buffer
             if buf.kind == "const":
-                arr = np.ascontiguousarray(np.asarray(next(const_values)), dtype=buf.aval.dtype)
+                arr = _aligned(np.asarray(next(const_values), dtype=buf.aval.dtype))
                 self.arrays[id(buf)] = arr
                 self.table[index[id(buf)]] = arr.ctypes.data
             else:
@@ -226,9 +327,12 @@ class Executable:
                 shape = buf.aval.shape
                 if buf.frame_of is not None:
                     shape = (self.functions[self.fn_index[buf.frame_of]].max_depth + 2,) + tuple(shape)
-                arr = np.zeros(shape, dtype=buf.aval.dtype)
+                arr = _aligned(np.zeros(shape, dtype=buf.aval.dtype))
                 self.arrays[id(buf)] = arr
                 self.table[index[id(buf)]] = arr.ctypes.data
+        self.packed = [_aligned(pack_columns(self.arrays[id(buf)].reshape(shape), tile)) for buf, shape, tile in packed]
+        for k, arr in enumerate(self.packed):
+            self.table[len(plan.buffers) + k] = arr.ctypes.data
         self.table_ptr = self.table.ctypes.data
         self.depths_ptr = self.depths.ctypes.data
         self.program = _flatten_host(plan) if plan.control == "host" else None
@@ -257,7 +361,7 @@ class Executable:
             t0 = time.perf_counter()
             if threads > 1:
                 self.barrier[:] = 0
-                codes = _pool.run(self.kernels[0], threads, self.table_ptr, self.depths_ptr, self.barrier_ptr)
+                codes = _pool.run(self.addresses[0], threads, self.table_ptr, self.depths_ptr, self.barrier_ptr)
             else:
                 codes = [self.kernels[0](self.table_ptr, self.depths_ptr, 0, 1, self.barrier_ptr)]
             self.choice.record(threads, time.perf_counter() - t0)
@@ -315,6 +419,16 @@ class Executable:
                 pc = returns.pop()
             else:   # halt
                 return
+
+
+def _aligned(arr, align=64):
+    """A copy of `arr` starting on an `align`-byte boundary (numpy's large arrays start 16 bytes into a
+    page: every cache line of a vector loop would be split)."""
+    raw = np.empty(arr.nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
 
 
 def _to_numpy(x):
