@@ -136,16 +136,11 @@ def assembly(text: str) -> str:
 # 6 threads, 7 barrier, 8 + k the return code of kernel copy k. A worker spins a while on the job counter,
 # then sleeps on it (futex); seq_cst on the counter and the sleeper count means no wake-up is lost (as in
 # lowerings._BARRIER). Linux x86-64: syscall 202 = futex (128: private; +1: wake), 24 = sched_yield.
+_CONTROL_FIELDS = ("sleepers", "done", "kernel_at", "table_at", "depths_at", "threads_at", "barrier_at")
 _POOL_IR = r"""
 define void @gdsl_pool_worker(ptr %ctl, i64 %k, i32 %first) nounwind {
 entry:
-  %sleepers = getelementptr inbounds i64, ptr %ctl, i64 1
-  %done = getelementptr inbounds i64, ptr %ctl, i64 2
-  %kernel_at = getelementptr inbounds i64, ptr %ctl, i64 3
-  %table_at = getelementptr inbounds i64, ptr %ctl, i64 4
-  %depths_at = getelementptr inbounds i64, ptr %ctl, i64 5
-  %threads_at = getelementptr inbounds i64, ptr %ctl, i64 6
-  %barrier_at = getelementptr inbounds i64, ptr %ctl, i64 7
+@CONTROL_BLOCK@
   %k8 = add i64 %k, 8
   %code_at = getelementptr inbounds i64, ptr %ctl, i64 %k8
   br label %spin
@@ -188,13 +183,7 @@ work:
 
 define i32 @gdsl_pool_run(ptr %ctl, ptr %kernel, ptr %table, ptr %depths, i64 %n, ptr %barrier) nounwind {
 entry:
-  %sleepers = getelementptr inbounds i64, ptr %ctl, i64 1
-  %done = getelementptr inbounds i64, ptr %ctl, i64 2
-  %kernel_at = getelementptr inbounds i64, ptr %ctl, i64 3
-  %table_at = getelementptr inbounds i64, ptr %ctl, i64 4
-  %depths_at = getelementptr inbounds i64, ptr %ctl, i64 5
-  %threads_at = getelementptr inbounds i64, ptr %ctl, i64 6
-  %barrier_at = getelementptr inbounds i64, ptr %ctl, i64 7
+@CONTROL_BLOCK@
   store ptr %kernel, ptr %kernel_at
   store ptr %table, ptr %table_at
   store ptr %depths, ptr %depths_at
@@ -229,7 +218,8 @@ out:
 }
 
 declare i64 @syscall(i64, ...)
-"""
+""".replace("@CONTROL_BLOCK@", "\n".join(      # pointers to the control block's words 1-7
+    f"  %{name} = getelementptr inbounds i64, ptr %ctl, i64 {k}" for k, name in enumerate(_CONTROL_FIELDS, 1)))
 POOL_RUN_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_int64, ctypes.c_void_p)
 POOL_WORKER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32)
