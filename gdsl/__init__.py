@@ -4,36 +4,28 @@
     @gdsl.jit
     def f(x, n): return gdsl.fori_loop(0, n, lambda i, x: gnp.tanh(x @ x), x)
 """
+from gdsl import (
+    backends,  # noqa: F401  (callable: gdsl.backends() lists the usable backends)
+    nn,  # noqa: F401
+    numpy,  # noqa: F401
+)
 from gdsl import primitives as _primitives  # noqa: F401  (registers every primitive)
-from gdsl import numpy  # noqa: F401
-from gdsl import nn  # noqa: F401
-from gdsl import backends  # noqa: F401  (callable: gdsl.backends() lists the usable backends)
+from gdsl.array_methods import install_array_methods
 from gdsl.backends import default_backend  # noqa: F401
 from gdsl.control_flow import ShapeDtype, cond, fori_loop, recurse, switch, while_loop  # noqa: F401
 from gdsl.dtypes import bfloat16, bool_, float16, float32, int32, int64  # noqa: F401
-from gdsl.errors import (BackendUnavailableError, CompileError, ConcretizationError,  # noqa: F401
-                         RecursionDepthError)
-from gdsl.tracing.jit import Lowered, jit, make_ir  # noqa: F401
+from gdsl.errors import (  # noqa: F401
+    BackendUnavailableError,
+    CompileError,
+    ConcretizationError,
+    RecursionDepthError,
+)
+from gdsl.host import to_numpy  # noqa: F401
+from gdsl.jit import Lowered, jit, make_ir  # noqa: F401
 from gdsl.tracing.pytree import tree_flatten, tree_map, tree_unflatten  # noqa: F401
-from gdsl.tracing.trace import _install_methods
 
-_install_methods()
-del _install_methods
-
-
-def to_numpy(x):
-    """Any result (or pytree of results: numpy, CuPy, dlpack objects) as numpy arrays."""
-    import numpy as _np
-
-    def convert(leaf):
-        if hasattr(leaf, "get") and type(leaf).__module__.startswith("cupy"):
-            return leaf.get()
-        if hasattr(leaf, "__array__"):
-            return _np.asarray(leaf)
-        if hasattr(leaf, "__dlpack__"):
-            return _np.from_dlpack(leaf)
-        return _np.asarray(leaf)
-    return tree_map(convert, x)
+install_array_methods()
+del install_array_methods
 
 
 __all__ = ["jit", "make_ir", "backends", "default_backend", "to_numpy", "while_loop", "fori_loop", "cond",

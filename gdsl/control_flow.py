@@ -12,11 +12,19 @@ import numpy as np
 
 from gdsl import dtypes
 from gdsl import numpy as gnp
+from gdsl.core.ir import FunctionDef, Jaxpr, ShapedArray, Var
 from gdsl.primitives.control import cond_p, recurse_call_p, recurse_p, while_p
-from gdsl.tracing.ir import FunctionDef, Jaxpr, ShapedArray, Var
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
-from gdsl.tracing.trace import (Builder, Tracer, aval_of, bind, builder_stack, current_option, tracing,
-                               type_error)
+from gdsl.tracing.trace import (
+    Builder,
+    Tracer,
+    aval_of,
+    bind,
+    builder_stack,
+    current_option,
+    tracing,
+    type_error,
+)
 
 
 @dataclass(frozen=True)

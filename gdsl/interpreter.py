@@ -7,8 +7,9 @@ import threading
 
 import numpy as np
 
+from gdsl.core.ir import Jaxpr, Lit
 from gdsl.errors import RecursionDepthError
-from gdsl.tracing.ir import Jaxpr, Lit
+from gdsl.primitives.registry import apply_impl
 
 _frames = threading.local()  # active recursive-function frames: list of (FunctionDef, consts)
 
@@ -17,19 +18,6 @@ def _frame_stack() -> list:
     if not hasattr(_frames, "stack"):
         _frames.stack = []
     return _frames.stack
-
-
-def apply_impl(prim, args, params, out_avals) -> list:
-    """Run `prim`'s numpy rule and give each result exactly its declared shape and dtype."""
-    outs = prim.impl(*args, **params)
-    results = []
-    for out, aval in zip(outs, out_avals):
-        out = np.asarray(out)
-        if out.dtype != aval.dtype:
-            out = out.astype(aval.dtype)
-        assert out.shape == aval.shape, (prim.name, out.shape, aval)
-        results.append(out)
-    return results
 
 
 def eval_jaxpr(jaxpr: Jaxpr, args) -> list:

@@ -1,6 +1,6 @@
 """Suite-wide settings.
 
-- GDSL_CHECK=1: every program traced in the suite is type-checked (gdsl.tracing.typecheck) as it is built.
+- GDSL_CHECK=1: every program traced in the suite is type-checked (gdsl.core.typecheck) as it is built.
 - Hypothesis profiles: "ci" (the default: small, deterministic, fast enough for `pytest -n 2` in CI),
   "dev" (fewer examples, for quick local loops) and "thorough" (many examples, for hunting bugs):
   select one with HYPOTHESIS_PROFILE=thorough.

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import gdsl
 from gdsl import backends as backend_registry
-from gdsl.tracing.typecheck import typecheck_program
+from gdsl.core.typecheck import typecheck_program
 from strategies import CONSTRUCTS, FLOAT_CONTROL, assert_trees_close, bf16, check_backend, f16, f32, programs
 
 KEYWORDS = {"while": "= while[", "fori": "= while[", "cond": "= cond[", "switch": "= cond[",

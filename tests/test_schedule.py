@@ -13,7 +13,7 @@ from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import BarrierError, simulate
-from gdsl.tracing.jit import leaf_aval
+from gdsl.jit import leaf_aval
 from gdsl.tracing.pytree import tree_flatten
 from strategies import assert_trees_close, programs, BACKEND_TOLERANCE
 

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 from gdsl import dtypes
-from gdsl.primitives.registry import primitive
+from gdsl.primitives.registry import CONTROL, primitive
 
-while_p = primitive("while", "control")
-cond_p = primitive("cond", "control")
-recurse_p = primitive("recurse", "control")
-recurse_call_p = primitive("recurse_call", "control")
+while_p = primitive("while", CONTROL)
+cond_p = primitive("cond", CONTROL)
+recurse_p = primitive("recurse", CONTROL)
+recurse_call_p = primitive("recurse_call", CONTROL)
 
 
 def _types(avals):

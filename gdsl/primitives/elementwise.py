@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl import dtypes
-from gdsl.primitives.registry import primitive
-from gdsl.tracing.ir import ShapedArray
+from gdsl.core.ir import ShapedArray
+from gdsl.primitives.registry import ELEMENTWISE, primitive
 
 
 def _floor_divide(a, b):
@@ -98,7 +98,7 @@ def broadcast_shapes(*shapes) -> tuple[int, ...]:
 
 
 def _declare(name, arity, rule, result):
-    p = primitive(name, "elementwise")
+    p = primitive(name, ELEMENTWISE)
     p.arity = arity
 
     @p.def_abstract_eval
@@ -122,7 +122,7 @@ def _declare(name, arity, rule, result):
 UNARY_PRIMS = {n: _declare(n, 1, rule, res) for n, (rule, res) in UNARY.items()}
 BINARY_PRIMS = {n: _declare(n, 2, rule, res) for n, (rule, res) in BINARY.items()}
 
-select_p = primitive("select", "elementwise")
+select_p = primitive("select", ELEMENTWISE)
 select_p.arity = 3
 
 
@@ -137,7 +137,7 @@ def _select_abstract(pred, on_true, on_false):
 
 select_p.def_impl(lambda pred, a, b: [np.where(pred, a, b)])
 
-convert_p = primitive("convert_element_type", "elementwise")
+convert_p = primitive("convert_element_type", ELEMENTWISE)
 convert_p.arity = 1
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl import dtypes
+from gdsl.core.ir import ShapedArray
 from gdsl.primitives.elementwise import broadcast_shapes
-from gdsl.primitives.registry import primitive
-from gdsl.tracing.ir import ShapedArray
+from gdsl.primitives.registry import CONTRACTION, primitive
 
-matmul_p = primitive("matmul", "linalg")
+matmul_p = primitive("matmul", CONTRACTION)
 
 
 @matmul_p.def_abstract_eval

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from gdsl.primitives.registry import primitive
-from gdsl.tracing.ir import ShapedArray
+from gdsl.core.ir import ShapedArray
+from gdsl.primitives.registry import CONVOLUTION, WINDOW, primitive
 
-conv2d_p = primitive("conv2d", "nn")
-avg_pool2d_p = primitive("avg_pool2d", "nn")
-max_pool2d_p = primitive("max_pool2d", "nn")
+conv2d_p = primitive("conv2d", CONVOLUTION)
+avg_pool2d_p = primitive("avg_pool2d", WINDOW)
+max_pool2d_p = primitive("max_pool2d", WINDOW)
 
 
 def _out_size(n, k, stride, pad):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl import dtypes
-from gdsl.primitives.registry import primitive
-from gdsl.tracing.ir import ShapedArray
+from gdsl.core.ir import ShapedArray
+from gdsl.primitives.registry import REDUCE, primitive
 
 
 def _reduced_shape(x, axes):
@@ -15,13 +15,13 @@ def _reduced_shape(x, axes):
     return tuple(d for i, d in enumerate(x.shape) if i not in axes)
 
 
-REDUCE = {"reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min}
+REDUCTIONS = {"reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min}
 ARG_REDUCE = {"argmax": np.argmax, "argmin": np.argmin}
 REDUCE_PRIMS = {}
 
 
 def _declare_reduce(name, rule):
-    p = primitive(name, "reduce")
+    p = primitive(name, REDUCE, uniform=True)
 
     @p.def_abstract_eval
     def _abstract(x, *, axes):
@@ -40,7 +40,7 @@ def _declare_reduce(name, rule):
 
 
 def _declare_arg(name, rule):
-    p = primitive(name, "reduce")
+    p = primitive(name, REDUCE, uniform=True)
 
     @p.def_abstract_eval
     def _abstract(x, *, axis):
@@ -52,5 +52,5 @@ def _declare_arg(name, rule):
     return p
 
 
-REDUCE_PRIMS.update({n: _declare_reduce(n, r) for n, r in REDUCE.items()})
+REDUCE_PRIMS.update({n: _declare_reduce(n, r) for n, r in REDUCTIONS.items()})
 REDUCE_PRIMS.update({n: _declare_arg(n, r) for n, r in ARG_REDUCE.items()})

@@ -4,18 +4,18 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl import dtypes
-from gdsl.primitives.registry import primitive
-from gdsl.tracing.ir import ShapedArray
+from gdsl.core.ir import ShapedArray
+from gdsl.primitives.registry import DATA_MOVEMENT, GATHER, primitive
 
-reshape_p = primitive("reshape", "structural")
-transpose_p = primitive("transpose", "structural")
-broadcast_p = primitive("broadcast_to", "structural")
-concatenate_p = primitive("concatenate", "structural")
-slice_p = primitive("slice", "structural")
-dynamic_slice_p = primitive("dynamic_slice", "structural")
-dynamic_update_slice_p = primitive("dynamic_update_slice", "structural")
-take_p = primitive("take", "structural")
-iota_p = primitive("iota", "structural")
+reshape_p = primitive("reshape", DATA_MOVEMENT, uniform=True)
+transpose_p = primitive("transpose", DATA_MOVEMENT, uniform=True)
+broadcast_p = primitive("broadcast_to", DATA_MOVEMENT, fusible=True, uniform=True)
+concatenate_p = primitive("concatenate", DATA_MOVEMENT, uniform=True)
+slice_p = primitive("slice", DATA_MOVEMENT, uniform=True)
+dynamic_slice_p = primitive("dynamic_slice", DATA_MOVEMENT, uniform=True)
+dynamic_update_slice_p = primitive("dynamic_update_slice", GATHER)
+take_p = primitive("take", GATHER, uniform=True)
+iota_p = primitive("iota", DATA_MOVEMENT, fusible=True, uniform=True)
 
 
 @reshape_p.def_abstract_eval

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import math
 
+from gdsl.core.ir import Var
 from gdsl.primitives import elementwise as ew
 from gdsl.schedule import utasks
-from gdsl.tracing.ir import Var
 
 BARRIER_NS = 1300.0      # one grid barrier (132 vEUs on an H100, measured)
 LOCAL_SYNC_NS = 50.0     # one vEU-local sync

@@ -28,7 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gdsl.tracing.ir import Lit, ShapedArray
+from gdsl.core.ir import Lit, ShapedArray
+from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, op_kind
+
+# The uTask kinds the scheduler makes that are not primitives (an Op's kind is one of these or a primitive).
+FUSED = op_kind("fused", ELEMENTWISE)        # a chain of fusible primitives, one expression per element
+COPY = op_kind("copy", DATA_MOVEMENT)        # a copy between buffers (numpy broadcasting, or a reshape)
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from gdsl.schedule.plan import (Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave)
+from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave
 
 
 def _veus(task) -> str:

@@ -16,12 +16,29 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-
+from gdsl.core.ir import Lit, ShapedArray, Var
 from gdsl.primitives import elementwise as ew
 from gdsl.schedule import partition, utasks
-from gdsl.schedule.plan import (Assign, Branch, Buffer, Call, Expr, Kernel, Launch, Loop, Op, Plan, RecFunction,
-                                Sync, Task, Uniform, UniformOp, Uniforms, Value, Wave)
-from gdsl.tracing.ir import Lit, ShapedArray, Var
+from gdsl.schedule.plan import (
+    Assign,
+    Branch,
+    Buffer,
+    Call,
+    Expr,
+    Kernel,
+    Launch,
+    Loop,
+    Op,
+    Plan,
+    RecFunction,
+    Sync,
+    Task,
+    Uniform,
+    UniformOp,
+    Uniforms,
+    Value,
+    Wave,
+)
 
 CONTROL = frozenset({"while", "cond", "recurse", "recurse_call"})
 FUSIBLE = frozenset(ew.UNARY) | frozenset(ew.BINARY) | {"select", "convert_element_type", "broadcast_to", "iota"}

@@ -17,12 +17,23 @@ import math
 
 import numpy as np
 
+from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
 from gdsl.primitives.registry import REGISTRY
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import (Assign, Branch, Buffer, Call, Launch, Loop, Sync, Uniform, Uniforms, Value,
-                                Wave)
-from gdsl.tracing.ir import Lit
+from gdsl.schedule.plan import (
+    Assign,
+    Branch,
+    Buffer,
+    Call,
+    Launch,
+    Loop,
+    Sync,
+    Uniform,
+    Uniforms,
+    Value,
+    Wave,
+)
 
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place"})
 

@@ -13,8 +13,9 @@ import sys
 import threading
 
 from gdsl import dtypes
+from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
 from gdsl.errors import ConcretizationError
-from gdsl.tracing.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
+from gdsl.primitives.registry import apply_impl
 
 _GDSL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _state = threading.local()
@@ -151,7 +152,6 @@ def bind(prim, *args, **params) -> list:
             raise
         raise type_error(f"{prim.name}: {e}") from None
     if builder is None:
-        from gdsl.interpreter import apply_impl
         return apply_impl(prim, [dtypes.as_numpy(a) for a in args], params, out_avals)
     inputs = tuple(builder.atom(a) for a in args)
     outs = tuple(Var(a) for a in out_avals)
@@ -220,37 +220,3 @@ class Tracer:
     def __array__(self, *args, **kwargs):
         raise _concretization_error("Converting it to a numpy array",
                                     "Return it from the jitted function to get its value.")
-
-
-def _install_methods():
-    """Operators and methods of traced arrays (the same functions gdsl.numpy exposes)."""
-    from gdsl import numpy as gnp
-    from gdsl.indexing import IndexUpdateHelper, getitem
-
-    def binary(fn):
-        return lambda self, other: fn(self, other)
-
-    def reflected(fn):
-        return lambda self, other: fn(other, self)
-
-    table = {"add": gnp.add, "sub": gnp.subtract, "mul": gnp.multiply, "truediv": gnp.divide,
-             "floordiv": gnp.floor_divide, "mod": gnp.remainder, "pow": gnp.power, "matmul": gnp.matmul,
-             "and": gnp.bitwise_and, "or": gnp.bitwise_or}
-    for name, fn in table.items():
-        setattr(Tracer, f"__{name}__", binary(fn))
-        setattr(Tracer, f"__r{name}__", reflected(fn))
-    for name, fn in {"lt": gnp.less, "le": gnp.less_equal, "gt": gnp.greater, "ge": gnp.greater_equal,
-                     "eq": gnp.equal, "ne": gnp.not_equal}.items():
-        setattr(Tracer, f"__{name}__", binary(fn))
-    Tracer.__neg__ = lambda self: gnp.negative(self)
-    Tracer.__pos__ = lambda self: self
-    Tracer.__abs__ = lambda self: gnp.abs(self)
-    Tracer.__invert__ = lambda self: gnp.bitwise_not(self)
-    Tracer.__getitem__ = getitem
-    Tracer.T = property(lambda self: gnp.transpose(self))
-    Tracer.at = property(lambda self: IndexUpdateHelper(self))
-    Tracer.reshape = lambda self, *shape: gnp.reshape(self, shape[0] if len(shape) == 1 else shape)
-    Tracer.astype = lambda self, dtype: gnp.astype(self, dtype)
-    Tracer.transpose = lambda self, *axes: gnp.transpose(self, (axes[0] if len(axes) == 1 else axes) or None)
-    for name in ("sum", "max", "min", "mean", "argmax", "argmin"):
-        setattr(Tracer, name, getattr(gnp, name))

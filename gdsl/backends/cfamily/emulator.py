@@ -140,7 +140,7 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", pa
     CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
     from gdsl.backends.cfamily.executor import Executable
     from gdsl.backends.cuda import check_options, lower_with_grid
-    from gdsl.tracing.jit import _as_dtype, leaf_aval, make_ir
+    from gdsl.jit import _as_dtype, leaf_aval, make_ir
     from gdsl.tracing.pytree import tree_flatten, tree_unflatten
     program = make_ir(fun)(*args)
     opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition},

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from gdsl.backends.cfamily.render import ERROR_OFFSET, Rendered
+from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
 from gdsl.schedule.plan import Branch, Call, Launch, Loop, Sync, walk
-from gdsl.tracing.ir import Lit
 
 
 @dataclass

@@ -38,9 +38,20 @@ from gdsl.backends.cfamily import types as ct
 from gdsl.backends.cfamily.elementwise import ELEMENTWISE, c_expression
 from gdsl.backends.cfamily.ops import OpRenderer, strides
 from gdsl.backends.cfamily.views import find_views, view_decl
-from gdsl.schedule.plan import (Assign, Branch, Call, Launch, Loop, Sync, Uniform, Uniforms, Value, Wave,
-                                walk)
-from gdsl.tracing.ir import Lit
+from gdsl.core.ir import Lit
+from gdsl.schedule.plan import (
+    Assign,
+    Branch,
+    Call,
+    Launch,
+    Loop,
+    Sync,
+    Uniform,
+    Uniforms,
+    Value,
+    Wave,
+    walk,
+)
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256

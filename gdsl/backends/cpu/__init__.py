@@ -57,7 +57,7 @@ def l2_bytes() -> int:
 
 def default_grid(program) -> int:
     """One vEU per core when the GEMM operands outgrow half an L2 cache, else one (see the docstring)."""
-    from gdsl.tracing.ir import Var, walk_eqns
+    from gdsl.core.ir import Var, walk_eqns
     seen, total = set(), 0
     for eqn in walk_eqns(program.jaxpr):
         if eqn.primitive.name in ("matmul", "conv2d"):

@@ -56,6 +56,7 @@ from gdsl.backends.cpu.kinds import (
     uniform_value,
 )
 from gdsl.backends.cpu.lowerings import support_code
+from gdsl.core.ir import Lit
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -70,7 +71,6 @@ from gdsl.schedule.plan import (
     plan_statements,
 )
 from gdsl.schedule.printer import describe_op, describe_uniform
-from gdsl.tracing.ir import Lit
 
 PREFIX = "GDSLPREFIX"
 NOBODY, MANY = -1, -2      # KernelWriter's record of who worked since the last barrier (else one vEU)

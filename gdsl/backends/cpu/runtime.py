@@ -29,9 +29,9 @@ import numpy as np
 
 from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cpu.kinds import pack_columns
+from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
-from gdsl.tracing.ir import Lit
 
 _lock = threading.Lock()
 _engine = None

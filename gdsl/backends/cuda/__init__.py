@@ -191,7 +191,7 @@ def _on_gpu(x) -> bool:
 
 def load(lowering: Lowering):
     """Compile, check co-residency (re-scheduling with a smaller grid if needed) and build the executable."""
-    from gdsl.tracing.jit import debug
+    from gdsl.debug import debug
     opts = lowering.options
     device = CupyDevice(opts["barrier"])
     for attempt in range(4):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gdsl.tracing.ir import FunctionDef, Jaxpr, Lit, Program
+from gdsl.core.ir import FunctionDef, Jaxpr, Lit, Program
 
 
 class _Names:

@@ -17,24 +17,18 @@ import numpy as np
 from gdsl import dtypes
 from gdsl.backends import backend_module, default_backend, usable_backend
 from gdsl.control_flow import reset_function_names
-from gdsl.tracing.ir import Program, ShapedArray
+from gdsl.core.ir import Program, ShapedArray
+from gdsl.debug import debug
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
-from gdsl.tracing.trace import Builder, builder_stack, trace_options, tracing, type_error
+from gdsl.tracing.trace import (
+    Builder,
+    builder_stack,
+    trace_options,
+    tracing,
+    type_error,
+)
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier", "partition"})
-
-
-def debug_level() -> int:
-    try:
-        return int(os.environ.get("GDSL_DEBUG", "0") or 0)
-    except ValueError:
-        return 1
-
-
-def debug(level: int, what: str, text: str) -> None:
-    """Print `text` to stderr when GDSL_DEBUG >= level (1 IR, 2 plan, 3 source, 4 compile/launch timings)."""
-    if debug_level() >= level:
-        print(f"[gdsl {what}]\n{text}", file=sys.stderr)
 
 
 def leaf_aval(x) -> ShapedArray:
@@ -71,7 +65,7 @@ def trace_program(fun, args, kwargs, name="main", options=None) -> Program:
         jaxpr, consts = builder.finish([_operand(o) for o in out_flat])
     program = Program(jaxpr, tuple(consts), in_tree, out_tree, name=name)
     if os.environ.get("GDSL_CHECK"):
-        from gdsl.tracing.typecheck import typecheck_program
+        from gdsl.core.typecheck import typecheck_program
         typecheck_program(program)
     debug(1, f"IR of {name}", str(program))
     return program
@@ -195,7 +189,7 @@ class Jitted:
             module = usable_backend(entry["backend"])
             t0 = time.perf_counter()
             if self.options.get("autotune"):
-                from gdsl.tracing.autotune import autotune
+                from gdsl.autotune import autotune
                 entry["lowering"], entry["executable"], chosen = autotune(
                     module, entry["backend"], entry["program"], self.options, flat)
                 debug(1, f"autotune of {self.__name__}", f"chose {chosen}")

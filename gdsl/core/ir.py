@@ -88,7 +88,7 @@ class Jaxpr:
         return tuple(v.aval for v in self.outs)
 
     def __str__(self):
-        from gdsl.tracing.printer import print_jaxpr
+        from gdsl.core.printer import print_jaxpr
         return print_jaxpr(self)
 
 
@@ -125,7 +125,7 @@ class Program:
         return len(self.consts)
 
     def __str__(self):
-        from gdsl.tracing.printer import print_program
+        from gdsl.core.printer import print_program
         return print_program(self)
 
 

@@ -3,7 +3,7 @@ on everywhere). It re-derives every equation's output types from its inputs and 
 closed: a variable is read only after it is bound, and only in the Jaxpr that binds it."""
 from __future__ import annotations
 
-from gdsl.tracing.ir import FunctionDef, Jaxpr, Lit, Program, Var, subjaxprs
+from gdsl.core.ir import FunctionDef, Jaxpr, Lit, Program, Var, subjaxprs
 
 
 class IRTypeError(TypeError):

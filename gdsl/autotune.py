@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from gdsl.host import to_numpy
 from gdsl.interpreter import run_program
 
 
@@ -66,8 +67,7 @@ def _close(got, expected) -> bool:
 
 def autotune(module, backend: str, program, options: dict, flat_args, *, runs: int = 15, warmup: int = 3):
     """(lowering, executable, chosen options) for the fastest correct candidate."""
-    from gdsl import to_numpy
-    from gdsl.tracing.jit import debug
+    from gdsl.debug import debug
     space = candidates(module, program, options)
     device = module.device_name() if hasattr(module, "device_name") else backend
     key = hashlib.sha256(f"{program}\n{backend}\n{device}\n{space!r}".encode()).hexdigest()
