@@ -82,7 +82,8 @@ def lstm_jax(jax, jnp, w, x):
         inp, new_h, new_c = x[t], [], []
         for l in range(layers):
             gates = jnp.matmul(inp, w["W_ih"][l]) + jnp.matmul(hs[l], w["W_hh"][l]) + w["b"][l]
-            i, f, g, o = jax.nn.sigmoid(gates[0]), jax.nn.sigmoid(gates[1]), jnp.tanh(gates[2]), jax.nn.sigmoid(gates[3])
+            i, f = jax.nn.sigmoid(gates[0]), jax.nn.sigmoid(gates[1])
+            g, o = jnp.tanh(gates[2]), jax.nn.sigmoid(gates[3])
             c = f * cs[l] + i * g
             new_h.append(o * jnp.tanh(c))
             new_c.append(c)

@@ -147,7 +147,8 @@ def main(argv=None) -> int:
                 print(f"  {name:9s} bs{bs:<3d} {runner.system:22s} {row['median_ms']:9.3f} ms  "
                       f"{'ok' if not problems else 'WRONG: ' + '; '.join(problems)}  {note}", flush=True)
     print(f"\ncard: {card}; commit {commit}; median of {args.runs} runs (CUDA events, host overhead included)")
-    head = f"{'model':10s} {'bs':>3s} | {'system':22s} | {'median ms':>10s} | {'p10-p90 ms':>17s} | launches | vs best torch"
+    head = f"{'model':10s} {'bs':>3s} | {'system':22s} | {'median ms':>10s} | {'p10-p90 ms':>17s} | launches"
+    head += " | vs best torch"
     print(head)
     print("-" * len(head))
     for r in rows:

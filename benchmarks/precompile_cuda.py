@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def compile_one(name, batch, control, grid=None, program=None):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs."""
-    from models import common, load
     from gdsl.backends.cuda.toolchain import compile_cuda
+    from models import common, load
     model = load(name)
     cfg, inputs = None, {}
     if program:

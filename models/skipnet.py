@@ -75,7 +75,7 @@ def init_weights(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     convnet.init_conv(rng, w, "conv1", cfg.base, 3, 7)
     convnet.init_bn(rng, w, "bn1", cfg.base)
     blocks = layout(cfg)
-    for k, (name, c_in, planes, stride, proj) in enumerate(blocks):
+    for k, (name, c_in, planes, _stride, proj) in enumerate(blocks):
         convnet.init_conv(rng, w, name + ".conv1", planes, c_in, 1)
         convnet.init_bn(rng, w, name + ".bn1", planes)
         convnet.init_conv(rng, w, name + ".conv2", planes, planes, 3)

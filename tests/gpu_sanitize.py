@@ -13,8 +13,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-import gdsl  # noqa: E402
 from backend_programs import PROGRAMS  # noqa: E402
+
+import gdsl  # noqa: E402
 from models import attention, common, lstm, nasrnn  # noqa: E402
 
 bad = 0

@@ -19,8 +19,8 @@ from __future__ import annotations
 import itertools
 import math
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import ml_dtypes
 import numpy as np

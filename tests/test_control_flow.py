@@ -3,16 +3,17 @@
 Eager calls (outside jit) take numpy arrays; a recursive function is still traced then (its body is
 a sub-program), so numpy arrays it closes over are indexed with gnp.take rather than `a[node]`.
 """
+import functools
 import math
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import arrays, assert_close, assert_trees_close, f32
 
 import gdsl
 import gdsl.numpy as gnp
-from strategies import arrays, assert_close, assert_trees_close, f32
 
 MODES = pytest.mark.parametrize("mode", ["eager", "jit"])
 
@@ -170,10 +171,14 @@ def test_cond_rejects_non_scalar_predicate(mode):
         run(mode, lambda x: gdsl.cond(x > 0, lambda: x, lambda: -x), np.ones(3, np.float32))
 
 
+def _scaled_branch(k, x, y):
+    return x * (k + 1) + y, k
+
+
 @MODES
 @given(index=st.integers(-6, 9), n_branches=st.integers(1, 4), dtype=st.sampled_from([np.int32, np.int64]))
 def test_switch_clamps_index(mode, index, n_branches, dtype):
-    branches = [(lambda k: (lambda x, y: (x * (k + 1) + y, k)))(k) for k in range(n_branches)]
+    branches = [functools.partial(_scaled_branch, k) for k in range(n_branches)]
     out = run(mode, lambda i, x, y: gdsl.switch(i, branches, x, y), dtype(index), np.float32(1.5),
               np.float32(0.25))
     k = min(max(index, 0), n_branches - 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+from backend_programs import PROGRAMS
 from hypothesis import given
 from strategies import (
     BACKEND_TOLERANCE,
@@ -205,7 +206,8 @@ def test_transpose_slice_concatenate(dtype):
 @pytest.mark.parametrize("start", [(0, 0), (2, 3), (-4, 1), (9, 9), (1, -7)])
 def test_dynamic_slice_clamps(start):
     x = np.arange(6 * 7, dtype=np.float32).reshape(6, 7)
-    f = lambda a, i, j: prim("dynamic_slice")(a, i, j, sizes=(3, 4))
+    def f(a, i, j):
+        return prim("dynamic_slice")(a, i, j, sizes=(3, 4))
     same(f, (x, np.int32(start[0]), np.int64(start[1]) if start[1] < 0 else np.int32(start[1])),
          splits=SPLITS, controls=("device", "host"))
     same(lambda a, i: a[i], (x, np.int32(start[0])))      # one row (normalised negative index)
@@ -216,7 +218,8 @@ def test_dynamic_slice_clamps(start):
 def test_dynamic_update_slice(mode, start):
     rng = np.random.default_rng(10)
     x, u = rand(rng, (6, 7), f32), rand(rng, (2, 3), f32)
-    f = lambda a, b, i, j: prim("dynamic_update_slice")(a, b, i, j, mode=mode)
+    def f(a, b, i, j):
+        return prim("dynamic_update_slice")(a, b, i, j, mode=mode)
     same(f, (x, u, np.int32(start[0]), np.int32(start[1])), splits=SPLITS)
 
     def in_place(a, b, i, j):        # a loop carry updated in place (the Op writes only the window)
@@ -576,8 +579,6 @@ def test_zero_size_arrays():
     x = np.zeros((0, 3), np.float32)
     same(lambda a: (a + 1, gnp.sum(a, axis=0), a.T @ a, gnp.concatenate([a, a])), (x,))
 
-
-from backend_programs import PROGRAMS
 
 
 @pytest.mark.parametrize("name", sorted(PROGRAMS))

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from backend_programs import GOLDEN, PROGRAMS
 from hypothesis import given, settings
+from strategies import check_backend, programs
 
 import gdsl
-from backend_programs import GOLDEN, PROGRAMS
 from gdsl.backends import cfamily
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import cccl_include_dir, compile_options
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.primitives.registry import REGISTRY
-from strategies import check_backend, programs
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,

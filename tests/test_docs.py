@@ -2,7 +2,6 @@
 import pathlib
 import re
 
-
 DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
 
 
@@ -20,10 +19,10 @@ def test_guide_examples_run(capsys):
 
 def test_schedule_md_prints_the_current_plan():
     import numpy as np
+    from test_schedule import lstm  # one LSTM cell program, at the docs' sizes here
 
     import gdsl
     from gdsl.schedule import schedule
-    from test_schedule import lstm   # one LSTM cell program, at the docs' sizes here
 
     args = (np.zeros((64, 1, 256), np.float32), np.zeros((256, 1024), np.float32),
             np.zeros((256, 1024), np.float32), np.zeros(1024, np.float32))

@@ -1,9 +1,9 @@
 """The HIP backend: the same programs as the CUDA tests, rendered in the HIP dialect, compile through hiprtc
 for gfx90a (no AMD GPU needed: CI installs libamdhip64-5). Running HIP kernels needs ROCm and an AMD GPU."""
 import pytest
+from backend_programs import PROGRAMS
 
 import gdsl
-from backend_programs import PROGRAMS
 from gdsl.backends.hip import toolchain as hip_toolchain
 
 needs_hiprtc = pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None,

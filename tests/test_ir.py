@@ -12,10 +12,10 @@ import pytest
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.primitives import REGISTRY
 from gdsl.core import typecheck
 from gdsl.core.ir import Eqn, FunctionDef, Jaxpr, Lit, Program, ShapedArray, Var, walk_eqns
 from gdsl.core.typecheck import typecheck_jaxpr, typecheck_program
+from gdsl.primitives import REGISTRY
 
 GOLDEN = Path(__file__).parent / "golden"
 W = (np.arange(9, dtype=np.float32).reshape(3, 3) - 4) / 8

@@ -2,11 +2,11 @@
 (numpy, Python scalars, DLPack objects, pytrees), to_numpy and option/backend errors."""
 import numpy as np
 import pytest
+from strategies import assert_close, assert_trees_close
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends import interpret
-from strategies import assert_close, assert_trees_close
 
 
 @pytest.fixture

@@ -3,10 +3,10 @@ import json
 
 import numpy as np
 import pytest
+from strategies import requires_backend
 
 import gdsl
 import gdsl.numpy as gnp
-from strategies import requires_backend
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 8, 11])

@@ -20,12 +20,29 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from strategies import (
+    ALL_DTYPES,
+    FLOATS,
+    INTS,
+    NUMERIC,
+    arrays,
+    assert_close,
+    bf16,
+    boolean,
+    canonical,
+    expected_dtype,
+    f16,
+    f32,
+    float_result_dtype,
+    i32,
+    i64,
+    is_python_scalar,
+    shapes,
+)
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
-from strategies import (ALL_DTYPES, FLOATS, INTS, NUMERIC, arrays, assert_close, bf16, boolean, canonical,
-                        expected_dtype, f16, f32, float_result_dtype, i32, i64, is_python_scalar, shapes)
 
 MODES = pytest.mark.parametrize("mode", ["eager", "jit"])
 

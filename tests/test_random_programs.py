@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import CONSTRUCTS, FLOAT_CONTROL, assert_trees_close, bf16, check_backend, f16, f32, programs
 
 import gdsl
 from gdsl import backends as backend_registry
 from gdsl.core.typecheck import typecheck_program
-from strategies import CONSTRUCTS, FLOAT_CONTROL, assert_trees_close, bf16, check_backend, f16, f32, programs
 
 KEYWORDS = {"while": "= while[", "fori": "= while[", "cond": "= cond[", "switch": "= cond[",
             "recurse": "= recurse["}

@@ -15,17 +15,16 @@ import importlib
 
 import numpy as np
 import pytest
+from strategies import check_backend
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
+from gdsl.core.ir import ShapedArray, walk_eqns
 from gdsl.primitives import REGISTRY, Primitive
 from gdsl.primitives import elementwise as ew
-from gdsl.core.ir import ShapedArray, walk_eqns
-from gdsl.tracing.trace import bind1
-from strategies import check_backend
-
 from gdsl.primitives.registry import FAMILIES  # noqa: E402
+from gdsl.tracing.trace import bind1
 
 
 def missing_rules(registry) -> list[str]:

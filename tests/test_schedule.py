@@ -6,16 +6,16 @@ import pathlib
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from strategies import BACKEND_TOLERANCE, assert_trees_close, programs
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.interpreter import run_program
+from gdsl.jit import leaf_aval
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import BarrierError, simulate
-from gdsl.jit import leaf_aval
 from gdsl.tracing.pytree import tree_flatten
-from strategies import assert_trees_close, programs, BACKEND_TOLERANCE
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 rng = np.random.default_rng(0)
@@ -76,7 +76,8 @@ def tree_encoder(x, W, b, left, right, is_leaf, root):
 
 def _tree_args(depth_chain=False):
     # nodes 0-3 leaves; 4 = (0, 1), 5 = (2, 4), 6 = (5, 3)
-    left = np.array([0, 0, 0, 0, 0, 2, 5]); right = np.array([0, 0, 0, 0, 1, 4, 3])
+    left = np.array([0, 0, 0, 0, 0, 2, 5])
+    right = np.array([0, 0, 0, 0, 1, 4, 3])
     is_leaf = np.array([1, 1, 1, 1, 0, 0, 0], bool)
     return (rng.standard_normal((7, 8)).astype(np.float32), (rng.standard_normal((16, 8)) * 0.3).astype(np.float32),
             rng.standard_normal(8).astype(np.float32), left, right, is_leaf, 6)
@@ -253,6 +254,7 @@ def test_partitioned_loop_has_no_grid_barrier_inside():
 def test_partitioned_op_on_the_wrong_veu_is_caught():
     """Moving one op of a partitioned loop off its partition's vEU makes it read another vEU's writes."""
     import dataclasses
+
     from gdsl.schedule.plan import Loop
     fn, args = CASES["heads"]
     plan = schedule(gdsl.make_ir(fn)(*args), grid=132)

@@ -36,7 +36,7 @@ def backend_module(name: str):
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unavailable_reason(name: str) -> str | None:
     try:
         module = backend_module(name)

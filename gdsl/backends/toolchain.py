@@ -12,8 +12,8 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gdsl.errors import CompileError
 

@@ -57,7 +57,7 @@ class Lit:
     aval: ShapedArray
 
     @staticmethod
-    def of(value, dtype) -> "Lit":
+    def of(value, dtype) -> Lit:
         dtype = np.dtype(dtype)
         return Lit(np.asarray(value, dtype=dtype)[()], ShapedArray((), dtype))
 

@@ -31,8 +31,8 @@ walks the registry and fails on any gap.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 
@@ -47,8 +47,8 @@ CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
 ROLES = ("utask", "uniform")
 
-REGISTRY: dict[str, "Primitive"] = {}
-OP_KINDS: dict[str, "OpKind"] = {}      # every uTask kind: the primitives and the scheduler's own kinds
+REGISTRY: dict[str, Primitive] = {}
+OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds
 LOWERINGS: dict[tuple[str, str, str], Callable] = {}   # (backend, role, kind name) -> rule
 
 

@@ -85,7 +85,7 @@ class Expr:
     """A node of a fused elementwise expression: `op` is an elementwise primitive name, "input" (read
     input number params["index"] of the Op, broadcast to the output shape) or "literal"."""
     op: str
-    args: tuple["Expr", ...]
+    args: tuple[Expr, ...]
     params: dict
     aval: ShapedArray
 

@@ -79,7 +79,7 @@ def print_plan(plan) -> str:
     if plan.host is not None:
         lines.append("host:")
         print_block(plan.host, 1, lines)
-    for k, kernel in enumerate(plan.kernels):
+    for kernel in plan.kernels:
         lines.append(f"kernel {kernel.name}:")
         print_block(kernel.body, 1, lines)
     for fn in plan.functions:

@@ -21,13 +21,13 @@ _GDSL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _state = threading.local()
 
 
-def builder_stack() -> list["Builder"]:
+def builder_stack() -> list[Builder]:
     if not hasattr(_state, "builders"):
         _state.builders = []
     return _state.builders
 
 
-def current_builder() -> "Builder | None":
+def current_builder() -> Builder | None:
     stack = builder_stack()
     return stack[-1] if stack else None
 
@@ -58,7 +58,7 @@ class Builder:
         self.captured_vars: list[Var] = []
         self._capture_index: dict[int, Var] = {}
 
-    def new_arg(self, aval: ShapedArray) -> "Tracer":
+    def new_arg(self, aval: ShapedArray) -> Tracer:
         var = Var(aval)
         self.in_binders.append(var)
         return Tracer(self, var)

@@ -130,7 +130,7 @@ def _poisoned(aval):
     return raw[:aval.size * aval.dtype.itemsize].view(aval.dtype).reshape(aval.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path):
     return ctypes.CDLL(path)
 

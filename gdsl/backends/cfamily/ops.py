@@ -245,7 +245,7 @@ class OpRenderer:
                  f"const int a = ({i} / {post}) % {a_total};",
                  f"const int pre = {i} / {post * a_total};"]
         start = 0
-        for k, x in enumerate(self.ins):
+        for x in self.ins:
             n = x.aval.shape[axis]
             if n == 0:
                 continue

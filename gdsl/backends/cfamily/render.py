@@ -455,7 +455,8 @@ class Renderer:
             return [f"{out} = {ct.literal(0, dt)};"]
         if p == "slice":
             x = ins[0]
-            return [f"{out} = {self.elem(x, str(sum(b * s for b, s in zip(u.params['start'], strides(x.aval.shape)))))};"]
+            start = sum(b * s for b, s in zip(u.params["start"], strides(x.aval.shape)))
+            return [f"{out} = {self.elem(x, str(start))};"]
         if p == "dynamic_slice":
             x, idx = ins[0], ins[1:]
             terms = []
@@ -544,7 +545,7 @@ class Renderer:
                 if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
                     used_uniforms.append(v.storage)
         decls.append(self.d.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
-        decls.append("unsigned* gdsl_bar = (unsigned*)(gdsl_ws + %d); (void)gdsl_bar;" % BARRIER_OFFSET)
+        decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
             decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
             decls.append("if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;")

@@ -83,7 +83,7 @@ def literal(value, dtype) -> str:
         return "GDSL_NAN"
     if math.isinf(v):
         return "GDSL_INF" if v > 0 else "(-GDSL_INF)"
-    text = "%.9g" % v
+    text = f"{v:.9g}"
     if not any(ch in text for ch in ".en"):
         text += ".0"
     return f"{text}f"

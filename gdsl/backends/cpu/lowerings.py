@@ -464,7 +464,8 @@ out:
 }
 """
 
-HELPERS = {**_definitions(_BARRIER), **_definitions(_exp_tanh_helpers()), **_definitions(_INT_HELPERS.format(T="i32")), **_definitions(_INT_HELPERS.format(T="i64")),
+HELPERS = {**_definitions(_BARRIER), **_definitions(_exp_tanh_helpers()),
+           **_definitions(_INT_HELPERS.format(T="i32")), **_definitions(_INT_HELPERS.format(T="i64")),
            **_definitions(_FLOAT_HELPERS), **_definitions(_erf_helper())}
 
 # Intrinsics and libm functions, declared in a module when its text calls them.

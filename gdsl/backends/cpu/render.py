@@ -197,7 +197,7 @@ class ModuleWriter:
         """(module text, kernel symbols)."""
         plan = self.plan
         kernels, symbols = [], []
-        for k, kernel in enumerate(plan.kernels):
+        for kernel in plan.kernels:
             symbol = f"{PREFIX}_{kernel.name}"
             kernels.append(KernelWriter(self, kernel, symbol, host=plan.control == "host").render())
             symbols.append(symbol)
