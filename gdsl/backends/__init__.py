@@ -15,12 +15,15 @@ import os
 
 from gdsl.errors import BackendUnavailableError
 
-ALL_BACKENDS = ("interpret", "cpu", "cuda", "hip")
-_NOT_BUILT = {
-    "cpu": "the llvmlite CPU backend is not built yet (tracked in issue 3); use backend='interpret'",
-    "cuda": "the CUDA code generator is not built yet (tracked in issue 4); use backend='interpret'",
-    "hip": "the HIP backend is not built yet; use backend='interpret'",
+# Every backend, in the order `backends()` lists them, with what it is and when it can run. Adding a backend
+# is a module gdsl/backends/NAME (the contract above) and a line here; docs/backends.md walks through one.
+BACKENDS = {
+    "interpret": "the numpy reference interpreter, the oracle every backend is checked against; always usable",
+    "cpu": "LLVM IR through llvmlite, threads as vEUs; usable wherever llvmlite loads",
+    "cuda": "one persistent CUDA kernel through NVRTC and CuPy; usable with an NVIDIA GPU, CuPy and NVRTC",
+    "hip": "the HIP dialect compiled by hiprtc; lowers and compiles here, runs only where an AMD GPU is usable",
 }
+ALL_BACKENDS = tuple(BACKENDS)
 
 
 def backend_module(name: str):
@@ -32,7 +35,7 @@ def backend_module(name: str):
     except ImportError as e:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported: {e}") from None
     if not hasattr(module, "lower"):
-        raise BackendUnavailableError(f"backend {name!r}: {_NOT_BUILT.get(name, 'not built')}")
+        raise BackendUnavailableError(f"backend {name!r}: gdsl.backends.{name} defines no lower()")
     return module
 
 
