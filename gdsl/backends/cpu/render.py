@@ -9,8 +9,9 @@
                         v with v % nthreads == k; with nthreads = 1 one thread runs them all.
     Op                  three internal functions: the uTask function, void @<prefix>_<op>(one noalias
                         pointer per distinct storage it touches, one scalar per uniform it reads, i64 %t)
-                        computing uTask t (kinds.py); for a matmul whose row bands fit L1, a row-band
-                        function computing every tile of a band at once (kinds.emit_matmul); and the
+                        computing uTask t (the op kind's "utask" lowering rule); for a matmul whose row
+                        bands fit L1, a row-band function computing every tile of a band at once
+                        (gemm.emit_matmul_band); and the
                         run function that the kernel calls once per Task, which loops over this thread's
                         uTasks (keeping the loops out of the kernel keeps its compile time linear).
                         Ops whose functions come out identical (same kind, shapes, params) share them.
@@ -23,7 +24,7 @@
                         of one-uTask ops: one thread, in order); "block": nothing (a vEU is one thread,
                         its uTasks run in order). With one thread: nothing at all.
     packed constants    the right operand of a matmul that is a constant of several column tiles is read
-                        from a copy packed tile by tile (kinds.packed_tile), in %table after the buffers
+                        from a copy packed tile by tile (gemm.packed_tile), in %table after the buffers
     Uniforms / Assign   scalars in stack slots of each thread (frame uniforms: one slot per recursion depth)
     Loop / Branch       native loops and switches on uniform predicates and indices
     Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
@@ -39,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from gdsl.backends.cpu import LOWERING_CHAIN
+from gdsl.backends.cpu.gemm import emit_matmul_band, matmul_bands, packed_tile
 from gdsl.backends.cpu.ir import (
     UNROLL_OFF,
     Function,
@@ -48,15 +51,10 @@ from gdsl.backends.cpu.ir import (
     mem_type,
     store_element,
 )
-from gdsl.backends.cpu.kinds import (
-    Operands,
-    emit_utask,
-    matmul_bands,
-    packed_tile,
-    uniform_value,
-)
 from gdsl.backends.cpu.lowerings import support_code
+from gdsl.backends.cpu.operands import Operands
 from gdsl.core.ir import Lit
+from gdsl.primitives.registry import lowering_rule
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -111,7 +109,7 @@ class ModuleWriter:
         on first use:
         run(pointers..., scalars..., i64 thread, i64 nthreads, i64 first, i64 count) runs the uTasks of
         the vEUs first..first+count-1 that belong to `thread` (all of them when nthreads = 1), calling
-        the uTask function (or, alone, the matmul row-band function: kinds.matmul_bands)."""
+        the uTask function (or, alone, the matmul row-band function: gemm.matmul_bands)."""
         if id(op) in self.op_names:
             return self.op_names[id(op)]
         params, args, slot_of = [], [], {}
@@ -137,7 +135,11 @@ class ModuleWriter:
         def body(band):
             fn = Function(f"define internal void @{SELF}({', '.join(params + ['i64 %t'])})",
                           attrs="nounwind noinline ", metadata=[])
-            emit_utask(fn, Operands(fn, op.inputs, ins, op.outputs, outs), op, "%t", band=band)
+            ops = Operands(fn, op.inputs, ins, op.outputs, outs)
+            if band:
+                emit_matmul_band(fn, ops, op, "%t")
+            else:
+                lowering_rule(op.kind, LOWERING_CHAIN, "utask")(fn, ops, op, "%t")
             fn.do("ret void")
             return fn
         utask = self._add(body(False), op, "")
@@ -164,7 +166,7 @@ class ModuleWriter:
         return symbol, args
 
     def packed_slot(self, value, tile) -> int:
-        """The table slot of constant `value` packed in column panels of `tile` (kinds.pack_columns), after
+        """The table slot of constant `value` packed in column panels of `tile` (gemm.pack_columns), after
         the plan's buffers."""
         key = (id(value.storage), value.aval.shape, tile)
         if key not in self.packed:
@@ -396,7 +398,8 @@ class KernelWriter:
         self._shared([v for u in stmt.ops for v in (*u.inputs, u.output)])
         for u in stmt.ops:
             self.fn.do(f"; {describe_uniform(u)}")
-            value = uniform_value(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
+            rule = lowering_rule(u.primitive, LOWERING_CHAIN, "uniform")
+            value = rule(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
             self.set_scalar(u.output, value)
 
     def _assign(self, stmt: Assign) -> None:

@@ -5,7 +5,7 @@ machine), host CPU and features, new-pass-manager O3. Modules are cached by the 
 second `compile_module` of the same IR returns the cached entry points without recompiling.
 
 `Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts,
-packed copies of matmul weights: kinds.pack_columns), allocated once with numpy, cache-line aligned; each
+packed copies of matmul weights: gemm.pack_columns), allocated once with numpy, cache-line aligned; each
 call writes the argument and fresh output addresses into the buffer table and runs the kernel (device
 control) or drives the host program (host control) with an explicit stack in Python. Calls of one
 Executable from several Python threads take turns (the workspace is shared).
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from gdsl.backends.cpu import cpu_count
-from gdsl.backends.cpu.kinds import pack_columns
+from gdsl.backends.cpu.gemm import pack_columns
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
