@@ -120,5 +120,5 @@ def load(lowering: Lowering):
 
 
 def to_device(x):
-    from gdsl.backends.cpu.runtime import _to_numpy
-    return _to_numpy(x)
+    from gdsl.backends.cpu.runtime import to_numpy
+    return to_numpy(x)

@@ -75,7 +75,7 @@ NOBODY, MANY = -1, -2      # KernelWriter's record of who worked since the last 
 SELF = "GDSLSELF"
 
 
-def _key(value):
+def _storage_key(value):
     return id(value.storage), value.frame_offset
 
 
@@ -95,12 +95,12 @@ class ModuleWriter:
         self.plan = plan
         self.threads = threads
         self.op_functions: list[str] = []
-        self.op_names: dict = {}
+        self.run_functions: dict = {}
         self.buffer_index = {id(b): i for i, b in enumerate(plan.buffers)}
         self.fn_index = {f.name: i for i, f in enumerate(plan.functions)}
         self.functions = {f.name: f for f in plan.functions}
         self.metadata: list = []
-        self.op_texts: dict = {}      # uTask function text -> its symbol
+        self.function_symbols: dict = {}      # uTask function text -> its symbol
         self.packed: dict = {}        # (id(const buffer), shape, tile) -> (table slot, buffer, shape, tile)
         self.written = {id(v.storage) for v in _written(plan)}   # buffers that ops and uniform ops write
 
@@ -110,8 +110,8 @@ class ModuleWriter:
         run(pointers..., scalars..., i64 thread, i64 nthreads, i64 first, i64 count) runs the uTasks of
         the vEUs first..first+count-1 that belong to `thread` (all of them when nthreads = 1), calling
         the uTask function (or, alone, the matmul row-band function: gemm.matmul_bands)."""
-        if id(op) in self.op_names:
-            return self.op_names[id(op)]
+        if id(op) in self.run_functions:
+            return self.run_functions[id(op)]
         params, args, slot_of = [], [], {}
 
         def access(value, tile=0):
@@ -122,7 +122,7 @@ class ModuleWriter:
                 params.append(f"{compute_type(value.aval.dtype)} {name}")
                 args.append(("scalar", value))
                 return ("scalar", name)
-            key = (_key(value), tile)
+            key = (_storage_key(value), tile)
             if key not in slot_of:
                 slot_of[key] = f"%p{len(params)}"
                 params.append(f"ptr noalias {slot_of[key]}")
@@ -162,7 +162,7 @@ class ModuleWriter:
         fn.if_(fn.op("icmp eq i64 %nthreads, 1"), alone, shared)
         fn.do("ret void")
         symbol = self._add(fn, op, "_run")
-        self.op_names[id(op)] = (symbol, args)
+        self.run_functions[id(op)] = (symbol, args)
         return symbol, args
 
     def packed_slot(self, value, tile) -> int:
@@ -181,9 +181,9 @@ class ModuleWriter:
         """The symbol of function `fn` (its name is SELF), added to the module unless an identical function
         is there already: ops of the same kind, shapes and params share their functions."""
         text = fn.text()
-        symbol = self.op_texts.get(text)
+        symbol = self.function_symbols.get(text)
         if symbol is None:
-            symbol = self.op_texts[text] = f"{PREFIX}_{op.name}{suffix}"
+            symbol = self.function_symbols[text] = f"{PREFIX}_{op.name}{suffix}"
             self.op_functions.append(f"; {describe_op(op)}   [{op.n_utasks} uTasks]\n" +
                                      self._number_loops(text, fn.metadata).replace(f"@{SELF}(", f"@{symbol}("))
         return symbol
@@ -205,7 +205,7 @@ class ModuleWriter:
             symbols.append(symbol)
         body = "\n".join(self.op_functions + kernels)
         header = (f"; gdsl plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEU(s) "
-                  f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.op_names)} ops in "
+                  f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.run_functions)} ops in "
                   f"{len(self.op_functions)} uTask functions\n")
         text = header + body + "\n" + support_code(body) + "\n".join([UNROLL_OFF] + self.metadata) + "\n"
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -215,7 +215,7 @@ class ModuleWriter:
 
 class KernelWriter:
     def __init__(self, module: ModuleWriter, kernel, symbol, host: bool):
-        self.mod = module
+        self.module = module
         self.kernel = kernel
         self.host = host
         self.threads = module.threads
@@ -236,7 +236,7 @@ class KernelWriter:
         self.fn.allocas.append(line)
 
     def base(self, buf: Buffer) -> str:
-        return self.table_entry(self.mod.buffer_index[id(buf)], buf.name)
+        return self.table_entry(self.module.buffer_index[id(buf)], buf.name)
 
     def table_entry(self, index, name) -> str:
         """The address in slot `index` of %table (loaded once, on entry)."""
@@ -252,7 +252,7 @@ class KernelWriter:
         if self.host:
             if fname not in self.depths:
                 slot, name = self.fn.name("dp"), self.fn.name("depth")
-                self._prologue(f"  {slot} = getelementptr inbounds i64, ptr %depths, i64 {self.mod.fn_index[fname]}")
+                self._prologue(f"  {slot} = getelementptr inbounds i64, ptr %depths, i64 {self.module.fn_index[fname]}")
                 self._prologue(f"  {name} = load i64, ptr {slot}, align 8")
                 self.depths[fname] = name
             return self.depths[fname]
@@ -283,7 +283,7 @@ class KernelWriter:
         u = value.storage
         ty = compute_type(u.aval.dtype)
         if id(u) not in self.uniform_slots:
-            copies = self.mod.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
+            copies = self.module.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
             slot = self.fn.name(f"{u.name}_")
             self._prologue(f"  {slot} = alloca {f'[{copies} x {ty}]' if copies else ty}, align 8")
             self.uniform_slots[id(u)] = slot
@@ -320,7 +320,7 @@ class KernelWriter:
     # -------------------------------------------------------------------------------- statements
     def block(self, stmts) -> None:
         for stmt in stmts:
-            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+            self.STATEMENT_WRITERS[type(stmt)](self, stmt)
 
     def _wave(self, wave: Wave) -> None:
         veus = {task.first + j for task in wave.tasks for j in range(min(task.count, task.op.n_utasks))}
@@ -328,7 +328,7 @@ class KernelWriter:
             self._work(veus.pop() if len(veus) == 1 else MANY)
         for task in wave.tasks:
             op = task.op
-            symbol, args = self.mod.op_function(op)
+            symbol, args = self.module.op_function(op)
             actual = [self._argument(kind, v) for kind, v in args]
             veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, op.n_utasks)}"
             self.fn.do(f"; {describe_op(op)}  [{op.n_utasks} uTasks, vEU {task.first}..{task.first + task.count - 1}]")
@@ -391,7 +391,7 @@ class KernelWriter:
 
     def _shared(self, values) -> None:
         """Every thread reads or writes `values` next: work of MANY if any is a buffer that waves write."""
-        if any(isinstance(v.storage, Buffer) and id(v.storage) in self.mod.written for v in values):
+        if any(isinstance(v.storage, Buffer) and id(v.storage) in self.module.written for v in values):
             self._work(MANY)
 
     def _uniforms(self, stmt: Uniforms) -> None:
@@ -446,7 +446,7 @@ class KernelWriter:
         fn.start(done)
 
     def _call(self, stmt: Call) -> None:
-        fn, f = self.fn, self.mod.functions[stmt.fn]
+        fn, f = self.fn, self.module.functions[stmt.fn]
         depth_slot = self._depth_slot(f.name)
         stack = self._stack(f)
         d = fn.load("i64", depth_slot)
@@ -464,6 +464,9 @@ class KernelWriter:
 
     def _launch(self, stmt: Launch) -> None:
         raise AssertionError("Launch statements belong to the host program")
+
+    STATEMENT_WRITERS = {Wave: _wave, Sync: _sync, Uniforms: _uniforms, Assign: _assign, Loop: _loop,
+                         Branch: _branch, Call: _call, Launch: _launch}
 
     def _stack(self, f):
         if f.name not in self.stacks:
@@ -487,9 +490,9 @@ class KernelWriter:
             fn.start(self.entries[f.name])
             fn.do(f"; function {f.name} (max_depth {f.max_depth})")
             self.block(f.body)
-            fn.goto(f"fn{self.mod.fn_index[f.name]}_return")
+            fn.goto(f"fn{self.module.fn_index[f.name]}_return")
         for f in self.kernel.functions:
-            fn.start(f"fn{self.mod.fn_index[f.name]}_return")
+            fn.start(f"fn{self.module.fn_index[f.name]}_return")
             slot = self._depth_slot(f.name)
             d = fn.op(f"sub nsw i64 {fn.load('i64', slot)}, 1")
             fn.store("i64", d, slot)
@@ -499,8 +502,8 @@ class KernelWriter:
         for f in self.kernel.functions:
             if f.name in self.errors:
                 fn.start(self.errors[f.name])
-                fn.do(f"ret i32 {1 + self.mod.fn_index[f.name]}")
+                fn.do(f"ret i32 {1 + self.module.fn_index[f.name]}")
         if self.kernel.functions:
             fn.start("unreachable")
             fn.do("unreachable")
-        return self.mod._number_loops(fn.text(), fn.metadata)
+        return self.module._number_loops(fn.text(), fn.metadata)

@@ -334,7 +334,7 @@ class Executable:
     def _call(self, flat_args):
         args = []
         for (slot, buf), x in zip(self.input_slots, flat_args):
-            arr = np.ascontiguousarray(_to_numpy(x), dtype=buf.aval.dtype)
+            arr = np.ascontiguousarray(to_numpy(x), dtype=buf.aval.dtype)
             if arr.shape != buf.aval.shape:
                 arr = arr.reshape(buf.aval.shape)
             args.append(arr)
@@ -421,7 +421,8 @@ def _aligned(arr, align=64):
     return out
 
 
-def _to_numpy(x):
+def to_numpy(x):
+    """`x` (a numpy array, anything with __array__, a CuPy array, a DLPack tensor) as a numpy array."""
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__array__"):
