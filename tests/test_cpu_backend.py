@@ -501,6 +501,27 @@ def test_every_elementwise_primitive_has_a_lowering():
     assert set(ew.UNARY) | set(ew.BINARY) <= set(LOWERINGS)
 
 
+def test_every_op_kind_has_a_lowering_rule():
+    """Every op kind but control flow (the plan's own statements) has a uTask rule, or is an elementwise
+    primitive that reaches the backend inside a fused chain (the elementwise table); every uniform kind has
+    a uniform rule."""
+    from gdsl.backends.cpu import LOWERING_CHAIN, LOWERINGS
+    from gdsl.primitives.registry import CONTROL, OP_KINDS, has_lowering
+    no_utask = [name for name, kind in OP_KINDS.items() if kind.family != CONTROL and name not in LOWERINGS
+                and not has_lowering(name, LOWERING_CHAIN, "utask")]
+    no_uniform = [name for name, kind in OP_KINDS.items() if kind.uniform
+                  and not has_lowering(name, LOWERING_CHAIN, "uniform")]
+    assert no_utask == [] and no_uniform == []
+
+
+def test_a_kind_without_a_rule_is_named_in_the_error():
+    from gdsl.backends.cpu import LOWERING_CHAIN
+    from gdsl.primitives.registry import lowering_rule
+    from gdsl.schedule.plan import FUSED
+    with pytest.raises(NotImplementedError, match=r"uniform lowering rule for op kind 'fused' on backend 'cpu'"):
+        lowering_rule(FUSED.name, LOWERING_CHAIN, "uniform")
+
+
 def test_compile_error_is_reported():
     from gdsl.backends.cpu import runtime
     with pytest.raises(gdsl.CompileError) as info:
@@ -558,21 +579,41 @@ def test_default_grid_follows_the_gemm_working_set():
     assert cpu.default_grid(big) == cpu.cpu_count()
 
 
+def _matches_the_plan_simulator(fn, args, **options) -> bool:
+    """Run `fn` on the backend and its plan on gdsl.schedule.simulate: the same results, or both report a
+    recursion deeper than a function's max_depth. Returns whether they overflowed."""
+    from gdsl.schedule.simulate import simulate
+    flat, _ = gdsl.tree_flatten(tuple(args))
+    jitted = gdsl.jit(fn, backend="cpu", **options)
+    plan = jitted.lower(*args).lowering.plan
+    try:
+        want = simulate(plan, [np.asarray(a) for a in flat])
+    except gdsl.RecursionDepthError:
+        with pytest.raises(gdsl.RecursionDepthError):
+            jitted(*args)
+        return True
+    got, _ = gdsl.tree_flatten(gdsl.to_numpy(jitted(*args)))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=2e-4, atol=2e-5)
+    return False
+
+
 @given(programs(dtypes=(f32,), max_depth=2))
 def test_random_programs_match_the_plan_simulator(prog):
     """The backend executes exactly the plan: its results equal gdsl.schedule.simulate on the same plan."""
-    from gdsl.schedule.simulate import simulate
-    flat, _ = gdsl.tree_flatten(tuple(prog.args))
     for options in ({}, {"grid": 3, "block": 1}):
-        jitted = gdsl.jit(prog.fn, backend="cpu", **options)
-        got, _ = gdsl.tree_flatten(gdsl.to_numpy(jitted(*prog.args)))
-        plan = jitted.lower(*prog.args).lowering.plan
-        try:
-            want = simulate(plan, [np.asarray(a) for a in flat])
-        except gdsl.RecursionDepthError:
-            continue
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=2e-4, atol=2e-5)
+        _matches_the_plan_simulator(prog.fn, prog.args, **options)
+
+
+@pytest.mark.parametrize("options", [{}, {"grid": 3, "block": 1}, {"control": "host"}])
+def test_recursion_overflow_matches_the_plan_simulator(options):
+    """Where the simulated plan overflows a max_depth the backend raises RecursionDepthError too; called
+    shallower, neither does."""
+    fn, args = PROGRAMS["recursion_overflow"]
+    assert _matches_the_plan_simulator(fn, args, **options)
+    fn, args = PROGRAMS["recursion_depth_ok"]
+    assert not _matches_the_plan_simulator(fn, args, **options)
 
 
 def test_zero_size_arrays():

@@ -23,8 +23,17 @@ Options:
 - `unroll` acts when tracing (gdsl.fori_loop runs k steps per iteration) and `autotune` in gdsl.jit (it
   searches `control`); this backend accepts both.
 
-See render.py for how the plan maps to LLVM, kinds.py for each uTask, lowerings.py for the elementwise
-table (`LOWERINGS`), runtime.py for the JIT engine and the executable.
+See render.py for how the plan maps to LLVM, runtime.py for the JIT engine and the executable, and for
+what each op kind computes its lowering rules (gdsl.primitives.registry.register_lowering, backend "cpu";
+operands.py says how they are called), one module per family:
+
+    affine.py       fused elementwise chains (lowerings.py: the elementwise table, `LOWERINGS`) and data
+                    movement: copy, reshape, broadcast_to, iota, transpose, slice, dynamic_slice
+    gather.py       take, concatenate, dynamic_update_slice
+    window.py       avg_pool2d, max_pool2d
+    reductions.py   reduce_sum / max / min, argmax, argmin
+    gemm.py         matmul: tiles, row bands, packed weights, the register-blocked micro-kernel
+    conv.py         conv2d: implicit GEMM (im2col panels through the micro-kernel)
 """
 from __future__ import annotations
 
@@ -32,7 +41,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from gdsl.backends.cpu import affine, conv, gather, gemm, reductions, window
 from gdsl.backends.cpu.lowerings import LOWERINGS  # noqa: F401  (checked by tests/test_registry.py)
+from gdsl.primitives.registry import CONTRACTION, CONVOLUTION
+
+# The rules of this backend are registered under "cpu" by the modules of RULE_MODULES, on import.
+LOWERING_CHAIN = ("cpu",)
+RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune"})
 DEFAULT_BLOCK = 1024
@@ -60,7 +75,7 @@ def default_grid(program) -> int:
     from gdsl.core.ir import Var, walk_eqns
     seen, total = set(), 0
     for eqn in walk_eqns(program.jaxpr):
-        if eqn.primitive.name in ("matmul", "conv2d"):
+        if eqn.primitive.family in (CONTRACTION, CONVOLUTION):
             for v in eqn.inputs:
                 if isinstance(v, Var) and id(v) not in seen:
                     seen.add(id(v))
@@ -105,5 +120,5 @@ def load(lowering: Lowering):
 
 
 def to_device(x):
-    from gdsl.backends.cpu.runtime import _to_numpy
-    return _to_numpy(x)
+    from gdsl.backends.cpu.runtime import to_numpy
+    return to_numpy(x)

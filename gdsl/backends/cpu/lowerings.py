@@ -152,6 +152,10 @@ def _identity(fn, dtype, args, params):
     return args[0]
 
 
+# Named for the reductions and pools that fold with them (reductions.py, window.py).
+maximum = _extreme("ogt", "smax", "or")
+minimum = _extreme("olt", "smin", "and")
+
 LOWERINGS = {
     "neg": _neg,
     "exp": _intrinsic("gdsl_exp_f32"),
@@ -171,8 +175,8 @@ LOWERINGS = {
     "floor_divide": _helper("floordiv"),
     "rem": _helper("rem"),
     "pow": _pow,
-    "max": _extreme("ogt", "smax", "or"),
-    "min": _extreme("olt", "smin", "and"),
+    "max": maximum,
+    "min": minimum,
     "and": _arith("and", "and"),
     "or": _arith("or", "or"),
     "eq": _compare("oeq", "eq", "eq"),

@@ -9,8 +9,9 @@
                         v with v % nthreads == k; with nthreads = 1 one thread runs them all.
     Op                  three internal functions: the uTask function, void @<prefix>_<op>(one noalias
                         pointer per distinct storage it touches, one scalar per uniform it reads, i64 %t)
-                        computing uTask t (kinds.py); for a matmul whose row bands fit L1, a row-band
-                        function computing every tile of a band at once (kinds.emit_matmul); and the
+                        computing uTask t (the op kind's "utask" lowering rule); for a matmul whose row
+                        bands fit L1, a row-band function computing every tile of a band at once
+                        (gemm.emit_matmul_band); and the
                         run function that the kernel calls once per Task, which loops over this thread's
                         uTasks (keeping the loops out of the kernel keeps its compile time linear).
                         Ops whose functions come out identical (same kind, shapes, params) share them.
@@ -23,7 +24,7 @@
                         of one-uTask ops: one thread, in order); "block": nothing (a vEU is one thread,
                         its uTasks run in order). With one thread: nothing at all.
     packed constants    the right operand of a matmul that is a constant of several column tiles is read
-                        from a copy packed tile by tile (kinds.packed_tile), in %table after the buffers
+                        from a copy packed tile by tile (gemm.packed_tile), in %table after the buffers
     Uniforms / Assign   scalars in stack slots of each thread (frame uniforms: one slot per recursion depth)
     Loop / Branch       native loops and switches on uniform predicates and indices
     Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
@@ -39,6 +40,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from gdsl.backends.cpu import LOWERING_CHAIN
+from gdsl.backends.cpu.gemm import emit_matmul_band, matmul_bands, packed_tile
 from gdsl.backends.cpu.ir import (
     UNROLL_OFF,
     Function,
@@ -48,15 +51,10 @@ from gdsl.backends.cpu.ir import (
     mem_type,
     store_element,
 )
-from gdsl.backends.cpu.kinds import (
-    Operands,
-    emit_utask,
-    matmul_bands,
-    packed_tile,
-    uniform_value,
-)
 from gdsl.backends.cpu.lowerings import support_code
+from gdsl.backends.cpu.operands import Operands
 from gdsl.core.ir import Lit
+from gdsl.primitives.registry import lowering_rule
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -77,7 +75,7 @@ NOBODY, MANY = -1, -2      # KernelWriter's record of who worked since the last 
 SELF = "GDSLSELF"
 
 
-def _key(value):
+def _storage_key(value):
     return id(value.storage), value.frame_offset
 
 
@@ -97,12 +95,12 @@ class ModuleWriter:
         self.plan = plan
         self.threads = threads
         self.op_functions: list[str] = []
-        self.op_names: dict = {}
+        self.run_functions: dict = {}
         self.buffer_index = {id(b): i for i, b in enumerate(plan.buffers)}
         self.fn_index = {f.name: i for i, f in enumerate(plan.functions)}
         self.functions = {f.name: f for f in plan.functions}
         self.metadata: list = []
-        self.op_texts: dict = {}      # uTask function text -> its symbol
+        self.function_symbols: dict = {}      # uTask function text -> its symbol
         self.packed: dict = {}        # (id(const buffer), shape, tile) -> (table slot, buffer, shape, tile)
         self.written = {id(v.storage) for v in _written(plan)}   # buffers that ops and uniform ops write
 
@@ -111,9 +109,9 @@ class ModuleWriter:
         on first use:
         run(pointers..., scalars..., i64 thread, i64 nthreads, i64 first, i64 count) runs the uTasks of
         the vEUs first..first+count-1 that belong to `thread` (all of them when nthreads = 1), calling
-        the uTask function (or, alone, the matmul row-band function: kinds.matmul_bands)."""
-        if id(op) in self.op_names:
-            return self.op_names[id(op)]
+        the uTask function (or, alone, the matmul row-band function: gemm.matmul_bands)."""
+        if id(op) in self.run_functions:
+            return self.run_functions[id(op)]
         params, args, slot_of = [], [], {}
 
         def access(value, tile=0):
@@ -124,7 +122,7 @@ class ModuleWriter:
                 params.append(f"{compute_type(value.aval.dtype)} {name}")
                 args.append(("scalar", value))
                 return ("scalar", name)
-            key = (_key(value), tile)
+            key = (_storage_key(value), tile)
             if key not in slot_of:
                 slot_of[key] = f"%p{len(params)}"
                 params.append(f"ptr noalias {slot_of[key]}")
@@ -137,7 +135,11 @@ class ModuleWriter:
         def body(band):
             fn = Function(f"define internal void @{SELF}({', '.join(params + ['i64 %t'])})",
                           attrs="nounwind noinline ", metadata=[])
-            emit_utask(fn, Operands(fn, op.inputs, ins, op.outputs, outs), op, "%t", band=band)
+            ops = Operands(fn, op.inputs, ins, op.outputs, outs)
+            if band:
+                emit_matmul_band(fn, ops, op, "%t")
+            else:
+                lowering_rule(op.kind, LOWERING_CHAIN, "utask")(fn, ops, op, "%t")
             fn.do("ret void")
             return fn
         utask = self._add(body(False), op, "")
@@ -160,11 +162,11 @@ class ModuleWriter:
         fn.if_(fn.op("icmp eq i64 %nthreads, 1"), alone, shared)
         fn.do("ret void")
         symbol = self._add(fn, op, "_run")
-        self.op_names[id(op)] = (symbol, args)
+        self.run_functions[id(op)] = (symbol, args)
         return symbol, args
 
     def packed_slot(self, value, tile) -> int:
-        """The table slot of constant `value` packed in column panels of `tile` (kinds.pack_columns), after
+        """The table slot of constant `value` packed in column panels of `tile` (gemm.pack_columns), after
         the plan's buffers."""
         key = (id(value.storage), value.aval.shape, tile)
         if key not in self.packed:
@@ -179,9 +181,9 @@ class ModuleWriter:
         """The symbol of function `fn` (its name is SELF), added to the module unless an identical function
         is there already: ops of the same kind, shapes and params share their functions."""
         text = fn.text()
-        symbol = self.op_texts.get(text)
+        symbol = self.function_symbols.get(text)
         if symbol is None:
-            symbol = self.op_texts[text] = f"{PREFIX}_{op.name}{suffix}"
+            symbol = self.function_symbols[text] = f"{PREFIX}_{op.name}{suffix}"
             self.op_functions.append(f"; {describe_op(op)}   [{op.n_utasks} uTasks]\n" +
                                      self._number_loops(text, fn.metadata).replace(f"@{SELF}(", f"@{symbol}("))
         return symbol
@@ -203,7 +205,7 @@ class ModuleWriter:
             symbols.append(symbol)
         body = "\n".join(self.op_functions + kernels)
         header = (f"; gdsl plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEU(s) "
-                  f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.op_names)} ops in "
+                  f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.run_functions)} ops in "
                   f"{len(self.op_functions)} uTask functions\n")
         text = header + body + "\n" + support_code(body) + "\n".join([UNROLL_OFF] + self.metadata) + "\n"
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -213,7 +215,7 @@ class ModuleWriter:
 
 class KernelWriter:
     def __init__(self, module: ModuleWriter, kernel, symbol, host: bool):
-        self.mod = module
+        self.module = module
         self.kernel = kernel
         self.host = host
         self.threads = module.threads
@@ -234,7 +236,7 @@ class KernelWriter:
         self.fn.allocas.append(line)
 
     def base(self, buf: Buffer) -> str:
-        return self.table_entry(self.mod.buffer_index[id(buf)], buf.name)
+        return self.table_entry(self.module.buffer_index[id(buf)], buf.name)
 
     def table_entry(self, index, name) -> str:
         """The address in slot `index` of %table (loaded once, on entry)."""
@@ -250,7 +252,7 @@ class KernelWriter:
         if self.host:
             if fname not in self.depths:
                 slot, name = self.fn.name("dp"), self.fn.name("depth")
-                self._prologue(f"  {slot} = getelementptr inbounds i64, ptr %depths, i64 {self.mod.fn_index[fname]}")
+                self._prologue(f"  {slot} = getelementptr inbounds i64, ptr %depths, i64 {self.module.fn_index[fname]}")
                 self._prologue(f"  {name} = load i64, ptr {slot}, align 8")
                 self.depths[fname] = name
             return self.depths[fname]
@@ -281,7 +283,7 @@ class KernelWriter:
         u = value.storage
         ty = compute_type(u.aval.dtype)
         if id(u) not in self.uniform_slots:
-            copies = self.mod.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
+            copies = self.module.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
             slot = self.fn.name(f"{u.name}_")
             self._prologue(f"  {slot} = alloca {f'[{copies} x {ty}]' if copies else ty}, align 8")
             self.uniform_slots[id(u)] = slot
@@ -318,7 +320,7 @@ class KernelWriter:
     # -------------------------------------------------------------------------------- statements
     def block(self, stmts) -> None:
         for stmt in stmts:
-            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+            self.STATEMENT_WRITERS[type(stmt)](self, stmt)
 
     def _wave(self, wave: Wave) -> None:
         veus = {task.first + j for task in wave.tasks for j in range(min(task.count, task.op.n_utasks))}
@@ -326,7 +328,7 @@ class KernelWriter:
             self._work(veus.pop() if len(veus) == 1 else MANY)
         for task in wave.tasks:
             op = task.op
-            symbol, args = self.mod.op_function(op)
+            symbol, args = self.module.op_function(op)
             actual = [self._argument(kind, v) for kind, v in args]
             veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, op.n_utasks)}"
             self.fn.do(f"; {describe_op(op)}  [{op.n_utasks} uTasks, vEU {task.first}..{task.first + task.count - 1}]")
@@ -389,14 +391,15 @@ class KernelWriter:
 
     def _shared(self, values) -> None:
         """Every thread reads or writes `values` next: work of MANY if any is a buffer that waves write."""
-        if any(isinstance(v.storage, Buffer) and id(v.storage) in self.mod.written for v in values):
+        if any(isinstance(v.storage, Buffer) and id(v.storage) in self.module.written for v in values):
             self._work(MANY)
 
     def _uniforms(self, stmt: Uniforms) -> None:
         self._shared([v for u in stmt.ops for v in (*u.inputs, u.output)])
         for u in stmt.ops:
             self.fn.do(f"; {describe_uniform(u)}")
-            value = uniform_value(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
+            rule = lowering_rule(u.primitive, LOWERING_CHAIN, "uniform")
+            value = rule(self.fn, self.operands(u.inputs), u.primitive, u.params, u.output.aval)
             self.set_scalar(u.output, value)
 
     def _assign(self, stmt: Assign) -> None:
@@ -443,7 +446,7 @@ class KernelWriter:
         fn.start(done)
 
     def _call(self, stmt: Call) -> None:
-        fn, f = self.fn, self.mod.functions[stmt.fn]
+        fn, f = self.fn, self.module.functions[stmt.fn]
         depth_slot = self._depth_slot(f.name)
         stack = self._stack(f)
         d = fn.load("i64", depth_slot)
@@ -461,6 +464,9 @@ class KernelWriter:
 
     def _launch(self, stmt: Launch) -> None:
         raise AssertionError("Launch statements belong to the host program")
+
+    STATEMENT_WRITERS = {Wave: _wave, Sync: _sync, Uniforms: _uniforms, Assign: _assign, Loop: _loop,
+                         Branch: _branch, Call: _call, Launch: _launch}
 
     def _stack(self, f):
         if f.name not in self.stacks:
@@ -484,9 +490,9 @@ class KernelWriter:
             fn.start(self.entries[f.name])
             fn.do(f"; function {f.name} (max_depth {f.max_depth})")
             self.block(f.body)
-            fn.goto(f"fn{self.mod.fn_index[f.name]}_return")
+            fn.goto(f"fn{self.module.fn_index[f.name]}_return")
         for f in self.kernel.functions:
-            fn.start(f"fn{self.mod.fn_index[f.name]}_return")
+            fn.start(f"fn{self.module.fn_index[f.name]}_return")
             slot = self._depth_slot(f.name)
             d = fn.op(f"sub nsw i64 {fn.load('i64', slot)}, 1")
             fn.store("i64", d, slot)
@@ -496,8 +502,8 @@ class KernelWriter:
         for f in self.kernel.functions:
             if f.name in self.errors:
                 fn.start(self.errors[f.name])
-                fn.do(f"ret i32 {1 + self.mod.fn_index[f.name]}")
+                fn.do(f"ret i32 {1 + self.module.fn_index[f.name]}")
         if self.kernel.functions:
             fn.start("unreachable")
             fn.do("unreachable")
-        return self.mod._number_loops(fn.text(), fn.metadata)
+        return self.module._number_loops(fn.text(), fn.metadata)

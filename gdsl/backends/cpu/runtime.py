@@ -5,7 +5,7 @@ machine), host CPU and features, new-pass-manager O3. Modules are cached by the 
 second `compile_module` of the same IR returns the cached entry points without recompiling.
 
 `Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts,
-packed copies of matmul weights: kinds.pack_columns), allocated once with numpy, cache-line aligned; each
+packed copies of matmul weights: gemm.pack_columns), allocated once with numpy, cache-line aligned; each
 call writes the argument and fresh output addresses into the buffer table and runs the kernel (device
 control) or drives the host program (host control) with an explicit stack in Python. Calls of one
 Executable from several Python threads take turns (the workspace is shared).
@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from gdsl.backends.cpu import cpu_count
-from gdsl.backends.cpu.kinds import pack_columns
+from gdsl.backends.cpu.gemm import pack_columns
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
@@ -334,7 +334,7 @@ class Executable:
     def _call(self, flat_args):
         args = []
         for (slot, buf), x in zip(self.input_slots, flat_args):
-            arr = np.ascontiguousarray(_to_numpy(x), dtype=buf.aval.dtype)
+            arr = np.ascontiguousarray(to_numpy(x), dtype=buf.aval.dtype)
             if arr.shape != buf.aval.shape:
                 arr = arr.reshape(buf.aval.shape)
             args.append(arr)
@@ -421,7 +421,8 @@ def _aligned(arr, align=64):
     return out
 
 
-def _to_numpy(x):
+def to_numpy(x):
+    """`x` (a numpy array, anything with __array__, a CuPy array, a DLPack tensor) as a numpy array."""
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "__array__"):
