@@ -8,6 +8,7 @@
     executor.py     buffers, launches and host control over a Device (CuPy, or the emulator)
     emulator.py     a CPU emulation of the CUDA dialect (threads as std::threads), for tests without a GPU
 """
+from gdsl.backends.cfamily.dialect import Dialect  # noqa: F401
 from gdsl.backends.cfamily.elementwise import ELEMENTWISE  # noqa: F401
 from gdsl.backends.cfamily.lowerings import LOWERINGS  # noqa: F401
-from gdsl.backends.cfamily.render import Dialect, Rendered, render_plan  # noqa: F401
+from gdsl.backends.cfamily.render import Rendered, render_plan  # noqa: F401

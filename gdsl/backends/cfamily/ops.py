@@ -155,7 +155,7 @@ class OpRenderer:
         lines = [f"  const int lo = t * {chunk};",
                  f"  const int hi = lo + {chunk} < {size} ? lo + {chunk} : {size};"]
         lines += ["  " + p for p in pre]
-        lines.append(f"  for (int i = lo + (int)threadIdx.x; i < hi; i += {self.nt}) {{")
+        lines.append(f"  for (int i = lo + (int){self.dialect.thread_index}; i < hi; i += {self.nt}) {{")
         lines += ["    " + e for e in element]
         lines.append("  }")
         return "\n".join(lines) + "\n"
@@ -347,7 +347,7 @@ class OpRenderer:
             rows=rows, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
             step=f"v = comb(v, {load});", store=out.store("o", "v"),
             block_combine=f"v = gdsl_block_reduce<{self.nt}>(v, {ident}, comb, smem);",
-            group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(self.nt // self.dialect.warp) * 8)
+            group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(self.nt // self.dialect.warp_size) * 8)
         return "\n".join(lines) + "\n"
 
     def argreduce(self, kind, acc, dt, base, load, rows, length, n_out) -> str:
@@ -367,7 +367,7 @@ class OpRenderer:
             step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=out.store("o", "k"),
             block_combine=f"gdsl_block_argreduce<{self.nt}>(v, k, better, smem);",
             group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
-            smem=(self.nt // self.dialect.warp) * 16 + 16)
+            smem=(self.nt // self.dialect.warp_size) * 16 + 16)
         return "\n".join(lines) + "\n"
 
     def reduction_loops(self, *, rows, length, n_out, base, init, step, store, block_combine, group_combine,
@@ -376,13 +376,14 @@ class OpRenderer:
         `block_combine`), or `rows` rows per uTask (a group of up to a warp's lanes per row, then
         `group_combine`, formatted with the group size g). `init` starts an accumulator, `step` folds
         element r in, `store` writes output o."""
+        thread = self.dialect.thread_index
         if rows == 1:
             self.smem = max(self.smem, smem)
             return ["  const int o = t;", f"  const int base = {base};", f"  {init}",
-                    f"  for (int r = threadIdx.x; r < {length}; r += {self.nt}) {{ {step} }}",
-                    f"  {block_combine}", f"  if (threadIdx.x == 0) {store}"]
-        g = min(self.dialect.warp, 1 << max(0, (length - 1).bit_length()))
-        return [f"  const int g = threadIdx.x / {g}, lane = threadIdx.x % {g};",
+                    f"  for (int r = {thread}; r < {length}; r += {self.nt}) {{ {step} }}",
+                    f"  {block_combine}", f"  if ({thread} == 0) {store}"]
+        g = min(self.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
+        return [f"  const int g = {thread} / {g}, lane = {thread} % {g};",
                 f"  for (int b = 0; b < {rows}; b += {self.nt // g}) {{",
                 f"    const int o = t * {rows} + b + g;",
                 f"    const bool ok = b + g < {rows} && o < {n_out};",
@@ -445,7 +446,7 @@ class OpRenderer:
         size = 8 if acc == "long long" else 4
         if gemv:
             ctn = min(tn, self.nt)
-            lanes = self.dialect.warp // ctn if ctn < self.dialect.warp else 1
+            lanes = self.dialect.warp_size // ctn if ctn < self.dialect.warp_size else 1
             slots = (self.nt // ctn) // lanes
             self.smem = max(self.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
             lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {self.nt}, {GEMV_KC}, {acc}>({N}, {K}, tj * {tn}, "

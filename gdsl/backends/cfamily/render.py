@@ -6,9 +6,9 @@ once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large program
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
-    Wave            for each Task whose vEU range holds blockIdx.x:
+    Wave            for each Task whose vEU range holds the vEU's index (the dialect's block_index, blockIdx.x):
                         for (t = blockIdx.x - first; t < n_utasks; t += count) op(..., t, smem)
-    Sync            "grid": the dialect's grid barrier; "block": __syncthreads()
+    Sync            "grid": the dialect's grid barrier; "block": its block barrier (__syncthreads())
     Uniforms/Assign every thread computes the scalar into a register (all vEUs compute the same value)
     Loop / Branch   native while / switch on uniforms
     Call            the explicit stack machine below
@@ -35,7 +35,8 @@ from pathlib import Path
 
 from gdsl import dtypes
 from gdsl.backends.cfamily import types as ct
-from gdsl.backends.cfamily.elementwise import ELEMENTWISE, c_expression
+from gdsl.backends.cfamily.dialect import Dialect
+from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.backends.cfamily.ops import OpRenderer, strides
 from gdsl.backends.cfamily.views import find_views, view_decl
 from gdsl.core.ir import Lit
@@ -57,38 +58,6 @@ PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
 BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
-
-
-class Dialect:
-    """What differs between C-family targets. Subclasses override class attributes (tinygrad-style)."""
-    name = "c"
-    warp = 32
-    header = ""                          # defines the GDSL_* macros the prelude needs
-    elementwise_overrides: dict = {}
-    barriers = ("atomic",)
-    kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
-    shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
-    ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
-    ldg_types = frozenset()              # storage types the read-only load exists for
-
-    @property
-    def elementwise(self) -> dict:
-        return {**ELEMENTWISE, **self.elementwise_overrides}
-
-    def ldg(self, dtype, ptr: str) -> str:
-        if ct.storage(dtype) in self.ldg_types:
-            return self.ldg_template.format(ptr=ptr)
-        return f"(*({ptr}))"
-
-    def grid_sync(self, barrier: str) -> str:
-        return "gdsl_grid_sync_atomic(gdsl_bar);"
-
-    def includes(self, barrier: str) -> str:
-        return ""
-
-    def host_code(self, kernels, plan) -> str:
-        """Extra host-side code after the kernels (the CPU emulator's launchers)."""
-        return ""
 
 
 @dataclass
@@ -228,7 +197,7 @@ class Renderer:
     def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic"):
         if barrier not in dialect.barriers:
             raise ValueError(f"barrier={barrier!r}: the {dialect.name} dialect has {', '.join(dialect.barriers)}")
-        self.plan, self.d, self.barrier = plan, dialect, barrier
+        self.plan, self.dialect, self.barrier = plan, dialect, barrier
         self.fns = {f.name: f for f in plan.functions}
         self.layout = make_layout(plan)
         self.stacked = stacked_uniforms(plan)
@@ -269,6 +238,10 @@ class Renderer:
 
     def arg(self, value: Value) -> str:
         return self.elem(value) if value.is_uniform else self.ptr(value)
+
+    def first_thread(self) -> str:
+        """The C condition that holds in one thread of the whole grid (thread 0 of vEU 0)."""
+        return f"{self.dialect.block_index} == 0 && {self.dialect.thread_index} == 0"
 
     # ------------------------------------------------------------------------------------ statements
     # A barrier is redundant when no vEU touched memory since the last grid barrier ("quiet"): after views
@@ -355,10 +328,10 @@ class Renderer:
                     lines += [pad + line for line in self.task(task)]
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
-                if not grid and lines and lines[-1] == pad + "__syncthreads();":
+                if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
                     continue                   # nothing happened since the last one
                 if not quiet:
-                    lines.append(pad + (self.d.grid_sync(self.barrier) if grid else "__syncthreads();"))
+                    lines.append(pad + (self.dialect.grid_sync(self.barrier) if grid else self.dialect.block_barrier))
                 quiet = grid or quiet
                 continue
             elif isinstance(stmt, Uniforms):
@@ -388,7 +361,7 @@ class Renderer:
             elif isinstance(stmt, Call):
                 f, name = self.fns[stmt.fn], cid(stmt.fn)
                 code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
-                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if (blockIdx.x == 0 && threadIdx.x == 0) "
+                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({self.first_thread()}) "
                           f"*gdsl_err = {code}; goto gdsl_exit; }}",
                           f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
                           f"{pad}f_{name}_ret_{stmt.site}: ;"]
@@ -411,7 +384,7 @@ class Renderer:
         if op not in self.op_function:
             remap = {k: (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm)
                      for k, view in permuted.items()}
-            renderer = OpRenderer(op, self.d, self.plan.block, self.read_only, remap)
+            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap)
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
@@ -423,26 +396,27 @@ class Renderer:
                          [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                           for k, v in enumerate(op.inputs)])
         first, count, n = task.first, task.count, op.n_utasks
+        veu = self.dialect.block_index
         if n <= count:   # one round: vEU first + t runs uTask t
-            t = f"(int)blockIdx.x - {first}" if first else "(int)blockIdx.x"
+            t = f"(int){veu} - {first}" if first else f"(int){veu}"
             call = f"{fn}({args}, {t}, gdsl_smem);"
             if first == 0 and n == self.plan.grid:
                 return [call]
-            lo = f"blockIdx.x >= {first} && " if first else ""
-            return [f"if ({lo}blockIdx.x < {first + n}) {call}"]
-        loop = (f"for (gdsl_t = (int)blockIdx.x - {first}; gdsl_t < {n}; gdsl_t += {count}) "
+            lo = f"{veu} >= {first} && " if first else ""
+            return [f"if ({lo}{veu} < {first + n}) {call}"]
+        loop = (f"for (gdsl_t = (int){veu} - {first}; gdsl_t < {n}; gdsl_t += {count}) "
                 f"{fn}({args}, gdsl_t, gdsl_smem);")
         if first == 0 and count == self.plan.grid:
             return [loop]
-        lo = f"blockIdx.x >= {first} && " if first else ""
-        return [f"if ({lo}blockIdx.x < {first + count}) {loop}"]
+        lo = f"{veu} >= {first} && " if first else ""
+        return [f"if ({lo}{veu} < {first + count}) {loop}"]
 
     # ------------------------------------------------------------------------------------ uniform ops
     def uniform_op(self, u) -> list[str]:
         out = self.uniform_ref(u.output)
         dt = u.output.aval.dtype
         p, ins = u.primitive, u.inputs
-        table = self.d.elementwise
+        table = self.dialect.elementwise
         if p in table:
             operand = ins[-1].aval.dtype
             text = c_expression(table, p, ct.klass(operand), ct.compute(operand), [self.elem(v) for v in ins])
@@ -544,11 +518,11 @@ class Renderer:
                     used_buffers.append(v.buffer)
                 if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
                     used_uniforms.append(v.storage)
-        decls.append(self.d.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
+        decls.append(self.dialect.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
             decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
-            decls.append("if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;")
+            decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
         for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
             if buf not in self.views:
                 decls.append(f"{ct.storage(buf.aval.dtype)}* {buf.name} = ({ct.storage(buf.aval.dtype)}*)"
@@ -575,7 +549,7 @@ class Renderer:
                 decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].max_depth + 2}];")
             else:
                 decls.append(f"{t} {u.name} = {ct.literal(0, u.aval.dtype)};")
-        head = f"{self.d.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
+        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
         lines = [head] + ["  " + d for d in decls] + body_lines
         if functions:
             lines.append("  goto gdsl_exit;")
@@ -609,15 +583,15 @@ class Renderer:
         shared = self.not_inlined()
         specs = [spec for _, spec in kernels]
         smem = -(-self.smem // 16) * 16
-        parts = [f"// generated by gdsl ({self.d.name} dialect): {self.plan.control} control, grid "
+        parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
-                 self.d.includes(self.barrier) + self.d.header, PRELUDE,
+                 self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE,
                  f"#define GDSL_SMEM_BYTES {smem}\n",
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
                  "\n".join(code for code, _ in kernels),
-                 self.d.host_code(specs, self.plan)]
+                 self.dialect.host_code(specs, self.plan)]
         source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
         return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()))
 
