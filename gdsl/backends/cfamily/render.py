@@ -33,13 +33,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl import dtypes
-from gdsl.backends.cfamily import types as ct
+from gdsl.backends.cfamily import data_movement, gemm, reductions  # noqa: F401 - importing them registers their rules
+from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
-from gdsl.backends.cfamily.ops import OpRenderer, strides
+from gdsl.backends.cfamily.ops import OpRenderer
 from gdsl.backends.cfamily.views import find_views, view_decl
 from gdsl.core.ir import Lit
+from gdsl.primitives.registry import lowering_rule
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -231,10 +232,10 @@ class Renderer:
     def elem(self, value: Value, idx: str = "0") -> str:
         """Element `idx` of a value, in the compute type (a uniform or literal is one scalar)."""
         if isinstance(value.storage, Lit):
-            return ct.literal(value.storage.val, value.aval.dtype)
+            return c_types.literal(value.storage.val, value.aval.dtype)
         if isinstance(value.storage, Uniform):
             return self.uniform_ref(value)
-        return ct.from_storage(value.aval.dtype, f"{self.ptr(value)}[{idx}]")
+        return c_types.from_storage(value.aval.dtype, f"{self.ptr(value)}[{idx}]")
 
     def arg(self, value: Value) -> str:
         return self.elem(value) if value.is_uniform else self.ptr(value)
@@ -413,71 +414,16 @@ class Renderer:
 
     # ------------------------------------------------------------------------------------ uniform ops
     def uniform_op(self, u) -> list[str]:
+        """C lines computing uniform op `u` in every thread: an elementwise primitive from the dialect's
+        table, any other kind by its "uniform" lowering rule."""
         out = self.uniform_ref(u.output)
-        dt = u.output.aval.dtype
-        p, ins = u.primitive, u.inputs
         table = self.dialect.elementwise
-        if p in table:
-            operand = ins[-1].aval.dtype
-            text = c_expression(table, p, ct.klass(operand), ct.compute(operand), [self.elem(v) for v in ins])
-            return [f"{out} = {ct.rounded(dt, text)};"]
-        if p == "convert_element_type":
-            return [f"{out} = {ct.convert(self.elem(ins[0]), ins[0].aval.dtype, dt)};"]
-        if p in ("reshape", "broadcast_to", "transpose"):
-            return [f"{out} = {self.elem(ins[0])};"]
-        if p == "iota":
-            return [f"{out} = {ct.literal(0, dt)};"]
-        if p == "slice":
-            x = ins[0]
-            start = sum(b * s for b, s in zip(u.params["start"], strides(x.aval.shape)))
-            return [f"{out} = {self.elem(x, str(start))};"]
-        if p == "dynamic_slice":
-            x, idx = ins[0], ins[1:]
-            terms = []
-            for n, z, st, v in zip(x.aval.shape, u.params["sizes"], strides(x.aval.shape), idx):
-                if n - z > 0:
-                    e = f"(long long)({self.elem(v)})"
-                    terms.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e})) * {st}")
-            index = f"(int)({' + '.join(terms)})" if terms else "0"
-            return [f"{out} = {self.elem(x, index)};"]
-        if p == "take":
-            x, ind = ins
-            n = x.aval.shape[u.params["axis"]]
-            e = f"(long long)({self.elem(ind)})"
-            return [f"{out} = {self.elem(x, f'(int)({e} < 0 ? 0LL : ({e} > {n - 1} ? {n - 1}LL : {e}))')};"]
-        if p == "concatenate":
-            x = next(v for v in ins if v.aval.size)
-            return [f"{out} = {self.elem(x)};"]
-        if p in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
-            return self.uniform_reduce(u, out)
-        raise NotImplementedError(f"no uniform lowering for {p}")
-
-    def uniform_reduce(self, u, out) -> list[str]:
-        x = u.inputs[0]
-        dt = x.aval.dtype
-        n = x.aval.size
-        acc = "int" if dt == dtypes.bool_ else ct.compute(dt)
-        items = [f"(({acc}){self.elem(x, str(k))})" for k in range(n)]
-        if u.primitive in ("argmax", "argmin"):
-            cmp = ">" if u.primitive == "argmax" else "<"
-            lines = [f"{{ {acc} v = {items[0]}; int k = 0; {acc} w;"]
-            for k in range(1, n):
-                if dtypes.is_float(dt):
-                    lines.append(f"  w = {items[k]}; if ((w != w && v == v) || w {cmp} v) {{ v = w; k = {k}; }}")
-                else:
-                    lines.append(f"  w = {items[k]}; if (w {cmp} v) {{ v = w; k = {k}; }}")
-            return lines + [f"  {out} = k; }}"]
-        if n == 0:
-            return [f"{out} = {ct.literal(0, u.output.aval.dtype)};"]
-        floaty = dtypes.is_float(dt)
-        comb = {"reduce_sum": "({a} + {b})",
-                "reduce_max": "gdsl_fmax({a}, {b})" if floaty else "({a} > {b} ? {a} : {b})",
-                "reduce_min": "gdsl_fmin({a}, {b})" if floaty else "({a} < {b} ? {a} : {b})"}[u.primitive]
-        lines = [f"{{ {acc} v = {items[0]};"]
-        for k in range(1, n):
-            lines.append(f"  v = {comb.format(a='v', b=items[k])};")
-        result = ct.rounded(u.output.aval.dtype, "v") if floaty else f"({ct.compute(u.output.aval.dtype)})v"
-        return lines + [f"  {out} = {result}; }}"]
+        if u.primitive in table:
+            operand = u.inputs[-1].aval.dtype
+            text = c_expression(table, u.primitive, c_types.klass(operand), c_types.compute(operand),
+                                [self.elem(v) for v in u.inputs])
+            return [f"{out} = {c_types.rounded(u.output.aval.dtype, text)};"]
+        return lowering_rule(u.primitive, self.dialect.lowering_chain, "uniform")(self, u, out)
 
     # ------------------------------------------------------------------------------------ kernels
     def kernel(self, kernel, index: int) -> tuple[str, KernelSpec]:
@@ -506,7 +452,7 @@ class Renderer:
             if kind == "buffer":
                 const = "const " if obj.kind in ("input", "const") else ""
                 restrict = " __restrict__" if obj.kind in ("input", "const") else ""
-                c_params.append(f"{const}{ct.storage(obj.aval.dtype)}*{restrict} {obj.name}")
+                c_params.append(f"{const}{c_types.storage(obj.aval.dtype)}*{restrict} {obj.name}")
             elif kind == "ws":
                 c_params.append("char* __restrict__ gdsl_ws")
             else:
@@ -525,7 +471,7 @@ class Renderer:
             decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
         for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
             if buf not in self.views:
-                decls.append(f"{ct.storage(buf.aval.dtype)}* {buf.name} = ({ct.storage(buf.aval.dtype)}*)"
+                decls.append(f"{c_types.storage(buf.aval.dtype)}* {buf.name} = ({c_types.storage(buf.aval.dtype)}*)"
                              f"(gdsl_ws + {self.layout.offsets[buf]});")
         pending = [b for b in used_buffers if b in self.views]
         declared = set(used_buffers) - set(pending)
@@ -534,7 +480,7 @@ class Renderer:
             src = self.views[buf].source.buffer
             if src in self.layout.offsets and src not in declared:
                 declared.add(src)
-                decls.append(f"{ct.storage(src.aval.dtype)}* {src.name} = ({ct.storage(src.aval.dtype)}*)"
+                decls.append(f"{c_types.storage(src.aval.dtype)}* {src.name} = ({c_types.storage(src.aval.dtype)}*)"
                              f"(gdsl_ws + {self.layout.offsets[src]});")
             decls.append(view_decl(buf, self.views[buf], self.ptr(self.views[buf].source)))
             pending.remove(buf)
@@ -544,11 +490,11 @@ class Renderer:
             decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];")
         decls.append("int gdsl_t; (void)gdsl_t;")
         for u in used_uniforms:
-            t = ct.compute(u.aval.dtype)
+            t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
                 decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].max_depth + 2}];")
             else:
-                decls.append(f"{t} {u.name} = {ct.literal(0, u.aval.dtype)};")
+                decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
         head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
         lines = [head] + ["  " + d for d in decls] + body_lines
         if functions:
