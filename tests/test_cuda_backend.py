@@ -3,7 +3,7 @@
 Without a GPU (CI): every program of backend_programs.PROGRAMS, in both placements, lowers to a source that
 NVRTC compiles to an sm_90 CUBIN; the generated code of three tiny programs is golden text
 (tests/golden/, regenerate with GDSL_UPDATE_GOLDEN=1); and the generated code runs on the CPU emulator
-(gdsl.backends.cfamily.emulator: the CUDA dialect compiled by g++, threads as std::threads) against the
+(gdsl.backends.cfamily.emulator: CUDA's spelling compiled by g++, threads as std::threads) against the
 interpreter. On a GPU (`-m gpu`): cuda == interpreter for the same programs, random programs with nested
 control flow, recursion overflow, dlpack inputs, the grid fallback and both barrier kinds.
 """
@@ -18,11 +18,13 @@ from hypothesis import given, settings
 from strategies import check_backend, programs
 
 import gdsl
-from gdsl.backends import cfamily
 from gdsl.backends.cfamily import emulator
-from gdsl.backends.cuda import cccl_include_dir, compile_options
+from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+from gdsl.backends.cuda import LOWERING_CHAIN, cccl_include_dir, compile_options
 from gdsl.backends.cuda import toolchain as cuda_toolchain
-from gdsl.primitives.registry import REGISTRY
+from gdsl.backends.cuda.dialect import CUDADialect
+from gdsl.jit import make_ir
+from gdsl.primitives import registry
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
 needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
@@ -97,8 +99,48 @@ def test_lower_needs_no_gpu_and_checks_options():
             gdsl.jit(fn, backend="cuda", **bad).lower(*args)
 
 
-def test_every_primitive_has_a_lowering():
-    assert sorted(set(REGISTRY) - set(cfamily.LOWERINGS)) == []
+def _transpose_source(backend):
+    return gdsl.jit(lambda x: x.T, backend=backend).lower(np.ones((3, 5), np.float32)).source
+
+
+def test_a_dialect_rule_overrides_the_shared_one(monkeypatch):
+    """A rule registered under the dialect's name wins over the shared "cfamily" one, for that dialect only."""
+    assert LOWERING_CHAIN == ("cuda", "cfamily")
+    shared = registry.lowering_rule("transpose", LOWERING_CHAIN)
+    assert "for (int i = lo" in _transpose_source("cuda")
+    monkeypatch.setitem(registry.LOWERINGS, ("cuda", "utask", "transpose"),
+                        lambda ops: "  // the CUDA dialect's own transpose\n" + shared(ops))
+    assert "// the CUDA dialect's own transpose" in _transpose_source("cuda")
+    assert "// the CUDA dialect's own transpose" not in _transpose_source("hip")
+
+
+def test_a_kind_without_a_rule_names_the_kind_and_the_backend(monkeypatch):
+    monkeypatch.delitem(registry.LOWERINGS, ("cfamily", "utask", "transpose"))
+    with pytest.raises(NotImplementedError, match="'transpose' on backend 'cuda'"):
+        _transpose_source("cuda")
+    monkeypatch.delitem(registry.LOWERINGS, ("cfamily", "uniform", "reduce_max"))
+    with pytest.raises(NotImplementedError, match="uniform lowering rule for op kind 'reduce_max'"):
+        gdsl.jit(lambda x: x.max(), backend="cuda").lower(np.ones((4,), np.float32))
+
+
+class ProbeDialect(CUDADialect):
+    """The CUDA dialect with every index, barrier and warp size spelled differently."""
+    block_index, thread_index, block_barrier, warp_size = "PROBE_VEU", "PROBE_LANE", "PROBE_BARRIER();", 64
+
+
+@pytest.mark.parametrize("name", ["reductions", "long_reductions", "gemv_batch1", "matmuls", "recursion",
+                                  "structural", "updates", "heads"])
+def test_indices_barriers_and_warp_size_come_from_the_dialect(name):
+    fn, args = PROGRAMS[name]
+    opts = check_options({"control": "device"}, ProbeDialect)
+    source = lower_with_grid(make_ir(fn)(*args), opts, 8, ProbeDialect()).rendered.source
+    generated = _generated_part(source)
+    for literal in ("blockIdx", "threadIdx", "__syncthreads"):
+        assert literal not in generated, f"{literal} spelled in the generated code of {name}"
+    assert "PROBE_VEU" in generated and "PROBE_LANE" in generated
+    assert "#define GDSL_WARP 64\n" in source
+    with pytest.raises(ValueError, match="from 64 to 1024"):
+        check_options({"block": 32}, ProbeDialect)
 
 
 def test_views_replace_contiguous_slices():

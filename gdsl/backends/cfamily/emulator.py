@@ -1,5 +1,5 @@
-"""Run the C-family backends' generated code on the CPU: the CUDA dialect's source compiled by g++ with
-`emu.h`, every CUDA thread a std::thread, every barrier a real barrier.
+"""Run the C-family backends' generated code on the CPU: the emulator dialect's source (CUDA's spelling)
+compiled by g++ with `emu.h`, every CUDA thread a std::thread, every barrier a real barrier.
 
 It exists to test the renderer where no GPU is: the same plan, statement tree, op functions, prelude
 (GEMM tiles, warp-shuffle reductions, the atomic grid barrier) and executor run, so wrong indexing, a
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gdsl.backends.cfamily import types as ct
-from gdsl.backends.cuda.dialect import CUDADialect
+from gdsl.backends.cfamily import types as c_types
+from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.toolchain import cached_compile, compile_error
 
 EMU_HEADER = (Path(__file__).with_name("emu.h")).read_text()
@@ -35,16 +35,16 @@ def cxx() -> str | None:
     return shutil.which("g++")
 
 
-class EmulatorDialect(CUDADialect):
+class EmulatorDialect(Dialect):
+    """The base dialect (CUDA's spelling, which emu.h defines) with the emulator's header, kernels as plain
+    functions, shared memory from the emulated block and a launcher per kernel. Warps of 32 lanes: emu.h
+    emulates shuffles for 32."""
     name = "emulator"
-    header = EMU_HEADER
-    barriers = ("atomic",)
+    lowering_chain = ("emulator", "cfamily")
+    warp_size = 32
+    header_template = EMU_HEADER
     kernel_prefix = "static void"
     shared_decl = "char* gdsl_smem = gdsl_emu_cur->smem;"
-    ldg_types = frozenset()
-
-    def includes(self, barrier: str) -> str:
-        return ""
 
     def host_code(self, kernels, plan) -> str:
         out = []
@@ -52,7 +52,7 @@ class EmulatorDialect(CUDADialect):
             args = []
             for i, (kind, obj) in enumerate(spec.params):
                 if kind == "buffer":
-                    args.append(f"({ct.storage(obj.aval.dtype)}*)args[{i}]")
+                    args.append(f"({c_types.storage(obj.aval.dtype)}*)args[{i}]")
                 elif kind == "ws":
                     args.append(f"(char*)args[{i}]")
                 else:
@@ -139,13 +139,13 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", pa
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
     CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
     from gdsl.backends.cfamily.executor import Executable
-    from gdsl.backends.cuda import check_options, lower_with_grid
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.jit import _as_dtype, leaf_aval, make_ir
     from gdsl.tracing.pytree import tree_flatten, tree_unflatten
     program = make_ir(fun)(*args)
     opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition},
                          EmulatorDialect)
-    lowering = lower_with_grid(program, opts, grid, dialect=EmulatorDialect())
+    lowering = lower_with_grid(program, opts, grid, EmulatorDialect())
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]
     outs = Executable(lowering.plan, lowering.rendered, EmulatedDevice())(flat)

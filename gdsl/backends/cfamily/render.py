@@ -6,9 +6,9 @@ once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large program
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
-    Wave            for each Task whose vEU range holds blockIdx.x:
+    Wave            for each Task whose vEU range holds the vEU's index (the dialect's block_index, blockIdx.x):
                         for (t = blockIdx.x - first; t < n_utasks; t += count) op(..., t, smem)
-    Sync            "grid": the dialect's grid barrier; "block": __syncthreads()
+    Sync            "grid": the dialect's grid barrier; "block": its block barrier (__syncthreads())
     Uniforms/Assign every thread computes the scalar into a register (all vEUs compute the same value)
     Loop / Branch   native while / switch on uniforms
     Call            the explicit stack machine below
@@ -33,12 +33,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl import dtypes
-from gdsl.backends.cfamily import types as ct
-from gdsl.backends.cfamily.elementwise import ELEMENTWISE, c_expression
-from gdsl.backends.cfamily.ops import OpRenderer, strides
+from gdsl.backends.cfamily import data_movement, gemm, reductions  # noqa: F401 - importing them registers their rules
+from gdsl.backends.cfamily import types as c_types
+from gdsl.backends.cfamily.dialect import Dialect
+from gdsl.backends.cfamily.elementwise import c_expression
+from gdsl.backends.cfamily.ops import OpRenderer
 from gdsl.backends.cfamily.views import find_views, view_decl
 from gdsl.core.ir import Lit
+from gdsl.primitives.registry import lowering_rule
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -57,38 +59,6 @@ PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
 BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
-
-
-class Dialect:
-    """What differs between C-family targets. Subclasses override class attributes (tinygrad-style)."""
-    name = "c"
-    warp = 32
-    header = ""                          # defines the GDSL_* macros the prelude needs
-    elementwise_overrides: dict = {}
-    barriers = ("atomic",)
-    kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
-    shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
-    ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
-    ldg_types = frozenset()              # storage types the read-only load exists for
-
-    @property
-    def elementwise(self) -> dict:
-        return {**ELEMENTWISE, **self.elementwise_overrides}
-
-    def ldg(self, dtype, ptr: str) -> str:
-        if ct.storage(dtype) in self.ldg_types:
-            return self.ldg_template.format(ptr=ptr)
-        return f"(*({ptr}))"
-
-    def grid_sync(self, barrier: str) -> str:
-        return "gdsl_grid_sync_atomic(gdsl_bar);"
-
-    def includes(self, barrier: str) -> str:
-        return ""
-
-    def host_code(self, kernels, plan) -> str:
-        """Extra host-side code after the kernels (the CPU emulator's launchers)."""
-        return ""
 
 
 @dataclass
@@ -228,7 +198,7 @@ class Renderer:
     def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic"):
         if barrier not in dialect.barriers:
             raise ValueError(f"barrier={barrier!r}: the {dialect.name} dialect has {', '.join(dialect.barriers)}")
-        self.plan, self.d, self.barrier = plan, dialect, barrier
+        self.plan, self.dialect, self.barrier = plan, dialect, barrier
         self.fns = {f.name: f for f in plan.functions}
         self.layout = make_layout(plan)
         self.stacked = stacked_uniforms(plan)
@@ -262,13 +232,17 @@ class Renderer:
     def elem(self, value: Value, idx: str = "0") -> str:
         """Element `idx` of a value, in the compute type (a uniform or literal is one scalar)."""
         if isinstance(value.storage, Lit):
-            return ct.literal(value.storage.val, value.aval.dtype)
+            return c_types.literal(value.storage.val, value.aval.dtype)
         if isinstance(value.storage, Uniform):
             return self.uniform_ref(value)
-        return ct.from_storage(value.aval.dtype, f"{self.ptr(value)}[{idx}]")
+        return c_types.from_storage(value.aval.dtype, f"{self.ptr(value)}[{idx}]")
 
     def arg(self, value: Value) -> str:
         return self.elem(value) if value.is_uniform else self.ptr(value)
+
+    def first_thread(self) -> str:
+        """The C condition that holds in one thread of the whole grid (thread 0 of vEU 0)."""
+        return f"{self.dialect.block_index} == 0 && {self.dialect.thread_index} == 0"
 
     # ------------------------------------------------------------------------------------ statements
     # A barrier is redundant when no vEU touched memory since the last grid barrier ("quiet"): after views
@@ -355,10 +329,10 @@ class Renderer:
                     lines += [pad + line for line in self.task(task)]
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
-                if not grid and lines and lines[-1] == pad + "__syncthreads();":
+                if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
                     continue                   # nothing happened since the last one
                 if not quiet:
-                    lines.append(pad + (self.d.grid_sync(self.barrier) if grid else "__syncthreads();"))
+                    lines.append(pad + (self.dialect.grid_sync(self.barrier) if grid else self.dialect.block_barrier))
                 quiet = grid or quiet
                 continue
             elif isinstance(stmt, Uniforms):
@@ -388,7 +362,7 @@ class Renderer:
             elif isinstance(stmt, Call):
                 f, name = self.fns[stmt.fn], cid(stmt.fn)
                 code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
-                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if (blockIdx.x == 0 && threadIdx.x == 0) "
+                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({self.first_thread()}) "
                           f"*gdsl_err = {code}; goto gdsl_exit; }}",
                           f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
                           f"{pad}f_{name}_ret_{stmt.site}: ;"]
@@ -411,7 +385,7 @@ class Renderer:
         if op not in self.op_function:
             remap = {k: (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm)
                      for k, view in permuted.items()}
-            renderer = OpRenderer(op, self.d, self.plan.block, self.read_only, remap)
+            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap)
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
@@ -423,87 +397,33 @@ class Renderer:
                          [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                           for k, v in enumerate(op.inputs)])
         first, count, n = task.first, task.count, op.n_utasks
+        veu = self.dialect.block_index
         if n <= count:   # one round: vEU first + t runs uTask t
-            t = f"(int)blockIdx.x - {first}" if first else "(int)blockIdx.x"
+            t = f"(int){veu} - {first}" if first else f"(int){veu}"
             call = f"{fn}({args}, {t}, gdsl_smem);"
             if first == 0 and n == self.plan.grid:
                 return [call]
-            lo = f"blockIdx.x >= {first} && " if first else ""
-            return [f"if ({lo}blockIdx.x < {first + n}) {call}"]
-        loop = (f"for (gdsl_t = (int)blockIdx.x - {first}; gdsl_t < {n}; gdsl_t += {count}) "
+            lo = f"{veu} >= {first} && " if first else ""
+            return [f"if ({lo}{veu} < {first + n}) {call}"]
+        loop = (f"for (gdsl_t = (int){veu} - {first}; gdsl_t < {n}; gdsl_t += {count}) "
                 f"{fn}({args}, gdsl_t, gdsl_smem);")
         if first == 0 and count == self.plan.grid:
             return [loop]
-        lo = f"blockIdx.x >= {first} && " if first else ""
-        return [f"if ({lo}blockIdx.x < {first + count}) {loop}"]
+        lo = f"{veu} >= {first} && " if first else ""
+        return [f"if ({lo}{veu} < {first + count}) {loop}"]
 
     # ------------------------------------------------------------------------------------ uniform ops
     def uniform_op(self, u) -> list[str]:
+        """C lines computing uniform op `u` in every thread: an elementwise primitive from the dialect's
+        table, any other kind by its "uniform" lowering rule."""
         out = self.uniform_ref(u.output)
-        dt = u.output.aval.dtype
-        p, ins = u.primitive, u.inputs
-        table = self.d.elementwise
-        if p in table:
-            operand = ins[-1].aval.dtype
-            text = c_expression(table, p, ct.klass(operand), ct.compute(operand), [self.elem(v) for v in ins])
-            return [f"{out} = {ct.rounded(dt, text)};"]
-        if p == "convert_element_type":
-            return [f"{out} = {ct.convert(self.elem(ins[0]), ins[0].aval.dtype, dt)};"]
-        if p in ("reshape", "broadcast_to", "transpose"):
-            return [f"{out} = {self.elem(ins[0])};"]
-        if p == "iota":
-            return [f"{out} = {ct.literal(0, dt)};"]
-        if p == "slice":
-            x = ins[0]
-            start = sum(b * s for b, s in zip(u.params["start"], strides(x.aval.shape)))
-            return [f"{out} = {self.elem(x, str(start))};"]
-        if p == "dynamic_slice":
-            x, idx = ins[0], ins[1:]
-            terms = []
-            for n, z, st, v in zip(x.aval.shape, u.params["sizes"], strides(x.aval.shape), idx):
-                if n - z > 0:
-                    e = f"(long long)({self.elem(v)})"
-                    terms.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e})) * {st}")
-            index = f"(int)({' + '.join(terms)})" if terms else "0"
-            return [f"{out} = {self.elem(x, index)};"]
-        if p == "take":
-            x, ind = ins
-            n = x.aval.shape[u.params["axis"]]
-            e = f"(long long)({self.elem(ind)})"
-            return [f"{out} = {self.elem(x, f'(int)({e} < 0 ? 0LL : ({e} > {n - 1} ? {n - 1}LL : {e}))')};"]
-        if p == "concatenate":
-            x = next(v for v in ins if v.aval.size)
-            return [f"{out} = {self.elem(x)};"]
-        if p in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
-            return self.uniform_reduce(u, out)
-        raise NotImplementedError(f"no uniform lowering for {p}")
-
-    def uniform_reduce(self, u, out) -> list[str]:
-        x = u.inputs[0]
-        dt = x.aval.dtype
-        n = x.aval.size
-        acc = "int" if dt == dtypes.bool_ else ct.compute(dt)
-        items = [f"(({acc}){self.elem(x, str(k))})" for k in range(n)]
-        if u.primitive in ("argmax", "argmin"):
-            cmp = ">" if u.primitive == "argmax" else "<"
-            lines = [f"{{ {acc} v = {items[0]}; int k = 0; {acc} w;"]
-            for k in range(1, n):
-                if dtypes.is_float(dt):
-                    lines.append(f"  w = {items[k]}; if ((w != w && v == v) || w {cmp} v) {{ v = w; k = {k}; }}")
-                else:
-                    lines.append(f"  w = {items[k]}; if (w {cmp} v) {{ v = w; k = {k}; }}")
-            return lines + [f"  {out} = k; }}"]
-        if n == 0:
-            return [f"{out} = {ct.literal(0, u.output.aval.dtype)};"]
-        floaty = dtypes.is_float(dt)
-        comb = {"reduce_sum": "({a} + {b})",
-                "reduce_max": "gdsl_fmax({a}, {b})" if floaty else "({a} > {b} ? {a} : {b})",
-                "reduce_min": "gdsl_fmin({a}, {b})" if floaty else "({a} < {b} ? {a} : {b})"}[u.primitive]
-        lines = [f"{{ {acc} v = {items[0]};"]
-        for k in range(1, n):
-            lines.append(f"  v = {comb.format(a='v', b=items[k])};")
-        result = ct.rounded(u.output.aval.dtype, "v") if floaty else f"({ct.compute(u.output.aval.dtype)})v"
-        return lines + [f"  {out} = {result}; }}"]
+        table = self.dialect.elementwise
+        if u.primitive in table:
+            operand = u.inputs[-1].aval.dtype
+            text = c_expression(table, u.primitive, c_types.klass(operand), c_types.compute(operand),
+                                [self.elem(v) for v in u.inputs])
+            return [f"{out} = {c_types.rounded(u.output.aval.dtype, text)};"]
+        return lowering_rule(u.primitive, self.dialect.lowering_chain, "uniform")(self, u, out)
 
     # ------------------------------------------------------------------------------------ kernels
     def kernel(self, kernel, index: int) -> tuple[str, KernelSpec]:
@@ -532,7 +452,7 @@ class Renderer:
             if kind == "buffer":
                 const = "const " if obj.kind in ("input", "const") else ""
                 restrict = " __restrict__" if obj.kind in ("input", "const") else ""
-                c_params.append(f"{const}{ct.storage(obj.aval.dtype)}*{restrict} {obj.name}")
+                c_params.append(f"{const}{c_types.storage(obj.aval.dtype)}*{restrict} {obj.name}")
             elif kind == "ws":
                 c_params.append("char* __restrict__ gdsl_ws")
             else:
@@ -544,14 +464,14 @@ class Renderer:
                     used_buffers.append(v.buffer)
                 if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
                     used_uniforms.append(v.storage)
-        decls.append(self.d.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
+        decls.append(self.dialect.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
             decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
-            decls.append("if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;")
+            decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
         for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
             if buf not in self.views:
-                decls.append(f"{ct.storage(buf.aval.dtype)}* {buf.name} = ({ct.storage(buf.aval.dtype)}*)"
+                decls.append(f"{c_types.storage(buf.aval.dtype)}* {buf.name} = ({c_types.storage(buf.aval.dtype)}*)"
                              f"(gdsl_ws + {self.layout.offsets[buf]});")
         pending = [b for b in used_buffers if b in self.views]
         declared = set(used_buffers) - set(pending)
@@ -560,7 +480,7 @@ class Renderer:
             src = self.views[buf].source.buffer
             if src in self.layout.offsets and src not in declared:
                 declared.add(src)
-                decls.append(f"{ct.storage(src.aval.dtype)}* {src.name} = ({ct.storage(src.aval.dtype)}*)"
+                decls.append(f"{c_types.storage(src.aval.dtype)}* {src.name} = ({c_types.storage(src.aval.dtype)}*)"
                              f"(gdsl_ws + {self.layout.offsets[src]});")
             decls.append(view_decl(buf, self.views[buf], self.ptr(self.views[buf].source)))
             pending.remove(buf)
@@ -570,12 +490,12 @@ class Renderer:
             decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];")
         decls.append("int gdsl_t; (void)gdsl_t;")
         for u in used_uniforms:
-            t = ct.compute(u.aval.dtype)
+            t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
                 decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].max_depth + 2}];")
             else:
-                decls.append(f"{t} {u.name} = {ct.literal(0, u.aval.dtype)};")
-        head = f"{self.d.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
+                decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
+        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
         lines = [head] + ["  " + d for d in decls] + body_lines
         if functions:
             lines.append("  goto gdsl_exit;")
@@ -609,15 +529,15 @@ class Renderer:
         shared = self.not_inlined()
         specs = [spec for _, spec in kernels]
         smem = -(-self.smem // 16) * 16
-        parts = [f"// generated by gdsl ({self.d.name} dialect): {self.plan.control} control, grid "
+        parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
-                 self.d.includes(self.barrier) + self.d.header, PRELUDE,
+                 self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE,
                  f"#define GDSL_SMEM_BYTES {smem}\n",
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
                  "\n".join(code for code, _ in kernels),
-                 self.d.host_code(specs, self.plan)]
+                 self.dialect.host_code(specs, self.plan)]
         source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
         return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()))
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gdsl.backends.cfamily import types as ct
+from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
+from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
 
 
@@ -70,25 +71,30 @@ def _reads(stmt) -> list:
     return []
 
 
-def _window(op, elem):
-    """(sizes, start expressions, dynamic) of a slice / dynamic_slice Op, or None if it is not a view."""
-    src = op.inputs[0]
-    shape = src.aval.shape
-    if op.kind == "slice":
-        p = op.params
-        sizes = [len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"])]
-        if any(s != 1 and z > 1 for s, z in zip(p["step"], sizes)):
-            return None
-        return sizes, [str(b) for b in p["start"]], False
+def _static_window(op, elem):
+    """(sizes, start expressions, dynamic) of a slice Op, or None if its steps skip elements."""
+    p = op.params
+    sizes = [len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"])]
+    if any(s != 1 and z > 1 for s, z in zip(p["step"], sizes)):
+        return None
+    return sizes, [str(b) for b in p["start"]], False
+
+
+def _dynamic_window(op, elem):
+    """(sizes, start expressions, dynamic) of a dynamic_slice Op: starts clamped into the source."""
     sizes = list(op.params["sizes"])
     starts = []
-    for n, z, v in zip(shape, sizes, op.inputs[1:]):
+    for n, z, v in zip(op.inputs[0].aval.shape, sizes, op.inputs[1:]):
         if n == z:
             starts.append("0")
             continue
         e = f"(long long)({elem(v)})"
         starts.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e}))")
     return sizes, starts, any(s != "0" and not s.isdigit() for s in starts)
+
+
+# The kinds whose output may be a window of their source, and how to find that window.
+WINDOWS = {slice_p.name: _static_window, dynamic_slice_p.name: _dynamic_window}
 
 
 def find_views(plan, elem) -> dict:
@@ -102,7 +108,7 @@ def find_views(plan, elem) -> dict:
             continue
         for task in stmt.tasks:
             op = task.op
-            if op.kind not in ("slice", "dynamic_slice", "transpose"):
+            if op.kind not in WINDOWS and op.kind != transpose_p.name:
                 continue
             out, src = op.outputs[0], op.inputs[0]
             if out.buffer is None or out.buffer.kind != "temp" or writers.get(out.buffer) != [op]:
@@ -110,13 +116,13 @@ def find_views(plan, elem) -> dict:
             if src.buffer is None or src.buffer.kind == "frame":
                 continue
             read_only = src.buffer.kind in ("input", "const")
-            if op.kind == "transpose":
+            if op.kind == transpose_p.name:
                 readers = [s for s in positions if any(x.buffer is out.buffer for x in _reads(s))]
                 if readers and all(isinstance(s, Wave) for s in readers) and \
                         (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
                     views[out.buffer] = View(op, src, "0", False, read_only, tuple(op.params["permutation"]))
                 continue
-            window = _window(op, elem)
+            window = WINDOWS[op.kind](op, elem)
             if window is None or not _contiguous(src.aval.shape, window[0]):
                 continue
             _, starts, dynamic = window
@@ -176,7 +182,7 @@ def _stable(src_buffer, op, out_buffer, positions, stmt_of) -> bool:
 
 def view_decl(buf, view, base_ptr: str) -> str:
     """The declaration of a view's pointer at the kernel's top (dynamic ones are assigned later)."""
-    t = ct.storage(buf.aval.dtype)
+    t = c_types.storage(buf.aval.dtype)
     if view.perm is not None:       # readers get the source pointer and permute their indices
         return f"// {buf.name}: read through {base_ptr} with axes {view.perm}"
     if view.dynamic:

@@ -20,17 +20,17 @@ import os
 
 import numpy as np
 
-from gdsl.backends.cfamily import LOWERINGS, render_plan  # noqa: F401  (LOWERINGS: the registry test)
+from gdsl.backends.cfamily import lower as cfamily_lower
 from gdsl.backends.cfamily.executor import Executable, Lowering
+from gdsl.backends.cfamily.lower import check_options
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda.dialect import CUDADialect
 from gdsl.backends.cuda.toolchain import compile_cuda, nvrtc_available
-from gdsl.schedule import schedule
 from gdsl.schedule.plan import Wave, walk
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
+KNOWN_OPTIONS = cfamily_lower.KNOWN_OPTIONS
+LOWERING_CHAIN = CUDADialect.lowering_chain     # where this backend's lowering rules are looked up
 DEFAULT_SMS = 132           # an H100's SMs: assumed when no GPU is here to ask
-DEFAULT_BLOCK = 256
 
 
 def unavailable_reason() -> str | None:
@@ -68,21 +68,9 @@ def device_name() -> str:
     return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.runtime.getDevice())["name"].decode()
 
 
-def check_options(options, dialect) -> dict:
-    control = options.get("control") or "device"
-    if control not in ("device", "host"):
-        raise ValueError(f"control must be 'device' or 'host', got {control!r}")
-    block = int(options.get("block") or DEFAULT_BLOCK)
-    if block < dialect.warp or block > 1024 or block & (block - 1):
-        raise ValueError(f"block must be a power of two from {dialect.warp} to 1024, got {block}")
-    barrier = options.get("barrier") or "atomic"
-    if barrier not in dialect.barriers:
-        raise ValueError(f"barrier must be one of {dialect.barriers} for {dialect.name}, got {barrier!r}")
-    grid = options.get("grid")
-    if grid is not None and int(grid) < 1:
-        raise ValueError(f"grid must be positive, got {grid}")
-    return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
-            "partition": options.get("partition")}
+def lower_with_grid(program, opts, grid: int) -> Lowering:
+    """Schedule for `grid` vEUs and render the CUDA dialect (options already checked)."""
+    return cfamily_lower.lower_with_grid(program, opts, grid, CUDADialect())
 
 
 def lower(program, options) -> Lowering:
@@ -106,12 +94,6 @@ def _most_utasks(lowering) -> int:
     stmts = [s for k in plan.kernels for s in walk(k.body)] + [s for f in plan.functions for s in walk(f.body)]
     return max((t.op.n_utasks for s in stmts if isinstance(s, Wave) for t in s.tasks
                 if t.op not in lowering.rendered.views), default=0)
-
-
-def lower_with_grid(program, opts, grid, dialect=None) -> Lowering:
-    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"])
-    rendered = render_plan(plan, dialect or CUDADialect(), barrier=opts["barrier"])
-    return Lowering(program, plan, rendered, dict(opts, grid=grid))
 
 
 def compile_options(barrier: str) -> tuple:

@@ -1,12 +1,12 @@
 """The CUDA dialect of the C-family renderer: NVRTC built-ins only (no headers needed), warp 32."""
 from __future__ import annotations
 
-from gdsl.backends.cfamily.render import Dialect
+from gdsl.backends.cfamily.dialect import Dialect
 
-HEADER = r"""
+HEADER_TEMPLATE = r"""
 #define GDSL_DEV __device__ __forceinline__
 #define GDSL_SHARED_OP __device__ __noinline__
-#define GDSL_WARP 32
+#define GDSL_WARP $warp_size
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
 #define GDSL_U2F(u) __uint_as_float(u)
 #define GDSL_F2U(f) __float_as_uint(f)
@@ -18,8 +18,9 @@ GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f3
 
 class CUDADialect(Dialect):
     name = "cuda"
-    warp = 32
-    header = HEADER
+    lowering_chain = ("cuda", "cfamily")
+    warp_size = 32
+    header_template = HEADER_TEMPLATE
     barriers = ("atomic", "coop")
     ldg_template = "__ldg({ptr})"
     ldg_types = frozenset({"float", "int", "long long", "gdsl_f16", "gdsl_bf16"})

@@ -1,18 +1,20 @@
-"""The `hip` backend: the CUDA backend's plan rendered in the HIP dialect and compiled with hiprtc.
+"""The `hip` backend: the C-family plan and renderer (gdsl/backends/cfamily/) in the HIP dialect, compiled with
+hiprtc.
 
 `lower()` works anywhere (its `.source` compiles in CI through hiprtc, for gfx90a); running needs ROCm and an
 AMD GPU, which gdsl does not drive yet, so `unavailable_reason()` always names what is missing.
 """
 from __future__ import annotations
 
-from gdsl.backends.cfamily import LOWERINGS  # noqa: F401  (the registry test)
+from gdsl.backends.cfamily import lower as cfamily_lower
 from gdsl.backends.cfamily.executor import Lowering
-from gdsl.backends.cuda import check_options, lower_with_grid
+from gdsl.backends.cfamily.lower import check_options, lower_with_grid
 from gdsl.backends.hip.dialect import HIPDialect
 from gdsl.backends.hip.toolchain import compile_hip
 from gdsl.errors import BackendUnavailableError
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
+KNOWN_OPTIONS = cfamily_lower.KNOWN_OPTIONS
+LOWERING_CHAIN = HIPDialect.lowering_chain      # where this backend's lowering rules are looked up
 DEFAULT_GRID = 110          # an MI250X GCD's compute units (gfx90a)
 DEFAULT_ARCH = "gfx90a"
 
@@ -24,7 +26,7 @@ def unavailable_reason() -> str | None:
 
 def lower(program, options) -> Lowering:
     opts = check_options(options, HIPDialect)
-    return lower_with_grid(program, opts, opts["grid"] or DEFAULT_GRID, dialect=HIPDialect())
+    return lower_with_grid(program, opts, opts["grid"] or DEFAULT_GRID, HIPDialect())
 
 
 def compile_lowering(lowering: Lowering, arch: str = DEFAULT_ARCH) -> bytes:

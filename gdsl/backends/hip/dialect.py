@@ -2,12 +2,12 @@
 barrier (HIP has no cooperative-groups grid.sync through hiprtc; a persistent grid must still fit)."""
 from __future__ import annotations
 
-from gdsl.backends.cfamily.render import Dialect
+from gdsl.backends.cfamily.dialect import Dialect
 
-HEADER = r"""
+HEADER_TEMPLATE = r"""
 #define GDSL_DEV __device__ __forceinline__
 #define GDSL_SHARED_OP __device__ __noinline__
-#define GDSL_WARP 64
+#define GDSL_WARP $warp_size
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor((v), (m), (w))
 #define GDSL_U2F(u) __uint_as_float(u)
 #define GDSL_F2U(f) __float_as_uint(f)
@@ -19,7 +19,8 @@ GDSL_DEV unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsigned s
 
 class HIPDialect(Dialect):
     name = "hip"
-    warp = 64
-    header = HEADER
+    lowering_chain = ("hip", "cfamily")
+    warp_size = 64
+    header_template = HEADER_TEMPLATE
     barriers = ("atomic",)
     shared_decl = "__shared__ __attribute__((aligned(16))) char gdsl_smem[{nbytes}];"

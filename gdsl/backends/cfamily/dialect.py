@@ -1,0 +1,59 @@
+"""The base C-family dialect: what differs between the targets of the C-family renderer, as class attributes
+a dialect overrides (tinygrad's CStyleLanguage). The defaults are CUDA's spelling, which HIP and the CPU
+emulator (emu.h) also accept.
+
+    block_index, thread_index    the vEU's index in the grid and the thread's index in the vEU (C expressions)
+    block_barrier                the statement all threads of one vEU wait at
+    shared_decl                  the declaration of the vEU's shared memory (`{nbytes}`: its size)
+    warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
+                                 GEMV lane split; `header_template` defines GDSL_WARP from it ($warp_size)
+    lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
+                                 (gdsl/primitives/registry.py): a dialect overrides a "cfamily" rule by
+                                 registering one under its own name
+"""
+from __future__ import annotations
+
+import string
+
+from gdsl.backends.cfamily import types as c_types
+from gdsl.backends.cfamily.elementwise import ELEMENTWISE
+
+
+class Dialect:
+    """What differs between C-family targets. Subclasses override class attributes (tinygrad-style)."""
+    name = "cfamily"
+    warp_size = 32
+    header_template = ""                 # defines the GDSL_* macros the prelude needs ($warp_size: warp_size)
+    elementwise_overrides: dict = {}
+    barriers = ("atomic",)
+    kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
+    shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
+    block_index = "blockIdx.x"
+    thread_index = "threadIdx.x"
+    block_barrier = "__syncthreads();"
+    ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
+    ldg_types = frozenset()              # storage types the read-only load exists for
+    lowering_chain = ("cfamily",)        # a dialect with rules of its own: (its name, "cfamily")
+
+    @property
+    def header(self) -> str:
+        return string.Template(self.header_template).substitute(warp_size=self.warp_size)
+
+    @property
+    def elementwise(self) -> dict:
+        return {**ELEMENTWISE, **self.elementwise_overrides}
+
+    def ldg(self, dtype, ptr: str) -> str:
+        if c_types.storage(dtype) in self.ldg_types:
+            return self.ldg_template.format(ptr=ptr)
+        return f"(*({ptr}))"
+
+    def grid_sync(self, barrier: str) -> str:
+        return "gdsl_grid_sync_atomic(gdsl_bar);"
+
+    def includes(self, barrier: str) -> str:
+        return ""
+
+    def host_code(self, kernels, plan) -> str:
+        """Extra host-side code after the kernels (the CPU emulator's launchers)."""
+        return ""

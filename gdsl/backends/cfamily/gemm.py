@@ -1,0 +1,129 @@
+"""Lowering rules of the contraction and convolution families: matmul and conv2d (an implicit GEMM), each
+a GEMM on output tiles through the prelude's gdsl_gemm_tile (shared-memory stages, a register tile per
+thread) or, for a few rows, gdsl_gemv_tile (k split across a warp's lanes).
+
+A rule gives the GEMM's sizes and three C lambdas over the accumulator type: la(m, k) and lb(k, n) load
+the operands, sc(m, n, v) stores an output element; `gemm_tiles` writes the tile loop around them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gdsl.backends.cfamily import types as c_types
+from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
+from gdsl.primitives.registry import register_lowering
+
+GEMM_BK = 32        # k depth of a shared-memory GEMM stage
+GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
+
+
+@dataclass
+class Gemm:
+    """C[M, N] = A[M, K] B[K, N] for `batch` matrices, as the tile routines see it."""
+    M: int
+    N: int
+    K: int
+    batch: int
+    setup: list          # C lines before the lambdas (batch offsets)
+    load_a: str          # body of la(m, k)
+    load_b: str          # body of lb(k, n)
+    store: str           # body of sc(m, n, v)
+    a_contiguous_k: bool  # A is contiguous along k in memory (the tile routine then loads consecutive k)
+    b_contiguous_k: bool  # B likewise
+
+
+@register_lowering("matmul", backend="cfamily")
+def matmul(ops: OpRenderer) -> str:
+    a, b = ops.ins
+    out = ops.outs[0]
+    acc = c_types.accumulator(out.dtype)
+    M, K = a.aval.shape[-2], a.aval.shape[-1]
+    N = b.aval.shape[-1]
+    bshape = out.aval.shape[:-2]
+    a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
+    b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
+    return gemm_tiles(ops, Gemm(
+        M, N, K, math.prod(bshape),
+        setup=[f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"],
+        load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
+        load_b=f"return ({acc})({b.at(f'b0 + k * {N} + n')});",
+        store=out.store(f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=False))
+
+
+@register_lowering("conv2d", backend="cfamily")
+def conv2d(ops: OpRenderer) -> str:
+    """Implicit GEMM: M = output pixels (n, ho, wo), N = output channels, K = (c, kh, kw); A gathered
+    from the image with zero padding."""
+    x, w = ops.ins
+    out = ops.outs[0]
+    acc = c_types.accumulator(out.dtype)
+    _, C, H, W = x.aval.shape
+    O, _, KH, KW = w.aval.shape
+    _, _, HO, WO = out.aval.shape
+    s, p = ops.op.params["stride"], ops.op.params["padding"]
+    K = C * KH * KW
+    load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
+              f"const int h_ = (r_ / {WO}) * {s} - {p} + q_ / {KW}, w_ = (r_ % {WO}) * {s} - {p} + q_ % {KW}; "
+              f"return (h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W}) ? "
+              f"({acc})({x.at(f'((n_ * {C} + c_) * {H} + h_) * {W} + w_')}) : ({acc})0;")
+    return gemm_tiles(ops, Gemm(
+        out.aval.shape[0] * HO * WO, O, K, 1, setup=[], load_a=load_a,
+        load_b=f"return ({acc})({w.at(f'n * {K} + k')});",
+        store=out.store(f"((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
+        a_contiguous_k=False, b_contiguous_k=True))
+
+
+def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
+    """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine."""
+    M, N, K = gemm.M, gemm.N, gemm.K
+    tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
+    acc = c_types.accumulator(ops.outs[0].dtype)
+    block, warp_size = ops.block, ops.dialect.warp_size
+    tiles_m, tiles_n = -(-M // tm), -(-N // tn)
+    # A tile covering a whole dimension of any size (a partitioned loop's) is computed as the next power
+    # of two, its extra rows and columns masked: the tile routines split a power of two among threads.
+    gemv = tm == M and M <= 8          # (any number of rows)
+    tn = _pow2(tn) if tn >= N else tn
+    tm = _pow2(tm) if tm >= M and not gemv else tm
+    lines = [f"  const int bt = t / {tiles_m * tiles_n}, ti = (t / {tiles_n}) % {tiles_m}, "
+             f"tj = t % {tiles_n};" if gemm.batch > 1 else
+             f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
+    lines += gemm.setup
+    lines += [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",
+              f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};",
+              f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};"]
+    size = 8 if acc == "long long" else 4
+    if gemv:
+        ctn = min(tn, block)
+        lanes = warp_size // ctn if ctn < warp_size else 1
+        slots = (block // ctn) // lanes
+        ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
+        lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}>({N}, {K}, tj * {tn}, "
+                     f"la, lb, sc, smem);")
+    else:
+        rm, rn = micro_tile(tm, tn, block)
+        ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
+        lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, "
+                     f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}, {acc}>"
+                     f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
+    return "\n".join(lines) + "\n"
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def micro_tile(tm: int, tn: int, threads: int) -> tuple[int, int]:
+    """The register tile (RM, RN) of each computing thread: as many computing threads as fit in the block
+    ((tm/RM) * (tn/RN) <= threads), then the squarest tile."""
+    best = None
+    for rm in (d for d in range(1, tm + 1) if tm % d == 0):
+        for rn in (d for d in range(1, tn + 1) if tn % d == 0):
+            used = (tm // rm) * (tn // rn)
+            if used > threads:
+                continue
+            key = (used, -abs(rm - rn), -rm)
+            if best is None or key > best[0]:
+                best = (key, (rm, rn))
+    return best[1]

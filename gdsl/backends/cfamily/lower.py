@@ -1,0 +1,40 @@
+"""From a traced program to a Lowering in a C-family dialect, shared by the CUDA and HIP backends and the CPU
+emulator: the options they all accept, checked against the dialect, then schedule + render.
+
+    opts = check_options(options, dialect)                 # control, block, barrier, grid, partition
+    lowering = lower_with_grid(program, opts, grid, dialect)
+"""
+from __future__ import annotations
+
+from gdsl.backends.cfamily.executor import Lowering
+from gdsl.backends.cfamily.render import render_plan
+from gdsl.schedule import schedule
+
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
+DEFAULT_BLOCK = 256
+
+
+def check_options(options, dialect) -> dict:
+    """The options of a C-family lowering with their defaults; ValueError on any the dialect cannot run
+    (a block that is not a power of two from the dialect's warp size to 1024, a barrier it lacks)."""
+    control = options.get("control") or "device"
+    if control not in ("device", "host"):
+        raise ValueError(f"control must be 'device' or 'host', got {control!r}")
+    block = int(options.get("block") or DEFAULT_BLOCK)
+    if block < dialect.warp_size or block > 1024 or block & (block - 1):
+        raise ValueError(f"block must be a power of two from {dialect.warp_size} to 1024, got {block}")
+    barrier = options.get("barrier") or "atomic"
+    if barrier not in dialect.barriers:
+        raise ValueError(f"barrier must be one of {dialect.barriers} for {dialect.name}, got {barrier!r}")
+    grid = options.get("grid")
+    if grid is not None and int(grid) < 1:
+        raise ValueError(f"grid must be positive, got {grid}")
+    return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
+            "partition": options.get("partition")}
+
+
+def lower_with_grid(program, opts, grid: int, dialect) -> Lowering:
+    """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect`."""
+    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"])
+    rendered = render_plan(plan, dialect, barrier=opts["barrier"])
+    return Lowering(program, plan, rendered, dict(opts, grid=grid))

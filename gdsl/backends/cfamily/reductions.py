@@ -1,0 +1,224 @@
+"""Lowering rules of the reduce family (whole reductions along axes, argmax/argmin) and the window family
+(pooling: a small reduction per output element).
+
+A reduction uTask computes whole output elements ([t*rows, (t+1)*rows)): one row per uTask reduced by the
+whole block, or several rows per uTask, a group of up to a warp's lanes each (`reduction_loops`). Each kind
+brings its own identity and combine (C over the accumulators a and b); the uniform rules unroll the
+reduction of a small operand into one expression chain per vEU.
+"""
+from __future__ import annotations
+
+from gdsl import dtypes
+from gdsl.backends.cfamily import types as c_types
+from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
+from gdsl.primitives.registry import register_lowering
+
+
+# ---------------------------------------------------------------------------------- reductions (uTask)
+@register_lowering("reduce_sum", backend="cfamily")
+def reduce_sum(ops: OpRenderer) -> str:
+    return whole_reduction(ops, identity="0", combine="a + b")
+
+
+@register_lowering("reduce_max", backend="cfamily")
+def reduce_max(ops: OpRenderer) -> str:
+    dt = ops.ins[0].dtype
+    return whole_reduction(ops, identity=c_types.lowest(dt) if dt != dtypes.bool_ else "0",
+                           combine="gdsl_fmax(a, b)" if dtypes.is_float(dt) else "(a > b ? a : b)")
+
+
+@register_lowering("reduce_min", backend="cfamily")
+def reduce_min(ops: OpRenderer) -> str:
+    dt = ops.ins[0].dtype
+    return whole_reduction(ops, identity=c_types.highest(dt) if dt != dtypes.bool_ else "1",
+                           combine="gdsl_fmin(a, b)" if dtypes.is_float(dt) else "(a < b ? a : b)")
+
+
+@register_lowering("argmax", backend="cfamily")
+def argmax(ops: OpRenderer) -> str:
+    dt = ops.ins[0].dtype
+    return arg_reduction(ops, better=">", identity=c_types.lowest(dt) if dt != dtypes.bool_ else "0")
+
+
+@register_lowering("argmin", backend="cfamily")
+def argmin(ops: OpRenderer) -> str:
+    dt = ops.ins[0].dtype
+    return arg_reduction(ops, better="<", identity=c_types.highest(dt) if dt != dtypes.bool_ else "1")
+
+
+def _operand_access(ops: OpRenderer, axes) -> tuple[str, str, int, int]:
+    """(C expression of output row o's first element, C load of its element r in the accumulator type,
+    the reduction's length, the number of outputs)."""
+    x, out = ops.ins[0], ops.outs[0]
+    n_out = out.aval.size
+    length = max(1, x.aval.size) // max(n_out, 1) if x.aval.size else 0
+    xshape = x.aval.shape
+    kept = [d for d in range(len(xshape)) if d not in axes]
+    xst = strides(xshape)
+    if axes == tuple(range(len(xshape) - len(axes), len(xshape))):
+        base, inner = f"o * {length}" if length != 1 else "o", "r"
+    else:
+        base = offset(coords([xshape[d] for d in kept], "o"), [xst[d] for d in kept])
+        inner = offset(coords([xshape[d] for d in axes], "r"), [xst[d] for d in axes])
+    acc = c_types.accumulator(x.dtype)
+    load = f"({acc})({x.at(f'base + {inner}' if inner != '0' else 'base')})"
+    return base, load, length, n_out
+
+
+def whole_reduction(ops: OpRenderer, *, identity: str, combine: str) -> str:
+    """reduce_sum/max/min over params["axes"]: `combine` folds accumulators a and b, `identity` starts."""
+    acc = c_types.accumulator(ops.ins[0].dtype)
+    base, load, length, n_out = _operand_access(ops, tuple(sorted(ops.op.params["axes"])))
+    ident = f"({acc})({identity})"
+    lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};"]
+    lines += reduction_loops(
+        ops, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
+        step=f"v = comb(v, {load});", store=ops.outs[0].store("o", "v"),
+        block_combine=f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);",
+        group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(ops.block // ops.dialect.warp_size) * 8)
+    return "\n".join(lines) + "\n"
+
+
+def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
+    """argmax (`better` ">") / argmin ("<") along params["axis"]: the first index of the extreme, NaN
+    winning as numpy."""
+    dt = ops.ins[0].dtype
+    acc = c_types.accumulator(dt)
+    base, load, length, n_out = _operand_access(ops, (ops.op.params["axis"],))
+    if dtypes.is_float(dt):
+        test = (f"bool vn = v != v, wn = w != w; if (vn || wn) return vn && (!wn || i < j); "
+                f"return v {better} w || (v == w && i < j);")
+    else:
+        test = f"return v {better} w || (v == w && i < j);"
+    lines = [f"  auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }};"]
+    lines += reduction_loops(
+        ops, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({identity}); int k = 2147483647;",
+        step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=ops.outs[0].store("o", "k"),
+        block_combine=f"gdsl_block_argreduce<{ops.block}>(v, k, better, smem);",
+        group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
+        smem=(ops.block // ops.dialect.warp_size) * 16 + 16)
+    return "\n".join(lines) + "\n"
+
+
+def reduction_loops(ops: OpRenderer, *, length, n_out, base, init, step, store, block_combine, group_combine,
+                    smem) -> list[str]:
+    """The two layouts of a reduction uTask: one output row per uTask (the whole block reduces it, then
+    `block_combine`), or params["rows"] rows per uTask (a group of up to a warp's lanes per row, then
+    `group_combine`, formatted with the group size g). `init` starts an accumulator, `step` folds
+    element r in, `store` writes output o."""
+    rows = ops.op.params.get("rows", 1)
+    thread, block = ops.dialect.thread_index, ops.block
+    if rows == 1:
+        ops.smem = max(ops.smem, smem)
+        return ["  const int o = t;", f"  const int base = {base};", f"  {init}",
+                f"  for (int r = {thread}; r < {length}; r += {block}) {{ {step} }}",
+                f"  {block_combine}", f"  if ({thread} == 0) {store}"]
+    g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
+    return [f"  const int g = {thread} / {g}, lane = {thread} % {g};",
+            f"  for (int b = 0; b < {rows}; b += {block // g}) {{",
+            f"    const int o = t * {rows} + b + g;",
+            f"    const bool ok = b + g < {rows} && o < {n_out};",
+            f"    {init}",
+            "    if (ok) {",
+            f"      const int base = {base};",
+            f"      for (int r = lane; r < {length}; r += {g}) {{ {step} }}",
+            "    }",
+            f"    {group_combine.format(g=g)}",
+            f"    if (ok && lane == 0) {store}",
+            "  }"]
+
+
+# ---------------------------------------------------------------------------------- pooling (uTask)
+@register_lowering("max_pool2d", backend="cfamily")
+def max_pool2d(ops: OpRenderer) -> str:
+    dt = ops.outs[0].dtype
+    combine = "gdsl_fmax(acc, v)" if dtypes.is_float(dt) else "(v > acc ? v : acc)"
+    return ops.per_element(_pool(ops, c_types.lowest(dt), combine, "acc"))
+
+
+@register_lowering("avg_pool2d", backend="cfamily")
+def avg_pool2d(ops: OpRenderer) -> str:
+    win = ops.op.params["window"]
+    return ops.per_element(_pool(ops, "0.0f", "acc + v", f"acc / {win * win}.0f"))
+
+
+def _pool(ops: OpRenderer, init: str, combine: str, finish: str) -> list[str]:
+    """C lines of output element i of a 2-D pooling: fold the window's in-bounds elements v into acc."""
+    x, out = ops.ins[0], ops.outs[0]
+    p = ops.op.params
+    win, s, pad = p["window"], p["stride"], p["padding"]
+    _, _, H, W = x.aval.shape
+    _, _, HO, WO = out.aval.shape
+    return [f"const int wo = i % {WO}, ho = (i / {WO}) % {HO}, nc = i / {WO * HO};",
+            f"{c_types.compute(out.dtype)} acc = {init};",
+            f"for (int kh = 0; kh < {win}; ++kh) {{",
+            f"  const int h = ho * {s} - {pad} + kh;",
+            f"  if (h < 0 || h >= {H}) continue;",
+            f"  for (int kw = 0; kw < {win}; ++kw) {{",
+            f"    const int w = wo * {s} - {pad} + kw;",
+            f"    if (w < 0 || w >= {W}) continue;",
+            f"    const {c_types.compute(out.dtype)} v = {x.at(f'(nc * {H} + h) * {W} + w')};",
+            f"    acc = {combine};",
+            "  }",
+            "}",
+            out.store("i", finish)]
+
+
+# ---------------------------------------------------------------------------------- reductions (uniform)
+@register_lowering("reduce_sum", backend="cfamily", role="uniform")
+def uniform_reduce_sum(renderer, u, out: str) -> list[str]:
+    return unrolled_reduction(renderer, u, out, "({a} + {b})")
+
+
+@register_lowering("reduce_max", backend="cfamily", role="uniform")
+def uniform_reduce_max(renderer, u, out: str) -> list[str]:
+    floaty = dtypes.is_float(u.inputs[0].aval.dtype)
+    return unrolled_reduction(renderer, u, out, "gdsl_fmax({a}, {b})" if floaty else "({a} > {b} ? {a} : {b})")
+
+
+@register_lowering("reduce_min", backend="cfamily", role="uniform")
+def uniform_reduce_min(renderer, u, out: str) -> list[str]:
+    floaty = dtypes.is_float(u.inputs[0].aval.dtype)
+    return unrolled_reduction(renderer, u, out, "gdsl_fmin({a}, {b})" if floaty else "({a} < {b} ? {a} : {b})")
+
+
+@register_lowering("argmax", backend="cfamily", role="uniform")
+def uniform_argmax(renderer, u, out: str) -> list[str]:
+    return unrolled_arg_reduction(renderer, u, out, ">")
+
+
+@register_lowering("argmin", backend="cfamily", role="uniform")
+def uniform_argmin(renderer, u, out: str) -> list[str]:
+    return unrolled_arg_reduction(renderer, u, out, "<")
+
+
+def _uniform_items(renderer, u) -> tuple[str, list[str]]:
+    """(accumulator type, C expression of each operand element in it)."""
+    x = u.inputs[0]
+    acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+    return acc, [f"(({acc}){renderer.elem(x, str(k))})" for k in range(x.aval.size)]
+
+
+def unrolled_reduction(renderer, u, out: str, combine: str) -> list[str]:
+    """`out` = the operand's elements folded left to right with `combine` (C over {a}, {b})."""
+    acc, items = _uniform_items(renderer, u)
+    if not items:
+        return [f"{out} = {c_types.literal(0, u.output.aval.dtype)};"]
+    lines = [f"{{ {acc} v = {items[0]};"]
+    for item in items[1:]:
+        lines.append(f"  v = {combine.format(a='v', b=item)};")
+    floaty = dtypes.is_float(u.inputs[0].aval.dtype)
+    result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
+    return lines + [f"  {out} = {result}; }}"]
+
+
+def unrolled_arg_reduction(renderer, u, out: str, better: str) -> list[str]:
+    """`out` = the index of the first element that is `better` (">" or "<") than all before it, NaN winning."""
+    acc, items = _uniform_items(renderer, u)
+    lines = [f"{{ {acc} v = {items[0]}; int k = 0; {acc} w;"]
+    for k in range(1, len(items)):
+        if dtypes.is_float(u.inputs[0].aval.dtype):
+            lines.append(f"  w = {items[k]}; if ((w != w && v == v) || w {better} v) {{ v = w; k = {k}; }}")
+        else:
+            lines.append(f"  w = {items[k]}; if (w {better} v) {{ v = w; k = {k}; }}")
+    return lines + [f"  {out} = k; }}"]
