@@ -1,15 +1,15 @@
-"""The primitive registry has no gaps: every primitive has its shape rule and numpy rule, and every backend's
-lowering tables cover the registry.
+"""The primitive registry has no gaps: every primitive has its shape rule and numpy rule, and every backend
+has a lowering rule for every op kind.
 
-Backend contract checked here (skipped, naming the module, while a backend does not exist yet):
-- each dialect's elementwise table (cpu: gdsl.backends.cpu.LOWERINGS; cuda and hip: their own LOWERINGS or
-  the shared gdsl.backends.cfamily.elementwise.ELEMENTWISE) has a row for every row of the core elementwise
-  table (gdsl.primitives.elementwise.UNARY and BINARY) and for select;
+Backend contract checked here (never skipped: importing a backend needs no device):
+- each backend module `gdsl.backends.NAME` (cpu, cuda, hip) exposes ELEMENTWISE_TABLE (its dialect's
+  elementwise table, one row per elementwise primitive) and LOWERING_CHAIN (the backend names its rules are
+  looked up under, gdsl.primitives.registry.lowering_rule);
+- every op kind (primitives and the scheduler's "fused" and "copy") but control flow has a "utask" rule on
+  each backend, and every kind marked uniform a "uniform" rule, or is an elementwise primitive of the table;
 - every primitive of the registry, control flow included, has a sample program (SAMPLES below: a new
-  primitive without a sample fails test_samples_cover_the_registry), and every built backend (a package
-  gdsl.backends.NAME with `lower`) lowers each sample, and where usable here computes what the interpreter
-  computes. Primitives that are not elementwise reach a backend as the scheduler's Op kinds, so the gap
-  check is behavioural rather than a table lookup.
+  primitive without a sample fails test_samples_cover_the_registry), every backend lowers each sample, and
+  where usable here computes what the interpreter computes.
 """
 import importlib
 
@@ -23,7 +23,17 @@ import gdsl.numpy as gnp
 from gdsl.core.ir import ShapedArray, walk_eqns
 from gdsl.primitives import REGISTRY, Primitive
 from gdsl.primitives import elementwise as ew
-from gdsl.primitives.registry import FAMILIES  # noqa: E402
+from gdsl.primitives.registry import (
+    CONTROL,
+    ELEMENTWISE,
+    FAMILIES,
+    GATHER,
+    LOWERINGS,
+    OP_KINDS,
+    OpKind,
+    has_lowering,
+    lowering_rule,
+)
 from gdsl.tracing.trace import bind1
 
 
@@ -92,52 +102,60 @@ def test_elementwise_primitives_come_from_the_table():
 # backends: their elementwise tables, and every primitive run through each built backend
 
 BACKENDS = ("cpu", "cuda", "hip")
-# Where each backend's elementwise table lives (the C-family table is shared by cuda and hip).
-ELEMENTWISE_TABLES = {"cpu": [("gdsl.backends.cpu", "LOWERINGS")],
-                      "cuda": [("gdsl.backends.cuda", "LOWERINGS"), ("gdsl.backends.cfamily.elementwise",
-                                                                     "ELEMENTWISE")],
-                      "hip": [("gdsl.backends.hip", "LOWERINGS"), ("gdsl.backends.cfamily.elementwise",
-                                                                   "ELEMENTWISE")]}
 
 
-def _import_or_skip(module_name):
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as e:
-        pytest.skip(f"backend module {module_name} does not exist yet ({e})")
-
-
-def _built_backend_or_skip(backend):
-    module_name = f"gdsl.backends.{backend}"
-    module = _import_or_skip(module_name)
-    if not callable(getattr(module, "lower", None)):
-        pytest.skip(f"backend module {module_name} is not built yet (it has no `lower`)")
-    return module
-
-
-def _names(table) -> set[str]:
-    return {k.name if isinstance(k, Primitive) else k for k in table}
+def _backend(name):
+    """The backend's module: importing it needs no device, so a failure here is a real error, never a skip."""
+    return importlib.import_module(f"gdsl.backends.{name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_elementwise_table_covers_the_core_table(backend):
-    """One elementwise table per dialect, with a row for every row of the core's table (and select)."""
-    found = []
-    for module_name, attribute in ELEMENTWISE_TABLES[backend]:
-        try:
-            table = getattr(importlib.import_module(module_name), attribute, None)
-        except ImportError:
+    """One elementwise table per dialect, with a row for every row of the core elementwise table (and select;
+    convert_element_type may be a rule instead: the walk below checks it)."""
+    table = _backend(backend).ELEMENTWISE_TABLE
+    required = set(ew.UNARY) | set(ew.BINARY) | {ew.select_p.name}
+    assert sorted(required - set(table)) == []
+    assert sorted(set(table) - set(REGISTRY)) == [], "entries for primitives the registry does not know"
+
+
+def missing_lowerings(table, chain) -> list[str]:
+    """'kind: role' for every op kind that has no rule in `chain` (elementwise primitives: none in `table`)."""
+    gaps = []
+    for name, kind in sorted(OP_KINDS.items()):
+        if kind.family == CONTROL:      # loops, branches and calls are plan nodes, rendered by the renderer
             continue
-        if table is not None:
-            found.append((f"{module_name}.{attribute}", table))
-    if not found:
-        pytest.skip("no elementwise table yet in " + " or ".join(f"{m}.{a}" for m, a in ELEMENTWISE_TABLES[backend]))
-    where, table = found[0]
-    required = set(ew.UNARY) | set(ew.BINARY) | {"select"}
-    missing = sorted(required - _names(table))
-    assert not missing, f"{where} lacks elementwise primitives {missing}"
-    unknown = sorted(_names(table) - set(REGISTRY))
-    assert not unknown, f"{where} has entries for primitives the registry does not know: {unknown}"
+        covered = kind.family == ELEMENTWISE and name in table
+        if not covered and not has_lowering(name, chain, "utask"):
+            gaps.append(f"{name}: utask")
+        if kind.uniform and not covered and not has_lowering(name, chain, "uniform"):
+            gaps.append(f"{name}: uniform")
+    return gaps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_op_kind_has_a_rule_on_every_backend(backend):
+    module = _backend(backend)
+    assert missing_lowerings(module.ELEMENTWISE_TABLE, module.LOWERING_CHAIN) == []
+
+
+def test_a_missing_rule_is_found_and_named(monkeypatch):
+    """The walk above can fail, and a lookup of a kind without a rule names the kind and the backend."""
+    monkeypatch.setitem(OP_KINDS, "mystery", OpKind("mystery", GATHER, uniform=True))
+    module = _backend("cpu")
+    assert missing_lowerings(module.ELEMENTWISE_TABLE, module.LOWERING_CHAIN) == ["mystery: utask",
+                                                                                  "mystery: uniform"]
+    with pytest.raises(NotImplementedError, match="'mystery'.*'cpu'"):
+        lowering_rule("mystery", module.LOWERING_CHAIN)
+
+
+def test_a_dialect_rule_overrides_the_shared_one(monkeypatch):
+    """A rule registered under a dialect's name wins over the shared C-family rule for that dialect only."""
+    hip, cuda = _backend("hip"), _backend("cuda")
+    shared = lowering_rule("matmul", cuda.LOWERING_CHAIN)
+    monkeypatch.setitem(LOWERINGS, (hip.LOWERING_CHAIN[0], "utask", "matmul"), "hip's own")
+    assert lowering_rule("matmul", hip.LOWERING_CHAIN) == "hip's own"
+    assert lowering_rule("matmul", cuda.LOWERING_CHAIN) is shared
 
 
 def _bind(name, *args, **params):
@@ -214,9 +232,8 @@ def test_samples_cover_the_registry():
 @pytest.mark.parametrize("name", sorted(SAMPLES))
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_handles_every_primitive(backend, name):
-    """Each built backend lowers (plan + source, no device needed) a program containing each primitive, and
+    """Each backend lowers (plan + source, no device needed) a program containing each primitive, and
     where it is usable here, computes what the interpreter computes."""
-    _built_backend_or_skip(backend)
     fn, args = SAMPLES[name]
     lowered = gdsl.jit(fn, backend=backend).lower(*args)
     assert lowered.plan and lowered.source

@@ -42,11 +42,12 @@ import sys
 from dataclasses import dataclass, field
 
 from gdsl.backends.cpu import affine, conv, gather, gemm, reductions, window
-from gdsl.backends.cpu.lowerings import LOWERINGS  # noqa: F401  (checked by tests/test_registry.py)
+from gdsl.backends.cpu.lowerings import LOWERINGS
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION
 
 # The rules of this backend are registered under "cpu" by the modules of RULE_MODULES, on import.
 LOWERING_CHAIN = ("cpu",)
+ELEMENTWISE_TABLE = LOWERINGS      # the elementwise family: one LLVM lowering per primitive
 RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune"})

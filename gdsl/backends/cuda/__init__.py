@@ -30,6 +30,7 @@ from gdsl.schedule.plan import Wave, walk
 
 KNOWN_OPTIONS = cfamily_lower.KNOWN_OPTIONS
 LOWERING_CHAIN = CUDADialect.lowering_chain     # where this backend's lowering rules are looked up
+ELEMENTWISE_TABLE = CUDADialect().elementwise   # the elementwise family: one C expression per primitive
 DEFAULT_SMS = 132           # an H100's SMs: assumed when no GPU is here to ask
 
 

@@ -15,6 +15,7 @@ from gdsl.errors import BackendUnavailableError
 
 KNOWN_OPTIONS = cfamily_lower.KNOWN_OPTIONS
 LOWERING_CHAIN = HIPDialect.lowering_chain      # where this backend's lowering rules are looked up
+ELEMENTWISE_TABLE = HIPDialect().elementwise    # the elementwise family: one C expression per primitive
 DEFAULT_GRID = 110          # an MI250X GCD's compute units (gfx90a)
 DEFAULT_ARCH = "gfx90a"
 
