@@ -8,7 +8,12 @@ count in seconds), on the forward's real inputs, so that data-dependent trip cou
 those of the data. While it runs it counts
 
     grid barriers   `Sync("grid")` statements executed, plus kernel launches (host control: each launch
-                    ends with every vEU finished, at least a barrier's worth of dependency)
+                    ends with every vEU finished, at least a barrier's worth of dependency). On the
+                    C-family backends (cuda, hip) only the Syncs the renderer emits as grid barriers count:
+                    it drops those that guard nothing once slices are views and demotes to a block barrier
+                    those whose neighbourhood runs on one vEU (at 770ed65 the full-size LSTM's plan has 50
+                    grid Syncs per step, its CUDA 21). `rendered_grid_syncs` asks the renderer's own
+                    decision functions; the plan's own count is kept beside it (`plan_grid_barriers`).
     flops           per executed Op: 2·M·N·K for matmul / conv2d (their GEMM view), one per element per
                     elementwise node of a fused chain, one per input element of a reduction or pooling
                     window, none for data movement; uniform (scalar) ops are not counted
@@ -47,7 +52,18 @@ from gdsl.primitives.registry import (
     family_of,
 )
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import Buffer, Launch, Loop, Plan, Sync, Wave, plan_statements
+from gdsl.schedule.plan import (
+    Assign,
+    Branch,
+    Buffer,
+    Launch,
+    Loop,
+    Plan,
+    Sync,
+    Uniforms,
+    Wave,
+    plan_statements,
+)
 from gdsl.schedule.simulate import Simulator
 from gdsl.tracing.pytree import tree_flatten
 
@@ -66,6 +82,7 @@ class FloorUnavailable(RuntimeError):
 class PlanCount:
     """What one forward executes: grid barriers, kernel launches, flops and compulsory bytes."""
     grid_barriers: int = 0
+    plan_grid_barriers: int = 0                   # every grid Sync of the plan executed, rendered or not
     launches: int = 0
     flops: float = 0.0
     bytes: int = 0
@@ -90,13 +107,41 @@ class _Storage:
         pass
 
 
+def control_buffers(plan: Plan) -> set:
+    """The buffers whose values can steer control flow: those a uniform op or a uniform copy reads (trip
+    counts, predicates, branch indices, dynamic-slice starts are uniforms), and, transitively, every
+    input of an Op that writes one of them. An Op writing none of them cannot change what runs."""
+    stmts = list(plan_statements(plan))
+    needed = {v.storage for s in stmts if isinstance(s, Uniforms) for u in s.ops for v in u.inputs}
+    needed |= {s.src.storage for s in stmts if isinstance(s, Assign)}
+    needed |= {s.pred.storage for s in stmts if isinstance(s, Loop)}
+    needed |= {s.index.storage for s in stmts if isinstance(s, Branch)}
+    needed = {b for b in needed if isinstance(b, Buffer)}
+    ops = [t.op for s in stmts if isinstance(s, Wave) for t in s.tasks]
+    changed = True
+    while changed:
+        changed = False
+        for op in ops:
+            if any(v.storage in needed for v in op.outputs):
+                new = {v.storage for v in op.inputs if isinstance(v.storage, Buffer)} - needed
+                if new:
+                    needed |= new
+                    changed = True
+    return needed
+
+
 class _Counter(Simulator):
     """gdsl's plan simulator (its semantics for uniforms, loops, branches, recursion frames) with waves
-    run one whole Op at a time and barriers counted instead of checked."""
+    run one whole Op at a time and barriers counted instead of checked. With `all_values=False` only
+    the Ops that can steer control flow are computed (the counts do not depend on the others' values:
+    a full-size LSTM then counts in a second instead of minutes of numpy matmuls); the outputs of such
+    a run are not the forward's."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, rendered_syncs: frozenset | None = None, all_values: bool = True):
         super().__init__(dataclasses.replace(plan, buffers=()), check=False)
         self.plan = plan
+        self.rendered_syncs = rendered_syncs
+        self.computed = None if all_values else control_buffers(plan)
         for buf in plan.buffers:
             copies = self.functions[buf.frame_of].max_depth + 2 if buf.frame_of else 1
             self.mem[buf] = _Storage(np.zeros((copies,) + buf.aval.shape, buf.aval.dtype))
@@ -117,7 +162,9 @@ class _Counter(Simulator):
 
     def _sync(self, stmt: Sync):
         if stmt.scope == "grid":
-            self.count.grid_barriers += 1
+            self.count.plan_grid_barriers += 1
+            if self.rendered_syncs is None or id(stmt) in self.rendered_syncs:
+                self.count.grid_barriers += 1
 
     def _launch(self, stmt: Launch):
         self.count.launches += 1
@@ -136,7 +183,11 @@ class _Counter(Simulator):
 
     def _wave(self, stmt: Wave):
         # Every Op of a wave computes from the values before the wave (as in the simulator), then writes.
-        results = [(task.op, self._evaluate(task.op)) for task in stmt.tasks]
+        ops = [task.op for task in stmt.tasks]
+        for op in ops:
+            self.read_inputs |= {v.storage for v in op.inputs
+                                 if isinstance(v.storage, Buffer) and v.storage.kind in COMPULSORY_KINDS}
+        results = [(op, self._evaluate(op) if self._computes(op) else []) for op in ops]
         for op, outs in results:
             flops = op_flops(op)
             family = family_of(op.kind)
@@ -146,6 +197,9 @@ class _Counter(Simulator):
                 slot = self._slot(value)
                 flat = self.mem[value.storage].data[slot:slot + 1].reshape(-1)   # a view, even when 0-d
                 flat[:result.size] = result.reshape(-1)
+
+    def _computes(self, op) -> bool:
+        return self.computed is None or any(v.storage in self.computed for v in op.outputs)
 
     def run(self, flat_args) -> list:
         outs = super().run(flat_args)
@@ -192,25 +246,90 @@ def flat_arguments(*args) -> list:
     return [np.asarray(a) for a in flat]
 
 
-def count_plan(plan: Plan, flat_args) -> PlanCount:
-    """Run `plan` on `flat_args` (numpy, consts excluded) and count what it executed."""
-    counter = _Counter(plan)
+def count_plan(plan: Plan, flat_args, rendered_syncs: frozenset | None = None,
+               all_values: bool = False) -> PlanCount:
+    """Run `plan` on `flat_args` (numpy, consts excluded) and count what it executed; with
+    `rendered_syncs` (ids of Sync statements) only those grid Syncs count as barriers. Only the Ops
+    that can steer control flow are computed unless `all_values`."""
+    counter = _Counter(plan, rendered_syncs, all_values)
     counter.run(flat_args)
     return counter.count
 
 
 def count_forward(lowered, *args) -> PlanCount:
     """Count one forward of `lowered` (from `f.lower(*args)`) on the same numpy arguments."""
-    return count_plan(plan_of(lowered), flat_arguments(*args))
+    return count_plan(plan_of(lowered), flat_arguments(*args), rendered_grid_syncs(lowered))
+
+
+def _dialect(backend: str):
+    """The C-family dialect a backend renders with (None: the backend is not C-family)."""
+    if backend == "cuda":
+        from gdsl.backends.cuda.dialect import CUDADialect
+        return CUDADialect()
+    if backend == "hip":
+        from gdsl.backends.hip.dialect import HIPDialect
+        return HIPDialect()
+    return None
+
+
+def rendered_grid_syncs(lowered) -> frozenset | None:
+    """The grid Syncs of the plan that the C-family renderer emits as grid barriers (ids of the Sync
+    statements), or None where the plan's Syncs are what runs (other backends).
+
+    This follows the renderer's `block()` through the plan (the same walk: loop conditions, then bodies;
+    branches in order; recursive functions from a fresh start) and asks the renderer's own `demoted` and
+    `quiet_after` / `_loop_quiet` at each step, as `block()` does; tests/test_models.py checks that the
+    result has as many barriers as the generated source. gdsl could report this itself (or put views in
+    the plan, so that the plan says what runs), and then this function goes."""
+    dialect = _dialect(getattr(lowered, "backend", None))
+    lowering = getattr(lowered, "lowering", None)
+    if dialect is None or getattr(lowering, "rendered", None) is None:
+        return None
+    from gdsl.backends.cfamily.render import Renderer
+    plan = plan_of(lowered)
+    renderer = Renderer(plan, dialect, barrier=lowering.options.get("barrier", "atomic"))
+    syncs = [s for s in plan_statements(plan) if isinstance(s, Sync)]
+    if len({id(s) for s in syncs}) != len(syncs):
+        raise FloorUnavailable("the plan shares one Sync statement between places: barriers cannot be told apart")
+    kept: set = set()
+
+    def visit(stmts, quiet: bool) -> None:
+        demoted = renderer.demoted(stmts)
+        for index, stmt in enumerate(stmts):
+            if isinstance(stmt, Sync):
+                grid = stmt.scope == "grid" and index not in demoted
+                if grid and not quiet:
+                    kept.add(id(stmt))
+                quiet = grid or quiet
+            elif isinstance(stmt, Loop):
+                entry, after_cond = renderer._loop_quiet(stmt, quiet)
+                visit(stmt.cond, entry)
+                visit(stmt.body, after_cond)
+                quiet = after_cond
+            elif isinstance(stmt, Branch):
+                for branch in stmt.branches:
+                    visit(branch, quiet)
+                quiet = renderer.quiet_after([stmt], quiet)
+            else:
+                quiet = renderer.quiet_after([stmt], quiet)
+
+    for kernel in plan.kernels:
+        visit(kernel.body, False)
+    for fn in plan.functions:
+        visit(fn.body, False)
+    return frozenset(kept)
 
 
 def mean_count(counts: list[PlanCount]) -> dict:
     """The mean of several forwards' counts (the bench cycles over input sets)."""
     return {"grid_barriers": float(np.mean([c.grid_barriers for c in counts])),
+            "plan_grid_barriers": float(np.mean([c.plan_grid_barriers for c in counts])),
             "launches": float(np.mean([c.launches for c in counts])),
             "dependent_steps": float(np.mean([c.dependent_steps for c in counts])),
             "flops": float(np.mean([c.flops for c in counts])),
             "bytes": float(np.mean([c.bytes for c in counts])),
+            "flops_by_family": {k: float(np.mean([c.flops_by_family.get(k, 0.0) for c in counts]))
+                                for k in counts[0].flops_by_family},
             "loops": counts[0].loops if len(counts) == 1 else None}
 
 
@@ -385,8 +504,8 @@ class Ceilings:
 
 def forward_floor(lowered, ceilings: Ceilings, arg_sets: list[tuple]) -> dict:
     """The floor of a jitted forward: its plan counted on each argument set, against the card's ceilings."""
-    plan = plan_of(lowered)
-    counts = [count_plan(plan, flat_arguments(*args)) for args in arg_sets]
+    plan, rendered = plan_of(lowered), rendered_grid_syncs(lowered)
+    counts = [count_plan(plan, flat_arguments(*args), rendered) for args in arg_sets]
     count = mean_count(counts)
     return dict(floor_terms(count, ceilings.for_plan(plan)), count=count,
                 ceilings=ceilings.for_plan(plan))
