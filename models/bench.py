@@ -373,6 +373,16 @@ def floor_ceilings(args) -> floor.Ceilings | None:
     return floor.Ceilings(args.backend or gdsl.default_backend())
 
 
+def recorded_args(args) -> dict:
+    """The command line as the JSON records it: output files by name only (an absolute path names the
+    machine that ran it, e.g. the device machine's $OUT, not anything in the repository)."""
+    out = {k: v for k, v in vars(args).items() if k != "ceilings"}
+    for key in ("json", "plot"):
+        if out.get(key):
+            out[key] = os.path.basename(out[key])
+    return out
+
+
 def floor_errors(rows: list[dict]) -> list[str]:
     return [f"{row['model']} bs{row['batch']} {row['variant']} {system}: {r['floor']['reason']}"
             for row in rows for system, r in row["systems"].items()
@@ -401,7 +411,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "ceilings": ceilings,
-                       "args": {k: v for k, v in vars(args).items() if k != "ceilings"}, "rows": rows}, f,
+                       "args": recorded_args(args), "rows": rows}, f,
                       indent=1)
         print(f"results written to {args.json}")
     if args.plot:
