@@ -11,16 +11,17 @@ those of the data. While it runs it counts
                     ends with every vEU finished, at least a barrier's worth of dependency). On the
                     C-family backends (cuda, hip) only the Syncs the renderer emits as grid barriers count:
                     it drops those that guard nothing once slices are views and demotes to a block barrier
-                    those whose neighbourhood runs on one vEU (at 770ed65 the full-size LSTM's plan has 50
-                    grid Syncs per step, its CUDA 21). `rendered_grid_syncs` asks the renderer's own
-                    decision functions; the plan's own count is kept beside it (`plan_grid_barriers`).
+                    those whose neighbourhood runs on one vEU (at be17c27 the full-size LSTM's plan at
+                    batch 1 executes 50 grid Syncs per step, its CUDA 20: 1,282 per forward).
+                    `rendered_grid_syncs` asks the renderer's own decision functions; the plan's own
+                    count is kept beside it (`plan_grid_barriers`).
     flops           per executed Op: 2·M·N·K for matmul / conv2d (their GEMM view), one per element per
                     elementwise node of a fused chain, one per input element of a reduction or pooling
                     window, none for data movement; uniform (scalar) ops are not counted
     bytes           each input or const buffer that executed work reads, once, whole, plus the outputs
                     once (weights of a block that never runs are not compulsory)
 
-Ceilings (`measure_ceilings`, on the backend's own device, in the same process as the timing):
+Ceilings (`Ceilings`, measured on the backend's own device, in the same process as the timing):
 
     barrier cost    a gdsl program that is nothing but a loop of steps that each need a grid barrier, at
                     the plan's grid and block size, run with two trip counts; cost = Δtime / Δbarriers,
@@ -147,7 +148,8 @@ class _Counter(Simulator):
             self.mem[buf] = _Storage(np.zeros((copies,) + buf.aval.shape, buf.aval.dtype))
         self.count = PlanCount()
         self.read_inputs: set = set()
-        self._loop_index = {id(s): k for k, s in enumerate(s for s in plan_statements(plan) if isinstance(s, Loop))}
+        loops = [stmt for stmt in plan_statements(plan) if isinstance(stmt, Loop)]
+        self._loop_index = {id(loop): k for k, loop in enumerate(loops)}
         self.count.loops = [{"trips": 0, "grid_barriers": 0} for _ in self._loop_index]
 
     def read(self, value, veu=None, op=None):
@@ -437,6 +439,8 @@ def measure_copy_gbps(backend: str, runs: int = 20) -> dict:
         src = cupy.random.standard_normal(nbytes // 4, dtype=cupy.float32)
         dst = cupy.empty_like(src)
         ms = _time_cuda(cupy, lambda: cupy.copyto(dst, src), runs)
+        del src, dst
+        cupy.get_default_memory_pool().free_all_blocks()    # give the 2 GiB back to the peers' allocators
         how = f"cupy.copyto of {nbytes >> 20} MiB float32"
     elif backend == "cpu":
         src = np.random.default_rng(0).standard_normal(nbytes // 4).astype(np.float32)
@@ -458,6 +462,8 @@ def measure_fp32_tflops(backend: str, runs: int = 10) -> dict:
         a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
         b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
         ms = _time_cuda(cupy, lambda: cupy.matmul(a, b), runs)
+        del a, b
+        cupy.get_default_memory_pool().free_all_blocks()
         how = f"cupy.matmul {n}x{n}x{n} float32 (cuBLAS, TF32 off)"
     elif backend == "cpu":
         rng = np.random.default_rng(0)
