@@ -152,11 +152,11 @@ def bench_row(prob: common.Problem, variant: str, args, test: str | None = None,
             if args.verbose:
                 traceback.print_exc()
         row["systems"][system] = res
-        line = (f"  {system:16s} {res['median_ms']:10.3f} ms" if res["status"] == "ok"
-                else f"  {system:16s} {res['status']}: {res.get('reason', '')}")
+        line = (f"  {system:17s} {res['median_ms']:10.3f} ms" if res["status"] == "ok"
+                else f"  {system:17s} {res['status']}: {res.get('reason', '')}")
         print(line, flush=True)
         if "floor" in res:
-            print(f"  {'':16s} {floor_line(res['floor'])}", flush=True)
+            print(f"  {'':17s} {floor_line(res['floor'])}", flush=True)
         del runner
         _free_memory()
     return row
@@ -261,7 +261,7 @@ def _git():
 def print_table(rows: list[dict], env: dict) -> None:
     print(f"\nmedian ms per forward ({env['card']}, driver {env['driver']}); p10–p90; x = time / fastest of the row;"
           f" gdsl rows end with time / floor (the term that binds)")
-    head = (f"{'model':10s} {'bs':>3s} {'variant':12s} {'system':16s} {'median':>10s} {'p10–p90':>19s} "
+    head = (f"{'model':10s} {'bs':>3s} {'variant':12s} {'system':17s} {'median':>10s} {'p10–p90':>19s} "
             f"{'x best':>7s}  note")
     print(head)
     print("-" * len(head))
@@ -269,7 +269,7 @@ def print_table(rows: list[dict], env: dict) -> None:
         ok = {s: r for s, r in row["systems"].items() if r["status"] == "ok"}
         best = min((r["median_ms"] for r in ok.values()), default=None)
         for system, r in row["systems"].items():
-            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:12s} {system:16s}"
+            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:12s} {system:17s}"
             if r["status"] == "ok":
                 fl = r.get("floor", {})
                 over = (f"{fl['time_over_floor']:7.2f}x ({fl['binding']})" if fl.get("status") == "ok"
@@ -288,12 +288,12 @@ def print_table(rows: list[dict], env: dict) -> None:
 def print_overhead(rows: list[dict], systems: list[str]) -> None:
     """The overhead of each control-flow program over the others, per system (as the paper's figures)."""
     print("\ncontrol-flow overhead = time(control flow) / time(program) − 1")
-    head = f"{'model':10s} {'bs':>3s} {'test':18s} {'program':10s}" + "".join(f" {s:>16s}" for s in systems)
+    head = f"{'model':10s} {'bs':>3s} {'test':18s} {'program':10s}" + "".join(f" {s:>17s}" for s in systems)
     print(head)
     print("-" * len(head))
     for row in rows:
         for program, by_system in row.get("overhead", {}).items():
-            cells = "".join(f" {'—' if by_system.get(s) is None else format(by_system[s], '+.1%'):>16s}"
+            cells = "".join(f" {'—' if by_system.get(s) is None else format(by_system[s], '+.1%'):>17s}"
                             for s in systems)
             print(f"{row['model']:10s} {row['batch']:3d} {row['test']:18s} {program:10s}{cells}")
 
