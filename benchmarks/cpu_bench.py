@@ -4,7 +4,7 @@
 
 Models (float32 inference, batch 1, random weights with a fixed seed):
   LSTM    2 stacked layers, hidden 256, 64 time steps (fori_loop over time, layers unrolled in the body)
-  NASRNN  hidden 256, 100 steps, the NAS cell of /work/shared/models.md (W_ih, W_hh [8,256,256], no bias)
+  NASRNN  hidden 256, 100 steps, the NAS cell of models/README.md (W_ih, W_hh [8,256,256], no bias)
   RAE     recursive tree encoder, hidden 512 (W[1024,512], b[512]) over a random binary tree of 20 leaves
 Each system is timed as the median of `runs` calls after warm-up, all in this one process; ratios are
 against gdsl-cpu with its default options (one thread per core for these models, see

@@ -1,7 +1,7 @@
 """GPU benchmark of the CUDA backend: gdsl device control (one persistent kernel per forward) vs gdsl host
 control (a kernel per straight-line block, control flow in Python) vs PyTorch eager vs PyTorch with the whole
 forward captured in one CUDA graph. LSTM (10 x 256, 64 steps), NASRNN (256, 1000 steps), Attention (12 x 64,
-32 steps), batch 1 and 64, the configurations of ../shared/models.md.
+32 steps), batch 1 and 64, the configurations of models/README.md.
 
 Every system is first checked against the model's numpy float64 reference (relative error <= 1e-3); then
 timed in this one process with CUDA events around each forward (host overhead included, as a user sees it),

@@ -8,7 +8,8 @@ Every module `models.<name>` offers the same interface:
     reference(weights, inputs, cfg)       plain numpy oracle (float64 inside)
     forward(weights, inputs, cfg)         the gdsl program; make_forward(cfg, backend, control) jits it
     torch_eager / torch_cudagraph / torch_compile / jax_jit (weights, cfg, batches, device=None)
-                                          baselines as common.Runner (BaselineUnavailable if they cannot run)
+                                          baselines as common.Runner (BaselineUnavailable if they cannot run);
+                                          lstm also torch_cudnn / torch_cudnn_graph (torch.nn.LSTM on cuDNN)
     from_state_dict(sd, cfg)              weights from the PyTorch twin's state_dict (keys in the docstring)
     overhead_test(cfg)                    the control-flow overhead test: the computation as programs with and
                                           without control flow, each a configuration (common.OverheadTest)

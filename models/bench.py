@@ -11,6 +11,13 @@ clock around one forward, taken after a full device synchronisation (cudaDeviceS
 and CuPy, block_until_ready for JAX); the table shows the median and the 10th–90th percentiles, and each
 system's ratio to the fastest system of its row.
 
+Floors (models/floor.py; on by default, `--no-floor` skips them): every gdsl system that passed its
+check gets the floor of its own lowered plan on this card, max(grid barriers per forward × measured
+barrier cost, compulsory bytes / measured copy bandwidth, flops / measured fp32 peak), the term that binds,
+and time / floor; the ceilings are measured once in this process on the gdsl backend's device. Barriers,
+bytes and flops are counted by running the plan with numpy on the row's own inputs (at most
+`--floor-inputs` input sets), so data-dependent trip counts and branches are those of the data.
+
 `--overhead` is the paper's control-flow overhead view (Figures 15, 16, 18; batch 1 unless --batch): each
 model's `overhead_test` writes one computation as several programs, the model with its control flow and
 the same without it (loops unrolled, branches decided or all run, the tree traced), each a row whose
@@ -31,11 +38,18 @@ import sys
 import time
 import traceback
 
-from models import MODELS, common, load
+from models import MODELS, common, floor, load
 
-SYSTEMS = ("gdsl-device", "gdsl-host", "gdsl-autotune", "torch-eager", "torch-cudagraph", "torch-compile", "jax")
+SYSTEMS = ("gdsl-device", "gdsl-host", "gdsl-autotune", "torch-eager", "torch-cudagraph", "torch-compile", "jax",
+           "torch-cudnn", "torch-cudnn-graph")
 BASELINE_FUNCS = {"torch-eager": "torch_eager", "torch-cudagraph": "torch_cudagraph",
-                  "torch-compile": "torch_compile", "jax": "jax_jit"}
+                  "torch-compile": "torch_compile", "jax": "jax_jit",
+                  "torch-cudnn": "torch_cudnn", "torch-cudnn-graph": "torch_cudnn_graph"}
+
+
+def model_systems(model, systems) -> list[str]:
+    """The systems of `systems` this model has (the cuDNN peers exist for the LSTM only)."""
+    return [s for s in systems if s.startswith("gdsl-") or hasattr(model, BASELINE_FUNCS[s])]
 
 
 def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:
@@ -107,7 +121,7 @@ def bench_row(prob: common.Problem, variant: str, args, test: str | None = None,
         row["data"] = model.describe(refs[0], prob.batches[0], prob.cfg)
     print(f"\n== {name} bs{prob.batch} {variant}{f' ({test})' if test else ''}: {n_inputs} input set(s)"
           + (f"; {row['data']}" if "data" in row else ""), flush=True)
-    for system in args.systems:
+    for system in model_systems(model, args.systems):
         res: dict = {}
         runner = None
         try:
@@ -124,6 +138,8 @@ def bench_row(prob: common.Problem, variant: str, args, test: str | None = None,
             else:
                 times = common.time_runner(runner, n_inputs, runs=args.runs, warmup=args.warmup)
                 res.update(status="ok", **common.stats(times))
+                if runner.lower is not None and args.ceilings is not None:
+                    res["floor"] = row_floor(runner, prob, res["median_ms"], args)
             res["note"] = runner.note
         except common.BaselineUnavailable as e:
             res.update(status="unavailable", reason=str(e))
@@ -136,12 +152,44 @@ def bench_row(prob: common.Problem, variant: str, args, test: str | None = None,
             if args.verbose:
                 traceback.print_exc()
         row["systems"][system] = res
-        line = (f"  {system:16s} {res['median_ms']:10.3f} ms" if res["status"] == "ok"
-                else f"  {system:16s} {res['status']}: {res.get('reason', '')}")
+        line = (f"  {system:17s} {res['median_ms']:10.3f} ms" if res["status"] == "ok"
+                else f"  {system:17s} {res['status']}: {res.get('reason', '')}")
         print(line, flush=True)
+        if "floor" in res:
+            print(f"  {'':17s} {floor_line(res['floor'])}", flush=True)
         del runner
         _free_memory()
     return row
+
+
+def row_floor(runner: common.Runner, prob: common.Problem, median_ms: float, args) -> dict:
+    """The floor of one gdsl system's forward (its own plan) on this card, or why there is none."""
+    try:
+        n = min(len(prob.batches), args.floor_inputs)
+        arg_sets = [(prob.weights, prob.batches[i]) for i in range(n)]
+        t0 = time.perf_counter()
+        out = floor.forward_floor(runner.lower(0), args.ceilings, arg_sets)
+        out.update(status="ok", time_over_floor=median_ms / out["floor_ms"], counted_inputs=n,
+                   count_s=time.perf_counter() - t0)
+        return out
+    except floor.FloorUnavailable as e:
+        return {"status": "unavailable", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 - a floor that fails is reported (and fails the run), not a crash
+        if args.verbose:
+            traceback.print_exc()
+        return {"status": "error", "reason": f"{type(e).__name__}: {e}"[:300]}
+
+
+def floor_line(f: dict) -> str:
+    """One line: the floor, its three terms and time / floor."""
+    if f["status"] != "ok":
+        return f"floor {f['status']}: {f['reason']}"
+    c, t, ceil = f["count"], f["terms_ms"], f["ceilings"]
+    return (f"floor {f['floor_ms']:.4f} ms ({f['binding']} binds): "
+            f"{c['dependent_steps']:.0f} barriers x {ceil['barrier_us']:.3g} us = {t['barriers']:.4f} ms | "
+            f"{c['bytes'] / 1e6:.3g} MB / {ceil['copy_gbps']:.3g} GB/s = {t['bytes']:.4f} ms | "
+            f"{c['flops'] / 1e9:.3g} GFLOP / {ceil['fp32_tflops']:.3g} TFLOP/s = {t['flops']:.4f} ms; "
+            f"time / floor {f['time_over_floor']:.2f}x")
 
 
 def _free_memory():
@@ -211,8 +259,9 @@ def _git():
 
 # ---------------------------------------------------------------------------------------------------------
 def print_table(rows: list[dict], env: dict) -> None:
-    print(f"\nmedian ms per forward ({env['card']}, driver {env['driver']}); p10–p90; x = time / fastest of the row")
-    head = (f"{'model':10s} {'bs':>3s} {'variant':12s} {'system':16s} {'median':>10s} {'p10–p90':>19s} "
+    print(f"\nmedian ms per forward ({env['card']}, driver {env['driver']}); p10–p90; x = time / fastest of the row;"
+          f" gdsl rows end with time / floor (the term that binds)")
+    head = (f"{'model':10s} {'bs':>3s} {'variant':12s} {'system':17s} {'median':>10s} {'p10–p90':>19s} "
             f"{'x best':>7s}  note")
     print(head)
     print("-" * len(head))
@@ -220,10 +269,13 @@ def print_table(rows: list[dict], env: dict) -> None:
         ok = {s: r for s, r in row["systems"].items() if r["status"] == "ok"}
         best = min((r["median_ms"] for r in ok.values()), default=None)
         for system, r in row["systems"].items():
-            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:12s} {system:16s}"
+            lead = f"{row['model']:10s} {row['batch']:3d} {row['variant']:12s} {system:17s}"
             if r["status"] == "ok":
+                fl = r.get("floor", {})
+                over = (f"{fl['time_over_floor']:7.2f}x ({fl['binding']})" if fl.get("status") == "ok"
+                        else ("  floor " + fl["status"] if fl else ""))
                 print(f"{lead} {r['median_ms']:10.3f} {r['p10_ms']:9.3f}–{r['p90_ms']:<9.3f} "
-                      f"{r['median_ms'] / best:6.2f}x  {r.get('note', '')}")
+                      f"{r['median_ms'] / best:6.2f}x  {r.get('note', '')}{over}")
             else:
                 print(f"{lead} {'—':>10s} {'':19s} {'':7s}  {r['status']}: {r.get('reason', '')[:90]}")
         for g in ("gdsl-device", "gdsl-host", "gdsl-autotune"):
@@ -236,12 +288,12 @@ def print_table(rows: list[dict], env: dict) -> None:
 def print_overhead(rows: list[dict], systems: list[str]) -> None:
     """The overhead of each control-flow program over the others, per system (as the paper's figures)."""
     print("\ncontrol-flow overhead = time(control flow) / time(program) − 1")
-    head = f"{'model':10s} {'bs':>3s} {'test':18s} {'program':10s}" + "".join(f" {s:>16s}" for s in systems)
+    head = f"{'model':10s} {'bs':>3s} {'test':18s} {'program':10s}" + "".join(f" {s:>17s}" for s in systems)
     print(head)
     print("-" * len(head))
     for row in rows:
         for program, by_system in row.get("overhead", {}).items():
-            cells = "".join(f" {'—' if by_system.get(s) is None else format(by_system[s], '+.1%'):>16s}"
+            cells = "".join(f" {'—' if by_system.get(s) is None else format(by_system[s], '+.1%'):>17s}"
                             for s in systems)
             print(f"{row['model']:10s} {row['batch']:3d} {row['test']:18s} {program:10s}{cells}")
 
@@ -298,6 +350,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every measurement and the environment here")
     p.add_argument("--plot", default=None, help="bar chart PNG (needs matplotlib)")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="skip the floors (time / floor of every gdsl row; models/floor.py)")
+    p.add_argument("--floor-inputs", type=int, default=10,
+                   help="input sets whose plan execution is counted for a floor (default 10)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -309,8 +365,33 @@ def parse_args(argv=None):
     return args
 
 
+def floor_ceilings(args) -> floor.Ceilings | None:
+    """The ceilings of the gdsl backend's device (measured lazily, at the first floor), None if off."""
+    if not args.floor or not any(s.startswith("gdsl-") for s in args.systems):
+        return None
+    import gdsl
+    return floor.Ceilings(args.backend or gdsl.default_backend())
+
+
+def recorded_args(args) -> dict:
+    """The command line as the JSON records it: output files by name only (an absolute path names the
+    machine that ran it, e.g. the device machine's $OUT, not anything in the repository)."""
+    out = {k: v for k, v in vars(args).items() if k != "ceilings"}
+    for key in ("json", "plot"):
+        if out.get(key):
+            out[key] = os.path.basename(out[key])
+    return out
+
+
+def floor_errors(rows: list[dict]) -> list[str]:
+    return [f"{row['model']} bs{row['batch']} {row['variant']} {system}: {r['floor']['reason']}"
+            for row in rows for system, r in row["systems"].items()
+            if r.get("floor", {}).get("status") == "error"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.ceilings = floor_ceilings(args)
     env = environment()
     print(f"card {env['card']}, driver {env['driver']}, gdsl backends {env.get('gdsl_backends')}, "
           f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}")
@@ -326,13 +407,20 @@ def main(argv=None) -> int:
     print_table(rows, env)
     if args.overhead:
         print_overhead(rows, args.systems)
+    ceilings = args.ceilings.summary() if args.ceilings is not None else None
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": {k: v for k, v in vars(args).items()}, "rows": rows}, f,
+            json.dump({"environment": env, "ceilings": ceilings,
+                       "args": recorded_args(args), "rows": rows}, f,
                       indent=1)
         print(f"results written to {args.json}")
     if args.plot:
         plot(rows, args.plot, env, title="control-flow overhead" if args.overhead else "gdsl model zoo")
+    errors = floor_errors(rows)
+    if errors:
+        print("FLOOR ERRORS (the timings above stand; the floors of these rows are missing):\n  "
+              + "\n  ".join(errors))
+        return 1
     return 0
 
 

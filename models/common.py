@@ -137,6 +137,7 @@ class Runner:
     sync: Callable[[Any], None] = lambda out: None
     fetch: Callable[[Any], Any] = to_numpy
     note: str = ""
+    lower: Callable[[int], Any] | None = None     # gdsl: f.lower(...) of input set i (its plan)
 
     def __call__(self, i: int = 0):
         out = self.run(i)
@@ -204,7 +205,7 @@ def gdsl_runner(model, weights, cfg, batches, backend=None, control=None, system
     w = tree_map(put, weights)
     xs = [tree_map(put, b) for b in as_batches(batches)]
     name = system or ("gdsl" + (f"-{control}" if control else ""))
-    return Runner(name, run=lambda i: fn(w, xs[i]), sync=sync)
+    return Runner(name, run=lambda i: fn(w, xs[i]), sync=sync, lower=lambda i: fn.lower(w, xs[i]))
 
 
 # ---------------------------------------------------------------------------------------------------------

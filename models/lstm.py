@@ -203,6 +203,48 @@ def torch_compile(weights, cfg, batches, device=None) -> common.Runner:
                          note="compiled time step, Python time loop")
 
 
+# cuDNN: the peer an LSTM user would pick, torch.nn.LSTM(H, H, num_layers=L) with the zoo's weights loaded
+# through to_state_dict (one cuDNN call per forward: all steps and layers inside the library).
+
+def nn_lstm_forward(weights, cfg, device):
+    """(torch, device, fwd) where fwd(x) = last layer's h of torch.nn.LSTM holding these weights."""
+    torch, dev = common.torch_setup(device)
+    net = torch.nn.LSTM(cfg.hidden, cfg.hidden, num_layers=cfg.layers)
+    net.load_state_dict({k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in to_state_dict(weights, cfg).items()})
+    net = net.to(dev).eval()
+
+    def fwd(x):
+        with torch.no_grad():
+            out, _ = net(x)            # h0 = c0 = 0, as the reference
+            return out[-1]
+    return torch, dev, fwd
+
+
+def _cudnn_setup(weights, cfg, batches, device):
+    torch, dev, fwd = nn_lstm_forward(weights, cfg, device)
+    if dev.type != "cuda":
+        raise common.BaselineUnavailable("cuDNN needs a CUDA device")
+    if not torch.backends.cudnn.is_available() or not torch.backends.cudnn.enabled:
+        raise common.BaselineUnavailable("PyTorch has no usable cuDNN here")
+    xs = [torch.as_tensor(b["x"], device=dev) for b in common.as_batches(batches)]
+    return torch, dev, fwd, xs
+
+
+def torch_cudnn(weights, cfg, batches, device=None) -> common.Runner:
+    """torch.nn.LSTM on cuDNN, eager (TF32 off)."""
+    torch, dev, fwd, xs = _cudnn_setup(weights, cfg, batches, device)
+    return common.Runner("torch-cudnn", run=lambda i: fwd(xs[i]), sync=common.torch_sync(torch, dev),
+                         note="torch.nn.LSTM (cuDNN)")
+
+
+def torch_cudnn_graph(weights, cfg, batches, device=None) -> common.Runner:
+    """torch.nn.LSTM on cuDNN captured in a CUDA graph (TF32 off)."""
+    torch, dev, fwd, xs = _cudnn_setup(weights, cfg, batches, device)
+    runner = common.torch_cuda_graphs(torch, dev, fwd, [(x,) for x in xs], system="torch-cudnn-graph")
+    runner.note = "torch.nn.LSTM (cuDNN) in a CUDA graph"
+    return runner
+
+
 def jax_jit(weights, cfg, batches, device=None) -> common.Runner:
     jax, jnp = common.jax_setup()
     F = common.jax_ops(jax, jnp)

@@ -376,6 +376,221 @@ def test_bench_small_writes_json(tmp_path):
             assert res["status"] == "ok" and res["runs"] == 3 and res["median_ms"] > 0
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_bench_offers_the_cudnn_peers_on_the_lstm_rows_only(name):
+    from models import bench
+    systems = bench.model_systems(load(name), bench.SYSTEMS)
+    cudnn = [s for s in systems if "cudnn" in s]
+    assert cudnn == (["torch-cudnn", "torch-cudnn-graph"] if name == "lstm" else [])
+    assert {"gdsl-device", "torch-eager", "jax"} <= set(systems)
+
+
+@needs_torch
+def test_cudnn_peer_holds_the_zoo_weights():
+    """torch.nn.LSTM with the zoo's weights loaded (on the CPU here: the same module cuDNN runs)."""
+    m = load("lstm")
+    prob = small_problem("lstm", 3, {}, n_inputs=2)
+    torch, dev, fwd = m.nn_lstm_forward(prob.weights, prob.cfg, "cpu")
+    for batch, ref in zip(prob.batches, prob.references()):
+        assert common.compare(fwd(torch.as_tensor(batch["x"])), ref) == []
+
+
+@needs_torch
+def test_cudnn_peer_without_a_gpu_is_unavailable():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the GPU test covers it")
+    prob = small_problem("lstm", 1, {})
+    for system in ("torch_cudnn", "torch_cudnn_graph"):
+        with pytest.raises(common.BaselineUnavailable, match="cuDNN needs a CUDA device"):
+            getattr(prob.model, system)(prob.weights, prob.cfg, prob.batches)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# floors (models/floor.py): what a forward executes, counted from its plan on its data
+
+FLOOR_BACKEND = "cpu"
+needs_cpu_backend = pytest.mark.skipif(FLOOR_BACKEND not in gdsl.backends(), reason="no cpu backend here")
+
+
+def lowered_small(name, batch, variant=None, control=None, n_inputs=1):
+    prob = small_problem(name, batch, variant or {}, n_inputs=n_inputs)
+    fn = prob.model.make_forward(prob.cfg, backend=FLOOR_BACKEND, control=control)
+    return prob, fn.lower(prob.weights, prob.batches[0])
+
+
+def grid_syncs_in(block) -> int:
+    from gdsl.schedule.plan import Sync, walk
+    return sum(1 for s in walk(block) if isinstance(s, Sync) and s.scope == "grid")
+
+
+@needs_cpu_backend
+def test_floor_count_of_small_lstm():
+    from gdsl.schedule.plan import Loop
+    from gdsl.schedule.simulate import Simulator
+    from models import floor
+    prob, lowered = lowered_small("lstm", 2)
+    cfg, bs, H = prob.cfg, 2, prob.cfg.hidden
+    plan = floor.plan_of(lowered)
+    flat = floor.flat_arguments(prob.weights, prob.batches[0])
+    count = floor.count_plan(plan, flat)
+    # the same barriers as gdsl's own simulator, uTask by uTask, with the same results
+    sim = Simulator(plan, check=False)
+    expected = sim.run(flat)
+    counter = floor._Counter(plan)
+    assert all(np.array_equal(a, b) for a, b in zip(counter.run(flat), expected))
+    assert count.grid_barriers == sim.stats["grid_barriers"] > 0 and count.launches == 0
+    # barriers per loop iteration x iterations: the time loop runs seq_len trips
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    assert count.loops == [{"trips": cfg.seq_len,
+                            "grid_barriers": cfg.seq_len * grid_syncs_in(loop.cond + loop.body)}]
+    assert count.grid_barriers == count.loops[0]["grid_barriers"] + grid_syncs_in(plan.kernels[0].body) \
+        - grid_syncs_in(loop.cond + loop.body)
+    # flops: two batched matmuls [bs,H] x [4,H,H] per cell, plus the cell's elementwise math
+    matmul = 2 * (2 * 4 * bs * H * H) * cfg.layers * cfg.seq_len
+    assert count.flops_by_family["contraction"] == matmul
+    assert matmul < count.flops < matmul + 40 * 4 * bs * H * cfg.layers * cfg.seq_len
+    # compulsory bytes: every weight, the input and the output, once
+    w_bytes = sum(a.nbytes for a in prob.weights.values())
+    assert count.bytes == w_bytes + prob.batches[0]["x"].nbytes + bs * H * 4
+
+
+@needs_cpu_backend
+def test_floor_count_follows_the_data():
+    """Data-dependent loops and branches count what ran: seq2seq's trips are its decoded steps; a skipped
+    BlockDrop block costs no barrier, no flop and no weight bytes."""
+    from models import floor
+    prob, lowered = lowered_small("seq2seq", 3, n_inputs=3)
+    plan = floor.plan_of(lowered)
+    trips = []
+    for batch, ref in zip(prob.batches, prob.references()):
+        count = floor.count_plan(plan, floor.flat_arguments(prob.weights, batch))
+        steps = int(common.tree_leaves(ref)[-1])
+        assert count.loops[0]["trips"] == steps
+        trips.append(steps)
+    assert len(set(trips)) > 1, "the seeds should give different sentence lengths"
+    counts = {}
+    for ratio in (0.0, 1.0):
+        prob, lowered = lowered_small("blockdrop", 2, {"ratio": ratio})
+        counts[ratio] = floor.count_forward(lowered, prob.weights, prob.batches[0])
+    none, every = counts[0.0], counts[1.0]
+    assert none.grid_barriers < every.grid_barriers
+    assert none.flops < every.flops and none.bytes < every.bytes
+
+
+@needs_cpu_backend
+def test_floor_count_of_host_control_counts_launches():
+    from models import floor
+    prob, lowered = lowered_small("nasrnn", 2, control="host")
+    count = floor.count_forward(lowered, prob.weights, prob.batches[0])
+    assert count.launches >= prob.cfg.seq_len
+    assert count.dependent_steps == count.grid_barriers + count.launches
+
+
+FLOOR_CASES = [("lstm", 2, {}), ("nasrnn", 2, {}), ("attention", 2, {}), ("seq2seq", 3, {}),
+               ("blockdrop", 2, {"ratio": 0.5}), ("skipnet", 1, {}), ("rae", 1, {"tree": "fixed"})]
+
+
+@pytest.mark.parametrize("control", ["device", "host"])
+@pytest.mark.parametrize("case", FLOOR_CASES, ids=case_id)
+def test_floor_barriers_are_those_of_the_generated_cuda(case, control):
+    """The grid Syncs counted on cuda are the ones the renderer emits (lowering needs no GPU)."""
+    from gdsl.backends.cuda.dialect import CUDADialect
+    from models import floor
+    name, batch, variant = case
+    prob = small_problem(name, batch, variant)
+    lowered = prob.model.make_forward(prob.cfg, backend="cuda", control=control).lower(prob.weights, prob.batches[0])
+    rendered = floor.rendered_grid_syncs(lowered)
+    assert len(rendered) == lowered.source.count(CUDADialect().grid_sync("atomic"))
+    count = floor.count_forward(lowered, prob.weights, prob.batches[0])
+    assert count.grid_barriers <= count.plan_grid_barriers
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("case", FLOOR_CASES, ids=case_id)
+def test_floor_count_computing_only_control_values_is_the_full_count(case):
+    """Ops that cannot steer control flow are skipped while counting: the counts stay those of the full run."""
+    from models import floor
+    name, batch, variant = case
+    prob = small_problem(name, batch, variant, n_inputs=2)
+    for backend in (FLOOR_BACKEND, "cuda"):
+        lowered = prob.model.make_forward(prob.cfg, backend=backend).lower(prob.weights, prob.batches[0])
+        plan, rendered = floor.plan_of(lowered), floor.rendered_grid_syncs(lowered)
+        for batch_inputs in prob.batches:
+            flat = floor.flat_arguments(prob.weights, batch_inputs)
+            assert floor.count_plan(plan, flat, rendered) == floor.count_plan(plan, flat, rendered, all_values=True)
+
+
+def test_floor_terms_pick_the_binding_term():
+    from models import floor
+    count = {"dependent_steps": 1000, "bytes": 4.8e6, "flops": 6.7e9}
+    ceilings = {"barrier_us": 1.0, "copy_gbps": 4800.0, "fp32_tflops": 67.0}
+    f = floor.floor_terms(count, ceilings)
+    assert f["terms_ms"] == pytest.approx({"barriers": 1.0, "bytes": 0.001, "flops": 0.1})
+    assert f["binding"] == "barriers" and f["floor_ms"] == pytest.approx(1.0)
+    f = floor.floor_terms(dict(count, flops=6.7e11), ceilings)
+    assert f["binding"] == "flops" and f["floor_ms"] == pytest.approx(10.0)
+
+
+def test_floor_needs_a_plan():
+    from models import floor
+    prob = small_problem("lstm", 1, {})
+    lowered = prob.model.make_forward(prob.cfg, backend="interpret").lower(prob.weights, prob.batches[0])
+    with pytest.raises(floor.FloorUnavailable, match="no schedule"):
+        floor.count_forward(lowered, prob.weights, prob.batches[0])
+
+
+@needs_cpu_backend
+def test_floor_ceilings_measured_on_the_cpu():
+    from models import floor
+    barrier = floor.measure_barrier_us(FLOOR_BACKEND, grid=2, block=1, runs=3)
+    assert 0 < barrier["barrier_us"] < 1e4 and "grid barriers counted from its plan" in barrier["how"]
+    assert floor.measure_copy_gbps(FLOOR_BACKEND, runs=3)["copy_gbps"] > 0.1
+    assert floor.measure_fp32_tflops(FLOOR_BACKEND, runs=2)["fp32_tflops"] > 1e-4
+
+
+def test_floor_cuda_ceilings_fail_loudly_without_a_gpu():
+    from models import floor
+    if "cuda" in gdsl.backends():
+        pytest.skip("a CUDA device is present: the GPU test measures it")
+    with pytest.raises(floor.FloorUnavailable, match="CUDA device|CuPy"):
+        floor.measure_copy_gbps("cuda")
+    with pytest.raises(floor.FloorUnavailable, match="no bandwidth measurement"):
+        floor.measure_copy_gbps("interpret")
+
+
+@needs_cpu_backend
+def test_bench_prints_time_over_floor(tmp_path, capsys):
+    from models import bench
+    path = tmp_path / "f.json"
+    assert bench.main(["--small", "--models", "lstm,seq2seq", "--batch", "1", "--systems", "gdsl-device,gdsl-host",
+                       "--backend", FLOOR_BACKEND, "--runs", "3", "--warmup", "1", "--inputs", "2",
+                       "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "time / floor" in out and "binds)" in out
+    data = json.loads(path.read_text())
+    assert data["ceilings"]["backend"] == FLOOR_BACKEND and data["ceilings"]["device"]["copy_gbps"] > 0
+    for row in data["rows"]:
+        for res in row["systems"].values():
+            f = res["floor"]
+            assert f["status"] == "ok" and f["counted_inputs"] == 2
+            assert f["floor_ms"] == max(f["terms_ms"].values()) > 0 and f["binding"] in f["terms_ms"]
+            assert f["time_over_floor"] == pytest.approx(res["median_ms"] / f["floor_ms"])
+            assert f["count"]["dependent_steps"] > 0 and f["count"]["flops"] > 0 and f["count"]["bytes"] > 0
+
+
+def test_bench_floor_off_and_unavailable(tmp_path):
+    from models import bench
+    path = tmp_path / "n.json"
+    args = ["--small", "--models", "nasrnn", "--batch", "1", "--systems", "gdsl-device", "--backend", "interpret",
+            "--runs", "2", "--warmup", "1", "--json", str(path)]
+    assert bench.main(args) == 0
+    res = json.loads(path.read_text())["rows"][0]["systems"]["gdsl-device"]
+    assert res["floor"]["status"] == "unavailable" and "no schedule" in res["floor"]["reason"]
+    assert bench.main(args + ["--no-floor"]) == 0
+    assert "floor" not in json.loads(path.read_text())["rows"][0]["systems"]["gdsl-device"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the control-flow overhead tests (models.bench --overhead): programs without control flow, same results
 
@@ -458,3 +673,34 @@ def test_full_size_executed_ratios_on_cuda(name):
         prob = common.build_problem(m, 1, ratio=ratio)
         runner = common.gdsl_runner(m, prob.weights, prob.cfg, prob.batches, backend="cuda")
         assert common.compare(runner.output(0), prob.references()[0]) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="no usable CUDA GPU for gdsl")
+@needs_torch
+@pytest.mark.parametrize("batch", load("lstm").BATCHES)
+def test_cudnn_peers_match_reference_on_cuda(batch):
+    m = load("lstm")
+    prob = common.build_problem(m, batch, n_inputs=2)
+    for system in ("torch_cudnn", "torch_cudnn_graph"):
+        runner = getattr(m, system)(prob.weights, prob.cfg, prob.batches)
+        for i, ref in enumerate(prob.references()):
+            assert common.compare(runner.output(i), ref) == [], system
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="no usable CUDA GPU for gdsl")
+def test_floor_on_cuda():
+    """The card's ceilings are in the range of an H100/H200's and the LSTM's floor binds on barriers."""
+    from models import floor
+    m = load("lstm")
+    prob = common.build_problem(m, 1)
+    runner = common.gdsl_runner(m, prob.weights, prob.cfg, prob.batches, backend="cuda")
+    assert common.compare(runner.output(0), prob.references()[0]) == []
+    ceilings = floor.Ceilings("cuda")
+    f = floor.forward_floor(runner.lower(0), ceilings, [(prob.weights, prob.batches[0])])
+    c = f["ceilings"]
+    assert 0.1 < c["barrier_us"] < 20 and 500 < c["copy_gbps"] < 10_000 and 5 < c["fp32_tflops"] < 200
+    assert f["binding"] == "barriers" and f["count"]["dependent_steps"] >= prob.cfg.seq_len
+    ms = float(np.median(common.time_runner(runner, 1, runs=10)))
+    assert ms > 0.9 * f["floor_ms"], f"measured {ms} ms under the floor {f}"
