@@ -83,6 +83,7 @@ class Lowering:
     symbols: list = field(default_factory=list)   # kernel entry points, in plan.kernels order
     threads: int = 1
     packed: list = field(default_factory=list)    # (const buffer, shape, tile): packed copies, see render.py
+    trace: object = None    # gdsl.profiling.sites.TraceSites of an instrumented build (option "profile")
 
 
 def lower(program, options) -> Lowering:
@@ -93,15 +94,26 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
-    writer = ModuleWriter(plan, threads)
+    trace = trace_sites(plan, options.get("profile"))
+    writer = ModuleWriter(plan, threads, trace)
     text, symbols = writer.render()
-    return Lowering(plan, text, symbols, threads, writer.packed_operands())
+    return Lowering(plan, text, symbols, threads, writer.packed_operands(), trace)
+
+
+def trace_sites(plan, profile):
+    """The TraceSites of an instrumented build: option `profile` True (buffer bounds from the plan) or a
+    capacity in records per vEU; None/False: a normal build."""
+    if not profile or plan.control != "device":
+        return None
+    from gdsl.profiling.sites import TraceSites
+    return TraceSites(plan, capacity=None if profile is True else int(profile))
 
 
 def load(lowering: Lowering):
     from gdsl.backends.cpu import runtime
     addresses = runtime.compile_module(lowering.source, lowering.symbols)
-    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed)
+    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed,
+                              lowering.trace)
 
 
 def to_device(x):
