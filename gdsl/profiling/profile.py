@@ -247,7 +247,9 @@ def run_profile(f, args, kwargs=None, *, capacity: int | None = None) -> Profile
     return _collect(executable, lowering, backend)
 
 
-def _collect(executable, lowering, backend) -> Profile:
+def _collect(executable, lowering, backend, dialect=None) -> Profile:
+    """The Profile of an instrumented executable's last call (`dialect`: the C-family dialect it was
+    rendered in, by default the backend's)."""
     trace, n_tracks = executable.last_trace
     plan = lowering.plan
     if backend == "cpu":
@@ -256,7 +258,9 @@ def _collect(executable, lowering, backend) -> Profile:
                  for k in range(n_tracks)]
         return Profile(sites, trace, n_tracks, backend=backend, clock="CLOCK_MONOTONIC", track_names=names,
                        plan=str(plan))
-    sites = lowering.rendered.trace
-    clock, ns_per_tick = executable.device.trace_clock()
-    return Profile(sites, trace, n_tracks, backend=backend, clock=clock, ns_per_tick=ns_per_tick,
-                   plan=str(plan))
+    if dialect is None:
+        from gdsl.backends.cuda.dialect import CUDADialect
+        from gdsl.backends.hip.dialect import HIPDialect
+        dialect = {"cuda": CUDADialect, "hip": HIPDialect}[backend]
+    return Profile(lowering.rendered.trace, trace, n_tracks, backend=backend, clock=dialect.trace_clock_name,
+                   ns_per_tick=dialect.trace_ns_per_tick, plan=str(plan))

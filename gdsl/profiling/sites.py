@@ -44,6 +44,14 @@ class Site:
     args: dict = field(default_factory=dict)
 
 
+def trace_sites(plan, profile):
+    """The TraceSites of an instrumented build, from the backend option `profile`: True (buffer bounds
+    from the plan) or a capacity in records per vEU; None/False (or host control): a normal build."""
+    if not profile or plan.control != "device":
+        return None
+    return TraceSites(plan, capacity=None if profile is True else int(profile))
+
+
 def code(site: int, end: bool) -> int:
     """The low word of a record's code: which site, begin (0) or end (1)."""
     return site * 2 + int(end)

@@ -46,6 +46,7 @@ class Executable:
         nconsts = len(plan.consts)
         self.consts = {v.buffer: device.to_device(c, v.aval) for v, c in zip(plan.inputs[:nconsts], plan.consts)}
         self.args = plan.inputs[nconsts:]
+        self.last_trace = None        # instrumented builds: (trace words of every vEU, vEUs) of the last call
         self.cooperative = []
         for spec, kernel in zip(rendered.kernels, plan.kernels):
             # Grid barriers need every block resident at once: a cooperative launch checks that it is so.
@@ -78,9 +79,19 @@ class Executable:
                 args.append(arrays[obj])
             elif kind == "ws":
                 args.append(self.ws)
+            elif kind == "trace":
+                args.append(self._trace_buffer())
             else:
                 args.append(np.int32(depths[obj]))
         self.device.launch(spec, self.plan.grid, self.plan.block, args, self.cooperative[k])
+        if self.rendered.trace:
+            self.last_trace = (self.device.fetch(self.last_trace[0]), self.plan.grid)
+
+    def _trace_buffer(self):
+        """A zeroed trace buffer: one region per vEU (gdsl/profiling/sites.py)."""
+        words = self.plan.grid * self.rendered.trace.region_words
+        self.last_trace = (self.device.zeros(8 * words).view(np.uint64), self.plan.grid)
+        return self.last_trace[0]
 
     def run_host(self, block, arrays, depths):
         for stmt in block:

@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, field
 
 from gdsl.backends.cpu.lowerings import LOWERINGS  # noqa: F401  (checked by tests/test_registry.py)
+from gdsl.profiling.sites import trace_sites
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune"})
 DEFAULT_BLOCK = 1024
@@ -94,19 +95,10 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
-    trace = trace_sites(plan, options.get("profile"))
+    trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)
     text, symbols = writer.render()
     return Lowering(plan, text, symbols, threads, writer.packed_operands(), trace)
-
-
-def trace_sites(plan, profile):
-    """The TraceSites of an instrumented build: option `profile` True (buffer bounds from the plan) or a
-    capacity in records per vEU; None/False: a normal build."""
-    if not profile or plan.control != "device":
-        return None
-    from gdsl.profiling.sites import TraceSites
-    return TraceSites(plan, capacity=None if profile is True else int(profile))
 
 
 def load(lowering: Lowering):

@@ -25,6 +25,7 @@ from gdsl.backends.cfamily.executor import Executable, Lowering
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda.dialect import CUDADialect
 from gdsl.backends.cuda.toolchain import compile_cuda, nvrtc_available
+from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Wave, walk
 
@@ -82,7 +83,7 @@ def check_options(options, dialect) -> dict:
     if grid is not None and int(grid) < 1:
         raise ValueError(f"grid must be positive, got {grid}")
     return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
-            "partition": options.get("partition")}
+            "partition": options.get("partition"), "profile": options.get("profile")}
 
 
 def lower(program, options) -> Lowering:
@@ -110,7 +111,8 @@ def _most_utasks(lowering) -> int:
 
 def lower_with_grid(program, opts, grid, dialect=None) -> Lowering:
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"])
-    rendered = render_plan(plan, dialect or CUDADialect(), barrier=opts["barrier"])
+    rendered = render_plan(plan, dialect or CUDADialect(), barrier=opts["barrier"],
+                           trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
 
 
@@ -176,6 +178,10 @@ class CupyDevice:
 
     def launch(self, spec, grid, block, args, cooperative):
         self.kernels[spec.name]((grid,), (block,), tuple(args), enable_cooperative_groups=cooperative)
+
+    def fetch(self, array):
+        """A device array as numpy (waits for the launch)."""
+        return array.get()
 
     def read(self, array, byte_offset, dtype):
         raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
