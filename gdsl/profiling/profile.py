@@ -19,7 +19,7 @@ import numpy as np
 
 from gdsl.profiling.sites import HEADER_WORDS
 
-KIND_COLOURS = {"barrier": "#d62728", "loop": "#dddddd", "iteration": "#bbbbbb", "case": "#9edae5",
+KIND_COLOURS = {"barrier": "#000000", "loop": "#dddddd", "iteration": "#bbbbbb", "case": "#9edae5",
                 "call": "#c5b0d5"}
 
 
@@ -51,7 +51,9 @@ class Profile:
         self.backend, self.clock, self.plan = backend, clock, plan
         self.tracks = list(range(n_tracks))
         self.track_names = list(track_names or [f"vEU {k}" for k in self.tracks])
-        words = np.asarray(regions, dtype=np.uint64).reshape(n_tracks, sites.region_words)
+        words = np.asarray(regions, dtype=np.uint64)     # a region per track: its counters, then records
+        if words.ndim == 1:
+            words = words.reshape(n_tracks, sites.region_words)
         counts = np.minimum(words[:, 0], sites.capacity).astype(np.int64)
         self.dropped = int(words[:, 1].sum())
         self.truncated = self.dropped > 0
@@ -181,7 +183,7 @@ class Profile:
 
     # -------------------------------------------------------------------------------- picture
     def plot(self, path, max_tracks: int = 64) -> None:
-        """A PNG timeline: a row per vEU (the first `max_tracks`), uTasks coloured by op, barrier waits red,
+        """A PNG timeline: a row per vEU (the first `max_tracks`), uTasks coloured by op, barrier waits black,
         loop iterations as the grey band under them (needs matplotlib)."""
         import matplotlib
         matplotlib.use("Agg")
@@ -223,9 +225,44 @@ def profile(f, *args, **kwargs) -> Profile:
 
 def run_profile(f, args, kwargs=None, *, capacity: int | None = None) -> Profile:
     """`profile` with its knobs: `capacity` records per vEU instead of the bound computed from the plan."""
+    lowering, executable, flat = _instrumented(f, args, kwargs or {}, capacity)
+    executable(flat)
+    return _collect(executable, lowering, f._entry(args, kwargs or {})[0]["backend"])
+
+
+def overhead(f, args, kwargs=None, runs: int = 20) -> tuple[float, float]:
+    """(normal, instrumented) median seconds of one call of the executables of jitted `f(*args, **kwargs)`:
+    what recording costs. Each time is taken after the device finished; the instrumented call includes
+    zeroing the trace counters and copying the trace back."""
+    import time
+    kwargs = kwargs or {}
+    _, executable, flat = _instrumented(f, args, kwargs, None)
+    entry = f._entry(args, kwargs)[0]
+    sync = _synchronizer(entry["backend"])
+
+    def median(call):
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            sync(call())
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+    normal = entry["executable"]        # the same arguments, the same call path: only the build differs
+    return median(lambda: normal(flat)), median(lambda: executable(flat))
+
+
+def _synchronizer(backend):
+    if backend != "cuda":
+        return lambda out: None
+    import cupy
+    return lambda out: cupy.cuda.runtime.deviceSynchronize()
+
+
+def _instrumented(f, args, kwargs, capacity):
+    """(lowering, executable, flat arguments) of the instrumented build of `f` for these arguments, after
+    a warm-up call of the normal build; built once per capacity and kept in f's cache entry."""
     from gdsl.backends import usable_backend
     from gdsl.jit import Jitted, _as_dtype
-    kwargs = kwargs or {}
     if not isinstance(f, Jitted):
         raise TypeError(f"gdsl.profile needs a function decorated with @gdsl.jit, got {f!r}")
     f(*args, **kwargs)                          # the warm-up: compiles and runs the normal build
@@ -243,14 +280,14 @@ def run_profile(f, args, kwargs=None, *, capacity: int | None = None) -> Profile
         lowering = module.lower(entry["program"], options)
         builds[options["profile"]] = (lowering, module.load(lowering))
     lowering, executable = builds[options["profile"]]
-    executable([_as_dtype(x, a) for x, a in zip(flat, entry["avals"])])
-    return _collect(executable, lowering, backend)
+    return lowering, executable, [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
 
 
 def _collect(executable, lowering, backend, dialect=None) -> Profile:
     """The Profile of an instrumented executable's last call (`dialect`: the C-family dialect it was
     rendered in, by default the backend's)."""
     trace, n_tracks = executable.last_trace
+    trace = np.array(trace)                     # a copy: the next call reuses the buffer
     plan = lowering.plan
     if backend == "cpu":
         sites = lowering.trace

@@ -21,6 +21,7 @@ import numpy as np
 from gdsl.backends.cfamily.render import ERROR_OFFSET, Rendered
 from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
+from gdsl.profiling.sites import HEADER_WORDS
 from gdsl.schedule.plan import Branch, Call, Launch, Loop, Sync, walk
 
 
@@ -85,13 +86,22 @@ class Executable:
                 args.append(np.int32(depths[obj]))
         self.device.launch(spec, self.plan.grid, self.plan.block, args, self.cooperative[k])
         if self.rendered.trace:
-            self.last_trace = (self.device.fetch(self.last_trace[0]), self.plan.grid)
+            self.last_trace = (self._fetch_trace(), self.plan.grid)
 
     def _trace_buffer(self):
-        """A zeroed trace buffer: one region per vEU (gdsl/profiling/sites.py)."""
-        words = self.plan.grid * self.rendered.trace.region_words
-        self.last_trace = (self.device.zeros(8 * words).view(np.uint64), self.plan.grid)
-        return self.last_trace[0]
+        """The trace buffer, one region per vEU (gdsl/profiling/sites.py), allocated once; its counters
+        are zeroed before each launch (the records past them are never read)."""
+        if getattr(self, "trace_words", None) is None:
+            words = self.plan.grid * self.rendered.trace.region_words
+            self.trace_words = self.device.zeros(8 * words).view(np.uint64).reshape(self.plan.grid, -1)
+        self.trace_words[:, :HEADER_WORDS] = 0
+        return self.trace_words
+
+    def _fetch_trace(self):
+        """The filled part of every vEU's region, on the host (the counters first, then the records)."""
+        counts = self.device.fetch(self.trace_words[:, 0])
+        used = HEADER_WORDS + 2 * min(int(counts.max(initial=0)), self.rendered.trace.capacity)
+        return self.device.fetch(self.trace_words[:, :used])
 
     def run_host(self, block, arrays, depths):
         for stmt in block:

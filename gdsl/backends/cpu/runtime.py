@@ -31,6 +31,7 @@ from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cpu.kinds import pack_columns
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
+from gdsl.profiling.sites import HEADER_WORDS
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
 
 _lock = threading.Lock()
@@ -367,11 +368,13 @@ class Executable:
         return outs
 
     def _trace_buffer(self) -> int:
-        """A fresh trace buffer in its table slot, one region per thread; every thread runs (a profile
-        shows the kernel as the plan places it)."""
-        trace = np.zeros(self.threads * self.trace.region_words, dtype=np.uint64)
-        self.table[len(self.plan.buffers)] = trace.ctypes.data
-        self.last_trace = (trace, self.threads)
+        """The trace buffer in its table slot, one region per thread, its counters zeroed (the records
+        past them are never read); every thread runs (a profile shows the kernel as the plan places it)."""
+        if self.last_trace is None:
+            trace = np.empty((self.threads, self.trace.region_words), dtype=np.uint64)
+            self.table[len(self.plan.buffers)] = trace.ctypes.data
+            self.last_trace = (trace, self.threads)
+        self.last_trace[0][:, :HEADER_WORDS] = 0
         return self.threads
 
     def _check(self, code):
