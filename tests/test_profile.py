@@ -7,7 +7,9 @@ checked by compiling it (NVRTC, hiprtc) and by running it on the g++ emulator; o
 """
 import json
 import os
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,3 +283,13 @@ def test_gpu_profile(tmp_path):
     assert all(0 <= e.begin <= e.end <= p.kernel_ns for e in p.events)
     assert p.loop_totals()["loop 0"][0] == STEPS
     assert os.path.getsize(tmp_path / "gpu.json") > 0
+
+
+def test_docs_example_runs():
+    docs = Path(__file__).resolve().parent.parent / "docs" / "profile.md"
+    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(docs), "exec"), namespace)
+    assert namespace["p"].loop_totals()["loop 0"][0] == 8
