@@ -20,6 +20,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip import toolchain as hip_toolchain
+from gdsl.primitives.linalg import matmul_p
 from gdsl.profiling.profile import _collect, run_profile
 from gdsl.profiling.sites import TraceSites
 from gdsl.schedule.plan import Wave, plan_statements
@@ -73,7 +74,7 @@ def by_track(events, kind=None, name=None) -> dict:
 def producer_consumer(plan):
     """(producer, consumer) op names: the loop's first matmul and the tanh that reads it."""
     ops = plan_ops(plan)
-    producer = next(op for op in ops if op.kind == "matmul")
+    producer = next(op for op in ops if op.kind == matmul_p.name)
     consumer = next(op for op in ops if any(v.storage is producer.outputs[0].storage for v in op.inputs))
     return producer.name, consumer.name
 
