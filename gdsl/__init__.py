@@ -22,6 +22,7 @@ from gdsl.errors import (  # noqa: F401
 )
 from gdsl.host import to_numpy  # noqa: F401
 from gdsl.jit import Lowered, jit, make_ir  # noqa: F401
+from gdsl.profiling import Profile, profile  # noqa: F401
 from gdsl.tracing.pytree import tree_flatten, tree_map, tree_unflatten  # noqa: F401
 
 install_array_methods()
@@ -30,7 +31,8 @@ del install_array_methods
 
 __all__ = ["jit", "make_ir", "backends", "default_backend", "to_numpy", "while_loop", "fori_loop", "cond",
            "switch", "recurse", "ShapeDtype", "float32", "float16", "bfloat16", "int32", "int64", "bool_",
-           "ConcretizationError", "RecursionDepthError", "CompileError", "BackendUnavailableError", "Lowered"]
+           "ConcretizationError", "RecursionDepthError", "CompileError", "BackendUnavailableError", "Lowered",
+           "profile", "Profile"]
 
 
 def plot_plan(lowered, path):

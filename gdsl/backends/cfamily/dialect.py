@@ -34,6 +34,8 @@ class Dialect:
     ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
     ldg_types = frozenset()              # storage types the read-only load exists for
     lowering_chain = ("cfamily",)        # a dialect with rules of its own: (its name, "cfamily")
+    trace_clock = "0ull"                 # a device clock (unsigned long long ns or ticks), instrumented builds only
+    trace_clock_code = ""                # what trace_clock needs defined (instrumented builds only)
 
     @property
     def header(self) -> str:

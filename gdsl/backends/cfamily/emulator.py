@@ -45,6 +45,9 @@ class EmulatorDialect(Dialect):
     header_template = EMU_HEADER
     kernel_prefix = "static void"
     shared_decl = "char* gdsl_smem = gdsl_emu_cur->smem;"
+    trace_clock = ("({ struct timespec gdsl_ts; clock_gettime(CLOCK_MONOTONIC, &gdsl_ts); "
+                   "(unsigned long long)gdsl_ts.tv_sec * 1000000000ull + gdsl_ts.tv_nsec; })")
+    trace_clock_name, trace_ns_per_tick = "CLOCK_MONOTONIC", 1.0
 
     def host_code(self, kernels, plan) -> str:
         out = []
@@ -55,6 +58,8 @@ class EmulatorDialect(Dialect):
                     args.append(f"({c_types.storage(obj.aval.dtype)}*)args[{i}]")
                 elif kind == "ws":
                     args.append(f"(char*)args[{i}]")
+                elif kind == "trace":
+                    args.append(f"(unsigned long long*)args[{i}]")
                 else:
                     args.append(f"*(int*)args[{i}]")
             out.append(f"static void emu_body_{spec.name}(void** args) {{ {spec.name}({', '.join(args)}); }}\n"
@@ -115,6 +120,9 @@ class EmulatedDevice:
                 ptrs.append(ctypes.addressof(c))
         array = (ctypes.c_void_p * len(ptrs))(*ptrs)
         getattr(self.lib, f"emu_{spec.name}")(ctypes.c_int(grid), ctypes.c_int(block), array)
+
+    def fetch(self, array):
+        return array
 
     def read(self, array, byte_offset, dtype):
         raw = array.reshape(-1).view(np.uint8)

@@ -21,6 +21,7 @@ import numpy as np
 from gdsl.backends.cfamily.render import ERROR_OFFSET, Rendered
 from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
+from gdsl.profiling.sites import HEADER_WORDS
 from gdsl.schedule.plan import Branch, Call, Launch, Loop, Sync, walk
 
 
@@ -46,6 +47,7 @@ class Executable:
         nconsts = len(plan.consts)
         self.consts = {v.buffer: device.to_device(c, v.aval) for v, c in zip(plan.inputs[:nconsts], plan.consts)}
         self.args = plan.inputs[nconsts:]
+        self.last_trace = None        # instrumented builds: (trace words of every vEU, vEUs) of the last call
         self.cooperative = []
         for spec, kernel in zip(rendered.kernels, plan.kernels):
             # Grid barriers need every block resident at once: a cooperative launch checks that it is so.
@@ -78,9 +80,28 @@ class Executable:
                 args.append(arrays[obj])
             elif kind == "ws":
                 args.append(self.ws)
+            elif kind == "trace":
+                args.append(self._trace_buffer())
             else:
                 args.append(np.int32(depths[obj]))
         self.device.launch(spec, self.plan.grid, self.plan.block, args, self.cooperative[k])
+        if self.rendered.trace:
+            self.last_trace = (self._fetch_trace(), self.plan.grid)
+
+    def _trace_buffer(self):
+        """The trace buffer, one region per vEU (gdsl/profiling/sites.py), allocated once; its counters
+        are zeroed before each launch (the records past them are never read)."""
+        if getattr(self, "trace_words", None) is None:
+            words = self.plan.grid * self.rendered.trace.region_words
+            self.trace_words = self.device.zeros(8 * words).view(np.uint64).reshape(self.plan.grid, -1)
+        self.trace_words[:, :HEADER_WORDS] = 0
+        return self.trace_words
+
+    def _fetch_trace(self):
+        """The filled part of every vEU's region, on the host (the counters first, then the records)."""
+        counts = self.device.fetch(self.trace_words[:, 0])
+        used = HEADER_WORDS + 2 * min(int(counts.max(initial=0)), self.rendered.trace.capacity)
+        return self.device.fetch(self.trace_words[:, :used])
 
     def run_host(self, block, arrays, depths):
         for stmt in block:

@@ -26,6 +26,11 @@ Frame storage of `f` (buffers and uniforms the scheduler put in f's frames) is a
 frames (the last one receives the arguments of the call that overflows). Every vEU reaches an overflow at
 the same point (control flow is uniform), so all leave together and the host raises RecursionDepthError.
 All locals are declared at the top so that the gotos never skip an initialisation.
+
+Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): the kernel takes one more parameter, the
+trace buffer (one region per vEU), and thread 0 of each vEU records a stamp of the dialect's clock
+(`trace_clock`) at the begin and end of every uTask, grid barrier, loop, loop iteration, branch case and
+recursive call (gdsl_trace, gdsl/profiling/cfamily.py). The normal build has none of it.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from gdsl.backends.cfamily.ops import OpRenderer
 from gdsl.backends.cfamily.views import find_views, view_decl
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import lowering_rule
+from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -83,6 +89,7 @@ class Rendered:
     layout: Layout
     smem: int
     views: frozenset = frozenset()     # Ops rendered as pointers into their source (no work)
+    trace: object = None               # TraceSites of an instrumented build
 
 
 def cid(name: str) -> str:
@@ -195,7 +202,7 @@ def _all_statements(plan):
 
 
 class Renderer:
-    def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic"):
+    def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic", trace=None):
         if barrier not in dialect.barriers:
             raise ValueError(f"barrier={barrier!r}: the {dialect.name} dialect has {', '.join(dialect.barriers)}")
         self.plan, self.dialect, self.barrier = plan, dialect, barrier
@@ -209,6 +216,7 @@ class Renderer:
         self.device_control = plan.control == "device"
         self.views = find_views(plan, self.elem)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
+        self.trace = trace                  # TraceSites of an instrumented build, else None
 
     # ------------------------------------------------------------------------------------ values
     def depth(self, fn: str) -> str:
@@ -332,7 +340,9 @@ class Renderer:
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
                     continue                   # nothing happened since the last one
                 if not quiet:
-                    lines.append(pad + (self.dialect.grid_sync(self.barrier) if grid else self.dialect.block_barrier))
+                    sync = self.dialect.grid_sync(self.barrier) if grid else self.dialect.block_barrier
+                    lines.append(pad + (self.traced(sync, self.trace.barrier(stmt)) if grid and self.trace
+                                        else sync))
                 quiet = grid or quiet
                 continue
             elif isinstance(stmt, Uniforms):
@@ -342,11 +352,15 @@ class Renderer:
                 lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
             elif isinstance(stmt, Loop):
                 entry, after_cond = self._loop_quiet(stmt, quiet)
+                lines += self.trace_lines(pad, trace_begin, self.trace and self.trace.loop(stmt))
                 lines.append(pad + "while (true) {")
                 lines += self.block(stmt.cond, ind + 1, entry)
                 lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
+                lines += self.trace_lines(pad + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
                 lines += self.block(stmt.body, ind + 1, after_cond)
+                lines += self.trace_lines(pad + "  ", trace_end, self.trace and self.trace.iteration(stmt))
                 lines.append(pad + "}")
+                lines += self.trace_lines(pad, trace_end, self.trace and self.trace.loop(stmt))
                 quiet = after_cond
                 continue
             elif isinstance(stmt, Branch):
@@ -354,7 +368,9 @@ class Renderer:
                 for k, branch in enumerate(stmt.branches):
                     label = "default" if k == len(stmt.branches) - 1 else f"case {k}"
                     lines.append(f"{pad}  {label}: {{")
+                    lines += self.trace_lines(pad + "    ", trace_begin, self.trace and self.trace.case(stmt, k))
                     lines += self.block(branch, ind + 2, quiet)
+                    lines += self.trace_lines(pad + "    ", trace_end, self.trace and self.trace.case(stmt, k))
                     lines.append(f"{pad}  }} break;")
                 lines.append(pad + "}")
                 quiet = self.quiet_after([stmt], quiet)
@@ -362,16 +378,31 @@ class Renderer:
             elif isinstance(stmt, Call):
                 f, name = self.fns[stmt.fn], cid(stmt.fn)
                 code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
+                site = self.trace and self.trace.call(stmt)
                 lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({self.first_thread()}) "
-                          f"*gdsl_err = {code}; goto gdsl_exit; }}",
-                          f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
+                          f"*gdsl_err = {code}; goto gdsl_exit; }}"]
+                lines += self.trace_lines(pad, trace_begin, site)
+                lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
                           f"{pad}f_{name}_ret_{stmt.site}: ;"]
+                lines += self.trace_lines(pad, trace_end, site)
             elif isinstance(stmt, Launch):
                 raise ValueError("Launch statements belong to the host program, not to a kernel")
             else:
                 raise TypeError(f"unknown plan statement {stmt!r}")
             quiet = self.quiet_after([stmt], quiet)
         return lines
+
+    # ------------------------------------------------------------------------------------ instrumentation
+    def trace_lines(self, pad, record, site, arg="0") -> list[str]:
+        """The record of an event's begin or end (`record`: trace_begin / trace_end) in an instrumented
+        build; nothing in a normal one."""
+        return [pad + record(site, arg)] if self.trace else []
+
+    def traced(self, statement: str, site, arg="0") -> str:
+        """`statement` between the begin and end records of event `site` (instrumented builds only)."""
+        if not self.trace:
+            return statement
+        return f"{{ {trace_begin(site, arg)} {statement} {trace_end(site, arg)} }}"
 
     def task(self, task) -> list[str]:
         op = task.op
@@ -400,13 +431,13 @@ class Renderer:
         veu = self.dialect.block_index
         if n <= count:   # one round: vEU first + t runs uTask t
             t = f"(int){veu} - {first}" if first else f"(int){veu}"
-            call = f"{fn}({args}, {t}, gdsl_smem);"
+            call = self.traced(f"{fn}({args}, {t}, gdsl_smem);", self.trace and self.trace.op(task), t)
             if first == 0 and n == self.plan.grid:
                 return [call]
             lo = f"{veu} >= {first} && " if first else ""
             return [f"if ({lo}{veu} < {first + n}) {call}"]
         loop = (f"for (gdsl_t = (int){veu} - {first}; gdsl_t < {n}; gdsl_t += {count}) "
-                f"{fn}({args}, gdsl_t, gdsl_smem);")
+                + self.traced(f"{fn}({args}, gdsl_t, gdsl_smem);", self.trace and self.trace.op(task), "gdsl_t"))
         if first == 0 and count == self.plan.grid:
             return [loop]
         lo = f"{veu} >= {first} && " if first else ""
@@ -431,6 +462,8 @@ class Renderer:
         name = f"gdsl_{cid(kernel.name)}"
         params = [("buffer", v.buffer) for v in plan.inputs] + [("buffer", v.buffer) for v in plan.outputs]
         params.append(("ws", None))
+        if self.trace:
+            params.append(("trace", None))
         functions = list(plan.functions) if self.device_control else []
         if not self.device_control:
             params += [("depth", f.name) for f in plan.functions]
@@ -455,6 +488,8 @@ class Renderer:
                 c_params.append(f"{const}{c_types.storage(obj.aval.dtype)}*{restrict} {obj.name}")
             elif kind == "ws":
                 c_params.append("char* __restrict__ gdsl_ws")
+            elif kind == "trace":
+                c_params.append("unsigned long long* __restrict__ gdsl_trace_buf")
             else:
                 c_params.append(f"int d_{cid(obj)}")
         used_buffers, used_uniforms = [], []
@@ -489,6 +524,9 @@ class Renderer:
             n = cid(f.name)
             decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];")
         decls.append("int gdsl_t; (void)gdsl_t;")
+        if self.trace:
+            decls.append(f"unsigned long long* gdsl_tr = gdsl_trace_buf + (size_t){self.dialect.block_index} * "
+                         f"{self.trace.region_words};")
         for u in used_uniforms:
             t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
@@ -533,16 +571,19 @@ class Renderer:
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
                  self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE,
                  f"#define GDSL_SMEM_BYTES {smem}\n",
+                 trace_prelude(self.dialect, self.trace.capacity) if self.trace else "",
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
                  "\n".join(code for code, _ in kernels),
                  self.dialect.host_code(specs, self.plan)]
         source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
-        return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()))
+        return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()),
+                        self.trace)
 
 
-def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic") -> Rendered:
-    """The translation unit for `plan` in `dialect` (see the module docstring for its shape)."""
-    return Renderer(plan, dialect, barrier=barrier).render()
+def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic", trace=None) -> Rendered:
+    """The translation unit for `plan` in `dialect` (see the module docstring for its shape); with
+    `trace` (TraceSites) the instrumented one."""
+    return Renderer(plan, dialect, barrier=barrier, trace=trace).render()
 

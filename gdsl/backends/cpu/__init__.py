@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from gdsl.backends.cpu import affine, conv, gather, gemm, reductions, window
 from gdsl.backends.cpu.lowerings import LOWERINGS
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION
+from gdsl.profiling.sites import trace_sites
 
 # The rules of this backend are registered under "cpu" by the modules of RULE_MODULES, on import.
 LOWERING_CHAIN = ("cpu",)
@@ -99,6 +100,7 @@ class Lowering:
     symbols: list = field(default_factory=list)   # kernel entry points, in plan.kernels order
     threads: int = 1
     packed: list = field(default_factory=list)    # (const buffer, shape, tile): packed copies, see render.py
+    trace: object = None    # gdsl.profiling.sites.TraceSites of an instrumented build (option "profile")
 
 
 def lower(program, options) -> Lowering:
@@ -109,15 +111,17 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
-    writer = ModuleWriter(plan, threads)
+    trace = trace_sites(plan, options.get("profile"))     # None: the normal build
+    writer = ModuleWriter(plan, threads, trace)
     text, symbols = writer.render()
-    return Lowering(plan, text, symbols, threads, writer.packed_operands())
+    return Lowering(plan, text, symbols, threads, writer.packed_operands(), trace)
 
 
 def load(lowering: Lowering):
     from gdsl.backends.cpu import runtime
     addresses = runtime.compile_module(lowering.source, lowering.symbols)
-    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed)
+    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed,
+                              lowering.trace)
 
 
 def to_device(x):

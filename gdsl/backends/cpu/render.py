@@ -32,6 +32,11 @@
                         the site and switches back to the block after that call
     frame storage       buffer/uniform of fn at index depth_fn + value.frame_offset (max_depth + 2 copies)
 
+Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): %table holds one more slot, after the
+buffers and before the packed copies: the trace buffer, one region per thread (gdsl/profiling/sites.py).
+Each thread records its task runs, barrier waits, loop iterations, branch cases and recursive calls there
+(gdsl_trace_event, CLOCK_MONOTONIC). The normal build has no such slot and no trace code.
+
 Symbols carry a placeholder prefix that `render` replaces by a hash of the text, so that modules of
 different plans never clash inside the one process-wide JIT engine.
 """
@@ -55,6 +60,8 @@ from gdsl.backends.cpu.lowerings import support_code
 from gdsl.backends.cpu.operands import Operands
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import lowering_rule
+from gdsl.profiling.llvm import trace_support
+from gdsl.profiling.sites import code
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -91,9 +98,11 @@ def _written(plan):
 
 
 class ModuleWriter:
-    def __init__(self, plan, threads=1):
+    def __init__(self, plan, threads=1, trace=None):
         self.plan = plan
         self.threads = threads
+        self.trace = trace            # TraceSites of an instrumented build, else None
+        self.first_packed = len(plan.buffers) + (1 if trace else 0)
         self.op_functions: list[str] = []
         self.run_functions: dict = {}
         self.buffer_index = {id(b): i for i, b in enumerate(plan.buffers)}
@@ -170,7 +179,7 @@ class ModuleWriter:
         the plan's buffers."""
         key = (id(value.storage), value.aval.shape, tile)
         if key not in self.packed:
-            self.packed[key] = (len(self.plan.buffers) + len(self.packed), value.storage, value.aval.shape, tile)
+            self.packed[key] = (self.first_packed + len(self.packed), value.storage, value.aval.shape, tile)
         return self.packed[key][0]
 
     def packed_operands(self) -> list:
@@ -207,6 +216,8 @@ class ModuleWriter:
         header = (f"; gdsl plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEU(s) "
                   f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.run_functions)} ops in "
                   f"{len(self.op_functions)} uTask functions\n")
+        if self.trace:
+            body += "\n" + trace_support(self.trace.capacity)
         text = header + body + "\n" + support_code(body) + "\n".join([UNROLL_OFF] + self.metadata) + "\n"
         digest = hashlib.sha256(text.encode()).hexdigest()[:16]
         name = f"gdsl_{digest}"
@@ -230,6 +241,8 @@ class KernelWriter:
         self.entries = {f.name: f"fn{module.fn_index[f.name]}_entry" for f in kernel.functions}
         self.sites: dict = {f.name: {} for f in kernel.functions}
         self.errors: dict = {}
+        self.trace = module.trace
+        self.trace_region = self.owed_site = None
 
     # ----------------------------------------------------------------------------------- storage
     def _prologue(self, line):
@@ -332,7 +345,9 @@ class KernelWriter:
             actual = [self._argument(kind, v) for kind, v in args]
             veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, op.n_utasks)}"
             self.fn.do(f"; {describe_op(op)}  [{op.n_utasks} uTasks, vEU {task.first}..{task.first + task.count - 1}]")
+            self._trace_task(task, end=False)
             self.fn.do(f"call void @{symbol}({', '.join([*actual, veus])})")
+            self._trace_task(task, end=True)
 
     def _argument(self, kind, v) -> str:
         if kind == "ptr":
@@ -353,6 +368,8 @@ class KernelWriter:
             return
         self.fn.do("; barrier (grid): owed, paid by the next work that needs it (_work)")
         self.fn.store("i1", "true", self._barrier_state()[1])
+        if self.trace:
+            self.fn.store("i64", str(self.trace.barrier(stmt)), self._owed_site())
 
     def _barrier_state(self):
         """Slots (worked, owed): who worked since the last barrier (NOBODY, a vEU, MANY) and whether a grid
@@ -379,7 +396,9 @@ class KernelWriter:
         need = fn.op(f"and i1 {pending}, {fn.op(f'xor i1 {same}, true')}")
 
         def wait():
+            self._trace_barrier(end=False)
             fn.do(f"call void @gdsl_barrier(ptr %barrier, ptr {self.sense}, i64 %nthreads)")
+            self._trace_barrier(end=True)
             fn.store("i32", str(who), worked_slot)
             fn.store("i1", "false", owed_slot)
 
@@ -410,15 +429,19 @@ class KernelWriter:
     def _loop(self, stmt: Loop) -> None:
         fn = self.fn
         head, body, done = fn.label("loop"), fn.label("loopbody"), fn.label("loopend")
+        self._trace_event(self.trace and self.trace.loop(stmt), end=False)
         fn.goto(head)
         fn.start(head)
         self.block(stmt.cond)
         self._shared([stmt.pred])
         fn.do(f"br i1 {self._truth(stmt.pred)}, label %{body}, label %{done}")
         fn.start(body)
+        self._trace_event(self.trace and self.trace.iteration(stmt), end=False)
         self.block(stmt.body)
+        self._trace_event(self.trace and self.trace.iteration(stmt), end=True)
         fn.goto(head)
         fn.start(done)
+        self._trace_event(self.trace and self.trace.loop(stmt), end=True)
 
     def _truth(self, value) -> str:
         v = self.scalar(value)
@@ -439,9 +462,11 @@ class KernelWriter:
         done = fn.label("endbranch")
         cases = " ".join(f"i64 {k}, label %{lab}" for k, lab in enumerate(labels[1:], 1))
         fn.do(f"switch i64 {index}, label %{labels[0]} [{cases}]")
-        for lab, branch in zip(labels, stmt.branches):
+        for k, (lab, branch) in enumerate(zip(labels, stmt.branches)):
             fn.start(lab)
+            self._trace_event(self.trace and self.trace.case(stmt, k), end=False)
             self.block(branch)
+            self._trace_event(self.trace and self.trace.case(stmt, k), end=True)
             fn.goto(done)
         fn.start(done)
 
@@ -458,8 +483,10 @@ class KernelWriter:
         fn.store("i32", str(stmt.site), fn.gep("i32", stack, d))
         fn.store("i64", deeper, depth_slot)
         fn.do(f"; call {f.name} (site {stmt.site})")
+        self._trace_event(self.trace and self.trace.call(stmt), end=False)
         fn.goto(self.entries[f.name])
         fn.start(back)
+        self._trace_event(self.trace and self.trace.call(stmt), end=True)
         self.sites[f.name][stmt.site] = back
 
     def _launch(self, stmt: Launch) -> None:
@@ -479,6 +506,42 @@ class KernelWriter:
         if f.name not in self.errors:
             self.errors[f.name] = self.fn.label("too_deep")
         return self.errors[f.name]
+
+    # ------------------------------------------------------------------------------- instrumentation
+    def _region(self) -> str:
+        """This thread's region of the trace buffer (the %table slot after the buffers)."""
+        if self.trace_region is None:
+            base = self.table_entry(len(self.module.plan.buffers), "trace")
+            offset, self.trace_region = self.fn.name("troff"), self.fn.name("tregion")
+            self._prologue(f"  {offset} = mul i64 %thread, {self.trace.region_words}")
+            self._prologue(f"  {self.trace_region} = getelementptr inbounds i64, ptr {base}, i64 {offset}")
+        return self.trace_region
+
+    def _trace_event(self, site, end: bool) -> None:
+        """Record begin/end of event `site` (nothing in a normal build: site is None)."""
+        if self.trace:
+            self.fn.do(f"call void @gdsl_trace_event(ptr {self._region()}, i64 {code(site, end)})")
+
+    def _trace_task(self, task, end: bool) -> None:
+        """Begin/end of a task's run on this thread, recorded only if one of its vEUs is this thread's."""
+        if self.trace:
+            veus = f"i64 %thread, i64 %nthreads, i64 {task.first}, i64 {min(task.count, task.op.n_utasks)}"
+            self.fn.do(f"call void @gdsl_trace_task(ptr {self._region()}, i64 {code(self.trace.op(task), end)}, "
+                       f"{veus})")
+
+    def _owed_site(self) -> str:
+        """Slot: the site of the grid Sync owed now (the barrier that _work pays stands for it)."""
+        if self.owed_site is None:
+            self.owed_site = self.fn.name("owedsite")
+            self._prologue(f"  {self.owed_site} = alloca i64")
+            self._prologue(f"  store i64 0, ptr {self.owed_site}")
+        return self.owed_site
+
+    def _trace_barrier(self, end: bool) -> None:
+        if self.trace:
+            site = self.fn.load("i64", self._owed_site())
+            tag = self.fn.op(f"add i64 {self.fn.op(f'shl i64 {site}, 1')}, {int(end)}")
+            self.fn.do(f"call void @gdsl_trace_event(ptr {self._region()}, i64 {tag})")
 
     # ----------------------------------------------------------------------------------- whole
     def render(self) -> str:

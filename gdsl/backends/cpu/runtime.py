@@ -31,6 +31,7 @@ from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cpu.gemm import pack_columns
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
+from gdsl.profiling.sites import HEADER_WORDS
 from gdsl.schedule.plan import Branch, Call, Launch, Loop
 
 _lock = threading.Lock()
@@ -285,9 +286,11 @@ os.register_at_fork(after_in_child=_pool.__init__)     # a forked child has none
 
 
 class Executable:
-    def __init__(self, plan, addresses, symbols, threads=1, packed=()):
+    def __init__(self, plan, addresses, symbols, threads=1, packed=(), trace=None):
         self.plan = plan
         self.threads = threads
+        self.trace = trace            # TraceSites of an instrumented build: each call fills `last_trace`
+        self.last_trace = None        # (uint64 array of `threads` regions, threads that ran)
         self.choice = _ThreadChoice(threads)
         self.lock = threading.Lock()
         self.barrier = np.zeros(4, dtype=np.int32)
@@ -297,7 +300,8 @@ class Executable:
         self.functions = list(plan.functions)
         self.fn_index = {f.name: i for i, f in enumerate(self.functions)}
         index = {id(b): i for i, b in enumerate(plan.buffers)}
-        self.table = np.zeros(max(len(plan.buffers) + len(packed), 1), dtype=np.uint64)
+        first_packed = len(plan.buffers) + (1 if trace else 0)     # the trace buffer's slot comes first
+        self.table = np.zeros(max(first_packed + len(packed), 1), dtype=np.uint64)
         self.depths = np.zeros(max(len(self.functions), 1), dtype=np.int64)
         self.arrays: dict = {}        # id(buffer) -> numpy array (the workspace; frames have a depth axis)
         const_values = iter(plan.consts)
@@ -322,7 +326,7 @@ class Executable:
                 self.table[index[id(buf)]] = arr.ctypes.data
         self.packed = [_aligned(pack_columns(self.arrays[id(buf)].reshape(shape), tile)) for buf, shape, tile in packed]
         for k, arr in enumerate(self.packed):
-            self.table[len(plan.buffers) + k] = arr.ctypes.data
+            self.table[first_packed + k] = arr.ctypes.data
         self.table_ptr = self.table.ctypes.data
         self.depths_ptr = self.depths.ctypes.data
         self.program = _flatten_host(plan) if plan.control == "host" else None
@@ -348,6 +352,8 @@ class Executable:
             self.arrays[id(buf)] = arr
         if self.program is None:
             threads = self.choice.pick()
+            if self.trace:
+                threads = self._trace_buffer()
             t0 = time.perf_counter()
             if threads > 1:
                 self.barrier[:] = 0
@@ -360,6 +366,16 @@ class Executable:
         else:
             self._run_host()
         return outs
+
+    def _trace_buffer(self) -> int:
+        """The trace buffer in its table slot, one region per thread, its counters zeroed (the records
+        past them are never read); every thread runs (a profile shows the kernel as the plan places it)."""
+        if self.last_trace is None:
+            trace = np.empty((self.threads, self.trace.region_words), dtype=np.uint64)
+            self.table[len(self.plan.buffers)] = trace.ctypes.data
+            self.last_trace = (trace, self.threads)
+        self.last_trace[0][:, :HEADER_WORDS] = 0
+        return self.threads
 
     def _check(self, code):
         if code:

@@ -160,6 +160,10 @@ class CupyDevice:
     def launch(self, spec, grid, block, args, cooperative):
         self.kernels[spec.name]((grid,), (block,), tuple(args), enable_cooperative_groups=cooperative)
 
+    def fetch(self, array):
+        """A device array as numpy (waits for the launch)."""
+        return array.get()
+
     def read(self, array, byte_offset, dtype):
         raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
         return raw.view(dtype)[0]

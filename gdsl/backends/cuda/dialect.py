@@ -24,6 +24,10 @@ class CUDADialect(Dialect):
     barriers = ("atomic", "coop")
     ldg_template = "__ldg({ptr})"
     ldg_types = frozenset({"float", "int", "long long", "gdsl_f16", "gdsl_bf16"})
+    trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
+    trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
+                        'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }')
+    trace_clock_name, trace_ns_per_tick = "%globaltimer", 1.0
 
     def grid_sync(self, barrier: str) -> str:
         if barrier == "coop":
