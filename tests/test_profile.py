@@ -227,10 +227,11 @@ def lower_c(backend, profile, grid=4, block=64):
     if backend == "hip":
         from gdsl.backends import hip
         return hip.lower(program_ir, {"grid": grid, "block": block, "profile": profile})
-    from gdsl.backends.cuda import CUDADialect, check_options, lower_with_grid
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    from gdsl.backends.cuda import CUDADialect
     dialect = emulator.EmulatorDialect if backend == "emulator" else CUDADialect
     opts = check_options({"block": block, "profile": profile}, dialect)
-    return lower_with_grid(program_ir, opts, grid, dialect=dialect())
+    return lower_with_grid(program_ir, opts, grid, dialect())
 
 
 @needs_nvrtc
