@@ -17,9 +17,14 @@ import math
 from dataclasses import dataclass, field
 
 from gdsl.core.ir import Lit, ShapedArray, Var
-from gdsl.primitives import elementwise as ew
+from gdsl.primitives import control
+from gdsl.primitives.elementwise import convert_p
+from gdsl.primitives.registry import CONTROL, OP_KINDS, REDUCE
+from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p
 from gdsl.schedule import partition, utasks
 from gdsl.schedule.plan import (
+    COPY,
+    FUSED,
     Assign,
     Branch,
     Buffer,
@@ -40,10 +45,6 @@ from gdsl.schedule.plan import (
     Wave,
 )
 
-CONTROL = frozenset({"while", "cond", "recurse", "recurse_call"})
-FUSIBLE = frozenset(ew.UNARY) | frozenset(ew.BINARY) | {"select", "convert_element_type", "broadcast_to", "iota"}
-UNIFORM_OK = FUSIBLE | {"reshape", "slice", "dynamic_slice", "take", "reduce_sum", "reduce_max", "reduce_min",
-                        "argmax", "argmin", "concatenate", "transpose"}
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
 
 
@@ -160,11 +161,10 @@ class Scheduler:
         stmts: list = []
         segment: list = []
         for index, eqn in enumerate(jaxpr.eqns):
-            name = eqn.primitive.name
-            if name in CONTROL:
+            if eqn.primitive.family == CONTROL:
                 stmts += self._segment(segment, uses, jaxpr)
                 segment = []
-                stmts += getattr(self, f"_{name}")(eqn)
+                stmts += control_rule(eqn.primitive)(self, eqn)
             else:
                 segment.append((index, eqn))
         stmts += self._segment(segment, uses, jaxpr)
@@ -172,10 +172,10 @@ class Scheduler:
 
     def _is_uniform(self, eqn) -> bool:
         """Scalar work every vEU can do itself: scalar arithmetic, loading one element, tiny reductions."""
-        name = eqn.primitive.name
-        if not self.uniforms_allowed or name not in UNIFORM_OK or any(v.aval.size != 1 for v in eqn.outs):
+        prim = eqn.primitive
+        if not self.uniforms_allowed or not prim.uniform or any(v.aval.size != 1 for v in eqn.outs):
             return False
-        if name in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
+        if prim.family == REDUCE:
             return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
         return True
 
@@ -187,14 +187,14 @@ class Scheduler:
         producer: dict = {}      # Var -> _Item (within this segment)
         order: list = []         # items and reshapes in program order, for storage allocation
         for index, eqn in segment:
-            if eqn.primitive.name == "reshape":   # an alias of its input's storage: no work
+            if eqn.primitive is reshape_p:   # an alias of its input's storage: no work
                 if eqn.inputs[0] in producer:
                     producer[eqn.outs[0]] = producer[eqn.inputs[0]]
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
             item = _Item(eqn, uniform, index=index)
-            if not uniform and eqn.primitive.name in FUSIBLE:
+            if not uniform and eqn.primitive.fusible:
                 item.expr = self._fuse(eqn, item, producer, uses)
             for atom in (item.leaves if item.expr is not None else eqn.inputs):
                 if isinstance(atom, Var) and atom in producer:
@@ -345,7 +345,7 @@ class Scheduler:
 
     def _kind_and_inputs(self, it):
         if it.expr is not None:
-            return "fused", it.leaves
+            return FUSED.name, it.leaves
         return it.eqn.primitive.name, it.eqn.inputs
 
     # ---------------------------------------------------------------------------------------- ops
@@ -355,7 +355,7 @@ class Scheduler:
         inputs = tuple(self.read(a) for a in atoms)
         params = dict(eqn.params)
         outs = [self.env[v] for v in eqn.outs]
-        if kind == "dynamic_update_slice" and it.alias is not None and inputs[0].storage is it.alias.storage:
+        if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
         count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params)
         params.update(split_params)
@@ -408,8 +408,8 @@ class Scheduler:
         for dst, src in pairs:
             if dst.is_uniform:
                 continue
-            count, params, cost = self._split("copy", [src.aval], [dst.aval], {})
-            ops.append(Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost))
+            count, params, cost = self._split(COPY.name, [src.aval], [dst.aval], {})
+            ops.append(Op(f"op{next(self.op_names)}_{COPY.name}", COPY.name, (src,), (dst,), params, count, cost))
         if ops:
             scope = "block" if self.parts else "grid"
             self.stats["ops"] += len(ops)
@@ -424,7 +424,7 @@ class Scheduler:
             return [], value
         u = self._new_value(ShapedArray((), value.aval.dtype), True)
         self.stats["uniform_ops"] += 1
-        stmts = [Uniforms((UniformOp("reshape", (value,), u, {"new_shape": ()}),))]
+        stmts = [Uniforms((UniformOp(reshape_p.name, (value,), u, {"new_shape": ()}),))]
         return stmts + self._after_uniform_reads(stmts), u
 
     def _carry_storage(self, var) -> Value:
@@ -452,7 +452,8 @@ class Scheduler:
         return stmts + self._copies([(c, lookup.get(id(v), v)) for c, v in pairs])
 
     # ---------------------------------------------------------------------------------------- control
-    def _while(self, eqn):
+    def schedule_while(self, eqn):
+        """A Loop whose carries live in storage of their own (updated in place where that is safe)."""
         p = eqn.params
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         ins = [self.read(a) for a in eqn.inputs]
@@ -497,7 +498,8 @@ class Scheduler:
             return 0
         return parts
 
-    def _cond(self, eqn):
+    def schedule_cond(self, eqn):
+        """A Branch on the (clamped) index; every branch writes the same result storage."""
         index_value = self.read(eqn.inputs[0])
         stmts, index = self._as_uniform(index_value)
         operands = [self.read(a) for a in eqn.inputs[1:]]
@@ -516,14 +518,16 @@ class Scheduler:
         self.env.update(zip(eqn.outs, results))
         return stmts + [Branch(index, tuple(branches))]
 
-    def _recurse(self, eqn):
+    def schedule_recurse(self, eqn):
+        """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
         fn = eqn.params["fn"]
         consts = [self.read(a) for a in eqn.inputs[:fn.nconsts]]
         if fn.name not in self.fn_defs:
             self._define_function(fn, consts)
         return self._call(fn.name, [self.read(a) for a in eqn.inputs[fn.nconsts:]], eqn.outs)
 
-    def _recurse_call(self, eqn):
+    def schedule_recurse_call(self, eqn):
+        """A call of a recursive function from inside its own body."""
         return self._call(eqn.params["name"], [self.read(a) for a in eqn.inputs], eqn.outs)
 
     def _define_function(self, fn, consts):
@@ -555,6 +559,22 @@ class Scheduler:
         return stmts
 
 
+# The rule that schedules each control-flow primitive (a method of Scheduler).
+CONTROL_RULES = {
+    control.while_p: Scheduler.schedule_while,
+    control.cond_p: Scheduler.schedule_cond,
+    control.recurse_p: Scheduler.schedule_recurse,
+    control.recurse_call_p: Scheduler.schedule_recurse_call,
+}
+
+
+def control_rule(prim):
+    rule = CONTROL_RULES.get(prim)
+    if rule is None:
+        raise NotImplementedError(f"the scheduler has no rule for control primitive {prim.name!r}")
+    return rule
+
+
 # -------------------------------------------------------------------------------------------- helpers
 
 
@@ -567,7 +587,7 @@ def _alias_closure(jaxpr, var) -> set:
     """`var` and every reshape of it (they share its storage)."""
     names = {var}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "reshape" and eqn.inputs[0] in names:
+        if eqn.primitive is reshape_p and eqn.inputs[0] in names:
             names.add(eqn.outs[0])
     return names
 
@@ -578,10 +598,13 @@ def _reads(item) -> list:
 
 def _same_index_read(item, binder) -> bool:
     """Does the op read `binder` only at the element it writes (so writing in place is safe)?"""
-    name = item.eqn.primitive.name
-    if name == "dynamic_update_slice":
+    if item.eqn.primitive is dynamic_update_slice_p:
         return item.eqn.inputs[0] is binder and binder not in item.eqn.inputs[1:]
     return item.expr is not None and binder.aval.shape == item.eqn.outs[0].aval.shape
+
+
+# Shorter names for some primitives in fused op labels.
+SHORT_LABELS = {convert_p: "convert"}
 
 
 def _expr_label(expr) -> str:
@@ -589,11 +612,11 @@ def _expr_label(expr) -> str:
     names = []
     node = expr
     while node.op not in ("input", "literal") and len(names) < 3:
-        names.append({"convert_element_type": "convert"}.get(node.op, node.op))
+        names.append(SHORT_LABELS.get(OP_KINDS[node.op], node.op))
         node = max(node.args, key=_expr_size, default=None) if node.args else None
         if node is None:
             break
-    return "_".join(names) or "fused"
+    return "_".join(names) or FUSED.name
 
 
 def _expr_size(expr) -> int:
