@@ -71,8 +71,10 @@ def gemm_dims(kind, in_avals, out_aval, params):
 def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # Largest tile that still gives every vEU work, else the smallest one.
+    # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
+    rows = max(m, 1)
     tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > 8 else \
-        [(m, 128), (m, 64), (m, 32), (m, 16)]
+        [(rows, 128), (rows, 64), (rows, 32), (rows, 16)]
     for tm, tn in tiles:
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
         if count >= grid:
