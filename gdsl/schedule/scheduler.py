@@ -43,9 +43,13 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    fold_expr,
 )
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
+# The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
+# recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
+MAX_FUSED_DEPTH = 64
 
 
 def _use_counts(jaxpr) -> dict:
@@ -66,6 +70,9 @@ class _Item:
     eqn: object
     uniform: bool
     expr: object = None                      # fused: Expr over `leaves`
+    raw_expr: object = None                  # fused: Expr over the variables read (before numbering)
+    depth: int = 0                           # fused: the nesting depth of `expr`
+    absorbed: bool = False                   # fused into a consumer's expression (no op of its own)
     leaves: list = field(default_factory=list)
     deps: set = field(default_factory=set)
     level: int = 0
@@ -195,15 +202,19 @@ class Scheduler:
             uniform = self._is_uniform(eqn)
             item = _Item(eqn, uniform, index=index)
             if not uniform and eqn.primitive.fusible:
-                item.expr = self._fuse(eqn, item, producer, uses)
-            for atom in (item.leaves if item.expr is not None else eqn.inputs):
+                self._fuse(eqn, item, producer, uses)
+            for atom in (item.leaves if item.raw_expr is not None else eqn.inputs):
                 if isinstance(atom, Var) and atom in producer:
                     item.deps.add(producer[atom])
             for v in eqn.outs:
                 producer[v] = item
             items.append(item)
             order.append(item)
-        items = [it for it in items if not getattr(it, "absorbed", False)]
+        items = [it for it in items if not it.absorbed]
+        for it in items:         # number the inputs of the expressions that stay ops of their own
+            if it.raw_expr is not None:
+                it.leaves = []
+                it.expr = _index_leaves(it.raw_expr, it.leaves)
         self._level(items)
         self._choose_aliases(items, jaxpr)
         self._allocate(order)
@@ -219,28 +230,36 @@ class Scheduler:
                 else:
                     value = self.read(src)
                     self.env[out] = Value(value.storage, out.aval, value.frame_offset)
-            elif not getattr(entry, "absorbed", False):
+            elif not entry.absorbed:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
 
-    def _fuse(self, eqn, item, producer, uses) -> Expr:
-        """The expression of `eqn` with single-use elementwise producers of this segment folded in."""
+    def _fuse(self, eqn, item, producer, uses):
+        """`item.raw_expr`: the expression of `eqn` with single-use elementwise producers of this segment
+        folded in; `item.leaves`: the variables it reads, by first appearance (kept per item, so fusing
+        costs time in proportion to the equations, not to the expression sizes)."""
+        item.depth = 1
+        leaves: dict = {}        # id(var) -> var, in order of first appearance
+
         def build(atom):
             if isinstance(atom, Lit):
                 return Expr("literal", (), {"value": atom.val}, atom.aval)
             p = producer.get(atom)
             # (a reshape of p's output is not p's output: its index map differs, so it is not fused)
-            if p is not None and p.expr is not None and not p.uniform and atom in p.eqn.outs \
-                    and uses.get(atom, 0) == 1 and atom not in self.hints:
+            if p is not None and p.raw_expr is not None and not p.uniform and atom in p.eqn.outs \
+                    and uses.get(atom, 0) == 1 and atom not in self.hints and p.depth < MAX_FUSED_DEPTH:
                 p.absorbed = True
                 self.stats["fused_eqns"] += 1
+                item.depth = max(item.depth, p.depth + 1)
+                for var in p.leaves:
+                    leaves.setdefault(id(var), var)
                 return p.raw_expr
+            leaves.setdefault(id(atom), atom)
             return Expr("input", (), {"var": atom}, atom.aval)
         item.raw_expr = Expr(eqn.primitive.name, tuple(build(a) for a in eqn.inputs), dict(eqn.params),
                              eqn.outs[0].aval)
-        item.leaves = []
-        return _index_leaves(item.raw_expr, item.leaves)
+        item.leaves = list(leaves.values())
 
     @staticmethod
     def _level(items):
@@ -277,28 +296,37 @@ class Scheduler:
                 it.alias = target
 
     def _emit(self, items):
+        if not items:            # a segment of reshapes only: aliases, no work
+            return []
         by_level: dict = {}
         for it in items:
             by_level.setdefault((it.level, it.uniform), []).append(it)
         top = max(it.level for it in items)
+        read_until = _read_until(items)
+        alone = _Alone(self, items)
         stmts = []
-        unsynced: list = []          # global items written since the last grid barrier
+        # The global items written since the last grid barrier: the last level some reader of them still
+        # runs after, and whether they all run alone on vEU 0 (see _Alone).
+        unsynced_read_until, unsynced_alone = -2, True
         for level in range(-1, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
                 stmts.append(Wave(tuple(self._place([self._make_op(it) for it in globals_]))))
                 self.stats["waves"] += 1
-                unsynced += globals_
-                later = [it for it in items if (it.level > level and not it.uniform) or
-                         (it.uniform and it.level >= level)]
-                if level == top or any(d in unsynced for it in later for d in it.deps):
+                unsynced_read_until = max([unsynced_read_until] + [read_until.get(it, -2) for it in globals_])
+                if level == top or unsynced_read_until >= level:
                     # Readers after the segment may sit on any vEU: its last barrier is a grid barrier.
-                    scope = "block" if self.parts else \
-                        "grid" if level == top else self._sync_scope(items, unsynced, later)
+                    if self.parts:
+                        scope = "block"
+                    else:
+                        unsynced_alone = unsynced_alone and all(alone.item(it) for it in globals_)
+                        scope = "grid" if level == top else self._sync_scope(level, unsynced_alone, alone)
                     self.stats[f"{scope}_syncs"] += 1
                     stmts.append(Sync(scope))
                     if scope == "grid":
-                        unsynced = []
+                        unsynced_read_until, unsynced_alone = -2, True
+                elif not self.parts:
+                    unsynced_alone = unsynced_alone and all(alone.item(it) for it in globals_)
             uniforms_ = by_level.get((level, True), [])
             if uniforms_:
                 ops = tuple(self._make_uniform(it) for it in uniforms_)
@@ -323,19 +351,13 @@ class Scheduler:
         self.stats["grid_syncs"] += 1
         return [Sync("grid")]
 
-    def _sync_scope(self, items, unsynced, later) -> str:
-        """"block" when the writes since the last grid barrier and everything after them in the segment are
-        single-uTask ops alone in their waves: all of it runs on vEU 0, in order. Else "grid" (this also
-        keeps in-place writes after reads by other vEUs safe)."""
-        if any(it.uniform for it in later):
+    @staticmethod
+    def _sync_scope(level, unsynced_alone, alone) -> str:
+        """The barrier after wave `level`: "block" when the writes since the last grid barrier and
+        everything after them in the segment are single-uTask ops alone in their waves: all of it runs on
+        vEU 0, in order. Else "grid" (this also keeps in-place writes after reads by other vEUs safe)."""
+        if alone.uniform_after(level) or not unsynced_alone or not alone.after(level):
             return "grid"
-        per_level: dict = {}
-        for it in items:
-            if not it.uniform:
-                per_level[it.level] = per_level.get(it.level, 0) + 1
-        for it in unsynced + later:
-            if per_level[it.level] != 1 or self._n_utasks(it) != 1:
-                return "grid"
         return "block"
 
     def _n_utasks(self, it) -> int:
@@ -592,6 +614,55 @@ def _alias_closure(jaxpr, var) -> set:
     return names
 
 
+def _read_until(items) -> dict:
+    """item -> the last wave level after which one of its readers still runs (a global reader at level L
+    runs after waves < L, a uniform reader at level L after waves <= L); items nobody reads are left out."""
+    until: dict = {}
+    for it in items:
+        last = it.level if it.uniform else it.level - 1
+        for d in it.deps:
+            until[d] = max(until.get(d, -2), last)
+    return until
+
+
+class _Alone:
+    """Which global items of a segment are single-uTask ops alone in their waves (computed on first use),
+    and whether everything after a wave is."""
+
+    def __init__(self, scheduler, items):
+        self.scheduler = scheduler
+        self.items = items
+        self.per_level: dict = {}
+        for it in items:
+            if not it.uniform:
+                self.per_level[it.level] = self.per_level.get(it.level, 0) + 1
+        self.last_uniform = max((it.level for it in items if it.uniform), default=-2)
+        self.alone: dict = {}
+        self.all_after: dict | None = None      # level -> are all global items above it alone?
+
+    def item(self, it) -> bool:
+        if it not in self.alone:
+            self.alone[it] = self.per_level[it.level] == 1 and self.scheduler._n_utasks(it) == 1
+        return self.alone[it]
+
+    def uniform_after(self, level) -> bool:
+        """Does a uniform op run after wave `level` (every vEU reads for it)?"""
+        return self.last_uniform >= level
+
+    def after(self, level) -> bool:
+        if self.all_after is None:
+            top = max(it.level for it in self.items)
+            ok_at = {lv: True for lv in range(-1, top + 1)}
+            for it in self.items:
+                if not it.uniform:
+                    ok_at[it.level] = ok_at[it.level] and self.item(it)
+            self.all_after, ok = {}, True
+            for lv in range(top, -2, -1):
+                self.all_after[lv] = ok
+                ok = ok and ok_at[lv]
+        return self.all_after[level]
+
+
 def _reads(item) -> list:
     return list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
 
@@ -609,28 +680,35 @@ SHORT_LABELS = {convert_p: "convert"}
 
 def _expr_label(expr) -> str:
     """A short name for a fused op: its outermost operations, e.g. `tanh_add`."""
+    sizes: dict = {}             # id(node) -> the number of nodes under it
+
+    def count(node, arg_sizes):
+        sizes[id(node)] = 1 + sum(arg_sizes)
+        return sizes[id(node)]
+    fold_expr(expr, count)
     names = []
     node = expr
     while node.op not in ("input", "literal") and len(names) < 3:
         names.append(SHORT_LABELS.get(OP_KINDS[node.op], node.op))
-        node = max(node.args, key=_expr_size, default=None) if node.args else None
+        node = max(node.args, key=lambda a: sizes[id(a)], default=None) if node.args else None
         if node is None:
             break
     return "_".join(names) or FUSED.name
 
 
-def _expr_size(expr) -> int:
-    return 1 + sum(_expr_size(a) for a in expr.args)
-
-
 def _index_leaves(expr, leaves) -> Expr:
     """`expr` with its input nodes numbered by first appearance; `leaves` gets the variables read."""
-    if expr.op == "input":
-        var = expr.params["var"]
-        if all(v is not var for v in leaves):
+    index: dict = {}             # id(var) -> its input number
+
+    def number(node, args):
+        if node.op != "input":
+            return Expr(node.op, tuple(args), node.params, node.aval)
+        var = node.params["var"]
+        if id(var) not in index:
+            index[id(var)] = len(leaves)
             leaves.append(var)
-        return Expr("input", (), {"index": next(k for k, v in enumerate(leaves) if v is var)}, expr.aval)
-    return Expr(expr.op, tuple(_index_leaves(a, leaves) for a in expr.args), expr.params, expr.aval)
+        return Expr("input", (), {"index": index[id(var)]}, node.aval)
+    return fold_expr(expr, number)
 
 
 def _drop_trailing_sync(stmts):

@@ -37,6 +37,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    fold_expr,
 )
 
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place"})
@@ -319,6 +320,8 @@ def read_share(op, k, t, starts=()):
 def _reduce_share(op, flat) -> np.ndarray:
     """The input elements the outputs `flat` of a reduction reduce."""
     x = op.inputs[0].aval
+    if op.outputs[0].aval.size == 0:          # an empty result reduces nothing
+        return np.zeros(0, np.int64)
     axes = list(op.params["axes"] if "axes" in op.params else (op.params["axis"],))
     keep = [a for a in range(x.ndim) if a not in axes]
     idx = np.arange(x.size).reshape(x.shape).transpose(keep + axes)
@@ -365,17 +368,16 @@ def _array_operands(op) -> int:
 
 def evaluate_expr(expr, ins, out_aval) -> np.ndarray:
     """A fused elementwise expression with numpy, broadcast to the op's output shape."""
-    def ev(node):
+    def ev(node, args):
         if node.op == "input":
             return ins[node.params["index"]]
         if node.op == "literal":
             return np.asarray(node.params["value"])
-        args = [ev(a) for a in node.args]
         if node.op == broadcast_p.name:
             return np.broadcast_to(args[0], node.aval.shape)
         prim = REGISTRY[node.op]
         return np.asarray(prim.impl(*args, **node.params)[0]).astype(node.aval.dtype)
-    return np.broadcast_to(ev(expr), out_aval.shape).astype(out_aval.dtype)
+    return np.broadcast_to(fold_expr(expr, ev), out_aval.shape).astype(out_aval.dtype)
 
 
 def simulate(plan, flat_args, *, seed=0, check=True) -> list:
