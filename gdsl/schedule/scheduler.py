@@ -319,14 +319,14 @@ class Scheduler:
                     if self.parts:
                         scope = "block"
                     else:
-                        unsynced_alone = unsynced_alone and all(alone.item(it) for it in globals_)
+                        unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
                         scope = "grid" if level == top else self._sync_scope(level, unsynced_alone, alone)
                     self.stats[f"{scope}_syncs"] += 1
                     stmts.append(Sync(scope))
                     if scope == "grid":
                         unsynced_read_until, unsynced_alone = -2, True
                 elif not self.parts:
-                    unsynced_alone = unsynced_alone and all(alone.item(it) for it in globals_)
+                    unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
             uniforms_ = by_level.get((level, True), [])
             if uniforms_:
                 ops = tuple(self._make_uniform(it) for it in uniforms_)
@@ -356,7 +356,7 @@ class Scheduler:
         """The barrier after wave `level`: "block" when the writes since the last grid barrier and
         everything after them in the segment are single-uTask ops alone in their waves: all of it runs on
         vEU 0, in order. Else "grid" (this also keeps in-place writes after reads by other vEUs safe)."""
-        if alone.uniform_after(level) or not unsynced_alone or not alone.after(level):
+        if alone.uniform_after(level) or not unsynced_alone or not alone.all_alone_after(level):
             return "grid"
         return "block"
 
@@ -640,7 +640,8 @@ class _Alone:
         self.alone: dict = {}
         self.all_after: dict | None = None      # level -> are all global items above it alone?
 
-    def item(self, it) -> bool:
+    def is_alone(self, it) -> bool:
+        """Is `it` the only global item of its level, with a single uTask?"""
         if it not in self.alone:
             self.alone[it] = self.per_level[it.level] == 1 and self.scheduler._n_utasks(it) == 1
         return self.alone[it]
@@ -649,13 +650,14 @@ class _Alone:
         """Does a uniform op run after wave `level` (every vEU reads for it)?"""
         return self.last_uniform >= level
 
-    def after(self, level) -> bool:
+    def all_alone_after(self, level) -> bool:
+        """Are all global items after wave `level` alone (see is_alone)?"""
         if self.all_after is None:
             top = max(it.level for it in self.items)
             ok_at = {lv: True for lv in range(-1, top + 1)}
             for it in self.items:
                 if not it.uniform:
-                    ok_at[it.level] = ok_at[it.level] and self.item(it)
+                    ok_at[it.level] = ok_at[it.level] and self.is_alone(it)
             self.all_after, ok = {}, True
             for lv in range(top, -2, -1):
                 self.all_after[lv] = ok
