@@ -303,3 +303,42 @@ def test_plan_golden(name):
     if os.environ.get("GDSL_UPDATE_GOLDEN") or not path.exists():
         path.write_text(text)
     assert text == path.read_text()
+
+
+# ------------------------------------------------------------------------------------------- rule tables
+
+def test_every_control_primitive_has_a_scheduler_rule():
+    from gdsl.primitives.registry import CONTROL, REGISTRY
+    from gdsl.schedule.scheduler import CONTROL_RULES
+    control = {p for p in REGISTRY.values() if p.family == CONTROL}
+    assert control and set(CONTROL_RULES) == control
+
+
+def test_every_statement_type_has_a_simulator_rule():
+    import dataclasses
+
+    from gdsl.schedule import plan
+    from gdsl.schedule.simulate import STATEMENT_RULES
+    statements = {plan.Wave, plan.Sync, plan.Uniforms, plan.Assign, plan.Loop, plan.Branch, plan.Call, plan.Launch}
+    assert set(STATEMENT_RULES) == statements
+    assert all(dataclasses.is_dataclass(t) for t in statements)
+
+
+def test_no_primitive_name_is_spelled_as_a_string_in_the_scheduler():
+    """Sets of kinds come from the registry's families and flags, tables are keyed by primitive objects."""
+    import ast
+
+    from gdsl.primitives.registry import OP_KINDS
+    folder = pathlib.Path(gdsl.__file__).parent / "schedule"
+    found = []
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        allowed = {id(node.body[0].value) for node in ast.walk(tree)          # docstrings
+                   if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                   and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        allowed |= {id(node.args[0]) for node in ast.walk(tree)                  # FUSED, COPY: definitions
+                    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "op_kind"}
+        found += [f"{path.name}:{node.lineno} {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in OP_KINDS
+                  and id(node) not in allowed]
+    assert found == []

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 
 from gdsl.core.ir import Var
-from gdsl.primitives import elementwise as ew
+from gdsl.primitives import structural
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import REDUCE, REGISTRY
 from gdsl.schedule import utasks
 
 BARRIER_NS = 1300.0      # one grid barrier (132 vEUs on an H100, measured)
@@ -24,7 +26,6 @@ LOCAL_SYNC_NS = 50.0     # one vEU-local sync
 UTASK_NS = 100.0         # fixed cost of starting a uTask
 
 INV, UNI, PART = "invariant", "uniform", "partitioned"
-ELEMENTWISE = frozenset(ew.UNARY) | frozenset(ew.BINARY) | {"select", "convert_element_type", "broadcast_to"}
 
 
 def loop_partition(cond_j, body_j, n_body_consts, is_uniform) -> tuple | None:
@@ -65,10 +66,10 @@ def _partitions(cond_j, body_j, nb, k, P, is_uniform) -> bool:
 def _walk(jaxpr, classes, k, P, is_uniform, uniform_only=False) -> bool:
     """Classify every value of `jaxpr` (in place); False when some equation breaks the partitioning."""
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
+        prim = eqn.primitive
         ins = [classes.get(a, INV) if isinstance(a, Var) else INV for a in eqn.inputs]
         out = eqn.outs[0] if eqn.outs else None
-        if name == "reshape":
+        if prim is structural.reshape_p:
             if ins[0] == PART and not (out.aval.shape[:k] == P == eqn.inputs[0].aval.shape[:k]):
                 return False
             classes[out] = ins[0]
@@ -80,7 +81,7 @@ def _walk(jaxpr, classes, k, P, is_uniform, uniform_only=False) -> bool:
             continue
         if uniform_only or len(eqn.outs) != 1 or out.aval.shape[:k] != P:
             return False
-        rule = RULES.get(name, _no_partitioned_inputs if name in utasks.ELEMENTWISE_KINDS else None)
+        rule = RULES.get(prim, _no_partitioned_inputs if prim.name in utasks.ELEMENTWISE_KINDS else None)
         if rule is None or not rule(eqn, [c == PART for c in ins], k, P):
             return False
         classes[out] = PART
@@ -132,11 +133,13 @@ def _matmul(eqn, part, k, P):              # uTask = one batch element = one par
     return out.ndim - 2 == k and utasks.partition_tile_ok(*out.shape[-2:]) and _aligned(eqn, part, k, P)
 
 
-RULES = {name: _aligned for name in ELEMENTWISE}
-RULES.update({"iota": _no_partitioned_inputs, "reduce_sum": _reduce, "reduce_max": _reduce,
-              "reduce_min": _reduce, "argmax": _reduce, "argmin": _reduce, "transpose": _transpose,
-              "slice": _slice, "dynamic_slice": _dynamic_slice, "dynamic_update_slice": _dynamic_update_slice,
-              "concatenate": _concatenate, "matmul": _matmul})
+# Keyed by primitive. Primitives with no rule: data movement, gathers and windows may read only
+# invariants (_no_partitioned_inputs); anything else ends the partitioning.
+RULES = {p: _aligned for p in REGISTRY.values() if p.fusible}    # (iota, with no operands, is aligned)
+RULES.update({p: _reduce for p in REGISTRY.values() if p.family == REDUCE})
+RULES.update({structural.transpose_p: _transpose, structural.slice_p: _slice,
+              structural.dynamic_slice_p: _dynamic_slice, structural.dynamic_update_slice_p: _dynamic_update_slice,
+              structural.concatenate_p: _concatenate, matmul_p: _matmul})
 
 
 # --------------------------------------------------------------------------------------------- costs
@@ -148,7 +151,7 @@ def worth_it(body_j, parts: int, grid: int, block: int, is_uniform) -> bool:
     ordinary = partitioned = 0.0
     depth: dict = {}
     for eqn in body_j.eqns:
-        if eqn.primitive.name == "reshape":
+        if eqn.primitive is structural.reshape_p:
             depth[eqn.outs[0]] = depth.get(eqn.inputs[0], 0)
             continue
         if is_uniform(eqn):

@@ -90,11 +90,30 @@ class Expr:
     aval: ShapedArray
 
     def __repr__(self):
-        if self.op == "input":
-            return f"in{self.params['index']}"
-        if self.op == "literal":
-            return repr(self.params["value"].item())
-        return f"{self.op}({', '.join(map(repr, self.args))})"
+        return fold_expr(self, _expr_text)
+
+
+def _expr_text(node: Expr, args: list[str]) -> str:
+    if node.op == "input":
+        return f"in{node.params['index']}"
+    if node.op == "literal":
+        return repr(node.params["value"].item())
+    return f"{node.op}({', '.join(args)})"
+
+
+def fold_expr(expr: Expr, combine):
+    """`combine(node, results of its args)` applied bottom-up over the expression tree `expr`, args left to
+    right; the root's result. Iterative, so the depth of an expression is never limited by Python's stack."""
+    results: dict = {}                # id(node) -> result (the nodes stay alive in `expr` meanwhile)
+    stack = [(expr, False)]
+    while stack:
+        node, args_done = stack.pop()
+        if args_done:
+            results[id(node)] = combine(node, [results[id(a)] for a in node.args])
+        elif id(node) not in results:
+            stack.append((node, True))
+            stack.extend((a, False) for a in reversed(node.args))
+    return results[id(expr)]
 
 
 @dataclass(frozen=True, eq=False)

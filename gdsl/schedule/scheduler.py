@@ -17,9 +17,14 @@ import math
 from dataclasses import dataclass, field
 
 from gdsl.core.ir import Lit, ShapedArray, Var
-from gdsl.primitives import elementwise as ew
+from gdsl.primitives import control
+from gdsl.primitives.elementwise import convert_p
+from gdsl.primitives.registry import CONTROL, OP_KINDS, REDUCE
+from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p
 from gdsl.schedule import partition, utasks
 from gdsl.schedule.plan import (
+    COPY,
+    FUSED,
     Assign,
     Branch,
     Buffer,
@@ -38,13 +43,13 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    fold_expr,
 )
 
-CONTROL = frozenset({"while", "cond", "recurse", "recurse_call"})
-FUSIBLE = frozenset(ew.UNARY) | frozenset(ew.BINARY) | {"select", "convert_element_type", "broadcast_to", "iota"}
-UNIFORM_OK = FUSIBLE | {"reshape", "slice", "dynamic_slice", "take", "reduce_sum", "reduce_max", "reduce_min",
-                        "argmax", "argmin", "concatenate", "transpose"}
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
+# The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
+# recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
+MAX_FUSED_DEPTH = 64
 
 
 def _use_counts(jaxpr) -> dict:
@@ -65,6 +70,9 @@ class _Item:
     eqn: object
     uniform: bool
     expr: object = None                      # fused: Expr over `leaves`
+    raw_expr: object = None                  # fused: Expr over the variables read (before numbering)
+    depth: int = 0                           # fused: the nesting depth of `expr`
+    absorbed: bool = False                   # fused into a consumer's expression (no op of its own)
     leaves: list = field(default_factory=list)
     deps: set = field(default_factory=set)
     level: int = 0
@@ -160,11 +168,10 @@ class Scheduler:
         stmts: list = []
         segment: list = []
         for index, eqn in enumerate(jaxpr.eqns):
-            name = eqn.primitive.name
-            if name in CONTROL:
+            if eqn.primitive.family == CONTROL:
                 stmts += self._segment(segment, uses, jaxpr)
                 segment = []
-                stmts += getattr(self, f"_{name}")(eqn)
+                stmts += control_rule(eqn.primitive)(self, eqn)
             else:
                 segment.append((index, eqn))
         stmts += self._segment(segment, uses, jaxpr)
@@ -172,10 +179,10 @@ class Scheduler:
 
     def _is_uniform(self, eqn) -> bool:
         """Scalar work every vEU can do itself: scalar arithmetic, loading one element, tiny reductions."""
-        name = eqn.primitive.name
-        if not self.uniforms_allowed or name not in UNIFORM_OK or any(v.aval.size != 1 for v in eqn.outs):
+        prim = eqn.primitive
+        if not self.uniforms_allowed or not prim.uniform or any(v.aval.size != 1 for v in eqn.outs):
             return False
-        if name in ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"):
+        if prim.family == REDUCE:
             return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
         return True
 
@@ -187,23 +194,27 @@ class Scheduler:
         producer: dict = {}      # Var -> _Item (within this segment)
         order: list = []         # items and reshapes in program order, for storage allocation
         for index, eqn in segment:
-            if eqn.primitive.name == "reshape":   # an alias of its input's storage: no work
+            if eqn.primitive is reshape_p:   # an alias of its input's storage: no work
                 if eqn.inputs[0] in producer:
                     producer[eqn.outs[0]] = producer[eqn.inputs[0]]
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
             item = _Item(eqn, uniform, index=index)
-            if not uniform and eqn.primitive.name in FUSIBLE:
-                item.expr = self._fuse(eqn, item, producer, uses)
-            for atom in (item.leaves if item.expr is not None else eqn.inputs):
+            if not uniform and eqn.primitive.fusible:
+                self._fuse(eqn, item, producer, uses)
+            for atom in (item.leaves if item.raw_expr is not None else eqn.inputs):
                 if isinstance(atom, Var) and atom in producer:
                     item.deps.add(producer[atom])
             for v in eqn.outs:
                 producer[v] = item
             items.append(item)
             order.append(item)
-        items = [it for it in items if not getattr(it, "absorbed", False)]
+        items = [it for it in items if not it.absorbed]
+        for it in items:         # number the inputs of the expressions that stay ops of their own
+            if it.raw_expr is not None:
+                it.leaves = []
+                it.expr = _index_leaves(it.raw_expr, it.leaves)
         self._level(items)
         self._choose_aliases(items, jaxpr)
         self._allocate(order)
@@ -219,28 +230,36 @@ class Scheduler:
                 else:
                     value = self.read(src)
                     self.env[out] = Value(value.storage, out.aval, value.frame_offset)
-            elif not getattr(entry, "absorbed", False):
+            elif not entry.absorbed:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
 
-    def _fuse(self, eqn, item, producer, uses) -> Expr:
-        """The expression of `eqn` with single-use elementwise producers of this segment folded in."""
+    def _fuse(self, eqn, item, producer, uses):
+        """`item.raw_expr`: the expression of `eqn` with single-use elementwise producers of this segment
+        folded in; `item.leaves`: the variables it reads, by first appearance (kept per item, so fusing
+        costs time in proportion to the equations, not to the expression sizes)."""
+        item.depth = 1
+        leaves: dict = {}        # id(var) -> var, in order of first appearance
+
         def build(atom):
             if isinstance(atom, Lit):
                 return Expr("literal", (), {"value": atom.val}, atom.aval)
             p = producer.get(atom)
             # (a reshape of p's output is not p's output: its index map differs, so it is not fused)
-            if p is not None and p.expr is not None and not p.uniform and atom in p.eqn.outs \
-                    and uses.get(atom, 0) == 1 and atom not in self.hints:
+            if p is not None and p.raw_expr is not None and not p.uniform and atom in p.eqn.outs \
+                    and uses.get(atom, 0) == 1 and atom not in self.hints and p.depth < MAX_FUSED_DEPTH:
                 p.absorbed = True
                 self.stats["fused_eqns"] += 1
+                item.depth = max(item.depth, p.depth + 1)
+                for var in p.leaves:
+                    leaves.setdefault(id(var), var)
                 return p.raw_expr
+            leaves.setdefault(id(atom), atom)
             return Expr("input", (), {"var": atom}, atom.aval)
         item.raw_expr = Expr(eqn.primitive.name, tuple(build(a) for a in eqn.inputs), dict(eqn.params),
                              eqn.outs[0].aval)
-        item.leaves = []
-        return _index_leaves(item.raw_expr, item.leaves)
+        item.leaves = list(leaves.values())
 
     @staticmethod
     def _level(items):
@@ -277,28 +296,37 @@ class Scheduler:
                 it.alias = target
 
     def _emit(self, items):
+        if not items:            # a segment of reshapes only: aliases, no work
+            return []
         by_level: dict = {}
         for it in items:
             by_level.setdefault((it.level, it.uniform), []).append(it)
         top = max(it.level for it in items)
+        read_until = _read_until(items)
+        alone = _Alone(self, items)
         stmts = []
-        unsynced: list = []          # global items written since the last grid barrier
+        # The global items written since the last grid barrier: the last level some reader of them still
+        # runs after, and whether they all run alone on vEU 0 (see _Alone).
+        unsynced_read_until, unsynced_alone = -2, True
         for level in range(-1, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
                 stmts.append(Wave(tuple(self._place([self._make_op(it) for it in globals_]))))
                 self.stats["waves"] += 1
-                unsynced += globals_
-                later = [it for it in items if (it.level > level and not it.uniform) or
-                         (it.uniform and it.level >= level)]
-                if level == top or any(d in unsynced for it in later for d in it.deps):
+                unsynced_read_until = max([unsynced_read_until] + [read_until.get(it, -2) for it in globals_])
+                if level == top or unsynced_read_until >= level:
                     # Readers after the segment may sit on any vEU: its last barrier is a grid barrier.
-                    scope = "block" if self.parts else \
-                        "grid" if level == top else self._sync_scope(items, unsynced, later)
+                    if self.parts:
+                        scope = "block"
+                    else:
+                        unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
+                        scope = "grid" if level == top else self._sync_scope(level, unsynced_alone, alone)
                     self.stats[f"{scope}_syncs"] += 1
                     stmts.append(Sync(scope))
                     if scope == "grid":
-                        unsynced = []
+                        unsynced_read_until, unsynced_alone = -2, True
+                elif not self.parts:
+                    unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
             uniforms_ = by_level.get((level, True), [])
             if uniforms_:
                 ops = tuple(self._make_uniform(it) for it in uniforms_)
@@ -323,19 +351,13 @@ class Scheduler:
         self.stats["grid_syncs"] += 1
         return [Sync("grid")]
 
-    def _sync_scope(self, items, unsynced, later) -> str:
-        """"block" when the writes since the last grid barrier and everything after them in the segment are
-        single-uTask ops alone in their waves: all of it runs on vEU 0, in order. Else "grid" (this also
-        keeps in-place writes after reads by other vEUs safe)."""
-        if any(it.uniform for it in later):
+    @staticmethod
+    def _sync_scope(level, unsynced_alone, alone) -> str:
+        """The barrier after wave `level`: "block" when the writes since the last grid barrier and
+        everything after them in the segment are single-uTask ops alone in their waves: all of it runs on
+        vEU 0, in order. Else "grid" (this also keeps in-place writes after reads by other vEUs safe)."""
+        if alone.uniform_after(level) or not unsynced_alone or not alone.all_alone_after(level):
             return "grid"
-        per_level: dict = {}
-        for it in items:
-            if not it.uniform:
-                per_level[it.level] = per_level.get(it.level, 0) + 1
-        for it in unsynced + later:
-            if per_level[it.level] != 1 or self._n_utasks(it) != 1:
-                return "grid"
         return "block"
 
     def _n_utasks(self, it) -> int:
@@ -345,7 +367,7 @@ class Scheduler:
 
     def _kind_and_inputs(self, it):
         if it.expr is not None:
-            return "fused", it.leaves
+            return FUSED.name, it.leaves
         return it.eqn.primitive.name, it.eqn.inputs
 
     # ---------------------------------------------------------------------------------------- ops
@@ -355,7 +377,7 @@ class Scheduler:
         inputs = tuple(self.read(a) for a in atoms)
         params = dict(eqn.params)
         outs = [self.env[v] for v in eqn.outs]
-        if kind == "dynamic_update_slice" and it.alias is not None and inputs[0].storage is it.alias.storage:
+        if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
         count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params)
         params.update(split_params)
@@ -408,8 +430,8 @@ class Scheduler:
         for dst, src in pairs:
             if dst.is_uniform:
                 continue
-            count, params, cost = self._split("copy", [src.aval], [dst.aval], {})
-            ops.append(Op(f"op{next(self.op_names)}_copy", "copy", (src,), (dst,), params, count, cost))
+            count, params, cost = self._split(COPY.name, [src.aval], [dst.aval], {})
+            ops.append(Op(f"op{next(self.op_names)}_{COPY.name}", COPY.name, (src,), (dst,), params, count, cost))
         if ops:
             scope = "block" if self.parts else "grid"
             self.stats["ops"] += len(ops)
@@ -424,7 +446,7 @@ class Scheduler:
             return [], value
         u = self._new_value(ShapedArray((), value.aval.dtype), True)
         self.stats["uniform_ops"] += 1
-        stmts = [Uniforms((UniformOp("reshape", (value,), u, {"new_shape": ()}),))]
+        stmts = [Uniforms((UniformOp(reshape_p.name, (value,), u, {"new_shape": ()}),))]
         return stmts + self._after_uniform_reads(stmts), u
 
     def _carry_storage(self, var) -> Value:
@@ -452,7 +474,8 @@ class Scheduler:
         return stmts + self._copies([(c, lookup.get(id(v), v)) for c, v in pairs])
 
     # ---------------------------------------------------------------------------------------- control
-    def _while(self, eqn):
+    def schedule_while(self, eqn):
+        """A Loop whose carries live in storage of their own (updated in place where that is safe)."""
         p = eqn.params
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         ins = [self.read(a) for a in eqn.inputs]
@@ -497,7 +520,8 @@ class Scheduler:
             return 0
         return parts
 
-    def _cond(self, eqn):
+    def schedule_cond(self, eqn):
+        """A Branch on the (clamped) index; every branch writes the same result storage."""
         index_value = self.read(eqn.inputs[0])
         stmts, index = self._as_uniform(index_value)
         operands = [self.read(a) for a in eqn.inputs[1:]]
@@ -516,14 +540,16 @@ class Scheduler:
         self.env.update(zip(eqn.outs, results))
         return stmts + [Branch(index, tuple(branches))]
 
-    def _recurse(self, eqn):
+    def schedule_recurse(self, eqn):
+        """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
         fn = eqn.params["fn"]
         consts = [self.read(a) for a in eqn.inputs[:fn.nconsts]]
         if fn.name not in self.fn_defs:
             self._define_function(fn, consts)
         return self._call(fn.name, [self.read(a) for a in eqn.inputs[fn.nconsts:]], eqn.outs)
 
-    def _recurse_call(self, eqn):
+    def schedule_recurse_call(self, eqn):
+        """A call of a recursive function from inside its own body."""
         return self._call(eqn.params["name"], [self.read(a) for a in eqn.inputs], eqn.outs)
 
     def _define_function(self, fn, consts):
@@ -555,6 +581,22 @@ class Scheduler:
         return stmts
 
 
+# The rule that schedules each control-flow primitive (a method of Scheduler).
+CONTROL_RULES = {
+    control.while_p: Scheduler.schedule_while,
+    control.cond_p: Scheduler.schedule_cond,
+    control.recurse_p: Scheduler.schedule_recurse,
+    control.recurse_call_p: Scheduler.schedule_recurse_call,
+}
+
+
+def control_rule(prim):
+    rule = CONTROL_RULES.get(prim)
+    if rule is None:
+        raise NotImplementedError(f"the scheduler has no rule for control primitive {prim.name!r}")
+    return rule
+
+
 # -------------------------------------------------------------------------------------------- helpers
 
 
@@ -567,9 +609,60 @@ def _alias_closure(jaxpr, var) -> set:
     """`var` and every reshape of it (they share its storage)."""
     names = {var}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "reshape" and eqn.inputs[0] in names:
+        if eqn.primitive is reshape_p and eqn.inputs[0] in names:
             names.add(eqn.outs[0])
     return names
+
+
+def _read_until(items) -> dict:
+    """item -> the last wave level after which one of its readers still runs (a global reader at level L
+    runs after waves < L, a uniform reader at level L after waves <= L); items nobody reads are left out."""
+    until: dict = {}
+    for it in items:
+        last = it.level if it.uniform else it.level - 1
+        for d in it.deps:
+            until[d] = max(until.get(d, -2), last)
+    return until
+
+
+class _Alone:
+    """Which global items of a segment are single-uTask ops alone in their waves (computed on first use),
+    and whether everything after a wave is."""
+
+    def __init__(self, scheduler, items):
+        self.scheduler = scheduler
+        self.items = items
+        self.per_level: dict = {}
+        for it in items:
+            if not it.uniform:
+                self.per_level[it.level] = self.per_level.get(it.level, 0) + 1
+        self.last_uniform = max((it.level for it in items if it.uniform), default=-2)
+        self.alone: dict = {}
+        self.all_after: dict | None = None      # level -> are all global items above it alone?
+
+    def is_alone(self, it) -> bool:
+        """Is `it` the only global item of its level, with a single uTask?"""
+        if it not in self.alone:
+            self.alone[it] = self.per_level[it.level] == 1 and self.scheduler._n_utasks(it) == 1
+        return self.alone[it]
+
+    def uniform_after(self, level) -> bool:
+        """Does a uniform op run after wave `level` (every vEU reads for it)?"""
+        return self.last_uniform >= level
+
+    def all_alone_after(self, level) -> bool:
+        """Are all global items after wave `level` alone (see is_alone)?"""
+        if self.all_after is None:
+            top = max(it.level for it in self.items)
+            ok_at = {lv: True for lv in range(-1, top + 1)}
+            for it in self.items:
+                if not it.uniform:
+                    ok_at[it.level] = ok_at[it.level] and self.is_alone(it)
+            self.all_after, ok = {}, True
+            for lv in range(top, -2, -1):
+                self.all_after[lv] = ok
+                ok = ok and ok_at[lv]
+        return self.all_after[level]
 
 
 def _reads(item) -> list:
@@ -578,36 +671,46 @@ def _reads(item) -> list:
 
 def _same_index_read(item, binder) -> bool:
     """Does the op read `binder` only at the element it writes (so writing in place is safe)?"""
-    name = item.eqn.primitive.name
-    if name == "dynamic_update_slice":
+    if item.eqn.primitive is dynamic_update_slice_p:
         return item.eqn.inputs[0] is binder and binder not in item.eqn.inputs[1:]
     return item.expr is not None and binder.aval.shape == item.eqn.outs[0].aval.shape
 
 
+# Shorter names for some primitives in fused op labels.
+SHORT_LABELS = {convert_p: "convert"}
+
+
 def _expr_label(expr) -> str:
     """A short name for a fused op: its outermost operations, e.g. `tanh_add`."""
+    sizes: dict = {}             # id(node) -> the number of nodes under it
+
+    def count(node, arg_sizes):
+        sizes[id(node)] = 1 + sum(arg_sizes)
+        return sizes[id(node)]
+    fold_expr(expr, count)
     names = []
     node = expr
     while node.op not in ("input", "literal") and len(names) < 3:
-        names.append({"convert_element_type": "convert"}.get(node.op, node.op))
-        node = max(node.args, key=_expr_size, default=None) if node.args else None
+        names.append(SHORT_LABELS.get(OP_KINDS[node.op], node.op))
+        node = max(node.args, key=lambda a: sizes[id(a)], default=None) if node.args else None
         if node is None:
             break
-    return "_".join(names) or "fused"
-
-
-def _expr_size(expr) -> int:
-    return 1 + sum(_expr_size(a) for a in expr.args)
+    return "_".join(names) or FUSED.name
 
 
 def _index_leaves(expr, leaves) -> Expr:
     """`expr` with its input nodes numbered by first appearance; `leaves` gets the variables read."""
-    if expr.op == "input":
-        var = expr.params["var"]
-        if all(v is not var for v in leaves):
+    index: dict = {}             # id(var) -> its input number
+
+    def number(node, args):
+        if node.op != "input":
+            return Expr(node.op, tuple(args), node.params, node.aval)
+        var = node.params["var"]
+        if id(var) not in index:
+            index[id(var)] = len(leaves)
             leaves.append(var)
-        return Expr("input", (), {"index": next(k for k, v in enumerate(leaves) if v is var)}, expr.aval)
-    return Expr(expr.op, tuple(_index_leaves(a, leaves) for a in expr.args), expr.params, expr.aval)
+        return Expr("input", (), {"index": index[id(var)]}, node.aval)
+    return fold_expr(expr, number)
 
 
 def _drop_trailing_sync(stmts):

@@ -19,9 +19,13 @@ import numpy as np
 
 from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
-from gdsl.primitives.registry import REGISTRY
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
+from gdsl.primitives.structural import broadcast_p, clamp_starts
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
+    COPY,
+    FUSED,
     Assign,
     Branch,
     Buffer,
@@ -33,6 +37,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    fold_expr,
 )
 
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place"})
@@ -143,20 +148,20 @@ class Simulator:
 
     def block(self, stmts):
         for stmt in stmts:
-            getattr(self, "_" + type(stmt).__name__.lower())(stmt)
+            STATEMENT_RULES[type(stmt)](self, stmt)
 
-    def _launch(self, stmt: Launch):
+    def run_launch(self, stmt: Launch):
         self.block(self.plan.kernels[stmt.kernel].body)
-        self._sync(Sync("grid"))   # a kernel boundary orders everything
+        self.run_sync(Sync("grid"))   # a kernel boundary orders everything
 
-    def _sync(self, stmt: Sync):
+    def run_sync(self, stmt: Sync):
         self.local_syncs += 1
         if stmt.scope == "grid":
             self.stats["grid_barriers"] += 1
             for m in self.mem.values():
                 m.reset()
 
-    def _uniforms(self, stmt: Uniforms):
+    def run_uniforms(self, stmt: Uniforms):
         for u in stmt.ops:
             ins = [self._read_uniform_input(v, u.primitive) for v in u.inputs]
             params = {k: v for k, v in u.params.items() if k not in SPLIT_PARAMS}
@@ -168,22 +173,22 @@ class Simulator:
             return self.read(value, veu="all", op=f"uniform {what}")
         return self.read(value)
 
-    def _assign(self, stmt: Assign):
+    def run_assign(self, stmt: Assign):
         src = self._read_uniform_input(stmt.src, "assign")
         self.write_uniform(stmt.dst, src.astype(stmt.dst.aval.dtype))
 
-    def _loop(self, stmt: Loop):
+    def run_loop(self, stmt: Loop):
         while True:
             self.block(stmt.cond)
             if not bool(self.read(stmt.pred).reshape(())):
                 return
             self.block(stmt.body)
 
-    def _branch(self, stmt: Branch):
+    def run_branch(self, stmt: Branch):
         index = int(np.clip(int(self.read(stmt.index).reshape(())), 0, len(stmt.branches) - 1))
         self.block(stmt.branches[index])
 
-    def _call(self, stmt: Call):
+    def run_call(self, stmt: Call):
         fn = self.functions[stmt.fn]
         if self.depth[fn.name] + 1 > fn.max_depth:
             raise RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth="
@@ -195,7 +200,7 @@ class Simulator:
         finally:
             self.depth[fn.name] -= 1
 
-    def _wave(self, stmt: Wave):
+    def run_wave(self, stmt: Wave):
         for task in stmt.tasks:
             self.op_ids.setdefault(task.op, len(self.op_ids))
         # Every uTask computes from the values before the wave (they never read what the wave writes:
@@ -210,9 +215,9 @@ class Simulator:
 
     def _evaluate(self, op) -> list:
         ins = [self.read(v) for v in op.inputs]
-        if op.kind == "fused":
+        if op.kind == FUSED.name:
             return [evaluate_expr(op.expr, ins, op.outputs[0].aval)]
-        if op.kind == "copy":
+        if op.kind == COPY.name:
             return [np.broadcast_to(ins[0], op.outputs[0].aval.shape).astype(op.outputs[0].aval.dtype)]
         params = {k: v for k, v in op.params.items() if k not in SPLIT_PARAMS}
         outs = REGISTRY[op.kind].impl(*ins, **params)
@@ -220,7 +225,7 @@ class Simulator:
 
     def _starts(self, op) -> list:
         """The start indices of a dynamic_slice / dynamic_update_slice, as this run has them."""
-        first = DYNAMIC_STARTS.get(op.kind)
+        first = utasks.first_start(op.kind)
         return [] if first is None else [int(self.read(v).reshape(())) for v in op.inputs[first:]]
 
     def _run_utask(self, op, t, veu, results):
@@ -231,8 +236,8 @@ class Simulator:
                     m = self.mem[value.storage]
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name)
         for value, result in zip(op.outputs, results):
-            if op.kind == "dynamic_update_slice" and op.params.get("in_place"):
-                flat = window_share(op, t, [int(self.read(v)) for v in op.inputs[2:]])
+            if utasks.in_place_update(op.kind, op.params):
+                flat = window_share(op, t, self._starts(op))
             else:
                 flat = write_share(op, t)
             m, slot = self.mem[value.storage], self._slot(value)
@@ -253,7 +258,7 @@ def write_share(op, t) -> np.ndarray:
         b, i, j = np.unravel_index(t, (batch, math.ceil(m / tm), math.ceil(n / tn)))
         rows = np.arange(i * tm, min((i + 1) * tm, m))
         cols = np.arange(j * tn, min((j + 1) * tn, n))
-        if op.kind == "matmul":
+        if op.kind == matmul_p.name:
             return (b * m * n + rows[:, None] * n + cols[None, :]).reshape(-1)
         nb, o, ho, wo = out.shape      # conv2d: GEMM row r = (image, y, x), column = output channel
         img, yx = np.divmod(rows, ho * wo)
@@ -271,7 +276,6 @@ def window_share(op, t, starts) -> np.ndarray:
     x, update = op.inputs[0].aval, op.inputs[1].aval
     if op.params["mode"] == "drop" and any(s < 0 or s + u > d for s, u, d in zip(starts, update.shape, x.shape)):
         return np.zeros(0, np.int64)
-    from gdsl.primitives.structural import clamp_starts
     starts = clamp_starts(x.shape, update.shape, starts)
     chunk = op.params["chunk"]
     k = np.arange(t * chunk, min((t + 1) * chunk, update.size))
@@ -279,8 +283,10 @@ def window_share(op, t, starts) -> np.ndarray:
     return np.ravel_multi_index(tuple(i + s for i, s in zip(idx, starts)), x.shape)
 
 
-DYNAMIC_STARTS = {"dynamic_slice": 1, "dynamic_update_slice": 2}     # where the start indices begin
-MOVES = frozenset({"transpose", "slice", "broadcast_to", "concatenate", "dynamic_slice", "dynamic_update_slice"})
+# The kinds whose read share _move_share finds exactly: data movement primitives, and the dynamic window
+# ops, whose index map is known once their start operands are.
+MOVES = frozenset(name for name in kinds_of(DATA_MOVEMENT) if name in REGISTRY) | \
+    frozenset(p.name for p in utasks.DYNAMIC_STARTS)
 
 
 def read_share(op, k, t, starts=()):
@@ -289,16 +295,16 @@ def read_share(op, k, t, starts=()):
     conservative (everything) for the others."""
     if op.kind in utasks.REDUCE_KINDS:
         return _reduce_share(op, write_share(op, t))
-    if op.kind == "matmul":
+    if op.kind == matmul_p.name:
         return _matmul_share(op, k, write_share(op, t))
-    if op.kind == "dynamic_update_slice" and op.params.get("in_place") and k < 2:
+    if utasks.in_place_update(op.kind, op.params) and k < 2:
         if k == 0:
             return np.zeros(0, np.int64)          # x is only written (in the window)
         chunk = op.params["chunk"]
         return np.arange(t * chunk, min((t + 1) * chunk, op.inputs[1].aval.size))
-    if op.kind in MOVES and k < DYNAMIC_STARTS.get(op.kind, len(op.inputs)):
+    if op.kind in MOVES and k < _array_operands(op):
         return _move_share(op, k, write_share(op, t), starts)
-    if op.kind not in ("fused", "copy"):
+    if op.kind not in (FUSED.name, COPY.name):
         return None
     out = op.outputs[0].aval
     in_aval = op.inputs[k].aval
@@ -314,6 +320,8 @@ def read_share(op, k, t, starts=()):
 def _reduce_share(op, flat) -> np.ndarray:
     """The input elements the outputs `flat` of a reduction reduce."""
     x = op.inputs[0].aval
+    if op.outputs[0].aval.size == 0:          # an empty result reduces nothing
+        return np.zeros(0, np.int64)
     axes = list(op.params["axes"] if "axes" in op.params else (op.params["axis"],))
     keep = [a for a in range(x.ndim) if a not in axes]
     idx = np.arange(x.size).reshape(x.shape).transpose(keep + axes)
@@ -343,7 +351,7 @@ def _matmul_share(op, k, flat) -> np.ndarray:
 
 def _move_share(op, k, flat, starts) -> np.ndarray:
     """Data movement: run the primitive itself on element numbers (input k) and -1 (the others)."""
-    first = DYNAMIC_STARTS.get(op.kind, len(op.inputs))
+    first = _array_operands(op)
     ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
            for j, v in enumerate(op.inputs[:first])]
     params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
@@ -352,21 +360,39 @@ def _move_share(op, k, flat, starts) -> np.ndarray:
     return np.unique(picked[picked >= 0])
 
 
+def _array_operands(op) -> int:
+    """The number of leading array operands of `op` (all of them but a dynamic op's start indices)."""
+    first = utasks.first_start(op.kind)
+    return len(op.inputs) if first is None else first
+
+
 def evaluate_expr(expr, ins, out_aval) -> np.ndarray:
     """A fused elementwise expression with numpy, broadcast to the op's output shape."""
-    def ev(node):
+    def ev(node, args):
         if node.op == "input":
             return ins[node.params["index"]]
         if node.op == "literal":
             return np.asarray(node.params["value"])
-        args = [ev(a) for a in node.args]
-        if node.op == "broadcast_to":
+        if node.op == broadcast_p.name:
             return np.broadcast_to(args[0], node.aval.shape)
         prim = REGISTRY[node.op]
         return np.asarray(prim.impl(*args, **node.params)[0]).astype(node.aval.dtype)
-    return np.broadcast_to(ev(expr), out_aval.shape).astype(out_aval.dtype)
+    return np.broadcast_to(fold_expr(expr, ev), out_aval.shape).astype(out_aval.dtype)
 
 
 def simulate(plan, flat_args, *, seed=0, check=True) -> list:
     """Run `plan` on `flat_args` (numpy arrays, consts excluded). Raises BarrierError on a missing barrier."""
     return Simulator(plan, seed=seed, check=check).run(flat_args)
+
+
+# The rule that runs each kind of plan statement (a method of Simulator).
+STATEMENT_RULES = {
+    Wave: Simulator.run_wave,
+    Sync: Simulator.run_sync,
+    Uniforms: Simulator.run_uniforms,
+    Assign: Simulator.run_assign,
+    Loop: Simulator.run_loop,
+    Branch: Simulator.run_branch,
+    Call: Simulator.run_call,
+    Launch: Simulator.run_launch,
+}

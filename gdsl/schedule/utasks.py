@@ -14,15 +14,43 @@ from __future__ import annotations
 
 import math
 
+import gdsl.primitives  # noqa: F401  (registers every primitive, so the family sets below are complete)
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import (
+    CONTRACTION,
+    CONVOLUTION,
+    DATA_MOVEMENT,
+    ELEMENTWISE,
+    GATHER,
+    OP_KINDS,
+    REDUCE,
+    WINDOW,
+    kinds_of,
+)
+from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p
+from gdsl.schedule import plan  # noqa: F401  (declares the scheduler's own kinds, "fused" and "copy")
+
 # One vEU's share of an H100 (132 SMs): ~3 TB/s and ~50 TFLOP/s fp32 spread over the SMs.
 BYTES_PER_NS_PER_VEU = 3000 / 132
 FLOPS_PER_NS_PER_VEU = 50000 / 132
 
-ELEMENTWISE_KINDS = frozenset({
-    "fused", "copy", "broadcast_to", "iota", "transpose", "slice", "dynamic_slice", "take", "concatenate",
-    "avg_pool2d", "max_pool2d", "dynamic_update_slice"})
-REDUCE_KINDS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin"})
-GEMM_KINDS = frozenset({"matmul", "conv2d"})
+# The kinds split into chunks of output elements (everything but reductions and GEMMs).
+ELEMENTWISE_KINDS = kinds_of(ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW)
+REDUCE_KINDS = kinds_of(REDUCE)
+GEMM_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
+
+# Where the scalar start operands of a dynamic window op begin (the operands before them are arrays).
+DYNAMIC_STARTS = {dynamic_slice_p: 1, dynamic_update_slice_p: 2}
+
+
+def first_start(kind) -> int | None:
+    """The operand number of the first start index of a dynamic window op, None for other kinds."""
+    return DYNAMIC_STARTS.get(OP_KINDS[kind])
+
+
+def in_place_update(kind, params) -> bool:
+    """Is this a dynamic_update_slice that writes only its window into its operand's own storage?"""
+    return kind == dynamic_update_slice_p.name and bool(params.get("in_place"))
 
 
 def _cost(bytes_moved, flops=0.0):
@@ -31,7 +59,7 @@ def _cost(bytes_moved, flops=0.0):
 
 def gemm_dims(kind, in_avals, out_aval, params):
     """(batch, M, N, K) of a matmul or conv2d."""
-    if kind == "matmul":
+    if kind == matmul_p.name:
         a, b = in_avals
         batch = math.prod(out_aval.shape[:-2])
         return batch, out_aval.shape[-2], out_aval.shape[-1], a.shape[-1]
@@ -43,8 +71,10 @@ def gemm_dims(kind, in_avals, out_aval, params):
 def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # Largest tile that still gives every vEU work, else the smallest one.
+    # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
+    rows = max(m, 1)
     tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > 8 else \
-        [(m, 128), (m, 64), (m, 32), (m, 16)]
+        [(rows, 128), (rows, 64), (rows, 32), (rows, 16)]
     for tm, tn in tiles:
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
         if count >= grid:
@@ -65,9 +95,7 @@ def split(kind, in_avals, out_avals, params, grid, block):
         rows = max(1, (block * 4) // length)
         count = max(1, math.ceil(out.size / rows))
         return count, {"rows": rows}, _cost(4 * rows * (length + 1))
-    size = out.size
-    if kind == "dynamic_update_slice" and params.get("in_place"):
-        size = in_avals[1].size
+    size = in_avals[1].size if in_place_update(kind, params) else out.size
     chunk = block * 4
     count = max(1, math.ceil(size / chunk))
     return count, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
@@ -88,6 +116,6 @@ def partition_split(kind, in_avals, out_avals, params, parts):
     if kind in REDUCE_KINDS:
         rows = out.size // parts
         return parts, {"rows": rows}, _cost(4 * (in_avals[0].size + out.size) / parts)
-    size = in_avals[1].size if kind == "dynamic_update_slice" and params.get("in_place") else out.size
+    size = in_avals[1].size if in_place_update(kind, params) else out.size
     chunk = size // parts
     return parts, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
