@@ -2,18 +2,27 @@
 its libraries from a private directory, and a slow compile says what it is doing (issue 14 items 14-16,
 issue 12)."""
 import io
+import json
 import logging
 import os
 import re
 import shutil
 import stat
+import threading
 import time
 import warnings
 
+import numpy as np
 import pytest
+from strategies import requires_backend
 
+import gdsl
+import gdsl.backends.cpu
+import gdsl.numpy as gnp
+from gdsl import autotune
 from gdsl.backends import toolchain
 from gdsl.backends.toolchain import CacheWarning, Progress, cached_compile
+from gdsl.interpreter import run_program
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +199,197 @@ def test_nested_progress_shows_as_the_outer_line_detail(monkeypatch):
     text = terminal.getvalue()
     assert "autotune (candidate 1/2: compiling with NVRTC): 0 s" in text
     assert re.search(r"autotune: done in 0\.[2-9] s\x1b\[K\n$", text)
+
+
+# ---- the autotuner: its cache (item 15) and its choice (issue 12) ----
+
+def _tanh_loop(x, n):
+    return gdsl.fori_loop(0, n, lambda i, x: gnp.tanh(x @ x), x)
+
+
+def _tanh_loop_input():
+    return (np.random.default_rng(0).standard_normal((8, 8)) * 0.3).astype(np.float32)
+
+
+def _check_cpu_autotune():
+    """autotune=True on cpu gives the interpreter's answer; returns the tuned jit object."""
+    x = _tanh_loop_input()
+    tuned = gdsl.jit(_tanh_loop, backend="cpu", autotune=True)
+    np.testing.assert_allclose(gdsl.to_numpy(tuned(x, 3)), gdsl.jit(_tanh_loop, backend="interpret")(x, 3),
+                               rtol=1e-5, atol=1e-6)
+    return tuned
+
+
+@requires_backend("cpu")
+def test_autotune_with_an_unusable_cache_dir_runs_without_cache(private_cache, monkeypatch):
+    private_cache.parent.joinpath("a-file").write_text("not a directory")
+    monkeypatch.setenv("GDSL_CACHE_DIR", str(private_cache.parent / "a-file" / "cache"))
+    with pytest.warns(CacheWarning, match="cannot use the cache directory"):
+        _check_cpu_autotune()
+
+
+@requires_backend("cpu")
+def test_autotune_with_an_untrusted_cache_dir_runs_without_cache(private_cache):
+    private_cache.mkdir()
+    os.chmod(private_cache, 0o777)
+    with pytest.warns(CacheWarning, match="writable by other users"):
+        _check_cpu_autotune()
+    assert not (private_cache / autotune.CACHE_FILE).exists()
+
+
+@requires_backend("cpu")
+@pytest.mark.parametrize("content", ["[]", "null", "3", '"text"', "{not json", ""])
+def test_autotune_cache_of_the_wrong_shape_is_ignored_and_rewritten(private_cache, content):
+    private_cache.mkdir(mode=0o700)
+    (private_cache / autotune.CACHE_FILE).write_text(content)
+    with pytest.warns(CacheWarning, match="autotune cache .* ignored"):
+        _check_cpu_autotune()
+    (winner,) = json.loads((private_cache / autotune.CACHE_FILE).read_text()).values()
+    assert winner["control"] in ("device", "host")
+
+
+@requires_backend("cpu")
+@pytest.mark.parametrize("bad", [{"control": "device", "grid": 0}, {"control": "sideways"}, [], "device"])
+def test_invalid_cached_options_are_ignored(private_cache, bad):
+    _check_cpu_autotune()
+    path = private_cache / autotune.CACHE_FILE
+    (key,) = json.loads(path.read_text())
+    path.write_text(json.dumps({key: bad}))
+    with pytest.warns(CacheWarning, match="not one of the candidates"):
+        _check_cpu_autotune()
+    assert json.loads(path.read_text())[key] in autotune.candidates(gdsl.backends.cpu, None, {"autotune": True})
+
+
+def test_concurrent_tuners_keep_each_others_entries(private_cache, monkeypatch):
+    # Every reader waits after reading, so unlocked read-modify-write cycles would all overlap.
+    real_load = json.load
+
+    def slow_load(f):
+        value = real_load(f)
+        time.sleep(0.05)
+        return value
+    monkeypatch.setattr(json, "load", slow_load)
+    keys = [f"key-{i}" for i in range(8)]
+    threads = [threading.Thread(target=autotune._store, args=(k, {"control": "device", "grid": i}))
+               for i, k in enumerate(keys)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache = json.loads((private_cache / autotune.CACHE_FILE).read_text())
+    assert cache == {k: {"control": "device", "grid": i} for i, k in enumerate(keys)}
+
+
+class FakeBackend:
+    """A backend whose candidates compute the right answer (the interpreter's) and whose calls take the
+    time `speed[grid]` with relative noise `noise`, on a fake clock that autotune.timer hands out."""
+
+    def __init__(self, speed: dict, noise: float, device: str = "fake device"):
+        self.speed, self.noise, self.device = speed, noise, device
+        self.rng = np.random.default_rng(0)
+        self.lowered = []
+
+    def autotune_candidates(self, program, options):
+        return [{"control": "device", "grid": g} for g in self.speed if g is not None]
+
+    def device_name(self):
+        return self.device
+
+    def lower(self, program, options):
+        self.lowered.append(options)
+        return program, options
+
+    def load(self, lowering):
+        program, options = lowering
+
+        def executable(flat_args):
+            return run_program(program, [np.asarray(a) for a in flat_args])
+        executable.seconds = lambda: self.speed[options.get("grid")] * (1 + self.noise * self.rng.standard_normal())
+        return executable
+
+
+def _tune(backend, x=None):
+    x = _tanh_loop_input() if x is None else x
+    program = gdsl.make_ir(_tanh_loop)(x, 3)
+    return autotune.autotune(backend, "fake", program, {"autotune": True}, [x, np.int32(3)])
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    monkeypatch.setattr(autotune, "timer", lambda executable, flat_args, outputs: executable.seconds)
+
+
+@pytest.mark.parametrize("speed", [
+    {None: 1.0, 8: 1.0, 16: 1.0, 32: 1.0},        # a tie
+    {None: 1.0, 8: 0.995, 16: 0.997, 32: 1.0},    # challengers 0.3-0.5 % faster: within the noise
+    {None: 1.0, 8: 1.02, 16: 1.05, 32: 1.3},      # challengers slower
+])
+def test_default_wins_ties_and_noise(fake_clock, speed):
+    *_, chosen = _tune(FakeBackend(speed, noise=0.05))
+    assert chosen == {"control": "device"}
+
+
+def test_a_clearly_faster_candidate_wins(fake_clock):
+    *_, chosen = _tune(FakeBackend({None: 1.0, 8: 1.0, 16: 0.9, 32: 0.97}, noise=0.05))
+    assert chosen == {"control": "device", "grid": 16}
+
+
+def test_a_wrong_candidate_is_never_chosen(fake_clock):
+    backend = FakeBackend({None: 1.0, 8: 0.5}, noise=0.01)
+    load = backend.load
+
+    def load_wrong_grid_8(lowering):
+        executable = load(lowering)
+        if lowering[1].get("grid") != 8:
+            return executable
+        wrong = lambda flat_args: [o + 1 for o in executable(flat_args)]  # noqa: E731 - a one-line fake
+        wrong.seconds = executable.seconds
+        return wrong
+    backend.load = load_wrong_grid_8
+    *_, chosen = _tune(backend)
+    assert chosen == {"control": "device"}
+
+
+def test_measure_runs_until_the_median_is_precise():
+    steady = autotune.measure(lambda: 1.0)
+    assert steady.runs == autotune.MIN_RUNS and steady.median == 1.0
+    rng = np.random.default_rng(1)
+    noisy = autotune.measure(lambda: 1.0 + 0.05 * rng.standard_normal())
+    assert noisy.runs > autotune.MIN_RUNS
+    assert noisy.high - noisy.low <= 2 * autotune.TARGET_REL_CI * noisy.median
+    assert noisy.low <= 1.0 <= noisy.high
+
+
+def test_cached_winner_is_reused_per_device(fake_clock, monkeypatch, private_cache):
+    *_, chosen = _tune(FakeBackend({None: 1.0, 8: 0.5}, noise=0.01))
+    assert chosen == {"control": "device", "grid": 8}
+    monkeypatch.setattr(autotune, "measure", lambda *a, **k: pytest.fail("searched again"))
+    again = FakeBackend({None: 1.0, 8: 0.5}, noise=0.01)
+    *_, reused = _tune(again)
+    assert reused == chosen and again.lowered == [chosen]
+    # the key names the device: another device searches again
+    monkeypatch.undo()
+    monkeypatch.setenv("GDSL_CACHE_DIR", str(private_cache))
+    monkeypatch.setattr(autotune, "timer", lambda executable, flat_args, outputs: executable.seconds)
+    other = FakeBackend({None: 1.0, 8: 2.0}, noise=0.01, device="another device")
+    *_, chosen_there = _tune(other)
+    assert chosen_there == {"control": "device"} and len(other.lowered) == 2
+    assert len(json.loads((private_cache / autotune.CACHE_FILE).read_text())) == 2
+
+
+def test_autotune_shows_progress(fake_clock, monkeypatch, caplog):
+    monkeypatch.setattr(toolchain, "SLOW_AFTER_S", 0.0)
+    monkeypatch.setattr(toolchain, "_LOG_EVERY_S", 0.01)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    backend = FakeBackend({None: 1.0, 8: 1.0}, noise=0.0)
+    seconds_of = backend.load
+
+    def slow_load(lowering):
+        time.sleep(0.1)
+        return seconds_of(lowering)
+    backend.load = slow_load
+    with caplog.at_level(logging.INFO, logger="gdsl"):
+        _tune(backend)
+    messages = [r.getMessage() for r in caplog.records if r.name == "gdsl"]
+    assert any("autotune on fake (candidate 2/2: {'control': 'device', 'grid': 8})" in m for m in messages)
+    assert messages[-1].startswith("autotune on fake: done in")
