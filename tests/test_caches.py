@@ -342,9 +342,10 @@ def test_a_wrong_candidate_is_never_chosen(fake_clock):
         executable = load(lowering)
         if lowering[1].get("grid") != 8:
             return executable
-        wrong = lambda flat_args: [o + 1 for o in executable(flat_args)]  # noqa: E731 - a one-line fake
-        wrong.seconds = executable.seconds
-        return wrong
+        def off_by_one(flat_args):
+            return [o + 1 for o in executable(flat_args)]
+        off_by_one.seconds = executable.seconds
+        return off_by_one
     backend.load = load_wrong_grid_8
     *_, chosen = _tune(backend)
     assert chosen == {"control": "device"}
