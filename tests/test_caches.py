@@ -394,3 +394,16 @@ def test_autotune_shows_progress(fake_clock, monkeypatch, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "gdsl"]
     assert any("autotune on fake (candidate 2/2: {'control': 'device', 'grid': 8})" in m for m in messages)
     assert messages[-1].startswith("autotune on fake: done in")
+
+
+def test_a_slow_compile_that_fails_says_so(monkeypatch):
+    monkeypatch.setattr(toolchain, "SLOW_AFTER_S", 0.05)
+    terminal = FakeTerminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+
+    def failing():
+        time.sleep(0.2)
+        raise toolchain.CompileError("rejected")
+    with pytest.raises(toolchain.CompileError):
+        cached_compile("test", ("fails",), failing, what="NVRTC")
+    assert re.search(r"compiling with NVRTC: CompileError after 0\.[2-9] s\x1b\[K\n$", terminal.getvalue())

@@ -205,7 +205,7 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         if self._outer is not None:
             self._outer.update(self._outer_detail)
             return
@@ -213,7 +213,8 @@ class Progress:
         self._stop.set()
         self._thread.join()
         if self._shown:
-            self._say(f"{self.what}: done in {self._elapsed():.1f} s", final=True)
+            ending = "done in" if exc_type is None else f"{exc_type.__name__} after"
+            self._say(f"{self.what}: {ending} {self._elapsed():.1f} s", final=True)
 
     def _elapsed(self) -> float:
         return time.monotonic() - self._start
