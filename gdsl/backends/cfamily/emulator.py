@@ -11,8 +11,10 @@ small (a few blocks of 32-64 threads): each thread is an OS thread.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -23,7 +25,7 @@ import numpy as np
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
-from gdsl.backends.toolchain import cached_compile, compile_error
+from gdsl.backends.toolchain import cached_compile, compile_error, write_atomically
 
 EMU_HEADER = (Path(__file__).with_name("emu.h")).read_text()
 # GDSL_EMU_SANITIZE=address builds the kernels with AddressSanitizer (run Python with LD_PRELOAD=libasan.so):
@@ -80,10 +82,19 @@ def compile_emulated(source: str) -> str:
                 raise compile_error("g++", done.stdout + done.stderr, source, r"gdsl\.cpp:(\d+):\d+: error")
             return out.read_bytes()
     binary = cached_compile("emu", ("emu", source, _SANITIZE), build, suffix=".so")
-    path = Path(tempfile.gettempdir(), f"gdsl-emu-{abs(hash(binary))}.so")
+    # Loaded from this process's own directory (mode 0o700, removed at exit), never from a predictable name in
+    # the shared temp directory that another user could have planted.
+    path = Path(_private_dir(), f"{hashlib.sha256(binary).hexdigest()}.so")
     if not path.exists():
-        path.write_bytes(binary)
+        write_atomically(path, binary)   # another thread may be loading the same kernel
     return str(path)
+
+
+@functools.cache
+def _private_dir() -> str:
+    folder = tempfile.mkdtemp(prefix="gdsl-emu-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class EmulatedDevice:

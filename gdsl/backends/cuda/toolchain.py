@@ -72,7 +72,8 @@ def compile_cuda(source: str, arch: str = "sm_90", *, options=(), name: str = "g
     if include:
         opts.append(f"-I{include}")
     key = ("cuda", source, arch, tuple(options), nvrtc_version())
-    return cached_compile("cuda", key, lambda: _nvrtc_compile(source, name, opts), suffix=".cubin")
+    return cached_compile("cuda", key, lambda: _nvrtc_compile(source, name, opts), suffix=".cubin",
+                          what="NVRTC")
 
 
 def _nvrtc_compile(source: str, name: str, opts: list[str]) -> bytes:

@@ -59,7 +59,8 @@ def compile_hip(source: str, arch: str = "gfx90a", *, options=()) -> bytes:
         raise BackendUnavailableError(missing)
     opts = (*_DEFAULT_OPTIONS, *options)
     key = ("hiprtc", source, arch, opts, _hiprtc_identity())
-    return cached_compile("hip", key, lambda: _hiprtc_in_subprocess(source, arch, opts), suffix=".co")
+    return cached_compile("hip", key, lambda: _hiprtc_in_subprocess(source, arch, opts), suffix=".co",
+                          what=f"hiprtc ({arch})")
 
 
 def _hiprtc_in_subprocess(source: str, arch: str, opts: tuple) -> bytes:
@@ -104,7 +105,8 @@ def compile_hip_clang(source: str, arch: str = "gfx90a", clang: str = "clang-19"
     opts = (*_DEFAULT_OPTIONS, *options)
     prelude_hash = hashlib.sha256(PRELUDE.read_bytes()).hexdigest()
     key = ("clang", source, arch, opts, f"{binary}:{stat.st_size}:{stat.st_mtime_ns}", prelude_hash)
-    return cached_compile("hip", key, lambda: _clang(source, arch, binary, opts), suffix=".co")
+    return cached_compile("hip", key, lambda: _clang(source, arch, binary, opts), suffix=".co",
+                          what=f"clang ({arch})")
 
 
 def _clang(source: str, arch: str, clang: str, opts: tuple) -> bytes:
