@@ -113,8 +113,15 @@ def fori_loop(lower, upper, body_fun, init_val):
     unroll = int(current_option("unroll") or 1)
     start = (lower, init_val)
     if unroll > 1:
+        # "k more steps fit" is `i + k <= upper`, written so that nothing overflows: `i + k` wraps past the
+        # dtype's maximum when `upper` is near it (a loop that never ends), `upper - k` below its minimum.
+        lowest = np.iinfo(index_dtype).min + unroll
+        last_start = gnp.subtract(gnp.maximum(upper, np.asarray(lowest, index_dtype)),
+                                  np.asarray(unroll, index_dtype))
+        fits = gnp.greater_equal(upper, np.asarray(lowest, index_dtype))
+
         def cond_unrolled(carry):
-            return gnp.less_equal(gnp.add(carry[0], np.asarray(unroll, index_dtype)), upper)
+            return gnp.logical_and(fits, gnp.less_equal(carry[0], last_start))
 
         def body_unrolled(carry):
             for _ in range(unroll):

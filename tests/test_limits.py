@@ -1,0 +1,94 @@
+"""Limits and guarantees (issue 14, docs/guide.md "Limits and guarantees"): deep recursion, loops at the
+edge of the integer range, unsupported dtypes, validation of options and arguments. Programs that used to
+crash the process or hang run in a subprocess with a time limit, so such a failure is a failed test."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from strategies import requires_backend
+
+import gdsl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_isolated(code: str, timeout: float = 240) -> str:
+    """Run `code` in a fresh Python from the repository root; its stdout (asserting a clean exit)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"did not finish within {timeout} s")
+    assert done.returncode == 0, f"exit status {done.returncode}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+# -- item 2: the interpreter's recursion is bounded by max_depth and memory, not by the C stack -----------
+
+_COUNT_DOWN = """
+    import numpy as np
+    import gdsl
+
+    def count_down(max_depth):
+        @gdsl.recurse(result=gdsl.ShapeDtype((), gdsl.int32), max_depth=max_depth)
+        def g(k):
+            return gdsl.cond(k > 0, lambda: g(k - 1) + 1, lambda: k)
+        return g
+"""
+
+
+def test_interpreter_raises_recursion_depth_error_past_max_depth_instead_of_crashing():
+    out = run_isolated(_COUNT_DOWN + """
+    g = count_down(5000)
+    f = gdsl.jit(lambda n: g(n), backend="interpret")
+    for _ in range(3):
+        try:
+            f(np.int32(5001))
+        except gdsl.RecursionDepthError:
+            print("raised")
+    print(int(f(np.int32(4999))))   # 5000 frames: exactly max_depth
+    """)
+    assert out.split() == ["raised"] * 3 + ["4999"]
+
+
+def test_interpreter_and_eager_calls_recurse_deeper_than_the_python_stack():
+    out = run_isolated(_COUNT_DOWN + """
+    g = count_down(10**6)
+    print(int(gdsl.jit(lambda n: g(n), backend="interpret")(np.int32(30000))))
+    print(int(g(np.int32(20000))))  # eager: the same interpreter
+    """)
+    assert out.split() == ["30000", "20000"]
+
+
+# -- item 3: unrolled fori_loop next to the integer maximum ---------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("cpu", marks=requires_backend("cpu"))])
+def test_unrolled_fori_loop_ends_next_to_the_integer_maximum(backend):
+    out = run_isolated(f"""
+    import numpy as np
+    import gdsl
+    for unroll in (2, 3, 8):
+        f = gdsl.jit(lambda lo, hi: gdsl.fori_loop(lo, hi, lambda i, c: c + 1, 0), unroll=unroll,
+                     backend={backend!r})
+        print(int(f(2**31 - 6, 2**31 - 1)), int(f(-2**31, -2**31 + 1)), int(f(-2**31, -2**31 + 7)),
+              int(f(np.int64(2**63 - 6), np.int64(2**63 - 1))), int(f(5, 3)))
+    """, timeout=300)
+    assert out.split() == ["5", "1", "7", "5", "0"] * 3
+
+
+# -- item 20: validation and clear errors -----------------------------------------------------------------
+
+
+def test_interpret_results_never_alias_the_arguments():
+    x = np.arange(4, dtype=np.float32)
+    same, reshaped = gdsl.jit(lambda x: (x, x.reshape(2, 2)), backend="interpret")(x)
+    assert same is not x and not np.shares_memory(same, x)
+    assert not np.shares_memory(reshaped, x)
+    same[0] = 42.0
+    assert x[0] == 0.0
