@@ -2,7 +2,9 @@
 
 Promotion follows numpy for the six supported dtypes, with JAX's two refinements: Python scalars are
 weakly typed (they take the array's dtype when they fit its kind), and float64/complex never appear
-(float64 inputs are canonicalised to float32).
+(float64 inputs are canonicalised to float32). Narrower integers (int8/int16/uint8/uint16) are stored as
+int32, which holds all their values; uint32/uint64 are refused (TypeError), since int32/int64 cannot hold all
+theirs and converting would wrap silently. Big-endian data converts to the native byte order.
 """
 from __future__ import annotations
 
@@ -27,13 +29,20 @@ _DEFAULT_OF_KIND = {0: bool_, 1: int32, 2: float32}
 def canonicalize(dtype) -> np.dtype:
     """The gdsl dtype that values of numpy dtype `dtype` are stored as (TypeError if none)."""
     dtype = np.dtype(dtype)
+    if not dtype.isnative:  # big-endian data (`>f4`, `>i4`) holds the same values; they convert on entry
+        dtype = dtype.newbyteorder("=")
     if dtype in SUPPORTED:
         return dtype
     if dtype == np.float64:
         return float32
+    if dtype.kind == "u" and dtype.itemsize >= 4:
+        # int32/int64 cannot hold every uint32/uint64 value: converting would wrap silently.
+        raise TypeError(f"gdsl does not support unsigned dtype {dtype}: its values above "
+                        f"{np.iinfo(int32 if dtype.itemsize == 4 else int64).max} do not fit a signed integer "
+                        f"of its size. Convert explicitly (x.astype(np.int64)) where the values fit")
     if dtype.kind in "iu" and dtype.itemsize <= 4:
-        return int32
-    if dtype.kind in "iu":
+        return int32  # int8/int16/uint8/uint16 fit int32 exactly
+    if dtype.kind == "i":
         return int64
     raise TypeError(f"gdsl does not support dtype {dtype}; use one of "
                     + ", ".join(str(d) for d in SUPPORTED))

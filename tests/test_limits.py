@@ -92,3 +92,44 @@ def test_interpret_results_never_alias_the_arguments():
     assert not np.shares_memory(reshaped, x)
     same[0] = 42.0
     assert x[0] == 0.0
+
+
+# -- item 8: unsigned integers that do not fit a signed one are refused, never wrapped --------------------
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("cpu", marks=requires_backend("cpu"))])
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_uint32_and_uint64_inputs_are_refused_naming_the_dtype(backend, dtype):
+    f = gdsl.jit(lambda x: x + 0, backend=backend)
+    with pytest.raises(TypeError, match=f"unsigned dtype {np.dtype(dtype).name}"):
+        f(np.array([3_000_000_000], dtype))
+    with pytest.raises(TypeError, match=np.dtype(dtype).name):
+        f(dtype(5))
+
+
+def test_narrow_unsigned_and_big_endian_inputs_convert_exactly():
+    f = gdsl.jit(lambda x: x + 0, backend="interpret")
+    assert f(np.array([255, 65535], np.uint16)).tolist() == [255, 65535]
+    assert f(np.array([1.5, -2.0], ">f4")).tolist() == [1.5, -2.0]
+    assert f(np.array([7, -2], ">i4")).tolist() == [7, -2]
+    assert f(np.array([2**40], ">i8")).tolist() == [2**40]
+
+
+# -- item 9: integer powers with a negative exponent ------------------------------------------------------
+
+
+def test_integer_power_with_a_negative_literal_exponent_raises_as_numpy():
+    x = np.array([2, 3], np.int32)
+    for fn in (lambda x: x ** -1, lambda x: gdsl.numpy.power(x, np.array([1, -2]))):
+        with pytest.raises(ValueError, match="negative integer powers.*test_limits.py"):
+            gdsl.jit(fn, backend="interpret")(x)
+    with pytest.raises(ValueError, match="negative integer powers"):
+        gdsl.numpy.power(x, -2)  # eager
+    assert gdsl.jit(lambda x: x ** -1, backend="interpret")(x.astype(np.float32)).tolist() == [0.5, 1 / np.float32(3)]
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("cpu", marks=requires_backend("cpu"))])
+def test_integer_power_with_a_negative_traced_exponent_is_one_on_every_backend(backend):
+    # Compiled code cannot raise; the documented result is x ** max(e, 0) (docs/guide.md).
+    f = gdsl.jit(lambda x, e: x ** e, backend=backend)
+    assert f(np.array([2, -1, 0, 5], np.int32), np.int32(-1)).tolist() == [1, 1, 1, 1]
