@@ -42,11 +42,13 @@ def _operand(x):
     return x if isinstance(x, Tracer) else gnp.asarray(x)
 
 
-def trace_function(fun, in_avals, in_tree):
-    """Trace `fun` on abstract arguments. Returns (jaxpr, captured values, output pytree def)."""
+def trace_function(fun, in_avals, in_tree, weak=None):
+    """Trace `fun` on abstract arguments (`weak[k]`: argument k stands for a Python scalar and promotes like
+    one). Returns (jaxpr, captured values, output pytree def)."""
     builder = Builder()
+    weak = weak or [False] * len(in_avals)
     with tracing(builder):
-        args = [builder.new_arg(a) for a in in_avals]
+        args = [builder.new_arg(a, w) for a, w in zip(in_avals, weak, strict=True)]
         out = fun(*tree_unflatten(in_tree, args))
         out_flat, out_tree = tree_flatten(out)
         jaxpr, captured = builder.finish([_operand(o) for o in out_flat])
@@ -70,13 +72,19 @@ def while_loop(cond_fun, body_fun, init_val):
     """
     init_flat, tree = tree_flatten(init_val)
     _, args_tree = tree_flatten((init_val,))  # the functions take the carry as one argument
+    weak = [dtypes.is_weak(x) for x in init_flat]
     init_flat = [_operand(x) for x in init_flat]
-    avals = [aval_of(x) for x in init_flat]
-    cond_jaxpr, cond_consts, _ = trace_function(cond_fun, avals, args_tree)
+    while True:  # each pass makes at least one weak carry strong, or is the last
+        avals = [aval_of(x) for x in init_flat]
+        body_jaxpr, body_consts, body_tree = trace_function(body_fun, avals, args_tree, weak)
+        promoted = _promote_weak_carry(init_flat, weak, body_jaxpr.out_avals if body_tree == tree else None)
+        if promoted is None:
+            break
+        init_flat, weak = promoted
+    cond_jaxpr, cond_consts, _ = trace_function(cond_fun, avals, args_tree, weak)
     pred = cond_jaxpr.out_avals
     if len(pred) != 1 or pred[0].shape != () or pred[0].dtype != dtypes.bool_:
         raise type_error(f"while_loop: cond_fun must return a bool scalar, got {_describe(pred)}")
-    body_jaxpr, body_consts, body_tree = trace_function(body_fun, avals, args_tree)
     if body_tree != tree:
         raise type_error(f"while_loop: body_fun must return the structure of init_val {tree}, got {body_tree}")
     if tuple(body_jaxpr.out_avals) != tuple(avals):
@@ -85,6 +93,43 @@ def while_loop(cond_fun, body_fun, init_val):
     outs = bind(while_p, *cond_consts, *body_consts, *init_flat, cond_jaxpr=cond_jaxpr, body_jaxpr=body_jaxpr,
                 cond_nconsts=len(cond_consts), body_nconsts=len(body_consts))
     return tree_unflatten(tree, outs)
+
+
+def _promote_weak_carry(init_flat, weak, body_avals):
+    """A loop carry started from a Python scalar is weakly typed (as in JAX): when the body gives it another
+    dtype, the carry starts as that dtype instead (`fori_loop(0, n, lambda i, t: t + i, 0)` with an int64 `n`
+    carries int64), and the body is traced again. Returns the new (init_flat, weak), or None when nothing
+    changes."""
+    if body_avals is None or len(body_avals) != len(init_flat):
+        return None  # a structure mismatch: while_loop reports it
+    changed = False
+    init_flat, weak = list(init_flat), list(weak)
+    for k, (value, out) in enumerate(zip(init_flat, body_avals)):
+        dtype = dtypes.promote_weak(aval_of(value).dtype, out.dtype)
+        if weak[k] and out.shape == () and dtype != aval_of(value).dtype:
+            init_flat[k] = gnp.astype(value, dtype)
+            weak[k], changed = False, True
+    return (init_flat, weak) if changed else None
+
+
+def _check_fori_body(val, out):
+    """body_fun(i, val) must return val's structure and types, reported in fori_loop's terms (the loop
+    counter that fori_loop adds to the while_loop carry stays out of the message). A carry that stands for
+    a Python scalar may change dtype: while_loop promotes it and traces the body again."""
+    val_flat, val_tree = tree_flatten(val)
+    out_flat, out_tree = tree_flatten(out)
+    if out_tree != val_tree:
+        raise type_error(f"fori_loop: body_fun must return the structure of init_val {val_tree}, got {out_tree}")
+    got = [aval_of(_operand(x)) for x in out_flat]
+    expected = [aval_of(x) for x in val_flat]
+    if any(g.shape != e.shape or g.dtype != e.dtype and not _weak_promotes_to(x, g.dtype)
+           for g, e, x in zip(got, expected, val_flat)):
+        raise type_error(f"fori_loop: body_fun must keep init_val's types {_describe(expected)}, "
+                         f"got {_describe(got)}")
+
+
+def _weak_promotes_to(value, dtype) -> bool:
+    return dtypes.is_weakly_typed(value) and dtypes.promote_weak(value.dtype, dtype) == dtype
 
 
 def fori_loop(lower, upper, body_fun, init_val):
@@ -108,7 +153,9 @@ def fori_loop(lower, upper, body_fun, init_val):
 
     def body(carry):
         i, val = carry
-        return gnp.add(i, np.asarray(1, index_dtype)), body_fun(i, val)
+        out = body_fun(i, val)
+        _check_fori_body(val, out)
+        return gnp.add(i, np.asarray(1, index_dtype)), out
 
     unroll = int(current_option("unroll") or 1)
     start = (lower, init_val)

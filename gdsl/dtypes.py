@@ -73,12 +73,12 @@ def promote(a: np.dtype, b: np.dtype) -> np.dtype:
 
 def result_type(*operands) -> np.dtype:
     """The dtype an operation on `operands` computes in. Python scalars are weak: they defer to arrays."""
-    strong = [dtype_of(x) for x in operands if not is_weak(x)]
-    weak = [x for x in operands if is_weak(x)]
+    strong = [dtype_of(x) for x in operands if not is_weakly_typed(x)]
+    weak = [x for x in operands if is_weakly_typed(x)]
     out = None
     for d in strong:
         out = d if out is None else promote(out, d)
-    weak_kind = max((_python_kind(x) for x in weak), default=-1)
+    weak_kind = max((_weak_kind(x) for x in weak), default=-1)
     if out is None:
         return _DEFAULT_OF_KIND[weak_kind]
     if weak_kind > _KIND[out]:
@@ -88,6 +88,22 @@ def result_type(*operands) -> np.dtype:
 
 def is_weak(x) -> bool:
     return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def promote_weak(weak_dtype, dtype) -> np.dtype:
+    """The dtype an operation on a weakly typed value of `weak_dtype` and a strong `dtype` computes in."""
+    weak_kind = _KIND[np.dtype(weak_dtype)]
+    return np.dtype(dtype) if _KIND[np.dtype(dtype)] >= weak_kind else _DEFAULT_OF_KIND[weak_kind]
+
+
+def is_weakly_typed(x) -> bool:
+    """A Python scalar, or a traced value standing for one (a Tracer with `weak_type` set: the carry of a
+    loop started from a Python scalar, while the loop's body is traced to learn the carry's dtype)."""
+    return is_weak(x) or getattr(x, "weak_type", False) is True
+
+
+def _weak_kind(x) -> int:
+    return _python_kind(x) if is_weak(x) else _KIND[np.dtype(x.dtype)]
 
 
 def _python_kind(x) -> int:

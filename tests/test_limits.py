@@ -133,3 +133,38 @@ def test_integer_power_with_a_negative_traced_exponent_is_one_on_every_backend(b
     # Compiled code cannot raise; the documented result is x ** max(e, 0) (docs/guide.md).
     f = gdsl.jit(lambda x, e: x ** e, backend=backend)
     assert f(np.array([2, -1, 0, 5], np.int32), np.int32(-1)).tolist() == [1, 1, 1, 1]
+
+
+# -- item 10: a Python scalar as a loop's initial carry is weakly typed -----------------------------------
+
+
+@pytest.mark.parametrize("backend", ["interpret", pytest.param("cpu", marks=requires_backend("cpu"))])
+def test_python_scalar_loop_carry_takes_the_dtype_the_body_gives_it(backend):
+    sum_to = gdsl.jit(lambda n: gdsl.fori_loop(0, n, lambda i, t: t + i, 0), backend=backend)(np.int64(6))
+    assert sum_to.dtype == np.int64 and sum_to == 15
+    count = gdsl.jit(lambda inc: gdsl.while_loop(lambda v: v < 2, lambda v: v + inc, 0),
+                     backend=backend)(np.int64(1))
+    assert count.dtype == np.int64 and count == 2
+    total = gdsl.jit(lambda h: gdsl.fori_loop(0, 1000, lambda i, v: v + h, 0.0), backend=backend)(np.float16(0.1))
+    expected = np.float16(0.0)
+    for _ in range(1000):
+        expected = np.float16(expected + np.float16(0.1))  # float16 accumulation, as numpy does it
+    assert total.dtype == np.float16 and total == expected  # 105.2, where a float32 carry gives 99.98
+
+
+def test_python_scalar_carry_keeps_its_default_dtype_when_the_body_does():
+    out = gdsl.jit(lambda x: gdsl.fori_loop(0, 3, lambda i, v: (v[0] + 1, v[1] * 2.0), (0, 1.0)),
+                   backend="interpret")(np.float32(0))
+    assert [o.dtype for o in out] == [np.int32, np.float32] and [o.item() for o in out] == [3, 8.0]
+    # a float carry does not become an integer one
+    with pytest.raises(TypeError, match="fori_loop: body_fun must keep init_val's types"):
+        gdsl.jit(lambda n: gdsl.fori_loop(0, n, lambda i, v: i, 0.0), backend="interpret")(np.int32(3))
+
+
+def test_fori_loop_body_type_errors_name_fori_loop_without_the_counter():
+    with pytest.raises(TypeError, match=r"fori_loop: body_fun must keep init_val's types \(f32\[\]\), got "
+                                        r"\(i32\[\]\) \(at .*test_limits.py"):
+        gdsl.jit(lambda x: gdsl.fori_loop(0, 3, lambda i, v: v.astype(gdsl.int32), x), backend="interpret")(
+            np.float32(1))
+    with pytest.raises(TypeError, match="fori_loop: body_fun must return the structure of init_val"):
+        gdsl.jit(lambda x: gdsl.fori_loop(0, 3, lambda i, v: (v, v), x), backend="interpret")(np.float32(1))

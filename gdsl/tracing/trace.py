@@ -58,10 +58,10 @@ class Builder:
         self.captured_vars: list[Var] = []
         self._capture_index: dict[int, Var] = {}
 
-    def new_arg(self, aval: ShapedArray) -> Tracer:
+    def new_arg(self, aval: ShapedArray, weak_type: bool = False) -> Tracer:
         var = Var(aval)
         self.in_binders.append(var)
-        return Tracer(self, var)
+        return Tracer(self, var, weak_type)
 
     def capture(self, value) -> Var:
         """The binder standing for an outer tracer or a closed-over array inside this Builder."""
@@ -176,13 +176,14 @@ _CONTROL_HINT = ("Use gdsl.cond(pred, true_fun, false_fun, *operands) (or gdsl.s
 
 class Tracer:
     """A traced array. Supports the numpy-like surface of SPEC §1 by calling gdsl.numpy."""
-    __slots__ = ("builder", "var")
+    __slots__ = ("builder", "var", "weak_type")
     __array_ufunc__ = None          # numpy defers to our reflected operators
     __array_priority__ = 1000
 
-    def __init__(self, builder: Builder, var: Var):
+    def __init__(self, builder: Builder, var: Var, weak_type: bool = False):
         self.builder = builder
         self.var = var
+        self.weak_type = weak_type  # stands for a Python scalar: promotes like one (dtypes.result_type)
 
     aval = property(lambda self: self.var.aval)
     shape = property(lambda self: self.aval.shape)
