@@ -180,7 +180,8 @@ def fori_loop(lower, upper, body_fun, init_val):
 
 def cond(pred, true_fun, false_fun, *operands):
     """Semantics: `true_fun(*operands) if pred else false_fun(*operands)`; pred is a scalar."""
-    if aval_of(pred).shape != ():
+    _check_callables("cond", {"true_fun": true_fun, "false_fun": false_fun})
+    if _selector_aval(pred, "cond", "pred").shape != ():
         raise type_error(f"cond: pred must be a scalar, got {aval_of(pred)}")
     index = gnp.astype(gnp.not_equal(pred, 0) if aval_of(pred).dtype != dtypes.bool_ else pred, dtypes.int32)
     return _switch(index, (false_fun, true_fun), operands, "cond")
@@ -188,14 +189,33 @@ def cond(pred, true_fun, false_fun, *operands):
 
 def switch(index, branches, *operands):
     """Semantics: `branches[clamp(index, 0, len(branches) - 1)](*operands)`."""
+    if callable(branches) or not hasattr(branches, "__iter__"):
+        raise type_error(f"switch: branches must be a sequence of functions, got {branches!r}")
     branches = tuple(branches)
     if not branches:
         raise type_error("switch needs at least one branch")
-    aval = aval_of(index)
+    _check_callables("switch", {f"branches[{k}]": b for k, b in enumerate(branches)})
+    aval = _selector_aval(index, "switch", "index")
     if aval.shape != () or not dtypes.is_int(aval.dtype):
         raise type_error(f"switch: index must be an integer scalar, got {aval}")
     index = gnp.astype(gnp.clip(index, 0, len(branches) - 1), dtypes.int32)
     return _switch(index, branches, operands, "switch")
+
+
+def _selector_aval(value, what, role):
+    """The type of cond's predicate / switch's index, or a TypeError naming `what` for a value that is not
+    an array or number at all (None, a string, a function)."""
+    try:
+        return aval_of(value)
+    except TypeError:
+        raise type_error(f"{what}: {role} must be a scalar array or a Python number, got "
+                         f"{type(value).__name__} {value!r}") from None
+
+
+def _check_callables(what, functions: dict):
+    for role, fun in functions.items():
+        if not callable(fun):
+            raise type_error(f"{what}: {role} must be a function, got {type(fun).__name__} {fun!r}")
 
 
 def _switch(index, branches, operands, what):
@@ -263,9 +283,11 @@ class RecursiveFunction:
             if not isinstance(r, ShapeDtype):
                 raise TypeError(f"recurse: result must be a pytree of gdsl.ShapeDtype, got {r!r}")
         self.result_avals = tuple(r.aval() for r in self.result_flat)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)):
+            raise TypeError(f"recurse: max_depth must be an int, got {max_depth!r}")
         self.max_depth = int(max_depth)
         if self.max_depth < 1:
-            raise ValueError("recurse: max_depth must be at least 1")
+            raise ValueError(f"recurse: max_depth must be at least 1, got {max_depth!r}")
         self.__name__ = getattr(fun, "__name__", "fn")
         self.__doc__ = getattr(fun, "__doc__", None)
 

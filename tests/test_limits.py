@@ -168,3 +168,99 @@ def test_fori_loop_body_type_errors_name_fori_loop_without_the_counter():
             np.float32(1))
     with pytest.raises(TypeError, match="fori_loop: body_fun must return the structure of init_val"):
         gdsl.jit(lambda x: gdsl.fori_loop(0, 3, lambda i, v: (v, v), x), backend="interpret")(np.float32(1))
+
+
+@pytest.mark.parametrize("options, error", [
+    (dict(grid=0), ValueError), (dict(block=0), ValueError), (dict(grid=-3), ValueError),
+    (dict(block=-1), ValueError), (dict(unroll=0), ValueError), (dict(unroll=-2), ValueError),
+    (dict(grid=2.0), TypeError), (dict(block="64"), TypeError), (dict(unroll=True), TypeError),
+    (dict(control="bogus"), ValueError), (dict(partition="yes"), ValueError), (dict(autotune="x"), ValueError),
+])
+@pytest.mark.parametrize("backend", ["interpret", "cpu", "cuda", "hip"])
+def test_bad_option_values_are_refused_on_every_backend(options, error, backend):
+    (name,) = options
+    with pytest.raises(error, match=f"gdsl.jit: {name} must be"):
+        gdsl.jit(lambda x: x, backend=backend, **options)
+
+
+def test_good_option_values_are_accepted():
+    f = gdsl.jit(lambda x: x + 1, backend="interpret", grid=np.int64(2), block=64, unroll=3, control="host",
+                 partition=np.bool_(True), autotune=False)
+    assert f(np.int32(1)) == 2
+
+
+@pytest.mark.parametrize("max_depth, error", [(1.5, TypeError), ("8", TypeError), (True, TypeError),
+                                              (0, ValueError)])
+def test_max_depth_must_be_a_positive_int(max_depth, error):
+    with pytest.raises(error, match="max_depth"):
+        gdsl.recurse(lambda k: k, result=gdsl.ShapeDtype((), gdsl.int32), max_depth=max_depth)
+
+
+@pytest.mark.parametrize("index", [1.0, np.float32(1), (0, 1.5), np.array([0.0, 1.0])])
+def test_float_indices_are_refused_as_numpy_refuses_them(index):
+    with pytest.raises(IndexError, match=r"valid indices.*test_limits.py"):
+        gdsl.jit(lambda x: x[index], backend="interpret")(np.ones((3, 2), np.float32))
+    with pytest.raises(IndexError, match="valid indices"):
+        gdsl.jit(lambda x: x.at[index].set(0.0), backend="interpret")(np.ones((3, 2), np.float32))
+
+
+def test_traced_index_into_more_than_int32_elements_is_widened_to_int64():
+    big = gdsl.ShapeDtype((2**31 + 10,), gdsl.float32)  # traced only: nothing of that size is allocated
+    for fn in (lambda x, i: x[i], lambda x, i: x.at[i].set(1.0), lambda x, i: x.at[i].get()):
+        ir = str(gdsl.make_ir(fn)(big, np.int32(3)))
+        assert "convert_element_type[new_dtype=i64]" in ir and " 2147483658:i64[]" in ir, ir
+    ir = str(gdsl.make_ir(lambda x: x[2**31 + 3])(big))
+    assert "start=(2147483651,)" in ir, ir
+
+
+@pytest.mark.parametrize("method", ["item", "tolist"])
+def test_item_and_tolist_of_a_tracer_are_concretization_errors(method):
+    with pytest.raises(gdsl.ConcretizationError, match=rf"\.{method}\(\) on a traced value at .*test_limits"):
+        gdsl.jit(lambda x: getattr(x, method)(), backend="interpret")(np.float32(1))
+
+
+def test_numpy_reductions_of_a_tracer_trace_the_gdsl_reduction():
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    f = gdsl.jit(lambda x: (np.sum(x), np.sum(x, axis=1), np.max(x, axis=0), np.mean(x), np.argmax(x, axis=1)),
+                 backend="interpret")
+    got = f(x)
+    for g, e in zip(got, (x.sum(), x.sum(axis=1), x.max(axis=0), x.mean(), x.argmax(axis=1))):
+        np.testing.assert_array_equal(g, e)
+    with pytest.raises(TypeError, match=r"initial is not supported \(at .*test_limits.py"):
+        gdsl.jit(lambda x: np.min(x, initial=3.0), backend="interpret")(x)
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda x: gdsl.cond(None, lambda: x, lambda: x), "cond: pred must be"),
+    (lambda x: gdsl.cond("abc", lambda: x, lambda: x), "cond: pred must be"),
+    (lambda x: gdsl.cond(len, lambda: x, lambda: x), "cond: pred must be"),
+    (lambda x: gdsl.switch(len, [lambda: x]), "switch: index must be"),
+    (lambda x: gdsl.cond(x > 0, 1, lambda: x), "cond: true_fun must be a function"),
+    (lambda x: gdsl.switch(1, [lambda: x, 3]), r"switch: branches\[1\] must be a function"),
+    (lambda x: gdsl.switch(1, lambda: x), "switch: branches must be a sequence"),
+])
+def test_cond_and_switch_name_themselves_for_a_bad_predicate_or_branch(call, words):
+    with pytest.raises(TypeError, match=rf"{words}.*\(at .*test_limits.py"):
+        gdsl.jit(call, backend="interpret")(np.float32(1))
+
+
+def test_concurrent_first_calls_trace_a_signature_once():
+    import threading
+    import time
+
+    def slow_to_trace(x):
+        time.sleep(0.05)  # runs while tracing: the threads overlap there
+        return x * 2
+    f = gdsl.jit(slow_to_trace, backend="interpret")
+    start = threading.Barrier(8)
+    results = []
+
+    def call():
+        start.wait()
+        results.append(f(np.float32(1.5)))
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [3.0] * 8 and f.trace_count == 1

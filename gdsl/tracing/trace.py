@@ -12,12 +12,16 @@ import os
 import sys
 import threading
 
+import numpy as np
+
 from gdsl import dtypes
 from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
 from gdsl.errors import ConcretizationError
 from gdsl.primitives.registry import apply_impl
 
 _GDSL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Frames that are not the user's code: gdsl's own, and numpy's (np.sum(tracer) calls tracer.sum()).
+_LIBRARY_DIRS = tuple(d + os.sep for d in (_GDSL_DIR, os.path.dirname(os.path.abspath(np.__file__))))
 _state = threading.local()
 
 
@@ -37,7 +41,7 @@ def user_location() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_GDSL_DIR + os.sep) and "importlib" not in filename:
+        if not filename.startswith(_LIBRARY_DIRS) and "importlib" not in filename:
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
@@ -217,6 +221,13 @@ class Tracer:
     def __index__(self):
         raise _concretization_error("Using it as a Python int (range(), list index)",
                                     "Index arrays with it instead (x[i]); " + _CONTROL_HINT)
+
+    def item(self, *args):
+        raise _concretization_error(".item()", "Return it from the jitted function to get its value, or "
+                                    "keep computing with it as an array. " + _CONTROL_HINT)
+
+    def tolist(self):
+        raise _concretization_error(".tolist()", "Return it from the jitted function to get its value.")
 
     def __array__(self, *args, **kwargs):
         raise _concretization_error("Converting it to a numpy array",
