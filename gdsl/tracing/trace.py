@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -102,32 +103,25 @@ class Builder:
         return jaxpr, list(self.captured)
 
 
-class tracing:
-    """Context manager that makes a fresh Builder the innermost one."""
-
-    def __init__(self, builder: Builder):
-        self.builder = builder
-
-    def __enter__(self):
-        builder_stack().append(self.builder)
-        return self.builder
-
-    def __exit__(self, *exc):
+@contextlib.contextmanager
+def tracing(builder: Builder):
+    """Make `builder` the innermost Builder for the duration of the `with` block."""
+    builder_stack().append(builder)
+    try:
+        yield builder
+    finally:
         builder_stack().pop()
 
 
-class trace_options:
-    """Context manager making jit options that act at trace time (`unroll`) visible to the tracers."""
-
-    def __init__(self, options: dict):
-        self.options = options
-
-    def __enter__(self):
-        self.saved = getattr(_state, "options", {})
-        _state.options = self.options
-
-    def __exit__(self, *exc):
-        _state.options = self.saved
+@contextlib.contextmanager
+def trace_options(options: dict):
+    """Make the jit options that act at trace time (`unroll`) visible to the tracers in the `with` block."""
+    saved = getattr(_state, "options", {})
+    _state.options = options
+    try:
+        yield
+    finally:
+        _state.options = saved
 
 
 def current_option(name, default=None):
