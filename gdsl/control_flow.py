@@ -153,9 +153,10 @@ def fori_loop(lower, upper, body_fun, init_val):
 
     def body(carry):
         i, val = carry
+        next_i = gnp.add(i, np.asarray(1, index_dtype))  # first, as before: plans in docs and goldens
         out = body_fun(i, val)
         _check_fori_body(val, out)
-        return gnp.add(i, np.asarray(1, index_dtype)), out
+        return next_i, out
 
     unroll = int(current_option("unroll") or 1)
     start = (lower, init_val)
