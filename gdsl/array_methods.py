@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gdsl import numpy as gnp
 from gdsl.indexing import IndexUpdateHelper, getitem
-from gdsl.tracing.trace import Tracer
+from gdsl.tracing.trace import Tracer, type_error
 
 
 def install_array_methods():
@@ -35,4 +35,21 @@ def install_array_methods():
     Tracer.astype = lambda self, dtype: gnp.astype(self, dtype)
     Tracer.transpose = lambda self, *axes: gnp.transpose(self, (axes[0] if len(axes) == 1 else axes) or None)
     for name in ("sum", "max", "min", "mean", "argmax", "argmin"):
-        setattr(Tracer, name, getattr(gnp, name))
+        setattr(Tracer, name, _reduction_method(getattr(gnp, name)))
+
+
+def _reduction_method(fn):
+    """`x.sum(...)` and friends with numpy's method signature, so that numpy's own functions, which call
+    the method of an object they do not know (`np.sum(tracer)` calls `tracer.sum(axis=, dtype=, out=)`),
+    work on traced arrays too."""
+    def method(self, axis=None, dtype=None, out=None, keepdims=False, **unsupported):
+        if out is not None:
+            raise type_error(f"{fn.__name__}(out=...) on a traced array: traced arrays are immutable; use the "
+                             f"returned value")
+        if unsupported:
+            raise type_error(f"{fn.__name__} of a traced array takes axis, dtype and keepdims; "
+                             f"{', '.join(sorted(unsupported))} is not supported")
+        return fn(self if dtype is None else gnp.astype(self, dtype), axis=axis, keepdims=keepdims)
+    method.__name__ = fn.__name__
+    method.__doc__ = fn.__doc__
+    return method

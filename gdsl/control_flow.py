@@ -42,11 +42,13 @@ def _operand(x):
     return x if isinstance(x, Tracer) else gnp.asarray(x)
 
 
-def trace_function(fun, in_avals, in_tree):
-    """Trace `fun` on abstract arguments. Returns (jaxpr, captured values, output pytree def)."""
+def trace_function(fun, in_avals, in_tree, weak=None):
+    """Trace `fun` on abstract arguments (`weak[k]`: argument k stands for a Python scalar and promotes like
+    one). Returns (jaxpr, captured values, output pytree def)."""
     builder = Builder()
+    weak = weak or [False] * len(in_avals)
     with tracing(builder):
-        args = [builder.new_arg(a) for a in in_avals]
+        args = [builder.new_arg(a, w) for a, w in zip(in_avals, weak, strict=True)]
         out = fun(*tree_unflatten(in_tree, args))
         out_flat, out_tree = tree_flatten(out)
         jaxpr, captured = builder.finish([_operand(o) for o in out_flat])
@@ -70,13 +72,19 @@ def while_loop(cond_fun, body_fun, init_val):
     """
     init_flat, tree = tree_flatten(init_val)
     _, args_tree = tree_flatten((init_val,))  # the functions take the carry as one argument
+    weak = [dtypes.is_weak(x) for x in init_flat]
     init_flat = [_operand(x) for x in init_flat]
-    avals = [aval_of(x) for x in init_flat]
-    cond_jaxpr, cond_consts, _ = trace_function(cond_fun, avals, args_tree)
+    while True:  # each pass makes at least one weak carry strong, or is the last
+        avals = [aval_of(x) for x in init_flat]
+        body_jaxpr, body_consts, body_tree = trace_function(body_fun, avals, args_tree, weak)
+        promoted = _promote_weak_carry(init_flat, weak, body_jaxpr.out_avals if body_tree == tree else None)
+        if promoted is None:
+            break
+        init_flat, weak = promoted
+    cond_jaxpr, cond_consts, _ = trace_function(cond_fun, avals, args_tree, weak)
     pred = cond_jaxpr.out_avals
     if len(pred) != 1 or pred[0].shape != () or pred[0].dtype != dtypes.bool_:
         raise type_error(f"while_loop: cond_fun must return a bool scalar, got {_describe(pred)}")
-    body_jaxpr, body_consts, body_tree = trace_function(body_fun, avals, args_tree)
     if body_tree != tree:
         raise type_error(f"while_loop: body_fun must return the structure of init_val {tree}, got {body_tree}")
     if tuple(body_jaxpr.out_avals) != tuple(avals):
@@ -85,6 +93,43 @@ def while_loop(cond_fun, body_fun, init_val):
     outs = bind(while_p, *cond_consts, *body_consts, *init_flat, cond_jaxpr=cond_jaxpr, body_jaxpr=body_jaxpr,
                 cond_nconsts=len(cond_consts), body_nconsts=len(body_consts))
     return tree_unflatten(tree, outs)
+
+
+def _promote_weak_carry(init_flat, weak, body_avals):
+    """A loop carry started from a Python scalar is weakly typed (as in JAX): when the body gives it another
+    dtype, the carry starts as that dtype instead (`fori_loop(0, n, lambda i, t: t + i, 0)` with an int64 `n`
+    carries int64), and the body is traced again. Returns the new (init_flat, weak), or None when nothing
+    changes."""
+    if body_avals is None or len(body_avals) != len(init_flat):
+        return None  # a structure mismatch: while_loop reports it
+    changed = False
+    init_flat, weak = list(init_flat), list(weak)
+    for k, (value, out) in enumerate(zip(init_flat, body_avals)):
+        dtype = dtypes.promote_weak(aval_of(value).dtype, out.dtype)
+        if weak[k] and out.shape == () and dtype != aval_of(value).dtype:
+            init_flat[k] = gnp.astype(value, dtype)
+            weak[k], changed = False, True
+    return (init_flat, weak) if changed else None
+
+
+def _check_fori_body(val, out):
+    """body_fun(i, val) must return val's structure and types, reported in fori_loop's terms (the loop
+    counter that fori_loop adds to the while_loop carry stays out of the message). A carry that stands for
+    a Python scalar may change dtype: while_loop promotes it and traces the body again."""
+    val_flat, val_tree = tree_flatten(val)
+    out_flat, out_tree = tree_flatten(out)
+    if out_tree != val_tree:
+        raise type_error(f"fori_loop: body_fun must return the structure of init_val {val_tree}, got {out_tree}")
+    got = [aval_of(_operand(x)) for x in out_flat]
+    expected = [aval_of(x) for x in val_flat]
+    if any(g.shape != e.shape or g.dtype != e.dtype and not _weak_promotes_to(x, g.dtype)
+           for g, e, x in zip(got, expected, val_flat)):
+        raise type_error(f"fori_loop: body_fun must keep init_val's types {_describe(expected)}, "
+                         f"got {_describe(got)}")
+
+
+def _weak_promotes_to(value, dtype) -> bool:
+    return dtypes.is_weakly_typed(value) and dtypes.promote_weak(value.dtype, dtype) == dtype
 
 
 def fori_loop(lower, upper, body_fun, init_val):
@@ -108,13 +153,23 @@ def fori_loop(lower, upper, body_fun, init_val):
 
     def body(carry):
         i, val = carry
-        return gnp.add(i, np.asarray(1, index_dtype)), body_fun(i, val)
+        next_i = gnp.add(i, np.asarray(1, index_dtype))  # first, as before: plans in docs and goldens
+        out = body_fun(i, val)
+        _check_fori_body(val, out)
+        return next_i, out
 
     unroll = int(current_option("unroll") or 1)
     start = (lower, init_val)
     if unroll > 1:
+        # "k more steps fit" is `i + k <= upper`, written so that nothing overflows: `i + k` wraps past the
+        # dtype's maximum when `upper` is near it (a loop that never ends), `upper - k` below its minimum.
+        lowest = np.iinfo(index_dtype).min + unroll
+        last_start = gnp.subtract(gnp.maximum(upper, np.asarray(lowest, index_dtype)),
+                                  np.asarray(unroll, index_dtype))
+        fits = gnp.greater_equal(upper, np.asarray(lowest, index_dtype))
+
         def cond_unrolled(carry):
-            return gnp.less_equal(gnp.add(carry[0], np.asarray(unroll, index_dtype)), upper)
+            return gnp.logical_and(fits, gnp.less_equal(carry[0], last_start))
 
         def body_unrolled(carry):
             for _ in range(unroll):
@@ -126,7 +181,8 @@ def fori_loop(lower, upper, body_fun, init_val):
 
 def cond(pred, true_fun, false_fun, *operands):
     """Semantics: `true_fun(*operands) if pred else false_fun(*operands)`; pred is a scalar."""
-    if aval_of(pred).shape != ():
+    _check_callables("cond", {"true_fun": true_fun, "false_fun": false_fun})
+    if _selector_aval(pred, "cond", "pred").shape != ():
         raise type_error(f"cond: pred must be a scalar, got {aval_of(pred)}")
     index = gnp.astype(gnp.not_equal(pred, 0) if aval_of(pred).dtype != dtypes.bool_ else pred, dtypes.int32)
     return _switch(index, (false_fun, true_fun), operands, "cond")
@@ -134,14 +190,33 @@ def cond(pred, true_fun, false_fun, *operands):
 
 def switch(index, branches, *operands):
     """Semantics: `branches[clamp(index, 0, len(branches) - 1)](*operands)`."""
+    if callable(branches) or not hasattr(branches, "__iter__"):
+        raise type_error(f"switch: branches must be a sequence of functions, got {branches!r}")
     branches = tuple(branches)
     if not branches:
         raise type_error("switch needs at least one branch")
-    aval = aval_of(index)
+    _check_callables("switch", {f"branches[{k}]": b for k, b in enumerate(branches)})
+    aval = _selector_aval(index, "switch", "index")
     if aval.shape != () or not dtypes.is_int(aval.dtype):
         raise type_error(f"switch: index must be an integer scalar, got {aval}")
     index = gnp.astype(gnp.clip(index, 0, len(branches) - 1), dtypes.int32)
     return _switch(index, branches, operands, "switch")
+
+
+def _selector_aval(value, what, role):
+    """The type of cond's predicate / switch's index, or a TypeError naming `what` for a value that is not
+    an array or number at all (None, a string, a function)."""
+    try:
+        return aval_of(value)
+    except TypeError:
+        raise type_error(f"{what}: {role} must be a scalar array or a Python number, got "
+                         f"{type(value).__name__} {value!r}") from None
+
+
+def _check_callables(what, functions: dict):
+    for role, fun in functions.items():
+        if not callable(fun):
+            raise type_error(f"{what}: {role} must be a function, got {type(fun).__name__} {fun!r}")
 
 
 def _switch(index, branches, operands, what):
@@ -209,9 +284,11 @@ class RecursiveFunction:
             if not isinstance(r, ShapeDtype):
                 raise TypeError(f"recurse: result must be a pytree of gdsl.ShapeDtype, got {r!r}")
         self.result_avals = tuple(r.aval() for r in self.result_flat)
+        if isinstance(max_depth, bool) or not isinstance(max_depth, (int, np.integer)):
+            raise TypeError(f"recurse: max_depth must be an int, got {max_depth!r}")
         self.max_depth = int(max_depth)
         if self.max_depth < 1:
-            raise ValueError("recurse: max_depth must be at least 1")
+            raise ValueError(f"recurse: max_depth must be at least 1, got {max_depth!r}")
         self.__name__ = getattr(fun, "__name__", "fn")
         self.__doc__ = getattr(fun, "__doc__", None)
 

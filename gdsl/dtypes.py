@@ -2,7 +2,9 @@
 
 Promotion follows numpy for the six supported dtypes, with JAX's two refinements: Python scalars are
 weakly typed (they take the array's dtype when they fit its kind), and float64/complex never appear
-(float64 inputs are canonicalised to float32).
+(float64 inputs are canonicalised to float32). Narrower integers (int8/int16/uint8/uint16) are stored as
+int32, which holds all their values; uint32/uint64 are refused (TypeError), since int32/int64 cannot hold all
+theirs and converting would wrap silently. Big-endian data converts to the native byte order.
 """
 from __future__ import annotations
 
@@ -27,13 +29,20 @@ _DEFAULT_OF_KIND = {0: bool_, 1: int32, 2: float32}
 def canonicalize(dtype) -> np.dtype:
     """The gdsl dtype that values of numpy dtype `dtype` are stored as (TypeError if none)."""
     dtype = np.dtype(dtype)
+    if not dtype.isnative:  # big-endian data (`>f4`, `>i4`) holds the same values; they convert on entry
+        dtype = dtype.newbyteorder("=")
     if dtype in SUPPORTED:
         return dtype
     if dtype == np.float64:
         return float32
+    if dtype.kind == "u" and dtype.itemsize >= 4:
+        # int32/int64 cannot hold every uint32/uint64 value: converting would wrap silently.
+        raise TypeError(f"gdsl does not support unsigned dtype {dtype}: its values above "
+                        f"{np.iinfo(int32 if dtype.itemsize == 4 else int64).max} do not fit a signed integer "
+                        f"of its size. Convert explicitly (x.astype(np.int64)) where the values fit")
     if dtype.kind in "iu" and dtype.itemsize <= 4:
-        return int32
-    if dtype.kind in "iu":
+        return int32  # int8/int16/uint8/uint16 fit int32 exactly
+    if dtype.kind == "i":
         return int64
     raise TypeError(f"gdsl does not support dtype {dtype}; use one of "
                     + ", ".join(str(d) for d in SUPPORTED))
@@ -64,12 +73,12 @@ def promote(a: np.dtype, b: np.dtype) -> np.dtype:
 
 def result_type(*operands) -> np.dtype:
     """The dtype an operation on `operands` computes in. Python scalars are weak: they defer to arrays."""
-    strong = [dtype_of(x) for x in operands if not is_weak(x)]
-    weak = [x for x in operands if is_weak(x)]
+    strong = [dtype_of(x) for x in operands if not is_weakly_typed(x)]
+    weak = [x for x in operands if is_weakly_typed(x)]
     out = None
     for d in strong:
         out = d if out is None else promote(out, d)
-    weak_kind = max((_python_kind(x) for x in weak), default=-1)
+    weak_kind = max((_weak_kind(x) for x in weak), default=-1)
     if out is None:
         return _DEFAULT_OF_KIND[weak_kind]
     if weak_kind > _KIND[out]:
@@ -79,6 +88,22 @@ def result_type(*operands) -> np.dtype:
 
 def is_weak(x) -> bool:
     return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def promote_weak(weak_dtype, dtype) -> np.dtype:
+    """The dtype an operation on a weakly typed value of `weak_dtype` and a strong `dtype` computes in."""
+    weak_kind = _KIND[np.dtype(weak_dtype)]
+    return np.dtype(dtype) if _KIND[np.dtype(dtype)] >= weak_kind else _DEFAULT_OF_KIND[weak_kind]
+
+
+def is_weakly_typed(x) -> bool:
+    """A Python scalar, or a traced value standing for one (a Tracer with `weak_type` set: the carry of a
+    loop started from a Python scalar, while the loop's body is traced to learn the carry's dtype)."""
+    return is_weak(x) or getattr(x, "weak_type", False) is True
+
+
+def _weak_kind(x) -> int:
+    return _python_kind(x) if is_weak(x) else _KIND[np.dtype(x.dtype)]
 
 
 def _python_kind(x) -> int:

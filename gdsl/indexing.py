@@ -18,6 +18,10 @@ def _normalize(x, idx):
     """idx -> a list with one entry per axis of x (ints, traced scalars, slices) and the positions of
     None (new axes) in the result."""
     idx = idx if isinstance(idx, tuple) else (idx,)
+    for i in idx:
+        if _is_float_index(i):
+            raise IndexError(f"only integers, slices (`:`), ellipsis (`...`), None and integer arrays are valid "
+                             f"indices, got {i!r} (at {_where()})")
     if sum(i is Ellipsis for i in idx) > 1:
         raise IndexError("an index can only have a single ellipsis ('...')")
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
@@ -34,6 +38,15 @@ def _normalize(x, idx):
     return expanded
 
 
+def _is_float_index(i) -> bool:
+    """x[1.0] is an error in numpy (not x[1]); so are float arrays and traced floats."""
+    if isinstance(i, (float, np.floating)):
+        return True
+    if isinstance(i, Tracer):
+        return dtypes.is_float(i.dtype)
+    return isinstance(i, np.ndarray) and i.dtype.kind == "f"
+
+
 def _is_scalar_index(i) -> bool:
     if isinstance(i, (bool, np.bool_)):
         return False
@@ -47,8 +60,16 @@ def _is_array_index(i) -> bool:
 
 
 def _dynamic_index(i, n):
-    """A traced index with negative values counted from the end (clamping happens in the primitive)."""
+    """A traced index with negative values counted from the end (clamping happens in the primitive). An
+    int32 index into an axis longer than int32 can count is widened to int64 first."""
+    if n - 1 > np.iinfo(aval_of(i).dtype).max:
+        i = gnp.astype(i, dtypes.int64)
     return gnp.where(gnp.less(i, 0), gnp.add(i, n), i)
+
+
+def _static_index(k: int):
+    """A static start position as an index scalar: int32 where it fits, else int64."""
+    return np.int32(k) if k <= np.iinfo(np.int32).max else np.int64(k)
 
 
 def getitem(x, idx):
@@ -83,7 +104,7 @@ def getitem(x, idx):
                 if not -d <= p < d:
                     raise IndexError(f"index {p} is out of bounds for axis {k} with size {d} "
                                      f"(at {_where()})")
-                starts.append(np.int32(p % d))
+                starts.append(_static_index(p % d))
         if all(not isinstance(s, Tracer) for s in starts):
             lim = [int(s) + z for s, z in zip(starts, sizes)]
             x = bind1(structural.slice_p, x, start=tuple(int(s) for s in starts), limit=tuple(lim),
@@ -170,7 +191,7 @@ class _IndexUpdateRef:
                 b, e, s = p.indices(d)
                 if s != 1:
                     raise type_error("x.at[...] takes slices with step 1 only")
-                starts.append(np.int32(b)), window.append(max(e - b, 0)), kept.append(max(e - b, 0))
+                starts.append(_static_index(b)), window.append(max(e - b, 0)), kept.append(max(e - b, 0))
             elif _is_scalar_index(p):
                 window.append(1)
                 if isinstance(p, Tracer):
@@ -179,7 +200,7 @@ class _IndexUpdateRef:
                     p = int(p)
                     if not -d <= p < d:
                         raise IndexError(f"index {p} is out of bounds for an axis of size {d} (at {_where()})")
-                    starts.append(np.int32(p % d))
+                    starts.append(_static_index(p % d))
             else:
                 raise type_error("x.at[...] takes integers, traced integer scalars and slices")
         return _same_int_dtype(starts), tuple(window), tuple(kept)

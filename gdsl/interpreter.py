@@ -1,17 +1,23 @@
 """The reference interpreter: evaluates the IR with numpy. It is the oracle every backend is checked
-against, and what eager (un-jitted) calls run."""
+against, and what eager (un-jitted) calls run.
+
+Sub-programs (loop bodies, branches, recursive calls) are not evaluated by Python recursion: a recursion
+200,000 levels deep would overflow the C stack. Each evaluation is a generator that *yields* the
+sub-evaluation it needs and receives its result; `_run` keeps those generators on an explicit stack (a
+list), so the depth the interpreter reaches is bounded by memory and `max_depth`, not by Python.
+"""
 from __future__ import annotations
 
-import sys
 import threading
 
 import numpy as np
 
 from gdsl.core.ir import Jaxpr, Lit
 from gdsl.errors import RecursionDepthError
+from gdsl.primitives.control import cond_p, recurse_call_p, recurse_p, while_p
 from gdsl.primitives.registry import apply_impl
 
-_frames = threading.local()  # active recursive-function frames: list of (FunctionDef, consts)
+_frames = threading.local()  # active recursive-function frames: list of (FunctionDef, consts, depth)
 
 
 def _frame_stack() -> list:
@@ -20,7 +26,36 @@ def _frame_stack() -> list:
     return _frames.stack
 
 
-def eval_jaxpr(jaxpr: Jaxpr, args) -> list:
+def _run(evaluation):
+    """Drive a generator-based evaluation to its result with an explicit stack of generators.
+
+    A generator yields another generator when it needs that sub-evaluation's result; the result is sent
+    back to it. An exception travels down the stack (thrown into each waiting generator in turn), so
+    their `finally` blocks run as they would with ordinary calls."""
+    stack = [evaluation]
+    value, error = None, None
+    while True:
+        top = stack[-1]
+        try:
+            request = top.throw(error) if error is not None else top.send(value)
+        except StopIteration as done:
+            stack.pop()
+            value, error = done.value, None
+            if not stack:
+                return value
+            continue
+        except BaseException as raised:  # noqa: BLE001 - re-raised below or thrown into the caller's generator
+            stack.pop()
+            if not stack:
+                raise
+            value, error = None, raised
+            continue
+        stack.append(request)
+        value = None
+
+
+def _evaluate(jaxpr: Jaxpr, args):
+    """Generator: evaluate `jaxpr` on `args`; returns its outputs."""
     env = {}
 
     def read(atom):
@@ -29,54 +64,94 @@ def eval_jaxpr(jaxpr: Jaxpr, args) -> list:
     for var, value in zip(jaxpr.in_binders, args, strict=True):
         env[var] = value
     for eqn in jaxpr.eqns:
-        outs = apply_impl(eqn.primitive, [read(a) for a in eqn.inputs], eqn.params,
-                          [v.aval for v in eqn.outs])
+        inputs = [read(a) for a in eqn.inputs]
+        out_avals = [v.aval for v in eqn.outs]
+        control = _CONTROL_RULES.get(eqn.primitive)
+        if control is None:
+            outs = apply_impl(eqn.primitive, inputs, eqn.params, out_avals)
+        else:
+            outs = _conform((yield control(inputs, **eqn.params)), out_avals)
         env.update(zip(eqn.outs, outs))
     return [read(a) for a in jaxpr.outs]
 
 
-def run_program(program, flat_args) -> list:
-    return eval_jaxpr(program.jaxpr, list(program.consts) + list(flat_args))
+def _conform(outs, avals) -> list:
+    """Each result as exactly its declared dtype (what apply_impl does for ordinary primitives)."""
+    return [np.asarray(out, dtype=aval.dtype) for out, aval in zip(outs, avals, strict=True)]
 
 
-def run_while(args, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
+def _while(args, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
     cond_consts = list(args[:cond_nconsts])
     body_consts = list(args[cond_nconsts:cond_nconsts + body_nconsts])
     carry = list(args[cond_nconsts + body_nconsts:])
-    while eval_jaxpr(cond_jaxpr, cond_consts + carry)[0]:
-        carry = eval_jaxpr(body_jaxpr, body_consts + carry)
+    while (yield _evaluate(cond_jaxpr, cond_consts + carry))[0]:
+        carry = yield _evaluate(body_jaxpr, body_consts + carry)
     return carry
 
 
-def run_cond(args, *, branches):
+def _cond(args, *, branches):
     index = int(np.clip(int(args[0]), 0, len(branches) - 1))
-    return eval_jaxpr(branches[index], list(args[1:]))
+    return (yield _evaluate(branches[index], list(args[1:])))
 
 
-def _call(fn, consts, args):
-    stack = _frame_stack()
-    depth = sum(1 for f, _ in stack if f is fn) + 1
+def _call(fn, consts, args, depth):
+    """Generator: one frame of recursive function `fn` at recursion depth `depth`."""
     if depth > fn.max_depth:
         raise RecursionDepthError(
             f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
             f"raise max_depth in @gdsl.recurse(...) if the data needs it")
-    # Each gdsl frame takes a few Python frames; keep Python's own limit out of the way.
-    needed = 64 + 8 * len(stack) + 8
-    if sys.getrecursionlimit() < needed * 4:
-        sys.setrecursionlimit(needed * 4)
-    stack.append((fn, consts))
+    stack = _frame_stack()
+    stack.append((fn, consts, depth))
     try:
-        return eval_jaxpr(fn.jaxpr, list(consts) + list(args))
+        return (yield _evaluate(fn.jaxpr, list(consts) + list(args)))
     finally:
         stack.pop()
 
 
-def run_recurse(args, *, fn):
-    return _call(fn, args[:fn.nconsts], args[fn.nconsts:])
+def _recurse(args, *, fn):
+    """Entering `fn` from outside it: depth 1, or one below an enclosing frame of the same function."""
+    depth = next((d for f, _, d in reversed(_frame_stack()) if f is fn), 0) + 1
+    return (yield _call(fn, args[:fn.nconsts], args[fn.nconsts:], depth))
 
 
-def run_recurse_call(args, *, name, arg_avals, result):
-    for fn, consts in reversed(_frame_stack()):
+def _recurse_call(args, *, name, arg_avals, result):
+    for fn, consts, depth in reversed(_frame_stack()):
         if fn.name == name:
-            return _call(fn, consts, args)
+            return (yield _call(fn, consts, args, depth + 1))
     raise RuntimeError(f"recursive call of {name!r} outside its function")  # the typechecker prevents it
+
+
+_CONTROL_RULES = {while_p: _while, cond_p: _cond, recurse_p: _recurse, recurse_call_p: _recurse_call}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def eval_jaxpr(jaxpr: Jaxpr, args) -> list:
+    return _run(_evaluate(jaxpr, args))
+
+
+def run_program(program, flat_args) -> list:
+    """The program's flat results. A result that is (or views) an argument or constant is copied, as the
+    compiled backends return fresh arrays: writing to a result never changes an input."""
+    inputs = list(program.consts) + list(flat_args)
+    outs = eval_jaxpr(program.jaxpr, inputs)
+    return [out.copy() if any(np.may_share_memory(out, x) for x in inputs if isinstance(x, np.ndarray)) else out
+            for out in outs]
+
+
+def run_while(args, **params):
+    return _run(_while(args, **params))
+
+
+def run_cond(args, **params):
+    return _run(_cond(args, **params))
+
+
+def run_recurse(args, **params):
+    return _run(_recurse(args, **params))
+
+
+def run_recurse_call(args, **params):
+    return _run(_recurse_call(args, **params))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import threading
 import time
 
 import numpy as np
@@ -28,6 +29,35 @@ from gdsl.tracing.trace import (
 )
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier", "partition"})
+_CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False), "autotune": (None, True, False),
+            "barrier": (None, "atomic", "coop")}
+_POSITIVE_INTS = ("grid", "block", "unroll")
+
+
+def check_options(options: dict):
+    """TypeError/ValueError for an unknown option or a value no backend accepts (each backend checks its
+    own further limits: cuda's block sizes, barriers only on cuda)."""
+    unknown = set(options) - KNOWN_OPTIONS
+    if unknown:
+        raise TypeError(f"gdsl.jit: unknown option(s) {sorted(unknown)}; known: {sorted(KNOWN_OPTIONS)}")
+    for name in _POSITIVE_INTS:
+        value = options.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"gdsl.jit: {name} must be a positive int, got {value!r}")
+        if value <= 0:
+            raise ValueError(f"gdsl.jit: {name} must be a positive int, got {value!r}")
+    for name, choices in _CHOICES.items():
+        value = options.get(name)
+        if not _is_choice(value, choices):
+            raise ValueError(f"gdsl.jit: {name} must be one of {choices}, got {value!r}")
+
+
+def _is_choice(value, choices) -> bool:
+    if value is None:
+        return None in choices
+    return isinstance(value, (str, bool, np.bool_)) and any(value == c for c in choices if c is not None)
 
 
 def leaf_aval(x) -> ShapedArray:
@@ -104,9 +134,7 @@ class Lowered:
 
 class Jitted:
     def __init__(self, fun, backend, static_argnums, static_argnames, options):
-        unknown = set(options) - KNOWN_OPTIONS
-        if unknown:
-            raise TypeError(f"gdsl.jit: unknown option(s) {sorted(unknown)}; known: {sorted(KNOWN_OPTIONS)}")
+        check_options(options)
         self.fun = fun
         self.backend = backend
         self.static_argnums = tuple(sorted(static_argnums if isinstance(static_argnums, (tuple, list))
@@ -116,6 +144,9 @@ class Jitted:
         self.options = dict(options)
         self.trace_count = 0
         self._cache: dict = {}
+        # Threads that call a new signature at once trace, lower and load it once. Reentrant: a function
+        # that calls itself while tracing gets the clear error of trace_program, not a deadlock.
+        self._lock = threading.RLock()
         self.__name__ = getattr(fun, "__name__", "main")
         self.__doc__ = getattr(fun, "__doc__", None)
         self.__wrapped__ = fun
@@ -161,21 +192,28 @@ class Jitted:
         key = (in_tree, avals, static, backend, tuple(sorted(self.options.items(), key=str)))
         entry = self._cache.get(key)
         if entry is None:
-            module = backend_module(backend)
-            unknown = set(self.options) - module.KNOWN_OPTIONS
-            if unknown:
-                raise TypeError(f"gdsl.jit: backend {backend!r} has no option(s) {sorted(unknown)}")
-            self.trace_count += 1
-            program = trace_program(self._with_static(args, kwargs), dyn_args, dyn_kwargs, self.__name__,
-                                    self.options)
-            t0 = time.perf_counter()
-            lowering = module.lower(program, self.options)
-            debug(2, f"plan of {self.__name__} ({backend})", str(lowering.plan))
-            debug(3, f"source of {self.__name__} ({backend})", lowering.source)
-            debug(4, "timing", f"lower: {1e3 * (time.perf_counter() - t0):.1f} ms")
-            entry = self._cache[key] = {"program": program, "lowering": lowering, "backend": backend,
-                                        "executable": None, "avals": avals}
+            with self._lock:
+                entry = self._cache.get(key) or self._trace_and_lower(key, backend, args, kwargs, dyn_args,
+                                                                      dyn_kwargs, avals)
         return entry, flat
+
+    def _trace_and_lower(self, key, backend, args, kwargs, dyn_args, dyn_kwargs, avals):
+        """The cache entry of a new signature: its Program and the backend's Lowering (loaded on first call)."""
+        module = backend_module(backend)
+        unknown = set(self.options) - module.KNOWN_OPTIONS
+        if unknown:
+            raise TypeError(f"gdsl.jit: backend {backend!r} has no option(s) {sorted(unknown)}")
+        self.trace_count += 1
+        program = trace_program(self._with_static(args, kwargs), dyn_args, dyn_kwargs, self.__name__,
+                                self.options)
+        t0 = time.perf_counter()
+        lowering = module.lower(program, self.options)
+        debug(2, f"plan of {self.__name__} ({backend})", str(lowering.plan))
+        debug(3, f"source of {self.__name__} ({backend})", lowering.source)
+        debug(4, "timing", f"lower: {1e3 * (time.perf_counter() - t0):.1f} ms")
+        entry = self._cache[key] = {"program": program, "lowering": lowering, "backend": backend,
+                                    "executable": None, "avals": avals}
+        return entry
 
     def lower(self, *args, **kwargs) -> Lowered:
         entry, _ = self._entry(args, kwargs)
@@ -185,18 +223,24 @@ class Jitted:
         entry, flat = self._entry(args, kwargs)
         flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
         if entry["executable"] is None:
-            module = usable_backend(entry["backend"])
-            t0 = time.perf_counter()
-            if self.options.get("autotune"):
-                from gdsl.autotune import autotune
-                entry["lowering"], entry["executable"], chosen = autotune(
-                    module, entry["backend"], entry["program"], self.options, flat)
-                debug(1, f"autotune of {self.__name__}", f"chose {chosen}")
-            else:
-                entry["executable"] = module.load(entry["lowering"])
-            debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+            with self._lock:
+                if entry["executable"] is None:
+                    self._load(entry, flat)
         outs = entry["executable"](flat)
         return tree_unflatten(entry["program"].out_tree, outs)
+
+    def _load(self, entry, flat):
+        """Compile and load the entry's lowering (autotuning first when asked)."""
+        module = usable_backend(entry["backend"])
+        t0 = time.perf_counter()
+        if self.options.get("autotune"):
+            from gdsl.autotune import autotune
+            entry["lowering"], entry["executable"], chosen = autotune(
+                module, entry["backend"], entry["program"], self.options, flat)
+            debug(1, f"autotune of {self.__name__}", f"chose {chosen}")
+        else:
+            entry["executable"] = module.load(entry["lowering"])
+        debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
 
 
 def _as_dtype(x, aval):

@@ -17,7 +17,7 @@ from gdsl import dtypes
 from gdsl.dtypes import bfloat16, bool_, float16, float32, int32, int64  # noqa: F401
 from gdsl.primitives import elementwise as ew
 from gdsl.primitives import linalg, reductions, structural
-from gdsl.tracing.trace import Tracer, aval_of, bind1, type_error
+from gdsl.tracing.trace import Tracer, aval_of, bind1, type_error, user_location
 
 # ----------------------------------------------------------------------------------------------------------
 # helpers
@@ -93,7 +93,20 @@ true_divide = divide
 floor_divide = _elementwise("floor_divide")
 remainder = _elementwise("rem")
 mod = remainder
-power = _elementwise("pow")
+_elementwise_power = _elementwise("pow")
+
+
+def power(base, exponent):
+    """numpy.power. An integer power with a negative exponent known while tracing (a Python int, a numpy
+    value) raises ValueError, as numpy and JAX do. A traced negative integer exponent cannot raise in
+    compiled code: it gives 1 on every backend (docs/guide.md, "Limits and guarantees")."""
+    if not isinstance(exponent, Tracer) and dtypes.is_int(dtypes.result_type(base, exponent)) \
+            and np.any(np.asarray(exponent) < 0):
+        raise ValueError(f"Integers to negative integer powers are not allowed (exponent {exponent!r} at "
+                         f"{user_location()}); raise a float base instead (x.astype(gdsl.float32) ** e)")
+    return _elementwise_power(base, exponent)
+
+
 maximum = _elementwise("max")
 minimum = _elementwise("min")
 equal = _elementwise("eq")

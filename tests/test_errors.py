@@ -159,7 +159,7 @@ def cond_fun_not_scalar(x):
     (body_changes_carry_dtype, ["while_loop", "carry", "f16[]"]),
     (body_changes_carry_shape, ["while_loop", "f32[2]"]),
     (body_changes_carry_structure, ["while_loop", "structure"]),
-    (fori_body_changes_carry, ["while_loop", "i32[]", "f32[]"]),
+    (fori_body_changes_carry, ["fori_loop", "init_val", "(i32[]), got (f32[])"]),
     (cond_fun_not_bool, ["cond_fun", "bool"]),
     (cond_fun_not_scalar, ["cond_fun", "bool"]),
 ], ids=lambda v: getattr(v, "__name__", "") if callable(v) else "")

@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
+
+import numpy as np
 
 from gdsl import dtypes
 from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
@@ -18,6 +21,8 @@ from gdsl.errors import ConcretizationError
 from gdsl.primitives.registry import apply_impl
 
 _GDSL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Frames that are not the user's code: gdsl's own, and numpy's (np.sum(tracer) calls tracer.sum()).
+_LIBRARY_DIRS = tuple(d + os.sep for d in (_GDSL_DIR, os.path.dirname(os.path.abspath(np.__file__))))
 _state = threading.local()
 
 
@@ -37,7 +42,7 @@ def user_location() -> str:
     frame = sys._getframe(1)
     while frame is not None:
         filename = os.path.abspath(frame.f_code.co_filename)
-        if not filename.startswith(_GDSL_DIR + os.sep) and "importlib" not in filename:
+        if not filename.startswith(_LIBRARY_DIRS) and "importlib" not in filename:
             return f"{frame.f_code.co_filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
@@ -58,10 +63,10 @@ class Builder:
         self.captured_vars: list[Var] = []
         self._capture_index: dict[int, Var] = {}
 
-    def new_arg(self, aval: ShapedArray) -> Tracer:
+    def new_arg(self, aval: ShapedArray, weak_type: bool = False) -> Tracer:
         var = Var(aval)
         self.in_binders.append(var)
-        return Tracer(self, var)
+        return Tracer(self, var, weak_type)
 
     def capture(self, value) -> Var:
         """The binder standing for an outer tracer or a closed-over array inside this Builder."""
@@ -98,32 +103,25 @@ class Builder:
         return jaxpr, list(self.captured)
 
 
-class tracing:
-    """Context manager that makes a fresh Builder the innermost one."""
-
-    def __init__(self, builder: Builder):
-        self.builder = builder
-
-    def __enter__(self):
-        builder_stack().append(self.builder)
-        return self.builder
-
-    def __exit__(self, *exc):
+@contextlib.contextmanager
+def tracing(builder: Builder):
+    """Make `builder` the innermost Builder for the duration of the `with` block."""
+    builder_stack().append(builder)
+    try:
+        yield builder
+    finally:
         builder_stack().pop()
 
 
-class trace_options:
-    """Context manager making jit options that act at trace time (`unroll`) visible to the tracers."""
-
-    def __init__(self, options: dict):
-        self.options = options
-
-    def __enter__(self):
-        self.saved = getattr(_state, "options", {})
-        _state.options = self.options
-
-    def __exit__(self, *exc):
-        _state.options = self.saved
+@contextlib.contextmanager
+def trace_options(options: dict):
+    """Make the jit options that act at trace time (`unroll`) visible to the tracers in the `with` block."""
+    saved = getattr(_state, "options", {})
+    _state.options = options
+    try:
+        yield
+    finally:
+        _state.options = saved
 
 
 def current_option(name, default=None):
@@ -176,13 +174,14 @@ _CONTROL_HINT = ("Use gdsl.cond(pred, true_fun, false_fun, *operands) (or gdsl.s
 
 class Tracer:
     """A traced array. Supports the numpy-like surface of SPEC §1 by calling gdsl.numpy."""
-    __slots__ = ("builder", "var")
+    __slots__ = ("builder", "var", "weak_type")
     __array_ufunc__ = None          # numpy defers to our reflected operators
     __array_priority__ = 1000
 
-    def __init__(self, builder: Builder, var: Var):
+    def __init__(self, builder: Builder, var: Var, weak_type: bool = False):
         self.builder = builder
         self.var = var
+        self.weak_type = weak_type  # stands for a Python scalar: promotes like one (dtypes.result_type)
 
     aval = property(lambda self: self.var.aval)
     shape = property(lambda self: self.aval.shape)
@@ -216,6 +215,13 @@ class Tracer:
     def __index__(self):
         raise _concretization_error("Using it as a Python int (range(), list index)",
                                     "Index arrays with it instead (x[i]); " + _CONTROL_HINT)
+
+    def item(self, *args):
+        raise _concretization_error(".item()", "Return it from the jitted function to get its value, or "
+                                    "keep computing with it as an array. " + _CONTROL_HINT)
+
+    def tolist(self):
+        raise _concretization_error(".tolist()", "Return it from the jitted function to get its value.")
 
     def __array__(self, *args, **kwargs):
         raise _concretization_error("Converting it to a numpy array",
