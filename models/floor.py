@@ -162,17 +162,17 @@ class _Counter(Simulator):
             self.read_inputs.add(s)
         return self.mem[s].data[self._slot(value)].reshape(value.aval.shape)
 
-    def _sync(self, stmt: Sync):
+    def run_sync(self, stmt: Sync):
         if stmt.scope == "grid":
             self.count.plan_grid_barriers += 1
             if self.rendered_syncs is None or id(stmt) in self.rendered_syncs:
                 self.count.grid_barriers += 1
 
-    def _launch(self, stmt: Launch):
+    def run_launch(self, stmt: Launch):
         self.count.launches += 1
         self.block(self.plan.kernels[stmt.kernel].body)
 
-    def _loop(self, stmt: Loop):
+    def run_loop(self, stmt: Loop):
         record = self.count.loops[self._loop_index[id(stmt)]]
         before = self.count.grid_barriers
         while True:
@@ -183,7 +183,7 @@ class _Counter(Simulator):
             self.block(stmt.body)
         record["grid_barriers"] += self.count.grid_barriers - before
 
-    def _wave(self, stmt: Wave):
+    def run_wave(self, stmt: Wave):
         # Every Op of a wave computes from the values before the wave (as in the simulator), then writes.
         ops = [task.op for task in stmt.tasks]
         for op in ops:
