@@ -1,0 +1,167 @@
+"""Limits of the CPU backend (issue 14): deep max_depth, Ctrl-C in a runaway loop, long float sums,
+low-precision sums and means, and memory given back (the caller's arrays, compiled code, recursion frames).
+
+Programs that crashed or hung the process before the fixes run in a subprocess, so that a regression fails
+one test instead of killing the suite."""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+
+import numpy as np
+import pytest
+from strategies import requires_backend
+
+import gdsl
+import gdsl.numpy as gnp
+
+pytestmark = requires_backend("cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_python(code: str, timeout=120) -> subprocess.CompletedProcess:
+    """`code` run by a fresh interpreter with this checkout's gdsl on the path."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+DEEP_RECURSION = """
+    import resource
+    import numpy as np
+    import gdsl
+
+    @gdsl.recurse(result=gdsl.ShapeDtype((), gdsl.int32), max_depth={max_depth})
+    def g(k):
+        return gdsl.cond(k > 0, lambda: g(k - 1) + 1, lambda: k)
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(int(gdsl.jit(g, backend="cpu", control="{control}")(np.int32(10))))
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)   # MiB taken by the call
+"""
+
+
+# ------------------------------------------------------------------------------------ recursion depth
+
+def test_max_depth_in_the_millions_runs_a_shallow_recursion():
+    """Item 1: the site stack of 3,000,001 entries was an alloca on the native stack (SIGSEGV)."""
+    done = run_python(DEEP_RECURSION.format(max_depth=3_000_000, control="device"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "10"
+
+
+@pytest.mark.parametrize("control", ["host", "device"])
+def test_huge_max_depth_takes_memory_only_for_the_depth_used(control):
+    """Item 19: max_depth=10**8 with scalar frames touched 2 GB up front under host control."""
+    done = run_python(DEEP_RECURSION.format(max_depth=10**8, control=control))
+    assert done.returncode == 0, done.stderr
+    result, grown_mib = done.stdout.split()
+    assert result == "10"
+    assert int(grown_mib) < 300       # compiling takes some; 10**8 frames of 4+ bytes would be 400+ MiB each
+
+
+def test_recursion_depth_error_still_exact_with_the_workspace_stack():
+    @gdsl.recurse(result=gdsl.ShapeDtype((), gdsl.int32), max_depth=1000)
+    def g(k):
+        return gdsl.cond(k > 0, lambda: g(k - 1) + 1, lambda: k)
+    f = gdsl.jit(g, backend="cpu")
+    assert int(f(np.int32(999))) == 999      # 1000 calls deep
+    with pytest.raises(gdsl.RecursionDepthError):
+        f(np.int32(1000))
+    assert int(f(np.int32(998))) == 998
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+
+RUNAWAY_LOOP = """
+    import os, signal, threading, time
+    import numpy as np
+    import gdsl
+
+    f = gdsl.jit(lambda x: gdsl.while_loop(lambda v: v > -1.0, lambda v: v * 1.5 + 1.0, x), backend="cpu",
+                 {options})
+    f.lower(np.float32(0.0))
+    f(np.float32(-5.0))             # compiled and run once (the loop ends at once)
+    sent = []
+
+    def interrupt():
+        time.sleep(0.5)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt, daemon=True).start()
+    try:
+        f(np.float32(0.0))
+        print("finished")
+    except KeyboardInterrupt:
+        print("interrupted", time.perf_counter() - sent[0])
+    print(float(f(np.float32(-5.0))))   # still usable afterwards
+    print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+"""
+
+
+@pytest.mark.parametrize("options", ["", "grid=2"])
+def test_ctrl_c_stops_a_runaway_device_loop(options):
+    """Item 4: a device-control while_loop that never ends ignored SIGINT (the test timed out)."""
+    try:
+        done = run_python(RUNAWAY_LOOP.format(options=options), timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("SIGINT did not stop the loop")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    word, delay = lines[0].split()
+    assert word == "interrupted" and float(delay) < 2.0
+    assert float(lines[1]) == -5.0
+    assert lines[2] == "True"         # Python's handler is back
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def test_arrays_of_a_call_are_not_kept_alive():
+    """Item 17: the executable kept each signature's last input and output arrays (Executable.arrays)."""
+    f = gdsl.jit(lambda x: x * 2.0 + 1.0, backend="cpu")
+    x = np.ones(1000, np.float32)
+    y = f(x)
+    np.testing.assert_array_equal(y, 3.0)
+    inputs, outputs = weakref.ref(x), weakref.ref(y)
+    del x, y
+    gc.collect()
+    assert inputs() is None and outputs() is None
+
+
+def test_arrays_of_a_host_control_call_are_not_kept_alive():
+    f = gdsl.jit(lambda x, n: gdsl.fori_loop(0, n, lambda i, v: v * 2.0, x), backend="cpu", control="host")
+    x = np.ones(100, np.float32)
+    y = f(x, 3)
+    np.testing.assert_array_equal(y, 8.0)
+    inputs, outputs = weakref.ref(x), weakref.ref(y)
+    del x, y
+    gc.collect()
+    assert inputs() is None and outputs() is None
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_compiled_code_is_freed_with_its_functions():
+    """Item 18: every distinct jitted function's machine code stayed in the process after `del f`."""
+    from gdsl.backends.cpu import runtime
+    x = np.ones(64, np.float32)
+
+    def compile_and_drop(count, start):
+        for k in range(start, start + count):
+            f = gdsl.jit(lambda v, k=k: gnp.tanh(v * float(k)) + float(k) * 0.5, backend="cpu")
+            f(x)
+            module = weakref.ref(runtime.compile_module(f.lower(x).source, []))    # the cached, live one
+            del f
+            gc.collect()
+            assert module() is None, "the compiled module outlived its function"
+    compile_and_drop(10, 1000)        # warm up the allocators
+    before = _rss_bytes()
+    compile_and_drop(50, 2000)
+    assert _rss_bytes() - before < 8 << 20     # 200-260 KB each were kept: 50 functions -> 10+ MB
