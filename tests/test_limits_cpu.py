@@ -82,10 +82,10 @@ RUNAWAY_LOOP = """
     import numpy as np
     import gdsl
 
-    f = gdsl.jit(lambda x: gdsl.while_loop(lambda v: v > -1.0, lambda v: v * 1.5 + 1.0, x), backend="cpu",
-                 {options})
-    f.lower(np.float32(0.0))
-    f(np.float32(-5.0))             # compiled and run once (the loop ends at once)
+    f = gdsl.jit(lambda x: gdsl.while_loop(lambda v: v.reshape(-1)[0] > -1.0, lambda v: v * 1.5 + 1.0, x),
+                 backend="cpu", {options})
+    start, stop = np.full({shape}, 0.0, np.float32), np.full({shape}, -5.0, np.float32)
+    f(stop)                         # compiled and run once (the loop ends at once)
     sent = []
 
     def interrupt():
@@ -94,20 +94,21 @@ RUNAWAY_LOOP = """
         os.kill(os.getpid(), signal.SIGINT)
     threading.Thread(target=interrupt, daemon=True).start()
     try:
-        f(np.float32(0.0))
+        f(start)
         print("finished")
     except KeyboardInterrupt:
         print("interrupted", time.perf_counter() - sent[0])
-    print(float(f(np.float32(-5.0))))   # still usable afterwards
+    print(float(f(stop).reshape(-1)[0]))   # still usable afterwards
     print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
 """
 
 
-@pytest.mark.parametrize("options", ["", "grid=2"])
-def test_ctrl_c_stops_a_runaway_device_loop(options):
-    """Item 4: a device-control while_loop that never ends ignored SIGINT (the test timed out)."""
+@pytest.mark.parametrize("options, shape", [("", "()"), ("grid=2", "()"), ("grid=2, block=64", "(1 << 16,)")])
+def test_ctrl_c_stops_a_runaway_device_loop(options, shape):
+    """Item 4: a device-control while_loop that never ends ignored SIGINT (the test timed out). The last
+    case runs every iteration on two threads with grid barriers, which stop waiting too."""
     try:
-        done = run_python(RUNAWAY_LOOP.format(options=options), timeout=60)
+        done = run_python(RUNAWAY_LOOP.format(options=options, shape=shape), timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("SIGINT did not stop the loop")
     assert done.returncode == 0, done.stderr
