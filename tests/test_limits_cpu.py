@@ -12,6 +12,7 @@ import sys
 import textwrap
 import weakref
 
+import ml_dtypes
 import numpy as np
 import pytest
 from strategies import requires_backend
@@ -166,3 +167,61 @@ def test_compiled_code_is_freed_with_its_functions():
     before = _rss_bytes()
     compile_and_drop(50, 2000)
     assert _rss_bytes() - before < 8 << 20     # 200-260 KB each were kept: 50 functions -> 10+ MB
+
+
+# ------------------------------------------------------------------------------------------ summation
+
+def test_float32_sum_of_many_ones_is_exact():
+    """Item 5: the float32 accumulators stalled at 2**24 each (sum(ones(2**28)) gave 134217728)."""
+    n = 2**26
+    x = np.ones(n, np.float32)
+    assert float(gdsl.jit(gnp.sum, backend="cpu")(x)) == n
+    assert float(gdsl.jit(gnp.mean, backend="cpu")(x)) == 1.0
+
+
+def test_float32_sum_of_ones_after_large_values_does_not_stall():
+    """Every vector lane's float32 accumulator starts at 2**24 and then ignored each 1.0 added to it."""
+    x = np.ones(2**22, np.float32)
+    x[:64] = 2.0**24
+    got = float(gdsl.jit(gnp.sum, backend="cpu")(x))
+    want = float(np.sum(x, dtype=np.float64))
+    assert abs(got - want) / want < 1e-4
+
+
+def test_float32_sum_of_uniform_values_is_accurate():
+    x = np.random.default_rng(0).random(2**25, dtype=np.float32)
+    got = float(gdsl.jit(gnp.sum, backend="cpu")(x))
+    want = float(np.sum(x, dtype=np.float64))
+    assert abs(got - want) / want < 1e-6
+
+
+def test_float32_row_sums_of_long_rows_are_accurate():
+    x = np.random.default_rng(1).random((3, 2**23), dtype=np.float32)
+    got = gdsl.jit(lambda v: gnp.sum(v, axis=1), backend="cpu")(x)
+    np.testing.assert_allclose(got, np.sum(x, axis=1, dtype=np.float64), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- low precision
+
+bf16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float16, bf16])
+def test_low_precision_sums_accumulate_in_float32(backend, dtype):
+    """Item 7: sum(ones(1000, bfloat16)) was 256 on interpret (bf16 accumulation) and 1000 on cpu: both now
+    accumulate in float32 and round the result to the input dtype, as JAX does."""
+    x = np.ones(1000, dtype)
+    got = gdsl.jit(gnp.sum, backend=backend)(x)
+    assert got.dtype == dtype and float(got) == 1000.0
+    rows = gdsl.jit(lambda v: gnp.sum(v, axis=0), backend=backend)(np.ones((1000, 3), dtype))
+    assert rows.dtype == dtype and np.all(rows.astype(np.float32) == 1000.0)
+
+
+@pytest.mark.parametrize("backend", ["interpret", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float16, bf16])
+def test_low_precision_mean_of_many_elements(backend, dtype):
+    """Item 6: mean of more than 65,504 float16 elements cast the count to float16 (inf): 0 or NaN."""
+    x = np.full(100_000, 0.5, dtype)
+    got = gdsl.jit(gnp.mean, backend=backend)(x)
+    assert got.dtype == dtype and float(got) == 0.5
