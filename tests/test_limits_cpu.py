@@ -225,3 +225,25 @@ def test_low_precision_mean_of_many_elements(backend, dtype):
     x = np.full(100_000, 0.5, dtype)
     got = gdsl.jit(gnp.mean, backend=backend)(x)
     assert got.dtype == dtype and float(got) == 0.5
+
+
+# ----------------------------------------------------------------------- C-family (CUDA/HIP) reductions
+
+def _cxx_usable() -> bool:
+    import shutil
+    return shutil.which("g++") is not None or shutil.which("c++") is not None
+
+
+@pytest.mark.skipif(not _cxx_usable(), reason="the CUDA emulator needs a C++ compiler")
+def test_cfamily_float_sum_of_long_lane_runs_uses_partial_sums():
+    """Item 5 on CUDA/HIP: each lane of a reduction added its whole strided run into one float; after a
+    large first value a lane ignored every 1.0 (run on the g++ emulator of the generated code)."""
+    from gdsl.backends.cfamily import emulator
+    x = np.ones(2**21, np.float32)
+    x[:64] = 2.0**24
+    got = float(emulator.emulate(gnp.sum, x, grid=1, block=64))
+    want = float(np.sum(x, dtype=np.float64))
+    assert abs(got - want) / want < 1e-4
+    rows = np.random.default_rng(2).random((2, 2**20), dtype=np.float32)
+    got_rows = emulator.emulate(lambda v: gnp.sum(v, axis=1), rows, grid=1, block=64)
+    np.testing.assert_allclose(got_rows, np.sum(rows, axis=1, dtype=np.float64), rtol=1e-5)
