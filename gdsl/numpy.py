@@ -189,6 +189,8 @@ amax, amin = max, min
 def mean(a, axis=None, keepdims=False):
     a = asarray(a)
     count = math.prod(a.shape[i] for i in _axes(axis, a.ndim))
+    if dtypes.is_float(a.dtype) and a.dtype.itemsize < 4:    # float16/bfloat16: sum and divide in float32
+        return astype(divide(sum(astype(a, float32), axis, keepdims), count), a.dtype)   # (the count may not fit)
     total = sum(astype(a, float32) if not dtypes.is_float(a.dtype) else a, axis, keepdims)
     return divide(total, count)
 

@@ -1,4 +1,5 @@
-"""Reductions over static axes. Results keep the operand dtype (bool sums count in int32);
+"""Reductions over static axes. Results keep the operand dtype (bool sums count in int32; float16 and
+bfloat16 sums accumulate in float32 and round the result, as JAX);
 argmax/argmin return int32 indices of the first extreme value, as numpy."""
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ ARG_REDUCE = {"argmax": np.argmax, "argmin": np.argmin}
 REDUCE_PRIMS = {}
 
 
+def _is_low_float(dtype) -> bool:
+    """float16 / bfloat16: floats that sums accumulate in float32 (every backend, as JAX)."""
+    return dtypes.is_float(dtype) and np.dtype(dtype).itemsize < 4
+
+
 def _declare_reduce(name, rule):
     p = primitive(name, REDUCE, uniform=True)
 
@@ -35,6 +41,8 @@ def _declare_reduce(name, rule):
     def _impl(x, *, axes):
         if name == "reduce_sum" and x.dtype == dtypes.bool_:
             x = x.astype(np.int32)
+        if name == "reduce_sum" and _is_low_float(x.dtype):    # JAX's rule: accumulate in float32, then
+            return [np.asarray(rule(x, axis=tuple(axes), dtype=np.float32)).astype(x.dtype)]   # round
         return [np.asarray(rule(x, axis=tuple(axes)))]
     return p
 

@@ -17,7 +17,7 @@ from gdsl.primitives.registry import register_lowering
 # ---------------------------------------------------------------------------------- reductions (uTask)
 @register_lowering("reduce_sum", backend="cfamily")
 def reduce_sum(ops: OpRenderer) -> str:
-    return whole_reduction(ops, identity="0", combine="a + b")
+    return whole_reduction(ops, identity="0", combine="a + b", partial_sums=dtypes.is_float(ops.ins[0].dtype))
 
 
 @register_lowering("reduce_max", backend="cfamily")
@@ -65,15 +65,21 @@ def _operand_access(ops: OpRenderer, axes) -> tuple[str, str, int, int]:
     return base, load, length, n_out
 
 
-def whole_reduction(ops: OpRenderer, *, identity: str, combine: str) -> str:
-    """reduce_sum/max/min over params["axes"]: `combine` folds accumulators a and b, `identity` starts."""
+SUM_CHUNK = 256     # elements one lane adds into a partial sum before the partial joins its float total
+
+
+def whole_reduction(ops: OpRenderer, *, identity: str, combine: str, partial_sums: bool = False) -> str:
+    """reduce_sum/max/min over params["axes"]: `combine` folds accumulators a and b, `identity` starts.
+    `partial_sums` (float sums): a lane whose run is longer than SUM_CHUNK elements adds them in chunks, each
+    into a fresh partial sum, so that its error does not grow with the run's length."""
     acc = c_types.accumulator(ops.ins[0].dtype)
     base, load, length, n_out = _operand_access(ops, tuple(sorted(ops.op.params["axes"])))
     ident = f"({acc})({identity})"
+    partial = (f"{acc} p = {ident};", f"p = comb(p, {load});", "v = comb(v, p);") if partial_sums else None
     lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
-        step=f"v = comb(v, {load});", store=ops.outs[0].store("o", "v"),
+        step=f"v = comb(v, {load});", store=ops.outs[0].store("o", "v"), partial=partial,
         block_combine=f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);",
         group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(ops.block // ops.dialect.warp_size) * 8)
     return "\n".join(lines) + "\n"
@@ -100,18 +106,29 @@ def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _lane_loop(first, length, stride, step, partial) -> str:
+    """for r in range(first, length, stride): step; with `partial` = (init, step, flush) and more than
+    SUM_CHUNK steps per lane: the steps in chunks of SUM_CHUNK, each folded into a fresh partial, flushed."""
+    if partial is None or length <= stride * SUM_CHUNK:
+        return f"for (int r = {first}; r < {length}; r += {stride}) {{ {step} }}"
+    init, partial_step, flush = partial
+    chunk = stride * SUM_CHUNK
+    return (f"for (int r0 = {first}; r0 < {length}; r0 += {chunk}) {{ {init} "
+            f"for (int r = r0; r < {length} && r - r0 < {chunk}; r += {stride}) {{ {partial_step} }} {flush} }}")
+
+
 def reduction_loops(ops: OpRenderer, *, length, n_out, base, init, step, store, block_combine, group_combine,
-                    smem) -> list[str]:
+                    smem, partial=None) -> list[str]:
     """The two layouts of a reduction uTask: one output row per uTask (the whole block reduces it, then
     `block_combine`), or params["rows"] rows per uTask (a group of up to a warp's lanes per row, then
     `group_combine`, formatted with the group size g). `init` starts an accumulator, `step` folds
-    element r in, `store` writes output o."""
+    element r in, `store` writes output o; `partial`: see _lane_loop."""
     rows = ops.op.params.get("rows", 1)
     thread, block = ops.dialect.thread_index, ops.block
     if rows == 1:
         ops.smem = max(ops.smem, smem)
         return ["  const int o = t;", f"  const int base = {base};", f"  {init}",
-                f"  for (int r = {thread}; r < {length}; r += {block}) {{ {step} }}",
+                f"  {_lane_loop(thread, length, block, step, partial)}",
                 f"  {block_combine}", f"  if ({thread} == 0) {store}"]
     g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
     return [f"  const int g = {thread} / {g}, lane = {thread} % {g};",
@@ -121,7 +138,7 @@ def reduction_loops(ops: OpRenderer, *, length, n_out, base, init, step, store, 
             f"    {init}",
             "    if (ok) {",
             f"      const int base = {base};",
-            f"      for (int r = lane; r < {length}; r += {g}) {{ {step} }}",
+            f"      {_lane_loop('lane', length, g, step, partial)}",
             "    }",
             f"    {group_combine.format(g=g)}",
             f"    if (ok && lane == 0) {store}",

@@ -101,6 +101,7 @@ class Lowering:
     threads: int = 1
     packed: list = field(default_factory=list)    # (const buffer, shape, tile): packed copies, see render.py
     trace: object = None    # gdsl.profiling.sites.TraceSites of an instrumented build (option "profile")
+    region_bytes: int = 0   # one thread's region of the recursion workspace (render.py)
 
 
 def lower(program, options) -> Lowering:
@@ -114,14 +115,14 @@ def lower(program, options) -> Lowering:
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)
     text, symbols = writer.render()
-    return Lowering(plan, text, symbols, threads, writer.packed_operands(), trace)
+    return Lowering(plan, text, symbols, threads, writer.packed_operands(), trace, writer.region_bytes)
 
 
 def load(lowering: Lowering):
     from gdsl.backends.cpu import runtime
-    addresses = runtime.compile_module(lowering.source, lowering.symbols)
-    return runtime.Executable(lowering.plan, addresses, lowering.symbols, lowering.threads, lowering.packed,
-                              lowering.trace)
+    module = runtime.compile_module(lowering.source, lowering.symbols)
+    return runtime.Executable(lowering.plan, module, lowering.symbols, lowering.threads, lowering.packed,
+                              lowering.trace, lowering.region_bytes)
 
 
 def to_device(x):

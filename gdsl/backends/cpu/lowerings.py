@@ -416,7 +416,8 @@ entry:
 
 # A sense-reversing barrier of `n` threads: count arrivals; the last one resets the count and flips the
 # shared sense; the others spin on it a little, then sleep on it with futex (so a machine with more
-# threads than free cores still makes progress). Layout: i32 count, sense, sleepers. seq_cst on the
+# threads than free cores still makes progress). Layout: i32 count, sense, sleepers, interrupt: a waiting
+# thread leaves when the interrupt word is set (runtime._INTERRUPT_IR, which also wakes the sleepers). seq_cst on the
 # sleeper count and the sense flip means no wake-up is lost; acquire/release order every buffer write
 # before the barrier with every read after it. (Linux: syscall 202 = futex, 128 = FUTEX_PRIVATE_FLAG.)
 _BARRIER = r"""
@@ -444,12 +445,17 @@ wakeup:
 done:
   ret void
 spin:
-  %k = phi i32 [0, %entry], [%k1, %wait], [%k1, %slept]
+  %k = phi i32 [0, %entry], [%k1, %patience], [%k1, %slept]
   %f = load atomic i32, ptr %flag acquire, align 4
   %ok = icmp eq i32 %f, %sense
   br i1 %ok, label %out, label %wait
 wait:
   %k1 = add i32 %k, 1
+  %stop_at = getelementptr inbounds i32, ptr %bar, i64 3
+  %stop = load atomic volatile i32, ptr %stop_at monotonic, align 4
+  %stopped = icmp ne i32 %stop, 0
+  br i1 %stopped, label %out, label %patience
+patience:
   %patient = icmp ult i32 %k, 20000
   br i1 %patient, label %spin, label %sleep
 sleep:

@@ -3,8 +3,10 @@
 uTask t computes output elements [t*rows, ...) (params["rows"]), each a full reduction over the reduced
 axes (adjacent ones merged into one loop), in order. A uniform reduction is output element 0.
 
-    whole reductions   float operands fold in float32, others in the output dtype; the start value and
-                       the fold of each kind are its `Fold` (a sum, or an elementwise maximum/minimum)
+    whole reductions   float operands fold in float32 (float16/bfloat16 too: the result is rounded to
+                       the output dtype, as JAX), others in the output dtype; the start value and the
+                       fold of each kind are its `Fold` (a sum, or an elementwise maximum/minimum); float
+                       sums add float32 blocks into a float64 total (reduce_element)
     argmax / argmin    the int32 index of the first extreme; the first NaN wins, as numpy's
 """
 from __future__ import annotations
@@ -62,8 +64,13 @@ MAXIMUM = Fold(lambda x_dtype, acc_dtype: _lowest(x_dtype), maximum)
 MINIMUM = Fold(lambda x_dtype, acc_dtype: _highest(x_dtype), minimum)
 
 
+SUM_BLOCK = 4096     # elements a float sum adds up in float32 before the block's sum joins a float64 total
+
+
 def reduce_element(fn, ops, params, out_aval, idx, *, fold: Fold):
-    """The reduction of output element `idx` (kept axes in order)."""
+    """The reduction of output element `idx` (kept axes in order). A float sum adds blocks of SUM_BLOCK
+    elements in float32 (vectorised: several partial sums) and the blocks' sums in float64, so its error
+    does not grow with the length (one float32 accumulator stalls at 2**24 times its addend)."""
     x = ops.aval(0)
     kept, xs, loops = _reduced_loops(x, tuple(params["axes"]))
     base = affine(fn, 0, zip(idx, [xs[d] for d in kept]))
@@ -71,6 +78,15 @@ def reduce_element(fn, ops, params, out_aval, idx, *, fold: Fold):
     ty = compute_type(acc_dtype)
     acc = fn.alloca(ty, "acc")
     fn.store(ty, fold.start(x.dtype, acc_dtype), acc)
+    blocked = fold is SUM and ty == "float"
+    if blocked:
+        total = fn.alloca("double", "total")
+        fn.store("double", "0.0", total)
+
+    def flush():      # total += acc; acc = 0
+        block_sum = fn.op(f"fpext float {fn.load('float', acc)} to double")
+        fn.store("double", fn.op(f"fadd double {fn.load('double', total)}, {block_sum}"), total)
+        fn.store("float", "0.0", acc)
 
     def nest(level, offset):
         if level == len(loops):
@@ -85,9 +101,25 @@ def reduce_element(fn, ops, params, out_aval, idx, *, fold: Fold):
             fn.store(ty, new, acc)
             return
         n, s = loops[level]
-        fn.loop(0, n, lambda i: nest(level + 1, affine(fn, offset, [(i, s)])))
+
+        def step(i):
+            nest(level + 1, affine(fn, offset, [(i, s)]))
+        if not blocked or level < len(loops) - 1:
+            fn.loop(0, n, step)
+        elif n <= SUM_BLOCK:
+            fn.loop(0, n, step)
+            flush()
+        else:
+            def block(j):
+                fn.loop(j, fn.imin(fn.op(f"add nsw i64 {j}, {SUM_BLOCK}"), n), step)
+                flush()
+            fn.loop(0, n, block, step=SUM_BLOCK)
     nest(0, base)
-    return convert(fn, fn.load(ty, acc), acc_dtype, out_aval.dtype)
+    if not blocked:
+        return convert(fn, fn.load(ty, acc), acc_dtype, out_aval.dtype)
+    if not loops:
+        flush()
+    return convert(fn, fn.op(f"fptrunc double {fn.load('double', total)} to float"), acc_dtype, out_aval.dtype)
 
 
 # ------------------------------------------------------------------------------------ arg reductions

@@ -4,7 +4,7 @@
                         ptr %barrier): %table holds the address of every plan buffer (plan.buffers order),
                         %depths the current depth of every recursive function (host control; device
                         control keeps its own counters). Returns 0, or 1 + the index of the recursive
-                        function that went deeper than its max_depth. %nthreads copies (at most the
+                        function that went deeper than its max_depth, or INTERRUPTED (-1). %nthreads copies (at most the
                         module's `threads`) run at once, thread = 0..nthreads-1: thread k runs the vEUs
                         v with v % nthreads == k; with nthreads = 1 one thread runs them all.
     Op                  three internal functions: the uTask function, void @<prefix>_<op>(one noalias
@@ -25,12 +25,20 @@
                         its uTasks run in order). With one thread: nothing at all.
     packed constants    the right operand of a matmul that is a constant of several column tiles is read
                         from a copy packed tile by tile (gemm.packed_tile), in %table after the buffers
-    Uniforms / Assign   scalars in stack slots of each thread (frame uniforms: one slot per recursion depth)
+    Uniforms / Assign   scalars in stack slots of each thread; frame uniforms (one slot per recursion depth)
+                        live in the thread's region of the recursion workspace (below)
     Loop / Branch       native loops and switches on uniform predicates and indices
     Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
                         return site on fn's site stack, depth += 1, jump to fn's body; the body's end pops
                         the site and switches back to the block after that call
     frame storage       buffer/uniform of fn at index depth_fn + value.frame_offset (max_depth + 2 copies)
+    recursion workspace the site stacks (max_depth + 1 i32 each) and frame uniforms (8 bytes per copy) of the
+                        kernel's recursive functions, in one heap block (a %table slot after the buffers and
+                        the trace buffer): thread k's region starts at k * ModuleWriter.region_bytes. Never
+                        on the native stack, whose few MiB a max_depth in the millions would overflow; the
+                        executable allocates it zeroed and untouched, so only the depths used take memory.
+    interrupts          every Loop's back-edge reads the interrupt word (i32 3 of %barrier, set by the
+                        runtime's SIGINT handler) and returns INTERRUPTED when it is set
 
 Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): %table holds one more slot, after the
 buffers and before the packed copies: the trace buffer, one region per thread (gdsl/profiling/sites.py).
@@ -78,6 +86,9 @@ from gdsl.schedule.plan import (
 from gdsl.schedule.printer import describe_op, describe_uniform
 
 PREFIX = "GDSLPREFIX"
+REGION = "GDSLREGIONBYTES"    # placeholder for the bytes of one thread's recursion workspace region
+INTERRUPTED = -1              # the kernel's return code when the interrupt word was set
+INTERRUPT_WORD = 3            # i32 index of the interrupt word in the barrier block (runtime.Executable)
 NOBODY, MANY = -1, -2      # KernelWriter's record of who worked since the last barrier (else one vEU)
 SELF = "GDSLSELF"
 
@@ -102,7 +113,9 @@ class ModuleWriter:
         self.plan = plan
         self.threads = threads
         self.trace = trace            # TraceSites of an instrumented build, else None
-        self.first_packed = len(plan.buffers) + (1 if trace else 0)
+        self.stack_slot = len(plan.buffers) + (1 if trace else 0)    # the recursion workspace's slot
+        self.first_packed = self.stack_slot + 1
+        self.region_bytes = 0         # one thread's recursion workspace (the largest of the kernels')
         self.op_functions: list[str] = []
         self.run_functions: dict = {}
         self.buffer_index = {id(b): i for i, b in enumerate(plan.buffers)}
@@ -210,8 +223,10 @@ class ModuleWriter:
         kernels, symbols = [], []
         for kernel in plan.kernels:
             symbol = f"{PREFIX}_{kernel.name}"
-            kernels.append(KernelWriter(self, kernel, symbol, host=plan.control == "host").render())
+            writer = KernelWriter(self, kernel, symbol, host=plan.control == "host")
+            kernels.append(writer.render())
             symbols.append(symbol)
+            self.region_bytes = max(self.region_bytes, writer.region_bytes)
         body = "\n".join(self.op_functions + kernels)
         header = (f"; gdsl plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEU(s) "
                   f"on {self.threads} thread(s), {len(plan.buffers)} buffers, {len(self.run_functions)} ops in "
@@ -243,6 +258,9 @@ class KernelWriter:
         self.errors: dict = {}
         self.trace = module.trace
         self.trace_region = self.owed_site = None
+        self.region = None            # this thread's region of the recursion workspace
+        self.region_bytes = 0         # its size so far (every slot 64-byte aligned)
+        self.interruptible = False    # whether some loop checks the interrupt word
 
     # ----------------------------------------------------------------------------------- storage
     def _prologue(self, line):
@@ -296,14 +314,29 @@ class KernelWriter:
         u = value.storage
         ty = compute_type(u.aval.dtype)
         if id(u) not in self.uniform_slots:
-            copies = self.module.functions[u.frame_of].max_depth + 2 if u.frame_of else 0
-            slot = self.fn.name(f"{u.name}_")
-            self._prologue(f"  {slot} = alloca {f'[{copies} x {ty}]' if copies else ty}, align 8")
-            self.uniform_slots[id(u)] = slot
+            if u.frame_of:
+                copies = self.module.functions[u.frame_of].max_depth + 2
+                self.uniform_slots[id(u)] = self._workspace(copies * 8, f"{u.name}_")
+            else:
+                slot = self.fn.name(f"{u.name}_")
+                self._prologue(f"  {slot} = alloca {ty}, align 8")
+                self.uniform_slots[id(u)] = slot
         slot = self.uniform_slots[id(u)]
         if not u.frame_of:
             return slot
         return self.fn.gep(ty, slot, self.frame_index(u.frame_of, value.frame_offset))
+
+    def _workspace(self, nbytes, name) -> str:
+        """The address of `nbytes` of this thread's region of the recursion workspace (zeroed at first)."""
+        if self.region is None:
+            base = self.table_entry(self.module.stack_slot, "stacks")
+            offset, self.region = self.fn.name("regoff"), self.fn.name("region")
+            self._prologue(f"  {offset} = mul i64 %thread, {REGION}")
+            self._prologue(f"  {self.region} = getelementptr inbounds i8, ptr {base}, i64 {offset}")
+        slot = self.fn.name(name)
+        self._prologue(f"  {slot} = getelementptr inbounds i8, ptr {self.region}, i64 {self.region_bytes}")
+        self.region_bytes += -(-nbytes // 64) * 64
+        return slot
 
     def scalar(self, value) -> str:
         """Element 0 of any value, in its compute type."""
@@ -439,6 +472,7 @@ class KernelWriter:
         self._trace_event(self.trace and self.trace.iteration(stmt), end=False)
         self.block(stmt.body)
         self._trace_event(self.trace and self.trace.iteration(stmt), end=True)
+        self._check_interrupt()
         fn.goto(head)
         fn.start(done)
         self._trace_event(self.trace and self.trace.loop(stmt), end=True)
@@ -495,11 +529,21 @@ class KernelWriter:
     STATEMENT_WRITERS = {Wave: _wave, Sync: _sync, Uniforms: _uniforms, Assign: _assign, Loop: _loop,
                          Branch: _branch, Call: _call, Launch: _launch}
 
+    def _check_interrupt(self) -> None:
+        """At a loop's back-edge: return INTERRUPTED if the runtime's SIGINT handler set the interrupt word
+        (a volatile load: it changes under the loop, from a signal handler)."""
+        fn = self.fn
+        word = fn.gep("i32", "%barrier", INTERRUPT_WORD)
+        flag = fn.op(f"load atomic volatile i32, ptr {word} monotonic, align 4")
+        go_on = fn.label("uninterrupted")
+        fn.do(f"br i1 {fn.op(f'icmp ne i32 {flag}, 0')}, label %interrupted, label %{go_on}")
+        fn.start(go_on)
+        self.interruptible = True
+
     def _stack(self, f):
+        """fn's stack of return sites (max_depth + 1 i32), in the recursion workspace."""
         if f.name not in self.stacks:
-            slot = self.fn.name("sites")
-            self._prologue(f"  {slot} = alloca [{f.max_depth + 1} x i32], align 4")
-            self.stacks[f.name] = slot
+            self.stacks[f.name] = self._workspace((f.max_depth + 1) * 4, "sites")
         return self.stacks[f.name]
 
     def _error_block(self, f) -> str:
@@ -566,7 +610,11 @@ class KernelWriter:
             if f.name in self.errors:
                 fn.start(self.errors[f.name])
                 fn.do(f"ret i32 {1 + self.module.fn_index[f.name]}")
+        if self.interruptible:
+            fn.start("interrupted")
+            fn.do(f"ret i32 {INTERRUPTED}")
         if self.kernel.functions:
             fn.start("unreachable")
             fn.do("unreachable")
-        return self.module._number_loops(fn.text(), fn.metadata)
+        text = fn.text().replace(REGION, str(self.region_bytes))
+        return self.module._number_loops(text, fn.metadata)

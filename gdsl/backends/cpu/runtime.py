@@ -1,14 +1,21 @@
 """Compiling and running the CPU backend's modules.
 
-One MCJIT engine per process (llvmlite 0.50 allows no other safe pattern: the engine owns its target
-machine), host CPU and features, new-pass-manager O3. Modules are cached by the hash of their text: a
-second `compile_module` of the same IR returns the cached entry points without recompiling.
+One MCJIT engine per compiled module (llvmlite's engine owns its target machine, so each gets its own), host
+CPU and features, new-pass-manager O3. Modules are cached by the hash of their text while some executable
+uses them: a second `compile_module` of the same IR returns the same machine code without recompiling, and
+the code is freed (weakly cached engine) once no executable needs it.
 
-`Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, consts,
-packed copies of matmul weights: gemm.pack_columns), allocated once with numpy, cache-line aligned; each
-call writes the argument and fresh output addresses into the buffer table and runs the kernel (device
-control) or drives the host program (host control) with an explicit stack in Python. Calls of one
-Executable from several Python threads take turns (the workspace is shared).
+`Executable` owns the workspace of one plan (temps, frame buffers: (max_depth + 2) copies each, the
+recursion workspace of site stacks and frame uniforms (render.py), consts, packed copies of matmul weights:
+gemm.pack_columns), allocated once with numpy, cache-line aligned, zeroed by the OS page by page (memory is
+taken only for the recursion depths used); each call writes the argument and fresh output addresses into the
+buffer table, runs the kernel (device control) or drives the host program (host control) with an explicit
+stack in Python, and then forgets them (the caller's arrays are not kept alive). Calls of one Executable
+from several Python threads take turns (the workspace is shared).
+
+Ctrl-C: while a device-control kernel with loops runs on the main thread, a native SIGINT handler
+(_INTERRUPT_IR) replaces Python's: it sets the executable's interrupt word, every loop back-edge and
+barrier wait sees it and returns, and the call raises KeyboardInterrupt; Python's handler is restored after.
 
 With `threads` > 1 (device control) the kernel runs as that many persistent threads at once, like the
 vEUs of a GPU kernel: the caller's thread is thread 0 and a process-wide pool of worker threads, which
@@ -22,22 +29,25 @@ import ctypes
 import hashlib
 import os
 import re
+import signal
+import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 
 from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cpu.gemm import pack_columns
+from gdsl.backends.cpu.render import INTERRUPTED
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.profiling.sites import HEADER_WORDS
-from gdsl.schedule.plan import Branch, Call, Launch, Loop
+from gdsl.schedule.plan import Branch, Call, Launch, Loop, plan_statements
 
 _lock = threading.Lock()
-_engine = None
-_target_machine = None
-_cache: dict = {}          # sha256 of the module text -> {symbol: address}
+_target_machine = None     # optimises and prints modules; each engine owns a target machine of its own
+_cache = weakref.WeakValueDictionary()     # sha256 of the module text -> its live CompiledModule
 stats = {"compiles": 0, "cache_hits": 0, "last_compile_s": 0.0}
 
 KERNEL_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -49,18 +59,22 @@ def _llvm():
     return llvm
 
 
-def _ensure_engine():
-    global _engine, _target_machine
-    if _engine is None:
+def _host_target_machine():
+    """A new target machine for the host CPU and its features (O3)."""
+    llvm = _llvm()
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    return target.create_target_machine(cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(),
+                                        opt=3, reloc="default", codemodel="jitdefault")
+
+
+def _ensure_target():
+    global _target_machine
+    if _target_machine is None:
         llvm = _llvm()
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
-        target = llvm.Target.from_triple(llvm.get_process_triple())
-        _target_machine = target.create_target_machine(cpu=llvm.get_host_cpu_name(),
-                                                       features=llvm.get_host_cpu_features().flatten(),
-                                                       opt=3, reloc="default", codemodel="jitdefault")
-        _engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), _target_machine)
-    return _engine
+        _target_machine = _host_target_machine()
+    return _target_machine
 
 
 def _compile_error(text, message):
@@ -74,15 +88,31 @@ def _compile_error(text, message):
                         (f"\n  at: {line.strip()}" if line else ""), log=message, source=text, line=line)
 
 
-def compile_module(text: str, symbols) -> dict:
-    """{symbol: address} of the module's entry points; compiled once per distinct text."""
+class CompiledModule:
+    """One module's machine code: its own MCJIT engine (llvmlite's engine owns its target machine, so each
+    gets a new one), freed with the engine when the last Executable that uses it is collected."""
+    def __init__(self, engine, addresses: dict):
+        self.engine = engine
+        self.addresses = addresses      # {symbol: address}
+
+    def __getitem__(self, symbol):
+        return self.addresses[symbol]
+
+    def global_address(self, name) -> int:
+        return self.engine.get_global_value_address(name)
+
+
+def compile_module(text: str, symbols) -> CompiledModule:
+    """The module's machine code and entry points (`module[symbol]`: an address); compiled once per distinct
+    text while some holder of the result is alive (the cache holds it weakly)."""
     key = hashlib.sha256(text.encode()).hexdigest()
     with _lock:
-        if key in _cache:
+        cached = _cache.get(key)
+        if cached is not None:
             stats["cache_hits"] += 1
-            return _cache[key]
+            return cached
         llvm = _llvm()
-        engine = _ensure_engine()
+        _ensure_target()
         t0 = time.perf_counter()
         try:
             mod = llvm.parse_assembly(text)
@@ -90,7 +120,7 @@ def compile_module(text: str, symbols) -> dict:
         except RuntimeError as e:
             raise _compile_error(text, str(e)) from None
         _optimize(mod)
-        engine.add_module(mod)
+        engine = llvm.create_mcjit_compiler(mod, _host_target_machine())
         engine.finalize_object()
         addresses = {s: engine.get_function_address(s) for s in symbols}
         missing = [s for s, a in addresses.items() if not a]
@@ -98,8 +128,8 @@ def compile_module(text: str, symbols) -> dict:
             raise CompileError(f"LLVM module lacks entry points {missing}", source=text)
         stats["compiles"] += 1
         stats["last_compile_s"] = time.perf_counter() - t0
-        _cache[key] = addresses
-        return addresses
+        module = _cache[key] = CompiledModule(engine, addresses)
+        return module
 
 
 def _optimize(mod) -> None:
@@ -117,7 +147,7 @@ def _optimize(mod) -> None:
 def optimized_ir(text: str) -> str:
     """The module after O3, as text (to read what LLVM made of it; adds nothing to the engine)."""
     with _lock:
-        _ensure_engine()
+        _ensure_target()
         mod = _llvm().parse_assembly(text)
         _optimize(mod)
         return str(mod)
@@ -240,9 +270,9 @@ class _Pool:
         """kernel(table, depths, k, threads, barrier) for k in range(threads) at once; the return codes."""
         with self.lock:
             if self.run_job is None:
-                addresses = compile_module(_POOL_IR, ["gdsl_pool_worker", "gdsl_pool_run"])
-                self.run_job = POOL_RUN_TYPE(addresses["gdsl_pool_run"])
-                self.worker = POOL_WORKER_TYPE(addresses["gdsl_pool_worker"])
+                self.module = compile_module(_POOL_IR, ["gdsl_pool_worker", "gdsl_pool_run"])   # kept for good:
+                self.run_job = POOL_RUN_TYPE(self.module["gdsl_pool_run"])       # the workers run its code
+                self.worker = POOL_WORKER_TYPE(self.module["gdsl_pool_worker"])
             while len(self.workers) < threads - 1:    # a new worker waits for the jobs after the last one
                 args = (self.control.ctypes.data, len(self.workers) + 1, int(self.control[:1].view(np.int32)[0]))
                 self.workers.append(threading.Thread(target=self.worker, args=args, daemon=True,
@@ -285,23 +315,96 @@ _pool = _Pool()
 os.register_at_fork(after_in_child=_pool.__init__)     # a forked child has none of the worker threads
 
 
+# The native SIGINT handler: the Python-level handler cannot run while the main thread is in a kernel (ctypes
+# holds it in native code until the kernel returns). It sets the interrupt word (i32 3) of the barrier block
+# that @gdsl_interrupt_target points at, adds 2 to the barrier's sense word (so no barrier wait can complete
+# and a thread about to sleep on it does not) and wakes its sleepers (futex is async-signal-safe).
+_INTERRUPT_IR = r"""
+@gdsl_interrupt_target = global ptr null, align 8
+
+define void @gdsl_on_sigint(i32 %signal) nounwind {
+entry:
+  %bar = load atomic ptr, ptr @gdsl_interrupt_target seq_cst, align 8
+  %none = icmp eq ptr %bar, null
+  br i1 %none, label %out, label %stop
+stop:
+  %word = getelementptr inbounds i32, ptr %bar, i64 3
+  store atomic volatile i32 1, ptr %word seq_cst, align 4
+  %sense = getelementptr inbounds i32, ptr %bar, i64 1
+  %old = atomicrmw add ptr %sense, i32 2 seq_cst, align 4
+  %w = call i64 (i64, ...) @syscall(i64 202, ptr %sense, i32 129, i32 2147483647, ptr null, ptr null, i32 0)
+  br label %out
+out:
+  ret void
+}
+
+declare i64 @syscall(i64, ...)
+"""
+
+
+class _SigAction(ctypes.Structure):
+    """glibc's struct sigaction on Linux (x86-64, aarch64)."""
+    _fields_ = [("handler", ctypes.c_void_p), ("mask", ctypes.c_ulong * 16), ("flags", ctypes.c_int),
+                ("restorer", ctypes.c_void_p)]
+
+
+class _Interrupts:
+    """Ctrl-C for kernels that loop: `run(barrier, call)` calls call() with the native SIGINT handler in
+    place of Python's (main thread only, and only while Python's own handler is the default one that raises
+    KeyboardInterrupt); raises KeyboardInterrupt if SIGINT came during the call."""
+    def __init__(self):
+        self.module = None
+
+    def _setup(self) -> None:
+        if self.module is None:
+            self.module = compile_module(_INTERRUPT_IR, ["gdsl_on_sigint"])
+            self.target = ctypes.c_void_p.from_address(self.module.global_address("gdsl_interrupt_target"))
+            self.action = _SigAction(self.module["gdsl_on_sigint"])
+            self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def run(self, barrier, call):
+        if (not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return call()
+        self._setup()
+        barrier[3] = 0
+        previous = _SigAction()
+        self.target.value = barrier.ctypes.data
+        if self.libc.sigaction(signal.SIGINT, ctypes.byref(self.action), ctypes.byref(previous)) != 0:
+            self.target.value = None
+            return call()
+        try:
+            result = call()
+        finally:
+            self.libc.sigaction(signal.SIGINT, ctypes.byref(previous), None)
+            self.target.value = None
+        if barrier[3]:
+            raise KeyboardInterrupt
+        return result
+
+
+_interrupts = _Interrupts()
+
+
 class Executable:
-    def __init__(self, plan, addresses, symbols, threads=1, packed=(), trace=None):
+    def __init__(self, plan, module, symbols, threads=1, packed=(), trace=None, region_bytes=0):
         self.plan = plan
+        self.module = module          # the CompiledModule: its machine code lives as long as this executable
         self.threads = threads
         self.trace = trace            # TraceSites of an instrumented build: each call fills `last_trace`
         self.last_trace = None        # (uint64 array of `threads` regions, threads that ran)
         self.choice = _ThreadChoice(threads)
         self.lock = threading.Lock()
-        self.barrier = np.zeros(4, dtype=np.int32)
+        self.barrier = np.zeros(4, dtype=np.int32)    # count, sense, sleepers (lowerings._BARRIER), interrupt
         self.barrier_ptr = self.barrier.ctypes.data
-        self.addresses = [addresses[s] for s in symbols]
+        self.addresses = [module[s] for s in symbols]
         self.kernels = [KERNEL_TYPE(a) for a in self.addresses]
         self.functions = list(plan.functions)
         self.fn_index = {f.name: i for i, f in enumerate(self.functions)}
         index = {id(b): i for i, b in enumerate(plan.buffers)}
-        first_packed = len(plan.buffers) + (1 if trace else 0)     # the trace buffer's slot comes first
-        self.table = np.zeros(max(first_packed + len(packed), 1), dtype=np.uint64)
+        stack_slot = len(plan.buffers) + (1 if trace else 0)     # the trace buffer's slot comes first
+        first_packed = stack_slot + 1
+        self.table = np.zeros(first_packed + len(packed), dtype=np.uint64)
         self.depths = np.zeros(max(len(self.functions), 1), dtype=np.int64)
         self.arrays: dict = {}        # id(buffer) -> numpy array (the workspace; frames have a depth axis)
         const_values = iter(plan.consts)
@@ -321,21 +424,34 @@ class Executable:
                 shape = buf.aval.shape
                 if buf.frame_of is not None:
                     shape = (self.functions[self.fn_index[buf.frame_of]].max_depth + 2,) + tuple(shape)
-                arr = _aligned(np.zeros(shape, dtype=buf.aval.dtype))
+                what = f"the frames of recursive function {buf.frame_of!r}" if buf.frame_of else "a temporary"
+                arr = _zeros(shape, buf.aval.dtype, what)
                 self.arrays[id(buf)] = arr
                 self.table[index[id(buf)]] = arr.ctypes.data
+        self.stacks = _zeros((threads * region_bytes,), np.uint8, "the recursive functions' call stacks")
+        self.table[stack_slot] = self.stacks.ctypes.data
         self.packed = [_aligned(pack_columns(self.arrays[id(buf)].reshape(shape), tile)) for buf, shape, tile in packed]
         for k, arr in enumerate(self.packed):
             self.table[first_packed + k] = arr.ctypes.data
         self.table_ptr = self.table.ctypes.data
         self.depths_ptr = self.depths.ctypes.data
         self.program = _flatten_host(plan) if plan.control == "host" else None
+        self.loops = plan.control == "device" and any(isinstance(stmt, Loop) for stmt in plan_statements(plan))
+        self.call_slots = self.input_slots + self.output_slots
 
     def __call__(self, flat_args):
         with self.lock:
             return self._call(flat_args)
 
     def _call(self, flat_args):
+        try:
+            return self._run(flat_args)
+        finally:     # forget the call's arrays: the caller owns them (and frees them when it drops them)
+            for slot, buf in self.call_slots:
+                self.arrays.pop(id(buf), None)
+                self.table[slot] = 0
+
+    def _run(self, flat_args):
         args = []
         for (slot, buf), x in zip(self.input_slots, flat_args):
             arr = np.ascontiguousarray(to_numpy(x), dtype=buf.aval.dtype)
@@ -355,17 +471,23 @@ class Executable:
             if self.trace:
                 threads = self._trace_buffer()
             t0 = time.perf_counter()
+            self.barrier[:] = 0
             if threads > 1:
-                self.barrier[:] = 0
-                codes = _pool.run(self.addresses[0], threads, self.table_ptr, self.depths_ptr, self.barrier_ptr)
+                codes = self._interruptible(lambda: _pool.run(self.addresses[0], threads, self.table_ptr,
+                                                              self.depths_ptr, self.barrier_ptr))
             else:
-                codes = [self.kernels[0](self.table_ptr, self.depths_ptr, 0, 1, self.barrier_ptr)]
+                codes = self._interruptible(lambda: [self.kernels[0](self.table_ptr, self.depths_ptr, 0, 1,
+                                                                     self.barrier_ptr)])
             self.choice.record(threads, time.perf_counter() - t0)
             for code in codes:
                 self._check(code)
         else:
             self._run_host()
         return outs
+
+    def _interruptible(self, call):
+        """call(), stopped by Ctrl-C when the kernel has loops (they check the interrupt word)."""
+        return _interrupts.run(self.barrier, call) if self.loops else call()
 
     def _trace_buffer(self) -> int:
         """The trace buffer in its table slot, one region per thread, its counters zeroed (the records
@@ -378,6 +500,8 @@ class Executable:
         return self.threads
 
     def _check(self, code):
+        if code == INTERRUPTED:
+            raise KeyboardInterrupt
         if code:
             f = self.functions[code - 1]
             raise RecursionDepthError(
@@ -425,6 +549,20 @@ class Executable:
                 pc = returns.pop()
             else:   # halt
                 return
+
+
+def _zeros(shape, dtype, what, align=64):
+    """A zeroed array starting on an `align`-byte boundary whose pages the OS zeroes on first touch (calloc:
+    a frame buffer of max_depth + 2 copies costs memory only for the depths used). MemoryError says `what`
+    the memory is for and how much was asked."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    try:
+        raw = np.zeros(nbytes + align, np.uint8)
+    except MemoryError:
+        raise MemoryError(f"cannot allocate {nbytes} bytes for {what} (recursion takes max_depth + 2 copies of "
+                          f"each frame: lower max_depth in @gdsl.recurse(...) if it is the cause)") from None
+    start = -raw.ctypes.data % align
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _aligned(arr, align=64):
