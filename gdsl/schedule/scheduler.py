@@ -17,11 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 from gdsl.core.ir import Lit, ShapedArray, Var
+from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import CONTROL, OP_KINDS, REDUCE
 from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p
-from gdsl.schedule import partition, utasks
+from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
@@ -755,5 +756,11 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
-    pipelines partitioned (True), never (False), or when estimated faster (None)."""
+    pipelines partitioned (True), never (False), or when estimated faster (None).
+
+    Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration."""
+    hoisted = licm.hoist_program(program)
+    if hoisted is not program:
+        typecheck_program(hoisted)
+        program = hoisted
     return Scheduler(program, control=control, grid=grid, block=block, partition=partition).run()
