@@ -78,8 +78,8 @@ class Value:
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
         name = self.storage.name + ("'" if self.frame_offset else "")
-        if self.offset:
-            name += f"[{self.offset}:{self.offset + self.aval.size}]"
+        if self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
+            name += f"[{self.offset}:{self.offset + self.aval.size}]"     # a view: a window of the storage
         if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
             return f"{name}<{self.aval}>"
         return name
