@@ -160,7 +160,8 @@ class _Counter(Simulator):
             return super().read(value)
         if s.kind in COMPULSORY_KINDS:
             self.read_inputs.add(s)
-        return self.mem[s].data[self._slot(value)].reshape(value.aval.shape)
+        flat = self.mem[s].data[self._slot(value)].reshape(-1)     # a view's window (plan.Value.offset)
+        return flat[value.offset:value.offset + value.aval.size].reshape(value.aval.shape)
 
     def run_sync(self, stmt: Sync):
         if stmt.scope == "grid":

@@ -62,6 +62,9 @@ class Value:
     storage: Any                   # Buffer | Uniform | Lit
     aval: ShapedArray
     frame_offset: int = 0          # 1: the callee's frame (one deeper) of storage.frame_of
+    # A view: the value is the storage's elements [offset, offset + aval.size) in row-major order (a
+    # contiguous static slice, see the scheduler). Views are only read, never written.
+    offset: int = 0
 
     @property
     def is_uniform(self) -> bool:
@@ -75,6 +78,8 @@ class Value:
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
         name = self.storage.name + ("'" if self.frame_offset else "")
+        if self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
+            name += f"[{self.offset}:{self.offset + self.aval.size}]"     # a view: a window of the storage
         if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
             return f"{name}<{self.aval}>"
         return name

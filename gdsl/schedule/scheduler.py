@@ -17,11 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 from gdsl.core.ir import Lit, ShapedArray, Var
+from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
-from gdsl.primitives.registry import CONTROL, OP_KINDS, REDUCE
-from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p
-from gdsl.schedule import partition, utasks
+from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, family_of, is_uniform
+from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p, slice_p
+from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
@@ -50,6 +51,9 @@ UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per inp
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
 # recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
 MAX_FUSED_DEPTH = 64
+# The largest elementwise expression (in nodes) that is recomputed inside a consumer reading its result
+# through a view, instead of running as an op of its own behind a barrier (see Scheduler._inline_window).
+MAX_INLINED_NODES = 8
 
 
 def _use_counts(jaxpr) -> dict:
@@ -79,6 +83,7 @@ class _Item:
     alias: Value | None = None               # write the output here (in-place carry, branch result)
     op: Op | None = None
     index: int = 0                           # position in the segment (program order)
+    inlined: int = 0                         # reads of its result recomputed in consumers through views
 
 
 class Scheduler:
@@ -104,6 +109,7 @@ class Scheduler:
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
         self.hints: dict = {}               # Var -> (Value to write into, carry binder or None)
+        self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0}
 
@@ -127,6 +133,9 @@ class Scheduler:
     def read(self, atom) -> Value:
         if isinstance(atom, Lit):
             return Value(atom, atom.aval)
+        if isinstance(atom, _Window):
+            base = self.read(atom.base)
+            return Value(base.storage, atom.aval, base.frame_offset, base.offset + atom.offset)
         return self.env[atom]
 
     # ---------------------------------------------------------------------------------------- entry
@@ -193,16 +202,19 @@ class Scheduler:
         items: list[_Item] = []
         producer: dict = {}      # Var -> _Item (within this segment)
         order: list = []         # items and reshapes in program order, for storage allocation
+        windows: dict = {}       # alias Var -> _Alias
         for index, eqn in segment:
-            if eqn.primitive is reshape_p:   # an alias of its input's storage: no work
+            if _is_alias(eqn):   # a reshape or a view: a window of its input's storage, no work
                 if eqn.inputs[0] in producer:
                     producer[eqn.outs[0]] = producer[eqn.inputs[0]]
+                if isinstance(eqn.inputs[0], Var):
+                    windows[eqn.outs[0]] = _Alias.of(eqn, windows.get(eqn.inputs[0]))
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
             item = _Item(eqn, uniform, index=index)
             if not uniform and eqn.primitive.fusible:
-                self._fuse(eqn, item, producer, uses)
+                self._fuse(eqn, item, producer, uses, windows)
             for atom in (item.leaves if item.raw_expr is not None else eqn.inputs):
                 if isinstance(atom, Var) and atom in producer:
                     item.deps.add(producer[atom])
@@ -210,6 +222,7 @@ class Scheduler:
                 producer[v] = item
             items.append(item)
             order.append(item)
+        self._absorb_inlined(items, uses, windows)
         items = [it for it in items if not it.absorbed]
         for it in items:         # number the inputs of the expressions that stay ops of their own
             if it.raw_expr is not None:
@@ -223,28 +236,42 @@ class Scheduler:
     def _allocate(self, order):
         """Storage for every value the segment produces, in program order (aliases follow their source)."""
         for entry in order:
-            if not isinstance(entry, _Item):           # a reshape
+            if not isinstance(entry, _Item):           # a reshape or a view
                 src, out = entry.inputs[0], entry.outs[0]
                 if isinstance(src, Lit):
                     self.env[out] = Value(src, out.aval)
+                elif src not in self.env:                  # of a result recomputed where it is read
+                    continue
                 else:
                     value = self.read(src)
-                    self.env[out] = Value(value.storage, out.aval, value.frame_offset)
+                    offset = value.offset + (view_offset(entry) or 0)
+                    self.env[out] = Value(value.storage, out.aval, value.frame_offset, offset)
             elif not entry.absorbed:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
 
-    def _fuse(self, eqn, item, producer, uses):
+    def _fuse(self, eqn, item, producer, uses, windows):
         """`item.raw_expr`: the expression of `eqn` with single-use elementwise producers of this segment
-        folded in; `item.leaves`: the variables it reads, by first appearance (kept per item, so fusing
-        costs time in proportion to the equations, not to the expression sizes)."""
+        folded in, and small ones read through a view recomputed at the view's window (_inline_window);
+        `item.leaves`: the variables it reads, by first appearance (kept per item, so fusing costs time
+        in proportion to the equations, not to the expression sizes)."""
         item.depth = 1
         leaves: dict = {}        # id(var) -> var, in order of first appearance
 
         def build(atom):
             if isinstance(atom, Lit):
                 return Expr("literal", (), {"value": atom.val}, atom.aval)
+            inlined = self._inline_window(atom, producer, windows)
+            if inlined is not None:
+                p, expr = inlined
+                item.depth = max(item.depth, p.depth + 1)
+                for node in _input_nodes(expr):
+                    var = node.params["var"]
+                    leaves.setdefault(id(var), var)
+                    if isinstance(var, _Window) and var.base in producer:
+                        producer[var] = producer[var.base]
+                return expr
             p = producer.get(atom)
             # (a reshape of p's output is not p's output: its index map differs, so it is not fused)
             if p is not None and p.raw_expr is not None and not p.uniform and atom in p.eqn.outs \
@@ -260,6 +287,58 @@ class Scheduler:
         item.raw_expr = Expr(eqn.primitive.name, tuple(build(a) for a in eqn.inputs), dict(eqn.params),
                              eqn.outs[0].aval)
         item.leaves = list(leaves.values())
+
+    def _inline_window(self, atom, producer, windows):
+        """(producer item, expression) when `atom` is a view of the result of a small elementwise
+        expression of this segment whose leaves all have its shape: the expression evaluated at the view's
+        window, its leaves read through the same window (_Window variables). Else None."""
+        alias = windows.get(atom)
+        if alias is None or not alias.viewed:
+            return None
+        root = alias.root
+        p = producer.get(root)
+        if p is None or p.raw_expr is None or p.uniform or root not in p.eqn.outs or \
+                root in self.hints or p.depth >= MAX_FUSED_DEPTH:
+            return None
+        nodes = list(_nodes(p.raw_expr))
+        if len(nodes) > MAX_INLINED_NODES:
+            return None
+        for node in nodes:
+            if node.op == "literal" or (node.op == "input" and node.aval.size == 1):
+                continue       # (a scalar reads the same element everywhere)
+            if alias.window_of(node.aval.shape, atom.aval.shape) is None or \
+                    (node.op != "input" and not _pure_elementwise(node.op)):
+                return None
+
+        def window(node, args):
+            if node.op == "literal":
+                return node
+            offset, shape = alias.window_of(node.aval.shape, atom.aval.shape)
+            aval = ShapedArray(shape, node.aval.dtype)
+            if node.op == "input":
+                if node.aval.size == 1:
+                    return node
+                key = (node.params["var"], offset, aval)
+                if key not in self.window_vars:      # one leaf per window, however often it is read
+                    self.window_vars[key] = _Window(node.params["var"], offset, aval)
+                return Expr("input", (), {"var": self.window_vars[key]}, aval)
+            return Expr(node.op, tuple(args), node.params, aval)
+        p.inlined += 1
+        return p, fold_expr(p.raw_expr, window)
+
+    def _absorb_inlined(self, items, uses, windows):
+        """An item whose result is read only by consumers that recompute it (_inline_window) runs no op."""
+        reads: dict = {}         # root Var -> reads of it and its aliases, by anything but an alias
+        alias_reads: dict = {}
+        for var, alias in windows.items():
+            reads[alias.root] = reads.get(alias.root, 0) + uses.get(var, 0)
+            alias_reads[alias.root] = alias_reads.get(alias.root, 0) + 1
+        for it in items:
+            if it.inlined and not it.absorbed and len(it.eqn.outs) == 1:
+                out = it.eqn.outs[0]
+                if uses.get(out, 0) + reads.get(out, 0) - alias_reads.get(out, 0) == it.inlined:
+                    it.absorbed = True
+                    self.stats["fused_eqns"] += 1
 
     @staticmethod
     def _level(items):
@@ -292,6 +371,10 @@ class Scheduler:
                     #                          reads for a uniform op, with no barrier before the next wave)
             if any(a in names for a in _reads(it)) and not _same_index_read(it, binder):
                 readers_ok = False
+            views_of_carry = names - _alias_closure(jaxpr, binder, views=False)
+            windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
+            if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
+                readers_ok = False       # it reads the carry through a view: at other elements than it writes
             if readers_ok and target.aval == it.eqn.outs[0].aval:
                 it.alias = target
 
@@ -353,10 +436,12 @@ class Scheduler:
 
     @staticmethod
     def _sync_scope(level, unsynced_alone, alone) -> str:
-        """The barrier after wave `level`: "block" when the writes since the last grid barrier and
-        everything after them in the segment are single-uTask ops alone in their waves: all of it runs on
-        vEU 0, in order. Else "grid" (this also keeps in-place writes after reads by other vEUs safe)."""
-        if alone.uniform_after(level) or not unsynced_alone or not alone.all_alone_after(level):
+        """The barrier after wave `level`: "block" when the writes since the last grid barrier and the
+        next wave are single-uTask ops alone in their waves: all of it runs on vEU 0, in order. The
+        barrier after that wave is then a grid barrier unless the same holds again, so whatever runs
+        elsewhere later is behind a grid barrier. Else "grid" (this also keeps in-place writes after reads
+        by other vEUs safe)."""
+        if alone.uniform_after(level) or not unsynced_alone or not alone.next_alone(level):
             return "grid"
         return "block"
 
@@ -462,7 +547,7 @@ class Scheduler:
         """carries[i] = values[i] for all i at once. A value that is itself one of the carries (a swap,
         or a carry passed on unchanged to another slot) goes through a temporary first."""
         pairs = [(c, v) for c, v in zip(carries, values)
-                 if not (v.storage is c.storage and v.frame_offset == c.frame_offset)]
+                 if not (v.storage is c.storage and v.frame_offset == c.frame_offset and v.offset == c.offset)]
         targets = {id(c.storage) for c, _ in pairs}
         staged = []
         for c, v in pairs:
@@ -605,13 +690,39 @@ def _writable(value) -> bool:
     return isinstance(value.storage, Buffer) and value.storage.kind not in ("input", "const")
 
 
-def _alias_closure(jaxpr, var) -> set:
-    """`var` and every reshape of it (they share its storage)."""
+def _alias_closure(jaxpr, var, views=True) -> set:
+    """`var` and every reshape of it (they share its storage), and every view of those (views=True)."""
     names = {var}
     for eqn in jaxpr.eqns:
-        if eqn.primitive is reshape_p and eqn.inputs[0] in names:
+        if (eqn.primitive is reshape_p or (views and view_offset(eqn) is not None)) and eqn.inputs[0] in names:
             names.add(eqn.outs[0])
     return names
+
+
+def view_offset(eqn) -> int | None:
+    """The element offset of a static slice whose window is one contiguous run of its operand, which the
+    plan then reads in place as a view (plan.Value.offset); None for any other equation. One-element
+    windows stay copies: the host reads scalars (predicates, branch indices) from their own buffers."""
+    if eqn.primitive is not slice_p or not isinstance(eqn.inputs[0], Var) or eqn.outs[0].aval.size <= 1:
+        return None
+    p = eqn.params
+    shape = eqn.inputs[0].aval.shape
+    sizes = [len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"])]
+    if any(step != 1 and size > 1 for step, size in zip(p["step"], sizes)):
+        return None
+    first = next((d for d, size in enumerate(sizes) if size != 1), len(sizes))    # outer dims: one index each
+    if any(sizes[d] != shape[d] for d in range(first + 1, len(shape))):           # inner dims: whole
+        return None
+    offset, stride = 0, 1
+    for start, n in zip(reversed(p["start"]), reversed(shape)):
+        offset += start * stride
+        stride *= n
+    return offset
+
+
+def _is_alias(eqn) -> bool:
+    """Does `eqn`'s result share its operand's storage (a reshape, or a view: see view_offset)?"""
+    return eqn.primitive is reshape_p or view_offset(eqn) is not None
 
 
 def _read_until(items) -> dict:
@@ -638,7 +749,7 @@ class _Alone:
                 self.per_level[it.level] = self.per_level.get(it.level, 0) + 1
         self.last_uniform = max((it.level for it in items if it.uniform), default=-2)
         self.alone: dict = {}
-        self.all_after: dict | None = None      # level -> are all global items above it alone?
+        self.next_ok: dict | None = None        # level -> is the next wave above it alone?
 
     def is_alone(self, it) -> bool:
         """Is `it` the only global item of its level, with a single uTask?"""
@@ -650,23 +761,114 @@ class _Alone:
         """Does a uniform op run after wave `level` (every vEU reads for it)?"""
         return self.last_uniform >= level
 
-    def all_alone_after(self, level) -> bool:
-        """Are all global items after wave `level` alone (see is_alone)?"""
-        if self.all_after is None:
+    def next_alone(self, level) -> bool:
+        """Is the next wave after wave `level` one alone item (see is_alone), or is there none?"""
+        if self.next_ok is None:
             top = max(it.level for it in self.items)
-            ok_at = {lv: True for lv in range(-1, top + 1)}
+            ok_at: dict = {}
             for it in self.items:
                 if not it.uniform:
-                    ok_at[it.level] = ok_at[it.level] and self.is_alone(it)
-            self.all_after, ok = {}, True
+                    ok_at[it.level] = ok_at.get(it.level, True) and self.is_alone(it)
+            self.next_ok, ok = {}, True
             for lv in range(top, -2, -1):
-                self.all_after[lv] = ok
-                ok = ok and ok_at[lv]
-        return self.all_after[level]
+                self.next_ok[lv] = ok
+                ok = ok_at.get(lv, ok)
+        return self.next_ok[level]
 
 
 def _reads(item) -> list:
-    return list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
+    """The variables an item reads (a window of a variable counts as a read of that variable)."""
+    atoms = list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
+    return [_base_of(a) for a in atoms]
+
+
+def _base_of(atom):
+    while isinstance(atom, _Window):
+        atom = atom.base
+    return atom
+
+
+@dataclass(frozen=True)
+class _Alias:
+    """What an alias variable (a reshape or view, or a chain of them) is of its root variable: the
+    element offset of its window, whether a view is in the chain, and, when the chain is one static
+    slice (optionally dropping leading unit dimensions), the slice's start and sizes in the root's
+    dimensions (then broadcast operands of the root's expression have windows too: window_of)."""
+    root: Var
+    offset: int
+    viewed: bool
+    start: tuple | None = None
+    sizes: tuple | None = None
+
+    @staticmethod
+    def of(eqn, source: _Alias | None) -> _Alias:
+        src = eqn.inputs[0]
+        own = view_offset(eqn)
+        if source is None:
+            if own is None:
+                return _Alias(src, 0, False)
+            p = eqn.params
+            sizes = tuple(len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"]))
+            return _Alias(src, own, True, tuple(p["start"]), sizes)
+        offset = source.offset + (own or 0)
+        if own is None and source.start is not None and _drops_leading_ones(source.sizes, eqn.outs[0].aval.shape):
+            return _Alias(source.root, offset, source.viewed, source.start, source.sizes)
+        return _Alias(source.root, offset, source.viewed or own is not None)
+
+    def window_of(self, shape, atom_shape):
+        """(element offset, shape) of the window of an operand of shape `shape` (broadcast to the root's
+        shape) that the alias's window reads, as an operand of an expression of shape `atom_shape`; None
+        when there is no such window."""
+        root_shape = self.root.aval.shape
+        if tuple(shape) == tuple(root_shape) and self.start is None:
+            return self.offset, tuple(atom_shape)
+        if self.start is None or len(shape) > len(root_shape):
+            return None
+        padded = (1,) * (len(root_shape) - len(shape)) + tuple(shape)
+        if any(d not in (1, r) for d, r in zip(padded, root_shape)):
+            return None
+        starts = [b if d != 1 else 0 for b, d in zip(self.start, padded)]
+        sizes = [z if d != 1 else 1 for z, d in zip(self.sizes, padded)]
+        offset, stride = 0, 1
+        for b, d in zip(reversed(starts), reversed(padded)):
+            offset += b * stride
+            stride *= d
+        drop = len(sizes) - len(atom_shape)
+        if drop < 0 or any(z != 1 for z in sizes[:drop]):
+            return None
+        return offset, tuple(sizes[drop:])
+
+
+def _drops_leading_ones(sizes, shape) -> bool:
+    """Is `shape` `sizes` with some leading unit dimensions dropped?"""
+    drop = len(sizes) - len(shape)
+    return drop >= 0 and all(z == 1 for z in sizes[:drop]) and tuple(sizes[drop:]) == tuple(shape)
+
+
+class _Window(Var):
+    """Elements [offset, offset + size) of variable `base` read in place: a leaf of an expression
+    recomputed at a view's window (Scheduler._inline_window)."""
+    __slots__ = ("base", "offset")
+
+    def __init__(self, base, offset, aval):
+        super().__init__(aval)
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "offset", offset)
+
+
+def _nodes(expr):
+    yield expr
+    for arg in expr.args:
+        yield from _nodes(arg)
+
+
+def _input_nodes(expr):
+    return (node for node in _nodes(expr) if node.op == "input")
+
+
+def _pure_elementwise(kind) -> bool:
+    """An elementwise primitive with no shape in its params: it commutes with taking a window."""
+    return family_of(kind) == ELEMENTWISE and is_uniform(kind)
 
 
 def _same_index_read(item, binder) -> bool:
@@ -755,5 +957,11 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
-    pipelines partitioned (True), never (False), or when estimated faster (None)."""
+    pipelines partitioned (True), never (False), or when estimated faster (None).
+
+    Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration."""
+    hoisted = licm.hoist_program(program)
+    if hoisted is not program:
+        typecheck_program(hoisted)
+        program = hoisted
     return Scheduler(program, control=control, grid=grid, block=block, partition=partition).run()

@@ -100,8 +100,8 @@ class Simulator:
             return self.uniforms[key].reshape(value.aval.shape)
         m, slot = self.mem[s], self._slot(value)
         if veu is not None and self.check:
-            self._check_read(m, slot, None, veu, op, s.name)
-        return m.data[slot].reshape(value.aval.shape).copy()
+            self._check_read(m, slot, _window(value, None), veu, op, s.name)
+        return _flat(m.data, slot)[_window(value, None)].reshape(value.aval.shape).copy()
 
     def write_uniform(self, value: Value, data):
         s = value.storage
@@ -232,10 +232,11 @@ class Simulator:
         if self.check:
             for k, value in enumerate(op.inputs):
                 if isinstance(value.storage, Buffer):
-                    flat = read_share(op, k, t, self._starts(op))
+                    flat = _window(value, read_share(op, k, t, self._starts(op)))
                     m = self.mem[value.storage]
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name)
         for value, result in zip(op.outputs, results):
+            assert not value.offset, f"{op} writes a view"
             if utasks.in_place_update(op.kind, op.params):
                 flat = window_share(op, t, self._starts(op))
             else:
@@ -246,6 +247,14 @@ class Simulator:
 
 
 # ------------------------------------------------------------------------------------------------ shares
+
+
+def _window(value, flat):
+    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset)."""
+    if flat is None:
+        return slice(None) if not value.offset and value.aval.size == value.storage.aval.size else \
+            np.arange(value.offset, value.offset + value.aval.size)
+    return flat + value.offset if value.offset else flat
 
 
 def write_share(op, t) -> np.ndarray:

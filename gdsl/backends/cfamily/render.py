@@ -224,10 +224,11 @@ class Renderer:
 
     def ptr(self, value: Value) -> str:
         buf = value.buffer
+        base = buf.name
         if buf.kind == "frame":
             frame = self.depth(buf.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
-            return f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
-        return buf.name
+            base = f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
+        return f"({base} + {value.offset})" if value.offset else base   # a view: a window of the storage
 
     def uniform_ref(self, value: Value) -> str:
         u = value.storage

@@ -1,5 +1,10 @@
 """Slices and transposes that need no copy: a renderer-level optimisation (the plan itself is unchanged).
 
+Static slices of one contiguous window no longer reach this module as Ops: the scheduler makes them views
+in the plan (plan.Value.offset; every backend reads through them, see gdsl/schedule/scheduler.py). What is
+left here: dynamic windows (`x[t]`, which need a run-time start) and transposes, and static slices the
+scheduler keeps as copies (one-element windows).
+
 A `slice` or `dynamic_slice` Op whose window is one contiguous run of its source becomes a *view*: its
 output buffer is rendered as a pointer into the source instead of a workspace copy, and the Op does no work
 (weights sliced per layer inside a loop, `x[t]` of a sequence, the gates of an LSTM's fused matmul). A

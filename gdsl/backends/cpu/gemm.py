@@ -41,7 +41,8 @@ def packed_tile(op) -> int:
     if family_of(op.kind) != CONTRACTION:
         return 0
     b, tn = op.inputs[1], op.params["tile_n"]
-    constant = b.buffer is not None and b.buffer.kind == "const"
+    # (a view of a constant, plan.Value.offset, is read in place: the executable packs whole constants)
+    constant = b.buffer is not None and b.buffer.kind == "const" and not b.offset
     return tn if constant and b.aval.ndim >= 2 and b.aval.shape[-1] > tn else 0
 
 

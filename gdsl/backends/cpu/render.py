@@ -94,7 +94,7 @@ SELF = "GDSLSELF"
 
 
 def _storage_key(value):
-    return id(value.storage), value.frame_offset
+    return id(value.storage), value.frame_offset, value.offset
 
 
 def _written(plan):
@@ -304,11 +304,11 @@ class KernelWriter:
     def pointer(self, value) -> str:
         buf = value.storage
         base = self.base(buf)
-        if buf.frame_of is None:
-            return base
-        index = self.frame_index(buf.frame_of, value.frame_offset)
         ty = mem_type(buf.aval.dtype)
-        return self.fn.gep(ty, base, self.fn.op(f"mul nsw i64 {index}, {buf.aval.size}"))
+        if buf.frame_of is not None:
+            index = self.frame_index(buf.frame_of, value.frame_offset)
+            base = self.fn.gep(ty, base, self.fn.op(f"mul nsw i64 {index}, {buf.aval.size}"))
+        return self.fn.gep(ty, base, value.offset) if value.offset else base    # a view: a window of it
 
     def uniform_pointer(self, value) -> str:
         u = value.storage
