@@ -154,17 +154,19 @@ def _load(path):
     return ctypes.CDLL(path)
 
 
-def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None):
+def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None, dialect=None):
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
-    CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
+    CPU emulator (in `dialect`: the emulator's own by default, or gdsl.backends.hip.emulated's HIP dialect).
+    Returns the results in `fun`'s pytree (numpy arrays)."""
     from gdsl.backends.cfamily.executor import Executable
     from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.jit import _as_dtype, leaf_aval, make_ir
     from gdsl.tracing.pytree import tree_flatten, tree_unflatten
     program = make_ir(fun)(*args)
+    dialect = dialect or EmulatorDialect()
     opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition},
-                         EmulatorDialect)
-    lowering = lower_with_grid(program, opts, grid, EmulatorDialect())
+                         dialect)
+    lowering = lower_with_grid(program, opts, grid, dialect)
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]
     outs = Executable(lowering.plan, lowering.rendered, EmulatedDevice())(flat)
