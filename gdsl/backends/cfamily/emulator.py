@@ -8,6 +8,9 @@ small (a few blocks of 32-64 threads): each thread is an OS thread.
 
     device = EmulatedDevice()
     executable = Executable(lowering, device)      # gdsl.backends.cfamily.executor
+
+The HIP dialect runs here too, with 64- or 32-lane wavefronts: gdsl.backends.hip.emulated.EmulatedHIPDialect
+renders the HIP header for emu.h's HIP names (`emulate(..., dialect=EmulatedHIPDialect(64))`).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def cxx() -> str | None:
 
 class EmulatorDialect(Dialect):
     """The base dialect (CUDA's spelling, which emu.h defines) with the emulator's header, kernels as plain
-    functions, shared memory from the emulated block and a launcher per kernel. Warps of 32 lanes: emu.h
-    emulates shuffles for 32."""
+    functions, shared memory from the emulated block and a launcher per kernel. Warps of 32 lanes (emu.h
+    emulates shuffles over GDSL_WARP lanes: 32 unless a dialect's header defines it first)."""
     name = "emulator"
     lowering_chain = ("emulator", "cfamily")
     warp_size = 32
