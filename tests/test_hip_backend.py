@@ -283,3 +283,14 @@ def test_arrays_move_through_dlpack(amd_gpu):
             return (10, 0)
     assert np.array_equal(hip.to_device(RocmTensor()), theirs)
     assert calls_named(amd_gpu, "from_dlpack")
+
+
+@needs_clang
+@pytest.mark.parametrize("arch", ["gfx942", "gfx1100"])
+def test_instrumented_source_compiles_with_the_archs_clock(arch):
+    """gfx11 has no s_memrealtime: the profile clock there is the REALTIME message."""
+    fn, args = PROGRAMS["loop"]
+    lowering = hip.lower(make_ir(fn)(*args), {"arch": arch, "profile": True})
+    clock = "s_sendmsg_rtnl(0x83)" if arch == "gfx1100" else "s_memrealtime()"
+    assert clock in lowering.source
+    assert hip_toolchain.compile_hip_clang(lowering.source, arch)[:4] == b"\x7fELF"

@@ -32,13 +32,18 @@ def wave_size(arch: str) -> int:
     name = arch.split(":")[0]
     if not name.startswith("gfx") or not name[3:].isalnum() or len(name) < 6:
         raise ValueError(f"not an AMD GPU architecture: {arch!r} (expected e.g. 'gfx90a', 'gfx942', 'gfx1100')")
-    generation = name[3:-2]           # gfx90a -> "9", gfx942 -> "9", gfx1030 -> "10", gfx1201 -> "12"
+    generation = _generation(name)
     if generation in ("8", "9"):
         return 64
     if generation in ("10", "11", "12"):
         return 32
     raise ValueError(f"gdsl does not know the wavefront size of {arch!r} (GCN/CDNA gfx8xx/gfx9xx: 64, "
                      f"RDNA gfx10xx-gfx12xx: 32)")
+
+
+def _generation(arch: str) -> str:
+    """gfx90a -> "9", gfx942 -> "9", gfx1030 -> "10", gfx1201 -> "12"."""
+    return arch.split(":")[0][3:-2]
 
 
 class HIPDialect(Dialect):
@@ -61,3 +66,6 @@ class HIPDialect(Dialect):
         self.warp_size = wave_size(self.arch)
         if wave is not None and wave != self.warp_size:
             raise ValueError(f"wave={wave} does not match {arch} ({self.warp_size}-lane wavefronts)")
+        if _generation(self.arch) in ("11", "12"):
+            # RDNA3/4 have no s_memrealtime: the same constant clock comes back from a message (MSG_RTN_GET_REALTIME)
+            self.trace_clock = "(unsigned long long)__builtin_amdgcn_s_sendmsg_rtnl(0x83)"

@@ -5,6 +5,8 @@
 // builtins. hiprtc has all of these built in and never sees this file; keep the two in step.
 #pragma once
 
+typedef __SIZE_TYPE__ size_t;     // no C headers either
+
 #define __global__ __attribute__((global))
 #define __device__ __attribute__((device))
 #define __host__ __attribute__((host))
