@@ -2,34 +2,38 @@
 // POSIX thread. Only for testing the renderer where there is no GPU: blocks and warps are real barriers, so
 // a missing __syncthreads or grid barrier shows up as a wrong answer (or a hang), as it would on a GPU.
 // (C headers only: the standard C++ thread headers would triple the compile time of every test kernel.)
+//
+// Two spellings: the emulator dialect's own (CUDA's names, GDSL_* defined below, 32-lane warps), and with
+// GDSL_EMU_HIP defined first the HIP dialect's header as generated for AMD GPUs (its __shfl_xor, s_sleep,
+// _Float16 half helpers), on top of the HIP names defined here; GDSL_WARP (32 or 64) may be defined first too.
 #include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef GDSL_WARP
+#define GDSL_WARP 32
+#endif
+
 struct gdsl_dim3 { unsigned x, y, z; };
 struct gdsl_emu_block {
   pthread_barrier_t bar;
-  pthread_barrier_t warps[32];
+  pthread_barrier_t warps[1024 / GDSL_WARP];
   unsigned long long lanes[1024];   // one shuffle slot per thread
   char* smem;
 };
 static __thread gdsl_dim3 threadIdx, blockIdx, blockDim, gridDim;
 static __thread gdsl_emu_block* gdsl_emu_cur;
 
-#define GDSL_DEV static inline
-#define GDSL_SHARED_OP static
-#define GDSL_WARP 32
-#define GDSL_SPIN_PAUSE() sched_yield()
 #define __launch_bounds__(n)
 
 static inline void __syncthreads() { pthread_barrier_wait(&gdsl_emu_cur->bar); }
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> static inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  unsigned long long* slots = gdsl_emu_cur->lanes + warp * 32;
+  const int lane = threadIdx.x % GDSL_WARP, warp = threadIdx.x / GDSL_WARP;
+  unsigned long long* slots = gdsl_emu_cur->lanes + warp * GDSL_WARP;
   memcpy(&slots[lane], &v, sizeof(T));
   pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
   T r;
@@ -37,11 +41,25 @@ template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width
   pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
   return r;
 }
+#ifdef GDSL_EMU_HIP
+// The HIP names the HIP dialect's header uses (hiprtc built-ins on an AMD GPU).
+#define __device__
+#define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
+#define __shfl_xor(v, m, w) gdsl_emu_shfl_xor((v), (m), (w))
+#define __builtin_amdgcn_s_sleep(n) sched_yield()
+static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
+#else
+#define GDSL_DEV static inline
+#define GDSL_SHARED_OP static
+#define GDSL_SPIN_PAUSE() sched_yield()
 #define GDSL_SHFL_XOR(v, m, w) gdsl_emu_shfl_xor((v), (m), (w))
 static inline float GDSL_U2F(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static inline unsigned GDSL_F2U(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float gdsl_h2f(unsigned short h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
 static inline unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsigned short h; memcpy(&h, &x, 2); return h; }
+#endif
 
 struct gdsl_emu_thread { gdsl_emu_block* block; int b, t, grid, nthreads; void (*body)(void**); void** args; };
 
@@ -66,7 +84,7 @@ static void gdsl_emu_launch(int grid, int block, int smem, void (*body)(void**),
   pthread_attr_setstacksize(&attr, 1 << 20);
   for (int b = 0; b < grid; ++b) {
     pthread_barrier_init(&blocks[b].bar, 0, block);
-    for (int w = 0; w < block / 32; ++w) pthread_barrier_init(&blocks[b].warps[w], 0, 32);
+    for (int w = 0; w < block / GDSL_WARP; ++w) pthread_barrier_init(&blocks[b].warps[w], 0, GDSL_WARP);
     blocks[b].smem = (char*)aligned_alloc(64, ((smem + 64 + 63) / 64) * 64);
   }
   for (int b = 0; b < grid; ++b)
@@ -78,7 +96,7 @@ static void gdsl_emu_launch(int grid, int block, int smem, void (*body)(void**),
   for (size_t i = 0; i < (size_t)grid * block; ++i) pthread_join(ids[i], 0);
   for (int b = 0; b < grid; ++b) {
     pthread_barrier_destroy(&blocks[b].bar);
-    for (int w = 0; w < block / 32; ++w) pthread_barrier_destroy(&blocks[b].warps[w]);
+    for (int w = 0; w < block / GDSL_WARP; ++w) pthread_barrier_destroy(&blocks[b].warps[w]);
     free(blocks[b].smem);
   }
   pthread_attr_destroy(&attr);

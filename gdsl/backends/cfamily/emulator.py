@@ -8,6 +8,9 @@ small (a few blocks of 32-64 threads): each thread is an OS thread.
 
     device = EmulatedDevice()
     executable = Executable(lowering, device)      # gdsl.backends.cfamily.executor
+
+The HIP dialect runs here too, with 64- or 32-lane wavefronts: gdsl.backends.hip.emulated.EmulatedHIPDialect
+renders the HIP header for emu.h's HIP names (`emulate(..., dialect=EmulatedHIPDialect(64))`).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def cxx() -> str | None:
 
 class EmulatorDialect(Dialect):
     """The base dialect (CUDA's spelling, which emu.h defines) with the emulator's header, kernels as plain
-    functions, shared memory from the emulated block and a launcher per kernel. Warps of 32 lanes: emu.h
-    emulates shuffles for 32."""
+    functions, shared memory from the emulated block and a launcher per kernel. Warps of 32 lanes (emu.h
+    emulates shuffles over GDSL_WARP lanes: 32 unless a dialect's header defines it first)."""
     name = "emulator"
     lowering_chain = ("emulator", "cfamily")
     warp_size = 32
@@ -154,17 +157,19 @@ def _load(path):
     return ctypes.CDLL(path)
 
 
-def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None):
+def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None, dialect=None):
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
-    CPU emulator. Returns the results in `fun`'s pytree (numpy arrays)."""
+    CPU emulator (in `dialect`: the emulator's own by default, or gdsl.backends.hip.emulated's HIP dialect).
+    Returns the results in `fun`'s pytree (numpy arrays)."""
     from gdsl.backends.cfamily.executor import Executable
     from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.jit import _as_dtype, leaf_aval, make_ir
     from gdsl.tracing.pytree import tree_flatten, tree_unflatten
     program = make_ir(fun)(*args)
+    dialect = dialect or EmulatorDialect()
     opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition},
-                         EmulatorDialect)
-    lowering = lower_with_grid(program, opts, grid, EmulatorDialect())
+                         dialect)
+    lowering = lower_with_grid(program, opts, grid, dialect)
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]
     outs = Executable(lowering.plan, lowering.rendered, EmulatedDevice())(flat)

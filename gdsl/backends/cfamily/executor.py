@@ -144,3 +144,103 @@ class Executable:
 def _depth_error(fn) -> RecursionDepthError:
     return RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
                                f"raise max_depth in @gdsl.recurse(...) if the data needs it")
+
+
+# ------------------------------------------------------------------------------ a GPU through CuPy
+# DLPack device types of GPU memory: kDLCUDA, kDLCUDAHost, kDLCUDAManaged (NVIDIA); kDLROCM, kDLROCMHost (AMD).
+DLPACK_GPU_DEVICES = {"cuda": (2, 3, 13), "hip": (10, 11)}
+
+
+class CupyDevice:
+    """The executor's Device on a GPU through CuPy, shared by the CUDA and HIP backends (a CuPy build for CUDA
+    or for ROCm: the same Python API). A backend subclasses it with what differs:
+
+        compile_code(source) -> bytes          the code object for this device (NVRTC CUBIN, hiprtc ELF)
+        max_grid(spec, block) -> int           the most co-resident blocks of a loaded kernel
+        launch(spec, grid, block, args, cooperative)
+    """
+    name = "gpu"
+
+    def __init__(self):
+        import cupy
+        self.cupy = cupy
+        self.kernels = {}
+        self.loaded = None
+
+    def compile_code(self, source: str) -> bytes:
+        raise NotImplementedError
+
+    def compile(self, rendered) -> None:
+        module = self.cupy.cuda.function.Module()
+        module.load(bytes(self.compile_code(rendered.source)))       # cuModuleLoadData / hipModuleLoadData
+        self.kernels = {spec.name: module.get_function(spec.name) for spec in rendered.kernels}
+        self.module, self.loaded = module, rendered
+
+    def load(self, rendered) -> None:
+        if self.loaded is not rendered:
+            self.compile(rendered)
+
+    def to_device(self, x, aval):
+        """CuPy arrays as they are; GPU `__dlpack__` objects (torch tensors on this GPU) without a copy;
+        anything else through numpy, copied in. A dtype other than the traced one is converted on the device."""
+        cp = self.cupy
+        if not isinstance(x, cp.ndarray):
+            if self.on_gpu(x):
+                x = cp.from_dlpack(x)
+            else:
+                return cp.asarray(np.ascontiguousarray(np.asarray(x), dtype=aval.dtype))
+        if x.dtype != aval.dtype:
+            x = x.astype(aval.dtype)
+        return cp.ascontiguousarray(x)
+
+    def on_gpu(self, x) -> bool:
+        return on_gpu(x, self.name)
+
+    def empty(self, aval):
+        return self.cupy.empty(aval.shape, dtype=aval.dtype)     # CuPy 14 holds bfloat16 (ml_dtypes)
+
+    def zeros(self, nbytes):
+        return self.cupy.zeros(max(nbytes, 16), dtype=np.uint8)
+
+    def fetch(self, array):
+        """A device array as numpy (waits for the launch)."""
+        return array.get()
+
+    def read(self, array, byte_offset, dtype):
+        raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
+        return raw.view(dtype)[0]
+
+
+def on_gpu(x, backend: str) -> bool:
+    """Is `x` a `__dlpack__` object in the memory of `backend`'s GPUs ("cuda" or "hip")?"""
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack__"):
+        return False
+    try:
+        return x.__dlpack_device__()[0] in DLPACK_GPU_DEVICES[backend]
+    except Exception:  # noqa: BLE001 - no device query: treat as host memory
+        return False
+
+
+def load_coresident(lowering, device, relower, *, backend: str, attempts: int = 4) -> Executable:
+    """Compile `lowering` on `device` and check that its grid can be co-resident, re-scheduling with
+    `relower(program, options, grid)` at the grid that fits (a persistent grid that does not fit would wait at
+    its first grid barrier forever); the Executable of the first lowering that fits."""
+    from gdsl.debug import debug
+    opts = lowering.options
+    for attempt in range(attempts):
+        device.compile(lowering.rendered)
+        needs = [spec for spec in lowering.rendered.kernels if spec.grid_syncs]
+        limit = min([device.max_grid(spec, opts["block"]) for spec in needs], default=lowering.plan.grid)
+        if limit < 1:
+            raise RuntimeError(f"a block of {opts['block']} threads of this kernel does not fit on the GPU; "
+                               f"use a smaller block")
+        if lowering.plan.grid <= limit:
+            return Executable(lowering.plan, lowering.rendered, device)
+        if attempt == attempts - 1:
+            break
+        debug(1, backend, f"grid {lowering.plan.grid} cannot be co-resident (at most {limit} blocks of "
+                          f"{opts['block']} threads): re-scheduling with grid={limit}")
+        lowering = relower(lowering.program, opts, limit)
+    # Never launch a grid that cannot be co-resident: its grid barriers would wait forever (CuPy would even
+    # shrink a cooperative grid silently, leaving vEUs' uTasks unrun).
+    raise RuntimeError(f"no co-resident grid found for this kernel (last: {lowering.plan.grid} > {limit})")

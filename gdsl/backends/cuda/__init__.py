@@ -20,8 +20,9 @@ import os
 
 import numpy as np
 
+from gdsl.backends.cfamily import executor
 from gdsl.backends.cfamily import lower as cfamily_lower
-from gdsl.backends.cfamily.executor import Executable, Lowering
+from gdsl.backends.cfamily.executor import Lowering
 from gdsl.backends.cfamily.lower import check_options
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda.dialect import CUDADialect
@@ -113,97 +114,36 @@ def cccl_include_dir() -> str | None:
     return path if os.path.isdir(path) else None
 
 
-class CupyDevice:
-    """The executor's Device on a CUDA GPU, through CuPy."""
+class CupyDevice(executor.CupyDevice):
+    """The executor's Device on a CUDA GPU: NVRTC for the device's own sm_XY, CuPy's cooperative launch."""
     name = "cuda"
 
     def __init__(self, barrier="atomic"):
-        import cupy
-        self.cupy = cupy
+        super().__init__()
         self.barrier = barrier
-        self.arch = f"sm_{cupy.cuda.Device().compute_capability}"
-        self.kernels = {}
+        self.arch = f"sm_{self.cupy.cuda.Device().compute_capability}"
 
-    def compile(self, rendered) -> None:
-        cubin = compile_cuda(rendered.source, self.arch, options=compile_options(self.barrier))
-        module = runtime.load_module(cubin)
-        self.kernels = {spec.name: module.get_function(spec.name) for spec in rendered.kernels}
-        self.loaded = rendered
-
-    def load(self, rendered) -> None:
-        if getattr(self, "loaded", None) is not rendered:
-            self.compile(rendered)
+    def compile_code(self, source: str) -> bytes:
+        return compile_cuda(source, self.arch, options=compile_options(self.barrier))
 
     def max_grid(self, spec, block) -> int:
         """The most blocks of this kernel that fit on the GPU at once (a cooperative grid's limit)."""
         return runtime.max_coresident_blocks(self.kernels[spec.name], block)
 
-    def to_device(self, x, aval):
-        """CuPy arrays as they are; GPU `__dlpack__` objects (torch CUDA tensors) without a copy; anything
-        else through numpy, copied in. A dtype other than the traced one is converted on the device."""
-        cp = self.cupy
-        if not isinstance(x, cp.ndarray):
-            if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) and _on_gpu(x):
-                x = cp.from_dlpack(x)
-            else:
-                return cp.asarray(np.ascontiguousarray(np.asarray(x), dtype=aval.dtype))
-        if x.dtype != aval.dtype:
-            x = x.astype(aval.dtype)
-        return cp.ascontiguousarray(x)
-
-    def empty(self, aval):
-        return self.cupy.empty(aval.shape, dtype=aval.dtype)     # CuPy 14 holds bfloat16 (ml_dtypes)
-
-    def zeros(self, nbytes):
-        return self.cupy.zeros(max(nbytes, 16), dtype=np.uint8)
-
     def launch(self, spec, grid, block, args, cooperative):
         self.kernels[spec.name]((grid,), (block,), tuple(args), enable_cooperative_groups=cooperative)
-
-    def fetch(self, array):
-        """A device array as numpy (waits for the launch)."""
-        return array.get()
-
-    def read(self, array, byte_offset, dtype):
-        raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
-        return raw.view(dtype)[0]
-
-
-def _on_gpu(x) -> bool:
-    try:
-        return x.__dlpack_device__()[0] in (2, 3, 13)   # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
-    except Exception:  # noqa: BLE001 - no device query: treat as host memory
-        return False
 
 
 def load(lowering: Lowering):
     """Compile, check co-residency (re-scheduling with a smaller grid if needed) and build the executable."""
-    from gdsl.debug import debug
-    opts = lowering.options
-    device = CupyDevice(opts["barrier"])
-    for attempt in range(4):
-        device.compile(lowering.rendered)
-        needs = [spec for spec in lowering.rendered.kernels if spec.grid_syncs]
-        limit = min([device.max_grid(spec, opts["block"]) for spec in needs], default=lowering.plan.grid)
-        if limit < 1:
-            raise RuntimeError(f"a block of {opts['block']} threads of this kernel does not fit on the GPU; "
-                               f"use a smaller block")
-        if lowering.plan.grid <= limit:
-            return Executable(lowering.plan, lowering.rendered, device)
-        if attempt == 3:
-            break
-        debug(1, "cuda", f"grid {lowering.plan.grid} cannot be co-resident (at most {limit} blocks of "
-                         f"{opts['block']} threads): re-scheduling with grid={limit}")
-        lowering = lower_with_grid(lowering.program, opts, limit)
-    # Never launch a grid that cannot be co-resident: its grid barriers would wait forever (CuPy would even
-    # shrink it silently, leaving vEUs' uTasks unrun).
-    raise RuntimeError(f"no co-resident grid found for this kernel (last: {lowering.plan.grid} > {limit})")
+    device = CupyDevice(lowering.options["barrier"])
+    return executor.load_coresident(lowering, device, lower_with_grid, backend="cuda")
 
 
 def to_device(x):
     import cupy
     if isinstance(x, cupy.ndarray):
         return x
-    if hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray) and _on_gpu(x):
+    if executor.on_gpu(x, "cuda"):
         return cupy.from_dlpack(x)
     return cupy.asarray(np.asarray(x))

@@ -19,10 +19,10 @@ _SCALAR_TYPES = (np.int32, np.int64, np.uint32, np.uint64, np.float32, np.float6
 
 
 def cuda_usable() -> bool:
-    """True if CuPy imports and sees at least one CUDA device. Never raises."""
+    """True if CuPy imports, is CuPy for CUDA (not its ROCm build) and sees a CUDA device. Never raises."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return not cupy.cuda.runtime.is_hip and cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, or CUDARuntimeError when there is no driver
         return False
 

@@ -1,6 +1,7 @@
 """Compile one HIP source with hiprtc (ROCm 5.2's libamdhip64.so.5) through ctypes, in its own process.
 
-Run by gdsl.backends.hip.toolchain as `python _hiprtc_worker.py ARCH OUT_PATH [OPTION ...]`, source on stdin.
+Run by gdsl.backends.hip.toolchain as `python _hiprtc_worker.py LIBRARY ARCH OUT_PATH [OPTION ...]`, source on
+stdin; LIBRARY is the shared library holding hiprtc (libhiprtc.so.7 on ROCm 7, libamdhip64.so.5 on ROCm 5.2).
 It is a subprocess because hiprtc 5.2 aborts the whole process for some archs (gfx940/942, gfx1100/1101).
 It imports nothing from gdsl, so it runs by file path whatever sys.path holds.
 
@@ -10,12 +11,11 @@ Exit status: 0 = code object written to OUT_PATH; 1 = compile error, hiprtc's lo
 import ctypes
 import sys
 
-LIBRARY = "libamdhip64.so.5"  # ROCm 5.2 keeps hiprtc inside the HIP runtime library (no libhiprtc.so yet)
 HIPRTC_ERROR_COMPILATION = 6
 
 
-def compile_hip(source: bytes, arch: str, options: list[str]) -> tuple[int, bytes]:
-    lib = ctypes.CDLL(LIBRARY)
+def compile_hip(library: str, source: bytes, arch: str, options: list[str]) -> tuple[int, bytes]:
+    lib = ctypes.CDLL(library)
     lib.hiprtcGetErrorString.restype = ctypes.c_char_p
     prog = ctypes.c_void_p()
     status = lib.hiprtcCreateProgram(ctypes.byref(prog), source, b"gdsl.hip", 0, None, None)
@@ -41,9 +41,9 @@ def compile_hip(source: bytes, arch: str, options: list[str]) -> tuple[int, byte
 
 
 def main() -> int:
-    arch, out_path, *options = sys.argv[1:]
+    library, arch, out_path, *options = sys.argv[1:]
     try:
-        status, payload = compile_hip(sys.stdin.buffer.read(), arch, options)
+        status, payload = compile_hip(library, sys.stdin.buffer.read(), arch, options)
     except OSError as e:  # the library is missing
         status, payload = 2, str(e).encode()
     if status == 0:

@@ -5,6 +5,8 @@
 // builtins. hiprtc has all of these built in and never sees this file; keep the two in step.
 #pragma once
 
+typedef __SIZE_TYPE__ size_t;     // no C headers either
+
 #define __global__ __attribute__((global))
 #define __device__ __attribute__((device))
 #define __host__ __attribute__((host))
@@ -61,3 +63,57 @@ GDSL_ATOMIC_ADD(float)
 typedef _Float16 __half;
 static __device__ __forceinline__ float __half2float(__half h) { return (float)h; }
 static __device__ __forceinline__ __half __float2half(float f) { return (__half)f; }
+
+// Bit casts (hiprtc built-ins).
+static __device__ __forceinline__ float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
+static __device__ __forceinline__ unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
+
+// HIP's __shfl_xor: lane ^ mask within groups of `width` lanes (a lane whose partner is outside its group
+// keeps its own value), through ds_bpermute, one 32-bit word at a time.
+static __device__ __forceinline__ int gdsl_lane_id() {
+  return __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
+}
+template <typename T> static __device__ __forceinline__ T __shfl_xor(T var, int lane_mask, int width) {
+  const int self = gdsl_lane_id();
+  int index = self ^ lane_mask;
+  index = index >= ((self + width) & ~(width - 1)) ? self : index;
+  int words[(sizeof(T) + 3) / 4];
+  __builtin_memcpy(words, &var, sizeof(T));
+  for (unsigned i = 0; i < sizeof(words) / 4; ++i) words[i] = __builtin_amdgcn_ds_bpermute(index << 2, words[i]);
+  T out;
+  __builtin_memcpy(&out, words, sizeof(T));
+  return out;
+}
+
+// The float math the elementwise table and the prelude use. Without -nogpulib's ocml most lower to AMDGPU
+// instructions; tanhf and erff have no instruction and no libcall, so they are built here from expf.
+static __device__ __forceinline__ float expf(float x) { return __builtin_expf(x); }
+static __device__ __forceinline__ float logf(float x) { return __builtin_logf(x); }
+static __device__ __forceinline__ float sqrtf(float x) { return __builtin_sqrtf(x); }
+static __device__ __forceinline__ float fabsf(float x) { return __builtin_fabsf(x); }
+static __device__ __forceinline__ float floorf(float x) { return __builtin_floorf(x); }
+static __device__ __forceinline__ float copysignf(float x, float y) { return __builtin_copysignf(x, y); }
+static __device__ __forceinline__ float fmodf(float x, float y) { return __builtin_fmodf(x, y); }
+static __device__ __forceinline__ float powf(float x, float y) { return __builtin_powf(x, y); }
+// tanh: its Taylor series near 0 (where 1 - 2/(e^2x + 1) cancels), that formula elsewhere (saturates to +-1).
+static __device__ __forceinline__ float tanhf(float x) {
+  const float a = __builtin_fabsf(x);
+  if (a < 0.125f) {
+    const float x2 = x * x;
+    return x * (1.0f + x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835)))));
+  }
+  return __builtin_copysignf(1.0f - 2.0f / (__builtin_expf(2.0f * a) + 1.0f), x);
+}
+// erf: its Taylor series below 0.5, Abramowitz & Stegun 7.1.26 above (absolute error <= 1.5e-7).
+static __device__ __forceinline__ float erff(float x) {
+  const float a = __builtin_fabsf(x);
+  if (a < 0.5f) {
+    const float x2 = x * x;
+    return 1.1283791671f * x *
+           (1.0f + x2 * (-1.0f / 3 + x2 * (1.0f / 10 + x2 * (-1.0f / 42 + x2 * (1.0f / 216 - x2 / 1320)))));
+  }
+  const float t = 1.0f / (1.0f + 0.3275911f * a);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f +
+                     t * 1.061405429f))));
+  return __builtin_copysignf(1.0f - poly * __builtin_expf(-a * a), x);
+}

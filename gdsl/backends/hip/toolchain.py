@@ -1,7 +1,7 @@
 """HIP source -> AMDGPU code object (a bare ELF, e_machine 0xe0), with no AMD GPU needed.
 
 Two routes, both cached on disk under `cache_dir()/hip/` and both raising CompileError (log + offending line):
-- hiprtc from Debian's ROCm 5.2 (`libamdhip64.so.5`, through ctypes): the HIP dialect with its built-ins
+- hiprtc (ROCm's libhiprtc, or Debian's ROCm 5.2 `libamdhip64.so.5`, through ctypes): the HIP dialect with its built-ins
   (`__half`, `atomicAdd`, math functions). It runs in a subprocess (`_hiprtc_worker.py`) because for some
   archs (gfx940/942, gfx1100/1101) it aborts the whole process; it handles gfx906, gfx908, gfx90a, gfx1030.
 - clang (Debian's clang-19, no ROCm at all) with gdsl's own `prelude.h` for the CUDA-style names: newer
@@ -23,19 +23,35 @@ from pathlib import Path
 from gdsl.backends.toolchain import cached_compile, compile_error
 from gdsl.errors import BackendUnavailableError, CompileError
 
-HIPRTC_LIBRARY = "libamdhip64.so.5"
+# Where hiprtc lives, first found wins: its own library since ROCm 6 (ROCm 7 with cupy-rocm-7-0 on an AMD
+# machine), inside the HIP runtime library in ROCm 5.2 (Debian's libamdhip64-5: the compile-only CI route).
+HIPRTC_LIBRARIES = ("libhiprtc.so.7", "libhiprtc.so.6", "libhiprtc.so", "libamdhip64.so.5")
+HIPRTC_LIBRARY = HIPRTC_LIBRARIES[-1]
 PRELUDE = Path(__file__).with_name("prelude.h")
 _WORKER = Path(__file__).with_name("_hiprtc_worker.py")
 _DEFAULT_OPTIONS = ("-O3",)
 
 
 @functools.cache
+def hiprtc_library() -> str:
+    """The first of HIPRTC_LIBRARIES that loads here; OSError naming them all if none does."""
+    errors = []
+    for name in HIPRTC_LIBRARIES:
+        try:
+            ctypes.CDLL(name)      # loading is harmless; only compiling for some archs crashes (ROCm 5.2)
+            return name
+        except OSError as e:
+            errors.append(str(e))
+    raise OSError("; ".join(errors))
+
+
+@functools.cache
 def _hiprtc_identity() -> str:
     """Which hiprtc build this is, for the cache key: hiprtcVersion() says (9, 0) for every 5.2 build, so we
     take the loaded library's real file (its name carries the full version) with its size and mtime."""
-    ctypes.CDLL(HIPRTC_LIBRARY)  # loading is harmless; only compiling for some archs crashes
+    stem = hiprtc_library().split(".so")[0]
     with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "libamdhip64" in line}
+        paths = {line.split()[-1] for line in maps if stem in line}
     return ";".join(f"{p}:{os.stat(p).st_size}:{os.stat(p).st_mtime_ns}" for p in sorted(paths))
 
 
@@ -44,7 +60,8 @@ def hiprtc_available() -> str | None:
     try:
         _hiprtc_identity()
     except OSError as e:
-        return f"hiprtc needs ROCm 5.2's {HIPRTC_LIBRARY} ({e}); install it with: apt-get install libamdhip64-5"
+        return (f"hiprtc needs ROCm's libhiprtc (ROCm >= 6) or ROCm 5.2's {HIPRTC_LIBRARY} ({e}); "
+                f"install ROCm, or for compiling only: apt-get install libamdhip64-5")
     return None
 
 
@@ -66,7 +83,8 @@ def compile_hip(source: str, arch: str = "gfx90a", *, options=()) -> bytes:
 def _hiprtc_in_subprocess(source: str, arch: str, opts: tuple) -> bytes:
     with tempfile.TemporaryDirectory(prefix="gdsl-hiprtc-") as tmp:
         out = os.path.join(tmp, "gdsl.co")
-        done = subprocess.run([sys.executable, str(_WORKER), arch, out, *opts], input=source.encode(),
+        done = subprocess.run([sys.executable, str(_WORKER), hiprtc_library(), arch, out, *opts],
+                              input=source.encode(),
                               capture_output=True)
         log = (done.stdout + done.stderr).decode(errors="replace")
         if done.returncode == 0:
