@@ -3,6 +3,12 @@
 A jitted function traces once per signature — (argument pytree, shapes/dtypes, static arguments, backend,
 options) — into a Program, which the backend lowers (plan + source) and loads. A second call with the same
 signature reuses both: no retrace, no recompile.
+
+Repeated calls take a fast path when every positional argument is an array (anything with `shape` and
+`dtype`: numpy, CuPy, ...) or a Python scalar and there are no keyword arguments: the signature is then
+keyed by the (type, shape, dtype) of each argument (the value of a static one) without flattening a pytree,
+and maps straight to the loaded executable. The general path fills that table after each load; anything
+else (pytrees, keyword arguments, other leaves) always takes the general path, with identical results.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from gdsl.backends import backend_module, default_backend, usable_backend
 from gdsl.control_flow import reset_function_names
 from gdsl.core.ir import Program, ShapedArray
 from gdsl.debug import debug
-from gdsl.tracing.pytree import tree_flatten, tree_unflatten
+from gdsl.tracing.pytree import LEAF, tree_flatten, tree_unflatten
 from gdsl.tracing.trace import (
     Builder,
     builder_stack,
@@ -142,8 +148,15 @@ class Jitted:
         self.static_argnames = tuple(static_argnames if isinstance(static_argnames, (tuple, list))
                                      else (static_argnames,))
         self.options = dict(options)
+        # The options are fixed from here on: their part of the cache key is computed once, not per call.
+        self._options_key = tuple(sorted(self.options.items(), key=str))
         self.trace_count = 0
         self._cache: dict = {}
+        # The fast path's table: _fast_key(args) -> a caller of the loaded executable (see the module doc).
+        # Negative static_argnums name a position only relative to each call's length: general path only.
+        self._fast: dict = {}
+        self._static_positions = frozenset(self.static_argnums)
+        self._fast_ok = all(i >= 0 for i in self.static_argnums)
         # Threads that call a new signature at once trace, lower and load it once. Reentrant: a function
         # that calls itself while tracing gets the clear error of trace_program, not a deadlock.
         self._lock = threading.RLock()
@@ -189,7 +202,7 @@ class Jitted:
         dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
         flat, in_tree = tree_flatten((dyn_args, dyn_kwargs))
         avals = tuple(leaf_aval(x) for x in flat)
-        key = (in_tree, avals, static, backend, tuple(sorted(self.options.items(), key=str)))
+        key = (in_tree, avals, static, backend, self._options_key)
         entry = self._cache.get(key)
         if entry is None:
             with self._lock:
@@ -220,6 +233,20 @@ class Jitted:
         return Lowered(entry["program"], entry["lowering"], entry["backend"])
 
     def __call__(self, *args, **kwargs):
+        if not kwargs and self._fast_ok:
+            key = self._fast_key(args)
+            if key is not None:
+                try:
+                    fast = self._fast.get(key)
+                except TypeError:       # an unhashable static argument: the general path says so
+                    fast = None
+                if fast is not None:
+                    return fast(args)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
+        """The general path: flatten the pytrees, look the signature up (tracing and lowering a new one),
+        load on first call; then remember the fast path for this signature when it has one."""
         entry, flat = self._entry(args, kwargs)
         flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
         if entry["executable"] is None:
@@ -227,7 +254,48 @@ class Jitted:
                 if entry["executable"] is None:
                     self._load(entry, flat)
         outs = entry["executable"](flat)
+        if not kwargs and self._fast_ok:
+            self._remember_fast(args, entry)
         return tree_unflatten(entry["program"].out_tree, outs)
+
+    def _fast_key(self, args):
+        """The signature of positional `args` as the fast path keys it: the backend, then per argument its
+        value if static, its type if a Python scalar, else (type, shape, dtype). None when some argument has
+        no shape or dtype (a pytree, ...): the general path takes the call."""
+        key = [self.backend or default_backend()]
+        static = self._static_positions
+        for i, a in enumerate(args):
+            kind = type(a)
+            if i in static:
+                key.append(a)
+            elif kind in _PYTHON_SCALARS:
+                key.append(kind)
+            else:
+                try:
+                    key.append((kind, a.shape, a.dtype))
+                except AttributeError:
+                    return None
+        return tuple(key)
+
+    def _remember_fast(self, args, entry):
+        """Enter this call's signature in the fast table when every dynamic argument is a leaf: then its
+        fast key determines the general key (pytree, avals, statics), so both find the same entry."""
+        dynamic = [(i, a) for i, a in enumerate(args) if i not in self._static_positions]
+        if not all(_keyed_by_type_shape_dtype(a) for _, a in dynamic):
+            return
+        key = self._fast_key(args)
+        if key is None:
+            return
+        try:
+            hash(key)
+        except TypeError:
+            return
+        conversions = [(k, aval) for k, ((_, a), aval) in enumerate(zip(dynamic, entry["avals"]))
+                       if _needs_conversion(a, aval)]
+        positions = None if len(dynamic) == len(args) else tuple(i for i, _ in dynamic)
+        with self._lock:
+            self._fast[key] = _fast_caller(entry["executable"], positions, conversions,
+                                           entry["program"].out_tree)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
@@ -241,6 +309,52 @@ class Jitted:
         else:
             entry["executable"] = module.load(entry["lowering"])
         debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+
+
+_PYTHON_SCALARS = frozenset({bool, int, float})
+
+
+def _keyed_by_type_shape_dtype(x) -> bool:
+    """Whether leaf_aval(x) depends on type(x), x.shape and x.dtype alone (and x is a pytree leaf), so
+    that the fast key of `x` fixes its aval: Python scalars, and leaves with a shape and a dtype."""
+    if type(x) in _PYTHON_SCALARS:
+        return True
+    if x is None or isinstance(x, (tuple, list, dict)) or dtypes.is_weak(x):
+        return False
+    return getattr(x, "shape", None) is not None and getattr(x, "dtype", None) is not None
+
+
+def _needs_conversion(x, aval) -> bool:
+    """Whether _as_dtype changes `x`: decided by its type and dtype, so once per fast-path signature."""
+    return dtypes.is_weak(x) or getattr(x, "dtype", None) != aval.dtype
+
+
+def _fast_caller(executable, positions, conversions, out_tree):
+    """The fast path of one signature: `call(args)` -> the results, as the general path returns them.
+
+    positions: the dynamic arguments' indices (None: all of them); conversions: (index among the dynamic
+    arguments, aval) of those _as_dtype converts (Python scalars, float64, ...)."""
+    unflatten = _unflattener(out_tree)
+    if positions is None and not conversions:
+        def call(args):
+            return unflatten(executable(args))
+        return call
+
+    def call_converting(args):
+        flat = list(args) if positions is None else [args[i] for i in positions]
+        for k, aval in conversions:
+            flat[k] = _as_dtype(flat[k], aval)
+        return unflatten(executable(flat))
+    return call_converting
+
+
+def _unflattener(out_tree):
+    """`outs -> result pytree`, short for the common shapes (one array, a flat tuple or list of arrays)."""
+    if out_tree == LEAF:
+        return lambda outs: outs[0]
+    if out_tree.kind in ("tuple", "list") and all(c == LEAF for c in out_tree.children):
+        return tuple if out_tree.kind == "tuple" else list
+    return functools.partial(tree_unflatten, out_tree)
 
 
 def _as_dtype(x, aval):
