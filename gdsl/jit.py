@@ -7,8 +7,10 @@ signature reuses both: no retrace, no recompile.
 Repeated calls take a fast path when every positional argument is an array (anything with `shape` and
 `dtype`: numpy, CuPy, ...) or a Python scalar and there are no keyword arguments: the signature is then
 keyed by the (type, shape, dtype) of each argument (the value of a static one) without flattening a pytree,
-and maps straight to the loaded executable. The general path fills that table after each load; anything
-else (pytrees, keyword arguments, other leaves) always takes the general path, with identical results.
+and maps straight to the loaded executable (or to what its optional `fast_path()` returns: a callable of
+the same flat arguments and results that skips work the backend can do once per signature). The general
+path fills that table after each load; anything else (pytrees, keyword arguments, other leaves) always
+takes the general path, with identical results.
 """
 from __future__ import annotations
 
@@ -335,16 +337,18 @@ def _fast_caller(executable, positions, conversions, out_tree):
     positions: the dynamic arguments' indices (None: all of them); conversions: (index among the dynamic
     arguments, aval) of those _as_dtype converts (Python scalars, float64, ...)."""
     unflatten = _unflattener(out_tree)
+    fast_path = getattr(executable, "fast_path", None)
+    run = (fast_path and fast_path()) or executable
     if positions is None and not conversions:
         def call(args):
-            return unflatten(executable(args))
+            return unflatten(run(args))
         return call
 
     def call_converting(args):
         flat = list(args) if positions is None else [args[i] for i in positions]
         for k, aval in conversions:
             flat[k] = _as_dtype(flat[k], aval)
-        return unflatten(executable(flat))
+        return unflatten(run(flat))
     return call_converting
 
 
