@@ -4,13 +4,14 @@ A jitted function traces once per signature — (argument pytree, shapes/dtypes,
 options) — into a Program, which the backend lowers (plan + source) and loads. A second call with the same
 signature reuses both: no retrace, no recompile.
 
-Repeated calls take a fast path when every positional argument is an array (anything with `shape` and
-`dtype`: numpy, CuPy, ...) or a Python scalar and there are no keyword arguments: the signature is then
-keyed by the (type, shape, dtype) of each argument (the value of a static one) without flattening a pytree,
-and maps straight to the loaded executable (or to what its optional `fast_path()` returns: a callable of
-the same flat arguments and results that skips work the backend can do once per signature). The general
-path fills that table after each load; anything else (pytrees, keyword arguments, other leaves) always
-takes the general path, with identical results.
+Repeated calls take a fast path when there are no keyword arguments and every positional argument is a
+static one or a pytree of plain tuples, lists, dicts and None whose leaves are arrays (anything with
+`shape` and `dtype`: numpy, CuPy, ...) or Python scalars: the signature is then keyed by one walk over the
+arguments (a flat tuple of each leaf's type, shape and dtype, the containers' types and lengths or keys,
+and the statics' values; no TreeDef objects, no avals), and maps straight to the loaded executable (or to
+what its optional `fast_path()` returns: a callable of the same flat arguments and results that skips
+work the backend can do once per signature). The general path fills that table after each load; any
+other call (keyword arguments, namedtuples, other leaves) takes the general path, with identical results.
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ class Jitted:
         self._options_key = tuple(sorted(self.options.items(), key=str))
         self.trace_count = 0
         self._cache: dict = {}
-        # The fast path's table: _fast_key(args) -> a caller of the loaded executable (see the module doc).
+        # The fast path's table: fast key (_fast_signature) -> a caller of the loaded executable.
         # Negative static_argnums name a position only relative to each call's length: general path only.
         self._fast: dict = {}
         self._static_positions = frozenset(self.static_argnums)
@@ -236,68 +237,65 @@ class Jitted:
 
     def __call__(self, *args, **kwargs):
         if not kwargs and self._fast_ok:
-            key = self._fast_key(args)
-            if key is not None:
+            signature = self._fast_signature(args)
+            if signature is not None:
+                key, leaves = signature
                 try:
                     fast = self._fast.get(key)
                 except TypeError:       # an unhashable static argument: the general path says so
                     fast = None
                 if fast is not None:
-                    return fast(args)
+                    return fast(leaves)
         return self._call(args, kwargs)
 
     def _call(self, args, kwargs):
         """The general path: flatten the pytrees, look the signature up (tracing and lowering a new one),
         load on first call; then remember the fast path for this signature when it has one."""
-        entry, flat = self._entry(args, kwargs)
-        flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
+        entry, leaves = self._entry(args, kwargs)
+        flat = [_as_dtype(x, a) for x, a in zip(leaves, entry["avals"])]
         if entry["executable"] is None:
             with self._lock:
                 if entry["executable"] is None:
                     self._load(entry, flat)
         outs = entry["executable"](flat)
         if not kwargs and self._fast_ok:
-            self._remember_fast(args, entry)
+            self._remember_fast(args, leaves, entry)
         return tree_unflatten(entry["program"].out_tree, outs)
 
-    def _fast_key(self, args):
-        """The signature of positional `args` as the fast path keys it: the backend, then per argument its
-        value if static, its type if a Python scalar, else (type, shape, dtype). None when some argument has
-        no shape or dtype (a pytree, ...): the general path takes the call."""
+    def _fast_signature(self, args):
+        """(key, leaves) of positional `args` as the fast path sees them, or None (the general path takes
+        the call). The key is the backend, then per argument its value if static, else its pytree written
+        out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order."""
         key = [self.backend or default_backend()]
+        leaves = []
         static = self._static_positions
         for i, a in enumerate(args):
-            kind = type(a)
             if i in static:
                 key.append(a)
-            elif kind in _PYTHON_SCALARS:
-                key.append(kind)
-            else:
-                try:
-                    key.append((kind, a.shape, a.dtype))
-                except AttributeError:
-                    return None
-        return tuple(key)
+            elif not _key_and_leaves(a, key, leaves):
+                return None
+        return tuple(key), leaves
 
-    def _remember_fast(self, args, entry):
-        """Enter this call's signature in the fast table when every dynamic argument is a leaf: then its
-        fast key determines the general key (pytree, avals, statics), so both find the same entry."""
-        dynamic = [(i, a) for i, a in enumerate(args) if i not in self._static_positions]
-        if not all(_keyed_by_type_shape_dtype(a) for _, a in dynamic):
+    def _remember_fast(self, args, leaves, entry):
+        """Enter this call's signature in the fast table when its fast key fixes the general key (pytree,
+        avals, statics), so that both find the same entry: every leaf keyed by type, shape and dtype, and
+        the fast path's leaves the general path's, in the same order."""
+        signature = self._fast_signature(args)
+        if signature is None:
             return
-        key = self._fast_key(args)
-        if key is None:
+        key, fast_leaves = signature
+        if len(fast_leaves) != len(leaves) or any(a is not b for a, b in zip(fast_leaves, leaves)):
+            return
+        if not all(_keyed_by_type_shape_dtype(x) for x in leaves):
             return
         try:
             hash(key)
         except TypeError:
             return
-        conversions = [(k, aval) for k, ((_, a), aval) in enumerate(zip(dynamic, entry["avals"]))
-                       if _needs_conversion(a, aval)]
-        positions = None if len(dynamic) == len(args) else tuple(i for i, _ in dynamic)
+        conversions = [(k, aval) for k, (x, aval) in enumerate(zip(leaves, entry["avals"]))
+                       if _needs_conversion(x, aval)]
         with self._lock:
-            self._fast[key] = _fast_caller(entry["executable"], positions, conversions,
-                                           entry["program"].out_tree)
+            self._fast[key] = _fast_caller(entry["executable"], conversions, entry["program"].out_tree)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
@@ -331,24 +329,55 @@ def _needs_conversion(x, aval) -> bool:
     return dtypes.is_weak(x) or getattr(x, "dtype", None) != aval.dtype
 
 
-def _fast_caller(executable, positions, conversions, out_tree):
-    """The fast path of one signature: `call(args)` -> the results, as the general path returns them.
+def _key_and_leaves(x, key: list, leaves: list) -> bool:
+    """Append the fast key of pytree `x` to `key` and its leaves to `leaves`; False if some part of it is
+    not for the fast path (namedtuples, dict subclasses, leaves without shape and dtype, unsortable keys).
 
-    positions: the dynamic arguments' indices (None: all of them); conversions: (index among the dynamic
-    arguments, aval) of those _as_dtype converts (Python scalars, float64, ...)."""
+    The key is a prefix code, so that distinct pytrees never give one key: a tuple or list is (type,
+    length) followed by its children, a dict (dict, sorted keys) followed by its values in that order (as
+    tree_flatten orders them), None is None, a Python scalar its type, any other leaf (type, shape, dtype)."""
+    kind = type(x)
+    if kind in _PYTHON_SCALARS:
+        key.append(kind)
+        leaves.append(x)
+        return True
+    if kind is tuple or kind is list:
+        key.append((kind, len(x)))
+        return all(_key_and_leaves(c, key, leaves) for c in x)
+    if kind is dict:
+        try:
+            names = tuple(sorted(x))
+        except TypeError:
+            return False
+        key.append((dict, names))
+        return all(_key_and_leaves(x[n], key, leaves) for n in names)
+    if x is None:
+        key.append(None)
+        return True
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return False
+    key.append((kind, shape, dtype))
+    leaves.append(x)
+    return True
+
+
+def _fast_caller(executable, conversions, out_tree):
+    """The fast path of one signature: `call(leaves)` -> the results, as the general path returns them.
+
+    conversions: (leaf index, aval) of the leaves _as_dtype converts (Python scalars, float64, ...)."""
     unflatten = _unflattener(out_tree)
     fast_path = getattr(executable, "fast_path", None)
     run = (fast_path and fast_path()) or executable
-    if positions is None and not conversions:
-        def call(args):
-            return unflatten(run(args))
+    if not conversions:
+        def call(leaves):
+            return unflatten(run(leaves))
         return call
 
-    def call_converting(args):
-        flat = list(args) if positions is None else [args[i] for i in positions]
+    def call_converting(leaves):
         for k, aval in conversions:
-            flat[k] = _as_dtype(flat[k], aval)
-        return unflatten(run(flat))
+            leaves[k] = _as_dtype(leaves[k], aval)
+        return unflatten(run(leaves))
     return call_converting
 
 

@@ -100,7 +100,46 @@ def test_python_scalar_types_are_distinct_signatures():
     assert int(f(7)) == 14 and float(f(0.25)) == 0.5 and f.trace_count == 3
 
 
-def test_pytree_and_keyword_calls_keep_the_general_path():
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_pytree_arguments_take_the_fast_path(backend, monkeypatch):
+    def model(w, xs, none, scale):
+        h = xs[0] @ w["W"] + w["b"]
+        return {"h": h * scale, "rest": [x * 2 for x in xs[1:]]}
+    f = gdsl.jit(model, backend=backend)
+    w = {"b": np.ones(3, np.float32), "W": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    xs = (np.ones((1, 2), np.float32), np.arange(2.0), np.float32(3))     # a float64 leaf: converted
+    f(w, xs, None, 0.5)
+    assert len(f._fast) == 1
+    w2 = {"W": w["W"] + 1, "b": w["b"] * 3}
+    want = general_path(f, w2, xs, None, 0.25)
+    forbid_general_path(monkeypatch, f)
+    got = f(w2, xs, None, 0.25)
+    assert_trees_close(got, want, exact=True)
+    assert f.trace_count == 1
+
+
+def test_pytree_changes_miss_the_fast_table():
+    f = gdsl.jit(lambda t: sum(gnp.sum(v) for v in (t.values() if isinstance(t, dict) else t)),
+                 backend="interpret")
+    x = np.ones(2, np.float32)
+    variants = [{"a": x, "b": x}, {"a": x, "c": x}, {"a": x, "b": x, "c": x}, (x, x), [x, x], (x, (x,)),
+                (x, [x]), (x, x, x), (x, np.ones(3, np.float32)), (x, np.ones(2, np.int32))]
+    for k, v in enumerate(variants):
+        f(v)
+        f(v)
+        assert f.trace_count == k + 1, f"{v!r} should be a new signature"
+
+
+def test_namedtuple_and_keyword_calls_keep_the_general_path():
+    import collections
+    Pair = collections.namedtuple("Pair", "a b")
+    g = gdsl.jit(lambda p: p.a + p.b, backend="interpret")
+    g(Pair(np.ones(2, np.float32), np.ones(2, np.float32)))
+    g(Pair(np.ones(2, np.float32), np.ones(2, np.float32)))
+    assert g._fast == {} and g.trace_count == 1
+
+
+def test_keyword_calls_keep_the_general_path():
     f = gdsl.jit(lambda t, *, s: t["a"] * s, backend="interpret")
     x = np.ones(2, np.float32)
     f({"a": x}, s=np.float32(2))
