@@ -195,10 +195,11 @@ class KernelLauncher:
     array and the value slots are ctypes objects built at the first launch, so a launch writes each
     argument's device pointer (or scalar) into its slot and calls the driver. CuPy's `Function.__call__`
     instead boxes every argument anew and, for a cooperative launch, asks the driver for the kernel's
-    occupancy and the device's SM count each time; the co-residency of the grid was checked once, at load
-    (`load` below). The slots are shared: a lock makes filling them and launching one step, so that
-    threads launching the same kernel at once cannot mix their arguments (the driver copies the values
-    at the launch).
+    occupancy each time; the co-residency of the grid was checked once, at load (`load` below). Measured
+    on the H200's host (2026-12-01, a 3-argument kernel): 6.0 us per CuPy launch (7.3 cooperative), 5.1 us
+    (5.4) this way, of which the driver's cuLaunchKernel is most. The slots are shared: a lock makes
+    filling them and launching one step, so that threads launching the same kernel at once cannot mix
+    their arguments (the driver copies the values at the launch).
     """
 
     def __init__(self, kernel, grid: int, block: int, args, cooperative: bool):
