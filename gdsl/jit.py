@@ -3,6 +3,15 @@
 A jitted function traces once per signature — (argument pytree, shapes/dtypes, static arguments, backend,
 options) — into a Program, which the backend lowers (plan + source) and loads. A second call with the same
 signature reuses both: no retrace, no recompile.
+
+Repeated calls take a fast path when there are no keyword arguments and every positional argument is a
+static one or a pytree of plain tuples, lists, dicts and None whose leaves are arrays (anything with
+`shape` and `dtype`: numpy, CuPy, ...) or Python scalars: the signature is then keyed by one walk over the
+arguments (a flat tuple of each leaf's type, shape and dtype, the containers' types and lengths or keys,
+and the statics' values; no TreeDef objects, no avals), and maps straight to the loaded executable (or to
+what its optional `fast_path()` returns: a callable of the same flat arguments and results that skips
+work the backend can do once per signature). The general path fills that table after each load; any
+other call (keyword arguments, namedtuples, other leaves) takes the general path, with identical results.
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ from gdsl.backends import backend_module, default_backend, usable_backend
 from gdsl.control_flow import reset_function_names
 from gdsl.core.ir import Program, ShapedArray
 from gdsl.debug import debug
-from gdsl.tracing.pytree import tree_flatten, tree_unflatten
+from gdsl.tracing.pytree import LEAF, tree_flatten, tree_unflatten
 from gdsl.tracing.trace import (
     Builder,
     builder_stack,
@@ -142,8 +151,15 @@ class Jitted:
         self.static_argnames = tuple(static_argnames if isinstance(static_argnames, (tuple, list))
                                      else (static_argnames,))
         self.options = dict(options)
+        # The options are fixed from here on: their part of the cache key is computed once, not per call.
+        self._options_key = tuple(sorted(self.options.items(), key=str))
         self.trace_count = 0
         self._cache: dict = {}
+        # The fast path's table: fast key (_fast_signature) -> a caller of the loaded executable.
+        # Negative static_argnums name a position only relative to each call's length: general path only.
+        self._fast: dict = {}
+        self._static_positions = frozenset(self.static_argnums)
+        self._fast_ok = all(i >= 0 for i in self.static_argnums)
         # Threads that call a new signature at once trace, lower and load it once. Reentrant: a function
         # that calls itself while tracing gets the clear error of trace_program, not a deadlock.
         self._lock = threading.RLock()
@@ -189,7 +205,7 @@ class Jitted:
         dyn_args, dyn_kwargs, static = self._split_static(args, kwargs)
         flat, in_tree = tree_flatten((dyn_args, dyn_kwargs))
         avals = tuple(leaf_aval(x) for x in flat)
-        key = (in_tree, avals, static, backend, tuple(sorted(self.options.items(), key=str)))
+        key = (in_tree, avals, static, backend, self._options_key)
         entry = self._cache.get(key)
         if entry is None:
             with self._lock:
@@ -220,14 +236,66 @@ class Jitted:
         return Lowered(entry["program"], entry["lowering"], entry["backend"])
 
     def __call__(self, *args, **kwargs):
-        entry, flat = self._entry(args, kwargs)
-        flat = [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
+        if not kwargs and self._fast_ok:
+            signature = self._fast_signature(args)
+            if signature is not None:
+                key, leaves = signature
+                try:
+                    fast = self._fast.get(key)
+                except TypeError:       # an unhashable static argument: the general path says so
+                    fast = None
+                if fast is not None:
+                    return fast(leaves)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
+        """The general path: flatten the pytrees, look the signature up (tracing and lowering a new one),
+        load on first call; then remember the fast path for this signature when it has one."""
+        entry, leaves = self._entry(args, kwargs)
+        flat = [_as_dtype(x, a) for x, a in zip(leaves, entry["avals"])]
         if entry["executable"] is None:
             with self._lock:
                 if entry["executable"] is None:
                     self._load(entry, flat)
         outs = entry["executable"](flat)
+        if not kwargs and self._fast_ok:
+            self._remember_fast(args, leaves, entry)
         return tree_unflatten(entry["program"].out_tree, outs)
+
+    def _fast_signature(self, args):
+        """(key, leaves) of positional `args` as the fast path sees them, or None (the general path takes
+        the call). The key is the backend, then per argument its value if static, else its pytree written
+        out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order."""
+        key = [self.backend or default_backend()]
+        leaves = []
+        static = self._static_positions
+        for i, a in enumerate(args):
+            if i in static:
+                key.append(a)
+            elif not _key_and_leaves(a, key, leaves):
+                return None
+        return tuple(key), leaves
+
+    def _remember_fast(self, args, leaves, entry):
+        """Enter this call's signature in the fast table when its fast key fixes the general key (pytree,
+        avals, statics), so that both find the same entry: every leaf keyed by type, shape and dtype, and
+        the fast path's leaves the general path's, in the same order."""
+        signature = self._fast_signature(args)
+        if signature is None:
+            return
+        key, fast_leaves = signature
+        if len(fast_leaves) != len(leaves) or any(a is not b for a, b in zip(fast_leaves, leaves)):
+            return
+        if not all(_keyed_by_type_shape_dtype(x) for x in leaves):
+            return
+        try:
+            hash(key)
+        except TypeError:
+            return
+        conversions = [(k, aval) for k, (x, aval) in enumerate(zip(leaves, entry["avals"]))
+                       if _needs_conversion(x, aval)]
+        with self._lock:
+            self._fast[key] = _fast_caller(entry["executable"], conversions, entry["program"].out_tree)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
@@ -241,6 +309,85 @@ class Jitted:
         else:
             entry["executable"] = module.load(entry["lowering"])
         debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+
+
+_PYTHON_SCALARS = frozenset({bool, int, float})
+
+
+def _keyed_by_type_shape_dtype(x) -> bool:
+    """Whether leaf_aval(x) depends on type(x), x.shape and x.dtype alone (and x is a pytree leaf), so
+    that the fast key of `x` fixes its aval: Python scalars, and leaves with a shape and a dtype."""
+    if type(x) in _PYTHON_SCALARS:
+        return True
+    if x is None or isinstance(x, (tuple, list, dict)) or dtypes.is_weak(x):
+        return False
+    return getattr(x, "shape", None) is not None and getattr(x, "dtype", None) is not None
+
+
+def _needs_conversion(x, aval) -> bool:
+    """Whether _as_dtype changes `x`: decided by its type and dtype, so once per fast-path signature."""
+    return dtypes.is_weak(x) or getattr(x, "dtype", None) != aval.dtype
+
+
+def _key_and_leaves(x, key: list, leaves: list) -> bool:
+    """Append the fast key of pytree `x` to `key` and its leaves to `leaves`; False if some part of it is
+    not for the fast path (namedtuples, dict subclasses, leaves without shape and dtype, unsortable keys).
+
+    The key is a prefix code, so that distinct pytrees never give one key: a tuple or list is (type,
+    length) followed by its children, a dict (dict, sorted keys) followed by its values in that order (as
+    tree_flatten orders them), None is None, a Python scalar its type, any other leaf (type, shape, dtype)."""
+    kind = type(x)
+    if kind in _PYTHON_SCALARS:
+        key.append(kind)
+        leaves.append(x)
+        return True
+    if kind is tuple or kind is list:
+        key.append((kind, len(x)))
+        return all(_key_and_leaves(c, key, leaves) for c in x)
+    if kind is dict:
+        try:
+            names = tuple(sorted(x))
+        except TypeError:
+            return False
+        key.append((dict, names))
+        return all(_key_and_leaves(x[n], key, leaves) for n in names)
+    if x is None:
+        key.append(None)
+        return True
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if shape is None or dtype is None:
+        return False
+    key.append((kind, shape, dtype))
+    leaves.append(x)
+    return True
+
+
+def _fast_caller(executable, conversions, out_tree):
+    """The fast path of one signature: `call(leaves)` -> the results, as the general path returns them.
+
+    conversions: (leaf index, aval) of the leaves _as_dtype converts (Python scalars, float64, ...)."""
+    unflatten = _unflattener(out_tree)
+    fast_path = getattr(executable, "fast_path", None)
+    run = (fast_path and fast_path()) or executable
+    if not conversions:
+        def call(leaves):
+            return unflatten(run(leaves))
+        return call
+
+    def call_converting(leaves):
+        for k, aval in conversions:
+            leaves[k] = _as_dtype(leaves[k], aval)
+        return unflatten(run(leaves))
+    return call_converting
+
+
+def _unflattener(out_tree):
+    """`outs -> result pytree`, short for the common shapes (one array, a flat tuple or list of arrays)."""
+    if out_tree == LEAF:
+        return lambda outs: outs[0]
+    if out_tree.kind in ("tuple", "list") and all(c == LEAF for c in out_tree.children):
+        return tuple if out_tree.kind == "tuple" else list
+    return functools.partial(tree_unflatten, out_tree)
 
 
 def _as_dtype(x, aval):

@@ -72,6 +72,43 @@ class Executable:
             self.run_host(plan.host, arrays, depths)
         return outs
 
+    def fast_path(self):
+        """`run(flat_args) -> outs`, the same as `self(flat_args)` for the most common plan (device control,
+        one kernel, no recursive function, no profile trace) with the kernel's argument list laid out once:
+        constants and the workspace fixed, inputs and outputs by position. None for any other plan.
+        gdsl.jit's fast path calls it once per signature."""
+        plan, rendered = self.plan, self.rendered
+        if plan.control != "device" or plan.functions or rendered.trace or len(rendered.kernels) != 1:
+            return None
+        spec, cooperative = rendered.kernels[0], self.cooperative[0]
+        in_avals = [v.aval for v in self.args]
+        out_avals = [v.aval for v in plan.outputs]
+        fixed = [self.ws] + list(self.consts.values())
+        # Where each kernel argument comes from, as an index into ins + outs + fixed; outputs before inputs
+        # before constants, as __call__ resolves a buffer that is more than one of them.
+        source = {v.buffer: len(in_avals) + k for k, v in enumerate(plan.outputs)}
+        for k, v in enumerate(self.args):
+            source.setdefault(v.buffer, k)
+        for k, buf in enumerate(self.consts, start=1):
+            source.setdefault(buf, len(in_avals) + len(out_avals) + k)
+        order = []
+        for kind, obj in spec.params:
+            if kind == "ws":
+                order.append(len(in_avals) + len(out_avals))
+            elif kind == "buffer" and obj in source:
+                order.append(source[obj])
+            else:
+                return None
+        device, grid, block = self.device, plan.grid, plan.block
+
+        def run(flat_args):
+            ins = [device.to_device(x, a) for x, a in zip(flat_args, in_avals, strict=True)]
+            outs = [device.empty(a) for a in out_avals]
+            pool = ins + outs + fixed
+            device.launch(spec, grid, block, [pool[i] for i in order], cooperative)
+            return outs
+        return run
+
     def launch(self, k, arrays, depths):
         spec = self.rendered.kernels[k]
         args = []

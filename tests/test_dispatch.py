@@ -1,0 +1,288 @@
+"""The host path of a repeated jitted call (gdsl/jit.py's fast path, the C-family Executable.fast_path and
+the cuda backend's KernelLauncher): the same results as the general path, fresh outputs, and a retrace on
+every change of signature (shape, dtype, pytree structure, static argument)."""
+import threading
+
+import numpy as np
+import pytest
+from backend_programs import PROGRAMS
+from strategies import assert_trees_close
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+
+needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
+HOST_BACKENDS = ("interpret", "cpu")
+
+
+def general_path(f, *args, **kwargs):
+    """`f(*args, **kwargs)` through the general path alone (flatten, key, look up), as before the fast path."""
+    return f._call(args, kwargs)
+
+
+def forbid_general_path(monkeypatch, f):
+    """Make a call that leaves the fast path fail the test."""
+    def fail(*a, **k):
+        raise AssertionError("the call took the general path")
+    monkeypatch.setattr(f, "_call", fail)
+
+
+def poly(x, y):
+    return gdsl.fori_loop(0, 3, lambda i, v: v * x + y, x)
+
+
+def two_results(x, k):
+    return x * k, (gnp.sum(x), x[::-1])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_fast_path_matches_general_path(backend, monkeypatch):
+    f = gdsl.jit(poly, backend=backend)
+    x, y = np.arange(4, dtype=np.float32), np.float32(2)
+    first = f(x, y)                         # general path: traces, loads, enters the fast table
+    assert len(f._fast) == 1
+    reference = general_path(f, x + 1, y)
+    forbid_general_path(monkeypatch, f)
+    again = f(x + 1, y)                     # same signature, new values: fast path
+    assert_trees_close(again, reference, exact=True)
+    assert_trees_close(first, poly(x, y), rtol=1e-6, atol=1e-6)
+    assert f.trace_count == 1
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_fast_path_with_statics_scalars_conversions_and_pytree_results(backend, monkeypatch):
+    f = gdsl.jit(two_results, backend=backend, static_argnums=1)
+    x64 = np.linspace(0, 1, 6)               # float64: converted to the traced float32 on every call
+    want = general_path(f, x64, 3)
+    f(x64, 3)
+    assert f.trace_count == 1 and len(f._fast) == 1
+    g = gdsl.jit(lambda x, s: x * s, backend=backend)
+    g(np.ones(3, np.float32), 2.5)          # a Python float: weakly typed, converted per call
+    scalar_want = general_path(g, np.ones(3, np.float32), 4.0)
+    forbid_general_path(monkeypatch, f)
+    forbid_general_path(monkeypatch, g)
+    got = f(x64, 3)
+    assert isinstance(got, tuple) and isinstance(got[1], tuple)
+    assert_trees_close(got, want, exact=True)
+    assert_trees_close(g(np.ones(3, np.float32), 4.0), scalar_want, exact=True)
+    assert f.trace_count == g.trace_count == 1
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_changed_signature_retraces(backend):
+    f = gdsl.jit(lambda x, n: x[:n] + 1, backend=backend, static_argnums=1)
+    x = np.arange(6, dtype=np.float32)
+    f(x, 2)
+    f(x, 2)
+    assert f.trace_count == 1
+    assert f(np.arange(8, dtype=np.float32), 2).shape == (2,)        # new shape
+    assert f.trace_count == 2
+    assert f(np.arange(6, dtype=np.int32), 2).dtype == np.int32      # new dtype
+    assert f.trace_count == 3
+    assert f(x, 3).shape == (3,)                                     # new static value
+    assert f.trace_count == 4
+    h = gdsl.jit(lambda t: t[0] + 1 if isinstance(t, (tuple, list)) else t + 1, backend=backend)
+    h(x)
+    h((x,))                                                          # new pytree structure
+    h([x])
+    assert h.trace_count == 3
+    for _ in range(3):                                               # all still cached
+        f(x, 2), f(np.arange(8, dtype=np.float32), 2), h(x), h((x,)), h([x])
+    assert f.trace_count == 4 and h.trace_count == 3
+
+
+def test_python_scalar_types_are_distinct_signatures():
+    f = gdsl.jit(lambda s: s * 2, backend="interpret")
+    assert f(3).dtype == np.int32 and f(True).dtype == np.int32     # bool * 2 promotes to int
+    assert f(1.5).dtype == np.float32
+    assert f.trace_count == 3
+    assert int(f(7)) == 14 and float(f(0.25)) == 0.5 and f.trace_count == 3
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_pytree_arguments_take_the_fast_path(backend, monkeypatch):
+    def model(w, xs, none, scale):
+        h = xs[0] @ w["W"] + w["b"]
+        return {"h": h * scale, "rest": [x * 2 for x in xs[1:]]}
+    f = gdsl.jit(model, backend=backend)
+    w = {"b": np.ones(3, np.float32), "W": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    xs = (np.ones((1, 2), np.float32), np.arange(2.0), np.float32(3))     # a float64 leaf: converted
+    f(w, xs, None, 0.5)
+    assert len(f._fast) == 1
+    w2 = {"W": w["W"] + 1, "b": w["b"] * 3}
+    want = general_path(f, w2, xs, None, 0.25)
+    forbid_general_path(monkeypatch, f)
+    got = f(w2, xs, None, 0.25)
+    assert_trees_close(got, want, exact=True)
+    assert f.trace_count == 1
+
+
+def test_pytree_changes_miss_the_fast_table():
+    f = gdsl.jit(lambda t: sum(gnp.sum(v) for v in (t.values() if isinstance(t, dict) else t)),
+                 backend="interpret")
+    x = np.ones(2, np.float32)
+    variants = [{"a": x, "b": x}, {"a": x, "c": x}, {"a": x, "b": x, "c": x}, (x, x), [x, x], (x, (x,)),
+                (x, [x]), (x, x, x), (x, np.ones(3, np.float32)), (x, np.ones(2, np.int32))]
+    for k, v in enumerate(variants):
+        f(v)
+        f(v)
+        assert f.trace_count == k + 1, f"{v!r} should be a new signature"
+
+
+def test_namedtuple_and_keyword_calls_keep_the_general_path():
+    import collections
+    Pair = collections.namedtuple("Pair", "a b")
+    g = gdsl.jit(lambda p: p.a + p.b, backend="interpret")
+    g(Pair(np.ones(2, np.float32), np.ones(2, np.float32)))
+    g(Pair(np.ones(2, np.float32), np.ones(2, np.float32)))
+    assert g._fast == {} and g.trace_count == 1
+
+
+def test_keyword_calls_keep_the_general_path():
+    f = gdsl.jit(lambda t, *, s: t["a"] * s, backend="interpret")
+    x = np.ones(2, np.float32)
+    f({"a": x}, s=np.float32(2))
+    f({"a": x}, s=np.float32(3))
+    assert f._fast == {} and f.trace_count == 1
+
+
+def test_unhashable_static_still_raises():
+    f = gdsl.jit(lambda x, n: x * len(n), backend="interpret", static_argnums=1)
+    f(np.ones(2, np.float32), (1, 2))
+    with pytest.raises(TypeError, match="hashable"):
+        f(np.ones(2, np.float32), [1, 2])
+
+
+def test_default_backend_is_part_of_the_fast_key(monkeypatch):
+    f = gdsl.jit(lambda x: x + 1)
+    x = np.ones(2, np.float32)
+    monkeypatch.setenv("GDSL_BACKEND", "interpret")
+    f(x), f(x)
+    monkeypatch.setenv("GDSL_BACKEND", "cpu")
+    f(x), f(x)
+    assert f.trace_count == 2 and {key[0] for key in f._fast} == {"interpret", "cpu"}
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_results_are_fresh_arrays(backend):
+    f = gdsl.jit(lambda x: x * 2, backend=backend)
+    x = np.ones(4, np.float32)
+    a, b = f(x), f(x)
+    assert a is not b and not np.shares_memory(a, b) and not np.shares_memory(a, x)
+    a[:] = 0
+    np.testing.assert_array_equal(f(x), np.full(4, 2, np.float32))
+    np.testing.assert_array_equal(b, np.full(4, 2, np.float32))
+
+
+def test_threads_calling_a_new_signature_trace_once():
+    f = gdsl.jit(lambda x: x + 1, backend="cpu")
+    x = np.arange(5, dtype=np.float32)
+    barrier = threading.Barrier(4)
+    results = []
+
+    def worker():
+        barrier.wait()
+        for _ in range(20):
+            results.append(f(x))
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert f.trace_count == 1 and len(results) == 80
+    for r in results:
+        np.testing.assert_array_equal(r, x + 1)
+
+
+# ------------------------------------------------------------- the C-family executable's fast path
+@needs_cxx
+@pytest.mark.parametrize("name", ["elementwise_float", "conversions", "matmuls", "structural", "tiny", "large",
+                                  "loop", "recursion"])
+def test_executable_fast_path_matches_call(name):
+    """Executable.fast_path() (on the g++ emulator device) gives what Executable.__call__ gives, or is None
+    for a plan it does not cover (host control, recursion)."""
+    from gdsl.backends.cfamily.executor import Executable
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    from gdsl.jit import _as_dtype, leaf_aval, make_ir
+    from gdsl.tracing.pytree import tree_flatten
+    fn, args = PROGRAMS[name]
+    program = make_ir(fn)(*args)
+    flat = [_as_dtype(x, leaf_aval(x)) for x in tree_flatten((tuple(args), {}))[0]]
+    for control in ("device", "host"):
+        opts = check_options({"control": control, "block": 64}, emulator.EmulatorDialect)
+        lowering = lower_with_grid(program, opts, 4, emulator.EmulatorDialect())
+        executable = Executable(lowering.plan, lowering.rendered, emulator.EmulatedDevice())
+        run = executable.fast_path()
+        if control == "host" or lowering.plan.functions:
+            assert run is None
+            continue
+        assert run is not None
+        want = executable(flat)
+        for _ in range(2):
+            got = run(flat)
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+
+
+def test_executable_fast_path_when_an_output_is_an_input():
+    """A result that is an argument or a constant as is still comes back as a fresh array."""
+    pytest.importorskip("ctypes")
+    if emulator.cxx() is None:
+        pytest.skip("the CPU emulator needs g++ (C++20)")
+    from gdsl.backends.cfamily.executor import Executable
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    from gdsl.jit import make_ir
+    const = np.arange(3, dtype=np.float32)
+
+    def fn(x, y):
+        return x, y + 1, gnp.asarray(const)
+    x, y = np.arange(4, dtype=np.float32), np.ones(2, np.float32)
+    program = make_ir(fn)(x, y)
+    opts = check_options({"control": "device", "block": 64}, emulator.EmulatorDialect)
+    lowering = lower_with_grid(program, opts, 2, emulator.EmulatorDialect())
+    executable = Executable(lowering.plan, lowering.rendered, emulator.EmulatedDevice())
+    run = executable.fast_path()
+    want = executable([x, y])
+    got = run([x, y])
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert not np.shares_memory(got[0], x)
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["elementwise_float", "conversions", "reductions", "matmuls", "large", "loop",
+                                  "recursion", "heads"])
+@pytest.mark.parametrize("control", ["device", "host"])
+def test_gpu_fast_path_matches_general_path(name, control, monkeypatch):
+    import cupy
+    fn, args = PROGRAMS[name]
+    f = gdsl.jit(fn, backend="cuda", control=control)
+    dev_args = [cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+    first = gdsl.to_numpy(f(*dev_args))
+    general = gdsl.to_numpy(general_path(f, *dev_args))
+    if f._fast:
+        forbid_general_path(monkeypatch, f)
+    fast = [f(*dev_args) for _ in range(3)]
+    for out in fast:
+        assert_trees_close(gdsl.to_numpy(out), general, exact=True)
+    assert_trees_close(first, general, exact=True)
+    assert f.trace_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_results_fresh_and_launch_from_a_new_thread():
+    import cupy
+    f = gdsl.jit(lambda x: x * 2, backend="cuda")
+    x = cupy.arange(8, dtype=cupy.float32)
+    a, b = f(x), f(x)
+    assert a.data.ptr != b.data.ptr
+    a[:] = 0
+    np.testing.assert_array_equal(gdsl.to_numpy(b), np.arange(8, dtype=np.float32) * 2)
+    got = []
+    t = threading.Thread(target=lambda: got.append(gdsl.to_numpy(f(x))))
+    t.start()
+    t.join()
+    np.testing.assert_array_equal(got[0], np.arange(8, dtype=np.float32) * 2)
