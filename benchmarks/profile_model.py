@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", type=int, default=None)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--overhead", type=int, default=0, metavar="RUNS")
+    parser.add_argument("--window-us", default=None, metavar="START:END",
+                        help="the PNG shows only this span of the kernel (µs), e.g. 0:200 for the first steps")
     args = parser.parse_args(argv)
 
     model = load(args.model)
@@ -50,7 +52,8 @@ def main(argv=None) -> None:
                     f"({instrumented / normal - 1:+.1%}, median of {args.overhead})")
     with open(stem + ".txt", "w") as f:
         f.write(summary + "\n")
-    p.plot(stem + ".png")
+    window = tuple(float(t) for t in args.window_us.split(":")) if args.window_us else None
+    p.plot(stem + ".png", window_us=window)
     print(summary)
     print(f"wrote {stem}.json, {stem}.txt, {stem}.png")
 
