@@ -258,6 +258,17 @@ def on_gpu(x, backend: str) -> bool:
         return False
 
 
+def to_device(x, backend: str):
+    """An argument on `backend`'s GPU as CuPy: CuPy arrays as they are, GPU `__dlpack__` objects without a
+    copy, anything else copied in through numpy."""
+    import cupy
+    if isinstance(x, cupy.ndarray):
+        return x
+    if on_gpu(x, backend):
+        return cupy.from_dlpack(x)
+    return cupy.asarray(np.asarray(x))
+
+
 def load_coresident(lowering, device, relower, *, backend: str, attempts: int = 4) -> Executable:
     """Compile `lowering` on `device` and check that its grid can be co-resident, re-scheduling with
     `relower(program, options, grid)` at the grid that fits (a persistent grid that does not fit would wait at

@@ -12,8 +12,6 @@ atomic grid barrier exists here (hiprtc has no cooperative-groups grid.sync).
 """
 from __future__ import annotations
 
-import numpy as np
-
 from gdsl.backends.cfamily import executor
 from gdsl.backends.cfamily import lower as cfamily_lower
 from gdsl.backends.cfamily.executor import Lowering
@@ -81,9 +79,4 @@ def load(lowering: Lowering):
 
 
 def to_device(x):
-    import cupy
-    if isinstance(x, cupy.ndarray):
-        return x
-    if executor.on_gpu(x, "hip"):
-        return cupy.from_dlpack(x)
-    return cupy.asarray(np.asarray(x))
+    return executor.to_device(x, "hip")
