@@ -52,7 +52,19 @@ def model_systems(model, systems) -> list[str]:
     return [s for s in systems if s.startswith("gdsl-") or hasattr(model, BASELINE_FUNCS[s])]
 
 
+def ablation(text: str) -> tuple[str, dict]:
+    """`gdsl-device[wavefront=False]` -> ("device", {"wavefront": False}): a gdsl system with one jit option
+    set, measured beside the default to show what a lever gives in the same run (--ablate)."""
+    control, _, rest = text[len("gdsl-"):].partition("[")
+    key, _, value = rest.rstrip("]").partition("=")
+    return control, {key: {"None": None, "True": True, "False": False}.get(value, value)}
+
+
 def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:
+    if "[" in system:
+        control, option = ablation(system)
+        return common.gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=backend,
+                                  control=control, system=system, **option)
     if system == "gdsl-autotune":   # the schedule knobs searched on the first call (gdsl.jit autotune=True)
         return common.gdsl_runner(model, prob.weights, prob.cfg, prob.batches, backend=backend,
                                   system=system, autotune=True)
@@ -306,7 +318,8 @@ def plot(rows: list[dict], path: str, env: dict, title: str = "gdsl model zoo") 
     except ImportError:
         print("matplotlib is not installed: no plot")
         return
-    systems = [s for s in SYSTEMS if any(r["systems"].get(s, {}).get("status") == "ok" for r in rows)]
+    listed = list(dict.fromkeys(s for r in rows for s in r["systems"]))
+    systems = [s for s in listed if any(r["systems"].get(s, {}).get("status") == "ok" for r in rows)]
     labels = [f"{r['model']} bs{r['batch']}" + ("" if r["variant"] == "-" else f"\n{r['variant']}") for r in rows]
     width = 0.8 / max(1, len(systems))
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(rows) + 2), 4.8))
@@ -354,12 +367,16 @@ def parse_args(argv=None):
                    help="skip the floors (time / floor of every gdsl row; models/floor.py)")
     p.add_argument("--floor-inputs", type=int, default=10,
                    help="input sets whose plan execution is counted for a floor (default 10)")
+    p.add_argument("--ablate", default="",
+                   help="comma-separated jit options, e.g. wavefront=False: each adds the system "
+                        "gdsl-device[option] (gdsl with that option) beside the others, for same-run before/after")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.systems = [s for s in args.systems.split(",") if s]
+    args.systems += [f"gdsl-device[{a}]" for a in args.ablate.split(",") if a]
     for s in args.systems:
-        if s not in SYSTEMS:
+        if s not in SYSTEMS and "[" not in s:
             p.error(f"unknown system {s!r}; choose from {', '.join(SYSTEMS)}")
     args.batch = [int(b) for b in args.batch.split(",")] if args.batch else None
     return args

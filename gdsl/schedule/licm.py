@@ -13,68 +13,20 @@ climbs as many levels as it is invariant for.
 """
 from __future__ import annotations
 
-from gdsl.core.ir import Eqn, FunctionDef, Jaxpr, Program, Var
-from gdsl.primitives.control import while_p
+from gdsl.core.ir import Eqn, Jaxpr, Program, Var
 from gdsl.primitives.registry import CONTROL
+from gdsl.schedule.loops import WhileRewriter
 
 
 def hoist_program(program: Program) -> Program:
     """`program` with every loop-invariant equation moved out of its loops (the same Program when none)."""
-    jaxpr = _Hoister().jaxpr(program.jaxpr)
-    if jaxpr is program.jaxpr:
-        return program
-    return Program(jaxpr, program.consts, program.in_tree, program.out_tree, program.name, program.meta)
+    return _Hoister().program(program)
 
 
-class _Hoister:
-    def __init__(self):
-        self.functions: dict = {}          # id(FunctionDef) -> its transformed FunctionDef (shared by calls)
-
-    def jaxpr(self, jaxpr: Jaxpr) -> Jaxpr:
-        """`jaxpr` with the loops in it (at any depth) transformed; the same object when nothing moved."""
-        eqns: list[Eqn] = []
-        changed = False
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.family != CONTROL:
-                eqns.append(eqn)
-                continue
-            new = self.control_eqn(eqn)
-            if new is not eqn:
-                changed = True
-            if eqn.primitive is while_p:
-                hoisted, new = _hoist_while(new)
-                changed |= bool(hoisted)
-                eqns += hoisted
-            eqns.append(new)
-        return Jaxpr(jaxpr.in_binders, tuple(eqns), jaxpr.outs) if changed else jaxpr
-
-    def control_eqn(self, eqn: Eqn) -> Eqn:
-        """`eqn` with its sub-programs transformed (the same object when none changed)."""
-        params, changed = {}, False
-        for key, value in eqn.params.items():
-            new = self.param(value)
-            changed |= new is not value
-            params[key] = new
-        return Eqn(eqn.primitive, eqn.inputs, params, eqn.outs) if changed else eqn
-
-    def param(self, value):
-        if isinstance(value, Jaxpr):
-            return self.jaxpr(value)
-        if isinstance(value, FunctionDef):
-            return self.function(value)
-        if isinstance(value, tuple) and any(isinstance(v, Jaxpr) for v in value):
-            new = tuple(self.jaxpr(v) if isinstance(v, Jaxpr) else v for v in value)
-            return value if all(a is b for a, b in zip(new, value)) else new
-        return value
-
-    def function(self, fn: FunctionDef) -> FunctionDef:
-        """A recursive function's body holds loops too; every call of one function gets the same result."""
-        if id(fn) not in self.functions:
-            self.functions[id(fn)] = fn      # (a body that names itself sees the original while in progress)
-            body = self.jaxpr(fn.jaxpr)
-            self.functions[id(fn)] = fn if body is fn.jaxpr else \
-                FunctionDef(fn.name, body, fn.nconsts, fn.max_depth)
-        return self.functions[id(fn)]
+class _Hoister(WhileRewriter):
+    def rewrite_while(self, eqn: Eqn) -> list[Eqn]:
+        hoisted, new = _hoist_while(eqn)
+        return hoisted + [new]
 
 
 def _hoist_while(eqn: Eqn) -> tuple[list[Eqn], Eqn]:

@@ -24,6 +24,7 @@ from gdsl.schedule import utasks
 BARRIER_NS = 1300.0      # one grid barrier (132 vEUs on an H100, measured)
 LOCAL_SYNC_NS = 50.0     # one vEU-local sync
 UTASK_NS = 100.0         # fixed cost of starting a uTask
+LAUNCH_NS = 5000.0       # one kernel launch and wait from the host (an empty CuPy launch on an H200)
 
 INV, UNI, PART = "invariant", "uniform", "partitioned"
 

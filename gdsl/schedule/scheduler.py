@@ -46,6 +46,8 @@ from gdsl.schedule.plan import (
     Wave,
     fold_expr,
 )
+from gdsl.schedule.steps import hoist_step_products
+from gdsl.schedule.wavefront import loop_iteration_ns, skew_program
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
@@ -955,13 +957,39 @@ def _split_host(body, functions):
     return tuple(kernels), host, functions
 
 
-def schedule(program, *, control="device", grid=132, block=256, partition=None) -> Plan:
+def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
+             hoist=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
-    pipelines partitioned (True), never (False), or when estimated faster (None).
+    pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
+    counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
+    `hoist=False` turns off the first two passes (to measure what they give).
 
-    Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration."""
-    hoisted = licm.hoist_program(program)
-    if hoisted is not program:
-        typecheck_program(hoisted)
-        program = hoisted
-    return Scheduler(program, control=control, grid=grid, block=block, partition=partition).run()
+    Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
+    Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
+    chains of recurrences are skewed into wavefronts (wavefront.py)."""
+    if wavefront not in (None, True, False):
+        raise ValueError(f"wavefront must be None (when estimated faster), True or False, got {wavefront!r}")
+    if hoist not in (None, True, False):
+        raise ValueError(f"hoist must be None (on), True or False, got {hoist!r}")
+    if hoist is not False:
+        program = _checked(licm.hoist_program(program), program)
+        program = _checked(hoist_step_products(program), program)
+    options = dict(control=control, grid=grid, block=block, partition=partition)
+    if wavefront is False:
+        return Scheduler(program, **options).run()
+    skewed, stretch = skew_program(program)
+    if skewed is program:
+        return Scheduler(program, **options).run()
+    skewed_plan = Scheduler(_checked(skewed, program), **options).run()
+    if wavefront:
+        return skewed_plan
+    plain_plan = Scheduler(program, **options).run()
+    faster = loop_iteration_ns(skewed_plan) * stretch < loop_iteration_ns(plain_plan)
+    return skewed_plan if faster else plain_plan
+
+
+def _checked(transformed, program):
+    """`transformed` (a pass's result), typechecked when the pass changed anything."""
+    if transformed is not program:
+        typecheck_program(transformed)
+    return transformed

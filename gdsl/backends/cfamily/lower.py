@@ -11,7 +11,8 @@ from gdsl.backends.cfamily.render import render_plan
 from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import schedule
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune", "barrier"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
+                           "barrier"})
 DEFAULT_BLOCK = 256
 
 
@@ -31,11 +32,13 @@ def check_options(options, dialect) -> dict:
     if grid is not None and int(grid) < 1:
         raise ValueError(f"grid must be positive, got {grid}")
     return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
-            "partition": options.get("partition"), "profile": options.get("profile")}
+            "partition": options.get("partition"),
+            "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile")}
 
 
 def lower_with_grid(program, opts, grid: int, dialect) -> Lowering:
     """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect`."""
-    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"])
+    plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
+                    wavefront=opts.get("wavefront"), hoist=opts.get("hoist"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

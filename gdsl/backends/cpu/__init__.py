@@ -51,7 +51,7 @@ LOWERING_CHAIN = ("cpu",)
 ELEMENTWISE_TABLE = LOWERINGS      # the elementwise family: one LLVM lowering per primitive
 RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "autotune"})
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
@@ -110,7 +110,8 @@ def lower(program, options) -> Lowering:
     control = options.get("control", "device")
     grid = int(options["grid"]) if "grid" in options else default_grid(program)
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
-                    partition=options.get("partition"))
+                    partition=options.get("partition"), wavefront=options.get("wavefront"),
+                    hoist=options.get("hoist"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)

@@ -1,0 +1,112 @@
+"""Hoisting across iterations: a loop's per-step product with a loop-invariant matrix, done for all steps at
+once before the loop (an IR-to-IR pass; what cuDNN does with an RNN's input projection).
+
+In a counted loop (`loops.counted_loop`), a matmul whose left operand is row block i of a loop-invariant
+array -- `xs[i] @ W` with `xs[N, m, K]` and `W[..., K, n]` consts of the body -- reads nothing that
+changes from step to step but the index. It becomes, before the loop, one GEMM over all N row blocks,
+
+    Y = reshape(xs, (N*m, K)) @ W            # [..., N*m, n]
+
+and, inside the loop, the window `Y[..., i*m : i*m + m, :]` (a dynamic_slice: the same rows, clamped the
+same way as `xs[i]` was). The step's own matmul, its wave and its grid barrier leave the loop; the GEMM
+before it has N times the rows, which fills the grid where a step's GEMV could not. Applied when the loop
+runs at least N steps (every row block is then read, so no work is wasted); the slice and reshape of `xs`
+that fed only the matmul are dropped.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
+from gdsl.primitives.elementwise import BINARY_PRIMS
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.structural import dynamic_slice_p, reshape_p
+from gdsl.schedule.loops import WhileRewriter, counted_loop, without_dead_eqns
+
+_mul = BINARY_PRIMS["mul"]
+
+
+def hoist_step_products(program):
+    """`program` with every per-step `xs[i] @ W` of its counted loops computed for all steps before the
+    loop (the same Program when there is none)."""
+    return _StepHoister().program(program)
+
+
+class _StepHoister(WhileRewriter):
+    def rewrite_while(self, eqn: Eqn) -> list[Eqn]:
+        counted = counted_loop(eqn)
+        if counted is None:
+            return [eqn]
+        _, lo, hi = counted
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        body = p["body_jaxpr"]
+        outer = dict(zip(body.in_binders[:nb], eqn.inputs[nc:nc + nb]))    # const binder -> outer atom
+        producer = {v: e for e in body.eqns for v in e.outs}
+        before, new_binders, new_consts, replaced = [], [], [], {}
+        for e in body.eqns:
+            match = _step_product(e, producer, outer, hi - lo)
+            if match is None:
+                continue
+            xs, index, w = match
+            rows, k = e.inputs[0].aval.shape
+            flat = Var(_aval((xs.aval.shape[0] * rows, k), xs.aval.dtype))
+            before.append(Eqn(reshape_p, (outer[xs],), {"new_shape": flat.aval.shape}, (flat,)))
+            (product_aval,) = matmul_p.abstract_eval(flat.aval, w.aval)
+            product = Var(product_aval)
+            before.append(Eqn(matmul_p, (flat, outer[w]), {}, (product,)))
+            binder = Var(product_aval)
+            new_binders.append(binder)
+            new_consts.append(product)
+            replaced[e] = _window_eqns(binder, index, rows, e.outs[0])
+        if not replaced:
+            return [eqn]
+        eqns = []
+        for e in body.eqns:
+            eqns += replaced.get(e, [e])
+        new_body = without_dead_eqns(Jaxpr(body.in_binders[:nb] + tuple(new_binders) + body.in_binders[nb:],
+                                           tuple(eqns), body.outs))
+        inputs = eqn.inputs[:nc + nb] + tuple(new_consts) + eqn.inputs[nc + nb:]
+        params = dict(p, body_jaxpr=new_body, body_nconsts=nb + len(new_binders))
+        return before + [Eqn(eqn.primitive, inputs, params, eqn.outs)]
+
+
+def _aval(shape, dtype):
+    return ShapedArray(tuple(int(d) for d in shape), np.dtype(dtype))
+
+
+def _step_product(e: Eqn, producer, outer, trips: int):
+    """(xs, index, W) when `e` is `reshape(dynamic_slice(xs, index, 0, ...)) @ W` with xs and W consts of
+    the body, the slice one whole row block of xs, the block a matrix, and at most `trips` blocks."""
+    if e.primitive is not matmul_p:
+        return None
+    a, w = e.inputs
+    if w not in outer or not isinstance(a, Var) or a.aval.ndim != 2:
+        return None
+    flatten = producer.get(a)
+    if flatten is None or flatten.primitive is not reshape_p:
+        return None
+    window = producer.get(flatten.inputs[0])
+    if window is None or window.primitive is not dynamic_slice_p:
+        return None
+    xs, index, *rest = window.inputs
+    if xs not in outer or any(not isinstance(s, Lit) or s.val != 0 for s in rest):
+        return None
+    if tuple(window.params["sizes"]) != (1,) + xs.aval.shape[1:] or a.aval.shape != xs.aval.shape[1:]:
+        return None
+    if xs.aval.shape[0] > trips:
+        return None
+    return xs, index, w
+
+
+def _window_eqns(product: Var, index, rows: int, out: Var) -> list[Eqn]:
+    """`out = product[..., index*rows : index*rows + rows, :]` (the starts clamp like the original index)."""
+    eqns = []
+    start = index
+    if rows != 1:
+        start = Var(index.aval)
+        eqns.append(Eqn(_mul, (index, Lit.of(rows, index.aval.dtype)), {}, (start,)))
+    zero = Lit.of(0, index.aval.dtype)
+    starts = (zero,) * (product.aval.ndim - 2) + (start, zero)
+    eqns.append(Eqn(dynamic_slice_p, (product,) + starts, {"sizes": out.aval.shape}, (out,)))
+    return eqns

@@ -1,0 +1,114 @@
+"""Hoisting across iterations (gdsl/schedule/steps.py): `xs[i] @ W` in a counted loop becomes one GEMM over all
+row blocks before the loop and a window of it inside; the program typechecks and computes the same, the
+loop's plan has no matmul reading xs, and loops where it would not pay or not apply are left alone."""
+import numpy as np
+import pytest
+from test_schedule import check_plan
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+from gdsl.core.ir import walk_eqns
+from gdsl.core.typecheck import typecheck_program
+from gdsl.interpreter import run_program
+from gdsl.primitives.control import while_p
+from gdsl.schedule import schedule
+from gdsl.schedule.licm import hoist_program
+from gdsl.schedule.plan import Loop, Wave
+from gdsl.schedule.steps import hoist_step_products
+
+rng = np.random.default_rng(11)
+
+
+def _w(*shape, scale=0.4):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def rnn(xs, W, U):
+    """A batched-gate recurrence: xs[t] @ W[4] is a step product, h @ U[4] is not."""
+    def step(t, h):
+        g = xs[t] @ W + h @ U
+        return gnp.tanh(g[0]) * gdsl.nn.sigmoid(g[1]) + g[2] * g[3] * 0.1
+    return gdsl.fori_loop(0, xs.shape[0], step, gnp.zeros((xs.shape[1], U.shape[-1]), dtype=gdsl.float32))
+
+
+def reversed_rows(xs, W):
+    """Negative indices count from the end, as in numpy; the hoisted window reads the same rows."""
+    def step(t, h):
+        return gnp.tanh(xs[-1 - t] @ W + h)
+    return gdsl.fori_loop(0, xs.shape[0], step, gnp.zeros((xs.shape[1], W.shape[-1]), dtype=gdsl.float32))
+
+
+def fewer_steps_than_rows(xs, W):
+    return gdsl.fori_loop(0, 2, lambda t, h: gnp.tanh(xs[t] @ W + h),
+                          gnp.zeros((xs.shape[1], W.shape[-1]), dtype=gdsl.float32))
+
+
+def varying_matrix(xs, W):
+    """W changes every step: nothing to hoist."""
+    def step(t, c):
+        h, w = c
+        return gnp.tanh(xs[t] @ w + h), w * 0.9
+    return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros((xs.shape[1], W.shape[-1]), dtype=gdsl.float32), W))
+
+
+ARGS = {
+    rnn: (_w(5, 3, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8)),
+    reversed_rows: (_w(4, 2, 8, scale=1.0), _w(8, 6)),
+}
+
+
+def _loop_eqns(program):
+    (loop,) = [e for e in walk_eqns(program.jaxpr) if e.primitive is while_p]
+    return [e.primitive.name for e in loop.params["body_jaxpr"].eqns]
+
+
+def _hoisted(fn, *args):
+    program = hoist_program(gdsl.make_ir(fn)(*args))
+    hoisted = hoist_step_products(program)
+    typecheck_program(hoisted)
+    flat = [np.asarray(a) for a in args]
+    for got, want in zip(run_program(hoisted, flat), run_program(program, flat)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    return program, hoisted
+
+
+@pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
+def test_step_product_leaves_the_loop(fn):
+    program, hoisted = _hoisted(fn, *ARGS[fn])
+    assert _loop_eqns(hoisted).count("matmul") == _loop_eqns(program).count("matmul") - 1
+    assert "dynamic_slice" in _loop_eqns(hoisted)
+    assert any(e.primitive.name == "matmul" for e in hoisted.jaxpr.eqns)     # the GEMM over all steps
+
+
+@pytest.mark.parametrize("fn", [fewer_steps_than_rows, varying_matrix], ids=lambda f: f.__name__)
+def test_left_alone(fn):
+    program = hoist_program(gdsl.make_ir(fn)(_w(4, 2, 8, scale=1.0), _w(8, 8)))
+    assert hoist_step_products(program) is program
+
+
+@pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
+def test_plans_compute_the_same(fn):
+    check_plan(fn, *ARGS[fn], grids=(1, 4))
+    plan = schedule(gdsl.make_ir(fn)(*ARGS[fn]), grid=8)
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    xs = [v.storage for v in plan.inputs if v.aval.shape == ARGS[fn][0].shape]
+    matmuls = [t.op for s in loop.body if isinstance(s, Wave) for t in s.tasks if t.op.kind == "matmul"]
+    assert xs
+    assert not [op for op in matmuls if any(v.storage in xs for v in op.inputs)]
+
+
+def test_off_switch_and_cpu_backend():
+    fn, args = rnn, ARGS[rnn]
+    want = np.asarray(gdsl.jit(fn, backend="cpu", hoist=False)(*args))
+    np.testing.assert_allclose(np.asarray(gdsl.jit(fn, backend="cpu")(*args)), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="hoist"):
+        gdsl.jit(fn, hoist="no")
+
+
+@pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
+def test_emulated():
+    fn, args = rnn, ARGS[rnn]
+    want = emulator.emulate(fn, *args, grid=3, block=64, hoist=False)
+    got = emulator.emulate(fn, *args, grid=3, block=64)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

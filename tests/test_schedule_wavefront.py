@@ -1,0 +1,209 @@
+"""Wavefront (gdsl/schedule/wavefront.py): a counted loop whose body is a chain of recurrences is skewed so
+that stage s runs step k - s; the skewed program typechecks and computes exactly what the original computes
+(interpreter, plan simulator, cpu, the C-family emulator), loops that are not such a chain stay as they are,
+and the plan of a stacked recurrence has fewer waves and grid barriers per iteration."""
+import numpy as np
+import pytest
+from test_schedule import check_plan
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+from gdsl.core.ir import walk_eqns
+from gdsl.core.typecheck import typecheck_program
+from gdsl.interpreter import run_program
+from gdsl.primitives.control import while_p
+from gdsl.schedule import schedule
+from gdsl.schedule.licm import hoist_program
+from gdsl.schedule.plan import Loop, Sync, Wave
+from gdsl.schedule.wavefront import loop_iteration_ns, skew_program
+
+rng = np.random.default_rng(5)
+H = 8
+
+
+def _w(*shape, scale=0.4):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def stacked(xs, W, U):
+    """Three stacked tanh recurrences over the steps of xs: layer l reads layer l-1's new state."""
+    def step(t, hs):
+        inp, new = xs[t], []
+        for layer, h in enumerate(hs):
+            h = gnp.tanh(inp @ W[layer] + h @ U[layer])
+            new.append(h)
+            inp = h
+        return tuple(new)
+    zeros = tuple(gnp.zeros((1, H), dtype=gdsl.float32) for _ in range(3))
+    return gdsl.fori_loop(0, xs.shape[0], step, zeros)
+
+
+def stacked_wide(xs, W, U):
+    def step(t, hs):
+        inp, new = xs[t], []
+        for layer, h in enumerate(hs):
+            h = gnp.tanh(inp @ W[layer] + h @ U[layer])
+            new.append(h)
+            inp = h
+        return tuple(new)
+    zeros = tuple(gnp.zeros((xs.shape[1], xs.shape[2]), dtype=gdsl.float32) for _ in range(3))
+    return gdsl.fori_loop(0, xs.shape[0], step, zeros)
+
+
+def late_reads(xs, W, U):
+    """Stage 2 reads stage 0's state (two iterations late) and xs[t] directly; a carried edge crosses
+    from the recurrence `a` into the recurrence `c`, which reads the previous `a` as well."""
+    def step(t, carry):
+        a, b, c = carry
+        a_new = gnp.tanh(xs[t] @ W[0] + a @ U[0])
+        b_new = gnp.tanh(a_new @ W[1] + b @ U[1])
+        c_new = gnp.tanh(b_new @ W[2] + c @ U[2] + a_new * 0.5 + a * 0.25 + xs[t])
+        return a_new, b_new, c_new
+    zeros = tuple(gnp.zeros((1, H), dtype=gdsl.float32) for _ in range(3))
+    return gdsl.fori_loop(2, 2 + xs.shape[0] - 2, step, zeros)
+
+
+def counter_out(x, W):
+    """A counted while_loop whose final counter is a result; a state passed through unchanged."""
+    def body(c):
+        i, h, g, keep = c
+        h = gnp.tanh(h @ W[0])
+        return i + 1, h, gnp.tanh(g @ W[1] + h), keep
+    i, h, g, keep = gdsl.while_loop(lambda c: c[0] < 5, body, (0, x, x, x * 2.0))
+    return i, g, keep
+
+
+def single_recurrence(x, W):
+    return gdsl.fori_loop(0, 6, lambda i, h: gnp.tanh(h @ W[0]) * gnp.tanh(h @ W[1]), x)
+
+
+def data_dependent_exit(x, W):
+    def body(c):
+        h, g = c
+        h = gnp.tanh(h @ W[0])
+        return h, gnp.tanh(g @ W[1] + h)
+    return gdsl.while_loop(lambda c: c[0].sum() < 100.0, body, (x, x))
+
+
+def inner_loop(x, W):
+    def step(i, c):
+        h, g = c
+        h = gdsl.fori_loop(0, 2, lambda j, v: gnp.tanh(v @ W[0]), h)
+        return h, gnp.tanh(g @ W[1] + h)
+    return gdsl.fori_loop(0, 4, step, (x, x))
+
+
+XS = _w(6, 1, H, scale=1.0)
+ARGS = {
+    stacked: (XS, _w(3, H, H), _w(3, H, H)),
+    late_reads: (XS, _w(3, H, H), _w(3, H, H)),
+    counter_out: (_w(1, H, scale=1.0), _w(2, H, H)),
+}
+
+
+def _loops(program):
+    return [e for e in walk_eqns(program.jaxpr) if e.primitive is while_p]
+
+
+def _skewed(fn, *args):
+    program = hoist_program(gdsl.make_ir(fn)(*args))
+    skewed, _ = skew_program(program)
+    typecheck_program(skewed)
+    flat = [np.asarray(a) for a in args]
+    for got, want in zip(run_program(skewed, flat), run_program(program, flat)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    return program, skewed
+
+
+def _trip(loop):
+    (test,) = loop.params["cond_jaxpr"].eqns
+    return int(test.inputs[1].val)
+
+
+@pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
+def test_skewed_program_computes_the_same(fn):
+    _, skewed = _skewed(fn, *ARGS[fn])
+    assert len(_loops(skewed)) == 1
+
+
+def test_stacked_recurrence_runs_s_minus_one_extra_steps():
+    program, skewed = _skewed(stacked, *ARGS[stacked])
+    (before,), (after,) = _loops(program), _loops(skewed)
+    assert _trip(before) == 6 and _trip(after) == 6 + 2       # three stages
+    # layer l+1 reads layer l's state carry: no register carries were needed
+    assert len(after.params["body_jaxpr"].outs) == len(before.params["body_jaxpr"].outs)
+
+
+def test_late_reads_go_through_register_carries():
+    program, skewed = _skewed(late_reads, *ARGS[late_reads])
+    (before,), (after,) = _loops(program), _loops(skewed)
+    assert len(after.params["body_jaxpr"].outs) > len(before.params["body_jaxpr"].outs)
+
+
+@pytest.mark.parametrize("fn", [single_recurrence, data_dependent_exit, inner_loop], ids=lambda f: f.__name__)
+def test_loops_that_are_not_a_chain_stay(fn):
+    program = hoist_program(gdsl.make_ir(fn)(_w(1, H, scale=1.0), _w(2, H, H)))
+    assert skew_program(program) == (program, 1.0)
+
+
+def test_unrolled_loops_stay():
+    unrolled = hoist_program(gdsl.jit(stacked, unroll=2).lower(*ARGS[stacked]).program)
+    assert skew_program(unrolled)[0] is unrolled
+
+
+def test_one_step_is_stretched_to_three():
+    args = (XS[:1],) + ARGS[stacked][1:]
+    program, skewed = _skewed(stacked, *args)
+    assert skew_program(program)[1] == 3.0
+
+
+def _loop_counts(plan):
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    waves = sum(isinstance(s, Wave) for s in loop.body)
+    grid_barriers = sum(isinstance(s, Sync) and s.scope == "grid" for s in loop.body)
+    return waves, grid_barriers
+
+
+def test_plan_of_a_stacked_recurrence_has_fewer_waves_per_step():
+    program = gdsl.make_ir(stacked)(*ARGS[stacked])
+    plain = _loop_counts(schedule(program, grid=32, wavefront=False))
+    skewed = _loop_counts(schedule(program, grid=32, wavefront=True))
+    assert skewed[0] < plain[0], (plain, skewed)
+
+
+def test_default_keeps_the_plan_estimated_faster():
+    """Tiny cells fit one vEU: the plain plan runs the chain with vEU-local syncs, the skewed one spreads
+    the stages over vEUs behind grid barriers, so the default keeps the plain plan here; with wide cells
+    (the grid's width of uTasks per matmul) the skewed plan wins."""
+    program = gdsl.make_ir(stacked)(*ARGS[stacked])
+    plans = {wf: schedule(program, grid=32, wavefront=wf) for wf in (None, True, False)}
+    costs = {wf: loop_iteration_ns(p) for wf, p in plans.items()}
+    assert costs[None] == min(costs[False], costs[True] * 8 / 6)
+    wide = (_w(6, 64, 256, scale=1.0), _w(3, 256, 256, scale=0.05), _w(3, 256, 256, scale=0.05))
+    program = gdsl.make_ir(stacked_wide)(*wide)
+    assert _loop_counts(schedule(program, grid=132))[1] < _loop_counts(schedule(program, grid=132, wavefront=False))[1]
+
+
+@pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
+def test_plans_simulate_and_run_on_cpu(fn):
+    check_plan(fn, *ARGS[fn], grids=(1, 5))
+    want = gdsl.jit(fn, backend="cpu", wavefront=False)(*ARGS[fn])
+    got = gdsl.jit(fn, backend="cpu", wavefront=True)(*ARGS[fn])
+    for g, w in zip(gdsl.tree_flatten(got)[0], gdsl.tree_flatten(want)[0]):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
+@pytest.mark.parametrize("control", ["device", "host"])
+def test_emulated_skewed_loop(control):
+    fn, args = late_reads, ARGS[late_reads]
+    want = emulator.emulate(fn, *args, control=control, grid=3, block=64, wavefront=False)
+    got = emulator.emulate(fn, *args, control=control, grid=3, block=64, wavefront=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_option_is_checked():
+    with pytest.raises(ValueError, match="wavefront"):
+        gdsl.jit(stacked, wavefront="yes")
