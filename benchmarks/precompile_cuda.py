@@ -17,7 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
 
 
-def compile_one(name, batch, control, grid=None, program=None):
+def compile_one(name, batch, control, grid=None, program=None, options=()):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs."""
     from gdsl.backends.cuda.toolchain import compile_cuda
     from models import common, load
@@ -27,22 +27,25 @@ def compile_one(name, batch, control, grid=None, program=None):
         test = model.overhead_test(model.Config())
         cfg, inputs = test.programs[program], test.inputs
     prob = common.build_problem(model, batch, seed=0, n_inputs=1, cfg=cfg, **inputs)
-    fn = model.make_forward(prob.cfg, backend="cuda", control=control, grid=grid)
+    fn = model.make_forward(prob.cfg, backend="cuda", control=control, grid=grid, **dict(options))
     t0 = time.perf_counter()
     source = fn.lower(prob.weights, prob.batches[0]).source
     t1 = time.perf_counter()
     compile_cuda(source, "sm_90")
-    return f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'}: " \
+    return f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'} " \
+           f"{dict(options) or ''}: " \
            f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s"
 
 
 def main():
-    from models import MODELS, load
+    from models import MODELS, common, load
     p = argparse.ArgumentParser()
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--controls", default="device,host")
     p.add_argument("--grids", default="", help="also these grids (device control), e.g. the autotuner's 33,66,264")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
+                                                "(models.bench --ablate), e.g. wavefront=False,hoist=False")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()
@@ -54,6 +57,10 @@ def main():
         work = [(m, b, c, None, None) for m in models for b in load(m).BATCHES for c in controls]
         work += [(m, b, "device", int(g), None) for m in models for b in load(m).BATCHES
                  for g in filter(None, args.grids.split(","))]
+        for option in filter(None, args.ablate.split(",")):
+            work += [(m, b, "device", None, None, (common.parse_option(option),))
+                     for m in models for b in load(m).BATCHES]
+    work = [w + ((),) * (6 - len(w)) for w in work]
     with cf.ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(compile_one, *zip(*work)):
             print(line, flush=True)

@@ -56,8 +56,7 @@ def ablation(text: str) -> tuple[str, dict]:
     """`gdsl-device[wavefront=False]` -> ("device", {"wavefront": False}): a gdsl system with one jit option
     set, measured beside the default to show what a lever gives in the same run (--ablate)."""
     control, _, rest = text[len("gdsl-"):].partition("[")
-    key, _, value = rest.rstrip("]").partition("=")
-    return control, {key: {"None": None, "True": True, "False": False}.get(value, value)}
+    return control, dict([common.parse_option(rest.rstrip("]"))])
 
 
 def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:

@@ -186,6 +186,15 @@ def make_jit(fun: Callable, backend: str | None = None, control: str | None = No
     return gdsl.jit(fun, **opts)
 
 
+def parse_option(text: str) -> tuple[str, Any]:
+    """"wavefront=False" -> ("wavefront", False), "grid=66" -> ("grid", 66): one jit option as the
+    benchmark scripts take it (None, True, False and integers parsed, anything else a string)."""
+    key, _, value = text.partition("=")
+    if value.lstrip("-").isdigit():
+        return key, int(value)
+    return key, {"None": None, "True": True, "False": False}.get(value, value)
+
+
 def _device_put_for(backend: str | None):
     """How to place arrays for a gdsl backend: CuPy arrays for cuda (no copy per call), else numpy."""
     import gdsl
