@@ -121,6 +121,8 @@ def _declare(name, arity, rule, result):
 
 UNARY_PRIMS = {n: _declare(n, 1, rule, res) for n, (rule, res) in UNARY.items()}
 BINARY_PRIMS = {n: _declare(n, 2, rule, res) for n, (rule, res) in BINARY.items()}
+# The ones IR passes build equations of (gdsl/schedule: loop counters, masks, index arithmetic).
+add_p, sub_p, mul_p, lt_p, ge_p, and_p = (BINARY_PRIMS[n] for n in ("add", "sub", "mul", "lt", "ge", "and"))
 
 select_p = primitive("select", ELEMENTWISE)
 select_p.arity = 3

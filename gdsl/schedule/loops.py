@@ -1,5 +1,6 @@
-"""The walk shared by the IR-to-IR loop passes (licm.py, wavefront.py): every `while` equation of a program,
-at any depth, innermost first, handed to the pass, which replaces it by a list of equations.
+"""What the IR-to-IR loop passes (licm.py, steps.py, wavefront.py) share: the walk that hands every `while`
+equation, at any depth, innermost first, to the pass, which replaces it by a list of equations; the
+recognition of counted loops; dead-equation removal.
 
 Sub-programs are rewritten before the equation that carries them, so a pass sees a loop whose inner loops
 are already transformed. A recursive function's body is rewritten once and shared by all its calls."""
@@ -7,10 +8,8 @@ from __future__ import annotations
 
 from gdsl.core.ir import Eqn, FunctionDef, Jaxpr, Lit, Program
 from gdsl.primitives.control import while_p
-from gdsl.primitives.elementwise import BINARY_PRIMS
+from gdsl.primitives.elementwise import add_p, lt_p
 from gdsl.primitives.registry import CONTROL
-
-_add, _lt = BINARY_PRIMS["add"], BINARY_PRIMS["lt"]
 
 
 def counted_loop(eqn: Eqn) -> tuple[int, int, int] | None:
@@ -23,7 +22,7 @@ def counted_loop(eqn: Eqn) -> tuple[int, int, int] | None:
     if len(cond.eqns) != 1:
         return None
     test = cond.eqns[0]
-    if test.primitive is not _lt or cond.outs != test.outs or not isinstance(test.inputs[1], Lit):
+    if test.primitive is not lt_p or cond.outs != test.outs or not isinstance(test.inputs[1], Lit):
         return None
     cond_carries = cond.in_binders[nc:]
     if test.inputs[0] not in cond_carries:
@@ -32,7 +31,7 @@ def counted_loop(eqn: Eqn) -> tuple[int, int, int] | None:
     init = eqn.inputs[nc + nb + counter]
     step = body.outs[counter]
     increments = [e for e in body.eqns if e.outs == (step,)]
-    if not isinstance(init, Lit) or not increments or increments[0].primitive is not _add \
+    if not isinstance(init, Lit) or not increments or increments[0].primitive is not add_p \
             or increments[0].inputs[0] is not body.in_binders[nb + counter] \
             or not isinstance(increments[0].inputs[1], Lit) or increments[0].inputs[1].val != 1:
         return None

@@ -396,7 +396,8 @@ class Scheduler:
         for level in range(-1, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
-                stmts.append(Wave(tuple(self._place([self._make_op(it) for it in globals_]))))
+                grids = self._wave_grids(globals_)
+                stmts.append(Wave(tuple(self._place([self._make_op(it, grids.get(it)) for it in globals_]))))
                 self.stats["waves"] += 1
                 unsynced_read_until = max([unsynced_read_until] + [read_until.get(it, -2) for it in globals_])
                 if level == top or unsynced_read_until >= level:
@@ -447,6 +448,33 @@ class Scheduler:
             return "grid"
         return "block"
 
+    def _wave_grids(self, items) -> dict:
+        """The vEUs each GEMM of a crowded wave (more uTasks than vEUs) can count on: its share of the grid
+        by estimated work. Split for the whole grid, each GEMM of a wave of twenty would take the smallest
+        tile and run twenty rounds of it; split for its share it takes the largest tile that still fills the
+        share, and the wave runs about one round of tiles with less traffic per flop. GEMV-shaped matmuls
+        (a few rows) keep their split: their uTasks are latency-bound, smaller is faster there."""
+        gemms = [it for it in items if self._is_gemm(it)]
+        if self.parts or len(gemms) < 2:
+            return {}
+        splits = {it: self._natural_split(it) for it in items}
+        if sum(count for count, _ in splits.values()) <= self.grid:
+            return {}
+        total = sum(count * cost for count, cost in splits.values())
+        return {it: max(1, int(self.grid * splits[it][0] * splits[it][1] / total)) for it in gemms}
+
+    def _is_gemm(self, it) -> bool:
+        """A matmul or convolution with more rows than a GEMV."""
+        kind, ins = self._kind_and_inputs(it)
+        return kind in utasks.GEMM_KINDS and not it.uniform and \
+            utasks.gemm_dims(kind, [a.aval for a in ins], it.eqn.outs[0].aval, it.eqn.params)[1] > utasks.GEMV_ROWS
+
+    def _natural_split(self, it) -> tuple[int, float]:
+        kind, ins = self._kind_and_inputs(it)
+        count, _, cost = utasks.split(kind, [a.aval for a in ins], [v.aval for v in it.eqn.outs], it.eqn.params,
+                                      self.grid, self.block)
+        return count, cost
+
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
         return utasks.split(kind, [a.aval for a in ins], [v.aval for v in it.eqn.outs], it.eqn.params,
@@ -458,7 +486,7 @@ class Scheduler:
         return it.eqn.primitive.name, it.eqn.inputs
 
     # ---------------------------------------------------------------------------------------- ops
-    def _make_op(self, it: _Item) -> Op:
+    def _make_op(self, it: _Item, grid: int | None = None) -> Op:
         eqn = it.eqn
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
@@ -466,7 +494,8 @@ class Scheduler:
         outs = [self.env[v] for v in eqn.outs]
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
-        count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params)
+        count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params,
+                                                grid)
         params.update(split_params)
         label = _expr_label(it.expr) if it.expr is not None else kind
         op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, it.expr)
@@ -474,10 +503,11 @@ class Scheduler:
         self.stats["ops"] += 1
         return op
 
-    def _split(self, kind, in_avals, out_avals, params):
+    def _split(self, kind, in_avals, out_avals, params, grid=None):
+        """The split of an op; `grid`: the vEUs it may count on when fewer than the whole grid."""
         if self.parts:
             return utasks.partition_split(kind, in_avals, out_avals, params, self.parts)
-        return utasks.split(kind, in_avals, out_avals, params, self.grid, self.block)
+        return utasks.split(kind, in_avals, out_avals, params, grid or self.grid, self.block)
 
     def _make_uniform(self, it: _Item) -> UniformOp:
         eqn = it.eqn

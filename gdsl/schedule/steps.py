@@ -18,12 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
-from gdsl.primitives.elementwise import BINARY_PRIMS
+from gdsl.primitives.elementwise import mul_p
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.structural import dynamic_slice_p, reshape_p
 from gdsl.schedule.loops import WhileRewriter, counted_loop, without_dead_eqns
-
-_mul = BINARY_PRIMS["mul"]
 
 
 def hoist_step_products(program):
@@ -105,7 +103,7 @@ def _window_eqns(product: Var, index, rows: int, out: Var) -> list[Eqn]:
     start = index
     if rows != 1:
         start = Var(index.aval)
-        eqns.append(Eqn(_mul, (index, Lit.of(rows, index.aval.dtype)), {}, (start,)))
+        eqns.append(Eqn(mul_p, (index, Lit.of(rows, index.aval.dtype)), {}, (start,)))
     zero = Lit.of(0, index.aval.dtype)
     starts = (zero,) * (product.aval.ndim - 2) + (start, zero)
     eqns.append(Eqn(dynamic_slice_p, (product,) + starts, {"sizes": out.aval.shape}, (out,)))

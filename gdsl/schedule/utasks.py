@@ -39,6 +39,9 @@ ELEMENTWISE_KINDS = kinds_of(ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW)
 REDUCE_KINDS = kinds_of(REDUCE)
 GEMM_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 
+# A matmul with at most this many rows is GEMV-shaped: its uTask is a tile of whole rows (gdsl_gemv_tile).
+GEMV_ROWS = 8
+
 # Where the scalar start operands of a dynamic window op begin (the operands before them are arrays).
 DYNAMIC_STARTS = {dynamic_slice_p: 1, dynamic_update_slice_p: 2}
 
@@ -73,7 +76,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     # Largest tile that still gives every vEU work, else the smallest one.
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
-    tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > 8 else \
+    tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > GEMV_ROWS else \
         [(rows, 128), (rows, 64), (rows, 32), (rows, 16)]
     for tm, tn in tiles:
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)

@@ -39,13 +39,12 @@ import numpy as np
 
 from gdsl.core.ir import Eqn, Jaxpr, Lit, Program, ShapedArray, Var
 from gdsl.primitives.control import recurse_call_p, recurse_p, while_p
-from gdsl.primitives.elementwise import BINARY_PRIMS, select_p
+from gdsl.primitives.elementwise import add_p, and_p, ge_p, lt_p, select_p, sub_p
 from gdsl.primitives.structural import broadcast_p
 from gdsl.schedule.loops import WhileRewriter, counted_loop
 from gdsl.schedule.partition import BARRIER_NS, LAUNCH_NS, LOCAL_SYNC_NS, UTASK_NS
 from gdsl.schedule.plan import Branch, Launch, Loop, Sync, Wave
 
-_add, _sub, _lt, _ge, _and = (BINARY_PRIMS[n] for n in ("add", "sub", "lt", "ge", "and"))
 _BOOL = np.dtype(bool)
 
 
@@ -209,15 +208,15 @@ class _Skew:
         """The original loop index that stage s runs in this iteration: k - s."""
         if s not in self.shifted:
             k = self.loop.carries[self.loop.counter]
-            self.shifted[s] = k if s == 0 else self.scalar(_sub, k, self.lit(s))
+            self.shifted[s] = k if s == 0 else self.scalar(sub_p, k, self.lit(s))
         return self.shifted[s]
 
     def valid_in(self, s: int) -> Var:
         if s not in self.valid:
             k = self.loop.carries[self.loop.counter]
-            started = self.scalar(_ge, k, self.lit(self.loop.lo + s), dtype=_BOOL)
-            not_done = self.scalar(_lt, k, self.lit(self.loop.hi + s), dtype=_BOOL)
-            self.valid[s] = self.scalar(_and, started, not_done, dtype=_BOOL)
+            started = self.scalar(ge_p, k, self.lit(self.loop.lo + s), dtype=_BOOL)
+            not_done = self.scalar(lt_p, k, self.lit(self.loop.hi + s), dtype=_BOOL)
+            self.valid[s] = self.scalar(and_p, started, not_done, dtype=_BOOL)
         return self.valid[s]
 
     def late(self, value, d: int):
@@ -264,7 +263,7 @@ class _Skew:
         # the new carries: the counter k + 1, every updated carry masked to its stage's valid steps
         outs = list(body.outs)
         next_k = Var(carries[counter].aval)
-        tail = [Eqn(_add, (carries[counter], self.lit(1)), {}, (next_k,))]
+        tail = [Eqn(add_p, (carries[counter], self.lit(1)), {}, (next_k,))]
         outs[counter] = next_k
         for j, (b, out) in enumerate(zip(carries, body.outs)):
             if j == counter or out is b:
@@ -301,7 +300,7 @@ class _Skew:
         test = cond.eqns[0]
         more = Var(test.outs[0].aval)
         new_cond = Jaxpr(cond_binders,
-                         (Eqn(_lt, (test.inputs[0], self.lit(loop.hi + self.nstages - 1)), {}, (more,)),),
+                         (Eqn(lt_p, (test.inputs[0], self.lit(loop.hi + self.nstages - 1)), {}, (more,)),),
                          (more,))
         params = dict(eqn.params, cond_jaxpr=new_cond, body_jaxpr=new_body)
         outs = list(eqn.outs)
@@ -310,7 +309,7 @@ class _Skew:
         outs[loop.counter] = final_k
         outs += [Var(r.aval) for r in registers]
         skewed = Eqn(while_p, eqn.inputs + tuple(inits), params, tuple(outs))
-        restore = Eqn(_sub, (final_k, self.lit(self.nstages - 1)), {}, (original_counter,))
+        restore = Eqn(sub_p, (final_k, self.lit(self.nstages - 1)), {}, (original_counter,))
         return before + [skewed, restore]
 
 
