@@ -27,7 +27,7 @@ def compile_one(name, batch, control, grid=None, program=None, options=()):
         test = model.overhead_test(model.Config())
         cfg, inputs = test.programs[program], test.inputs
     prob = common.build_problem(model, batch, seed=0, n_inputs=1, cfg=cfg, **inputs)
-    fn = model.make_forward(prob.cfg, backend="cuda", control=control, grid=grid, **dict(options))
+    fn = model.make_forward(prob.cfg, backend="cuda", control=control, **{"grid": grid, **dict(options)})
     t0 = time.perf_counter()
     source = fn.lower(prob.weights, prob.batches[0]).source
     t1 = time.perf_counter()

@@ -112,3 +112,14 @@ def test_emulated():
     want = emulator.emulate(fn, *args, grid=3, block=64, hoist=False)
     got = emulator.emulate(fn, *args, grid=3, block=64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def vector_weights(xs, w):
+    """xs[t] @ w with a vector w: gdsl.numpy makes w a column first, so the product is hoisted too."""
+    return gdsl.fori_loop(0, xs.shape[0], lambda t, h: gnp.tanh(xs[t] @ w + h),
+                          gnp.zeros((xs.shape[1],), dtype=gdsl.float32))
+
+
+def test_vector_right_operand():
+    program, hoisted = _hoisted(vector_weights, _w(4, 2, 8, scale=1.0), _w(8))
+    assert _loop_eqns(hoisted).count("matmul") == 0

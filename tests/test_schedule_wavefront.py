@@ -207,3 +207,18 @@ def test_emulated_skewed_loop(control):
 def test_option_is_checked():
     with pytest.raises(ValueError, match="wavefront"):
         gdsl.jit(stacked, wavefront="yes")
+
+
+def next_counter_as_carry(x, W):
+    """The counter's increment is also the new value of another carry (the step after the last one)."""
+    def body(c):
+        i, after, h, g = c
+        h = gnp.tanh(h @ W[0])
+        return i + 1, i + 1, h, gnp.tanh(g @ W[1] + h)
+    return gdsl.while_loop(lambda c: c[0] < 4, body, (0, 0, x, x))
+
+
+def test_counter_increment_read_as_a_carry():
+    args = (_w(1, H, scale=1.0), _w(2, H, H))
+    _, skewed = _skewed(next_counter_as_carry, *args)
+    assert len(_loops(skewed)) == 1

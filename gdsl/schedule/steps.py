@@ -79,7 +79,7 @@ def _step_product(e: Eqn, producer, outer, trips: int):
     if e.primitive is not matmul_p:
         return None
     a, w = e.inputs
-    if w not in outer or not isinstance(a, Var) or a.aval.ndim != 2:
+    if w not in outer or not isinstance(a, Var) or a.aval.ndim != 2 or w.aval.ndim < 2:
         return None
     flatten = producer.get(a)
     if flatten is None or flatten.primitive is not reshape_p:

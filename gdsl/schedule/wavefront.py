@@ -245,7 +245,7 @@ class _Skew:
                          if j != counter and out is not b}
         new_eqns = []
         for i, e in enumerate(eqns):
-            if e.outs == (body.outs[counter],) and not self._read_in_body(e.outs[0], eqns):
+            if e.outs == (body.outs[counter],) and not self._read_in_body(e.outs[0], eqns, body.outs, counter):
                 continue                          # the counter's increment: rebuilt below for k
             s = self.stage[i]
             inputs = []
@@ -278,8 +278,9 @@ class _Skew:
         return self._outer(new_body, [r for r, _ in registers])
 
     @staticmethod
-    def _read_in_body(var, eqns) -> bool:
-        return any(var in e.inputs for e in eqns)
+    def _read_in_body(var, eqns, outs, counter) -> bool:
+        """Is `var` read by an equation, or the new value of a carry other than the counter?"""
+        return any(var in e.inputs for e in eqns) or any(o is var for j, o in enumerate(outs) if j != counter)
 
     def _outer(self, new_body: Jaxpr, registers: list[Var]) -> list[Eqn]:
         """The equations replacing the original while: register initial values, the skewed while, and the
