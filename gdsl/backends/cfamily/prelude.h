@@ -203,21 +203,45 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   for (int m = 0; m < MR; ++m)
 #pragma unroll
     for (int j = 0; j < CPT; ++j) acc[m][j] = Acc(0);
+  // A thread's B values of one k chunk: when they fit in registers, all of them are loaded before A is
+  // staged, so their latency overlaps A's and the barrier's instead of following them (a uTask of a
+  // batch-1 matmul is a few dependent memory round trips long; this removes one or two of them).
+  constexpr int PER = (KC + KS - 1) / KS;
+  constexpr bool PREFETCH = PER * CPT <= 32 && KC % KS == 0;
   for (int k0 = 0; k0 < K; k0 += KC) {
     const int kc = K - k0 < KC ? K - k0 : KC;
+    Acc bv[PREFETCH ? PER : 1][PREFETCH ? CPT : 1];
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int r = 0; r < PER; ++r)
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          const int kk = ks + r * KS, n = col0 + c + j * CT;
+          bv[r][j] = kk < kc && n < N ? lb(k0 + kk, n) : Acc(0);
+        }
+    }
     for (int e = tid; e < MR * KC; e += NT) {
       const int m = e / KC, kk = e % KC;
       As[e] = kk < kc ? la(m, k0 + kk) : Acc(0);
     }
     __syncthreads();
+    if constexpr (PREFETCH) {
+#pragma unroll
+      for (int r = 0; r < PER; ++r)
+#pragma unroll
+        for (int j = 0; j < CPT; ++j)
+#pragma unroll
+          for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + ks + r * KS] * bv[r][j];
+    } else {
 #pragma unroll 8
-    for (int kk = ks; kk < kc; kk += KS) {
+      for (int kk = ks; kk < kc; kk += KS) {
 #pragma unroll
-      for (int j = 0; j < CPT; ++j) {
-        const int n = col0 + c + j * CT;
-        const Acc b = n < N ? lb(k0 + kk, n) : Acc(0);
+        for (int j = 0; j < CPT; ++j) {
+          const int n = col0 + c + j * CT;
+          const Acc b = n < N ? lb(k0 + kk, n) : Acc(0);
 #pragma unroll
-        for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + kk] * b;
+          for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + kk] * b;
+        }
       }
     }
     __syncthreads();
