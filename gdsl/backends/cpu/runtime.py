@@ -39,7 +39,7 @@ import numpy as np
 
 from gdsl.backends.cpu import cpu_count
 from gdsl.backends.cpu.gemm import pack_columns
-from gdsl.backends.cpu.render import INTERRUPTED
+from gdsl.backends.cpu.kernel import INTERRUPTED
 from gdsl.core.ir import Lit
 from gdsl.errors import CompileError, RecursionDepthError
 from gdsl.profiling.sites import HEADER_WORDS
