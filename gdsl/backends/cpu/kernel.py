@@ -18,7 +18,7 @@ The kernel's signature and where its values live: storage.py (KernelStorage, the
                         return site on fn's site stack, depth += 1, jump to fn's body; the body's end pops
                         the site and switches back to the block after that call
     interrupts          every Loop's back-edge reads the interrupt word (i32 3 of %barrier, set by the
-                        runtime's SIGINT handler) and returns INTERRUPTED when it is set
+                        SIGINT handler of interrupts.py) and returns INTERRUPTED when it is set
 
 Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): %table holds one more slot, after the
 buffers and before the packed copies: the trace buffer, one region per thread (gdsl/profiling/sites.py).
@@ -224,7 +224,7 @@ class KernelWriter(KernelStorage):
                          Branch: _branch, Call: _call, Launch: _launch}
 
     def _check_interrupt(self) -> None:
-        """At a loop's back-edge: return INTERRUPTED if the runtime's SIGINT handler set the interrupt word
+        """At a loop's back-edge: return INTERRUPTED if the SIGINT handler (interrupts.py) set the interrupt word
         (a volatile load: it changes under the loop, from a signal handler)."""
         fn = self.fn
         word = fn.gep("i32", "%barrier", INTERRUPT_WORD)
