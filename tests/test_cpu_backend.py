@@ -452,7 +452,7 @@ def test_random_programs_partitioned_loops(prog):
 # ------------------------------------------------------------------------------------ the backend itself
 
 def test_compile_cache_second_load_does_not_recompile():
-    from gdsl.backends.cpu import runtime
+    from gdsl.backends.cpu import compiler
 
     def f(x):
         return gnp.tanh(x) * 3.0 + 0.125
@@ -460,11 +460,11 @@ def test_compile_cache_second_load_does_not_recompile():
     x = np.ones((3, 3), np.float32)
     first = gdsl.jit(f, backend="cpu")
     first(x)
-    compiles, hits = runtime.stats["compiles"], runtime.stats["cache_hits"]
+    compiles, hits = compiler.stats["compiles"], compiler.stats["cache_hits"]
     again = gdsl.jit(f, backend="cpu")        # a new jitted function: same IR, same module text
     np.testing.assert_allclose(again(x), np.tanh(x) * 3 + 0.125, rtol=1e-6)
-    assert runtime.stats["compiles"] == compiles
-    assert runtime.stats["cache_hits"] == hits + 1
+    assert compiler.stats["compiles"] == compiles
+    assert compiler.stats["cache_hits"] == hits + 1
     assert first.lower(x).source == again.lower(x).source
 
 
@@ -523,9 +523,9 @@ def test_a_kind_without_a_rule_is_named_in_the_error():
 
 
 def test_compile_error_is_reported():
-    from gdsl.backends.cpu import runtime
+    from gdsl.backends.cpu import compiler
     with pytest.raises(gdsl.CompileError) as info:
-        runtime.compile_module("define i32 @broken() {\nentry:\n  ret i32 %nope\n}\n", ["broken"])
+        compiler.compile_module("define i32 @broken() {\nentry:\n  ret i32 %nope\n}\n", ["broken"])
     assert "nope" in str(info.value) and info.value.source
 
 

@@ -152,14 +152,14 @@ def _rss_bytes() -> int:
 
 def test_compiled_code_is_freed_with_its_functions():
     """Item 18: every distinct jitted function's machine code stayed in the process after `del f`."""
-    from gdsl.backends.cpu import runtime
+    from gdsl.backends.cpu import compiler
     x = np.ones(64, np.float32)
 
     def compile_and_drop(count, start):
         for k in range(start, start + count):
             f = gdsl.jit(lambda v, k=k: gnp.tanh(v * float(k)) + float(k) * 0.5, backend="cpu")
             f(x)
-            module = weakref.ref(runtime.compile_module(f.lower(x).source, []))    # the cached, live one
+            module = weakref.ref(compiler.compile_module(f.lower(x).source, []))    # the cached, live one
             del f
             gc.collect()
             assert module() is None, "the compiled module outlived its function"

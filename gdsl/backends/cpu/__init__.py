@@ -23,9 +23,21 @@ Options:
 - `unroll` acts when tracing (gdsl.fori_loop runs k steps per iteration) and `autotune` in gdsl.jit (it
   searches `control`); this backend accepts both.
 
-See render.py for how the plan maps to LLVM, runtime.py for the JIT engine and the executable, and for
-what each op kind computes its lowering rules (gdsl.primitives.registry.register_lowering, backend "cpu";
-operands.py says how they are called), one module per family:
+How the plan maps to LLVM, and how the result runs:
+
+    render.py       the module: each op's uTask / row-band / run functions, packed constants, symbols
+    kernel.py       each kernel: the walk of its statements (waves, lazy barriers, loops, branches, the
+                    recursion stack machine, interrupt checks, trace records)
+    storage.py      the kernel's signature and where its values live (%table, frames, uniforms, the
+                    recursion workspace)
+    ir.py           writing LLVM IR text (`Function`), gdsl dtypes as LLVM types
+    compiler.py     llvmlite: O3, one MCJIT engine per module, the compile cache
+    runtime.py      the Executable: workspace, buffer table, device call or host-program driver
+    pool.py         the worker threads that run a kernel's copies, and how many a call uses
+    interrupts.py   Ctrl-C for kernels that loop (a native SIGINT handler)
+
+What each op kind computes is its lowering rules (gdsl.primitives.registry.register_lowering, backend
+"cpu"; operands.py says how they are called), one module per family:
 
     affine.py       fused elementwise chains (lowerings.py: the elementwise table, `LOWERINGS`) and data
                     movement: copy, reshape, broadcast_to, iota, transpose, slice, dynamic_slice
@@ -101,7 +113,7 @@ class Lowering:
     threads: int = 1
     packed: list = field(default_factory=list)    # (const buffer, shape, tile): packed copies, see render.py
     trace: object = None    # gdsl.profiling.sites.TraceSites of an instrumented build (option "profile")
-    region_bytes: int = 0   # one thread's region of the recursion workspace (render.py)
+    region_bytes: int = 0   # one thread's region of the recursion workspace (storage.py)
 
 
 def lower(program, options) -> Lowering:
@@ -120,8 +132,8 @@ def lower(program, options) -> Lowering:
 
 
 def load(lowering: Lowering):
-    from gdsl.backends.cpu import runtime
-    module = runtime.compile_module(lowering.source, lowering.symbols)
+    from gdsl.backends.cpu import compiler, runtime
+    module = compiler.compile_module(lowering.source, lowering.symbols)
     return runtime.Executable(lowering.plan, module, lowering.symbols, lowering.threads, lowering.packed,
                               lowering.trace, lowering.region_bytes)
 

@@ -417,7 +417,7 @@ entry:
 # A sense-reversing barrier of `n` threads: count arrivals; the last one resets the count and flips the
 # shared sense; the others spin on it a little, then sleep on it with futex (so a machine with more
 # threads than free cores still makes progress). Layout: i32 count, sense, sleepers, interrupt: a waiting
-# thread leaves when the interrupt word is set (runtime._INTERRUPT_IR, which also wakes the sleepers). seq_cst on the
+# thread leaves when the interrupt word is set (interrupts._INTERRUPT_IR, which also wakes the sleepers). seq_cst on the
 # sleeper count and the sense flip means no wake-up is lost; acquire/release order every buffer write
 # before the barrier with every read after it. (Linux: syscall 202 = futex, 128 = FUTEX_PRIVATE_FLAG.)
 _BARRIER = r"""
