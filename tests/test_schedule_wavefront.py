@@ -210,3 +210,18 @@ def test_counter_increment_read_as_a_carry():
     args = (_w(1, H, scale=1.0), _w(2, H, H))
     _, skewed = _skewed(next_counter_as_carry, *args)
     assert len(_loops(skewed)) == 1
+
+
+def loop_in_a_branch(x, W):
+    """A loop inside a cond of the body: a stage running on stale values must not reach it."""
+    def step(i, c):
+        h, g = c
+        h = gdsl.cond(h.sum() > 0.0, lambda v: gdsl.fori_loop(0, 2, lambda j, u: gnp.tanh(u @ W[0]), v),
+                      lambda v: gnp.tanh(v @ W[0]), h)
+        return h, gnp.tanh(g @ W[1] + h)
+    return gdsl.fori_loop(0, 4, step, (x, x))
+
+
+def test_loop_in_a_branch_stays():
+    program = hoist_program(gdsl.make_ir(loop_in_a_branch)(_w(1, H, scale=1.0), _w(2, H, H)))
+    assert skew_program(program) == (program, 1.0)

@@ -37,7 +37,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from gdsl.core.ir import Eqn, Jaxpr, Lit, Program, ShapedArray, Var
+from gdsl.core.ir import Eqn, Jaxpr, Lit, Program, ShapedArray, Var, walk_eqns
 from gdsl.primitives.control import recurse_call_p, recurse_p, while_p
 from gdsl.primitives.elementwise import add_p, and_p, ge_p, lt_p, select_p, sub_p
 from gdsl.primitives.structural import broadcast_p
@@ -123,7 +123,7 @@ class _CountedLoop:
             return None
         counter, lo, hi = counted
         body = eqn.params["body_jaxpr"]
-        if hi <= lo or any(e.primitive in (while_p, recurse_p, recurse_call_p) for e in body.eqns):
+        if hi <= lo or any(e.primitive in (while_p, recurse_p, recurse_call_p) for e in walk_eqns(body)):
             return None
         loop = _CountedLoop(eqn, counter, lo, hi)
         # every other carry is either updated by an equation of the body or passed through unchanged
