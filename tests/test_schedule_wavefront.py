@@ -225,3 +225,48 @@ def loop_in_a_branch(x, W):
 def test_loop_in_a_branch_stays():
     program = hoist_program(gdsl.make_ir(loop_in_a_branch)(_w(1, H, scale=1.0), _w(2, H, H)))
     assert skew_program(program) == (program, 1.0)
+
+
+def _random_chain(seed):
+    """A counted loop of a random chain of recurrences: each state reads its own previous value, the new
+    value of one earlier state (or the input row), and sometimes an older state's previous value or the
+    counter, so that stages, carried edges across stages and late reads all occur."""
+    r = np.random.default_rng(seed)
+    n, lo = int(r.integers(2, 5)), int(r.integers(0, 3))
+    steps = int(r.integers(1, 6))
+    links = [int(r.integers(-1, k)) for k in range(n)]          # -1: the input row
+    extra = [int(r.integers(-1, n)) if r.random() < 0.5 else None for _ in range(n)]
+    use_counter = [bool(r.random() < 0.3) for _ in range(n)]
+
+    def fn(xs, W):
+        def step(t, hs):
+            new = []
+            for k, h in enumerate(hs):
+                src = xs[t - lo] if links[k] < 0 else new[links[k]]
+                v = h @ W[k] + src * 0.5
+                if extra[k] is not None and extra[k] >= 0:
+                    v = v + hs[extra[k]] * 0.25
+                if use_counter[k]:
+                    v = v + gnp.asarray(t, gdsl.float32) * 0.01
+                new.append(gnp.tanh(v))
+            return tuple(new)
+        zeros = tuple(gnp.zeros((1, H), dtype=gdsl.float32) for _ in range(n))
+        return gdsl.fori_loop(lo, lo + steps, step, zeros)
+    args = (_w(steps, 1, H, scale=1.0), _w(n, H, H))
+    return fn, args
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_chains_compute_the_same(seed):
+    fn, args = _random_chain(seed)
+    _skewed(fn, *args)
+
+
+def test_random_chains_are_mostly_skewed():
+    """(so that the test above exercises skewed loops: every chain of two or more states is a candidate)"""
+    skewed = 0
+    for seed in range(24):
+        fn, args = _random_chain(seed)
+        program = hoist_program(gdsl.make_ir(fn)(*args))
+        skewed += skew_program(program)[0] is not program
+    assert skewed >= 18
