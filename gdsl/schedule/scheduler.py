@@ -108,7 +108,11 @@ class Scheduler:
         self.fn_defs: dict = {}             # name -> (FunctionDef, params, results)
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
-        self.hints: dict = {}               # Var -> (Value to write into, carry binder or None)
+        # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
+        # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
+        # that no reader of those binders can see it.
+        self.hints: dict = {}
+        self.site = None                    # (Jaxpr, equation index) of the control equation being scheduled
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0}
@@ -180,6 +184,7 @@ class Scheduler:
             if eqn.primitive.family == CONTROL:
                 stmts += self._segment(segment, uses, jaxpr)
                 segment = []
+                self.site = (jaxpr, index)
                 stmts += control_rule(eqn.primitive)(self, eqn)
             else:
                 segment.append((index, eqn))
@@ -311,13 +316,11 @@ class Scheduler:
                 return None
 
         def window(node, args):
-            if node.op == "literal":
-                return node
+            if node.op == "literal" or (node.op == "input" and node.aval.size == 1):
+                return node    # (a scalar reads the same element everywhere: it may have no window)
             offset, shape = alias.window_of(node.aval.shape, atom.aval.shape)
             aval = ShapedArray(shape, node.aval.dtype)
             if node.op == "input":
-                if node.aval.size == 1:
-                    return node
                 key = (node.params["var"], offset, aval)
                 if key not in self.window_vars:      # one leaf per window, however often it is read
                     self.window_vars[key] = _Window(node.params["var"], offset, aval)
@@ -355,11 +358,11 @@ class Scheduler:
         for it in items:
             if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
                 continue
-            target, binder = self.hints[it.eqn.outs[0]]
-            if binder is None:            # a fresh result buffer nobody else reads
+            target, binders = self.hints[it.eqn.outs[0]]
+            if binders is None:           # a fresh result buffer nobody else reads
                 it.alias = target
                 continue
-            names = _alias_closure(jaxpr, binder)       # the carry and its reshapes share storage
+            names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
             readers_ok = not any(a in names for a in jaxpr.outs if a is not it.eqn.outs[0])
             for later_index, eqn in enumerate(jaxpr.eqns):
                 if later_index > it.index and any(a in names for a in eqn.inputs):
@@ -369,9 +372,9 @@ class Scheduler:
                         (other.level >= it.level or other.uniform):
                     readers_ok = False       # read concurrently with or after the overwrite (every vEU
                     #                          reads for a uniform op, with no barrier before the next wave)
-            if any(a in names for a in _reads(it)) and not _same_index_read(it, binder):
+            if any(a in names for a in _reads(it)) and not _same_index_read(it, binders):
                 readers_ok = False
-            views_of_carry = names - _alias_closure(jaxpr, binder, views=False)
+            views_of_carry = names - _closure_of_all(jaxpr, binders, views=False)
             windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
             if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
                 readers_ok = False       # it reads the carry through a view: at other elements than it writes
@@ -577,7 +580,7 @@ class Scheduler:
         self.env.update(zip(body_j.in_binders, body_consts + carries))
         for out, binder, carry in zip(body_j.outs, body_binders, carries):
             if isinstance(out, Var) and out is not binder and not carry.is_uniform:
-                self.hints[out] = (carry, binder)
+                self.hints[out] = (carry, (binder,))
         body_stmts = self.schedule_block(body_j)
         body_stmts += self._carry_update(carries, [self.read(out) for out in body_j.outs])
         for out in body_j.outs:
@@ -606,24 +609,80 @@ class Scheduler:
         return parts
 
     def schedule_cond(self, eqn):
-        """A Branch on the (clamped) index; every branch writes the same result storage."""
+        """A Branch on the (clamped) index; every branch writes the same result storage. A result that a
+        branch forwards unchanged from a dead operand lives in that operand's storage (_forwarded_storage):
+        that branch then runs nothing for it, and the others write it in place when that is safe."""
+        jaxpr, index = self.site
         index_value = self.read(eqn.inputs[0])
-        stmts, index = self._as_uniform(index_value)
+        stmts, index_uniform = self._as_uniform(index_value)
         operands = [self.read(a) for a in eqn.inputs[1:]]
-        results = [self._carry_storage(v) for v in eqn.outs]
+        results, in_place, donors = [], [], set()
+        for k, out in enumerate(eqn.outs):
+            forwarded = self._forwarded_storage(eqn, k, jaxpr, index, donors)
+            if forwarded is None:
+                results.append(self._carry_storage(out))
+                continue
+            self.hints.pop(out, None)
+            donors.add(id(forwarded.storage))
+            results.append(forwarded)
+            in_place.append(forwarded)
         branches = []
-        for jaxpr in eqn.params["branches"]:
-            self.env.update(zip(jaxpr.in_binders, operands))
-            for out, res in zip(jaxpr.outs, results):
-                if isinstance(out, Var) and not res.is_uniform:
-                    self.hints[out] = (res, None)
-            body = self.schedule_block(jaxpr)
-            body += self._carry_update(results, [self.read(out) for out in jaxpr.outs])
-            for out in jaxpr.outs:
+        for branch in eqn.params["branches"]:
+            self.env.update(zip(branch.in_binders, operands))
+            for out, res in zip(branch.outs, results):
+                if isinstance(out, Var) and not res.is_uniform and not any(out is b for b in branch.in_binders):
+                    self.hints[out] = (res, _binders_in(branch, operands, res) or None)
+            body = self.schedule_block(branch)
+            body += self._carry_update(results, [self.read(out) for out in branch.outs])
+            for out in branch.outs:
                 self.hints.pop(out, None)
             branches.append(tuple(body))
         self.env.update(zip(eqn.outs, results))
-        return stmts + [Branch(index, tuple(branches))]
+        return stmts + [Branch(index_uniform, tuple(branches), tuple(in_place))]
+
+    def _forwarded_storage(self, eqn, k, jaxpr, index, taken) -> Value | None:
+        """The storage of an operand that result `k` of cond `eqn` (equation `index` of `jaxpr`) may live in,
+        or None. A branch returns the operand unchanged, so the result is then already in place in that
+        branch: no copy, no wave, no barrier. Legal only when the operand's storage is dead after the cond
+        (every other branch overwrites it), which holds for
+
+        - an operand computed in `jaxpr` (not a reshape or view of something else) that nothing reads after
+          the cond, through no alias (not a program input: inputs are never written), or
+        - the operand that the cond's result replaces in place already: the result is a loop carry's new
+          value (or a result of an enclosing branch living in its operand's storage) and the operand is
+          that carry's binder, read by nothing after the cond.
+
+        A result wanted in a fresh buffer of its own (a program output) keeps it: the copy would only move
+        to after the branch. No two results share an operand's storage (`taken`: those already used)."""
+        out = eqn.outs[k]
+        if self._wants_uniform(out.aval):
+            return None           # a scalar result is a register: forwarding it costs an Assign, no barrier
+        hint = self.hints.get(out)
+        if hint is not None and hint[1] is None and hint[0].aval == out.aval:
+            return None           # it goes to a fresh buffer of its own (see _carry_storage)
+        in_place_binders = hint[1] if hint is not None else ()
+        forwards = [j for j in range(len(eqn.inputs) - 1)
+                    if any(branch.outs[k] is branch.in_binders[j] for branch in eqn.params["branches"])]
+        for j in forwards:
+            var = eqn.inputs[1 + j]
+            value = self.read(var)
+            if not _whole_buffer(value, out.aval) or not _writable(value) or id(value.storage) in taken:
+                continue
+            owned = any(var is b for b in in_place_binders) and hint[0].storage is value.storage and \
+                hint[0].frame_offset == value.frame_offset
+            if owned:
+                names = _closure_of_all(jaxpr, in_place_binders)
+            elif _computed_in(jaxpr, var, index):
+                names = _alias_closure(jaxpr, var)
+            else:
+                continue
+            if _read_after(jaxpr, index, names):
+                continue
+            sharing = [a for a in eqn.inputs[1:] if isinstance(a, Var) and self.read(a).storage is value.storage]
+            if any(a not in names for a in sharing):
+                continue          # another operand in the same storage that is not known dead
+            return Value(value.storage, out.aval, value.frame_offset)
+        return None
 
     def schedule_recurse(self, eqn):
         """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
@@ -696,6 +755,39 @@ def _alias_closure(jaxpr, var, views=True) -> set:
     for eqn in jaxpr.eqns:
         if (eqn.primitive is reshape_p or (views and view_offset(eqn) is not None)) and eqn.inputs[0] in names:
             names.add(eqn.outs[0])
+    return names
+
+
+def _binders_in(branch, operands, result) -> tuple:
+    """The binders of `branch` whose operands are in `result`'s storage (none when the result has a fresh
+    buffer): writing the result overwrites them."""
+    return tuple(b for b, v in zip(branch.in_binders, operands)
+                 if v.storage is result.storage and v.frame_offset == result.frame_offset)
+
+
+def _whole_buffer(value, aval) -> bool:
+    """Is `value` a whole buffer (no view, this frame) of `aval`'s size?"""
+    return isinstance(value.storage, Buffer) and not value.offset and not value.frame_offset and \
+        value.storage.aval.size == aval.size == value.aval.size
+
+
+def _computed_in(jaxpr, var, index) -> bool:
+    """Is `var` the result of an equation of `jaxpr` before equation `index` that has storage of its own
+    (not a reshape or a view of another variable)?"""
+    return any(any(var is o for o in eqn.outs) and not _is_alias(eqn) for eqn in jaxpr.eqns[:index])
+
+
+def _read_after(jaxpr, index, names) -> bool:
+    """Does an equation after equation `index` of `jaxpr`, or `jaxpr`'s results, read one of `names`?"""
+    later = [a for eqn in jaxpr.eqns[index + 1:] for a in eqn.inputs] + list(jaxpr.outs)
+    return any(isinstance(a, Var) and a in names for a in later)
+
+
+def _closure_of_all(jaxpr, binders, views=True) -> set:
+    """The union of _alias_closure over `binders`."""
+    names: set = set()
+    for binder in binders:
+        names |= _alias_closure(jaxpr, binder, views)
     return names
 
 
@@ -871,11 +963,13 @@ def _pure_elementwise(kind) -> bool:
     return family_of(kind) == ELEMENTWISE and is_uniform(kind)
 
 
-def _same_index_read(item, binder) -> bool:
-    """Does the op read `binder` only at the element it writes (so writing in place is safe)?"""
+def _same_index_read(item, binders) -> bool:
+    """Does the op read `binders` (variables sharing one storage) only at the element it writes (so
+    writing in place is safe)?"""
     if item.eqn.primitive is dynamic_update_slice_p:
-        return item.eqn.inputs[0] is binder and binder not in item.eqn.inputs[1:]
-    return item.expr is not None and binder.aval.shape == item.eqn.outs[0].aval.shape
+        first, rest = item.eqn.inputs[0], item.eqn.inputs[1:]
+        return any(first is b for b in binders) and not any(a is b for a in rest for b in binders)
+    return item.expr is not None and all(b.aval.shape == item.eqn.outs[0].aval.shape for b in binders)
 
 
 # Shorter names for some primitives in fused op labels.
@@ -940,7 +1034,7 @@ def _split_host(body, functions):
                 out.append(Loop(split(stmt.cond), stmt.pred, split(stmt.body)))
             elif isinstance(stmt, Branch):
                 flush()
-                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches)))
+                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches), stmt.in_place))
             elif isinstance(stmt, Call):
                 flush()
                 out.append(stmt)
