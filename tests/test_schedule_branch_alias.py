@@ -159,6 +159,34 @@ def scalar_result(p, x):
     return gdsl.cond(p > 0, lambda s: s * 2.0, lambda s: s, s) + x
 
 
+# The predicate's read (a uniform op on a buffer) and the barrier after it.
+
+def gates_computed(gate, x):
+    """The gates are computed once, then read per block: no barrier after each predicate read (the last
+    result is the program output: it keeps its own buffer)."""
+    g = gate * 2.0 - 0.5
+    for t in range(3):
+        x = gdsl.cond(g[t] > 0, lambda x: gnp.tanh(x) + x, lambda x: x, x * 1.0 if t == 0 else x)
+    return x
+
+
+def predicate_of_the_operand(x):
+    """The predicate reads the operand that the taken branch then overwrites in place: the barrier after
+    the read stays (a vEU must not overwrite what another is still reading)."""
+    s = x * 2.0
+    return gdsl.cond(s[0, 0] > 0, lambda s: s * 0.5 + 1.0, lambda s: s, s) * 3.0
+
+
+def predicate_in_loop(gate, x):
+    """A gate buffer rewritten every iteration: its reads keep their barrier."""
+    def body(i, carry):
+        g, x = carry
+        g = g * -1.0
+        x = gdsl.cond(g[i] > 0, lambda x: x + 1.0, lambda x: x, x)
+        return g, x
+    return gdsl.fori_loop(0, 4, body, (gate * 1.0, x))
+
+
 ON, OFF = np.float32(1.0), np.float32(-1.0)
 GATES = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
 PROGRAMS = {
@@ -178,9 +206,13 @@ PROGRAMS = {
     carry_updated_in_place: [(GATES, _f32(4, 3), _f32(1, 3))],
     two_results_one_operand: [(ON, _f32(5, 3)), (OFF, _f32(5, 3))],
     scalar_result: [(ON, _f32(5, 3)), (OFF, _f32(5, 3))],
+    gates_computed: [(GATES[:3], _f32(40, 8)), (-GATES[:3], _f32(40, 8))],
+    predicate_of_the_operand: [(_f32(40, 8),), (-np.abs(_f32(40, 8)),)],
+    predicate_in_loop: [(GATES, _f32(40, 8))],
 }
+# in-place results in the plan
 ALIASED = {skip_block: 1, residual_chain: 3, loop_carry: 1, nested: 2, switch_forwards: 1, matmul_in_branch: 1,
-           two_results_one_operand: 1}   # in-place results in the plan
+           two_results_one_operand: 1, gates_computed: 2, predicate_of_the_operand: 1, predicate_in_loop: 1}
 NAMES = [f.__name__ for f in PROGRAMS]
 
 
@@ -282,6 +314,32 @@ def test_host_control_prints_and_keeps_the_alias():
     assert "updated in place" in str(plan)
 
 
+def _barrier_after_predicate(plan) -> list:
+    """For each Branch of the kernel body: is there a grid barrier between the predicate's uniform ops
+    and the branch?"""
+    body = plan.kernels[0].body
+    out = []
+    for k, stmt in enumerate(body):
+        if isinstance(stmt, Branch):
+            before = body[k - 1] if k else None
+            out.append(isinstance(before, Sync) and before.scope == "grid")
+    return out
+
+
+def test_a_predicate_read_from_a_buffer_written_once_needs_no_barrier():
+    plan = schedule(gdsl.make_ir(gates_computed)(*PROGRAMS[gates_computed][0]), grid=132)
+    assert _barrier_after_predicate(plan) == [False, False, False]
+
+
+def test_a_predicate_read_from_a_buffer_written_later_keeps_its_barrier():
+    plan = schedule(gdsl.make_ir(predicate_of_the_operand)(*PROGRAMS[predicate_of_the_operand][0]), grid=132)
+    assert _barrier_after_predicate(plan) == [True]
+    plan = schedule(gdsl.make_ir(predicate_in_loop)(*PROGRAMS[predicate_in_loop][0]), grid=132)
+    (loop,) = [s for s in plan_statements(plan) if isinstance(s, Loop)]
+    k = next(k for k, s in enumerate(loop.body) if isinstance(s, Branch))
+    assert isinstance(loop.body[k - 1], Sync) and loop.body[k - 1].scope == "grid"
+
+
 # ------------------------------------------------------------------------------------------- backends
 
 @pytest.mark.parametrize("fn", list(PROGRAMS), ids=NAMES)
@@ -292,7 +350,7 @@ def test_cpu_backend_matches_interpreter(fn):
 
 
 EMULATED = [skip_block, residual_chain, loop_carry, nested, switch_forwards, matmul_in_branch, carry_read_after,
-            carry_updated_in_place, two_results_one_operand, updated_after]
+            carry_updated_in_place, two_results_one_operand, updated_after, gates_computed, predicate_of_the_operand]
 
 
 @needs_cxx

@@ -12,6 +12,7 @@ can see the overwrite; recursive functions get frame storage (one copy per depth
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ class Scheduler:
         # that no reader of those binders can see it.
         self.hints: dict = {}
         self.site = None                    # (Jaxpr, equation index) of the control equation being scheduled
+        self.read_barriers: dict = {}       # Sync -> the buffers that uniform ops read before it (only)
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0}
@@ -165,6 +167,11 @@ class Scheduler:
         functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
                                       self.sites.get(name, 0))
                           for name, (fn, params, results) in self.fn_defs.items())
+        idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers)
+        if idle:
+            self.stats["grid_syncs"] -= len(idle)
+            body = _without(body, idle)
+            functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
@@ -423,19 +430,22 @@ class Scheduler:
     def _after_uniform_reads(self, stmts) -> list:
         """Every vEU reads a buffer when it evaluates a uniform op on it; before anything may overwrite that
         buffer (the next loop iteration, say) all vEUs must be done: a grid barrier, unless one follows
-        the reads already."""
-        dirty = False
+        the reads already. The barrier is recorded with the buffers read (self.read_barriers): run() drops
+        it when nothing can write them afterwards (_idle_read_barriers)."""
+        read: set = set()
         for stmt in stmts:
             if isinstance(stmt, Sync) and stmt.scope == "grid":
-                dirty = False
+                read = set()
             elif isinstance(stmt, Uniforms):
-                dirty |= any(_writable(v) for u in stmt.ops for v in u.inputs)
-            elif isinstance(stmt, Assign):
-                dirty |= _writable(stmt.src)
-        if not dirty:
+                read |= {v.storage for u in stmt.ops for v in u.inputs if _writable(v)}
+            elif isinstance(stmt, Assign) and _writable(stmt.src):
+                read.add(stmt.src.storage)
+        if not read:
             return []
         self.stats["grid_syncs"] += 1
-        return [Sync("grid")]
+        sync = Sync("grid")
+        self.read_barriers[sync] = read
+        return [sync]
 
     @staticmethod
     def _sync_scope(level, unsynced_alone, alone) -> str:
@@ -1007,6 +1017,54 @@ def _index_leaves(expr, leaves) -> Expr:
             leaves.append(var)
         return Expr("input", (), {"index": index[id(var)]}, node.aval)
     return fold_expr(expr, number)
+
+
+def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
+    """The barriers of `read_barriers` (Sync -> buffers read by uniform ops before it) that guard nothing:
+    no op can write any of those buffers after it. That holds when every op writing such a buffer comes
+    before the barrier in the kernel body, outside any loop (so it runs once, and before), and no
+    recursive function writes it. A predicate read from a buffer written once (BlockDrop's actions, a
+    gate) then costs no barrier of its own."""
+    where: dict = {}            # Sync -> its position in program order (kernel body only)
+    writes: dict = {}           # Buffer -> [(position or None in a function, inside a loop)]
+    position = itertools.count()
+
+    def visit(block, in_loop, in_function):
+        for stmt in block:
+            pos = next(position)
+            if isinstance(stmt, Sync) and stmt in read_barriers and not in_function:
+                where[stmt] = pos
+            elif isinstance(stmt, Wave):
+                for value in (v for t in stmt.tasks for v in t.op.outputs):
+                    writes.setdefault(value.storage, []).append((None if in_function else pos, in_loop))
+            elif isinstance(stmt, Loop):
+                visit(stmt.cond, True, in_function)
+                visit(stmt.body, True, in_function)
+            elif isinstance(stmt, Branch):
+                for branch in stmt.branches:
+                    visit(branch, in_loop, in_function)
+    visit(body, False, False)
+    for fn_body in function_bodies:
+        visit(fn_body, False, True)
+
+    def written_before_only(buf, pos) -> bool:
+        return buf.kind != "frame" and all(
+            at is not None and not in_loop and at < pos for at, in_loop in writes.get(buf, ()))
+    return {sync for sync, pos in where.items() if all(written_before_only(b, pos) for b in read_barriers[sync])}
+
+
+def _without(block, drop) -> tuple:
+    """`block` without the statements in `drop`, nested blocks included."""
+    out = []
+    for stmt in block:
+        if stmt in drop:
+            continue
+        if isinstance(stmt, Loop):
+            stmt = dataclasses.replace(stmt, cond=_without(stmt.cond, drop), body=_without(stmt.body, drop))
+        elif isinstance(stmt, Branch):
+            stmt = dataclasses.replace(stmt, branches=tuple(_without(b, drop) for b in stmt.branches))
+        out.append(stmt)
+    return tuple(out)
 
 
 def _drop_trailing_sync(stmts):
