@@ -187,6 +187,30 @@ def predicate_in_loop(gate, x):
     return gdsl.fori_loop(0, 4, body, (gate * 1.0, x))
 
 
+def columns_gate_blocks(probs, x):
+    """BlockDrop at batch > 16: each block's predicate sums a column of the actions (a strided slice and a
+    64-element reduction: ops, not uniforms) and its mask is that column; both feed only the block's cond,
+    so they are computed before the first block (_cond_inputs_early)."""
+    action = (probs > 0.5).astype(gdsl.float32)
+    x = x * 1.0
+    for t in range(3):
+        mask = action[:, t].reshape((-1, 1))
+        x = gdsl.cond(gnp.sum(action[:, t]) > 0, lambda x, m: m * gnp.tanh(x) + (1 - m) * x,
+                      lambda x, m: x, x, mask)
+    return x * 2.0
+
+
+def output_gates_blocks(x):
+    """SkipNet's pattern: each predicate needs the previous block's output, and one is also returned:
+    nothing moves."""
+    preds = []
+    for _ in range(3):
+        p = x.sum() > 0
+        preds.append(p)
+        x = gdsl.cond(p, lambda x: gnp.tanh(x) - 0.25, lambda x: x, x)
+    return x, preds[1]
+
+
 ON, OFF = np.float32(1.0), np.float32(-1.0)
 GATES = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
 PROGRAMS = {
@@ -209,10 +233,13 @@ PROGRAMS = {
     gates_computed: [(GATES[:3], _f32(40, 8)), (-GATES[:3], _f32(40, 8))],
     predicate_of_the_operand: [(_f32(40, 8),), (-np.abs(_f32(40, 8)),)],
     predicate_in_loop: [(GATES, _f32(40, 8))],
+    columns_gate_blocks: [((rng.random((64, 3)) * np.array([1.0, 0.4, 1.0])).astype(np.float32), _f32(64, 8))],
+    output_gates_blocks: [(_f32(6, 4) + 0.3,), (_f32(6, 4) - 0.3,)],
 }
 # in-place results in the plan
 ALIASED = {skip_block: 1, residual_chain: 3, loop_carry: 1, nested: 2, switch_forwards: 1, matmul_in_branch: 1,
-           two_results_one_operand: 1, gates_computed: 2, predicate_of_the_operand: 1, predicate_in_loop: 1}
+           two_results_one_operand: 1, gates_computed: 2, predicate_of_the_operand: 1, predicate_in_loop: 1,
+           columns_gate_blocks: 3, output_gates_blocks: 1}
 NAMES = [f.__name__ for f in PROGRAMS]
 
 
@@ -340,6 +367,24 @@ def test_a_predicate_read_from_a_buffer_written_later_keeps_its_barrier():
     assert isinstance(loop.body[k - 1], Sync) and loop.body[k - 1].scope == "grid"
 
 
+def test_what_only_feeds_conds_runs_before_the_first_one():
+    plan = schedule(gdsl.make_ir(columns_gate_blocks)(*PROGRAMS[columns_gate_blocks][0]), grid=132)
+    body = plan.kernels[0].body
+    first = next(k for k, s in enumerate(body) if isinstance(s, Branch))
+    between = [s for s in body[first:] if not isinstance(s, Branch)]
+    assert [type(s) for s in between] == [Wave]        # only the final `x * 2.0`: no slice, sum or barrier
+    kinds = {t.op.kind for s in body[:first] if isinstance(s, Wave) for t in s.tasks}
+    assert {"slice", "reduce_sum"} <= kinds
+
+
+def test_a_predicate_of_the_previous_block_stays_where_it_is():
+    plan = schedule(gdsl.make_ir(output_gates_blocks)(*PROGRAMS[output_gates_blocks][0]), grid=132)
+    body = plan.kernels[0].body
+    branches = [k for k, s in enumerate(body) if isinstance(s, Branch)]
+    assert len(branches) == 3 and all(any(isinstance(s, Wave) for s in body[a:b])
+                                      for a, b in zip(branches, branches[1:]))
+
+
 # ------------------------------------------------------------------------------------------- backends
 
 @pytest.mark.parametrize("fn", list(PROGRAMS), ids=NAMES)
@@ -350,7 +395,8 @@ def test_cpu_backend_matches_interpreter(fn):
 
 
 EMULATED = [skip_block, residual_chain, loop_carry, nested, switch_forwards, matmul_in_branch, carry_read_after,
-            carry_updated_in_place, two_results_one_operand, updated_after, gates_computed, predicate_of_the_operand]
+            carry_updated_in_place, two_results_one_operand, updated_after, gates_computed, predicate_of_the_operand,
+            columns_gate_blocks]
 
 
 @needs_cxx

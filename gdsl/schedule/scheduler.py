@@ -183,7 +183,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------- blocks
     def schedule_block(self, jaxpr):
-        """Statements for a Jaxpr's equations (its binders are already in env)."""
+        """Statements for a Jaxpr's equations (its binders are already in env). What only feeds conds is
+        computed as early as its operands allow (_cond_inputs_early)."""
+        jaxpr = _cond_inputs_early(jaxpr)
         uses = _use_counts(jaxpr)
         stmts: list = []
         segment: list = []
@@ -1017,6 +1019,59 @@ def _index_leaves(expr, leaves) -> Expr:
             leaves.append(var)
         return Expr("input", (), {"index": index[id(var)]}, node.aval)
     return fold_expr(expr, number)
+
+
+def _cond_inputs_early(jaxpr):
+    """`jaxpr` with the equations that only compute inputs of conds (their results feed nothing but conds,
+    as index or operand, directly or through other such equations) moved before the control-flow
+    equations they do not depend on, into the first straight-line segment where their operands exist.
+    BlockDrop's per-block `sum(action[:, t]) > 0` and its mask `action[:, t]` then run with the first layers
+    instead of as waves and barriers of their own before every block. The other equations keep their
+    places; the order stays topological (gdsl primitives are pure), so every rule that reads the order
+    (in-place writes, liveness) sees the order that runs."""
+    early = _feeds_conds_only(jaxpr)
+    if not early:
+        return jaxpr
+    segment_of: dict = {}       # Var -> the segment (count of control equations before it) defining it
+    placed = []                 # (segment, 1 for the control equation closing it, original index, eqn)
+    segment = 0
+    for index, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.family == CONTROL:
+            placed.append((segment, 1, index, eqn))
+            segment += 1
+            at = segment
+        elif index in early:
+            at = max([segment_of.get(a, 0) for a in eqn.inputs if isinstance(a, Var)], default=0)
+            placed.append((at, 0, index, eqn))
+        else:
+            at = segment
+            placed.append((at, 0, index, eqn))
+        for v in eqn.outs:
+            segment_of[v] = at
+    eqns = tuple(eqn for *_, eqn in sorted(placed, key=lambda p: p[:3]))
+    if all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+        return jaxpr
+    return dataclasses.replace(jaxpr, eqns=eqns)
+
+
+def _feeds_conds_only(jaxpr) -> set:
+    """Indices of the equations of `jaxpr` (not control flow, no result of `jaxpr`) whose results are read
+    only by conds or by other such equations."""
+    readers: dict = {}          # Var -> indices of the equations reading it
+    for index, eqn in enumerate(jaxpr.eqns):
+        for a in eqn.inputs:
+            if isinstance(a, Var):
+                readers.setdefault(a, []).append(index)
+    results = {a for a in jaxpr.outs if isinstance(a, Var)}
+    found: set = set()
+    for index in range(len(jaxpr.eqns) - 1, -1, -1):       # readers come later: decided first
+        eqn = jaxpr.eqns[index]
+        if eqn.primitive.family == CONTROL or not eqn.outs or any(v in results for v in eqn.outs):
+            continue
+        if all(readers.get(v) and all(jaxpr.eqns[r].primitive is control.cond_p or r in found for r in readers[v])
+               for v in eqn.outs):
+            found.add(index)
+    return found
 
 
 def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
