@@ -428,9 +428,8 @@ def _model(name, batch):
 @pytest.mark.parametrize("name", ["blockdrop", "skipnet"])
 def test_models_forward_in_place_and_skip_for_free(name):
     prob = _model(name, 1)
-    lowered = prob.model.make_forward(prob.cfg, backend="cuda").lower(prob.weights, prob.batches[0])
-    plan = lowered.lowering.plan
-    branches = _branches(plan)
+    program = gdsl.make_ir(lambda w, x: prob.model.forward(w, x, prob.cfg))(prob.weights, prob.batches[0])
+    branches = _branches(schedule(program, grid=132))
     assert branches and all(b.in_place and b.branches[0] == () for b in branches)
 
 
