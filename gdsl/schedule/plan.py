@@ -19,7 +19,8 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
     Uniforms(ops)       every vEU evaluates these scalar ops
     Assign(dst, src)    uniform copy (loop carries, call arguments)
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
-    Branch(index, branches)     run branches[index] (index is uniform and already clamped)
+    Branch(index, branches, in_place)   run branches[index] (index is uniform and already clamped);
+                        in_place: results kept in a dead operand's storage (a forwarding branch is empty)
     Call(fn, site)      push the return site, enter recursive function `fn` one frame deeper
     Launch(kernel)      host control only: launch kernel number `kernel` and wait
 """
@@ -184,6 +185,9 @@ class Loop:
 class Branch:
     index: Value
     branches: tuple[tuple, ...]
+    # Results that live in the storage of an operand no one reads after the branch: a branch that returns
+    # that operand unchanged runs nothing for it, the others overwrite it (see Scheduler.schedule_cond).
+    in_place: tuple[Value, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

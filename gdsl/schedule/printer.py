@@ -53,9 +53,14 @@ def print_block(block, indent: int, lines: list) -> None:
             print_block(stmt.body, indent + 1, lines)
             lines.append(f"{pad}end loop")
         elif isinstance(stmt, Branch):
-            lines.append(f"{pad}branch on {stmt.index!r}:")
+            in_place = ""
+            if stmt.in_place:
+                names = ", ".join(map(repr, stmt.in_place))
+                in_place = f" (results in their operands' storage, updated in place: {names})"
+            lines.append(f"{pad}branch on {stmt.index!r}{in_place}:")
             for k, b in enumerate(stmt.branches):
-                lines.append(f"{pad}  case {k}:")
+                empty = "  (nothing to do: the results are already in place)" if stmt.in_place and not b else ""
+                lines.append(f"{pad}  case {k}:{empty}")
                 print_block(b, indent + 2, lines)
             lines.append(f"{pad}end branch")
         elif isinstance(stmt, Call):

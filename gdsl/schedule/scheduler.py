@@ -12,6 +12,7 @@ can see the overwrite; recursive functions get frame storage (one copy per depth
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -110,7 +111,12 @@ class Scheduler:
         self.fn_defs: dict = {}             # name -> (FunctionDef, params, results)
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
-        self.hints: dict = {}               # Var -> (Value to write into, carry binder or None)
+        # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
+        # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
+        # that no reader of those binders can see it.
+        self.hints: dict = {}
+        self.site = None                    # (Jaxpr, equation index) of the control equation being scheduled
+        self.read_barriers: dict = {}       # Sync -> the buffers that uniform ops read before it (only)
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0}
@@ -163,6 +169,11 @@ class Scheduler:
         functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
                                       self.sites.get(name, 0))
                           for name, (fn, params, results) in self.fn_defs.items())
+        idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers)
+        if idle:
+            self.stats["grid_syncs"] -= len(idle)
+            body = _without(body, idle)
+            functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
@@ -174,7 +185,9 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------- blocks
     def schedule_block(self, jaxpr):
-        """Statements for a Jaxpr's equations (its binders are already in env)."""
+        """Statements for a Jaxpr's equations (its binders are already in env). What only feeds conds is
+        computed as early as its operands allow (_cond_inputs_early)."""
+        jaxpr = _cond_inputs_early(jaxpr)
         uses = _use_counts(jaxpr)
         stmts: list = []
         segment: list = []
@@ -182,6 +195,7 @@ class Scheduler:
             if eqn.primitive.family == CONTROL:
                 stmts += self._segment(segment, uses, jaxpr)
                 segment = []
+                self.site = (jaxpr, index)
                 stmts += control_rule(eqn.primitive)(self, eqn)
             else:
                 segment.append((index, eqn))
@@ -313,13 +327,11 @@ class Scheduler:
                 return None
 
         def window(node, args):
-            if node.op == "literal":
-                return node
+            if node.op == "literal" or (node.op == "input" and node.aval.size == 1):
+                return node    # (a scalar reads the same element everywhere: it may have no window)
             offset, shape = alias.window_of(node.aval.shape, atom.aval.shape)
             aval = ShapedArray(shape, node.aval.dtype)
             if node.op == "input":
-                if node.aval.size == 1:
-                    return node
                 key = (node.params["var"], offset, aval)
                 if key not in self.window_vars:      # one leaf per window, however often it is read
                     self.window_vars[key] = _Window(node.params["var"], offset, aval)
@@ -357,11 +369,11 @@ class Scheduler:
         for it in items:
             if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
                 continue
-            target, binder = self.hints[it.eqn.outs[0]]
-            if binder is None:            # a fresh result buffer nobody else reads
+            target, binders = self.hints[it.eqn.outs[0]]
+            if binders is None:           # a fresh result buffer nobody else reads
                 it.alias = target
                 continue
-            names = _alias_closure(jaxpr, binder)       # the carry and its reshapes share storage
+            names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
             readers_ok = not any(a in names for a in jaxpr.outs if a is not it.eqn.outs[0])
             for later_index, eqn in enumerate(jaxpr.eqns):
                 if later_index > it.index and any(a in names for a in eqn.inputs):
@@ -371,9 +383,9 @@ class Scheduler:
                         (other.level >= it.level or other.uniform):
                     readers_ok = False       # read concurrently with or after the overwrite (every vEU
                     #                          reads for a uniform op, with no barrier before the next wave)
-            if any(a in names for a in _reads(it)) and not _same_index_read(it, binder):
+            if any(a in names for a in _reads(it)) and not _same_index_read(it, binders):
                 readers_ok = False
-            views_of_carry = names - _alias_closure(jaxpr, binder, views=False)
+            views_of_carry = names - _closure_of_all(jaxpr, binders, views=False)
             windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
             if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
                 readers_ok = False       # it reads the carry through a view: at other elements than it writes
@@ -423,19 +435,22 @@ class Scheduler:
     def _after_uniform_reads(self, stmts) -> list:
         """Every vEU reads a buffer when it evaluates a uniform op on it; before anything may overwrite that
         buffer (the next loop iteration, say) all vEUs must be done: a grid barrier, unless one follows
-        the reads already."""
-        dirty = False
+        the reads already. The barrier is recorded with the buffers read (self.read_barriers): run() drops
+        it when nothing can write them afterwards (_idle_read_barriers)."""
+        read: set = set()
         for stmt in stmts:
             if isinstance(stmt, Sync) and stmt.scope == "grid":
-                dirty = False
+                read = set()
             elif isinstance(stmt, Uniforms):
-                dirty |= any(_writable(v) for u in stmt.ops for v in u.inputs)
-            elif isinstance(stmt, Assign):
-                dirty |= _writable(stmt.src)
-        if not dirty:
+                read |= {v.storage for u in stmt.ops for v in u.inputs if _writable(v)}
+            elif isinstance(stmt, Assign) and _writable(stmt.src):
+                read.add(stmt.src.storage)
+        if not read:
             return []
         self.stats["grid_syncs"] += 1
-        return [Sync("grid")]
+        sync = Sync("grid")
+        self.read_barriers[sync] = read
+        return [sync]
 
     @staticmethod
     def _sync_scope(level, unsynced_alone, alone) -> str:
@@ -609,7 +624,7 @@ class Scheduler:
         self.env.update(zip(body_j.in_binders, body_consts + carries))
         for out, binder, carry in zip(body_j.outs, body_binders, carries):
             if isinstance(out, Var) and out is not binder and not carry.is_uniform:
-                self.hints[out] = (carry, binder)
+                self.hints[out] = (carry, (binder,))
         body_stmts = self.schedule_block(body_j)
         body_stmts += self._carry_update(carries, [self.read(out) for out in body_j.outs])
         for out in body_j.outs:
@@ -638,24 +653,80 @@ class Scheduler:
         return parts
 
     def schedule_cond(self, eqn):
-        """A Branch on the (clamped) index; every branch writes the same result storage."""
+        """A Branch on the (clamped) index; every branch writes the same result storage. A result that a
+        branch forwards unchanged from a dead operand lives in that operand's storage (_forwarded_storage):
+        that branch then runs nothing for it, and the others write it in place when that is safe."""
+        jaxpr, index = self.site
         index_value = self.read(eqn.inputs[0])
-        stmts, index = self._as_uniform(index_value)
+        stmts, index_uniform = self._as_uniform(index_value)
         operands = [self.read(a) for a in eqn.inputs[1:]]
-        results = [self._carry_storage(v) for v in eqn.outs]
+        results, in_place, donors = [], [], set()
+        for k, out in enumerate(eqn.outs):
+            forwarded = self._forwarded_storage(eqn, k, jaxpr, index, donors)
+            if forwarded is None:
+                results.append(self._carry_storage(out))
+                continue
+            self.hints.pop(out, None)
+            donors.add(id(forwarded.storage))
+            results.append(forwarded)
+            in_place.append(forwarded)
         branches = []
-        for jaxpr in eqn.params["branches"]:
-            self.env.update(zip(jaxpr.in_binders, operands))
-            for out, res in zip(jaxpr.outs, results):
-                if isinstance(out, Var) and not res.is_uniform:
-                    self.hints[out] = (res, None)
-            body = self.schedule_block(jaxpr)
-            body += self._carry_update(results, [self.read(out) for out in jaxpr.outs])
-            for out in jaxpr.outs:
+        for branch in eqn.params["branches"]:
+            self.env.update(zip(branch.in_binders, operands))
+            for out, res in zip(branch.outs, results):
+                if isinstance(out, Var) and not res.is_uniform and not any(out is b for b in branch.in_binders):
+                    self.hints[out] = (res, _binders_in(branch, operands, res) or None)
+            body = self.schedule_block(branch)
+            body += self._carry_update(results, [self.read(out) for out in branch.outs])
+            for out in branch.outs:
                 self.hints.pop(out, None)
             branches.append(tuple(body))
         self.env.update(zip(eqn.outs, results))
-        return stmts + [Branch(index, tuple(branches))]
+        return stmts + [Branch(index_uniform, tuple(branches), tuple(in_place))]
+
+    def _forwarded_storage(self, eqn, k, jaxpr, index, taken) -> Value | None:
+        """The storage of an operand that result `k` of cond `eqn` (equation `index` of `jaxpr`) may live in,
+        or None. A branch returns the operand unchanged, so the result is then already in place in that
+        branch: no copy, no wave, no barrier. Legal only when the operand's storage is dead after the cond
+        (every other branch overwrites it), which holds for
+
+        - an operand computed in `jaxpr` (not a reshape or view of something else) that nothing reads after
+          the cond, through no alias (not a program input: inputs are never written), or
+        - the operand that the cond's result replaces in place already: the result is a loop carry's new
+          value (or a result of an enclosing branch living in its operand's storage) and the operand is
+          that carry's binder, read by nothing after the cond.
+
+        A result wanted in a fresh buffer of its own (a program output) keeps it: the copy would only move
+        to after the branch. No two results share an operand's storage (`taken`: those already used)."""
+        out = eqn.outs[k]
+        if self._wants_uniform(out.aval):
+            return None           # a scalar result is a register: forwarding it costs an Assign, no barrier
+        hint = self.hints.get(out)
+        if hint is not None and hint[1] is None and hint[0].aval == out.aval:
+            return None           # it goes to a fresh buffer of its own (see _carry_storage)
+        in_place_binders = hint[1] if hint is not None else ()
+        forwards = [j for j in range(len(eqn.inputs) - 1)
+                    if any(branch.outs[k] is branch.in_binders[j] for branch in eqn.params["branches"])]
+        for j in forwards:
+            var = eqn.inputs[1 + j]
+            value = self.read(var)
+            if not _whole_buffer(value, out.aval) or not _writable(value) or id(value.storage) in taken:
+                continue
+            owned = any(var is b for b in in_place_binders) and hint[0].storage is value.storage and \
+                hint[0].frame_offset == value.frame_offset
+            if owned:
+                names = _closure_of_all(jaxpr, in_place_binders)
+            elif _computed_in(jaxpr, var, index):
+                names = _alias_closure(jaxpr, var)
+            else:
+                continue
+            if _read_after(jaxpr, index, names):
+                continue
+            sharing = [a for a in eqn.inputs[1:] if isinstance(a, Var) and self.read(a).storage is value.storage]
+            if any(a not in names for a in sharing):
+                continue          # another operand in the same storage that is not known dead
+            return Value(value.storage, out.aval, value.frame_offset)
+        return None
 
     def schedule_recurse(self, eqn):
         """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
@@ -728,6 +799,39 @@ def _alias_closure(jaxpr, var, views=True) -> set:
     for eqn in jaxpr.eqns:
         if (eqn.primitive is reshape_p or (views and view_offset(eqn) is not None)) and eqn.inputs[0] in names:
             names.add(eqn.outs[0])
+    return names
+
+
+def _binders_in(branch, operands, result) -> tuple:
+    """The binders of `branch` whose operands are in `result`'s storage (none when the result has a fresh
+    buffer): writing the result overwrites them."""
+    return tuple(b for b, v in zip(branch.in_binders, operands)
+                 if v.storage is result.storage and v.frame_offset == result.frame_offset)
+
+
+def _whole_buffer(value, aval) -> bool:
+    """Is `value` a whole buffer (no view, this frame) of `aval`'s size?"""
+    return isinstance(value.storage, Buffer) and not value.offset and not value.frame_offset and \
+        value.storage.aval.size == aval.size == value.aval.size
+
+
+def _computed_in(jaxpr, var, index) -> bool:
+    """Is `var` the result of an equation of `jaxpr` before equation `index` that has storage of its own
+    (not a reshape or a view of another variable)?"""
+    return any(any(var is o for o in eqn.outs) and not _is_alias(eqn) for eqn in jaxpr.eqns[:index])
+
+
+def _read_after(jaxpr, index, names) -> bool:
+    """Does an equation after equation `index` of `jaxpr`, or `jaxpr`'s results, read one of `names`?"""
+    later = [a for eqn in jaxpr.eqns[index + 1:] for a in eqn.inputs] + list(jaxpr.outs)
+    return any(isinstance(a, Var) and a in names for a in later)
+
+
+def _closure_of_all(jaxpr, binders, views=True) -> set:
+    """The union of _alias_closure over `binders`."""
+    names: set = set()
+    for binder in binders:
+        names |= _alias_closure(jaxpr, binder, views)
     return names
 
 
@@ -903,11 +1007,13 @@ def _pure_elementwise(kind) -> bool:
     return family_of(kind) == ELEMENTWISE and is_uniform(kind)
 
 
-def _same_index_read(item, binder) -> bool:
-    """Does the op read `binder` only at the element it writes (so writing in place is safe)?"""
+def _same_index_read(item, binders) -> bool:
+    """Does the op read `binders` (variables sharing one storage) only at the element it writes (so
+    writing in place is safe)?"""
     if item.eqn.primitive is dynamic_update_slice_p:
-        return item.eqn.inputs[0] is binder and binder not in item.eqn.inputs[1:]
-    return item.expr is not None and binder.aval.shape == item.eqn.outs[0].aval.shape
+        first, rest = item.eqn.inputs[0], item.eqn.inputs[1:]
+        return any(first is b for b in binders) and not any(a is b for a in rest for b in binders)
+    return item.expr is not None and all(b.aval.shape == item.eqn.outs[0].aval.shape for b in binders)
 
 
 # Shorter names for some primitives in fused op labels.
@@ -947,6 +1053,107 @@ def _index_leaves(expr, leaves) -> Expr:
     return fold_expr(expr, number)
 
 
+def _cond_inputs_early(jaxpr):
+    """`jaxpr` with the equations that only compute inputs of conds (their results feed nothing but conds,
+    as index or operand, directly or through other such equations) moved before the control-flow
+    equations they do not depend on, into the first straight-line segment where their operands exist.
+    BlockDrop's per-block `sum(action[:, t]) > 0` and its mask `action[:, t]` then run with the first layers
+    instead of as waves and barriers of their own before every block. The other equations keep their
+    places; the order stays topological (gdsl primitives are pure), so every rule that reads the order
+    (in-place writes, liveness) sees the order that runs."""
+    early = _feeds_conds_only(jaxpr)
+    if not early:
+        return jaxpr
+    segment_of: dict = {}       # Var -> the segment (count of control equations before it) defining it
+    placed = []                 # (segment, 1 for the control equation closing it, original index, eqn)
+    segment = 0
+    for index, eqn in enumerate(jaxpr.eqns):
+        if eqn.primitive.family == CONTROL:
+            placed.append((segment, 1, index, eqn))
+            segment += 1
+            at = segment
+        elif index in early:
+            at = max([segment_of.get(a, 0) for a in eqn.inputs if isinstance(a, Var)], default=0)
+            placed.append((at, 0, index, eqn))
+        else:
+            at = segment
+            placed.append((at, 0, index, eqn))
+        for v in eqn.outs:
+            segment_of[v] = at
+    eqns = tuple(eqn for *_, eqn in sorted(placed, key=lambda p: p[:3]))
+    if all(a is b for a, b in zip(eqns, jaxpr.eqns)):
+        return jaxpr
+    return dataclasses.replace(jaxpr, eqns=eqns)
+
+
+def _feeds_conds_only(jaxpr) -> set:
+    """Indices of the equations of `jaxpr` (not control flow, no result of `jaxpr`) whose results are read
+    only by conds or by other such equations."""
+    readers: dict = {}          # Var -> indices of the equations reading it
+    for index, eqn in enumerate(jaxpr.eqns):
+        for a in eqn.inputs:
+            if isinstance(a, Var):
+                readers.setdefault(a, []).append(index)
+    results = {a for a in jaxpr.outs if isinstance(a, Var)}
+    found: set = set()
+    for index in range(len(jaxpr.eqns) - 1, -1, -1):       # readers come later: decided first
+        eqn = jaxpr.eqns[index]
+        if eqn.primitive.family == CONTROL or not eqn.outs or any(v in results for v in eqn.outs):
+            continue
+        if all(readers.get(v) and all(jaxpr.eqns[r].primitive is control.cond_p or r in found for r in readers[v])
+               for v in eqn.outs):
+            found.add(index)
+    return found
+
+
+def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
+    """The barriers of `read_barriers` (Sync -> buffers read by uniform ops before it) that guard nothing:
+    no op can write any of those buffers after it. That holds when every op writing such a buffer comes
+    before the barrier in the kernel body, outside any loop (so it runs once, and before), and no
+    recursive function writes it. A predicate read from a buffer written once (BlockDrop's actions, a
+    gate) then costs no barrier of its own."""
+    where: dict = {}            # Sync -> its position in program order (kernel body only)
+    writes: dict = {}           # Buffer -> [(position or None in a function, inside a loop)]
+    position = itertools.count()
+
+    def visit(block, in_loop, in_function):
+        for stmt in block:
+            pos = next(position)
+            if isinstance(stmt, Sync) and stmt in read_barriers and not in_function:
+                where[stmt] = pos
+            elif isinstance(stmt, Wave):
+                for value in (v for t in stmt.tasks for v in t.op.outputs):
+                    writes.setdefault(value.storage, []).append((None if in_function else pos, in_loop))
+            elif isinstance(stmt, Loop):
+                visit(stmt.cond, True, in_function)
+                visit(stmt.body, True, in_function)
+            elif isinstance(stmt, Branch):
+                for branch in stmt.branches:
+                    visit(branch, in_loop, in_function)
+    visit(body, False, False)
+    for fn_body in function_bodies:
+        visit(fn_body, False, True)
+
+    def written_before_only(buf, pos) -> bool:
+        return buf.kind != "frame" and all(
+            at is not None and not in_loop and at < pos for at, in_loop in writes.get(buf, ()))
+    return {sync for sync, pos in where.items() if all(written_before_only(b, pos) for b in read_barriers[sync])}
+
+
+def _without(block, drop) -> tuple:
+    """`block` without the statements in `drop`, nested blocks included."""
+    out = []
+    for stmt in block:
+        if stmt in drop:
+            continue
+        if isinstance(stmt, Loop):
+            stmt = dataclasses.replace(stmt, cond=_without(stmt.cond, drop), body=_without(stmt.body, drop))
+        elif isinstance(stmt, Branch):
+            stmt = dataclasses.replace(stmt, branches=tuple(_without(b, drop) for b in stmt.branches))
+        out.append(stmt)
+    return tuple(out)
+
+
 def _drop_trailing_sync(stmts):
     stmts = list(stmts)
     while stmts and isinstance(stmts[-1], Sync):
@@ -972,7 +1179,7 @@ def _split_host(body, functions):
                 out.append(Loop(split(stmt.cond), stmt.pred, split(stmt.body)))
             elif isinstance(stmt, Branch):
                 flush()
-                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches)))
+                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches), stmt.in_place))
             elif isinstance(stmt, Call):
                 flush()
                 out.append(stmt)
