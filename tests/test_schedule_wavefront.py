@@ -270,3 +270,18 @@ def test_random_chains_are_mostly_skewed():
         program = hoist_program(gdsl.make_ir(fn)(*args))
         skewed += skew_program(program)[0] is not program
     assert skewed >= 18
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5, 17])
+def test_random_chains_on_the_backends(seed):
+    """The skewed plans of random chains run on the cpu backend and the C-family emulator as they do
+    unskewed (forced both ways, so that the default's choice does not hide either plan)."""
+    fn, args = _random_chain(seed)
+    want = gdsl.tree_flatten(gdsl.jit(fn, backend="cpu", wavefront=False)(*args))[0]
+    got = gdsl.tree_flatten(gdsl.jit(fn, backend="cpu", wavefront=True)(*args))[0]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+    if emulator.cxx() is not None:
+        got = emulator.emulate(fn, *args, grid=3, block=64, wavefront=True)
+        for g, w in zip(gdsl.tree_flatten(got)[0], want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
