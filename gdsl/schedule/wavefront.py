@@ -195,6 +195,12 @@ class _Skew:
         self.delayed: dict[tuple[object, int], object] = {}
         self.shifted: dict[int, object] = {}     # stage -> the original step it runs (k - s)
         self.valid: dict[int, Var] = {}          # stage -> bool: lo <= k - s < hi
+        # a value that is the new value of a carry (masked in its stage) -> that carry's binder, which holds
+        # it one iteration late
+        body, counter = loop.body, loop.counter
+        produced = {v for e in body.eqns for v in e.outs}
+        self.carry_of_out = {out: b for j, (b, out) in enumerate(zip(loop.carries, body.outs))
+                             if j != counter and out is not b and out in produced}
 
     def lit(self, value) -> Lit:
         return Lit.of(value, self.loop.dtype)
@@ -238,9 +244,6 @@ class _Skew:
         loop = self.loop
         body, carries, counter = loop.body, loop.carries, loop.counter
         eqns, _, _, producer = loop.graph()
-        # the carry each equation's result updates (masked in its stage) can stand for it one iteration late
-        self.carry_of_out = {out: b for j, (b, out) in enumerate(zip(carries, body.outs))
-                             if j != counter and out is not b and out in producer}
         carry_binders = {b: out for j, (b, out) in enumerate(zip(carries, body.outs))
                          if j != counter and out is not b}
         new_eqns = []
