@@ -15,8 +15,6 @@ that fed only the matmul are dropped.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
 from gdsl.primitives.elementwise import mul_p
 from gdsl.primitives.linalg import matmul_p
@@ -48,7 +46,7 @@ class _StepHoister(WhileRewriter):
                 continue
             xs, index, w = match
             rows, k = e.inputs[0].aval.shape
-            flat = Var(_aval((xs.aval.shape[0] * rows, k), xs.aval.dtype))
+            flat = Var(ShapedArray((xs.aval.shape[0] * rows, k), xs.aval.dtype))
             before.append(Eqn(reshape_p, (outer[xs],), {"new_shape": flat.aval.shape}, (flat,)))
             (product_aval,) = matmul_p.abstract_eval(flat.aval, w.aval)
             product = Var(product_aval)
@@ -67,10 +65,6 @@ class _StepHoister(WhileRewriter):
         inputs = eqn.inputs[:nc + nb] + tuple(new_consts) + eqn.inputs[nc + nb:]
         params = dict(p, body_jaxpr=new_body, body_nconsts=nb + len(new_binders))
         return before + [Eqn(eqn.primitive, inputs, params, eqn.outs)]
-
-
-def _aval(shape, dtype):
-    return ShapedArray(tuple(int(d) for d in shape), np.dtype(dtype))
 
 
 def _step_product(e: Eqn, producer, outer, trips: int):

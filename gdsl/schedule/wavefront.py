@@ -33,6 +33,7 @@ chain that fits one vEU already runs with vEU-local syncs only, and skewing woul
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import numpy as np
@@ -134,6 +135,7 @@ class _CountedLoop:
         return loop
 
     # -- the dependence graph -------------------------------------------------------------------------
+    @functools.cached_property
     def graph(self):
         """(eqns, preds, succs, producer): equation indices with their intra and carried predecessors."""
         eqns = self.body.eqns
@@ -155,7 +157,7 @@ class _CountedLoop:
 
     def stages(self) -> dict[int, int] | None:
         """The stage of every body equation (by index), or None when the cut would be inconsistent."""
-        eqns, preds, succs, _ = self.graph()
+        eqns, preds, succs, _ = self.graph
         components = _strongly_connected(len(eqns), succs)      # in topological order
         component_of = {i: c for c, members in enumerate(components) for i in members}
         cyclic = [len(m) > 1 or m[0] in succs[m[0]] for m in components]
@@ -243,7 +245,7 @@ class _Skew:
     def equations(self) -> list[Eqn]:
         loop = self.loop
         body, carries, counter = loop.body, loop.carries, loop.counter
-        eqns, _, _, producer = loop.graph()
+        eqns, _, _, producer = loop.graph
         carry_binders = {b: out for j, (b, out) in enumerate(zip(carries, body.outs))
                          if j != counter and out is not b}
         new_eqns = []
