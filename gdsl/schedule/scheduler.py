@@ -24,6 +24,8 @@ from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, family_of, is_uniform
 from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p, slice_p
 from gdsl.schedule import licm, partition, utasks
+from gdsl.schedule.hazards import Hazards
+from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
@@ -48,7 +50,7 @@ from gdsl.schedule.plan import (
     fold_expr,
 )
 from gdsl.schedule.steps import hoist_step_products
-from gdsl.schedule.wavefront import loop_iteration_ns, skew_program
+from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
@@ -118,6 +120,7 @@ class Scheduler:
         self.site = None                    # (Jaxpr, equation index) of the control equation being scheduled
         self.read_barriers: dict = {}       # Sync -> the buffers that uniform ops read before it (only)
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
+        self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0}
 
@@ -399,35 +402,40 @@ class Scheduler:
         for it in items:
             by_level.setdefault((it.level, it.uniform), []).append(it)
         top = max(it.level for it in items)
-        read_until = _read_until(items)
-        alone = _Alone(self, items)
-        stmts = []
-        # The global items written since the last grid barrier: the last level some reader of them still
-        # runs after, and whether they all run alone on vEU 0 (see _Alone).
-        unsynced_read_until, unsynced_alone = -2, True
-        for level in range(-1, top + 1):
+        waves: dict = {}
+        placed: dict = {}        # Op -> its Task, for the ops of this segment placed so far
+        for level in range(0, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
                 grids = self._wave_grids(globals_)
-                stmts.append(Wave(tuple(self._place([self._make_op(it, grids.get(it)) for it in globals_]))))
+                waves[level] = Wave(tuple(self._place([self._make_op(it, grids.get(it)) for it in globals_],
+                                                      placed)))
+                placed.update((task.op, task) for task in waves[level].tasks)
+        read_until = _read_until(items)
+        uniform_reads = {level: [self.read(a) for it in by_level.get((level, True), []) for a in it.eqn.inputs]
+                         for level in range(-1, top + 1)}
+        self.hazards.start(waves.values())
+        stmts = []
+        # The last wave level after which a reader of something written since the last grid barrier runs.
+        unsynced_read_until = -2
+        for level in range(-1, top + 1):
+            if level in waves:
+                stmts.append(waves[level])
                 self.stats["waves"] += 1
-                unsynced_read_until = max([unsynced_read_until] + [read_until.get(it, -2) for it in globals_])
+                self.hazards.record(waves[level])
+                unsynced_read_until = max([unsynced_read_until] +
+                                          [read_until.get(it, -2) for it in by_level[level, False]])
+                # (Every wave but the first reads a result of the wave before it, so a barrier precedes it,
+                # and _sync_scope checks it against everything since the last grid barrier.)
                 if level == top or unsynced_read_until >= level:
-                    # Readers after the segment may sit on any vEU: its last barrier is a grid barrier.
-                    if self.parts:
-                        scope = "block"
-                    else:
-                        unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
-                        scope = "grid" if level == top else self._sync_scope(level, unsynced_alone, alone)
+                    scope = self._sync_scope(level, top, waves.get(level + 1), uniform_reads)
                     self.stats[f"{scope}_syncs"] += 1
                     stmts.append(Sync(scope))
                     if scope == "grid":
-                        unsynced_read_until, unsynced_alone = -2, True
-                elif not self.parts:
-                    unsynced_alone = unsynced_alone and all(alone.is_alone(it) for it in globals_)
-            uniforms_ = by_level.get((level, True), [])
-            if uniforms_:
-                ops = tuple(self._make_uniform(it) for it in uniforms_)
+                        unsynced_read_until = -2
+                        self.hazards.clear()
+            if by_level.get((level, True)):
+                ops = tuple(self._make_uniform(it) for it in by_level[level, True])
                 self.stats["uniform_ops"] += len(ops)
                 stmts.append(Uniforms(ops))
         return stmts + self._after_uniform_reads(stmts)
@@ -452,14 +460,18 @@ class Scheduler:
         self.read_barriers[sync] = read
         return [sync]
 
-    @staticmethod
-    def _sync_scope(level, unsynced_alone, alone) -> str:
-        """The barrier after wave `level`: "block" when the writes since the last grid barrier and the
-        next wave are single-uTask ops alone in their waves: all of it runs on vEU 0, in order. The
-        barrier after that wave is then a grid barrier unless the same holds again, so whatever runs
-        elsewhere later is behind a grid barrier. Else "grid" (this also keeps in-place writes after reads
-        by other vEUs safe)."""
-        if alone.uniform_after(level) or not unsynced_alone or not alone.next_alone(level):
+    def _sync_scope(self, level, top, next_wave, uniform_reads) -> str:
+        """The barrier after wave `level`: "block" (vEU-local) when no vEU of the next wave touches what another
+        vEU wrote, or overwrites what another read, since the last grid barrier (hazards.py), and no uniform op
+        after this wave reads anything written since then (every vEU reads for it). The last wave of a
+        segment ends in a grid barrier: what runs after it may sit on any vEU. In a partitioned loop every
+        vEU keeps to its partition: always "block"."""
+        if self.parts:
+            return "block"
+        if level == top or next_wave is None:
+            return "grid"
+        later_reads = [v for lv in range(level, top + 1) for v in uniform_reads.get(lv, ())]
+        if self.hazards.written(later_reads) or not self.hazards.local(next_wave):
             return "grid"
         return "block"
 
@@ -529,11 +541,22 @@ class Scheduler:
         return UniformOp(eqn.primitive.name, tuple(self.read(a) for a in eqn.inputs), self.env[eqn.outs[0]],
                          dict(eqn.params))
 
-    def _place(self, ops) -> list[Task]:
-        """vEU ranges for the ops of one wave: one vEU per uTask when they fit, else shares by cost. In a
-        partitioned loop every op has uTask p on vEU p mod grid."""
+    def _place(self, ops, placed=None) -> list[Task]:
+        """vEU ranges for the ops of one wave: on their producers' vEUs when each op has such a home
+        (_homes) and that costs less than the grid barrier it can save, else one vEU per uTask when they
+        fit, else shares by cost. In a partitioned loop every op has uTask p on vEU p mod grid."""
         if self.parts:
             return [Task(op, 0, min(op.n_utasks, self.grid)) for op in ops]
+        spread = self._spread(ops)
+        homes = self._homes(ops, placed or {})
+        if homes is not None:
+            at_home = [Task(op, *home) for op, home in zip(ops, homes)]
+            if wave_ns(at_home) <= wave_ns(spread) + BARRIER_NS - LOCAL_SYNC_NS:
+                return at_home
+        return spread
+
+    def _spread(self, ops) -> list[Task]:
+        """One vEU per uTask when they fit, else shares by cost."""
         total = sum(op.n_utasks for op in ops)
         if total <= self.grid:
             counts = [op.n_utasks for op in ops]
@@ -549,6 +572,24 @@ class Scheduler:
             tasks.append(Task(op, first, count))
             first += count
         return tasks
+
+    @staticmethod
+    def _homes(ops, placed) -> list | None:
+        """(first, count) per op of a wave, each the range of an op of an earlier wave of the segment whose
+        result it reads and whose split it shares (the same uTasks over the same elements: an elementwise
+        chain), the latest such wave first (an earlier one is more likely behind a grid barrier already),
+        so that uTask t finds what it reads on its own vEU and the barrier before it can be vEU-local
+        (hazards.py). None unless every op has a home. Ops with the same home run one after another."""
+        homes = []
+        for op in ops:
+            read = {v.storage for v in op.inputs}
+            home = next(((task.first, task.count) for producer, task in reversed(placed.items())
+                         if producer.outputs[0].storage in read and producer.n_utasks == op.n_utasks
+                         and producer.params.get("chunk") == op.params.get("chunk") is not None), None)
+            if home is None:
+                return None
+            homes.append(home)
+        return homes
 
     def _copy(self, dst: Value, src: Value) -> list:
         return self._copies([(dst, src)])
@@ -870,46 +911,6 @@ def _read_until(items) -> dict:
         for d in it.deps:
             until[d] = max(until.get(d, -2), last)
     return until
-
-
-class _Alone:
-    """Which global items of a segment are single-uTask ops alone in their waves (computed on first use),
-    and whether everything after a wave is."""
-
-    def __init__(self, scheduler, items):
-        self.scheduler = scheduler
-        self.items = items
-        self.per_level: dict = {}
-        for it in items:
-            if not it.uniform:
-                self.per_level[it.level] = self.per_level.get(it.level, 0) + 1
-        self.last_uniform = max((it.level for it in items if it.uniform), default=-2)
-        self.alone: dict = {}
-        self.next_ok: dict | None = None        # level -> is the next wave above it alone?
-
-    def is_alone(self, it) -> bool:
-        """Is `it` the only global item of its level, with a single uTask?"""
-        if it not in self.alone:
-            self.alone[it] = self.per_level[it.level] == 1 and self.scheduler._n_utasks(it) == 1
-        return self.alone[it]
-
-    def uniform_after(self, level) -> bool:
-        """Does a uniform op run after wave `level` (every vEU reads for it)?"""
-        return self.last_uniform >= level
-
-    def next_alone(self, level) -> bool:
-        """Is the next wave after wave `level` one alone item (see is_alone), or is there none?"""
-        if self.next_ok is None:
-            top = max(it.level for it in self.items)
-            ok_at: dict = {}
-            for it in self.items:
-                if not it.uniform:
-                    ok_at[it.level] = ok_at.get(it.level, True) and self.is_alone(it)
-            self.next_ok, ok = {}, True
-            for lv in range(top, -2, -1):
-                self.next_ok[lv] = ok
-                ok = ok_at.get(lv, ok)
-        return self.next_ok[level]
 
 
 def _reads(item) -> list:

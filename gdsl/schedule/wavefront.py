@@ -65,16 +65,21 @@ def loop_iteration_ns(plan) -> float:
     return sum(_block_ns(loop.cond + loop.body, plan) for loop in loops)
 
 
+def wave_ns(tasks) -> float:
+    """Estimated ns of a wave of `tasks`: its busiest vEU's uTasks (the scheduler's cost model)."""
+    load: dict[int, float] = defaultdict(float)
+    for task in tasks:
+        rounds = -(-task.op.n_utasks // task.count)
+        for veu in range(task.first, task.first + task.count):
+            load[veu] += rounds * (task.op.cost + UTASK_NS)
+    return max(load.values(), default=0.0)
+
+
 def _block_ns(stmts, plan) -> float:
     total = 0.0
     for stmt in stmts:
         if isinstance(stmt, Wave):
-            load: dict[int, float] = defaultdict(float)
-            for task in stmt.tasks:
-                rounds = -(-task.op.n_utasks // task.count)
-                for veu in range(task.first, task.first + task.count):
-                    load[veu] += rounds * (task.op.cost + UTASK_NS)
-            total += max(load.values(), default=0.0)
+            total += wave_ns(stmt.tasks)
         elif isinstance(stmt, Sync):
             total += BARRIER_NS if stmt.scope == "grid" else LOCAL_SYNC_NS
         elif isinstance(stmt, Launch):

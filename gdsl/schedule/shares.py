@@ -1,0 +1,147 @@
+"""Which elements each uTask of an Op writes and reads: the split's semantics (utasks.py) as flat element
+numbers of the op's output and inputs. The plan simulator checks every access against the barriers with
+them; the scheduler uses them to choose a vEU-local sync instead of a grid barrier where no vEU reads what
+another wrote (or overwrites what another read) since the last grid barrier.
+
+Exact for elementwise ops, matmul (its output tiles), reductions and data movement; conservative (the whole
+input: None) for the others and for dynamic windows whose start is not known yet.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
+from gdsl.primitives.structural import clamp_starts
+from gdsl.schedule import utasks
+from gdsl.schedule.plan import COPY, FUSED
+
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place"})
+
+
+def storage_elements(value, flat):
+    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset)."""
+    if flat is None:
+        return slice(None) if not value.offset and value.aval.size == value.storage.aval.size else \
+            np.arange(value.offset, value.offset + value.aval.size)
+    return flat + value.offset if value.offset else flat
+
+
+def write_share(op, t) -> np.ndarray:
+    """Flat indices of the output elements uTask t writes (utasks.py's decomposition)."""
+    out = op.outputs[0].aval
+    p = op.params
+    if op.kind in utasks.GEMM_KINDS:
+        batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, p)
+        tm, tn = p["tile_m"], p["tile_n"]
+        b, i, j = np.unravel_index(t, (batch, math.ceil(m / tm), math.ceil(n / tn)))
+        rows = np.arange(i * tm, min((i + 1) * tm, m))
+        cols = np.arange(j * tn, min((j + 1) * tn, n))
+        if op.kind == matmul_p.name:
+            return (b * m * n + rows[:, None] * n + cols[None, :]).reshape(-1)
+        nb, o, ho, wo = out.shape      # conv2d: GEMM row r = (image, y, x), column = output channel
+        img, yx = np.divmod(rows, ho * wo)
+        return (img[:, None] * o * ho * wo + cols[None, :] * ho * wo + yx[:, None]).reshape(-1)
+    if op.kind in utasks.REDUCE_KINDS:
+        rows = p["rows"]
+        return np.arange(t * rows, min((t + 1) * rows, out.size))
+    chunk = p["chunk"]
+    return np.arange(t * chunk, min((t + 1) * chunk, out.size))
+
+
+def window_share(op, t, starts) -> np.ndarray:
+    """In-place dynamic_update_slice: the x elements that update elements [t*chunk, ...) land on, or none
+    when mode="drop" and the window does not fit (`starts` as given, before clamping)."""
+    x, update = op.inputs[0].aval, op.inputs[1].aval
+    if op.params["mode"] == "drop" and any(s < 0 or s + u > d for s, u, d in zip(starts, update.shape, x.shape)):
+        return np.zeros(0, np.int64)
+    starts = clamp_starts(x.shape, update.shape, starts)
+    chunk = op.params["chunk"]
+    k = np.arange(t * chunk, min((t + 1) * chunk, update.size))
+    idx = np.unravel_index(k, update.shape)
+    return np.ravel_multi_index(tuple(i + s for i, s in zip(idx, starts)), x.shape)
+
+
+# The kinds whose read share _move_share finds exactly: data movement primitives, and the dynamic window
+# ops, whose index map is known once their start operands are.
+MOVES = frozenset(name for name in kinds_of(DATA_MOVEMENT) if name in REGISTRY) | \
+    frozenset(p.name for p in utasks.DYNAMIC_STARTS)
+
+
+def read_share(op, k, t, starts=()):
+    """Flat indices of input k that uTask t reads (None: all of it): exact for elementwise ops, matmul,
+    reductions and data movement (where writing in place and partitioned loops depend on it),
+    conservative (everything) for the others."""
+    if op.kind in utasks.REDUCE_KINDS:
+        return _reduce_share(op, write_share(op, t))
+    if op.kind == matmul_p.name:
+        return _matmul_share(op, k, write_share(op, t))
+    if utasks.in_place_update(op.kind, op.params) and k < 2:
+        if k == 0:
+            return np.zeros(0, np.int64)          # x is only written (in the window)
+        chunk = op.params["chunk"]
+        return np.arange(t * chunk, min((t + 1) * chunk, op.inputs[1].aval.size))
+    if op.kind in MOVES and k < _array_operands(op):
+        return _move_share(op, k, write_share(op, t), starts)
+    if op.kind not in (FUSED.name, COPY.name):
+        return None
+    out = op.outputs[0].aval
+    in_aval = op.inputs[k].aval
+    flat = write_share(op, t)
+    if in_aval.size == 1:
+        return np.zeros(1, np.int64) if flat.size else flat
+    idx = np.unravel_index(flat, out.shape)
+    offset = out.ndim - in_aval.ndim
+    in_idx = tuple(np.zeros_like(idx[0]) if d == 1 else idx[offset + a] for a, d in enumerate(in_aval.shape))
+    return np.ravel_multi_index(in_idx, in_aval.shape)
+
+
+def _reduce_share(op, flat) -> np.ndarray:
+    """The input elements the outputs `flat` of a reduction reduce."""
+    x = op.inputs[0].aval
+    if op.outputs[0].aval.size == 0:          # an empty result reduces nothing
+        return np.zeros(0, np.int64)
+    axes = list(op.params["axes"] if "axes" in op.params else (op.params["axis"],))
+    keep = [a for a in range(x.ndim) if a not in axes]
+    idx = np.arange(x.size).reshape(x.shape).transpose(keep + axes)
+    return idx.reshape(op.outputs[0].aval.size, -1)[flat].reshape(-1)
+
+
+def _matmul_share(op, k, flat) -> np.ndarray:
+    """Operand k's elements that the outputs `flat` of a (batched, broadcasting) matmul read: their rows
+    of a, their columns of b, in the matching batch element."""
+    out, x = op.outputs[0].aval, op.inputs[k].aval
+    m, n = out.shape[-2:]
+    depth = op.inputs[0].aval.shape[-1]
+    b, rest = np.divmod(flat, m * n)
+    i, j = np.divmod(rest, n)
+    bshape, xshape = out.shape[:-2], x.shape[:-2]
+    bidx = np.unravel_index(b, bshape) if bshape else ()
+    offset = len(bshape) - len(xshape)
+    xb = np.ravel_multi_index(tuple(np.zeros_like(b) if d == 1 else bidx[offset + a]
+                                    for a, d in enumerate(xshape)), xshape) if xshape else np.zeros_like(b)
+    kk = np.arange(depth)
+    if k == 0:
+        idx = (xb * m + i)[:, None] * depth + kk[None, :]
+    else:
+        idx = xb[:, None] * depth * n + kk[None, :] * n + j[:, None]
+    return np.unique(idx.reshape(-1))
+
+
+def _move_share(op, k, flat, starts) -> np.ndarray:
+    """Data movement: run the primitive itself on element numbers (input k) and -1 (the others)."""
+    first = _array_operands(op)
+    ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
+           for j, v in enumerate(op.inputs[:first])]
+    params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
+    moved = np.asarray(REGISTRY[op.kind].impl(*ins, *[np.int64(s) for s in starts], **params)[0]).reshape(-1)
+    picked = moved[flat]
+    return np.unique(picked[picked >= 0])
+
+
+def _array_operands(op) -> int:
+    """The number of leading array operands of `op` (all of them but a dynamic op's start indices)."""
+    first = utasks.first_start(op.kind)
+    return len(op.inputs) if first is None else first
