@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave
+from gdsl.schedule.resident import RESIDENT
 
 
 def _veus(task) -> str:
@@ -38,6 +39,8 @@ def print_block(block, indent: int, lines: list) -> None:
             for t in stmt.tasks:
                 rounds = -(-t.op.n_utasks // t.count)
                 extra = f", {rounds} rounds" if rounds > 1 else ""
+                if RESIDENT in t.op.params:
+                    extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}barrier ({stmt.scope})")

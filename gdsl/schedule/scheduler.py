@@ -49,6 +49,7 @@ from gdsl.schedule.plan import (
     Wave,
     fold_expr,
 )
+from gdsl.schedule.resident import keep_resident
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
 
@@ -92,7 +93,7 @@ class _Item:
 
 
 class Scheduler:
-    def __init__(self, program, *, control="device", grid=132, block=256, partition=None):
+    def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -103,6 +104,7 @@ class Scheduler:
         self.grid = int(grid)
         self.block = int(block)
         self.partition = partition           # partitioned loops: None = when estimated faster, or a bool
+        self.resident_bytes = resident_bytes  # per vEU, for loop-invariant weights in shared memory (resident.py)
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         self.env: dict = {}
         self.buffers: list[Buffer] = []
@@ -671,7 +673,7 @@ class Scheduler:
         for out in body_j.outs:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
-        loop = [Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts)]
+        loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes)]
         if self.parts:      # after the loop, readers may sit on any vEU
             self.stats["partitioned_loops"] += 1
             self.stats["grid_syncs"] += 1
@@ -1196,11 +1198,12 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None) -> Plan:
+             hoist=None, resident_bytes=0) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
-    `hoist=False` turns off the first two passes (to measure what they give).
+    `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
+    shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -1212,7 +1215,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
-    options = dict(control=control, grid=grid, block=block, partition=partition)
+    options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes)
     if wavefront is False:
         return Scheduler(program, **options).run()
     skewed, stretch = skew_program(program)

@@ -17,8 +17,9 @@ from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import COPY, FUSED
+from gdsl.schedule.resident import RESIDENT
 
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place"})
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", RESIDENT})   # (not the primitive's)
 
 
 def storage_elements(value, flat):

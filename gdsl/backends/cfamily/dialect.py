@@ -5,6 +5,10 @@ emulator (emu.h) also accept.
     block_index, thread_index    the vEU's index in the grid and the thread's index in the vEU (C expressions)
     block_barrier                the statement all threads of one vEU wait at
     shared_decl                  the declaration of the vEU's shared memory (`{nbytes}`: its size)
+    dynamic_shared_decl          the same, sized at launch (kernels with resident weights need more than the
+                                 static limit)
+    resident_smem_per_sm         bytes of shared memory per SM for loop-invariant matmul weights kept on chip
+                                 across a loop (gdsl/schedule/resident.py); 0: the dialect keeps none
     warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
                                  GEMV lane split; `header_template` defines GDSL_WARP from it ($warp_size)
     lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
@@ -28,6 +32,8 @@ class Dialect:
     barriers = ("atomic",)
     kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
     shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
+    dynamic_shared_decl = "extern __shared__ __align__(16) char gdsl_smem[];"   # sized at launch
+    resident_smem_per_sm = 0             # shared memory per SM that loop-invariant weights may fill (resident.py)
     block_index = "blockIdx.x"
     thread_index = "threadIdx.x"
     block_barrier = "__syncthreads();"

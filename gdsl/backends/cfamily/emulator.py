@@ -50,6 +50,8 @@ class EmulatorDialect(Dialect):
     header_template = EMU_HEADER
     kernel_prefix = "static void"
     shared_decl = "char* gdsl_smem = gdsl_emu_cur->smem;"
+    dynamic_shared_decl = shared_decl
+    resident_smem_per_sm = 64 * 1024     # (host memory: so that the tests run the resident-weight code too)
     trace_clock = ("({ struct timespec gdsl_ts; clock_gettime(CLOCK_MONOTONIC, &gdsl_ts); "
                    "(unsigned long long)gdsl_ts.tv_sec * 1000000000ull + gdsl_ts.tv_nsec; })")
     trace_clock_name, trace_ns_per_tick = "CLOCK_MONOTONIC", 1.0
@@ -158,7 +160,7 @@ def _load(path):
 
 
 def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", partition=None, wavefront=None,
-            hoist=None, dialect=None):
+            hoist=None, resident=None, dialect=None):
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
     CPU emulator (in `dialect`: the emulator's own by default, or gdsl.backends.hip.emulated's HIP dialect).
     Returns the results in `fun`'s pytree (numpy arrays)."""
@@ -169,7 +171,7 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", pa
     program = make_ir(fun)(*args)
     dialect = dialect or EmulatorDialect()
     opts = check_options({"control": control, "block": block, "barrier": barrier, "partition": partition,
-                          "wavefront": wavefront, "hoist": hoist}, dialect)
+                          "wavefront": wavefront, "hoist": hoist, "resident": resident}, dialect)
     lowering = lower_with_grid(program, opts, grid, dialect)
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]

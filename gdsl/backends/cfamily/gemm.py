@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
 from gdsl.primitives.registry import register_lowering
+from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
 GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
@@ -43,12 +44,40 @@ def matmul(ops: OpRenderer) -> str:
     bshape = out.aval.shape[:-2]
     a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
+    setup = [f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"]
+    load_b = f"return ({acc})({b.at(f'b0 + k * {N} + n')});"
+    if RESIDENT in ops.op.params:       # this uTask's K x tile_n columns of B wait in shared memory
+        tn = ops.op.params["tile_n"]
+        storage = c_types.storage(b.dtype)
+        setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
+        load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {tn} + n - tj * {tn}]')});"
     return gemm_tiles(ops, Gemm(
-        M, N, K, math.prod(bshape),
-        setup=[f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"],
+        M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
-        load_b=f"return ({acc})({b.at(f'b0 + k * {N} + n')});",
+        load_b=load_b,
         store=out.store(f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=False))
+
+
+def resident_tile(op, t: str, smem: str) -> str:
+    """C expression: where uTask `t` of a matmul with resident B (gdsl/schedule/resident.py) keeps its tile
+    in the vEU's shared memory `smem` (the resident region starts at GDSL_RESIDENT_BASE)."""
+    offset, count = op.params[RESIDENT]
+    storage = c_types.storage(op.inputs[1].aval.dtype)
+    return (f"(({storage}*)({smem} + GDSL_RESIDENT_BASE + {offset}) + ({t}) / {count} * "
+            f"{tile_bytes(op) // op.inputs[1].aval.dtype.itemsize})")
+
+
+def stage_resident(op, b_ptr: str, t: str, smem: str) -> str:
+    """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptr` into its
+    place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N)."""
+    a, b, out = op.inputs[0].aval, op.inputs[1].aval, op.outputs[0].aval
+    K, N = a.shape[-1], b.shape[-1]
+    tn = op.params["tile_n"]
+    tiles_n = -(-N // tn)
+    b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "bt")
+    return (f"{{ const int bt = ({t}) / {tiles_n}, tj = ({t}) % {tiles_n}; "
+            f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
+            f"{resident_tile(op, t, smem)}); }}")
 
 
 @register_lowering("conv2d", backend="cfamily")

@@ -12,7 +12,7 @@ from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import schedule
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
-                           "barrier"})
+                           "barrier", "resident"})
 DEFAULT_BLOCK = 256
 
 
@@ -33,12 +33,23 @@ def check_options(options, dialect) -> dict:
         raise ValueError(f"grid must be positive, got {grid}")
     return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
             "partition": options.get("partition"),
-            "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile")}
+            "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
+            "resident": options.get("resident")}
 
 
-def lower_with_grid(program, opts, grid: int, dialect) -> Lowering:
-    """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect`."""
+def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
+    """Shared memory per vEU for loop-invariant weights (gdsl/schedule/resident.py): the SM's share
+    `smem_per_sm` over the vEUs one SM holds; 0 with the option resident=False."""
+    if opts.get("resident") is False or smem_per_sm <= 0:
+        return 0
+    return smem_per_sm // -(-grid // max(1, sms))
+
+
+def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -> Lowering:
+    """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect` (`sms`: the
+    device's multiprocessors, for the resident-weight budget; None: one vEU per multiprocessor)."""
+    resident = resident_budget(opts, grid, sms or grid, dialect.resident_smem_per_sm)
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
-                    wavefront=opts.get("wavefront"), hoist=opts.get("hoist"))
+                    wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident)
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

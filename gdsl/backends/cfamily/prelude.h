@@ -281,6 +281,16 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   __syncthreads();
 }
 
+// Rows [0, K) x columns [col0, col0 + TN) of a row-major K x N matrix into dst[K][TN] (zeros past column N),
+// by all threads of the block: a resident tile of a loop-invariant matmul operand (gdsl/schedule/resident.py).
+template <typename T>
+GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T* dst) {
+  for (int e = threadIdx.x; e < K * TN; e += blockDim.x) {
+    const int k = e / TN, n = col0 + e % TN;
+    dst[e] = n < N ? src[(long long)k * N + n] : T(0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------- grid barrier
 // Every block's thread 0 adds to one counter: 1, and block 0 adds 2^31 - (blocks - 1), so each round adds
 // exactly 2^31 and flips the top bit, which the waiting blocks watch (the scheme of cooperative groups'

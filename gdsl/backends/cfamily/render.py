@@ -34,6 +34,8 @@ recursive call (gdsl_trace, gdsl/profiling/cfamily.py). The normal build has non
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ from gdsl.schedule.plan import (
     Wave,
     walk,
 )
+from gdsl.schedule.resident import RESIDENT, region_bytes
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
@@ -80,6 +83,7 @@ class KernelSpec:
     name: str
     params: list                 # ("buffer", Buffer) | ("ws", None) | ("depth", function name)
     grid_syncs: int
+    dynamic_smem: int = 0        # bytes of dynamic shared memory to launch with (resident tiles), 0: static
 
 
 @dataclass
@@ -217,6 +221,7 @@ class Renderer:
         self.views = find_views(plan, self.elem)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
+        self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
 
     # ------------------------------------------------------------------------------------ values
     def depth(self, fn: str) -> str:
@@ -353,6 +358,7 @@ class Renderer:
                 lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
             elif isinstance(stmt, Loop):
                 entry, after_cond = self._loop_quiet(stmt, quiet)
+                lines += [pad + line for line in self.resident_preload(stmt)]
                 lines += self.trace_lines(pad, trace_begin, self.trace and self.trace.loop(stmt))
                 lines.append(pad + "while (true) {")
                 lines += self.block(stmt.cond, ind + 1, entry)
@@ -428,21 +434,35 @@ class Renderer:
         args = ", ".join([self.ptr(v) for v in op.outputs] +
                          [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                           for k, v in enumerate(op.inputs)])
-        first, count, n = task.first, task.count, op.n_utasks
+        return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
+                                                             self.trace and self.trace.op(task), t))
+
+    def over_utasks(self, task, statement) -> list[str]:
+        """`statement(t)` (C, for uTask index expression t) for every uTask of `task` this vEU runs."""
+        first, count, n = task.first, task.count, task.op.n_utasks
         veu = self.dialect.block_index
         if n <= count:   # one round: vEU first + t runs uTask t
             t = f"(int){veu} - {first}" if first else f"(int){veu}"
-            call = self.traced(f"{fn}({args}, {t}, gdsl_smem);", self.trace and self.trace.op(task), t)
             if first == 0 and n == self.plan.grid:
-                return [call]
+                return [statement(t)]
             lo = f"{veu} >= {first} && " if first else ""
-            return [f"if ({lo}{veu} < {first + n}) {call}"]
-        loop = (f"for (gdsl_t = (int){veu} - {first}; gdsl_t < {n}; gdsl_t += {count}) "
-                + self.traced(f"{fn}({args}, gdsl_t, gdsl_smem);", self.trace and self.trace.op(task), "gdsl_t"))
+            return [f"if ({lo}{veu} < {first + n}) {statement(t)}"]
+        loop = f"for (gdsl_t = (int){veu} - {first}; gdsl_t < {n}; gdsl_t += {count}) " + statement("gdsl_t")
         if first == 0 and count == self.plan.grid:
             return [loop]
         lo = f"{veu} >= {first} && " if first else ""
         return [f"if ({lo}{veu} < {first + count}) {loop}"]
+
+    def resident_preload(self, loop) -> list[str]:
+        """Before a loop: each vEU copies the resident tiles of its uTasks (gdsl/schedule/resident.py) into its
+        shared memory, then a block barrier (the uTasks read what all threads copied)."""
+        lines = []
+        for stmt in loop.body:
+            for task in stmt.tasks if isinstance(stmt, Wave) else ():
+                if RESIDENT in task.op.params:
+                    stage = functools.partial(gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]))
+                    lines += self.over_utasks(task, lambda t, stage=stage: stage(t, "gdsl_smem"))
+        return lines + [self.dialect.block_barrier] if lines else []
 
     # ------------------------------------------------------------------------------------ uniform ops
     def uniform_op(self, u) -> list[str]:
@@ -500,7 +520,8 @@ class Renderer:
                     used_buffers.append(v.buffer)
                 if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
                     used_uniforms.append(v.storage)
-        decls.append(self.dialect.shared_decl.format(nbytes="GDSL_SMEM_BYTES"))
+        shared = self.dialect.dynamic_shared_decl if self.resident_bytes else self.dialect.shared_decl
+        decls.append(shared.format(nbytes="GDSL_SMEM_BYTES"))
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
             decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
@@ -566,12 +587,13 @@ class Renderer:
     def render(self) -> Rendered:
         kernels = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
         shared = self.not_inlined()
-        specs = [spec for _, spec in kernels]
-        smem = -(-self.smem // 16) * 16
+        scratch = -(-self.smem // 16) * 16
+        smem = scratch + self.resident_bytes
+        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for _, spec in kernels]
         parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
                  self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE,
-                 f"#define GDSL_SMEM_BYTES {smem}\n",
+                 f"#define GDSL_SMEM_BYTES {smem}\n#define GDSL_RESIDENT_BASE {scratch}\n",
                  trace_prelude(self.dialect, self.trace.capacity) if self.trace else "",
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),

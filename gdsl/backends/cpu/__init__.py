@@ -63,7 +63,9 @@ LOWERING_CHAIN = ("cpu",)
 ELEMENTWISE_TABLE = LOWERINGS      # the elementwise family: one LLVM lowering per primitive
 RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
-KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune"})
+# (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves)
+KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
+                           "autotune"})
 DEFAULT_BLOCK = 1024
 
 

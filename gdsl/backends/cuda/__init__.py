@@ -76,7 +76,10 @@ def device_name() -> str:
 
 def lower_with_grid(program, opts, grid: int) -> Lowering:
     """Schedule for `grid` vEUs and render the CUDA dialect (options already checked)."""
-    return cfamily_lower.lower_with_grid(program, opts, grid, CUDADialect())
+    dialect = CUDADialect()
+    if runtime.cuda_usable():           # (never more than this GPU has, less what each block needs besides)
+        dialect.resident_smem_per_sm = min(dialect.resident_smem_per_sm, runtime.smem_per_sm() - 36 * 1024)
+    return cfamily_lower.lower_with_grid(program, opts, grid, dialect, sms=_sm_count() or DEFAULT_SMS)
 
 
 def lower(program, options) -> Lowering:
@@ -137,7 +140,7 @@ class CupyDevice(executor.CupyDevice):
 
     def max_grid(self, spec, block) -> int:
         """The most blocks of this kernel that fit on the GPU at once (a cooperative grid's limit)."""
-        return runtime.max_coresident_blocks(self.kernels[spec.name], block)
+        return runtime.max_coresident_blocks(self.kernels[spec.name], block, spec.dynamic_smem)
 
     def to_device(self, x, aval):
         cp = self.cupy
@@ -149,7 +152,7 @@ class CupyDevice(executor.CupyDevice):
         launcher = self.launchers.get(spec.name)
         if launcher is None or not launcher.fits(grid, block, args, cooperative):
             launcher = self.launchers[spec.name] = KernelLauncher(self.kernels[spec.name], grid, block, args,
-                                                                  cooperative)
+                                                                  cooperative, spec.dynamic_smem)
         launcher(args)
 
 
@@ -173,12 +176,13 @@ class KernelLauncher:
     their arguments (the driver copies the values at the launch).
     """
 
-    def __init__(self, kernel, grid: int, block: int, args, cooperative: bool):
+    def __init__(self, kernel, grid: int, block: int, args, cooperative: bool, smem: int = 0):
         import cupy
         from cupy_backends.cuda.api import driver
         self.cupy, self.driver = cupy, driver
         self.kernel = kernel            # keeps the CUmodule loaded
-        self.grid, self.block, self.cooperative = grid, block, cooperative
+        self.grid, self.block, self.cooperative, self.smem = grid, block, cooperative, smem
+        runtime.allow_dynamic_smem(kernel, smem)
         self.pointer = [isinstance(a, cupy.ndarray) for a in args]
         self.slots = [ctypes.c_void_p() if p else _scalar_slot(a) for a, p in zip(args, self.pointer)]
         self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(s) for s in self.slots])
@@ -195,10 +199,10 @@ class KernelLauncher:
             for slot, a, pointer in zip(self.slots, args, self.pointer):
                 slot.value = a.data.ptr if pointer else a.item()
             if self.cooperative:
-                self.driver.launchCooperativeKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, 0, stream,
-                                                    self.params_ptr)
+                self.driver.launchCooperativeKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, self.smem,
+                                                    stream, self.params_ptr)
             else:
-                self.driver.launchKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, 0, stream,
+                self.driver.launchKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, self.smem, stream,
                                          self.params_ptr, 0)
 
 

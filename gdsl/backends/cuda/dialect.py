@@ -24,6 +24,9 @@ class CUDADialect(Dialect):
     barriers = ("atomic", "coop")
     ldg_template = "__ldg({ptr})"
     ldg_types = frozenset({"float", "int", "long long", "gdsl_f16", "gdsl_bf16"})
+    # An H100's or H200's 228 KB per SM, less each resident block's scratch (<= 17 KB) and reserve (1 KB) at
+    # two vEUs per SM; lowering clamps it to the GPU's own shared memory when one is here.
+    resident_smem_per_sm = 192 * 1024
     trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
                         'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }')

@@ -38,10 +38,18 @@ def load_module(cubin: bytes):
     return module
 
 
-def _allow_dynamic_smem(kernel, dynamic_smem: int) -> None:
+def allow_dynamic_smem(kernel, dynamic_smem: int) -> None:
+    """Let `kernel` launch with `dynamic_smem` bytes of dynamic shared memory (above the default limit the
+    driver needs to be asked once per kernel)."""
     if dynamic_smem > _DEFAULT_DYNAMIC_SMEM_LIMIT:
         from cupy.cuda import driver
         driver.funcSetAttribute(kernel.ptr, driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic_smem)
+
+
+def smem_per_sm() -> int:
+    """Bytes of shared memory one SM of the current device has."""
+    from cupy.cuda import runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerMultiprocessor, runtime.getDevice())
 
 
 def max_coresident_blocks(kernel, block: int, dynamic_smem: int = 0) -> int:
@@ -50,7 +58,7 @@ def max_coresident_blocks(kernel, block: int, dynamic_smem: int = 0) -> int:
         max_coresident_blocks = occupancy(blocks per SM at this block size and smem) * number of SMs
     """
     from cupy.cuda import driver, runtime
-    _allow_dynamic_smem(kernel, dynamic_smem)
+    allow_dynamic_smem(kernel, dynamic_smem)
     per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, block, dynamic_smem)
     sms = runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, runtime.getDevice())
     return per_sm * sms
@@ -71,7 +79,7 @@ def launch(kernel, grid: int, block: int, args, *, cooperative: bool, shared_mem
         if not isinstance(a, (cupy.ndarray, *_SCALAR_TYPES)):
             raise TypeError(f"kernel argument {i} is a {type(a).__name__}; pass a cupy array or a numpy "
                             f"scalar of the kernel parameter's type (np.int32, np.float32, ...)")
-    _allow_dynamic_smem(kernel, shared_mem)
+    allow_dynamic_smem(kernel, shared_mem)
     if cooperative:
         limit = max_coresident_blocks(kernel, block, shared_mem)
         if grid > limit:
