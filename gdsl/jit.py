@@ -162,6 +162,9 @@ class Jitted:
         self._fast: dict = {}
         self._static_positions = frozenset(self.static_argnums)
         self._fast_ok = all(i >= 0 for i in self.static_argnums)
+        # Types of the array leaves of the signatures in the fast table: an argument of one of them is keyed
+        # in _fast_signature's loop itself, without walking _key_and_leaves' cases.
+        self._array_types: set = set()
         # Threads that call a new signature at once trace, lower and load it once. Reentrant: a function
         # that calls itself while tracing gets the clear error of trace_program, not a deadlock.
         self._lock = threading.RLock()
@@ -270,10 +273,16 @@ class Jitted:
         out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order."""
         key = [self.backend or default_backend()]
         leaves = []
-        static = self._static_positions
+        static, array_types = self._static_positions, self._array_types
         for i, a in enumerate(args):
             if i in static:
                 key.append(a)
+            elif type(a) in array_types:        # what _key_and_leaves appends for an array leaf, inline
+                try:
+                    key.append((type(a), a.shape, a.dtype))
+                except AttributeError:          # an object of that type without them: general path
+                    return None
+                leaves.append(a)
             elif not _key_and_leaves(a, key, leaves):
                 return None
         return tuple(key), leaves
@@ -298,6 +307,7 @@ class Jitted:
                        if _needs_conversion(x, aval)]
         with self._lock:
             self._fast[key] = _fast_caller(entry["executable"], conversions, entry["program"].out_tree)
+            self._array_types.update(type(x) for x in leaves if type(x) not in _PYTHON_SCALARS)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
@@ -371,6 +381,10 @@ def _fast_caller(executable, conversions, out_tree):
     unflatten = _unflattener(out_tree)
     fast_path = getattr(executable, "fast_path", None)
     run = (fast_path and fast_path()) or executable
+    if not conversions and out_tree == LEAF:
+        def call_one_result(leaves):        # the most common case, one function call shorter
+            return run(leaves)[0]
+        return call_one_result
     if not conversions:
         def call(leaves):
             return unflatten(run(leaves))
