@@ -12,6 +12,18 @@ and the statics' values; no TreeDef objects, no avals), and maps straight to the
 what its optional `fast_path()` returns: a callable of the same flat arguments and results that skips
 work the backend can do once per signature). The general path fills that table after each load; any
 other call (keyword arguments, namedtuples, other leaves) takes the general path, with identical results.
+
+The fast path's contract, per call of a signature already in the table:
+- the key is built in one loop over the positional arguments; an argument whose type is that of an array
+  leaf of some signature in the table (numpy, CuPy, ...) is keyed there and then as (type, shape, dtype),
+  anything else through _key_and_leaves; a key not in the table (a new shape, dtype, static value or
+  pytree) goes to the general path, which traces and lowers it once and enters it;
+- Python scalars and arrays of another dtype than the traced one are converted (as the general path
+  does), the leaves go to the executable's fast path in tree_flatten's order, and its results come back
+  in the traced output pytree (a single result without any wrapping);
+- the results are fresh arrays in the sense of the general path: never an argument and never an array the
+  caller still refers to (the cuda backend may hand out again a result array the caller has dropped:
+  gdsl/backends/cuda/__init__.py, OutputRecycler in gdsl/backends/cfamily/executor.py).
 """
 from __future__ import annotations
 

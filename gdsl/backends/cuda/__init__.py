@@ -10,6 +10,15 @@ wavefront kernel per straight-line block launched from Python (control="host"), 
                               cupy.from_dlpack (no copy for torch CUDA tensors); results are fresh CuPy arrays.
                               Each kernel is launched through the driver with a parameter block prepared at
                               its first launch (KernelLauncher): no occupancy or device query per call
+    executable.fast_path()    for a device-control plan, `run(flat_args) -> outs` (CupyDevice.fast_runner),
+                              what gdsl.jit calls on a repeated signature. Per call it does only this:
+                              check each input (a C-contiguous CuPy array of the traced dtype, else
+                              to_device), read the current stream, take the results from an OutputRecycler
+                              (the arrays of an earlier call that nothing refers to any more, written on
+                              this stream; else new ones), pack the input and output pointers into the
+                              parameter block (workspace and constants were written once) and call
+                              cuLaunchKernel (cuLaunchCooperativeKernel for grid barriers). Results are
+                              never an array the caller still holds, a view of one, or an input
 
 Options: control ("device" | "host"), grid, block (a power of two, 32..1024), partition (loops run as
 independent pipelines: None = when estimated faster, True, False; gdsl/schedule/partition.py), barrier
@@ -207,7 +216,9 @@ class KernelLauncher:
     workspace and constants on the fast path), written once. A launch packs the given values into the
     front of the block with one precompiled struct call and calls the driver; no occupancy or device query
     (the grid's co-residency was checked at load), no per-argument boxing as in CuPy's
-    `Function.__call__`. The block is shared: the caller holds `lock` from packing to the driver's
+    `Function.__call__` (measured on the H200's host, 2026-12-01, a 3-argument kernel: 6.0 us per CuPy
+    launch, 7.3 cooperative; 5.1 and 5.4 us through the driver with ctypes slots filled per launch, most of
+    it the driver's own cuLaunchKernel). The block is shared: the caller holds `lock` from packing to the driver's
     return (the driver copies the values at the launch), so threads launching at once cannot mix their
     arguments. A thread that has made no CUDA call yet has no current context: the driver refuses the
     launch with CUDA_ERROR_INVALID_CONTEXT, and the launch binds the device's primary context (as CuPy's
@@ -224,24 +235,22 @@ class KernelLauncher:
     """
 
     def __init__(self, driver, kernel, grid: int, block: int, cooperative: bool, slots, fixed=None):
-        fixed = fixed or {}
         self.driver, self.kernel = driver, kernel       # the kernel keeps its CUmodule loaded
         self.kernel_ptr, self.grid, self.block, self.cooperative = kernel.ptr, grid, block, cooperative
-        self.fixed = fixed                              # keeps the fixed arrays alive while their pointers are used
-        formats = [_SLOT_FORMATS[s] for s in slots]
-        given = [i for i in range(len(slots)) if i not in fixed]
-        order = given + sorted(fixed)                   # slot k holds parameter order[k]
-        self.values = (ctypes.c_uint64 * max(len(slots), 1))()
-        base = ctypes.addressof(self.values)
-        slot_of = {param: k for k, param in enumerate(order)}
-        self.params = (ctypes.c_void_p * max(len(slots), 1))(*[base + 8 * slot_of[i] for i in range(len(slots))])
-        self.params_ptr = ctypes.addressof(self.params) if slots else 0
-        fixed_values = struct.Struct("<" + "".join(formats[i] for i in sorted(fixed)))
-        fixed_values.pack_into(self.values, 8 * len(given),
-                               *[fixed[i].data.ptr if slots[i] == POINTER else fixed[i] for i in sorted(fixed)])
-        self.pack_given = struct.Struct("<" + "".join(formats[i] for i in given)).pack_into
-        self.given_pointer = [slots[i] == POINTER for i in given]
+        self.fixed = fixed = fixed or {}                # kept: the fixed arrays live as long as their pointers
         self.n_params = len(slots)
+        given = [i for i in range(self.n_params) if i not in fixed]
+        stored = given + sorted(fixed)                  # the parameter whose value is in slot 0, 1, ...
+        self.values = (ctypes.c_uint64 * max(self.n_params, 1))()
+        address = ctypes.addressof(self.values)
+        slot_index = {param: k for k, param in enumerate(stored)}
+        self.params = (ctypes.c_void_p * max(self.n_params, 1))(
+            *[address + 8 * slot_index[i] for i in range(self.n_params)])
+        self.params_ptr = ctypes.addressof(self.params) if slots else 0
+        struct.pack_into(_struct_format(slots[i] for i in sorted(fixed)), self.values, 8 * len(given),
+                         *[fixed[i].data.ptr if slots[i] == POINTER else fixed[i] for i in sorted(fixed)])
+        self.pack_given = struct.Struct(_struct_format(slots[i] for i in given)).pack_into
+        self.given_pointer = [slots[i] == POINTER for i in given]
         self.lock = threading.Lock()
 
     def fits(self, grid, block, args, cooperative) -> bool:
@@ -272,6 +281,10 @@ class KernelLauncher:
         else:
             self.driver.launchKernel(self.kernel_ptr, self.grid, 1, 1, self.block, 1, 1, 0, stream,
                                      self.params_ptr, 0)
+
+
+def _struct_format(slots) -> str:
+    return "<" + "".join(_SLOT_FORMATS[s] for s in slots)
 
 
 def _bind_primary_context() -> None:
