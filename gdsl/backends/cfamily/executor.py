@@ -316,20 +316,17 @@ class OutputRecycler:
     def __init__(self, allocate, avals, keep: int = 2):
         self.allocate, self.avals, self.keep = allocate, list(avals), keep
         self.recycle = sum(a.size * a.dtype.itemsize for a in self.avals) <= self.max_bytes
-        self.sets = []          # [stream, arrays, alias counts] of the last `keep` result sets handed out
+        self.sets = []          # (stream, arrays, their reference counts when new): the last `keep` sets
         self.oldest = 0         # which of them a new set replaces
-        # What _references counts for an array that only self.sets holds, measured on a stand-in held the
-        # same way (the count depends on how this interpreter's frames hold loop values, not on CuPy).
-        self.unshared = _references((object(),))[0]
 
     def __call__(self, stream: int) -> list:
         if not self.recycle:
             return [self.allocate(a) for a in self.avals]
-        for entry in self.sets:
-            if entry[0] == stream and self._free(entry):
-                return list(entry[1])
+        for written_on, arrays, counts_when_new in self.sets:
+            if written_on == stream and reference_counts(arrays) == counts_when_new:
+                return list(arrays)
         arrays = tuple(self.allocate(a) for a in self.avals)
-        entry = [stream, arrays, [_alias_references(a) for a in arrays]]
+        entry = (stream, arrays, reference_counts(arrays))      # measured while only `arrays` holds them
         if len(self.sets) < self.keep:
             self.sets.append(entry)
         else:
@@ -337,25 +334,14 @@ class OutputRecycler:
             self.oldest = (self.oldest + 1) % self.keep
         return list(arrays)
 
-    def _free(self, entry) -> bool:
-        """Whether no one but this object refers to any array of a handed-out result set."""
-        _, arrays, aliases = entry
-        if any(count != self.unshared for count in _references(arrays)):
-            return False
-        return all(not weakref.getweakrefcount(a) and _alias_references(a) == counts
-                   for a, counts in zip(arrays, aliases))
 
-
-def _references(arrays) -> list[int]:
-    return [sys.getrefcount(a) for a in arrays]
-
-
-def _alias_references(array) -> tuple[int, int]:
-    """References to an array's MemoryPointer and to its Memory: compared with their counts when the array
-    was new, a rise means another array or pointer shares the memory without referring to `array`."""
-    data = array.data
-    memory = getattr(data, "mem", None)
-    return sys.getrefcount(data), (sys.getrefcount(memory) if memory is not None else 0)
+def reference_counts(arrays) -> list[tuple]:
+    """Per array: the references to it, the weak references to it, and the references to its
+    MemoryPointer and to that pointer's Memory. Equal to the counts taken when the arrays were new and held
+    by the recycler alone means no one else refers to them: a view holds its base, an array made on
+    `a.data` holds the MemoryPointer, a pointer `a.data + k` holds the Memory."""
+    return [(sys.getrefcount(a), weakref.getweakrefcount(a), sys.getrefcount(a.data), sys.getrefcount(a.data.mem))
+            for a in arrays]
 
 
 def on_gpu(x, backend: str) -> bool:

@@ -28,6 +28,7 @@ ships).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import threading
@@ -252,6 +253,14 @@ class KernelLauncher:
         self.pack_given = struct.Struct(_struct_format(slots[i] for i in given)).pack_into
         self.given_pointer = [slots[i] == POINTER for i in given]
         self.lock = threading.Lock()
+        # The driver call with every argument but the stream bound now: one C call per launch.
+        fixed_args = (self.kernel_ptr, grid, 1, 1, block, 1, 1, 0)
+        if cooperative:
+            self.driver_call = functools.partial(driver.launchCooperativeKernel, *fixed_args)
+            self.after_stream = (self.params_ptr,)
+        else:
+            self.driver_call = functools.partial(driver.launchKernel, *fixed_args)
+            self.after_stream = (self.params_ptr, 0)        # no `extra` launch options
 
     def fits(self, grid, block, args, cooperative) -> bool:
         return (grid, block, cooperative, len(args)) == (self.grid, self.block, self.cooperative, self.n_params)
@@ -275,12 +284,8 @@ class KernelLauncher:
             self.launch(stream, values)
 
     def call_driver(self, stream: int) -> None:
-        if self.cooperative:
-            self.driver.launchCooperativeKernel(self.kernel_ptr, self.grid, 1, 1, self.block, 1, 1, 0, stream,
-                                                self.params_ptr)
-        else:
-            self.driver.launchKernel(self.kernel_ptr, self.grid, 1, 1, self.block, 1, 1, 0, stream,
-                                     self.params_ptr, 0)
+        """cuLaunchKernel (cuLaunchCooperativeKernel) with the parameter block as it is now."""
+        self.driver_call(stream, *self.after_stream)
 
 
 def _struct_format(slots) -> str:
