@@ -173,7 +173,12 @@ class CupyDevice(executor.CupyDevice):
         """Executable.fast_path's `run(flat_args) -> outs` on this GPU. Per call: the inputs checked (CuPy
         arrays of the traced dtype, C-contiguous, else to_device), the current stream read once, the
         results from an OutputRecycler, and one KernelLauncher.launch writing only the input and output
-        pointers (the workspace's and constants' were written when `run` was made)."""
+        pointers (the workspace's and constants' were written when `run` was made).
+
+        Measured on the H200's host (2026-12-01, benchmarks/dispatch_bench.py's breakdown of `x + 1`): a
+        whole repeated call 8.2 us, of which the jit's key and table 0.7, the input check 0.1, the stream
+        0.1, the recycled results 0.5 (a new allocation would be 1.6), the launch 4.5, and the bare driver
+        call inside it 3.8; the GPU itself needs 1.65 us per launch of this kernel."""
         fixed = {i: value for i, (kind, value) in enumerate(sources) if kind == "fixed"}
         launcher = KernelLauncher(self.driver, self.kernels[spec.name], grid, block, cooperative,
                                   [POINTER] * len(sources), fixed=fixed)
