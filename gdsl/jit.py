@@ -21,9 +21,9 @@ The fast path's contract, per call of a signature already in the table:
 - Python scalars and arrays of another dtype than the traced one are converted (as the general path
   does), the leaves go to the executable's fast path in tree_flatten's order, and its results come back
   in the traced output pytree (a single result without any wrapping);
-- the results are fresh arrays in the sense of the general path: never an argument and never an array the
-  caller still refers to (the cuda backend may hand out again a result array the caller has dropped:
-  gdsl/backends/cuda/__init__.py, OutputRecycler in gdsl/backends/cfamily/executor.py).
+- the results are new arrays, as the general path's are, except that the cuda backend may hand out again
+  a result array of an earlier call once nothing refers to it any more, never one the caller still holds
+  (gdsl/backends/cuda/__init__.py; OutputRecycler in gdsl/backends/cfamily/executor.py).
 """
 from __future__ import annotations
 

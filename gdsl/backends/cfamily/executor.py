@@ -297,8 +297,9 @@ class OutputRecycler:
     any more: no reference to the array (so no view of it either: views hold their base), no weak
     reference, no other reference to its MemoryPointer or Memory (an array made on `a.data`, `a.data + k`),
     and it was last written on the stream the call launches on, so the new kernel runs after all the work
-    queued with it (the rule of CuPy's own memory pool, which hands freed memory out again on the stream
-    it was freed on, without waiting for other streams). Otherwise the call gets newly allocated arrays.
+    queued with it (the rule of CuPy's own memory pool, which hands freed memory out again only on the
+    stream it was allocated on, without waiting for other streams). Otherwise the call gets newly
+    allocated arrays.
     A result the caller keeps is therefore never handed out again while it is kept: `y = f(x)` in a loop
     alternates between two sets.
 
