@@ -18,6 +18,13 @@ holding it. Cases:
     pytree        f((x, {"y": y})): a nested argument (the general path)
     numpy-in      cuda only: a numpy argument (copied to the GPU on every call)
 
+On cuda the flat case is then taken apart (`breakdown`): the host time of each step of its call, each
+timed alone the same way (the jit's signature and table lookup, the executable's whole `run`, the input
+check, reading the current stream, the results from the recycler and, for comparison, a newly allocated
+result, the prepared launch and the bare driver call under it), and the GPU's own time per launch of the
+kernel (launches queued behind a busy kernel, timed by CUDA events): the host time of a call can go no
+lower than that without the GPU becoming the bottleneck.
+
 Timings on a machine shared with other work vary: compare rows of one run.
 """
 from __future__ import annotations
@@ -147,6 +154,62 @@ def gpu_references() -> dict:
     return refs
 
 
+def breakdown(calls: int, repeats: int) -> list[dict]:
+    """Host microseconds of each step of the flat case's repeated call on cuda (see the module docstring),
+    and the GPU's microseconds per launch of its kernel."""
+    import cupy
+    f = gdsl.jit(add_one, backend="cuda")
+    x = cupy.arange(4, dtype=cupy.float32)
+    f(x), f(x)
+    (entry,) = f._cache.values()
+    executable = entry["executable"]
+    device, run = executable.device, executable.fast_path()
+    launcher, outputs = run.launcher, run.outputs
+    in_aval, out_aval = executable.args[0].aval, executable.plan.outputs[0].aval
+    stream = cupy.cuda.get_current_stream().ptr
+    out = device.new_array(out_aval)
+    values = [x.data.ptr, out.data.ptr]
+
+    def prepared_launch():
+        with launcher.lock:
+            launcher.launch(stream, values)
+    steps = {
+        "f(x): the whole call": lambda: f(x),
+        "jit: signature + table": lambda: f._fast.get(f._fast_signature((x,))[0]),
+        "executable run([x])": lambda: run([x]),
+        "input check (to_device)": lambda: device.to_device(x, in_aval),
+        "current stream pointer": lambda: cupy.cuda.get_current_stream().ptr,
+        "results from the recycler": lambda: outputs(stream),
+        "(a newly allocated result)": lambda: device.new_array(out_aval),
+        "prepared launch": prepared_launch,
+        "bare driver launch": lambda: launcher.call_driver(stream),
+    }
+    rows = []
+    for name, call in steps.items():
+        rows.append({"step": name, **measure(call, calls, repeats, on_gpu=True)})
+    rows.append({"step": "GPU time per launch", "event_us": gpu_time_per_launch(launcher, stream)})
+    return rows
+
+
+def gpu_time_per_launch(launcher, stream: int, launches: int = 1000) -> float:
+    """Microseconds of GPU time per launch: launches queued behind a kernel that spins for ~0.1 s, so
+    that the GPU runs them back to back, between two CUDA events."""
+    import cupy
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long cycles) {
+        long long t0 = clock64(); while (clock64() - t0 < cycles) {} }''', "spin")
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    per_launch = []
+    for _ in range(3):
+        spin((1,), (1,), (np.int64(2 * 10 ** 8),))
+        start.record()
+        for _ in range(launches):
+            launcher.call_driver(stream)
+        end.record()
+        end.synchronize()
+        per_launch.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / launches)
+    return float(np.median(per_launch))
+
+
 def describe() -> dict:
     info = {"python": platform.python_version(), "machine": platform.processor() or platform.machine()}
     try:
@@ -170,7 +233,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     usable = gdsl.backends()
-    rows = []
+    rows, steps = [], []
     for backend in args.backends.split(","):
         if backend not in usable:
             print(f"{backend}: not usable here, skipped")
@@ -187,16 +250,24 @@ def main(argv=None) -> int:
             for name, call in gpu_references().items():
                 rows.append({"backend": "reference", "case": name,
                              **measure(call, args.calls, args.repeats, on_gpu=True)})
+            steps = breakdown(args.calls, args.repeats)
     info = describe()
     print(f"dispatch_bench: {info}  ({args.repeats} batches of {args.calls} calls, median / min per call)")
     print(f"{'backend':<10} {'case':<20} {'host us':>9} {'min':>7} {'event us':>9} {'min':>7}")
     for row in rows:
         events = (f"{row['event_us']:9.2f} {row['event_min_us']:7.2f}" if "event_us" in row else "")
         print(f"{row['backend']:<10} {row['case']:<20} {row['host_us']:9.2f} {row['host_min_us']:7.2f} {events}")
+    if steps:
+        print("\nbreakdown of the flat case on cuda (each step timed alone; median / min per call)")
+        print(f"{'step':<30} {'host us':>9} {'min':>7} {'event us':>9}")
+        for row in steps:
+            host = f"{row['host_us']:9.2f} {row['host_min_us']:7.2f}" if "host_us" in row else f"{'':9} {'':7}"
+            print(f"{row['step']:<30} {host} {row['event_us']:9.2f}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"info": info, "calls": args.calls, "repeats": args.repeats, "rows": rows}, f, indent=1)
+            json.dump({"info": info, "calls": args.calls, "repeats": args.repeats, "rows": rows,
+                       "breakdown": steps}, f, indent=1)
     return 0
 
 

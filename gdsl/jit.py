@@ -12,6 +12,18 @@ and the statics' values; no TreeDef objects, no avals), and maps straight to the
 what its optional `fast_path()` returns: a callable of the same flat arguments and results that skips
 work the backend can do once per signature). The general path fills that table after each load; any
 other call (keyword arguments, namedtuples, other leaves) takes the general path, with identical results.
+
+The fast path's contract, per call of a signature already in the table:
+- the key is built in one loop over the positional arguments; an argument whose type is that of an array
+  leaf of some signature in the table (numpy, CuPy, ...) is keyed there and then as (type, shape, dtype),
+  anything else through _key_and_leaves; a key not in the table (a new shape, dtype, static value or
+  pytree) goes to the general path, which traces and lowers it once and enters it;
+- Python scalars and arrays of another dtype than the traced one are converted (as the general path
+  does), the leaves go to the executable's fast path in tree_flatten's order, and its results come back
+  in the traced output pytree (a single result without any wrapping);
+- the results are new arrays, as the general path's are, except that the cuda backend may hand out again
+  a result array of an earlier call once nothing refers to it any more, never one the caller still holds
+  (gdsl/backends/cuda/__init__.py; OutputRecycler in gdsl/backends/cfamily/executor.py).
 """
 from __future__ import annotations
 
@@ -163,6 +175,9 @@ class Jitted:
         self._fast: dict = {}
         self._static_positions = frozenset(self.static_argnums)
         self._fast_ok = all(i >= 0 for i in self.static_argnums)
+        # Types of the array leaves of the signatures in the fast table: an argument of one of them is keyed
+        # in _fast_signature's loop itself, without walking _key_and_leaves' cases.
+        self._array_types: set = set()
         # Threads that call a new signature at once trace, lower and load it once. Reentrant: a function
         # that calls itself while tracing gets the clear error of trace_program, not a deadlock.
         self._lock = threading.RLock()
@@ -271,10 +286,16 @@ class Jitted:
         out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order."""
         key = [self.backend or default_backend()]
         leaves = []
-        static = self._static_positions
+        static, array_types = self._static_positions, self._array_types
         for i, a in enumerate(args):
             if i in static:
                 key.append(a)
+            elif type(a) in array_types:        # what _key_and_leaves appends for an array leaf, inline
+                try:
+                    key.append((type(a), a.shape, a.dtype))
+                except AttributeError:          # an object of that type without them: general path
+                    return None
+                leaves.append(a)
             elif not _key_and_leaves(a, key, leaves):
                 return None
         return tuple(key), leaves
@@ -299,6 +320,7 @@ class Jitted:
                        if _needs_conversion(x, aval)]
         with self._lock:
             self._fast[key] = _fast_caller(entry["executable"], conversions, entry["program"].out_tree)
+            self._array_types.update(type(x) for x in leaves if type(x) not in _PYTHON_SCALARS)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
@@ -372,6 +394,10 @@ def _fast_caller(executable, conversions, out_tree):
     unflatten = _unflattener(out_tree)
     fast_path = getattr(executable, "fast_path", None)
     run = (fast_path and fast_path()) or executable
+    if not conversions and out_tree == LEAF:
+        def call_one_result(leaves):        # the most common case, one function call shorter
+            return run(leaves)[0]
+        return call_one_result
     if not conversions:
         def call(leaves):
             return unflatten(run(leaves))

@@ -14,6 +14,8 @@ keeping the recursion depth counters (passed to every kernel to address frame st
 """
 from __future__ import annotations
 
+import sys
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,40 +76,47 @@ class Executable:
 
     def fast_path(self):
         """`run(flat_args) -> outs`, the same as `self(flat_args)` for the most common plan (device control,
-        one kernel, no recursive function, no profile trace) with the kernel's argument list laid out once:
-        constants and the workspace fixed, inputs and outputs by position. None for any other plan.
-        gdsl.jit's fast path calls it once per signature."""
+        one kernel, no recursive function, no profile trace), with where each kernel argument comes from
+        worked out once: the workspace and constants fixed, inputs and outputs by position. None for any
+        other plan. gdsl.jit's fast path calls it once per signature and `run` on every call of it.
+
+        A device with `fast_runner(spec, grid, block, cooperative, in_avals, out_avals, sources)` builds
+        `run` itself (the cuda backend: arguments written into a parameter block prepared once, outputs
+        recycled); any other device gets `run` below, made of its to_device, empty and launch."""
         plan, rendered = self.plan, self.rendered
         if plan.control != "device" or plan.functions or rendered.trace or len(rendered.kernels) != 1:
             return None
-        spec, cooperative = rendered.kernels[0], self.cooperative[0]
+        spec = rendered.kernels[0]
+        sources = self._param_sources(spec)
+        if sources is None:
+            return None
         in_avals = [v.aval for v in self.args]
         out_avals = [v.aval for v in plan.outputs]
-        fixed = [self.ws] + list(self.consts.values())
-        # Where each kernel argument comes from, as an index into ins + outs + fixed; outputs before inputs
-        # before constants, as __call__ resolves a buffer that is more than one of them.
-        source = {v.buffer: len(in_avals) + k for k, v in enumerate(plan.outputs)}
+        launch = (spec, plan.grid, plan.block, self.cooperative[0], in_avals, out_avals, sources)
+        fast_runner = getattr(self.device, "fast_runner", None)
+        if fast_runner is not None:
+            return fast_runner(*launch)
+        return _device_runner(self.device, *launch)
+
+    def _param_sources(self, spec):
+        """Where each argument of the kernel comes from: ("in", k) the k-th flat argument, ("out", k) the
+        k-th result, ("fixed", array) the workspace or a constant; None if some parameter is none of them.
+        A buffer that is more than one of them resolves as __call__ resolves it: outputs before inputs
+        before constants."""
+        where = {v.buffer: ("out", k) for k, v in enumerate(self.plan.outputs)}
         for k, v in enumerate(self.args):
-            source.setdefault(v.buffer, k)
-        for k, buf in enumerate(self.consts, start=1):
-            source.setdefault(buf, len(in_avals) + len(out_avals) + k)
-        order = []
+            where.setdefault(v.buffer, ("in", k))
+        for buf, array in self.consts.items():
+            where.setdefault(buf, ("fixed", array))
+        sources = []
         for kind, obj in spec.params:
             if kind == "ws":
-                order.append(len(in_avals) + len(out_avals))
-            elif kind == "buffer" and obj in source:
-                order.append(source[obj])
+                sources.append(("fixed", self.ws))
+            elif kind == "buffer" and obj in where:
+                sources.append(where[obj])
             else:
                 return None
-        device, grid, block = self.device, plan.grid, plan.block
-
-        def run(flat_args):
-            ins = [device.to_device(x, a) for x, a in zip(flat_args, in_avals, strict=True)]
-            outs = [device.empty(a) for a in out_avals]
-            pool = ins + outs + fixed
-            device.launch(spec, grid, block, [pool[i] for i in order], cooperative)
-            return outs
-        return run
+        return sources
 
     def launch(self, k, arrays, depths):
         spec = self.rendered.kernels[k]
@@ -178,6 +187,36 @@ class Executable:
         return self.device.read(self.ws, offset, value.aval.dtype)
 
 
+def _device_runner(device, spec, grid, block, cooperative, in_avals, out_avals, sources):
+    """Executable.fast_path's `run` on any Device: its to_device, empty and launch, the kernel's argument
+    list picked by precomputed positions out of inputs + outputs + fixed arrays."""
+    fixed = [value for kind, value in sources if kind == "fixed"]
+    order = pool_order(sources, len(in_avals), len(out_avals))
+
+    def run(flat_args):
+        ins = [device.to_device(x, a) for x, a in zip(flat_args, in_avals, strict=True)]
+        outs = [device.empty(a) for a in out_avals]
+        pool = ins + outs + fixed
+        device.launch(spec, grid, block, [pool[i] for i in order], cooperative)
+        return outs
+    return run
+
+
+def pool_order(sources, n_in: int, n_out: int) -> list[int]:
+    """Each kernel argument's index in `ins + outs + fixed`, where `fixed` lists the sources' fixed arrays
+    in parameter order (sources as Executable._param_sources gives them)."""
+    order, n_fixed = [], 0
+    for kind, value in sources:
+        if kind == "in":
+            order.append(value)
+        elif kind == "out":
+            order.append(n_in + value)
+        else:
+            order.append(n_in + n_out + n_fixed)
+            n_fixed += 1
+    return order
+
+
 def _depth_error(fn) -> RecursionDepthError:
     return RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
                                f"raise max_depth in @gdsl.recurse(...) if the data needs it")
@@ -246,6 +285,64 @@ class CupyDevice:
     def read(self, array, byte_offset, dtype):
         raw = array.reshape(-1).view(self.cupy.uint8)[byte_offset:byte_offset + dtype.itemsize].get()
         return raw.view(dtype)[0]
+
+
+class OutputRecycler:
+    """The result arrays of one kernel's repeated launches: fresh arrays for every call, most of the time
+    without asking the allocator for them.
+
+    Allocating a CuPy array costs about as much host time as the launch itself (~2.5-4 us on the H200's
+    host: the memory pool's lookup, then the ndarray). So the result sets of the last `keep` calls stay
+    here, and a call gets one of them back when nothing outside this object refers to any of its arrays
+    any more: no reference to the array (so no view of it either: views hold their base), no weak
+    reference, no other reference to its MemoryPointer or Memory (an array made on `a.data`, `a.data + k`),
+    and it was last written on the stream the call launches on, so the new kernel runs after all the work
+    queued with it (the rule of CuPy's own memory pool, which hands freed memory out again only on the
+    stream it was allocated on, without waiting for other streams). Otherwise the call gets newly
+    allocated arrays.
+    A result the caller keeps is therefore never handed out again while it is kept: `y = f(x)` in a loop
+    alternates between two sets.
+
+    Result sets of more than `max_bytes` are allocated anew on every call: two spare sets would hold memory
+    the pool could give to other arrays, and at that size writing the results costs the GPU as much as
+    the allocation costs the host.
+
+        outputs = OutputRecycler(allocate, avals)     # allocate(aval) -> a new device array
+        outs = outputs(stream_ptr)                    # a list of arrays of `avals`, no one else's
+
+    Not thread-safe by itself: the caller holds a lock around the call and the launch that writes `outs`.
+    """
+    max_bytes = 16 << 20
+
+    def __init__(self, allocate, avals, keep: int = 2):
+        self.allocate, self.avals, self.keep = allocate, list(avals), keep
+        self.recycle = sum(a.size * a.dtype.itemsize for a in self.avals) <= self.max_bytes
+        self.sets = []          # (stream, arrays, their reference counts when new): the last `keep` sets
+        self.oldest = 0         # which of them a new set replaces
+
+    def __call__(self, stream: int) -> list:
+        if not self.recycle:
+            return [self.allocate(a) for a in self.avals]
+        for written_on, arrays, counts_when_new in self.sets:
+            if written_on == stream and reference_counts(arrays) == counts_when_new:
+                return list(arrays)
+        arrays = tuple(self.allocate(a) for a in self.avals)
+        entry = (stream, arrays, reference_counts(arrays))      # measured while only `arrays` holds them
+        if len(self.sets) < self.keep:
+            self.sets.append(entry)
+        else:
+            self.sets[self.oldest] = entry
+            self.oldest = (self.oldest + 1) % self.keep
+        return list(arrays)
+
+
+def reference_counts(arrays) -> list[tuple]:
+    """Per array: the references to it, the weak references to it, and the references to its
+    MemoryPointer and to that pointer's Memory. Equal to the counts taken when the arrays were new and held
+    by the recycler alone means no one else refers to them: a view holds its base, an array made on
+    `a.data` holds the MemoryPointer, a pointer `a.data + k` holds the Memory."""
+    return [(sys.getrefcount(a), weakref.getweakrefcount(a), sys.getrefcount(a.data), sys.getrefcount(a.data.mem))
+            for a in arrays]
 
 
 def on_gpu(x, backend: str) -> bool:

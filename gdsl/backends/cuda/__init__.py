@@ -10,6 +10,15 @@ wavefront kernel per straight-line block launched from Python (control="host"), 
                               cupy.from_dlpack (no copy for torch CUDA tensors); results are fresh CuPy arrays.
                               Each kernel is launched through the driver with a parameter block prepared at
                               its first launch (KernelLauncher): no occupancy or device query per call
+    executable.fast_path()    for a device-control plan, `run(flat_args) -> outs` (CupyDevice.fast_runner),
+                              what gdsl.jit calls on a repeated signature. Per call it does only this:
+                              check each input (a C-contiguous CuPy array of the traced dtype, else
+                              to_device), read the current stream, take the results from an OutputRecycler
+                              (the arrays of an earlier call that nothing refers to any more, written on
+                              this stream; else new ones), pack the input and output pointers into the
+                              parameter block (workspace and constants were written once) and call
+                              cuLaunchKernel (cuLaunchCooperativeKernel for grid barriers). Results are
+                              never an array the caller still holds, a view of one, or an input
 
 Options: control ("device" | "host"), grid, block (a power of two, 32..1024), partition (loops run as
 independent pipelines: None = when estimated faster, True, False; gdsl/schedule/partition.py), barrier
@@ -19,7 +28,9 @@ ships).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
+import struct
 import threading
 
 import numpy as np
@@ -122,17 +133,20 @@ def cccl_include_dir() -> str | None:
 
 
 class CupyDevice(executor.CupyDevice):
-    """The executor's Device on a CUDA GPU: NVRTC for the device's own sm_XY, CuPy's cooperative launch."""
+    """The executor's Device on a CUDA GPU: NVRTC for the device's own sm_XY, launches through the driver
+    with parameter blocks prepared once (KernelLauncher), and the fast path of a repeated call
+    (fast_runner)."""
     name = "cuda"
 
     def __init__(self, barrier="atomic"):
         super().__init__()
         self.barrier = barrier
         self.arch = f"sm_{self.cupy.cuda.Device().compute_capability}"
+        self.driver = cuda_driver()
+        self.launchers = {}     # kernel name -> KernelLauncher of the loaded module (general path)
 
     def compile_code(self, source: str) -> bytes:
         return compile_cuda(source, self.arch, options=compile_options(self.barrier))
-        self.launchers = {}     # kernel name -> KernelLauncher of the loaded module
 
     def compile(self, rendered) -> None:
         super().compile(rendered)
@@ -143,91 +157,172 @@ class CupyDevice(executor.CupyDevice):
         return runtime.max_coresident_blocks(self.kernels[spec.name], block, spec.dynamic_smem)
 
     def to_device(self, x, aval):
-        cp = self.cupy
-        if type(x) is cp.ndarray and x.dtype == aval.dtype and x.flags.c_contiguous:
-            return x                                        # the common case, first and cheapest
+        # The common case first and cheapest: CuPy's `_c_contiguous` is what `flags.c_contiguous` reads,
+        # without building a flags object (0.25 us on the H200's host).
+        if type(x) is self.cupy.ndarray and x.dtype == aval.dtype and x._c_contiguous:
+            return x
         return super().to_device(x, aval)
+
+    def new_array(self, aval):
+        """An uninitialised device array (cupy.empty without its Python wrapper)."""
+        return self.cupy.ndarray(aval.shape, aval.dtype)
 
     def launch(self, spec, grid, block, args, cooperative):
         launcher = self.launchers.get(spec.name)
         if launcher is None or not launcher.fits(grid, block, args, cooperative):
-            launcher = self.launchers[spec.name] = KernelLauncher(self.kernels[spec.name], grid, block, args,
-                                                                  cooperative, spec.dynamic_smem)
-        launcher(args)
+            launcher = self.launchers[spec.name] = KernelLauncher(self.driver, self.kernels[spec.name], grid,
+                                                                  block, cooperative, [slot_of(a) for a in args],
+                                                                  smem=spec.dynamic_smem)
+        launcher.launch_args(self.cupy.cuda.get_current_stream().ptr, args)
+
+    def fast_runner(self, spec, grid, block, cooperative, in_avals, out_avals, sources):
+        """Executable.fast_path's `run(flat_args) -> outs` on this GPU. Per call: the inputs checked (CuPy
+        arrays of the traced dtype, C-contiguous, else to_device), the current stream read once, the
+        results from an OutputRecycler, and one KernelLauncher.launch writing only the input and output
+        pointers (the workspace's and constants' were written when `run` was made).
+
+        Measured on the H200's host (2026-12-01, benchmarks/dispatch_bench.py's breakdown of `x + 1`, two
+        runs): a whole repeated call 7.7-8.2 us, of which the jit's key and table 0.7, the input check 0.1,
+        the stream 0.1, the recycled results 0.5 (a new allocation would be 1.6-1.7), the launch 4.2-4.5,
+        and the bare driver call inside it 3.8-3.9; the GPU itself needs 1.65-1.77 us per launch of this
+        kernel, so the host still sets the pace."""
+        fixed = {i: value for i, (kind, value) in enumerate(sources) if kind == "fixed"}
+        launcher = KernelLauncher(self.driver, self.kernels[spec.name], grid, block, cooperative,
+                                  [POINTER] * len(sources), fixed=fixed, smem=spec.dynamic_smem)
+        order = [i for i in executor.pool_order(sources, len(in_avals), len(out_avals))
+                 if i < len(in_avals) + len(out_avals)]
+        outputs = executor.OutputRecycler(self.new_array, out_avals)
+        to_device, current_stream, lock = self.to_device, self.cupy.cuda.get_current_stream, launcher.lock
+
+        def run(flat_args):
+            ins = [to_device(x, a) for x, a in zip(flat_args, in_avals, strict=True)]
+            stream = current_stream().ptr
+            with lock:
+                outs = outputs(stream)
+                pool = ins + outs
+                launcher.launch(stream, [pool[i].data.ptr for i in order])
+            return outs
+        run.launcher, run.outputs = launcher, outputs       # for benchmarks/dispatch_bench.py's breakdown
+        return run
 
 
-# numpy scalar kernel arguments (passed by value) -> the ctypes slot of the same width.
-_SCALAR_SLOTS = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
-                 np.dtype(np.uint32): ctypes.c_uint32, np.dtype(np.uint64): ctypes.c_uint64,
-                 np.dtype(np.float32): ctypes.c_float, np.dtype(np.float64): ctypes.c_double}
+def cuda_driver():
+    """CuPy's binding of the CUDA driver API (cuLaunchKernel, cuLaunchCooperativeKernel, ...)."""
+    from cupy_backends.cuda.api import driver
+    return driver
+
+
+# How each kernel parameter's value sits in its 8-byte slot of a KernelLauncher's value block (struct
+# format, little-endian, padded to 8 bytes): device pointers, and the numpy scalars passed by value.
+POINTER = "pointer"
+_SLOT_FORMATS = {POINTER: "Q", np.dtype(np.int32): "i4x", np.dtype(np.int64): "q", np.dtype(np.uint32): "I4x",
+                 np.dtype(np.uint64): "Q", np.dtype(np.float32): "f4x", np.dtype(np.float64): "d"}
+CUDA_ERROR_INVALID_CONTEXT = 201
 
 
 class KernelLauncher:
     """One kernel's launch, with what does not change between its launches prepared once.
 
-    cuLaunchKernel reads the kernel's parameters through an array of pointers to their values: here that
-    array and the value slots are ctypes objects built at the first launch, so a launch writes each
-    argument's device pointer (or scalar) into its slot and calls the driver. CuPy's `Function.__call__`
-    instead boxes every argument anew and, for a cooperative launch, asks the driver for the kernel's
-    occupancy each time; the co-residency of the grid was checked once, at load (`load` below). Measured
-    on the H200's host (2026-12-01, a 3-argument kernel): 6.0 us per CuPy launch (7.3 cooperative), 5.1 us
-    (5.4) this way, of which the driver's cuLaunchKernel is most. The slots are shared: a lock makes
-    filling them and launching one step, so that threads launching the same kernel at once cannot mix
-    their arguments (the driver copies the values at the launch).
+    cuLaunchKernel reads the kernel's parameters through an array of pointers to their values. Here the
+    values live in one block of 8-byte slots and the pointer array is built once: the slots of the
+    parameters given per launch come first, in parameter order, then those of the `fixed` parameters (the
+    workspace and constants on the fast path), written once. A launch packs the given values into the
+    front of the block with one precompiled struct call and calls the driver; no occupancy or device query
+    (the grid's co-residency was checked at load), no per-argument boxing as in CuPy's
+    `Function.__call__` (measured on the H200's host, 2026-12-01, a 3-argument kernel: 6.0 us per CuPy
+    launch, 7.3 cooperative; 5.1 and 5.4 us through the driver with ctypes slots filled per launch, most of
+    it the driver's own cuLaunchKernel). The block is shared: the caller holds `lock` from packing to the driver's
+    return (the driver copies the values at the launch), so threads launching at once cannot mix their
+    arguments. A thread that has made no CUDA call yet has no current context: the driver refuses the
+    launch with CUDA_ERROR_INVALID_CONTEXT, and the launch binds the device's primary context (as CuPy's
+    own launch does) and is made again.
+
+        launcher = KernelLauncher(driver, kernel, grid, block, cooperative, [POINTER, POINTER, POINTER],
+                                  fixed={2: ws})
+        with launcher.lock:
+            launcher.launch(stream_ptr, [x.data.ptr, out.data.ptr])     # the given parameters' values
+        launcher.launch_args(stream_ptr, args)      # all of them as arrays and numpy scalars; locks
+
+    slots: per parameter, POINTER or the numpy dtype of a scalar passed by value (slot_of(an argument));
+    fixed: parameter position -> its value for every launch; smem: bytes of dynamic shared memory.
     """
 
-    def __init__(self, kernel, grid: int, block: int, args, cooperative: bool, smem: int = 0):
-        import cupy
-        from cupy_backends.cuda.api import driver
-        self.cupy, self.driver = cupy, driver
-        self.kernel = kernel            # keeps the CUmodule loaded
-        self.grid, self.block, self.cooperative, self.smem = grid, block, cooperative, smem
-        runtime.allow_dynamic_smem(kernel, smem)
-        self.pointer = [isinstance(a, cupy.ndarray) for a in args]
-        self.slots = [ctypes.c_void_p() if p else _scalar_slot(a) for a, p in zip(args, self.pointer)]
-        self.params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(s) for s in self.slots])
-        self.params_ptr = ctypes.addressof(self.params) if args else 0
+    def __init__(self, driver, kernel, grid: int, block: int, cooperative: bool, slots, fixed=None, smem=0):
+        self.driver, self.kernel = driver, kernel       # the kernel keeps its CUmodule loaded
+        if smem:                                        # (dynamic shared memory: resident weights)
+            runtime.allow_dynamic_smem(kernel, smem)
+        self.kernel_ptr, self.grid, self.block, self.cooperative = kernel.ptr, grid, block, cooperative
+        self.fixed = fixed = fixed or {}                # kept: the fixed arrays live as long as their pointers
+        self.n_params = len(slots)
+        given = [i for i in range(self.n_params) if i not in fixed]
+        stored = given + sorted(fixed)                  # the parameter whose value is in slot 0, 1, ...
+        self.values = (ctypes.c_uint64 * max(self.n_params, 1))()
+        address = ctypes.addressof(self.values)
+        slot_index = {param: k for k, param in enumerate(stored)}
+        self.params = (ctypes.c_void_p * max(self.n_params, 1))(
+            *[address + 8 * slot_index[i] for i in range(self.n_params)])
+        self.params_ptr = ctypes.addressof(self.params) if slots else 0
+        struct.pack_into(_struct_format(slots[i] for i in sorted(fixed)), self.values, 8 * len(given),
+                         *[fixed[i].data.ptr if slots[i] == POINTER else fixed[i] for i in sorted(fixed)])
+        self.pack_given = struct.Struct(_struct_format(slots[i] for i in given)).pack_into
+        self.given_pointer = [slots[i] == POINTER for i in given]
         self.lock = threading.Lock()
+        # The driver call with every argument but the stream bound now: one C call per launch.
+        fixed_args = (self.kernel_ptr, grid, 1, 1, block, 1, 1, smem)
+        if cooperative:
+            self.driver_call = functools.partial(driver.launchCooperativeKernel, *fixed_args)
+            self.after_stream = (self.params_ptr,)
+        else:
+            self.driver_call = functools.partial(driver.launchKernel, *fixed_args)
+            self.after_stream = (self.params_ptr, 0)        # no `extra` launch options
 
     def fits(self, grid, block, args, cooperative) -> bool:
-        return (grid, block, cooperative, len(args)) == (self.grid, self.block, self.cooperative, len(self.slots))
+        return (grid, block, cooperative, len(args)) == (self.grid, self.block, self.cooperative, self.n_params)
 
-    def __call__(self, args):
-        _ensure_context()
-        stream = self.cupy.cuda.get_current_stream().ptr
+    def launch(self, stream: int, values) -> None:
+        """Launch with `values` (ints: device pointers and scalars) for the given parameters, in order;
+        the caller holds self.lock."""
+        self.pack_given(self.values, 0, *values)
+        try:
+            self.call_driver(stream)
+        except self.driver.CUDADriverError as e:
+            if e.status != CUDA_ERROR_INVALID_CONTEXT:
+                raise
+            _bind_primary_context()
+            self.call_driver(stream)
+
+    def launch_args(self, stream: int, args) -> None:
+        """Launch a launcher without fixed parameters with `args` (CuPy arrays, numpy scalars)."""
+        values = [a.data.ptr if pointer else a for a, pointer in zip(args, self.given_pointer)]
         with self.lock:
-            for slot, a, pointer in zip(self.slots, args, self.pointer):
-                slot.value = a.data.ptr if pointer else a.item()
-            if self.cooperative:
-                self.driver.launchCooperativeKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, self.smem,
-                                                    stream, self.params_ptr)
-            else:
-                self.driver.launchKernel(self.kernel.ptr, self.grid, 1, 1, self.block, 1, 1, self.smem, stream,
-                                         self.params_ptr, 0)
+            self.launch(stream, values)
+
+    def call_driver(self, stream: int) -> None:
+        """cuLaunchKernel (cuLaunchCooperativeKernel) with the parameter block as it is now."""
+        self.driver_call(stream, *self.after_stream)
 
 
-_thread = threading.local()
+def _struct_format(slots) -> str:
+    return "<" + "".join(_SLOT_FORMATS[s] for s in slots)
 
 
-def _ensure_context() -> None:
-    """Make a CUDA context current on this thread before its first driver-API launch, as CuPy's own launch
-    does: a thread that has made no CUDA runtime call yet has none (cudaFree(0) binds the current device's
-    primary context, where the modules were loaded)."""
-    if getattr(_thread, "has_context", False):
-        return
-    from cupy_backends.cuda.api import driver, runtime
-    if driver.ctxGetCurrent() == 0:
-        runtime.free(0)
-    _thread.has_context = True
+def _bind_primary_context() -> None:
+    """Make the current device's primary context current on this thread (cudaFree(0) does, as any first
+    CUDA runtime call does): where CuPy loaded the modules."""
+    from cupy_backends.cuda.api import runtime as cuda_runtime
+    cuda_runtime.free(0)
 
 
-def _scalar_slot(a):
-    """The ctypes slot of a scalar kernel argument (a numpy scalar of the C parameter's width)."""
-    slot = _SCALAR_SLOTS.get(getattr(a, "dtype", None))
-    if slot is None:
+def slot_of(a):
+    """The slot of kernel argument `a`: POINTER for a device array, else the dtype of the numpy scalar."""
+    if not isinstance(a, np.generic) and hasattr(a, "data"):
+        return POINTER
+    dtype = getattr(a, "dtype", None)
+    if dtype not in _SLOT_FORMATS:
+        scalars = ", ".join(str(d) for d in _SLOT_FORMATS if d != POINTER)
         raise TypeError(f"kernel argument {a!r} ({type(a).__name__}) is neither a CuPy array nor a numpy scalar "
-                        f"of a kernel parameter type ({', '.join(str(d) for d in _SCALAR_SLOTS)})")
-    return slot()
+                        f"of a kernel parameter type ({scalars})")
+    return dtype
 
 
 def load(lowering: Lowering):
