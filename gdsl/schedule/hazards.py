@@ -1,4 +1,4 @@
-"""Which barrier a wave boundary needs, from the uTasks' own reads and writes (shares.py).
+"""Which barrier a wave boundary needs, from the uTasks' own reads and writes.
 
 A grid barrier orders every vEU's accesses before it against every vEU's after it. Between two waves of a
 segment that is more than needed when each vEU, in the next wave, touches only elements that no *other*
@@ -8,34 +8,40 @@ so that this holds where it can (a chain of elementwise ops stays on its produce
 Scheduler._homes) and asks `Hazards` at every barrier.
 
 `Hazards` keeps, per buffer element, the vEU that wrote it and the vEU that read it since the last grid
-barrier (-1: none, -2: several). It is conservative where the shares are: an op whose share is not known
-exactly (a dynamic window before its start is known, a convolution's input) touches its whole operand, and
-a slice, dynamic slice or transpose, which a backend may render as a pointer into its source instead of a
-copy (gdsl/backends/cfamily/views.py), counts as read wherever its result is read. Frame copies of a
-recursive function's buffers are not told apart (over-approximated as the same elements).
+barrier (-1: none, -2: several). An op's accesses are computed for all its elements at once (numpy), as
+pairs (storage elements, vEU of each): writes exactly from the split (utasks.py: the uTask that writes an
+element, `first + t % count` its vEU); reads exactly for elementwise ops and fused chains (numpy
+broadcasting from the output elements) and static data movement (the primitive run on element numbers);
+every other read (a matmul's operands, a reduction's, a dynamic window, a gather) conservatively as the
+whole operand read by several vEUs (by the op's one vEU when it has one). A slice, dynamic slice or
+transpose, which a backend may render as a pointer into its source instead of a copy
+(gdsl/backends/cfamily/views.py), counts as a read of that source wherever its result is read. Frame copies
+of a recursive function's buffers are not told apart (over-approximated as the same elements).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import ELEMENTWISE, REGISTRY, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import Buffer, Value, Wave
-from gdsl.schedule.shares import read_share, storage_elements, write_share
+from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave
+from gdsl.schedule.shares import MOVES, SPLIT_PARAMS, storage_elements
 
 NONE, SEVERAL = -1, -2
-MAX_TRACKED = 1 << 22        # elements tracked per segment; beyond it every barrier stays a grid barrier
-MAX_UTASKS = 1 << 14         # uTasks per wave whose shares are computed; beyond it likewise
+MAX_TRACKED = 1 << 23        # elements tracked per segment; beyond it every barrier stays a grid barrier
+MAX_OP_ELEMENTS = 1 << 20    # an op writing more is not latency-bound: its barriers stay grid barriers
 MAYBE_VIEWS = frozenset(p.name for p in (slice_p, dynamic_slice_p, transpose_p))
 
 
 class TooLarge(Exception):
-    """The shares of a wave are too many to track: assume every access conflicts."""
+    """The accesses of a segment are too many to track: assume every access conflicts."""
 
 
 class Hazards:
     def __init__(self):
-        self.writer: dict = {}           # Buffer -> int array over its elements
+        self.writer: dict = {}           # Buffer -> int32 array over its elements
         self.reader: dict = {}
         self.view_sources: dict = {}     # Buffer -> the Values a view Op of it reads (see the module docstring)
         self.given_up = False
@@ -52,34 +58,31 @@ class Hazards:
 
     # ---------------------------------------------------------------------------------------- accesses
     def _accesses(self, wave: Wave):
-        """(vEU, buffer, storage elements, is_write) of every uTask of `wave`."""
-        if sum(task.op.n_utasks for task in wave.tasks) > MAX_UTASKS:
-            raise TooLarge
+        """(buffer, storage elements, vEU per element or one vEU for all, is_write) of every op of `wave`."""
         for task in wave.tasks:
             op = task.op
-            dynamic = utasks.first_start(op.kind) is not None
-            for t in range(op.n_utasks):
-                veu = task.first + t % task.count
-                for k, value in enumerate(op.inputs):
-                    if not isinstance(value.storage, Buffer):
-                        continue
-                    share = None if dynamic else read_share(op, k, t)
-                    for source, elements in self._read_through(value, share):
+            if op.outputs[0].aval.size > MAX_OP_ELEMENTS:
+                raise TooLarge
+            out_veus = _output_veus(task)
+            for k, value in enumerate(op.inputs):
+                if isinstance(value.storage, Buffer):
+                    elements, veus = _read(task, k, out_veus)
+                    for source, where in self._read_through(value, elements):
                         if source.storage in self.written_here:
-                            yield veu, source.storage, elements, False
-                for value in op.outputs:
-                    if utasks.in_place_update(op.kind, op.params):
-                        share = None           # (its window is known at run time only)
-                    else:
-                        share = write_share(op, t)
-                    yield veu, value.storage, storage_elements(value, share), True
+                            yield source.storage, where, veus if where is elements else _one_or_several(task), \
+                                False
+            for value in op.outputs:
+                if out_veus is None:              # (an in-place window known at run time only)
+                    yield value.storage, storage_elements(value, None), _one_or_several(task), True
+                else:
+                    yield value.storage, storage_elements(value, np.arange(value.aval.size)), out_veus, True
 
-    def _read_through(self, value: Value, share):
-        """The storage a read of `value` may touch: its own, and, when it is the result of a possible view,
-        all of that view's sources (recursively)."""
-        yield value, storage_elements(value, share)
+    def _read_through(self, value: Value, elements):
+        """(Value, its storage elements) a read of `value`'s `elements` may touch: its own, and, when it is
+        the result of a possible view, all of that view's sources (recursively)."""
+        yield value, elements
         for source in self.view_sources.get(value.storage, ()):
-            yield from self._read_through(source, None)
+            yield from self._read_through(source, storage_elements(source, None))
 
     def note_views(self, wave: Wave):
         """Remember the sources of the ops that a backend may render as views."""
@@ -103,10 +106,11 @@ class Hazards:
         if self.given_up:
             return
         try:
-            for veu, buf, elements, is_write in self._accesses(wave):
+            for buf, elements, veus, is_write in self._accesses(wave):
                 table = self._array(self.writer if is_write else self.reader, buf)
+                elements, veus = _merged(elements, veus, buf.aval.size)
                 seen = table[elements]
-                table[elements] = np.where((seen == NONE) | (seen == veu), veu, SEVERAL)
+                table[elements] = np.where((seen == NONE) | (seen == veus), veus, SEVERAL)
         except TooLarge:
             self.given_up = True
 
@@ -116,11 +120,13 @@ class Hazards:
         if self.given_up:
             return False
         try:
-            for veu, buf, elements, is_write in self._accesses(wave):
-                tables = (self.writer, self.reader) if is_write else (self.writer,)
-                for table in tables:
+            for buf, elements, veus, is_write in self._accesses(wave):
+                for table in (self.writer, self.reader) if is_write else (self.writer,):
                     seen = table.get(buf)
-                    if seen is not None and np.any((seen[elements] != NONE) & (seen[elements] != veu)):
+                    if seen is None:
+                        continue
+                    seen = seen[elements]
+                    if np.any((seen != NONE) & ((seen != veus) | (np.asarray(veus) == SEVERAL))):
                         return False
         except TooLarge:
             return False
@@ -133,8 +139,91 @@ class Hazards:
             return True
         for value in values:
             if isinstance(value.storage, Buffer):
-                for source, elements in self._read_through(value, None):
+                for source, elements in self._read_through(value, storage_elements(value, None)):
                     seen = self.writer.get(source.storage)
                     if seen is not None and np.any(seen[elements] != NONE):
                         return True
         return False
+
+
+# ------------------------------------------------------------------------------------------------ per op
+
+def _one_or_several(task) -> int:
+    """The vEU of an op that runs on one, else SEVERAL."""
+    return task.first if min(task.count, task.op.n_utasks) == 1 else SEVERAL
+
+
+def _output_veus(task) -> np.ndarray | None:
+    """The vEU that writes each output element (row-major), from the split; None for an in-place window."""
+    op = task.op
+    out = op.outputs[0].aval
+    if utasks.in_place_update(op.kind, op.params):
+        return None
+    e = np.arange(out.size)
+    if op.kind in utasks.GEMM_KINDS:
+        t = _gemm_utask(op, e)
+    elif op.kind in utasks.REDUCE_KINDS:
+        t = e // op.params["rows"]
+    else:
+        t = e // op.params["chunk"]
+    return task.first + t % task.count
+
+
+def _gemm_utask(op, e):
+    """The uTask writing output element e of a matmul or conv2d (utasks.py's tile order)."""
+    out = op.outputs[0].aval
+    batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, op.params)
+    tm, tn = op.params["tile_m"], op.params["tile_n"]
+    tiles_m, tiles_n = -(-m // tm), -(-n // tn)
+    if op.kind == matmul_p.name:
+        b, rest = np.divmod(e, m * n)
+        i, j = np.divmod(rest, n)
+    else:                                 # conv2d: GEMM row (image, y, x), column = output channel
+        _, o, ho, wo = out.shape
+        img, rest = np.divmod(e, o * ho * wo)
+        j, yx = np.divmod(rest, ho * wo)
+        b, i = 0, img * ho * wo + yx
+    return (b * tiles_m + i // tm) * tiles_n + j // tn
+
+
+def _read(task, k, out_veus):
+    """(storage elements of input k, the vEU reading each) for the whole op; see the module docstring."""
+    op, value = task.op, task.op.inputs[k]
+    in_aval, out = value.aval, op.outputs[0].aval
+    if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE):
+        if in_aval.size == 1:
+            return storage_elements(value, np.zeros(1, np.int64)), _one_or_several(task)
+        return storage_elements(value, _broadcast_source(out.shape, in_aval.shape)), out_veus
+    if out_veus is not None and op.kind in MOVES and utasks.first_start(op.kind) is None:
+        moved = _moved_from(op, k)
+        keep = moved >= 0
+        return storage_elements(value, moved[keep]), out_veus[keep]
+    return storage_elements(value, None), _one_or_several(task)
+
+
+def _broadcast_source(out_shape, in_shape) -> np.ndarray:
+    """For each output element (row-major), the element of an input of `in_shape` broadcast to it."""
+    index = np.arange(int(np.prod(in_shape))).reshape(in_shape)
+    return np.broadcast_to(index, out_shape).reshape(-1)
+
+
+def _moved_from(op, k) -> np.ndarray:
+    """For each output element of a data movement op, the element of input k it comes from (-1: another)."""
+    ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
+           for j, v in enumerate(op.inputs)]
+    params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
+    return np.asarray(REGISTRY[op.kind].impl(*ins, **params)[0]).reshape(-1)
+
+
+def _merged(elements, veus, size):
+    """(elements, vEU of each) with each element once: SEVERAL where different vEUs touch it."""
+    if isinstance(elements, slice) or np.ndim(veus) == 0:
+        return elements, veus
+    order = np.argsort(elements, kind="stable")
+    elements, veus = elements[order], veus[order]
+    starts = np.flatnonzero(np.r_[True, elements[1:] != elements[:-1]])
+    if len(starts) == len(elements):
+        return elements, veus
+    low = np.minimum.reduceat(veus, starts)
+    high = np.maximum.reduceat(veus, starts)
+    return elements[starts], np.where(low == high, low, SEVERAL)

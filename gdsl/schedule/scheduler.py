@@ -104,7 +104,9 @@ class Scheduler:
         self.grid = int(grid)
         self.block = int(block)
         self.partition = partition           # partitioned loops: None = when estimated faster, or a bool
-        self.resident_bytes = resident_bytes  # per vEU, for loop-invariant weights in shared memory (resident.py)
+        # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
+        # loop runs inside the kernel that loads them.
+        self.resident_bytes = resident_bytes if control == "device" else 0
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         self.env: dict = {}
         self.buffers: list[Buffer] = []

@@ -1,4 +1,5 @@
 #define GDSL_SMEM_BYTES 16
+#define GDSL_RESIDENT_BASE 16
 
 // ---------------------------------------------------------------------------------------- ops
 GDSL_DEV void op0_exp(float* o0, const float* i0, int t, char* smem) {

@@ -1,4 +1,5 @@
-#define GDSL_SMEM_BYTES 6144
+#define GDSL_SMEM_BYTES 6656
+#define GDSL_RESIDENT_BASE 6144
 
 // ---------------------------------------------------------------------------------------- ops
 GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
@@ -12,8 +13,9 @@ GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
 GDSL_DEV void op1_matmul(float* o0, const float* i0, const float* i1, int t, char* smem) {
   const int bt = 0, ti = t / 1, tj = t % 1;
   const int a0 = (bt) * 32, b0 = (bt) * 64, c0 = bt * 32;
+  const float* rb = ((float*)(smem + GDSL_RESIDENT_BASE + 0) + (t) / 1 * 128);
   auto la = [&](int m, int k) -> float { return (float)(i0[a0 + m * 8 + k]); };
-  auto lb = [&](int k, int n) -> float { return (float)(__ldg(i1 + b0 + k * 8 + n)); };
+  auto lb = [&](int k, int n) -> float { return (float)(rb[k * 16 + n - tj * 16]); };
   auto sc = [&](int m, int n, float v) { o0[c0 + m * 8 + n] = (float)(v); };
   gdsl_gemv_tile<4, 16, 256, 256, float>(8, 8, tj * 16, la, lb, sc, smem);
 }
@@ -28,7 +30,7 @@ GDSL_DEV void op2_tanh_add(float* o0, const float* i0, int t, char* smem) {
 
 // ---------------------------------------------------------------------------------------- kernels
 extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, const int* __restrict__ in2, float* out0, char* __restrict__ gdsl_ws) {
-  __shared__ __align__(16) char gdsl_smem[GDSL_SMEM_BYTES];
+  extern __shared__ __align__(16) char gdsl_smem[];
   unsigned* gdsl_bar = (unsigned*)(gdsl_ws + 0); (void)gdsl_bar;
   float* t3 = (float*)(gdsl_ws + 256);
   int gdsl_t; (void)gdsl_t;
@@ -38,6 +40,8 @@ extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restr
   u0 = 0;
   if (blockIdx.x < 1) op0_copy(out0, in0, (int)blockIdx.x, gdsl_smem);
   gdsl_grid_sync_atomic(gdsl_bar);
+  if (blockIdx.x < 1) { const int bt = ((int)blockIdx.x) / 1, tj = ((int)blockIdx.x) % 1; gdsl_stage_columns(in1 + (bt) * 64, 8, 8, tj * 16, 16, ((float*)(gdsl_smem + GDSL_RESIDENT_BASE + 0) + ((int)blockIdx.x) / 1 * 128)); }
+  __syncthreads();
   while (true) {
     u1 = (u0 < in2[0]);
     if (!(u1)) break;
