@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from gdsl.core.ir import Lit, ShapedArray, Var
+from gdsl.core.ir import Lit, ShapedArray, Var, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
@@ -111,6 +111,8 @@ class Scheduler:
         self.fn_defs: dict = {}             # name -> (FunctionDef, params, results)
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
+        self.held_frames: dict = {}         # (calling function or None, callee) -> frames its results hold
+        self.max_steps: dict = {}           # name -> the largest step of a Call of it (see _call_step)
         # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
         # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
         # that no reader of those binders can see it.
@@ -167,7 +169,7 @@ class Scheduler:
             if value.storage is not out.storage:
                 body += self._copy(out, value)
         functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
-                                      self.sites.get(name, 0))
+                                      self.sites.get(name, 0), self.max_steps.get(name, 1))
                           for name, (fn, params, results) in self.fn_defs.items())
         idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers)
         if idle:
@@ -758,15 +760,59 @@ class Scheduler:
         self.frame = outer
 
     def _call(self, name, args, outs):
+        """Arguments into the callee's frame, the Call, and its results. A result the caller may read in
+        the callee's frame (_by_reference) is not copied: the caller reads it there. Its frame must then
+        outlive every later call from this body, so a call after it goes `step` frames deeper, past the
+        frames that hold such results (_call_step)."""
         _, params, results = self.fn_defs[name]
-        stmts = self._copies([(Value(p.storage, p.aval, 1), arg) for p, arg in zip(params, args)])
+        by_reference = self._by_reference(name, outs, results)
+        step = self._call_step(name, any(by_reference))
+        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for p, arg in zip(params, args)])
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
-        stmts.append(Call(name, site))
-        dsts = [self._carry_storage(v) for v in outs]
-        stmts += self._copies([(d, Value(r.storage, r.aval, 1)) for d, r in zip(dsts, results)])
-        self.env.update(zip(outs, dsts))
-        return stmts
+        stmts.append(Call(name, site, step))
+        copies = []
+        for out, result, reference in zip(outs, results, by_reference):
+            in_callee = Value(result.storage, result.aval, step)
+            if reference:
+                self.env[out] = in_callee
+            else:
+                dst = self._carry_storage(out)
+                copies.append((dst, in_callee))
+                self.env[out] = dst
+        return stmts + self._copies(copies)
+
+    def _by_reference(self, name, outs, results) -> list[bool]:
+        """Per result of a call of `name`: may the caller read it in the callee's frame, with no copy?
+
+        Nothing but a later call of `name` writes that frame, and later calls from this body go deeper
+        (_call_step); a call of `name` deeper down, through another recursive function, could reach the
+        frame again, so this holds only when the calling body calls no other recursive function. A
+        result wanted in a buffer of its own (a program output, the function's own result, a branch
+        result) is copied there as before; a scalar result is a uniform, copied by an Assign (no barrier).
+        Device control only: the host control's executors step frames one at a time."""
+        caller = self.program.jaxpr if self.frame is None else self.fn_defs[self.frame][0].jaxpr
+        if self.control != "device" or self.parts or not _calls_only(caller, name):
+            return [False] * len(outs)
+        return [not result.is_uniform and not self._has_own_buffer(out) for out, result in zip(outs, results)]
+
+    def _has_own_buffer(self, var) -> bool:
+        """Does `var` go to a buffer chosen for it already (see _carry_storage)?"""
+        hint = self.hints.get(var)
+        return hint is not None and hint[1] is None and hint[0].aval == var.aval
+
+    def _call_step(self, name, holds_results: bool) -> int:
+        """How many frames deeper than its caller a call of `name` from the body being scheduled goes: past
+        the frames of every earlier call from this body whose results are read in place (one frame each,
+        in program order; a call holding results takes the next). Conservative: such a result counts as
+        read until the end of the body."""
+        key = (self.frame, name)
+        held = self.held_frames.get(key, 0)
+        if holds_results:
+            self.held_frames[key] = held + 1
+        step = held + 1
+        self.max_steps[name] = max(self.max_steps.get(name, 1), step)
+        return step
 
 
 # The rule that schedules each control-flow primitive (a method of Scheduler).
@@ -786,6 +832,17 @@ def control_rule(prim):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _calls_only(jaxpr, name) -> bool:
+    """Does `jaxpr` (with its sub-programs, the bodies of the functions it calls included) call no recursive
+    function but `name`?"""
+    for eqn in walk_eqns(jaxpr):
+        if eqn.primitive is control.recurse_p and eqn.params["fn"].name != name:
+            return False
+        if eqn.primitive is control.recurse_call_p and eqn.params["name"] != name:
+            return False
+    return True
 
 
 def _writable(value) -> bool:
