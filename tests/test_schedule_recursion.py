@@ -15,7 +15,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import COPY, Call, Wave, walk
+from gdsl.schedule.plan import COPY, Call, Sync, Wave, walk
 from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_flatten
 
@@ -223,3 +223,45 @@ def test_results_held_across_three_calls_and_a_loop():
     assert sorted(c.step for c in calls(plan)) == [1, 2, 3]
     np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)),
                                run_program(gdsl.make_ir(program)(*args), flat_args(args))[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ barriers around calls
+
+def wide_leaf_encoder(max_depth, width):
+    """Leaves do work spread over many vEUs (a wide elementwise op); inner nodes a one-uTask add: the grid
+    barriers around the wide work stay, those between one-vEU ops across calls become block syncs."""
+    def program(xs, left, right, is_leaf, root):
+        @gdsl.recurse(result=gdsl.ShapeDtype((width,), gdsl.float32), max_depth=max_depth)
+        def encode(node):
+            return gdsl.cond(is_leaf[node], lambda: gnp.tanh(xs[node] * 2.0) + 1.0,
+                             lambda: encode(left[node]) * 0.5 + encode(right[node]))
+        return encode(root)
+    return program
+
+
+@pytest.mark.parametrize("width", [4, 3000])
+def test_barriers_around_calls_are_kept_where_vEUs_meet(width):
+    """The plan simulator's race checks pass with the demoted barriers, whatever the leaves' width."""
+    tree = ((None, (None, None)), None)
+    left, right, is_leaf, root = tree_arrays(tree)
+    xs = np.random.default_rng(1).uniform(-1, 1, (len(left), width)).astype(np.float32)
+    plan = check_simulated(wide_leaf_encoder(4, width), (xs, left, right, is_leaf, root), grids=(1, 3, 16, 132))
+    syncs = [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync)]
+    if width == 4:
+        assert all(s.scope == "block" for s in syncs)
+    else:
+        assert any(s.scope == "grid" for s in syncs)
+
+
+def test_rae_executes_two_grid_barriers_per_inner_node():
+    """RAE at full size on the fixed 65-node tree (32 inner nodes, 33 leaves): the grid barriers executed
+    are the two around each node's matmul (its input concatenated on vEU 0, its output read on vEU 0);
+    the leaves and the calls pay none, and no result is copied out of a callee's frame."""
+    from models import floor, rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
+    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    plan = schedule(program, grid=132)
+    count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
+    assert count.plan_grid_barriers == 2 * 32
+    assert len(copies_in_functions(plan)) == 1            # the leaf's x[node] into the result

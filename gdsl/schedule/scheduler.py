@@ -177,6 +177,10 @@ class Scheduler:
             body = _without(body, idle)
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
+        if self.control == "device" and functions:
+            body, functions, n = _demote_syncs_around_calls(body, functions)
+            self.stats["grid_syncs"] -= n
+            self.stats["block_syncs"] += n
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
         else:
@@ -843,6 +847,142 @@ def _calls_only(jaxpr, name) -> bool:
         if eqn.primitive is control.recurse_call_p and eqn.params["name"] != name:
             return False
     return True
+
+
+EVERY_VEU = -1           # in a set of vEUs (_SyncNeighbourhoods): every vEU reads (a uniform op on memory)
+
+
+def _demote_syncs_around_calls(body, functions) -> tuple:
+    """(body, functions, how many) with the grid Syncs that only one vEU's work surrounds made block Syncs,
+    across calls and returns. A grid barrier orders the memory accesses of different vEUs; when everything
+    that touches memory from the previous grid barrier to the next one (on every path: into a function
+    from each of its call sites, out of it to each return site) runs on one vEU, a block barrier keeps
+    that vEU's ops in order and is enough. RAE's leaves (a one-uTask slice and copy on vEU 0) and the
+    one-uTask concatenation and tanh around each matmul then pay no grid barrier. The C-family renderer
+    demotes the same way inside one statement list (Renderer.demoted); this also sees through Call.
+    One Sync at a time, each decision made with the previous ones in place."""
+    demoted: set = set()
+    while True:
+        candidate = _SyncNeighbourhoods(body, functions, demoted).first_single_veu()
+        if candidate is None:
+            break
+        demoted.add(candidate)
+    if not demoted:
+        return body, functions, 0
+
+    def rewrite(block):
+        out = []
+        for stmt in block:
+            if stmt in demoted:
+                stmt = Sync("block")
+            elif isinstance(stmt, Loop):
+                stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
+            elif isinstance(stmt, Branch):
+                stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
+            out.append(stmt)
+        return tuple(out)
+    functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
+    return rewrite(body), functions, len(demoted)
+
+
+class _SyncNeighbourhoods:
+    """For every grid Sync (those in `demoted` count as block Syncs): the vEUs that touch memory since the
+    previous grid barrier (`before`) and until the next one (`after`), on every path through the plan's
+    control flow, calls and returns included. A set of vEU numbers; EVERY_VEU in it: all vEUs (a uniform op
+    or Assign reading a buffer that the plan writes). Interprocedural: a function's entry joins the sets
+    of its call sites, each call site continues with its function's exit (fixed points, by iteration:
+    the sets only grow)."""
+
+    def __init__(self, body, functions, demoted):
+        self.body, self.demoted = body, demoted
+        self.fns = {f.name: f for f in functions}
+        self.before: dict = {}
+        self.after: dict = {}
+        self.entry = {name: frozenset() for name in self.fns}       # forward: at a function's start
+        self.exit = {name: frozenset() for name in self.fns}        # forward: at its end
+        self.continues = {name: frozenset() for name in self.fns}   # backward: after its call sites
+        self.starts = {name: frozenset() for name in self.fns}      # backward: at its start
+        self._solve()
+
+    def first_single_veu(self):
+        for sync in self.before:
+            veus = self.before[sync] | self.after.get(sync, frozenset())
+            if len(veus) <= 1 and EVERY_VEU not in veus:
+                return sync
+        return None
+
+    def _solve(self):
+        changed = True
+        while changed:
+            old = (dict(self.entry), dict(self.exit), dict(self.continues), dict(self.starts))
+            self.forward(self.body, frozenset())
+            for name, f in self.fns.items():
+                self.exit[name] = self.forward(f.body, self.entry[name])
+            self.backward(self.body, frozenset())
+            for name, f in self.fns.items():
+                self.starts[name] = self.backward(f.body, self.continues[name])
+            changed = old != (self.entry, self.exit, self.continues, self.starts)
+
+    def _grid(self, stmt) -> bool:
+        return isinstance(stmt, Sync) and stmt.scope == "grid" and stmt not in self.demoted
+
+    def forward(self, block, veus):
+        for stmt in block:
+            if self._grid(stmt):
+                self.before[stmt] = self.before.get(stmt, frozenset()) | veus
+                veus = frozenset()
+            elif isinstance(stmt, Loop):
+                start = veus
+                while True:
+                    again = start | self.forward(stmt.body, self.forward(stmt.cond, start))
+                    if again == start:
+                        break
+                    start = again
+                veus = self.forward(stmt.cond, start)
+            elif isinstance(stmt, Branch):
+                veus = frozenset().union(*[self.forward(b, veus) for b in stmt.branches])
+            elif isinstance(stmt, Call):
+                self.entry[stmt.fn] |= veus
+                veus = self.exit[stmt.fn]
+            else:
+                veus = veus | _veus_touching_memory(stmt)
+        return veus
+
+    def backward(self, block, veus):
+        for stmt in reversed(block):
+            if self._grid(stmt):
+                self.after[stmt] = self.after.get(stmt, frozenset()) | veus
+                veus = frozenset()
+            elif isinstance(stmt, Loop):
+                start = self.backward(stmt.cond, veus)            # before the condition: exit or one more trip
+                while True:
+                    again = self.backward(stmt.cond, veus | self.backward(stmt.body, start))
+                    if again == start:
+                        break
+                    start = again
+                veus = start
+            elif isinstance(stmt, Branch):
+                veus = frozenset().union(*[self.backward(b, veus) for b in stmt.branches])
+            elif isinstance(stmt, Call):
+                self.continues[stmt.fn] |= veus
+                veus = self.starts[stmt.fn]
+            else:
+                veus = veus | _veus_touching_memory(stmt)
+        return veus
+
+
+def _veus_touching_memory(stmt) -> frozenset:
+    """The vEUs that read or write buffers in a Wave, Uniforms or Assign (EVERY_VEU: all of them read one
+    that the plan writes; buffers never written are not memory anyone must wait for)."""
+    if isinstance(stmt, Wave):
+        return frozenset(t.first + k for t in stmt.tasks for k in range(min(t.count, t.op.n_utasks)))
+    if isinstance(stmt, Uniforms):
+        reads = [v for u in stmt.ops for v in u.inputs]
+    elif isinstance(stmt, Assign):
+        reads = [stmt.src]
+    else:
+        return frozenset()
+    return frozenset({EVERY_VEU}) if any(_writable(v) for v in reads) else frozenset()
 
 
 def _writable(value) -> bool:

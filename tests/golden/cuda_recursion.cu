@@ -90,16 +90,16 @@ f_enc:
       f_enc_ret_1: ;
       b_enc -= 2;
       if (blockIdx.x < 1) op0_tanh_add((t1 + (long long)(b_enc) * 4), (t1 + (long long)(b_enc + 1) * 4), (t1 + (long long)(b_enc + 2) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
+      __syncthreads();
     } break;
     default: {
       u15 = (u0_s[b_enc] < 0);
       u16 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
       u17 = (u15 ? u16 : u0_s[b_enc]);
       if (blockIdx.x < 1) op1_dynamic_slice((t18 + (long long)(b_enc) * 4), in0, u17, 0, (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
+      __syncthreads();
       if (blockIdx.x < 1) op3_copy((t1 + (long long)(b_enc) * 4), (t18 + (long long)(b_enc) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
+      __syncthreads();
     } break;
   }
   d_enc -= 1;
