@@ -144,7 +144,7 @@ class _Counter(Simulator):
         self.rendered_syncs = rendered_syncs
         self.computed = None if all_values else control_buffers(plan)
         for buf in plan.buffers:
-            copies = self.functions[buf.frame_of].max_depth + 2 if buf.frame_of else 1
+            copies = self.functions[buf.frame_of].frames if buf.frame_of else 1
             self.mem[buf] = _Storage(np.zeros((copies,) + buf.aval.shape, buf.aval.dtype))
         self.count = PlanCount()
         self.read_inputs: set = set()

@@ -21,7 +21,9 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
     Branch(index, branches, in_place)   run branches[index] (index is uniform and already clamped);
                         in_place: results kept in a dead operand's storage (a forwarding branch is empty)
-    Call(fn, site)      push the return site, enter recursive function `fn` one frame deeper
+    Call(fn, site, step)  push the return site, enter recursive function `fn` `step` frames deeper (its
+                        arguments and results are at frame_offset `step`; step > 1 leaves the frames in
+                        between to results of earlier calls that are still read: see Scheduler._call)
     Launch(kernel)      host control only: launch kernel number `kernel` and wait
 """
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Uniform:
 class Value:
     storage: Any                   # Buffer | Uniform | Lit
     aval: ShapedArray
-    frame_offset: int = 0          # 1: the callee's frame (one deeper) of storage.frame_of
+    frame_offset: int = 0          # k > 0: the frame k deeper of storage.frame_of (a callee's frame)
     # A view: the value is the storage's elements [offset, offset + aval.size) in row-major order (a
     # contiguous static slice, see the scheduler). Views are only read, never written.
     offset: int = 0
@@ -78,7 +80,7 @@ class Value:
     def __repr__(self):
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
-        name = self.storage.name + ("'" if self.frame_offset else "")
+        name = self.storage.name + "'" * self.frame_offset
         if self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
             name += f"[{self.offset}:{self.offset + self.aval.size}]"     # a view: a window of the storage
         if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
@@ -194,6 +196,7 @@ class Branch:
 class Call:
     fn: str
     site: int
+    step: int = 1                  # frames between the caller's and the callee's (see the module docstring)
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,6 +212,14 @@ class RecFunction:
     body: tuple
     max_depth: int
     n_sites: int                   # call sites (return points) across the whole plan
+    max_step: int = 1              # the largest `step` of a Call of this function
+
+    @property
+    def frames(self) -> int:
+        """Copies of each frame storage: frame 0 is the caller's outside the function, every active call
+        is at most `max_step` frames deeper than its caller, and the call that overflows max_depth still
+        receives its arguments (max_depth + 2 frames when every step is 1)."""
+        return (self.max_depth + 1) * self.max_step + 1
 
 
 @dataclass(frozen=True, eq=False)

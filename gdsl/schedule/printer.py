@@ -67,7 +67,8 @@ def print_block(block, indent: int, lines: list) -> None:
                 print_block(b, indent + 2, lines)
             lines.append(f"{pad}end branch")
         elif isinstance(stmt, Call):
-            lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, one frame deeper)")
+            deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
+            lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, {deeper})")
         elif isinstance(stmt, Launch):
             lines.append(f"{pad}launch kernel k{stmt.kernel}")
         else:

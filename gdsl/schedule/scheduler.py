@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from gdsl.core.ir import Lit, ShapedArray, Var
+from gdsl.core.ir import Lit, ShapedArray, Var, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
@@ -117,6 +117,8 @@ class Scheduler:
         self.fn_defs: dict = {}             # name -> (FunctionDef, params, results)
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
+        self.held_frames: dict = {}         # (calling function or None, callee) -> frames its results hold
+        self.max_steps: dict = {}           # name -> the largest step of a Call of it (see _call_step)
         # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
         # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
         # that no reader of those binders can see it.
@@ -174,7 +176,7 @@ class Scheduler:
             if value.storage is not out.storage:
                 body += self._copy(out, value)
         functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
-                                      self.sites.get(name, 0))
+                                      self.sites.get(name, 0), self.max_steps.get(name, 1))
                           for name, (fn, params, results) in self.fn_defs.items())
         idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers)
         if idle:
@@ -182,6 +184,10 @@ class Scheduler:
             body = _without(body, idle)
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
+        if self.control == "device" and functions:
+            body, functions, n = _demote_syncs_around_calls(body, functions)
+            self.stats["grid_syncs"] -= n
+            self.stats["block_syncs"] += n
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
         else:
@@ -803,15 +809,59 @@ class Scheduler:
         self.frame = outer
 
     def _call(self, name, args, outs):
+        """Arguments into the callee's frame, the Call, and its results. A result the caller may read in
+        the callee's frame (_by_reference) is not copied: the caller reads it there. Its frame must then
+        outlive every later call from this body, so a call after it goes `step` frames deeper, past the
+        frames that hold such results (_call_step)."""
         _, params, results = self.fn_defs[name]
-        stmts = self._copies([(Value(p.storage, p.aval, 1), arg) for p, arg in zip(params, args)])
+        by_reference = self._by_reference(name, outs, results)
+        step = self._call_step(name, any(by_reference))
+        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for p, arg in zip(params, args)])
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
-        stmts.append(Call(name, site))
-        dsts = [self._carry_storage(v) for v in outs]
-        stmts += self._copies([(d, Value(r.storage, r.aval, 1)) for d, r in zip(dsts, results)])
-        self.env.update(zip(outs, dsts))
-        return stmts
+        stmts.append(Call(name, site, step))
+        copies = []
+        for out, result, reference in zip(outs, results, by_reference):
+            in_callee = Value(result.storage, result.aval, step)
+            if reference:
+                self.env[out] = in_callee
+            else:
+                dst = self._carry_storage(out)
+                copies.append((dst, in_callee))
+                self.env[out] = dst
+        return stmts + self._copies(copies)
+
+    def _by_reference(self, name, outs, results) -> list[bool]:
+        """Per result of a call of `name`: may the caller read it in the callee's frame, with no copy?
+
+        Nothing but a later call of `name` writes that frame, and later calls from this body go deeper
+        (_call_step); a call of `name` deeper down, through another recursive function, could reach the
+        frame again, so this holds only when the calling body calls no other recursive function. A
+        result wanted in a buffer of its own (a program output, the function's own result, a branch
+        result) is copied there as before; a scalar result is a uniform, copied by an Assign (no barrier).
+        Device control only: the host control's executors step frames one at a time."""
+        caller = self.program.jaxpr if self.frame is None else self.fn_defs[self.frame][0].jaxpr
+        if self.control != "device" or self.parts or not _calls_only(caller, name):
+            return [False] * len(outs)
+        return [not result.is_uniform and not self._has_own_buffer(out) for out, result in zip(outs, results)]
+
+    def _has_own_buffer(self, var) -> bool:
+        """Does `var` go to a buffer chosen for it already (see _carry_storage)?"""
+        hint = self.hints.get(var)
+        return hint is not None and hint[1] is None and hint[0].aval == var.aval
+
+    def _call_step(self, name, holds_results: bool) -> int:
+        """How many frames deeper than its caller a call of `name` from the body being scheduled goes: past
+        the frames of every earlier call from this body whose results are read in place (one frame each,
+        in program order; a call holding results takes the next). Conservative: such a result counts as
+        read until the end of the body."""
+        key = (self.frame, name)
+        held = self.held_frames.get(key, 0)
+        if holds_results:
+            self.held_frames[key] = held + 1
+        step = held + 1
+        self.max_steps[name] = max(self.max_steps.get(name, 1), step)
+        return step
 
 
 # The rule that schedules each control-flow primitive (a method of Scheduler).
@@ -831,6 +881,153 @@ def control_rule(prim):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _calls_only(jaxpr, name) -> bool:
+    """Does `jaxpr` (with its sub-programs, the bodies of the functions it calls included) call no recursive
+    function but `name`?"""
+    for eqn in walk_eqns(jaxpr):
+        if eqn.primitive is control.recurse_p and eqn.params["fn"].name != name:
+            return False
+        if eqn.primitive is control.recurse_call_p and eqn.params["name"] != name:
+            return False
+    return True
+
+
+EVERY_VEU = -1           # in a set of vEUs (_SyncNeighbourhoods): every vEU reads (a uniform op on memory)
+
+
+def _demote_syncs_around_calls(body, functions) -> tuple:
+    """(body, functions, how many) with the grid Syncs that only one vEU's work surrounds made block Syncs,
+    across calls and returns. A grid barrier orders the memory accesses of different vEUs; when everything
+    that touches memory from the previous grid barrier to the next one (on every path: into a function
+    from each of its call sites, out of it to each return site) runs on one vEU, a block barrier keeps
+    that vEU's ops in order and is enough. RAE's leaves (a one-uTask slice and copy on vEU 0) and the
+    one-uTask concatenation and tanh around each matmul then pay no grid barrier. The C-family renderer
+    demotes the same way inside one statement list (Renderer.demoted); this also sees through Call.
+    One Sync at a time, each decision made with the previous ones in place."""
+    demoted: set = set()
+    while True:
+        candidate = _SyncNeighbourhoods(body, functions, demoted).first_single_veu()
+        if candidate is None:
+            break
+        demoted.add(candidate)
+    if not demoted:
+        return body, functions, 0
+
+    def rewrite(block):
+        out = []
+        for stmt in block:
+            if stmt in demoted:
+                stmt = Sync("block")
+            elif isinstance(stmt, Loop):
+                stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
+            elif isinstance(stmt, Branch):
+                stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
+            out.append(stmt)
+        return tuple(out)
+    functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
+    return rewrite(body), functions, len(demoted)
+
+
+class _SyncNeighbourhoods:
+    """For every grid Sync (those in `demoted` count as block Syncs): the vEUs that touch memory since the
+    previous grid barrier (`before`) and until the next one (`after`), on every path through the plan's
+    control flow, calls and returns included. A set of vEU numbers; EVERY_VEU in it: all vEUs (a uniform op
+    or Assign reading a buffer that the plan writes). Interprocedural: a function's entry joins the sets
+    of its call sites, each call site continues with its function's exit (fixed points, by iteration:
+    the sets only grow)."""
+
+    def __init__(self, body, functions, demoted):
+        self.body, self.demoted = body, demoted
+        self.fns = {f.name: f for f in functions}
+        self.before: dict = {}
+        self.after: dict = {}
+        self.entry = {name: frozenset() for name in self.fns}       # forward: at a function's start
+        self.exit = {name: frozenset() for name in self.fns}        # forward: at its end
+        self.continues = {name: frozenset() for name in self.fns}   # backward: after its call sites
+        self.starts = {name: frozenset() for name in self.fns}      # backward: at its start
+        self._solve()
+
+    def first_single_veu(self):
+        for sync in self.before:
+            veus = self.before[sync] | self.after.get(sync, frozenset())
+            if len(veus) <= 1 and EVERY_VEU not in veus:
+                return sync
+        return None
+
+    def _solve(self):
+        changed = True
+        while changed:
+            old = (dict(self.entry), dict(self.exit), dict(self.continues), dict(self.starts))
+            self.forward(self.body, frozenset())
+            for name, f in self.fns.items():
+                self.exit[name] = self.forward(f.body, self.entry[name])
+            self.backward(self.body, frozenset())
+            for name, f in self.fns.items():
+                self.starts[name] = self.backward(f.body, self.continues[name])
+            changed = old != (self.entry, self.exit, self.continues, self.starts)
+
+    def _grid(self, stmt) -> bool:
+        return isinstance(stmt, Sync) and stmt.scope == "grid" and stmt not in self.demoted
+
+    def forward(self, block, veus):
+        for stmt in block:
+            if self._grid(stmt):
+                self.before[stmt] = self.before.get(stmt, frozenset()) | veus
+                veus = frozenset()
+            elif isinstance(stmt, Loop):
+                start = veus
+                while True:
+                    again = start | self.forward(stmt.body, self.forward(stmt.cond, start))
+                    if again == start:
+                        break
+                    start = again
+                veus = self.forward(stmt.cond, start)
+            elif isinstance(stmt, Branch):
+                veus = frozenset().union(*[self.forward(b, veus) for b in stmt.branches])
+            elif isinstance(stmt, Call):
+                self.entry[stmt.fn] |= veus
+                veus = self.exit[stmt.fn]
+            else:
+                veus = veus | _veus_touching_memory(stmt)
+        return veus
+
+    def backward(self, block, veus):
+        for stmt in reversed(block):
+            if self._grid(stmt):
+                self.after[stmt] = self.after.get(stmt, frozenset()) | veus
+                veus = frozenset()
+            elif isinstance(stmt, Loop):
+                start = self.backward(stmt.cond, veus)            # before the condition: exit or one more trip
+                while True:
+                    again = self.backward(stmt.cond, veus | self.backward(stmt.body, start))
+                    if again == start:
+                        break
+                    start = again
+                veus = start
+            elif isinstance(stmt, Branch):
+                veus = frozenset().union(*[self.backward(b, veus) for b in stmt.branches])
+            elif isinstance(stmt, Call):
+                self.continues[stmt.fn] |= veus
+                veus = self.starts[stmt.fn]
+            else:
+                veus = veus | _veus_touching_memory(stmt)
+        return veus
+
+
+def _veus_touching_memory(stmt) -> frozenset:
+    """The vEUs that read or write buffers in a Wave, Uniforms or Assign (EVERY_VEU: all of them read one
+    that the plan writes; buffers never written are not memory anyone must wait for)."""
+    if isinstance(stmt, Wave):
+        return frozenset(t.first + k for t in stmt.tasks for k in range(min(t.count, t.op.n_utasks)))
+    if isinstance(stmt, Uniforms):
+        reads = [v for u in stmt.ops for v in u.inputs]
+    elif isinstance(stmt, Assign):
+        reads = [stmt.src]
+    else:
+        return frozenset()
+    return frozenset({EVERY_VEU}) if any(_writable(v) for v in reads) else frozenset()
 
 
 def _writable(value) -> bool:

@@ -3,8 +3,9 @@ the barriers. It is the executable definition of plan semantics and finds missin
 
 Semantics it defines (every backend follows them):
 - uTask t of a Task runs on vEU `first + t % count`; its share of the Op's output is utasks.py's.
-- A frame value of recursive function f lives at index `depth[f] + frame_offset` of f's frame storage;
-  depth[f] counts the active frames of f (0 outside f). Call(f) fails with RecursionDepthError when
+- A frame value of recursive function f lives at index `frame[f] + frame_offset` of f's frame storage
+  (f.frames copies); depth[f] counts the active calls of f (0 outside f), frame[f] is the sum of their
+  Call steps (depth[f] when every step is 1). Call(f) fails with RecursionDepthError when
   depth[f] + 1 > max_depth.
 - Uniform values are per vEU; every vEU computes the same ones (the simulator keeps one copy).
 - Race rules: a vEU may read an element another vEU wrote only after a grid barrier, and may overwrite an
@@ -72,10 +73,11 @@ class Simulator:
         self.functions = {f.name: f for f in plan.functions}
         self.mem: dict = {}
         for buf in plan.buffers:
-            copies = self.functions[buf.frame_of].max_depth + 2 if buf.frame_of else 1
+            copies = self.functions[buf.frame_of].frames if buf.frame_of else 1
             self.mem[buf] = _Memory(buf, copies)
         self.uniforms: dict = {}
         self.depth = {name: 0 for name in self.functions}
+        self.frame = {name: 0 for name in self.functions}
         self.local_syncs = np.zeros(plan.grid, np.int64)
         self.op_ids: dict = {}
         self.stats = {"grid_barriers": 0, "utasks": 0}
@@ -83,7 +85,7 @@ class Simulator:
     # -------------------------------------------------------------------------------------------- values
     def _slot(self, value: Value) -> int:
         s = value.storage
-        return self.depth[s.frame_of] + value.frame_offset if s.frame_of else 0
+        return self.frame[s.frame_of] + value.frame_offset if s.frame_of else 0
 
     def read(self, value: Value, veu=None, op=None) -> np.ndarray:
         s = value.storage
@@ -191,10 +193,12 @@ class Simulator:
                                       f"{fn.max_depth}; raise max_depth in @gdsl.recurse(...) if the data "
                                       f"needs it")
         self.depth[fn.name] += 1
+        self.frame[fn.name] += stmt.step
         try:
             self.block(fn.body)
         finally:
             self.depth[fn.name] -= 1
+            self.frame[fn.name] -= stmt.step
 
     def run_wave(self, stmt: Wave):
         for task in stmt.tasks:

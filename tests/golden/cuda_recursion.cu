@@ -2,7 +2,7 @@
 #define GDSL_RESIDENT_BASE 16
 
 // ---------------------------------------------------------------------------------------- ops
-GDSL_DEV void op5_copy(float* o0, const float* i0, int t, char* smem) {
+GDSL_DEV void op3_copy(float* o0, const float* i0, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
@@ -10,7 +10,7 @@ GDSL_DEV void op5_copy(float* o0, const float* i0, int t, char* smem) {
   }
 }
 
-GDSL_DEV void op2_tanh_add(float* o0, const float* i0, const float* i1, int t, char* smem) {
+GDSL_DEV void op0_tanh_add(float* o0, const float* i0, const float* i1, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
@@ -18,7 +18,7 @@ GDSL_DEV void op2_tanh_add(float* o0, const float* i0, const float* i1, int t, c
   }
 }
 
-GDSL_DEV void op3_dynamic_slice(float* o0, const float* i0, int i1, int i2, int t, char* smem) {
+GDSL_DEV void op1_dynamic_slice(float* o0, const float* i0, int i1, int i2, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   long long s0 = (long long)(i1);
@@ -37,12 +37,10 @@ extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restr
   int* gdsl_err = (int*)(gdsl_ws + 128);
   if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;
   float* t1 = (float*)(gdsl_ws + 256);
-  float* t11 = (float*)(gdsl_ws + 512);
-  float* t16 = (float*)(gdsl_ws + 768);
-  float* t20 = (float*)(gdsl_ws + 1024);
-  int d_enc = 0; int r_enc[8];
+  float* t18 = (float*)(gdsl_ws + 768);
+  int d_enc = 0; int r_enc[8]; int b_enc = 0;
   int gdsl_t; (void)gdsl_t;
-  int u0_s[10];
+  int u0_s[19];
   bool u2 = false;
   int u3 = 0;
   int u4 = 0;
@@ -52,58 +50,57 @@ extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restr
   int u8 = 0;
   int u9 = 0;
   int u10 = 0;
-  bool u12 = false;
+  bool u11 = false;
+  int u12 = 0;
   int u13 = 0;
   int u14 = 0;
-  int u15 = 0;
-  bool u17 = false;
-  int u18 = 0;
-  int u19 = 0;
-  u0_s[d_enc + 1] = 0;
+  bool u15 = false;
+  int u16 = 0;
+  int u17 = 0;
+  u0_s[b_enc + 1] = 0;
   if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
-  r_enc[d_enc] = 2; d_enc += 1; goto f_enc;
+  r_enc[d_enc] = 2; d_enc += 1; b_enc += 1; goto f_enc;
   f_enc_ret_2: ;
-  if (blockIdx.x < 1) op5_copy(out0, (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
+  b_enc -= 1;
+  if (blockIdx.x < 1) op3_copy(out0, (t1 + (long long)(b_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
   goto gdsl_exit;
 f_enc:
-  u2 = (u0_s[d_enc] < 0);
-  u3 = ((int)((unsigned long long)u0_s[d_enc] + (unsigned long long)7));
-  u4 = (u2 ? u3 : u0_s[d_enc]);
+  u2 = (u0_s[b_enc] < 0);
+  u3 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+  u4 = (u2 ? u3 : u0_s[b_enc]);
   u5 = in3[(int)(((long long)(u4) < 0 ? 0LL : ((long long)(u4) > 6 ? 6LL : (long long)(u4))) * 1)];
   u6 = ((int)(u5));
   switch (u6) {
     case 0: {
-      u7 = (u0_s[d_enc] < 0);
-      u8 = ((int)((unsigned long long)u0_s[d_enc] + (unsigned long long)7));
-      u9 = (u7 ? u8 : u0_s[d_enc]);
+      u7 = (u0_s[b_enc] < 0);
+      u8 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+      u9 = (u7 ? u8 : u0_s[b_enc]);
       u10 = in1[(int)(((long long)(u9) < 0 ? 0LL : ((long long)(u9) > 6 ? 6LL : (long long)(u9))) * 1)];
-      u0_s[d_enc + 1] = u10;
+      u0_s[b_enc + 1] = u10;
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
-      r_enc[d_enc] = 0; d_enc += 1; goto f_enc;
+      r_enc[d_enc] = 0; d_enc += 1; b_enc += 1; goto f_enc;
       f_enc_ret_0: ;
-      if (blockIdx.x < 1) op5_copy((t11 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
-      u12 = (u0_s[d_enc] < 0);
-      u13 = ((int)((unsigned long long)u0_s[d_enc] + (unsigned long long)7));
-      u14 = (u12 ? u13 : u0_s[d_enc]);
-      u15 = in2[(int)(((long long)(u14) < 0 ? 0LL : ((long long)(u14) > 6 ? 6LL : (long long)(u14))) * 1)];
-      u0_s[d_enc + 1] = u15;
+      b_enc -= 1;
+      u11 = (u0_s[b_enc] < 0);
+      u12 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+      u13 = (u11 ? u12 : u0_s[b_enc]);
+      u14 = in2[(int)(((long long)(u13) < 0 ? 0LL : ((long long)(u13) > 6 ? 6LL : (long long)(u13))) * 1)];
+      u0_s[b_enc + 2] = u14;
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
-      r_enc[d_enc] = 1; d_enc += 1; goto f_enc;
+      r_enc[d_enc] = 1; d_enc += 1; b_enc += 2; goto f_enc;
       f_enc_ret_1: ;
-      if (blockIdx.x < 1) op5_copy((t16 + (long long)(d_enc) * 4), (t1 + (long long)(d_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
-      if (blockIdx.x < 1) op2_tanh_add((t1 + (long long)(d_enc) * 4), (t11 + (long long)(d_enc) * 4), (t16 + (long long)(d_enc) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
+      b_enc -= 2;
+      if (blockIdx.x < 1) op0_tanh_add((t1 + (long long)(b_enc) * 4), (t1 + (long long)(b_enc + 1) * 4), (t1 + (long long)(b_enc + 2) * 4), (int)blockIdx.x, gdsl_smem);
+      __syncthreads();
     } break;
     default: {
-      u17 = (u0_s[d_enc] < 0);
-      u18 = ((int)((unsigned long long)u0_s[d_enc] + (unsigned long long)7));
-      u19 = (u17 ? u18 : u0_s[d_enc]);
-      if (blockIdx.x < 1) op3_dynamic_slice((t20 + (long long)(d_enc) * 4), in0, u19, 0, (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
-      if (blockIdx.x < 1) op5_copy((t1 + (long long)(d_enc) * 4), (t20 + (long long)(d_enc) * 4), (int)blockIdx.x, gdsl_smem);
-      gdsl_grid_sync_atomic(gdsl_bar);
+      u15 = (u0_s[b_enc] < 0);
+      u16 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+      u17 = (u15 ? u16 : u0_s[b_enc]);
+      if (blockIdx.x < 1) op1_dynamic_slice((t18 + (long long)(b_enc) * 4), in0, u17, 0, (int)blockIdx.x, gdsl_smem);
+      __syncthreads();
+      if (blockIdx.x < 1) op3_copy((t1 + (long long)(b_enc) * 4), (t18 + (long long)(b_enc) * 4), (int)blockIdx.x, gdsl_smem);
+      __syncthreads();
     } break;
   }
   d_enc -= 1;

@@ -23,7 +23,10 @@ and the function body rendered once after the kernel's main body under the label
 Frame storage of `f` (buffers and uniforms the scheduler put in f's frames) is addressed at frame
 `d_f + frame_offset`: a buffer at `base + (d_f + offset) * size`, a uniform that must survive a call as
 `u_s[d_f + offset]` (a per-thread array). Frame 0 belongs to the caller outside f, so f has max_depth + 2
-frames (the last one receives the arguments of the call that overflows). Every vEU reaches an overflow at
+frames (the last one receives the arguments of the call that overflows). A function with a Call of step
+s > 1 (the callee s frames deeper, past frames holding results its caller still reads) counts frames in
+`b_f` apart from the depth: the call adds `b_f += s;` after `d_f += 1;`, its return site subtracts it
+again, and the frames number `f.frames`. Every vEU reaches an overflow at
 the same point (control flow is uniform), so all leave together and the host raises RecursionDepthError.
 All locals are declared at the top so that the gotos never skip an initialisation.
 
@@ -103,11 +106,11 @@ def cid(name: str) -> str:
 
 def make_layout(plan) -> Layout:
     layout = Layout()
-    depth = {f.name: f.max_depth for f in plan.functions}
+    frames = {f.name: f.frames for f in plan.functions}
     for buf in plan.buffers:
         if buf.kind not in ("temp", "frame"):
             continue
-        copies = depth[buf.frame_of] + 2 if buf.kind == "frame" else 1
+        copies = frames[buf.frame_of] if buf.kind == "frame" else 1
         layout.offsets[buf] = layout.size
         layout.copies[buf] = copies
         nbytes = buf.aval.size * buf.aval.dtype.itemsize * copies
@@ -225,7 +228,12 @@ class Renderer:
 
     # ------------------------------------------------------------------------------------ values
     def depth(self, fn: str) -> str:
-        return f"d_{cid(fn)}"
+        """The index of `fn`'s current frame: its depth, or its frame counter when calls step further."""
+        return f"b_{cid(fn)}" if self.steps_frames(fn) else f"d_{cid(fn)}"
+
+    def steps_frames(self, fn: str) -> bool:
+        """Does some Call of `fn` go more than one frame deeper (device control only)?"""
+        return self.device_control and self.fns[fn].max_step > 1
 
     def ptr(self, value: Value) -> str:
         buf = value.buffer
@@ -389,8 +397,11 @@ class Renderer:
                 lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({self.first_thread()}) "
                           f"*gdsl_err = {code}; goto gdsl_exit; }}"]
                 lines += self.trace_lines(pad, trace_begin, site)
-                lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1; goto f_{name};",
+                frames = f" b_{name} += {stmt.step};" if self.steps_frames(stmt.fn) else ""
+                lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1;{frames} goto f_{name};",
                           f"{pad}f_{name}_ret_{stmt.site}: ;"]
+                if frames:
+                    lines.append(f"{pad}b_{name} -= {stmt.step};")
                 lines += self.trace_lines(pad, trace_end, site)
             elif isinstance(stmt, Launch):
                 raise ValueError("Launch statements belong to the host program, not to a kernel")
@@ -544,7 +555,8 @@ class Renderer:
             declared.add(buf)
         for f in functions:
             n = cid(f.name)
-            decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];")
+            frames = f" int b_{n} = 0;" if self.steps_frames(f.name) else ""
+            decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];{frames}")
         decls.append("int gdsl_t; (void)gdsl_t;")
         if self.trace:
             decls.append(f"unsigned long long* gdsl_tr = gdsl_trace_buf + (size_t){self.dialect.block_index} * "
@@ -552,7 +564,7 @@ class Renderer:
         for u in used_uniforms:
             t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
-                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].max_depth + 2}];")
+                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].frames}];")
             else:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
         head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"

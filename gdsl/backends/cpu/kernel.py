@@ -16,7 +16,9 @@ The kernel's signature and where its values live: storage.py (KernelStorage, the
     Loop / Branch       native loops and switches on uniform predicates and indices
     Call(fn, site)      an explicit stack machine, no native recursion: check depth+1 <= max_depth, push the
                         return site on fn's site stack, depth += 1, jump to fn's body; the body's end pops
-                        the site and switches back to the block after that call
+                        the site and switches back to the block after that call. A function with a Call of
+                        step > 1 also adds the step to its frame counter there (storage.frame_slot) and
+                        subtracts it at the return site
     interrupts          every Loop's back-edge reads the interrupt word (i32 3 of %barrier, set by the
                         SIGINT handler of interrupts.py) and returns INTERRUPTED when it is set
 
@@ -210,12 +212,20 @@ class KernelWriter(KernelStorage):
         fn.start(push)
         fn.store("i32", str(stmt.site), fn.gep("i32", stack, d))
         fn.store("i64", deeper, depth_slot)
+        if self.steps_frames(f.name):
+            self._add_frames(f.name, stmt.step)
         fn.do(f"; call {f.name} (site {stmt.site})")
         self._trace_event(self.trace and self.trace.call(stmt), end=False)
         fn.goto(self.entries[f.name])
         fn.start(back)
+        if self.steps_frames(f.name):
+            self._add_frames(f.name, -stmt.step)
         self._trace_event(self.trace and self.trace.call(stmt), end=True)
         self.sites[f.name][stmt.site] = back
+
+    def _add_frames(self, fname, step: int) -> None:
+        slot = self.frame_slot(fname)
+        self.fn.store("i64", self.fn.op(f"add nsw i64 {self.fn.load('i64', slot)}, {step}"), slot)
 
     def _launch(self, stmt: Launch) -> None:
         raise AssertionError("Launch statements belong to the host program")

@@ -70,7 +70,7 @@ class Executable:
             if buf.kind in ("temp", "frame"):
                 shape = buf.aval.shape
                 if buf.frame_of is not None:
-                    shape = (self.functions[self.fn_index[buf.frame_of]].max_depth + 2,) + tuple(shape)
+                    shape = (self.functions[self.fn_index[buf.frame_of]].frames,) + tuple(shape)
                 what = f"the frames of recursive function {buf.frame_of!r}" if buf.frame_of else "a temporary"
                 arr = _zeros(shape, buf.aval.dtype, what)
                 self.arrays[id(buf)] = arr

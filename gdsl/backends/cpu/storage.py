@@ -10,7 +10,8 @@
                         recursion workspace, then the packed constants (render.py)
     Uniforms / Assign   scalars in stack slots of each thread; frame uniforms (one slot per recursion depth)
                         live in the thread's region of the recursion workspace (below)
-    frame storage       buffer/uniform of fn at index depth_fn + value.frame_offset (max_depth + 2 copies)
+    frame storage       buffer/uniform of fn at index depth_fn + value.frame_offset (fn.frames copies; a
+                        function with a Call of step > 1 counts frames apart from its depth, frame_slot)
     recursion workspace the site stacks (max_depth + 1 i32 each) and frame uniforms (8 bytes per copy) of the
                         kernel's recursive functions, in one heap block (a %table slot after the buffers and
                         the trace buffer): thread k's region starts at k * ModuleWriter.region_bytes. Never
@@ -41,6 +42,7 @@ class KernelStorage:
         self.bases: dict = {}
         self.uniform_slots: dict = {}
         self.depths: dict = {}        # device: fn name -> slot; host: fn name -> SSA value
+        self.frames: dict = {}        # device, a function with a Call of step > 1: fn name -> frame slot
         self.region = None            # this thread's region of the recursion workspace
         self.region_bytes = 0         # its size so far (every slot 64-byte aligned)
 
@@ -80,8 +82,21 @@ class KernelStorage:
             self.depths[fname] = slot
         return self.depths[fname]
 
+    def frame_slot(self, fname):
+        """The stack slot counting the frames of `fname` apart from its depth (device control, a function
+        with a Call of step > 1: the sum of the active calls' steps; 0 on entry)."""
+        if fname not in self.frames:
+            slot = self.fn.name("frame")
+            self.prologue(f"  {slot} = alloca i64, align 8")
+            self.prologue(f"  store i64 0, ptr {slot}")
+            self.frames[fname] = slot
+        return self.frames[fname]
+
+    def steps_frames(self, fname) -> bool:
+        return not self.host and self.module.functions[fname].max_step > 1
+
     def frame_index(self, fname, offset) -> str:
-        d = self.depth(fname)
+        d = self.fn.load("i64", self.frame_slot(fname)) if self.steps_frames(fname) else self.depth(fname)
         return self.fn.op(f"add nsw i64 {d}, {offset}") if offset else d
 
     def pointer(self, value) -> str:
@@ -98,7 +113,7 @@ class KernelStorage:
         ty = compute_type(u.aval.dtype)
         if id(u) not in self.uniform_slots:
             if u.frame_of:
-                copies = self.module.functions[u.frame_of].max_depth + 2
+                copies = self.module.functions[u.frame_of].frames
                 self.uniform_slots[id(u)] = self.workspace(copies * 8, f"{u.name}_")
             else:
                 slot = self.fn.name(f"{u.name}_")

@@ -1,0 +1,104 @@
+"""What RAE's recursion executes per forward, against the same tree traced straight-line.
+
+    python benchmarks/recursion_counts.py [--trees 20] [--backend cuda] [--cpu-runs 0]
+
+RAE at its full size (`Config()`, hidden 512) is lowered once (no GPU needed: the CUDA source is rendered,
+not compiled) and its plan is run by models/floor.py's counter (only the ops that steer control flow are
+computed) on the fixed 65-node tree of the overhead test, and on `--trees` random trees of the bench
+(mean per forward). The traced row is the fixed tree written out at trace time (`known_tree`, no recurse).
+Printed per row: calls, waves, grid barriers (every grid Sync of the plan / those the C-family renderer
+emits), copy ops and their uTasks, all uTasks, and the same per call. With `--cpu-runs N` the cpu
+backend's median time per forward (ms) on the fixed tree is printed too, recursion and traced.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: gdsl/, models/
+
+import numpy as np
+
+from gdsl.schedule.plan import COPY
+from models import floor, rae
+
+
+class _Counter(floor._Counter):
+    """The bench's plan counter, also counting calls, waves, copy ops and uTasks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = self.waves = self.copy_ops = self.copy_utasks = self.utasks = 0
+
+    def run_call(self, stmt):
+        self.calls += 1
+        super().run_call(stmt)
+
+    def run_wave(self, stmt):
+        self.waves += 1
+        for task in stmt.tasks:
+            self.utasks += task.op.n_utasks
+            if task.op.kind == COPY.name:
+                self.copy_ops += 1
+                self.copy_utasks += task.op.n_utasks
+        super().run_wave(stmt)
+
+    def row(self) -> dict:
+        return {"calls": self.calls, "waves": self.waves, "grid": self.count.plan_grid_barriers,
+                "rendered": self.count.grid_barriers, "copy_ops": self.copy_ops,
+                "copy_utasks": self.copy_utasks, "utasks": self.utasks}
+
+
+def count(forward, weights, inputs) -> dict:
+    lowered = forward.lower(weights, inputs)
+    counter = _Counter(floor.plan_of(lowered), floor.rendered_grid_syncs(lowered), all_values=False)
+    counter.run(floor.flat_arguments(weights, inputs))
+    return counter.row()
+
+
+def cpu_ms(forward, weights, inputs, runs: int) -> float:
+    forward(weights, inputs)                         # compile
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        np.asarray(forward(weights, inputs))
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def show(label: str, row: dict):
+    calls = row["calls"] or 1
+    print(f"{label:22s} {row['calls']:6.1f} {row['waves']:7.1f} {row['grid']:7.1f} / {row['rendered']:<7.1f} "
+          f"{row['copy_ops']:8.1f} {row['copy_utasks']:11.1f} {row['utasks']:8.1f}   "
+          f"{row['waves'] / calls:5.2f} {row['rendered'] / calls:5.2f} {row['copy_ops'] / calls:5.2f}", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python benchmarks/recursion_counts.py", description=__doc__.split("\n")[0])
+    p.add_argument("--trees", type=int, default=20)
+    p.add_argument("--backend", default="cuda")
+    p.add_argument("--cpu-runs", type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = rae.Config()
+    weights = rae.init_weights(cfg)
+    fixed = rae.make_inputs(cfg, tree="fixed")
+    recursive = rae.make_forward(cfg, backend=args.backend)
+    traced = rae.make_forward(rae.overhead_test(cfg).programs["trace"], backend=args.backend)
+    print("row                     calls   waves    grid barriers    copies copy uTasks   uTasks"
+          "   per call: waves barriers copies")
+    print("                                        (plan / rendered)")
+    show("fixed tree, recursion", count(recursive, weights, fixed))
+    show("fixed tree, traced", count(traced, weights, fixed))
+    rows = [count(recursive, weights, rae.make_inputs(cfg, seed=s)) for s in range(args.trees)]
+    show(f"{args.trees} random trees (mean)", {k: float(np.mean([r[k] for r in rows])) for k in rows[0]})
+    if args.cpu_runs:
+        rec_cpu = rae.make_forward(cfg, backend="cpu")
+        traced_cpu = rae.make_forward(rae.overhead_test(cfg).programs["trace"], backend="cpu")
+        rec, tr = cpu_ms(rec_cpu, weights, fixed, args.cpu_runs), cpu_ms(traced_cpu, weights, fixed, args.cpu_runs)
+        print(f"cpu backend, fixed tree: recursion {rec:.3f} ms, traced {tr:.3f} ms, ratio {rec / tr:.2f}")
+
+
+if __name__ == "__main__":
+    main()

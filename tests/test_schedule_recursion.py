@@ -1,0 +1,267 @@
+"""Recursive calls whose results the caller reads in the callee's frame (no copy, no barrier): the plan
+steps later calls past the frames those results hold (plan.Call.step), and every backend follows it.
+
+Checked against the interpreter on the plan simulator (its race checks included), the cpu backend and the
+C-family CPU emulator; the depth limit stays exact however far the frames step."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import BACKEND_TOLERANCE, assert_trees_close
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+from gdsl.interpreter import run_program
+from gdsl.jit import leaf_aval
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import COPY, Call, Sync, Wave, walk
+from gdsl.schedule.simulate import simulate
+from gdsl.tracing.pytree import tree_flatten
+
+D = 4
+needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
+
+
+def tree_arrays(shape, n_slots=None):
+    """Post-order node arrays (left, right, is_leaf) of a nested-pair tree (leaves None) and its root."""
+    order = []
+
+    def visit(t):
+        order.append(None if t is None else (visit(t[0]), visit(t[1])))
+        return len(order) - 1
+    visit(shape)
+    n = n_slots or len(order)
+    left, right, is_leaf = np.zeros(n, np.int32), np.zeros(n, np.int32), np.ones(n, bool)
+    for k, children in enumerate(order):
+        if children is not None:
+            left[k], right[k] = children
+            is_leaf[k] = False
+    return left, right, is_leaf, np.int32(len(order) - 1)
+
+
+def chain(height, side):
+    """A tree of `height` inner nodes, each with a leaf on one side and the rest of the chain on `side`."""
+    tree = None
+    for _ in range(height):
+        tree = (tree, None) if side == "left" else (None, tree)
+    return tree
+
+
+@st.composite
+def shapes(draw, max_leaves=8):
+    n = draw(st.integers(1, max_leaves))
+
+    def split(k):
+        if k == 1:
+            return None
+        m = draw(st.integers(1, k - 1))
+        return (split(m), split(k - m))
+    return split(n)
+
+
+def height(tree):
+    return 0 if tree is None else 1 + max(height(tree[0]), height(tree[1]))
+
+
+def encoder(max_depth):
+    """RAE's encoder: two calls per inner node whose results meet in one matmul."""
+    def program(x, W, b, left, right, is_leaf, root):
+        @gdsl.recurse(result=gdsl.ShapeDtype((D,), gdsl.float32), max_depth=max_depth)
+        def encode(node):
+            return gdsl.cond(is_leaf[node], lambda: x[node],
+                             lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
+        return encode(root)
+    return program
+
+
+def encoder_args(tree, seed=0):
+    rng = np.random.default_rng(seed)
+    left, right, is_leaf, root = tree_arrays(tree)
+    x = rng.uniform(-1, 1, (len(left), D)).astype(np.float32)
+    W = (rng.standard_normal((2 * D, D)) / np.sqrt(2 * D)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(D)).astype(np.float32)
+    return x, W, b, left, right, is_leaf, root
+
+
+def flat_args(args):
+    flat, _ = tree_flatten((tuple(args), {}))
+    return [np.asarray(a, leaf_aval(a).dtype) for a in flat]
+
+
+def check_simulated(fn, args, grids=(1, 3, 16)):
+    """simulate(plan) == interpreter (or both overflow) on both controls and several grids; the device
+    plan at the last grid."""
+    program = gdsl.make_ir(fn)(*args)
+    flat = flat_args(args)
+    try:
+        expected = run_program(program, flat)
+    except gdsl.RecursionDepthError:
+        expected = None
+    for control in ("device", "host"):
+        for grid in grids:
+            plan = schedule(program, control=control, grid=grid)
+            if expected is None:
+                with pytest.raises(gdsl.RecursionDepthError):
+                    simulate(plan, flat, seed=grid)
+            else:
+                assert_trees_close(simulate(plan, flat, seed=grid), expected, tolerance=BACKEND_TOLERANCE)
+    return schedule(program, control="device", grid=grids[-1])
+
+
+def calls(plan):
+    return [s for f in plan.functions for s in walk(f.body) if isinstance(s, Call)]
+
+
+def copies_in_functions(plan):
+    return [t.op for f in plan.functions for s in walk(f.body) if isinstance(s, Wave) for t in s.tasks
+            if t.op.kind == COPY.name]
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+def test_call_results_are_read_in_the_callees_frames():
+    """Both children's results stay where the callee wrote them: the second call goes two frames deeper,
+    past the first one's result, and the inner node copies neither (the leaf's copy remains)."""
+    args = encoder_args(((None, None), None))
+    plan = schedule(gdsl.make_ir(encoder(4))(*args), grid=16)
+    assert sorted(c.step for c in calls(plan)) == [1, 2]
+    (fn,) = plan.functions
+    assert fn.max_step == 2 and fn.frames == (4 + 1) * 2 + 1
+    inner = [s for s in walk(fn.body) if isinstance(s, Wave) and any(
+        v.frame_offset for t in s.tasks for v in t.op.inputs)]
+    assert {v.frame_offset for s in inner for t in s.tasks for v in t.op.inputs} == {1, 2}
+    assert len(copies_in_functions(plan)) == 1          # the leaf's x[node] into the result
+    host = schedule(gdsl.make_ir(encoder(4))(*args), control="host", grid=16)
+    assert all(c.step == 1 for c in calls(host))
+
+
+@settings(max_examples=25, deadline=None)
+@given(tree=shapes(), seed=st.integers(0, 2**16))
+def test_random_trees_simulated(tree, seed):
+    check_simulated(encoder(height(tree) + 1), encoder_args(tree, seed))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_depth_limit_stays_exact_with_stepped_frames(side):
+    """A chain of h inner nodes needs h + 1 frames whichever side it grows on, though a right child's
+    call steps two frames: max_depth = h + 1 runs, h raises (simulator, cpu backend, emulator)."""
+    args = encoder_args(chain(5, side))
+    check_simulated(encoder(6), args)
+    check_simulated(encoder(5), args)
+    expected = run_program(gdsl.make_ir(encoder(6))(*args), flat_args(args))[0]
+    np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(encoder(6), backend="cpu")(*args)), expected,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(gdsl.RecursionDepthError):
+        gdsl.jit(encoder(5), backend="cpu")(*args)
+
+
+@needs_cxx
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_emulated_stepped_frames(side):
+    args = encoder_args((chain(3, side), (None, None)))
+    expected = run_program(gdsl.make_ir(encoder(8))(*args), flat_args(args))[0]
+    got = emulator.emulate(encoder(8), *args, grid=3, block=32)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(gdsl.RecursionDepthError):
+        emulator.emulate(encoder(4), *args, grid=3, block=32)
+
+
+@pytest.mark.parametrize("grid", [None, 3])
+def test_cpu_backend_random_trees(grid):
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        n = int(rng.integers(2, 9))
+
+        def split(k):
+            if k == 1:
+                return None
+            m = int(rng.integers(1, k))
+            return (split(m), split(k - m))
+        tree = split(n)
+        args = encoder_args(tree, int(rng.integers(1000)))
+        options = {} if grid is None else {"grid": grid, "block": 1}
+        got = gdsl.to_numpy(gdsl.jit(encoder(height(tree) + 1), backend="cpu", **options)(*args))
+        expected = run_program(gdsl.make_ir(encoder(height(tree) + 1))(*args), flat_args(args))[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ where copies stay
+
+def test_a_body_calling_another_recursive_function_copies_results():
+    """A call of another recursive function could reach the callee's frames again: results are copied,
+    every call steps one frame."""
+    def program(x, n):
+        @gdsl.recurse(result=gdsl.ShapeDtype((3,), gdsl.float32), max_depth=8)
+        def outer(k):
+            @gdsl.recurse(result=gdsl.ShapeDtype((3,), gdsl.float32), max_depth=8)
+            def inner(j):
+                return gdsl.cond(j <= 0, lambda: x, lambda: inner(j - 1) * 0.5)
+            return gdsl.cond(k <= 0, lambda: x, lambda: outer(k - 1) + inner(k) + outer(k - 2))
+        return outer(n)
+    args = (np.arange(3, dtype=np.float32) + 1, np.int32(4))
+    plan = check_simulated(program, args)
+    steps = {(c.fn, c.step) for c in calls(plan)}
+    assert all(step == 1 for _, step in steps) and {fn for fn, _ in steps} == {"outer", "inner"}
+    np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)),
+                               run_program(gdsl.make_ir(program)(*args), flat_args(args))[0], rtol=1e-6)
+
+
+def test_results_held_across_three_calls_and_a_loop():
+    """Three calls per node (three held frames, steps 1..3) and a loop in the body that reads a held
+    result every iteration, after the calls."""
+    def program(x, n):
+        @gdsl.recurse(result=gdsl.ShapeDtype((3,), gdsl.float32), max_depth=6)
+        def f(k):
+            def inner():
+                a, b, c = f(k - 1), f(k - 2), f(k - 3)
+                return gdsl.fori_loop(0, 2, lambda i, acc: acc * 0.5 + a - c, b)
+            return gdsl.cond(k <= 0, lambda: x * k.astype(gdsl.float32), inner)
+        return f(n)
+    args = (np.arange(3, dtype=np.float32) - 1, np.int32(4))
+    plan = check_simulated(program, args)
+    assert sorted(c.step for c in calls(plan)) == [1, 2, 3]
+    np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)),
+                               run_program(gdsl.make_ir(program)(*args), flat_args(args))[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ barriers around calls
+
+def wide_leaf_encoder(max_depth, width):
+    """Leaves do work spread over many vEUs (a wide elementwise op); inner nodes a one-uTask add: the grid
+    barriers around the wide work stay, those between one-vEU ops across calls become block syncs."""
+    def program(xs, left, right, is_leaf, root):
+        @gdsl.recurse(result=gdsl.ShapeDtype((width,), gdsl.float32), max_depth=max_depth)
+        def encode(node):
+            return gdsl.cond(is_leaf[node], lambda: gnp.tanh(xs[node] * 2.0) + 1.0,
+                             lambda: encode(left[node]) * 0.5 + encode(right[node]))
+        return encode(root)
+    return program
+
+
+@pytest.mark.parametrize("width", [4, 3000])
+def test_barriers_around_calls_are_kept_where_vEUs_meet(width):
+    """The plan simulator's race checks pass with the demoted barriers, whatever the leaves' width."""
+    tree = ((None, (None, None)), None)
+    left, right, is_leaf, root = tree_arrays(tree)
+    xs = np.random.default_rng(1).uniform(-1, 1, (len(left), width)).astype(np.float32)
+    plan = check_simulated(wide_leaf_encoder(4, width), (xs, left, right, is_leaf, root), grids=(1, 3, 16, 132))
+    syncs = [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync)]
+    if width == 4:
+        assert all(s.scope == "block" for s in syncs)
+    else:
+        assert any(s.scope == "grid" for s in syncs)
+
+
+def test_rae_executes_two_grid_barriers_per_inner_node():
+    """RAE at full size on the fixed 65-node tree (32 inner nodes, 33 leaves): the grid barriers executed
+    are the two around each node's matmul (its input concatenated on vEU 0, its output read on vEU 0);
+    the leaves and the calls pay none, and no result is copied out of a callee's frame."""
+    from models import floor, rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
+    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    plan = schedule(program, grid=132)
+    count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
+    assert count.plan_grid_barriers == 2 * 32
+    assert len(copies_in_functions(plan)) == 1            # the leaf's x[node] into the result
