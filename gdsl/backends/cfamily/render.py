@@ -2,7 +2,9 @@
 Ops whose functions would be the same text (same kind, shapes, expression, split: the repeated blocks of a
 ResNet, the steps of an unrolled loop) share one function. Functions are inlined at their call sites
 unless that would give NVRTC more than INLINE_BUDGET of code: then the most repeated ones are compiled
-once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs.
+once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs; so are the GEMM/GEMV
+uTask functions with several call sites (CALL_TILED_UTASKS). The tasks of one wave that call the same function on
+disjoint vEUs share one call site (GROUP_WAVE_TASKS): NVRTC's time goes into inlined, unrolled tiles.
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
@@ -71,8 +73,9 @@ INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined a
 GROUP_WAVE_TASKS = True
 # The uTask functions of these kinds unroll a GEMM or GEMV tile of the prelude: a few lines of source, tens of KiB
 # of machine code each time NVRTC inlines one. With CALL_TILED_UTASKS such a function with more than one call
-# site is compiled once and called (GDSL_SHARED_OP) whatever INLINE_BUDGET says; a call costs tens of ns against
-# a tile uTask of a microsecond or more, and the tile routine stays inlined inside it (False: the budget alone).
+# site is compiled once and called (GDSL_SHARED_OP) whatever INLINE_BUDGET says; a call should cost tens of ns
+# against a tile uTask of a microsecond or more (not yet timed on a GPU), and the tile routine stays inlined
+# inside it (False: the budget alone).
 CALL_TILED_UTASKS = True
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 
