@@ -2,8 +2,10 @@
 
     GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
 
-NVRTC takes minutes on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
-the cache folder to the GPU machine keeps the benchmark's device time for measuring. The cache key holds the
+NVRTC takes a while on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
+the cache folder to the GPU machine keeps the benchmark's device time for measuring. Each line gives one
+source's size and its NVRTC wall and CPU time (the CPU time of this process: on a shared machine the wall time
+also counts the waits for a core; a compile already in the cache takes no time). The cache key holds the
 source, the arch (sm_90) and the NVRTC version, so the GPU machine must use the same NVRTC.
 """
 from __future__ import annotations
@@ -30,11 +32,12 @@ def compile_one(name, batch, control, grid=None, program=None, options=()):
     fn = model.make_forward(prob.cfg, backend="cuda", control=control, **{"grid": grid, **dict(options)})
     t0 = time.perf_counter()
     source = fn.lower(prob.weights, prob.batches[0]).source
-    t1 = time.perf_counter()
+    t1, cpu = time.perf_counter(), time.process_time()
     compile_cuda(source, "sm_90")
     return f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'} " \
            f"{dict(options) or ''}: " \
-           f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s"
+           f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s " \
+           f"(cpu {time.process_time() - cpu:.1f} s)"
 
 
 def main():

@@ -9,6 +9,7 @@ control flow, recursion overflow, dlpack inputs, the grid fallback and both barr
 """
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,7 +161,8 @@ def test_views_replace_contiguous_slices():
 
 def test_identical_utasks_share_one_function(monkeypatch):
     """Ten identical layers: one tanh function for ten sites and one GEMV for nine (the first reads the
-    argument, not a temporary). Inlined while small; past the inlining budget, called instead."""
+    argument, not a temporary). Inlined while small; past the inlining budget, called instead. The GEMV,
+    a tiled uTask, is called from its nine sites whatever the budget (CALL_TILED_UTASKS)."""
     from gdsl.backends.cfamily import render
 
     def layers(x, w):
@@ -173,11 +175,52 @@ def test_identical_utasks_share_one_function(monkeypatch):
                                                                np.ones((10, 64, 64), np.float32)).source
         return _generated_part(source).split('extern "C"')[0]
     small = ops()
-    assert small.count("GDSL_DEV void") == 3 and "GDSL_SHARED_OP" not in small
+    assert small.count("GDSL_DEV void") == 2 and small.count("GDSL_SHARED_OP void") == 1
+    assert "// called from 9 sites" in small
+    assert "#define GDSL_SHARED_OP __device__ __noinline__" in CUDADialect().header
+    monkeypatch.setattr(render, "CALL_TILED_UTASKS", False)
+    assert ops().count("GDSL_DEV void") == 3 and "GDSL_SHARED_OP" not in ops()
+    monkeypatch.setattr(render, "CALL_TILED_UTASKS", True)
     monkeypatch.setattr(render, "INLINE_BUDGET", 0)
     large = ops()
     assert large.count("GDSL_SHARED_OP void") == 2 and large.count("GDSL_DEV void") == 1
     assert "// called from 10 sites" in large and "// called from 9 sites" in large
+
+
+def _independent_layers(x, w):
+    """Four products of one shape that depend on nothing but the inputs: one wave, four tasks."""
+    return [gdsl.numpy.tanh(x @ w[k]) for k in range(4)]
+
+
+INDEPENDENT_ARGS = (np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64),
+                    np.linspace(-0.1, 0.1, 4 * 64 * 64, dtype=np.float32).reshape(4, 64, 64))
+
+
+def test_wave_of_one_function_has_one_call_site(monkeypatch):
+    """Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (each vEU
+    picks its task's arguments), so NVRTC compiles the function once; GROUP_WAVE_TASKS=False: one site each."""
+    from gdsl.backends.cfamily import render
+
+    def kernel():
+        source = gdsl.jit(_independent_layers, backend="cuda", grid=16).lower(*INDEPENDENT_ARGS).source
+        return source.split('extern "C"')[1]
+    grouped = kernel()
+    assert grouped.count("4 tasks of ") == 2          # the four products, then the four tanh
+    assert len(re.findall(r"\bop\w+_matmul\(", grouped)) == 1
+    monkeypatch.setattr(render, "GROUP_WAVE_TASKS", False)
+    assert len(re.findall(r"\bop\w+_matmul\(", kernel())) == 4
+
+
+@needs_cxx
+@pytest.mark.parametrize("group", [True, False])
+def test_emulated_wave_of_one_function(group, monkeypatch):
+    from strategies import BACKEND_TOLERANCE, assert_trees_close
+
+    from gdsl.backends.cfamily import render
+    monkeypatch.setattr(render, "GROUP_WAVE_TASKS", group)
+    got = emulator.emulate(_independent_layers, *INDEPENDENT_ARGS, grid=6, block=64)
+    expected = gdsl.jit(_independent_layers, backend="interpret")(*INDEPENDENT_ARGS)
+    assert_trees_close(gdsl.to_numpy(got), expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx

@@ -2,7 +2,9 @@
 Ops whose functions would be the same text (same kind, shapes, expression, split: the repeated blocks of a
 ResNet, the steps of an unrolled loop) share one function. Functions are inlined at their call sites
 unless that would give NVRTC more than INLINE_BUDGET of code: then the most repeated ones are compiled
-once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs.
+once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs; so are the GEMM/GEMV
+uTask functions with several call sites (CALL_TILED_UTASKS). The tasks of one wave that call the same function on
+disjoint vEUs share one call site (GROUP_WAVE_TASKS): NVRTC's time goes into inlined, unrolled tiles.
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
@@ -50,7 +52,7 @@ from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.backends.cfamily.ops import OpRenderer
 from gdsl.backends.cfamily.views import find_views, view_decl
 from gdsl.core.ir import Lit
-from gdsl.primitives.registry import lowering_rule
+from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.plan import (
     Assign,
@@ -71,6 +73,17 @@ PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
 BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
+# Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (Renderer.task_run):
+# NVRTC compiles the function once per run instead of once per task. Each vEU makes the same range tests as
+# with one call site per task; it then calls through arguments picked at run time (False: one call site each).
+GROUP_WAVE_TASKS = True
+# The uTask functions of these kinds unroll a GEMM or GEMV tile of the prelude: a few lines of source, tens of KiB
+# of machine code each time NVRTC inlines one. With CALL_TILED_UTASKS such a function with more than one call
+# site is compiled once and called (GDSL_SHARED_OP) whatever INLINE_BUDGET says; a call should cost tens of ns
+# against a tile uTask of a microsecond or more (not yet timed on a GPU), and the tile routine stays inlined
+# inside it (False: the budget alone).
+CALL_TILED_UTASKS = True
+TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 
 
 @dataclass
@@ -219,6 +232,8 @@ class Renderer:
         self.op_function: dict = {}         # Op -> the name of its uTask function
         self.functions: dict = {}           # (parameters, body) -> (name, code): identical uTasks share one
         self.call_sites: dict = {}          # function name -> call sites (a shared one is not inlined)
+        self.parameters: dict = {}          # function name -> its parameter declarations, less t and smem
+        self.function_kind: dict = {}       # function name -> the kind of its ops
         self.smem = 16
         self.device_control = plan.control == "device"
         self.views = find_views(plan, self.elem)
@@ -347,8 +362,7 @@ class Renderer:
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
             if isinstance(stmt, Wave):
-                for task in stmt.tasks:
-                    lines += [pad + line for line in self.task(task)]
+                lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
@@ -422,13 +436,40 @@ class Renderer:
             return statement
         return f"{{ {trace_begin(site, arg)} {statement} {trace_end(site, arg)} }}"
 
-    def task(self, task) -> list[str]:
-        op = task.op
-        view = self.views.get(op.outputs[0].buffer)
-        if view is not None:     # no work: the output is a pointer into the source
-            if view.dynamic:
-                return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
-            return []
+    def wave(self, tasks) -> list[str]:
+        """The C lines of one wave's tasks, in order. With GROUP_WAVE_TASKS, a run of consecutive tasks that
+        call the same uTask function on disjoint vEU ranges is one call site (`task_run`), not one each."""
+        if self.trace or not GROUP_WAVE_TASKS:
+            return [line for task in tasks for line in self.task(task)]
+        lines, run = [], []
+        for task in tasks:
+            if run and not self._joins_run(run, task):
+                lines += self.task_run(run)
+                run = []
+            if self.views.get(task.op.outputs[0].buffer) is not None:
+                lines += self.task(task)
+            else:
+                run.append(task)
+        return lines + (self.task_run(run) if run else [])
+
+    def _joins_run(self, run, task) -> bool:
+        """Whether `task` can share the call site of `run`: the same function, and no vEU that runs a task
+        of the run runs this one too (each vEU then runs at most one task of the run, as before)."""
+        if self.views.get(task.op.outputs[0].buffer) is not None:
+            return False
+        if self.utask_function(task.op)[0] != self.utask_function(run[0].op)[0]:
+            return False
+        lo, hi = self._veu_range(task)
+        return all(hi <= a or b <= lo for a, b in map(self._veu_range, run))
+
+    @staticmethod
+    def _veu_range(task) -> tuple[int, int]:
+        """The vEUs [lo, hi) that run at least one uTask of `task`."""
+        return task.first, task.first + min(task.op.n_utasks, task.count)
+
+    def utask_function(self, op) -> tuple[str, dict]:
+        """(name of the uTask function of `op`, its inputs read through a transposing view: index -> View);
+        renders the function on first use. Ops whose functions would be the same text share one."""
         permuted = {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
                     if v.buffer in self.views and self.views[v.buffer].perm is not None}
         if op not in self.op_function:
@@ -438,13 +479,27 @@ class Renderer:
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
+                self.parameters[op.name] = params.split(", ")[:-2]      # less `int t, char* smem`
+                self.function_kind[op.name] = op.kind
             self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
-        fn = self.op_function[op]
+        return self.op_function[op], permuted
+
+    def call_args(self, op, permuted) -> list[str]:
+        """The C arguments of a call of `op`'s uTask function, less the uTask index and shared memory."""
+        return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
+                                                    for k, v in enumerate(op.inputs)]
+
+    def task(self, task) -> list[str]:
+        op = task.op
+        view = self.views.get(op.outputs[0].buffer)
+        if view is not None:     # no work: the output is a pointer into the source
+            if view.dynamic:
+                return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
+            return []
+        fn, permuted = self.utask_function(op)
         self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
-        args = ", ".join([self.ptr(v) for v in op.outputs] +
-                         [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
-                          for k, v in enumerate(op.inputs)])
+        args = ", ".join(self.call_args(op, permuted))
         return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
                                                              self.trace and self.trace.op(task), t))
 
@@ -474,6 +529,38 @@ class Renderer:
                     stage = functools.partial(gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]))
                     lines += self.over_utasks(task, lambda t, stage=stage: stage(t, "gdsl_smem"))
         return lines + [self.dialect.block_barrier] if lines else []
+
+    def task_run(self, run) -> list[str]:
+        """Tasks of one function on disjoint vEU ranges as one call site: the vEU finds its own task in a
+        chain of range tests (the tests the tasks rendered one by one make too) and takes that task's
+        arguments, its first vEU and its uTask count and stride; then one call. NVRTC then compiles
+        (inlines) the function once for the run instead of once per task."""
+        if len(run) == 1:
+            return self.task(run[0])
+        fn, _ = self.utask_function(run[0].op)
+        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
+        columns = {f"gdsl_{decl.rsplit(' ', 1)[1]}": (decl.rsplit(' ', 1)[0], args) for decl, args in
+                   zip(self.parameters[fn], zip(*(self.call_args(t.op, self.utask_function(t.op)[1]) for t in run)))}
+        columns["gdsl_n"] = ("int", tuple(str(t.op.n_utasks) for t in run))
+        columns["gdsl_step"] = ("int", tuple(str(t.count) for t in run))
+        varying = {name: c_type for name, (c_type, values) in columns.items() if len(set(values)) > 1}
+        value = {name: (name if name in varying else values[0]) for name, (_, values) in columns.items()}
+        veu = self.dialect.block_index
+        lines = [f"{{ // {len(run)} tasks of {fn} on disjoint vEUs: this vEU's arguments, then one call",
+                 "  " + " ".join([f"{c_type} {name}{{}};" for name, c_type in varying.items()] +
+                                 ["int gdsl_first = -1;"])]
+        for k, task in enumerate(run):
+            lo, hi = self._veu_range(task)
+            sets = " ".join([f"gdsl_first = {lo};"] + [f"{name} = {columns[name][1][k]};" for name in varying])
+            test = f"{veu} >= {lo} && {veu} < {hi}" if lo else f"{veu} < {hi}"
+            lines.append(f"  {'else ' if k else ''}if ({test}) {{ {sets} }}")
+        args = ", ".join(value[f"gdsl_{decl.rsplit(' ', 1)[1]}"] for decl in self.parameters[fn])
+        if all(t.op.n_utasks <= t.count for t in run):   # one round each: vEU first + t runs uTask t
+            lines.append(f"  if (gdsl_first >= 0) {fn}({args}, (int){veu} - gdsl_first, gdsl_smem);")
+        else:
+            lines.append(f"  if (gdsl_first >= 0) for (gdsl_t = (int){veu} - gdsl_first; gdsl_t < {value['gdsl_n']}; "
+                         f"gdsl_t += {value['gdsl_step']}) {fn}({args}, gdsl_t, gdsl_smem);")
+        return lines + ["}"]
 
     # ------------------------------------------------------------------------------------ uniform ops
     def uniform_op(self, u) -> list[str]:
@@ -577,12 +664,15 @@ class Renderer:
         return "\n".join(lines) + "\n", KernelSpec(name, params, grid_syncs)
 
     def not_inlined(self) -> set:
-        """The shared functions to call instead of inlining: inlining every call site would give NVRTC more
-        than INLINE_BUDGET of code. Those that save the most go first; below the budget everything is
-        inlined (a call costs 10-18 % on LSTM and BlockDrop, measured on an H100)."""
-        cost = {name: (self.call_sites[name] - 1) * len(code) for name, code in self.functions.values()}
-        total = sum(self.call_sites[name] * len(code) for name, code in self.functions.values())
-        out = set()
+        """The shared functions to call instead of inlining: the tiled ones (CALL_TILED_UTASKS), then those
+        without which inlining every call site would give NVRTC more than INLINE_BUDGET of code. Those that
+        save the most go first; below the budget everything is inlined (calling every shared function, the
+        elementwise ones too, cost 10-18 % on LSTM and BlockDrop, measured on an H100)."""
+        out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS and self.call_sites[name] > 1
+               and self.function_kind[name] in TILED_KINDS}
+        cost = {name: (self.call_sites[name] - 1) * len(code) for name, code in self.functions.values()
+                if name not in out}
+        total = sum(self.call_sites[name] * len(code) for name, code in self.functions.values() if name not in out)
         for name in sorted((n for n in cost if cost[n] > 0), key=cost.get, reverse=True):
             if total <= INLINE_BUDGET:
                 break
