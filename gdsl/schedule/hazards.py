@@ -31,7 +31,7 @@ from gdsl.schedule.shares import MOVES, SPLIT_PARAMS, storage_elements
 
 NONE, SEVERAL = -1, -2
 MAX_TRACKED = 1 << 23        # elements tracked per segment; beyond it every barrier stays a grid barrier
-MAX_OP_ELEMENTS = 1 << 20    # an op writing more is not latency-bound: its barriers stay grid barriers
+MAX_OP_ELEMENTS = 1 << 18    # an op writing more is not latency-bound: its barriers stay grid barriers
 MAYBE_VIEWS = frozenset(p.name for p in (slice_p, dynamic_slice_p, transpose_p))
 
 
@@ -55,6 +55,9 @@ class Hazards:
     def clear(self):
         """After a grid barrier: nothing is pending."""
         self.writer, self.reader, self.given_up = {}, {}, False
+        self.pending: list = []          # waves recorded but not yet entered in the tables (see _flush)
+        self.wrote: set = set()          # the buffers written and read since the last grid barrier
+        self.read_from: set = set()
 
     # ---------------------------------------------------------------------------------------- accesses
     def _accesses(self, wave: Wave):
@@ -101,22 +104,41 @@ class Hazards:
 
     # ---------------------------------------------------------------------------------------- queries
     def record(self, wave: Wave):
-        """Enter the accesses of `wave` (it ran since the last grid barrier)."""
+        """Note that `wave` ran since the last grid barrier (its accesses are computed when a query needs
+        them: most waves end a segment, behind a grid barrier, and are never asked about)."""
         self.note_views(wave)
+        self.pending.append(wave)
+        self.wrote |= {v.storage for task in wave.tasks for v in task.op.outputs}
+        self.read_from |= self._storages_read(wave)
+
+    def _storages_read(self, wave: Wave) -> set:
+        out = set()
+        for value in (v for task in wave.tasks for v in task.op.inputs if isinstance(v.storage, Buffer)):
+            out |= {source.storage for source, _ in self._read_through(value, None)}
+        return out
+
+    def _flush(self):
+        """Enter the pending waves' accesses in the tables."""
+        waves, self.pending = self.pending, []
         if self.given_up:
             return
         try:
-            for buf, elements, veus, is_write in self._accesses(wave):
-                table = self._array(self.writer if is_write else self.reader, buf)
-                elements, veus = _merged(elements, veus, buf.aval.size)
-                seen = table[elements]
-                table[elements] = np.where((seen == NONE) | (seen == veus), veus, SEVERAL)
+            for wave in waves:
+                for buf, elements, veus, is_write in self._accesses(wave):
+                    table = self._array(self.writer if is_write else self.reader, buf)
+                    elements, veus = _merged(elements, veus, buf.aval.size)
+                    seen = table[elements]
+                    table[elements] = np.where((seen == NONE) | (seen == veus), veus, SEVERAL)
         except TooLarge:
             self.given_up = True
 
     def local(self, wave: Wave) -> bool:
         """Can `wave` run after a vEU-local sync: does each of its uTasks touch only elements that no other
         vEU wrote (or, for its writes, read) since the last grid barrier?"""
+        writes = {v.storage for task in wave.tasks for v in task.op.outputs}
+        if not (self._storages_read(wave) & self.wrote or writes & (self.wrote | self.read_from)):
+            return True                  # (it touches nothing touched since the last grid barrier)
+        self._flush()
         if self.given_up:
             return False
         try:
@@ -135,6 +157,10 @@ class Hazards:
     def written(self, values) -> bool:
         """Does any of `values` (read by every vEU: a uniform op's inputs) have an element written since the
         last grid barrier?"""
+        values = [v for v in values if isinstance(v.storage, Buffer)]
+        if not any(source.storage in self.wrote for v in values for source, _ in self._read_through(v, None)):
+            return False
+        self._flush()
         if self.given_up:
             return True
         for value in values:
