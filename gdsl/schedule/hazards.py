@@ -243,7 +243,7 @@ def _moved_from(op, k) -> np.ndarray:
 
 def _merged(elements, veus, size):
     """(elements, vEU of each) with each element once: SEVERAL where different vEUs touch it."""
-    if isinstance(elements, slice) or np.ndim(veus) == 0:
+    if isinstance(elements, slice) or np.ndim(veus) == 0 or len(elements) == 0:
         return elements, veus
     order = np.argsort(elements, kind="stable")
     elements, veus = elements[order], veus[order]
