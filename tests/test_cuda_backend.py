@@ -162,7 +162,8 @@ def test_views_replace_contiguous_slices():
 def test_identical_utasks_share_one_function(monkeypatch):
     """Ten identical layers: one tanh function for ten sites and one GEMV for nine (the first reads the
     argument, not a temporary). Inlined while small; past the inlining budget, called instead. The GEMV,
-    a tiled uTask, is called from its nine sites whatever the budget (CALL_TILED_UTASKS)."""
+    a tiled uTask, is called from its nine sites whatever the budget (CALL_TILED_UTASKS) when its uTasks are
+    long enough (CALL_MIN_UTASK_NS; this 64x64 one is short: inlined by default)."""
     from gdsl.backends.cfamily import render
 
     def layers(x, w):
@@ -174,6 +175,8 @@ def test_identical_utasks_share_one_function(monkeypatch):
         source = gdsl.jit(layers, backend="cuda", grid=8).lower(np.ones((1, 64), np.float32),
                                                                np.ones((10, 64, 64), np.float32)).source
         return _generated_part(source).split('extern "C"')[0]
+    assert "GDSL_SHARED_OP void" not in ops()          # a short tile: inlined
+    monkeypatch.setattr(render, "CALL_MIN_UTASK_NS", 0.0)
     small = ops()
     assert small.count("GDSL_DEV void") == 2 and small.count("GDSL_SHARED_OP void") == 1
     assert "// called from 9 sites" in small

@@ -79,10 +79,14 @@ INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined a
 GROUP_WAVE_TASKS = True
 # The uTask functions of these kinds unroll a GEMM or GEMV tile of the prelude: a few lines of source, tens of KiB
 # of machine code each time NVRTC inlines one. With CALL_TILED_UTASKS such a function with more than one call
-# site is compiled once and called (GDSL_SHARED_OP) whatever INLINE_BUDGET says; a call should cost tens of ns
-# against a tile uTask of a microsecond or more (not yet timed on a GPU), and the tile routine stays inlined
-# inside it (False: the budget alone).
+# site is compiled once and called (GDSL_SHARED_OP) whatever INLINE_BUDGET says, when its uTasks are estimated
+# to take at least CALL_MIN_UTASK_NS (the scheduler's cost model); the tile routine stays inlined inside it
+# (False: the budget alone). Measured on the H200 (2026-12-01, bb2c84e, against the same tree with both
+# switches off, one run): LSTM bs1 0.704 -> 0.578 ms, bs64 4.420 -> 3.550, BlockDrop 0.239 -> 0.228 and
+# 0.878 -> 0.781, but Attention, whose partitioned loop runs one ~0.7 us tile per vEU per op, 0.249 -> 0.292
+# and 1.079 -> 1.354 with its tiles called: shorter uTasks stay inlined.
 CALL_TILED_UTASKS = True
+CALL_MIN_UTASK_NS = 1000.0
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 
 
@@ -234,6 +238,7 @@ class Renderer:
         self.call_sites: dict = {}          # function name -> call sites (a shared one is not inlined)
         self.parameters: dict = {}          # function name -> its parameter declarations, less t and smem
         self.function_kind: dict = {}       # function name -> the kind of its ops
+        self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
         self.smem = 16
         self.device_control = plan.control == "device"
         self.views = find_views(plan, self.elem)
@@ -481,6 +486,7 @@ class Renderer:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
                 self.parameters[op.name] = params.split(", ")[:-2]      # less `int t, char* smem`
                 self.function_kind[op.name] = op.kind
+                self.function_cost[op.name] = op.cost
             self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
         return self.op_function[op], permuted
@@ -669,7 +675,7 @@ class Renderer:
         save the most go first; below the budget everything is inlined (calling every shared function, the
         elementwise ones too, cost 10-18 % on LSTM and BlockDrop, measured on an H100)."""
         out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS and self.call_sites[name] > 1
-               and self.function_kind[name] in TILED_KINDS}
+               and self.function_kind[name] in TILED_KINDS and self.function_cost[name] >= CALL_MIN_UTASK_NS}
         cost = {name: (self.call_sites[name] - 1) * len(code) for name, code in self.functions.values()
                 if name not in out}
         total = sum(self.call_sites[name] * len(code) for name, code in self.functions.values() if name not in out)
