@@ -21,7 +21,7 @@ from gdsl.schedule.plan import COPY
 from models import floor, load
 
 
-class _Counter(floor._Counter):
+class WaveCounter(floor._Counter):
     """The bench's plan counter, also counting waves, copy ops and uTasks."""
 
     def __init__(self, *args, **kwargs):
@@ -38,10 +38,10 @@ class _Counter(floor._Counter):
         super().run_wave(stmt)
 
 
-def count(model, cfg, weights, forward, batch: int, ratio: float) -> _Counter:
+def count(model, cfg, weights, forward, batch: int, ratio: float) -> WaveCounter:
     inputs = model.make_inputs(cfg, batch, ratio=ratio)
     lowered = forward.lower(weights, inputs)
-    counter = _Counter(floor.plan_of(lowered), floor.rendered_grid_syncs(lowered), all_values=False)
+    counter = WaveCounter(floor.plan_of(lowered), floor.rendered_grid_syncs(lowered), all_values=False)
     counter.run(floor.flat_arguments(weights, inputs))
     return counter
 

@@ -20,30 +20,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: gdsl/, models/
 
 import numpy as np
+from branch_counts import WaveCounter  # (this directory is on sys.path: the script's own)
 
-from gdsl.schedule.plan import COPY
 from models import floor, rae
 
 
-class _Counter(floor._Counter):
+class _Counter(WaveCounter):
     """The bench's plan counter, also counting calls, waves, copy ops and uTasks."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.calls = self.waves = self.copy_ops = self.copy_utasks = self.utasks = 0
+        self.calls = 0
 
     def run_call(self, stmt):
         self.calls += 1
         super().run_call(stmt)
-
-    def run_wave(self, stmt):
-        self.waves += 1
-        for task in stmt.tasks:
-            self.utasks += task.op.n_utasks
-            if task.op.kind == COPY.name:
-                self.copy_ops += 1
-                self.copy_utasks += task.op.n_utasks
-        super().run_wave(stmt)
 
     def row(self) -> dict:
         return {"calls": self.calls, "waves": self.waves, "grid": self.count.plan_grid_barriers,
