@@ -590,12 +590,15 @@ class Scheduler:
         chain), the latest such wave first (an earlier one is more likely behind a grid barrier already),
         so that uTask t finds what it reads on its own vEU and the barrier before it can be vEU-local
         (hazards.py). None unless every op has a home. Ops with the same home run one after another."""
+        def same_split(producer, op) -> bool:
+            chunk = op.params.get("chunk")
+            return chunk is not None and producer.params.get("chunk") == chunk and producer.n_utasks == op.n_utasks
+
         homes = []
         for op in ops:
             read = {v.storage for v in op.inputs}
             home = next(((task.first, task.count) for producer, task in reversed(placed.items())
-                         if producer.outputs[0].storage in read and producer.n_utasks == op.n_utasks
-                         and producer.params.get("chunk") == op.params.get("chunk") is not None), None)
+                         if producer.outputs[0].storage in read and same_split(producer, op)), None)
             if home is None:
                 return None
             homes.append(home)
