@@ -1,0 +1,94 @@
+"""Loop-invariant matmul weights kept in shared memory across a loop (gdsl/schedule/resident.py): which
+ops get them, how their regions are packed, what the plan prints, and that the emulated kernel computes the
+same results with and without them."""
+import numpy as np
+import pytest
+from strategies import BACKEND_TOLERANCE, assert_trees_close
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily.emulator import emulate
+from gdsl.interpreter import run_program
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import Wave, plan_statements
+from gdsl.schedule.resident import RESIDENT, region_bytes, tile_bytes
+
+rng = np.random.default_rng(0)
+
+
+def rnn(xs, W, U):
+    """h = tanh(x[t] W + h U): U (and W, unless hoisted) is read every step and never written."""
+    def step(t, h):
+        return gnp.tanh(xs[t] @ W + h @ U)
+    return gdsl.fori_loop(0, xs.shape[0], step, gnp.zeros((1, U.shape[0]), dtype=gdsl.float32))
+
+
+def decaying(xs, U):
+    """The weights change every step: nothing can stay resident."""
+    def step(t, carry):
+        h, u = carry
+        return gnp.tanh(xs[t] + h @ u), u * 0.5
+    return gdsl.fori_loop(0, xs.shape[0], step, (gnp.zeros((1, U.shape[0]), dtype=gdsl.float32), U))
+
+
+def _args(steps=6, n=32, m=64):
+    return (rng.standard_normal((steps, 1, n)).astype(np.float32),
+            (rng.standard_normal((n, m)) * 0.2).astype(np.float32),
+            (rng.standard_normal((m, m)) * 0.2).astype(np.float32))
+
+
+def _resident_tasks(plan):
+    return [t for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if RESIDENT in t.op.params]
+
+
+def test_loop_matmul_keeps_its_weights_when_the_budget_allows():
+    program = gdsl.make_ir(rnn)(*_args())
+    plan = schedule(program, grid=4, resident_bytes=1 << 16)
+    (task,) = _resident_tasks(plan)
+    assert task.op.inputs[1].storage.kind in ("const", "input")
+    assert "B resident in shared memory at +0" in str(plan)
+    rounds = -(-task.op.n_utasks // task.count)
+    assert region_bytes(plan) == rounds * tile_bytes(task.op)
+    for budget in (0, region_bytes(plan) - 1):           # none offered, or too little
+        assert not _resident_tasks(schedule(program, grid=4, resident_bytes=budget))
+    assert not _resident_tasks(schedule(program, grid=4, control="host", resident_bytes=1 << 16))
+
+
+def test_weights_written_in_the_loop_stay_in_memory():
+    xs, _, U = _args(n=64)
+    plan = schedule(gdsl.make_ir(decaying)(xs, U), grid=4, resident_bytes=1 << 16)
+    assert not _resident_tasks(plan)
+
+
+def test_regions_are_packed_per_veu():
+    """Two matmuls on disjoint vEUs share offset 0; on the same vEUs they are stacked."""
+    def two(xs, U, V):
+        def step(t, carry):
+            h, g = carry
+            return gnp.tanh(h @ U), gnp.tanh(g @ V)
+        z = gnp.zeros((1, 64), dtype=gdsl.float32)
+        return gdsl.fori_loop(0, xs.shape[0], step, (z + 1.0, z + 2.0))
+    xs, _, U = _args()
+    program = gdsl.make_ir(two)(xs, U, U * 0.5)
+    wide = _resident_tasks(schedule(program, grid=64, resident_bytes=1 << 16))
+    assert len(wide) == 2 and {t.op.params[RESIDENT][0] for t in wide} == {0}
+    narrow = _resident_tasks(schedule(program, grid=1, resident_bytes=1 << 20))
+    offsets = sorted(t.op.params[RESIDENT][0] for t in narrow)
+    assert len(narrow) == 2 and offsets[1] == -(-narrow[0].op.n_utasks // narrow[0].count) * tile_bytes(narrow[0].op)
+
+
+@pytest.mark.parametrize("grid", [1, 3, 4])
+def test_emulated_kernel_with_resident_weights_matches_the_interpreter(grid):
+    args = _args()
+    expected = run_program(gdsl.make_ir(rnn)(*args), list(args))
+    for resident in (None, False):
+        got = emulate(rnn, *args, grid=grid, resident=resident)
+        assert_trees_close([np.asarray(got)], expected, tolerance=BACKEND_TOLERANCE)
+
+
+def test_cuda_source_stages_the_tiles_before_the_loop():
+    source = gdsl.jit(rnn, backend="cuda", grid=4).lower(*_args()).source
+    assert "extern __shared__" in source and "gdsl_stage_columns(" in source
+    assert source.index("gdsl_stage_columns(in") < source.index("while (true)")
+    plain = gdsl.jit(rnn, backend="cuda", grid=4, resident=False).lower(*_args()).source
+    assert "gdsl_stage_columns(in" not in plain and "extern __shared__" not in plain
