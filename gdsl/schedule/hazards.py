@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 
 from gdsl.primitives.linalg import matmul_p
-from gdsl.primitives.registry import ELEMENTWISE, REGISTRY, family_of
+from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave
-from gdsl.schedule.shares import MOVES, SPLIT_PARAMS, storage_elements
+from gdsl.schedule.shares import MOVES, broadcast_source, moved_from, storage_elements
 
 NONE, SEVERAL = -1, -2
 MAX_TRACKED = 1 << 23        # elements tracked per segment; beyond it every barrier stays a grid barrier
@@ -219,26 +219,12 @@ def _read(task, k, out_veus):
     if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE):
         if in_aval.size == 1:
             return storage_elements(value, np.zeros(1, np.int64)), _one_or_several(task)
-        return storage_elements(value, _broadcast_source(out.shape, in_aval.shape)), out_veus
+        return storage_elements(value, broadcast_source(out.shape, in_aval.shape, np.arange(out.size))), out_veus
     if out_veus is not None and op.kind in MOVES and utasks.first_start(op.kind) is None:
-        moved = _moved_from(op, k)
+        moved = moved_from(op, k)
         keep = moved >= 0
         return storage_elements(value, moved[keep]), out_veus[keep]
     return storage_elements(value, None), _one_or_several(task)
-
-
-def _broadcast_source(out_shape, in_shape) -> np.ndarray:
-    """For each output element (row-major), the element of an input of `in_shape` broadcast to it."""
-    index = np.arange(int(np.prod(in_shape))).reshape(in_shape)
-    return np.broadcast_to(index, out_shape).reshape(-1)
-
-
-def _moved_from(op, k) -> np.ndarray:
-    """For each output element of a data movement op, the element of input k it comes from (-1: another)."""
-    ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
-           for j, v in enumerate(op.inputs)]
-    params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
-    return np.asarray(REGISTRY[op.kind].impl(*ins, **params)[0]).reshape(-1)
 
 
 def _merged(elements, veus, size):

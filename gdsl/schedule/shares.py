@@ -93,10 +93,16 @@ def read_share(op, k, t, starts=()):
     flat = write_share(op, t)
     if in_aval.size == 1:
         return np.zeros(1, np.int64) if flat.size else flat
-    idx = np.unravel_index(flat, out.shape)
-    offset = out.ndim - in_aval.ndim
-    in_idx = tuple(np.zeros_like(idx[0]) if d == 1 else idx[offset + a] for a, d in enumerate(in_aval.shape))
-    return np.ravel_multi_index(in_idx, in_aval.shape)
+    return broadcast_source(out.shape, in_aval.shape, flat)
+
+
+def broadcast_source(out_shape, in_shape, flat) -> np.ndarray:
+    """For output elements `flat` (row-major), the elements of an input of `in_shape` broadcast (numpy,
+    right-aligned) to `out_shape` that they read."""
+    idx = np.unravel_index(flat, out_shape)
+    offset = len(out_shape) - len(in_shape)
+    in_idx = tuple(np.zeros_like(flat) if d == 1 else idx[offset + a] for a, d in enumerate(in_shape))
+    return np.ravel_multi_index(in_idx, in_shape)
 
 
 def _reduce_share(op, flat) -> np.ndarray:
@@ -132,14 +138,18 @@ def _matmul_share(op, k, flat) -> np.ndarray:
 
 
 def _move_share(op, k, flat, starts) -> np.ndarray:
-    """Data movement: run the primitive itself on element numbers (input k) and -1 (the others)."""
+    picked = moved_from(op, k, starts)[flat]
+    return np.unique(picked[picked >= 0])
+
+
+def moved_from(op, k, starts=()) -> np.ndarray:
+    """For each output element of a data movement op, the element of input k it comes from (-1: another
+    input): the primitive itself run on element numbers (input k) and -1 (the others)."""
     first = _array_operands(op)
     ins = [np.arange(v.aval.size).reshape(v.aval.shape) if j == k else np.full(v.aval.shape, -1)
            for j, v in enumerate(op.inputs[:first])]
     params = {p: v for p, v in op.params.items() if p not in SPLIT_PARAMS}
-    moved = np.asarray(REGISTRY[op.kind].impl(*ins, *[np.int64(s) for s in starts], **params)[0]).reshape(-1)
-    picked = moved[flat]
-    return np.unique(picked[picked >= 0])
+    return np.asarray(REGISTRY[op.kind].impl(*ins, *[np.int64(s) for s in starts], **params)[0]).reshape(-1)
 
 
 def _array_operands(op) -> int:

@@ -67,7 +67,7 @@ def resident_tile(op, t: str, smem: str) -> str:
             f"{tile_bytes(op) // op.inputs[1].aval.dtype.itemsize})")
 
 
-def stage_resident(op, b_ptr: str, t: str, smem: str) -> str:
+def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
     """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptr` into its
     place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N)."""
     a, b, out = op.inputs[0].aval, op.inputs[1].aval, op.outputs[0].aval

@@ -532,8 +532,8 @@ class Renderer:
         for stmt in loop.body:
             for task in stmt.tasks if isinstance(stmt, Wave) else ():
                 if RESIDENT in task.op.params:
-                    stage = functools.partial(gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]))
-                    lines += self.over_utasks(task, lambda t, stage=stage: stage(t, "gdsl_smem"))
+                    lines += self.over_utasks(task, functools.partial(
+                        gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]), "gdsl_smem"))
         return lines + [self.dialect.block_barrier] if lines else []
 
     def task_run(self, run) -> list[str]:
