@@ -11,6 +11,8 @@ emulator (emu.h) also accept.
                                  across a loop (gdsl/schedule/resident.py); 0: the dialect keeps none
     warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
                                  GEMV lane split; `header_template` defines GDSL_WARP from it ($warp_size)
+    tensor_cores                 float32 GEMM tiles run gdsl_gemm_tile_tc (device_library) at float32 accuracy
+    device_library               the dialect's own device code, after the prelude
     lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
                                  (gdsl/primitives/registry.py): a dialect overrides a "cfamily" rule by
                                  registering one under its own name
@@ -34,6 +36,8 @@ class Dialect:
     shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
     dynamic_shared_decl = "extern __shared__ __align__(16) char gdsl_smem[];"   # sized at launch
     resident_smem_per_sm = 0             # shared memory per SM that loop-invariant weights may fill (resident.py)
+    tensor_cores = False                 # float32 GEMM tiles on the tensor cores (gdsl_gemm_tile_tc, 3xTF32)
+    device_library = ""                  # device code of this dialect after the prelude (the tensor-core tile)
     block_index = "blockIdx.x"
     thread_index = "threadIdx.x"
     block_barrier = "__syncthreads();"

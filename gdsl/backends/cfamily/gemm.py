@@ -17,6 +17,12 @@ from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
 GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
+# A float32 tile goes to the tensor cores (gdsl_gemm_tile_tc, where the dialect has them) when the FFMA tile
+# would give each thread a register tile of fewer elements than this: there each FFMA waits on two shared-memory
+# loads, and the tensor-core tile was faster (H200, batch 64: NASRNN's 16 x 16 tiles 27.7 -> 23.6 ms, Seq2seq's
+# 16 x 16 and 16 x 32 tiles 1.81 -> 1.53 ms); with 4 x 4 per thread (LSTM's 64 x 64 tiles) the FFMA tile
+# was faster (3.66 against 4.86 ms: the three TF32 products through mma.sync cost more than the FFMAs).
+TENSOR_CORE_BELOW = 4
 
 
 @dataclass
@@ -132,11 +138,40 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
                      f"la, lb, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
-        ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
-        lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, "
-                     f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}, {acc}>"
-                     f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
+        contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
+        small = rm * rn < TENSOR_CORE_BELOW
+        warps = tensor_core_warps(tm, tn, block, ops.dialect) if acc == "float" and small else None
+        if warps is None:
+            ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
+            lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
+                         f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
+        else:
+            wr, wc = warps
+            k_groups = block // ops.dialect.warp_size // (wr * wc)
+            ops.smem = max(ops.smem, GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
+            lines.append(f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
+                         f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
     return "\n".join(lines) + "\n"
+
+
+def tensor_core_warps(tm: int, tn: int, threads: int, dialect) -> tuple[int, int] | None:
+    """The warp grid (WR, WC) of a float32 tile on the dialect's tensor cores (gdsl_gemm_tile_tc: 16 x 8
+    fragments, the warps left over split k), None where the FFMA tile computes it: a dialect without tensor
+    cores, a tile that is not whole fragments, or one with fewer fragments than a quarter of the warps (too
+    little work to pay for the split operands and the partial sums)."""
+    if not dialect.tensor_cores or tm % 16 or tn % 8:
+        return None
+    warps = threads // dialect.warp_size
+    rows, cols = tm // 16, tn // 8
+    over = min(warps, rows * cols)
+    if 4 * over < warps or warps % over:
+        return None
+    shapes = [(wr, over // wr) for wr in range(1, over + 1)
+              if over % wr == 0 and rows % wr == 0 and cols % (over // wr) == 0]
+    if not shapes:
+        return None
+    # The squarest warp tile (fewest fragment loads per mma), rows before columns on a tie.
+    return min(shapes, key=lambda s: (abs(tm // s[0] - tn // s[1]), s[0]))
 
 
 def _pow2(n: int) -> int:

@@ -110,26 +110,20 @@ template <int NT, typename T, class B> GDSL_DEV void gdsl_block_argreduce(T& v, 
 }
 
 // ---------------------------------------------------------------------------------------- GEMM tiles
-// One TM x TN output tile of C[M,N] = A[M,K] B[K,N] (fp32 FFMA, no tensor cores). A and B are read through
-// the loaders la(m, k) / lb(k, n) (so conv2d's implicit GEMM and batched/broadcast matmuls share this code)
-// into shared memory BK deep; each of the TX*TY computing threads owns an RM x RN register tile strided by
-// (TY, TX) so shared-memory reads are conflict-free and the stores coalesce. The next stage's global loads
-// are issued into registers before the current stage is computed, so their latency overlaps the FFMAs.
+// The staging of one TM x TN output tile of C[M,N] = A[M,K] B[K,N]: A and B are read through the loaders
+// la(m, k) / lb(k, n) (so conv2d's implicit GEMM and batched/broadcast matmuls share this code) into shared
+// memory BK deep, As[k][m] and Bs[k][n] with rows of PA and PB elements (padding against bank conflicts);
+// `stage(As, Bs)` then computes on them. The next stage's global loads are issued into registers before the
+// current stage is computed, so their latency overlaps the computation.
 // AK / BKC: the operand is contiguous along k in memory (then consecutive threads load consecutive k).
-template <int TM, int TN, int BK, int NT, int RM, int RN, bool AK, bool BKC, typename Acc, class LA, class LB,
-          class SC>
-GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB lb, SC sc, char* smem) {
-  constexpr int TX = TN / RN, TY = TM / RM, PA = TM + 1, PB = TN + 1;
+template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, class LA, class LB,
+          class STAGE>
+GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, LB lb, char* smem, STAGE stage) {
   constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;   // staged loads per thread
   Acc* As = (Acc*)smem;
   Acc* Bs = As + BK * PA;
-  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
-  const bool computes = tid < TX * TY;
-  Acc acc[RM][RN], ra[NA], rb[NB];
-#pragma unroll
-  for (int i = 0; i < RM; ++i)
-#pragma unroll
-    for (int j = 0; j < RN; ++j) acc[i][j] = Acc(0);
+  const int tid = threadIdx.x;
+  Acc ra[NA], rb[NB];
   auto fetch = [&](int k0) {
 #pragma unroll
     for (int r = 0; r < NA; ++r) {
@@ -160,22 +154,40 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
     }
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    if (computes) {
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        Acc a[RM], b[RN];
-#pragma unroll
-        for (int i = 0; i < RM; ++i) a[i] = As[kk * PA + ty + i * TY];
-#pragma unroll
-        for (int j = 0; j < RN; ++j) b[j] = Bs[kk * PB + tx + j * TX];
-#pragma unroll
-        for (int i = 0; i < RM; ++i)
-#pragma unroll
-          for (int j = 0; j < RN; ++j) acc[i][j] += a[i] * b[j];
-      }
-    }
+    stage((const Acc*)As, (const Acc*)Bs);
     __syncthreads();
   }
+}
+
+// One output tile on the FFMA units: each of the TX*TY computing threads owns an RM x RN register tile
+// strided by (TY, TX), so shared-memory reads are conflict-free and the stores coalesce.
+template <int TM, int TN, int BK, int NT, int RM, int RN, bool AK, bool BKC, typename Acc, class LA, class LB,
+          class SC>
+GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB lb, SC sc, char* smem) {
+  constexpr int TX = TN / RN, TY = TM / RM, PA = TM + 1, PB = TN + 1;
+  const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+  const bool computes = tid < TX * TY;
+  Acc acc[RM][RN];
+#pragma unroll
+  for (int i = 0; i < RM; ++i)
+#pragma unroll
+    for (int j = 0; j < RN; ++j) acc[i][j] = Acc(0);
+  gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, Acc>(M, N, K, row0, col0, la, lb, smem,
+                                                          [&](const Acc* As, const Acc* Bs) {
+    if (!computes) return;
+#pragma unroll
+    for (int kk = 0; kk < BK; ++kk) {
+      Acc a[RM], b[RN];
+#pragma unroll
+      for (int i = 0; i < RM; ++i) a[i] = As[kk * PA + ty + i * TY];
+#pragma unroll
+      for (int j = 0; j < RN; ++j) b[j] = Bs[kk * PB + tx + j * TX];
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) acc[i][j] += a[i] * b[j];
+    }
+  });
   if (computes) {
 #pragma unroll
     for (int i = 0; i < RM; ++i)

@@ -63,9 +63,10 @@ LOWERING_CHAIN = ("cpu",)
 ELEMENTWISE_TABLE = LOWERINGS      # the elementwise family: one LLVM lowering per primitive
 RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
-# (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves)
+# (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
+# nor has `tensor_cores`: the CPU has none)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "autotune"})
+                           "tensor_cores", "autotune"})
 DEFAULT_BLOCK = 1024
 
 

@@ -1,6 +1,8 @@
 """The CUDA dialect of the C-family renderer: NVRTC built-ins only (no headers needed), warp 32."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from gdsl.backends.cfamily.dialect import Dialect
 
 HEADER_TEMPLATE = r"""
@@ -16,6 +18,7 @@ GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f3
 """
 
 
+
 class CUDADialect(Dialect):
     name = "cuda"
     lowering_chain = ("cuda", "cfamily")
@@ -27,6 +30,10 @@ class CUDADialect(Dialect):
     # An H100's or H200's 228 KB per SM, less each resident block's scratch (<= 17 KB) and reserve (1 KB) at
     # two vEUs per SM; lowering clamps it to the GPU's own shared memory when one is here.
     resident_smem_per_sm = 192 * 1024
+    # Float32 GEMM tiles on the tensor cores, split in three TF32 products (float32 accuracy; sm_80 and later,
+    # the FFMA tile before): the jit option tensor_cores=False turns it off.
+    tensor_cores = True
+    device_library = Path(__file__).with_name("tensor_cores.h").read_text()
     trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
                         'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }')
