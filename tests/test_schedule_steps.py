@@ -8,13 +8,14 @@ from test_schedule import check_plan
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
+from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.core.ir import walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.interpreter import run_program
 from gdsl.primitives.control import while_p
-from gdsl.schedule import schedule
+from gdsl.schedule import schedule, utasks
 from gdsl.schedule.licm import hoist_program
-from gdsl.schedule.plan import Loop, Wave
+from gdsl.schedule.plan import Loop, Wave, walk
 from gdsl.schedule.steps import hoist_step_products
 
 rng = np.random.default_rng(11)
@@ -123,3 +124,39 @@ def vector_weights(xs, w):
 def test_vector_right_operand():
     program, hoisted = _hoisted(vector_weights, _w(4, 2, 8, scale=1.0), _w(8))
     assert _loop_eqns(hoisted).count("matmul") == 0
+
+
+def test_batched_product_is_laid_out_step_by_step():
+    """With W stacked ([4, K, n]: gates), the product is transposed to [steps, 4, rows, n] once before the loop,
+    so a step's window is one contiguous run: under device control the renderer reads it through a pointer
+    and the scheduler gives it no share of the wave's vEUs (the loop's matmul gets the whole grid)."""
+    xs, W, U = ARGS[rnn]
+    program, hoisted = _hoisted(rnn, xs, W, U)
+    before = [e.primitive.name for e in hoisted.jaxpr.eqns]
+    assert before.index("matmul") < before.index("transpose")
+    (window,) = [e for e in walk_eqns(hoisted.jaxpr) if e.primitive.name == "dynamic_slice"]
+    assert window.inputs[0].aval.shape == (xs.shape[0], 4, xs.shape[1], W.shape[-1])
+    assert utasks.contiguous_window(window.inputs[0].aval.shape, window.params["sizes"])
+
+    plan = schedule(gdsl.make_ir(rnn)(xs, W, U), grid=8)
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)]
+    tasks = [t for s in loop.body if isinstance(s, Wave) for t in s.tasks]
+    (view,) = [t for t in tasks if t.op.kind == "dynamic_slice"]
+    (matmul,) = [t for t in tasks if t.op.kind == "matmul"]
+    assert utasks.dynamic_view(view.op) and view.first == 0
+    assert matmul.count == min(matmul.op.n_utasks, 8)
+    # Host control renders the window as a copy: there it gets vEUs of its own.
+    host = schedule(gdsl.make_ir(rnn)(xs, W, U), grid=8, control="host")
+    waves = [s for k in host.kernels for s in walk(k.body) if isinstance(s, Wave)]
+    (wave,) = [w for w in waves if any(t.op.kind == "dynamic_slice" for t in w.tasks)]
+    ranges = sorted((t.first, t.first + t.count) for t in wave.tasks)
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+
+
+@pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None, reason="needs NVRTC")
+def test_step_window_is_a_pointer_in_cuda():
+    xs, W, U = ARGS[rnn]
+    source = gdsl.jit(rnn, backend="cuda", grid=8).lower(xs, W, U).source
+    kernel = source.split("-- kernels")[-1]
+    assert "_transpose(" in kernel and "_dynamic_slice(" not in kernel
+    assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave
 from gdsl.schedule.resident import RESIDENT
+from gdsl.schedule.utasks import dynamic_view
 
 
 def _veus(task) -> str:
@@ -29,7 +30,7 @@ def describe_uniform(u) -> str:
     return f"{u.output!r} = {u.primitive} {ins}"
 
 
-def print_block(block, indent: int, lines: list) -> None:
+def print_block(block, indent: int, lines: list, device: bool = False) -> None:
     pad = "  " * indent
     wave_no = 0
     for stmt in block:
@@ -41,6 +42,8 @@ def print_block(block, indent: int, lines: list) -> None:
                 extra = f", {rounds} rounds" if rounds > 1 else ""
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
+                if device and dynamic_view(t.op):
+                    extra += ", a window read in place: no uTask runs (C-family renderers)"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}barrier ({stmt.scope})")
@@ -51,9 +54,9 @@ def print_block(block, indent: int, lines: list) -> None:
         elif isinstance(stmt, Loop):
             parts = f" ({stmt.parts} partitions: uTask p of every op on vEU p mod grid)" if stmt.parts else ""
             lines.append(f"{pad}loop{parts}:")
-            print_block(stmt.cond, indent + 1, lines)
+            print_block(stmt.cond, indent + 1, lines, device)
             lines.append(f"{pad}  exit unless {stmt.pred!r}")
-            print_block(stmt.body, indent + 1, lines)
+            print_block(stmt.body, indent + 1, lines, device)
             lines.append(f"{pad}end loop")
         elif isinstance(stmt, Branch):
             in_place = ""
@@ -64,7 +67,7 @@ def print_block(block, indent: int, lines: list) -> None:
             for k, b in enumerate(stmt.branches):
                 empty = "  (nothing to do: the results are already in place)" if stmt.in_place and not b else ""
                 lines.append(f"{pad}  case {k}:{empty}")
-                print_block(b, indent + 2, lines)
+                print_block(b, indent + 2, lines, device)
             lines.append(f"{pad}end branch")
         elif isinstance(stmt, Call):
             deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
@@ -90,11 +93,11 @@ def print_plan(plan) -> str:
         print_block(plan.host, 1, lines)
     for kernel in plan.kernels:
         lines.append(f"kernel {kernel.name}:")
-        print_block(kernel.body, 1, lines)
+        print_block(kernel.body, 1, lines, plan.control == "device")
     for fn in plan.functions:
         params = ", ".join(map(repr, fn.params))
         results = ", ".join(map(repr, fn.results))
         lines.append(f"function {fn.name}({params}) -> ({results})  [max_depth {fn.max_depth}, "
                      f"{fn.n_sites} call sites; storage one copy per frame]:")
-        print_block(fn.body, 1, lines)
+        print_block(fn.body, 1, lines, plan.control == "device")
     return "\n".join(lines)

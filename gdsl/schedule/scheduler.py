@@ -566,7 +566,18 @@ class Scheduler:
         return spread
 
     def _spread(self, ops) -> list[Task]:
-        """One vEU per uTask when they fit, else shares by cost."""
+        """One vEU per uTask when they fit, else shares by cost. A dynamic window that device control reads
+        as a pointer (utasks.dynamic_view) takes no share: it lies over the others' vEUs from vEU 0 (were it
+        rendered as a copy after all, those vEUs would run it too)."""
+        free = [op for op in ops if self.uniforms_allowed and utasks.dynamic_view(op)]
+        if not free or len(free) == len(ops):
+            return self._shares(ops)
+        working = [op for op in ops if op not in free]
+        tasks = dict(zip(working, self._shares(working)))
+        tasks.update((op, Task(op, 0, min(op.n_utasks, self.grid))) for op in free)
+        return [tasks[op] for op in ops]
+
+    def _shares(self, ops) -> list[Task]:
         total = sum(op.n_utasks for op in ops)
         if total <= self.grid:
             counts = [op.n_utasks for op in ops]

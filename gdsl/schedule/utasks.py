@@ -46,6 +46,18 @@ GEMV_ROWS = 8
 DYNAMIC_STARTS = {dynamic_slice_p: 1, dynamic_update_slice_p: 2}
 
 
+def contiguous_window(shape, sizes) -> bool:
+    """Is a window of `sizes` (any start) of a row-major array of `shape` one contiguous run of it?"""
+    k = next((d for d, z in enumerate(sizes) if z != 1), len(sizes))
+    return all(sizes[d] == shape[d] for d in range(k + 1, len(shape)))
+
+
+def dynamic_view(op) -> bool:
+    """A dynamic_slice whose window is one contiguous run of its source: under device control the C-family
+    renderer reads it through a pointer computed at run time (cfamily/views.py), so it does no work."""
+    return op.kind == dynamic_slice_p.name and contiguous_window(op.inputs[0].aval.shape, op.params["sizes"])
+
+
 def first_start(kind) -> int | None:
     """The operand number of the first start index of a dynamic window op, None for other kinds."""
     return DYNAMIC_STARTS.get(OP_KINDS[kind])
@@ -73,18 +85,38 @@ def gemm_dims(kind, in_avals, out_aval, params):
 
 def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
-    # Largest tile that still gives every vEU work, else the smallest one.
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
-    tiles = [(64, 64), (32, 64), (32, 32), (16, 32), (16, 16)] if m > GEMV_ROWS else \
-        [(rows, 128), (rows, 64), (rows, 32), (rows, 16)]
-    for tm, tn in tiles:
+    if m <= GEMV_ROWS:
+        # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
+        # a few dependent memory round trips long: more of them at once is faster).
+        for tn in (128, 64, 32, 16):
+            count = batch * math.ceil(n / tn)
+            if count >= grid:
+                break
+        return count, {"tile_m": rows, "tile_n": tn}, _cost(4 * (rows * k + k * tn + rows * tn), 2 * rows * tn * k)
+    # GEMM tiles: the fewest rounds of uTasks times a tile's time, and among equals the smaller tile (more
+    # vEUs at work, less on each). A tile takes at least its stages' memory round trips, so a wave of tiles
+    # slightly more than the vEUs runs better as one round of the next larger tile than as two rounds.
+    best = None
+    for tm, tn in GEMM_TILES:
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
-        if count >= grid:
-            break
-    flops = 2 * tm * tn * k
-    cost = _cost(4 * (tm * k + k * tn + tm * tn), flops)
-    return count, {"tile_m": tm, "tile_n": tn}, cost
+        cost = _gemm_tile_cost(tm, tn, k)
+        key = (math.ceil(count / grid) * cost, tm * tn)
+        if best is None or key < best[0]:
+            best = (key, count, {"tile_m": tm, "tile_n": tn}, cost)
+    return best[1:]
+
+
+# The output tiles a GEMM uTask may take (gdsl_gemm_tile), and the time of one stage of it beyond its
+# arithmetic: a dependent round trip to L2 for the next k slice (GEMM_BK deep in the C-family renderer).
+GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
+GEMM_STAGE_K, GEMM_STAGE_NS = 32, 700.0
+
+
+def _gemm_tile_cost(tm: int, tn: int, k: int) -> float:
+    """One uTask's time: its roofline (operands and result, flops), at least one round trip per k stage."""
+    return max(_cost(4 * (tm * k + k * tn + tm * tn), 2 * tm * tn * k), math.ceil(k / GEMM_STAGE_K) * GEMM_STAGE_NS)
 
 
 def split(kind, in_avals, out_avals, params, grid, block):

@@ -27,6 +27,7 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
+from gdsl.schedule.utasks import contiguous_window
 
 
 @dataclass
@@ -37,11 +38,6 @@ class View:
     dynamic: bool           # the offset depends on run-time indices
     read_only: bool         # the source is an input or const
     perm: tuple | None = None   # a permuted view: output element (c_0..c_n) is source[c at perm positions]
-
-
-def _contiguous(shape, sizes) -> bool:
-    k = next((d for d, z in enumerate(sizes) if z != 1), len(sizes))
-    return all(sizes[d] == shape[d] for d in range(k + 1, len(shape)))
 
 
 def _writers(plan) -> dict:
@@ -123,12 +119,16 @@ def find_views(plan, elem) -> dict:
             read_only = src.buffer.kind in ("input", "const")
             if op.kind == transpose_p.name:
                 readers = [s for s in positions if any(x.buffer is out.buffer for x in _reads(s))]
-                if readers and all(isinstance(s, Wave) for s in readers) and \
+                # (a window read from the transposed array is a view of it only if it is an array: a
+                # window per loop step of a product laid out step by step, gdsl/schedule/steps.py)
+                windowed = any(t.op.kind in WINDOWS and t.op.inputs[0].buffer is out.buffer
+                               for s in readers if isinstance(s, Wave) for t in s.tasks)
+                if readers and not windowed and all(isinstance(s, Wave) for s in readers) and \
                         (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
                     views[out.buffer] = View(op, src, "0", False, read_only, tuple(op.params["permutation"]))
                 continue
             window = WINDOWS[op.kind](op, elem)
-            if window is None or not _contiguous(src.aval.shape, window[0]):
+            if window is None or not contiguous_window(src.aval.shape, window[0]):
                 continue
             _, starts, dynamic = window
             if dynamic and plan.control != "device":
