@@ -8,8 +8,8 @@ changes from step to step but the index. It becomes, before the loop, one GEMM o
     Y = reshape(xs, (N*m, K)) @ W            # [..., N*m, n]
 
 and, inside the loop, the window `Y[..., i*m : i*m + m, :]` (a dynamic_slice: the same rows, clamped the
-same way as `xs[i]` was; with W batched, `Y` is laid out step by step first, so that the window is one
-contiguous run: see _steps_first). The step's own matmul, its wave and its grid barrier leave the loop; the GEMM
+same way as `xs[i]` was; with W batched, `Y[i] = xs[i] @ W` is a batched GEMM laid out step by step, so
+that the window is one contiguous run). The step's own matmul, its wave and its grid barrier leave the loop; the GEMM
 before it has N times the rows, which fills the grid where a step's GEMV could not. Applied when the loop
 runs at least N steps (every row block is then read, so no work is wasted); the slice and reshape of `xs`
 that fed only the matmul are dropped.
@@ -19,7 +19,7 @@ from __future__ import annotations
 from gdsl.core.ir import Eqn, Jaxpr, Lit, ShapedArray, Var
 from gdsl.primitives.elementwise import mul_p
 from gdsl.primitives.linalg import matmul_p
-from gdsl.primitives.structural import dynamic_slice_p, reshape_p, transpose_p
+from gdsl.primitives.structural import dynamic_slice_p, reshape_p
 from gdsl.schedule.loops import WhileRewriter, counted_loop, without_dead_eqns
 
 
@@ -47,18 +47,22 @@ class _StepHoister(WhileRewriter):
                 continue
             xs, index, w = match
             rows, k = e.inputs[0].aval.shape
-            flat = Var(ShapedArray((xs.aval.shape[0] * rows, k), xs.aval.dtype))
+            steps = xs.aval.shape[0]
+            batch = w.aval.shape[:-2]
+            # Unbatched W: one GEMM over the flattened row blocks, `[steps*rows, n]` (a step's rows are one run).
+            # Batched W (stacked gates): a batched GEMM of every step with every W, `[steps, *batch, rows, n]`,
+            # laid out step by step so that a step's window is one run too, not one per batch element (in the
+            # loop it is then read in place: a pointer under device control, no copy, no share of vEUs).
+            shape = (steps * rows, k) if not batch else (steps,) + (1,) * len(batch) + (rows, k)
+            flat = Var(ShapedArray(shape, xs.aval.dtype))
             before.append(Eqn(reshape_p, (outer[xs],), {"new_shape": flat.aval.shape}, (flat,)))
             (product_aval,) = matmul_p.abstract_eval(flat.aval, w.aval)
             product = Var(product_aval)
             before.append(Eqn(matmul_p, (flat, outer[w]), {}, (product,)))
-            steps = _steps_first(product, xs.aval.shape[0], rows)
-            before += steps
-            stacked = steps[-1].outs[0] if steps else product
-            binder = Var(stacked.aval)
+            binder = Var(product_aval)
             new_binders.append(binder)
-            new_consts.append(stacked)
-            replaced[e] = _step_window_eqns(binder, index, e.outs[0]) if steps else \
+            new_consts.append(product)
+            replaced[e] = _step_window_eqns(binder, index, e.outs[0]) if batch else \
                 _window_eqns(binder, index, rows, e.outs[0])
         if not replaced:
             return [eqn]
@@ -96,25 +100,8 @@ def _step_product(e: Eqn, producer, outer, trips: int):
     return xs, index, w
 
 
-def _steps_first(product: Var, steps: int, rows: int) -> list[Eqn]:
-    """For a batched product `[*B, steps*rows, n]` (W stacked, e.g. an RNN's gates): the eqns laying it out
-    step by step, `[steps, *B, rows, n]`, so that a step's window is one contiguous run (a view of the
-    product, no copy in the loop) instead of one run per batch element. Empty for an unbatched product,
-    whose row blocks are contiguous already. The transpose is one copy of the product before the loop, in
-    place of a copy of each step's window inside it."""
-    *batch, _, n = product.aval.shape
-    if not batch:
-        return []
-    split = Var(ShapedArray((*batch, steps, rows, n), product.aval.dtype))
-    nb = len(batch)
-    perm = (nb,) + tuple(range(nb)) + (nb + 1, nb + 2)
-    stacked = Var(ShapedArray((steps, *batch, rows, n), product.aval.dtype))
-    return [Eqn(reshape_p, (product,), {"new_shape": split.aval.shape}, (split,)),
-            Eqn(transpose_p, (split,), {"permutation": perm}, (stacked,))]
-
-
 def _step_window_eqns(stacked: Var, index, out: Var) -> list[Eqn]:
-    """`out = stacked[index]` (clamped like the original index) for a product laid out by _steps_first."""
+    """`out = stacked[index]` (clamped like the original index) for a product laid out step by step."""
     zero = Lit.of(0, index.aval.dtype)
     window = Var(ShapedArray((1,) + out.aval.shape, out.aval.dtype))
     return [Eqn(dynamic_slice_p, (stacked, index) + (zero,) * out.aval.ndim, {"sizes": window.aval.shape},
