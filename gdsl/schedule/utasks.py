@@ -102,7 +102,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster).
         for tn in (128, 64, 32, 16):
-            count = batch * math.ceil(n / tn)
+            count = batch * math.ceil(m / rows) * math.ceil(n / tn)     # (none when m == 0)
             if count >= grid:
                 break
         return count, {"tile_m": rows, "tile_n": tn}, _cost(4 * (rows * k + k * tn + rows * tn), 2 * rows * tn * k)
