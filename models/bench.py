@@ -92,12 +92,19 @@ def variant_name(variant: dict) -> str:
 
 
 def sweep_rows(model, batch: int, args) -> list[dict]:
-    """The rows of one model at one batch size: its default data, plus the sweep's variants."""
+    """The rows of one model at one batch size: its default data, plus the sweep's variants, and after the
+    0 % row the ungated part of the network alone (the blocks that run at 0 % traced, no branch: what
+    issue 12 compares the 0 % row against)."""
     rows = []
     for variant in row_variants(model, args.sweep):
         n_inputs = args.inputs or (1 if variant.get("tree") == "fixed" else getattr(model, "BENCH_INPUTS", 1))
         prob = common.build_problem(model, batch, small=args.small, seed=args.seed, n_inputs=n_inputs, **variant)
         rows.append(bench_row(prob, variant_name(variant), args))
+        if variant.get("ratio") == 0.0 and hasattr(model, "overhead_test"):
+            test = model.overhead_test(prob.cfg, ratio=0.0)
+            prob = common.build_problem(model, batch, seed=args.seed, n_inputs=n_inputs,
+                                        cfg=test.programs["trace"], **test.inputs)
+            rows.append(bench_row(prob, "0% run, ungated part traced", args))
     return rows
 
 

@@ -158,13 +158,13 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     return common.make_jit(blockdrop_forward, backend=backend, control=control, **options)
 
 
-def overhead_test(cfg: Config) -> common.OverheadTest:
+def overhead_test(cfg: Config, ratio: float = OVERHEAD_RATIO) -> common.OverheadTest:
     """Figure 16 at the 50 % pattern: a cond per block, vs every block run ("no skip", blended by the
     mask), vs only the executed blocks traced ("trace"). A CUDA graph cannot hold the conds."""
-    ran = tuple(bool(r) for r in common.ratio_pattern(cfg.num_blocks, OVERHEAD_RATIO))
+    ran = tuple(bool(r) for r in common.ratio_pattern(cfg.num_blocks, ratio))
     return common.OverheadTest({"control flow": cfg, "no skip": common.replace(cfg, executed=(True,) * len(ran)),
                                 "trace": common.replace(cfg, executed=ran)},
-                               f"{sum(ran)}/{len(ran)} blocks run", inputs={"ratio": OVERHEAD_RATIO},
+                               f"{sum(ran)}/{len(ran)} blocks run", inputs={"ratio": ratio},
                                no_control_flow=("torch-cudagraph",))
 
 

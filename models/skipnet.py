@@ -219,14 +219,14 @@ def make_forward(cfg: Config, backend=None, control=None, **options):
     return common.make_jit(skipnet_forward, backend=backend, control=control, **options)
 
 
-def overhead_test(cfg: Config) -> common.OverheadTest:
+def overhead_test(cfg: Config, ratio: float = OVERHEAD_RATIO) -> common.OverheadTest:
     """Figure 16 at the forced 50 % pattern: a cond per block, vs every block run ("no skip", blended by
     the gate mask), vs only the executed blocks traced ("trace"; the first block always runs). The gates
     are computed in every program. A CUDA graph cannot hold the conds."""
-    ran = (True,) + tuple(bool(r) for r in common.ratio_pattern(cfg.num_gates, OVERHEAD_RATIO))
+    ran = (True,) + tuple(bool(r) for r in common.ratio_pattern(cfg.num_gates, ratio))
     return common.OverheadTest({"control flow": cfg, "no skip": common.replace(cfg, executed=(True,) * len(ran)),
                                 "trace": common.replace(cfg, executed=ran)},
-                               f"{sum(ran) - 1}/{cfg.num_gates} gates fire", inputs={"ratio": OVERHEAD_RATIO},
+                               f"{sum(ran) - 1}/{cfg.num_gates} gates fire", inputs={"ratio": ratio},
                                no_control_flow=("torch-cudagraph",))
 
 

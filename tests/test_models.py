@@ -370,7 +370,8 @@ def test_bench_small_writes_json(tmp_path):
     data = json.loads(path.read_text())
     assert {"card", "driver", "versions", "git_commit"} <= data["environment"].keys()
     rows = {(r["model"], r["variant"]) for r in data["rows"]}
-    assert ("rae", "fixed tree") in rows and ("blockdrop", "50% run") in rows and len(rows) == 8
+    assert ("rae", "fixed tree") in rows and ("blockdrop", "50% run") in rows and len(rows) == 9
+    assert ("blockdrop", "0% run, ungated part traced") in rows
     for r in data["rows"]:
         for res in r["systems"].values():
             assert res["status"] == "ok" and res["runs"] == 3 and res["median_ms"] > 0
