@@ -31,11 +31,11 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_update_slice_p
 from gdsl.schedule import utasks
+from gdsl.schedule.partition import UTASK_NS
 from gdsl.schedule.plan import COPY, Buffer, Value
 
 MAX_ROWS = 64          # a matmul with more rows is not latency-bound: its split stays the scheduler's own
 MAX_TILE_N = 64        # the widest column range of a layout (the GEMM tile routine's widest tile)
-MIN_TILE_N = 8         # the narrowest (unless a row is narrower): below it a uTask's fixed cost dominates
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def column_layouts(nodes: list[Node], grid: int) -> dict:
     budget = grid // len(chains)
     layouts, first = {}, 0
     for chain in chains:
-        tile_n, count = _tiling(_columns(chain[0]), budget)
+        tile_n, count = _tiling(chain, budget)
         for n in chain:
             layouts[n.key] = Layout(first, count, tile_n)
         first += count
@@ -115,14 +115,20 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
     return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
 
 
-def _tiling(n: int, budget: int) -> tuple[int, int]:
-    """(tile_n, count) for rows of n columns on at most `budget` vEUs: count divides the number of column
-    ranges (so that every row's range j lands on vEU j mod count); the most vEUs, then the widest ranges."""
-    best = (1, 1)
-    for tile_n in range(min(n, MIN_TILE_N), min(n, MAX_TILE_N) + 1):
+def _tiling(chain: list[Node], budget: int) -> tuple[int, int]:
+    """(tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: count divides the
+    number of column ranges (so that every row's range j lands on vEU j mod count); of those, the one the
+    cost model (utasks.py) estimates fastest: the busiest vEU's rounds of every op of the chain."""
+    n = _columns(chain[0])
+    best = None
+    for tile_n in range(1, min(n, MAX_TILE_N) + 1):
         if n % tile_n:
             continue
+        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n)
+                  for node in chain]
         ranges = n // tile_n
         count = max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
-        best = max(best, (count, tile_n))
-    return best[1], best[0]
+        ns = sum(-(-utasks_count // count) * (cost + UTASK_NS) for utasks_count, _, cost in splits)
+        if best is None or ns < best[0]:
+            best = (ns, tile_n, count)
+    return best[1], best[2]

@@ -23,8 +23,9 @@ from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, family_of, is_uniform
 from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p, slice_p
-from gdsl.schedule import licm, owner, partition, utasks
+from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
+from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
     COPY,
@@ -532,7 +533,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------------- ops
     def _column_layouts(self, items) -> dict:
-        """_Item -> owner.Layout for the matmul -> elementwise chains of a loop body's segment (owner.py),
+        """_Item -> Layout for the matmul -> elementwise chains of a loop body's segment (owner.py),
         when the scheduler was asked for them."""
         if not self.owner or not self.loop_depth or self.parts:
             return {}
@@ -540,10 +541,10 @@ class Scheduler:
         for it in items:
             if not it.uniform and len(it.eqn.outs) == 1:
                 kind, atoms = self._kind_and_inputs(it)
-                nodes.append(owner.Node(it, kind, tuple(self.read(a) for a in atoms), self.env[it.eqn.outs[0]]))
-        return owner.column_layouts(nodes, self.grid)
+                nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self.env[it.eqn.outs[0]]))
+        return column_layouts(nodes, self.grid)
 
-    def _make_op(self, it: _Item, grid: int | None = None, layout: owner.Layout | None = None) -> Op:
+    def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
         eqn = it.eqn
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
