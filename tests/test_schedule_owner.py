@@ -3,6 +3,8 @@ the scheduler option `owner=True`: the LSTM and NASRNN loops (small configs, bat
 barrier per step; results equal the interpreter on the plan simulator (its race checks pass), cpu,
 interpret and the C-family emulator; NVRTC compiles the CUDA; without the double buffering, a block sync in
 place of the barrier the hazards keep is a race the simulator reports."""
+import dataclasses
+
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close
@@ -32,10 +34,11 @@ needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
                                  reason=str(cuda_toolchain.nvrtc_available()))
 
 
-def _model(name, bs):
-    """(forward function, weights, inputs, program, flat arguments) of a model's small config."""
+def _model(name, bs, steps=None):
+    """(forward function, weights, inputs, program, flat arguments) of a model's small config (`steps`: a
+    shorter sequence, for the simulator, which runs uTask by uTask)."""
     model = MODELS[name]
-    cfg = model.small()
+    cfg = model.small() if steps is None else dataclasses.replace(model.small(), seq_len=steps)
     weights, inputs = model.init_weights(cfg), model.make_inputs(cfg, bs)
 
     def forward(w, x):
@@ -78,9 +81,9 @@ def test_one_grid_barrier_per_step(name, bs, grid):
 
 @pytest.mark.parametrize("name,bs", CASES)
 def test_simulated_plans_match_the_interpreter(name, bs):
-    *_, program, flat = _model(name, bs)
+    *_, program, flat = _model(name, bs, steps=3)      # (the LSTM skewed: 5 steps, an odd count: one peeled)
     expected = run_program(program, flat)
-    for grid in (1, 3, 132, 264):
+    for grid in (1, 3, 132):
         got = simulate(schedule(program, grid=grid, owner=True), flat, seed=grid)    # (race checks on)
         assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
