@@ -25,6 +25,7 @@ from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, fam
 from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p, slice_p
 from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
+from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
     COPY,
@@ -48,9 +49,11 @@ from gdsl.schedule.plan import (
     Value,
     Wave,
     fold_expr,
+    walk,
 )
 from gdsl.schedule.resident import keep_resident
 from gdsl.schedule.steps import hoist_step_products
+from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
@@ -93,7 +96,8 @@ class _Item:
 
 
 class Scheduler:
-    def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0):
+    def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
+                 owner=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -108,6 +112,10 @@ class Scheduler:
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
+        # Column layouts for matmul -> elementwise chains in loop bodies (owner.py); `loop_depth`: the
+        # loops around the block being scheduled.
+        self.owner = bool(owner) and control == "device"
+        self.loop_depth = 0
         self.env: dict = {}
         self.buffers: list[Buffer] = []
         self.uniform_list: list[Uniform] = []
@@ -414,12 +422,13 @@ class Scheduler:
         top = max(it.level for it in items)
         waves: dict = {}
         placed: dict = {}        # Op -> its Task, for the ops of this segment placed so far
+        layouts = self._column_layouts(items)
         for level in range(0, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
-                grids = self._wave_grids(globals_)
-                waves[level] = Wave(tuple(self._place([self._make_op(it, grids.get(it)) for it in globals_],
-                                                      placed)))
+                grids = self._wave_grids([it for it in globals_ if it not in layouts])
+                ops = [self._make_op(it, grids.get(it), layouts.get(it)) for it in globals_]
+                waves[level] = Wave(tuple(self._place(ops, placed, [layouts.get(it) for it in globals_])))
                 placed.update((task.op, task) for task in waves[level].tasks)
         read_until = _read_until(items)
         uniform_reads = {level: [self.read(a) for it in by_level.get((level, True), []) for a in it.eqn.inputs]
@@ -523,7 +532,19 @@ class Scheduler:
         return it.eqn.primitive.name, it.eqn.inputs
 
     # ---------------------------------------------------------------------------------------- ops
-    def _make_op(self, it: _Item, grid: int | None = None) -> Op:
+    def _column_layouts(self, items) -> dict:
+        """_Item -> Layout for the matmul -> elementwise chains of a loop body's segment (owner.py),
+        when the scheduler was asked for them."""
+        if not self.owner or not self.loop_depth or self.parts:
+            return {}
+        nodes = []
+        for it in items:
+            if not it.uniform and len(it.eqn.outs) == 1:
+                kind, atoms = self._kind_and_inputs(it)
+                nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self.env[it.eqn.outs[0]]))
+        return column_layouts(nodes, self.grid)
+
+    def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
         eqn = it.eqn
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
@@ -531,8 +552,12 @@ class Scheduler:
         outs = [self.env[v] for v in eqn.outs]
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
-        count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs], params,
-                                                grid)
+        if layout is not None:
+            count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
+                                                            layout.tile_n)
+        else:
+            count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
+                                                    params, grid)
         params.update(split_params)
         label = _expr_label(it.expr) if it.expr is not None else kind
         op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, it.expr)
@@ -551,12 +576,18 @@ class Scheduler:
         return UniformOp(eqn.primitive.name, tuple(self.read(a) for a in eqn.inputs), self.env[eqn.outs[0]],
                          dict(eqn.params))
 
-    def _place(self, ops, placed=None) -> list[Task]:
-        """vEU ranges for the ops of one wave: on their producers' vEUs when each op has such a home
-        (_homes) and that costs less than the grid barrier it can save, else one vEU per uTask when they
-        fit, else shares by cost. In a partitioned loop every op has uTask p on vEU p mod grid."""
+    def _place(self, ops, placed=None, layouts=None) -> list[Task]:
+        """vEU ranges for the ops of one wave: an op in a column layout (owner.py) on the layout's vEUs; the
+        others on their producers' vEUs when each has such a home (_homes) and that costs less than the
+        grid barrier it can save, else one vEU per uTask when they fit, else shares by cost. In a
+        partitioned loop every op has uTask p on vEU p mod grid."""
         if self.parts:
             return [Task(op, 0, min(op.n_utasks, self.grid)) for op in ops]
+        if layouts and any(layouts):
+            free = [op for op, layout in zip(ops, layouts) if layout is None]
+            spread = iter(self._place(free, placed) if free else [])
+            return [Task(op, layout.first, layout.count) if layout is not None else next(spread)
+                    for op, layout in zip(ops, layouts)]
         spread = self._spread(ops)
         homes = self._homes(ops, placed or {})
         if homes is not None:
@@ -690,7 +721,9 @@ class Scheduler:
         for out, binder, carry in zip(body_j.outs, body_binders, carries):
             if isinstance(out, Var) and out is not binder and not carry.is_uniform:
                 self.hints[out] = (carry, (binder,))
+        self.loop_depth += 1
         body_stmts = self.schedule_block(body_j)
+        self.loop_depth -= 1
         body_stmts += self._carry_update(carries, [self.read(out) for out in body_j.outs])
         for out in body_j.outs:
             self.hints.pop(out, None)
@@ -1411,12 +1444,14 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0) -> Plan:
+             hoist=None, resident_bytes=0, owner=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
     `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
+    `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
+    leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -1425,21 +1460,48 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"wavefront must be None (when estimated faster), True or False, got {wavefront!r}")
     if hoist not in (None, True, False):
         raise ValueError(f"hoist must be None (on), True or False, got {hoist!r}")
+    if owner not in (None, True, False):
+        raise ValueError(f"owner must be None (off), True or False, got {owner!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes)
+    program, plan = _skewed_or_plain(program, wavefront, options)
+    if owner and control == "device":
+        unrolled, count = unroll_twice(program)
+        if count:
+            owner_plan = Scheduler(_checked(unrolled, program), owner=True, **options).run()
+            owner_plan.stats["steps_per_iteration"] = 2
+            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan):
+                return owner_plan
+    return plan
+
+
+def _skewed_or_plain(program, wavefront, options) -> tuple:
+    """(program, its plan): skewed (wavefront.py) when asked for, or under wavefront=None when estimated
+    faster; else as it is."""
     if wavefront is False:
-        return Scheduler(program, **options).run()
+        return program, Scheduler(program, **options).run()
     skewed, stretch = skew_program(program)
     if skewed is program:
-        return Scheduler(program, **options).run()
-    skewed_plan = Scheduler(_checked(skewed, program), **options).run()
+        return program, Scheduler(program, **options).run()
+    skewed = _checked(skewed, program)
+    skewed_plan = Scheduler(skewed, **options).run()
     if wavefront:
-        return skewed_plan
+        return skewed, skewed_plan
     plain_plan = Scheduler(program, **options).run()
     faster = loop_iteration_ns(skewed_plan) * stretch < loop_iteration_ns(plain_plan)
-    return skewed_plan if faster else plain_plan
+    return (skewed, skewed_plan) if faster else (program, plain_plan)
+
+
+def loop_grid_barriers(plan) -> float:
+    """Grid barriers per step of the kernels' top-level loops, summed over those loops (their condition
+    and body, nested statements included); a plan whose loops were unrolled twice (owner=True) says so in
+    its stats ("steps_per_iteration")."""
+    loops = [s for k in plan.kernels for s in k.body if isinstance(s, Loop)]
+    barriers = sum(1 for loop in loops for s in walk(loop.cond + loop.body)
+                   if isinstance(s, Sync) and s.scope == "grid")
+    return barriers / plan.stats.get("steps_per_iteration", 1)
 
 
 def _checked(transformed, program):

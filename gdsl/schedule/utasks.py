@@ -165,3 +165,18 @@ def partition_split(kind, in_avals, out_avals, params, parts):
     size = in_avals[1].size if in_place_update(kind, params) else out.size
     chunk = size // parts
     return parts, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
+
+
+def column_split(kind, in_avals, out_avals, tile_n):
+    """The split of an op in a column layout (owner.py): each uTask writes within one range of `tile_n`
+    columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns; any other
+    kind chunks of tile_n elements (tile_n divides the row length, so a chunk is one row's range)."""
+    out = out_avals[0]
+    if kind in GEMM_KINDS:
+        batch, m, n, k = gemm_dims(kind, in_avals, out, {})
+        tm = max(m, 1)
+        count = batch * math.ceil(m / tm) * math.ceil(n / tile_n)
+        return count, {"tile_m": tm, "tile_n": tile_n}, \
+            _cost(4 * (tm * k + k * tile_n + tm * tile_n), 2 * tm * tile_n * k)
+    count = max(1, math.ceil(out.size / tile_n))
+    return count, {"chunk": tile_n}, _cost(4 * tile_n * (len(in_avals) + 1))

@@ -1,0 +1,134 @@
+"""Owner-computes placement: column layouts that keep a matmul and its elementwise epilogue on one vEU.
+
+A recurrent cell is a few matmuls (`h @ W` with W's gates stacked on a leading axis: [G, rows, n]) whose
+results are read only by elementwise ops, each reading the gate matrices at fixed offsets (`gates[g]`, a
+view at g * rows * n) and writing [rows, n]. Split as usual, the matmul's column tile j of gate g and the
+epilogue's chunk of the same columns sit on different vEUs: a grid barrier between them. Here the whole
+chain takes one *column layout*: every op of it writes within column ranges of `tile_n` of the output's
+last axis (a matmul: tiles of all its rows by tile_n columns; anything else: chunks of tile_n elements)
+and runs on the same `count` vEUs from `first`, with count dividing the number of column ranges. Then
+uTask t of any of them runs on vEU first + (its column range mod count), for every gate and every row: the
+vEU that runs the epilogue for columns J computed every gate column it reads (the gathered tile
+{g * n + j : g < G, j in J}, expressed by the placement, not by a new split), and the hazards module
+(hazards.py) finds a vEU-local sync where the grid barrier was.
+
+The chains are found from the segment's dataflow, never from a model: ops are joined when one reads the
+other's result column for column (an elementwise op or copy whose input has the same last axis, read at
+an offset that is a whole number of rows); a chain is laid out when it holds a matmul of at most MAX_ROWS
+rows and an op reading it so. Matmuls *reading* a chain's result (the next layer's `h @ W_ih`) read whole
+rows, so they do not join it: each layer of a stacked recurrence is a chain of its own, on vEUs of its own.
+
+Inside a loop this removes the matmul -> epilogue barrier only when nothing else needs it: the next
+iteration's matmuls read the whole state that the epilogue overwrites, so the scheduler uses the layout
+on loop bodies unrolled twice (unroll.py: the state double-buffered) and keeps the result only where the
+plan has fewer grid barriers per step (Scheduler option `owner`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import ELEMENTWISE, family_of
+from gdsl.primitives.structural import dynamic_update_slice_p
+from gdsl.schedule import utasks
+from gdsl.schedule.partition import UTASK_NS
+from gdsl.schedule.plan import COPY, Buffer, Value
+
+MAX_ROWS = 64          # a matmul with more rows is not latency-bound: its split stays the scheduler's own
+MAX_TILE_N = 64        # the widest column range of a layout (the GEMM tile routine's widest tile)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An op's place in a column layout: `tile_n` columns per uTask, on vEUs [first, first + count)."""
+    first: int
+    count: int
+    tile_n: int
+
+
+@dataclass(eq=False)
+class Node:
+    """An op of the segment, as the layout search sees it."""
+    key: object                    # the scheduler's item
+    kind: str
+    inputs: tuple[Value, ...]
+    output: Value
+
+
+def column_layouts(nodes: list[Node], grid: int) -> dict:
+    """key -> Layout for the ops of every chain worth laying out (see the module docstring); the chains
+    share the grid in equal parts. Empty when there is none or the grid is too small to give each one."""
+    candidates = [n for n in nodes if _columns(n) is not None]
+    writer = {n.output.storage: n for n in candidates}
+    parent = {id(n): n for n in candidates}
+
+    def root(n):
+        while parent[id(n)] is not n:
+            parent[id(n)] = parent[id(parent[id(n)])]
+            n = parent[id(n)]
+        return n
+
+    consumers = set()
+    for n in candidates:
+        for value in n.inputs:
+            producer = writer.get(value.storage)
+            if producer is not None and producer is not n and _reads_columns(n, value, _columns(producer)):
+                parent[id(root(n))] = root(producer)
+                consumers.add(id(n))
+    chains: dict = {}
+    for n in candidates:
+        chains.setdefault(id(root(n)), []).append(n)
+    chains = [c for c in chains.values()
+              if any(n.kind == matmul_p.name for n in c) and any(id(n) in consumers for n in c)]
+    if not chains or grid // len(chains) < 1:
+        return {}
+    budget = grid // len(chains)
+    layouts, first = {}, 0
+    for chain in chains:
+        tile_n, count = _tiling(chain, budget)
+        for n in chain:
+            layouts[n.key] = Layout(first, count, tile_n)
+        first += count
+    return layouts
+
+
+def _columns(node: Node) -> int | None:
+    """The length of the output's last axis when the op can take a column layout, else None: a matmul
+    of at most MAX_ROWS rows, or an op split into chunks of output elements, writing a whole buffer."""
+    out = node.output
+    if out.aval.ndim == 0 or not isinstance(out.storage, Buffer) or out.offset or \
+            out.aval.size != out.storage.aval.size or out.aval.size == 0:
+        return None
+    if node.kind == matmul_p.name:
+        return out.aval.shape[-1] if out.aval.ndim >= 2 and out.aval.shape[-2] <= MAX_ROWS else None
+    if node.kind in utasks.ELEMENTWISE_KINDS and node.kind != dynamic_update_slice_p.name:
+        return out.aval.shape[-1]          # (an update in place is split over its window, not its output)
+    return None
+
+
+def _reads_columns(node: Node, value: Value, n: int) -> bool:
+    """Does `node` read `value` (a result of length-n rows) column for column: output column j from input
+    column j, at any row?"""
+    if node.kind != COPY.name and family_of(node.kind) != ELEMENTWISE:
+        return False
+    shape = value.aval.shape
+    return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
+
+
+def _tiling(chain: list[Node], budget: int) -> tuple[int, int]:
+    """(tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: count divides the
+    number of column ranges (so that every row's range j lands on vEU j mod count); of those, the one the
+    cost model (utasks.py) estimates fastest: the busiest vEU's rounds of every op of the chain."""
+    n = _columns(chain[0])
+    best = None
+    for tile_n in range(1, min(n, MAX_TILE_N) + 1):
+        if n % tile_n:
+            continue
+        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n)
+                  for node in chain]
+        ranges = n // tile_n
+        count = max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
+        ns = sum(-(-utasks_count // count) * (cost + UTASK_NS) for utasks_count, _, cost in splits)
+        if best is None or ns < best[0]:
+            best = (ns, tile_n, count)
+    return best[1], best[2]
