@@ -15,7 +15,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import COPY, Call, Sync, Wave, walk
+from gdsl.schedule.plan import COPY, Branch, Call, Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_flatten
 
@@ -122,7 +122,8 @@ def copies_in_functions(plan):
 
 def test_call_results_are_read_in_the_callees_frames():
     """Both children's results stay where the callee wrote them: the second call goes two frames deeper,
-    past the first one's result, and the inner node copies neither (the leaf's copy remains)."""
+    past the first one's result, and the inner node copies neither; the leaf slices x[node] straight into
+    the result (through the reshape after the slice)."""
     args = encoder_args(((None, None), None))
     plan = schedule(gdsl.make_ir(encoder(4))(*args), grid=16)
     assert sorted(c.step for c in calls(plan)) == [1, 2]
@@ -131,7 +132,7 @@ def test_call_results_are_read_in_the_callees_frames():
     inner = [s for s in walk(fn.body) if isinstance(s, Wave) and any(
         v.frame_offset for t in s.tasks for v in t.op.inputs)]
     assert {v.frame_offset for s in inner for t in s.tasks for v in t.op.inputs} == {1, 2}
-    assert len(copies_in_functions(plan)) == 1          # the leaf's x[node] into the result
+    assert copies_in_functions(plan) == []
     host = schedule(gdsl.make_ir(encoder(4))(*args), control="host", grid=16)
     assert all(c.step == 1 for c in calls(host))
 
@@ -256,7 +257,8 @@ def test_barriers_around_calls_are_kept_where_vEUs_meet(width):
 def test_rae_executes_two_grid_barriers_per_inner_node():
     """RAE at full size on the fixed 65-node tree (32 inner nodes, 33 leaves): the grid barriers executed
     are the two around each node's matmul (its input concatenated on vEU 0, its output read on vEU 0);
-    the leaves and the calls pay none, and no result is copied out of a callee's frame."""
+    the leaves and the calls pay none, and nothing is copied (no result out of a callee's frame, no leaf
+    vector into the result)."""
     from models import floor, rae
     cfg = rae.Config()
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
@@ -264,4 +266,74 @@ def test_rae_executes_two_grid_barriers_per_inner_node():
     plan = schedule(program, grid=132)
     count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
     assert count.plan_grid_barriers == 2 * 32
-    assert len(copies_in_functions(plan)) == 1            # the leaf's x[node] into the result
+    assert copies_in_functions(plan) == []
+
+
+# ------------------------------------------------------------------ results written through a reshape
+# An op whose output is reshaped into a result with a storage of its own (a program output, a branch or
+# function result) writes that storage under its own shape: no temporary, no copy (Scheduler._hinted_result).
+
+def row_output(x, i):
+    """x[i] with a traced i: a dynamic_slice of shape (1, n) reshaped to (n,), the program's output."""
+    return x[i]
+
+
+def row_in_branch(p, x, i):
+    """A branch result that one branch takes as a reshaped dynamic_slice, the other as an elementwise op."""
+    y = gdsl.cond(p > 0, lambda: x[i], lambda: x[0] * 2.0)
+    return y * 3.0
+
+
+def two_shapes_of_one_output(x):
+    """Two results, each a reshape of one op's output: one storage cannot be both, both are copied."""
+    y = gnp.tanh(x) * 2.0
+    return y.reshape(-1), y.reshape(x.shape[1], x.shape[0])
+
+
+def reshaped_carry(x, W):
+    """A loop carry whose new value is a reshape of a matmul (reads other elements: not in place) and of an
+    elementwise op of a reshape of the carry."""
+    def body(k, v):
+        v = (v.reshape(1, -1) @ W).reshape(-1)
+        return gnp.tanh(v.reshape(1, -1) * 0.5).reshape(-1)
+    return gdsl.fori_loop(0, 3, body, x)
+
+
+RESHAPED_RESULTS = {
+    row_output: [(np.arange(12, dtype=np.float32).reshape(3, 4), np.int32(k)) for k in (0, 2, -1)],
+    row_in_branch: [(np.float32(p), np.arange(12, dtype=np.float32).reshape(3, 4), np.int32(1)) for p in (1, -1)],
+    two_shapes_of_one_output: [(np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),)],
+    reshaped_carry: [(np.linspace(-1, 1, 4, dtype=np.float32), np.eye(4, dtype=np.float32)[::-1] * 0.9)],
+}
+COPIES_LEFT = {row_output: 0, row_in_branch: 0, two_shapes_of_one_output: 2}
+
+
+def plan_copies(plan):
+    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if t.op.kind == COPY.name]
+
+
+@pytest.mark.parametrize("fn", list(RESHAPED_RESULTS), ids=[f.__name__ for f in RESHAPED_RESULTS])
+def test_results_written_through_a_reshape(fn):
+    for args in RESHAPED_RESULTS[fn]:
+        plan = check_simulated(fn, args)
+        if fn in COPIES_LEFT:
+            assert len(plan_copies(plan)) == COPIES_LEFT[fn]
+        expected = run_program(gdsl.make_ir(fn)(*args), flat_args(args))
+        assert_trees_close(list(tree_flatten(gdsl.to_numpy(gdsl.jit(fn, backend="cpu")(*args)))[0]), expected,
+                           tolerance=BACKEND_TOLERANCE)
+        if emulator.cxx() is not None:
+            for control in ("device", "host"):
+                got = emulator.emulate(fn, *args, control=control, grid=3, block=32)
+                assert_trees_close(list(tree_flatten(got)[0]), expected, tolerance=BACKEND_TOLERANCE)
+
+
+def test_the_leaf_writes_its_row_into_the_result():
+    """RAE's leaf `x[node]` (a dynamic_slice, then a reshape) is one op writing the function's result in its
+    frame: one wave, no copy."""
+    args = encoder_args((None, None))
+    (fn,) = schedule(gdsl.make_ir(encoder(4))(*args), grid=16).functions
+    (branch,) = [s for s in fn.body if isinstance(s, Branch)]
+    leaf_waves = [s for s in walk(branch.branches[1]) if isinstance(s, Wave)]
+    assert len(leaf_waves) == 1
+    (task,) = leaf_waves[0].tasks
+    assert task.op.outputs[0].storage is fn.results[0].storage

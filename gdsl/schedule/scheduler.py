@@ -378,16 +378,21 @@ class Scheduler:
                 it.level = max([0] + [d.level + 1 for d in it.deps])
 
     def _choose_aliases(self, items, jaxpr):
-        """Let an op write straight into a loop carry or a branch/function result when that is safe."""
+        """Let an op write straight into a loop carry or a branch/function result when that is safe. The
+        result may be a reshape of the op's output (RAE's leaf `reshape(x[node], (H,))`): the op then
+        writes the result's storage under its own shape, and the reshape reads it there, no copy."""
         for it in items:
-            if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
+            hinted = None if it.uniform else self._hinted_result(it, jaxpr)
+            if hinted is None:
                 continue
-            target, binders = self.hints[it.eqn.outs[0]]
+            target, binders = self.hints[hinted]
+            out = it.eqn.outs[0]
+            in_target = Value(target.storage, out.aval, target.frame_offset, target.offset)
             if binders is None:           # a fresh result buffer nobody else reads
-                it.alias = target
+                it.alias = in_target
                 continue
             names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
-            readers_ok = not any(a in names for a in jaxpr.outs if a is not it.eqn.outs[0])
+            readers_ok = not any(a in names for a in jaxpr.outs if a is not hinted)
             for later_index, eqn in enumerate(jaxpr.eqns):
                 if later_index > it.index and any(a in names for a in eqn.inputs):
                     readers_ok = False       # read after the overwrite
@@ -402,8 +407,21 @@ class Scheduler:
             windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
             if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
                 readers_ok = False       # it reads the carry through a view: at other elements than it writes
-            if readers_ok and target.aval == it.eqn.outs[0].aval:
-                it.alias = target
+            if readers_ok and target.aval == hinted.aval:
+                it.alias = in_target
+
+    def _hinted_result(self, it, jaxpr):
+        """The variable with a storage hint (self.hints) that item `it` computes: its own output, or else
+        the one reshape (or chain of reshapes) of it that has a hint (a reshape shares its operand's
+        storage, so writing the operand there writes the result); None when there is none. Two hinted
+        reshapes of one output would want two storages: the output then takes neither."""
+        if not it.eqn.outs:
+            return None
+        out = it.eqn.outs[0]
+        if out in self.hints:
+            return out
+        hinted = [v for v in _alias_closure(jaxpr, out, views=False) if v in self.hints]
+        return hinted[0] if len(hinted) == 1 else None
 
     def _emit(self, items):
         if not items:            # a segment of reshapes only: aliases, no work
