@@ -65,7 +65,7 @@ from gdsl.schedule.plan import (
     Wave,
     plan_statements,
 )
-from gdsl.schedule.simulate import Simulator
+from gdsl.schedule.simulate import Simulator, frames_spanned
 from gdsl.tracing.pytree import tree_flatten
 
 TERMS = ("barriers", "bytes", "flops")
@@ -160,7 +160,8 @@ class _Counter(Simulator):
             return super().read(value)
         if s.kind in COMPULSORY_KINDS:
             self.read_inputs.add(s)
-        flat = self.mem[s].data[self._slot(value)].reshape(-1)     # a view's window (plan.Value.offset)
+        slot = self._slot(value)            # a view's window (plan.Value.offset), maybe across frames
+        flat = self.mem[s].data[slot:slot + frames_spanned(value)].reshape(-1)
         return flat[value.offset:value.offset + value.aval.size].reshape(value.aval.shape)
 
     def run_sync(self, stmt: Sync):

@@ -14,8 +14,9 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
+from gdsl.primitives.structural import concatenate_p
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import COPY, Call, Sync, Wave, walk
+from gdsl.schedule.plan import COPY, Branch, Call, Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_flatten
 
@@ -122,16 +123,23 @@ def copies_in_functions(plan):
 
 def test_call_results_are_read_in_the_callees_frames():
     """Both children's results stay where the callee wrote them: the second call goes two frames deeper,
-    past the first one's result, and the inner node copies neither (the leaf's copy remains)."""
+    past the first one's result, and the inner node copies neither; their concatenation is the window of
+    both frames that the matmul reads in place (no op); the leaf slices x[node] straight into the result
+    (through the reshape after the slice)."""
     args = encoder_args(((None, None), None))
     plan = schedule(gdsl.make_ir(encoder(4))(*args), grid=16)
     assert sorted(c.step for c in calls(plan)) == [1, 2]
     (fn,) = plan.functions
     assert fn.max_step == 2 and fn.frames == (4 + 1) * 2 + 1
-    inner = [s for s in walk(fn.body) if isinstance(s, Wave) and any(
-        v.frame_offset for t in s.tasks for v in t.op.inputs)]
-    assert {v.frame_offset for s in inner for t in s.tasks for v in t.op.inputs} == {1, 2}
-    assert len(copies_in_functions(plan)) == 1          # the leaf's x[node] into the result
+    reading_frames = [t.op for s in walk(fn.body) if isinstance(s, Wave) for t in s.tasks
+                      if any(v.frame_offset for v in t.op.inputs)]
+    (matmul,) = reading_frames
+    (children,) = [v for v in matmul.inputs if v.frame_offset]
+    assert (children.frame_offset, children.offset, children.aval.shape) == (1, 0, (1, 2 * D))
+    assert children.storage is fn.results[0].storage
+    assert "t1'[0:8]<f32[1,8]>" in str(plan)
+    kinds = [t.op.kind for s in walk(fn.body) if isinstance(s, Wave) for t in s.tasks]
+    assert len(kinds) == 3 and concatenate_p.name not in kinds and COPY.name not in kinds
     host = schedule(gdsl.make_ir(encoder(4))(*args), control="host", grid=16)
     assert all(c.step == 1 for c in calls(host))
 
@@ -256,7 +264,8 @@ def test_barriers_around_calls_are_kept_where_vEUs_meet(width):
 def test_rae_executes_two_grid_barriers_per_inner_node():
     """RAE at full size on the fixed 65-node tree (32 inner nodes, 33 leaves): the grid barriers executed
     are the two around each node's matmul (its input concatenated on vEU 0, its output read on vEU 0);
-    the leaves and the calls pay none, and no result is copied out of a callee's frame."""
+    the leaves and the calls pay none, and nothing is copied (no result out of a callee's frame, no leaf
+    vector into the result)."""
     from models import floor, rae
     cfg = rae.Config()
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
@@ -264,4 +273,190 @@ def test_rae_executes_two_grid_barriers_per_inner_node():
     plan = schedule(program, grid=132)
     count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
     assert count.plan_grid_barriers == 2 * 32
-    assert len(copies_in_functions(plan)) == 1            # the leaf's x[node] into the result
+    assert copies_in_functions(plan) == []
+
+
+# ------------------------------------------------------------------ results written through a reshape
+# An op whose output is reshaped into a result with a storage of its own (a program output, a branch or
+# function result) writes that storage under its own shape: no temporary, no copy (Scheduler._hinted_result).
+
+def row_output(x, i):
+    """x[i] with a traced i: a dynamic_slice of shape (1, n) reshaped to (n,), the program's output."""
+    return x[i]
+
+
+def row_in_branch(p, x, i):
+    """A branch result that one branch takes as a reshaped dynamic_slice, the other as an elementwise op."""
+    y = gdsl.cond(p > 0, lambda: x[i], lambda: x[0] * 2.0)
+    return y * 3.0
+
+
+def two_shapes_of_one_output(x):
+    """Two results, each a reshape of one op's output: one storage cannot be both, both are copied."""
+    y = gnp.tanh(x) * 2.0
+    return y.reshape(-1), y.reshape(x.shape[1], x.shape[0])
+
+
+def reshaped_carry(x, W):
+    """A loop carry whose new value is a reshape of a matmul (reads other elements: not in place) and of an
+    elementwise op of a reshape of the carry."""
+    def body(k, v):
+        v = (v.reshape(1, -1) @ W).reshape(-1)
+        return gnp.tanh(v.reshape(1, -1) * 0.5).reshape(-1)
+    return gdsl.fori_loop(0, 3, body, x)
+
+
+RESHAPED_RESULTS = {
+    row_output: [(np.arange(12, dtype=np.float32).reshape(3, 4), np.int32(k)) for k in (0, 2, -1)],
+    row_in_branch: [(np.float32(p), np.arange(12, dtype=np.float32).reshape(3, 4), np.int32(1)) for p in (1, -1)],
+    two_shapes_of_one_output: [(np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),)],
+    reshaped_carry: [(np.linspace(-1, 1, 4, dtype=np.float32), np.eye(4, dtype=np.float32)[::-1] * 0.9)],
+}
+COPIES_LEFT = {row_output: 0, row_in_branch: 0, two_shapes_of_one_output: 2}
+
+
+def plan_copies(plan):
+    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if t.op.kind == COPY.name]
+
+
+@pytest.mark.parametrize("fn", list(RESHAPED_RESULTS), ids=[f.__name__ for f in RESHAPED_RESULTS])
+def test_results_written_through_a_reshape(fn):
+    for args in RESHAPED_RESULTS[fn]:
+        plan = check_simulated(fn, args)
+        if fn in COPIES_LEFT:
+            assert len(plan_copies(plan)) == COPIES_LEFT[fn]
+        expected = run_program(gdsl.make_ir(fn)(*args), flat_args(args))
+        assert_trees_close(list(tree_flatten(gdsl.to_numpy(gdsl.jit(fn, backend="cpu")(*args)))[0]), expected,
+                           tolerance=BACKEND_TOLERANCE)
+        if emulator.cxx() is not None:
+            for control in ("device", "host"):
+                got = emulator.emulate(fn, *args, control=control, grid=3, block=32)
+                assert_trees_close(list(tree_flatten(got)[0]), expected, tolerance=BACKEND_TOLERANCE)
+
+
+def test_the_leaf_writes_its_row_into_the_result():
+    """RAE's leaf `x[node]` (a dynamic_slice, then a reshape) is one op writing the function's result in its
+    frame: one wave, no copy."""
+    args = encoder_args((None, None))
+    (fn,) = schedule(gdsl.make_ir(encoder(4))(*args), grid=16).functions
+    (branch,) = [s for s in fn.body if isinstance(s, Branch)]
+    leaf_waves = [s for s in walk(branch.branches[1]) if isinstance(s, Wave)]
+    assert len(leaf_waves) == 1
+    (task,) = leaf_waves[0].tasks
+    assert task.op.outputs[0].storage is fn.results[0].storage
+
+
+# ----------------------------------------------------------- call results concatenated in place
+
+def concatenated_calls(order, axis=0, rows=1):
+    """f(k) = concat of f(k - 1), f(k - 2), ... in `order` (call j is f(k - 1 - j)), then a matmul, as RAE's
+    inner node; results of shape (rows, 4) concatenated along `axis` (rows 1, axis 1: one flat run)."""
+    def program(x, W, n):
+        @gdsl.recurse(result=gdsl.ShapeDtype((rows, 4), gdsl.float32), max_depth=8)
+        def f(k):
+            def inner():
+                results = [f(k - 1 - j) for j in range(len(order))]
+                both = gnp.concatenate([results[j] for j in order], axis=axis)
+                return gnp.tanh(both.reshape(rows, -1) @ W[:both.size // rows])
+            return gdsl.cond(k <= 0, lambda: x * (1.0 - 0.1 * k.astype(gdsl.float32)), inner)
+        return f(n)
+    return program
+
+
+def spanning_views(plan):
+    return [v for f in plan.functions for s in walk(f.body) if isinstance(s, Wave) for t in s.tasks
+            for v in t.op.inputs if v.buffer is not None and v.offset + v.aval.size > v.buffer.aval.size]
+
+
+@pytest.mark.parametrize("order, axis, rows, in_place", [
+    ((0, 1), 0, 1, True),           # RAE: left then right child, adjacent frames
+    ((0, 1, 2), 1, 1, True),        # three calls, along the last axis of (1, 4) results
+    ((1, 0), 0, 1, False),          # right before left: the frames are not in memory order
+    ((0, 1), 1, 2, False),          # (2, 4) results along axis 1: rows interleave, no single run
+    ((0, 1), 0, 2, True),           # (2, 4) results along axis 0: one run
+])
+def test_adjacent_call_results_are_concatenated_in_place(order, axis, rows, in_place):
+    """A concatenation of call results lying one after another in the callees' frames is a view across
+    them (no op); any other stays an op. Simulated (race checks), cpu backend and emulator."""
+    program = concatenated_calls(order, axis, rows)
+    rng = np.random.default_rng(len(order) + axis + rows)
+    args = (rng.uniform(-1, 1, (rows, 4)).astype(np.float32),
+            (rng.standard_normal((12, 4)) / 3).astype(np.float32), np.int32(4))
+    plan = check_simulated(program, args)
+    kinds = [t.op.kind for f in plan.functions for s in walk(f.body) if isinstance(s, Wave) for t in s.tasks]
+    assert (concatenate_p.name not in kinds) == in_place
+    assert bool(spanning_views(plan)) == in_place
+    expected = run_program(gdsl.make_ir(program)(*args), flat_args(args))[0]
+    np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)), expected,
+                               rtol=1e-5, atol=1e-5)
+    if emulator.cxx() is not None:
+        np.testing.assert_allclose(emulator.emulate(program, *args, grid=3, block=32), expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def wide_encoder(max_depth, hidden):
+    """RAE's encoder at `hidden` wide: the node's matmul spreads over several vEUs, so the barrier before
+    it (after the second call) and after it are grid barriers, the leaf's and the tanh's are not."""
+    def program(x, W, b, left, right, is_leaf, root):
+        @gdsl.recurse(result=gdsl.ShapeDtype((hidden,), gdsl.float32), max_depth=max_depth)
+        def encode(node):
+            return gdsl.cond(is_leaf[node], lambda: x[node],
+                             lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
+        return encode(root)
+    return program
+
+
+TREES = {"one leaf": None, "depth 1": (None, None), "children are leaves": ((None, None), (None, None)),
+         "left chain": chain(4, "left"), "right chain": chain(4, "right"),
+         "unbalanced": (((None, (None, None)), None), (None, ((None, None), None)))}
+
+
+@pytest.mark.parametrize("name", list(TREES))
+def test_wide_encoder_trees(name):
+    """Shapes of trees at a width whose matmul takes several vEUs: simulated on both controls and several
+    grids (race checks), on the cpu backend and the emulator; executed grid barriers: two per inner node."""
+    tree, hidden = TREES[name], 64
+    rng = np.random.default_rng(3)
+    left, right, is_leaf, root = tree_arrays(tree)
+    args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
+            (rng.standard_normal((2 * hidden, hidden)) / np.sqrt(2 * hidden)).astype(np.float32),
+            (0.1 * rng.standard_normal(hidden)).astype(np.float32), left, right, is_leaf, root)
+    program = wide_encoder(height(tree) + 1, hidden)
+    plan = check_simulated(program, args, grids=(1, 3, 16))
+    from models import floor
+    inner_nodes = int((~is_leaf).sum())
+    assert floor.count_plan(plan, flat_args(args)).plan_grid_barriers == 2 * inner_nodes
+    expected = run_program(gdsl.make_ir(program)(*args), flat_args(args))[0]
+    np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)), expected,
+                               rtol=1e-5, atol=1e-5)
+    if emulator.cxx() is not None:
+        for control in ("device", "host"):
+            np.testing.assert_allclose(emulator.emulate(program, *args, control=control, grid=5, block=32),
+                                       expected, rtol=1e-5, atol=1e-5)
+
+
+def test_race_on_a_view_across_frames_is_caught():
+    """The simulator checks a read through a view spanning frames against the writers of every frame it
+    covers: with the grid barrier before the node's matmul made a block sync, the matmul's vEUs read the
+    children that vEU 0 wrote, and the simulator says so."""
+    import dataclasses
+
+    from gdsl.schedule.simulate import BarrierError
+    tree, hidden = (None, None), 64
+    left, right, is_leaf, root = tree_arrays(tree)
+    rng = np.random.default_rng(4)
+    args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
+            rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
+            rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
+    plan = schedule(gdsl.make_ir(wide_encoder(2, hidden))(*args), grid=16)
+    simulate(plan, flat_args(args))
+    (fn,) = plan.functions
+    (branch,) = [s for s in fn.body if isinstance(s, Branch)]
+    inner = branch.branches[0]
+    before_matmul = next(k for k, s in enumerate(inner) if isinstance(s, Sync))
+    assert isinstance(inner[before_matmul - 1], Call) and inner[before_matmul].scope == "grid"
+    broken = inner[:before_matmul] + (Sync("block"),) + inner[before_matmul + 1:]
+    body = tuple(dataclasses.replace(branch, branches=(broken,) + branch.branches[1:]) if s is branch else s
+                 for s in fn.body)
+    with pytest.raises(BarrierError, match="written by vEU 0"):
+        simulate(dataclasses.replace(plan, functions=(dataclasses.replace(fn, body=body),)), flat_args(args))

@@ -16,7 +16,8 @@ every other read (a matmul's operands, a reduction's, a dynamic window, a gather
 whole operand read by several vEUs (by the op's one vEU when it has one). A slice, dynamic slice or
 transpose, which a backend may render as a pointer into its source instead of a copy
 (gdsl/backends/cfamily/views.py), counts as a read of that source wherever its result is read. Frame copies
-of a recursive function's buffers are not told apart (over-approximated as the same elements).
+of a recursive function's buffers are not told apart (over-approximated as the same elements; a view
+spanning adjacent frames wraps around onto them).
 """
 from __future__ import annotations
 
@@ -25,14 +26,24 @@ import numpy as np
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
-from gdsl.schedule import utasks
+from gdsl.schedule import shares, utasks
 from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave
-from gdsl.schedule.shares import MOVES, broadcast_source, moved_from, storage_elements
+from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
 
 NONE, SEVERAL = -1, -2
 MAX_TRACKED = 1 << 23        # elements tracked per segment; beyond it every barrier stays a grid barrier
 MAX_OP_ELEMENTS = 1 << 18    # an op writing more is not latency-bound: its barriers stay grid barriers
 MAYBE_VIEWS = frozenset(p.name for p in (slice_p, dynamic_slice_p, transpose_p))
+
+
+def storage_elements(value, flat):
+    """shares.storage_elements with the frame copies told apart by nothing: the elements of a view spanning
+    adjacent frames (concatenated call results) taken modulo the storage's size."""
+    elements = shares.storage_elements(value, flat)
+    size = value.storage.aval.size
+    if not isinstance(elements, slice) and value.offset + value.aval.size > size:
+        return elements % size
+    return elements
 
 
 class TooLarge(Exception):

@@ -22,7 +22,7 @@ from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, family_of, is_uniform
-from gdsl.primitives.structural import dynamic_update_slice_p, reshape_p, slice_p
+from gdsl.primitives.structural import concatenate_p, dynamic_update_slice_p, reshape_p, slice_p
 from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.owner import Layout, Node, column_layouts
@@ -126,6 +126,7 @@ class Scheduler:
         self.fn_bodies: dict = {}
         self.sites: dict = {}               # name -> number of call sites
         self.held_frames: dict = {}         # (calling function or None, callee) -> frames its results hold
+        self.after_call_syncs: set = set()  # the grid Syncs right after Calls (see _after_call_sync)
         self.max_steps: dict = {}           # name -> the largest step of a Call of it (see _call_step)
         # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
         # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
@@ -193,9 +194,9 @@ class Scheduler:
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
         if self.control == "device" and functions:
-            body, functions, n = _demote_syncs_around_calls(body, functions)
-            self.stats["grid_syncs"] -= n
-            self.stats["block_syncs"] += n
+            body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
+            self.stats["grid_syncs"] -= demoted + dropped
+            self.stats["block_syncs"] += demoted
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
         else:
@@ -241,6 +242,10 @@ class Scheduler:
         order: list = []         # items and reshapes in program order, for storage allocation
         windows: dict = {}       # alias Var -> _Alias
         for index, eqn in segment:
+            spanning = self._adjacent_call_results(eqn)
+            if spanning is not None:        # read in place across the callees' frames, no work
+                self.env[eqn.outs[0]] = spanning
+                continue
             if _is_alias(eqn):   # a reshape or a view: a window of its input's storage, no work
                 if eqn.inputs[0] in producer:
                     producer[eqn.outs[0]] = producer[eqn.inputs[0]]
@@ -269,6 +274,33 @@ class Scheduler:
         self._choose_aliases(items, jaxpr)
         self._allocate(order)
         return self._emit(items)
+
+    def _adjacent_call_results(self, eqn) -> Value | None:
+        """The view that a concatenation of call results lying next to each other in memory is, or None.
+        A call result read in place lives in its callee's frame, and calls made one after another from one
+        body go to adjacent frames (_call_step): RAE's `concat(encode(left), encode(right))` is `t1'` then
+        `t1''`, elements [0, 2H) from the first child's frame on. Such a view is no producer (no op, no
+        wave, no barrier of its own); its readers read the callees' frames directly. Only for the frames of
+        calls (only a later, deeper call writes them, see _by_reference), when the concatenation is one flat
+        run (every dimension before the axis is 1) and its result is not wanted in a buffer of its own."""
+        if eqn.primitive is not concatenate_p or eqn.outs[0] in self.hints:
+            return None
+        axis = eqn.params["axis"]
+        if any(d != 1 for d in eqn.outs[0].aval.shape[:axis]):
+            return None
+        if not all(isinstance(a, Var) and a in self.env for a in eqn.inputs):
+            return None
+        values = [self.read(a) for a in eqn.inputs]
+        first = values[0]
+        if not all(v.buffer is not None and v.buffer is first.buffer and v.frame_offset > 0 for v in values):
+            return None
+        frame_size = first.buffer.aval.size
+        position = first.frame_offset * frame_size + first.offset
+        for v in values:
+            if v.frame_offset * frame_size + v.offset != position:
+                return None
+            position += v.aval.size
+        return Value(first.storage, eqn.outs[0].aval, first.frame_offset, first.offset)
 
     def _allocate(self, order):
         """Storage for every value the segment produces, in program order (aliases follow their source)."""
@@ -386,16 +418,21 @@ class Scheduler:
                 it.level = max([0] + [d.level + 1 for d in it.deps])
 
     def _choose_aliases(self, items, jaxpr):
-        """Let an op write straight into a loop carry or a branch/function result when that is safe."""
+        """Let an op write straight into a loop carry or a branch/function result when that is safe. The
+        result may be a reshape of the op's output (RAE's leaf `reshape(x[node], (H,))`): the op then
+        writes the result's storage under its own shape, and the reshape reads it there, no copy."""
         for it in items:
-            if it.uniform or not it.eqn.outs or it.eqn.outs[0] not in self.hints:
+            hinted = None if it.uniform else self._hinted_result(it, jaxpr)
+            if hinted is None:
                 continue
-            target, binders = self.hints[it.eqn.outs[0]]
+            target, binders = self.hints[hinted]
+            out = it.eqn.outs[0]
+            in_target = Value(target.storage, out.aval, target.frame_offset, target.offset)
             if binders is None:           # a fresh result buffer nobody else reads
-                it.alias = target
+                it.alias = in_target
                 continue
             names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
-            readers_ok = not any(a in names for a in jaxpr.outs if a is not it.eqn.outs[0])
+            readers_ok = not any(a in names for a in jaxpr.outs if a is not hinted)
             for later_index, eqn in enumerate(jaxpr.eqns):
                 if later_index > it.index and any(a in names for a in eqn.inputs):
                     readers_ok = False       # read after the overwrite
@@ -410,8 +447,21 @@ class Scheduler:
             windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
             if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
                 readers_ok = False       # it reads the carry through a view: at other elements than it writes
-            if readers_ok and target.aval == it.eqn.outs[0].aval:
-                it.alias = target
+            if readers_ok and target.aval == hinted.aval:
+                it.alias = in_target
+
+    def _hinted_result(self, it, jaxpr):
+        """The variable with a storage hint (self.hints) that item `it` computes: its own output, or else
+        the one reshape (or chain of reshapes) of it that has a hint (a reshape shares its operand's
+        storage, so writing the operand there writes the result); None when there is none. Two hinted
+        reshapes of one output would want two storages: the output then takes neither."""
+        if not it.eqn.outs:
+            return None
+        out = it.eqn.outs[0]
+        if out in self.hints:
+            return out
+        hinted = [v for v in _alias_closure(jaxpr, out, views=False) if v in self.hints]
+        return hinted[0] if len(hinted) == 1 else None
 
     def _emit(self, items):
         if not items:            # a segment of reshapes only: aliases, no work
@@ -867,6 +917,8 @@ class Scheduler:
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
         stmts.append(Call(name, site, step))
+        if self.control == "device" and not self.parts:
+            stmts.append(self._after_call_sync())
         copies = []
         for out, result, reference in zip(outs, results, by_reference):
             in_callee = Value(result.storage, result.aval, step)
@@ -877,6 +929,18 @@ class Scheduler:
                 copies.append((dst, in_callee))
                 self.env[out] = dst
         return stmts + self._copies(copies)
+
+    def _after_call_sync(self) -> Sync:
+        """A grid barrier right after a call, at its call site: the one that orders the callee's writes
+        before what this site reads. The callee's own last barrier serves every call site at once, so it
+        would have to be a grid barrier wherever one site needs one (RAE's leaf, when the parent's matmul on
+        32 vEUs reads it); with this one after each site, _demote_syncs_around_calls keeps a grid barrier
+        only at the sites that need it, and removes this one where it is not needed (a callee's every path
+        ends in a barrier, so a block sync here would order nothing more)."""
+        sync = Sync("grid")
+        self.after_call_syncs.add(sync)
+        self.stats["grid_syncs"] += 1
+        return sync
 
     def _by_reference(self, name, outs, results) -> list[bool]:
         """Per result of a call of `name`: may the caller read it in the callee's frame, with no copy?
@@ -944,8 +1008,10 @@ def _calls_only(jaxpr, name) -> bool:
 EVERY_VEU = -1           # in a set of vEUs (_SyncNeighbourhoods): every vEU reads (a uniform op on memory)
 
 
-def _demote_syncs_around_calls(body, functions) -> tuple:
-    """(body, functions, how many) with the grid Syncs that only one vEU's work surrounds made block Syncs,
+def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tuple:
+    """(body, functions, how many demoted, how many dropped) with the grid Syncs that only one vEU's work
+    surrounds made block Syncs (those of `after_calls`, right after a Call, removed instead: every path
+    through a function ends in a barrier, so a block sync there orders nothing more),
     across calls and returns. A grid barrier orders the memory accesses of different vEUs; when everything
     that touches memory from the previous grid barrier to the next one (on every path: into a function
     from each of its call sites, out of it to each return site) runs on one vEU, a block barrier keeps
@@ -960,11 +1026,13 @@ def _demote_syncs_around_calls(body, functions) -> tuple:
             break
         demoted.add(candidate)
     if not demoted:
-        return body, functions, 0
+        return body, functions, 0, 0
 
     def rewrite(block):
         out = []
         for stmt in block:
+            if stmt in demoted and stmt in after_calls:
+                continue
             if stmt in demoted:
                 stmt = Sync("block")
             elif isinstance(stmt, Loop):
@@ -974,7 +1042,8 @@ def _demote_syncs_around_calls(body, functions) -> tuple:
             out.append(stmt)
         return tuple(out)
     functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
-    return rewrite(body), functions, len(demoted)
+    dropped = len(demoted & after_calls)
+    return rewrite(body), functions, len(demoted) - dropped, dropped
 
 
 class _SyncNeighbourhoods:
@@ -997,9 +1066,16 @@ class _SyncNeighbourhoods:
         self._solve()
 
     def first_single_veu(self):
+        """The first grid Sync that orders nothing between vEUs: one vEU's work around it, or else no work
+        on one side (a barrier right after another, as after a call whose function ends in one). The
+        first kind first: demoting a barrier with nothing on one side can leave its neighbour with work
+        of several vEUs on both sides, where the other order demotes both."""
         for sync in self.before:
             veus = self.before[sync] | self.after.get(sync, frozenset())
             if len(veus) <= 1 and EVERY_VEU not in veus:
+                return sync
+        for sync in self.before:
+            if not self.before[sync] or not self.after.get(sync, frozenset()):
                 return sync
         return None
 

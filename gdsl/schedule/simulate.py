@@ -44,9 +44,17 @@ class BarrierError(RuntimeError):
     """A uTask read (or overwrote) data that no barrier made visible (or safe to overwrite)."""
 
 
-def _flat(array, slot):
-    """A flat writable view of one frame copy (array[slot] of a 0-d copy would be a scalar copy)."""
-    return array[slot:slot + 1].reshape(-1)
+def _flat(array, slot, frames=1):
+    """A flat writable view of `frames` adjacent frame copies from `slot` (array[slot] of a 0-d copy would
+    be a scalar copy)."""
+    return array[slot:slot + frames].reshape(-1)
+
+
+def frames_spanned(value: Value) -> int:
+    """The frame copies a buffer value covers: 1, or more for a view spanning adjacent frames (call results
+    concatenated in place, see Scheduler._adjacent_call_results)."""
+    size = value.storage.aval.size
+    return max(1, -(-(value.offset + value.aval.size) // size)) if size else 1
 
 
 class _Memory:
@@ -96,19 +104,19 @@ class Simulator:
             if key not in self.uniforms:
                 raise BarrierError(f"uniform {s.name} read before it was computed")
             return self.uniforms[key].reshape(value.aval.shape)
-        m, slot = self.mem[s], self._slot(value)
+        m, slot, frames = self.mem[s], self._slot(value), frames_spanned(value)
         if veu is not None and self.check:
-            self._check_read(m, slot, storage_elements(value, None), veu, op, s.name)
-        return _flat(m.data, slot)[storage_elements(value, None)].reshape(value.aval.shape).copy()
+            self._check_read(m, slot, storage_elements(value, None), veu, op, s.name, frames)
+        return _flat(m.data, slot, frames)[storage_elements(value, None)].reshape(value.aval.shape).copy()
 
     def write_uniform(self, value: Value, data):
         s = value.storage
         self.uniforms[(s, self._slot(value))] = np.asarray(data, s.aval.dtype).reshape(s.aval.shape)
 
-    def _check_read(self, m, slot, flat, veu, op, name):
-        writer = _flat(m.writer, slot)
-        writer_op = _flat(m.writer_op, slot)
-        writer_sync = _flat(m.writer_sync, slot)
+    def _check_read(self, m, slot, flat, veu, op, name, frames=1):
+        writer = _flat(m.writer, slot, frames)
+        writer_op = _flat(m.writer_op, slot, frames)
+        writer_sync = _flat(m.writer_sync, slot, frames)
         idx = np.arange(writer.size) if flat is None else flat
         veus = [veu] if veu != "all" else range(self.plan.grid)
         for v in veus:
@@ -121,7 +129,7 @@ class Simulator:
                 (writer_sync[idx] == self.local_syncs[v])
             if same.any():
                 raise BarrierError(f"{op}: vEU {v} reads {name} that it wrote with no sync in between")
-            reader = _flat(m.reader, slot)
+            reader = _flat(m.reader, slot, frames)
             r = reader[idx]
             reader[idx] = np.where((r == -1) | (r == v), v, -2)
 
@@ -234,7 +242,8 @@ class Simulator:
                 if isinstance(value.storage, Buffer):
                     flat = storage_elements(value, read_share(op, k, t, self._starts(op)))
                     m = self.mem[value.storage]
-                    self._check_read(m, self._slot(value), flat, veu, op, value.storage.name)
+                    self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,
+                                     frames_spanned(value))
         for value, result in zip(op.outputs, results):
             assert not value.offset, f"{op} writes a view"
             if utasks.in_place_update(op.kind, op.params):

@@ -65,6 +65,9 @@ def dynamic_view(op) -> bool:
     does no work."""
     if op.kind != dynamic_slice_p.name:
         return False
+    out, src = op.outputs[0].buffer, op.inputs[0].buffer
+    if out is None or out.kind != "temp" or src is None or src.kind == "frame":     # (views.find_views' terms)
+        return False
     src = op.inputs[0].aval
     return contiguous_window(src.shape, op.params["sizes"]) and src.size * src.dtype.itemsize <= VIEW_SOURCE_BYTES
 

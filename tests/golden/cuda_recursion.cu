@@ -2,7 +2,7 @@
 #define GDSL_RESIDENT_BASE 16
 
 // ---------------------------------------------------------------------------------------- ops
-GDSL_DEV void op3_copy(float* o0, const float* i0, int t, char* smem) {
+GDSL_DEV void op2_copy(float* o0, const float* i0, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
@@ -37,7 +37,6 @@ extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restr
   int* gdsl_err = (int*)(gdsl_ws + 128);
   if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 0;
   float* t1 = (float*)(gdsl_ws + 256);
-  float* t18 = (float*)(gdsl_ws + 768);
   int d_enc = 0; int r_enc[8]; int b_enc = 0;
   int gdsl_t; (void)gdsl_t;
   int u0_s[19];
@@ -62,7 +61,7 @@ extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restr
   r_enc[d_enc] = 2; d_enc += 1; b_enc += 1; goto f_enc;
   f_enc_ret_2: ;
   b_enc -= 1;
-  if (blockIdx.x < 1) op3_copy(out0, (t1 + (long long)(b_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
+  if (blockIdx.x < 1) op2_copy(out0, (t1 + (long long)(b_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
   goto gdsl_exit;
 f_enc:
   u2 = (u0_s[b_enc] < 0);
@@ -97,9 +96,7 @@ f_enc:
       u15 = (u0_s[b_enc] < 0);
       u16 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
       u17 = (u15 ? u16 : u0_s[b_enc]);
-      if (blockIdx.x < 1) op1_dynamic_slice((t18 + (long long)(b_enc) * 4), in0, u17, 0, (int)blockIdx.x, gdsl_smem);
-      __syncthreads();
-      if (blockIdx.x < 1) op3_copy((t1 + (long long)(b_enc) * 4), (t18 + (long long)(b_enc) * 4), (int)blockIdx.x, gdsl_smem);
+      if (blockIdx.x < 1) op1_dynamic_slice((t1 + (long long)(b_enc) * 4), in0, u17, 0, (int)blockIdx.x, gdsl_smem);
       __syncthreads();
     } break;
   }
