@@ -61,12 +61,12 @@ def _cost(bytes_moved, flops=0.0):
 
 
 def gemm_dims(kind, in_avals, out_aval, params):
-    """(batch, M, N, K) of a matmul or conv2d."""
+    """(batch, M, N, K) of a matmul or conv2d (`in_avals` may go on with an epilogue's operands)."""
     if kind == matmul_p.name:
-        a, b = in_avals
+        a, b = in_avals[:2]
         batch = math.prod(out_aval.shape[:-2])
         return batch, out_aval.shape[-2], out_aval.shape[-1], a.shape[-1]
-    x, w = in_avals
+    x, w = in_avals[:2]
     n, o, ho, wo = out_aval.shape
     return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
 
@@ -83,7 +83,8 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
         if count >= grid:
             break
     flops = 2 * tm * tn * k
-    cost = _cost(4 * (tm * k + k * tn + tm * tn), flops)
+    epilogue_reads = len(in_avals) - 2       # operands of an epilogue, read at the tile's elements
+    cost = _cost(4 * (tm * k + k * tn + tm * tn * (1 + epilogue_reads)), flops)
     return count, {"tile_m": tm, "tile_n": tn}, cost
 
 

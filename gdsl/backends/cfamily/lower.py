@@ -12,7 +12,7 @@ from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import schedule
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
-                           "barrier", "resident"})
+                           "barrier", "resident", "epilogue"})
 DEFAULT_BLOCK = 256
 
 
@@ -34,7 +34,7 @@ def check_options(options, dialect) -> dict:
     return {"control": control, "block": block, "barrier": barrier, "grid": None if grid is None else int(grid),
             "partition": options.get("partition"),
             "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
-            "resident": options.get("resident")}
+            "resident": options.get("resident"), "epilogue": options.get("epilogue")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -49,7 +49,9 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect` (`sms`: the
     device's multiprocessors, for the resident-weight budget; None: one vEU per multiprocessor)."""
     resident = resident_budget(opts, grid, sms or grid, dialect.resident_smem_per_sm)
+    epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
-                    wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident)
+                    wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
+                    epilogues=epilogues)
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

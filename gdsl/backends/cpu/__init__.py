@@ -65,7 +65,7 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "autotune"})
+                           "epilogue", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
@@ -125,7 +125,8 @@ def lower(program, options) -> Lowering:
     grid = int(options["grid"]) if "grid" in options else default_grid(program)
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
-                    hoist=options.get("hoist"))
+                    hoist=options.get("hoist"),
+                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN)
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)
