@@ -271,7 +271,7 @@ class Scheduler:
             items.append(item)
             order.append(item)
         self._absorb_inlined(items, uses, windows)
-        self._fold_epilogues(items, producer, uses)
+        self._fold_epilogues(items, producer, uses, jaxpr)
         items = [it for it in items if not it.absorbed]
         for it in items:         # number the inputs of the expressions that stay ops of their own
             if it.contraction is not None:
@@ -391,12 +391,15 @@ class Scheduler:
                     it.absorbed = True
                     self.stats["fused_eqns"] += 1
 
-    def _fold_epilogues(self, items, producer, uses):
+    def _fold_epilogues(self, items, producer, uses, jaxpr):
         """Fold an elementwise chain into the matmul / conv2d whose result it reads as an epilogue, when the
         chain is that result's only reader and reads it at the element it writes (the same shape and dtype
         as the result), the result need not exist in memory (no loop carry, branch or program result), and
-        the backend's lowering chain has an "epilogue" rule for the contraction's kind. The chain's item then
-        stands for both (`contraction`): one op, one wave, no barrier between them, no intermediate buffer."""
+        the backend's lowering chain has an "epilogue" rule for the contraction's kind; not when the chain
+        could write a loop carry (or branch result) in place that the contraction reads (`h = tanh(h W + b)`):
+        folded, it could not, and a copy behind a barrier of its own would replace the one saved. The chain's
+        item then stands for both (`contraction`): one op, one wave, no barrier between them, no intermediate
+        buffer."""
         if not self.epilogues:
             return
         for it in items:
@@ -405,7 +408,8 @@ class Scheduler:
             out = it.eqn.outs[0]
             for leaf in it.leaves:
                 c = producer.get(leaf)
-                if c is not None and self._takes_epilogue(c, leaf, it, uses):
+                if c is not None and self._takes_epilogue(c, leaf, it, uses) and \
+                        not self._reads_own_target(c, it, jaxpr):
                     c.absorbed = True
                     it.contraction = c
                     it.deps = (it.deps | c.deps) - {c}
@@ -423,6 +427,14 @@ class Scheduler:
             return False
         reads = sum(1 for node in _input_nodes(it.raw_expr) if node.params["var"] is result)
         return uses.get(result, 0) == reads and has_lowering(kind.name, self.epilogues, "epilogue")
+
+    def _reads_own_target(self, c, it, jaxpr) -> bool:
+        """Does contraction item `c` read the carry (or operand) that `it` may write in place (self.hints)?"""
+        hint = self.hints.get(it.eqn.outs[0])
+        if hint is None or hint[1] is None:
+            return False
+        names = _closure_of_all(jaxpr, hint[1])
+        return any(_base_of(a) in names for a in c.eqn.inputs)
 
     @staticmethod
     def _level(items):
