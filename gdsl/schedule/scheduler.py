@@ -405,7 +405,6 @@ class Scheduler:
         for it in items:
             if it.absorbed or it.uniform or it.raw_expr is None:
                 continue
-            out = it.eqn.outs[0]
             for leaf in it.leaves:
                 c = producer.get(leaf)
                 if c is not None and self._takes_epilogue(c, leaf, it, uses) and \
@@ -416,7 +415,6 @@ class Scheduler:
                     it.leaves = [a for a in it.leaves if a is not leaf]
                     self.stats["epilogues"] += 1
                     break
-            assert it.contraction is None or out.aval == it.contraction.eqn.outs[0].aval
 
     def _takes_epilogue(self, c, result, it, uses) -> bool:
         """May contraction item `c`, whose result `result` chain item `it` reads, run `it` as its epilogue?"""
