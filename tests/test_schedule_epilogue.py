@@ -260,6 +260,8 @@ def test_cpu_and_interpret_results(name):
     fn, make_args = ALL[name]
     args = make_args()
     expected = _reference(gdsl.make_ir(fn)(*args), args)
+    cpu_plan = gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan
+    assert bool(_with_epilogue(cpu_plan)) == (name in FOLDING or name in LOOPS)    # the CPU applies them too
     for backend, options in (("cpu", {}), ("cpu", {"epilogue": False}), ("interpret", {})):
         got = gdsl.jit(fn, backend=backend, grid=4, **options)(*args)
         got = [np.asarray(g) for g in (got if isinstance(got, tuple) else [got])]
