@@ -173,9 +173,9 @@ def test_identical_utasks_share_one_function(monkeypatch):
             x = gdsl.numpy.tanh(x @ w[k])
         return x
 
-    def ops():
-        source = gdsl.jit(layers, backend="cuda", grid=8).lower(np.ones((1, 64), np.float32),
-                                                               np.ones((10, 64, 64), np.float32)).source
+    def ops():        # (epilogue=False: the tanh stays an op of its own, not the GEMV's epilogue)
+        source = gdsl.jit(layers, backend="cuda", grid=8, epilogue=False).lower(
+            np.ones((1, 64), np.float32), np.ones((10, 64, 64), np.float32)).source
         return _generated_part(source).split('extern "C"')[0]
     assert "GDSL_SHARED_OP void" not in ops()          # a short tile: inlined
     monkeypatch.setattr(render, "CALL_MIN_UTASK_NS", 0.0)
@@ -210,10 +210,10 @@ def test_wave_of_one_function_has_one_call_site(monkeypatch):
         source = gdsl.jit(_independent_layers, backend="cuda", grid=16).lower(*INDEPENDENT_ARGS).source
         return source.split('extern "C"')[1]
     grouped = kernel()
-    assert grouped.count("4 tasks of ") == 2          # the four products, then the four tanh
-    assert len(re.findall(r"\bop\w+_matmul\(", grouped)) == 1
+    assert grouped.count("4 tasks of ") == 1          # the four products, each with its tanh as epilogue
+    assert len(re.findall(r"\bop\w+_matmul_tanh\(", grouped)) == 1
     monkeypatch.setattr(render, "GROUP_WAVE_TASKS", False)
-    assert len(re.findall(r"\bop\w+_matmul\(", kernel())) == 4
+    assert len(re.findall(r"\bop\w+_matmul_tanh\(", kernel())) == 4
 
 
 @needs_cxx

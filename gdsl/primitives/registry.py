@@ -24,7 +24,9 @@ one-element output every vEU can compute it itself, with no uTask and no barrier
 The scheduler adds uTask kinds that are not primitives ("fused", "copy": `op_kind`); a plan's Op has a
 kind that is either. **Lowering rules** are registered per kind per backend (`register_lowering`, as JAX
 does with `mlir.register_lowering(prim, rule, platform=...)`), in one table for each role ("utask": the
-body of a uTask; "uniform": the scalar value of a uniform op). A backend looks rules up through a chain of
+body of a uTask; "uniform": the scalar value of a uniform op; "epilogue": how a contraction's uTask applies
+an elementwise epilogue as it stores its output, see gdsl/schedule/plan.py: the scheduler folds an epilogue
+into a contraction only for a backend with this rule). A backend looks rules up through a chain of
 names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
 A kind with no rule is a NotImplementedError naming the kind and the backend. tests/test_registry.py
 walks the registry and fails on any gap.
@@ -45,7 +47,7 @@ CONTRACTION = "contraction"
 CONVOLUTION = "convolution"
 CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
-ROLES = ("utask", "uniform")
+ROLES = ("utask", "uniform", "epilogue")
 
 REGISTRY: dict[str, Primitive] = {}
 OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds

@@ -27,7 +27,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule import shares, utasks
-from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave
+from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave, epilogue_operands
 from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
 
 NONE, SEVERAL = -1, -2
@@ -227,7 +227,8 @@ def _read(task, k, out_veus):
     """(storage elements of input k, the vEU reading each) for the whole op; see the module docstring."""
     op, value = task.op, task.op.inputs[k]
     in_aval, out = value.aval, op.outputs[0].aval
-    if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE):
+    if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE or
+                                 k in epilogue_operands(op)):
         if in_aval.size == 1:
             return storage_elements(value, np.zeros(1, np.int64)), _one_or_several(task)
         return storage_elements(value, broadcast_source(out.shape, in_aval.shape, np.arange(out.size))), out_veus

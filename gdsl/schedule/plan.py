@@ -9,7 +9,10 @@ Storage
 
 Work
     Op        one operator, split into `n_utasks` uTasks (one thread block's share each); fused
-              elementwise chains are one Op whose `expr` is evaluated per output element
+              elementwise chains are one Op whose `expr` is evaluated per output element. A matmul or
+              conv2d may carry an elementwise epilogue (params[EPILOGUE], see epilogue_operands): an Expr
+              over its own result (a RESULT leaf) and its inputs after the contraction's operands, which
+              its uTasks apply to each output element as they store it
     UniformOp a scalar operation every vEU evaluates itself
 
 Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persistent vEUs)
@@ -88,10 +91,18 @@ class Value:
         return name
 
 
+# The param of a matmul / conv2d Op that holds its epilogue (an Expr), and the leaf of that Expr that stands
+# for the contraction's own result at the element being stored.
+EPILOGUE = "epilogue"
+RESULT = "result"
+CONTRACTION_OPERANDS = 2         # a matmul's or conv2d's own operands; an epilogue's come after them
+
+
 @dataclass(frozen=True, eq=False)
 class Expr:
     """A node of a fused elementwise expression: `op` is an elementwise primitive name, "input" (read
-    input number params["index"] of the Op, broadcast to the output shape) or "literal"."""
+    input number params["index"] of the Op, broadcast to the output shape), "literal", or RESULT (in an
+    epilogue: the contraction's result at the output element, in its dtype)."""
     op: str
     args: tuple[Expr, ...]
     params: dict
@@ -106,6 +117,8 @@ def _expr_text(node: Expr, args: list[str]) -> str:
         return f"in{node.params['index']}"
     if node.op == "literal":
         return repr(node.params["value"].item())
+    if node.op == RESULT:
+        return RESULT
     return f"{node.op}({', '.join(args)})"
 
 
@@ -137,6 +150,17 @@ class Op:
 
     def __repr__(self):
         return self.name
+
+
+def epilogue_of(op) -> Expr | None:
+    """The elementwise epilogue a matmul / conv2d Op applies to its output (None: it stores its result)."""
+    return op.params.get(EPILOGUE)
+
+
+def epilogue_operands(op) -> range:
+    """The numbers of the inputs of `op` that only its epilogue reads (at the output elements it writes,
+    broadcast to the output shape like a fused chain's inputs): none without an epilogue."""
+    return range(CONTRACTION_OPERANDS if EPILOGUE in op.params else len(op.inputs), len(op.inputs))
 
 
 @dataclass(frozen=True, eq=False)

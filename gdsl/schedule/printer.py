@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave
+from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave, epilogue_of
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import dynamic_view
 
@@ -22,6 +22,9 @@ def _veus(task) -> str:
 def describe_op(op) -> str:
     ins = ", ".join(map(repr, op.inputs))
     outs = ", ".join(map(repr, op.outputs))
+    epilogue = epilogue_of(op)
+    if epilogue is not None:       # what each output element becomes as it is stored
+        return f"{outs} = {op.name}({ins}) with epilogue {epilogue!r}"
     return f"{outs} = {op.name}({ins})"
 
 
@@ -78,11 +81,16 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             lines.append(f"{pad}{stmt!r}")
 
 
+def _epilogues(stats) -> str:
+    n = stats.get("epilogues", 0)
+    return f", {n} as epilogues of contractions" if n else ""
+
+
 def print_plan(plan) -> str:
     s = plan.stats
     lines = [f"plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEUs x "
              f"{plan.block} threads; {s.get('waves', 0)} waves, {s.get('ops', 0)} ops "
-             f"({s.get('fused_eqns', 0)} eqns fused away), {s.get('uniform_ops', 0)} uniform ops, "
+             f"({s.get('fused_eqns', 0)} eqns fused away{_epilogues(s)}), {s.get('uniform_ops', 0)} uniform ops, "
              f"{s.get('grid_syncs', 0)} grid barriers, {s.get('block_syncs', 0)} block syncs"]
     ins = ", ".join(f"{v!r}:{v.aval}" for v in plan.inputs)
     outs = ", ".join(f"{v!r}:{v.aval}" for v in plan.outputs)

@@ -23,7 +23,7 @@ RESIDENT = "resident"
 
 def tile_bytes(op) -> int:
     """Bytes of one uTask's tile of B (K rows x tile_n columns) of a matmul."""
-    a, b = (v.aval for v in op.inputs)
+    a, b = op.inputs[0].aval, op.inputs[1].aval
     return a.shape[-1] * op.params["tile_n"] * b.dtype.itemsize
 
 

@@ -21,7 +21,17 @@ from gdsl.core.ir import Lit, ShapedArray, Var, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
-from gdsl.primitives.registry import CONTROL, ELEMENTWISE, OP_KINDS, REDUCE, family_of, is_uniform
+from gdsl.primitives.registry import (
+    CONTRACTION,
+    CONTROL,
+    CONVOLUTION,
+    ELEMENTWISE,
+    OP_KINDS,
+    REDUCE,
+    family_of,
+    has_lowering,
+    is_uniform,
+)
 from gdsl.primitives.structural import concatenate_p, dynamic_update_slice_p, reshape_p, slice_p
 from gdsl.schedule import licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
@@ -29,7 +39,9 @@ from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
     COPY,
+    EPILOGUE,
     FUSED,
+    RESULT,
     Assign,
     Branch,
     Buffer,
@@ -93,11 +105,14 @@ class _Item:
     op: Op | None = None
     index: int = 0                           # position in the segment (program order)
     inlined: int = 0                         # reads of its result recomputed in consumers through views
+    # An epilogue: the matmul / conv2d item whose result `expr` reads; the two run as one op of its kind
+    # (see Scheduler._fold_epilogues), `leaves` then being the epilogue's own operands.
+    contraction: _Item | None = None
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False):
+                 owner=False, epilogues=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -111,6 +126,9 @@ class Scheduler:
         # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
+        # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
+        # which contractions may take an elementwise epilogue; empty: none do.
+        self.epilogues = tuple(epilogues)
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         # Column layouts for matmul -> elementwise chains in loop bodies (owner.py); `loop_depth`: the
         # loops around the block being scheduled.
@@ -137,7 +155,7 @@ class Scheduler:
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
-                      "fused_eqns": 0, "partitioned_loops": 0}
+                      "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -265,9 +283,14 @@ class Scheduler:
             items.append(item)
             order.append(item)
         self._absorb_inlined(items, uses, windows)
+        self._fold_epilogues(items, producer, uses, jaxpr)
         items = [it for it in items if not it.absorbed]
         for it in items:         # number the inputs of the expressions that stay ops of their own
-            if it.raw_expr is not None:
+            if it.contraction is not None:
+                it.leaves = []
+                it.expr = _index_leaves(it.raw_expr, it.leaves, result=it.contraction.eqn.outs[0],
+                                        first=len(it.contraction.eqn.inputs))
+            elif it.raw_expr is not None:
                 it.leaves = []
                 it.expr = _index_leaves(it.raw_expr, it.leaves)
         self._level(items)
@@ -406,6 +429,49 @@ class Scheduler:
                 if uses.get(out, 0) + reads.get(out, 0) - alias_reads.get(out, 0) == it.inlined:
                     it.absorbed = True
                     self.stats["fused_eqns"] += 1
+
+    def _fold_epilogues(self, items, producer, uses, jaxpr):
+        """Fold an elementwise chain into the matmul / conv2d whose result it reads as an epilogue, when the
+        chain is that result's only reader and reads it at the element it writes (the same shape and dtype
+        as the result), the result need not exist in memory (no loop carry, branch or program result), and
+        the backend's lowering chain has an "epilogue" rule for the contraction's kind; not when the chain
+        could write a loop carry (or branch result) in place that the contraction reads (`h = tanh(h W + b)`):
+        folded, it could not, and a copy behind a barrier of its own would replace the one saved. The chain's
+        item then stands for both (`contraction`): one op, one wave, no barrier between them, no intermediate
+        buffer."""
+        if not self.epilogues:
+            return
+        for it in items:
+            if it.absorbed or it.uniform or it.raw_expr is None:
+                continue
+            for leaf in it.leaves:
+                c = producer.get(leaf)
+                if c is not None and self._takes_epilogue(c, leaf, it, uses) and \
+                        not self._reads_own_target(c, it, jaxpr):
+                    c.absorbed = True
+                    it.contraction = c
+                    it.deps = (it.deps | c.deps) - {c}
+                    it.leaves = [a for a in it.leaves if a is not leaf]
+                    self.stats["epilogues"] += 1
+                    break
+
+    def _takes_epilogue(self, c, result, it, uses) -> bool:
+        """May contraction item `c`, whose result `result` chain item `it` reads, run `it` as its epilogue?"""
+        kind = c.eqn.primitive
+        if kind.family not in (CONTRACTION, CONVOLUTION) or c.uniform or c.absorbed or c.raw_expr is not None:
+            return False
+        if result not in c.eqn.outs or result in self.hints or result.aval != it.eqn.outs[0].aval:
+            return False
+        reads = sum(1 for node in _input_nodes(it.raw_expr) if node.params["var"] is result)
+        return uses.get(result, 0) == reads and has_lowering(kind.name, self.epilogues, "epilogue")
+
+    def _reads_own_target(self, c, it, jaxpr) -> bool:
+        """Does contraction item `c` read the carry (or operand) that `it` may write in place (self.hints)?"""
+        hint = self.hints.get(it.eqn.outs[0])
+        if hint is None or hint[1] is None:
+            return False
+        names = _closure_of_all(jaxpr, hint[1])
+        return any(_base_of(a) in names for a in c.eqn.inputs)
 
     @staticmethod
     def _level(items):
@@ -577,6 +643,8 @@ class Scheduler:
                             self.grid, self.block)[0]
 
     def _kind_and_inputs(self, it):
+        if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
+            return it.contraction.eqn.primitive.name, list(it.contraction.eqn.inputs) + it.leaves
         if it.expr is not None:
             return FUSED.name, it.leaves
         return it.eqn.primitive.name, it.eqn.inputs
@@ -599,6 +667,10 @@ class Scheduler:
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
         params = dict(eqn.params)
+        label = _expr_label(it.expr) if it.expr is not None else kind
+        if it.contraction is not None:
+            params = dict(it.contraction.eqn.params, **{EPILOGUE: it.expr})
+            label = f"{kind}_{label}"
         outs = [self.env[v] for v in eqn.outs]
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
@@ -609,8 +681,8 @@ class Scheduler:
             count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
                                                     params, grid)
         params.update(split_params)
-        label = _expr_label(it.expr) if it.expr is not None else kind
-        op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, it.expr)
+        expr = it.expr if it.contraction is None else None
+        op = Op(f"op{next(self.op_names)}_{label}", kind, inputs, tuple(outs), params, count, cost, expr)
         it.op = op
         self.stats["ops"] += 1
         return op
@@ -1240,6 +1312,8 @@ def _read_until(items) -> dict:
 def _reads(item) -> list:
     """The variables an item reads (a window of a variable counts as a read of that variable)."""
     atoms = list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
+    if item.contraction is not None:
+        atoms += item.contraction.eqn.inputs
     return [_base_of(a) for a in atoms]
 
 
@@ -1338,6 +1412,8 @@ def _same_index_read(item, binders) -> bool:
     if item.eqn.primitive is dynamic_update_slice_p:
         first, rest = item.eqn.inputs[0], item.eqn.inputs[1:]
         return any(first is b for b in binders) and not any(a is b for a in rest for b in binders)
+    if item.contraction is not None and any(a is b for a in item.contraction.eqn.inputs for b in binders):
+        return False             # a contraction reads whole rows / windows of its operands
     return item.expr is not None and all(b.aval.shape == item.eqn.outs[0].aval.shape for b in binders)
 
 
@@ -1355,7 +1431,7 @@ def _expr_label(expr) -> str:
     fold_expr(expr, count)
     names = []
     node = expr
-    while node.op not in ("input", "literal") and len(names) < 3:
+    while node.op not in ("input", "literal", RESULT) and len(names) < 3:
         names.append(SHORT_LABELS.get(OP_KINDS[node.op], node.op))
         node = max(node.args, key=lambda a: sizes[id(a)], default=None) if node.args else None
         if node is None:
@@ -1363,16 +1439,19 @@ def _expr_label(expr) -> str:
     return "_".join(names) or FUSED.name
 
 
-def _index_leaves(expr, leaves) -> Expr:
-    """`expr` with its input nodes numbered by first appearance; `leaves` gets the variables read."""
+def _index_leaves(expr, leaves, result=None, first=0) -> Expr:
+    """`expr` with its input nodes numbered by first appearance from `first` on; `leaves` gets the variables
+    read. An epilogue's reads of its contraction's `result` become RESULT leaves."""
     index: dict = {}             # id(var) -> its input number
 
     def number(node, args):
         if node.op != "input":
             return Expr(node.op, tuple(args), node.params, node.aval)
         var = node.params["var"]
+        if var is result:
+            return Expr(RESULT, (), {}, node.aval)
         if id(var) not in index:
-            index[id(var)] = len(leaves)
+            index[id(var)] = first + len(leaves)
             leaves.append(var)
         return Expr("input", (), {"index": index[id(var)]}, node.aval)
     return fold_expr(expr, number)
@@ -1520,7 +1599,7 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0, owner=None) -> Plan:
+             hoist=None, resident_bytes=0, owner=None, epilogues=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -1528,6 +1607,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
     `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
     leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
+    `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
+    elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -1541,7 +1622,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
-    options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes)
+    options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
+                   epilogues=epilogues)
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

@@ -16,10 +16,11 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import COPY, FUSED
+from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, epilogue_operands
 from gdsl.schedule.resident import RESIDENT
 
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", RESIDENT})   # (not the primitive's)
+# The params the scheduler adds to a primitive's own (its split, an epilogue).
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", RESIDENT, EPILOGUE})
 
 
 def storage_elements(value, flat):
@@ -74,7 +75,9 @@ MOVES = frozenset(name for name in kinds_of(DATA_MOVEMENT) if name in REGISTRY) 
 def read_share(op, k, t, starts=()):
     """Flat indices of input k that uTask t reads (None: all of it): exact for elementwise ops, matmul,
     reductions and data movement (where writing in place and partitioned loops depend on it),
-    conservative (everything) for the others."""
+    conservative (everything) for the others. An epilogue's operands are read at the elements written."""
+    if k in epilogue_operands(op):
+        return _broadcast_share(op, k, write_share(op, t))
     if op.kind in utasks.REDUCE_KINDS:
         return _reduce_share(op, write_share(op, t))
     if op.kind == matmul_p.name:
@@ -88,9 +91,13 @@ def read_share(op, k, t, starts=()):
         return _move_share(op, k, write_share(op, t), starts)
     if op.kind not in (FUSED.name, COPY.name):
         return None
+    return _broadcast_share(op, k, write_share(op, t))
+
+
+def _broadcast_share(op, k, flat):
+    """The elements of input k, broadcast to the output shape, that the output elements `flat` read."""
     out = op.outputs[0].aval
     in_aval = op.inputs[k].aval
-    flat = write_share(op, t)
     if in_aval.size == 1:
         return np.zeros(1, np.int64) if flat.size else flat
     return broadcast_source(out.shape, in_aval.shape, flat)

@@ -24,6 +24,7 @@ from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
+    RESULT,
     Assign,
     Branch,
     Buffer,
@@ -35,6 +36,8 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    epilogue_of,
+    epilogue_operands,
     fold_expr,
 )
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
@@ -228,8 +231,12 @@ class Simulator:
         if op.kind == COPY.name:
             return [np.broadcast_to(ins[0], op.outputs[0].aval.shape).astype(op.outputs[0].aval.dtype)]
         params = {k: v for k, v in op.params.items() if k not in SPLIT_PARAMS}
-        outs = REGISTRY[op.kind].impl(*ins, **params)
-        return [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
+        own = len(ins) - len(epilogue_operands(op))       # the primitive's operands (an epilogue's follow)
+        outs = REGISTRY[op.kind].impl(*ins[:own], **params)
+        outs = [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
+        if epilogue_of(op) is not None:
+            return [evaluate_expr(epilogue_of(op), ins, op.outputs[0].aval, result=outs[0])]
+        return outs
 
     def _starts(self, op) -> list:
         """The start indices of a dynamic_slice / dynamic_update_slice, as this run has them."""
@@ -255,11 +262,14 @@ class Simulator:
             _flat(m.data, slot)[flat] = result.reshape(-1)[flat]
 
 
-def evaluate_expr(expr, ins, out_aval) -> np.ndarray:
-    """A fused elementwise expression with numpy, broadcast to the op's output shape."""
+def evaluate_expr(expr, ins, out_aval, result=None) -> np.ndarray:
+    """A fused elementwise expression with numpy, broadcast to the op's output shape (`result`: what an
+    epilogue's RESULT leaves read, the contraction's result)."""
     def ev(node, args):
         if node.op == "input":
             return ins[node.params["index"]]
+        if node.op == RESULT:
+            return result
         if node.op == "literal":
             return np.asarray(node.params["value"])
         if node.op == broadcast_p.name:

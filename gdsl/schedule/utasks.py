@@ -87,12 +87,12 @@ def _cost(bytes_moved, flops=0.0):
 
 
 def gemm_dims(kind, in_avals, out_aval, params):
-    """(batch, M, N, K) of a matmul or conv2d."""
+    """(batch, M, N, K) of a matmul or conv2d (`in_avals` may go on with an epilogue's operands)."""
     if kind == matmul_p.name:
-        a, b = in_avals
+        a, b = in_avals[:2]
         batch = math.prod(out_aval.shape[:-2])
         return batch, out_aval.shape[-2], out_aval.shape[-1], a.shape[-1]
-    x, w = in_avals
+    x, w = in_avals[:2]
     n, o, ho, wo = out_aval.shape
     return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
 
@@ -101,6 +101,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
+    outputs_read = len(in_avals) - 2       # operands of an epilogue, read at the tile's elements
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster).
@@ -108,14 +109,15 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
             count = batch * math.ceil(m / rows) * math.ceil(n / tn)     # (none when m == 0)
             if count >= grid:
                 break
-        return count, {"tile_m": rows, "tile_n": tn}, _cost(4 * (rows * k + k * tn + rows * tn), 2 * rows * tn * k)
+        moved = 4 * (rows * k + k * tn + rows * tn * (1 + outputs_read))
+        return count, {"tile_m": rows, "tile_n": tn}, _cost(moved, 2 * rows * tn * k)
     # GEMM tiles: the fewest rounds of uTasks times a tile's time, and among equals the smaller tile (more
     # vEUs at work, less on each). A tile takes at least its stages' memory round trips, so a wave of tiles
     # slightly more than the vEUs runs better as one round of the next larger tile than as two rounds.
     best = None
     for tm, tn in GEMM_TILES:
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
-        cost = _gemm_tile_cost(tm, tn, k)
+        cost = _gemm_tile_cost(tm, tn, k, outputs_read)
         key = (math.ceil(count / grid) * cost, tm * tn)
         if best is None or key < best[0]:
             best = (key, count, {"tile_m": tm, "tile_n": tn}, cost)
@@ -128,9 +130,11 @@ GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
 GEMM_STAGE_K, GEMM_STAGE_NS = 32, 700.0
 
 
-def _gemm_tile_cost(tm: int, tn: int, k: int) -> float:
-    """One uTask's time: its roofline (operands and result, flops), at least one round trip per k stage."""
-    return max(_cost(4 * (tm * k + k * tn + tm * tn), 2 * tm * tn * k), math.ceil(k / GEMM_STAGE_K) * GEMM_STAGE_NS)
+def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
+    """One uTask's time: its roofline (operands, result and `outputs_read` arrays read at the result's
+    elements by an epilogue; flops), at least one round trip per k stage."""
+    moved = 4 * (tm * k + k * tn + tm * tn * (1 + outputs_read))
+    return max(_cost(moved, 2 * tm * tn * k), math.ceil(k / GEMM_STAGE_K) * GEMM_STAGE_NS)
 
 
 def split(kind, in_avals, out_avals, params, grid, block):

@@ -3,7 +3,8 @@ a GEMM on output tiles through the prelude's gdsl_gemm_tile (shared-memory stage
 thread) or, for a few rows, gdsl_gemv_tile (k split across a warp's lanes).
 
 A rule gives the GEMM's sizes and three C lambdas over the accumulator type: la(m, k) and lb(k, n) load
-the operands, sc(m, n, v) stores an output element; `gemm_tiles` writes the tile loop around them.
+the operands, sc(m, n, v) stores an output element (through the op's epilogue, if it has one: the
+"epilogue" rule `store_output`); `gemm_tiles` writes the tile loop around them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
+from gdsl.schedule.plan import epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
@@ -40,9 +44,22 @@ class Gemm:
     b_contiguous_k: bool  # B likewise
 
 
+@register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
+def store_output(ops: OpRenderer, idx: str, v: str) -> str:
+    """C statement: store the contraction's value `v` (accumulator type) at flat output element `idx`,
+    through the op's elementwise epilogue when it has one (its other operands read at the same element,
+    the RESULT leaf being `v` as the contraction's own output would hold it)."""
+    out = ops.outs[0]
+    epilogue = epilogue_of(ops.op)
+    if epilogue is None:
+        return out.store(idx, v)
+    result = c_types.from_storage(out.dtype, c_types.to_storage(out.dtype, v))
+    return f"const int e_ = {idx}; {out.store('e_', ops.expr(epilogue, 'e_', root=True, result=result))}"
+
+
 @register_lowering("matmul", backend="cfamily")
 def matmul(ops: OpRenderer) -> str:
-    a, b = ops.ins
+    a, b = ops.ins[:2]
     out = ops.outs[0]
     acc = c_types.accumulator(out.dtype)
     M, K = a.aval.shape[-2], a.aval.shape[-1]
@@ -61,7 +78,7 @@ def matmul(ops: OpRenderer) -> str:
         M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
         load_b=load_b,
-        store=out.store(f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=False))
+        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=False))
 
 
 def resident_tile(op, t: str, smem: str) -> str:
@@ -90,7 +107,7 @@ def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
 def conv2d(ops: OpRenderer) -> str:
     """Implicit GEMM: M = output pixels (n, ho, wo), N = output channels, K = (c, kh, kw); A gathered
     from the image with zero padding."""
-    x, w = ops.ins
+    x, w = ops.ins[:2]
     out = ops.outs[0]
     acc = c_types.accumulator(out.dtype)
     _, C, H, W = x.aval.shape
@@ -105,7 +122,7 @@ def conv2d(ops: OpRenderer) -> str:
     return gemm_tiles(ops, Gemm(
         out.aval.shape[0] * HO * WO, O, K, 1, setup=[], load_a=load_a,
         load_b=f"return ({acc})({w.at(f'n * {K} + k')});",
-        store=out.store(f"((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
+        store=store_output(ops, f"((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
         a_contiguous_k=False, b_contiguous_k=True))
 
 

@@ -66,7 +66,7 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
 # nor has `tensor_cores`: the CPU has none)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "tensor_cores", "owner", "autotune"})
+                           "tensor_cores", "owner", "epilogue", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
@@ -126,7 +126,8 @@ def lower(program, options) -> Lowering:
     grid = int(options["grid"]) if "grid" in options else default_grid(program)
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
-                    hoist=options.get("hoist"), owner=options.get("owner"))
+                    hoist=options.get("hoist"), owner=options.get("owner"),
+                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN)
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)

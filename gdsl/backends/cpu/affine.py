@@ -17,7 +17,7 @@ from gdsl.backends.cpu.operands import broadcast_strides, collapse, for_chunk
 from gdsl.primitives.elementwise import convert_p, select_p
 from gdsl.primitives.registry import ELEMENTWISE, is_uniform, kinds_of, register_lowering
 from gdsl.primitives.structural import iota_p
-from gdsl.schedule.plan import Expr
+from gdsl.schedule.plan import RESULT, Expr
 
 # The elementwise primitives (the elementwise table, lowerings.py, lowers each); the scheduler's fused chains
 # share their family but are no primitive.
@@ -30,13 +30,14 @@ class Leaf:
 
 
 def eval_expr(fn, expr, leaf_value):
-    """The compute-type value of a fused Expr tree; leaf_value(node) gives input and iota nodes."""
+    """The compute-type value of a fused Expr tree; leaf_value(node) gives input and iota nodes (and an
+    epilogue's RESULT leaves)."""
     memo: dict = {}
 
     def ev(node):
         if id(node) in memo:
             return memo[id(node)]
-        if node.op in ("input", iota_p.name):
+        if node.op in ("input", iota_p.name, RESULT):
             v = leaf_value(node)
         elif node.op == "literal":
             v = const(node.aval.dtype, node.params["value"])

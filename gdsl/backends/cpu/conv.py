@@ -8,6 +8,7 @@ gathers each position's patch and dots it with every channel's weights.
 from __future__ import annotations
 
 from gdsl import dtypes
+from gdsl.backends.cpu.epilogue import with_epilogue
 from gdsl.backends.cpu.gemm import micro_kernel, micro_shape
 from gdsl.backends.cpu.ir import affine, convert, load_element, strides, unravel
 from gdsl.primitives.registry import register_lowering
@@ -35,6 +36,21 @@ def conv2d_utask(fn, ops, op, t):
     i1 = fn.imin(fn.op(f"add nsw i64 {i0}, {tm}"), m)
     j0 = fn.op(f"mul nsw i64 {tj}, {tn}")
     j1 = fn.imin(fn.op(f"add nsw i64 {j0}, {tn}"), n)
+    positions = out.shape[2] * out.shape[3]
+
+    def flat_of(r, c):            # output element (image, channel j0 + c, position) of GEMM row i0 + r
+        row = fn.op(f"add nsw i64 {i0}, {r}")
+        image, at = fn.op(f"udiv i64 {row}, {positions}"), fn.op(f"urem i64 {row}, {positions}")
+        return affine(fn, at, [(image, n * positions), (j0, positions), (c, positions)])
+    with_epilogue(fn, ops, op, fn.op(f"sub nsw i64 {i1}, {i0}"), fn.op(f"sub nsw i64 {j1}, {j0}"), tm, tn, flat_of,
+                  lambda: _conv_tile(fn, ops, op, i0, i1, j0, j1))
+
+
+def _conv_tile(fn, ops, op, i0, i1, j0, j1):
+    """The contraction of tile (i0..i1-1 positions, j0..j1-1 channels): see conv2d_utask."""
+    x, w = ops.aval(0), ops.aval(1)
+    out = op.outputs[0].aval
+    tm = op.params["tile_m"]
     mr, mc, _ = micro_shape()
     positions = out.shape[2] * out.shape[3]
     if not (x.dtype == w.dtype == out.dtype == dtypes.float32 and tm % mc == 0

@@ -14,6 +14,7 @@ import functools
 import numpy as np
 
 from gdsl import dtypes
+from gdsl.backends.cpu.epilogue import with_epilogue
 from gdsl.backends.cpu.ir import affine, compute_type, const, convert, mem_type, strides, unravel
 from gdsl.backends.cpu.operands import broadcast_strides
 from gdsl.primitives.registry import CONTRACTION, family_of, register_lowering
@@ -112,10 +113,14 @@ def emit_matmul(fn, ops, op, t, band=False):
     def block(cols):
         _gemm_block(fn, ops, a.dtype, b.dtype, out.dtype, k, n, a_base, b_tile, packed or n, o_base, i0, rows, j0,
                     cols, tm, tn)
-    if isinstance(cols, int):
-        block(cols)
-    else:   # every tile but the last column's is whole: give those constant columns (the micro-kernel)
-        fn.if_(fn.op(f"icmp eq i64 {cols}, {tn}"), lambda: block(tn), lambda: block(cols))
+
+    def compute():
+        if isinstance(cols, int):
+            block(cols)
+        else:   # every tile but the last column's is whole: give those constant columns (the micro-kernel)
+            fn.if_(fn.op(f"icmp eq i64 {cols}, {tn}"), lambda: block(tn), lambda: block(cols))
+    with_epilogue(fn, ops, op, rows, cols, tm, tn,
+                  lambda r, c: affine(fn, o_base, [(i0, n), (r, n), (j0, 1), (c, 1)]), compute)
 
 
 @functools.cache
