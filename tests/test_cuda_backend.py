@@ -163,8 +163,10 @@ def test_identical_utasks_share_one_function(monkeypatch):
     """Ten identical layers: one tanh function for ten sites and one GEMV for nine (the first reads the
     argument, not a temporary). Inlined while small; past the inlining budget, called instead. The GEMV,
     a tiled uTask, is called from its nine sites whatever the budget (CALL_TILED_UTASKS) when its uTasks are
-    long enough (CALL_MIN_UTASK_NS; this 64x64 one is short: inlined by default)."""
+    long enough (CALL_MIN_UTASK_NS; this 64x64 one is short: inlined by default). The ten layers are
+    rendered one by one here (ROLL_REPEATS off: rolled, they are one loop with one site each)."""
     from gdsl.backends.cfamily import render
+    monkeypatch.setattr(render, "ROLL_REPEATS", False)
 
     def layers(x, w):
         for k in range(10):

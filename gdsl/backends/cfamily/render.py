@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl.backends.cfamily import data_movement, gemm, reductions  # noqa: F401 - importing them registers their rules
+from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - importing them registers their rules
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
@@ -88,6 +88,18 @@ GROUP_WAVE_TASKS = True
 CALL_TILED_UTASKS = True
 CALL_MIN_UTASK_NS = 1000.0
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
+# A run of k >= 2 consecutive statement sequences of one body whose C text is the same up to buffer pointers,
+# integer constants and the names of uniforms each sequence defines for itself (the identical blocks of a
+# ResNet, SkipNet's gated blocks) is rendered once, in a loop over the k repetitions that picks each one's
+# pointers and constants in a switch (gdsl/backends/cfamily/repeats.py): NVRTC then compiles the uTask calls of
+# one repetition instead of k. Only where the repetitions after the first hold at least ROLL_MIN_CALLS uTask
+# call sites (a loop of a few uniform statements saves nothing). Never in an instrumented build (each
+# repetition has its own trace sites) nor across a recursive call (its return label is unique).
+ROLL_REPEATS = True
+ROLL_MIN_CALLS = 4
+# Host control: kernels whose text is the same up to the same holes (one kernel per gated block) are one
+# __global__ function with one more parameter, `int gdsl_variant`, that picks the arguments (False: one each).
+MERGE_KERNELS = True
 
 
 @dataclass
@@ -245,6 +257,35 @@ class Renderer:
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
+        self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
+        self.pointer_types = self._pointer_types()
+        self.uniform_types, self.uniform_users = self._uniform_names()
+
+    def _pointer_types(self) -> dict:
+        """C name -> C type of every buffer pointer a kernel declares once and never assigns again (not the
+        dynamic views, assigned where they are computed): the values a rolled repetition may pick."""
+        types = {}
+        for buf in self.plan.buffers:
+            view = self.views.get(buf)
+            if view is not None and (view.dynamic or view.perm is not None):
+                continue
+            const = buf.kind in ("input", "const") or view is not None
+            types[buf.name] = f"{'const ' if const else ''}{c_types.storage(buf.aval.dtype)}*"
+        return types
+
+    def _uniform_names(self) -> tuple[dict, dict]:
+        """(C name -> compute type, C name -> ids of the statements that read or write it) of every uniform."""
+        types, users = {}, {}
+        for stmt in _all_statements(self.plan):
+            for v in _values_of(stmt):
+                if isinstance(v.storage, Uniform):
+                    types[v.storage.name] = c_types.compute(v.storage.aval.dtype)
+                    users.setdefault(v.storage.name, set()).add(id(stmt))
+        return types, users
+
+    def count_call(self, fn: str, sites: int = 1) -> None:
+        self.call_sites[fn] = self.call_sites.get(fn, 0) + sites
+        self.call_log.append((fn, sites))
 
     # ------------------------------------------------------------------------------------ values
     def depth(self, fn: str) -> str:
@@ -364,8 +405,11 @@ class Renderer:
     def block(self, stmts, ind: int, quiet: bool = False) -> list[str]:
         pad = "  " * ind
         lines: list[str] = []
+        starts, calls = [], []      # where each statement's lines and call sites begin
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
+            starts.append(len(lines))
+            calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Sync):
@@ -427,7 +471,69 @@ class Renderer:
             else:
                 raise TypeError(f"unknown plan statement {stmt!r}")
             quiet = self.quiet_after([stmt], quiet)
+        if ROLL_REPEATS and not self.trace:
+            return self.rolled(stmts, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
+
+    # ------------------------------------------------------------------------------------ repeated sequences
+    def rolled(self, stmts, lines, starts, calls, ind: int) -> list[str]:
+        """`lines` (the C of `stmts`, statement i's from starts[i] to starts[i + 1], its call sites
+        self.call_log[calls[i]:calls[i + 1]]) with each run of repeated statement sequences as one loop
+        (ROLL_REPEATS, gdsl/backends/cfamily/repeats.py)."""
+        templates = [repeats.template("\n".join(lines[a:b]), self.pointer_types, self.uniform_types)
+                     for a, b in zip(starts, starts[1:])]
+        keys = [t.key if not any(isinstance(s, Call) for s in walk([stmt])) else object()
+                for t, stmt in zip(templates, stmts)]
+
+        def repetition(start, period, count):
+            reps = [repeats.joined(templates[start + j * period:start + (j + 1) * period]) for j in range(count)]
+            own = functools.partial(self._owner, [stmts[start + j * period:start + (j + 1) * period]
+                                                  for j in range(count)], stmts[start + count * period:])
+            return repeats.Repetition(reps, own)
+
+        def accept(start, period, count):
+            sites = sum(n for _, n in self.call_log[calls[start]:calls[start + period]])
+            if (count - 1) * sites < ROLL_MIN_CALLS:
+                return 0
+            count = repetition(start, period, count).count_valid()
+            return count if (count - 1) * sites >= ROLL_MIN_CALLS else 0
+
+        out, done = [], 0
+        for start, period, count in repeats.find_repeats(keys, accept):
+            out += lines[starts[done]:starts[start]]
+            out += self.repetition_loop(repetition(start, period, count), period, ind)
+            for fn, sites in self.call_log[calls[start + period]:calls[start + count * period]]:
+                self.count_call(fn, -sites)
+            done = start + count * period
+        return out + lines[starts[done]:]
+
+    def _owner(self, reps, after, name: str, j: int):
+        """Whether uniform `name` belongs to repetition j of a run (reps: each repetition's statements; after:
+        the statements after the run): repeats.OWN if only repetition j uses it, repeats.LIVE if statements
+        after the run read it too and the first statement of repetition j that uses it is a top-level one
+        that assigns it (so every pass through the repetition sets it), else None."""
+        users = self.uniform_users[name]
+        mine = [s for s in walk(reps[j]) if id(s) in users]
+        if len(mine) == len(users):
+            return repeats.OWN
+        if len(mine) + sum(1 for s in walk(after) if id(s) in users) < len(users):
+            return None
+        first = mine[0] if mine else None
+        assigned = first is not None and any(first is s for s in reps[j]) and \
+            any(v.storage.name == name for v in _reads_writes(first)[1] if isinstance(v.storage, Uniform))
+        return repeats.LIVE if assigned else None
+
+    def repetition_loop(self, repetition, period: int, ind: int) -> list[str]:
+        """The loop that runs `repetition`'s text once per repetition (ind: the indentation level)."""
+        pad, index, count = "  " * ind, f"gdsl_r{ind}", len(repetition.templates)
+        setup, text, copy_out = repetition.body(index)
+        return [f"{pad}// {count} repetitions of {period} statements, the same but for the arguments {index} picks",
+                f"{pad}#pragma unroll 1",
+                f"{pad}for (int {index} = 0; {index} < {count}; ++{index}) {{",
+                *(f"{pad}  {line}" for line in setup),
+                *("  " + line for line in text.split("\n")),
+                *(f"{pad}  {line}" for line in copy_out),
+                pad + "}"]
 
     # ------------------------------------------------------------------------------------ instrumentation
     def trace_lines(self, pad, record, site, arg="0") -> list[str]:
@@ -504,7 +610,7 @@ class Renderer:
                 return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
             return []
         fn, permuted = self.utask_function(op)
-        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
+        self.count_call(fn)
         args = ", ".join(self.call_args(op, permuted))
         return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
                                                              self.trace and self.trace.op(task), t))
@@ -544,7 +650,7 @@ class Renderer:
         if len(run) == 1:
             return self.task(run[0])
         fn, _ = self.utask_function(run[0].op)
-        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
+        self.count_call(fn)
         columns = {f"gdsl_{decl.rsplit(' ', 1)[1]}": (decl.rsplit(' ', 1)[0], args) for decl, args in
                    zip(self.parameters[fn], zip(*(self.call_args(t.op, self.utask_function(t.op)[1]) for t in run)))}
         columns["gdsl_n"] = ("int", tuple(str(t.op.n_utasks) for t in run))
