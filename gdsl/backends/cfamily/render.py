@@ -62,6 +62,7 @@ from gdsl.schedule.plan import (
     Loop,
     Sync,
     Uniform,
+    UniformOp,
     Uniforms,
     Value,
     Wave,
@@ -116,6 +117,21 @@ class KernelSpec:
     params: list                 # ("buffer", Buffer) | ("ws", None) | ("depth", function name)
     grid_syncs: int
     dynamic_smem: int = 0        # bytes of dynamic shared memory to launch with (resident tiles), 0: static
+
+
+@dataclass
+class KernelCode:
+    """One rendered kernel before it is written out: its parameters, declarations and body (C lines)."""
+    spec: KernelSpec
+    head: str                    # "<prefix> <name>(" without the parameters
+    c_params: list
+    decls: list
+    body: list                   # from the first statement to the closing brace (exclusive)
+    calls: list = field(default_factory=list)     # its entries of Renderer.call_log
+
+    def text(self) -> str:
+        lines = [f"{self.head}{', '.join(self.c_params)}) {{"] + ["  " + d for d in self.decls] + self.body
+        return "\n".join(lines + ["}"]) + "\n"
 
 
 @dataclass
@@ -230,6 +246,16 @@ def _uniform_events(body):
     return calls, reads, first_def
 
 
+def _nodes(pieces, nested: bool = True):
+    """The statements of `pieces` (statements and uniform ops) with (nested) the ones inside them, in
+    program order, each Uniforms as its uniform ops."""
+    for piece in walk(pieces) if nested else pieces:
+        if isinstance(piece, Uniforms):
+            yield from piece.ops
+        else:
+            yield piece
+
+
 def _all_statements(plan):
     for k in plan.kernels:
         yield from walk(k.body)
@@ -276,11 +302,12 @@ class Renderer:
     def _uniform_names(self) -> tuple[dict, dict]:
         """(C name -> compute type, C name -> ids of the statements that read or write it) of every uniform."""
         types, users = {}, {}
-        for stmt in _all_statements(self.plan):
-            for v in _values_of(stmt):
+        for node in _nodes(_all_statements(self.plan), nested=False):
+            values = (*node.inputs, node.output) if isinstance(node, UniformOp) else _values_of(node)
+            for v in values:
                 if isinstance(v.storage, Uniform):
                     types[v.storage.name] = c_types.compute(v.storage.aval.dtype)
-                    users.setdefault(v.storage.name, set()).add(id(stmt))
+                    users.setdefault(v.storage.name, set()).add(id(node))
         return types, users
 
     def count_call(self, fn: str, sites: int = 1) -> None:
@@ -405,11 +432,16 @@ class Renderer:
     def block(self, stmts, ind: int, quiet: bool = False) -> list[str]:
         pad = "  " * ind
         lines: list[str] = []
-        starts, calls = [], []      # where each statement's lines and call sites begin
+        # The pieces a repeated sequence is made of (render.ROLL_REPEATS): each statement, but each uniform op
+        # of a Uniforms alone (the scheduler puts the end of one repetition and the start of the next in one),
+        # with where its lines and call sites begin.
+        pieces, starts, calls = [], [], []
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
-            starts.append(len(lines))
-            calls.append(len(self.call_log))
+            for piece in stmt.ops if isinstance(stmt, Uniforms) else (stmt,):
+                pieces.append(piece)
+                starts.append(len(lines) if piece is stmt else None)
+                calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Sync):
@@ -423,7 +455,8 @@ class Renderer:
                 quiet = grid or quiet
                 continue
             elif isinstance(stmt, Uniforms):
-                for u in stmt.ops:
+                for k, u in enumerate(stmt.ops):
+                    starts[len(starts) - len(stmt.ops) + k] = len(lines)
                     lines += [pad + line for line in self.uniform_op(u)]
             elif isinstance(stmt, Assign):
                 lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
@@ -472,17 +505,17 @@ class Renderer:
                 raise TypeError(f"unknown plan statement {stmt!r}")
             quiet = self.quiet_after([stmt], quiet)
         if ROLL_REPEATS and not self.trace:
-            return self.rolled(stmts, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
+            return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
 
     # ------------------------------------------------------------------------------------ repeated sequences
     def rolled(self, stmts, lines, starts, calls, ind: int) -> list[str]:
-        """`lines` (the C of `stmts`, statement i's from starts[i] to starts[i + 1], its call sites
-        self.call_log[calls[i]:calls[i + 1]]) with each run of repeated statement sequences as one loop
-        (ROLL_REPEATS, gdsl/backends/cfamily/repeats.py)."""
+        """`lines` (the C of `stmts`, statements and uniform ops: piece i's lines from starts[i] to starts[i + 1],
+        its call sites self.call_log[calls[i]:calls[i + 1]]) with each run of repeated piece sequences as one
+        loop (ROLL_REPEATS, gdsl/backends/cfamily/repeats.py)."""
         templates = [repeats.template("\n".join(lines[a:b]), self.pointer_types, self.uniform_types)
                      for a, b in zip(starts, starts[1:])]
-        keys = [t.key if not any(isinstance(s, Call) for s in walk([stmt])) else object()
+        keys = [t.key if not any(isinstance(s, Call) for s in _nodes([stmt])) else object()
                 for t, stmt in zip(templates, stmts)]
 
         def repetition(start, period, count):
@@ -513,14 +546,15 @@ class Renderer:
         after the run read it too and the first statement of repetition j that uses it is a top-level one
         that assigns it (so every pass through the repetition sets it), else None."""
         users = self.uniform_users[name]
-        mine = [s for s in walk(reps[j]) if id(s) in users]
+        mine = [s for s in _nodes(reps[j]) if id(s) in users]
         if len(mine) == len(users):
             return repeats.OWN
-        if len(mine) + sum(1 for s in walk(after) if id(s) in users) < len(users):
+        if len(mine) + sum(1 for s in _nodes(after) if id(s) in users) < len(users):
             return None
         first = mine[0] if mine else None
-        assigned = first is not None and any(first is s for s in reps[j]) and \
-            any(v.storage.name == name for v in _reads_writes(first)[1] if isinstance(v.storage, Uniform))
+        written = [first.output] if isinstance(first, UniformOp) else _reads_writes(first)[1] if first else []
+        assigned = any(first is s for s in reps[j]) and \
+            any(v.storage.name == name for v in written if isinstance(v.storage, Uniform))
         return repeats.LIVE if assigned else None
 
     def repetition_loop(self, repetition, period: int, ind: int) -> list[str]:
@@ -688,7 +722,7 @@ class Renderer:
         return lowering_rule(u.primitive, self.dialect.lowering_chain, "uniform")(self, u, out)
 
     # ------------------------------------------------------------------------------------ kernels
-    def kernel(self, kernel, index: int) -> tuple[str, KernelSpec]:
+    def kernel(self, kernel, index: int) -> KernelCode:
         plan = self.plan
         name = f"gdsl_{cid(kernel.name)}"
         params = [("buffer", v.buffer) for v in plan.inputs] + [("buffer", v.buffer) for v in plan.outputs]
@@ -698,6 +732,7 @@ class Renderer:
         functions = list(plan.functions) if self.device_control else []
         if not self.device_control:
             params += [("depth", f.name) for f in plan.functions]
+        first_call = len(self.call_log)
         body_lines = self.block(kernel.body, 1)
         fn_lines = []
         for f in functions:
@@ -766,14 +801,49 @@ class Renderer:
                 decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].frames}];")
             else:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
-        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
-        lines = [head] + ["  " + d for d in decls] + body_lines
         if functions:
-            lines.append("  goto gdsl_exit;")
-            lines += fn_lines
-            lines.append("gdsl_exit: ;")
-        lines.append("}")
-        return "\n".join(lines) + "\n", KernelSpec(name, params, grid_syncs)
+            body_lines += ["  goto gdsl_exit;", *fn_lines, "gdsl_exit: ;"]
+        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}("
+        return KernelCode(KernelSpec(name, params, grid_syncs), head, c_params, decls, body_lines,
+                          self.call_log[first_call:])
+
+    def merged_kernels(self, codes: list) -> list:
+        """`codes` with each group of kernels whose bodies are the same up to the holes of a repeated sequence
+        (MERGE_KERNELS; repeats.py: pointers, integers, each kernel's own uniforms) as one kernel with one
+        more parameter, `int gdsl_variant`, that picks each one's arguments: the group's first KernelCode
+        becomes that kernel, the others None, and every member's spec names it and passes its variant."""
+        groups: dict = {}
+        for k, code in enumerate(codes):
+            body = repeats.template("\n".join(code.body), self.pointer_types, self.uniform_types)
+            groups.setdefault(body.key, []).append((k, body))
+        codes = list(codes)
+        for members in groups.values():
+            while len(members) >= 2:
+                count = repeats.Repetition([t for _, t in members], lambda name, j: repeats.OWN).count_valid()
+                if count < 2:
+                    members = members[1:]
+                    continue
+                self._merge([codes[k] for k, _ in members[:count]], [t for _, t in members[:count]])
+                for k, _ in members[1:count]:
+                    codes[k] = None
+                members = members[count:]
+        return codes
+
+    def _merge(self, codes: list, templates: list) -> None:
+        """Make codes[0] the kernel that runs every one of `codes` (bodies `templates`) by its variant, and
+        point their specs at it."""
+        first = codes[0]
+        setup, text, _ = repeats.Repetition(templates, lambda name, j: repeats.OWN).body("gdsl_variant")
+        decls = list(dict.fromkeys(d for code in codes for d in code.decls))   # every member's, in order
+        for j, code in enumerate(codes):
+            for fn, sites in code.calls if j else ():
+                self.count_call(fn, -sites)
+            code.spec.name = first.spec.name
+            code.spec.params = code.spec.params + [("variant", j)]
+        first.c_params = first.c_params + ["int gdsl_variant"]
+        first.decls = decls + setup
+        first.body = [f"  // {len(codes)} kernels of this text, the arguments that differ picked by gdsl_variant",
+                      *text.split("\n")]
 
     def not_inlined(self) -> set:
         """The shared functions to call instead of inlining: the tiled ones (CALL_TILED_UTASKS), then those
@@ -799,11 +869,14 @@ class Renderer:
         return f"// called from {sites} sites (ops of the same kind, shapes and split)\nGDSL_SHARED_OP " + code
 
     def render(self) -> Rendered:
-        kernels = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
+        codes = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
+        specs = [code.spec for code in codes]
+        if MERGE_KERNELS and not self.trace and not self.device_control:
+            codes = self.merged_kernels(codes)
         shared = self.not_inlined()
         scratch = -(-self.smem // 16) * 16
         smem = scratch + self.resident_bytes
-        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for _, spec in kernels]
+        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for spec in specs]
         parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
                  self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE,
@@ -812,7 +885,7 @@ class Renderer:
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
-                 "\n".join(code for code, _ in kernels),
+                 "\n".join(code.text() for code in codes if code is not None),
                  self.dialect.host_code(specs, self.plan)]
         source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
         return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()),

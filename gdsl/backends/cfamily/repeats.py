@@ -95,9 +95,13 @@ def joined(templates: list) -> Template:
 
 
 def _assigned(tokens, i) -> bool:
-    """Is the token at `i` the target of a plain assignment (`name = ...`, not `==` nor `+=`)?"""
-    following = next((t for t in tokens[i + 1:] if not t.isspace()), "")
-    return following == "="
+    """Is the token at `i` set by a plain assignment that does not read it (`u = ...;` without u on the right;
+    not `==` nor `+=`)?"""
+    rest = [t for t in tokens[i + 1:] if not t.isspace()]
+    if not rest or rest[0] != "=":
+        return False
+    right = rest[1:rest.index(";")] if ";" in rest else rest[1:]
+    return tokens[i] not in right
 
 
 def find_repeats(keys: list, accept, longest_period: int = 512) -> list[tuple[int, int, int]]:
