@@ -88,6 +88,11 @@ GROUP_WAVE_TASKS = True
 # and 1.079 -> 1.354 with its tiles called: shorter uTasks stay inlined.
 CALL_TILED_UTASKS = True
 CALL_MIN_UTASK_NS = 1000.0
+# The sites counted are those before repeated sequences are rolled into loops (ROLL_REPEATS) or kernels merged
+# (MERGE_KERNELS): a function called from 22 repetitions stays called when the loop leaves one site, as it was
+# when it was timed. 1 would call every tiled function of long enough uTasks (SkipNet's device kernel: NVRTC
+# 42 -> 29 s CPU here, its runtime effect unmeasured).
+CALL_TILED_MIN_SITES = 2
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 # A run of k >= 2 consecutive statement sequences of one body whose C text is the same up to buffer pointers,
 # integer constants and the names of uniforms each sequence defines for itself (the identical blocks of a
@@ -274,6 +279,7 @@ class Renderer:
         self.op_function: dict = {}         # Op -> the name of its uTask function
         self.functions: dict = {}           # (parameters, body) -> (name, code): identical uTasks share one
         self.call_sites: dict = {}          # function name -> call sites (a shared one is not inlined)
+        self.calls_unrolled: dict = {}      # function name -> call sites before ROLL_REPEATS / MERGE_KERNELS
         self.parameters: dict = {}          # function name -> its parameter declarations, less t and smem
         self.function_kind: dict = {}       # function name -> the kind of its ops
         self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
@@ -311,7 +317,10 @@ class Renderer:
         return types, users
 
     def count_call(self, fn: str, sites: int = 1) -> None:
+        """One more call site of uTask function `fn` (sites < 0: sites removed by a rolled loop or a merged
+        kernel); `calls_unrolled` keeps the count before any was removed."""
         self.call_sites[fn] = self.call_sites.get(fn, 0) + sites
+        self.calls_unrolled[fn] = self.calls_unrolled.get(fn, 0) + max(sites, 0)
         self.call_log.append((fn, sites))
 
     # ------------------------------------------------------------------------------------ values
@@ -850,7 +859,8 @@ class Renderer:
         without which inlining every call site would give NVRTC more than INLINE_BUDGET of code. Those that
         save the most go first; below the budget everything is inlined (calling every shared function, the
         elementwise ones too, cost 10-18 % on LSTM and BlockDrop, measured on an H100)."""
-        out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS and self.call_sites[name] > 1
+        out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS
+               and self.calls_unrolled[name] >= CALL_TILED_MIN_SITES
                and self.function_kind[name] in TILED_KINDS and self.function_cost[name] >= CALL_MIN_UTASK_NS}
         cost = {name: (self.call_sites[name] - 1) * len(code) for name, code in self.functions.values()
                 if name not in out}
