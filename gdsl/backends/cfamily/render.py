@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - importing them registers their rules
+from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - the first three register rules
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
