@@ -91,7 +91,7 @@ CALL_MIN_UTASK_NS = 1000.0
 # The sites counted are those before repeated sequences are rolled into loops (ROLL_REPEATS) or kernels merged
 # (MERGE_KERNELS): a function called from 22 repetitions stays called when the loop leaves one site, as it was
 # when it was timed. 1 would call every tiled function of long enough uTasks (SkipNet's device kernel: NVRTC
-# 42 -> 29 s CPU here, its runtime effect unmeasured).
+# 51 and 45 s CPU against 47 and 53 s with 2 on the loaded 2-core CI machine: no gain seen; runtime unmeasured).
 CALL_TILED_MIN_SITES = 2
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
 # A run of k >= 2 consecutive statement sequences of one body whose C text is the same up to buffer pointers,
