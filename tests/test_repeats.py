@@ -154,3 +154,13 @@ def test_emulated_fold_with_every_gate_off_and_on(monkeypatch):
 @pytest.mark.parametrize("control", ["device", "host"])
 def test_folded_source_compiles(control):
     assert cuda_toolchain.compile_cuda(_source(control), "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("control", ["device", "host"])
+@pytest.mark.parametrize("fold", [True, False])
+def test_gpu_gated_layers_match_interpreter(control, fold, monkeypatch):
+    from strategies import check_backend
+    monkeypatch.setattr(render, "ROLL_REPEATS", fold)
+    monkeypatch.setattr(render, "MERGE_KERNELS", fold)
+    check_backend(gated_layers, ARGS, "cuda", control=control)
