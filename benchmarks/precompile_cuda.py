@@ -1,6 +1,7 @@
 """Compile the CUDA kernels of the model zoo ahead of time into the compile cache (no GPU needed).
 
     GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
+        [--render ROLL_REPEATS=False,MERGE_KERNELS=False]
 
 NVRTC takes a while on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
 the cache folder to the GPU machine keeps the benchmark's device time for measuring. Each line gives one
@@ -19,10 +20,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
 
 
-def compile_one(name, batch, control, grid=None, program=None, options=()):
-    """Lower and compile one model at full size; `program` names one of its overhead test's programs."""
+def compile_one(name, batch, control, grid=None, program=None, options=(), switches=()):
+    """Lower and compile one model at full size; `program` names one of its overhead test's programs;
+    `switches`: (name, value) of gdsl/backends/cfamily/render.py's module switches to set first."""
+    from gdsl.backends.cfamily import render
     from gdsl.backends.cuda.toolchain import compile_cuda
     from models import common, load
+    for switch, value in switches:
+        setattr(render, switch, value)
     model = load(name)
     cfg, inputs = None, {}
     if program:
@@ -49,6 +54,8 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
                                                 "(models.bench --ablate), e.g. wavefront=False,hoist=False")
+    p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py first, "
+                                                 "e.g. ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them)")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()
@@ -63,10 +70,18 @@ def main():
         for option in filter(None, args.ablate.split(",")):
             work += [(m, b, "device", None, None, (common.parse_option(option),))
                      for m in models for b in load(m).BATCHES]
-    work = [w + ((),) * (6 - len(w)) for w in work]
+    switches = tuple(_switch(s) for s in filter(None, args.render.split(",")))
+    work = [w + ((),) * (6 - len(w)) + (switches,) for w in work]
     with cf.ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(compile_one, *zip(*work)):
             print(line, flush=True)
+
+
+def _switch(text: str) -> tuple:
+    """("NAME", value) of "NAME=value" (a Python literal)."""
+    import ast
+    name, value = text.split("=", 1)
+    return name.strip(), ast.literal_eval(value.strip())
 
 
 if __name__ == "__main__":

@@ -494,10 +494,15 @@ FLOOR_CASES = [("lstm", 2, {}), ("nasrnn", 2, {}), ("attention", 2, {}), ("seq2s
 
 @pytest.mark.parametrize("control", ["device", "host"])
 @pytest.mark.parametrize("case", FLOOR_CASES, ids=case_id)
-def test_floor_barriers_are_those_of_the_generated_cuda(case, control):
-    """The grid Syncs counted on cuda are the ones the renderer emits (lowering needs no GPU)."""
+def test_floor_barriers_are_those_of_the_generated_cuda(case, control, monkeypatch):
+    """The grid Syncs counted on cuda are the ones the renderer emits (lowering needs no GPU). Counted in the
+    unrolled source: a loop over repeated blocks (render.ROLL_REPEATS) or kernels merged into one
+    (MERGE_KERNELS) run the same barriers from fewer lines."""
+    from gdsl.backends.cfamily import render
     from gdsl.backends.cuda.dialect import CUDADialect
     from models import floor
+    monkeypatch.setattr(render, "ROLL_REPEATS", False)
+    monkeypatch.setattr(render, "MERGE_KERNELS", False)
     name, batch, variant = case
     prob = small_problem(name, batch, variant)
     lowered = prob.model.make_forward(prob.cfg, backend="cuda", control=control).lower(prob.weights, prob.batches[0])

@@ -58,7 +58,7 @@ class EmulatorDialect(Dialect):
 
     def host_code(self, kernels, plan) -> str:
         out = []
-        for spec in kernels:
+        for spec in {spec.name: spec for spec in kernels}.values():   # merged kernels: one launcher each
             args = []
             for i, (kind, obj) in enumerate(spec.params):
                 if kind == "buffer":

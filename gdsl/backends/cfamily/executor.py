@@ -128,6 +128,8 @@ class Executable:
                 args.append(self.ws)
             elif kind == "trace":
                 args.append(self._trace_buffer())
+            elif kind == "variant":     # kernels merged into one (render.MERGE_KERNELS): which one this is
+                args.append(np.int32(obj))
             else:
                 args.append(np.int32(depths[obj]))
         self.device.launch(spec, self.plan.grid, self.plan.block, args, self.cooperative[k])

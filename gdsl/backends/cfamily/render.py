@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl.backends.cfamily import data_movement, gemm, reductions  # noqa: F401 - importing them registers their rules
+from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - the first three register rules
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
@@ -62,6 +62,7 @@ from gdsl.schedule.plan import (
     Loop,
     Sync,
     Uniform,
+    UniformOp,
     Uniforms,
     Value,
     Wave,
@@ -87,7 +88,24 @@ GROUP_WAVE_TASKS = True
 # and 1.079 -> 1.354 with its tiles called: shorter uTasks stay inlined.
 CALL_TILED_UTASKS = True
 CALL_MIN_UTASK_NS = 1000.0
+# The sites counted are those before repeated sequences are rolled into loops (ROLL_REPEATS) or kernels merged
+# (MERGE_KERNELS): a function called from 22 repetitions stays called when the loop leaves one site, as it was
+# when it was timed. 1 would call every tiled function of long enough uTasks (SkipNet's device kernel: NVRTC
+# 51 and 45 s CPU against 47 and 53 s with 2 on the loaded 2-core CI machine: no gain seen; runtime unmeasured).
+CALL_TILED_MIN_SITES = 2
 TILED_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
+# A run of k >= 2 consecutive statement sequences of one body whose C text is the same up to buffer pointers,
+# integer constants and the names of uniforms each sequence defines for itself (the identical blocks of a
+# ResNet, SkipNet's gated blocks) is rendered once, in a loop over the k repetitions that picks each one's
+# pointers and constants in a switch (gdsl/backends/cfamily/repeats.py): NVRTC then compiles the uTask calls of
+# one repetition instead of k. Only where the repetitions after the first hold at least ROLL_MIN_CALLS uTask
+# call sites (a loop of a few uniform statements saves nothing). Never in an instrumented build (each
+# repetition has its own trace sites) nor across a recursive call (its return label is unique).
+ROLL_REPEATS = True
+ROLL_MIN_CALLS = 4
+# Host control: kernels whose text is the same up to the same holes (one kernel per gated block) are one
+# __global__ function with one more parameter, `int gdsl_variant`, that picks the arguments (False: one each).
+MERGE_KERNELS = True
 
 
 @dataclass
@@ -104,6 +122,21 @@ class KernelSpec:
     params: list                 # ("buffer", Buffer) | ("ws", None) | ("depth", function name)
     grid_syncs: int
     dynamic_smem: int = 0        # bytes of dynamic shared memory to launch with (resident tiles), 0: static
+
+
+@dataclass
+class KernelCode:
+    """One rendered kernel before it is written out: its parameters, declarations and body (C lines)."""
+    spec: KernelSpec
+    head: str                    # "<prefix> <name>(" without the parameters
+    c_params: list
+    decls: list
+    body: list                   # from the first statement to the closing brace (exclusive)
+    calls: list = field(default_factory=list)     # its entries of Renderer.call_log
+
+    def text(self) -> str:
+        lines = [f"{self.head}{', '.join(self.c_params)}) {{"] + ["  " + d for d in self.decls] + self.body
+        return "\n".join(lines + ["}"]) + "\n"
 
 
 @dataclass
@@ -218,6 +251,16 @@ def _uniform_events(body):
     return calls, reads, first_def
 
 
+def _nodes(pieces, nested: bool = True):
+    """The statements of `pieces` (statements and uniform ops) with (nested) the ones inside them, in
+    program order, each Uniforms as its uniform ops."""
+    for piece in walk(pieces) if nested else pieces:
+        if isinstance(piece, Uniforms):
+            yield from piece.ops
+        else:
+            yield piece
+
+
 def _all_statements(plan):
     for k in plan.kernels:
         yield from walk(k.body)
@@ -236,6 +279,7 @@ class Renderer:
         self.op_function: dict = {}         # Op -> the name of its uTask function
         self.functions: dict = {}           # (parameters, body) -> (name, code): identical uTasks share one
         self.call_sites: dict = {}          # function name -> call sites (a shared one is not inlined)
+        self.calls_unrolled: dict = {}      # function name -> call sites before ROLL_REPEATS / MERGE_KERNELS
         self.parameters: dict = {}          # function name -> its parameter declarations, less t and smem
         self.function_kind: dict = {}       # function name -> the kind of its ops
         self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
@@ -245,6 +289,39 @@ class Renderer:
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
+        self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
+        self.pointer_types = self._pointer_types()
+        self.uniform_types, self.uniform_users = self._uniform_names()
+
+    def _pointer_types(self) -> dict:
+        """C name -> C type of every buffer pointer a kernel declares once and never assigns again (not the
+        dynamic views, assigned where they are computed): the values a rolled repetition may pick."""
+        types = {}
+        for buf in self.plan.buffers:
+            view = self.views.get(buf)
+            if view is not None and (view.dynamic or view.perm is not None):
+                continue
+            const = buf.kind in ("input", "const") or view is not None
+            types[buf.name] = f"{'const ' if const else ''}{c_types.storage(buf.aval.dtype)}*"
+        return types
+
+    def _uniform_names(self) -> tuple[dict, dict]:
+        """(C name -> compute type, C name -> ids of the statements that read or write it) of every uniform."""
+        types, users = {}, {}
+        for node in _nodes(_all_statements(self.plan), nested=False):
+            values = (*node.inputs, node.output) if isinstance(node, UniformOp) else _values_of(node)
+            for v in values:
+                if isinstance(v.storage, Uniform):
+                    types[v.storage.name] = c_types.compute(v.storage.aval.dtype)
+                    users.setdefault(v.storage.name, set()).add(id(node))
+        return types, users
+
+    def count_call(self, fn: str, sites: int = 1) -> None:
+        """One more call site of uTask function `fn` (sites < 0: sites removed by a rolled loop or a merged
+        kernel); `calls_unrolled` keeps the count before any was removed."""
+        self.call_sites[fn] = self.call_sites.get(fn, 0) + sites
+        self.calls_unrolled[fn] = self.calls_unrolled.get(fn, 0) + max(sites, 0)
+        self.call_log.append((fn, sites))
 
     # ------------------------------------------------------------------------------------ values
     def depth(self, fn: str) -> str:
@@ -364,8 +441,16 @@ class Renderer:
     def block(self, stmts, ind: int, quiet: bool = False) -> list[str]:
         pad = "  " * ind
         lines: list[str] = []
+        # The pieces a repeated sequence is made of (render.ROLL_REPEATS): each statement, but each uniform op
+        # of a Uniforms alone (the scheduler puts the end of one repetition and the start of the next in one),
+        # with where its lines and call sites begin.
+        pieces, starts, calls = [], [], []
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
+            for piece in stmt.ops if isinstance(stmt, Uniforms) else (stmt,):
+                pieces.append(piece)
+                starts.append(len(lines) if piece is stmt else None)
+                calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Sync):
@@ -379,7 +464,8 @@ class Renderer:
                 quiet = grid or quiet
                 continue
             elif isinstance(stmt, Uniforms):
-                for u in stmt.ops:
+                for k, u in enumerate(stmt.ops):
+                    starts[len(starts) - len(stmt.ops) + k] = len(lines)
                     lines += [pad + line for line in self.uniform_op(u)]
             elif isinstance(stmt, Assign):
                 lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
@@ -427,7 +513,70 @@ class Renderer:
             else:
                 raise TypeError(f"unknown plan statement {stmt!r}")
             quiet = self.quiet_after([stmt], quiet)
+        if ROLL_REPEATS and not self.trace:
+            return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
+
+    # ------------------------------------------------------------------------------------ repeated sequences
+    def rolled(self, stmts, lines, starts, calls, ind: int) -> list[str]:
+        """`lines` (the C of `stmts`, statements and uniform ops: piece i's lines from starts[i] to starts[i + 1],
+        its call sites self.call_log[calls[i]:calls[i + 1]]) with each run of repeated piece sequences as one
+        loop (ROLL_REPEATS, gdsl/backends/cfamily/repeats.py)."""
+        templates = [repeats.template("\n".join(lines[a:b]), self.pointer_types, self.uniform_types)
+                     for a, b in zip(starts, starts[1:])]
+        keys = [t.key if not any(isinstance(s, Call) for s in _nodes([stmt])) else object()
+                for t, stmt in zip(templates, stmts)]
+
+        def repetition(start, period, count):
+            reps = [repeats.joined(templates[start + j * period:start + (j + 1) * period]) for j in range(count)]
+            own = functools.partial(self._owner, [stmts[start + j * period:start + (j + 1) * period]
+                                                  for j in range(count)], stmts[start + count * period:])
+            return repeats.Repetition(reps, own)
+
+        def accept(start, period, count):
+            sites = sum(n for _, n in self.call_log[calls[start]:calls[start + period]])
+            if (count - 1) * sites < ROLL_MIN_CALLS:
+                return 0
+            count = repetition(start, period, count).count_valid()
+            return count if (count - 1) * sites >= ROLL_MIN_CALLS else 0
+
+        out, done = [], 0
+        for start, period, count in repeats.find_repeats(keys, accept):
+            out += lines[starts[done]:starts[start]]
+            out += self.repetition_loop(repetition(start, period, count), period, ind)
+            for fn, sites in self.call_log[calls[start + period]:calls[start + count * period]]:
+                self.count_call(fn, -sites)
+            done = start + count * period
+        return out + lines[starts[done]:]
+
+    def _owner(self, reps, after, name: str, j: int):
+        """Whether uniform `name` belongs to repetition j of a run (reps: each repetition's statements; after:
+        the statements after the run): repeats.OWN if only repetition j uses it, repeats.LIVE if statements
+        after the run read it too and the first statement of repetition j that uses it is a top-level one
+        that assigns it (so every pass through the repetition sets it), else None."""
+        users = self.uniform_users[name]
+        mine = [s for s in _nodes(reps[j]) if id(s) in users]
+        if len(mine) == len(users):
+            return repeats.OWN
+        if len(mine) + sum(1 for s in _nodes(after) if id(s) in users) < len(users):
+            return None
+        first = mine[0] if mine else None
+        written = [first.output] if isinstance(first, UniformOp) else _reads_writes(first)[1] if first else []
+        assigned = any(first is s for s in reps[j]) and \
+            any(v.storage.name == name for v in written if isinstance(v.storage, Uniform))
+        return repeats.LIVE if assigned else None
+
+    def repetition_loop(self, repetition, period: int, ind: int) -> list[str]:
+        """The loop that runs `repetition`'s text once per repetition (ind: the indentation level)."""
+        pad, index, count = "  " * ind, f"gdsl_r{ind}", len(repetition.templates)
+        setup, text, copy_out = repetition.body(index)
+        return [f"{pad}// {count} repetitions of {period} statements, the same but for the arguments {index} picks",
+                f"{pad}#pragma unroll 1",
+                f"{pad}for (int {index} = 0; {index} < {count}; ++{index}) {{",
+                *(f"{pad}  {line}" for line in setup),
+                *("  " + line for line in text.split("\n")),
+                *(f"{pad}  {line}" for line in copy_out),
+                pad + "}"]
 
     # ------------------------------------------------------------------------------------ instrumentation
     def trace_lines(self, pad, record, site, arg="0") -> list[str]:
@@ -504,7 +653,7 @@ class Renderer:
                 return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
             return []
         fn, permuted = self.utask_function(op)
-        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
+        self.count_call(fn)
         args = ", ".join(self.call_args(op, permuted))
         return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
                                                              self.trace and self.trace.op(task), t))
@@ -544,7 +693,7 @@ class Renderer:
         if len(run) == 1:
             return self.task(run[0])
         fn, _ = self.utask_function(run[0].op)
-        self.call_sites[fn] = self.call_sites.get(fn, 0) + 1
+        self.count_call(fn)
         columns = {f"gdsl_{decl.rsplit(' ', 1)[1]}": (decl.rsplit(' ', 1)[0], args) for decl, args in
                    zip(self.parameters[fn], zip(*(self.call_args(t.op, self.utask_function(t.op)[1]) for t in run)))}
         columns["gdsl_n"] = ("int", tuple(str(t.op.n_utasks) for t in run))
@@ -582,7 +731,7 @@ class Renderer:
         return lowering_rule(u.primitive, self.dialect.lowering_chain, "uniform")(self, u, out)
 
     # ------------------------------------------------------------------------------------ kernels
-    def kernel(self, kernel, index: int) -> tuple[str, KernelSpec]:
+    def kernel(self, kernel, index: int) -> KernelCode:
         plan = self.plan
         name = f"gdsl_{cid(kernel.name)}"
         params = [("buffer", v.buffer) for v in plan.inputs] + [("buffer", v.buffer) for v in plan.outputs]
@@ -592,6 +741,7 @@ class Renderer:
         functions = list(plan.functions) if self.device_control else []
         if not self.device_control:
             params += [("depth", f.name) for f in plan.functions]
+        first_call = len(self.call_log)
         body_lines = self.block(kernel.body, 1)
         fn_lines = []
         for f in functions:
@@ -660,21 +810,57 @@ class Renderer:
                 decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].frames}];")
             else:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
-        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}({', '.join(c_params)}) {{"
-        lines = [head] + ["  " + d for d in decls] + body_lines
         if functions:
-            lines.append("  goto gdsl_exit;")
-            lines += fn_lines
-            lines.append("gdsl_exit: ;")
-        lines.append("}")
-        return "\n".join(lines) + "\n", KernelSpec(name, params, grid_syncs)
+            body_lines += ["  goto gdsl_exit;", *fn_lines, "gdsl_exit: ;"]
+        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}("
+        return KernelCode(KernelSpec(name, params, grid_syncs), head, c_params, decls, body_lines,
+                          self.call_log[first_call:])
+
+    def merged_kernels(self, codes: list) -> list:
+        """`codes` with each group of kernels whose bodies are the same up to the holes of a repeated sequence
+        (MERGE_KERNELS; repeats.py: pointers, integers, each kernel's own uniforms) as one kernel with one
+        more parameter, `int gdsl_variant`, that picks each one's arguments: the group's first KernelCode
+        becomes that kernel, the others None, and every member's spec names it and passes its variant."""
+        groups: dict = {}
+        for k, code in enumerate(codes):
+            body = repeats.template("\n".join(code.body), self.pointer_types, self.uniform_types)
+            groups.setdefault(body.key, []).append((k, body))
+        codes = list(codes)
+        for members in groups.values():
+            while len(members) >= 2:
+                count = repeats.Repetition([t for _, t in members], lambda name, j: repeats.OWN).count_valid()
+                if count < 2:
+                    members = members[1:]
+                    continue
+                self._merge([codes[k] for k, _ in members[:count]], [t for _, t in members[:count]])
+                for k, _ in members[1:count]:
+                    codes[k] = None
+                members = members[count:]
+        return codes
+
+    def _merge(self, codes: list, templates: list) -> None:
+        """Make codes[0] the kernel that runs every one of `codes` (bodies `templates`) by its variant, and
+        point their specs at it."""
+        first = codes[0]
+        setup, text, _ = repeats.Repetition(templates, lambda name, j: repeats.OWN).body("gdsl_variant")
+        decls = list(dict.fromkeys(d for code in codes for d in code.decls))   # every member's, in order
+        for j, code in enumerate(codes):
+            for fn, sites in code.calls if j else ():
+                self.count_call(fn, -sites)
+            code.spec.name = first.spec.name
+            code.spec.params = code.spec.params + [("variant", j)]
+        first.c_params = first.c_params + ["int gdsl_variant"]
+        first.decls = decls + setup
+        first.body = [f"  // {len(codes)} kernels of this text, the arguments that differ picked by gdsl_variant",
+                      *text.split("\n")]
 
     def not_inlined(self) -> set:
         """The shared functions to call instead of inlining: the tiled ones (CALL_TILED_UTASKS), then those
         without which inlining every call site would give NVRTC more than INLINE_BUDGET of code. Those that
         save the most go first; below the budget everything is inlined (calling every shared function, the
         elementwise ones too, cost 10-18 % on LSTM and BlockDrop, measured on an H100)."""
-        out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS and self.call_sites[name] > 1
+        out = {name for name, _ in self.functions.values() if CALL_TILED_UTASKS
+               and self.calls_unrolled[name] >= CALL_TILED_MIN_SITES
                and self.function_kind[name] in TILED_KINDS and self.function_cost[name] >= CALL_MIN_UTASK_NS}
         cost = {name: (self.call_sites[name] - 1) * len(code) for name, code in self.functions.values()
                 if name not in out}
@@ -693,11 +879,14 @@ class Renderer:
         return f"// called from {sites} sites (ops of the same kind, shapes and split)\nGDSL_SHARED_OP " + code
 
     def render(self) -> Rendered:
-        kernels = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
+        codes = [self.kernel(k, i) for i, k in enumerate(self.plan.kernels)]
+        specs = [code.spec for code in codes]
+        if MERGE_KERNELS and not self.trace and not self.device_control:
+            codes = self.merged_kernels(codes)
         shared = self.not_inlined()
         scratch = -(-self.smem // 16) * 16
         smem = scratch + self.resident_bytes
-        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for _, spec in kernels]
+        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for spec in specs]
         parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
                  self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE, self.dialect.device_library,
@@ -706,7 +895,7 @@ class Renderer:
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),
                  "// ---------------------------------------------------------------------------------------- kernels",
-                 "\n".join(code for code, _ in kernels),
+                 "\n".join(code.text() for code in codes if code is not None),
                  self.dialect.host_code(specs, self.plan)]
         source = "\n".join(p for p in parts if p) + ("\n" if not parts[-1] else "")
         return Rendered(source, specs, self.layout, smem, frozenset(v.op for v in self.views.values()),
