@@ -105,7 +105,7 @@ def test_device_control_renders_the_gated_block_once():
     assert "repetitions of" in source and "#pragma unroll 1" in source
     kernel = source.split('extern "C" __global__')[1]
     # The first layer reads the argument (its own function); the five others are one loop: two GEMV call sites.
-    assert len(re.findall(r"\bop\w+_matmul\(", kernel)) == 2
+    assert len(re.findall(r"\bop\d+_matmul\w*\(", kernel)) == 2      # (the tanh and add are its epilogue)
     lowering = gdsl.jit(gated_layers, backend="cuda", grid=8).lower(*ARGS).lowering
     traced = render.render_plan(lowering.plan, CUDADialect(), trace=trace_sites(lowering.plan, True)).source
     assert "repetitions of" not in traced            # an instrumented build: each repetition its own sites
