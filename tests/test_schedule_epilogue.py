@@ -57,6 +57,11 @@ def silu_of_matmul(x, w):
     return y * gdsl.nn.sigmoid(y)
 
 
+def column_ramp(x, w):
+    """An iota leaf in the epilogue: each column gets its index added (the CPU backend's iota rule)."""
+    return gnp.tanh(x @ w + gnp.arange(w.shape[1], dtype=gdsl.float32) * 0.01)
+
+
 def dense_args():
     return _f32(16, 32), _f32(32, 24, scale=0.2), _f32(24)
 
@@ -76,9 +81,10 @@ FOLDING = {
     "conv_bn_residual_relu": (conv_bn_residual_relu, conv_args),
     "silu": (silu_of_matmul, lambda: dense_args()[:2]),
     "conv_batch_norm_relu": (conv_batch_norm_relu, batch_norm_args),
+    "column_ramp": (column_ramp, lambda: dense_args()[:2]),
 }
-# The chains whose other operands are all program inputs: the contraction waits for no new producer.
-READ_INPUTS_ONLY = ("matmul_bias_tanh", "conv_bn_relu", "conv_bn_residual_relu", "silu")
+# The chains whose other operands are all program inputs (or iota): the contraction waits for no new producer.
+READ_INPUTS_ONLY = ("matmul_bias_tanh", "conv_bn_relu", "conv_bn_residual_relu", "silu", "column_ramp")
 
 
 # ------------------------------------------------------------------------------------ what must not fold

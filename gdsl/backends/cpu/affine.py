@@ -52,7 +52,7 @@ def eval_expr(fn, expr, leaf_value):
     return ev(expr)
 
 
-def _iota_leaf(fn, shape, dimension, dtype, out_shape):
+def iota_leaf(fn, shape, dimension, dtype, out_shape):
     """iota's value is its index along `dimension`: a leaf whose "offset" is that index."""
     st = [0] * len(out_shape)
     pad = len(out_shape) - len(shape)
@@ -85,7 +85,7 @@ def expression_leaves(fn, ops, expr, out_aval):
                 leaves.append(Leaf(broadcast_strides(ops.aval(k).shape, out_shape),
                                    lambda off, k=k: ops.load(k, off)))
             else:
-                leaves.append(_iota_leaf(fn, node.params["shape"], node.params["dimension"],
+                leaves.append(iota_leaf(fn, node.params["shape"], node.params["dimension"],
                                          node.params["dtype"], out_shape))
         for a in node.args:
             collect(a)

@@ -7,9 +7,8 @@ it writes) would be overwritten by the GEMM first: its elements of the tile are 
 """
 from __future__ import annotations
 
-from gdsl import dtypes
-from gdsl.backends.cpu.affine import eval_expr
-from gdsl.backends.cpu.ir import affine, convert, load_element, mem_type, store_element, unravel
+from gdsl.backends.cpu.affine import eval_expr, iota_leaf
+from gdsl.backends.cpu.ir import affine, load_element, mem_type, store_element, unravel
 from gdsl.backends.cpu.operands import broadcast_strides
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
@@ -36,8 +35,9 @@ def with_epilogue(fn, ops, op, rows, cols, max_rows: int, max_cols: int, flat_of
                                                                    flat_of(r, c))))
 
     def put_aside(slot, flat):
+        idx = unravel(fn, flat, out.aval.shape)
         for k, buf in aside.items():
-            store_element(fn, ops.aval(k).dtype, buf, slot, ops.load(k, _offset(fn, ops, k, out.aval.shape, flat)))
+            store_element(fn, ops.aval(k).dtype, buf, slot, ops.load(k, _offset(fn, ops, k, out.aval.shape, idx)))
     if aside:
         for_tile(put_aside)
     compute()
@@ -48,18 +48,18 @@ def with_epilogue(fn, ops, op, rows, cols, max_rows: int, max_cols: int, flat_of
         def leaf_value(node):
             if node.op == RESULT:
                 return load_element(fn, out.aval.dtype, ops.output_pointer(0), flat)
-            if node.op == iota_p.name:
-                pad = out.aval.ndim - len(node.params["shape"])
-                at = idx[pad + node.params["dimension"]] if node.params["shape"][node.params["dimension"]] != 1 else 0
-                return convert(fn, str(at), dtypes.int64, node.params["dtype"])
+            if node.op == iota_p.name:      # (the fused ops' iota leaf, at this element)
+                leaf = iota_leaf(fn, node.params["shape"], node.params["dimension"], node.params["dtype"],
+                                  out.aval.shape)
+                return leaf.load(affine(fn, 0, zip(idx, leaf.strides)))
             k = node.params["index"]
             if k in aside:
                 return load_element(fn, ops.aval(k).dtype, aside[k], slot)
-            return ops.load(k, affine(fn, 0, zip(idx, broadcast_strides(ops.aval(k).shape, out.aval.shape))))
+            return ops.load(k, _offset(fn, ops, k, out.aval.shape, idx))
         ops.store(0, flat, eval_expr(fn, expr, leaf_value))
     for_tile(finish)
 
 
-def _offset(fn, ops, k, out_shape, flat):
-    idx = unravel(fn, flat, out_shape)
+def _offset(fn, ops, k, out_shape, idx):
+    """Where operand k (broadcast to the output's shape) holds output element `idx` (its indices)."""
     return affine(fn, 0, zip(idx, broadcast_strides(ops.aval(k).shape, out_shape)))
