@@ -59,14 +59,20 @@ def contiguous_window(shape, sizes) -> bool:
 VIEW_SOURCE_BYTES = 32 << 20
 
 
+def viewable_buffers(op) -> bool:
+    """Could op's output be a window into its source, as far as their storage goes: the output a temp (no
+    other storage to fill), the source a buffer outside recursive frames (cfamily/views.py's terms)."""
+    out, src = op.outputs[0].buffer, op.inputs[0].buffer
+    return out is not None and out.kind == "temp" and src is not None and src.kind != "frame"
+
+
 def dynamic_view(op) -> bool:
     """A dynamic_slice whose window is one contiguous run of a source that stays in cache: under device
     control the C-family renderer reads it through a pointer computed at run time (cfamily/views.py), so it
     does no work."""
     if op.kind != dynamic_slice_p.name:
         return False
-    out, src = op.outputs[0].buffer, op.inputs[0].buffer
-    if out is None or out.kind != "temp" or src is None or src.kind == "frame":     # (views.find_views' terms)
+    if not viewable_buffers(op):
         return False
     src = op.inputs[0].aval
     return contiguous_window(src.shape, op.params["sizes"]) and src.size * src.dtype.itemsize <= VIEW_SOURCE_BYTES

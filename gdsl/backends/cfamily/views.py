@@ -27,7 +27,7 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
-from gdsl.schedule.utasks import contiguous_window, dynamic_view
+from gdsl.schedule.utasks import contiguous_window, dynamic_view, viewable_buffers
 
 
 @dataclass
@@ -112,9 +112,7 @@ def find_views(plan, elem) -> dict:
             if op.kind not in WINDOWS and op.kind != transpose_p.name:
                 continue
             out, src = op.outputs[0], op.inputs[0]
-            if out.buffer is None or out.buffer.kind != "temp" or writers.get(out.buffer) != [op]:
-                continue
-            if src.buffer is None or src.buffer.kind == "frame":
+            if not viewable_buffers(op) or writers.get(out.buffer) != [op]:
                 continue
             read_only = src.buffer.kind in ("input", "const")
             if op.kind == transpose_p.name:
