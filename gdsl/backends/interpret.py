@@ -8,7 +8,8 @@ import numpy as np
 from gdsl.interpreter import run_program
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist",
-                           "resident", "tensor_cores", "owner", "epilogue", "autotune"})  # accepted, no effect here
+                           "resident", "tensor_cores", "owner", "epilogue", "balance",
+                           "autotune"})  # accepted, no effect here
 
 
 def unavailable_reason():

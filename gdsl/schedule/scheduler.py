@@ -33,7 +33,7 @@ from gdsl.primitives.registry import (
     is_uniform,
 )
 from gdsl.primitives.structural import concatenate_p, dynamic_update_slice_p, reshape_p, slice_p
-from gdsl.schedule import licm, partition, utasks
+from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
@@ -77,6 +77,18 @@ MAX_FUSED_DEPTH = 64
 MAX_INLINED_NODES = 8
 
 
+def _finer(split, op) -> bool:
+    """Does `split` cut op's elements into smaller chunks than op's own split (balance.py: one round only)?"""
+    return "chunk" in split and split["chunk"] < op.params.get("chunk", 0)
+
+
+def _chunked_size(op) -> int:
+    """The elements an op split in chunks spreads over its uTasks (utasks.split)."""
+    if utasks.in_place_update(op.kind, op.params):
+        return op.inputs[1].aval.size
+    return op.outputs[0].aval.size
+
+
 def _use_counts(jaxpr) -> dict:
     counts: dict = {}
     for eqn in jaxpr.eqns:
@@ -112,7 +124,7 @@ class _Item:
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=()):
+                 owner=False, epilogues=(), balance=True):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -126,6 +138,7 @@ class Scheduler:
         # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
+        self.balance = balance                # each wave's splits and shares chosen together (balance.py)
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -711,12 +724,51 @@ class Scheduler:
             return [Task(op, layout.first, layout.count) if layout is not None else next(spread)
                     for op, layout in zip(ops, layouts)]
         spread = self._spread(ops)
+        if self.balance:
+            spread = self._balanced(spread)
         homes = self._homes(ops, placed or {})
         if homes is not None:
-            at_home = [Task(op, *home) for op, home in zip(ops, homes)]
+            at_home = [Task(self._with_chunk(op, producer), producer_task.first, producer_task.count)
+                       for op, (producer, producer_task) in zip(ops, homes)]
             if wave_ns(at_home) <= wave_ns(spread) + BARRIER_NS - LOCAL_SYNC_NS:
                 return at_home
         return spread
+
+    def _balanced(self, tasks) -> list[Task]:
+        """The wave's tasks with their splits and shares chosen together (balance.py) when the cost model
+        says that is faster; a dynamic window read in place keeps its place (it takes no share)."""
+        working = [task for task in tasks if not (self.uniforms_allowed and utasks.dynamic_view(task.op))]
+        options, current = [], []
+        for task in working:
+            op = task.op
+            offered = utasks.split_options(op.kind, [x.aval for x in op.inputs], [v.aval for v in op.outputs],
+                                           op.params, self.block)
+            index = next((i for i, (_, split, _) in enumerate(offered)
+                          if all(op.params.get(key) == value for key, value in split.items())), None)
+            if index is None:
+                offered, index = [(op.n_utasks, {}, op.cost)], 0
+            options.append(offered)
+            current.append((index, task.count))
+        choice = balance.balance([[(n, cost, 1 if _finer(split, task.op) else None) for n, split, cost in offered]
+                                  for offered, task in zip(options, working)], self.grid, current)
+        if choice is None:
+            return tasks
+        rebalanced, first = {}, 0
+        for task, offered, (index, veus) in zip(working, options, choice):
+            n, split, cost = offered[index]
+            op = dataclasses.replace(task.op, params={**task.op.params, **split}, n_utasks=n, cost=cost) \
+                if split else task.op
+            rebalanced[task] = Task(op, first, veus)
+            first += veus
+        return [rebalanced.get(task, task) for task in tasks]
+
+    def _with_chunk(self, op, producer):
+        """`op` split in the chunks of `producer` (its home, _homes): the same uTasks over the same elements."""
+        chunk = producer.params["chunk"]
+        if op.params["chunk"] == chunk:
+            return op
+        return dataclasses.replace(op, params={**op.params, "chunk": chunk}, n_utasks=producer.n_utasks,
+                                   cost=utasks.chunk_cost(chunk, len(op.inputs), self.block, _chunked_size(op)))
 
     def _spread(self, ops) -> list[Task]:
         """One vEU per uTask when they fit, else shares by cost. A dynamic window that device control reads
@@ -755,13 +807,15 @@ class Scheduler:
         so that uTask t finds what it reads on its own vEU and the barrier before it can be vEU-local
         (hazards.py). None unless every op has a home. Ops with the same home run one after another."""
         def same_split(producer, op) -> bool:
-            chunk = op.params.get("chunk")
-            return chunk is not None and producer.params.get("chunk") == chunk and producer.n_utasks == op.n_utasks
+            # (Chunks over the same number of elements: op can take producer's chunk, _with_chunk.)
+            chunk = producer.params.get("chunk")
+            return chunk is not None and "chunk" in op.params and \
+                producer.n_utasks == -(-_chunked_size(op) // chunk) and _chunked_size(producer) == _chunked_size(op)
 
         homes = []
         for op in ops:
             read = {v.storage for v in op.inputs}
-            home = next(((task.first, task.count) for producer, task in reversed(placed.items())
+            home = next(((producer, task) for producer, task in reversed(placed.items())
                          if producer.outputs[0].storage in read and same_split(producer, op)), None)
             if home is None:
                 return None
@@ -1599,7 +1653,7 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0, owner=None, epilogues=()) -> Plan:
+             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -1609,6 +1663,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
+    `balance=False`: each wave's ops keep the split chosen for the whole grid and share it by cost; None or
+    True: a wave's splits and shares are chosen together when that is estimated faster (balance.py).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -1619,11 +1675,13 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"hoist must be None (on), True or False, got {hoist!r}")
     if owner not in (None, True, False):
         raise ValueError(f"owner must be None (off), True or False, got {owner!r}")
+    if balance not in (None, True, False):
+        raise ValueError(f"balance must be None (on), True or False, got {balance!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues)
+                   epilogues=epilogues, balance=balance is not False)
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

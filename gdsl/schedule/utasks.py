@@ -130,10 +130,35 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     return best[1:]
 
 
+# A memory round trip that a uTask waits for (L2, or HBM behind it): a GEMM stage, a GEMV tile's operands,
+# one pass of an elementwise uTask's loop (its threads take chunk / block passes one after another: a store
+# may alias the next pass's loads, so they do not overlap).
+ROUND_TRIP_NS = 700.0
+
 # The output tiles a GEMM uTask may take (gdsl_gemm_tile), and the time of one stage of it beyond its
 # arithmetic: a dependent round trip to L2 for the next k slice (GEMM_BK deep in the C-family renderer).
 GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
-GEMM_STAGE_K, GEMM_STAGE_NS = 32, 700.0
+GEMM_STAGE_K, GEMM_STAGE_NS = 32, ROUND_TRIP_NS
+
+# The rate at which one vEU's GEMM tile computes with a 4 x 4 register tile per thread, measured (H200, a
+# 64x64x256 FFMA tile of 256 threads in 12 us): a third of an SM's fp32 peak, which _cost's roofline assumes.
+# The balancing's choice between one round of large tiles and two of small ones rests on it.
+GEMM_TILE_FLOPS_PER_NS = 175.0
+
+
+def gemm_tile_rate(tm: int, tn: int, block: int) -> float:
+    """Flops per ns of a tm x tn GEMM tile of `block` threads: GEMM_TILE_FLOPS_PER_NS scaled by its register
+    tile's FMAs per shared-memory load (rm * rn / (rm + rn), 2 for 4 x 4), with which a smaller tile computes
+    more slowly: 2 x 4 at two thirds, 2 x 2 at half."""
+    per_thread = max(1, tm * tn // block)
+    rm = 1 << ((per_thread.bit_length() - 1) // 2)
+    rn = per_thread // rm
+    return GEMM_TILE_FLOPS_PER_NS * (rm * rn / (rm + rn)) / 2
+
+# The column counts a GEMV uTask may take when a wave is balanced (gdsl/schedule/balance.py), and the bytes
+# per ns one vEU reads on chip (a loop's GEMV weights stay in L2 or in its shared memory: resident.py).
+GEMV_COLUMNS = (16, 32, 48, 64, 96, 128, 256)
+ONCHIP_BYTES_PER_NS_PER_VEU = 60.0
 
 
 def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
@@ -141,6 +166,42 @@ def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
     elements by an epilogue; flops), at least one round trip per k stage."""
     moved = 4 * (tm * k + k * tn + tm * tn * (1 + outputs_read))
     return max(_cost(moved, 2 * tm * tn * k), math.ceil(k / GEMM_STAGE_K) * GEMM_STAGE_NS)
+
+
+def _gemv_tile_cost(rows: int, tn: int, k: int, outputs_read: int = 0) -> float:
+    """One GEMV uTask's time: a round trip for its operands, then its weights read on chip."""
+    moved = 4 * (rows * k + k * tn + rows * tn * (1 + outputs_read))
+    return ROUND_TRIP_NS + max(moved / ONCHIP_BYTES_PER_NS_PER_VEU, 2 * rows * tn * k / FLOPS_PER_NS_PER_VEU)
+
+
+def chunk_cost(chunk: int, arrays: int, block: int, size: int) -> float:
+    """One elementwise uTask's time (chunks of `chunk` of `size` elements, `arrays` operands): its passes'
+    round trips, or its bytes, whichever is longer."""
+    chunk = min(chunk, max(size, 1))
+    return max(math.ceil(chunk / block) * ROUND_TRIP_NS, _cost(4 * chunk * (arrays + 1)))
+
+
+def split_options(kind, in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
+    """The splits a wave's balancing (gdsl/schedule/balance.py) may choose for an Op, as (n_uTasks, split
+    params, ns per uTask) with round trips counted: GEMM tiles, GEMV widths, elementwise chunks of one to
+    four elements per thread (in that order: larger uTasks first). Reductions: none (their split stays)."""
+    out = out_avals[0]
+    if kind in GEMM_KINDS:
+        batch, m, n, k = gemm_dims(kind, in_avals, out, params)
+        outputs_read = len(in_avals) - 2
+        if m <= GEMV_ROWS:
+            rows = max(m, 1)
+            widths = [tn for tn in reversed(GEMV_COLUMNS) if tn <= n] or [GEMV_COLUMNS[0]]
+            return [(batch * math.ceil(m / rows) * math.ceil(n / tn), {"tile_m": rows, "tile_n": tn},
+                     _gemv_tile_cost(rows, tn, k, outputs_read)) for tn in widths]
+        return [(batch * math.ceil(m / tm) * math.ceil(n / tn), {"tile_m": tm, "tile_n": tn},
+                 max(_gemm_tile_cost(tm, tn, k, outputs_read), 2 * tm * tn * k / gemm_tile_rate(tm, tn, block)))
+                for tm, tn in GEMM_TILES]
+    if kind in REDUCE_KINDS:
+        return []
+    size = in_avals[1].size if in_place_update(kind, params) else out.size
+    return [(max(1, math.ceil(size / chunk)), {"chunk": chunk}, chunk_cost(chunk, len(in_avals), block, size))
+            for chunk in (block * 4, block * 2, block)]
 
 
 def split(kind, in_avals, out_avals, params, grid, block):

@@ -147,7 +147,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
               f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};"]
     size = 8 if acc == "long long" else 4
     if gemv:
-        ctn = min(tn, block)
+        ctn = min(tn & -tn, block)          # gdsl_gemv_tile's CT: column threads
         lanes = warp_size // ctn if ctn < warp_size else 1
         slots = (block // ctn) // lanes
         ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)

@@ -202,9 +202,11 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // A GEMV-shaped tile for few rows (MR <= 8, the batch-1 case): C[0:MR, col0:col0+TN]. Threads split the
 // columns (CT column threads, CPT columns each) and K (KS slices); A's rows are staged in shared memory KC
 // at a time; the KS partial sums are reduced with warp shuffles, then across warps in shared memory.
+// TN need not be a power of two (a wave's balanced split, gdsl/schedule/balance.py, may take 96 columns):
+// CT is the largest power of two dividing it (at most NT), so CT divides both TN and NT.
 template <int MR, int TN, int NT, int KC, typename Acc, class LA, class LB, class SC>
 GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
-  constexpr int CT = TN < NT ? TN : NT, CPT = TN / CT, KS = NT / CT;
+  constexpr int CT = (TN & -TN) < NT ? (TN & -TN) : NT, CPT = TN / CT, KS = NT / CT;
   constexpr int LANES = CT < GDSL_WARP ? GDSL_WARP / CT : 1;   // k slices of one column within a warp
   constexpr int SLOTS = KS / LANES;
   Acc* As = (Acc*)smem;                 // [MR][KC]

@@ -64,9 +64,11 @@ ELEMENTWISE_TABLE = LOWERINGS      # the elementwise family: one LLVM lowering p
 RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
-# nor has `tensor_cores`: the CPU has none)
+# nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
+# GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "tensor_cores", "owner", "epilogue", "autotune"})
+                           "tensor_cores", "owner", "epilogue", "balance",
+                           "autotune"})
 DEFAULT_BLOCK = 1024
 
 
@@ -127,7 +129,7 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
                     hoist=options.get("hoist"), owner=options.get("owner"),
-                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN)
+                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN, balance=False)
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)
