@@ -27,7 +27,7 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
-from gdsl.schedule.utasks import contiguous_window, dynamic_view, viewable_buffers
+from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
 
 @dataclass
@@ -127,8 +127,6 @@ def find_views(plan, elem) -> dict:
                 continue
             window = WINDOWS[op.kind](op, elem)
             if window is None or not contiguous_window(src.aval.shape, window[0]):
-                continue
-            if op.kind == dynamic_slice_p.name and not dynamic_view(op):    # (a source too large for L2)
                 continue
             _, starts, dynamic = window
             if dynamic and plan.control != "device":
