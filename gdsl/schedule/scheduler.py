@@ -218,7 +218,8 @@ class Scheduler:
         functions = tuple(RecFunction(name, params, results, self.fn_bodies[name], fn.max_depth,
                                       self.sites.get(name, 0), self.max_steps.get(name, 1))
                           for name, (fn, params, results) in self.fn_defs.items())
-        idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers)
+        idle = _idle_read_barriers(body, [self.fn_bodies[name] for name in self.fn_defs], self.read_barriers) | \
+            _covered_read_barriers(body, self.read_barriers)
         if idle:
             self.stats["grid_syncs"] -= len(idle)
             body = _without(body, idle)
@@ -1596,6 +1597,63 @@ def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
         return buf.kind != "frame" and all(
             at is not None and not in_loop and at < pos for at, in_loop in writes.get(buf, ()))
     return {sync for sync, pos in where.items() if all(written_before_only(b, pos) for b in read_barriers[sync])}
+
+
+def _covered_read_barriers(body, read_barriers) -> set:
+    """The barriers of `read_barriers` at the top level of a loop body after which no statement can write
+    the buffers read before them until another grid barrier: on every path from them (the rest of the body,
+    the loop's condition, then around to the body's start, or out of the loop to the end of the kernel), a
+    grid barrier comes first; every vEU has done its reads when it passes that one. (Seq2seq's token, read
+    by every vEU at the end of a step, is written again by the next step's argmax, grid barriers later.)"""
+    covered = set()
+
+    def visit(block, after):            # after: what runs once `block` is done; None: not known here
+        for i, stmt in enumerate(block):
+            if isinstance(stmt, Loop):
+                exit_path = None if after is None else list(block[i + 1:]) + after
+                for j, sync in enumerate(stmt.body):
+                    if sync not in read_barriers:
+                        continue
+                    buffers = read_barriers[sync]
+                    around = list(stmt.body[j + 1:]) + list(stmt.cond)
+                    back_in = _barrier_first(around + list(stmt.body[:j]), buffers)   # (or the sync itself)
+                    out = _barrier_first(around, buffers) or \
+                        (exit_path is not None and _barrier_first(around + exit_path, buffers))
+                    if back_in and out:
+                        covered.add(sync)
+                visit(stmt.cond, None)
+                visit(stmt.body, None)
+            elif isinstance(stmt, Branch):
+                for branch in stmt.branches:
+                    visit(branch, None)
+    visit(tuple(body), [])
+    return covered
+
+
+def _barrier_first(stmts, buffers) -> bool:
+    """Does a grid barrier (or the end of `stmts`) come before any statement that may write `buffers`? A
+    nested loop or branch counts as a write when anything in it may write them (a call: always), and its
+    own barriers do not count (it may run none of them)."""
+    for stmt in stmts:
+        if isinstance(stmt, Sync) and stmt.scope == "grid":
+            return True
+        if _may_write(stmt, buffers):
+            return False
+    return True
+
+
+def _may_write(stmt, buffers) -> bool:
+    if isinstance(stmt, Call):
+        return True
+    if isinstance(stmt, Wave):
+        return any(v.storage in buffers for task in stmt.tasks for v in task.op.outputs)
+    if isinstance(stmt, Assign):
+        return stmt.dst.storage in buffers
+    if isinstance(stmt, Loop):
+        return any(_may_write(s, buffers) for s in stmt.cond + stmt.body)
+    if isinstance(stmt, Branch):
+        return any(_may_write(s, buffers) for branch in stmt.branches for s in branch)
+    return False
 
 
 def _without(block, drop) -> tuple:
