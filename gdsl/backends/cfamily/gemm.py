@@ -69,16 +69,30 @@ def matmul(ops: OpRenderer) -> str:
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
     setup = [f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"]
     load_b = f"return ({acc})({b.at(f'b0 + k * {N} + n')});"
+    kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
+    if kmajor:
+        load_b = f"return ({acc})({b.at_source(f'b0 + n * {K} + k')});"
     if RESIDENT in ops.op.params:       # this uTask's K x tile_n columns of B wait in shared memory
         tn = ops.op.params["tile_n"]
         storage = c_types.storage(b.dtype)
         setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
         load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {tn} + n - tj * {tn}]')});"
+        kmajor = False
     return gemm_tiles(ops, Gemm(
         M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
         load_b=load_b,
-        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=False))
+        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor))
+
+
+def _transposed_matrix(b) -> bool:
+    """Is operand `b` read through a transposed view (cfamily/views.py) that swaps its last two axes and
+    keeps the others: the source is [..., N, K], so element (k, n) lies at n * K + k of its matrix."""
+    if b.remap is None:
+        return False
+    perm = b.remap[2]
+    rank = len(perm)
+    return rank >= 2 and tuple(perm) == tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
 def resident_tile(op, t: str, smem: str) -> str:
@@ -147,12 +161,15 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
               f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};"]
     size = 8 if acc == "long long" else 4
     if gemv:
-        ctn = min(tn & -tn, block)          # gdsl_gemv_tile's CT: column threads
-        lanes = warp_size // ctn if ctn < warp_size else 1
-        slots = (block // ctn) // lanes
+        kmajor = gemm.b_contiguous_k
+        # gdsl_gemv_tile's column threads CT, k slices KS, and k slices of a column within a warp
+        ctn = min(tn & -tn, max(1, block // warp_size) if kmajor else block)
+        ks = block // ctn
+        lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
+        slots = ks // lanes
         ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
-        lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}>({N}, {K}, tj * {tn}, "
-                     f"la, lb, sc, smem);")
+        lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+                     f"tj * {tn}, la, lb, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

@@ -117,6 +117,13 @@ class Arg:
             ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
         return c_types.from_storage(self.dtype, ref)
 
+    def at_source(self, idx: str) -> str:
+        """Element `idx` of the source a remapped (transposed) view reads, in the compute type."""
+        ref = f"{self.name}[{idx}]"
+        if self.read_only:
+            ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
+        return c_types.from_storage(self.dtype, ref)
+
     def store(self, idx: str, expr: str) -> str:
         return f"{self.name}[{idx}] = {c_types.to_storage(self.dtype, expr)};"
 

@@ -204,14 +204,20 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // at a time; the KS partial sums are reduced with warp shuffles, then across warps in shared memory.
 // TN need not be a power of two (a wave's balanced split, gdsl/schedule/balance.py, may take 96 columns):
 // CT is the largest power of two dividing it (at most NT), so CT divides both TN and NT.
-template <int MR, int TN, int NT, int KC, typename Acc, class LA, class LB, class SC>
+// KMAJOR (B contiguous along k, e.g. read through a transposed view): the lanes of a warp take consecutive
+// k slices of one column group instead of consecutive columns, so their loads of B coalesce; CT is then at
+// most NT / GDSL_WARP, leaving a whole warp (or more) of k slices per column.
+template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, class LA, class LB, class SC>
 GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
-  constexpr int CT = (TN & -TN) < NT ? (TN & -TN) : NT, CPT = TN / CT, KS = NT / CT;
-  constexpr int LANES = CT < GDSL_WARP ? GDSL_WARP / CT : 1;   // k slices of one column within a warp
+  constexpr int MAX_CT = KMAJOR ? (NT / GDSL_WARP > 0 ? NT / GDSL_WARP : 1) : NT;
+  constexpr int CT = (TN & -TN) < MAX_CT ? (TN & -TN) : MAX_CT, CPT = TN / CT, KS = NT / CT;
+  // k slices of one column within a warp, and the lane distance between two of them
+  constexpr int LANES = KMAJOR ? (KS < GDSL_WARP ? KS : GDSL_WARP) : (CT < GDSL_WARP ? GDSL_WARP / CT : 1);
+  constexpr int LANE_STEP = KMAJOR ? 1 : CT;
   constexpr int SLOTS = KS / LANES;
   Acc* As = (Acc*)smem;                 // [MR][KC]
   Acc* red = As + MR * KC;              // [SLOTS][MR][TN]
-  const int tid = threadIdx.x, c = tid % CT, ks = tid / CT;
+  const int tid = threadIdx.x, c = KMAJOR ? tid / KS : tid % CT, ks = KMAJOR ? tid % KS : tid / CT;
   Acc acc[MR][CPT];
 #pragma unroll
   for (int m = 0; m < MR; ++m)
@@ -266,7 +272,7 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
     for (int j = 0; j < CPT; ++j) {
       Acc v = acc[m][j];
 #pragma unroll
-      for (int o = CT; o < GDSL_WARP && o < NT; o <<= 1) v += (Acc)GDSL_SHFL_XOR(v, o, GDSL_WARP);
+      for (int o = LANE_STEP; o < LANE_STEP * LANES; o <<= 1) v += (Acc)GDSL_SHFL_XOR(v, o, GDSL_WARP);
       acc[m][j] = v;
     }
   if (SLOTS == 1) {
