@@ -19,7 +19,7 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import COPY, Branch, Loop, Sync, Wave, plan_statements, walk
+from gdsl.schedule.plan import COPY, Assign, Branch, Loop, Sync, Uniforms, Wave, plan_statements, walk
 from gdsl.schedule.simulate import Simulator
 from gdsl.tracing.pytree import tree_flatten
 
@@ -187,6 +187,22 @@ def predicate_in_loop(gate, x):
     return gdsl.fori_loop(0, 4, body, (gate * 1.0, x))
 
 
+def token_loop(table, w, h):
+    """A decoder's loop (Seq2seq's shape): the next token, an argmax op's result, is read by every vEU at the
+    end of a step; the buffer it lives in is written again only after grid barriers of the next step, so
+    the read needs no barrier of its own. With a small state everything runs on vEU 0 between block syncs,
+    and the next write of what the uniform ops read comes before any grid barrier: the barrier stays."""
+    def cond(c):
+        tok, h, n = c
+        return (tok > 0) & (n < 6)
+
+    def body(c):
+        tok, h, n = c
+        h = gnp.tanh(gnp.take(table, tok, axis=0) @ w + h)
+        return (gnp.argmax(h) % table.shape[0]).astype(gdsl.int32), h, n + 1
+    return gdsl.while_loop(cond, body, (np.int32(1), h, np.int32(0)))
+
+
 def columns_gate_blocks(probs, x):
     """BlockDrop at batch > 16: each block's predicate sums a column of the actions (a strided slice and a
     64-element reduction: ops, not uniforms) and its mask is that column; both feed only the block's cond,
@@ -233,6 +249,7 @@ PROGRAMS = {
     gates_computed: [(GATES[:3], _f32(40, 8)), (-GATES[:3], _f32(40, 8))],
     predicate_of_the_operand: [(_f32(40, 8),), (-np.abs(_f32(40, 8)),)],
     predicate_in_loop: [(GATES, _f32(40, 8))],
+    token_loop: [(_f32(10, 64), _f32(64, 2000, scale=0.1), _f32(1, 2000)), (_f32(10, 8), _f32(8, 10), _f32(10))],
     columns_gate_blocks: [((rng.random((64, 3)) * np.array([1.0, 0.4, 1.0])).astype(np.float32), _f32(64, 8))],
     output_gates_blocks: [(_f32(6, 4) + 0.3,), (_f32(6, 4) - 0.3,)],
 }
@@ -365,6 +382,25 @@ def test_a_predicate_read_from_a_buffer_written_later_keeps_its_barrier():
     (loop,) = [s for s in plan_statements(plan) if isinstance(s, Loop)]
     k = next(k for k, s in enumerate(loop.body) if isinstance(s, Branch))
     assert isinstance(loop.body[k - 1], Sync) and loop.body[k - 1].scope == "grid"
+
+
+def _reads_a_buffer(stmt) -> bool:
+    """Does every vEU read a buffer in this statement (a uniform op or assignment of an array value)?"""
+    if isinstance(stmt, Uniforms):
+        return any(not v.is_uniform for u in stmt.ops for v in u.inputs)
+    return isinstance(stmt, Assign) and not stmt.src.is_uniform
+
+
+@pytest.mark.parametrize("case, barrier", [(0, False), (1, True)])
+def test_a_token_read_at_the_end_of_a_step_keeps_a_barrier_only_when_needed(case, barrier):
+    plan = schedule(gdsl.make_ir(token_loop)(*PROGRAMS[token_loop][case]), grid=132)
+    (loop,) = [s for s in plan_statements(plan) if isinstance(s, Loop)]
+    reads = max(k for k, s in enumerate(loop.body) if _reads_a_buffer(s))
+    after = [s for s in loop.body[reads + 1:] if isinstance(s, Sync) and s.scope == "grid"]
+    before = [s for s in loop.body[:reads] if isinstance(s, Sync) and s.scope == "grid"]
+    assert bool(after) == barrier
+    if not barrier:
+        assert before        # (the grid barrier that guards the token instead, on the way around the loop)
 
 
 def test_what_only_feeds_conds_runs_before_the_first_one():
