@@ -746,8 +746,8 @@ class Scheduler:
                                            op.params, self.block)
             index = next((i for i, (_, split, _) in enumerate(offered)
                           if all(op.params.get(key) == value for key, value in split.items())), None)
-            if index is None:
-                offered, index = [(op.n_utasks, {}, op.cost)], 0
+            if index is None:       # (a split with no alternatives: at least a round trip per uTask, as theirs)
+                offered, index = [(op.n_utasks, {}, max(op.cost, utasks.ROUND_TRIP_NS))], 0
             options.append(offered)
             current.append((index, task.count))
         choice = balance.balance([[(n, cost, 1 if _finer(split, task.op) else None) for n, split, cost in offered]
