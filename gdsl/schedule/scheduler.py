@@ -748,6 +748,8 @@ class Scheduler:
                           if all(op.params.get(key) == value for key, value in split.items())), None)
             if index is None:       # (a split with no alternatives: at least a round trip per uTask, as theirs)
                 offered, index = [(op.n_utasks, {}, max(op.cost, utasks.ROUND_TRIP_NS))], 0
+            elif op.n_utasks == 1:  # one vEU's work stays one vEU's: the barriers around it may be block syncs
+                offered, index = [offered[index]], 0
             options.append(offered)
             current.append((index, task.count))
         choice = balance.balance([[(n, cost, 1 if _finer(split, task.op) else None) for n, split, cost in offered]
