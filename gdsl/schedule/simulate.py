@@ -269,7 +269,7 @@ def evaluate_expr(expr, ins, out_aval, result=None) -> np.ndarray:
         if node.op == "input":
             return ins[node.params["index"]]
         if node.op == RESULT:
-            return result
+            return result.reshape(node.aval.shape)    # (under the contraction's shape when read through a reshape)
         if node.op == "literal":
             return np.asarray(node.params["value"])
         if node.op == broadcast_p.name:
