@@ -1120,7 +1120,8 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
         if candidate is None:
             break
         demoted.add(candidate)
-    if not demoted:
+    by_site = _sync_by_return_site(body, functions, demoted)
+    if not demoted and not by_site:
         return body, functions, 0, 0
 
     def rewrite(block):
@@ -1130,6 +1131,8 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
                 continue
             if stmt in demoted:
                 stmt = Sync("block")
+            elif stmt in by_site:
+                stmt = Sync("grid", sites=by_site[stmt])
             elif isinstance(stmt, Loop):
                 stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
             elif isinstance(stmt, Branch):
@@ -1139,6 +1142,43 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
     functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
     dropped = len(demoted & after_calls)
     return rewrite(body), functions, len(demoted) - dropped, dropped
+
+
+def _sync_by_return_site(body, functions, demoted) -> dict:
+    """Sync -> the call sites it stays a grid barrier for, for the grid Syncs that end a function (nothing
+    touches memory after them up to its end, on their path: _trailing_grid_syncs) where some call sites do
+    not need them: those whose continuation reaches a grid barrier, on every path, before anything touches
+    memory (the Sync after the call, kept). There the barrier at the callee's end would order nothing that
+    the next one does not; elsewhere (RAE's left child returning, its right sibling's first leaf about to
+    overwrite a frame the left child's matmul read) it stays. Which site a call returns to is only known as
+    the program runs, but it is uniform (plan.Sync.sites). A static rule could not separate the two: a
+    function's end serves all of its call sites, and the barrier after a call site serves every path
+    through the callee, the leaf's (one vEU: no grid barrier needed) as much as the inner node's."""
+    hoods = _SyncNeighbourhoods(body, functions, demoted)
+    calls = [s for block in [body] + [f.body for f in functions] for s in walk(block) if isinstance(s, Call)]
+    out: dict = {}
+    for f in functions:
+        sites = {c.site for c in calls if c.fn == f.name}
+        needed = frozenset(c.site for c in calls if c.fn == f.name and hoods.after_call.get(c))
+        if needed == sites:
+            continue
+        for sync in _trailing_grid_syncs(f.body, demoted):
+            out[sync] = needed
+    return out
+
+
+def _trailing_grid_syncs(block, demoted) -> list:
+    """The grid Syncs of `block` (not `demoted`) after which nothing touches memory up to its end, on the
+    path through them (the last of each branch case, when what follows the branch touches no memory)."""
+    for stmt in reversed(block):
+        if isinstance(stmt, Sync):
+            if stmt.scope == "grid" and stmt not in demoted:
+                return [stmt]
+        elif isinstance(stmt, Branch):
+            return [sync for branch in stmt.branches for sync in _trailing_grid_syncs(branch, demoted)]
+        elif not isinstance(stmt, (Uniforms, Assign)) or _veus_touching_memory(stmt):
+            return []
+    return []
 
 
 class _SyncNeighbourhoods:
@@ -1158,6 +1198,7 @@ class _SyncNeighbourhoods:
         self.exit = {name: frozenset() for name in self.fns}        # forward: at its end
         self.continues = {name: frozenset() for name in self.fns}   # backward: after its call sites
         self.starts = {name: frozenset() for name in self.fns}      # backward: at its start
+        self.after_call: dict = {}                                  # backward: Call -> right after it
         self._solve()
 
     def first_single_veu(self):
@@ -1228,6 +1269,7 @@ class _SyncNeighbourhoods:
                 veus = frozenset().union(*[self.backward(b, veus) for b in stmt.branches])
             elif isinstance(stmt, Call):
                 self.continues[stmt.fn] |= veus
+                self.after_call[stmt] = self.after_call.get(stmt, frozenset()) | veus
                 veus = self.starts[stmt.fn]
             else:
                 veus = veus | _veus_touching_memory(stmt)
