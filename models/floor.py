@@ -165,7 +165,7 @@ class _Counter(Simulator):
         return flat[value.offset:value.offset + value.aval.size].reshape(value.aval.shape)
 
     def run_sync(self, stmt: Sync):
-        if stmt.scope == "grid":
+        if self.grid_here(stmt):
             self.count.plan_grid_barriers += 1
             if self.rendered_syncs is None or id(stmt) in self.rendered_syncs:
                 self.count.grid_barriers += 1
@@ -304,7 +304,7 @@ def rendered_grid_syncs(lowered) -> frozenset | None:
                 grid = stmt.scope == "grid" and index not in demoted
                 if grid and not quiet:
                     kept.add(id(stmt))
-                quiet = grid or quiet
+                quiet = (grid and stmt.sites is None) or quiet     # (by return site: block on some paths)
             elif isinstance(stmt, Loop):
                 entry, after_cond = renderer._loop_quiet(stmt, quiet)
                 visit(stmt.cond, entry)

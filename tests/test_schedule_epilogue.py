@@ -62,6 +62,16 @@ def column_ramp(x, w):
     return gnp.tanh(x @ w + gnp.arange(w.shape[1], dtype=gdsl.float32) * 0.01)
 
 
+def vector_matrix(x, w, b):
+    """A vector times a matrix: traced as reshape (K,) -> (1, K), matmul, reshape (1, N) -> (N,); the
+    chain reads the reshaped result (RAE's node)."""
+    return gnp.tanh(x @ w + b)
+
+
+def vector_args():
+    return _f32(32), _f32(32, 24, scale=0.2), _f32(24)
+
+
 def dense_args():
     return _f32(16, 32), _f32(32, 24, scale=0.2), _f32(24)
 
@@ -82,9 +92,11 @@ FOLDING = {
     "silu": (silu_of_matmul, lambda: dense_args()[:2]),
     "conv_batch_norm_relu": (conv_batch_norm_relu, batch_norm_args),
     "column_ramp": (column_ramp, lambda: dense_args()[:2]),
+    "vector_matrix": (vector_matrix, vector_args),
 }
 # The chains whose other operands are all program inputs (or iota): the contraction waits for no new producer.
-READ_INPUTS_ONLY = ("matmul_bias_tanh", "conv_bn_relu", "conv_bn_residual_relu", "silu", "column_ramp")
+READ_INPUTS_ONLY = ("matmul_bias_tanh", "conv_bn_relu", "conv_bn_residual_relu", "silu", "column_ramp",
+                    "vector_matrix")
 
 
 # ------------------------------------------------------------------------------------ what must not fold
@@ -114,6 +126,19 @@ def broadcast_wider(x, w, z):
     return (x @ w) + z                 # z has a batch dimension more than x @ w: another index per element
 
 
+def flattened(x, w):
+    return gnp.reshape(x @ w, (-1,)) + 1.0     # (16, 24) -> (384,): the chain's index map is another one
+
+
+def trailing_unit(x, w, b):
+    return gnp.reshape(x @ w, (-1,)) + b       # (16, 1) -> (16,): b broadcast to (16, 1) would be (16, 16)
+
+
+def vector_used_twice(x, w):
+    y = x @ w                                  # the reshaped result is read by the chain and is an output
+    return gnp.tanh(y), y
+
+
 def carried(x, w):
     """The matmul's result is the loop carry itself: it must exist in memory for the next step."""
     def step(i, h):
@@ -128,6 +153,9 @@ NOT_FOLDING = {
     "transposed": (transposed, lambda: (_f32(16, 32), _f32(32, 24), _f32(24))),
     "sliced": (sliced, lambda: dense_args()[:2]),
     "broadcast_wider": (broadcast_wider, lambda: dense_args()[:2] + (_f32(3, 16, 24),)),
+    "flattened": (flattened, lambda: dense_args()[:2]),
+    "trailing_unit": (trailing_unit, lambda: (_f32(16, 32), _f32(32, 1), _f32(16))),
+    "vector_used_twice": (vector_used_twice, lambda: vector_args()[:2]),
     "carried": (carried, lambda: (_f32(4, 16), _f32(16, 16, scale=0.2))),
 }
 
@@ -210,6 +238,14 @@ def test_the_plan_prints_the_epilogue():
     assert "1 as epilogues of contractions" in text
 
 
+def test_the_vector_matrix_epilogue_writes_under_the_matmul_shape():
+    """Folded through the reshape, the op writes the chain's (N,) output under the matmul's (1, N) shape."""
+    program, _ = _program("vector_matrix")
+    (op,) = _with_epilogue(schedule(program, grid=8, epilogues=CHAIN))
+    assert op.outputs[0].aval.shape == (1, 24) and op.outputs[0].storage.aval.shape == (24,)
+    assert "out0<f32[1,24]> = op0_matmul_tanh_add(" in str(schedule(program, grid=8, epilogues=CHAIN))
+
+
 @pytest.mark.parametrize("name", sorted(NOT_FOLDING))
 def test_chain_that_must_not_fold(name):
     program, args = _program(name)
@@ -251,7 +287,8 @@ def test_carry_read_by_the_matmul_keeps_its_in_place_update():
 
 
 @needs_cxx
-@pytest.mark.parametrize("name", sorted(FOLDING) + sorted(LOOPS) + ["used_twice", "residual_carry"])
+@pytest.mark.parametrize("name", sorted(FOLDING) + sorted(LOOPS) + ["used_twice", "residual_carry", "trailing_unit",
+                                  "vector_used_twice"])
 def test_emulated_results_with_and_without_epilogues(name):
     fn, make_args = ALL[name]
     args = make_args()
@@ -261,7 +298,7 @@ def test_emulated_results_with_and_without_epilogues(name):
         assert_trees_close(list(got) if isinstance(got, tuple) else [got], expected, tolerance=BACKEND_TOLERANCE)
 
 
-@pytest.mark.parametrize("name", sorted(FOLDING) + sorted(LOOPS) + ["residual_carry"])
+@pytest.mark.parametrize("name", sorted(FOLDING) + sorted(LOOPS) + ["residual_carry", "trailing_unit"])
 def test_cpu_and_interpret_results(name):
     fn, make_args = ALL[name]
     args = make_args()
@@ -283,8 +320,9 @@ def test_option_turns_epilogues_off():
 
 
 @needs_nvrtc
-def test_cuda_kernel_with_epilogues_compiles():
-    fn, make_args = FOLDING["conv_bn_residual_relu"]
+@pytest.mark.parametrize("name", ["conv_bn_residual_relu", "vector_matrix"])
+def test_cuda_kernel_with_epilogues_compiles(name):
+    fn, make_args = FOLDING[name]
     lowering = gdsl.jit(fn, backend="cuda", grid=132).lower(*make_args())
     assert _with_epilogue(lowering.lowering.plan)
     assert "const int e_ = " in lowering.source          # the GEMM's store applies the epilogue

@@ -12,6 +12,7 @@ from strategies import BACKEND_TOLERANCE, assert_trees_close
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
+from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
 from gdsl.primitives.structural import concatenate_p
@@ -21,6 +22,7 @@ from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_flatten
 
 D = 4
+CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they apply epilogues
 needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 
 
@@ -90,9 +92,9 @@ def flat_args(args):
     return [np.asarray(a, leaf_aval(a).dtype) for a in flat]
 
 
-def check_simulated(fn, args, grids=(1, 3, 16)):
+def check_simulated(fn, args, grids=(1, 3, 16), epilogues=()):
     """simulate(plan) == interpreter (or both overflow) on both controls and several grids; the device
-    plan at the last grid."""
+    plan at the last grid. `epilogues`: the lowering chain whose epilogue rules the scheduler may use."""
     program = gdsl.make_ir(fn)(*args)
     flat = flat_args(args)
     try:
@@ -101,13 +103,13 @@ def check_simulated(fn, args, grids=(1, 3, 16)):
         expected = None
     for control in ("device", "host"):
         for grid in grids:
-            plan = schedule(program, control=control, grid=grid)
+            plan = schedule(program, control=control, grid=grid, epilogues=epilogues)
             if expected is None:
                 with pytest.raises(gdsl.RecursionDepthError):
                     simulate(plan, flat, seed=grid)
             else:
                 assert_trees_close(simulate(plan, flat, seed=grid), expected, tolerance=BACKEND_TOLERANCE)
-    return schedule(program, control="device", grid=grids[-1])
+    return schedule(program, control="device", grid=grids[-1], epilogues=epilogues)
 
 
 def calls(plan):
@@ -276,6 +278,25 @@ def test_rae_executes_two_grid_barriers_per_inner_node():
     assert copies_in_functions(plan) == []
 
 
+def test_rae_with_the_epilogue_pays_the_barrier_after_a_matmul_only_for_left_children():
+    """With the `tanh` in the matmul (the C-family and cpu backends' plans), the barrier at the end of an
+    inner node is a grid barrier only when the call returns to site 0 (a left child: its right sibling
+    overwrites frames its matmul read) or 2 (the root); for a right child the caller's grid barrier before
+    its own matmul follows at once. Fixed tree: 32 inner nodes, 15 of them left children: 32 + 15 + 1."""
+    from models import floor, rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
+    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    plan = schedule(program, grid=132, epilogues=CHAIN)
+    by_site = [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync) and s.sites is not None]
+    assert [sorted(s.sites) for s in by_site] == [[0, 2]]
+    assert "barrier (grid when returning to site 0, 2, else block)" in str(plan)
+    count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
+    tree = (inputs["left"], inputs["right"], inputs["is_leaf"], inputs["root"])
+    assert count.plan_grid_barriers == expected_grid_barriers_with_epilogue(*tree) == 32 + 15 + 1
+    assert copies_in_functions(plan) == []
+
+
 # ------------------------------------------------------------------ results written through a reshape
 # An op whose output is reshaped into a result with a storage of its own (a program output, a branch or
 # function result) writes that storage under its own shape: no temporary, no copy (Scheduler._hinted_result).
@@ -408,7 +429,25 @@ def wide_encoder(max_depth, hidden):
 
 TREES = {"one leaf": None, "depth 1": (None, None), "children are leaves": ((None, None), (None, None)),
          "left chain": chain(4, "left"), "right chain": chain(4, "right"),
-         "unbalanced": (((None, (None, None)), None), (None, ((None, None), None)))}
+         "unbalanced": (((None, (None, None)), None), (None, ((None, None), None))),
+         "inner left, leaf right": (((None, None), None), None), "leaf left, inner right": (None, (None, (None, None)))}
+
+
+def expected_grid_barriers_with_epilogue(left, right, is_leaf, root) -> int:
+    """The grid barriers RAE's plan executes with the `tanh` as its matmul's epilogue: one before each inner
+    node's matmul, and one after it only where the node returns to a caller that touches memory before its
+    next grid barrier: a left child (its right sibling's subtree reuses the frames its matmul read) or the
+    root (the program's output copied on one vEU)."""
+    inner = {int(n) for n in range(len(is_leaf)) if not is_leaf[n]}
+    reachable, stack = set(), [int(root)]
+    while stack:
+        n = stack.pop()
+        reachable.add(n)
+        if n in inner:
+            stack += [int(left[n]), int(right[n])]
+    inner &= reachable
+    left_children = {int(left[n]) for n in inner}
+    return len(inner) + len(inner & left_children) + (1 if int(root) in inner else 0)
 
 
 @pytest.mark.parametrize("name", list(TREES))
@@ -426,6 +465,10 @@ def test_wide_encoder_trees(name):
     from models import floor
     inner_nodes = int((~is_leaf).sum())
     assert floor.count_plan(plan, flat_args(args)).plan_grid_barriers == 2 * inner_nodes
+    folded = check_simulated(program, args, grids=(1, 3, 16), epilogues=CHAIN)      # the tanh in the matmul
+    assert folded.stats["epilogues"] == 1                  # (the inner case is in the plan whatever the tree)
+    assert floor.count_plan(folded, flat_args(args)).plan_grid_barriers == \
+        expected_grid_barriers_with_epilogue(left, right, is_leaf, root)
     expected = run_program(gdsl.make_ir(program)(*args), flat_args(args))[0]
     np.testing.assert_allclose(gdsl.to_numpy(gdsl.jit(program, backend="cpu")(*args)), expected,
                                rtol=1e-5, atol=1e-5)
@@ -460,3 +503,36 @@ def test_race_on_a_view_across_frames_is_caught():
                  for s in fn.body)
     with pytest.raises(BarrierError, match="written by vEU 0"):
         simulate(dataclasses.replace(plan, functions=(dataclasses.replace(fn, body=body),)), flat_args(args))
+
+
+def test_barrier_by_return_site_is_needed_for_a_left_child():
+    """The barrier ending an inner node is a grid one when returning to site 0 (a left child): made a
+    block sync there too, the right sibling (a leaf, on vEU 0) overwrites a frame that the left child's
+    matmul read on several vEUs, and the simulator says so. Returning to site 1 it is a block sync."""
+    import dataclasses
+
+    from gdsl.schedule.simulate import BarrierError
+    tree, hidden = ((None, None), None), 64
+    left, right, is_leaf, root = tree_arrays(tree)
+    rng = np.random.default_rng(5)
+    args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
+            rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
+            rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
+    plan = schedule(gdsl.make_ir(wide_encoder(3, hidden))(*args), grid=16, epilogues=CHAIN)
+    simulate(plan, flat_args(args))
+    (fn,) = plan.functions
+    (by_site,) = [s for s in walk(fn.body) if isinstance(s, Sync) and s.sites is not None]
+    assert 0 in by_site.sites and 1 not in by_site.sites
+
+    def with_sites(block, sites):
+        out = []
+        for s in block:
+            if s is by_site:
+                s = Sync("grid", sites=sites)
+            elif isinstance(s, Branch):
+                s = dataclasses.replace(s, branches=tuple(with_sites(b, sites) for b in s.branches))
+            out.append(s)
+        return tuple(out)
+    broken = dataclasses.replace(fn, body=with_sites(fn.body, by_site.sites - {0}))
+    with pytest.raises(BarrierError, match="overwrites"):
+        simulate(dataclasses.replace(plan, functions=(broken,)), flat_args(args))

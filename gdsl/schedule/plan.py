@@ -18,7 +18,11 @@ Work
 Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persistent vEUs)
     Wave(tasks)         Ops that run at once, each Task on its own vEU range; a vEU runs uTasks
                         first+k, first+k+count, ... of its Op (rounds when n_utasks > count)
-    Sync(scope)         "grid": all vEUs wait (a real cross-vEU dependency); "block": vEU-local
+    Sync(scope, sites)  "grid": all vEUs wait (a real cross-vEU dependency); "block": vEU-local. In a
+                        recursive function's body, `sites` (not None) makes a grid Sync one only when
+                        the running call returns to one of those call sites, a block Sync otherwise (the
+                        return site is uniform: every vEU takes the same one; see
+                        scheduler._sync_by_return_site). A backend may treat it as a grid Sync always.
     Uniforms(ops)       every vEU evaluates these scalar ops
     Assign(dst, src)    uniform copy (loop carries, call arguments)
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
@@ -186,6 +190,11 @@ class Wave:
 @dataclass(frozen=True, eq=False)
 class Sync:
     scope: str                     # "grid" or "block"
+    sites: frozenset | None = None   # grid only when returning to one of these call sites (None: always)
+
+    def is_grid_at(self, site) -> bool:
+        """Is this a grid barrier when the innermost running call returns to `site` (None: outside any)?"""
+        return self.scope == "grid" and (self.sites is None or site in self.sites)
 
 
 @dataclass(frozen=True, eq=False)

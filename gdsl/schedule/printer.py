@@ -33,6 +33,13 @@ def describe_uniform(u) -> str:
     return f"{u.output!r} = {u.primitive} {ins}"
 
 
+def _scope(sync) -> str:
+    if sync.sites is None:
+        return sync.scope
+    sites = ", ".join(str(s) for s in sorted(sync.sites))
+    return f"{sync.scope} when returning to site {sites}, else block"
+
+
 def print_block(block, indent: int, lines: list, device: bool = False) -> None:
     pad = "  " * indent
     wave_no = 0
@@ -49,7 +56,7 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += ", a window read in place: no uTask runs (C-family renderers)"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
-            lines.append(f"{pad}barrier ({stmt.scope})")
+            lines.append(f"{pad}barrier ({_scope(stmt)})")
         elif isinstance(stmt, Uniforms):
             lines.append(f"{pad}every vEU: " + "; ".join(describe_uniform(u) for u in stmt.ops))
         elif isinstance(stmt, Assign):

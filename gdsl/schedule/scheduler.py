@@ -118,8 +118,10 @@ class _Item:
     index: int = 0                           # position in the segment (program order)
     inlined: int = 0                         # reads of its result recomputed in consumers through views
     # An epilogue: the matmul / conv2d item whose result `expr` reads; the two run as one op of its kind
-    # (see Scheduler._fold_epilogues), `leaves` then being the epilogue's own operands.
+    # (see Scheduler._fold_epilogues), `leaves` then being the epilogue's own operands; `result` the
+    # variable the epilogue reads for it (the contraction's output, or a row vector's reshape of it).
     contraction: _Item | None = None
+    result: Var | None = None
 
 
 class Scheduler:
@@ -273,6 +275,7 @@ class Scheduler:
         producer: dict = {}      # Var -> _Item (within this segment)
         order: list = []         # items and reshapes in program order, for storage allocation
         windows: dict = {}       # alias Var -> _Alias
+        reshaped: dict = {}      # reshape's output Var -> its operand Var
         for index, eqn in segment:
             spanning = self._adjacent_call_results(eqn)
             if spanning is not None:        # read in place across the callees' frames, no work
@@ -283,6 +286,8 @@ class Scheduler:
                     producer[eqn.outs[0]] = producer[eqn.inputs[0]]
                 if isinstance(eqn.inputs[0], Var):
                     windows[eqn.outs[0]] = _Alias.of(eqn, windows.get(eqn.inputs[0]))
+                    if eqn.primitive is reshape_p:
+                        reshaped[eqn.outs[0]] = eqn.inputs[0]
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
@@ -297,12 +302,12 @@ class Scheduler:
             items.append(item)
             order.append(item)
         self._absorb_inlined(items, uses, windows)
-        self._fold_epilogues(items, producer, uses, jaxpr)
+        self._fold_epilogues(items, producer, uses, reshaped, jaxpr)
         items = [it for it in items if not it.absorbed]
         for it in items:         # number the inputs of the expressions that stay ops of their own
             if it.contraction is not None:
                 it.leaves = []
-                it.expr = _index_leaves(it.raw_expr, it.leaves, result=it.contraction.eqn.outs[0],
+                it.expr = _index_leaves(it.raw_expr, it.leaves, result=it.result,
                                         first=len(it.contraction.eqn.inputs))
             elif it.raw_expr is not None:
                 it.leaves = []
@@ -444,14 +449,15 @@ class Scheduler:
                     it.absorbed = True
                     self.stats["fused_eqns"] += 1
 
-    def _fold_epilogues(self, items, producer, uses, jaxpr):
+    def _fold_epilogues(self, items, producer, uses, reshaped, jaxpr):
         """Fold an elementwise chain into the matmul / conv2d whose result it reads as an epilogue, when the
         chain is that result's only reader and reads it at the element it writes (the same shape and dtype
-        as the result), the result need not exist in memory (no loop carry, branch or program result), and
-        the backend's lowering chain has an "epilogue" rule for the contraction's kind; not when the chain
-        could write a loop carry (or branch result) in place that the contraction reads (`h = tanh(h W + b)`):
-        folded, it could not, and a copy behind a barrier of its own would replace the one saved. The chain's
-        item then stands for both (`contraction`): one op, one wave, no barrier between them, no intermediate
+        as the result, or a reshape of it that only drops leading unit dimensions: `_epilogue_path`), the
+        result need not exist in memory (no loop carry, branch or program result), and the backend's
+        lowering chain has an "epilogue" rule for the contraction's kind; not when the chain could write a
+        loop carry (or branch result) in place that the contraction reads (`h = tanh(h W + b)`): folded, it
+        could not, and a copy behind a barrier of its own would replace the one saved. The chain's item then
+        stands for both (`contraction`): one op, one wave, no barrier between them, no intermediate
         buffer."""
         if not self.epilogues:
             return
@@ -460,21 +466,25 @@ class Scheduler:
                 continue
             for leaf in it.leaves:
                 c = producer.get(leaf)
-                if c is not None and self._takes_epilogue(c, leaf, it, uses) and \
+                if c is not None and self._takes_epilogue(c, leaf, it, uses, reshaped) and \
                         not self._reads_own_target(c, it, jaxpr):
                     c.absorbed = True
                     it.contraction = c
+                    it.result = leaf
                     it.deps = (it.deps | c.deps) - {c}
                     it.leaves = [a for a in it.leaves if a is not leaf]
                     self.stats["epilogues"] += 1
                     break
 
-    def _takes_epilogue(self, c, result, it, uses) -> bool:
+    def _takes_epilogue(self, c, result, it, uses, reshaped) -> bool:
         """May contraction item `c`, whose result `result` chain item `it` reads, run `it` as its epilogue?"""
         kind = c.eqn.primitive
         if kind.family not in (CONTRACTION, CONVOLUTION) or c.uniform or c.absorbed or c.raw_expr is not None:
             return False
-        if result not in c.eqn.outs or result in self.hints or result.aval != it.eqn.outs[0].aval:
+        if result.aval != it.eqn.outs[0].aval:
+            return False
+        path = _epilogue_path(result, c.eqn.outs, reshaped, uses)
+        if path is None or any(v in self.hints for v in path):
             return False
         reads = sum(1 for node in _input_nodes(it.raw_expr) if node.params["var"] is result)
         return uses.get(result, 0) == reads and has_lowering(kind.name, self.epilogues, "epilogue")
@@ -643,18 +653,31 @@ class Scheduler:
         """A matmul or convolution with more rows than a GEMV."""
         kind, ins = self._kind_and_inputs(it)
         return kind in utasks.GEMM_KINDS and not it.uniform and \
-            utasks.gemm_dims(kind, [a.aval for a in ins], it.eqn.outs[0].aval, it.eqn.params)[1] > utasks.GEMV_ROWS
+            utasks.gemm_dims(kind, [a.aval for a in ins], self._out_avals(it)[0], it.eqn.params)[1] > utasks.GEMV_ROWS
 
     def _natural_split(self, it) -> tuple[int, float]:
         kind, ins = self._kind_and_inputs(it)
-        count, _, cost = utasks.split(kind, [a.aval for a in ins], [v.aval for v in it.eqn.outs], it.eqn.params,
+        count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.eqn.params,
                                       self.grid, self.block)
         return count, cost
 
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
-        return utasks.split(kind, [a.aval for a in ins], [v.aval for v in it.eqn.outs], it.eqn.params,
+        return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.eqn.params,
                             self.grid, self.block)[0]
+
+    @staticmethod
+    def _out_avals(it) -> list:
+        """The types of the op's outputs: a contraction's own, under an epilogue (see _op_outputs)."""
+        return [v.aval for v in (it.contraction.eqn.outs if it.contraction is not None else it.eqn.outs)]
+
+    def _op_outputs(self, it) -> list[Value]:
+        """Where the op of `it` writes: its outputs' storage. An epilogue read through a reshape of the
+        contraction's result (_epilogue_path) writes its storage under the contraction's shape, which
+        the GEMM's tiles index."""
+        values = [self.env[v] for v in it.eqn.outs]
+        return [value if value.aval == aval else dataclasses.replace(value, aval=aval)
+                for value, aval in zip(values, self._out_avals(it))]
 
     def _kind_and_inputs(self, it):
         if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
@@ -673,7 +696,7 @@ class Scheduler:
         for it in items:
             if not it.uniform and len(it.eqn.outs) == 1:
                 kind, atoms = self._kind_and_inputs(it)
-                nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self.env[it.eqn.outs[0]]))
+                nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self._op_outputs(it)[0]))
         return column_layouts(nodes, self.grid)
 
     def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
@@ -685,14 +708,14 @@ class Scheduler:
         if it.contraction is not None:
             params = dict(it.contraction.eqn.params, **{EPILOGUE: it.expr})
             label = f"{kind}_{label}"
-        outs = [self.env[v] for v in eqn.outs]
+        outs = self._op_outputs(it)
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
         if layout is not None:
-            count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
+            count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in outs],
                                                             layout.tile_n)
         else:
-            count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in eqn.outs],
+            count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in outs],
                                                     params, grid)
         params.update(split_params)
         expr = it.expr if it.contraction is None else None
@@ -1154,7 +1177,8 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
         if candidate is None:
             break
         demoted.add(candidate)
-    if not demoted:
+    by_site = _sync_by_return_site(body, functions, demoted)
+    if not demoted and not by_site:
         return body, functions, 0, 0
 
     def rewrite(block):
@@ -1164,6 +1188,8 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
                 continue
             if stmt in demoted:
                 stmt = Sync("block")
+            elif stmt in by_site:
+                stmt = Sync("grid", sites=by_site[stmt])
             elif isinstance(stmt, Loop):
                 stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
             elif isinstance(stmt, Branch):
@@ -1173,6 +1199,43 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
     functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
     dropped = len(demoted & after_calls)
     return rewrite(body), functions, len(demoted) - dropped, dropped
+
+
+def _sync_by_return_site(body, functions, demoted) -> dict:
+    """Sync -> the call sites it stays a grid barrier for, for the grid Syncs that end a function (nothing
+    touches memory after them up to its end, on their path: _trailing_grid_syncs) where some call sites do
+    not need them: those whose continuation reaches a grid barrier, on every path, before anything touches
+    memory (the Sync after the call, kept). There the barrier at the callee's end would order nothing that
+    the next one does not; elsewhere (RAE's left child returning, its right sibling's first leaf about to
+    overwrite a frame the left child's matmul read) it stays. Which site a call returns to is only known as
+    the program runs, but it is uniform (plan.Sync.sites). A static rule could not separate the two: a
+    function's end serves all of its call sites, and the barrier after a call site serves every path
+    through the callee, the leaf's (one vEU: no grid barrier needed) as much as the inner node's."""
+    hoods = _SyncNeighbourhoods(body, functions, demoted)
+    calls = [s for block in [body] + [f.body for f in functions] for s in walk(block) if isinstance(s, Call)]
+    out: dict = {}
+    for f in functions:
+        sites = {c.site for c in calls if c.fn == f.name}
+        needed = frozenset(c.site for c in calls if c.fn == f.name and hoods.after_call.get(c))
+        if needed == sites:
+            continue
+        for sync in _trailing_grid_syncs(f.body, demoted):
+            out[sync] = needed
+    return out
+
+
+def _trailing_grid_syncs(block, demoted) -> list:
+    """The grid Syncs of `block` (not `demoted`) after which nothing touches memory up to its end, on the
+    path through them (the last of each branch case, when what follows the branch touches no memory)."""
+    for stmt in reversed(block):
+        if isinstance(stmt, Sync):
+            if stmt.scope == "grid" and stmt not in demoted:
+                return [stmt]
+        elif isinstance(stmt, Branch):
+            return [sync for branch in stmt.branches for sync in _trailing_grid_syncs(branch, demoted)]
+        elif not isinstance(stmt, (Uniforms, Assign)) or _veus_touching_memory(stmt):
+            return []
+    return []
 
 
 class _SyncNeighbourhoods:
@@ -1192,6 +1255,7 @@ class _SyncNeighbourhoods:
         self.exit = {name: frozenset() for name in self.fns}        # forward: at its end
         self.continues = {name: frozenset() for name in self.fns}   # backward: after its call sites
         self.starts = {name: frozenset() for name in self.fns}      # backward: at its start
+        self.after_call: dict = {}                                  # backward: Call -> right after it
         self._solve()
 
     def first_single_veu(self):
@@ -1262,6 +1326,7 @@ class _SyncNeighbourhoods:
                 veus = frozenset().union(*[self.backward(b, veus) for b in stmt.branches])
             elif isinstance(stmt, Call):
                 self.continues[stmt.fn] |= veus
+                self.after_call[stmt] = self.after_call.get(stmt, frozenset()) | veus
                 veus = self.starts[stmt.fn]
             else:
                 veus = veus | _veus_touching_memory(stmt)
@@ -1348,6 +1413,26 @@ def view_offset(eqn) -> int | None:
         offset += start * stride
         stride *= n
     return offset
+
+
+def _epilogue_path(result, outs, reshaped, uses) -> list | None:
+    """How an epilogue reading `result` reaches a contraction output among `outs`: [result] when it is one,
+    else [result, ..., output] through reshapes that only drop leading unit dimensions (a vector-matrix
+    product is traced as reshape (K,) -> (1, K), matmul, reshape (1, N) -> (N,)). The epilogue's operands,
+    broadcast to the result's shape from the right, then sit at the same flat elements under the
+    contraction's shape, which the op keeps as its output's (Scheduler._op_outputs). None when there is no
+    such path, or when a variable on it before `result` is read by anything but the next reshape."""
+    path = [result]
+    while path[-1] not in outs:
+        source = reshaped.get(path[-1])
+        if source is None or uses.get(source, 0) != 1:
+            return None
+        path.append(source)
+    shape, rank = path[-1].aval.shape, len(result.aval.shape)
+    lead = len(shape) - rank
+    if lead < 0 or shape[lead:] != result.aval.shape or any(d != 1 for d in shape[:lead]):
+        return None
+    return path
 
 
 def _is_alias(eqn) -> bool:

@@ -88,6 +88,7 @@ class Simulator:
             self.mem[buf] = _Memory(buf, copies)
         self.uniforms: dict = {}
         self.depth = {name: 0 for name in self.functions}
+        self.return_sites: list = []                     # of the running calls, innermost last
         self.frame = {name: 0 for name in self.functions}
         self.local_syncs = np.zeros(plan.grid, np.int64)
         self.op_ids: dict = {}
@@ -163,9 +164,13 @@ class Simulator:
         self.block(self.plan.kernels[stmt.kernel].body)
         self.run_sync(Sync("grid"))   # a kernel boundary orders everything
 
+    def grid_here(self, stmt: Sync) -> bool:
+        """Is `stmt` a grid barrier where it runs now (plan.Sync.sites: by the running call's return site)?"""
+        return stmt.is_grid_at(self.return_sites[-1] if self.return_sites else None)
+
     def run_sync(self, stmt: Sync):
         self.local_syncs += 1
-        if stmt.scope == "grid":
+        if self.grid_here(stmt):
             self.stats["grid_barriers"] += 1
             for m in self.mem.values():
                 m.reset()
@@ -205,9 +210,11 @@ class Simulator:
                                       f"needs it")
         self.depth[fn.name] += 1
         self.frame[fn.name] += stmt.step
+        self.return_sites.append(stmt.site)
         try:
             self.block(fn.body)
         finally:
+            self.return_sites.pop()
             self.depth[fn.name] -= 1
             self.frame[fn.name] -= stmt.step
 
@@ -269,7 +276,7 @@ def evaluate_expr(expr, ins, out_aval, result=None) -> np.ndarray:
         if node.op == "input":
             return ins[node.params["index"]]
         if node.op == RESULT:
-            return result
+            return result.reshape(node.aval.shape)    # (under the contraction's shape when read through a reshape)
         if node.op == "literal":
             return np.asarray(node.params["value"])
         if node.op == broadcast_p.name:

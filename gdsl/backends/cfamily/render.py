@@ -10,7 +10,9 @@ Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
 
     Wave            for each Task whose vEU range holds the vEU's index (the dialect's block_index, blockIdx.x):
                         for (t = blockIdx.x - first; t < n_utasks; t += count) op(..., t, smem)
-    Sync            "grid": the dialect's grid barrier; "block": its block barrier (__syncthreads())
+    Sync            "grid": the dialect's grid barrier; "block": its block barrier (__syncthreads()); a grid
+                    Sync with `sites` in a function's body tests the return site first:
+                    if (r_f[d_f - 1] == k || ...) grid barrier; else block barrier
     Uniforms/Assign every thread computes the scalar into a register (all vEUs compute the same value)
     Loop / Branch   native while / switch on uniforms
     Call            the explicit stack machine below
@@ -290,6 +292,7 @@ class Renderer:
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
         self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
+        self.function: str | None = None    # the recursive function whose body is being rendered
         self.pointer_types = self._pointer_types()
         self.uniform_types, self.uniform_users = self._uniform_names()
 
@@ -379,8 +382,8 @@ class Renderer:
     def quiet_after(self, stmts, quiet: bool) -> bool:
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
-            if isinstance(stmt, Sync):
-                quiet = (stmt.scope == "grid" and index not in demoted) or quiet
+            if isinstance(stmt, Sync):         # (one by return site is a block barrier on some paths)
+                quiet = (stmt.scope == "grid" and stmt.sites is None and index not in demoted) or quiet
             elif isinstance(stmt, Loop):
                 quiet = self._loop_quiet(stmt, quiet)[1]
             elif isinstance(stmt, Branch):
@@ -427,7 +430,8 @@ class Renderer:
     def demoted(self, stmts) -> set:
         """Indices of the grid Syncs of `stmts` that a block barrier can replace."""
         out, last_grid = set(), None
-        grids = [i for i, s in enumerate(stmts) if isinstance(s, Sync) and s.scope == "grid"]
+        # (A Sync by return site is no grid barrier on some paths: it bounds no neighbourhood, and stays.)
+        grids = [i for i, s in enumerate(stmts) if isinstance(s, Sync) and s.scope == "grid" and s.sites is None]
         for n, i in enumerate(grids):
             nxt = grids[n + 1] if n + 1 < len(grids) else None
             if last_grid is not None and nxt is not None:
@@ -453,6 +457,10 @@ class Renderer:
                 calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
+            elif isinstance(stmt, Sync) and stmt.scope == "grid" and stmt.sites is not None:
+                if not quiet:
+                    lines.append(pad + self.sync_by_return_site(stmt))
+                continue
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
@@ -583,6 +591,16 @@ class Renderer:
         """The record of an event's begin or end (`record`: trace_begin / trace_end) in an instrumented
         build; nothing in a normal one."""
         return [pad + record(site, arg)] if self.trace else []
+
+    def sync_by_return_site(self, stmt: Sync) -> str:
+        """A grid barrier when the running call of the function being rendered returns to one of
+        `stmt.sites`, a block barrier otherwise (the return site is the same on every vEU)."""
+        n = cid(self.function)
+        test = " || ".join(f"r_{n}[d_{n} - 1] == {site}" for site in sorted(stmt.sites))
+        grid = self.dialect.grid_sync(self.barrier)
+        if self.trace:
+            grid = self.traced(grid, self.trace.barrier(stmt))
+        return f"if ({test}) {{ {grid} }} else {{ {self.dialect.block_barrier} }}"
 
     def traced(self, statement: str, site, arg="0") -> str:
         """`statement` between the begin and end records of event `site` (instrumented builds only)."""
@@ -747,7 +765,9 @@ class Renderer:
         for f in functions:
             n = cid(f.name)
             fn_lines.append(f"f_{n}:")
+            self.function = f.name
             fn_lines += self.block(f.body, 1)
+            self.function = None
             fn_lines.append(f"  d_{n} -= 1;")
             sites = " ".join(f"case {k}: goto f_{n}_ret_{k};" for k in range(f.n_sites - 1))
             fn_lines.append(f"  switch (r_{n}[d_{n}]) {{ {sites} default: goto f_{n}_ret_{f.n_sites - 1}; }}")
