@@ -25,6 +25,7 @@ plan has fewer grid barriers per step (Scheduler option `owner`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gdsl.primitives.linalg import matmul_p
@@ -55,9 +56,11 @@ class Node:
     output: Value
 
 
-def column_layouts(nodes: list[Node], grid: int) -> dict:
+def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int = 0) -> dict:
     """key -> Layout for the ops of every chain worth laying out (see the module docstring); the chains
-    share the grid in equal parts. Empty when there is none or the grid is too small to give each one."""
+    share the grid in equal parts (`block`: threads per vEU; `resident_bytes`: the shared memory per vEU for
+    loop-invariant weights, resident.py). Empty when there is none or the grid is too small to give each
+    one."""
     candidates = [n for n in nodes if _columns(n) is not None]
     writer = {n.output.storage: n for n in candidates}
     parent = {id(n): n for n in candidates}
@@ -85,7 +88,7 @@ def column_layouts(nodes: list[Node], grid: int) -> dict:
     budget = grid // len(chains)
     layouts, first = {}, 0
     for chain in chains:
-        tile_n, count = _tiling(chain, budget)
+        tile_n, count = _tiling(chain, budget, block, resident_bytes)
         for n in chain:
             layouts[n.key] = Layout(first, count, tile_n)
         first += count
@@ -115,20 +118,77 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
     return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
 
 
-def _tiling(chain: list[Node], budget: int) -> tuple[int, int]:
-    """(tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: count divides the
-    number of column ranges (so that every row's range j lands on vEU j mod count); of those, the one the
-    cost model (utasks.py) estimates fastest: the busiest vEU's rounds of every op of the chain."""
+def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[int, int]:
+    """(tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: of the column
+    ranges the layout allows (_counts), the one the cost model (utasks.py) estimates fastest: the busiest
+    vEU's rounds of every op of the chain. Where a matmul's uTask would read a number of columns that is not
+    a multiple of 8 (gdsl_gemv_tile's column threads: fewer than 8 read B in pieces shorter than a memory
+    sector), only such tilings compete, when there are any.
+
+    The weights: a tiling whose matmul tiles (every matmul of the chain, the busiest vEU's rounds of each)
+    do not fit the resident budget (resident.py's `resident_bytes` per vEU) is costed with B read from L2
+    at a vEU's share of its bandwidth, not rejected: without the budget (resident=False, a backend with no
+    shared memory for it) every tiling reads B so, and the layout is still worth its barrier."""
     n = _columns(chain[0])
-    best = None
+    options = []
     for tile_n in range(1, min(n, MAX_TILE_N) + 1):
-        if n % tile_n:
+        count = _count(chain, n, tile_n, budget)
+        if count is None:
             continue
-        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n)
-                  for node in chain]
-        ranges = n // tile_n
-        count = max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
+        onchip = _weight_bytes(chain, tile_n, count, block) <= resident_bytes
+        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n, block,
+                                      b_onchip=onchip) for node in chain]
         ns = sum(-(-utasks_count // count) * (cost + UTASK_NS) for utasks_count, _, cost in splits)
-        if best is None or ns < best[0]:
-            best = (ns, tile_n, count)
-    return best[1], best[2]
+        aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
+        options.append((ns, tile_n, count, aligned))
+    if any(aligned for *_, aligned in options):
+        options = [option for option in options if option[3]]
+    _, tile_n, count, _ = min(options)
+    return tile_n, count
+
+
+def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:
+    """The vEUs a chain's layout of `tile_n` columns takes (at most `budget`), None where it cannot take
+    that width. uTask t of an op must run on the vEU of its column range j: vEU t mod count when
+    (t mod count) == (j mod count) for all of them. An op whose uTask t *is* range t (a matmul gathering
+    its batch or having none, an elementwise op of one row) allows any count; a row of several ranges
+    (uTask t = row * ranges + j, the same for a batched matmul's tiles) needs count to divide the number
+    of ranges. A last range shorter than tile_n is possible only when every elementwise op has one row
+    (with more, a chunk of tile_n elements would run across the end of a row)."""
+    ranges = -(-n // tile_n)
+    one_row = all(node.kind == matmul_p.name or node.output.aval.size == n for node in chain)
+    if n % tile_n and not one_row:
+        return None
+    if one_row and all(_range_is_utask(node) for node in chain):
+        return min(ranges, budget)
+    return max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
+
+
+def _range_is_utask(node: Node) -> bool:
+    """Is uTask t of this op (in a column layout) column range t of one row?"""
+    if node.kind != matmul_p.name:
+        return True                    # (elementwise, one row: _count checks)
+    out = node.output.aval
+    return math.prod(out.shape[:-2]) == 1 or utasks.can_gather_batch(node.kind, [v.aval for v in node.inputs], out)
+
+
+def _utask_columns(node: Node, tile_n: int) -> int:
+    """The columns a matmul's uTask computes in a layout of tile_n: every batch element's when gathered."""
+    out = node.output.aval
+    gather = utasks.can_gather_batch(node.kind, [v.aval for v in node.inputs], out)
+    return tile_n * (math.prod(out.shape[:-2]) if gather else 1)
+
+
+def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int) -> int:
+    """The bytes of B tiles the busiest vEU of a layout keeps resident: per distinct weight (a matmul
+    repeated in an unrolled loop body reads the same tiles: resident.py shares them), its rounds of
+    tiles of K rows by the uTask's columns."""
+    weights = {}
+    for node in chain:
+        if node.kind != matmul_p.name:
+            continue
+        a, b = node.inputs[0].aval, node.inputs[1].aval
+        utasks_count = utasks.column_split(node.kind, [a, b], [node.output.aval], tile_n, block)[0]
+        key = (node.inputs[1].storage, node.inputs[1].offset)
+        weights[key] = -(-utasks_count // count) * a.shape[-1] * _utask_columns(node, tile_n) * b.dtype.itemsize
+    return sum(weights.values())
