@@ -75,10 +75,14 @@ def dynamic_view(op) -> bool:
     does no work."""
     if op.kind != dynamic_slice_p.name:
         return False
-    if not viewable_buffers(op):
-        return False
-    src = op.inputs[0].aval
-    return contiguous_window(src.shape, op.params["sizes"]) and src.size * src.dtype.itemsize <= VIEW_SOURCE_BYTES
+    return viewable_buffers(op) and window_view(op.inputs[0].aval, op.params["sizes"])
+
+
+def window_view(source_aval, sizes) -> bool:
+    """Could a dynamic window of `sizes` of an array be read in place (dynamic_view's terms beyond its
+    buffers): one contiguous run of a source that stays in cache."""
+    return contiguous_window(source_aval.shape, sizes) and \
+        source_aval.size * source_aval.dtype.itemsize <= VIEW_SOURCE_BYTES
 
 
 def first_start(kind) -> int | None:
