@@ -159,11 +159,11 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
 
 
 def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:
-    """(estimated ns, tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: of the column
-    ranges the layout allows (_counts), the one the cost model (utasks.py) estimates fastest: the busiest
-    vEU's rounds of every op of the chain. Where a matmul's uTask would read a number of columns that is not
-    a multiple of 8 (gdsl_gemv_tile's column threads: fewer than 8 read B in pieces shorter than a memory
-    sector), only such tilings compete, when there are any.
+    """(estimated ns, tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: of the
+    column ranges the layout allows (_count), the one the cost model (utasks.py) estimates fastest: the
+    busiest vEU's rounds of every op of the chain. Only tilings whose matmul uTasks read a multiple of 8
+    columns compete when there are any (gdsl_gemv_tile's column threads: with fewer than 8 a uTask reads B
+    in pieces shorter than a memory sector).
 
     The weights: a tiling whose matmul tiles (every matmul of the chain, the busiest vEU's rounds of each)
     do not fit the resident budget (resident.py's `resident_bytes` per vEU) is costed with B read from L2
@@ -191,9 +191,10 @@ def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> 
 def _reads_in_place(node: Node) -> bool:
     """A dynamic window that device code reads in place (utasks.dynamic_view): it costs no time in either
     estimate (its split still places it: the hazards see it write its chunks)."""
-    source = node.inputs[0] if node.inputs else None
-    return node.kind == dynamic_slice_p.name and isinstance(source.storage, Buffer) and \
-        utasks.window_view(source.aval, node.output.aval.shape)
+    if node.kind != dynamic_slice_p.name:
+        return False
+    source = node.inputs[0]
+    return isinstance(source.storage, Buffer) and utasks.window_view(source.aval, node.output.aval.shape)
 
 
 def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:
