@@ -220,6 +220,8 @@ def _gemm_utask(op, e):
         img, rest = np.divmod(e, o * ho * wo)
         j, yx = np.divmod(rest, ho * wo)
         b, i = 0, img * ho * wo + yx
+    if utasks.gathers_batch(op.params):   # one uTask for tile (i, j) of every batch element
+        b = 0
     return (b * tiles_m + i // tm) * tiles_n + j // tn
 
 

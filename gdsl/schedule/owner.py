@@ -5,12 +5,21 @@ results are read only by elementwise ops, each reading the gate matrices at fixe
 view at g * rows * n) and writing [rows, n]. Split as usual, the matmul's column tile j of gate g and the
 epilogue's chunk of the same columns sit on different vEUs: a grid barrier between them. Here the whole
 chain takes one *column layout*: every op of it writes within column ranges of `tile_n` of the output's
-last axis (a matmul: tiles of all its rows by tile_n columns; anything else: chunks of tile_n elements)
-and runs on the same `count` vEUs from `first`, with count dividing the number of column ranges. Then
-uTask t of any of them runs on vEU first + (its column range mod count), for every gate and every row: the
-vEU that runs the epilogue for columns J computed every gate column it reads (the gathered tile
-{g * n + j : g < G, j in J}, expressed by the placement, not by a new split), and the hazards module
-(hazards.py) finds a vEU-local sync where the grid barrier was.
+last axis and runs on the same `count` vEUs from `first`. A matmul's uTask is the tile of all its rows by
+range j of EVERY gate at once where A is broadcast over the gates (utasks.GATHER_BATCH: one staging of A
+and one reduction for the G gathered column pieces, instead of G uTasks), else of one gate; anything else
+takes chunks of tile_n elements. Then uTask t of any of them runs on vEU first + (its column range mod
+count), for every gate and every row: the vEU that runs the epilogue for columns J computed every gate
+column it reads, and the hazards module (hazards.py) finds a vEU-local sync where the grid barrier was.
+
+The vEU count (_count): when uTask t of every op of the chain is range t (gathered matmuls, elementwise
+ops of one row: batch 1) any count works, so the chain takes all the vEUs it is given, tile_n =
+ceil(n / count) and a shorter last range; with more rows (a row's chunks are uTasks row * ranges + j)
+count divides the number of ranges and tile_n divides n (a chunk must not run across a row's end). The
+tiling (_tiling) is the one the cost model estimates fastest, B tiles costed from shared memory when the
+chain's tiles fit resident.py's budget per vEU and from L2 when not; a chain is laid out only where that
+beats its ops on their own splits by the grid barriers it saves (column_layouts: at batch 64, chunks of
+a few columns per row would be hundreds of rounds per vEU).
 
 The chains are found from the segment's dataflow, never from a model: ops are joined when one reads the
 other's result column for column (an elementwise op or copy whose input has the same last axis, read at
@@ -25,13 +34,14 @@ plan has fewer grid barriers per step (Scheduler option `owner`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
-from gdsl.primitives.structural import dynamic_update_slice_p
+from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p
 from gdsl.schedule import utasks
-from gdsl.schedule.partition import UTASK_NS
+from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS, UTASK_NS
 from gdsl.schedule.plan import COPY, Buffer, Value
 
 MAX_ROWS = 64          # a matmul with more rows is not latency-bound: its split stays the scheduler's own
@@ -55,9 +65,11 @@ class Node:
     output: Value
 
 
-def column_layouts(nodes: list[Node], grid: int) -> dict:
+def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int = 0) -> dict:
     """key -> Layout for the ops of every chain worth laying out (see the module docstring); the chains
-    share the grid in equal parts. Empty when there is none or the grid is too small to give each one."""
+    share the grid in equal parts (`block`: threads per vEU; `resident_bytes`: the shared memory per vEU for
+    loop-invariant weights, resident.py). Empty when there is none or the grid is too small to give each
+    one."""
     candidates = [n for n in nodes if _columns(n) is not None]
     writer = {n.output.storage: n for n in candidates}
     parent = {id(n): n for n in candidates}
@@ -85,11 +97,42 @@ def column_layouts(nodes: list[Node], grid: int) -> dict:
     budget = grid // len(chains)
     layouts, first = {}, 0
     for chain in chains:
-        tile_n, count = _tiling(chain, budget)
+        ns, tile_n, count = _tiling(chain, budget, block, resident_bytes)
+        if ns > _unplaced_ns(chain, budget, block) + _steps(chain) * (BARRIER_NS - LOCAL_SYNC_NS):
+            continue              # the layout costs more than the grid barriers it saves
         for n in chain:
             layouts[n.key] = Layout(first, count, tile_n)
         first += count
     return layouts
+
+
+def _steps(chain: list[Node]) -> int:
+    """How many matmul -> reader grid barriers the layout turns into vEU-local syncs: one per step of the
+    loop body (a body unrolled twice has two), counted as the longest run of the chain's matmuls one
+    reading another's result (through the chain's elementwise ops), plus one."""
+    before: dict = {}               # storage -> the most matmuls on a path of chain ops into its writer
+    most = 0
+    for node in chain:              # (in program order: a storage written later is the last iteration's)
+        into = max((before.get(v.storage, 0) for v in node.inputs), default=0)
+        if node.kind == matmul_p.name:
+            most = max(most, into)
+            into += 1
+        before[node.output.storage] = into
+    return 1 + most
+
+
+def _unplaced_ns(chain: list[Node], budget: int, block: int) -> float:
+    """The chain's time without a layout, for comparison with its layout's (_tiling): each op on its own
+    at its best split (utasks.split_options, the balancing's) on `budget` vEUs, its busiest vEU's rounds."""
+    total = 0.0
+    for node in chain:
+        if _reads_in_place(node):
+            continue
+        in_avals, out_avals = [v.aval for v in node.inputs], [node.output.aval]
+        options = utasks.split_options(node.kind, in_avals, out_avals, {}, block) or \
+            [utasks.split(node.kind, in_avals, out_avals, {}, budget, block)]
+        total += min(-(-n // budget) * (cost + UTASK_NS) for n, _, cost in options)
+    return total
 
 
 def _columns(node: Node) -> int | None:
@@ -115,20 +158,87 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
     return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
 
 
-def _tiling(chain: list[Node], budget: int) -> tuple[int, int]:
-    """(tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: count divides the
-    number of column ranges (so that every row's range j lands on vEU j mod count); of those, the one the
-    cost model (utasks.py) estimates fastest: the busiest vEU's rounds of every op of the chain."""
+def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:
+    """(estimated ns, tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: of the
+    column ranges the layout allows (_count), the one the cost model (utasks.py) estimates fastest: the
+    busiest vEU's rounds of every op of the chain. Only tilings whose matmul uTasks read a multiple of 8
+    columns compete when there are any (gdsl_gemv_tile's column threads: with fewer than 8 a uTask reads B
+    in pieces shorter than a memory sector).
+
+    The weights: a tiling whose matmul tiles (every matmul of the chain, the busiest vEU's rounds of each)
+    do not fit the resident budget (resident.py's `resident_bytes` per vEU) is costed with B read from L2
+    at a vEU's share of its bandwidth, not rejected: without the budget (resident=False, a backend with no
+    shared memory for it) every tiling reads B so, and the layout is still worth its barrier."""
     n = _columns(chain[0])
-    best = None
+    options = []
     for tile_n in range(1, min(n, MAX_TILE_N) + 1):
-        if n % tile_n:
+        count = _count(chain, n, tile_n, budget)
+        if count is None:
             continue
-        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n)
-                  for node in chain]
-        ranges = n // tile_n
-        count = max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
-        ns = sum(-(-utasks_count // count) * (cost + UTASK_NS) for utasks_count, _, cost in splits)
-        if best is None or ns < best[0]:
-            best = (ns, tile_n, count)
-    return best[1], best[2]
+        onchip = _weight_bytes(chain, tile_n, count, block) <= resident_bytes
+        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n, block,
+                                      b_onchip=onchip) for node in chain]
+        ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
+                 for node, (utasks_count, _, cost) in zip(chain, splits) if not _reads_in_place(node))
+        aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
+        options.append((ns, tile_n, count, aligned))
+    if any(aligned for *_, aligned in options):
+        options = [option for option in options if option[3]]
+    ns, tile_n, count, _ = min(options)
+    return ns, tile_n, count
+
+
+def _reads_in_place(node: Node) -> bool:
+    """A dynamic window that device code reads in place (utasks.dynamic_view): it costs no time in either
+    estimate (its split still places it: the hazards see it write its chunks)."""
+    if node.kind != dynamic_slice_p.name:
+        return False
+    source = node.inputs[0]
+    return isinstance(source.storage, Buffer) and utasks.window_view(source.aval, node.output.aval.shape)
+
+
+def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:
+    """The vEUs a chain's layout of `tile_n` columns takes (at most `budget`), None where it cannot take
+    that width. uTask t of an op must run on the vEU of its column range j: vEU t mod count when
+    (t mod count) == (j mod count) for all of them. An op whose uTask t *is* range t (a matmul gathering
+    its batch or having none, an elementwise op of one row) allows any count; a row of several ranges
+    (uTask t = row * ranges + j, the same for a batched matmul's tiles) needs count to divide the number
+    of ranges. A last range shorter than tile_n is possible only when every elementwise op has one row
+    (with more, a chunk of tile_n elements would run across the end of a row)."""
+    ranges = -(-n // tile_n)
+    one_row = all(node.kind == matmul_p.name or node.output.aval.size == n for node in chain)
+    if n % tile_n and not one_row:
+        return None
+    if one_row and all(_range_is_utask(node) for node in chain):
+        return min(ranges, budget)
+    return max(d for d in range(1, min(ranges, budget) + 1) if ranges % d == 0)
+
+
+def _range_is_utask(node: Node) -> bool:
+    """Is uTask t of this op (in a column layout) column range t of one row?"""
+    if node.kind != matmul_p.name:
+        return True                    # (elementwise, one row: _count checks)
+    out = node.output.aval
+    return math.prod(out.shape[:-2]) == 1 or utasks.can_gather_batch(node.kind, [v.aval for v in node.inputs], out)
+
+
+def _utask_columns(node: Node, tile_n: int) -> int:
+    """The columns a matmul's uTask computes in a layout of tile_n: every batch element's when gathered."""
+    out = node.output.aval
+    gather = utasks.can_gather_batch(node.kind, [v.aval for v in node.inputs], out)
+    return tile_n * (math.prod(out.shape[:-2]) if gather else 1)
+
+
+def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int) -> int:
+    """The bytes of B tiles the busiest vEU of a layout keeps resident: per distinct weight (a matmul
+    repeated in an unrolled loop body reads the same tiles: resident.py shares them), its rounds of
+    tiles of K rows by the uTask's columns."""
+    weights = {}
+    for node in chain:
+        if node.kind != matmul_p.name:
+            continue
+        a, b = node.inputs[0].aval, node.inputs[1].aval
+        utasks_count = utasks.column_split(node.kind, [a, b], [node.output.aval], tile_n, block)[0]
+        key = (node.inputs[1].storage, node.inputs[1].offset)
+        weights[key] = -(-utasks_count // count) * a.shape[-1] * _utask_columns(node, tile_n) * b.dtype.itemsize
+    return sum(weights.values())

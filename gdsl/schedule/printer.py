@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave, epilogue_of
 from gdsl.schedule.resident import RESIDENT
-from gdsl.schedule.utasks import dynamic_view
+from gdsl.schedule.utasks import dynamic_view, gathers_batch
 
 
 def _veus(task) -> str:
@@ -50,6 +50,8 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             for t in stmt.tasks:
                 rounds = -(-t.op.n_utasks // t.count)
                 extra = f", {rounds} rounds" if rounds > 1 else ""
+                if gathers_batch(t.op.params):
+                    extra += f", each {t.op.params['tile_n']} columns of every batch element"
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 if device and dynamic_view(t.op):

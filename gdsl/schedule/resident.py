@@ -13,6 +13,7 @@ may share offsets. Backends that have no such memory get a budget of 0 and plans
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import utasks
@@ -22,9 +23,11 @@ RESIDENT = "resident"
 
 
 def tile_bytes(op) -> int:
-    """Bytes of one uTask's tile of B (K rows x tile_n columns) of a matmul."""
+    """Bytes of one uTask's tile of B (K rows x tile_n columns) of a matmul; of a matmul gathering its
+    batch (utasks.GATHER_BATCH), the tiles of every batch element, one after another ([batch][K][tile_n])."""
     a, b = op.inputs[0].aval, op.inputs[1].aval
-    return a.shape[-1] * op.params["tile_n"] * b.dtype.itemsize
+    batch = utasks.tiles_per_batch(op.params, math.prod(op.outputs[0].aval.shape[:-2]))
+    return batch * a.shape[-1] * op.params["tile_n"] * b.dtype.itemsize
 
 
 def _eligible(op) -> bool:
@@ -55,28 +58,43 @@ def keep_resident(loop: Loop, budget: int) -> Loop:
     if written is None:
         return loop
     used: dict[int, int] = {}            # vEU -> bytes of its resident region taken
+    placed: dict = {}                    # the same tiles on the same vEUs -> their offset (_tiles_key)
     body = []
     for stmt in loop.body:
         if isinstance(stmt, Wave):
-            stmt = Wave(tuple(_resident_task(task, written, used, budget) for task in stmt.tasks))
+            stmt = Wave(tuple(_resident_task(task, written, used, placed, budget) for task in stmt.tasks))
         body.append(stmt)
     return dataclasses.replace(loop, body=tuple(body))
 
 
-def _resident_task(task: Task, written: set, used: dict, budget: int) -> Task:
+def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
     if not _eligible(task.op) or not isinstance(task.op.inputs[1].storage, Buffer) or \
             task.op.inputs[1].storage in written:
         return task
-    size = tile_bytes(task.op)
-    rounds = -(-task.op.n_utasks // task.count)
-    veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
-    offset = max(used.get(v, 0) for v in veus)
-    if offset + rounds * size > budget:
-        return task
-    for v in veus:
-        used[v] = offset + rounds * size
+    key = _tiles_key(task)
+    offset = placed.get(key)
+    if offset is None:
+        size = tile_bytes(task.op)
+        rounds = -(-task.op.n_utasks // task.count)
+        veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
+        offset = max(used.get(v, 0) for v in veus)
+        if offset + rounds * size > budget:
+            return task
+        for v in veus:
+            used[v] = offset + rounds * size
+        placed[key] = offset
     op = dataclasses.replace(task.op, params={**task.op.params, RESIDENT: (offset, task.count)})
     return Task(op, task.first, task.count)
+
+
+def _tiles_key(task: Task) -> tuple:
+    """What decides the tiles each vEU of a matmul task keeps: the weight (B's storage and view), the split
+    and the vEU range. Two tasks with the same key (a matmul twice in a body unrolled twice, unroll.py)
+    share one resident region."""
+    b = task.op.inputs[1]
+    split = tuple(sorted((k, v) for k, v in task.op.params.items()
+                         if k in ("tile_m", "tile_n", utasks.GATHER_BATCH)))
+    return b.storage, b.offset, b.aval, split, task.op.n_utasks, task.first, task.count
 
 
 def region_bytes(plan) -> int:

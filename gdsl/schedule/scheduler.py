@@ -697,7 +697,7 @@ class Scheduler:
             if not it.uniform and len(it.eqn.outs) == 1:
                 kind, atoms = self._kind_and_inputs(it)
                 nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self._op_outputs(it)[0]))
-        return column_layouts(nodes, self.grid)
+        return column_layouts(nodes, self.grid, self.block, self.resident_bytes)
 
     def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
         eqn = it.eqn
@@ -713,7 +713,7 @@ class Scheduler:
             params["in_place"] = True
         if layout is not None:
             count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in outs],
-                                                            layout.tile_n)
+                                                            layout.tile_n, self.block)
         else:
             count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in outs],
                                                     params, grid)

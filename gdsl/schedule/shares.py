@@ -20,7 +20,7 @@ from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, epilogue_operands
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue).
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", RESIDENT, EPILOGUE})
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, RESIDENT, EPILOGUE})
 
 
 def storage_elements(value, flat):
@@ -38,7 +38,11 @@ def write_share(op, t) -> np.ndarray:
     if op.kind in utasks.GEMM_KINDS:
         batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, p)
         tm, tn = p["tile_m"], p["tile_n"]
-        b, i, j = np.unravel_index(t, (batch, math.ceil(m / tm), math.ceil(n / tn)))
+        if utasks.gathers_batch(p):         # tile (i, j) of every batch element
+            i, j = np.unravel_index(t, (math.ceil(m / tm), math.ceil(n / tn)))
+            b = np.arange(batch)[:, None, None]
+        else:
+            b, i, j = np.unravel_index(t, (batch, math.ceil(m / tm), math.ceil(n / tn)))
         rows = np.arange(i * tm, min((i + 1) * tm, m))
         cols = np.arange(j * tn, min((j + 1) * tn, n))
         if op.kind == matmul_p.name:

@@ -5,6 +5,9 @@ One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly
     elementwise-like kinds   output elements [t*chunk, min((t+1)*chunk, size)) in row-major order
     matmul / conv2d          output tile (b, i, j) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n)));
                              conv2d as implicit GEMM: M = N*HO*WO, N = O, K = C*KH*KW, batch = 1
+    matmul, gather_batch     output tiles (i, j) = unravel(t, (ceil(M/tile_m), ceil(N/tile_n))) of EVERY
+                             batch element b (one GEMM of A's rows by the batch*tile_n gathered columns;
+                             A is broadcast over the batch, so all of them read the same rows of A)
     reductions, argmax/min   output elements [t*rows, (t+1)*rows) (each a full reduction)
     dynamic_update_slice     in place: update elements [t*chunk, ...); otherwise like elementwise
 
@@ -69,7 +72,13 @@ def dynamic_view(op) -> bool:
     chunks the copy had been faster, 24.8 against 27.0 ms)."""
     if op.kind != dynamic_slice_p.name or not viewable_buffers(op):
         return False
-    return contiguous_window(op.inputs[0].aval.shape, op.params["sizes"])
+    return window_view(op.inputs[0].aval, op.params["sizes"])
+
+
+def window_view(source_aval, sizes) -> bool:
+    """Could a dynamic window of `sizes` of an array be read in place (dynamic_view's terms beyond its
+    buffers): one contiguous run of its source."""
+    return contiguous_window(source_aval.shape, sizes)
 
 
 def first_start(kind) -> int | None:
@@ -235,16 +244,52 @@ def partition_split(kind, in_avals, out_avals, params, parts):
     return parts, {"chunk": chunk}, _cost(4 * chunk * (len(in_avals) + 1))
 
 
-def column_split(kind, in_avals, out_avals, tile_n):
+# The split param of a matmul whose uTask covers its column range in every batch element (the table above).
+GATHER_BATCH = "gather_batch"
+
+
+def gathers_batch(params) -> bool:
+    """Does a matmul with these split params take each column range of every batch element at once?"""
+    return bool(params.get(GATHER_BATCH))
+
+
+def can_gather_batch(kind, in_avals, out_aval) -> bool:
+    """Can a uTask of this op cover a column range of every batch element at once: a batched matmul whose
+    left operand is broadcast over the batch (one A for all, staged once). With a batched A the gathered
+    tile would be a block diagonal of A's batch elements: not expressed (such a matmul keeps one tile per
+    batch element)."""
+    if kind != matmul_p.name or len(out_aval.shape) < 3:
+        return False
+    return math.prod(out_aval.shape[:-2]) > 1 and math.prod(in_avals[0].shape[:-2]) == 1
+
+
+def tiles_per_batch(params, batch: int) -> int:
+    """How many batch elements one uTask of a matmul covers (all of them when gathered, else one)."""
+    return batch if gathers_batch(params) else 1
+
+
+def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True):
     """The split of an op in a column layout (owner.py): each uTask writes within one range of `tile_n`
-    columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns; any other
-    kind chunks of tile_n elements (tile_n divides the row length, so a chunk is one row's range)."""
+    columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns, of every
+    batch element at once where it can (can_gather_batch: one staging of A and one reduction per uTask);
+    any other kind chunks of tile_n elements (a row's range when tile_n divides the row length, or the row
+    has one). `b_onchip`: the matmul's weights are read from the vEU's shared memory (resident.py), else
+    from L2 at a vEU's share of its bandwidth."""
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, {})
         tm = max(m, 1)
-        count = batch * math.ceil(m / tm) * math.ceil(n / tile_n)
-        return count, {"tile_m": tm, "tile_n": tile_n}, \
-            _cost(4 * (tm * k + k * tile_n + tm * tile_n), 2 * tm * tile_n * k)
+        gather = can_gather_batch(kind, in_avals, out)
+        per_utask = batch if gather else 1
+        count = batch // per_utask * math.ceil(m / tm) * math.ceil(n / tile_n)
+        params = {"tile_m": tm, "tile_n": tile_n, **({GATHER_BATCH: True} if gather else {})}
+        columns = per_utask * tile_n
+        if m <= GEMV_ROWS:
+            cost = _gemv_tile_cost(tm, columns, k, len(in_avals) - 2)
+            if not b_onchip:        # its weights' bytes at L2's share instead of the vEU's own memory
+                cost += 4 * k * columns * (1 / BYTES_PER_NS_PER_VEU - 1 / ONCHIP_BYTES_PER_NS_PER_VEU)
+        else:
+            cost = _gemm_tile_cost(tm, columns, k, len(in_avals) - 2)
+        return count, params, cost
     count = max(1, math.ceil(out.size / tile_n))
-    return count, {"chunk": tile_n}, _cost(4 * tile_n * (len(in_avals) + 1))
+    return count, {"chunk": tile_n}, chunk_cost(tile_n, len(in_avals), block, out.size)

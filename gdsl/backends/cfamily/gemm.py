@@ -16,6 +16,7 @@ from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
+from gdsl.schedule import utasks
 from gdsl.schedule.plan import epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
@@ -42,6 +43,10 @@ class Gemm:
     store: str           # body of sc(m, n, v)
     a_contiguous_k: bool  # A is contiguous along k in memory (the tile routine then loads consecutive k)
     b_contiguous_k: bool  # B likewise
+    # A uTask of a matmul gathering its batch (utasks.GATHER_BATCH): the tile routine sees one GEMM of
+    # `gathered` * tile_n columns, column n' being batch element n' / tile_n, column tj * tile_n + n' % tile_n
+    # (the loaders map it and skip columns past N); 0: tiles of one batch element.
+    gathered: int = 0
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -67,6 +72,8 @@ def matmul(ops: OpRenderer) -> str:
     bshape = out.aval.shape[:-2]
     a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
+    if utasks.gathers_batch(ops.op.params):
+        return gathered_matmul(ops, M, N, K, bshape)
     setup = [f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"]
     load_b = f"return ({acc})({b.at(f'b0 + k * {N} + n')});"
     kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
@@ -95,6 +102,30 @@ def _transposed_matrix(b) -> bool:
     return rank >= 2 and tuple(perm) == tuple(range(rank - 2)) + (rank - 1, rank - 2)
 
 
+def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
+    """A uTask of a matmul gathering its batch (utasks.GATHER_BATCH): columns [tj * tile_n, ...) of every
+    batch element as one tile of batch * tile_n columns (Gemm.gathered): A, broadcast over the batch, is
+    staged once and the partial sums reduced once for all of them. B's tile of batch element g is at
+    g * K * tile_n of a resident region ([batch][K][tile_n], stage_resident)."""
+    a, b = ops.ins[:2]
+    acc = c_types.accumulator(ops.outs[0].dtype)
+    tn = ops.op.params["tile_n"]
+    batch = math.prod(bshape)
+    column = f"const int g = n / {tn}, j = j0 + n % {tn};"
+    setup = [f"  const int j0 = tj * {tn};"]
+    if RESIDENT in ops.op.params:       # every batch element's K x tile_n columns of B wait in shared memory
+        setup.append(f"  const {c_types.storage(b.dtype)}* rb = {resident_tile(ops.op, 't', 'smem')};")
+        value = c_types.from_storage(b.dtype, f"rb[g * {K * tn} + k * {tn} + n % {tn}]")
+        load_b = f"const int g = n / {tn}; return ({acc})({value});"
+    else:
+        b_off = broadcast_index(bshape, b.aval.shape[:-2], "g")
+        load_b = f"{column} return j < {N} ? ({acc})({b.at(f'({b_off}) * {K * N} + k * {N} + j')}) : ({acc})0;"
+    store = f"{column} if (j < {N}) {{ {store_output(ops, f'g * {M * N} + m * {N} + j', 'v')} }}"
+    return gemm_tiles(ops, Gemm(
+        M, N, K, 1, setup=setup, load_a=f"return ({acc})({a.at(f'm * {K} + k')});", load_b=load_b,
+        store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch))
+
+
 def resident_tile(op, t: str, smem: str) -> str:
     """C expression: where uTask `t` of a matmul with resident B (gdsl/schedule/resident.py) keeps its tile
     in the vEU's shared memory `smem` (the resident region starts at GDSL_RESIDENT_BASE)."""
@@ -111,6 +142,11 @@ def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
     K, N = a.shape[-1], b.shape[-1]
     tn = op.params["tile_n"]
     tiles_n = -(-N // tn)
+    if utasks.gathers_batch(op.params):       # every batch element's columns, [batch][K][tile_n]
+        b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "g")
+        return (f"{{ const int tj = ({t}) % {tiles_n}; for (int g = 0; g < {math.prod(out.shape[:-2])}; ++g) "
+                f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
+                f"{resident_tile(op, t, smem)} + g * {K * tn}); }}")
     b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "bt")
     return (f"{{ const int bt = ({t}) / {tiles_n}, tj = ({t}) % {tiles_n}; "
             f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
@@ -150,7 +186,11 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     # A tile covering a whole dimension of any size (a partitioned loop's) is computed as the next power
     # of two, its extra rows and columns masked: the tile routines split a power of two among threads.
     gemv = tm == M and M <= 8          # (any number of rows)
-    tn = _pow2(tn) if tn >= N else tn
+    col0 = f"tj * {tn}"
+    if gemm.gathered:                  # one GEMM of the gathered columns (Gemm.gathered): exactly its width
+        tn = N = gemm.gathered * tn
+        col0 = "0"
+    tn = _pow2(tn) if tn >= N and not gemm.gathered else tn
     tm = _pow2(tm) if tm >= M and not gemv else tm
     lines = [f"  const int bt = t / {tiles_m * tiles_n}, ti = (t / {tiles_n}) % {tiles_m}, "
              f"tj = t % {tiles_n};" if gemm.batch > 1 else
@@ -169,7 +209,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         slots = ks // lanes
         ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
         lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
-                     f"tj * {tn}, la, lb, sc, smem);")
+                     f"{col0}, la, lb, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
@@ -178,13 +218,13 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         if warps is None:
             ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
             lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
-                         f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
+                         f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
         else:
             wr, wc = warps
             k_groups = block // ops.dialect.warp_size // (wr * wc)
             ops.smem = max(ops.smem, GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
             lines.append(f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
-                         f"({M}, {N}, {K}, ti * {tm}, tj * {tn}, la, lb, sc, smem);")
+                         f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
     return "\n".join(lines) + "\n"
 
 

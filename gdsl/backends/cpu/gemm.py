@@ -1,7 +1,8 @@
 """The matmul kind: tiled GEMM, row bands, packed constant weights and the float32 register-blocked
 micro-kernel (AVX-512 or AVX2 vectors).
 
-uTask t computes output tile (b, ti, tj) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n))). Where one
+uTask t computes output tile (b, ti, tj) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n))); gathering the
+batch (utasks.GATHER_BATCH), tile (ti, tj) of every batch element, one after another. Where one
 thread can compute all column tiles of a row band at once, the renderer also writes a row-band function
 (matmul_bands, emit_matmul_band) and a lone thread calls that instead. A matmul's constant right operand of
 several column tiles is read from a copy packed tile by tile (packed_tile, pack_columns: the runtime packs
@@ -61,15 +62,23 @@ def matmul_bands(op) -> int:
     one go (its accumulators fit BAND_LIMIT) along b's rows (b not packed); else 0."""
     if family_of(op.kind) != CONTRACTION or packed_tile(op):
         return 0
-    n, tm, tn = op.outputs[0].aval.shape[-1], op.params["tile_m"], op.params["tile_n"]
+    batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], op.outputs[0].aval, op.params)
+    tm, tn = op.params["tile_m"], op.params["tile_n"]
     if n <= tn or tm * n > BAND_LIMIT:
         return 0
-    return op.n_utasks // -(-n // tn)
+    return batch * -(-m // tm)
 
 
 @register_lowering("matmul", backend="cpu")
 def matmul_utask(fn, ops, op, t):
-    emit_matmul(fn, ops, op, t)
+    if not utasks.gathers_batch(op.params):
+        emit_matmul(fn, ops, op, t)
+        return
+    # uTask t of a gathered matmul is tile t of each batch element: tile b * tiles + t of the plain split.
+    batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], op.outputs[0].aval, op.params)
+    tiles = -(-m // op.params["tile_m"]) * -(-n // op.params["tile_n"])
+    for b in range(batch):
+        emit_matmul(fn, ops, op, fn.op(f"add nsw i64 {t}, {b * tiles}") if b else t)
 
 
 def emit_matmul_band(fn, ops, op, t):
