@@ -3,7 +3,8 @@ Ops whose functions would be the same text (same kind, shapes, expression, split
 ResNet, the steps of an unrolled loop) share one function. Functions are inlined at their call sites
 unless that would give NVRTC more than INLINE_BUDGET of code: then the most repeated ones are compiled
 once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs; so are the GEMM/GEMV
-uTask functions with several call sites (CALL_TILED_UTASKS). The tasks of one wave that call the same function on
+uTask functions with several call sites (CALL_TILED_UTASKS), and, in a program past LARGE_KERNEL_BUDGET, the
+functions of the largest inlined share (CALL_IN_LARGE_KERNELS). The tasks of one wave that call the same function on
 disjoint vEUs share one call site (GROUP_WAVE_TASKS): NVRTC's time goes into inlined, unrolled tiles.
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
