@@ -1,7 +1,7 @@
 """Compile the CUDA kernels of the model zoo ahead of time into the compile cache (no GPU needed).
 
     GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
-        [--render ROLL_REPEATS=False,MERGE_KERNELS=False]
+        [--render ROLL_REPEATS=False,MERGE_KERNELS=False] [--render CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None]
 
 NVRTC takes a while on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
 the cache folder to the GPU machine keeps the benchmark's device time for measuring. Each line gives one
@@ -22,12 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def compile_one(name, batch, control, grid=None, program=None, options=(), switches=()):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs;
-    `switches`: (name, value) of gdsl/backends/cfamily/render.py's module switches to set first."""
+    `switches`: (name, value) of the module switches of gdsl/backends/cfamily/render.py (or, for a name it
+    lacks, gdsl/backends/cuda/toolchain.py: PTXAS_THREADS) to set first."""
     from gdsl.backends.cfamily import render
+    from gdsl.backends.cuda import toolchain
     from gdsl.backends.cuda.toolchain import compile_cuda
     from models import common, load
     for switch, value in switches:
-        setattr(render, switch, value)
+        module = render if hasattr(render, switch) else toolchain
+        if not hasattr(module, switch):
+            raise SystemExit(f"--render: no switch {switch} in render.py or cuda/toolchain.py")
+        setattr(module, switch, value)
     model = load(name)
     cfg, inputs = None, {}
     if program:
@@ -54,8 +59,10 @@ def main():
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
                                                 "(models.bench --ablate), e.g. wavefront=False,hoist=False")
-    p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py first, "
-                                                 "e.g. ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them)")
+    p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py (or "
+                                                 "gdsl/backends/cuda/toolchain.py) first, e.g. ROLL_REPEATS=False,"
+                                                 "MERGE_KERNELS=False (the form before them) or "
+                                                 "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()

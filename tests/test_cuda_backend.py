@@ -196,6 +196,36 @@ def test_identical_utasks_share_one_function(monkeypatch):
     assert "// called from 10 sites" in large and "// called from 9 sites" in large
 
 
+def test_large_programs_call_their_functions(monkeypatch):
+    """Past LARGE_KERNEL_BUDGET of estimated inlined code the functions with the largest inlined share are
+    called, one of a single call site too (the kernel compiles in time growing faster than its size), until
+    LARGE_KERNEL_INLINED is left; under the budget, and with CALL_IN_LARGE_KERNELS off, the rendering is the
+    one of the inlining budget alone."""
+    from gdsl.backends.cfamily import render
+    monkeypatch.setattr(render, "ROLL_REPEATS", False)
+
+    def layers(x, w):
+        for k in range(10):
+            x = gdsl.numpy.tanh(x @ w[k])
+        return x
+
+    def ops():        # three functions: the tanh (10 sites), the GEMV of a temporary (9), the first GEMV (1)
+        source = gdsl.jit(layers, backend="cuda", grid=8, epilogue=False).lower(
+            np.ones((1, 64), np.float32), np.ones((10, 64, 64), np.float32)).source
+        return _generated_part(source).split('extern "C"')[0]
+    default = ops()
+    assert default.count("GDSL_DEV void") == 3 and "GDSL_SHARED_OP" not in default
+    monkeypatch.setattr(render, "LARGE_KERNEL_BUDGET", 0)
+    monkeypatch.setattr(render, "LARGE_KERNEL_INLINED", 10**9)
+    assert ops() == default                            # past the budget, but already under what may stay
+    monkeypatch.setattr(render, "LARGE_KERNEL_INLINED", 0)
+    every = ops()
+    assert every.count("GDSL_SHARED_OP void") == 3 and "GDSL_DEV void" not in every
+    assert "// called from 1 sites" in every
+    monkeypatch.setattr(render, "CALL_IN_LARGE_KERNELS", False)
+    assert ops() == default
+
+
 def _independent_layers(x, w):
     """Four products of one shape that depend on nothing but the inputs: one wave, four tasks."""
     return [gdsl.numpy.tanh(x @ w[k]) for k in range(4)]

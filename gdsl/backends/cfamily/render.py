@@ -3,7 +3,8 @@ Ops whose functions would be the same text (same kind, shapes, expression, split
 ResNet, the steps of an unrolled loop) share one function. Functions are inlined at their call sites
 unless that would give NVRTC more than INLINE_BUDGET of code: then the most repeated ones are compiled
 once and called (GDSL_SHARED_OP), which keeps NVRTC's time down on large programs; so are the GEMM/GEMV
-uTask functions with several call sites (CALL_TILED_UTASKS). The tasks of one wave that call the same function on
+uTask functions with several call sites (CALL_TILED_UTASKS), and, in a program past LARGE_KERNEL_BUDGET, the
+functions of the largest inlined share (CALL_IN_LARGE_KERNELS). The tasks of one wave that call the same function on
 disjoint vEUs share one call site (GROUP_WAVE_TASKS): NVRTC's time goes into inlined, unrolled tiles.
 
 Inside a kernel every vEU (thread block) walks the plan's statement tree itself:
@@ -108,6 +109,21 @@ ROLL_MIN_CALLS = 4
 # Host control: kernels whose text is the same up to the same holes (one kernel per gated block) are one
 # __global__ function with one more parameter, `int gdsl_variant`, that picks the arguments (False: one each).
 MERGE_KERNELS = True
+# A kernel's NVRTC time grows faster than its length (NVVM and ptxas work on the whole body at once, with
+# hundreds of pointers live through it), while a called function is compiled once, alone: SkipNet's device
+# kernel took 35 of its 40 s of NVRTC CPU with the bodies of its 15 called functions emptied, under 2 s with
+# every uTask function called. So where the uTask code inlined in a program passes LARGE_KERNEL_BUDGET
+# (estimated machine code, below), the functions with the largest inlined share (call sites x size) are
+# called, those of a single call site too, until what stays inlined is under LARGE_KERNEL_INLINED (False:
+# INLINE_BUDGET alone). The zoo's programs other than SkipNet's stay under the budget (BlockDrop bs64 device,
+# the largest, ~23 KiB), so they render as before; SkipNet's (~100 KiB) keeps its smallest functions inlined.
+CALL_IN_LARGE_KERNELS = True
+LARGE_KERNEL_BUDGET = 32 * 1024
+LARGE_KERNEL_INLINED = 8 * 1024
+# The machine code of an unrolled GEMM/GEMV tile per byte of its uTask function's source, against an
+# elementwise loop's: NVRTC's PTX lines per source byte on SkipNet were 0.9-3.0 for the tiled functions,
+# 0.2-0.55 for the others.
+TILED_CODE_WEIGHT = 3
 
 
 @dataclass
@@ -890,7 +906,31 @@ class Renderer:
                 break
             out.add(name)
             total -= cost[name]
+        if CALL_IN_LARGE_KERNELS:
+            out |= self.called_in_large_kernels(out)
         return out
+
+    def called_in_large_kernels(self, called: set) -> set:
+        """The functions to call, besides `called`, in a program whose estimated machine code inlined passes
+        LARGE_KERNEL_BUDGET: those of the largest inlined share first, whatever their call sites (a called
+        function is compiled once, apart from the kernel, whose time grows faster than its size), until what
+        stays inlined is at most LARGE_KERNEL_INLINED."""
+        share = {name: self.call_sites[name] * self.code_size(name, code)
+                 for name, code in self.functions.values() if name not in called and self.call_sites[name] > 0}
+        total = sum(share.values())
+        if total <= LARGE_KERNEL_BUDGET:
+            return set()
+        out = set()
+        for name in sorted(share, key=lambda n: (-share[n], n)):
+            if total <= LARGE_KERNEL_INLINED:
+                break
+            out.add(name)
+            total -= share[name]
+        return out
+
+    def code_size(self, name: str, code: str) -> int:
+        """The estimated machine code of uTask function `name` (C text `code`), in elementwise source bytes."""
+        return len(code) * (TILED_CODE_WEIGHT if self.function_kind[name] in TILED_KINDS else 1)
 
     def function_code(self, name: str, code: str, shared: set) -> str:
         if name not in shared:

@@ -15,6 +15,11 @@ from gdsl.backends.toolchain import cached_compile, compile_error
 from gdsl.errors import BackendUnavailableError
 
 INSTALL_HINT = "pip install 'gdsl[cuda]'"
+# Threads ptxas (inside NVRTC) compiles the functions of one program with (its --split-compile; 0: one per CPU,
+# None: the option left out, one thread). The machine code is the same: on SkipNet's device kernel the CUBIN's
+# .text was byte-identical with and without it, so it costs no run time; it cuts the wall time of programs whose
+# uTask functions are called (compiled apart from the kernel: gdsl/backends/cfamily/render.py).
+PTXAS_THREADS: int | None = 0
 
 
 def _nvrtc():
@@ -68,6 +73,8 @@ def compile_cuda(source: str, arch: str = "sm_90", *, options=(), name: str = "g
     if missing:
         raise BackendUnavailableError(missing)
     opts = [f"--gpu-architecture={arch}", "--std=c++17", *options]
+    if PTXAS_THREADS is not None:
+        opts += ["-Xptxas", f"--split-compile={PTXAS_THREADS}"]
     include = cuda_include_dir()
     if include:
         opts.append(f"-I{include}")
