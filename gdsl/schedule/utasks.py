@@ -11,7 +11,9 @@ One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly
     reductions, argmax/min   output elements [t*rows, (t+1)*rows) (each a full reduction)
     dynamic_update_slice     in place: update elements [t*chunk, ...); otherwise like elementwise
 
-Costs are a rough roofline per uTask on one vEU (ns), used to size vEU ranges within a wave.
+Costs are a rough roofline per uTask on one vEU (ns), used to size vEU ranges within a wave. `split` picks
+an Op's split for the whole grid; `split_options` lists the splits a wave's balancing (balance.py) may take
+instead, each with a time that counts memory round trips (ROUND_TRIP_NS).
 """
 from __future__ import annotations
 
