@@ -67,10 +67,12 @@ def height(tree):
     return 0 if tree is None else 1 + max(height(tree[0]), height(tree[1]))
 
 
-def encoder(max_depth):
-    """RAE's encoder: two calls per inner node whose results meet in one matmul."""
+def encoder(max_depth, hidden=D):
+    """RAE's encoder: two calls per inner node whose results meet in one matmul. At a larger `hidden` the
+    node's matmul spreads over several vEUs, so the barrier before it (after the second call) and after it
+    are grid barriers, the leaf's and the tanh's are not."""
     def program(x, W, b, left, right, is_leaf, root):
-        @gdsl.recurse(result=gdsl.ShapeDtype((D,), gdsl.float32), max_depth=max_depth)
+        @gdsl.recurse(result=gdsl.ShapeDtype((hidden,), gdsl.float32), max_depth=max_depth)
         def encode(node):
             return gdsl.cond(is_leaf[node], lambda: x[node],
                              lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
@@ -415,18 +417,6 @@ def test_adjacent_call_results_are_concatenated_in_place(order, axis, rows, in_p
                                    rtol=1e-5, atol=1e-5)
 
 
-def wide_encoder(max_depth, hidden):
-    """RAE's encoder at `hidden` wide: the node's matmul spreads over several vEUs, so the barrier before
-    it (after the second call) and after it are grid barriers, the leaf's and the tanh's are not."""
-    def program(x, W, b, left, right, is_leaf, root):
-        @gdsl.recurse(result=gdsl.ShapeDtype((hidden,), gdsl.float32), max_depth=max_depth)
-        def encode(node):
-            return gdsl.cond(is_leaf[node], lambda: x[node],
-                             lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
-        return encode(root)
-    return program
-
-
 TREES = {"one leaf": None, "depth 1": (None, None), "children are leaves": ((None, None), (None, None)),
          "left chain": chain(4, "left"), "right chain": chain(4, "right"),
          "unbalanced": (((None, (None, None)), None), (None, ((None, None), None))),
@@ -460,7 +450,7 @@ def test_wide_encoder_trees(name):
     args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
             (rng.standard_normal((2 * hidden, hidden)) / np.sqrt(2 * hidden)).astype(np.float32),
             (0.1 * rng.standard_normal(hidden)).astype(np.float32), left, right, is_leaf, root)
-    program = wide_encoder(height(tree) + 1, hidden)
+    program = encoder(height(tree) + 1, hidden)
     plan = check_simulated(program, args, grids=(1, 3, 16))
     from models import floor
     inner_nodes = int((~is_leaf).sum())
@@ -491,7 +481,7 @@ def test_race_on_a_view_across_frames_is_caught():
     args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
             rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
             rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
-    plan = schedule(gdsl.make_ir(wide_encoder(2, hidden))(*args), grid=16)
+    plan = schedule(gdsl.make_ir(encoder(2, hidden))(*args), grid=16)
     simulate(plan, flat_args(args))
     (fn,) = plan.functions
     (branch,) = [s for s in fn.body if isinstance(s, Branch)]
@@ -518,7 +508,7 @@ def test_barrier_by_return_site_is_needed_for_a_left_child():
     args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
             rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
             rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
-    plan = schedule(gdsl.make_ir(wide_encoder(3, hidden))(*args), grid=16, epilogues=CHAIN)
+    plan = schedule(gdsl.make_ir(encoder(3, hidden))(*args), grid=16, epilogues=CHAIN)
     simulate(plan, flat_args(args))
     (fn,) = plan.functions
     (by_site,) = [s for s in walk(fn.body) if isinstance(s, Sync) and s.sites is not None]
