@@ -31,6 +31,13 @@ from hypothesis.extra import numpy as hnp
 import gdsl
 import gdsl.nn  # noqa: F401  (the programs call gdsl.nn.*)
 import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+from gdsl.backends.cuda import toolchain as cuda_toolchain
+
+# Tests that need a compiler but no GPU (CI has both): NVRTC for the CUDA source, g++ for the CPU emulator.
+needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
+                                 reason=str(cuda_toolchain.nvrtc_available()))
+needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 
 f32, f16, bf16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)
 i32, i64, boolean = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.bool_)

@@ -6,11 +6,10 @@ simulator with its race checks), including GEMV tiles whose width is not a power
 source of compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
 from gdsl.backends.cfamily.emulator import emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
@@ -19,9 +18,6 @@ from gdsl.schedule.plan import Sync, Wave, plan_statements
 from gdsl.schedule.simulate import simulate
 
 rng = np.random.default_rng(0)
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 
 
 def _f32(*shape):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from backend_programs import GOLDEN, PROGRAMS
 from hypothesis import given, settings
-from strategies import check_backend, programs
+from strategies import check_backend, needs_cxx, needs_nvrtc, programs
 
 import gdsl
 from gdsl.backends.cfamily import emulator
@@ -29,9 +29,6 @@ from gdsl.primitives import registry
 from gdsl.schedule.plan import Sync, plan_statements
 
 GOLDEN_DIR = Path(__file__).with_name("golden")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 CONTROLS = ("device", "host")
 CASES = [(name, control) for name in PROGRAMS for control in CONTROLS]
 

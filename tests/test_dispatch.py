@@ -6,13 +6,12 @@ import threading
 import numpy as np
 import pytest
 from backend_programs import PROGRAMS
-from strategies import assert_trees_close
+from strategies import assert_trees_close, needs_cxx
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 HOST_BACKENDS = ("interpret", "cpu")
 
 

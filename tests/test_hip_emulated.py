@@ -11,7 +11,7 @@ import functools
 import pytest
 from backend_programs import PROGRAMS
 from hypothesis import given, settings
-from strategies import BACKEND_TOLERANCE, assert_trees_close, programs
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, programs
 
 import gdsl
 from gdsl.backends.cfamily import emulator, executor
@@ -22,9 +22,6 @@ from gdsl.backends.hip.emulated import EmulatedHIPDialect, cuda_compat_source
 from gdsl.jit import _as_dtype, leaf_aval, make_ir
 from gdsl.tracing.pytree import tree_flatten, tree_unflatten
 
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 CASES = [(name, "device") for name in PROGRAMS] + \
     [(name, "host") for name in ("loop", "branch", "recursion", "reductions", "gemv_batch1")]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from strategies import needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
@@ -25,11 +26,8 @@ from gdsl.profiling.profile import _collect, run_profile
 from gdsl.profiling.sites import TraceSites
 from gdsl.schedule.plan import Wave, plan_statements
 
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 needs_hiprtc = pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None,
                                   reason=str(hip_toolchain.hiprtc_available()))
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 two_threads = pytest.mark.skipif(cpu_count() < 2, reason="grid barriers between threads need two cores")
 STEPS = 4
 

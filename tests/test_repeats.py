@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from strategies import needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
@@ -17,9 +18,6 @@ from gdsl.backends.cuda.dialect import CUDADialect
 from gdsl.jit import make_ir
 from gdsl.profiling.sites import trace_sites
 
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 LAYERS = 6
 
 

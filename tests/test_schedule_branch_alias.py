@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
 from test_schedule import check_plan
 
 import gdsl
@@ -22,10 +22,6 @@ from gdsl.schedule import schedule
 from gdsl.schedule.plan import COPY, Assign, Branch, Loop, Sync, Uniforms, Wave, plan_statements, walk
 from gdsl.schedule.simulate import Simulator
 from gdsl.tracing.pytree import tree_flatten
-
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 
 rng = np.random.default_rng(12)
 

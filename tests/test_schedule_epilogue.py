@@ -4,12 +4,11 @@ simulator (with its race checks), the CPU emulator of the generated C and the CP
 interpreter computes, with and without epilogues; the CUDA source with an epilogue compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
 from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
@@ -20,9 +19,6 @@ from gdsl.schedule.simulate import simulate
 
 rng = np.random.default_rng(0)
 CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they apply epilogues
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 
 
 def _f32(*shape, scale=1.0):

@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
@@ -31,8 +31,6 @@ from models import lstm, nasrnn
 
 MODELS = {"lstm": lstm, "nasrnn": nasrnn}
 CASES = [(name, bs) for name in MODELS for bs in (1, 64)]
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 
 
 def _model(name, bs, steps=None):

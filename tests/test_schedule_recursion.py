@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx
 
 import gdsl
 import gdsl.numpy as gnp
@@ -23,7 +23,6 @@ from gdsl.tracing.pytree import tree_flatten
 
 D = 4
 CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they apply epilogues
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
 
 
 def tree_arrays(shape, n_slots=None):

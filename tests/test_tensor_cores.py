@@ -7,6 +7,7 @@ with ragged edges against float64, as close as the FFMA tile's results are.
 """
 import numpy as np
 import pytest
+from strategies import needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
@@ -15,8 +16,6 @@ from gdsl.backends.cfamily.gemm import tensor_core_warps
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.cuda.dialect import CUDADialect
 
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 TC_CALL = "gdsl_gemm_tile_tc<"
 
 

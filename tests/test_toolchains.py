@@ -1,6 +1,7 @@
 """The CUDA and HIP toolchains (compile without a GPU, in CI) and the CUDA runtime (on a GPU only)."""
 import numpy as np
 import pytest
+from strategies import needs_nvrtc
 
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda import toolchain as cuda_toolchain
@@ -48,8 +49,6 @@ def reverse_rounds_reference(x: np.ndarray, rounds: int) -> np.ndarray:
     return a
 
 
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 # CI installs libamdhip64-5 (.ci/run), so these run there; skipped only on a machine without it.
 needs_hiprtc = pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None,
                                   reason=str(hip_toolchain.hiprtc_available()))

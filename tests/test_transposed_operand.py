@@ -4,18 +4,14 @@ strides) reads it along k, where it is contiguous: the GEMV tile then puts a war
 that the CPU emulator of that C computes what the interpreter computes; the CUDA source compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
 from gdsl.backends.cfamily.emulator import emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 
 rng = np.random.default_rng(3)
-needs_cxx = pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
-                                 reason=str(cuda_toolchain.nvrtc_available()))
 
 
 def _f32(*shape):
