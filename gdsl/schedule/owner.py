@@ -194,7 +194,7 @@ def _reads_in_place(node: Node) -> bool:
     if node.kind != dynamic_slice_p.name:
         return False
     source = node.inputs[0]
-    return isinstance(source.storage, Buffer) and utasks.window_view(source.aval, node.output.aval.shape)
+    return isinstance(source.storage, Buffer) and utasks.contiguous_window(source.aval.shape, node.output.aval.shape)
 
 
 def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:
