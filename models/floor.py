@@ -304,7 +304,7 @@ def rendered_grid_syncs(lowered) -> frozenset | None:
                 grid = stmt.scope == "grid" and index not in demoted
                 if grid and not quiet:
                     kept.add(id(stmt))
-                quiet = (grid and stmt.sites is None) or quiet     # (by return site: block on some paths)
+                quiet = (grid and stmt.always_grid) or quiet     # (by return site: block on some paths)
             elif isinstance(stmt, Loop):
                 entry, after_cond = renderer._loop_quiet(stmt, quiet)
                 visit(stmt.cond, entry)

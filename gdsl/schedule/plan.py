@@ -192,6 +192,11 @@ class Sync:
     scope: str                     # "grid" or "block"
     sites: frozenset | None = None   # grid only when returning to one of these call sites (None: always)
 
+    @property
+    def always_grid(self) -> bool:
+        """A grid barrier on every path (not one by return site, a block barrier on some)."""
+        return self.scope == "grid" and self.sites is None
+
     def is_grid_at(self, site) -> bool:
         """Is this a grid barrier when the innermost running call returns to `site` (None: outside any)?"""
         return self.scope == "grid" and (self.sites is None or site in self.sites)

@@ -1722,7 +1722,7 @@ def _barrier_first(stmts, buffers) -> bool:
     nested loop or branch counts as a write when anything in it may write them (a call: always), and its
     own barriers do not count (it may run none of them)."""
     for stmt in stmts:
-        if isinstance(stmt, Sync) and stmt.scope == "grid":
+        if isinstance(stmt, Sync) and stmt.always_grid:
             return True
         if _may_write(stmt, buffers):
             return False

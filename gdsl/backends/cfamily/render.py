@@ -399,7 +399,7 @@ class Renderer:
         demoted = self.demoted(stmts)
         for index, stmt in enumerate(stmts):
             if isinstance(stmt, Sync):         # (one by return site is a block barrier on some paths)
-                quiet = (stmt.scope == "grid" and stmt.sites is None and index not in demoted) or quiet
+                quiet = (stmt.always_grid and index not in demoted) or quiet
             elif isinstance(stmt, Loop):
                 quiet = self._loop_quiet(stmt, quiet)[1]
             elif isinstance(stmt, Branch):
@@ -447,7 +447,7 @@ class Renderer:
         """Indices of the grid Syncs of `stmts` that a block barrier can replace."""
         out, last_grid = set(), None
         # (A Sync by return site is no grid barrier on some paths: it bounds no neighbourhood, and stays.)
-        grids = [i for i, s in enumerate(stmts) if isinstance(s, Sync) and s.scope == "grid" and s.sites is None]
+        grids = [i for i, s in enumerate(stmts) if isinstance(s, Sync) and s.always_grid]
         for n, i in enumerate(grids):
             nxt = grids[n + 1] if n + 1 < len(grids) else None
             if last_grid is not None and nxt is not None:
