@@ -1,11 +1,12 @@
 """Profile one zoo model: its Chrome trace, summary and PNG timeline under an output directory.
 
     python benchmarks/profile_model.py lstm --out prof/ [--batch 1] [--backend cuda] [--grid N] [--small]
-                                       [--overhead RUNS]
+                                       [--overhead RUNS] [--option owner=True ...]
 
 writes prof/<model>_bs<batch>.json (open in https://ui.perfetto.dev), .txt (the summary) and .png, and
 with --overhead the median time of a call with and without instrumentation (docs/profile.md). --small
-uses the model's small configuration (seconds on the CPU backend).
+uses the model's small configuration (seconds on the CPU backend); each --option sets one jit option (the
+files are then named <model>_bs<batch>_<name>-<value>, so a lever's profile sits beside the default's).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", type=int, default=None)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--overhead", type=int, default=0, metavar="RUNS")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="a jit option (repeatable), e.g. owner=True")
     parser.add_argument("--window-us", default=None, metavar="START:END",
                         help="the PNG shows only this span of the kernel (µs), e.g. 0:200 for the first steps")
     args = parser.parse_args(argv)
@@ -36,6 +39,7 @@ def main(argv=None) -> None:
     model = load(args.model)
     prob = common.build_problem(model, args.batch, small=args.small)
     options = {"grid": args.grid} if args.grid else {}
+    options.update(common.parse_option(text) for text in args.option)
     fn = model.make_forward(prob.cfg, backend=args.backend, **options)
     put, _ = common._device_put_for(args.backend)
     weights = common.tree_map(put, prob.weights)
@@ -43,7 +47,8 @@ def main(argv=None) -> None:
 
     p = gdsl.profile(fn, weights, inputs)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.model}_bs{args.batch}")
+    suffixes = [option.replace("=", "-") for option in args.option]
+    stem = os.path.join(args.out, "_".join([f"{args.model}_bs{args.batch}", *suffixes]))
     p.save(stem + ".json")
     summary = p.summary()
     if args.overhead:
