@@ -16,8 +16,10 @@ other call (keyword arguments, namedtuples, other leaves) takes the general path
 The fast path's contract, per call of a signature already in the table:
 - the key is built in one loop over the positional arguments; an argument whose type is that of an array
   leaf of some signature in the table (numpy, CuPy, ...) is keyed there and then as (type, shape, dtype),
-  anything else through _key_and_leaves; a key not in the table (a new shape, dtype, static value or
-  pytree) goes to the general path, which traces and lowers it once and enters it;
+  anything else through _key_and_leaves, where the children of a tuple, list or dict that are all such
+  arrays (a model's weights) are keyed as one entry of their types, shapes and dtypes, read by loops that
+  run in C; a key not in the table (a new shape, dtype, static value or pytree) goes to the general path,
+  which traces and lowers it once and enters it;
 - Python scalars and arrays of another dtype than the traced one are converted (as the general path
   does), the leaves go to the executable's fast path in tree_flatten's order, and its results come back
   in the traced output pytree (a single result without any wrapping);
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import os
 import threading
 import time
@@ -299,7 +302,7 @@ class Jitted:
                 except AttributeError:          # an object of that type without them: general path
                     return None
                 leaves.append(a)
-            elif not _key_and_leaves(a, key, leaves):
+            elif not _key_and_leaves(a, key, leaves, array_types):
                 return None
         return tuple(key), leaves
 
@@ -322,7 +325,10 @@ class Jitted:
         conversions = [(k, aval) for k, (x, aval) in enumerate(zip(leaves, entry["avals"]))
                        if _needs_conversion(x, aval)]
         with self._lock:
-            self._fast[key] = _fast_caller(entry["executable"], conversions, entry["program"].out_tree)
+            if "fast_run" not in entry:     # one per signature, however many fast keys reach it
+                fast_path = getattr(entry["executable"], "fast_path", None)
+                entry["fast_run"] = (fast_path and fast_path()) or entry["executable"]
+            self._fast[key] = _fast_caller(entry["fast_run"], conversions, entry["program"].out_tree)
             self._array_types.update(type(x) for x in leaves if type(x) not in _PYTHON_SCALARS)
 
     def _load(self, entry, flat):
@@ -357,13 +363,17 @@ def _needs_conversion(x, aval) -> bool:
     return dtypes.is_weak(x) or getattr(x, "dtype", None) != aval.dtype
 
 
-def _key_and_leaves(x, key: list, leaves: list) -> bool:
+def _key_and_leaves(x, key: list, leaves: list, array_types=frozenset()) -> bool:
     """Append the fast key of pytree `x` to `key` and its leaves to `leaves`; False if some part of it is
     not for the fast path (namedtuples, dict subclasses, leaves without shape and dtype, unsortable keys).
 
     The key is a prefix code, so that distinct pytrees never give one key: a tuple or list is (type,
     length) followed by its children, a dict (dict, sorted keys) followed by its values in that order (as
-    tree_flatten orders them), None is None, a Python scalar its type, any other leaf (type, shape, dtype)."""
+    tree_flatten orders them), None is None, a Python scalar its type, any other leaf (type, shape, dtype).
+    Children that are all arrays of `array_types` (the types of the array leaves already in the fast table:
+    a model's dict of weights) are written as one entry (_ARRAYS, their types, shapes, dtypes), built by
+    loops that run in C: a call with a few hundred weights pays microseconds for its key, not a Python
+    step per leaf."""
     kind = type(x)
     if kind in _PYTHON_SCALARS:
         key.append(kind)
@@ -371,14 +381,14 @@ def _key_and_leaves(x, key: list, leaves: list) -> bool:
         return True
     if kind is tuple or kind is list:
         key.append((kind, len(x)))
-        return all(_key_and_leaves(c, key, leaves) for c in x)
+        return _children_key(x, key, leaves, array_types)
     if kind is dict:
-        try:
-            names = tuple(sorted(x))
-        except TypeError:
+        order = _dict_order(x)
+        if order is None:
             return False
+        names, values_of = order
         key.append((dict, names))
-        return all(_key_and_leaves(x[n], key, leaves) for n in names)
+        return _children_key(values_of(x), key, leaves, array_types)
     if x is None:
         key.append(None)
         return True
@@ -390,13 +400,53 @@ def _key_and_leaves(x, key: list, leaves: list) -> bool:
     return True
 
 
-def _fast_caller(executable, conversions, out_tree):
+_ARRAYS = object()          # the marker of a run of array children in a fast key (_key_and_leaves)
+_shape_of, _dtype_of = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
+def _children_key(children, key: list, leaves: list, array_types) -> bool:
+    """_key_and_leaves of a container's children, in order: one entry when all are arrays of array_types."""
+    if len(children) > 1 and array_types:
+        types = tuple(map(type, children))
+        if all(map(array_types.__contains__, types)):
+            try:
+                key.append((_ARRAYS, types, tuple(map(_shape_of, children)), tuple(map(_dtype_of, children))))
+            except AttributeError:          # an object of an array type without them: general path
+                return False
+            leaves.extend(children)
+            return True
+    return all(_key_and_leaves(c, key, leaves, array_types) for c in children)
+
+
+_DICT_ORDERS: dict = {}     # a dict's keys in insertion order -> (sorted keys, their values' getter)
+_DICT_ORDERS_LIMIT = 4096   # forgotten all at once past this many key sets (a program has a few)
+
+
+def _dict_order(x: dict):
+    """(sorted keys, a function of the dict giving its values in that order) for a plain dict's keys, or
+    None when they do not sort. Cached by the keys in insertion order: sorting a model's few hundred
+    parameter names on every call would cost more than the rest of the key."""
+    keys = tuple(x)
+    order = _DICT_ORDERS.get(keys)
+    if order is None:
+        try:
+            names = tuple(sorted(keys))
+        except TypeError:
+            return None
+        # itemgetter of several names returns a tuple of their values; of one name, the value itself
+        values_of = operator.itemgetter(*names) if len(names) > 1 else (lambda d: tuple(d.values()))
+        if len(_DICT_ORDERS) >= _DICT_ORDERS_LIMIT:
+            _DICT_ORDERS.clear()
+        order = _DICT_ORDERS[keys] = (names, values_of)
+    return order
+
+
+def _fast_caller(run, conversions, out_tree):
     """The fast path of one signature: `call(leaves)` -> the results, as the general path returns them.
 
+    run: the executable's `fast_path()`, or the executable itself (`run(flat leaves) -> flat results`);
     conversions: (leaf index, aval) of the leaves _as_dtype converts (Python scalars, float64, ...)."""
     unflatten = _unflattener(out_tree)
-    fast_path = getattr(executable, "fast_path", None)
-    run = (fast_path and fast_path()) or executable
     if not conversions and out_tree == LEAF:
         def call_one_result(leaves):        # the most common case, one function call shorter
             return run(leaves)[0]

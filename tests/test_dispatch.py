@@ -129,6 +129,71 @@ def test_pytree_changes_miss_the_fast_table():
         assert f.trace_count == k + 1, f"{v!r} should be a new signature"
 
 
+def weighted_sum(w, xs):
+    return sum(gnp.sum(v) * (k + 1) for k, v in enumerate(w[n] for n in sorted(w))) + \
+        sum(gnp.sum(x) for x in xs)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_many_array_children_keyed_at_once(backend, monkeypatch):
+    """A dict of many weights and a list of arrays: keyed as one entry each (jit._children_key); every change
+    of one leaf's shape or dtype, or of the keys, is still a new signature, and a dict built in another key
+    order is the same one, its leaves in sorted-key order."""
+    rng = np.random.default_rng(0)
+    w = {f"layer{k:02d}": rng.standard_normal((k % 3 + 1, 2)).astype(np.float32) for k in range(24)}
+    xs = [np.ones(3, np.float32), np.arange(2, dtype=np.float32)]
+    f = gdsl.jit(weighted_sum, backend=backend)
+    f(w, xs)
+    f(w, xs)                                 # enters the key with the children keyed at once
+    assert f.trace_count == 1
+    reordered = dict(reversed(list(w.items())))
+    want = general_path(f, reordered, xs)
+    with monkeypatch.context() as m:
+        forbid_general_path(m, f)
+        assert_trees_close(f(reordered, xs), want, exact=True)
+    np.testing.assert_allclose(f(reordered, xs), weighted_sum(w, xs), rtol=1e-5)
+    changes = [
+        {**w, "layer05": np.ones((7, 2), np.float32)},              # one leaf's shape
+        {**w, "layer05": np.ones(w["layer05"].shape, np.int32)},    # one leaf's dtype
+        {k: v for k, v in w.items() if k != "layer05"},             # a key less
+        {**w, "extra": np.ones(1, np.float32)},                     # a key more
+    ]
+    for k, changed in enumerate(changes):
+        for _ in range(2):
+            got = f(changed, xs)
+        assert f.trace_count == k + 2, f"change {k} should be a new signature"
+        np.testing.assert_allclose(got, weighted_sum(changed, xs), rtol=1e-5)
+    for _ in range(2):
+        got = f(w, [xs[0], np.ones(5, np.float32)])                 # a list child's shape
+    assert f.trace_count == len(changes) + 2
+    np.testing.assert_allclose(got, weighted_sum(w, [xs[0], np.ones(5, np.float32)]), rtol=1e-5)
+
+
+def test_input_pointers_reused_only_for_the_same_unconverted_arguments():
+    """cuda's _InputPointers (no GPU needed: fake arrays): a call with the very arguments of the last one
+    takes the pointers found then; a new object, or an argument that to_device converted, is looked at again."""
+    from gdsl.backends.cuda import _InputPointers
+
+    class Fake:
+        def __init__(self, ptr):
+            self.data = type("Pointer", (), {"ptr": ptr})()
+    seen = []
+
+    def to_device(x, aval):
+        seen.append(x)
+        return x if isinstance(x, Fake) else Fake(1000 + len(seen))    # a copy for anything else
+    inputs = _InputPointers(to_device, [None, None])
+    a, b = Fake(1), Fake(2)
+    assert inputs([a, b]) == [1, 2] and len(seen) == 2
+    assert inputs([a, b]) == [1, 2] and len(seen) == 2                # the same objects: not looked at
+    c = Fake(3)
+    assert inputs([a, c]) == [1, 3] and len(seen) == 4                # a new object: all looked at again
+    host = np.zeros(2)
+    first = inputs([a, host])
+    again = inputs([a, host])                                          # converted: copied on every call
+    assert first[1] != again[1] and len(seen) == 8
+
+
 def test_namedtuple_and_keyword_calls_keep_the_general_path():
     import collections
     Pair = collections.namedtuple("Pair", "a b")

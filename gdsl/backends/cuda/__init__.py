@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import operator
 import os
 import struct
 import threading
@@ -177,9 +178,10 @@ class CupyDevice(executor.CupyDevice):
 
     def fast_runner(self, spec, grid, block, cooperative, in_avals, out_avals, sources):
         """Executable.fast_path's `run(flat_args) -> outs` on this GPU. Per call: the inputs checked (CuPy
-        arrays of the traced dtype, C-contiguous, else to_device), the current stream read once, the
-        results from an OutputRecycler, and one KernelLauncher.launch writing only the input and output
-        pointers (the workspace's and constants' were written when `run` was made).
+        arrays of the traced dtype, C-contiguous, else to_device) and their pointers read, or, for the very
+        argument objects of the last call, the pointers found then (_InputPointers), the current stream
+        read once, the results from an OutputRecycler, and one KernelLauncher.launch writing only the input
+        and output pointers (the workspace's and constants' were written when `run` was made).
 
         Measured on the H200's host (2026-12-01, benchmarks/dispatch_bench.py's breakdown of `x + 1`, two
         runs): a whole repeated call 7.7-8.2 us, of which the jit's key and table 0.7, the input check 0.1,
@@ -192,18 +194,50 @@ class CupyDevice(executor.CupyDevice):
         order = [i for i in executor.pool_order(sources, len(in_avals), len(out_avals))
                  if i < len(in_avals) + len(out_avals)]
         outputs = executor.OutputRecycler(self.new_array, out_avals)
-        to_device, current_stream, lock = self.to_device, self.cupy.cuda.get_current_stream, launcher.lock
+        inputs = _InputPointers(self.to_device, in_avals)
+        current_stream, lock = self.cupy.cuda.get_current_stream, launcher.lock
 
         def run(flat_args):
-            ins = [to_device(x, a) for x, a in zip(flat_args, in_avals, strict=True)]
+            in_pointers = inputs(flat_args)
             stream = current_stream().ptr
             with lock:
                 outs = outputs(stream)
-                pool = ins + outs
-                launcher.launch(stream, [pool[i].data.ptr for i in order])
+                pool = in_pointers + [o.data.ptr for o in outs]
+                launcher.launch(stream, [pool[i] for i in order])
             return outs
-        run.launcher, run.outputs = launcher, outputs       # for benchmarks/dispatch_bench.py's breakdown
+        run.launcher, run.outputs, run.inputs = launcher, outputs, inputs    # for the benchmarks breakdowns
         return run
+
+
+class _InputPointers:
+    """The device pointers of a fast-path call's inputs: `pointers = inputs(flat_args)`.
+
+    Each call checks and converts its arguments (to_device) and reads their pointers, a few hundred
+    nanoseconds per argument: a model passing its few hundred weights would pay more host time for
+    them than the GPU needs for a small forward. So when every argument of a call is used as it is (a
+    CuPy array of the traced dtype, C-contiguous: no copy), their pointers are kept with the arguments
+    themselves, and a later call with the very same argument objects takes those pointers without
+    looking at them again. That is safe because gdsl.jit's fast path has already checked each argument's
+    type, shape and dtype for this signature, and under the same CuPy array object its memory and dtype
+    cannot change and its strides only with its shape. An argument converted on the way (numpy, another
+    dtype, a strided view) is copied on every call, never remembered: its contents may change between
+    calls. The last such argument list stays referenced here until a call with other arguments replaces it.
+    """
+
+    def __init__(self, to_device, avals):
+        self.to_device, self.avals = to_device, avals
+        self.last = (None, None)        # (the argument objects, their pointers): one tuple, swapped whole
+
+    def __call__(self, flat_args) -> list:
+        last_args, last_pointers = self.last
+        if last_args is not None and len(flat_args) == len(last_args) and \
+                all(map(operator.is_, flat_args, last_args)):
+            return list(last_pointers)
+        ins = [self.to_device(x, a) for x, a in zip(flat_args, self.avals, strict=True)]
+        pointers = [x.data.ptr for x in ins]
+        used_as_they_are = all(map(operator.is_, ins, flat_args))
+        self.last = (tuple(flat_args), tuple(pointers)) if used_as_they_are else (None, None)
+        return pointers
 
 
 def cuda_driver():
