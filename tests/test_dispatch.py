@@ -184,13 +184,14 @@ def test_input_pointers_reused_only_for_the_same_unconverted_arguments():
         return x if isinstance(x, Fake) else Fake(1000 + len(seen))    # a copy for anything else
     inputs = _InputPointers(to_device, [None, None])
     a, b = Fake(1), Fake(2)
-    assert inputs([a, b]) == [1, 2] and len(seen) == 2
-    assert inputs([a, b]) == [1, 2] and len(seen) == 2                # the same objects: not looked at
+    assert inputs([a, b])[0] == [1, 2] and len(seen) == 2
+    assert inputs([a, b])[0] == [1, 2] and len(seen) == 2             # the same objects: not looked at
     c = Fake(3)
-    assert inputs([a, c]) == [1, 3] and len(seen) == 4                # a new object: all looked at again
+    assert inputs([a, c])[0] == [1, 3] and len(seen) == 4             # a new object: all looked at again
     host = np.zeros(2)
-    first = inputs([a, host])
-    again = inputs([a, host])                                          # converted: copied on every call
+    first, arrays = inputs([a, host])
+    assert arrays[0] is a and arrays[1].data.ptr == first[1]         # the copy, for the caller to hold
+    again, _ = inputs([a, host])                                       # converted: copied on every call
     assert first[1] != again[1] and len(seen) == 8
 
 

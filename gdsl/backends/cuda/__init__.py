@@ -198,12 +198,13 @@ class CupyDevice(executor.CupyDevice):
         current_stream, lock = self.cupy.cuda.get_current_stream, launcher.lock
 
         def run(flat_args):
-            in_pointers = inputs(flat_args)
+            in_pointers, ins = inputs(flat_args)    # ins: held until the launch (converted copies)
             stream = current_stream().ptr
             with lock:
                 outs = outputs(stream)
                 pool = in_pointers + [o.data.ptr for o in outs]
                 launcher.launch(stream, [pool[i] for i in order])
+            del ins
             return outs
         run.launcher, run.outputs, run.inputs = launcher, outputs, inputs    # for the benchmarks breakdowns
         return run
@@ -228,16 +229,19 @@ class _InputPointers:
         self.to_device, self.avals = to_device, avals
         self.last = (None, None)        # (the argument objects, their pointers): one tuple, swapped whole
 
-    def __call__(self, flat_args) -> list:
+    def __call__(self, flat_args) -> tuple[list, list]:
+        """(the inputs' pointers, the device arrays they point into). The caller holds the arrays until its
+        launch is queued: a converted argument's copy, dropped earlier, could be handed out again by the
+        memory pool as a result array of the same launch."""
         last_args, last_pointers = self.last
         if last_args is not None and len(flat_args) == len(last_args) and \
                 all(map(operator.is_, flat_args, last_args)):
-            return list(last_pointers)
+            return list(last_pointers), last_args
         ins = [self.to_device(x, a) for x, a in zip(flat_args, self.avals, strict=True)]
         pointers = [x.data.ptr for x in ins]
         used_as_they_are = all(map(operator.is_, ins, flat_args))
         self.last = (tuple(flat_args), tuple(pointers)) if used_as_they_are else (None, None)
-        return pointers
+        return pointers, ins
 
 
 def cuda_driver():
