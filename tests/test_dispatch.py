@@ -266,7 +266,7 @@ def test_threads_calling_a_new_signature_trace_once():
                                   "loop", "recursion"])
 def test_executable_fast_path_matches_call(name):
     """Executable.fast_path() (on the g++ emulator device) gives what Executable.__call__ gives, or is None
-    for a plan it does not cover (host control, recursion)."""
+    for a plan it does not cover (host control)."""
     from gdsl.backends.cfamily.executor import Executable
     from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.jit import _as_dtype, leaf_aval, make_ir
@@ -279,7 +279,7 @@ def test_executable_fast_path_matches_call(name):
         lowering = lower_with_grid(program, opts, 4, emulator.EmulatorDialect())
         executable = Executable(lowering.plan, lowering.rendered, emulator.EmulatedDevice())
         run = executable.fast_path()
-        if control == "host" or lowering.plan.functions:
+        if control == "host":
             assert run is None
             continue
         assert run is not None
@@ -289,6 +289,32 @@ def test_executable_fast_path_matches_call(name):
             assert len(got) == len(want)
             for g, w in zip(got, want):
                 np.testing.assert_array_equal(g, w)
+
+
+@needs_cxx
+def test_executable_fast_path_raises_on_recursion_overflow():
+    """A recursive plan's fast path reads the kernel's error word after every launch: a call deeper than
+    max_depth raises RecursionDepthError (never returns results), and a call within it returns them."""
+    from gdsl.backends.cfamily.executor import Executable
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    from gdsl.errors import RecursionDepthError
+    from gdsl.jit import _as_dtype, leaf_aval, make_ir
+    from gdsl.tracing.pytree import tree_flatten
+    fn, deep = PROGRAMS["recursion_overflow"]
+    _, shallow = PROGRAMS["recursion_depth_ok"]
+    program = make_ir(fn)(*shallow)
+    opts = check_options({"control": "device", "block": 64}, emulator.EmulatorDialect)
+    lowering = lower_with_grid(program, opts, 4, emulator.EmulatorDialect())
+    executable = Executable(lowering.plan, lowering.rendered, emulator.EmulatedDevice())
+    run = executable.fast_path()
+    flat = {name: [_as_dtype(x, leaf_aval(x)) for x in tree_flatten((tuple(args), {}))[0]]
+            for name, args in (("deep", deep), ("shallow", shallow))}
+    want = executable(flat["shallow"])
+    for _ in range(2):
+        with pytest.raises(RecursionDepthError):
+            run(flat["deep"])
+        for g, w in zip(run(flat["shallow"]), want):
+            np.testing.assert_array_equal(g, w)
 
 
 def test_executable_fast_path_when_an_output_is_an_input():
@@ -335,6 +361,25 @@ def test_gpu_fast_path_matches_general_path(name, control, monkeypatch):
         assert_trees_close(gdsl.to_numpy(out), general, exact=True)
     assert_trees_close(first, general, exact=True)
     assert f.trace_count == 1
+
+
+@pytest.mark.gpu
+def test_gpu_fast_path_raises_on_recursion_overflow(monkeypatch):
+    """cuda's fast path of a recursive plan reads the error word (word_reader) after every launch."""
+    import cupy
+
+    from gdsl.errors import RecursionDepthError
+    fn, deep = PROGRAMS["recursion_overflow"]
+    _, shallow = PROGRAMS["recursion_depth_ok"]
+    on_gpu = [[cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args] for args in (deep, shallow)]
+    f = gdsl.jit(fn, backend="cuda")
+    want = gdsl.to_numpy(f(*on_gpu[1]))
+    f(*on_gpu[1])
+    forbid_general_path(monkeypatch, f)
+    for _ in range(2):
+        with pytest.raises(RecursionDepthError):
+            f(*on_gpu[0])
+        assert_trees_close(gdsl.to_numpy(f(*on_gpu[1])), want, exact=True)
 
 
 @pytest.mark.gpu

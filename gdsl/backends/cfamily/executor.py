@@ -67,24 +67,30 @@ class Executable:
         if plan.control == "device":
             self.launch(0, arrays, depths)
             if plan.functions:
-                flag = int(device.read(self.ws, ERROR_OFFSET, np.dtype(np.int32)))
-                if flag:
-                    raise _depth_error(plan.functions[min(flag, len(plan.functions)) - 1])
+                self._check_depth(int(device.read(self.ws, ERROR_OFFSET, np.dtype(np.int32))))
         else:
             self.run_host(plan.host, arrays, depths)
         return outs
 
+    def _check_depth(self, flag: int) -> None:
+        """Raise the RecursionDepthError that the kernel's error word `flag` reports (0: none)."""
+        if flag:
+            raise _depth_error(self.plan.functions[min(flag, len(self.plan.functions)) - 1])
+
     def fast_path(self):
         """`run(flat_args) -> outs`, the same as `self(flat_args)` for the most common plan (device control,
-        one kernel, no recursive function, no profile trace), with where each kernel argument comes from
-        worked out once: the workspace and constants fixed, inputs and outputs by position. None for any
-        other plan. gdsl.jit's fast path calls it once per signature and `run` on every call of it.
+        one kernel, no profile trace), with where each kernel argument comes from worked out once: the
+        workspace and constants fixed, inputs and outputs by position. None for any other plan. gdsl.jit's
+        fast path calls it once per signature and `run` on every call of it.
 
         A device with `fast_runner(spec, grid, block, cooperative, in_avals, out_avals, sources)` builds
         `run` itself (the cuda backend: arguments written into a parameter block prepared once, outputs
-        recycled); any other device gets `run` below, made of its to_device, empty and launch."""
+        recycled); any other device gets `run` below, made of its to_device, empty and launch. A plan with
+        recursive functions reads the kernel's error word after each launch, as __call__ does (a call
+        deeper than max_depth raises, never returns results): through the device's `word_reader(array,
+        byte_offset)` when it has one (cuda: one copy into pinned memory), else its `read`."""
         plan, rendered = self.plan, self.rendered
-        if plan.control != "device" or plan.functions or rendered.trace or len(rendered.kernels) != 1:
+        if plan.control != "device" or rendered.trace or len(rendered.kernels) != 1:
             return None
         spec = rendered.kernels[0]
         sources = self._param_sources(spec)
@@ -94,9 +100,24 @@ class Executable:
         out_avals = [v.aval for v in plan.outputs]
         launch = (spec, plan.grid, plan.block, self.cooperative[0], in_avals, out_avals, sources)
         fast_runner = getattr(self.device, "fast_runner", None)
-        if fast_runner is not None:
-            return fast_runner(*launch)
-        return _device_runner(self.device, *launch)
+        run = fast_runner(*launch) if fast_runner is not None else _device_runner(self.device, *launch)
+        return self._checking_depth(run) if plan.functions else run
+
+    def _checking_depth(self, run):
+        """`run` followed by the read of the kernel's error word (plans with recursive functions)."""
+        word_reader = getattr(self.device, "word_reader", None)
+        if word_reader is not None:
+            read_error = word_reader(self.ws, ERROR_OFFSET)
+        else:
+            def read_error():
+                return int(self.device.read(self.ws, ERROR_OFFSET, np.dtype(np.int32)))
+        check = self._check_depth
+
+        def run_checked(flat_args):
+            outs = run(flat_args)
+            check(read_error())
+            return outs
+        return run_checked
 
     def _param_sources(self, spec):
         """Where each argument of the kernel comes from: ("in", k) the k-th flat argument, ("out", k) the

@@ -176,6 +176,24 @@ class CupyDevice(executor.CupyDevice):
                                                                   smem=spec.dynamic_smem)
         launcher.launch_args(self.cupy.cuda.get_current_stream().ptr, args)
 
+    def word_reader(self, array, byte_offset: int):
+        """`read() -> int`: the int32 at `byte_offset` of device `array` once the current stream's work is
+        done, through one asynchronous copy into pinned host memory and a wait on the stream (the
+        executor's error word after a launch; CuPy's slice-and-get costs several times the host time)."""
+        cp = self.cupy
+        host = np.frombuffer(cp.cuda.alloc_pinned_memory(4), np.int32, 1)
+        source, nbytes = array.data.ptr + byte_offset, host.nbytes
+        copy, device_to_host = cp.cuda.runtime.memcpyAsync, cp.cuda.runtime.memcpyDeviceToHost
+        lock = threading.Lock()         # one host word: threads read it one at a time
+
+        def read() -> int:
+            stream = cp.cuda.get_current_stream()
+            with lock:
+                copy(host.ctypes.data, source, nbytes, device_to_host, stream.ptr)
+                stream.synchronize()
+                return int(host[0])
+        return read
+
     def fast_runner(self, spec, grid, block, cooperative, in_avals, out_avals, sources):
         """Executable.fast_path's `run(flat_args) -> outs` on this GPU. Per call: the inputs checked (CuPy
         arrays of the traced dtype, C-contiguous, else to_device) and their pointers read, or, for the very
