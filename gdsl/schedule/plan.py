@@ -45,7 +45,8 @@ from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
 # The uTask kinds the scheduler makes that are not primitives (an Op's kind is one of these or a primitive).
 FUSED = op_kind("fused", ELEMENTWISE)        # a chain of fusible primitives, one expression per element
 COPY = op_kind("copy", DATA_MOVEMENT)        # a copy between buffers (numpy broadcasting, or a reshape)
-ROWS = op_kind("rows", REDUCE)               # a chain of row reductions and elementwise steps (RowStep)
+# A chain of row reductions and elementwise steps (RowStep), made only for backends with its rule.
+ROWS = op_kind("rows", REDUCE, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
