@@ -11,6 +11,7 @@ import gdsl.nn
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip.emulated import EmulatedHIPDialect
 from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.reductions import reduce_max_p, reduce_sum_p
@@ -253,6 +254,18 @@ def test_emulated_results_with_and_without_rows(name):
         for block in (64, 256):
             got = emulate(fn, *args, grid=4, block=block, rows=rows)
             assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["softmax_2d_short_rows", "softmax_4d", "layer_norm", "softmax_and_its_max",
+                                  "softmax_steps"])
+def test_emulated_hip_wave64(name):
+    """HIP's 64-lane wavefronts: the groups of lanes per row go up to 64."""
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
+    assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
