@@ -79,9 +79,14 @@ def _input_vars(it) -> list:
     return [it.eqn.inputs[0]]
 
 
-def _input_nodes(expr):
+def _input_nodes(expr) -> list:
+    """The input leaves of `expr`, left to right (fold_expr: no recursion, whatever the depth)."""
     found = []
-    fold_expr(expr, lambda node, args: found.append(node) if node.op == "input" else None)
+
+    def visit(node, args):
+        if node.op == "input":
+            found.append(node)
+    fold_expr(expr, visit)
     return found
 
 
