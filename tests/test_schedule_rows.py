@@ -175,7 +175,7 @@ def test_softmax_is_one_wave_of_one_op():
     assert op.outputs[0].storage.kind == "output" and op.inputs[0].storage.kind == "input"
     assert [s.reduce for s in op.params[STEPS]] == [reduce_max_p.name, None, reduce_sum_p.name, None]
     text = str(plan)
-    assert "out0 = op0_rows_reduce_max_reduce_sum(in0) with steps " in text
+    assert "out0 = op0_row_chain_reduce_max_reduce_sum(in0) with steps " in text
     assert "s2 = reduce_sum(s1)" in text and "1 row chains" in text
 
 

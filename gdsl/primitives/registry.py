@@ -21,8 +21,8 @@ primitive names typed out by hand:
 Two flags refine a family: `fusible` (it can sit inside a fused elementwise chain) and `uniform` (with a
 one-element output every vEU can compute it itself, with no uTask and no barrier).
 
-The scheduler adds uTask kinds that are not primitives ("fused", "copy", "rows": `op_kind`); a plan's Op
-has a kind that is either. An `optional` kind ("rows") is made only for a backend that has a rule for it
+The scheduler adds uTask kinds that are not primitives ("fused", "copy", "row_chain": `op_kind`); a plan's Op
+has a kind that is either. An `optional` kind ("row_chain") is made only for a backend that has a rule for it
 (the scheduler asks `has_lowering` first), so a backend without one has no gap. **Lowering rules** are
 registered per kind per backend (`register_lowering`, as JAX does with
 `mlir.register_lowering(prim, rule, platform=...)`), in one table for each role ("utask": the body of a
@@ -103,7 +103,7 @@ def primitive(name: str, family: str, *, fusible: bool = False, uniform: bool = 
 
 
 def op_kind(name: str, family: str, *, optional: bool = False) -> OpKind:
-    """Declare a uTask kind that is not a primitive (the scheduler's "fused", "copy" and "rows"); `optional`:
+    """Declare a uTask kind that is not a primitive (the scheduler's "fused", "copy" and "row_chain"); `optional`:
     the scheduler makes it only for a backend that has a "utask" rule for it."""
     return _declare(OpKind(name, family, optional=optional))
 

@@ -46,7 +46,7 @@ from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
 FUSED = op_kind("fused", ELEMENTWISE)        # a chain of fusible primitives, one expression per element
 COPY = op_kind("copy", DATA_MOVEMENT)        # a copy between buffers (numpy broadcasting, or a reshape)
 # A chain of row reductions and elementwise steps (RowStep), made only for backends with its rule.
-ROWS = op_kind("rows", REDUCE, optional=True)
+ROWS = op_kind("row_chain", REDUCE, optional=True)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1626,7 +1626,7 @@ def _expr_label(expr) -> str:
 
 
 def _rows_label(params) -> str:
-    """A short name for a ROWS op: "rows_" and its reductions, e.g. `rows_reduce_max_reduce_sum`."""
+    """A short name for a ROWS op: its kind and its reductions, e.g. `row_chain_reduce_max_reduce_sum`."""
     return "_".join([ROWS.name] + [step.reduce for step in params[STEPS] if step.reduce is not None])
 
 
