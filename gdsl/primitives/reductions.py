@@ -62,3 +62,9 @@ def _declare_arg(name, rule):
 
 REDUCE_PRIMS.update({n: _declare_reduce(n, r) for n, r in REDUCTIONS.items()})
 REDUCE_PRIMS.update({n: _declare_arg(n, r) for n, r in ARG_REDUCE.items()})
+
+reduce_sum_p = REDUCE_PRIMS["reduce_sum"]
+reduce_max_p = REDUCE_PRIMS["reduce_max"]
+reduce_min_p = REDUCE_PRIMS["reduce_min"]
+# The reductions over static axes (each has params `axes`), as opposed to argmax / argmin (one `axis`).
+AXES_REDUCTIONS = (reduce_sum_p, reduce_max_p, reduce_min_p)

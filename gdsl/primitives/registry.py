@@ -21,11 +21,13 @@ primitive names typed out by hand:
 Two flags refine a family: `fusible` (it can sit inside a fused elementwise chain) and `uniform` (with a
 one-element output every vEU can compute it itself, with no uTask and no barrier).
 
-The scheduler adds uTask kinds that are not primitives ("fused", "copy": `op_kind`); a plan's Op has a
-kind that is either. **Lowering rules** are registered per kind per backend (`register_lowering`, as JAX
-does with `mlir.register_lowering(prim, rule, platform=...)`), in one table for each role ("utask": the
-body of a uTask; "uniform": the scalar value of a uniform op; "epilogue": how a contraction's uTask applies
-an elementwise epilogue as it stores its output, see gdsl/schedule/plan.py: the scheduler folds an epilogue
+The scheduler adds uTask kinds that are not primitives ("fused", "copy", "row_chain": `op_kind`); a plan's Op
+has a kind that is either. An `optional` kind ("row_chain") is made only for a backend that has a rule for it
+(the scheduler asks `has_lowering` first), so a backend without one has no gap. **Lowering rules** are
+registered per kind per backend (`register_lowering`, as JAX does with
+`mlir.register_lowering(prim, rule, platform=...)`), in one table for each role ("utask": the body of a
+uTask; "uniform": the scalar value of a uniform op; "epilogue": how a contraction's uTask applies an
+elementwise epilogue as it stores its output, see gdsl/schedule/plan.py: the scheduler folds an epilogue
 into a contraction only for a backend with this rule). A backend looks rules up through a chain of
 names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
 A kind with no rule is a NotImplementedError naming the kind and the backend. tests/test_registry.py
@@ -61,6 +63,7 @@ class OpKind:
     family: str
     fusible: bool = False
     uniform: bool = False
+    optional: bool = False      # made by the scheduler only for backends with a rule for it
 
     def __repr__(self):
         return self.name
@@ -99,9 +102,10 @@ def primitive(name: str, family: str, *, fusible: bool = False, uniform: bool = 
     return p
 
 
-def op_kind(name: str, family: str) -> OpKind:
-    """Declare a uTask kind that is not a primitive (the scheduler's "fused" and "copy")."""
-    return _declare(OpKind(name, family))
+def op_kind(name: str, family: str, *, optional: bool = False) -> OpKind:
+    """Declare a uTask kind that is not a primitive (the scheduler's "fused", "copy" and "row_chain"); `optional`:
+    the scheduler makes it only for a backend that has a "utask" rule for it."""
+    return _declare(OpKind(name, family, optional=optional))
 
 
 def kinds_of(*families: str) -> frozenset[str]:

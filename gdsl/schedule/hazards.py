@@ -27,7 +27,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule import shares, utasks
-from gdsl.schedule.plan import COPY, FUSED, Buffer, Value, Wave, epilogue_operands
+from gdsl.schedule.plan import COPY, FUSED, ROW_SHAPE, ROWS, Buffer, Value, Wave, epilogue_operands, row_count
 from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
 
 NONE, SEVERAL = -1, -2
@@ -85,11 +85,12 @@ class Hazards:
                         if source.storage in self.written_here:
                             yield source.storage, where, veus if where is elements else _one_or_several(task), \
                                 False
-            for value in op.outputs:
+            for number, value in enumerate(op.outputs):
                 if out_veus is None:              # (an in-place window known at run time only)
                     yield value.storage, storage_elements(value, None), _one_or_several(task), True
                 else:
-                    yield value.storage, storage_elements(value, np.arange(value.aval.size)), out_veus, True
+                    veus = out_veus if number == 0 else _output_veus(task, number)
+                    yield value.storage, storage_elements(value, np.arange(value.aval.size)), veus, True
 
     def _read_through(self, value: Value, elements):
         """(Value, its storage elements) a read of `value`'s `elements` may touch: its own, and, when it is
@@ -190,20 +191,28 @@ def _one_or_several(task) -> int:
     return task.first if min(task.count, task.op.n_utasks) == 1 else SEVERAL
 
 
-def _output_veus(task) -> np.ndarray | None:
-    """The vEU that writes each output element (row-major), from the split; None for an in-place window."""
+def _output_veus(task, number=0) -> np.ndarray | None:
+    """The vEU that writes each element (row-major) of output `number`, from the split; None for an in-place
+    window."""
     op = task.op
-    out = op.outputs[0].aval
+    out = op.outputs[number].aval
     if utasks.in_place_update(op.kind, op.params):
         return None
     e = np.arange(out.size)
-    if op.kind in utasks.GEMM_KINDS:
+    if op.kind == ROWS.name:
+        t = _row_utask(op, out.size, e)
+    elif op.kind in utasks.GEMM_KINDS:
         t = _gemm_utask(op, e)
     elif op.kind in utasks.REDUCE_KINDS:
         t = e // op.params["rows"]
     else:
         t = e // op.params["chunk"]
     return task.first + t % task.count
+
+
+def _row_utask(op, size, e):
+    """The uTask of a ROWS op that computes element e of an array of `size` elements laid out by its rows."""
+    return e // (op.params["rows"] * (size // max(row_count(op), 1)))
 
 
 def _gemm_utask(op, e):
@@ -229,6 +238,11 @@ def _read(task, k, out_veus):
     """(storage elements of input k, the vEU reading each) for the whole op; see the module docstring."""
     op, value = task.op, task.op.inputs[k]
     in_aval, out = value.aval, op.outputs[0].aval
+    if op.kind == ROWS.name and value.aval.size > 1:      # read broadcast to the row shape, by each row's vEU
+        shape = op.params[ROW_SHAPE]
+        e = np.arange(int(np.prod(shape)))
+        veus = task.first + _row_utask(op, e.size, e) % task.count
+        return storage_elements(value, broadcast_source(shape, in_aval.shape, e)), veus
     if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE or
                                  k in epilogue_operands(op)):
         if in_aval.size == 1:

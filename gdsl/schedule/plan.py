@@ -12,7 +12,8 @@ Work
               elementwise chains are one Op whose `expr` is evaluated per output element. A matmul or
               conv2d may carry an elementwise epilogue (params[EPILOGUE], see epilogue_operands): an Expr
               over its own result (a RESULT leaf) and its inputs after the contraction's operands, which
-              its uTasks apply to each output element as they store it
+              its uTasks apply to each output element as they store it. A ROWS op is a chain of
+              reductions over the last axis and elementwise steps on whole rows (RowStep, params[STEPS])
     UniformOp a scalar operation every vEU evaluates itself
 
 Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persistent vEUs)
@@ -39,11 +40,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gdsl.core.ir import Lit, ShapedArray
-from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, op_kind
+from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
 
 # The uTask kinds the scheduler makes that are not primitives (an Op's kind is one of these or a primitive).
 FUSED = op_kind("fused", ELEMENTWISE)        # a chain of fusible primitives, one expression per element
 COPY = op_kind("copy", DATA_MOVEMENT)        # a copy between buffers (numpy broadcasting, or a reshape)
+# A chain of row reductions and elementwise steps (RowStep), made only for backends with its rule.
+ROWS = op_kind("row_chain", REDUCE, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +126,8 @@ def _expr_text(node: Expr, args: list[str]) -> str:
         return repr(node.params["value"].item())
     if node.op == RESULT:
         return RESULT
+    if node.op == STEP:
+        return f"s{node.params['index']}"
     return f"{node.op}({', '.join(args)})"
 
 
@@ -165,6 +170,43 @@ def epilogue_operands(op) -> range:
     """The numbers of the inputs of `op` that only its epilogue reads (at the output elements it writes,
     broadcast to the output shape like a fused chain's inputs): none without an epilogue."""
     return range(CONTRACTION_OPERANDS if EPILOGUE in op.params else len(op.inputs), len(op.inputs))
+
+
+# The params of a ROWS op: its row shape (the rows' array shape, its last axis the row), its steps in order,
+# and the step each of its outputs is (in the order of Op.outputs). Its uTask t computes the whole rows
+# [t*rows, (t+1)*rows) (params["rows"]), every step of a row on chip, and stores only those steps.
+ROW_SHAPE = "row_shape"
+STEPS = "steps"
+STEP_OUTPUTS = "step_outputs"
+# The Expr leaf that reads an earlier step of the same row (params["index"]): a row step at the element
+# being computed, a per-row step (a reduction's result) as the row's one value.
+STEP = "step"
+
+
+@dataclass(frozen=True, eq=False)
+class RowStep:
+    """One step of a ROWS op on one row: `reduce` None: elementwise, `expr` evaluated at each element of the
+    row (aval the row shape) or once per row (aval one element per row: a row-constant expression, its
+    inputs broadcast to aval's shape); else a reduction primitive's name, folding `expr` (an elementwise
+    expression over the row, the row shape) along the row into the row's one value (aval: the reduction's
+    output type). Expr leaves: "input" (Op input params["index"], broadcast as in a fused chain), STEP,
+    "literal"."""
+    reduce: str | None
+    expr: Expr
+    aval: ShapedArray
+
+    def per_row(self, row_shape) -> bool:
+        """Does this step have one value per row (not one per element of the row)?"""
+        return tuple(self.aval.shape) != tuple(row_shape)
+
+
+def row_count(op) -> int:
+    """The rows of a ROWS op (all of its row shape but the last axis)."""
+    shape = op.params[ROW_SHAPE]
+    size = 1
+    for d in shape[:-1]:
+        size *= d
+    return size
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,19 @@
 """
 from __future__ import annotations
 
-from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave, epilogue_of
+from gdsl.schedule.plan import (
+    ROWS,
+    STEPS,
+    Assign,
+    Branch,
+    Call,
+    Launch,
+    Loop,
+    Sync,
+    Uniforms,
+    Wave,
+    epilogue_of,
+)
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import dynamic_view, gathers_batch
 
@@ -25,6 +37,10 @@ def describe_op(op) -> str:
     epilogue = epilogue_of(op)
     if epilogue is not None:       # what each output element becomes as it is stored
         return f"{outs} = {op.name}({ins}) with epilogue {epilogue!r}"
+    if op.kind == ROWS.name:       # each row's steps, in order (s<k>: step k of the same row)
+        steps = "; ".join(f"s{k} = {s.reduce}({s.expr!r})" if s.reduce else f"s{k} = {s.expr!r}"
+                          for k, s in enumerate(op.params[STEPS]))
+        return f"{outs} = {op.name}({ins}) with steps {steps}"
     return f"{outs} = {op.name}({ins})"
 
 
@@ -95,11 +111,17 @@ def _epilogues(stats) -> str:
     return f", {n} as epilogues of contractions" if n else ""
 
 
+def _row_chains(stats) -> str:
+    n = stats.get("row_chains", 0)
+    return f", {n} row chains" if n else ""
+
+
 def print_plan(plan) -> str:
     s = plan.stats
     lines = [f"plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEUs x "
              f"{plan.block} threads; {s.get('waves', 0)} waves, {s.get('ops', 0)} ops "
-             f"({s.get('fused_eqns', 0)} eqns fused away{_epilogues(s)}), {s.get('uniform_ops', 0)} uniform ops, "
+             f"({s.get('fused_eqns', 0)} eqns fused away{_epilogues(s)}{_row_chains(s)}), "
+             f"{s.get('uniform_ops', 0)} uniform ops, "
              f"{s.get('grid_syncs', 0)} grid barriers, {s.get('block_syncs', 0)} block syncs"]
     ins = ", ".join(f"{v!r}:{v.aval}" for v in plan.inputs)
     outs = ", ".join(f"{v!r}:{v.aval}" for v in plan.outputs)

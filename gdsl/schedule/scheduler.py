@@ -42,6 +42,8 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     RESULT,
+    ROWS,
+    STEPS,
     Assign,
     Branch,
     Buffer,
@@ -64,6 +66,7 @@ from gdsl.schedule.plan import (
     walk,
 )
 from gdsl.schedule.resident import keep_resident
+from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
@@ -122,11 +125,16 @@ class _Item:
     # variable the epilogue reads for it (the contraction's output, or a row vector's reshape of it).
     contraction: _Item | None = None
     result: Var | None = None
+    # A row chain (rows.py): the ROWS op's params (its steps read `leaves`) and the members' variables it
+    # stores (`row_outputs`); `row_output`: a member of a chain whose result the chain stores.
+    rows: dict | None = None
+    row_outputs: list = field(default_factory=list)
+    row_output: bool = False
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), balance=True):
+                 owner=False, epilogues=(), balance=True, rows=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -144,6 +152,8 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
+        # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
+        self.row_chains = has_lowering(ROWS.name, tuple(rows), "utask") if rows else False
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         # Column layouts for matmul -> elementwise chains in loop bodies (owner.py); `loop_depth`: the
         # loops around the block being scheduled.
@@ -170,7 +180,7 @@ class Scheduler:
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
-                      "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0}
+                      "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -303,6 +313,7 @@ class Scheduler:
             order.append(item)
         self._absorb_inlined(items, uses, windows)
         self._fold_epilogues(items, producer, uses, reshaped, jaxpr)
+        self._fuse_rows(items, order, producer, uses, reshaped, windows)
         items = [it for it in items if not it.absorbed]
         for it in items:         # number the inputs of the expressions that stay ops of their own
             if it.contraction is not None:
@@ -357,7 +368,7 @@ class Scheduler:
                     value = self.read(src)
                     offset = value.offset + (view_offset(entry) or 0)
                     self.env[out] = Value(value.storage, out.aval, value.frame_offset, offset)
-            elif not entry.absorbed:
+            elif not entry.absorbed or entry.row_output:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
@@ -475,6 +486,32 @@ class Scheduler:
                     it.leaves = [a for a in it.leaves if a is not leaf]
                     self.stats["epilogues"] += 1
                     break
+
+    def _fuse_rows(self, items, order, producer, uses, reshaped, windows):
+        """Each row chain (rows.py: reductions over the last axis and the elementwise steps on the same rows
+        that read them) becomes one item of kind ROWS in place of its members, when the backend has a
+        uTask rule for it: one op, one wave, its intermediates on chip. Its readers wait for it instead of
+        the members; only the members read outside the chain get storage (`row_output`)."""
+        if not self.row_chains:
+            return
+        for chain in find_row_chains(items, producer, reshaped, windows, uses, ROW_SLOTS * self.block):
+            head = chain.members[-1]
+            leaves: list = []
+            steps = numbered_steps(chain.steps, leaves)
+            members = set(chain.members)
+            item = _Item(head.eqn, False, index=head.index, leaves=leaves, rows=rows_params(chain, steps),
+                         row_outputs=[m.eqn.outs[0] for m in chain.outputs])
+            item.deps = set().union(*(m.deps for m in chain.members)) - members
+            for m in chain.members:
+                m.absorbed = True
+                m.row_output = m in chain.outputs and m is not head
+            for it in items:
+                if it.deps & members:
+                    it.deps = (it.deps - members) | {item}
+            items.insert(items.index(head) + 1, item)
+            order[order.index(head)] = item          # it allocates the head's result (and its alias)
+            self.stats["row_chains"] += 1
+            self.stats["fused_eqns"] += len(chain.members) - 1
 
     def _takes_epilogue(self, c, result, it, uses, reshaped) -> bool:
         """May contraction item `c`, whose result `result` chain item `it` reads, run `it` as its epilogue?"""
@@ -657,31 +694,35 @@ class Scheduler:
 
     def _natural_split(self, it) -> tuple[int, float]:
         kind, ins = self._kind_and_inputs(it)
-        count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.eqn.params,
+        count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.rows or it.eqn.params,
                                       self.grid, self.block)
         return count, cost
 
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
-        return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.eqn.params,
+        return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.rows or it.eqn.params,
                             self.grid, self.block)[0]
 
     @staticmethod
     def _out_avals(it) -> list:
         """The types of the op's outputs: a contraction's own, under an epilogue (see _op_outputs)."""
+        if it.rows is not None:
+            return [v.aval for v in it.row_outputs]
         return [v.aval for v in (it.contraction.eqn.outs if it.contraction is not None else it.eqn.outs)]
 
     def _op_outputs(self, it) -> list[Value]:
         """Where the op of `it` writes: its outputs' storage. An epilogue read through a reshape of the
         contraction's result (_epilogue_path) writes its storage under the contraction's shape, which
         the GEMM's tiles index."""
-        values = [self.env[v] for v in it.eqn.outs]
+        values = [self.env[v] for v in (it.row_outputs if it.rows is not None else it.eqn.outs)]
         return [value if value.aval == aval else dataclasses.replace(value, aval=aval)
                 for value, aval in zip(values, self._out_avals(it))]
 
     def _kind_and_inputs(self, it):
         if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
             return it.contraction.eqn.primitive.name, list(it.contraction.eqn.inputs) + it.leaves
+        if it.rows is not None:
+            return ROWS.name, it.leaves
         if it.expr is not None:
             return FUSED.name, it.leaves
         return it.eqn.primitive.name, it.eqn.inputs
@@ -694,7 +735,7 @@ class Scheduler:
             return {}
         nodes = []
         for it in items:
-            if not it.uniform and len(it.eqn.outs) == 1:
+            if not it.uniform and len(it.eqn.outs) == 1 and it.rows is None:
                 kind, atoms = self._kind_and_inputs(it)
                 nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self._op_outputs(it)[0]))
         return column_layouts(nodes, self.grid, self.block, self.resident_bytes)
@@ -708,6 +749,9 @@ class Scheduler:
         if it.contraction is not None:
             params = dict(it.contraction.eqn.params, **{EPILOGUE: it.expr})
             label = f"{kind}_{label}"
+        elif it.rows is not None:
+            params = dict(it.rows)
+            label = _rows_label(params)
         outs = self._op_outputs(it)
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
@@ -1453,7 +1497,7 @@ def _read_until(items) -> dict:
 
 def _reads(item) -> list:
     """The variables an item reads (a window of a variable counts as a read of that variable)."""
-    atoms = list(item.leaves) if item.expr is not None else list(item.eqn.inputs)
+    atoms = list(item.leaves) if item.expr is not None or item.rows is not None else list(item.eqn.inputs)
     if item.contraction is not None:
         atoms += item.contraction.eqn.inputs
     return [_base_of(a) for a in atoms]
@@ -1579,6 +1623,11 @@ def _expr_label(expr) -> str:
         if node is None:
             break
     return "_".join(names) or FUSED.name
+
+
+def _rows_label(params) -> str:
+    """A short name for a ROWS op: its kind and its reductions, e.g. `row_chain_reduce_max_reduce_sum`."""
+    return "_".join([ROWS.name] + [step.reduce for step in params[STEPS] if step.reduce is not None])
 
 
 def _index_leaves(expr, leaves, result=None, first=0) -> Expr:
@@ -1798,7 +1847,7 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None) -> Plan:
+             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None, rows=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -1808,6 +1857,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
+    `rows`: the backend's lowering chain; with a "utask" rule for ROWS, chains of reductions over the last
+    axis and the elementwise steps on those rows fuse into one op (rows.py; empty: never).
     `balance=False`: each wave's ops keep the split chosen for the whole grid and share it by cost; None or
     True: a wave's splits and shares are chosen together when that is estimated faster (balance.py).
 
@@ -1826,7 +1877,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, balance=balance is not False)
+                   epilogues=epilogues, balance=balance is not False, rows=rows)
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

@@ -16,7 +16,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, epilogue_operands
+from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, ROW_SHAPE, ROWS, epilogue_operands, row_count
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue).
@@ -31,8 +31,10 @@ def storage_elements(value, flat):
     return flat + value.offset if value.offset else flat
 
 
-def write_share(op, t) -> np.ndarray:
-    """Flat indices of the output elements uTask t writes (utasks.py's decomposition)."""
+def write_share(op, t, k=0) -> np.ndarray:
+    """Flat indices of the elements of output k that uTask t writes (utasks.py's decomposition)."""
+    if op.kind == ROWS.name:
+        return row_elements(op, op.outputs[k].aval.size, t)
     out = op.outputs[0].aval
     p = op.params
     if op.kind in utasks.GEMM_KINDS:
@@ -55,6 +57,14 @@ def write_share(op, t) -> np.ndarray:
         return np.arange(t * rows, min((t + 1) * rows, out.size))
     chunk = p["chunk"]
     return np.arange(t * chunk, min((t + 1) * chunk, out.size))
+
+
+def row_elements(op, size: int, t) -> np.ndarray:
+    """Flat indices, in an array of `size` elements laid out by the rows of a ROWS op (its row shape, or
+    one element per row), of the rows of uTask t."""
+    per_row = size // max(row_count(op), 1)
+    span = op.params["rows"] * per_row
+    return np.arange(min(t * span, size), min((t + 1) * span, size))
 
 
 def window_share(op, t, starts) -> np.ndarray:
@@ -82,6 +92,13 @@ def read_share(op, k, t, starts=()):
     conservative (everything) for the others. An epilogue's operands are read at the elements written."""
     if k in epilogue_operands(op):
         return _broadcast_share(op, k, write_share(op, t))
+    if op.kind == ROWS.name:             # each input is read broadcast to the row shape, in the uTask's rows
+        shape = op.params[ROW_SHAPE]
+        in_aval = op.inputs[k].aval
+        flat = row_elements(op, math.prod(shape), t)
+        if in_aval.size == 1:
+            return np.zeros(1, np.int64) if flat.size else flat
+        return broadcast_source(shape, in_aval.shape, flat)
     if op.kind in utasks.REDUCE_KINDS:
         return _reduce_share(op, write_share(op, t))
     if op.kind == matmul_p.name:

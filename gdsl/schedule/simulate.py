@@ -25,6 +25,7 @@ from gdsl.schedule.plan import (
     COPY,
     FUSED,
     RESULT,
+    ROWS,
     Assign,
     Branch,
     Buffer,
@@ -40,6 +41,7 @@ from gdsl.schedule.plan import (
     epilogue_operands,
     fold_expr,
 )
+from gdsl.schedule.rows import evaluate_rows
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
 
 
@@ -235,6 +237,8 @@ class Simulator:
         ins = [self.read(v) for v in op.inputs]
         if op.kind == FUSED.name:
             return [evaluate_expr(op.expr, ins, op.outputs[0].aval)]
+        if op.kind == ROWS.name:
+            return evaluate_rows(op.params, ins)
         if op.kind == COPY.name:
             return [np.broadcast_to(ins[0], op.outputs[0].aval.shape).astype(op.outputs[0].aval.dtype)]
         params = {k: v for k, v in op.params.items() if k not in SPLIT_PARAMS}
@@ -258,12 +262,12 @@ class Simulator:
                     m = self.mem[value.storage]
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,
                                      frames_spanned(value))
-        for value, result in zip(op.outputs, results):
+        for number, (value, result) in enumerate(zip(op.outputs, results)):
             assert not value.offset, f"{op} writes a view"
             if utasks.in_place_update(op.kind, op.params):
                 flat = window_share(op, t, self._starts(op))
             else:
-                flat = write_share(op, t)
+                flat = write_share(op, t, number)
             m, slot = self.mem[value.storage], self._slot(value)
             self._record_write(m, slot, flat, veu, op, value.storage.name)
             _flat(m.data, slot)[flat] = result.reshape(-1)[flat]

@@ -9,6 +9,8 @@ One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly
                              batch element b (one GEMM of A's rows by the batch*tile_n gathered columns;
                              A is broadcast over the batch, so all of them read the same rows of A)
     reductions, argmax/min   output elements [t*rows, (t+1)*rows) (each a full reduction)
+    rows (a row chain)       rows [t*rows, (t+1)*rows) of its row shape: of each output, the elements of
+                             those rows (a whole row each, or one element per row)
     dynamic_update_slice     in place: update elements [t*chunk, ...); otherwise like elementwise
 
 Costs are a rough roofline per uTask on one vEU (ns), used to size vEU ranges within a wave. `split` picks
@@ -33,7 +35,7 @@ from gdsl.primitives.registry import (
     kinds_of,
 )
 from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p
-from gdsl.schedule import plan  # noqa: F401  (declares the scheduler's own kinds, "fused" and "copy")
+from gdsl.schedule import plan  # (declares the scheduler's own kinds: "fused", "copy", "rows")
 
 # One vEU's share of an H100 (132 SMs): ~3 TB/s and ~50 TFLOP/s fp32 spread over the SMs.
 BYTES_PER_NS_PER_VEU = 3000 / 132
@@ -203,9 +205,22 @@ def split_options(kind, in_avals, out_avals, params, block) -> list[tuple[int, d
             for chunk in (block * 4, block * 2, block)]
 
 
+def row_split(in_avals, out_avals, params, block, parts=0):
+    """The split of a ROWS op: rows per uTask like a reduction's (about four elements per thread, at least a
+    whole row), or its rows spread evenly over `parts` partitions; every operand and output moved once."""
+    shape = params[plan.ROW_SHAPE]
+    length, n_rows = shape[-1], math.prod(shape[:-1])
+    rows = max(1, n_rows // parts) if parts else max(1, (block * 4) // length)
+    count = parts if parts else max(1, math.ceil(n_rows / rows))
+    per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
+    return count, {"rows": rows}, _cost(4 * rows * per_row)
+
+
 def split(kind, in_avals, out_avals, params, grid, block):
     """(n_utasks, split params, cost of one uTask in ns) for an Op."""
     out = out_avals[0]
+    if kind == plan.ROWS.name:
+        return row_split(in_avals, out_avals, params, block)
     if kind in GEMM_KINDS:
         return _gemm_split(kind, in_avals, out, params, grid, block)
     if kind in REDUCE_KINDS:
@@ -229,6 +244,8 @@ def partition_split(kind, in_avals, out_avals, params, parts):
     """The split of an op of a partitioned loop (gdsl/schedule/partition.py): uTask p is partition p,
     the output elements [p*size/parts, (p+1)*size/parts) (for matmul: batch element p, one whole tile)."""
     out = out_avals[0]
+    if kind == plan.ROWS.name:
+        return row_split(in_avals, out_avals, params, 0, parts)
     if kind in GEMM_KINDS:
         _, m, n, k = gemm_dims(kind, in_avals, out, params)
         return parts, {"tile_m": m, "tile_n": n}, _cost(4 * (m * k + k * n + m * n), 2 * m * n * k)

@@ -26,7 +26,7 @@ from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import lowering_rule, register_lowering
 from gdsl.primitives.structural import broadcast_p, iota_p
-from gdsl.schedule.plan import FUSED, RESULT, Expr
+from gdsl.schedule.plan import FUSED, RESULT, STEP, Expr
 
 
 def strides(shape) -> list[int]:
@@ -163,27 +163,31 @@ class OpRenderer:
         lines.append("  }")
         return "\n".join(lines) + "\n"
 
-    def expr(self, node, i, root=False, result=None) -> str:
+    def expr(self, node, i, root=False, result=None, shape=None, step=None) -> str:
         """The C expression of Expr `node` at flat output index `i` (`root`: stored as is, not rounded;
-        `result`: the C expression an epilogue's RESULT leaves stand for)."""
-        out_shape = self.outs[0].aval.shape
+        `result`: the C expression an epilogue's RESULT leaves stand for; `shape`: the shape `i` indexes
+        and the inputs broadcast to, the first output's by default; `step(node)`: the C expression of a
+        ROWS op's STEP leaf)."""
+        out_shape = self.outs[0].aval.shape if shape is None else shape
         if node.op == RESULT:
             return result
+        if node.op == STEP:
+            return step(node)
         if node.op == "input":
             arg = self.ins[node.params["index"]]
             return arg.at(broadcast_index(out_shape, arg.aval.shape, i))
         if node.op == "literal":
             return c_types.literal(node.params["value"], node.aval.dtype)
         if node.op == broadcast_p.name:
-            return self.expr(node.args[0], i, result=result)
+            return self.expr(node.args[0], i, result=result, shape=shape, step=step)
         if node.op == iota_p.name:
-            shape, dim = node.aval.shape, node.params["dimension"]
-            lead = len(out_shape) - len(shape)
-            if shape[dim] == 1:
+            iota_shape, dim = node.aval.shape, node.params["dimension"]
+            lead = len(out_shape) - len(iota_shape)
+            if iota_shape[dim] == 1:
                 return c_types.literal(0, node.aval.dtype)
             c = coords(out_shape, i)[dim + lead]
             return c_types.convert(c, dtypes.int32, node.aval.dtype)
-        args = [self.expr(a, i, result=result) for a in node.args]
+        args = [self.expr(a, i, result=result, shape=shape, step=step) for a in node.args]
         if node.op == convert_p.name:
             return c_types.convert(args[0], node.args[0].aval.dtype, node.aval.dtype)
         operand = node.args[-1].aval.dtype

@@ -8,10 +8,15 @@ reduction of a small operand into one expression chain per vEU.
 """
 from __future__ import annotations
 
+import math
+
 from gdsl import dtypes
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
+from gdsl.primitives.reductions import reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
+from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS
+from gdsl.schedule.rows import ROW_SLOTS
 
 
 # ---------------------------------------------------------------------------------- reductions (uTask)
@@ -239,3 +244,99 @@ def unrolled_arg_reduction(renderer, u, out: str, better: str) -> list[str]:
         else:
             lines.append(f"  w = {items[k]}; if (w {better} v) {{ v = w; k = {k}; }}")
     return lines + [f"  {out} = k; }}"]
+
+
+# ---------------------------------------------------------------------------------- row chains (uTask)
+# The reductions a row chain may hold (gdsl/schedule/rows.py: float rows only): their identity (of the
+# dtype) and their combine, C over the accumulators a and b.
+ROW_REDUCTIONS = {
+    reduce_sum_p.name: (lambda dt: "0", "a + b"),
+    reduce_max_p.name: (c_types.lowest, "gdsl_fmax(a, b)"),
+    reduce_min_p.name: (c_types.highest, "gdsl_fmin(a, b)"),
+}
+
+
+@register_lowering(ROWS, backend="cfamily")
+def row_chain(ops: OpRenderer) -> str:
+    """A ROWS op (gdsl/schedule/plan.py RowStep): uTask t takes rows [t*rows, (t+1)*rows) one after another
+    (the whole block on a row), or, when several short rows fit a warp's lanes, a group of g lanes per row
+    (`reduction_loops`' two layouts). A lane keeps its elements r = lane + k*g of each row step in
+    registers (k < ceil(L / g) <= ROW_SLOTS), each per-row value in one register (every lane of the row
+    holds it: the group and block reductions leave their result in every lane); only the op's outputs
+    are stored."""
+    p = ops.op.params
+    shape, steps = tuple(p[ROW_SHAPE]), p[STEPS]
+    length, n_rows, rows = shape[-1], math.prod(shape[:-1]), p["rows"]
+    thread, block = ops.dialect.thread_index, ops.block
+    g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
+    grouped = rows > 1 and -(-length // g) <= ROW_SLOTS
+    if not grouped:
+        g = block
+    slots = -(-length // g)
+    if grouped:
+        lines = [f"  const int lane = {thread} % {g}, grp = {thread} / {g};",
+                 f"  for (int b = 0; b < {rows}; b += {block // g}) {{",
+                 f"    const int o = t * {rows} + b + grp;",
+                 f"    const bool ok = b + grp < {rows} && o < {n_rows};"]
+    else:
+        lines = [f"  const int lane = {thread};",
+                 f"  for (int b = 0; b < {rows}; ++b) {{",
+                 f"    const int o = t * {rows} + b;",
+                 f"    if (o >= {n_rows}) break;",
+                 "    const bool ok = true;"]
+    body = []
+    for number, step in enumerate(steps):
+        body += _row_step(ops, step, number, shape, slots, g, grouped)
+    outputs = {k: number for number, k in enumerate(p[STEP_OUTPUTS])}
+    for k, number in outputs.items():
+        out = ops.outs[number]
+        if steps[k].per_row(shape):
+            body.append(f"if (ok && lane == 0) {out.store('o', f's{k}')}")
+        else:
+            body.append(_each_slot(slots, g, length, out.store(f"o * {length} + r", f"s{k}[k]")))
+    lines += ["    " + line for line in body] + ["  }"]
+    return "\n".join(lines) + "\n"
+
+
+def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
+    """`statement` for each of a lane's elements r of its row (k: the register slot)."""
+    return (f"for (int k = 0; k < {slots}; ++k) {{ const int r = lane + k * {g}; "
+            f"if (ok && r < {length}) {{ {statement} }} }}")
+
+
+def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool) -> list[str]:
+    """C lines computing step `number` of a row chain into s<number> (an array of register slots for a row
+    step, one value for a per-row step)."""
+    length = shape[-1]
+    dt = step.aval.dtype
+    ctype = c_types.compute(dt)
+    steps = ops.op.params[STEPS]
+
+    def step_value(node):
+        k = node.params["index"]
+        return f"s{k}" if steps[k].per_row(shape) else f"s{k}[k]"
+
+    def at_element(expr, root=False):
+        return ops.expr(expr, f"(o * {length} + r)", root=root, shape=shape, step=step_value)
+
+    if step.reduce is None and step.per_row(shape):
+        value = ops.expr(step.expr, "o", shape=step.aval.shape, step=step_value)
+        return [f"{ctype} s{number} = {c_types.literal(0, dt)};", f"if (ok) s{number} = {value};"]
+    if step.reduce is None:
+        store = f"s{number}[k] = {at_element(step.expr)};"
+        return [f"{ctype} s{number}[{slots}];", _each_slot(slots, g, length, store)]
+    acc = c_types.accumulator(dt)
+    identity, combine = ROW_REDUCTIONS[step.reduce]
+    ident = f"({acc})({identity(dt)})"
+    if grouped:
+        reduce = f"v = gdsl_group_reduce<{g}>(v, comb);"
+    else:
+        reduce = f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);"
+        ops.smem = max(ops.smem, (ops.block // ops.dialect.warp_size) * 8)
+    operand = f"({acc})({at_element(step.expr, root=True)})"
+    return [f"{ctype} s{number};",
+            f"{{ auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};",
+            f"  {acc} v = {ident};",
+            "  " + _each_slot(slots, g, length, f"v = comb(v, {operand});"),
+            f"  {reduce}",
+            f"  s{number} = {c_types.rounded(dt, 'v')}; }}"]

@@ -67,7 +67,7 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
 # GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "tensor_cores", "owner", "epilogue", "balance",
+                           "tensor_cores", "owner", "epilogue", "balance", "rows",
                            "autotune"})
 DEFAULT_BLOCK = 1024
 

@@ -1,0 +1,309 @@
+"""Row chains (gdsl/schedule/rows.py): reductions over the last axis and the elementwise steps on the same rows
+that read them, fused into one ROWS op for the backends with its lowering (the C-family ones). Which chains
+fuse and which must not, what the plan says, and that the plan simulator (with its race checks), the CPU
+emulator of the generated C, the CPU backend and the interpreter agree; the CUDA source compiles with NVRTC."""
+import numpy as np
+import pytest
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+
+import gdsl
+import gdsl.nn
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
+from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip.emulated import EmulatedHIPDialect
+from gdsl.interpreter import run_program
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.reductions import reduce_max_p, reduce_sum_p
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import ROWS, STEP_OUTPUTS, STEPS, Loop, Wave, plan_statements
+from gdsl.schedule.simulate import simulate
+
+rng = np.random.default_rng(0)
+CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they have ROWS's
+
+
+def _f32(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------- programs
+def layer_norm(x):
+    mean = gnp.mean(x, axis=-1, keepdims=True)
+    d = x - mean
+    var = gnp.mean(d * d, axis=-1, keepdims=True)
+    return d / gnp.sqrt(var + 1e-5)
+
+
+def softmax_of_scaled(x):
+    """The scaling is a row step of its own whose only reader is the chain: it joins it (backward)."""
+    return gdsl.nn.softmax(x * 0.5 + 1.0)
+
+
+def softmax_and_exponentials(x):
+    """The exponentials, an intermediate of the chain, are also a result: the op stores them too."""
+    e = gnp.exp(x - gnp.max(x, axis=-1, keepdims=True))
+    return e / gnp.sum(e, axis=-1, keepdims=True), e
+
+
+def softmax_and_its_max(x):
+    """A per-row intermediate read outside the chain (after it)."""
+    m = gnp.max(x, axis=-1, keepdims=True)
+    e = gnp.exp(x - m)
+    return e / gnp.sum(e, axis=-1, keepdims=True), m * 2.0
+
+
+def softmax_with_bias(x, b):
+    """A row operand from memory (b, broadcast over the rows) beside the on-chip steps."""
+    return gdsl.nn.softmax(x + b)
+
+
+FUSING = {
+    "softmax_1d": (gdsl.nn.softmax, lambda: (_f32(37),)),
+    "softmax_2d_short_rows": (gdsl.nn.softmax, lambda: (_f32(5, 3),)),
+    "softmax_2d_long_rows": (gdsl.nn.softmax, lambda: (_f32(3, 700),)),      # longer than the block
+    "softmax_4d": (gdsl.nn.softmax, lambda: (_f32(2, 3, 4, 50),)),
+    "log_softmax": (gdsl.nn.log_softmax, lambda: (_f32(6, 40),)),
+    "layer_norm": (layer_norm, lambda: (_f32(4, 6, 100),)),
+    "softmax_of_scaled": (softmax_of_scaled, lambda: (_f32(9, 33),)),
+    "softmax_and_exponentials": (softmax_and_exponentials, lambda: (_f32(7, 20),)),
+    "softmax_and_its_max": (softmax_and_its_max, lambda: (_f32(7, 20),)),
+    "softmax_with_bias": (softmax_with_bias, lambda: (_f32(5, 64), _f32(64))),
+}
+
+
+# ------------------------------------------------------------------------------------ what must not fuse
+def softmax_first_axis(x):
+    return gdsl.nn.softmax(x, axis=0)
+
+
+def matmul_between(x, w):
+    """A matmul reads the max and feeds the chain's next step: one op could not run before and after it."""
+    m = gnp.max(x, axis=-1, keepdims=True)
+    return x - (m * gnp.ones((1, x.shape[1]), dtype=gdsl.float32)) @ w
+
+
+def full_reduction(x):
+    return x - gnp.sum(x)
+
+
+def max_feeds_a_uniform(x):
+    """The max is read by a scalar op every vEU computes, which the chain's last step reads: not fused from
+    the max (one op cannot run before and after that scalar op); the rest still is."""
+    m = gnp.max(x, axis=-1, keepdims=True)
+    e = gnp.exp(x - m)
+    return e / gnp.sum(e, axis=-1, keepdims=True) + 0.0 * gnp.sum(m)
+
+
+NOT_FUSING = {
+    "softmax_first_axis": (softmax_first_axis, lambda: (_f32(30, 5),)),
+    "full_reduction": (full_reduction, lambda: (_f32(6, 24),)),
+    "too_long_rows": (gdsl.nn.softmax, lambda: (_f32(2, 256 * 8 + 1),)),
+}
+
+
+# --------------------------------------------------------------------------------------- in loops
+def softmax_steps(h):
+    """A carry normalised every step: each row is independent (a partitioned loop: rows stay on their vEU)."""
+    def step(i, h):
+        return gdsl.nn.softmax(h * 3.0 + 0.25)
+    return gdsl.fori_loop(0, 3, step, h)
+
+
+def layer_norm_steps(h, w):
+    def step(i, h):
+        return layer_norm(gnp.tanh(h @ w))
+    return gdsl.fori_loop(0, 3, step, h)
+
+
+LOOPS = {
+    "softmax_steps": (softmax_steps, lambda: (_f32(8, 1, 32),)),
+    "layer_norm_steps": (layer_norm_steps, lambda: (_f32(4, 48), _f32(48, 48, scale=0.2))),
+}
+PARTIAL = {"max_feeds_a_uniform": (max_feeds_a_uniform, lambda: (_f32(7, 20),)),
+           "matmul_between": (matmul_between, lambda: (_f32(6, 24), _f32(24, 24)))}
+ALL = {**FUSING, **NOT_FUSING, **LOOPS, **PARTIAL}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _ops(plan):
+    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
+
+
+def _rows_ops(plan):
+    return [op for op in _ops(plan) if op.kind == ROWS.name]
+
+
+def _program(name):
+    fn, make_args = ALL[name]
+    args = make_args()
+    return gdsl.make_ir(fn)(*args), args
+
+
+def _reference(program, args):
+    return run_program(program, [np.asarray(a) for a in args])
+
+
+def _simulated(plan, args):
+    return simulate(plan, [np.asarray(a) for a in args])
+
+
+def _as_list(got):
+    return [np.asarray(g) for g in (got if isinstance(got, tuple) else [got])]
+
+
+# ------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", sorted(FUSING))
+def test_chain_fuses_into_one_rows_op(name):
+    program, args = _program(name)
+    plan = schedule(program, grid=8, rows=CHAIN)
+    plain = schedule(program, grid=8)
+    (op,) = _rows_ops(plan)
+    reductions = [s for s in op.params[STEPS] if s.reduce is not None]
+    assert len(reductions) >= 1 and len(op.params[STEPS]) >= 2
+    assert len(op.outputs) == len(op.params[STEP_OUTPUTS])
+    assert plan.stats["row_chains"] == 1
+    assert plan.stats["waves"] < plain.stats["waves"]
+    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+def test_softmax_is_one_wave_of_one_op():
+    program, args = _program("softmax_4d")
+    plan = schedule(program, grid=8, rows=CHAIN)
+    assert plan.stats["waves"] == 1 and plan.stats["ops"] == 1
+    (op,) = _rows_ops(plan)
+    assert op.outputs[0].storage.kind == "output" and op.inputs[0].storage.kind == "input"
+    assert [s.reduce for s in op.params[STEPS]] == [reduce_max_p.name, None, reduce_sum_p.name, None]
+    text = str(plan)
+    assert "out0 = op0_row_chain_reduce_max_reduce_sum(in0) with steps " in text
+    assert "s2 = reduce_sum(s1)" in text and "1 row chains" in text
+
+
+def test_intermediate_read_outside_is_stored():
+    program, args = _program("softmax_and_exponentials")
+    (op,) = _rows_ops(schedule(program, grid=8, rows=CHAIN))
+    assert len(op.outputs) == 2
+    assert {v.aval.shape for v in op.outputs} == {(7, 20)}
+    program, args = _program("softmax_and_its_max")
+    (op,) = _rows_ops(schedule(program, grid=8, rows=CHAIN))
+    assert sorted(v.aval.size for v in op.outputs) == [7, 140]      # the max per row, and the result
+
+
+@pytest.mark.parametrize("name", sorted(NOT_FUSING))
+def test_chain_that_must_not_fuse(name):
+    program, args = _program(name)
+    plan = schedule(program, grid=8, rows=CHAIN)
+    assert not _rows_ops(plan) and plan.stats["row_chains"] == 0
+    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+def test_a_chain_around_an_outside_reader_is_cut():
+    program, args = _program("max_feeds_a_uniform")
+    plan = schedule(program, grid=8, rows=CHAIN)
+    (op,) = _rows_ops(plan)
+    assert [s.reduce for s in op.params[STEPS]] == [None, reduce_sum_p.name, None]
+    assert reduce_max_p.name in {o.kind for o in _ops(plan)}
+    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+def test_a_chain_stops_at_a_matmul_between_its_steps():
+    """The steps before the matmul fuse; the subtraction after it, which reads the chain's row again, is an
+    op of its own after the matmul."""
+    program, args = _program("matmul_between")
+    plan = schedule(program, grid=8, rows=CHAIN)
+    (op,) = _rows_ops(plan)
+    (matmul,) = [o for o in _ops(plan) if o.kind == matmul_p.name]
+    assert matmul.inputs[0].storage is op.outputs[0].storage
+    assert _ops(plan)[-1].kind not in (ROWS.name, matmul_p.name)
+    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+def test_no_fusion_without_the_backends_rule():
+    program, _ = _program("softmax_4d")
+    assert not _rows_ops(schedule(program, grid=8))
+    assert not _rows_ops(schedule(program, grid=8, rows=("no-such-backend",)))
+
+
+@pytest.mark.parametrize("name", sorted(LOOPS))
+@pytest.mark.parametrize("control", ["device", "host"])
+def test_rows_in_loops_are_race_free(name, control):
+    program, args = _program(name)
+    for partition in (None, True, False):
+        plan = schedule(program, grid=8, control=control, partition=partition, rows=CHAIN)
+        assert _rows_ops(plan)
+        assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+def test_partitioned_rows_stay_on_their_veu():
+    """In a partitioned loop each partition's rows are one uTask on its own vEU: block syncs only."""
+    program, _ = _program("softmax_steps")
+    plan = schedule(program, grid=8, partition=True, rows=CHAIN)
+    (loop,) = [s for s in plan_statements(plan) if isinstance(s, Loop)]
+    assert loop.parts == 8
+    (op,) = _rows_ops(plan)
+    assert op.n_utasks == 8 and op.params["rows"] == 1
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_emulated_results_with_and_without_rows(name):
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    for rows in (None, False):
+        for block in (64, 256):
+            got = emulate(fn, *args, grid=4, block=block, rows=rows)
+            assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["softmax_2d_short_rows", "softmax_4d", "layer_norm", "softmax_and_its_max",
+                                  "softmax_steps"])
+def test_emulated_hip_wave64(name):
+    """HIP's 64-lane wavefronts: the groups of lanes per row go up to 64."""
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
+    assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", sorted(LOOPS))
+def test_emulated_partitioned_loops(name):
+    fn, make_args = LOOPS[name]
+    args = make_args()
+    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    for control in ("device", "host"):
+        got = emulate(fn, *args, grid=4, control=control, partition=True)
+        assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@pytest.mark.parametrize("name", sorted(FUSING) + sorted(LOOPS))
+def test_cpu_and_interpret_results(name):
+    """The CPU backend (llvmlite) has no ROWS rule: it keeps the chain's ops, with the same results."""
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    assert not _rows_ops(gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan)
+    for backend in ("cpu", "interpret"):
+        got = gdsl.jit(fn, backend=backend, grid=4)(*args)
+        assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+def test_option_turns_rows_off():
+    fn, make_args = FUSING["layer_norm"]
+    args = make_args()
+    on = gdsl.jit(fn, backend="cuda", grid=8).lower(*args)
+    off = gdsl.jit(fn, backend="cuda", grid=8, rows=False).lower(*args)
+    assert _rows_ops(on.lowering.plan) and not _rows_ops(off.lowering.plan)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", ["softmax_2d_short_rows", "softmax_2d_long_rows", "layer_norm",
+                                  "softmax_and_its_max", "softmax_steps"])
+def test_cuda_kernel_with_rows_compiles(name):
+    fn, make_args = ALL[name]
+    lowering = gdsl.jit(fn, backend="cuda", grid=132).lower(*make_args())
+    assert _rows_ops(lowering.lowering.plan)
+    assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
