@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from gdsl.schedule.plan import Assign, Branch, Call, Launch, Loop, Sync, Uniforms, Wave, epilogue_of
+from gdsl.schedule.plan import Assign, Branch, Call, Fork, Launch, Loop, Sync, Uniforms, Wave, epilogue_of
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import dynamic_view, gathers_batch
 
@@ -84,6 +84,12 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
         elif isinstance(stmt, Call):
             deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
             lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, {deeper})")
+        elif isinstance(stmt, Fork):
+            lines.append(f"{pad}fork (the lower half of the vEU group, then every vEU):")
+            print_block(stmt.first + stmt.between, indent + 1, lines, device)
+            lines.append(f"{pad}fork (the upper half of the vEU group, after every vEU's):")
+            print_block(stmt.second, indent + 1, lines, device)
+            lines.append(f"{pad}end fork")
         elif isinstance(stmt, Launch):
             lines.append(f"{pad}launch kernel k{stmt.kernel}")
         else:

@@ -13,7 +13,7 @@ from gdsl.schedule import schedule
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
-                           "balance"})
+                           "balance", "fork"})
 DEFAULT_BLOCK = 256
 
 
@@ -36,7 +36,8 @@ def check_options(options, dialect) -> dict:
             "partition": options.get("partition"),
             "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
             "resident": options.get("resident"), "tensor_cores": options.get("tensor_cores"),
-            "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance")}
+            "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance"),
+            "fork": options.get("fork")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -56,6 +57,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
-                    owner=opts.get("owner"), epilogues=epilogues, balance=opts.get("balance"))
+                    owner=opts.get("owner"), epilogues=epilogues, balance=opts.get("balance"),
+                    fork=opts.get("fork"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
