@@ -85,10 +85,11 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
             lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, {deeper})")
         elif isinstance(stmt, Fork):
-            lines.append(f"{pad}fork (the lower half of the vEU group, then every vEU):")
-            print_block(stmt.first + stmt.between, indent + 1, lines, device)
-            lines.append(f"{pad}fork (the upper half of the vEU group, after every vEU's):")
-            print_block(stmt.second, indent + 1, lines, device)
+            lines.append(f"{pad}fork (each half of the vEU group makes one call):")
+            for label, part in (("lower half", stmt.first), ("both halves", stmt.between), ("upper half", stmt.second)):
+                if part:
+                    lines.append(f"{pad}  {label}:")
+                    print_block(part, indent + 2, lines, device)
             lines.append(f"{pad}end fork")
         elif isinstance(stmt, Launch):
             lines.append(f"{pad}launch kernel k{stmt.kernel}")

@@ -1094,7 +1094,7 @@ class Scheduler:
         where nothing from the second call's argument Assigns back to the first Call reads the first call's
         results or memory the plan writes (_forkable_read). The first call's barrier goes (the callee's last
         barrier orders its work for the sequential case: _sync_by_return_site keeps it where the second call
-        follows); a grid barrier goes before the Fork (demoted when nothing before it touches memory); the
+        follows); a grid barrier goes before the Fork (removed when nothing before it touches memory); the
         second call's barrier stays, as the join."""
         def rewrite(block):
             out = []
@@ -1108,7 +1108,9 @@ class Scheduler:
                 if fork is not None:
                     start, made = fork
                     self.after_call_syncs.discard(out[start + len(made.first)])
-                    out[start:] = [Sync("grid"), made]
+                    before = Sync("grid")
+                    self.after_call_syncs.add(before)        # (removed, not made a block sync, when demoted)
+                    out[start:] = [before, made]
                     self.stats["forks"] = self.stats.get("forks", 0) + 1
             return tuple(out)
         functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
