@@ -31,7 +31,7 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
     Call(fn, site, step)  push the return site, enter recursive function `fn` `step` frames deeper (its
                         arguments and results are at frame_offset `step`; step > 1 leaves the frames in
                         between to results of earlier calls that are still read: see Scheduler._call)
-    Fork(first, between, second)  two calls that may run at once (the scheduler option `fork`): `first` and
+    Fork(first, between, second, min_group)  two calls that may run at once (the scheduler option `fork`): `first` and
                         `second` are each a call's argument Assigns and its Call, `between` uniform
                         statements that read neither call's results nor memory the plan writes. Run one
                         after the other (first, between, second) it means what those statements mean;
@@ -252,12 +252,15 @@ class Fork:
     `second`; each half is a group of its own inside the calls (heap-numbered: group g's halves are 2g and
     2g + 1; the whole grid is group 1), its waves on its own vEUs and its grid barriers barriers of that
     group, and the callees' deeper frames in a frame region of that group (the callee's own frame, where the
-    caller reads its results, stays where the caller addresses it). A group of one vEU runs both halves
-    one after the other. The plan puts a grid barrier before a Fork (kept only when something before it
-    touches memory) and one after it (the join: the caller's group waits for both halves)."""
+    caller reads its results, stays where the caller addresses it). A group of fewer than 2 * min_group
+    vEUs does not split: it runs first, between, a barrier of the group, then second, all in the caller's
+    group and frames (the barrier stands for the join the first half would have met). The plan puts a
+    grid barrier before a Fork (kept only when something before it touches memory) and one after it (the
+    join: the caller's group waits for both halves)."""
     first: tuple
     between: tuple
     second: tuple
+    min_group: int = 1             # the fewest vEUs a half may have (the scheduler's FORK_MIN_SHARE)
 
     @property
     def calls(self) -> tuple:

@@ -76,6 +76,11 @@ MAX_FUSED_DEPTH = 64
 # The largest elementwise expression (in nodes) that is recomputed inside a consumer reading its result
 # through a view, instead of running as an op of its own behind a barrier (see Scheduler._inline_window).
 MAX_INLINED_NODES = 8
+# A Fork splits a vEU group only when each half keeps at least this share of the called function's widest
+# task (its vEUs): deeper, each half would run that task in more rounds on fewer vEUs, trading a barrier
+# (about a microsecond) for rounds of uTasks. RAE at hidden 512, grid 132 (benchmarks/recursion_counts.py
+# --fork, critical path of the fixed tree): see docs/schedule.md, "Parallel recursion".
+FORK_MIN_SHARE = 0.25
 
 
 def _finer(split, op) -> bool:
@@ -1096,6 +1101,8 @@ class Scheduler:
         barrier orders its work for the sequential case: _sync_by_return_site keeps it where the second call
         follows); a grid barrier goes before the Fork (removed when nothing before it touches memory); the
         second call's barrier stays, as the join."""
+        min_group = {f.name: max(1, math.ceil(FORK_MIN_SHARE * _widest_wave(f.body))) for f in functions}
+
         def rewrite(block):
             out = []
             for stmt in block:
@@ -1107,6 +1114,7 @@ class Scheduler:
                 fork = _fork_at_end(out, self.after_call_syncs)
                 if fork is not None:
                     start, made = fork
+                    made = dataclasses.replace(made, min_group=min_group[made.calls[0].fn])
                     self.after_call_syncs.discard(out[start + len(made.first)])
                     before = Sync("grid")
                     self.after_call_syncs.add(before)        # (removed, not made a block sync, when demoted)
@@ -1189,6 +1197,11 @@ def _calls_only(jaxpr, name) -> bool:
         if eqn.primitive is control.recurse_call_p and eqn.params["name"] != name:
             return False
     return True
+
+
+def _widest_wave(body) -> int:
+    """The most vEUs one task of `body` (nested statements included, not the functions it calls) runs on."""
+    return max([min(t.count, t.op.n_utasks) for s in walk(body) if isinstance(s, Wave) for t in s.tasks], default=1)
 
 
 def _fork_at_end(stmts, after_call_syncs) -> tuple | None:

@@ -20,7 +20,8 @@ Semantics it defines (every backend follows them):
   checked against), a uniform op reads memory on the group's vEUs. A forked call's own frame is where
   its caller addresses it; the frames of its callees are in a frame region of its group (`frames`
   copies each, appended as groups first use them): frame_offset k > 0 is at frame[f] + k + kid_base[f],
-  0 at frame[f] + own_base[f]. A group of one vEU runs both halves, the calls not forked.
+  0 at frame[f] + own_base[f]. A group of fewer than 2 * min_group vEUs runs both halves, the calls
+  not forked, with a barrier of the group in between.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ from gdsl.schedule.plan import (
     fold_expr,
 )
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
+
+# The barrier between the two calls of a Fork that a group too small to split makes one after the other
+# (not a statement of the plan).
+FORK_BARRIER = Sync("grid")
 
 
 class BarrierError(RuntimeError):
@@ -287,8 +292,10 @@ class Simulator:
 
     def run_fork(self, stmt: Fork):
         g, lo, hi = self.group
-        if hi - lo < 2:                       # one vEU: both calls, one after the other, in this group
-            self.block(stmt.first + stmt.between + stmt.second)
+        if hi - lo < 2 * stmt.min_group:      # too few vEUs: both calls, one after the other, in this group
+            self.block(stmt.first + stmt.between)
+            self.run_sync(FORK_BARRIER)       # (the group's barrier, where the first half meets the join)
+            self.block(stmt.second)
             return
         mid = lo + (hi - lo) // 2
         self.fork_half(stmt.first, stmt.between, (), (2 * g, lo, mid))

@@ -556,9 +556,9 @@ class Renderer:
             return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
 
-    def call_lines(self, stmt: Call, pad: str, half: int | None = None) -> list[str]:
-        """The stack machine's call (module docstring); `half` (0, 1) for a call of a Fork: the vEU enters it
-        in that half of its group, when the group has two vEUs or more."""
+    def call_lines(self, stmt: Call, pad: str, half: tuple | None = None) -> list[str]:
+        """The stack machine's call (module docstring); `half` (0 or 1, the Fork's min_group) for a call of a
+        Fork: the vEU enters it in that half of its group, when each half has min_group vEUs or more."""
         f, name = self.fns[stmt.fn], cid(stmt.fn)
         code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
         site = self.trace and self.trace.call(stmt)
@@ -575,11 +575,13 @@ class Renderer:
                 f"{s}_{name}[d_{name}] = {v};" for s, v in self.saved_state(name)))
             lines.append(f"{pad}d_{name} += 1;{frames} o_{name} = c_{name};")
             if half is not None:
+                side, min_group = half
                 mid = "gdsl_lo + (gdsl_hi - gdsl_lo) / 2"
-                enter = f"gdsl_hi = {mid}; gdsl_g = 2 * gdsl_g;" if half == 0 else \
+                enter = f"gdsl_hi = {mid}; gdsl_g = 2 * gdsl_g;" if side == 0 else \
                     f"gdsl_lo = {mid}; gdsl_g = 2 * gdsl_g + 1;"
                 region = f"c_{name} = gdsl_g * {f.frames} - {self.depth(stmt.fn)};"
-                lines.append(f"{pad}if (gdsl_hi - gdsl_lo >= 2) {{ {enter} {region} }}  // its group, its frames")
+                lines.append(f"{pad}if (gdsl_hi - gdsl_lo >= {2 * min_group}) {{ {enter} {region} }}  // its group, "
+                             "its frames")
             lines += [f"{pad}goto f_{name};", f"{pad}f_{name}_ret_{stmt.site}: ;"]
             lines.append(pad + " ".join(f"{v} = {s}_{name}[d_{name}];" for s, v in self.saved_state(name)))
         if frames:
@@ -599,19 +601,21 @@ class Renderer:
         is the same again after each call (restored with its return site), so the second test sees the
         group the first one did."""
         pad, veu = "  " * ind, self.dialect.block_index
-        alone = "gdsl_hi - gdsl_lo < 2"
+        alone = f"gdsl_hi - gdsl_lo < {2 * fork.min_group}"
         mid = "gdsl_lo + (gdsl_hi - gdsl_lo) / 2"
-        lines = [f"{pad}// fork: the two calls on the two halves of this vEU's group",
+        lines = [f"{pad}// fork: the two calls on the two halves of this vEU's group (one after the other "
+                 f"when a half would have fewer than {fork.min_group} vEUs)",
                  f"{pad}if ({alone} || (int){veu} < {mid}) {{"]
-        lines += self.fork_half(fork.first, ind + 1, 0)
+        lines += self.fork_half(fork, fork.first, ind + 1, 0)
         lines += [pad + "}"] + self.block(fork.between, ind)
+        lines.append(f"{pad}if ({alone}) {{ {self.grid_sync()} }}")
         lines.append(f"{pad}if ({alone} || (int){veu} >= {mid}) {{")
-        lines += self.fork_half(fork.second, ind + 1, 1)
+        lines += self.fork_half(fork, fork.second, ind + 1, 1)
         return lines + [pad + "}"]
 
-    def fork_half(self, stmts, ind: int, half: int) -> list[str]:
+    def fork_half(self, fork: Fork, stmts, ind: int, half: int) -> list[str]:
         """One half of a Fork: its argument statements, then its Call entered in that half of the group."""
-        return self.block(stmts[:-1], ind) + self.call_lines(stmts[-1], "  " * ind, half)
+        return self.block(stmts[:-1], ind) + self.call_lines(stmts[-1], "  " * ind, (half, fork.min_group))
 
     def grid_sync(self) -> str:
         """A barrier of every vEU: of the grid, or when calls run in parallel, of the running vEU group (its
