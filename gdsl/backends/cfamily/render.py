@@ -35,6 +35,22 @@ again, and the frames number `f.frames`. Every vEU reaches an overflow at
 the same point (control flow is uniform), so all leave together and the host raises RecursionDepthError.
 All locals are declared at the top so that the gotos never skip an initialisation.
 
+Parallel recursion (a plan with Forks, the scheduler option `fork`; docs/schedule.md "Parallel recursion"):
+every vEU also keeps its group `gdsl_g` (heap number), `[gdsl_lo, gdsl_hi)`, and per function two frame
+bases, `o_f` (its own frame) and `c_f` (its callees'): a frame buffer value at offset 0 is at frame
+`b_f + o_f`, at offset k > 0 at `b_f + k + c_f`, and each group number has `f.frames` copies of its own.
+
+    call site k:    ... r_f[d_f] = k; sg_f[d_f] = gdsl_g; (and lo, hi, o_f, c_f)  d_f += 1; o_f = c_f;
+                    [forked half h, when each half keeps min_group vEUs: the group's half h, g = 2g + h,
+                     c_f = g * frames - b_f]  goto f_f;
+                    f_f_ret_k: ;  gdsl_g = sg_f[d_f]; ...            (the caller's group and bases again)
+    Fork:           if (too small || vEU in the lower half) { first }  between
+                    if (too small) group barrier;  if (too small || vEU in the upper half) { second }
+    Wave (in f)     uTask t on the group's vEU lo + (first + t % count) % (hi - lo) (over_utasks_in_group)
+    Sync "grid"     gdsl_group_sync_atomic on the group's counter; it also leaves for the exit once a call
+                    overflowed (any vEU may be the one), which the kernel's first lines make safe: vEU 0
+                    clears the flag and the counters, then one grid barrier (fork_prologue)
+
 Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): the kernel takes one more parameter, the
 trace buffer (one region per vEU), and thread 0 of each vEU records a stamp of the dialect's clock
 (`trace_clock`) at the begin and end of every uTask, grid barrier, loop, loop iteration, branch case and
