@@ -196,16 +196,23 @@ def has_forks(plan) -> bool:
     return plan.control == "device" and any(isinstance(s, Fork) for s in _all_statements(plan))
 
 
-def group_ids(grid: int) -> int:
-    """How many heap numbers the vEU groups of `grid` vEUs can take (plan.Fork: group g's halves are 2g and
-    2g + 1, the grid is group 1, a group of one vEU does not split): twice the power of two >= grid."""
-    return 2 << max(0, (grid - 1).bit_length())
+def group_ids(plan) -> int:
+    """How many heap numbers the vEU groups of `plan` can take: 2^(L + 1) for L splits at most (plan.Fork:
+    group g's halves are 2g and 2g + 1, the grid is group 1, a group splits when each half keeps the
+    Fork's min_group vEUs; the smallest min_group of the plan's Forks bounds them all)."""
+    min_group = min(s.min_group for s in _all_statements(plan) if isinstance(s, Fork))
+
+    def splits(size: int) -> int:
+        if size < 2 * min_group:
+            return 0
+        return 1 + max(splits(size // 2), splits(size - size // 2))
+    return 2 << splits(plan.grid)
 
 
 def make_layout(plan) -> Layout:
     layout = Layout()
     # With Forks, each group has a frame region of its own (`frames` copies, at group number x frames).
-    regions = group_ids(plan.grid) if has_forks(plan) else 1
+    regions = group_ids(plan) if has_forks(plan) else 1
     frames = {f.name: f.frames * regions for f in plan.functions}
     if regions > 1:
         layout.group_barriers = layout.size
@@ -970,7 +977,7 @@ class Renderer:
         if self.forks and functions:
             decls.append(f"int gdsl_g = 1, gdsl_lo = 0, gdsl_hi = {plan.grid};")
             decls.append(f"unsigned* gdsl_gbar = (unsigned*)(gdsl_ws + {self.layout.group_barriers});")
-            body_lines = self.fork_prologue(group_ids(plan.grid)) + body_lines
+            body_lines = self.fork_prologue(group_ids(plan)) + body_lines
         decls.append("int gdsl_t; (void)gdsl_t;")
         if self.trace:
             decls.append(f"unsigned long long* gdsl_tr = gdsl_trace_buf + (size_t){self.dialect.block_index} * "
