@@ -195,3 +195,27 @@ def test_cuda_source_compiles():
         weights, inputs)
     assert "gdsl_group_sync_atomic(gdsl_gbar + gdsl_g" in lowered.source
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("min_share", [0.01, 0.25, 1.0])
+def test_cuda_rae_bench_trees(min_share, monkeypatch):
+    """On the GPU: RAE's bench size on random trees and the fixed tree, forked (groups down to one vEU, the
+    default, and halves that keep the matmul's 32 vEUs), against the numpy reference; a launch that
+    overflows raises and leaves the next launch correct (the group counters are cleared)."""
+    from models import rae
+    monkeypatch.setattr(scheduler, "FORK_MIN_SHARE", min_share)
+    cfg = rae.Config()
+    weights = rae.init_weights(cfg)
+    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", fork=True)
+    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
+        got = gdsl.to_numpy(forward(weights, inputs))
+        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
+    shallow = dataclasses.replace(cfg, max_depth=3)
+    inputs = rae.make_inputs(cfg, tree="fixed")
+    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", fork=True)
+    with pytest.raises(gdsl.RecursionDepthError):
+        too_deep(weights, inputs)
+    leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
+    np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
+                               rtol=1e-3, atol=1e-4)
