@@ -17,6 +17,7 @@ from test_schedule_recursion import CHAIN, chain, encoder, encoder_args, flat_ar
 import gdsl
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip import toolchain as hip_toolchain
 from gdsl.interpreter import run_program
 from gdsl.schedule import scheduler
 from gdsl.schedule.plan import Branch, Call, Fork, Sync, walk
@@ -219,3 +220,11 @@ def test_cuda_rae_bench_trees(min_share, monkeypatch):
     leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
     np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
                                rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None, reason=str(hip_toolchain.hiprtc_available()))
+def test_hip_source_compiles():
+    args = wide_args(TREES["unbalanced"], 64)
+    source = gdsl.jit(encoder(8, 64), backend="hip", grid=16, fork=True).lower(*args).source
+    assert "gdsl_group_sync_atomic(gdsl_gbar + gdsl_g" in source
+    assert hip_toolchain.compile_hip(source, "gfx90a")[:4] == b"\x7fELF"
