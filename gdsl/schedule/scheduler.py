@@ -236,7 +236,7 @@ class Scheduler:
             body = _without(body, idle)
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
-        if self.fork and len(functions) == 1 and not self.parts:
+        if self.fork and len(functions) == 1:
             body, functions = self._forks(body, functions)
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
