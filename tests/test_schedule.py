@@ -319,7 +319,8 @@ def test_every_statement_type_has_a_simulator_rule():
 
     from gdsl.schedule import plan
     from gdsl.schedule.simulate import STATEMENT_RULES
-    statements = {plan.Wave, plan.Sync, plan.Uniforms, plan.Assign, plan.Loop, plan.Branch, plan.Call, plan.Launch}
+    statements = {plan.Wave, plan.Sync, plan.Uniforms, plan.Assign, plan.Loop, plan.Branch, plan.Call, plan.Launch,
+                  plan.Fork}
     assert set(STATEMENT_RULES) == statements
     assert all(dataclasses.is_dataclass(t) for t in statements)
 

@@ -32,6 +32,12 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
     Call(fn, site, step)  push the return site, enter recursive function `fn` `step` frames deeper (its
                         arguments and results are at frame_offset `step`; step > 1 leaves the frames in
                         between to results of earlier calls that are still read: see Scheduler._call)
+    Fork(first, between, second, min_group)  two calls that may run at once (the scheduler option `fork`): `first` and
+                        `second` are each a call's argument Assigns and its Call, `between` uniform
+                        statements that read neither call's results nor memory the plan writes. Run one
+                        after the other (first, between, second) it means what those statements mean;
+                        device control may run `first` on one half of the running vEU group and
+                        `second` on the other, each half with its own frames (see `Fork`)
     Launch(kernel)      host control only: launch kernel number `kernel` and wait
 """
 from __future__ import annotations
@@ -280,6 +286,31 @@ class Call:
 
 
 @dataclass(frozen=True, eq=False)
+class Fork:
+    """Two calls whose arguments do not read each other's results (the two children of a tree node). As a
+    sequence: `first`, `between`, `second`.
+    In parallel (the C-family renderer, the simulator): the running vEU group [lo, hi) splits at
+    lo + (hi - lo) // 2, the lower half runs `first` then `between`, the upper half `between` then
+    `second`; each half is a group of its own inside the calls (heap-numbered: group g's halves are 2g and
+    2g + 1; the whole grid is group 1), its waves on its own vEUs and its grid barriers barriers of that
+    group, and the callees' deeper frames in a frame region of that group (the callee's own frame, where the
+    caller reads its results, stays where the caller addresses it). A group of fewer than 2 * min_group
+    vEUs does not split: it runs first, between, a barrier of the group, then second, all in the caller's
+    group and frames (the barrier stands for the join the first half would have met). The plan puts a
+    grid barrier before a Fork (kept only when something before it touches memory) and one after it (the
+    join: the caller's group waits for both halves)."""
+    first: tuple
+    between: tuple
+    second: tuple
+    min_group: int = 1             # the fewest vEUs a half may have (the scheduler's FORK_MIN_SHARE)
+
+    @property
+    def calls(self) -> tuple:
+        """The two Calls, first half's first."""
+        return self.first[-1], self.second[-1]
+
+
+@dataclass(frozen=True, eq=False)
 class Launch:
     kernel: int
 
@@ -339,6 +370,8 @@ def walk(block):
         elif isinstance(stmt, Branch):
             for b in stmt.branches:
                 yield from walk(b)
+        elif isinstance(stmt, Fork):
+            yield from walk(stmt.first + stmt.between + stmt.second)
 
 
 def plan_statements(plan: Plan):

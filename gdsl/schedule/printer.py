@@ -14,6 +14,7 @@ from gdsl.schedule.plan import (
     Assign,
     Branch,
     Call,
+    Fork,
     Launch,
     Loop,
     Sync,
@@ -100,6 +101,13 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
         elif isinstance(stmt, Call):
             deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
             lines.append(f"{pad}call {stmt.fn} (site {stmt.site}, {deeper})")
+        elif isinstance(stmt, Fork):
+            lines.append(f"{pad}fork (each half of the vEU group makes one call):")
+            for label, part in (("lower half", stmt.first), ("both halves", stmt.between), ("upper half", stmt.second)):
+                if part:
+                    lines.append(f"{pad}  {label}:")
+                    print_block(part, indent + 2, lines, device)
+            lines.append(f"{pad}end fork")
         elif isinstance(stmt, Launch):
             lines.append(f"{pad}launch kernel k{stmt.kernel}")
         else:

@@ -49,6 +49,7 @@ from gdsl.schedule.plan import (
     Buffer,
     Call,
     Expr,
+    Fork,
     Kernel,
     Launch,
     Loop,
@@ -78,6 +79,11 @@ MAX_FUSED_DEPTH = 64
 # The largest elementwise expression (in nodes) that is recomputed inside a consumer reading its result
 # through a view, instead of running as an op of its own behind a barrier (see Scheduler._inline_window).
 MAX_INLINED_NODES = 8
+# A Fork splits a vEU group only when each half keeps at least this share of the called function's widest
+# task (its vEUs): deeper, each half would run that task in more rounds on fewer vEUs, trading a barrier
+# (about a microsecond) for rounds of uTasks. RAE at hidden 512, grid 132 (benchmarks/recursion_counts.py
+# --fork, critical path of the fixed tree): see docs/schedule.md, "Parallel recursion".
+FORK_MIN_SHARE = 0.25
 
 
 def _finer(split, op) -> bool:
@@ -134,7 +140,7 @@ class _Item:
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), balance=True, rows=()):
+                 owner=False, epilogues=(), balance=True, rows=(), fork=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -149,6 +155,9 @@ class Scheduler:
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
         self.balance = balance                # each wave's splits and shares chosen together (balance.py)
+        # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
+        # group (_forks; device control with one recursive function only).
+        self.fork = bool(fork) and control == "device"
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -237,6 +246,8 @@ class Scheduler:
             body = _without(body, idle)
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
         body = tuple(_drop_trailing_sync(body))
+        if self.fork and len(functions) == 1:
+            body, functions = self._forks(body, functions)
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
@@ -1126,6 +1137,37 @@ class Scheduler:
                 self.env[out] = dst
         return stmts + self._copies(copies)
 
+    def _forks(self, body, functions) -> tuple:
+        """(body, functions) with each pair of calls that may run at once as a Fork (plan.Fork): a Call, its
+        barrier, uniform statements and the Assigns of a second Call of the same function, then that Call,
+        where nothing from the second call's argument Assigns back to the first Call reads the first call's
+        results or memory the plan writes (_forkable_read). The first call's barrier goes (the callee's last
+        barrier orders its work for the sequential case: _sync_by_return_site keeps it where the second call
+        follows); a grid barrier goes before the Fork (removed when nothing before it touches memory); the
+        second call's barrier stays, as the join."""
+        min_group = {f.name: max(1, math.ceil(FORK_MIN_SHARE * _widest_wave(f.body))) for f in functions}
+
+        def rewrite(block):
+            out = []
+            for stmt in block:
+                if isinstance(stmt, Loop):
+                    stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
+                elif isinstance(stmt, Branch):
+                    stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
+                out.append(stmt)
+                fork = _fork_at_end(out, self.after_call_syncs)
+                if fork is not None:
+                    start, made = fork
+                    made = dataclasses.replace(made, min_group=min_group[made.calls[0].fn])
+                    self.after_call_syncs.discard(out[start + len(made.first)])
+                    before = Sync("grid")
+                    self.after_call_syncs.add(before)        # (removed, not made a block sync, when demoted)
+                    out[start:] = [before, made]
+                    self.stats["forks"] = self.stats.get("forks", 0) + 1
+            return tuple(out)
+        functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
+        return rewrite(body), functions
+
     def _after_call_sync(self) -> Sync:
         """A grid barrier right after a call, at its call site: the one that orders the callee's writes
         before what this site reads. The callee's own last barrier serves every call site at once, so it
@@ -1199,6 +1241,61 @@ def _calls_only(jaxpr, name) -> bool:
         if eqn.primitive is control.recurse_call_p and eqn.params["name"] != name:
             return False
     return True
+
+
+def _widest_wave(body) -> int:
+    """The most vEUs one task of `body` (nested statements included, not the functions it calls) runs on."""
+    return max([min(t.count, t.op.n_utasks) for s in walk(body) if isinstance(s, Wave) for t in s.tasks], default=1)
+
+
+def _fork_at_end(stmts, after_call_syncs) -> tuple | None:
+    """(where it starts, the Fork) when `stmts` ends with a second Call that can run at once with an earlier
+    one (see Scheduler._forks): [args of c0, c0, its barrier, between, args of c1, c1]; else None."""
+    if not stmts or not isinstance(stmts[-1], Call):
+        return None
+    second_call = stmts[-1]
+    k = len(stmts) - 1
+    while k > 0 and _is_argument(stmts[k - 1], second_call):
+        k -= 1
+    second = tuple(stmts[k:])
+    j = k
+    while j > 0 and isinstance(stmts[j - 1], (Uniforms, Assign)):
+        j -= 1
+    between = tuple(stmts[j:k])
+    if j < 2 or not isinstance(stmts[j - 1], Sync) or stmts[j - 1] not in after_call_syncs:
+        return None
+    first_call = stmts[j - 2]
+    if not isinstance(first_call, Call) or first_call.fn != second_call.fn:
+        return None
+    i = j - 2
+    while i > 0 and _is_argument(stmts[i - 1], first_call):
+        i -= 1
+    first = tuple(stmts[i:j - 1])
+    reads = [v for s in between + second[:-1] for v in _values_read(s)]
+    if not all(_forkable_read(v) for v in reads):
+        return None
+    return i, Fork(first, between, second)
+
+
+def _is_argument(stmt, call) -> bool:
+    """Is `stmt` an Assign of an argument of `call` (into the callee's frame the call enters)?"""
+    return isinstance(stmt, Assign) and getattr(stmt.dst.storage, "frame_of", None) == call.fn and \
+        stmt.dst.frame_offset == call.step
+
+
+def _values_read(stmt) -> list:
+    if isinstance(stmt, Uniforms):
+        return [v for u in stmt.ops for v in u.inputs]
+    return [stmt.src]
+
+
+def _forkable_read(value) -> bool:
+    """May a statement between the calls of a Fork read `value`: a literal, a uniform of the running
+    call's own frame (or no frame), or a buffer the plan never writes (not a call's result, nor anything
+    the first call could change while the second half reads it)?"""
+    if value.is_uniform:
+        return value.frame_offset == 0
+    return not _writable(value) and value.frame_offset == 0
 
 
 EVERY_VEU = -1           # in a set of vEUs (_SyncNeighbourhoods): every vEU reads (a uniform op on memory)
@@ -1349,9 +1446,20 @@ class _SyncNeighbourhoods:
             elif isinstance(stmt, Call):
                 self.entry[stmt.fn] |= veus
                 veus = self.exit[stmt.fn]
+            elif isinstance(stmt, Fork):
+                veus = self.forward_fork(stmt, veus)
             else:
                 veus = veus | _veus_touching_memory(stmt)
         return veus
+
+    def forward_fork(self, fork, veus):
+        """Into and through a Fork: its halves in parallel, each from what was before the Fork (a group of
+        one vEU runs them one after the other, but there every barrier orders one vEU's work: none is
+        needed between vEUs). What the halves did ran on other vEUs than their plan numbers say (each
+        half's vEUs are its group's), so after the Fork it is every vEU's work: the join stays a barrier of
+        the caller's group."""
+        after_first = self.forward(fork.first + fork.between, veus)
+        return self.forward(fork.second, veus) | after_first | {EVERY_VEU}
 
     def backward(self, block, veus):
         for stmt in reversed(block):
@@ -1372,9 +1480,18 @@ class _SyncNeighbourhoods:
                 self.continues[stmt.fn] |= veus
                 self.after_call[stmt] = self.after_call.get(stmt, frozenset()) | veus
                 veus = self.starts[stmt.fn]
+            elif isinstance(stmt, Fork):
+                veus = self.backward_fork(stmt, veus)
             else:
                 veus = veus | _veus_touching_memory(stmt)
         return veus
+
+    def backward_fork(self, fork, veus):
+        """Back through a Fork (see forward_fork): after each half comes the join; before the Fork, either
+        half, on vEUs other than their plan numbers: every vEU's work, so a barrier before the Fork is kept
+        whenever something before it touches memory."""
+        before_second = self.backward(fork.between + fork.second, veus)
+        return self.backward(fork.first + fork.between, veus) | before_second | {EVERY_VEU}
 
 
 def _veus_touching_memory(stmt) -> frozenset:
@@ -1847,7 +1964,8 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None, rows=()) -> Plan:
+             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None, rows=(),
+             fork=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -1861,6 +1979,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     axis and the elementwise steps on those rows fuse into one op (rows.py; empty: never).
     `balance=False`: each wave's ops keep the split chosen for the whole grid and share it by cost; None or
     True: a wave's splits and shares are chosen together when that is estimated faster (balance.py).
+    `fork=True`: two calls of one recursive function whose arguments do not read each other's results
+    become a Fork (plan.Fork) that device control runs on the two halves of the vEU group; None or False:
+    calls one after the other (the default until it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -1873,11 +1994,13 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"owner must be None (off), True or False, got {owner!r}")
     if balance not in (None, True, False):
         raise ValueError(f"balance must be None (on), True or False, got {balance!r}")
+    if fork not in (None, True, False):
+        raise ValueError(f"fork must be None (off), True or False, got {fork!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, balance=balance is not False, rows=rows)
+                   epilogues=epilogues, balance=balance is not False, rows=rows, fork=bool(fork))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

@@ -11,6 +11,17 @@ Semantics it defines (every backend follows them):
 - Race rules: a vEU may read an element another vEU wrote only after a grid barrier, and may overwrite an
   element another vEU read only after one; within one vEU, a different op's write must be followed by a
   sync (block or grid) before a read. Violations raise BarrierError naming the op and buffer.
+- A Fork (plan.Fork) splits the running vEU group [lo, hi) (the grid at first; heap number g, 1 for the
+  grid) at mid = lo + (hi - lo) // 2: the lower half (group 2g) runs the first call and the statements
+  between, the upper half (2g + 1) those statements and the second call, one after the other here but
+  each from the state before the Fork (its own control state: depth, frames, group). Inside a group,
+  uTask t of a Task runs on vEU lo + (first + t % count) % (hi - lo), a grid Sync is a barrier of the
+  group (it clears what the group's vEUs wrote and what only they read: the other half's accesses stay
+  checked against), a uniform op reads memory on the group's vEUs. A forked call's own frame is where
+  its caller addresses it; the frames of its callees are in a frame region of its group (`frames`
+  copies each, appended as groups first use them): frame_offset k > 0 is at frame[f] + k + kid_base[f],
+  0 at frame[f] + own_base[f]. A group of fewer than 2 * min_group vEUs runs both halves, the calls
+  not forked, with a barrier of the group in between.
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ from gdsl.schedule.plan import (
     Branch,
     Buffer,
     Call,
+    Fork,
     Launch,
     Loop,
     Sync,
@@ -43,6 +55,10 @@ from gdsl.schedule.plan import (
 )
 from gdsl.schedule.rows import evaluate_rows
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
+
+# The barrier between the two calls of a Fork that a group too small to split makes one after the other
+# (not a statement of the plan).
+FORK_BARRIER = Sync("grid")
 
 
 class BarrierError(RuntimeError):
@@ -65,17 +81,41 @@ def frames_spanned(value: Value) -> int:
 class _Memory:
     """Buffers with, per element, who wrote/read it since the last grid barrier."""
 
+    # The per-element records and what a fresh one holds (see `grow`).
+    RECORDS = {"writer": -1, "writer_op": -1, "writer_sync": 0, "reader_lo": -1, "reader_hi": -1}
+
     def __init__(self, buf: Buffer, copies: int):
         shape = (copies,) + buf.aval.shape
         self.data = np.zeros(shape, buf.aval.dtype)
         self.writer = np.full(shape, -1, np.int64)       # vEU, -1: none since the last grid barrier
         self.writer_op = np.full(shape, -1, np.int64)
         self.writer_sync = np.zeros(shape, np.int64)     # the writer vEU's sync count at the write
-        self.reader = np.full(shape, -1, np.int64)       # vEU, -2: several
+        self.reader_lo = np.full(shape, -1, np.int64)    # the lowest and highest vEU that read it, -1: none
+        self.reader_hi = np.full(shape, -1, np.int64)
 
     def reset(self):
         self.writer.fill(-1)
-        self.reader.fill(-1)
+        self.reader_lo.fill(-1)
+        self.reader_hi.fill(-1)
+
+    def reset_group(self, lo: int, hi: int):
+        """A barrier of vEUs [lo, hi): forget their writes and the reads no vEU outside them made."""
+        self.writer[(self.writer >= lo) & (self.writer < hi)] = -1
+        mine = (self.reader_lo >= lo) & (self.reader_hi < hi)
+        self.reader_lo[mine] = -1
+        self.reader_hi[mine] = -1
+
+
+def grow(memory, copies: int):
+    """Give `memory` (a _Memory, or any object with `data`) `copies` frame copies, appending fresh ones."""
+    have = memory.data.shape[0]
+    if copies <= have:
+        return
+    for name, fill in [("data", 0)] + list(_Memory.RECORDS.items()):
+        array = getattr(memory, name, None)
+        if array is not None:
+            extra = np.full((copies - have,) + array.shape[1:], fill, array.dtype)
+            setattr(memory, name, np.concatenate([array, extra]))
 
 
 class Simulator:
@@ -92,6 +132,14 @@ class Simulator:
         self.depth = {name: 0 for name in self.functions}
         self.return_sites: list = []                     # of the running calls, innermost last
         self.frame = {name: 0 for name in self.functions}
+        # Forks (see the module docstring): the running group (heap number, lo, hi), the frame bases of
+        # each function (own frame, callees' frames), the group a call about to be made enters (None: the
+        # caller's), and the frame region of each group that forked calls used (region 0: the grid's).
+        self.group = (1, 0, plan.grid)
+        self.own_base = {name: 0 for name in self.functions}
+        self.kid_base = {name: 0 for name in self.functions}
+        self.entering = None
+        self.regions = {1: 0}
         self.local_syncs = np.zeros(plan.grid, np.int64)
         self.op_ids: dict = {}
         self.stats = {"grid_barriers": 0, "utasks": 0}
@@ -99,7 +147,12 @@ class Simulator:
     # -------------------------------------------------------------------------------------------- values
     def _slot(self, value: Value) -> int:
         s = value.storage
-        return self.frame[s.frame_of] + value.frame_offset if s.frame_of else 0
+        if not s.frame_of:
+            return 0
+        slot = self.frame[s.frame_of] + value.frame_offset
+        if isinstance(s, Uniform):          # (a vEU's own registers: no frame regions)
+            return slot
+        return slot + (self.kid_base if value.frame_offset else self.own_base)[s.frame_of]
 
     def read(self, value: Value, veu=None, op=None) -> np.ndarray:
         s = value.storage
@@ -124,7 +177,7 @@ class Simulator:
         writer_op = _flat(m.writer_op, slot, frames)
         writer_sync = _flat(m.writer_sync, slot, frames)
         idx = np.arange(writer.size) if flat is None else flat
-        veus = [veu] if veu != "all" else range(self.plan.grid)
+        veus = [veu] if veu != "all" else range(self.group[1], self.group[2])
         for v in veus:
             w = writer[idx]
             other = (w >= 0) & (w != v)
@@ -135,13 +188,14 @@ class Simulator:
                 (writer_sync[idx] == self.local_syncs[v])
             if same.any():
                 raise BarrierError(f"{op}: vEU {v} reads {name} that it wrote with no sync in between")
-            reader = _flat(m.reader, slot, frames)
-            r = reader[idx]
-            reader[idx] = np.where((r == -1) | (r == v), v, -2)
+            lo, hi = _flat(m.reader_lo, slot, frames), _flat(m.reader_hi, slot, frames)
+            first = lo[idx] == -1
+            lo[idx] = np.where(first, v, np.minimum(lo[idx], v))
+            hi[idx] = np.where(first, v, np.maximum(hi[idx], v))
 
     def _record_write(self, m, slot, flat, veu, op, name):
-        reader = _flat(m.reader, slot)[flat]
-        if self.check and ((reader == -2) | ((reader >= 0) & (reader != veu))).any():
+        lo, hi = _flat(m.reader_lo, slot)[flat], _flat(m.reader_hi, slot)[flat]
+        if self.check and ((lo >= 0) & ((lo != veu) | (hi != veu))).any():
             raise BarrierError(f"{op}: vEU {veu} overwrites {name} that another vEU read with no grid "
                                f"barrier in between")
         _flat(m.writer, slot)[flat] = veu
@@ -171,11 +225,13 @@ class Simulator:
         return stmt.is_grid_at(self.return_sites[-1] if self.return_sites else None)
 
     def run_sync(self, stmt: Sync):
-        self.local_syncs += 1
+        _, lo, hi = self.group
+        self.local_syncs[lo:hi] += 1
         if self.grid_here(stmt):
             self.stats["grid_barriers"] += 1
+            whole = (lo, hi) == (0, self.plan.grid)
             for m in self.mem.values():
-                m.reset()
+                m.reset() if whole else m.reset_group(lo, hi)
 
     def run_uniforms(self, stmt: Uniforms):
         for u in stmt.ops:
@@ -213,12 +269,53 @@ class Simulator:
         self.depth[fn.name] += 1
         self.frame[fn.name] += stmt.step
         self.return_sites.append(stmt.site)
+        saved = (self.group, self.own_base[fn.name], self.kid_base[fn.name])
+        self.own_base[fn.name] = self.kid_base[fn.name]
+        if self.entering is not None:
+            self.group, self.entering = self.entering, None
+            self.kid_base[fn.name] = self._region(fn) - self.frame[fn.name]
         try:
             self.block(fn.body)
         finally:
             self.return_sites.pop()
             self.depth[fn.name] -= 1
             self.frame[fn.name] -= stmt.step
+            self.group, self.own_base[fn.name], self.kid_base[fn.name] = saved
+
+    def _region(self, fn) -> int:
+        """The first frame of the running group's frame region of `fn`, made on first use."""
+        g = self.group[0]
+        if g not in self.regions:
+            self.regions[g] = len(self.regions)
+            for buf, m in self.mem.items():
+                if buf.frame_of == fn.name:
+                    grow(m, fn.frames * len(self.regions))
+        return self.regions[g] * fn.frames
+
+    def run_fork(self, stmt: Fork):
+        g, lo, hi = self.group
+        if hi - lo < 2 * stmt.min_group:      # too few vEUs: both calls, one after the other, in this group
+            self.block(stmt.first + stmt.between)
+            self.run_sync(FORK_BARRIER)       # (the group's barrier, where the first half meets the join)
+            self.block(stmt.second)
+            return
+        mid = lo + (hi - lo) // 2
+        self.fork_half(stmt.first, stmt.between, (), (2 * g, lo, mid))
+        self.fork_half((), stmt.between, stmt.second, (2 * g + 1, mid, hi))
+
+    def fork_half(self, first, between, second, group):
+        """One half of a Fork from the control state before it (restored after): `first` (its Call entered
+        in `group`), `between`, `second` (its Call entered in `group`)."""
+        state = (self.group, dict(self.depth), dict(self.frame), dict(self.own_base), dict(self.kid_base))
+        try:
+            for part in (first, between, second):
+                for stmt in part:
+                    if isinstance(stmt, Call):
+                        self.entering = group
+                    getattr(self, STATEMENT_RULES[type(stmt)])(stmt)
+        finally:
+            self.group, self.depth, self.frame, self.own_base, self.kid_base = state
+            self.entering = None
 
     def run_wave(self, stmt: Wave):
         for task in stmt.tasks:
@@ -227,9 +324,10 @@ class Simulator:
         # the race check enforces that), then writes its share; vEUs interleave in random order.
         results = {task.op: self._evaluate(task.op) for task in stmt.tasks}
         work = [(task, t) for task in stmt.tasks for t in range(task.op.n_utasks)]
+        _, lo, hi = self.group
         for k in self.rng.permutation(len(work)):
             task, t = work[k]
-            veu = task.first + t % task.count
+            veu = lo + (task.first + t % task.count) % (hi - lo)   # (the plan's vEU when the group is the grid)
             self._run_utask(task.op, t, veu, results[task.op])
             self.stats["utasks"] += 1
 
@@ -305,5 +403,6 @@ STATEMENT_RULES = {
     Loop: "run_loop",
     Branch: "run_branch",
     Call: "run_call",
+    Fork: "run_fork",
     Launch: "run_launch",
 }

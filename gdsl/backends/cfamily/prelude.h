@@ -326,3 +326,27 @@ GDSL_DEV void gdsl_grid_sync_atomic(unsigned* bar) {
   }
   __syncthreads();
 }
+
+// A barrier of the vEUs [lo, lo + size) only (a group running one of a Fork's calls, gdsl/schedule/plan.py): the
+// grid barrier's scheme on the group's own counter, block `lo` adding 2^31 - (size - 1). A group's vEUs are the
+// same every time its counter is used (groups are heap-numbered), so the rounds add up as the grid's do.
+// Returns true when a call overflowed its max_depth somewhere (*err set): the vEUs that did have left the
+// kernel and will never arrive, so the waiting ones stop waiting and leave too. The decision is thread 0's,
+// passed to the block through *quit (shared memory) so that the whole block leaves or none of it.
+GDSL_DEV bool gdsl_group_sync_atomic(unsigned* bar, int lo, int size, volatile int* err, volatile int* quit) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (size > 1) {
+      const unsigned add = (int)blockIdx.x == lo ? 0x80000000u - (unsigned)(size - 1) : 1u;
+      __threadfence();
+      const unsigned old = atomicAdd(bar, add);
+      while (((old ^ *(volatile unsigned*)bar) & 0x80000000u) == 0u && *err == 0) GDSL_SPIN_PAUSE();
+      __threadfence();
+    }
+    *quit = *err;
+  }
+  __syncthreads();
+  const bool leave = *quit != 0;
+  __syncthreads();
+  return leave;
+}

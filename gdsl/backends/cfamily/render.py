@@ -35,6 +35,22 @@ again, and the frames number `f.frames`. Every vEU reaches an overflow at
 the same point (control flow is uniform), so all leave together and the host raises RecursionDepthError.
 All locals are declared at the top so that the gotos never skip an initialisation.
 
+Parallel recursion (a plan with Forks, the scheduler option `fork`; docs/schedule.md "Parallel recursion"):
+every vEU also keeps its group `gdsl_g` (heap number), `[gdsl_lo, gdsl_hi)`, and per function two frame
+bases, `o_f` (its own frame) and `c_f` (its callees'): a frame buffer value at offset 0 is at frame
+`b_f + o_f`, at offset k > 0 at `b_f + k + c_f`, and each group number has `f.frames` copies of its own.
+
+    call site k:    ... r_f[d_f] = k; sg_f[d_f] = gdsl_g; (and lo, hi, o_f, c_f)  d_f += 1; o_f = c_f;
+                    [forked half h, when each half keeps min_group vEUs: the group's half h, g = 2g + h,
+                     c_f = g * frames - b_f]  goto f_f;
+                    f_f_ret_k: ;  gdsl_g = sg_f[d_f]; ...            (the caller's group and bases again)
+    Fork:           if (too small || vEU in the lower half) { first }  between
+                    if (too small) group barrier;  if (too small || vEU in the upper half) { second }
+    Wave (in f)     uTask t on the group's vEU lo + (first + t % count) % (hi - lo) (over_utasks_in_group)
+    Sync "grid"     gdsl_group_sync_atomic on the group's counter; it also leaves for the exit once a call
+                    overflowed (any vEU may be the one), which the kernel's first lines make safe: vEU 0
+                    clears the flag and the counters, then one grid barrier (fork_prologue)
+
 Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): the kernel takes one more parameter, the
 trace buffer (one region per vEU), and thread 0 of each vEU records a stamp of the dialect's clock
 (`trace_clock`) at the begin and end of every uTask, grid barrier, loop, loop iteration, branch case and
@@ -61,6 +77,7 @@ from gdsl.schedule.plan import (
     Assign,
     Branch,
     Call,
+    Fork,
     Launch,
     Loop,
     Sync,
@@ -128,10 +145,12 @@ TILED_CODE_WEIGHT = 3
 
 @dataclass
 class Layout:
-    """Byte offsets in the workspace (one allocation per executable) of every temp and frame buffer."""
+    """Byte offsets in the workspace (one allocation per executable) of every temp and frame buffer, and of
+    the barrier counters of the vEU groups of a plan with Forks (`group_barriers`, one unsigned per group)."""
     offsets: dict = field(default_factory=dict)      # Buffer -> offset
     copies: dict = field(default_factory=dict)       # Buffer -> frames (1 for temps)
     size: int = FIRST_BUFFER
+    group_barriers: int = 0                          # offset of the group barrier counters (0: no Forks)
 
 
 @dataclass
@@ -172,9 +191,32 @@ def cid(name: str) -> str:
     return re.sub(r"\W", "_", name, flags=re.ASCII)
 
 
+def has_forks(plan) -> bool:
+    """Does `plan` run calls in parallel (a Fork, device control)?"""
+    return plan.control == "device" and any(isinstance(s, Fork) for s in _all_statements(plan))
+
+
+def group_ids(plan) -> int:
+    """How many heap numbers the vEU groups of `plan` can take: 2^(L + 1) for L splits at most (plan.Fork:
+    group g's halves are 2g and 2g + 1, the grid is group 1, a group splits when each half keeps the
+    Fork's min_group vEUs; the smallest min_group of the plan's Forks bounds them all)."""
+    min_group = min(s.min_group for s in _all_statements(plan) if isinstance(s, Fork))
+
+    def splits(size: int) -> int:
+        if size < 2 * min_group:
+            return 0
+        return 1 + max(splits(size // 2), splits(size - size // 2))
+    return 2 << splits(plan.grid)
+
+
 def make_layout(plan) -> Layout:
     layout = Layout()
-    frames = {f.name: f.frames for f in plan.functions}
+    # With Forks, each group has a frame region of its own (`frames` copies, at group number x frames).
+    regions = group_ids(plan) if has_forks(plan) else 1
+    frames = {f.name: f.frames * regions for f in plan.functions}
+    if regions > 1:
+        layout.group_barriers = layout.size
+        layout.size += -(-4 * regions // ALIGN) * ALIGN
     for buf in plan.buffers:
         if buf.kind not in ("temp", "frame"):
             continue
@@ -265,6 +307,8 @@ def _uniform_events(body):
             elif isinstance(stmt, Branch):
                 for b in stmt.branches:
                     visit(b, loops)
+            elif isinstance(stmt, Fork):
+                visit(stmt.first + stmt.between + stmt.second, loops)
     visit(body, ())
     return calls, reads, first_def
 
@@ -303,6 +347,7 @@ class Renderer:
         self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
         self.smem = 16
         self.device_control = plan.control == "device"
+        self.forks = has_forks(plan)        # calls run in parallel on vEU groups (see fork_lines)
         self.views = find_views(plan, self.elem)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
@@ -356,6 +401,8 @@ class Renderer:
         base = buf.name
         if buf.kind == "frame":
             frame = self.depth(buf.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
+            if self.forks:       # the own frame where the caller put it, callees' frames in the group's region
+                frame += f" + {'c' if value.frame_offset else 'o'}_{cid(buf.frame_of)}"
             base = f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
         return f"({base} + {value.offset})" if value.offset else base   # a view: a window of the storage
 
@@ -427,7 +474,7 @@ class Renderer:
         """The one vEU whose threads touch memory in `stmt`, None if none does, MULTI or OPEN (unknown)."""
         if isinstance(stmt, Sync):
             return None
-        if isinstance(stmt, (Loop, Branch, Call)):
+        if isinstance(stmt, (Loop, Branch, Call, Fork)):
             return self.OPEN
         if not isinstance(stmt, Wave):
             return self.MULTI if self._touches_memory(stmt) else None
@@ -473,6 +520,8 @@ class Renderer:
                 calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
+            elif isinstance(stmt, Fork):
+                lines += self.fork_lines(stmt, ind)
             elif isinstance(stmt, Sync) and stmt.scope == "grid" and stmt.sites is not None:
                 if not quiet:
                     lines.append(pad + self.sync_by_return_site(stmt))
@@ -482,7 +531,7 @@ class Renderer:
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
                     continue                   # nothing happened since the last one
                 if not quiet:
-                    sync = self.dialect.grid_sync(self.barrier) if grid else self.dialect.block_barrier
+                    sync = self.grid_sync() if grid else self.dialect.block_barrier
                     lines.append(pad + (self.traced(sync, self.trace.barrier(stmt)) if grid and self.trace
                                         else sync))
                 quiet = grid or quiet
@@ -520,18 +569,7 @@ class Renderer:
                 quiet = self.quiet_after([stmt], quiet)
                 continue
             elif isinstance(stmt, Call):
-                f, name = self.fns[stmt.fn], cid(stmt.fn)
-                code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
-                site = self.trace and self.trace.call(stmt)
-                lines += [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({self.first_thread()}) "
-                          f"*gdsl_err = {code}; goto gdsl_exit; }}"]
-                lines += self.trace_lines(pad, trace_begin, site)
-                frames = f" b_{name} += {stmt.step};" if self.steps_frames(stmt.fn) else ""
-                lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1;{frames} goto f_{name};",
-                          f"{pad}f_{name}_ret_{stmt.site}: ;"]
-                if frames:
-                    lines.append(f"{pad}b_{name} -= {stmt.step};")
-                lines += self.trace_lines(pad, trace_end, site)
+                lines += self.call_lines(stmt, pad)
             elif isinstance(stmt, Launch):
                 raise ValueError("Launch statements belong to the host program, not to a kernel")
             else:
@@ -540,6 +578,87 @@ class Renderer:
         if ROLL_REPEATS and not self.trace:
             return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
+
+    def call_lines(self, stmt: Call, pad: str, half: tuple | None = None) -> list[str]:
+        """The stack machine's call (module docstring); `half` (0 or 1, the Fork's min_group) for a call of a
+        Fork: the vEU enters it in that half of its group, when each half has min_group vEUs or more."""
+        f, name = self.fns[stmt.fn], cid(stmt.fn)
+        code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
+        site = self.trace and self.trace.call(stmt)
+        # (with Forks, the vEU that overflows may be any: each sets the flag the others' barriers watch)
+        setter = f"{self.dialect.thread_index} == 0" if self.forks else self.first_thread()
+        lines = [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({setter}) *gdsl_err = {code}; goto gdsl_exit; }}"]
+        lines += self.trace_lines(pad, trace_begin, site)
+        frames = f" b_{name} += {stmt.step};" if self.steps_frames(stmt.fn) else ""
+        if not self.forks:
+            lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1;{frames} goto f_{name};",
+                      f"{pad}f_{name}_ret_{stmt.site}: ;"]
+        else:
+            lines.append(f"{pad}r_{name}[d_{name}] = {stmt.site}; " + " ".join(
+                f"{s}_{name}[d_{name}] = {v};" for s, v in self.saved_state(name)))
+            lines.append(f"{pad}d_{name} += 1;{frames} o_{name} = c_{name};")
+            if half is not None:
+                side, min_group = half
+                mid = "gdsl_lo + (gdsl_hi - gdsl_lo) / 2"
+                enter = f"gdsl_hi = {mid}; gdsl_g = 2 * gdsl_g;" if side == 0 else \
+                    f"gdsl_lo = {mid}; gdsl_g = 2 * gdsl_g + 1;"
+                region = f"c_{name} = gdsl_g * {f.frames} - {self.depth(stmt.fn)};"
+                lines.append(f"{pad}if (gdsl_hi - gdsl_lo >= {2 * min_group}) {{ {enter} {region} }}  // its group, "
+                             "its frames")
+            lines += [f"{pad}goto f_{name};", f"{pad}f_{name}_ret_{stmt.site}: ;"]
+            lines.append(pad + " ".join(f"{v} = {s}_{name}[d_{name}];" for s, v in self.saved_state(name)))
+        if frames:
+            lines.append(f"{pad}b_{name} -= {stmt.step};")
+        lines += self.trace_lines(pad, trace_end, site)
+        return lines
+
+    @staticmethod
+    def saved_state(name: str) -> list[tuple[str, str]]:
+        """(stack, variable) of what a call saves with its return site when calls run in parallel: the vEU's
+        group (heap number, first and end vEU) and the frame bases of function `name` (own, callees')."""
+        return [("sg", "gdsl_g"), ("slo", "gdsl_lo"), ("shi", "gdsl_hi"), ("so", f"o_{name}"), ("sc", f"c_{name}")]
+
+    def fork_lines(self, fork: Fork, ind: int) -> list[str]:
+        """A Fork (plan.Fork): the lower half of the vEU group makes the first call, every vEU the
+        statements between, the upper half the second call; a group of one vEU makes both. The vEU's group
+        is the same again after each call (restored with its return site), so the second test sees the
+        group the first one did."""
+        pad, veu = "  " * ind, self.dialect.block_index
+        alone = f"gdsl_hi - gdsl_lo < {2 * fork.min_group}"
+        mid = "gdsl_lo + (gdsl_hi - gdsl_lo) / 2"
+        lines = [f"{pad}// fork: the two calls on the two halves of this vEU's group (one after the other "
+                 f"when a half would have fewer than {fork.min_group} vEUs)",
+                 f"{pad}if ({alone} || (int){veu} < {mid}) {{"]
+        lines += self.fork_half(fork, fork.first, ind + 1, 0)
+        lines += [pad + "}"] + self.block(fork.between, ind)
+        lines.append(f"{pad}if ({alone}) {{ {self.grid_sync()} }}")
+        lines.append(f"{pad}if ({alone} || (int){veu} >= {mid}) {{")
+        lines += self.fork_half(fork, fork.second, ind + 1, 1)
+        return lines + [pad + "}"]
+
+    def fork_half(self, fork: Fork, stmts, ind: int, half: int) -> list[str]:
+        """One half of a Fork: its argument statements, then its Call entered in that half of the group."""
+        return self.block(stmts[:-1], ind) + self.call_lines(stmts[-1], "  " * ind, (half, fork.min_group))
+
+    def grid_sync(self) -> str:
+        """A barrier of every vEU: of the grid, or when calls run in parallel, of the running vEU group (its
+        own counter, heap-numbered; a group of one vEU syncs its threads; the grid is group 1), which every
+        vEU leaves for the kernel's exit once a call overflowed (gdsl_group_sync_atomic)."""
+        if self.forks:
+            return ("if (gdsl_group_sync_atomic(gdsl_gbar + gdsl_g, gdsl_lo, gdsl_hi - gdsl_lo, gdsl_err, "
+                    "(volatile int*)gdsl_smem)) goto gdsl_exit;")
+        return self.dialect.grid_sync(self.barrier)
+
+    def fork_prologue(self, regions: int) -> list[str]:
+        """The kernel's first lines when calls run in parallel: vEU 0 clears the overflow flag and the group
+        barriers' counters (a launch that overflowed left some rounds unfinished), then a grid barrier, so
+        that no vEU sets the flag or counts on a group barrier before that."""
+        thread = self.dialect.thread_index
+        return [f"  if ({self.dialect.block_index} == 0) {{",
+                f"    for (int k = {thread}; k < {regions}; k += {self.plan.block}) gdsl_gbar[k] = 0u;",
+                f"    if ({self.dialect.thread_index} == 0) *gdsl_err = 0;",
+                "  }",
+                "  " + self.dialect.grid_sync(self.barrier)]
 
     # ------------------------------------------------------------------------------------ repeated sequences
     def rolled(self, stmts, lines, starts, calls, ind: int) -> list[str]:
@@ -613,7 +732,7 @@ class Renderer:
         `stmt.sites`, a block barrier otherwise (the return site is the same on every vEU)."""
         n = cid(self.function)
         test = " || ".join(f"r_{n}[d_{n} - 1] == {site}" for site in sorted(stmt.sites))
-        grid = self.dialect.grid_sync(self.barrier)
+        grid = self.grid_sync()
         if self.trace:
             grid = self.traced(grid, self.trace.barrier(stmt))
         return f"if ({test}) {{ {grid} }} else {{ {self.dialect.block_barrier} }}"
@@ -627,7 +746,7 @@ class Renderer:
     def wave(self, tasks) -> list[str]:
         """The C lines of one wave's tasks, in order. With GROUP_WAVE_TASKS, a run of consecutive tasks that
         call the same uTask function on disjoint vEU ranges is one call site (`task_run`), not one each."""
-        if self.trace or not GROUP_WAVE_TASKS:
+        if self.trace or not GROUP_WAVE_TASKS or (self.forks and self.function is not None):
             return [line for task in tasks for line in self.task(task)]
         lines, run = [], []
         for task in tasks:
@@ -696,6 +815,8 @@ class Renderer:
         """`statement(t)` (C, for uTask index expression t) for every uTask of `task` this vEU runs."""
         first, count, n = task.first, task.count, task.op.n_utasks
         veu = self.dialect.block_index
+        if self.forks and self.function is not None:
+            return self.over_utasks_in_group(first, count, n, statement)
         if n <= count:   # one round: vEU first + t runs uTask t
             t = f"(int){veu} - {first}" if first else f"(int){veu}"
             if first == 0 and n == self.plan.grid:
@@ -707,6 +828,18 @@ class Renderer:
             return [loop]
         lo = f"{veu} >= {first} && " if first else ""
         return [f"if ({lo}{veu} < {first + count}) {loop}"]
+
+    def over_utasks_in_group(self, first: int, count: int, n: int, statement) -> list[str]:
+        """`statement(t)` for the uTasks of a task (first vEU, vEU count, uTasks) that this vEU runs in its
+        group [gdsl_lo, gdsl_hi): uTask t runs on the plan's vEU a = first + t % count, and that on the
+        group's vEU lo + a % size. The same plan vEU is always the same group vEU (what the scheduler
+        placed on one vEU stays on one); a group smaller than the plan's vEUs runs more rounds."""
+        used = min(n, count)
+        veu = self.dialect.block_index
+        size, own = "(gdsl_hi - gdsl_lo)", f"((int){veu} - gdsl_lo)"
+        start = f"{first} + (({own} - {first}) % {size} + {size}) % {size}"
+        inner = f"for (gdsl_t = gdsl_a - {first}; gdsl_t < {n}; gdsl_t += {count}) " + statement("gdsl_t")
+        return [f"for (int gdsl_a = {start}; gdsl_a < {first + used}; gdsl_a += {size}) {inner}"]
 
     def resident_preload(self, loop) -> list[str]:
         """Before a loop: each vEU copies the resident tiles of its uTasks (gdsl/schedule/resident.py) into its
@@ -789,6 +922,7 @@ class Renderer:
             fn_lines.append(f"  switch (r_{n}[d_{n}]) {{ {sites} default: goto f_{n}_ret_{f.n_sites - 1}; }}")
         stmts = list(walk(kernel.body)) + [s for f in functions for s in walk(f.body)]
         grid_syncs = sum(1 for s in stmts if isinstance(s, Sync) and s.scope == "grid")
+        grid_syncs += 1 if self.forks and functions else 0         # the fork prologue's (fork_prologue)
 
         decls = []
         c_params = []
@@ -815,7 +949,8 @@ class Renderer:
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
             decls.append(f"int* gdsl_err = (int*)(gdsl_ws + {ERROR_OFFSET});")
-            decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
+            if not self.forks:
+                decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
         for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
             if buf not in self.views:
                 decls.append(f"{c_types.storage(buf.aval.dtype)}* {buf.name} = ({c_types.storage(buf.aval.dtype)}*)"
@@ -836,6 +971,13 @@ class Renderer:
             n = cid(f.name)
             frames = f" int b_{n} = 0;" if self.steps_frames(f.name) else ""
             decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];{frames}")
+            if self.forks:
+                decls.append(f"int o_{n} = 0, c_{n} = 0; " + " ".join(
+                    f"int {stack}_{n}[{f.max_depth}];" for stack, _ in self.saved_state(n)))
+        if self.forks and functions:
+            decls.append(f"int gdsl_g = 1, gdsl_lo = 0, gdsl_hi = {plan.grid};")
+            decls.append(f"unsigned* gdsl_gbar = (unsigned*)(gdsl_ws + {self.layout.group_barriers});")
+            body_lines = self.fork_prologue(group_ids(plan)) + body_lines
         decls.append("int gdsl_t; (void)gdsl_t;")
         if self.trace:
             decls.append(f"unsigned long long* gdsl_tr = gdsl_trace_buf + (size_t){self.dialect.block_index} * "

@@ -65,9 +65,10 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
 # nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
-# GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache)
+# GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache; nor
+# `fork`: its calls run one after the other, as a plan without Forks has them)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "tensor_cores", "owner", "epilogue", "balance", "rows",
+                           "tensor_cores", "owner", "epilogue", "balance", "rows", "fork",
                            "autotune"})
 DEFAULT_BLOCK = 1024
 
