@@ -155,7 +155,8 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
     if node.kind != COPY.name and family_of(node.kind) != ELEMENTWISE:
         return False
     shape = value.aval.shape
-    return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
+    return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0 and \
+        not value.dynamic
 
 
 def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:

@@ -68,6 +68,20 @@ class Uniform:
 
 
 @dataclass(frozen=True, eq=False)
+class OffsetTerm:
+    """One run-time part of a view's offset: `stride * clamp(index, 0, high)`, `index` a uniform Value (a
+    start of a dynamic window, or the index of a row taken, both clamped into the source like the
+    primitives do)."""
+    index: Any                     # Value of a Uniform or a Lit
+    stride: int
+    high: int
+
+    def __repr__(self):
+        index = f"clamp({self.index!r}, 0, {self.high})"
+        return index if self.stride == 1 else f"{self.stride}*{index}"
+
+
+@dataclass(frozen=True, eq=False)
 class Value:
     storage: Any                   # Buffer | Uniform | Lit
     aval: ShapedArray
@@ -75,6 +89,10 @@ class Value:
     # A view: the value is the storage's elements [offset, offset + aval.size) in row-major order (a
     # contiguous static slice, see the scheduler). Views are only read, never written.
     offset: int = 0
+    # A view at a run-time offset (a dynamic window, a row taken at a uniform index; device control only,
+    # see Scheduler._dynamic_view): `offset + sum(terms)` with the uniforms' values where it is read. The
+    # scheduler keeps every reader in the segment that makes it, so no Assign changes them in between.
+    terms: tuple[OffsetTerm, ...] = ()
 
     @property
     def is_uniform(self) -> bool:
@@ -84,11 +102,19 @@ class Value:
     def buffer(self) -> Buffer | None:
         return self.storage if isinstance(self.storage, Buffer) else None
 
+    @property
+    def dynamic(self) -> bool:
+        """A view whose offset is known at run time only (`terms`)."""
+        return bool(self.terms)
+
     def __repr__(self):
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
         name = self.storage.name + "'" * self.frame_offset
-        if self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
+        if self.terms:               # a window at a run-time offset: `in6[u13*256 +: 256]`
+            start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset else ())))
+            name += f"[{start} +: {self.aval.size}]"
+        elif self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
             name += f"[{self.offset}:{self.offset + self.aval.size}]"     # a view: a window of the storage
         if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
             return f"{name}<{self.aval}>"

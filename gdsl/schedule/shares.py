@@ -24,7 +24,9 @@ SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utask
 
 
 def storage_elements(value, flat):
-    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset)."""
+    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset). A view at
+    a run-time offset (Value.terms) has none until its offset is known (Simulator.resolved)."""
+    assert not value.terms, f"{value!r}: a view at a run-time offset"
     if flat is None:
         return slice(None) if not value.offset and value.aval.size == value.storage.aval.size else \
             np.arange(value.offset, value.offset + value.aval.size)

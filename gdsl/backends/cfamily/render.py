@@ -53,7 +53,7 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.backends.cfamily.ops import OpRenderer
-from gdsl.backends.cfamily.views import find_views, view_decl
+from gdsl.backends.cfamily.views import find_views, view_decl, view_pointer
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
@@ -192,6 +192,7 @@ def _values_of(stmt):
         for task in stmt.tasks:
             yield from task.op.inputs
             yield from task.op.outputs
+            yield from (term.index for v in task.op.inputs for term in v.terms)   # a view's run-time offset
     elif isinstance(stmt, Uniforms):
         for u in stmt.ops:
             yield from u.inputs
@@ -357,7 +358,7 @@ class Renderer:
         if buf.kind == "frame":
             frame = self.depth(buf.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
             base = f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
-        return f"({base} + {value.offset})" if value.offset else base   # a view: a window of the storage
+        return view_pointer(base, value, self.elem)     # a view: a window of the storage
 
     def uniform_ref(self, value: Value) -> str:
         u = value.storage

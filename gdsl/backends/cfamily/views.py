@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
-from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
+from gdsl.primitives.registry import register_lowering
+from gdsl.primitives.structural import dynamic_slice_p, slice_p, take_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
 from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
@@ -38,6 +39,23 @@ class View:
     dynamic: bool           # the offset depends on run-time indices
     read_only: bool         # the source is an input or const
     perm: tuple | None = None   # a permuted view: output element (c_0..c_n) is source[c at perm positions]
+
+
+@register_lowering((dynamic_slice_p, take_p), backend="cfamily", role="view")
+def offset_term(elem, term) -> str:
+    """C expression of one run-time part of a plan view's offset (plan.OffsetTerm): its uniform, clamped
+    into the source as dynamic_slice and take clamp, times its stride. `elem(value)` renders a scalar.
+    Every vEU computes it where a reader's arguments are formed (registers only, no memory traffic)."""
+    e = f"(long long)({elem(term.index)})"
+    clamped = f"({e} < 0 ? 0LL : ({e} > {term.high} ? {term.high}LL : {e}))"
+    return clamped if term.stride == 1 else f"{clamped} * {term.stride}"
+
+
+def view_pointer(base: str, value, elem) -> str:
+    """C pointer to the first element of `value` in its storage at `base`: at its static offset plus, for
+    a view at a run-time offset, its terms (offset_term)."""
+    parts = [offset_term(elem, term) for term in value.terms] + ([str(value.offset)] if value.offset else [])
+    return f"({base} + {' + '.join(parts)})" if parts else base
 
 
 def _writers(plan) -> dict:
