@@ -13,7 +13,7 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
-from gdsl.primitives.structural import dynamic_slice_p, take_p
+from gdsl.primitives.structural import dynamic_slice_p, take_p, transpose_p
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import simulate
@@ -173,3 +173,61 @@ def test_simulated_reads_use_the_offset_where_the_reader_runs():
     assert any(v.dynamic for op in _ops(plan) for v in op.inputs)
     assert_trees_close(simulate(plan, _flat_args(ARGS[fn]), seed=1), run_program(program, _flat_args(ARGS[fn])),
                        tolerance=BACKEND_TOLERANCE)
+
+
+# ------------------------------------------------------------------------------------------- permuted views
+
+def kv_cache(q, K, W):
+    """Attention's decoder step: the cache K is updated in place at step t, then read transposed (q @ K^T)."""
+    def step(t, carry):
+        q, K = carry
+        K = K.at[:, t].set((q @ W)[:, 0])
+        s = gnp.matmul(q, gnp.transpose(K, (0, 2, 1))) * 0.25
+        p = gnp.exp(s - s.max(axis=-1, keepdims=True))
+        return gnp.tanh((p / p.sum(axis=-1, keepdims=True)) @ K), K
+    return gdsl.fori_loop(0, K.shape[1], step, (q, K))
+
+
+def transposed_then_overwritten(x, W):
+    """A transposed carry read by an op, the carry then overwritten in place by a later op of the body."""
+    def step(i, x):
+        y = gnp.tanh(gnp.transpose(x) @ W)
+        return x * 0.5 + gnp.transpose(y)
+    return gdsl.fori_loop(0, 3, step, x)
+
+
+PERMUTED_ARGS = {
+    kv_cache: (rng.standard_normal((2, 1, 8)).astype(np.float32), np.zeros((2, 4, 8), np.float32),
+               (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)),
+    transposed_then_overwritten: (rng.standard_normal((8, 4)).astype(np.float32),
+                                  (rng.standard_normal((8, 8)) * 0.3).astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("fn", list(PERMUTED_ARGS), ids=lambda f: f.__name__)
+def test_transposes_are_permuted_views_with_no_op(fn):
+    plan = check_plan(fn, *PERMUTED_ARGS[fn])
+    assert transpose_p.name not in {op.kind for op in _ops(plan)}
+    permuted = [v for op in _ops(plan) for v in op.inputs if v.perm is not None]
+    assert permuted and ".T(" in str(plan)
+
+
+def test_the_transposed_cache_is_read_after_its_update_in_the_same_step():
+    plan = check_plan(kv_cache, *PERMUTED_ARGS[kv_cache])
+    body = list(_loop(plan).body)
+    update = next(i for i, s in enumerate(body) if isinstance(s, Wave) and
+                  any(t.op.kind == "dynamic_update_slice" for t in s.tasks))
+    scores = next(i for i, s in enumerate(body) if isinstance(s, Wave) and
+                  any(v.perm is not None for t in s.tasks for v in t.op.inputs))
+    assert update < scores and any(isinstance(s, Sync) for s in body[update:scores])
+
+
+@needs_cxx
+@pytest.mark.parametrize("fn", list(PERMUTED_ARGS), ids=lambda f: f.__name__)
+@pytest.mark.parametrize("grid", [1, 3])
+def test_emulated_permuted_views_match_the_interpreter(fn, grid):
+    args = PERMUTED_ARGS[fn]
+    program = gdsl.make_ir(fn)(*args)
+    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(args)))
+    got = emulator.emulate(fn, *args, grid=grid, block=64)
+    assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)

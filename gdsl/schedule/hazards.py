@@ -41,6 +41,8 @@ def storage_elements(value, flat):
     adjacent frames (concatenated call results) taken modulo the storage's size."""
     if value.dynamic:       # a window known at run time only: anywhere in its storage
         return slice(None)
+    if value.perm is not None and flat is None:
+        flat = np.arange(value.aval.size)
     elements = shares.storage_elements(value, flat)
     size = value.storage.aval.size
     if not isinstance(elements, slice) and value.offset + value.aval.size > size:

@@ -156,7 +156,7 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
         return False
     shape = value.aval.shape
     return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0 and \
-        not value.dynamic
+        not value.dynamic and value.perm is None
 
 
 def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:

@@ -39,6 +39,7 @@ from gdsl.primitives.structural import (
     reshape_p,
     slice_p,
     take_p,
+    transpose_p,
 )
 from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
@@ -158,9 +159,10 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
-        # The lowering chain whose "view" rules say which windows the backend reads at a run-time offset
-        # (plan.Value.terms; device control only, where every vEU has the uniforms): empty: none.
-        self.views = tuple(views) if control == "device" else ()
+        # The lowering chain whose "view" rules say which windows the backend reads in place: at a run-time
+        # offset (plan.Value.terms; device control only, where every vEU has the uniforms) or transposed
+        # (plan.Value.perm); empty: none.
+        self.view_rules = tuple(views)
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         # Column layouts for matmul -> elementwise chains in loop bodies (owner.py); `loop_depth`: the
         # loops around the block being scheduled.
@@ -308,7 +310,9 @@ class Scheduler:
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
-            item = _Item(eqn, uniform, index=index, view=self._dynamic_view(eqn, producer, segment, jaxpr))
+            view = self._dynamic_view(eqn, producer, segment, jaxpr) or \
+                self._permuted_view(eqn, producer, segment, jaxpr)
+            item = _Item(eqn, uniform, index=index, view=view)
             if not uniform and eqn.primitive.fusible:
                 self._fuse(eqn, item, producer, uses, windows)
             for atom in (item.leaves if item.raw_expr is not None else eqn.inputs):
@@ -390,23 +394,46 @@ class Scheduler:
         no control flow, no result. So the readers run before any Assign can change the uniforms of the
         offset, and _choose_aliases sees them as readers of the source (no in-place write reaches it
         before they ran)."""
-        if not self.views or self.frame is not None or self._is_uniform(eqn) or \
-                not has_lowering(eqn.primitive.name, self.views, "view"):
-            return False
-        src = eqn.inputs[0]
-        if not isinstance(src, Var) or not _one_run(eqn):
+        if not self.uniforms_allowed or self.frame is not None or not self._has_view_rule(eqn) or \
+                not _one_run(eqn) or not self._viewable_source(eqn.inputs[0], producer):
             return False
         if not all(self._is_uniform_atom(a, producer) for a in eqn.inputs[1:]):
             return False
-        if src in producer:
-            if producer[src].uniform or producer[src].view:
-                return False
-        else:
-            value = self.env.get(src)
-            if value is None or value.buffer is None or value.buffer.kind == "frame" or value.frame_offset or \
-                    value.dynamic:
-                return False
         return self._read_by_segment_ops(eqn.outs[0], segment, jaxpr)
+
+    def _permuted_view(self, eqn, producer, segment, jaxpr) -> bool:
+        """Is `eqn` a transpose its readers can read in place through permuted indices (plan.Value.perm), so
+        that it is no op, when the backend has a "view" rule for it: its source a buffer that is no view
+        itself (a temp of this segment outside recursive functions, or any buffer of this frame), every
+        reader an op of this segment (as for _dynamic_view) that is no window of it (its index map is the
+        source's, not the transposed array's: cfamily/views.py) and no uniform op, and nothing reshapes it."""
+        if eqn.primitive is not transpose_p or not self._has_view_rule(eqn) or \
+                not self._viewable_source(eqn.inputs[0], producer):
+            return False
+        out = eqn.outs[0]
+        if _alias_closure(jaxpr, out) != {out}:
+            return False
+        for reader in jaxpr.eqns:
+            if any(a is out for a in reader.inputs) and \
+                    (reader.primitive in (slice_p, dynamic_slice_p) or self._is_uniform(reader)):
+                return False
+        return self._read_by_segment_ops(out, segment, jaxpr)
+
+    def _has_view_rule(self, eqn) -> bool:
+        """Does the backend read a window made by `eqn` in place (a "view" lowering rule for its kind)?"""
+        return bool(self.view_rules) and not self._is_uniform(eqn) and \
+            has_lowering(eqn.primitive.name, self.view_rules, "view")
+
+    def _viewable_source(self, src, producer) -> bool:
+        """Can a view read `src` in place: a buffer of this frame that is no run-time or permuted view itself
+        (computed in this segment outside recursive functions, or already stored)?"""
+        if not isinstance(src, Var):
+            return False
+        if src in producer:
+            return self.frame is None and not producer[src].uniform and not producer[src].view
+        value = self.env.get(src)
+        return value is not None and value.buffer is not None and value.buffer.kind != "frame" and \
+            not value.frame_offset and not value.dynamic and value.perm is None
 
     def _is_uniform_atom(self, atom, producer) -> bool:
         """Is `atom` a literal or a variable held in a uniform (computed before or in this segment)?"""
@@ -433,10 +460,12 @@ class Scheduler:
         return True
 
     def _view_value(self, eqn) -> Value:
-        """The Value of a window read in place (_dynamic_view): its source's storage at the window's offset,
-        the starts (or the index) clamped into the source as the primitive does; a literal one folds into
-        the static offset."""
+        """The Value of a window read in place: a transpose's source permuted (_permuted_view), or its
+        source's storage at the window's offset (_dynamic_view), the starts (or the index) clamped into the
+        source as the primitive does; a literal one folds into the static offset."""
         source = self.read(eqn.inputs[0])
+        if eqn.primitive is transpose_p:
+            return dataclasses.replace(source, aval=eqn.outs[0].aval, perm=tuple(eqn.params["permutation"]))
         shape = eqn.inputs[0].aval.shape
         strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
         if eqn.primitive is take_p:
@@ -511,6 +540,8 @@ class Scheduler:
             if alias.window_of(node.aval.shape, atom.aval.shape) is None or \
                     (node.op != "input" and not _pure_elementwise(node.op)):
                 return None
+            if node.op == "input" and _permuted(producer.get(node.params["var"])):
+                return None    # (a window of a transposed view is no window of its storage)
 
         def window(node, args):
             if node.op == "literal" or (node.op == "input" and node.aval.size == 1):
@@ -1530,6 +1561,11 @@ def _epilogue_path(result, outs, reshaped, uses) -> list | None:
     if lead < 0 or shape[lead:] != result.aval.shape or any(d != 1 for d in shape[:lead]):
         return None
     return path
+
+
+def _permuted(item) -> bool:
+    """Is `item` a transpose read in place (Scheduler._permuted_view)?"""
+    return item is not None and item.view and item.eqn.primitive is transpose_p
 
 
 def _one_run(eqn) -> bool:

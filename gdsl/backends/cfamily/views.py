@@ -51,6 +51,13 @@ def offset_term(elem, term) -> str:
     return clamped if term.stride == 1 else f"{clamped} * {term.stride}"
 
 
+@register_lowering(transpose_p, backend="cfamily", role="view")
+def permuted_reads(value) -> tuple:
+    """How an op reads a permuted plan view (plan.Value.perm): (its shape, the source's shape, the
+    permutation), the `remap` of its ops.Arg, which indexes the source's storage through permuted strides."""
+    return value.aval.shape, value.source_shape, value.perm
+
+
 def view_pointer(base: str, value, elem) -> str:
     """C pointer to the first element of `value` in its storage at `base`: at its static offset plus, for
     a view at a run-time offset, its terms (offset_term)."""
@@ -130,7 +137,9 @@ def find_views(plan, elem) -> dict:
             if op.kind not in WINDOWS and op.kind != transpose_p.name:
                 continue
             out, src = op.outputs[0], op.inputs[0]
-            if not viewable_buffers(op) or writers.get(out.buffer) != [op]:
+            # (a plan view as the source: its offset may use uniforms computed later than the kernel's top,
+            # and a permuted one is no array)
+            if not viewable_buffers(op) or writers.get(out.buffer) != [op] or src.dynamic or src.perm is not None:
                 continue
             read_only = src.buffer.kind in ("input", "const")
             if op.kind == transpose_p.name:
