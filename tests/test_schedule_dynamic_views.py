@@ -231,3 +231,19 @@ def test_emulated_permuted_views_match_the_interpreter(fn, grid):
     expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(args)))
     got = emulator.emulate(fn, *args, grid=grid, block=64)
     assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+
+
+@pytest.mark.parametrize("name,batch", [("seq2seq", 1), ("attention", 2)])
+def test_the_floor_counter_reads_plan_views_as_the_simulator_does(name, batch):
+    """models/floor.py's counter reads buffers its own way: through run-time offsets and permutations too."""
+    from gdsl.schedule.simulate import Simulator
+    from models import common, floor, load
+    prob = common.build_problem(load(name), batch, small=True, seed=0)
+    lowered = prob.model.make_forward(prob.cfg, backend="cuda").lower(prob.weights, prob.batches[0])
+    plan = floor.plan_of(lowered)
+    assert any(v.dynamic or v.perm is not None for op in _ops(plan) for v in op.inputs)
+    flat = floor.flat_arguments(prob.weights, prob.batches[0])
+    expected = Simulator(plan, check=False).run(flat)
+    for got, want in zip(floor._Counter(plan).run(flat), expected):     # (numpy sums a transposed view in
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)      # another order than its copy)
+    assert common.compare(tree_unflatten(lowered.lowering.program.out_tree, expected), prob.references()[0]) == []

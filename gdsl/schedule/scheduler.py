@@ -3,6 +3,8 @@ kernel (control="device") or on the host (control="host").
 
 Per straight-line block of equations (a Jaxpr's eqns between control-flow equations, a "segment"):
 1. reshapes become aliases; scalar work becomes uniform ops every vEU computes itself (device control);
+   contiguous windows and transposes become views (plan.Value.offset / terms / perm: no op, no wave, no
+   barrier; see _dynamic_view, _permuted_view and docs/schedule.md "Views in the plan");
 2. elementwise chains fuse into one Op when the intermediate has no other use;
 3. the dataflow graph is levelled into waves; the ops of a wave share the grid, each on a vEU range sized
    by its cost; a barrier separates two waves only where a uTask reads what another vEU wrote (a
@@ -875,7 +877,7 @@ class Scheduler:
             spread = iter(self._place(free, placed) if free else [])
             return [Task(op, layout.first, layout.count) if layout is not None else next(spread)
                     for op, layout in zip(ops, layouts)]
-        spread = self._spread(ops)
+        spread = self._shares(ops)
         if self.balance:
             spread = self._balanced(spread)
         homes = self._homes(ops, placed or {})
@@ -888,10 +890,9 @@ class Scheduler:
 
     def _balanced(self, tasks) -> list[Task]:
         """The wave's tasks with their splits and shares chosen together (balance.py) when the cost model
-        says that is faster; a dynamic window read in place keeps its place (it takes no share)."""
-        working = [task for task in tasks if not (self.uniforms_allowed and utasks.dynamic_view(task.op))]
+        says that is faster."""
         options, current = [], []
-        for task in working:
+        for task in tasks:
             op = task.op
             offered = utasks.split_options(op.kind, [x.aval for x in op.inputs], [v.aval for v in op.outputs],
                                            op.params, self.block)
@@ -904,11 +905,11 @@ class Scheduler:
             options.append(offered)
             current.append((index, task.count))
         choice = balance.balance([[(n, cost, 1 if _finer(split, task.op) else None) for n, split, cost in offered]
-                                  for offered, task in zip(options, working)], self.grid, current)
+                                  for offered, task in zip(options, tasks)], self.grid, current)
         if choice is None:
             return tasks
         rebalanced, first = {}, 0
-        for task, offered, (index, veus) in zip(working, options, choice):
+        for task, offered, (index, veus) in zip(tasks, options, choice):
             n, split, cost = offered[index]
             op = dataclasses.replace(task.op, params={**task.op.params, **split}, n_utasks=n, cost=cost) \
                 if split else task.op
@@ -924,19 +925,8 @@ class Scheduler:
         return dataclasses.replace(op, params={**op.params, "chunk": chunk}, n_utasks=producer.n_utasks,
                                    cost=utasks.chunk_cost(chunk, len(op.inputs), self.block, _chunked_size(op)))
 
-    def _spread(self, ops) -> list[Task]:
-        """One vEU per uTask when they fit, else shares by cost. A dynamic window that device control reads
-        as a pointer (utasks.dynamic_view) takes no share: it lies over the others' vEUs from vEU 0 (were it
-        rendered as a copy after all, those vEUs would run it too)."""
-        free = [op for op in ops if self.uniforms_allowed and utasks.dynamic_view(op)]
-        if not free or len(free) == len(ops):
-            return self._shares(ops)
-        working = [op for op in ops if op not in free]
-        tasks = dict(zip(working, self._shares(working)))
-        tasks.update((op, Task(op, 0, min(op.n_utasks, self.grid))) for op in free)
-        return [tasks[op] for op in ops]
-
     def _shares(self, ops) -> list[Task]:
+        """One vEU per uTask when they fit, else shares by cost."""
         total = sum(op.n_utasks for op in ops)
         if total <= self.grid:
             counts = [op.n_utasks for op in ops]

@@ -304,7 +304,7 @@ class Renderer:
         self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
         self.smem = 16
         self.device_control = plan.control == "device"
-        self.views = find_views(plan, self.elem)
+        self.views = find_views(plan)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
@@ -315,11 +315,11 @@ class Renderer:
 
     def _pointer_types(self) -> dict:
         """C name -> C type of every buffer pointer a kernel declares once and never assigns again (not the
-        dynamic views, assigned where they are computed): the values a rolled repetition may pick."""
+        permuted views, whose readers take their source's pointer): the values a rolled repetition may pick."""
         types = {}
         for buf in self.plan.buffers:
             view = self.views.get(buf)
-            if view is not None and (view.dynamic or view.perm is not None):
+            if view is not None and view.perm is not None:
                 continue
             const = buf.kind in ("input", "const") or view is not None
             types[buf.name] = f"{'const ' if const else ''}{c_types.storage(buf.aval.dtype)}*"
@@ -388,8 +388,7 @@ class Renderer:
     # replace slices, the scheduler's barriers around them guard nothing.
     def _touches_memory(self, stmt) -> bool:
         if isinstance(stmt, Wave):
-            return any(t.op.outputs[0].buffer not in self.views or not all(
-                v.is_uniform for v in t.op.inputs[1:]) for t in stmt.tasks)
+            return any(t.op.outputs[0].buffer not in self.views for t in stmt.tasks)
         if isinstance(stmt, Uniforms):
             return not all(v.is_uniform for u in stmt.ops for v in u.inputs)
         if isinstance(stmt, Assign):
@@ -434,10 +433,7 @@ class Renderer:
             return self.MULTI if self._touches_memory(stmt) else None
         veus = set()
         for task in stmt.tasks:
-            view = self.views.get(task.op.outputs[0].buffer)
-            if view is not None:
-                if view.dynamic and not all(v.is_uniform for v in task.op.inputs[1:]):
-                    return self.MULTI
+            if task.op.outputs[0].buffer in self.views:
                 continue
             if min(task.op.n_utasks, task.count) != 1:
                 return self.MULTI
@@ -690,10 +686,7 @@ class Renderer:
 
     def task(self, task) -> list[str]:
         op = task.op
-        view = self.views.get(op.outputs[0].buffer)
-        if view is not None:     # no work: the output is a pointer into the source
-            if view.dynamic:
-                return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
+        if op.outputs[0].buffer in self.views:     # no work: the output is a pointer into the source
             return []
         fn = self.utask_function(op)
         self.count_call(fn)
