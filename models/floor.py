@@ -155,6 +155,7 @@ class _Counter(Simulator):
     def read(self, value, veu=None, op=None):
         """A buffer's values as a view (the simulator copies them for its checks; whole weight stacks
         copied per read would dominate the count's time)."""
+        value = self.resolved(value)        # (a view at a run-time offset: where its reader runs)
         s = value.storage
         if not isinstance(s, Buffer):
             return super().read(value)
@@ -162,7 +163,10 @@ class _Counter(Simulator):
             self.read_inputs.add(s)
         slot = self._slot(value)            # a view's window (plan.Value.offset), maybe across frames
         flat = self.mem[s].data[slot:slot + frames_spanned(value)].reshape(-1)
-        return flat[value.offset:value.offset + value.aval.size].reshape(value.aval.shape)
+        window = flat[value.offset:value.offset + value.aval.size]
+        if value.perm is not None:          # a transpose read in place (plan.Value.perm)
+            return window.reshape(value.source_shape).transpose(value.perm)
+        return window.reshape(value.aval.shape)
 
     def run_sync(self, stmt: Sync):
         if self.grid_here(stmt):

@@ -19,7 +19,7 @@ def test_guide_examples_run(capsys):
 
 def test_schedule_md_prints_the_current_plan():
     import numpy as np
-    from test_schedule import lstm  # one LSTM cell program, at the docs' sizes here
+    from test_schedule import VIEWS, lstm  # one LSTM cell program, at the docs' sizes here
 
     import gdsl
     from gdsl.schedule import schedule
@@ -27,4 +27,4 @@ def test_schedule_md_prints_the_current_plan():
     args = (np.zeros((64, 1, 256), np.float32), np.zeros((256, 1024), np.float32),
             np.zeros((256, 1024), np.float32), np.zeros(1024, np.float32))
     printed = re.search(r"```\n(plan: control=device.*?)```", (DOCS / "schedule.md").read_text(), re.S).group(1)
-    assert printed.strip() == str(schedule(gdsl.make_ir(lstm)(*args), grid=132)).strip()
+    assert printed.strip() == str(schedule(gdsl.make_ir(lstm)(*args), grid=132, views=VIEWS)).strip()

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from strategies import BACKEND_TOLERANCE, assert_trees_close, programs
 
 import gdsl
+import gdsl.backends.cfamily  # noqa: F401  (registers the C-family "view" rules that VIEWS names)
 import gdsl.numpy as gnp
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
@@ -18,6 +19,9 @@ from gdsl.schedule.simulate import BarrierError, simulate
 from gdsl.tracing.pytree import tree_flatten
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
+# The lowering chain whose "view" rules device plans are scheduled with, as the C-family backends do: dynamic
+# windows read in place at a run-time offset (plan.Value.terms).
+VIEWS = ("cfamily",)
 rng = np.random.default_rng(0)
 
 
@@ -38,14 +42,14 @@ def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132)):
     runs = [(control, grid, partition) for control in controls for grid in grids
             for partition in ((None, True, False) if control == "device" else (None,))]
     for control, grid, partition in runs:
-        plan = schedule(program, control=control, grid=grid, partition=partition)
+        plan = schedule(program, control=control, grid=grid, partition=partition, views=VIEWS)
         if expected is None:
             with pytest.raises(gdsl.RecursionDepthError):
                 simulate(plan, flat, seed=grid)
             continue
         got = simulate(plan, flat, seed=grid)
         assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
-    return schedule(program, control="device", grid=132)
+    return schedule(program, control="device", grid=132, views=VIEWS)
 
 
 # ------------------------------------------------------------------------------------------- programs
@@ -298,7 +302,7 @@ def test_partition_option_is_checked():
 @pytest.mark.parametrize("name", ["lstm", "tree", "data_dependent", "heads"])
 def test_plan_golden(name):
     fn, args = CASES[name]
-    text = str(schedule(gdsl.make_ir(fn)(*args), grid=16)) + "\n"
+    text = str(schedule(gdsl.make_ir(fn)(*args), grid=16, views=VIEWS)) + "\n"
     path = GOLDEN / f"plan_{name}.txt"
     if os.environ.get("GDSL_UPDATE_GOLDEN") or not path.exists():
         path.write_text(text)

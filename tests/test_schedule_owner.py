@@ -9,6 +9,7 @@ import functools
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_nvrtc
+from test_schedule import VIEWS
 
 import gdsl
 import gdsl.numpy as gnp
@@ -61,8 +62,8 @@ def _grid_barriers(block) -> int:
 @pytest.mark.parametrize("name,bs", CASES)
 def test_one_grid_barrier_per_step(name, bs, grid):
     *_, program, _ = _model(name, bs)
-    plain = schedule(program, grid=grid)
-    owned = schedule(program, grid=grid, owner=True)
+    plain = schedule(program, grid=grid, views=VIEWS)
+    owned = schedule(program, grid=grid, owner=True, views=VIEWS)
     assert loop_grid_barriers(plain) == 2
     if bs > 1:
         # Batch 64: the cell's chunks of tile_n elements per row would be hundreds of rounds per vEU, far more
@@ -88,7 +89,7 @@ def test_simulated_plans_match_the_interpreter(name, bs):
     *_, program, flat = _model(name, bs, steps=3)      # (the LSTM skewed: 5 steps, an odd count: one peeled)
     expected = run_program(program, flat)
     for grid in (1, 3, 132):
-        got = simulate(schedule(program, grid=grid, owner=True), flat, seed=grid)    # (race checks on)
+        got = simulate(schedule(program, grid=grid, owner=True, views=VIEWS), flat, seed=grid)    # (race checks on)
         assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
@@ -105,7 +106,7 @@ def test_backends_match_the_interpreter(name, bs):
 
 def test_resident_weights_keep_their_column_tiles():
     *_, program, flat = _model("lstm", 1)
-    plan = schedule(program, grid=132, owner=True, resident_bytes=64 * 1024)
+    plan = schedule(program, grid=132, owner=True, resident_bytes=64 * 1024, views=VIEWS)
     assert loop_grid_barriers(plan) == 1
     resident = [t for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if RESIDENT in t.op.params]
     assert resident
@@ -134,11 +135,11 @@ def test_without_double_buffering_the_local_sync_is_a_race(monkeypatch):
     barrier per step and the simulator finds no race (test_simulated_plans_match_the_interpreter)."""
     *_, program, flat = _model("lstm", 1)
     skewed = _skewed(program)
-    single = Scheduler(skewed, grid=132, owner=True).run()
+    single = Scheduler(skewed, grid=132, owner=True, views=VIEWS).run()
     assert _grid_barriers(_loop(single).body) == 2             # per step: the layout alone removes nothing
     assert_trees_close(simulate(single, flat), run_program(program, flat), tolerance=BACKEND_TOLERANCE)
     monkeypatch.setattr(Hazards, "local", lambda self, wave: True)
-    forced = Scheduler(skewed, grid=132, owner=True).run()
+    forced = Scheduler(skewed, grid=132, owner=True, views=VIEWS).run()
     assert _grid_barriers(_loop(forced).body) == 1
     with pytest.raises(BarrierError, match="overwrites"):
         simulate(forced, flat)
@@ -165,16 +166,16 @@ def test_unrolled_loop_computes_the_same(steps):
     assert count == 1
     # (the same equations on the same values, in the same order: the same numbers)
     assert_trees_close(run_program(unrolled, args), run_program(program, args), exact=True)
-    plan = schedule(program, grid=16, owner=True)
+    plan = schedule(program, grid=16, owner=True, views=VIEWS)
     assert_trees_close(simulate(plan, args), run_program(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_no_owner_plan_where_it_removes_no_barrier():
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
     program = gdsl.make_ir(elementwise_loop)(x)
-    plan = schedule(program, grid=16, owner=True)
+    plan = schedule(program, grid=16, owner=True, views=VIEWS)
     assert "steps_per_iteration" not in plan.stats
-    assert str(plan) == str(schedule(program, grid=16))
+    assert str(plan) == str(schedule(program, grid=16, views=VIEWS))
 
 
 # ------------------------------------------------------------------------ batch-gathered tiles, any count
@@ -207,7 +208,7 @@ def test_layout_matmuls_gather_their_gates(name, grid):
     """Batch 1: each layout matmul's uTask covers its column range of every gate (one staging of the state
     and one reduction), so each vEU of a chain runs one uTask per matmul per step."""
     *_, program, _ = _model(name, 1)
-    plan = schedule(program, grid=grid, owner=True, resident_bytes=48 * 1024)
+    plan = schedule(program, grid=grid, owner=True, resident_bytes=48 * 1024, views=VIEWS)
     matmuls = [t for t in _loop_matmuls(plan) if utasks.gathers_batch(t.op.params)]
     assert matmuls
     for task in matmuls:
@@ -223,7 +224,7 @@ def test_one_row_chains_take_any_count_with_a_partial_range():
     last one 4 wide; a divisor of 20 would leave vEUs idle or give narrower tiles."""
     args = _gated_args(20)
     program = gdsl.make_ir(gated_rnn)(*args)
-    plan = schedule(program, grid=3, owner=True)
+    plan = schedule(program, grid=3, owner=True, views=VIEWS)
     assert loop_grid_barriers(plan) == 1
     (task, *_) = _loop_matmuls(plan)
     assert utasks.gathers_batch(task.op.params)
@@ -236,7 +237,7 @@ def test_shares_of_a_gathered_tile():
     """A gathered uTask writes its column range in every batch element; the hazards' owner of each output
     element is that uTask."""
     args = _gated_args(20)
-    plan = schedule(gdsl.make_ir(gated_rnn)(*args), grid=3, owner=True)
+    plan = schedule(gdsl.make_ir(gated_rnn)(*args), grid=3, owner=True, views=VIEWS)
     task = _loop_matmuls(plan)[0]
     written = shares.write_share(task.op, 2)
     assert sorted(written) == [g * 20 + j for g in range(4) for j in range(16, 20)]
@@ -255,7 +256,7 @@ def test_gated_rnn_matches_the_interpreter(n, batched_a):
     program = gdsl.make_ir(gated_rnn)(*args)
     expected = run_program(program, flat)
     for grid in (3, 5, 132):
-        plan = schedule(program, grid=grid, owner=True, resident_bytes=16 * 1024)
+        plan = schedule(program, grid=grid, owner=True, resident_bytes=16 * 1024, views=VIEWS)
         if not batched_a:   # (batched: h * scale joins the chain and the matmul reads all of it, more barriers)
             assert loop_grid_barriers(plan) == 1
         gathered = [utasks.gathers_batch(t.op.params) for t in _loop_matmuls(plan)]

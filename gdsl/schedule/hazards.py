@@ -39,6 +39,10 @@ MAYBE_VIEWS = frozenset(p.name for p in (slice_p, dynamic_slice_p, transpose_p))
 def storage_elements(value, flat):
     """shares.storage_elements with the frame copies told apart by nothing: the elements of a view spanning
     adjacent frames (concatenated call results) taken modulo the storage's size."""
+    if value.dynamic:       # a window known at run time only: anywhere in its storage
+        return slice(None)
+    if value.perm is not None and flat is None:
+        flat = np.arange(value.aval.size)
     elements = shares.storage_elements(value, flat)
     size = value.storage.aval.size
     if not isinstance(elements, slice) and value.offset + value.aval.size > size:
@@ -238,6 +242,8 @@ def _read(task, k, out_veus):
     """(storage elements of input k, the vEU reading each) for the whole op; see the module docstring."""
     op, value = task.op, task.op.inputs[k]
     in_aval, out = value.aval, op.outputs[0].aval
+    if value.dynamic:       # a view at a run-time offset (plan.Value.terms): its whole storage, conservatively
+        return storage_elements(value, None), _one_or_several(task)
     if op.kind == ROWS.name and value.aval.size > 1:      # read broadcast to the row shape, by each row's vEU
         shape = op.params[ROW_SHAPE]
         e = np.arange(int(np.prod(shape)))

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
-from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p
+from gdsl.primitives.structural import dynamic_update_slice_p
 from gdsl.schedule import utasks
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS, UTASK_NS
 from gdsl.schedule.plan import COPY, Buffer, Value
@@ -126,8 +126,6 @@ def _unplaced_ns(chain: list[Node], budget: int, block: int) -> float:
     at its best split (utasks.split_options, the balancing's) on `budget` vEUs, its busiest vEU's rounds."""
     total = 0.0
     for node in chain:
-        if _reads_in_place(node):
-            continue
         in_avals, out_avals = [v.aval for v in node.inputs], [node.output.aval]
         options = utasks.split_options(node.kind, in_avals, out_avals, {}, block) or \
             [utasks.split(node.kind, in_avals, out_avals, {}, budget, block)]
@@ -155,7 +153,8 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
     if node.kind != COPY.name and family_of(node.kind) != ELEMENTWISE:
         return False
     shape = value.aval.shape
-    return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0
+    return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0 and \
+        not value.dynamic and value.perm is None
 
 
 def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:
@@ -179,22 +178,13 @@ def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> 
         splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n, block,
                                       b_onchip=onchip) for node in chain]
         ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
-                 for node, (utasks_count, _, cost) in zip(chain, splits) if not _reads_in_place(node))
+                 for node, (utasks_count, _, cost) in zip(chain, splits))
         aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
         options.append((ns, tile_n, count, aligned))
     if any(aligned for *_, aligned in options):
         options = [option for option in options if option[3]]
     ns, tile_n, count, _ = min(options)
     return ns, tile_n, count
-
-
-def _reads_in_place(node: Node) -> bool:
-    """A dynamic window that device code reads in place (utasks.dynamic_view): it costs no time in either
-    estimate (its split still places it: the hazards see it write its chunks)."""
-    if node.kind != dynamic_slice_p.name:
-        return False
-    source = node.inputs[0]
-    return isinstance(source.storage, Buffer) and utasks.contiguous_window(source.aval.shape, node.output.aval.shape)
 
 
 def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:

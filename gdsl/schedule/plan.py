@@ -77,6 +77,20 @@ class Uniform:
 
 
 @dataclass(frozen=True, eq=False)
+class OffsetTerm:
+    """One run-time part of a view's offset: `stride * clamp(index, 0, high)`, `index` a uniform Value (a
+    start of a dynamic window, or the index of a row taken, both clamped into the source like the
+    primitives do)."""
+    index: Any                     # Value of a Uniform or a Lit
+    stride: int
+    high: int
+
+    def __repr__(self):
+        index = f"clamp({self.index!r}, 0, {self.high})"
+        return index if self.stride == 1 else f"{self.stride}*{index}"
+
+
+@dataclass(frozen=True, eq=False)
 class Value:
     storage: Any                   # Buffer | Uniform | Lit
     aval: ShapedArray
@@ -84,6 +98,14 @@ class Value:
     # A view: the value is the storage's elements [offset, offset + aval.size) in row-major order (a
     # contiguous static slice, see the scheduler). Views are only read, never written.
     offset: int = 0
+    # A view at a run-time offset (a dynamic window, a row taken at a uniform index; device control only,
+    # see Scheduler._dynamic_view): `offset + sum(terms)` with the uniforms' values where it is read. The
+    # scheduler keeps every reader in the segment that makes it, so no Assign changes them in between.
+    terms: tuple[OffsetTerm, ...] = ()
+    # A permuted view (a transpose read in place, see Scheduler._permuted_view): the storage window holds the
+    # source, of shape `source_shape`, row-major; element (c_0, ..., c_n) of the value is the source's
+    # element with c_i at axis perm[i] (the value's axis i is the source's axis perm[i]).
+    perm: tuple[int, ...] | None = None
 
     @property
     def is_uniform(self) -> bool:
@@ -93,12 +115,32 @@ class Value:
     def buffer(self) -> Buffer | None:
         return self.storage if isinstance(self.storage, Buffer) else None
 
+    @property
+    def dynamic(self) -> bool:
+        """A view whose offset is known at run time only (`terms`)."""
+        return bool(self.terms)
+
+    @property
+    def source_shape(self) -> tuple:
+        """The shape of the array the storage window holds: the value's own, or a permuted view's source."""
+        if self.perm is None:
+            return self.aval.shape
+        shape = [0] * len(self.perm)
+        for axis, source_axis in enumerate(self.perm):
+            shape[source_axis] = self.aval.shape[axis]
+        return tuple(shape)
+
     def __repr__(self):
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
         name = self.storage.name + "'" * self.frame_offset
-        if self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
+        if self.terms:               # a window at a run-time offset: `in6[256*clamp(u13, 0, 3796) +: 256]`
+            start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset else ())))
+            name += f"[{start} +: {self.aval.size}]"
+        elif self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
             name += f"[{self.offset}:{self.offset + self.aval.size}]"     # a view: a window of the storage
+        if self.perm is not None:    # read transposed in place: `out0.T(0,1,3,2)`
+            name += f".T({','.join(map(str, self.perm))})"
         if isinstance(self.storage, Buffer) and self.aval != self.storage.aval:
             return f"{name}<{self.aval}>"
         return name

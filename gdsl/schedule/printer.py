@@ -23,7 +23,7 @@ from gdsl.schedule.plan import (
     epilogue_of,
 )
 from gdsl.schedule.resident import RESIDENT
-from gdsl.schedule.utasks import dynamic_view, gathers_batch
+from gdsl.schedule.utasks import gathers_batch
 
 
 def _veus(task) -> str:
@@ -71,8 +71,6 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += f", each {t.op.params['tile_n']} columns of every batch element"
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
-                if device and dynamic_view(t.op):
-                    extra += ", a window read in place: no uTask runs (C-family renderers)"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}barrier ({_scope(stmt)})")

@@ -69,7 +69,7 @@ def keep_resident(loop: Loop, budget: int) -> Loop:
 
 def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
     if not _eligible(task.op) or not isinstance(task.op.inputs[1].storage, Buffer) or \
-            task.op.inputs[1].storage in written:
+            task.op.inputs[1].storage in written or task.op.inputs[1].dynamic or task.op.inputs[1].perm:
         return task
     key = _tiles_key(task)
     offset = placed.get(key)

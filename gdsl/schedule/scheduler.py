@@ -3,6 +3,8 @@ kernel (control="device") or on the host (control="host").
 
 Per straight-line block of equations (a Jaxpr's eqns between control-flow equations, a "segment"):
 1. reshapes become aliases; scalar work becomes uniform ops every vEU computes itself (device control);
+   contiguous windows and transposes become views (plan.Value.offset / terms / perm: no op, no wave, no
+   barrier; see _dynamic_view, _permuted_view and docs/schedule.md "Views in the plan");
 2. elementwise chains fuse into one Op when the intermediate has no other use;
 3. the dataflow graph is levelled into waves; the ops of a wave share the grid, each on a vEU range sized
    by its cost; a barrier separates two waves only where a uTask reads what another vEU wrote (a
@@ -32,7 +34,15 @@ from gdsl.primitives.registry import (
     has_lowering,
     is_uniform,
 )
-from gdsl.primitives.structural import concatenate_p, dynamic_update_slice_p, reshape_p, slice_p
+from gdsl.primitives.structural import (
+    concatenate_p,
+    dynamic_slice_p,
+    dynamic_update_slice_p,
+    reshape_p,
+    slice_p,
+    take_p,
+    transpose_p,
+)
 from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.owner import Layout, Node, column_layouts
@@ -53,6 +63,7 @@ from gdsl.schedule.plan import (
     Kernel,
     Launch,
     Loop,
+    OffsetTerm,
     Op,
     Plan,
     RecFunction,
@@ -126,6 +137,12 @@ class _Item:
     op: Op | None = None
     index: int = 0                           # position in the segment (program order)
     inlined: int = 0                         # reads of its result recomputed in consumers through views
+    # A window at a run-time offset read in place (Scheduler._dynamic_view): no op, levelled like a uniform
+    # op (its readers wait for its sources only); `read_level`: the last wave level of its readers;
+    # `read_by_uniform`: a uniform op reads it (every vEU, right after a wave).
+    view: bool = False
+    read_level: int = -1
+    read_by_uniform: bool = False
     # An epilogue: the matmul / conv2d item whose result `expr` reads; the two run as one op of its kind
     # (see Scheduler._fold_epilogues), `leaves` then being the epilogue's own operands; `result` the
     # variable the epilogue reads for it (the contraction's output, or a row vector's reshape of it).
@@ -140,7 +157,7 @@ class _Item:
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), balance=True, rows=(), fork=False):
+                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -163,6 +180,10 @@ class Scheduler:
         self.epilogues = tuple(epilogues)
         # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
         self.row_chains = has_lowering(ROWS.name, tuple(rows), "utask") if rows else False
+        # The lowering chain whose "view" rules say which windows the backend reads in place: at a run-time
+        # offset (plan.Value.terms; device control only, where every vEU has the uniforms) or transposed
+        # (plan.Value.perm); empty: none.
+        self.view_rules = tuple(views)
         self.parts = 0                      # partitions of the loop body being scheduled (0: none)
         # Column layouts for matmul -> elementwise chains in loop bodies (owner.py); `loop_depth`: the
         # loops around the block being scheduled.
@@ -213,7 +234,7 @@ class Scheduler:
             return Value(atom, atom.aval)
         if isinstance(atom, _Window):
             base = self.read(atom.base)
-            return Value(base.storage, atom.aval, base.frame_offset, base.offset + atom.offset)
+            return dataclasses.replace(base, aval=atom.aval, offset=base.offset + atom.offset)
         return self.env[atom]
 
     # ---------------------------------------------------------------------------------------- entry
@@ -312,7 +333,9 @@ class Scheduler:
                 order.append(eqn)
                 continue
             uniform = self._is_uniform(eqn)
-            item = _Item(eqn, uniform, index=index)
+            view = self._dynamic_view(eqn, producer, segment, jaxpr) or \
+                self._permuted_view(eqn, producer, segment, jaxpr)
+            item = _Item(eqn, uniform, index=index, view=view)
             if not uniform and eqn.primitive.fusible:
                 self._fuse(eqn, item, producer, uses, windows)
             for atom in (item.leaves if item.raw_expr is not None else eqn.inputs):
@@ -337,7 +360,7 @@ class Scheduler:
         self._level(items)
         self._choose_aliases(items, jaxpr)
         self._allocate(order)
-        return self._emit(items)
+        return self._emit([it for it in items if not it.view])
 
     def _adjacent_call_results(self, eqn) -> Value | None:
         """The view that a concatenation of call results lying next to each other in memory is, or None.
@@ -378,11 +401,110 @@ class Scheduler:
                 else:
                     value = self.read(src)
                     offset = value.offset + (view_offset(entry) or 0)
-                    self.env[out] = Value(value.storage, out.aval, value.frame_offset, offset)
+                    self.env[out] = dataclasses.replace(value, aval=out.aval, offset=offset)
+            elif entry.view:
+                self.env[entry.eqn.outs[0]] = self._view_value(entry.eqn)
             elif not entry.absorbed or entry.row_output:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
+
+    def _dynamic_view(self, eqn, producer, segment, jaxpr) -> bool:
+        """Is `eqn` a window its readers can read in place at a run-time offset (plan.Value.terms), so that it
+        is no op: a dynamic_slice whose window is one contiguous run of its operand, or a take of one index
+        along an axis with only unit axes before it (one row), its starts or index uniform, when the
+        backend has a "view" rule for its kind. Its source is a buffer of this frame that is no such view
+        itself. Every reader (through reshapes and static views) is an op or a uniform op of this segment:
+        no control flow, no result. So the readers run before any Assign can change the uniforms of the
+        offset, and _choose_aliases sees them as readers of the source (no in-place write reaches it
+        before they ran)."""
+        if not self.uniforms_allowed or self.frame is not None or not self._has_view_rule(eqn) or \
+                not _one_run(eqn) or not self._viewable_source(eqn.inputs[0], producer):
+            return False
+        if not all(self._is_uniform_atom(a, producer) for a in eqn.inputs[1:]):
+            return False
+        return self._read_by_segment_ops(eqn.outs[0], segment, jaxpr)
+
+    def _permuted_view(self, eqn, producer, segment, jaxpr) -> bool:
+        """Is `eqn` a transpose its readers can read in place through permuted indices (plan.Value.perm), so
+        that it is no op, when the backend has a "view" rule for it: its source a buffer that is no view
+        itself (a temp of this segment outside recursive functions, or any buffer of this frame), every
+        reader an op of this segment (as for _dynamic_view) that is no window of it (its index map is the
+        source's, not the transposed array's: cfamily/views.py) and no uniform op, and nothing reshapes it."""
+        if eqn.primitive is not transpose_p or not self._has_view_rule(eqn) or \
+                not self._viewable_source(eqn.inputs[0], producer):
+            return False
+        out = eqn.outs[0]
+        if _alias_closure(jaxpr, out) != {out}:
+            return False
+        for reader in jaxpr.eqns:
+            if any(a is out for a in reader.inputs) and \
+                    (reader.primitive in (slice_p, dynamic_slice_p) or self._is_uniform(reader)):
+                return False
+        return self._read_by_segment_ops(out, segment, jaxpr)
+
+    def _has_view_rule(self, eqn) -> bool:
+        """Does the backend read a window made by `eqn` in place (a "view" lowering rule for its kind)?"""
+        return bool(self.view_rules) and not self._is_uniform(eqn) and \
+            has_lowering(eqn.primitive.name, self.view_rules, "view")
+
+    def _viewable_source(self, src, producer) -> bool:
+        """Can a view read `src` in place: a buffer of this frame that is no run-time or permuted view itself
+        (computed in this segment outside recursive functions, or already stored)?"""
+        if not isinstance(src, Var):
+            return False
+        if src in producer:
+            return self.frame is None and not producer[src].uniform and not producer[src].view
+        value = self.env.get(src)
+        return value is not None and value.buffer is not None and value.buffer.kind != "frame" and \
+            not value.frame_offset and not value.dynamic and value.perm is None
+
+    def _is_uniform_atom(self, atom, producer) -> bool:
+        """Is `atom` a literal or a variable held in a uniform (computed before or in this segment)?"""
+        if isinstance(atom, Lit):
+            return True
+        if atom in producer:
+            return producer[atom].uniform
+        return atom in self.env and self.env[atom].is_uniform
+
+    def _read_by_segment_ops(self, var, segment, jaxpr) -> bool:
+        """Is every reader of `var` (and of its reshapes and static views) an equation of `segment`: no control
+        flow, no result of `jaxpr`, no storage hint?"""
+        names = _alias_closure(jaxpr, var)
+        if any(v in self.hints for v in names) or any(isinstance(a, Var) and a in names for a in jaxpr.outs):
+            return False
+        in_segment = {id(eqn) for _, eqn in segment}
+        for eqn in jaxpr.eqns:
+            if not any(isinstance(a, Var) and a in names for a in eqn.inputs):
+                continue
+            if _is_alias(eqn) and eqn.outs[0] in names:
+                continue
+            if id(eqn) not in in_segment:
+                return False
+        return True
+
+    def _view_value(self, eqn) -> Value:
+        """The Value of a window read in place: a transpose's source permuted (_permuted_view), or its
+        source's storage at the window's offset (_dynamic_view), the starts (or the index) clamped into the
+        source as the primitive does; a literal one folds into the static offset."""
+        source = self.read(eqn.inputs[0])
+        if eqn.primitive is transpose_p:
+            return dataclasses.replace(source, aval=eqn.outs[0].aval, perm=tuple(eqn.params["permutation"]))
+        shape = eqn.inputs[0].aval.shape
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        if eqn.primitive is take_p:
+            axis = eqn.params["axis"]
+            windows = [(axis, eqn.inputs[1], shape[axis] - 1)]
+        else:
+            windows = [(d, start, n - size) for d, (start, n, size) in
+                       enumerate(zip(eqn.inputs[1:], shape, eqn.params["sizes"])) if n != size]
+        offset, terms = source.offset, list(source.terms)
+        for d, start, high in windows:
+            if isinstance(start, Lit):
+                offset += strides[d] * min(max(int(start.val.reshape(-1)[0]), 0), high)
+            else:
+                terms.append(OffsetTerm(self.read(start), strides[d], high))
+        return Value(source.storage, eqn.outs[0].aval, source.frame_offset, offset, tuple(terms))
 
     def _fuse(self, eqn, item, producer, uses, windows):
         """`item.raw_expr`: the expression of `eqn` with single-use elementwise producers of this segment
@@ -442,6 +564,8 @@ class Scheduler:
             if alias.window_of(node.aval.shape, atom.aval.shape) is None or \
                     (node.op != "input" and not _pure_elementwise(node.op)):
                 return None
+            if node.op == "input" and _permuted(producer.get(node.params["var"])):
+                return None    # (a window of a transposed view is no window of its storage)
 
         def window(node, args):
             if node.op == "literal" or (node.op == "input" and node.aval.size == 1):
@@ -550,17 +674,22 @@ class Scheduler:
         """Waves: a global op runs one wave after its global producers and after the uniforms it reads;
         a uniform op (level L) runs right after wave L (the -1 level: before any wave)."""
         for it in items:
-            if it.uniform:
+            if it.uniform or it.view:
                 it.level = max([-1] + [d.level for d in it.deps])
             else:
                 it.level = max([0] + [d.level + 1 for d in it.deps])
+        for it in reversed(items):      # (a view's readers follow it in program order)
+            for d in it.deps:
+                if d.view:
+                    d.read_level = max(d.read_level, it.read_level if it.view else it.level)
+                    d.read_by_uniform |= it.uniform or it.read_by_uniform
 
     def _choose_aliases(self, items, jaxpr):
         """Let an op write straight into a loop carry or a branch/function result when that is safe. The
         result may be a reshape of the op's output (RAE's leaf `reshape(x[node], (H,))`): the op then
         writes the result's storage under its own shape, and the reshape reads it there, no copy."""
         for it in items:
-            hinted = None if it.uniform else self._hinted_result(it, jaxpr)
+            hinted = None if it.uniform or it.view else self._hinted_result(it, jaxpr)
             if hinted is None:
                 continue
             target, binders = self.hints[hinted]
@@ -575,8 +704,9 @@ class Scheduler:
                 if later_index > it.index and any(a in names for a in eqn.inputs):
                     readers_ok = False       # read after the overwrite
             for other in items:
+                read_level = other.read_level if other.view else other.level    # (a view: where it is read)
                 if other is not it and any(a in names for a in _reads(other)) and \
-                        (other.level >= it.level or other.uniform):
+                        (read_level >= it.level or other.uniform or other.read_by_uniform):
                     readers_ok = False       # read concurrently with or after the overwrite (every vEU
                     #                          reads for a uniform op, with no barrier before the next wave)
             if any(a in names for a in _reads(it)) and not _same_index_read(it, binders):
@@ -802,7 +932,7 @@ class Scheduler:
             spread = iter(self._place(free, placed) if free else [])
             return [Task(op, layout.first, layout.count) if layout is not None else next(spread)
                     for op, layout in zip(ops, layouts)]
-        spread = self._spread(ops)
+        spread = self._shares(ops)
         if self.balance:
             spread = self._balanced(spread)
         homes = self._homes(ops, placed or {})
@@ -815,10 +945,9 @@ class Scheduler:
 
     def _balanced(self, tasks) -> list[Task]:
         """The wave's tasks with their splits and shares chosen together (balance.py) when the cost model
-        says that is faster; a dynamic window read in place keeps its place (it takes no share)."""
-        working = [task for task in tasks if not (self.uniforms_allowed and utasks.dynamic_view(task.op))]
+        says that is faster."""
         options, current = [], []
-        for task in working:
+        for task in tasks:
             op = task.op
             offered = utasks.split_options(op.kind, [x.aval for x in op.inputs], [v.aval for v in op.outputs],
                                            op.params, self.block)
@@ -831,11 +960,11 @@ class Scheduler:
             options.append(offered)
             current.append((index, task.count))
         choice = balance.balance([[(n, cost, 1 if _finer(split, task.op) else None) for n, split, cost in offered]
-                                  for offered, task in zip(options, working)], self.grid, current)
+                                  for offered, task in zip(options, tasks)], self.grid, current)
         if choice is None:
             return tasks
         rebalanced, first = {}, 0
-        for task, offered, (index, veus) in zip(working, options, choice):
+        for task, offered, (index, veus) in zip(tasks, options, choice):
             n, split, cost = offered[index]
             op = dataclasses.replace(task.op, params={**task.op.params, **split}, n_utasks=n, cost=cost) \
                 if split else task.op
@@ -851,19 +980,8 @@ class Scheduler:
         return dataclasses.replace(op, params={**op.params, "chunk": chunk}, n_utasks=producer.n_utasks,
                                    cost=utasks.chunk_cost(chunk, len(op.inputs), self.block, _chunked_size(op)))
 
-    def _spread(self, ops) -> list[Task]:
-        """One vEU per uTask when they fit, else shares by cost. A dynamic window that device control reads
-        as a pointer (utasks.dynamic_view) takes no share: it lies over the others' vEUs from vEU 0 (were it
-        rendered as a copy after all, those vEUs would run it too)."""
-        free = [op for op in ops if self.uniforms_allowed and utasks.dynamic_view(op)]
-        if not free or len(free) == len(ops):
-            return self._shares(ops)
-        working = [op for op in ops if op not in free]
-        tasks = dict(zip(working, self._shares(working)))
-        tasks.update((op, Task(op, 0, min(op.n_utasks, self.grid))) for op in free)
-        return [tasks[op] for op in ops]
-
     def _shares(self, ops) -> list[Task]:
+        """One vEU per uTask when they fit, else shares by cost."""
         total = sum(op.n_utasks for op in ops)
         if total <= self.grid:
             counts = [op.n_utasks for op in ops]
@@ -1531,7 +1649,7 @@ def _binders_in(branch, operands, result) -> tuple:
 
 def _whole_buffer(value, aval) -> bool:
     """Is `value` a whole buffer (no view, this frame) of `aval`'s size?"""
-    return isinstance(value.storage, Buffer) and not value.offset and not value.frame_offset and \
+    return isinstance(value.storage, Buffer) and not value.offset and not value.terms and not value.frame_offset and \
         value.storage.aval.size == aval.size == value.aval.size
 
 
@@ -1596,6 +1714,22 @@ def _epilogue_path(result, outs, reshaped, uses) -> list | None:
     return path
 
 
+def _permuted(item) -> bool:
+    """Is `item` a transpose read in place (Scheduler._permuted_view)?"""
+    return item is not None and item.view and item.eqn.primitive is transpose_p
+
+
+def _one_run(eqn) -> bool:
+    """Is `eqn` a dynamic_slice whose window is one contiguous run of its operand, or a take of one index
+    along an axis with only unit axes before it (one contiguous row)?"""
+    shape = eqn.inputs[0].aval.shape
+    if eqn.primitive is dynamic_slice_p:
+        return utasks.contiguous_window(shape, eqn.params["sizes"])
+    if eqn.primitive is take_p:
+        return eqn.inputs[1].aval.size == 1 and math.prod(shape[:eqn.params["axis"]]) == 1
+    return False
+
+
 def _is_alias(eqn) -> bool:
     """Does `eqn`'s result share its operand's storage (a reshape, or a view: see view_offset)?"""
     return eqn.primitive is reshape_p or view_offset(eqn) is not None
@@ -1607,9 +1741,22 @@ def _read_until(items) -> dict:
     until: dict = {}
     for it in items:
         last = it.level if it.uniform else it.level - 1
-        for d in it.deps:
+        for d in _through_views(it.deps):
             until[d] = max(until.get(d, -2), last)
     return until
+
+
+def _through_views(deps) -> set:
+    """`deps` with every window read in place (_Item.view) replaced by what it depends on: its readers read
+    its source (and its uniforms) when they run."""
+    out, pending = set(), list(deps)
+    while pending:
+        d = pending.pop()
+        if d.view:
+            pending.extend(d.deps)
+        else:
+            out.add(d)
+    return out
 
 
 def _reads(item) -> list:
@@ -1964,7 +2111,7 @@ def _split_host(body, functions):
 
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
-             hoist=None, resident_bytes=0, owner=None, epilogues=(), balance=None, rows=(),
+             hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
@@ -1975,6 +2122,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
+    `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
+    run-time offset under device control (Scheduler._dynamic_view; empty: none, they stay ops).
     `rows`: the backend's lowering chain; with a "utask" rule for ROWS, chains of reductions over the last
     axis and the elementwise steps on those rows fuse into one op (rows.py; empty: never).
     `balance=False`: each wave's ops keep the split chosen for the whole grid and share it by cost; None or
@@ -2000,7 +2149,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, balance=balance is not False, rows=rows, fork=bool(fork))
+                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

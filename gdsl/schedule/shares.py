@@ -24,7 +24,16 @@ SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utask
 
 
 def storage_elements(value, flat):
-    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset)."""
+    """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset; a permuted
+    view's in the value's own element order, Value.perm). A view at a run-time offset (Value.terms) has
+    none until its offset is known (Simulator.resolved)."""
+    assert not value.terms, f"{value!r}: a view at a run-time offset"
+    if value.perm is not None:
+        coords = np.unravel_index(np.arange(value.aval.size) if flat is None else flat, value.aval.shape)
+        source_coords = [None] * len(value.perm)
+        for axis, source_axis in enumerate(value.perm):
+            source_coords[source_axis] = coords[axis]
+        return np.ravel_multi_index(source_coords, value.source_shape) + value.offset
     if flat is None:
         return slice(None) if not value.offset and value.aval.size == value.storage.aval.size else \
             np.arange(value.offset, value.offset + value.aval.size)

@@ -25,6 +25,8 @@ Semantics it defines (every backend follows them):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from gdsl.core.ir import Lit
@@ -154,7 +156,19 @@ class Simulator:
             return slot
         return slot + (self.kid_base if value.frame_offset else self.own_base)[s.frame_of]
 
+    def resolved(self, value: Value) -> Value:
+        """`value` with its run-time offset (plan.Value.terms) resolved from the uniforms as they are now: a
+        view is read at the offset its uniforms have where its reader runs."""
+        if not value.terms:
+            return value
+        offset = value.offset
+        for term in value.terms:
+            index = int(self.read(term.index).reshape(-1)[0])
+            offset += term.stride * min(max(index, 0), term.high)
+        return dataclasses.replace(value, offset=offset, terms=())
+
     def read(self, value: Value, veu=None, op=None) -> np.ndarray:
+        value = self.resolved(value)
         s = value.storage
         if isinstance(s, Lit):
             return np.broadcast_to(np.asarray(s.val), value.aval.shape).copy()
@@ -356,6 +370,7 @@ class Simulator:
         if self.check:
             for k, value in enumerate(op.inputs):
                 if isinstance(value.storage, Buffer):
+                    value = self.resolved(value)
                     flat = storage_elements(value, read_share(op, k, t, self._starts(op)))
                     m = self.mem[value.storage]
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,

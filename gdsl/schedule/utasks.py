@@ -66,19 +66,6 @@ def viewable_buffers(op) -> bool:
     return out is not None and out.kind == "temp" and src is not None and src.kind != "frame"
 
 
-def dynamic_view(op) -> bool:
-    """A dynamic_slice whose window is one contiguous run of its source: under device control the C-family
-    renderer reads it through a pointer computed at run time (cfamily/views.py), so it does no work.
-
-    Also from a source far larger than L2 (NASRNN's 0.5 GB input projection at batch 64): its readers then
-    wait on HBM once, where a copy reads HBM, writes L2 and takes vEUs from the wave beside it (H200, NASRNN
-    bs64 with balanced waves: 16.1 ms read in place, 19.6 with the copy; with the readers' old four-pass
-    chunks the copy had been faster, 24.8 against 27.0 ms)."""
-    if op.kind != dynamic_slice_p.name or not viewable_buffers(op):
-        return False
-    return contiguous_window(op.inputs[0].aval.shape, op.params["sizes"])
-
-
 def first_start(kind) -> int | None:
     """The operand number of the first start index of a dynamic window op, None for other kinds."""
     return DYNAMIC_STARTS.get(OP_KINDS[kind])

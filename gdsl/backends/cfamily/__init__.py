@@ -9,7 +9,8 @@
     reductions.py     lowering rules of the reduce and window families
     gemm.py           lowering rules of matmul and conv2d (GEMM / GEMV tiles)
     elementwise.py    the elementwise table (one C expression per primitive); dialects override entries
-    views.py          slices and transposes rendered as pointers into their source (no copy)
+    views.py          the "view" rules (plan views at run-time offsets, permuted ones) and the slices and
+                      transposes left as Ops that are read in place
     types.py          dtypes as C storage / compute types, literals, conversions
     prelude.h         the device library: conversions, warp/block reductions, GEMM/GEMV tiles, grid barrier
     executor.py       buffers, launches and host control over a Device (CuPy, or the emulator)

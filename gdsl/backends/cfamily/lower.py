@@ -58,7 +58,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     rows = () if opts.get("rows") is False else dialect.lowering_chain
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
-                    owner=opts.get("owner"), epilogues=epilogues, balance=opts.get("balance"),
-                    rows=rows, fork=opts.get("fork"))
+                    owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
+                    balance=opts.get("balance"), rows=rows, fork=opts.get("fork"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

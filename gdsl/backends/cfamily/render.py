@@ -69,7 +69,7 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.backends.cfamily.ops import OpRenderer
-from gdsl.backends.cfamily.views import find_views, view_decl
+from gdsl.backends.cfamily.views import find_views, permuted_reads, view_decl, view_pointer
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
@@ -234,6 +234,7 @@ def _values_of(stmt):
         for task in stmt.tasks:
             yield from task.op.inputs
             yield from task.op.outputs
+            yield from (term.index for v in task.op.inputs for term in v.terms)   # a view's run-time offset
     elif isinstance(stmt, Uniforms):
         for u in stmt.ops:
             yield from u.inputs
@@ -348,7 +349,7 @@ class Renderer:
         self.smem = 16
         self.device_control = plan.control == "device"
         self.forks = has_forks(plan)        # calls run in parallel on vEU groups (see fork_lines)
-        self.views = find_views(plan, self.elem)
+        self.views = find_views(plan)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
@@ -359,11 +360,11 @@ class Renderer:
 
     def _pointer_types(self) -> dict:
         """C name -> C type of every buffer pointer a kernel declares once and never assigns again (not the
-        dynamic views, assigned where they are computed): the values a rolled repetition may pick."""
+        permuted views, whose readers take their source's pointer): the values a rolled repetition may pick."""
         types = {}
         for buf in self.plan.buffers:
             view = self.views.get(buf)
-            if view is not None and (view.dynamic or view.perm is not None):
+            if view is not None and view.perm is not None:
                 continue
             const = buf.kind in ("input", "const") or view is not None
             types[buf.name] = f"{'const ' if const else ''}{c_types.storage(buf.aval.dtype)}*"
@@ -404,7 +405,7 @@ class Renderer:
             if self.forks:       # the own frame where the caller put it, callees' frames in the group's region
                 frame += f" + {'c' if value.frame_offset else 'o'}_{cid(buf.frame_of)}"
             base = f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
-        return f"({base} + {value.offset})" if value.offset else base   # a view: a window of the storage
+        return view_pointer(base, value, self.elem)     # a view: a window of the storage
 
     def uniform_ref(self, value: Value) -> str:
         u = value.storage
@@ -434,8 +435,7 @@ class Renderer:
     # replace slices, the scheduler's barriers around them guard nothing.
     def _touches_memory(self, stmt) -> bool:
         if isinstance(stmt, Wave):
-            return any(t.op.outputs[0].buffer not in self.views or not all(
-                v.is_uniform for v in t.op.inputs[1:]) for t in stmt.tasks)
+            return any(t.op.outputs[0].buffer not in self.views for t in stmt.tasks)
         if isinstance(stmt, Uniforms):
             return not all(v.is_uniform for u in stmt.ops for v in u.inputs)
         if isinstance(stmt, Assign):
@@ -480,10 +480,7 @@ class Renderer:
             return self.MULTI if self._touches_memory(stmt) else None
         veus = set()
         for task in stmt.tasks:
-            view = self.views.get(task.op.outputs[0].buffer)
-            if view is not None:
-                if view.dynamic and not all(v.is_uniform for v in task.op.inputs[1:]):
-                    return self.MULTI
+            if task.op.outputs[0].buffer in self.views:
                 continue
             if min(task.op.n_utasks, task.count) != 1:
                 return self.MULTI
@@ -764,7 +761,7 @@ class Renderer:
         of the run runs this one too (each vEU then runs at most one task of the run, as before)."""
         if self.views.get(task.op.outputs[0].buffer) is not None:
             return False
-        if self.utask_function(task.op)[0] != self.utask_function(run[0].op)[0]:
+        if self.utask_function(task.op) != self.utask_function(run[0].op):
             return False
         lo, hi = self._veu_range(task)
         return all(hi <= a or b <= lo for a, b in map(self._veu_range, run))
@@ -774,14 +771,14 @@ class Renderer:
         """The vEUs [lo, hi) that run at least one uTask of `task`."""
         return task.first, task.first + min(task.op.n_utasks, task.count)
 
-    def utask_function(self, op) -> tuple[str, dict]:
-        """(name of the uTask function of `op`, its inputs read through a transposing view: index -> View);
-        renders the function on first use. Ops whose functions would be the same text share one."""
-        permuted = {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
-                    if v.buffer in self.views and self.views[v.buffer].perm is not None}
+    def utask_function(self, op) -> str:
+        """The name of the uTask function of `op`; renders the function on first use. Ops whose functions
+        would be the same text share one. An input that is a permuted view (plan.Value.perm, or a transpose
+        Op the renderer reads in place: _permuted_inputs) is read through the source's strides."""
         if op not in self.op_function:
-            remap = {k: (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm)
-                     for k, view in permuted.items()}
+            remap = {k: permuted_reads(v) for k, v in enumerate(op.inputs) if v.perm is not None}
+            remap.update((k, (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm))
+                         for k, view in self._permuted_inputs(op).items())
             renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap)
             params, body = renderer.render()
             if (params, body) not in self.functions:
@@ -791,23 +788,28 @@ class Renderer:
                 self.function_cost[op.name] = op.cost
             self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
-        return self.op_function[op], permuted
+        return self.op_function[op]
 
-    def call_args(self, op, permuted) -> list[str]:
-        """The C arguments of a call of `op`'s uTask function, less the uTask index and shared memory."""
+    def _permuted_inputs(self, op) -> dict:
+        """Input number -> View of the inputs of `op` that are transpose Ops read in place (cfamily/views.py:
+        those the scheduler left as ops, their readers outside the transpose's segment)."""
+        return {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
+                if v.buffer in self.views and self.views[v.buffer].perm is not None}
+
+    def call_args(self, op) -> list[str]:
+        """The C arguments of a call of `op`'s uTask function, less the uTask index and shared memory (a
+        view's pointer: into its storage, plan.Value's offset and terms; a permuted one at its source)."""
+        permuted = self._permuted_inputs(op)
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                                                     for k, v in enumerate(op.inputs)]
 
     def task(self, task) -> list[str]:
         op = task.op
-        view = self.views.get(op.outputs[0].buffer)
-        if view is not None:     # no work: the output is a pointer into the source
-            if view.dynamic:
-                return [f"{op.outputs[0].buffer.name} = {self.ptr(view.source)} + ({view.offset});"]
+        if op.outputs[0].buffer in self.views:     # no work: the output is a pointer into the source
             return []
-        fn, permuted = self.utask_function(op)
+        fn = self.utask_function(op)
         self.count_call(fn)
-        args = ", ".join(self.call_args(op, permuted))
+        args = ", ".join(self.call_args(op))
         return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
                                                              self.trace and self.trace.op(task), t))
 
@@ -859,10 +861,10 @@ class Renderer:
         (inlines) the function once for the run instead of once per task."""
         if len(run) == 1:
             return self.task(run[0])
-        fn, _ = self.utask_function(run[0].op)
+        fn = self.utask_function(run[0].op)
         self.count_call(fn)
         columns = {f"gdsl_{decl.rsplit(' ', 1)[1]}": (decl.rsplit(' ', 1)[0], args) for decl, args in
-                   zip(self.parameters[fn], zip(*(self.call_args(t.op, self.utask_function(t.op)[1]) for t in run)))}
+                   zip(self.parameters[fn], zip(*(self.call_args(t.op) for t in run)))}
         columns["gdsl_n"] = ("int", tuple(str(t.op.n_utasks) for t in run))
         columns["gdsl_step"] = ("int", tuple(str(t.count) for t in run))
         varying = {name: c_type for name, (c_type, values) in columns.items() if len(set(values)) > 1}

@@ -1,23 +1,23 @@
-"""Slices and transposes that need no copy: a renderer-level optimisation (the plan itself is unchanged).
+"""Reading plan views, and the slices and transposes the plan leaves as Ops that the renderer reads in place.
 
-Static slices of one contiguous window no longer reach this module as Ops: the scheduler makes them views
-in the plan (plan.Value.offset; every backend reads through them, see gdsl/schedule/scheduler.py). What is
-left here: dynamic windows (`x[t]`, which need a run-time start) and transposes, and static slices the
-scheduler keeps as copies (one-element windows).
+Most views are in the plan (gdsl/schedule/scheduler.py): static contiguous slices (plan.Value.offset, every
+backend), and on this backend family, through the "view" lowering rules registered here, windows at a
+run-time offset (`x[t]`, an embedding row: plan.Value.terms, `offset_term`) and transposes (plan.Value.perm,
+`permuted_reads`), all no ops, no waves and no barriers. Every read of a Value goes through
+Renderer.ptr / `view_pointer`.
 
-A `slice` or `dynamic_slice` Op whose window is one contiguous run of its source becomes a *view*: its
-output buffer is rendered as a pointer into the source instead of a workspace copy, and the Op does no work
-(weights sliced per layer inside a loop, `x[t]` of a sequence, the gates of an LSTM's fused matmul). A
-`transpose` read only by Ops becomes a *permuted view*: those Ops read the source through permuted strides
-(attention's K transposed for q @ K^T). Safe when
+What is left to the renderer (`find_views`): Ops the scheduler keeps, whose result it still need not copy:
+a one-element static `slice` window (the scheduler keeps those as copies: the host reads scalars from their
+own buffers), and a `transpose` whose readers lie outside its segment (a loop-invariant weight transposed
+before the loop that reads it, say). A `slice` Op whose window is one contiguous run of its source becomes
+a *view*: its output buffer is rendered as a pointer into the source instead of a workspace copy, and the
+Op does no work. A `transpose` read only by Ops becomes a *permuted view*: those Ops read the source through
+permuted strides. Safe when
 
 - the output is a temp written by this Op alone (so nothing else ever stores into the view), and
 - the source cannot change while the view is read: an input or const (never written by a kernel), or a
   buffer that no Op writes, and no recursive call runs, between the view's Op and its last reader, all
   readers following the view's Op in the same statement list (and none of them writing the source).
-
-Dynamic windows (`x[t]`) need the start at run time: device control only, where every vEU computes the
-pointer itself at the Op's place in the statement tree (a register write, no memory traffic).
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import strides
-from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
+from gdsl.primitives.registry import register_lowering
+from gdsl.primitives.structural import dynamic_slice_p, slice_p, take_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
 from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
@@ -35,9 +36,32 @@ class View:
     op: object
     source: object          # the Value viewed
     offset: str             # C expression of the element offset into the source
-    dynamic: bool           # the offset depends on run-time indices
     read_only: bool         # the source is an input or const
     perm: tuple | None = None   # a permuted view: output element (c_0..c_n) is source[c at perm positions]
+
+
+@register_lowering((dynamic_slice_p, take_p), backend="cfamily", role="view")
+def offset_term(elem, term) -> str:
+    """C expression of one run-time part of a plan view's offset (plan.OffsetTerm): its uniform, clamped
+    into the source as dynamic_slice and take clamp, times its stride. `elem(value)` renders a scalar.
+    Every vEU computes it where a reader's arguments are formed (registers only, no memory traffic)."""
+    e = f"(long long)({elem(term.index)})"
+    clamped = f"({e} < 0 ? 0LL : ({e} > {term.high} ? {term.high}LL : {e}))"
+    return clamped if term.stride == 1 else f"{clamped} * {term.stride}"
+
+
+@register_lowering(transpose_p, backend="cfamily", role="view")
+def permuted_reads(value) -> tuple:
+    """How an op reads a permuted plan view (plan.Value.perm): (its shape, the source's shape, the
+    permutation), the `remap` of its ops.Arg, which indexes the source's storage through permuted strides."""
+    return value.aval.shape, value.source_shape, value.perm
+
+
+def view_pointer(base: str, value, elem) -> str:
+    """C pointer to the first element of `value` in its storage at `base`: at its static offset plus, for
+    a view at a run-time offset, its terms (offset_term)."""
+    parts = [offset_term(elem, term) for term in value.terms] + ([str(value.offset)] if value.offset else [])
+    return f"({base} + {' + '.join(parts)})" if parts else base
 
 
 def _writers(plan) -> dict:
@@ -72,34 +96,22 @@ def _reads(stmt) -> list:
     return []
 
 
-def _static_window(op, elem):
-    """(sizes, start expressions, dynamic) of a slice Op, or None if its steps skip elements."""
+def _static_window(op):
+    """(sizes, starts) of a slice Op, or None if its steps skip elements."""
     p = op.params
     sizes = [len(range(b, e, s)) for b, e, s in zip(p["start"], p["limit"], p["step"])]
     if any(s != 1 and z > 1 for s, z in zip(p["step"], sizes)):
         return None
-    return sizes, [str(b) for b in p["start"]], False
+    return sizes, list(p["start"])
 
 
-def _dynamic_window(op, elem):
-    """(sizes, start expressions, dynamic) of a dynamic_slice Op: starts clamped into the source."""
-    sizes = list(op.params["sizes"])
-    starts = []
-    for n, z, v in zip(op.inputs[0].aval.shape, sizes, op.inputs[1:]):
-        if n == z:
-            starts.append("0")
-            continue
-        e = f"(long long)({elem(v)})"
-        starts.append(f"({e} < 0 ? 0LL : ({e} > {n - z} ? {n - z}LL : {e}))")
-    return sizes, starts, any(s != "0" and not s.isdigit() for s in starts)
+# The kinds of Op whose output may be a window of their source (a dynamic_slice's window is a plan view
+# where it can be one, Scheduler._dynamic_view; one the scheduler keeps as an Op runs as a copy).
+WINDOWS = (slice_p.name, dynamic_slice_p.name)
 
 
-# The kinds whose output may be a window of their source, and how to find that window.
-WINDOWS = {slice_p.name: _static_window, dynamic_slice_p.name: _dynamic_window}
-
-
-def find_views(plan, elem) -> dict:
-    """Buffer -> View for every slice the renderer may turn into a pointer. `elem(value)` renders a scalar."""
+def find_views(plan) -> dict:
+    """Buffer -> View for every slice or transpose Op the renderer may turn into a pointer."""
     writers = _writers(plan)
     views: dict = {}
     positions = _positions(plan)
@@ -109,10 +121,12 @@ def find_views(plan, elem) -> dict:
             continue
         for task in stmt.tasks:
             op = task.op
-            if op.kind not in WINDOWS and op.kind != transpose_p.name:
+            if op.kind != slice_p.name and op.kind != transpose_p.name:
                 continue
             out, src = op.outputs[0], op.inputs[0]
-            if not viewable_buffers(op) or writers.get(out.buffer) != [op]:
+            # (a plan view as the source: its offset may use uniforms computed later than the kernel's top,
+            # and a permuted one is no array)
+            if not viewable_buffers(op) or writers.get(out.buffer) != [op] or src.dynamic or src.perm is not None:
                 continue
             read_only = src.buffer.kind in ("input", "const")
             if op.kind == transpose_p.name:
@@ -123,18 +137,15 @@ def find_views(plan, elem) -> dict:
                                for s in readers if isinstance(s, Wave) for t in s.tasks)
                 if readers and not windowed and all(isinstance(s, Wave) for s in readers) and \
                         (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
-                    views[out.buffer] = View(op, src, "0", False, read_only, tuple(op.params["permutation"]))
+                    views[out.buffer] = View(op, src, "0", read_only, tuple(op.params["permutation"]))
                 continue
-            window = WINDOWS[op.kind](op, elem)
+            window = _static_window(op)
             if window is None or not contiguous_window(src.aval.shape, window[0]):
-                continue
-            _, starts, dynamic = window
-            if dynamic and plan.control != "device":
                 continue
             if not read_only and not _stable(src.buffer, op, out.buffer, positions, stmt_of):
                 continue
-            terms = [f"{s} * {st}" if st != 1 else s for s, st in zip(starts, strides(src.aval.shape)) if s != "0"]
-            views[out.buffer] = View(op, src, " + ".join(terms) or "0", dynamic, read_only)
+            terms = [f"{s} * {st}" if st != 1 else str(s) for s, st in zip(window[1], strides(src.aval.shape)) if s]
+            views[out.buffer] = View(op, src, " + ".join(terms) or "0", read_only)
     while True:     # a permuted view is no array: nothing can view it in turn (its readers remap instead)
         bad = [b for b, v in views.items() if v.source.buffer in views and views[v.source.buffer].perm is not None]
         if not bad:
@@ -184,10 +195,8 @@ def _stable(src_buffer, op, out_buffer, positions, stmt_of) -> bool:
 
 
 def view_decl(buf, view, base_ptr: str) -> str:
-    """The declaration of a view's pointer at the kernel's top (dynamic ones are assigned later)."""
+    """The declaration of a view's pointer at the kernel's top."""
     t = c_types.storage(buf.aval.dtype)
     if view.perm is not None:       # readers get the source pointer and permute their indices
         return f"// {buf.name}: read through {base_ptr} with axes {view.perm}"
-    if view.dynamic:
-        return f"const {t}* {buf.name} = {base_ptr};"
     return f"const {t}* {buf.name} = {base_ptr} + {view.offset};"
