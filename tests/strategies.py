@@ -33,6 +33,9 @@ import gdsl.nn  # noqa: F401  (the programs call gdsl.nn.*)
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.interpreter import run_program
+from gdsl.schedule.plan import Wave, plan_statements
+from gdsl.schedule.simulate import simulate
 
 # Tests that need a compiler but no GPU (CI has both): NVRTC for the CUDA source, g++ for the CPU emulator.
 needs_nvrtc = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None,
@@ -165,6 +168,21 @@ def assert_trees_close(actual, expected, *, exact=False, rtol=None, atol=None, t
             r, t = tolerance[a.dtype]
             np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=r if rtol is None else rtol,
                                        atol=t if atol is None else atol, equal_nan=True, err_msg=where)
+
+
+def plan_ops(plan) -> list:
+    """Every Op of every wave of `plan` (its kernels' and functions'), in plan order."""
+    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
+
+
+def interpreted(program, args) -> list:
+    """`program`'s results from the IR interpreter (the reference a plan is checked against)."""
+    return run_program(program, [np.asarray(a) for a in args])
+
+
+def simulated(plan, args) -> list:
+    """`plan`'s results from the schedule simulator (its race checks on)."""
+    return simulate(plan, [np.asarray(a) for a in args])
 
 
 def run_jit(fn, args, backend="interpret", **options):

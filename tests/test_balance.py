@@ -6,7 +6,7 @@ simulator with its race checks), including GEMV tiles whose width is not a power
 source of compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, plan_ops, simulated
 
 import gdsl
 import gdsl.numpy as gnp
@@ -15,7 +15,6 @@ from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
 from gdsl.schedule import balance, schedule
 from gdsl.schedule.plan import Sync, Wave, plan_statements
-from gdsl.schedule.simulate import simulate
 
 rng = np.random.default_rng(0)
 
@@ -62,9 +61,6 @@ def _gemv_args():
     return (_f32(1, 64),) + tuple(_f32(64, 256) * 0.1 for _ in range(3))
 
 
-def _ops(plan):
-    return [task.op for stmt in plan_statements(plan) if isinstance(stmt, Wave) for task in stmt.tasks]
-
 
 def _rounds(plan):
     return [-(-task.op.n_utasks // task.count) for stmt in plan_statements(plan) if isinstance(stmt, Wave)
@@ -78,7 +74,7 @@ def test_gemvs_sharing_a_wave_take_wider_tiles_in_one_round():
     assert max(_rounds(plain)) > 1
     assert _rounds(balanced) == [1, 1, 1]
     # 96 columns: three tiles of a 256-column output (the last one 64 wide), three vEUs per op.
-    assert [op.params["tile_n"] for op in _ops(balanced)] == [96, 96, 96]
+    assert [op.params["tile_n"] for op in plan_ops(balanced)] == [96, 96, 96]
     assert "[3 uTasks on vEU 0-2]" in str(balanced)
 
 
@@ -91,9 +87,9 @@ def test_an_elementwise_op_alone_in_its_wave_spreads_over_the_grid():
     program = gdsl.make_ir(elementwise_alone)(a, b)
     plain = schedule(program, grid=64, block=64, balance=False)
     balanced = schedule(program, grid=64, block=64)
-    assert [op.n_utasks for op in _ops(plain)] == [16]               # chunks of 4 elements per thread
-    assert [op.n_utasks for op in _ops(balanced)] == [64]            # one element per thread
-    assert _ops(balanced)[0].params["chunk"] == 64
+    assert [op.n_utasks for op in plan_ops(plain)] == [16]               # chunks of 4 elements per thread
+    assert [op.n_utasks for op in plan_ops(balanced)] == [64]            # one element per thread
+    assert plan_ops(balanced)[0].params["chunk"] == 64
 
 
 def chain_with_a_carry(x, w, n):
@@ -118,12 +114,9 @@ def test_a_consumer_takes_its_producers_chunks_and_the_barrier_stays_local():
     balanced = schedule(program, grid=64, block=64)
     assert _syncs(balanced).count("block") >= _syncs(plain).count("block")
     assert _syncs(balanced).count("grid") <= _syncs(plain).count("grid")
-    assert_trees_close(_simulated(balanced, (x, w, np.int32(3))), run_program(program, [x, w, np.int32(3)]),
+    assert_trees_close(simulated(balanced, (x, w, np.int32(3))), run_program(program, [x, w, np.int32(3)]),
                        tolerance=BACKEND_TOLERANCE)
 
-
-def _simulated(plan, args):
-    return simulate(plan, [np.asarray(a) for a in args])
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -138,7 +131,7 @@ CASES = [
 def test_simulated_plan_matches_the_interpreter(fun, args, grid):
     program = gdsl.make_ir(fun)(*args)
     expected = run_program(program, list(args))
-    got = _simulated(schedule(program, grid=grid, block=64), args)
+    got = simulated(schedule(program, grid=grid, block=64), args)
     assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 

@@ -5,7 +5,7 @@ level of its own sources, so no wave and no barrier separates them from it. Chec
 on the plan simulator (with its race checks), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, plan_ops
 from test_schedule import VIEWS, _flat_args, check_plan
 
 import gdsl
@@ -15,7 +15,7 @@ from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.structural import dynamic_slice_p, take_p, transpose_p
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import Loop, Sync, Wave, plan_statements, walk
+from gdsl.schedule.plan import Loop, Sync, Wave, walk
 from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_unflatten
 
@@ -76,9 +76,6 @@ ARGS = {
 }
 
 
-def _ops(plan):
-    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
-
 
 def _loop(plan):
     return next(s for k in plan.kernels for s in walk(k.body) if isinstance(s, Loop))
@@ -91,7 +88,7 @@ def test_plans_with_dynamic_views_compute_what_the_interpreter_does(fn):
 
 def test_a_row_taken_at_a_uniform_index_is_read_in_place_beside_the_other_matmul():
     plan = check_plan(embed_step, *ARGS[embed_step])
-    assert take_p.name not in {op.kind for op in _ops(plan)}
+    assert take_p.name not in {op.kind for op in plan_ops(plan)}
     loop = _loop(plan)
     waves = [s for s in loop.body if isinstance(s, Wave)]
     first = [t.op for t in waves[0].tasks]
@@ -104,15 +101,15 @@ def test_a_row_taken_at_a_uniform_index_is_read_in_place_beside_the_other_matmul
 def test_without_view_rules_or_under_host_control_the_window_stays_an_op():
     program = gdsl.make_ir(embed_step)(*ARGS[embed_step])
     for plan in (schedule(program, grid=8), schedule(program, grid=8, control="host", views=VIEWS)):
-        assert take_p.name in {op.kind for op in _ops(plan)}
-        assert not any(v.dynamic for op in _ops(plan) for v in op.inputs)
+        assert take_p.name in {op.kind for op in plan_ops(plan)}
+        assert not any(v.dynamic for op in plan_ops(plan) for v in op.inputs)
 
 
 def test_a_window_of_a_carry_is_read_before_the_carry_is_overwritten():
     plan = check_plan(window_then_overwrite, *ARGS[window_then_overwrite])
     loop = _loop(plan)
     readers = [t.op for s in loop.body if isinstance(s, Wave) for t in s.tasks if any(v.dynamic for v in t.op.inputs)]
-    assert readers and dynamic_slice_p.name not in {op.kind for op in _ops(plan)}
+    assert readers and dynamic_slice_p.name not in {op.kind for op in plan_ops(plan)}
     # the update in place runs in a later wave, behind a barrier, than the reader of the window
     body = list(loop.body)
     reader_at = next(i for i, s in enumerate(body) if isinstance(s, Wave) and any(t.op in readers for t in s.tasks))
@@ -123,12 +120,12 @@ def test_a_window_of_a_carry_is_read_before_the_carry_is_overwritten():
 
 def test_a_reassigned_index_does_not_move_a_window_already_read():
     plan = check_plan(index_reassigned, *ARGS[index_reassigned])
-    assert take_p.name not in {op.kind for op in _ops(plan)}
+    assert take_p.name not in {op.kind for op in plan_ops(plan)}
 
 
 def test_a_window_read_after_nested_control_flow_stays_an_op():
     plan = check_plan(read_after_control, *ARGS[read_after_control])
-    assert dynamic_slice_p.name in {op.kind for op in _ops(plan)}
+    assert dynamic_slice_p.name in {op.kind for op in plan_ops(plan)}
 
 
 @needs_cxx
@@ -161,7 +158,7 @@ def test_dynamic_views_compile_with_nvrtc(fn):
     dialect = CUDADialect()
     opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, dialect)
     lowering = lower_with_grid(gdsl.make_ir(fn)(*ARGS[fn]), opts, 132, dialect)
-    assert any(v.dynamic for op in _ops(lowering.plan) for v in op.inputs) == (fn is not read_after_control)
+    assert any(v.dynamic for op in plan_ops(lowering.plan) for v in op.inputs) == (fn is not read_after_control)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
 
 
@@ -170,7 +167,7 @@ def test_simulated_reads_use_the_offset_where_the_reader_runs():
     fn = index_reassigned
     program = gdsl.make_ir(fn)(*ARGS[fn])
     plan = schedule(program, grid=3, views=VIEWS)
-    assert any(v.dynamic for op in _ops(plan) for v in op.inputs)
+    assert any(v.dynamic for op in plan_ops(plan) for v in op.inputs)
     assert_trees_close(simulate(plan, _flat_args(ARGS[fn]), seed=1), run_program(program, _flat_args(ARGS[fn])),
                        tolerance=BACKEND_TOLERANCE)
 
@@ -207,8 +204,8 @@ PERMUTED_ARGS = {
 @pytest.mark.parametrize("fn", list(PERMUTED_ARGS), ids=lambda f: f.__name__)
 def test_transposes_are_permuted_views_with_no_op(fn):
     plan = check_plan(fn, *PERMUTED_ARGS[fn])
-    assert transpose_p.name not in {op.kind for op in _ops(plan)}
-    permuted = [v for op in _ops(plan) for v in op.inputs if v.perm is not None]
+    assert transpose_p.name not in {op.kind for op in plan_ops(plan)}
+    permuted = [v for op in plan_ops(plan) for v in op.inputs if v.perm is not None]
     assert permuted and ".T(" in str(plan)
 
 
@@ -241,7 +238,7 @@ def test_the_floor_counter_reads_plan_views_as_the_simulator_does(name, batch):
     prob = common.build_problem(load(name), batch, small=True, seed=0)
     lowered = prob.model.make_forward(prob.cfg, backend="cuda").lower(prob.weights, prob.batches[0])
     plan = floor.plan_of(lowered)
-    assert any(v.dynamic or v.perm is not None for op in _ops(plan) for v in op.inputs)
+    assert any(v.dynamic or v.perm is not None for op in plan_ops(plan) for v in op.inputs)
     flat = floor.flat_arguments(prob.weights, prob.batches[0])
     expected = Simulator(plan, check=False).run(flat)
     for got, want in zip(floor._Counter(plan).run(flat), expected):     # (numpy sums a transposed view in

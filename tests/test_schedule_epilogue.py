@@ -4,18 +4,16 @@ simulator (with its race checks), the CPU emulator of the generated C and the CP
 interpreter computes, with and without epilogues; the CUDA source with an epilogue compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+from strategies import BACKEND_TOLERANCE, assert_trees_close, interpreted, needs_cxx, needs_nvrtc, plan_ops, simulated
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
-from gdsl.interpreter import run_program
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, family_of
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, RESULT, Wave, epilogue_of, fold_expr, plan_statements
-from gdsl.schedule.simulate import simulate
+from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, RESULT, epilogue_of, fold_expr
 
 rng = np.random.default_rng(0)
 CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they apply epilogues
@@ -182,12 +180,9 @@ ALL = {**FOLDING, **NOT_FOLDING, **LOOPS}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _ops(plan):
-    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
-
 
 def _with_epilogue(plan):
-    return [op for op in _ops(plan) if epilogue_of(op) is not None]
+    return [op for op in plan_ops(plan) if epilogue_of(op) is not None]
 
 
 def _program(name):
@@ -196,12 +191,6 @@ def _program(name):
     return gdsl.make_ir(fn)(*args), args
 
 
-def _reference(program, args):
-    return run_program(program, [np.asarray(a) for a in args])
-
-
-def _simulated(plan, args):
-    return simulate(plan, [np.asarray(a) for a in args])
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -213,7 +202,7 @@ def test_chain_folds_into_the_contraction(name):
     (op,) = _with_epilogue(plan)
     assert family_of(op.kind) in (CONTRACTION, CONVOLUTION)
     assert op.outputs[0].storage.kind == "output"          # it writes the chain's result itself
-    assert not [o for o in _ops(plan) if o.kind == FUSED.name and o.outputs[0].storage.kind == "output"]
+    assert not [o for o in plan_ops(plan) if o.kind == FUSED.name and o.outputs[0].storage.kind == "output"]
     leaves = fold_expr(op.params[EPILOGUE], lambda node, args: [node.op] + sum(args, []))
     assert RESULT in leaves
     assert plan.stats["epilogues"] == 1
@@ -224,7 +213,7 @@ def test_chain_folds_into_the_contraction(name):
     assert plan.stats["grid_syncs"] == plain.stats["grid_syncs"] - saved
     assert len(plan.buffers) == len(plain.buffers) - 1
     assert f"{op.name}(" in str(plan) and "with epilogue" in str(plan)
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_the_plan_prints_the_epilogue():
@@ -247,7 +236,7 @@ def test_chain_that_must_not_fold(name):
     program, args = _program(name)
     plan = schedule(program, grid=8, epilogues=CHAIN)
     assert not _with_epilogue(plan) and plan.stats["epilogues"] == 0
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_no_epilogue_without_the_backends_rule():
@@ -263,7 +252,7 @@ def test_epilogues_in_loops_are_race_free(name):
     for control in ("device", "host"):
         plan = schedule(program, grid=8, control=control, epilogues=CHAIN)
         assert _with_epilogue(plan)
-        assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+        assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_input_residual_writes_the_carry_in_place():
@@ -278,7 +267,7 @@ def test_carry_read_by_the_matmul_keeps_its_in_place_update():
     program, _ = _program("residual_carry")
     plan = schedule(program, grid=8, epilogues=CHAIN)
     assert not _with_epilogue(plan)
-    assert not [op for op in _ops(plan) if op.kind == COPY.name and op.outputs[0].storage.kind == "output"
+    assert not [op for op in plan_ops(plan) if op.kind == COPY.name and op.outputs[0].storage.kind == "output"
                 and op.inputs[0].storage.kind == "temp"]
 
 
@@ -288,7 +277,7 @@ def test_carry_read_by_the_matmul_keeps_its_in_place_update():
 def test_emulated_results_with_and_without_epilogues(name):
     fn, make_args = ALL[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for epilogue in (None, False):
         got = emulate(fn, *args, grid=4, epilogue=epilogue)
         assert_trees_close(list(got) if isinstance(got, tuple) else [got], expected, tolerance=BACKEND_TOLERANCE)
@@ -298,7 +287,7 @@ def test_emulated_results_with_and_without_epilogues(name):
 def test_cpu_and_interpret_results(name):
     fn, make_args = ALL[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     cpu_plan = gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan
     assert bool(_with_epilogue(cpu_plan)) == (name in FOLDING or name in LOOPS)    # the CPU applies them too
     for backend, options in (("cpu", {}), ("cpu", {"epilogue": False}), ("interpret", {})):

@@ -4,7 +4,7 @@ fuse and which must not, what the plan says, and that the plan simulator (with i
 emulator of the generated C, the CPU backend and the interpreter agree; the CUDA source compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+from strategies import BACKEND_TOLERANCE, assert_trees_close, interpreted, needs_cxx, needs_nvrtc, plan_ops, simulated
 
 import gdsl
 import gdsl.nn
@@ -12,12 +12,10 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip.emulated import EmulatedHIPDialect
-from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.reductions import reduce_max_p, reduce_sum_p
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import ROWS, STEP_OUTPUTS, STEPS, Loop, Wave, plan_statements
-from gdsl.schedule.simulate import simulate
+from gdsl.schedule.plan import ROWS, STEP_OUTPUTS, STEPS, Loop, plan_statements
 
 rng = np.random.default_rng(0)
 CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they have ROWS's
@@ -126,12 +124,9 @@ ALL = {**FUSING, **NOT_FUSING, **LOOPS, **PARTIAL}
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _ops(plan):
-    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
-
 
 def _rows_ops(plan):
-    return [op for op in _ops(plan) if op.kind == ROWS.name]
+    return [op for op in plan_ops(plan) if op.kind == ROWS.name]
 
 
 def _program(name):
@@ -140,12 +135,6 @@ def _program(name):
     return gdsl.make_ir(fn)(*args), args
 
 
-def _reference(program, args):
-    return run_program(program, [np.asarray(a) for a in args])
-
-
-def _simulated(plan, args):
-    return simulate(plan, [np.asarray(a) for a in args])
 
 
 def _as_list(got):
@@ -164,7 +153,7 @@ def test_chain_fuses_into_one_rows_op(name):
     assert len(op.outputs) == len(op.params[STEP_OUTPUTS])
     assert plan.stats["row_chains"] == 1
     assert plan.stats["waves"] < plain.stats["waves"]
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_softmax_is_one_wave_of_one_op():
@@ -194,7 +183,7 @@ def test_chain_that_must_not_fuse(name):
     program, args = _program(name)
     plan = schedule(program, grid=8, rows=CHAIN)
     assert not _rows_ops(plan) and plan.stats["row_chains"] == 0
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_a_chain_around_an_outside_reader_is_cut():
@@ -202,8 +191,8 @@ def test_a_chain_around_an_outside_reader_is_cut():
     plan = schedule(program, grid=8, rows=CHAIN)
     (op,) = _rows_ops(plan)
     assert [s.reduce for s in op.params[STEPS]] == [None, reduce_sum_p.name, None]
-    assert reduce_max_p.name in {o.kind for o in _ops(plan)}
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert reduce_max_p.name in {o.kind for o in plan_ops(plan)}
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_a_chain_stops_at_a_matmul_between_its_steps():
@@ -212,10 +201,10 @@ def test_a_chain_stops_at_a_matmul_between_its_steps():
     program, args = _program("matmul_between")
     plan = schedule(program, grid=8, rows=CHAIN)
     (op,) = _rows_ops(plan)
-    (matmul,) = [o for o in _ops(plan) if o.kind == matmul_p.name]
+    (matmul,) = [o for o in plan_ops(plan) if o.kind == matmul_p.name]
     assert matmul.inputs[0].storage is op.outputs[0].storage
-    assert _ops(plan)[-1].kind not in (ROWS.name, matmul_p.name)
-    assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+    assert plan_ops(plan)[-1].kind not in (ROWS.name, matmul_p.name)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_no_fusion_without_the_backends_rule():
@@ -231,7 +220,7 @@ def test_rows_in_loops_are_race_free(name, control):
     for partition in (None, True, False):
         plan = schedule(program, grid=8, control=control, partition=partition, rows=CHAIN)
         assert _rows_ops(plan)
-        assert_trees_close(_simulated(plan, args), _reference(program, args), tolerance=BACKEND_TOLERANCE)
+        assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_partitioned_rows_stay_on_their_veu():
@@ -249,7 +238,7 @@ def test_partitioned_rows_stay_on_their_veu():
 def test_emulated_results_with_and_without_rows(name):
     fn, make_args = ALL[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for rows in (None, False):
         for block in (64, 256):
             got = emulate(fn, *args, grid=4, block=block, rows=rows)
@@ -263,7 +252,7 @@ def test_emulated_hip_wave64(name):
     """HIP's 64-lane wavefronts: the groups of lanes per row go up to 64."""
     fn, make_args = ALL[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
     assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
 
@@ -273,7 +262,7 @@ def test_emulated_hip_wave64(name):
 def test_emulated_partitioned_loops(name):
     fn, make_args = LOOPS[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for control in ("device", "host"):
         got = emulate(fn, *args, grid=4, control=control, partition=True)
         assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
@@ -284,7 +273,7 @@ def test_cpu_and_interpret_results(name):
     """The CPU backend (llvmlite) has no ROWS rule: it keeps the chain's ops, with the same results."""
     fn, make_args = ALL[name]
     args = make_args()
-    expected = _reference(gdsl.make_ir(fn)(*args), args)
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
     assert not _rows_ops(gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan)
     for backend in ("cpu", "interpret"):
         got = gdsl.jit(fn, backend=backend, grid=4)(*args)

@@ -2,13 +2,13 @@
 .offset), costs no op, no wave and no barrier, and every backend reads through it."""
 import numpy as np
 import pytest
+from strategies import plan_ops
 from test_schedule import check_plan
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import Wave, plan_statements
 from gdsl.schedule.scheduler import view_offset
 from gdsl.tracing.pytree import tree_flatten
 
@@ -58,22 +58,19 @@ ARGS = {
 }
 
 
-def _ops(plan):
-    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks]
-
 
 def test_contiguous_slices_are_views():
     plan = check_plan(gates, *ARGS[gates])
-    assert "slice" not in {op.kind for op in _ops(plan)}
-    assert any(v.offset for op in _ops(plan) for v in op.inputs)
+    assert "slice" not in {op.kind for op in plan_ops(plan)}
+    assert any(v.offset for op in plan_ops(plan) for v in op.inputs)
     assert "[8:16]<f32[1,8]>" in str(plan)         # printed as a window of its storage
 
 
 def test_small_expressions_read_through_views_are_recomputed_in_their_readers():
     plan = check_plan(gates_bias, *ARGS[gates_bias])
-    kinds = [op.kind for op in _ops(plan)]
+    kinds = [op.kind for op in plan_ops(plan)]
     assert kinds.count("matmul") == 2 and "slice" not in kinds
-    fused = [op for op in _ops(plan) if op.kind == "fused" and op.inputs]   # (not the zeros)
+    fused = [op for op in plan_ops(plan) if op.kind == "fused" and op.inputs]   # (not the zeros)
     assert len(fused) == 2        # the cell's c and h; the add of the gates lives inside both
     bias = plan.inputs[2].storage
     assert {v.offset for op in fused for v in op.inputs if v.storage is bias} == {0, 8, 16, 24}
@@ -87,7 +84,7 @@ def test_windows_that_are_not_contiguous_stay_copies():
 
 def test_a_view_of_a_carry_blocks_the_in_place_update():
     plan = check_plan(carry_view, *ARGS[carry_view])
-    (loop_op,) = [op for op in _ops(plan) if op.kind == "fused"]
+    (loop_op,) = [op for op in plan_ops(plan) if op.kind == "fused"]
     assert any(v.offset for v in loop_op.inputs)
     assert all(v.storage is not o.storage for v in loop_op.inputs for o in loop_op.outputs)
 
