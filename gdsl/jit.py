@@ -309,14 +309,18 @@ class Jitted:
     def _remember_fast(self, args, leaves, entry):
         """Enter this call's signature in the fast table when its fast key fixes the general key (pytree,
         avals, statics), so that both find the same entry: every leaf keyed by type, shape and dtype, and
-        the fast path's leaves the general path's, in the same order."""
+        the fast path's leaves the general path's, in the same order. The leaves' array types join the
+        table's first, so that the key entered is the one the next call builds (its containers of arrays
+        keyed at once): one entry, and no second trip through the general path."""
+        if not all(_keyed_by_type_shape_dtype(x) for x in leaves):
+            return
+        with self._lock:
+            self._array_types.update(type(x) for x in leaves if type(x) not in _PYTHON_SCALARS)
         signature = self._fast_signature(args)
         if signature is None:
             return
         key, fast_leaves = signature
         if len(fast_leaves) != len(leaves) or any(a is not b for a, b in zip(fast_leaves, leaves)):
-            return
-        if not all(_keyed_by_type_shape_dtype(x) for x in leaves):
             return
         try:
             hash(key)
@@ -329,7 +333,6 @@ class Jitted:
                 fast_path = getattr(entry["executable"], "fast_path", None)
                 entry["fast_run"] = (fast_path and fast_path()) or entry["executable"]
             self._fast[key] = _fast_caller(entry["fast_run"], conversions, entry["program"].out_tree)
-            self._array_types.update(type(x) for x in leaves if type(x) not in _PYTHON_SCALARS)
 
     def _load(self, entry, flat):
         """Compile and load the entry's lowering (autotuning first when asked)."""
