@@ -258,9 +258,11 @@ ROW_REDUCTIONS = {
 
 @register_lowering(ROWS, backend="cfamily")
 def row_chain(ops: OpRenderer) -> str:
-    """A ROWS op (gdsl/schedule/plan.py RowStep): uTask t takes rows [t*rows, (t+1)*rows) one after another
-    (the whole block on a row), or, when several short rows fit a warp's lanes, a group of g lanes per row
-    (`reduction_loops`' two layouts). A lane keeps its elements r = lane + k*g of each row step in
+    """A ROWS op (gdsl/schedule/plan.py RowStep): uTask t takes rows [t*rows, (t+1)*rows), a group of g lanes
+    (at most a warp) per row when a row fits the group's registers (ceil(L / g) <= ROW_SLOTS elements a
+    lane: its reductions are warp shuffles, with no block-wide synchronisation; a uTask of one row then
+    leaves the other warps idle), else the whole block on each row in turn (`reduction_loops`' two
+    layouts). A lane keeps its elements r = lane + k*g of each row step in
     registers (k < ceil(L / g) <= ROW_SLOTS), each per-row value in one register (every lane of the row
     holds it: the group and block reductions leave their result in every lane); only the op's outputs
     are stored."""
@@ -269,7 +271,7 @@ def row_chain(ops: OpRenderer) -> str:
     length, n_rows, rows = shape[-1], math.prod(shape[:-1]), p["rows"]
     thread, block = ops.dialect.thread_index, ops.block
     g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
-    grouped = rows > 1 and -(-length // g) <= ROW_SLOTS
+    grouped = -(-length // g) <= ROW_SLOTS
     if not grouped:
         g = block
     slots = -(-length // g)
