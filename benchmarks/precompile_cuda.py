@@ -22,16 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 def compile_one(name, batch, control, grid=None, program=None, options=(), switches=()):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs;
-    `switches`: (name, value) of the module switches of gdsl/backends/cfamily/render.py (or, for a name it
-    lacks, gdsl/backends/cuda/toolchain.py: PTXAS_THREADS) to set first."""
-    from gdsl.backends.cfamily import render
+    `switches`: (name, value) of the module switches of gdsl/backends/cfamily/render.py, cfamily/gemm.py
+    (WIDE_MAX_REGISTERS) or gdsl/backends/cuda/toolchain.py (PTXAS_THREADS) to set first."""
+    from gdsl.backends.cfamily import gemm, render
     from gdsl.backends.cuda import toolchain
     from gdsl.backends.cuda.toolchain import compile_cuda
     from models import common, load
     for switch, value in switches:
-        module = render if hasattr(render, switch) else toolchain
-        if not hasattr(module, switch):
-            raise SystemExit(f"--render: no switch {switch} in render.py or cuda/toolchain.py")
+        module = next((m for m in (render, gemm, toolchain) if hasattr(m, switch)), None)
+        if module is None:
+            raise SystemExit(f"--render: no switch {switch} in render.py, gemm.py or cuda/toolchain.py")
         setattr(module, switch, value)
     model = load(name)
     cfg, inputs = None, {}
@@ -60,7 +60,7 @@ def main():
     p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
                                                 "(models.bench --ablate), e.g. wavefront=False,hoist=False")
     p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py (or "
-                                                 "gdsl/backends/cuda/toolchain.py) first, e.g. ROLL_REPEATS=False,"
+                                                 "gemm.py, gdsl/backends/cuda/toolchain.py) first, e.g. ROLL_REPEATS=False,"
                                                  "MERGE_KERNELS=False (the form before them) or "
                                                  "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None")
     p.add_argument("--overhead", action="store_true",

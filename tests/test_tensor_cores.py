@@ -54,8 +54,8 @@ def test_small_float32_tiles_go_to_the_tensor_cores():
     assert TC_CALL not in ops_source(matmul_tanh, a, b, tensor_cores=False)
     ints = [x.astype(np.int32) for x in operands(64, 256, 256)]
     assert TC_CALL not in ops_source(lambda a, b: a @ b, *ints)  # integer GEMMs stay exact
-    big_a, big_b = operands(4096, 256, 512)                    # 64 x 64 tiles: 4 x 4 registers per thread
-    assert "gdsl_gemm_tile<64, 64" in ops_source(matmul_tanh, big_a, big_b)
+    big_a, big_b = operands(4096, 256, 512)                    # 64 x 64 tiles: the wide FFMA tile
+    assert "gdsl_gemm_tile_wide<64, 64" in ops_source(matmul_tanh, big_a, big_b)
     assert TC_CALL not in ops_source(matmul_tanh, big_a, big_b)
 
 

@@ -27,7 +27,7 @@ GDSL_DEV void op2_mul(float* o0, const float* i0, int t, char* smem) {
 }
 
 // ---------------------------------------------------------------------------------------- kernels
-extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, float* out0, char* __restrict__ gdsl_ws) {
+extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, float* out0, char* __restrict__ gdsl_ws) {
   __shared__ __align__(16) char gdsl_smem[GDSL_SMEM_BYTES];
   unsigned* gdsl_bar = (unsigned*)(gdsl_ws + 0); (void)gdsl_bar;
   float* t2 = (float*)(gdsl_ws + 256);

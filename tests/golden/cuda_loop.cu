@@ -14,9 +14,9 @@ GDSL_DEV void op1_matmul(float* o0, const float* i0, const float* i1, int t, cha
   const int bt = 0, ti = t / 1, tj = t % 1;
   const int a0 = (bt) * 32, b0 = (bt) * 64, c0 = bt * 32;
   const float* rb = ((float*)(smem + GDSL_RESIDENT_BASE + 0) + (t) / 1 * 128);
+  auto sc = [&](int m, int n, float v) { o0[c0 + m * 8 + n] = (float)(v); };
   auto la = [&](int m, int k) -> float { return (float)(i0[a0 + m * 8 + k]); };
   auto lb = [&](int k, int n) -> float { return (float)(rb[k * 16 + n - tj * 16]); };
-  auto sc = [&](int m, int n, float v) { o0[c0 + m * 8 + n] = (float)(v); };
   gdsl_gemv_tile<4, 16, 256, 256, float, false>(8, 8, tj * 16, la, lb, sc, smem);
 }
 
@@ -29,7 +29,7 @@ GDSL_DEV void op2_tanh_add(float* o0, const float* i0, int t, char* smem) {
 }
 
 // ---------------------------------------------------------------------------------------- kernels
-extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, const int* __restrict__ in2, float* out0, char* __restrict__ gdsl_ws) {
+extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, const int* __restrict__ in2, float* out0, char* __restrict__ gdsl_ws) {
   extern __shared__ __align__(16) char gdsl_smem[];
   unsigned* gdsl_bar = (unsigned*)(gdsl_ws + 0); (void)gdsl_bar;
   float* t3 = (float*)(gdsl_ws + 256);

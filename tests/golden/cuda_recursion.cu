@@ -31,7 +31,7 @@ GDSL_DEV void op1_dynamic_slice(float* o0, const float* i0, int i1, int i2, int 
 }
 
 // ---------------------------------------------------------------------------------------- kernels
-extern "C" __global__ void __launch_bounds__(256) gdsl_main(const float* __restrict__ in0, const int* __restrict__ in1, const int* __restrict__ in2, const bool* __restrict__ in3, float* out0, char* __restrict__ gdsl_ws) {
+extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __restrict__ in0, const int* __restrict__ in1, const int* __restrict__ in2, const bool* __restrict__ in3, float* out0, char* __restrict__ gdsl_ws) {
   __shared__ __align__(16) char gdsl_smem[GDSL_SMEM_BYTES];
   unsigned* gdsl_bar = (unsigned*)(gdsl_ws + 0); (void)gdsl_bar;
   int* gdsl_err = (int*)(gdsl_ws + 128);

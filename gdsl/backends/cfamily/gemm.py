@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
 from gdsl.primitives.linalg import matmul_p
@@ -28,6 +30,20 @@ GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
 # 16 x 16 and 16 x 32 tiles 1.81 -> 1.53 ms); with 4 x 4 per thread (LSTM's 64 x 64 tiles) the FFMA tile
 # was faster (3.66 against 4.86 ms: the three TF32 products through mma.sync cost more than the FFMAs).
 TENSOR_CORE_BELOW = 4
+# gdsl_gemm_tile_wide (float32): a thread's register tile holds at most this many outputs, and at most this
+# many k groups split a tile. 4 x 4 was the fastest on the H200 at batch 64 (same run, ms: LSTM 3.611 / 3.646 /
+# 3.758 with 16 / 32 / 64, NASRNN 14.86 / 14.68 / 15.26, BlockDrop 0.468 / 0.559 / 0.561; the 8 x 8 tile spills
+# under the 128 registers two vEUs per SM leave a thread).
+WIDE_MAX_REGISTERS = 16
+WIDE_MAX_GROUPS = 8
+WIDE_BK = GEMM_BK
+# Where the dialect copies in the background (Dialect.async_copy) and both operands are float32 in memory, a
+# wide tile may keep WIDE_STAGES stages of ASYNC_BK k rows in flight (cp.async), so that global latency
+# overlaps the computation. Off (0): on the H200 at batch 64 it was slower than the register staging (LSTM
+# 3.571 -> 4.352 ms, NASRNN 14.889 -> 15.009, Seq2seq 1.028 -> 1.130; two stages of 32: LSTM 4.159), so the
+# LSTM tile's time (~23 us for 64 x 64 x 256, FMA pipe ~25 % busy) is not global latency (docs/performance.md).
+WIDE_STAGES = 0
+ASYNC_BK = 16
 
 
 @dataclass
@@ -47,6 +63,10 @@ class Gemm:
     # `gathered` * tile_n columns, column n' being batch element n' / tile_n, column tj * tile_n + n' % tile_n
     # (the loaders map it and skip columns past N); 0: tiles of one batch element.
     gathered: int = 0
+    # Bodies of pa(m, k) and pb(k, n) giving the float32 operands' addresses (a tile may then copy them into
+    # shared memory in the background: gdsl_gemm_stages_async), None where an operand is computed or converted.
+    address_a: str | None = None
+    address_b: str | None = None
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -79,17 +99,22 @@ def matmul(ops: OpRenderer) -> str:
     kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
     if kmajor:
         load_b = f"return ({acc})({b.at_source(f'b0 + n * {K} + k')});"
+    b_index = f"b0 + n * {K} + k" if kmajor else f"b0 + k * {N} + n"
+    address_b = f"return {b.address(b_index)};"
     if RESIDENT in ops.op.params:       # this uTask's K x tile_n columns of B wait in shared memory
         tn = ops.op.params["tile_n"]
         storage = c_types.storage(b.dtype)
         setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
         load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {tn} + n - tj * {tn}]')});"
-        kmajor = False
+        kmajor, address_b = False, None
+    float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     return gemm_tiles(ops, Gemm(
         M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
         load_b=load_b,
-        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor))
+        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
+        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 else None,
+        address_b=address_b if float32 else None))
 
 
 def _transposed_matrix(b) -> bool:
@@ -196,9 +221,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
              f"tj = t % {tiles_n};" if gemm.batch > 1 else
              f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
     lines += gemm.setup
-    lines += [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",
-              f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};",
-              f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};"]
+    lines.append(f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};")
+    loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",       # (the pointer loaders
+               f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};"]       # pa, pb may replace them)
     size = 8 if acc == "long long" else 4
     if gemv:
         kmajor = gemm.b_contiguous_k
@@ -208,8 +233,19 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
         ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
-        lines.append(f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
-                     f"{col0}, la, lb, sc, smem);")
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+                f"{col0}, la, lb, sc, smem);")
+    elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
+        rm, rn, groups = wide
+        contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
+        stages, depth, names = 0, WIDE_BK, "la, lb"
+        if ops.dialect.async_copy and gemm.address_a and gemm.address_b and WIDE_STAGES and ASYNC_BK % groups == 0:
+            stages, depth, names = WIDE_STAGES, ASYNC_BK, "pa, pb"
+            loaders = [f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};",
+                       f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};"]
+        ops.smem = max(ops.smem, max(stages, 1) * depth * (tm + 4 + tn + 4) * size, groups // 2 * tm * tn * size)
+        call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {depth}, {block}, {rm}, {rn}, {groups}, {stages}, "
+                f"{contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
@@ -217,15 +253,15 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         warps = tensor_core_warps(tm, tn, block, ops.dialect) if acc == "float" and small else None
         if warps is None:
             ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
-            lines.append(f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
-                         f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
+            call = (f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
+                    f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
         else:
             wr, wc = warps
             k_groups = block // ops.dialect.warp_size // (wr * wc)
             ops.smem = max(ops.smem, GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
-            lines.append(f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
-                         f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
-    return "\n".join(lines) + "\n"
+            call = (f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
+                    f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
+    return "\n".join(lines + loaders + [call]) + "\n"
 
 
 def tensor_core_warps(tm: int, tn: int, threads: int, dialect) -> tuple[int, int] | None:
@@ -246,6 +282,26 @@ def tensor_core_warps(tm: int, tn: int, threads: int, dialect) -> tuple[int, int
         return None
     # The squarest warp tile (fewest fragment loads per mma), rows before columns on a tie.
     return min(shapes, key=lambda s: (abs(tm // s[0] - tn // s[1]), s[0]))
+
+
+def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
+    """The register tile (RM, RN) and k groups KS of a float32 tile on gdsl_gemm_tile_wide, None where it does
+    not fit: RM and RN multiples of 4 dividing the tile, (tm/RM) * (tn/RN) threads a group, KS a power of two
+    dividing WIDE_BK, at most WIDE_MAX_GROUPS. The largest register tile first (most FFMAs per shared-memory
+    load), at most WIDE_MAX_REGISTERS; on a tie the fewest groups."""
+    best = None
+    for rm in (4, 8):
+        for rn in (4, 8):
+            if tm % rm or tn % rn or rm * rn > WIDE_MAX_REGISTERS:
+                continue
+            group = (tm // rm) * (tn // rn)
+            groups = threads // group
+            if group * groups != threads or groups & (groups - 1) or WIDE_BK % groups or groups > WIDE_MAX_GROUPS:
+                continue
+            key = (rm * rn, -groups, rm)
+            if best is None or key > best[0]:
+                best = (key, (rm, rn, groups))
+    return None if best is None else best[1]
 
 
 def _pow2(n: int) -> int:

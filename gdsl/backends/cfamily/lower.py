@@ -60,5 +60,6 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"))
-    rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
+    rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
+                           veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -117,6 +117,14 @@ class Arg:
             ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
         return c_types.from_storage(self.dtype, ref)
 
+    def address(self, idx: str) -> str:
+        """The address of element `idx` (of a buffer operand; through a transposed view, in its source)."""
+        if self.remap is not None:
+            shape, src_shape, perm = self.remap
+            src_st = strides(src_shape)
+            idx = f"({offset(coords(shape, f'({idx})'), [src_st[p] for p in perm])})"
+        return f"({self.name} + {idx})"
+
     def at_source(self, idx: str) -> str:
         """Element `idx` of the source a remapped (transposed) view reads, in the compute type."""
         ref = f"{self.name}[{idx}]"

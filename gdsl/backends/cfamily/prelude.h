@@ -199,6 +199,142 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
   }
 }
 
+// Four consecutive elements of shared memory in one 16-byte load (LDS.128), the address a multiple of 16 bytes.
+template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
+
+// Copies of a float from global into shared memory that complete in the background where the dialect has
+// them (its header defines GDSL_ASYNC_COPY: CUDA's cp.async); here a plain load and store. `valid` false
+// stores 0 (reading nothing). A thread's copies issued before gdsl_copy_commit() form a group;
+// gdsl_copy_wait<N>() waits until at most N of its groups are still in flight.
+#ifndef GDSL_ASYNC_COPY
+GDSL_DEV void gdsl_copy_async(float* dst, const float* src, bool valid) { *dst = valid ? *src : 0.f; }
+GDSL_DEV void gdsl_copy_commit() {}
+template <int N> GDSL_DEV void gdsl_copy_wait() {}
+#endif
+
+// The staging of gdsl_gemm_stages with NS shared-memory stages in flight: the loaders pa(m, k) / pb(k, n)
+// give the float32 operands' addresses, and stage s + NS - 1 is copied (asynchronously) while stage s is
+// computed, so NS - 1 stages of global latency overlap the computation without holding registers.
+template <int TM, int TN, int BK, int NS, int NT, int PA, int PB, bool AK, bool BKC, class PA_, class PB_,
+          class STAGE>
+GDSL_DEV void gdsl_gemm_stages_async(int M, int N, int K, int row0, int col0, PA_ pa, PB_ pb, char* smem,
+                                     STAGE stage) {
+  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT, SIZE = BK * (PA + PB);
+  const int tid = threadIdx.x;
+  auto issue = [&](int s, int k0) {        // stage s (k0 on) into buffer s % NS; past K an empty group
+    float* As = (float*)smem + (s % NS) * SIZE;
+    float* Bs = As + BK * PA;
+    if (k0 < K) {
+#pragma unroll
+      for (int r = 0; r < NA; ++r) {
+        const int e = tid + r * NT;
+        const int m = AK ? e / BK : e % TM, kk = AK ? e % BK : e / TM;
+        const int gm = row0 + m, gk = k0 + kk;
+        if (e < TM * BK)
+          gdsl_copy_async(As + kk * PA + m, pa(gm < M ? gm : M - 1, gk < K ? gk : K - 1), gm < M && gk < K);
+      }
+#pragma unroll
+      for (int r = 0; r < NB; ++r) {
+        const int e = tid + r * NT;
+        const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
+        const int gn = col0 + n, gk = k0 + kk;
+        if (e < TN * BK)
+          gdsl_copy_async(Bs + kk * PB + n, pb(gk < K ? gk : K - 1, gn < N ? gn : N - 1), gn < N && gk < K);
+      }
+    }
+    gdsl_copy_commit();
+  };
+#pragma unroll
+  for (int s = 0; s < NS - 1; ++s) issue(s, s * BK);
+  for (int s = 0; s * BK < K; ++s) {
+    gdsl_copy_wait<NS - 2>();     // this thread's copies of stage s have landed,
+    __syncthreads();              // everyone's have, and everyone is done with stage s - 1's buffer
+    issue(s + NS - 1, (s + NS - 1) * BK);
+    const float* As = (const float*)smem + (s % NS) * SIZE;
+    stage(As, As + BK * PA);
+  }
+  gdsl_copy_wait<0>();
+  __syncthreads();                // the buffers are free for the caller
+}
+
+// One output tile on the FFMA units with wide register tiles: threads form KS groups of (TM/RM) x (TN/RN);
+// group g computes every output of the tile over its share of each stage's k (BK/KS rows), and the groups'
+// partial sums meet in shared memory at the end. A thread's RM x RN registers are RM/4 x RN/4 blocks of
+// 4 x 4 at row (i * TY + ty) * 4 and column (j * TX + tx) * 4, so each k step reads them with 16-byte loads
+// (a warp's loads of one block are consecutive: no bank conflicts) and does RM * RN FFMAs per RM/4 + RN/4
+// loads, where gdsl_gemm_tile's 4 x 4 strided tile does 16 per 8 (shared-memory bound on the H200).
+// NS = 0: la / lb load the operands (gdsl_gemm_stages); NS >= 2: they give float32 addresses and NS stages
+// are copied in flight (gdsl_gemm_stages_async).
+template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, int NS, bool AK, bool BKC, typename Acc,
+          class LA, class LB, class SC>
+GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, SC sc, char* smem) {
+  constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = TN + 4, KG = BK / KS;
+  static_assert(RM % 4 == 0 && RN % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
+                KG * KS == BK && (KS & (KS - 1)) == 0, "wide tile shape");
+  const int tid = threadIdx.x, g = tid / GT, tx = tid % GT % TX, ty = tid % GT / TX;
+  Acc acc[RM][RN];
+#pragma unroll
+  for (int i = 0; i < RM; ++i)
+#pragma unroll
+    for (int j = 0; j < RN; ++j) acc[i][j] = Acc(0);
+  auto stage = [&](const Acc* As, const Acc* Bs) {
+#pragma unroll
+    for (int q = 0; q < KG; ++q) {
+      const int kk = g * KG + q;
+      Acc a[RM], b[RN];
+#pragma unroll
+      for (int i = 0; i < RM / 4; ++i) {
+        const gdsl_vec4<Acc> v = *(const gdsl_vec4<Acc>*)(As + kk * PA + (i * TY + ty) * 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) a[i * 4 + e] = v.v[e];
+      }
+#pragma unroll
+      for (int j = 0; j < RN / 4; ++j) {
+        const gdsl_vec4<Acc> v = *(const gdsl_vec4<Acc>*)(Bs + kk * PB + (j * TX + tx) * 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) b[j * 4 + e] = v.v[e];
+      }
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) acc[i][j] += a[i] * b[j];
+    }
+  };
+  if constexpr (NS > 0)
+    gdsl_gemm_stages_async<TM, TN, BK, NS, NT, PA, PB, AK, BKC>(M, N, K, row0, col0, la, lb, smem, stage);
+  else
+    gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, Acc>(M, N, K, row0, col0, la, lb, smem, stage);
+  // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
+  // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
+  Acc* red = (Acc*)smem + tid % GT;
+#pragma unroll
+  for (int half = KS / 2; half >= 1; half /= 2) {
+    if (g >= half && g < 2 * half) {
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) red[((g - half) * RM * RN + i * RN + j) * GT] = acc[i][j];
+    }
+    __syncthreads();
+    if (g < half) {
+#pragma unroll
+      for (int i = 0; i < RM; ++i)
+#pragma unroll
+        for (int j = 0; j < RN; ++j) acc[i][j] += red[(g * RM * RN + i * RN + j) * GT];
+    }
+    __syncthreads();
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int i = 0; i < RM; ++i)
+#pragma unroll
+      for (int j = 0; j < RN; ++j) {
+        const int gm = row0 + ((i / 4) * TY + ty) * 4 + i % 4, gn = col0 + ((j / 4) * TX + tx) * 4 + j % 4;
+        if (gm < M && gn < N) sc(gm, gn, acc[i][j]);
+      }
+  }
+}
+
 // A GEMV-shaped tile for few rows (MR <= 8, the batch-1 case): C[0:MR, col0:col0+TN]. Threads split the
 // columns (CT column threads, CPT columns each) and K (KS slices); A's rows are staged in shared memory KC
 // at a time; the KS partial sums are reduced with warp shuffles, then across warps in shared memory.

@@ -332,10 +332,11 @@ def _all_statements(plan):
 
 
 class Renderer:
-    def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic", trace=None):
+    def __init__(self, plan, dialect: Dialect, *, barrier: str = "atomic", trace=None, veus_per_sm: int = 1):
         if barrier not in dialect.barriers:
             raise ValueError(f"barrier={barrier!r}: the {dialect.name} dialect has {', '.join(dialect.barriers)}")
         self.plan, self.dialect, self.barrier = plan, dialect, barrier
+        self.veus_per_sm = veus_per_sm      # the plan's vEUs on one SM: the kernel must fit that many times
         self.fns = {f.name: f for f in plan.functions}
         self.layout = make_layout(plan)
         self.stacked = stacked_uniforms(plan)
@@ -992,7 +993,7 @@ class Renderer:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
         if functions:
             body_lines += ["  goto gdsl_exit;", *fn_lines, "gdsl_exit: ;"]
-        head = f"{self.dialect.kernel_prefix.format(block=plan.block)} {name}("
+        head = f"{self.dialect.kernel_prefix.format(block=plan.block, veus_per_sm=self.veus_per_sm)} {name}("
         return KernelCode(KernelSpec(name, params, grid_syncs), head, c_params, decls, body_lines,
                           self.call_log[first_call:])
 
@@ -1106,8 +1107,9 @@ class Renderer:
                         self.trace)
 
 
-def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic", trace=None) -> Rendered:
+def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic", trace=None, veus_per_sm: int = 1) -> Rendered:
     """The translation unit for `plan` in `dialect` (see the module docstring for its shape); with
-    `trace` (TraceSites) the instrumented one."""
-    return Renderer(plan, dialect, barrier=barrier, trace=trace).render()
+    `trace` (TraceSites) the instrumented one. `veus_per_sm`: how many of the plan's vEUs one SM holds at once
+    (a dialect's kernel_prefix may bound the registers of a thread by it)."""
+    return Renderer(plan, dialect, barrier=barrier, trace=trace, veus_per_sm=veus_per_sm).render()
 
