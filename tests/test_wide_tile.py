@@ -35,11 +35,25 @@ def conv_relu(x, w):
     return gdsl.nn.relu(gdsl.nn.conv2d(x, w, stride=1, padding=1))
 
 
+def transposed_b(a, b):
+    return a @ gnp.transpose(gnp.tanh(b))
+
+
+def shifted(x, w):
+    """A left operand one element into a buffer: its rows are not 16-byte aligned (four-element loads off)."""
+    return gnp.reshape(gnp.reshape(gnp.tanh(x), (-1,))[1:1 + 100 * 72], (100, 72)) @ w
+
+
 CASES = {    # ragged: no dimension a multiple of the tile
     "matmul": (matmul_tanh, (_f32(100, 70, scale=0.2), _f32(70, 130, scale=0.2))),
     "batched": (batched, (_f32(3, 40, 33), _f32(3, 33, 72))),
     "conv": (conv_relu, (_f32(2, 5, 9, 9), _f32(24, 5, 3, 3, scale=0.3))),
+    # rows a multiple of 4 long: four-element loads (along n for B, along k for a transposed B)
+    "vector": (matmul_tanh, (_f32(100, 72, scale=0.2), _f32(72, 132, scale=0.2))),
+    "vector_transposed": (transposed_b, (_f32(100, 72, scale=0.2), _f32(132, 72, scale=0.2))),
+    "vector_unaligned": (shifted, (_f32(101, 72, scale=0.2), _f32(72, 132, scale=0.2))),
 }
+VECTOR = {"vector", "vector_transposed", "vector_unaligned"}    # (the last checks alignment at run time)
 
 
 def test_wide_tile_shapes(monkeypatch):
@@ -61,10 +75,10 @@ def _source(fn, args, **options):
     return gdsl.jit(fn, backend="cuda", **options).lower(*args).source
 
 
-def _wide_calls(source: str) -> list[tuple[int, ...]]:
-    """The integer template arguments (TM, TN, BK, NT, RM, RN, KS, NS) of each wide tile call."""
+def _wide_calls(source: str) -> list[tuple]:
+    """The template arguments (TM, TN, BK, NT, RM, RN, KS, NS, VEC) of each wide tile call."""
     calls = re.findall(r"gdsl_gemm_tile_wide<([^>]*)>", source.split("-- ops")[-1])
-    return [tuple(int(x) for x in c.split(", ")[:8]) for c in calls]
+    return [tuple(int(x) for x in c.split(", ")[:8]) + (c.split(", ")[8] == "true",) for c in calls]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -72,9 +86,8 @@ def test_float32_tiles_take_the_wide_tile(case):
     fn, args = CASES[case]       # (on a grid of 3 vEUs the tiles are 64 x 64)
     (call,) = _wide_calls(_source(fn, args, grid=3))
     assert call[:2] == (64, 64) and call[4:7] == (4, 4, 1)
-    # matmuls of float32 operands in memory copy WIDE_STAGES stages in flight (cp.async); the convolution's
-    # A is gathered with zero padding, so its tile loads through registers (NS = 0)
-    assert call[7] == (0 if case == "conv" else gemm.WIDE_STAGES)
+    assert call[7] == gemm.WIDE_STAGES == 0         # (the staging ring is off by default)
+    assert call[8] == (case in VECTOR)               # four-element loads where the rows allow them
 
 
 def test_dialect_without_async_copies_stages_through_registers():

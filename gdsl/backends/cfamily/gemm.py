@@ -44,6 +44,9 @@ WIDE_BK = GEMM_BK
 # LSTM tile's time (~23 us for 64 x 64 x 256, FMA pipe ~25 % busy) is not global latency (docs/performance.md).
 WIDE_STAGES = 0
 ASYNC_BK = 16
+# A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
+# when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
+WIDE_VECTOR_LOADS = True
 
 
 @dataclass
@@ -99,8 +102,8 @@ def matmul(ops: OpRenderer) -> str:
     kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
     if kmajor:
         load_b = f"return ({acc})({b.at_source(f'b0 + n * {K} + k')});"
-    b_index = f"b0 + n * {K} + k" if kmajor else f"b0 + k * {N} + n"
-    address_b = f"return {b.address(b_index)};"
+    address_b = (f"return {b.address(f'b0 + n * {K} + k', source=True)};" if kmajor else
+                 f"return {b.address(f'b0 + k * {N} + n')};")
     if RESIDENT in ops.op.params:       # this uTask's K x tile_n columns of B wait in shared memory
         tn = ops.op.params["tile_n"]
         storage = c_types.storage(b.dtype)
@@ -238,14 +241,19 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
-        stages, depth, names = 0, WIDE_BK, "la, lb"
-        if ops.dialect.async_copy and gemm.address_a and gemm.address_b and WIDE_STAGES and ASYNC_BK % groups == 0:
-            stages, depth, names = WIDE_STAGES, ASYNC_BK, "pa, pb"
-            loaders = [f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};",
-                       f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};"]
+        addresses = gemm.address_a is not None and gemm.address_b is not None
+        stages, depth, names = 0, WIDE_BK, "la, lb, la, lb"
+        vec = addresses and WIDE_VECTOR_LOADS and gemm.a_contiguous_k and K % 4 == 0 and \
+            (gemm.b_contiguous_k or N % 4 == 0)
+        if addresses:
+            names = "la, lb, pa, pb"
+            loaders += [f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};",
+                        f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};"]
+        if addresses and ops.dialect.async_copy and WIDE_STAGES and ASYNC_BK % groups == 0:
+            stages, depth, vec = WIDE_STAGES, ASYNC_BK, False
         ops.smem = max(ops.smem, max(stages, 1) * depth * (tm + 4 + tn + 4) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {depth}, {block}, {rm}, {rn}, {groups}, {stages}, "
-                f"{contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
+                f"{str(vec).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

@@ -117,9 +117,10 @@ class Arg:
             ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
         return c_types.from_storage(self.dtype, ref)
 
-    def address(self, idx: str) -> str:
-        """The address of element `idx` (of a buffer operand; through a transposed view, in its source)."""
-        if self.remap is not None:
+    def address(self, idx: str, source: bool = False) -> str:
+        """The address of element `idx` of a buffer operand (through a transposed view: in its source, where
+        `idx` already is with `source`, as for at_source)."""
+        if self.remap is not None and not source:
             shape, src_shape, perm = self.remap
             src_st = strides(src_shape)
             idx = f"({offset(coords(shape, f'({idx})'), [src_st[p] for p in perm])})"

@@ -212,6 +212,98 @@ GDSL_DEV void gdsl_copy_commit() {}
 template <int N> GDSL_DEV void gdsl_copy_wait() {}
 #endif
 
+// gdsl_gemm_stages for float32 operands in memory, which pa(m, k) / pb(k, n) also give as addresses: with `vec`
+// (the caller found the tile's first addresses 16-byte aligned; VEC: K, and N where B runs along n, are
+// multiples of 4, so every group of four starting at a multiple of 4 is aligned and either wholly inside or
+// wholly outside the matrix) each thread loads four consecutive elements at once, a quarter of the load
+// instructions of la / lb, which it uses otherwise.
+template <int TM, int TN, int BK, int NT, int PA, int PB, bool BKC, bool VEC, class LA, class LB, class PA_,
+          class PB_, class STAGE>
+GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
+                                   char* smem, STAGE stage) {
+  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;      // scalar loads per thread
+  constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = (TN * BK / 4 + NT - 1) / NT;  // four-element loads
+  constexpr int RA = NA > 4 * QA ? NA : 4 * QA, RB = NB > 4 * QB ? NB : 4 * QB;
+  static_assert(BK % 4 == 0 && (BKC || TN % 4 == 0), "four-element groups");
+  float* As = (float*)smem;
+  float* Bs = As + BK * PA;
+  const int tid = threadIdx.x;
+  float ra[RA], rb[RB];
+  auto load4 = [&](float* r, const float* p, bool valid) {
+    const gdsl_vec4<float> v = valid ? *(const gdsl_vec4<float>*)p : gdsl_vec4<float>{{0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) r[e] = v.v[e];
+  };
+  auto fetch = [&](int k0) {
+    if (VEC && vec) {
+#pragma unroll
+      for (int r = 0; r < QA; ++r) {     // A along k: row m, k from kq
+        const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
+        const int gm = row0 + m, gk = k0 + kq;
+        const bool valid = q < TM * BK / 4 && gm < M && gk < K;
+        load4(ra + 4 * r, pa(valid ? gm : row0, valid ? gk : 0), valid);
+      }
+#pragma unroll
+      for (int r = 0; r < QB; ++r) {     // B along k (BKC: column n, k from kq) or along n (row kk, n from n4)
+        const int q = tid + r * NT;
+        const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
+        const int gn = col0 + n, gk = k0 + kk;
+        const bool valid = q < TN * BK / 4 && gn < N && gk < K;
+        load4(rb + 4 * r, pb(valid ? gk : 0, valid ? gn : col0), valid);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < NA; ++r) {
+        const int e = tid + r * NT, m = e / BK, kk = e % BK;
+        const int gm = row0 + m, gk = k0 + kk;
+        ra[r] = (e < TM * BK && gm < M && gk < K) ? la(gm, gk) : 0.f;
+      }
+#pragma unroll
+      for (int r = 0; r < NB; ++r) {
+        const int e = tid + r * NT;
+        const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
+        const int gn = col0 + n, gk = k0 + kk;
+        rb[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : 0.f;
+      }
+    }
+  };
+  fetch(0);
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    if (VEC && vec) {
+#pragma unroll
+      for (int r = 0; r < QA; ++r) {
+        const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (q < TM * BK / 4) As[(kq + e) * PA + m] = ra[4 * r + e];
+      }
+#pragma unroll
+      for (int r = 0; r < QB; ++r) {
+        const int q = tid + r * NT;
+        const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (q < TN * BK / 4) Bs[BKC ? (kk + e) * PB + n : kk * PB + n + e] = rb[4 * r + e];
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < NA; ++r) {
+        const int e = tid + r * NT;
+        if (e < TM * BK) As[(e % BK) * PA + e / BK] = ra[r];
+      }
+#pragma unroll
+      for (int r = 0; r < NB; ++r) {
+        const int e = tid + r * NT;
+        if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rb[r];
+      }
+    }
+    __syncthreads();
+    if (k0 + BK < K) fetch(k0 + BK);
+    stage((const float*)As, (const float*)Bs);
+    __syncthreads();
+  }
+}
+
 // The staging of gdsl_gemm_stages with NS shared-memory stages in flight: the loaders pa(m, k) / pb(k, n)
 // give the float32 operands' addresses, and stage s + NS - 1 is copied (asynchronously) while stage s is
 // computed, so NS - 1 stages of global latency overlap the computation without holding registers.
@@ -263,11 +355,13 @@ GDSL_DEV void gdsl_gemm_stages_async(int M, int N, int K, int row0, int col0, PA
 // 4 x 4 at row (i * TY + ty) * 4 and column (j * TX + tx) * 4, so each k step reads them with 16-byte loads
 // (a warp's loads of one block are consecutive: no bank conflicts) and does RM * RN FFMAs per RM/4 + RN/4
 // loads, where gdsl_gemm_tile's 4 x 4 strided tile does 16 per 8 (shared-memory bound on the H200).
-// NS = 0: la / lb load the operands (gdsl_gemm_stages); NS >= 2: they give float32 addresses and NS stages
-// are copied in flight (gdsl_gemm_stages_async).
-template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, int NS, bool AK, bool BKC, typename Acc,
-          class LA, class LB, class SC>
-GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, SC sc, char* smem) {
+// Staging: NS = 0, la / lb load the operands (gdsl_gemm_stages); where pa / pb give the float32 operands'
+// addresses, VEC loads four at a time when the tile's addresses are aligned (gdsl_gemm_stages_vec) and NS >= 2
+// copies NS stages in flight (gdsl_gemm_stages_async). (pa / pb are la / lb where there are no addresses.)
+template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, int NS, bool VEC, bool AK, bool BKC,
+          typename Acc, class LA, class LB, class PA_, class PB_, class SC>
+GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
+                                  char* smem) {
   constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = TN + 4, KG = BK / KS;
   static_assert(RM % 4 == 0 && RN % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
                 KG * KS == BK && (KS & (KS - 1)) == 0, "wide tile shape");
@@ -277,33 +371,43 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
   for (int i = 0; i < RM; ++i)
 #pragma unroll
     for (int j = 0; j < RN; ++j) acc[i][j] = Acc(0);
+  // Each k step's registers are read from shared memory one step ahead (two register sets), so the FFMAs
+  // of step q do not wait on the loads of step q (with few warps per scheduler they did: "short scoreboard").
   auto stage = [&](const Acc* As, const Acc* Bs) {
-#pragma unroll
-    for (int q = 0; q < KG; ++q) {
+    Acc a[2][RM], b[2][RN];
+    auto load = [&](int q, Acc* ra, Acc* rb) {
       const int kk = g * KG + q;
-      Acc a[RM], b[RN];
 #pragma unroll
       for (int i = 0; i < RM / 4; ++i) {
         const gdsl_vec4<Acc> v = *(const gdsl_vec4<Acc>*)(As + kk * PA + (i * TY + ty) * 4);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) a[i * 4 + e] = v.v[e];
+        for (int e = 0; e < 4; ++e) ra[i * 4 + e] = v.v[e];
       }
 #pragma unroll
       for (int j = 0; j < RN / 4; ++j) {
         const gdsl_vec4<Acc> v = *(const gdsl_vec4<Acc>*)(Bs + kk * PB + (j * TX + tx) * 4);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) b[j * 4 + e] = v.v[e];
+        for (int e = 0; e < 4; ++e) rb[j * 4 + e] = v.v[e];
       }
+    };
+    load(0, a[0], b[0]);
+#pragma unroll
+    for (int q = 0; q < KG; ++q) {
+      if (q + 1 < KG) load(q + 1, a[(q + 1) % 2], b[(q + 1) % 2]);
 #pragma unroll
       for (int i = 0; i < RM; ++i)
 #pragma unroll
-        for (int j = 0; j < RN; ++j) acc[i][j] += a[i] * b[j];
+        for (int j = 0; j < RN; ++j) acc[i][j] += a[q % 2][i] * b[q % 2][j];
     }
   };
-  if constexpr (NS > 0)
-    gdsl_gemm_stages_async<TM, TN, BK, NS, NT, PA, PB, AK, BKC>(M, N, K, row0, col0, la, lb, smem, stage);
-  else
+  if constexpr (NS > 0) {
+    gdsl_gemm_stages_async<TM, TN, BK, NS, NT, PA, PB, AK, BKC>(M, N, K, row0, col0, pa, pb, smem, stage);
+  } else if constexpr (VEC) {
+    const bool vec = ((unsigned long long)pa(row0, 0) | (unsigned long long)pb(0, col0)) % 16 == 0;
+    gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, BKC, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem, stage);
+  } else {
     gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, Acc>(M, N, K, row0, col0, la, lb, smem, stage);
+  }
   // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
   // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
   Acc* red = (Acc*)smem + tid % GT;
