@@ -14,6 +14,7 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import REGISTRY
 from gdsl.primitives.structural import dynamic_update_slice_p
 from gdsl.schedule import schedule
@@ -96,6 +97,17 @@ def kv_epilogue(q, K, W, b):
     return gdsl.fori_loop(0, K.shape[1], step, (q, K))
 
 
+def conv_frames(frames, x, w, b):
+    """A conv2d with a bias epilogue stored as frame t of a carried stack of feature maps (a window
+    strided by the frames' channels), its input the frame before."""
+    def step(t, carry):
+        frames, x = carry
+        y = gdsl.nn.conv2d(x, w, b, padding=1)                # [1, 2, 4, 4]
+        frames = frames.at[:, t].set(y)                       # frames [1, 3, 2, 4, 4]: window [1, 1, 2, 4, 4]
+        return frames, gnp.tanh(x * 0.5 + frames[:, 0] * 0.1)
+    return gdsl.fori_loop(0, frames.shape[1], step, (frames, x))
+
+
 def writes_from_itself(xs, W):
     """The matmul reads the carry it would store into (xs[t] @ W into xs[t]): the update stays an op."""
     def step(t, xs):
@@ -115,9 +127,12 @@ ARGS = {
     read_beside_the_write: (_small(5, 8), _small(1, 8), _small(8, 8, scale=0.3)),
     scalar_after_write: (_small(5, 8), _small(1, 8), _small(8, 8, scale=0.3)),
     kv_epilogue: (_small(3, 1, 8), np.zeros((3, 4, 8), np.float32), _small(8, 8, scale=0.3), _small(8)),
+    conv_frames: (np.zeros((1, 3, 2, 4, 4), np.float32), _small(1, 2, 4, 4), _small(2, 2, 3, 3, scale=0.3),
+                  _small(2)),
     writes_from_itself: (_small(3, 1, 8), _small(8, 8, scale=0.3)),
 }
-FOLDED = {cache_rows, cache_columns, cache_columns_dropped, read_before_and_after, scalar_after_write, kv_epilogue}
+FOLDED = {cache_rows, cache_columns, cache_columns_dropped, read_before_and_after, scalar_after_write, kv_epilogue,
+          conv_frames}
 
 
 def _plan(fn, window_stores=CHAIN, **options):
@@ -158,7 +173,7 @@ def test_the_update_runs_no_op_and_saves_a_wave_and_a_barrier(fn):
     assert dynamic_update_slice_p.name not in kinds and dynamic_update_slice_p.name in [
         op.kind for op in plan_ops(unfolded)]
     (op,) = _stored(plan)
-    assert op.kind == matmul_p.name and plan.stats["window_stores"] == 1
+    assert op.kind == (conv2d_p if fn is conv_frames else matmul_p).name and plan.stats["window_stores"] == 1
     (out,) = op.outputs
     cache = 1 if fn is kv_epilogue else 0                      # (the result that is the cache)
     assert out.storage is plan.outputs[cache].storage          # the carried cache, written in place
