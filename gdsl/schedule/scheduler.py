@@ -424,7 +424,7 @@ class Scheduler:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
         for entry in stored:
-            self.env[entry.eqn.outs[0]] = self._window_value(entry.stores_into)
+            self.env[entry.eqn.outs[0]] = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
 
     def _dynamic_view(self, eqn, producer, segment, jaxpr) -> bool:
         """Is `eqn` a window its readers can read in place at a run-time offset (plan.Value.terms), so that it
@@ -828,11 +828,11 @@ class Scheduler:
                 return None
         return c
 
-    def _window_value(self, update) -> Value:
-        """Where the contraction folded into dynamic_update_slice item `update` stores its result: x's storage
-        from the window's start on, through a StoreWindow of the update's shape; the starts clamped into x
-        as the primitive does (mode="clip"), or, mode="drop", a start out of range storing nothing. A
-        literal start folds into the static offset."""
+    def _window_value(self, update, aval) -> Value:
+        """Where the contraction folded into dynamic_update_slice item `update` stores its result (of type
+        `aval`): x's storage from the window's start on, through a StoreWindow of the update's shape; the
+        starts clamped into x as the primitive does (mode="clip"), or, mode="drop", a start out of range
+        storing nothing. A literal start folds into the static offset."""
         eqn = update.eqn
         x, u, starts = eqn.inputs[0], eqn.inputs[1], eqn.inputs[2:]
         old = self.read(x)
@@ -845,7 +845,7 @@ class Scheduler:
             elif n != k or drop:         # (a start on a whole axis clamps to 0, or drops the store if not 0)
                 terms.append(OffsetTerm(self.read(start), stride, n - k))
         window = StoreWindow(tuple(u.aval.shape), tuple(x.aval.shape), drop and bool(terms))
-        return Value(old.storage, eqn.outs[0].aval, old.frame_offset, offset, tuple(terms), window=window)
+        return Value(old.storage, aval, old.frame_offset, offset, tuple(terms), window=window)
 
     def _emit(self, items):
         if not items:            # a segment of reshapes only: aliases, no work
