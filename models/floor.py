@@ -65,6 +65,7 @@ from gdsl.schedule.plan import (
     Wave,
     plan_statements,
 )
+from gdsl.schedule.shares import storage_elements
 from gdsl.schedule.simulate import Simulator, frames_spanned
 from gdsl.tracing.pytree import tree_flatten
 
@@ -204,6 +205,10 @@ class _Counter(Simulator):
             for value, result in zip(op.outputs, outs):
                 slot = self._slot(value)
                 flat = self.mem[value.storage].data[slot:slot + 1].reshape(-1)   # a view, even when 0-d
+                if value.window is not None:    # stored into a window of the storage (plan.StoreWindow)
+                    if not self.dropped(value):
+                        flat[storage_elements(self.resolved(value), None)] = result.reshape(-1)
+                    continue
                 flat[:result.size] = result.reshape(-1)
 
     def _computes(self, op) -> bool:

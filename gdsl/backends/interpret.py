@@ -8,7 +8,7 @@ import numpy as np
 from gdsl.interpreter import run_program
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist",
-                           "resident", "tensor_cores", "owner", "epilogue", "balance", "fork",
+                           "resident", "tensor_cores", "owner", "epilogue", "balance", "fork", "window_store",
                            "autotune"})  # accepted, no effect here
 
 

@@ -13,7 +13,8 @@ pairs (storage elements, vEU of each): writes exactly from the split (utasks.py:
 element, `first + t % count` its vEU); reads exactly for elementwise ops and fused chains (numpy
 broadcasting from the output elements) and static data movement (the primitive run on element numbers);
 every other read (a matmul's operands, a reduction's, a dynamic window, a gather) conservatively as the
-whole operand read by several vEUs (by the op's one vEU when it has one). A slice, dynamic slice or
+whole operand read by several vEUs (by the op's one vEU when it has one); likewise a write into a window at
+a run-time offset (an in-place update, or an output stored into a window: plan.StoreWindow). A slice, dynamic slice or
 transpose, which a backend may render as a pointer into its source instead of a copy
 (gdsl/backends/cfamily/views.py), counts as a read of that source wherever its result is read. Frame copies
 of a recursive function's buffers are not told apart (over-approximated as the same elements; a view
@@ -90,7 +91,7 @@ class Hazards:
                             yield source.storage, where, veus if where is elements else _one_or_several(task), \
                                 False
             for number, value in enumerate(op.outputs):
-                if out_veus is None:              # (an in-place window known at run time only)
+                if out_veus is None or value.dynamic:    # (a window known at run time only)
                     yield value.storage, storage_elements(value, None), _one_or_several(task), True
                 else:
                     veus = out_veus if number == 0 else _output_veus(task, number)

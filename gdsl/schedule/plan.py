@@ -5,7 +5,9 @@ Storage
               recursive function (one copy per recursion depth)
     Uniform   a scalar that every vEU computes for itself (a register per vEU): trip counts, predicates,
               indices. Reading one needs no barrier.
-    Value     what an IR variable became: storage + its type (+ which recursion frame, for frame storage)
+    Value     what an IR variable became: storage + its type (+ which recursion frame, for frame storage);
+              a view (a window of the storage read in place), or, for an op's output, a StoreWindow: the
+              op stores straight into a window of a larger array (a dynamic_update_slice folded away)
 
 Work
     Op        one operator, split into `n_utasks` uTasks (one thread block's share each); fused
@@ -44,6 +46,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from gdsl.core.ir import Lit, ShapedArray
 from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
@@ -91,12 +95,29 @@ class OffsetTerm:
 
 
 @dataclass(frozen=True, eq=False)
+class StoreWindow:
+    """Where an op stores its output when it writes it straight into a window of a larger array (a
+    dynamic_update_slice folded into the op that computes its update, Scheduler._fold_window_stores): the
+    output's element c, row-major in `shape` (the window's shape, of the array's rank), lands at
+    sum(c_i * strides(array_shape)_i) from the value's first element (Value.offset + Value.terms, the window's
+    start clamped into the array). `drop` (dynamic_update_slice's mode="drop"): a start out of range (a term's
+    index outside [0, high]) stores nothing at all."""
+    shape: tuple
+    array_shape: tuple
+    drop: bool = False
+
+    def elements(self, flat):
+        """Storage element numbers, from the window's first element, of the output's elements `flat`."""
+        return np.ravel_multi_index(np.unravel_index(flat, self.shape), self.array_shape)
+
+
+@dataclass(frozen=True, eq=False)
 class Value:
     storage: Any                   # Buffer | Uniform | Lit
     aval: ShapedArray
     frame_offset: int = 0          # k > 0: the frame k deeper of storage.frame_of (a callee's frame)
     # A view: the value is the storage's elements [offset, offset + aval.size) in row-major order (a
-    # contiguous static slice, see the scheduler). Views are only read, never written.
+    # contiguous static slice, see the scheduler). Views are only read, never written (but for `window`).
     offset: int = 0
     # A view at a run-time offset (a dynamic window, a row taken at a uniform index; device control only,
     # see Scheduler._dynamic_view): `offset + sum(terms)` with the uniforms' values where it is read. The
@@ -106,6 +127,9 @@ class Value:
     # source, of shape `source_shape`, row-major; element (c_0, ..., c_n) of the value is the source's
     # element with c_i at axis perm[i] (the value's axis i is the source's axis perm[i]).
     perm: tuple[int, ...] | None = None
+    # Written only: an op's output stored into a strided window of its storage (see StoreWindow), from
+    # `offset + sum(terms)` on. Never read: the variable it holds has no reader but the folded update.
+    window: StoreWindow | None = None
 
     @property
     def is_uniform(self) -> bool:
@@ -134,6 +158,10 @@ class Value:
         if isinstance(self.storage, Lit):
             return repr(self.storage.val.item())
         name = self.storage.name + "'" * self.frame_offset
+        if self.window is not None:  # stored into a window: `out0[1x12x1x64 window at 64*clamp(u7, 0, 63)]`
+            start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset or not self.terms else ())))
+            drop = ", none if out of range" if self.window.drop and self.terms else ""
+            return f"{name}[{'x'.join(map(str, self.window.shape))} window at {start}{drop}]"
         if self.terms:               # a window at a run-time offset: `in6[256*clamp(u13, 0, 3796) +: 256]`
             start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset else ())))
             name += f"[{start} +: {self.aval.size}]"

@@ -67,6 +67,7 @@ from gdsl.schedule.plan import (
     Op,
     Plan,
     RecFunction,
+    StoreWindow,
     Sync,
     Task,
     Uniform,
@@ -153,11 +154,14 @@ class _Item:
     rows: dict | None = None
     row_outputs: list = field(default_factory=list)
     row_output: bool = False
+    # A contraction (or its epilogue) that stores its result straight into the window of this
+    # dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op.
+    stores_into: _Item | None = None
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False):
+                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -178,6 +182,10 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
+        # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's kind say
+        # that the contraction may store its result straight into the window of an in-place update
+        # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
+        self.window_stores = tuple(window_stores) if control == "device" else ()
         # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
         self.row_chains = has_lowering(ROWS.name, tuple(rows), "utask") if rows else False
         # The lowering chain whose "view" rules say which windows the backend reads in place: at a run-time
@@ -210,7 +218,8 @@ class Scheduler:
         self.window_vars: dict = {}         # (Var, offset, aval) -> its _Window (see _inline_window)
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
-                      "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0}
+                      "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0,
+                      "window_stores": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -359,6 +368,7 @@ class Scheduler:
                 it.expr = _index_leaves(it.raw_expr, it.leaves)
         self._level(items)
         self._choose_aliases(items, jaxpr)
+        items = self._fold_window_stores(items, producer, windows, jaxpr)
         self._allocate(order)
         return self._emit([it for it in items if not it.view])
 
@@ -390,7 +400,10 @@ class Scheduler:
         return Value(first.storage, eqn.outs[0].aval, first.frame_offset, first.offset)
 
     def _allocate(self, order):
-        """Storage for every value the segment produces, in program order (aliases follow their source)."""
+        """Storage for every value the segment produces, in program order (aliases follow their source). A
+        result stored into an update's window (_fold_window_stores) gets it last, when the uniforms of the
+        window's start have theirs; its aliases, read by nothing but the update, get none."""
+        stored = []
         for entry in order:
             if not isinstance(entry, _Item):           # a reshape or a view
                 src, out = entry.inputs[0], entry.outs[0]
@@ -404,10 +417,14 @@ class Scheduler:
                     self.env[out] = dataclasses.replace(value, aval=out.aval, offset=offset)
             elif entry.view:
                 self.env[entry.eqn.outs[0]] = self._view_value(entry.eqn)
+            elif entry.stores_into is not None:
+                stored.append(entry)
             elif not entry.absorbed or entry.row_output:
                 for v in entry.eqn.outs:
                     self.env[v] = entry.alias if entry.alias is not None else \
                         self._new_value(v.aval, entry.uniform)
+        for entry in stored:
+            self.env[entry.eqn.outs[0]] = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
 
     def _dynamic_view(self, eqn, producer, segment, jaxpr) -> bool:
         """Is `eqn` a window its readers can read in place at a run-time offset (plan.Value.terms), so that it
@@ -730,6 +747,105 @@ class Scheduler:
             return out
         hinted = [v for v in _alias_closure(jaxpr, out, views=False) if v in self.hints]
         return hinted[0] if len(hinted) == 1 else None
+
+    def _fold_window_stores(self, items, producer, windows, jaxpr) -> list:
+        """Fold each in-place dynamic_update_slice `x.at[..., t, ...].set(u)` whose update `u` a contraction
+        (matmul / conv2d, with or without an epilogue) computes and nothing else reads into that contraction:
+        its uTasks store `u` straight into x's window (plan.StoreWindow, at the clamped uniform starts), the
+        update runs no op, no wave and no barrier. When the backend's chain (`window_stores`) has "epilogue"
+        rules for dynamic_update_slice and the contraction's kind. The update must write x's storage in
+        place (_choose_aliases), and the contraction now overwrites it earlier, at its own level: every other
+        reader of x's old value must have read it in an earlier wave (a contraction reading x itself reads
+        whole rows of it, so it never folds), and the window's starts must be known before its wave. The
+        levels stay as they were (re-levelled, an op could move into the wave of a reader of what it
+        overwrites in place, which _choose_aliases allowed only at the levels it saw). Returns the items left."""
+        if not self.window_stores or self.frame is not None or \
+                not has_lowering(dynamic_update_slice_p.name, self.window_stores, "epilogue"):
+            return items
+        folded = []
+        for update in items:
+            c = self._window_store_producer(update, items, producer, windows, jaxpr)
+            if c is None:
+                continue
+            c.stores_into = update
+            folded.append(update)
+            for it in items:
+                if update in it.deps:
+                    it.deps = (it.deps - {update}) | {c}
+            self.stats["window_stores"] += 1
+        return [it for it in items if it not in folded]
+
+    def _window_store_producer(self, update, items, producer, windows, jaxpr):
+        """The item of the contraction that may store the update of dynamic_update_slice item `update` into
+        its window (see _fold_window_stores), or None."""
+        eqn = update.eqn
+        if eqn.primitive is not dynamic_update_slice_p or update.alias is None or update.uniform or update.view:
+            return None
+        x, u, starts = eqn.inputs[0], eqn.inputs[1], eqn.inputs[2:]
+        # In place: the update's result is x's whole storage, x a buffer of this frame from before the segment.
+        if not isinstance(x, Var) or x in producer or x not in self.env:
+            return None
+        old = self.env[x]
+        if not _whole_buffer(old, x.aval) or update.alias.storage is not old.storage or \
+                update.alias.offset or update.alias.frame_offset or update.alias.dynamic:
+            return None
+        # u is all of a contraction's result (through reshapes and whole views) that nothing else reads.
+        alias = windows.get(u)
+        root = u if alias is None else alias.root
+        if alias is not None and (alias.offset or root.aval.size != u.aval.size):
+            return None
+        c = producer.get(root)
+        if c is None or c.absorbed or c.uniform or c.alias is not None or c.stores_into is not None or \
+                c.eqn.outs[0] is not root or c.rows is not None:
+            return None
+        kind = c.contraction.eqn.primitive if c.contraction is not None else c.eqn.primitive
+        if kind.family not in (CONTRACTION, CONVOLUTION) or (c.contraction is None and c.raw_expr is not None) or \
+                not has_lowering(kind.name, self.window_stores, "epilogue"):
+            return None
+        if not _only_the_update_reads(jaxpr, root, eqn) or any(v in self.hints for v in _alias_closure(jaxpr, root)):
+            return None
+        if eqn.params["mode"] == "drop" and any(
+                isinstance(s, Lit) and not 0 <= int(s.val.reshape(-1)[0]) <= n - k
+                for s, n, k in zip(starts, x.aval.shape, u.aval.shape)):
+            return None                  # (dropped for certain: the update writes nothing)
+        for s in starts:                 # every start a literal or a uniform known before c's wave
+            if isinstance(s, Lit):
+                continue
+            p = producer.get(s)
+            if (p is None and not (s in self.env and self.env[s].is_uniform)) or \
+                    (p is not None and not (p.uniform and p.level < c.level)):
+                return None
+        # x's old value: read by nothing else at or after c's level (the update's own check saw its level).
+        hinted = self._hinted_result(update, jaxpr)
+        binders = self.hints[hinted][1] if hinted is not None else None
+        if binders is None:
+            return None
+        names = _closure_of_all(jaxpr, binders)
+        for other in items:
+            read_level = other.read_level if other.view else other.level
+            if other is not update and any(a in names for a in _reads(other)) and \
+                    (read_level >= c.level or other.uniform or other.read_by_uniform):
+                return None
+        return c
+
+    def _window_value(self, update, aval) -> Value:
+        """Where the contraction folded into dynamic_update_slice item `update` stores its result (of type
+        `aval`): x's storage from the window's start on, through a StoreWindow of the update's shape; the
+        starts clamped into x as the primitive does (mode="clip"), or, mode="drop", a start out of range
+        storing nothing. A literal start folds into the static offset."""
+        eqn = update.eqn
+        x, u, starts = eqn.inputs[0], eqn.inputs[1], eqn.inputs[2:]
+        old = self.read(x)
+        drop = eqn.params["mode"] == "drop"
+        strides = [math.prod(x.aval.shape[d + 1:]) for d in range(x.aval.ndim)]
+        offset, terms = old.offset, []
+        for start, n, k, stride in zip(starts, x.aval.shape, u.aval.shape, strides):
+            if isinstance(start, Lit):
+                offset += stride * min(max(int(start.val.reshape(-1)[0]), 0), n - k)
+            elif n != k or drop:         # (a start on a whole axis clamps to 0, or drops the store if not 0)
+                terms.append(OffsetTerm(self.read(start), stride, n - k))
+        window = StoreWindow(tuple(u.aval.shape), tuple(x.aval.shape), drop and bool(terms))
+        return Value(old.storage, aval, old.frame_offset, offset, tuple(terms), window=window)
 
     def _emit(self, items):
         if not items:            # a segment of reshapes only: aliases, no work
@@ -1714,6 +1830,23 @@ def _epilogue_path(result, outs, reshaped, uses) -> list | None:
     return path
 
 
+def _only_the_update_reads(jaxpr, root, update_eqn) -> bool:
+    """Is `root` (and every reshape or view of it) read by nothing but those aliases and, as its update
+    operand, dynamic_update_slice equation `update_eqn`: no other equation, no result of `jaxpr`?"""
+    names = _alias_closure(jaxpr, root)
+    if any(isinstance(a, Var) and a in names for a in jaxpr.outs):
+        return False
+    for eqn in jaxpr.eqns:
+        read = [k for k, a in enumerate(eqn.inputs) if isinstance(a, Var) and a in names]
+        if not read:
+            continue
+        if eqn is update_eqn and read == [1]:
+            continue
+        if not (_is_alias(eqn) and eqn.outs[0] in names):
+            return False
+    return True
+
+
 def _permuted(item) -> bool:
     """Is `item` a transpose read in place (Scheduler._permuted_view)?"""
     return item is not None and item.view and item.eqn.primitive is transpose_p
@@ -2112,7 +2245,7 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None) -> Plan:
+             fork=None, window_stores=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2131,6 +2264,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `fork=True`: two calls of one recursive function whose arguments do not read each other's results
     become a Fork (plan.Fork) that device control runs on the two halves of the vEU group; None or False:
     calls one after the other (the default until it is timed).
+    `window_stores`: the backend's lowering chain, whose "epilogue" rules for dynamic_update_slice and a
+    contraction's kind say that the contraction may store its result straight into the window of an
+    in-place update that is its only reader (Scheduler._fold_window_stores; device control; empty: never).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2149,7 +2285,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork))
+                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
+                   window_stores=window_stores)
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

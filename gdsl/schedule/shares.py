@@ -25,9 +25,12 @@ SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utask
 
 def storage_elements(value, flat):
     """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset; a permuted
-    view's in the value's own element order, Value.perm). A view at a run-time offset (Value.terms) has
-    none until its offset is known (Simulator.resolved)."""
+    view's in the value's own element order, Value.perm; an output stored into a window, through its
+    StoreWindow). A view at a run-time offset (Value.terms) has none until its offset is known
+    (Simulator.resolved)."""
     assert not value.terms, f"{value!r}: a view at a run-time offset"
+    if value.window is not None:
+        return value.window.elements(np.arange(value.aval.size) if flat is None else flat) + value.offset
     if value.perm is not None:
         coords = np.unravel_index(np.arange(value.aval.size) if flat is None else flat, value.aval.shape)
         source_coords = [None] * len(value.perm)

@@ -8,6 +8,8 @@ Semantics it defines (every backend follows them):
   Call steps (depth[f] when every step is 1). Call(f) fails with RecursionDepthError when
   depth[f] + 1 > max_depth.
 - Uniform values are per vEU; every vEU computes the same ones (the simulator keeps one copy).
+- An output stored into a window (plan.StoreWindow) writes each element at its place in the window, from the
+  start its uniforms have when the uTask runs (`resolved`); a dropped window (`dropped`) writes nothing.
 - Race rules: a vEU may read an element another vEU wrote only after a grid barrier, and may overwrite an
   element another vEU read only after one; within one vEU, a different op's write must be followed by a
   sync (block or grid) before a read. Violations raise BarrierError naming the op and buffer.
@@ -166,6 +168,14 @@ class Simulator:
             index = int(self.read(term.index).reshape(-1)[0])
             offset += term.stride * min(max(index, 0), term.high)
         return dataclasses.replace(value, offset=offset, terms=())
+
+    def dropped(self, value: Value) -> bool:
+        """Does an output stored into a window (plan.StoreWindow) with `drop` store nothing this time: a
+        start of its window out of range?"""
+        if value.window is None or not value.window.drop:
+            return False
+        indices = [int(self.read(term.index).reshape(-1)[0]) for term in value.terms]
+        return any(not 0 <= index <= term.high for index, term in zip(indices, value.terms))
 
     def read(self, value: Value, veu=None, op=None) -> np.ndarray:
         value = self.resolved(value)
@@ -376,14 +386,18 @@ class Simulator:
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,
                                      frames_spanned(value))
         for number, (value, result) in enumerate(zip(op.outputs, results)):
-            assert not value.offset, f"{op} writes a view"
+            assert not value.offset or value.window is not None, f"{op} writes a view"
+            if self.dropped(value):
+                continue
             if utasks.in_place_update(op.kind, op.params):
-                flat = window_share(op, t, self._starts(op))
+                flat = stored = window_share(op, t, self._starts(op))
             else:
                 flat = write_share(op, t, number)
+                # (an output stored into a window of its storage: plan.StoreWindow, at its offset this time)
+                stored = storage_elements(self.resolved(value), flat) if value.window is not None else flat
             m, slot = self.mem[value.storage], self._slot(value)
-            self._record_write(m, slot, flat, veu, op, value.storage.name)
-            _flat(m.data, slot)[flat] = result.reshape(-1)[flat]
+            self._record_write(m, slot, stored, veu, op, value.storage.name)
+            _flat(m.data, slot)[stored] = result.reshape(-1)[flat]
 
 
 def evaluate_expr(expr, ins, out_aval, result=None) -> np.ndarray:

@@ -15,6 +15,7 @@ import numpy as np
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
+from gdsl.backends.cfamily.views import window_store_index
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
@@ -76,13 +77,22 @@ class Gemm:
 def store_output(ops: OpRenderer, idx: str, v: str) -> str:
     """C statement: store the contraction's value `v` (accumulator type) at flat output element `idx`,
     through the op's elementwise epilogue when it has one (its other operands read at the same element,
-    the RESULT leaf being `v` as the contraction's own output would hold it)."""
+    the RESULT leaf being `v` as the contraction's own output would hold it). An output stored into a
+    window of a larger array (plan.StoreWindow: a dynamic_update_slice folded into this op) goes to its
+    place in the window (views.window_store_index); one whose window a start out of range drops has a
+    null pointer (views.view_pointer) and stores nothing."""
     out = ops.outs[0]
+    window = out.value.window
     epilogue = epilogue_of(ops.op)
     if epilogue is None:
-        return out.store(idx, v)
-    result = c_types.from_storage(out.dtype, c_types.to_storage(out.dtype, v))
-    return f"const int e_ = {idx}; {out.store('e_', ops.expr(epilogue, 'e_', root=True, result=result))}"
+        store = out.store(idx if window is None else window_store_index(window, idx), v)
+    else:
+        result = c_types.from_storage(out.dtype, c_types.to_storage(out.dtype, v))
+        at = "e_" if window is None else window_store_index(window, "e_")
+        store = f"const int e_ = {idx}; {out.store(at, ops.expr(epilogue, 'e_', root=True, result=result))}"
+    if window is not None and window.drop:
+        return f"if ({out.name} != nullptr) {{ {store} }}"
+    return store
 
 
 @register_lowering("matmul", backend="cfamily")

@@ -234,7 +234,8 @@ def _values_of(stmt):
         for task in stmt.tasks:
             yield from task.op.inputs
             yield from task.op.outputs
-            yield from (term.index for v in task.op.inputs for term in v.terms)   # a view's run-time offset
+            # a view's run-time offset, or that of a window an op stores into
+            yield from (term.index for v in task.op.inputs + task.op.outputs for term in v.terms)
     elif isinstance(stmt, Uniforms):
         for u in stmt.ops:
             yield from u.inputs

@@ -24,9 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gdsl.backends.cfamily import types as c_types
-from gdsl.backends.cfamily.ops import strides
+from gdsl.backends.cfamily.ops import coords, offset, strides
 from gdsl.primitives.registry import register_lowering
-from gdsl.primitives.structural import dynamic_slice_p, slice_p, take_p, transpose_p
+from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p, slice_p, take_p, transpose_p
 from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
 from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
@@ -57,11 +57,30 @@ def permuted_reads(value) -> tuple:
     return value.aval.shape, value.source_shape, value.perm
 
 
+@register_lowering(dynamic_update_slice_p, backend="cfamily", role="epilogue")
+def window_store_index(window, idx: str) -> str:
+    """C expression: where output element `idx` of an op that stores into a window (plan.StoreWindow, a
+    dynamic_update_slice folded into the contraction computing its update) lies from the window's first
+    element, which the op's output pointer addresses (view_pointer). A window that is one contiguous run
+    of its array is indexed as it is."""
+    if contiguous_window(window.array_shape, window.shape):
+        return idx
+    return f"({offset(coords(window.shape, f'({idx})'), strides(window.array_shape))})"
+
+
 def view_pointer(base: str, value, elem) -> str:
     """C pointer to the first element of `value` in its storage at `base`: at its static offset plus, for
-    a view at a run-time offset, its terms (offset_term)."""
+    a view at a run-time offset, its terms (offset_term). An output stored into a window that a start out
+    of range drops (plan.StoreWindow.drop) gets a null pointer then: its op stores nothing."""
     parts = [offset_term(elem, term) for term in value.terms] + ([str(value.offset)] if value.offset else [])
-    return f"({base} + {' + '.join(parts)})" if parts else base
+    pointer = f"({base} + {' + '.join(parts)})" if parts else base
+    if value.window is None or not value.window.drop:
+        return pointer
+    outside = []
+    for term in value.terms:
+        e = f"(long long)({elem(term.index)})"
+        outside.append(f"{e} < 0 || {e} > {term.high}")
+    return f"(({' || '.join(outside)}) ? nullptr : {pointer})"
 
 
 def _writers(plan) -> dict:

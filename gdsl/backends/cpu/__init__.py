@@ -66,9 +66,10 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
 # nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
 # GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache; nor
-# `fork`: its calls run one after the other, as a plan without Forks has them)
+# `fork`: its calls run one after the other, as a plan without Forks has them; nor `window_store`: its matmuls
+# have no rule to store into a dynamic_update_slice's window, the updates stay ops)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
-                           "tensor_cores", "owner", "epilogue", "balance", "rows", "fork",
+                           "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "autotune"})
 DEFAULT_BLOCK = 1024
 
