@@ -60,9 +60,10 @@ def main():
     p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
                                                 "(models.bench --ablate), e.g. wavefront=False,hoist=False")
     p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py (or "
-                                                 "gemm.py, gdsl/backends/cuda/toolchain.py) first, e.g. ROLL_REPEATS=False,"
-                                                 "MERGE_KERNELS=False (the form before them) or "
-                                                 "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None")
+                                                 "gemm.py, gdsl/backends/cuda/toolchain.py) first, e.g. "
+                                                 "ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them), "
+                                                 "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None or "
+                                                 "WIDE_VECTOR_LOADS=False")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()
