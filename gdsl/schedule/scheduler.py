@@ -77,7 +77,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
-from gdsl.schedule.resident import keep_resident
+from gdsl.schedule.resident import keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
@@ -157,7 +157,7 @@ class _Item:
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False):
+                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, resident_calls=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -175,6 +175,9 @@ class Scheduler:
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
         self.fork = bool(fork) and control == "device"
+        # The weights of GEMV-shaped matmuls in recursive functions kept in shared memory for the whole
+        # kernel (resident.keep_resident_in_functions; within resident_bytes, with device control only).
+        self.resident_calls = bool(resident_calls)
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -269,6 +272,8 @@ class Scheduler:
         body = tuple(_drop_trailing_sync(body))
         if self.fork and len(functions) == 1:
             body, functions = self._forks(body, functions)
+        if self.resident_calls and functions:
+            functions = keep_resident_in_functions(body, functions, self.resident_bytes, self.grid)
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
@@ -2112,7 +2117,7 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None) -> Plan:
+             fork=None, resident_calls=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2130,7 +2135,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     True: a wave's splits and shares are chosen together when that is estimated faster (balance.py).
     `fork=True`: two calls of one recursive function whose arguments do not read each other's results
     become a Fork (plan.Fork) that device control runs on the two halves of the vEU group; None or False:
-    calls one after the other (the default until it is timed).
+    calls one after the other (the default until it is timed). `resident_calls=True`: the weights of a
+    recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
+    memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
+    Forks; resident.keep_resident_in_functions); None or False: read from memory at every call (the default
+    until it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2145,11 +2154,14 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"balance must be None (on), True or False, got {balance!r}")
     if fork not in (None, True, False):
         raise ValueError(f"fork must be None (off), True or False, got {fork!r}")
+    if resident_calls not in (None, True, False):
+        raise ValueError(f"resident_calls must be None (off), True or False, got {resident_calls!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork))
+                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
+                   resident_calls=bool(resident_calls))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

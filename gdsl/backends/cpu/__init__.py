@@ -66,10 +66,11 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # (`resident` is accepted and has no effect: the CPU's caches keep loop-invariant weights close by themselves;
 # nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
 # GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache; nor
-# `fork`: its calls run one after the other, as a plan without Forks has them)
+# `fork`: its calls run one after the other, as a plan without Forks has them; nor `resident_calls`, as
+# `resident`)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork",
-                           "autotune"})
+                           "resident_calls", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
