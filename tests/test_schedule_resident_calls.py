@@ -203,25 +203,86 @@ def test_cuda_source_compiles():
 
 
 @pytest.mark.gpu
-def test_cuda_rae_bench_trees():
-    """On the GPU: RAE's bench size with W resident, on the fixed tree, random trees and a lone leaf, against
-    the numpy reference; an overflowing launch raises and the next one is right."""
+@pytest.mark.parametrize("options", [{"resident_calls": True}, {"narrow": True},
+                                     {"resident_calls": True, "narrow": True}])
+def test_cuda_rae_bench_trees(options):
+    """On the GPU: RAE's bench size with W resident, on only the vEUs it uses, or both, on the fixed tree,
+    random trees and a lone leaf, against the numpy reference; an overflowing launch raises and the next one
+    is right."""
     import dataclasses
 
     from models import rae
     cfg = rae.Config()
     weights = rae.init_weights(cfg)
-    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", resident_calls=True)
-    assert "gdsl_stage_columns(in0" in forward.lower(weights, rae.make_inputs(cfg)).source
+    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", **options)
+    lowered = forward.lower(weights, rae.make_inputs(cfg)).lowering
+    assert ("gdsl_stage_columns(in0" in lowered.source) == bool(options.get("resident_calls"))
+    assert (lowered.plan.grid == 32) == bool(options.get("narrow"))
     for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
         got = gdsl.to_numpy(forward(weights, inputs))
         np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
     shallow = dataclasses.replace(cfg, max_depth=3)
     inputs = rae.make_inputs(cfg, tree="fixed")
-    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", resident_calls=True)
+    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", **options)
     with pytest.raises(gdsl.RecursionDepthError):
         too_deep(weights, inputs)
     leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
     np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
                                rtol=1e-3, atol=1e-4)
 
+
+
+# ------------------------------------------------------------------------ narrow: only the vEUs used
+
+def rae_lowered(backend, tree="fixed", **options):
+    from models import rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree=tree)
+    return gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend=backend, **options).lower(weights, inputs).lowering
+
+
+@needs_nvrtc
+def test_narrow_launches_only_the_veus_the_waves_use():
+    from gdsl.backends.cfamily.lower import used_veus
+    wide = rae_lowered("cuda")
+    narrow = rae_lowered("cuda", narrow=True, resident_calls=True)
+    assert used_veus(wide) == 32 < wide.plan.grid
+    assert narrow.plan.grid == 32 and used_veus(narrow) == 32
+    assert "gdsl_stage_columns(in0" in narrow.source
+    assert cuda_toolchain.compile_cuda(narrow.source, "sm_90")[:4] == b"\x7fELF"
+    assert rae_lowered("cuda", narrow=True, fork=True).plan.grid == wide.plan.grid     # Forks use the grid
+    assert rae_lowered("cuda", narrow=True, grid=64).plan.grid == 64                 # an explicit grid stays
+    assert rae_lowered("hip", narrow=True).plan.grid == 32
+
+
+def test_narrow_takes_exactly_the_veus_used():
+    """A matmul of 128 column tiles narrows to 128 vEUs; an elementwise op over every vEU keeps the grid."""
+    from gdsl.backends.cfamily.lower import used_veus
+    rng_args = np.random.default_rng(0)
+    args = (rng_args.standard_normal((256, 64)).astype(np.float32),
+            rng_args.standard_normal((64, 256)).astype(np.float32))
+    plain = gdsl.jit(lambda x, W: gnp.tanh(x @ W), backend="cuda").lower(*args).lowering
+    narrow = gdsl.jit(lambda x, W: gnp.tanh(x @ W), backend="cuda", narrow=True).lower(*args).lowering
+    assert narrow.plan.grid == used_veus(plain) == used_veus(narrow) < plain.plan.grid
+    big = np.ones((1 << 20,), np.float32)
+    everywhere = gdsl.jit(gnp.tanh, backend="cuda", narrow=True).lower(big).lowering
+    assert used_veus(everywhere) == everywhere.plan.grid == gdsl.jit(gnp.tanh, backend="cuda").lower(
+        big).lowering.plan.grid
+
+
+@needs_cxx
+def test_the_narrowed_grid_computes_the_same():
+    """The emulator at the grid `narrow` picks (the vEUs the plan at a wider grid uses)."""
+    from gdsl.backends.cfamily.emulator import EmulatorDialect
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid, narrowed
+    tree = TREES["unbalanced"]
+    args = wide_args(tree, 64)
+    fn = encoder(height(tree) + 2, 64)
+    program = gdsl.make_ir(fn)(*args)
+    opts = check_options({"narrow": True, "block": 32}, EmulatorDialect)
+    lowering = narrowed(program, opts, lower_with_grid(program, opts, 16, EmulatorDialect()),
+                        lambda p, o, g: lower_with_grid(p, o, g, EmulatorDialect()))
+    assert 1 <= lowering.plan.grid < 16
+    expected = run_program(program, flat_args(args))[0]
+    got = emulator.emulate(fn, *args, grid=lowering.plan.grid, block=32, resident_calls=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

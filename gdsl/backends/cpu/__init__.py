@@ -67,10 +67,10 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # nor has `tensor_cores`: the CPU has none; nor `balance` (gdsl/schedule/balance.py): its cost model counts
 # GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache; nor
 # `fork`: its calls run one after the other, as a plan without Forks has them; nor `resident_calls`, as
-# `resident`)
+# `resident`; nor `narrow`: its threads are not a GPU's blocks)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork",
-                           "resident_calls", "autotune"})
+                           "resident_calls", "narrow", "autotune"})
 DEFAULT_BLOCK = 1024
 
 
