@@ -19,7 +19,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from gdsl.core.ir import Lit, ShapedArray, Var, walk_eqns
+from gdsl.core.ir import Lit, ShapedArray, Var, subjaxprs, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
@@ -204,6 +204,7 @@ class Scheduler:
         self.held_frames: dict = {}         # (calling function or None, callee) -> frames its results hold
         self.after_call_syncs: set = set()  # the grid Syncs right after Calls (see _after_call_sync)
         self.max_steps: dict = {}           # name -> the largest step of a Call of it (see _call_step)
+        self.shared_params: dict = {}       # name -> positions of the parameters every call shares (_shared_arguments)
         # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
         # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
         # that no reader of those binders can see it.
@@ -1210,18 +1211,24 @@ class Scheduler:
         """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
         fn = eqn.params["fn"]
         consts = [self.read(a) for a in eqn.inputs[:fn.nconsts]]
+        args = [self.read(a) for a in eqn.inputs[fn.nconsts:]]
         if fn.name not in self.fn_defs:
-            self._define_function(fn, consts)
-        return self._call(fn.name, [self.read(a) for a in eqn.inputs[fn.nconsts:]], eqn.outs)
+            self._define_function(fn, consts, args)
+        return self._call(fn.name, args, eqn.outs)
 
     def schedule_recurse_call(self, eqn):
         """A call of a recursive function from inside its own body."""
         return self._call(eqn.params["name"], [self.read(a) for a in eqn.inputs], eqn.outs)
 
-    def _define_function(self, fn, consts):
+    def _define_function(self, fn, consts, args):
+        """The function's frame storage and body, at its first call (with arguments `args`). A parameter that
+        every call passes unchanged from one input (_shared_arguments) is that input: no frame storage."""
         outer = self.frame
         self.frame = fn.name
-        params = [self._carry_storage(v) for v in fn.jaxpr.in_binders[fn.nconsts:]]
+        shared = self._shared_arguments(fn, args)
+        self.shared_params[fn.name] = frozenset(shared)
+        params = [shared[k] if k in shared else self._carry_storage(v)
+                  for k, v in enumerate(fn.jaxpr.in_binders[fn.nconsts:])]
         results = [self._carry_storage(v) for v in fn.jaxpr.outs]
         self.fn_defs[fn.name] = (fn, params, results)
         self.env.update(zip(fn.jaxpr.in_binders, consts + params))
@@ -1243,7 +1250,9 @@ class Scheduler:
         _, params, results = self.fn_defs[name]
         by_reference = self._by_reference(name, outs, results)
         step = self._call_step(name, any(by_reference))
-        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for p, arg in zip(params, args)])
+        shared = self.shared_params[name]
+        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for k, (p, arg) in enumerate(zip(params, args))
+                              if k not in shared])
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
         stmts.append(Call(name, site, step))
@@ -1303,6 +1312,21 @@ class Scheduler:
         self.stats["grid_syncs"] += 1
         return sync
 
+    def _shared_arguments(self, fn, args) -> dict:
+        """Position -> argument, for the arguments of recursive function `fn` passed by reference: those that
+        every call passes unchanged from one program input or const (the program calls `fn` once, with that
+        input, and every call of `fn` in its body passes its own parameter on, through branches). Inputs are
+        never written, so every call may read the input itself: no copy into each callee's frame, no wave,
+        no barrier for it. An argument the callee changes before passing it on (`f(v * 0.5)`) is copied as
+        before, and so is every argument of a function the program calls from more than one place."""
+        outside = [e for e in walk_eqns(self.program.jaxpr)
+                   if e.primitive is control.recurse_p and e.params["fn"].name == fn.name]
+        if len(outside) != 1:
+            return {}
+        binders = fn.jaxpr.in_binders[fn.nconsts:]
+        return {k: arg for k, (arg, binder) in enumerate(zip(args, binders))
+                if _immutable_whole(arg) and _passed_on(fn.jaxpr, fn.name, k, {id(binder)})}
+
     def _by_reference(self, name, outs, results) -> list[bool]:
         """Per result of a call of `name`: may the caller read it in the callee's frame, with no copy?
 
@@ -1353,6 +1377,30 @@ def control_rule(prim):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _immutable_whole(value) -> bool:
+    """Is `value` an input's or a const's storage at a static place (the same wherever it is read)?"""
+    return (isinstance(value.storage, Buffer) and value.storage.kind in ("input", "const")
+            and value.frame_offset == 0 and not value.terms)
+
+
+def _passed_on(jaxpr, name, position: int, same: set) -> bool:
+    """Does every call of recursive function `name` in `jaxpr` pass, as argument `position`, a variable whose
+    id is in `same` (the parameter itself, or a branch's binder for it)? A call inside a loop, or in any
+    other sub-program but a branch, does not count as passing it on (its binders are not followed)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is control.recurse_call_p and eqn.params["name"] == name:
+            if id(eqn.inputs[position]) not in same:
+                return False
+        elif eqn.primitive is control.cond_p:
+            for branch in eqn.params["branches"]:
+                inner = same | {id(b) for b, a in zip(branch.in_binders, eqn.inputs[1:]) if id(a) in same}
+                if not _passed_on(branch, name, position, inner):
+                    return False
+        elif not all(_passed_on(sub, name, position, set()) for sub in subjaxprs(eqn)):
+            return False
+    return True
 
 
 def _calls_only(jaxpr, name) -> bool:
