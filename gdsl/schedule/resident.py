@@ -13,7 +13,7 @@ may share offsets. Backends that have no such memory get a budget of 0 and plans
 A recursive function's body is entered once per call, so its weights are staged once per kernel instead:
 with the option `resident_calls` (`keep_resident_in_functions`), a GEMV-shaped matmul of a function body whose
 B is an input or const the plan never writes (RAE's `W`, read by every inner node) keeps its tiles in the
-shared memory of the vEUs that run it, copied when the kernel starts (the renderer's `kernel_preload`). Those
+shared memory of the vEUs that run it, copied when the kernel starts (the C-family renderer's `function_preload`). Those
 regions live for the whole kernel, so they start past every loop's region (loops stage theirs at each entry
 and would overwrite them otherwise). Not in a plan with Forks: a forked call runs a plan vEU's uTasks on
 whichever vEU of its group stands for it, not on the vEU that staged the tiles.
