@@ -1,6 +1,6 @@
 """What RAE's recursion executes per forward, against the same tree traced straight-line.
 
-    python benchmarks/recursion_counts.py [--trees 20] [--backend cuda] [--cpu-runs 0] [--fork]
+    python benchmarks/recursion_counts.py [--trees 20] [--backend cuda] [--cpu-runs 0] [--fork] [--resident]
 
 RAE at its full size (`Config()`, hidden 512) is lowered once (no GPU needed: the CUDA source is rendered,
 not compiled) and its plan is run by models/floor.py's counter (only the ops that steer control flow are
@@ -9,6 +9,12 @@ computed) on the fixed 65-node tree of the overhead test, and on `--trees` rando
 Printed per row: calls, waves, grid barriers (every grid Sync of the plan / those the C-family renderer
 emits), copy ops and their uTasks, all uTasks, and the same per call. With `--cpu-runs N` the cpu
 backend's median time per forward (ms) on the fixed tree is printed too, recursion and traced.
+
+Then what each call does, per executed call: the push (return site, depth, frame step: one each, always),
+argument Assigns (uniforms), argument copy ops (buffers copied into the callee's frame), block syncs and grid
+barriers, and the matmuls' weight bytes read from memory (GEMV tiles of B from L2; 0 for a tile resident in
+shared memory). With `--resident` the same with the scheduler option resident_calls=True (a recursive
+function's GEMV weights staged in shared memory once per forward; the staged bytes are counted apart).
 
 With `--fork` the recursion is also counted with the scheduler option fork=True (plan.Fork: a node's two
 children on the two halves of its vEU group), in a second table: the barriers the C-family code executes
@@ -29,6 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np
 from branch_counts import WaveCounter  # (this directory is on sys.path: the script's own)
 
+from gdsl.primitives.linalg import matmul_p
+from gdsl.schedule.plan import COPY
+from gdsl.schedule.resident import RESIDENT, function_resident_tasks, tile_bytes
 from gdsl.schedule.simulate import FORK_BARRIER
 from models import floor, rae
 
@@ -41,6 +50,12 @@ class _Counter(WaveCounter):
         super().__init__(*args, **kwargs)
         self.calls = 0
         self.group_barriers = 0
+        self.assigns = 0                # uniform Assigns (a call's scalar arguments and results)
+        self.block_syncs = 0
+        self.arg_copies = 0             # copy ops into a callee's frame (its buffer arguments)
+        self.weight_bytes = 0           # matmul B tiles read from memory (not resident)
+        self.staged_bytes = sum(tile_bytes(t.op) * t.op.n_utasks for f in self.plan.functions
+                                for t in function_resident_tasks(f.body))
         self.path = {"waves": 0, "barriers": 0, "rounds": 0}
         self._forks = []            # per running Fork: (the path at its start, the path at each half's end)
 
@@ -48,7 +63,14 @@ class _Counter(WaveCounter):
         self.calls += 1
         super().run_call(stmt)
 
+    def run_assign(self, stmt):
+        self.assigns += 1
+        super().run_assign(stmt)
+
     def run_wave(self, stmt):
+        self.arg_copies += sum(t.op.kind == COPY.name and t.op.outputs[0].frame_offset > 0 for t in stmt.tasks)
+        self.weight_bytes += sum(tile_bytes(t.op) * t.op.n_utasks for t in stmt.tasks
+                                 if t.op.kind == matmul_p.name and RESIDENT not in t.op.params)
         _, lo, hi = self.group
         self.path["waves"] += 1
         self.path["rounds"] += max(-(-t.op.n_utasks // min(t.op.n_utasks, t.count, hi - lo)) for t in stmt.tasks)
@@ -56,6 +78,8 @@ class _Counter(WaveCounter):
 
     def run_sync(self, stmt):
         before = self.count.grid_barriers
+        if not self.grid_here(stmt):
+            self.block_syncs += 1
         super().run_sync(stmt)
         if stmt is FORK_BARRIER:                        # (not in the plan: rendered by the Fork)
             self.count.grid_barriers += 1
@@ -84,7 +108,9 @@ class _Counter(WaveCounter):
                 "rendered": self.count.grid_barriers, "copy_ops": self.copy_ops,
                 "copy_utasks": self.copy_utasks, "utasks": self.utasks, "group": self.group_barriers,
                 "path_waves": self.path["waves"], "path_barriers": self.path["barriers"],
-                "path_rounds": self.path["rounds"]}
+                "path_rounds": self.path["rounds"], "assigns": self.assigns, "block_syncs": self.block_syncs,
+                "arg_copies": self.arg_copies, "weight_mb": self.weight_bytes / 1e6,
+                "staged_mb": self.staged_bytes / 1e6}
 
 
 def count(forward, weights, inputs) -> dict:
@@ -116,6 +142,14 @@ def show_paths(label: str, row: dict):
           f"{row['path_rounds']:7.1f} {row['path_barriers']:9.1f}", flush=True)
 
 
+def show_calls(label: str, row: dict):
+    """What each executed call does, on average (see the module docstring)."""
+    calls = row["calls"] or 1
+    print(f"{label:32s} {1.0 if row['calls'] else 0.0:5.2f} {row['assigns'] / calls:8.2f} "
+          f"{row['arg_copies'] / calls:7.2f} {row['block_syncs'] / calls:6.2f} {row['rendered'] / calls:6.2f}   "
+          f"{row['weight_mb']:8.2f} {row['staged_mb']:7.2f}", flush=True)
+
+
 def mean_row(rows) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
@@ -126,6 +160,7 @@ def main(argv=None):
     p.add_argument("--backend", default="cuda")
     p.add_argument("--cpu-runs", type=int, default=0)
     p.add_argument("--fork", action="store_true", help="also count the recursion with fork=True")
+    p.add_argument("--resident", action="store_true", help="also count the recursion with resident_calls=True")
     args = p.parse_args(argv)
     cfg = rae.Config()
     weights = rae.init_weights(cfg)
@@ -139,6 +174,16 @@ def main(argv=None):
     show("fixed tree, traced", count(traced, weights, fixed))
     rows = [count(recursive, weights, rae.make_inputs(cfg, seed=s)) for s in range(args.trees)]
     show(f"{args.trees} random trees (mean)", mean_row(rows))
+    print("\nper executed call                push  assigns  copies  block   grid    weights from memory, staged")
+    print("                                                        syncs   barriers  (MB per forward)")
+    show_calls("fixed tree, recursion", count(recursive, weights, fixed))
+    show_calls(f"{args.trees} random trees, recursion", mean_row(rows))
+    if args.resident:
+        resident = rae.make_forward(cfg, backend=args.backend, resident_calls=True)
+        show_calls("fixed tree, resident_calls", count(resident, weights, fixed))
+        show_calls(f"{args.trees} random trees, resident_calls",
+                   mean_row([count(resident, weights, rae.make_inputs(cfg, seed=s)) for s in range(args.trees)]))
+    show_calls("fixed tree, traced (per forward)", count(traced, weights, fixed))
     if args.fork:
         forked = rae.make_forward(cfg, backend=args.backend, fork=True)
         print("\nrow                              barriers executed   critical path")

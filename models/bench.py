@@ -54,9 +54,10 @@ def model_systems(model, systems) -> list[str]:
 
 def ablation(text: str) -> tuple[str, dict]:
     """`gdsl-device[wavefront=False]` -> ("device", {"wavefront": False}): a gdsl system with one jit option
-    set, measured beside the default to show what a lever gives in the same run (--ablate)."""
+    set, measured beside the default to show what a lever gives in the same run (--ablate); several
+    options joined by "+" (`gdsl-device[resident_calls=True+narrow=True]`) are set together."""
     control, _, rest = text[len("gdsl-"):].partition("[")
-    return control, dict([common.parse_option(rest.rstrip("]"))])
+    return control, dict(common.parse_option(item) for item in rest.rstrip("]").split("+"))
 
 
 def make_runner(system: str, model, prob: common.Problem, backend: str | None) -> common.Runner:
@@ -375,7 +376,8 @@ def parse_args(argv=None):
                    help="input sets whose plan execution is counted for a floor (default 10)")
     p.add_argument("--ablate", default="",
                    help="comma-separated jit options, e.g. wavefront=False: each adds the system "
-                        "gdsl-device[option] (gdsl with that option) beside the others, for same-run before/after")
+                        "gdsl-device[option] (gdsl with that option) beside the others, for same-run before/after; "
+                        "options joined by + are set together (resident_calls=True+narrow=True)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing systems")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

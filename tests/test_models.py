@@ -710,3 +710,11 @@ def test_floor_on_cuda():
     assert f["binding"] == "barriers" and f["count"]["dependent_steps"] >= prob.cfg.seq_len
     ms = float(np.median(common.time_runner(runner, 1, runs=10)))
     assert ms > 0.9 * f["floor_ms"], f"measured {ms} ms under the floor {f}"
+
+
+def test_bench_ablation_sets_one_or_several_options():
+    from models.bench import ablation
+    assert ablation("gdsl-device[wavefront=False]") == ("device", {"wavefront": False})
+    assert ablation("gdsl-device[resident_calls=True+narrow=True]") == ("device", {"resident_calls": True,
+                                                                                 "narrow": True})
+    assert ablation("gdsl-host[grid=32]") == ("host", {"grid": 32})

@@ -9,6 +9,14 @@ The plan says where: the Op carries the param RESIDENT = (offset, count): its uT
 at byte `offset + (t // count) * tile_bytes` of the vEU's resident region (t // count is the round in
 which the vEU runs it; `count` is the Task's vEU count). Regions are packed per vEU: ops on disjoint vEUs
 may share offsets. Backends that have no such memory get a budget of 0 and plans without the param.
+
+A recursive function's body is entered once per call, so its weights are staged once per kernel instead:
+with the option `resident_calls` (`keep_resident_in_functions`), a GEMV-shaped matmul of a function body whose
+B is an input or const the plan never writes (RAE's `W`, read by every inner node) keeps its tiles in the
+shared memory of the vEUs that run it, copied when the kernel starts (the C-family renderer's `function_preload`). Those
+regions live for the whole kernel, so they start past every loop's region (loops stage theirs at each entry
+and would overwrite them otherwise). Not in a plan with Forks: a forked call runs a plan vEU's uTasks on
+whichever vEU of its group stands for it, not on the vEU that staged the tiles.
 """
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ import math
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import Assign, Buffer, Call, Loop, Task, Wave, plan_statements, walk
+from gdsl.schedule.plan import Assign, Branch, Buffer, Call, Fork, Loop, Task, Wave, plan_statements, walk
 
 RESIDENT = "resident"
 
@@ -40,15 +48,10 @@ def _eligible(op) -> bool:
 
 def _written(loop: Loop) -> set | None:
     """The buffers a loop writes (None when it calls a function: anything may be written then)."""
-    out = set()
-    for stmt in walk(loop.cond + loop.body):
-        if isinstance(stmt, Call):
-            return None
-        if isinstance(stmt, Wave):
-            out |= {v.storage for task in stmt.tasks for v in task.op.outputs}
-        elif isinstance(stmt, Assign):
-            out.add(stmt.dst.storage)
-    return out
+    statements = list(walk(loop.cond + loop.body))
+    if any(isinstance(stmt, Call) for stmt in statements):
+        return None
+    return _written_by(statements)
 
 
 def keep_resident(loop: Loop, budget: int) -> Loop:
@@ -99,12 +102,75 @@ def _tiles_key(task: Task) -> tuple:
 
 def region_bytes(plan) -> int:
     """The largest resident region any vEU of `plan` needs (0: none)."""
-    end = 0
-    for stmt in plan_statements(plan):
+    return _regions_end(plan_statements(plan))
+
+
+def keep_resident_in_functions(body: tuple, functions: tuple, budget: int, grid: int) -> tuple:
+    """`functions` with the weights of their bodies' GEMV-shaped matmuls resident for the whole kernel, where
+    `budget` bytes per vEU (of `grid`) allow past the loops' regions (module docstring); unchanged in a plan
+    with Forks or without a budget. `body`: the kernel body that calls them (what it writes counts too)."""
+    blocks = [body] + [f.body for f in functions]
+    statements = [stmt for block in blocks for stmt in walk(block)]
+    if budget <= 0 or any(isinstance(stmt, Fork) for stmt in statements):
+        return functions
+    written = _written_by(statements)
+    start = _regions_end(statements)
+    used = dict.fromkeys(range(grid), start)      # vEU -> bytes of its resident region taken
+    placed: dict = {}
+    return tuple(dataclasses.replace(f, body=_resident_block(f.body, written, used, placed, budget))
+                 for f in functions)
+
+
+def _written_by(statements) -> set:
+    """The buffers that `statements` write (ops' outputs and Assigns' destinations)."""
+    out = set()
+    for stmt in statements:
         if isinstance(stmt, Wave):
-            for task in stmt.tasks:
-                if RESIDENT in task.op.params:
-                    offset, count = task.op.params[RESIDENT]
-                    end = max(end, offset + -(-task.op.n_utasks // count) * tile_bytes(task.op))
+            out |= {v.storage for task in stmt.tasks for v in task.op.outputs}
+        elif isinstance(stmt, Assign):
+            out.add(stmt.dst.storage)
+    return out
+
+
+def _regions_end(statements) -> int:
+    """The end of the largest resident region the resident matmuls among `statements` need (0: none)."""
+    end = 0
+    for stmt in statements:
+        for task in stmt.tasks if isinstance(stmt, Wave) else ():
+            if RESIDENT in task.op.params:
+                offset, count = task.op.params[RESIDENT]
+                end = max(end, offset + -(-task.op.n_utasks // count) * tile_bytes(task.op))
     return end
 
+
+def _resident_block(block: tuple, written: set, used: dict, placed: dict, budget: int) -> tuple:
+    """`block` with its waves' eligible matmuls resident (through branches; a loop inside stages its own)."""
+    out = []
+    for stmt in block:
+        if isinstance(stmt, Wave):
+            stmt = Wave(tuple(_resident_input(task, written, used, placed, budget) for task in stmt.tasks))
+        elif isinstance(stmt, Branch):
+            stmt = dataclasses.replace(stmt, branches=tuple(_resident_block(b, written, used, placed, budget)
+                                                            for b in stmt.branches))
+        out.append(stmt)
+    return tuple(out)
+
+
+def _resident_input(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
+    """`task` resident (as in a loop) when its B is an input or const: only those hold their values from
+    the kernel's start, when the tiles are staged."""
+    b = task.op.inputs[1].storage if len(task.op.inputs) > 1 else None
+    if not isinstance(b, Buffer) or b.kind not in ("input", "const"):
+        return task
+    return _resident_task(task, written, used, placed, budget)
+
+
+def function_resident_tasks(block):
+    """The tasks of `block` (a recursive function's body) staged when the kernel starts: its resident
+    matmuls outside loops (a loop's are staged at the loop)."""
+    for stmt in block:
+        if isinstance(stmt, Wave):
+            yield from (task for task in stmt.tasks if RESIDENT in task.op.params)
+        elif isinstance(stmt, Branch):
+            for b in stmt.branches:
+                yield from function_resident_tasks(b)

@@ -19,7 +19,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from gdsl.core.ir import Lit, ShapedArray, Var, walk_eqns
+from gdsl.core.ir import Lit, ShapedArray, Var, subjaxprs, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
@@ -78,7 +78,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
-from gdsl.schedule.resident import keep_resident
+from gdsl.schedule.resident import keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
@@ -161,7 +161,8 @@ class _Item:
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
-                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=()):
+                 owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
+                 resident_calls=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -179,6 +180,9 @@ class Scheduler:
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
         self.fork = bool(fork) and control == "device"
+        # The weights of GEMV-shaped matmuls in recursive functions kept in shared memory for the whole
+        # kernel (resident.keep_resident_in_functions; within resident_bytes, with device control only).
+        self.resident_calls = bool(resident_calls)
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -209,6 +213,7 @@ class Scheduler:
         self.held_frames: dict = {}         # (calling function or None, callee) -> frames its results hold
         self.after_call_syncs: set = set()  # the grid Syncs right after Calls (see _after_call_sync)
         self.max_steps: dict = {}           # name -> the largest step of a Call of it (see _call_step)
+        self.shared_params: dict = {}       # name -> positions of the parameters every call shares (_shared_arguments)
         # Var -> (Value to write into, None or the binders whose storage that is). With binders (a loop
         # carry, a branch result in its operand's storage) the write is in place: _choose_aliases checks
         # that no reader of those binders can see it.
@@ -278,6 +283,8 @@ class Scheduler:
         body = tuple(_drop_trailing_sync(body))
         if self.fork and len(functions) == 1:
             body, functions = self._forks(body, functions)
+        if self.resident_calls and functions:
+            functions = keep_resident_in_functions(body, functions, self.resident_bytes, self.grid)
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
@@ -1321,18 +1328,24 @@ class Scheduler:
         """The first call of a recursive function defines it (frame storage, body); every call is a Call."""
         fn = eqn.params["fn"]
         consts = [self.read(a) for a in eqn.inputs[:fn.nconsts]]
+        args = [self.read(a) for a in eqn.inputs[fn.nconsts:]]
         if fn.name not in self.fn_defs:
-            self._define_function(fn, consts)
-        return self._call(fn.name, [self.read(a) for a in eqn.inputs[fn.nconsts:]], eqn.outs)
+            self._define_function(fn, consts, args)
+        return self._call(fn.name, args, eqn.outs)
 
     def schedule_recurse_call(self, eqn):
         """A call of a recursive function from inside its own body."""
         return self._call(eqn.params["name"], [self.read(a) for a in eqn.inputs], eqn.outs)
 
-    def _define_function(self, fn, consts):
+    def _define_function(self, fn, consts, args):
+        """The function's frame storage and body, at its first call (with arguments `args`). A parameter that
+        every call passes unchanged from one input (_shared_arguments) is that input: no frame storage."""
         outer = self.frame
         self.frame = fn.name
-        params = [self._carry_storage(v) for v in fn.jaxpr.in_binders[fn.nconsts:]]
+        shared = self._shared_arguments(fn, args)
+        self.shared_params[fn.name] = frozenset(shared)
+        params = [shared[k] if k in shared else self._carry_storage(v)
+                  for k, v in enumerate(fn.jaxpr.in_binders[fn.nconsts:])]
         results = [self._carry_storage(v) for v in fn.jaxpr.outs]
         self.fn_defs[fn.name] = (fn, params, results)
         self.env.update(zip(fn.jaxpr.in_binders, consts + params))
@@ -1354,7 +1367,9 @@ class Scheduler:
         _, params, results = self.fn_defs[name]
         by_reference = self._by_reference(name, outs, results)
         step = self._call_step(name, any(by_reference))
-        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for p, arg in zip(params, args)])
+        shared = self.shared_params[name]
+        stmts = self._copies([(Value(p.storage, p.aval, step), arg) for k, (p, arg) in enumerate(zip(params, args))
+                              if k not in shared])
         site = self.sites.get(name, 0)
         self.sites[name] = site + 1
         stmts.append(Call(name, site, step))
@@ -1414,6 +1429,21 @@ class Scheduler:
         self.stats["grid_syncs"] += 1
         return sync
 
+    def _shared_arguments(self, fn, args) -> dict:
+        """Position -> argument, for the arguments of recursive function `fn` passed by reference: those that
+        every call passes unchanged from one program input or const (the program calls `fn` once, with that
+        input, and every call of `fn` in its body passes its own parameter on, through branches). Inputs are
+        never written, so every call may read the input itself: no copy into each callee's frame, no wave,
+        no barrier for it. An argument the callee changes before passing it on (`f(v * 0.5)`) is copied as
+        before, and so is every argument of a function the program calls from more than one place."""
+        outside = [e for e in walk_eqns(self.program.jaxpr)
+                   if e.primitive is control.recurse_p and e.params["fn"].name == fn.name]
+        if len(outside) != 1:
+            return {}
+        binders = fn.jaxpr.in_binders[fn.nconsts:]
+        return {k: arg for k, (arg, binder) in enumerate(zip(args, binders))
+                if _immutable_whole(arg) and _passed_on(fn.jaxpr, fn.name, k, {id(binder)})}
+
     def _by_reference(self, name, outs, results) -> list[bool]:
         """Per result of a call of `name`: may the caller read it in the callee's frame, with no copy?
 
@@ -1464,6 +1494,30 @@ def control_rule(prim):
 
 
 # -------------------------------------------------------------------------------------------- helpers
+
+
+def _immutable_whole(value) -> bool:
+    """Is `value` an input's or a const's storage at a static place (the same wherever it is read)?"""
+    return (isinstance(value.storage, Buffer) and value.storage.kind in ("input", "const")
+            and value.frame_offset == 0 and not value.terms)
+
+
+def _passed_on(jaxpr, name, position: int, same: set) -> bool:
+    """Does every call of recursive function `name` in `jaxpr` pass, as argument `position`, a variable whose
+    id is in `same` (the parameter itself, or a branch's binder for it)? A call inside a loop, or in any
+    other sub-program but a branch, does not count as passing it on (its binders are not followed)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive is control.recurse_call_p and eqn.params["name"] == name:
+            if id(eqn.inputs[position]) not in same:
+                return False
+        elif eqn.primitive is control.cond_p:
+            for branch in eqn.params["branches"]:
+                inner = same | {id(b) for b, a in zip(branch.in_binders, eqn.inputs[1:]) if id(a) in same}
+                if not _passed_on(branch, name, position, inner):
+                    return False
+        elif not all(_passed_on(sub, name, position, set()) for sub in subjaxprs(eqn)):
+            return False
+    return True
 
 
 def _calls_only(jaxpr, name) -> bool:
@@ -2245,7 +2299,7 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=()) -> Plan:
+             fork=None, window_stores=(), resident_calls=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2267,6 +2321,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `window_stores`: the backend's lowering chain, whose "epilogue" rules for dynamic_update_slice and a
     contraction's kind say that the contraction may store its result straight into the window of an
     in-place update that is its only reader (Scheduler._fold_window_stores; device control; empty: never).
+    `resident_calls=True`: the weights of a
+    recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
+    memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
+    Forks; resident.keep_resident_in_functions); None or False: read from memory at every call (the default
+    until it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2281,12 +2340,14 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"balance must be None (on), True or False, got {balance!r}")
     if fork not in (None, True, False):
         raise ValueError(f"fork must be None (off), True or False, got {fork!r}")
+    if resident_calls not in (None, True, False):
+        raise ValueError(f"resident_calls must be None (off), True or False, got {resident_calls!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
-                   window_stores=window_stores)
+                   window_stores=window_stores, resident_calls=bool(resident_calls))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

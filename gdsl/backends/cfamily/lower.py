@@ -10,10 +10,11 @@ from gdsl.backends.cfamily.executor import Lowering
 from gdsl.backends.cfamily.render import render_plan
 from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import schedule
+from gdsl.schedule.plan import Fork, Wave, plan_statements
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
-                           "balance", "rows", "fork", "window_store"})
+                           "balance", "rows", "fork", "window_store", "resident_calls", "narrow"})
 DEFAULT_BLOCK = 256
 
 
@@ -37,7 +38,8 @@ def check_options(options, dialect) -> dict:
             "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
             "resident": options.get("resident"), "tensor_cores": options.get("tensor_cores"),
             "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance"),
-            "rows": options.get("rows"), "fork": options.get("fork"), "window_store": options.get("window_store")}
+            "rows": options.get("rows"), "fork": options.get("fork"), "window_store": options.get("window_store"),
+            "resident_calls": options.get("resident_calls"), "narrow": options.get("narrow")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -61,7 +63,30 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
-                    balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores)
+                    balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
+                    resident_calls=opts.get("resident_calls"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
+
+
+def used_veus(lowering) -> int:
+    """One past the highest vEU on which a wave of the plan runs a uTask (ops the renderer reads as views
+    do no work); 0 when none does."""
+    return max((task.first + min(task.count, task.op.n_utasks)
+                for stmt in plan_statements(lowering.plan) if isinstance(stmt, Wave) for task in stmt.tasks
+                if task.op not in lowering.rendered.views), default=0)
+
+
+def narrowed(program, opts, lowering, lower_at) -> Lowering:
+    """With the option narrow=True: `lowering` scheduled again for only the vEUs its waves use, when they are
+    fewer than its grid (`lower_at(program, opts, grid)` lowers; a recursive plan like RAE's runs every
+    wave on its first 32 vEUs of 132, and a grid barrier of fewer blocks is cheaper: fewer arrivals at its
+    counter). The vEUs left out only followed the control flow and met the barriers. Not for a plan with
+    Forks (they split the whole grid between a node's calls). Else `lowering` itself."""
+    if not opts.get("narrow") or any(isinstance(s, Fork) for s in plan_statements(lowering.plan)):
+        return lowering
+    used = used_veus(lowering)
+    if not 0 < used < lowering.plan.grid:
+        return lowering
+    return lower_at(program, opts, used)

@@ -88,7 +88,7 @@ from gdsl.schedule.plan import (
     Wave,
     walk,
 )
-from gdsl.schedule.resident import RESIDENT, region_bytes
+from gdsl.schedule.resident import RESIDENT, function_resident_tasks, region_bytes
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
@@ -848,12 +848,22 @@ class Renderer:
     def resident_preload(self, loop) -> list[str]:
         """Before a loop: each vEU copies the resident tiles of its uTasks (gdsl/schedule/resident.py) into its
         shared memory, then a block barrier (the uTasks read what all threads copied)."""
+        tasks = [task for stmt in loop.body if isinstance(stmt, Wave) for task in stmt.tasks
+                 if RESIDENT in task.op.params]
+        return self.staged(tasks)
+
+    def function_preload(self, functions) -> list[str]:
+        """When the kernel starts: the resident tiles of the recursive functions' matmuls (option
+        resident_calls), staged once for every call (resident.keep_resident_in_functions)."""
+        return self.staged([task for f in functions for task in function_resident_tasks(f.body)])
+
+    def staged(self, tasks) -> list[str]:
+        """Each vEU copies its uTasks' tiles of the resident `tasks` into its shared memory, then a block
+        barrier (the uTasks read what all threads copied); nothing without tasks."""
         lines = []
-        for stmt in loop.body:
-            for task in stmt.tasks if isinstance(stmt, Wave) else ():
-                if RESIDENT in task.op.params:
-                    lines += self.over_utasks(task, functools.partial(
-                        gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]), "gdsl_smem"))
+        for task in tasks:
+            lines += self.over_utasks(task, functools.partial(
+                gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]), "gdsl_smem"))
         return lines + [self.dialect.block_barrier] if lines else []
 
     def task_run(self, run) -> list[str]:
@@ -913,7 +923,7 @@ class Renderer:
         if not self.device_control:
             params += [("depth", f.name) for f in plan.functions]
         first_call = len(self.call_log)
-        body_lines = self.block(kernel.body, 1)
+        body_lines = ["  " + line for line in self.function_preload(functions)] + self.block(kernel.body, 1)
         fn_lines = []
         for f in functions:
             n = cid(f.name)

@@ -95,7 +95,8 @@ def lower_with_grid(program, opts, grid: int) -> Lowering:
 
 
 def lower(program, options) -> Lowering:
-    """Without a `grid` option: one vEU per SM, or two when some wave has more uTasks than SMs. Every grid
+    """Without a `grid` option: one vEU per SM, or two when some wave has more uTasks than SMs; with
+    narrow=True then only as many as the waves use (cfamily.lower.narrowed). Every grid
     barrier gets dearer with more blocks (1.1 us at 132, 1.3 us at 264 on the H100), so a second resident
     block per SM pays only where there is more parallel work than SMs (measured: batch 64 of LSTM, NASRNN
     and Attention ran 1.3-1.5x faster with 264 vEUs, batch 1 5-10% slower)."""
@@ -106,7 +107,7 @@ def lower(program, options) -> Lowering:
     lowering = lower_with_grid(program, opts, sms)
     if _most_utasks(lowering) > sms:
         lowering = lower_with_grid(program, opts, 2 * sms)
-    return lowering
+    return cfamily_lower.narrowed(program, opts, lowering, lower_with_grid)
 
 
 def _most_utasks(lowering) -> int:

@@ -50,12 +50,15 @@ def lower_with_grid(program, opts, grid: int) -> Lowering:
 
 
 def lower(program, options) -> Lowering:
-    """Without a `grid` option: one vEU per compute unit of the device (110 without one)."""
+    """Without a `grid` option: one vEU per compute unit of the device (110 without one); with narrow=True
+    then only as many as the waves use (cfamily.lower.narrowed)."""
     device = _device()
     dialect = dialect_for(options, device)
     opts = dict(check_options(options, dialect), arch=dialect.arch, wave=dialect.warp_size)
-    grid = opts["grid"] or (device["compute_units"] if device else DEFAULT_GRID)
-    return lower_with_grid(program, opts, grid)
+    if opts["grid"]:
+        return lower_with_grid(program, opts, opts["grid"])
+    lowering = lower_with_grid(program, opts, device["compute_units"] if device else DEFAULT_GRID)
+    return cfamily_lower.narrowed(program, opts, lowering, lower_with_grid)
 
 
 def compile_lowering(lowering: Lowering, arch: str | None = None) -> bytes:
