@@ -22,7 +22,17 @@ and is kept when it has two members or more, no item outside it both reads a mem
 could not run before and after it), and its rows fit on chip (`max_length`). Only the members read outside
 the chain become the op's outputs (the last member always: nothing in the chain reads it).
 
-The scheduler (Scheduler._fuse_rows) fuses chains only for a backend with a "utask" lowering of ROWS.
+A **cell chain** is the same op without a reduction: a connected group of elementwise items of one shape S
+(the recurrent cell of an LSTM: the new `c`, then `h` from `c`, then the carry selects that read `c`), each
+member reading the others only at the element it computes. Such items are separate ops today because a
+result has several readers (or is a loop carry, an output): a fused chain has one output. As a ROWS op over
+the row shape S, its uTask computes each element's steps in registers, in order, and stores every member
+read outside the chain: one op, one wave, one memory round trip. It grows from any elementwise item, forward
+and backward as above, after the row chains (their members are taken); any dtype may join (no reduction
+needs a float identity), and the last axis of S fits on chip as a row's does.
+
+The scheduler (Scheduler._fuse_rows) fuses chains only for a backend with a "utask" lowering of ROWS, cell
+chains only when asked too (`cells`).
 """
 from __future__ import annotations
 
@@ -66,10 +76,22 @@ def row_reduction_shape(it) -> tuple | None:
     return tuple(x.shape)
 
 
-def _elementwise(it) -> bool:
-    """A fused elementwise item (not a contraction's epilogue, not recomputed in a reader) of floats."""
+def _elementwise(it, any_dtype=False) -> bool:
+    """A fused elementwise item (not a contraction's epilogue, not recomputed in a reader) of floats, or of
+    any dtype (`any_dtype`: a cell chain's member)."""
     return not it.uniform and not it.absorbed and it.raw_expr is not None and it.contraction is None and \
-        len(it.eqn.outs) == 1 and not it.inlined and dtypes.is_float(it.eqn.outs[0].aval.dtype)
+        len(it.eqn.outs) == 1 and not it.inlined and (any_dtype or dtypes.is_float(it.eqn.outs[0].aval.dtype))
+
+
+def cell_shape(it, max_length) -> tuple | None:
+    """The row shape of a cell chain that scheduler item `it` may seed or join (its output's shape: at least
+    one axis, the last of at most `max_length` elements), else None."""
+    if not _elementwise(it, any_dtype=True):
+        return None
+    shape = tuple(it.eqn.outs[0].aval.shape)
+    if not shape or not 1 <= shape[-1] <= max_length or math.prod(shape) == 0:
+        return None
+    return shape
 
 
 def _input_vars(it) -> list:
@@ -93,10 +115,11 @@ def _input_nodes(expr) -> list:
 class _Finder:
     """The chains of one segment's items (see the module docstring)."""
 
-    def __init__(self, items, producer, reshaped, windows, uses, max_length):
+    def __init__(self, items, producer, reshaped, windows, uses, max_length, cells=False):
         self.items = [it for it in items if not it.absorbed]
         self.producer, self.reshaped, self.windows, self.uses = producer, reshaped, windows, uses
         self.max_length = max_length
+        self.cells = cells
 
     # ------------------------------------------------------------------------------------------ reads
     def member_read(self, atom, members):
@@ -159,8 +182,11 @@ class _Finder:
         return total > self.member_reads(var, members)
 
     # ------------------------------------------------------------------------------------------ growth
-    def fits(self, it, shape) -> bool:
-        """Is `it` a candidate member of a chain over `shape` (before looking at what it reads)?"""
+    def fits(self, it, shape, cell=False) -> bool:
+        """Is `it` a candidate member of a chain over `shape` (before looking at what it reads)? A cell
+        chain's members are elementwise items of exactly that shape."""
+        if cell:
+            return cell_shape(it, self.max_length) == shape
         if row_reduction_shape(it) is not None:
             return row_reduction_shape(it) == shape
         if not _elementwise(it):
@@ -168,8 +194,8 @@ class _Finder:
         out = tuple(it.eqn.outs[0].aval.shape)
         return out == shape or (out in self._per_row_shapes(shape) and math.prod(out) == math.prod(shape[:-1]))
 
-    def joins(self, it, members, shape) -> bool:
-        if not self.fits(it, shape):
+    def joins(self, it, members, shape, cell=False) -> bool:
+        if not self.fits(it, shape, cell):
             return False
         valid, any_read = self.reads_ok(it, members, shape)
         if not valid or not self.read_on_chip_by(it, members, shape):
@@ -192,13 +218,13 @@ class _Finder:
                     return False
         return True
 
-    def grow(self, seed, shape, taken) -> list:
+    def grow(self, seed, shape, taken, cell=False) -> list:
         members = {seed}
         changed = True
         while changed:
             changed = False
             for it in self.items:
-                if it not in members and it not in taken and self.joins(it, members, shape):
+                if it not in members and it not in taken and self.joins(it, members, shape, cell):
                     members.add(it)
                     changed = True
         return [it for it in self.items if it in members]
@@ -239,6 +265,24 @@ class _Finder:
                 continue
             taken.update(members)
             found.append(self.chain(members, shape))
+        if self.cells:
+            found += self.cell_chains(taken)
+        return found
+
+    def cell_chains(self, taken) -> list[RowChain]:
+        """The cell chains among the items no row chain took (see the module docstring)."""
+        found = []
+        tried: set = set()          # members of a group that could not fuse: they seed no other
+        for seed in self.items:
+            shape = cell_shape(seed, self.max_length)
+            if shape is None or seed in taken or seed in tried:
+                continue
+            members = self.grow(seed, shape, taken, cell=True)
+            if len(members) < 2 or not self.acyclic(members) or not self.no_views_of(members):
+                tried.update(members)
+                continue
+            taken.update(members)
+            found.append(self.chain(members, shape))
         return found
 
     # ------------------------------------------------------------------------------------------ steps
@@ -267,12 +311,12 @@ class _Finder:
         return RowChain(members, shape, steps, outputs)
 
 
-def find_row_chains(items, producer, reshaped, windows, uses, max_length) -> list[RowChain]:
+def find_row_chains(items, producer, reshaped, windows, uses, max_length, cells=False) -> list[RowChain]:
     """The row chains among a segment's items (scheduler _Items in program order): `producer` maps each
     variable to its item, `reshaped` a reshape's output to its operand, `windows` each alias variable to
     its _Alias (root variable), `uses` each variable to its reads; rows longer than `max_length` stay
-    unfused."""
-    return _Finder(items, producer, reshaped, windows, uses, max_length).chains()
+    unfused. `cells`: the cell chains too (after the row chains)."""
+    return _Finder(items, producer, reshaped, windows, uses, max_length, cells).chains()
 
 
 def numbered_steps(steps, leaves: list) -> tuple[RowStep, ...]:

@@ -13,7 +13,7 @@ from gdsl.schedule import schedule
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
-                           "balance", "rows", "fork"})
+                           "balance", "rows", "cells", "fork"})
 DEFAULT_BLOCK = 256
 
 
@@ -37,7 +37,7 @@ def check_options(options, dialect) -> dict:
             "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
             "resident": options.get("resident"), "tensor_cores": options.get("tensor_cores"),
             "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance"),
-            "rows": options.get("rows"), "fork": options.get("fork")}
+            "rows": options.get("rows"), "cells": options.get("cells"), "fork": options.get("fork")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -59,6 +59,6 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     plan = schedule(program, control=opts["control"], grid=grid, block=opts["block"], partition=opts["partition"],
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
-                    balance=opts.get("balance"), rows=rows, fork=opts.get("fork"))
+                    balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), cells=opts.get("cells"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
