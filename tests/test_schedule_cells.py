@@ -114,6 +114,15 @@ def carry_read_by_a_reduction(c):
     return gdsl.fori_loop(0, 3, step, c)
 
 
+def matmul_between_two_cells(a, w):
+    """Two steps of a recurrence written out: the matmul reads the first cell's h and feeds the second
+    cell, so one op could not run before and after it: the group is cut there, into two cell ops."""
+    c1 = gnp.tanh(a) + 1.0
+    h1 = c1 * 2.0
+    c2 = c1 + h1 @ w
+    return gnp.tanh(c2) * c2, c2 - 1.0
+
+
 FUSING = {
     "two_readers": (two_readers, lambda: (_f32(4, 24), _f32(4, 24))),
     "result_and_reader": (result_and_reader, lambda: (_f32(3, 5, 7),)),
@@ -133,7 +142,8 @@ LOOPS = {
     "independent_elements_steps": (independent_elements_steps, lambda: (_f32(8, 1, 32),)),
     "carry_read_by_a_reduction": (carry_read_by_a_reduction, lambda: (_f32(4, 16),)),
 }
-ALL = {**FUSING, **LOOPS}
+CUT = {"matmul_between_two_cells": (matmul_between_two_cells, lambda: (_f32(4, 16), _f32(16, 16, scale=0.3)))}
+ALL = {**FUSING, **LOOPS, **CUT}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -185,6 +195,17 @@ def test_outputs_of_several_dtypes():
     program, _ = _program("mixed_dtypes")
     (op,) = _cell_ops(schedule(program, grid=8, rows=CHAIN))
     assert sorted(str(v.aval.dtype) for v in op.outputs) == ["bool", "float32", "int32"]
+
+
+def test_a_group_is_cut_before_a_matmul_between_its_steps():
+    program, args = _program("matmul_between_two_cells")
+    plan = schedule(program, grid=8, rows=CHAIN)
+    first, second = _cell_ops(plan)
+    (matmul,) = [op for op in plan_ops(plan) if op.kind == matmul_p.name]
+    assert [op.name for op in plan_ops(plan)] == [first.name, matmul.name, second.name]
+    assert matmul.inputs[0].storage in {v.storage for v in first.outputs}       # h1, stored for the matmul
+    assert {v.storage for v in second.inputs} & {v.storage for v in first.outputs}   # c1, read from memory
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
 def test_no_fusion_without_the_backends_rule():

@@ -29,7 +29,9 @@ result has several readers (or is a loop carry, an output): a fused chain has on
 the row shape S, its uTask computes each element's steps in registers, in order, and stores every member
 read outside the chain: one op, one wave, one memory round trip. It grows from any elementwise item, forward
 and backward as above, after the row chains (their members are taken); any dtype may join (no reduction
-needs a float identity), and the last axis of S fits on chip as a row's does.
+needs a float identity), and the last axis of S fits on chip as a row's does. Where an item outside the
+group reads a member and feeds another (a matmul between two cells of an unrolled recurrence), the group is
+cut before it: the members that would run after it leave (they may form a chain of their own).
 
 The scheduler (Scheduler._fuse_rows) fuses chains only for a backend with a "utask" lowering of ROWS, cell
 chains only when asked too (`cells`).
@@ -238,6 +240,21 @@ class _Finder:
                 after.add(it)
         return not any(m.deps & after for m in members)
 
+    def before_outside_readers(self, members) -> list:
+        """The members that run before every item outside the group that reads a member (directly or through
+        other items): a matmul between two steps of an unrolled recurrence (its first step's cell reads the
+        carry, the matmul the new h, the second step's cell the matmul) cuts the group there; what stays
+        is acyclic (see `acyclic`)."""
+        member_set = set(members)
+        kept: set = set()
+        after: set = set()                   # items (members dropped too) that run after a kept member
+        for it in self.items:                # (program order: an item's producers come before it)
+            if it in member_set and not it.deps & after:
+                kept.add(it)
+            elif it.deps & (kept | after):
+                after.add(it)
+        return [m for m in members if m in kept]
+
     def no_views_of(self, members) -> bool:
         """Does nothing recompute a member's reader in place through a view (Scheduler._inline_window reads
         its operands' storage through windows: a member there would have to be in memory)?"""
@@ -277,8 +294,8 @@ class _Finder:
             shape = cell_shape(seed, self.max_length)
             if shape is None or seed in taken or seed in tried:
                 continue
-            members = self.grow(seed, shape, taken, cell=True)
-            if len(members) < 2 or not self.acyclic(members) or not self.no_views_of(members):
+            members = self.before_outside_readers(self.grow(seed, shape, taken, cell=True))
+            if len(members) < 2 or not self.no_views_of(members):
                 tried.update(members)
                 continue
             taken.update(members)

@@ -638,8 +638,11 @@ class Scheduler:
         the members read outside the chain get storage (`row_output`)."""
         if not self.row_chains:
             return
+        # (Not where owner.py lays out matmul -> elementwise chains by columns: a ROWS op has no column split,
+        # and would take its members out of their layout.)
+        cells = self.cell_chains and not (self.owner and self.loop_depth and not self.parts)
         for chain in find_row_chains(items, producer, reshaped, windows, uses, ROW_SLOTS * self.block,
-                                     cells=self.cell_chains):
+                                     cells=cells):
             if self.parts and math.prod(chain.row_shape[:-1]) % self.parts:
                 continue         # (a partition's elements are no whole rows: the members keep their splits)
             head = chain.members[-1]
