@@ -12,6 +12,7 @@ import gdsl.nn
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip.emulated import EmulatedHIPDialect
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import ROWS, STEPS, Loop, Wave, plan_statements
@@ -282,6 +283,17 @@ def test_emulated_results_with_and_without_cells(name):
         for block in (64, 256):
             got = emulate(fn, *args, grid=4, block=block, cells=cells)
             assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["mixed_dtypes", "masked_lstm_steps"])
+def test_emulated_hip_wave64(name):
+    """HIP's dialect (64-lane wavefronts) runs the same rule."""
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
+    got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
+    assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
