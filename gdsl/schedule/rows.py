@@ -122,6 +122,23 @@ class _Finder:
         self.producer, self.reshaped, self.windows, self.uses = producer, reshaped, windows, uses
         self.max_length = max_length
         self.cells = cells
+        self.inputs: dict = {}          # item -> _input_vars(item), computed once (growth asks again and again)
+        # Root variable -> the reads of its aliases by anything but another alias's own read of its source.
+        self.alias_reads: dict = {}
+        for alias_var, alias in windows.items():
+            self.alias_reads[alias.root] = self.alias_reads.get(alias.root, 0) + uses.get(alias_var, 0) - 1
+        self.position = {it: k for k, it in enumerate(self.items)}
+        self.readers: dict = {}         # variable -> the items that read it (a cell chain grows through them)
+        if cells:
+            for it in self.items:
+                for var in self.input_vars(it):
+                    self.readers.setdefault(var, []).append(it)
+
+    def input_vars(self, it) -> list:
+        """The variables item `it` reads, once per read (_input_vars, cached)."""
+        if it not in self.inputs:
+            self.inputs[it] = _input_vars(it)
+        return self.inputs[it]
 
     # ------------------------------------------------------------------------------------------ reads
     def member_read(self, atom, members):
@@ -153,7 +170,7 @@ class _Finder:
         """(every read of a member by `it` is valid, `it` reads a member)."""
         reader_shape = it.eqn.inputs[0].aval.shape if it.raw_expr is None else it.eqn.outs[0].aval.shape
         any_read = False
-        for atom in _input_vars(it):
+        for atom in self.input_vars(it):
             found = self.member_read(atom, members)
             if found is None:
                 if self.producer.get(atom) in members:
@@ -169,7 +186,7 @@ class _Finder:
         """How often the members read `var` (directly or through reshapes)."""
         count = 0
         for m in members:
-            for atom in _input_vars(m):
+            for atom in self.input_vars(m):
                 found = self.member_read(atom, {self.producer.get(var)})
                 if found is not None and found[1] is var:
                     count += 1
@@ -177,10 +194,8 @@ class _Finder:
 
     def reads_outside(self, var, members) -> bool:
         """Is `var` read by anything but the members (an item, a later control equation, an output)?"""
-        total = self.uses.get(var, 0)
-        for alias_var, alias in self.windows.items():
-            if alias.root is var:        # its readers count, the alias's own read of its source does not
-                total += self.uses.get(alias_var, 0) - 1
+        # (an alias's readers count, the alias's own read of its source does not)
+        total = self.uses.get(var, 0) + self.alias_reads.get(var, 0)
         return total > self.member_reads(var, members)
 
     # ------------------------------------------------------------------------------------------ growth
@@ -214,20 +229,42 @@ class _Finder:
         """Can the members that read `it` already (as an input, so far) read it on chip once it joins?"""
         for m in members:
             reader_shape = m.eqn.inputs[0].aval.shape if m.raw_expr is None else m.eqn.outs[0].aval.shape
-            for atom in _input_vars(m):
+            for atom in self.input_vars(m):
                 found = self.member_read(atom, {it})
                 if found is not None and not self.valid_read(atom, it, reader_shape, shape):
                     return False
         return True
 
-    def grow(self, seed, shape, taken, cell=False) -> list:
+    def grow(self, seed, shape, taken) -> list:
         members = {seed}
         changed = True
         while changed:
             changed = False
             for it in self.items:
-                if it not in members and it not in taken and self.joins(it, members, shape, cell):
+                if it not in members and it not in taken and self.joins(it, members, shape):
                     members.add(it)
+                    changed = True
+        return [it for it in self.items if it in members]
+
+    def neighbours(self, it) -> set:
+        """The items that read `it`'s result or produce what it reads: the only items that can join a cell
+        chain because `it` is a member (its members read each other at the element, never reshaped)."""
+        found = set(self.readers.get(it.eqn.outs[0], ()))
+        found.update(self.producer[var] for var in self.input_vars(it) if var in self.producer)
+        return found & self.position.keys()
+
+    def grow_cell(self, seed, shape, taken) -> list:
+        """A cell chain grown from `seed` as `grow` grows a row chain (program order, until nothing joins),
+        looking only at the neighbours of its members."""
+        members = {seed}
+        candidates = self.neighbours(seed)
+        changed = True
+        while changed:
+            changed = False
+            for it in sorted(candidates - members, key=self.position.__getitem__):
+                if it not in taken and self.joins(it, members, shape, cell=True):
+                    members.add(it)
+                    candidates |= self.neighbours(it)
                     changed = True
         return [it for it in self.items if it in members]
 
@@ -294,7 +331,7 @@ class _Finder:
             shape = cell_shape(seed, self.max_length)
             if shape is None or seed in taken or seed in tried:
                 continue
-            members = self.before_outside_readers(self.grow(seed, shape, taken, cell=True))
+            members = self.before_outside_readers(self.grow_cell(seed, shape, taken))
             if len(members) < 2 or not self.no_views_of(members):
                 tried.update(members)
                 continue
