@@ -22,7 +22,19 @@ and is kept when it has two members or more, no item outside it both reads a mem
 could not run before and after it), and its rows fit on chip (`max_length`). Only the members read outside
 the chain become the op's outputs (the last member always: nothing in the chain reads it).
 
-The scheduler (Scheduler._fuse_rows) fuses chains only for a backend with a "utask" lowering of ROWS.
+A **cell chain** is the same op without a reduction: a connected group of elementwise items of one shape S
+(the recurrent cell of an LSTM: the new `c`, then `h` from `c`, then the carry selects that read `c`), each
+member reading the others only at the element it computes. Such items are separate ops today because a
+result has several readers (or is a loop carry, an output): a fused chain has one output. As a ROWS op over
+the row shape S, its uTask computes each element's steps in registers, in order, and stores every member
+read outside the chain: one op, one wave, one memory round trip. It grows from any elementwise item, forward
+and backward as above, after the row chains (their members are taken); any dtype may join (no reduction
+needs a float identity), and the last axis of S fits on chip as a row's does. Where an item outside the
+group reads a member and feeds another (a matmul between two cells of an unrolled recurrence), the group is
+cut before it: the members that would run after it leave (they may form a chain of their own).
+
+The scheduler (Scheduler._fuse_rows) fuses chains only for a backend with a "utask" lowering of ROWS, cell
+chains only when asked too (`cells`).
 """
 from __future__ import annotations
 
@@ -66,10 +78,22 @@ def row_reduction_shape(it) -> tuple | None:
     return tuple(x.shape)
 
 
-def _elementwise(it) -> bool:
-    """A fused elementwise item (not a contraction's epilogue, not recomputed in a reader) of floats."""
+def _elementwise(it, any_dtype=False) -> bool:
+    """A fused elementwise item (not a contraction's epilogue, not recomputed in a reader) of floats, or of
+    any dtype (`any_dtype`: a cell chain's member)."""
     return not it.uniform and not it.absorbed and it.raw_expr is not None and it.contraction is None and \
-        len(it.eqn.outs) == 1 and not it.inlined and dtypes.is_float(it.eqn.outs[0].aval.dtype)
+        len(it.eqn.outs) == 1 and not it.inlined and (any_dtype or dtypes.is_float(it.eqn.outs[0].aval.dtype))
+
+
+def cell_shape(it, max_length) -> tuple | None:
+    """The row shape of a cell chain that scheduler item `it` may seed or join (its output's shape: at least
+    one axis, the last of at most `max_length` elements), else None."""
+    if not _elementwise(it, any_dtype=True):
+        return None
+    shape = tuple(it.eqn.outs[0].aval.shape)
+    if not shape or not 1 <= shape[-1] <= max_length or math.prod(shape) == 0:
+        return None
+    return shape
 
 
 def _input_vars(it) -> list:
@@ -93,10 +117,28 @@ def _input_nodes(expr) -> list:
 class _Finder:
     """The chains of one segment's items (see the module docstring)."""
 
-    def __init__(self, items, producer, reshaped, windows, uses, max_length):
+    def __init__(self, items, producer, reshaped, windows, uses, max_length, cells=False):
         self.items = [it for it in items if not it.absorbed]
         self.producer, self.reshaped, self.windows, self.uses = producer, reshaped, windows, uses
         self.max_length = max_length
+        self.cells = cells
+        self.inputs: dict = {}          # item -> _input_vars(item), computed once (growth asks again and again)
+        # Root variable -> the reads of its aliases by anything but another alias's own read of its source.
+        self.alias_reads: dict = {}
+        for alias_var, alias in windows.items():
+            self.alias_reads[alias.root] = self.alias_reads.get(alias.root, 0) + uses.get(alias_var, 0) - 1
+        self.position = {it: k for k, it in enumerate(self.items)}
+        self.readers: dict = {}         # variable -> the items that read it (a cell chain grows through them)
+        if cells:
+            for it in self.items:
+                for var in self.input_vars(it):
+                    self.readers.setdefault(var, []).append(it)
+
+    def input_vars(self, it) -> list:
+        """The variables item `it` reads, once per read (_input_vars, cached)."""
+        if it not in self.inputs:
+            self.inputs[it] = _input_vars(it)
+        return self.inputs[it]
 
     # ------------------------------------------------------------------------------------------ reads
     def member_read(self, atom, members):
@@ -128,7 +170,7 @@ class _Finder:
         """(every read of a member by `it` is valid, `it` reads a member)."""
         reader_shape = it.eqn.inputs[0].aval.shape if it.raw_expr is None else it.eqn.outs[0].aval.shape
         any_read = False
-        for atom in _input_vars(it):
+        for atom in self.input_vars(it):
             found = self.member_read(atom, members)
             if found is None:
                 if self.producer.get(atom) in members:
@@ -144,7 +186,7 @@ class _Finder:
         """How often the members read `var` (directly or through reshapes)."""
         count = 0
         for m in members:
-            for atom in _input_vars(m):
+            for atom in self.input_vars(m):
                 found = self.member_read(atom, {self.producer.get(var)})
                 if found is not None and found[1] is var:
                     count += 1
@@ -152,15 +194,16 @@ class _Finder:
 
     def reads_outside(self, var, members) -> bool:
         """Is `var` read by anything but the members (an item, a later control equation, an output)?"""
-        total = self.uses.get(var, 0)
-        for alias_var, alias in self.windows.items():
-            if alias.root is var:        # its readers count, the alias's own read of its source does not
-                total += self.uses.get(alias_var, 0) - 1
+        # (an alias's readers count, the alias's own read of its source does not)
+        total = self.uses.get(var, 0) + self.alias_reads.get(var, 0)
         return total > self.member_reads(var, members)
 
     # ------------------------------------------------------------------------------------------ growth
-    def fits(self, it, shape) -> bool:
-        """Is `it` a candidate member of a chain over `shape` (before looking at what it reads)?"""
+    def fits(self, it, shape, cell=False) -> bool:
+        """Is `it` a candidate member of a chain over `shape` (before looking at what it reads)? A cell
+        chain's members are elementwise items of exactly that shape."""
+        if cell:
+            return cell_shape(it, self.max_length) == shape
         if row_reduction_shape(it) is not None:
             return row_reduction_shape(it) == shape
         if not _elementwise(it):
@@ -168,8 +211,8 @@ class _Finder:
         out = tuple(it.eqn.outs[0].aval.shape)
         return out == shape or (out in self._per_row_shapes(shape) and math.prod(out) == math.prod(shape[:-1]))
 
-    def joins(self, it, members, shape) -> bool:
-        if not self.fits(it, shape):
+    def joins(self, it, members, shape, cell=False) -> bool:
+        if not self.fits(it, shape, cell):
             return False
         valid, any_read = self.reads_ok(it, members, shape)
         if not valid or not self.read_on_chip_by(it, members, shape):
@@ -186,7 +229,7 @@ class _Finder:
         """Can the members that read `it` already (as an input, so far) read it on chip once it joins?"""
         for m in members:
             reader_shape = m.eqn.inputs[0].aval.shape if m.raw_expr is None else m.eqn.outs[0].aval.shape
-            for atom in _input_vars(m):
+            for atom in self.input_vars(m):
                 found = self.member_read(atom, {it})
                 if found is not None and not self.valid_read(atom, it, reader_shape, shape):
                     return False
@@ -203,6 +246,28 @@ class _Finder:
                     changed = True
         return [it for it in self.items if it in members]
 
+    def neighbours(self, it) -> set:
+        """The items that read `it`'s result or produce what it reads: the only items that can join a cell
+        chain because `it` is a member (its members read each other at the element, never reshaped)."""
+        found = set(self.readers.get(it.eqn.outs[0], ()))
+        found.update(self.producer[var] for var in self.input_vars(it) if var in self.producer)
+        return found & self.position.keys()
+
+    def grow_cell(self, seed, shape, taken) -> list:
+        """A cell chain grown from `seed` as `grow` grows a row chain (program order, until nothing joins),
+        looking only at the neighbours of its members."""
+        members = {seed}
+        candidates = self.neighbours(seed)
+        changed = True
+        while changed:
+            changed = False
+            for it in sorted(candidates - members, key=self.position.__getitem__):
+                if it not in taken and self.joins(it, members, shape, cell=True):
+                    members.add(it)
+                    candidates |= self.neighbours(it)
+                    changed = True
+        return [it for it in self.items if it in members]
+
     def acyclic(self, members) -> bool:
         """Does no item outside the chain both read a member (through its producers) and feed one?"""
         member_set = set(members)
@@ -211,6 +276,21 @@ class _Finder:
             if it not in member_set and it.deps & (member_set | after):
                 after.add(it)
         return not any(m.deps & after for m in members)
+
+    def before_outside_readers(self, members) -> list:
+        """The members that run before every item outside the group that reads a member (directly or through
+        other items): a matmul between two steps of an unrolled recurrence (its first step's cell reads the
+        carry, the matmul the new h, the second step's cell the matmul) cuts the group there; what stays
+        is acyclic (see `acyclic`)."""
+        member_set = set(members)
+        kept: set = set()
+        after: set = set()                   # items (members dropped too) that run after a kept member
+        for it in self.items:                # (program order: an item's producers come before it)
+            if it in member_set and not it.deps & after:
+                kept.add(it)
+            elif it.deps & (kept | after):
+                after.add(it)
+        return [m for m in members if m in kept]
 
     def no_views_of(self, members) -> bool:
         """Does nothing recompute a member's reader in place through a view (Scheduler._inline_window reads
@@ -236,6 +316,24 @@ class _Finder:
                 continue
             members = self.grow(seed, shape, taken)
             if len(members) < 2 or not self.acyclic(members) or not self.no_views_of(members):
+                continue
+            taken.update(members)
+            found.append(self.chain(members, shape))
+        if self.cells:
+            found += self.cell_chains(taken)
+        return found
+
+    def cell_chains(self, taken) -> list[RowChain]:
+        """The cell chains among the items no row chain took (see the module docstring)."""
+        found = []
+        tried: set = set()          # members of a group that could not fuse: they seed no other
+        for seed in self.items:
+            shape = cell_shape(seed, self.max_length)
+            if shape is None or seed in taken or seed in tried:
+                continue
+            members = self.before_outside_readers(self.grow_cell(seed, shape, taken))
+            if len(members) < 2 or not self.no_views_of(members):
+                tried.update(members)
                 continue
             taken.update(members)
             found.append(self.chain(members, shape))
@@ -267,12 +365,12 @@ class _Finder:
         return RowChain(members, shape, steps, outputs)
 
 
-def find_row_chains(items, producer, reshaped, windows, uses, max_length) -> list[RowChain]:
+def find_row_chains(items, producer, reshaped, windows, uses, max_length, cells=False) -> list[RowChain]:
     """The row chains among a segment's items (scheduler _Items in program order): `producer` maps each
     variable to its item, `reshaped` a reshape's output to its operand, `windows` each alias variable to
     its _Alias (root variable), `uses` each variable to its reads; rows longer than `max_length` stay
-    unfused."""
-    return _Finder(items, producer, reshaped, windows, uses, max_length).chains()
+    unfused. `cells`: the cell chains too (after the row chains)."""
+    return _Finder(items, producer, reshaped, windows, uses, max_length, cells).chains()
 
 
 def numbered_steps(steps, leaves: list) -> tuple[RowStep, ...]:

@@ -52,6 +52,7 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     RESULT,
+    ROW_SHAPE,
     ROWS,
     STEPS,
     Assign,
@@ -157,12 +158,15 @@ class _Item:
     # A contraction (or its epilogue) that stores its result straight into the window of this
     # dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op.
     stores_into: _Item | None = None
+    # (a ROWS item) the item whose `alias` says where each of `row_outputs` is stored: itself for the last
+    # member's result (it allocates it, see _allocate), else the member (a `row_output`)
+    row_owners: list = field(default_factory=list)
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False):
+                 resident_calls=False, cells=True):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -192,6 +196,9 @@ class Scheduler:
         self.window_stores = tuple(window_stores) if control == "device" else ()
         # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
         self.row_chains = has_lowering(ROWS.name, tuple(rows), "utask") if rows else False
+        # Cell chains (rows.py: connected elementwise items of one shape, as one multi-output ROWS op), for
+        # such a backend too unless switched off.
+        self.cell_chains = self.row_chains and bool(cells)
         # The lowering chain whose "view" rules say which windows the backend reads in place: at a run-time
         # offset (plan.Value.terms; device control only, where every vEU has the uniforms) or transposed
         # (plan.Value.perm); empty: none.
@@ -224,7 +231,7 @@ class Scheduler:
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0,
-                      "window_stores": 0}
+                      "window_stores": 0, "cell_chains": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -648,18 +655,26 @@ class Scheduler:
 
     def _fuse_rows(self, items, order, producer, uses, reshaped, windows):
         """Each row chain (rows.py: reductions over the last axis and the elementwise steps on the same rows
-        that read them) becomes one item of kind ROWS in place of its members, when the backend has a
-        uTask rule for it: one op, one wave, its intermediates on chip. Its readers wait for it instead of
-        the members; only the members read outside the chain get storage (`row_output`)."""
+        that read them), and each cell chain (connected elementwise items of one shape) when `cells`,
+        becomes one item of kind ROWS in place of its members, when the backend has a uTask rule for it:
+        one op, one wave, its intermediates on chip. Its readers wait for it instead of the members; only
+        the members read outside the chain get storage (`row_output`)."""
         if not self.row_chains:
             return
-        for chain in find_row_chains(items, producer, reshaped, windows, uses, ROW_SLOTS * self.block):
+        # (Not where owner.py lays out matmul -> elementwise chains by columns: a ROWS op has no column split,
+        # and would take its members out of their layout.)
+        cells = self.cell_chains and not (self.owner and self.loop_depth and not self.parts)
+        for chain in find_row_chains(items, producer, reshaped, windows, uses, ROW_SLOTS * self.block,
+                                     cells=cells):
+            if self.parts and math.prod(chain.row_shape[:-1]) % self.parts:
+                continue         # (a partition's elements are no whole rows: the members keep their splits)
             head = chain.members[-1]
             leaves: list = []
             steps = numbered_steps(chain.steps, leaves)
             members = set(chain.members)
             item = _Item(head.eqn, False, index=head.index, leaves=leaves, rows=rows_params(chain, steps),
                          row_outputs=[m.eqn.outs[0] for m in chain.outputs])
+            item.row_owners = [m for m in chain.outputs[:-1]] + [item]
             item.deps = set().union(*(m.deps for m in chain.members)) - members
             for m in chain.members:
                 m.absorbed = True
@@ -669,7 +684,7 @@ class Scheduler:
                     it.deps = (it.deps - members) | {item}
             items.insert(items.index(head) + 1, item)
             order[order.index(head)] = item          # it allocates the head's result (and its alias)
-            self.stats["row_chains"] += 1
+            self.stats["cell_chains" if all(s.reduce is None for s in steps) else "row_chains"] += 1
             self.stats["fused_eqns"] += len(chain.members) - 1
 
     def _takes_epilogue(self, c, result, it, uses, reshaped) -> bool:
@@ -713,43 +728,50 @@ class Scheduler:
         result may be a reshape of the op's output (RAE's leaf `reshape(x[node], (H,))`): the op then
         writes the result's storage under its own shape, and the reshape reads it there, no copy."""
         for it in items:
-            hinted = None if it.uniform or it.view else self._hinted_result(it, jaxpr)
-            if hinted is None:
+            if it.uniform or it.view:
                 continue
+            for owner, out in _stored_results(it):
+                self._choose_alias(it, owner, out, items, jaxpr)
+
+    def _choose_alias(self, it, owner, out, items, jaxpr):
+        """`owner.alias` for result `out` of item `it` (the item itself, or for a ROWS op the member whose
+        result it stores, see _Item.row_owners): its hinted storage when that is safe."""
+        hinted = self._hinted_result(out, jaxpr)
+        if hinted is not None:
             target, binders = self.hints[hinted]
-            out = it.eqn.outs[0]
             in_target = Value(target.storage, out.aval, target.frame_offset, target.offset)
             if binders is None:           # a fresh result buffer nobody else reads
-                it.alias = in_target
-                continue
-            names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
-            readers_ok = not any(a in names for a in jaxpr.outs if a is not hinted)
-            for later_index, eqn in enumerate(jaxpr.eqns):
-                if later_index > it.index and any(a in names for a in eqn.inputs):
-                    readers_ok = False       # read after the overwrite
-            for other in items:
-                read_level = other.read_level if other.view else other.level    # (a view: where it is read)
-                if other is not it and any(a in names for a in _reads(other)) and \
-                        (read_level >= it.level or other.uniform or other.read_by_uniform):
-                    readers_ok = False       # read concurrently with or after the overwrite (every vEU
-                    #                          reads for a uniform op, with no barrier before the next wave)
-            if any(a in names for a in _reads(it)) and not _same_index_read(it, binders):
-                readers_ok = False
-            views_of_carry = names - _closure_of_all(jaxpr, binders, views=False)
-            windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
-            if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
-                readers_ok = False       # it reads the carry through a view: at other elements than it writes
-            if readers_ok and target.aval == hinted.aval:
-                it.alias = in_target
+                owner.alias = in_target
+            elif self._overwrite_safe(it, binders, hinted, items, jaxpr) and target.aval == hinted.aval:
+                owner.alias = in_target
 
-    def _hinted_result(self, it, jaxpr):
-        """The variable with a storage hint (self.hints) that item `it` computes: its own output, or else
-        the one reshape (or chain of reshapes) of it that has a hint (a reshape shares its operand's
+    def _overwrite_safe(self, it, binders, hinted, items, jaxpr) -> bool:
+        """May item `it` overwrite the storage of `binders` (a loop carry, a branch operand) with `hinted`:
+        does no reader of the binders see the overwrite?"""
+        names = _closure_of_all(jaxpr, binders)     # the binders and their reshapes share storage
+        readers_ok = not any(a in names for a in jaxpr.outs if a is not hinted)
+        for later_index, eqn in enumerate(jaxpr.eqns):
+            if later_index > it.index and any(a in names for a in eqn.inputs):
+                readers_ok = False       # read after the overwrite
+        for other in items:
+            read_level = other.read_level if other.view else other.level    # (a view: where it is read)
+            if other is not it and any(a in names for a in _reads(other)) and \
+                    (read_level >= it.level or other.uniform or other.read_by_uniform):
+                readers_ok = False       # read concurrently with or after the overwrite (every vEU
+                #                          reads for a uniform op, with no barrier before the next wave)
+        if any(a in names for a in _reads(it)) and not _same_index_read(it, binders, names):
+            readers_ok = False
+        views_of_carry = names - _closure_of_all(jaxpr, binders, views=False)
+        windows_read = {_base_of(a) for a in it.leaves if isinstance(a, _Window)}
+        if any(a in views_of_carry or a in names and a in windows_read for a in _reads(it)):
+            readers_ok = False       # it reads the carry through a view: at other elements than it writes
+        return readers_ok
+
+    def _hinted_result(self, out, jaxpr):
+        """The variable with a storage hint (self.hints) that an item computes as `out`: `out` itself, or
+        else the one reshape (or chain of reshapes) of it that has a hint (a reshape shares its operand's
         storage, so writing the operand there writes the result); None when there is none. Two hinted
         reshapes of one output would want two storages: the output then takes neither."""
-        if not it.eqn.outs:
-            return None
-        out = it.eqn.outs[0]
         if out in self.hints:
             return out
         hinted = [v for v in _alias_closure(jaxpr, out, views=False) if v in self.hints]
@@ -2043,15 +2065,44 @@ def _pure_elementwise(kind) -> bool:
     return family_of(kind) == ELEMENTWISE and is_uniform(kind)
 
 
-def _same_index_read(item, binders) -> bool:
-    """Does the op read `binders` (variables sharing one storage) only at the element it writes (so
-    writing in place is safe)?"""
+def _stored_results(item) -> list:
+    """(owner, variable) for each result of `item` stored in memory, `owner` the item whose `alias` says
+    where (a ROWS op stores several members' results: _Item.row_owners); an item's first output else."""
+    if item.rows is not None:
+        return list(zip(item.row_owners, item.row_outputs))
+    return [(item, item.eqn.outs[0])] if item.eqn.outs else []
+
+
+def _same_index_read(item, binders, names=()) -> bool:
+    """Does the op read `binders` (variables sharing one storage; `names`: they and their reshapes) only at
+    the element it writes (so writing in place is safe)?"""
+    if item.rows is not None:
+        return _rows_same_index_read(item, binders, names)
     if item.eqn.primitive is dynamic_update_slice_p:
         first, rest = item.eqn.inputs[0], item.eqn.inputs[1:]
         return any(first is b for b in binders) and not any(a is b for a in rest for b in binders)
     if item.contraction is not None and any(a is b for a in item.contraction.eqn.inputs for b in binders):
         return False             # a contraction reads whole rows / windows of its operands
     return item.expr is not None and all(b.aval.shape == item.eqn.outs[0].aval.shape for b in binders)
+
+
+def _rows_same_index_read(item, binders, names) -> bool:
+    """Does a ROWS op read `binders` (`names`: they and their reshapes) only in elementwise steps over its
+    row shape, unreshaped, at the element being computed? Then an output may overwrite them in place: a
+    lane computes every step of its elements of a row in registers before it stores any (cfamily
+    reductions.row_chain; the simulator evaluates a uTask before it writes), so each read of an element
+    comes before the store to it, in the same thread. Reductions and per-row steps read other elements of
+    the row: not in place."""
+    shape = tuple(item.rows[ROW_SHAPE])
+    if any(tuple(b.aval.shape) != shape for b in binders):
+        return False
+    for step in item.rows[STEPS]:
+        for node in _input_nodes(step.expr):
+            leaf = item.leaves[node.params["index"]]
+            if leaf in names and (step.reduce is not None or step.per_row(shape) or
+                                  tuple(leaf.aval.shape) != shape):
+                return False
+    return True
 
 
 # Shorter names for some primitives in fused op labels.
@@ -2077,8 +2128,12 @@ def _expr_label(expr) -> str:
 
 
 def _rows_label(params) -> str:
-    """A short name for a ROWS op: its kind and its reductions, e.g. `row_chain_reduce_max_reduce_sum`."""
-    return "_".join([ROWS.name] + [step.reduce for step in params[STEPS] if step.reduce is not None])
+    """A short name for a ROWS op: its kind and its reductions, e.g. `row_chain_reduce_max_reduce_sum`; a
+    cell chain (no reduction): its kind and its first step's label, e.g. `row_chain_add_mul_logistic`."""
+    reductions = [step.reduce for step in params[STEPS] if step.reduce is not None]
+    if not reductions:
+        return f"{ROWS.name}_{_expr_label(params[STEPS][0].expr)}"
+    return "_".join([ROWS.name] + reductions)
 
 
 def _index_leaves(expr, leaves, result=None, first=0) -> Expr:
@@ -2299,7 +2354,7 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=(), resident_calls=None) -> Plan:
+             fork=None, window_stores=(), resident_calls=None, cells=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2313,6 +2368,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     run-time offset under device control (Scheduler._dynamic_view; empty: none, they stay ops).
     `rows`: the backend's lowering chain; with a "utask" rule for ROWS, chains of reductions over the last
     axis and the elementwise steps on those rows fuse into one op (rows.py; empty: never).
+    `cells=False`: no cell chains (with such a backend, connected elementwise items of one shape, a
+    recurrent cell's `c`, `h` and carry updates, fuse into one ROWS op with several outputs; None or True: on).
     `balance=False`: each wave's ops keep the split chosen for the whole grid and share it by cost; None or
     True: a wave's splits and shares are chosen together when that is estimated faster (balance.py).
     `fork=True`: two calls of one recursive function whose arguments do not read each other's results
@@ -2342,12 +2399,14 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"fork must be None (off), True or False, got {fork!r}")
     if resident_calls not in (None, True, False):
         raise ValueError(f"resident_calls must be None (off), True or False, got {resident_calls!r}")
+    if cells not in (None, True, False):
+        raise ValueError(f"cells must be None (on), True or False, got {cells!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
-                   window_stores=window_stores, resident_calls=bool(resident_calls))
+                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False)
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

@@ -14,7 +14,7 @@ from gdsl.schedule.plan import Fork, Wave, plan_statements
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
-                           "balance", "rows", "fork", "window_store", "resident_calls", "narrow"})
+                           "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow"})
 DEFAULT_BLOCK = 256
 
 
@@ -38,8 +38,9 @@ def check_options(options, dialect) -> dict:
             "wavefront": options.get("wavefront"), "hoist": options.get("hoist"), "profile": options.get("profile"),
             "resident": options.get("resident"), "tensor_cores": options.get("tensor_cores"),
             "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance"),
-            "rows": options.get("rows"), "fork": options.get("fork"), "window_store": options.get("window_store"),
-            "resident_calls": options.get("resident_calls"), "narrow": options.get("narrow")}
+            "rows": options.get("rows"), "cells": options.get("cells"), "fork": options.get("fork"),
+            "window_store": options.get("window_store"), "resident_calls": options.get("resident_calls"),
+            "narrow": options.get("narrow")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -64,7 +65,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
-                    resident_calls=opts.get("resident_calls"))
+                    resident_calls=opts.get("resident_calls"), cells=opts.get("cells"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -265,13 +265,16 @@ def row_chain(ops: OpRenderer) -> str:
     layouts). A lane keeps its elements r = lane + k*g of each row step in
     registers (k < ceil(L / g) <= ROW_SLOTS), each per-row value in one register (every lane of the row
     holds it: the group and block reductions leave their result in every lane); only the op's outputs
-    are stored."""
+    are stored, after every step of the row. A cell chain (no reduction) needs no lane group: it takes
+    the whole block on each row when a row has at least a block's elements, so that no lane idles (its
+    elements then lie as a fused chain's do, lane + k*block)."""
     p = ops.op.params
     shape, steps = tuple(p[ROW_SHAPE]), p[STEPS]
     length, n_rows, rows = shape[-1], math.prod(shape[:-1]), p["rows"]
     thread, block = ops.dialect.thread_index, ops.block
     g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
-    grouped = -(-length // g) <= ROW_SLOTS
+    reduces = any(step.reduce is not None for step in steps)
+    grouped = -(-length // g) <= ROW_SLOTS and (reduces or length < block)
     if not grouped:
         g = block
     slots = -(-length // g)

@@ -1,0 +1,93 @@
+"""Ops, waves and barriers per loop step with and without cell chains (docs/schedule.md, "Cell chains").
+
+    python benchmarks/cell_counts.py [--models lstm,nasrnn,seq2seq] [--batch 1,64]
+
+Each model at its full size (`Config()`) is lowered for CUDA (no GPU needed: the source is rendered, not
+compiled) with the option cells=False and with cell chains (the default). Printed per row, for the body of
+the model's loop (the outermost Loop of the kernel): the ops, the waves, the grid barriers and block syncs
+of one step, and the ops one vEU runs one after another in a step (the most any vEU runs in each wave,
+summed over the waves: what a step waits for). The plan is also run by the bench's wave counter
+(benchmarks/branch_counts.py) on the model's first batch: the steps run and the waves, uTasks and grid
+barriers executed in the whole forward. The last column predicts the time a forward saves on the H200
+from the serial ops removed per step, at 0.6-0.9 us each (docs/performance.md, session 6 profiles).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: gdsl/, models/
+
+from gdsl.schedule.plan import Loop, Sync, Wave
+from models import common, floor, load
+
+OP_US = (0.6, 0.9)      # what one more elementwise op of a cell costs per step on the H200 (session 6)
+
+
+def step_counts(plan) -> dict:
+    """The counts of one step of the plan's first loop (its body, the condition excluded)."""
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)][:1]
+    counts = Counter()
+    for stmt in loop.body:
+        if isinstance(stmt, Wave):
+            counts["waves"] += 1
+            counts["ops"] += len(stmt.tasks)
+            per_veu = Counter()
+            for task in stmt.tasks:
+                for veu in range(task.first, task.first + task.count):
+                    per_veu[veu] += 1
+            counts["serial ops"] += max(per_veu.values())
+        elif isinstance(stmt, Sync):
+            counts["grid" if stmt.scope == "grid" else "block"] += 1
+    return counts
+
+
+def executed(weights, inputs, lowered):
+    """The bench's wave counter after running the plan, with `steps`: the body runs of the first loop."""
+    from branch_counts import WaveCounter  # (this directory is on sys.path: the script's own)
+
+    plan = floor.plan_of(lowered)
+    (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)][:1]
+
+    class StepCounter(WaveCounter):
+        steps = 0
+
+        def block(self, stmts):
+            if stmts is loop.body:
+                self.steps += 1
+            return super().block(stmts)
+
+    counter = StepCounter(plan, floor.rendered_grid_syncs(lowered), all_values=False)
+    counter.run(floor.flat_arguments(weights, inputs))
+    return counter
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python benchmarks/cell_counts.py", description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="lstm,nasrnn,seq2seq")
+    p.add_argument("--batch", default="1,64")
+    args = p.parse_args(argv)
+    print("model    bs  cells | per step: ops waves grid block serial-ops | steps | executed: waves uTasks grid"
+          " | predicted saving (us)")
+    for name in args.models.split(","):
+        model = load(name)
+        for batch in (int(b) for b in args.batch.split(",")):
+            prob = common.build_problem(model, batch)
+            serial = {}
+            for cells in (False, True):
+                forward = model.make_forward(prob.cfg, backend="cuda", **({} if cells else {"cells": False}))
+                lowered = forward.lower(prob.weights, prob.batches[0])
+                c = step_counts(floor.plan_of(lowered))
+                run = executed(prob.weights, prob.batches[0], lowered)
+                serial[cells] = c["serial ops"]
+                saved = (serial[False] - serial[True]) * run.steps if cells else 0
+                print(f"{name:8s} {batch:<3d} {'on' if cells else 'off':5s} | {c['ops']:13d} {c['waves']:5d} "
+                      f"{c['grid']:4d} {c['block']:5d} {c['serial ops']:10d} | {run.steps:5d} | "
+                      f"{run.waves:15d} {run.utasks:6d} {run.count.plan_grid_barriers:4d} | "
+                      f"{saved * OP_US[0]:.0f} - {saved * OP_US[1]:.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
