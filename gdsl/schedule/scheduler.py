@@ -845,7 +845,7 @@ class Scheduler:
                     (p is not None and not (p.uniform and p.level < c.level)):
                 return None
         # x's old value: read by nothing else at or after c's level (the update's own check saw its level).
-        hinted = self._hinted_result(update, jaxpr)
+        hinted = self._hinted_result(update.eqn.outs[0], jaxpr)
         binders = self.hints[hinted][1] if hinted is not None else None
         if binders is None:
             return None
