@@ -110,21 +110,58 @@ template <int NT, typename T, class B> GDSL_DEV void gdsl_block_argreduce(T& v, 
 }
 
 // ---------------------------------------------------------------------------------------- GEMM tiles
+// Four consecutive elements in one 16-byte load (LDS.128 / LDG.128), the address a multiple of 16 bytes.
+template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
+
 // The staging of one TM x TN output tile of C[M,N] = A[M,K] B[K,N]: A and B are read through the loaders
 // la(m, k) / lb(k, n) (so conv2d's implicit GEMM and batched/broadcast matmuls share this code) into shared
 // memory BK deep, As[k][m] and Bs[k][n] with rows of PA and PB elements (padding against bank conflicts);
 // `stage(As, Bs)` then computes on them. The next stage's global loads are issued into registers before the
 // current stage is computed, so their latency overlaps the computation.
 // AK / BKC: the operand is contiguous along k in memory (then consecutive threads load consecutive k).
-template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, class LA, class LB,
-          class STAGE>
-GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, LB lb, char* smem, STAGE stage) {
-  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;   // staged loads per thread
+// VEC (float32 operands in memory, A contiguous along k; K, and N where B runs along n, multiples of 4):
+// pa(m, k) / pb(k, n) give the operands' addresses, and when `vec` (the caller found the tile's first
+// addresses 16-byte aligned, so every group of four starting at a multiple of 4 is aligned and wholly inside
+// or wholly outside the matrix) each thread loads four consecutive elements at once, a quarter of the load
+// instructions of la / lb, which it uses otherwise.
+template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, bool VEC, class LA,
+          class LB, class PA_, class PB_, class STAGE>
+GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
+                                   char* smem, STAGE stage) {
+  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;      // staged loads per thread
+  constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = (TN * BK / 4 + NT - 1) / NT;  // four-element loads
+  constexpr int RA = VEC && 4 * QA > NA ? 4 * QA : NA, RB = VEC && 4 * QB > NB ? 4 * QB : NB;
+  static_assert(!VEC || (AK && BK % 4 == 0 && (BKC || TN % 4 == 0)), "four-element groups");
   Acc* As = (Acc*)smem;
   Acc* Bs = As + BK * PA;
   const int tid = threadIdx.x;
-  Acc ra[NA], rb[NB];
+  Acc ra[RA], rb[RB];
   auto fetch = [&](int k0) {
+    if constexpr (VEC) {
+      if (vec) {
+        auto load4 = [&](Acc* r, const Acc* p, bool valid) {
+          const gdsl_vec4<Acc> v = valid ? *(const gdsl_vec4<Acc>*)p : gdsl_vec4<Acc>{{0, 0, 0, 0}};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) r[e] = v.v[e];
+        };
+#pragma unroll
+        for (int r = 0; r < QA; ++r) {     // A along k: row m, k from kq
+          const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
+          const int gm = row0 + m, gk = k0 + kq;
+          const bool valid = q < TM * BK / 4 && gm < M && gk < K;
+          load4(ra + 4 * r, pa(valid ? gm : row0, valid ? gk : 0), valid);
+        }
+#pragma unroll
+        for (int r = 0; r < QB; ++r) {     // B along k (BKC: column n, k from kq) or along n (row kk, n from n4)
+          const int q = tid + r * NT;
+          const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
+          const int gn = col0 + n, gk = k0 + kk;
+          const bool valid = q < TN * BK / 4 && gn < N && gk < K;
+          load4(rb + 4 * r, pb(valid ? gk : 0, valid ? gn : col0), valid);
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < NA; ++r) {
       const int e = tid + r * NT;
@@ -140,8 +177,27 @@ GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, L
       rb[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : Acc(0);
     }
   };
-  fetch(0);
-  for (int k0 = 0; k0 < K; k0 += BK) {
+  auto store = [&]() {
+    if constexpr (VEC) {
+      if (vec) {
+#pragma unroll
+        for (int r = 0; r < QA; ++r) {
+          const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (q < TM * BK / 4) As[(kq + e) * PA + m] = ra[4 * r + e];
+        }
+#pragma unroll
+        for (int r = 0; r < QB; ++r) {
+          const int q = tid + r * NT;
+          const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (q < TN * BK / 4) Bs[BKC ? (kk + e) * PB + n : kk * PB + n + e] = rb[4 * r + e];
+        }
+        return;
+      }
+    }
 #pragma unroll
     for (int r = 0; r < NA; ++r) {
       const int e = tid + r * NT;
@@ -152,11 +208,23 @@ GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, L
       const int e = tid + r * NT;
       if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rb[r];
     }
+  };
+  fetch(0);
+  for (int k0 = 0; k0 < K; k0 += BK) {
+    store();
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
     stage((const Acc*)As, (const Acc*)Bs);
     __syncthreads();
   }
+}
+
+// gdsl_gemm_stages_vec through la / lb only.
+template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, class LA, class LB,
+          class STAGE>
+GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, LB lb, char* smem, STAGE stage) {
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, false>(M, N, K, row0, col0, la, lb, la, lb, false,
+                                                                    smem, stage);
 }
 
 // One output tile on the FFMA units: each of the TX*TY computing threads owns an RM x RN register tile
@@ -199,9 +267,6 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
   }
 }
 
-// Four consecutive elements of shared memory in one 16-byte load (LDS.128), the address a multiple of 16 bytes.
-template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
-
 // Copies of a float from global into shared memory that complete in the background where the dialect has
 // them (its header defines GDSL_ASYNC_COPY: CUDA's cp.async); here a plain load and store. `valid` false
 // stores 0 (reading nothing). A thread's copies issued before gdsl_copy_commit() form a group;
@@ -211,98 +276,6 @@ GDSL_DEV void gdsl_copy_async(float* dst, const float* src, bool valid) { *dst =
 GDSL_DEV void gdsl_copy_commit() {}
 template <int N> GDSL_DEV void gdsl_copy_wait() {}
 #endif
-
-// gdsl_gemm_stages for float32 operands in memory, which pa(m, k) / pb(k, n) also give as addresses: with `vec`
-// (the caller found the tile's first addresses 16-byte aligned; VEC: K, and N where B runs along n, are
-// multiples of 4, so every group of four starting at a multiple of 4 is aligned and either wholly inside or
-// wholly outside the matrix) each thread loads four consecutive elements at once, a quarter of the load
-// instructions of la / lb, which it uses otherwise.
-template <int TM, int TN, int BK, int NT, int PA, int PB, bool BKC, bool VEC, class LA, class LB, class PA_,
-          class PB_, class STAGE>
-GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
-                                   char* smem, STAGE stage) {
-  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;      // scalar loads per thread
-  constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = (TN * BK / 4 + NT - 1) / NT;  // four-element loads
-  constexpr int RA = NA > 4 * QA ? NA : 4 * QA, RB = NB > 4 * QB ? NB : 4 * QB;
-  static_assert(BK % 4 == 0 && (BKC || TN % 4 == 0), "four-element groups");
-  float* As = (float*)smem;
-  float* Bs = As + BK * PA;
-  const int tid = threadIdx.x;
-  float ra[RA], rb[RB];
-  auto load4 = [&](float* r, const float* p, bool valid) {
-    const gdsl_vec4<float> v = valid ? *(const gdsl_vec4<float>*)p : gdsl_vec4<float>{{0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) r[e] = v.v[e];
-  };
-  auto fetch = [&](int k0) {
-    if (VEC && vec) {
-#pragma unroll
-      for (int r = 0; r < QA; ++r) {     // A along k: row m, k from kq
-        const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
-        const int gm = row0 + m, gk = k0 + kq;
-        const bool valid = q < TM * BK / 4 && gm < M && gk < K;
-        load4(ra + 4 * r, pa(valid ? gm : row0, valid ? gk : 0), valid);
-      }
-#pragma unroll
-      for (int r = 0; r < QB; ++r) {     // B along k (BKC: column n, k from kq) or along n (row kk, n from n4)
-        const int q = tid + r * NT;
-        const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
-        const int gn = col0 + n, gk = k0 + kk;
-        const bool valid = q < TN * BK / 4 && gn < N && gk < K;
-        load4(rb + 4 * r, pb(valid ? gk : 0, valid ? gn : col0), valid);
-      }
-    } else {
-#pragma unroll
-      for (int r = 0; r < NA; ++r) {
-        const int e = tid + r * NT, m = e / BK, kk = e % BK;
-        const int gm = row0 + m, gk = k0 + kk;
-        ra[r] = (e < TM * BK && gm < M && gk < K) ? la(gm, gk) : 0.f;
-      }
-#pragma unroll
-      for (int r = 0; r < NB; ++r) {
-        const int e = tid + r * NT;
-        const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
-        const int gn = col0 + n, gk = k0 + kk;
-        rb[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : 0.f;
-      }
-    }
-  };
-  fetch(0);
-  for (int k0 = 0; k0 < K; k0 += BK) {
-    if (VEC && vec) {
-#pragma unroll
-      for (int r = 0; r < QA; ++r) {
-        const int q = tid + r * NT, m = q / (BK / 4), kq = q % (BK / 4) * 4;
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (q < TM * BK / 4) As[(kq + e) * PA + m] = ra[4 * r + e];
-      }
-#pragma unroll
-      for (int r = 0; r < QB; ++r) {
-        const int q = tid + r * NT;
-        const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (q < TN * BK / 4) Bs[BKC ? (kk + e) * PB + n : kk * PB + n + e] = rb[4 * r + e];
-      }
-    } else {
-#pragma unroll
-      for (int r = 0; r < NA; ++r) {
-        const int e = tid + r * NT;
-        if (e < TM * BK) As[(e % BK) * PA + e / BK] = ra[r];
-      }
-#pragma unroll
-      for (int r = 0; r < NB; ++r) {
-        const int e = tid + r * NT;
-        if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rb[r];
-      }
-    }
-    __syncthreads();
-    if (k0 + BK < K) fetch(k0 + BK);
-    stage((const float*)As, (const float*)Bs);
-    __syncthreads();
-  }
-}
 
 // The staging of gdsl_gemm_stages with NS shared-memory stages in flight: the loaders pa(m, k) / pb(k, n)
 // give the float32 operands' addresses, and stage s + NS - 1 is copied (asynchronously) while stage s is
@@ -404,7 +377,8 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
     gdsl_gemm_stages_async<TM, TN, BK, NS, NT, PA, PB, AK, BKC>(M, N, K, row0, col0, pa, pb, smem, stage);
   } else if constexpr (VEC) {
     const bool vec = ((unsigned long long)pa(row0, 0) | (unsigned long long)pb(0, col0)) % 16 == 0;
-    gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, BKC, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem, stage);
+    gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem,
+                                                                    stage);
   } else {
     gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, Acc>(M, N, K, row0, col0, la, lb, smem, stage);
   }
