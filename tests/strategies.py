@@ -185,6 +185,16 @@ def simulated(plan, args) -> list:
     return simulate(plan, [np.asarray(a) for a in args])
 
 
+def as_list(got) -> list:
+    """A call's results (one array or a tuple of them) as a list of numpy arrays."""
+    return [np.asarray(g) for g in (got if isinstance(got, tuple) else [got])]
+
+
+def emulated(fn, args, **options) -> list:
+    """`fn(*args)`'s results from the CPU emulator of the generated C (`options`: emulator.emulate's)."""
+    return as_list(emulator.emulate(fn, *args, **options))
+
+
 def run_jit(fn, args, backend="interpret", **options):
     return gdsl.jit(fn, backend=backend, **options)(*args)
 

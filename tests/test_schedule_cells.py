@@ -5,12 +5,22 @@ and that the plan simulator (with its race checks), the g++ emulator of the gene
 and the interpreter agree; the CUDA source compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, interpreted, needs_cxx, needs_nvrtc, plan_ops, simulated
+from strategies import (
+    BACKEND_TOLERANCE,
+    as_list,
+    assert_trees_close,
+    emulated,
+    interpreted,
+    needs_cxx,
+    needs_nvrtc,
+    plan_ops,
+    simulated,
+)
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
+from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip.emulated import EmulatedHIPDialect
 from gdsl.primitives.linalg import matmul_p
@@ -160,9 +170,6 @@ def _program(name):
     return gdsl.make_ir(fn)(*args), args
 
 
-def _as_list(got):
-    return [np.asarray(g) for g in (got if isinstance(got, tuple) else [got])]
-
 
 def _loop_ops(plan) -> list:
     """The ops of the (one) loop body's waves."""
@@ -281,8 +288,8 @@ def test_emulated_results_with_and_without_cells(name):
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for cells in (None, False):
         for block in (64, 256):
-            got = emulate(fn, *args, grid=4, block=block, cells=cells)
-            assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+            got = emulated(fn, args, grid=4, block=block, cells=cells)
+            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
@@ -292,8 +299,8 @@ def test_emulated_hip_wave64(name):
     fn, make_args = ALL[name]
     args = make_args()
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
-    got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
-    assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+    got = emulated(fn, args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
+    assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
@@ -304,8 +311,8 @@ def test_emulated_loops_partitioned_and_host_controlled(name):
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for control in ("device", "host"):
         for partition in (None, True):
-            got = emulate(fn, *args, grid=4, control=control, partition=partition)
-            assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+            got = emulated(fn, args, grid=4, control=control, partition=partition)
+            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", sorted(ALL))
@@ -317,7 +324,7 @@ def test_cpu_and_interpret_results(name):
     assert not _cell_ops(gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan)
     for backend in ("cpu", "interpret"):
         got = gdsl.jit(fn, backend=backend, grid=4)(*args)
-        assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+        assert_trees_close(as_list(got), expected, tolerance=BACKEND_TOLERANCE)
 
 
 def test_option_turns_cells_off():

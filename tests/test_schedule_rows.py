@@ -4,12 +4,22 @@ fuse and which must not, what the plan says, and that the plan simulator (with i
 emulator of the generated C, the CPU backend and the interpreter agree; the CUDA source compiles with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, interpreted, needs_cxx, needs_nvrtc, plan_ops, simulated
+from strategies import (
+    BACKEND_TOLERANCE,
+    as_list,
+    assert_trees_close,
+    emulated,
+    interpreted,
+    needs_cxx,
+    needs_nvrtc,
+    plan_ops,
+    simulated,
+)
 
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
+from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip.emulated import EmulatedHIPDialect
 from gdsl.primitives.linalg import matmul_p
@@ -137,9 +147,6 @@ def _program(name):
 
 
 
-def _as_list(got):
-    return [np.asarray(g) for g in (got if isinstance(got, tuple) else [got])]
-
 
 # ------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("name", sorted(FUSING))
@@ -241,8 +248,8 @@ def test_emulated_results_with_and_without_rows(name):
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for rows in (None, False):
         for block in (64, 256):
-            got = emulate(fn, *args, grid=4, block=block, rows=rows)
-            assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+            got = emulated(fn, args, grid=4, block=block, rows=rows)
+            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
@@ -253,8 +260,8 @@ def test_emulated_hip_wave64(name):
     fn, make_args = ALL[name]
     args = make_args()
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
-    got = emulate(fn, *args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
-    assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+    got = emulated(fn, args, grid=4, block=128, dialect=EmulatedHIPDialect(64))
+    assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx
@@ -264,8 +271,8 @@ def test_emulated_partitioned_loops(name):
     args = make_args()
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
     for control in ("device", "host"):
-        got = emulate(fn, *args, grid=4, control=control, partition=True)
-        assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+        got = emulated(fn, args, grid=4, control=control, partition=True)
+        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 @pytest.mark.parametrize("name", sorted(FUSING) + sorted(LOOPS))
@@ -277,7 +284,7 @@ def test_cpu_and_interpret_results(name):
     assert not _rows_ops(gdsl.jit(fn, backend="cpu", grid=4).lower(*args).lowering.plan)
     for backend in ("cpu", "interpret"):
         got = gdsl.jit(fn, backend=backend, grid=4)(*args)
-        assert_trees_close(_as_list(got), expected, tolerance=BACKEND_TOLERANCE)
+        assert_trees_close(as_list(got), expected, tolerance=BACKEND_TOLERANCE)
 
 
 def test_option_turns_rows_off():
