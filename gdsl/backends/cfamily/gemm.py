@@ -235,8 +235,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
              f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
     lines += gemm.setup
     lines.append(f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};")
-    loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",       # (the pointer loaders
-               f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};"]       # pa, pb may replace them)
+    loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",       # (the wide tile may add
+               f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};"]       # the address loaders pa, pb)
     size = 8 if acc == "long long" else 4
     if gemv:
         kmajor = gemm.b_contiguous_k
