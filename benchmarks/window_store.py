@@ -16,20 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: gdsl/, models/
 
-from gdsl.schedule.plan import Loop, Sync, Wave, walk
+from rows_attention import per_step  # (benchmarks/ is on the path when a script there runs)
+
 from models import common, load
 
 SETTINGS = ((False, "window_store=False"), (None, "window stores"))
-
-
-def per_step(plan) -> str:
-    """Waves, block syncs and grid barriers per step of the plan's top-level loops."""
-    loops = [s for k in plan.kernels for s in k.body if isinstance(s, Loop)]
-    body = [s for loop in loops for s in walk(loop.cond + loop.body)]
-    waves = sum(isinstance(s, Wave) for s in body)
-    block = sum(isinstance(s, Sync) and s.scope == "block" for s in body)
-    grid = sum(isinstance(s, Sync) and s.scope == "grid" for s in body)
-    return f"{waves} waves, {block} block syncs, {grid} grid barriers per step"
 
 
 def counts(model, problem, window_store) -> str:
