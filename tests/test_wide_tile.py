@@ -68,7 +68,7 @@ def test_wide_tile_shapes(monkeypatch):
     for tm, tn in ((64, 64), (16, 32), (32, 32), (32, 64), (128, 128)):
         rm, rn, groups = wide_tile(tm, tn, 256)
         assert (tm // rm) * (tn // rn) * groups == 256
-        assert groups <= gemm.WIDE_MAX_GROUPS and gemm.WIDE_BK % groups == 0
+        assert groups <= gemm.WIDE_MAX_GROUPS and gemm.GEMM_BK % groups == 0
 
 
 def _source(fn, args, **options):
@@ -76,9 +76,9 @@ def _source(fn, args, **options):
 
 
 def _wide_calls(source: str) -> list[tuple]:
-    """The template arguments (TM, TN, BK, NT, RM, RN, KS, NS, VEC) of each wide tile call."""
+    """The template arguments (TM, TN, BK, NT, RM, RN, KS, VEC) of each wide tile call."""
     calls = re.findall(r"gdsl_gemm_tile_wide<([^>]*)>", source.split("-- ops")[-1])
-    return [tuple(int(x) for x in c.split(", ")[:8]) + (c.split(", ")[8] == "true",) for c in calls]
+    return [tuple(int(x) for x in c.split(", ")[:7]) + (c.split(", ")[7] == "true",) for c in calls]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -86,14 +86,7 @@ def test_float32_tiles_take_the_wide_tile(case):
     fn, args = CASES[case]       # (on a grid of 3 vEUs the tiles are 64 x 64)
     (call,) = _wide_calls(_source(fn, args, grid=3))
     assert call[:2] == (64, 64) and call[4:7] == (4, 4, 1)
-    assert call[7] == gemm.WIDE_STAGES == 0         # (the staging ring is off by default)
-    assert call[8] == (case in VECTOR)               # four-element loads where the rows allow them
-
-
-def test_dialect_without_async_copies_stages_through_registers():
-    fn, args = CASES["matmul"]
-    (call,) = _wide_calls(gdsl.jit(fn, backend="hip", grid=3).lower(*args).source)
-    assert call[7] == 0
+    assert call[7] == (case in VECTOR)               # four-element loads where the rows allow them
 
 
 def test_integer_tiles_keep_the_exact_tile():
@@ -110,23 +103,22 @@ def test_wide_tile_compiles(case):
     assert cuda_toolchain.compile_cuda(_source(fn, args, grid=3), "sm_90")[:4] == b"\x7fELF"
 
 
-# (registers, stages): the default; eight by eight registers with four k groups; the staging through registers
-CONFIGS = [(16, 4), (64, 4), (16, 0)]
+# (registers, four-element loads): the default; eight by eight registers with four k groups; scalar loads only
+CONFIGS = [(16, True), (64, True), (16, False)]
 
 
 @needs_cxx
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_emulator_matches_the_interpreter(case, config, monkeypatch):
-    """The emulator runs the staging ring with plain copies (its dialect says async_copy, emu.h copies at once):
-    the ring's buffers, the zero fill past the edges and the k groups' sums are checked here."""
+    """The zero fill past the edges, both load paths and the k groups' sums, on the emulator."""
     monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", config[0])
-    monkeypatch.setattr(gemm, "WIDE_STAGES", config[1])
+    monkeypatch.setattr(gemm, "WIDE_VECTOR_LOADS", config[1])
     fn, args = CASES[case]
     expected = gdsl.jit(fn, backend="interpret")(*args)
     for grid, block in ((1, 256), (3, 256)):
         assert [call[7] for call in _wide_calls(_source(fn, args, grid=grid, block=block))] == \
-            [0 if case == "conv" else config[1]]     # (the emulator's plan is the CUDA dialect's)
+            [config[1] and case in VECTOR]     # (the emulator's plan is the CUDA dialect's)
         assert_trees_close(emulate(fn, *args, grid=grid, block=block), expected, tolerance=BACKEND_TOLERANCE)
 
 

@@ -37,14 +37,6 @@ TENSOR_CORE_BELOW = 4
 # under the 128 registers two vEUs per SM leave a thread).
 WIDE_MAX_REGISTERS = 16
 WIDE_MAX_GROUPS = 8
-WIDE_BK = GEMM_BK
-# Where the dialect copies in the background (Dialect.async_copy) and both operands are float32 in memory, a
-# wide tile may keep WIDE_STAGES stages of ASYNC_BK k rows in flight (cp.async), so that global latency
-# overlaps the computation. Off (0): on the H200 at batch 64 it was slower than the register staging (LSTM
-# 3.571 -> 4.352 ms, NASRNN 14.889 -> 15.009, Seq2seq 1.028 -> 1.130; two stages of 32: LSTM 4.159), so the
-# LSTM tile's time (~23 us for 64 x 64 x 256, FMA pipe ~25 % busy) is not global latency (docs/performance.md).
-WIDE_STAGES = 0
-ASYNC_BK = 16
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
@@ -67,8 +59,8 @@ class Gemm:
     # `gathered` * tile_n columns, column n' being batch element n' / tile_n, column tj * tile_n + n' % tile_n
     # (the loaders map it and skip columns past N); 0: tiles of one batch element.
     gathered: int = 0
-    # Bodies of pa(m, k) and pb(k, n) giving the float32 operands' addresses (a tile may then copy them into
-    # shared memory in the background: gdsl_gemm_stages_async), None where an operand is computed or converted.
+    # Bodies of pa(m, k) and pb(k, n) giving the float32 operands' addresses (the wide tile may then load four
+    # elements at once: gdsl_gemm_stages_vec), None where an operand is computed or converted.
     address_a: str | None = None
     address_b: str | None = None
 
@@ -251,19 +243,16 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
-        addresses = gemm.address_a is not None and gemm.address_b is not None
-        stages, depth, names = 0, WIDE_BK, "la, lb, la, lb"
-        vec = addresses and WIDE_VECTOR_LOADS and gemm.a_contiguous_k and K % 4 == 0 and \
-            (gemm.b_contiguous_k or N % 4 == 0)
-        if addresses:
+        vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.address_b is not None and \
+            gemm.a_contiguous_k and K % 4 == 0 and (gemm.b_contiguous_k or N % 4 == 0)
+        names = "la, lb, la, lb"
+        if vec:
             names = "la, lb, pa, pb"
             loaders += [f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};",
                         f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};"]
-        if addresses and ops.dialect.async_copy and WIDE_STAGES and ASYNC_BK % groups == 0:
-            stages, depth, vec = WIDE_STAGES, ASYNC_BK, False
-        ops.smem = max(ops.smem, max(stages, 1) * depth * (tm + 4 + tn + 4) * size, groups // 2 * tm * tn * size)
-        call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {depth}, {block}, {rm}, {rn}, {groups}, {stages}, "
-                f"{str(vec).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
+        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + tn + 4) * size, groups // 2 * tm * tn * size)
+        call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
+                f"{contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
@@ -305,7 +294,7 @@ def tensor_core_warps(tm: int, tn: int, threads: int, dialect) -> tuple[int, int
 def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
     """The register tile (RM, RN) and k groups KS of a float32 tile on gdsl_gemm_tile_wide, None where it does
     not fit: RM and RN multiples of 4 dividing the tile, (tm/RM) * (tn/RN) threads a group, KS a power of two
-    dividing WIDE_BK, at most WIDE_MAX_GROUPS. The largest register tile first (most FFMAs per shared-memory
+    dividing GEMM_BK, at most WIDE_MAX_GROUPS. The largest register tile first (most FFMAs per shared-memory
     load), at most WIDE_MAX_REGISTERS; on a tie the fewest groups."""
     best = None
     for rm in (4, 8):
@@ -314,7 +303,7 @@ def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
                 continue
             group = (tm // rm) * (tn // rn)
             groups = threads // group
-            if group * groups != threads or groups & (groups - 1) or WIDE_BK % groups or groups > WIDE_MAX_GROUPS:
+            if group * groups != threads or groups & (groups - 1) or GEMM_BK % groups or groups > WIDE_MAX_GROUPS:
                 continue
             key = (rm * rn, -groups, rm)
             if best is None or key > best[0]:

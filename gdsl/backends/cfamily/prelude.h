@@ -267,72 +267,17 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
   }
 }
 
-// Copies of a float from global into shared memory that complete in the background where the dialect has
-// them (its header defines GDSL_ASYNC_COPY: CUDA's cp.async); here a plain load and store. `valid` false
-// stores 0 (reading nothing). A thread's copies issued before gdsl_copy_commit() form a group;
-// gdsl_copy_wait<N>() waits until at most N of its groups are still in flight.
-#ifndef GDSL_ASYNC_COPY
-GDSL_DEV void gdsl_copy_async(float* dst, const float* src, bool valid) { *dst = valid ? *src : 0.f; }
-GDSL_DEV void gdsl_copy_commit() {}
-template <int N> GDSL_DEV void gdsl_copy_wait() {}
-#endif
-
-// The staging of gdsl_gemm_stages with NS shared-memory stages in flight: the loaders pa(m, k) / pb(k, n)
-// give the float32 operands' addresses, and stage s + NS - 1 is copied (asynchronously) while stage s is
-// computed, so NS - 1 stages of global latency overlap the computation without holding registers.
-template <int TM, int TN, int BK, int NS, int NT, int PA, int PB, bool AK, bool BKC, class PA_, class PB_,
-          class STAGE>
-GDSL_DEV void gdsl_gemm_stages_async(int M, int N, int K, int row0, int col0, PA_ pa, PB_ pb, char* smem,
-                                     STAGE stage) {
-  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT, SIZE = BK * (PA + PB);
-  const int tid = threadIdx.x;
-  auto issue = [&](int s, int k0) {        // stage s (k0 on) into buffer s % NS; past K an empty group
-    float* As = (float*)smem + (s % NS) * SIZE;
-    float* Bs = As + BK * PA;
-    if (k0 < K) {
-#pragma unroll
-      for (int r = 0; r < NA; ++r) {
-        const int e = tid + r * NT;
-        const int m = AK ? e / BK : e % TM, kk = AK ? e % BK : e / TM;
-        const int gm = row0 + m, gk = k0 + kk;
-        if (e < TM * BK)
-          gdsl_copy_async(As + kk * PA + m, pa(gm < M ? gm : M - 1, gk < K ? gk : K - 1), gm < M && gk < K);
-      }
-#pragma unroll
-      for (int r = 0; r < NB; ++r) {
-        const int e = tid + r * NT;
-        const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
-        const int gn = col0 + n, gk = k0 + kk;
-        if (e < TN * BK)
-          gdsl_copy_async(Bs + kk * PB + n, pb(gk < K ? gk : K - 1, gn < N ? gn : N - 1), gn < N && gk < K);
-      }
-    }
-    gdsl_copy_commit();
-  };
-#pragma unroll
-  for (int s = 0; s < NS - 1; ++s) issue(s, s * BK);
-  for (int s = 0; s * BK < K; ++s) {
-    gdsl_copy_wait<NS - 2>();     // this thread's copies of stage s have landed,
-    __syncthreads();              // everyone's have, and everyone is done with stage s - 1's buffer
-    issue(s + NS - 1, (s + NS - 1) * BK);
-    const float* As = (const float*)smem + (s % NS) * SIZE;
-    stage(As, As + BK * PA);
-  }
-  gdsl_copy_wait<0>();
-  __syncthreads();                // the buffers are free for the caller
-}
-
 // One output tile on the FFMA units with wide register tiles: threads form KS groups of (TM/RM) x (TN/RN);
 // group g computes every output of the tile over its share of each stage's k (BK/KS rows), and the groups'
 // partial sums meet in shared memory at the end. A thread's RM x RN registers are RM/4 x RN/4 blocks of
 // 4 x 4 at row (i * TY + ty) * 4 and column (j * TX + tx) * 4, so each k step reads them with 16-byte loads
 // (a warp's loads of one block are consecutive: no bank conflicts) and does RM * RN FFMAs per RM/4 + RN/4
 // loads, where gdsl_gemm_tile's 4 x 4 strided tile does 16 per 8 (shared-memory bound on the H200).
-// Staging: NS = 0, la / lb load the operands (gdsl_gemm_stages); where pa / pb give the float32 operands'
-// addresses, VEC loads four at a time when the tile's addresses are aligned (gdsl_gemm_stages_vec) and NS >= 2
-// copies NS stages in flight (gdsl_gemm_stages_async). (pa / pb are la / lb where there are no addresses.)
-template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, int NS, bool VEC, bool AK, bool BKC,
-          typename Acc, class LA, class LB, class PA_, class PB_, class SC>
+// Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
+// addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
+// are la / lb.)
+template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool AK, bool BKC, typename Acc,
+          class LA, class LB, class PA_, class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                   char* smem) {
   constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = TN + 4, KG = BK / KS;
@@ -373,15 +318,10 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
         for (int j = 0; j < RN; ++j) acc[i][j] += a[q % 2][i] * b[q % 2][j];
     }
   };
-  if constexpr (NS > 0) {
-    gdsl_gemm_stages_async<TM, TN, BK, NS, NT, PA, PB, AK, BKC>(M, N, K, row0, col0, pa, pb, smem, stage);
-  } else if constexpr (VEC) {
-    const bool vec = ((unsigned long long)pa(row0, 0) | (unsigned long long)pb(0, col0)) % 16 == 0;
-    gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem,
-                                                                    stage);
-  } else {
-    gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, Acc>(M, N, K, row0, col0, la, lb, smem, stage);
-  }
+  bool vec = false;
+  if constexpr (VEC) vec = ((unsigned long long)pa(row0, 0) | (unsigned long long)pb(0, col0)) % 16 == 0;
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem,
+                                                                  stage);
   // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
   // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
   Acc* red = (Acc*)smem + tid % GT;

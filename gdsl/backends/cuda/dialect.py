@@ -15,18 +15,6 @@ HEADER_TEMPLATE = r"""
 #define GDSL_SPIN_PAUSE() ((void)0)
 GDSL_DEV float gdsl_h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define GDSL_ASYNC_COPY
-GDSL_DEV void gdsl_copy_async(float* dst, const float* src, bool valid) {
-  unsigned d;
-  asm("{ .reg .u64 p; cvta.to.shared.u64 p, %1; cvt.u32.u64 %0, p; }" : "=r"(d) : "l"(dst));
-  // (no memory clobber: the copy is only read after gdsl_copy_wait, which has one, and the buffer's earlier
-  // reads are ordered before it by a __syncthreads)
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(d), "l"(src), "r"(valid ? 4 : 0));
-}
-GDSL_DEV void gdsl_copy_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> GDSL_DEV void gdsl_copy_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-#endif
 """
 
 
@@ -48,7 +36,6 @@ class CUDADialect(Dialect):
     # Float32 GEMM tiles on the tensor cores, split in three TF32 products (float32 accuracy; sm_80 and later,
     # the FFMA tile before): the jit option tensor_cores=False turns it off.
     tensor_cores = True
-    async_copy = True           # gdsl_copy_async is cp.async (sm_80 on; a plain copy before)
     device_library = Path(__file__).with_name("tensor_cores.h").read_text()
     trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
