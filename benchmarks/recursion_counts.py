@@ -1,6 +1,7 @@
 """What RAE's recursion executes per forward, against the same tree traced straight-line.
 
     python benchmarks/recursion_counts.py [--trees 20] [--backend cuda] [--cpu-runs 0] [--fork] [--resident]
+                                          [--spread]
 
 RAE at its full size (`Config()`, hidden 512) is lowered once (no GPU needed: the CUDA source is rendered,
 not compiled) and its plan is run by models/floor.py's counter (only the ops that steer control flow are
@@ -15,6 +16,9 @@ argument Assigns (uniforms), argument copy ops (buffers copied into the callee's
 barriers, and the matmuls' weight bytes read from memory (GEMV tiles of B from L2; 0 for a tile resident in
 shared memory). With `--resident` the same with the scheduler option resident_calls=True (a recursive
 function's GEMV weights staged in shared memory once per forward; the staged bytes are counted apart).
+
+With `--spread` the first table also has the rows of the scheduler option spread_frames=True (a call's
+callees' frames past its later siblings': a left child's last barrier a block sync).
 
 With `--fork` the recursion is also counted with the scheduler option fork=True (plan.Fork: a node's two
 children on the two halves of its vEU group), in a second table: the barriers the C-family code executes
@@ -161,6 +165,7 @@ def main(argv=None):
     p.add_argument("--cpu-runs", type=int, default=0)
     p.add_argument("--fork", action="store_true", help="also count the recursion with fork=True")
     p.add_argument("--resident", action="store_true", help="also count the recursion with resident_calls=True")
+    p.add_argument("--spread", action="store_true", help="also count the recursion with spread_frames=True")
     args = p.parse_args(argv)
     cfg = rae.Config()
     weights = rae.init_weights(cfg)
@@ -174,6 +179,11 @@ def main(argv=None):
     show("fixed tree, traced", count(traced, weights, fixed))
     rows = [count(recursive, weights, rae.make_inputs(cfg, seed=s)) for s in range(args.trees)]
     show(f"{args.trees} random trees (mean)", mean_row(rows))
+    if args.spread:
+        spread = rae.make_forward(cfg, backend=args.backend, spread_frames=True)
+        show("fixed tree, spread", count(spread, weights, fixed))
+        show(f"{args.trees} trees, spread (mean)",
+             mean_row([count(spread, weights, rae.make_inputs(cfg, seed=s)) for s in range(args.trees)]))
     print("\nper executed call                push  assigns  copies  block   grid    weights from memory, staged")
     print("                                                        syncs   barriers  (MB per forward)")
     show_calls("fixed tree, recursion", count(recursive, weights, fixed))
