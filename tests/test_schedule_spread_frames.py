@@ -2,7 +2,9 @@
 frames `spread * step` further than its own frame, so that the subtree of a later call from one body never
 touches the frames an earlier call's last op read; the grid barrier at the end of that earlier call is then
 a block sync where only such a sibling follows it (RAE: a left child's matmul, then its right sibling's
-first leaf).
+first leaf). And waves aside (the option `aside`, Scheduler._waves_aside): a small wave that grid barriers
+isolate (RAE's leaf, the output copy) runs on the vEUs past the recursive function's widest wave, at the
+same time as that wave's uTasks once the barriers between them are block syncs.
 
 Checked against the interpreter on the plan simulator (its race checks included: the same plan with the
 frames not spread is a race), the C-family CPU emulator (vEUs as threads), the cpu backend (accepts the
@@ -25,7 +27,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import Sync, walk
+from gdsl.schedule.plan import Sync, Wave, walk
 from gdsl.schedule.simulate import BarrierError, simulate
 
 GRIDS = (1, 2, 3, 8, 16)
@@ -42,15 +44,32 @@ def by_site_syncs(plan):
     return [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync) and s.sites is not None]
 
 
+def leaf_chain_encoder(max_depth, hidden):
+    """RAE's encoder with a leaf of several ops (slices, a product, a sum on one vEU and the product after
+    it with a block sync between: those two are not isolated by grid barriers and stay where they are)."""
+    def program(x, W, b, left, right, is_leaf, root):
+        @gdsl.recurse(result=gdsl.ShapeDtype((hidden,), gdsl.float32), max_depth=max_depth)
+        def encode(node):
+            return gdsl.cond(is_leaf[node], lambda: gnp.tanh(x[node]) * gnp.sum(x[node] * x[node]),
+                             lambda: gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b))
+        return encode(root)
+    return program
+
+
+def function_waves(plan):
+    return [s for f in plan.functions for s in walk(f.body) if isinstance(s, Wave)]
+
+
 def check_simulated(program, args, grids=GRIDS, **options):
-    """simulate(plan with spread frames) == interpreter (or both overflow), device control, every grid."""
+    """simulate(plan with spread frames, and `options`) == interpreter (or both overflow), device control,
+    every grid."""
     flat = flat_args(args)
     try:
         expected = run_program(program, flat)[0]
     except gdsl.RecursionDepthError:
         expected = None
     for grid in grids:
-        plan = schedule(program, grid=grid, epilogues=CHAIN, spread_frames=True, **options)
+        plan = schedule(program, grid=grid, epilogues=CHAIN, **{"spread_frames": True, **options})
         for seed in range(2):
             if expected is None:
                 with pytest.raises(gdsl.RecursionDepthError):
@@ -114,6 +133,33 @@ def test_rae_executes_one_grid_barrier_per_inner_node():
     assert floor.count_plan(plain, flat).plan_grid_barriers == 32 + 15 + 1
 
 
+def test_the_leaf_and_the_output_copy_run_aside():
+    """With `aside` RAE's leaf (one uTask) and the output copy leave vEU 0 for vEU 32, past the matmul's 32
+    vEUs; the barriers are those of the plan without it. Alone it leaves the cost model's critical path as
+    it was (each leaf follows a grid barrier); with spread frames the leaves run beside the matmuls."""
+    from models import floor, rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
+    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    flat = floor.flat_arguments(weights, inputs)
+    for spread, barriers in ((None, 32 + 15 + 1), (True, 32 + 1)):
+        plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True)
+        firsts = sorted((t.op.n_utasks, t.first) for w in function_waves(plan) for t in w.tasks)
+        assert firsts == [(1, 32), (32, 0)] and plan.stats["waves_aside"] == 2
+        assert floor.count_plan(plan, flat).plan_grid_barriers == barriers
+
+
+def test_waves_not_isolated_stay():
+    """A leaf of several ops: the slices and the product (grid barriers around them) move, the sum and the
+    product after it (a block sync between: one vEU's order) stay on their vEU."""
+    args = wide_args(TREES["unbalanced"], 64)
+    program = gdsl.make_ir(leaf_chain_encoder(6, 64))(*args)
+    plain = function_waves(schedule(program, grid=8, epilogues=CHAIN))
+    aside = function_waves(schedule(program, grid=8, epilogues=CHAIN, aside=True))
+    moved = [a.tasks[0].first - p.tasks[0].first for p, a in zip(plain, aside)]
+    assert moved == [0, 4, 4, 0, 0]      # (the matmul, the slices, the product, the sum, the product after)
+
+
 # ------------------------------------------------------------------------------------------ simulated
 
 @pytest.mark.parametrize("hidden", [4, 64])
@@ -122,6 +168,16 @@ def test_simulated(name, hidden):
     tree = TREES[name]
     args = wide_args(tree, hidden)
     check_simulated(gdsl.make_ir(encoder(height(tree) + 2, hidden))(*args), args)
+
+
+@pytest.mark.parametrize("spread", [None, True])
+@pytest.mark.parametrize("name", list(TREES))
+def test_aside_simulated(name, spread):
+    tree = TREES[name]
+    args = wide_args(tree, 64)
+    check_simulated(gdsl.make_ir(encoder(height(tree) + 2, 64))(*args), args, aside=True, spread_frames=spread)
+    check_simulated(gdsl.make_ir(leaf_chain_encoder(height(tree) + 2, 64))(*args), args, aside=True,
+                    spread_frames=spread)
 
 
 @settings(max_examples=15, deadline=None)
@@ -192,7 +248,7 @@ def test_rae_simulated(size, tree):
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree=tree)
     program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
     flat = floor.flat_arguments(weights, inputs)
-    plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=True)
+    plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=True, aside=True)
     # (at the small size a node's matmul runs on one vEU: no grid barrier to leave out, nothing spread)
     assert plan.functions[0].spread == (1 if size == "bench" else 0)
     np.testing.assert_allclose(simulate(plan, flat)[0], rae.reference(weights, inputs, cfg), rtol=1e-4, atol=1e-5)
@@ -208,8 +264,10 @@ def test_emulated(name):
     args = wide_args(tree, 32)
     expected = run_program(gdsl.make_ir(encoder(height(tree) + 2, 32))(*args), flat_args(args))[0]
     for grid in (1, 3, 8):
-        got = emulator.emulate(encoder(height(tree) + 2, 32), *args, grid=grid, block=32, spread_frames=True)
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+        for aside in (None, True):
+            got = emulator.emulate(encoder(height(tree) + 2, 32), *args, grid=grid, block=32, spread_frames=True,
+                                   aside=aside)
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @needs_cxx
@@ -240,14 +298,15 @@ def test_emulated_rae_small():
     for tree in ("fixed", "random"):
         inputs = rae.make_inputs(cfg, tree=tree)
         got = emulator.emulate(lambda w, t: rae.forward(w, t, cfg), weights, inputs, grid=8, block=32,
-                               spread_frames=True)
+                               spread_frames=True, aside=True)
         np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_backend_accepts_the_option():
+def test_cpu_backend_accepts_the_options():
     args = wide_args(TREES["unbalanced"], 16)
     tree = TREES["unbalanced"]
-    got = gdsl.to_numpy(gdsl.jit(encoder(height(tree) + 1, 16), backend="cpu", spread_frames=True)(*args))
+    got = gdsl.to_numpy(gdsl.jit(encoder(height(tree) + 1, 16), backend="cpu", spread_frames=True,
+                                 aside=True)(*args))
     expected = run_program(gdsl.make_ir(encoder(height(tree) + 1, 16))(*args), flat_args(args))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -257,7 +316,7 @@ def test_rae_cuda_compiles():
     from models import rae
     cfg = rae.Config()
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    source = rae.make_forward(cfg, backend="cuda", spread_frames=True).lower(weights, inputs).source
+    source = rae.make_forward(cfg, backend="cuda", spread_frames=True, aside=True).lower(weights, inputs).source
     assert "c_encode += 2;" in source and "r_encode[d_encode - 1] == 2)" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
 

@@ -79,7 +79,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
-from gdsl.schedule.resident import keep_resident, keep_resident_in_functions
+from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
@@ -166,7 +166,7 @@ class _Item:
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False, cells=True, spread_frames=False):
+                 resident_calls=False, cells=True, spread_frames=False, aside=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -188,6 +188,9 @@ class Scheduler:
         # so that a callee's last barrier is not needed before a sibling's subtree (_spread_sites; device
         # control, a plan without Forks).
         self.spread_frames = bool(spread_frames) and control == "device"
+        # Small waves of recursive functions that grid barriers isolate run on vEUs beside those of the
+        # functions' wide waves (_waves_aside; device control, a plan without Forks).
+        self.aside = bool(aside) and control == "device"
         # The weights of GEMV-shaped matmuls in recursive functions kept in shared memory for the whole
         # kernel (resident.keep_resident_in_functions; within resident_bytes, with device control only).
         self.resident_calls = bool(resident_calls)
@@ -296,9 +299,12 @@ class Scheduler:
             body, functions = self._forks(body, functions)
         if self.resident_calls and functions:
             functions = keep_resident_in_functions(body, functions, self.resident_bytes, self.grid)
-        if self.spread_frames and not any(isinstance(s, Fork) for b in [body] + [f.body for f in functions]
-                                          for s in walk(b)):
+        forked = any(isinstance(s, Fork) for b in [body] + [f.body for f in functions] for s in walk(b))
+        if self.spread_frames and not forked:
             functions = tuple(_with_spread(f) for f in functions)
+        if self.aside and functions and not forked:
+            body, functions, moved = _waves_aside(body, functions, self.grid)
+            self.stats["waves_aside"] = moved
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
@@ -1689,6 +1695,61 @@ def _sync_by_return_site(body, functions, demoted) -> tuple[dict, set]:
     return out, spread_used
 
 
+def _waves_aside(body, functions, grid) -> tuple:
+    """(body, functions, how many waves moved) with each small wave that grid barriers isolate
+    (_isolated_waves: nothing else touches memory between it and the grid barriers around it, on every path)
+    moved past the vEUs that the recursive functions' waves use, all by the same number of vEUs (what ran
+    on one vEU still does), when they fit in the grid. Small: narrower than the functions' widest wave; in
+    a function body or in the kernel's own (RAE's output copy, which reads the root's result). Between two
+    grid barriers a vEU runs its uTasks one after the other, and the barrier waits for the busiest: RAE's
+    leaf (one uTask copying a row, on vEU 0) ran after the matmul's uTask on vEU 0 of the node before it;
+    on vEU 32 it runs while the matmul does. Isolated, the wave depends on nothing by a block sync (one
+    vEU's order), so any vEUs may run it; the barrier passes that follow see where it went."""
+    waves = [s for f in functions for s in walk(f.body) if isinstance(s, Wave)]
+    end = max((_wave_end(w) for w in waves), default=0)
+    widest = max((_wave_span(w) for w in waves), default=0)
+    small = [w for block in [body] + [f.body for f in functions] for w in walk(block) if isinstance(w, Wave)
+             and _wave_span(w) < widest and _wave_end(w) + end <= grid
+             and not any(RESIDENT in t.op.params for t in w.tasks)]
+    moved = set(_isolated_waves(body, functions, small))
+    if not moved:
+        return body, functions, 0
+
+    def rewrite(block):
+        out = []
+        for stmt in block:
+            if stmt in moved:
+                stmt = Wave(tuple(dataclasses.replace(t, first=t.first + end) for t in stmt.tasks))
+            elif isinstance(stmt, Loop):
+                stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
+            elif isinstance(stmt, Branch):
+                stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
+            out.append(stmt)
+        return tuple(out)
+    return rewrite(body), tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions), len(moved)
+
+
+def _wave_end(wave) -> int:
+    """One past the highest vEU on which `wave` runs a uTask."""
+    return max(t.first + min(t.count, t.op.n_utasks) for t in wave.tasks)
+
+
+def _wave_span(wave) -> int:
+    """How many vEUs `wave` spans, from its first task's first vEU to its end."""
+    return _wave_end(wave) - min(t.first for t in wave.tasks)
+
+
+def _isolated_waves(body, functions, waves) -> list:
+    """Those of `waves` that grid barriers isolate: on every path from one to the grid barrier before it
+    and the one after it (the kernel's start and end count as such), nothing else touches memory. Each
+    wave is marked as a vEU number of its own (below EVERY_VEU) in _SyncNeighbourhoods' sets."""
+    marks = {w: EVERY_VEU - 1 - k for k, w in enumerate(waves)}
+    hoods = _SyncNeighbourhoods((Sync("grid"),) + tuple(body) + (Sync("grid"),), functions, frozenset(), marks)
+    sets = list(hoods.before.values()) + list(hoods.after.values())
+    return [w for w, mark in marks.items() if all(veus == {mark} for veus in sets if mark in veus)
+            and any(mark in veus for veus in sets)]
+
+
 def _with_spread(f: RecFunction) -> RecFunction:
     """`f` with spread frames (plan.RecFunction.spread: `max_step - 1`, the least that keeps a later call's
     subtree off the frames an earlier call's callees hold) when its calls step more than one frame and its
@@ -1794,8 +1855,9 @@ class _SyncNeighbourhoods:
     of its call sites, each call site continues with its function's exit (fixed points, by iteration:
     the sets only grow)."""
 
-    def __init__(self, body, functions, demoted):
+    def __init__(self, body, functions, demoted, marks=None):
         self.body, self.demoted = body, demoted
+        self.marks = marks or {}         # Wave -> the one vEU number it counts as (see _isolated_waves)
         self.fns = {f.name: f for f in functions}
         self.before: dict = {}
         self.after: dict = {}
@@ -1856,7 +1918,7 @@ class _SyncNeighbourhoods:
             elif isinstance(stmt, Fork):
                 veus = self.forward_fork(stmt, veus)
             else:
-                veus = veus | _veus_touching_memory(stmt)
+                veus = veus | self.touching(stmt)
         return veus
 
     def forward_fork(self, fork, veus):
@@ -1890,8 +1952,13 @@ class _SyncNeighbourhoods:
             elif isinstance(stmt, Fork):
                 veus = self.backward_fork(stmt, veus)
             else:
-                veus = veus | _veus_touching_memory(stmt)
+                veus = veus | self.touching(stmt)
         return veus
+
+    def touching(self, stmt) -> frozenset:
+        """The vEUs that touch memory in `stmt` (a marked wave: its mark)."""
+        mark = self.marks.get(stmt) if isinstance(stmt, Wave) else None
+        return _veus_touching_memory(stmt) if mark is None else frozenset({mark})
 
     def backward_fork(self, fork, veus):
         """Back through a Fork (see forward_fork): after each half comes the join; before the Fork, either
@@ -2451,7 +2518,8 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None) -> Plan:
+             fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
+             aside=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2485,6 +2553,10 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     (plan.RecFunction.spread), so that a later call's subtree never reuses the frames an earlier call's last op
     read, and the grid barrier at the end of that call becomes a block sync where only such a sibling follows
     (_spread_sites); None or False: off (the default until it is timed).
+    `aside=True` (device control, without Forks): a small wave of a recursive function that grid barriers
+    isolate (RAE's leaf) runs on the vEUs right after those of the functions' widest waves, at the same time
+    as their uTasks instead of after them on one vEU (_waves_aside); None or False: off (the default until
+    it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2505,13 +2577,15 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"cells must be None (on), True or False, got {cells!r}")
     if spread_frames not in (None, True, False):
         raise ValueError(f"spread_frames must be None (off), True or False, got {spread_frames!r}")
+    if aside not in (None, True, False):
+        raise ValueError(f"aside must be None (off), True or False, got {aside!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
-                   spread_frames=bool(spread_frames))
+                   spread_frames=bool(spread_frames), aside=bool(aside))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)
