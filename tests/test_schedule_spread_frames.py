@@ -25,6 +25,7 @@ import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip import toolchain as hip_toolchain
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Sync, Wave, walk
@@ -320,3 +321,35 @@ def test_rae_cuda_compiles():
     assert "c_encode += 2;" in source and "r_encode[d_encode - 1] == 2)" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
 
+
+
+@pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None, reason=str(hip_toolchain.hiprtc_available()))
+def test_hip_source_compiles():
+    args = wide_args(TREES["unbalanced"], 64)
+    source = gdsl.jit(encoder(8, 64), backend="hip", grid=16, spread_frames=True, aside=True).lower(*args).source
+    assert "c_encode += 2;" in source
+    assert hip_toolchain.compile_hip(source, "gfx90a")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [{"spread_frames": True}, {"aside": True},
+                                     {"spread_frames": True, "aside": True},
+                                     {"spread_frames": True, "aside": True, "narrow": True}])
+def test_cuda_rae_bench_trees(options):
+    """On the GPU: RAE's bench size on the fixed tree and random trees against the numpy reference; an
+    overflowing launch raises, and a lone leaf is right after it."""
+    from models import rae
+    cfg = rae.Config()
+    weights = rae.init_weights(cfg)
+    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", **options)
+    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
+        got = gdsl.to_numpy(forward(weights, inputs))
+        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
+    shallow = dataclasses.replace(cfg, max_depth=3)
+    inputs = rae.make_inputs(cfg, tree="fixed")
+    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", **options)
+    with pytest.raises(gdsl.RecursionDepthError):
+        too_deep(weights, inputs)
+    leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
+    np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
+                               rtol=1e-3, atol=1e-4)
