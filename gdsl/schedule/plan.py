@@ -412,6 +412,12 @@ class RecFunction:
         when every step is 1)."""
         return (self.max_depth + 1) * (self.max_step + self.callee_extra(self.max_step)) + 1
 
+    @property
+    def register_frames(self) -> int:
+        """Copies of each stacked uniform: frames as if not spread (a vEU's registers are addressed by the
+        frame counter alone, which spread frames do not move further)."""
+        return (self.max_depth + 1) * self.max_step + 1
+
 
 @dataclass(frozen=True, eq=False)
 class Kernel:

@@ -1708,8 +1708,8 @@ def _waves_aside(body, functions, grid) -> tuple:
     waves = [s for f in functions for s in walk(f.body) if isinstance(s, Wave)]
     end = max((_wave_end(w) for w in waves), default=0)
     widest = max((_wave_span(w) for w in waves), default=0)
-    small = [w for block in [body] + [f.body for f in functions] for w in walk(block) if isinstance(w, Wave)
-             and _wave_span(w) < widest and _wave_end(w) + end <= grid
+    small = [w for block in [body] + [f.body for f in functions] for w in _unpartitioned_waves(block)
+             if _wave_span(w) < widest and _wave_end(w) + end <= grid
              and not any(RESIDENT in t.op.params for t in w.tasks)]
     moved = set(_isolated_waves(body, functions, small))
     if not moved:
@@ -1727,6 +1727,19 @@ def _waves_aside(body, functions, grid) -> tuple:
             out.append(stmt)
         return tuple(out)
     return rewrite(body), tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions), len(moved)
+
+
+def _unpartitioned_waves(block):
+    """The Waves of `block`, nested ones included, but those of partitioned loops (whose uTask p must stay on
+    vEU p mod grid, plan.Loop.parts)."""
+    for stmt in block:
+        if isinstance(stmt, Wave):
+            yield stmt
+        elif isinstance(stmt, Loop) and not stmt.parts:
+            yield from _unpartitioned_waves(stmt.cond + stmt.body)
+        elif isinstance(stmt, Branch):
+            for branch in stmt.branches:
+                yield from _unpartitioned_waves(branch)
 
 
 def _wave_end(wave) -> int:

@@ -1024,7 +1024,7 @@ class Renderer:
         for u in used_uniforms:
             t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
-                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].frames}];")
+                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].register_frames}];")
             else:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
         if functions:
