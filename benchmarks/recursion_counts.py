@@ -12,7 +12,8 @@ emits), copy ops and their uTasks, all uTasks, and the same per call; then the c
 model ("path us"): between two grid barriers every vEU runs its uTasks one after the other and the barrier
 waits for the busiest, so the path is, over the intervals between executed grid barriers, the sum of the
 busiest vEU's estimated uTask time (plan.Op.cost) plus partition.BARRIER_NS per barrier (calls and uniform
-ops count nothing). With `--cpu-runs N` the cpu
+ops count nothing), and "path uTasks", the same sum of the busiest vEU's uTask count per interval (the waves
+on the critical path). With `--cpu-runs N` the cpu
 backend's median time per forward (ms) on the fixed tree is printed too, recursion and traced.
 
 Then what each call does, per executed call: the push (return site, depth, frame step: one each, always),
@@ -68,7 +69,9 @@ class _Counter(WaveCounter):
                                 for t in function_resident_tasks(f.body))
         self.path = {"waves": 0, "barriers": 0, "rounds": 0}
         self.busy: dict = {}            # vEU -> estimated ns of its uTasks since the last grid barrier
+        self.busy_utasks: dict = {}     # vEU -> its uTasks since the last grid barrier
         self.path_ns = 0.0              # the cost model's critical path (module docstring; no Forks)
+        self.path_utasks = 0            # the busiest vEU's uTasks, summed over the intervals
         self._forks = []            # per running Fork: (the path at its start, the path at each half's end)
 
     def run_call(self, stmt):
@@ -88,6 +91,7 @@ class _Counter(WaveCounter):
             for u in range(t.op.n_utasks):
                 veu = lo + (t.first + u % t.count) % (hi - lo)
                 self.busy[veu] = self.busy.get(veu, 0.0) + t.op.cost
+                self.busy_utasks[veu] = self.busy_utasks.get(veu, 0) + 1
         self.path["waves"] += 1
         self.path["rounds"] += max(-(-t.op.n_utasks // min(t.op.n_utasks, t.count, hi - lo)) for t in stmt.tasks)
         super().run_wave(stmt)
@@ -101,7 +105,8 @@ class _Counter(WaveCounter):
             self.count.grid_barriers += 1
         if self.count.grid_barriers > before:           # rendered as a barrier of the running group
             self.path_ns += max(self.busy.values(), default=0.0) + BARRIER_NS
-            self.busy = {}
+            self.path_utasks += max(self.busy_utasks.values(), default=0)
+            self.busy, self.busy_utasks = {}, {}
             _, lo, hi = self.group
             if hi - lo < self.plan.grid:
                 self.count.grid_barriers = before       # (a group's: counted apart)
@@ -129,7 +134,8 @@ class _Counter(WaveCounter):
                 "path_rounds": self.path["rounds"], "assigns": self.assigns, "block_syncs": self.block_syncs,
                 "arg_copies": self.arg_copies, "weight_mb": self.weight_bytes / 1e6,
                 "staged_mb": self.staged_bytes / 1e6,
-                "path_us": (self.path_ns + max(self.busy.values(), default=0.0)) / 1e3}
+                "path_us": (self.path_ns + max(self.busy.values(), default=0.0)) / 1e3,
+                "path_utasks": self.path_utasks + max(self.busy_utasks.values(), default=0)}
 
 
 def count(forward, weights, inputs) -> dict:
@@ -154,7 +160,7 @@ def show(label: str, row: dict):
     print(f"{label:26s} {row['calls']:6.1f} {row['waves']:7.1f} {row['grid']:7.1f} / {row['rendered']:<7.1f} "
           f"{row['copy_ops']:8.1f} {row['copy_utasks']:11.1f} {row['utasks']:8.1f}   "
           f"{row['waves'] / calls:5.2f} {row['rendered'] / calls:5.2f} {row['copy_ops'] / calls:5.2f}"
-          f"   {row['path_us']:7.1f}", flush=True)
+          f"   {row['path_us']:7.1f} {row['path_utasks']:7.1f}", flush=True)
 
 
 def show_paths(label: str, row: dict):
@@ -190,7 +196,7 @@ def main(argv=None):
     recursive = rae.make_forward(cfg, backend=args.backend)
     traced = rae.make_forward(rae.overhead_test(cfg).programs["trace"], backend=args.backend)
     print("row                         calls   waves    grid barriers    copies copy uTasks   uTasks"
-          "   per call: waves barriers copies   path us")
+          "   per call: waves barriers copies   path us  uTasks")
     print("                                            (plan / rendered)")
     show("fixed tree, recursion", count(recursive, weights, fixed))
     show("fixed tree, traced", count(traced, weights, fixed))
