@@ -394,12 +394,28 @@ class RecFunction:
     max_depth: int
     n_sites: int                   # call sites (return points) across the whole plan
     max_step: int = 1              # the largest `step` of a Call of this function
+    # Spread frames (the scheduler option `spread_frames`; 0: off): a call of step s also moves the frames of
+    # the callee's own callees `spread * s` further from the callee's own frame (`callee_extra`), so that
+    # the subtree of a later call from one body never reuses the frames that an earlier call's last op
+    # read (see Scheduler._spread_sites). Buffers only: stacked uniforms are per-vEU registers.
+    spread: int = 0
+
+    def callee_extra(self, step: int) -> int:
+        """How much further than `step` frames past its own the callees of a call of this step put theirs."""
+        return self.spread * step
 
     @property
     def frames(self) -> int:
         """Copies of each frame storage: frame 0 is the caller's outside the function, every active call
-        is at most `max_step` frames deeper than its caller, and the call that overflows max_depth still
-        receives its arguments (max_depth + 2 frames when every step is 1)."""
+        is at most `max_step` frames deeper than its caller (plus its caller's callee_extra with spread
+        frames), and the call that overflows max_depth still receives its arguments (max_depth + 2 frames
+        when every step is 1)."""
+        return (self.max_depth + 1) * (self.max_step + self.callee_extra(self.max_step)) + 1
+
+    @property
+    def register_frames(self) -> int:
+        """Copies of each stacked uniform: frames as if not spread (a vEU's registers are addressed by the
+        frame counter alone, which spread frames do not move further)."""
         return (self.max_depth + 1) * self.max_step + 1
 
 

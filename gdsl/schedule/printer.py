@@ -142,7 +142,8 @@ def print_plan(plan) -> str:
     for fn in plan.functions:
         params = ", ".join(map(repr, fn.params))
         results = ", ".join(map(repr, fn.results))
+        spread = f", callees' frames {fn.spread} x step further" if fn.spread else ""
         lines.append(f"function {fn.name}({params}) -> ({results})  [max_depth {fn.max_depth}, "
-                     f"{fn.n_sites} call sites; storage one copy per frame]:")
+                     f"{fn.n_sites} call sites; storage one copy per frame{spread}]:")
         print_block(fn.body, 1, lines, plan.control == "device")
     return "\n".join(lines)

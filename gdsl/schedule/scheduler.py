@@ -79,7 +79,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
-from gdsl.schedule.resident import keep_resident, keep_resident_in_functions
+from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
@@ -166,7 +166,7 @@ class _Item:
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False, cells=True):
+                 resident_calls=False, cells=True, spread_frames=False, aside=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -184,6 +184,13 @@ class Scheduler:
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
         self.fork = bool(fork) and control == "device"
+        # The callees of a call put their frames past those of its later siblings (plan.RecFunction.spread),
+        # so that a callee's last barrier is not needed before a sibling's subtree (_spread_sites; device
+        # control, a plan without Forks).
+        self.spread_frames = bool(spread_frames) and control == "device"
+        # Small waves of recursive functions that grid barriers isolate run on vEUs beside those of the
+        # functions' wide waves (_waves_aside; device control, a plan without Forks).
+        self.aside = bool(aside) and control == "device"
         # The weights of GEMV-shaped matmuls in recursive functions kept in shared memory for the whole
         # kernel (resident.keep_resident_in_functions; within resident_bytes, with device control only).
         self.resident_calls = bool(resident_calls)
@@ -292,6 +299,12 @@ class Scheduler:
             body, functions = self._forks(body, functions)
         if self.resident_calls and functions:
             functions = keep_resident_in_functions(body, functions, self.resident_bytes, self.grid)
+        forked = any(isinstance(s, Fork) for b in [body] + [f.body for f in functions] for s in walk(b))
+        if self.spread_frames and not forked:
+            functions = tuple(_with_spread(f) for f in functions)
+        if self.aside and functions and not forked:
+            body, functions, moved = _waves_aside(body, functions, self.grid)
+            self.stats["waves_aside"] = moved
         if self.control == "device" and functions:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
@@ -1628,7 +1641,8 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
         if candidate is None:
             break
         demoted.add(candidate)
-    by_site = _sync_by_return_site(body, functions, demoted)
+    by_site, spread_used = _sync_by_return_site(body, functions, demoted)
+    functions = tuple(f if f.name in spread_used else dataclasses.replace(f, spread=0) for f in functions)
     if not demoted and not by_site:
         return body, functions, 0, 0
 
@@ -1652,41 +1666,198 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
     return rewrite(body), functions, len(demoted) - dropped, dropped
 
 
-def _sync_by_return_site(body, functions, demoted) -> dict:
-    """Sync -> the call sites it stays a grid barrier for, for the grid Syncs that end a function (nothing
+def _sync_by_return_site(body, functions, demoted) -> tuple[dict, set]:
+    """(Sync -> the call sites it stays a grid barrier for, the functions whose spread frames made a site
+    leave one out), for the grid Syncs that end a function (nothing
     touches memory after them up to its end, on their path: _trailing_grid_syncs) where some call sites do
     not need them: those whose continuation reaches a grid barrier, on every path, before anything touches
     memory (the Sync after the call, kept). There the barrier at the callee's end would order nothing that
     the next one does not; elsewhere (RAE's left child returning, its right sibling's first leaf about to
-    overwrite a frame the left child's matmul read) it stays. Which site a call returns to is only known as
+    overwrite a frame the left child's matmul read) it stays, unless the function's frames are spread
+    (plan.RecFunction.spread) and the site is one of _spread_sites: there the sibling's subtree touches
+    other frames than the barrier's tail did. Which site a call returns to is only known as
     the program runs, but it is uniform (plan.Sync.sites). A static rule could not separate the two: a
     function's end serves all of its call sites, and the barrier after a call site serves every path
     through the callee, the leaf's (one vEU: no grid barrier needed) as much as the inner node's."""
     hoods = _SyncNeighbourhoods(body, functions, demoted)
     calls = [s for block in [body] + [f.body for f in functions] for s in walk(block) if isinstance(s, Call)]
     out: dict = {}
+    spread_used: set = set()
     for f in functions:
         sites = {c.site for c in calls if c.fn == f.name}
         needed = frozenset(c.site for c in calls if c.fn == f.name and hoods.after_call.get(c))
-        if needed == sites:
-            continue
-        for sync in _trailing_grid_syncs(f.body, demoted):
-            out[sync] = needed
-    return out
+        spread = _spread_sites(f, demoted) & needed if f.spread else frozenset()
+        for sync, framed in _trailing_grid_syncs(f.body, demoted):
+            kept = needed - spread if framed else needed
+            if kept != sites:
+                out[sync] = kept
+            spread_used |= {f.name} if kept != needed else set()
+    return out, spread_used
+
+
+def _waves_aside(body, functions, grid) -> tuple:
+    """(body, functions, how many waves moved) with each small wave that grid barriers isolate
+    (_isolated_waves: nothing else touches memory between it and the grid barriers around it, on every path)
+    moved past the vEUs that the recursive functions' waves use, all by the same number of vEUs (what ran
+    on one vEU still does), when they fit in the grid. Small: narrower than the functions' widest wave; in
+    a function body or in the kernel's own (RAE's output copy, which reads the root's result). Between two
+    grid barriers a vEU runs its uTasks one after the other, and the barrier waits for the busiest: RAE's
+    leaf (one uTask copying a row, on vEU 0) ran after the matmul's uTask on vEU 0 of the node before it;
+    on vEU 32 it runs while the matmul does. Isolated, the wave depends on nothing by a block sync (one
+    vEU's order), so any vEUs may run it; the barrier passes that follow see where it went."""
+    waves = [s for f in functions for s in walk(f.body) if isinstance(s, Wave)]
+    end = max((_wave_end(w) for w in waves), default=0)
+    widest = max((_wave_span(w) for w in waves), default=0)
+    small = [w for block in [body] + [f.body for f in functions] for w in _unpartitioned_waves(block)
+             if _wave_span(w) < widest and _wave_end(w) + end <= grid
+             and not any(RESIDENT in t.op.params for t in w.tasks)]
+    moved = set(_isolated_waves(body, functions, small))
+    if not moved:
+        return body, functions, 0
+
+    def rewrite(block):
+        out = []
+        for stmt in block:
+            if stmt in moved:
+                stmt = Wave(tuple(dataclasses.replace(t, first=t.first + end) for t in stmt.tasks))
+            elif isinstance(stmt, Loop):
+                stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
+            elif isinstance(stmt, Branch):
+                stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
+            out.append(stmt)
+        return tuple(out)
+    return rewrite(body), tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions), len(moved)
+
+
+def _unpartitioned_waves(block):
+    """The Waves of `block`, nested ones included, but those of partitioned loops (whose uTask p must stay on
+    vEU p mod grid, plan.Loop.parts)."""
+    for stmt in block:
+        if isinstance(stmt, Wave):
+            yield stmt
+        elif isinstance(stmt, Loop) and not stmt.parts:
+            yield from _unpartitioned_waves(stmt.cond + stmt.body)
+        elif isinstance(stmt, Branch):
+            for branch in stmt.branches:
+                yield from _unpartitioned_waves(branch)
+
+
+def _wave_end(wave) -> int:
+    """One past the highest vEU on which `wave` runs a uTask."""
+    return max(t.first + min(t.count, t.op.n_utasks) for t in wave.tasks)
+
+
+def _wave_span(wave) -> int:
+    """How many vEUs `wave` spans, from its first task's first vEU to its end."""
+    return _wave_end(wave) - min(t.first for t in wave.tasks)
+
+
+def _isolated_waves(body, functions, waves) -> list:
+    """Those of `waves` that grid barriers isolate: on every path from one to the grid barrier before it
+    and the one after it (the kernel's start and end count as such), nothing else touches memory. Each
+    wave is marked as a vEU number of its own (below EVERY_VEU) in _SyncNeighbourhoods' sets."""
+    marks = {w: EVERY_VEU - 1 - k for k, w in enumerate(waves)}
+    hoods = _SyncNeighbourhoods((Sync("grid"),) + tuple(body) + (Sync("grid"),), functions, frozenset(), marks)
+    sets = list(hoods.before.values()) + list(hoods.after.values())
+    return [w for w, mark in marks.items() if all(veus == {mark} for veus in sets if mark in veus)
+            and any(mark in veus for veus in sets)]
+
+
+def _with_spread(f: RecFunction) -> RecFunction:
+    """`f` with spread frames (plan.RecFunction.spread: `max_step - 1`, the least that keeps a later call's
+    subtree off the frames an earlier call's callees hold) when its calls step more than one frame and its
+    body touches no memory but its own frames and buffers the plan never writes (then what a call's subtree
+    touches is where the frame layout says), else `f` unchanged."""
+    if f.max_step < 2:
+        return f
+    for stmt in walk(f.body):
+        if isinstance(stmt, Call) and stmt.fn != f.name:
+            return f
+        if isinstance(stmt, Wave) and not all(_own_frame_or_unwritten(v, f.name) for t in stmt.tasks
+                                              for v in t.op.inputs + t.op.outputs):
+            return f
+        if isinstance(stmt, (Uniforms, Assign)) and not all(_own_frame_or_unwritten(v, f.name)
+                                                            for v in _values_read(stmt)):
+            return f
+    return dataclasses.replace(f, spread=f.max_step - 1)
+
+
+def _own_frame_or_unwritten(value, fn: str) -> bool:
+    """Is `value` a uniform, a literal, a frame buffer of `fn`, or a buffer the plan never writes?"""
+    return value.is_uniform or not _writable(value) or value.storage.frame_of == fn
+
+
+def _spread_sites(f: RecFunction, demoted) -> frozenset:
+    """The call sites of `f` in its own body after which, with spread frames, nothing up to the next grid
+    barrier can touch the frames that the tail of a call of `f` (from its last grid barrier to its end)
+    touched: what follows the Call in its block, up to a grid barrier there, is only uniform statements that
+    read no memory the plan writes and later calls of `f` (a larger step). Such a later call's own frame
+    lies between the earlier callee's own and its callees' frames, and its callees' frames past those
+    (plan.RecFunction.callee_extra: spread * step), and _with_spread made sure that a call's subtree
+    touches nothing else the plan writes; so a callee's last barrier orders nothing for these sites."""
+    sites = set()
+    for block in _blocks(f.body):
+        for k, stmt in enumerate(block):
+            if isinstance(stmt, Call) and stmt.fn == f.name and _continues_to_grid(block[k + 1:], stmt, demoted):
+                sites.add(stmt.site)
+    return frozenset(sites)
+
+
+def _blocks(block):
+    """`block` and every statement list nested in it."""
+    yield block
+    for stmt in block:
+        if isinstance(stmt, Loop):
+            yield from _blocks(stmt.cond)
+            yield from _blocks(stmt.body)
+        elif isinstance(stmt, Branch):
+            for b in stmt.branches:
+                yield from _blocks(b)
+
+
+def _continues_to_grid(rest, call, demoted) -> bool:
+    """Does `rest` (what follows `call` in its block) reach a grid barrier on every vEU (not demoted, not by
+    return site) through nothing but barriers, uniform statements that read no memory the plan writes, and
+    later calls of the same function?"""
+    for stmt in rest:
+        if isinstance(stmt, Sync):
+            if stmt.always_grid and stmt not in demoted:
+                return True
+        elif isinstance(stmt, Call):
+            if stmt.fn != call.fn or stmt.step <= call.step:
+                return False
+        elif not isinstance(stmt, (Uniforms, Assign)) or _veus_touching_memory(stmt):
+            return False
+    return False
 
 
 def _trailing_grid_syncs(block, demoted) -> list:
-    """The grid Syncs of `block` (not `demoted`) after which nothing touches memory up to its end, on the
-    path through them (the last of each branch case, when what follows the branch touches no memory)."""
-    for stmt in reversed(block):
+    """(Sync, framed) for the grid Syncs of `block` (not `demoted`) after which nothing touches memory up to
+    its end, on the path through them (the last of each branch case, when what follows the branch touches no
+    memory). `framed`: the Sync's tail, from a grid barrier before it in the same statement list, is waves,
+    uniform statements and barriers only (no call, branch or loop): what it touches is the running call's
+    own frames (see _spread_sites)."""
+    for k in range(len(block) - 1, -1, -1):
+        stmt = block[k]
         if isinstance(stmt, Sync):
             if stmt.scope == "grid" and stmt not in demoted:
-                return [stmt]
+                return [(stmt, _tail_in_frame(block[:k], demoted))]
         elif isinstance(stmt, Branch):
             return [sync for branch in stmt.branches for sync in _trailing_grid_syncs(branch, demoted)]
         elif not isinstance(stmt, (Uniforms, Assign)) or _veus_touching_memory(stmt):
             return []
     return []
+
+
+def _tail_in_frame(before, demoted) -> bool:
+    """Does `before` end with a grid barrier on every vEU (not demoted, not by return site) followed by
+    waves, uniform statements and other barriers only?"""
+    for stmt in reversed(before):
+        if isinstance(stmt, Sync) and stmt.always_grid and stmt not in demoted:
+            return True
+        if not isinstance(stmt, (Wave, Uniforms, Assign, Sync)):
+            return False
+    return False
 
 
 class _SyncNeighbourhoods:
@@ -1697,8 +1868,9 @@ class _SyncNeighbourhoods:
     of its call sites, each call site continues with its function's exit (fixed points, by iteration:
     the sets only grow)."""
 
-    def __init__(self, body, functions, demoted):
+    def __init__(self, body, functions, demoted, marks=None):
         self.body, self.demoted = body, demoted
+        self.marks = marks or {}         # Wave -> the one vEU number it counts as (see _isolated_waves)
         self.fns = {f.name: f for f in functions}
         self.before: dict = {}
         self.after: dict = {}
@@ -1759,7 +1931,7 @@ class _SyncNeighbourhoods:
             elif isinstance(stmt, Fork):
                 veus = self.forward_fork(stmt, veus)
             else:
-                veus = veus | _veus_touching_memory(stmt)
+                veus = veus | self.touching(stmt)
         return veus
 
     def forward_fork(self, fork, veus):
@@ -1793,8 +1965,13 @@ class _SyncNeighbourhoods:
             elif isinstance(stmt, Fork):
                 veus = self.backward_fork(stmt, veus)
             else:
-                veus = veus | _veus_touching_memory(stmt)
+                veus = veus | self.touching(stmt)
         return veus
+
+    def touching(self, stmt) -> frozenset:
+        """The vEUs that touch memory in `stmt` (a marked wave: its mark)."""
+        mark = self.marks.get(stmt) if isinstance(stmt, Wave) else None
+        return _veus_touching_memory(stmt) if mark is None else frozenset({mark})
 
     def backward_fork(self, fork, veus):
         """Back through a Fork (see forward_fork): after each half comes the join; before the Fork, either
@@ -2354,7 +2531,8 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=(), resident_calls=None, cells=None) -> Plan:
+             fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
+             aside=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2383,6 +2561,15 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
     Forks; resident.keep_resident_in_functions); None or False: read from memory at every call (the default
     until it is timed).
+    `spread_frames=True` (device control, without Forks): a recursive function whose calls step more than one
+    frame (results read in the callees' frames) puts each callee's own callees `spread * step` frames further
+    (plan.RecFunction.spread), so that a later call's subtree never reuses the frames an earlier call's last op
+    read, and the grid barrier at the end of that call becomes a block sync where only such a sibling follows
+    (_spread_sites); None or False: off (the default until it is timed).
+    `aside=True` (device control, without Forks): a small wave of a recursive function that grid barriers
+    isolate (RAE's leaf) runs on the vEUs right after those of the functions' widest waves, at the same time
+    as their uTasks instead of after them on one vEU (_waves_aside); None or False: off (the default until
+    it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2401,12 +2588,17 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"resident_calls must be None (off), True or False, got {resident_calls!r}")
     if cells not in (None, True, False):
         raise ValueError(f"cells must be None (on), True or False, got {cells!r}")
+    if spread_frames not in (None, True, False):
+        raise ValueError(f"spread_frames must be None (off), True or False, got {spread_frames!r}")
+    if aside not in (None, True, False):
+        raise ValueError(f"aside must be None (off), True or False, got {aside!r}")
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
-                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False)
+                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
+                   spread_frames=bool(spread_frames), aside=bool(aside))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

@@ -24,6 +24,10 @@ Semantics it defines (every backend follows them):
   copies each, appended as groups first use them): frame_offset k > 0 is at frame[f] + k + kid_base[f],
   0 at frame[f] + own_base[f]. A group of fewer than 2 * min_group vEUs runs both halves, the calls
   not forked, with a barrier of the group in between.
+- Spread frames (RecFunction.spread > 0, no Forks): a buffer frame value is addressed with the same two
+  bases; a Call of step s makes the callee's own base the caller's callee base and moves the callee's own
+  callee base `f.callee_extra(s)` further (the frames of a later call's subtree then lie past those an
+  earlier call's last op read). Stacked uniforms keep frame[f] + frame_offset.
 """
 from __future__ import annotations
 
@@ -295,6 +299,7 @@ class Simulator:
         self.return_sites.append(stmt.site)
         saved = (self.group, self.own_base[fn.name], self.kid_base[fn.name])
         self.own_base[fn.name] = self.kid_base[fn.name]
+        self.kid_base[fn.name] += fn.callee_extra(stmt.step)
         if self.entering is not None:
             self.group, self.entering = self.entering, None
             self.kid_base[fn.name] = self._region(fn) - self.frame[fn.name]

@@ -51,6 +51,14 @@ bases, `o_f` (its own frame) and `c_f` (its callees'): a frame buffer value at o
                     overflowed (any vEU may be the one), which the kernel's first lines make safe: vEU 0
                     clears the flag and the counters, then one grid barrier (fork_prologue)
 
+Spread frames (RecFunction.spread > 0, the scheduler option `spread_frames`, a plan without Forks): the
+same two bases `o_f` and `c_f` address frame buffers, saved with the return site, and a call of step s
+moves the callee's callee base `f.callee_extra(s)` further than its own frame:
+
+    call site k:    ... r_f[d_f] = k; so_f[d_f] = o_f; sc_f[d_f] = c_f;  d_f += 1; b_f += s;
+                    o_f = c_f; c_f += spread * s;  goto f_f;
+                    f_f_ret_k: ;  o_f = so_f[d_f]; c_f = sc_f[d_f];  b_f -= s;
+
 Instrumented build (`trace`: a gdsl.profiling.sites.TraceSites): the kernel takes one more parameter, the
 trace buffer (one region per vEU), and thread 0 of each vEU records a stamp of the dialect's clock
 (`trace_clock`) at the begin and end of every uTask, grid barrier, loop, loop iteration, branch case and
@@ -351,6 +359,9 @@ class Renderer:
         self.smem = 16
         self.device_control = plan.control == "device"
         self.forks = has_forks(plan)        # calls run in parallel on vEU groups (see fork_lines)
+        # Frame buffers addressed from two bases per function (own frame, callees'): with Forks (a group's
+        # frame region) or spread frames (the callees' frames moved past a sibling's; module docstring).
+        self.bases = self.forks or (self.device_control and any(f.spread for f in plan.functions))
         self.views = find_views(plan)
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
@@ -404,7 +415,7 @@ class Renderer:
         base = buf.name
         if buf.kind == "frame":
             frame = self.depth(buf.frame_of) + (f" + {value.frame_offset}" if value.frame_offset else "")
-            if self.forks:       # the own frame where the caller put it, callees' frames in the group's region
+            if self.bases:       # the own frame where the caller put it, callees' frames from their own base
                 frame += f" + {'c' if value.frame_offset else 'o'}_{cid(buf.frame_of)}"
             base = f"({buf.name} + (long long)({frame}) * {buf.aval.size})"
         return view_pointer(base, value, self.elem)     # a view: a window of the storage
@@ -589,9 +600,16 @@ class Renderer:
         lines = [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({setter}) *gdsl_err = {code}; goto gdsl_exit; }}"]
         lines += self.trace_lines(pad, trace_begin, site)
         frames = f" b_{name} += {stmt.step};" if self.steps_frames(stmt.fn) else ""
-        if not self.forks:
+        if not self.bases:
             lines += [f"{pad}r_{name}[d_{name}] = {stmt.site}; d_{name} += 1;{frames} goto f_{name};",
                       f"{pad}f_{name}_ret_{stmt.site}: ;"]
+        elif not self.forks:            # spread frames: the callee's callees past its own frame's neighbours
+            lines.append(f"{pad}r_{name}[d_{name}] = {stmt.site}; " + " ".join(
+                f"{s}_{name}[d_{name}] = {v};" for s, v in self.saved_bases(name)))
+            lines.append(f"{pad}d_{name} += 1;{frames} o_{name} = c_{name}; c_{name} += {f.callee_extra(stmt.step)}; "
+                         f"goto f_{name};")
+            lines.append(f"{pad}f_{name}_ret_{stmt.site}: ;")
+            lines.append(pad + " ".join(f"{v} = {s}_{name}[d_{name}];" for s, v in self.saved_bases(name)))
         else:
             lines.append(f"{pad}r_{name}[d_{name}] = {stmt.site}; " + " ".join(
                 f"{s}_{name}[d_{name}] = {v};" for s, v in self.saved_state(name)))
@@ -615,7 +633,13 @@ class Renderer:
     def saved_state(name: str) -> list[tuple[str, str]]:
         """(stack, variable) of what a call saves with its return site when calls run in parallel: the vEU's
         group (heap number, first and end vEU) and the frame bases of function `name` (own, callees')."""
-        return [("sg", "gdsl_g"), ("slo", "gdsl_lo"), ("shi", "gdsl_hi"), ("so", f"o_{name}"), ("sc", f"c_{name}")]
+        return [("sg", "gdsl_g"), ("slo", "gdsl_lo"), ("shi", "gdsl_hi")] + Renderer.saved_bases(name)
+
+    @staticmethod
+    def saved_bases(name: str) -> list[tuple[str, str]]:
+        """(stack, variable) of function `name`'s frame bases (own, callees'), saved at every call when
+        frame buffers are addressed from them (Renderer.bases)."""
+        return [("so", f"o_{name}"), ("sc", f"c_{name}")]
 
     def fork_lines(self, fork: Fork, ind: int) -> list[str]:
         """A Fork (plan.Fork): the lower half of the vEU group makes the first call, every vEU the
@@ -985,9 +1009,10 @@ class Renderer:
             n = cid(f.name)
             frames = f" int b_{n} = 0;" if self.steps_frames(f.name) else ""
             decls.append(f"int d_{n} = 0; int r_{n}[{f.max_depth}];{frames}")
-            if self.forks:
+            if self.bases:
+                saved = self.saved_state(n) if self.forks else self.saved_bases(n)
                 decls.append(f"int o_{n} = 0, c_{n} = 0; " + " ".join(
-                    f"int {stack}_{n}[{f.max_depth}];" for stack, _ in self.saved_state(n)))
+                    f"int {stack}_{n}[{f.max_depth}];" for stack, _ in saved))
         if self.forks and functions:
             decls.append(f"int gdsl_g = 1, gdsl_lo = 0, gdsl_hi = {plan.grid};")
             decls.append(f"unsigned* gdsl_gbar = (unsigned*)(gdsl_ws + {self.layout.group_barriers});")
@@ -999,7 +1024,7 @@ class Renderer:
         for u in used_uniforms:
             t = c_types.compute(u.aval.dtype)
             if u in self.stacked:
-                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].frames}];")
+                decls.append(f"{t} {u.name}_s[{self.fns[u.frame_of].register_frames}];")
             else:
                 decls.append(f"{t} {u.name} = {c_types.literal(0, u.aval.dtype)};")
         if functions:
