@@ -31,8 +31,8 @@ PTXAS_THREADS: int | None = 0
 # A program whose source defines at least this many called uTask functions (GDSL_SHARED_OP, gdsl/backends/cfamily/
 # render.py) is compiled as relocatable device code and linked by nvJitLink (None: never; also never when
 # nvJitLink is not installed). ptxas's whole-program mode spent ~3x the CPU of its separate (-c) mode on SkipNet's
-# device kernel (15-17 s against 4-5 s for the same PTX), almost all of it in the called functions, and
-# --split-compile only runs in parallel in the separate mode. The functions are `static` (the CUDA dialect's
+# device kernel (15-17 s against 4-5 s for the same PTX), almost all of it in the called functions (and its
+# --split-compile ran nothing in parallel there: CPU = wall). The functions are `static` (the CUDA dialect's
 # GDSL_SHARED_OP), so ptxas compiles them with the register budget of the kernels calling them and nvJitLink
 # accepts the link. Runtime cost: a call follows the ABI (the callee saves the registers it uses: ~60 stores and
 # loads per call of a tiled function) where whole-program mode may pick its own convention. The zoo's other
