@@ -2,12 +2,14 @@
 
     GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
         [--render ROLL_REPEATS=False,MERGE_KERNELS=False] [--render CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None]
+        [--render SEPARATE_MIN_CALLED=None]
 
 NVRTC takes a while on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
 the cache folder to the GPU machine keeps the benchmark's device time for measuring. Each line gives one
 source's size and its NVRTC wall and CPU time (the CPU time of this process: on a shared machine the wall time
 also counts the waits for a core; a compile already in the cache takes no time). The cache key holds the
-source, the arch (sm_90) and the NVRTC version, so the GPU machine must use the same NVRTC.
+source, the arch (sm_90) and the NVRTC version (and nvJitLink's for a program compiled separately and linked:
+gdsl/backends/cuda/toolchain.py, SEPARATE_MIN_CALLED), so the GPU machine must use the same NVRTC and nvJitLink.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ def main():
     p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py (or "
                                                  "gemm.py, gdsl/backends/cuda/toolchain.py) first, e.g. "
                                                  "ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them), "
-                                                 "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None or "
+                                                 "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None, "
+                                                 "SEPARATE_MIN_CALLED=None (whole-program compiles only) or "
                                                  "WIDE_VECTOR_LOADS=False")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")

@@ -183,7 +183,7 @@ def test_identical_utasks_share_one_function(monkeypatch):
     small = ops()
     assert small.count("GDSL_DEV void") == 2 and small.count("GDSL_SHARED_OP void") == 1
     assert "// called from 9 sites" in small
-    assert "#define GDSL_SHARED_OP __device__ __noinline__" in CUDADialect().header
+    assert "#define GDSL_SHARED_OP static __device__ __noinline__" in CUDADialect().header
     monkeypatch.setattr(render, "CALL_TILED_UTASKS", False)
     assert ops().count("GDSL_DEV void") == 3 and "GDSL_SHARED_OP" not in ops()
     monkeypatch.setattr(render, "CALL_TILED_UTASKS", True)

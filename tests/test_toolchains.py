@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 from strategies import needs_nvrtc
 
+import gdsl
+import gdsl.numpy
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip import toolchain as hip_toolchain
@@ -102,6 +104,65 @@ def test_nvrtc_cache_hit_does_not_compile(monkeypatch, tmp_path):
     assert len(calls) == 1
 
 
+needs_nvjitlink = pytest.mark.skipif(cuda_toolchain.nvrtc_available() is not None
+                                     or not cuda_toolchain.nvjitlink_available(),
+                                     reason="NVRTC or nvJitLink (the nvidia-nvjitlink wheel) is not installed")
+ET_REL, ET_EXEC = 1, 2
+
+
+def _elf_type(binary: bytes) -> int:
+    return int.from_bytes(binary[16:18], "little")
+
+
+def _called_layers(x, w):
+    """Ten GEMV + tanh layers: three distinct uTask functions (the first GEMV, the others, the tanh)."""
+    for k in range(10):
+        x = gdsl.numpy.tanh(x @ w[k])
+    return x
+
+
+CALLED_LAYERS_ARGS = (np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64),
+                      np.linspace(-0.1, 0.1, 10 * 64 * 64, dtype=np.float32).reshape(10, 64, 64))
+
+
+def _call_every_function(monkeypatch):
+    """Make the renderer call every uTask function (GDSL_SHARED_OP), as it does SkipNet's."""
+    from gdsl.backends.cfamily import render
+    monkeypatch.setattr(render, "LARGE_KERNEL_BUDGET", 0)
+    monkeypatch.setattr(render, "LARGE_KERNEL_INLINED", 0)
+
+
+@needs_nvjitlink
+def test_many_called_functions_compile_separately_and_link(monkeypatch):
+    """From SEPARATE_MIN_CALLED called functions on, NVRTC makes relocatable device code (ET_REL) and
+    nvJitLink links it into an executable CUBIN (ET_EXEC) the driver loads; below it, one whole-program
+    compile as before. Two vEUs per SM, as SkipNet: the kernel's launch bounds cap its registers at 128, which
+    the called functions must keep to as well or the link fails (SkipNet's extern conv2d tiles took 254; the
+    dialect's GDSL_SHARED_OP is static, so they take their callers' budget)."""
+    _call_every_function(monkeypatch)
+    source = gdsl.jit(_called_layers, backend="cuda", grid=264, epilogue=False).lower(*CALLED_LAYERS_ARGS).source
+    assert source.count("\nGDSL_SHARED_OP ") == 3 and "__launch_bounds__(256, 2)" in source
+    monkeypatch.setattr(cuda_toolchain, "SEPARATE_MIN_CALLED", 4)
+    assert not cuda_toolchain.compiles_separately(source)
+    whole = cuda_toolchain.compile_cuda(source, "sm_90")
+    monkeypatch.setattr(cuda_toolchain, "SEPARATE_MIN_CALLED", 3)
+    assert cuda_toolchain.compiles_separately(source)
+    objects, link = [], cuda_toolchain.link_cubin
+    monkeypatch.setattr(cuda_toolchain, "link_cubin", lambda cubin, arch: objects.append(cubin) or link(cubin, arch))
+    linked = cuda_toolchain.compile_cuda(source, "sm_90")
+    assert [_elf_type(o) for o in objects] == [ET_REL]
+    assert _elf_machine(linked) == 190 and _elf_type(linked) == _elf_type(whole) == ET_EXEC
+    assert linked != whole and b"gdsl_main" in linked
+    monkeypatch.setattr(cuda_toolchain, "SEPARATE_MIN_CALLED", None)
+    assert not cuda_toolchain.compiles_separately(source)
+
+
+@needs_nvjitlink
+def test_nvjitlink_error_is_a_compile_error():
+    with pytest.raises(CompileError, match="nvJitLink failed"):
+        cuda_toolchain.link_cubin(b"not a relocatable object", "sm_90")
+
+
 # ---- HIP: hiprtc in a subprocess and clang, no GPU needed ----
 
 HIP_KERNEL = r"""
@@ -155,6 +216,19 @@ def test_clang_route_compiles_and_reports_errors():
 
 
 # ---- CUDA runtime: needs a GPU ----
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not runtime.cuda_usable(), reason="no usable CUDA GPU")
+@pytest.mark.parametrize("control", ["device", "host"])
+def test_gpu_separately_compiled_program_matches_interpreter(control, monkeypatch):
+    """A program whose called functions were compiled as relocatable code and linked by nvJitLink runs and
+    gives the interpreter's results."""
+    from strategies import check_backend
+    if not cuda_toolchain.nvjitlink_available():
+        pytest.skip("nvJitLink (the nvidia-nvjitlink wheel) is not installed")
+    _call_every_function(monkeypatch)
+    monkeypatch.setattr(cuda_toolchain, "SEPARATE_MIN_CALLED", 1)
+    check_backend(_called_layers, CALLED_LAYERS_ARGS, "cuda", control=control, epilogue=False)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not runtime.cuda_usable(), reason="no usable CUDA GPU")

@@ -5,9 +5,12 @@ from pathlib import Path
 
 from gdsl.backends.cfamily.dialect import Dialect
 
+# GDSL_SHARED_OP is static: in whole-program mode the machine code is the same, and compiled as relocatable device
+# code (cuda/toolchain.py, SEPARATE_MIN_CALLED) a static function gets the register budget of the kernels calling
+# it (an extern one may take 255 and fail the link) and is not emitted twice (an extern copy and an internal clone).
 HEADER_TEMPLATE = r"""
 #define GDSL_DEV __device__ __forceinline__
-#define GDSL_SHARED_OP __device__ __noinline__
+#define GDSL_SHARED_OP static __device__ __noinline__
 #define GDSL_WARP $warp_size
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
 #define GDSL_U2F(u) __uint_as_float(u)

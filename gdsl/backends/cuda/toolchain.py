@@ -4,15 +4,23 @@ We call NVRTC through `cupy_backends.cuda.libs.nvrtc` (CuPy 14 moved it there fr
 and not through CuPy's RawModule, because CuPy's own compile path asks the driver for the current device.
 We ask NVRTC for a CUBIN (`--gpu-architecture=sm_XY`), not PTX: ptxas then runs inside NVRTC, so its errors
 show up in CI too, and the driver never has to JIT PTX that may be newer than it understands.
+
+A program with many called uTask functions (SkipNet's: ~40 `GDSL_SHARED_OP` functions) is compiled as relocatable
+device code instead (`SEPARATE_MIN_CALLED`): NVRTC's `-rdc=true` makes ptxas compile each function alone (its
+whole-program mode spent several times the CPU on the same functions), and nvJitLink (the `nvidia-nvjitlink` wheel,
+through ctypes) links the one relocatable object into the CUBIN the driver loads, in ~10 ms and without a GPU:
+
+    NVRTC -rdc=true -> relocatable CUBIN -> nvJitLinkCreate/AddData/Complete -> GetLinkedCubin -> CUBIN
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import re
 
 from gdsl.backends.toolchain import cached_compile, compile_error
-from gdsl.errors import BackendUnavailableError
+from gdsl.errors import BackendUnavailableError, CompileError
 
 INSTALL_HINT = "pip install 'gdsl[cuda]'"
 # Threads ptxas (inside NVRTC) compiles the functions of one program with (its --split-compile; 0: one per CPU,
@@ -20,6 +28,16 @@ INSTALL_HINT = "pip install 'gdsl[cuda]'"
 # .text was byte-identical with and without it, so it costs no run time; it cuts the wall time of programs whose
 # uTask functions are called (compiled apart from the kernel: gdsl/backends/cfamily/render.py).
 PTXAS_THREADS: int | None = 0
+# A program whose source defines at least this many called uTask functions (GDSL_SHARED_OP, gdsl/backends/cfamily/
+# render.py) is compiled as relocatable device code and linked by nvJitLink (None: never; also never when
+# nvJitLink is not installed). ptxas's whole-program mode spent ~3x the CPU of its separate (-c) mode on SkipNet's
+# device kernel (15-17 s against 4-5 s for the same PTX), almost all of it in the called functions (and its
+# --split-compile ran nothing in parallel there: CPU = wall). The functions are `static` (the CUDA dialect's
+# GDSL_SHARED_OP), so ptxas compiles them with the register budget of the kernels calling them and nvJitLink
+# accepts the link. Runtime cost: a call follows the ABI (the callee saves the registers it uses: ~60 stores and
+# loads per call of a tiled function) where whole-program mode may pick its own convention. The zoo's other
+# programs have at most 6 called functions and compile as before.
+SEPARATE_MIN_CALLED: int | None = 16
 
 
 def _nvrtc():
@@ -79,8 +97,19 @@ def compile_cuda(source: str, arch: str = "sm_90", *, options=(), name: str = "g
     if include:
         opts.append(f"-I{include}")
     key = ("cuda", source, arch, tuple(options), nvrtc_version())
-    return cached_compile("cuda", key, lambda: _nvrtc_compile(source, name, opts), suffix=".cubin",
-                          what="NVRTC")
+    if not compiles_separately(source):
+        return cached_compile("cuda", key, lambda: _nvrtc_compile(source, name, opts), suffix=".cubin",
+                              what="NVRTC")
+    key += ("separate", nvjitlink_version())
+    return cached_compile("cuda", key, lambda: link_cubin(_nvrtc_compile(source, name, [*opts, "-rdc=true"]), arch),
+                          suffix=".cubin", what="NVRTC (separate compilation)")
+
+
+def compiles_separately(source: str) -> bool:
+    """Is `source` compiled as relocatable device code and linked (SEPARATE_MIN_CALLED)?"""
+    if SEPARATE_MIN_CALLED is None or source.count("\nGDSL_SHARED_OP ") < SEPARATE_MIN_CALLED:
+        return False
+    return nvjitlink_available()
 
 
 def _nvrtc_compile(source: str, name: str, opts: list[str]) -> bytes:
@@ -95,6 +124,66 @@ def _nvrtc_compile(source: str, name: str, opts: list[str]) -> bytes:
         return nvrtc.getCUBIN(prog)
     finally:
         nvrtc.destroyProgram(prog)
+
+
+# ---- nvJitLink (its C API through ctypes: nvJitLink.h of CUDA 13) ----
+
+_NVJITLINK_INPUT_CUBIN = 1
+
+
+@functools.cache
+def _nvjitlink():
+    """The nvJitLink library (ctypes.CDLL), or None when it is not installed."""
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib  # comes with cupy-cuda13x
+        return ctypes.CDLL(load_nvidia_dynamic_lib("nvJitLink").abs_path)
+    except Exception:  # ImportError, or cuda-pathfinder's own error when the library is not found
+        return None
+
+
+def nvjitlink_available() -> bool:
+    """Can nvJitLink link here (the nvidia-nvjitlink wheel, or a CUDA install cuda-pathfinder finds)?"""
+    return _nvjitlink() is not None
+
+
+@functools.cache
+def nvjitlink_version() -> tuple[int, int]:
+    """nvJitLink's (major, minor); needs the library (compiles_separately checked it)."""
+    major, minor = ctypes.c_uint(), ctypes.c_uint()
+    _nvjitlink().nvJitLinkVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
+
+
+def link_cubin(relocatable: bytes, arch: str) -> bytes:
+    """The executable CUBIN of one relocatable CUBIN (NVRTC with -rdc=true), linked by nvJitLink for `arch`."""
+    lib = _nvjitlink()
+    handle = ctypes.c_void_p()
+    options = (ctypes.c_char_p * 1)(f"-arch={arch}".encode())
+    _check_link(lib, handle, lib.nvJitLinkCreate(ctypes.byref(handle), 1, options), "create")
+    try:
+        _check_link(lib, handle, lib.nvJitLinkAddData(handle, _NVJITLINK_INPUT_CUBIN, relocatable,
+                                                      ctypes.c_size_t(len(relocatable)), b"gdsl"), "add")
+        _check_link(lib, handle, lib.nvJitLinkComplete(handle), "link")
+        size = ctypes.c_size_t()
+        _check_link(lib, handle, lib.nvJitLinkGetLinkedCubinSize(handle, ctypes.byref(size)), "size")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_link(lib, handle, lib.nvJitLinkGetLinkedCubin(handle, cubin), "read")
+        return cubin.raw
+    finally:
+        lib.nvJitLinkDestroy(ctypes.byref(handle))
+
+
+def _check_link(lib, handle, result: int, step: str) -> None:
+    """Raise CompileError with nvJitLink's error log when `result` is not NVJITLINK_SUCCESS (0)."""
+    if result == 0:
+        return
+    log = ""
+    size = ctypes.c_size_t()
+    if handle.value and lib.nvJitLinkGetErrorLogSize(handle, ctypes.byref(size)) == 0 and size.value:
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvJitLinkGetErrorLog(handle, buf)
+        log = buf.value.decode(errors="replace")
+    raise CompileError(f"nvJitLink failed ({step}, error {result}):\n{log}", log=log)
 
 
 def device_arch() -> str:
