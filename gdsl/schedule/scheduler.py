@@ -55,6 +55,7 @@ from gdsl.schedule.plan import (
     ROW_SHAPE,
     ROWS,
     STEPS,
+    WINDOW_COPY,
     Assign,
     Branch,
     Buffer,
@@ -155,9 +156,13 @@ class _Item:
     rows: dict | None = None
     row_outputs: list = field(default_factory=list)
     row_output: bool = False
-    # A contraction (or its epilogue) that stores its result straight into the window of this
-    # dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op.
+    # A contraction (or its epilogue) or a reduction that stores its result straight into the window of
+    # this dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op. `window_copy`:
+    # a reduction whose result other readers still read stores it into the window as well, through this
+    # extra output (plan.WINDOW_COPY).
     stores_into: _Item | None = None
+    keeps_result: bool = False
+    window_copy: Value | None = None
     # (a ROWS item) the item whose `alias` says where each of `row_outputs` is stored: itself for the last
     # member's result (it allocates it, see _allocate), else the member (a `row_output`)
     row_owners: list = field(default_factory=list)
@@ -190,8 +195,8 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
-        # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's kind say
-        # that the contraction may store its result straight into the window of an in-place update
+        # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's or a
+        # reduction's kind say that it may store its result straight into the window of an in-place update
         # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
         self.window_stores = tuple(window_stores) if control == "device" else ()
         # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
@@ -416,7 +421,8 @@ class Scheduler:
     def _allocate(self, order):
         """Storage for every value the segment produces, in program order (aliases follow their source). A
         result stored into an update's window (_fold_window_stores) gets it last, when the uniforms of the
-        window's start have theirs; its aliases, read by nothing but the update, get none."""
+        window's start have theirs; its aliases, read by nothing but the update, get none. A reduction that
+        stores into the window as well as into its own output (`window_copy`) gets both."""
         stored = []
         for entry in order:
             if not isinstance(entry, _Item):           # a reshape or a view
@@ -433,12 +439,21 @@ class Scheduler:
                 self.env[entry.eqn.outs[0]] = self._view_value(entry.eqn)
             elif entry.stores_into is not None:
                 stored.append(entry)
+                if entry.keeps_result:        # (its own output as well, for its other readers)
+                    self._allocate_outputs(entry)
             elif not entry.absorbed or entry.row_output:
-                for v in entry.eqn.outs:
-                    self.env[v] = entry.alias if entry.alias is not None else \
-                        self._new_value(v.aval, entry.uniform)
+                self._allocate_outputs(entry)
         for entry in stored:
-            self.env[entry.eqn.outs[0]] = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
+            window = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
+            if entry.keeps_result:
+                entry.window_copy = window
+            else:
+                self.env[entry.eqn.outs[0]] = window
+
+    def _allocate_outputs(self, item):
+        """The storage of `item`'s outputs: its alias (an in-place carry, a branch result), else new."""
+        for v in item.eqn.outs:
+            self.env[v] = item.alias if item.alias is not None else self._new_value(v.aval, item.uniform)
 
     def _dynamic_view(self, eqn, producer, segment, jaxpr) -> bool:
         """Is `eqn` a window its readers can read in place at a run-time offset (plan.Value.terms), so that it
@@ -781,8 +796,12 @@ class Scheduler:
         """Fold each in-place dynamic_update_slice `x.at[..., t, ...].set(u)` whose update `u` a contraction
         (matmul / conv2d, with or without an epilogue) computes and nothing else reads into that contraction:
         its uTasks store `u` straight into x's window (plan.StoreWindow, at the clamped uniform starts), the
-        update runs no op, no wave and no barrier. When the backend's chain (`window_stores`) has "epilogue"
-        rules for dynamic_update_slice and the contraction's kind. The update must write x's storage in
+        update runs no op, no wave and no barrier. Likewise into a reduction (argmax, reduce_sum, ...) that
+        computes `u`; when other readers still read its result (greedy decoding's token is the next step's
+        carry and written into the sequence of tokens: `tokens.at[step].set(argmax(logits))`), the reduction
+        stores it into its own output as well (`keeps_result`, plan.WINDOW_COPY). When the backend's chain
+        (`window_stores`) has "epilogue" rules for dynamic_update_slice and the producer's kind (the
+        C-family renderer's say how a GEMM tile and a reduction store). The update must write x's storage in
         place (_choose_aliases), and the contraction now overwrites it earlier, at its own level: every other
         reader of x's old value must have read it in an earlier wave (a contraction reading x itself reads
         whole rows of it, so it never folds), and the window's starts must be known before its wave. The
@@ -793,9 +812,10 @@ class Scheduler:
             return items
         folded = []
         for update in items:
-            c = self._window_store_producer(update, items, producer, windows, jaxpr)
-            if c is None:
+            found = self._window_store_producer(update, items, producer, windows, jaxpr)
+            if found is None:
                 continue
+            c, c.keeps_result = found
             c.stores_into = update
             folded.append(update)
             for it in items:
@@ -805,8 +825,9 @@ class Scheduler:
         return [it for it in items if it not in folded]
 
     def _window_store_producer(self, update, items, producer, windows, jaxpr):
-        """The item of the contraction that may store the update of dynamic_update_slice item `update` into
-        its window (see _fold_window_stores), or None."""
+        """(The item of the contraction or reduction that may store the update of dynamic_update_slice item
+        `update` into its window, whether it must keep its own result too) (see _fold_window_stores), or
+        None."""
         eqn = update.eqn
         if eqn.primitive is not dynamic_update_slice_p or update.alias is None or update.uniform or update.view:
             return None
@@ -824,14 +845,23 @@ class Scheduler:
         if alias is not None and (alias.offset or root.aval.size != u.aval.size):
             return None
         c = producer.get(root)
-        if c is None or c.absorbed or c.uniform or c.alias is not None or c.stores_into is not None or \
+        if c is None or c.absorbed or c.uniform or c.stores_into is not None or \
                 c.eqn.outs[0] is not root or c.rows is not None:
             return None
         kind = c.contraction.eqn.primitive if c.contraction is not None else c.eqn.primitive
-        if kind.family not in (CONTRACTION, CONVOLUTION) or (c.contraction is None and c.raw_expr is not None) or \
-                not has_lowering(kind.name, self.window_stores, "epilogue"):
+        if not has_lowering(kind.name, self.window_stores, "epilogue"):
             return None
-        if not _only_the_update_reads(jaxpr, root, eqn) or any(v in self.hints for v in _alias_closure(jaxpr, root)):
+        only_the_update = _only_the_update_reads(jaxpr, root, eqn) and \
+            not any(v in self.hints for v in _alias_closure(jaxpr, root))
+        if kind.family in (CONTRACTION, CONVOLUTION):
+            if c.alias is not None or (c.contraction is None and c.raw_expr is not None) or not only_the_update:
+                return None
+            keeps_result = False
+        elif kind.family == REDUCE and c.raw_expr is None and len(c.eqn.outs) == 1:
+            if c.alias is not None and c.alias.storage is old.storage:
+                return None          # (its own result in x's storage: the window would overwrite it)
+            keeps_result = c.alias is not None or not only_the_update
+        else:
             return None
         if eqn.params["mode"] == "drop" and any(
                 isinstance(s, Lit) and not 0 <= int(s.val.reshape(-1)[0]) <= n - k
@@ -855,7 +885,7 @@ class Scheduler:
             if other is not update and any(a in names for a in _reads(other)) and \
                     (read_level >= c.level or other.uniform or other.read_by_uniform):
                 return None
-        return c
+        return c, keeps_result
 
     def _window_value(self, update, aval) -> Value:
         """Where the contraction folded into dynamic_update_slice item `update` stores its result (of type
@@ -999,10 +1029,12 @@ class Scheduler:
     def _op_outputs(self, it) -> list[Value]:
         """Where the op of `it` writes: its outputs' storage. An epilogue read through a reshape of the
         contraction's result (_epilogue_path) writes its storage under the contraction's shape, which
-        the GEMM's tiles index."""
+        the GEMM's tiles index. A reduction that stores its result into a window as well has that window
+        last (plan.WINDOW_COPY)."""
         values = [self.env[v] for v in (it.row_outputs if it.rows is not None else it.eqn.outs)]
-        return [value if value.aval == aval else dataclasses.replace(value, aval=aval)
+        outs = [value if value.aval == aval else dataclasses.replace(value, aval=aval)
                 for value, aval in zip(values, self._out_avals(it))]
+        return outs + ([it.window_copy] if it.window_copy is not None else [])
 
     def _kind_and_inputs(self, it):
         if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
@@ -1039,6 +1071,8 @@ class Scheduler:
             params = dict(it.rows)
             label = _rows_label(params)
         outs = self._op_outputs(it)
+        if it.window_copy is not None:
+            params[WINDOW_COPY] = True
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
         if layout is not None:
