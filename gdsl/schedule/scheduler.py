@@ -2276,11 +2276,13 @@ def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
 
 
 def _covered_read_barriers(body, read_barriers) -> set:
-    """The barriers of `read_barriers` at the top level of a loop body after which no statement can write
-    the buffers read before them until another grid barrier: on every path from them (the rest of the body,
-    the loop's condition, then around to the body's start, or out of the loop to the end of the kernel), a
-    grid barrier comes first; every vEU has done its reads when it passes that one. (Seq2seq's token, read
-    by every vEU at the end of a step, is written again by the next step's argmax, grid barriers later.)"""
+    """The barriers of `read_barriers` at the top level of a loop body or condition after which no statement
+    can write the buffers read before them until another grid barrier: on every path from them (the rest of
+    the body, the loop's condition, then around to the body's start, or out of the loop to the end of the
+    kernel), a grid barrier comes first; every vEU has done its reads when it passes that one. (Seq2seq's
+    token, read by every vEU at the end of a step, is written again by the next step's argmax, grid barriers
+    later; at batch 64 the exit test's maximum of the tokens, read by every vEU in the condition, is written
+    again by the next condition, after the body's barriers, or never once the loop exits.)"""
     covered = set()
 
     def visit(block, after):            # after: what runs once `block` is done; None: not known here
@@ -2296,6 +2298,14 @@ def _covered_read_barriers(body, read_barriers) -> set:
                     out = _barrier_first(around, buffers) or \
                         (exit_path is not None and _barrier_first(around + exit_path, buffers))
                     if back_in and out:
+                        covered.add(sync)
+                for j, sync in enumerate(stmt.cond):
+                    if sync not in read_barriers or exit_path is None:
+                        continue
+                    buffers = read_barriers[sync]
+                    rest = list(stmt.cond[j + 1:])      # then the body and around, or out of the loop
+                    if _barrier_first(rest + list(stmt.body) + list(stmt.cond[:j]), buffers) and \
+                            _barrier_first(rest + exit_path, buffers):
                         covered.add(sync)
                 visit(stmt.cond, None)
                 visit(stmt.body, None)
