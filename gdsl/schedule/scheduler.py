@@ -87,6 +87,10 @@ from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
+# With the option uniform_reductions=True, a reduction to one element reads at most this many (every vEU
+# loads them, each warp's lanes the same addresses: one L1 line per warp and element, no barrier), instead
+# of running as an op of its own behind a grid barrier (Seq2seq's exit test at batch 64: max over 64 tokens).
+UNIFORM_REDUCTION_MAX_INPUT = 64
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
 # recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
 MAX_FUSED_DEPTH = 64
@@ -171,7 +175,7 @@ class _Item:
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False, cells=True):
+                 resident_calls=False, cells=True, uniform_reductions=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -179,6 +183,8 @@ class Scheduler:
         self.program = program
         self.control = control
         self.uniforms_allowed = control == "device"
+        # The most elements a reduction to one element reads and still is a uniform op (_is_uniform).
+        self.uniform_reduction_input = UNIFORM_REDUCTION_MAX_INPUT if uniform_reductions else UNIFORM_MAX_INPUT
         self.grid = int(grid)
         self.block = int(block)
         self.partition = partition           # partitioned loops: None = when estimated faster, or a bool
@@ -334,7 +340,7 @@ class Scheduler:
         if not self.uniforms_allowed or not prim.uniform or any(v.aval.size != 1 for v in eqn.outs):
             return False
         if prim.family == REDUCE:
-            return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
+            return eqn.inputs[0].aval.size <= self.uniform_reduction_input
         return True
 
     def _segment(self, segment, uses, jaxpr):
@@ -2398,7 +2404,7 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=(), resident_calls=None, cells=None) -> Plan:
+             fork=None, window_stores=(), resident_calls=None, cells=None, uniform_reductions=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2420,8 +2426,12 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     become a Fork (plan.Fork) that device control runs on the two halves of the vEU group; None or False:
     calls one after the other (the default until it is timed).
     `window_stores`: the backend's lowering chain, whose "epilogue" rules for dynamic_update_slice and a
-    contraction's kind say that the contraction may store its result straight into the window of an
-    in-place update that is its only reader (Scheduler._fold_window_stores; device control; empty: never).
+    contraction's or reduction's kind say that it may store its result straight into the window of an
+    in-place update that is its only reader, or, a reduction, as well as into its own output
+    (Scheduler._fold_window_stores; device control; empty: never).
+    `uniform_reductions=True`: a reduction to one element of up to UNIFORM_REDUCTION_MAX_INPUT elements is a
+    uniform op (every vEU computes it, no op and no barrier) instead of only up to UNIFORM_MAX_INPUT; None or
+    False: not (the default until it is timed).
     `resident_calls=True`: the weights of a
     recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
     memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
@@ -2450,7 +2460,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
-                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False)
+                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
+                   uniform_reductions=bool(uniform_reductions))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

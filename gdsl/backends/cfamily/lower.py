@@ -14,7 +14,8 @@ from gdsl.schedule.plan import Fork, Wave, plan_statements
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
-                           "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow"})
+                           "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
+                           "uniform_reductions"})
 DEFAULT_BLOCK = 256
 
 
@@ -40,7 +41,7 @@ def check_options(options, dialect) -> dict:
             "owner": options.get("owner"), "epilogue": options.get("epilogue"), "balance": options.get("balance"),
             "rows": options.get("rows"), "cells": options.get("cells"), "fork": options.get("fork"),
             "window_store": options.get("window_store"), "resident_calls": options.get("resident_calls"),
-            "narrow": options.get("narrow")}
+            "narrow": options.get("narrow"), "uniform_reductions": options.get("uniform_reductions")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -65,7 +66,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     wavefront=opts.get("wavefront"), hoist=opts.get("hoist"), resident_bytes=resident,
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
-                    resident_calls=opts.get("resident_calls"), cells=opts.get("cells"))
+                    resident_calls=opts.get("resident_calls"), cells=opts.get("cells"),
+                    uniform_reductions=opts.get("uniform_reductions"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -68,10 +68,11 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # GPU memory round trips per uTask, while a CPU thread runs its rounds of uTasks back to back from cache; nor
 # `fork`: its calls run one after the other, as a plan without Forks has them; nor `window_store`: its matmuls
 # have no rule to store into a dynamic_update_slice's window, the updates stay ops; nor `resident_calls`, as
-# `resident`; nor `narrow`: its threads are not a GPU's blocks)
+# `resident`; nor `narrow`: its threads are not a GPU's blocks; nor `uniform_reductions`: a grid barrier of
+# CPU threads costs too little to trade for the loads of every thread)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
-                           "resident_calls", "narrow", "autotune"})
+                           "resident_calls", "narrow", "autotune", "uniform_reductions"})
 DEFAULT_BLOCK = 1024
 
 
