@@ -175,7 +175,7 @@ class _Item:
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False, cells=True, uniform_reductions=False):
+                 resident_calls=False, cells=True, uniform_reductions=False, resident_partitioned=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -191,6 +191,7 @@ class Scheduler:
         # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
+        self.resident_partitioned = bool(resident_partitioned)    # in partitioned loops too (keep_resident)
         self.balance = balance                # each wave's splits and shares chosen together (balance.py)
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
@@ -1288,7 +1289,8 @@ class Scheduler:
         for out in body_j.outs:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
-        loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes)]
+        loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes,
+                              self.resident_partitioned)]
         if self.parts:      # after the loop, readers may sit on any vEU
             self.stats["partitioned_loops"] += 1
             self.stats["grid_syncs"] += 1
@@ -2404,7 +2406,8 @@ def _split_host(body, functions):
 
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
-             fork=None, window_stores=(), resident_calls=None, cells=None, uniform_reductions=None) -> Plan:
+             fork=None, window_stores=(), resident_calls=None, cells=None, uniform_reductions=None,
+             resident_partitioned=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2432,6 +2435,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `uniform_reductions=True`: a reduction to one element of up to UNIFORM_REDUCTION_MAX_INPUT elements is a
     uniform op (every vEU computes it, no op and no barrier) instead of only up to UNIFORM_MAX_INPUT; None or
     False: not (the default until it is timed).
+    `resident_partitioned=True`: partitioned loops keep their weights resident too (resident.keep_resident);
+    None or False: only loops that are not partitioned (the default until it is timed).
     `resident_calls=True`: the weights of a
     recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
     memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
@@ -2461,7 +2466,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
-                   uniform_reductions=bool(uniform_reductions))
+                   uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)
