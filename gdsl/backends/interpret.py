@@ -10,7 +10,7 @@ from gdsl.interpreter import run_program
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist",
                            "resident", "tensor_cores", "owner", "epilogue", "balance", "fork", "window_store",
                            "resident_calls", "narrow", "autotune", "uniform_reductions",
-                           "resident_partitioned"})  # accepted, no effect here
+                           "resident_partitioned", "index_ranges"})  # accepted, no effect here
 
 
 def unavailable_reason():

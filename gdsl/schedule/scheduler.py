@@ -80,6 +80,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
+from gdsl.schedule.ranges import drop_index_wraps
 from gdsl.schedule.resident import keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
@@ -2407,7 +2408,7 @@ def _split_host(body, functions):
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, uniform_reductions=None,
-             resident_partitioned=None) -> Plan:
+             resident_partitioned=None, index_ranges=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2437,6 +2438,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     False: not (the default until it is timed).
     `resident_partitioned=True`: partitioned loops keep their weights resident too (resident.keep_resident);
     None or False: only loops that are not partitioned (the default until it is timed).
+    `index_ranges=True`: `where(i < 0, i + n, i)` of an integer `i` that is never negative (an argmax carried
+    through a loop: Seq2seq's token before its embedding gather) becomes `i` first (ranges.py); None or
+    False: not (the default until it is timed).
     `resident_calls=True`: the weights of a
     recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
     memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
@@ -2460,6 +2464,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"resident_calls must be None (off), True or False, got {resident_calls!r}")
     if cells not in (None, True, False):
         raise ValueError(f"cells must be None (on), True or False, got {cells!r}")
+    if index_ranges:
+        program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)

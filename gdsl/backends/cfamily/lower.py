@@ -15,7 +15,7 @@ from gdsl.schedule.plan import Fork, Wave, plan_statements
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
-                           "uniform_reductions", "resident_partitioned"})
+                           "uniform_reductions", "resident_partitioned", "index_ranges"})
 DEFAULT_BLOCK = 256
 
 
@@ -42,7 +42,7 @@ def check_options(options, dialect) -> dict:
             "rows": options.get("rows"), "cells": options.get("cells"), "fork": options.get("fork"),
             "window_store": options.get("window_store"), "resident_calls": options.get("resident_calls"),
             "narrow": options.get("narrow"), "uniform_reductions": options.get("uniform_reductions"),
-            "resident_partitioned": options.get("resident_partitioned")}
+            "resident_partitioned": options.get("resident_partitioned"), "index_ranges": options.get("index_ranges")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -69,7 +69,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
                     resident_calls=opts.get("resident_calls"), cells=opts.get("cells"),
                     uniform_reductions=opts.get("uniform_reductions"),
-                    resident_partitioned=opts.get("resident_partitioned"))
+                    resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
