@@ -23,7 +23,7 @@ from gdsl import dtypes
 from gdsl.core.ir import Eqn, Jaxpr, Lit, Program, Var
 from gdsl.primitives.control import while_p
 from gdsl.primitives.elementwise import convert_p, lt_p, select_p
-from gdsl.primitives.reductions import REDUCE_PRIMS
+from gdsl.primitives.reductions import ARG_REDUCE, REDUCE_PRIMS
 from gdsl.primitives.structural import (
     broadcast_p,
     dynamic_slice_p,
@@ -34,7 +34,7 @@ from gdsl.primitives.structural import (
 from gdsl.schedule.loops import without_dead_eqns
 
 # The primitives whose result is an index into their operand (never negative).
-_INDEX_RESULTS = frozenset(p for p in REDUCE_PRIMS.values() if p.name in ("argmax", "argmin"))
+_INDEX_RESULTS = frozenset(REDUCE_PRIMS[name] for name in ARG_REDUCE)
 # The primitives whose result holds elements of their first operand only (non-negative when it is).
 _MOVES_FIRST = frozenset({broadcast_p, reshape_p, slice_p, dynamic_slice_p})
 
