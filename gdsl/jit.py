@@ -56,7 +56,8 @@ from gdsl.tracing.trace import (
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "barrier", "partition", "wavefront",
                            "hoist", "resident", "tensor_cores", "owner", "epilogue", "balance", "rows",
                            "cells", "arch", "wave", "fork", "window_store", "resident_calls",
-                           "narrow", "spread_frames", "aside"})
+                           "narrow", "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
+                           "index_ranges"})
 _CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False), "wavefront": (None, True, False),
             "hoist": (None, True, False), "resident": (None, True, False),
             "tensor_cores": (None, True, False), "autotune": (None, True, False),
@@ -64,7 +65,9 @@ _CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False
             "rows": (None, True, False), "cells": (None, True, False), "fork": (None, True, False),
             "barrier": (None, "atomic", "coop"), "window_store": (None, True, False),
             "resident_calls": (None, True, False), "narrow": (None, True, False),
-            "spread_frames": (None, True, False), "aside": (None, True, False)}
+            "spread_frames": (None, True, False), "aside": (None, True, False),
+            "uniform_reductions": (None, True, False), "resident_partitioned": (None, True, False),
+            "index_ranges": (None, True, False)}
 _POSITIVE_INTS = ("grid", "block", "unroll")
 
 

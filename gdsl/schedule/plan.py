@@ -7,7 +7,8 @@ Storage
               indices. Reading one needs no barrier.
     Value     what an IR variable became: storage + its type (+ which recursion frame, for frame storage);
               a view (a window of the storage read in place), or, for an op's output, a StoreWindow: the
-              op stores straight into a window of a larger array (a dynamic_update_slice folded away)
+              op stores straight into a window of a larger array (a dynamic_update_slice folded away;
+              a reduction may store its result there as well as in its own output: WINDOW_COPY)
 
 Work
     Op        one operator, split into `n_utasks` uTasks (one thread block's share each); fused
@@ -235,6 +236,12 @@ class Op:
 
     def __repr__(self):
         return self.name
+
+
+# The param of a reduction Op that also stores its result into a window of a larger array: its last output
+# (a Value with a StoreWindow) is a copy of its first, which stays for the result's other readers (a
+# dynamic_update_slice folded into the reduction computing its update, Scheduler._fold_window_stores).
+WINDOW_COPY = "window_copy"
 
 
 def epilogue_of(op) -> Expr | None:

@@ -54,10 +54,13 @@ def _written(loop: Loop) -> set | None:
     return _written_by(statements)
 
 
-def keep_resident(loop: Loop, budget: int) -> Loop:
+def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
     """`loop` with the weights of its body's GEMV-shaped matmuls resident where `budget` bytes per vEU
-    allow, in program order (the first waves of an iteration first)."""
-    written = _written(loop) if budget > 0 and not loop.parts else None
+    allow, in program order (the first waves of an iteration first). A partitioned loop (Loop.parts) only
+    with `partitioned` (the option resident_partitioned=True, off until timed): there uTask p of every op
+    runs on vEU p mod grid, its rounds as in any Task, so the tiles are the same per vEU (Attention's
+    heads: each vEU keeps its head's W_q, W_k, W_v and W_o, 64 KB at head size 64)."""
+    written = _written(loop) if budget > 0 and (partitioned or not loop.parts) else None
     if written is None:
         return loop
     used: dict[int, int] = {}            # vEU -> bytes of its resident region taken

@@ -55,6 +55,7 @@ from gdsl.schedule.plan import (
     ROW_SHAPE,
     ROWS,
     STEPS,
+    WINDOW_COPY,
     Assign,
     Branch,
     Buffer,
@@ -79,6 +80,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
+from gdsl.schedule.ranges import drop_index_wraps
 from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
@@ -86,6 +88,10 @@ from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
+# With the option uniform_reductions=True, a reduction to one element reads at most this many (every vEU
+# loads them, each warp's lanes the same addresses: one L1 line per warp and element, no barrier), instead
+# of running as an op of its own behind a grid barrier (Seq2seq's exit test at batch 64: max over 64 tokens).
+UNIFORM_REDUCTION_MAX_INPUT = 64
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
 # recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
 MAX_FUSED_DEPTH = 64
@@ -155,9 +161,13 @@ class _Item:
     rows: dict | None = None
     row_outputs: list = field(default_factory=list)
     row_output: bool = False
-    # A contraction (or its epilogue) that stores its result straight into the window of this
-    # dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op.
+    # A contraction (or its epilogue) or a reduction that stores its result straight into the window of
+    # this dynamic_update_slice item (Scheduler._fold_window_stores), which then runs no op. `window_copy`:
+    # a reduction whose result other readers still read stores it into the window as well, through this
+    # extra output (plan.WINDOW_COPY).
     stores_into: _Item | None = None
+    keeps_result: bool = False
+    window_copy: Value | None = None
     # (a ROWS item) the item whose `alias` says where each of `row_outputs` is stored: itself for the last
     # member's result (it allocates it, see _allocate), else the member (a `row_output`)
     row_owners: list = field(default_factory=list)
@@ -166,7 +176,8 @@ class _Item:
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
-                 resident_calls=False, cells=True, spread_frames=False, aside=False):
+                 resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
+                 resident_partitioned=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -174,12 +185,15 @@ class Scheduler:
         self.program = program
         self.control = control
         self.uniforms_allowed = control == "device"
+        # The most elements a reduction to one element reads and still is a uniform op (_is_uniform).
+        self.uniform_reduction_input = UNIFORM_REDUCTION_MAX_INPUT if uniform_reductions else UNIFORM_MAX_INPUT
         self.grid = int(grid)
         self.block = int(block)
         self.partition = partition           # partitioned loops: None = when estimated faster, or a bool
         # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
+        self.resident_partitioned = bool(resident_partitioned)    # in partitioned loops too (keep_resident)
         self.balance = balance                # each wave's splits and shares chosen together (balance.py)
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
@@ -197,8 +211,8 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
-        # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's kind say
-        # that the contraction may store its result straight into the window of an in-place update
+        # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's or a
+        # reduction's kind say that it may store its result straight into the window of an in-place update
         # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
         self.window_stores = tuple(window_stores) if control == "device" else ()
         # The lowering chain of the backend: with a "utask" rule for ROWS, row chains fuse (rows.py).
@@ -342,7 +356,7 @@ class Scheduler:
         if not self.uniforms_allowed or not prim.uniform or any(v.aval.size != 1 for v in eqn.outs):
             return False
         if prim.family == REDUCE:
-            return eqn.inputs[0].aval.size <= UNIFORM_MAX_INPUT
+            return eqn.inputs[0].aval.size <= self.uniform_reduction_input
         return True
 
     def _segment(self, segment, uses, jaxpr):
@@ -429,7 +443,8 @@ class Scheduler:
     def _allocate(self, order):
         """Storage for every value the segment produces, in program order (aliases follow their source). A
         result stored into an update's window (_fold_window_stores) gets it last, when the uniforms of the
-        window's start have theirs; its aliases, read by nothing but the update, get none."""
+        window's start have theirs; its aliases, read by nothing but the update, get none. A reduction that
+        stores into the window as well as into its own output (`window_copy`) gets both."""
         stored = []
         for entry in order:
             if not isinstance(entry, _Item):           # a reshape or a view
@@ -446,12 +461,21 @@ class Scheduler:
                 self.env[entry.eqn.outs[0]] = self._view_value(entry.eqn)
             elif entry.stores_into is not None:
                 stored.append(entry)
+                if entry.keeps_result:        # (its own output as well, for its other readers)
+                    self._allocate_outputs(entry)
             elif not entry.absorbed or entry.row_output:
-                for v in entry.eqn.outs:
-                    self.env[v] = entry.alias if entry.alias is not None else \
-                        self._new_value(v.aval, entry.uniform)
+                self._allocate_outputs(entry)
         for entry in stored:
-            self.env[entry.eqn.outs[0]] = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
+            window = self._window_value(entry.stores_into, entry.eqn.outs[0].aval)
+            if entry.keeps_result:
+                entry.window_copy = window
+            else:
+                self.env[entry.eqn.outs[0]] = window
+
+    def _allocate_outputs(self, item):
+        """The storage of `item`'s outputs: its alias (an in-place carry, a branch result), else new."""
+        for v in item.eqn.outs:
+            self.env[v] = item.alias if item.alias is not None else self._new_value(v.aval, item.uniform)
 
     def _dynamic_view(self, eqn, producer, segment, jaxpr) -> bool:
         """Is `eqn` a window its readers can read in place at a run-time offset (plan.Value.terms), so that it
@@ -794,8 +818,12 @@ class Scheduler:
         """Fold each in-place dynamic_update_slice `x.at[..., t, ...].set(u)` whose update `u` a contraction
         (matmul / conv2d, with or without an epilogue) computes and nothing else reads into that contraction:
         its uTasks store `u` straight into x's window (plan.StoreWindow, at the clamped uniform starts), the
-        update runs no op, no wave and no barrier. When the backend's chain (`window_stores`) has "epilogue"
-        rules for dynamic_update_slice and the contraction's kind. The update must write x's storage in
+        update runs no op, no wave and no barrier. Likewise into a reduction (argmax, reduce_sum, ...) that
+        computes `u`; when other readers still read its result (greedy decoding's token is the next step's
+        carry and written into the sequence of tokens: `tokens.at[step].set(argmax(logits))`), the reduction
+        stores it into its own output as well (`keeps_result`, plan.WINDOW_COPY). When the backend's chain
+        (`window_stores`) has "epilogue" rules for dynamic_update_slice and the producer's kind (the
+        C-family renderer's say how a GEMM tile and a reduction store). The update must write x's storage in
         place (_choose_aliases), and the contraction now overwrites it earlier, at its own level: every other
         reader of x's old value must have read it in an earlier wave (a contraction reading x itself reads
         whole rows of it, so it never folds), and the window's starts must be known before its wave. The
@@ -806,9 +834,10 @@ class Scheduler:
             return items
         folded = []
         for update in items:
-            c = self._window_store_producer(update, items, producer, windows, jaxpr)
-            if c is None:
+            found = self._window_store_producer(update, items, producer, windows, jaxpr)
+            if found is None:
                 continue
+            c, c.keeps_result = found
             c.stores_into = update
             folded.append(update)
             for it in items:
@@ -818,8 +847,9 @@ class Scheduler:
         return [it for it in items if it not in folded]
 
     def _window_store_producer(self, update, items, producer, windows, jaxpr):
-        """The item of the contraction that may store the update of dynamic_update_slice item `update` into
-        its window (see _fold_window_stores), or None."""
+        """(The item of the contraction or reduction that may store the update of dynamic_update_slice item
+        `update` into its window, whether it must keep its own result too) (see _fold_window_stores), or
+        None."""
         eqn = update.eqn
         if eqn.primitive is not dynamic_update_slice_p or update.alias is None or update.uniform or update.view:
             return None
@@ -837,14 +867,23 @@ class Scheduler:
         if alias is not None and (alias.offset or root.aval.size != u.aval.size):
             return None
         c = producer.get(root)
-        if c is None or c.absorbed or c.uniform or c.alias is not None or c.stores_into is not None or \
+        if c is None or c.absorbed or c.uniform or c.stores_into is not None or \
                 c.eqn.outs[0] is not root or c.rows is not None:
             return None
         kind = c.contraction.eqn.primitive if c.contraction is not None else c.eqn.primitive
-        if kind.family not in (CONTRACTION, CONVOLUTION) or (c.contraction is None and c.raw_expr is not None) or \
-                not has_lowering(kind.name, self.window_stores, "epilogue"):
+        if not has_lowering(kind.name, self.window_stores, "epilogue"):
             return None
-        if not _only_the_update_reads(jaxpr, root, eqn) or any(v in self.hints for v in _alias_closure(jaxpr, root)):
+        only_the_update = _only_the_update_reads(jaxpr, root, eqn) and \
+            not any(v in self.hints for v in _alias_closure(jaxpr, root))
+        if kind.family in (CONTRACTION, CONVOLUTION):
+            if c.alias is not None or (c.contraction is None and c.raw_expr is not None) or not only_the_update:
+                return None
+            keeps_result = False
+        elif kind.family == REDUCE and c.raw_expr is None and len(c.eqn.outs) == 1:
+            if c.alias is not None and c.alias.storage is old.storage:
+                return None          # (its own result in x's storage: the window would overwrite it)
+            keeps_result = c.alias is not None or not only_the_update
+        else:
             return None
         if eqn.params["mode"] == "drop" and any(
                 isinstance(s, Lit) and not 0 <= int(s.val.reshape(-1)[0]) <= n - k
@@ -868,7 +907,7 @@ class Scheduler:
             if other is not update and any(a in names for a in _reads(other)) and \
                     (read_level >= c.level or other.uniform or other.read_by_uniform):
                 return None
-        return c
+        return c, keeps_result
 
     def _window_value(self, update, aval) -> Value:
         """Where the contraction folded into dynamic_update_slice item `update` stores its result (of type
@@ -1012,10 +1051,12 @@ class Scheduler:
     def _op_outputs(self, it) -> list[Value]:
         """Where the op of `it` writes: its outputs' storage. An epilogue read through a reshape of the
         contraction's result (_epilogue_path) writes its storage under the contraction's shape, which
-        the GEMM's tiles index."""
+        the GEMM's tiles index. A reduction that stores its result into a window as well has that window
+        last (plan.WINDOW_COPY)."""
         values = [self.env[v] for v in (it.row_outputs if it.rows is not None else it.eqn.outs)]
-        return [value if value.aval == aval else dataclasses.replace(value, aval=aval)
+        outs = [value if value.aval == aval else dataclasses.replace(value, aval=aval)
                 for value, aval in zip(values, self._out_avals(it))]
+        return outs + ([it.window_copy] if it.window_copy is not None else [])
 
     def _kind_and_inputs(self, it):
         if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
@@ -1052,6 +1093,8 @@ class Scheduler:
             params = dict(it.rows)
             label = _rows_label(params)
         outs = self._op_outputs(it)
+        if it.window_copy is not None:
+            params[WINDOW_COPY] = True
         if eqn.primitive is dynamic_update_slice_p and it.alias is not None and inputs[0].storage is it.alias.storage:
             params["in_place"] = True
         if layout is not None:
@@ -1261,7 +1304,8 @@ class Scheduler:
         for out in body_j.outs:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
-        loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes)]
+        loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes,
+                              self.resident_partitioned)]
         if self.parts:      # after the loop, readers may sit on any vEU
             self.stats["partitioned_loops"] += 1
             self.stats["grid_syncs"] += 1
@@ -2419,11 +2463,13 @@ def _idle_read_barriers(body, function_bodies, read_barriers) -> set:
 
 
 def _covered_read_barriers(body, read_barriers) -> set:
-    """The barriers of `read_barriers` at the top level of a loop body after which no statement can write
-    the buffers read before them until another grid barrier: on every path from them (the rest of the body,
-    the loop's condition, then around to the body's start, or out of the loop to the end of the kernel), a
-    grid barrier comes first; every vEU has done its reads when it passes that one. (Seq2seq's token, read
-    by every vEU at the end of a step, is written again by the next step's argmax, grid barriers later.)"""
+    """The barriers of `read_barriers` at the top level of a loop body or condition after which no statement
+    can write the buffers read before them until another grid barrier: on every path from them (the rest of
+    the body, the loop's condition, then around to the body's start, or out of the loop to the end of the
+    kernel), a grid barrier comes first; every vEU has done its reads when it passes that one. (Seq2seq's
+    token, read by every vEU at the end of a step, is written again by the next step's argmax, grid barriers
+    later; at batch 64 the exit test's maximum of the tokens, read by every vEU in the condition, is written
+    again by the next condition, after the body's barriers, or never once the loop exits.)"""
     covered = set()
 
     def visit(block, after):            # after: what runs once `block` is done; None: not known here
@@ -2439,6 +2485,14 @@ def _covered_read_barriers(body, read_barriers) -> set:
                     out = _barrier_first(around, buffers) or \
                         (exit_path is not None and _barrier_first(around + exit_path, buffers))
                     if back_in and out:
+                        covered.add(sync)
+                for j, sync in enumerate(stmt.cond):
+                    if sync not in read_barriers or exit_path is None:
+                        continue
+                    buffers = read_barriers[sync]
+                    rest = list(stmt.cond[j + 1:])      # then the body and around, or out of the loop
+                    if _barrier_first(rest + list(stmt.body) + list(stmt.cond[:j]), buffers) and \
+                            _barrier_first(rest + exit_path, buffers):
                         covered.add(sync)
                 visit(stmt.cond, None)
                 visit(stmt.body, None)
@@ -2532,7 +2586,7 @@ def _split_host(body, functions):
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
-             aside=None) -> Plan:
+             aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2554,8 +2608,17 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     become a Fork (plan.Fork) that device control runs on the two halves of the vEU group; None or False:
     calls one after the other (the default until it is timed).
     `window_stores`: the backend's lowering chain, whose "epilogue" rules for dynamic_update_slice and a
-    contraction's kind say that the contraction may store its result straight into the window of an
-    in-place update that is its only reader (Scheduler._fold_window_stores; device control; empty: never).
+    contraction's or reduction's kind say that it may store its result straight into the window of an
+    in-place update that is its only reader, or, a reduction, as well as into its own output
+    (Scheduler._fold_window_stores; device control; empty: never).
+    `uniform_reductions=True`: a reduction to one element of up to UNIFORM_REDUCTION_MAX_INPUT elements is a
+    uniform op (every vEU computes it, no op and no barrier) instead of only up to UNIFORM_MAX_INPUT; None or
+    False: not (the default until it is timed).
+    `resident_partitioned=True`: partitioned loops keep their weights resident too (resident.keep_resident);
+    None or False: only loops that are not partitioned (the default until it is timed).
+    `index_ranges=True`: `where(i < 0, i + n, i)` of an integer `i` that is never negative (an argmax carried
+    through a loop: Seq2seq's token before its embedding gather) becomes `i` first (ranges.py); None or
+    False: not (the default until it is timed).
     `resident_calls=True`: the weights of a
     recursive function's GEMV-shaped matmuls (an input or const the plan never writes) stay in the shared
     memory of their vEUs for the whole kernel, staged once when it starts, within `resident_bytes` (not with
@@ -2592,13 +2655,16 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"spread_frames must be None (off), True or False, got {spread_frames!r}")
     if aside not in (None, True, False):
         raise ValueError(f"aside must be None (off), True or False, got {aside!r}")
+    if index_ranges:
+        program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
-                   spread_frames=bool(spread_frames), aside=bool(aside))
+                   spread_frames=bool(spread_frames), aside=bool(aside),
+                   uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned))
     program, plan = _skewed_or_plain(program, wavefront, options)
     if owner and control == "device":
         unrolled, count = unroll_twice(program)

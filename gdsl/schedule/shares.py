@@ -16,11 +16,21 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, ROW_SHAPE, ROWS, epilogue_operands, row_count
+from gdsl.schedule.plan import (
+    COPY,
+    EPILOGUE,
+    FUSED,
+    ROW_SHAPE,
+    ROWS,
+    WINDOW_COPY,
+    epilogue_operands,
+    row_count,
+)
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue).
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, RESIDENT, EPILOGUE})
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, RESIDENT, EPILOGUE,
+                          WINDOW_COPY})
 
 
 def storage_elements(value, flat):

@@ -9,7 +9,8 @@ Semantics it defines (every backend follows them):
   depth[f] + 1 > max_depth.
 - Uniform values are per vEU; every vEU computes the same ones (the simulator keeps one copy).
 - An output stored into a window (plan.StoreWindow) writes each element at its place in the window, from the
-  start its uniforms have when the uTask runs (`resolved`); a dropped window (`dropped`) writes nothing.
+  start its uniforms have when the uTask runs (`resolved`); a dropped window (`dropped`) writes nothing. A
+  reduction with plan.WINDOW_COPY writes its result twice: its own output, and its last output's window.
 - Race rules: a vEU may read an element another vEU wrote only after a grid barrier, and may overwrite an
   element another vEU read only after one; within one vEU, a different op's write must be followed by a
   sync (block or grid) before a read. Violations raise BarrierError naming the op and buffer.
@@ -45,6 +46,7 @@ from gdsl.schedule.plan import (
     FUSED,
     RESULT,
     ROWS,
+    WINDOW_COPY,
     Assign,
     Branch,
     Buffer,
@@ -374,6 +376,8 @@ class Simulator:
         outs = [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
         if epilogue_of(op) is not None:
             return [evaluate_expr(epilogue_of(op), ins, op.outputs[0].aval, result=outs[0])]
+        if op.params.get(WINDOW_COPY):     # its result, stored into a window as well (the last output)
+            outs.append(outs[0].reshape(op.outputs[-1].aval.shape))
         return outs
 
     def _starts(self, op) -> list:

@@ -15,7 +15,8 @@ from gdsl.schedule.plan import Fork, Wave, plan_statements
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
-                           "spread_frames", "aside"})
+                           "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
+                           "index_ranges"})
 DEFAULT_BLOCK = 256
 
 
@@ -42,7 +43,8 @@ def check_options(options, dialect) -> dict:
             "rows": options.get("rows"), "cells": options.get("cells"), "fork": options.get("fork"),
             "window_store": options.get("window_store"), "resident_calls": options.get("resident_calls"),
             "narrow": options.get("narrow"), "spread_frames": options.get("spread_frames"),
-            "aside": options.get("aside")}
+            "aside": options.get("aside"), "uniform_reductions": options.get("uniform_reductions"),
+            "resident_partitioned": options.get("resident_partitioned"), "index_ranges": options.get("index_ranges")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -68,7 +70,9 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     owner=opts.get("owner"), epilogues=epilogues, views=dialect.lowering_chain,
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
                     resident_calls=opts.get("resident_calls"), cells=opts.get("cells"),
-                    spread_frames=opts.get("spread_frames"), aside=opts.get("aside"))
+                    spread_frames=opts.get("spread_frames"), aside=opts.get("aside"),
+                    uniform_reductions=opts.get("uniform_reductions"),
+                    resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -4,7 +4,9 @@
 A reduction uTask computes whole output elements ([t*rows, (t+1)*rows)): one row per uTask reduced by the
 whole block, or several rows per uTask, a group of up to a warp's lanes each (`reduction_loops`). Each kind
 brings its own identity and combine (C over the accumulators a and b); the uniform rules unroll the
-reduction of a small operand into one expression chain per vEU.
+reduction of a small operand into one expression chain per vEU. A reduction's results go out through its
+"epilogue" rule (`store_result`): into its output, and into the window of a dynamic_update_slice folded
+into it (plan.StoreWindow, plan.WINDOW_COPY).
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import math
 from gdsl import dtypes
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
-from gdsl.primitives.reductions import reduce_max_p, reduce_min_p, reduce_sum_p
+from gdsl.backends.cfamily.views import window_store_index
+from gdsl.primitives.reductions import REDUCE_PRIMS, reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS
 from gdsl.schedule.rows import ROW_SLOTS
@@ -84,7 +87,7 @@ def whole_reduction(ops: OpRenderer, *, identity: str, combine: str, partial_sum
     lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
-        step=f"v = comb(v, {load});", store=ops.outs[0].store("o", "v"), partial=partial,
+        step=f"v = comb(v, {load});", store=store_result(ops, "o", "v"), partial=partial,
         block_combine=f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);",
         group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(ops.block // ops.dialect.warp_size) * 8)
     return "\n".join(lines) + "\n"
@@ -104,11 +107,25 @@ def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
     lines = [f"  auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({identity}); int k = 2147483647;",
-        step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=ops.outs[0].store("o", "k"),
+        step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=store_result(ops, "o", "k"),
         block_combine=f"gdsl_block_argreduce<{ops.block}>(v, k, better, smem);",
         group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
         smem=(ops.block // ops.dialect.warp_size) * 16 + 16)
     return "\n".join(lines) + "\n"
+
+
+@register_lowering(REDUCE_PRIMS.values(), backend="cfamily", role="epilogue")
+def store_result(ops: OpRenderer, idx: str, v: str) -> str:
+    """C statement: store the reduction's value `v` as its output element `idx`, in each of its outputs:
+    its own, and the window of a dynamic_update_slice folded into it (plan.StoreWindow: the element goes
+    to its place in the window, views.window_store_index; a window that a start out of range drops has a
+    null pointer, views.view_pointer, and stores nothing). A reduction with plan.WINDOW_COPY has both."""
+    stores = []
+    for out in ops.outs:
+        window = out.value.window
+        store = out.store(idx if window is None else window_store_index(window, idx), v)
+        stores.append(f"if ({out.name} != nullptr) {{ {store} }}" if window is not None and window.drop else store)
+    return stores[0] if len(stores) == 1 else f"{{ {' '.join(stores)} }}"
 
 
 def _lane_loop(first, length, stride, step, partial) -> str:

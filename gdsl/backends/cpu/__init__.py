@@ -69,11 +69,13 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # `fork`: its calls run one after the other, as a plan without Forks has them; nor `window_store`: its matmuls
 # have no rule to store into a dynamic_update_slice's window, the updates stay ops; nor `resident_calls`, as
 # `resident`; nor `narrow`: its threads are not a GPU's blocks; nor `spread_frames` and `aside`: its barriers
-# are paid when owed, at run time, already)
+# are paid when owed, at run time, already; nor `uniform_reductions`: a grid barrier of CPU threads costs too
+# little to trade for the loads of every thread; nor `resident_partitioned`, as `resident`; nor `index_ranges`:
+# an index wrap is one more elementwise op on the CPU's threads)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
-                           "resident_calls", "narrow", "spread_frames", "aside",
-                           "autotune"})
+                           "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
+                           "resident_partitioned", "index_ranges"})
 DEFAULT_BLOCK = 1024
 
 

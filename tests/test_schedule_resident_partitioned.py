@@ -1,0 +1,86 @@
+"""The option resident_partitioned=True: a partitioned loop (uTask p of every op on vEU p mod grid) keeps the
+loop-invariant weights of its GEMV-shaped matmuls in the vEUs' shared memory too (resident.keep_resident), as
+other loops do. Attention's heads: each vEU keeps its head's W_q, W_k, W_v and W_o. Checked on the g++ emulator
+(which runs the resident-weight code with a budget of its own) against the interpreter and Attention's float64
+reference, and compiled with NVRTC."""
+import numpy as np
+import pytest
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, plan_ops
+from test_schedule import _flat_args
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator
+from gdsl.interpreter import run_program
+from gdsl.schedule import schedule
+from gdsl.schedule.plan import Loop, walk
+from gdsl.schedule.resident import RESIDENT
+from gdsl.tracing.pytree import tree_unflatten
+from models import common, load
+
+rng = np.random.default_rng(3)
+
+
+def heads(x, W, U):
+    """Independent heads (a partitioned loop): each head's row through its own W and U, every step."""
+    def step(t, x):
+        return gnp.tanh(gnp.matmul(gnp.tanh(gnp.matmul(x, W)), U) * 0.5 + x)
+    return gdsl.fori_loop(0, 4, step, x)
+
+
+ARGS = (rng.standard_normal((3, 1, 8)).astype(np.float32), (rng.standard_normal((3, 8, 8)) * 0.3).astype(np.float32),
+        (rng.standard_normal((3, 8, 8)) * 0.3).astype(np.float32))
+
+
+def _resident_ops(plan) -> list:
+    return [op for op in plan_ops(plan) if RESIDENT in op.params]
+
+
+def test_a_partitioned_loop_keeps_its_weights_only_with_the_option():
+    program = gdsl.make_ir(heads)(*ARGS)
+    for option, expected in ((None, 0), (True, 2)):
+        plan = schedule(program, grid=8, partition=True, resident_bytes=4096, resident_partitioned=option)
+        loop = next(s for k in plan.kernels for s in walk(k.body) if isinstance(s, Loop))
+        assert loop.parts == 3 and len(_resident_ops(plan)) == expected
+
+
+@needs_cxx
+@pytest.mark.parametrize("grid", [1, 2, 3, 8])
+def test_emulated_partitioned_loop_with_resident_weights_matches_the_interpreter(grid):
+    program = gdsl.make_ir(heads)(*ARGS)
+    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(ARGS)))
+    got = emulator.emulate(heads, *ARGS, grid=grid, block=64, partition=True, resident_partitioned=True)
+    assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("batch", [1, 2])
+def test_emulated_attention_matches_its_reference(batch):
+    prob = common.build_problem(load("attention"), batch, small=True)
+
+    def forward(weights, inputs):
+        return prob.model.forward(weights, inputs, prob.cfg)
+    for grid in (2, 8):
+        got = emulator.emulate(forward, prob.weights, prob.batches[0], grid=grid, block=64, resident_partitioned=True)
+        assert common.compare(got, prob.references()[0]) == []
+
+
+def test_attention_at_full_size_keeps_every_head_s_weights():
+    """Rendered for CUDA (no GPU needed): at batch 1 the four projections of every head read shared memory."""
+    model = load("attention")
+    prob = common.build_problem(model, 1)
+    counts = []
+    for option in (None, True):
+        fn = model.make_forward(prob.cfg, backend="cuda", resident_partitioned=option)
+        counts.append(len(_resident_ops(fn.lower(prob.weights, prob.batches[0]).lowering.plan)))
+    assert counts == [0, 4]
+
+
+@needs_nvrtc
+def test_attention_with_resident_heads_compiles_with_nvrtc():
+    from gdsl.backends.cuda import toolchain as cuda_toolchain
+    model = load("attention")
+    prob = common.build_problem(model, 1)
+    fn = model.make_forward(prob.cfg, backend="cuda", resident_partitioned=True)
+    source = fn.lower(prob.weights, prob.batches[0]).source
+    assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
