@@ -16,7 +16,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, ROW_SHAPE, ROWS, epilogue_operands, row_count
+from gdsl.schedule.plan import COPY, EPILOGUE, FUSED, ROW_SHAPE, ROWS, epilogue_operands, row_chunk, row_count
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue).
@@ -73,7 +73,11 @@ def write_share(op, t, k=0) -> np.ndarray:
 
 def row_elements(op, size: int, t) -> np.ndarray:
     """Flat indices, in an array of `size` elements laid out by the rows of a ROWS op (its row shape, or
-    one element per row), of the rows of uTask t."""
+    one element per row), of the rows of uTask t; of its chunk of the row shape when split so (row_chunk:
+    a cell chain, whose arrays all have the row shape)."""
+    chunk = row_chunk(op)
+    if chunk is not None:
+        return np.arange(min(t * chunk, size), min((t + 1) * chunk, size))
     per_row = size // max(row_count(op), 1)
     span = op.params["rows"] * per_row
     return np.arange(min(t * span, size), min((t + 1) * span, size))
