@@ -8,7 +8,9 @@ chain takes one *column layout*: every op of it writes within column ranges of `
 last axis and runs on the same `count` vEUs from `first`. A matmul's uTask is the tile of all its rows by
 range j of EVERY gate at once where A is broadcast over the gates (utasks.GATHER_BATCH: one staging of A
 and one reduction for the G gathered column pieces, instead of G uTasks), else of one gate; anything else
-takes chunks of tile_n elements. Then uTask t of any of them runs on vEU first + (its column range mod
+takes chunks of tile_n elements, a cell chain too (rows.py: the cell's elementwise ops as one multi-output
+ROWS op, split in chunks of its row shape, plan.row_chunk: the vEU then runs ONE uTask for the whole cell of
+its columns). Then uTask t of any of them runs on vEU first + (its column range mod
 count), for every gate and every row: the vEU that runs the epilogue for columns J computed every gate
 column it reads, and the hazards module (hazards.py) finds a vEU-local sync where the grid barrier was.
 
