@@ -1,15 +1,18 @@
 """Ops, waves and barriers per loop step with and without cell chains (docs/schedule.md, "Cell chains").
 
-    python benchmarks/cell_counts.py [--models lstm,nasrnn,seq2seq] [--batch 1,64]
+    python benchmarks/cell_counts.py [--models lstm,nasrnn,seq2seq] [--batch 1,64] [--owner]
 
 Each model at its full size (`Config()`) is lowered for CUDA (no GPU needed: the source is rendered, not
-compiled) with the option cells=False and with cell chains (the default). Printed per row, for the body of
-the model's loop (the outermost Loop of the kernel): the ops, the waves, the grid barriers and block syncs
-of one step, and the ops one vEU runs one after another in a step (the most any vEU runs in each wave,
-summed over the waves: what a step waits for). The plan is also run by the bench's wave counter
-(benchmarks/branch_counts.py) on the model's first batch: the steps run and the waves, uTasks and grid
-barriers executed in the whole forward. The last column predicts the time a forward saves on the H200
-from the serial ops removed per step, at 0.6-0.9 us each (docs/performance.md, session 6 profiles).
+compiled) with the option cells=False and with cell chains (the default); with `--owner`, both again with
+owner-computes placement (owner=True: docs/schedule.md, "Owner-computes placement"). Printed per row, for
+the body of the model's loop (the outermost Loop of the kernel), per step (a body unrolled twice by
+owner=True runs two steps: its counts are halved): the ops, the waves, the grid barriers and block syncs,
+and the ops one vEU runs one after another (the most any vEU runs in each wave, summed over the waves: what
+a step waits for). The plan is also run by the bench's wave counter (benchmarks/branch_counts.py) on the
+model's first batch: the steps run and the waves, uTasks and grid barriers executed in the whole forward.
+The last column predicts the time a forward saves on the H200 from the serial ops that cell chains remove
+per step (against cells=False with the same owner setting), at 0.6-0.9 us each (docs/performance.md,
+session 6 profiles).
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ OP_US = (0.6, 0.9)      # what one more elementwise op of a cell costs per step 
 
 
 def step_counts(plan) -> dict:
-    """The counts of one step of the plan's first loop (its body, the condition excluded)."""
+    """The counts of one step of the plan's first loop (its body, the condition excluded; a body of two steps,
+    owner=True's, halved)."""
     (loop,) = [s for s in plan.kernels[0].body if isinstance(s, Loop)][:1]
     counts = Counter()
     for stmt in loop.body:
@@ -41,7 +45,8 @@ def step_counts(plan) -> dict:
             counts["serial ops"] += max(per_veu.values())
         elif isinstance(stmt, Sync):
             counts["grid" if stmt.scope == "grid" else "block"] += 1
-    return counts
+    steps = plan.stats.get("steps_per_iteration", 1)
+    return {key: value / steps for key, value in counts.items()}
 
 
 def executed(weights, inputs, lowered):
@@ -68,25 +73,30 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/cell_counts.py", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="lstm,nasrnn,seq2seq")
     p.add_argument("--batch", default="1,64")
+    p.add_argument("--owner", action="store_true", help="also with owner=True (owner-computes placement)")
     args = p.parse_args(argv)
-    print("model    bs  cells | per step: ops waves grid block serial-ops | steps | executed: waves uTasks grid"
-          " | predicted saving (us)")
+    print("model    bs  owner cells | per step: ops waves grid block serial-ops | steps | executed: waves uTasks"
+          " grid | predicted saving (us)")
     for name in args.models.split(","):
         model = load(name)
         for batch in (int(b) for b in args.batch.split(",")):
             prob = common.build_problem(model, batch)
-            serial = {}
-            for cells in (False, True):
-                forward = model.make_forward(prob.cfg, backend="cuda", **({} if cells else {"cells": False}))
-                lowered = forward.lower(prob.weights, prob.batches[0])
-                c = step_counts(floor.plan_of(lowered))
-                run = executed(prob.weights, prob.batches[0], lowered)
-                serial[cells] = c["serial ops"]
-                saved = (serial[False] - serial[True]) * run.steps if cells else 0
-                print(f"{name:8s} {batch:<3d} {'on' if cells else 'off':5s} | {c['ops']:13d} {c['waves']:5d} "
-                      f"{c['grid']:4d} {c['block']:5d} {c['serial ops']:10d} | {run.steps:5d} | "
-                      f"{run.waves:15d} {run.utasks:6d} {run.count.plan_grid_barriers:4d} | "
-                      f"{saved * OP_US[0]:.0f} - {saved * OP_US[1]:.0f}", flush=True)
+            for owner in (False, True) if args.owner else (False,):
+                serial = {}
+                for cells in (False, True):
+                    options = ({} if cells else {"cells": False}) | ({"owner": True} if owner else {})
+                    forward = model.make_forward(prob.cfg, backend="cuda", **options)
+                    lowered = forward.lower(prob.weights, prob.batches[0])
+                    plan = floor.plan_of(lowered)
+                    c = Counter(step_counts(plan))
+                    run = executed(prob.weights, prob.batches[0], lowered)
+                    steps = run.steps * plan.stats.get("steps_per_iteration", 1)
+                    serial[cells] = c["serial ops"]
+                    saved = (serial[False] - serial[True]) * steps if cells else 0
+                    print(f"{name:8s} {batch:<3d} {'on' if owner else 'off':5s} {'on' if cells else 'off':5s} | "
+                          f"{c['ops']:13g} {c['waves']:5g} {c['grid']:4g} {c['block']:5g} {c['serial ops']:10g} | "
+                          f"{steps:5d} | {run.waves:15d} {run.utasks:6d} {run.count.plan_grid_barriers:4d} | "
+                          f"{saved * OP_US[0]:.0f} - {saved * OP_US[1]:.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ from test_schedule import VIEWS
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily.emulator import emulate
+from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
 from gdsl.jit import leaf_aval
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import hazards, licm, owner, resident, schedule, shares, utasks
 from gdsl.schedule.hazards import Hazards
-from gdsl.schedule.plan import Loop, Sync, Wave, plan_statements, walk
+from gdsl.schedule.plan import ROWS, Loop, Sync, Wave, plan_statements, row_chunk, walk
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.scheduler import Scheduler, loop_grid_barriers
 from gdsl.schedule.simulate import BarrierError, simulate
@@ -282,4 +282,97 @@ def test_nvrtc_compiles_the_full_size_gathered_cuda(name):
     assert loop_grid_barriers(lowered.lowering.plan) == 1
     assert any(utasks.gathers_batch(t.op.params) and RESIDENT in t.op.params
                for t in _loop_matmuls(lowered.lowering.plan))
+    _assert_cells_own_their_columns(lowered.lowering.plan)        # (the cell chains in chunks: _cell_chunk)
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
+
+
+# ------------------------------------------------------------------------ cell chains in the column layout
+# The C-family backends' lowering chain (they have ROWS's rule): with it the cell's elementwise ops fuse into one
+# ROWS op (rows.py's cell chains), which takes the layout in chunks of its row shape (plan.row_chunk).
+CHAIN = EmulatorDialect().lowering_chain
+
+
+def _step_statements(plan) -> list:
+    """The loop body's waves and syncs as ("wave", tasks) / ("sync", scope), in order."""
+    return [("wave", s.tasks) if isinstance(s, Wave) else ("sync", s.scope)
+            for s in _loop(plan).body if isinstance(s, (Wave, Sync))]
+
+
+def _assert_cells_own_their_columns(plan):
+    """Every ROWS op of the loop body is split in chunks and runs on the vEUs of the matmuls it reads; on
+    each vEU, every element of a matmul result that its uTasks read was written by that vEU's matmul uTasks
+    (owner-computes: the GEMV tiles' column ranges and the cell's coincide)."""
+    waves = [s for s in _loop(plan).body if isinstance(s, Wave)]
+    cells = [t for w in waves for t in w.tasks if t.op.kind == ROWS.name]
+    assert cells
+    for cell in cells:
+        assert row_chunk(cell.op) is not None and "rows" not in cell.op.params
+        for k, value in enumerate(cell.op.inputs):
+            matmuls = [t for w in waves for t in w.tasks
+                       if t.op.kind == matmul_p.name and t.op.outputs[0].storage is value.storage]
+            for matmul in matmuls:
+                assert (matmul.first, matmul.count) == (cell.first, cell.count)
+                for veu in range(cell.count):
+                    written = set()
+                    for t in range(veu, matmul.op.n_utasks, matmul.count):
+                        written.update(shares.write_share(matmul.op, t).tolist())
+                    for t in range(veu, cell.op.n_utasks, cell.count):
+                        read = shares.storage_elements(value, shares.read_share(cell.op, k, t))
+                        assert set(read.tolist()) <= written
+
+
+@pytest.mark.parametrize("grid", [3, 132, 264])
+@pytest.mark.parametrize("name", MODELS)
+def test_cells_join_the_layout_batch_1(name, grid):
+    """Batch 1 with cell chains: per step the GEMV tiles of every gate, a block sync, ONE wave of the cells'
+    ROWS ops (one per layer), the step's one grid barrier."""
+    *_, program, _ = _model(name, 1)
+    plan = schedule(program, grid=grid, owner=True, views=VIEWS, rows=CHAIN)
+    assert plan.stats["steps_per_iteration"] == 2 and loop_grid_barriers(plan) == 1
+    step = [("wave", {matmul_p.name}), ("sync", "block"), ("wave", {ROWS.name}), ("sync", "grid")]
+    assert [(what, {t.op.kind for t in x} if what == "wave" else x) for what, x in _step_statements(plan)] == step * 2
+    _assert_cells_own_their_columns(plan)
+
+
+@pytest.mark.parametrize("name,bs", CASES)
+def test_simulated_cell_plans_match_the_interpreter(name, bs):
+    *_, program, flat = _model(name, bs, steps=3)
+    expected = run_program(program, flat)
+    for grid in (1, 3, 132):
+        plan = schedule(program, grid=grid, owner=True, views=VIEWS, rows=CHAIN)
+        if bs == 1 and grid > 1:
+            assert any(row_chunk(t.op) is not None for s in plan_statements(plan) if isinstance(s, Wave)
+                       for t in s.tasks if t.op.kind == ROWS.name)
+        assert_trees_close(simulate(plan, flat, seed=grid), expected, tolerance=BACKEND_TOLERANCE)  # (races checked)
+
+
+def lstm_like(xs, U):
+    """A gated recurrence with two carries (h, c) whose cell is a chain of two elementwise results (the new c
+    and h from it): one ROWS op with two outputs; U [4, n, n] (the gates), xs [steps, rows, n]."""
+    def step(t, carry):
+        h, c = carry
+        gates = gnp.matmul(h, U) + xs[t]
+        c = gdsl.nn.sigmoid(gates[0]) * c + gdsl.nn.sigmoid(gates[1]) * gnp.tanh(gates[2])
+        return gdsl.nn.sigmoid(gates[3]) * gnp.tanh(c), c
+    zeros = gnp.zeros(xs.shape[1:], dtype=gdsl.float32)
+    return gdsl.fori_loop(0, xs.shape[0], step, (zeros, zeros))
+
+
+@pytest.mark.parametrize("rows,n", [(1, 16), (1, 20), (2, 16)])
+def test_lstm_like_cells_match_the_interpreter(rows, n):
+    """Full and partial column ranges (n = 20 on 3 vEUs: 8, 8, 4 columns) and a cell of two rows: the plan
+    simulator (race checks), the g++ emulator of the generated C at small grids."""
+    rng = np.random.default_rng(n + rows)
+    args = [rng.standard_normal((5, rows, n)).astype(np.float32),
+            (rng.standard_normal((4, n, n)) * 0.2).astype(np.float32)]
+    program = gdsl.make_ir(lstm_like)(*args)
+    expected = run_program(program, args)
+    for grid in (3, 5, 132):
+        plan = schedule(program, grid=grid, owner=True, views=VIEWS, rows=CHAIN)
+        if rows == 1:
+            assert loop_grid_barriers(plan) == 1
+            _assert_cells_own_their_columns(plan)
+        assert_trees_close(simulate(plan, args, seed=grid), expected, tolerance=BACKEND_TOLERANCE)
+    for grid in (3, 8):
+        got = emulate(lstm_like, *args, grid=grid, owner=True)
+        assert_trees_close([np.asarray(g) for g in got], expected, tolerance=BACKEND_TOLERANCE)

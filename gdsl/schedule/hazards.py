@@ -28,7 +28,18 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_slice_p, slice_p, transpose_p
 from gdsl.schedule import shares, utasks
-from gdsl.schedule.plan import COPY, FUSED, ROW_SHAPE, ROWS, Buffer, Value, Wave, epilogue_operands, row_count
+from gdsl.schedule.plan import (
+    COPY,
+    FUSED,
+    ROW_SHAPE,
+    ROWS,
+    Buffer,
+    Value,
+    Wave,
+    epilogue_operands,
+    row_chunk,
+    row_count,
+)
 from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
 
 NONE, SEVERAL = -1, -2
@@ -216,7 +227,11 @@ def _output_veus(task, number=0) -> np.ndarray | None:
 
 
 def _row_utask(op, size, e):
-    """The uTask of a ROWS op that computes element e of an array of `size` elements laid out by its rows."""
+    """The uTask of a ROWS op that computes element e of an array of `size` elements laid out by its rows
+    (or by its chunks of the row shape: row_chunk)."""
+    chunk = row_chunk(op)
+    if chunk is not None:
+        return e // chunk
     return e // (op.params["rows"] * (size // max(row_count(op), 1)))
 
 

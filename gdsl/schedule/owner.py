@@ -8,7 +8,9 @@ chain takes one *column layout*: every op of it writes within column ranges of `
 last axis and runs on the same `count` vEUs from `first`. A matmul's uTask is the tile of all its rows by
 range j of EVERY gate at once where A is broadcast over the gates (utasks.GATHER_BATCH: one staging of A
 and one reduction for the G gathered column pieces, instead of G uTasks), else of one gate; anything else
-takes chunks of tile_n elements. Then uTask t of any of them runs on vEU first + (its column range mod
+takes chunks of tile_n elements, a cell chain too (rows.py: the cell's elementwise ops as one multi-output
+ROWS op, split in chunks of its row shape, plan.row_chunk: the vEU then runs ONE uTask for the whole cell of
+its columns). Then uTask t of any of them runs on vEU first + (its column range mod
 count), for every gate and every row: the vEU that runs the epilogue for columns J computed every gate
 column it reads, and the hazards module (hazards.py) finds a vEU-local sync where the grid barrier was.
 
@@ -35,14 +37,14 @@ plan has fewer grid barriers per step (Scheduler option `owner`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import ELEMENTWISE, family_of
 from gdsl.primitives.structural import dynamic_update_slice_p
 from gdsl.schedule import utasks
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS, UTASK_NS
-from gdsl.schedule.plan import COPY, Buffer, Value
+from gdsl.schedule.plan import COPY, ROW_SHAPE, ROWS, STEPS, Buffer, Value, is_cell_chain
 
 MAX_ROWS = 64          # a matmul with more rows is not latency-bound: its split stays the scheduler's own
 MAX_TILE_N = 64        # the widest column range of a layout (the GEMM tile routine's widest tile)
@@ -62,7 +64,13 @@ class Node:
     key: object                    # the scheduler's item
     kind: str
     inputs: tuple[Value, ...]
-    output: Value
+    output: Value                  # (a ROWS op's first output: all of a cell chain's have its row shape)
+    params: dict = field(default_factory=dict)      # a ROWS op's (its row shape and steps); else none needed
+    more_outputs: tuple[Value, ...] = ()            # a ROWS op's other outputs
+
+    @property
+    def outputs(self) -> tuple[Value, ...]:
+        return (self.output,) + self.more_outputs
 
 
 def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int = 0) -> dict:
@@ -71,7 +79,7 @@ def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int
     loop-invariant weights, resident.py). Empty when there is none or the grid is too small to give each
     one."""
     candidates = [n for n in nodes if _columns(n) is not None]
-    writer = {n.output.storage: n for n in candidates}
+    writer = {out.storage: n for n in candidates for out in n.outputs}
     parent = {id(n): n for n in candidates}
 
     def root(n):
@@ -117,7 +125,8 @@ def _steps(chain: list[Node]) -> int:
         if node.kind == matmul_p.name:
             most = max(most, into)
             into += 1
-        before[node.output.storage] = into
+        for out in node.outputs:
+            before[out.storage] = into
     return 1 + most
 
 
@@ -126,20 +135,22 @@ def _unplaced_ns(chain: list[Node], budget: int, block: int) -> float:
     at its best split (utasks.split_options, the balancing's) on `budget` vEUs, its busiest vEU's rounds."""
     total = 0.0
     for node in chain:
-        in_avals, out_avals = [v.aval for v in node.inputs], [node.output.aval]
-        options = utasks.split_options(node.kind, in_avals, out_avals, {}, block) or \
-            [utasks.split(node.kind, in_avals, out_avals, {}, budget, block)]
+        in_avals, out_avals = [v.aval for v in node.inputs], [v.aval for v in node.outputs]
+        options = utasks.split_options(node.kind, in_avals, out_avals, node.params, block) or \
+            [utasks.split(node.kind, in_avals, out_avals, node.params, budget, block)]
         total += min(-(-n // budget) * (cost + UTASK_NS) for n, _, cost in options)
     return total
 
 
 def _columns(node: Node) -> int | None:
     """The length of the output's last axis when the op can take a column layout, else None: a matmul
-    of at most MAX_ROWS rows, or an op split into chunks of output elements, writing a whole buffer."""
+    of at most MAX_ROWS rows, an op split into chunks of output elements, or a cell chain (a ROWS op whose
+    steps are all at the element, plan.is_cell_chain: it may be split so too), writing whole buffers."""
     out = node.output
-    if out.aval.ndim == 0 or not isinstance(out.storage, Buffer) or out.offset or \
-            out.aval.size != out.storage.aval.size or out.aval.size == 0:
+    if not all(_whole_buffer(value) for value in node.outputs):
         return None
+    if node.kind == ROWS.name:
+        return out.aval.shape[-1] if is_cell_chain(node.params[STEPS], node.params[ROW_SHAPE]) else None
     if node.kind == matmul_p.name:
         return out.aval.shape[-1] if out.aval.ndim >= 2 and out.aval.shape[-2] <= MAX_ROWS else None
     if node.kind in utasks.ELEMENTWISE_KINDS and node.kind != dynamic_update_slice_p.name:
@@ -147,10 +158,17 @@ def _columns(node: Node) -> int | None:
     return None
 
 
+def _whole_buffer(value: Value) -> bool:
+    """Is `value` a whole buffer of at least one axis and one element?"""
+    return value.aval.ndim > 0 and isinstance(value.storage, Buffer) and not value.offset and \
+        value.aval.size == value.storage.aval.size and value.aval.size > 0
+
+
 def _reads_columns(node: Node, value: Value, n: int) -> bool:
     """Does `node` read `value` (a result of length-n rows) column for column: output column j from input
-    column j, at any row?"""
-    if node.kind != COPY.name and family_of(node.kind) != ELEMENTWISE:
+    column j, at any row? (A cell chain reads its inputs broadcast to its row shape, as a fused chain does:
+    _columns admits only those ROWS ops.)"""
+    if node.kind not in (COPY.name, ROWS.name) and family_of(node.kind) != ELEMENTWISE:
         return False
     shape = value.aval.shape
     return bool(shape) and shape[-1] == n == node.output.aval.shape[-1] and value.offset % n == 0 and \
@@ -175,8 +193,8 @@ def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> 
         if count is None:
             continue
         onchip = _weight_bytes(chain, tile_n, count, block) <= resident_bytes
-        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [node.output.aval], tile_n, block,
-                                      b_onchip=onchip) for node in chain]
+        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [v.aval for v in node.outputs],
+                                      tile_n, block, b_onchip=onchip) for node in chain]
         ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
                  for node, (utasks_count, _, cost) in zip(chain, splits))
         aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)

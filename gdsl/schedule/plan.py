@@ -257,13 +257,18 @@ def epilogue_operands(op) -> range:
 
 # The params of a ROWS op: its row shape (the rows' array shape, its last axis the row), its steps in order,
 # and the step each of its outputs is (in the order of Op.outputs). Its uTask t computes the whole rows
-# [t*rows, (t+1)*rows) (params["rows"]), every step of a row on chip, and stores only those steps.
+# [t*rows, (t+1)*rows) (params["rows"]), every step of a row on chip, and stores only those steps. A cell
+# chain (every step at the element: no reduction, no per-row step) in a column layout (owner.py) is split
+# like an elementwise op instead: uTask t computes the elements [t*chunk, (t+1)*chunk) of its row shape,
+# row-major (params[ROW_CHUNK]; no "rows" then).
 ROW_SHAPE = "row_shape"
 STEPS = "steps"
 STEP_OUTPUTS = "step_outputs"
 # The Expr leaf that reads an earlier step of the same row (params["index"]): a row step at the element
 # being computed, a per-row step (a reduction's result) as the row's one value.
 STEP = "step"
+# The split param of a cell chain split in chunks of its row shape (the elementwise kinds' own name for it).
+ROW_CHUNK = "chunk"
 
 
 @dataclass(frozen=True, eq=False)
@@ -281,6 +286,18 @@ class RowStep:
     def per_row(self, row_shape) -> bool:
         """Does this step have one value per row (not one per element of the row)?"""
         return tuple(self.aval.shape) != tuple(row_shape)
+
+
+def row_chunk(op) -> int | None:
+    """The elements per uTask of a ROWS op split in chunks of its row shape (a cell chain in a column
+    layout: ROW_CHUNK), None for one split in whole rows."""
+    return op.params.get(ROW_CHUNK)
+
+
+def is_cell_chain(steps, row_shape) -> bool:
+    """Are all of a ROWS op's steps computed at the element (no reduction, no per-row step): may its uTasks
+    take chunks of elements instead of whole rows?"""
+    return all(step.reduce is None and not step.per_row(row_shape) for step in steps)
 
 
 def row_count(op) -> int:

@@ -698,11 +698,10 @@ class Scheduler:
         the members read outside the chain get storage (`row_output`)."""
         if not self.row_chains:
             return
-        # (Not where owner.py lays out matmul -> elementwise chains by columns: a ROWS op has no column split,
-        # and would take its members out of their layout.)
-        cells = self.cell_chains and not (self.owner and self.loop_depth and not self.parts)
+        # (Where owner.py lays out matmul -> elementwise chains by columns, a cell chain joins the layout in
+        # chunks of its row shape: plan.row_chunk.)
         for chain in find_row_chains(items, producer, reshaped, windows, uses, ROW_SLOTS * self.block,
-                                     cells=cells):
+                                     cells=self.cell_chains):
             if self.parts and math.prod(chain.row_shape[:-1]) % self.parts:
                 continue         # (a partition's elements are no whole rows: the members keep their splits)
             head = chain.members[-1]
@@ -1075,9 +1074,11 @@ class Scheduler:
             return {}
         nodes = []
         for it in items:
-            if not it.uniform and len(it.eqn.outs) == 1 and it.rows is None:
-                kind, atoms = self._kind_and_inputs(it)
-                nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), self._op_outputs(it)[0]))
+            if it.uniform or (it.rows is None and len(it.eqn.outs) != 1):
+                continue
+            kind, atoms = self._kind_and_inputs(it)
+            first, *more = self._op_outputs(it)
+            nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, dict(it.rows or {}), tuple(more)))
         return column_layouts(nodes, self.grid, self.block, self.resident_bytes)
 
     def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:

@@ -24,6 +24,7 @@ from gdsl.schedule.plan import (
     ROWS,
     WINDOW_COPY,
     epilogue_operands,
+    row_chunk,
     row_count,
 )
 from gdsl.schedule.resident import RESIDENT
@@ -83,7 +84,11 @@ def write_share(op, t, k=0) -> np.ndarray:
 
 def row_elements(op, size: int, t) -> np.ndarray:
     """Flat indices, in an array of `size` elements laid out by the rows of a ROWS op (its row shape, or
-    one element per row), of the rows of uTask t."""
+    one element per row), of the rows of uTask t; of its chunk of the row shape when split so (row_chunk:
+    a cell chain, whose arrays all have the row shape)."""
+    chunk = row_chunk(op)
+    if chunk is not None:
+        return np.arange(min(t * chunk, size), min((t + 1) * chunk, size))
     per_row = size // max(row_count(op), 1)
     span = op.params["rows"] * per_row
     return np.arange(min(t * span, size), min((t + 1) * span, size))

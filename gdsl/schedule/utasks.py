@@ -294,8 +294,8 @@ def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True):
     columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns, of every
     batch element at once where it can (can_gather_batch: one staging of A and one reduction per uTask);
     any other kind chunks of tile_n elements (a row's range when tile_n divides the row length, or the row
-    has one). `b_onchip`: the matmul's weights are read from the vEU's shared memory (resident.py), else
-    from L2 at a vEU's share of its bandwidth."""
+    has one; a cell chain's of its row shape, each output's). `b_onchip`: the matmul's weights are read
+    from the vEU's shared memory (resident.py), else from L2 at a vEU's share of its bandwidth."""
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, {})
@@ -313,4 +313,5 @@ def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True):
             cost = _gemm_tile_cost(tm, columns, k, len(in_avals) - 2)
         return count, params, cost
     count = max(1, math.ceil(out.size / tile_n))
-    return count, {"chunk": tile_n}, chunk_cost(tile_n, len(in_avals), block, out.size)
+    arrays = len(in_avals) + len(out_avals) - 1      # (chunk_cost counts one output)
+    return count, {"chunk": tile_n}, chunk_cost(tile_n, arrays, block, out.size)

@@ -18,7 +18,7 @@ from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
 from gdsl.backends.cfamily.views import window_store_index
 from gdsl.primitives.reductions import REDUCE_PRIMS, reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
-from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS
+from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
 from gdsl.schedule.rows import ROW_SLOTS
 
 
@@ -284,7 +284,10 @@ def row_chain(ops: OpRenderer) -> str:
     holds it: the group and block reductions leave their result in every lane); only the op's outputs
     are stored, after every step of the row. A cell chain (no reduction) needs no lane group: it takes
     the whole block on each row when a row has at least a block's elements, so that no lane idles (its
-    elements then lie as a fused chain's do, lane + k*block)."""
+    elements then lie as a fused chain's do, lane + k*block). A cell chain split in chunks of its row shape
+    (a column layout: plan.row_chunk) runs as a fused chain does, `_cell_chunk`."""
+    if row_chunk(ops.op) is not None:
+        return _cell_chunk(ops)
     p = ops.op.params
     shape, steps = tuple(p[ROW_SHAPE]), p[STEPS]
     length, n_rows, rows = shape[-1], math.prod(shape[:-1]), p["rows"]
@@ -318,6 +321,20 @@ def row_chain(ops: OpRenderer) -> str:
             body.append(_each_slot(slots, g, length, out.store(f"o * {length} + r", f"s{k}[k]")))
     lines += ["    " + line for line in body] + ["  }"]
     return "\n".join(lines) + "\n"
+
+
+def _cell_chunk(ops: OpRenderer) -> str:
+    """A cell chain's uTask t over the elements [t*chunk, (t+1)*chunk) of its row shape, the block's threads
+    striding through them: at each element every step in order, each in a register (s<k>), then the stores
+    of its outputs (every step is at the element: plan.is_cell_chain)."""
+    p = ops.op.params
+    shape, steps = tuple(p[ROW_SHAPE]), p[STEPS]
+    element = []
+    for number, step in enumerate(steps):
+        value = ops.expr(step.expr, "i", shape=shape, step=lambda node: f"s{node.params['index']}")
+        element.append(f"const {c_types.compute(step.aval.dtype)} s{number} = {value};")
+    element += [ops.outs[number].store("i", f"s{k}") for number, k in enumerate(p[STEP_OUTPUTS])]
+    return ops.per_element(element, size=math.prod(shape))
 
 
 def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
