@@ -5,8 +5,8 @@ and not through CuPy's RawModule, because CuPy's own compile path asks the drive
 We ask NVRTC for a CUBIN (`--gpu-architecture=sm_XY`), not PTX: ptxas then runs inside NVRTC, so its errors
 show up in CI too, and the driver never has to JIT PTX that may be newer than it understands.
 
-A program with many called uTask functions (SkipNet's: ~40 `GDSL_SHARED_OP` functions) is compiled as relocatable
-device code instead (`SEPARATE_MIN_CALLED`): NVRTC's `-rdc=true` makes ptxas compile each function alone (its
+A program with many called uTask functions (SkipNet's: ~40 `GDSL_SHARED_OP` functions) may be compiled as
+relocatable device code instead (`SEPARATE_MIN_CALLED`, off by default: it costs run time): NVRTC's `-rdc=true` makes ptxas compile each function alone (its
 whole-program mode spent several times the CPU on the same functions), and nvJitLink (the `nvidia-nvjitlink` wheel,
 through ctypes) links the one relocatable object into the CUBIN the driver loads, in ~10 ms and without a GPU:
 
@@ -37,7 +37,11 @@ PTXAS_THREADS: int | None = 0
 # accepts the link. Runtime cost: a call follows the ABI (the callee saves the registers it uses: ~60 stores and
 # loads per call of a tiled function) where whole-program mode may pick its own convention. The zoo's other
 # programs have at most 6 called functions and compile as before.
-SEPARATE_MIN_CALLED: int | None = 16
+# Off by default (None): measured on the H200 (2026-12-02, SkipNet bs1, two alternated pairs in one process each,
+# medians of 30), the linked CUBIN ran 2.753 and 2.544 ms against 2.335 and 2.345 whole-program (+9-18 %), a cost
+# paid at every call for a compile (~8 s instead of ~17-21 s wall on two cores) paid once and cached. Set it
+# (16 compiles SkipNet separately) where compile time matters more.
+SEPARATE_MIN_CALLED: int | None = None
 
 
 def _nvrtc():
