@@ -6,9 +6,10 @@ We ask NVRTC for a CUBIN (`--gpu-architecture=sm_XY`), not PTX: ptxas then runs 
 show up in CI too, and the driver never has to JIT PTX that may be newer than it understands.
 
 A program with many called uTask functions (SkipNet's: ~40 `GDSL_SHARED_OP` functions) may be compiled as
-relocatable device code instead (`SEPARATE_MIN_CALLED`, off by default: it costs run time): NVRTC's `-rdc=true` makes ptxas compile each function alone (its
-whole-program mode spent several times the CPU on the same functions), and nvJitLink (the `nvidia-nvjitlink` wheel,
-through ctypes) links the one relocatable object into the CUBIN the driver loads, in ~10 ms and without a GPU:
+relocatable device code instead (`SEPARATE_MIN_CALLED`, off by default: it costs run time): NVRTC's `-rdc=true`
+makes ptxas compile each function alone (its whole-program mode spent several times the CPU on the same
+functions), and nvJitLink (the `nvidia-nvjitlink` wheel, through ctypes) links the one relocatable object into
+the CUBIN the driver loads, in ~10 ms and without a GPU:
 
     NVRTC -rdc=true -> relocatable CUBIN -> nvJitLinkCreate/AddData/Complete -> GetLinkedCubin -> CUBIN
 """
