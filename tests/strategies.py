@@ -195,6 +195,19 @@ def emulated(fn, args, **options) -> list:
     return as_list(emulator.emulate(fn, *args, **options))
 
 
+def emulated_model_mismatches(name, batch, **options) -> list:
+    """A zoo model's small configuration at `batch` on the CPU emulator of the generated C (`options`:
+    emulator.emulate's) against its float64 reference: the mismatches (models.common.compare), [] when it
+    matches."""
+    from models import common, load
+    prob = common.build_problem(load(name), batch, small=True)
+
+    def forward(weights, inputs):
+        return prob.model.forward(weights, inputs, prob.cfg)
+    got = emulator.emulate(forward, prob.weights, prob.batches[0], **options)
+    return common.compare(got, prob.references()[0])
+
+
 def run_jit(fn, args, backend="interpret", **options):
     return gdsl.jit(fn, backend=backend, **options)(*args)
 

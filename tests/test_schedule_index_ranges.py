@@ -4,12 +4,11 @@ equations left, the simplified program against the original on the interpreter, 
 g++ emulator (Seq2seq's small model against its float64 reference) and Seq2seq's full-size plan at batch 64."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx
+from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx
 from test_schedule import _flat_args
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
 from gdsl.core.ir import walk_eqns
 from gdsl.interpreter import run_program
 from gdsl.primitives.elementwise import select_p
@@ -105,12 +104,7 @@ def test_seq2seq_batch_64_gathers_its_embedding_a_wave_earlier():
 @needs_cxx
 @pytest.mark.parametrize("batch", [1, 5])
 def test_emulated_seq2seq_matches_its_reference(batch):
-    prob = common.build_problem(load("seq2seq"), batch, small=True)
-
-    def forward(weights, inputs):
-        return prob.model.forward(weights, inputs, prob.cfg)
-    got = emulator.emulate(forward, prob.weights, prob.batches[0], grid=8, block=64, index_ranges=True)
-    assert common.compare(got, prob.references()[0]) == []
+    assert emulated_model_mismatches("seq2seq", batch, grid=8, block=64, index_ranges=True) == []
 
 
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])

@@ -8,7 +8,15 @@ fold on and off (Seq2seq's small model too), on the CPU backend (which keeps the
 with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, check_backend, needs_cxx, needs_nvrtc, plan_ops
+from strategies import (
+    BACKEND_TOLERANCE,
+    assert_trees_close,
+    check_backend,
+    emulated_model_mismatches,
+    needs_cxx,
+    needs_nvrtc,
+    plan_ops,
+)
 from test_schedule import _flat_args
 
 import gdsl
@@ -200,12 +208,7 @@ def test_emulated_window_stores_match_the_interpreter(fn, window_store):
 @pytest.mark.parametrize("window_store", [None, False])
 def test_emulated_seq2seq_matches_its_reference(batch, window_store):
     """The small Seq2seq decoder, its token stored by the argmax (window_store on), against float64."""
-    prob = common.build_problem(load("seq2seq"), batch, small=True)
-
-    def forward(weights, inputs):
-        return prob.model.forward(weights, inputs, prob.cfg)
-    got = emulator.emulate(forward, prob.weights, prob.batches[0], grid=8, block=64, window_store=window_store)
-    assert common.compare(got, prob.references()[0]) == []
+    assert emulated_model_mismatches("seq2seq", batch, grid=8, block=64, window_store=window_store) == []
 
 
 @pytest.mark.parametrize("fn", [greedy_batch, row_sums_only, column_maxima], ids=lambda f: f.__name__)

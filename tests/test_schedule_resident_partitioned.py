@@ -5,7 +5,14 @@ other loops do. Attention's heads: each vEU keeps its head's W_q, W_k, W_v and W
 reference, and compiled with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, plan_ops
+from strategies import (
+    BACKEND_TOLERANCE,
+    assert_trees_close,
+    emulated_model_mismatches,
+    needs_cxx,
+    needs_nvrtc,
+    plan_ops,
+)
 from test_schedule import _flat_args
 
 import gdsl
@@ -56,13 +63,8 @@ def test_emulated_partitioned_loop_with_resident_weights_matches_the_interpreter
 @needs_cxx
 @pytest.mark.parametrize("batch", [1, 2])
 def test_emulated_attention_matches_its_reference(batch):
-    prob = common.build_problem(load("attention"), batch, small=True)
-
-    def forward(weights, inputs):
-        return prob.model.forward(weights, inputs, prob.cfg)
     for grid in (2, 8):
-        got = emulator.emulate(forward, prob.weights, prob.batches[0], grid=grid, block=64, resident_partitioned=True)
-        assert common.compare(got, prob.references()[0]) == []
+        assert emulated_model_mismatches("attention", batch, grid=grid, block=64, resident_partitioned=True) == []
 
 
 def test_attention_at_full_size_keeps_every_head_s_weights():

@@ -5,7 +5,7 @@ the plan simulator (its race checks see a uniform op read before every vEU may r
 vEU has read), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc
+from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule import _flat_args
 
 import gdsl
@@ -104,12 +104,7 @@ def test_emulated_plans_match_the_interpreter(fn):
 @needs_cxx
 @pytest.mark.parametrize("batch", [5])
 def test_emulated_seq2seq_matches_its_reference(batch):
-    prob = common.build_problem(load("seq2seq"), batch, small=True)
-
-    def forward(weights, inputs):
-        return prob.model.forward(weights, inputs, prob.cfg)
-    got = emulator.emulate(forward, prob.weights, prob.batches[0], grid=8, block=64, uniform_reductions=True)
-    assert common.compare(got, prob.references()[0]) == []
+    assert emulated_model_mismatches("seq2seq", batch, grid=8, block=64, uniform_reductions=True) == []
 
 
 @pytest.mark.parametrize("backend", ["cpu", "interpret"])
