@@ -93,9 +93,10 @@ def flat_args(args):
     return [np.asarray(a, leaf_aval(a).dtype) for a in flat]
 
 
-def check_simulated(fn, args, grids=(1, 3, 16), epilogues=()):
+def check_simulated(fn, args, grids=(1, 3, 16), epilogues=(), **options):
     """simulate(plan) == interpreter (or both overflow) on both controls and several grids; the device
-    plan at the last grid. `epilogues`: the lowering chain whose epilogue rules the scheduler may use."""
+    plan at the last grid. `epilogues`: the lowering chain whose epilogue rules the scheduler may use;
+    `options`: schedule's."""
     program = gdsl.make_ir(fn)(*args)
     flat = flat_args(args)
     try:
@@ -104,13 +105,13 @@ def check_simulated(fn, args, grids=(1, 3, 16), epilogues=()):
         expected = None
     for control in ("device", "host"):
         for grid in grids:
-            plan = schedule(program, control=control, grid=grid, epilogues=epilogues)
+            plan = schedule(program, control=control, grid=grid, epilogues=epilogues, **options)
             if expected is None:
                 with pytest.raises(gdsl.RecursionDepthError):
                     simulate(plan, flat, seed=grid)
             else:
                 assert_trees_close(simulate(plan, flat, seed=grid), expected, tolerance=BACKEND_TOLERANCE)
-    return schedule(program, control="device", grid=grids[-1], epilogues=epilogues)
+    return schedule(program, control="device", grid=grids[-1], epilogues=epilogues, **options)
 
 
 def calls(plan):
@@ -288,7 +289,7 @@ def test_rae_with_the_epilogue_pays_the_barrier_after_a_matmul_only_for_left_chi
     cfg = rae.Config()
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
     program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    plan = schedule(program, grid=132, epilogues=CHAIN)
+    plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=False, aside=False)   # (without: spread frames)
     by_site = [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync) and s.sites is not None]
     assert [sorted(s.sites) for s in by_site] == [[0, 2]]
     assert "barrier (grid when returning to site 0, 2, else block)" in str(plan)
@@ -454,7 +455,8 @@ def test_wide_encoder_trees(name):
     from models import floor
     inner_nodes = int((~is_leaf).sum())
     assert floor.count_plan(plan, flat_args(args)).plan_grid_barriers == 2 * inner_nodes
-    folded = check_simulated(program, args, grids=(1, 3, 16), epilogues=CHAIN)      # the tanh in the matmul
+    folded = check_simulated(program, args, grids=(1, 3, 16), epilogues=CHAIN,       # the tanh in the matmul
+                             spread_frames=False, aside=False)
     assert folded.stats["epilogues"] == 1                  # (the inner case is in the plan whatever the tree)
     assert floor.count_plan(folded, flat_args(args)).plan_grid_barriers == \
         expected_grid_barriers_with_epilogue(left, right, is_leaf, root)
@@ -480,7 +482,7 @@ def test_race_on_a_view_across_frames_is_caught():
     args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
             rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
             rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
-    plan = schedule(gdsl.make_ir(encoder(2, hidden))(*args), grid=16)
+    plan = schedule(gdsl.make_ir(encoder(2, hidden))(*args), grid=16, spread_frames=False, aside=False)
     simulate(plan, flat_args(args))
     (fn,) = plan.functions
     (branch,) = [s for s in fn.body if isinstance(s, Branch)]
@@ -507,7 +509,8 @@ def test_barrier_by_return_site_is_needed_for_a_left_child():
     args = (rng.uniform(-1, 1, (len(left), hidden)).astype(np.float32),
             rng.standard_normal((2 * hidden, hidden)).astype(np.float32),
             rng.standard_normal(hidden).astype(np.float32), left, right, is_leaf, root)
-    plan = schedule(gdsl.make_ir(encoder(3, hidden))(*args), grid=16, epilogues=CHAIN)
+    plan = schedule(gdsl.make_ir(encoder(3, hidden))(*args), grid=16, epilogues=CHAIN, spread_frames=False,
+                    aside=False)
     simulate(plan, flat_args(args))
     (fn,) = plan.functions
     (by_site,) = [s for s in walk(fn.body) if isinstance(s, Sync) and s.sites is not None]

@@ -244,15 +244,16 @@ def rae_lowered(backend, tree="fixed", **options):
 @needs_nvrtc
 def test_narrow_launches_only_the_veus_the_waves_use():
     from gdsl.backends.cfamily.lower import used_veus
-    wide = rae_lowered("cuda")
-    narrow = rae_lowered("cuda", narrow=True, resident_calls=True)
+    assert rae_lowered("cuda", narrow=True).plan.grid == 33    # (by default the leaf runs aside, on vEU 32)
+    wide = rae_lowered("cuda", aside=False)
+    narrow = rae_lowered("cuda", narrow=True, resident_calls=True, aside=False)
     assert used_veus(wide) == 32 < wide.plan.grid
     assert narrow.plan.grid == 32 and used_veus(narrow) == 32
     assert "gdsl_stage_columns(in0" in narrow.source
     assert cuda_toolchain.compile_cuda(narrow.source, "sm_90")[:4] == b"\x7fELF"
     assert rae_lowered("cuda", narrow=True, fork=True).plan.grid == wide.plan.grid     # Forks use the grid
     assert rae_lowered("cuda", narrow=True, grid=64).plan.grid == 64                 # an explicit grid stays
-    assert rae_lowered("hip", narrow=True).plan.grid == 32
+    assert rae_lowered("hip", narrow=True, aside=False).plan.grid == 32
 
 
 def test_narrow_takes_exactly_the_veus_used():

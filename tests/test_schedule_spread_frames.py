@@ -89,7 +89,7 @@ def test_a_left_childs_last_barrier_is_a_block_sync():
     assert f.spread == 1 and f.max_step == 2
     assert [sorted(s.sites) for s in by_site_syncs(plan)] == [[2]]
     assert "callees' frames 1 x step further" in str(plan)
-    _, _, plain = spread_plan(TREES["balanced"], spread_frames=None)
+    _, _, plain = spread_plan(TREES["balanced"], spread_frames=False)
     assert plain.functions[0].spread == 0 and [sorted(s.sites) for s in by_site_syncs(plain)] == [[0, 2]]
 
 
@@ -109,8 +109,8 @@ def test_plans_it_cannot_help_are_unchanged(fn):
     """A second call whose argument is a buffer copied into its frame (a wave between the calls), or a body
     with one call: no site gains, so no function is spread and the plan is the one without the option."""
     program = gdsl.make_ir(fn())(*args_of(3))
-    plain = schedule(program, grid=8, epilogues=CHAIN)
-    spread = schedule(program, grid=8, epilogues=CHAIN, spread_frames=True)
+    plain = schedule(program, grid=8, epilogues=CHAIN, spread_frames=False, aside=False)
+    spread = schedule(program, grid=8, epilogues=CHAIN, spread_frames=True, aside=False)
     assert all(f.spread == 0 for f in spread.functions)
     assert str(spread) == str(plain)
 
@@ -130,7 +130,7 @@ def test_rae_executes_one_grid_barrier_per_inner_node():
     flat = floor.flat_arguments(weights, inputs)
     plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=True)
     assert floor.count_plan(plan, flat).plan_grid_barriers == 32 + 1
-    plain = schedule(program, grid=132, epilogues=CHAIN)
+    plain = schedule(program, grid=132, epilogues=CHAIN, spread_frames=False, aside=False)
     assert floor.count_plan(plain, flat).plan_grid_barriers == 32 + 15 + 1
 
 
@@ -143,7 +143,7 @@ def test_the_leaf_and_the_output_copy_run_aside():
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
     program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
     flat = floor.flat_arguments(weights, inputs)
-    for spread, barriers in ((None, 32 + 15 + 1), (True, 32 + 1)):
+    for spread, barriers in ((False, 32 + 15 + 1), (True, 32 + 1)):
         plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True)
         firsts = sorted((t.op.n_utasks, t.first) for w in function_waves(plan) for t in w.tasks)
         assert firsts == [(1, 32), (32, 0)] and plan.stats["waves_aside"] == 2
@@ -155,8 +155,8 @@ def test_waves_not_isolated_stay():
     product after it (a block sync between: one vEU's order) stay on their vEU."""
     args = wide_args(TREES["unbalanced"], 64)
     program = gdsl.make_ir(leaf_chain_encoder(6, 64))(*args)
-    plain = function_waves(schedule(program, grid=8, epilogues=CHAIN))
-    aside = function_waves(schedule(program, grid=8, epilogues=CHAIN, aside=True))
+    plain = function_waves(schedule(program, grid=8, epilogues=CHAIN, spread_frames=False, aside=False))
+    aside = function_waves(schedule(program, grid=8, epilogues=CHAIN, spread_frames=False, aside=True))
     moved = [a.tasks[0].first - p.tasks[0].first for p, a in zip(plain, aside)]
     assert moved == [0, 4, 4, 0, 0]      # (the matmul, the slices, the product, the sum, the product after)
 
