@@ -1691,24 +1691,13 @@ def _demote_syncs_around_calls(body, functions, after_calls=frozenset()) -> tupl
     if not demoted and not by_site:
         return body, functions, 0, 0
 
-    def rewrite(block):
-        out = []
-        for stmt in block:
-            if stmt in demoted and stmt in after_calls:
-                continue
-            if stmt in demoted:
-                stmt = Sync("block")
-            elif stmt in by_site:
-                stmt = Sync("grid", sites=by_site[stmt])
-            elif isinstance(stmt, Loop):
-                stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
-            elif isinstance(stmt, Branch):
-                stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
-            out.append(stmt)
-        return tuple(out)
-    functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
+    def change(stmt):
+        if stmt in demoted:
+            return None if stmt in after_calls else Sync("block")
+        return Sync("grid", sites=by_site[stmt]) if stmt in by_site else stmt
+    body, functions = _map_statements(body, functions, change)
     dropped = len(demoted & after_calls)
-    return rewrite(body), functions, len(demoted) - dropped, dropped
+    return body, functions, len(demoted) - dropped, dropped
 
 
 def _sync_by_return_site(body, functions, demoted) -> tuple[dict, set]:
@@ -1760,18 +1749,27 @@ def _waves_aside(body, functions, grid) -> tuple:
     if not moved:
         return body, functions, 0
 
+    def change(stmt):
+        return Wave(tuple(dataclasses.replace(t, first=t.first + end) for t in stmt.tasks)) if stmt in moved else stmt
+    return *_map_statements(body, functions, change), len(moved)
+
+
+def _map_statements(body, functions, change) -> tuple:
+    """(body, functions) with each statement other than a Loop or a Branch replaced by `change(stmt)` (the
+    statement itself to keep it, None to drop it); Loops and Branches are rebuilt around their changed blocks."""
     def rewrite(block):
         out = []
         for stmt in block:
-            if stmt in moved:
-                stmt = Wave(tuple(dataclasses.replace(t, first=t.first + end) for t in stmt.tasks))
-            elif isinstance(stmt, Loop):
+            if isinstance(stmt, Loop):
                 stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
             elif isinstance(stmt, Branch):
                 stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
-            out.append(stmt)
+            else:
+                stmt = change(stmt)
+            if stmt is not None:
+                out.append(stmt)
         return tuple(out)
-    return rewrite(body), tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions), len(moved)
+    return rewrite(body), tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
 
 
 def _unpartitioned_waves(block):
