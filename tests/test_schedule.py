@@ -30,9 +30,12 @@ def _flat_args(args):
     return [np.asarray(x, leaf_aval(x).dtype) for x in flat]
 
 
-def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132)):
+def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132), seeds=None, check=None, **options):
     """simulate(plan) == interpreter for every placement and grid, and with device control for partitioned
-    loops by the cost estimate, forced and off; returns the device plan at grid 132."""
+    loops by the cost estimate, forced and off; returns the device plan at grid 132. `options`: schedule's
+    (views=VIEWS unless given); `seeds`: the simulator's interleavings of each plan (its grid by default);
+    `check(plan, control)`: what else to assert of each plan."""
+    options = {"views": VIEWS, **options}
     program = gdsl.make_ir(fn)(*args)
     flat = _flat_args(args)
     try:
@@ -42,14 +45,16 @@ def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132)):
     runs = [(control, grid, partition) for control in controls for grid in grids
             for partition in ((None, True, False) if control == "device" else (None,))]
     for control, grid, partition in runs:
-        plan = schedule(program, control=control, grid=grid, partition=partition, views=VIEWS)
-        if expected is None:
-            with pytest.raises(gdsl.RecursionDepthError):
-                simulate(plan, flat, seed=grid)
-            continue
-        got = simulate(plan, flat, seed=grid)
-        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
-    return schedule(program, control="device", grid=132, views=VIEWS)
+        plan = schedule(program, control=control, grid=grid, partition=partition, **options)
+        if check is not None:
+            check(plan, control)
+        for seed in seeds or (grid,):
+            if expected is None:
+                with pytest.raises(gdsl.RecursionDepthError):
+                    simulate(plan, flat, seed=seed)
+                continue
+            assert_trees_close(simulate(plan, flat, seed=seed), expected, tolerance=BACKEND_TOLERANCE)
+    return schedule(program, control="device", grid=132, **options)
 
 
 # ------------------------------------------------------------------------------------------- programs

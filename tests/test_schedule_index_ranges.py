@@ -5,17 +5,15 @@ g++ emulator (Seq2seq's small model against its float64 reference) and Seq2seq's
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx
-from test_schedule import _flat_args
+from test_schedule import _flat_args, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.core.ir import walk_eqns
 from gdsl.interpreter import run_program
 from gdsl.primitives.elementwise import select_p
-from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Wave
 from gdsl.schedule.ranges import drop_index_wraps
-from gdsl.schedule.simulate import simulate
 from models import common, load
 
 rng = np.random.default_rng(9)
@@ -79,13 +77,7 @@ def test_the_wrap_goes_only_where_the_index_is_never_negative(fn):
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_simulated_plans_compute_what_the_interpreter_does(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    flat = _flat_args(ARGS[fn])
-    expected = run_program(program, flat)
-    for grid in (1, 3, 132):
-        for control in ("device", "host"):
-            plan = schedule(program, grid=grid, control=control, index_ranges=True)
-            assert_trees_close(simulate(plan, flat, seed=grid), expected, tolerance=BACKEND_TOLERANCE)
+    check_plan(fn, *ARGS[fn], views=(), index_ranges=True)
 
 
 def test_seq2seq_batch_64_gathers_its_embedding_a_wave_earlier():

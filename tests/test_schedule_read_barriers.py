@@ -6,7 +6,7 @@ against the interpreter on the plan simulator, whose race checks see a write bef
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx
-from test_schedule import _flat_args
+from test_schedule import _flat_args, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
@@ -14,7 +14,6 @@ from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Uniforms, walk
-from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_unflatten
 
 
@@ -47,14 +46,7 @@ def _condition_syncs_after_reads(plan) -> int:
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_simulated_plans_compute_what_the_interpreter_does(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    flat = _flat_args(ARGS[fn])
-    expected = run_program(program, flat)
-    for grid in (1, 3, 132):
-        for partition in (None, True, False):
-            plan = schedule(program, grid=grid, partition=partition)
-            for seed in (0, 1):
-                assert_trees_close(simulate(plan, flat, seed=seed), expected, tolerance=BACKEND_TOLERANCE)
+    check_plan(fn, *ARGS[fn], controls=("device",), seeds=(0, 1), views=())
 
 
 def test_a_condition_s_read_of_its_own_reduction_needs_no_barrier_after_it():

@@ -17,7 +17,7 @@ from strategies import (
     needs_nvrtc,
     plan_ops,
 )
-from test_schedule import _flat_args
+from test_schedule import _flat_args, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
@@ -27,7 +27,6 @@ from gdsl.primitives.registry import REDUCE, REGISTRY, family_of
 from gdsl.primitives.structural import dynamic_update_slice_p
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import WINDOW_COPY, Loop, Sync, Wave, walk
-from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_unflatten
 from gdsl.tracing.trace import bind1
 from models import common, load
@@ -136,17 +135,10 @@ def _loop_counts(plan) -> tuple[int, int]:
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_simulated_plans_compute_what_the_interpreter_does(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    flat = _flat_args(ARGS[fn])
-    expected = run_program(program, flat)
-    for grid in (1, 3, 132):
-        for partition in (None, True, False):
-            for control in ("device", "host"):
-                plan = schedule(program, control=control, grid=grid, partition=partition, epilogues=CHAIN,
-                                views=CHAIN, rows=CHAIN, window_stores=CHAIN)
-                assert bool(_stored(plan)) == (fn in FOLDED and control == "device"), (grid, partition, control)
-                for seed in (0, 1):
-                    assert_trees_close(simulate(plan, flat, seed=seed), expected, tolerance=BACKEND_TOLERANCE)
+    def stored_where_folded(plan, control):
+        assert bool(_stored(plan)) == (fn in FOLDED and control == "device"), control
+    check_plan(fn, *ARGS[fn], seeds=(0, 1), check=stored_where_folded, epilogues=CHAIN, views=CHAIN, rows=CHAIN,
+               window_stores=CHAIN)
 
 
 @pytest.mark.parametrize("fn", sorted(FOLDED, key=lambda f: f.__name__), ids=lambda f: f.__name__)

@@ -6,7 +6,7 @@ vEU has read), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
-from test_schedule import _flat_args
+from test_schedule import _flat_args, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
@@ -15,7 +15,6 @@ from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Uniforms, Wave, walk
 from gdsl.schedule.scheduler import UNIFORM_MAX_INPUT, UNIFORM_REDUCTION_MAX_INPUT
-from gdsl.schedule.simulate import simulate
 from gdsl.tracing.pytree import tree_unflatten
 from models import common, load
 
@@ -58,14 +57,7 @@ def _condition_waves(plan) -> int:
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_simulated_plans_compute_what_the_interpreter_does(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    flat = _flat_args(ARGS[fn])
-    expected = run_program(program, flat)
-    for grid in (1, 3, 132):
-        for partition in (None, True, False):
-            plan = schedule(program, grid=grid, partition=partition, uniform_reductions=True)
-            for seed in (0, 1):
-                assert_trees_close(simulate(plan, flat, seed=seed), expected, tolerance=BACKEND_TOLERANCE)
+    check_plan(fn, *ARGS[fn], controls=("device",), seeds=(0, 1), views=(), uniform_reductions=True)
 
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
