@@ -195,6 +195,16 @@ def emulated(fn, args, **options) -> list:
     return as_list(emulator.emulate(fn, *args, **options))
 
 
+def cuda_lowering(fn, args, grid=132):
+    """`fn(*args)` lowered for CUDA (device control, 256 threads a vEU, `grid` vEUs) without a GPU: its
+    `.plan` and its `.source` (for NVRTC)."""
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    from gdsl.backends.cuda.dialect import CUDADialect
+    dialect = CUDADialect()
+    opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, dialect)
+    return lower_with_grid(gdsl.make_ir(fn)(*args), opts, grid, dialect)
+
+
 def emulated_model_mismatches(name, batch, **options) -> list:
     """A zoo model's small configuration at `batch` on the CPU emulator of the generated C (`options`:
     emulator.emulate's) against its float64 reference: the mismatches (models.common.compare), [] when it

@@ -5,7 +5,7 @@ level of its own sources, so no wave and no barrier separates them from it. Chec
 on the plan simulator (with its race checks), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx, needs_nvrtc, plan_ops
+from strategies import BACKEND_TOLERANCE, assert_trees_close, cuda_lowering, needs_cxx, needs_nvrtc, plan_ops
 from test_schedule import VIEWS, _flat_args, check_plan
 
 import gdsl
@@ -152,12 +152,8 @@ def test_emulated_small_models_match_their_references(name, batch):
 @needs_nvrtc
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_dynamic_views_compile_with_nvrtc(fn):
-    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.backends.cuda import toolchain as cuda_toolchain
-    from gdsl.backends.cuda.dialect import CUDADialect
-    dialect = CUDADialect()
-    opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, dialect)
-    lowering = lower_with_grid(gdsl.make_ir(fn)(*ARGS[fn]), opts, 132, dialect)
+    lowering = cuda_lowering(fn, ARGS[fn])
     assert any(v.dynamic for op in plan_ops(lowering.plan) for v in op.inputs) == (fn is not read_after_control)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
 

@@ -12,6 +12,7 @@ from strategies import (
     BACKEND_TOLERANCE,
     assert_trees_close,
     check_backend,
+    cuda_lowering,
     emulated_model_mismatches,
     needs_cxx,
     needs_nvrtc,
@@ -212,11 +213,7 @@ def test_other_backends_keep_the_update_and_agree(fn, backend):
 @needs_nvrtc
 @pytest.mark.parametrize("fn", sorted(FOLDED, key=lambda f: f.__name__), ids=lambda f: f.__name__)
 def test_reduction_window_stores_compile_with_nvrtc(fn):
-    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.backends.cuda import toolchain as cuda_toolchain
-    from gdsl.backends.cuda.dialect import CUDADialect
-    dialect = CUDADialect()
-    opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, dialect)
-    lowering = lower_with_grid(gdsl.make_ir(fn)(*ARGS[fn]), opts, 132, dialect)
+    lowering = cuda_lowering(fn, ARGS[fn])
     assert _stored(lowering.plan)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
