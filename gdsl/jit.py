@@ -57,17 +57,17 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "ba
                            "hoist", "resident", "tensor_cores", "owner", "epilogue", "balance", "rows",
                            "cells", "arch", "wave", "fork", "window_store", "resident_calls",
                            "narrow", "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
-                           "index_ranges"})
+                           "index_ranges", "concat_k"})
 _CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False), "wavefront": (None, True, False),
             "hoist": (None, True, False), "resident": (None, True, False),
             "tensor_cores": (None, True, False), "autotune": (None, True, False),
-            "owner": (None, True, False), "epilogue": (None, True, False), "balance": (None, True, False),
+            "owner": (None, True, False, "auto"), "epilogue": (None, True, False), "balance": (None, True, False),
             "rows": (None, True, False), "cells": (None, True, False), "fork": (None, True, False),
             "barrier": (None, "atomic", "coop"), "window_store": (None, True, False),
             "resident_calls": (None, True, False), "narrow": (None, True, False),
             "spread_frames": (None, True, False), "aside": (None, True, False),
             "uniform_reductions": (None, True, False), "resident_partitioned": (None, True, False),
-            "index_ranges": (None, True, False)}
+            "index_ranges": (None, True, False), "concat_k": (None, True, False)}
 _POSITIVE_INTS = ("grid", "block", "unroll")
 
 

@@ -51,7 +51,7 @@ CONTRACTION = "contraction"
 CONVOLUTION = "convolution"
 CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
-ROLES = ("utask", "uniform", "epilogue", "view")
+ROLES = ("utask", "uniform", "epilogue", "view", "k_parts")
 
 REGISTRY: dict[str, Primitive] = {}
 OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds

@@ -65,7 +65,7 @@ class Node:
     kind: str
     inputs: tuple[Value, ...]
     output: Value                  # (a ROWS op's first output: all of a cell chain's have its row shape)
-    params: dict = field(default_factory=dict)      # a ROWS op's (its row shape and steps); else none needed
+    params: dict = field(default_factory=dict)      # a ROWS op's (its row shape and steps); a matmul's K_PARTS
     more_outputs: tuple[Value, ...] = ()            # a ROWS op's other outputs
 
     @property
@@ -194,7 +194,7 @@ def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> 
             continue
         onchip = _weight_bytes(chain, tile_n, count, block) <= resident_bytes
         splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [v.aval for v in node.outputs],
-                                      tile_n, block, b_onchip=onchip) for node in chain]
+                                      tile_n, block, b_onchip=onchip, params=node.params) for node in chain]
         ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
                  for node, (utasks_count, _, cost) in zip(chain, splits))
         aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
@@ -248,5 +248,5 @@ def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int) -> int
         a, b = node.inputs[0].aval, node.inputs[1].aval
         utasks_count = utasks.column_split(node.kind, [a, b], [node.output.aval], tile_n, block)[0]
         key = (node.inputs[1].storage, node.inputs[1].offset)
-        weights[key] = -(-utasks_count // count) * a.shape[-1] * _utask_columns(node, tile_n) * b.dtype.itemsize
+        weights[key] = -(-utasks_count // count) * b.shape[-2] * _utask_columns(node, tile_n) * b.dtype.itemsize
     return sum(weights.values())

@@ -180,6 +180,11 @@ class Value:
 EPILOGUE = "epilogue"
 RESULT = "result"
 CONTRACTION_OPERANDS = 2         # a matmul's or conv2d's own operands; an epilogue's come after them
+# The param of a matmul Op whose left operand is a concatenation along its last axis (the depth) read in
+# place, its parts never copied into one array (a `concatenate` that only the matmul reads folded into it,
+# Scheduler._fold_k_parts; concat.py makes them): the depths (K_1, ..., K_n) of the parts, which are input 0
+# and, after B (input 1), inputs 2 .. n; A[..., m, k] is part i's [..., m, k - K_1 - ... - K_{i-1}].
+K_PARTS = "k_parts"
 
 
 @dataclass(frozen=True, eq=False)
@@ -252,7 +257,21 @@ def epilogue_of(op) -> Expr | None:
 def epilogue_operands(op) -> range:
     """The numbers of the inputs of `op` that only its epilogue reads (at the output elements it writes,
     broadcast to the output shape like a fused chain's inputs): none without an epilogue."""
-    return range(CONTRACTION_OPERANDS if EPILOGUE in op.params else len(op.inputs), len(op.inputs))
+    return range(contraction_operands(op.params) if EPILOGUE in op.params else len(op.inputs), len(op.inputs))
+
+
+def contraction_operands(params) -> int:
+    """How many inputs of a matmul / conv2d Op with these params are its own operands: A (or A's first part),
+    B, and A's other parts (K_PARTS); an epilogue's operands follow."""
+    return CONTRACTION_OPERANDS + max(len(params.get(K_PARTS, ())) - 1, 0)
+
+
+def a_parts(op) -> list[tuple[int, int, int]]:
+    """(input number, first k, depth) of each part of a matmul Op's left operand: [(0, 0, K)] unless it is a
+    concatenation read in place (K_PARTS)."""
+    depths = op.params.get(K_PARTS) or (op.inputs[0].aval.shape[-1],)
+    starts = np.cumsum((0,) + tuple(depths[:-1]))
+    return [(0 if i == 0 else i + 1, int(k0), int(d)) for i, (k0, d) in enumerate(zip(starts, depths))]
 
 
 # The params of a ROWS op: its row shape (the rows' array shape, its last axis the row), its steps in order,

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from gdsl.schedule.plan import (
+    K_PARTS,
     ROWS,
     STEPS,
     Assign,
@@ -20,6 +21,8 @@ from gdsl.schedule.plan import (
     Sync,
     Uniforms,
     Wave,
+    a_parts,
+    contraction_operands,
     epilogue_of,
 )
 from gdsl.schedule.resident import RESIDENT
@@ -33,7 +36,7 @@ def _veus(task) -> str:
 
 
 def describe_op(op) -> str:
-    ins = ", ".join(map(repr, op.inputs))
+    ins = ", ".join(_operands(op))
     outs = ", ".join(map(repr, op.outputs))
     epilogue = epilogue_of(op)
     if epilogue is not None:       # what each output element becomes as it is stored
@@ -43,6 +46,15 @@ def describe_op(op) -> str:
                           for k, s in enumerate(op.params[STEPS]))
         return f"{outs} = {op.name}({ins}) with steps {steps}"
     return f"{outs} = {op.name}({ins})"
+
+
+def _operands(op) -> list[str]:
+    """The op's inputs as printed; a left operand read in parts (plan.K_PARTS) as `[t10 | t11]`."""
+    names = [repr(v) for v in op.inputs]
+    if K_PARTS not in op.params:
+        return names
+    parts = " | ".join(names[number] for number, _, _ in a_parts(op))
+    return [f"[{parts}]", names[1]] + names[contraction_operands(op.params):]
 
 
 def describe_uniform(u) -> str:

@@ -33,9 +33,9 @@ RESIDENT = "resident"
 def tile_bytes(op) -> int:
     """Bytes of one uTask's tile of B (K rows x tile_n columns) of a matmul; of a matmul gathering its
     batch (utasks.GATHER_BATCH), the tiles of every batch element, one after another ([batch][K][tile_n])."""
-    a, b = op.inputs[0].aval, op.inputs[1].aval
+    b = op.inputs[1].aval           # (K from B: A may be read in parts, plan.K_PARTS)
     batch = utasks.tiles_per_batch(op.params, math.prod(op.outputs[0].aval.shape[:-2]))
-    return batch * a.shape[-1] * op.params["tile_n"] * b.dtype.itemsize
+    return batch * b.shape[-2] * op.params["tile_n"] * b.dtype.itemsize
 
 
 def _eligible(op) -> bool:

@@ -23,6 +23,7 @@ from gdsl.core.ir import Lit, ShapedArray, Var, subjaxprs, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.primitives import control
 from gdsl.primitives.elementwise import convert_p
+from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import (
     CONTRACTION,
     CONTROL,
@@ -44,6 +45,7 @@ from gdsl.primitives.structural import (
     transpose_p,
 )
 from gdsl.schedule import balance, licm, partition, utasks
+from gdsl.schedule.concat import concat_products
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
@@ -51,6 +53,7 @@ from gdsl.schedule.plan import (
     COPY,
     EPILOGUE,
     FUSED,
+    K_PARTS,
     RESULT,
     ROW_SHAPE,
     ROWS,
@@ -171,13 +174,16 @@ class _Item:
     # (a ROWS item) the item whose `alias` says where each of `row_outputs` is stored: itself for the last
     # member's result (it allocates it, see _allocate), else the member (a `row_output`)
     row_owners: list = field(default_factory=list)
+    # A matmul whose left operand, a concatenation along its depth, it reads in place (_fold_k_parts): the
+    # concatenation's operands (plan.K_PARTS).
+    k_parts: list | None = None
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
-                 resident_partitioned=False):
+                 resident_partitioned=False, k_parts=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -211,6 +217,9 @@ class Scheduler:
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
+        # The lowering chain whose "k_parts" rule for matmul says that it reads a left operand concatenated
+        # along its depth from the parts (plan.K_PARTS, _fold_k_parts); empty: the concatenation is a copy.
+        self.k_parts = has_lowering(matmul_p.name, tuple(k_parts), "k_parts") if k_parts else False
         # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's or a
         # reduction's kind say that it may store its result straight into the window of an in-place update
         # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
@@ -252,7 +261,7 @@ class Scheduler:
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0,
-                      "window_stores": 0, "cell_chains": 0}
+                      "window_stores": 0, "cell_chains": 0, "k_parts": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -395,6 +404,7 @@ class Scheduler:
                 producer[v] = item
             items.append(item)
             order.append(item)
+        self._fold_k_parts(items, producer, uses)
         self._absorb_inlined(items, uses, windows)
         self._fold_epilogues(items, producer, uses, reshaped, jaxpr)
         self._fuse_rows(items, order, producer, uses, reshaped, windows)
@@ -403,7 +413,7 @@ class Scheduler:
             if it.contraction is not None:
                 it.leaves = []
                 it.expr = _index_leaves(it.raw_expr, it.leaves, result=it.result,
-                                        first=len(it.contraction.eqn.inputs))
+                                        first=len(_own_operands(it.contraction)))
             elif it.raw_expr is not None:
                 it.leaves = []
                 it.expr = _index_leaves(it.raw_expr, it.leaves)
@@ -663,6 +673,25 @@ class Scheduler:
                     it.absorbed = True
                     self.stats["fused_eqns"] += 1
 
+    def _fold_k_parts(self, items, producer, uses):
+        """A matmul whose left operand is a concatenation along its last axis (the depth) that nothing else
+        reads, computed in this segment (concat.py's `[A1 | A2] @ [B1 ; B2]`), reads the parts in place: they
+        become its left operands (plan.K_PARTS), the concatenation runs no op, no wave, no barrier and
+        copies nothing. When the backend's lowering chain has the "k_parts" rule for matmul."""
+        if not self.k_parts:
+            return
+        for it in items:
+            a = it.eqn.inputs[0] if it.eqn.primitive is matmul_p and not it.uniform else None
+            cat = producer.get(a) if isinstance(a, Var) else None
+            if cat is None or cat.eqn.primitive is not concatenate_p or cat.eqn.outs[0] is not a or cat.uniform \
+                    or cat.view or cat.absorbed or cat.eqn.params["axis"] != a.aval.ndim - 1 or uses.get(a) != 1 \
+                    or a in self.hints or not all(isinstance(p, Var) for p in cat.eqn.inputs):
+                continue
+            cat.absorbed = True
+            it.k_parts = list(cat.eqn.inputs)
+            it.deps = (it.deps | cat.deps) - {cat}
+            self.stats["k_parts"] += 1
+
     def _fold_epilogues(self, items, producer, uses, reshaped, jaxpr):
         """Fold an elementwise chain into the matmul / conv2d whose result it reads as an epilogue, when the
         chain is that result's only reader and reads it at the element it writes (the same shape and dtype
@@ -742,7 +771,7 @@ class Scheduler:
         if hint is None or hint[1] is None:
             return False
         names = _closure_of_all(jaxpr, hint[1])
-        return any(_base_of(a) in names for a in c.eqn.inputs)
+        return any(_base_of(a) in names for a in _own_operands(c))
 
     @staticmethod
     def _level(items):
@@ -1026,19 +1055,31 @@ class Scheduler:
     def _is_gemm(self, it) -> bool:
         """A matmul or convolution with more rows than a GEMV."""
         kind, ins = self._kind_and_inputs(it)
-        return kind in utasks.GEMM_KINDS and not it.uniform and \
-            utasks.gemm_dims(kind, [a.aval for a in ins], self._out_avals(it)[0], it.eqn.params)[1] > utasks.GEMV_ROWS
+        rows = utasks.gemm_dims(kind, [a.aval for a in ins], self._out_avals(it)[0], self._params(it))[1] \
+            if kind in utasks.GEMM_KINDS else 0
+        return not it.uniform and rows > utasks.GEMV_ROWS
 
     def _natural_split(self, it) -> tuple[int, float]:
         kind, ins = self._kind_and_inputs(it)
-        count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.rows or it.eqn.params,
+        count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
                                       self.grid, self.block)
         return count, cost
 
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
-        return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), it.rows or it.eqn.params,
+        return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
                             self.grid, self.block)[0]
+
+    @staticmethod
+    def _params(it) -> dict:
+        """The params of the op of `it` that its split and cost depend on: a ROWS op's, else its primitive's,
+        with the depths of a left operand read in parts (plan.K_PARTS)."""
+        if it.rows is not None:
+            return it.rows
+        c = it.contraction or it
+        if c.k_parts is None:
+            return c.eqn.params
+        return dict(c.eqn.params, **{K_PARTS: tuple(p.aval.shape[-1] for p in c.k_parts)})
 
     @staticmethod
     def _out_avals(it) -> list:
@@ -1059,12 +1100,12 @@ class Scheduler:
 
     def _kind_and_inputs(self, it):
         if it.contraction is not None:       # a contraction with an epilogue: its operands, then the epilogue's
-            return it.contraction.eqn.primitive.name, list(it.contraction.eqn.inputs) + it.leaves
+            return it.contraction.eqn.primitive.name, _own_operands(it.contraction) + it.leaves
         if it.rows is not None:
             return ROWS.name, it.leaves
         if it.expr is not None:
             return FUSED.name, it.leaves
-        return it.eqn.primitive.name, it.eqn.inputs
+        return it.eqn.primitive.name, _own_operands(it)
 
     # ---------------------------------------------------------------------------------------- ops
     def _column_layouts(self, items) -> dict:
@@ -1078,17 +1119,18 @@ class Scheduler:
                 continue
             kind, atoms = self._kind_and_inputs(it)
             first, *more = self._op_outputs(it)
-            nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, dict(it.rows or {}), tuple(more)))
+            params = {k: v for k, v in self._params(it).items() if it.rows is not None or k == K_PARTS}
+            nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, params, tuple(more)))
         return column_layouts(nodes, self.grid, self.block, self.resident_bytes)
 
     def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
         eqn = it.eqn
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
-        params = dict(eqn.params)
+        params = dict(self._params(it))
         label = _expr_label(it.expr) if it.expr is not None else kind
         if it.contraction is not None:
-            params = dict(it.contraction.eqn.params, **{EPILOGUE: it.expr})
+            params = dict(self._params(it), **{EPILOGUE: it.expr})
             label = f"{kind}_{label}"
         elif it.rows is not None:
             params = dict(it.rows)
@@ -1100,7 +1142,7 @@ class Scheduler:
             params["in_place"] = True
         if layout is not None:
             count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in outs],
-                                                            layout.tile_n, self.block)
+                                                            layout.tile_n, self.block, params=params)
         else:
             count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in outs],
                                                     params, grid)
@@ -2190,10 +2232,18 @@ def _through_views(deps) -> set:
 
 def _reads(item) -> list:
     """The variables an item reads (a window of a variable counts as a read of that variable)."""
-    atoms = list(item.leaves) if item.expr is not None or item.rows is not None else list(item.eqn.inputs)
+    atoms = list(item.leaves) if item.expr is not None or item.rows is not None else _own_operands(item)
     if item.contraction is not None:
-        atoms += item.contraction.eqn.inputs
+        atoms += _own_operands(item.contraction)
     return [_base_of(a) for a in atoms]
+
+
+def _own_operands(item) -> list:
+    """The atoms an item's primitive reads: its equation's inputs, or, for a matmul reading its left operand
+    in parts (_Item.k_parts), the first part, B, then the other parts (plan.K_PARTS)."""
+    if item.k_parts is None:
+        return list(item.eqn.inputs)
+    return [item.k_parts[0], item.eqn.inputs[1], *item.k_parts[1:]]
 
 
 def _base_of(atom):
@@ -2301,7 +2351,7 @@ def _same_index_read(item, binders, names=()) -> bool:
     if item.eqn.primitive is dynamic_update_slice_p:
         first, rest = item.eqn.inputs[0], item.eqn.inputs[1:]
         return any(first is b for b in binders) and not any(a is b for a in rest for b in binders)
-    if item.contraction is not None and any(a is b for a in item.contraction.eqn.inputs for b in binders):
+    if item.contraction is not None and any(a is b for a in _own_operands(item.contraction) for b in binders):
         return False             # a contraction reads whole rows / windows of its operands
     return item.expr is not None and all(b.aval.shape == item.eqn.outs[0].aval.shape for b in binders)
 
@@ -2585,14 +2635,23 @@ def _split_host(body, functions):
 def schedule(program, *, control="device", grid=132, block=256, partition=None, wavefront=None,
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
-             aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None) -> Plan:
+             aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
+             k_parts=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
     `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
     `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
-    leaves fewer grid barriers per loop step; None or False: not (the default until it is timed).
+    leaves fewer grid barriers per loop step; "auto": where it also is estimated faster per step
+    (loop_step_ns: the busiest vEU's uTasks and the barriers, by the cost model); None or False: not (the
+    default until it is timed). The choice is made for the whole program (all its counted loops or none).
+    `concat_k=True`: a sum of matmuls over loop-invariant right operands, `A1 @ B1 + A2 @ B2`, becomes one
+    matmul over the concatenated depth, `[A1 | A2] @ [B1 ; B2]`, the stacked B built before the loop
+    (concat.py); None: only in the owner-computes plan (where a layer's vEUs would run the products one after
+    the other) and where the backend reads the concatenated operand in place (`k_parts`); False: never.
+    `k_parts`: the backend's lowering chain, whose "k_parts" rule for matmul says that it reads such a
+    concatenated left operand from its parts in place (Scheduler._fold_k_parts; empty: it is a copy).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2640,8 +2699,10 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"wavefront must be None (when estimated faster), True or False, got {wavefront!r}")
     if hoist not in (None, True, False):
         raise ValueError(f"hoist must be None (on), True or False, got {hoist!r}")
-    if owner not in (None, True, False):
-        raise ValueError(f"owner must be None (off), True or False, got {owner!r}")
+    if owner not in (None, True, False, "auto"):
+        raise ValueError(f"owner must be None (off), True, False or 'auto', got {owner!r}")
+    if concat_k not in (None, True, False):
+        raise ValueError(f"concat_k must be None (with owner), True or False, got {concat_k!r}")
     if balance not in (None, True, False):
         raise ValueError(f"balance must be None (on), True or False, got {balance!r}")
     if fork not in (None, True, False):
@@ -2663,16 +2724,37 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
-                   uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned))
-    program, plan = _skewed_or_plain(program, wavefront, options)
+                   uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
+                   k_parts=k_parts)
+    # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
+    stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
+    stacked = _stacked_products(program, hoist) if stack_owned else program
+    plain, plan = _skewed_or_plain(stacked if concat_k else program, wavefront, options)
     if owner and control == "device":
-        unrolled, count = unroll_twice(program)
+        skewed = plain is not (stacked if concat_k else program)
+        source = stacked
+        source = _checked(skew_program(source)[0], source) if skewed else source
+        unrolled, count = unroll_twice(source)
         if count:
-            owner_plan = Scheduler(_checked(unrolled, program), owner=True, **options).run()
+            owner_plan = Scheduler(_checked(unrolled, source), owner=True, **options).run()
             owner_plan.stats["steps_per_iteration"] = 2
-            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan):
+            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and \
+                    (owner is True or loop_step_ns(owner_plan) < loop_step_ns(plan)):
                 return owner_plan
     return plan
+
+
+def _stacked_products(program, hoist):
+    """`program` with its sums of matmuls over loop invariants as matmuls over the concatenated depth
+    (concat.py), the stacked right operands moved out of as many loops as they are invariant for."""
+    stacked = _checked(concat_products(program), program)
+    return stacked if hoist is False or stacked is program else _checked(licm.hoist_program(stacked), stacked)
+
+
+def loop_step_ns(plan) -> float:
+    """Estimated ns of one step of the kernels' loops (wavefront.loop_iteration_ns, per step of a body
+    unrolled twice for owner-computes placement: plan.stats["steps_per_iteration"])."""
+    return loop_iteration_ns(plan) / plan.stats.get("steps_per_iteration", 1)
 
 
 def _skewed_or_plain(program, wavefront, options) -> tuple:

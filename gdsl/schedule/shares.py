@@ -20,18 +20,20 @@ from gdsl.schedule.plan import (
     COPY,
     EPILOGUE,
     FUSED,
+    K_PARTS,
     ROW_SHAPE,
     ROWS,
     WINDOW_COPY,
+    a_parts,
     epilogue_operands,
     row_chunk,
     row_count,
 )
 from gdsl.schedule.resident import RESIDENT
 
-# The params the scheduler adds to a primitive's own (its split, an epilogue).
+# The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, RESIDENT, EPILOGUE,
-                          WINDOW_COPY})
+                          WINDOW_COPY, K_PARTS})
 
 
 def storage_elements(value, flat):
@@ -173,10 +175,11 @@ def _reduce_share(op, flat) -> np.ndarray:
 
 def _matmul_share(op, k, flat) -> np.ndarray:
     """Operand k's elements that the outputs `flat` of a (batched, broadcasting) matmul read: their rows
-    of a, their columns of b, in the matching batch element."""
+    of a (of each of its parts, plan.K_PARTS), their columns of b, in the matching batch element."""
     out, x = op.outputs[0].aval, op.inputs[k].aval
     m, n = out.shape[-2:]
-    depth = op.inputs[0].aval.shape[-1]
+    a_depths = {number: depth for number, _, depth in a_parts(op)}
+    depth = a_depths.get(k, op.inputs[1].aval.shape[-2])
     b, rest = np.divmod(flat, m * n)
     i, j = np.divmod(rest, n)
     bshape, xshape = out.shape[:-2], x.shape[:-2]
@@ -185,7 +188,7 @@ def _matmul_share(op, k, flat) -> np.ndarray:
     xb = np.ravel_multi_index(tuple(np.zeros_like(b) if d == 1 else bidx[offset + a]
                                     for a, d in enumerate(xshape)), xshape) if xshape else np.zeros_like(b)
     kk = np.arange(depth)
-    if k == 0:
+    if k in a_depths:
         idx = (xb * m + i)[:, None] * depth + kk[None, :]
     else:
         idx = xb[:, None] * depth * n + kk[None, :] * n + j[:, None]

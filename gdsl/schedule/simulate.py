@@ -44,6 +44,7 @@ from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
+    K_PARTS,
     RESULT,
     ROWS,
     WINDOW_COPY,
@@ -59,6 +60,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    a_parts,
     epilogue_of,
     epilogue_operands,
     fold_expr,
@@ -371,8 +373,10 @@ class Simulator:
         if op.kind == COPY.name:
             return [np.broadcast_to(ins[0], op.outputs[0].aval.shape).astype(op.outputs[0].aval.dtype)]
         params = {k: v for k, v in op.params.items() if k not in SPLIT_PARAMS}
-        own = len(ins) - len(epilogue_operands(op))       # the primitive's operands (an epilogue's follow)
-        outs = REGISTRY[op.kind].impl(*ins[:own], **params)
+        own = ins[:len(ins) - len(epilogue_operands(op))]    # the primitive's operands (an epilogue's follow)
+        if K_PARTS in op.params:        # a left operand read in parts: their concatenation along the depth
+            own = [np.concatenate([ins[number] for number, _, _ in a_parts(op)], axis=-1), own[1]]
+        outs = REGISTRY[op.kind].impl(*own, **params)
         outs = [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
         if epilogue_of(op) is not None:
             return [evaluate_expr(epilogue_of(op), ins, op.outputs[0].aval, result=outs[0])]

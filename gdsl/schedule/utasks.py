@@ -83,9 +83,9 @@ def _cost(bytes_moved, flops=0.0):
 def gemm_dims(kind, in_avals, out_aval, params):
     """(batch, M, N, K) of a matmul or conv2d (`in_avals` may go on with an epilogue's operands)."""
     if kind == matmul_p.name:
-        a, b = in_avals[:2]
+        b = in_avals[1]          # (K from B: A may be the first of several parts, plan.K_PARTS)
         batch = math.prod(out_aval.shape[:-2])
-        return batch, out_aval.shape[-2], out_aval.shape[-1], a.shape[-1]
+        return batch, out_aval.shape[-2], out_aval.shape[-1], b.shape[-2]
     x, w = in_avals[:2]
     n, o, ho, wo = out_aval.shape
     return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
@@ -95,7 +95,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
-    outputs_read = len(in_avals) - 2       # operands of an epilogue, read at the tile's elements
+    outputs_read = len(in_avals) - plan.contraction_operands(params)    # an epilogue's, read at the tile's elements
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster).
@@ -176,7 +176,7 @@ def split_options(kind, in_avals, out_avals, params, block) -> list[tuple[int, d
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, params)
-        outputs_read = len(in_avals) - 2
+        outputs_read = len(in_avals) - plan.contraction_operands(params)
         if m <= GEMV_ROWS:
             rows = max(m, 1)
             widths = [tn for tn in reversed(GEMV_COLUMNS) if tn <= n] or [GEMV_COLUMNS[0]]
@@ -289,7 +289,7 @@ def tiles_per_batch(params, batch: int) -> int:
     return batch if gathers_batch(params) else 1
 
 
-def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True):
+def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True, params=None):
     """The split of an op in a column layout (owner.py): each uTask writes within one range of `tile_n`
     columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns, of every
     batch element at once where it can (can_gather_batch: one staging of A and one reduction per uTask);
@@ -306,11 +306,11 @@ def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True):
         params = {"tile_m": tm, "tile_n": tile_n, **({GATHER_BATCH: True} if gather else {})}
         columns = per_utask * tile_n
         if m <= GEMV_ROWS:
-            cost = _gemv_tile_cost(tm, columns, k, len(in_avals) - 2)
+            cost = _gemv_tile_cost(tm, columns, k, len(in_avals) - plan.contraction_operands(params or {}))
             if not b_onchip:        # its weights' bytes at L2's share instead of the vEU's own memory
                 cost += 4 * k * columns * (1 / BYTES_PER_NS_PER_VEU - 1 / ONCHIP_BYTES_PER_NS_PER_VEU)
         else:
-            cost = _gemm_tile_cost(tm, columns, k, len(in_avals) - 2)
+            cost = _gemm_tile_cost(tm, columns, k, len(in_avals) - plan.contraction_operands(params or {}))
         return count, params, cost
     count = max(1, math.ceil(out.size / tile_n))
     arrays = len(in_avals) + len(out_avals) - 1      # (chunk_cost counts one output)

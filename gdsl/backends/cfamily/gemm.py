@@ -20,7 +20,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import epilogue_of
+from gdsl.schedule.plan import K_PARTS, a_parts, epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
@@ -92,8 +92,9 @@ def matmul(ops: OpRenderer) -> str:
     a, b = ops.ins[:2]
     out = ops.outs[0]
     acc = c_types.accumulator(out.dtype)
-    M, K = a.aval.shape[-2], a.aval.shape[-1]
+    M, K = a.aval.shape[-2], b.aval.shape[-2]
     N = b.aval.shape[-1]
+    parts = K_PARTS in ops.op.params       # A read in parts (plan.K_PARTS): la picks the part of k
     bshape = out.aval.shape[:-2]
     a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
@@ -115,11 +116,24 @@ def matmul(ops: OpRenderer) -> str:
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     return gemm_tiles(ops, Gemm(
         M, N, K, math.prod(bshape), setup=setup,
-        load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
+        load_a=load_a_parts(ops, acc, f"({a_off}) * {M} + m") if parts else
+        f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
         load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
-        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 else None,
+        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts else None,
         address_b=address_b if float32 else None))
+
+
+@register_lowering("matmul", backend="cfamily", role="k_parts")
+def load_a_parts(ops: OpRenderer, acc: str, row: str) -> str:
+    """Body of la(m, k) for a left operand read in parts (plan.K_PARTS: a concatenation along the depth that
+    is never copied): element k of row `row` (a C expression over m: the row among all of A's batch
+    elements) from the part that holds depth k, the parts' depths K_1, K_2, ... one after another."""
+    loads = []
+    for number, k0, depth in a_parts(ops.op):
+        k = f"k - {k0}" if k0 else "k"
+        loads.append((k0 + depth, f"return ({acc})({ops.ins[number].at(f'({row}) * {depth} + {k}')});"))
+    return " ".join(f"if (k < {end}) {load}" for end, load in loads[:-1]) + " " + loads[-1][1]
 
 
 def _transposed_matrix(b) -> bool:
@@ -151,8 +165,9 @@ def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
         b_off = broadcast_index(bshape, b.aval.shape[:-2], "g")
         load_b = f"{column} return j < {N} ? ({acc})({b.at(f'({b_off}) * {K * N} + k * {N} + j')}) : ({acc})0;"
     store = f"{column} if (j < {N}) {{ {store_output(ops, f'g * {M * N} + m * {N} + j', 'v')} }}"
+    load_a = load_a_parts(ops, acc, "m") if K_PARTS in ops.op.params else f"return ({acc})({a.at(f'm * {K} + k')});"
     return gemm_tiles(ops, Gemm(
-        M, N, K, 1, setup=setup, load_a=f"return ({acc})({a.at(f'm * {K} + k')});", load_b=load_b,
+        M, N, K, 1, setup=setup, load_a=load_a, load_b=load_b,
         store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch))
 
 
@@ -168,8 +183,8 @@ def resident_tile(op, t: str, smem: str) -> str:
 def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
     """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptr` into its
     place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N)."""
-    a, b, out = op.inputs[0].aval, op.inputs[1].aval, op.outputs[0].aval
-    K, N = a.shape[-1], b.shape[-1]
+    b, out = op.inputs[1].aval, op.outputs[0].aval
+    K, N = b.shape[-2], b.shape[-1]
     tn = op.params["tile_n"]
     tiles_n = -(-N // tn)
     if utasks.gathers_batch(op.params):       # every batch element's columns, [batch][K][tile_n]

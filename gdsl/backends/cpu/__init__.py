@@ -75,7 +75,7 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
-                           "resident_partitioned", "index_ranges"})
+                           "resident_partitioned", "index_ranges", "concat_k"})
 DEFAULT_BLOCK = 1024
 
 
@@ -135,7 +135,7 @@ def lower(program, options) -> Lowering:
     grid = int(options["grid"]) if "grid" in options else default_grid(program)
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
-                    hoist=options.get("hoist"), owner=options.get("owner"),
+                    hoist=options.get("hoist"), owner=options.get("owner"), concat_k=options.get("concat_k"),
                     epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN, balance=False)
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
