@@ -1,8 +1,11 @@
 """The loop plans of the zoo's recurrent models with and without owner-computes placement (the scheduler
-option `owner=True`, gdsl/schedule/owner.py), as docs/schedule.md's table lists them: per loop step the grid
+option `owner=True`, gdsl/schedule/owner.py; its products of a layer stacked into one, `concat_k`, by default
+in the owner plan), as docs/schedule.md's table lists them: per loop step the grid
 barriers (scheduler.loop_grid_barriers), the vEUs each column layout takes, its matmul uTasks' widths, their
 rounds per vEU, and whether their weights stay resident in shared memory. CUDA lowering (no GPU needed):
-`python -m benchmarks.owner_plans [--models lstm,nasrnn] [--batches 1,64] [--grids 264,132]`."""
+`python -m benchmarks.owner_plans [--models lstm,nasrnn] [--batches 1,64] [--grids 264,132]`. Per step also the
+cost model's estimate (scheduler.loop_step_ns) and the uTasks the busiest vEUs run one after another, and which
+plan owner="auto" keeps (scheduler.pays)."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +14,7 @@ import collections
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule.plan import Loop, Wave, plan_statements, walk
 from gdsl.schedule.resident import RESIDENT
-from gdsl.schedule.scheduler import loop_grid_barriers
+from gdsl.schedule.scheduler import loop_grid_barriers, loop_step_ns, loop_step_rounds
 from gdsl.schedule.utasks import gathers_batch
 from models import common, load
 
@@ -57,10 +60,14 @@ def main(argv=None):
         for bs in (int(b) for b in args.batches.split(",")):
             problem = common.build_problem(model, bs)
             for grid in (int(g) for g in args.grids.split(",")):
-                for owner in (False, True):
-                    fn = model.make_forward(problem.cfg, backend="cuda", grid=grid, owner=owner)
+                for owner, concat_k in ((False, None), (True, False), (True, None), ("auto", False), ("auto", None)):
+                    fn = model.make_forward(problem.cfg, backend="cuda", grid=grid, owner=owner, concat_k=concat_k)
                     plan = fn.lower(problem.weights, problem.batches[0]).lowering.plan
-                    print(f"{name} bs{bs} grid {grid} owner={owner}: {describe(loop_summary(plan))}", flush=True)
+                    owned = plan.stats.get("steps_per_iteration", 1) == 2
+                    print(f"{name} bs{bs} grid {grid} owner={owner} concat_k={concat_k}: "
+                          f"{'owner plan' if owned else 'default plan'}; {describe(loop_summary(plan))}; per step "
+                          f"{loop_step_ns(plan) / 1000:.2f} us estimated, {loop_step_rounds(plan):g} serial uTasks",
+                          flush=True)
 
 
 if __name__ == "__main__":

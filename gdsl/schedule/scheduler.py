@@ -88,7 +88,7 @@ from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_fun
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
-from gdsl.schedule.wavefront import loop_iteration_ns, skew_program, wave_ns
+from gdsl.schedule.wavefront import loop_iteration_ns, loop_iteration_rounds, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
 # With the option uniform_reductions=True, a reduction to one element reads at most this many (every vEU
@@ -2738,10 +2738,19 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         if count:
             owner_plan = Scheduler(_checked(unrolled, source), owner=True, **options).run()
             owner_plan.stats["steps_per_iteration"] = 2
-            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and \
-                    (owner is True or loop_step_ns(owner_plan) < loop_step_ns(plan)):
+            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and (owner is True or pays(owner_plan, plan)):
                 return owner_plan
     return plan
+
+
+def pays(owner_plan, plan) -> bool:
+    """owner="auto": is the owner-computes plan estimated faster per loop step than `plan` (loop_step_ns), its
+    busiest vEUs running no more uTasks one after another (loop_step_rounds)? A uTask of a step is a memory
+    round trip or more, which at batch 1 costs as much as the grid barrier the layout saves (docs/performance.md:
+    GEMV 1.4-1.7 µs, a cell 0.9 µs, a barrier's wait 2.0-2.9 µs on the H200), where the cost model prices the
+    default's wide uTasks by bandwidth: the LSTM's owner plan with two GEMVs per layer's vEUs was estimated
+    faster and measured slower (0.456 -> 0.620 ms), one more uTask per step than the default."""
+    return loop_step_ns(owner_plan) < loop_step_ns(plan) and loop_step_rounds(owner_plan) <= loop_step_rounds(plan)
 
 
 def _stacked_products(program, hoist):
@@ -2755,6 +2764,12 @@ def loop_step_ns(plan) -> float:
     """Estimated ns of one step of the kernels' loops (wavefront.loop_iteration_ns, per step of a body
     unrolled twice for owner-computes placement: plan.stats["steps_per_iteration"])."""
     return loop_iteration_ns(plan) / plan.stats.get("steps_per_iteration", 1)
+
+
+def loop_step_rounds(plan) -> float:
+    """The uTasks one vEU runs one after another in one step of the kernels' loops (per wave its busiest
+    vEU's; wavefront.loop_iteration_rounds, per step as loop_step_ns)."""
+    return loop_iteration_rounds(plan) / plan.stats.get("steps_per_iteration", 1)
 
 
 def _skewed_or_plain(program, wavefront, options) -> tuple:

@@ -61,8 +61,17 @@ def loop_iteration_ns(plan) -> float:
     uTasks (the scheduler's cost model), per grid barrier and vEU-local sync their measured costs, a kernel
     launch per Launch (host control). The scheduler compares a program's plans with and without skewing
     by this, the extra iterations of the skewed loops included."""
-    loops = [s for body in [k.body for k in plan.kernels] + [plan.host or ()] for s in body if isinstance(s, Loop)]
-    return sum(_block_ns(loop.cond + loop.body, plan) for loop in loops)
+    return sum(_block_ns(loop.cond + loop.body, plan) for loop in _outer_loops(plan))
+
+
+def loop_iteration_rounds(plan) -> float:
+    """The uTasks one vEU runs one after another in one iteration of every outermost loop of `plan`, summed:
+    per wave its busiest vEU's rounds (a branch: its longest case), barriers not counted."""
+    return sum(_block_ns(loop.cond + loop.body, plan, wave_rounds, syncs=False) for loop in _outer_loops(plan))
+
+
+def _outer_loops(plan) -> list:
+    return [s for body in [k.body for k in plan.kernels] + [plan.host or ()] for s in body if isinstance(s, Loop)]
 
 
 def wave_ns(tasks) -> float:
@@ -75,19 +84,29 @@ def wave_ns(tasks) -> float:
     return max(load.values(), default=0.0)
 
 
-def _block_ns(stmts, plan) -> float:
+def wave_rounds(tasks) -> int:
+    """The most uTasks one vEU runs in a wave of `tasks`."""
+    load: dict[int, int] = defaultdict(int)
+    for task in tasks:
+        for veu in range(task.first, task.first + task.count):
+            load[veu] += -(-task.op.n_utasks // task.count)
+    return max(load.values(), default=0)
+
+
+def _block_ns(stmts, plan, wave=wave_ns, syncs=True) -> float:
+    """The estimate of `stmts`: `wave(tasks)` per wave, with `syncs` the barriers' and launches' costs."""
     total = 0.0
     for stmt in stmts:
         if isinstance(stmt, Wave):
-            total += wave_ns(stmt.tasks)
-        elif isinstance(stmt, Sync):
+            total += wave(stmt.tasks)
+        elif isinstance(stmt, Sync) and syncs:
             total += BARRIER_NS if stmt.scope == "grid" else LOCAL_SYNC_NS
         elif isinstance(stmt, Launch):
-            total += LAUNCH_NS + _block_ns(plan.kernels[stmt.kernel].body, plan)
+            total += LAUNCH_NS * syncs + _block_ns(plan.kernels[stmt.kernel].body, plan, wave, syncs)
         elif isinstance(stmt, Loop):
-            total += _block_ns(stmt.cond + stmt.body, plan)
+            total += _block_ns(stmt.cond + stmt.body, plan, wave, syncs)
         elif isinstance(stmt, Branch):
-            total += max((_block_ns(b, plan) for b in stmt.branches), default=0.0)
+            total += max((_block_ns(b, plan, wave, syncs) for b in stmt.branches), default=0.0)
     return total
 
 

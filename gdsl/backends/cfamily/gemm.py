@@ -25,6 +25,9 @@ from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
 GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
+# A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
+# its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
+GEMV_PARTS_KC = 2048
 # A float32 tile goes to the tensor cores (gdsl_gemm_tile_tc, where the dialect has them) when the FFMA tile
 # would give each thread a register tile of fewer elements than this: there each FFMA waits on two shared-memory
 # loads, and the tensor-core tile was faster (H200, batch 64: NASRNN's 16 x 16 tiles 27.7 -> 23.6 ms, Seq2seq's
@@ -63,6 +66,7 @@ class Gemm:
     # elements at once: gdsl_gemm_stages_vec), None where an operand is computed or converted.
     address_a: str | None = None
     address_b: str | None = None
+    gemv_kc: int = GEMV_KC     # the k chunk of A a GEMV stages at a time
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -121,7 +125,12 @@ def matmul(ops: OpRenderer) -> str:
         load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts else None,
-        address_b=address_b if float32 else None))
+        address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts)))
+
+
+def _gemv_kc(M: int, K: int, parts: bool) -> int:
+    """The k chunk a GEMV of A[M, K] stages: all of K for A read in parts when it fits GEMV_PARTS_KC."""
+    return K if parts and GEMV_KC < K and M * K <= GEMV_PARTS_KC else GEMV_KC
 
 
 @register_lowering("matmul", backend="cfamily", role="k_parts")
@@ -168,7 +177,8 @@ def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
     load_a = load_a_parts(ops, acc, "m") if K_PARTS in ops.op.params else f"return ({acc})({a.at(f'm * {K} + k')});"
     return gemm_tiles(ops, Gemm(
         M, N, K, 1, setup=setup, load_a=load_a, load_b=load_b,
-        store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch))
+        store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch,
+        gemv_kc=_gemv_kc(M, K, K_PARTS in ops.op.params)))
 
 
 def resident_tile(op, t: str, smem: str) -> str:
@@ -252,8 +262,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         ks = block // ctn
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
-        ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
-        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+        ops.smem = max(ops.smem, (M * gemm.gemv_kc + (slots * M * tn if slots > 1 else 0)) * size)
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {gemm.gemv_kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
