@@ -124,6 +124,7 @@ def matmul(ops: OpRenderer) -> str:
         f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
         load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
+        # (no vector loads of A read in parts: the tile checks only its first address's alignment)
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts)))
 
