@@ -134,11 +134,12 @@ def _stacked_plan_check(plan, control):
     assert any(K_PARTS in op.params for op in ops)
 
 
+@pytest.mark.parametrize("wavefront", [None, True, False])
 @pytest.mark.parametrize("bs", [1, 4])
-def test_plans_read_the_parts_in_place(bs):
+def test_plans_read_the_parts_in_place(bs, wavefront):
     forward, args = _lstm(bs, steps=3)
     plan = check_plan(forward, *args, controls=("device",), grids=(1, 3, 132), concat_k=True, k_parts=VIEWS,
-                      check=_stacked_plan_check)
+                      wavefront=wavefront, check=_stacked_plan_check)
     matmuls = [op for op in _loop_ops(plan) if op.kind == matmul_p.name]
     assert len(matmuls) == 3 and sum(K_PARTS in op.params for op in matmuls) == 2
     assert "matmul([" in describe_op(next(op for op in matmuls if K_PARTS in op.params))
@@ -202,9 +203,12 @@ def test_emulator_matches_the_reference(bs, options):
     assert emulated_model_mismatches("lstm", bs, grid=8, **options) == []
 
 
-@pytest.mark.parametrize("options", [{"concat_k": True}, {"owner": "auto"}])
-def test_emulated_nasrnn_matches_the_reference(options):
-    assert emulated_model_mismatches("nasrnn", 1, grid=8, **options) == []
+@pytest.mark.parametrize("name,options", [("nasrnn", {"concat_k": True}), ("nasrnn", {"owner": "auto"}),
+                                          ("seq2seq", {"concat_k": True})])
+def test_emulated_models_match_the_reference(name, options):
+    """Seq2seq's decoder cell stacks its two products in a loop with a data-dependent exit."""
+    for bs in (1, 64):
+        assert emulated_model_mismatches(name, bs, grid=8, **options) == []
 
 
 def test_emulated_batched_parts_match_the_interpreter():
