@@ -2643,9 +2643,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
     `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
-    leaves fewer grid barriers per loop step; "auto": where it also is estimated faster per step
-    (loop_step_ns: the busiest vEU's uTasks and the barriers, by the cost model); None or False: not (the
-    default until it is timed). The choice is made for the whole program (all its counted loops or none).
+    leaves fewer grid barriers per loop step; "auto": where it also is estimated faster per step and runs no
+    more uTasks one after another per step (pays); None or False: not (the default until it is timed). The
+    choice is made for the whole program (all its counted loops or none).
     `concat_k=True`: a sum of matmuls over loop-invariant right operands, `A1 @ B1 + A2 @ B2`, becomes one
     matmul over the concatenated depth, `[A1 | A2] @ [B1 ; B2]`, the stacked B built before the loop
     (concat.py); None: only in the owner-computes plan (where a layer's vEUs would run the products one after
