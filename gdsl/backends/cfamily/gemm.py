@@ -37,9 +37,12 @@ TENSOR_CORE_BELOW = 4
 # gdsl_gemm_tile_wide (float32): a thread's register tile holds at most this many outputs, and at most this
 # many k groups split a tile. 4 x 4 was the fastest on the H200 at batch 64 (same run, ms: LSTM 3.611 / 3.646 /
 # 3.758 with 16 / 32 / 64, NASRNN 14.86 / 14.68 / 15.26, BlockDrop 0.468 / 0.559 / 0.561; the 8 x 8 tile spills
-# under the 128 registers two vEUs per SM leave a thread).
+# under the 128 registers two vEUs per SM leave a thread). 16 k groups put the 16 x 16 tiles on it too (a
+# group of 16 threads, 2 of each stage's 32 k), where gdsl_gemm_tile gave each thread one output and two
+# shared-memory loads per FFMA: BlockDrop bs64 0.545 / 0.531 -> 0.480 / 0.483 ms, bs1 0.152 / 0.197 ->
+# 0.152 / 0.151, SkipNet 2.446 / 2.438 -> 2.506 / 2.357 (H200, alternated in one call).
 WIDE_MAX_REGISTERS = 16
-WIDE_MAX_GROUPS = 8
+WIDE_MAX_GROUPS = 16
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
