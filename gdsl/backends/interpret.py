@@ -10,7 +10,8 @@ from gdsl.interpreter import run_program
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist",
                            "resident", "tensor_cores", "owner", "epilogue", "balance", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune",
-                           "uniform_reductions", "resident_partitioned", "index_ranges"})  # accepted, no effect here
+                           "uniform_reductions", "resident_partitioned", "index_ranges",
+                           "thin_gemv"})  # accepted, no effect here
 
 
 def unavailable_reason():

@@ -24,7 +24,7 @@ from gdsl.schedule.plan import epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
-GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
+GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile (a split's utasks.K_CHUNK else)
 # A float32 tile goes to the tensor cores (gdsl_gemm_tile_tc, where the dialect has them) when the FFMA tile
 # would give each thread a register tile of fewer elements than this: there each FFMA waits on two shared-memory
 # loads, and the tensor-core tile was faster (H200, batch 64: NASRNN's 16 x 16 tiles 27.7 -> 23.6 ms, Seq2seq's
@@ -237,8 +237,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         ks = block // ctn
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
-        ops.smem = max(ops.smem, (M * GEMV_KC + (slots * M * tn if slots > 1 else 0)) * size)
-        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {GEMV_KC}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+        kc = ops.op.params.get(utasks.K_CHUNK, GEMV_KC)     # (the whole k at once: thin_gemv_params)
+        ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide

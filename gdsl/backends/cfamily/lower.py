@@ -16,7 +16,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
-                           "index_ranges"})
+                           "index_ranges", "thin_gemv"})
 DEFAULT_BLOCK = 256
 
 
@@ -44,7 +44,8 @@ def check_options(options, dialect) -> dict:
             "window_store": options.get("window_store"), "resident_calls": options.get("resident_calls"),
             "narrow": options.get("narrow"), "spread_frames": options.get("spread_frames"),
             "aside": options.get("aside"), "uniform_reductions": options.get("uniform_reductions"),
-            "resident_partitioned": options.get("resident_partitioned"), "index_ranges": options.get("index_ranges")}
+            "resident_partitioned": options.get("resident_partitioned"), "index_ranges": options.get("index_ranges"),
+            "thin_gemv": options.get("thin_gemv")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -72,7 +73,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     resident_calls=opts.get("resident_calls"), cells=opts.get("cells"),
                     spread_frames=opts.get("spread_frames"), aside=opts.get("aside"),
                     uniform_reductions=opts.get("uniform_reductions"),
-                    resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"))
+                    resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"),
+                    thin_gemv=opts.get("thin_gemv"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
