@@ -7,6 +7,8 @@ vEUs in four.
 Checked: the splits and the plans (RAE's, and the same counts of barriers), the plan simulator against the
 interpreter (recursion and loops, both controls), the C-family CPU emulator (a k chunk past the default 256),
 the cpu backend (accepts the option, no effect), NVRTC, and on the GPU RAE's bench trees."""
+import re
+
 import numpy as np
 import pytest
 from strategies import needs_cxx, needs_nvrtc
@@ -136,16 +138,20 @@ def test_loop_simulated():
 # ------------------------------------------------------------------------------------------ backends
 
 @needs_cxx
+@pytest.mark.parametrize("columns", [(8,), (8, 4)])
 @pytest.mark.parametrize("name", ["balanced", "unbalanced"])
-def test_emulated_k_chunk_past_the_default(name):
-    """hidden 160: K = 320 in one chunk (past GEMV_KC = 256), 20 uTasks of 8 columns at grid 32."""
+def test_emulated_k_chunk_past_the_default(name, columns, monkeypatch):
+    """hidden 160: K = 320 in one chunk (past GEMV_KC = 256), thin tiles at grid 32 (20 of 8 columns; with
+    THIN_GEMV_COLUMNS (8, 4) 40 of 4 for the grid, which the wave's balancing may take back to 8)."""
+    monkeypatch.setattr(utasks, "THIN_GEMV_COLUMNS", columns)
     tree = TREES[name]
     args = wide_args(tree, 160)
     fn = encoder(height(tree) + 2, 160)
     program = gdsl.make_ir(fn)(*args)
     dialect = emulator.EmulatorDialect()
     lowering = lower_with_grid(program, check_options({"block": 128, "thin_gemv": True}, dialect), 32, dialect)
-    assert "gdsl_gemv_tile<1, 8, 128, 320, float, false>(160, 320," in lowering.rendered.source
+    (tn,) = re.findall(r"gdsl_gemv_tile<1, (\d+), 128, 320, float, false>\(160, 320,", lowering.rendered.source)
+    assert int(tn) in columns
     expected = run_program(program, flat_args(args))[0]
     got = emulator.emulate(fn, *args, grid=32, block=128, thin_gemv=True)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
