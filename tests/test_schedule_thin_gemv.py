@@ -60,13 +60,20 @@ def test_raes_node_gemv_spreads_over_twice_the_veus_in_one_chunk():
 
 def test_wide_gemvs_keep_their_tiles():
     """A GEMV whose tiles of 16 columns or more give every vEU work keeps them; its k is one chunk only
-    where a thread's B values fit in THIN_GEMV_REGISTERS (k x tile_n / 256 threads <= 32) and A in
-    THIN_GEMV_A_BYTES."""
-    count, params, cost = gemv_split(1, 256, 4096)
-    assert (count, params, cost) == (256, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 256},
-                                     gemv_split(1, 256, 4096, thin=False)[2])
+    where it is deeper than GEMV_KC and a thread's B values fit in THIN_GEMV_REGISTERS (k x tile_n / 256
+    threads <= 32) and A in THIN_GEMV_A_BYTES."""
+    assert gemv_split(1, 256, 4096) == gemv_split(1, 256, 4096, thin=False)              # (k of one chunk)
+    assert gemv_split(1, 512, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 512})
     assert gemv_split(1, 1024, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16})    # (64 B values a thread)
     assert gemv_split(1, 8192, 512)[:2] == (64, {"tile_m": 1, "tile_n": 8})       # (k too deep)
+
+
+@pytest.mark.parametrize("n", [10, 16])
+def test_one_vEUs_gemv_stays_one_uTask(n):
+    """A GEMV of one 16-column tile stays one uTask (one vEU's work: the barriers around it may be block
+    syncs), its k in one chunk; two tiles of 16 become four of 8."""
+    assert gemv_split(1, 512, n)[:2] == (1, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 512})
+    assert gemv_split(1, 512, 32)[:2] == (4, {"tile_m": 1, "tile_n": 8, utasks.K_CHUNK: 512})
 
 
 def test_balanced_waves_may_take_thin_tiles():

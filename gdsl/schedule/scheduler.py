@@ -1171,8 +1171,8 @@ class Scheduler:
         rebalanced, first = {}, 0
         for task, offered, (index, veus) in zip(tasks, options, choice):
             n, split, cost = offered[index]
-            op = dataclasses.replace(task.op, params={**task.op.params, **split}, n_utasks=n, cost=cost) \
-                if split else task.op
+            kept = {k: v for k, v in task.op.params.items() if k != utasks.K_CHUNK}   # (a split says if it has one)
+            op = dataclasses.replace(task.op, params={**kept, **split}, n_utasks=n, cost=cost) if split else task.op
             rebalanced[task] = Task(op, first, veus)
             first += veus
         return [rebalanced.get(task, task) for task in tasks]

@@ -99,8 +99,10 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster). Thin tiles (`thin`)
-        # go below 16 columns, staged in one k chunk where they can (thin_gemv_params).
-        for tn in (128, 64, 32, 16) + (THIN_GEMV_COLUMNS if thin else ()):
+        # go below 16 columns, unless 16 columns are one uTask (one vEU's work: the barriers around it may
+        # stay block syncs), and a tile stages its k in one chunk where it can (thin_gemv_params).
+        thinner = THIN_GEMV_COLUMNS if thin and batch * math.ceil(n / 16) > 1 else ()
+        for tn in (128, 64, 32, 16) + thinner:
             count = batch * math.ceil(m / rows) * math.ceil(n / tn)     # (none when m == 0)
             if count >= grid:
                 break
@@ -155,8 +157,9 @@ ONCHIP_BYTES_PER_NS_PER_VEU = 60.0
 # 512 columns: 32 vEUs of 132 at 16 columns, 64 at 8). Under the option every GEMV tile also stages all of
 # its k in one chunk (split param K_CHUNK, gdsl_gemv_tile's KC) when each thread's B values fit in
 # THIN_GEMV_REGISTERS registers and the A rows in THIN_GEMV_A_BYTES of shared memory: one dependent round
-# trip to L2 instead of one per 256 k (cfamily gemm.GEMV_KC; RAE's K = 1024 at 8 columns: four before).
+# trip to L2 instead of one per GEMV_KC (RAE's K = 1024 at 8 columns: four before).
 THIN_GEMV_COLUMNS = (8,)
+GEMV_KC = 256       # k chunk of A rows a GEMV tile stages in shared memory by default (gdsl_gemv_tile's KC)
 THIN_GEMV_REGISTERS = 32
 THIN_GEMV_A_BYTES = 16 * 1024
 K_CHUNK = "k_chunk"
@@ -164,8 +167,9 @@ K_CHUNK = "k_chunk"
 
 def thin_gemv_params(rows: int, tn: int, k: int, block: int) -> dict:
     """The extra split params of a GEMV tile of `rows` x `tn` under the option thin_gemv: {K_CHUNK: k} when
-    its whole k fits one staged chunk (a thread of `block` holds k * tn / block B values), else none."""
-    if k * tn <= THIN_GEMV_REGISTERS * block and 4 * rows * k <= THIN_GEMV_A_BYTES:
+    its k, deeper than one default chunk, fits one staged chunk (a thread of `block` holds k * tn / block B
+    values), else none."""
+    if GEMV_KC < k and k * tn <= THIN_GEMV_REGISTERS * block and 4 * rows * k <= THIN_GEMV_A_BYTES:
         return {K_CHUNK: k}
     return {}
 

@@ -24,7 +24,7 @@ from gdsl.schedule.plan import epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
-GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile (a split's utasks.K_CHUNK else)
+GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the GEMV tile (or a split's K_CHUNK)
 # A float32 tile goes to the tensor cores (gdsl_gemm_tile_tc, where the dialect has them) when the FFMA tile
 # would give each thread a register tile of fewer elements than this: there each FFMA waits on two shared-memory
 # loads, and the tensor-core tile was faster (H200, batch 64: NASRNN's 16 x 16 tiles 27.7 -> 23.6 ms, Seq2seq's
