@@ -20,6 +20,7 @@ import gdsl
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cfamily.lower import check_options, lower_with_grid
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip import toolchain as hip_toolchain
 from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import schedule, utasks
@@ -165,6 +166,31 @@ def test_emulated_k_chunk_past_the_default(name, columns, monkeypatch):
 
 
 @needs_cxx
+@pytest.mark.parametrize("options", [{"resident_calls": True}, {"control": "host"}])
+def test_emulated_with_resident_weights_and_host_control(options):
+    tree = TREES["unbalanced"]
+    args = wide_args(tree, 160)
+    fn = encoder(height(tree) + 2, 160)
+    expected = run_program(gdsl.make_ir(fn)(*args), flat_args(args))[0]
+    got = emulator.emulate(fn, *args, grid=32, block=128, thin_gemv=True, **options)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_cxx
+def test_emulated_lstm():
+    """GEMVs in a loop and before it (256 columns: 32 tiles of 8 at grid 48)."""
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((3, 1, 64)).astype(np.float32)
+    W, U = ((rng.standard_normal((64, 256)) / 8).astype(np.float32) for _ in range(2))
+    b = rng.standard_normal(256).astype(np.float32)
+    program = gdsl.make_ir(lstm)(xs, W, U, b)
+    assert [t.op.params["tile_n"] for t in matmuls(schedule(program, grid=48, thin_gemv=True))] == [8, 8]
+    expected = run_program(program, flat_args((xs, W, U, b)))[0]
+    got = emulator.emulate(lstm, xs, W, U, b, grid=48, block=64, thin_gemv=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_cxx
 def test_emulated_rae_small():
     from models import rae
     cfg = rae.small()
@@ -205,6 +231,14 @@ def test_lstm_cuda_compiles():
     source = gdsl.jit(lstm, backend="cuda", thin_gemv=True).lower(xs, W, U, b).source
     assert "gdsl_gemv_tile" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.skipif(hip_toolchain.hiprtc_available() is not None, reason=str(hip_toolchain.hiprtc_available()))
+def test_hip_source_compiles():
+    args = wide_args(TREES["unbalanced"], 512)
+    source = gdsl.jit(encoder(8, 512), backend="hip", thin_gemv=True).lower(*args).source
+    assert "gdsl_gemv_tile<1, 8, 256, 1024, float, false>(512, 1024," in source
+    assert hip_toolchain.compile_hip(source, "gfx90a")[:4] == b"\x7fELF"
 
 
 @pytest.mark.gpu
