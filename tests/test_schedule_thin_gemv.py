@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from strategies import needs_cxx, needs_nvrtc
+from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule import check_plan, lstm
 from test_schedule_fork import TREES, wide_args
 from test_schedule_recursion import CHAIN, encoder, flat_args, height
@@ -200,6 +200,13 @@ def test_emulated_rae_small():
         got = emulator.emulate(lambda w, t: rae.forward(w, t, cfg), weights, inputs, grid=8, block=32,
                                thin_gemv=True)
         np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-4, atol=1e-5)
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["nasrnn", "seq2seq", "skipnet"])
+def test_emulated_zoo(name):
+    """The zoo's small models whose plans at grid 16 take thin tiles, against their float64 references."""
+    assert emulated_model_mismatches(name, 1, grid=16, block=64, thin_gemv=True) == []
 
 
 def test_cpu_backend_accepts_the_option():
