@@ -1,7 +1,7 @@
 """What RAE's recursion executes per forward, against the same tree traced straight-line.
 
     python benchmarks/recursion_counts.py [--trees 20] [--backend cuda] [--cpu-runs 0] [--fork] [--resident]
-                                          [--spread]
+                                          [--spread] [--aside] [--thin]
 
 RAE at its full size (`Config()`, hidden 512) is lowered once (no GPU needed: the CUDA source is rendered,
 not compiled) and its plan is run by models/floor.py's counter (only the ops that steer control flow are
@@ -24,7 +24,9 @@ function's GEMV weights staged in shared memory once per forward; the staged byt
 
 With `--spread` the first table also has the rows of the scheduler option spread_frames=True (a call's
 callees' frames past its later siblings': a left child's last barrier a block sync), with `--aside` those of
-aside=True (the leaf's wave beside the matmul's vEUs), with both both together too.
+aside=True (the leaf's wave beside the matmul's vEUs), with both both together too. With `--thin` those of
+thin_gemv=True (the node's GEMV in tiles of 8 columns on 64 vEUs, its whole k staged at once), the traced
+tree's too: what the overhead view compares with the option on both sides.
 
 With `--fork` the recursion is also counted with the scheduler option fork=True (plan.Fork: a node's two
 children on the two halves of its vEU group), in a second table: the barriers the C-family code executes
@@ -189,6 +191,7 @@ def main(argv=None):
     p.add_argument("--resident", action="store_true", help="also count the recursion with resident_calls=True")
     p.add_argument("--spread", action="store_true", help="also count the recursion with spread_frames=True")
     p.add_argument("--aside", action="store_true", help="also count the recursion with aside=True (and both)")
+    p.add_argument("--thin", action="store_true", help="also count both programs with thin_gemv=True")
     args = p.parse_args(argv)
     cfg = rae.Config()
     weights = rae.init_weights(cfg)
@@ -205,6 +208,10 @@ def main(argv=None):
     variants = [("spread", {"spread_frames": True})] if args.spread else []
     variants += [("aside", {"aside": True})] if args.aside else []
     variants += [("spread + aside", {"spread_frames": True, "aside": True})] if args.spread and args.aside else []
+    if args.thin:
+        thin_traced = rae.make_forward(rae.overhead_test(cfg).programs["trace"], backend=args.backend, thin_gemv=True)
+        show("fixed tree, traced, thin", count(thin_traced, weights, fixed))
+    variants += [("thin", {"thin_gemv": True})] if args.thin else []
     for label, options in variants:
         forward = rae.make_forward(cfg, backend=args.backend, **options)
         show(f"fixed tree, {label}", count(forward, weights, fixed))

@@ -1,5 +1,8 @@
 """Float32 GEMM tiles on the tensor cores (the CUDA dialect's gdsl_gemm_tile_tc, 3xTF32: float32 accuracy).
 
+Since the wide FFMA tile takes up to 16 k groups (gemm.WIDE_MAX_GROUPS), every tile of the scheduler's menu
+runs on it by default (the 16 x 16 tiles were faster so on the H200); the tensor-core tile takes the small
+tiles the wide tile cannot, and these tests reach it with the wide tile limited to 8 k groups (`tc_menu`).
 Without a GPU: which tiles go to the tensor cores (small FFMA register tiles only, float32 only, the CUDA
 dialect only, not with tensor_cores=False), the warp grid of a tile, and NVRTC compiling the routine for
 sm_90 (its mma.sync path) and sm_75 (the FFMA fallback). On a GPU (`-m gpu`): matmuls and convolutions
@@ -11,6 +14,7 @@ from strategies import needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
+from gdsl.backends.cfamily import gemm
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.gemm import tensor_core_warps
 from gdsl.backends.cuda import toolchain as cuda_toolchain
@@ -33,6 +37,12 @@ def ops_source(fn, *args, **options):
     return source.split("-- ops")[-1]
 
 
+@pytest.fixture
+def tc_menu(monkeypatch):
+    """The wide tile limited to 8 k groups: the 16 x 16 tiles go to the tensor cores (the default before)."""
+    monkeypatch.setattr(gemm, "WIDE_MAX_GROUPS", 8)
+
+
 def operands(m, k, n, dtype=np.float32, seed=0):
     rng = np.random.default_rng(seed)
     return rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
@@ -48,7 +58,13 @@ def test_warp_grid_covers_the_tile_with_whole_fragments():
     assert tensor_core_warps(16, 16, 256, Dialect()) is None  # a dialect without tensor cores
 
 
-def test_small_float32_tiles_go_to_the_tensor_cores():
+def test_sixteen_by_sixteen_tiles_take_the_wide_tile_by_default():
+    a, b = operands(64, 256, 256)
+    source = ops_source(matmul_tanh, a, b)
+    assert "gdsl_gemm_tile_wide<16, 16, 32, 256, 4, 4, 16," in source and TC_CALL not in source
+
+
+def test_small_float32_tiles_go_to_the_tensor_cores(tc_menu):
     a, b = operands(64, 256, 256)
     assert TC_CALL in ops_source(matmul_tanh, a, b)            # 16 x 16 tiles: one output per FFMA thread
     assert TC_CALL not in ops_source(matmul_tanh, a, b, tensor_cores=False)
@@ -69,7 +85,7 @@ def test_option_is_accepted_where_it_has_no_effect():
 
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["sm_90", "sm_75"])
-def test_tensor_core_tile_compiles(arch):
+def test_tensor_core_tile_compiles(arch, tc_menu):
     a, b = operands(40, 48, 72)
     x = np.zeros((2, 16, 9, 9), np.float32)
     w = np.zeros((32, 16, 3, 3), np.float32)
@@ -81,7 +97,7 @@ def test_tensor_core_tile_compiles(arch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(64, 256, 256), (17, 40, 24), (100, 33, 70), (64, 1000, 48)])
-def test_tensor_core_matmul_is_float32_accurate(m, k, n):
+def test_tensor_core_matmul_is_float32_accurate(m, k, n, tc_menu):
     import cupy as cp
     a, b = operands(m, k, n, seed=m + n)
     expected = np.tanh(a.astype(np.float64) @ b.astype(np.float64))
@@ -96,7 +112,7 @@ def test_tensor_core_matmul_is_float32_accurate(m, k, n):
 
 
 @pytest.mark.gpu
-def test_tensor_core_convolution_is_float32_accurate():
+def test_tensor_core_convolution_is_float32_accurate(tc_menu):
     import cupy as cp
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 16, 15, 15)).astype(np.float32)

@@ -59,13 +59,13 @@ VECTOR = {"vector", "vector_transposed", "vector_unaligned"}    # (the last chec
 def test_wide_tile_shapes(monkeypatch):
     assert wide_tile(64, 64, 256) == (4, 4, 1)       # 4 x 4 registers a thread by default
     assert wide_tile(16, 32, 256) == (4, 4, 8)       # 32 threads a group, eight groups split k
-    assert wide_tile(16, 16, 256) is None            # 16 threads a group: more groups than allowed
-    assert wide_tile(8, 8, 256) is None
+    assert wide_tile(16, 16, 256) == (4, 4, 16)      # 16 threads a group, sixteen groups
+    assert wide_tile(8, 8, 256) is None              # 4 threads a group: more groups than allowed
     assert wide_tile(12, 64, 256) is None            # rows not a multiple of 4
     monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", 64)
     assert wide_tile(64, 64, 256) == (8, 8, 4)       # 64 threads a group, four groups split k
     assert wide_tile(64, 128, 256) == (8, 8, 2)
-    for tm, tn in ((64, 64), (16, 32), (32, 32), (32, 64), (128, 128)):
+    for tm, tn in ((64, 64), (16, 16), (16, 32), (32, 32), (32, 64), (128, 128)):
         rm, rn, groups = wide_tile(tm, tn, 256)
         assert (tm // rm) * (tn // rn) * groups == 256
         assert groups <= gemm.WIDE_MAX_GROUPS and gemm.GEMM_BK % groups == 0

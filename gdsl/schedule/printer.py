@@ -26,7 +26,7 @@ from gdsl.schedule.plan import (
     epilogue_of,
 )
 from gdsl.schedule.resident import RESIDENT
-from gdsl.schedule.utasks import gathers_batch
+from gdsl.schedule.utasks import K_CHUNK, gathers_batch
 
 
 def _veus(task) -> str:
@@ -81,6 +81,8 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                 extra = f", {rounds} rounds" if rounds > 1 else ""
                 if gathers_batch(t.op.params):
                     extra += f", each {t.op.params['tile_n']} columns of every batch element"
+                if K_CHUNK in t.op.params:          # (the option thin_gemv: utasks.thin_gemv_params)
+                    extra += f", {t.op.params['tile_n']} columns each, k staged at once"
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")

@@ -183,7 +183,7 @@ class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
-                 resident_partitioned=False, k_parts=()):
+                 resident_partitioned=False, k_parts=(), thin_gemv=False):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -214,6 +214,9 @@ class Scheduler:
         # The weights of GEMV-shaped matmuls in recursive functions kept in shared memory for the whole
         # kernel (resident.keep_resident_in_functions; within resident_bytes, with device control only).
         self.resident_calls = bool(resident_calls)
+        # GEMVs may take tiles of fewer than 16 columns, each staging its whole k at once where that fits
+        # (utasks.THIN_GEMV_COLUMNS, thin_gemv_params).
+        self.thin_gemv = bool(thin_gemv)
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -1062,13 +1065,13 @@ class Scheduler:
     def _natural_split(self, it) -> tuple[int, float]:
         kind, ins = self._kind_and_inputs(it)
         count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
-                                      self.grid, self.block)
+                                      self.grid, self.block, self.thin_gemv)
         return count, cost
 
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
         return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
-                            self.grid, self.block)[0]
+                            self.grid, self.block, self.thin_gemv)[0]
 
     @staticmethod
     def _params(it) -> dict:
@@ -1157,7 +1160,7 @@ class Scheduler:
         """The split of an op; `grid`: the vEUs it may count on when fewer than the whole grid."""
         if self.parts:
             return utasks.partition_split(kind, in_avals, out_avals, params, self.parts)
-        return utasks.split(kind, in_avals, out_avals, params, grid or self.grid, self.block)
+        return utasks.split(kind, in_avals, out_avals, params, grid or self.grid, self.block, self.thin_gemv)
 
     def _make_uniform(self, it: _Item) -> UniformOp:
         eqn = it.eqn
@@ -1194,7 +1197,7 @@ class Scheduler:
         for task in tasks:
             op = task.op
             offered = utasks.split_options(op.kind, [x.aval for x in op.inputs], [v.aval for v in op.outputs],
-                                           op.params, self.block)
+                                           op.params, self.block, self.thin_gemv)
             index = next((i for i, (_, split, _) in enumerate(offered)
                           if all(op.params.get(key) == value for key, value in split.items())), None)
             if index is None:       # (a split with no alternatives: at least a round trip per uTask, as theirs)
@@ -1210,8 +1213,8 @@ class Scheduler:
         rebalanced, first = {}, 0
         for task, offered, (index, veus) in zip(tasks, options, choice):
             n, split, cost = offered[index]
-            op = dataclasses.replace(task.op, params={**task.op.params, **split}, n_utasks=n, cost=cost) \
-                if split else task.op
+            kept = {k: v for k, v in task.op.params.items() if k != utasks.K_CHUNK}   # (a split says if it has one)
+            op = dataclasses.replace(task.op, params={**kept, **split}, n_utasks=n, cost=cost) if split else task.op
             rebalanced[task] = Task(op, first, veus)
             first += veus
         return [rebalanced.get(task, task) for task in tasks]
@@ -2636,7 +2639,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=()) -> Plan:
+             k_parts=(), thin_gemv=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2691,6 +2694,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `aside=True` (device control, without Forks): a small wave of a recursive function that grid barriers
     isolate (RAE's leaf) runs on the vEUs right after those of the functions' widest waves, at the same time
     as their uTasks instead of after them on one vEU (_waves_aside); None (the default) or True: on; False: off.
+    `thin_gemv=True`: a GEMV-shaped matmul may also take tiles of utasks.THIN_GEMV_COLUMNS (fewer than 16
+    columns), so that one whose 16-column tiles leave vEUs idle spreads over more of them (RAE's node GEMV:
+    64 vEUs instead of 32), and every GEMV tile stages its whole k in one chunk where a thread's B values fit
+    its registers (utasks.thin_gemv_params: one round trip instead of one per 256 k); None or False: not
+    (the default until it is timed).
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2715,6 +2723,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"spread_frames must be None (on), True or False, got {spread_frames!r}")
     if aside not in (None, True, False):
         raise ValueError(f"aside must be None (on), True or False, got {aside!r}")
+    if thin_gemv not in (None, True, False):
+        raise ValueError(f"thin_gemv must be None (off), True or False, got {thin_gemv!r}")
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
@@ -2725,7 +2735,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
                    uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts)
+                   k_parts=k_parts, thin_gemv=bool(thin_gemv))
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

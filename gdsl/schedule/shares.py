@@ -32,8 +32,8 @@ from gdsl.schedule.plan import (
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, RESIDENT, EPILOGUE,
-                          WINDOW_COPY, K_PARTS})
+SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, utasks.K_CHUNK,
+                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS})
 
 
 def storage_elements(value, flat):

@@ -91,20 +91,24 @@ def gemm_dims(kind, in_avals, out_aval, params):
     return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
 
 
-def _gemm_split(kind, in_avals, out_aval, params, grid, block):
+def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
     outputs_read = len(in_avals) - plan.contraction_operands(params)    # an epilogue's, read at the tile's elements
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
-        # a few dependent memory round trips long: more of them at once is faster).
-        for tn in (128, 64, 32, 16):
+        # a few dependent memory round trips long: more of them at once is faster). Thin tiles (`thin`)
+        # go below 16 columns, unless 16 columns are one uTask (one vEU's work: the barriers around it may
+        # stay block syncs), and a tile stages its k in one chunk where it can (thin_gemv_params).
+        thinner = THIN_GEMV_COLUMNS if thin and batch * math.ceil(n / 16) > 1 else ()
+        for tn in (128, 64, 32, 16) + thinner:
             count = batch * math.ceil(m / rows) * math.ceil(n / tn)     # (none when m == 0)
             if count >= grid:
                 break
         moved = 4 * (rows * k + k * tn + rows * tn * (1 + outputs_read))
-        return count, {"tile_m": rows, "tile_n": tn}, _cost(moved, 2 * rows * tn * k)
+        split = {"tile_m": rows, "tile_n": tn, **(thin_gemv_params(rows, tn, k, block) if thin else {})}
+        return count, split, _cost(moved, 2 * rows * tn * k)
     # GEMM tiles: the fewest rounds of uTasks times a tile's time, and among equals the smaller tile (more
     # vEUs at work, less on each). A tile takes at least its stages' memory round trips, so a wave of tiles
     # slightly more than the vEUs runs better as one round of the next larger tile than as two rounds.
@@ -148,6 +152,27 @@ def gemm_tile_rate(tm: int, tn: int, block: int) -> float:
 GEMV_COLUMNS = (16, 32, 48, 64, 96, 128, 256)
 ONCHIP_BYTES_PER_NS_PER_VEU = 60.0
 
+# Thin GEMV tiles (the scheduler option `thin_gemv`): the column counts below GEMV_COLUMNS' that a GEMV may
+# also take, so that one whose 16-column tiles leave vEUs idle spreads over more of them (RAE's node GEMV,
+# 512 columns: 32 vEUs of 132 at 16 columns, 64 at 8). Under the option every GEMV tile also stages all of
+# its k in one chunk (split param K_CHUNK, gdsl_gemv_tile's KC) when each thread's B values fit in
+# THIN_GEMV_REGISTERS registers and the A rows in THIN_GEMV_A_BYTES of shared memory: one dependent round
+# trip to L2 instead of one per GEMV_KC (RAE's K = 1024 at 8 columns: four before).
+THIN_GEMV_COLUMNS = (8,)
+GEMV_KC = 256       # k chunk of A rows a GEMV tile stages in shared memory by default (gdsl_gemv_tile's KC)
+THIN_GEMV_REGISTERS = 32
+THIN_GEMV_A_BYTES = 16 * 1024
+K_CHUNK = "k_chunk"
+
+
+def thin_gemv_params(rows: int, tn: int, k: int, block: int) -> dict:
+    """The extra split params of a GEMV tile of `rows` x `tn` under the option thin_gemv: {K_CHUNK: k} when
+    its k, deeper than one default chunk, fits one staged chunk (a thread of `block` holds k * tn / block B
+    values), else none."""
+    if GEMV_KC < k and k * tn <= THIN_GEMV_REGISTERS * block and 4 * rows * k <= THIN_GEMV_A_BYTES:
+        return {K_CHUNK: k}
+    return {}
+
 
 def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
     """One uTask's time: its roofline (operands, result and `outputs_read` arrays read at the result's
@@ -169,18 +194,21 @@ def chunk_cost(chunk: int, arrays: int, block: int, size: int) -> float:
     return max(math.ceil(chunk / block) * ROUND_TRIP_NS, _cost(4 * chunk * (arrays + 1)))
 
 
-def split_options(kind, in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
+def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[tuple[int, dict, float]]:
     """The splits a wave's balancing (gdsl/schedule/balance.py) may choose for an Op, as (n_uTasks, split
-    params, ns per uTask) with round trips counted: GEMM tiles, GEMV widths, elementwise chunks of one to
-    four elements per thread (in that order: larger uTasks first). Reductions: none (their split stays)."""
+    params, ns per uTask) with round trips counted: GEMM tiles, GEMV widths (with `thin`, THIN_GEMV_COLUMNS'
+    too), elementwise chunks of one to four elements per thread (in that order: larger uTasks first).
+    Reductions: none (their split stays)."""
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, params)
         outputs_read = len(in_avals) - plan.contraction_operands(params)
         if m <= GEMV_ROWS:
             rows = max(m, 1)
-            widths = [tn for tn in reversed(GEMV_COLUMNS) if tn <= n] or [GEMV_COLUMNS[0]]
-            return [(batch * math.ceil(m / rows) * math.ceil(n / tn), {"tile_m": rows, "tile_n": tn},
+            columns = GEMV_COLUMNS + (THIN_GEMV_COLUMNS if thin else ())
+            widths = [tn for tn in sorted(columns, reverse=True) if tn <= n] or [min(columns)]
+            return [(batch * math.ceil(m / rows) * math.ceil(n / tn),
+                     {"tile_m": rows, "tile_n": tn, **(thin_gemv_params(rows, tn, k, block) if thin else {})},
                      _gemv_tile_cost(rows, tn, k, outputs_read)) for tn in widths]
         return [(batch * math.ceil(m / tm) * math.ceil(n / tn), {"tile_m": tm, "tile_n": tn},
                  max(_gemm_tile_cost(tm, tn, k, outputs_read), 2 * tm * tn * k / gemm_tile_rate(tm, tn, block)))
@@ -224,13 +252,13 @@ def row_split(in_avals, out_avals, params, block, parts=0):
     return count, {"rows": rows}, _cost(4 * rows * per_row)
 
 
-def split(kind, in_avals, out_avals, params, grid, block):
-    """(n_utasks, split params, cost of one uTask in ns) for an Op."""
+def split(kind, in_avals, out_avals, params, grid, block, thin=False):
+    """(n_utasks, split params, cost of one uTask in ns) for an Op (`thin`: GEMVs may take thin tiles)."""
     out = out_avals[0]
     if kind == plan.ROWS.name:
         return row_split(in_avals, out_avals, params, block)
     if kind in GEMM_KINDS:
-        return _gemm_split(kind, in_avals, out, params, grid, block)
+        return _gemm_split(kind, in_avals, out, params, grid, block, thin)
     if kind in REDUCE_KINDS:
         x = in_avals[0]
         length = max(1, x.size // max(out.size, 1))

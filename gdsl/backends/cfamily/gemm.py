@@ -24,7 +24,7 @@ from gdsl.schedule.plan import K_PARTS, a_parts, epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
-GEMV_KC = 256       # k chunk of A rows staged in shared memory by the GEMV tile
+GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the GEMV tile (or a split's K_CHUNK)
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
 GEMV_PARTS_KC = 2048
@@ -266,8 +266,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         ks = block // ctn
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
-        ops.smem = max(ops.smem, (M * gemm.gemv_kc + (slots * M * tn if slots > 1 else 0)) * size)
-        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {gemm.gemv_kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+        kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
+        ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide

@@ -71,11 +71,12 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # `resident`; nor `narrow`: its threads are not a GPU's blocks; nor `spread_frames` and `aside`: its barriers
 # are paid when owed, at run time, already; nor `uniform_reductions`: a grid barrier of CPU threads costs too
 # little to trade for the loads of every thread; nor `resident_partitioned`, as `resident`; nor `index_ranges`:
-# an index wrap is one more elementwise op on the CPU's threads)
+# an index wrap is one more elementwise op on the CPU's threads; nor `thin_gemv`: a CPU thread's GEMV tile is not
+# a GPU block's round trips)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
-                           "resident_partitioned", "index_ranges", "concat_k"})
+                           "resident_partitioned", "index_ranges", "concat_k", "thin_gemv"})
 DEFAULT_BLOCK = 1024
 
 
