@@ -13,7 +13,7 @@ from gdsl.core.ir import walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.interpreter import run_program
 from gdsl.primitives.control import while_p
-from gdsl.schedule import schedule, utasks
+from gdsl.schedule import schedule, steps, utasks
 from gdsl.schedule.licm import hoist_program
 from gdsl.schedule.plan import Loop, Wave, walk
 from gdsl.schedule.steps import hoist_step_products
@@ -86,6 +86,16 @@ def test_step_product_leaves_the_loop(fn):
 def test_left_alone(fn):
     program = hoist_program(gdsl.make_ir(fn)(_w(4, 2, 8, scale=1.0), _w(8, 8)))
     assert hoist_step_products(program) is program
+
+
+def test_products_larger_than_the_cache_stay_in_the_loop(monkeypatch):
+    """A product over HOIST_MAX_BYTES would go to DRAM and come back window by window: not hoisted."""
+    program = hoist_program(gdsl.make_ir(rnn)(*ARGS[rnn]))
+    product_bytes = 5 * 4 * 3 * 8 * 4                     # [steps, gates, rows, n] float32
+    monkeypatch.setattr(steps, "HOIST_MAX_BYTES", product_bytes - 1)
+    assert hoist_step_products(program) is program
+    monkeypatch.setattr(steps, "HOIST_MAX_BYTES", product_bytes)
+    assert hoist_step_products(program) is not program
 
 
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
