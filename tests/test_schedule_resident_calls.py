@@ -177,7 +177,8 @@ def test_rae_bench_size_simulated():
     weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
     program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
     flat = floor.flat_arguments(weights, inputs)
-    plan = schedule(program, grid=132, epilogues=CHAIN, resident_bytes=192 * 1024, resident_calls=True)
+    plan = schedule(program, grid=132, epilogues=CHAIN, resident_bytes=192 * 1024, resident_calls=True,
+                    thin_gemv=False)
     (task,), _ = resident_in_functions(plan)
     assert task.count == 32 and tile_bytes(task.op) == 1024 * 16 * 4      # W's 64 KiB column tile per vEU
     np.testing.assert_allclose(simulate(plan, flat)[0], run_program(program, flat)[0], rtol=1e-4, atol=1e-5)
@@ -244,16 +245,18 @@ def rae_lowered(backend, tree="fixed", **options):
 @needs_nvrtc
 def test_narrow_launches_only_the_veus_the_waves_use():
     from gdsl.backends.cfamily.lower import used_veus
-    assert rae_lowered("cuda", narrow=True).plan.grid == 33    # (by default the leaf runs aside, on vEU 32)
+    # (By default the node GEMV takes 64 thin tiles, utasks.thin_columns, and the leaf runs aside, on vEU 64.)
+    assert rae_lowered("cuda", narrow=True).plan.grid == 65
+    assert rae_lowered("cuda", narrow=True, thin_gemv=False).plan.grid == 33
     wide = rae_lowered("cuda", aside=False)
     narrow = rae_lowered("cuda", narrow=True, resident_calls=True, aside=False)
-    assert used_veus(wide) == 32 < wide.plan.grid
-    assert narrow.plan.grid == 32 and used_veus(narrow) == 32
+    assert used_veus(wide) == 64 < wide.plan.grid
+    assert narrow.plan.grid == 64 and used_veus(narrow) == 64
     assert "gdsl_stage_columns(in0" in narrow.source
     assert cuda_toolchain.compile_cuda(narrow.source, "sm_90")[:4] == b"\x7fELF"
     assert rae_lowered("cuda", narrow=True, fork=True).plan.grid == wide.plan.grid     # Forks use the grid
     assert rae_lowered("cuda", narrow=True, grid=64).plan.grid == 64                 # an explicit grid stays
-    assert rae_lowered("hip", narrow=True, aside=False).plan.grid == 32
+    assert rae_lowered("hip", narrow=True, aside=False).plan.grid == 64
 
 
 def test_narrow_takes_exactly_the_veus_used():

@@ -144,7 +144,7 @@ def test_the_leaf_and_the_output_copy_run_aside():
     program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
     flat = floor.flat_arguments(weights, inputs)
     for spread, barriers in ((False, 32 + 15 + 1), (True, 32 + 1)):
-        plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True)
+        plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True, thin_gemv=False)
         firsts = sorted((t.op.n_utasks, t.first) for w in function_waves(plan) for t in w.tasks)
         assert firsts == [(1, 32), (32, 0)] and plan.stats["waves_aside"] == 2
         assert floor.count_plan(plan, flat).plan_grid_barriers == barriers

@@ -66,7 +66,8 @@ def test_wide_gemvs_keep_their_tiles():
     assert gemv_split(1, 256, 4096) == gemv_split(1, 256, 4096, thin=False)              # (k of one chunk)
     assert gemv_split(1, 512, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 512})
     assert gemv_split(1, 1024, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16})    # (64 B values a thread)
-    assert gemv_split(1, 8192, 512)[:2] == (64, {"tile_m": 1, "tile_n": 8})       # (k too deep)
+    assert gemv_split(1, 8192, 512)[:2] == (32, {"tile_m": 1, "tile_n": 16})      # (k too deep: no thin tile)
+    assert gemv_split(1, 256, 512)[:2] == (32, {"tile_m": 1, "tile_n": 16})       # (k one chunk already)
 
 
 @pytest.mark.parametrize("n", [10, 16])
@@ -126,10 +127,10 @@ def test_option_checked():
 def test_recursion_simulated(name):
     tree = TREES[name]
 
-    def thin_tiles(plan, control):
+    def thin_tiles(plan, control):          # (the node GEMV's k = 320: thin tiles stage it at once)
         if plan.grid == 132:
             assert {t.op.params["tile_n"] for t in matmuls(plan)} == {8}
-    check_plan(encoder(height(tree) + 2, 64), *wide_args(tree, 64), grids=(1, 3, 132), epilogues=CHAIN,
+    check_plan(encoder(height(tree) + 2, 160), *wide_args(tree, 160), grids=(1, 3, 132), epilogues=CHAIN,
                thin_gemv=True, check=thin_tiles)
 
 
@@ -178,13 +179,14 @@ def test_emulated_with_resident_weights_and_host_control(options):
 
 @needs_cxx
 def test_emulated_lstm():
-    """GEMVs in a loop and before it (256 columns: 32 tiles of 8 at grid 48)."""
+    """GEMVs in a loop and before it (256 columns at grid 48: the hoisted xs @ W, k = 320, in 32 tiles of 8
+    that stage k at once; the loop's h @ U, k = 64, in 16 tiles of 16)."""
     rng = np.random.default_rng(1)
-    xs = rng.standard_normal((3, 1, 64)).astype(np.float32)
-    W, U = ((rng.standard_normal((64, 256)) / 8).astype(np.float32) for _ in range(2))
+    xs = rng.standard_normal((3, 1, 320)).astype(np.float32)
+    W, U = ((rng.standard_normal((k, 256)) / 8).astype(np.float32) for k in (320, 64))
     b = rng.standard_normal(256).astype(np.float32)
     program = gdsl.make_ir(lstm)(xs, W, U, b)
-    assert [t.op.params["tile_n"] for t in matmuls(schedule(program, grid=48, thin_gemv=True))] == [8, 8]
+    assert [t.op.params["tile_n"] for t in matmuls(schedule(program, grid=48, thin_gemv=True))] == [8, 16]
     expected = run_program(program, flat_args((xs, W, U, b)))[0]
     got = emulator.emulate(lstm, xs, W, U, b, grid=48, block=64, thin_gemv=True)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -2694,11 +2694,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `aside=True` (device control, without Forks): a small wave of a recursive function that grid barriers
     isolate (RAE's leaf) runs on the vEUs right after those of the functions' widest waves, at the same time
     as their uTasks instead of after them on one vEU (_waves_aside); None (the default) or True: on; False: off.
-    `thin_gemv=True`: a GEMV-shaped matmul may also take tiles of utasks.THIN_GEMV_COLUMNS (fewer than 16
-    columns), so that one whose 16-column tiles leave vEUs idle spreads over more of them (RAE's node GEMV:
-    64 vEUs instead of 32), and every GEMV tile stages its whole k in one chunk where a thread's B values fit
-    its registers (utasks.thin_gemv_params: one round trip instead of one per 256 k); None or False: not
-    (the default until it is timed).
+    `thin_gemv` (None, the default, or True): every GEMV tile stages its whole k in one chunk where a thread's
+    B values fit its registers (utasks.thin_gemv_params: one round trip instead of one per 256 k), and a
+    GEMV-shaped matmul may also take tiles of utasks.THIN_GEMV_COLUMNS (fewer than 16 columns) where those
+    stage their k so (utasks.thin_columns), so that one whose 16-column tiles leave vEUs idle spreads over
+    more of them (RAE's node GEMV: 64 vEUs instead of 32); False: neither.
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2735,7 +2735,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
                    uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts, thin_gemv=bool(thin_gemv))
+                   k_parts=k_parts, thin_gemv=thin_gemv is not False)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

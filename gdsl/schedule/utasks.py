@@ -99,9 +99,10 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster). Thin tiles (`thin`)
-        # go below 16 columns, unless 16 columns are one uTask (one vEU's work: the barriers around it may
-        # stay block syncs), and a tile stages its k in one chunk where it can (thin_gemv_params).
-        thinner = THIN_GEMV_COLUMNS if thin and batch * math.ceil(n / 16) > 1 else ()
+        # go below 16 columns where they stage their k in one chunk (thin_columns), unless 16 columns are
+        # one uTask (one vEU's work: the barriers around it may stay block syncs), and a tile stages its k
+        # in one chunk where it can (thin_gemv_params).
+        thinner = thin_columns(rows, k, block) if thin and batch * math.ceil(n / 16) > 1 else ()
         for tn in (128, 64, 32, 16) + thinner:
             count = batch * math.ceil(m / rows) * math.ceil(n / tn)     # (none when m == 0)
             if count >= grid:
@@ -174,6 +175,14 @@ def thin_gemv_params(rows: int, tn: int, k: int, block: int) -> dict:
     return {}
 
 
+def thin_columns(rows: int, k: int, block: int) -> tuple[int, ...]:
+    """The THIN_GEMV_COLUMNS a GEMV of `rows` x k may take: those whose tile stages all of its k at once
+    (thin_gemv_params). Where it would not, a thinner tile only adds uTasks: NASRNN's batch-1 GEMV (k = 256,
+    weights resident) took 4.73 ms in 16-column tiles and 4.90 in 8 (H200, same call), RAE's node GEMV (k =
+    1024) 0.117 -> 0.091 ms over the bench trees."""
+    return tuple(tn for tn in THIN_GEMV_COLUMNS if thin_gemv_params(rows, tn, k, block))
+
+
 def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
     """One uTask's time: its roofline (operands, result and `outputs_read` arrays read at the result's
     elements by an epilogue; flops), at least one round trip per k stage."""
@@ -205,7 +214,7 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
         outputs_read = len(in_avals) - plan.contraction_operands(params)
         if m <= GEMV_ROWS:
             rows = max(m, 1)
-            columns = GEMV_COLUMNS + (THIN_GEMV_COLUMNS if thin else ())
+            columns = GEMV_COLUMNS + (thin_columns(rows, k, block) if thin else ())
             widths = [tn for tn in sorted(columns, reverse=True) if tn <= n] or [min(columns)]
             return [(batch * math.ceil(m / rows) * math.ceil(n / tn),
                      {"tile_m": rows, "tile_n": tn, **(thin_gemv_params(rows, tn, k, block) if thin else {})},
