@@ -133,7 +133,8 @@ def _broadcast_reference(out_shape, in_shape, flat):
 
 def test_broadcast_source_matches_unravel_and_ravel():
     """shares.broadcast_source (stride arithmetic on the broadcast axes) picks the input elements numpy's
-    broadcasting reads, for every output element and for scattered ones, whatever the axes of size 1."""
+    broadcasting reads, for every output element (also as flat=None) and for scattered ones, whatever the axes
+    of size 1."""
     from gdsl.schedule.shares import broadcast_source
     shapes = rng.integers(1, 5, size=(400, 4))
     for row in shapes:
@@ -144,6 +145,9 @@ def test_broadcast_source_matches_unravel_and_ravel():
         for flat in (np.arange(size), rng.integers(0, size, 7)):
             got, want = broadcast_source(out_shape, in_shape, flat), _broadcast_reference(out_shape, in_shape, flat)
             assert got.dtype == want.dtype and np.array_equal(got, want), (out_shape, in_shape, flat)
+        whole = broadcast_source(out_shape, in_shape, None)
+        assert whole.flags.writeable and np.array_equal(whole, _broadcast_reference(out_shape, in_shape,
+                                                                                    np.arange(size)))
 
 
 def _gemm_utask_reference(op):

@@ -268,7 +268,7 @@ def _read(task, k, out_veus):
                                  k in epilogue_operands(op)):
         if in_aval.size == 1:
             return storage_elements(value, np.zeros(1, np.int64)), _one_or_several(task)
-        return storage_elements(value, broadcast_source(out.shape, in_aval.shape, np.arange(out.size))), out_veus
+        return storage_elements(value, broadcast_source(out.shape, in_aval.shape, None)), out_veus
     if out_veus is not None and op.kind in MOVES and utasks.first_start(op.kind) is None:
         moved = moved_from(op, k)
         keep = moved >= 0

@@ -153,8 +153,13 @@ def _broadcast_share(op, k, flat):
 
 def broadcast_source(out_shape, in_shape, flat) -> np.ndarray:
     """For output elements `flat` (row-major), the elements of an input of `in_shape` broadcast (numpy,
-    right-aligned) to `out_shape` that they read. Stride arithmetic on the input's axes of size > 1 only
-    (np.unravel_index / ravel_multi_index over every axis took ~1 s of SkipNet's 2 s lowering)."""
+    right-aligned) to `out_shape` that they read (`flat` None: every output element). Stride arithmetic on the
+    input's axes of size > 1 only (np.unravel_index / ravel_multi_index over every axis took ~1 s of SkipNet's
+    2 s lowering)."""
+    if flat is None:                     # numpy's own broadcasting, written out
+        source = np.empty(math.prod(out_shape), np.intp)
+        source.reshape(out_shape)[...] = np.arange(math.prod(in_shape)).reshape(in_shape)
+        return source
     flat = np.asarray(flat, np.intp)
     offset = len(out_shape) - len(in_shape)
     if tuple(out_shape[offset:]) == tuple(in_shape) and math.prod(out_shape[:offset]) == 1:   # not broadcast
