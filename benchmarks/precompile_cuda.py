@@ -10,8 +10,8 @@ source's size and its NVRTC wall and CPU time (the CPU time of this process: on 
 also counts the waits for a core; a compile already in the cache takes no time). The cache key holds the
 source, the arch (sm_90) and the NVRTC version (and nvJitLink's for a program compiled separately and linked:
 gdsl/backends/cuda/toolchain.py, SEPARATE_MIN_CALLED), so the GPU machine must use the same NVRTC and nvJitLink.
-`--phases` adds where NVRTC's time went (its --time report: C++ front end, NVVM optimizer, ptxas), compiling
-with that option (a cache entry of its own).
+`--phases` adds where NVRTC's time went (its --time report: C++ front end, NVVM optimizer, "PTX Translation"
+= ptxas), compiling with that option (a cache entry of its own: use a scratch GDSL_CACHE_DIR).
 """
 from __future__ import annotations
 
@@ -59,8 +59,8 @@ def compile_one(name, batch, control, grid=None, program=None, options=(), switc
 
 
 def _phases(report: str) -> str:
-    """NVRTC's --time CSV ("file, phase, metric, unit" rows) as "phase ms, ..."; what a cached compile wrote
-    none of says so."""
+    """NVRTC's --time CSV ("file, phase, metric, unit" rows) as "phase N ms, ..." (no report: the compile was
+    found in the cache)."""
     if not os.path.exists(report):
         return "cached: no phases"
     with open(report) as f:
