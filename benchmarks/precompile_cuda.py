@@ -2,7 +2,7 @@
 
     GDSL_CACHE_DIR=.gdsl_cache python benchmarks/precompile_cuda.py [--models lstm,rae] [--jobs 2] [--overhead]
         [--render ROLL_REPEATS=False,MERGE_KERNELS=False] [--render CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None]
-        [--render SEPARATE_MIN_CALLED=None]
+        [--render SEPARATE_MIN_CALLED=None] [--phases]
 
 NVRTC takes a while on the largest models (SkipNet's plan has hundreds of ops); compiling here and carrying
 the cache folder to the GPU machine keeps the benchmark's device time for measuring. Each line gives one
@@ -10,6 +10,8 @@ source's size and its NVRTC wall and CPU time (the CPU time of this process: on 
 also counts the waits for a core; a compile already in the cache takes no time). The cache key holds the
 source, the arch (sm_90) and the NVRTC version (and nvJitLink's for a program compiled separately and linked:
 gdsl/backends/cuda/toolchain.py, SEPARATE_MIN_CALLED), so the GPU machine must use the same NVRTC and nvJitLink.
+`--phases` adds where NVRTC's time went (its --time report: C++ front end, NVVM optimizer, "PTX Translation"
+= ptxas), compiling with that option (a cache entry of its own: use a scratch GDSL_CACHE_DIR).
 """
 from __future__ import annotations
 
@@ -17,12 +19,13 @@ import argparse
 import concurrent.futures as cf
 import os
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/
 
 
-def compile_one(name, batch, control, grid=None, program=None, options=(), switches=()):
+def compile_one(name, batch, control, grid=None, program=None, options=(), switches=(), phases=False):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs;
     `switches`: (name, value) of the module switches of gdsl/backends/cfamily/render.py, cfamily/gemm.py
     (WIDE_MAX_REGISTERS) or gdsl/backends/cuda/toolchain.py (PTXAS_THREADS) to set first."""
@@ -44,12 +47,25 @@ def compile_one(name, batch, control, grid=None, program=None, options=(), switc
     fn = model.make_forward(prob.cfg, backend="cuda", control=control, **{"grid": grid, **dict(options)})
     t0 = time.perf_counter()
     source = fn.lower(prob.weights, prob.batches[0]).source
-    t1, cpu = time.perf_counter(), time.process_time()
-    compile_cuda(source, "sm_90")
-    return f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'} " \
-           f"{dict(options) or ''}: " \
-           f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s " \
-           f"(cpu {time.process_time() - cpu:.1f} s)"
+    with tempfile.TemporaryDirectory() as folder:
+        report = os.path.join(folder, "time.csv")
+        t1, cpu = time.perf_counter(), time.process_time()
+        compile_cuda(source, "sm_90", options=(f"--time={report}",) if phases else ())
+        line = f"{name} bs{batch} {f'{program!r} ' if program else ''}{control} grid {grid or 'default'} " \
+               f"{dict(options) or ''}: " \
+               f"{len(source) // 1024} KiB source, lower {t1 - t0:.1f} s, NVRTC {time.perf_counter() - t1:.1f} s " \
+               f"(cpu {time.process_time() - cpu:.1f} s)"
+        return line + (f" [{_phases(report)}]" if phases else "")
+
+
+def _phases(report: str) -> str:
+    """NVRTC's --time CSV ("file, phase, metric, unit" rows) as "phase N ms, ..." (no report: the compile was
+    found in the cache)."""
+    if not os.path.exists(report):
+        return "cached: no phases"
+    with open(report) as f:
+        rows = [[cell.strip() for cell in line.split(",")] for line in f.read().splitlines()[1:] if line.strip()]
+    return ", ".join(f"{row[1]} {row[2]} {row[3]}" for row in rows if len(row) >= 4)
 
 
 def main():
@@ -67,6 +83,7 @@ def main():
                                                  "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None, "
                                                  "SEPARATE_MIN_CALLED=None (whole-program compiles only) or "
                                                  "WIDE_VECTOR_LOADS=False")
+    p.add_argument("--phases", action="store_true", help="also NVRTC's time per phase (front end, NVVM, ptxas)")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
     args = p.parse_args()
@@ -82,7 +99,7 @@ def main():
             work += [(m, b, "device", None, None, (common.parse_option(option),))
                      for m in models for b in load(m).BATCHES]
     switches = tuple(_switch(s) for s in filter(None, args.render.split(",")))
-    work = [w + ((),) * (6 - len(w)) + (switches,) for w in work]
+    work = [w + ((),) * (6 - len(w)) + (switches, args.phases) for w in work]
     with cf.ProcessPoolExecutor(args.jobs) as pool:
         for line in pool.map(compile_one, *zip(*work)):
             print(line, flush=True)

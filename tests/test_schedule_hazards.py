@@ -120,3 +120,79 @@ def test_uniform_reads_of_written_elements(buffers):
     assert not hazards.written([Value(z, z.aval)])
     hazards.clear()
     assert not hazards.written([Value(y, y.aval)])
+
+
+# ---- the element maps, against their per-element definitions (numpy's unravel / ravel, the tile formula)
+
+def _broadcast_reference(out_shape, in_shape, flat):
+    idx = np.unravel_index(flat, out_shape)
+    offset = len(out_shape) - len(in_shape)
+    return np.ravel_multi_index(tuple(np.zeros_like(flat) if d == 1 else idx[offset + a]
+                                      for a, d in enumerate(in_shape)), in_shape)
+
+
+def test_broadcast_source_matches_unravel_and_ravel():
+    """shares.broadcast_source (stride arithmetic on the broadcast axes) picks the input elements numpy's
+    broadcasting reads, for every output element (also as flat=None) and for scattered ones, whatever the axes
+    of size 1."""
+    from gdsl.schedule.shares import broadcast_source
+    shapes = rng.integers(1, 5, size=(400, 4))
+    for row in shapes:
+        out_shape = tuple(int(d) for d in row[:rng.integers(1, 5)])
+        kept = rng.integers(1, len(out_shape) + 1)
+        in_shape = tuple(d if rng.random() < 0.5 else 1 for d in out_shape[len(out_shape) - kept:])
+        size = int(np.prod(out_shape))
+        for flat in (np.arange(size), rng.integers(0, size, 7)):
+            got, want = broadcast_source(out_shape, in_shape, flat), _broadcast_reference(out_shape, in_shape, flat)
+            assert got.dtype == want.dtype and np.array_equal(got, want), (out_shape, in_shape, flat)
+        whole = broadcast_source(out_shape, in_shape, None)
+        assert whole.flags.writeable and np.array_equal(whole, _broadcast_reference(out_shape, in_shape,
+                                                                                    np.arange(size)))
+
+
+def _gemm_utask_reference(op):
+    from gdsl.primitives.linalg import matmul_p
+    from gdsl.schedule import utasks
+    out = op.outputs[0].aval
+    e = np.arange(out.size)
+    _, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, op.params)
+    tm, tn = op.params["tile_m"], op.params["tile_n"]
+    tiles_m, tiles_n = -(-m // tm), -(-n // tn)
+    if op.kind == matmul_p.name:
+        b, rest = np.divmod(e, m * n)
+        i, j = np.divmod(rest, n)
+    else:
+        _, o, ho, wo = out.shape
+        img, rest = np.divmod(e, o * ho * wo)
+        j, yx = np.divmod(rest, ho * wo)
+        b, i = 0, img * ho * wo + yx
+    if utasks.gathers_batch(op.params):
+        b = 0
+    return (b * tiles_m + i // tm) * tiles_n + j // tn
+
+
+@pytest.mark.parametrize("grid", [4, 132])
+def test_gemm_utask_of_every_output_element(grid):
+    """hazards._gemm_utask (row and column tiles broadcast over the output) gives each element of a conv2d's
+    and a batched matmul's output the uTask the per-element tile formula gives (utasks.py's tile order), also
+    with the batch gathered into one uTask per tile (owner=True's column layout)."""
+    import dataclasses
+
+    import gdsl.nn as gnn
+    from gdsl.schedule import utasks
+    from gdsl.schedule.hazards import _gemm_utask
+
+    def program(x, w, a, b):
+        return gnn.conv2d(x, w, stride=2, padding=1) * 2.0, gnp.matmul(a, b) + 1.0
+
+    args = (rng.standard_normal((2, 3, 17, 13)).astype(np.float32),
+            rng.standard_normal((40, 3, 3, 3)).astype(np.float32),
+            rng.standard_normal((3, 70, 24)).astype(np.float32), rng.standard_normal((3, 24, 50)).astype(np.float32))
+    plan = schedule(gdsl.make_ir(program)(*args), grid=grid)
+    ops = [t.op for k in plan.kernels for s in walk(k.body) if isinstance(s, Wave) for t in s.tasks
+           if t.op.kind in utasks.GEMM_KINDS]
+    assert {op.kind for op in ops} == set(utasks.GEMM_KINDS)
+    ops += [dataclasses.replace(op, params={**op.params, utasks.GATHER_BATCH: True}) for op in ops
+            if op.kind == "matmul"]
+    for op in ops:
+        assert np.array_equal(_gemm_utask(op), _gemm_utask_reference(op)), op.kind

@@ -218,7 +218,7 @@ def _output_veus(task, number=0) -> np.ndarray | None:
     if op.kind == ROWS.name:
         t = _row_utask(op, out.size, e)
     elif op.kind in utasks.GEMM_KINDS:
-        t = _gemm_utask(op, e)
+        t = _gemm_utask(op)
     elif op.kind in utasks.REDUCE_KINDS:
         t = e // op.params["rows"]
     else:
@@ -235,23 +235,22 @@ def _row_utask(op, size, e):
     return e // (op.params["rows"] * (size // max(row_count(op), 1)))
 
 
-def _gemm_utask(op, e):
-    """The uTask writing output element e of a matmul or conv2d (utasks.py's tile order)."""
+def _gemm_utask(op):
+    """The uTask writing each output element (row-major) of a matmul or conv2d (utasks.py's tile order),
+    from the tile of its row and of its column, broadcast over the output's axes (not divided per element)."""
     out = op.outputs[0].aval
     batch, m, n, _ = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, op.params)
     tm, tn = op.params["tile_m"], op.params["tile_n"]
     tiles_m, tiles_n = -(-m // tm), -(-n // tn)
-    if op.kind == matmul_p.name:
-        b, rest = np.divmod(e, m * n)
-        i, j = np.divmod(rest, n)
-    else:                                 # conv2d: GEMM row (image, y, x), column = output channel
-        _, o, ho, wo = out.shape
-        img, rest = np.divmod(e, o * ho * wo)
-        j, yx = np.divmod(rest, ho * wo)
-        b, i = 0, img * ho * wo + yx
-    if utasks.gathers_batch(op.params):   # one uTask for tile (i, j) of every batch element
-        b = 0
-    return (b * tiles_m + i // tm) * tiles_n + j // tn
+    if op.kind == matmul_p.name:          # (batch, row, column)
+        first = np.arange(batch) * (0 if utasks.gathers_batch(op.params) else tiles_m)
+        row_tile = first[:, None, None] + (np.arange(m) // tm)[None, :, None]
+        col_tile = (np.arange(n) // tn)[None, None, :]
+    else:                                 # conv2d (image, channel, y*x): GEMM row (image, y, x), column = channel
+        images, channels, ho, wo = out.shape
+        row_tile = (np.arange(images * ho * wo) // tm).reshape(images, 1, ho * wo)
+        col_tile = (np.arange(channels) // tn)[None, :, None]
+    return (row_tile * tiles_n + col_tile).reshape(-1)
 
 
 def _read(task, k, out_veus):
@@ -269,7 +268,7 @@ def _read(task, k, out_veus):
                                  k in epilogue_operands(op)):
         if in_aval.size == 1:
             return storage_elements(value, np.zeros(1, np.int64)), _one_or_several(task)
-        return storage_elements(value, broadcast_source(out.shape, in_aval.shape, np.arange(out.size))), out_veus
+        return storage_elements(value, broadcast_source(out.shape, in_aval.shape, None)), out_veus
     if out_veus is not None and op.kind in MOVES and utasks.first_start(op.kind) is None:
         moved = moved_from(op, k)
         keep = moved >= 0

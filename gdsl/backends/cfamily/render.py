@@ -975,13 +975,14 @@ class Renderer:
                 c_params.append("unsigned long long* __restrict__ gdsl_trace_buf")
             else:
                 c_params.append(f"int d_{cid(obj)}")
-        used_buffers, used_uniforms = [], []
+        used_buffers, used_uniforms = {}, {}         # (dicts as ordered sets: first use first)
         for s in stmts:
             for v in _values_of(s):
-                if v.buffer is not None and v.buffer in self.layout.offsets and v.buffer not in used_buffers:
-                    used_buffers.append(v.buffer)
-                if isinstance(v.storage, Uniform) and v.storage not in used_uniforms:
-                    used_uniforms.append(v.storage)
+                if v.buffer is not None and v.buffer in self.layout.offsets:
+                    used_buffers.setdefault(v.buffer)
+                if isinstance(v.storage, Uniform):
+                    used_uniforms.setdefault(v.storage)
+        used_buffers, used_uniforms = list(used_buffers), list(used_uniforms)
         shared = self.dialect.dynamic_shared_decl if self.resident_bytes else self.dialect.shared_decl
         decls.append(shared.format(nbytes="GDSL_SMEM_BYTES"))
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")

@@ -135,6 +135,7 @@ def find_views(plan) -> dict:
     views: dict = {}
     positions = _positions(plan)
     stmt_of = {t.op: stmt for stmt in positions if isinstance(stmt, Wave) for t in stmt.tasks}
+    readers_of = None
     for stmt in _statements(plan):
         if not isinstance(stmt, Wave):
             continue
@@ -149,7 +150,12 @@ def find_views(plan) -> dict:
                 continue
             read_only = src.buffer.kind in ("input", "const")
             if op.kind == transpose_p.name:
-                readers = [s for s in positions if any(x.buffer is out.buffer for x in _reads(s))]
+                if readers_of is None:      # buffer -> the statements reading it, in plan order (once)
+                    readers_of = {}
+                    for s in positions:
+                        for buf in dict.fromkeys(x.buffer for x in _reads(s)):
+                            readers_of.setdefault(buf, []).append(s)
+                readers = readers_of.get(out.buffer, [])
                 # (a window read from the transposed array is a view of it only if it is an array: a
                 # window per loop step of a product laid out step by step, gdsl/schedule/steps.py)
                 windowed = any(t.op.kind in WINDOWS and t.op.inputs[0].buffer is out.buffer
