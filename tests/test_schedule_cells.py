@@ -234,8 +234,9 @@ def test_the_cell_is_one_op_per_step_and_writes_its_carries_in_place(name):
     """Per loop step: the matmul, then one op (before: two or three), which overwrites the carries it reads
     at the element it writes; no copy op for the carries."""
     program, args = _program(name)
-    plan = schedule(program, grid=8, rows=CHAIN, views=CHAIN)      # (x[t]: a view, as the backends read it)
-    off = schedule(program, grid=8, rows=CHAIN, views=CHAIN, cells=False)
+    # (x[t]: a view, as the backends read it; the plain plans: owner-computes would lay the cell out by columns)
+    plan = schedule(program, grid=8, rows=CHAIN, views=CHAIN, owner=False)
+    off = schedule(program, grid=8, rows=CHAIN, views=CHAIN, cells=False, owner=False)
     cell_work = [op for op in _loop_ops(plan) if op.kind != matmul_p.name]
     off_work = [op for op in _loop_ops(off) if op.kind != matmul_p.name]
     (cell,) = _cell_ops(plan)

@@ -180,19 +180,23 @@ def test_owner_layers_run_one_matmul_per_step(grid):
     assert_trees_close(simulate(plan, flat, seed=grid), run_program(program, flat), tolerance=BACKEND_TOLERANCE)
 
 
-def test_owner_auto_keeps_the_owner_plan_only_where_it_pays():
-    """Full size at 264 vEUs (the H200's two per SM): the LSTM's owner plan with two GEMVs one after the other
-    per layer (measured slower) is not kept; with the layer's products stacked, and NASRNN's, it is."""
+@pytest.mark.parametrize("owner", ["auto", None])
+def test_owner_auto_keeps_the_owner_plan_only_where_it_pays(owner):
+    """Full size at 264 vEUs (the H200's two per SM), owner="auto" or the default: the LSTM's owner plans, with
+    two GEMVs one after the other per layer or with the layer's products stacked, ten chains (both measured
+    slower), are not kept; NASRNN's one chain is. owner=False: never."""
     from models import common, load
 
-    def owned(name, **options):
+    def owned(name, batch=1, **options):
         model = load(name)
-        problem = common.build_problem(model, 1)
-        fn = model.make_forward(problem.cfg, backend="cuda", grid=264, owner="auto", **options)
+        problem = common.build_problem(model, batch)
+        fn = model.make_forward(problem.cfg, backend="cuda", grid=264, **options)
         return fn.lower(problem.weights, problem.batches[0]).lowering.plan.stats.get("steps_per_iteration") == 2
-    assert not owned("lstm", concat_k=False)
-    assert owned("lstm")
-    assert owned("nasrnn")
+    assert not owned("lstm", owner=owner, concat_k=False)
+    assert not owned("lstm", owner=owner)
+    assert owned("nasrnn", owner=owner)
+    assert not owned("nasrnn", 64, owner=owner)
+    assert not owned("nasrnn", owner=False)
 
 
 # ------------------------------------------------------------------------------------------------ backends

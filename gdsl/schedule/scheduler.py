@@ -1124,7 +1124,10 @@ class Scheduler:
             first, *more = self._op_outputs(it)
             params = {k: v for k, v in self._params(it).items() if it.rows is not None or k == K_PARTS}
             nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, params, tuple(more)))
-        return column_layouts(nodes, self.grid, self.block, self.resident_bytes)
+        layouts = column_layouts(nodes, self.grid, self.block, self.resident_bytes)
+        chains = len({(layout.first, layout.count) for layout in layouts.values()})     # (one vEU range a chain)
+        self.stats["owner_chains"] = max(self.stats.get("owner_chains", 0), chains)
+        return layouts
 
     def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
         eqn = it.eqn
@@ -2646,9 +2649,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
     `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
-    leaves fewer grid barriers per loop step; "auto": where it also is estimated faster per step and runs no
-    more uTasks one after another per step (pays); None or False: not (the default until it is timed). The
-    choice is made for the whole program (all its counted loops or none).
+    leaves fewer grid barriers per loop step; "auto" or None (the default): where it also is estimated faster
+    per step, runs no more uTasks one after another per step and lays its loops out as one chain (pays);
+    False: not. The choice is made for the whole program (all its counted loops or none).
     `concat_k=True`: a sum of matmuls over loop-invariant right operands, `A1 @ B1 + A2 @ B2`, becomes one
     matmul over the concatenated depth, `[A1 | A2] @ [B1 ; B2]`, the stacked B built before the loop
     (concat.py); None: only in the owner-computes plan (where a layer's vEUs would run the products one after
@@ -2708,7 +2711,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if hoist not in (None, True, False):
         raise ValueError(f"hoist must be None (on), True or False, got {hoist!r}")
     if owner not in (None, True, False, "auto"):
-        raise ValueError(f"owner must be None (off), True, False or 'auto', got {owner!r}")
+        raise ValueError(f"owner must be None ('auto'), True, False or 'auto', got {owner!r}")
     if concat_k not in (None, True, False):
         raise ValueError(f"concat_k must be None (with owner), True or False, got {concat_k!r}")
     if balance not in (None, True, False):
@@ -2724,7 +2727,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if aside not in (None, True, False):
         raise ValueError(f"aside must be None (on), True or False, got {aside!r}")
     if thin_gemv not in (None, True, False):
-        raise ValueError(f"thin_gemv must be None (off), True or False, got {thin_gemv!r}")
+        raise ValueError(f"thin_gemv must be None (on), True or False, got {thin_gemv!r}")
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
@@ -2740,7 +2743,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program
     plain, plan = _skewed_or_plain(stacked if concat_k else program, wavefront, options)
-    if owner and control == "device":
+    if owner is not False and control == "device":
         skewed = plain is not (stacked if concat_k else program)
         source = stacked
         source = _checked(skew_program(source)[0], source) if skewed else source
@@ -2755,12 +2758,18 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
 
 def pays(owner_plan, plan) -> bool:
     """owner="auto": is the owner-computes plan estimated faster per loop step than `plan` (loop_step_ns), its
-    busiest vEUs running no more uTasks one after another (loop_step_rounds)? A uTask of a step is a memory
-    round trip or more, which at batch 1 costs as much as the grid barrier the layout saves (docs/performance.md:
-    GEMV 1.4-1.7 µs, a cell 0.9 µs, a barrier's wait 2.0-2.9 µs on the H200), where the cost model prices the
+    busiest vEUs running no more uTasks one after another (loop_step_rounds), its loops laid out as one chain
+    (owner.py's chains share the grid: stats["owner_chains"])? A uTask of a step is a memory round trip or
+    more, which at batch 1 costs as much as the grid barrier the layout saves (docs/performance.md: GEMV
+    1.4-1.7 µs, a cell 0.9 µs, a barrier's wait 2.0-2.9 µs on the H200), where the cost model prices the
     default's wide uTasks by bandwidth: the LSTM's owner plan with two GEMVs per layer's vEUs was estimated
-    faster and measured slower (0.456 -> 0.620 ms), one more uTask per step than the default."""
-    return loop_step_ns(owner_plan) < loop_step_ns(plan) and loop_step_rounds(owner_plan) <= loop_step_rounds(plan)
+    faster and measured slower (0.456 -> 0.620 ms), one more uTask per step than the default. With the
+    products stacked (concat_k) it has one GEMV per layer and as many rounds as the default, and was still
+    slower (0.466 -> 0.540 / 0.555 ms, H200, session 9): its ten chains (a skewed stack) each get a tenth of
+    the grid, where the default spreads every GEMV of a step over all of it. NASRNN's one chain pays
+    (4.73 -> 3.80 ms)."""
+    return loop_step_ns(owner_plan) < loop_step_ns(plan) and \
+        loop_step_rounds(owner_plan) <= loop_step_rounds(plan) and owner_plan.stats.get("owner_chains", 0) == 1
 
 
 def _stacked_products(program, hoist):
