@@ -205,12 +205,12 @@ def cuda_lowering(fn, args, grid=132):
     return lower_with_grid(gdsl.make_ir(fn)(*args), opts, grid, dialect)
 
 
-def emulated_model_mismatches(name, batch, **options) -> list:
-    """A zoo model's small configuration at `batch` on the CPU emulator of the generated C (`options`:
-    emulator.emulate's) against its float64 reference: the mismatches (models.common.compare), [] when it
-    matches."""
+def emulated_model_mismatches(name, batch, variant=None, **options) -> list:
+    """A zoo model's small configuration at `batch` (`variant`: its input variant's keywords, e.g. RAE's
+    tree="fixed") on the CPU emulator of the generated C (`options`: emulator.emulate's) against its float64
+    reference: the mismatches (models.common.compare), [] when it matches."""
     from models import common, load
-    prob = common.build_problem(load(name), batch, small=True)
+    prob = common.build_problem(load(name), batch, small=True, **(variant or {}))
 
     def forward(weights, inputs):
         return prob.model.forward(weights, inputs, prob.cfg)

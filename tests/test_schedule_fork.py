@@ -46,6 +46,17 @@ def wide_args(tree, hidden, seed=0):
     return (x, W, b, *rest)
 
 
+def cpu_encoder_mismatch(tree_name="unbalanced", hidden=16, **options):
+    """The largest difference between the encoder over TREES[tree_name] at width `hidden` on the cpu backend
+    with `options` (scheduler options it accepts and ignores) and the interpreter."""
+    tree = TREES[tree_name]
+    args = wide_args(tree, hidden)
+    fn = encoder(height(tree) + 1, hidden)
+    got = gdsl.to_numpy(gdsl.jit(fn, backend="cpu", **options)(*args))
+    expected = run_program(gdsl.make_ir(fn)(*args), flat_args(args))[0]
+    return float(np.max(np.abs(got - expected) / (np.abs(expected) + 1)))
+
+
 def forks(plan):
     return [s for f in plan.functions for s in walk(f.body) if isinstance(s, Fork)]
 

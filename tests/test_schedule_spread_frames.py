@@ -16,10 +16,11 @@ import dataclasses
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from strategies import needs_cxx, needs_nvrtc
-from test_schedule_fork import TREES, wide_args
+from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
+from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
 from test_schedule_recursion import CHAIN, encoder, flat_args, height, shapes
 from test_schedule_recursion_args import args_of, mixed, modified, passed_on, two_arguments
+from test_schedule_resident_calls import rae_lowered
 
 import gdsl
 import gdsl.numpy as gnp
@@ -292,32 +293,19 @@ def test_emulated_arguments(fn):
 
 
 @needs_cxx
-def test_emulated_rae_small():
-    from models import rae
-    cfg = rae.small()
-    weights = rae.init_weights(cfg)
-    for tree in ("fixed", "random"):
-        inputs = rae.make_inputs(cfg, tree=tree)
-        got = emulator.emulate(lambda w, t: rae.forward(w, t, cfg), weights, inputs, grid=8, block=32,
-                               spread_frames=True, aside=True)
-        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("tree", ["fixed", "random"])
+def test_emulated_rae_small(tree):
+    assert emulated_model_mismatches("rae", 1, {"tree": tree}, grid=8, block=32, spread_frames=True,
+                                     aside=True) == []
 
 
 def test_cpu_backend_accepts_the_options():
-    args = wide_args(TREES["unbalanced"], 16)
-    tree = TREES["unbalanced"]
-    got = gdsl.to_numpy(gdsl.jit(encoder(height(tree) + 1, 16), backend="cpu", spread_frames=True,
-                                 aside=True)(*args))
-    expected = run_program(gdsl.make_ir(encoder(height(tree) + 1, 16))(*args), flat_args(args))[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert cpu_encoder_mismatch(spread_frames=True, aside=True) < 1e-5
 
 
 @needs_nvrtc
 def test_rae_cuda_compiles():
-    from models import rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    source = rae.make_forward(cfg, backend="cuda", spread_frames=True, aside=True).lower(weights, inputs).source
+    source = rae_lowered("cuda", tree="fixed", spread_frames=True, aside=True).source
     assert "c_encode += 2;" in source and "r_encode[d_encode - 1] == 2)" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
 

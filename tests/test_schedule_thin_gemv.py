@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule import check_plan, lstm
-from test_schedule_fork import TREES, wide_args
+from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
 from test_schedule_recursion import CHAIN, encoder, flat_args, height
 
 import gdsl
@@ -193,15 +193,9 @@ def test_emulated_lstm():
 
 
 @needs_cxx
-def test_emulated_rae_small():
-    from models import rae
-    cfg = rae.small()
-    weights = rae.init_weights(cfg)
-    for tree in ("fixed", "random"):
-        inputs = rae.make_inputs(cfg, tree=tree)
-        got = emulator.emulate(lambda w, t: rae.forward(w, t, cfg), weights, inputs, grid=8, block=32,
-                               thin_gemv=True)
-        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-4, atol=1e-5)
+@pytest.mark.parametrize("tree", ["fixed", "random"])
+def test_emulated_rae_small(tree):
+    assert emulated_model_mismatches("rae", 1, {"tree": tree}, grid=8, block=32, thin_gemv=True) == []
 
 
 @needs_cxx
@@ -212,11 +206,7 @@ def test_emulated_zoo(name):
 
 
 def test_cpu_backend_accepts_the_option():
-    tree = TREES["unbalanced"]
-    args = wide_args(tree, 16)
-    got = gdsl.to_numpy(gdsl.jit(encoder(height(tree) + 1, 16), backend="cpu", thin_gemv=True)(*args))
-    expected = run_program(gdsl.make_ir(encoder(height(tree) + 1, 16))(*args), flat_args(args))[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert cpu_encoder_mismatch(thin_gemv=True) < 1e-5
 
 
 @needs_nvrtc
