@@ -33,6 +33,8 @@ GEMV_PARTS_KC = 2048
 # loads, and the tensor-core tile was faster (H200, batch 64: NASRNN's 16 x 16 tiles 27.7 -> 23.6 ms, Seq2seq's
 # 16 x 16 and 16 x 32 tiles 1.81 -> 1.53 ms); with 4 x 4 per thread (LSTM's 64 x 64 tiles) the FFMA tile
 # was faster (3.66 against 4.86 ms: the three TF32 products through mma.sync cost more than the FFMAs).
+# (Those were gdsl_gemm_tile's small tiles. The wide tile, tried first, now takes every tile of the scheduler's
+# menu, WIDE_MAX_GROUPS; this rule serves the tiles it cannot take.)
 TENSOR_CORE_BELOW = 4
 # gdsl_gemm_tile_wide (float32): a thread's register tile holds at most this many outputs, and at most this
 # many k groups split a tile. 4 x 4 was the fastest on the H200 at batch 64 (same run, ms: LSTM 3.611 / 3.646 /
