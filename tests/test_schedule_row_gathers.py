@@ -16,7 +16,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.primitives.structural import take_p
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import ROW_INDEX, Loop, Sync, Wave, plan_statements, walk
+from gdsl.schedule.plan import EPILOGUE, ROW_INDEX, Loop, Sync, Wave, plan_statements, walk
 from gdsl.schedule.printer import describe_op
 from gdsl.schedule.scheduler import loop_grid_barriers
 from gdsl.tracing.pytree import tree_unflatten
@@ -44,6 +44,11 @@ def two_readers(E, idx, W, V):
     return gnp.tanh(x @ W) + x @ V
 
 
+def with_epilogue(E, idx, W, b):
+    """The matmul reading the rows takes an epilogue: its operands come after the indices."""
+    return gnp.tanh(gnp.take(E, idx, axis=0) @ W + b)
+
+
 def other_reader(E, idx, W):
     """The rows are also read elementwise: the take stays an op."""
     x = gnp.take(E, idx, axis=0)
@@ -61,10 +66,12 @@ ARGS = {
                (rng.standard_normal((12, 12)) * 0.3).astype(f32), rng.standard_normal((5, 12)).astype(f32)),
     two_readers: (rng.standard_normal((10, 8)).astype(f32), IDX, rng.standard_normal((8, 6)).astype(f32),
                   rng.standard_normal((8, 6)).astype(f32)),
+    with_epilogue: (rng.standard_normal((10, 8)).astype(f32), IDX, rng.standard_normal((8, 6)).astype(f32),
+                    rng.standard_normal(6).astype(f32)),
     other_reader: (rng.standard_normal((10, 8)).astype(f32), IDX, rng.standard_normal((8, 3)).astype(f32)),
     right_operand: (rng.standard_normal((10, 8)).astype(f32), IDX[:2], rng.standard_normal((3, 2)).astype(f32)),
 }
-FOLDED = {gathered: 2, two_readers: 1, other_reader: 0, right_operand: 0}
+FOLDED = {gathered: 2, two_readers: 1, with_epilogue: 1, other_reader: 0, right_operand: 0}
 
 
 def _ops(plan):
@@ -81,7 +88,8 @@ def test_simulated_plans_compute_what_the_interpreter_does(fn):
             if ROW_INDEX in op.params:
                 assert op.inputs[0].rows is not None and op.inputs[0].dynamic
                 assert op.inputs[0].rows.index is op.inputs[op.params[ROW_INDEX]]
-    check_plan(fn, *ARGS[fn], seeds=(0, 1), row_gathers=VIEWS, check=check)
+                assert EPILOGUE in op.params or fn is not with_epilogue
+    check_plan(fn, *ARGS[fn], seeds=(0, 1), row_gathers=VIEWS, epilogues=VIEWS, check=check)
 
 
 def test_the_loop_loses_the_gather_s_wave():
@@ -101,7 +109,7 @@ def test_without_the_rule_the_take_stays_an_op():
 
 
 @needs_cxx
-@pytest.mark.parametrize("fn", [gathered, two_readers], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", [gathered, two_readers, with_epilogue], ids=lambda f: f.__name__)
 def test_emulated_plans_match_the_interpreter(fn):
     program = gdsl.make_ir(fn)(*ARGS[fn])
     expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(ARGS[fn])))
