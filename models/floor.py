@@ -162,6 +162,8 @@ class _Counter(Simulator):
             return super().read(value)
         if s.kind in COMPULSORY_KINDS:
             self.read_inputs.add(s)
+        if value.rows is not None:          # gathered rows (plan.Value.rows): the simulator's gather
+            return super().read(value)
         slot = self._slot(value)            # a view's window (plan.Value.offset), maybe across frames
         flat = self.mem[s].data[slot:slot + frames_spanned(value)].reshape(-1)
         window = flat[value.offset:value.offset + value.aval.size]

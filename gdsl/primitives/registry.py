@@ -30,8 +30,9 @@ uTask; "uniform": the scalar value of a uniform op; "epilogue": how a contractio
 elementwise epilogue as it stores its output, see gdsl/schedule/plan.py: the scheduler folds an epilogue
 into a contraction only for a backend with this rule; "view": how a backend reads a window of this kind in
 place at a run-time offset, plan.Value.terms: the scheduler makes such windows views instead of ops only
-for a backend with this rule). A backend looks rules up through a chain of
-names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
+for a backend with this rule; "k_parts" and "row_gather", for matmul: how its tiles load a left operand read
+in parts, plan.K_PARTS, or as rows gathered at run-time indices, plan.ROW_INDEX). A backend looks rules up
+through a chain of names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
 A kind with no rule is a NotImplementedError naming the kind and the backend. tests/test_registry.py
 walks the registry and fails on any gap.
 """
@@ -51,7 +52,7 @@ CONTRACTION = "contraction"
 CONVOLUTION = "convolution"
 CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
-ROLES = ("utask", "uniform", "epilogue", "view", "k_parts")
+ROLES = ("utask", "uniform", "epilogue", "view", "k_parts", "row_gather")
 
 REGISTRY: dict[str, Primitive] = {}
 OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds

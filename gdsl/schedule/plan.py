@@ -96,6 +96,18 @@ class OffsetTerm:
 
 
 @dataclass(frozen=True, eq=False)
+class RowIndex:
+    """The rows a gathered-row view reads (a take of whole rows at run-time indices, read by matmuls as their
+    left operand: Scheduler._fold_row_gathers): row m of the view is row `clamp(index[m], 0, high)` of the
+    storage (rows of the view's last axis, from its offset on), clamped like the take primitive does."""
+    index: Any                     # Value of the index buffer (integers, one per row of the view)
+    high: int                      # the last row of the source
+
+    def __repr__(self):
+        return f"clamp({self.index!r}[m], 0, {self.high})"
+
+
+@dataclass(frozen=True, eq=False)
 class StoreWindow:
     """Where an op stores its output when it writes it straight into a window of a larger array (a
     dynamic_update_slice folded into the op that computes its update, Scheduler._fold_window_stores): the
@@ -131,6 +143,9 @@ class Value:
     # Written only: an op's output stored into a strided window of its storage (see StoreWindow), from
     # `offset + sum(terms)` on. Never read: the variable it holds has no reader but the folded update.
     window: StoreWindow | None = None
+    # A gathered-row view (read only, as a matmul's left operand with ROW_INDEX): row m of the value is row
+    # `rows.index[m]` (clamped) of the storage; any element of the storage may be read (`dynamic`).
+    rows: RowIndex | None = None
 
     @property
     def is_uniform(self) -> bool:
@@ -142,8 +157,8 @@ class Value:
 
     @property
     def dynamic(self) -> bool:
-        """A view whose offset is known at run time only (`terms`)."""
-        return bool(self.terms)
+        """A view whose elements are known at run time only (`terms`, or gathered rows)."""
+        return bool(self.terms) or self.rows is not None
 
     @property
     def source_shape(self) -> tuple:
@@ -163,7 +178,9 @@ class Value:
             start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset or not self.terms else ())))
             drop = ", none if out of range" if self.window.drop and self.terms else ""
             return f"{name}[{'x'.join(map(str, self.window.shape))} window at {start}{drop}]"
-        if self.terms:               # a window at a run-time offset: `in6[256*clamp(u13, 0, 3796) +: 256]`
+        if self.rows is not None:    # gathered rows: `in3[rows clamp(t7[m], 0, 3796)]<f32[64,256]>`
+            name += f"[rows {self.rows!r}" + (f" from {self.offset}]" if self.offset else "]")
+        elif self.terms:             # a window at a run-time offset: `in6[256*clamp(u13, 0, 3796) +: 256]`
             start = " + ".join(map(repr, self.terms + ((self.offset,) if self.offset else ())))
             name += f"[{start} +: {self.aval.size}]"
         elif self.offset or (isinstance(self.storage, Buffer) and self.aval.size != self.storage.aval.size):
@@ -185,6 +202,10 @@ CONTRACTION_OPERANDS = 2         # a matmul's or conv2d's own operands; an epilo
 # Scheduler._fold_k_parts; concat.py makes them): the depths (K_1, ..., K_n) of the parts, which are input 0
 # and, after B (input 1), inputs 2 .. n; A[..., m, k] is part i's [..., m, k - K_1 - ... - K_{i-1}].
 K_PARTS = "k_parts"
+# The param of a matmul Op whose left operand (input 0) is a gathered-row view (Value.rows: the rows of a
+# table taken at run-time indices, a take that only matmuls read folded into them, Scheduler._fold_row_gathers):
+# the number of its input that holds the indices (the one after B), read by the tile loaders la(m, k).
+ROW_INDEX = "row_index"
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,8 +283,9 @@ def epilogue_operands(op) -> range:
 
 def contraction_operands(params) -> int:
     """How many inputs of a matmul / conv2d Op with these params are its own operands: A (or A's first part),
-    B, and A's other parts (K_PARTS); an epilogue's operands follow."""
-    return CONTRACTION_OPERANDS + max(len(params.get(K_PARTS, ())) - 1, 0)
+    B, and A's other parts (K_PARTS) or the indices of its gathered rows (ROW_INDEX); an epilogue's operands
+    follow."""
+    return CONTRACTION_OPERANDS + max(len(params.get(K_PARTS, ())) - 1, 0) + (ROW_INDEX in params)
 
 
 def a_parts(op) -> list[tuple[int, int, int]]:

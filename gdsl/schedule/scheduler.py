@@ -55,6 +55,7 @@ from gdsl.schedule.plan import (
     FUSED,
     K_PARTS,
     RESULT,
+    ROW_INDEX,
     ROW_SHAPE,
     ROWS,
     STEPS,
@@ -72,6 +73,7 @@ from gdsl.schedule.plan import (
     Op,
     Plan,
     RecFunction,
+    RowIndex,
     StoreWindow,
     Sync,
     Task,
@@ -177,13 +179,16 @@ class _Item:
     # A matmul whose left operand, a concatenation along its depth, it reads in place (_fold_k_parts): the
     # concatenation's operands (plan.K_PARTS).
     k_parts: list | None = None
+    # A matmul whose left operand is rows of a table gathered at run-time indices (_fold_row_gathers): the
+    # take item it reads them from in place (plan.ROW_INDEX, plan.Value.rows).
+    row_gather: _Item | None = None
 
 
 class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
-                 resident_partitioned=False, k_parts=(), thin_gemv=False):
+                 resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -223,6 +228,9 @@ class Scheduler:
         # The lowering chain whose "k_parts" rule for matmul says that it reads a left operand concatenated
         # along its depth from the parts (plan.K_PARTS, _fold_k_parts); empty: the concatenation is a copy.
         self.k_parts = has_lowering(matmul_p.name, tuple(k_parts), "k_parts") if k_parts else False
+        # The lowering chain whose "row_gather" rule for matmul says that its tiles read a left operand of rows
+        # gathered at run-time indices in place (plan.ROW_INDEX, _fold_row_gathers); empty: the take is an op.
+        self.row_gathers = has_lowering(matmul_p.name, tuple(row_gathers), "row_gather") if row_gathers else False
         # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's or a
         # reduction's kind say that it may store its result straight into the window of an in-place update
         # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
@@ -264,7 +272,8 @@ class Scheduler:
         self.hazards = Hazards()            # the accesses since the last grid barrier (hazards.py)
         self.stats = {"grid_syncs": 0, "block_syncs": 0, "waves": 0, "ops": 0, "uniform_ops": 0,
                       "fused_eqns": 0, "partitioned_loops": 0, "epilogues": 0, "row_chains": 0,
-                      "window_stores": 0, "cell_chains": 0, "k_parts": 0}
+                      "window_stores": 0, "cell_chains": 0, "k_parts": 0,
+                      "row_gathers": 0}
 
     # ---------------------------------------------------------------------------------------- storage
     def _buffer(self, aval, kind="temp", name=None) -> Buffer:
@@ -289,6 +298,10 @@ class Scheduler:
         if isinstance(atom, _Window):
             base = self.read(atom.base)
             return dataclasses.replace(base, aval=atom.aval, offset=base.offset + atom.offset)
+        if isinstance(atom, _Rows):        # gathered rows read in place (_fold_row_gathers)
+            table = self.read(atom.base)
+            rows = RowIndex(self.read(atom.index), atom.base.aval.shape[0] - 1)
+            return dataclasses.replace(table, aval=atom.aval, rows=rows)
         return self.env[atom]
 
     # ---------------------------------------------------------------------------------------- entry
@@ -408,6 +421,7 @@ class Scheduler:
             items.append(item)
             order.append(item)
         self._fold_k_parts(items, producer, uses)
+        self._fold_row_gathers(items, producer, segment, jaxpr)
         self._absorb_inlined(items, uses, windows)
         self._fold_epilogues(items, producer, uses, reshaped, jaxpr)
         self._fuse_rows(items, order, producer, uses, reshaped, windows)
@@ -694,6 +708,50 @@ class Scheduler:
             it.k_parts = list(cat.eqn.inputs)
             it.deps = (it.deps | cat.deps) - {cat}
             self.stats["k_parts"] += 1
+
+    def _fold_row_gathers(self, items, producer, segment, jaxpr):
+        """A take of whole rows `E[idx]` (E [V, D], idx [M] integers in a buffer, along axis 0) computed in this
+        segment and read only by matmuls of this segment as their left operand becomes a gathered-row view of E
+        in each of them (plan.Value.rows, plan.ROW_INDEX: the tile loaders read row m of A at
+        E[clamp(idx[m], 0, V - 1)], as the primitive clamps): the take runs no op, no wave and no barrier, and
+        the matmuls read E and idx (all of both, for the barriers). When the backend's lowering chain has the
+        "row_gather" rule for matmul; outside recursive functions; E a buffer no view reads at run time."""
+        if not self.row_gathers or self.frame is not None:
+            return
+        items_of = {id(it.eqn): it for it in items}
+        for take in items:
+            eqn = take.eqn
+            if eqn.primitive is not take_p or take.uniform or take.view or take.absorbed or eqn.params["axis"] != 0:
+                continue
+            (table, index), out = eqn.inputs, eqn.outs[0]
+            if table.aval.ndim != 2 or index.aval.ndim != 1 or not isinstance(index, Var) or \
+                    self._is_uniform_atom(index, producer) or not self._viewable_source(table, producer):
+                continue
+            readers = self._row_gather_readers(out, items_of, segment, jaxpr)
+            if not readers:
+                continue
+            take.absorbed = True
+            for it in readers:
+                it.row_gather = take
+                it.deps = (it.deps | take.deps) - {take}
+            self.stats["row_gathers"] += 1
+
+    def _row_gather_readers(self, out, items_of, segment, jaxpr) -> list:
+        """The matmul items that read `out`, a take's result, as their left operand, when nothing else reads it
+        (no reshape or view of it, no result, no storage hint, no reader in another segment); else []."""
+        if out in self.hints or any(a is out for a in jaxpr.outs) or _alias_closure(jaxpr, out) != {out} or \
+                not self._read_by_segment_ops(out, segment, jaxpr):
+            return []
+        readers = []
+        for eqn in jaxpr.eqns:
+            if not any(a is out for a in eqn.inputs):
+                continue
+            it = items_of.get(id(eqn))
+            if it is None or eqn.primitive is not matmul_p or it.uniform or it.k_parts is not None or \
+                    eqn.inputs[0] is not out or eqn.inputs[1] is out:
+                return []
+            readers.append(it)
+        return readers
 
     def _fold_epilogues(self, items, producer, uses, reshaped, jaxpr):
         """Fold an elementwise chain into the matmul / conv2d whose result it reads as an epilogue, when the
@@ -1080,6 +1138,8 @@ class Scheduler:
         if it.rows is not None:
             return it.rows
         c = it.contraction or it
+        if c.row_gather is not None:        # (the indices are the input after B)
+            return dict(c.eqn.params, **{ROW_INDEX: 2})
         if c.k_parts is None:
             return c.eqn.params
         return dict(c.eqn.params, **{K_PARTS: tuple(p.aval.shape[-1] for p in c.k_parts)})
@@ -1122,7 +1182,7 @@ class Scheduler:
                 continue
             kind, atoms = self._kind_and_inputs(it)
             first, *more = self._op_outputs(it)
-            params = {k: v for k, v in self._params(it).items() if it.rows is not None or k == K_PARTS}
+            params = {k: v for k, v in self._params(it).items() if it.rows is not None or k in (K_PARTS, ROW_INDEX)}
             nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, params, tuple(more)))
         layouts = column_layouts(nodes, self.grid, self.block, self.resident_bytes)
         chains = len({(layout.first, layout.count) for layout in layouts.values()})     # (one vEU range a chain)
@@ -2246,14 +2306,18 @@ def _reads(item) -> list:
 
 def _own_operands(item) -> list:
     """The atoms an item's primitive reads: its equation's inputs, or, for a matmul reading its left operand
-    in parts (_Item.k_parts), the first part, B, then the other parts (plan.K_PARTS)."""
+    in parts (_Item.k_parts), the first part, B, then the other parts (plan.K_PARTS); for one reading gathered
+    rows of a table (_Item.row_gather), those rows in place, B, then the indices (plan.ROW_INDEX)."""
+    if item.row_gather is not None:
+        table, index = item.row_gather.eqn.inputs
+        return [_Rows(table, index, item.eqn.inputs[0].aval), item.eqn.inputs[1], index]
     if item.k_parts is None:
         return list(item.eqn.inputs)
     return [item.k_parts[0], item.eqn.inputs[1], *item.k_parts[1:]]
 
 
 def _base_of(atom):
-    while isinstance(atom, _Window):
+    while isinstance(atom, (_Window, _Rows)):
         atom = atom.base
     return atom
 
@@ -2324,6 +2388,17 @@ class _Window(Var):
         super().__init__(aval)
         object.__setattr__(self, "base", base)
         object.__setattr__(self, "offset", offset)
+
+
+class _Rows(Var):
+    """Rows `index[m]` of the table `base` read in place by a matmul (Scheduler._fold_row_gathers), of type
+    `aval` (the take's result)."""
+    __slots__ = ("base", "index")
+
+    def __init__(self, base, index, aval):
+        super().__init__(aval)
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "index", index)
 
 
 def _nodes(expr):
@@ -2642,7 +2717,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=(), thin_gemv=None) -> Plan:
+             k_parts=(), thin_gemv=None, row_gathers=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2658,6 +2733,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     the other) and where the backend reads the concatenated operand in place (`k_parts`); False: never.
     `k_parts`: the backend's lowering chain, whose "k_parts" rule for matmul says that it reads such a
     concatenated left operand from its parts in place (Scheduler._fold_k_parts; empty: it is a copy).
+    `row_gathers`: the backend's lowering chain, whose "row_gather" rule for matmul says that it reads the rows
+    of a table gathered at run-time indices (`E[idx] @ W`) in place, the take folded into the matmuls that are
+    its only readers (Scheduler._fold_row_gathers, plan.ROW_INDEX; empty, the default: the take is an op).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2738,7 +2816,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
                    uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts, thin_gemv=thin_gemv is not False)
+                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

@@ -21,6 +21,7 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     K_PARTS,
+    ROW_INDEX,
     ROW_SHAPE,
     ROWS,
     WINDOW_COPY,
@@ -33,15 +34,17 @@ from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, utasks.K_CHUNK,
-                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS})
+                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX})
 
 
 def storage_elements(value, flat):
     """Storage element numbers of `value`'s elements `flat` (None: all of them; see Value.offset; a permuted
     view's in the value's own element order, Value.perm; an output stored into a window, through its
     StoreWindow). A view at a run-time offset (Value.terms) has none until its offset is known
-    (Simulator.resolved)."""
+    (Simulator.resolved); gathered rows (Value.rows) may be anywhere in their storage."""
     assert not value.terms, f"{value!r}: a view at a run-time offset"
+    if value.rows is not None:
+        return slice(None)
     if value.window is not None:
         return value.window.elements(np.arange(value.aval.size) if flat is None else flat) + value.offset
     if value.perm is not None:
@@ -202,6 +205,8 @@ def _matmul_share(op, k, flat) -> np.ndarray:
     offset = len(bshape) - len(xshape)
     xb = np.ravel_multi_index(tuple(np.zeros_like(b) if d == 1 else bidx[offset + a]
                                     for a, d in enumerate(xshape)), xshape) if xshape else np.zeros_like(b)
+    if k == op.params.get(ROW_INDEX):       # the indices of gathered rows (plan.ROW_INDEX): one per row of A
+        return np.unique(i)
     kk = np.arange(depth)
     if k in a_depths:
         idx = (xb * m + i)[:, None] * depth + kk[None, :]

@@ -46,6 +46,7 @@ from gdsl.schedule.plan import (
     FUSED,
     K_PARTS,
     RESULT,
+    ROW_INDEX,
     ROWS,
     WINDOW_COPY,
     Assign,
@@ -196,9 +197,16 @@ class Simulator:
                 raise BarrierError(f"uniform {s.name} read before it was computed")
             return self.uniforms[key].reshape(value.aval.shape)
         m, slot, frames = self.mem[s], self._slot(value), frames_spanned(value)
+        elements = self._gathered(value) if value.rows is not None else storage_elements(value, None)
         if veu is not None and self.check:
-            self._check_read(m, slot, storage_elements(value, None), veu, op, s.name, frames)
-        return _flat(m.data, slot, frames)[storage_elements(value, None)].reshape(value.aval.shape).copy()
+            self._check_read(m, slot, elements, veu, op, s.name, frames)
+        return _flat(m.data, slot, frames)[elements].reshape(value.aval.shape).copy()
+
+    def _gathered(self, value: Value) -> np.ndarray:
+        """The storage elements of gathered rows (plan.Value.rows): row m at its index, clamped as take does."""
+        rows = np.clip(self.read(value.rows.index).reshape(-1).astype(np.int64), 0, value.rows.high)
+        width = value.aval.shape[-1]
+        return (value.offset + rows[:, None] * width + np.arange(width)[None, :]).reshape(-1)
 
     def write_uniform(self, value: Value, data):
         s = value.storage
@@ -376,6 +384,8 @@ class Simulator:
         own = ins[:len(ins) - len(epilogue_operands(op))]    # the primitive's operands (an epilogue's follow)
         if K_PARTS in op.params:        # a left operand read in parts: their concatenation along the depth
             own = [np.concatenate([ins[number] for number, _, _ in a_parts(op)], axis=-1), own[1]]
+        if ROW_INDEX in op.params:      # gathered rows (input 0 read through Value.rows): A and B only
+            own = own[:2]
         outs = REGISTRY[op.kind].impl(*own, **params)
         outs = [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
         if epilogue_of(op) is not None:

@@ -20,7 +20,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import K_PARTS, a_parts, epilogue_of
+from gdsl.schedule.plan import K_PARTS, ROW_INDEX, a_parts, epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
@@ -123,14 +123,18 @@ def matmul(ops: OpRenderer) -> str:
         load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {tn} + n - tj * {tn}]')});"
         kmajor, address_b = False, None
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
+    rows = ROW_INDEX in ops.op.params      # A's rows gathered at run-time indices (plan.ROW_INDEX)
+    if rows:
+        load_a = load_a_rows(ops, acc, K)
+    elif parts:
+        load_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m")
+    else:
+        load_a = f"return ({acc})({a.at(f'a0 + m * {K} + k')});"
     return gemm_tiles(ops, Gemm(
-        M, N, K, math.prod(bshape), setup=setup,
-        load_a=load_a_parts(ops, acc, f"({a_off}) * {M} + m") if parts else
-        f"return ({acc})({a.at(f'a0 + m * {K} + k')});",
-        load_b=load_b,
+        M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
-        # (no vector loads of A read in parts: the tile checks only its first address's alignment)
-        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts else None,
+        # (no vector loads of A read in parts or gathered: the tile checks only its first address's alignment)
+        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts)))
 
 
@@ -149,6 +153,17 @@ def load_a_parts(ops: OpRenderer, acc: str, row: str) -> str:
         k = f"k - {k0}" if k0 else "k"
         loads.append((k0 + depth, f"return ({acc})({ops.ins[number].at(f'({row}) * {depth} + {k}')});"))
     return " ".join(f"if (k < {end}) {load}" for end, load in loads[:-1]) + " " + loads[-1][1]
+
+
+@register_lowering("matmul", backend="cfamily", role="row_gather")
+def load_a_rows(ops: OpRenderer, acc: str, K: int) -> str:
+    """Body of la(m, k) for a left operand of gathered rows (plan.ROW_INDEX, plan.Value.rows: a take of whole
+    rows folded into the matmul, A of no batch axes): element k of the table's row index[m], the index
+    clamped into the table as take clamps it."""
+    a, index = ops.ins[0], ops.ins[ops.op.params[ROW_INDEX]]
+    high = a.value.rows.high
+    return (f"long long r = (long long)({index.at('m')}); r = r < 0 ? 0 : (r > {high} ? {high} : r); "
+            f"return ({acc})({a.at(f'(int)r * {K} + k')});")
 
 
 def _transposed_matrix(b) -> bool:
@@ -180,7 +195,12 @@ def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
         b_off = broadcast_index(bshape, b.aval.shape[:-2], "g")
         load_b = f"{column} return j < {N} ? ({acc})({b.at(f'({b_off}) * {K * N} + k * {N} + j')}) : ({acc})0;"
     store = f"{column} if (j < {N}) {{ {store_output(ops, f'g * {M * N} + m * {N} + j', 'v')} }}"
-    load_a = load_a_parts(ops, acc, "m") if K_PARTS in ops.op.params else f"return ({acc})({a.at(f'm * {K} + k')});"
+    if ROW_INDEX in ops.op.params:
+        load_a = load_a_rows(ops, acc, K)
+    elif K_PARTS in ops.op.params:
+        load_a = load_a_parts(ops, acc, "m")
+    else:
+        load_a = f"return ({acc})({a.at(f'm * {K} + k')});"
     return gemm_tiles(ops, Gemm(
         M, N, K, 1, setup=setup, load_a=load_a, load_b=load_b,
         store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch,
