@@ -16,7 +16,7 @@ from gdsl.jit import leaf_aval
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Sync, Wave, plan_statements, walk
 from gdsl.schedule.simulate import BarrierError, simulate
-from gdsl.tracing.pytree import tree_flatten
+from gdsl.tracing.pytree import tree_flatten, tree_unflatten
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 # The lowering chain whose "view" rules device plans are scheduled with, as the C-family backends do: dynamic
@@ -55,6 +55,16 @@ def check_plan(fn, *args, controls=("device", "host"), grids=(1, 3, 132), seeds=
                 continue
             assert_trees_close(simulate(plan, flat, seed=seed), expected, tolerance=BACKEND_TOLERANCE)
     return schedule(program, control="device", grid=132, **options)
+
+
+def check_emulated(fn, *args, grids=(1, 3), block=64, **options):
+    """The g++ emulator of the generated C (`options`: emulator.emulate's) == interpreter at each grid."""
+    from gdsl.backends.cfamily import emulator
+    program = gdsl.make_ir(fn)(*args)
+    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(args)))
+    for grid in grids:
+        got = emulator.emulate(fn, *args, grid=grid, block=block, **options)
+        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------------------- programs

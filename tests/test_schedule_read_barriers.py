@@ -5,16 +5,13 @@ maximum of the tokens, which only the next condition writes again, after the bod
 against the interpreter on the plan simulator, whose race checks see a write before every vEU has read."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_cxx
-from test_schedule import _flat_args, check_plan
+from strategies import needs_cxx
+from test_schedule import check_emulated, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
-from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Uniforms, walk
-from gdsl.tracing.pytree import tree_unflatten
 
 
 def sum_below(x):
@@ -62,8 +59,4 @@ def test_a_condition_s_read_of_what_the_body_overwrites_keeps_its_barrier():
 @needs_cxx
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_emulated_plans_match_the_interpreter(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(ARGS[fn])))
-    for grid in (1, 3):
-        assert_trees_close(emulator.emulate(fn, *ARGS[fn], grid=grid, block=64), expected,
-                           tolerance=BACKEND_TOLERANCE)
+    check_emulated(fn, *ARGS[fn])

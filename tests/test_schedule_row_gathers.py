@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
-from test_schedule import VIEWS, _flat_args, check_plan
+from test_schedule import VIEWS, _flat_args, check_emulated, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
@@ -111,11 +111,7 @@ def test_without_the_rule_the_take_stays_an_op():
 @needs_cxx
 @pytest.mark.parametrize("fn", [gathered, two_readers, with_epilogue], ids=lambda f: f.__name__)
 def test_emulated_plans_match_the_interpreter(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(ARGS[fn])))
-    for grid in (1, 3):
-        got = emulator.emulate(fn, *ARGS[fn], grid=grid, block=64, row_views=True)
-        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+    check_emulated(fn, *ARGS[fn], row_views=True)
 
 
 @needs_cxx

@@ -6,16 +6,14 @@ vEU has read), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
-from test_schedule import _flat_args, check_plan
+from test_schedule import _flat_args, check_emulated, check_plan
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Uniforms, Wave, walk
 from gdsl.schedule.scheduler import UNIFORM_MAX_INPUT, UNIFORM_REDUCTION_MAX_INPUT
-from gdsl.tracing.pytree import tree_unflatten
 from models import common, load
 
 rng = np.random.default_rng(5)
@@ -86,11 +84,7 @@ def test_seq2seq_batch_64_exit_test_is_uniform():
 @needs_cxx
 @pytest.mark.parametrize("fn", list(ARGS), ids=lambda f: f.__name__)
 def test_emulated_plans_match_the_interpreter(fn):
-    program = gdsl.make_ir(fn)(*ARGS[fn])
-    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(ARGS[fn])))
-    for grid in (1, 3):
-        got = emulator.emulate(fn, *ARGS[fn], grid=grid, block=64, uniform_reductions=True)
-        assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+    check_emulated(fn, *ARGS[fn], uniform_reductions=True)
 
 
 @needs_cxx
