@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 from strategies import needs_cxx, needs_nvrtc
-from test_schedule_recursion import CHAIN, chain, encoder, encoder_args, flat_args, height
+from test_schedule_recursion import CHAIN, chain, encoder, encoder_args, flat_args, height, rae_case
 
 import gdsl
 from gdsl.backends.cfamily import emulator
@@ -144,11 +144,8 @@ def test_a_missing_join_is_a_race():
 @pytest.mark.parametrize("tree", ["fixed", "random"])
 @pytest.mark.parametrize("size", ["small", "bench"])
 def test_rae_simulated(size, tree):
-    from models import floor, rae
-    cfg = rae.small() if size == "small" else rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree=tree)
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    flat = floor.flat_arguments(weights, inputs)
+    from models import rae
+    program, flat, _, _ = rae_case(rae.small() if size == "small" else rae.Config(), tree)
     plan = gdsl.schedule.schedule(program, grid=132, epilogues=CHAIN, fork=True)
     assert len(forks(plan)) == 1
     np.testing.assert_allclose(simulate(plan, flat)[0], run_program(program, flat)[0], rtol=1e-4, atol=1e-5)

@@ -93,6 +93,16 @@ def flat_args(args):
     return [np.asarray(a, leaf_aval(a).dtype) for a in flat]
 
 
+def rae_case(cfg=None, tree="fixed"):
+    """RAE (models/rae.py) at `cfg` (full size by default) on one tree: (program, flat arguments, weights,
+    inputs)."""
+    from models import floor, rae
+    cfg = cfg or rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree=tree)
+    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    return program, floor.flat_arguments(weights, inputs), weights, inputs
+
+
 def check_simulated(fn, args, grids=(1, 3, 16), epilogues=(), **options):
     """simulate(plan) == interpreter (or both overflow) on both controls and several grids; the device
     plan at the last grid. `epilogues`: the lowering chain whose epilogue rules the scheduler may use;
@@ -270,12 +280,10 @@ def test_rae_executes_two_grid_barriers_per_inner_node():
     are the two around each node's matmul (its input concatenated on vEU 0, its output read on vEU 0);
     the leaves and the calls pay none, and nothing is copied (no result out of a callee's frame, no leaf
     vector into the result)."""
-    from models import floor, rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    from models import floor
+    program, flat, _, _ = rae_case()
     plan = schedule(program, grid=132)
-    count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
+    count = floor.count_plan(plan, flat)
     assert count.plan_grid_barriers == 2 * 32
     assert copies_in_functions(plan) == []
 
@@ -285,15 +293,13 @@ def test_rae_with_the_epilogue_pays_the_barrier_after_a_matmul_only_for_left_chi
     inner node is a grid barrier only when the call returns to site 0 (a left child: its right sibling
     overwrites frames its matmul read) or 2 (the root); for a right child the caller's grid barrier before
     its own matmul follows at once. Fixed tree: 32 inner nodes, 15 of them left children: 32 + 15 + 1."""
-    from models import floor, rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
+    from models import floor
+    program, flat, _, inputs = rae_case()
     plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=False, aside=False)   # (without: spread frames)
     by_site = [s for f in plan.functions for s in walk(f.body) if isinstance(s, Sync) and s.sites is not None]
     assert [sorted(s.sites) for s in by_site] == [[0, 2]]
     assert "barrier (grid when returning to site 0, 2, else block)" in str(plan)
-    count = floor.count_plan(plan, floor.flat_arguments(weights, inputs))
+    count = floor.count_plan(plan, flat)
     tree = (inputs["left"], inputs["right"], inputs["is_leaf"], inputs["root"])
     assert count.plan_grid_barriers == expected_grid_barriers_with_epilogue(*tree) == 32 + 15 + 1
     assert copies_in_functions(plan) == []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from strategies import needs_cxx, needs_nvrtc
 from test_schedule_fork import TREES, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height
+from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case
 
 import gdsl
 import gdsl.numpy as gnp
@@ -172,11 +172,7 @@ def test_emulated_rae_small():
 
 
 def test_rae_bench_size_simulated():
-    from models import floor, rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    flat = floor.flat_arguments(weights, inputs)
+    program, flat, _, _ = rae_case()
     plan = schedule(program, grid=132, epilogues=CHAIN, resident_bytes=192 * 1024, resident_calls=True,
                     thin_gemv=False)
     (task,), _ = resident_in_functions(plan)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height, shapes
+from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case, shapes
 from test_schedule_recursion_args import args_of, mixed, modified, passed_on, two_arguments
 from test_schedule_resident_calls import rae_lowered
 
@@ -124,11 +124,8 @@ def test_not_with_forks():
 def test_rae_executes_one_grid_barrier_per_inner_node():
     """RAE at full size on the fixed tree (32 inner nodes, 15 of them left children): 32 + 1 grid barriers
     executed (the one before each node's matmul, and the root's last) against 32 + 15 + 1 without."""
-    from models import floor, rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    flat = floor.flat_arguments(weights, inputs)
+    from models import floor
+    program, flat, _, _ = rae_case()
     plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=True)
     assert floor.count_plan(plan, flat).plan_grid_barriers == 32 + 1
     plain = schedule(program, grid=132, epilogues=CHAIN, spread_frames=False, aside=False)
@@ -139,11 +136,8 @@ def test_the_leaf_and_the_output_copy_run_aside():
     """With `aside` RAE's leaf (one uTask) and the output copy leave vEU 0 for vEU 32, past the matmul's 32
     vEUs; the barriers are those of the plan without it. Alone it leaves the cost model's critical path as
     it was (each leaf follows a grid barrier); with spread frames the leaves run beside the matmuls."""
-    from models import floor, rae
-    cfg = rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    flat = floor.flat_arguments(weights, inputs)
+    from models import floor
+    program, flat, _, _ = rae_case()
     for spread, barriers in ((False, 32 + 15 + 1), (True, 32 + 1)):
         plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True, thin_gemv=False)
         firsts = sorted((t.op.n_utasks, t.first) for w in function_waves(plan) for t in w.tasks)
@@ -245,11 +239,9 @@ def test_arguments_simulated(fn, depth):
 @pytest.mark.parametrize("tree", ["fixed", "random"])
 @pytest.mark.parametrize("size", ["small", "bench"])
 def test_rae_simulated(size, tree):
-    from models import floor, rae
+    from models import rae
     cfg = rae.small() if size == "small" else rae.Config()
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree=tree)
-    program = gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs)
-    flat = floor.flat_arguments(weights, inputs)
+    program, flat, weights, inputs = rae_case(cfg, tree)
     plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=True, aside=True)
     # (at the small size a node's matmul runs on one vEU: no grid barrier to leave out, nothing spread)
     assert plan.functions[0].spread == (1 if size == "bench" else 0)

@@ -14,7 +14,7 @@ import pytest
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule import check_plan, lstm
 from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height
+from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case
 
 import gdsl
 from gdsl.backends.cfamily import emulator
@@ -41,12 +41,6 @@ def gemv_split(m, k, n, grid=132, block=256, thin=True):
 
 def matmuls(plan):
     return [t for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if t.op.kind == matmul_p.name]
-
-
-def rae_program(cfg):
-    from models import floor, rae
-    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
-    return gdsl.make_ir(lambda w, t: rae.forward(w, t, cfg))(weights, inputs), weights, inputs, floor
 
 
 # ------------------------------------------------------------------------------------------ the split
@@ -92,10 +86,9 @@ def test_balanced_waves_may_take_thin_tiles():
 def test_rae_plan():
     """RAE at full size: the node's matmul on vEUs 0-63 (8 columns, k in one chunk of 1024), the leaf and the
     output copy aside on vEU 64; the barriers executed on the fixed tree are those without the option."""
-    from models import rae
-    program, weights, inputs, floor = rae_program(rae.Config())
-    flat = floor.flat_arguments(weights, inputs)
-    plain = schedule(program, grid=132, epilogues=CHAIN)
+    from models import floor, rae
+    program, flat, weights, inputs = rae_case()
+    plain = schedule(program, grid=132, epilogues=CHAIN, thin_gemv=False)
     thin = schedule(program, grid=132, epilogues=CHAIN, thin_gemv=True)
     (task,) = [t for f in thin.functions for t in matmuls_in(f.body)]
     assert (task.op.n_utasks, task.first, task.count) == (64, 0, 64)
