@@ -205,6 +205,21 @@ def cuda_lowering(fn, args, grid=132):
     return lower_with_grid(gdsl.make_ir(fn)(*args), opts, grid, dialect)
 
 
+def zoo_lowered(name, batch, **options):
+    """A zoo model at full size and `batch` lowered for CUDA with jit `options` (no GPU needed): the Lowered
+    (its `.source` and its `.lowering.plan`)."""
+    from models import common, load
+    model = load(name)
+    prob = common.build_problem(model, batch)
+    return model.make_forward(prob.cfg, backend="cuda", **options).lower(prob.weights, prob.batches[0])
+
+
+def first_loop(plan):
+    """The first Loop of a plan's first kernel."""
+    from gdsl.schedule.plan import Loop
+    return next(s for s in plan.kernels[0].body if isinstance(s, Loop))
+
+
 def emulated_model_mismatches(name, batch, variant=None, **options) -> list:
     """A zoo model's small configuration at `batch` (`variant`: its input variant's keywords, e.g. RAE's
     tree="fixed") on the CPU emulator of the generated C (`options`: emulator.emulate's) against its float64

@@ -4,7 +4,14 @@ equations left, the simplified program against the original on the interpreter, 
 g++ emulator (Seq2seq's small model against its float64 reference) and Seq2seq's full-size plan at batch 64."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx
+from strategies import (
+    BACKEND_TOLERANCE,
+    assert_trees_close,
+    emulated_model_mismatches,
+    first_loop,
+    needs_cxx,
+    zoo_lowered,
+)
 from test_schedule import _flat_args, check_plan
 
 import gdsl
@@ -12,9 +19,8 @@ import gdsl.numpy as gnp
 from gdsl.core.ir import walk_eqns
 from gdsl.interpreter import run_program
 from gdsl.primitives.elementwise import select_p
-from gdsl.schedule.plan import Loop, Wave
+from gdsl.schedule.plan import Wave
 from gdsl.schedule.ranges import drop_index_wraps
-from models import common, load
 
 rng = np.random.default_rng(9)
 
@@ -82,13 +88,9 @@ def test_simulated_plans_compute_what_the_interpreter_does(fn):
 
 def test_seq2seq_batch_64_gathers_its_embedding_a_wave_earlier():
     """At full size (rendered for CUDA, no GPU needed): the wrap was a wave of its own before the gather."""
-    model = load("seq2seq")
-    prob = common.build_problem(model, 64)
     waves = []
     for option in (None, True):
-        fn = model.make_forward(prob.cfg, backend="cuda", index_ranges=option)
-        loop = next(s for s in fn.lower(prob.weights, prob.batches[0]).lowering.plan.kernels[0].body
-                    if isinstance(s, Loop))
+        loop = first_loop(zoo_lowered("seq2seq", 64, index_ranges=option).lowering.plan)
         waves.append(sum(isinstance(s, Wave) for s in loop.body))
     assert waves[1] == waves[0] - 1
 

@@ -17,6 +17,7 @@ from strategies import (
     needs_cxx,
     needs_nvrtc,
     plan_ops,
+    zoo_lowered,
 )
 from test_schedule import _flat_args, check_plan
 
@@ -30,7 +31,6 @@ from gdsl.schedule import schedule
 from gdsl.schedule.plan import WINDOW_COPY, Loop, Sync, Wave, walk
 from gdsl.tracing.pytree import tree_unflatten
 from gdsl.tracing.trace import bind1
-from models import common, load
 
 CHAIN = ("cfamily",)       # the C-family rules: epilogues, views, row chains and window stores
 rng = np.random.default_rng(11)
@@ -165,12 +165,8 @@ def test_the_update_runs_no_op(fn):
 def test_seq2seq_decoding_step_loses_the_token_store_s_wave(batch):
     """Seq2seq at full size (rendered for CUDA, no GPU needed): the token's store was a wave of its own after
     the argmax, behind a block sync (batch 1) or a grid barrier (batch 64); the argmax now stores it."""
-    model = load("seq2seq")
-    prob = common.build_problem(model, batch)
-    counts = []
-    for window_store in (False, None):
-        fn = model.make_forward(prob.cfg, backend="cuda", window_store=window_store)
-        counts.append(_loop_counts(fn.lower(prob.weights, prob.batches[0]).lowering.plan))
+    counts = [_loop_counts(zoo_lowered("seq2seq", batch, window_store=window_store).lowering.plan)
+              for window_store in (False, None)]
     (waves_off, syncs_off), (waves_on, syncs_on) = counts
     assert (waves_on, syncs_on) == (waves_off - 1, syncs_off - 1)
 

@@ -12,6 +12,7 @@ from strategies import (
     needs_cxx,
     needs_nvrtc,
     plan_ops,
+    zoo_lowered,
 )
 from test_schedule import _flat_args
 
@@ -23,7 +24,6 @@ from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, walk
 from gdsl.schedule.resident import RESIDENT
 from gdsl.tracing.pytree import tree_unflatten
-from models import common, load
 
 rng = np.random.default_rng(3)
 
@@ -69,20 +69,13 @@ def test_emulated_attention_matches_its_reference(batch):
 
 def test_attention_at_full_size_keeps_every_head_s_weights():
     """Rendered for CUDA (no GPU needed): at batch 1 the four projections of every head read shared memory."""
-    model = load("attention")
-    prob = common.build_problem(model, 1)
-    counts = []
-    for option in (None, True):
-        fn = model.make_forward(prob.cfg, backend="cuda", resident_partitioned=option)
-        counts.append(len(_resident_ops(fn.lower(prob.weights, prob.batches[0]).lowering.plan)))
+    counts = [len(_resident_ops(zoo_lowered("attention", 1, resident_partitioned=option).lowering.plan))
+              for option in (None, True)]
     assert counts == [0, 4]
 
 
 @needs_nvrtc
 def test_attention_with_resident_heads_compiles_with_nvrtc():
     from gdsl.backends.cuda import toolchain as cuda_toolchain
-    model = load("attention")
-    prob = common.build_problem(model, 1)
-    fn = model.make_forward(prob.cfg, backend="cuda", resident_partitioned=True)
-    source = fn.lower(prob.weights, prob.batches[0]).source
+    source = zoo_lowered("attention", 1, resident_partitioned=True).source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

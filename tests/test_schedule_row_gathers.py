@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
+from strategies import (
+    BACKEND_TOLERANCE,
+    assert_trees_close,
+    emulated_model_mismatches,
+    first_loop,
+    needs_cxx,
+    needs_nvrtc,
+    zoo_lowered,
+)
 from test_schedule import VIEWS, _flat_args, check_emulated, check_plan
 
 import gdsl
@@ -149,10 +157,8 @@ def test_simulated_seq2seq_batch_64():
 def _seq2seq_step(**options):
     """(waves, grid barriers, block syncs) per decoder step of Seq2seq at batch 64, full size, rendered for CUDA;
     and the lowering."""
-    model = load("seq2seq")
-    prob = common.build_problem(model, 64)
-    lowering = model.make_forward(prob.cfg, backend="cuda", **options).lower(prob.weights, prob.batches[0]).lowering
-    loop = next(s for s in lowering.plan.kernels[0].body if isinstance(s, Loop))
+    lowering = zoo_lowered("seq2seq", 64, **options).lowering
+    loop = first_loop(lowering.plan)
     stmts = list(walk(loop.cond + loop.body))
     syncs = [s.scope for s in stmts if isinstance(s, Sync)]
     counts = (sum(isinstance(s, Wave) for s in stmts), syncs.count("grid"), syncs.count("block"))

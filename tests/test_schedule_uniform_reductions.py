@@ -5,7 +5,15 @@ the plan simulator (its race checks see a uniform op read before every vEU may r
 vEU has read), on the g++ emulator, and compiled with NVRTC."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated_model_mismatches, needs_cxx, needs_nvrtc
+from strategies import (
+    BACKEND_TOLERANCE,
+    assert_trees_close,
+    emulated_model_mismatches,
+    first_loop,
+    needs_cxx,
+    needs_nvrtc,
+    zoo_lowered,
+)
 from test_schedule import _flat_args, check_emulated, check_plan
 
 import gdsl
@@ -14,7 +22,6 @@ from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import Loop, Sync, Uniforms, Wave, walk
 from gdsl.schedule.scheduler import UNIFORM_MAX_INPUT, UNIFORM_REDUCTION_MAX_INPUT
-from models import common, load
 
 rng = np.random.default_rng(5)
 
@@ -69,13 +76,9 @@ def test_the_exit_test_runs_no_wave_with_the_option(fn):
 
 def test_seq2seq_batch_64_exit_test_is_uniform():
     """At full size (rendered for CUDA, no GPU needed): the condition's wave and its grid barrier go."""
-    model = load("seq2seq")
-    prob = common.build_problem(model, 64)
     counts = []
     for option in (None, True):
-        fn = model.make_forward(prob.cfg, backend="cuda", uniform_reductions=option)
-        loop = next(s for s in fn.lower(prob.weights, prob.batches[0]).lowering.plan.kernels[0].body
-                    if isinstance(s, Loop))
+        loop = first_loop(zoo_lowered("seq2seq", 64, uniform_reductions=option).lowering.plan)
         counts.append((sum(isinstance(s, Wave) for s in loop.cond), sum(isinstance(s, Sync) for s in loop.cond),
                        sum(isinstance(s, Uniforms) for s in loop.cond)))
     assert counts[0][:2] == (1, 1) and counts[1][:2] == (0, 0)
