@@ -3,13 +3,14 @@ ops get them, how their regions are packed, what the plan prints, and that the e
 same results with and without them."""
 import numpy as np
 import pytest
-from strategies import BACKEND_TOLERANCE, assert_trees_close
+from strategies import BACKEND_TOLERANCE, assert_trees_close, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import emulate
+from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
-from gdsl.schedule import schedule
+from gdsl.schedule import resident, schedule
 from gdsl.schedule.plan import Wave, plan_statements
 from gdsl.schedule.resident import RESIDENT, region_bytes, tile_bytes
 
@@ -81,8 +82,8 @@ def test_regions_are_packed_per_veu():
 def test_emulated_kernel_with_resident_weights_matches_the_interpreter(grid):
     args = _args()
     expected = run_program(gdsl.make_ir(rnn)(*args), list(args))
-    for resident in (None, False):
-        got = emulate(rnn, *args, grid=grid, resident=resident)
+    for option in (None, False):
+        got = emulate(rnn, *args, grid=grid, resident=option)
         assert_trees_close([np.asarray(got)], expected, tolerance=BACKEND_TOLERANCE)
 
 
@@ -92,3 +93,55 @@ def test_cuda_source_stages_the_tiles_before_the_loop():
     assert source.index("gdsl_stage_columns(in") < source.index("while (true)")
     plain = gdsl.jit(rnn, backend="cuda", grid=4, resident=False).lower(*_args()).source
     assert "gdsl_stage_columns(in" not in plain and "extern __shared__" not in plain
+
+
+def _rows_args(steps=4, rows=64, n=32, m=64):
+    """rnn's arguments with `rows` rows a step: GEMM-shaped tiles (tile_m < rows), not GEMVs."""
+    return (rng.standard_normal((steps, rows, n)).astype(np.float32),
+            (rng.standard_normal((n, m)) * 0.2).astype(np.float32),
+            (rng.standard_normal((m, m)) * 0.2).astype(np.float32))
+
+
+def _rnn_rows(xs, W, U):
+    def step(t, h):
+        return gnp.tanh(xs[t] @ W + h @ U)
+    return gdsl.fori_loop(0, xs.shape[0], step, gnp.zeros((xs.shape[1], U.shape[0]), dtype=gdsl.float32))
+
+
+def test_gemm_tiles_stay_resident_where_they_fit(monkeypatch):
+    program = gdsl.make_ir(_rnn_rows)(*_rows_args())
+    tasks = _resident_tasks(schedule(program, grid=8, resident_bytes=1 << 20))
+    assert tasks and all(t.op.params["tile_m"] < 64 for t in tasks)
+    assert all(t.op.params[RESIDENT][0] % resident.ALIGN == 0 for t in tasks)
+    assert not _resident_tasks(schedule(program, grid=8, resident_bytes=1024))      # too little
+    monkeypatch.setattr(resident, "GEMM_TILES", False)
+    assert not _resident_tasks(schedule(program, grid=8, resident_bytes=1 << 20))
+
+
+@pytest.mark.parametrize("grid", [2, 8])
+def test_emulated_resident_gemm_tiles_match_the_interpreter(grid):
+    """The wide tile reading B in place from its resident tile (gemm.Gemm.resident_b: only A staged), over
+    uTasks of several rounds on a vEU (grid 2) and one each (grid 8)."""
+    args = _rows_args()
+    source = gdsl.jit(_rnn_rows, backend="cuda", grid=grid).lower(*args).source
+    assert ", true, true, true, false, float>" in source       # VEC, BRES, A along k, B along n
+    expected = run_program(gdsl.make_ir(_rnn_rows)(*args), list(args))
+    got = emulate(_rnn_rows, *args, grid=grid)
+    assert_trees_close([np.asarray(got)], expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_nvrtc
+def test_resident_gemm_tiles_compile():
+    source = gdsl.jit(_rnn_rows, backend="cuda", grid=8).lower(*_rows_args()).source
+    assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+def test_gpu_resident_gemm_tiles_match_the_interpreter():
+    import cupy as cp
+    args = _rows_args(rows=64, n=256, m=256)
+    expected = run_program(gdsl.make_ir(_rnn_rows)(*args), list(args))
+    fn = gdsl.jit(_rnn_rows, backend="cuda")
+    assert ", true, true, true, false, float>" in fn.lower(*args).source
+    got = cp.asnumpy(fn(*(cp.asarray(a) for a in args)))
+    assert_trees_close([got], expected, tolerance=BACKEND_TOLERANCE)

@@ -72,6 +72,9 @@ class Gemm:
     address_a: str | None = None
     address_b: str | None = None
     gemv_kc: int = GEMV_KC     # the k chunk of A a GEMV stages at a time
+    # C expression: the uTask's resident tile of B (K x tile_n in shared memory, resident.py), which the wide
+    # tile reads in place instead of staging B; None where B is read from memory.
+    resident_b: str | None = None
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -116,7 +119,8 @@ def matmul(ops: OpRenderer) -> str:
         load_b = f"return ({acc})({b.at_source(f'b0 + n * {K} + k')});"
     address_b = (f"return {b.address(f'b0 + n * {K} + k', source=True)};" if kmajor else
                  f"return {b.address(f'b0 + k * {N} + n')};")
-    if RESIDENT in ops.op.params:       # this uTask's K x tile_n columns of B wait in shared memory
+    resident = RESIDENT in ops.op.params   # this uTask's K x tile_n columns of B wait in shared memory
+    if resident:
         tn = ops.op.params["tile_n"]
         storage = c_types.storage(b.dtype)
         setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
@@ -135,7 +139,8 @@ def matmul(ops: OpRenderer) -> str:
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
         # (no vector loads of A read in parts or gathered: the tile checks only its first address's alignment)
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows else None,
-        address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts)))
+        address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
+        resident_b="rb" if resident and float32 else None))
 
 
 def _gemv_kc(M: int, K: int, parts: bool) -> int:
@@ -229,7 +234,8 @@ def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
                 f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
                 f"{resident_tile(op, t, smem)} + g * {K * tn}); }}")
     b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "bt")
-    return (f"{{ const int bt = ({t}) / {tiles_n}, tj = ({t}) % {tiles_n}; "
+    tiles = -(-out.shape[-2] // op.params["tile_m"]) * tiles_n       # (gemm_tiles' order: batch, rows, columns)
+    return (f"{{ const int bt = ({t}) / {tiles}, tj = ({t}) % {tiles_n}; "
             f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
             f"{resident_tile(op, t, smem)}); }}")
 
@@ -295,16 +301,22 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
-        vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.address_b is not None and \
-            gemm.a_contiguous_k and K % 4 == 0 and (gemm.b_contiguous_k or N % 4 == 0)
+        # B read in place from its resident tile (never staged) where the tile is the resident one, whole stages
+        # deep (the stages read k0 .. k0 + GEMM_BK of it) and rows of whole four-element groups
+        bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % GEMM_BK == 0 and tn % 4 == 0
+        vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.a_contiguous_k and K % 4 == 0 and (
+            bres or gemm.address_b is not None and (gemm.b_contiguous_k or N % 4 == 0))
         names = "la, lb, la, lb"
         if vec:
-            names = "la, lb, pa, pb"
-            loaders += [f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};",
-                        f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};"]
-        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + tn + 4) * size, groups // 2 * tm * tn * size)
+            names = "la, lb, pa, pa" if bres else "la, lb, pa, pb"     # (with bres the tile loads no B)
+            loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};")
+            if not bres:
+                loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};")
+        staged_b = 0 if bres else tn + 4
+        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
-                f"{contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, smem);")
+                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, "
+                f"{gemm.resident_b if bres else 'nullptr'}, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

@@ -124,18 +124,21 @@ template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
 // addresses 16-byte aligned, so every group of four starting at a multiple of 4 is aligned and wholly inside
 // or wholly outside the matrix) each thread loads four consecutive elements at once, a quarter of the load
 // instructions of la / lb, which it uses otherwise.
-template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, bool VEC, class LA,
-          class LB, class PA_, class PB_, class STAGE>
+// BRES: B already waits in shared memory for the whole tile (a resident tile, gdsl/schedule/resident.py: K rows
+// of TN, rows TN apart, at `rb`; K a multiple of BK): only A is staged, and `stage` gets the resident rows of
+// each stage's k.
+template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, bool VEC, bool BRES,
+          class LA, class LB, class PA_, class PB_, class STAGE>
 GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
-                                   char* smem, STAGE stage) {
-  constexpr int NA = (TM * BK + NT - 1) / NT, NB = (TN * BK + NT - 1) / NT;      // staged loads per thread
-  constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = (TN * BK / 4 + NT - 1) / NT;  // four-element loads
+                                   const Acc* rb, char* smem, STAGE stage) {
+  constexpr int NA = (TM * BK + NT - 1) / NT, NB = BRES ? 0 : (TN * BK + NT - 1) / NT;  // staged loads a thread
+  constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = BRES ? 0 : (TN * BK / 4 + NT - 1) / NT;  // of four
   constexpr int RA = VEC && 4 * QA > NA ? 4 * QA : NA, RB = VEC && 4 * QB > NB ? 4 * QB : NB;
   static_assert(!VEC || (AK && BK % 4 == 0 && (BKC || TN % 4 == 0)), "four-element groups");
   Acc* As = (Acc*)smem;
   Acc* Bs = As + BK * PA;
   const int tid = threadIdx.x;
-  Acc ra[RA], rb[RB];
+  Acc ra[RA], rg[RB > 0 ? RB : 1];
   auto fetch = [&](int k0) {
     if constexpr (VEC) {
       if (vec) {
@@ -157,7 +160,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
           const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
           const int gn = col0 + n, gk = k0 + kk;
           const bool valid = q < TN * BK / 4 && gn < N && gk < K;
-          load4(rb + 4 * r, pb(valid ? gk : 0, valid ? gn : col0), valid);
+          load4(rg + 4 * r, pb(valid ? gk : 0, valid ? gn : col0), valid);
         }
         return;
       }
@@ -174,7 +177,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
       const int e = tid + r * NT;
       const int n = BKC ? e / BK : e % TN, kk = BKC ? e % BK : e / TN;
       const int gn = col0 + n, gk = k0 + kk;
-      rb[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : Acc(0);
+      rg[r] = (e < TN * BK && gn < N && gk < K) ? lb(gk, gn) : Acc(0);
     }
   };
   auto store = [&]() {
@@ -193,7 +196,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
           const int n = BKC ? q / (BK / 4) : q % (TN / 4) * 4, kk = BKC ? q % (BK / 4) * 4 : q / (TN / 4);
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            if (q < TN * BK / 4) Bs[BKC ? (kk + e) * PB + n : kk * PB + n + e] = rb[4 * r + e];
+            if (q < TN * BK / 4) Bs[BKC ? (kk + e) * PB + n : kk * PB + n + e] = rg[4 * r + e];
         }
         return;
       }
@@ -206,7 +209,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
 #pragma unroll
     for (int r = 0; r < NB; ++r) {
       const int e = tid + r * NT;
-      if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rb[r];
+      if (e < TN * BK) Bs[(BKC ? e % BK : e / TN) * PB + (BKC ? e / BK : e % TN)] = rg[r];
     }
   };
   fetch(0);
@@ -214,7 +217,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
     store();
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    stage((const Acc*)As, (const Acc*)Bs);
+    stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
     __syncthreads();
   }
 }
@@ -223,8 +226,8 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
 template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, class LA, class LB,
           class STAGE>
 GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, LB lb, char* smem, STAGE stage) {
-  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, false>(M, N, K, row0, col0, la, lb, la, lb, false,
-                                                                    smem, stage);
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, false, false>(M, N, K, row0, col0, la, lb, la, lb,
+                                                                           false, nullptr, smem, stage);
 }
 
 // One output tile on the FFMA units: each of the TX*TY computing threads owns an RM x RN register tile
@@ -275,12 +278,13 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // loads, where gdsl_gemm_tile's 4 x 4 strided tile does 16 per 8 (shared-memory bound on the H200).
 // Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
 // addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
-// are la / lb.)
-template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool AK, bool BKC, typename Acc,
-          class LA, class LB, class PA_, class PB_, class SC>
+// are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, 16-byte aligned, K a multiple of BK),
+// never staged.
+template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool BRES, bool AK, bool BKC,
+          typename Acc, class LA, class LB, class PA_, class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
-                                  char* smem) {
-  constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = TN + 4, KG = BK / KS;
+                                  const Acc* rbs, char* smem) {
+  constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = BRES ? TN : TN + 4, KG = BK / KS;
   static_assert(RM % 4 == 0 && RN % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
                 KG * KS == BK && (KS & (KS - 1)) == 0, "wide tile shape");
   const int tid = threadIdx.x, g = tid / GT, tx = tid % GT % TX, ty = tid % GT / TX;
@@ -319,9 +323,10 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
     }
   };
   bool vec = false;
-  if constexpr (VEC) vec = ((unsigned long long)pa(row0, 0) | (unsigned long long)pb(0, col0)) % 16 == 0;
-  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC>(M, N, K, row0, col0, la, lb, pa, pb, vec, smem,
-                                                                  stage);
+  if constexpr (VEC)    // (a resident B is aligned by its placement: resident.ALIGN)
+    vec = ((unsigned long long)pa(row0, 0) | (BRES ? 0ULL : (unsigned long long)pb(0, col0))) % 16 == 0;
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC, BRES>(M, N, K, row0, col0, la, lb, pa, pb, vec, rbs,
+                                                                        smem, stage);
   // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
   // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
   Acc* red = (Acc*)smem + tid % GT;
