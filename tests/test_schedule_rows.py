@@ -19,6 +19,7 @@ from strategies import (
 import gdsl
 import gdsl.nn
 import gdsl.numpy as gnp
+from gdsl.backends.cfamily import reductions
 from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip.emulated import EmulatedHIPDialect
@@ -253,6 +254,23 @@ def test_emulated_results_with_and_without_rows(name):
 
 
 @needs_cxx
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_emulated_results_with_preloaded_leaves(name, monkeypatch):
+    """reductions.PRELOAD_ROW_LEAVES: every element a lane reads at its row elements loaded first, the steps
+    computed from registers (where it fits: with a budget of no registers, no chain preloads)."""
+    fn, make_args = ALL[name]
+    args = make_args()
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
+    for budget, preloads in ((32, True), (0, False)):
+        monkeypatch.setattr(reductions, "PRELOAD_ROW_LEAVES", budget)
+        source = gdsl.jit(fn, backend="cuda", grid=4, block=64).lower(*args).source
+        assert ("l0[k] = " in source) == (preloads and "_row_chain_" in source)
+        for block in (64, 256):
+            got = emulated(fn, args, grid=4, block=block)
+            assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
 @pytest.mark.parametrize("name", ["softmax_2d_short_rows", "softmax_4d", "layer_norm", "softmax_and_its_max",
                                   "softmax_steps"])
 def test_emulated_hip_wave64(name):
@@ -298,7 +316,9 @@ def test_option_turns_rows_off():
 @needs_nvrtc
 @pytest.mark.parametrize("name", ["softmax_2d_short_rows", "softmax_2d_long_rows", "layer_norm",
                                   "softmax_and_its_max", "softmax_steps"])
-def test_cuda_kernel_with_rows_compiles(name):
+@pytest.mark.parametrize("preload", [None, 32])
+def test_cuda_kernel_with_rows_compiles(name, preload, monkeypatch):
+    monkeypatch.setattr(reductions, "PRELOAD_ROW_LEAVES", preload)
     fn, make_args = ALL[name]
     lowering = gdsl.jit(fn, backend="cuda", grid=132).lower(*make_args())
     assert _rows_ops(lowering.lowering.plan)

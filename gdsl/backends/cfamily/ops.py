@@ -172,11 +172,12 @@ class OpRenderer:
         lines.append("  }")
         return "\n".join(lines) + "\n"
 
-    def expr(self, node, i, root=False, result=None, shape=None, step=None) -> str:
+    def expr(self, node, i, root=False, result=None, shape=None, step=None, leaf=None) -> str:
         """The C expression of Expr `node` at flat output index `i` (`root`: stored as is, not rounded;
         `result`: the C expression an epilogue's RESULT leaves stand for; `shape`: the shape `i` indexes
         and the inputs broadcast to, the first output's by default; `step(node)`: the C expression of a
-        ROWS op's STEP leaf)."""
+        ROWS op's STEP leaf; `leaf(arg, load)`: what stands for an input leaf's element, given its Arg and
+        the C expression loading it, the load itself by default)."""
         out_shape = self.outs[0].aval.shape if shape is None else shape
         if node.op == RESULT:
             return result
@@ -184,11 +185,12 @@ class OpRenderer:
             return step(node)
         if node.op == "input":
             arg = self.ins[node.params["index"]]
-            return arg.at(broadcast_index(out_shape, arg.aval.shape, i))
+            load = arg.at(broadcast_index(out_shape, arg.aval.shape, i))
+            return load if leaf is None else leaf(arg, load)
         if node.op == "literal":
             return c_types.literal(node.params["value"], node.aval.dtype)
         if node.op == broadcast_p.name:
-            return self.expr(node.args[0], i, result=result, shape=shape, step=step)
+            return self.expr(node.args[0], i, result=result, shape=shape, step=step, leaf=leaf)
         if node.op == iota_p.name:
             iota_shape, dim = node.aval.shape, node.params["dimension"]
             lead = len(out_shape) - len(iota_shape)
@@ -196,7 +198,7 @@ class OpRenderer:
                 return c_types.literal(0, node.aval.dtype)
             c = coords(out_shape, i)[dim + lead]
             return c_types.convert(c, dtypes.int32, node.aval.dtype)
-        args = [self.expr(a, i, result=result, shape=shape, step=step) for a in node.args]
+        args = [self.expr(a, i, result=result, shape=shape, step=step, leaf=leaf) for a in node.args]
         if node.op == convert_p.name:
             return c_types.convert(args[0], node.args[0].aval.dtype, node.aval.dtype)
         operand = node.args[-1].aval.dtype

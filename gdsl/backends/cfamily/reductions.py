@@ -21,6 +21,12 @@ from gdsl.primitives.registry import register_lowering
 from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
 from gdsl.schedule.rows import ROW_SLOTS
 
+# A row chain's lanes load every element they read at their row elements first, in one pass, where that takes at
+# most this many registers a lane (values x slots); the steps then compute from registers. Without it each
+# step's loads wait behind the step before (a step's slot loop is its own branch, which the compiler does not
+# hoist loads across): NASRNN's cell, two steps, paid two L2 round trips. None: off (not timed yet).
+PRELOAD_ROW_LEAVES = None
+
 
 # ---------------------------------------------------------------------------------- reductions (uTask)
 @register_lowering("reduce_sum", backend="cfamily")
@@ -309,9 +315,7 @@ def row_chain(ops: OpRenderer) -> str:
                  f"    const int o = t * {rows} + b;",
                  f"    if (o >= {n_rows}) break;",
                  "    const bool ok = true;"]
-    body = []
-    for number, step in enumerate(steps):
-        body += _row_step(ops, step, number, shape, slots, g, grouped)
+    body = _row_steps(ops, steps, shape, slots, g, grouped)
     outputs = {k: number for number, k in enumerate(p[STEP_OUTPUTS])}
     for k, number in outputs.items():
         out = ops.outs[number]
@@ -343,9 +347,34 @@ def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
             f"if (ok && r < {length}) {{ {statement} }} }}")
 
 
-def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool) -> list[str]:
+def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool) -> list[str]:
+    """C lines computing every step of a row chain, the elements each lane reads first (PRELOAD_ROW_LEAVES)
+    where they fit."""
+    loads: dict = {}                      # the C expression loading a leaf element -> its register slots
+
+    def leaf(arg, load: str) -> str:
+        if load not in loads:
+            loads[load] = (f"l{len(loads)}", c_types.compute(arg.dtype))
+        return f"{loads[load][0]}[k]"
+
+    preload = PRELOAD_ROW_LEAVES is not None
+    lines = [line for number, step in enumerate(steps)
+             for line in _row_step(ops, step, number, shape, slots, g, grouped, leaf if preload else None)]
+    if not preload:
+        return lines
+    if not loads or len(loads) * slots > PRELOAD_ROW_LEAVES:
+        return [line for number, step in enumerate(steps) for line in _row_step(ops, step, number, shape, slots, g,
+                                                                                  grouped)]
+    declarations = [f"{ctype} {name}[{slots}];" for name, ctype in loads.values()]
+    fill = " ".join(f"{name}[k] = {load};" for load, (name, _) in loads.items())
+    return declarations + [_each_slot(slots, g, shape[-1], fill)] + lines
+
+
+def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool,
+              leaf=None) -> list[str]:
     """C lines computing step `number` of a row chain into s<number> (an array of register slots for a row
-    step, one value for a per-row step)."""
+    step, one value for a per-row step); `leaf`: ops.expr's, for the elements of the row read at the lane's
+    elements."""
     length = shape[-1]
     dt = step.aval.dtype
     ctype = c_types.compute(dt)
@@ -356,7 +385,7 @@ def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, gro
         return f"s{k}" if steps[k].per_row(shape) else f"s{k}[k]"
 
     def at_element(expr, root=False):
-        return ops.expr(expr, f"(o * {length} + r)", root=root, shape=shape, step=step_value)
+        return ops.expr(expr, f"(o * {length} + r)", root=root, shape=shape, step=step_value, leaf=leaf)
 
     if step.reduce is None and step.per_row(shape):
         value = ops.expr(step.expr, "o", shape=step.aval.shape, step=step_value)
