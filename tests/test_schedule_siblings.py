@@ -15,6 +15,7 @@ from gdsl.schedule import schedule
 from gdsl.schedule.plan import N_PARTS, Loop, Wave, plan_statements, walk
 from gdsl.schedule.printer import describe_op
 from gdsl.schedule.scheduler import loop_step_rounds
+from models.floor import op_flops
 
 rng = np.random.default_rng(11)
 SIBLINGS = ("cfamily",)      # the lowering chain whose "n_parts" rule the scheduler asks for
@@ -112,6 +113,7 @@ def test_window_store_is_kept_and_printed():
     text = describe_op(op)
     assert " window at " in text and text.count(" | ") == 2, text
     assert op.params["tile_n"] == 48 and op.n_utasks == 1
+    assert op_flops(op) == 3 * 2 * 16 * 16          # (models/floor.py: every part's products)
 
 
 def test_partitioned_loop_merges():
