@@ -64,6 +64,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Wave,
     plan_statements,
+    sibling_parts,
 )
 from gdsl.schedule.shares import storage_elements
 from gdsl.schedule.simulate import Simulator, frames_spanned
@@ -227,9 +228,10 @@ def op_flops(op) -> float:
     """Floating-point operations of one Op (see the module docstring for what counts)."""
     out = op.outputs[0].aval
     family = family_of(op.kind)
-    if family in (CONTRACTION, CONVOLUTION):
-        batch, m, n, k = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], out, op.params)
-        return 2.0 * batch * m * n * k
+    if family in (CONTRACTION, CONVOLUTION):       # (sibling matmuls as one op: each part's, plan.N_PARTS)
+        dims = [utasks.gemm_dims(p.kind, [v.aval for v in p.inputs], p.outputs[0].aval, p.params)
+                for p in sibling_parts(op)]
+        return sum(2.0 * batch * m * n * k for batch, m, n, k in dims)
     if family == ELEMENTWISE:
         nodes = _elementwise_nodes(op.expr) if op.expr is not None else 1
         return float(nodes * out.size)

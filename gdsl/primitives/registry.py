@@ -31,7 +31,8 @@ elementwise epilogue as it stores its output, see gdsl/schedule/plan.py: the sch
 into a contraction only for a backend with this rule; "view": how a backend reads a window of this kind in
 place at a run-time offset, plan.Value.terms: the scheduler makes such windows views instead of ops only
 for a backend with this rule; "k_parts" and "row_gather", for matmul: how its tiles load a left operand read
-in parts, plan.K_PARTS, or as rows gathered at run-time indices, plan.ROW_INDEX). A backend looks rules up
+in parts, plan.K_PARTS, or as rows gathered at run-time indices, plan.ROW_INDEX; "n_parts", for matmul: how
+its tiles load and store the columns of sibling matmuls computed as one op, plan.N_PARTS). A backend looks rules up
 through a chain of names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
 A kind with no rule is a NotImplementedError naming the kind and the backend. tests/test_registry.py
 walks the registry and fails on any gap.
@@ -52,7 +53,7 @@ CONTRACTION = "contraction"
 CONVOLUTION = "convolution"
 CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
-ROLES = ("utask", "uniform", "epilogue", "view", "k_parts", "row_gather")
+ROLES = ("utask", "uniform", "epilogue", "view", "k_parts", "row_gather", "n_parts")
 
 REGISTRY: dict[str, Primitive] = {}
 OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds

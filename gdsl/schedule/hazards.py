@@ -39,6 +39,7 @@ from gdsl.schedule.plan import (
     epilogue_operands,
     row_chunk,
     row_count,
+    sibling_parts,
 )
 from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
 
@@ -211,6 +212,8 @@ def _output_veus(task, number=0) -> np.ndarray | None:
     """The vEU that writes each element (row-major) of output `number`, from the split; None for an in-place
     window."""
     op = task.op
+    if len(parts := sibling_parts(op)) > 1:     # sibling matmuls (plan.N_PARTS): output `number` is part's
+        op, number = parts[number], 0
     out = op.outputs[number].aval
     if utasks.in_place_update(op.kind, op.params):
         return None

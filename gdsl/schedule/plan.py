@@ -206,6 +206,13 @@ K_PARTS = "k_parts"
 # table taken at run-time indices, a take that only matmuls read folded into them, Scheduler._fold_row_gathers):
 # the number of its input that holds the indices (the one after B), read by the tile loaders la(m, k).
 ROW_INDEX = "row_index"
+# The param of a matmul Op that computes several sibling matmuls of one wave at once (the scheduler option
+# `siblings`, siblings.py): products of the same left operand A by different right operands B_1 .. B_n (of the
+# same depth K) into outputs O_1 .. O_n; the widths (N_1, ..., N_n) of the parts. Inputs (A, B_1, ..., B_n),
+# outputs (O_1, ..., O_n); column n of the op's N_1 + ... + N_n columns is column n - N_1 - ... - N_{i-1} of
+# part i (sibling_parts: each part as the plain matmul Op it was). Its uTask t is one whole tile of batch
+# element t (tile_m >= M, tile_n = the sum), no epilogue.
+N_PARTS = "n_parts"
 
 
 @dataclass(frozen=True, eq=False)
@@ -283,9 +290,10 @@ def epilogue_operands(op) -> range:
 
 def contraction_operands(params) -> int:
     """How many inputs of a matmul / conv2d Op with these params are its own operands: A (or A's first part),
-    B, and A's other parts (K_PARTS) or the indices of its gathered rows (ROW_INDEX); an epilogue's operands
-    follow."""
-    return CONTRACTION_OPERANDS + max(len(params.get(K_PARTS, ())) - 1, 0) + (ROW_INDEX in params)
+    B, and A's other parts (K_PARTS), the indices of its gathered rows (ROW_INDEX) or its siblings' B
+    (N_PARTS); an epilogue's operands follow."""
+    return CONTRACTION_OPERANDS + max(len(params.get(K_PARTS, ())) - 1, 0) + (ROW_INDEX in params) + \
+        max(len(params.get(N_PARTS, ())) - 1, 0)
 
 
 def a_parts(op) -> list[tuple[int, int, int]]:
@@ -294,6 +302,18 @@ def a_parts(op) -> list[tuple[int, int, int]]:
     depths = op.params.get(K_PARTS) or (op.inputs[0].aval.shape[-1],)
     starts = np.cumsum((0,) + tuple(depths[:-1]))
     return [(0 if i == 0 else i + 1, int(k0), int(d)) for i, (k0, d) in enumerate(zip(starts, depths))]
+
+
+def sibling_parts(op) -> list:
+    """The parts of a matmul Op computing sibling matmuls at once (N_PARTS), each as the plain matmul Op it
+    computes (A, B_i -> O_i, its own tile of N_i columns, the op's uTasks); [op] for any other Op."""
+    widths = op.params.get(N_PARTS)
+    if widths is None:
+        return [op]
+    params = {k: v for k, v in op.params.items() if k != N_PARTS}
+    return [Op(op.name, op.kind, (op.inputs[0], b), (out,), dict(params, tile_n=width), op.n_utasks,
+               op.cost / len(widths))
+            for b, out, width in zip(op.inputs[1:], op.outputs, widths)]
 
 
 # The params of a ROWS op: its row shape (the rows' array shape, its last axis the row), its steps in order,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from gdsl.schedule.plan import (
     K_PARTS,
+    N_PARTS,
     ROW_INDEX,
     ROWS,
     STEPS,
@@ -51,8 +52,11 @@ def describe_op(op) -> str:
 
 def _operands(op) -> list[str]:
     """The op's inputs as printed; a left operand read in parts (plan.K_PARTS) as `[t10 | t11]`; gathered rows
-    (plan.ROW_INDEX) as `in3[rows clamp(t7[m], 0, 3796)]<f32[64,256]>`, their indices not again."""
+    (plan.ROW_INDEX) as `in3[rows clamp(t7[m], 0, 3796)]<f32[64,256]>`, their indices not again; the right
+    operands of sibling matmuls (plan.N_PARTS) as `[in2 | in0 | in3]`."""
     names = [repr(v) for v in op.inputs]
+    if N_PARTS in op.params:
+        return [names[0], f"[{' | '.join(names[1:])}]"]
     if ROW_INDEX in op.params:
         return names[:2] + names[contraction_operands(op.params):]
     if K_PARTS not in op.params:

@@ -88,6 +88,7 @@ from gdsl.schedule.plan import (
 from gdsl.schedule.ranges import drop_index_wraps
 from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
+from gdsl.schedule.siblings import merge_siblings
 from gdsl.schedule.steps import hoist_step_products
 from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, loop_iteration_rounds, skew_program, wave_ns
@@ -188,7 +189,7 @@ class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
-                 resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=()):
+                 resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=(), siblings=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -231,6 +232,10 @@ class Scheduler:
         # The lowering chain whose "row_gather" rule for matmul says that its tiles read a left operand of rows
         # gathered at run-time indices in place (plan.ROW_INDEX, _fold_row_gathers); empty: the take is an op.
         self.row_gathers = has_lowering(matmul_p.name, tuple(row_gathers), "row_gather") if row_gathers else False
+        # The lowering chain whose "n_parts" rule for matmul says that it computes sibling matmuls of a wave
+        # (one left operand, loop-invariant right operands, the same vEUs and uTasks) as one op (plan.N_PARTS,
+        # siblings.py); empty: they stay separate ops.
+        self.siblings = has_lowering(matmul_p.name, tuple(siblings), "n_parts") if siblings else False
         # The lowering chain whose "epilogue" rules for dynamic_update_slice and a contraction's or a
         # reduction's kind say that it may store its result straight into the window of an in-place update
         # (_fold_window_stores; device control only, where the window's start is a uniform); empty: never.
@@ -348,6 +353,10 @@ class Scheduler:
             body, functions, demoted, dropped = _demote_syncs_around_calls(body, functions, self.after_call_syncs)
             self.stats["grid_syncs"] -= demoted + dropped
             self.stats["block_syncs"] += demoted
+        if self.siblings:
+            body, functions, merged = merge_siblings(body, functions)
+            self.stats["ops"] -= merged
+            self.stats["siblings_merged"] = merged
         if self.control == "device":
             kernels, host = (Kernel("main", body, functions),), None
         else:
@@ -2717,7 +2726,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=(), thin_gemv=None, row_gathers=()) -> Plan:
+             k_parts=(), thin_gemv=None, row_gathers=(), siblings=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2736,6 +2745,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `row_gathers`: the backend's lowering chain, whose "row_gather" rule for matmul says that it reads the rows
     of a table gathered at run-time indices (`E[idx] @ W`) in place, the take folded into the matmuls that are
     its only readers (Scheduler._fold_row_gathers, plan.ROW_INDEX; empty, the default: the take is an op).
+    `siblings`: the backend's lowering chain, whose "n_parts" rule for matmul says that it computes the sibling
+    matmuls of a wave (one left operand, right operands the loop never writes, on the same vEUs with the same
+    uTasks, one whole GEMV tile each) as one op (siblings.py, plan.N_PARTS; empty, the default: separate ops).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2816,7 +2828,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
                    uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers)
+                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

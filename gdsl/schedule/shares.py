@@ -21,6 +21,7 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     K_PARTS,
+    N_PARTS,
     ROW_INDEX,
     ROW_SHAPE,
     ROWS,
@@ -29,12 +30,13 @@ from gdsl.schedule.plan import (
     epilogue_operands,
     row_chunk,
     row_count,
+    sibling_parts,
 )
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
 SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, utasks.K_CHUNK,
-                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX})
+                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX, N_PARTS})
 
 
 def storage_elements(value, flat):
@@ -61,6 +63,8 @@ def storage_elements(value, flat):
 
 def write_share(op, t, k=0) -> np.ndarray:
     """Flat indices of the elements of output k that uTask t writes (utasks.py's decomposition)."""
+    if N_PARTS in op.params:            # sibling matmuls (plan.N_PARTS): output k is part k's
+        return write_share(sibling_parts(op)[k], t)
     if op.kind == ROWS.name:
         return row_elements(op, op.outputs[k].aval.size, t)
     out = op.outputs[0].aval
@@ -133,6 +137,9 @@ def read_share(op, k, t, starts=()):
         return broadcast_source(shape, in_aval.shape, flat)
     if op.kind in utasks.REDUCE_KINDS:
         return _reduce_share(op, write_share(op, t))
+    if N_PARTS in op.params:            # sibling matmuls: A as every part reads it, B_i as part i
+        part = sibling_parts(op)[max(k - 1, 0)]
+        return _matmul_share(part, min(k, 1), write_share(part, t))
     if op.kind == matmul_p.name:
         return _matmul_share(op, k, write_share(op, t))
     if utasks.in_place_update(op.kind, op.params) and k < 2:

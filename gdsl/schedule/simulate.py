@@ -45,6 +45,7 @@ from gdsl.schedule.plan import (
     COPY,
     FUSED,
     K_PARTS,
+    N_PARTS,
     RESULT,
     ROW_INDEX,
     ROWS,
@@ -386,6 +387,9 @@ class Simulator:
             own = [np.concatenate([ins[number] for number, _, _ in a_parts(op)], axis=-1), own[1]]
         if ROW_INDEX in op.params:      # gathered rows (input 0 read through Value.rows): A and B only
             own = own[:2]
+        if N_PARTS in op.params:        # sibling matmuls: A by each B, into each output
+            products = [REGISTRY[op.kind].impl(own[0], b, **params)[0] for b in own[1:]]
+            return [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(products, op.outputs)]
         outs = REGISTRY[op.kind].impl(*own, **params)
         outs = [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(outs, op.outputs)]
         if epilogue_of(op) is not None:

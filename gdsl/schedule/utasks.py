@@ -285,6 +285,12 @@ def partition_tile_ok(m: int, n: int) -> bool:
     return (m <= 8 and n <= 512) or (m <= 64 and n <= 64)
 
 
+def gemv_tile_cost(m: int, n: int, k: int) -> float:
+    """The cost of a uTask computing one whole m x n tile of a matmul of depth k (a partition's, or sibling
+    matmuls' at once: siblings.py): its A, B and output moved once."""
+    return _cost(4 * (m * k + k * n + m * n), 2 * m * n * k)
+
+
 def partition_split(kind, in_avals, out_avals, params, parts):
     """The split of an op of a partitioned loop (gdsl/schedule/partition.py): uTask p is partition p,
     the output elements [p*size/parts, (p+1)*size/parts) (for matmul: batch element p, one whole tile)."""
@@ -293,7 +299,7 @@ def partition_split(kind, in_avals, out_avals, params, parts):
         return row_split(in_avals, out_avals, params, 0, parts)
     if kind in GEMM_KINDS:
         _, m, n, k = gemm_dims(kind, in_avals, out, params)
-        return parts, {"tile_m": m, "tile_n": n}, _cost(4 * (m * k + k * n + m * n), 2 * m * n * k)
+        return parts, {"tile_m": m, "tile_n": n}, gemv_tile_cost(m, n, k)
     if kind in REDUCE_KINDS:
         rows = out.size // parts
         return parts, {"rows": rows}, _cost(4 * (in_avals[0].size + out.size) / parts)

@@ -20,7 +20,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import K_PARTS, ROW_INDEX, a_parts, epilogue_of
+from gdsl.schedule.plan import K_PARTS, N_PARTS, ROW_INDEX, a_parts, epilogue_of
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
@@ -80,6 +80,9 @@ class Gemm:
     # C expression: the uTask's resident tile of B (K x tile_n in shared memory, resident.py), which the wide
     # tile reads in place instead of staging B; None where B is read from memory.
     resident_b: str | None = None
+    # A GEMV tile exactly N wide, not rounded up to a power of two (sibling matmuls' columns, a multiple of the
+    # warp: 3 x 64 columns are split as one part's 64, three columns a thread).
+    exact_n: bool = False
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -94,11 +97,21 @@ def store_output(ops: OpRenderer, idx: str, v: str) -> str:
     window = out.value.window
     epilogue = epilogue_of(ops.op)
     if epilogue is None:
-        store = out.store(idx if window is None else window_store_index(window, idx), v)
-    else:
-        result = c_types.from_storage(out.dtype, c_types.to_storage(out.dtype, v))
-        at = "e_" if window is None else window_store_index(window, "e_")
-        store = f"const int e_ = {idx}; {out.store(at, ops.expr(epilogue, 'e_', root=True, result=result))}"
+        return store_part(ops, 0, idx, v)
+    result = c_types.from_storage(out.dtype, c_types.to_storage(out.dtype, v))
+    at = "e_" if window is None else window_store_index(window, "e_")
+    store = f"const int e_ = {idx}; {out.store(at, ops.expr(epilogue, 'e_', root=True, result=result))}"
+    if window is not None and window.drop:
+        return f"if ({out.name} != nullptr) {{ {store} }}"
+    return store
+
+
+def store_part(ops: OpRenderer, number: int, idx: str, v: str) -> str:
+    """C statement: store `v` at flat element `idx` of output `number` as it is (no epilogue), into its window
+    when it has one (nothing where a start out of range drops the window)."""
+    out = ops.outs[number]
+    window = out.value.window
+    store = out.store(idx if window is None else window_store_index(window, idx), v)
     if window is not None and window.drop:
         return f"if ({out.name} != nullptr) {{ {store} }}"
     return store
@@ -117,6 +130,8 @@ def matmul(ops: OpRenderer) -> str:
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
     if utasks.gathers_batch(ops.op.params):
         return gathered_matmul(ops, M, N, K, bshape)
+    if N_PARTS in ops.op.params:
+        return sibling_matmul(ops)
     setup = [f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"]
     load_b = f"return ({acc})({b.at(f'b0 + k * {N} + n')});"
     kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
@@ -146,6 +161,32 @@ def matmul(ops: OpRenderer) -> str:
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None))
+
+
+@register_lowering("matmul", backend="cfamily", role="n_parts")
+def sibling_matmul(ops: OpRenderer) -> str:
+    """Sibling matmuls computed as one (plan.N_PARTS: A @ B_1, ..., A @ B_n): one GEMM of A by the columns of
+    every B side by side, uTask t the whole tile of batch element t. lb(k, n) reads the part that holds column
+    n, sc(m, n, v) stores to that part's output (its window, if it has one) at column n less the part's first."""
+    a = ops.ins[0]
+    widths = ops.op.params[N_PARTS]
+    acc = c_types.accumulator(ops.outs[0].dtype)
+    M, K, N = a.aval.shape[-2], ops.ins[1].aval.shape[-2], sum(widths)
+    bshape = ops.outs[0].aval.shape[:-2]
+    loads, stores, n0 = [], [], 0
+    for number, (b, width) in enumerate(zip(ops.ins[1:], widths)):
+        n = f"(n - {n0})" if n0 else "n"
+        b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
+        loads.append((n0 + width, f"return ({acc})({b.at(f'({b_off}) * {K * width} + k * {width} + {n}')});"))
+        stores.append((n0 + width, f"{{ {store_part(ops, number, f'bt * {M * width} + m * {width} + {n}', 'v')} }}"))
+        n0 += width
+    load_b = " ".join(f"if (n < {end}) {load}" for end, load in loads[:-1]) + " " + loads[-1][1]
+    store = " else ".join(f"if (n < {end}) {part}" for end, part in stores[:-1]) + " else " + stores[-1][1]
+    a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
+    return gemm_tiles(ops, Gemm(
+        M, N, K, math.prod(bshape), setup=[f"  const int a0 = ({a_off}) * {M * K};"],
+        load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});", load_b=load_b, store=store,
+        a_contiguous_k=True, b_contiguous_k=False, exact_n=N % ops.dialect.warp_size == 0))
 
 
 def _gemv_kc(M: int, K: int, parts: bool) -> int:
@@ -282,7 +323,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     if gemm.gathered:                  # one GEMM of the gathered columns (Gemm.gathered): exactly its width
         tn = N = gemm.gathered * tn
         col0 = "0"
-    tn = _pow2(tn) if tn >= N and not gemm.gathered else tn
+    tn = _pow2(tn) if tn >= N and not gemm.gathered and not (gemv and gemm.exact_n) else tn
     tm = _pow2(tm) if tm >= M and not gemv else tm
     lines = [f"  const int bt = t / {tiles_m * tiles_n}, ti = (t / {tiles_n}) % {tiles_m}, "
              f"tj = t % {tiles_n};" if gemm.batch > 1 else

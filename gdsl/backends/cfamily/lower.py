@@ -16,7 +16,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
-                           "index_ranges", "concat_k", "thin_gemv", "row_views"})
+                           "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings"})
 DEFAULT_BLOCK = 256
 
 
@@ -46,7 +46,8 @@ def check_options(options, dialect) -> dict:
             "aside": options.get("aside"), "uniform_reductions": options.get("uniform_reductions"),
             "resident_partitioned": options.get("resident_partitioned"), "index_ranges": options.get("index_ranges"),
             "concat_k": options.get("concat_k"),
-            "thin_gemv": options.get("thin_gemv"), "row_views": options.get("row_views")}
+            "thin_gemv": options.get("thin_gemv"), "row_views": options.get("row_views"),
+            "siblings": options.get("siblings")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -77,7 +78,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"),
                     concat_k=opts.get("concat_k"), k_parts=dialect.lowering_chain,
                     thin_gemv=opts.get("thin_gemv"),
-                    row_gathers=dialect.lowering_chain if opts.get("row_views") else ())
+                    row_gathers=dialect.lowering_chain if opts.get("row_views") else (),
+                    siblings=dialect.lowering_chain if opts.get("siblings") else ())
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
