@@ -48,11 +48,6 @@ WIDE_MAX_GROUPS = 16
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
-# A wide tile whose B is resident stages only A, so its stages may run deeper: the k depth doubles (dividing K)
-# while each thread stages at most this many elements of A a stage (None: GEMM_BK, as a tile that stages B).
-# Off: timed on the H200 in session 10 (docs/performance.md); a deeper stage also takes scratch shared memory
-# beyond what the CUDA backend's resident budget leaves a vEU (cuda/__init__.py: 36 KiB an SM).
-RESIDENT_STAGE_LOADS = None
 
 
 @dataclass
@@ -350,7 +345,6 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         # B read in place from its resident tile (never staged) where the tile is the resident one, whole stages
         # deep (the stages read k0 .. k0 + GEMM_BK of it) and rows of whole four-element groups
         bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % GEMM_BK == 0 and tn % 4 == 0
-        bk = resident_stage_depth(tm, K, block) if bres else GEMM_BK
         vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.a_contiguous_k and K % 4 == 0 and (
             bres or gemm.address_b is not None and (gemm.b_contiguous_k or N % 4 == 0))
         names = "la, lb, la, lb"
@@ -360,8 +354,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
             if not bres:
                 loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};")
         staged_b = 0 if bres else tn + 4
-        ops.smem = max(ops.smem, bk * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
-        call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {bk}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
+        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
+        call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
                 f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, smem);")
     else:
@@ -420,15 +414,6 @@ def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
             if best is None or key > best[0]:
                 best = (key, (rm, rn, groups))
     return None if best is None else best[1]
-
-
-def resident_stage_depth(tm: int, K: int, threads: int) -> int:
-    """The k depth of a stage of a wide tile with resident B (RESIDENT_STAGE_LOADS): GEMM_BK, doubled while it
-    divides K and a thread stages at most RESIDENT_STAGE_LOADS elements of A."""
-    bk = GEMM_BK
-    while RESIDENT_STAGE_LOADS is not None and K % (2 * bk) == 0 and 2 * bk * tm <= RESIDENT_STAGE_LOADS * threads:
-        bk *= 2
-    return bk
 
 
 def _pow2(n: int) -> int:
