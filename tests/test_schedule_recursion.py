@@ -103,6 +103,36 @@ def rae_case(cfg=None, tree="fixed"):
     return program, floor.flat_arguments(weights, inputs), weights, inputs
 
 
+def check_rae_trees(backend="cuda", **options):
+    """RAE at the bench size with jit `options` on the fixed tree and five random trees against the numpy
+    reference; (the jitted forward, cfg, weights)."""
+    from models import rae
+    cfg = rae.Config()
+    weights = rae.init_weights(cfg)
+    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend=backend, **options)
+    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
+        got = gdsl.to_numpy(forward(weights, inputs))
+        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
+    return forward, cfg, weights
+
+
+def check_rae_overflow(backend="cuda", **options):
+    """RAE with max_depth 3 on the fixed tree: the launch raises RecursionDepthError, and the next launch (a lone
+    leaf) is right."""
+    import dataclasses
+
+    from models import rae
+    cfg = rae.Config()
+    weights, inputs = rae.init_weights(cfg), rae.make_inputs(cfg, tree="fixed")
+    shallow = dataclasses.replace(cfg, max_depth=3)
+    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend=backend, **options)
+    with pytest.raises(gdsl.RecursionDepthError):
+        too_deep(weights, inputs)
+    leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
+    np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
+                               rtol=1e-3, atol=1e-4)
+
+
 def check_simulated(fn, args, grids=(1, 3, 16), epilogues=(), **options):
     """simulate(plan) == interpreter (or both overflow) on both controls and several grids; the device
     plan at the last grid. `epilogues`: the lowering chain whose epilogue rules the scheduler may use;

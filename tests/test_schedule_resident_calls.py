@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from strategies import needs_cxx, needs_nvrtc
 from test_schedule_fork import TREES, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case
+from test_schedule_recursion import CHAIN, check_rae_overflow, check_rae_trees, encoder, flat_args, height, rae_case
 
 import gdsl
 import gdsl.numpy as gnp
@@ -206,26 +206,11 @@ def test_cuda_rae_bench_trees(options):
     """On the GPU: RAE's bench size with W resident, on only the vEUs it uses, or both, on the fixed tree,
     random trees and a lone leaf, against the numpy reference; an overflowing launch raises and the next one
     is right."""
-    import dataclasses
-
-    from models import rae
-    cfg = rae.Config()
-    weights = rae.init_weights(cfg)
-    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", **options)
-    lowered = forward.lower(weights, rae.make_inputs(cfg)).lowering
+    lowered = rae_lowered("cuda", **options)
     assert ("gdsl_stage_columns(in0" in lowered.source) == bool(options.get("resident_calls"))
     assert (lowered.plan.grid == 65) == bool(options.get("narrow"))   # (the matmul's 64 thin tiles, the leaf aside)
-    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
-        got = gdsl.to_numpy(forward(weights, inputs))
-        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
-    shallow = dataclasses.replace(cfg, max_depth=3)
-    inputs = rae.make_inputs(cfg, tree="fixed")
-    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", **options)
-    with pytest.raises(gdsl.RecursionDepthError):
-        too_deep(weights, inputs)
-    leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
-    np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
-                               rtol=1e-3, atol=1e-4)
+    check_rae_trees(**options)
+    check_rae_overflow(**options)
 
 
 

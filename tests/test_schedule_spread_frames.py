@@ -18,7 +18,16 @@ import pytest
 from hypothesis import given, settings
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case, shapes
+from test_schedule_recursion import (
+    CHAIN,
+    check_rae_overflow,
+    check_rae_trees,
+    encoder,
+    flat_args,
+    height,
+    rae_case,
+    shapes,
+)
 from test_schedule_recursion_args import args_of, mixed, modified, passed_on, two_arguments
 from test_schedule_resident_calls import rae_lowered
 
@@ -318,18 +327,5 @@ def test_hip_source_compiles():
 def test_cuda_rae_bench_trees(options):
     """On the GPU: RAE's bench size on the fixed tree and random trees against the numpy reference; an
     overflowing launch raises, and a lone leaf is right after it."""
-    from models import rae
-    cfg = rae.Config()
-    weights = rae.init_weights(cfg)
-    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", **options)
-    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
-        got = gdsl.to_numpy(forward(weights, inputs))
-        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
-    shallow = dataclasses.replace(cfg, max_depth=3)
-    inputs = rae.make_inputs(cfg, tree="fixed")
-    too_deep = gdsl.jit(lambda w, t: rae.forward(w, t, shallow), backend="cuda", **options)
-    with pytest.raises(gdsl.RecursionDepthError):
-        too_deep(weights, inputs)
-    leaf = {**inputs, "root": np.asarray(np.flatnonzero(inputs["is_leaf"])[0], inputs["root"].dtype)}
-    np.testing.assert_allclose(gdsl.to_numpy(too_deep(weights, leaf)), rae.reference(weights, leaf, shallow),
-                               rtol=1e-3, atol=1e-4)
+    check_rae_trees(**options)
+    check_rae_overflow(**options)

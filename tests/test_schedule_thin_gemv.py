@@ -14,7 +14,7 @@ import pytest
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc
 from test_schedule import check_plan, lstm
 from test_schedule_fork import TREES, cpu_encoder_mismatch, wide_args
-from test_schedule_recursion import CHAIN, encoder, flat_args, height, rae_case
+from test_schedule_recursion import CHAIN, check_rae_trees, encoder, flat_args, height, rae_case
 
 import gdsl
 from gdsl.backends.cfamily import emulator
@@ -239,12 +239,7 @@ def test_cuda_rae_bench_trees(options):
     """On the GPU: RAE's bench size on the fixed tree, random trees and the traced tree against the numpy
     reference."""
     from models import rae
-    cfg = rae.Config()
-    weights = rae.init_weights(cfg)
-    forward = gdsl.jit(lambda w, t: rae.forward(w, t, cfg), backend="cuda", **options)
-    for inputs in [rae.make_inputs(cfg, tree="fixed")] + [rae.make_inputs(cfg, seed=s) for s in range(5)]:
-        got = gdsl.to_numpy(forward(weights, inputs))
-        np.testing.assert_allclose(got, rae.reference(weights, inputs, cfg), rtol=1e-3, atol=1e-4)
+    _, cfg, weights = check_rae_trees(**options)
     traced_cfg = rae.overhead_test(cfg).programs["trace"]
     traced = gdsl.jit(lambda w, t: rae.forward(w, t, traced_cfg), backend="cuda", **options)
     inputs = rae.make_inputs(cfg, tree="fixed")
