@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import importlib
 import os
 import sys
 import tempfile
@@ -28,15 +29,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 def compile_one(name, batch, control, grid=None, program=None, options=(), switches=(), phases=False):
     """Lower and compile one model at full size; `program` names one of its overhead test's programs;
     `switches`: (name, value) of the module switches of gdsl/backends/cfamily/render.py, cfamily/gemm.py
-    (WIDE_MAX_REGISTERS) or gdsl/backends/cuda/toolchain.py (PTXAS_THREADS) to set first."""
+    (WIDE_MAX_REGISTERS) or gdsl/backends/cuda/toolchain.py (PTXAS_THREADS) to set first, or (module.NAME,
+    value) of any module's switch (gdsl.backends.cfamily.reductions.PRELOAD_ROW_LEAVES)."""
     from gdsl.backends.cfamily import gemm, render
     from gdsl.backends.cuda import toolchain
     from gdsl.backends.cuda.toolchain import compile_cuda
     from models import common, load
     for switch, value in switches:
-        module = next((m for m in (render, gemm, toolchain) if hasattr(m, switch)), None)
+        if "." in switch:  # a dotted module.NAME, as benchmarks/switches.py takes it
+            path, switch = switch.rsplit(".", 1)
+            module = importlib.import_module(path)
+            module = module if hasattr(module, switch) else None
+        else:
+            module = next((m for m in (render, gemm, toolchain) if hasattr(m, switch)), None)
         if module is None:
-            raise SystemExit(f"--render: no switch {switch} in render.py, gemm.py or cuda/toolchain.py")
+            raise SystemExit(f"--render: no switch {switch} in render.py, gemm.py, cuda/toolchain.py "
+                             f"or the module named")
         setattr(module, switch, value)
     model = load(name)
     cfg, inputs = None, {}
@@ -82,7 +90,8 @@ def main():
                                                  "ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them), "
                                                  "CALL_IN_LARGE_KERNELS=False,PTXAS_THREADS=None, "
                                                  "SEPARATE_MIN_CALLED=None (whole-program compiles only) or "
-                                                 "WIDE_VECTOR_LOADS=False")
+                                                 "WIDE_VECTOR_LOADS=False; or any module's switch by its dotted "
+                                                 "name, gdsl.backends.cfamily.reductions.PRELOAD_ROW_LEAVES=32")
     p.add_argument("--phases", action="store_true", help="also NVRTC's time per phase (front end, NVVM, ptxas)")
     p.add_argument("--overhead", action="store_true",
                    help="instead, every program of the overhead tests at batch 1 (models.bench --overhead)")
