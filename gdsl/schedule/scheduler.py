@@ -2747,7 +2747,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     its only readers (Scheduler._fold_row_gathers, plan.ROW_INDEX; empty, the default: the take is an op).
     `siblings`: the backend's lowering chain, whose "n_parts" rule for matmul says that it computes the sibling
     matmuls of a wave (one left operand, right operands the loop never writes, on the same vEUs with the same
-    uTasks, one whole GEMV tile each) as one op (siblings.py, plan.N_PARTS; empty, the default: separate ops).
+    uTasks, one whole GEMV tile each) as one op (siblings.py, plan.N_PARTS; empty: separate ops; the C family
+    passes its chain unless siblings=False).
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a

@@ -24,8 +24,11 @@ from gdsl.schedule.rows import ROW_SLOTS
 # A row chain's lanes load every element they read at their row elements first, in one pass, where that takes at
 # most this many registers a lane (values x slots); the steps then compute from registers. Without it each
 # step's loads wait behind the step before (a step's slot loop is its own branch, which the compiler does not
-# hoist loads across): NASRNN's cell, two steps, paid two L2 round trips. None: off (not timed yet).
-PRELOAD_ROW_LEAVES = None
+# hoist loads across): NASRNN's cell, two steps, paid two L2 round trips. None: off. Measured on the H200
+# (session 11, alternated x2 in one call, ms, off -> 32): NASRNN bs64 10.90 / 10.93 -> 9.42 / 9.41, LSTM bs64
+# 3.007 / 3.010 -> 2.887 / 2.819, LSTM bs1 0.457 / 0.455 -> 0.436 / 0.402, Attention bs1 0.199 / 0.185 ->
+# 0.144 / 0.148; NASRNN bs1, Seq2seq and Attention bs64 within their spread.
+PRELOAD_ROW_LEAVES = 32
 
 
 # ---------------------------------------------------------------------------------- reductions (uTask)
