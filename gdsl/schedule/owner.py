@@ -23,6 +23,12 @@ chain's tiles fit resident.py's budget per vEU and from L2 when not; a chain is 
 beats its ops on their own splits by the grid barriers it saves (column_layouts: at batch 64, chunks of
 a few columns per row would be hundreds of rounds per vEU).
 
+Row blocks (batch > 1): where the backend's lowering chain has the "row_block" rule for every non-matmul op of
+the chain (the scheduler option `row_blocks`), the layout may give each uTask a block of R rows by a column
+range instead (plan.ROW_BLOCK: 2-D chunks; the matmul's tiles R x tile_n of every gate), uTask t = (row block,
+range) of every op alike, so any count works and a vEU runs one cell uTask a step for its rows and columns
+(_row_blocks, _tiling; the switch FORCE_ROW_BLOCK forces R).
+
 The chains are found from the segment's dataflow, never from a model: ops are joined when one reads the
 other's result column for column (an elementwise op or copy whose input has the same last axis, read at
 an offset that is a whole number of rows); a chain is laid out when it holds a matmul of at most MAX_ROWS
