@@ -32,7 +32,8 @@ into a contraction only for a backend with this rule; "view": how a backend read
 place at a run-time offset, plan.Value.terms: the scheduler makes such windows views instead of ops only
 for a backend with this rule; "k_parts" and "row_gather", for matmul: how its tiles load a left operand read
 in parts, plan.K_PARTS, or as rows gathered at run-time indices, plan.ROW_INDEX; "n_parts", for matmul: how
-its tiles load and store the columns of sibling matmuls computed as one op, plan.N_PARTS). A backend looks rules up
+its tiles load and store the columns of sibling matmuls computed as one op, plan.N_PARTS; "row_block", for an
+elementwise-like kind or a cell chain: that its uTask body takes 2-D chunks, plan.ROW_BLOCK). A backend looks rules up
 through a chain of names (the HIP dialect: "hip", then "cfamily"), so a dialect overrides a rule by registering its own.
 A kind with no rule is a NotImplementedError naming the kind and the backend. tests/test_registry.py
 walks the registry and fails on any gap.
@@ -53,7 +54,7 @@ CONTRACTION = "contraction"
 CONVOLUTION = "convolution"
 CONTROL = "control"
 FAMILIES = (ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW, REDUCE, CONTRACTION, CONVOLUTION, CONTROL)
-ROLES = ("utask", "uniform", "epilogue", "view", "k_parts", "row_gather", "n_parts")
+ROLES = ("utask", "uniform", "epilogue", "view", "k_parts", "row_gather", "n_parts", "row_block")
 
 REGISTRY: dict[str, Primitive] = {}
 OP_KINDS: dict[str, OpKind] = {}      # every uTask kind: the primitives and the scheduler's own kinds

@@ -36,6 +36,7 @@ from gdsl.schedule.plan import (
     Buffer,
     Value,
     Wave,
+    chunk_utask,
     epilogue_operands,
     row_chunk,
     row_count,
@@ -225,16 +226,15 @@ def _output_veus(task, number=0) -> np.ndarray | None:
     elif op.kind in utasks.REDUCE_KINDS:
         t = e // op.params["rows"]
     else:
-        t = e // op.params["chunk"]
+        t = chunk_utask(op.params, out.shape, e)      # (2-D with plan.ROW_BLOCK)
     return task.first + t % task.count
 
 
 def _row_utask(op, size, e):
     """The uTask of a ROWS op that computes element e of an array of `size` elements laid out by its rows
     (or by its chunks of the row shape: row_chunk)."""
-    chunk = row_chunk(op)
-    if chunk is not None:
-        return e // chunk
+    if row_chunk(op) is not None:
+        return chunk_utask(op.params, op.params[ROW_SHAPE], e)
     return e // (op.params["rows"] * (size // max(row_count(op), 1)))
 
 

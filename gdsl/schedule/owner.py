@@ -23,6 +23,12 @@ chain's tiles fit resident.py's budget per vEU and from L2 when not; a chain is 
 beats its ops on their own splits by the grid barriers it saves (column_layouts: at batch 64, chunks of
 a few columns per row would be hundreds of rounds per vEU).
 
+Row blocks (batch > 1): where the backend's lowering chain has the "row_block" rule for every non-matmul op of
+the chain (the scheduler option `row_blocks`), the layout may give each uTask a block of R rows by a column
+range instead (plan.ROW_BLOCK: 2-D chunks; the matmul's tiles R x tile_n of every gate), uTask t = (row block,
+range) of every op alike, so any count works and a vEU runs one cell uTask a step for its rows and columns
+(_row_blocks, _tiling; the switch FORCE_ROW_BLOCK forces R).
+
 The chains are found from the segment's dataflow, never from a model: ops are joined when one reads the
 other's result column for column (an elementwise op or copy whose input has the same last axis, read at
 an offset that is a whole number of rows); a chain is laid out when it holds a matmul of at most MAX_ROWS
@@ -48,14 +54,23 @@ from gdsl.schedule.plan import COPY, ROW_SHAPE, ROWS, STEPS, Buffer, Value, is_c
 
 MAX_ROWS = 64          # a matmul with more rows is not latency-bound: its split stays the scheduler's own
 MAX_TILE_N = 64        # the widest column range of a layout (the GEMM tile routine's widest tile)
+# The blocks of rows a layout of several rows may give each uTask (GEMM tile heights, utasks.GEMM_TILES), besides
+# all of its rows (plan.ROW_BLOCK, on a backend with the "row_block" rule).
+ROW_BLOCKS = (8, 16, 32)
+# Module switch, for tests and measurements: every layout of several rows that may take row blocks takes this
+# one (rows per uTask; one at least the rows: all of them) instead of the cost model's choice; None: its choice.
+FORCE_ROW_BLOCK: int | None = None
 
 
 @dataclass(frozen=True)
 class Layout:
-    """An op's place in a column layout: `tile_n` columns per uTask, on vEUs [first, first + count)."""
+    """An op's place in a column layout: `tile_n` columns per uTask, on vEUs [first, first + count); with
+    `row_block` (R) uTask t = (i, j) covers rows [i*R, (i+1)*R) by column range j (plan.ROW_BLOCK), else all
+    rows (a non-matmul op then takes chunks of tile_n elements: a row's range)."""
     first: int
     count: int
     tile_n: int
+    row_block: int | None = None
 
 
 @dataclass(eq=False)
@@ -73,11 +88,11 @@ class Node:
         return (self.output,) + self.more_outputs
 
 
-def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int = 0) -> dict:
+def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int = 0, row_blocks=None) -> dict:
     """key -> Layout for the ops of every chain worth laying out (see the module docstring); the chains
     share the grid in equal parts (`block`: threads per vEU; `resident_bytes`: the shared memory per vEU for
-    loop-invariant weights, resident.py). Empty when there is none or the grid is too small to give each
-    one."""
+    loop-invariant weights, resident.py; `row_blocks(kind)`: may an op of that kind take 2-D chunks,
+    plan.ROW_BLOCK; None: none may). Empty when there is none or the grid is too small to give each one."""
     candidates = [n for n in nodes if _columns(n) is not None]
     writer = {out.storage: n for n in candidates for out in n.outputs}
     parent = {id(n): n for n in candidates}
@@ -105,11 +120,11 @@ def column_layouts(nodes: list[Node], grid: int, block: int, resident_bytes: int
     budget = grid // len(chains)
     layouts, first = {}, 0
     for chain in chains:
-        ns, tile_n, count = _tiling(chain, budget, block, resident_bytes)
+        ns, tile_n, count, row_block = _tiling(chain, budget, block, resident_bytes, row_blocks)
         if ns > _unplaced_ns(chain, budget, block) + _steps(chain) * (BARRIER_NS - LOCAL_SYNC_NS):
             continue              # the layout costs more than the grid barriers it saves
         for n in chain:
-            layouts[n.key] = Layout(first, count, tile_n)
+            layouts[n.key] = Layout(first, count, tile_n, row_block)
         first += count
     return layouts
 
@@ -175,12 +190,14 @@ def _reads_columns(node: Node, value: Value, n: int) -> bool:
         not value.dynamic and value.perm is None
 
 
-def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> tuple[float, int, int]:
-    """(estimated ns, tile_n, count) for a chain whose rows have n columns, on at most `budget` vEUs: of the
-    column ranges the layout allows (_count), the one the cost model (utasks.py) estimates fastest: the
-    busiest vEU's rounds of every op of the chain. Only tilings whose matmul uTasks read a multiple of 8
-    columns compete when there are any (gdsl_gemv_tile's column threads: with fewer than 8 a uTask reads B
-    in pieces shorter than a memory sector).
+def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int,
+            row_blocks=None) -> tuple[float, int, int, int | None]:
+    """(estimated ns, tile_n, count, row_block) for a chain whose rows have n columns, on at most `budget`
+    vEUs: of the column ranges the layout allows (_count), and of the row blocks (_row_blocks: all rows, or
+    with `row_blocks` blocks of rows where every op of the chain can take them), the one the cost model
+    (utasks.py) estimates fastest: the busiest vEU's rounds of every op of the chain. Only tilings whose
+    matmul uTasks read a multiple of 8 columns compete when there are any (gdsl_gemv_tile's column threads:
+    with fewer than 8 a uTask reads B in pieces shorter than a memory sector).
 
     The weights: a tiling whose matmul tiles (every matmul of the chain, the busiest vEU's rounds of each)
     do not fit the resident budget (resident.py's `resident_bytes` per vEU) is costed with B read from L2
@@ -188,32 +205,66 @@ def _tiling(chain: list[Node], budget: int, block: int, resident_bytes: int) -> 
     shared memory for it) every tiling reads B so, and the layout is still worth its barrier."""
     n = _columns(chain[0])
     options = []
-    for tile_n in range(1, min(n, MAX_TILE_N) + 1):
-        count = _count(chain, n, tile_n, budget)
-        if count is None:
+    blocks = _row_blocks(chain, row_blocks)
+    for row_block in (None,) * (FORCE_ROW_BLOCK is None or not blocks) + blocks:
+        for tile_n in range(1, min(n, MAX_TILE_N) + 1):
+            count = _count(chain, n, tile_n, budget, row_block)
+            if count is None:
+                continue
+            onchip = _weight_bytes(chain, tile_n, count, block, row_block) <= resident_bytes
+            splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [v.aval for v in node.outputs],
+                                          tile_n, block, b_onchip=onchip, params=node.params, row_block=row_block)
+                      for node in chain]
+            ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
+                     for node, (utasks_count, _, cost) in zip(chain, splits))
+            aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
+            options.append((ns, tile_n, count, row_block or 0, aligned))
+    if any(option[-1] for option in options):
+        options = [option for option in options if option[-1]]
+    ns, tile_n, count, row_block, _ = min(options)
+    return ns, tile_n, count, row_block or None
+
+
+def _row_blocks(chain: list[Node], allowed) -> tuple[int, ...]:
+    """The row blocks R (plan.ROW_BLOCK) a chain's layout may take: where every matmul has the same M > 1
+    rows, every other op writes M rows and may take 2-D chunks (`allowed(kind)`), and reads the chain's
+    results at whole batch elements (so that its row r is row r of each gate), ROW_BLOCKS' below M and M
+    itself (all rows by a column range: one uTask per range for the cell as for the matmul); else none."""
+    matmuls = [node for node in chain if node.kind == matmul_p.name]
+    rows = {node.output.aval.shape[-2] for node in matmuls}
+    if allowed is None or len(rows) != 1 or (m := rows.pop()) <= 1:
+        return ()
+    n = _columns(chain[0])
+    written = {out.storage for node in chain for out in node.outputs}
+    for node in chain:
+        if node.kind == matmul_p.name:
             continue
-        onchip = _weight_bytes(chain, tile_n, count, block) <= resident_bytes
-        splits = [utasks.column_split(node.kind, [v.aval for v in node.inputs], [v.aval for v in node.outputs],
-                                      tile_n, block, b_onchip=onchip, params=node.params) for node in chain]
-        ns = sum(-(-utasks_count // count) * (cost + UTASK_NS)
-                 for node, (utasks_count, _, cost) in zip(chain, splits))
-        aligned = all(_utask_columns(node, tile_n) % 8 == 0 for node in chain if node.kind == matmul_p.name)
-        options.append((ns, tile_n, count, aligned))
-    if any(aligned for *_, aligned in options):
-        options = [option for option in options if option[3]]
-    ns, tile_n, count, _ = min(options)
-    return ns, tile_n, count
+        if not allowed(node.kind) or any(out.aval.size != m * n for out in node.outputs):
+            return ()
+        if any(v.storage in written and v.offset % (m * n) for v in node.inputs):
+            return ()
+    if FORCE_ROW_BLOCK is not None:
+        return (min(FORCE_ROW_BLOCK, m),)
+    return tuple(r for r in ROW_BLOCKS if r < m) + (m,)
 
 
-def _count(chain: list[Node], n: int, tile_n: int, budget: int) -> int | None:
+def _count(chain: list[Node], n: int, tile_n: int, budget: int, row_block: int | None = None) -> int | None:
     """The vEUs a chain's layout of `tile_n` columns takes (at most `budget`), None where it cannot take
     that width. uTask t of an op must run on the vEU of its column range j: vEU t mod count when
     (t mod count) == (j mod count) for all of them. An op whose uTask t *is* range t (a matmul gathering
     its batch or having none, an elementwise op of one row) allows any count; a row of several ranges
     (uTask t = row * ranges + j, the same for a batched matmul's tiles) needs count to divide the number
     of ranges. A last range shorter than tile_n is possible only when every elementwise op has one row
-    (with more, a chunk of tile_n elements would run across the end of a row)."""
+    (with more, a chunk of tile_n elements would run across the end of a row). With a `row_block`, uTask t
+    of every op is (row block, range) t alike (2-D chunks, a matmul's R-row tiles): any count, or where a
+    matmul keeps one tile per batch element one dividing the row blocks times the ranges."""
     ranges = -(-n // tile_n)
+    if row_block is not None:
+        rows = next(node.output.aval.shape[-2] for node in chain if node.kind == matmul_p.name)
+        units = -(-rows // row_block) * ranges
+        if all(_range_is_utask(node) for node in chain):
+            return min(units, budget)
+        return max(d for d in range(1, min(units, budget) + 1) if units % d == 0)
     one_row = all(node.kind == matmul_p.name or node.output.aval.size == n for node in chain)
     if n % tile_n and not one_row:
         return None
@@ -237,7 +288,7 @@ def _utask_columns(node: Node, tile_n: int) -> int:
     return tile_n * (math.prod(out.shape[:-2]) if gather else 1)
 
 
-def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int) -> int:
+def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int, row_block: int | None = None) -> int:
     """The bytes of B tiles the busiest vEU of a layout keeps resident: per distinct weight (a matmul
     repeated in an unrolled loop body reads the same tiles: resident.py shares them), its rounds of
     tiles of K rows by the uTask's columns."""
@@ -246,7 +297,8 @@ def _weight_bytes(chain: list[Node], tile_n: int, count: int, block: int) -> int
         if node.kind != matmul_p.name:
             continue
         a, b = node.inputs[0].aval, node.inputs[1].aval
-        utasks_count = utasks.column_split(node.kind, [a, b], [node.output.aval], tile_n, block)[0]
+        utasks_count = utasks.column_split(node.kind, [a, b], [node.output.aval], tile_n, block,
+                                           row_block=row_block)[0]
         key = (node.inputs[1].storage, node.inputs[1].offset)
         weights[key] = -(-utasks_count // count) * b.shape[-2] * _utask_columns(node, tile_n) * b.dtype.itemsize
     return sum(weights.values())

@@ -349,6 +349,53 @@ class RowStep:
         return tuple(self.aval.shape) != tuple(row_shape)
 
 
+# The split param that makes an elementwise op's or a cell chain's chunk two-dimensional (owner.py's column
+# layouts of more than one row, on a backend with the "row_block" lowering rule): uTask t then covers rows
+# [i*R, (i+1)*R) by columns [j*chunk, (j+1)*chunk) of its output viewed as [rows, n] (n its last axis; a ROWS
+# op's row shape), R = params[ROW_BLOCK], (i, j) = divmod(t, ceil(n / chunk)): the same numbering as a matmul's
+# tiles of R x chunk (gathered), so that uTask t of each covers the same rows and columns. The last row block and
+# column range may be shorter.
+ROW_BLOCK = "row_block"
+
+
+def chunk_grid(params, shape) -> tuple[int, int, int, int]:
+    """(rows, n, R, chunk) of an op split in 2-D chunks (ROW_BLOCK) over an array of `shape`."""
+    n = shape[-1] if len(shape) else 1
+    rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
+    return rows, n, params[ROW_BLOCK], params["chunk"]
+
+
+def chunk_count(params, shape) -> int:
+    """The uTasks of an op split in chunks ("chunk", with ROW_BLOCK two-dimensional) over `shape`."""
+    if ROW_BLOCK not in params:
+        return max(1, -(-int(np.prod(shape, dtype=np.int64)) // params["chunk"]))
+    rows, n, block, chunk = chunk_grid(params, shape)
+    return max(1, -(-rows // block) * -(-n // chunk))
+
+
+def chunk_elements(params, shape, t) -> np.ndarray:
+    """Flat (row-major) indices of the elements of an array of `shape` that uTask t of an op split in chunks
+    covers: [t*chunk, (t+1)*chunk), or with ROW_BLOCK its block of rows by its column range."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if ROW_BLOCK not in params:
+        chunk = params["chunk"]
+        return np.arange(min(t * chunk, size), min((t + 1) * chunk, size))
+    rows, n, block, chunk = chunk_grid(params, shape)
+    i, j = divmod(int(t), -(-n // chunk))
+    r = np.arange(i * block, min((i + 1) * block, rows))
+    c = np.arange(j * chunk, min((j + 1) * chunk, n))
+    return (r[:, None] * n + c[None, :]).reshape(-1)
+
+
+def chunk_utask(params, shape, e) -> np.ndarray:
+    """The uTask of an op split in chunks that covers each flat element `e` of an array of `shape`."""
+    if ROW_BLOCK not in params:
+        return e // params["chunk"]
+    rows, n, block, chunk = chunk_grid(params, shape)
+    r, c = np.divmod(e, n)
+    return (r // block) * -(-n // chunk) + c // chunk
+
+
 def row_chunk(op) -> int | None:
     """The elements per uTask of a ROWS op split in chunks of its row shape (a cell chain in a column
     layout: ROW_CHUNK), None for one split in whole rows."""

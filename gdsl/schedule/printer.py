@@ -11,6 +11,7 @@ from __future__ import annotations
 from gdsl.schedule.plan import (
     K_PARTS,
     N_PARTS,
+    ROW_BLOCK,
     ROW_INDEX,
     ROWS,
     STEPS,
@@ -88,7 +89,11 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                 rounds = -(-t.op.n_utasks // t.count)
                 extra = f", {rounds} rounds" if rounds > 1 else ""
                 if gathers_batch(t.op.params):
-                    extra += f", each {t.op.params['tile_n']} columns of every batch element"
+                    tm = t.op.params["tile_m"]
+                    rows = f"{tm} rows by " if tm < t.op.outputs[0].aval.shape[-2] else ""
+                    extra += f", each {rows}{t.op.params['tile_n']} columns of every batch element"
+                if ROW_BLOCK in t.op.params:        # (a 2-D chunk of a column layout of several rows: owner.py)
+                    extra += f", each {t.op.params[ROW_BLOCK]} rows by {t.op.params['chunk']} columns"
                 if K_CHUNK in t.op.params:          # (the option thin_gemv: utasks.thin_gemv_params)
                     extra += f", {t.op.params['tile_n']} columns each, k staged at once"
                 if RESIDENT in t.op.params:

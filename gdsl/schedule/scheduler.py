@@ -55,6 +55,7 @@ from gdsl.schedule.plan import (
     FUSED,
     K_PARTS,
     RESULT,
+    ROW_BLOCK,
     ROW_INDEX,
     ROW_SHAPE,
     ROWS,
@@ -189,7 +190,8 @@ class Scheduler:
     def __init__(self, program, *, control="device", grid=132, block=256, partition=None, resident_bytes=0,
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
-                 resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=(), siblings=()):
+                 resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=(), siblings=(),
+                 row_blocks=()):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -229,6 +231,9 @@ class Scheduler:
         # The lowering chain whose "k_parts" rule for matmul says that it reads a left operand concatenated
         # along its depth from the parts (plan.K_PARTS, _fold_k_parts); empty: the concatenation is a copy.
         self.k_parts = has_lowering(matmul_p.name, tuple(k_parts), "k_parts") if k_parts else False
+        # The lowering chain whose "row_block" rules say which kinds take 2-D chunks (plan.ROW_BLOCK): a column
+        # layout of several rows may then split into blocks of rows (owner.py); empty: whole rows only.
+        self.row_blocks = tuple(row_blocks)
         # The lowering chain whose "row_gather" rule for matmul says that its tiles read a left operand of rows
         # gathered at run-time indices in place (plan.ROW_INDEX, _fold_row_gathers); empty: the take is an op.
         self.row_gathers = has_lowering(matmul_p.name, tuple(row_gathers), "row_gather") if row_gathers else False
@@ -1193,7 +1198,9 @@ class Scheduler:
             first, *more = self._op_outputs(it)
             params = {k: v for k, v in self._params(it).items() if it.rows is not None or k in (K_PARTS, ROW_INDEX)}
             nodes.append(Node(it, kind, tuple(self.read(a) for a in atoms), first, params, tuple(more)))
-        layouts = column_layouts(nodes, self.grid, self.block, self.resident_bytes)
+        chain = self.row_blocks
+        layouts = column_layouts(nodes, self.grid, self.block, self.resident_bytes,
+                                 row_blocks=(lambda kind: has_lowering(kind, chain, "row_block")) if chain else None)
         chains = len({(layout.first, layout.count) for layout in layouts.values()})     # (one vEU range a chain)
         self.stats["owner_chains"] = max(self.stats.get("owner_chains", 0), chains)
         return layouts
@@ -1217,7 +1224,8 @@ class Scheduler:
             params["in_place"] = True
         if layout is not None:
             count, split_params, cost = utasks.column_split(kind, [x.aval for x in inputs], [v.aval for v in outs],
-                                                            layout.tile_n, self.block, params=params)
+                                                            layout.tile_n, self.block, params=params,
+                                                            row_block=layout.row_block)
         else:
             count, split_params, cost = self._split(kind, [x.aval for x in inputs], [v.aval for v in outs],
                                                     params, grid)
@@ -1327,6 +1335,8 @@ class Scheduler:
         def same_split(producer, op) -> bool:
             # (Chunks over the same number of elements: op can take producer's chunk, _with_chunk.)
             chunk = producer.params.get("chunk")
+            if ROW_BLOCK in producer.params or ROW_BLOCK in op.params:
+                return False         # (2-D chunks: a layout's own, owner.py)
             return chunk is not None and "chunk" in op.params and \
                 producer.n_utasks == -(-_chunked_size(op) // chunk) and _chunked_size(producer) == _chunked_size(op)
 
@@ -2726,7 +2736,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=(), thin_gemv=None, row_gathers=(), siblings=()) -> Plan:
+             k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=()) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2749,6 +2759,10 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     matmuls of a wave (one left operand, right operands the loop never writes, on the same vEUs with the same
     uTasks, one whole GEMV tile each) as one op (siblings.py, plan.N_PARTS; empty: separate ops; the C family
     passes its chain unless siblings=False).
+    `row_blocks`: the backend's lowering chain, whose "row_block" rules say which elementwise-like kinds (and
+    cell chains) take 2-D chunks (plan.ROW_BLOCK): an owner-computes column layout of several rows (batch > 1)
+    may then give each vEU a block of rows by a column range (owner.py); empty: a layout's uTasks take whole
+    rows (a chunk of tile_n elements per row), which at batch 64 is never worth its barrier.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2829,7 +2843,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
                    window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
                    spread_frames=spread_frames is not False, aside=aside is not False,
                    uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings)
+                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
+                   row_blocks=row_blocks)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

@@ -22,11 +22,13 @@ from gdsl.schedule.plan import (
     FUSED,
     K_PARTS,
     N_PARTS,
+    ROW_BLOCK,
     ROW_INDEX,
     ROW_SHAPE,
     ROWS,
     WINDOW_COPY,
     a_parts,
+    chunk_elements,
     epilogue_operands,
     row_chunk,
     row_count,
@@ -35,8 +37,8 @@ from gdsl.schedule.plan import (
 from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
-SPLIT_PARAMS = frozenset({"chunk", "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH, utasks.K_CHUNK,
-                          RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX, N_PARTS})
+SPLIT_PARAMS = frozenset({"chunk", ROW_BLOCK, "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH,
+                          utasks.K_CHUNK, RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX, N_PARTS})
 
 
 def storage_elements(value, flat):
@@ -87,17 +89,15 @@ def write_share(op, t, k=0) -> np.ndarray:
     if op.kind in utasks.REDUCE_KINDS:
         rows = p["rows"]
         return np.arange(t * rows, min((t + 1) * rows, out.size))
-    chunk = p["chunk"]
-    return np.arange(t * chunk, min((t + 1) * chunk, out.size))
+    return chunk_elements(p, out.shape, t)         # (2-D with plan.ROW_BLOCK)
 
 
 def row_elements(op, size: int, t) -> np.ndarray:
     """Flat indices, in an array of `size` elements laid out by the rows of a ROWS op (its row shape, or
     one element per row), of the rows of uTask t; of its chunk of the row shape when split so (row_chunk:
-    a cell chain, whose arrays all have the row shape)."""
-    chunk = row_chunk(op)
-    if chunk is not None:
-        return np.arange(min(t * chunk, size), min((t + 1) * chunk, size))
+    a cell chain, whose arrays all have the row shape; plan.chunk_elements)."""
+    if row_chunk(op) is not None:               # (2-D with plan.ROW_BLOCK: a block of rows by a column range)
+        return chunk_elements(op.params, op.params[ROW_SHAPE], t)
     per_row = size // max(row_count(op), 1)
     span = op.params["rows"] * per_row
     return np.arange(min(t * span, size), min((t + 1) * span, size))

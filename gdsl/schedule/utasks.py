@@ -3,6 +3,9 @@
 One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly the share written here:
 
     elementwise-like kinds   output elements [t*chunk, min((t+1)*chunk, size)) in row-major order
+    elementwise, row_block   rows [i*R, (i+1)*R) x columns [j*chunk, (j+1)*chunk) of the output as [rows, n],
+                             (i, j) = divmod(t, ceil(n/chunk)) (plan.ROW_BLOCK: a column layout of several
+                             rows, owner.py; a cell chain's "rows" op so too, of its row shape)
     matmul / conv2d          output tile (b, i, j) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n)));
                              conv2d as implicit GEMM: M = N*HO*WO, N = O, K = C*KH*KW, batch = 1
     matmul, gather_batch     output tiles (i, j) = unravel(t, (ceil(M/tile_m), ceil(N/tile_n))) of EVERY
@@ -332,29 +335,38 @@ def tiles_per_batch(params, batch: int) -> int:
     return batch if gathers_batch(params) else 1
 
 
-def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True, params=None):
+def column_split(kind, in_avals, out_avals, tile_n, block, b_onchip=True, params=None, row_block=None):
     """The split of an op in a column layout (owner.py): each uTask writes within one range of `tile_n`
     columns (the output's last axis). A matmul takes tiles of all its M rows by tile_n columns, of every
     batch element at once where it can (can_gather_batch: one staging of A and one reduction per uTask);
     any other kind chunks of tile_n elements (a row's range when tile_n divides the row length, or the row
     has one; a cell chain's of its row shape, each output's). `b_onchip`: the matmul's weights are read
-    from the vEU's shared memory (resident.py), else from L2 at a vEU's share of its bandwidth."""
+    from the vEU's shared memory (resident.py), else from L2 at a vEU's share of its bandwidth. `row_block`
+    (R): the layout's uTasks take blocks of R rows by the column range instead of all rows: a matmul's tiles
+    R x tile_n, any other kind 2-D chunks (plan.ROW_BLOCK), uTask t = (row block, range) of each alike."""
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, {})
-        tm = max(m, 1)
+        tm = max(min(m, row_block or m), 1)
         gather = can_gather_batch(kind, in_avals, out)
         per_utask = batch if gather else 1
         count = batch // per_utask * math.ceil(m / tm) * math.ceil(n / tile_n)
         params = {"tile_m": tm, "tile_n": tile_n, **({GATHER_BATCH: True} if gather else {})}
         columns = per_utask * tile_n
-        if m <= GEMV_ROWS:
+        if tm == m <= GEMV_ROWS:
             cost = _gemv_tile_cost(tm, columns, k, len(in_avals) - plan.contraction_operands(params or {}))
             if not b_onchip:        # its weights' bytes at L2's share instead of the vEU's own memory
                 cost += 4 * k * columns * (1 / BYTES_PER_NS_PER_VEU - 1 / ONCHIP_BYTES_PER_NS_PER_VEU)
         else:
             cost = _gemm_tile_cost(tm, columns, k, len(in_avals) - plan.contraction_operands(params or {}))
         return count, params, cost
+    if row_block is not None:
+        split = {"chunk": tile_n, plan.ROW_BLOCK: row_block}
+        count = plan.chunk_count(split, out.shape)
+        rows = max(1, out.size // max(out.shape[-1], 1))
+        elements = min(row_block, rows) * min(tile_n, out.shape[-1])
+        arrays = len(in_avals) + len(out_avals) - 1
+        return count, split, chunk_cost(elements, arrays, block, out.size)
     count = max(1, math.ceil(out.size / tile_n))
     arrays = len(in_avals) + len(out_avals) - 1      # (chunk_cost counts one output)
     return count, {"chunk": tile_n}, chunk_cost(tile_n, arrays, block, out.size)

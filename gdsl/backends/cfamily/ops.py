@@ -26,7 +26,7 @@ from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.primitives.elementwise import convert_p
 from gdsl.primitives.registry import lowering_rule, register_lowering
 from gdsl.primitives.structural import broadcast_p, iota_p
-from gdsl.schedule.plan import FUSED, RESULT, STEP, Expr
+from gdsl.schedule.plan import COPY, FUSED, RESULT, ROW_BLOCK, ROWS, STEP, Expr
 
 
 def strides(shape) -> list[int]:
@@ -164,10 +164,28 @@ class OpRenderer:
         runs once first. `size` defaults to the output's."""
         size = self.outs[0].aval.size if size is None else size
         chunk = self.op.params.get("chunk", size)
+        if ROW_BLOCK in self.op.params:
+            return self._per_block_element(element, before, size)
         lines = [f"  const int lo = t * {chunk};",
                  f"  const int hi = lo + {chunk} < {size} ? lo + {chunk} : {size};"]
         lines += ["  " + line for line in before]
         lines.append(f"  for (int i = lo + (int){self.dialect.thread_index}; i < hi; i += {self.block}) {{")
+        lines += ["    " + line for line in element]
+        lines.append("  }")
+        return "\n".join(lines) + "\n"
+
+    def _per_block_element(self, element: list[str], before, size: int) -> str:
+        """per_element over a 2-D chunk (plan.ROW_BLOCK): uTask t's block of R rows by its column range of
+        the output as [rows, n] (n the first output's last axis), the block's threads striding through its
+        elements, flat element i = row * n + column."""
+        n = self.outs[0].aval.shape[-1] if self.outs[0].aval.ndim else 1
+        rows, block, chunk = size // max(n, 1), self.op.params[ROW_BLOCK], self.op.params["chunk"]
+        lines = [f"  const int r0 = t / {-(-n // chunk)} * {block}, j0 = t % {-(-n // chunk)} * {chunk};",
+                 f"  const int w = j0 + {chunk} < {n} ? {chunk} : {n} - j0;",
+                 f"  const int h = r0 + {block} < {rows} ? {block} : {rows} - r0;"]
+        lines += ["  " + line for line in before]
+        lines.append(f"  for (int e = (int){self.dialect.thread_index}; e < h * w; e += {self.block}) {{")
+        lines.append(f"    const int i = (r0 + e / w) * {n} + j0 + e % w;")
         lines += ["    " + line for line in element]
         lines.append("  }")
         return "\n".join(lines) + "\n"
@@ -215,6 +233,13 @@ class OpRenderer:
 
 
 # ---------------------------------------------------------------------------------- elementwise family rules
+@register_lowering((FUSED, COPY, ROWS, convert_p, broadcast_p, iota_p), backend="cfamily", role="row_block")
+def takes_row_blocks(ops: OpRenderer) -> bool:
+    """The "row_block" rule: these kinds' uTask bodies (per_element; a ROWS op's when split in chunks, a cell
+    chain's: reductions._cell_chunk) take 2-D chunks (plan.ROW_BLOCK). The scheduler only asks that it exists."""
+    return True
+
+
 @register_lowering((FUSED, convert_p, broadcast_p, iota_p), backend="cfamily")
 def expression_body(ops: OpRenderer) -> str:
     """A fused chain, or one unfused elementwise-like primitive as a one-node expression."""
