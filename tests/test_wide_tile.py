@@ -65,15 +65,6 @@ def test_wide_tile_shapes(monkeypatch):
     monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", 64)
     assert wide_tile(64, 64, 256) == (8, 8, 4)       # 64 threads a group, four groups split k
     assert wide_tile(64, 128, 256) == (8, 8, 2)
-    monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", 32)
-    monkeypatch.setattr(gemm, "WIDE_MIN_GROUP_K", 8)    # past 16 registers only with 8 k a group or more
-    assert wide_tile(32, 64, 256) == (8, 4, 4)
-    assert wide_tile(64, 64, 256) == (8, 4, 2)
-    assert wide_tile(32, 32, 256) == (4, 4, 4)       # 8 x 4 would take 8 groups of 4 k
-    assert wide_tile(16, 32, 256) == (4, 4, 8)
-    monkeypatch.setattr(gemm, "WIDE_MIN_GROUP_K", None)
-    assert wide_tile(32, 32, 256) == (8, 4, 8)
-    monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", 64)
     for tm, tn in ((64, 64), (16, 16), (16, 32), (32, 32), (32, 64), (128, 128)):
         rm, rn, groups = wide_tile(tm, tn, 256)
         assert (tm // rm) * (tn // rn) * groups == 256
@@ -112,9 +103,8 @@ def test_wide_tile_compiles(case):
     assert cuda_toolchain.compile_cuda(_source(fn, args, grid=3), "sm_90")[:4] == b"\x7fELF"
 
 
-# (registers, four-element loads, two stage buffers): the default; eight by eight registers with four k groups;
-# scalar loads only; two stage buffers (gemm.WIDE_DOUBLE_BUFFER), also with 8 x 4 registers
-CONFIGS = [(16, True, False), (64, True, False), (16, False, False), (16, True, True), (32, False, True)]
+# (registers, four-element loads): the default; eight by eight registers with four k groups; scalar loads only
+CONFIGS = [(16, True), (64, True), (16, False)]
 
 
 @needs_cxx
@@ -124,7 +114,6 @@ def test_emulator_matches_the_interpreter(case, config, monkeypatch):
     """The zero fill past the edges, both load paths and the k groups' sums, on the emulator."""
     monkeypatch.setattr(gemm, "WIDE_MAX_REGISTERS", config[0])
     monkeypatch.setattr(gemm, "WIDE_VECTOR_LOADS", config[1])
-    monkeypatch.setattr(gemm, "WIDE_DOUBLE_BUFFER", config[2])
     fn, args = CASES[case]
     expected = gdsl.jit(fn, backend="interpret")(*args)
     for grid, block in ((1, 256), (3, 256)):

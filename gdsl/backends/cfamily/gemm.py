@@ -45,16 +45,11 @@ TENSOR_CORE_BELOW = 4
 # 0.152 / 0.151, SkipNet 2.446 / 2.438 -> 2.506 / 2.357 (H200, alternated in one call).
 WIDE_MAX_REGISTERS = 16
 WIDE_MAX_GROUPS = 16
-# A register tile of more than 16 outputs is taken only where each k group keeps at least this many of a stage's
-# k (None: no such limit). With 32 registers (session 11, H200, two runs of one call, ms) NASRNN bs64's 32 x 64
-# resident tiles (4 -> 8 x 4, 2 -> 4 groups of 8 k) went 9.48 / 9.46 -> 8.88 / 8.79, while Seq2seq bs64 (its
-# 16 x 32 tiles 8 -> 16 groups of 2 k) went 0.790 / 0.783 -> 1.003 / 0.937 and BlockDrop bs64 (32 x 32: 4 -> 8
-# groups of 4 k) 0.474 / 0.468 -> 0.525 / 0.566: few k a group is more partial sums and a stage too short
-# between its two block syncs.
-WIDE_MIN_GROUP_K = None
-# The wide tile's stages in two shared-memory buffers (gdsl_gemm_stages_vec's DB): one block sync a stage instead
-# of two, the next stage stored while this one is computed.
-WIDE_DOUBLE_BUFFER = False
+# Measured on the H200 in session 11 and not kept (two runs of one call, ms, default -> variant): 32 registers
+# where each k group keeps at least 8 of a stage's k (8 x 4 on NASRNN's and Seq2seq's 32 x 64 resident tiles and
+# the LSTM's 64 x 64; the smaller tiles stay 4 x 4): NASRNN bs64 9.52 / 9.60 -> 8.88 / 9.00, LSTM bs64 2.82 / 2.91 -> 2.80 / 2.86, Seq2seq bs64 0.793 /
+# 0.792 -> 0.898 / 0.919 (all 32 registers: also BlockDrop bs64 0.47 -> 0.53-0.57); two stage buffers with one
+# block sync a stage: no gain anywhere (NASRNN 9.53 / 9.36, LSTM 2.87 / 2.86, Seq2seq 0.844 / 0.887).
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
@@ -364,11 +359,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
             if not bres:
                 loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};")
         staged_b = 0 if bres else tn + 4
-        buffers = 2 if WIDE_DOUBLE_BUFFER else 1
-        ops.smem = max(ops.smem, buffers * GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
+        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
-                f"{str(bres).lower()}, {str(buffers == 2).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, "
-                f"{col0}, {names}, sc, "
+                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
@@ -412,8 +405,7 @@ def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
     """The register tile (RM, RN) and k groups KS of a float32 tile on gdsl_gemm_tile_wide, None where it does
     not fit: RM and RN multiples of 4 dividing the tile, (tm/RM) * (tn/RN) threads a group, KS a power of two
     dividing GEMM_BK, at most WIDE_MAX_GROUPS. The largest register tile first (most FFMAs per shared-memory
-    load), at most WIDE_MAX_REGISTERS (past 16, only with groups of WIDE_MIN_GROUP_K k or more); on a tie the
-    fewest groups."""
+    load), at most WIDE_MAX_REGISTERS; on a tie the fewest groups."""
     best = None
     for rm in (4, 8):
         for rn in (4, 8):
@@ -422,8 +414,6 @@ def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
             group = (tm // rm) * (tn // rn)
             groups = threads // group
             if group * groups != threads or groups & (groups - 1) or GEMM_BK % groups or groups > WIDE_MAX_GROUPS:
-                continue
-            if rm * rn > 16 and WIDE_MIN_GROUP_K is not None and GEMM_BK // groups < WIDE_MIN_GROUP_K:
                 continue
             key = (rm * rn, -groups, rm)
             if best is None or key > best[0]:

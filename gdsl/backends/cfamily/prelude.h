@@ -127,10 +127,8 @@ template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
 // BRES: B already waits in shared memory for the whole tile (a resident tile, gdsl/schedule/resident.py: K rows
 // of TN, rows TN apart, at `rb`; K a multiple of BK): only A is staged, and `stage` gets the resident rows of
 // each stage's k.
-// DB: two stage buffers: the next stage is stored into the other buffer while this one is computed, one block
-// sync a stage instead of two (twice the shared memory of a stage).
 template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, bool VEC, bool BRES,
-          bool DB, class LA, class LB, class PA_, class PB_, class STAGE>
+          class LA, class LB, class PA_, class PB_, class STAGE>
 GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
                                    const Acc* rb, char* smem, STAGE stage) {
   constexpr int NA = (TM * BK + NT - 1) / NT, NB = BRES ? 0 : (TN * BK + NT - 1) / NT;  // staged loads a thread
@@ -215,30 +213,12 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
     }
   };
   fetch(0);
-  if constexpr (DB) {
-    constexpr int STAGE_ELEMS = BK * PA + (BRES ? 0 : BK * PB);
+  for (int k0 = 0; k0 < K; k0 += BK) {
     store();
     __syncthreads();
-    for (int k0 = 0, buf = 0; k0 < K; k0 += BK) {
-      const bool more = k0 + BK < K;
-      if (more) fetch(k0 + BK);
-      stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
-      if (more) {             // (the other buffer was last read before the previous stage's sync)
-        buf ^= 1;
-        As = (Acc*)smem + buf * STAGE_ELEMS;
-        Bs = As + BK * PA;
-        store();
-      }
-      __syncthreads();
-    }
-  } else {
-    for (int k0 = 0; k0 < K; k0 += BK) {
-      store();
-      __syncthreads();
-      if (k0 + BK < K) fetch(k0 + BK);
-      stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
-      __syncthreads();
-    }
+    if (k0 + BK < K) fetch(k0 + BK);
+    stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
+    __syncthreads();
   }
 }
 
@@ -246,8 +226,8 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
 template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, class LA, class LB,
           class STAGE>
 GDSL_DEV void gdsl_gemm_stages(int M, int N, int K, int row0, int col0, LA la, LB lb, char* smem, STAGE stage) {
-  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, false, false, false>(M, N, K, row0, col0, la, lb, la,
-                                                                                  lb, false, nullptr, smem, stage);
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, false, false>(M, N, K, row0, col0, la, lb, la, lb,
+                                                                           false, nullptr, smem, stage);
 }
 
 // One output tile on the FFMA units: each of the TX*TY computing threads owns an RM x RN register tile
@@ -299,8 +279,8 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
 // addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
 // are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, 16-byte aligned, K a multiple of BK),
-// never staged. DB: two stage buffers, one block sync a stage (gdsl_gemm_stages_vec).
-template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool BRES, bool DB, bool AK, bool BKC,
+// never staged.
+template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool BRES, bool AK, bool BKC,
           typename Acc, class LA, class LB, class PA_, class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                   const Acc* rbs, char* smem) {
@@ -345,7 +325,7 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
   bool vec = false;
   if constexpr (VEC)    // (a resident B is aligned by its placement: resident.ALIGN)
     vec = ((unsigned long long)pa(row0, 0) | (BRES ? 0ULL : (unsigned long long)pb(0, col0))) % 16 == 0;
-  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC, BRES, DB>(M, N, K, row0, col0, la, lb, pa, pb, vec, rbs,
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC, BRES>(M, N, K, row0, col0, la, lb, pa, pb, vec, rbs,
                                                                         smem, stage);
   // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
   // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
