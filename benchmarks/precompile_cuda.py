@@ -84,7 +84,8 @@ def main():
     p.add_argument("--grids", default="", help="also these grids (device control), e.g. the autotuner's 33,66,264")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--ablate", default="", help="also these jit options, one at a time, device control "
-                                                "(models.bench --ablate), e.g. wavefront=False,hoist=False")
+                                                "(models.bench --ablate), e.g. wavefront=False,hoist=False; "
+                                                "options joined by + together, resident_calls=True+narrow=True")
     p.add_argument("--render", default="", help="set these switches of gdsl/backends/cfamily/render.py (or "
                                                  "gemm.py, gdsl/backends/cuda/toolchain.py) first, e.g. "
                                                  "ROLL_REPEATS=False,MERGE_KERNELS=False (the form before them), "
@@ -105,7 +106,7 @@ def main():
         work += [(m, b, "device", int(g), None) for m in models for b in load(m).BATCHES
                  for g in filter(None, args.grids.split(","))]
         for option in filter(None, args.ablate.split(",")):
-            work += [(m, b, "device", None, None, (common.parse_option(option),))
+            work += [(m, b, "device", None, None, tuple(common.parse_option(o) for o in option.split("+")))
                      for m in models for b in load(m).BATCHES]
     switches = tuple(_switch(s) for s in filter(None, args.render.split(",")))
     work = [w + ((),) * (6 - len(w)) + (switches, args.phases) for w in work]
