@@ -27,13 +27,13 @@ A barrier is converted when (all found from the plan, any program):
   the start of the fourth, every vEU to know all of the first iteration: the pairs further apart are then
   ordered too. Conversions are tried all together, then one at a time (greedy).
 
-Tags (the renderer's): the kernel zeroes the shadows when it starts (then a grid barrier), a loop counts
-its iterations `it` (0, 1, ...); a writer stores tag it + 1; a reader whose writer comes earlier in the body
-waits for it + 1, one whose writer comes later (the carry of the back edge) for it, and in the first
-iteration (it = 0) reads the plain buffer instead, written before the loop behind its grid barrier. A tag
-is never 0 while the loop runs and never repeats within a launch below 2^32 - 1 iterations (a stale word
-holds a smaller tag, or 0). The plain buffer is written too: after the loop a grid barrier (added when the
-statement after the loop is not one) orders it for the readers there.
+Tags (the renderer's): the kernel zeroes the shadows when it starts (then a grid barrier), a loop counts its
+iterations `it` (0, 1, ...); a writer stores tag it + 1; a reader whose writer comes earlier in the body waits
+for it + 1, one whose writer comes later (the carry of the back edge) for it, and in the first iteration (it =
+0) reads the plain buffer instead, written before the loop behind its grid barrier. A tag is never 0 while the
+loop runs and never repeats within a launch below 2^32 - 1 iterations (a stale word holds a smaller tag, or 0;
+a buffer is published by one loop of a kernel only). The plain buffer is written too: after the loop a grid
+barrier (added when the statement after the loop is not one) orders it for the readers there.
 """
 from __future__ import annotations
 
@@ -118,11 +118,13 @@ def flag_syncs(plan):
 
 
 def _kernel(kernel, grid: int):
-    body, changed = [], False
+    body, changed, used = [], False, set()
     for i, stmt in enumerate(kernel.body):
         if isinstance(stmt, Loop) and (i == 0 or _is_grid(kernel.body[i - 1])):
             loop = _loop(stmt, grid)
-            if loop is not stmt:
+            published = {b for s in loop.body if isinstance(s, Sync) for b in s.published}
+            if loop is not stmt and not published & used:    # (the words are zeroed once per launch)
+                used |= published
                 changed = True
                 body.append(loop)
                 if i + 1 == len(kernel.body) or not _is_grid(kernel.body[i + 1]):
