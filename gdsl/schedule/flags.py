@@ -12,20 +12,20 @@ A barrier is converted when (all found from the plan, any program):
 - the loop is a top-level loop of a device-control kernel, not partitioned, behind a grid barrier (or at the
   kernel's start), its condition and body only waves, syncs and uniform statements that read no buffer, a
   sync between any two waves (around the back edge too), no op that a backend may render as a view;
-- the buffers published are those the wave right before it writes that: are float32 temps or outputs
-  written whole by one elementwise-like op (each element stored once, by one thread: fused / elementwise /
-  copy, a cell chain) and by no other op of the loop; and are read by matmuls of the loop only as their left
-  operand (the whole buffer, or a whole part of a left operand read in parts, not gathered rows), in other
-  waves: those reads wait for
-  the flags; any other read (an elementwise op's, reading the plain buffer) must be ordered otherwise;
+- the buffers published are those the wave right before it writes that: are float32 temps or outputs written
+  whole by one elementwise-like op (each element stored once, by one thread: fused / elementwise / copy, a
+  cell chain) and by no other op of the loop; and are read by matmuls of the loop only as their left operand
+  (the whole buffer, or a whole part of a left operand read in parts, not gathered rows), in other waves:
+  those reads wait for the flags; any other read (an elementwise op's, reading the plain buffer) must be
+  ordered otherwise;
 - and every pair of conflicting accesses of different vEUs in the loop (read/write, write/read, write/write,
-  from the hazards module's exact shares: `Hazards._accesses`, a whole operand for reads it does not know
-  better) is still ordered (`_ordered`): by a grid barrier left between them, or by a chain of flag waits.
-  A vEU whose matmul read an element published by vEU i knows, from its next wave on, everything i did
-  before the wave that wrote it (and what i knew then); its own program order is the syncs'. The check runs
-  vector clocks over three iterations of the body from no knowledge at all (conservative) and requires, at
-  the start of the fourth, every vEU to know all of the first iteration: the pairs further apart are then
-  ordered too. Conversions are tried all together, then one at a time (greedy).
+  from the hazards module's exact shares, `hazards._read` and `_output_veus`, a whole operand read by every
+  vEU of its task where it knows no better) is still ordered (`_ordered`): by a grid barrier left between
+  them, or by a chain of flag waits. A vEU whose matmul read an element published by vEU i knows, from its
+  next wave on, everything i did before the wave that wrote it (and what i knew then); its own program order
+  is the syncs'. The check runs vector clocks over three iterations of the body from no knowledge at all
+  (conservative) and requires, at the start of the fourth, every vEU to know all of the first iteration: the
+  pairs further apart are then ordered too. Conversions are tried all together, then one at a time (greedy).
 
 Tags (the renderer's): the kernel zeroes the shadows when it starts (then a grid barrier), a loop counts its
 iterations `it` (0, 1, ...); a writer stores tag it + 1; a reader whose writer comes earlier in the body waits
