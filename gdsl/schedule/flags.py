@@ -343,7 +343,7 @@ def _waiting_reads(task, part: int) -> tuple:
     reads = []
     for t in range(op.n_utasks):
         share = shares.read_share(op, part, t)
-        reads.append((task.first + t % task.count, np.arange(size) if share is None else np.unique(share)))
+        reads.append((task.first + t % task.count, np.arange(size) if share is None else np.asarray(share)))
     return all(e.size == size for _, e in reads), reads
 
 
