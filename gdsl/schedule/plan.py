@@ -27,6 +27,9 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
                         the running call returns to one of those call sites, a block Sync otherwise (the
                         return site is uniform: every vEU takes the same one; see
                         scheduler._sync_by_return_site). A backend may treat it as a grid Sync always.
+                        "flags" (a loop body's, the scheduler option `flags`: gdsl/schedule/flags.py): a
+                        vEU-local sync, plus producer/consumer flags for `published` (Buffers): their
+                        readers in the loop (matmul A loaders) wait for each element they read.
     Uniforms(ops)       every vEU evaluates these scalar ops
     Assign(dst, src)    uniform copy (loop carries, call arguments)
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
@@ -439,8 +442,9 @@ class Wave:
 
 @dataclass(frozen=True, eq=False)
 class Sync:
-    scope: str                     # "grid" or "block"
+    scope: str                     # "grid", "block" or "flags"
     sites: frozenset | None = None   # grid only when returning to one of these call sites (None: always)
+    published: tuple = ()          # "flags": the Buffers whose elements carry flags across it (flags.py)
 
     @property
     def always_grid(self) -> bool:

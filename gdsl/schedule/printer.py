@@ -72,6 +72,8 @@ def describe_uniform(u) -> str:
 
 
 def _scope(sync) -> str:
+    if sync.published:
+        return f"{sync.scope}: {', '.join(b.name for b in sync.published)}"
     if sync.sites is None:
         return sync.scope
     sites = ", ".join(str(s) for s in sorted(sync.sites))
@@ -100,7 +102,7 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
-            lines.append(f"{pad}barrier ({_scope(stmt)})")
+            lines.append(f"{pad}{'sync' if stmt.published else 'barrier'} ({_scope(stmt)})")
         elif isinstance(stmt, Uniforms):
             lines.append(f"{pad}every vEU: " + "; ".join(describe_uniform(u) for u in stmt.ops))
         elif isinstance(stmt, Assign):

@@ -46,6 +46,7 @@ from gdsl.primitives.structural import (
 )
 from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.concat import concat_products
+from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
@@ -2736,7 +2737,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=()) -> Plan:
+             k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2763,6 +2764,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     cell chains) take 2-D chunks (plan.ROW_BLOCK): an owner-computes column layout of several rows (batch > 1)
     may then give each vEU a block of rows by a column range (owner.py); empty: a layout's uTasks take whole
     rows (a chunk of tile_n elements per row), which at batch 64 is never worth its barrier.
+    `flags=True` (device control): a loop's grid barrier that orders only carries written by elementwise ops
+    and read by the next step's matmuls as their left operand becomes a flag sync (flags.py: the readers
+    wait for each element's flag; proven from the plan's accesses); None (the default) or False: not.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2833,18 +2837,26 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"aside must be None (on), True or False, got {aside!r}")
     if thin_gemv not in (None, True, False):
         raise ValueError(f"thin_gemv must be None (on), True or False, got {thin_gemv!r}")
+    if flags not in (None, True, False):
+        raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
+    plan = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, dict(
+        control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
+        epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
+        window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
+        spread_frames=spread_frames is not False, aside=aside is not False,
+        uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
+        k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
+        row_blocks=row_blocks))
+    return flag_syncs(plan) if flags else plan
+
+
+def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> Plan:
+    """schedule's plan before the flag syncs."""
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
-    options = dict(control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
-                   epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
-                   window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
-                   spread_frames=spread_frames is not False, aside=aside is not False,
-                   uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
-                   k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
-                   row_blocks=row_blocks)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)
     stack_owned = concat_k or (concat_k is None and bool(k_parts) and has_lowering(matmul_p.name, k_parts, "k_parts"))
     stacked = _stacked_products(program, hoist) if stack_owned else program

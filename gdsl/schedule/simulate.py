@@ -29,6 +29,15 @@ Semantics it defines (every backend follows them):
   bases; a Call of step s makes the callee's own base the caller's callee base and moves the callee's own
   callee base `f.callee_extra(s)` further (the frames of a later call's subtree then lie past those an
   earlier call's last op read). Stacked uniforms keep frame[f] + frame_offset.
+- Flag syncs (Sync "flags", gdsl/schedule/flags.py): a vEU-local sync that resets nothing. Each vEU v knows,
+  per vEU u, the sync count below which u's accesses are ordered before v's (`known`: all of them after a
+  grid barrier). A read of an element another vEU wrote, or a write over one another vEU read, is allowed
+  when that is known. A matmul of the loop reading a published buffer as (part of) its left operand waits
+  for the elements: that read is always allowed, and its vEU learns what each writer knew when it wrote
+  (its own earlier syncs included), from its next sync on; a uTask that waited for the whole buffer knows
+  it for its own writes already (the tile routines stage A before they store). Nothing else is ordered, so a
+  barrier made a flag sync wrongly is a race here. (flags.py's proof also uses that a writer's reads come
+  before its published stores in the same thread; the simulator does not: it is stricter.)
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from gdsl.errors import RecursionDepthError
 from gdsl.primitives.registry import REGISTRY
 from gdsl.primitives.structural import broadcast_p
 from gdsl.schedule import utasks
+from gdsl.schedule.flags import loop_flags
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
@@ -96,9 +106,11 @@ class _Memory:
     """Buffers with, per element, who wrote/read it since the last grid barrier."""
 
     # The per-element records and what a fresh one holds (see `grow`).
-    RECORDS = {"writer": -1, "writer_op": -1, "writer_sync": 0, "reader_lo": -1, "reader_hi": -1}
+    RECORDS = {"writer": -1, "writer_op": -1, "writer_sync": 0, "reader_lo": -1, "reader_hi": -1,
+               "reader_sync": -1}
 
     def __init__(self, buf: Buffer, copies: int):
+        self.buf = buf
         shape = (copies,) + buf.aval.shape
         self.data = np.zeros(shape, buf.aval.dtype)
         self.writer = np.full(shape, -1, np.int64)       # vEU, -1: none since the last grid barrier
@@ -106,6 +118,7 @@ class _Memory:
         self.writer_sync = np.zeros(shape, np.int64)     # the writer vEU's sync count at the write
         self.reader_lo = np.full(shape, -1, np.int64)    # the lowest and highest vEU that read it, -1: none
         self.reader_hi = np.full(shape, -1, np.int64)
+        self.reader_sync = np.full(shape, -1, np.int64)  # the readers' latest sync count at a read
 
     def reset(self):
         self.writer.fill(-1)
@@ -155,6 +168,11 @@ class Simulator:
         self.entering = None
         self.regions = {1: 0}
         self.local_syncs = np.zeros(plan.grid, np.int64)
+        self.known = np.zeros((plan.grid, plan.grid), np.int64)   # flag syncs: see the module docstring
+        self.learned = np.zeros((plan.grid, plan.grid), np.int64)  # known from a vEU's next sync on
+        self.waits: dict = {}             # Op -> input numbers that wait for flags (the running loop's)
+        self.published: set = set()
+        self.snapshots: dict = {}         # (buffer, vEU) -> what the vEU knew at its last published write
         self.op_ids: dict = {}
         self.stats = {"grid_barriers": 0, "utasks": 0}
 
@@ -213,7 +231,7 @@ class Simulator:
         s = value.storage
         self.uniforms[(s, self._slot(value))] = np.asarray(data, s.aval.dtype).reshape(s.aval.shape)
 
-    def _check_read(self, m, slot, flat, veu, op, name, frames=1):
+    def _check_read(self, m, slot, flat, veu, op, name, frames=1, waiting=None):
         writer = _flat(m.writer, slot, frames)
         writer_op = _flat(m.writer_op, slot, frames)
         writer_sync = _flat(m.writer_sync, slot, frames)
@@ -222,6 +240,11 @@ class Simulator:
         for v in veus:
             w = writer[idx]
             other = (w >= 0) & (w != v)
+            if waiting is not None:       # (a flag wait: it learns what each writer knew)
+                for u in np.unique(w[other]):
+                    waiting[:] = np.maximum(waiting, self.snapshots.get((m.buf, int(u)), waiting))
+                other[:] = False
+            other &= self.known[v, np.maximum(w, 0)] <= writer_sync[idx]
             if other.any():
                 raise BarrierError(f"{op}: vEU {v} reads {name} written by vEU {int(w[other][0])} "
                                    f"with no grid barrier in between")
@@ -233,15 +256,30 @@ class Simulator:
             first = lo[idx] == -1
             lo[idx] = np.where(first, v, np.minimum(lo[idx], v))
             hi[idx] = np.where(first, v, np.maximum(hi[idx], v))
+            read_sync = _flat(m.reader_sync, slot, frames)
+            read_sync[idx] = np.maximum(read_sync[idx], self.local_syncs[v])
 
-    def _record_write(self, m, slot, flat, veu, op, name):
+    def _record_write(self, m, slot, flat, veu, op, name, known=None):
         lo, hi = _flat(m.reader_lo, slot)[flat], _flat(m.reader_hi, slot)[flat]
-        if self.check and ((lo >= 0) & ((lo != veu) | (hi != veu))).any():
+        others = (lo >= 0) & ((lo != veu) | (hi != veu))
+        if self.check and others.any():       # (unless it knows every reader in lo..hi read before)
+            known = self.known[veu] if known is None else known
+            read_sync = _flat(m.reader_sync, slot)[flat]
+            unknown = np.zeros_like(others)
+            for r in range(int(lo[others].min()), int(hi[others].max()) + 1):
+                if r != veu:
+                    unknown |= others & (lo <= r) & (r <= hi) & (known[r] <= read_sync)
+            others = unknown
+        if self.check and others.any():
             raise BarrierError(f"{op}: vEU {veu} overwrites {name} that another vEU read with no grid "
                                f"barrier in between")
         _flat(m.writer, slot)[flat] = veu
         _flat(m.writer_op, slot)[flat] = self.op_ids[op]
         _flat(m.writer_sync, slot)[flat] = self.local_syncs[veu]
+        if m.buf in self.published:
+            snapshot = (self.known[veu] if known is None else known).copy()
+            snapshot[veu] = self.local_syncs[veu]
+            self.snapshots[m.buf, veu] = snapshot
 
     # -------------------------------------------------------------------------------------------- run
     def run(self, flat_args) -> list:
@@ -268,7 +306,9 @@ class Simulator:
     def run_sync(self, stmt: Sync):
         _, lo, hi = self.group
         self.local_syncs[lo:hi] += 1
+        self.known[lo:hi] = np.maximum(self.known[lo:hi], self.learned[lo:hi])
         if self.grid_here(stmt):
+            self.known[lo:hi, lo:hi] = self.local_syncs[lo:hi][None, :]
             self.stats["grid_barriers"] += 1
             whole = (lo, hi) == (0, self.plan.grid)
             for m in self.mem.values():
@@ -291,11 +331,19 @@ class Simulator:
         self.write_uniform(stmt.dst, src.astype(stmt.dst.aval.dtype))
 
     def run_loop(self, stmt: Loop):
-        while True:
-            self.block(stmt.cond)
-            if not bool(self.read(stmt.pred).reshape(())):
-                return
-            self.block(stmt.body)
+        roles = loop_flags(stmt)
+        saved = self.waits, self.published
+        if roles is not None:
+            self.waits = {op: set(numbers) for op, numbers in roles.readers.items()}
+            self.published = set(roles.published)
+        try:
+            while True:
+                self.block(stmt.cond)
+                if not bool(self.read(stmt.pred).reshape(())):
+                    return
+                self.block(stmt.body)
+        finally:
+            self.waits, self.published = saved
 
     def run_branch(self, stmt: Branch):
         index = int(np.clip(int(self.read(stmt.index).reshape(())), 0, len(stmt.branches) - 1))
@@ -404,14 +452,21 @@ class Simulator:
         return [] if first is None else [int(self.read(v).reshape(())) for v in op.inputs[first:]]
 
     def _run_utask(self, op, t, veu, results):
+        known = None                      # what this uTask knows after waiting for a whole published input
         if self.check:
             for k, value in enumerate(op.inputs):
                 if isinstance(value.storage, Buffer):
                     value = self.resolved(value)
-                    flat = storage_elements(value, read_share(op, k, t, self._starts(op)))
+                    share = read_share(op, k, t, self._starts(op))
+                    flat = storage_elements(value, share)
                     m = self.mem[value.storage]
+                    waiting = self.known[veu].copy() if k in self.waits.get(op, ()) else None
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,
-                                     frames_spanned(value))
+                                     frames_spanned(value), waiting)
+                    if waiting is not None:
+                        self.learned[veu] = np.maximum(self.learned[veu], waiting)
+                        if share is None or np.unique(share).size == value.aval.size:
+                            known = waiting if known is None else np.maximum(known, waiting)
         for number, (value, result) in enumerate(zip(op.outputs, results)):
             assert not value.offset or value.window is not None, f"{op} writes a view"
             if self.dropped(value):
@@ -423,7 +478,7 @@ class Simulator:
                 # (an output stored into a window of its storage: plan.StoreWindow, at its offset this time)
                 stored = storage_elements(self.resolved(value), flat) if value.window is not None else flat
             m, slot = self.mem[value.storage], self._slot(value)
-            self._record_write(m, slot, stored, veu, op, value.storage.name)
+            self._record_write(m, slot, stored, veu, op, value.storage.name, known)
             _flat(m.data, slot)[stored] = result.reshape(-1)[flat]
 
 

@@ -158,7 +158,8 @@ def matmul(ops: OpRenderer) -> str:
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
         # (no vector loads of A read in parts or gathered: the tile checks only its first address's alignment)
-        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows else None,
+        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows and not a.flag
+        else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None))
 

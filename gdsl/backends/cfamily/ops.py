@@ -88,8 +88,11 @@ def offset(coord_exprs, strides_) -> str:
 class Arg:
     """An Op operand as a parameter of its device function: a pointer (buffer) or a scalar (uniform/Lit)."""
 
-    def __init__(self, value, name: str, dialect, output=False, read_only=(), remap=None):
+    def __init__(self, value, name: str, dialect, output=False, read_only=(), remap=None, flag=False):
         self.value, self.name, self.output = value, name, output
+        # A published buffer (a flag sync's, gdsl/schedule/flags.py): stores also write its flag words, loads
+        # wait for them (the function's parameters `<name>_f`, its words, and `<name>_tag`).
+        self.flag = flag
         self.remap = remap      # (shape, source shape, perm): read a transposed view through the source
         self.aval = value.aval
         self.dtype = value.aval.dtype
@@ -115,7 +118,13 @@ class Arg:
         ref = f"{self.name}[{idx}]"
         if self.read_only:
             ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
+        if self.flag:         # tag 0: the first iteration reads what was written before the loop
+            ref = f"({self.name}_tag ? GDSL_U2F(gdsl_flag_get({self.name}_f + ({idx}), {self.name}_tag)) : {ref})"
         return c_types.from_storage(self.dtype, ref)
+
+    def flag_decls(self) -> list[str]:
+        const = "" if self.output else "const "
+        return [f"{const}unsigned long long* {self.name}_f", f"unsigned {self.name}_tag"] if self.flag else []
 
     def address(self, idx: str, source: bool = False) -> str:
         """The address of element `idx` of a buffer operand (through a transposed view: in its source, where
@@ -134,23 +143,30 @@ class Arg:
         return c_types.from_storage(self.dtype, ref)
 
     def store(self, idx: str, expr: str) -> str:
+        if self.flag:         # the value and, in one 8-byte store, the value with its tag
+            return (f"{{ const int f_ = {idx}; const float v_ = {c_types.to_storage(self.dtype, expr)}; "
+                    f"{self.name}[f_] = v_; gdsl_flag_put({self.name}_f + f_, GDSL_F2U(v_), {self.name}_tag); }}")
         return f"{self.name}[{idx}] = {c_types.to_storage(self.dtype, expr)};"
 
 
 class OpRenderer:
     """Renders the device function of one Op; its kind's lowering rule writes the body."""
 
-    def __init__(self, op, dialect, block: int, read_only=(), remap=None):
+    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None):
         self.op, self.dialect, self.block = op, dialect, block      # block: threads per vEU
         remap = remap or {}
-        self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k)) for k, v in enumerate(op.inputs)]
-        self.outs = [Arg(v, f"o{k}", dialect, output=True) for k, v in enumerate(op.outputs)]
+        flags = flags or {}       # {"publish": outputs, "wait": inputs} of a flag sync (Renderer.flag_roles)
+        self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k), flag=k in flags.get("wait", ()))
+                    for k, v in enumerate(op.inputs)]
+        self.outs = [Arg(v, f"o{k}", dialect, output=True, flag=k in flags.get("publish", ()))
+                     for k, v in enumerate(op.outputs)]
         self.smem = 0
 
     def render(self) -> tuple[str, str]:
         """(parameter list, body) of the uTask function; ops with the same pair share one function."""
         body = self.utask_rule()(self)
-        params = ", ".join([a.decl() for a in self.outs + self.ins] + ["int t", "char* smem"])
+        flags = [d for a in self.outs + self.ins for d in a.flag_decls()]
+        params = ", ".join([a.decl() for a in self.outs + self.ins] + flags + ["int t", "char* smem"])
         return params, body
 
     def utask_rule(self):

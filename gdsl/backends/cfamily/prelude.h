@@ -486,6 +486,22 @@ GDSL_DEV void gdsl_grid_sync_atomic(unsigned* bar) {
   __syncthreads();
 }
 
+// Flag syncs (gdsl/schedule/flags.py): a published element also as one 64-bit word, its value's bits | tag << 32,
+// written with one 8-byte store (single-copy atomic: the value comes with its tag, no fence); a reader spins on
+// the word until the tag is the one it waits for, then takes the value from the same load.
+GDSL_DEV void gdsl_flag_put(unsigned long long* word, unsigned bits, unsigned tag) {
+  *(volatile unsigned long long*)word = (unsigned long long)bits | ((unsigned long long)tag << 32);
+}
+
+GDSL_DEV unsigned gdsl_flag_get(const unsigned long long* word, unsigned tag) {
+  unsigned long long v = *(const volatile unsigned long long*)word;
+  while ((unsigned)(v >> 32) != tag) {
+    GDSL_SPIN_PAUSE();
+    v = *(const volatile unsigned long long*)word;
+  }
+  return (unsigned)v;
+}
+
 // A barrier of the vEUs [lo, lo + size) only (a group running one of a Fork's calls, gdsl/schedule/plan.py): the
 // grid barrier's scheme on the group's own counter, block `lo` adding 2^31 - (size - 1). A group's vEUs are the
 // same every time its counter is used (groups are heap-numbered), so the rounds add up as the grid's do.

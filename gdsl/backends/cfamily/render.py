@@ -81,6 +81,7 @@ from gdsl.backends.cfamily.views import find_views, permuted_reads, view_decl, v
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
+from gdsl.schedule.flags import loop_flags
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -159,6 +160,8 @@ class Layout:
     copies: dict = field(default_factory=dict)       # Buffer -> frames (1 for temps)
     size: int = FIRST_BUFFER
     group_barriers: int = 0                          # offset of the group barrier counters (0: no Forks)
+    shadows: dict = field(default_factory=dict)      # published Buffer -> offset of its flag words (flags.py)
+    shadow_words: int = 0                            # how many, one region from the first shadow's offset
 
 
 @dataclass
@@ -233,7 +236,30 @@ def make_layout(plan) -> Layout:
         layout.copies[buf] = copies
         nbytes = buf.aval.size * buf.aval.dtype.itemsize * copies
         layout.size += -(-max(nbytes, 1) // ALIGN) * ALIGN
+    for buf in published_buffers(plan):     # flag syncs: a 64-bit word per element (value | tag << 32)
+        layout.shadows[buf] = layout.size + 8 * layout.shadow_words
+        layout.shadow_words += buf.aval.size
+    layout.size += -(-max(8 * layout.shadow_words, 1) // ALIGN) * ALIGN if layout.shadow_words else 0
     return layout
+
+
+def published_buffers(plan) -> list:
+    """The buffers of a device-control plan's flag syncs (gdsl/schedule/flags.py), each once."""
+    if plan.control != "device":
+        return []
+    found = {b: None for k in plan.kernels for s in walk(k.body) if isinstance(s, Sync) for b in s.published}
+    return list(found)
+
+
+def flag_loops(plan) -> dict:
+    """Loop -> (its number, flags.LoopFlags) of each top-level loop of a kernel with flag syncs."""
+    out = {}
+    for kernel in plan.kernels if plan.control == "device" else ():
+        for stmt in kernel.body:
+            roles = loop_flags(stmt) if isinstance(stmt, Loop) else None
+            if roles is not None:
+                out[stmt] = (len(out), roles)
+    return out
 
 
 def _values_of(stmt):
@@ -368,6 +394,15 @@ class Renderer:
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
         self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
         self.function: str | None = None    # the recursive function whose body is being rendered
+        self.flag_loops = flag_loops(plan)
+        self.flag_roles: dict = {}          # Op -> {"publish": {output: C tag}, "wait": {input: C tag}}
+        for number, roles in self.flag_loops.values():
+            it = f"gdsl_it{number}"
+            for op, outs in roles.writers.items():
+                self.flag_roles.setdefault(op, {}).setdefault("publish", {}).update((k, f"{it} + 1u") for k in outs)
+            for op, ins in roles.readers.items():
+                self.flag_roles.setdefault(op, {}).setdefault("wait", {}).update(
+                    (k, it if wraps else f"{it} + 1u") for k, wraps in ins.items())
         self.pointer_types = self._pointer_types()
         self.uniform_types, self.uniform_users = self._uniform_names()
 
@@ -381,6 +416,7 @@ class Renderer:
                 continue
             const = buf.kind in ("input", "const") or view is not None
             types[buf.name] = f"{'const ' if const else ''}{c_types.storage(buf.aval.dtype)}*"
+        types.update((f"{buf.name}_f", "unsigned long long*") for buf in self.layout.shadows)
         return types
 
     def _uniform_names(self) -> tuple[dict, dict]:
@@ -561,6 +597,8 @@ class Renderer:
                 lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
                 lines += self.trace_lines(pad + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
                 lines += self.block(stmt.body, ind + 1, after_cond)
+                if stmt in self.flag_loops:     # (flag syncs: the iteration their tags count)
+                    lines.append(f"{pad}  gdsl_it{self.flag_loops[stmt][0]} += 1u;")
                 lines += self.trace_lines(pad + "  ", trace_end, self.trace and self.trace.iteration(stmt))
                 lines.append(pad + "}")
                 lines += self.trace_lines(pad, trace_end, self.trace and self.trace.loop(stmt))
@@ -805,7 +843,7 @@ class Renderer:
             remap = {k: permuted_reads(v) for k, v in enumerate(op.inputs) if v.perm is not None}
             remap.update((k, (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm))
                          for k, view in self._permuted_inputs(op).items())
-            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap)
+            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap, self.flag_roles.get(op))
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
@@ -826,8 +864,13 @@ class Renderer:
         """The C arguments of a call of `op`'s uTask function, less the uTask index and shared memory (a
         view's pointer: into its storage, plan.Value's offset and terms; a permuted one at its source)."""
         permuted = self._permuted_inputs(op)
+        roles = self.flag_roles.get(op, {})
+        flags = [arg for k, tag in sorted(roles.get("publish", {}).items())
+                 for arg in (f"{op.outputs[k].buffer.name}_f", tag)]
+        flags += [arg for k, tag in sorted(roles.get("wait", {}).items())
+                  for arg in (f"{op.inputs[k].buffer.name}_f", tag)]
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
-                                                    for k, v in enumerate(op.inputs)]
+                                                    for k, v in enumerate(op.inputs)] + flags
 
     def task(self, task) -> list[str]:
         op = task.op
@@ -961,6 +1004,10 @@ class Renderer:
         stmts = list(walk(kernel.body)) + [s for f in functions for s in walk(f.body)]
         grid_syncs = sum(1 for s in stmts if isinstance(s, Sync) and s.scope == "grid")
         grid_syncs += 1 if self.forks and functions else 0         # the fork prologue's (fork_prologue)
+        loops = [self.flag_loops[s] for s in kernel.body if s in self.flag_loops]
+        if loops:                          # flag syncs: the shadows zeroed, then a grid barrier (flags.py)
+            grid_syncs += 1
+            body_lines = self.flag_prologue() + body_lines
 
         decls = []
         c_params = []
@@ -1019,6 +1066,11 @@ class Renderer:
             decls.append(f"unsigned* gdsl_gbar = (unsigned*)(gdsl_ws + {self.layout.group_barriers});")
             body_lines = self.fork_prologue(group_ids(plan)) + body_lines
         decls.append("int gdsl_t; (void)gdsl_t;")
+        for number, _ in loops:
+            decls.append(f"unsigned gdsl_it{number} = 0u;")
+        for buf in (self.layout.shadows if loops else ()):
+            decls.append(f"unsigned long long* {buf.name}_f = "
+                         f"(unsigned long long*)(gdsl_ws + {self.layout.shadows[buf]});")
         if self.trace:
             decls.append(f"unsigned long long* gdsl_tr = gdsl_trace_buf + (size_t){self.dialect.block_index} * "
                          f"{self.trace.region_words};")
@@ -1033,6 +1085,15 @@ class Renderer:
         head = f"{self.dialect.kernel_prefix.format(block=plan.block, veus_per_sm=self.veus_per_sm)} {name}("
         return KernelCode(KernelSpec(name, params, grid_syncs), head, c_params, decls, body_lines,
                           self.call_log[first_call:])
+
+    def flag_prologue(self) -> list[str]:
+        """Every flag word zeroed (no tag is 0 while a loop runs: flags.py), then a grid barrier."""
+        d = self.dialect
+        start = min(self.layout.shadows.values())
+        return [f"  for (int i = (int)({d.block_index} * {self.plan.block} + {d.thread_index}); i < "
+                f"{self.layout.shadow_words}; i += {self.plan.grid * self.plan.block}) "
+                f"((unsigned long long*)(gdsl_ws + {start}))[i] = 0ull;",
+                "  " + self.grid_sync()]
 
     def merged_kernels(self, codes: list) -> list:
         """`codes` with each group of kernels whose bodies are the same up to the holes of a repeated sequence

@@ -1,0 +1,393 @@
+"""Flag syncs: producer/consumer flags in place of a loop's grid barrier where only a carry crosses it (the
+scheduler option `flags`; the idea of NCCL's low-latency protocol).
+
+In a loop body under device control a grid barrier often orders one thing only: the state that this step's
+elementwise / cell ops wrote, read by the next step's matmuls as their left operand (NASRNN's `m`, the LSTM's
+`h`). Such a barrier becomes `Sync("flags", published=(buffers...))`: a vEU-local sync, plus, for each
+*published* buffer, a shadow of 64-bit words (value bits | tag << 32) that its one writer op stores with the
+value (one 8-byte store, single-copy atomic: no fence), and that its readers' A loaders spin on until the tag
+says the element is this step's (cfamily/render.py, gemm.py). Nothing else is ordered across it.
+
+A barrier is converted when (all found from the plan, any program):
+- the loop is a top-level loop of a device-control kernel, not partitioned, behind a grid barrier (or at the
+  kernel's start), its condition and body only waves, syncs and uniform statements that read no buffer, a
+  sync between any two waves (around the back edge too), no op that a backend may render as a view;
+- the buffers published are those the wave right before it writes that: are float32 temps or outputs written
+  whole by one elementwise-like op (each element stored once, by one thread: fused / elementwise / copy, a
+  cell chain) and by no other op of the loop; and are read by matmuls of the loop only as their left operand
+  (the whole buffer, or a whole part of a left operand read in parts, not gathered rows), in other waves:
+  those reads wait for the flags; any other read (an elementwise op's, reading the plain buffer) must be
+  ordered otherwise;
+- and every pair of conflicting accesses of different vEUs in the loop (read/write, write/read, write/write,
+  from the hazards module's exact shares, `hazards._read` and `_output_veus`, a whole operand read by every
+  vEU of its task where it knows no better) is still ordered (`_ordered`): by a grid barrier left between
+  them, or by a chain of flag waits. A vEU whose matmul read an element published by vEU i knows, from its
+  next wave on, everything i did before the wave that wrote it (and what i knew then); its own program order
+  is the syncs'. The check runs vector clocks over three iterations of the body from no knowledge at all
+  (conservative) and requires, at the start of the fourth, every vEU to know all of the first iteration: the
+  pairs further apart are then ordered too. Conversions are tried all together, then one at a time (greedy).
+
+Tags (the renderer's): the kernel zeroes the shadows when it starts (then a grid barrier), a loop counts its
+iterations `it` (0, 1, ...); a writer stores tag it + 1; a reader whose writer comes earlier in the body waits
+for it + 1, one whose writer comes later (the carry of the back edge) for it, and in the first iteration (it =
+0) reads the plain buffer instead, written before the loop behind its grid barrier. A tag is never 0 while the
+loop runs and never repeats within a launch below 2^32 - 1 iterations (a stale word holds a smaller tag, or 0;
+a buffer is published by one loop of a kernel only). The plain buffer is written too: after the loop a grid
+barrier (added when the statement after the loop is not one) orders it for the readers there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import ELEMENTWISE, family_of
+from gdsl.schedule import hazards, shares, utasks
+from gdsl.schedule.hazards import MAYBE_VIEWS, SEVERAL, Hazards, TooLarge
+from gdsl.schedule.plan import (
+    COPY,
+    FUSED,
+    ROW_INDEX,
+    ROW_SHAPE,
+    ROWS,
+    STEP_OUTPUTS,
+    STEPS,
+    Assign,
+    Buffer,
+    Loop,
+    Sync,
+    Uniforms,
+    Wave,
+    a_parts,
+    walk,
+)
+
+FLAGS = "flags"
+ITERATIONS = 3           # iterations of the body the vector clocks run over (then one more wave)
+
+
+@dataclass(frozen=True)
+class LoopFlags:
+    """The flag roles in one loop: writer Op -> its published output numbers; reader Op (a matmul whose left
+    operand, or a part of it, is published) -> {input number: wraps} (wraps: its writer comes later in the
+    body, it reads the previous iteration's)."""
+    writers: dict
+    readers: dict
+    published: tuple
+
+
+def loop_flags(loop: Loop) -> LoopFlags | None:
+    """The roles of a loop's flag syncs (None: it has none)."""
+    published = tuple(b for s in loop.body if isinstance(s, Sync) for b in s.published)
+    if not published:
+        return None
+    waves = [s for s in loop.body if isinstance(s, Wave)]
+    writers, wave_of = {}, {}
+    for k, wave in enumerate(waves):
+        for task in wave.tasks:
+            numbers = tuple(n for n, v in enumerate(task.op.outputs) if v.storage in published)
+            if numbers:
+                writers[task.op] = numbers
+                wave_of.update((task.op.outputs[n].storage, k) for n in numbers)
+    readers = {}
+    for k, wave in enumerate(waves):
+        for task in wave.tasks:
+            for number in a_inputs(task.op):
+                if task.op.inputs[number].storage in wave_of:
+                    readers.setdefault(task.op, {})[number] = wave_of[task.op.inputs[number].storage] >= k
+    return LoopFlags(writers, readers, published)
+
+
+def a_inputs(op) -> list:
+    """The input numbers of a matmul's left operand (its parts: plan.a_parts); none for other kinds."""
+    return [number for number, _, _ in a_parts(op)] if op.kind == matmul_p.name else []
+
+
+def flag_syncs(plan):
+    """`plan` with the grid barriers that only carries cross made flag syncs (module docstring)."""
+    if plan.control != "device":
+        return plan
+    kernels = tuple(_kernel(k, plan.grid) for k in plan.kernels)
+    if all(a is b for a, b in zip(kernels, plan.kernels)):
+        return plan
+    count = sum(1 for k in kernels for s in walk(k.body) if isinstance(s, Sync) and s.scope == FLAGS)
+    return dataclasses.replace(plan, kernels=kernels, stats=dict(plan.stats, flag_syncs=count))
+
+
+def _kernel(kernel, grid: int):
+    body, changed, used = [], False, set()
+    for i, stmt in enumerate(kernel.body):
+        if isinstance(stmt, Loop) and (i == 0 or _is_grid(kernel.body[i - 1])):
+            loop = _loop(stmt, grid)
+            published = {b for s in loop.body if isinstance(s, Sync) for b in s.published}
+            if loop is not stmt and not published & used:    # (the words are zeroed once per launch)
+                used |= published
+                changed = True
+                body.append(loop)
+                if i + 1 == len(kernel.body) or not _is_grid(kernel.body[i + 1]):
+                    body.append(Sync("grid"))       # the plain buffers, for the readers after the loop
+                continue
+        body.append(stmt)
+    return dataclasses.replace(kernel, body=tuple(body)) if changed else kernel
+
+
+def _is_grid(stmt) -> bool:
+    return isinstance(stmt, Sync) and stmt.always_grid
+
+
+def _loop(loop: Loop, grid: int) -> Loop:
+    if loop.parts or not _simple(loop):
+        return loop
+    body = loop.body
+    positions = [i for i, s in enumerate(body) if isinstance(s, Wave)]
+    if len(positions) < 2:
+        return loop
+    written = {v.storage for i in positions for t in body[i].tasks for v in t.op.outputs}
+    try:
+        accesses = [_wave_accesses(body[i], written) for i in positions]
+    except TooLarge:
+        return loop
+    if np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)])).size < 2:
+        return loop                        # (one vEU: the renderer makes its barriers block syncs anyway)
+    candidates = {}
+    for i, stmt in enumerate(body):
+        if _is_grid(stmt):
+            k = max((k for k, p in enumerate(positions) if p < i), default=len(positions) - 1)
+            published = _publishable(body, positions, k)
+            if published:
+                candidates[i] = published
+    chosen = {}
+    for trial in ([candidates] if len(candidates) > 1 else []) + [{i: p} for i, p in candidates.items()]:
+        attempt = {**chosen, **trial}
+        if attempt != chosen and _ordered(body, positions, accesses, attempt, grid):
+            chosen = attempt
+    if not chosen:
+        return loop
+    new = tuple(Sync(FLAGS, published=chosen[i]) if i in chosen else s for i, s in enumerate(body))
+    return dataclasses.replace(loop, body=new)
+
+
+def _simple(loop: Loop) -> bool:
+    """Only waves, syncs (grid or block, not by return site) and uniform statements reading no buffer in the
+    body, only the latter in the condition; a sync between any two waves; no op a backend may read as a view."""
+    def uniform(s):
+        if isinstance(s, Uniforms):
+            return all(not isinstance(v.storage, Buffer) for u in s.ops for v in u.inputs)
+        return isinstance(s, Assign) and not isinstance(s.src.storage, Buffer) and \
+            not isinstance(s.dst.storage, Buffer)
+    if not all(uniform(s) for s in loop.cond):
+        return False
+    synced = True
+    for s in loop.body + loop.body:          # (twice: around the back edge)
+        if isinstance(s, Wave):
+            if not synced or any(t.op.kind in MAYBE_VIEWS for t in s.tasks):
+                return False
+            synced = False
+        elif isinstance(s, Sync):
+            if s.scope not in ("grid", "block") or s.sites is not None:
+                return False
+            synced = True
+        elif not uniform(s):
+            return False
+    return True
+
+
+def _stores_once(op) -> bool:
+    """Does `op` store each element of its outputs once, by one thread, at its own flat index?"""
+    if op.kind in (FUSED.name, COPY.name):
+        return True
+    if op.kind == ROWS.name:
+        steps = op.params[STEPS]
+        return all(steps[k].reduce is None and not steps[k].per_row(op.params[ROW_SHAPE])
+                   for k in op.params[STEP_OUTPUTS])
+    return family_of(op.kind) == ELEMENTWISE and not utasks.in_place_update(op.kind, op.params)
+
+
+def _whole(value) -> bool:
+    return (value.offset == 0 and value.window is None and not value.terms and value.perm is None and
+            value.rows is None and value.aval.size == value.storage.aval.size)
+
+
+def _publishable(body, positions, k: int) -> tuple:
+    """The buffers wave k of the body writes that may be published (module docstring)."""
+    ops = [(j, t.op) for j, p in enumerate(positions) for t in body[p].tasks]
+    out = []
+    for task in body[positions[k]].tasks:
+        op = task.op
+        if not _stores_once(op):
+            continue
+        for value in op.outputs:
+            b = value.storage
+            if not (isinstance(b, Buffer) and b.kind in ("temp", "output") and not b.frame_of and
+                    b.aval.dtype == np.float32 and _whole(value)):
+                continue
+            writes = sum(1 for _, o in ops for v in o.outputs if v.storage is b)
+            waits = [(j, o, n) for j, o in ops for n in a_inputs(o) if o.inputs[n].storage is b]
+            if writes == 1 and waits and all(
+                    j != k and _whole(o.inputs[n]) and ROW_INDEX not in o.params and
+                    sum(v.storage is b for v in o.inputs) == 1 for j, o, n in waits):
+                out.append(b)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------ the proof
+def _wave_accesses(wave: Wave, written: set) -> dict:
+    """Buffer -> (elements, vEU, is_write, task number, input number or -1) arrays of every access of `wave`
+    to a buffer the loop writes (Hazards._accesses, input by input); a read the hazards module only knows as
+    "the whole operand by several vEUs" by every vEU of its task."""
+    hz = Hazards()
+    hz.written_here = written
+    parts: dict = {}
+    for number, task in enumerate(wave.tasks):
+        op = task.op
+        if op.outputs[0].aval.size > hazards.MAX_OP_ELEMENTS:
+            raise TooLarge
+        veus = np.arange(task.first, task.first + min(task.count, op.n_utasks))
+        out_veus = hazards._output_veus(task)
+        found = []
+        for k, value in enumerate(op.inputs):
+            if isinstance(value.storage, Buffer) and value.storage in written:
+                elements, who = hazards._read(task, k, out_veus)
+                found.append((value.storage, elements, who, k))
+        for n, value in enumerate(op.outputs):
+            if out_veus is None or value.dynamic:
+                found.append((value.storage, hazards.storage_elements(value, None), hazards._one_or_several(task), -1))
+            else:
+                who = out_veus if n == 0 else hazards._output_veus(task, n)
+                found.append((value.storage, hazards.storage_elements(value, np.arange(value.aval.size)), who, -1))
+        for buf, elements, who, k in found:
+            elements = np.arange(buf.aval.size)[elements] if isinstance(elements, slice) else \
+                np.asarray(elements, np.int64)
+            if np.ndim(who) == 0 and who == SEVERAL:
+                e, v = np.tile(elements, veus.size), np.repeat(veus, elements.size)
+            else:
+                e, v = elements, np.broadcast_to(np.asarray(who, np.int64), elements.shape)
+            parts.setdefault(buf, []).append((e, v, np.full(e.size, k < 0), np.full(e.size, number),
+                                              np.full(e.size, k)))
+    return {b: tuple(np.concatenate(x) for x in zip(*p)) for b, p in parts.items()}
+
+
+def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
+    """Are all conflicting accesses of different vEUs ordered with the grid barriers of `chosen` made flag
+    syncs (module docstring)? One refinement of "from the next wave on": a matmul whose every uTask reads the
+    whole published buffer (a full waiter) stores its results only after all its waits (the tile routines
+    stage A, then sync, then store), so its writes know what its waits told. (A writer's reads come before
+    its published stores in the same thread too, a data dependence, but that is not used: the simulator
+    could not check it.)"""
+    n = len(positions)
+    waves = [body[p] for p in positions]
+    grid_before = []                       # per wave: a grid barrier left between it and the previous one
+    for k, p in enumerate(positions):
+        prev = positions[k - 1]
+        between = range(prev + 1, p) if k else [*range(prev + 1, len(body)), *range(p)]
+        grid_before.append(any(_is_grid(body[i]) and i not in chosen for i in between))
+    published = {b for p in chosen.values() for b in p}
+    writer_wave = {b: k for k, acc in enumerate(accesses) for b in acc if b in published and acc[b][2].any()}
+    writer_veu = {}
+    for b, k in writer_wave.items():
+        e, v, w = accesses[k][b][:3]
+        table = np.full(b.aval.size, -1, np.int64)
+        table[e[w]] = v[w]
+        writer_veu[b] = table
+
+    def source(b, pos):                    # the position of the write a waiting read at pos sees (< 0: none)
+        kr, kw = pos % n, writer_wave[b]
+        return pos - kr + kw - (n if kw >= kr else 0)
+
+    last = ITERATIONS * n
+    vc = np.full((grid, grid), -1, np.int64)
+    writers = {}                           # (task, input) -> (full, [(vEU, the writers of what it reads)])
+    known, op_known = [], {}               # vc entering each position; (pos, task) -> a full waiter's rows
+    for pos in range(last + 1):
+        k = pos % n
+        if grid_before[k] and pos:
+            vc[:, :] = pos - 1
+        np.fill_diagonal(vc, pos - 1)
+        known.append(vc.copy())
+        pending = vc.copy()
+        for number, task, part, b in _waits(waves[k].tasks, published):
+            at = source(b, pos)
+            if at < 0:
+                continue
+            if (task, part) not in writers:
+                full, reads = _waiting_reads(task, part)
+                writers[task, part] = full, [(veu, np.unique(writer_veu[b][e])) for veu, e in reads]
+            full, reads = writers[task, part]
+            mine = known[pos].copy()
+            for veu, ids in reads:
+                ids = ids[ids >= 0]
+                if ids.size:
+                    mine[veu] = np.maximum(mine[veu], known[at][ids].max(axis=0))
+                    mine[veu, ids] = np.maximum(mine[veu, ids], at - 1)
+            pending = np.maximum(pending, mine)
+            if full:
+                op_known[pos, number] = np.maximum(op_known.get((pos, number), mine), mine)
+        vc = pending
+    for a in range(n):
+        for b in range(a + 1, last):
+            if not _pairs_ordered(accesses[a], accesses[b % n], a, b, known[b], published, source, op_known,
+                                  waves[b % n].tasks):
+                return False
+    active = np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)]))
+    sub = known[last][np.ix_(active, active)]
+    return bool(np.all((sub >= n - 1) | np.eye(active.size, dtype=bool)))
+
+
+@functools.lru_cache(maxsize=256)
+def _waiting_reads(task, part: int) -> tuple:
+    """(does every uTask read all of it, [(vEU, elements of input `part`)] per uTask) of a waiting task."""
+    op, size = task.op, task.op.inputs[part].aval.size
+    reads = []
+    for t in range(op.n_utasks):
+        share = shares.read_share(op, part, t)
+        reads.append((task.first + t % task.count, np.arange(size) if share is None else np.asarray(share)))
+    return all(e.size == size for _, e in reads), reads
+
+
+def _waits(tasks, published):
+    """(task number, task, input number, buffer) of each read of a published buffer that waits (a matmul's
+    left operand or part of it)."""
+    return [(number, task, part, task.op.inputs[part].storage) for number, task in enumerate(tasks)
+            for part in a_inputs(task.op) if task.op.inputs[part].storage in published]
+
+
+def _pairs_ordered(first: dict, second: dict, a: int, b: int, known, published, source, op_known,
+                   waves_b) -> bool:
+    """Is every conflict between the accesses `first` (position a) and `second` (position b > a) of
+    different vEUs ordered: known[j, i] >= a for the later vEU j and the earlier i (_ordered's refinements
+    aside)? A published element's write and the waiting read that sees it need nothing."""
+    for buf in first.keys() & second.keys():
+        ea, va, wa = first[buf][:3]
+        eb, vb, wb, tb, kb = second[buf]
+        exempt = buf in published and source(buf, b) == a
+        waiting = None
+        if exempt:
+            waiting = np.zeros(tb.size, bool)
+            for number, _, part, _ in _waits(waves_b, {buf}):
+                waiting |= (tb == number) & (kb == part)
+        for mask_a, mask_b in ((wa, np.ones_like(wb)), (~wa, wb)):
+            if not mask_a.any() or not mask_b.any():
+                continue
+            order = np.argsort(eb[mask_b], kind="stable")
+            xb = eb[mask_b][order]
+            lo, hi = np.searchsorted(xb, ea[mask_a], "left"), np.searchsorted(xb, ea[mask_a], "right")
+            counts = hi - lo
+            if not counts.any():
+                continue
+            where = np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            i = np.repeat(va[mask_a], counts)
+            j, j_writes, task_b = (x[mask_b][order][where] for x in (vb, wb, tb))
+            bad = (i != j) & (known[j, i] < a)
+            if exempt and mask_a is wa:       # (a published write, read by the waiting reads that see it)
+                bad &= ~waiting[mask_b][order][where]
+            for number in np.unique(task_b[bad & j_writes]):    # writes of a full waiter, after its waits
+                rows = op_known.get((b, int(number)))
+                if rows is not None:
+                    hit = bad & j_writes & (task_b == number)
+                    bad[hit] = rows[j[hit], i[hit]] < a
+            if bad.any():
+                return False
+    return True

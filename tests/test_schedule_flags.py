@@ -1,0 +1,242 @@
+"""Flag syncs (gdsl/schedule/flags.py, the option `flags`): a loop's grid barrier that only published carries
+cross (written by elementwise / cell ops, read by the next step's matmuls as their left operand) becomes a
+`Sync("flags")`; everything else keeps its grid barrier. NASRNN's two step-end barriers per unrolled iteration
+become flag syncs (full size, batch 1, and batch 64 with owner=True); the LSTM's keep theirs (the next step's
+matmuls overwrite gate buffers other layers' cells still read). The plan simulator (race checks on), the g++
+emulator and the float64 references agree; NVRTC and hiprtc compile the kernels; a flag sync put where the
+pass keeps a grid barrier is a race the simulator reports."""
+import dataclasses
+
+import numpy as np
+import pytest
+from strategies import emulated_model_mismatches, needs_nvrtc, zoo_lowered
+from test_schedule import check_emulated, check_plan
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily.emulator import EmulatorDialect
+from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.hip import toolchain as hip_toolchain
+from gdsl.interpreter import run_program
+from gdsl.jit import make_ir
+from gdsl.schedule import schedule
+from gdsl.schedule.flags import FLAGS
+from gdsl.schedule.plan import ROWS, Loop, Sync, Wave
+from gdsl.schedule.scheduler import loop_grid_barriers
+from gdsl.schedule.simulate import BarrierError, simulate
+
+CHAIN = EmulatorDialect().lowering_chain
+LOWERING = dict(views=CHAIN, rows=CHAIN, epilogues=CHAIN, k_parts=CHAIN, siblings=CHAIN, row_blocks=CHAIN)
+
+
+def _loop(plan) -> Loop:
+    return next(s for s in plan.kernels[0].body if isinstance(s, Loop))
+
+
+def _syncs(block, scope) -> list:
+    return [s for s in block if isinstance(s, Sync) and s.scope == scope]
+
+
+def _after_loop(plan):
+    body = plan.kernels[0].body
+    return body[body.index(_loop(plan)) + 1]
+
+
+def _writers(plan, buf):
+    return [t.op for s in _loop(plan).body if isinstance(s, Wave) for t in s.tasks
+            if any(v.storage is buf for v in t.op.outputs)]
+
+
+# ------------------------------------------------------------------------------------------ full size
+@needs_nvrtc
+def test_nasrnn_batch_1_step_end_barriers_become_flag_syncs():
+    """NASRNN bs1 (owner plan, unrolled twice): both step-end grid barriers are flag syncs publishing the new
+    `m` of each half-step (a cell chain's output); the block syncs stay; a grid barrier follows the loop; the
+    barriers before the loop are the default's; NVRTC compiles it (the flag words, tagged stores, waits)."""
+    default = zoo_lowered("nasrnn", 1).lowering.plan
+    lowered = zoo_lowered("nasrnn", 1, flags=True)
+    plan = lowered.lowering.plan
+    body = _loop(plan).body
+    flags = _syncs(body, FLAGS)
+    assert len(flags) == 2 and len(_syncs(_loop(default).body, "grid")) == 2
+    assert _syncs(body, "grid") == [] and loop_grid_barriers(plan) == 0 and plan.stats["flag_syncs"] == 2
+    assert len(_syncs(body, "block")) == len(_syncs(_loop(default).body, "block")) == 2
+    for sync in flags:
+        (buf,) = sync.published
+        assert [op.kind for op in _writers(plan, buf)] == [ROWS.name]
+    assert isinstance(_after_loop(plan), Sync) and _after_loop(plan).scope == "grid"
+    assert str(plan).split("  loop:")[0].splitlines()[1:] == str(default).split("  loop:")[0].splitlines()[1:]
+    source = lowered.source
+    assert "gdsl_flag_get(" in source and "gdsl_flag_put(" in source and "gdsl_it0 += 1u;" in source
+    assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
+
+
+@needs_nvrtc
+def test_nasrnn_batch_64_owner_publishes_a_part_of_the_stacked_operand():
+    """NASRNN bs64 with owner=True: the carry is the second part of `[x_t | m] @ [W_ih; W_hh]` (read in parts);
+    both step-end barriers become flag syncs; NVRTC compiles it."""
+    lowered = zoo_lowered("nasrnn", 64, owner=True, flags=True)
+    plan = lowered.lowering.plan
+    assert len(_syncs(_loop(plan).body, FLAGS)) == 2 and loop_grid_barriers(plan) == 0
+    assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("name,bs,options", [("lstm", 1, {}), ("lstm", 1, {"owner": True}), ("nasrnn", 64, {}),
+                                             ("seq2seq", 1, {})])
+def test_other_step_end_barriers_stay(name, bs, options):
+    """Where a step-end barrier orders more than the carry, it stays and the plan is the default's: the LSTM
+    bs1 (its next step's `h_l @ W_ih` overwrites the gates that layer l+1's cell reads; with owner=True layer
+    0 would overwrite `h_0` that layer 1 still reads), NASRNN bs64 (`x_t @ W_ih` waits for nothing and
+    overwrites what the cell reads), Seq2seq (a data-dependent exit, its carry read by an argmax)."""
+    plan = zoo_lowered(name, bs, flags=True, **options).lowering.plan
+    assert "flag_syncs" not in plan.stats
+    assert str(plan) == str(zoo_lowered(name, bs, **options).lowering.plan)
+
+
+def test_hip_compiles_flag_syncs():
+    if hip_toolchain.hiprtc_available() is not None:
+        pytest.skip(str(hip_toolchain.hiprtc_available()))
+    from models import common, load
+    prob = common.build_problem(load("nasrnn"), 1, small=True)
+    source = prob.model.make_forward(prob.cfg, backend="hip", flags=True).lower(prob.weights, prob.batches[0]).source
+    assert "gdsl_flag_get(" in source
+    assert hip_toolchain.compile_hip(source, "gfx90a")[:4] == b"\x7fELF"
+
+
+# ------------------------------------------------------------------------------------------ emulated models
+def _small_plan(name, bs):
+    from models import common, load
+    prob = common.build_problem(load(name), bs, small=True)
+
+    def forward(weights, inputs):
+        return prob.model.forward(weights, inputs, prob.cfg)
+    dialect = EmulatorDialect()
+    return lower_with_grid(make_ir(forward)(prob.weights, prob.batches[0]),
+                           check_options({"flags": True, "block": 64}, dialect), 4, dialect).plan
+
+
+@pytest.mark.parametrize("name,bs,converted", [("nasrnn", 1, 2), ("nasrnn", 4, 2), ("lstm", 1, 0)])
+def test_models_emulated_match_the_reference(name, bs, converted):
+    """The small configs on the g++ emulator (grid 4) with flags=True against the float64 references; NASRNN's
+    plans there have the flag syncs (the spinning loaders run), the LSTM's none."""
+    assert _small_plan(name, bs).stats.get("flag_syncs", 0) == converted
+    assert emulated_model_mismatches(name, bs, flags=True) == []
+
+
+# ------------------------------------------------------------------------------------------ small programs
+def cell(xs, W, U):
+    """NASRNN's shape: the carry `m` read by `m @ U` (gates stacked), a cell of two carries."""
+    def step(t, mc):
+        m, c = mc
+        g, x = m @ U, xs[t] @ W
+        c2 = gnp.tanh(g[0] + x[0]) * gdsl.nn.sigmoid(g[1] + x[1]) + c
+        return gnp.tanh(c2) * gdsl.nn.sigmoid(g[2] + x[2]), c2
+    z = gnp.zeros((1, U.shape[-1]))
+    return gdsl.fori_loop(0, xs.shape[0], step, (z, z))[0]
+
+
+def rnn(h, W, xs):
+    """`tanh(h @ W + x_t)`: the default plan computes tanh on other vEUs than the matmul's tiles, so the step-end
+    barrier also orders the cell's reads of `h @ W` before the next step's matmul overwrites it."""
+    return gdsl.fori_loop(0, xs.shape[0], lambda t, h: gnp.tanh(h @ W + xs[t]), h)
+
+
+def _args(hidden, steps, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((steps, 1, hidden)).astype(np.float32),
+            (rng.standard_normal((3, hidden, hidden)) / 4).astype(np.float32),
+            (rng.standard_normal((3, hidden, hidden)) / 4).astype(np.float32))
+
+
+def _has_flags(plan, control):
+    if control == "device" and plan.grid > 1:
+        assert len(_syncs(_loop(plan).body, FLAGS)) == 2
+
+
+@pytest.mark.parametrize("hidden,steps", [(64, 5), (40, 6)])
+def test_cell_flag_syncs_simulate_and_emulate(hidden, steps):
+    """A carried `m` read by `m @ U`: both step-end barriers of the owner plan are flag syncs at grid 3 and
+    132 (not at grid 1: one vEU needs none); the simulator (race checks on: flags order only the published
+    buffers) and the emulator match the interpreter (odd step counts: one step peeled)."""
+    args = _args(hidden, steps)
+    check_plan(cell, *args, grids=(1, 3, 132), check=_has_flags, owner=True, flags=True, **LOWERING)
+    check_emulated(cell, *args, grids=(1, 3, 8), owner=True, flags=True)
+
+
+def test_something_else_crossing_keeps_the_grid_barrier():
+    """rnn's default plan: the step-end barrier also orders `tanh`'s reads of `h @ W` (other vEUs) before the
+    next step's matmul overwrites it: it stays a grid barrier; made a flag sync by hand, the simulator
+    reports the race."""
+    rng = np.random.default_rng(1)
+    args = ((rng.standard_normal((1, 64))).astype(np.float32), (rng.standard_normal((64, 64)) / 8).astype(np.float32),
+            rng.standard_normal((4, 1, 64)).astype(np.float32))
+    program = make_ir(rnn)(*args)
+    plan = schedule(program, grid=8, owner=False, flags=True, **LOWERING)
+    loop = _loop(plan)
+    assert _syncs(loop.body, FLAGS) == [] and len(_syncs(loop.body, "grid")) == 2
+    np.testing.assert_allclose(simulate(plan, list(args))[0], run_program(program, list(args))[0], rtol=1e-5)
+    _assert_forced_flags_race(plan, args)
+
+
+def test_carry_read_elementwise_by_other_veus_keeps_the_grid_barrier():
+    """The carry `m` also read elementwise after the barrier, reversed (by other vEUs than its writers, not
+    waiting): the barrier publishing it stays a grid barrier; forced, the simulator reports the race."""
+    def reversed_read(xs, W, U):
+        def step(t, mc):
+            m, c = mc
+            g, x = m @ U, xs[t] @ W
+            c2 = gnp.tanh(g[0] + x[0]) * gdsl.nn.sigmoid(g[1] + x[1]) + c + m[:, ::-1]
+            return gnp.tanh(c2) * gdsl.nn.sigmoid(g[2] + x[2]), c2
+        z = gnp.zeros((1, U.shape[-1]))
+        return gdsl.fori_loop(0, xs.shape[0], step, (z, z))[0]
+    args = _args(64, 4)
+    program = make_ir(reversed_read)(*args)
+    plan = schedule(program, grid=8, owner=True, flags=True, **LOWERING)
+    assert _syncs(_loop(plan).body, FLAGS) == []
+    np.testing.assert_allclose(simulate(plan, list(args))[0], run_program(program, list(args))[0], rtol=1e-4,
+                               atol=1e-5)
+    _assert_forced_flags_race(plan, args)
+
+
+def _assert_forced_flags_race(plan, args):
+    """Each of the loop's grid barriers made a flag sync publishing what the wave before it writes: a race."""
+    loop = _loop(plan)
+    body = loop.body
+    for i, stmt in enumerate(body):
+        if isinstance(stmt, Sync) and stmt.scope == "grid":
+            wave = next(s for s in reversed(body[:i]) if isinstance(s, Wave))
+            published = tuple(v.storage for t in wave.tasks for v in t.op.outputs)
+            forced = body[:i] + (Sync(FLAGS, published=published),) + body[i + 1:]
+            kernel = plan.kernels[0]
+            new = tuple(dataclasses.replace(loop, body=forced) if s is loop else s for s in kernel.body)
+            wrong = dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),))
+            with pytest.raises(BarrierError):
+                for seed in range(4):
+                    simulate(wrong, list(args), seed=seed)
+
+
+def test_default_plan_has_no_flag_syncs():
+    args = _args(64, 5)
+    plan = schedule(make_ir(cell)(*args), grid=8, owner=True, **LOWERING)
+    assert _syncs(_loop(plan).body, FLAGS) == [] and "flag_syncs" not in plan.stats
+
+
+# ------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+def test_gpu_nasrnn_flags_many_runs():
+    """NASRNN small with flags=True on CUDA against its float64 reference, run many times (a hang or a stale
+    read shows up as a timeout or a mismatch), and the full-size bs1 forward against the default's."""
+    from models import common, load
+    prob = common.build_problem(load("nasrnn"), 1, small=True)
+    f = prob.model.make_forward(prob.cfg, backend="cuda", flags=True)
+    assert _loop(f.lower(prob.weights, prob.batches[0]).lowering.plan) is not None
+    expected = prob.references()[0]
+    for _ in range(200):
+        assert common.compare(gdsl.to_numpy(f(prob.weights, prob.batches[0])), expected) == []
+    full = common.build_problem(load("nasrnn"), 1)
+    g = full.model.make_forward(full.cfg, backend="cuda", flags=True)
+    base = full.model.make_forward(full.cfg, backend="cuda")
+    want = gdsl.to_numpy(base(full.weights, full.batches[0]))
+    for _ in range(20):
+        np.testing.assert_allclose(gdsl.to_numpy(g(full.weights, full.batches[0])), want, rtol=1e-4, atol=1e-5)
