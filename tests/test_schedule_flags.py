@@ -17,10 +17,11 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.backends.cfamily.lower import check_options, lower_with_grid
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.backends.cuda.dialect import CUDADialect
 from gdsl.backends.hip import toolchain as hip_toolchain
 from gdsl.interpreter import run_program
 from gdsl.jit import make_ir
-from gdsl.schedule import schedule
+from gdsl.schedule import flags, schedule
 from gdsl.schedule.flags import FLAGS
 from gdsl.schedule.plan import ROWS, Loop, Sync, Wave
 from gdsl.schedule.scheduler import loop_grid_barriers
@@ -54,8 +55,8 @@ def test_nasrnn_batch_1_step_end_barriers_become_flag_syncs():
     """NASRNN bs1 (owner plan, unrolled twice): both step-end grid barriers are flag syncs publishing the new
     `m` of each half-step (a cell chain's output); the block syncs stay; a grid barrier follows the loop; the
     barriers before the loop are the default's; NVRTC compiles it (the flag words, tagged stores, waits)."""
-    default = zoo_lowered("nasrnn", 1).lowering.plan
-    lowered = zoo_lowered("nasrnn", 1, flags=True)
+    default = zoo_lowered("nasrnn", 1, flags=False).lowering.plan
+    lowered = zoo_lowered("nasrnn", 1)                 # (flags on by default on cuda)
     plan = lowered.lowering.plan
     body = _loop(plan).body
     flags = _syncs(body, FLAGS)
@@ -66,16 +67,24 @@ def test_nasrnn_batch_1_step_end_barriers_become_flag_syncs():
         (buf,) = sync.published
         assert [op.kind for op in _writers(plan, buf)] == [ROWS.name]
     assert isinstance(_after_loop(plan), Sync) and _after_loop(plan).scope == "grid"
-    assert str(plan).split("  loop:")[0].splitlines()[1:] == str(default).split("  loop:")[0].splitlines()[1:]
+    # before the loop: the default's statements, after the flag words' zeroing and its grid barrier
+    before, before_default = (str(p).split("  loop:")[0].splitlines()[2:] for p in (plan, default))
+    zeroing = "  every vEU: zero its share of the flag words of " + ", ".join(s.published[0].name for s in flags)
+    assert before[:3] == before_default[:2] + [zeroing] and before[3] == "  barrier (grid)"
+    assert before[4:] == before_default[2:]
     source = lowered.source
+    assert source.count(CUDADialect().grid_sync("atomic")) == plan.stats["grid_syncs"] - 1   # (one is quiet)
     assert "gdsl_flag_get(" in source and "gdsl_flag_put(" in source and "gdsl_it0 += 1u;" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
 
 
 @needs_nvrtc
-def test_nasrnn_batch_64_owner_publishes_a_part_of_the_stacked_operand():
+def test_nasrnn_batch_64_owner_publishes_a_part_of_the_stacked_operand(monkeypatch):
     """NASRNN bs64 with owner=True: the carry is the second part of `[x_t | m] @ [W_ih; W_hh]` (read in parts);
-    both step-end barriers become flag syncs; NVRTC compiles it."""
+    both step-end barriers become flag syncs once its 64 x 256 elements may be published (by default they are
+    more than flags.MAX_PUBLISHED: the barriers stay); NVRTC compiles it."""
+    assert "flag_syncs" not in zoo_lowered("nasrnn", 64, owner=True, flags=True).lowering.plan.stats
+    monkeypatch.setattr(flags, "MAX_PUBLISHED", 64 * 256)
     lowered = zoo_lowered("nasrnn", 64, owner=True, flags=True)
     plan = lowered.lowering.plan
     assert len(_syncs(_loop(plan).body, FLAGS)) == 2 and loop_grid_barriers(plan) == 0

@@ -277,9 +277,9 @@ def test_nvrtc_compiles_the_full_size_gathered_cuda(name):
     from models import common, load
     model = load(name)
     problem = common.build_problem(model, 1)
-    lowered = model.make_forward(problem.cfg, backend="cuda", grid=264, owner=True).lower(
+    lowered = model.make_forward(problem.cfg, backend="cuda", grid=264, owner=True, flags=False).lower(
         problem.weights, problem.batches[0])
-    assert loop_grid_barriers(lowered.lowering.plan) == 1
+    assert loop_grid_barriers(lowered.lowering.plan) == 1          # (NASRNN's is a flag sync with flags on)
     assert any(utasks.gathers_batch(t.op.params) and RESIDENT in t.op.params
                for t in _loop_matmuls(lowered.lowering.plan))
     _assert_cells_own_their_columns(lowered.lowering.plan)        # (the cell chains in chunks: _cell_chunk)

@@ -67,6 +67,11 @@ from gdsl.schedule.plan import (
 
 FLAGS = "flags"
 ITERATIONS = 3           # iterations of the body the vector clocks run over (then one more wave)
+# A buffer of more elements is never published: each waiting uTask spins on every element it reads, one 8-byte
+# load each, without the tile's four-element loads, which pays for a carried row (NASRNN bs1's 256 elements:
+# 3.85 -> 2.83 ms on the H200, session 11) and not for a batch of them (NASRNN bs64 with owner=True, 64 x 256
+# published: 19.3 -> 29.9 ms). It also bounds the proof's cost (the LSTM bs64's would take ~15 s of lowering).
+MAX_PUBLISHED = 4096
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,11 @@ def flag_syncs(plan):
     kernels = tuple(_kernel(k, plan.grid) for k in plan.kernels)
     if all(a is b for a, b in zip(kernels, plan.kernels)):
         return plan
-    count = sum(1 for k in kernels for s in walk(k.body) if isinstance(s, Sync) and s.scope == FLAGS)
-    return dataclasses.replace(plan, kernels=kernels, stats=dict(plan.stats, flag_syncs=count))
+    def syncs(ks, scope):
+        return sum(1 for k in ks for s in walk(k.body) if isinstance(s, Sync) and s.scope == scope)
+    grid = plan.stats.get("grid_syncs", 0) + syncs(kernels, "grid") - syncs(plan.kernels, "grid")
+    return dataclasses.replace(plan, kernels=kernels,
+                               stats=dict(plan.stats, flag_syncs=syncs(kernels, FLAGS), grid_syncs=grid))
 
 
 def _kernel(kernel, grid: int):
@@ -131,7 +139,11 @@ def _kernel(kernel, grid: int):
                     body.append(Sync("grid"))       # the plain buffers, for the readers after the loop
                 continue
         body.append(stmt)
-    return dataclasses.replace(kernel, body=tuple(body)) if changed else kernel
+    if not changed:
+        return kernel
+    # The kernel zeroes the flag words of its published buffers when it starts (the renderer's flag_prologue,
+    # before the first statement), then this grid barrier: part of the plan, so the plan says what runs.
+    return dataclasses.replace(kernel, body=(Sync("grid"),) + tuple(body))
 
 
 def _is_grid(stmt) -> bool:
@@ -222,7 +234,7 @@ def _publishable(body, positions, k: int) -> tuple:
         for value in op.outputs:
             b = value.storage
             if not (isinstance(b, Buffer) and b.kind in ("temp", "output") and not b.frame_of and
-                    b.aval.dtype == np.float32 and _whole(value)):
+                    b.aval.dtype == np.float32 and b.aval.size <= MAX_PUBLISHED and _whole(value)):
                 continue
             writes = sum(1 for _, o in ops for v in o.outputs if v.storage is b)
             waits = [(j, o, n) for j, o in ops for n in a_inputs(o) if o.inputs[n].storage is b]

@@ -14,6 +14,8 @@ emulator (emu.h) also accept.
     warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
                                  GEMV lane split; `header_template` defines GDSL_WARP from it ($warp_size)
     tensor_cores                 float32 GEMM tiles run gdsl_gemm_tile_tc (device_library) at float32 accuracy
+    flag_syncs                   the default of the jit option `flags` (gdsl/schedule/flags.py): a loop's grid
+                                 barrier that orders only published carries becomes a flag sync
     device_library               the dialect's own device code, after the prelude
     lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
                                  (gdsl/primitives/registry.py): a dialect overrides a "cfamily" rule by
@@ -39,6 +41,7 @@ class Dialect:
     dynamic_shared_decl = "extern __shared__ __align__(16) char gdsl_smem[];"   # sized at launch
     resident_smem_per_sm = 0             # shared memory per SM that loop-invariant weights may fill (resident.py)
     tensor_cores = False                 # float32 GEMM tiles on the tensor cores (gdsl_gemm_tile_tc, 3xTF32)
+    flag_syncs = False                   # flag syncs unless flags=False (else only with flags=True)
     device_library = ""                  # device code of this dialect after the prelude (the tensor-core tile)
     block_index = "blockIdx.x"
     thread_index = "threadIdx.x"

@@ -80,7 +80,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     thin_gemv=opts.get("thin_gemv"),
                     row_gathers=dialect.lowering_chain if opts.get("row_views") else (),
                     siblings=() if opts.get("siblings") is False else dialect.lowering_chain,
-                    row_blocks=dialect.lowering_chain, flags=opts.get("flags"))
+                    row_blocks=dialect.lowering_chain,
+                    flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"])
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -1005,8 +1005,7 @@ class Renderer:
         grid_syncs = sum(1 for s in stmts if isinstance(s, Sync) and s.scope == "grid")
         grid_syncs += 1 if self.forks and functions else 0         # the fork prologue's (fork_prologue)
         loops = [self.flag_loops[s] for s in kernel.body if s in self.flag_loops]
-        if loops:                          # flag syncs: the shadows zeroed, then a grid barrier (flags.py)
-            grid_syncs += 1
+        if loops:                          # flag syncs: the shadows zeroed before the plan's first grid barrier
             body_lines = self.flag_prologue() + body_lines
 
         decls = []
@@ -1087,13 +1086,13 @@ class Renderer:
                           self.call_log[first_call:])
 
     def flag_prologue(self) -> list[str]:
-        """Every flag word zeroed (no tag is 0 while a loop runs: flags.py), then a grid barrier."""
+        """Every flag word zeroed (no tag is 0 while a loop runs: flags.py), before the grid barrier that the
+        flags pass puts first in the kernel."""
         d = self.dialect
         start = min(self.layout.shadows.values())
         return [f"  for (int i = (int)({d.block_index} * {self.plan.block} + {d.thread_index}); i < "
                 f"{self.layout.shadow_words}; i += {self.plan.grid * self.plan.block}) "
-                f"((unsigned long long*)(gdsl_ws + {start}))[i] = 0ull;",
-                "  " + self.grid_sync()]
+                f"((unsigned long long*)(gdsl_ws + {start}))[i] = 0ull;"]
 
     def merged_kernels(self, codes: list) -> list:
         """`codes` with each group of kernels whose bodies are the same up to the holes of a repeated sequence
