@@ -47,9 +47,10 @@ WIDE_MAX_REGISTERS = 16
 WIDE_MAX_GROUPS = 16
 # Measured on the H200 in session 11 and not kept (two runs of one call, ms, default -> variant): 32 registers
 # where each k group keeps at least 8 of a stage's k (8 x 4 on NASRNN's and Seq2seq's 32 x 64 resident tiles and
-# the LSTM's 64 x 64; the smaller tiles stay 4 x 4): NASRNN bs64 9.52 / 9.60 -> 8.88 / 9.00, LSTM bs64 2.82 / 2.91 -> 2.80 / 2.86, Seq2seq bs64 0.793 /
-# 0.792 -> 0.898 / 0.919 (all 32 registers: also BlockDrop bs64 0.47 -> 0.53-0.57); two stage buffers with one
-# block sync a stage: no gain anywhere (NASRNN 9.53 / 9.36, LSTM 2.87 / 2.86, Seq2seq 0.844 / 0.887).
+# the LSTM's 64 x 64; the smaller tiles stay 4 x 4): NASRNN bs64 9.52 / 9.60 -> 8.88 / 9.00, LSTM bs64 2.82 /
+# 2.91 -> 2.80 / 2.86, Seq2seq bs64 0.793 / 0.792 -> 0.898 / 0.919 (all 32 registers: also BlockDrop bs64 0.47
+# -> 0.53-0.57); two stage buffers with one block sync a stage: no gain anywhere (NASRNN 9.53 / 9.36, LSTM
+# 2.87 / 2.86, Seq2seq 0.844 / 0.887).
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
