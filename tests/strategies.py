@@ -195,13 +195,13 @@ def emulated(fn, args, **options) -> list:
     return as_list(emulator.emulate(fn, *args, **options))
 
 
-def cuda_lowering(fn, args, grid=132):
-    """`fn(*args)` lowered for CUDA (device control, 256 threads a vEU, `grid` vEUs) without a GPU: its
-    `.plan` and its `.source` (for NVRTC)."""
+def cuda_lowering(fn, args, grid=132, **options):
+    """`fn(*args)` lowered for CUDA (device control, 256 threads a vEU, `grid` vEUs, jit `options`) without a
+    GPU: its `.plan` and its `.source` (for NVRTC)."""
     from gdsl.backends.cfamily.lower import check_options, lower_with_grid
     from gdsl.backends.cuda.dialect import CUDADialect
     dialect = CUDADialect()
-    opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, dialect)
+    opts = check_options({"control": "device", "block": 256, "barrier": "atomic", **options}, dialect)
     return lower_with_grid(gdsl.make_ir(fn)(*args), opts, grid, dialect)
 
 

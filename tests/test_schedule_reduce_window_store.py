@@ -210,6 +210,6 @@ def test_other_backends_keep_the_update_and_agree(fn, backend):
 @pytest.mark.parametrize("fn", sorted(FOLDED, key=lambda f: f.__name__), ids=lambda f: f.__name__)
 def test_reduction_window_stores_compile_with_nvrtc(fn):
     from gdsl.backends.cuda import toolchain as cuda_toolchain
-    lowering = cuda_lowering(fn, ARGS[fn])
-    assert _stored(lowering.plan)
+    lowering = cuda_lowering(fn, ARGS[fn], uniform_reductions=False)   # (else greedy_tokens' argmax over 40
+    assert _stored(lowering.plan)                                         # is a uniform op, stored by no op)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"

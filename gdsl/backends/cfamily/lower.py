@@ -74,8 +74,9 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     balance=opts.get("balance"), rows=rows, fork=opts.get("fork"), window_stores=window_stores,
                     resident_calls=opts.get("resident_calls"), cells=opts.get("cells"),
                     spread_frames=opts.get("spread_frames"), aside=opts.get("aside"),
-                    uniform_reductions=opts.get("uniform_reductions"),
-                    resident_partitioned=opts.get("resident_partitioned"), index_ranges=opts.get("index_ranges"),
+                    uniform_reductions=opts.get("uniform_reductions") is not False,      # (on unless False)
+                    resident_partitioned=opts.get("resident_partitioned"),
+                    index_ranges=opts.get("index_ranges") is not False,                  # (on unless False)
                     concat_k=opts.get("concat_k"), k_parts=dialect.lowering_chain,
                     thin_gemv=opts.get("thin_gemv"),
                     row_gathers=dialect.lowering_chain if opts.get("row_views") else (),
