@@ -43,9 +43,10 @@ def main(argv=None) -> int:
             result = floor.floor_terms(count, {"barrier_us": barrier[nearest], "copy_gbps": args.copy_tbps * 1e3,
                                                "fp32_tflops": args.fp32_tflops})
             terms = result["terms_ms"]
+            flags = f"  flag syncs {count['flag_syncs']:.0f} (no term)" if count["flag_syncs"] else ""
             print(f"{name:10s} bs {batch:3d}  grid {plan.grid:3d}  dependent barriers {count['dependent_steps']:6.0f}  "
                   f"barriers {terms['barriers']:.3f}  bytes {terms['bytes']:.4f}  flops {terms['flops']:.4f} ms  "
-                  f"floor {result['floor_ms']:.3f} ms ({result['binding']}, {count['flops'] / 1e9:.2f} GFLOP)",
+                  f"floor {result['floor_ms']:.3f} ms ({result['binding']}, {count['flops'] / 1e9:.2f} GFLOP){flags}",
                   flush=True)
     return 0
 

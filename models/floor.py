@@ -86,6 +86,7 @@ class PlanCount:
     """What one forward executes: grid barriers, kernel launches, flops and compulsory bytes."""
     grid_barriers: int = 0
     plan_grid_barriers: int = 0                   # every grid Sync of the plan executed, rendered or not
+    flag_syncs: int = 0                           # flag syncs executed (gdsl/schedule/flags.py): no cost term
     launches: int = 0
     flops: float = 0.0
     bytes: int = 0
@@ -173,6 +174,8 @@ class _Counter(Simulator):
         return window.reshape(value.aval.shape)
 
     def run_sync(self, stmt: Sync):
+        if stmt.scope == "flags":
+            self.count.flag_syncs += 1
         if self.grid_here(stmt):
             self.count.plan_grid_barriers += 1
             if self.rendered_syncs is None or id(stmt) in self.rendered_syncs:
@@ -341,6 +344,7 @@ def mean_count(counts: list[PlanCount]) -> dict:
     """The mean of several forwards' counts (the bench cycles over input sets)."""
     return {"grid_barriers": float(np.mean([c.grid_barriers for c in counts])),
             "plan_grid_barriers": float(np.mean([c.plan_grid_barriers for c in counts])),
+            "flag_syncs": float(np.mean([c.flag_syncs for c in counts])),
             "launches": float(np.mean([c.launches for c in counts])),
             "dependent_steps": float(np.mean([c.dependent_steps for c in counts])),
             "flops": float(np.mean([c.flops for c in counts])),
