@@ -257,7 +257,11 @@ def torch_cuda_graphs(torch, device, fwd: Callable, arg_sets: list, system="torc
                 fwd(*args)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
+        # "thread_local": a CUDA call of another thread of this process (JAX's runtime, set up by an earlier
+        # system) must not invalidate the capture. With the default ("global") the LSTM bs64 capture failed
+        # once on the H200 (session 11, "operation failed due to a previous error during capture") and left
+        # JAX's stream broken for every later row of that run.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), torch.no_grad():
             out = fwd(*args)
         graphs.append(graph)
         outs.append(out)

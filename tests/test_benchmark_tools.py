@@ -43,3 +43,20 @@ def test_switches_refuses_an_unknown_switch():
         _tool("switches").main(["gdsl.schedule.resident.NOPE=1", "--", "--models", "rae"])
     with pytest.raises(SystemExit):
         _tool("switches").main(["gdsl.schedule.resident.GEMM_TILES=False"])      # no "--": the usage
+
+
+def test_ncu_summary_shares_stalls_by_opcode_and_address(tmp_path, capsys):
+    """A source-page CSV as ncu writes it (a kernel line, the header, one row per instruction)."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_barrier", "stall_short_sb", "stall_selected", "stall_short_sb (Not Issued)"]
+    rows = [["0x1000", "  @!P2  BRA 0x2000", "60", "10", "60", "0", "0", "0"],
+            ["0x1400", "  FFMA R1, R2, R3, R1", "30", "99", "0", "20", "10", "20"],
+            ["0x1410", "  LDS.128 R4, [R5]", "10", "50", "0", "0", "10", "0"]]
+    path = tmp_path / "sass.csv"
+    path.write_text("\n".join(",".join(f'"{c}"' for c in r) for r in [["Kernel Name", "gdsl_main"], header] + rows))
+    assert _tool("ncu_summary").main([str(path), "--buckets", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "samples 100: [('barrier', 60), ('short_sb', 20), ('selected', 20)]"
+    assert lines[1].startswith("BRA") and "60.0%" in lines[1] and "('barrier', 100)" in lines[1]
+    assert lines[2].startswith("FFMA") and "('short_sb', 67)" in lines[2]
+    assert [line.split()[0] for line in lines[4:]] == ["0x1000"]         # the one range with half the samples
