@@ -12,8 +12,8 @@ A barrier is converted when (all found from the plan, any program):
 - the loop is a top-level loop of a device-control kernel, not partitioned, behind a grid barrier (or at the
   kernel's start), its condition and body only waves, syncs and uniform statements that read no buffer, a
   sync between any two waves (around the back edge too), no op that a backend may render as a view;
-- the buffers published are those the wave right before it writes that: are float32 temps or outputs written
-  whole by one elementwise-like op (each element stored once, by one thread: fused / elementwise / copy, a
+- the buffers published are those the wave right before it writes that: are float32 temps or outputs of at
+  most MAX_PUBLISHED elements, written whole by one elementwise-like op (each element stored once, by one thread: fused / elementwise / copy, a
   cell chain) and by no other op of the loop; and are read by matmuls of the loop only as their left operand
   (the whole buffer, or a whole part of a left operand read in parts, not gathered rows), in other waves:
   those reads wait for the flags; any other read (an elementwise op's, reading the plain buffer) must be
@@ -27,7 +27,8 @@ A barrier is converted when (all found from the plan, any program):
   (conservative) and requires, at the start of the fourth, every vEU to know all of the first iteration: the
   pairs further apart are then ordered too. Conversions are tried all together, then one at a time (greedy).
 
-Tags (the renderer's): the kernel zeroes the shadows when it starts (then a grid barrier), a loop counts its
+Tags (the renderer's): the kernel zeroes the shadows when it starts (then the grid barrier this pass puts first
+in the kernel), a loop counts its
 iterations `it` (0, 1, ...); a writer stores tag it + 1; a reader whose writer comes earlier in the body waits
 for it + 1, one whose writer comes later (the carry of the back edge) for it, and in the first iteration (it =
 0) reads the plain buffer instead, written before the loop behind its grid barrier. A tag is never 0 while the
