@@ -14,10 +14,10 @@ A barrier is converted when (all found from the plan, any program):
   sync between any two waves (around the back edge too), no op that a backend may render as a view;
 - the buffers published are those the wave right before it writes that: are float32 temps or outputs of at
   most MAX_PUBLISHED elements, written whole by one elementwise-like op (each element stored once, by one
-  thread: fused / elementwise / copy, a cell chain) and by no other op of the loop; and are read by matmuls of the loop only as their left operand
-  (the whole buffer, or a whole part of a left operand read in parts, not gathered rows), in other waves:
-  those reads wait for the flags; any other read (an elementwise op's, reading the plain buffer) must be
-  ordered otherwise;
+  thread: fused / elementwise / copy, a cell chain) and by no other op of the loop; and are read by matmuls of
+  the loop only as their left operand (the whole buffer, or a whole part of a left operand read in parts, not
+  gathered rows), in other waves: those reads wait for the flags; any other read (an elementwise op's, reading
+  the plain buffer) must be ordered otherwise;
 - and every pair of conflicting accesses of different vEUs in the loop (read/write, write/read, write/write,
   from the hazards module's exact shares, `hazards._read` and `_output_veus`, a whole operand read by every
   vEU of its task where it knows no better) is still ordered (`_ordered`): by a grid barrier left between
