@@ -414,6 +414,17 @@ def floor_errors(rows: list[dict]) -> list[str]:
             if r.get("floor", {}).get("status") == "error"]
 
 
+def write_json(args, env, rows, complete: bool):
+    """Every measurement so far and the environment to --json (none: nothing); `complete` False while the run
+    goes on, so that a run cut short (a device time limit) still leaves its rows, marked incomplete."""
+    if not args.json:
+        return
+    ceilings = args.ceilings.summary() if args.ceilings is not None else None
+    with open(args.json, "w") as f:
+        json.dump({"environment": env, "ceilings": ceilings, "args": recorded_args(args), "complete": complete,
+                   "rows": rows}, f, indent=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     args.ceilings = floor_ceilings(args)
@@ -429,15 +440,12 @@ def main(argv=None) -> int:
             print(f"\n== {name}: no batch size of {args.batch} is one of its {model.BATCHES}; skipped")
         for batch in batches:
             rows += overhead_rows(model, batch, args) if args.overhead else sweep_rows(model, batch, args)
+            write_json(args, env, rows, complete=False)     # (a run cut short keeps what it measured)
     print_table(rows, env)
     if args.overhead:
         print_overhead(rows, args.systems)
-    ceilings = args.ceilings.summary() if args.ceilings is not None else None
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "ceilings": ceilings,
-                       "args": recorded_args(args), "rows": rows}, f,
-                      indent=1)
+        write_json(args, env, rows, complete=True)
         print(f"results written to {args.json}")
     if args.plot:
         plot(rows, args.plot, env, title="control-flow overhead" if args.overhead else "gdsl model zoo")

@@ -35,7 +35,8 @@ def test_switches_sets_the_switch_then_runs_the_bench(tmp_path, monkeypatch):
                                    "--systems", "gdsl-device", "--backend", "interpret", "--runs", "2",
                                    "--warmup", "0", "--inputs", "1", "--no-floor", "--json", str(path)]) == 0
     assert resident.GEMM_TILES is False
-    assert json.loads(path.read_text())["rows"]
+    result = json.loads(path.read_text())
+    assert result["rows"] and result["complete"] is True
 
 
 def test_switches_refuses_an_unknown_switch():
