@@ -158,13 +158,6 @@ def _loop(loop: Loop, grid: int) -> Loop:
     positions = [i for i, s in enumerate(body) if isinstance(s, Wave)]
     if len(positions) < 2:
         return loop
-    written = {v.storage for i in positions for t in body[i].tasks for v in t.op.outputs}
-    try:
-        accesses = [_wave_accesses(body[i], written) for i in positions]
-    except TooLarge:
-        return loop
-    if np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)])).size < 2:
-        return loop                        # (one vEU: the renderer makes its barriers block syncs anyway)
     candidates = {}
     for i, stmt in enumerate(body):
         if _is_grid(stmt):
@@ -172,6 +165,15 @@ def _loop(loop: Loop, grid: int) -> Loop:
             published = _publishable(body, positions, k)
             if published:
                 candidates[i] = published
+    if not candidates:                     # (before the accesses: they cost seconds on a batch-64 loop)
+        return loop
+    written = {v.storage for i in positions for t in body[i].tasks for v in t.op.outputs}
+    try:
+        accesses = [_wave_accesses(body[i], written) for i in positions]
+    except TooLarge:
+        return loop
+    if np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)])).size < 2:
+        return loop                        # (one vEU: the renderer makes its barriers block syncs anyway)
     chosen = {}
     for trial in ([candidates] if len(candidates) > 1 else []) + [{i: p} for i, p in candidates.items()]:
         attempt = {**chosen, **trial}
