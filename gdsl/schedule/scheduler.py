@@ -2880,7 +2880,7 @@ def _doubled_temps(program, plan, options) -> Plan:
     return doubled if loop_grid_barriers(doubled) < loop_grid_barriers(plan) else plan
 
 
-def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> Plan:
+def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> tuple:
     """schedule's plan before the flag syncs, and the program it was scheduled from (None: unrolled for
     owner-computes placement)."""
     if index_ranges:
