@@ -11,7 +11,8 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "resident", "tensor_cores", "owner", "epilogue", "balance", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune",
                            "uniform_reductions", "resident_partitioned", "index_ranges",
-                           "concat_k", "thin_gemv", "row_views", "siblings", "flags"})  # accepted, no effect here
+                           "concat_k", "thin_gemv", "row_views", "siblings", "flags",
+                           "double_temps"})  # accepted, no effect here
 
 
 def unavailable_reason():

@@ -2737,7 +2737,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              hoist=None, resident_bytes=0, owner=None, epilogues=(), views=(), balance=None, rows=(),
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
-             k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None) -> Plan:
+             k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
+             double_temps=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2767,6 +2768,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `flags=True` (device control): a loop's grid barrier that orders only carries written by elementwise ops
     and read by the next step's matmuls as their left operand becomes a flag sync (flags.py: the readers
     wait for each element's flag; proven from the plan's accesses); None (the default) or False: not.
+    `double_temps=True` (with `flags`, device control): where the flag pass leaves a grid barrier in a
+    top-level loop, the plan's counted loops unrolled twice (unroll.py) are scheduled too, so that the second
+    copy's loop temporaries (a step's gate buffers) are buffers of their own and one is reused only two steps
+    apart; that plan, its flag syncs found by the same proof, is taken when it leaves fewer grid barriers per
+    step (_doubled_temps); None (the default) or False: not.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2839,19 +2845,44 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"thin_gemv must be None (on), True or False, got {thin_gemv!r}")
     if flags not in (None, True, False):
         raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
-    plan = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, dict(
+    if double_temps not in (None, True, False):
+        raise ValueError(f"double_temps must be None (off), True or False, got {double_temps!r}")
+    options = dict(
         control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
         epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
         window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
         spread_frames=spread_frames is not False, aside=aside is not False,
         uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
-        row_blocks=row_blocks))
-    return flag_syncs(plan) if flags else plan
+        row_blocks=row_blocks)
+    plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options)
+    if not flags:
+        return plan
+    plan = flag_syncs(plan)
+    if double_temps and control == "device" and source is not None and loop_grid_barriers(plan):
+        plan = _doubled_temps(source, plan, options)
+    return plan
 
 
-def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> Plan:
-    """schedule's plan before the flag syncs."""
+def _doubled_temps(program, plan, options) -> Plan:
+    """double_temps: the plan of `program` (the one `plan`, flag syncs found, was scheduled from) with its
+    counted loops unrolled twice, flag syncs found, when that leaves fewer grid barriers per loop step; else
+    `plan`. The second copy's temporaries are values of their own (unroll.py), so a buffer a step writes and
+    reads is written again only two steps later, and a write-after-read on it across vEUs that only the grid
+    barrier at the step's end ordered (the LSTM's next-step matmuls overwriting the gates that another layer's
+    cell of this step still reads) may now be ordered by the flag waits between: flags.py's proof decides."""
+    unrolled, count = unroll_twice(program)
+    if not count:
+        return plan
+    doubled = Scheduler(_checked(unrolled, program), **options).run()
+    doubled.stats["steps_per_iteration"] = 2
+    doubled = flag_syncs(doubled)
+    return doubled if loop_grid_barriers(doubled) < loop_grid_barriers(plan) else plan
+
+
+def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> tuple:
+    """schedule's plan before the flag syncs, and the program it was scheduled from (None: unrolled for
+    owner-computes placement)."""
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
     if hoist is not False:
@@ -2870,8 +2901,8 @@ def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, ind
             owner_plan = Scheduler(_checked(unrolled, source), owner=True, **options).run()
             owner_plan.stats["steps_per_iteration"] = 2
             if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and (owner is True or pays(owner_plan, plan)):
-                return owner_plan
-    return plan
+                return owner_plan, None
+    return plan, plain
 
 
 def pays(owner_plan, plan) -> bool:
