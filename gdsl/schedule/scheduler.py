@@ -2871,13 +2871,22 @@ def _doubled_temps(program, plan, options) -> Plan:
     reads is written again only two steps later, and a write-after-read on it across vEUs that only the grid
     barrier at the step's end ordered (the LSTM's next-step matmuls overwriting the gates that another layer's
     cell of this step still reads) may now be ordered by the flag waits between: flags.py's proof decides."""
-    unrolled, count = unroll_twice(program)
-    if not count:
+    doubled = _unrolled_plan(program, options)
+    if doubled is None:
         return plan
-    doubled = Scheduler(_checked(unrolled, program), **options).run()
-    doubled.stats["steps_per_iteration"] = 2
     doubled = flag_syncs(doubled)
     return doubled if loop_grid_barriers(doubled) < loop_grid_barriers(plan) else plan
+
+
+def _unrolled_plan(program, options, **more) -> Plan | None:
+    """The plan of `program` with its counted loops unrolled twice (unroll.py; two steps an iteration), None
+    when it has none to unroll."""
+    unrolled, count = unroll_twice(program)
+    if not count:
+        return None
+    plan = Scheduler(_checked(unrolled, program), **options, **more).run()
+    plan.stats["steps_per_iteration"] = 2
+    return plan
 
 
 def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> tuple:
@@ -2896,12 +2905,10 @@ def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, ind
         skewed = plain is not (stacked if concat_k else program)
         source = stacked
         source = _checked(skew_program(source)[0], source) if skewed else source
-        unrolled, count = unroll_twice(source)
-        if count:
-            owner_plan = Scheduler(_checked(unrolled, source), owner=True, **options).run()
-            owner_plan.stats["steps_per_iteration"] = 2
-            if loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and (owner is True or pays(owner_plan, plan)):
-                return owner_plan, None
+        owner_plan = _unrolled_plan(source, options, owner=True)
+        if owner_plan is not None and loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and \
+                (owner is True or pays(owner_plan, plan)):
+            return owner_plan, None
     return plan, plain
 
 
