@@ -85,9 +85,14 @@ class LoopFlags:
     published: tuple
 
 
+def published_in(stmts) -> tuple:
+    """The buffers the flag syncs among `stmts` and the statements inside them publish, each once, in order."""
+    return tuple(dict.fromkeys(b for s in walk(stmts) if isinstance(s, Sync) for b in s.published))
+
+
 def loop_flags(loop: Loop) -> LoopFlags | None:
     """The roles of a loop's flag syncs (None: it has none)."""
-    published = tuple(b for s in loop.body if isinstance(s, Sync) for b in s.published)
+    published = published_in(loop.body)
     if not published:
         return None
     waves = [s for s in loop.body if isinstance(s, Wave)]
@@ -131,7 +136,7 @@ def _kernel(kernel, grid: int):
     for i, stmt in enumerate(kernel.body):
         if isinstance(stmt, Loop) and (i == 0 or _is_grid(kernel.body[i - 1])):
             loop = _loop(stmt, grid)
-            published = {b for s in loop.body if isinstance(s, Sync) for b in s.published}
+            published = set(published_in(loop.body))
             if loop is not stmt and not published & used:    # (the words are zeroed once per launch)
                 used |= published
                 changed = True

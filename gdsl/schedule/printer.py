@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from gdsl.schedule.flags import published_in
 from gdsl.schedule.plan import (
     K_PARTS,
     N_PARTS,
@@ -27,7 +28,6 @@ from gdsl.schedule.plan import (
     a_parts,
     contraction_operands,
     epilogue_of,
-    walk,
 )
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import K_CHUNK, gathers_batch
@@ -168,9 +168,9 @@ def print_plan(plan) -> str:
         print_block(plan.host, 1, lines)
     for kernel in plan.kernels:
         lines.append(f"kernel {kernel.name}:")
-        published = {b.name: None for s in walk(kernel.body) if isinstance(s, Sync) for b in s.published}
+        published = published_in(kernel.body)
         if published:                       # (the renderer's flag prologue, before the flags pass's barrier)
-            lines.append(f"  every vEU: zero its share of the flag words of {', '.join(published)}")
+            lines.append(f"  every vEU: zero its share of the flag words of {', '.join(b.name for b in published)}")
         print_block(kernel.body, 1, lines, plan.control == "device")
     for fn in plan.functions:
         params = ", ".join(map(repr, fn.params))

@@ -81,7 +81,7 @@ from gdsl.backends.cfamily.views import find_views, permuted_reads, view_decl, v
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
-from gdsl.schedule.flags import loop_flags
+from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -236,19 +236,12 @@ def make_layout(plan) -> Layout:
         layout.copies[buf] = copies
         nbytes = buf.aval.size * buf.aval.dtype.itemsize * copies
         layout.size += -(-max(nbytes, 1) // ALIGN) * ALIGN
-    for buf in published_buffers(plan):     # flag syncs: a 64-bit word per element (value | tag << 32)
+    published = published_in([s for k in plan.kernels for s in k.body]) if plan.control == "device" else ()
+    for buf in published:                   # flag syncs: a 64-bit word per element (value | tag << 32)
         layout.shadows[buf] = layout.size + 8 * layout.shadow_words
         layout.shadow_words += buf.aval.size
     layout.size += -(-max(8 * layout.shadow_words, 1) // ALIGN) * ALIGN if layout.shadow_words else 0
     return layout
-
-
-def published_buffers(plan) -> list:
-    """The buffers of a device-control plan's flag syncs (gdsl/schedule/flags.py), each once."""
-    if plan.control != "device":
-        return []
-    found = {b: None for k in plan.kernels for s in walk(k.body) if isinstance(s, Sync) for b in s.published}
-    return list(found)
 
 
 def flag_loops(plan) -> dict:
