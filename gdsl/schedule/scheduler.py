@@ -2772,7 +2772,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     top-level loop, the plan's counted loops unrolled twice (unroll.py) are scheduled too, so that the second
     copy's loop temporaries (a step's gate buffers) are buffers of their own and one is reused only two steps
     apart; that plan, its flag syncs found by the same proof, is taken when it leaves fewer grid barriers per
-    step (_doubled_temps); None (the default) or False: not.
+    step (_doubled_temps); None (the default) or True: on (LSTM bs1 on the H200, session 12: 0.42 -> 0.40 ms);
+    False: not.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2846,7 +2847,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if flags not in (None, True, False):
         raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
     if double_temps not in (None, True, False):
-        raise ValueError(f"double_temps must be None (off), True or False, got {double_temps!r}")
+        raise ValueError(f"double_temps must be None (on), True or False, got {double_temps!r}")
     options = dict(
         control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
         epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
@@ -2859,7 +2860,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if not flags:
         return plan
     plan = flag_syncs(plan)
-    if double_temps and control == "device" and source is not None and loop_grid_barriers(plan):
+    if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
         plan = _doubled_temps(source, plan, options)
     return plan
 
