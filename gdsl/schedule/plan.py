@@ -576,6 +576,9 @@ class Plan:
     uniforms: tuple[Uniform, ...]
     functions: tuple[RecFunction, ...]
     stats: dict = field(default_factory=dict)
+    # Block-local temps kept in each vEU's shared memory at the same element indices (local.py, the option
+    # smem_temps): (Buffer, byte offset in the block-local region) pairs; backends without it ignore them.
+    block_local: tuple = ()
 
     def __str__(self):
         from gdsl.schedule.printer import print_plan

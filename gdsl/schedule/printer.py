@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from gdsl.schedule.flags import published_in
+from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
     K_PARTS,
     N_PARTS,
@@ -163,6 +164,10 @@ def print_plan(plan) -> str:
     outs = ", ".join(f"{v!r}:{v.aval}" for v in plan.outputs)
     lines.append(f"inputs: {ins}")
     lines.append(f"outputs: {outs}")
+    if plan.block_local:                    # (local.py: a copy per vEU, past the resident weights' region)
+        placed = ", ".join(f"{buf.name} at +{offset}" for buf, offset in plan.block_local)
+        lines.append(f"shared memory: {placed} (block-local, {local_bytes(plan)} bytes per vEU after the "
+                     f"resident weights)")
     if plan.host is not None:
         lines.append("host:")
         print_block(plan.host, 1, lines)

@@ -48,6 +48,7 @@ from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
+from gdsl.schedule.local import block_local
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
@@ -2738,7 +2739,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
              k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
-             double_temps=None) -> Plan:
+             double_temps=None, smem_temps=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2774,6 +2775,10 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     apart; that plan, its flag syncs found by the same proof, is taken when it leaves fewer grid barriers per
     step (_doubled_temps); None (the default) or True: on (LSTM bs1 on the H200, session 12: 0.42 -> 0.40 ms);
     False: not.
+    `smem_temps=True` (device control): temps that uTasks of one vEU only write and read (a partitioned loop's
+    per-head chain, a vEU's gate columns between its GEMV and its cell) live in that vEU's shared memory at the
+    same indices, within what `resident_bytes` leaves past the resident weights (local.py, Plan.block_local);
+    None (the default) or False: every temp in the workspace.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
     `views`: the backend's lowering chain, whose "view" rules say which windows it reads in place at a
@@ -2848,6 +2853,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
     if double_temps not in (None, True, False):
         raise ValueError(f"double_temps must be None (on), True or False, got {double_temps!r}")
+    if smem_temps not in (None, True, False):
+        raise ValueError(f"smem_temps must be None (off), True or False, got {smem_temps!r}")
     options = dict(
         control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
         epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
@@ -2857,11 +2864,12 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
         row_blocks=row_blocks)
     plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options)
-    if not flags:
-        return plan
-    plan = flag_syncs(plan)
-    if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
-        plan = _doubled_temps(source, plan, options)
+    if flags:
+        plan = flag_syncs(plan)
+        if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
+            plan = _doubled_temps(source, plan, options)
+    if smem_temps and control == "device":
+        plan = block_local(plan, resident_bytes)
     return plan
 
 

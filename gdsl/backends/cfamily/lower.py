@@ -16,7 +16,8 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "barrier", "resident", "tensor_cores", "owner", "epilogue",
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
-                           "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps"})
+                           "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
+                           "smem_temps"})
 DEFAULT_BLOCK = 256
 
 
@@ -48,7 +49,7 @@ def check_options(options, dialect) -> dict:
             "concat_k": options.get("concat_k"),
             "thin_gemv": options.get("thin_gemv"), "row_views": options.get("row_views"),
             "siblings": options.get("siblings"), "flags": options.get("flags"),
-            "double_temps": options.get("double_temps")}
+            "double_temps": options.get("double_temps"), "smem_temps": options.get("smem_temps")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -84,7 +85,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     siblings=() if opts.get("siblings") is False else dialect.lowering_chain,
                     row_blocks=dialect.lowering_chain,
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
-                    double_temps=opts.get("double_temps"))
+                    double_temps=opts.get("double_temps"), smem_temps=opts.get("smem_temps"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

@@ -82,6 +82,7 @@ from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.flags import loop_flags, published_in
+from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
     Assign,
     Branch,
@@ -101,6 +102,11 @@ from gdsl.schedule.resident import RESIDENT, function_resident_tasks, region_byt
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
 ALIGN = 256
+# Where a buffer's pointer points, by its memory space: the workspace (every buffer), or the vEU's shared memory
+# past the resident tiles (a block-local temp: local.py). Only plain loads and stores reach a block-local temp
+# (generic addressing): the global-only forms are not used on temps (the read-only `ldg` is for inputs, consts
+# and read-only views; flag words for published buffers, which local.py never picks).
+BUFFER_SPACES = {"global": "gdsl_ws + {offset}", "shared": "gdsl_smem + GDSL_LOCAL_BASE + {offset}"}
 BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
 # Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (Renderer.task_run):
@@ -385,6 +391,10 @@ class Renderer:
         self.read_only = {b for b, v in self.views.items() if v.read_only}
         self.trace = trace                  # TraceSites of an instrumented build, else None
         self.resident_bytes = region_bytes(plan)    # shared memory per vEU for resident tiles (after the scratch)
+        # Block-local temps (local.py, Plan.block_local): their byte offset in the region after the resident
+        # tiles; every other buffer lives in the workspace (BUFFER_SPACES).
+        self.local = {buf: offset for buf, offset in plan.block_local}
+        self.local_bytes = -(-local_bytes(plan) // 16) * 16
         self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
         self.function: str | None = None    # the recursive function whose body is being rendered
         self.flag_loops = flag_loops(plan)
@@ -1000,6 +1010,10 @@ class Renderer:
         loops = [self.flag_loops[s] for s in kernel.body if s in self.flag_loops]
         if loops:                          # flag syncs: the shadows zeroed before the plan's first grid barrier
             body_lines = self.flag_prologue() + body_lines
+        if self.local_bytes:               # block-local temps: the region zeroed (local.py), then the vEU syncs
+            body_lines = [f"  for (int i = (int){self.dialect.thread_index}; i < {self.local_bytes // 4}; i += "
+                          f"{plan.block}) ((unsigned*)(gdsl_smem + GDSL_LOCAL_BASE))[i] = 0u;",
+                          f"  {self.dialect.block_barrier}"] + body_lines
 
         decls = []
         c_params = []
@@ -1022,7 +1036,8 @@ class Renderer:
                 if isinstance(v.storage, Uniform):
                     used_uniforms.setdefault(v.storage)
         used_buffers, used_uniforms = list(used_buffers), list(used_uniforms)
-        shared = self.dialect.dynamic_shared_decl if self.resident_bytes else self.dialect.shared_decl
+        shared = self.dialect.dynamic_shared_decl if self.resident_bytes or self.local_bytes else \
+            self.dialect.shared_decl
         decls.append(shared.format(nbytes="GDSL_SMEM_BYTES"))
         decls.append(f"unsigned* gdsl_bar = (unsigned*)(gdsl_ws + {BARRIER_OFFSET}); (void)gdsl_bar;")
         if functions:
@@ -1031,8 +1046,7 @@ class Renderer:
                 decls.append(f"if ({self.first_thread()}) *gdsl_err = 0;")
         for buf in sorted(used_buffers, key=lambda b: self.layout.offsets[b]):
             if buf not in self.views:
-                decls.append(f"{c_types.storage(buf.aval.dtype)}* {buf.name} = ({c_types.storage(buf.aval.dtype)}*)"
-                             f"(gdsl_ws + {self.layout.offsets[buf]});")
+                decls.append(self.buffer_decl(buf))
         pending = [b for b in used_buffers if b in self.views]
         declared = set(used_buffers) - set(pending)
         while pending:       # a view of a view is declared after its source
@@ -1040,8 +1054,7 @@ class Renderer:
             src = self.views[buf].source.buffer
             if src in self.layout.offsets and src not in declared:
                 declared.add(src)
-                decls.append(f"{c_types.storage(src.aval.dtype)}* {src.name} = ({c_types.storage(src.aval.dtype)}*)"
-                             f"(gdsl_ws + {self.layout.offsets[src]});")
+                decls.append(self.buffer_decl(src))
             decls.append(view_decl(buf, self.views[buf], self.ptr(self.views[buf].source)))
             pending.remove(buf)
             declared.add(buf)
@@ -1077,6 +1090,12 @@ class Renderer:
         head = f"{self.dialect.kernel_prefix.format(block=plan.block, veus_per_sm=self.veus_per_sm)} {name}("
         return KernelCode(KernelSpec(name, params, grid_syncs), head, c_params, decls, body_lines,
                           self.call_log[first_call:])
+
+    def buffer_decl(self, buf) -> str:
+        """The declaration of a buffer's pointer, in the memory space it lives in (BUFFER_SPACES)."""
+        space, offset = ("shared", self.local[buf]) if buf in self.local else ("global", self.layout.offsets[buf])
+        t = c_types.storage(buf.aval.dtype)
+        return f"{t}* {buf.name} = ({t}*)({BUFFER_SPACES[space].format(offset=offset)});"
 
     def flag_prologue(self) -> list[str]:
         """Every flag word zeroed (no tag is 0 while a loop runs: flags.py), before the grid barrier that the
@@ -1180,12 +1199,15 @@ class Renderer:
             codes = self.merged_kernels(codes)
         shared = self.not_inlined()
         scratch = -(-self.smem // 16) * 16
-        smem = scratch + self.resident_bytes
-        specs = [dataclasses.replace(spec, dynamic_smem=smem if self.resident_bytes else 0) for spec in specs]
+        local_base = scratch + -(-self.resident_bytes // 16) * 16
+        smem = local_base + self.local_bytes if self.local_bytes else scratch + self.resident_bytes
+        dynamic = smem if self.resident_bytes or self.local_bytes else 0
+        specs = [dataclasses.replace(spec, dynamic_smem=dynamic) for spec in specs]
         parts = [f"// generated by gdsl ({self.dialect.name} dialect): {self.plan.control} control, grid "
                  f"{self.plan.grid} x {self.plan.block} threads, barrier {self.barrier}",
                  self.dialect.includes(self.barrier) + self.dialect.header, PRELUDE, self.dialect.device_library,
-                 f"#define GDSL_SMEM_BYTES {smem}\n#define GDSL_RESIDENT_BASE {scratch}\n",
+                 f"#define GDSL_SMEM_BYTES {smem}\n#define GDSL_RESIDENT_BASE {scratch}\n" +
+                 (f"#define GDSL_LOCAL_BASE {local_base}\n" if self.local_bytes else ""),
                  trace_prelude(self.dialect, self.trace.capacity) if self.trace else "",
                  "// ---------------------------------------------------------------------------------------- ops",
                  "\n".join(self.function_code(name, code, shared) for name, code in self.functions.values()),

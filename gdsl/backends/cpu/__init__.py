@@ -74,12 +74,13 @@ RULE_MODULES = (affine, gather, window, reductions, gemm, conv)
 # an index wrap is one more elementwise op on the CPU's threads; nor `thin_gemv`: a CPU thread's GEMV tile is not
 # a GPU block's round trips; nor `row_views`: its matmuls have no rule to read gathered rows in place, the
 # take stays an op; nor `siblings`: its matmuls have no rule to compute sibling matmuls as one op; nor `flags`:
-# its barriers wait for the vEU threads of one process, no flags; nor `double_temps`, which serves `flags`)
+# its barriers wait for the vEU threads of one process, no flags; nor `double_temps`, which serves `flags`; nor
+# `smem_temps`: its vEU threads have no shared memory of their own, the plan mark is ignored)
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "resident",
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
                            "resident_partitioned", "index_ranges", "concat_k", "thin_gemv",
-                           "row_views", "siblings", "flags", "double_temps"})
+                           "row_views", "siblings", "flags", "double_temps", "smem_temps"})
 DEFAULT_BLOCK = 1024
 
 
