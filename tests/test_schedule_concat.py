@@ -191,7 +191,7 @@ def test_owner_auto_keeps_the_owner_plan_only_where_it_pays(owner):
         model = load(name)
         problem = common.build_problem(model, batch)
         fn = model.make_forward(problem.cfg, backend="cuda", grid=264, **options)
-        return fn.lower(problem.weights, problem.batches[0]).lowering.plan.stats.get("steps_per_iteration") == 2
+        return "owner_chains" in fn.lower(problem.weights, problem.batches[0]).lowering.plan.stats
     assert not owned("lstm", owner=owner, concat_k=False)
     assert not owned("lstm", owner=owner)
     assert owned("nasrnn", owner=owner)

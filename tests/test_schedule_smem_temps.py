@@ -99,3 +99,19 @@ def test_every_zoo_row_compiles(name, bs):
         lines = [x for x in str(lowered.lowering.plan).splitlines() if not x.startswith("shared memory: ")]
         assert "\n".join(lines) == default
     assert str(zoo_lowered(name, bs, smem_temps=False).lowering.plan) == default
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,bs", [("attention", 1), ("nasrnn", 1), ("blockdrop", 1), ("skipnet", 1),
+                                     ("seq2seq", 64)])
+def test_gpu_full_size_matches_the_reference(name, bs):
+    """On the GPU at full size (where the option fires), with smem_temps=True: the float64 reference, twice (the
+    shared copies are zeroed at each kernel start: a second call must not see the first's values)."""
+    import gdsl
+    from models import common, load
+    prob = common.build_problem(load(name), bs)
+    f = prob.model.make_forward(prob.cfg, backend="cuda", smem_temps=True)
+    assert f.lower(prob.weights, prob.batches[0]).lowering.plan.block_local
+    expected = prob.references()[0]
+    for _ in range(2):
+        assert common.compare(gdsl.to_numpy(f(prob.weights, prob.batches[0])), expected) == []
