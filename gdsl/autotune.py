@@ -10,8 +10,12 @@ default schedule beyond the noise of the measurement.
   confidence interval of its median time is within TARGET_REL_CI of the median (so candidates a few percent
   apart separate), at least MIN_RUNS and at most MAX_RUNS times, and for at most TIME_CAP_S seconds.
 - Choice: a candidate replaces the best so far only when its whole confidence interval lies below the best's
-  (and its median by at least MIN_GAIN): ties and noise keep the default, so the winner is never slower than
-  the default measured in the same run.
+  (and its median by at least MIN_GAIN): ties and noise keep the default. A winner other than the default must
+  then win again, timed alternately with the default in CONFIRM_ROUNDS rounds (default first, then the winner
+  first, ...): the search times each candidate once, one after the other, and a machine that speeds up while it
+  runs (clocks ramping, the host's caches warming: the default, timed first, looked 10-14 % slower than it is
+  on the H200 in session 12) would otherwise crown a candidate that is no faster. So the winner is never slower
+  than the default measured in the same run.
 - Progress: a search that runs longer than a couple of seconds shows a status line on a terminal (a log record
   on the `gdsl` logger otherwise), as a slow compile does (gdsl.backends.toolchain.Progress).
 - Cache: winners are kept in `$GDSL_CACHE_DIR/autotune.json` (default ~/.cache/gdsl), keyed by program text,
@@ -47,6 +51,7 @@ TIME_CAP_S = 2.0         # per candidate, after warm-up
 TARGET_REL_CI = 0.01     # stop when the median's 95 % interval is within +-1 % of it
 MIN_GAIN = 0.01          # and a challenger's median must be at least 1 % below the best's
 WARMUP = 3
+CONFIRM_ROUNDS = 4       # alternating re-timings of a winner against the default (default first in even rounds)
 
 
 # ---- the cache file ----
@@ -235,8 +240,8 @@ def _close(got, expected) -> bool:
 
 
 def _try(module, program, opts, flat_args, expected, time_cap_s):
-    """(lowering, executable, Measurement) of one candidate, or None when it fails to build or run or
-    disagrees with the interpreter."""
+    """(lowering, executable, Measurement, its timed call) of one candidate, or None when it fails to build or
+    run or disagrees with the interpreter."""
     try:
         lowering = module.lower(program, opts)
         executable = module.load(lowering)
@@ -244,13 +249,33 @@ def _try(module, program, opts, flat_args, expected, time_cap_s):
         if not _close([to_numpy(o) for o in outputs], expected):
             debug(1, "autotune", f"{opts}: wrong results, skipped")
             return None
-        measured = measure(timer(executable, flat_args, outputs), time_cap_s=time_cap_s)
+        timed_call = timer(executable, flat_args, outputs)
+        measured = measure(timed_call, time_cap_s=time_cap_s)
     except Exception as e:  # noqa: BLE001 - a candidate that fails to build or run is skipped
         debug(1, "autotune", f"{opts}: {type(e).__name__}: {e}")
         return None
     debug(1, "autotune", f"{opts}: {1e3 * measured.median:.3f} ms "
                          f"[{1e3 * measured.low:.3f}, {1e3 * measured.high:.3f}] over {measured.runs} calls")
-    return lowering, executable, measured
+    return lowering, executable, measured, timed_call
+
+
+def _confirmed(winner, default, time_cap_s) -> bool:
+    """Does `winner` beat `default` again in each of CONFIRM_ROUNDS rounds that time both, in alternating order
+    (each a `_try` result plus its options), its median at least MIN_GAIN below the default's?"""
+    def timed(candidate) -> Measurement:
+        return measure(candidate[3], time_cap_s=time_cap_s / 2)
+    for r in range(CONFIRM_ROUNDS):
+        if r % 2 == 0:
+            lost = timed(default)
+            won = timed(winner)
+        else:
+            won = timed(winner)
+            lost = timed(default)
+        debug(1, "autotune", f"confirm round {r + 1}: {winner[4]} {1e3 * won.median:.3f} ms, default "
+                             f"{1e3 * lost.median:.3f} ms")
+        if not won.median < (1 - MIN_GAIN) * lost.median:
+            return False
+    return True
 
 
 # ---- the search ----
@@ -269,14 +294,21 @@ def autotune(module, backend: str, program, options: dict, flat_args, *, time_ca
             warnings.warn(f"the cached autotune winner {cached!r} failed ({type(e).__name__}: {e}); searching "
                           f"again", CacheWarning, stacklevel=2)
     expected = run_program(program, [np.asarray(to_numpy(a)) for a in flat_args])
-    best = None   # (lowering, executable, Measurement, options)
+    best = default = None   # (lowering, executable, Measurement, timer, options)
     with Progress(f"autotune on {backend}") as progress:
         for i, opts in enumerate(space):
             progress.update(f"candidate {i + 1}/{len(space)}: {opts}")
             result = _try(module, program, opts, flat_args, expected, time_cap_s)
             if result is not None and (best is None or result[2].clearly_faster_than(best[2])):
                 best = (*result, opts)
+            if i == 0:
+                default = best
+        if default is not None and best is not default:
+            progress.update(f"confirming {best[4]} against the default")
+            if not _confirmed(best, default, time_cap_s):
+                best = default
+    debug(1, "autotune", f"chosen: {best[4] if best else None}")
     if best is None:
         raise RuntimeError(f"autotune: no candidate of {space} compiled, ran and matched the interpreter")
-    _store(key, best[3])
-    return best[0], best[1], best[3]
+    _store(key, best[4])
+    return best[0], best[1], best[4]

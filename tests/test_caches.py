@@ -407,3 +407,29 @@ def test_a_slow_compile_that_fails_says_so(monkeypatch):
     with pytest.raises(toolchain.CompileError):
         cached_compile("test", ("fails",), failing, what="NVRTC")
     assert re.search(r"compiling with NVRTC: CompileError after 0\.[2-9] s\x1b\[K\n$", terminal.getvalue())
+
+
+def test_a_machine_that_speeds_up_does_not_crown_an_equal_candidate(fake_clock):
+    """Every candidate equally fast, but the machine speeds up over its first calls (clocks ramping, host caches
+    warming): the default, timed first, measures slower, and a later candidate looks clearly faster in the
+    search. Timed again alternately with the default it is not, so the default stays."""
+    backend = FakeBackend({None: 1.0, 8: 1.0, 16: 1.0}, noise=0.01)
+    load, calls = backend.load, []
+
+    def load_ramping(lowering):
+        executable = load(lowering)
+        steady = executable.seconds
+        executable.seconds = lambda: calls.append(1) or steady() * (1.3 if len(calls) < 40 else 1.0)
+        return executable
+    backend.load = load_ramping
+    *_, chosen = _tune(backend)
+    assert chosen == {"control": "device"}
+
+
+def test_a_clearly_faster_candidate_survives_the_confirmation(fake_clock, monkeypatch):
+    """A winner 10 % faster than the default wins each of the alternating re-timings too."""
+    rounds = []
+    confirmed = autotune._confirmed
+    monkeypatch.setattr(autotune, "_confirmed", lambda *a: rounds.append(a) or confirmed(*a))
+    *_, chosen = _tune(FakeBackend({None: 1.0, 8: 1.0, 16: 0.9}, noise=0.02))
+    assert chosen == {"control": "device", "grid": 16} and len(rounds) == 1

@@ -3,7 +3,7 @@ temp whose every element only uTasks of one vEU write and read lives in that vEU
 indices (Plan.block_local), declared by the C-family renderer past the resident tiles. Attention bs1's per-head
 chain (q, scores, softmax, context) and NASRNN bs1's gate columns and cell state of the first step become local;
 a temp another vEU reads never does; the emulator matches the references; NVRTC compiles every zoo row with it;
-off (the default) plans are unchanged."""
+the default takes only temps of loop bodies; smem_temps=False leaves every plan as it was without the option."""
 import dataclasses
 
 import numpy as np
@@ -88,17 +88,20 @@ def test_emulated_matches_the_reference(name, bs):
 @needs_nvrtc
 @pytest.mark.parametrize("name,bs", ALL_ROWS)
 def test_every_zoo_row_compiles(name, bs):
-    """Every zoo row's CUDA with smem_temps compiles through NVRTC; where nothing is local the plan is the
-    default's; smem_temps=False is always the default's."""
-    default = str(zoo_lowered(name, bs).lowering.plan)
+    """Every zoo row's CUDA with smem_temps=True compiles through NVRTC; its plan is the one without the option
+    but for the `shared memory:` line; the default (None: loop temporaries only) takes a subset of True's
+    buffers, and only Attention's and NASRNN's at batch 1 (BlockDrop's, SkipNet's and Seq2seq bs64's local
+    temps are outside loops)."""
+    def text(plan):
+        return "\n".join(x for x in str(plan).splitlines() if not x.startswith("shared memory: "))
+    off = zoo_lowered(name, bs, smem_temps=False).lowering.plan
     lowered = zoo_lowered(name, bs, smem_temps=True)
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
-    if not lowered.lowering.plan.block_local:
-        assert str(lowered.lowering.plan) == default
-    else:
-        lines = [x for x in str(lowered.lowering.plan).splitlines() if not x.startswith("shared memory: ")]
-        assert "\n".join(lines) == default
-    assert str(zoo_lowered(name, bs, smem_temps=False).lowering.plan) == default
+    assert text(lowered.lowering.plan) == text(off) and not off.block_local
+    default = zoo_lowered(name, bs).lowering.plan
+    assert text(default) == text(off)
+    assert set(_local(default)) <= set(_local(lowered.lowering.plan))
+    assert bool(default.block_local) == ((name, bs) in (("attention", 1), ("nasrnn", 1)))
 
 
 @pytest.mark.gpu

@@ -15,6 +15,12 @@ no op a backend may render as a view (hazards.MAYBE_VIEWS) reads or writes it. O
 kernel without recursive functions. Buffers are taken smallest first while they fit in `budget` bytes per vEU
 past the resident weights' region (resident.region_bytes).
 
+With `loops_only` (LOOPS, the C family's default) only buffers that some wave of a loop's body touches are
+taken: there each dependent op's round trip recurs every step (Attention bs1 on the H200, session 12: 0.156 /
+0.162 -> 0.140 / 0.132 ms, NASRNN bs1 2.87 / 2.82 -> 2.66 / 2.69), while the straight-line temps of BlockDrop
+and SkipNet bs1 gained nothing (0.147 / 0.189 -> 0.150 / 0.194 ms; 2.49 / 2.54 -> 2.57 / 2.55, SkipNet's 59
+buffers filling its shared memory).
+
 The plan records the choice in Plan.block_local: (Buffer, byte offset) pairs, the offsets from the start of
 the block-local region, which a backend places after its resident region (the C family: at
 GDSL_LOCAL_BASE of gdsl_smem). Every element is written before it is read within a launch (a program reads
@@ -36,15 +42,19 @@ from gdsl.schedule.resident import ALIGN, region_bytes
 from gdsl.schedule.shares import read_share, storage_elements, write_share
 
 NONE, SEVERAL = -1, -2
+LOOPS = "loops"     # the scheduler's smem_temps value for "only temps a loop body touches"
 
 
-def block_local(plan, budget: int):
+def block_local(plan, budget: int, loops_only: bool = False):
     """`plan` with its block-local temporaries (module docstring) in Plan.block_local, within `budget` bytes
-    per vEU of shared memory (the resident-weight budget, less what the resident weights take)."""
+    per vEU of shared memory (the resident-weight budget, less what the resident weights take); with
+    `loops_only`, only those that a wave in a loop's body touches."""
     if plan.control != "device" or plan.functions or len(plan.kernels) != 1:
         return plan
     room = budget - -(-region_bytes(plan) // ALIGN) * ALIGN
-    chosen = sorted(local_buffers(plan.kernels[0].body, room), key=lambda b: (_nbytes(b), b.name))
+    body = plan.kernels[0].body
+    found = local_buffers(body, room, _touched_in_loops(body) if loops_only else None)
+    chosen = sorted(found, key=lambda b: (_nbytes(b), b.name))
     placed, end = [], 0
     for buf in chosen:
         if end + _nbytes(buf) > room:
@@ -63,8 +73,9 @@ def _nbytes(buf: Buffer) -> int:
     return buf.aval.size * buf.aval.dtype.itemsize
 
 
-def local_buffers(body: tuple, max_bytes: int) -> list:
-    """The temps of a device-control kernel `body` of at most `max_bytes` that one vEU each touches."""
+def local_buffers(body: tuple, max_bytes: int, among: set | None = None) -> list:
+    """The temps of a device-control kernel `body` of at most `max_bytes` (and in `among`, when given) that one
+    vEU each touches."""
     stmts = list(walk(body))
     owners: dict = {}                                   # Buffer -> vEU per element (NONE, SEVERAL)
     excluded = set(published_in(body))
@@ -77,17 +88,28 @@ def local_buffers(body: tuple, max_bytes: int) -> list:
         elif not isinstance(stmt, (Sync, Loop)):        # uniform ops, assignments, branch indices
             excluded |= {v.storage for v in _other_values(stmt)}
     def wanted(buf):
-        return buf.kind == "temp" and buf.frame_of is None and buf not in excluded and _nbytes(buf) <= max_bytes
+        return buf.kind == "temp" and buf.frame_of is None and buf not in excluded and _nbytes(buf) <= max_bytes \
+            and (among is None or buf in among)
 
+    shared = set()              # buffers already seen on two vEUs: their other shares are not computed
     for stmt in stmts:
         if not isinstance(stmt, Wave):
             continue
         for task in stmt.tasks:
-            for buf, elements, veu in _accesses(task, wanted):
+            for buf, elements, veu in _accesses(task, lambda b: wanted(b) and b not in shared):
                 owner = owners.setdefault(buf, np.full(buf.aval.size, NONE, np.int32))
                 seen = owner[elements]
                 owner[elements] = np.where((seen == NONE) | (seen == veu), veu, SEVERAL)
-    return [buf for buf, owner in owners.items() if buf not in excluded and not np.any(owner == SEVERAL)]
+                if np.any(owner[elements] == SEVERAL):
+                    shared.add(buf)
+    return [buf for buf, owner in owners.items() if buf not in excluded and buf not in shared]
+
+
+def _touched_in_loops(body: tuple) -> set:
+    """The buffers that the waves of the loops in `body` (their tests and bodies) read or write."""
+    return {v.storage for loop in walk(body) if isinstance(loop, Loop)
+            for wave in walk(loop.cond + loop.body) if isinstance(wave, Wave)
+            for task in wave.tasks for v in task.op.inputs + task.op.outputs}
 
 
 def _other_values(stmt):
@@ -109,11 +131,13 @@ def _accesses(task, wanted):
     for t in range(op.n_utasks if outs or ins else 0):
         veu = task.first + t % task.count
         for k, value in outs:
-            exact = not (value.dynamic or value.terms or dynamic)
-            yield value.storage, _elements(value, write_share(op, t, k) if exact else None), veu
+            if wanted(value.storage):   # (asked again: a buffer found on two vEUs is no longer wanted)
+                exact = not (value.dynamic or value.terms or dynamic)
+                yield value.storage, _elements(value, write_share(op, t, k) if exact else None), veu
         for k, value in ins:
-            share = None if dynamic or value.dynamic or value.terms else read_share(op, k, t)
-            yield value.storage, _elements(value, share), veu
+            if wanted(value.storage):
+                share = None if dynamic or value.dynamic or value.terms else read_share(op, k, t)
+                yield value.storage, _elements(value, share), veu
 
 
 def _elements(value, flat):

@@ -48,7 +48,7 @@ from gdsl.schedule import balance, licm, partition, utasks
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
-from gdsl.schedule.local import block_local
+from gdsl.schedule.local import LOOPS, block_local
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
@@ -2773,11 +2773,13 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     top-level loop, the plan's counted loops unrolled twice (unroll.py) are scheduled too, so that the second
     copy's loop temporaries (a step's gate buffers) are buffers of their own and one is reused only two steps
     apart; that plan, its flag syncs found by the same proof, is taken when it leaves fewer grid barriers per
-    step (_doubled_temps); None (the default) or True: on (LSTM bs1 on the H200, session 12: 0.42 -> 0.40 ms);
-    False: not.
+    step (_doubled_temps); True: so; None (the default): so where the doubled plan has flag syncs (the LSTM bs1
+    on the H200, session 12: 0.42 -> 0.40 ms; a doubled plan with fewer barriers but no flag sync, as small
+    recurrences get, is not timed, and it may lose sibling merges and window stores); False: not.
     `smem_temps=True` (device control): temps that uTasks of one vEU only write and read (a partitioned loop's
     per-head chain, a vEU's gate columns between its GEMV and its cell) live in that vEU's shared memory at the
     same indices, within what `resident_bytes` leaves past the resident weights (local.py, Plan.block_local);
+    "loops": only those a loop's body touches (local.LOOPS; what the C family passes for the jit's default);
     None (the default) or False: every temp in the workspace.
     `epilogues`: the backend's lowering chain, whose "epilogue" rules say which contractions may run an
     elementwise chain that reads their result as an epilogue (Scheduler._fold_epilogues; empty: never).
@@ -2853,8 +2855,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
     if double_temps not in (None, True, False):
         raise ValueError(f"double_temps must be None (on), True or False, got {double_temps!r}")
-    if smem_temps not in (None, True, False):
-        raise ValueError(f"smem_temps must be None (off), True or False, got {smem_temps!r}")
+    if smem_temps not in (None, True, False, LOOPS):
+        raise ValueError(f"smem_temps must be None (off), True, {LOOPS!r} or False, got {smem_temps!r}")
     options = dict(
         control=control, grid=grid, block=block, partition=partition, resident_bytes=resident_bytes,
         epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
@@ -2867,16 +2869,16 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if flags:
         plan = flag_syncs(plan)
         if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
-            plan = _doubled_temps(source, plan, options)
+            plan = _doubled_temps(source, plan, options, with_flags=double_temps is None)
     if smem_temps and control == "device":
-        plan = block_local(plan, resident_bytes)
+        plan = block_local(plan, resident_bytes, loops_only=smem_temps == LOOPS)
     return plan
 
 
-def _doubled_temps(program, plan, options) -> Plan:
+def _doubled_temps(program, plan, options, with_flags=False) -> Plan:
     """double_temps: the plan of `program` (the one `plan`, flag syncs found, was scheduled from) with its
-    counted loops unrolled twice, flag syncs found, when that leaves fewer grid barriers per loop step; else
-    `plan`. The second copy's temporaries are values of their own (unroll.py), so a buffer a step writes and
+    counted loops unrolled twice, flag syncs found, when that leaves fewer grid barriers per loop step (and,
+    `with_flags`, has flag syncs); else `plan`. The second copy's temporaries are values of their own (unroll.py), so a buffer a step writes and
     reads is written again only two steps later, and a write-after-read on it across vEUs that only the grid
     barrier at the step's end ordered (the LSTM's next-step matmuls overwriting the gates that another layer's
     cell of this step still reads) may now be ordered by the flag waits between: flags.py's proof decides."""
@@ -2884,7 +2886,8 @@ def _doubled_temps(program, plan, options) -> Plan:
     if doubled is None:
         return plan
     doubled = flag_syncs(doubled)
-    return doubled if loop_grid_barriers(doubled) < loop_grid_barriers(plan) else plan
+    fewer = loop_grid_barriers(doubled) < loop_grid_barriers(plan)
+    return doubled if fewer and (doubled.stats.get("flag_syncs") or not with_flags) else plan
 
 
 def _unrolled_plan(program, options, **more) -> Plan | None:

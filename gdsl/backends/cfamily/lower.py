@@ -9,7 +9,7 @@ from __future__ import annotations
 from gdsl.backends.cfamily.executor import Lowering
 from gdsl.backends.cfamily.render import render_plan
 from gdsl.profiling.sites import trace_sites
-from gdsl.schedule import schedule
+from gdsl.schedule import local, schedule
 from gdsl.schedule.plan import Fork, Wave, plan_statements
 
 KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "wavefront", "hoist", "autotune",
@@ -85,7 +85,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     siblings=() if opts.get("siblings") is False else dialect.lowering_chain,
                     row_blocks=dialect.lowering_chain,
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
-                    double_temps=opts.get("double_temps"), smem_temps=opts.get("smem_temps"))
+                    double_temps=opts.get("double_temps"),
+                    smem_temps=local.LOOPS if opts.get("smem_temps") is None else opts["smem_temps"])
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))
