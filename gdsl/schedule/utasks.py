@@ -134,6 +134,8 @@ ROUND_TRIP_NS = 700.0
 # The output tiles a GEMM uTask may take (gdsl_gemm_tile), and the time of one stage of it beyond its
 # arithmetic: a dependent round trip to L2 for the next k slice (GEMM_BK deep in the C-family renderer).
 GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
+GEMM_STAGE_K, GEMM_STAGE_NS = 32, ROUND_TRIP_NS
+
 # Tiles of widths that are not powers of two (module switch ODD_GEMM_TILES, default off): on the menu too, so
 # that a wave whose power-of-two tiles come out in two rounds on its vEUs may take one round of these, each a
 # little more work (the LSTM's batch-64 step: 19 matmuls of 4 x 64 x 256 on 13 vEUs each, 16 tiles of 64 x 64
@@ -147,7 +149,6 @@ def gemm_tile_menu() -> tuple[tuple[int, int], ...]:
     """The output tiles a GEMM uTask may take: GEMM_TILES, and GEMM_ODD_TILES under ODD_GEMM_TILES."""
     return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ())
 
-GEMM_STAGE_K, GEMM_STAGE_NS = 32, ROUND_TRIP_NS
 
 # The rate at which one vEU's GEMM tile computes with a 4 x 4 register tile per thread, measured (H200, a
 # 64x64x256 FFMA tile of 256 threads in 12 us): a third of an SM's fp32 peak, which _cost's roofline assumes.

@@ -47,7 +47,7 @@ WIDE_MAX_REGISTERS = 16
 WIDE_MAX_GROUPS = 16
 # Under utasks.ODD_GEMM_TILES the wide tile also takes register tiles of RN columns not a multiple of 4 (their
 # last RN % 4 columns read with 8- and 4-byte loads), for tiles of widths 80 and 96 (4 x 5, 4 x 6 over 16 x 16
-# threads), with at most this many outputs (RM x 4 tiles first where both fit).
+# threads), with at most this many outputs (RN a multiple of 4 first where both fit).
 WIDE_ODD_COLUMNS = (5, 6)
 WIDE_ODD_REGISTERS = 24
 # Measured on the H200 in session 11 and not kept (two runs of one call, ms, default -> variant): 32 registers
