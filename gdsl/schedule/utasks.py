@@ -117,7 +117,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
     # vEUs at work, less on each). A tile takes at least its stages' memory round trips, so a wave of tiles
     # slightly more than the vEUs runs better as one round of the next larger tile than as two rounds.
     best = None
-    for tm, tn in GEMM_TILES:
+    for tm, tn in gemm_tile_menu():
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
         cost = _gemm_tile_cost(tm, tn, k, outputs_read)
         key = (math.ceil(count / grid) * cost, tm * tn)
@@ -135,6 +135,20 @@ ROUND_TRIP_NS = 700.0
 # arithmetic: a dependent round trip to L2 for the next k slice (GEMM_BK deep in the C-family renderer).
 GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
 GEMM_STAGE_K, GEMM_STAGE_NS = 32, ROUND_TRIP_NS
+
+# Tiles of widths that are not powers of two (module switch ODD_GEMM_TILES, default off): on the menu too, so
+# that a wave whose power-of-two tiles come out in two rounds on its vEUs may take one round of these, each a
+# little more work (the LSTM's batch-64 step: 19 matmuls of 4 x 64 x 256 on 13 vEUs each, 16 tiles of 64 x 64
+# in 2 rounds, or 12 of 64 x 96 in one). A matrix's last tile may be narrower (256 = 2 x 96 + 64). The wide
+# FFMA tile computes them with register tiles of 4 x 6 and 4 x 5 (gemm.WIDE_ODD_COLUMNS).
+ODD_GEMM_TILES = False
+GEMM_ODD_TILES = ((64, 96), (64, 80))
+
+
+def gemm_tile_menu() -> tuple[tuple[int, int], ...]:
+    """The output tiles a GEMM uTask may take: GEMM_TILES, and GEMM_ODD_TILES under ODD_GEMM_TILES."""
+    return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ())
+
 
 # The rate at which one vEU's GEMM tile computes with a 4 x 4 register tile per thread, measured (H200, a
 # 64x64x256 FFMA tile of 256 threads in 12 us): a third of an SM's fp32 peak, which _cost's roofline assumes.
@@ -224,7 +238,7 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
                      _gemv_tile_cost(rows, tn, k, outputs_read)) for tn in widths]
         return [(batch * math.ceil(m / tm) * math.ceil(n / tn), {"tile_m": tm, "tile_n": tn},
                  max(_gemm_tile_cost(tm, tn, k, outputs_read), 2 * tm * tn * k / gemm_tile_rate(tm, tn, block)))
-                for tm, tn in GEMM_TILES]
+                for tm, tn in gemm_tile_menu()]
     if kind == plan.ROWS.name:           # (a kind of the reduce family, but with a split of its own)
         return row_split_options(in_avals, out_avals, params, block)
     if kind in REDUCE_KINDS:

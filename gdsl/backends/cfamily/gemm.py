@@ -45,6 +45,11 @@ TENSOR_CORE_BELOW = 4
 # 0.152 / 0.151, SkipNet 2.446 / 2.438 -> 2.506 / 2.357 (H200, alternated in one call).
 WIDE_MAX_REGISTERS = 16
 WIDE_MAX_GROUPS = 16
+# Under utasks.ODD_GEMM_TILES the wide tile also takes register tiles of RN columns not a multiple of 4 (their
+# last RN % 4 columns read with 8- and 4-byte loads), for tiles of widths 80 and 96 (4 x 5, 4 x 6 over 16 x 16
+# threads), with at most this many outputs (RN a multiple of 4 first where both fit).
+WIDE_ODD_COLUMNS = (5, 6)
+WIDE_ODD_REGISTERS = 24
 # Measured on the H200 in session 11 and not kept (two runs of one call, ms, default -> variant): 32 registers
 # where each k group keeps at least 8 of a stage's k (8 x 4 on NASRNN's and Seq2seq's 32 x 64 resident tiles and
 # the LSTM's 64 x 64; the smaller tiles stay 4 x 4): NASRNN bs64 9.52 / 9.60 -> 8.88 / 9.00, LSTM bs64 2.82 /
@@ -407,17 +412,20 @@ def wide_tile(tm: int, tn: int, threads: int) -> tuple[int, int, int] | None:
     """The register tile (RM, RN) and k groups KS of a float32 tile on gdsl_gemm_tile_wide, None where it does
     not fit: RM and RN multiples of 4 dividing the tile, (tm/RM) * (tn/RN) threads a group, KS a power of two
     dividing GEMM_BK, at most WIDE_MAX_GROUPS. The largest register tile first (most FFMAs per shared-memory
-    load), at most WIDE_MAX_REGISTERS; on a tie the fewest groups."""
+    load), at most WIDE_MAX_REGISTERS; on a tie the fewest groups. Under utasks.ODD_GEMM_TILES, RN may also
+    be one of WIDE_ODD_COLUMNS (at most WIDE_ODD_REGISTERS outputs) where no multiple of 4 fits."""
     best = None
+    odd = WIDE_ODD_COLUMNS if utasks.ODD_GEMM_TILES else ()
     for rm in (4, 8):
-        for rn in (4, 8):
-            if tm % rm or tn % rn or rm * rn > WIDE_MAX_REGISTERS:
+        for rn in (4, 8) + odd:
+            most = WIDE_MAX_REGISTERS if rn % 4 == 0 else WIDE_ODD_REGISTERS
+            if tm % rm or tn % rn or rm * rn > most:
                 continue
             group = (tm // rm) * (tn // rn)
             groups = threads // group
             if group * groups != threads or groups & (groups - 1) or GEMM_BK % groups or groups > WIDE_MAX_GROUPS:
                 continue
-            key = (rm * rn, -groups, rm)
+            key = (rn % 4 == 0, rm * rn, -groups, rm)
             if best is None or key > best[0]:
                 best = (key, (rm, rn, groups))
     return None if best is None else best[1]

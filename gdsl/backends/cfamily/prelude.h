@@ -112,6 +112,7 @@ template <int NT, typename T, class B> GDSL_DEV void gdsl_block_argreduce(T& v, 
 // ---------------------------------------------------------------------------------------- GEMM tiles
 // Four consecutive elements in one 16-byte load (LDS.128 / LDG.128), the address a multiple of 16 bytes.
 template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
+template <typename T> struct alignas(2 * sizeof(T)) gdsl_vec2 { T v[2]; };
 
 // The staging of one TM x TN output tile of C[M,N] = A[M,K] B[K,N]: A and B are read through the loaders
 // la(m, k) / lb(k, n) (so conv2d's implicit GEMM and batched/broadcast matmuls share this code) into shared
@@ -276,6 +277,9 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // 4 x 4 at row (i * TY + ty) * 4 and column (j * TX + tx) * 4, so each k step reads them with 16-byte loads
 // (a warp's loads of one block are consecutive: no bank conflicts) and does RM * RN FFMAs per RM/4 + RN/4
 // loads, where gdsl_gemm_tile's 4 x 4 strided tile does 16 per 8 (shared-memory bound on the H200).
+// RN need not be a multiple of 4 (tiles 80 or 96 wide: 4 x 5, 4 x 6): its last RN % 4 columns follow the
+// 4-column blocks, a pair at column 4 * (RN/4) * TX + 2 * tx (8-byte loads) and a single one after the pairs
+// at + tx; a warp's loads of each are consecutive too (wide_col gives a register's column).
 // Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
 // addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
 // are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, 16-byte aligned, K a multiple of BK),
@@ -285,9 +289,15 @@ template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                   const Acc* rbs, char* smem) {
   constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = BRES ? TN : TN + 4, KG = BK / KS;
-  static_assert(RM % 4 == 0 && RN % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
+  constexpr int RQ = RN / 4, RP = RN % 4 / 2, RS = RN % 2;   // a thread's blocks of 4, 2 and 1 columns
+  static_assert(RM % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
                 KG * KS == BK && (KS & (KS - 1)) == 0, "wide tile shape");
   const int tid = threadIdx.x, g = tid / GT, tx = tid % GT % TX, ty = tid % GT / TX;
+  // the tile column of register j of a thread's RN
+  auto wide_col = [&](int j) {
+    return j < 4 * RQ ? ((j / 4) * TX + tx) * 4 + j % 4
+                      : (j < 4 * RQ + 2 * RP ? 4 * RQ * TX + 2 * tx + (j - 4 * RQ) : (4 * RQ + 2 * RP) * TX + tx);
+  };
   Acc acc[RM][RN];
 #pragma unroll
   for (int i = 0; i < RM; ++i)
@@ -306,11 +316,17 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
         for (int e = 0; e < 4; ++e) ra[i * 4 + e] = v.v[e];
       }
 #pragma unroll
-      for (int j = 0; j < RN / 4; ++j) {
+      for (int j = 0; j < RQ; ++j) {
         const gdsl_vec4<Acc> v = *(const gdsl_vec4<Acc>*)(Bs + kk * PB + (j * TX + tx) * 4);
 #pragma unroll
         for (int e = 0; e < 4; ++e) rb[j * 4 + e] = v.v[e];
       }
+      if constexpr (RP > 0) {
+        const gdsl_vec2<Acc> v = *(const gdsl_vec2<Acc>*)(Bs + kk * PB + 4 * RQ * TX + 2 * tx);
+        rb[4 * RQ] = v.v[0];
+        rb[4 * RQ + 1] = v.v[1];
+      }
+      if constexpr (RS > 0) rb[4 * RQ + 2 * RP] = Bs[kk * PB + (4 * RQ + 2 * RP) * TX + tx];
     };
     load(0, a[0], b[0]);
 #pragma unroll
@@ -352,7 +368,7 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
     for (int i = 0; i < RM; ++i)
 #pragma unroll
       for (int j = 0; j < RN; ++j) {
-        const int gm = row0 + ((i / 4) * TY + ty) * 4 + i % 4, gn = col0 + ((j / 4) * TX + tx) * 4 + j % 4;
+        const int gm = row0 + ((i / 4) * TY + ty) * 4 + i % 4, gn = col0 + wide_col(j);
         if (gm < M && gn < N) sc(gm, gn, acc[i][j]);
       }
   }
