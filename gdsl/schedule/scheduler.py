@@ -2878,10 +2878,11 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
 def _doubled_temps(program, plan, options, with_flags=False) -> Plan:
     """double_temps: the plan of `program` (the one `plan`, flag syncs found, was scheduled from) with its
     counted loops unrolled twice, flag syncs found, when that leaves fewer grid barriers per loop step (and,
-    `with_flags`, has flag syncs); else `plan`. The second copy's temporaries are values of their own (unroll.py), so a buffer a step writes and
-    reads is written again only two steps later, and a write-after-read on it across vEUs that only the grid
-    barrier at the step's end ordered (the LSTM's next-step matmuls overwriting the gates that another layer's
-    cell of this step still reads) may now be ordered by the flag waits between: flags.py's proof decides."""
+    `with_flags`, has flag syncs); else `plan`. The second copy's temporaries are values of their own
+    (unroll.py), so a buffer a step writes and reads is written again only two steps later, and a
+    write-after-read on it across vEUs that only the grid barrier at the step's end ordered (the LSTM's next-step
+    matmuls overwriting the gates that another layer's cell of this step still reads) may now be ordered by the
+    flag waits between: flags.py's proof decides."""
     doubled = _unrolled_plan(program, options)
     if doubled is None:
         return plan
