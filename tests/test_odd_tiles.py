@@ -1,8 +1,8 @@
-"""GEMM tiles of widths that are not powers of two (the module switch utasks.ODD_GEMM_TILES, default off): the
+"""GEMM tiles of widths that are not powers of two (the module switch utasks.ODD_GEMM_TILES, on by default): the
 wide FFMA tile with register tiles of 4 x 5 and 4 x 6 (gemm.WIDE_ODD_COLUMNS: the columns past the 4-column
 blocks read with 8- and 4-byte loads), a matrix's last tile narrower than the rest; the emulated kernel against
 the interpreter; the LSTM's batch-64 step in one round of 64 x 96 tiles instead of two of 64 x 64, compiled by
-NVRTC; plans unchanged with the switch off."""
+NVRTC; with the switch off, the power-of-two tiles in two rounds."""
 import re
 
 import numpy as np
@@ -138,9 +138,9 @@ def test_lstm_batch_64_step_in_one_round(odd):
         assert "resident" in t.op.params
 
 
-def test_lstm_batch_64_default_keeps_two_rounds():
-    """With the switch off (the default) the step keeps its power-of-two tiles."""
-    assert not utasks.ODD_GEMM_TILES
+def test_lstm_batch_64_without_odd_tiles_keeps_two_rounds(monkeypatch):
+    """With the switch off the step keeps its power-of-two tiles (on is the default)."""
+    monkeypatch.setattr(utasks, "ODD_GEMM_TILES", False)
     tasks = _step_matmuls(zoo_lowered("lstm", 64).lowering.plan)
     assert len(tasks) == 19
     for t in tasks:

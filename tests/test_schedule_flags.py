@@ -55,8 +55,8 @@ def test_nasrnn_batch_1_step_end_barriers_become_flag_syncs():
     """NASRNN bs1 (owner plan, unrolled twice): both step-end grid barriers are flag syncs publishing the new
     `m` of each half-step (a cell chain's output); the block syncs stay; a grid barrier follows the loop; the
     barriers before the loop are the default's; NVRTC compiles it (the flag words, tagged stores, waits)."""
-    default = zoo_lowered("nasrnn", 1, flags=False).lowering.plan
-    lowered = zoo_lowered("nasrnn", 1)                 # (flags on by default on cuda)
+    default = zoo_lowered("nasrnn", 1, flags=False, smem_temps=False).lowering.plan
+    lowered = zoo_lowered("nasrnn", 1, smem_temps=False)  # (flags on by default on cuda; no shared-memory line)
     plan = lowered.lowering.plan
     body = _loop(plan).body
     flags = _syncs(body, FLAGS)
@@ -126,10 +126,11 @@ def _small_plan(name, bs):
                            check_options({"flags": True, "block": 64}, dialect), 4, dialect).plan
 
 
-@pytest.mark.parametrize("name,bs,converted", [("nasrnn", 1, 2), ("nasrnn", 4, 2), ("lstm", 1, 0)])
+@pytest.mark.parametrize("name,bs,converted", [("nasrnn", 1, 2), ("nasrnn", 4, 2), ("lstm", 1, 2)])
 def test_models_emulated_match_the_reference(name, bs, converted):
-    """The small configs on the g++ emulator (grid 4) with flags=True against the float64 references; NASRNN's
-    plans there have the flag syncs (the spinning loaders run), the LSTM's none."""
+    """The small configs on the g++ emulator (grid 4) with flags=True against the float64 references; the
+    plans there have the flag syncs (the spinning loaders run): NASRNN's, and the LSTM's through double_temps
+    (on by default)."""
     assert _small_plan(name, bs).stats.get("flag_syncs", 0) == converted
     assert emulated_model_mismatches(name, bs, flags=True) == []
 

@@ -136,12 +136,13 @@ ROUND_TRIP_NS = 700.0
 GEMM_TILES = ((64, 64), (32, 64), (32, 32), (16, 32), (16, 16))
 GEMM_STAGE_K, GEMM_STAGE_NS = 32, ROUND_TRIP_NS
 
-# Tiles of widths that are not powers of two (module switch ODD_GEMM_TILES, default off): on the menu too, so
-# that a wave whose power-of-two tiles come out in two rounds on its vEUs may take one round of these, each a
-# little more work (the LSTM's batch-64 step: 19 matmuls of 4 x 64 x 256 on 13 vEUs each, 16 tiles of 64 x 64
-# in 2 rounds, or 12 of 64 x 96 in one). A matrix's last tile may be narrower (256 = 2 x 96 + 64). The wide
+# Tiles of widths that are not powers of two (module switch ODD_GEMM_TILES, on: the LSTM bs64 on the H200, session
+# 12, two rounds of one call, 2.819 / 2.835 -> 2.629 / 2.608 ms, predicted 2.2-2.5; no other zoo plan changes): on
+# the menu too, so that a wave whose power-of-two tiles come out in two rounds on its vEUs may take one round of
+# these, each a little more work (the LSTM's batch-64 step: 19 matmuls of 4 x 64 x 256 on 13 vEUs each, 16 tiles
+# of 64 x 64 in 2 rounds, or 12 of 64 x 96 in one). A matrix's last tile may be narrower (256 = 2 x 96 + 64). The wide
 # FFMA tile computes them with register tiles of 4 x 6 and 4 x 5 (gemm.WIDE_ODD_COLUMNS).
-ODD_GEMM_TILES = False
+ODD_GEMM_TILES = True
 GEMM_ODD_TILES = ((64, 96), (64, 80))
 
 

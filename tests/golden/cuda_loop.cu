@@ -1,5 +1,6 @@
-#define GDSL_SMEM_BYTES 6656
+#define GDSL_SMEM_BYTES 6784
 #define GDSL_RESIDENT_BASE 6144
+#define GDSL_LOCAL_BASE 6656
 
 // ---------------------------------------------------------------------------------------- ops
 GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
@@ -32,11 +33,13 @@ GDSL_DEV void op2_tanh_add(float* o0, const float* i0, int t, char* smem) {
 extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __restrict__ in0, const float* __restrict__ in1, const int* __restrict__ in2, float* out0, char* __restrict__ gdsl_ws) {
   extern __shared__ __align__(16) char gdsl_smem[];
   unsigned* gdsl_bar = (unsigned*)(gdsl_ws + 0); (void)gdsl_bar;
-  float* t3 = (float*)(gdsl_ws + 256);
+  float* t3 = (float*)(gdsl_smem + GDSL_LOCAL_BASE + 0);
   int gdsl_t; (void)gdsl_t;
   int u0 = 0;
   bool u1 = false;
   int u2 = 0;
+  for (int i = (int)threadIdx.x; i < 32; i += 256) ((unsigned*)(gdsl_smem + GDSL_LOCAL_BASE))[i] = 0u;
+  __syncthreads();
   u0 = 0;
   if (blockIdx.x < 1) op0_copy(out0, in0, (int)blockIdx.x, gdsl_smem);
   gdsl_grid_sync_atomic(gdsl_bar);

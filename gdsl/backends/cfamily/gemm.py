@@ -330,8 +330,10 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
     if gemm.gathered:                  # one GEMM of the gathered columns (Gemm.gathered): exactly its width
         tn = N = gemm.gathered * tn
         col0 = "0"
-    tn = _pow2(tn) if tn >= N and not gemm.gathered and not (gemv and gemm.exact_n) else tn
     tm = _pow2(tm) if tm >= M and not gemv else tm
+    # (an odd width of the menu, utasks.GEMM_ODD_TILES, stays as it is where the wide tile takes it: masked there)
+    odd = not gemv and acc == "float" and tn & (tn - 1) and wide_tile(tm, tn, block) is not None
+    tn = _pow2(tn) if tn >= N and not gemm.gathered and not (gemv and gemm.exact_n) and not odd else tn
     lines = [f"  const int bt = t / {tiles_m * tiles_n}, ti = (t / {tiles_n}) % {tiles_m}, "
              f"tj = t % {tiles_n};" if gemm.batch > 1 else
              f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
