@@ -143,3 +143,11 @@ def test_emulated_with_prefetches_matches_the_reference(name, batch, on, monkeyp
     monkeypatch.setattr(render.Renderer, "render", recorded)
     assert emulated_model_mismatches(name, batch) == []
     assert any("__builtin_prefetch(" in s for s in sources)
+
+
+def test_line_budget_switch(on, monkeypatch):
+    """prefetch.MAX_LINES = 8: NASRNN's vEUs fetch the first half step's 8 gate lines only."""
+    monkeypatch.setattr(prefetch, "MAX_LINES", 8)
+    body = _loop_text(zoo_lowered("nasrnn", 1).source)
+    assert _prefetched(body) == ["t1"] * 8
+    assert "(long long)(u16) > 999" not in body.split("op4_matmul(")[0]

@@ -125,11 +125,12 @@ def progressions(points) -> list:
 
 
 class StepPrefetch:
-    """The prefetch lines of the top-level loops of one device-control kernel (Renderer.step_prefetch)."""
+    """The prefetches of the steps of a Renderer's top-level loops (Renderer.prefetched); `max_lines`: per vEU
+    per step (MAX_LINES when None), at most one per thread."""
 
-    def __init__(self, renderer, max_lines: int = MAX_LINES):
+    def __init__(self, renderer, max_lines: int | None = None):
         self.r = renderer
-        self.max_lines = min(max_lines, renderer.plan.block)
+        self.max_lines = min(MAX_LINES if max_lines is None else max_lines, renderer.plan.block)
 
     def root(self, buf):
         """The buffer a renderer view (views.find_views) points into, through views of views."""
