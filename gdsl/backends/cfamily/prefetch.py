@@ -3,10 +3,16 @@
 In a top-level loop of a device-control kernel, an op often reads a buffer that no statement of the loop
 writes: an input, a const, or a temp written before the loop, maybe at a run-time offset (the hoisted input
 projections of an RNN cell, `t1[2048*clamp(u9, 0, 999) + 256 +: 256]`; an embedding row). Its uTask loads it
-from L2 only after the step's flag or grid wait and whatever runs before it: a dependent L2 round trip on the
-step's critical path. The dialect's prefetch (`prefetch.global.L1` on CUDA: fire and forget, no register)
-issued by the vEU at the top of the step, after the uniform statements that compute the offsets and before
-the first wait, makes those loads hit L1.
+from L2 only after the step's flag waits and whatever runs before it: a dependent L2 round trip on the step's
+critical path. The dialect's prefetch (`prefetch.global.L1` on CUDA: fire and forget, no register) issued by
+the vEU at the top of the step, after the uniform statements that compute the offsets and before the first
+wait, makes those loads hit L1.
+
+A grid barrier invalidates L1 (its __threadfence is MEMBAR.SC.GPU + CCTL.IVALL on sm_90): a line fetched
+before one is gone after it. So an op's prefetch goes at the top of the step only when no grid barrier
+(`fences`) lies between the top and the op, else right after the last one before the op; and only when a
+wave lies between that point and the op (else the uTask's own loads follow at once: nothing to overlap). A
+flag sync (volatile loads, no fence) and a block barrier keep L1.
 
 Which elements: shares.read_share gives what uTask t reads of each operand; a prefetch is emitted when the
 shares are one pattern moved by a constant stride per uTask (`share(t) == share(0) + t * stride`, clipped
@@ -25,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gdsl.schedule.plan import Assign, Call, Fork, Uniform, Uniforms, Wave, walk
+from gdsl.schedule.plan import Assign, Call, Fork, Sync, Uniform, Uniforms, Wave, walk
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.shares import read_share
 
@@ -40,6 +46,7 @@ class Operand:
     sorted, `offset(t) = t * stride`), each clamped to `size - 1` when `clip`; `lines` per uTask."""
     task: object
     index: int
+    at: int                   # the loop body's statement the prefetch goes before
     stride: int
     points: tuple
     clip: bool
@@ -52,6 +59,13 @@ class Operand:
 def insertion_index(body) -> int:
     """Where a step's prefetches go: after the body's leading uniform statements (Uniforms, Assign)."""
     return next((i for i, s in enumerate(body) if not isinstance(s, (Uniforms, Assign))), len(body))
+
+
+def fences(body, demoted=frozenset()) -> set:
+    """Indices of the statements of `body` that invalidate L1 on some path: a grid barrier (not one of the
+    `demoted` indices, rendered as a block barrier), or a statement holding one."""
+    return {i for i, s in enumerate(body) if i not in demoted and
+            any(isinstance(n, Sync) and n.scope == "grid" for n in walk([s]))}
 
 
 def _assigned(stmts) -> set:
@@ -145,16 +159,17 @@ class StepPrefetch:
             return []
         written = {self.root(v.buffer) for s in stmts if isinstance(s, Wave) for t in s.tasks
                    for v in t.op.outputs if v.buffer is not None}
-        start = insertion_index(loop.body)
+        body = loop.body
+        start, fenced = insertion_index(body), fences(body, self.r.demoted(body))
         found = []
-        for i in range(start, len(loop.body)):
-            stmt = loop.body[i]
-            if not isinstance(stmt, Wave):
+        for i in range(start, len(body)):
+            at = max([start] + [j + 1 for j in fenced if j < i])
+            if not isinstance(body[i], Wave) or not any(isinstance(s, Wave) for s in body[at:i]):
                 continue
-            changed = _assigned(loop.body[start:i])
-            for task in stmt.tasks:
+            changed = _assigned(body[at:i])
+            for task in body[i].tasks:
                 found += [c for k in range(len(task.op.inputs))
-                          if (c := self.operand(task, k, written, changed)) is not None]
+                          if (c := self.operand(task, k, at, written, changed)) is not None]
         found.sort(key=lambda c: not c.task.op.inputs[c.index].terms)       # run-time offsets first (stable)
         load = [0] * self.r.plan.grid
         chosen, seen = [], set()
@@ -172,8 +187,9 @@ class StepPrefetch:
                     load[v] += lines
         return chosen
 
-    def operand(self, task, k: int, written: set, changed: set):
-        """The Operand of input k of `task` if it is one to prefetch (module docstring), else None."""
+    def operand(self, task, k: int, at: int, written: set, changed: set):
+        """The Operand of input k of `task`, prefetched before statement `at`, if it is one to prefetch (module
+        docstring; `changed`: the uniforms assigned from `at` to the task), else None."""
         op, v = task.op, task.op.inputs[k]
         buf = v.buffer
         if buf is None or op.outputs[0].buffer in self.r.views or v.perm is not None or v.rows is not None:
@@ -198,17 +214,18 @@ class StepPrefetch:
         aligned = view is None and all(term.stride * itemsize % LINE == 0 for term in v.terms) and \
             stride * itemsize % LINE == 0
         phase = v.offset * itemsize % LINE if aligned else None
-        return Operand(task, k, stride, line_points(first, itemsize, phase), clip)
+        return Operand(task, k, at, stride, line_points(first, itemsize, phase), clip)
 
-    def lines(self, loop) -> list[str]:
-        """The C lines of `loop`'s prefetches (at insertion_index of its body), one statement per task."""
+    def lines(self, loop) -> dict:
+        """The C lines of `loop`'s prefetches by the index of the body statement they go before, one statement
+        per task."""
         r, thread = self.r, self.r.dialect.thread_index
         by_task: dict = {}
         for c in self.operands(loop):
-            by_task.setdefault(id(c.task), (c.task, []))[1].append(c)
+            by_task.setdefault((c.at, id(c.task)), (c.at, c.task, []))[2].append(c)
         slot = [0] * r.plan.grid
-        out = []
-        for task, operands in by_task.values():
+        out: dict = {}
+        for at, task, operands in sorted(by_task.values(), key=lambda x: x[0]):
             veus = range(task.first, task.first + min(task.op.n_utasks, task.count))
             first_slot = max(slot[v] for v in veus)
             lines = sum(c.lines for c in operands)
@@ -223,10 +240,10 @@ class StepPrefetch:
                         parts.append(self.prefetch(value, c, t, start, step, count, s, thread))
                         s += count
                 return "{ " + " ".join(parts) + " }"
-            out += r.over_utasks(task, statement)
-        if out:
-            out.insert(0, "// prefetch into L1 what this vEU's uTasks read this step of buffers the loop does "
-                          "not write (render.PREFETCH_STEP_READS)")
+            if at not in out:
+                out[at] = ["// prefetch into L1 what this vEU's uTasks read this step of buffers the loop does "
+                           "not write (render.PREFETCH_STEP_READS)"]
+            out[at] += r.over_utasks(task, statement)
         return out
 
     def prefetch(self, value, c: Operand, t: str, start: int, step: int, count: int, slot: int, thread) -> str:

@@ -155,7 +155,8 @@ LARGE_KERNEL_INLINED = 8 * 1024
 # In each top-level loop of a device-control kernel, every vEU issues at the top of a step (after the step's
 # leading uniform statements, before its first wait) the dialect's L1 prefetch of the elements its uTasks will
 # read that step of buffers no statement of the loop writes (hoisted input projections, embedding rows, biases):
-# their loads then hit L1 after the step's waits instead of making an L2 round trip on the critical path
+# their loads then hit L1 after the step's waits instead of making an L2 round trip on the critical path. Not
+# across a grid barrier (it invalidates L1): an op after one is prefetched after it when waves lie between
 # (cfamily/prefetch.py; at most prefetch.MAX_LINES lines per vEU per step; dialects without a prefetch, HIP: none).
 PREFETCH_STEP_READS = False
 # The machine code of an unrolled GEMM/GEMV tile per byte of its uTask function's source, against an
@@ -563,11 +564,11 @@ class Renderer:
             last_grid = i
         return out
 
-    def block(self, stmts, ind: int, quiet: bool = False, prefetch_lines=()) -> list[str]:
-        """The C lines of `stmts`; `prefetch_lines` (a loop body's step prefetches) before the first statement
-        that is not a uniform one (prefetch.insertion_index), as part of that statement's text."""
+    def block(self, stmts, ind: int, quiet: bool = False, prefetches=None) -> list[str]:
+        """The C lines of `stmts`; `prefetches` (a loop body's step prefetches: statement index -> C lines)
+        before the statements they name, as part of their text."""
         pad = "  " * ind
-        at = prefetch.insertion_index(stmts) if prefetch_lines else -1
+        prefetches = prefetches or {}
         lines: list[str] = []
         # The pieces a repeated sequence is made of (render.ROLL_REPEATS): each statement, but each uniform op
         # of a Uniforms alone (the scheduler puts the end of one repetition and the start of the next in one),
@@ -579,8 +580,7 @@ class Renderer:
                 pieces.append(piece)
                 starts.append(len(lines) if piece is stmt else None)
                 calls.append(len(self.call_log))
-            if index == at:
-                lines += [pad + line for line in prefetch_lines]
+            lines += [pad + line for line in prefetches.get(index, ())]
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Fork):
@@ -613,7 +613,7 @@ class Renderer:
                 lines += self.block(stmt.cond, ind + 1, entry)
                 lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
                 lines += self.trace_lines(pad + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
-                step_prefetch = prefetch.StepPrefetch(self).lines(stmt) if stmt in self.prefetched else ()
+                step_prefetch = prefetch.StepPrefetch(self).lines(stmt) if stmt in self.prefetched else None
                 lines += self.block(stmt.body, ind + 1, after_cond, step_prefetch)
                 if stmt in self.flag_loops:     # (flag syncs: the iteration their tags count)
                     lines.append(f"{pad}  gdsl_it{self.flag_loops[stmt][0]} += 1u;")
