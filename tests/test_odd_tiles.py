@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 from strategies import BACKEND_TOLERANCE, assert_trees_close, first_loop, needs_cxx, needs_nvrtc, zoo_lowered
+from test_wide_tile import batched, matmul_tanh
 
 import gdsl
 import gdsl.numpy as gnp
@@ -24,14 +25,6 @@ rng = np.random.default_rng(11)
 
 def _f32(*shape, scale=0.2):
     return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-
-def matmul_tanh(a, b):
-    return gnp.tanh(a @ b)
-
-
-def batched(a, b):
-    return gnp.matmul(a, b) + 1.0
 
 
 def rnn_rows(xs, W, U):
