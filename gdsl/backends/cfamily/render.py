@@ -158,6 +158,7 @@ LARGE_KERNEL_INLINED = 8 * 1024
 # their loads then hit L1 after the step's waits instead of making an L2 round trip on the critical path. Not
 # across a grid barrier (it invalidates L1): an op after one is prefetched after it when waves lie between
 # (cfamily/prefetch.py; at most prefetch.MAX_LINES lines per vEU per step; dialects without a prefetch, HIP: none).
+# Off: NASRNN bs1, the one zoo row it changes, went 2.628 / 2.631 -> 2.775 / 2.791 ms on the H200 (session 12).
 PREFETCH_STEP_READS = False
 # The machine code of an unrolled GEMM/GEMV tile per byte of its uTask function's source, against an
 # elementwise loop's: NVRTC's PTX lines per source byte on SkipNet were 0.9-3.0 for the tiled functions,
