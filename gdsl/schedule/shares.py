@@ -214,12 +214,14 @@ def _matmul_share(op, k, flat) -> np.ndarray:
                                     for a, d in enumerate(xshape)), xshape) if xshape else np.zeros_like(b)
     if k == op.params.get(ROW_INDEX):       # the indices of gathered rows (plan.ROW_INDEX): one per row of A
         return np.unique(i)
+    # (the distinct rows of a, or columns of b, first: an output tile reads each of them many times)
     kk = np.arange(depth)
     if k in a_depths:
-        idx = (xb * m + i)[:, None] * depth + kk[None, :]
-    else:
-        idx = xb[:, None] * depth * n + kk[None, :] * n + j[:, None]
-    return np.unique(idx.reshape(-1))
+        rows = np.unique(xb * m + i)            # sorted: their whole rows, one after another, are too
+        return (rows[:, None] * depth + kk[None, :]).reshape(-1)
+    columns = np.unique(xb * n + j)
+    xb, j = np.divmod(columns, n)
+    return np.sort(((xb * depth * n + j)[:, None] + kk[None, :] * n).reshape(-1))
 
 
 def _move_share(op, k, flat, starts) -> np.ndarray:
