@@ -17,8 +17,6 @@ emulator (emu.h) also accept.
     flag_syncs                   the default of the jit option `flags` (gdsl/schedule/flags.py): a loop's grid
                                  barrier that orders only published carries becomes a flag sync
     device_library               the dialect's own device code, after the prelude
-    prefetch_template            a statement that fetches the line at `{ptr}` into L1, no register, no wait
-                                 (render.PREFETCH_STEP_READS, cfamily/prefetch.py); "": the dialect has none
     lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
                                  (gdsl/primitives/registry.py): a dialect overrides a "cfamily" rule by
                                  registering one under its own name
@@ -50,7 +48,6 @@ class Dialect:
     block_barrier = "__syncthreads();"
     ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
     ldg_types = frozenset()              # storage types the read-only load exists for
-    prefetch_template = ""               # an L1 prefetch of `{ptr}` (render.PREFETCH_STEP_READS); "": none
     lowering_chain = ("cfamily",)        # a dialect with rules of its own: (its name, "cfamily")
     trace_clock = "0ull"                 # a device clock (unsigned long long ns or ticks), instrumented builds only
     trace_clock_code = ""                # what trace_clock needs defined (instrumented builds only)

@@ -53,7 +53,6 @@ class EmulatorDialect(Dialect):
     dynamic_shared_decl = shared_decl
     resident_smem_per_sm = 64 * 1024     # (host memory: so that the tests run the resident-weight code too)
     flag_syncs = True                    # (as CUDA's)
-    prefetch_template = "__builtin_prefetch({ptr});"     # (as CUDA's prefetch: a hint, no effect on results)
     trace_clock = ("({ struct timespec gdsl_ts; clock_gettime(CLOCK_MONOTONIC, &gdsl_ts); "
                    "(unsigned long long)gdsl_ts.tv_sec * 1000000000ull + gdsl_ts.tv_nsec; })")
     trace_clock_name, trace_ns_per_tick = "CLOCK_MONOTONIC", 1.0

@@ -72,7 +72,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl.backends.cfamily import data_movement, gemm, prefetch, reductions, repeats  # noqa: F401 - some register rules
+from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - the first three register rules
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
@@ -152,14 +152,6 @@ MERGE_KERNELS = True
 CALL_IN_LARGE_KERNELS = True
 LARGE_KERNEL_BUDGET = 32 * 1024
 LARGE_KERNEL_INLINED = 8 * 1024
-# In each top-level loop of a device-control kernel, every vEU issues at the top of a step (after the step's
-# leading uniform statements, before its first wait) the dialect's L1 prefetch of the elements its uTasks will
-# read that step of buffers no statement of the loop writes (hoisted input projections, embedding rows, biases):
-# their loads then hit L1 after the step's waits instead of making an L2 round trip on the critical path. Not
-# across a grid barrier (it invalidates L1): an op after one is prefetched after it when waves lie between
-# (cfamily/prefetch.py; at most prefetch.MAX_LINES lines per vEU per step; dialects without a prefetch, HIP: none).
-# Off: NASRNN bs1, the one zoo row it changes, went 2.628 / 2.631 -> 2.775 / 2.791 ms on the H200 (session 12).
-PREFETCH_STEP_READS = False
 # The machine code of an unrolled GEMM/GEMV tile per byte of its uTask function's source, against an
 # elementwise loop's: NVRTC's PTX lines per source byte on SkipNet were 0.9-3.0 for the tiled functions,
 # 0.2-0.55 for the others.
@@ -416,9 +408,6 @@ class Renderer:
                     (k, it if wraps else f"{it} + 1u") for k, wraps in ins.items())
         self.pointer_types = self._pointer_types()
         self.uniform_types, self.uniform_users = self._uniform_names()
-        # top-level loops of device-control kernels whose steps start with prefetches (PREFETCH_STEP_READS)
-        self.prefetched = {s for k in plan.kernels for s in k.body if isinstance(s, Loop)} \
-            if PREFETCH_STEP_READS and self.device_control and dialect.prefetch_template else set()
 
     def _pointer_types(self) -> dict:
         """C name -> C type of every buffer pointer a kernel declares once and never assigns again (not the
@@ -565,11 +554,8 @@ class Renderer:
             last_grid = i
         return out
 
-    def block(self, stmts, ind: int, quiet: bool = False, prefetches=None) -> list[str]:
-        """The C lines of `stmts`; `prefetches` (a loop body's step prefetches: statement index -> C lines)
-        before the statements they name, as part of their text."""
+    def block(self, stmts, ind: int, quiet: bool = False) -> list[str]:
         pad = "  " * ind
-        prefetches = prefetches or {}
         lines: list[str] = []
         # The pieces a repeated sequence is made of (render.ROLL_REPEATS): each statement, but each uniform op
         # of a Uniforms alone (the scheduler puts the end of one repetition and the start of the next in one),
@@ -581,7 +567,6 @@ class Renderer:
                 pieces.append(piece)
                 starts.append(len(lines) if piece is stmt else None)
                 calls.append(len(self.call_log))
-            lines += [pad + line for line in prefetches.get(index, ())]
             if isinstance(stmt, Wave):
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Fork):
@@ -614,8 +599,7 @@ class Renderer:
                 lines += self.block(stmt.cond, ind + 1, entry)
                 lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
                 lines += self.trace_lines(pad + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
-                step_prefetch = prefetch.StepPrefetch(self).lines(stmt) if stmt in self.prefetched else None
-                lines += self.block(stmt.body, ind + 1, after_cond, step_prefetch)
+                lines += self.block(stmt.body, ind + 1, after_cond)
                 if stmt in self.flag_loops:     # (flag syncs: the iteration their tags count)
                     lines.append(f"{pad}  gdsl_it{self.flag_loops[stmt][0]} += 1u;")
                 lines += self.trace_lines(pad + "  ", trace_end, self.trace and self.trace.iteration(stmt))

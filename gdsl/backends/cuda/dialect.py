@@ -33,7 +33,6 @@ class CUDADialect(Dialect):
     kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block}, {veus_per_sm})'
     ldg_template = "__ldg({ptr})"
     ldg_types = frozenset({"float", "int", "long long", "gdsl_f16", "gdsl_bf16"})
-    prefetch_template = 'asm volatile("prefetch.global.L1 [%0];" :: "l"({ptr}));'
     # An H100's or H200's 228 KB per SM, less each resident block's scratch (<= 17 KB) and reserve (1 KB) at
     # two vEUs per SM; lowering clamps it to the GPU's own shared memory when one is here.
     resident_smem_per_sm = 192 * 1024
