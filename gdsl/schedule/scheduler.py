@@ -1282,7 +1282,9 @@ class Scheduler:
                                            op.params, self.block, self.thin_gemv)
             index = next((i for i, (_, split, _) in enumerate(offered)
                           if all(op.params.get(key) == value for key, value in split.items())), None)
-            if index is None:       # (a split with no alternatives: at least a round trip per uTask, as theirs)
+            if index is None or utasks.gathers_batch(op.params):
+                # (a split with no alternatives, or a gathered batch, which split_options does not offer: at
+                # least a round trip per uTask, as theirs)
                 offered, index = [(op.n_utasks, {}, max(op.cost, utasks.ROUND_TRIP_NS))], 0
             elif op.n_utasks == 1:  # one vEU's work stays one vEU's: the barriers around it may be block syncs
                 offered, index = [offered[index]], 0

@@ -99,6 +99,9 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
     outputs_read = len(in_avals) - plan.contraction_operands(params)    # an epilogue's, read at the tile's elements
+    if m <= GEMV_ROWS and TINY_GEMV_GATHER and tiny_gathered_gemv(kind, in_avals, out_aval, outputs_read):
+        return 1, {"tile_m": rows, "tile_n": n, GATHER_BATCH: True}, \
+            _gemv_tile_cost(rows, batch * n, k, outputs_read)
     if m <= GEMV_ROWS:
         # GEMV-shaped: largest tile that still gives every vEU work, else the smallest one (its uTasks are
         # a few dependent memory round trips long: more of them at once is faster). Thin tiles (`thin`)
@@ -343,6 +346,22 @@ def can_gather_batch(kind, in_avals, out_aval) -> bool:
     if kind != matmul_p.name or len(out_aval.shape) < 3:
         return False
     return math.prod(out_aval.shape[:-2]) > 1 and math.prod(in_avals[0].shape[:-2]) == 1
+
+
+# A batched GEMV whose A is broadcast over the batch and whose whole work one vEU does in about one memory round
+# trip runs as ONE uTask covering every batch element (GATHER_BATCH) instead of one uTask per batch element on
+# vEUs of their own: a chain of such tiny ops (SkipNet's gate: 1 x 10 @ [4, 10, 10], the LSTM cell's four gates,
+# between ops on one vEU) then stays on one vEU, and the grid barriers around it become block syncs.
+TINY_GEMV_GATHER = True
+
+
+def tiny_gathered_gemv(kind, in_avals, out_aval, outputs_read: int = 0) -> bool:
+    """Is this a batched GEMV (A broadcast over the batch, can_gather_batch) that one uTask computes for every
+    batch element within two memory round trips (_gemv_tile_cost)?"""
+    if not can_gather_batch(kind, in_avals, out_aval):
+        return False
+    batch, m, n, k = gemm_dims(kind, in_avals, out_aval, {})
+    return _gemv_tile_cost(max(m, 1), batch * n, k, outputs_read) <= 2 * ROUND_TRIP_NS
 
 
 def tiles_per_batch(params, batch: int) -> int:
