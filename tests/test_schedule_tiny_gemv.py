@@ -2,7 +2,7 @@
 operand is broadcast over the batch and whose whole work one vEU does in about one memory round trip (SkipNet's
 gate: 1 x 10 @ [4, 10, 10]) runs as one uTask covering every batch element (GATHER_BATCH) instead of one uTask
 per batch element on vEUs of their own, so that a chain of tiny ops on one vEU keeps block syncs between them
-(SkipNet: 64 grid barriers of 269 fewer).
+(SkipNet: 64 grid barriers of 269 fewer). Outside loop bodies only (inside them owner.py's layouts place chains).
 
 Checked: the split (tiny and not tiny), a chain's syncs, the plan simulator and the C emulator against the
 interpreter, the cpu backend, NVRTC."""
@@ -25,8 +25,9 @@ class _Aval:
         self.shape, self.dtype, self.size = shape, F32, int(np.prod(shape))
 
 
-def split(a_shape, b_shape, out_shape, grid=132):
-    return utasks.split(matmul_p.name, [_Aval(a_shape), _Aval(b_shape)], [_Aval(out_shape)], {}, grid, 256)
+def split(a_shape, b_shape, out_shape, grid=132, gather_tiny=True):
+    return utasks.split(matmul_p.name, [_Aval(a_shape), _Aval(b_shape)], [_Aval(out_shape)], {}, grid, 256,
+                        gather_tiny=gather_tiny)
 
 
 def test_a_tiny_broadcast_gemv_is_one_gathered_utask():
@@ -38,6 +39,8 @@ def test_larger_or_unbroadcast_gemvs_keep_a_utask_per_batch_element():
     count, params, _ = split((1, 256), (4, 256, 256), (4, 1, 256))       # (the LSTM's four gates: not tiny)
     assert count > 1 and utasks.GATHER_BATCH not in params
     count, params, _ = split((4, 1, 10), (4, 10, 10), (4, 1, 10))        # (A batched: nothing to gather)
+    assert (count, utasks.GATHER_BATCH in params) == (4, False)
+    count, params, _ = split((1, 10), (4, 10, 10), (4, 1, 10), gather_tiny=False)    # (in a loop body)
     assert (count, utasks.GATHER_BATCH in params) == (4, False)
 
 

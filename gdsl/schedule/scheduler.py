@@ -1139,13 +1139,13 @@ class Scheduler:
     def _natural_split(self, it) -> tuple[int, float]:
         kind, ins = self._kind_and_inputs(it)
         count, _, cost = utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
-                                      self.grid, self.block, self.thin_gemv)
+                                      self.grid, self.block, self.thin_gemv, self._gather_tiny)
         return count, cost
 
     def _n_utasks(self, it) -> int:
         kind, ins = self._kind_and_inputs(it)
         return utasks.split(kind, [a.aval for a in ins], self._out_avals(it), self._params(it),
-                            self.grid, self.block, self.thin_gemv)[0]
+                            self.grid, self.block, self.thin_gemv, self._gather_tiny)[0]
 
     @staticmethod
     def _params(it) -> dict:
@@ -1242,7 +1242,14 @@ class Scheduler:
         """The split of an op; `grid`: the vEUs it may count on when fewer than the whole grid."""
         if self.parts:
             return utasks.partition_split(kind, in_avals, out_avals, params, self.parts)
-        return utasks.split(kind, in_avals, out_avals, params, grid or self.grid, self.block, self.thin_gemv)
+        return utasks.split(kind, in_avals, out_avals, params, grid or self.grid, self.block, self.thin_gemv,
+                            self._gather_tiny)
+
+    @property
+    def _gather_tiny(self) -> bool:
+        """May a tiny batched GEMV be one gathered uTask here (utasks.tiny_gathered_gemv): outside loop bodies,
+        where no owner layout places chains of small ops."""
+        return not self.loop_depth
 
     def _make_uniform(self, it: _Item) -> UniformOp:
         eqn = it.eqn

@@ -94,12 +94,13 @@ def gemm_dims(kind, in_avals, out_aval, params):
     return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
 
 
-def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False):
+def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False, gather_tiny=False):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
     outputs_read = len(in_avals) - plan.contraction_operands(params)    # an epilogue's, read at the tile's elements
-    if m <= GEMV_ROWS and TINY_GEMV_GATHER and tiny_gathered_gemv(kind, in_avals, out_aval, outputs_read):
+    tiny = gather_tiny and TINY_GEMV_GATHER and tiny_gathered_gemv(kind, in_avals, out_aval, outputs_read)
+    if m <= GEMV_ROWS and tiny:
         return 1, {"tile_m": rows, "tile_n": n, GATHER_BATCH: True}, \
             _gemv_tile_cost(rows, batch * n, k, outputs_read)
     if m <= GEMV_ROWS:
@@ -282,13 +283,14 @@ def row_split(in_avals, out_avals, params, block, parts=0):
     return count, {"rows": rows}, _cost(4 * rows * per_row)
 
 
-def split(kind, in_avals, out_avals, params, grid, block, thin=False):
-    """(n_utasks, split params, cost of one uTask in ns) for an Op (`thin`: GEMVs may take thin tiles)."""
+def split(kind, in_avals, out_avals, params, grid, block, thin=False, gather_tiny=False):
+    """(n_utasks, split params, cost of one uTask in ns) for an Op (`thin`: GEMVs may take thin tiles;
+    `gather_tiny`: a tiny batched GEMV may be one gathered uTask, tiny_gathered_gemv)."""
     out = out_avals[0]
     if kind == plan.ROWS.name:
         return row_split(in_avals, out_avals, params, block)
     if kind in GEMM_KINDS:
-        return _gemm_split(kind, in_avals, out, params, grid, block, thin)
+        return _gemm_split(kind, in_avals, out, params, grid, block, thin, gather_tiny)
     if kind in REDUCE_KINDS:
         x = in_avals[0]
         length = max(1, x.size // max(out.size, 1))
@@ -350,8 +352,9 @@ def can_gather_batch(kind, in_avals, out_aval) -> bool:
 
 # A batched GEMV whose A is broadcast over the batch and whose whole work one vEU does in about one memory round
 # trip runs as ONE uTask covering every batch element (GATHER_BATCH) instead of one uTask per batch element on
-# vEUs of their own: a chain of such tiny ops (SkipNet's gate: 1 x 10 @ [4, 10, 10], the LSTM cell's four gates,
-# between ops on one vEU) then stays on one vEU, and the grid barriers around it become block syncs.
+# vEUs of their own: a chain of such tiny ops (SkipNet's gate: 1 x 10 @ [4, 10, 10] between ops on one vEU) then
+# stays on one vEU, and the grid barriers around it become block syncs. The scheduler asks for it (split's
+# `gather_tiny`) outside loop bodies only: inside them the owner layouts (owner.py) place such chains.
 TINY_GEMV_GATHER = True
 
 
