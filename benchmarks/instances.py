@@ -5,7 +5,11 @@ compiled code two speeds in two instances? BlockDrop bs1 in session 6 (then `blo
 Attention bs1 in session 12 (0.119 ms in one instance, 0.149 in another of the same process and source).
 Device control, cuda:
 
-    python benchmarks/instances.py [--model attention] [--batch 1] [--instances 8] [--rounds 3] [--runs 20]
+    python benchmarks/instances.py [--model attention] [--batch 1] [--instances 8] [--rounds 3] [--runs 20] [--place]
+
+The cause (session 13, benchmarks/workspace_offsets.py): the workspace's place in the L2. The instances are made
+with the jit option place_workspace=False (the workspace where CuPy put it); --place leaves it on, so each
+instance's first call moves its workspace to the fastest of its places.
 """
 import argparse
 
@@ -45,6 +49,7 @@ def main():
     ap.add_argument("--instances", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--place", action="store_true", help="jit option place_workspace on (default: off)")
     args = ap.parse_args()
     model = load(args.model)
     prob = common.build_problem(model, args.batch)
@@ -52,7 +57,7 @@ def main():
     x = tree_map(cp.asarray, prob.batches[0])
     instances = []
     for _ in range(args.instances):
-        f = model.make_forward(prob.cfg, backend="cuda")
+        f = model.make_forward(prob.cfg, backend="cuda", place_workspace=args.place)
         f(w, x)
         instances.append(f)
     cp.cuda.Device().synchronize()

@@ -1,7 +1,8 @@
 """Is a jit instance's speed set by where its workspace lies? One model's forward in several jit instances of one
 process whose workspaces are placed by hand at chosen byte offsets of one large pool (the same low address bits
 in two 2 MiB pages, in a shuffled order of creation), timed with CUDA events in rounds that visit every instance
-in turn. If the time follows the offset (the same in both pages, whatever the order of creation), the
+in turn (the jit option place_workspace off: each workspace stays at the first place of its allocation). If the
+time follows the offset (the same in both pages, whatever the order of creation), the
 workspace's place in the L2 decides it; if it follows the order of creation or nothing, it does not.
 Device control, cuda:
 
@@ -46,13 +47,13 @@ def main():
     for k in order:
         start = base + offsets[k]
 
-        def placed(self, nbytes, start=start):      # the workspace at its chosen offset, zeroed
+        def placed(self, nbytes, start=start):      # the workspace's allocation at its chosen offset, zeroed
             view = pool[start:start + max(nbytes, 16)]
             view.fill(0)
             return view
         CupyDevice.zeros = placed
         try:
-            f = model.make_forward(prob.cfg, backend="cuda")
+            f = model.make_forward(prob.cfg, backend="cuda", place_workspace=False)
             f(w, x)
         finally:
             CupyDevice.zeros = zeros

@@ -40,12 +40,24 @@ class Lowering:
         return self.rendered.source
 
 
+# The places the workspace may take in its allocation (Executable.move_workspace): WORKSPACE_PLACES offsets
+# WORKSPACE_STEP bytes apart. Where the workspace lies in the GPU's L2 (its physical address, at a granularity of
+# 256 bytes) sets how fast the same kernel runs: Attention bs1 on the H200 took 0.114, 0.122 or 0.140 ms with
+# its workspace at offsets 256 bytes apart of one pool, the same offset in another 2 MiB page another of the
+# three (session 13, benchmarks/workspace_offsets.py). gdsl.autotune.place_workspace times them on the first
+# call and keeps the fastest.
+WORKSPACE_PLACES = 8
+WORKSPACE_STEP = 256
+
+
 class Executable:
     def __init__(self, plan, rendered: Rendered, device):
         self.plan, self.rendered, self.device = plan, rendered, device
         self.fns = {f.name: f for f in plan.functions}
         device.load(rendered)
-        self.ws = device.zeros(rendered.layout.size)
+        self._ws_pool = device.zeros(rendered.layout.size + (WORKSPACE_PLACES - 1) * WORKSPACE_STEP)
+        self.ws_offset = 0
+        self.ws = self._ws_pool[:max(rendered.layout.size, 16)]
         nconsts = len(plan.consts)
         self.consts = {v.buffer: device.to_device(c, v.aval) for v, c in zip(plan.inputs[:nconsts], plan.consts)}
         self.args = plan.inputs[nconsts:]
@@ -71,6 +83,15 @@ class Executable:
         else:
             self.run_host(plan.host, arrays, depths)
         return outs
+
+    def move_workspace(self, place: int) -> None:
+        """Put the workspace at place `place` (0 .. WORKSPACE_PLACES - 1) of its allocation, zeroed (as a new
+        one starts). Between calls only: a runner from fast_path() keeps the workspace it was made with."""
+        if not 0 <= place < WORKSPACE_PLACES:
+            raise ValueError(f"workspace place must be in [0, {WORKSPACE_PLACES}), got {place}")
+        self.ws_offset = place * WORKSPACE_STEP
+        self.ws = self._ws_pool[self.ws_offset:self.ws_offset + max(self.rendered.layout.size, 16)]
+        self.ws.fill(0)
 
     def _check_depth(self, flag: int) -> None:
         """Raise the RecursionDepthError that the kernel's error word `flag` reports (0: none)."""

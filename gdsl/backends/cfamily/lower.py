@@ -17,7 +17,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
-                           "smem_temps"})
+                           "smem_temps", "place_workspace"})
 DEFAULT_BLOCK = 256
 
 

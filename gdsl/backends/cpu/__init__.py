@@ -80,7 +80,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
                            "resident_partitioned", "index_ranges", "concat_k", "thin_gemv",
-                           "row_views", "siblings", "flags", "double_temps", "smem_temps"})
+                           "row_views", "siblings", "flags", "double_temps", "smem_temps", "place_workspace"})
 DEFAULT_BLOCK = 1024
 
 
