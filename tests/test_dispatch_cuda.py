@@ -128,8 +128,9 @@ def gpu(monkeypatch):
 
 
 def jit_on(cupy, fn, *args, **options):
-    """gdsl.jit(fn, backend="cuda") with the stand-in driver told each kernel's parameter count."""
-    f = gdsl.jit(fn, backend="cuda", **options)
+    """gdsl.jit(fn, backend="cuda") with the stand-in driver told each kernel's parameter count. Workspace
+    placement is off unless asked for: its timed calls on the first call would join the launches counted."""
+    f = gdsl.jit(fn, backend="cuda", **{"place_workspace": False, **options})
     lowered = f.lower(*args)
     for spec in lowered.lowering.rendered.kernels:
         kernel = cupy.cuda.function.Module().get_function(spec.name)
@@ -171,6 +172,28 @@ def test_fast_path_passes_input_output_and_workspace_pointers(gpu, monkeypatch):
         assert launch.cooperative == ex.cooperative[0] and launch.stream == 0
     assert isinstance(second, DeviceArray) and second.shape == (4,) and second.dtype == np.float32
     assert f.trace_count == 1
+
+
+def test_the_fast_path_launches_with_the_placed_workspace(gpu, monkeypatch):
+    """With place_workspace on, the first call times the kernel at each workspace place (here a scripted clock
+    on which place 2 is fastest); the fast path then launches with the workspace where it was left
+    (Executable.ws, at its ws_offset in its allocation)."""
+    from gdsl import autotune
+    monkeypatch.setattr(DeviceArray, "__cuda_array_interface__", {}, raising=False)   # (results on the GPU)
+    monkeypatch.setattr(autotune, "timer", lambda run, flat, outs: lambda: 1.0 - 0.5 * (ex_ws_offset() == 2 * executor.WORKSPACE_STEP))
+    x, y = as_device(np.arange(4, dtype=np.float32)), as_device(np.ones(4, np.float32))
+    f, _ = jit_on(gpu, lambda a, b: a * b + 1, x, y, place_workspace=True)
+
+    def ex_ws_offset():
+        return executable_of(f).ws_offset
+    f(x, y)
+    assert executable_of(f).ws_offset == 2 * executor.WORKSPACE_STEP
+    forbid_general_path(monkeypatch, f)
+    out = f(x, y)
+    ex = executable_of(f)
+    buffers = {"in0": x.data.ptr, "in1": y.data.ptr, "out0": out.data.ptr}
+    assert gpu.driver.launches[-1].values == expected_values(ex, buffers)
+    assert ex.ws.data.ptr == ex._ws_pool.data.ptr + ex.ws_offset
 
 
 def test_constants_are_fixed_and_arguments_follow_the_pytree(gpu, monkeypatch):
