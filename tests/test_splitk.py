@@ -3,6 +3,9 @@ ranges of k and a fused sum op. The cost rule picks it where it should and only 
 (matmul and conv2d, with epilogues) the plan simulator, the CPU emulator of the generated C and the CPU backend
 compute what the interpreter computes; the sum's order is fixed; NVRTC compiles the split tiles; the shares say
 what each uTask touches; the zoo models split so still match their references."""
+import os
+import pathlib
+
 import numpy as np
 import pytest
 from strategies import (
@@ -28,6 +31,7 @@ from gdsl.schedule.plan import FUSED, K_SPLITS, RESULT, Expr, Sync, Wave, k_chun
 from gdsl.schedule.shares import read_share, write_share
 
 rng = np.random.default_rng(0)
+GOLDEN = pathlib.Path(__file__).parent / "golden"
 CHAIN = EmulatorDialect().lowering_chain           # the C-family rules: epilogues fold into the GEMMs
 F32 = np.dtype(np.float32)
 
@@ -259,3 +263,33 @@ def test_zoo_skipnet_splits_its_deep_convs():
     assert not _split_ops(zoo_lowered("skipnet", 1, split_k=False).lowering.plan)
     assert k_chunk(2304, deep[0].params[K_SPLITS]) % 32 == 0
     assert all(any(isinstance(s, Wave) for s in walk(k.body)) for k in plan.kernels)
+
+
+def window_rows(cache, h, W):
+    """Row t of a carried cache written with h @ W in place: the matmul stores into the update's window."""
+    def step(t, carry):
+        cache, h = carry
+        return cache.at[t].set(h @ W), gnp.tanh(h * 0.5)
+    return gdsl.fori_loop(0, cache.shape[0], step, (cache, h))
+
+
+def test_gemm_storing_into_a_window_is_not_split(force_splits):
+    """The sum op, a fused op, has no rule to store into a window (plan.StoreWindow): such a GEMM stays whole."""
+    force_splits(4)
+    args = (_f32(3, 16, 20), _f32(16, 128), _f32(128, 20))
+    program = gdsl.make_ir(window_rows)(*args)
+    plan = schedule(program, grid=3, epilogues=CHAIN, views=CHAIN, window_stores=CHAIN)
+    assert plan.stats["window_stores"] == 1 and not _split_ops(plan)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
+    assert _split_ops(schedule(program, grid=3, epilogues=CHAIN, views=CHAIN))      # (no window store: split)
+
+
+def test_split_plan_golden(force_splits):
+    """What the plan of a split conv with an epilogue prints (tests/golden/plan_splitk_conv.txt)."""
+    force_splits(4)
+    fn, make_args = PROGRAMS["conv_bn_residual_relu"]
+    text = str(schedule(gdsl.make_ir(fn)(*make_args()), grid=8, epilogues=CHAIN, views=CHAIN)) + "\n"
+    path = GOLDEN / "plan_splitk_conv.txt"
+    if os.environ.get("GDSL_UPDATE_GOLDEN") or not path.exists():
+        path.write_text(text)
+    assert text == path.read_text()
