@@ -24,9 +24,10 @@ import dataclasses
 import numpy as np
 
 from gdsl.core.ir import ShapedArray
+from gdsl.primitives.elementwise import add_p
+from gdsl.primitives.linalg import matmul_p
+from gdsl.primitives.registry import REGISTRY
 from gdsl.schedule.plan import RESULT, Expr, Value, fold_expr, k_range
-
-SUM_PRIMITIVE = "add"
 
 
 def partial_aval(out_aval, splits: int) -> ShapedArray:
@@ -45,7 +46,7 @@ def slice_sum(splits: int, aval) -> Expr:
     """P[0] + P[1] + ... + P[S-1] (inputs 0 .. S-1 of the sum op), added left to right."""
     total = Expr("input", (), {"index": 0}, aval)
     for s in range(1, splits):
-        total = Expr(SUM_PRIMITIVE, (total, Expr("input", (), {"index": s}, aval)), {}, aval)
+        total = Expr(add_p.name, (total, Expr("input", (), {"index": s}, aval)), {}, aval)
     return total
 
 
@@ -78,14 +79,13 @@ def shifted_levels(levels, split_levels) -> dict:
 def partial_products(kind: str, operands, params: dict, splits: int) -> np.ndarray:
     """P of a split GEMM computed with the primitive itself (the plan simulator's reference): P[s] is the product
     with B's (the weights') depths outside slice s's range zeroed, stacked."""
-    from gdsl.primitives.registry import REGISTRY
     a, b = operands[:2]
     b = np.asarray(b)
-    depth = b.shape[-2] if kind == "matmul" else int(np.prod(b.shape[1:]))
+    depth = b.shape[-2] if kind == matmul_p.name else int(np.prod(b.shape[1:]))
     out = []
     for s in range(splits):
         lo, hi = k_range(depth, splits, s)
-        if kind == "matmul":
+        if kind == matmul_p.name:
             masked = b.copy()
             masked[..., :lo, :] = 0
             masked[..., hi:, :] = 0
