@@ -215,6 +215,19 @@ def test_emulator_matches_and_sums_in_a_fixed_order(name, force_splits):
     assert all(np.array_equal(run.view(np.uint32), runs[0].view(np.uint32)) for run in runs[1:])
 
 
+@needs_cxx
+@pytest.mark.parametrize("name", ["conv_bn_residual_relu", "dense_relu_residual"])
+def test_hip_emulated_matches(name, force_splits):
+    """The HIP dialect's C of the split tiles (its own warp size and tile choices) on the emulator."""
+    from gdsl.backends.hip.emulated import EmulatedHIPDialect
+    force_splits(4)
+    fn, make_args = PROGRAMS[name]
+    args = make_args()
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
+    got = emulate(fn, *args, grid=3, block=64, dialect=EmulatedHIPDialect())
+    assert_trees_close([np.asarray(got)], expected, tolerance=BACKEND_TOLERANCE)
+
+
 @pytest.mark.parametrize("name", sorted(PROGRAMS))
 def test_cpu_backend_matches(name, force_splits):
     force_splits(4)
