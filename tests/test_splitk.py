@@ -27,7 +27,7 @@ from gdsl.backends.cfamily.emulator import EmulatorDialect, emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.core.ir import ShapedArray
 from gdsl.schedule import schedule, splitk, utasks
-from gdsl.schedule.plan import FUSED, K_SPLITS, RESULT, Expr, Sync, Wave, k_chunk, k_range, walk
+from gdsl.schedule.plan import FUSED, K_SPLITS, RESULT, Expr, Loop, Sync, Wave, k_chunk, k_range, walk
 from gdsl.schedule.shares import read_share, write_share
 
 rng = np.random.default_rng(0)
@@ -306,3 +306,20 @@ def test_split_plan_golden(force_splits):
     if os.environ.get("GDSL_UPDATE_GOLDEN") or not path.exists():
         path.write_text(text)
     assert text == path.read_text()
+
+
+@needs_cxx
+def test_split_in_a_loop_body(force_splits):
+    """A recurrent step's h @ U (16 rows) split inside the loop: its P and its sum are rewritten every step;
+    the simulator (race checks, every placement) and the emulator (with flag syncs asked for) agree."""
+    from test_schedule import check_plan, lstm
+    force_splits(2)
+    args = (_f32(3, 16, 128) * 0.3, _f32(128, 256) * 0.3, _f32(64, 256) * 0.3, _f32(256) * 0.3)
+    plan = check_plan(lstm, *args, epilogues=CHAIN, views=CHAIN)
+    loop_ops = [t.op for s in walk(plan.kernels[0].body) if isinstance(s, Loop) for w in walk(s.body)
+                if isinstance(w, Wave) for t in w.tasks]
+    assert any(K_SPLITS in op.params for op in loop_ops)
+    expected = interpreted(gdsl.make_ir(lstm)(*args), args)
+    for options in ({}, {"owner": False, "flags": True}):
+        got = emulate(lstm, *args, grid=4, block=64, **options)
+        assert_trees_close([np.asarray(got)], expected, tolerance=BACKEND_TOLERANCE)
