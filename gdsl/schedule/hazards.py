@@ -249,10 +249,11 @@ def _gemm_utask(op):
         first = np.arange(batch) * (0 if utasks.gathers_batch(op.params) else tiles_m)
         row_tile = first[:, None, None] + (np.arange(m) // tm)[None, :, None]
         col_tile = (np.arange(n) // tn)[None, None, :]
-    else:                                 # conv2d (image, channel, y*x): GEMM row (image, y, x), column = channel
-        images, channels, ho, wo = out.shape
-        row_tile = (np.arange(images * ho * wo) // tm).reshape(images, 1, ho * wo)
-        col_tile = (np.arange(channels) // tn)[None, :, None]
+    else:       # conv2d (slice, image, channel, y*x): GEMM row (image, y, x), column = channel; split-K's slices
+        *_, images, channels, ho, wo = out.shape    # (plan.K_SPLITS) are batch elements in front (utasks.gemm_dims)
+        first = np.arange(batch) * tiles_m
+        row_tile = first[:, None, None, None] + (np.arange(images * ho * wo) // tm).reshape(1, images, 1, ho * wo)
+        col_tile = (np.arange(channels) // tn)[None, None, :, None]
     return (row_tile * tiles_n + col_tile).reshape(-1)
 
 

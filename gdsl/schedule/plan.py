@@ -216,6 +216,26 @@ ROW_INDEX = "row_index"
 # part i (sibling_parts: each part as the plain matmul Op it was). Its uTask t is one whole tile of batch
 # element t (tile_m >= M, tile_n = the sum), no epilogue.
 N_PARTS = "n_parts"
+# The split param of a matmul / conv2d Op computing a GEMM as S = k_splits partial products over ranges of its
+# depth (split-K, gdsl/schedule/splitk.py): its one output is a temp P of shape (S, *out_shape) (float32), P[s]
+# the product over k in [s*KC, min((s+1)*KC, K)), KC = k_chunk_of(K, S) (a multiple of the GEMM stage's 32);
+# uTask t computes tile t % tiles of slice s = t // tiles (its operands read at that k range only). No epilogue,
+# no window store: a "fused" Op of the next wave sums P[0] + ... + P[S-1] in that order into the output.
+K_SPLITS = "k_splits"
+K_SPLIT_ALIGN = 32               # KC is a multiple of this: one GEMM stage's depth (cfamily gemm.GEMM_BK)
+
+
+def k_chunk(k: int, splits: int) -> int:
+    """KC, the depth of each of `splits` ranges of a GEMM of depth k (split-K, K_SPLITS): ceil(k / splits)
+    rounded up to whole stages (K_SPLIT_ALIGN); the last range takes what is left."""
+    per_split = -(-k // splits)
+    return -(-per_split // K_SPLIT_ALIGN) * K_SPLIT_ALIGN
+
+
+def k_range(k: int, splits: int, s: int) -> tuple[int, int]:
+    """[first, end) of the depth of slice s of a GEMM of depth k split `splits` ways (K_SPLITS)."""
+    kc = k_chunk(k, splits)
+    return min(s * kc, k), min((s + 1) * kc, k)
 
 
 @dataclass(frozen=True, eq=False)

@@ -12,6 +12,7 @@ from gdsl.schedule.flags import published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
     K_PARTS,
+    K_SPLITS,
     N_PARTS,
     ROW_BLOCK,
     ROW_INDEX,
@@ -29,15 +30,22 @@ from gdsl.schedule.plan import (
     a_parts,
     contraction_operands,
     epilogue_of,
+    k_chunk,
 )
 from gdsl.schedule.resident import RESIDENT
-from gdsl.schedule.utasks import K_CHUNK, gathers_batch
+from gdsl.schedule.utasks import K_CHUNK, gathers_batch, gemm_dims
 
 
 def _veus(task) -> str:
     if task.count == 1:
         return f"vEU {task.first}"
     return f"vEU {task.first}-{task.first + task.count - 1}"
+
+
+def _k_chunk(op) -> int:
+    """The depth KC of each range of a GEMM split over its depth (plan.K_SPLITS)."""
+    k = gemm_dims(op.kind, [v.aval for v in op.inputs], op.outputs[0].aval, op.params)[3]
+    return k_chunk(k, op.params[K_SPLITS])
 
 
 def describe_op(op) -> str:
@@ -100,6 +108,8 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += f", each {t.op.params[ROW_BLOCK]} rows by {t.op.params['chunk']} columns"
                 if K_CHUNK in t.op.params:          # (the option thin_gemv: utasks.thin_gemv_params)
                     extra += f", {t.op.params['tile_n']} columns each, k staged at once"
+                if K_SPLITS in t.op.params:         # (split-K: splitk.py)
+                    extra += f", k in {t.op.params[K_SPLITS]} ranges of {_k_chunk(t.op)}"
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")

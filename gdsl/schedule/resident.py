@@ -27,7 +27,7 @@ import math
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import Assign, Branch, Buffer, Call, Fork, Loop, Task, Wave, plan_statements, walk
+from gdsl.schedule.plan import K_SPLITS, Assign, Branch, Buffer, Call, Fork, Loop, Task, Wave, plan_statements, walk
 
 RESIDENT = "resident"
 # GEMM-shaped matmuls (batch 64's tiles of many rows) keep their B tiles resident too, where they fit: the
@@ -49,8 +49,8 @@ def tile_bytes(op) -> int:
 
 def _eligible(op) -> bool:
     """A GEMV-shaped matmul (the split's tile covers its few rows), or with GEMM_TILES any tiled matmul, not
-    made resident yet."""
-    if op.kind != matmul_p.name or RESIDENT in op.params or "tile_m" not in op.params:
+    made resident yet, nor split over its depth (plan.K_SPLITS: its uTasks read ranges of B's rows)."""
+    if op.kind != matmul_p.name or RESIDENT in op.params or K_SPLITS in op.params or "tile_m" not in op.params:
         return False
     m = op.inputs[0].aval.shape[-2]
     return GEMM_TILES or (m <= utasks.GEMV_ROWS and op.params["tile_m"] == m)

@@ -44,7 +44,7 @@ from gdsl.primitives.structural import (
     take_p,
     transpose_p,
 )
-from gdsl.schedule import balance, licm, partition, utasks
+from gdsl.schedule import balance, licm, partition, splitk, utasks
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
@@ -56,6 +56,7 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     K_PARTS,
+    K_SPLITS,
     RESULT,
     ROW_BLOCK,
     ROW_INDEX,
@@ -193,7 +194,7 @@ class Scheduler:
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
                  resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=(), siblings=(),
-                 row_blocks=()):
+                 row_blocks=(), split_k=True):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -227,6 +228,9 @@ class Scheduler:
         # GEMVs may take tiles of fewer than 16 columns, each staging its whole k at once where that fits
         # (utasks.THIN_GEMV_COLUMNS, thin_gemv_params).
         self.thin_gemv = bool(thin_gemv)
+        # GEMMs with too few output tiles for the grid and a deep k may run as partial products over ranges of
+        # k and a sum (splitk.py), where utasks.k_splits estimates that faster.
+        self.split_k = bool(split_k)
         # The lowering chain of the backend (its names, gdsl/primitives/registry.py) whose "epilogue" rules say
         # which contractions may take an elementwise epilogue; empty: none do.
         self.epilogues = tuple(epilogues)
@@ -1036,21 +1040,33 @@ class Scheduler:
     def _emit(self, items):
         if not items:            # a segment of reshapes only: aliases, no work
             return []
+        layouts = self._column_layouts(items)
+        splits = self._k_splits(items, layouts)
+        self._make_room_for_sums(items, splits)
         by_level: dict = {}
         for it in items:
             by_level.setdefault((it.level, it.uniform), []).append(it)
-        top = max(it.level for it in items)
+        top = max([it.level for it in items] + [it.level + 1 for it in splits])
+        read_until = _read_until(items)
         waves: dict = {}
         placed: dict = {}        # Op -> its Task, for the ops of this segment placed so far
-        layouts = self._column_layouts(items)
+        sums: dict = {}          # wave level -> [(sum op, its GEMM's item)] (split-K)
+        wave_reads: dict = {}    # wave level -> the last wave level after which its ops' results are read
         for level in range(0, top + 1):
             globals_ = by_level.get((level, False), [])
             if globals_:
                 grids = self._wave_grids([it for it in globals_ if it not in layouts])
-                ops = [self._make_op(it, grids.get(it), layouts.get(it)) for it in globals_]
+                ops = [self._make_op(it, grids.get(it), layouts.get(it), splits.get(it, 1)) for it in globals_]
                 waves[level] = Wave(tuple(self._place(ops, placed, [layouts.get(it) for it in globals_])))
                 placed.update((task.op, task) for task in waves[level].tasks)
-        read_until = _read_until(items)
+                for it, op in zip(globals_, ops):
+                    if it in splits:         # (the sum reads the partial products in the next wave)
+                        sums.setdefault(level + 1, []).append((self._sum_op(it, op), it))
+                wave_reads[level] = [level + 1 if it in splits else read_until.get(it, -2) for it in globals_]
+            elif level in sums:          # (a level of its own: _make_room_for_sums)
+                waves[level] = Wave(tuple(self._place([op for op, _ in sums[level]], placed)))
+                placed.update((task.op, task) for task in waves[level].tasks)
+                wave_reads[level] = [read_until.get(it, -2) for _, it in sums[level]]
         uniform_reads = {level: [self.read(a) for it in by_level.get((level, True), []) for a in it.eqn.inputs]
                          for level in range(-1, top + 1)}
         self.hazards.start(waves.values())
@@ -1062,8 +1078,7 @@ class Scheduler:
                 stmts.append(waves[level])
                 self.stats["waves"] += 1
                 self.hazards.record(waves[level])
-                unsynced_read_until = max([unsynced_read_until] +
-                                          [read_until.get(it, -2) for it in by_level[level, False]])
+                unsynced_read_until = max([unsynced_read_until] + wave_reads[level])
                 # (Every wave but the first reads a result of the wave before it, so a barrier precedes it,
                 # and _sync_scope checks it against everything since the last grid barrier.)
                 if level == top or unsynced_read_until >= level:
@@ -1078,6 +1093,59 @@ class Scheduler:
                 self.stats["uniform_ops"] += len(ops)
                 stmts.append(Uniforms(ops))
         return stmts + self._after_uniform_reads(stmts)
+
+    def _k_splits(self, items, layouts) -> dict:
+        """Split-K (splitk.py): item -> S (> 1) for each GEMM of the segment that runs as S partial products and
+        a sum, as utasks.k_splits decides for the vEUs it gets in its wave (_wave_grids). Not in partitioned
+        loops, column layouts (owner.py) or recursive functions' frames, nor for a GEMM that stores into a
+        window (plan.StoreWindow: the sum would have to)."""
+        if not self.split_k or self.parts or self.frame is not None:
+            return {}
+        waves: dict = {}
+        for it in items:
+            if not it.uniform and not it.view and it not in layouts:
+                waves.setdefault(it.level, []).append(it)
+        found = {}
+        for wave in waves.values():
+            grids = self._wave_grids(wave)
+            for it in wave:
+                kind, atoms = self._kind_and_inputs(it)
+                if it.stores_into is not None or it.rows is not None or kind not in utasks.GEMM_KINDS:
+                    continue
+                splits = utasks.k_splits(kind, [a.aval for a in atoms], self._out_avals(it)[0], self._params(it),
+                                         grids.get(it) or self.grid, self.block)
+                if splits > 1:
+                    found[it] = splits
+        return found
+
+    def _make_room_for_sums(self, items, splits):
+        """A wave level of its own after each level with a split GEMM, for the sums (splitk.shifted_levels: the
+        order of every other wave stays); the uniform ops of such a level run after its sums (they may read
+        them)."""
+        if not splits:
+            return
+        split_levels = {it.level for it in splits}
+        shifted = splitk.shifted_levels([it.level for it in items], split_levels)
+        for it in items:
+            after_sums = (it.uniform or it.view) and it.level in split_levels
+            it.level = shifted[it.level] + after_sums
+
+    def _sum_op(self, it, partial) -> Op:
+        """The sum of split GEMM `it`'s partial products (`partial`'s output, splitk.py): a fused op over the
+        slices and the epilogue's operands, writing the GEMM's output."""
+        splits = partial.params[K_SPLITS]
+        outs = self._op_outputs(it)
+        epilogue = it.expr if it.contraction is not None else None
+        first = len(_own_operands(it.contraction)) if it.contraction is not None else 0
+        operands = it.leaves if it.contraction is not None else []
+        inputs = tuple(splitk.slices(partial.outputs[0], outs[0].aval, splits)) + \
+            tuple(self.read(a) for a in operands)
+        expr = splitk.sum_expr(epilogue, splits, first, outs[0].aval)
+        count, params, cost = self._split(FUSED.name, [x.aval for x in inputs], [v.aval for v in outs], {})
+        label = "sum" if epilogue is None else f"sum_{_expr_label(epilogue)}"
+        self.stats["ops"] += 1
+        self.stats["k_splits"] = self.stats.get("k_splits", 0) + 1
+        return Op(f"op{next(self.op_names)}_{label}", FUSED.name, inputs, tuple(outs), params, count, cost, expr)
 
     def _after_uniform_reads(self, stmts) -> list:
         """Every vEU reads a buffer when it evaluates a uniform op on it; before anything may overwrite that
@@ -1207,7 +1275,9 @@ class Scheduler:
         self.stats["owner_chains"] = max(self.stats.get("owner_chains", 0), chains)
         return layouts
 
-    def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None) -> Op:
+    def _make_op(self, it: _Item, grid: int | None = None, layout: Layout | None = None, k_splits: int = 1) -> Op:
+        if k_splits > 1:
+            return self._partial_op(it, grid, k_splits)
         eqn = it.eqn
         kind, atoms = self._kind_and_inputs(it)
         inputs = tuple(self.read(a) for a in atoms)
@@ -1237,6 +1307,20 @@ class Scheduler:
         it.op = op
         self.stats["ops"] += 1
         return op
+
+    def _partial_op(self, it: _Item, grid: int | None, splits: int) -> Op:
+        """The partial products of split GEMM `it` (splitk.py): its kind and own operands, no epilogue, into a
+        new temp of (splits, *out_shape); _sum_op adds them up."""
+        c = it.contraction or it
+        kind = c.eqn.primitive.name
+        inputs = tuple(self.read(a) for a in _own_operands(c))
+        aval = splitk.partial_aval(self._out_avals(it)[0], splits)
+        partials = Value(self._buffer(aval), aval)
+        params = dict(self._params(it), **{K_SPLITS: splits})
+        count, split_params, cost = self._split(kind, [x.aval for x in inputs], [aval], params, grid)
+        params.update(split_params)
+        self.stats["ops"] += 1
+        return Op(f"op{next(self.op_names)}_{kind}_k{splits}", kind, inputs, (partials,), params, count, cost)
 
     def _split(self, kind, in_avals, out_avals, params, grid=None):
         """The split of an op; `grid`: the vEUs it may count on when fewer than the whole grid."""
@@ -2748,7 +2832,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
              k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
-             double_temps=None, smem_temps=None) -> Plan:
+             double_temps=None, smem_temps=None, split_k=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2834,6 +2918,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     GEMV-shaped matmul may also take tiles of utasks.THIN_GEMV_COLUMNS (fewer than 16 columns) where those
     stage their k so (utasks.thin_columns), so that one whose 16-column tiles leave vEUs idle spreads over
     more of them (RAE's node GEMV: 64 vEUs instead of 32); False: neither.
+    `split_k` (None, the default, or True): a GEMM whose output tiles are too few for the grid and whose k is
+    deep runs as S partial products over ranges of k and a fused op of the next wave that sums them, where
+    utasks.k_splits estimates that clearly faster (splitk.py; utasks.FORCE_K_SPLITS forces an S); False: never.
 
     Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
@@ -2864,6 +2951,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"flags must be None (off), True or False, got {flags!r}")
     if double_temps not in (None, True, False):
         raise ValueError(f"double_temps must be None (on), True or False, got {double_temps!r}")
+    if split_k not in (None, True, False):
+        raise ValueError(f"split_k must be None (on), True or False, got {split_k!r}")
     if smem_temps not in (None, True, False, LOOPS):
         raise ValueError(f"smem_temps must be None (off), True, {LOOPS!r} or False, got {smem_temps!r}")
     options = dict(
@@ -2873,7 +2962,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         spread_frames=spread_frames is not False, aside=aside is not False,
         uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
-        row_blocks=row_blocks)
+        row_blocks=row_blocks, split_k=split_k is not False)
     plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options)
     if flags:
         plan = flag_syncs(plan)

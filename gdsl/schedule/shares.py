@@ -21,6 +21,7 @@ from gdsl.schedule.plan import (
     EPILOGUE,
     FUSED,
     K_PARTS,
+    K_SPLITS,
     N_PARTS,
     ROW_BLOCK,
     ROW_INDEX,
@@ -30,6 +31,7 @@ from gdsl.schedule.plan import (
     a_parts,
     chunk_elements,
     epilogue_operands,
+    k_range,
     row_chunk,
     row_count,
     sibling_parts,
@@ -38,7 +40,8 @@ from gdsl.schedule.resident import RESIDENT
 
 # The params the scheduler adds to a primitive's own (its split, an epilogue, a left operand read in parts).
 SPLIT_PARAMS = frozenset({"chunk", ROW_BLOCK, "tile_m", "tile_n", "rows", "in_place", utasks.GATHER_BATCH,
-                          utasks.K_CHUNK, RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX, N_PARTS})
+                          utasks.K_CHUNK, RESIDENT, EPILOGUE, WINDOW_COPY, K_PARTS, ROW_INDEX, N_PARTS,
+                          K_SPLITS})
 
 
 def storage_elements(value, flat):
@@ -83,9 +86,9 @@ def write_share(op, t, k=0) -> np.ndarray:
         cols = np.arange(j * tn, min((j + 1) * tn, n))
         if op.kind == matmul_p.name:
             return (b * m * n + rows[:, None] * n + cols[None, :]).reshape(-1)
-        nb, o, ho, wo = out.shape      # conv2d: GEMM row r = (image, y, x), column = output channel
-        img, yx = np.divmod(rows, ho * wo)
-        return (img[:, None] * o * ho * wo + cols[None, :] * ho * wo + yx[:, None]).reshape(-1)
+        *_, o, ho, wo = out.shape      # conv2d: GEMM row r = (image, y, x), column = output channel
+        img, yx = np.divmod(rows, ho * wo)      # (b: split-K's slice, plan.K_SPLITS, else 0)
+        return (b * m * n + img[:, None] * o * ho * wo + cols[None, :] * ho * wo + yx[:, None]).reshape(-1)
     if op.kind in utasks.REDUCE_KINDS:
         rows = p["rows"]
         return np.arange(t * rows, min((t + 1) * rows, out.size))
@@ -141,7 +144,7 @@ def read_share(op, k, t, starts=()):
         part = sibling_parts(op)[max(k - 1, 0)]
         return _matmul_share(part, min(k, 1), write_share(part, t))
     if op.kind == matmul_p.name:
-        return _matmul_share(op, k, write_share(op, t))
+        return _matmul_share(op, k, write_share(op, t), _k_range(op, t))
     if utasks.in_place_update(op.kind, op.params) and k < 2:
         if k == 0:
             return np.zeros(0, np.int64)          # x is only written (in the window)
@@ -198,9 +201,20 @@ def _reduce_share(op, flat) -> np.ndarray:
     return idx.reshape(op.outputs[0].aval.size, -1)[flat].reshape(-1)
 
 
-def _matmul_share(op, k, flat) -> np.ndarray:
+def _k_range(op, t) -> range | None:
+    """The depths uTask t of a GEMM contracts: its slice's range under split-K (plan.K_SPLITS), else None (all)."""
+    splits = op.params.get(K_SPLITS, 1)
+    if splits == 1:
+        return None
+    batch, m, n, k = utasks.gemm_dims(op.kind, [v.aval for v in op.inputs], op.outputs[0].aval, op.params)
+    tiles = batch // splits * -(-m // op.params["tile_m"]) * -(-n // op.params["tile_n"])
+    return range(*k_range(k, splits, int(t) // tiles))
+
+
+def _matmul_share(op, k, flat, depths=None) -> np.ndarray:
     """Operand k's elements that the outputs `flat` of a (batched, broadcasting) matmul read: their rows
-    of a (of each of its parts, plan.K_PARTS), their columns of b, in the matching batch element."""
+    of a (of each of its parts, plan.K_PARTS), their columns of b, in the matching batch element; at the
+    `depths` only where given (split-K's range, _k_range)."""
     out, x = op.outputs[0].aval, op.inputs[k].aval
     m, n = out.shape[-2:]
     a_depths = {number: depth for number, _, depth in a_parts(op)}
@@ -215,7 +229,7 @@ def _matmul_share(op, k, flat) -> np.ndarray:
     if k == op.params.get(ROW_INDEX):       # the indices of gathered rows (plan.ROW_INDEX): one per row of A
         return np.unique(i)
     # (the distinct rows of a, or columns of b, first: an output tile reads each of them many times)
-    kk = np.arange(depth)
+    kk = np.arange(depth) if depths is None else np.asarray(depths)
     if k in a_depths:
         rows = np.unique(xb * m + i)            # sorted: their whole rows, one after another, are too
         return (rows[:, None] * depth + kk[None, :]).reshape(-1)

@@ -55,6 +55,7 @@ from gdsl.schedule.plan import (
     COPY,
     FUSED,
     K_PARTS,
+    K_SPLITS,
     N_PARTS,
     RESULT,
     ROW_INDEX,
@@ -79,6 +80,7 @@ from gdsl.schedule.plan import (
 )
 from gdsl.schedule.rows import evaluate_rows
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
+from gdsl.schedule.splitk import partial_products
 
 # The barrier between the two calls of a Fork that a group too small to split makes one after the other
 # (not a statement of the plan).
@@ -435,6 +437,8 @@ class Simulator:
             own = [np.concatenate([ins[number] for number, _, _ in a_parts(op)], axis=-1), own[1]]
         if ROW_INDEX in op.params:      # gathered rows (input 0 read through Value.rows): A and B only
             own = own[:2]
+        if K_SPLITS in op.params:       # split-K's partial products, one slice of P per range of k (splitk.py)
+            return [partial_products(op.kind, own, params, op.params[K_SPLITS])]
         if N_PARTS in op.params:        # sibling matmuls: A by each B, into each output
             products = [REGISTRY[op.kind].impl(own[0], b, **params)[0] for b in own[1:]]
             return [np.asarray(o).astype(v.aval.dtype).reshape(v.aval.shape) for o, v in zip(products, op.outputs)]

@@ -8,6 +8,9 @@ One table, keyed by Op kind. Every backend renders uTask `t` of an Op to exactly
                              rows, owner.py; a cell chain's "rows" op so too, of its row shape)
     matmul / conv2d          output tile (b, i, j) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n)));
                              conv2d as implicit GEMM: M = N*HO*WO, N = O, K = C*KH*KW, batch = 1
+    matmul / conv2d,         (s, b, i, j) = unravel(t, (S, batch, ceil(M/tile_m), ceil(N/tile_n))): tile (b, i, j)
+      k_splits = S           of the product over k in plan.k_range(K, S, s), stored in P[s] (the output P is
+                             (S, *out_shape): S is one more batch axis in front; split-K, splitk.py)
     matmul, gather_batch     output tiles (i, j) = unravel(t, (ceil(M/tile_m), ceil(N/tile_n))) of EVERY
                              batch element b (one GEMM of A's rows by the batch*tile_n gathered columns;
                              A is broadcast over the batch, so all of them read the same rows of A)
@@ -84,18 +87,27 @@ def _cost(bytes_moved, flops=0.0):
 
 
 def gemm_dims(kind, in_avals, out_aval, params):
-    """(batch, M, N, K) of a matmul or conv2d (`in_avals` may go on with an epilogue's operands)."""
+    """(batch, M, N, K) of a matmul or conv2d (`in_avals` may go on with an epilogue's operands). The partial
+    products of split-K (plan.K_SPLITS) are S more batch elements in front (their output P is (S, *out_shape));
+    K is the whole depth (k_depth: each uTask's)."""
     if kind == matmul_p.name:
         b = in_avals[1]          # (K from B: A may be the first of several parts, plan.K_PARTS)
         batch = math.prod(out_aval.shape[:-2])
         return batch, out_aval.shape[-2], out_aval.shape[-1], b.shape[-2]
     x, w = in_avals[:2]
-    n, o, ho, wo = out_aval.shape
-    return 1, n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
+    *splits, n, o, ho, wo = out_aval.shape
+    return math.prod(splits), n * ho * wo, o, w.shape[1] * w.shape[2] * w.shape[3]
+
+
+def k_depth(k: int, params) -> int:
+    """The depth one uTask of a GEMM of depth k contracts: KC under split-K (plan.K_SPLITS), else k."""
+    splits = params.get(plan.K_SPLITS, 1)
+    return plan.k_chunk(k, splits) if splits > 1 else k
 
 
 def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False, gather_tiny=False):
     batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
+    k = k_depth(k, params)
     # (An empty output, m == 0, still gets tiles of a row: zero of them, so no uTask runs.)
     rows = max(m, 1)
     outputs_read = len(in_avals) - plan.contraction_operands(params)    # an epilogue's, read at the tile's elements
@@ -128,6 +140,68 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False, gathe
         if best is None or key < best[0]:
             best = (key, count, {"tile_m": tm, "tile_n": tn}, cost)
     return best[1:]
+
+
+# Split-K (splitk.py, plan.K_SPLITS): a GEMM whose output tiles are too few for the grid and whose k is deep runs
+# as S partial products over ranges of k (S uTasks per tile, each KC deep) and a "fused" op of the next wave that
+# sums them. The S tried, the least depth KC a range may have, the grid barrier between the two ops, and how much
+# faster than one product the estimate must be to take it (the estimate is rough: SkipNet's 16 x 16 x 2304 conv
+# tiles, 38 us measured on the H200, are 50 us here). FORCE_K_SPLITS (a module switch, tests and ablations): that
+# S on every eligible GEMM (as many as its depth allows, k_splits_allowed), whatever the estimate.
+K_SPLIT_CHOICES = (1, 2, 4, 8, 16)
+K_SPLIT_MIN_DEPTH = 64
+K_SPLIT_BARRIER_NS = 1300.0
+K_SPLIT_GAIN = 0.75
+FORCE_K_SPLITS: int | None = None
+
+
+def k_splits_allowed(k: int, splits: int) -> bool:
+    """Does a depth k split in `splits` ranges of whole stages leave every range non-empty?"""
+    return splits == 1 or (splits - 1) * plan.k_chunk(k, splits) < k
+
+
+def k_split_eligible(kind, in_avals, out_aval, params) -> bool:
+    """May this GEMM be split over its depth: GEMM-shaped (more rows than a GEMV), a float32 output (the
+    partial products' accumulator), its operands read plainly (no K_PARTS, N_PARTS, ROW_INDEX, resident B or
+    gathered batch), not split already?"""
+    if kind not in GEMM_KINDS or str(out_aval.dtype) != "float32" or plan.K_SPLITS in params:
+        return False
+    if any(key in params for key in (plan.K_PARTS, plan.N_PARTS, plan.ROW_INDEX, GATHER_BATCH, RESIDENT)):
+        return False
+    return gemm_dims(kind, in_avals, out_aval, params)[1] > GEMV_ROWS
+
+
+def k_split_time(kind, in_avals, out_aval, params, grid, block, splits) -> float:
+    """The estimated time of a GEMM split in `splits` ranges of its depth (1: not split) on `grid` vEUs: the
+    best tile of the menu for its uTasks, rounds times a tile's time at depth KC (its stages' round trips or
+    its arithmetic, gemm_tile_time), plus for splits > 1 the sum op (one chunk op over the output reading the
+    S slices and the epilogue's operands) and the grid barrier between them."""
+    batch, m, n, k = gemm_dims(kind, in_avals, out_aval, params)
+    depth = plan.k_chunk(k, splits) if splits > 1 else k
+    outputs_read = len(in_avals) - plan.contraction_operands(params)    # (the epilogue's: on the sum op if split)
+    tiles = min(math.ceil(batch * math.ceil(m / tm) * math.ceil(n / tn) * splits / grid) *
+                gemm_tile_time(tm, tn, depth, block, 0 if splits > 1 else outputs_read)
+                for tm, tn in gemm_tile_menu())
+    if splits == 1:
+        return tiles
+    size, chunk = out_aval.size, 4 * block
+    sums = math.ceil(math.ceil(size / chunk) / grid) * chunk_cost(chunk, splits + outputs_read, block, size)
+    return tiles + sums + K_SPLIT_BARRIER_NS
+
+
+def k_splits(kind, in_avals, out_aval, params, grid, block) -> int:
+    """S for a GEMM (split-K, splitk.py; 1: not split): FORCE_K_SPLITS where set, else the S of
+    K_SPLIT_CHOICES (ranges at least K_SPLIT_MIN_DEPTH deep) with the least k_split_time, when that is below
+    K_SPLIT_GAIN of the unsplit time."""
+    if not k_split_eligible(kind, in_avals, out_aval, params):
+        return 1
+    k = gemm_dims(kind, in_avals, out_aval, params)[3]
+    if FORCE_K_SPLITS is not None:
+        return max(s for s in range(1, max(FORCE_K_SPLITS, 1) + 1) if k_splits_allowed(k, s))
+    choices = [s for s in K_SPLIT_CHOICES if s == 1 or (k / s >= K_SPLIT_MIN_DEPTH and k_splits_allowed(k, s))]
+    times = {s: k_split_time(kind, in_avals, out_aval, params, grid, block, s) for s in choices}
+    best = min(choices, key=lambda s: (times[s], s))
+    return best if times[best] < K_SPLIT_GAIN * times[1] else 1
 
 
 # A memory round trip that a uTask waits for (L2, or HBM behind it): a GEMM stage, a GEMV tile's operands,
@@ -212,6 +286,11 @@ def _gemm_tile_cost(tm: int, tn: int, k: int, outputs_read: int = 0) -> float:
     return max(_cost(moved, 2 * tm * tn * k), math.ceil(k / GEMM_STAGE_K) * GEMM_STAGE_NS)
 
 
+def gemm_tile_time(tm: int, tn: int, k: int, block: int, outputs_read: int = 0) -> float:
+    """A GEMM tile's time with its arithmetic at the tile's own rate (gemm_tile_rate) counted too."""
+    return max(_gemm_tile_cost(tm, tn, k, outputs_read), 2 * tm * tn * k / gemm_tile_rate(tm, tn, block))
+
+
 def _gemv_tile_cost(rows: int, tn: int, k: int, outputs_read: int = 0) -> float:
     """One GEMV uTask's time: a round trip for its operands, then its weights read on chip."""
     moved = 4 * (rows * k + k * tn + rows * tn * (1 + outputs_read))
@@ -233,6 +312,7 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
     out = out_avals[0]
     if kind in GEMM_KINDS:
         batch, m, n, k = gemm_dims(kind, in_avals, out, params)
+        k = k_depth(k, params)          # (split-K keeps its k_splits: the scheduler's params stay beside these)
         outputs_read = len(in_avals) - plan.contraction_operands(params)
         if m <= GEMV_ROWS:
             rows = max(m, 1)
@@ -242,8 +322,7 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
                      {"tile_m": rows, "tile_n": tn, **(thin_gemv_params(rows, tn, k, block) if thin else {})},
                      _gemv_tile_cost(rows, tn, k, outputs_read)) for tn in widths]
         return [(batch * math.ceil(m / tm) * math.ceil(n / tn), {"tile_m": tm, "tile_n": tn},
-                 max(_gemm_tile_cost(tm, tn, k, outputs_read), 2 * tm * tn * k / gemm_tile_rate(tm, tn, block)))
-                for tm, tn in gemm_tile_menu()]
+                 gemm_tile_time(tm, tn, k, block, outputs_read)) for tm, tn in gemm_tile_menu()]
     if kind == plan.ROWS.name:           # (a kind of the reduce family, but with a split of its own)
         return row_split_options(in_avals, out_avals, params, block)
     if kind in REDUCE_KINDS:
@@ -333,6 +412,7 @@ def partition_split(kind, in_avals, out_avals, params, parts):
 
 # The split param of a matmul whose uTask covers its column range in every batch element (the table above).
 GATHER_BATCH = "gather_batch"
+RESIDENT = "resident"       # (resident.RESIDENT, which imports this module: a matmul whose B waits on chip)
 
 
 def gathers_batch(params) -> bool:

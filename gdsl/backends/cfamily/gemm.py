@@ -20,7 +20,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import K_PARTS, N_PARTS, ROW_INDEX, a_parts, epilogue_of
+from gdsl.schedule.plan import K_PARTS, K_SPLITS, N_PARTS, ROW_INDEX, a_parts, epilogue_of, k_chunk
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
@@ -296,13 +296,16 @@ def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
 @register_lowering("conv2d", backend="cfamily")
 def conv2d(ops: OpRenderer) -> str:
     """Implicit GEMM: M = output pixels (n, ho, wo), N = output channels, K = (c, kh, kw); A gathered
-    from the image with zero padding."""
+    from the image with zero padding. Split over its depth (plan.K_SPLITS), its output is the partial products
+    P: slice bt (one more batch element of the GEMM) at bt times the output's size."""
     x, w = ops.ins[:2]
     out = ops.outs[0]
     acc = c_types.accumulator(out.dtype)
     _, C, H, W = x.aval.shape
     O, _, KH, KW = w.aval.shape
-    _, _, HO, WO = out.aval.shape
+    NB, _, HO, WO = out.aval.shape[-4:]
+    splits = ops.op.params.get(K_SPLITS, 1)
+    slice_at = f"bt * {NB * O * HO * WO} + " if splits > 1 else ""
     s, p = ops.op.params["stride"], ops.op.params["padding"]
     K = C * KH * KW
     load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
@@ -310,14 +313,16 @@ def conv2d(ops: OpRenderer) -> str:
               f"return (h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W}) ? "
               f"({acc})({x.at(f'((n_ * {C} + c_) * {H} + h_) * {W} + w_')}) : ({acc})0;")
     return gemm_tiles(ops, Gemm(
-        out.aval.shape[0] * HO * WO, O, K, 1, setup=[], load_a=load_a,
+        NB * HO * WO, O, K, splits, setup=[], load_a=load_a,
         load_b=f"return ({acc})({w.at(f'n * {K} + k')});",
-        store=store_output(ops, f"((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
+        store=store_output(ops, f"{slice_at}((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
         a_contiguous_k=False, b_contiguous_k=True))
 
 
 def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
-    """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine."""
+    """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine. Split
+    over its depth (plan.K_SPLITS: S slices, the GEMM's outer batch elements), batch element bt's tile contracts
+    only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_."""
     M, N, K = gemm.M, gemm.N, gemm.K
     tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
     acc = c_types.accumulator(ops.outs[0].dtype)
@@ -338,9 +343,16 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
              f"tj = t % {tiles_n};" if gemm.batch > 1 else
              f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
     lines += gemm.setup
+    depth, shift = K, ""
+    splits = ops.op.params.get(K_SPLITS, 1)
+    if splits > 1:
+        kc = k_chunk(K, splits)
+        lines.append(f"  const int k0_ = bt / {gemm.batch // splits} * {kc}, "
+                     f"kd_ = {K} - k0_ < {kc} ? {K} - k0_ : {kc};")
+        depth, shift = "kd_", "k += k0_; "
     lines.append(f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};")
-    loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {gemm.load_a} }};",       # (the wide tile may add
-               f"  auto lb = [&](int k, int n) -> {acc} {{ {gemm.load_b} }};"]       # the address loaders pa, pb)
+    loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {shift}{gemm.load_a} }};",     # (the wide tile may add
+               f"  auto lb = [&](int k, int n) -> {acc} {{ {shift}{gemm.load_b} }};"]     # the address loaders pa, pb)
     size = 8 if acc == "long long" else 4
     if gemv:
         kmajor = gemm.b_contiguous_k
@@ -364,13 +376,13 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         names = "la, lb, la, lb"
         if vec:
             names = "la, lb, pa, pa" if bres else "la, lb, pa, pb"     # (with bres the tile loads no B)
-            loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {gemm.address_a} }};")
+            loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
             if not bres:
-                loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {gemm.address_b} }};")
+                loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
         staged_b = 0 if bres else tn + 4
         ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
-                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {K}, ti * {tm}, {col0}, {names}, sc, "
+                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
@@ -380,13 +392,13 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         if warps is None:
             ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
             call = (f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
-                    f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
+                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
         else:
             wr, wc = warps
             k_groups = block // ops.dialect.warp_size // (wr * wc)
             ops.smem = max(ops.smem, GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
             call = (f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
-                    f"({M}, {N}, {K}, ti * {tm}, {col0}, la, lb, sc, smem);")
+                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
     return "\n".join(lines + loaders + [call]) + "\n"
 
 

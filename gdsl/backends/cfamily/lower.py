@@ -17,7 +17,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
-                           "smem_temps", "place_workspace"})
+                           "smem_temps", "split_k", "place_workspace"})
 DEFAULT_BLOCK = 256
 
 
@@ -49,7 +49,8 @@ def check_options(options, dialect) -> dict:
             "concat_k": options.get("concat_k"),
             "thin_gemv": options.get("thin_gemv"), "row_views": options.get("row_views"),
             "siblings": options.get("siblings"), "flags": options.get("flags"),
-            "double_temps": options.get("double_temps"), "smem_temps": options.get("smem_temps")}
+            "double_temps": options.get("double_temps"), "smem_temps": options.get("smem_temps"),
+            "split_k": options.get("split_k")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -86,7 +87,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     row_blocks=dialect.lowering_chain,
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
                     double_temps=opts.get("double_temps"),
-                    smem_temps=local.LOOPS if opts.get("smem_temps") is None else opts["smem_temps"])
+                    smem_temps=local.LOOPS if opts.get("smem_temps") is None else opts["smem_temps"],
+                    split_k=opts.get("split_k"))
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

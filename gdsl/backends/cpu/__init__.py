@@ -80,7 +80,8 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "tensor_cores", "owner", "epilogue", "balance", "rows", "fork", "window_store",
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
                            "resident_partitioned", "index_ranges", "concat_k", "thin_gemv",
-                           "row_views", "siblings", "flags", "double_temps", "smem_temps", "place_workspace"})
+                           "row_views", "siblings", "flags", "double_temps", "smem_temps",
+                           "split_k", "place_workspace"})
 DEFAULT_BLOCK = 1024
 
 
@@ -141,7 +142,8 @@ def lower(program, options) -> Lowering:
     plan = schedule(program, control=control, grid=grid, block=options.get("block", DEFAULT_BLOCK),
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
                     hoist=options.get("hoist"), owner=options.get("owner"), concat_k=options.get("concat_k"),
-                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN, balance=False)
+                    epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN, balance=False,
+                    split_k=options.get("split_k"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)

@@ -3,7 +3,9 @@
 uTask t computes output tile (ti, tj): output positions (n, ho, wo) ti*tile_m.. x output channels
 tj*tile_n... A float32 tile of whole micro-kernel blocks inside one image multiplies the weights by an
 im2col panel of the tile's input patches with the GEMM micro-kernel (gemm.micro_kernel); any other tile
-gathers each position's patch and dots it with every channel's weights.
+gathers each position's patch and dots it with every channel's weights. Split over its depth (plan.K_SPLITS:
+the partial products P, uTask t is tile t % tiles of slice s = t // tiles), a tile dots each patch over its
+slice's range of k only (plan.k_range) and stores into P[s], position by position.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from gdsl.backends.cpu.gemm import micro_kernel, micro_shape
 from gdsl.backends.cpu.ir import affine, convert, load_element, strides, unravel
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
+from gdsl.schedule.plan import K_SPLITS, k_chunk
 
 CONV_K_CHUNK = 256    # rows of the im2col panel of a conv2d tile built at once (256 x 64 floats: 64 KiB)
 
@@ -25,25 +28,34 @@ def conv2d_utask(fn, ops, op, t):
     input patch once (zeros in the padding) and dot it with every channel's weights."""
     x, w = ops.aval(0), ops.aval(1)
     out = op.outputs[0].aval
-    _, m, n, _ = utasks.gemm_dims(op.kind, [x, w], out, op.params)
+    _, m, n, k = utasks.gemm_dims(op.kind, [x, w], out, op.params)
     tm, tn = op.params["tile_m"], op.params["tile_n"]
     if m * n == 0:
         return
     nn = -(-n // tn)
+    split = None
+    if op.params.get(K_SPLITS, 1) > 1:          # (slice s's range of k, its P[s] at s times the output's size)
+        tiles = -(-m // tm) * nn
+        s = fn.op(f"udiv i64 {t}, {tiles}")
+        t = fn.op(f"urem i64 {t}, {tiles}")
+        kc = k_chunk(k, op.params[K_SPLITS])
+        k0 = affine(fn, 0, [(s, kc)])
+        split = (k0, fn.imin(fn.op(f"add nsw i64 {k0}, {kc}"), k), affine(fn, 0, [(s, m * n)]))
     ti = fn.op(f"udiv i64 {t}, {nn}")
     tj = fn.op(f"urem i64 {t}, {nn}")
     i0 = fn.op(f"mul nsw i64 {ti}, {tm}")
     i1 = fn.imin(fn.op(f"add nsw i64 {i0}, {tm}"), m)
     j0 = fn.op(f"mul nsw i64 {tj}, {tn}")
     j1 = fn.imin(fn.op(f"add nsw i64 {j0}, {tn}"), n)
-    positions = out.shape[2] * out.shape[3]
+    positions = out.shape[-2] * out.shape[-1]
 
     def flat_of(r, c):            # output element (image, channel j0 + c, position) of GEMM row i0 + r
         row = fn.op(f"add nsw i64 {i0}, {r}")
         image, at = fn.op(f"udiv i64 {row}, {positions}"), fn.op(f"urem i64 {row}, {positions}")
         return affine(fn, at, [(image, n * positions), (j0, positions), (c, positions)])
     with_epilogue(fn, ops, op, fn.op(f"sub nsw i64 {i1}, {i0}"), fn.op(f"sub nsw i64 {j1}, {j0}"), tm, tn, flat_of,
-                  lambda: _conv_tile(fn, ops, op, i0, i1, j0, j1))
+                  lambda: _conv_positions(fn, ops, op, i0, i1, j0, j1, split) if split else
+                  _conv_tile(fn, ops, op, i0, i1, j0, j1))
 
 
 def _conv_tile(fn, ops, op, i0, i1, j0, j1):
@@ -121,17 +133,21 @@ def _conv_tile_gemm(fn, ops, op, i0, j0, channels):
         fn.loop(0, channels, block, step=mr)
 
 
-def _conv_positions(fn, ops, op, i0, i1, j0, j1):
-    """Positions i0..i1-1 x channels j0..j1-1, position by position: gather the patch, dot per channel."""
+def _conv_positions(fn, ops, op, i0, i1, j0, j1, split=None):
+    """Positions i0..i1-1 x channels j0..j1-1, position by position: gather the patch, dot per channel; with
+    `split` (first k, end k, output offset: a slice of split-K's partial products) over that range of k only,
+    stored at that offset."""
     x, w = ops.aval(0), ops.aval(1)
     out = op.outputs[0].aval
     nb, c, h, wd = x.shape
     _, _, kh, kw = w.shape
-    _, _, ho, wo = out.shape
+    out_shape = out.shape[-4:]
+    _, _, ho, wo = out_shape
     stride, pad = op.params["stride"], op.params["padding"]
     k = c * kh * kw
     patch = fn.alloca(f"[{max(k, 1)} x float]", "patch")
-    xs, os_ = strides(x.shape), strides(out.shape)
+    xs, os_ = strides(x.shape), strides(out_shape)
+    k_first, k_end, out_at = split or (0, k, 0)
 
     def position(i):
         bn, y, xx = unravel(fn, i, (nb, ho, wo))
@@ -165,8 +181,8 @@ def _conv_positions(fn, ops, op, i0, i1, j0, j1):
                 wv = convert(fn, ops.load(1, affine(fn, w_row, [(kk, 1)])), w.dtype, dtypes.float32)
                 prod = fn.op(f"fmul contract float {pv}, {wv}")
                 fn.store("float", fn.op(f"fadd reassoc contract float {fn.load('float', acc)}, {prod}"), acc)
-            fn.loop(0, k, dot)
-            dst = affine(fn, 0, [(bn, os_[0]), (j, os_[1]), (y, os_[2]), (xx, os_[3])])
+            fn.loop(k_first, k_end, dot)
+            dst = affine(fn, out_at, [(bn, os_[0]), (j, os_[1]), (y, os_[2]), (xx, os_[3])])
             ops.store(0, dst, convert(fn, fn.load("float", acc), dtypes.float32, out.dtype))
         fn.loop(j0, j1, out_channel)
     fn.loop(i0, i1, position)

@@ -2,7 +2,9 @@
 micro-kernel (AVX-512 or AVX2 vectors).
 
 uTask t computes output tile (b, ti, tj) = unravel(t, (batch, ceil(M/tile_m), ceil(N/tile_n))); gathering the
-batch (utasks.GATHER_BATCH), tile (ti, tj) of every batch element, one after another. Where one
+batch (utasks.GATHER_BATCH), tile (ti, tj) of every batch element, one after another. Split over its depth
+(plan.K_SPLITS: the partial products P, S more batch elements in front), batch element (s, ...) contracts only
+the depths plan.k_range(K, S, s). Where one
 thread can compute all column tiles of a row band at once, the renderer also writes a row-band function
 (matmul_bands, emit_matmul_band) and a lone thread calls that instead. A matmul's constant right operand of
 several column tiles is read from a copy packed tile by tile (packed_tile, pack_columns: the runtime packs
@@ -20,6 +22,7 @@ from gdsl.backends.cpu.ir import affine, compute_type, const, convert, mem_type,
 from gdsl.backends.cpu.operands import broadcast_strides
 from gdsl.primitives.registry import CONTRACTION, family_of, register_lowering
 from gdsl.schedule import utasks
+from gdsl.schedule.plan import K_SPLITS, k_chunk
 
 
 def _accumulator_dtype(dtype):
@@ -111,8 +114,16 @@ def emit_matmul(fn, ops, op, t, band=False):
     b_st = broadcast_strides(b.shape[:-2], bshape)
     a_base = affine(fn, 0, [(i, s * m * k) for i, s in zip(bidx, a_st)])
     packed = packed_tile(op)
+    ldb = packed or n
     b_base = affine(fn, 0, [(i, s * k * (nn * tn if packed else n)) for i, s in zip(bidx, b_st)])
     o_base = affine(fn, 0, [(i, s * m * n) for i, s in zip(bidx, strides(bshape))])
+    depth = k
+    if op.params.get(K_SPLITS, 1) > 1:      # slice bidx[0] of split-K: its range of k, A's columns and B's rows
+        kc = k_chunk(k, op.params[K_SPLITS])
+        k0 = affine(fn, 0, [(bidx[0], kc)])
+        a_base = affine(fn, a_base, [(k0, 1)])
+        b_base = affine(fn, b_base, [(k0, ldb)])
+        depth = fn.imin(fn.op(f"sub nsw i64 {k}, {k0}") if k0 != 0 else k, kc)
     i0 = fn.op(f"mul nsw i64 {ti}, {tm}") if nm > 1 else 0
     rows = min(tm, m) if m % tm == 0 or nm == 1 else fn.imin(fn.op(f"sub nsw i64 {m}, {i0}"), tm)
     j0 = fn.op(f"mul nsw i64 {tj}, {tn}") if nn > 1 else 0
@@ -120,8 +131,8 @@ def emit_matmul(fn, ops, op, t, band=False):
     b_tile = affine(fn, b_base, [(tj, k * tn)] if packed else [(j0, 1)])   # b[kk, j0+c] at b_tile + kk*ldb + c
 
     def block(cols):
-        _gemm_block(fn, ops, a.dtype, b.dtype, out.dtype, k, n, a_base, b_tile, packed or n, o_base, i0, rows, j0,
-                    cols, tm, tn)
+        _gemm_block(fn, ops, a.dtype, b.dtype, out.dtype, k, n, a_base, b_tile, ldb, o_base, i0, rows, j0,
+                    cols, tm, tn, depth)
 
     def compute():
         if isinstance(cols, int):
@@ -145,9 +156,10 @@ def micro_shape() -> tuple[int, int, int]:
 
 
 def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb, o_base, i0, rows, j0, cols,
-                max_rows, max_cols):
+                max_rows, max_cols, depth=None):
     """out[i0+r, j0+c] = sum_kk a[i0+r, kk] * b[b_tile + kk*ldb + c] for r < rows, c < cols (row-major a
-    [., k], out [., n] at the given bases), each element summed over kk in order (fused multiply-add).
+    [., k], out [., n] at the given bases), each element summed over kk < depth (default k: all of a's row; an
+    SSA value or an int) in order (fused multiply-add).
 
     float32 blocks whose columns are a constant multiple of the vector width go through the register-
     blocked micro-kernel (micro_kernel, micro_shape): its number of rows at a time, then the constant
@@ -155,6 +167,7 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb,
     accumulators per row (max_rows x max_cols, in L1): a row of b is read once per k and reused by every
     row."""
     done = 0
+    depth = k if depth is None else depth
     f32 = dtypes.float32
     mr, mc, lanes = micro_shape()
     if (a_dtype == b_dtype == out_dtype == f32 and isinstance(cols, int) and cols % lanes == 0
@@ -165,7 +178,7 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb,
             for c in range(0, cols, width):
                 out_at = [affine(fn, o_base, [(i0, n), (r, n), (rr, n), (j0, 1), (c, 1)]) for rr in range(count)]
                 micro_kernel(fn, ops.input_pointer(0), rows_at, ops.input_pointer(1), affine(fn, b_tile, [(c, 1)]),
-                             ldb, ops.output_pointer(0), out_at, k, min(width, cols - c))
+                             ldb, ops.output_pointer(0), out_at, depth, min(width, cols - c))
         if max_rows >= mr:
             done = (rows // mr * mr if isinstance(rows, int)
                     else fn.op(f"mul nsw i64 {fn.op(f'sdiv i64 {rows}, {mr}')}, {mr}"))
@@ -186,7 +199,7 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb,
     fn.loop(done, rows, lambda r: fn.loop(0, cols, lambda c: fn.store(ty, zero, slot(r, c)), unroll=unroll))
 
     def kstep(kk):
-        _prefetch(fn, ops, b_dtype, b_tile, kk, k, ldb, cols)
+        _prefetch(fn, ops, b_dtype, b_tile, kk, depth, ldb, cols)
         b_row = affine(fn, b_tile, [(kk, ldb)])
 
         def row(r):
@@ -198,7 +211,7 @@ def _gemm_block(fn, ops, a_dtype, b_dtype, out_dtype, k, n, a_base, b_tile, ldb,
                 fn.store(ty, fn.op(f"{add} {ty} {fn.load(ty, p)}, {fn.op(f'{mul} {ty} {av}, {bv}')}"), p)
             fn.loop(0, cols, col, unroll=unroll)
         fn.loop(done, rows, row)
-    fn.loop(0, k, kstep)
+    fn.loop(0, depth, kstep)
 
     def store_row(r):
         o_row = affine(fn, o_base, [(i0, n), (r, n), (j0, 1)])
@@ -260,7 +273,8 @@ def _prefetch(fn, ops, b_dtype, b_tile, kk, k, ldb, cols):
     piece PREFETCH_ROWS rows ahead by hand."""
     if not (PREFETCH_ROWS and isinstance(cols, int) and cols <= 128 and ldb > cols and ops.is_pointer(1)):
         return
-    ahead = fn.imin(fn.op(f"add nsw i64 {kk}, {PREFETCH_ROWS}"), k - 1)
+    last = k - 1 if isinstance(k, int) else fn.op(f"sub nsw i64 {k}, 1")
+    ahead = fn.imin(fn.op(f"add nsw i64 {kk}, {PREFETCH_ROWS}"), last)
     for line in range(0, cols, 64 // b_dtype.itemsize):
         at = fn.gep(mem_type(b_dtype), ops.input_pointer(1), affine(fn, b_tile, [(ahead, ldb), (line, 1)]))
         fn.do(f"call void @llvm.prefetch.p0(ptr {at}, i32 0, i32 3, i32 1)")
