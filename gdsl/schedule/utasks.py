@@ -148,8 +148,12 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False, gathe
 # faster than one product the estimate must be to take it (the estimate is rough: SkipNet's 16 x 16 x 2304 conv
 # tiles, 38 us measured on the H200, are 50 us here). FORCE_K_SPLITS (a module switch, tests and ablations): that
 # S on every eligible GEMM (as many as its depth allows, k_splits_allowed), whatever the estimate.
+# The least depth is 256, not the estimate's 64: on the H200 (session 13, two rounds of one call) SkipNet took
+# 1.892 / 2.061 ms with ranges down to 64 deep, 1.846 / 1.919 down to 128, 1.705 / 1.693 down to 256 (2.27 / 2.26
+# unsplit): a split uTask took 13-27 us whatever its depth (the profile: 64 x 64 tiles 64 deep 13-18 us, where
+# the estimate says 2-3), so shallow ranges add uTasks, partial products and their sum without shortening any.
 K_SPLIT_CHOICES = (1, 2, 4, 8, 16)
-K_SPLIT_MIN_DEPTH = 64
+K_SPLIT_MIN_DEPTH = 256
 K_SPLIT_BARRIER_NS = 1300.0
 K_SPLIT_GAIN = 0.75
 FORCE_K_SPLITS: int | None = None
