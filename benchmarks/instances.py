@@ -7,9 +7,10 @@ Device control, cuda:
 
     python benchmarks/instances.py [--model attention] [--batch 1] [--instances 8] [--rounds 3] [--runs 20] [--place]
 
-The cause (session 13, benchmarks/workspace_offsets.py): the workspace's place in the L2. The instances are made
-with the jit option place_workspace=False (the workspace where CuPy put it); --place leaves it on, so each
-instance's first call moves its workspace to the fastest of its places.
+The instances are made with the jit option place_workspace=False (the workspace where CuPy put it); --place
+leaves it on, so each instance's first call moves its workspace to the fastest of its places. In session 13 every
+place measured the same at each instance's first call and the instances still differed afterwards (0.116-0.146
+ms): the workspace is not the cause; the output arrays the loop reads every step are the next suspect.
 """
 import argparse
 

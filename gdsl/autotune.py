@@ -18,8 +18,8 @@ default schedule beyond the noise of the measurement.
   than the default measured in the same run.
 - Progress: a search that runs longer than a couple of seconds shows a status line on a terminal (a log record
   on the `gdsl` logger otherwise), as a slow compile does (gdsl.backends.toolchain.Progress).
-- Workspace placement (`place_workspace`, on by default): where a GPU kernel's workspace lies in the L2 sets
-  its speed (0.114 / 0.122 / 0.140 ms for Attention bs1 on the H200, offsets 256 bytes apart). On the first
+- Workspace placement (`place_workspace`, on by default): where a GPU kernel's workspace lies in the L2 may
+  change its speed (NASRNN bs1 on the H200: 3 % in two rounds; docs/performance.md, session 13). On the first
   call of a signature, a device-control executable that can move its workspace (cfamily Executable.move_workspace)
   and returns GPU arrays is timed at each place; the fastest is kept when it beats the first place by MIN_GAIN
   in PLACE_ROUNDS alternating re-timings, as a winner of the search must.

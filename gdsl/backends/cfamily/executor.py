@@ -41,11 +41,10 @@ class Lowering:
 
 
 # The places the workspace may take in its allocation (Executable.move_workspace): WORKSPACE_PLACES offsets
-# WORKSPACE_STEP bytes apart. Where the workspace lies in the GPU's L2 (its physical address, at a granularity of
-# 256 bytes) sets how fast the same kernel runs: Attention bs1 on the H200 took 0.114, 0.122 or 0.140 ms with
-# its workspace at offsets 256 bytes apart of one pool, the same offset in another 2 MiB page another of the
-# three (session 13, benchmarks/workspace_offsets.py). gdsl.autotune.place_workspace times them on the first
-# call and keeps the fastest.
+# WORKSPACE_STEP bytes apart, which gdsl.autotune.place_workspace times on the first call, keeping a confirmed
+# faster one. Measured on the H200 (session 13): NASRNN bs1 3 % faster in two rounds, the other rows within
+# their noise; Attention bs1's instances, whose speed differs (0.114-0.146 ms for one source), measured the
+# same at every place, so the workspace is not what sets their speed (docs/performance.md).
 WORKSPACE_PLACES = 8
 WORKSPACE_STEP = 256
 
