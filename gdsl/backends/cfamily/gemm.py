@@ -361,9 +361,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         ks = block // ctn
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
-        # (the whole k at once: thin_gemv_params; a k shallower than the chunk is one chunk of its own depth,
-        # so that a thread's B values fit the prefetch's registers: Attention's k = 64)
-        kc = min(ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc), K)
+        kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
         ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")

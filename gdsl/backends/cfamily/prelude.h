@@ -382,9 +382,6 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
 // KMAJOR (B contiguous along k, e.g. read through a transposed view): the lanes of a warp take consecutive
 // k slices of one column group instead of consecutive columns, so their loads of B coalesce; CT is then at
 // most NT / GDSL_WARP, leaving a whole warp (or more) of k slices per column.
-// (B values a thread may prefetch: 48 takes a 192-column tile of k 64 at once, Attention's x @ [W_v | W_q | W_k]:
-// 3 columns x 16 k a thread.)
-#define GDSL_GEMV_PREFETCH_REGISTERS 48
 template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, class LA, class LB, class SC>
 GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
   constexpr int MAX_CT = KMAJOR ? (NT / GDSL_WARP > 0 ? NT / GDSL_WARP : 1) : NT;
@@ -405,7 +402,7 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   // staged, so their latency overlaps A's and the barrier's instead of following them (a uTask of a
   // batch-1 matmul is a few dependent memory round trips long; this removes one or two of them).
   constexpr int PER = (KC + KS - 1) / KS;
-  constexpr bool PREFETCH = PER * CPT <= GDSL_GEMV_PREFETCH_REGISTERS && KC % KS == 0;
+  constexpr bool PREFETCH = PER * CPT <= 32 && KC % KS == 0;
   for (int k0 = 0; k0 < K; k0 += KC) {
     const int kc = K - k0 < KC ? K - k0 : KC;
     Acc bv[PREFETCH ? PER : 1][PREFETCH ? CPT : 1];
