@@ -27,6 +27,18 @@ GDSL_LOCAL_BASE of gdsl_smem). Every element is written before it is read within
 no temp it has not written: the workspace is not cleared between launches either), but the renderer still
 zeroes the region when the kernel starts, so that a stale value never differs between the two memories.
 Backends without such memory ignore the mark (the CPU backend keeps every buffer in its workspace).
+
+Staged carries (`smem_carries`, with smem_temps where the switch SMEM_CARRIES is on): a partitioned loop's output
+or temp that it writes, whose every access by the uTasks on vEU v lies in v's slice [v * size, (v + 1) * size),
+size = the buffer's elements / the loop's partitions (Attention bs1's K/V caches and x: head h on vEU h), is kept
+in the vEU's shared memory while the loop runs (Loop.staged, past the block-local temps): each vEU copies its
+slice in when the loop is entered and back when it ends. The accesses are replayed as for temps, a run-time window
+counted over its whole range of starts; the slices must be 16-byte multiples (vector loads stay aligned); a grid
+barrier (or the kernel's start and end) must stand on both sides of the loop, so that the copy in reads what
+every vEU wrote before and the copy out is seen by every vEU after. The simulator checks each access of a staged
+buffer against its vEU's slice (BarrierError). The C-family renderer copies with gdsl_copy_block and renders the
+loop in a scope where the buffer's name is a pointer into the shared copy, shifted by the vEU's slice, so the
+loop's code indexes it as before.
 """
 from __future__ import annotations
 
@@ -37,12 +49,16 @@ import numpy as np
 from gdsl.schedule import utasks
 from gdsl.schedule.flags import published_in
 from gdsl.schedule.hazards import MAYBE_VIEWS
-from gdsl.schedule.plan import Buffer, Loop, Sync, Wave, walk
+from gdsl.schedule.plan import Branch, Buffer, Loop, Staged, Sync, Wave, plan_statements, walk
 from gdsl.schedule.resident import ALIGN, region_bytes
 from gdsl.schedule.shares import read_share, storage_elements, write_share
 
 NONE, SEVERAL = -1, -2
 LOOPS = "loops"     # the scheduler's smem_temps value for "only temps a loop body touches"
+# Partitioned loops keep the buffers they write in their vEUs' shared memory too (smem_carries), with smem_temps.
+# Off: on the H200 (session 15, ncu kernel times, same call) Attention bs1 ran 103.7 us with its K/V caches and x
+# staged and 103.5 without (the only zoo plan it changes): its ops' ~0.5 us each is instruction overhead, not L2.
+SMEM_CARRIES = False
 
 
 def block_local(plan, budget: int, loops_only: bool = False):
@@ -65,8 +81,105 @@ def block_local(plan, budget: int, loops_only: bool = False):
 
 
 def local_bytes(plan) -> int:
-    """Bytes of the block-local region of `plan` (0: none)."""
-    return max((offset + _nbytes(buf) for buf, offset in plan.block_local), default=0)
+    """Bytes of the block-local region of `plan`, its temps' and its loops' staged carries' (0: none)."""
+    staged = (s.offset + s.size * s.buffer.aval.dtype.itemsize for loop in plan_statements(plan)
+              if isinstance(loop, Loop) for s in loop.staged)
+    return max([offset + _nbytes(buf) for buf, offset in plan.block_local] + list(staged), default=0)
+
+
+def smem_carries(plan, budget: int):
+    """`plan` with the buffers each partitioned loop writes kept in its vEUs' shared memory while it runs
+    (Loop.staged; module docstring), past the block-local temps, within what `budget` bytes per vEU leave
+    past the resident weights."""
+    if not SMEM_CARRIES or plan.control != "device" or plan.functions or len(plan.kernels) != 1:
+        return plan
+    kernel = plan.kernels[0]
+    room = budget - _aligned(region_bytes(plan))
+    excluded = _not_movable(kernel.body) | {buf for buf, _ in plan.block_local}
+    state = {"end": _aligned(local_bytes(plan)), "room": room, "excluded": excluded}
+    body = _stage_block(kernel.body, state, top=True)
+    if body == kernel.body:
+        return plan
+    return dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=body),) + plan.kernels[1:])
+
+
+def _stage_block(block: tuple, state: dict, top: bool = False) -> tuple:
+    """`block` with its partitioned loops' carries staged where a grid barrier (or the kernel's start or
+    end) stands on each side of the loop: the copy in then reads what every vEU wrote before, and every vEU
+    reads the copy out only after the barrier that follows."""
+    out = list(block)
+    for i, stmt in enumerate(block):
+        if isinstance(stmt, Branch):
+            out[i] = dataclasses.replace(stmt, branches=tuple(_stage_block(b, state) for b in stmt.branches))
+        elif isinstance(stmt, Loop) and not stmt.parts:
+            out[i] = dataclasses.replace(stmt, cond=_stage_block(stmt.cond, state),
+                                         body=_stage_block(stmt.body, state))
+        elif isinstance(stmt, Loop):
+            before = block[i - 1] if i else None
+            after = block[i + 1] if i + 1 < len(block) else None
+            fenced = [s is None and top or isinstance(s, Sync) and s.always_grid for s in (before, after)]
+            if all(fenced):
+                out[i] = _staged_loop(stmt, state)
+    return tuple(out)
+
+
+def _staged_loop(loop: Loop, state: dict) -> Loop:
+    """`loop` with the buffers it writes staged where every vEU's accesses to one stay in its own slice."""
+    staged = []
+    for buf in sorted(_own_slices(loop, state["excluded"]), key=lambda b: b.name):
+        size = buf.aval.size // loop.parts
+        end = _aligned(state["end"]) + size * buf.aval.dtype.itemsize
+        if end > state["room"]:
+            continue
+        staged.append(Staged(buf, _aligned(state["end"]), size))
+        state["end"] = end
+    return dataclasses.replace(loop, staged=tuple(staged)) if staged else loop
+
+
+def _own_slices(loop: Loop, excluded: set) -> list:
+    """The output and temp buffers `loop` writes whose every element the loop's uTasks on vEU v touch lies in
+    [v * size, (v + 1) * size), size = the buffer's elements / the loop's partitions (a run-time offset
+    counted at both ends of its range; a share shares.py does not know exactly: the whole operand)."""
+    waves = [s for s in walk(loop.cond + loop.body) if isinstance(s, Wave)]
+    written = {v.storage for wave in waves for task in wave.tasks for v in task.op.outputs}
+    candidates = {b for b in written if isinstance(b, Buffer) and b.kind in ("output", "temp")
+                  and b.frame_of is None and b not in excluded and b.aval.size % loop.parts == 0
+                  and b.aval.size // loop.parts * b.aval.dtype.itemsize % ALIGN == 0}   # (16-byte loads stay aligned)
+    for wave in waves:
+        for task in wave.tasks:
+            for buf, lo, hi, veu in _spans(task, candidates):
+                size = buf.aval.size // loop.parts
+                if not veu * size <= lo <= hi < (veu + 1) * size:
+                    candidates.discard(buf)
+    return list(candidates)
+
+
+def _spans(task, buffers: set):
+    """(Buffer, first and last storage element, vEU) of each uTask's accesses of `buffers` in `task`."""
+    op = task.op
+    operands = [(v, lambda t, k=k: write_share(op, t, k)) for k, v in enumerate(op.outputs)]
+    dynamic = utasks.first_start(op.kind) is not None
+    operands += [(v, lambda t, k=k: None if dynamic else read_share(op, k, t)) for k, v in enumerate(op.inputs)]
+    for value, share in operands:
+        if value.storage not in buffers:
+            continue
+        if value.rows is not None:             # gathered rows: anywhere in the storage
+            yield value.storage, 0, value.storage.aval.size, 0
+            continue
+        fixed = dataclasses.replace(value, terms=())
+        low = sum(min(0, term.stride * term.high) for term in value.terms)
+        high = sum(max(0, term.stride * term.high) for term in value.terms)
+        for t in range(op.n_utasks):
+            flat = share(t)
+            elements = storage_elements(fixed, None if flat is None else np.asarray(flat, np.int64))
+            elements = np.arange(value.storage.aval.size)[elements] if isinstance(elements, slice) else elements
+            if len(elements):
+                yield value.storage, int(elements.min()) + low, int(elements.max()) + high, \
+                    task.first + t % task.count
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
 
 
 def _nbytes(buf: Buffer) -> int:
@@ -78,15 +191,7 @@ def local_buffers(body: tuple, max_bytes: int, among: set | None = None) -> list
     vEU each touches."""
     stmts = list(walk(body))
     owners: dict = {}                                   # Buffer -> vEU per element (NONE, SEVERAL)
-    excluded = set(published_in(body))
-    for stmt in stmts:
-        if isinstance(stmt, Wave):
-            for task in stmt.tasks:
-                if task.op.kind in MAYBE_VIEWS:
-                    excluded |= {v.storage for v in task.op.inputs + task.op.outputs}
-                excluded |= {term.index.storage for v in task.op.inputs + task.op.outputs for term in v.terms}
-        elif not isinstance(stmt, (Sync, Loop)):        # uniform ops, assignments, branch indices
-            excluded |= {v.storage for v in _other_values(stmt)}
+    excluded = _not_movable(body)
     def wanted(buf):
         return buf.kind == "temp" and buf.frame_of is None and buf not in excluded and _nbytes(buf) <= max_bytes \
             and (among is None or buf in among)
@@ -103,6 +208,22 @@ def local_buffers(body: tuple, max_bytes: int, among: set | None = None) -> list
                 if np.any(owner[elements] == SEVERAL):
                     shared.add(buf)
     return [buf for buf, owner in owners.items() if buf not in excluded and buf not in shared]
+
+
+def _not_movable(body: tuple) -> set:
+    """The buffers of a kernel `body` that must stay where every vEU's plain pointer finds them: read by a
+    uniform statement, an assignment or a run-time offset, published by a flag sync, or an operand of an op a
+    backend may render as a view (hazards.MAYBE_VIEWS)."""
+    excluded = set(published_in(body))
+    for stmt in walk(body):
+        if isinstance(stmt, Wave):
+            for task in stmt.tasks:
+                if task.op.kind in MAYBE_VIEWS:
+                    excluded |= {v.storage for v in task.op.inputs + task.op.outputs}
+                excluded |= {term.index.storage for v in task.op.inputs + task.op.outputs for term in v.terms}
+        elif not isinstance(stmt, (Sync, Loop)):        # uniform ops, assignments, branch indices
+            excluded |= {v.storage for v in _other_values(stmt)}
+    return excluded
 
 
 def _touched_in_loops(body: tuple) -> set:

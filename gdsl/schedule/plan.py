@@ -488,11 +488,25 @@ class Assign:
 
 
 @dataclass(frozen=True, eq=False)
+class Staged:
+    """A buffer a loop keeps in shared memory while it runs (local.py, smem carries): `size` elements per vEU
+    at byte `offset` of the block-local region; vEU v holds the buffer's elements [v * size, (v + 1) * size),
+    copied in when the loop is entered and out when it ends."""
+    buffer: Buffer
+    offset: int
+    size: int
+
+    def __repr__(self):
+        return f"{self.buffer.name}[{self.size} per vEU] at +{self.offset}"
+
+
+@dataclass(frozen=True, eq=False)
 class Loop:
     cond: tuple
     pred: Value
     body: tuple
     parts: int = 0                 # partitioned: uTask p of every op on vEU p mod grid (partition.py)
+    staged: tuple[Staged, ...] = ()  # buffers in the vEUs' shared memory while it runs
 
 
 @dataclass(frozen=True, eq=False)

@@ -31,6 +31,7 @@ from gdsl.schedule.plan import (
     contraction_operands,
     epilogue_of,
     k_chunk,
+    plan_statements,
 )
 from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import K_CHUNK, gathers_batch, gemm_dims
@@ -122,10 +123,13 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
         elif isinstance(stmt, Loop):
             parts = f" ({stmt.parts} partitions: uTask p of every op on vEU p mod grid)" if stmt.parts else ""
             lines.append(f"{pad}loop{parts}:")
+            if stmt.staged:           # (local.py: copied in here, out at the end; shared memory past the temps')
+                lines.append(f"{pad}  in each vEU's shared memory while it runs, its slice of: "
+                             + ", ".join(map(repr, stmt.staged)))
             print_block(stmt.cond, indent + 1, lines, device)
             lines.append(f"{pad}  exit unless {stmt.pred!r}")
             print_block(stmt.body, indent + 1, lines, device)
-            lines.append(f"{pad}end loop")
+            lines.append(f"{pad}end loop" + (" (the staged slices copied out)" if stmt.staged else ""))
         elif isinstance(stmt, Branch):
             in_place = ""
             if stmt.in_place:
@@ -176,7 +180,9 @@ def print_plan(plan) -> str:
     lines.append(f"outputs: {outs}")
     if plan.block_local:                    # (local.py: a copy per vEU, past the resident weights' region)
         placed = ", ".join(f"{buf.name} at +{offset}" for buf, offset in plan.block_local)
-        lines.append(f"shared memory: {placed} (block-local, {local_bytes(plan)} bytes per vEU after the "
+        staged = " with the loops' staged slices" if any(isinstance(s, Loop) and s.staged for s in
+                                                          plan_statements(plan)) else ""
+        lines.append(f"shared memory: {placed} (block-local, {local_bytes(plan)} bytes per vEU{staged} after the "
                      f"resident weights)")
     if plan.host is not None:
         lines.append("host:")

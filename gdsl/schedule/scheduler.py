@@ -48,7 +48,7 @@ from gdsl.schedule import balance, licm, partition, splitk, utasks
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
-from gdsl.schedule.local import LOOPS, block_local
+from gdsl.schedule.local import LOOPS, block_local, smem_carries
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
 from gdsl.schedule.plan import (
@@ -2970,6 +2970,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
             plan = _doubled_temps(source, plan, options, with_flags=double_temps is None)
     if smem_temps and control == "device":
         plan = block_local(plan, resident_bytes, loops_only=smem_temps == LOOPS)
+        plan = smem_carries(plan, resident_bytes)
     return plan
 
 

@@ -175,6 +175,7 @@ class Simulator:
         self.waits: dict = {}             # Op -> input numbers that wait for flags (the running loop's)
         self.published: set = set()
         self.snapshots: dict = {}         # (buffer, vEU) -> what the vEU knew at its last published write
+        self.staged: dict = {}            # Buffer -> elements per vEU, of the running loops' staged slices
         self.op_ids: dict = {}
         self.stats = {"grid_barriers": 0, "utasks": 0}
 
@@ -283,6 +284,17 @@ class Simulator:
             snapshot[veu] = self.local_syncs[veu]
             self.snapshots[m.buf, veu] = snapshot
 
+    def _check_staged(self, buf, flat, veu, op):
+        """A buffer a running loop keeps in its vEUs' shared memory (plan.Staged) is only touched by each vEU
+        within its own slice."""
+        size = self.staged.get(buf)
+        if size is None:
+            return
+        elements = np.arange(buf.aval.size)[flat] if flat is None or isinstance(flat, slice) else np.asarray(flat)
+        if elements.size and not (veu * size <= elements.min() and elements.max() < (veu + 1) * size):
+            raise BarrierError(f"{op}: vEU {veu} touches {buf.name} outside its staged slice "
+                               f"[{veu * size}, {(veu + 1) * size})")
+
     # -------------------------------------------------------------------------------------------- run
     def run(self, flat_args) -> list:
         for value, arr in zip(self.plan.inputs, list(self.plan.consts) + list(flat_args)):
@@ -334,7 +346,8 @@ class Simulator:
 
     def run_loop(self, stmt: Loop):
         roles = loop_flags(stmt)
-        saved = self.waits, self.published
+        saved = self.waits, self.published, self.staged
+        self.staged = {**self.staged, **{s.buffer: s.size for s in stmt.staged}}
         if roles is not None:
             self.waits = {op: set(numbers) for op, numbers in roles.readers.items()}
             self.published = set(roles.published)
@@ -345,7 +358,7 @@ class Simulator:
                     return
                 self.block(stmt.body)
         finally:
-            self.waits, self.published = saved
+            self.waits, self.published, self.staged = saved
 
     def run_branch(self, stmt: Branch):
         index = int(np.clip(int(self.read(stmt.index).reshape(())), 0, len(stmt.branches) - 1))
@@ -463,6 +476,7 @@ class Simulator:
                     value = self.resolved(value)
                     share = read_share(op, k, t, self._starts(op))
                     flat = storage_elements(value, share)
+                    self._check_staged(value.storage, flat, veu, op)
                     m = self.mem[value.storage]
                     waiting = self.known[veu].copy() if k in self.waits.get(op, ()) else None
                     self._check_read(m, self._slot(value), flat, veu, op, value.storage.name,
@@ -482,6 +496,8 @@ class Simulator:
                 # (an output stored into a window of its storage: plan.StoreWindow, at its offset this time)
                 stored = storage_elements(self.resolved(value), flat) if value.window is not None else flat
             m, slot = self.mem[value.storage], self._slot(value)
+            if self.check:
+                self._check_staged(value.storage, stored, veu, op)
             self._record_write(m, slot, stored, veu, op, value.storage.name, known)
             _flat(m.data, slot)[stored] = result.reshape(-1)[flat]
 

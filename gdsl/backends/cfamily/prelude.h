@@ -478,11 +478,33 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
 
 // Rows [0, K) x columns [col0, col0 + TN) of a row-major K x N matrix into dst[K][TN] (zeros past column N),
 // by all threads of the block: a resident tile of a loop-invariant matmul operand (gdsl/schedule/resident.py).
+// A thread loads GDSL_COPY_BATCH elements before it stores any: the copy's loads are then in flight together
+// instead of one memory round trip each (the stores may alias the loads for all the compiler knows).
+#define GDSL_COPY_BATCH 8
 template <typename T>
 GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T* dst) {
-  for (int e = threadIdx.x; e < K * TN; e += blockDim.x) {
-    const int k = e / TN, n = col0 + e % TN;
-    dst[e] = n < N ? src[(long long)k * N + n] : T(0);
+  for (int e0 = threadIdx.x; e0 < K * TN; e0 += GDSL_COPY_BATCH * blockDim.x) {
+    T v[GDSL_COPY_BATCH];
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
+      const int e = e0 + b * blockDim.x, k = e / TN, n = col0 + e % TN;
+      v[b] = e < K * TN && n < N ? src[(long long)k * N + n] : T(0);
+    }
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b)
+      if (e0 + b * blockDim.x < K * TN) dst[e0 + b * blockDim.x] = v[b];
+  }
+}
+
+// dst[0, n) = src[0, n) by all threads of the block (a loop's staged slice in or out: gdsl/schedule/local.py).
+template <typename T>
+GDSL_DEV void gdsl_copy_block(T* dst, const T* src, int n) {
+  for (int e0 = threadIdx.x; e0 < n; e0 += GDSL_COPY_BATCH * blockDim.x) {
+    T v[GDSL_COPY_BATCH];
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) if (e0 + b * blockDim.x < n) v[b] = src[e0 + b * blockDim.x];
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) if (e0 + b * blockDim.x < n) dst[e0 + b * blockDim.x] = v[b];
   }
 }
 

@@ -592,20 +592,8 @@ class Renderer:
             elif isinstance(stmt, Assign):
                 lines.append(f"{pad}{self.uniform_ref(stmt.dst)} = {self.elem(stmt.src)};")
             elif isinstance(stmt, Loop):
-                entry, after_cond = self._loop_quiet(stmt, quiet)
-                lines += [pad + line for line in self.resident_preload(stmt)]
-                lines += self.trace_lines(pad, trace_begin, self.trace and self.trace.loop(stmt))
-                lines.append(pad + "while (true) {")
-                lines += self.block(stmt.cond, ind + 1, entry)
-                lines.append(f"{pad}  if (!({self.elem(stmt.pred)})) break;")
-                lines += self.trace_lines(pad + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
-                lines += self.block(stmt.body, ind + 1, after_cond)
-                if stmt in self.flag_loops:     # (flag syncs: the iteration their tags count)
-                    lines.append(f"{pad}  gdsl_it{self.flag_loops[stmt][0]} += 1u;")
-                lines += self.trace_lines(pad + "  ", trace_end, self.trace and self.trace.iteration(stmt))
-                lines.append(pad + "}")
-                lines += self.trace_lines(pad, trace_end, self.trace and self.trace.loop(stmt))
-                quiet = after_cond
+                loop_lines, quiet = self.loop(stmt, ind, quiet)
+                lines += loop_lines
                 continue
             elif isinstance(stmt, Branch):
                 lines.append(f"{pad}switch ({self.elem(stmt.index)}) {{")
@@ -629,6 +617,27 @@ class Renderer:
         if ROLL_REPEATS and not self.trace:
             return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
+
+    def loop(self, stmt: Loop, ind: int, quiet: bool) -> tuple[list[str], bool]:
+        """A loop's lines, its resident tiles and staged slices copied in first, and whether it ends quiet."""
+        pad = "  " * ind
+        entry, after_cond = self._loop_quiet(stmt, quiet)
+        lines = [pad + line for line in self.resident_preload(stmt) + self.staged_in(stmt)]
+        ind += 2 if stmt.staged else 0          # (inside the staged slices' two scopes)
+        inner = "  " * ind
+        lines += self.trace_lines(inner, trace_begin, self.trace and self.trace.loop(stmt))
+        lines.append(inner + "while (true) {")
+        lines += self.block(stmt.cond, ind + 1, entry)
+        lines.append(f"{inner}  if (!({self.elem(stmt.pred)})) break;")
+        lines += self.trace_lines(inner + "  ", trace_begin, self.trace and self.trace.iteration(stmt))
+        lines += self.block(stmt.body, ind + 1, after_cond)
+        if stmt in self.flag_loops:     # (flag syncs: the iteration their tags count)
+            lines.append(f"{inner}  gdsl_it{self.flag_loops[stmt][0]} += 1u;")
+        lines += self.trace_lines(inner + "  ", trace_end, self.trace and self.trace.iteration(stmt))
+        lines.append(inner + "}")
+        lines += self.trace_lines(inner, trace_end, self.trace and self.trace.loop(stmt))
+        lines += [pad + line for line in self.staged_out(stmt)]
+        return lines, after_cond and not stmt.staged
 
     def call_lines(self, stmt: Call, pad: str, half: tuple | None = None) -> list[str]:
         """The stack machine's call (module docstring); `half` (0 or 1, the Fork's min_group) for a call of a
@@ -921,6 +930,40 @@ class Renderer:
         tasks = [task for stmt in loop.body if isinstance(stmt, Wave) for task in stmt.tasks
                  if RESIDENT in task.op.params]
         return self.staged(tasks)
+
+    def staged_in(self, loop) -> list[str]:
+        """Before a loop that keeps buffers in shared memory (plan.Staged, gdsl/schedule/local.py): each vEU
+        copies its slice of each in, then a block barrier; then, in a scope that ends after the loop (staged_out),
+        the buffer's name is a pointer into the shared copy, shifted so that the slice's own indices reach it."""
+        if not loop.staged:
+            return []
+        d, lines = self.dialect, ["{ // staged: each vEU's slice in its shared memory while the loop runs"]
+        for k, s in enumerate(loop.staged):
+            t = c_types.storage(s.buffer.aval.dtype)
+            lines.append(f"  {t}* gdsl_staged{k} = ({t}*)(gdsl_smem + GDSL_LOCAL_BASE + {s.offset});")
+            lines += self._staged_copy(s, f"gdsl_staged{k}", s.buffer.name, into=True)
+        lines += [f"  {d.block_barrier}", "  { // in the loop, the buffers' names point into the shared copies"]
+        lines += [f"    {c_types.storage(s.buffer.aval.dtype)}* {s.buffer.name} = gdsl_staged{k} - "
+                  f"(long long){d.block_index} * {s.size};" for k, s in enumerate(loop.staged)]
+        return lines
+
+    def staged_out(self, loop) -> list[str]:
+        """After a loop that kept buffers in shared memory: the scope of the shifted names ends, and each vEU
+        copies its slices back (the grid barrier that follows the loop publishes them: local.py)."""
+        if not loop.staged:
+            return []
+        lines = ["  }", f"  {self.dialect.block_barrier}"]
+        for k, s in enumerate(loop.staged):
+            lines += self._staged_copy(s, f"gdsl_staged{k}", s.buffer.name, into=False)
+        return lines + ["}"]
+
+    def _staged_copy(self, staged, local: str, name: str, into: bool) -> list[str]:
+        """The threads of a vEU that holds a slice of `staged` copy it `into` its shared copy `local` from the
+        buffer `name`, or back."""
+        d, parts = self.dialect, staged.buffer.aval.size // staged.size
+        whole = f"{name} + (long long){d.block_index} * {staged.size}"
+        dst, src = (local, whole) if into else (whole, local)
+        return [f"  if ({d.block_index} < {parts}) gdsl_copy_block({dst}, {src}, {staged.size});"]
 
     def function_preload(self, functions) -> list[str]:
         """When the kernel starts: the resident tiles of the recursive functions' matmuls (option
