@@ -141,8 +141,10 @@ def _own_slices(loop: Loop, excluded: set) -> list:
     [v * size, (v + 1) * size), size = the buffer's elements / the loop's partitions (a run-time offset
     counted at both ends of its range; a share shares.py does not know exactly: the whole operand)."""
     waves = [s for s in walk(loop.cond + loop.body) if isinstance(s, Wave)]
+    values = [v for wave in waves for task in wave.tasks for v in task.op.inputs + task.op.outputs]
     written = {v.storage for wave in waves for task in wave.tasks for v in task.op.outputs}
-    candidates = {b for b in written if isinstance(b, Buffer) and b.kind in ("output", "temp")
+    gathered = {v.storage for v in values if v.rows is not None}       # (rows anywhere in their storage)
+    candidates = {b for b in written - gathered if isinstance(b, Buffer) and b.kind in ("output", "temp")
                   and b.frame_of is None and b not in excluded and b.aval.size % loop.parts == 0
                   and b.aval.size // loop.parts * b.aval.dtype.itemsize % ALIGN == 0}   # (16-byte loads stay aligned)
     for wave in waves:
@@ -162,9 +164,6 @@ def _spans(task, buffers: set):
     operands += [(v, lambda t, k=k: None if dynamic else read_share(op, k, t)) for k, v in enumerate(op.inputs)]
     for value, share in operands:
         if value.storage not in buffers:
-            continue
-        if value.rows is not None:             # gathered rows: anywhere in the storage
-            yield value.storage, 0, value.storage.aval.size, 0
             continue
         fixed = dataclasses.replace(value, terms=())
         low = sum(min(0, term.stride * term.high) for term in value.terms)
