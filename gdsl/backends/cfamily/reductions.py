@@ -11,6 +11,7 @@ into it (plan.StoreWindow, plan.WINDOW_COPY).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from gdsl import dtypes
 from gdsl.backends.cfamily import types as c_types
@@ -29,6 +30,11 @@ from gdsl.schedule.rows import ROW_SLOTS
 # 3.007 / 3.010 -> 2.887 / 2.819, LSTM bs1 0.457 / 0.455 -> 0.436 / 0.402, Attention bs1 0.199 / 0.185 ->
 # 0.144 / 0.148; NASRNN bs1, Seq2seq and Attention bs64 within their spread.
 PRELOAD_ROW_LEAVES = 32
+# A reduction's lane loads this many of its elements into registers before it folds them (in the same order, so
+# the result is the same bit for bit), so that their memory round trips overlap: Seq2seq bs1's argmax over 3797
+# logits on one vEU (15 elements a lane) ran 3.2 us a step on the H200 (session 15's profile) with the loads'
+# latency on its path. 0: one element at a time (the default until it is timed on the GPU).
+LANE_LOAD_BATCH = 0
 
 
 # ---------------------------------------------------------------------------------- reductions (uTask)
@@ -96,7 +102,8 @@ def whole_reduction(ops: OpRenderer, *, identity: str, combine: str, partial_sum
     lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
-        step=f"v = comb(v, {load});", store=store_result(ops, "o", "v"), partial=partial,
+        step=LaneStep(f"v = comb(v, {load});", acc, load, "v = comb(v, x);"), store=store_result(ops, "o", "v"),
+        partial=partial,
         block_combine=f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);",
         group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(ops.block // ops.dialect.warp_size) * 8)
     return "\n".join(lines) + "\n"
@@ -116,7 +123,8 @@ def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
     lines = [f"  auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({identity}); int k = 2147483647;",
-        step=f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", store=store_result(ops, "o", "k"),
+        step=LaneStep(f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", acc, load,
+                      "if (better(x, r, v, k)) { v = x; k = r; }"), store=store_result(ops, "o", "k"),
         block_combine=f"gdsl_block_argreduce<{ops.block}>(v, k, better, smem);",
         group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
         smem=(ops.block // ops.dialect.warp_size) * 16 + 16)
@@ -137,9 +145,31 @@ def store_result(ops: OpRenderer, idx: str, v: str) -> str:
     return stores[0] if len(stores) == 1 else f"{{ {' '.join(stores)} }}"
 
 
-def _lane_loop(first, length, stride, step, partial) -> str:
+@dataclass(frozen=True)
+class LaneStep:
+    """What a lane does with element r of its run: `plain`, the C statements of one element at a time; for
+    LANE_LOAD_BATCH the same as `load` (a C expression of r) read as `x` (of type `acc`), then `fold` (C
+    statements over x and r)."""
+    plain: str
+    acc: str
+    load: str
+    fold: str
+
+    def __str__(self):
+        return self.plain
+
+
+def _lane_loop(first, length, stride, step: LaneStep, partial) -> str:
     """for r in range(first, length, stride): step; with `partial` = (init, step, flush) and more than
-    SUM_CHUNK steps per lane: the steps in chunks of SUM_CHUNK, each folded into a fresh partial, flushed."""
+    SUM_CHUNK steps per lane: the steps in chunks of SUM_CHUNK, each folded into a fresh partial, flushed.
+    With LANE_LOAD_BATCH and no chunks: LANE_LOAD_BATCH elements loaded, then folded in order."""
+    if (partial is None or length <= stride * SUM_CHUNK) and LANE_LOAD_BATCH > 1 and length > stride:
+        n = LANE_LOAD_BATCH
+        return (f"for (int r0 = {first}; r0 < {length}; r0 += {n * stride}) {{ {step.acc} xs[{n}]; "
+                f"for (int u = 0; u < {n}; ++u) {{ const int r = r0 + u * {stride}; "
+                f"if (r < {length}) xs[u] = {step.load}; }} "
+                f"for (int u = 0; u < {n}; ++u) {{ const int r = r0 + u * {stride}; "
+                f"if (r < {length}) {{ const {step.acc} x = xs[u]; {step.fold} }} }} }}")
     if partial is None or length <= stride * SUM_CHUNK:
         return f"for (int r = {first}; r < {length}; r += {stride}) {{ {step} }}"
     init, partial_step, flush = partial
