@@ -87,3 +87,13 @@ def test_emulated_zoo_matches_the_reference(columns, name, bs):
 @needs_nvrtc
 def test_attention_compiles(columns):
     assert cuda_toolchain.compile_cuda(zoo_lowered("attention", 1).source, "sm_90")[:4] == b"\x7fELF"
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq", "rae"])
+def test_every_depth_emulated(monkeypatch, name):
+    """With no depth limit (the switch at 1024) every GEMV of the batch-1 recurrences and RAE takes it (at full
+    size k = 256 with B resident in shared memory, and RAE's k = 1024); their small configurations still match
+    the references."""
+    monkeypatch.setattr(gemm, "COLUMN_GEMV_DEPTH", 1024)
+    assert emulated_model_mismatches(name, 1) == []

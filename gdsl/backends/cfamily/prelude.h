@@ -494,7 +494,7 @@ GDSL_DEV void gdsl_gemv_cols(int N, int col0, LA la, LB lb, SC sc, char* smem) {
     for (int m = 0; m < MR; ++m)
 #pragma unroll
       for (int p = 0; p < P; ++p) acc[m][p] = Acc(0);
-#pragma unroll
+#pragma unroll 16
     for (int k = 0; k < K; ++k) {
       const Acc b = lb(k, n);
 #pragma unroll
