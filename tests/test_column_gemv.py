@@ -1,8 +1,8 @@
 """The column GEMV (gdsl/backends/cfamily/gemm.py's switch COLUMN_GEMV_DEPTH, off by default until it is timed on the
 GPU; prelude.h's gdsl_gemv_cols): a GEMV-shaped matmul of a shallow k with B along n runs one thread per output
 column over the whole k. Off, the code is unchanged; on, shallow GEMVs (rows 1-3, k 3-64, odd widths, batched,
-int32, a window-store epilogue through Attention) match the interpreter on the emulator, a transposed B keeps
-gdsl_gemv_tile, deeper GEMVs too, and NVRTC compiles Attention bs1 with it."""
+int32, a B read through a transposed view, a window-store epilogue through Attention) match the interpreter on
+the emulator, deeper GEMVs keep gdsl_gemv_tile, and NVRTC compiles Attention bs1 with it."""
 import re
 
 import numpy as np
@@ -52,10 +52,10 @@ def test_off_by_default():
 
 
 def test_which_gemvs_take_it(columns):
-    """Attention bs1: the three k = 64 projections and a·V take it; q·Kᵀ (B read through a transposed view,
-    contiguous along k) keeps gdsl_gemv_tile; a k = 256 GEMV keeps it too."""
+    """Attention bs1: its four k = 64 GEMVs take it (the three projections, q·Kᵀ, whose B is read through a
+    transposed view, and a·V); a k = 256 GEMV keeps gdsl_gemv_tile."""
     tiles = TILES.findall(zoo_lowered("attention", 1).source)
-    assert tiles == ["gdsl_gemv_cols<1, 192, 256, 64, float>", "gdsl_gemv_tile<1, 64, 256, 256, float, true>",
+    assert tiles == ["gdsl_gemv_cols<1, 192, 256, 64, float>", "gdsl_gemv_cols<1, 64, 256, 64, float>",
                      "gdsl_gemv_cols<1, 64, 256, 64, float>", "gdsl_gemv_cols<1, 64, 256, 64, float>"]
     deep = TILES.findall(cuda_lowering(_matmul, _args((1, 256), (256, 512))).source)
     assert deep and all(tile.startswith("gdsl_gemv_tile<") for tile in deep)

@@ -476,10 +476,10 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   __syncthreads();
 }
 
-// A GEMV tile for a shallow k with B along n (gemm.COLUMN_GEMV_DEPTH): A's MR rows staged in shared memory, then
-// thread c computes columns col0 + c, col0 + c + NT, ... over the whole k in P partial sums (k mod P), added at the
-// end. Nothing is summed across threads (no k split: no shuffles, no second barrier); a warp's B loads are
-// consecutive columns.
+// A GEMV tile for a shallow k (gemm.COLUMN_GEMV_DEPTH): A's MR rows staged in shared memory, then thread c computes
+// columns col0 + c, col0 + c + NT, ... over the whole k in P partial sums (k mod P), added at the end. Nothing is
+// summed across threads (no k split: no shuffles, no second barrier); a warp's B loads are consecutive columns
+// (B along n) or each thread's own row (B along k).
 template <int MR, int TN, int NT, int K, typename Acc, class LA, class LB, class SC>
 GDSL_DEV void gdsl_gemv_cols(int N, int col0, LA la, LB lb, SC sc, char* smem) {
   constexpr int P = K >= 4 ? 4 : 1;
