@@ -1,5 +1,6 @@
-"""The benchmark tools that run without a GPU: benchmarks/plan_floors.py (each zoo row's floor from its plan) and
-benchmarks/switches.py (the bench with module switches set)."""
+"""The benchmark tools that run without a GPU: benchmarks/plan_floors.py (each zoo row's floor from its plan),
+benchmarks/switches.py (the bench with module switches set) and benchmarks/kernel_ab.py (its orchestration of ncu,
+with a stand-in for ncu)."""
 import importlib.util
 import json
 import re
@@ -61,3 +62,38 @@ def test_ncu_summary_shares_stalls_by_opcode_and_address(tmp_path, capsys):
     assert lines[1].startswith("BRA") and "60.0%" in lines[1] and "('barrier', 100)" in lines[1]
     assert lines[2].startswith("FFMA") and "('short_sb', 67)" in lines[2]
     assert [line.split()[0] for line in lines[4:]] == ["0x1000"]         # the one range with half the samples
+
+
+_NCU_ROW = '"{n}","484","python3.12","127.0.0.1","gdsl_main","1","7","(256, 1, 1)","(132, 1, 1)","0","9.0",' \
+    '"Command line profiler metrics","gpu__time_duration.sum","{unit}","{value}"'
+NCU_CSV = "==PROF== Connected to process 484 (/usr/bin/python3.12)\n" + \
+    _NCU_ROW.format(n=0, unit="ns", value="126,656") + "\n" + _NCU_ROW.format(n=1, unit="us", value="124.704") + "\n"
+
+
+def test_kernel_ab_reads_ncu_and_alternates_the_variants():
+    tool = _tool("kernel_ab")
+    assert tool.kernel_us(NCU_CSV) == [pytest.approx(126.656), pytest.approx(124.704)]
+    assert tool.parse_variant("lane8:a.B=8,c.D=None") == ("lane8", ["a.B=8", "c.D=None"])
+    assert tool.parse_variant("base") == ("base", [])
+    assert tool.runs(["m"], ["x", "y"], 3) == [(0, "m", "x"), (0, "m", "y"), (1, "m", "y"), (1, "m", "x"),
+                                               (2, "m", "x"), (2, "m", "y")]
+
+
+def test_kernel_ab_runs_each_variant_under_the_profiler(tmp_path, capsys):
+    """With a stand-in for ncu that prints two launches of each process: every (round, variant) runs once, with
+    its switches passed to the child, and the summary and JSON hold each variant's launches."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\nprintf '%s' '{NCU_CSV}'\n")
+    fake.chmod(0o755)
+    out = tmp_path / "ab.json"
+    assert _tool("kernel_ab").main(["--models", "seq2seq", "--variant", "base", "--variant",
+                                    "lane8:gdsl.backends.cfamily.reductions.LANE_LOAD_BATCH=8", "--rounds", "2",
+                                    "--ncu", str(fake), "--json", str(out)]) == 0
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4 and calls[1].endswith("gdsl.backends.cfamily.reductions.LANE_LOAD_BATCH=8")
+    assert calls[2].endswith("--child seq2seq 1 18 gdsl.backends.cfamily.reductions.LANE_LOAD_BATCH=8")
+    result = json.loads(out.read_text())
+    assert sorted(result["kernel_us"]) == ["seq2seq/base", "seq2seq/lane8"]
+    assert len(result["kernel_us"]["seq2seq/base"]) == 4
+    assert "seq2seq    lane8        median    125.68" in capsys.readouterr().out
