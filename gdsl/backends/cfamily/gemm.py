@@ -60,10 +60,9 @@ WIDE_ODD_REGISTERS = 24
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
 # A GEMV of at most this k is one thread per output column over the whole k (gdsl_gemv_cols; a B along k, q·Kᵀ's,
-# is then read along each thread's own row)
-# instead of gdsl_gemv_tile's k split with its shuffles and cross-warp sum: on the H200 (session 15, ncu) a k = 64
-# GEMV of Attention bs1 ran 100-540 instructions a warp for 16-48 FMAs, most of it the split's index arithmetic
-# and sums. None: off (built and tested on the emulator, not yet timed on a GPU).
+# is read along each thread's own row) instead of gdsl_gemv_tile's k split with its shuffles and cross-warp sum: on
+# the H200 (session 15, ncu) a k = 64 GEMV of Attention bs1 ran 100-540 instructions a warp for 16-48 FMAs, most
+# of it the split's index arithmetic and sums. None: off (built and tested on the emulator, not yet timed on a GPU).
 COLUMN_GEMV_DEPTH = None
 
 
