@@ -17,9 +17,7 @@ Each child compiles what the cache lacks (precompile_cuda.py --render renders a 
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
-import importlib
 import io
 import json
 import os
@@ -59,21 +57,11 @@ def kernel_us(ncu_csv: str) -> list[float]:
     return out
 
 
-def set_switches(switches: list[str]) -> None:
-    for spec in switches:
-        target, value = spec.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(module)
-        if not hasattr(mod, name):
-            raise SystemExit(f"{module} has no switch {name}")
-        setattr(mod, name, ast.literal_eval(value))
-
-
 def child(model_name: str, batch: int, calls: int, switches: list[str]) -> int:
     """One process's work under ncu: the model's forward `calls` times (device control, CUDA), checked first."""
-    set_switches(switches)
-    import gdsl
     from models import common, load
+    common.set_switches(switches)
+    import gdsl
     model = load(model_name)
     prob = common.build_problem(model, batch)
     fn = model.make_forward(prob.cfg, backend="cuda", control="device")

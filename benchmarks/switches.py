@@ -9,8 +9,6 @@ rendered, so other variants compile on the device). docs/performance.md uses it 
 """
 from __future__ import annotations
 
-import ast
-import importlib
 import os
 import sys
 
@@ -21,14 +19,10 @@ def main(argv: list[str]) -> int:
     if "--" not in argv:
         raise SystemExit(__doc__)
     cut = argv.index("--")
+    from models.common import set_switches
+    set_switches(argv[:cut])
     for spec in argv[:cut]:
-        target, value = spec.split("=", 1)
-        module, name = target.rsplit(".", 1)
-        mod = importlib.import_module(module)
-        if not hasattr(mod, name):
-            raise SystemExit(f"{module} has no switch {name}")
-        setattr(mod, name, ast.literal_eval(value))
-        print(f"set {target} = {value}", flush=True)
+        print(f"set {spec.replace('=', ' = ', 1)}", flush=True)
     from models.bench import main as bench
     return bench(argv[cut + 1:])
 

@@ -6,7 +6,9 @@ holds what they all need, so that no model repeats it.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import importlib
 import inspect
 import os
 import time
@@ -193,6 +195,18 @@ def parse_option(text: str) -> tuple[str, Any]:
     if value.lstrip("-").isdigit():
         return key, int(value)
     return key, {"None": None, "True": True, "False": False}.get(value, value)
+
+
+def set_switches(specs) -> None:
+    """Set module switches, each "module.NAME=value" (a Python literal), as the benchmark scripts take them
+    (benchmarks/switches.py, benchmarks/kernel_ab.py); SystemExit for a module without that switch."""
+    for spec in specs:
+        target, value = spec.split("=", 1)
+        module, name = target.rsplit(".", 1)
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            raise SystemExit(f"{module} has no switch {name}")
+        setattr(mod, name, ast.literal_eval(value))
 
 
 def _device_put_for(backend: str | None):
