@@ -98,9 +98,12 @@ from gdsl.schedule.unroll import unroll_twice
 from gdsl.schedule.wavefront import loop_iteration_ns, loop_iteration_rounds, skew_program, wave_ns
 
 UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per input
-# With the option uniform_reductions=True, a reduction to one element reads at most this many (every vEU
-# loads them, each warp's lanes the same addresses: one L1 line per warp and element, no barrier), instead
-# of running as an op of its own behind a grid barrier (Seq2seq's exit test at batch 64: max over 64 tokens).
+# With the option uniform_reductions=True (the C family's default), a reduction to one element reads at most this
+# many (every vEU computes it, no barrier), instead of running as an op of its own behind a grid barrier (Seq2seq's
+# exit test at batch 64: max over 64 tokens). The C family unrolls one of at most 64 elements into a chain a thread
+# and reduces a longer one with the vEU's threads together (cfamily/reductions.py), so a larger bound is possible:
+# 8192 makes Seq2seq's argmax over 3797 logits a uniform, no op and no single-vEU reduction a step (session 15:
+# built, tested on the emulator, not yet timed on a GPU; the bound stays 64 until it is).
 UNIFORM_REDUCTION_MAX_INPUT = 64
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
 # recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.

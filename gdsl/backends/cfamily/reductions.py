@@ -277,8 +277,46 @@ def _uniform_items(renderer, u) -> tuple[str, list[str]]:
     return acc, [f"(({acc}){renderer.elem(x, str(k))})" for k in range(x.aval.size)]
 
 
+# A uniform reduction of more elements than this (the scheduler's option uniform_reductions=True lets one read up to
+# scheduler.UNIFORM_REDUCTION_MAX_INPUT) is computed by each vEU's threads together: each folds a strided share,
+# then a block reduction leaves the result in every thread. Fewer are unrolled into one chain a thread.
+UNROLL_MAX = 64
+
+
+def cooperative_reduction(renderer, u, out: str, *, init: str, fold: str, block_combine: str, result: str,
+                          acc: str) -> list[str]:
+    """`out` = a reduction of the operand's elements by all threads of the vEU: each thread folds elements
+    thread, thread + block, ... (`fold`: C statements over x, the element, and r, its index, into the
+    accumulators `init` declares), then `block_combine` leaves the result in every thread; `result` is the C
+    value stored. A block barrier first: the uTask before may still read the scratch the combine writes."""
+    x, d, block = u.inputs[0], renderer.dialect, renderer.plan.block
+    renderer.smem = max(renderer.smem, (block // d.warp_size) * 16 + 16)     # (the block combine's scratch)
+    load = renderer.elem(x, "r")
+    return [f"{{ {d.block_barrier} {init}",
+            f"  for (int r = (int){d.thread_index}; r < {x.aval.size}; r += {block}) {{ const {acc} x = ({acc}){load}; "
+            f"{fold} }}",
+            f"  {block_combine}",
+            f"  {out} = {result}; }}"]
+
+
 def unrolled_reduction(renderer, u, out: str, combine: str) -> list[str]:
-    """`out` = the operand's elements folded left to right with `combine` (C over {a}, {b})."""
+    """`out` = the operand's elements folded left to right with `combine` (C over {a}, {b}); by the vEU's
+    threads together past UNROLL_MAX elements (then in another order: a float sum may differ in its last
+    bits)."""
+    x = u.inputs[0]
+    if x.aval.size > UNROLL_MAX:
+        acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+        comb = combine.format(a="a", b="b")
+        ident = {"({a} + {b})": "0"}.get(combine)
+        if ident is None:                     # max / min: the first element is an identity of its own
+            ident = renderer.elem(x, "0")
+        floaty = dtypes.is_float(x.aval.dtype)
+        result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
+        return cooperative_reduction(
+            renderer, u, out, acc=acc, init=f"auto comb = []({acc} a, {acc} b) -> {acc} {{ return {comb}; }}; "
+            f"{acc} v = ({acc})({ident});", fold="v = comb(v, x);",
+            block_combine=f"v = gdsl_block_reduce<{renderer.plan.block}>(v, ({acc})({ident}), comb, gdsl_smem);",
+            result=result)
     acc, items = _uniform_items(renderer, u)
     if not items:
         return [f"{out} = {c_types.literal(0, u.output.aval.dtype)};"]
@@ -291,7 +329,22 @@ def unrolled_reduction(renderer, u, out: str, combine: str) -> list[str]:
 
 
 def unrolled_arg_reduction(renderer, u, out: str, better: str) -> list[str]:
-    """`out` = the index of the first element that is `better` (">" or "<") than all before it, NaN winning."""
+    """`out` = the index of the first element that is `better` (">" or "<") than all before it, NaN winning;
+    by the vEU's threads together past UNROLL_MAX elements (the same index)."""
+    x = u.inputs[0]
+    if x.aval.size > UNROLL_MAX:
+        acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+        if dtypes.is_float(x.aval.dtype):
+            test = (f"bool vn = v != v, wn = w != w; if (vn || wn) return vn && (!wn || i < j); "
+                    f"return v {better} w || (v == w && i < j);")
+        else:
+            test = f"return v {better} w || (v == w && i < j);"
+        return cooperative_reduction(
+            renderer, u, out, acc=acc,
+            init=f"auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }}; "
+            f"{acc} v = ({acc}){renderer.elem(x, '0')}; int k = 0;",
+            fold="if (better(x, r, v, k)) { v = x; k = r; }",
+            block_combine=f"gdsl_block_argreduce<{renderer.plan.block}>(v, k, better, gdsl_smem);", result="k")
     acc, items = _uniform_items(renderer, u)
     lines = [f"{{ {acc} v = {items[0]}; int k = 0; {acc} w;"]
     for k in range(1, len(items)):
