@@ -245,7 +245,7 @@ def _pool(ops: OpRenderer, init: str, combine: str, finish: str) -> list[str]:
 # ---------------------------------------------------------------------------------- reductions (uniform)
 @register_lowering("reduce_sum", backend="cfamily", role="uniform")
 def uniform_reduce_sum(renderer, u, out: str) -> list[str]:
-    return unrolled_reduction(renderer, u, out, "({a} + {b})")
+    return unrolled_reduction(renderer, u, out, "({a} + {b})", identity="0")
 
 
 @register_lowering("reduce_max", backend="cfamily", role="uniform")
@@ -299,32 +299,27 @@ def cooperative_reduction(renderer, u, out: str, *, init: str, fold: str, block_
             f"  {out} = {result}; }}"]
 
 
-def unrolled_reduction(renderer, u, out: str, combine: str) -> list[str]:
+def unrolled_reduction(renderer, u, out: str, combine: str, identity: str | None = None) -> list[str]:
     """`out` = the operand's elements folded left to right with `combine` (C over {a}, {b}); by the vEU's
-    threads together past UNROLL_MAX elements (then in another order: a float sum may differ in its last
-    bits)."""
+    threads together past UNROLL_MAX elements, from `identity` (None: the first element, for max and min), in
+    another order (a float sum may then differ in its last bits)."""
     x = u.inputs[0]
+    floaty = dtypes.is_float(x.aval.dtype)
+    result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
     if x.aval.size > UNROLL_MAX:
         acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
-        comb = combine.format(a="a", b="b")
-        ident = {"({a} + {b})": "0"}.get(combine)
-        if ident is None:                     # max / min: the first element is an identity of its own
-            ident = renderer.elem(x, "0")
-        floaty = dtypes.is_float(x.aval.dtype)
-        result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
+        start = f"({acc})({identity if identity is not None else renderer.elem(x, '0')})"
         return cooperative_reduction(
-            renderer, u, out, acc=acc, init=f"auto comb = []({acc} a, {acc} b) -> {acc} {{ return {comb}; }}; "
-            f"{acc} v = ({acc})({ident});", fold="v = comb(v, x);",
-            block_combine=f"v = gdsl_block_reduce<{renderer.plan.block}>(v, ({acc})({ident}), comb, gdsl_smem);",
-            result=result)
+            renderer, u, out, acc=acc, result=result, fold="v = comb(v, x);",
+            init=f"auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine.format(a='a', b='b')}; }}; "
+            f"{acc} v = {start};",
+            block_combine=f"v = gdsl_block_reduce<{renderer.plan.block}>(v, {start}, comb, gdsl_smem);")
     acc, items = _uniform_items(renderer, u)
     if not items:
         return [f"{out} = {c_types.literal(0, u.output.aval.dtype)};"]
     lines = [f"{{ {acc} v = {items[0]};"]
     for item in items[1:]:
         lines.append(f"  v = {combine.format(a='v', b=item)};")
-    floaty = dtypes.is_float(u.inputs[0].aval.dtype)
-    result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
     return lines + [f"  {out} = {result}; }}"]
 
 
