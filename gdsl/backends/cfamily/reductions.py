@@ -109,18 +109,22 @@ def whole_reduction(ops: OpRenderer, *, identity: str, combine: str, partial_sum
     return "\n".join(lines) + "\n"
 
 
+def better_lambda(dtype, acc: str, better: str) -> str:
+    """C: the lambda `better(v, i, w, j)` of an arg-reduction: is value v at index i before w at j (`better` ">"
+    for argmax, "<" for argmin; ties to the lower index, NaN winning as numpy)."""
+    test = f"return v {better} w || (v == w && i < j);"
+    if dtypes.is_float(dtype):
+        test = f"bool vn = v != v, wn = w != w; if (vn || wn) return vn && (!wn || i < j); {test}"
+    return f"auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }};"
+
+
 def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
     """argmax (`better` ">") / argmin ("<") along params["axis"]: the first index of the extreme, NaN
     winning as numpy."""
     dt = ops.ins[0].dtype
     acc = c_types.accumulator(dt)
     base, load, length, n_out = _operand_access(ops, (ops.op.params["axis"],))
-    if dtypes.is_float(dt):
-        test = (f"bool vn = v != v, wn = w != w; if (vn || wn) return vn && (!wn || i < j); "
-                f"return v {better} w || (v == w && i < j);")
-    else:
-        test = f"return v {better} w || (v == w && i < j);"
-    lines = [f"  auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }};"]
+    lines = [f"  {better_lambda(dt, acc, better)}"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({identity}); int k = 2147483647;",
         step=LaneStep(f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", acc, load,
@@ -329,15 +333,9 @@ def unrolled_arg_reduction(renderer, u, out: str, better: str) -> list[str]:
     x = u.inputs[0]
     if x.aval.size > UNROLL_MAX:
         acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
-        if dtypes.is_float(x.aval.dtype):
-            test = (f"bool vn = v != v, wn = w != w; if (vn || wn) return vn && (!wn || i < j); "
-                    f"return v {better} w || (v == w && i < j);")
-        else:
-            test = f"return v {better} w || (v == w && i < j);"
         return cooperative_reduction(
             renderer, u, out, acc=acc,
-            init=f"auto better = []({acc} v, int i, {acc} w, int j) -> bool {{ {test} }}; "
-            f"{acc} v = ({acc}){renderer.elem(x, '0')}; int k = 0;",
+            init=f"{better_lambda(x.aval.dtype, acc, better)} {acc} v = ({acc}){renderer.elem(x, '0')}; int k = 0;",
             fold="if (better(x, r, v, k)) { v = x; k = r; }",
             block_combine=f"gdsl_block_argreduce<{renderer.plan.block}>(v, k, better, gdsl_smem);", result="k")
     acc, items = _uniform_items(renderer, u)
