@@ -1,6 +1,7 @@
 """Where a zoo model's repeated call spends its host time on cuda (no GPU work is timed here): the fast
-key of its arguments, the table lookup, the input checks and pointers, the result arrays, and the whole
-call without waiting for the GPU (so the host's own rate).
+key of its arguments, the table lookup, the input checks and pointers, the result arrays, the driver's launch
+alone (the prepared parameter block launched again), and the whole call without waiting for the GPU (so the
+host's own rate).
 
     python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000]
 """
@@ -47,6 +48,11 @@ def breakdown(name: str, calls: int) -> str:
     if outputs is not None:
         stream = cp.cuda.get_current_stream().ptr
         parts["result arrays"] = per_call_us(lambda: outputs(stream), calls)
+    launcher = getattr(run, "launcher", None)
+    if launcher is not None:      # the parameter block as the last call left it: the driver's launch alone
+        stream = cp.cuda.get_current_stream().ptr
+        parts["driver launch" + (" (cooperative)" if launcher.cooperative else "")] = \
+            per_call_us(lambda: launcher.call_driver(stream), max(1, calls // 10))
     parts["whole call, not waiting for the GPU"] = per_call_us(lambda: f(w, x), max(1, calls // 10))
     cp.cuda.Device().synchronize()
     return f"{name}: {len(leaves)} leaves; " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())

@@ -1,7 +1,7 @@
 """Reductions whose lanes load several elements before folding them (gdsl/backends/cfamily/reductions.py's switch
-LANE_LOAD_BATCH, off by default until it is timed on the GPU): the default's code is unchanged; with the switch
-on, sums, maxima, minima, argmax and argmin over long rows (one row a block) and short ones (a lane group a row),
-NaNs and ties included, give the same bits as one element at a time on the emulator, and NVRTC compiles them."""
+LANE_LOAD_BATCH, 8 by default): sums, maxima, minima, argmax and argmin over long rows (one row a block) and short
+ones (a lane group a row), NaNs and ties included, give the same bits as one element at a time on the emulator, and
+NVRTC compiles them."""
 import numpy as np
 import pytest
 from strategies import cuda_lowering, emulated, needs_cxx, needs_nvrtc
@@ -26,8 +26,10 @@ def _args():
     return x, y
 
 
-def test_the_default_is_one_element_at_a_time():
-    assert reductions.LANE_LOAD_BATCH == 0
+def test_the_default_loads_eight_elements_a_lane_and_off_is_one_at_a_time(monkeypatch):
+    assert reductions.LANE_LOAD_BATCH == 8
+    assert "float xs[8];" in cuda_lowering(_reductions, _args()).source
+    monkeypatch.setattr(reductions, "LANE_LOAD_BATCH", 0)
     assert "xs[" not in cuda_lowering(_reductions, _args()).source
 
 
@@ -35,6 +37,7 @@ def test_the_default_is_one_element_at_a_time():
 @pytest.mark.parametrize("batch", [2, 8])
 def test_batched_loads_give_the_same_bits(monkeypatch, batch):
     args = _args()
+    monkeypatch.setattr(reductions, "LANE_LOAD_BATCH", 0)
     before = emulated(_reductions, args)
     monkeypatch.setattr(reductions, "LANE_LOAD_BATCH", batch)
     after = emulated(_reductions, args)

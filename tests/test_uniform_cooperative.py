@@ -1,8 +1,8 @@
 """Uniform reductions computed by each vEU's threads together (gdsl/backends/cfamily/reductions.py's
-cooperative_reduction, past UNROLL_MAX elements; reached when scheduler.UNIFORM_REDUCTION_MAX_INPUT is raised past
-its default 64, untimed): the default plans are unchanged; raised, Seq2seq bs1's argmax over 3797 logits becomes a
-uniform (no op a step), sums, maxima, minima, argmax and argmin over 3797 elements give the interpreter's results
-on the emulator (NaN and ties included), and NVRTC compiles Seq2seq bs1 that way."""
+cooperative_reduction, past UNROLL_MAX elements; up to scheduler.UNIFORM_REDUCTION_MAX_INPUT = 8192): Seq2seq
+bs1's argmax over 3797 logits is a uniform (no op a step; under a bound of 64 it was an op on one vEU); sums,
+maxima, minima, argmax and argmin over 3797 elements give the interpreter's results on the emulator (NaN and ties
+included), and NVRTC compiles Seq2seq bs1 that way."""
 import numpy as np
 import pytest
 from strategies import assert_trees_close, cuda_lowering, emulated, interpreted, needs_cxx, needs_nvrtc, zoo_lowered
@@ -11,11 +11,6 @@ import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.schedule import scheduler
-
-
-@pytest.fixture
-def raised(monkeypatch):
-    monkeypatch.setattr(scheduler, "UNIFORM_REDUCTION_MAX_INPUT", 8192)
 
 
 def _scalars(x, y):
@@ -33,22 +28,20 @@ def _args(nan=False):
     return x, rng.standard_normal(3797).astype(np.float32)
 
 
-def test_the_default_plans_keep_the_op():
-    assert scheduler.UNIFORM_REDUCTION_MAX_INPUT == 64
-    text = str(zoo_lowered("seq2seq", 1).lowering.plan)
-    assert "= op9_argmax(t16)" in text and "= argmax t16" not in text
-
-
-def test_raised_seq2seq_argmax_is_a_uniform(raised):
+def test_seq2seq_argmax_is_a_uniform_and_an_op_under_a_bound_of_64(monkeypatch):
+    assert scheduler.UNIFORM_REDUCTION_MAX_INPUT == 8192
     lowered = zoo_lowered("seq2seq", 1)
     text = str(lowered.lowering.plan)
     assert "    every vEU: u17 = argmax t16" in text and "_argmax(" not in text
     assert "gdsl_block_argreduce<256>(v, k, better, gdsl_smem);" in lowered.source
+    monkeypatch.setattr(scheduler, "UNIFORM_REDUCTION_MAX_INPUT", 64)
+    text = str(zoo_lowered("seq2seq", 1).lowering.plan)
+    assert "= op9_argmax(t16)" in text and "= argmax t16" not in text
 
 
 @needs_cxx
 @pytest.mark.parametrize("nan", [False, True])
-def test_emulated_matches_the_interpreter(raised, nan):
+def test_emulated_matches_the_interpreter(nan):
     args = _args(nan)
     plan = cuda_lowering(_scalars, args).plan
     assert str(plan).count("every vEU") >= 1 and "argmax in0" in str(plan)
@@ -59,5 +52,5 @@ def test_emulated_matches_the_interpreter(raised, nan):
 
 
 @needs_nvrtc
-def test_seq2seq_compiles(raised):
+def test_seq2seq_compiles():
     assert cuda_toolchain.compile_cuda(zoo_lowered("seq2seq", 1).source, "sm_90")[:4] == b"\x7fELF"

@@ -45,6 +45,7 @@ from gdsl.primitives.structural import (
     transpose_p,
 )
 from gdsl.schedule import balance, licm, partition, splitk, utasks
+from gdsl.schedule.backedge import demote_back_edges
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
 from gdsl.schedule.hazards import Hazards
@@ -102,9 +103,11 @@ UNIFORM_MAX_INPUT = 16   # a uniform op reads at most this many elements per inp
 # many (every vEU computes it, no barrier), instead of running as an op of its own behind a grid barrier (Seq2seq's
 # exit test at batch 64: max over 64 tokens). The C family unrolls one of at most 64 elements into a chain a thread
 # and reduces a longer one with the vEU's threads together (cfamily/reductions.py), so a larger bound is possible:
-# 8192 makes Seq2seq's argmax over 3797 logits a uniform, no op and no single-vEU reduction a step (session 15:
-# built, tested on the emulator, not yet timed on a GPU; the bound stays 64 until it is).
-UNIFORM_REDUCTION_MAX_INPUT = 64
+# 8192 makes Seq2seq's argmax over 3797 logits a uniform, no op and no single-vEU reduction a step, and then the
+# grid barrier after the token's store goes too (backedge.py). Measured on the H200 (session 16,
+# benchmarks/kernel_ab.py, ncu kernel time, two processes x 15 launches): Seq2seq bs1 110.9 us at 64 -> 98.6 at
+# 8192 (111.5 at 8192 with the back-edge barrier kept); no other zoo row's plan changes.
+UNIFORM_REDUCTION_MAX_INPUT = 8192
 # The deepest fused expression: a longer chain is cut into several ops. Backends render an expression
 # recursively, and C compilers nest it as deeply, so its depth must not grow with the program's length.
 MAX_FUSED_DEPTH = 64
@@ -352,6 +355,10 @@ class Scheduler:
             self.stats["grid_syncs"] -= len(idle)
             body = _without(body, idle)
             functions = tuple(dataclasses.replace(f, body=_without(f.body, idle)) for f in functions)
+        if self.control == "device":
+            body, demoted, exits = demote_back_edges(body)
+            self.stats["grid_syncs"] += exits - demoted
+            self.stats["block_syncs"] += demoted
         body = tuple(_drop_trailing_sync(body))
         if self.fork and len(functions) == 1:
             body, functions = self._forks(body, functions)

@@ -59,11 +59,6 @@ WIDE_ODD_REGISTERS = 24
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
-# A GEMV of at most this k is one thread per output column over the whole k (gdsl_gemv_cols; a B along k, q·Kᵀ's,
-# is read along each thread's own row) instead of gdsl_gemv_tile's k split with its shuffles and cross-warp sum: on
-# the H200 (session 15, ncu) a k = 64 GEMV of Attention bs1 ran 100-540 instructions a warp for 16-48 FMAs, most
-# of it the split's index arithmetic and sums. None: off (built and tested on the emulator, not yet timed on a GPU).
-COLUMN_GEMV_DEPTH = None
 
 
 @dataclass
@@ -367,13 +362,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
         kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
-        if COLUMN_GEMV_DEPTH and splits == 1 and K <= COLUMN_GEMV_DEPTH:
-            ops.smem = max(ops.smem, M * K * size)
-            call = f"  gdsl_gemv_cols<{M}, {tn}, {block}, {K}, {acc}>({N}, {col0}, la, lb, sc, smem);"
-        else:
-            ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
-            call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
-                    f"{col0}, la, lb, sc, smem);")
+        ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+                f"{col0}, la, lb, sc, smem);")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

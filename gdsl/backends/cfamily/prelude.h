@@ -476,41 +476,6 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   __syncthreads();
 }
 
-// A GEMV tile for a shallow k (gemm.COLUMN_GEMV_DEPTH): A's MR rows staged in shared memory, then thread c computes
-// columns col0 + c, col0 + c + NT, ... over the whole k in P partial sums (k mod P), added at the end. Nothing is
-// summed across threads (no k split: no shuffles, no second barrier); a warp's B loads are consecutive columns
-// (B along n) or each thread's own row (B along k).
-template <int MR, int TN, int NT, int K, typename Acc, class LA, class LB, class SC>
-GDSL_DEV void gdsl_gemv_cols(int N, int col0, LA la, LB lb, SC sc, char* smem) {
-  constexpr int P = K >= 4 ? 4 : 1;
-  Acc* As = (Acc*)smem;                 // [MR][K]
-  for (int e = threadIdx.x; e < MR * K; e += NT) As[e] = la(e / K, e % K);
-  __syncthreads();
-  for (int c = threadIdx.x; c < TN; c += NT) {
-    const int n = col0 + c;
-    if (n >= N) continue;
-    Acc acc[MR][P];
-#pragma unroll
-    for (int m = 0; m < MR; ++m)
-#pragma unroll
-      for (int p = 0; p < P; ++p) acc[m][p] = Acc(0);
-#pragma unroll 16
-    for (int k = 0; k < K; ++k) {
-      const Acc b = lb(k, n);
-#pragma unroll
-      for (int m = 0; m < MR; ++m) acc[m][k % P] += As[m * K + k] * b;
-    }
-#pragma unroll
-    for (int m = 0; m < MR; ++m) {
-      Acc v = acc[m][0];
-#pragma unroll
-      for (int p = 1; p < P; ++p) v += acc[m][p];
-      sc(m, n, v);
-    }
-  }
-  __syncthreads();
-}
-
 // Rows [0, K) x columns [col0, col0 + TN) of a row-major K x N matrix into dst[K][TN] (zeros past column N),
 // by all threads of the block: a resident tile of a loop-invariant matmul operand (gdsl/schedule/resident.py).
 // A thread loads GDSL_COPY_BATCH elements before it stores any: the copy's loads are then in flight together

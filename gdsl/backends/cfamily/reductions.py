@@ -33,8 +33,9 @@ PRELOAD_ROW_LEAVES = 32
 # A reduction's lane loads this many of its elements into registers before it folds them (in the same order, so
 # the result is the same bit for bit), so that their memory round trips overlap: Seq2seq bs1's argmax over 3797
 # logits on one vEU (15 elements a lane) ran 3.2 us a step on the H200 (session 15's profile) with the loads'
-# latency on its path. 0: one element at a time (the default until it is timed on the GPU).
-LANE_LOAD_BATCH = 0
+# latency on its path. Measured on the H200 (session 16, benchmarks/kernel_ab.py, ncu kernel time, two processes x
+# 15 launches): Seq2seq bs1 127.7 -> 110.4 us (predicted -15 to -20). 0 or 1: one element at a time.
+LANE_LOAD_BATCH = 8
 
 
 # ---------------------------------------------------------------------------------- reductions (uTask)
@@ -292,13 +293,14 @@ def cooperative_reduction(renderer, u, out: str, *, init: str, fold: str, block_
     """`out` = a reduction of the operand's elements by all threads of the vEU: each thread folds elements
     thread, thread + block, ... (`fold`: C statements over x, the element, and r, its index, into the
     accumulators `init` declares), then `block_combine` leaves the result in every thread; `result` is the C
-    value stored. A block barrier first: the uTask before may still read the scratch the combine writes."""
+    value stored. A block barrier first: the uTask before may still read the scratch the combine writes. A thread
+    loads LANE_LOAD_BATCH of its elements before it folds them, as a reduction uTask's lanes do."""
     x, d, block = u.inputs[0], renderer.dialect, renderer.plan.block
     renderer.smem = max(renderer.smem, (block // d.warp_size) * 16 + 16)     # (the block combine's scratch)
-    load = renderer.elem(x, "r")
+    load = f"({acc}){renderer.elem(x, 'r')}"
+    step = LaneStep(f"const {acc} x = {load}; {fold}", acc, load, fold)
     return [f"{{ {d.block_barrier} {init}",
-            f"  for (int r = (int){d.thread_index}; r < {x.aval.size}; r += {block}) {{ const {acc} x = ({acc}){load}; "
-            f"{fold} }}",
+            f"  {_lane_loop(f'(int){d.thread_index}', x.aval.size, block, step, None)}",
             f"  {block_combine}",
             f"  {out} = {result}; }}"]
 
