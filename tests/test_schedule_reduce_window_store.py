@@ -27,7 +27,7 @@ from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.primitives.registry import REDUCE, REGISTRY, family_of
 from gdsl.primitives.structural import dynamic_update_slice_p
-from gdsl.schedule import schedule
+from gdsl.schedule import schedule, scheduler
 from gdsl.schedule.plan import WINDOW_COPY, Loop, Sync, Wave, walk
 from gdsl.tracing.pytree import tree_unflatten
 from gdsl.tracing.trace import bind1
@@ -162,9 +162,12 @@ def test_the_update_runs_no_op(fn):
 
 
 @pytest.mark.parametrize("batch", [1, 64])
-def test_seq2seq_decoding_step_loses_the_token_store_s_wave(batch):
+def test_seq2seq_decoding_step_loses_the_token_store_s_wave(batch, monkeypatch):
     """Seq2seq at full size (rendered for CUDA, no GPU needed): the token's store was a wave of its own after
-    the argmax, behind a block sync (batch 1) or a grid barrier (batch 64); the argmax now stores it."""
+    the argmax, behind a block sync (batch 1) or a grid barrier (batch 64); the argmax now stores it. (At batch
+    1 the argmax is a uniform under the default UNIFORM_REDUCTION_MAX_INPUT, and a uniform stores nothing: the
+    op's store is checked under the bound of 64, where it is an op.)"""
+    monkeypatch.setattr(scheduler, "UNIFORM_REDUCTION_MAX_INPUT", 64)
     counts = [_loop_counts(zoo_lowered("seq2seq", batch, window_store=window_store).lowering.plan)
               for window_store in (False, None)]
     (waves_off, syncs_off), (waves_on, syncs_on) = counts
