@@ -135,6 +135,33 @@ def test_models_emulated_match_the_reference(name, bs, converted):
     assert emulated_model_mismatches(name, bs, flags=True) == []
 
 
+@needs_nvrtc
+def test_seq2seq_batch_1_cell_barrier_with_uniform_readers(monkeypatch):
+    """flags.UNIFORM_READERS (off by default, untimed): Seq2seq bs1's loop, whose every-vEU argmax reads the
+    logits, is tried; the barrier after the cell becomes a flag sync publishing h (out1, read by the logits
+    GEMV and the next step's h @ W_hh as their left operand); the others stay. Simulated (flag semantics, race
+    checks) against the float64 reference at full size; NVRTC compiles it."""
+    from models import common, floor, load
+    assert flags.UNIFORM_READERS is False
+    assert "flag_syncs" not in zoo_lowered("seq2seq", 1).lowering.plan.stats
+    monkeypatch.setattr(flags, "UNIFORM_READERS", True)
+    lowered = zoo_lowered("seq2seq", 1)
+    plan = lowered.lowering.plan
+    (sync,) = _syncs(_loop(plan).body, FLAGS)
+    assert [b.name for b in sync.published] == ["out1"] and loop_grid_barriers(plan) == 2
+    prob = common.build_problem(load("seq2seq"), 1)
+    got = simulate(plan, floor.flat_arguments(prob.weights, prob.batches[0]))
+    assert common.compare(tuple(got), prob.references()[0]) == []
+    assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
+
+
+def test_seq2seq_small_emulated_with_uniform_readers(monkeypatch):
+    """The small Seq2seq on the g++ emulator with the switch on: its plan has the flag sync, and it matches."""
+    monkeypatch.setattr(flags, "UNIFORM_READERS", True)
+    assert _small_plan("seq2seq", 1).stats.get("flag_syncs", 0) == 1
+    assert emulated_model_mismatches("seq2seq", 1, flags=True) == []
+
+
 # ------------------------------------------------------------------------------------------ small programs
 def cell(xs, W, U):
     """NASRNN's shape: the carry `m` read by `m @ U` (gates stacked), a cell of two carries."""

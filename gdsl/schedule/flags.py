@@ -10,8 +10,9 @@ says the element is this step's (cfamily/render.py, gemm.py). Nothing else is or
 
 A barrier is converted when (all found from the plan, any program):
 - the loop is a top-level loop of a device-control kernel, not partitioned, behind a grid barrier (or at the
-  kernel's start), its condition and body only waves, syncs and uniform statements that read no buffer, a
-  sync between any two waves (around the back edge too), no op that a backend may render as a view;
+  kernel's start), its condition and body only waves, syncs and uniform statements that read no buffer (with
+  UNIFORM_READERS the body's uniform ops may read buffers: reads by every vEU in the proof), a sync between
+  any two waves (around the back edge too), no op that a backend may render as a view;
 - the buffers published are those the wave right before it writes that: are float32 temps or outputs of at
   most MAX_PUBLISHED elements, written whole by one elementwise-like op (each element stored once, by one
   thread: fused / elementwise / copy, a cell chain) and by no other op of the loop; and are read by matmuls of
@@ -73,6 +74,10 @@ ITERATIONS = 3           # iterations of the body the vector clocks run over (th
 # 3.85 -> 2.83 ms on the H200, session 11) and not for a batch of them (NASRNN bs64 with owner=True, 64 x 256
 # published: 19.3 -> 29.9 ms). It also bounds the proof's cost (the LSTM bs64's would take ~15 s of lowering).
 MAX_PUBLISHED = 4096
+# Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
+# too: such a statement is one more position of the proof, a read of the whole of each input by every vEU. Off
+# until it is timed on a GPU (Seq2seq bs1's cell -> logits barrier becomes a flag sync).
+UNIFORM_READERS = False
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ def _loop(loop: Loop, grid: int) -> Loop:
     if loop.parts or not _simple(loop):
         return loop
     body = loop.body
-    positions = [i for i, s in enumerate(body) if isinstance(s, Wave)]
-    if len(positions) < 2:
+    positions = [i for i, s in enumerate(body) if isinstance(s, Wave) or _reads_buffers(s)]
+    if sum(isinstance(body[i], Wave) for i in positions) < 2:
         return loop
     candidates = {}
     for i, stmt in enumerate(body):
@@ -172,9 +177,10 @@ def _loop(loop: Loop, grid: int) -> Loop:
                 candidates[i] = published
     if not candidates:                     # (before the accesses: they cost seconds on a batch-64 loop)
         return loop
-    written = {v.storage for i in positions for t in body[i].tasks for v in t.op.outputs}
+    written = {v.storage for i in positions for t in _tasks(body[i]) for v in t.op.outputs}
     try:
-        accesses = [_wave_accesses(body[i], written) for i in positions]
+        accesses = [_wave_accesses(body[i], written) if isinstance(body[i], Wave) else
+                    _uniform_accesses(body[i], written, grid) for i in positions]
     except TooLarge:
         return loop
     if np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)])).size < 2:
@@ -192,10 +198,11 @@ def _loop(loop: Loop, grid: int) -> Loop:
 
 def _simple(loop: Loop) -> bool:
     """Only waves, syncs (grid or block, not by return site) and uniform statements reading no buffer in the
-    body, only the latter in the condition; a sync between any two waves; no op a backend may read as a view."""
+    body (with UNIFORM_READERS also uniform ops reading buffers), only the latter in the condition; a sync
+    between any two waves; no op a backend may read as a view."""
     def uniform(s):
         if isinstance(s, Uniforms):
-            return all(not isinstance(v.storage, Buffer) for u in s.ops for v in u.inputs)
+            return not _reads_buffers(s)
         return isinstance(s, Assign) and not isinstance(s.src.storage, Buffer) and \
             not isinstance(s.dst.storage, Buffer)
     if not all(uniform(s) for s in loop.cond):
@@ -210,9 +217,35 @@ def _simple(loop: Loop) -> bool:
             if s.scope not in ("grid", "block") or s.sites is not None:
                 return False
             synced = True
-        elif not uniform(s):
+        elif not (uniform(s) or UNIFORM_READERS and _reads_buffers(s)):
             return False
     return True
+
+
+def _tasks(stmt) -> tuple:
+    """A wave's tasks; none for a uniform statement (a position of the proof with UNIFORM_READERS)."""
+    return stmt.tasks if isinstance(stmt, Wave) else ()
+
+
+def _reads_buffers(stmt) -> bool:
+    """Is `stmt` a Uniforms statement with an op reading a buffer (every vEU reads it)?"""
+    return isinstance(stmt, Uniforms) and any(isinstance(v.storage, Buffer) for u in stmt.ops for v in u.inputs)
+
+
+def _uniform_accesses(stmt: Uniforms, written: set, grid: int) -> dict:
+    """_wave_accesses of a uniform statement: every vEU reads each buffer input whole (task number -1)."""
+    parts: dict = {}
+    veus = np.arange(grid)
+    for u in stmt.ops:
+        for k, value in enumerate(u.inputs):
+            if isinstance(value.storage, Buffer) and value.storage in written:
+                elements = hazards.storage_elements(value, None)
+                elements = np.arange(value.storage.aval.size)[elements] if isinstance(elements, slice) else \
+                    np.asarray(elements, np.int64)
+                e, v = np.tile(elements, grid), np.repeat(veus, elements.size)
+                parts.setdefault(value.storage, []).append((e, v, np.zeros(e.size, bool), np.full(e.size, -1),
+                                                            np.full(e.size, k)))
+    return {b: tuple(np.concatenate(x) for x in zip(*p)) for b, p in parts.items()}
 
 
 def _stores_once(op) -> bool:
@@ -233,9 +266,9 @@ def _whole(value) -> bool:
 
 def _publishable(body, positions, k: int) -> tuple:
     """The buffers wave k of the body writes that may be published (module docstring)."""
-    ops = [(j, t.op) for j, p in enumerate(positions) for t in body[p].tasks]
+    ops = [(j, t.op) for j, p in enumerate(positions) for t in _tasks(body[p])]
     out = []
-    for task in body[positions[k]].tasks:
+    for task in _tasks(body[positions[k]]):
         op = task.op
         if not _stores_once(op):
             continue
@@ -328,7 +361,7 @@ def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
         np.fill_diagonal(vc, pos - 1)
         known.append(vc.copy())
         pending = vc.copy()
-        for number, task, part, b in _waits(waves[k].tasks, published):
+        for number, task, part, b in _waits(_tasks(waves[k]), published):
             at = source(b, pos)
             if at < 0:
                 continue
@@ -349,7 +382,7 @@ def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
     for a in range(n):
         for b in range(a + 1, last):
             if not _pairs_ordered(accesses[a], accesses[b % n], a, b, known[b], published, source, op_known,
-                                  waves[b % n].tasks):
+                                  _tasks(waves[b % n])):
                 return False
     active = np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)]))
     sub = known[last][np.ix_(active, active)]
