@@ -137,7 +137,7 @@ def test_models_emulated_match_the_reference(name, bs, converted):
 
 @needs_nvrtc
 def test_seq2seq_batch_1_cell_barrier_with_uniform_readers(monkeypatch):
-    """flags.UNIFORM_READERS (off by default, untimed): Seq2seq bs1's loop, whose every-vEU argmax reads the
+    """flags.UNIFORM_READERS (off by default; timed in session 16): Seq2seq bs1's loop, whose every-vEU argmax reads the
     logits, is tried; the barrier after the cell becomes a flag sync publishing h (out1, read by the logits
     GEMV and the next step's h @ W_hh as their left operand); the others stay. Simulated (flag semantics, race
     checks) against the float64 reference at full size; NVRTC compiles it."""

@@ -75,8 +75,9 @@ ITERATIONS = 3           # iterations of the body the vector clocks run over (th
 # published: 19.3 -> 29.9 ms). It also bounds the proof's cost (the LSTM bs64's would take ~15 s of lowering).
 MAX_PUBLISHED = 4096
 # Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
-# too: such a statement is one more position of the proof, a read of the whole of each input by every vEU. Off
-# until it is timed on a GPU (Seq2seq bs1's cell -> logits barrier becomes a flag sync).
+# too: such a statement is one more position of the proof, a read of the whole of each input by every vEU.
+# Seq2seq bs1's cell -> logits barrier then becomes a flag sync: its kernel 97.9 -> 90.7 us on the H200 (session
+# 16, benchmarks/kernel_ab.py); off until the GPU suite and the bench have run with it (docs/performance.md).
 UNIFORM_READERS = False
 
 
