@@ -236,16 +236,9 @@ def _reads_buffers(stmt) -> bool:
 def _uniform_accesses(stmt: Uniforms, written: set, grid: int) -> dict:
     """_wave_accesses of a uniform statement: every vEU reads each buffer input whole (task number -1)."""
     parts: dict = {}
-    veus = np.arange(grid)
-    for u in stmt.ops:
-        for k, value in enumerate(u.inputs):
-            if isinstance(value.storage, Buffer) and value.storage in written:
-                elements = hazards.storage_elements(value, None)
-                elements = np.arange(value.storage.aval.size)[elements] if isinstance(elements, slice) else \
-                    np.asarray(elements, np.int64)
-                e, v = np.tile(elements, grid), np.repeat(veus, elements.size)
-                parts.setdefault(value.storage, []).append((e, v, np.zeros(e.size, bool), np.full(e.size, -1),
-                                                            np.full(e.size, k)))
+    found = [(v.storage, hazards.storage_elements(v, None), SEVERAL, k) for u in stmt.ops
+             for k, v in enumerate(u.inputs) if isinstance(v.storage, Buffer) and v.storage in written]
+    _add_accesses(parts, found, np.arange(grid), -1)
     return {b: tuple(np.concatenate(x) for x in zip(*p)) for b, p in parts.items()}
 
 
@@ -312,16 +305,21 @@ def _wave_accesses(wave: Wave, written: set) -> dict:
             else:
                 who = out_veus if n == 0 else hazards._output_veus(task, n)
                 found.append((value.storage, hazards.storage_elements(value, np.arange(value.aval.size)), who, -1))
-        for buf, elements, who, k in found:
-            elements = np.arange(buf.aval.size)[elements] if isinstance(elements, slice) else \
-                np.asarray(elements, np.int64)
-            if np.ndim(who) == 0 and who == SEVERAL:
-                e, v = np.tile(elements, veus.size), np.repeat(veus, elements.size)
-            else:
-                e, v = elements, np.broadcast_to(np.asarray(who, np.int64), elements.shape)
-            parts.setdefault(buf, []).append((e, v, np.full(e.size, k < 0), np.full(e.size, number),
-                                              np.full(e.size, k)))
+        _add_accesses(parts, found, veus, number)
     return {b: tuple(np.concatenate(x) for x in zip(*p)) for b, p in parts.items()}
+
+
+def _add_accesses(parts: dict, found, veus, number: int) -> None:
+    """Enter the accesses `found` ((buffer, storage elements, vEU per element or SEVERAL: every vEU of `veus`,
+    input number or -1 for a write)) of task `number` in `parts` (buffer -> the arrays of _wave_accesses)."""
+    for buf, elements, who, k in found:
+        elements = np.arange(buf.aval.size)[elements] if isinstance(elements, slice) else \
+            np.asarray(elements, np.int64)
+        if np.ndim(who) == 0 and who == SEVERAL:
+            e, v = np.tile(elements, veus.size), np.repeat(veus, elements.size)
+        else:
+            e, v = elements, np.broadcast_to(np.asarray(who, np.int64), elements.shape)
+        parts.setdefault(buf, []).append((e, v, np.full(e.size, k < 0), np.full(e.size, number), np.full(e.size, k)))
 
 
 def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:

@@ -103,8 +103,7 @@ def whole_reduction(ops: OpRenderer, *, identity: str, combine: str, partial_sum
     lines = [f"  auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = {ident};",
-        step=LaneStep(f"v = comb(v, {load});", acc, load, "v = comb(v, x);"), store=store_result(ops, "o", "v"),
-        partial=partial,
+        step=LaneStep(acc, load, "v = comb(v, x);"), store=store_result(ops, "o", "v"), partial=partial,
         block_combine=f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);",
         group_combine="v = gdsl_group_reduce<{g}>(v, comb);", smem=(ops.block // ops.dialect.warp_size) * 8)
     return "\n".join(lines) + "\n"
@@ -128,8 +127,7 @@ def arg_reduction(ops: OpRenderer, *, better: str, identity: str) -> str:
     lines = [f"  {better_lambda(dt, acc, better)}"]
     lines += reduction_loops(
         ops, length=length, n_out=n_out, base=base, init=f"{acc} v = ({acc})({identity}); int k = 2147483647;",
-        step=LaneStep(f"{acc} x = {load}; if (better(x, r, v, k)) {{ v = x; k = r; }}", acc, load,
-                      "if (better(x, r, v, k)) { v = x; k = r; }"), store=store_result(ops, "o", "k"),
+        step=LaneStep(acc, load, "if (better(x, r, v, k)) { v = x; k = r; }"), store=store_result(ops, "o", "k"),
         block_combine=f"gdsl_block_argreduce<{ops.block}>(v, k, better, smem);",
         group_combine="gdsl_group_argreduce<{g}>(v, k, better);",
         smem=(ops.block // ops.dialect.warp_size) * 16 + 16)
@@ -152,16 +150,14 @@ def store_result(ops: OpRenderer, idx: str, v: str) -> str:
 
 @dataclass(frozen=True)
 class LaneStep:
-    """What a lane does with element r of its run: `plain`, the C statements of one element at a time; for
-    LANE_LOAD_BATCH the same as `load` (a C expression of r) read as `x` (of type `acc`), then `fold` (C
-    statements over x and r)."""
-    plain: str
+    """What a lane does with element r of its run: `load` (a C expression of r) read as `x` (of type `acc`),
+    then `fold` (C statements over x and r); LANE_LOAD_BATCH loads run ahead of their folds."""
     acc: str
     load: str
     fold: str
 
     def __str__(self):
-        return self.plain
+        return f"const {self.acc} x = {self.load}; {self.fold}"
 
 
 def _lane_loop(first, length, stride, step: LaneStep, partial) -> str:
@@ -278,8 +274,13 @@ def uniform_argmin(renderer, u, out: str) -> list[str]:
 def _uniform_items(renderer, u) -> tuple[str, list[str]]:
     """(accumulator type, C expression of each operand element in it)."""
     x = u.inputs[0]
-    acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+    acc = _uniform_acc(x)
     return acc, [f"(({acc}){renderer.elem(x, str(k))})" for k in range(x.aval.size)]
+
+
+def _uniform_acc(x) -> str:
+    """The C type a uniform reduction of `x` accumulates in (bools counted as ints)."""
+    return "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
 
 
 # A uniform reduction of more elements than this (the scheduler's option uniform_reductions=True lets one read up to
@@ -298,9 +299,8 @@ def cooperative_reduction(renderer, u, out: str, *, init: str, fold: str, block_
     x, d, block = u.inputs[0], renderer.dialect, renderer.plan.block
     renderer.smem = max(renderer.smem, (block // d.warp_size) * 16 + 16)     # (the block combine's scratch)
     load = f"({acc}){renderer.elem(x, 'r')}"
-    step = LaneStep(f"const {acc} x = {load}; {fold}", acc, load, fold)
     return [f"{{ {d.block_barrier} {init}",
-            f"  {_lane_loop(f'(int){d.thread_index}', x.aval.size, block, step, None)}",
+            f"  {_lane_loop(f'(int){d.thread_index}', x.aval.size, block, LaneStep(acc, load, fold), None)}",
             f"  {block_combine}",
             f"  {out} = {result}; }}"]
 
@@ -313,7 +313,7 @@ def unrolled_reduction(renderer, u, out: str, combine: str, identity: str | None
     floaty = dtypes.is_float(x.aval.dtype)
     result = c_types.rounded(u.output.aval.dtype, "v") if floaty else f"({c_types.compute(u.output.aval.dtype)})v"
     if x.aval.size > UNROLL_MAX:
-        acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+        acc = _uniform_acc(x)
         start = f"({acc})({identity if identity is not None else renderer.elem(x, '0')})"
         return cooperative_reduction(
             renderer, u, out, acc=acc, result=result, fold="v = comb(v, x);",
@@ -334,7 +334,7 @@ def unrolled_arg_reduction(renderer, u, out: str, better: str) -> list[str]:
     by the vEU's threads together past UNROLL_MAX elements (the same index)."""
     x = u.inputs[0]
     if x.aval.size > UNROLL_MAX:
-        acc = "int" if x.aval.dtype == dtypes.bool_ else c_types.compute(x.aval.dtype)
+        acc = _uniform_acc(x)
         return cooperative_reduction(
             renderer, u, out, acc=acc,
             init=f"{better_lambda(x.aval.dtype, acc, better)} {acc} v = ({acc}){renderer.elem(x, '0')}; int k = 0;",
