@@ -92,13 +92,14 @@ def test_nasrnn_batch_64_owner_publishes_a_part_of_the_stacked_operand(monkeypat
 
 
 @pytest.mark.parametrize("name,bs,options", [("lstm", 1, {}), ("lstm", 1, {"owner": True}), ("nasrnn", 64, {}),
-                                             ("seq2seq", 1, {})])
+                                             ("seq2seq", 64, {})])
 def test_other_step_end_barriers_stay(name, bs, options):
-    """Where a step-end barrier orders more than the carry, it stays and the plan is the default's: the LSTM
-    bs1 (its next step's `h_l @ W_ih` overwrites the gates that layer l+1's cell reads; with owner=True layer
-    0 would overwrite `h_0` that layer 1 still reads), NASRNN bs64 (`x_t @ W_ih` waits for nothing and
-    overwrites what the cell reads), Seq2seq (a data-dependent exit, its carry read by an argmax). (Without
-    double_temps, which gives the LSTM bs1's gates a second buffer: tests/test_schedule_double_temps.py.)"""
+    """Where a step-end barrier orders more than the carry, or the carry is too big to publish, it stays and the
+    plan is the default's: the LSTM bs1 (its next step's `h_l @ W_ih` overwrites the gates that layer l+1's cell
+    reads; with owner=True layer 0 would overwrite `h_0` that layer 1 still reads), NASRNN bs64 (`x_t @ W_ih`
+    waits for nothing and overwrites what the cell reads), Seq2seq bs64 (its carry h, read by the logits GEMV,
+    has 64 x 256 elements: more than flags.MAX_PUBLISHED). (Without double_temps, which gives the LSTM bs1's
+    gates a second buffer: tests/test_schedule_double_temps.py.)"""
     plan = zoo_lowered(name, bs, flags=True, double_temps=False, **options).lowering.plan
     assert "flag_syncs" not in plan.stats
     assert str(plan) == str(zoo_lowered(name, bs, flags=False, **options).lowering.plan)
@@ -137,12 +138,13 @@ def test_models_emulated_match_the_reference(name, bs, converted):
 
 @needs_nvrtc
 def test_seq2seq_batch_1_cell_barrier_with_uniform_readers(monkeypatch):
-    """flags.UNIFORM_READERS (off by default; timed in session 16): Seq2seq bs1's loop, whose every-vEU argmax reads the
+    """flags.UNIFORM_READERS (on by default since session 17): Seq2seq bs1's loop, whose every-vEU argmax reads the
     logits, is tried; the barrier after the cell becomes a flag sync publishing h (out1, read by the logits
     GEMV and the next step's h @ W_hh as their left operand); the others stay. Simulated (flag semantics, race
     checks) against the float64 reference at full size; NVRTC compiles it."""
     from models import common, floor, load
-    assert flags.UNIFORM_READERS is False
+    assert flags.UNIFORM_READERS is True
+    monkeypatch.setattr(flags, "UNIFORM_READERS", False)
     assert "flag_syncs" not in zoo_lowered("seq2seq", 1).lowering.plan.stats
     monkeypatch.setattr(flags, "UNIFORM_READERS", True)
     lowered = zoo_lowered("seq2seq", 1)
@@ -155,9 +157,9 @@ def test_seq2seq_batch_1_cell_barrier_with_uniform_readers(monkeypatch):
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 
-def test_seq2seq_small_emulated_with_uniform_readers(monkeypatch):
-    """The small Seq2seq on the g++ emulator with the switch on: its plan has the flag sync, and it matches."""
-    monkeypatch.setattr(flags, "UNIFORM_READERS", True)
+def test_seq2seq_small_emulated_with_uniform_readers():
+    """The small Seq2seq on the g++ emulator (flags.UNIFORM_READERS on by default): its plan has the flag sync,
+    and it matches."""
     assert _small_plan("seq2seq", 1).stats.get("flag_syncs", 0) == 1
     assert emulated_model_mismatches("seq2seq", 1, flags=True) == []
 

@@ -77,8 +77,8 @@ MAX_PUBLISHED = 4096
 # Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
 # too: such a statement is one more position of the proof, a read of the whole of each input by every vEU.
 # Seq2seq bs1's cell -> logits barrier then becomes a flag sync: its kernel 97.9 -> 90.7 us on the H200 (session
-# 16, benchmarks/kernel_ab.py); off until the GPU suite and the bench have run with it (docs/performance.md).
-UNIFORM_READERS = False
+# 16, benchmarks/kernel_ab.py); the default since session 17 (GPU suite and bench with it on, docs/performance.md).
+UNIFORM_READERS = True
 
 
 @dataclass(frozen=True)
