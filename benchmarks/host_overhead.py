@@ -1,13 +1,16 @@
 """Where a zoo model's repeated call spends its host time on cuda (no GPU work is timed here): the fast
 key of its arguments, the table lookup, the input checks and pointers, the result arrays, the driver's launch
 alone (the prepared parameter block launched again), and the whole call without waiting for the GPU (so the
-host's own rate).
+host's own rate). With --leaves, what each part of the fast key costs over the model's weights as CuPy
+arrays (one pass of a C loop over all of them per part: type, shape, dtype, ...; the key reads the type, shape
+and dtype of every leaf, hashes the key and compares it with the table's), and the same over numpy arrays.
 
-    python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000]
+    python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000] [--leaves]
 """
 from __future__ import annotations
 
 import argparse
+import operator
 import os
 import sys
 import time
@@ -58,13 +61,39 @@ def breakdown(name: str, calls: int) -> str:
     return f"{name}: {len(leaves)} leaves; " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
 
 
+def leaf_costs(name: str, calls: int) -> str:
+    """µs per call of each part of the fast key over the model's weights, CuPy and numpy arrays."""
+    weights = common.build_problem(load(name), 1).weights
+    return "\n".join(f"{name} {lib}, {len(weights)} weights: " + ", ".join(
+        f"{part} {per_call_us(f, calls):.1f}" for part, f in _key_parts(w).items()) + " us"
+        for lib, w in (("cupy", tree_map(cp.asarray, weights)), ("numpy", weights)))
+
+
+def _key_parts(w: dict) -> dict:
+    """The parts of a dict of arrays' fast key (gdsl/jit.py, _children_key), each a call over all values."""
+    values = list(w.values())
+    shape_of, dtype_of = operator.attrgetter("shape"), operator.attrgetter("dtype")
+    key = (tuple(map(type, values)), tuple(map(shape_of, values)), tuple(map(dtype_of, values)))
+    same = (key[0], tuple(map(shape_of, values)), key[2])      # equal, not the same tuples
+    parts = {"values": lambda: operator.itemgetter(*w)(w), "types": lambda: tuple(map(type, values)),
+             "shapes": lambda: tuple(map(shape_of, values)), "dtypes": lambda: tuple(map(dtype_of, values)),
+             "hash": lambda: hash(key), "compare": lambda: key == same,
+             "same objects": lambda: all(map(operator.is_, values, list(values)))}
+    if isinstance(values[0], cp.ndarray):
+        parts["data.ptr"] = lambda: [a.data.ptr for a in values]
+    return parts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--leaves", action="store_true", help="also the fast key's parts per weight")
     args = parser.parse_args(argv)
     for name in args.models:
         print(breakdown(name, args.calls), flush=True)
+        if args.leaves:
+            print(leaf_costs(name, args.calls), flush=True)
 
 
 if __name__ == "__main__":

@@ -453,6 +453,9 @@ class Task:
     op: Op
     first: int                     # first vEU
     count: int                     # number of vEUs
+    # Input numbers whose elements each thread loads into registers before the wave before this one
+    # (preload.py: what the step does not change by then); the op reads those registers.
+    preload: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

@@ -113,6 +113,8 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += f", k in {t.op.params[K_SPLITS]} ranges of {_k_chunk(t.op)}"
                 if RESIDENT in t.op.params:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
+                if t.preload:                       # (preload.py: loaded before the wave before this one)
+                    extra += ", operands " + ", ".join(map(str, t.preload)) + " loaded a wave early"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}{'sync' if stmt.published else 'barrier'} ({_scope(stmt)})")

@@ -90,6 +90,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
+from gdsl.schedule.preload import step_preloads
 from gdsl.schedule.ranges import drop_index_wraps
 from gdsl.schedule.resident import RESIDENT, keep_resident, keep_resident_in_functions
 from gdsl.schedule.rows import ROW_SLOTS, find_row_chains, numbered_steps, rows_params
@@ -117,7 +118,10 @@ MAX_INLINED_NODES = 8
 # A Fork splits a vEU group only when each half keeps at least this share of the called function's widest
 # task (its vEUs): deeper, each half would run that task in more rounds on fewer vEUs, trading a barrier
 # (about a microsecond) for rounds of uTasks. RAE at hidden 512, grid 132 (benchmarks/recursion_counts.py
-# --fork, critical path of the fixed tree): see docs/schedule.md, "Parallel recursion".
+# --fork, critical path of the fixed tree): see docs/schedule.md, "Parallel recursion". Timed on the H200 (session
+# 17, models.bench with fork=True beside the default, one process per value): at 1.0, 0.5, 0.25 and 0.125 the random
+# bench trees took 1.07x, 1.14x, 1.34x and 1.25x the default's time, the fixed tree 1.32x (1.0) and 1.51x (0.5): the
+# option stays off, and no value of this share makes it pay.
 FORK_MIN_SHARE = 0.25
 
 
@@ -2842,7 +2846,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
              k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
-             double_temps=None, smem_temps=None, split_k=None) -> Plan:
+             double_temps=None, smem_temps=None, split_k=None, preloads=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2879,6 +2883,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     step (_doubled_temps); True: so; None (the default): so where the doubled plan has flag syncs (the LSTM bs1
     on the H200, session 12: 0.42 -> 0.40 ms; a doubled plan with fewer barriers but no flag sync, as small
     recurrences get, is not timed, and it may lose sibling merges and window stores); False: not.
+    `preloads=True` (device control; a backend that renders Task.preload): an elementwise op's inputs that a
+    loop step does not change by the wave before it are loaded one wave early (preload.py); None or False: not.
     `smem_temps=True` (device control): temps that uTasks of one vEU only write and read (a partitioned loop's
     per-head chain, a vEU's gate columns between its GEMV and its cell) live in that vEU's shared memory at the
     same indices, within what `resident_bytes` leaves past the resident weights (local.py, Plan.block_local);
@@ -2981,6 +2987,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     if smem_temps and control == "device":
         plan = block_local(plan, resident_bytes, loops_only=smem_temps == LOOPS)
         plan = smem_carries(plan, resident_bytes)
+    if preloads and control == "device":
+        plan = step_preloads(plan)
     return plan
 
 

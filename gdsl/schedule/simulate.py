@@ -77,6 +77,7 @@ from gdsl.schedule.plan import (
     epilogue_of,
     epilogue_operands,
     fold_expr,
+    walk,
 )
 from gdsl.schedule.rows import evaluate_rows
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
@@ -173,6 +174,10 @@ class Simulator:
         self.known = np.zeros((plan.grid, plan.grid), np.int64)   # flag syncs: see the module docstring
         self.learned = np.zeros((plan.grid, plan.grid), np.int64)  # known from a vEU's next sync on
         self.waits: dict = {}             # Op -> input numbers that wait for flags (the running loop's)
+        # Preloads (preload.py): the wave before a wave with preloaded inputs -> that wave; what those inputs
+        # held when the wave before started, checked equal where the op reads them.
+        self.preload_before = _waves_before_preloads(plan)
+        self.preloaded: dict = {}
         self.published: set = set()
         self.snapshots: dict = {}         # (buffer, vEU) -> what the vEU knew at its last published write
         self.staged: dict = {}            # Buffer -> elements per vEU, of the running loops' staged slices
@@ -425,6 +430,13 @@ class Simulator:
     def run_wave(self, stmt: Wave):
         for task in stmt.tasks:
             self.op_ids.setdefault(task.op, len(self.op_ids))
+            for k in task.preload:
+                early, now = self.preloaded.pop((task.op, k), None), self.read(task.op.inputs[k])
+                if early is None or not np.array_equal(early, now, equal_nan=early.dtype.kind in "fc"):
+                    raise BarrierError(f"{task.op.name}: input {k}, loaded a wave early, changed before the op")
+        later = self.preload_before.get(stmt)
+        for task in later.tasks if later is not None else ():
+            self.preloaded.update(((task.op, k), np.array(self.read(task.op.inputs[k]))) for k in task.preload)
         # Every uTask computes from the values before the wave (they never read what the wave writes:
         # the race check enforces that), then writes its share; vEUs interleave in random order.
         results = {task.op: self._evaluate(task.op) for task in stmt.tasks}
@@ -537,3 +549,20 @@ STATEMENT_RULES = {
     Fork: "run_fork",
     Launch: "run_launch",
 }
+
+
+def _waves_before_preloads(plan) -> dict:
+    """Wave -> the wave after it whose tasks have preloaded inputs (only syncs between them)."""
+    out = {}
+    for kernel in plan.kernels:
+        for stmt in walk(kernel.body):
+            if isinstance(stmt, Loop):
+                body = stmt.body
+                for i, s in enumerate(body):
+                    if isinstance(s, Wave) and any(t.preload for t in s.tasks):
+                        j = i - 1
+                        while j >= 0 and isinstance(body[j], Sync):
+                            j -= 1
+                        if j >= 0 and isinstance(body[j], Wave):
+                            out[body[j]] = s
+    return out

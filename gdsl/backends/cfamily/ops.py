@@ -88,11 +88,15 @@ def offset(coord_exprs, strides_) -> str:
 class Arg:
     """An Op operand as a parameter of its device function: a pointer (buffer) or a scalar (uniform/Lit)."""
 
-    def __init__(self, value, name: str, dialect, output=False, read_only=(), remap=None, flag=False):
+    def __init__(self, value, name: str, dialect, output=False, read_only=(), remap=None, flag=False,
+                 preloaded=False):
         self.value, self.name, self.output = value, name, output
         # A published buffer (a flag sync's, gdsl/schedule/flags.py): stores also write its flag words, loads
         # wait for them (the function's parameters `<name>_f`, its words, and `<name>_tag`).
         self.flag = flag
+        # An input the calling thread loaded one wave early (gdsl/schedule/preload.py): its element is the
+        # parameter `<name>_p`, the thread's own element of the uTask (one a thread).
+        self.preloaded = preloaded
         self.remap = remap      # (shape, source shape, perm): read a transposed view through the source
         self.aval = value.aval
         self.dtype = value.aval.dtype
@@ -111,6 +115,8 @@ class Arg:
         """Element `idx` in the compute type."""
         if self.scalar:
             return self.name
+        if self.preloaded:
+            return f"{self.name}_p"
         if self.remap is not None:
             shape, src_shape, perm = self.remap
             src_st = strides(src_shape)
@@ -125,6 +131,9 @@ class Arg:
     def flag_decls(self) -> list[str]:
         const = "" if self.output else "const "
         return [f"{const}unsigned long long* {self.name}_f", f"unsigned {self.name}_tag"] if self.flag else []
+
+    def preload_decls(self) -> list[str]:
+        return [f"{c_types.compute(self.dtype)} {self.name}_p"] if self.preloaded else []
 
     def address(self, idx: str, source: bool = False) -> str:
         """The address of element `idx` of a buffer operand (through a transposed view: in its source, where
@@ -152,12 +161,12 @@ class Arg:
 class OpRenderer:
     """Renders the device function of one Op; its kind's lowering rule writes the body."""
 
-    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None):
+    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None, preload=()):
         self.op, self.dialect, self.block = op, dialect, block      # block: threads per vEU
         remap = remap or {}
         flags = flags or {}       # {"publish": outputs, "wait": inputs} of a flag sync (Renderer.flag_roles)
-        self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k), flag=k in flags.get("wait", ()))
-                    for k, v in enumerate(op.inputs)]
+        self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k), flag=k in flags.get("wait", ()),
+                        preloaded=k in preload) for k, v in enumerate(op.inputs)]
         self.outs = [Arg(v, f"o{k}", dialect, output=True, flag=k in flags.get("publish", ()))
                      for k, v in enumerate(op.outputs)]
         self.smem = 0
@@ -166,7 +175,8 @@ class OpRenderer:
         """(parameter list, body) of the uTask function; ops with the same pair share one function."""
         body = self.utask_rule()(self)
         flags = [d for a in self.outs + self.ins for d in a.flag_decls()]
-        params = ", ".join([a.decl() for a in self.outs + self.ins] + flags + ["int t", "char* smem"])
+        preloaded = [d for a in self.ins for d in a.preload_decls()]
+        params = ", ".join([a.decl() for a in self.outs + self.ins] + flags + preloaded + ["int t", "char* smem"])
         return params, body
 
     def utask_rule(self):

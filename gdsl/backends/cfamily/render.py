@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,7 @@ from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
+    ROW_SHAPE,
     Assign,
     Branch,
     Call,
@@ -406,6 +408,9 @@ class Renderer:
             for op, ins in roles.readers.items():
                 self.flag_roles.setdefault(op, {}).setdefault("wait", {}).update(
                     (k, it if wraps else f"{it} + 1u") for k, wraps in ins.items())
+        # Op -> the input numbers its threads load one wave early (gdsl/schedule/preload.py, preload_lines)
+        self.preloads = {t.op: t.preload for k in plan.kernels for s in walk(k.body) if isinstance(s, Wave)
+                         for t in s.tasks if t.preload}
         self.pointer_types = self._pointer_types()
         self.uniform_types, self.uniform_users = self._uniform_names()
 
@@ -568,6 +573,7 @@ class Renderer:
                 starts.append(len(lines) if piece is stmt else None)
                 calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
+                lines += [pad + line for line in self.preload_lines(_next_wave(stmts, index))]
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Fork):
                 lines += self.fork_lines(stmt, ind)
@@ -855,7 +861,8 @@ class Renderer:
             remap = {k: permuted_reads(v) for k, v in enumerate(op.inputs) if v.perm is not None}
             remap.update((k, (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm))
                          for k, view in self._permuted_inputs(op).items())
-            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap, self.flag_roles.get(op))
+            renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap, self.flag_roles.get(op),
+                                  self.preloads.get(op, ()))
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
@@ -881,8 +888,31 @@ class Renderer:
                  for arg in (f"{op.outputs[k].buffer.name}_f", tag)]
         flags += [arg for k, tag in sorted(roles.get("wait", {}).items())
                   for arg in (f"{op.inputs[k].buffer.name}_f", tag)]
+        preloaded = [_preload_name(op, k) for k in self.preloads.get(op, ())]
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
-                                                    for k, v in enumerate(op.inputs)] + flags
+                                                    for k, v in enumerate(op.inputs)] + flags + preloaded
+
+    def preload_lines(self, wave) -> list[str]:
+        """Before the wave before `wave`: each thread of a vEU that will run a uTask of `wave` with preloaded
+        inputs (gdsl/schedule/preload.py) loads its element of each into a register the call then passes."""
+        tasks = [t for t in wave.tasks if t.op in self.preloads] if wave is not None else []
+        return [line for task in tasks for line in self._task_preload(task)]
+
+    def _task_preload(self, task) -> list[str]:
+        """The register declarations and loads of one task's preloaded inputs (the thread's element of its uTask
+        on this vEU: one a thread, preload._eligible)."""
+        op = task.op
+        size = math.prod(op.params[ROW_SHAPE]) if ROW_SHAPE in op.params else op.outputs[0].aval.size
+        chunk, thread = op.params.get("chunk", size), f"(int){self.dialect.thread_index}"
+        lines, loads = [], []
+        for k in self.preloads[op]:
+            value = op.inputs[k]
+            dtype = value.aval.dtype
+            lines.append(f"{c_types.compute(dtype)} {_preload_name(op, k)} = {c_types.literal(0, dtype)};")
+            loads.append(f"{_preload_name(op, k)} = {c_types.from_storage(dtype, f'{self.arg(value)}[i]')};")
+        load = " ".join(loads)
+        return lines + self.over_utasks(task, lambda t: (
+            f"{{ const int i = ({t}) * {chunk} + {thread}; if ({thread} < {chunk} && i < {size}) {{ {load} }} }}"))
 
     def task(self, task) -> list[str]:
         op = task.op
@@ -1268,3 +1298,16 @@ def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic", trace=None, 
     (a dialect's kernel_prefix may bound the registers of a thread by it)."""
     return Renderer(plan, dialect, barrier=barrier, trace=trace, veus_per_sm=veus_per_sm).render()
 
+
+
+def _next_wave(stmts, index: int):
+    """The wave after stmts[index] when only syncs lie between them (the wave a preload serves), else None."""
+    j = index + 1
+    while j < len(stmts) and isinstance(stmts[j], Sync):
+        j += 1
+    return stmts[j] if j < len(stmts) and j > index + 1 and isinstance(stmts[j], Wave) else None
+
+
+def _preload_name(op, k: int) -> str:
+    """The register holding a thread's element of input k of `op`, loaded one wave early."""
+    return f"gdsl_pre_{op.name}_{k}"

@@ -1,0 +1,193 @@
+"""Step preloads: an elementwise op's loads of what its step does not change, issued one wave early.
+
+In a latency-bound loop step each wave waits for the one before (a barrier, a flag wait) and then for its own
+loads from memory: NASRNN's cell, one element a vEU, reads eight rows of the input projection computed before
+the loop and its carry `c`, an L2 round trip after the GEMV that it waits for. Those elements are known
+before the GEMV finishes: nothing between there and the cell writes them. So the thread that will compute an
+element loads them into registers before the wave before the op (`Task.preload`: the op's input numbers), and
+the op's function takes the values instead of loading them (cfamily: a `<name>_p` parameter a preloaded
+input's element reads). The loads are then in flight while the vEU runs the wave before (and waits for its
+flags): one round trip less on the step's critical path.
+
+Which ops: the waves of a device-control kernel's top-level loop bodies; elementwise-like ops computed element
+by element (fused chains, elementwise primitives, cell chains), in one round of uTasks (each vEU one uTask)
+of at most `block` elements (each thread one element), with a wave before them in the body and only barriers
+or flag syncs in between. Which inputs: buffers in memory (not shared memory: block-local temps gain nothing)
+read at the op's own element (the output's shape: no broadcast, no permuted view), whose elements, where they
+are written in the loop at all, are written by the same vEU that reads them (hazards.py's exact shares), by a
+wave with a barrier between it and the preload and none of the waves from the preload to the op; a buffer
+written before the loop counts when a grid barrier (or a kernel start) lies between that write and the loop.
+A view's run-time offset (uniforms) is read where the preload is; no uniform statement lies in between.
+
+Measured on the H200 (session 17, a hand edit of the NASRNN bs1 kernel, `benchmarks/preload_experiment.py`):
+2.75 -> 2.03 and 2.68 -> 1.99 ms in two processes (CUDA events, 60 launches each, alternating).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from gdsl.primitives.registry import ELEMENTWISE, family_of
+from gdsl.schedule import hazards
+from gdsl.schedule.plan import (
+    FUSED,
+    ROW_BLOCK,
+    ROW_SHAPE,
+    ROWS,
+    STEPS,
+    Assign,
+    Buffer,
+    Loop,
+    Sync,
+    Uniforms,
+    Wave,
+    is_cell_chain,
+    walk,
+)
+
+# Off: no preloads (for A/B timing).
+PRELOAD_STEP_READS = True
+
+
+def step_preloads(plan):
+    """`plan` with its top-level loop bodies' preloadable inputs marked (Task.preload)."""
+    if not PRELOAD_STEP_READS or plan.control != "device" or not plan.kernels:
+        return plan
+    local = {buf for buf, _ in plan.block_local}
+    kernels, count = [], 0
+    for kernel in plan.kernels:
+        body = list(kernel.body)
+        for index, stmt in enumerate(body):
+            if isinstance(stmt, Loop) and not stmt.parts and not stmt.staged:
+                before = _written_before(body[:index])
+                loop_body, marked = _loop_preloads(stmt.body, plan.block, local, before)
+                if marked:
+                    body[index] = dataclasses.replace(stmt, body=loop_body)
+                    count += marked
+        kernels.append(dataclasses.replace(kernel, body=tuple(body)))
+    if not count:
+        return plan
+    stats = dict(plan.stats, preloaded_inputs=count)
+    return dataclasses.replace(plan, kernels=tuple(kernels), stats=stats)
+
+
+def _written_before(stmts) -> set:
+    """The storages written by the kernel statements `stmts` (before a loop) after their last grid barrier:
+    a preload could read them before some barrier of the loop body orders them."""
+    written: set = set()
+    for stmt in stmts:
+        if isinstance(stmt, Sync) and stmt.always_grid:
+            written.clear()
+        elif isinstance(stmt, Wave):
+            written |= {v.storage for t in stmt.tasks for v in t.op.outputs}
+        elif not isinstance(stmt, Sync):        # uniforms, loops, branches: anything they write
+            written |= {v.storage for t in _tasks([stmt]) for v in t.op.outputs}
+    return written
+
+
+def _loop_preloads(body, block: int, local, before) -> tuple[tuple, int]:
+    """(the loop body with its tasks' preloads marked, how many inputs were marked)."""
+    body = list(body)
+    if any(not isinstance(s, (Wave, Sync)) for s in body if not _is_uniform_stmt(s)):
+        return tuple(body), 0          # nested control flow: not here
+    writers = _writers(body)
+    marked = 0
+    for i, stmt in enumerate(body):
+        if not isinstance(stmt, Wave):
+            continue
+        p = _previous_wave(body, i)
+        if p is None:
+            continue
+        tasks = []
+        for task in stmt.tasks:
+            inputs = tuple(k for k in range(len(task.op.inputs))
+                           if _preloadable(body, task, k, p, i, block, local, before, writers))
+            tasks.append(dataclasses.replace(task, preload=inputs) if inputs and _eligible(task, block) else task)
+            marked += len(tasks[-1].preload)
+        body[i] = dataclasses.replace(stmt, tasks=tuple(tasks))
+    return tuple(body), marked
+
+
+def _is_uniform_stmt(stmt) -> bool:
+    return isinstance(stmt, (Uniforms, Assign))
+
+
+def _previous_wave(body, i: int) -> int | None:
+    """The index of the wave before body[i] with only syncs between them, else None."""
+    j = i - 1
+    while j >= 0 and isinstance(body[j], Sync):
+        j -= 1
+    return j if j >= 0 and j < i - 1 and isinstance(body[j], Wave) else None
+
+
+def _eligible(task, block: int) -> bool:
+    """An op computed element by element, one uTask a vEU, each thread at most one element."""
+    op = task.op
+    if ROW_BLOCK in op.params or op.n_utasks > task.count:
+        return False
+    if op.kind == ROWS.name:
+        shape = op.params[ROW_SHAPE]
+        if not is_cell_chain(op.params[STEPS], shape):
+            return False
+    elif op.kind != FUSED.name and family_of(op.kind) != ELEMENTWISE:
+        return False
+    size = op.outputs[0].aval.size if op.kind != ROWS.name else int(np.prod(op.params[ROW_SHAPE]))
+    return op.params.get("chunk", size) <= block
+
+
+def _element_shape(op):
+    return tuple(op.params[ROW_SHAPE]) if op.kind == ROWS.name else op.outputs[0].aval.shape
+
+
+def _writers(body) -> dict:
+    """storage -> [(body index, task, output number)] of every write in the loop body."""
+    out: dict = {}
+    for j, stmt in enumerate(body):
+        if isinstance(stmt, Wave):
+            for task in stmt.tasks:
+                for number, value in enumerate(task.op.outputs):
+                    out.setdefault(value.storage, []).append((j, task, number))
+    return out
+
+
+def _preloadable(body, task, k: int, p: int, i: int, block: int, local, before, writers) -> bool:
+    value = task.op.inputs[k]
+    buf = value.buffer
+    if not isinstance(buf, Buffer) or buf in local or value.perm is not None or value.rows is not None \
+            or value.window is not None or value.frame_offset or value.aval.shape != _element_shape(task.op) \
+            or value.storage in before:
+        return False
+    if any(value.storage is v.storage for v in task.op.outputs):
+        return False
+    for j, writer, number in writers.get(value.storage, ()):
+        if p <= j <= i:                   # written between the preload and the op
+            return False
+        if not _sync_between(body, j, p) or not _same_veus(task, k, writer, number):
+            return False
+    return True
+
+
+def _sync_between(body, j: int, p: int) -> bool:
+    """Is there a sync after body[j] and before body[p], going round the loop's back edge if need be?"""
+    path = body[j + 1:p] if j < p else body[j + 1:] + body[:p]
+    return any(isinstance(s, Sync) for s in path)
+
+
+def _same_veus(reader, k: int, writer, number: int) -> bool:
+    """Does every element of the reader's input k that the writer's output `number` writes get written by the
+    vEU that reads it (hazards.py's exact shares)?"""
+    out_veus = hazards._output_veus(reader)
+    written_veus = hazards._output_veus(writer, number)
+    if out_veus is None or written_veus is None or writer.op.outputs[number].dynamic:
+        return False
+    read, read_veus = hazards._read(reader, k, out_veus)
+    wrote = hazards.storage_elements(writer.op.outputs[number], np.arange(writer.op.outputs[number].aval.size))
+    if isinstance(read, slice) or isinstance(wrote, slice) or np.ndim(read_veus) == 0:
+        return False
+    by_element = dict(zip(np.asarray(wrote).tolist(), np.asarray(written_veus).tolist()))
+    return all(by_element.get(e, v) == v for e, v in zip(np.asarray(read).tolist(), np.asarray(read_veus).tolist()))
+
+
+def _tasks(stmts):
+    return [t for s in walk(stmts) if isinstance(s, Wave) for t in s.tasks]
