@@ -19,7 +19,7 @@ wave with a barrier between it and the preload and none of the waves from the pr
 written before the loop counts when a grid barrier (or a kernel start) lies between that write and the loop.
 A view's run-time offset (uniforms) is read where the preload is; no uniform statement lies in between.
 
-Measured on the H200 (session 17, a hand edit of the NASRNN bs1 kernel, `benchmarks/preload_experiment.py`):
+Measured on the H200 (session 17, first as a hand edit of the NASRNN bs1 kernel, `benchmarks/preload_ab.py --hand`):
 2.75 -> 2.03 and 2.68 -> 1.99 ms in two processes (CUDA events, 60 launches each, alternating).
 """
 from __future__ import annotations
