@@ -43,6 +43,15 @@ def test_nasrnn_batch_1_cells_load_their_step_inputs_a_wave_early(monkeypatch):
     assert _preloads(off) == {} and "preloaded_inputs" not in off.stats
 
 
+def test_a_wave_with_too_many_preloads_gets_none(monkeypatch):
+    """The LSTM bs1's cells of one wave (ten layers' cells on their own vEUs) would preload 128 inputs, all live
+    across the wave before: past MAX_PRELOADS_PER_WAVE (16) none (measured slower on the H200, 0.367 -> 0.393
+    ms); with the bound raised, they are marked."""
+    assert "preloaded_inputs" not in zoo_lowered("lstm", 1).lowering.plan.stats
+    monkeypatch.setattr(preload, "MAX_PRELOADS_PER_WAVE", 1000)
+    assert zoo_lowered("lstm", 1).lowering.plan.stats["preloaded_inputs"] == 128
+
+
 def test_seq2seq_batch_1_simulated_with_preloads():
     """Seq2seq bs1's cell loads its biases a wave early; simulated at full size against the reference (the
     simulator checks each preloaded input unchanged between the preload and the op)."""
@@ -65,7 +74,7 @@ def _small_plan(name, bs):
                            dialect).plan, prob
 
 
-@pytest.mark.parametrize("name", ["nasrnn", "lstm", "seq2seq"])
+@pytest.mark.parametrize("name", ["nasrnn", "seq2seq"])
 def test_small_models_emulated_with_preloads(name):
     """The small configs' plans have preloads; the g++ emulator runs them and matches the references."""
     plan, _ = _small_plan(name, 1)

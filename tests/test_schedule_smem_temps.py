@@ -5,6 +5,7 @@ chain (q, scores, softmax, context) and NASRNN bs1's gate columns and cell state
 a temp another vEU reads never does; the emulator matches the references; NVRTC compiles every zoo row with it;
 the default takes only temps of loop bodies; smem_temps=False leaves every plan as it was without the option."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -89,11 +90,13 @@ def test_emulated_matches_the_reference(name, bs):
 @pytest.mark.parametrize("name,bs", ALL_ROWS)
 def test_every_zoo_row_compiles(name, bs):
     """Every zoo row's CUDA with smem_temps=True compiles through NVRTC; its plan is the one without the option
-    but for the `shared memory:` line; the default (None: loop temporaries only) takes a subset of True's
-    buffers, and only Attention's and NASRNN's at batch 1 (BlockDrop's, SkipNet's and Seq2seq bs64's local
-    temps are outside loops)."""
+    but for the `shared memory:` line and which inputs are loaded a wave early (preload.py leaves block-local
+    temps alone: NASRNN's second cell loads its carry early only when it is in memory); the default (None: loop
+    temporaries only) takes a subset of True's buffers, and only Attention's and NASRNN's at batch 1
+    (BlockDrop's, SkipNet's and Seq2seq bs64's local temps are outside loops)."""
     def text(plan):
-        return "\n".join(x for x in str(plan).splitlines() if not x.startswith("shared memory: "))
+        return "\n".join(re.sub(r", operands [0-9, ]+ loaded a wave early", "", x) for x in str(plan).splitlines()
+                         if not x.startswith("shared memory: "))
     off = zoo_lowered(name, bs, smem_temps=False).lowering.plan
     lowered = zoo_lowered(name, bs, smem_temps=True)
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"

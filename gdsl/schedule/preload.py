@@ -12,7 +12,8 @@ flags): one round trip less on the step's critical path.
 Which ops: the waves of a device-control kernel's top-level loop bodies; elementwise-like ops computed element
 by element (fused chains, elementwise primitives, cell chains), in one round of uTasks (each vEU one uTask)
 of at most `block` elements (each thread one element), with a wave before them in the body and only barriers
-or flag syncs in between. Which inputs: buffers in memory (not shared memory: block-local temps gain nothing)
+or flag syncs in between, and no more than MAX_PRELOADS_PER_WAVE inputs in all for the wave (registers: all are
+live across the wave before). Which inputs: buffers in memory (not shared memory: block-local temps gain nothing)
 read at the op's own element (the output's shape: no broadcast, no permuted view), whose elements, where they
 are written in the loop at all, are written by the same vEU that reads them (hazards.py's exact shares), by a
 wave with a barrier between it and the preload and none of the waves from the preload to the op; a buffer
@@ -48,6 +49,11 @@ from gdsl.schedule.plan import (
 
 # Off: no preloads (for A/B timing).
 PRELOAD_STEP_READS = True
+# The most registers one wave's preloads may take: all of them are live across the wave before (the compiler
+# cannot tell that a vEU runs one task of the wave), and past the register budget they spill. Measured on the
+# H200 (session 17, benchmarks/preload_ab.py): NASRNN bs1 with 9 and 8 2.75 -> 2.06 ms; the LSTM bs1's ten cells
+# of a wave with 128 in all 0.367 -> 0.393 ms; so a wave whose tasks would take more preloads none.
+MAX_PRELOADS_PER_WAVE = 16
 
 
 def step_preloads(plan):
@@ -59,7 +65,8 @@ def step_preloads(plan):
     for kernel in plan.kernels:
         body = list(kernel.body)
         for index, stmt in enumerate(body):
-            if isinstance(stmt, Loop) and not stmt.parts and not stmt.staged:
+            if isinstance(stmt, Loop) and not stmt.parts and not stmt.staged and \
+                    not any(isinstance(s, Wave) for s in walk(stmt.cond)):    # (the back edge passes cond)
                 before = _written_before(body[:index])
                 loop_body, marked = _loop_preloads(stmt.body, plan.block, local, before)
                 if marked:
@@ -101,11 +108,12 @@ def _loop_preloads(body, block: int, local, before) -> tuple[tuple, int]:
             continue
         tasks = []
         for task in stmt.tasks:
-            inputs = tuple(k for k in range(len(task.op.inputs))
-                           if _preloadable(body, task, k, p, i, block, local, before, writers))
-            tasks.append(dataclasses.replace(task, preload=inputs) if inputs and _eligible(task, block) else task)
-            marked += len(tasks[-1].preload)
-        body[i] = dataclasses.replace(stmt, tasks=tuple(tasks))
+            inputs = () if not _eligible(task, block) else tuple(
+                k for k in range(len(task.op.inputs)) if _preloadable(body, task, k, p, i, local, before, writers))
+            tasks.append(dataclasses.replace(task, preload=inputs) if inputs else task)
+        if 0 < sum(len(t.preload) for t in tasks) <= MAX_PRELOADS_PER_WAVE:
+            body[i] = dataclasses.replace(stmt, tasks=tuple(tasks))
+            marked += sum(len(t.preload) for t in tasks)
     return tuple(body), marked
 
 
@@ -151,7 +159,9 @@ def _writers(body) -> dict:
     return out
 
 
-def _preloadable(body, task, k: int, p: int, i: int, block: int, local, before, writers) -> bool:
+def _preloadable(body, task, k: int, p: int, i: int, local, before, writers) -> bool:
+    """Is input k of `task` (in the wave at body[i]) unchanged from the start of the wave at body[p] to the op,
+    and ordered before body[p] wherever the loop writes it (the module docstring)?"""
     value = task.op.inputs[k]
     buf = value.buffer
     if not isinstance(buf, Buffer) or buf in local or value.perm is not None or value.rows is not None \
