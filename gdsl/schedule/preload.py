@@ -103,7 +103,7 @@ def _loop_preloads(body, block: int, local, before) -> tuple[tuple, int]:
     for i, stmt in enumerate(body):
         if not isinstance(stmt, Wave):
             continue
-        p = _previous_wave(body, i)
+        p = previous_wave(body, i)
         if p is None:
             continue
         tasks = []
@@ -121,12 +121,20 @@ def _is_uniform_stmt(stmt) -> bool:
     return isinstance(stmt, (Uniforms, Assign))
 
 
-def _previous_wave(body, i: int) -> int | None:
-    """The index of the wave before body[i] with only syncs between them, else None."""
+def previous_wave(body, i: int) -> int | None:
+    """The index of the wave before body[i] with one sync or more and nothing else between them, else None."""
     j = i - 1
     while j >= 0 and isinstance(body[j], Sync):
         j -= 1
-    return j if j >= 0 and j < i - 1 and isinstance(body[j], Wave) else None
+    return j if 0 <= j < i - 1 and isinstance(body[j], Wave) else None
+
+
+def next_wave(body, i: int) -> int | None:
+    """The index of the wave after body[i] with one sync or more and nothing else between them, else None."""
+    j = i + 1
+    while j < len(body) and isinstance(body[j], Sync):
+        j += 1
+    return j if i + 1 < j < len(body) and isinstance(body[j], Wave) else None
 
 
 def _eligible(task, block: int) -> bool:

@@ -79,6 +79,7 @@ from gdsl.schedule.plan import (
     fold_expr,
     walk,
 )
+from gdsl.schedule.preload import previous_wave
 from gdsl.schedule.rows import evaluate_rows
 from gdsl.schedule.shares import SPLIT_PARAMS, read_share, storage_elements, window_share, write_share
 from gdsl.schedule.splitk import partial_products
@@ -552,17 +553,12 @@ STATEMENT_RULES = {
 
 
 def _waves_before_preloads(plan) -> dict:
-    """Wave -> the wave after it whose tasks have preloaded inputs (only syncs between them)."""
+    """Wave -> the wave after it whose tasks have preloaded inputs (preload.previous_wave)."""
     out = {}
-    for kernel in plan.kernels:
-        for stmt in walk(kernel.body):
-            if isinstance(stmt, Loop):
-                body = stmt.body
-                for i, s in enumerate(body):
-                    if isinstance(s, Wave) and any(t.preload for t in s.tasks):
-                        j = i - 1
-                        while j >= 0 and isinstance(body[j], Sync):
-                            j -= 1
-                        if j >= 0 and isinstance(body[j], Wave):
-                            out[body[j]] = s
+    for loop in (s for kernel in plan.kernels for s in walk(kernel.body) if isinstance(s, Loop)):
+        for i, stmt in enumerate(loop.body):
+            before = previous_wave(loop.body, i) if isinstance(stmt, Wave) and any(t.preload for t in stmt.tasks) \
+                else None
+            if before is not None:
+                out[loop.body[before]] = stmt
     return out

@@ -100,6 +100,7 @@ from gdsl.schedule.plan import (
     Wave,
     walk,
 )
+from gdsl.schedule.preload import next_wave
 from gdsl.schedule.resident import RESIDENT, function_resident_tasks, region_bytes
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
@@ -573,7 +574,8 @@ class Renderer:
                 starts.append(len(lines) if piece is stmt else None)
                 calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
-                lines += [pad + line for line in self.preload_lines(_next_wave(stmts, index))]
+                after = next_wave(stmts, index)
+                lines += [pad + line for line in self.preload_lines(stmts[after] if after is not None else None)]
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Fork):
                 lines += self.fork_lines(stmt, ind)
@@ -1297,15 +1299,6 @@ def render_plan(plan, dialect: Dialect, *, barrier: str = "atomic", trace=None, 
     `trace` (TraceSites) the instrumented one. `veus_per_sm`: how many of the plan's vEUs one SM holds at once
     (a dialect's kernel_prefix may bound the registers of a thread by it)."""
     return Renderer(plan, dialect, barrier=barrier, trace=trace, veus_per_sm=veus_per_sm).render()
-
-
-
-def _next_wave(stmts, index: int):
-    """The wave after stmts[index] when only syncs lie between them (the wave a preload serves), else None."""
-    j = index + 1
-    while j < len(stmts) and isinstance(stmts[j], Sync):
-        j += 1
-    return stmts[j] if j < len(stmts) and j > index + 1 and isinstance(stmts[j], Wave) else None
 
 
 def _preload_name(op, k: int) -> str:
