@@ -13,15 +13,17 @@ Which ops: the waves of a device-control kernel's top-level loop bodies; element
 by element (fused chains, elementwise primitives, cell chains), in one round of uTasks (each vEU one uTask)
 of at most `block` elements (each thread one element), with a wave before them in the body and only barriers
 or flag syncs in between, and no more than MAX_PRELOADS_PER_WAVE inputs in all for the wave (registers: all are
-live across the wave before). Which inputs: buffers in memory (not shared memory: block-local temps gain nothing)
+live across the wave before). Which inputs: buffers in memory (not shared memory: block-local temps gained nothing,
+NASRNN's second cell's `c` measured on the H200)
 read at the op's own element (the output's shape: no broadcast, no permuted view), whose elements, where they
 are written in the loop at all, are written by the same vEU that reads them (hazards.py's exact shares), by a
 wave with a barrier between it and the preload and none of the waves from the preload to the op; a buffer
 written before the loop counts when a grid barrier (or a kernel start) lies between that write and the loop.
 A view's run-time offset (uniforms) is read where the preload is; no uniform statement lies in between.
 
-Measured on the H200 (session 17, first as a hand edit of the NASRNN bs1 kernel, `benchmarks/preload_ab.py --hand`):
-2.75 -> 2.03 and 2.68 -> 1.99 ms in two processes (CUDA events, 60 launches each, alternating).
+Measured on the H200 (session 17, `benchmarks/preload_ab.py`: CUDA events, 60 launches each, alternating): first as
+a hand edit of the NASRNN bs1 kernel, 2.75 -> 2.03 and 2.68 -> 1.99 ms in two processes; this pass 2.746 -> 2.059
+and 2.675 -> 2.061 (docs/performance.md, session 17).
 """
 from __future__ import annotations
 
