@@ -46,7 +46,7 @@ def test_nasrnn_batch_1_cells_load_their_step_inputs_a_wave_early(monkeypatch):
 def test_a_wave_with_too_many_preloads_gets_none(monkeypatch):
     """The LSTM bs1's cells of one wave (ten layers' cells on their own vEUs) would preload 128 inputs, all live
     across the wave before: past MAX_PRELOADS_PER_WAVE (16) none (measured slower on the H200, 0.367 -> 0.393
-    ms); with the bound raised, they are marked."""
+    ms, without spills); with the bound raised, they are marked."""
     assert "preloaded_inputs" not in zoo_lowered("lstm", 1).lowering.plan.stats
     monkeypatch.setattr(preload, "MAX_PRELOADS_PER_WAVE", 1000)
     assert zoo_lowered("lstm", 1).lowering.plan.stats["preloaded_inputs"] == 128

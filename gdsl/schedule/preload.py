@@ -12,13 +12,13 @@ flags): one round trip less on the step's critical path.
 Which ops: the waves of a device-control kernel's top-level loop bodies; elementwise-like ops computed element
 by element (fused chains, elementwise primitives, cell chains), in one round of uTasks (each vEU one uTask)
 of at most `block` elements (each thread one element), with a wave before them in the body and only barriers
-or flag syncs in between, and no more than MAX_PRELOADS_PER_WAVE inputs in all for the wave (registers: all are
-live across the wave before). Which inputs: buffers in memory (not shared memory: block-local temps gained nothing,
-NASRNN's second cell's `c` measured on the H200)
-read at the op's own element (the output's shape: no broadcast, no permuted view), whose elements, where they
-are written in the loop at all, are written by the same vEU that reads them (hazards.py's exact shares), by a
-wave with a barrier between it and the preload and none of the waves from the preload to the op; a buffer
-written before the loop counts when a grid barrier (or a kernel start) lies between that write and the loop.
+or flag syncs in between, and no more than MAX_PRELOADS_PER_WAVE inputs in all for the wave (all are live
+across the wave before; more measured slower). Which inputs: buffers in memory (not shared memory: a
+block-local temp, NASRNN's second cell's `c`, gained nothing on the H200) read at the op's own element (the
+output's shape: no broadcast, no permuted view), whose elements, where they are written in the loop at all,
+are written by the same vEU that reads them (hazards.py's exact shares), by a wave with a barrier between it
+and the preload and none of the waves from the preload to the op; a buffer written before the loop counts
+when a grid barrier (or a kernel start) lies between that write and the loop.
 A view's run-time offset (uniforms) is read where the preload is; no uniform statement lies in between.
 
 Measured on the H200 (session 17, `benchmarks/preload_ab.py`: CUDA events, 60 launches each, alternating): first as
@@ -51,10 +51,11 @@ from gdsl.schedule.plan import (
 
 # Off: no preloads (for A/B timing).
 PRELOAD_STEP_READS = True
-# The most registers one wave's preloads may take: all of them are live across the wave before (the compiler
-# cannot tell that a vEU runs one task of the wave), and past the register budget they spill. Measured on the
-# H200 (session 17, benchmarks/preload_ab.py): NASRNN bs1 with 9 and 8 2.75 -> 2.06 ms; the LSTM bs1's ten cells
-# of a wave with 128 in all 0.367 -> 0.393 ms; so a wave whose tasks would take more preloads none.
+# The most preloads one wave may have: all of them are live across the wave before (the compiler cannot tell
+# that a vEU runs one task of the wave). Measured on the H200 (session 17, benchmarks/preload_ab.py): NASRNN bs1
+# with 9 and 8 2.75 -> 2.06 ms; the LSTM bs1's ten cells of a wave with 128 in all 0.367 -> 0.393 ms, with no
+# spills either way (ptxas: 128 registers, 0 bytes spilled; why it is slower is not known); so a wave whose tasks
+# would take more preloads gets none.
 MAX_PRELOADS_PER_WAVE = 16
 
 
