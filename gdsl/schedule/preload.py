@@ -28,6 +28,7 @@ and 2.675 -> 2.061 (docs/performance.md, session 17).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -89,17 +90,16 @@ def _written_before(stmts) -> set:
     for stmt in stmts:
         if isinstance(stmt, Sync) and stmt.always_grid:
             written.clear()
-        elif isinstance(stmt, Wave):
-            written |= {v.storage for t in stmt.tasks for v in t.op.outputs}
-        elif not isinstance(stmt, Sync):        # uniforms, loops, branches: anything they write
-            written |= {v.storage for t in _tasks([stmt]) for v in t.op.outputs}
+        else:           # a wave, or what the waves nested in a loop or a branch write
+            written |= {v.storage for s in walk([stmt]) if isinstance(s, Wave) for t in s.tasks
+                        for v in t.op.outputs}
     return written
 
 
 def _loop_preloads(body, block: int, local, before) -> tuple[tuple, int]:
     """(the loop body with its tasks' preloads marked, how many inputs were marked)."""
     body = list(body)
-    if any(not isinstance(s, (Wave, Sync)) for s in body if not _is_uniform_stmt(s)):
+    if any(not isinstance(s, (Wave, Sync, Uniforms, Assign)) for s in body):
         return tuple(body), 0          # nested control flow: not here
     writers = _writers(body)
     marked = 0
@@ -114,14 +114,11 @@ def _loop_preloads(body, block: int, local, before) -> tuple[tuple, int]:
             inputs = () if not _eligible(task, block) else tuple(
                 k for k in range(len(task.op.inputs)) if _preloadable(body, task, k, p, i, local, before, writers))
             tasks.append(dataclasses.replace(task, preload=inputs) if inputs else task)
-        if 0 < sum(len(t.preload) for t in tasks) <= MAX_PRELOADS_PER_WAVE:
+        count = sum(len(t.preload) for t in tasks)
+        if 0 < count <= MAX_PRELOADS_PER_WAVE:
             body[i] = dataclasses.replace(stmt, tasks=tuple(tasks))
-            marked += sum(len(t.preload) for t in tasks)
+            marked += count
     return tuple(body), marked
-
-
-def _is_uniform_stmt(stmt) -> bool:
-    return isinstance(stmt, (Uniforms, Assign))
 
 
 def previous_wave(body, i: int) -> int | None:
@@ -151,11 +148,11 @@ def _eligible(task, block: int) -> bool:
             return False
     elif op.kind != FUSED.name and family_of(op.kind) != ELEMENTWISE:
         return False
-    size = op.outputs[0].aval.size if op.kind != ROWS.name else int(np.prod(op.params[ROW_SHAPE]))
-    return op.params.get("chunk", size) <= block
+    return op.params.get("chunk", math.prod(element_shape(op))) <= block
 
 
-def _element_shape(op):
+def element_shape(op) -> tuple:
+    """The shape an elementwise-like op's uTasks split (a row chain's row shape, else its output's)."""
     return tuple(op.params[ROW_SHAPE]) if op.kind == ROWS.name else op.outputs[0].aval.shape
 
 
@@ -176,7 +173,7 @@ def _preloadable(body, task, k: int, p: int, i: int, local, before, writers) -> 
     value = task.op.inputs[k]
     buf = value.buffer
     if not isinstance(buf, Buffer) or buf in local or value.perm is not None or value.rows is not None \
-            or value.window is not None or value.frame_offset or value.aval.shape != _element_shape(task.op) \
+            or value.window is not None or value.frame_offset or value.aval.shape != element_shape(task.op) \
             or value.storage in before:
         return False
     if any(value.storage is v.storage for v in task.op.outputs):
@@ -208,7 +205,3 @@ def _same_veus(reader, k: int, writer, number: int) -> bool:
         return False
     by_element = dict(zip(np.asarray(wrote).tolist(), np.asarray(written_veus).tolist()))
     return all(by_element.get(e, v) == v for e, v in zip(np.asarray(read).tolist(), np.asarray(read_veus).tolist()))
-
-
-def _tasks(stmts):
-    return [t for s in walk(stmts) if isinstance(s, Wave) for t in s.tasks]

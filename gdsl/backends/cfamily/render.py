@@ -85,7 +85,6 @@ from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
-    ROW_SHAPE,
     Assign,
     Branch,
     Call,
@@ -100,7 +99,7 @@ from gdsl.schedule.plan import (
     Wave,
     walk,
 )
-from gdsl.schedule.preload import next_wave
+from gdsl.schedule.preload import element_shape, next_wave
 from gdsl.schedule.resident import RESIDENT, function_resident_tasks, region_bytes
 
 PRELUDE = (Path(__file__).with_name("prelude.h")).read_text()
@@ -574,8 +573,7 @@ class Renderer:
                 starts.append(len(lines) if piece is stmt else None)
                 calls.append(len(self.call_log))
             if isinstance(stmt, Wave):
-                after = next_wave(stmts, index)
-                lines += [pad + line for line in self.preload_lines(stmts[after] if after is not None else None)]
+                lines += [pad + line for line in self.preload_lines(stmts, index)]
                 lines += [pad + line for line in self.wave(stmt.tasks)]
             elif isinstance(stmt, Fork):
                 lines += self.fork_lines(stmt, ind)
@@ -894,17 +892,18 @@ class Renderer:
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                                                     for k, v in enumerate(op.inputs)] + flags + preloaded
 
-    def preload_lines(self, wave) -> list[str]:
-        """Before the wave before `wave`: each thread of a vEU that will run a uTask of `wave` with preloaded
+    def preload_lines(self, stmts, index: int) -> list[str]:
+        """Before the wave stmts[index]: each thread of a vEU that will run a uTask of the next wave with preloaded
         inputs (gdsl/schedule/preload.py) loads its element of each into a register the call then passes."""
-        tasks = [t for t in wave.tasks if t.op in self.preloads] if wave is not None else []
+        after = next_wave(stmts, index)
+        tasks = [t for t in stmts[after].tasks if t.op in self.preloads] if after is not None else []
         return [line for task in tasks for line in self._task_preload(task)]
 
     def _task_preload(self, task) -> list[str]:
         """The register declarations and loads of one task's preloaded inputs (the thread's element of its uTask
         on this vEU: one a thread, preload._eligible)."""
         op = task.op
-        size = math.prod(op.params[ROW_SHAPE]) if ROW_SHAPE in op.params else op.outputs[0].aval.size
+        size = math.prod(element_shape(op))
         chunk, thread = op.params.get("chunk", size), f"(int){self.dialect.thread_index}"
         lines, loads = [], []
         for k in self.preloads[op]:
