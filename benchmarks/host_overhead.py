@@ -1,9 +1,10 @@
 """Where a zoo model's repeated call spends its host time on cuda (no GPU work is timed here): the fast
 key of its arguments, the table lookup, the input checks and pointers, the result arrays, the driver's launch
 alone (the prepared parameter block launched again), and the whole call without waiting for the GPU (so the
-host's own rate). With --leaves, what each part of the fast key costs over the model's weights as CuPy
-arrays (one pass of a C loop over all of them per part: type, shape, dtype, ...; the key reads the type, shape
-and dtype of every leaf, hashes the key and compares it with the table's), and the same over numpy arrays.
+host's own rate), also with the weights bound (`f.bind(weights)`: keyed once). With --leaves, what each part
+of the fast key costs over the model's weights as CuPy arrays (one pass of a C loop over all of them per part:
+type, shape, dtype, ...; the key reads the type, shape and dtype of every leaf, hashes the key and compares it
+with the table's), and the same over numpy arrays.
 
     python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000] [--leaves]
 """
@@ -57,6 +58,9 @@ def breakdown(name: str, calls: int) -> str:
         parts["driver launch" + (" (cooperative)" if launcher.cooperative else "")] = \
             per_call_us(lambda: launcher.call_driver(stream), max(1, calls // 10))
     parts["whole call, not waiting for the GPU"] = per_call_us(lambda: f(w, x), max(1, calls // 10))
+    bound = f.bind(w)                        # the weights keyed once (gdsl.jit's bind)
+    bound(x)
+    parts["whole call with the weights bound"] = per_call_us(lambda: bound(x), max(1, calls // 10))
     cp.cuda.Device().synchronize()
     return f"{name}: {len(leaves)} leaves; " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
 

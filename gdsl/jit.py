@@ -298,14 +298,20 @@ class Jitted:
             self._remember_fast(args, leaves, entry)
         return tree_unflatten(entry["program"].out_tree, outs)
 
-    def _fast_signature(self, args):
+    def bind(self, *args) -> Bound:
+        """`g = f.bind(*args)`: `g(*rest, **kwargs)` is `f(*args, *rest, **kwargs)`, with the leading `args`
+        (a model's weights) keyed once, here, instead of at every call (Bound)."""
+        return Bound(self, args)
+
+    def _fast_signature(self, args, start: int = 0):
         """(key, leaves) of positional `args` as the fast path sees them, or None (the general path takes
         the call). The key is the backend, then per argument its value if static, else its pytree written
-        out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order."""
+        out by _key_and_leaves; leaves are the dynamic arguments' leaves in tree_flatten's order. `start`:
+        the position of args[0] among the call's arguments (Bound keys the arguments after its own)."""
         key = [self.backend or default_backend()]
         leaves = []
         static, array_types = self._static_positions, self._array_types
-        for i, a in enumerate(args):
+        for i, a in enumerate(args, start):
             if i in static:
                 key.append(a)
             elif type(a) in array_types:        # what _key_and_leaves appends for an array leaf, inline
@@ -361,6 +367,79 @@ class Jitted:
             from gdsl.autotune import place_workspace
             place_workspace(entry["executable"], flat)
         debug(4, "timing", f"compile+load of {self.__name__}: {1e3 * (time.perf_counter() - t0):.1f} ms")
+
+
+class Bound:
+    """A jitted function with its leading arguments bound (`Jitted.bind`): `g(*rest)` is `f(*args, *rest)`.
+
+    What a call of `f` does per argument, reading the type, shape and dtype of every leaf of a few hundred
+    weights to find the signature (docs/guide.md, "Binding the weights"), `g` does for `rest` only: the bound
+    arguments' leaves are flattened once, here, and a call looks up its signature by `rest` alone in a table
+    of its own, filled from `f`'s fast path on the first call of each signature. The bound arrays are held as
+    views taken now: their values are read at every call (an update in place is seen, as when they are
+    passed), their pytree, shapes and dtypes are the ones they had here (a later in-place reshape of the
+    array, `a.shape = ...` in CuPy, does not reach the view; bind again for new shapes). Any call the table
+    does not know (a new signature, keyword arguments, a static argument among `rest`) takes `f`'s path with
+    every argument, so its results are `f`'s.
+    """
+
+    def __init__(self, jitted: Jitted, args: tuple):
+        self._jitted = jitted
+        self._args = tuple(_held(a) for a in args)
+        signature = jitted._fast_signature(self._args) if jitted._fast_ok else None
+        self._leaves = None if signature is None else signature[1]     # (None: every call takes f's path)
+        self._table: dict = {}           # fast key of rest (Jitted._fast_signature) -> fast caller
+        self.__name__ = jitted.__name__
+        self.__wrapped__ = jitted
+
+    def __call__(self, *rest, **kwargs):
+        if not kwargs and self._leaves is not None:
+            signature = self._jitted._fast_signature(rest, start=len(self._args))
+            if signature is not None:
+                key, leaves = signature
+                try:
+                    fast = self._table.get(key)
+                except TypeError:       # an unhashable static argument: the general path says so
+                    fast = None
+                if fast is not None:
+                    return fast(self._leaves + leaves)
+                out = self._jitted(*self._args, *rest)
+                self._remember(key, leaves, rest)
+                return out
+        return self._jitted(*self._args, *rest, **kwargs)
+
+    def _remember(self, key, leaves, rest):
+        """Enter `rest`'s key with the fast caller `f`'s table now holds for the whole call, when there is one
+        and its leaves are the bound leaves followed by `rest`'s."""
+        full = self._jitted._fast_signature(self._args + rest)
+        if full is None:
+            return
+        full_key, full_leaves = full
+        try:
+            fast = self._jitted._fast.get(full_key)
+        except TypeError:
+            return
+        expected = self._leaves + leaves
+        if fast is None or len(full_leaves) != len(expected) or any(a is not b for a, b in zip(full_leaves,
+                                                                                              expected)):
+            return
+        self._table[key] = fast
+
+    def lower(self, *rest, **kwargs) -> Lowered:
+        return self._jitted.lower(*self._args, *rest, **kwargs)
+
+
+def _held(tree):
+    """A bound argument as Bound keeps it: its arrays as views (same memory, the shape of now), the rest as is."""
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        return kind(_held(c) for c in tree)
+    if kind is dict:
+        return {k: _held(v) for k, v in tree.items()}
+    view = getattr(tree, "view", None)
+    if callable(view) and getattr(tree, "shape", None) is not None and getattr(tree, "dtype", None) is not None:
+        return view()
+    return tree
 
 
 _PYTHON_SCALARS = frozenset({bool, int, float})

@@ -222,13 +222,15 @@ def _device_put_for(backend: str | None):
 
 
 def gdsl_runner(model, weights, cfg, batches, backend=None, control=None, system=None, **options) -> Runner:
-    """A Runner for `model.make_forward(cfg, backend, control)` with weights and inputs placed once."""
+    """A Runner for `model.make_forward(cfg, backend, control)` with weights and inputs placed once, the
+    weights bound once (`f.bind(weights)`, as a user with fixed weights calls it: no per-call key over them)."""
     put, sync = _device_put_for(backend)
     fn = model.make_forward(cfg, backend=backend, control=control, **options)
     w = tree_map(put, weights)
+    bound = fn.bind(w)
     xs = [tree_map(put, b) for b in as_batches(batches)]
     name = system or ("gdsl" + (f"-{control}" if control else ""))
-    return Runner(name, run=lambda i: fn(w, xs[i]), sync=sync, lower=lambda i: fn.lower(w, xs[i]))
+    return Runner(name, run=lambda i: bound(xs[i]), sync=sync, lower=lambda i: fn.lower(w, xs[i]))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -341,6 +341,54 @@ def test_executable_fast_path_when_an_output_is_an_input():
     assert not np.shares_memory(got[0], x)
 
 
+# ------------------------------------------------------------------------------------------ bound arguments
+def layer(w, x, k):
+    return gnp.tanh(x @ w["a"]) * k + w["b"]
+
+
+def _weights(n=6):
+    rng = np.random.default_rng(n)
+    return {"a": rng.standard_normal((n, n)).astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)}
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_bound_calls_are_the_unbound_calls(backend, monkeypatch):
+    """f.bind(w)(x, k) is f(w, x, k): results, signatures (a new shape traces once more), Python scalars converted;
+    from the second call of a signature on it never enters f's key or general path."""
+    f = gdsl.jit(layer, backend=backend)
+    w, x = _weights(), np.ones((2, 6), np.float32)
+    g = f.bind(w)
+    assert_trees_close(g(x, 2.0), general_path(f, w, x, 2.0), exact=True)
+    x3 = np.linspace(0, 1, 18, dtype=np.float32).reshape(3, 6)
+    want3 = general_path(f, w, x3, 0.5)
+    assert_trees_close(g(x3, 0.5), want3, exact=True)
+    assert f.trace_count == 2 and len(g._table) == 2
+    forbid_general_path(monkeypatch, f)
+    monkeypatch.setattr(f, "_fast_signature", lambda args, start=0, real=f._fast_signature:
+                        real(args, start) if start else pytest.fail("f keyed the bound weights"))
+    assert_trees_close(g(x3, 0.5), want3, exact=True)
+    assert_trees_close(g.lower(x3, 0.5).plan, f.lower(w, x3, 0.5).plan)
+
+
+def test_bound_arrays_share_values_and_keep_their_shapes():
+    """Values written in place after bind are seen; the bound arguments' shapes are the ones at bind time
+    (views), so an in-place reshape of the caller's array does not reach them; keyword calls and statics
+    among the rest take f's path."""
+    f = gdsl.jit(layer, backend="interpret", static_argnums=2)
+    w, x = _weights(), np.ones((2, 6), np.float32)
+    g = f.bind(w)
+    g(x, 3)
+    w["a"][0, 0] += 1.0
+    assert_trees_close(g(x, 3), general_path(f, w, x, 3), exact=True)
+    shape = w["b"].shape
+    w["b"].shape = (2, 3)
+    assert g._args[0]["b"].shape == shape
+    w["b"].shape = shape
+    assert_trees_close(g(x, k=3), general_path(f, w, x, k=3), exact=True)
+    assert_trees_close(g(x, 4), general_path(f, w, x, 4), exact=True)
+    assert len(g._table) == 2            # (3 and 4: two static values)
+
+
 # ------------------------------------------------------------------------------------------ on a GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["elementwise_float", "conversions", "reductions", "matmuls", "large", "loop",
@@ -447,3 +495,20 @@ def test_gpu_dispatch_bench_measures_the_breakdown(tmp_path):
     steps = {row["step"]: row for row in data["breakdown"]}
     assert steps["f(x): the whole call"]["host_us"] > steps["bare driver launch"]["host_us"] > 0
     assert steps["GPU time per launch"]["event_us"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("control", ["device", "host"])
+def test_gpu_bound_calls_are_the_unbound_calls(control, monkeypatch):
+    import cupy
+    f = gdsl.jit(layer, backend="cuda", control=control)
+    w = {k: cupy.asarray(v) for k, v in _weights().items()}
+    x = cupy.ones((2, 6), cupy.float32)
+    g = f.bind(w)
+    want = gdsl.to_numpy(general_path(f, w, x, 2.0))
+    assert_trees_close(gdsl.to_numpy(g(x, 2.0)), want, exact=True)
+    forbid_general_path(monkeypatch, f)
+    for _ in range(3):
+        assert_trees_close(gdsl.to_numpy(g(x, 2.0)), want, exact=True)
+    w["a"][0, 0] += 1.0
+    assert not np.array_equal(gdsl.to_numpy(g(x, 2.0)), want)
