@@ -376,17 +376,3 @@ def test_lstm_like_cells_match_the_interpreter(rows, n):
     for grid in (3, 8):
         got = emulate(lstm_like, *args, grid=grid, owner=True)
         assert_trees_close([np.asarray(g) for g in got], expected, tolerance=BACKEND_TOLERANCE)
-
-
-@pytest.mark.parametrize("kmajor", [True, False])
-def test_one_column_tiles_run_their_gemv_k_major(monkeypatch, kmajor):
-    """NASRNN at batch 1 gathers one column of each of its 8 gates per uTask ([8][K][1] resident): the GEMV tile
-    then takes consecutive k on a warp's lanes (gemm.KMAJOR_COLUMN_TILES); either way the emulator of the
-    generated C matches the float64 reference."""
-    from strategies import emulated_model_mismatches, zoo_lowered
-
-    from gdsl.backends.cfamily import gemm
-    monkeypatch.setattr(gemm, "KMAJOR_COLUMN_TILES", kmajor)
-    source = zoo_lowered("nasrnn", 1).source
-    assert f"gdsl_gemv_tile<1, 8, 256, 256, float, {str(kmajor).lower()}>" in source
-    assert emulated_model_mismatches("nasrnn", 1, grid=32) == []

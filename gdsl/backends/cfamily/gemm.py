@@ -24,11 +24,6 @@ from gdsl.schedule.plan import K_PARTS, K_SPLITS, N_PARTS, ROW_INDEX, a_parts, e
 from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
-# A gathered matmul's resident tile one column wide ([batch][K][1], owner-computes at batch 1: NASRNN's column of
-# every gate) is contiguous along k, so its GEMV tile runs k-major: a warp's lanes take consecutive k of one
-# column (conflict-free shared-memory loads; the k slices summed by shuffles alone, no shared-memory round and
-# block sync). Column-major threads there read the tile with 8-way bank conflicts.
-KMAJOR_COLUMN_TILES = True
 GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the GEMV tile (or a split's K_CHUNK)
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
@@ -264,10 +259,9 @@ def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
         load_a = load_a_parts(ops, acc, "m")
     else:
         load_a = f"return ({acc})({a.at(f'm * {K} + k')});"
-    kmajor = KMAJOR_COLUMN_TILES and RESIDENT in ops.op.params and tn == 1
     return gemm_tiles(ops, Gemm(
         M, N, K, 1, setup=setup, load_a=load_a, load_b=load_b,
-        store=store, a_contiguous_k=True, b_contiguous_k=kmajor, gathered=batch,
+        store=store, a_contiguous_k=True, b_contiguous_k=False, gathered=batch,
         gemv_kc=_gemv_kc(M, K, K_PARTS in ops.op.params)))
 
 
