@@ -274,14 +274,9 @@ class Jitted:
     def __call__(self, *args, **kwargs):
         if not kwargs and self._fast_ok:
             signature = self._fast_signature(args)
-            if signature is not None:
-                key, leaves = signature
-                try:
-                    fast = self._fast.get(key)
-                except TypeError:       # an unhashable static argument: the general path says so
-                    fast = None
-                if fast is not None:
-                    return fast(leaves)
+            fast = _fast_lookup(self._fast, signature)
+            if fast is not None:
+                return fast(signature[1])
         return self._call(args, kwargs)
 
     def _call(self, args, kwargs):
@@ -395,16 +390,12 @@ class Bound:
     def __call__(self, *rest, **kwargs):
         if not kwargs and self._leaves is not None:
             signature = self._jitted._fast_signature(rest, start=len(self._args))
+            fast = _fast_lookup(self._table, signature)
+            if fast is not None:
+                return fast(self._leaves + signature[1])
             if signature is not None:
-                key, leaves = signature
-                try:
-                    fast = self._table.get(key)
-                except TypeError:       # an unhashable static argument: the general path says so
-                    fast = None
-                if fast is not None:
-                    return fast(self._leaves + leaves)
                 out = self._jitted(*self._args, *rest)
-                self._remember(key, leaves, rest)
+                self._remember(*signature, rest)
                 return out
         return self._jitted(*self._args, *rest, **kwargs)
 
@@ -412,21 +403,23 @@ class Bound:
         """Enter `rest`'s key with the fast caller `f`'s table now holds for the whole call, when there is one
         and its leaves are the bound leaves followed by `rest`'s."""
         full = self._jitted._fast_signature(self._args + rest)
-        if full is None:
-            return
-        full_key, full_leaves = full
-        try:
-            fast = self._jitted._fast.get(full_key)
-        except TypeError:
-            return
+        fast = _fast_lookup(self._jitted._fast, full)
         expected = self._leaves + leaves
-        if fast is None or len(full_leaves) != len(expected) or any(a is not b for a, b in zip(full_leaves,
-                                                                                              expected)):
-            return
-        self._table[key] = fast
+        if fast is not None and len(full[1]) == len(expected) and all(map(operator.is_, full[1], expected)):
+            self._table[key] = fast
 
     def lower(self, *rest, **kwargs) -> Lowered:
         return self._jitted.lower(*self._args, *rest, **kwargs)
+
+
+def _fast_lookup(table: dict, signature):
+    """The fast caller `table` holds for `signature` ((key, leaves) of _fast_signature, or None), or None."""
+    if signature is None:
+        return None
+    try:
+        return table.get(signature[0])
+    except TypeError:           # an unhashable static argument: the general path says so
+        return None
 
 
 def _held(tree):
