@@ -439,7 +439,9 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
         }
       }
     }
-    __syncthreads();
+    // (before the next chunk's staging overwrites As; after the last chunk only where no block barrier of the
+    // k slices' reduction follows before the tile returns: its partial sums go to `red`, not As)
+    if (SLOTS == 1 || k0 + KC < K || GDSL_GEMV_LAST_CHUNK_SYNC) __syncthreads();
   }
 #pragma unroll
   for (int m = 0; m < MR; ++m)
