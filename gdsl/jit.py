@@ -43,7 +43,7 @@ from gdsl.backends import backend_module, default_backend, usable_backend
 from gdsl.control_flow import reset_function_names
 from gdsl.core.ir import Program, ShapedArray
 from gdsl.debug import debug
-from gdsl.tracing.pytree import LEAF, tree_flatten, tree_unflatten
+from gdsl.tracing.pytree import LEAF, tree_flatten, tree_map, tree_unflatten
 from gdsl.tracing.trace import (
     Builder,
     builder_stack,
@@ -380,7 +380,7 @@ class Bound:
 
     def __init__(self, jitted: Jitted, args: tuple):
         self._jitted = jitted
-        self._args = tuple(_held(a) for a in args)
+        self._args = tree_map(_view, tuple(args))
         signature = jitted._fast_signature(self._args) if jitted._fast_ok else None
         self._leaves = None if signature is None else signature[1]     # (None: every call takes f's path)
         self._table: dict = {}           # fast key of rest (Jitted._fast_signature) -> fast caller
@@ -422,17 +422,12 @@ def _fast_lookup(table: dict, signature):
         return None
 
 
-def _held(tree):
-    """A bound argument as Bound keeps it: its arrays as views (same memory, the shape of now), the rest as is."""
-    kind = type(tree)
-    if kind is tuple or kind is list:
-        return kind(_held(c) for c in tree)
-    if kind is dict:
-        return {k: _held(v) for k, v in tree.items()}
-    view = getattr(tree, "view", None)
-    if callable(view) and getattr(tree, "shape", None) is not None and getattr(tree, "dtype", None) is not None:
+def _view(x):
+    """A bound leaf as Bound keeps it: an array as a view (same memory, the shape of now), anything else as is."""
+    view = getattr(x, "view", None)
+    if callable(view) and getattr(x, "shape", None) is not None and getattr(x, "dtype", None) is not None:
         return view()
-    return tree
+    return x
 
 
 _PYTHON_SCALARS = frozenset({bool, int, float})
