@@ -370,9 +370,10 @@ class Bound:
     What a call of `f` does per argument, reading the type, shape and dtype of every leaf of a few hundred
     weights to find the signature (docs/guide.md, "Binding the weights"), `g` does for `rest` only: the bound
     arguments' leaves are flattened once, here, and a call looks up its signature by `rest` alone in a table
-    of its own, filled from `f`'s fast path on the first call of each signature. The bound arrays are held as
-    views taken now: their values are read at every call (an update in place is seen, as when they are
-    passed), their pytree, shapes and dtypes are the ones they had here (a later in-place reshape of the
+    of its own, filled from `f`'s fast path on the first call of each signature; where that path can hold the
+    bound device arrays' pointers itself (`_rest_caller`), a call passes it only the rest's. The bound arrays
+    are held as views taken now: their values are read at every call (an update in place is seen, as when
+    they are passed), their pytree, shapes and dtypes are the ones they had here (a later in-place reshape of the
     array, `a.shape = ...` in CuPy, does not reach the view; bind again for new shapes). Any call the table
     does not know (a new signature, keyword arguments, a static argument among `rest`) takes `f`'s path with
     every argument, so its results are `f`'s.
@@ -383,7 +384,7 @@ class Bound:
         self._args = tree_map(_view, tuple(args))
         signature = jitted._fast_signature(self._args) if jitted._fast_ok else None
         self._leaves = None if signature is None else signature[1]     # (None: every call takes f's path)
-        self._table: dict = {}           # fast key of rest (Jitted._fast_signature) -> fast caller
+        self._table: dict = {}           # fast key of rest (Jitted._fast_signature) -> caller of rest's leaves
         self.__name__ = jitted.__name__
         self.__wrapped__ = jitted
 
@@ -392,7 +393,7 @@ class Bound:
             signature = self._jitted._fast_signature(rest, start=len(self._args))
             fast = _fast_lookup(self._table, signature)
             if fast is not None:
-                return fast(self._leaves + signature[1])
+                return fast(signature[1])
             if signature is not None:
                 out = self._jitted(*self._args, *rest)
                 self._remember(*signature, rest)
@@ -400,13 +401,25 @@ class Bound:
         return self._jitted(*self._args, *rest, **kwargs)
 
     def _remember(self, key, leaves, rest):
-        """Enter `rest`'s key with the fast caller `f`'s table now holds for the whole call, when there is one
-        and its leaves are the bound leaves followed by `rest`'s."""
+        """Enter `rest`'s key with a caller of `rest`'s leaves made from the fast caller `f`'s table now holds
+        for the whole call, when there is one and its leaves are the bound leaves followed by `rest`'s."""
         full = self._jitted._fast_signature(self._args + rest)
         fast = _fast_lookup(self._jitted._fast, full)
         expected = self._leaves + leaves
         if fast is not None and len(full[1]) == len(expected) and all(map(operator.is_, full[1], expected)):
-            self._table[key] = fast
+            self._table[key] = self._rest_caller(fast)
+
+    def _rest_caller(self, fast):
+        """`call(rest_leaves)`: `fast` with the bound leaves in front, or, where the executable's fast run can
+        take them once (`run.bind_leading`: the C-family backends, for arrays used as they are), a fast
+        caller of a run that holds them already and reads only the rest's (docs/backends.md, host dispatch)."""
+        bound, n = self._leaves, len(self._leaves)
+        run, conversions, out_tree = fast.parts
+        bind = getattr(run, "bind_leading", None)
+        rest_run = bind(bound) if bind is not None and all(k >= n for k, _ in conversions) else None
+        if rest_run is None:
+            return lambda rest: fast(bound + rest)
+        return _fast_caller(rest_run, [(k - n, aval) for k, aval in conversions], out_tree)
 
     def lower(self, *rest, **kwargs) -> Lowered:
         return self._jitted.lower(*self._args, *rest, **kwargs)
@@ -533,19 +546,18 @@ def _fast_caller(run, conversions, out_tree):
     conversions: (leaf index, aval) of the leaves _as_dtype converts (Python scalars, float64, ...)."""
     unflatten = _unflattener(out_tree)
     if not conversions and out_tree == LEAF:
-        def call_one_result(leaves):        # the most common case, one function call shorter
+        def call(leaves):                   # the most common case, one function call shorter
             return run(leaves)[0]
-        return call_one_result
-    if not conversions:
+    elif not conversions:
         def call(leaves):
             return unflatten(run(leaves))
-        return call
-
-    def call_converting(leaves):
-        for k, aval in conversions:
-            leaves[k] = _as_dtype(leaves[k], aval)
-        return unflatten(run(leaves))
-    return call_converting
+    else:
+        def call(leaves):
+            for k, aval in conversions:
+                leaves[k] = _as_dtype(leaves[k], aval)
+            return unflatten(run(leaves))
+    call.parts = (run, conversions, out_tree)       # (what Bound makes its own caller of)
+    return call
 
 
 def _unflattener(out_tree):

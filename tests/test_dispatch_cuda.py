@@ -346,3 +346,47 @@ def test_kernel_launcher_packs_scalars_at_their_width(gpu):
     assert np.uint32(launch.values[3] & 0xFFFFFFFF).view(np.float32) == 0.5
     with pytest.raises(TypeError, match="neither a CuPy array nor a numpy scalar"):
         cuda.slot_of(3)
+
+
+def _bound_run(g):
+    """The run behind the one signature in Bound `g`'s table."""
+    (call,) = g._table.values()
+    return call.parts[0]
+
+
+def test_bound_arrays_are_fixed_parameters(gpu, monkeypatch):
+    """f.bind(w): the bound device arrays' pointers are written once into a launcher of the bound run's own;
+    a call packs only the rest's (and the result's) and launches with every pointer where it belongs."""
+    w, b = as_device(np.arange(4, dtype=np.float32)), as_device(np.ones(4, np.float32))
+    x = as_device(np.full(4, 2.0, np.float32))
+    f, _ = jit_on(gpu, lambda w, b, x: w * x + b, w, b, x)
+    g = f.bind(w, b)
+    first = g(x)                                       # general path: loads, enters both tables
+    forbid_general_path(monkeypatch, f)
+    out = g(x)
+    ex = executable_of(f)
+    for launch, result in zip(gpu.driver.launches, (first, out)):
+        buffers = {"in0": w.data.ptr, "in1": b.data.ptr, "in2": x.data.ptr, "out0": result.data.ptr}
+        assert launch.values == expected_values(ex, buffers)
+    run = _bound_run(g)
+    assert run.launcher.given_pointer == [True, True]    # x and the result: w and b are fixed
+    y = as_device(np.zeros(4, np.float32))             # another argument object: its own pointer
+    out = g(y)
+    buffers = {"in0": w.data.ptr, "in1": b.data.ptr, "in2": y.data.ptr, "out0": out.data.ptr}
+    assert gpu.driver.launches[-1].values == expected_values(ex, buffers)
+
+
+def test_bound_host_arrays_are_copied_at_every_call(gpu, monkeypatch):
+    """A bound numpy array is converted on the way (a device copy per call, so that an update in place is
+    seen): it cannot be a fixed parameter, and the bound call passes every leaf as f's fast path does."""
+    w = np.arange(4, dtype=np.float32)
+    x = as_device(np.full(4, 2.0, np.float32))
+    f, _ = jit_on(gpu, lambda w, x: w * x, w, x)
+    g = f.bind(w)
+    g(x)
+    forbid_general_path(monkeypatch, f)
+    g(x)
+    (call,) = g._table.values()
+    assert not hasattr(call, "parts")         # the fallback: f's fast caller with the bound leaves in front
+    launch = gpu.driver.launches[-1]
+    assert w.ctypes.data not in launch.values and x.data.ptr in launch.values

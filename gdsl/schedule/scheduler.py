@@ -44,7 +44,7 @@ from gdsl.primitives.structural import (
     take_p,
     transpose_p,
 )
-from gdsl.schedule import balance, licm, partition, splitk, utasks
+from gdsl.schedule import balance, licm, partition, speculate, splitk, trailing, utasks
 from gdsl.schedule.backedge import demote_back_edges
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
@@ -2850,7 +2850,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
-    `hoist=False` turns off the first two passes (to measure what they give). `resident_bytes`: the
+    `hoist=False` turns off the first three passes (to measure what they give). `resident_bytes`: the
     shared memory per vEU a backend offers for loop-invariant matmul weights (resident.py; 0: none).
     `owner=True`: owner-computes placement with double-buffered carries (owner.py, unroll.py) where it
     leaves fewer grid barriers per loop step; "auto" or None (the default): where it also is estimated faster
@@ -2938,7 +2938,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     deep runs as S partial products over ranges of k and a fused op of the next wave that sums them, where
     utasks.k_splits estimates that clearly faster (splitk.py; utasks.FORCE_K_SPLITS forces an S); False: never.
 
-    Loop invariants leave their loops first (licm.py): the plan never recomputes them per iteration.
+    Small work on the program's inputs leaves its branches first (speculate.py: it runs with the kernel's first
+    wave instead of as a wave of the branch), then loop invariants leave their loops (licm.py): the plan never
+    recomputes them per iteration.
     Per-step products `xs[i] @ W` of counted loops become one GEMM before the loop (steps.py). Then
     chains of recurrences are skewed into wavefronts (wavefront.py)."""
     if wavefront not in (None, True, False):
@@ -3024,7 +3026,9 @@ def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, ind
     owner-computes placement)."""
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
+    program = _checked(trailing.flatten_trailing_reductions(program), program)
     if hoist is not False:
+        program = _checked(speculate.hoist_branches(program), program)
         program = _checked(licm.hoist_program(program), program)
         program = _checked(hoist_step_products(program), program)
     # (concat_k=None: the owner plan's products stacked where the backend reads the parts in place)

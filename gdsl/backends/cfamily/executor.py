@@ -14,6 +14,7 @@ keeping the recursion depth counters (passed to every kernel to address frame st
 """
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from dataclasses import dataclass
@@ -118,10 +119,29 @@ class Executable:
             return None
         in_avals = [v.aval for v in self.args]
         out_avals = [v.aval for v in plan.outputs]
-        launch = (spec, plan.grid, plan.block, self.cooperative[0], in_avals, out_avals, sources)
+        return self._runner(spec, plan.grid, plan.block, self.cooperative[0], in_avals, out_avals, sources)
+
+    def _runner(self, *launch):
+        """fast_path's `run` for `launch` (spec, grid, block, cooperative, in_avals, out_avals, sources), with
+        `run.bind_leading(leading)`: the `run` of the same kernel for the arguments after `leading`."""
         fast_runner = getattr(self.device, "fast_runner", None)
         run = fast_runner(*launch) if fast_runner is not None else _device_runner(self.device, *launch)
-        return self._checking_depth(run) if plan.functions else run
+        run = self._checking_depth(run) if self.plan.functions else run
+        run.bind_leading = functools.partial(self._bound_runner, launch)
+        return run
+
+    def _bound_runner(self, launch, leading):
+        """`rest_run` with `rest_run(rest) == run(leading + rest)` for these very argument objects (gdsl.jit's
+        Bound): each of them a fixed parameter of its own launcher, written once, so that a call reads and
+        packs only the rest's pointers (SkipNet: 2 arguments a call instead of 594). None when one of them
+        would be converted on the way (to_device copies it; its copy must be made at every call)."""
+        spec, grid, block, cooperative, in_avals, out_avals, sources = launch
+        n = len(leading)
+        if n > len(in_avals) or any(self.device.to_device(x, a) is not x for x, a in zip(leading, in_avals)):
+            return None
+        shifted = [("fixed", leading[k]) if kind == "in" and k < n else (kind, k - n) if kind == "in" else
+                   (kind, k) for kind, k in sources]
+        return self._runner(spec, grid, block, cooperative, in_avals[n:], out_avals, shifted)
 
     def _checking_depth(self, run):
         """`run` followed by the read of the kernel's error word (plans with recursive functions)."""
