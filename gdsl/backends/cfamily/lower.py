@@ -19,6 +19,9 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
                            "smem_temps", "split_k", "place_workspace"})
 DEFAULT_BLOCK = 256
+# The jit option smem_temps when not given (local.py): block-local temps of loop bodies only; True (every temp)
+# is a switch for measuring what the straight-line ones give.
+SMEM_TEMPS = local.LOOPS
 
 
 def check_options(options, dialect) -> dict:
@@ -87,7 +90,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     row_blocks=dialect.lowering_chain,
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
                     double_temps=opts.get("double_temps"),
-                    smem_temps=local.LOOPS if opts.get("smem_temps") is None else opts["smem_temps"],
+                    smem_temps=SMEM_TEMPS if opts.get("smem_temps") is None else opts["smem_temps"],
                     split_k=opts.get("split_k"), preloads=True)
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
