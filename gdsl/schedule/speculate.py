@@ -9,9 +9,11 @@ the kernel's first wave, on vEUs that are idle there, so it costs no wave and no
 of any loop around the cond first. Every gdsl primitive is pure, so this changes no result; the work runs
 even when the branch does not, which is why only **small** work is moved: an elementwise or data-movement
 equation of at most `MAX_ELEMENTS` results (a per-channel vector, not an activation), whose inputs are all
-**static** -- literals, the program's inputs and consts, or results of such small static equations (in an
-enclosing scope, or hoisted before it). A cond operand is static where the value bound to it is; a loop's
-consts are where theirs are; a recursive function's arguments never are (its body is left alone).
+**static** -- literals, the program's inputs and consts, or results of equations hoisted so. A cond operand is
+static where the value bound to it is; a loop's consts are where theirs are; a recursive function's arguments
+never are (its body is left alone). What the program computes from its inputs outside the branch is not:
+small work on it (BlockDrop's `1 - mask` of a policy column) is recomputed in the epilogue that reads it, in
+the branch, at no cost, and moved out it would be an op of its own, a wave after its producer's.
 
 Nested conds are handled inside out: an inner branch gives up its static work to the enclosing branch, which
 gives it up in turn when it is static there too.
@@ -60,7 +62,7 @@ def _reads_static(eqn: Eqn, static: set) -> bool:
 
 def _jaxpr(jaxpr: Jaxpr, static: set, free: bool) -> Jaxpr:
     """`jaxpr` with the conds in it (at any depth outside recursive functions) giving up their small static
-    work; `static` holds its static variables on entry and gains those it defines. `free`: whether the work
+    work; `static` holds its static variables on entry and gains the results of hoisted work. `free`: whether the work
     of conds outside loops may move (the program has a first wave for it to join, _has_first_wave); inside
     a loop it always may (LICM then takes it out of the loop: it runs once instead of every step)."""
     eqns: list[Eqn] = []
@@ -73,9 +75,6 @@ def _jaxpr(jaxpr: Jaxpr, static: set, free: bool) -> Jaxpr:
         else:
             new = [eqn]
         changed |= new != [eqn]
-        for e in new:
-            if e.primitive not in (cond_p, while_p) and _small(e) and _reads_static(e, static):
-                static.update(e.outs)
         eqns += new
     return Jaxpr(jaxpr.in_binders, tuple(eqns), jaxpr.outs) if changed else jaxpr
 
