@@ -365,6 +365,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")
+        # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
+        # is this body's last statement, and a published output's flag words are written by the stores)
+        ops.ends_with_block_barrier = slots > 1
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

@@ -170,6 +170,9 @@ class OpRenderer:
         self.outs = [Arg(v, f"o{k}", dialect, output=True, flag=k in flags.get("publish", ()))
                      for k, v in enumerate(op.outputs)]
         self.smem = 0
+        # Set by a lowering rule whose body ends with a block barrier after its last store (a GEMV tile whose k
+        # slices reduce through shared memory): the plan's block barrier right after may be left out.
+        self.ends_with_block_barrier = False
 
     def render(self) -> tuple[str, str]:
         """(parameter list, body) of the uTask function; ops with the same pair share one function."""

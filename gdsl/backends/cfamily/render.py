@@ -113,6 +113,9 @@ BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 # gdsl_gemv_tile (prelude.h) ends its last k chunk with a block barrier even where the k slices' reduction brings
 # one before it returns (False: not there; the partial sums go to their own shared memory, not the staged A).
 GEMV_LAST_CHUNK_SYNC = False
+# A plan's block barrier right after a wave of uTask functions that end with one is left out on their vEUs
+# (Renderer.block_sync_after); False: always rendered (the form before, for measuring).
+TAIL_BARRIERS = True
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
 # Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (Renderer.task_run):
 # NVRTC compiles the function once per run instead of once per task. Each vEU makes the same range tests as
@@ -386,6 +389,7 @@ class Renderer:
         self.parameters: dict = {}          # function name -> its parameter declarations, less t and smem
         self.function_kind: dict = {}       # function name -> the kind of its ops
         self.function_cost: dict = {}       # function name -> its uTask's estimated ns (the cost model's)
+        self.ends_with_barrier: set = set()  # names of functions whose body ends with a block barrier
         self.smem = 16
         self.device_control = plan.control == "device"
         self.forks = has_forks(plan)        # calls run in parallel on vEU groups (see fork_lines)
@@ -589,7 +593,7 @@ class Renderer:
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
                     continue                   # nothing happened since the last one
                 if not quiet:
-                    sync = self.grid_sync() if grid else self.dialect.block_barrier
+                    sync = self.grid_sync() if grid else self.block_sync_after(stmts[index - 1] if index else None)
                     lines.append(pad + (self.traced(sync, self.trace.barrier(stmt)) if grid and self.trace
                                         else sync))
                 quiet = grid or quiet
@@ -626,6 +630,28 @@ class Renderer:
         if ROLL_REPEATS and not self.trace:
             return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
         return lines
+
+    def block_sync_after(self, prev) -> str:
+        """A plan's block barrier after statement `prev`: left out on the vEUs whose last work in `prev`, a
+        wave, was a uTask function that ends with a block barrier itself (ops.OpRenderer.ends_with_block_barrier:
+        two barriers in a row, the second ordering nothing), kept on the others. Only for a wave whose tasks
+        run at most one uTask a vEU on disjoint vEU ranges, every one of them such a function, and not when
+        tracing (the trace's records come between)."""
+        barrier = self.dialect.block_barrier
+        if not isinstance(prev, Wave) or self.trace or not prev.tasks:
+            return barrier
+        ranges = []
+        for task in prev.tasks:
+            if task.op.n_utasks > task.count or self.views.get(task.op.outputs[0].buffer) is not None or \
+                    self.utask_function(task.op) not in self.ends_with_barrier:
+                return barrier
+            ranges.append(self._veu_range(task))
+        ranges.sort()
+        if any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+            return barrier
+        b = self.dialect.block_index
+        ran = " || ".join(f"({lo} <= {b} && {b} < {hi})" if lo else f"{b} < {hi}" for lo, hi in ranges)
+        return f"if (!({ran})) {barrier}"
 
     def loop(self, stmt: Loop, ind: int, quiet: bool) -> tuple[list[str], bool]:
         """A loop's lines, its resident tiles and staged slices copied in first, and whether it ends quiet."""
@@ -872,6 +898,8 @@ class Renderer:
                 self.parameters[op.name] = params.split(", ")[:-2]      # less `int t, char* smem`
                 self.function_kind[op.name] = op.kind
                 self.function_cost[op.name] = op.cost
+                if renderer.ends_with_block_barrier and TAIL_BARRIERS:
+                    self.ends_with_barrier.add(op.name)
             self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
         return self.op_function[op]
