@@ -58,6 +58,17 @@ def large(x, big, gate):
     return gdsl.cond(gate.sum() > 0, lambda x: x + (big * 2.0).sum(), lambda x: x, x)
 
 
+def reads_a_result(h, m, W):
+    """`sigmoid(h * 2) - 0.5` is a branch result and stays; so does what reads it (found by hypothesis: the
+    reader was moved out, reading a variable of the branch); `h * 2` and its sigmoid move."""
+    m = gnp.tanh(m @ W)
+
+    def second(h, m):
+        h = gdsl.nn.sigmoid(h * 2.0) - 0.5
+        return h, gnp.tanh(m + gnp.expand_dims(h, 0) * 0.5)
+    return gdsl.cond(h.sum() > 0, lambda h, m: (gnp.tanh(h), m), second, h, m)
+
+
 def in_loop(x, gamma, var, W, gates):
     """A gated block in a loop: its scale leaves the cond, then the loop."""
     def step(i, h):
@@ -82,6 +93,7 @@ ARGS = {
     gated_block: (_f32(2, 8), _f32(8), np.abs(_f32(8)), _f32(8, 8) * 0.3, np.ones(3, np.float32)),
     computed_operand: (_f32(2, 8), _f32(8), _f32(8, 8) * 0.3, np.ones(3, np.float32)),
     large: (_f32(2, 8), _f32(speculate.MAX_ELEMENTS + 1), np.ones(3, np.float32)),
+    reads_a_result: (np.array([-0.5], np.float32), _f32(2, 1), _f32(1, 1)),
     no_first_wave: (_f32(2, 8), _f32(8), np.abs(_f32(8)), _f32(8, 8) * 0.3, np.ones(3, np.float32)),
     returned: (_f32(2, 8), _f32(8), np.ones(3, np.float32)),
     in_loop: (_f32(1, 8), _f32(8), np.abs(_f32(8)), _f32(8, 8) * 0.3, np.array([1, 0, 1, 1], np.float32)),
@@ -114,6 +126,12 @@ def test_static_work_leaves_the_branch():
     assert top.index("sqrt") < top.index("cond")
     cond = next(e for e in moved.jaxpr.eqns if e.primitive is cond_p)
     assert len(cond.inputs) > len(next(e for e in program.jaxpr.eqns if e.primitive is cond_p).inputs)
+
+
+def test_a_branch_result_and_its_readers_stay():
+    program, moved = _speculated(reads_a_result)
+    (second, _), = _branch_prims(moved)        # (branch 0: the false one)
+    assert "logistic" not in second and "sub" in second and "reshape" in second and "tanh" in second
 
 
 @pytest.mark.parametrize("fn", [computed_operand, large, no_first_wave, returned])

@@ -106,9 +106,9 @@ def _cond(eqn: Eqn, static: set, free: bool) -> list[Eqn]:
     branches = []
     for branch in eqn.params["branches"]:
         inner_static = {b for b, a in zip(branch.in_binders, operands) if isinstance(a, Var) and a in static}
+        movable = set(inner_static)           # what a hoisted equation may read: static binders, hoisted results
         branch = _jaxpr(branch, inner_static, free)
         outer = dict(zip(branch.in_binders, operands))       # inner Var -> the outer atom
-        movable = set(inner_static)           # what a hoisted equation may read: static binders, hoisted results
         returned = {a for a in branch.outs if isinstance(a, Var)}
         results, kept = [], []
         for e in branch.eqns:
