@@ -1,7 +1,7 @@
 """A plan's block barrier right after a wave of GEMV tiles that end with one (gdsl_gemv_tile whose k slices
-reduce through shared memory; render.TAIL_BARRIERS, Renderer.block_sync_after): left out on the tiles' vEUs,
-kept on the others. The emulated kernels still compute their references; the full-size NASRNN's kernel (two
-such waves a step) compiles; with the switch off every barrier is rendered as before."""
+reduce through shared memory; render.TAIL_BARRIERS, off by default, Renderer.block_sync_after): left out on
+the tiles' vEUs, kept on the others. The emulated kernels still compute their references; the full-size
+NASRNN's kernel (two such waves a step) compiles; with the switch off every barrier is rendered as before."""
 import re
 
 import pytest
@@ -11,6 +11,11 @@ from gdsl.backends.cfamily import lower, render
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 
 CONDITIONAL = re.compile(r"^ *if \(!\((.*blockIdx.*)\)\) __syncthreads\(\);$", re.M)   # (the C family's block barrier)
+
+
+@pytest.fixture
+def tail_barriers(monkeypatch):
+    monkeypatch.setattr(render, "TAIL_BARRIERS", True)
 
 
 @pytest.fixture
@@ -28,20 +33,20 @@ def sources(monkeypatch):
 
 @needs_cxx
 @pytest.mark.parametrize("name", ["nasrnn", "attention"])
-def test_emulated_models_leave_out_the_second_barrier(name, sources):
+def test_emulated_models_leave_out_the_second_barrier(name, sources, tail_barriers):
     assert emulated_model_mismatches(name, 1, grid=8, block=64) == []
     assert any(CONDITIONAL.search(r.source) for r in sources)
 
 
 @needs_cxx
-def test_switch_off_renders_every_barrier(sources, monkeypatch):
-    monkeypatch.setattr(render, "TAIL_BARRIERS", False)
+def test_switch_off_renders_every_barrier(sources):
+    """(off is the default: docs/performance.md, session 19)"""
     assert emulated_model_mismatches("nasrnn", 1, grid=8, block=64) == []
     assert not any(CONDITIONAL.search(r.source) for r in sources)
 
 
 @needs_nvrtc
-def test_nasrnn_kernel_compiles():
+def test_nasrnn_kernel_compiles(tail_barriers):
     source = zoo_lowered("nasrnn", 1).source
     assert source.count("if (!(blockIdx.x < 256)) __syncthreads();") == 2     # the step's two GEMV waves
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

@@ -113,9 +113,10 @@ BARRIER_OFFSET, ERROR_OFFSET, FIRST_BUFFER = 0, 128, 256
 # gdsl_gemv_tile (prelude.h) ends its last k chunk with a block barrier even where the k slices' reduction brings
 # one before it returns (False: not there; the partial sums go to their own shared memory, not the staged A).
 GEMV_LAST_CHUNK_SYNC = False
-# A plan's block barrier right after a wave of uTask functions that end with one is left out on their vEUs
-# (Renderer.block_sync_after); False: always rendered (the form before, for measuring).
-TAIL_BARRIERS = True
+# True: a plan's block barrier right after a wave of uTask functions that end with one is left out on their
+# vEUs (Renderer.block_sync_after). Off: measured mixed on the H200 (session 19, ncu kernel time: Attention bs1
+# 102.2 -> 99.4 µs, NASRNN bs1 2087.8 -> 2097.3 µs; docs/performance.md).
+TAIL_BARRIERS = False
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
 # Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (Renderer.task_run):
 # NVRTC compiles the function once per run instead of once per task. Each vEU makes the same range tests as
