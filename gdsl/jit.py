@@ -415,7 +415,7 @@ class Bound:
         caller of a run that holds them already and reads only the rest's (docs/backends.md, host dispatch)."""
         bound, n = self._leaves, len(self._leaves)
         run, conversions, out_tree = fast.parts
-        bind = getattr(run, "bind_leading", None)
+        bind = getattr(run, "bind_leading", None) if BIND_LEADING else None
         rest_run = bind(bound) if bind is not None and all(k >= n for k, _ in conversions) else None
         if rest_run is None:
             return lambda rest: fast(bound + rest)
@@ -442,6 +442,10 @@ def _view(x):
         return view()
     return x
 
+
+# Bound hands its device arrays to the executable's fast run once (`run.bind_leading`); False: a call passes
+# every leaf as before (a switch for measuring what it gives).
+BIND_LEADING = True
 
 _PYTHON_SCALARS = frozenset({bool, int, float})
 
