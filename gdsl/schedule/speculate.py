@@ -62,9 +62,9 @@ def _reads_static(eqn: Eqn, static: set) -> bool:
 
 def _jaxpr(jaxpr: Jaxpr, static: set, free: bool) -> Jaxpr:
     """`jaxpr` with the conds in it (at any depth outside recursive functions) giving up their small static
-    work; `static` holds its static variables on entry and gains the results of hoisted work. `free`: whether the work
-    of conds outside loops may move (the program has a first wave for it to join, _has_first_wave); inside
-    a loop it always may (LICM then takes it out of the loop: it runs once instead of every step)."""
+    work; `static` holds its static variables on entry and gains the results of hoisted work. `free`: whether
+    the work of conds outside loops may move (the program has a first wave for it to join, _has_first_wave);
+    inside a loop it always may (LICM then takes it out of the loop: it runs once instead of every step)."""
     eqns: list[Eqn] = []
     changed = False
     for eqn in jaxpr.eqns:
