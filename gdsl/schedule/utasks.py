@@ -336,6 +336,14 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
             for chunk in (block * 4, block * 2, block)]
 
 
+# A ROWS uTask's own time beyond its rows' round trips (its call, its steps' block barriers), in the balancing's
+# options: 0 (the default) prices a uTask by its rows alone, so one-row uTasks in many rounds cost the same as
+# fewer uTasks of more rows. SkipNet's traced ungated program (session 19) puts 23 gate pools of 1024 rows at
+# one row a uTask, 103 rounds on 10 vEUs each, where the reduction they replaced took 30 rounds of 5 rows.
+# Built, not timed: a switch for the next measurement (docs/performance.md, session 19).
+ROW_UTASK_NS = 0.0
+
+
 def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
     """A ROWS op's splits for the balancing: row_split's rows per uTask, then halved down to one row, so that a
     chain over few rows (a recurrent cell at batch 64: 64 rows of 256) can spread over as many vEUs as the
@@ -348,7 +356,7 @@ def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dic
     per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
     rows, options = row_split(in_avals, out_avals, params, block)[1]["rows"], []
     while True:      # (a uTask takes its rows one after another, each pass of the block a round trip)
-        cost = max(rows * math.ceil(length / block) * ROUND_TRIP_NS, _cost(4 * rows * per_row))
+        cost = max(rows * math.ceil(length / block) * ROUND_TRIP_NS, _cost(4 * rows * per_row)) + ROW_UTASK_NS
         options.append((max(1, math.ceil(n_rows / rows)), {"rows": rows}, cost))
         if rows == 1:
             return options
