@@ -639,7 +639,7 @@ class Renderer:
         run at most one uTask a vEU on disjoint vEU ranges, every one of them such a function, and not when
         tracing (the trace's records come between)."""
         barrier = self.dialect.block_barrier
-        if not isinstance(prev, Wave) or self.trace or not prev.tasks:
+        if not TAIL_BARRIERS or not isinstance(prev, Wave) or self.trace or not prev.tasks:
             return barrier
         ranges = []
         for task in prev.tasks:
@@ -899,7 +899,7 @@ class Renderer:
                 self.parameters[op.name] = params.split(", ")[:-2]      # less `int t, char* smem`
                 self.function_kind[op.name] = op.kind
                 self.function_cost[op.name] = op.cost
-                if renderer.ends_with_block_barrier and TAIL_BARRIERS:
+                if renderer.ends_with_block_barrier:
                     self.ends_with_barrier.add(op.name)
             self.op_function[op] = self.functions[params, body][0]
             self.smem = max(self.smem, renderer.smem)
