@@ -26,7 +26,7 @@ from gdsl.backends.hip.emulated import EmulatedHIPDialect
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.reductions import reduce_max_p, reduce_sum_p
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import ROWS, STEP_OUTPUTS, STEPS, Loop, plan_statements
+from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, Loop, plan_statements
 
 rng = np.random.default_rng(0)
 CHAIN = EmulatorDialect().lowering_chain           # the C-family backends' rules: they have ROWS's
@@ -323,3 +323,29 @@ def test_cuda_kernel_with_rows_compiles(name, preload, monkeypatch):
     lowering = gdsl.jit(fn, backend="cuda", grid=132).lower(*make_args())
     assert _rows_ops(lowering.lowering.plan)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
+
+
+def test_a_row_utask_is_priced_by_its_block_passes(monkeypatch):
+    """utasks.row_split_options prices a ROWS uTask by the passes of its block (rows.row_group, the layout the
+    C-family renderer draws): short rows take a lane group each, eight rows of 196 one pass as one row does,
+    so eight rows a uTask is offered and costs what one row costs; a row longer than a group holds takes the
+    whole block, row after row. With ROW_PASSES off every row was a pass (SkipNet's traced ungated pools:
+    1024 one-row uTasks in 103 rounds, docs/performance.md, session 19)."""
+    from gdsl.core.ir import ShapedArray
+    from gdsl.schedule import utasks
+    from gdsl.schedule.rows import row_group
+
+    def options(shape):
+        rows_in = ShapedArray(shape, np.float32)
+        rows_out = ShapedArray(shape[:-1], np.float32)
+        return {p["rows"]: (n, cost) for n, p, cost in utasks.row_split_options([rows_in], [rows_out],
+                                                                             {ROW_SHAPE: shape}, 256)}
+    assert row_group(196, True, 256, 32) == 32 and row_group(3136, True, 256, 32) is None
+    short = options((1, 1024, 196))
+    assert sorted(short) == [1, 2, 5, 8]                      # row_split's five, halved, and one pass's eight
+    assert short[8] == (128, short[1][1]) and short[1][1] == utasks.ROUND_TRIP_NS
+    long = options((1, 256, 3136))                             # the whole block on each row, 13 passes a row
+    assert long[1][1] == 13 * utasks.ROUND_TRIP_NS and max(long) == 1
+    monkeypatch.setattr(utasks, "ROW_PASSES", False)
+    assert sorted(options((1, 1024, 196))) == [1, 2, 5]
+    assert options((1, 1024, 196))[5][1] == 5 * utasks.ROUND_TRIP_NS

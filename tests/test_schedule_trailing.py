@@ -65,23 +65,3 @@ def test_pool_is_one_row_chain():
     assert plan.stats["row_chains"] == 1
     ops = [t.op for s in plan.kernels[0].body if isinstance(s, Wave) for t in s.tasks]
     assert [op.kind for op in ops] == [ROWS.name]
-
-
-def test_a_row_utask_cost_is_added_to_every_option(monkeypatch):
-    """utasks.ROW_UTASK_NS (0 by default, a switch not yet timed): a ROWS uTask's own time, added to each split
-    option the balancing weighs, so that one-row uTasks in many rounds no longer cost what fewer uTasks of more
-    rows cost (SkipNet's traced ungated pools, docs/performance.md, session 19)."""
-    from gdsl.core.ir import ShapedArray
-    from gdsl.schedule import utasks
-    rows_in, rows_out = ShapedArray((1, 1024, 196), np.float32), ShapedArray((1, 1024), np.float32)
-    params = {ROW_SHAPE: (1, 1024, 196)}
-
-    def options():
-        return utasks.row_split_options([rows_in], [rows_out], params, 256)
-    default = options()
-    monkeypatch.setattr(utasks, "ROW_UTASK_NS", 350.0)
-    assert [(n, p) for n, p, _ in options()] == [(n, p) for n, p, _ in default]
-    assert all(c == d + 350.0 for (_, _, c), (_, _, d) in zip(options(), default))
-    one_row = [c for n, p, c in options() if p["rows"] == 1][0]
-    (five,) = [c for n, p, c in options() if p["rows"] == 5]
-    assert 1024 * one_row > 205 * five          # 1024 one-row uTasks now cost more than 205 of five rows

@@ -55,6 +55,15 @@ from gdsl.schedule.plan import ROW_SHAPE, STEP, STEP_OUTPUTS, STEPS, Expr, RowSt
 ROW_SLOTS = 8
 
 
+def row_group(length: int, reduces: bool, block: int, warp: int) -> int | None:
+    """The lanes a ROWS uTask gives each of its rows (the C-family layout, reductions.row_chain): a group of
+    up to a warp's lanes (the next power of two >= `length`) when the row fits the group's registers
+    (ROW_SLOTS elements a lane) and the chain reduces or the row is shorter than the block, its block then
+    taking block // group rows at once; None when the whole block takes each row in turn."""
+    group = min(warp, 1 << max(0, (length - 1).bit_length()))
+    return group if -(-length // group) <= ROW_SLOTS and (reduces or length < block) else None
+
+
 @dataclass(eq=False)
 class RowChain:
     """A chain found in a segment: its members (scheduler items, program order), row shape, steps (their

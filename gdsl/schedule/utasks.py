@@ -42,6 +42,7 @@ from gdsl.primitives.registry import (
 )
 from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p
 from gdsl.schedule import plan  # (declares the scheduler's own kinds: "fused", "copy", "rows")
+from gdsl.schedule.rows import row_group
 
 # One vEU's share of an H100 (132 SMs): ~3 TB/s and ~50 TFLOP/s fp32 spread over the SMs.
 BYTES_PER_NS_PER_VEU = 3000 / 132
@@ -336,31 +337,44 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
             for chunk in (block * 4, block * 2, block)]
 
 
-# A ROWS uTask's own time beyond its rows' round trips (its call, its steps' block barriers), in the balancing's
-# options: 0 (the default) prices a uTask by its rows alone, so one-row uTasks in many rounds cost the same as
-# fewer uTasks of more rows. SkipNet's traced ungated program (session 19) puts 23 gate pools of 1024 rows at
-# one row a uTask, 103 rounds on 10 vEUs each, where the reduction they replaced took 30 rounds of 5 rows.
-# Built, not timed: a switch for the next measurement (docs/performance.md, session 19).
-ROW_UTASK_NS = 0.0
+# The lanes of a warp in the cost model's picture of a ROWS uTask (rows.row_group; CUDA's warp: a HIP wave of 64
+# groups rows of up to 64 lanes, which the model then prices as two passes where the card makes one).
+WARP_LANES = 32
+
+# Price a ROWS uTask by its block passes (rows.row_group: a block takes block // group short rows at once), not
+# by its rows one after another. Off (every row a pass): SkipNet's traced ungated program (session 19) put 23
+# gate pools of 1024 rows of 196 at one row a uTask, 103 rounds on 10 vEUs each, where eight rows a uTask take
+# the one pass that one row takes.
+ROW_PASSES = True
 
 
 def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
-    """A ROWS op's splits for the balancing: row_split's rows per uTask, then halved down to one row, so that a
-    chain over few rows (a recurrent cell at batch 64: 64 rows of 256) can spread over as many vEUs as the
-    elementwise ops it replaced (row_split alone put NASRNN's cell on 16 vEUs, 4 rows each one after another:
-    13.3 -> 23.4 ms on the H200)."""
+    """A ROWS op's splits for the balancing: row_split's rows per uTask (or as many as one pass of the block
+    takes, when that is more), then halved down to one row, so that a chain over few rows (a recurrent cell
+    at batch 64: 64 rows of 256) can spread over as many vEUs as the elementwise ops it replaced (row_split
+    alone put NASRNN's cell on 16 vEUs, 4 rows each one after another: 13.3 -> 23.4 ms on the H200). A
+    uTask's time is its block passes, each a round trip (or its bytes, when that is more)."""
     if plan.ROW_SHAPE not in params:
         return []
     shape = params[plan.ROW_SHAPE]
     length, n_rows = shape[-1], math.prod(shape[:-1])
     per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
-    rows, options = row_split(in_avals, out_avals, params, block)[1]["rows"], []
-    while True:      # (a uTask takes its rows one after another, each pass of the block a round trip)
-        cost = max(rows * math.ceil(length / block) * ROUND_TRIP_NS, _cost(4 * rows * per_row)) + ROW_UTASK_NS
-        options.append((max(1, math.ceil(n_rows / rows)), {"rows": rows}, cost))
+    reduces = any(step.reduce is not None for step in params.get(plan.STEPS, ()))
+    group = row_group(length, reduces, block, WARP_LANES) if ROW_PASSES else None
+    at_once = block // group if group else 1                 # rows in one pass of the block
+    rows = row_split(in_avals, out_avals, params, block)[1]["rows"]
+    choices = [min(at_once, n_rows)] if min(at_once, n_rows) > rows else []
+    while True:
+        choices.append(rows)
         if rows == 1:
-            return options
+            break
         rows = max(1, rows // 2)
+    options = []
+    for rows in choices:
+        passes = math.ceil(rows / at_once) * (1 if group else math.ceil(length / block))
+        cost = max(passes * ROUND_TRIP_NS, _cost(4 * rows * per_row))
+        options.append((max(1, math.ceil(n_rows / rows)), {"rows": rows}, cost))
+    return options
 
 
 def row_split(in_avals, out_avals, params, block, parts=0):

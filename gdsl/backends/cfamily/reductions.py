@@ -20,7 +20,7 @@ from gdsl.backends.cfamily.views import window_store_index
 from gdsl.primitives.reductions import REDUCE_PRIMS, reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
-from gdsl.schedule.rows import ROW_SLOTS
+from gdsl.schedule.rows import row_group
 
 # A row chain's lanes load every element they read at their row elements first, in one pass, where that takes at
 # most this many registers a lane (values x slots); the steps then compute from registers. Without it each
@@ -379,9 +379,8 @@ def row_chain(ops: OpRenderer) -> str:
     shape, steps = tuple(p[ROW_SHAPE]), p[STEPS]
     length, n_rows, rows = shape[-1], math.prod(shape[:-1]), p["rows"]
     thread, block = ops.dialect.thread_index, ops.block
-    g = min(ops.dialect.warp_size, 1 << max(0, (length - 1).bit_length()))
-    reduces = any(step.reduce is not None for step in steps)
-    grouped = -(-length // g) <= ROW_SLOTS and (reduces or length < block)
+    g = row_group(length, any(step.reduce is not None for step in steps), block, ops.dialect.warp_size)
+    grouped = g is not None
     if not grouped:
         g = block
     slots = -(-length // g)
