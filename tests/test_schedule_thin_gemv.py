@@ -56,10 +56,11 @@ def test_raes_node_gemv_spreads_over_twice_the_veus_in_one_chunk():
 def test_wide_gemvs_keep_their_tiles():
     """A GEMV whose tiles of 16 columns or more give every vEU work keeps them; its k is one chunk only
     where it is deeper than GEMV_KC and a thread's B values fit in THIN_GEMV_REGISTERS (k x tile_n / 256
-    threads <= 32) and A in THIN_GEMV_A_BYTES."""
+    threads <= 64) and A in THIN_GEMV_A_BYTES."""
     assert gemv_split(1, 256, 4096) == gemv_split(1, 256, 4096, thin=False)              # (k of one chunk)
     assert gemv_split(1, 512, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 512})
-    assert gemv_split(1, 1024, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16})    # (64 B values a thread)
+    assert gemv_split(1, 1024, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 1024})
+    assert gemv_split(1, 2048, 4096)[:2] == (256, {"tile_m": 1, "tile_n": 16})    # (128 B values a thread)
     assert gemv_split(1, 8192, 512)[:2] == (32, {"tile_m": 1, "tile_n": 16})      # (k too deep: no thin tile)
     assert gemv_split(1, 256, 512)[:2] == (32, {"tile_m": 1, "tile_n": 16})       # (k one chunk already)
 
@@ -67,8 +68,10 @@ def test_wide_gemvs_keep_their_tiles():
 @pytest.mark.parametrize("n", [10, 16])
 def test_one_vEUs_gemv_stays_one_uTask(n):
     """A GEMV of one 16-column tile stays one uTask (one vEU's work: the barriers around it may be block
-    syncs), its k in one chunk; two tiles of 16 become four of 8."""
+    syncs), its k in one chunk (SkipNet's gates: k = 1024, one round trip where four chunks took ~4 µs on
+    the H200, session 20); two tiles of 16 become four of 8."""
     assert gemv_split(1, 512, n)[:2] == (1, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 512})
+    assert gemv_split(1, 1024, n)[:2] == (1, {"tile_m": 1, "tile_n": 16, utasks.K_CHUNK: 1024})
     assert gemv_split(1, 512, 32)[:2] == (4, {"tile_m": 1, "tile_n": 8, utasks.K_CHUNK: 512})
 
 
@@ -212,6 +215,31 @@ def test_rae_cuda_compiles():
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
     traced = rae.make_forward(rae.overhead_test(cfg).programs["trace"], backend="cuda", thin_gemv=True)
     assert cuda_toolchain.compile_cuda(traced.lower(weights, inputs).source, "sm_90")[:4] == b"\x7fELF"
+
+
+def gate(x, w, b):
+    """A gate's GEMV: a pooled row against a weight read transposed (B contiguous along k), plus a bias."""
+    return x @ w.T + b
+
+
+GATE_ARGS = [np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+             for shape in ((1, 1024), (10, 1024), (10,))]
+
+
+@needs_cxx
+def test_emulated_one_chunk_prefetching_past_the_default():
+    """k = 1024 at 16 columns in one chunk: each of 256 threads prefetches 64 B values, past the tile's default
+    of 32 (gemm.GEMV_PREFETCH), which the call passes as its PF."""
+    call = "gdsl_gemv_tile<1, 16, 256, 1024, float, true, 64>(10, 1024,"
+    source = gdsl.jit(gate, backend="cuda").lower(*GATE_ARGS).source
+    assert call in source
+    dialect = emulator.EmulatorDialect()
+    lowering = lower_with_grid(gdsl.make_ir(gate)(*GATE_ARGS), check_options({"block": 256}, dialect), 4, dialect)
+    assert call in lowering.rendered.source
+    got = emulator.emulate(gate, *GATE_ARGS, block=256)
+    np.testing.assert_allclose(got, gate(*(a.astype(np.float64) for a in GATE_ARGS)), rtol=1e-4, atol=1e-4)
+    if cuda_toolchain.nvrtc_available() is None:
+        assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
 
 
 @needs_nvrtc

@@ -11,7 +11,7 @@ from gdsl.backends.cfamily.emulator import EmulatorDialect
 from gdsl.core.ir import walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.interpreter import run_program
-from gdsl.schedule.plan import ROW_SHAPE, ROWS, Wave
+from gdsl.schedule.plan import ROWS, Wave
 from gdsl.schedule.trailing import flatten_trailing_reductions
 
 rng = np.random.default_rng(7)

@@ -259,10 +259,13 @@ ONCHIP_BYTES_PER_NS_PER_VEU = 60.0
 # 512 columns: 32 vEUs of 132 at 16 columns, 64 at 8). Under the option every GEMV tile also stages all of
 # its k in one chunk (split param K_CHUNK, gdsl_gemv_tile's KC) when each thread's B values fit in
 # THIN_GEMV_REGISTERS registers and the A rows in THIN_GEMV_A_BYTES of shared memory: one dependent round
-# trip to L2 instead of one per GEMV_KC (RAE's K = 1024 at 8 columns: four before).
+# trip to L2 instead of one per GEMV_KC (RAE's K = 1024 at 8 columns: four before). Such a tile prefetches all
+# of its B values (gemm.py passes gdsl_gemv_tile its PF). 64 registers: SkipNet's gate GEMVs (one 16-column
+# uTask, K = 1024, a one-vEU chain) stage K at once, where 32 (until session 20) staged it in four chunks
+# of ~1 µs each; no other zoo plan changes.
 THIN_GEMV_COLUMNS = (8,)
 GEMV_KC = 256       # k chunk of A rows a GEMV tile stages in shared memory by default (gdsl_gemv_tile's KC)
-THIN_GEMV_REGISTERS = 32
+THIN_GEMV_REGISTERS = 64
 THIN_GEMV_A_BYTES = 16 * 1024
 K_CHUNK = "k_chunk"
 

@@ -25,6 +25,9 @@ from gdsl.schedule.resident import RESIDENT, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
 GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the GEMV tile (or a split's K_CHUNK)
+# The B values a thread of gdsl_gemv_tile prefetches at most (its template's default PF); a tile that stages all of
+# its k (utasks.thin_gemv_params) may hold up to utasks.THIN_GEMV_REGISTERS.
+GEMV_PREFETCH = 32
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
 GEMV_PARTS_KC = 2048
@@ -363,7 +366,11 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         slots = ks // lanes
         kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
         ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
-        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}>({N}, {K}, "
+        # (a tile that stages its whole k at once prefetches all of its B values where the scheduler let it:
+        # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
+        held = kc * tn // block
+        prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
+        call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
                 f"{col0}, la, lb, sc, smem);")
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)

@@ -382,7 +382,9 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
 // KMAJOR (B contiguous along k, e.g. read through a transposed view): the lanes of a warp take consecutive
 // k slices of one column group instead of consecutive columns, so their loads of B coalesce; CT is then at
 // most NT / GDSL_WARP, leaving a whole warp (or more) of k slices per column.
-template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, class LA, class LB, class SC>
+// PF: the most B values a thread prefetches (below); a tile that stages its whole k at once may take more
+// (utasks.THIN_GEMV_REGISTERS: the scheduler checked that they fit).
+template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, int PF = 32, class LA, class LB, class SC>
 GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
   constexpr int MAX_CT = KMAJOR ? (NT / GDSL_WARP > 0 ? NT / GDSL_WARP : 1) : NT;
   constexpr int CT = (TN & -TN) < MAX_CT ? (TN & -TN) : MAX_CT, CPT = TN / CT, KS = NT / CT;
@@ -402,7 +404,7 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
   // staged, so their latency overlaps A's and the barrier's instead of following them (a uTask of a
   // batch-1 matmul is a few dependent memory round trips long; this removes one or two of them).
   constexpr int PER = (KC + KS - 1) / KS;
-  constexpr bool PREFETCH = PER * CPT <= 32 && KC % KS == 0;
+  constexpr bool PREFETCH = PER * CPT <= PF && KC % KS == 0;
   for (int k0 = 0; k0 < K; k0 += KC) {
     const int kc = K - k0 < KC ? K - k0 : KC;
     Acc bv[PREFETCH ? PER : 1][PREFETCH ? CPT : 1];
