@@ -72,6 +72,10 @@ class Interrupts:
             self.target.value = None
             return call()
         try:
+            # A SIGINT that came between Python's last check and the sigaction above went to Python's handler,
+            # which only runs at Python's next check: after the kernel, never for a loop that does not end.
+            # Run it now (KeyboardInterrupt, Python's own handler being the default one).
+            ctypes.pythonapi.PyErr_CheckSignals()
             result = call()
         finally:
             self.libc.sigaction(signal.SIGINT, ctypes.byref(previous), None)
