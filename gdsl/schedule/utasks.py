@@ -261,8 +261,8 @@ ONCHIP_BYTES_PER_NS_PER_VEU = 60.0
 # THIN_GEMV_REGISTERS registers and the A rows in THIN_GEMV_A_BYTES of shared memory: one dependent round
 # trip to L2 instead of one per GEMV_KC (RAE's K = 1024 at 8 columns: four before). Such a tile prefetches all
 # of its B values (gemm.py passes gdsl_gemv_tile its PF). 64 registers: SkipNet's gate GEMVs (one 16-column
-# uTask, K = 1024, a one-vEU chain) stage K at once, where 32 (until session 20) staged it in four chunks
-# of ~1 µs each; no other zoo plan changes.
+# uTask, K = 1024, a one-vEU chain) stage K at once where 32 staged it in four chunks: 4.06 -> 2.56 µs each on
+# the H200 (session 20, profiles in docs/); of the zoo only SkipNet's plan changes (and its classifier's GEMV).
 THIN_GEMV_COLUMNS = (8,)
 GEMV_KC = 256       # k chunk of A rows a GEMV tile stages in shared memory by default (gdsl_gemv_tile's KC)
 THIN_GEMV_REGISTERS = 64
@@ -365,15 +365,12 @@ def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dic
     reduces = any(step.reduce is not None for step in params.get(plan.STEPS, ()))
     group = row_group(length, reduces, block, WARP_LANES) if ROW_PASSES else None
     at_once = block // group if group else 1                 # rows in one pass of the block
-    rows = row_split(in_avals, out_avals, params, block)[1]["rows"]
-    choices = [min(at_once, n_rows)] if min(at_once, n_rows) > rows else []
-    while True:
-        choices.append(rows)
-        if rows == 1:
-            break
-        rows = max(1, rows // 2)
+    halved = [row_split(in_avals, out_avals, params, block)[1]["rows"]]
+    while halved[-1] > 1:
+        halved.append(halved[-1] // 2)
+    one_pass = min(at_once, n_rows)
     options = []
-    for rows in choices:
+    for rows in ([one_pass] if one_pass > halved[0] else []) + halved:
         passes = math.ceil(rows / at_once) * (1 if group else math.ceil(length / block))
         cost = max(passes * ROUND_TRIP_NS, _cost(4 * rows * per_row))
         options.append((max(1, math.ceil(n_rows / rows)), {"rows": rows}, cost))
