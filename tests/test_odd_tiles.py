@@ -67,6 +67,7 @@ def _wide_calls(source: str) -> list[tuple]:
 
 
 def test_odd_register_tiles_only_with_the_switch(odd, monkeypatch):
+    monkeypatch.setattr(utasks, "TALL_GEMM_TILES", False)      # (their own test: test_tall_tiles.py)
     assert gemm.wide_tile(64, 96, 256) == (4, 6, 1)
     assert gemm.wide_tile(64, 80, 256) == (4, 5, 1)
     assert gemm.wide_tile(32, 96, 256) == (4, 6, 2)

@@ -84,8 +84,10 @@ def _wide_calls(source: str) -> list[tuple]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_float32_tiles_take_the_wide_tile(case):
     fn, args = CASES[case]       # (on a grid of 3 vEUs the tiles are 64 x 64; the batched product's 72 columns
-    (call,) = _wide_calls(_source(fn, args, grid=3))    # one 64 x 80 tile each: one round, utasks.ODD_GEMM_TILES)
-    shape, registers = ((64, 80), (4, 5, 1)) if case == "batched" else ((64, 64), (4, 4, 1))
+    (call,) = _wide_calls(_source(fn, args, grid=3))    # one 64 x 80 tile each: one round, utasks.ODD_GEMM_TILES;
+    # the conv's 24 channels 64 x 32 tiles, utasks.TALL_GEMM_TILES, two k groups of 128 threads)
+    shape, registers = {"batched": ((64, 80), (4, 5, 1)), "conv": ((64, 32), (4, 4, 2))}.get(
+        case, ((64, 64), (4, 4, 1)))
     assert call[:2] == shape and call[4:7] == registers
     assert call[7] == (case in VECTOR)               # four-element loads where the rows allow them
 

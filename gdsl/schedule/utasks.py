@@ -134,7 +134,7 @@ def _gemm_split(kind, in_avals, out_aval, params, grid, block, thin=False, gathe
     # vEUs at work, less on each). A tile takes at least its stages' memory round trips, so a wave of tiles
     # slightly more than the vEUs runs better as one round of the next larger tile than as two rounds.
     best = None
-    for tm, tn in gemm_tile_menu():
+    for tm, tn in gemm_tile_menu(m):
         count = batch * math.ceil(m / tm) * math.ceil(n / tn)
         cost = _gemm_tile_cost(tm, tn, k, outputs_read)
         key = (math.ceil(count / grid) * cost, tm * tn)
@@ -186,7 +186,7 @@ def k_split_time(kind, in_avals, out_aval, params, grid, block, splits) -> float
     outputs_read = len(in_avals) - plan.contraction_operands(params)    # (the epilogue's: on the sum op if split)
     tiles = min(math.ceil(batch * math.ceil(m / tm) * math.ceil(n / tn) * splits / grid) *
                 gemm_tile_time(tm, tn, depth, block, 0 if splits > 1 else outputs_read)
-                for tm, tn in gemm_tile_menu())
+                for tm, tn in gemm_tile_menu(m))
     if splits == 1:
         return tiles
     size, chunk = out_aval.size, 4 * block
@@ -229,9 +229,26 @@ ODD_GEMM_TILES = True
 GEMM_ODD_TILES = ((64, 96), (64, 80))
 
 
-def gemm_tile_menu() -> tuple[tuple[int, int], ...]:
-    """The output tiles a GEMM uTask may take: GEMM_TILES, and GEMM_ODD_TILES under ODD_GEMM_TILES."""
-    return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ())
+# Tall tiles (module switch TALL_GEMM_TILES): the 64 x 64 tile's 4096 outputs (a 4 x 4 register tile on each of
+# 256 threads) as 128 x 32 and 256 x 16, and half of it as 64 x 32 and 128 x 16, for GEMMs of many rows and few
+# columns, where a 64-wide tile computes columns past N: a convolution's M = images x pixels against N = 16 or 32
+# channels (BlockDrop's batch-64 first-stage convs, M = 65536, N = 16, K = 144: 1024 tiles of 64 x 64, three
+# quarters of each past N, 18.2 us a tile in four rounds on the H200, session 20's profile). Offered only to a
+# GEMM of at least tm rows: a tile taller than the matrix would compute rows that do not exist.
+# The tallest of them offered: GEMM_TALL_MAX_ROWS (a 256-row tile stages 32 elements of A a thread a stage, and
+# with the implicit GEMM's index arithmetic ptxas spilled 568 bytes a thread under the 128 registers of two vEUs
+# an SM: BlockDrop's 256 x 16 conv tiles ran at 72-75 us, long-scoreboard stalls on the spill reloads).
+TALL_GEMM_TILES = True
+GEMM_TALL_TILES = ((256, 16), (128, 32), (128, 16), (64, 32))
+GEMM_TALL_MAX_ROWS = 128
+
+
+def gemm_tile_menu(m: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The output tiles a GEMM uTask of `m` rows may take (None: any number): GEMM_TILES, GEMM_ODD_TILES under
+    ODD_GEMM_TILES and, under TALL_GEMM_TILES, those of GEMM_TALL_TILES at most m and GEMM_TALL_MAX_ROWS tall."""
+    tall = tuple(t for t in GEMM_TALL_TILES if t[0] <= GEMM_TALL_MAX_ROWS and (m is None or t[0] <= m)) \
+        if TALL_GEMM_TILES else ()
+    return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ()) + tall
 
 
 # The rate at which one vEU's GEMM tile computes with a 4 x 4 register tile per thread, measured (H200, a
@@ -330,7 +347,7 @@ def split_options(kind, in_avals, out_avals, params, block, thin=False) -> list[
                      {"tile_m": rows, "tile_n": tn, **(thin_gemv_params(rows, tn, k, block) if thin else {})},
                      _gemv_tile_cost(rows, tn, k, outputs_read)) for tn in widths]
         return [(batch * math.ceil(m / tm) * math.ceil(n / tn), {"tile_m": tm, "tile_n": tn},
-                 gemm_tile_time(tm, tn, k, block, outputs_read)) for tm, tn in gemm_tile_menu()]
+                 gemm_tile_time(tm, tn, k, block, outputs_read)) for tm, tn in gemm_tile_menu(m)]
     if kind == plan.ROWS.name:           # (a kind of the reduce family, but with a split of its own)
         return row_split_options(in_avals, out_avals, params, block)
     if kind in REDUCE_KINDS:

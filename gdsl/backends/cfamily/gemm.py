@@ -59,6 +59,19 @@ WIDE_ODD_REGISTERS = 24
 # 2.91 -> 2.80 / 2.86, Seq2seq bs64 0.793 / 0.792 -> 0.898 / 0.919 (all 32 registers: also BlockDrop bs64 0.47
 # -> 0.53-0.57); two stage buffers with one block sync a stage: no gain anywhere (NASRNN 9.53 / 9.36, LSTM
 # 2.87 / 2.86, Seq2seq 0.844 / 0.887).
+# A convolution's implicit-GEMM loader reads its depth k = (c, kh, kw) from a table in shared memory (module switch
+# IM2COL_TABLE), filled once by the uTask: k's offset in the image (c * H * W + kh * W + kw) and (kh, kw), so that
+# staging an element of A costs a shared-memory load and a few adds instead of k's divisions by KH * KW and KW
+# (the output pixel's part, m's, is the same for all of a thread's elements: the compiler hoists it). ncu's source
+# view of BlockDrop's batch-64 first-stage conv (256 x 16 tiles, K = 144, session 21): FFMAs 26 % of the executed
+# instructions, the index arithmetic (IMAD, LEA, SHF, LOP3, ISETP, IADD3) ~50 %. Each entry serves the tile's
+# tile_m rows, and filling it costs two block barriers and a dependent round before the first stage: only tiles of
+# at least IM2COL_TABLE_MIN_ROWS rows take one (H200, kernel time, session 21: BlockDrop bs64's 128 x 16 and
+# 64 x 32 tiles 334.0 -> 322.0 us; with the table on BlockDrop bs1's 16 x 16 tiles too, 119.2 -> 122.2 us). A table
+# of more than IM2COL_TABLE_BYTES keeps the divisions, and a 1 x 1 convolution needs none.
+IM2COL_TABLE = True
+IM2COL_TABLE_BYTES = 16 * 1024
+IM2COL_TABLE_MIN_ROWS = 64
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
@@ -92,6 +105,9 @@ class Gemm:
     # A GEMV tile exactly N wide, not rounded up to a power of two (sibling matmuls' columns, a multiple of the
     # warp: 3 x 64 columns are split as one part's 64, three columns a thread).
     exact_n: bool = False
+    # C statements of k setting A's depth-k entry of a table that the uTask fills in shared memory before its tile
+    # (two ints a k, e_[0] and e_[1]); la(m, k) then reads entry k at kt_ + 2 * k. None: no table.
+    k_table: str | None = None
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -311,15 +327,26 @@ def conv2d(ops: OpRenderer) -> str:
     slice_at = f"bt * {NB * O * HO * WO} + " if splits > 1 else ""
     s, p = ops.op.params["stride"], ops.op.params["padding"]
     K = C * KH * KW
-    load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
-              f"const int h_ = (r_ / {WO}) * {s} - {p} + q_ / {KW}, w_ = (r_ % {WO}) * {s} - {p} + q_ % {KW}; "
-              f"return (h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W}) ? "
-              f"({acc})({x.at(f'((n_ * {C} + c_) * {H} + h_) * {W} + w_')}) : ({acc})0;")
+    table = None
+    table_ok = KH * KW > 1 and K * 8 <= IM2COL_TABLE_BYTES     # (8 bytes an entry; 1 x 1: no division)
+    if IM2COL_TABLE and table_ok and ops.op.params["tile_m"] >= IM2COL_TABLE_MIN_ROWS:
+        table = (f"const int c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
+                 f"e_[0] = c_ * {H * W} + q_ / {KW} * {W} + q_ % {KW}; e_[1] = q_ / {KW} << 16 | q_ % {KW};")
+        load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}; const int h_ = (r_ / {WO}) * {s} - {p}, "
+                  f"w_ = (r_ % {WO}) * {s} - {p}; const int* t_ = kt_ + 2 * k; "
+                  f"const int y_ = h_ + (t_[1] >> 16), x_ = w_ + (t_[1] & 65535); "
+                  f"return ((unsigned)y_ < {H}u && (unsigned)x_ < {W}u) ? "
+                  f"({acc})({x.at(f'n_ * {C * H * W} + h_ * {W} + w_ + t_[0]')}) : ({acc})0;")
+    else:
+        load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
+                  f"const int h_ = (r_ / {WO}) * {s} - {p} + q_ / {KW}, w_ = (r_ % {WO}) * {s} - {p} + q_ % {KW}; "
+                  f"return (h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W}) ? "
+                  f"({acc})({x.at(f'((n_ * {C} + c_) * {H} + h_) * {W} + w_')}) : ({acc})0;")
     return gemm_tiles(ops, Gemm(
         NB * HO * WO, O, K, splits, setup=[], load_a=load_a,
         load_b=f"return ({acc})({w.at(f'n * {K} + k')});",
         store=store_output(ops, f"{slice_at}((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
-        a_contiguous_k=False, b_contiguous_k=True))
+        a_contiguous_k=False, b_contiguous_k=True, k_table=table))
 
 
 def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
@@ -365,7 +392,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
         kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
-        ops.smem = max(ops.smem, (M * kc + (slots * M * tn if slots > 1 else 0)) * size)
+        need = (M * kc + (slots * M * tn if slots > 1 else 0)) * size
         # (a tile that stages its whole k at once prefetches all of its B values where the scheduler let it:
         # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
         held = kc * tn // block
@@ -390,7 +417,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
             if not bres:
                 loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
         staged_b = 0 if bres else tn + 4
-        ops.smem = max(ops.smem, GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
+        need = max(GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
                 f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, smem);")
@@ -400,15 +427,24 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         small = rm * rn < TENSOR_CORE_BELOW
         warps = tensor_core_warps(tm, tn, block, ops.dialect) if acc == "float" and small else None
         if warps is None:
-            ops.smem = max(ops.smem, GEMM_BK * (tm + 1 + tn + 1) * size)
+            need = GEMM_BK * (tm + 1 + tn + 1) * size
             call = (f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
                     f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
         else:
             wr, wc = warps
             k_groups = block // ops.dialect.warp_size // (wr * wc)
-            ops.smem = max(ops.smem, GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
+            need = max(GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
             call = (f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
                     f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
+    if gemm.k_table is not None:      # (after the tile's own shared memory, 16-byte aligned)
+        base = -(-need // 16) * 16
+        need = base + 8 * K
+        lines += [f"  int* kt_ = (int*)(smem + {base});",
+                  f"  {ops.dialect.block_barrier}   // (the vEU's previous uTask may still read this memory)",
+                  f"  for (int k = {ops.dialect.thread_index}; k < {K}; k += {block}) "
+                  f"{{ int* e_ = kt_ + 2 * k; {gemm.k_table} }}",
+                  f"  {ops.dialect.block_barrier}"]
+    ops.smem = max(ops.smem, need)
     return "\n".join(lines + loaders + [call]) + "\n"
 
 

@@ -17,7 +17,10 @@ from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import K_SPLITS, k_chunk
 
-CONV_K_CHUNK = 256    # rows of the im2col panel of a conv2d tile built at once (256 x 64 floats: 64 KiB)
+# The im2col panel of a conv2d tile built at once: CONV_K_CHUNK rows of its positions, fewer for a tile of more
+# than 64 positions (utasks.GEMM_TALL_TILES), so that the panel (on the worker's stack) stays within 64 KiB.
+CONV_K_CHUNK = 256
+CONV_PANEL_FLOATS = CONV_K_CHUNK * 64
 
 
 @register_lowering("conv2d", backend="cpu")
@@ -88,7 +91,7 @@ def _conv_tile_gemm(fn, ops, op, i0, j0, channels):
     tm = op.params["tile_m"]
     k = c * kh * kw
     mr, mc, _ = micro_shape()
-    chunk = min(k, CONV_K_CHUNK)
+    chunk = min(k, CONV_K_CHUNK, max(1, CONV_PANEL_FLOATS // tm))
     panel = fn.alloca(f"[{chunk * tm} x float]", "im2col")
     image = fn.op(f"udiv i64 {i0}, {ho * wo}")
     first = fn.op(f"urem i64 {i0}, {ho * wo}")          # the tile's first position in its image
