@@ -261,7 +261,11 @@ def _card():
 
 
 def _git():
-    """(commit, dirty) of the checkout; GDSL_GIT_COMMIT where the tree travelled without its history."""
+    """(commit, dirty) of the checkout, or GDSL_GIT_COMMIT where it is set: a tree that travelled to another
+    machine may come without its history or with an older one (the GPU machine's copy reported its session's
+    first commit, dirty, for a tree that was a later commit exactly)."""
+    if os.environ.get("GDSL_GIT_COMMIT"):
+        return os.environ["GDSL_GIT_COMMIT"], None
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*cmd):
@@ -273,7 +277,7 @@ def _git():
             return commit, bool(git("status", "--porcelain"))
     except (OSError, subprocess.SubprocessError):  # no git here
         pass
-    return os.environ.get("GDSL_GIT_COMMIT"), None
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------------

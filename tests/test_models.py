@@ -361,6 +361,16 @@ def test_compare_flags_tokens_and_relative_error():
     assert "non-finite" in common.compare(np.array([np.nan, 1.0]), np.ones(2))[0]
 
 
+def test_bench_records_the_commit_it_is_told(monkeypatch):
+    """GDSL_GIT_COMMIT wins over the checkout's own history (a copied tree may carry an older one), else git's."""
+    from models import bench
+    monkeypatch.setenv("GDSL_GIT_COMMIT", "89ab38a")
+    assert bench._git() == ("89ab38a", None)
+    monkeypatch.delenv("GDSL_GIT_COMMIT")
+    commit, _ = bench._git()
+    assert commit is None or len(commit) == 40
+
+
 def test_bench_small_writes_json(tmp_path):
     from models import bench
     path = tmp_path / "b.json"
