@@ -62,7 +62,8 @@ WIDE_ODD_REGISTERS = 24
 # A convolution's implicit-GEMM loader reads its depth k = (c, kh, kw) from a table in shared memory (module switch
 # IM2COL_TABLE), filled once by the uTask: k's offset in the image (c * H * W + kh * W + kw) and (kh, kw), so that
 # staging an element of A costs a shared-memory load and a few adds instead of k's divisions by KH * KW and KW
-# (the output pixel's part, m's, is the same for all of a thread's elements: the compiler hoists it). ncu's source
+# (the output pixel's part, m's, is the same for all of a thread's elements of a stage where the tile's rows divide
+# the block, so the compiler may compute it once). ncu's source
 # view of BlockDrop's batch-64 first-stage conv (256 x 16 tiles, K = 144, session 21): FFMAs 26 % of the executed
 # instructions, the index arithmetic (IMAD, LEA, SHF, LOP3, ISETP, IADD3) ~50 %. Each entry serves the tile's
 # tile_m rows, and filling it costs two block barriers and a dependent round before the first stage: only tiles of
