@@ -18,6 +18,14 @@ HEADER_TEMPLATE = r"""
 #define GDSL_SPIN_PAUSE() ((void)0)
 GDSL_DEV float gdsl_h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+#define GDSL_CP_ASYNC 1
+GDSL_DEV void gdsl_cp_async4(float* dst, const float* src) {
+  unsigned d;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(d), "l"(src), "r"(src != nullptr ? 4 : 0) : "memory");
+}
+GDSL_DEV void gdsl_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+GDSL_DEV void gdsl_cp_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 """
 
 
