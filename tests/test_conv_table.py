@@ -11,6 +11,7 @@ import gdsl
 from gdsl.backends.cfamily import gemm
 from gdsl.backends.cfamily.emulator import emulate
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.schedule import utasks
 
 rng = np.random.default_rng(23)
 
@@ -115,6 +116,46 @@ def test_async_staging_compiles(case, async_a):
     source = _source(conv(stride, padding), (x, w), 3)
     assert "cp.async.ca.shared.global" in source and ", float, true>(" in source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
+
+
+def _tall_256(monkeypatch):
+    """Only 256 x 16 tiles on the menu (their two A buffers: 70 KB of shared memory with the table)."""
+    monkeypatch.setattr(utasks, "GEMM_TILES", ())
+    monkeypatch.setattr(utasks, "ODD_GEMM_TILES", False)
+    monkeypatch.setattr(utasks, "GEMM_TALL_TILES", ((256, 16),))
+    monkeypatch.setattr(utasks, "GEMM_TALL_MAX_ROWS", 256)
+
+
+BIG = (_f32(3, 16, 16, 16), _f32(16, 16, 3, 3))      # 768 pixels: three tiles of 256 x 16
+
+
+@needs_cxx
+def test_more_shared_memory_than_a_static_declaration_is_declared_dynamically(async_a, monkeypatch):
+    """A kernel whose uTask scratch is over the dialect's static limit (48 KB) declares its shared memory
+    dynamically (sized at launch, as for resident tiles); the emulated kernel still matches."""
+    fn = conv(1, 1)
+    assert "extern __shared__" not in _source(fn, BIG, 3)       # (its default tiles: a static declaration)
+    _tall_256(monkeypatch)
+    source = _source(fn, BIG, 3)
+    assert "gdsl_gemm_tile_wide<256, 16," in source and "extern __shared__" in source
+    assert int(source.split("#define GDSL_SMEM_BYTES ")[1].split()[0]) > 48 * 1024
+    expected = gdsl.jit(fn, backend="interpret")(*BIG)
+    assert_trees_close(emulate(fn, *BIG, grid=3, block=256), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_nvrtc
+def test_dynamic_shared_memory_compiles(async_a, monkeypatch):
+    _tall_256(monkeypatch)
+    assert cuda_toolchain.compile_cuda(_source(conv(1, 1), BIG, 3), "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+def test_gpu_dynamic_shared_memory_matches_the_interpreter(async_a, monkeypatch):
+    import cupy as cp
+    _tall_256(monkeypatch)
+    fn = conv(1, 1)
+    got = cp.asnumpy(gdsl.jit(fn, backend="cuda", grid=3)(*(cp.asarray(a) for a in BIG)))
+    assert_trees_close(got, gdsl.jit(fn, backend="interpret")(*BIG), tolerance=BACKEND_TOLERANCE)
 
 
 @pytest.mark.gpu

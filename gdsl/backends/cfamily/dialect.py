@@ -9,6 +9,8 @@ emulator (emu.h) also accept.
     shared_decl                  the declaration of the vEU's shared memory (`{nbytes}`: its size)
     dynamic_shared_decl          the same, sized at launch (kernels with resident weights need more than the
                                  static limit)
+    static_smem_limit            the most shared memory a kernel may declare statically: a kernel that needs
+                                 more declares it dynamically
     resident_smem_per_sm         bytes of shared memory per SM for loop-invariant matmul weights kept on chip
                                  across a loop (gdsl/schedule/resident.py); 0: the dialect keeps none
     warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
@@ -39,6 +41,7 @@ class Dialect:
     kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block})'
     shared_decl = "__shared__ __align__(16) char gdsl_smem[{nbytes}];"
     dynamic_shared_decl = "extern __shared__ __align__(16) char gdsl_smem[];"   # sized at launch
+    static_smem_limit = 48 * 1024        # CUDA's (and the C family's default)
     resident_smem_per_sm = 0             # shared memory per SM that loop-invariant weights may fill (resident.py)
     tensor_cores = False                 # float32 GEMM tiles on the tensor cores (gdsl_gemm_tile_tc, 3xTF32)
     flag_syncs = False                   # flag syncs unless flags=False (else only with flags=True)

@@ -53,6 +53,7 @@ class HIPDialect(Dialect):
     header_template = HEADER_TEMPLATE
     barriers = ("atomic",)
     shared_decl = "__shared__ __attribute__((aligned(16))) char gdsl_smem[{nbytes}];"
+    static_smem_limit = 64 * 1024        # (an AMD GPU's LDS per workgroup)
     # the constant 100 MHz clock of gfx90a (wall_clock64() in HIP's headers): one clock for every CU
     trace_clock = "(unsigned long long)__builtin_amdgcn_s_memrealtime()"
     trace_clock_name, trace_ns_per_tick = "s_memrealtime (100 MHz)", 10.0
