@@ -153,6 +153,16 @@ def make_ir(fun, *, static_argnums=(), static_argnames=()):
     return build
 
 
+def plan_text(lowering) -> str:
+    """The text of a lowering's plan, the Ops its backend reads in place (no code runs) marked so."""
+    from gdsl.schedule.plan import Plan
+    from gdsl.schedule.printer import print_plan
+    if not isinstance(lowering.plan, Plan):        # (the interpreter's is its own text)
+        return str(lowering.plan)
+    rendered = getattr(lowering, "rendered", None)
+    return print_plan(lowering.plan, getattr(rendered, "views", frozenset()))
+
+
 class Lowered:
     """What `f.lower(*args)` returns: the IR, the backend's plan and its generated source (as text)."""
 
@@ -167,7 +177,7 @@ class Lowered:
 
     @property
     def plan(self) -> str:
-        return str(self.lowering.plan)
+        return plan_text(self.lowering)
 
     @property
     def source(self) -> str:
@@ -260,7 +270,7 @@ class Jitted:
                                 self.options)
         t0 = time.perf_counter()
         lowering = module.lower(program, self.options)
-        debug(2, f"plan of {self.__name__} ({backend})", str(lowering.plan))
+        debug(2, f"plan of {self.__name__} ({backend})", plan_text(lowering))
         debug(3, f"source of {self.__name__} ({backend})", lowering.source)
         debug(4, "timing", f"lower: {1e3 * (time.perf_counter() - t0):.1f} ms")
         entry = self._cache[key] = {"program": program, "lowering": lowering, "backend": backend,

@@ -240,3 +240,20 @@ def test_the_floor_counter_reads_plan_views_as_the_simulator_does(name, batch):
     for got, want in zip(floor._Counter(plan).run(flat), expected):     # (numpy sums a transposed view in
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)      # another order than its copy)
     assert common.compare(tree_unflatten(lowered.lowering.program.out_tree, expected), prob.references()[0]) == []
+
+
+def transposed_before_the_loop(x, W):
+    """A loop-invariant weight transposed before the loop: the plan keeps the transpose as an op (its readers are
+    in another segment), the C-family renderer reads it in place (cfamily/views.py)."""
+    Wt = gnp.transpose(W)
+    return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ Wt), x)
+
+
+def test_the_plan_text_says_which_ops_run_no_code():
+    """What the plan prints is what runs: an op the backend reads in place is marked so (Lowered.plan)."""
+    args = (rng.standard_normal((2, 8)).astype(np.float32), (rng.standard_normal((8, 8)) * 0.3).astype(np.float32))
+    lowered = gdsl.jit(transposed_before_the_loop, backend="cuda", grid=4).lower(*args)
+    (line,) = [line for line in lowered.plan.splitlines() if "_transpose(" in line]
+    assert line.endswith("; its readers read the input in place: no code runs]")
+    assert "_transpose(" not in lowered.source.split("-- ops")[-1]       # (no function for it: no code)
+    assert "no code runs" not in str(lowered.lowering.plan)            # (the plan alone does not know it)

@@ -91,7 +91,7 @@ def _scope(sync) -> str:
     return f"{sync.scope} when returning to site {sites}, else block"
 
 
-def print_block(block, indent: int, lines: list, device: bool = False) -> None:
+def print_block(block, indent: int, lines: list, device: bool = False, views=frozenset()) -> None:
     pad = "  " * indent
     wave_no = 0
     for stmt in block:
@@ -115,6 +115,8 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
                     extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
                 if t.preload:                       # (preload.py: loaded before the wave before this one)
                     extra += ", operands " + ", ".join(map(str, t.preload)) + " loaded a wave early"
+                if t.op in views:                   # (a backend's view: cfamily/views.py)
+                    extra += "; its readers read the input in place: no code runs"
                 lines.append(f"{pad}  {describe_op(t.op)}  [{t.op.n_utasks} uTasks on {_veus(t)}{extra}]")
         elif isinstance(stmt, Sync):
             lines.append(f"{pad}{'sync' if stmt.published else 'barrier'} ({_scope(stmt)})")
@@ -128,9 +130,9 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             if stmt.staged:           # (local.py: copied in here, out at the end; shared memory past the temps')
                 lines.append(f"{pad}  in each vEU's shared memory while it runs, its slice of: "
                              + ", ".join(map(repr, stmt.staged)))
-            print_block(stmt.cond, indent + 1, lines, device)
+            print_block(stmt.cond, indent + 1, lines, device, views)
             lines.append(f"{pad}  exit unless {stmt.pred!r}")
-            print_block(stmt.body, indent + 1, lines, device)
+            print_block(stmt.body, indent + 1, lines, device, views)
             lines.append(f"{pad}end loop" + (" (the staged slices copied out)" if stmt.staged else ""))
         elif isinstance(stmt, Branch):
             in_place = ""
@@ -141,7 +143,7 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             for k, b in enumerate(stmt.branches):
                 empty = "  (nothing to do: the results are already in place)" if stmt.in_place and not b else ""
                 lines.append(f"{pad}  case {k}:{empty}")
-                print_block(b, indent + 2, lines, device)
+                print_block(b, indent + 2, lines, device, views)
             lines.append(f"{pad}end branch")
         elif isinstance(stmt, Call):
             deeper = "one frame deeper" if stmt.step == 1 else f"{stmt.step} frames deeper"
@@ -151,7 +153,7 @@ def print_block(block, indent: int, lines: list, device: bool = False) -> None:
             for label, part in (("lower half", stmt.first), ("both halves", stmt.between), ("upper half", stmt.second)):
                 if part:
                     lines.append(f"{pad}  {label}:")
-                    print_block(part, indent + 2, lines, device)
+                    print_block(part, indent + 2, lines, device, views)
             lines.append(f"{pad}end fork")
         elif isinstance(stmt, Launch):
             lines.append(f"{pad}launch kernel k{stmt.kernel}")
@@ -169,7 +171,8 @@ def _row_chains(stats) -> str:
     return f", {n} row chains" if n else ""
 
 
-def print_plan(plan) -> str:
+def print_plan(plan, views=frozenset()) -> str:
+    """The plan's text; `views`: the Ops a backend reads in place, whose tasks run no code (marked so)."""
     s = plan.stats
     lines = [f"plan: control={plan.control}, {len(plan.kernels)} kernel(s), grid {plan.grid} vEUs x "
              f"{plan.block} threads; {s.get('waves', 0)} waves, {s.get('ops', 0)} ops "
@@ -188,18 +191,18 @@ def print_plan(plan) -> str:
                      f"resident weights)")
     if plan.host is not None:
         lines.append("host:")
-        print_block(plan.host, 1, lines)
+        print_block(plan.host, 1, lines, views=views)
     for kernel in plan.kernels:
         lines.append(f"kernel {kernel.name}:")
         published = published_in(kernel.body)
         if published:                       # (the renderer's flag prologue, before the flags pass's barrier)
             lines.append(f"  every vEU: zero its share of the flag words of {', '.join(b.name for b in published)}")
-        print_block(kernel.body, 1, lines, plan.control == "device")
+        print_block(kernel.body, 1, lines, plan.control == "device", views)
     for fn in plan.functions:
         params = ", ".join(map(repr, fn.params))
         results = ", ".join(map(repr, fn.results))
         spread = f", callees' frames {fn.spread} x step further" if fn.spread else ""
         lines.append(f"function {fn.name}({params}) -> ({results})  [max_depth {fn.max_depth}, "
                      f"{fn.n_sites} call sites; storage one copy per frame{spread}]:")
-        print_block(fn.body, 1, lines, plan.control == "device")
+        print_block(fn.body, 1, lines, plan.control == "device", views)
     return "\n".join(lines)
