@@ -321,13 +321,14 @@ def print_overhead(rows: list[dict], systems: list[str]) -> None:
             print(f"{row['model']:10s} {row['batch']:3d} {row['test']:18s} {program:10s}{cells}")
 
 
-def plot(rows: list[dict], path: str, env: dict, title: str = "gdsl model zoo") -> None:
+def plot(rows: list[dict], path: str, env: dict, title: str = "gdsl model zoo", quiet: bool = False) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plot")
+        if not quiet:
+            print("matplotlib is not installed: no plot")
         return
     listed = list(dict.fromkeys(s for r in rows for s in r["systems"]))
     systems = [s for s in listed if any(r["systems"].get(s, {}).get("status") == "ok" for r in rows)]
@@ -352,7 +353,8 @@ def plot(rows: list[dict], path: str, env: dict, title: str = "gdsl model zoo") 
     ax.legend(fontsize=8, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"plot written to {path}")
+    if not quiet:
+        print(f"plot written to {path}")
 
 
 def parse_args(argv=None):
@@ -444,7 +446,9 @@ def main(argv=None) -> int:
             print(f"\n== {name}: no batch size of {args.batch} is one of its {model.BATCHES}; skipped")
         for batch in batches:
             rows += overhead_rows(model, batch, args) if args.overhead else sweep_rows(model, batch, args)
-            write_json(args, env, rows, complete=False)     # (a run cut short keeps what it measured)
+            write_json(args, env, rows, complete=False)     # (a run cut short keeps what it measured,
+            if args.plot:                                   # and its picture of it)
+                plot(rows, args.plot, env, title=_title(args) + " (so far)", quiet=True)
     print_table(rows, env)
     if args.overhead:
         print_overhead(rows, args.systems)
@@ -452,13 +456,17 @@ def main(argv=None) -> int:
         write_json(args, env, rows, complete=True)
         print(f"results written to {args.json}")
     if args.plot:
-        plot(rows, args.plot, env, title="control-flow overhead" if args.overhead else "gdsl model zoo")
+        plot(rows, args.plot, env, title=_title(args))
     errors = floor_errors(rows)
     if errors:
         print("FLOOR ERRORS (the timings above stand; the floors of these rows are missing):\n  "
               + "\n  ".join(errors))
         return 1
     return 0
+
+
+def _title(args) -> str:
+    return "control-flow overhead" if args.overhead else "gdsl model zoo"
 
 
 if __name__ == "__main__":

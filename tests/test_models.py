@@ -728,3 +728,14 @@ def test_bench_ablation_sets_one_or_several_options():
     assert ablation("gdsl-device[resident_calls=True+narrow=True]") == ("device", {"resident_calls": True,
                                                                                  "narrow": True})
     assert ablation("gdsl-host[grid=32]") == ("host", {"grid": 32})
+
+
+def test_a_bench_cut_short_leaves_its_picture(tmp_path, monkeypatch):
+    """The plot is redrawn after every row (as the JSON is written), so a run stopped by a time limit keeps it."""
+    from models import bench
+    drawn = []
+    monkeypatch.setattr(bench, "plot", lambda rows, path, env, title="", quiet=False: drawn.append((len(rows), title)))
+    assert bench.main(["--small", "--models", "rae,blockdrop", "--batch", "1", "--systems", "gdsl-device",
+                       "--backend", "interpret", "--runs", "2", "--warmup", "1", "--inputs", "1", "--no-floor",
+                       "--plot", str(tmp_path / "p.png")]) == 0
+    assert drawn == [(1, "gdsl model zoo (so far)"), (2, "gdsl model zoo (so far)"), (2, "gdsl model zoo")]
