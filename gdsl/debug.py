@@ -19,7 +19,8 @@ def debug_level() -> int:
         return 1
 
 
-def debug(level: int, what: str, text: str) -> None:
-    """Print `text` to stderr under the heading `what` when GDSL_DEBUG >= level."""
+def debug(level: int, what: str, text) -> None:
+    """Print `text` to stderr under the heading `what` when GDSL_DEBUG >= level; `text` may be a function giving
+    it, so that a large text (a program's IR, its plan) is only made when it is printed."""
     if debug_level() >= level:
-        print(f"[gdsl {what}]\n{text}", file=sys.stderr)
+        print(f"[gdsl {what}]\n{text() if callable(text) else text}", file=sys.stderr)

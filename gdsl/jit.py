@@ -138,7 +138,7 @@ def trace_program(fun, args, kwargs, name="main", options=None) -> Program:
     if os.environ.get("GDSL_CHECK"):
         from gdsl.core.typecheck import typecheck_program
         typecheck_program(program)
-    debug(1, f"IR of {name}", str(program))
+    debug(1, f"IR of {name}", lambda: str(program))
     return program
 
 
@@ -270,7 +270,7 @@ class Jitted:
                                 self.options)
         t0 = time.perf_counter()
         lowering = module.lower(program, self.options)
-        debug(2, f"plan of {self.__name__} ({backend})", plan_text(lowering))
+        debug(2, f"plan of {self.__name__} ({backend})", lambda: plan_text(lowering))
         debug(3, f"source of {self.__name__} ({backend})", lowering.source)
         debug(4, "timing", f"lower: {1e3 * (time.perf_counter() - t0):.1f} ms")
         entry = self._cache[key] = {"program": program, "lowering": lowering, "backend": backend,

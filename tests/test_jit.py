@@ -284,3 +284,21 @@ def test_jitted_function_called_while_tracing_is_refused():
     inner = gdsl.jit(lambda x: x + 1, backend="interpret")
     with pytest.raises(TypeError, match="jitted"):
         gdsl.jit(lambda x: inner(x) * 2, backend="interpret")(np.float32(1))
+
+
+def test_debug_prints_the_ir_and_plan_and_makes_them_only_then(monkeypatch, capsys):
+    """GDSL_DEBUG=2 prints the IR and the plan of a compile; unset, the plan text is never made (a large plan's
+    text costs tens of milliseconds)."""
+    import sys
+    jit_module = sys.modules["gdsl.jit"]          # (gdsl.jit, the attribute, is the decorator)
+
+    def add_one(x):
+        return x + 1.0
+    x = np.ones(4, np.float32)
+    monkeypatch.setenv("GDSL_DEBUG", "2")
+    gdsl.jit(add_one, backend="cpu")(x)
+    err = capsys.readouterr().err
+    assert "[gdsl IR of add_one]" in err and "[gdsl plan of add_one (cpu)]" in err
+    monkeypatch.delenv("GDSL_DEBUG")
+    monkeypatch.setattr(jit_module, "plan_text", lambda lowering: pytest.fail("plan text made"))
+    gdsl.jit(lambda x: x * 2.0, backend="cpu")(x)
