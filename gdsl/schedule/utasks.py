@@ -366,6 +366,9 @@ WARP_LANES = 32
 # gate pools of 1024 rows of 196 at one row a uTask, 103 rounds on 10 vEUs each, where eight rows a uTask take
 # the one pass that one row takes.
 ROW_PASSES = True
+# A row or reduction uTask takes at most the op's rows: a default of more (the block's four elements a thread,
+# 102 rows of 10 for SkipNet's gate cell of one row) made the C family's grouped row loop run its empty passes.
+CLAMP_ROWS = True
 
 
 def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
@@ -399,7 +402,7 @@ def row_split(in_avals, out_avals, params, block, parts=0):
     whole row), or its rows spread evenly over `parts` partitions; every operand and output moved once."""
     shape = params[plan.ROW_SHAPE]
     length, n_rows = shape[-1], math.prod(shape[:-1])
-    rows = max(1, n_rows // parts) if parts else max(1, (block * 4) // length)
+    rows = max(1, n_rows // parts) if parts else max(1, min(n_rows if CLAMP_ROWS else 1 << 62, (block * 4) // length))
     count = parts if parts else max(1, math.ceil(n_rows / rows))
     per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
     return count, {"rows": rows}, _cost(4 * rows * per_row)
@@ -416,7 +419,7 @@ def split(kind, in_avals, out_avals, params, grid, block, thin=False, gather_tin
     if kind in REDUCE_KINDS:
         x = in_avals[0]
         length = max(1, x.size // max(out.size, 1))
-        rows = max(1, (block * 4) // length)
+        rows = max(1, min(out.size if CLAMP_ROWS else 1 << 62, (block * 4) // length))
         count = max(1, math.ceil(out.size / rows))
         return count, {"rows": rows}, _cost(4 * rows * (length + 1))
     size = in_avals[1].size if in_place_update(kind, params) else out.size

@@ -18,6 +18,11 @@ HEADER_TEMPLATE = r"""
 #define GDSL_SPIN_PAUSE() ((void)0)
 GDSL_DEV float gdsl_h2f(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 GDSL_DEV unsigned short gdsl_f2h(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+GDSL_DEV float gdsl_logistic(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + expf(-x)));
+  return r;
+}
 #define GDSL_CP_ASYNC 1
 GDSL_DEV void gdsl_cp_async4(float* dst, const float* src) {
   unsigned d;
@@ -27,7 +32,12 @@ GDSL_DEV void gdsl_cp_async4(float* dst, const float* src) {
 GDSL_DEV void gdsl_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 GDSL_DEV void gdsl_cp_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 """
-
+# logistic(x) = 1 / (1 + e^-x) with the reciprocal from the SFU (`gdsl_logistic`: rcp.approx.ftz, at most 1 ulp; its
+# argument is >= 1, so no denormal goes in, and a result under 2^-126 (x < -87.3) flushes to 0). The correctly
+# rounded 1/d is a SASS sequence with a branch to a slow path that ptxas does not schedule across: a recurrent
+# cell's independent gates then ran one after another on its thread (NASRNN bs1's cell 0.67 µs a step on the
+# H200, session 22). False: the table's `1.0f / (1.0f + expf(-x))`.
+APPROX_LOGISTIC = True
 
 
 class CUDADialect(Dialect):
@@ -55,6 +65,10 @@ class CUDADialect(Dialect):
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
                         'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }')
     trace_clock_name, trace_ns_per_tick = "%globaltimer", 1.0
+
+    @property
+    def elementwise_overrides(self) -> dict:
+        return {"logistic": "gdsl_logistic({0})"} if APPROX_LOGISTIC else {}
 
     def grid_sync(self, barrier: str) -> str:
         if barrier == "coop":
