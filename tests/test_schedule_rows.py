@@ -349,3 +349,22 @@ def test_a_row_utask_is_priced_by_its_block_passes(monkeypatch):
     monkeypatch.setattr(utasks, "ROW_PASSES", False)
     assert sorted(options((1, 1024, 196))) == [1, 2, 5]
     assert options((1, 1024, 196))[5][1] == 5 * utasks.ROUND_TRIP_NS
+
+
+
+def test_a_row_utask_takes_at_most_the_ops_rows(monkeypatch):
+    """A row chain (or a reduction) of fewer rows than a uTask's default (four elements a thread: 102 rows of
+    10) takes only the rows it has: a recurrent gate's cell of one row of 10 otherwise rendered a grouped row
+    loop of seven passes, six of them empty (SkipNet's gate cell: docs/performance.md, session 22)."""
+    from gdsl.core.ir import ShapedArray
+    from gdsl.primitives.reductions import reduce_sum_p
+    from gdsl.schedule import utasks
+
+    cell, row = {ROW_SHAPE: (1, 10)}, [ShapedArray((1, 10), np.float32)]
+    assert utasks.row_split(row, row, cell, 256)[:2] == (1, {"rows": 1})
+    assert [p["rows"] for _, p, _ in utasks.row_split_options(row, row, cell, 256)] == [1]
+    sums = utasks.split(reduce_sum_p.name, [ShapedArray((3, 10), np.float32)], [ShapedArray((3,), np.float32)],
+                        {"axes": (1,)}, 132, 256)
+    assert sums[:2] == (1, {"rows": 3})
+    monkeypatch.setattr(utasks, "CLAMP_ROWS", False)
+    assert utasks.row_split(row, row, cell, 256)[1] == {"rows": 102}

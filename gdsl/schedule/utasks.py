@@ -397,12 +397,19 @@ def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dic
     return options
 
 
+def rows_a_utask(n_rows: int, length: int, block: int) -> int:
+    """A row or reduction uTask's rows of `length` elements: about four elements a thread, a whole row at least,
+    and never more rows than the op has (CLAMP_ROWS)."""
+    rows = max(1, (block * 4) // length)
+    return min(rows, max(n_rows, 1)) if CLAMP_ROWS else rows
+
+
 def row_split(in_avals, out_avals, params, block, parts=0):
     """The split of a ROWS op: rows per uTask like a reduction's (about four elements per thread, at least a
     whole row), or its rows spread evenly over `parts` partitions; every operand and output moved once."""
     shape = params[plan.ROW_SHAPE]
     length, n_rows = shape[-1], math.prod(shape[:-1])
-    rows = max(1, n_rows // parts) if parts else max(1, min(n_rows if CLAMP_ROWS else 1 << 62, (block * 4) // length))
+    rows = max(1, n_rows // parts) if parts else rows_a_utask(n_rows, length, block)
     count = parts if parts else max(1, math.ceil(n_rows / rows))
     per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
     return count, {"rows": rows}, _cost(4 * rows * per_row)
@@ -419,7 +426,7 @@ def split(kind, in_avals, out_avals, params, grid, block, thin=False, gather_tin
     if kind in REDUCE_KINDS:
         x = in_avals[0]
         length = max(1, x.size // max(out.size, 1))
-        rows = max(1, min(out.size if CLAMP_ROWS else 1 << 62, (block * 4) // length))
+        rows = rows_a_utask(out.size, length, block)
         count = max(1, math.ceil(out.size / rows))
         return count, {"rows": rows}, _cost(4 * rows * (length + 1))
     size = in_avals[1].size if in_place_update(kind, params) else out.size
