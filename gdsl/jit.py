@@ -166,10 +166,13 @@ def plan_text(lowering) -> str:
 class Lowered:
     """What `f.lower(*args)` returns: the IR, the backend's plan and its generated source (as text)."""
 
-    def __init__(self, program, lowering, backend):
+    def __init__(self, program, lowering, backend, autotune_choice=None):
         self.program = program
         self.lowering = lowering
         self.backend = backend
+        # With autotune=True, after the first call of this signature: the candidate's options it runs (the default
+        # schedule's when no other won); None before that call and without autotune.
+        self.autotune_choice = autotune_choice
 
     @property
     def ir(self) -> str:
@@ -279,7 +282,7 @@ class Jitted:
 
     def lower(self, *args, **kwargs) -> Lowered:
         entry, _ = self._entry(args, kwargs)
-        return Lowered(entry["program"], entry["lowering"], entry["backend"])
+        return Lowered(entry["program"], entry["lowering"], entry["backend"], entry.get("autotune_choice"))
 
     def __call__(self, *args, **kwargs):
         if not kwargs and self._fast_ok:
@@ -363,9 +366,9 @@ class Jitted:
         t0 = time.perf_counter()
         if self.options.get("autotune"):
             from gdsl.autotune import autotune
-            entry["lowering"], entry["executable"], chosen = autotune(
+            entry["lowering"], entry["executable"], entry["autotune_choice"] = autotune(
                 module, entry["backend"], entry["program"], self.options, flat)
-            debug(1, f"autotune of {self.__name__}", f"chose {chosen}")
+            debug(1, f"autotune of {self.__name__}", f"chose {entry['autotune_choice']}")
         else:
             entry["executable"] = module.load(entry["lowering"])
         if self.options.get("place_workspace") is not False:

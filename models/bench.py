@@ -160,6 +160,9 @@ def bench_row(prob: common.Problem, variant: str, args, test: str | None = None,
                 if runner.lower is not None and args.ceilings is not None:
                     res["floor"] = row_floor(runner, prob, res["median_ms"], args)
             res["note"] = runner.note
+            if system == "gdsl-autotune":     # what the search chose (the default's options or another's)
+                res["autotune_choice"] = runner.lower(0).autotune_choice
+                res["note"] = f"chose {res['autotune_choice']}"
         except common.BaselineUnavailable as e:
             res.update(status="unavailable", reason=str(e))
         except Exception as e:  # noqa: BLE001 - a failing system is a row of the report, not a crash

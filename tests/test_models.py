@@ -387,6 +387,19 @@ def test_bench_small_writes_json(tmp_path):
             assert res["status"] == "ok" and res["runs"] == 3 and res["median_ms"] > 0
 
 
+def test_bench_records_what_the_autotuner_chose(tmp_path, monkeypatch):
+    """The gdsl-autotune row says which candidate ran (the default's options or another's), so that a row where
+    it is slower than gdsl-device tells a search that chose another schedule from two runs of the same one."""
+    from models import bench
+    monkeypatch.setenv("GDSL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "b.json"
+    assert bench.main(["--small", "--models", "rae", "--batch", "1", "--systems", "gdsl-autotune", "--backend", "cpu",
+                       "--runs", "2", "--warmup", "1", "--no-floor", "--json", str(path)]) == 0
+    (res,) = json.loads(path.read_text())["rows"][0]["systems"].values()
+    assert res["status"] == "ok" and res["autotune_choice"]["control"] in ("device", "host")
+    assert res["note"] == f"chose {res['autotune_choice']}"
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_bench_offers_the_cudnn_peers_on_the_lstm_rows_only(name):
     from models import bench

@@ -30,11 +30,14 @@ def test_autotune_picks_a_correct_candidate_and_caches_it(tmp_path, monkeypatch)
         return gdsl.fori_loop(0, n, lambda i, x: gnp.tanh(x @ x), x)
     x = (np.random.default_rng(0).standard_normal((8, 8)) * 0.3).astype(np.float32)
     tuned = gdsl.jit(f, backend="cpu", autotune=True)
+    assert tuned.lower(x, 3).autotune_choice is None           # no search before the first call
     got = gdsl.to_numpy(tuned(x, 3))
     np.testing.assert_allclose(got, gdsl.jit(f, backend="interpret")(x, 3), rtol=1e-5, atol=1e-6)
     cache = json.loads((tmp_path / "autotune.json").read_text())
     (chosen,) = cache.values()
     assert chosen["control"] in ("device", "host")
+    assert tuned.lower(x, 3).autotune_choice == chosen          # what runs, and its plan, is the winner's
+    assert gdsl.jit(f, backend="cpu").lower(x, 3).autotune_choice is None
     # a new jit object finds the winner on disk: it lowers once (no search)
     again = gdsl.jit(f, backend="cpu", autotune=True)
     calls = []
