@@ -73,12 +73,6 @@ WIDE_ODD_REGISTERS = 24
 IM2COL_TABLE = True
 IM2COL_TABLE_BYTES = 16 * 1024
 IM2COL_TABLE_MIN_ROWS = 64
-# A float32 convolution's wide tile stages A by asynchronous copies (module switch ASYNC_IM2COL; gdsl_cp_async4:
-# cp.async on CUDA, a load and a store elsewhere) into two shared-memory buffers in turn, instead of loading the
-# next stage into registers during the current one: a 128 x 16 tile holds 16 of A a thread that way, and the
-# 256 x 16 tile spilled with 32 (utasks.GEMM_TALL_MAX_ROWS). Off: on the H200 BlockDrop bs64's kernel took 399.1 µs
-# with it against 327.5 without (ncu, session 22; ptxas: its 128 x 16 conv functions spill 152-172 B against 92).
-ASYNC_IM2COL = False
 # A wide tile of float32 operands in memory whose rows are a multiple of 4 long loads four elements at once
 # when the tile's addresses are 16-byte aligned (checked at run time), a quarter of the load instructions.
 WIDE_VECTOR_LOADS = True
@@ -115,9 +109,6 @@ class Gemm:
     # C statements of k setting A's depth-k entry of a table that the uTask fills in shared memory before its tile
     # (two ints a k, e_[0] and e_[1]); la(m, k) then reads entry k at kt_ + 2 * k. None: no table.
     k_table: str | None = None
-    # Body of pa(m, k) giving the address of A's float32 element (m, k), null where it is zero (a convolution's
-    # padding): the wide tile then stages A by asynchronous copies from it (ASYNC_IM2COL). None: la stages A.
-    gather_a: str | None = None
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -342,23 +333,21 @@ def conv2d(ops: OpRenderer) -> str:
     if IM2COL_TABLE and table_ok and ops.op.params["tile_m"] >= IM2COL_TABLE_MIN_ROWS:
         table = (f"const int c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
                  f"e_[0] = c_ * {H * W} + q_ / {KW} * {W} + q_ % {KW}; e_[1] = q_ / {KW} << 16 | q_ % {KW};")
-        where = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}; const int h_ = (r_ / {WO}) * {s} - {p}, "
-                 f"w_ = (r_ % {WO}) * {s} - {p}; const int* t_ = kt_ + 2 * k; "
-                 f"const int y_ = h_ + (t_[1] >> 16), x_ = w_ + (t_[1] & 65535);")
-        inside, at = f"((unsigned)y_ < {H}u && (unsigned)x_ < {W}u)", f"n_ * {C * H * W} + h_ * {W} + w_ + t_[0]"
+        load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}; const int h_ = (r_ / {WO}) * {s} - {p}, "
+                  f"w_ = (r_ % {WO}) * {s} - {p}; const int* t_ = kt_ + 2 * k; "
+                  f"const int y_ = h_ + (t_[1] >> 16), x_ = w_ + (t_[1] & 65535); "
+                  f"return ((unsigned)y_ < {H}u && (unsigned)x_ < {W}u) ? "
+                  f"({acc})({x.at(f'n_ * {C * H * W} + h_ * {W} + w_ + t_[0]')}) : ({acc})0;")
     else:
-        where = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
-                 f"const int h_ = (r_ / {WO}) * {s} - {p} + q_ / {KW}, w_ = (r_ % {WO}) * {s} - {p} + q_ % {KW};")
-        inside, at = f"(h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W})", f"((n_ * {C} + c_) * {H} + h_) * {W} + w_"
-    load_a = f"{where} return {inside} ? ({acc})({x.at(at)}) : ({acc})0;"
-    plain = x.remap is None and not (x.flag or x.scalar or x.preloaded)
-    gather = f"{where} return {inside} ? {x.address(at)} : nullptr;" \
-        if ASYNC_IM2COL and plain and x.dtype == np.float32 and acc == "float" else None
+        load_a = (f"const int n_ = m / {HO * WO}, r_ = m % {HO * WO}, c_ = k / {KH * KW}, q_ = k % {KH * KW}; "
+                  f"const int h_ = (r_ / {WO}) * {s} - {p} + q_ / {KW}, w_ = (r_ % {WO}) * {s} - {p} + q_ % {KW}; "
+                  f"return (h_ >= 0 && h_ < {H} && w_ >= 0 && w_ < {W}) ? "
+                  f"({acc})({x.at(f'((n_ * {C} + c_) * {H} + h_) * {W} + w_')}) : ({acc})0;")
     return gemm_tiles(ops, Gemm(
         NB * HO * WO, O, K, splits, setup=[], load_a=load_a,
         load_b=f"return ({acc})({w.at(f'n * {K} + k')});",
         store=store_output(ops, f"{slice_at}((m / {HO * WO}) * {O} + n) * {HO * WO} + m % {HO * WO}", "v"),
-        a_contiguous_k=False, b_contiguous_k=True, k_table=table, gather_a=gather))
+        a_contiguous_k=False, b_contiguous_k=True, k_table=table))
 
 
 def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
@@ -423,20 +412,16 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.a_contiguous_k and K % 4 == 0 and (
             bres or gemm.address_b is not None and (gemm.b_contiguous_k or N % 4 == 0))
         names = "la, lb, la, lb"
-        gathered = gemm.gather_a is not None and not vec     # (A staged by asynchronous copies: ASYNC_IM2COL)
         if vec:
             names = "la, lb, pa, pa" if bres else "la, lb, pa, pb"     # (with bres the tile loads no B)
             loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
             if not bres:
                 loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
-        elif gathered:
-            names = "la, lb, pa, lb"
-            loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.gather_a} }};")
         staged_b = 0 if bres else tn + 4
-        need = max(GEMM_BK * ((2 if gathered else 1) * (tm + 4) + staged_b) * size, groups // 2 * tm * tn * size)
+        need = max(GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
-                f"{str(bres).lower()}, {contiguous}, {acc}{', true' if gathered else ''}>({M}, {N}, {depth}, "
-                f"ti * {tm}, {col0}, {names}, sc, {gemm.resident_b if bres else 'nullptr'}, smem);")
+                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
+                f"{gemm.resident_b if bres else 'nullptr'}, smem);")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"

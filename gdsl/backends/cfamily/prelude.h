@@ -110,13 +110,6 @@ template <int NT, typename T, class B> GDSL_DEV void gdsl_block_argreduce(T& v, 
 }
 
 // ---------------------------------------------------------------------------------------- GEMM tiles
-// Asynchronous 4-byte copies from global to shared memory (gdsl_gemm_stages_vec's ASA), a null source copying a
-// zero: the dialect's header may define GDSL_CP_ASYNC and its own (CUDA: cp.async); else a load and a store.
-#ifndef GDSL_CP_ASYNC
-GDSL_DEV void gdsl_cp_async4(float* dst, const float* src) { *dst = src != nullptr ? *src : 0.0f; }
-GDSL_DEV void gdsl_cp_async_commit() {}
-GDSL_DEV void gdsl_cp_async_wait() {}
-#endif
 // Four consecutive elements in one 16-byte load (LDS.128 / LDG.128), the address a multiple of 16 bytes.
 template <typename T> struct alignas(4 * sizeof(T)) gdsl_vec4 { T v[4]; };
 template <typename T> struct alignas(2 * sizeof(T)) gdsl_vec2 { T v[2]; };
@@ -135,36 +128,19 @@ template <typename T> struct alignas(2 * sizeof(T)) gdsl_vec2 { T v[2]; };
 // BRES: B already waits in shared memory for the whole tile (a resident tile, gdsl/schedule/resident.py: K rows
 // of TN, rows TN apart, at `rb`; K a multiple of BK): only A is staged, and `stage` gets the resident rows of
 // each stage's k.
-// ASA (float32, not with VEC): A is staged by asynchronous copies (gdsl_cp_async4) of the addresses pa(m, k) gives
-// (null: a zero) into two buffers in turn, the next stage's into the one the current stage does not read, so no
-// register holds A while the stage computes.
 template <int TM, int TN, int BK, int NT, int PA, int PB, bool AK, bool BKC, typename Acc, bool VEC, bool BRES,
-          bool ASA = false, class LA, class LB, class PA_, class PB_, class STAGE>
+          class LA, class LB, class PA_, class PB_, class STAGE>
 GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, bool vec,
                                    const Acc* rb, char* smem, STAGE stage) {
   constexpr int NA = (TM * BK + NT - 1) / NT, NB = BRES ? 0 : (TN * BK + NT - 1) / NT;  // staged loads a thread
   constexpr int QA = (TM * BK / 4 + NT - 1) / NT, QB = BRES ? 0 : (TN * BK / 4 + NT - 1) / NT;  // of four
-  constexpr int RA = ASA ? 0 : (VEC && 4 * QA > NA ? 4 * QA : NA), RB = VEC && 4 * QB > NB ? 4 * QB : NB;
-  constexpr int LA_ = ASA ? 0 : NA;   // A's elements a thread loads into registers with la (none with ASA)
+  constexpr int RA = VEC && 4 * QA > NA ? 4 * QA : NA, RB = VEC && 4 * QB > NB ? 4 * QB : NB;
   static_assert(!VEC || (AK && BK % 4 == 0 && (BKC || TN % 4 == 0)), "four-element groups");
-  static_assert(!ASA || (!VEC && sizeof(Acc) == 4), "asynchronous staging of float32 A");
   Acc* As = (Acc*)smem;
-  Acc* Bs = As + (ASA ? 2 : 1) * BK * PA;
+  Acc* Bs = As + BK * PA;
   const int tid = threadIdx.x;
-  int cur = 0;       // (ASA) the A buffer the current stage reads
-  Acc ra[RA > 0 ? RA : 1], rg[RB > 0 ? RB : 1];
+  Acc ra[RA], rg[RB > 0 ? RB : 1];
   auto fetch = [&](int k0) {
-    if constexpr (ASA) {
-      Acc* ad = As + (k0 == 0 ? 0 : cur ^ 1) * BK * PA;
-#pragma unroll
-      for (int r = 0; r < NA; ++r) {
-        const int e = tid + r * NT;
-        const int m = AK ? e / BK : e % TM, kk = AK ? e % BK : e / TM;
-        const int gm = row0 + m, gk = k0 + kk;
-        if (e < TM * BK) gdsl_cp_async4(ad + kk * PA + m, gm < M && gk < K ? pa(gm, gk) : nullptr);
-      }
-      gdsl_cp_async_commit();
-    }
     if constexpr (VEC) {
       if (vec) {
         auto load4 = [&](Acc* r, const Acc* p, bool valid) {
@@ -191,7 +167,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
       }
     }
 #pragma unroll
-    for (int r = 0; r < LA_; ++r) {
+    for (int r = 0; r < NA; ++r) {
       const int e = tid + r * NT;
       const int m = AK ? e / BK : e % TM, kk = AK ? e % BK : e / TM;
       const int gm = row0 + m, gk = k0 + kk;
@@ -227,7 +203,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
       }
     }
 #pragma unroll
-    for (int r = 0; r < LA_; ++r) {
+    for (int r = 0; r < NA; ++r) {
       const int e = tid + r * NT;
       if (e < TM * BK) As[(AK ? e % BK : e / TM) * PA + (AK ? e / BK : e % TM)] = ra[r];
     }
@@ -240,12 +216,10 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
   fetch(0);
   for (int k0 = 0; k0 < K; k0 += BK) {
     store();
-    if constexpr (ASA) gdsl_cp_async_wait();
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    stage((const Acc*)As + (ASA ? cur * BK * PA : 0), BRES ? rb + k0 * TN : (const Acc*)Bs);
+    stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
     __syncthreads();
-    if constexpr (ASA) cur ^= 1;
   }
 }
 
@@ -309,9 +283,9 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
 // addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
 // are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, 16-byte aligned, K a multiple of BK),
-// never staged. ASA: A staged by asynchronous copies from the addresses pa(m, k) gives (null: zero), two buffers.
+// never staged.
 template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool BRES, bool AK, bool BKC,
-          typename Acc, bool ASA = false, class LA, class LB, class PA_, class PB_, class SC>
+          typename Acc, class LA, class LB, class PA_, class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                   const Acc* rbs, char* smem) {
   constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = BRES ? TN : TN + 4, KG = BK / KS;
@@ -367,8 +341,8 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
   bool vec = false;
   if constexpr (VEC)    // (a resident B is aligned by its placement: resident.ALIGN)
     vec = ((unsigned long long)pa(row0, 0) | (BRES ? 0ULL : (unsigned long long)pb(0, col0))) % 16 == 0;
-  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC, BRES, ASA>(M, N, K, row0, col0, la, lb, pa, pb, vec,
-                                                                             rbs, smem, stage);
+  gdsl_gemm_stages_vec<TM, TN, BK, NT, PA, PB, AK, BKC, Acc, VEC, BRES>(M, N, K, row0, col0, la, lb, pa, pb, vec, rbs,
+                                                                        smem, stage);
   // The groups' partial sums meet in shared memory (the stages are done with it), halving the groups each
   // round: KS/2 tiles of space. Register e of a group's threads lies side by side: no bank conflicts.
   Acc* red = (Acc*)smem + tid % GT;

@@ -23,14 +23,6 @@ GDSL_DEV float gdsl_logistic(float x) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.0f + expf(-x)));
   return r;
 }
-#define GDSL_CP_ASYNC 1
-GDSL_DEV void gdsl_cp_async4(float* dst, const float* src) {
-  unsigned d;
-  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(d) : "l"(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(d), "l"(src), "r"(src != nullptr ? 4 : 0) : "memory");
-}
-GDSL_DEV void gdsl_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-GDSL_DEV void gdsl_cp_async_wait() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 """
 # logistic(x) = 1 / (1 + e^-x) with the reciprocal from the SFU (`gdsl_logistic`: rcp.approx.ftz, at most 1 ulp; its
 # argument is >= 1, so no denormal goes in, and a result under 2^-126 (x < -87.3) flushes to 0). The correctly
