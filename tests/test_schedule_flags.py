@@ -91,18 +91,90 @@ def test_nasrnn_batch_64_owner_publishes_a_part_of_the_stacked_operand(monkeypat
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("name,bs,options", [("lstm", 1, {}), ("lstm", 1, {"owner": True}), ("nasrnn", 64, {}),
-                                             ("seq2seq", 64, {})])
+@pytest.mark.parametrize("name,bs,options", [("lstm", 1, {}), ("nasrnn", 64, {}), ("seq2seq", 64, {})])
 def test_other_step_end_barriers_stay(name, bs, options):
     """Where a step-end barrier orders more than the carry, or the carry is too big to publish, it stays and the
     plan is the default's: the LSTM bs1 (its next step's `h_l @ W_ih` overwrites the gates that layer l+1's cell
-    reads; with owner=True layer 0 would overwrite `h_0` that layer 1 still reads), NASRNN bs64 (`x_t @ W_ih`
-    waits for nothing and overwrites what the cell reads), Seq2seq bs64 (its carry h, read by the logits GEMV,
-    has 64 x 256 elements: more than flags.MAX_PUBLISHED). (Without double_temps, which gives the LSTM bs1's
-    gates a second buffer: tests/test_schedule_double_temps.py.)"""
+    reads), NASRNN bs64 (`x_t @ W_ih` waits for nothing and overwrites what the cell reads), Seq2seq bs64 (its
+    carry h, read by the logits GEMV, has 64 x 256 elements: more than flags.MAX_PUBLISHED). (Without
+    double_temps, which gives the LSTM bs1's gates a second buffer: tests/test_schedule_double_temps.py; the
+    LSTM's owner plan: test_skewed_owner_stack_waits_for_the_layer_above.)"""
     plan = zoo_lowered(name, bs, flags=True, double_temps=False, **options).lowering.plan
     assert "flag_syncs" not in plan.stats
     assert str(plan) == str(zoo_lowered(name, bs, flags=False, **options).lowering.plan)
+
+
+def _layer_of(plan) -> dict:
+    """vEU -> the input number k of the loop's matmul it runs in the first wave (the stacked LSTM's owner plan:
+    layer k's chain)."""
+    wave = next(s for s in _loop(plan).body if isinstance(s, Wave))
+    return {v: k for k, t in enumerate(wave.tasks) for v in range(t.first, t.first + t.count)}
+
+
+def _check_waits(plan):
+    """Both step-end syncs of the LSTM's owner loop are flag syncs; each FlagWait makes the vEUs of one layer
+    wait, whole, for the state that the layer above published at that sync (or before it, the other half-step's),
+    the last layer waiting for nothing."""
+    body = _loop(plan).body
+    syncs = _syncs(body, FLAGS)
+    assert len(syncs) == 2 and _syncs(body, "grid") == []
+    layer = _layer_of(plan)
+    layers = max(layer.values()) + 1
+    for sync in syncs:
+        waits = sorted(sync.waits, key=lambda w: w.first)
+        assert [layer[w.first] for w in waits] == list(range(layers - 1))
+        for w in waits:
+            assert {layer[v] for v in range(w.first, w.first + w.count)} == {layer[w.first]}
+            (writer,) = _writers(plan, w.buffer)
+            assert (w.start, w.stop) == (0, w.buffer.aval.size) and w.buffer in sync.published
+            writer_task = next(t for s in body if isinstance(s, Wave) for t in s.tasks if t.op is writer)
+            assert layer[writer_task.first] == layer[w.first] + 1
+
+
+def test_skewed_owner_stack_waits_for_the_layer_above(monkeypatch):
+    """The LSTM's owner plan (owner=True: each layer's vEUs run its stacked GEMV and its cell; the stack skewed
+    by the wavefront, small config, grid 132): layer l overwrites its state `h_l` two half-steps after writing
+    it, while layer l + 1 reads it; no flag wait of layer l orders that, so its step-end barriers need FlagWaits
+    (plan.FlagWait: layer l waits for the state that layer l + 1 published after its read). With them both
+    barriers are flag syncs; the simulator (race checks on) matches the reference; the waits taken out, it
+    reports the race; with flags.WAIT_ROUNDS = 0 the barriers stay and the plan is flags=False's."""
+    from models import common, floor, load
+    prob = common.build_problem(load("lstm"), 1, small=True)
+    forward = prob.model.make_forward(prob.cfg, backend="cuda", owner=True, grid=132)
+    plan = forward.lower(prob.weights, prob.batches[0]).lowering.plan
+    _check_waits(plan)
+    args = floor.flat_arguments(prob.weights, prob.batches[0])
+    assert common.compare(tuple(simulate(plan, args)), prob.references()[0]) == []
+    loop = _loop(plan)
+    body = tuple(dataclasses.replace(s, waits=()) if isinstance(s, Sync) else s for s in loop.body)
+    kernel = plan.kernels[0]
+    new = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
+    wrong = dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),))
+    with pytest.raises(BarrierError):
+        simulate(wrong, args)
+    monkeypatch.setattr(flags, "WAIT_ROUNDS", 0)
+    without = prob.model.make_forward(prob.cfg, backend="cuda", owner=True, grid=132, flags=False)
+    plan = prob.model.make_forward(prob.cfg, backend="cuda", owner=True, grid=132).lower(
+        prob.weights, prob.batches[0]).lowering.plan
+    assert "flag_syncs" not in plan.stats
+    assert str(plan) == str(without.lower(prob.weights, prob.batches[0]).lowering.plan)
+
+
+def test_skewed_owner_stack_emulated():
+    """The same plan kind on the g++ emulator (grid 8: the waits' spin loops run) against the float64 reference."""
+    plan = _small_plan("lstm", 1, grid=8, owner=True)
+    assert any(s.waits for s in _syncs(_loop(plan).body, FLAGS))
+    assert emulated_model_mismatches("lstm", 1, flags=True, owner=True, grid=8) == []
+
+
+@needs_nvrtc
+def test_nvrtc_compiles_flag_waits():
+    """The LSTM's owner plan at full size (batch 1): its syncs' waits rendered (a spin on each waited element's
+    flag word, then the block barrier); NVRTC compiles it."""
+    lowered = zoo_lowered("lstm", 1, owner=True)
+    _check_waits(lowered.lowering.plan)
+    assert "(void)gdsl_flag_get(" in lowered.source
+    assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 
 def test_hip_compiles_flag_syncs():
@@ -116,7 +188,9 @@ def test_hip_compiles_flag_syncs():
 
 
 # ------------------------------------------------------------------------------------------ emulated models
-def _small_plan(name, bs):
+def _small_plan(name, bs, grid=4, **options):
+    """The plan of a zoo model's small config lowered for the emulator with flags=True (block 64 unless
+    `options` say otherwise)."""
     from models import common, load
     prob = common.build_problem(load(name), bs, small=True)
 
@@ -124,7 +198,7 @@ def _small_plan(name, bs):
         return prob.model.forward(weights, inputs, prob.cfg)
     dialect = EmulatorDialect()
     return lower_with_grid(make_ir(forward)(prob.weights, prob.batches[0]),
-                           check_options({"flags": True, "block": 64}, dialect), 4, dialect).plan
+                           check_options({"flags": True, "block": 64, **options}, dialect), grid, dialect).plan
 
 
 @pytest.mark.parametrize("name,bs,converted", [("nasrnn", 1, 2), ("nasrnn", 4, 2), ("lstm", 1, 2)])
@@ -278,5 +352,26 @@ def test_gpu_nasrnn_flags_many_runs():
     g = full.model.make_forward(full.cfg, backend="cuda", flags=True)
     base = full.model.make_forward(full.cfg, backend="cuda")
     want = gdsl.to_numpy(base(full.weights, full.batches[0]))
+    for _ in range(20):
+        np.testing.assert_allclose(gdsl.to_numpy(g(full.weights, full.batches[0])), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_lstm_flag_waits_many_runs():
+    """The LSTM's owner plan with FlagWaits on CUDA: the small config 200 times against its float64 reference
+    (a hang shows as a timeout, a stale read as a mismatch), and the full-size bs1 forward (the default plan
+    takes that layout: scheduler.OWNER_WITHOUT_BARRIERS) against flags=False's."""
+    from models import common, load
+    prob = common.build_problem(load("lstm"), 1, small=True)
+    f = prob.model.make_forward(prob.cfg, backend="cuda", owner=True)
+    assert any(s.waits for s in _syncs(_loop(f.lower(prob.weights, prob.batches[0]).lowering.plan).body, FLAGS))
+    expected = prob.references()[0]
+    for _ in range(200):
+        assert common.compare(gdsl.to_numpy(f(prob.weights, prob.batches[0])), expected) == []
+    full = common.build_problem(load("lstm"), 1)
+    g = full.model.make_forward(full.cfg, backend="cuda")
+    _check_waits(g.lower(full.weights, full.batches[0]).lowering.plan)
+    want = gdsl.to_numpy(full.model.make_forward(full.cfg, backend="cuda", flags=False)(full.weights, full.batches[0]))
+    assert common.compare(want, full.references()[0]) == []
     for _ in range(20):
         np.testing.assert_allclose(gdsl.to_numpy(g(full.weights, full.batches[0])), want, rtol=1e-4, atol=1e-5)

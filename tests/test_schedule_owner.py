@@ -118,7 +118,9 @@ def test_nvrtc_compiles_the_cuda():
     forward, weights, inputs, *_ = _model("lstm", 1)
     lowered = gdsl.jit(forward, backend="cuda", grid=132, owner=True).lower(weights, inputs)
     loop = lowered.plan[lowered.plan.index("  loop:"):lowered.plan.index("  end loop")]
-    assert loop.count("barrier (grid)") == 2                     # two steps per iteration
+    # two steps per iteration, each ending in a flag sync (cuda's default flags=True) whose waits order the
+    # skewed layers' overwrites (tests/test_schedule_flags.py)
+    assert loop.count("sync (flags:") == 2 and "barrier (grid)" not in loop and " wait for " in loop
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 

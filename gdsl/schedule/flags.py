@@ -59,6 +59,7 @@ from gdsl.schedule.plan import (
     STEPS,
     Assign,
     Buffer,
+    FlagWait,
     Loop,
     Sync,
     Uniforms,
@@ -74,6 +75,14 @@ ITERATIONS = 3           # iterations of the body the vector clocks run over (th
 # 3.85 -> 2.83 ms on the H200, session 11) and not for a batch of them (NASRNN bs64 with owner=True, 64 x 256
 # published: 19.3 -> 29.9 ms). It also bounds the proof's cost (the LSTM bs64's would take ~15 s of lowering).
 MAX_PUBLISHED = 4096
+# FlagWaits (plan.FlagWait): a vEU whose later write would overwrite what another vEU read, with no flag wait
+# ordering the two, may wait at a flag sync in between for a published buffer that the reader wrote after its
+# read, reading nothing (the back pressure of a skewed stack laid out by owner-computes: layer l overwrites its
+# state only after layer l + 1 has read it). The proof adds them in at most this many rounds (each round: every
+# unordered pair's wait, then the proof again); off (0): a barrier needing one stays a grid barrier.
+WAIT_ROUNDS = 4
+WAIT_TASK = -2           # (the task and input number of a FlagWait's waiting reads in the proof's accesses)
+MAX_UNORDERED = 20000    # (the proof stops collecting unordered pairs past this many)
 # Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
 # too: such a statement is one more position of the proof, a read of the whole of each input by every vEU.
 # Seq2seq bs1's cell -> logits barrier then becomes a flag sync: its kernel 97.9 -> 90.7 us on the H200 (session
@@ -85,10 +94,11 @@ UNIFORM_READERS = True
 class LoopFlags:
     """The flag roles in one loop: writer Op -> its published output numbers; reader Op (a matmul whose left
     operand, or a part of it, is published) -> {input number: wraps} (wraps: its writer comes later in the
-    body, it reads the previous iteration's)."""
+    body, it reads the previous iteration's); flag Sync -> ((FlagWait, wraps), ...) of its waits."""
     writers: dict
     readers: dict
     published: tuple
+    waits: dict = dataclasses.field(default_factory=dict)
 
 
 def published_in(stmts) -> tuple:
@@ -115,7 +125,12 @@ def loop_flags(loop: Loop) -> LoopFlags | None:
             for number in a_inputs(task.op):
                 if task.op.inputs[number].storage in wave_of:
                     readers.setdefault(task.op, {})[number] = wave_of[task.op.inputs[number].storage] >= k
-    return LoopFlags(writers, readers, published)
+    waits, before = {}, 0                  # (before: the waves ahead of the statement in the body)
+    for stmt in loop.body:
+        before += isinstance(stmt, Wave)
+        if isinstance(stmt, Sync) and stmt.waits:
+            waits[stmt] = tuple((w, wave_of[w.buffer] >= before) for w in stmt.waits)
+    return LoopFlags(writers, readers, published, waits)
 
 
 def a_inputs(op) -> list:
@@ -186,15 +201,99 @@ def _loop(loop: Loop, grid: int) -> Loop:
         return loop
     if np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)])).size < 2:
         return loop                        # (one vEU: the renderer makes its barriers block syncs anyway)
-    chosen = {}
+    chosen, waits = {}, {}
     for trial in ([candidates] if len(candidates) > 1 else []) + [{i: p} for i, p in candidates.items()]:
         attempt = {**chosen, **trial}
-        if attempt != chosen and _ordered(body, positions, accesses, attempt, grid):
-            chosen = attempt
+        found = _waits_needed(body, positions, accesses, attempt, grid) if attempt != chosen else None
+        if found is not None:
+            chosen, waits = attempt, found
     if not chosen:
         return loop
-    new = tuple(Sync(FLAGS, published=chosen[i]) if i in chosen else s for i, s in enumerate(body))
+    new = tuple(Sync(FLAGS, published=chosen[i], waits=waits.get(i, ())) if i in chosen else s
+                for i, s in enumerate(body))
     return dataclasses.replace(loop, body=new)
+
+
+def _waits_needed(body, positions, accesses, chosen: dict, grid: int) -> dict | None:
+    """The FlagWaits ({body index of a chosen sync: FlagWaits}) with which the flag syncs `chosen` order every
+    conflict, found in at most WAIT_ROUNDS rounds ({}: none needed); None when they do not."""
+    needed: dict = {}                      # (sync index, buffer) -> {vEU: (start, stop)}
+    for _ in range(WAIT_ROUNDS + 1):
+        waits = _flag_waits(needed)
+        unordered = _unordered(body, positions, accesses, chosen, grid, waits)
+        if not unordered:
+            return waits
+        if not _add_waits(needed, unordered, body, positions, accesses, chosen):
+            return None
+    return None
+
+
+def _add_waits(needed: dict, unordered, body, positions, accesses, chosen: dict) -> bool:
+    """Enter in `needed` a FlagWait for each unordered pair (a, i, b, j) where one orders it: at the last
+    chosen sync before position b past which a published buffer that vEU i wrote after position a is
+    seen, vEU j waits for i's elements of the one i wrote last. Did any wait grow?"""
+    n = len(positions)
+    published = list(dict.fromkeys(b for i in sorted(chosen) for b in chosen[i]))
+    writer_wave, writer_veu = _writers(accesses, set(published))
+    syncs = [[i for i in _between(body, positions, k) if i in chosen] for k in range(n)]
+    added = False
+    for a, i, b, j in sorted(set(unordered)):
+        for p in range(b, a, -1):
+            if not syncs[p % n]:
+                continue
+            seen = [(_source(n, writer_wave[buf], p), buf) for buf in published if (writer_veu[buf] == i).any()]
+            at, buf = max(seen, key=lambda x: x[0], default=(-1, None))
+            if at <= a:                    # (the latest write of i seen there: what it knows most of)
+                continue
+            hit = buf, np.nonzero(writer_veu[buf] == i)[0]
+            buf, mine = hit
+            where = needed.setdefault((syncs[p % n][-1], buf), {})
+            old = where.get(j)
+            lo, hi = int(mine.min()), int(mine.max()) + 1
+            where[j] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+            added |= where[j] != old
+            break
+    return added
+
+
+def _flag_waits(needed: dict) -> dict:
+    """{sync index: FlagWaits} of `needed` ((sync index, buffer) -> {vEU: (start, stop)}), consecutive vEUs
+    waiting for the same elements as one."""
+    out: dict = {}
+    for (i, buf), where in sorted(needed.items(), key=lambda kv: (kv[0][0], kv[0][1].name)):
+        runs: list = []
+        for veu in sorted(where):
+            if runs and runs[-1][0] + runs[-1][1] == veu and runs[-1][2] == where[veu]:
+                runs[-1][1] += 1
+            else:
+                runs.append([veu, 1, where[veu]])
+        out[i] = out.get(i, ()) + tuple(FlagWait(buf, first, count, *span) for first, count, span in runs)
+    return {i: tuple(sorted(w, key=lambda w: w.first)) for i, w in out.items()}
+
+
+def _between(body, positions, k: int) -> list:
+    """The body indices between wave k - 1 and wave k of the positions (around the back edge for k = 0)."""
+    prev, p = positions[k - 1], positions[k]
+    return list(range(prev + 1, p)) if k else [*range(prev + 1, len(body)), *range(p)]
+
+
+def _source(n: int, kw: int, pos: int) -> int:
+    """The position of the write, by wave kw of an n-wave body, that a waiting read at position pos sees
+    (< 0: none)."""
+    kr = pos % n
+    return pos - kr + kw - (n if kw >= kr else 0)
+
+
+def _writers(accesses, published: set) -> tuple:
+    """({published buffer: the wave that writes it}, {published buffer: the vEU writing each element, -1 none})."""
+    writer_wave = {b: k for k, acc in enumerate(accesses) for b in acc if b in published and acc[b][2].any()}
+    writer_veu = {}
+    for b, k in writer_wave.items():
+        e, v, w = accesses[k][b][:3]
+        table = np.full(b.aval.size, -1, np.int64)
+        table[e[w]] = v[w]
+        writer_veu[b] = table
+    return writer_wave, writer_veu
 
 
 def _simple(loop: Loop) -> bool:
@@ -322,32 +421,34 @@ def _add_accesses(parts: dict, found, veus, number: int) -> None:
         parts.setdefault(buf, []).append((e, v, np.full(e.size, k < 0), np.full(e.size, number), np.full(e.size, k)))
 
 
-def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
+def _ordered(body, positions, accesses, chosen: dict, grid: int, waits=None) -> bool:
     """Are all conflicting accesses of different vEUs ordered with the grid barriers of `chosen` made flag
-    syncs (module docstring)? One refinement of "from the next wave on": a matmul whose every uTask reads the
+    syncs, and the FlagWaits `waits` ({body index of a chosen sync: FlagWaits}) at them (module docstring)?"""
+    return not _unordered(body, positions, accesses, chosen, grid, waits or {})
+
+
+def _unordered(body, positions, accesses, chosen: dict, grid: int, waits: dict) -> list:
+    """The conflicts `_ordered` finds unordered, [(a, i, b, j)]: vEU j at position b does not know vEU i's
+    access at position a (positions count waves from the first iteration's first; the last check's pairs with
+    b = ITERATIONS * n). One refinement of "from the next wave on": a matmul whose every uTask reads the
     whole published buffer (a full waiter) stores its results only after all its waits (the tile routines
-    stage A, then sync, then store), so its writes know what its waits told. (A writer's reads come before
-    its published stores in the same thread too, a data dependence, but that is not used: the simulator
-    could not check it.)"""
+    stage A, then sync, then store), so its writes know what its waits told. A FlagWait is a waiting read of
+    its elements by its vEUs at the wave after its sync, known from that wave on. (A writer's reads come
+    before its published stores in the same thread too, a data dependence, but that is not used: the
+    simulator could not check it.)"""
     n = len(positions)
     waves = [body[p] for p in positions]
-    grid_before = []                       # per wave: a grid barrier left between it and the previous one
-    for k, p in enumerate(positions):
-        prev = positions[k - 1]
-        between = range(prev + 1, p) if k else [*range(prev + 1, len(body)), *range(p)]
+    grid_before, waits_before = [], []     # per wave: a grid barrier left between it and the previous one;
+    for k in range(n):                     # the FlagWaits of the chosen syncs in between
+        between = _between(body, positions, k)
         grid_before.append(any(_is_grid(body[i]) and i not in chosen for i in between))
+        waits_before.append([w for i in between for w in waits.get(i, ())])
     published = {b for p in chosen.values() for b in p}
-    writer_wave = {b: k for k, acc in enumerate(accesses) for b in acc if b in published and acc[b][2].any()}
-    writer_veu = {}
-    for b, k in writer_wave.items():
-        e, v, w = accesses[k][b][:3]
-        table = np.full(b.aval.size, -1, np.int64)
-        table[e[w]] = v[w]
-        writer_veu[b] = table
+    writer_wave, writer_veu = _writers(accesses, published)
+    accesses = [_with_wait_reads(acc, ws) for acc, ws in zip(accesses, waits_before)]
 
     def source(b, pos):                    # the position of the write a waiting read at pos sees (< 0: none)
-        kr, kw = pos % n, writer_wave[b]
-        return pos - kr + kw - (n if kw >= kr else 0)
+        return _source(n, writer_wave[b], pos)
 
     last = ITERATIONS * n
     vc = np.full((grid, grid), -1, np.int64)
@@ -358,6 +459,14 @@ def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
         if grid_before[k] and pos:
             vc[:, :] = pos - 1
         np.fill_diagonal(vc, pos - 1)
+        for wait in waits_before[k]:
+            at = source(wait.buffer, pos)
+            ids = np.unique(writer_veu[wait.buffer][wait.start:wait.stop])
+            ids = ids[ids >= 0]
+            if at >= 0 and ids.size:
+                veus = slice(wait.first, wait.first + wait.count)
+                vc[veus] = np.maximum(vc[veus], known[at][ids].max(axis=0))
+                vc[veus, ids] = np.maximum(vc[veus, ids], at - 1)
         known.append(vc.copy())
         pending = vc.copy()
         for number, task, part, b in _waits(_tasks(waves[k]), published):
@@ -378,14 +487,53 @@ def _ordered(body, positions, accesses, chosen: dict, grid: int) -> bool:
             if full:
                 op_known[pos, number] = np.maximum(op_known.get((pos, number), mine), mine)
         vc = pending
+    out = []
     for a in range(n):
         for b in range(a + 1, last):
-            if not _pairs_ordered(accesses[a], accesses[b % n], a, b, known[b], published, source, op_known,
-                                  _tasks(waves[b % n])):
-                return False
-    active = np.unique(np.concatenate([v for acc in accesses for _, v, *_ in acc.values()] or [np.zeros(0, int)]))
-    sub = known[last][np.ix_(active, active)]
-    return bool(np.all((sub >= n - 1) | np.eye(active.size, dtype=bool)))
+            pairs = _unordered_pairs(accesses[a], accesses[b % n], a, b, known[b], published, source, op_known,
+                                     _tasks(waves[b % n]))
+            out += [(a, i, b, j) for i, j in pairs]
+            if len(out) > MAX_UNORDERED:
+                return out
+    # The pairs further apart: ordered when, at the start of the fourth iteration, every vEU knows all of the
+    # first iteration of each vEU whose accesses conflict with its own (the knowledge only grows from one
+    # iteration to the next; vEUs with no conflicting access, a skewed stack's layers far apart, need nothing).
+    conflict = _conflicts(accesses, grid)
+    i, j = np.nonzero(conflict & (known[last].T < n - 1))
+    return out + [(n - 1, int(a), last, int(b)) for a, b in zip(i, j) if a != b]
+
+
+def _with_wait_reads(acc: dict, waits) -> dict:
+    """A wave's accesses with the FlagWaits of the sync before it as waiting reads (task and input number -2)."""
+    if not waits:
+        return acc
+    acc = dict(acc)
+    for wait in waits:
+        e = np.tile(np.arange(wait.start, wait.stop), wait.count)
+        v = np.repeat(np.arange(wait.first, wait.first + wait.count), wait.stop - wait.start)
+        new = (e, v, np.zeros(e.size, bool), np.full(e.size, WAIT_TASK), np.full(e.size, WAIT_TASK))
+        old = acc.get(wait.buffer)
+        acc[wait.buffer] = new if old is None else tuple(np.concatenate(x) for x in zip(old, new))
+    return acc
+
+
+def _conflicts(accesses, grid: int):
+    """[i, j]: do vEUs i and j access an element of a buffer in the loop, at least one of them writing it?"""
+    out = np.zeros((grid, grid), bool)
+    merged: dict = {}
+    for acc in accesses:
+        for buf, (e, v, w, *_) in acc.items():
+            merged.setdefault(buf, []).append((e, v, w))
+    for parts in merged.values():
+        e, v, w = (np.concatenate(x) for x in zip(*parts))
+        users = np.unique(np.stack([e, v]), axis=1)               # (element, vEU), sorted by element
+        writes = np.unique(np.stack([e[w], v[w]]), axis=1)
+        lo = np.searchsorted(users[0], writes[0], "left")
+        counts = np.searchsorted(users[0], writes[0], "right") - lo
+        where = np.repeat(lo, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        writer, user = np.repeat(writes[1], counts), users[1][where]
+        out[writer, user] = out[user, writer] = True
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -406,18 +554,19 @@ def _waits(tasks, published):
             for part in a_inputs(task.op) if task.op.inputs[part].storage in published]
 
 
-def _pairs_ordered(first: dict, second: dict, a: int, b: int, known, published, source, op_known,
-                   waves_b) -> bool:
-    """Is every conflict between the accesses `first` (position a) and `second` (position b > a) of
-    different vEUs ordered: known[j, i] >= a for the later vEU j and the earlier i (_ordered's refinements
-    aside)? A published element's write and the waiting read that sees it need nothing."""
+def _unordered_pairs(first: dict, second: dict, a: int, b: int, known, published, source, op_known,
+                     waves_b) -> set:
+    """The (earlier vEU i, later vEU j) of the conflicts between the accesses `first` (position a) and
+    `second` (position b > a) of different vEUs that are not ordered: known[j, i] < a (_unordered's
+    refinements aside). A published element's write and the waiting read that sees it need nothing."""
+    out = set()
     for buf in first.keys() & second.keys():
         ea, va, wa = first[buf][:3]
         eb, vb, wb, tb, kb = second[buf]
         exempt = buf in published and source(buf, b) == a
         waiting = None
         if exempt:
-            waiting = np.zeros(tb.size, bool)
+            waiting = (tb == WAIT_TASK) & (kb == WAIT_TASK)
             for number, _, part, _ in _waits(waves_b, {buf}):
                 waiting |= (tb == number) & (kb == part)
         for mask_a, mask_b in ((wa, np.ones_like(wb)), (~wa, wb)):
@@ -440,6 +589,5 @@ def _pairs_ordered(first: dict, second: dict, a: int, b: int, known, published, 
                 if rows is not None:
                     hit = bad & j_writes & (task_b == number)
                     bad[hit] = rows[j[hit], i[hit]] < a
-            if bad.any():
-                return False
-    return True
+            out.update(zip(i[bad].tolist(), j[bad].tolist()))
+    return out

@@ -29,7 +29,9 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
                         scheduler._sync_by_return_site). A backend may treat it as a grid Sync always.
                         "flags" (a loop body's, the scheduler option `flags`: gdsl/schedule/flags.py): a
                         vEU-local sync, plus producer/consumer flags for `published` (Buffers): their
-                        readers in the loop (matmul A loaders) wait for each element they read.
+                        readers in the loop (matmul A loaders) wait for each element they read; `waits`
+                        (FlagWait): vEUs that wait at the sync for a published buffer's flags, reading
+                        nothing (orders their later writes after its writers' earlier reads).
     Uniforms(ops)       every vEU evaluates these scalar ops
     Assign(dst, src)    uniform copy (loop carries, call arguments)
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
@@ -464,10 +466,27 @@ class Wave:
 
 
 @dataclass(frozen=True, eq=False)
+class FlagWait:
+    """At a flag sync: vEUs first .. first + count - 1 wait for the flags of elements [start, stop) of `buffer`
+    (published by a flag sync of the same loop) before the next wave, reading nothing: what orders a vEU's later
+    writes after the reads that the buffer's writers made before they wrote it (flags.py)."""
+    buffer: Buffer
+    first: int
+    count: int
+    start: int
+    stop: int
+
+    def __repr__(self):
+        last = f"-{self.first + self.count - 1}" if self.count > 1 else ""
+        return f"vEU {self.first}{last} wait for {self.buffer.name}[{self.start}:{self.stop}]"
+
+
+@dataclass(frozen=True, eq=False)
 class Sync:
     scope: str                     # "grid", "block" or "flags"
     sites: frozenset | None = None   # grid only when returning to one of these call sites (None: always)
     published: tuple = ()          # "flags": the Buffers whose elements carry flags across it (flags.py)
+    waits: tuple = ()              # "flags": FlagWaits of vEUs that read none of those elements (flags.py)
 
     @property
     def always_grid(self) -> bool:

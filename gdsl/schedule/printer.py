@@ -84,7 +84,8 @@ def describe_uniform(u) -> str:
 
 def _scope(sync) -> str:
     if sync.published:
-        return f"{sync.scope}: {', '.join(b.name for b in sync.published)}"
+        waits = "".join(f"; {w!r}" for w in sync.waits)
+        return f"{sync.scope}: {', '.join(b.name for b in sync.published)}{waits}"
     if sync.sites is None:
         return sync.scope
     sites = ", ".join(str(s) for s in sorted(sync.sites))

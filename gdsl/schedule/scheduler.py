@@ -123,6 +123,14 @@ MAX_INLINED_NODES = 8
 # bench trees took 1.07x, 1.14x, 1.34x and 1.25x the default's time, the fixed tree 1.32x (1.0) and 1.51x (0.5): the
 # option stays off, and no value of this share makes it pay.
 FORK_MIN_SHARE = 0.25
+# owner="auto" with flag syncs: also take the owner-computes plan where its loops, after the flags pass, keep no grid
+# barrier (every step-end barrier a flag sync, FlagWaits included: flags.py) while the default's keep some: a
+# skewed stack of layers (the LSTM) would run each step as its layers' GEMV, cell and flag waits on the
+# neighbouring layers only, where `pays` declines it with barriers (its chains share the grid). Off: measured
+# slower on the H200 (session 23, benchmarks/kernel_ab.py, LSTM bs1 kernel 321.1 -> 413.5 µs: a step's wave
+# 3.9-4.1 µs against the default's 4.4, but the work before the loop 127 µs against ~30: the hoisted input
+# projection on a few vEUs, and nine weight concatenations of the stacked products; docs/performance.md).
+OWNER_WITHOUT_BARRIERS = False
 
 
 def _finer(split, op) -> bool:
@@ -2981,7 +2989,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
         row_blocks=row_blocks, split_k=split_k is not False)
-    plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options)
+    plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options,
+                              flags)
     if flags:
         plan = flag_syncs(plan)
         if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
@@ -3021,9 +3030,10 @@ def _unrolled_plan(program, options, **more) -> Plan | None:
     return plan
 
 
-def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options) -> tuple:
-    """schedule's plan before the flag syncs, and the program it was scheduled from (None: unrolled for
-    owner-computes placement)."""
+def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options,
+               flags=False) -> tuple:
+    """schedule's plan before the flag syncs (an owner plan taken for having none left: after them), and the
+    program it was scheduled from (None: unrolled for owner-computes placement)."""
     if index_ranges:
         program = _checked(drop_index_wraps(program), program)
     program = _checked(trailing.flatten_trailing_reductions(program), program)
@@ -3040,9 +3050,13 @@ def _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, ind
         source = stacked
         source = _checked(skew_program(source)[0], source) if skewed else source
         owner_plan = _unrolled_plan(source, options, owner=True)
-        if owner_plan is not None and loop_grid_barriers(owner_plan) < loop_grid_barriers(plan) and \
-                (owner is True or pays(owner_plan, plan)):
-            return owner_plan, None
+        if owner_plan is not None and loop_grid_barriers(owner_plan) < loop_grid_barriers(plan):
+            if owner is True or pays(owner_plan, plan):
+                return owner_plan, None
+            if flags and OWNER_WITHOUT_BARRIERS:
+                flagged = flag_syncs(owner_plan)
+                if loop_grid_barriers(flagged) == 0:
+                    return flagged, None
     return plan, plain
 
 

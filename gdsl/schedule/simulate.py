@@ -37,7 +37,8 @@ Semantics it defines (every backend follows them):
   (its own earlier syncs included), from its next sync on; a uTask that waited for the whole buffer knows
   it for its own writes already (the tile routines stage A before they store). Nothing else is ordered, so a
   barrier made a flag sync wrongly is a race here. (flags.py's proof also uses that a writer's reads come
-  before its published stores in the same thread; the simulator does not: it is stricter.)
+  before its published stores in the same thread; the simulator does not: it is stricter.) A flag sync's
+  FlagWaits are such waiting reads of their elements by their vEUs, known from the sync on.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ from gdsl.errors import RecursionDepthError
 from gdsl.primitives.registry import REGISTRY
 from gdsl.primitives.structural import broadcast_p
 from gdsl.schedule import utasks
-from gdsl.schedule.flags import loop_flags
+from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
@@ -123,11 +124,16 @@ class _Memory:
         self.reader_lo = np.full(shape, -1, np.int64)    # the lowest and highest vEU that read it, -1: none
         self.reader_hi = np.full(shape, -1, np.int64)
         self.reader_sync = np.full(shape, -1, np.int64)  # the readers' latest sync count at a read
+        # A buffer published by flag syncs: each vEU's latest sync count at a read of each element (-1: none),
+        # exact where the range above would count vEUs between two readers (a skewed stack's layers) as readers.
+        self.read_by = None
 
     def reset(self):
         self.writer.fill(-1)
         self.reader_lo.fill(-1)
         self.reader_hi.fill(-1)
+        if self.read_by is not None:
+            self.read_by.fill(-1)
 
     def reset_group(self, lo: int, hi: int):
         """A barrier of vEUs [lo, hi): forget their writes and the reads no vEU outside them made."""
@@ -135,6 +141,8 @@ class _Memory:
         mine = (self.reader_lo >= lo) & (self.reader_hi < hi)
         self.reader_lo[mine] = -1
         self.reader_hi[mine] = -1
+        if self.read_by is not None:
+            self.read_by[:, lo:hi] = -1
 
 
 def grow(memory, copies: int):
@@ -159,6 +167,9 @@ class Simulator:
         for buf in plan.buffers:
             copies = self.functions[buf.frame_of].frames if buf.frame_of else 1
             self.mem[buf] = _Memory(buf, copies)
+        for buf in published_in([s for k in plan.kernels for s in k.body]):
+            if buf in self.mem:           # (a subclass may keep its buffers otherwise: models/floor.py)
+                self.mem[buf].read_by = np.full((buf.aval.size, plan.grid), -1, np.int64)
         self.uniforms: dict = {}
         self.depth = {name: 0 for name in self.functions}
         self.return_sites: list = []                     # of the running calls, innermost last
@@ -267,11 +278,19 @@ class Simulator:
             hi[idx] = np.where(first, v, np.maximum(hi[idx], v))
             read_sync = _flat(m.reader_sync, slot, frames)
             read_sync[idx] = np.maximum(read_sync[idx], self.local_syncs[v])
+            if m.read_by is not None:
+                m.read_by[idx, v] = np.maximum(m.read_by[idx, v], self.local_syncs[v])
 
     def _record_write(self, m, slot, flat, veu, op, name, known=None):
         lo, hi = _flat(m.reader_lo, slot)[flat], _flat(m.reader_hi, slot)[flat]
         others = (lo >= 0) & ((lo != veu) | (hi != veu))
-        if self.check and others.any():       # (unless it knows every reader in lo..hi read before)
+        if self.check and others.any() and m.read_by is not None:     # (every reader's latest read known?)
+            known = self.known[veu] if known is None else known
+            read_by = m.read_by[flat]
+            unknown = (read_by >= 0) & (known[None, :] <= read_by)
+            unknown[:, veu] = False
+            others = unknown.any(axis=1)
+        elif self.check and others.any():     # (unless it knows every reader in lo..hi read before)
             known = self.known[veu] if known is None else known
             read_sync = _flat(m.reader_sync, slot)[flat]
             unknown = np.zeros_like(others)
@@ -327,6 +346,12 @@ class Simulator:
         _, lo, hi = self.group
         self.local_syncs[lo:hi] += 1
         self.known[lo:hi] = np.maximum(self.known[lo:hi], self.learned[lo:hi])
+        for wait in stmt.waits if self.check else ():  # (FlagWaits: a waiting read, known from here on)
+            m, elements = self.mem[wait.buffer], np.arange(wait.start, wait.stop)
+            for v in range(max(wait.first, lo), min(wait.first + wait.count, hi)):
+                waiting = self.known[v].copy()
+                self._check_read(m, 0, elements, v, "flag wait", wait.buffer.name, waiting=waiting)
+                self.known[v] = np.maximum(self.known[v], waiting)
         if self.grid_here(stmt):
             self.known[lo:hi, lo:hi] = self.local_syncs[lo:hi][None, :]
             self.stats["grid_barriers"] += 1

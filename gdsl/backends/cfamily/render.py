@@ -409,8 +409,11 @@ class Renderer:
         self.function: str | None = None    # the recursive function whose body is being rendered
         self.flag_loops = flag_loops(plan)
         self.flag_roles: dict = {}          # Op -> {"publish": {output: C tag}, "wait": {input: C tag}}
+        self.sync_waits: dict = {}          # flag Sync -> ((FlagWait, C tag, wraps), ...)
         for number, roles in self.flag_loops.values():
             it = f"gdsl_it{number}"
+            for sync, waits in roles.waits.items():
+                self.sync_waits[sync] = tuple((w, it if wraps else f"{it} + 1u", wraps) for w, wraps in waits)
             for op, outs in roles.writers.items():
                 self.flag_roles.setdefault(op, {}).setdefault("publish", {}).update((k, f"{it} + 1u") for k in outs)
             for op, ins in roles.readers.items():
@@ -589,6 +592,10 @@ class Renderer:
                 if not quiet:
                     lines.append(pad + self.sync_by_return_site(stmt))
                 continue
+            elif isinstance(stmt, Sync) and stmt in self.sync_waits:
+                if not quiet:
+                    lines += [pad + line for line in self.flag_wait_lines(stmt)] + [pad + self.dialect.block_barrier]
+                continue
             elif isinstance(stmt, Sync):
                 grid = stmt.scope == "grid" and index not in demoted
                 if not grid and lines and lines[-1] == pad + self.dialect.block_barrier:
@@ -630,6 +637,18 @@ class Renderer:
             quiet = self.quiet_after([stmt], quiet)
         if ROLL_REPEATS and not self.trace:
             return self.rolled(pieces, lines, starts + [len(lines)], calls + [len(self.call_log)], ind)
+        return lines
+
+    def flag_wait_lines(self, sync) -> list[str]:
+        """A flag sync's waits (plan.FlagWait): the threads of each waiting vEU spin on its elements' flag words
+        until each has this step's tag (a wait for a writer later in the body, the previous step's: none in
+        the first iteration, whose reads follow the grid barrier before the loop); the block barrier follows."""
+        d, lines = self.dialect, []
+        for wait, tag, wraps in self.sync_waits[sync]:
+            ran = f"{d.block_index} >= {wait.first} && {d.block_index} < {wait.first + wait.count}"
+            first = f"{tag} && " if wraps else ""
+            lines.append(f"if ({first}{ran}) for (int i_ = {wait.start} + (int){d.thread_index}; i_ < {wait.stop}; "
+                         f"i_ += {self.plan.block}) (void)gdsl_flag_get({wait.buffer.name}_f + i_, {tag});")
         return lines
 
     def block_sync_after(self, prev) -> str:
