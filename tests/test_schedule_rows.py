@@ -2,6 +2,8 @@
 that read them, fused into one ROWS op for the backends with its lowering (the C-family ones). Which chains
 fuse and which must not, what the plan says, and that the plan simulator (with its race checks), the CPU
 emulator of the generated C, the CPU backend and the interpreter agree; the CUDA source compiles with NVRTC."""
+import re
+
 import numpy as np
 import pytest
 from strategies import (
@@ -257,7 +259,9 @@ def test_emulated_results_with_and_without_rows(name):
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_emulated_results_with_preloaded_leaves(name, monkeypatch):
     """reductions.PRELOAD_ROW_LEAVES: every element a lane reads at its row elements loaded first, the steps
-    computed from registers (where it fits: with a budget of no registers, no chain preloads)."""
+    computed from registers (where it fits: with a budget of no registers, no chain preloads); on CUDA the
+    loads are followed by the dialect's issue fence (FENCE_ROW_LEAVES: a warp barrier, so ptxas issues them
+    there), which the emulator's dialect has none of."""
     fn, make_args = ALL[name]
     args = make_args()
     expected = interpreted(gdsl.make_ir(fn)(*args), args)
@@ -265,6 +269,8 @@ def test_emulated_results_with_preloaded_leaves(name, monkeypatch):
         monkeypatch.setattr(reductions, "PRELOAD_ROW_LEAVES", budget)
         source = gdsl.jit(fn, backend="cuda", grid=4, block=64).lower(*args).source
         assert ("l0[k] = " in source) == (preloads and "_row_chain_" in source)
+        fenced = re.search(r"l0\[k\] = [^\n]*\n\s*__syncwarp\(\);", source) is not None
+        assert fenced == (preloads and "_row_chain_" in source)
         for block in (64, 256):
             got = emulated(fn, args, grid=4, block=block)
             assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)

@@ -18,6 +18,8 @@ emulator (emu.h) also accept.
     tensor_cores                 float32 GEMM tiles run gdsl_gemm_tile_tc (device_library) at float32 accuracy
     flag_syncs                   the default of the jit option `flags` (gdsl/schedule/flags.py): a loop's grid
                                  barrier that orders only published carries becomes a flag sync
+    issue_fence                  a statement after which the loads before it are issued, not later (the
+                                 compiler may otherwise move a load down to its first use): "" none
     device_library               the dialect's own device code, after the prelude
     lowering_chain               where uTask and uniform lowering rules are looked up, first hit wins
                                  (gdsl/primitives/registry.py): a dialect overrides a "cfamily" rule by
@@ -49,6 +51,7 @@ class Dialect:
     block_index = "blockIdx.x"
     thread_index = "threadIdx.x"
     block_barrier = "__syncthreads();"
+    issue_fence = ""
     ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
     ldg_types = frozenset()              # storage types the read-only load exists for
     lowering_chain = ("cfamily",)        # a dialect with rules of its own: (its name, "cfamily")

@@ -30,6 +30,11 @@ from gdsl.schedule.rows import row_group
 # 3.007 / 3.010 -> 2.887 / 2.819, LSTM bs1 0.457 / 0.455 -> 0.436 / 0.402, Attention bs1 0.199 / 0.185 ->
 # 0.144 / 0.148; NASRNN bs1, Seq2seq and Attention bs64 within their spread.
 PRELOAD_ROW_LEAVES = 32
+# After those loads the dialect's issue fence (CUDA: a warp barrier), so that the compiler issues them all there:
+# without it ptxas may move loads down to their first use between the steps' math, and each such group waits for
+# its own L2 round trip (NASRNN bs64's cell with the SFU logistic of session 22: its 17 loads in five groups, three
+# more round trips a step than with the correctly rounded division, whose slow-path call kept them together).
+FENCE_ROW_LEAVES = True
 # A reduction's lane loads this many of its elements into registers before it folds them (in the same order, so
 # the result is the same bit for bit), so that their memory round trips overlap: Seq2seq bs1's argmax over 3797
 # logits on one vEU (15 elements a lane) ran 3.2 us a step on the H200 (session 15's profile) with the loads'
@@ -447,7 +452,8 @@ def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool)
                                                                                   grouped)]
     declarations = [f"{ctype} {name}[{slots}];" for name, ctype in loads.values()]
     fill = " ".join(f"{name}[k] = {load};" for load, (name, _) in loads.items())
-    return declarations + [_each_slot(slots, g, shape[-1], fill)] + lines
+    fence = [ops.dialect.issue_fence] if FENCE_ROW_LEAVES and ops.dialect.issue_fence else []
+    return declarations + [_each_slot(slots, g, shape[-1], fill)] + fence + lines
 
 
 def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool,

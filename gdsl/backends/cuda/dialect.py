@@ -52,6 +52,9 @@ class CUDADialect(Dialect):
     # Flag syncs by default (run on the H200: NASRNN bs1 3.85 -> 2.83 ms, session 11); HIP keeps them opt-in
     # until they have run on an AMD GPU (they compile there), the emulator follows CUDA.
     flag_syncs = True
+    # A warp barrier orders the warp's memory accesses, so ptxas issues the loads before it there: a row chain's
+    # leaves load in one round trip (reductions.FENCE_ROW_LEAVES).
+    issue_fence = "__syncwarp();"
     device_library = Path(__file__).with_name("tensor_cores.h").read_text()
     trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
