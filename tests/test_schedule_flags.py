@@ -358,9 +358,9 @@ def test_gpu_nasrnn_flags_many_runs():
 
 @pytest.mark.gpu
 def test_gpu_lstm_flag_waits_many_runs():
-    """The LSTM's owner plan with FlagWaits on CUDA: the small config 200 times against its float64 reference
-    (a hang shows as a timeout, a stale read as a mismatch), and the full-size bs1 forward (the default plan
-    takes that layout: scheduler.OWNER_WITHOUT_BARRIERS) against flags=False's."""
+    """The LSTM's owner plan with FlagWaits on CUDA (owner=True): the small config 200 times against its float64
+    reference (a hang shows as a timeout, a stale read as a mismatch), and the full-size bs1 forward against the
+    default plan's (flags=False: no flag sync)."""
     from models import common, load
     prob = common.build_problem(load("lstm"), 1, small=True)
     f = prob.model.make_forward(prob.cfg, backend="cuda", owner=True)
@@ -369,7 +369,7 @@ def test_gpu_lstm_flag_waits_many_runs():
     for _ in range(200):
         assert common.compare(gdsl.to_numpy(f(prob.weights, prob.batches[0])), expected) == []
     full = common.build_problem(load("lstm"), 1)
-    g = full.model.make_forward(full.cfg, backend="cuda")
+    g = full.model.make_forward(full.cfg, backend="cuda", owner=True)
     _check_waits(g.lower(full.weights, full.batches[0]).lowering.plan)
     want = gdsl.to_numpy(full.model.make_forward(full.cfg, backend="cuda", flags=False)(full.weights, full.batches[0]))
     assert common.compare(want, full.references()[0]) == []
