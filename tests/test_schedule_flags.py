@@ -375,3 +375,72 @@ def test_gpu_lstm_flag_waits_many_runs():
     assert common.compare(want, full.references()[0]) == []
     for _ in range(20):
         np.testing.assert_allclose(gdsl.to_numpy(g(full.weights, full.batches[0])), want, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ CELL_WAITS
+def test_cell_waits_make_the_lstm_loop_barrier_free(monkeypatch):
+    """flags.CELL_WAITS (off by default until timed): matmul results may be published and read, waiting, by the
+    elementwise ops (the cells) that read them. The LSTM's default plan (small config, emulator lowering, grid 4)
+    then keeps no grid barrier in its loop: gates -> cells and h -> GEMVs are flag syncs (4 an iteration of the
+    doubled body); the cells' own carries stay unpublished. The g++ emulator matches the float64 reference at
+    batch 1 and 4; NASRNN bs1's plan is the same with it on and off (its cell reads nothing a matmul of the
+    loop wrote across vEUs that flags would order better)."""
+    before = str(_small_plan("nasrnn", 1))
+    monkeypatch.setattr(flags, "CELL_WAITS", True)
+    plan = _small_plan("lstm", 1)
+    loop = _loop(plan)
+    syncs = _syncs(loop.body, FLAGS)
+    assert len(syncs) == 4 and _syncs(loop.body, "grid") == []
+    products = flags.matmul_results([s for s in loop.body if isinstance(s, Wave)])
+    assert any(b in products for s in syncs for b in s.published)
+    assert all(_writers(plan, b)[0].kind in ("matmul", ROWS.name) for s in syncs for b in s.published)
+    for bs in (1, 4):
+        assert emulated_model_mismatches("lstm", bs, flags=True) == []
+    assert str(_small_plan("nasrnn", 1)) == before
+
+
+def test_cell_waits_simulate(monkeypatch):
+    """With CELL_WAITS on, the small LSTM's CUDA plan (grid 132) is race-free in the plan simulator and matches
+    the reference; with the gates no longer published (the cells' reads of them plain loads behind a vEU-local
+    sync), the simulator reports the race."""
+    from models import common, floor, load
+    monkeypatch.setattr(flags, "CELL_WAITS", True)
+    prob = common.build_problem(load("lstm"), 1, small=True)
+    plan = prob.model.make_forward(prob.cfg, backend="cuda", grid=132).lower(
+        prob.weights, prob.batches[0]).lowering.plan
+    args = floor.flat_arguments(prob.weights, prob.batches[0])
+    assert common.compare(tuple(simulate(plan, args)), prob.references()[0]) == []
+    loop = _loop(plan)
+    products = flags.matmul_results([s for s in loop.body if isinstance(s, Wave)])
+    body = tuple(dataclasses.replace(s, published=tuple(b for b in s.published if b not in products),
+                                     waits=tuple(w for w in s.waits if w.buffer not in products))
+                 if isinstance(s, Sync) and s.scope == FLAGS else s for s in loop.body)
+    kernel = plan.kernels[0]
+    new = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
+    with pytest.raises(BarrierError):
+        simulate(dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),)), args)
+
+
+@needs_nvrtc
+def test_cell_waits_compile(monkeypatch):
+    """The full-size LSTM bs1 with CELL_WAITS: no grid barrier in its loop; NVRTC compiles it (the cells' loads
+    spin on the gates' flag words at their windows' offsets)."""
+    monkeypatch.setattr(flags, "CELL_WAITS", True)
+    lowered = zoo_lowered("lstm", 1)
+    assert loop_grid_barriers(lowered.lowering.plan) == 0
+    assert "_f + 256, gdsl_it0" in lowered.source
+    assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
+
+
+@pytest.mark.gpu
+def test_gpu_cell_waits_many_runs(monkeypatch):
+    """CELL_WAITS on the GPU: the small LSTM 200 times and the full-size bs1 20 times against the references."""
+    from models import common, load
+    monkeypatch.setattr(flags, "CELL_WAITS", True)
+    for small, runs in ((True, 200), (False, 20)):
+        prob = common.build_problem(load("lstm"), 1, small=small)
+        f = prob.model.make_forward(prob.cfg, backend="cuda")
+        assert loop_grid_barriers(f.lower(prob.weights, prob.batches[0]).lowering.plan) == 0
+        expected = prob.references()[0]
+        for _ in range(runs):
+            assert common.compare(gdsl.to_numpy(f(prob.weights, prob.batches[0])), expected) == []

@@ -52,6 +52,7 @@ from gdsl.schedule.hazards import MAYBE_VIEWS, SEVERAL, Hazards, TooLarge
 from gdsl.schedule.plan import (
     COPY,
     FUSED,
+    K_SPLITS,
     ROW_INDEX,
     ROW_SHAPE,
     ROWS,
@@ -83,6 +84,15 @@ MAX_PUBLISHED = 4096
 WAIT_ROUNDS = 4
 WAIT_TASK = -2           # (the task and input number of a FlagWait's waiting reads in the proof's accesses)
 MAX_UNORDERED = 20000    # (the proof stops collecting unordered pairs past this many)
+# A matmul's results may be published too (its tiles store each element once), and elementwise-like ops may wait
+# for a published matmul result they read (their loads spin on its flag words, as a matmul's A loader does): a
+# loop's barrier between its matmuls and the cell that reads their results may become a flag sync. Of the zoo only
+# the LSTM bs1's plan changes: its loop keeps no grid barrier (2 flag syncs a half-step: gates -> cells, h ->
+# GEMVs, with FlagWaits). Predicted on the H200: -0.6 to -1.0 µs a half-step (a grid barrier's ~1.2-1.8 µs wait
+# against a flag wait's ~0.5-0.7), LSTM bs1 321 -> ~250-280 µs. Not timed yet (session 23 ran out of device
+# time): off until it is; `benchmarks/kernel_ab.py --models lstm --variant new:gdsl.schedule.flags.CELL_WAITS=True
+# --variant old` times it.
+CELL_WAITS = False
 # Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
 # too: such a statement is one more position of the proof, a read of the whole of each input by every vEU.
 # Seq2seq bs1's cell -> logits barrier then becomes a flag sync: its kernel 97.9 -> 90.7 us on the H200 (session
@@ -119,10 +129,10 @@ def loop_flags(loop: Loop) -> LoopFlags | None:
             if numbers:
                 writers[task.op] = numbers
                 wave_of.update((task.op.outputs[n].storage, k) for n in numbers)
-    readers = {}
+    readers, products = {}, matmul_results(waves)
     for k, wave in enumerate(waves):
         for task in wave.tasks:
-            for number in a_inputs(task.op):
+            for number in waiting_inputs(task.op, products):
                 if task.op.inputs[number].storage in wave_of:
                     readers.setdefault(task.op, {})[number] = wave_of[task.op.inputs[number].storage] >= k
     waits, before = {}, 0                  # (before: the waves ahead of the statement in the body)
@@ -136,6 +146,33 @@ def loop_flags(loop: Loop) -> LoopFlags | None:
 def a_inputs(op) -> list:
     """The input numbers of a matmul's left operand (its parts: plan.a_parts); none for other kinds."""
     return [number for number, _, _ in a_parts(op)] if op.kind == matmul_p.name else []
+
+
+def waiting_inputs(op, products) -> list:
+    """The input numbers whose reads may wait for flags: a matmul's left operand; with CELL_WAITS also each
+    input of an elementwise-like op (fused, copy, elementwise, row chain) that reads a matmul's result (a
+    buffer of `products`) as a static window (no run-time offset, permutation or gathered rows): its loads
+    spin on the flag words one element each. (What elementwise ops write and read stays unpublished there:
+    the cell's own carries, on its own vEUs.)"""
+    if op.kind == matmul_p.name:
+        return a_inputs(op)
+    if CELL_WAITS and _elementwise_reader(op):
+        return [n for n, v in enumerate(op.inputs) if v.storage in products and _static_window(v)]
+    return []
+
+
+def matmul_results(waves) -> set:
+    """The buffers the matmuls of `waves` (Wave statements) write."""
+    return {v.storage for w in waves for t in w.tasks if t.op.kind == matmul_p.name for v in t.op.outputs}
+
+
+def _elementwise_reader(op) -> bool:
+    return op.kind in (FUSED.name, COPY.name, ROWS.name) or \
+        family_of(op.kind) == ELEMENTWISE and not utasks.in_place_update(op.kind, op.params)
+
+
+def _static_window(value) -> bool:
+    return value.window is None and not value.terms and value.perm is None and value.rows is None
 
 
 def flag_syncs(plan):
@@ -342,9 +379,12 @@ def _uniform_accesses(stmt: Uniforms, written: set, grid: int) -> dict:
 
 
 def _stores_once(op) -> bool:
-    """Does `op` store each element of its outputs once, by one thread, at its own flat index?"""
+    """Does `op` store each element of its outputs once, by one thread, at its own flat index? (A matmul's
+    tiles do, with CELL_WAITS counted, unless split-K sums its partial products into them.)"""
     if op.kind in (FUSED.name, COPY.name):
         return True
+    if op.kind == matmul_p.name:
+        return CELL_WAITS and K_SPLITS not in op.params
     if op.kind == ROWS.name:
         steps = op.params[STEPS]
         return all(steps[k].reduce is None and not steps[k].per_row(op.params[ROW_SHAPE])
@@ -360,6 +400,7 @@ def _whole(value) -> bool:
 def _publishable(body, positions, k: int) -> tuple:
     """The buffers wave k of the body writes that may be published (module docstring)."""
     ops = [(j, t.op) for j, p in enumerate(positions) for t in _tasks(body[p])]
+    products = matmul_results([body[p] for p in positions if isinstance(body[p], Wave)])
     out = []
     for task in _tasks(body[positions[k]]):
         op = task.op
@@ -371,10 +412,10 @@ def _publishable(body, positions, k: int) -> tuple:
                     b.aval.dtype == np.float32 and b.aval.size <= MAX_PUBLISHED and _whole(value)):
                 continue
             writes = sum(1 for _, o in ops for v in o.outputs if v.storage is b)
-            waits = [(j, o, n) for j, o in ops for n in a_inputs(o) if o.inputs[n].storage is b]
-            if writes == 1 and waits and all(
-                    j != k and _whole(o.inputs[n]) and ROW_INDEX not in o.params and
-                    sum(v.storage is b for v in o.inputs) == 1 for j, o, n in waits):
+            waits = [(j, o, n) for j, o in ops for n in waiting_inputs(o, products) if o.inputs[n].storage is b]
+            if writes == 1 and waits and all(j != k and ROW_INDEX not in o.params and (
+                    o.kind != matmul_p.name or _whole(o.inputs[n]) and sum(v.storage is b for v in o.inputs) == 1)
+                    for j, o, n in waits):
                 out.append(b)
     return tuple(out)
 
@@ -438,6 +479,7 @@ def _unordered(body, positions, accesses, chosen: dict, grid: int, waits: dict) 
     simulator could not check it.)"""
     n = len(positions)
     waves = [body[p] for p in positions]
+    products = matmul_results([w for w in waves if isinstance(w, Wave)])
     grid_before, waits_before = [], []     # per wave: a grid barrier left between it and the previous one;
     for k in range(n):                     # the FlagWaits of the chosen syncs in between
         between = _between(body, positions, k)
@@ -469,7 +511,7 @@ def _unordered(body, positions, accesses, chosen: dict, grid: int, waits: dict) 
                 vc[veus, ids] = np.maximum(vc[veus, ids], at - 1)
         known.append(vc.copy())
         pending = vc.copy()
-        for number, task, part, b in _waits(_tasks(waves[k]), published):
+        for number, task, part, b in _waits(_tasks(waves[k]), published, products):
             at = source(b, pos)
             if at < 0:
                 continue
@@ -491,7 +533,7 @@ def _unordered(body, positions, accesses, chosen: dict, grid: int, waits: dict) 
     for a in range(n):
         for b in range(a + 1, last):
             pairs = _unordered_pairs(accesses[a], accesses[b % n], a, b, known[b], published, source, op_known,
-                                     _tasks(waves[b % n]))
+                                     _tasks(waves[b % n]), products)
             out += [(a, i, b, j) for i, j in pairs]
             if len(out) > MAX_UNORDERED:
                 return out
@@ -538,24 +580,27 @@ def _conflicts(accesses, grid: int):
 
 @functools.lru_cache(maxsize=256)
 def _waiting_reads(task, part: int) -> tuple:
-    """(does every uTask read all of it, [(vEU, elements of input `part`)] per uTask) of a waiting task."""
-    op, size = task.op, task.op.inputs[part].aval.size
+    """(is it a matmul whose every uTask reads all of it, [(vEU, storage elements of input `part`)] per uTask)
+    of a waiting task."""
+    op, value = task.op, task.op.inputs[part]
+    size = value.aval.size
     reads = []
     for t in range(op.n_utasks):
         share = shares.read_share(op, part, t)
-        reads.append((task.first + t % task.count, np.arange(size) if share is None else np.asarray(share)))
-    return all(e.size == size for _, e in reads), reads
+        share = np.arange(size) if share is None else np.asarray(share)
+        reads.append((task.first + t % task.count, np.asarray(hazards.storage_elements(value, share), np.int64)))
+    return op.kind == matmul_p.name and all(e.size == size for _, e in reads), reads
 
 
-def _waits(tasks, published):
+def _waits(tasks, published, products):
     """(task number, task, input number, buffer) of each read of a published buffer that waits (a matmul's
     left operand or part of it)."""
     return [(number, task, part, task.op.inputs[part].storage) for number, task in enumerate(tasks)
-            for part in a_inputs(task.op) if task.op.inputs[part].storage in published]
+            for part in waiting_inputs(task.op, products) if task.op.inputs[part].storage in published]
 
 
 def _unordered_pairs(first: dict, second: dict, a: int, b: int, known, published, source, op_known,
-                     waves_b) -> set:
+                     waves_b, products) -> set:
     """The (earlier vEU i, later vEU j) of the conflicts between the accesses `first` (position a) and
     `second` (position b > a) of different vEUs that are not ordered: known[j, i] < a (_unordered's
     refinements aside). A published element's write and the waiting read that sees it need nothing."""
@@ -567,7 +612,7 @@ def _unordered_pairs(first: dict, second: dict, a: int, b: int, known, published
         waiting = None
         if exempt:
             waiting = (tb == WAIT_TASK) & (kb == WAIT_TASK)
-            for number, _, part, _ in _waits(waves_b, {buf}):
+            for number, _, part, _ in _waits(waves_b, {buf}, products):
                 waiting |= (tb == number) & (kb == part)
         for mask_a, mask_b in ((wa, np.ones_like(wb)), (~wa, wb)):
             if not mask_a.any() or not mask_b.any():

@@ -32,10 +32,11 @@ Semantics it defines (every backend follows them):
 - Flag syncs (Sync "flags", gdsl/schedule/flags.py): a vEU-local sync that resets nothing. Each vEU v knows,
   per vEU u, the sync count below which u's accesses are ordered before v's (`known`: all of them after a
   grid barrier). A read of an element another vEU wrote, or a write over one another vEU read, is allowed
-  when that is known. A matmul of the loop reading a published buffer as (part of) its left operand waits
-  for the elements: that read is always allowed, and its vEU learns what each writer knew when it wrote
-  (its own earlier syncs included), from its next sync on; a uTask that waited for the whole buffer knows
-  it for its own writes already (the tile routines stage A before they store). Nothing else is ordered, so a
+  when that is known. A matmul of the loop reading a published buffer as (part of) its left operand (or,
+  with flags.CELL_WAITS, an elementwise-like op reading one) waits for the elements: that read is always
+  allowed, and its vEU learns what each writer knew when it wrote (its own earlier syncs included), from its
+  next sync on; a matmul's uTask that waited for the whole buffer knows it for its own writes already (the
+  tile routines stage A before they store). Nothing else is ordered, so a
   barrier made a flag sync wrongly is a race here. (flags.py's proof also uses that a writer's reads come
   before its published stores in the same thread; the simulator does not: it is stricter.) A flag sync's
   FlagWaits are such waiting reads of their elements by their vEUs, known from the sync on.
@@ -48,6 +49,7 @@ import numpy as np
 
 from gdsl.core.ir import Lit
 from gdsl.errors import RecursionDepthError
+from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import REGISTRY
 from gdsl.primitives.structural import broadcast_p
 from gdsl.schedule import utasks
@@ -521,7 +523,7 @@ class Simulator:
                                      frames_spanned(value), waiting)
                     if waiting is not None:
                         self.learned[veu] = np.maximum(self.learned[veu], waiting)
-                        if share is None or np.unique(share).size == value.aval.size:
+                        if op.kind == matmul_p.name and (share is None or np.unique(share).size == value.aval.size):
                             known = waiting if known is None else np.maximum(known, waiting)
         for number, (value, result) in enumerate(zip(op.outputs, results)):
             assert not value.offset or value.window is not None, f"{op} writes a view"

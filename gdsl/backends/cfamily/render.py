@@ -937,8 +937,9 @@ class Renderer:
         roles = self.flag_roles.get(op, {})
         flags = [arg for k, tag in sorted(roles.get("publish", {}).items())
                  for arg in (f"{op.outputs[k].buffer.name}_f", tag)]
-        flags += [arg for k, tag in sorted(roles.get("wait", {}).items())
-                  for arg in (f"{op.inputs[k].buffer.name}_f", tag)]
+        flags += [arg for k, tag in sorted(roles.get("wait", {}).items())        # (a window: at its offset)
+                  for arg in (f"{op.inputs[k].buffer.name}_f" + (f" + {op.inputs[k].offset}" if op.inputs[k].offset
+                                                                 else ""), tag)]
         preloaded = [_preload_name(op, k) for k in self.preloads.get(op, ())]
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
                                                     for k, v in enumerate(op.inputs)] + flags + preloaded
