@@ -21,12 +21,15 @@ A barrier is converted when (all found from the plan, any program):
   the plain buffer) must be ordered otherwise;
 - and every pair of conflicting accesses of different vEUs in the loop (read/write, write/read, write/write,
   from the hazards module's exact shares, `hazards._read` and `_output_veus`, a whole operand read by every
-  vEU of its task where it knows no better) is still ordered (`_ordered`): by a grid barrier left between
-  them, or by a chain of flag waits. A vEU whose matmul read an element published by vEU i knows, from its
-  next wave on, everything i did before the wave that wrote it (and what i knew then); its own program order
-  is the syncs'. The check runs vector clocks over three iterations of the body from no knowledge at all
-  (conservative) and requires, at the start of the fourth, every vEU to know all of the first iteration: the
-  pairs further apart are then ordered too. Conversions are tried all together, then one at a time (greedy).
+  vEU of its task where it knows no better) is still ordered (`_unordered` finds none): by a grid barrier
+  left between them, or by a chain of flag waits. A vEU whose matmul read an element published by vEU i
+  knows, from its next wave on, everything i did before the wave that wrote it (and what i knew then); its own
+  program order is the syncs'. The check runs vector clocks over three iterations of the body from no
+  knowledge at all (conservative) and requires, at the start of the fourth, every vEU to know all of the first
+  iteration of each vEU its accesses conflict with: the pairs further apart are then ordered too. Where pairs
+  are left unordered, FlagWaits may order them (`_waits_needed`: a vEU waits at a flag sync for a buffer that
+  the other vEU published after its access, reading nothing; plan.FlagWait). Conversions are tried all
+  together, then one at a time (greedy).
 
 Tags (the renderer's): the kernel zeroes the shadows when it starts (then the grid barrier this pass puts first
 in the kernel), a loop counts its
@@ -103,8 +106,9 @@ UNIFORM_READERS = True
 @dataclass(frozen=True)
 class LoopFlags:
     """The flag roles in one loop: writer Op -> its published output numbers; reader Op (a matmul whose left
-    operand, or a part of it, is published) -> {input number: wraps} (wraps: its writer comes later in the
-    body, it reads the previous iteration's); flag Sync -> ((FlagWait, wraps), ...) of its waits."""
+    operand, or a part of it, is published; with CELL_WAITS an elementwise-like op reading a published matmul
+    result) -> {input number: wraps} (wraps: its writer comes later in the body, it reads the previous
+    iteration's); flag Sync -> ((FlagWait, wraps), ...) of its waits."""
     writers: dict
     readers: dict
     published: tuple
@@ -282,8 +286,7 @@ def _add_waits(needed: dict, unordered, body, positions, accesses, chosen: dict)
             at, buf = max(seen, key=lambda x: x[0], default=(-1, None))
             if at <= a:                    # (the latest write of i seen there: what it knows most of)
                 continue
-            hit = buf, np.nonzero(writer_veu[buf] == i)[0]
-            buf, mine = hit
+            mine = np.nonzero(writer_veu[buf] == i)[0]
             where = needed.setdefault((syncs[p % n][-1], buf), {})
             old = where.get(j)
             lo, hi = int(mine.min()), int(mine.max()) + 1
@@ -462,18 +465,14 @@ def _add_accesses(parts: dict, found, veus, number: int) -> None:
         parts.setdefault(buf, []).append((e, v, np.full(e.size, k < 0), np.full(e.size, number), np.full(e.size, k)))
 
 
-def _ordered(body, positions, accesses, chosen: dict, grid: int, waits=None) -> bool:
-    """Are all conflicting accesses of different vEUs ordered with the grid barriers of `chosen` made flag
-    syncs, and the FlagWaits `waits` ({body index of a chosen sync: FlagWaits}) at them (module docstring)?"""
-    return not _unordered(body, positions, accesses, chosen, grid, waits or {})
-
-
 def _unordered(body, positions, accesses, chosen: dict, grid: int, waits: dict) -> list:
-    """The conflicts `_ordered` finds unordered, [(a, i, b, j)]: vEU j at position b does not know vEU i's
-    access at position a (positions count waves from the first iteration's first; the last check's pairs with
-    b = ITERATIONS * n). One refinement of "from the next wave on": a matmul whose every uTask reads the
-    whole published buffer (a full waiter) stores its results only after all its waits (the tile routines
-    stage A, then sync, then store), so its writes know what its waits told. A FlagWait is a waiting read of
+    """The conflicting accesses of different vEUs left unordered with the grid barriers of `chosen` made flag
+    syncs and the FlagWaits `waits` ({body index of a chosen sync: FlagWaits}) at them (module docstring),
+    [(a, i, b, j)]: vEU j at position b does not know vEU i's access at position a (positions count waves
+    from the first iteration's first; the last check's pairs with b = ITERATIONS * n). One refinement of
+    "from the next wave on": a matmul whose every uTask reads the whole published buffer (a full waiter)
+    stores its results only after all its waits (the tile routines stage A, then sync, then store), so its
+    writes know what its waits told. A FlagWait is a waiting read of
     its elements by its vEUs at the wave after its sync, known from that wave on. (A writer's reads come
     before its published stores in the same thread too, a data dependence, but that is not used: the
     simulator could not check it.)"""
