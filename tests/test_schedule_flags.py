@@ -49,6 +49,13 @@ def _writers(plan, buf):
             if any(v.storage is buf for v in t.op.outputs)]
 
 
+def _with_loop_body(plan, body):
+    """`plan` with its (first kernel's) loop's body replaced by `body`: a plan changed by hand."""
+    loop, kernel = _loop(plan), plan.kernels[0]
+    new = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
+    return dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),))
+
+
 # ------------------------------------------------------------------------------------------ full size
 @needs_nvrtc
 def test_nasrnn_batch_1_step_end_barriers_become_flag_syncs():
@@ -145,13 +152,9 @@ def test_skewed_owner_stack_waits_for_the_layer_above(monkeypatch):
     _check_waits(plan)
     args = floor.flat_arguments(prob.weights, prob.batches[0])
     assert common.compare(tuple(simulate(plan, args)), prob.references()[0]) == []
-    loop = _loop(plan)
-    body = tuple(dataclasses.replace(s, waits=()) if isinstance(s, Sync) else s for s in loop.body)
-    kernel = plan.kernels[0]
-    new = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
-    wrong = dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),))
+    body = tuple(dataclasses.replace(s, waits=()) if isinstance(s, Sync) else s for s in _loop(plan).body)
     with pytest.raises(BarrierError):
-        simulate(wrong, args)
+        simulate(_with_loop_body(plan, body), args)
     monkeypatch.setattr(flags, "WAIT_ROUNDS", 0)
     without = prob.model.make_forward(prob.cfg, backend="cuda", owner=True, grid=132, flags=False)
     plan = prob.model.make_forward(prob.cfg, backend="cuda", owner=True, grid=132).lower(
@@ -321,10 +324,7 @@ def _assert_forced_flags_race(plan, args):
         if isinstance(stmt, Sync) and stmt.scope == "grid":
             wave = next(s for s in reversed(body[:i]) if isinstance(s, Wave))
             published = tuple(v.storage for t in wave.tasks for v in t.op.outputs)
-            forced = body[:i] + (Sync(FLAGS, published=published),) + body[i + 1:]
-            kernel = plan.kernels[0]
-            new = tuple(dataclasses.replace(loop, body=forced) if s is loop else s for s in kernel.body)
-            wrong = dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),))
+            wrong = _with_loop_body(plan, body[:i] + (Sync(FLAGS, published=published),) + body[i + 1:])
             with pytest.raises(BarrierError):
                 for seed in range(4):
                     simulate(wrong, list(args), seed=seed)
@@ -383,8 +383,8 @@ def test_cell_waits_make_the_lstm_loop_barrier_free(monkeypatch):
     elementwise ops (the cells) that read them. The LSTM's default plan (small config, emulator lowering, grid 4)
     then keeps no grid barrier in its loop: gates -> cells and h -> GEMVs are flag syncs (4 an iteration of the
     doubled body); the cells' own carries stay unpublished. The g++ emulator matches the float64 reference at
-    batch 1 and 4; NASRNN bs1's plan is the same with it on and off (its cell reads nothing a matmul of the
-    loop wrote across vEUs that flags would order better)."""
+    batch 1 and 4; NASRNN bs1's plan is the same with it on and off (its owner layout puts each cell on the
+    vEU of the GEMV tiles it reads: a block sync, no barrier to convert)."""
     before = str(_small_plan("nasrnn", 1))
     monkeypatch.setattr(flags, "CELL_WAITS", True)
     plan = _small_plan("lstm", 1)
@@ -415,10 +415,8 @@ def test_cell_waits_simulate(monkeypatch):
     body = tuple(dataclasses.replace(s, published=tuple(b for b in s.published if b not in products),
                                      waits=tuple(w for w in s.waits if w.buffer not in products))
                  if isinstance(s, Sync) and s.scope == FLAGS else s for s in loop.body)
-    kernel = plan.kernels[0]
-    new = tuple(dataclasses.replace(loop, body=body) if s is loop else s for s in kernel.body)
     with pytest.raises(BarrierError):
-        simulate(dataclasses.replace(plan, kernels=(dataclasses.replace(kernel, body=new),)), args)
+        simulate(_with_loop_body(plan, body), args)
 
 
 @needs_nvrtc

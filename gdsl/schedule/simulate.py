@@ -286,20 +286,20 @@ class Simulator:
     def _record_write(self, m, slot, flat, veu, op, name, known=None):
         lo, hi = _flat(m.reader_lo, slot)[flat], _flat(m.reader_hi, slot)[flat]
         others = (lo >= 0) & ((lo != veu) | (hi != veu))
-        if self.check and others.any() and m.read_by is not None:     # (every reader's latest read known?)
+        if self.check and others.any():       # (unless it knows every reader read before)
             known = self.known[veu] if known is None else known
-            read_by = m.read_by[flat]
-            unknown = (read_by >= 0) & (known[None, :] <= read_by)
-            unknown[:, veu] = False
-            others = unknown.any(axis=1)
-        elif self.check and others.any():     # (unless it knows every reader in lo..hi read before)
-            known = self.known[veu] if known is None else known
-            read_sync = _flat(m.reader_sync, slot)[flat]
-            unknown = np.zeros_like(others)
-            for r in range(int(lo[others].min()), int(hi[others].max()) + 1):
-                if r != veu:
-                    unknown |= others & (lo <= r) & (r <= hi) & (known[r] <= read_sync)
-            others = unknown
+            if m.read_by is not None:         # (each reader's latest read)
+                read_by = m.read_by[flat]
+                unknown = (read_by >= 0) & (known[None, :] <= read_by)
+                unknown[:, veu] = False
+                others = unknown.any(axis=1)
+            else:                             # (the readers in lo..hi, at their latest read's sync)
+                read_sync = _flat(m.reader_sync, slot)[flat]
+                unknown = np.zeros_like(others)
+                for r in range(int(lo[others].min()), int(hi[others].max()) + 1):
+                    if r != veu:
+                        unknown |= others & (lo <= r) & (r <= hi) & (known[r] <= read_sync)
+                others = unknown
         if self.check and others.any():
             raise BarrierError(f"{op}: vEU {veu} overwrites {name} that another vEU read with no grid "
                                f"barrier in between")
