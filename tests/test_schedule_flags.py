@@ -172,11 +172,11 @@ def test_skewed_owner_stack_emulated():
 
 @needs_nvrtc
 def test_nvrtc_compiles_flag_waits():
-    """The LSTM's owner plan at full size (batch 1): its syncs' waits rendered (a spin on each waited element's
-    flag word, then the block barrier); NVRTC compiles it."""
+    """The LSTM's owner plan at full size (batch 1): its syncs' waits rendered (a batched wait on each waited
+    range's flag words, then the block barrier); NVRTC compiles it."""
     lowered = zoo_lowered("lstm", 1, owner=True)
     _check_waits(lowered.lowering.plan)
-    assert "(void)gdsl_flag_get(" in lowered.source
+    assert "gdsl_flag_wait(" in lowered.source
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 
@@ -422,11 +422,19 @@ def test_cell_waits_simulate(monkeypatch):
 @needs_nvrtc
 def test_cell_waits_compile(monkeypatch):
     """The full-size LSTM bs1 with CELL_WAITS: no grid barrier in its loop; NVRTC compiles it (the cells' loads
-    spin on the gates' flag words at their windows' offsets)."""
+    spin on the gates' flag words at their windows' offsets). A cell loads the flag words of its published
+    leaves with its other leaves, before the issue fence, and finishes them (checks their tags) after it: its
+    loads in flight together, not one round trip a gate."""
     monkeypatch.setattr(flags, "CELL_WAITS", True)
     lowered = zoo_lowered("lstm", 1)
     assert loop_grid_barriers(lowered.lowering.plan) == 0
     assert "_f + 256, gdsl_it0" in lowered.source
+    source = lowered.source
+    load = source.index("? gdsl_flag_load(i")          # (the first such load: a cell's, in its fill of leaves)
+    start = source.rindex("\nGDSL_", 0, load)
+    cell = source[start:source.index("\n}\n", load)]
+    assert "_row_chain_" in cell.split("(")[0] and "gdsl_flag_get(i" not in cell
+    assert cell.index("? gdsl_flag_load(i") < cell.index("__syncwarp();") < cell.index("gdsl_flag_finish(i")
     assert cuda_toolchain.compile_cuda(lowered.source, "sm_90")[:4] == b"\x7fELF"
 
 

@@ -111,22 +111,34 @@ class Arg:
         const = "" if self.output else "const "
         return f"{const}{c_types.storage(self.dtype)}* {self.name}"
 
-    def at(self, idx: str) -> str:
-        """Element `idx` in the compute type."""
+    def at(self, idx: str, first: str | None = None) -> str:
+        """Element `idx` in the compute type (of a published buffer: `first`, where given, names its word's
+        first load, flag_first's, which the read then only finishes)."""
         if self.scalar:
             return self.name
         if self.preloaded:
             return f"{self.name}_p"
-        if self.remap is not None:
-            shape, src_shape, perm = self.remap
-            src_st = strides(src_shape)
-            idx = f"({offset(coords(shape, f'({idx})'), [src_st[p] for p in perm])})"
+        idx = self._source_index(idx)
         ref = f"{self.name}[{idx}]"
         if self.read_only:
             ref = self.dialect.ldg(self.dtype, f"{self.name} + {idx}" if idx != "0" else self.name)
         if self.flag:         # tag 0: the first iteration reads what was written before the loop
-            ref = f"({self.name}_tag ? GDSL_U2F(gdsl_flag_get({self.name}_f + ({idx}), {self.name}_tag)) : {ref})"
+            word, tag = f"{self.name}_f + ({idx})", f"{self.name}_tag"
+            value = f"gdsl_flag_get({word}, {tag})" if first is None else f"gdsl_flag_finish({word}, {first}, {tag})"
+            ref = f"({tag} ? GDSL_U2F({value}) : {ref})"
         return c_types.from_storage(self.dtype, ref)
+
+    def flag_first(self, idx: str) -> str:
+        """The first load of element `idx`'s flag word (a published buffer's), for at(idx, first=...)."""
+        return f"({self.name}_tag ? gdsl_flag_load({self.name}_f + ({self._source_index(idx)})) : 0ull)"
+
+    def _source_index(self, idx: str) -> str:
+        """Element `idx`'s index in the buffer (through a transposed view: in its source)."""
+        if self.remap is None:
+            return idx
+        shape, src_shape, perm = self.remap
+        src_st = strides(src_shape)
+        return f"({offset(coords(shape, f'({idx})'), [src_st[p] for p in perm])})"
 
     def flag_decls(self) -> list[str]:
         const = "" if self.output else "const "
@@ -138,11 +150,7 @@ class Arg:
     def address(self, idx: str, source: bool = False) -> str:
         """The address of element `idx` of a buffer operand (through a transposed view: in its source, where
         `idx` already is with `source`, as for at_source)."""
-        if self.remap is not None and not source:
-            shape, src_shape, perm = self.remap
-            src_st = strides(src_shape)
-            idx = f"({offset(coords(shape, f'({idx})'), [src_st[p] for p in perm])})"
-        return f"({self.name} + {idx})"
+        return f"({self.name} + {idx if source else self._source_index(idx)})"
 
     def at_source(self, idx: str) -> str:
         """Element `idx` of the source a remapped (transposed) view reads, in the compute type."""
@@ -223,8 +231,8 @@ class OpRenderer:
         """The C expression of Expr `node` at flat output index `i` (`root`: stored as is, not rounded;
         `result`: the C expression an epilogue's RESULT leaves stand for; `shape`: the shape `i` indexes
         and the inputs broadcast to, the first output's by default; `step(node)`: the C expression of a
-        ROWS op's STEP leaf; `leaf(arg, load)`: what stands for an input leaf's element, given its Arg and
-        the C expression loading it, the load itself by default)."""
+        ROWS op's STEP leaf; `leaf(arg, index)`: what stands for an input leaf's element, given its Arg and
+        the C index of the element, arg.at(index), its load, by default)."""
         out_shape = self.outs[0].aval.shape if shape is None else shape
         if node.op == RESULT:
             return result
@@ -232,8 +240,8 @@ class OpRenderer:
             return step(node)
         if node.op == "input":
             arg = self.ins[node.params["index"]]
-            load = arg.at(broadcast_index(out_shape, arg.aval.shape, i))
-            return load if leaf is None else leaf(arg, load)
+            index = broadcast_index(out_shape, arg.aval.shape, i)
+            return arg.at(index) if leaf is None else leaf(arg, index)
         if node.op == "literal":
             return c_types.literal(node.params["value"], node.aval.dtype)
         if node.op == broadcast_p.name:

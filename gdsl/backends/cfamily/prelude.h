@@ -535,13 +535,41 @@ GDSL_DEV void gdsl_flag_put(unsigned long long* word, unsigned bits, unsigned ta
   *(volatile unsigned long long*)word = (unsigned long long)bits | ((unsigned long long)tag << 32);
 }
 
-GDSL_DEV unsigned gdsl_flag_get(const unsigned long long* word, unsigned tag) {
-  unsigned long long v = *(const volatile unsigned long long*)word;
+GDSL_DEV unsigned long long gdsl_flag_load(const unsigned long long* word) {
+  return *(const volatile unsigned long long*)word;
+}
+
+// The value of a word first loaded as `v` (gdsl_flag_load), loading it again until it has the tag. A thread
+// that loads its words first and finishes them after has its first loads in flight together (one round trip
+// for all where they are ready); gdsl_flag_get's spin before the next load would make it one each.
+GDSL_DEV unsigned gdsl_flag_finish(const unsigned long long* word, unsigned long long v, unsigned tag) {
   while ((unsigned)(v >> 32) != tag) {
     GDSL_SPIN_PAUSE();
-    v = *(const volatile unsigned long long*)word;
+    v = gdsl_flag_load(word);
   }
   return (unsigned)v;
+}
+
+GDSL_DEV unsigned gdsl_flag_get(const unsigned long long* word, unsigned tag) {
+  return gdsl_flag_finish(word, gdsl_flag_load(word), tag);
+}
+
+// Wait until the words [start, stop) have the tag, the block's threads striding through them, GDSL_COPY_BATCH
+// loads of a thread in flight before it checks any (a flag sync's FlagWait).
+GDSL_DEV void gdsl_flag_wait(const unsigned long long* words, int start, int stop, unsigned tag) {
+  for (int i0 = start + (int)threadIdx.x; i0 < stop; i0 += GDSL_COPY_BATCH * (int)blockDim.x) {
+    unsigned long long v[GDSL_COPY_BATCH];
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
+      const int i = i0 + b * (int)blockDim.x;
+      v[b] = i < stop ? gdsl_flag_load(words + i) : 0ull;
+    }
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
+      const int i = i0 + b * (int)blockDim.x;
+      if (i < stop) (void)gdsl_flag_finish(words + i, v[b], tag);
+    }
+  }
 }
 
 // A barrier of the vEUs [lo, lo + size) only (a group running one of a Fork's calls, gdsl/schedule/plan.py): the

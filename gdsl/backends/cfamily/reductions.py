@@ -435,12 +435,12 @@ def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
 def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool) -> list[str]:
     """C lines computing every step of a row chain, the elements each lane reads first (PRELOAD_ROW_LEAVES)
     where they fit."""
-    loads: dict = {}                      # the C expression loading a leaf element -> its register slots
+    loads: dict = {}                      # (leaf Arg's name, C index) -> (register slots, Arg, index)
 
-    def leaf(arg, load: str) -> str:
-        if load not in loads:
-            loads[load] = (f"l{len(loads)}", c_types.compute(arg.dtype))
-        return f"{loads[load][0]}[k]"
+    def leaf(arg, index: str) -> str:
+        if (arg.name, index) not in loads:
+            loads[arg.name, index] = (f"l{len(loads)}", arg, index)
+        return f"{loads[arg.name, index][0]}[k]"
 
     preload = PRELOAD_ROW_LEAVES is not None
     lines = [line for number, step in enumerate(steps)
@@ -450,10 +450,17 @@ def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool)
     if not loads or len(loads) * slots > PRELOAD_ROW_LEAVES:
         return [line for number, step in enumerate(steps) for line in _row_step(ops, step, number, shape, slots, g,
                                                                                   grouped)]
-    declarations = [f"{ctype} {name}[{slots}];" for name, ctype in loads.values()]
-    fill = " ".join(f"{name}[k] = {load};" for load, (name, _) in loads.items())
+    # A published leaf (a flag sync's) is loaded as its flag word with the others, and finished (its tag
+    # checked, waited for if it is not there yet) after them: its load in flight with theirs.
+    flagged = [(name, arg, index) for name, arg, index in loads.values() if arg.flag]
+    declarations = [f"{c_types.compute(arg.dtype)} {name}[{slots}];" for name, arg, _ in loads.values()]
+    declarations += [f"unsigned long long w{name}[{slots}];" for name, _, _ in flagged]
+    fill = " ".join(f"w{name}[k] = {arg.flag_first(index)};" if arg.flag else f"{name}[k] = {arg.at(index)};"
+                    for name, arg, index in loads.values())
+    finish = " ".join(f"{name}[k] = {arg.at(index, first=f'w{name}[k]')};" for name, arg, index in flagged)
     fence = [ops.dialect.issue_fence] if FENCE_ROW_LEAVES and ops.dialect.issue_fence else []
-    return declarations + [_each_slot(slots, g, shape[-1], fill)] + fence + lines
+    return (declarations + [_each_slot(slots, g, shape[-1], fill)] + fence +
+            ([_each_slot(slots, g, shape[-1], finish)] if flagged else []) + lines)
 
 
 def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool,

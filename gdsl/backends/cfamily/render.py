@@ -640,15 +640,15 @@ class Renderer:
         return lines
 
     def flag_wait_lines(self, sync) -> list[str]:
-        """A flag sync's waits (plan.FlagWait): the threads of each waiting vEU spin on its elements' flag words
-        until each has this step's tag (a wait for a writer later in the body, the previous step's: none in
-        the first iteration, whose reads follow the grid barrier before the loop); the block barrier follows."""
+        """A flag sync's waits (plan.FlagWait): the threads of each waiting vEU load its elements' flag words,
+        several at once, and spin on those without this step's tag (gdsl_flag_wait; a wait for a writer later
+        in the body, the previous step's: none in the first iteration, whose reads follow the grid barrier
+        before the loop); the block barrier follows."""
         d, lines = self.dialect, []
         for wait, tag, wraps in self.sync_waits[sync]:
             ran = f"{d.block_index} >= {wait.first} && {d.block_index} < {wait.first + wait.count}"
             first = f"{tag} && " if wraps else ""
-            lines.append(f"if ({first}{ran}) for (int i_ = {wait.start} + (int){d.thread_index}; i_ < {wait.stop}; "
-                         f"i_ += {self.plan.block}) (void)gdsl_flag_get({wait.buffer.name}_f + i_, {tag});")
+            lines.append(f"if ({first}{ran}) gdsl_flag_wait({wait.buffer.name}_f, {wait.start}, {wait.stop}, {tag});")
         return lines
 
     def block_sync_after(self, prev) -> str:
