@@ -348,3 +348,33 @@ def test_cuda_kernel_with_cells_compiles(name):
     lowering = gdsl.jit(fn, backend="cuda", grid=132).lower(*make_args())
     assert _cell_ops(lowering.lowering.plan)
     assert cuda_toolchain.compile_cuda(lowering.source, "sm_90")[:4] == b"\x7fELF"
+
+
+# ------------------------------------------------------------------------------------ several rows a pass
+@needs_cxx
+@pytest.mark.parametrize("shape, rows", [((11, 64), 4), ((6, 128), 2)])
+def test_a_utask_takes_its_few_rows_in_one_pass(shape, rows):
+    """utasks.cell_rows_at_once: a cell chain whose rows fill the block (block 64 here) gives a uTask up to
+    CELL_ROW_SLOTS elements a lane of several rows, priced as one pass, and the C-family uTask loads a lane's
+    elements of all of them at once (rows of one slot: 4 a uTask, the last uTask's fourth row past the end; rows
+    of two slots: 2 a uTask). The emulator matches the interpreter."""
+    from gdsl.backends.cfamily.lower import check_options, lower_with_grid
+    a, b = _f32(*shape), _f32(*shape)
+    dialect = EmulatorDialect()
+    opts = check_options({"control": "device", "block": 64, "barrier": "atomic"}, dialect)
+    lowered = lower_with_grid(gdsl.make_ir(two_readers)(a, b), opts, 4, dialect)
+    (op,) = _cell_ops(lowered.plan)
+    assert op.params["rows"] == rows and "const int row0 = t * " in lowered.source
+    expected = interpreted(gdsl.make_ir(two_readers)(a, b), [a, b])
+    assert_trees_close(emulated(two_readers, [a, b], grid=4, block=64), expected, tolerance=BACKEND_TOLERANCE)
+
+
+def test_lstm_batch_64_cells_take_one_round():
+    """The LSTM's batch-64 cells (10 ops of 64 rows of 256 in one wave): 4 rows a uTask, each vEU one uTask,
+    where one row a uTask took three rounds on 22 vEUs each."""
+    from strategies import zoo_lowered
+    plan = zoo_lowered("lstm", 64).lowering.plan
+    (loop,) = [s for s in plan_statements(plan) if isinstance(s, Loop)]
+    cells = [t for s in loop.body if isinstance(s, Wave) for t in s.tasks if t.op.kind == ROWS.name]
+    assert len(cells) == 10
+    assert all(t.op.params["rows"] == 4 and t.op.n_utasks == 16 <= t.count for t in cells)

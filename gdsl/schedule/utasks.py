@@ -369,6 +369,20 @@ ROW_PASSES = True
 # A row or reduction uTask takes at most the op's rows: a default of more (the block's four elements a thread,
 # 102 rows of 10 for SkipNet's gate cell of one row) made the C family's grouped row loop run its empty passes.
 CLAMP_ROWS = True
+# A cell chain whose block takes each row whole (rows.row_group None: no reduction, rows of a block's elements or
+# more) may run several rows of a uTask in one pass: a lane's elements of all of them loaded together
+# (reductions.row_chain), up to this many elements a lane. The LSTM's batch-64 cells (10 ops of 64 rows of 256, a
+# wave beside nothing else) took one row a uTask, 3 rounds on 22 vEUs each: three round trips where one would do.
+CELL_ROW_SLOTS = 4
+
+
+def cell_rows_at_once(params, block: int) -> int:
+    """The rows of a ROWS op one pass of the block takes when its rows are not grouped (CELL_ROW_SLOTS): more than
+    one for a cell chain of rows short enough, else 1."""
+    shape = params[plan.ROW_SHAPE]
+    if not plan.is_cell_chain(params.get(plan.STEPS, ()), shape):
+        return 1
+    return max(1, CELL_ROW_SLOTS // -(-shape[-1] // block))
 
 
 def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dict, float]]:
@@ -384,14 +398,17 @@ def row_split_options(in_avals, out_avals, params, block) -> list[tuple[int, dic
     per_row = sum(a.size for a in list(in_avals) + list(out_avals)) / max(n_rows, 1)
     reduces = any(step.reduce is not None for step in params.get(plan.STEPS, ()))
     group = row_group(length, reduces, block, WARP_LANES) if ROW_PASSES else None
-    at_once = block // group if group else 1                 # rows in one pass of the block
+    if group:                                                  # rows in one pass of the block
+        at_once = block // group
+    else:
+        at_once = cell_rows_at_once(params, block) if ROW_PASSES else 1
     halved = [row_split(in_avals, out_avals, params, block)[1]["rows"]]
     while halved[-1] > 1:
         halved.append(halved[-1] // 2)
     one_pass = min(at_once, n_rows)
     options = []
     for rows in ([one_pass] if one_pass > halved[0] else []) + halved:
-        passes = math.ceil(rows / at_once) * (1 if group else math.ceil(length / block))
+        passes = math.ceil(rows / at_once) * (1 if group or at_once > 1 else math.ceil(length / block))
         cost = max(passes * ROUND_TRIP_NS, _cost(4 * rows * per_row))
         options.append((max(1, math.ceil(n_rows / rows)), {"rows": rows}, cost))
     return options
