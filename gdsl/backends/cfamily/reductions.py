@@ -19,8 +19,8 @@ from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
 from gdsl.backends.cfamily.views import window_store_index
 from gdsl.primitives.reductions import REDUCE_PRIMS, reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
-from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
 from gdsl.schedule import utasks
+from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
 from gdsl.schedule.rows import row_group
 
 # A row chain's lanes load every element they read at their row elements first, in one pass, where that takes at
