@@ -370,15 +370,18 @@ ROW_PASSES = True
 # 102 rows of 10 for SkipNet's gate cell of one row) made the C family's grouped row loop run its empty passes.
 CLAMP_ROWS = True
 # A cell chain whose block takes each row whole (rows.row_group None: no reduction, rows of a block's elements or
-# more) may run several rows of a uTask in one pass: a lane's elements of all of them loaded together
-# (reductions.row_chain), up to this many elements a lane. The LSTM's batch-64 cells (10 ops of 64 rows of 256, a
-# wave beside nothing else) took one row a uTask, 3 rounds on 22 vEUs each: three round trips where one would do.
+# more) is priced as one pass for a uTask of up to this many elements a lane, its rows one after another: their
+# loads do not wait for each other (the C-family row loop has a constant trip count, and its leaves' read-only
+# loads may move above the previous row's stores). Priced a pass a row, the LSTM's batch-64 cells (10 ops of 64
+# rows of 256, one wave) took one row a uTask, 3 rounds on 22 vEUs each. H200, session 24, ncu kernel time, 2
+# processes x 10 launches (µs): 2463.0 -> 2376.3 with 4 rows a uTask, one round on 16 vEUs each; rendered with the
+# four rows' loads explicitly together (one slot array over the rows, built and measured, not kept) 2376.5.
 CELL_ROW_SLOTS = 4
 
 
 def cell_rows_at_once(params, block: int) -> int:
-    """The rows of a ROWS op one pass of the block takes when its rows are not grouped (CELL_ROW_SLOTS): more than
-    one for a cell chain of rows short enough, else 1."""
+    """The rows of a ROWS op priced as one pass of the block when its rows are not grouped (CELL_ROW_SLOTS): more
+    than one for a cell chain of rows short enough, else 1."""
     shape = params[plan.ROW_SHAPE]
     if not plan.is_cell_chain(params.get(plan.STEPS, ()), shape):
         return 1

@@ -19,7 +19,6 @@ from gdsl.backends.cfamily.ops import OpRenderer, coords, offset, strides
 from gdsl.backends.cfamily.views import window_store_index
 from gdsl.primitives.reductions import REDUCE_PRIMS, reduce_max_p, reduce_min_p, reduce_sum_p
 from gdsl.primitives.registry import register_lowering
-from gdsl.schedule import utasks
 from gdsl.schedule.plan import ROW_SHAPE, ROWS, STEP_OUTPUTS, STEPS, row_chunk
 from gdsl.schedule.rows import row_group
 
@@ -29,10 +28,8 @@ from gdsl.schedule.rows import row_group
 # hoist loads across): NASRNN's cell, two steps, paid two L2 round trips. None: off. Measured on the H200
 # (session 11, alternated x2 in one call, ms, off -> 32): NASRNN bs64 10.90 / 10.93 -> 9.42 / 9.41, LSTM bs64
 # 3.007 / 3.010 -> 2.887 / 2.819, LSTM bs1 0.457 / 0.455 -> 0.436 / 0.402, Attention bs1 0.199 / 0.185 ->
-# 0.144 / 0.148; NASRNN bs1, Seq2seq and Attention bs64 within their spread. 64 since session 24, for a cell
-# chain's uTask of several rows in one pass (utasks.CELL_ROW_SLOTS: the LSTM's batch-64 cell, 15 leaves x 4 rows);
-# no other zoo program's code changed with it.
-PRELOAD_ROW_LEAVES = 64
+# 0.144 / 0.148; NASRNN bs1, Seq2seq and Attention bs64 within their spread.
+PRELOAD_ROW_LEAVES = 32
 # After those loads the dialect's issue fence (CUDA: a warp barrier), so that the compiler issues them all there:
 # without it ptxas may move loads down to their first use between the steps' math, and each such group waits for
 # its own L2 round trip (NASRNN bs64's cell with the SFU logistic of session 22: its 17 loads in five groups, three
@@ -379,10 +376,8 @@ def row_chain(ops: OpRenderer) -> str:
     holds it: the group and block reductions leave their result in every lane); only the op's outputs
     are stored, after every step of the row. A cell chain (no reduction) needs no lane group: it takes
     the whole block on each row when a row has at least a block's elements, so that no lane idles (its
-    elements then lie as a fused chain's do, lane + k*block); a uTask of such a chain with a few rows
-    (utasks.cell_rows_at_once) takes them all in one pass, a lane's elements of every row in its slots, their
-    loads together. A cell chain split in chunks of its row shape (a column layout: plan.row_chunk) runs as a
-    fused chain does, `_cell_chunk`."""
+    elements then lie as a fused chain's do, lane + k*block). A cell chain split in chunks of its row shape
+    (a column layout: plan.row_chunk) runs as a fused chain does, `_cell_chunk`."""
     if row_chunk(ops.op) is not None:
         return _cell_chunk(ops)
     p = ops.op.params
@@ -393,32 +388,26 @@ def row_chain(ops: OpRenderer) -> str:
     grouped = g is not None
     if not grouped:
         g = block
-    per_row = -(-length // g)
-    slots = _Slots(per_row, g, length)
+    slots = -(-length // g)
     if grouped:
         lines = [f"  const int lane = {thread} % {g}, grp = {thread} / {g};",
                  f"  for (int b = 0; b < {rows}; b += {block // g}) {{",
                  f"    const int o = t * {rows} + b + grp;",
                  f"    const bool ok = b + grp < {rows} && o < {n_rows};"]
-    elif 1 < rows <= utasks.cell_rows_at_once(p, block):     # (a cell chain: every step at the element)
-        slots = _Slots(rows * per_row, g, length, per_row, n_rows)
-        lines = [f"  const int lane = {thread};",
-                 "  {",
-                 f"    const int row0 = t * {rows};"]
     else:
         lines = [f"  const int lane = {thread};",
                  f"  for (int b = 0; b < {rows}; ++b) {{",
                  f"    const int o = t * {rows} + b;",
                  f"    if (o >= {n_rows}) break;",
                  "    const bool ok = true;"]
-    body = _row_steps(ops, steps, shape, slots, grouped)
+    body = _row_steps(ops, steps, shape, slots, g, grouped)
     outputs = {k: number for number, k in enumerate(p[STEP_OUTPUTS])}
     for k, number in outputs.items():
         out = ops.outs[number]
         if steps[k].per_row(shape):
             body.append(f"if (ok && lane == 0) {out.store('o', f's{k}')}")
         else:
-            body.append(slots.each(out.store(f"o * {length} + r", f"s{k}[k]")))
+            body.append(_each_slot(slots, g, length, out.store(f"o * {length} + r", f"s{k}[k]")))
     lines += ["    " + line for line in body] + ["  }"]
     return "\n".join(lines) + "\n"
 
@@ -437,29 +426,13 @@ def _cell_chunk(ops: OpRenderer) -> str:
     return ops.per_element(element, size=math.prod(shape))
 
 
-@dataclass(frozen=True)
-class _Slots:
-    """A lane's elements of a row chain's rows, in `count` register slots: slot k is element r = lane + k * g of
-    the row o; with `per_row`, the uTask's rows at once (utasks.cell_rows_at_once): slot k is element
-    lane + (k % per_row) * g of row o = row0 + k / per_row, of the op's `n_rows`."""
-    count: int
-    g: int
-    length: int
-    per_row: int = 0
-    n_rows: int = 0
-
-    def each(self, statement: str) -> str:
-        """`statement` for each of the lane's elements (k: the register slot; o, r: its row and element)."""
-        if not self.per_row:
-            return (f"for (int k = 0; k < {self.count}; ++k) {{ const int r = lane + k * {self.g}; "
-                    f"if (ok && r < {self.length}) {{ {statement} }} }}")
-        at = "o = row0 + k, r = lane" if self.per_row == 1 else \
-            f"o = row0 + k / {self.per_row}, r = lane + k % {self.per_row} * {self.g}"
-        return (f"for (int k = 0; k < {self.count}; ++k) {{ const int {at}; "
-                f"if (o < {self.n_rows} && r < {self.length}) {{ {statement} }} }}")
+def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
+    """`statement` for each of a lane's elements r of its row (k: the register slot)."""
+    return (f"for (int k = 0; k < {slots}; ++k) {{ const int r = lane + k * {g}; "
+            f"if (ok && r < {length}) {{ {statement} }} }}")
 
 
-def _row_steps(ops: OpRenderer, steps, shape, slots: _Slots, grouped: bool) -> list[str]:
+def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool) -> list[str]:
     """C lines computing every step of a row chain, the elements each lane reads first (PRELOAD_ROW_LEAVES)
     where they fit."""
     loads: dict = {}                      # (leaf Arg's name, C index) -> (register slots, Arg, index)
@@ -471,25 +444,27 @@ def _row_steps(ops: OpRenderer, steps, shape, slots: _Slots, grouped: bool) -> l
 
     preload = PRELOAD_ROW_LEAVES is not None
     lines = [line for number, step in enumerate(steps)
-             for line in _row_step(ops, step, number, shape, slots, grouped, leaf if preload else None)]
+             for line in _row_step(ops, step, number, shape, slots, g, grouped, leaf if preload else None)]
     if not preload:
         return lines
-    if not loads or len(loads) * slots.count > PRELOAD_ROW_LEAVES:
-        return [line for number, step in enumerate(steps) for line in _row_step(ops, step, number, shape, slots,
+    if not loads or len(loads) * slots > PRELOAD_ROW_LEAVES:
+        return [line for number, step in enumerate(steps) for line in _row_step(ops, step, number, shape, slots, g,
                                                                                   grouped)]
     # A published leaf (a flag sync's) is loaded as its flag word with the others, and finished (its tag
     # checked, waited for if it is not there yet) after them: its load in flight with theirs.
     flagged = [(name, arg, index) for name, arg, index in loads.values() if arg.flag]
-    declarations = [f"{c_types.compute(arg.dtype)} {name}[{slots.count}];" for name, arg, _ in loads.values()]
-    declarations += [f"unsigned long long w{name}[{slots.count}];" for name, _, _ in flagged]
+    declarations = [f"{c_types.compute(arg.dtype)} {name}[{slots}];" for name, arg, _ in loads.values()]
+    declarations += [f"unsigned long long w{name}[{slots}];" for name, _, _ in flagged]
     fill = " ".join(f"w{name}[k] = {arg.flag_first(index)};" if arg.flag else f"{name}[k] = {arg.at(index)};"
                     for name, arg, index in loads.values())
     finish = " ".join(f"{name}[k] = {arg.at(index, first=f'w{name}[k]')};" for name, arg, index in flagged)
     fence = [ops.dialect.issue_fence] if FENCE_ROW_LEAVES and ops.dialect.issue_fence else []
-    return declarations + [slots.each(fill)] + fence + ([slots.each(finish)] if flagged else []) + lines
+    return (declarations + [_each_slot(slots, g, shape[-1], fill)] + fence +
+            ([_each_slot(slots, g, shape[-1], finish)] if flagged else []) + lines)
 
 
-def _row_step(ops: OpRenderer, step, number: int, shape, slots: _Slots, grouped: bool, leaf=None) -> list[str]:
+def _row_step(ops: OpRenderer, step, number: int, shape, slots: int, g: int, grouped: bool,
+              leaf=None) -> list[str]:
     """C lines computing step `number` of a row chain into s<number> (an array of register slots for a row
     step, one value for a per-row step); `leaf`: ops.expr's, for the elements of the row read at the lane's
     elements."""
@@ -510,12 +485,12 @@ def _row_step(ops: OpRenderer, step, number: int, shape, slots: _Slots, grouped:
         return [f"{ctype} s{number} = {c_types.literal(0, dt)};", f"if (ok) s{number} = {value};"]
     if step.reduce is None:
         store = f"s{number}[k] = {at_element(step.expr)};"
-        return [f"{ctype} s{number}[{slots.count}];", slots.each(store)]
+        return [f"{ctype} s{number}[{slots}];", _each_slot(slots, g, length, store)]
     acc = c_types.accumulator(dt)
     identity, combine = ROW_REDUCTIONS[step.reduce]
     ident = f"({acc})({identity(dt)})"
     if grouped:
-        reduce = f"v = gdsl_group_reduce<{slots.g}>(v, comb);"
+        reduce = f"v = gdsl_group_reduce<{g}>(v, comb);"
     else:
         reduce = f"v = gdsl_block_reduce<{ops.block}>(v, {ident}, comb, smem);"
         ops.smem = max(ops.smem, (ops.block // ops.dialect.warp_size) * 8)
@@ -523,6 +498,6 @@ def _row_step(ops: OpRenderer, step, number: int, shape, slots: _Slots, grouped:
     return [f"{ctype} s{number};",
             f"{{ auto comb = []({acc} a, {acc} b) -> {acc} {{ return {combine}; }};",
             f"  {acc} v = {ident};",
-            "  " + slots.each(f"v = comb(v, {operand});"),
+            "  " + _each_slot(slots, g, length, f"v = comb(v, {operand});"),
             f"  {reduce}",
             f"  s{number} = {c_types.rounded(dt, 'v')}; }}"]
