@@ -270,6 +270,23 @@ def test_emulated_cuda_profile_records_every_utask():
         assert min(e.begin for e in sorted(after, key=lambda e: e.begin)[k * n:(k + 1) * n]) >= done
 
 
+@needs_cxx
+def test_a_rescheduled_kernel_is_read_with_its_own_plan():
+    """Loading may re-schedule an instrumented plan whose grid cannot be co-resident (executor.load_coresident):
+    the profile reads the plan and trace sites of what ran, not of the lowering it asked for, and its summary
+    says that the grid differs from the normal build's."""
+    from gdsl.backends.cfamily.executor import Executable
+    asked, ran = lower_c("emulator", True, grid=3, block=32), lower_c("emulator", True, grid=2, block=32)
+    executable = Executable(ran.plan, ran.rendered, emulator.EmulatedDevice())
+    executable(list(arguments()))
+    p = _collect(executable, asked, "emulator", dialect=emulator.EmulatorDialect, normal_grid=3)
+    assert len(p.tracks) == 2 and not p.truncated and p.unmatched == 0 and p.plan == str(ran.plan)
+    assert "re-scheduled for 2 vEUs" in p.summary().splitlines()[0] and "normal build runs 3" in p.summary()
+    assert {e.name for e in p.events if e.kind == "op"} == {op.name for op in plan_ops(ran.plan)}
+    same = _collect(executable, ran, "emulator", dialect=emulator.EmulatorDialect, normal_grid=2)
+    assert "re-scheduled" not in same.summary()
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 def test_gpu_profile(tmp_path):

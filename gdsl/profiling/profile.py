@@ -44,12 +44,13 @@ class Event:
 class Profile:
     """The events of one instrumented run. `events` (Event list, by track then begin), `tracks` (vEUs; on
     the CPU backend threads), `kernel_ns` (first to last stamp), `truncated` (a vEU's buffer filled up and
-    later events were not recorded; `dropped` counts them)."""
+    later events were not recorded; `dropped` counts them), `note` (what the summary's first line adds: that
+    the instrumented plan ran on another grid than the normal build's)."""
 
     def __init__(self, sites, regions, n_tracks: int, *, backend: str, clock: str, ns_per_tick: float = 1.0,
-                 track_names=None, plan: str = ""):
+                 track_names=None, plan: str = "", note: str = ""):
         self.sites = sites
-        self.backend, self.clock, self.plan = backend, clock, plan
+        self.backend, self.clock, self.plan, self.note = backend, clock, plan, note
         self.tracks = list(range(n_tracks))
         self.track_names = list(track_names or [f"vEU {k}" for k in self.tracks])
         words = np.asarray(regions, dtype=np.uint64)     # a region per track: its counters, then records
@@ -161,7 +162,8 @@ class Profile:
         veu_time = self.kernel_ns * len(self.tracks) or 1.0
         lines = [f"gdsl profile ({self.backend}, clock {self.clock}): kernel {self.kernel_ns / 1e3:.1f} us on "
                  f"{len(self.tracks)} vEUs = {veu_time / 1e3:.1f} vEU-us"
-                 + ("  [TRUNCATED: the trace buffer filled up]" if self.truncated else ""),
+                 + ("  [TRUNCATED: the trace buffer filled up]" if self.truncated else "")
+                 + (f"  [{self.note}]" if self.note else ""),
                  f"{'op':<40} {'calls':>7} {'total us':>10} {'share':>7} {'mean us':>9}"]
         ops, barriers = self.op_totals(), self.barrier_totals()
         for name, (calls, total) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
@@ -227,7 +229,9 @@ class Profile:
 
 def profile(f, *args, **kwargs) -> Profile:
     """Run jitted `f(*args, **kwargs)` once as a warm-up and once with the instrumented build of the same
-    plan; the Profile of that second run (device control only)."""
+    plan; the Profile of that second run (device control only). Where the instrumented kernel's grid cannot be
+    co-resident (it takes more registers), loading re-schedules it for a smaller grid, and the Profile is of
+    that plan (Profile.note says so)."""
     return run_profile(f, args, kwargs)
 
 
@@ -235,7 +239,9 @@ def run_profile(f, args, kwargs=None, *, capacity: int | None = None) -> Profile
     """`profile` with its knobs: `capacity` records per vEU instead of the bound computed from the plan."""
     lowering, executable, flat = _instrumented(f, args, kwargs or {}, capacity)
     executable(flat)
-    return _collect(executable, lowering, f._entry(args, kwargs or {})[0]["backend"])
+    entry = f._entry(args, kwargs or {})[0]
+    normal = getattr(entry["executable"], "plan", None)
+    return _collect(executable, lowering, entry["backend"], normal_grid=normal.grid if normal is not None else None)
 
 
 def overhead(f, args, kwargs=None, runs: int = 20) -> tuple[float, float]:
@@ -291,12 +297,15 @@ def _instrumented(f, args, kwargs, capacity):
     return lowering, executable, [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
 
 
-def _collect(executable, lowering, backend, dialect=None) -> Profile:
+def _collect(executable, lowering, backend, dialect=None, normal_grid=None) -> Profile:
     """The Profile of an instrumented executable's last call (`dialect`: the C-family dialect it was
-    rendered in, by default the backend's)."""
+    rendered in, by default the backend's). A C-family executable may run another plan than `lowering`'s:
+    loading re-schedules a plan whose grid cannot be co-resident (the instrumented kernel takes more
+    registers), so its plan and trace sites are the ones read; the summary says so when its grid differs
+    from `normal_grid`, the uninstrumented build's."""
     trace, n_tracks = executable.last_trace
     trace = np.array(trace)                     # a copy: the next call reuses the buffer
-    plan = lowering.plan
+    plan = getattr(executable, "plan", lowering.plan)
     if backend == "cpu":
         sites = lowering.trace
         names = [f"thread {k} (vEUs {k}, {k} + {n_tracks}, ...)" if n_tracks < plan.grid else f"vEU {k}"
@@ -307,5 +316,9 @@ def _collect(executable, lowering, backend, dialect=None) -> Profile:
         from gdsl.backends.cuda.dialect import CUDADialect
         from gdsl.backends.hip.dialect import HIPDialect
         dialect = {"cuda": CUDADialect, "hip": HIPDialect}[backend]
-    return Profile(lowering.rendered.trace, trace, n_tracks, backend=backend, clock=dialect.trace_clock_name,
-                   ns_per_tick=dialect.trace_ns_per_tick, plan=str(plan))
+    note = "" if normal_grid in (None, plan.grid) else (
+        f"re-scheduled for {plan.grid} vEUs, the instrumented kernel's co-resident grid; the normal build runs "
+        f"{normal_grid}")
+    rendered = getattr(executable, "rendered", lowering.rendered)
+    return Profile(rendered.trace, trace, n_tracks, backend=backend, clock=dialect.trace_clock_name,
+                   ns_per_tick=dialect.trace_ns_per_tick, plan=str(plan), note=note)
