@@ -371,6 +371,8 @@ class Jitted:
             debug(1, f"autotune of {self.__name__}", f"chose {entry['autotune_choice']}")
         else:
             entry["executable"] = module.load(entry["lowering"])
+        # (loading may re-schedule a plan whose grid cannot be co-resident: lower() then shows what runs)
+        entry["lowering"] = getattr(entry["executable"], "lowering", None) or entry["lowering"]
         if self.options.get("place_workspace") is not False:
             from gdsl.autotune import place_workspace
             place_workspace(entry["executable"], flat)

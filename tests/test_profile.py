@@ -287,6 +287,33 @@ def test_a_rescheduled_kernel_is_read_with_its_own_plan():
     assert "re-scheduled" not in same.summary()
 
 
+@needs_cxx
+def test_load_keeps_the_lowering_it_rescheduled():
+    """executor.load_coresident on a device that holds 2 blocks at once: the plan asked for 3 vEUs is
+    re-scheduled for 2, and the Executable keeps that Lowering (gdsl.jit shows it as the function's lowering,
+    the profile reads its trace sites); the run matches the one asked for."""
+    from gdsl.backends.cfamily.executor import Executable, load_coresident
+    from gdsl.backends.cfamily.lower import lower_with_grid
+
+    class TwoBlocks(emulator.EmulatedDevice):
+        def compile(self, rendered):
+            self.load(rendered)
+
+        def max_grid(self, spec, block):
+            return 2
+
+    asked = lower_c("emulator", True, grid=3, block=32)
+    executable = load_coresident(asked, TwoBlocks(), lambda prog, opts, grid: lower_with_grid(
+        prog, opts, grid, emulator.EmulatorDialect()), backend="emulator")
+    assert executable.lowering.plan.grid == 2 and executable.plan is executable.lowering.plan
+    got = executable(list(arguments()))
+    want = Executable(asked.plan, asked.rendered, emulator.EmulatedDevice())(list(arguments()))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    p = _collect(executable, asked, "emulator", dialect=emulator.EmulatorDialect, normal_grid=3)
+    assert len(p.tracks) == 2 and p.unmatched == 0 and "re-scheduled for 2 vEUs" in p.note
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 def test_gpu_profile(tmp_path):

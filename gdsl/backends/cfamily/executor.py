@@ -62,6 +62,7 @@ class Executable:
         self.consts = {v.buffer: device.to_device(c, v.aval) for v, c in zip(plan.inputs[:nconsts], plan.consts)}
         self.args = plan.inputs[nconsts:]
         self.last_trace = None        # instrumented builds: (trace words of every vEU, vEUs) of the last call
+        self.lowering = None          # the Lowering whose plan this runs, where the loader kept it (load_coresident)
         self.cooperative = []
         for spec, kernel in zip(rendered.kernels, plan.kernels):
             # Grid barriers need every block resident at once: a cooperative launch checks that it is so.
@@ -443,7 +444,9 @@ def load_coresident(lowering, device, relower, *, backend: str, attempts: int = 
             raise RuntimeError(f"a block of {opts['block']} threads of this kernel does not fit on the GPU; "
                                f"use a smaller block")
         if lowering.plan.grid <= limit:
-            return Executable(lowering.plan, lowering.rendered, device)
+            executable = Executable(lowering.plan, lowering.rendered, device)
+            executable.lowering = lowering        # (the one re-scheduled below, where it was)
+            return executable
         if attempt == attempts - 1:
             break
         debug(1, backend, f"grid {lowering.plan.grid} cannot be co-resident (at most {limit} blocks of "
