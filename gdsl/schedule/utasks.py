@@ -370,12 +370,13 @@ ROW_PASSES = True
 # 102 rows of 10 for SkipNet's gate cell of one row) made the C family's grouped row loop run its empty passes.
 CLAMP_ROWS = True
 # A cell chain whose block takes each row whole (rows.row_group None: no reduction, rows of a block's elements or
-# more) is priced as one pass for a uTask of up to this many elements a lane, its rows one after another: their
-# loads do not wait for each other (the C-family row loop has a constant trip count, and its leaves' read-only
-# loads may move above the previous row's stores). Priced a pass a row, the LSTM's batch-64 cells (10 ops of 64
-# rows of 256, one wave) took one row a uTask, 3 rounds on 22 vEUs each. H200, session 24, ncu kernel time, 2
-# processes x 10 launches (µs): 2463.0 -> 2376.3 with 4 rows a uTask, one round on 16 vEUs each; rendered with the
-# four rows' loads explicitly together (one slot array over the rows, built and measured, not kept) 2376.5.
+# more) is priced as one pass for a uTask of up to this many elements a lane (a row's slots are loaded together,
+# reductions.PRELOAD_ROW_LEAVES; the C-family row loop takes a uTask's rows one after another). Priced a pass a
+# row, the LSTM's batch-64 cells (10 ops of 64 rows of 256, one wave) took one row a uTask, 3 rounds on 22 vEUs
+# each. H200, session 24, ncu kernel time, 2 processes x 10 launches (µs): 2463.0 -> 2376.3 with 4 rows a uTask,
+# one round on 16 vEUs each; rendered with the four rows' loads explicitly together (one slot array over the rows,
+# built and measured, not kept) 2376.5: the same. Why the row loop costs no more is not known (its loads are plain
+# loads; the SASS was not read).
 CELL_ROW_SLOTS = 4
 
 
