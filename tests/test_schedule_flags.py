@@ -379,12 +379,12 @@ def test_gpu_lstm_flag_waits_many_runs():
 
 # ------------------------------------------------------------------------------------------ CELL_WAITS
 def test_cell_waits_make_the_lstm_loop_barrier_free(monkeypatch):
-    """flags.CELL_WAITS (off by default until timed): matmul results may be published and read, waiting, by the
-    elementwise ops (the cells) that read them. The LSTM's default plan (small config, emulator lowering, grid 4)
-    then keeps no grid barrier in its loop: gates -> cells and h -> GEMVs are flag syncs (4 an iteration of the
-    doubled body); the cells' own carries stay unpublished. The g++ emulator matches the float64 reference at
-    batch 1 and 4; NASRNN bs1's plan is the same with it on and off (its owner layout puts each cell on the
-    vEU of the GEMV tiles it reads: a block sync, no barrier to convert)."""
+    """flags.CELL_WAITS (off by default: measured slower, docs/schedule.md "Cell waits"): matmul results may be
+    published and read, waiting, by the elementwise ops (the cells) that read them. The LSTM's default plan (small
+    config, emulator lowering, grid 4) then keeps no grid barrier in its loop: gates -> cells and h -> GEMVs are flag
+    syncs (4 an iteration of the doubled body); the cells' own carries stay unpublished. The g++ emulator matches the
+    float64 reference at batch 1 and 4; NASRNN bs1's plan is the same with it on and off (its owner layout puts each
+    cell on the vEU of the GEMV tiles it reads: a block sync, no barrier to convert)."""
     before = str(_small_plan("nasrnn", 1))
     monkeypatch.setattr(flags, "CELL_WAITS", True)
     plan = _small_plan("lstm", 1)

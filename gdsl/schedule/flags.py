@@ -92,9 +92,9 @@ MAX_UNORDERED = 20000    # (the proof stops collecting unordered pairs past this
 # loop's barrier between its matmuls and the cell that reads their results may become a flag sync. Of the zoo only
 # the LSTM bs1's plan changes: its loop keeps no grid barrier (2 flag syncs a half-step: gates -> cells, h ->
 # GEMVs, with FlagWaits). Predicted on the H200: -0.6 to -1.0 µs a half-step (a grid barrier's ~1.2-1.8 µs wait
-# against a flag wait's ~0.5-0.7), LSTM bs1 321 -> ~250-280 µs. Not timed yet (session 23 ran out of device
-# time): off until it is; `benchmarks/kernel_ab.py --models lstm --variant new:gdsl.schedule.flags.CELL_WAITS=True
-# --variant old` times it.
+# against a flag wait's ~0.5-0.7), LSTM bs1 321 -> ~250-280 µs. Measured (session 24, benchmarks/kernel_ab.py,
+# ncu kernel time): 783.5 against the default's 319.6 µs, then 630.2 against 331.9 with the flag reads loading
+# first and checking after (gdsl_flag_load / gdsl_flag_finish / gdsl_flag_wait): off (docs/schedule.md, "Cell waits").
 CELL_WAITS = False
 # Loops whose body has uniform statements reading buffers (Seq2seq bs1's every-vEU argmax of the logits) are tried
 # too: such a statement is one more position of the proof, a read of the whole of each input by every vEU.
