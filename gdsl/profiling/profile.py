@@ -292,8 +292,7 @@ def _instrumented(f, args, kwargs, capacity):
     builds = entry.setdefault("profiled", {})     # the instrumented builds: their own cache entries
     if options["profile"] not in builds:
         lowering = module.lower(entry["program"], options)
-        executable = module.load(lowering)
-        builds[options["profile"]] = (getattr(executable, "lowering", None) or lowering, executable)
+        builds[options["profile"]] = (lowering, module.load(lowering))
     lowering, executable = builds[options["profile"]]
     return lowering, executable, [_as_dtype(x, a) for x, a in zip(flat, entry["avals"])]
 
