@@ -57,6 +57,7 @@ ARGS = {
     rnn: (_w(5, 3, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8)),
     reversed_rows: (_w(4, 2, 8, scale=1.0), _w(8, 6)),
 }
+WIDE = (_w(5, utasks.GEMV_ROWS + 1, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8))   # steps of more rows than a GEMV's
 
 
 def _loop_eqns(program):
@@ -118,8 +119,12 @@ def test_off_switch_and_cpu_backend():
 
 
 @pytest.mark.skipif(emulator.cxx() is None, reason="the CPU emulator needs g++ (C++20)")
-def test_emulated():
-    fn, args = rnn, ARGS[rnn]
+@pytest.mark.parametrize("args", [ARGS[rnn], WIDE], ids=["gemv-steps", "wide-steps"])
+def test_emulated(args):
+    """Hoisted or not, the same: GEMV-shaped steps' product computed gate by gate and transposed (a copy
+    before the loop: read as a permuted view, the loop's windows of it would read the wrong elements,
+    cfamily/views.py) and the wide steps' batched product."""
+    fn = rnn
     want = emulator.emulate(fn, *args, grid=3, block=64, hoist=False)
     got = emulator.emulate(fn, *args, grid=3, block=64)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -136,17 +141,27 @@ def test_vector_right_operand():
     assert _loop_eqns(hoisted).count("matmul") == 0
 
 
-def test_batched_product_is_laid_out_step_by_step():
-    """With W stacked ([4, K, n]: gates), the product before the loop is a batched GEMM laid out
-    [steps, 4, rows, n], so a step's window is one contiguous run: under device control on the C-family
-    backends it is a plan view at a run-time offset (no op, no share of the wave's vEUs: the loop's matmul
-    gets the whole grid)."""
-    xs, W, U = ARGS[rnn]
+@pytest.mark.parametrize("args", [ARGS[rnn], WIDE], ids=["gemv-steps", "wide-steps"])
+def test_batched_product_is_laid_out_step_by_step(args):
+    """With W stacked ([4, K, n]: gates), the product before the loop is laid out [steps, 4, rows, n], so a
+    step's window is one contiguous run: under device control on the C-family backends it is a plan view at
+    a run-time offset (no op, no share of the wave's vEUs: the loop's matmul gets the whole grid). Steps of
+    GEMV-shaped row blocks (rows <= GEMV_ROWS) are computed gate by gate, one GEMM over all steps' rows per
+    gate, and transposed into that layout; wider ones as a batched GEMM of every step with every gate."""
+    xs, W, U = args
+    steps_, rows, n = xs.shape[0], xs.shape[1], W.shape[-1]
     program, hoisted = _hoisted(rnn, xs, W, U)
     (gemm,) = [e for e in hoisted.jaxpr.eqns if e.primitive.name == "matmul"]
-    assert gemm.outs[0].aval.shape == (xs.shape[0], 4, xs.shape[1], W.shape[-1])
+    transposes = [e for e in hoisted.jaxpr.eqns if e.primitive.name == "transpose"]
+    if rows <= utasks.GEMV_ROWS:
+        assert gemm.inputs[0].aval.shape == (steps_ * rows, xs.shape[2])
+        assert gemm.outs[0].aval.shape == (4, steps_ * rows, n)
+        (transpose,) = transposes
+        assert transpose.outs[0].aval.shape == (steps_, 4, rows, n)
+    else:
+        assert gemm.outs[0].aval.shape == (steps_, 4, rows, n) and not transposes
     (window,) = [e for e in walk_eqns(hoisted.jaxpr) if e.primitive.name == "dynamic_slice"]
-    assert window.inputs[0].aval.shape == (xs.shape[0], 4, xs.shape[1], W.shape[-1])
+    assert window.inputs[0].aval.shape == (steps_, 4, rows, n)
     assert utasks.contiguous_window(window.inputs[0].aval.shape, window.params["sizes"])
 
     plan = schedule(gdsl.make_ir(rnn)(xs, W, U), grid=8, views=VIEWS)
@@ -170,5 +185,6 @@ def test_step_window_is_a_pointer_in_cuda():
     xs, W, U = ARGS[rnn]
     source = gdsl.jit(rnn, backend="cuda", grid=8).lower(xs, W, U).source
     kernel = source.split("-- kernels")[-1]
-    assert "_dynamic_slice(" not in kernel and "_transpose(" not in kernel
+    loop = kernel[kernel.index("while (true)"):]          # (the product's transpose runs before the loop)
+    assert "_dynamic_slice(" not in kernel and "_transpose(" not in loop
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

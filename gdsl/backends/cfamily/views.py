@@ -157,9 +157,11 @@ def find_views(plan) -> dict:
                             readers_of.setdefault(buf, []).append(s)
                 readers = readers_of.get(out.buffer, [])
                 # (a window read from the transposed array is a view of it only if it is an array: a
-                # window per loop step of a product laid out step by step, gdsl/schedule/steps.py)
+                # window per loop step of a product laid out step by step, gdsl/schedule/steps.py, taken
+                # by an Op or read in place as a plan view at an offset)
                 windowed = any(t.op.kind in WINDOWS and t.op.inputs[0].buffer is out.buffer
-                               for s in readers if isinstance(s, Wave) for t in s.tasks)
+                               for s in readers if isinstance(s, Wave) for t in s.tasks) or \
+                    any(_partial(x, out.buffer) for s in readers for x in _reads(s))
                 if readers and not windowed and all(isinstance(s, Wave) for s in readers) and \
                         (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
                     views[out.buffer] = View(op, src, "0", read_only, tuple(op.params["permutation"]))
@@ -177,6 +179,11 @@ def find_views(plan) -> dict:
             return views
         for b in bad:
             del views[b]
+
+
+def _partial(value, buffer) -> bool:
+    """Does `value` read only a window of `buffer` (a plan view at an offset, or fewer elements)?"""
+    return value.buffer is buffer and (value.offset != 0 or value.dynamic or value.aval.size != buffer.aval.size)
 
 
 def _positions(plan) -> dict:
