@@ -11,8 +11,9 @@ a one-element static `slice` window (the scheduler keeps those as copies: the ho
 own buffers), and a `transpose` whose readers lie outside its segment (a loop-invariant weight transposed
 before the loop that reads it, say). A `slice` Op whose window is one contiguous run of its source becomes
 a *view*: its output buffer is rendered as a pointer into the source instead of a workspace copy, and the
-Op does no work. A `transpose` read only by Ops becomes a *permuted view*: those Ops read the source through
-permuted strides. Safe when
+Op does no work. A `transpose` read only by Ops, each reading it whole, becomes a *permuted view*: those Ops
+read the source through permuted strides (a window of the transposed array, an Op's or a plan view's at an
+offset, is no window of the source: such a transpose stays a copy). Safe when
 
 - the output is a temp written by this Op alone (so nothing else ever stores into the view), and
 - the source cannot change while the view is read: an input or const (never written by a kernel), or a
