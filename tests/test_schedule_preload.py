@@ -31,12 +31,12 @@ def test_nasrnn_batch_1_cells_load_their_step_inputs_a_wave_early(monkeypatch):
     are loaded before the GEMV's call; NVRTC compiles it. With PRELOAD_STEP_READS off the plan has none."""
     lowered = zoo_lowered("nasrnn", 1)
     plan = lowered.lowering.plan
-    assert _preloads(plan) == {"op5_row_chain_mul_tanh_add": (0, 2, 4, 5, 7, 9, 11, 13, 15),
-                               "op7_row_chain_mul_tanh_add": (0, 2, 5, 7, 9, 11, 13, 15)}
+    assert _preloads(plan) == {"op6_row_chain_mul_tanh_add": (0, 2, 4, 5, 7, 9, 11, 13, 15),
+                               "op8_row_chain_mul_tanh_add": (0, 2, 5, 7, 9, 11, 13, 15)}
     assert plan.stats["preloaded_inputs"] == 17 and "operands 0, 2, 4, 5" in str(plan)
     source = lowered.source
-    assert source.index("float gdsl_pre_op5_row_chain_mul_tanh_add_4 = 0.0f;") < \
-        source.index("op4_matmul(t10, t3,") < source.index("op5_row_chain_mul_tanh_add(t11, t12,")
+    assert source.index("float gdsl_pre_op6_row_chain_mul_tanh_add_4 = 0.0f;") < \
+        source.index("op5_matmul(t11, t4,") < source.index("op6_row_chain_mul_tanh_add(t12, t13,")
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
     monkeypatch.setattr(preload, "PRELOAD_STEP_READS", False)
     off = zoo_lowered("nasrnn", 1).lowering.plan

@@ -38,12 +38,12 @@ def test_attention_batch_1_head_chain_is_local():
 
 
 def test_nasrnn_batch_1_gates_and_cell_are_local():
-    """NASRNN bs1 (owner plan, two steps an iteration, column j on vEU j): both steps' gate buffers (t10, t17:
-    8 x 256, vEU j's GEMV writes column j of each gate, its cell reads it) and the first step's cell state t11
-    are local; the carried h (t3, t12: flag-published) and c (t4: written before the loop by one vEU) are not."""
+    """NASRNN bs1 (owner plan, two steps an iteration, column j on vEU j): both steps' gate buffers (t11, t18:
+    8 x 256, vEU j's GEMV writes column j of each gate, its cell reads it) and the first step's cell state t12
+    are local; the carried h (t4, t13: flag-published) and c (t5: written before the loop by one vEU) are not."""
     plan = zoo_lowered("nasrnn", 1, smem_temps=True).lowering.plan
-    assert _local(plan) == {"t11": 0, "t10": 1024, "t17": 9216} and local_bytes(plan) == 17408
-    assert "shared memory: t11 at +0, t10 at +1024, t17 at +9216 (block-local, 17408 bytes per vEU after the " \
+    assert _local(plan) == {"t12": 0, "t11": 1024, "t18": 9216} and local_bytes(plan) == 17408
+    assert "shared memory: t12 at +0, t11 at +1024, t18 at +9216 (block-local, 17408 bytes per vEU after the " \
            "resident weights)" in str(plan).splitlines()
 
 
