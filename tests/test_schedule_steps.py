@@ -57,7 +57,7 @@ ARGS = {
     rnn: (_w(5, 3, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8)),
     reversed_rows: (_w(4, 2, 8, scale=1.0), _w(8, 6)),
 }
-WIDE = (_w(5, utasks.GEMV_ROWS + 1, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8))   # steps of more rows than a GEMV's
+WIDE = (_w(5, steps.BY_GATE_MAX_ROWS + 1, 8, scale=1.0), _w(4, 8, 8), _w(4, 8, 8))   # steps wider than a GEMV
 
 
 def _loop_eqns(program):
@@ -146,14 +146,14 @@ def test_batched_product_is_laid_out_step_by_step(args):
     """With W stacked ([4, K, n]: gates), the product before the loop is laid out [steps, 4, rows, n], so a
     step's window is one contiguous run: under device control on the C-family backends it is a plan view at
     a run-time offset (no op, no share of the wave's vEUs: the loop's matmul gets the whole grid). Steps of
-    GEMV-shaped row blocks (rows <= GEMV_ROWS) are computed gate by gate, one GEMM over all steps' rows per
+    GEMV-shaped row blocks (rows <= BY_GATE_MAX_ROWS) are computed gate by gate, one GEMM over all steps' rows per
     gate, and transposed into that layout; wider ones as a batched GEMM of every step with every gate."""
     xs, W, U = args
     steps_, rows, n = xs.shape[0], xs.shape[1], W.shape[-1]
     program, hoisted = _hoisted(rnn, xs, W, U)
     (gemm,) = [e for e in hoisted.jaxpr.eqns if e.primitive.name == "matmul"]
     transposes = [e for e in hoisted.jaxpr.eqns if e.primitive.name == "transpose"]
-    if rows <= utasks.GEMV_ROWS:
+    if rows <= steps.BY_GATE_MAX_ROWS:
         assert gemm.inputs[0].aval.shape == (steps_ * rows, xs.shape[2])
         assert gemm.outs[0].aval.shape == (4, steps_ * rows, n)
         (transpose,) = transposes

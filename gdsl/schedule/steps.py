@@ -39,7 +39,8 @@ from gdsl.schedule.utasks import GEMV_ROWS
 HOIST_MAX_BYTES = 32 << 20
 
 # The most rows a step's block may have for its batched-W product to be computed gate by gate and transposed
-# (GEMV-shaped steps, utasks.GEMV_ROWS); 0: always a batched GEMM of every step with every W.
+# (GEMV-shaped steps, utasks.GEMV_ROWS); 0: always a batched GEMM of every step with every W. (The transpose
+# passes the product through twice, GEMM output and copy: at most 2 x HOIST_MAX_BYTES.)
 BY_GATE_MAX_ROWS = GEMV_ROWS
 
 
