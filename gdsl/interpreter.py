@@ -89,23 +89,30 @@ def _while(args, *, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
     return carry
 
 
-def _cond(args, *, branches):
+def _cond(args, *, branches, peeled=None):
+    if peeled is not None:                 # a call's base case at its call site (schedule/peel.py)
+        fn, _, depth = next(frame for frame in reversed(_frame_stack()) if frame[0].name == peeled)
+        _check_depth(fn, depth + 1)
     index = int(np.clip(int(args[0]), 0, len(branches) - 1))
     return (yield _evaluate(branches[index], list(args[1:])))
 
 
 def _call(fn, consts, args, depth):
     """Generator: one frame of recursive function `fn` at recursion depth `depth`."""
-    if depth > fn.max_depth:
-        raise RecursionDepthError(
-            f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
-            f"raise max_depth in @gdsl.recurse(...) if the data needs it")
+    _check_depth(fn, depth)
     stack = _frame_stack()
     stack.append((fn, consts, depth))
     try:
         return (yield _evaluate(fn.jaxpr, list(consts) + list(args)))
     finally:
         stack.pop()
+
+
+def _check_depth(fn, depth):
+    if depth > fn.max_depth:
+        raise RecursionDepthError(
+            f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
+            f"raise max_depth in @gdsl.recurse(...) if the data needs it")
 
 
 def _recurse(args, *, fn):

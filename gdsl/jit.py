@@ -58,7 +58,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "autotune", "ba
                            "cells", "arch", "wave", "fork", "window_store", "resident_calls",
                            "narrow", "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
-                           "smem_temps", "split_k", "place_workspace"})
+                           "smem_temps", "split_k", "place_workspace", "peel"})
 _CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False), "wavefront": (None, True, False),
             "hoist": (None, True, False), "resident": (None, True, False),
             "tensor_cores": (None, True, False), "autotune": (None, True, False),
@@ -72,7 +72,8 @@ _CHOICES = {"control": (None, "device", "host"), "partition": (None, True, False
             "thin_gemv": (None, True, False), "row_views": (None, True, False),
             "siblings": (None, True, False), "flags": (None, True, False),
             "double_temps": (None, True, False), "smem_temps": (None, True, False),
-            "split_k": (None, True, False), "place_workspace": (None, True, False)}
+            "split_k": (None, True, False), "place_workspace": (None, True, False),
+            "peel": (None, True, False)}
 _POSITIVE_INTS = ("grid", "block", "unroll")
 
 

@@ -100,8 +100,11 @@ def function_params(plan):
 
 
 def argument_copies(plan):
-    """Copies into a callee's frame (a parameter's storage one or more frames deeper)."""
-    return [op for op in copies_in_functions(plan) if op.outputs[0].frame_offset > 0]
+    """Copies into a callee's frame (a parameter's storage one or more frames deeper; not a base case's result
+    written at its call site into the callee's result, peel.py)."""
+    params = {id(p.storage) for f in plan.functions for p in f.params}
+    return [op for op in copies_in_functions(plan)
+            if op.outputs[0].frame_offset > 0 and id(op.outputs[0].storage) in params]
 
 
 # ------------------------------------------------------------------------------------------ the plan

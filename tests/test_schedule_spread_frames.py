@@ -147,22 +147,25 @@ def test_the_leaf_and_the_output_copy_run_aside():
     it was (each leaf follows a grid barrier); with spread frames the leaves run beside the matmuls."""
     from models import floor
     program, flat, _, _ = rae_case()
-    for spread, barriers in ((False, 32 + 15 + 1), (True, 32 + 1)):
-        plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True, thin_gemv=False)
+    for spread, barriers in ((False, 32 + 15 + 1), (True, 32 + 1)):      # (leaves as calls: test_schedule_peel.py)
+        plan = schedule(program, grid=132, epilogues=CHAIN, spread_frames=spread, aside=True, thin_gemv=False,
+                        peel=False)
         firsts = sorted((t.op.n_utasks, t.first) for w in function_waves(plan) for t in w.tasks)
         assert firsts == [(1, 32), (32, 0)] and plan.stats["waves_aside"] == 2
         assert floor.count_plan(plan, flat).plan_grid_barriers == barriers
 
 
-def test_waves_not_isolated_stay():
-    """A leaf of several ops: the slices and the product (grid barriers around them) move, the sum and the
-    product after it (a block sync between: one vEU's order) stay on their vEU."""
+def test_small_waves_between_the_same_grid_barriers_move_together():
+    """A leaf of several ops: the slices and the product (grid barriers around them) move, and so do the sum
+    and the product after it (a block sync between them: moved by the same number of vEUs, they keep one
+    vEU's order); the matmul (the functions' widest wave) stays."""
     args = wide_args(TREES["unbalanced"], 64)
     program = gdsl.make_ir(leaf_chain_encoder(6, 64))(*args)
-    plain = function_waves(schedule(program, grid=8, epilogues=CHAIN, spread_frames=False, aside=False))
-    aside = function_waves(schedule(program, grid=8, epilogues=CHAIN, spread_frames=False, aside=True))
+    options = dict(grid=8, epilogues=CHAIN, spread_frames=False, peel=False)
+    plain = function_waves(schedule(program, aside=False, **options))
+    aside = function_waves(schedule(program, aside=True, **options))
     moved = [a.tasks[0].first - p.tasks[0].first for p, a in zip(plain, aside)]
-    assert moved == [0, 4, 4, 0, 0]      # (the matmul, the slices, the product, the sum, the product after)
+    assert moved == [0, 4, 4, 4, 4]      # (the matmul, the slices, the product, the sum, the product after)
 
 
 # ------------------------------------------------------------------------------------------ simulated

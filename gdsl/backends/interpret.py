@@ -12,7 +12,8 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune",
                            "uniform_reductions", "resident_partitioned", "index_ranges",
                            "concat_k", "thin_gemv", "row_views", "siblings", "flags",
-                           "double_temps", "smem_temps", "split_k", "place_workspace"})  # accepted, no effect here
+                           "double_temps", "smem_temps", "split_k", "place_workspace",
+                           "peel"})  # accepted, no effect here
 
 
 def unavailable_reason():

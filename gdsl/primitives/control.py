@@ -1,7 +1,8 @@
 """Control-flow primitives. Their sub-programs are params; their numpy rules run the interpreter.
 
     while[cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts]  cond_consts.. body_consts.. carry..
-    cond[branches]                                             index operands..   (index clamped)
+    cond[branches, peeled]                                     index operands..   (index clamped; peeled:
+                                                               a recursive call's base cases, peel.py)
     recurse[fn]                                                fn_consts.. args..  (entry into fn)
     recurse_call[name, result]                                 args..              (call inside fn's body)
 """
@@ -40,7 +41,7 @@ def _while(*avals, cond_jaxpr, body_jaxpr, cond_nconsts, body_nconsts):
 
 
 @cond_p.def_abstract_eval
-def _cond(index, *operands, branches):
+def _cond(index, *operands, branches, peeled=None):
     if index.shape != () or index.dtype != dtypes.int32:
         raise TypeError(f"cond: the branch index must be an int32 scalar, got {index}")
     out = branches[0].out_avals

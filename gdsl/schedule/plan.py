@@ -538,6 +538,9 @@ class Branch:
     # Results that live in the storage of an operand no one reads after the branch: a branch that returns
     # that operand unchanged runs nothing for it, the others overwrite it (see Scheduler.schedule_cond).
     in_place: tuple[Value, ...] = ()
+    # The recursive function whose call this branch stands for (its base cases at the call site, peel.py):
+    # entering the branch checks that function's depth as the call would (gdsl.RecursionDepthError).
+    depth_of: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

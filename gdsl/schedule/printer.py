@@ -140,7 +140,8 @@ def print_block(block, indent: int, lines: list, device: bool = False, views=fro
             if stmt.in_place:
                 names = ", ".join(map(repr, stmt.in_place))
                 in_place = f" (results in their operands' storage, updated in place: {names})"
-            lines.append(f"{pad}branch on {stmt.index!r}{in_place}:")
+            peeled = f" (a call of {stmt.depth_of}: its depth checked)" if stmt.depth_of else ""
+            lines.append(f"{pad}branch on {stmt.index!r}{in_place}{peeled}:")
             for k, b in enumerate(stmt.branches):
                 empty = "  (nothing to do: the results are already in place)" if stmt.in_place and not b else ""
                 lines.append(f"{pad}  case {k}:{empty}")

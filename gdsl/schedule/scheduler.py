@@ -52,6 +52,7 @@ from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.local import LOOPS, block_local, smem_carries
 from gdsl.schedule.owner import Layout, Node, column_layouts
 from gdsl.schedule.partition import BARRIER_NS, LOCAL_SYNC_NS
+from gdsl.schedule.peel import peel_program
 from gdsl.schedule.plan import (
     COPY,
     EPILOGUE,
@@ -1584,7 +1585,8 @@ class Scheduler:
         for k, out in enumerate(eqn.outs):
             forwarded = self._forwarded_storage(eqn, k, jaxpr, index, donors)
             if forwarded is None:
-                results.append(self._carry_storage(out))
+                in_callee = self._peeled_result(eqn, k)
+                results.append(self._carry_storage(out) if in_callee is None else in_callee)
                 continue
             self.hints.pop(out, None)
             donors.add(id(forwarded.storage))
@@ -1602,7 +1604,20 @@ class Scheduler:
                 self.hints.pop(out, None)
             branches.append(tuple(body))
         self.env.update(zip(eqn.outs, results))
-        return stmts + [Branch(index_uniform, tuple(branches), tuple(in_place))]
+        return stmts + [Branch(index_uniform, tuple(branches), tuple(in_place), eqn.params.get("peeled"))]
+
+    def _peeled_result(self, eqn, k) -> Value | None:
+        """Where result `k` of a call's base cases at its call site (a cond from peel.py) lives: in the
+        callee's frame, where the call leaves it, when the caller may read the call's result there
+        (_by_reference); the base branches then write it there, and the call runs as it would. None: in a
+        storage of its own, as any branch result."""
+        name, out = eqn.params.get("peeled"), eqn.outs[k]
+        if name is None:
+            return None
+        result = self.fn_defs[name][2][k]
+        if not self._by_reference(name, [out], [result])[0]:
+            return None
+        return Value(result.storage, result.aval, self._next_held_step(name))
 
     def _forwarded_storage(self, eqn, k, jaxpr, index, taken) -> Value | None:
         """The storage of an operand that result `k` of cond `eqn` (equation `index` of `jaxpr`) may live in,
@@ -1689,7 +1704,8 @@ class Scheduler:
         outlive every later call from this body, so a call after it goes `step` frames deeper, past the
         frames that hold such results (_call_step)."""
         _, params, results = self.fn_defs[name]
-        by_reference = self._by_reference(name, outs, results)
+        placed = [self._placed_in_callee(out, result, self._next_held_step(name)) for out, result in zip(outs, results)]
+        by_reference = [a or b for a, b in zip(self._by_reference(name, outs, results), placed)]
         step = self._call_step(name, any(by_reference))
         shared = self.shared_params[name]
         stmts = self._copies([(Value(p.storage, p.aval, step), arg) for k, (p, arg) in enumerate(zip(params, args))
@@ -1782,6 +1798,16 @@ class Scheduler:
             return [False] * len(outs)
         return [not result.is_uniform and not self._has_own_buffer(out) for out, result in zip(outs, results)]
 
+    def _placed_in_callee(self, var, result, step) -> bool:
+        """Is call result `var` wanted where the callee leaves `result` when it goes `step` frames deeper (a
+        peeled call's branch result: _peeled_result)?"""
+        hint = self.hints.get(var)
+        return hint is not None and hint[0].storage is result.storage and hint[0].frame_offset == step
+
+    def _next_held_step(self, name) -> int:
+        """The step of the next call of `name` from the body being scheduled if it holds results."""
+        return self.held_frames.get((self.frame, name), 0) + 1
+
     def _has_own_buffer(self, var) -> bool:
         """Does `var` go to a buffer chosen for it already (see _carry_storage)?"""
         hint = self.hints.get(var)
@@ -1792,11 +1818,9 @@ class Scheduler:
         the frames of every earlier call from this body whose results are read in place (one frame each,
         in program order; a call holding results takes the next). Conservative: such a result counts as
         read until the end of the body."""
-        key = (self.frame, name)
-        held = self.held_frames.get(key, 0)
+        step = self._next_held_step(name)
         if holds_results:
-            self.held_frames[key] = held + 1
-        step = held + 1
+            self.held_frames[(self.frame, name)] = step
         self.max_steps[name] = max(self.max_steps.get(name, 1), step)
         return step
 
@@ -2040,14 +2064,22 @@ def _wave_span(wave) -> int:
 
 
 def _isolated_waves(body, functions, waves) -> list:
-    """Those of `waves` that grid barriers isolate: on every path from one to the grid barrier before it
-    and the one after it (the kernel's start and end count as such), nothing else touches memory. Each
-    wave is marked as a vEU number of its own (below EVERY_VEU) in _SyncNeighbourhoods' sets."""
+    """Those of `waves` that grid barriers isolate from every other wave: on every path from one to the grid
+    barrier before it and the one after it (the kernel's start and end count as such), nothing touches
+    memory but waves isolated so too (two base cases of a node at their call sites, peel.py: moved together,
+    they keep their order on one vEU). Each wave is marked as a vEU number of its own (below EVERY_VEU) in
+    _SyncNeighbourhoods' sets; a wave whose sets hold anything else drops out, and so, in turn, do those that
+    share a set with it."""
     marks = {w: EVERY_VEU - 1 - k for k, w in enumerate(waves)}
     hoods = _SyncNeighbourhoods((Sync("grid"),) + tuple(body) + (Sync("grid"),), functions, frozenset(), marks)
     sets = list(hoods.before.values()) + list(hoods.after.values())
-    return [w for w, mark in marks.items() if all(veus == {mark} for veus in sets if mark in veus)
-            and any(mark in veus for veus in sets)]
+    chosen = set(marks.values())
+    while True:
+        kept = {m for m in chosen
+                if any(m in veus for veus in sets) and all(veus <= chosen for veus in sets if m in veus)}
+        if kept == chosen:
+            return [w for w, mark in marks.items() if mark in chosen]
+        chosen = kept
 
 
 def _with_spread(f: RecFunction) -> RecFunction:
@@ -2083,39 +2115,55 @@ def _spread_sites(f: RecFunction, demoted) -> frozenset:
     (plan.RecFunction.callee_extra: spread * step), and _with_spread made sure that a call's subtree
     touches nothing else the plan writes; so a callee's last barrier orders nothing for these sites."""
     sites = set()
-    for block in _blocks(f.body):
+
+    def visit(block, after):        # after: what follows `block` on its path (a branch case's: after the branch)
         for k, stmt in enumerate(block):
-            if isinstance(stmt, Call) and stmt.fn == f.name and _continues_to_grid(block[k + 1:], stmt, demoted):
+            rest = tuple(block[k + 1:]) + after
+            if isinstance(stmt, Call) and stmt.fn == f.name and _continues_to_grid(rest, stmt, demoted, f):
                 sites.add(stmt.site)
+            elif isinstance(stmt, Branch):
+                for branch in stmt.branches:
+                    visit(branch, rest)
+            elif isinstance(stmt, Loop):
+                visit(stmt.cond, ())
+                visit(stmt.body, ())
+    visit(f.body, ())
     return frozenset(sites)
 
 
-def _blocks(block):
-    """`block` and every statement list nested in it."""
-    yield block
-    for stmt in block:
-        if isinstance(stmt, Loop):
-            yield from _blocks(stmt.cond)
-            yield from _blocks(stmt.body)
-        elif isinstance(stmt, Branch):
-            for b in stmt.branches:
-                yield from _blocks(b)
-
-
-def _continues_to_grid(rest, call, demoted) -> bool:
-    """Does `rest` (what follows `call` in its block) reach a grid barrier on every vEU (not demoted, not by
-    return site) through nothing but barriers, uniform statements that read no memory the plan writes, and
-    later calls of the same function?"""
-    for stmt in rest:
+def _continues_to_grid(rest, call, demoted, f: RecFunction) -> bool:
+    """Does `rest` (what follows `call` of `f`, on its path) reach a grid barrier on every vEU (not demoted,
+    not by return site) through nothing but barriers, uniform statements that read no memory the plan
+    writes, later calls of `f`, waves that touch only what such later calls' own frames hold (_later_frame:
+    a base case at its call site, peel.py) or memory the plan never writes, and branches of these?"""
+    for k, stmt in enumerate(rest):
         if isinstance(stmt, Sync):
             if stmt.always_grid and stmt not in demoted:
                 return True
         elif isinstance(stmt, Call):
             if stmt.fn != call.fn or stmt.step <= call.step:
                 return False
+        elif isinstance(stmt, Branch):
+            return all(_continues_to_grid(tuple(b) + tuple(rest[k + 1:]), call, demoted, f) for b in stmt.branches)
+        elif isinstance(stmt, Wave):
+            if not all(not _writable(v) or _later_frame(v, call, f) for t in stmt.tasks
+                       for v in t.op.inputs + t.op.outputs):
+                return False
         elif not isinstance(stmt, (Uniforms, Assign)) or _veus_touching_memory(stmt):
             return False
     return False
+
+
+def _later_frame(value, call, f: RecFunction) -> bool:
+    """Does `value` lie in own frames of later calls than `call` from the same body (offsets call.step + 1 to
+    f.max_step), which no call of `call`'s subtree touches (_spread_sites)? Only for a plain window."""
+    if value.is_uniform or value.storage.frame_of != f.name or value.terms or value.perm is not None \
+            or value.window is not None or value.rows is not None:
+        return False
+    size = value.storage.aval.size
+    first = value.frame_offset + value.offset // size
+    last = value.frame_offset + (value.offset + value.aval.size - 1) // size
+    return call.step < first and last <= f.max_step
 
 
 def _trailing_grid_syncs(block, demoted) -> list:
@@ -2138,10 +2186,12 @@ def _trailing_grid_syncs(block, demoted) -> list:
 
 def _tail_in_frame(before, demoted) -> bool:
     """Does `before` end with a grid barrier on every vEU (not demoted, not by return site) followed by
-    waves, uniform statements and other barriers only?"""
+    waves, uniform statements and other barriers only (that barrier may end every case of a branch)?"""
     for stmt in reversed(before):
         if isinstance(stmt, Sync) and stmt.always_grid and stmt not in demoted:
             return True
+        if isinstance(stmt, Branch):
+            return all(_tail_in_frame(b, demoted) for b in stmt.branches)
         if not isinstance(stmt, (Wave, Uniforms, Assign, Sync)):
             return False
     return False
@@ -2834,7 +2884,7 @@ def _split_host(body, functions):
                 out.append(Loop(split(stmt.cond), stmt.pred, split(stmt.body)))
             elif isinstance(stmt, Branch):
                 flush()
-                out.append(Branch(stmt.index, tuple(split(b) for b in stmt.branches), stmt.in_place))
+                out.append(dataclasses.replace(stmt, branches=tuple(split(b) for b in stmt.branches)))
             elif isinstance(stmt, Call):
                 flush()
                 out.append(stmt)
@@ -2854,7 +2904,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
              k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
-             double_temps=None, smem_temps=None, split_k=None, preloads=None) -> Plan:
+             double_temps=None, smem_temps=None, split_k=None, preloads=None, peel=None) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2945,6 +2995,9 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `split_k` (None, the default, or True): a GEMM whose output tiles are too few for the grid and whose k is
     deep runs as S partial products over ranges of k and a fused op of the next wave that sums them, where
     utasks.k_splits estimates that clearly faster (splitk.py; utasks.FORCE_K_SPLITS forces an S); False: never.
+    `peel` (None, the default: unless `fork`; or True): a recursive function's base cases run at its call sites,
+    with no call (peel.py; the branch result in the callee's frame, where the call would leave it); False: every
+    call a Call.
 
     Small work on the program's inputs leaves its branches first (speculate.py: it runs with the kernel's first
     wave instead of as a wave of the branch), then loop invariants leave their loops (licm.py): the plan never
@@ -2979,6 +3032,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         raise ValueError(f"double_temps must be None (on), True or False, got {double_temps!r}")
     if split_k not in (None, True, False):
         raise ValueError(f"split_k must be None (on), True or False, got {split_k!r}")
+    if peel not in (None, True, False):
+        raise ValueError(f"peel must be None (on), True or False, got {peel!r}")
     if smem_temps not in (None, True, False, LOOPS):
         raise ValueError(f"smem_temps must be None (off), True, {LOOPS!r} or False, got {smem_temps!r}")
     options = dict(
@@ -2989,6 +3044,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
         row_blocks=row_blocks, split_k=split_k is not False)
+    if peel or (peel is None and not fork):      # (a Fork pairs two Calls: peeled, they are branches)
+        program = _checked(peel_program(program), program)
     plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options,
                               flags)
     if flags:

@@ -394,15 +394,14 @@ class Simulator:
             self.waits, self.published, self.staged = saved
 
     def run_branch(self, stmt: Branch):
+        if stmt.depth_of:
+            self._check_depth(self.functions[stmt.depth_of])
         index = int(np.clip(int(self.read(stmt.index).reshape(())), 0, len(stmt.branches) - 1))
         self.block(stmt.branches[index])
 
     def run_call(self, stmt: Call):
         fn = self.functions[stmt.fn]
-        if self.depth[fn.name] + 1 > fn.max_depth:
-            raise RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth="
-                                      f"{fn.max_depth}; raise max_depth in @gdsl.recurse(...) if the data "
-                                      f"needs it")
+        self._check_depth(fn)
         self.depth[fn.name] += 1
         self.frame[fn.name] += stmt.step
         self.return_sites.append(stmt.site)
@@ -419,6 +418,13 @@ class Simulator:
             self.depth[fn.name] -= 1
             self.frame[fn.name] -= stmt.step
             self.group, self.own_base[fn.name], self.kid_base[fn.name] = saved
+
+    def _check_depth(self, fn):
+        """A call of `fn` from here (a Call, or a Branch that stands for one) would go past max_depth?"""
+        if self.depth[fn.name] + 1 > fn.max_depth:
+            raise RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth="
+                                      f"{fn.max_depth}; raise max_depth in @gdsl.recurse(...) if the data "
+                                      f"needs it")
 
     def _region(self, fn) -> int:
         """The first frame of the running group's frame region of `fn`, made on first use."""

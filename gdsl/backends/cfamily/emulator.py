@@ -165,7 +165,7 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", pa
             window_store=None, resident_calls=None, cells=None, spread_frames=None, aside=None,
             uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
             thin_gemv=None, row_views=None, siblings=None, flags=None, double_temps=None, smem_temps=None,
-            split_k=None, dialect=None):
+            split_k=None, peel=None, dialect=None):
     """Trace `fun(*args)`, schedule it for `grid` vEUs of `block` threads, and run the generated code on the
     CPU emulator (in `dialect`: the emulator's own by default, or gdsl.backends.hip.emulated's HIP dialect).
     Returns the results in `fun`'s pytree (numpy arrays)."""
@@ -184,7 +184,7 @@ def emulate(fun, *args, control="device", grid=4, block=64, barrier="atomic", pa
                           "resident_partitioned": resident_partitioned, "index_ranges": index_ranges,
                           "concat_k": concat_k, "thin_gemv": thin_gemv, "row_views": row_views,
                           "siblings": siblings, "flags": flags, "double_temps": double_temps,
-                          "smem_temps": smem_temps, "split_k": split_k}, dialect)
+                          "smem_temps": smem_temps, "split_k": split_k, "peel": peel}, dialect)
     lowering = lower_with_grid(program, opts, grid, dialect)
     flat, _ = tree_flatten((tuple(args), {}))
     flat = [_as_dtype(x, leaf_aval(x)) for x in flat]

@@ -224,6 +224,8 @@ class Executable:
                         break
                     self.run_host(stmt.body, arrays, depths)
             elif isinstance(stmt, Branch):
+                if stmt.depth_of and depths[stmt.depth_of] >= self.fns[stmt.depth_of].max_depth:
+                    raise _depth_error(self.fns[stmt.depth_of])
                 index = int(self.read(stmt.index, arrays, depths))
                 self.run_host(stmt.branches[min(max(index, 0), len(stmt.branches) - 1)], arrays, depths)
             elif isinstance(stmt, Call):

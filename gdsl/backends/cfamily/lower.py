@@ -17,7 +17,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "balance", "rows", "cells", "fork", "window_store", "resident_calls", "narrow",
                            "spread_frames", "aside", "uniform_reductions", "resident_partitioned",
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
-                           "smem_temps", "split_k", "place_workspace"})
+                           "smem_temps", "split_k", "place_workspace", "peel"})
 DEFAULT_BLOCK = 256
 # The jit option smem_temps when not given (local.py): block-local temps of loop bodies only; True (every temp)
 # is a switch for measuring what the straight-line ones give.
@@ -53,7 +53,7 @@ def check_options(options, dialect) -> dict:
             "thin_gemv": options.get("thin_gemv"), "row_views": options.get("row_views"),
             "siblings": options.get("siblings"), "flags": options.get("flags"),
             "double_temps": options.get("double_temps"), "smem_temps": options.get("smem_temps"),
-            "split_k": options.get("split_k")}
+            "split_k": options.get("split_k"), "peel": options.get("peel")}
 
 
 def resident_budget(opts, grid: int, sms: int, smem_per_sm: int) -> int:
@@ -91,7 +91,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
                     double_temps=opts.get("double_temps"),
                     smem_temps=SMEM_TEMPS if opts.get("smem_temps") is None else opts["smem_temps"],
-                    split_k=opts.get("split_k"), preloads=True)
+                    split_k=opts.get("split_k"), peel=opts.get("peel"), preloads=True)
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

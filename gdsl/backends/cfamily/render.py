@@ -617,6 +617,8 @@ class Renderer:
                 lines += loop_lines
                 continue
             elif isinstance(stmt, Branch):
+                if stmt.depth_of:
+                    lines.append(pad + self.depth_check(stmt.depth_of))
                 lines.append(f"{pad}switch ({self.elem(stmt.index)}) {{")
                 for k, branch in enumerate(stmt.branches):
                     label = "default" if k == len(stmt.branches) - 1 else f"case {k}"
@@ -694,15 +696,20 @@ class Renderer:
         lines += [pad + line for line in self.staged_out(stmt)]
         return lines, after_cond and not stmt.staged
 
+    def depth_check(self, fn: str) -> str:
+        """A call's check of `fn`'s depth (a Call's, or a Branch's that stands for one: plan.Branch.depth_of):
+        past max_depth, the error flag for the host names the function, and the kernel ends."""
+        code = list(self.fns).index(fn) + 1     # which function overflowed, for the host
+        # (with Forks, the vEU that overflows may be any: each sets the flag the others' barriers watch)
+        setter = f"{self.dialect.thread_index} == 0" if self.forks else self.first_thread()
+        return f"if (d_{cid(fn)} >= {self.fns[fn].max_depth}) {{ if ({setter}) *gdsl_err = {code}; goto gdsl_exit; }}"
+
     def call_lines(self, stmt: Call, pad: str, half: tuple | None = None) -> list[str]:
         """The stack machine's call (module docstring); `half` (0 or 1, the Fork's min_group) for a call of a
         Fork: the vEU enters it in that half of its group, when each half has min_group vEUs or more."""
         f, name = self.fns[stmt.fn], cid(stmt.fn)
-        code = list(self.fns).index(stmt.fn) + 1     # which function overflowed, for the host
         site = self.trace and self.trace.call(stmt)
-        # (with Forks, the vEU that overflows may be any: each sets the flag the others' barriers watch)
-        setter = f"{self.dialect.thread_index} == 0" if self.forks else self.first_thread()
-        lines = [f"{pad}if (d_{name} >= {f.max_depth}) {{ if ({setter}) *gdsl_err = {code}; goto gdsl_exit; }}"]
+        lines = [pad + self.depth_check(stmt.fn)]
         lines += self.trace_lines(pad, trace_begin, site)
         frames = f" b_{name} += {stmt.step};" if self.steps_frames(stmt.fn) else ""
         if not self.bases:

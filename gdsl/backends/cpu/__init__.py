@@ -81,7 +81,7 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "resident_calls", "narrow", "spread_frames", "aside", "autotune", "uniform_reductions",
                            "resident_partitioned", "index_ranges", "concat_k", "thin_gemv",
                            "row_views", "siblings", "flags", "double_temps", "smem_temps",
-                           "split_k", "place_workspace"})
+                           "split_k", "place_workspace", "peel"})
 DEFAULT_BLOCK = 1024
 
 
@@ -143,7 +143,7 @@ def lower(program, options) -> Lowering:
                     partition=options.get("partition"), wavefront=options.get("wavefront"),
                     hoist=options.get("hoist"), owner=options.get("owner"), concat_k=options.get("concat_k"),
                     epilogues=() if options.get("epilogue") is False else LOWERING_CHAIN, balance=False,
-                    split_k=options.get("split_k"))
+                    split_k=options.get("split_k"), peel=options.get("peel"))
     threads = max(1, min(grid, cpu_count())) if control == "device" and sys.platform.startswith("linux") else 1
     trace = trace_sites(plan, options.get("profile"))     # None: the normal build
     writer = ModuleWriter(plan, threads, trace)

@@ -185,6 +185,8 @@ class KernelWriter(KernelStorage):
     def _branch(self, stmt: Branch) -> None:
         fn = self.fn
         n = len(stmt.branches)
+        if stmt.depth_of:
+            self._depth_check(self.module.functions[stmt.depth_of])
         self._shared([stmt.index])
         index = fn.ext_index(self.scalar(stmt.index), compute_type(stmt.index.aval.dtype))
         index = fn.clamp(index, 0, n - 1)
@@ -204,12 +206,8 @@ class KernelWriter(KernelStorage):
         fn, f = self.fn, self.module.functions[stmt.fn]
         depth_slot = self.depth_slot(f.name)
         stack = self._stack(f)
-        d = fn.load("i64", depth_slot)
-        deeper = fn.op(f"add nsw i64 {d}, 1")
-        too_deep = fn.op(f"icmp sgt i64 {deeper}, {f.max_depth}")
-        push, back = fn.label("push"), fn.label(f"return{stmt.site}_")
-        fn.do(f"br i1 {too_deep}, label %{self._error_block(f)}, label %{push}")
-        fn.start(push)
+        d, deeper = self._depth_check(f)
+        back = fn.label(f"return{stmt.site}_")
         fn.store("i32", str(stmt.site), fn.gep("i32", stack, d))
         fn.store("i64", deeper, depth_slot)
         if self.steps_frames(f.name):
@@ -222,6 +220,18 @@ class KernelWriter(KernelStorage):
             self._add_frames(f.name, -stmt.step)
         self._trace_event(self.trace and self.trace.call(stmt), end=True)
         self.sites[f.name][stmt.site] = back
+
+    def _depth_check(self, f) -> tuple[str, str]:
+        """A call's check of `f`'s depth (a Call's, or a Branch's that stands for one): past max_depth, the
+        function's error block; (the depth, the depth + 1) for the call to push."""
+        fn = self.fn
+        d = fn.load("i64", self.depth_slot(f.name))
+        deeper = fn.op(f"add nsw i64 {d}, 1")
+        too_deep = fn.op(f"icmp sgt i64 {deeper}, {f.max_depth}")
+        ok = fn.label("depth_ok")
+        fn.do(f"br i1 {too_deep}, label %{self._error_block(f)}, label %{ok}")
+        fn.start(ok)
+        return d, deeper
 
     def _add_frames(self, fname, step: int) -> None:
         slot = self.frame_slot(fname)

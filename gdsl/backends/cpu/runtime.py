@@ -184,6 +184,11 @@ class Executable:
             elif op == "switch":
                 n = len(ins[2])
                 pc = ins[2][min(max(int(self._scalar(ins[1])), 0), n - 1)]
+            elif op == "check_depth":
+                k = self.fn_index[ins[1]]
+                if depths[k] + 1 > self.functions[k].max_depth:
+                    self._check(k + 1)
+                pc += 1
             elif op == "call":
                 k = self.fn_index[ins[1]]
                 if depths[k] + 1 > self.functions[k].max_depth:
@@ -236,7 +241,7 @@ def to_numpy(x):
 def _flatten_host(plan):
     """The host statement tree (and recursive function bodies) as a list of instructions:
     ("launch", k) ("jump_unless", pred, target) ("jump", target) ("switch", index, targets)
-    ("call", fn, entry) ("return", fn) ("halt",)."""
+    ("call", fn, entry) ("check_depth", fn) ("return", fn) ("halt",)."""
     code: list = []
     entries: dict = {}
     calls: list = []
@@ -254,6 +259,8 @@ def _flatten_host(plan):
                 code.append(("jump", head))
                 code[exit_at] = ("jump_unless", stmt.pred, len(code))
             elif isinstance(stmt, Branch):
+                if stmt.depth_of:
+                    code.append(("check_depth", stmt.depth_of))
                 at = len(code)
                 code.append(None)
                 targets, ends = [], []
