@@ -35,8 +35,9 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
     Uniforms(ops)       every vEU evaluates these scalar ops
     Assign(dst, src)    uniform copy (loop carries, call arguments)
     Loop(cond, pred, body)      while True: cond; if not pred: break; body
-    Branch(index, branches, in_place)   run branches[index] (index is uniform and already clamped);
-                        in_place: results kept in a dead operand's storage (a forwarding branch is empty)
+    Branch(index, branches, in_place, depth_of)   run branches[index] (index is uniform and already clamped);
+                        in_place: results kept in a dead operand's storage (a forwarding branch is empty);
+                        depth_of: a call's base cases at its call site (peel.py), that function's depth checked
     Call(fn, site, step)  push the return site, enter recursive function `fn` `step` frames deeper (its
                         arguments and results are at frame_offset `step`; step > 1 leaves the frames in
                         between to results of earlier calls that are still read: see Scheduler._call)
