@@ -210,12 +210,13 @@ def test_recursion_calls_are_events():
         def down(k):
             return gdsl.cond(k <= 0, lambda: gnp.sum(gnp.tanh(emb)), lambda: down(k - 1) + 1.0)
         return down(n)
-    jitted = gdsl.jit(f, backend="cpu", grid=1)
-    p = gdsl.profile(jitted, np.int32(3))
-    calls = [e for e in p.events if e.kind == "call"]
-    assert len(calls) == 4
-    depths = sorted(e.depth for e in calls)
-    assert depths == sorted(set(depths))     # each call nests inside the previous one
+    for peel, n_calls in ((False, 4), (None, 3)):     # (by default the base case runs at its call site: no call)
+        jitted = gdsl.jit(f, backend="cpu", grid=1, peel=peel)
+        p = gdsl.profile(jitted, np.int32(3))
+        calls = [e for e in p.events if e.kind == "call"]
+        assert len(calls) == n_calls
+        depths = sorted(e.depth for e in calls)
+        assert depths == sorted(set(depths))     # each call nests inside the previous one
 
 
 # ------------------------------------------------------------------------------------------ C family

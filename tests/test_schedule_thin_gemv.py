@@ -87,8 +87,9 @@ def test_balanced_waves_may_take_thin_tiles():
 # ------------------------------------------------------------------------------------------ plans
 
 def test_rae_plan():
-    """RAE at full size: the node's matmul on vEUs 0-63 (8 columns, k in one chunk of 1024), the leaf and the
-    output copy aside on vEU 64; the barriers executed on the fixed tree are those without the option."""
+    """RAE at full size: the node's matmul on vEUs 0-63 (8 columns, k in one chunk of 1024), the leaves (a node's
+    two at their call sites, the function's own for a root that is a leaf) and the output copy aside on vEU 64;
+    the barriers executed on the fixed tree are those without the option."""
     from models import floor, rae
     program, flat, weights, inputs = rae_case()
     plain = schedule(program, grid=132, epilogues=CHAIN, thin_gemv=False)
@@ -98,7 +99,7 @@ def test_rae_plan():
     assert task.op.params["tile_n"] == 8 and task.op.params[utasks.K_CHUNK] == 1024
     small = sorted(t.first for s in plan_statements(thin) if isinstance(s, Wave) for t in s.tasks
                    if t.op.n_utasks == 1)
-    assert small == [64, 64]
+    assert small == [64, 64, 64, 64]
     assert floor.count_plan(thin, flat).plan_grid_barriers == floor.count_plan(plain, flat).plan_grid_barriers == 33
     np.testing.assert_allclose(simulate(thin, flat)[0], rae.reference(weights, inputs, rae.Config()),
                                rtol=1e-4, atol=1e-5)

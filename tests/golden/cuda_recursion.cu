@@ -2,7 +2,7 @@
 #define GDSL_RESIDENT_BASE 16
 
 // ---------------------------------------------------------------------------------------- ops
-GDSL_DEV void op2_copy(float* o0, const float* i0, int t, char* smem) {
+GDSL_DEV void op4_copy(float* o0, const float* i0, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
@@ -10,15 +10,7 @@ GDSL_DEV void op2_copy(float* o0, const float* i0, int t, char* smem) {
   }
 }
 
-GDSL_DEV void op0_tanh_add(float* o0, const float* i0, const float* i1, int t, char* smem) {
-  const int lo = t * 1024;
-  const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
-  for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
-    o0[i] = (float)(tanhf((i0[i] + i1[i])));
-  }
-}
-
-GDSL_DEV void op1_dynamic_slice(float* o0, const float* i0, int i1, int i2, int t, char* smem) {
+GDSL_DEV void op0_dynamic_slice(float* o0, const float* i0, int i1, int i2, int t, char* smem) {
   const int lo = t * 1024;
   const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
   long long s0 = (long long)(i1);
@@ -27,6 +19,14 @@ GDSL_DEV void op1_dynamic_slice(float* o0, const float* i0, int i1, int i2, int 
   s1 = s1 < 0 ? 0 : (s1 > 0 ? 0 : s1);
   for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
     o0[i] = (float)(__ldg(i0 + (int)((s0 + 0) * 4 + (s1 + (i % 4)))));
+  }
+}
+
+GDSL_DEV void op2_tanh_add(float* o0, const float* i0, const float* i1, int t, char* smem) {
+  const int lo = t * 1024;
+  const int hi = lo + 1024 < 4 ? lo + 1024 : 4;
+  for (int i = lo + (int)threadIdx.x; i < hi; i += 256) {
+    o0[i] = (float)(tanhf((i0[i] + i1[i])));
   }
 }
 
@@ -48,20 +48,36 @@ extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __re
   bool u7 = false;
   int u8 = 0;
   int u9 = 0;
-  int u10 = 0;
+  int u10_s[19];
   bool u11 = false;
   int u12 = 0;
   int u13 = 0;
-  int u14 = 0;
-  bool u15 = false;
-  int u16 = 0;
+  bool u14 = false;
+  int u15 = 0;
+  bool u16 = false;
   int u17 = 0;
+  int u18 = 0;
+  int u19_s[19];
+  bool u20 = false;
+  int u21 = 0;
+  int u22 = 0;
+  bool u23 = false;
+  int u24_s[19];
+  bool u25 = false;
+  int u26 = 0;
+  int u27 = 0;
+  bool u28 = false;
+  int u29 = 0;
+  int u30 = 0;
+  bool u31 = false;
+  int u32 = 0;
+  int u33 = 0;
   u0_s[b_enc + 1] = 0;
   if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
   r_enc[d_enc] = 2; d_enc += 1; b_enc += 1; goto f_enc;
   f_enc_ret_2: ;
   b_enc -= 1;
-  if (blockIdx.x < 1) op2_copy(out0, (t1 + (long long)(b_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
+  if (blockIdx.x < 1) op4_copy(out0, (t1 + (long long)(b_enc + 1) * 4), (int)blockIdx.x, gdsl_smem);
   goto gdsl_exit;
 f_enc:
   u2 = (u0_s[b_enc] < 0);
@@ -74,29 +90,63 @@ f_enc:
       u7 = (u0_s[b_enc] < 0);
       u8 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
       u9 = (u7 ? u8 : u0_s[b_enc]);
-      u10 = in1[(int)(((long long)(u9) < 0 ? 0LL : ((long long)(u9) > 6 ? 6LL : (long long)(u9))) * 1)];
-      u0_s[b_enc + 1] = u10;
+      u10_s[b_enc] = in1[(int)(((long long)(u9) < 0 ? 0LL : ((long long)(u9) > 6 ? 6LL : (long long)(u9))) * 1)];
+      u11 = (u10_s[b_enc] < 0);
+      u12 = ((int)((unsigned long long)u10_s[b_enc] + (unsigned long long)7));
+      u13 = (u11 ? u12 : u10_s[b_enc]);
+      u14 = in3[(int)(((long long)(u13) < 0 ? 0LL : ((long long)(u13) > 6 ? 6LL : (long long)(u13))) * 1)];
+      u15 = ((int)(u14));
+      u16 = (u0_s[b_enc] < 0);
+      u17 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+      u18 = (u16 ? u17 : u0_s[b_enc]);
+      u19_s[b_enc] = in2[(int)(((long long)(u18) < 0 ? 0LL : ((long long)(u18) > 6 ? 6LL : (long long)(u18))) * 1)];
+      u20 = (u19_s[b_enc] < 0);
+      u21 = ((int)((unsigned long long)u19_s[b_enc] + (unsigned long long)7));
+      u22 = (u20 ? u21 : u19_s[b_enc]);
+      u23 = in3[(int)(((long long)(u22) < 0 ? 0LL : ((long long)(u22) > 6 ? 6LL : (long long)(u22))) * 1)];
+      u24_s[b_enc] = ((int)(u23));
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
-      r_enc[d_enc] = 0; d_enc += 1; b_enc += 1; goto f_enc;
-      f_enc_ret_0: ;
-      b_enc -= 1;
-      u11 = (u0_s[b_enc] < 0);
-      u12 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
-      u13 = (u11 ? u12 : u0_s[b_enc]);
-      u14 = in2[(int)(((long long)(u13) < 0 ? 0LL : ((long long)(u13) > 6 ? 6LL : (long long)(u13))) * 1)];
-      u0_s[b_enc + 2] = u14;
+      switch (u15) {
+        case 0: {
+          u0_s[b_enc + 1] = u10_s[b_enc];
+          if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
+          r_enc[d_enc] = 0; d_enc += 1; b_enc += 1; goto f_enc;
+          f_enc_ret_0: ;
+          b_enc -= 1;
+        } break;
+        default: {
+          u25 = (u10_s[b_enc] < 0);
+          u26 = ((int)((unsigned long long)u10_s[b_enc] + (unsigned long long)7));
+          u27 = (u25 ? u26 : u10_s[b_enc]);
+          if (blockIdx.x < 1) op0_dynamic_slice((t1 + (long long)(b_enc + 1) * 4), in0, u27, 0, (int)blockIdx.x, gdsl_smem);
+          __syncthreads();
+        } break;
+      }
       if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
-      r_enc[d_enc] = 1; d_enc += 1; b_enc += 2; goto f_enc;
-      f_enc_ret_1: ;
-      b_enc -= 2;
-      if (blockIdx.x < 1) op0_tanh_add((t1 + (long long)(b_enc) * 4), (t1 + (long long)(b_enc + 1) * 4), (t1 + (long long)(b_enc + 2) * 4), (int)blockIdx.x, gdsl_smem);
+      switch (u24_s[b_enc]) {
+        case 0: {
+          u0_s[b_enc + 2] = u19_s[b_enc];
+          if (d_enc >= 8) { if (blockIdx.x == 0 && threadIdx.x == 0) *gdsl_err = 1; goto gdsl_exit; }
+          r_enc[d_enc] = 1; d_enc += 1; b_enc += 2; goto f_enc;
+          f_enc_ret_1: ;
+          b_enc -= 2;
+        } break;
+        default: {
+          u28 = (u19_s[b_enc] < 0);
+          u29 = ((int)((unsigned long long)u19_s[b_enc] + (unsigned long long)7));
+          u30 = (u28 ? u29 : u19_s[b_enc]);
+          if (blockIdx.x < 1) op0_dynamic_slice((t1 + (long long)(b_enc + 2) * 4), in0, u30, 0, (int)blockIdx.x, gdsl_smem);
+          __syncthreads();
+        } break;
+      }
+      if (blockIdx.x < 1) op2_tanh_add((t1 + (long long)(b_enc) * 4), (t1 + (long long)(b_enc + 1) * 4), (t1 + (long long)(b_enc + 2) * 4), (int)blockIdx.x, gdsl_smem);
       __syncthreads();
     } break;
     default: {
-      u15 = (u0_s[b_enc] < 0);
-      u16 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
-      u17 = (u15 ? u16 : u0_s[b_enc]);
-      if (blockIdx.x < 1) op1_dynamic_slice((t1 + (long long)(b_enc) * 4), in0, u17, 0, (int)blockIdx.x, gdsl_smem);
+      u31 = (u0_s[b_enc] < 0);
+      u32 = ((int)((unsigned long long)u0_s[b_enc] + (unsigned long long)7));
+      u33 = (u31 ? u32 : u0_s[b_enc]);
+      if (blockIdx.x < 1) op0_dynamic_slice((t1 + (long long)(b_enc) * 4), in0, u33, 0, (int)blockIdx.x, gdsl_smem);
       __syncthreads();
     } break;
   }
