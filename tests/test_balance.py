@@ -38,22 +38,6 @@ def test_solver_spreads_an_op_over_idle_veus():
     assert balance.balance(options, 264, [(0, 16)]) == [(1, 64)]
 
 
-def test_idle_veus_go_to_an_op_in_rounds():
-    """A 256-row reduction beside a GEMV 2.5 times as long: the bisection gives the reduction 128 vEUs (two
-    rounds fit the GEMV's time); the vEUs the wave leaves idle take it to one round. Too few idle: unchanged."""
-    options = [[(256, 100.0, None)], [(1, 250.0, None), (2, 400.0, None)]]
-    assert balance.spread(options, [(0, 128), (0, 1)], 264) == [(0, 256), (0, 1)]
-    assert balance.spread(options, [(0, 128), (0, 1)], 200) == [(0, 128), (0, 1)]
-    choice = balance.balance(options, 264, [(0, 64), (1, 1)])
-    assert choice == [(0, 256), (0, 1)] and balance.wave_time(options, choice) == 250.0
-
-
-def test_the_longest_rounds_get_idle_veus_first():
-    options = [[(30, 100.0, None)], [(30, 50.0, None)]]       # 3 rounds each, on 10 vEUs each
-    assert balance.spread(options, [(0, 10), (0, 10)], 25) == [(0, 15), (0, 10)]    # 5 idle: the longer op
-    assert balance.spread(options, [(0, 10), (0, 10)], 35) == [(0, 15), (0, 15)]    # 15: one round fewer each
-
-
 def test_solver_keeps_a_wave_that_gains_less_than_the_threshold():
     options = [[(4, 1000.0, None), (8, 950.0, None)]]
     assert balance.balance(options, 8, [(0, 4)]) is None

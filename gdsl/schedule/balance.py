@@ -26,8 +26,6 @@ import math
 
 # Rebalance a wave only when its estimated time falls by at least this fraction.
 BALANCE_GAIN = 0.1
-# The vEUs a balanced wave leaves idle go to its ops that run in rounds, fewest rounds first wanted (spread).
-SPREAD_SLACK = True
 
 
 def need(options, t: float) -> tuple[int, int] | None:
@@ -82,29 +80,4 @@ def balance(options, grid: int, current) -> list[tuple[int, int]] | None:
     choice = [(index, veus) for veus, index in fits(hi)]
     if wave_time(options, choice) > (1 - BALANCE_GAIN) * now:
         return None
-    return spread(options, choice, grid) if SPREAD_SLACK else choice
-
-
-def spread(options, choice, grid: int) -> list[tuple[int, int]]:
-    """`choice` with the vEUs it leaves idle given to ops that run in rounds: while some fit, the op whose
-    rounds take longest gets the vEUs for one round fewer. The wave's modelled time does not grow, and an op
-    the model thought as fast in two rounds as its neighbour in one (a reduction beside a longer GEMV) is not
-    left in two when the model is wrong by a little."""
-    choice = list(choice)
-    idle = grid - sum(veus for _, veus in choice)
-    while idle > 0:
-        best = None
-        for k, (index, veus) in enumerate(choice):
-            n, cost, _ = options[k][index]
-            rounds = math.ceil(n / veus)
-            if rounds < 2:
-                continue
-            extra = math.ceil(n / (rounds - 1)) - veus
-            if extra <= idle and (best is None or rounds * cost > best[0]):
-                best = (rounds * cost, k, extra)
-        if best is None:
-            return choice
-        _, k, extra = best
-        choice[k] = (choice[k][0], choice[k][1] + extra)
-        idle -= extra
     return choice
