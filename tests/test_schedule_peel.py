@@ -7,6 +7,8 @@ Checked: the IR pass against the interpreter (and its typecheck), the plan's sha
 the leaves' copies at the call site in the callee's frame, the grid barriers per node unchanged, the depth
 check kept on every backend), the simulator's race checks on random trees, the cpu backend, the emulator,
 and what is not eligible."""
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -27,7 +29,7 @@ from test_schedule_recursion import (
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
-from gdsl.core.ir import walk_eqns
+from gdsl.core.ir import Jaxpr, Var, walk_eqns
 from gdsl.core.typecheck import typecheck_program
 from gdsl.interpreter import run_program
 from gdsl.primitives.control import cond_p, recurse_call_p
@@ -168,3 +170,26 @@ def test_a_base_case_with_several_equations_and_the_option_off():
     check_simulated(fn, args)
     assert not any(isinstance(s, Branch) and s.depth_of for f in schedule(program, peel=False).functions
                    for s in walk(f.body))
+
+
+def test_a_function_entered_twice():
+    """Two entries of one recursive function from the program (each traced as a function of its own): both
+    peeled, and a FunctionDef that two equations share would be peeled once (one object for both)."""
+    from gdsl.primitives.control import recurse_p
+
+    def fn(x, y, k):
+        @gdsl.recurse(result=gdsl.ShapeDtype((4,), gdsl.float32), max_depth=8)
+        def f(v, n):
+            return gdsl.cond(n <= 0, lambda: v * 2.0, lambda: f(v * 0.5, n - 1) + v)
+        return f(x, k) + f(y, k)
+    args = (np.arange(4, dtype=np.float32), np.ones(4, np.float32), np.int32(3))
+    program = gdsl.make_ir(fn)(*args)
+    peeled = peel.peel_program(program)
+    entries = [e for e in walk_eqns(peeled.jaxpr) if e.primitive is recurse_p]
+    assert len(entries) == 2 and len(peeled_conds(peeled)) == 2
+    shared = next(e for e in program.jaxpr.eqns if e.primitive is recurse_p)
+    second = dataclasses.replace(shared, outs=(Var(shared.outs[0].aval),))
+    twice = dataclasses.replace(program, jaxpr=Jaxpr(program.jaxpr.in_binders, (shared, second), shared.outs))
+    fns = [e.params["fn"] for e in walk_eqns(peel.peel_program(twice).jaxpr) if e.primitive is recurse_p]
+    assert len(fns) == 2 and fns[0] is fns[1]
+    check_simulated(fn, args)

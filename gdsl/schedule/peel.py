@@ -38,13 +38,20 @@ def peel_program(program):
 
 
 class _Peeler(WhileRewriter):
+    def __init__(self):
+        super().__init__()
+        self.peeled: dict = {}             # id(FunctionDef) -> its peeled FunctionDef (one for all its entries)
+
     def rewrite_while(self, eqn: Eqn) -> list[Eqn]:
         return [eqn]
 
     def function(self, fn: FunctionDef) -> FunctionDef:
-        fn = super().function(fn)           # (functions defined inside this one's body first)
-        peel = _Peel.of(fn)
-        return fn if peel is None else FunctionDef(fn.name, peel.body(), fn.nconsts, fn.max_depth)
+        if id(fn) not in self.peeled:
+            inner = super().function(fn)           # (functions defined inside this one's body first)
+            peel = _Peel.of(inner)
+            self.peeled[id(fn)] = inner if peel is None else \
+                FunctionDef(inner.name, peel.body(), inner.nconsts, inner.max_depth)
+        return self.peeled[id(fn)]
 
 
 class _Peel:
