@@ -1,5 +1,7 @@
 """The exceptions gdsl raises. Each names what the user can do about it."""
 
+from __future__ import annotations
+
 
 class ConcretizationError(TypeError):
     """Python control flow (`if`, `while`, `bool()`, `int()`, `float()`) met a traced value."""
@@ -7,6 +9,12 @@ class ConcretizationError(TypeError):
 
 class RecursionDepthError(RuntimeError):
     """A `gdsl.recurse` function went deeper than its `max_depth` at run time."""
+
+    @classmethod
+    def of(cls, fn) -> RecursionDepthError:
+        """The error for recursive function `fn` (anything with `name` and `max_depth`)."""
+        return cls(f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
+                   f"raise max_depth in @gdsl.recurse(...) if the data needs it")
 
 
 class BackendUnavailableError(RuntimeError):

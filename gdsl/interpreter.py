@@ -110,9 +110,7 @@ def _call(fn, consts, args, depth):
 
 def _check_depth(fn, depth):
     if depth > fn.max_depth:
-        raise RecursionDepthError(
-            f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
-            f"raise max_depth in @gdsl.recurse(...) if the data needs it")
+        raise RecursionDepthError.of(fn)
 
 
 def _recurse(args, *, fn):

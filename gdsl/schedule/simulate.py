@@ -422,9 +422,7 @@ class Simulator:
     def _check_depth(self, fn):
         """A call of `fn` from here (a Call, or a Branch that stands for one) would go past max_depth?"""
         if self.depth[fn.name] + 1 > fn.max_depth:
-            raise RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth="
-                                      f"{fn.max_depth}; raise max_depth in @gdsl.recurse(...) if the data "
-                                      f"needs it")
+            raise RecursionDepthError.of(fn)
 
     def _region(self, fn) -> int:
         """The first frame of the running group's frame region of `fn`, made on first use."""

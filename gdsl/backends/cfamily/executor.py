@@ -97,7 +97,7 @@ class Executable:
     def _check_depth(self, flag: int) -> None:
         """Raise the RecursionDepthError that the kernel's error word `flag` reports (0: none)."""
         if flag:
-            raise _depth_error(self.plan.functions[min(flag, len(self.plan.functions)) - 1])
+            raise RecursionDepthError.of(self.plan.functions[min(flag, len(self.plan.functions)) - 1])
 
     def fast_path(self):
         """`run(flat_args) -> outs`, the same as `self(flat_args)` for the most common plan (device control,
@@ -225,13 +225,13 @@ class Executable:
                     self.run_host(stmt.body, arrays, depths)
             elif isinstance(stmt, Branch):
                 if stmt.depth_of and depths[stmt.depth_of] >= self.fns[stmt.depth_of].max_depth:
-                    raise _depth_error(self.fns[stmt.depth_of])
+                    raise RecursionDepthError.of(self.fns[stmt.depth_of])
                 index = int(self.read(stmt.index, arrays, depths))
                 self.run_host(stmt.branches[min(max(index, 0), len(stmt.branches) - 1)], arrays, depths)
             elif isinstance(stmt, Call):
                 fn = self.fns[stmt.fn]
                 if depths[fn.name] >= fn.max_depth:
-                    raise _depth_error(fn)
+                    raise RecursionDepthError.of(fn)
                 depths[fn.name] += 1
                 try:
                     self.run_host(fn.body, arrays, depths)
@@ -281,11 +281,6 @@ def pool_order(sources, n_in: int, n_out: int) -> list[int]:
             order.append(n_in + n_out + n_fixed)
             n_fixed += 1
     return order
-
-
-def _depth_error(fn) -> RecursionDepthError:
-    return RecursionDepthError(f"recursive function {fn.name!r} went deeper than max_depth={fn.max_depth}; "
-                               f"raise max_depth in @gdsl.recurse(...) if the data needs it")
 
 
 # ------------------------------------------------------------------------------ a GPU through CuPy

@@ -150,10 +150,13 @@ class Executable:
         if code == INTERRUPTED:
             raise KeyboardInterrupt
         if code:
-            f = self.functions[code - 1]
-            raise RecursionDepthError(
-                f"recursive function {f.name!r} went deeper than max_depth={f.max_depth}; "
-                f"raise max_depth in @gdsl.recurse(...) if the data needs it")
+            raise RecursionDepthError.of(self.functions[code - 1])
+
+    def _check_depth(self, k, depths):
+        """A call of function number `k` from here (a Call, or a Branch that stands for one) would go past
+        its max_depth?"""
+        if depths[k] + 1 > self.functions[k].max_depth:
+            self._check(k + 1)
 
     # --------------------------------------------------------------------------- host control
     def _scalar(self, value):
@@ -185,14 +188,11 @@ class Executable:
                 n = len(ins[2])
                 pc = ins[2][min(max(int(self._scalar(ins[1])), 0), n - 1)]
             elif op == "check_depth":
-                k = self.fn_index[ins[1]]
-                if depths[k] + 1 > self.functions[k].max_depth:
-                    self._check(k + 1)
+                self._check_depth(self.fn_index[ins[1]], depths)
                 pc += 1
             elif op == "call":
                 k = self.fn_index[ins[1]]
-                if depths[k] + 1 > self.functions[k].max_depth:
-                    self._check(k + 1)
+                self._check_depth(k, depths)
                 depths[k] += 1
                 returns.append(pc + 1)
                 pc = ins[2]
