@@ -1,0 +1,84 @@
+"""What a barrier costs by how many vEUs it joins: the grid barrier against barriers of groups of vEUs.
+
+    python benchmarks/group_barrier.py [--grids 132,264] [--groups 1,4,12,25,48,66,132,264] [--json F]
+
+A persistent kernel of `grid` blocks (256 threads, two a SM at most, as gdsl's batch-1 kernels run) splits its
+blocks into consecutive groups of `group` (the last one smaller where `group` does not divide the grid); each
+group runs REPS barriers on its own counter (gdsl's atomic scheme, `gdsl_grid_sync_atomic` /
+`gdsl_group_sync_atomic`: one atomicAdd a block, the group's first block adding 2^31 - (size - 1), every block's
+thread 0 spinning on the counter's top bit), the counters 128 bytes apart. CUDA events around two launches of
+REPS and 10 x REPS barriers give the cost of one barrier (launch and fixed costs cancel). A group of 1 is a block
+barrier and its fences. Why: the open batch-1 rows wait on grid barriers whose dependence joins a few vEUs (a
+layer's GEMVs and its cell in the LSTM: docs/performance.md, session 27), and a barrier of just those vEUs is
+the lever this measures the ceiling of. Needs a GPU and CuPy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import cupy as cp
+import numpy as np
+
+SRC = r'''
+extern "C" __global__ void __launch_bounds__(256, 2) groups(unsigned* counters, int group, int reps) {
+  const int lo = blockIdx.x / group * group;
+  const int size = min(group, (int)gridDim.x - lo);
+  unsigned* bar = counters + (blockIdx.x / group) * 32;
+  for (int r = 0; r < reps; ++r) {
+    __syncthreads();
+    if (threadIdx.x == 0 && size > 1) {
+      const unsigned add = (int)blockIdx.x == lo ? 0x80000000u - (unsigned)(size - 1) : 1u;
+      __threadfence();
+      const unsigned old = atomicAdd(bar, add);
+      while (((old ^ *(volatile unsigned*)bar) & 0x80000000u) == 0u) { }
+      __threadfence();
+    }
+    __syncthreads();
+  }
+}
+'''
+REPS = 1000
+
+
+def barrier_us(kernel, counters, grid: int, group: int, rounds: int = 7) -> float:
+    """Median over `rounds` of (time of 10 x REPS barriers - time of REPS) / (9 x REPS), in µs."""
+    def launch(reps):
+        counters[:] = 0
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        kernel((grid,), (256,), (counters, np.int32(group), np.int32(reps)))
+        e1.record()
+        e1.synchronize()
+        return cp.cuda.get_elapsed_time(e0, e1) * 1000.0
+    launch(REPS)                                          # (warm-up: the module, the clocks)
+    return statistics.median((launch(10 * REPS) - launch(REPS)) / (9 * REPS) for _ in range(rounds))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grids", default="132,264")
+    ap.add_argument("--groups", default="1,4,12,25,48,66,132,264")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    kernel = cp.RawModule(code=SRC).get_function("groups")
+    counters = cp.zeros(32 * 1024, dtype=cp.uint32)
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    rows = []
+    print(f"{card}: µs per barrier (median of 7, {REPS} and {10 * REPS} barriers a launch)")
+    for grid in map(int, args.grids.split(",")):
+        for group in map(int, args.groups.split(",")):
+            if group > grid:
+                continue
+            us = barrier_us(kernel, counters, grid, group)
+            rows.append({"grid": grid, "group": group, "us_per_barrier": us})
+            print(f"grid {grid:4d}  group {group:4d}  {us:7.3f} us", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "reps": REPS, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
