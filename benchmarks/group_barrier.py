@@ -1,6 +1,7 @@
 """What a barrier costs by how many vEUs it joins: the grid barrier against barriers of groups of vEUs.
 
-    python benchmarks/group_barrier.py [--grids 132,264] [--groups 1,4,12,25,48,66,132,264] [--json F]
+    python benchmarks/group_barrier.py [--grids 132,264] [--groups 1,4,12,25,48,66,132,264] [--clusters 2,4,8]
+                                       [--json F]
 
 A persistent kernel of `grid` blocks (256 threads, two a SM at most, as gdsl's batch-1 kernels run) splits its
 blocks into consecutive groups of `group` (the last one smaller where `group` does not divide the grid); each
@@ -10,7 +11,10 @@ thread 0 spinning on the counter's top bit), the counters 128 bytes apart. CUDA 
 REPS and 10 x REPS barriers give the cost of one barrier (launch and fixed costs cancel). A group of 1 is a block
 barrier and its fences. Why: the open batch-1 rows wait on grid barriers whose dependence joins a few vEUs (a
 layer's GEMVs and its cell in the LSTM: docs/performance.md, session 27), and a barrier of just those vEUs is
-the lever this measures the ceiling of. Needs a GPU and CuPy.
+the lever this measures the ceiling of. `--clusters`: the same loop on Hopper's thread-block clusters (sm_90:
+`__cluster_dims__`, `barrier.cluster.arrive.release` / `wait.acquire`, the hardware barrier of a cluster's
+blocks on one GPC) for clusters of 2, 4 and 8 blocks, 128 blocks in all (a kernel with no cross-cluster
+dependence, so every cluster runs alone where the grid does not fit at once). Needs a GPU and CuPy.
 """
 from __future__ import annotations
 
@@ -40,15 +44,29 @@ extern "C" __global__ void __launch_bounds__(256, 2) groups(unsigned* counters, 
 }
 '''
 REPS = 1000
+CLUSTER_SRC = r'''
+#define CLUSTER_KERNEL(C) \
+extern "C" __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(256, 2) cluster##C(int reps) { \
+  for (int r = 0; r < reps; ++r) \
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory"); \
+}
+CLUSTER_KERNEL(2)
+CLUSTER_KERNEL(4)
+CLUSTER_KERNEL(8)
+'''
+CLUSTER_GRID = 128
 
 
 def barrier_us(kernel, counters, grid: int, group: int, rounds: int = 7) -> float:
-    """Median over `rounds` of (time of 10 x REPS barriers - time of REPS) / (9 x REPS), in µs."""
+    """Median over `rounds` of (time of 10 x REPS barriers - time of REPS) / (9 x REPS), in µs (`counters` None:
+    a cluster kernel, which takes the repetitions only)."""
     def launch(reps):
-        counters[:] = 0
+        if counters is not None:
+            counters[:] = 0
         e0, e1 = cp.cuda.Event(), cp.cuda.Event()
         e0.record()
-        kernel((grid,), (256,), (counters, np.int32(group), np.int32(reps)))
+        args = (np.int32(reps),) if counters is None else (counters, np.int32(group), np.int32(reps))
+        kernel((grid,), (256,), args)
         e1.record()
         e1.synchronize()
         return cp.cuda.get_elapsed_time(e0, e1) * 1000.0
@@ -60,6 +78,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--grids", default="132,264")
     ap.add_argument("--groups", default="1,4,12,25,48,66,132,264")
+    ap.add_argument("--clusters", default="2,4,8", help="cluster sizes (2, 4, 8); empty: none")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     kernel = cp.RawModule(code=SRC).get_function("groups")
@@ -75,6 +94,11 @@ def main(argv=None) -> None:
             us = barrier_us(kernel, counters, grid, group)
             rows.append({"grid": grid, "group": group, "us_per_barrier": us})
             print(f"grid {grid:4d}  group {group:4d}  {us:7.3f} us", flush=True)
+    clusters = cp.RawModule(code=CLUSTER_SRC, options=("-std=c++17",)) if args.clusters else None
+    for size in map(int, filter(None, args.clusters.split(","))):
+        us = barrier_us(clusters.get_function(f"cluster{size}"), None, CLUSTER_GRID, size)
+        rows.append({"grid": CLUSTER_GRID, "cluster": size, "us_per_barrier": us})
+        print(f"grid {CLUSTER_GRID:4d}  cluster {size:2d}  {us:7.3f} us (barrier.cluster)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"card": card, "reps": REPS, "rows": rows}, f, indent=1)
