@@ -53,6 +53,7 @@ class Dialect:
     block_barrier = "__syncthreads();"
     issue_fence = ""
     ldg_template = "{ptr}[0]"            # a read-only load ("__ldg({ptr})" on CUDA)
+    prefetch_template = "(void)({ptr})"  # a hint: bring the line at ptr into the L2 (or nothing)
     ldg_types = frozenset()              # storage types the read-only load exists for
     lowering_chain = ("cfamily",)        # a dialect with rules of its own: (its name, "cfamily")
     trace_clock = "0ull"                 # a device clock (unsigned long long ns or ticks), instrumented builds only

@@ -374,6 +374,10 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
              f"tj = t % {tiles_n};" if gemm.batch > 1 else
              f"  const int bt = 0, ti = t / {tiles_n}, tj = t % {tiles_n};"]
     lines += gemm.setup
+    if ops.next_window:     # (views.prefetches_next_window: this uTask's share of the next window's lines, to L2)
+        line, first = 128 // ops.ins[0].dtype.itemsize, f"t * {block} + (int){ops.dialect.thread_index}"
+        lines.append(f"  for (int l_ = {first}; l_ * {line} < {ops.ins[0].aval.size}; l_ += {ops.op.n_utasks * block}) "
+                     f"{ops.dialect.prefetch_template.format(ptr=f'i0_next + l_ * {line}')};")
     depth, shift = K, ""
     splits = ops.op.params.get(K_SPLITS, 1)
     if splits > 1:

@@ -169,8 +169,11 @@ class Arg:
 class OpRenderer:
     """Renders the device function of one Op; its kind's lowering rule writes the body."""
 
-    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None, preload=()):
+    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None, preload=(), next_window=False):
         self.op, self.dialect, self.block = op, dialect, block      # block: threads per vEU
+        # The uTask prefetches the next window of its left operand (views.prefetches_next_window): the parameter
+        # `i0_next` points at it.
+        self.next_window = next_window
         remap = remap or {}
         flags = flags or {}       # {"publish": outputs, "wait": inputs} of a flag sync (Renderer.flag_roles)
         self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k), flag=k in flags.get("wait", ()),
@@ -187,7 +190,8 @@ class OpRenderer:
         body = self.utask_rule()(self)
         flags = [d for a in self.outs + self.ins for d in a.flag_decls()]
         preloaded = [d for a in self.ins for d in a.preload_decls()]
-        params = ", ".join([a.decl() for a in self.outs + self.ins] + flags + preloaded + ["int t", "char* smem"])
+        nxt = [f"const {c_types.storage(self.ins[0].dtype)}* i0_next"] if self.next_window else []
+        params = ", ".join([a.decl() for a in self.outs + self.ins] + flags + preloaded + nxt + ["int t", "char* smem"])
         return params, body
 
     def utask_rule(self):

@@ -78,7 +78,14 @@ from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
 from gdsl.backends.cfamily.ops import OpRenderer
-from gdsl.backends.cfamily.views import find_views, permuted_reads, view_decl, view_pointer
+from gdsl.backends.cfamily.views import (
+    find_views,
+    next_window_pointer,
+    permuted_reads,
+    prefetches_next_window,
+    view_decl,
+    view_pointer,
+)
 from gdsl.core.ir import Lit
 from gdsl.primitives.registry import CONTRACTION, CONVOLUTION, kinds_of, lowering_rule
 from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
@@ -918,7 +925,7 @@ class Renderer:
             remap.update((k, (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm))
                          for k, view in self._permuted_inputs(op).items())
             renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap, self.flag_roles.get(op),
-                                  self.preloads.get(op, ()))
+                                  self.preloads.get(op, ()), prefetches_next_window(op))
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
@@ -948,8 +955,10 @@ class Renderer:
                   for arg in (f"{op.inputs[k].buffer.name}_f" + (f" + {op.inputs[k].offset}" if op.inputs[k].offset
                                                                  else ""), tag)]
         preloaded = [_preload_name(op, k) for k in self.preloads.get(op, ())]
+        nxt = [next_window_pointer(op.inputs[0].buffer.name, op.inputs[0], self.elem)] if prefetches_next_window(op) \
+            else []
         return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
-                                                    for k, v in enumerate(op.inputs)] + flags + preloaded
+                                                    for k, v in enumerate(op.inputs)] + flags + preloaded + nxt
 
     def preload_lines(self, stmts, index: int) -> list[str]:
         """Before the wave stmts[index]: each thread of a vEU that will run a uTask of the next wave with preloaded

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import coords, offset, strides
+from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p, slice_p, take_p, transpose_p
-from gdsl.schedule.plan import Assign, Branch, Call, Loop, Uniforms, Wave, walk
+from gdsl.schedule.plan import K_PARTS, ROW_INDEX, Assign, Branch, Call, Loop, Uniforms, Wave, walk
 from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
 
@@ -42,11 +43,11 @@ class View:
 
 
 @register_lowering((dynamic_slice_p, take_p), backend="cfamily", role="view")
-def offset_term(elem, term) -> str:
-    """C expression of one run-time part of a plan view's offset (plan.OffsetTerm): its uniform, clamped
-    into the source as dynamic_slice and take clamp, times its stride. `elem(value)` renders a scalar.
+def offset_term(elem, term, plus: int = 0) -> str:
+    """C expression of one run-time part of a plan view's offset (plan.OffsetTerm): its uniform (plus `plus`),
+    clamped into the source as dynamic_slice and take clamp, times its stride. `elem(value)` renders a scalar.
     Every vEU computes it where a reader's arguments are formed (registers only, no memory traffic)."""
-    e = f"(long long)({elem(term.index)})"
+    e = f"((long long)({elem(term.index)}) + {plus})" if plus else f"(long long)({elem(term.index)})"
     clamped = f"({e} < 0 ? 0LL : ({e} > {term.high} ? {term.high}LL : {e}))"
     return clamped if term.stride == 1 else f"{clamped} * {term.stride}"
 
@@ -67,6 +68,32 @@ def window_store_index(window, idx: str) -> str:
     if contiguous_window(window.array_shape, window.shape):
         return idx
     return f"({offset(coords(window.shape, f'({idx})'), strides(window.array_shape))})"
+
+
+# A matmul whose left operand is a window at a run-time offset of a read-only array (`x[t] @ W` over a loop's
+# input) has its uTasks prefetch the next window into L2 (the window whose index is one more, clamped as the
+# view's is), their shares of its lines spread over them: a loop that walks the array reads each step's rows from
+# L2 instead of DRAM (NASRNN bs64's `x[t] @ W_ih`: its tiles' first stages waited for DRAM). A hint only: a loop
+# that walks the array otherwise prefetches lines it may not read, never outside the array.
+PREFETCH_NEXT_WINDOW = True
+
+
+def prefetches_next_window(op) -> bool:
+    """Does the uTask of `op` take the next window of its left operand (the parameter `i0_next`) to prefetch:
+    a matmul whose input 0, read plainly (not in parts, not as gathered rows), is a view with one run-time term
+    of a program input or const (memory the kernel never writes)."""
+    if not PREFETCH_NEXT_WINDOW or op.kind != matmul_p.name or K_PARTS in op.params or ROW_INDEX in op.params:
+        return False
+    a = op.inputs[0]
+    return len(a.terms) == 1 and a.buffer is not None and a.buffer.kind in ("input", "const") and a.perm is None
+
+
+def next_window_pointer(base: str, value, elem) -> str:
+    """C pointer to the window after `value`'s (its one run-time term's index plus one, clamped into the source
+    as the view's is): what prefetches_next_window's uTask prefetches."""
+    [term] = value.terms
+    parts = [offset_term(elem, term, plus=1)] + ([str(value.offset)] if value.offset else [])
+    return f"({base} + {' + '.join(parts)})"
 
 
 def view_pointer(base: str, value, elem) -> str:

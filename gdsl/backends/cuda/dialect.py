@@ -38,6 +38,7 @@ class CUDADialect(Dialect):
     warp_size = 32
     header_template = HEADER_TEMPLATE
     barriers = ("atomic", "coop")
+    prefetch_template = 'asm volatile("prefetch.global.L2 [%0];" :: "l"({ptr}))'
     # The second bound keeps a thread's registers within what lets the plan's vEUs per SM be resident together
     # (else ptxas may take up to 255 and a grid of two vEUs per SM would not fit: see gemm.WIDE_MAX_REGISTERS).
     kernel_prefix = 'extern "C" __global__ void __launch_bounds__({block}, {veus_per_sm})'
