@@ -10,8 +10,9 @@ group runs REPS barriers on its own counter (gdsl's atomic scheme, `gdsl_grid_sy
 thread 0 spinning on the counter's top bit), the counters 128 bytes apart. CUDA events around two launches of
 REPS and 10 x REPS barriers give the cost of one barrier (launch and fixed costs cancel). A group of 1 is a block
 barrier and its fences. Why: the open batch-1 rows wait on grid barriers whose dependence joins a few vEUs (a
-layer's GEMVs and its cell in the LSTM: docs/performance.md, session 27), and a barrier of just those vEUs is
-the lever this measures the ceiling of. `--clusters`: the same loop on Hopper's thread-block clusters (sm_90:
+layer's GEMVs and its cell in the LSTM), so whether a barrier of just those vEUs is cheaper is the question (on
+the H200 it is not: ~1.0-1.1 µs from 4 to 264 blocks, docs/performance.md, session 27). `--schemes`: the barrier's
+own instructions three ways (SRC). `--clusters`: the same loop on Hopper's thread-block clusters (sm_90:
 `__cluster_dims__`, `barrier.cluster.arrive.release` / `wait.acquire`, the hardware barrier of a cluster's
 blocks on one GPC) for clusters of 2, 4 and 8 blocks, 128 blocks in all (a kernel with no cross-cluster
 dependence, so every cluster runs alone where the grid does not fit at once). Needs a GPU and CuPy.
