@@ -28,6 +28,15 @@ GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the G
 # The B values a thread of gdsl_gemv_tile prefetches at most (its template's default PF); a tile that stages all of
 # its k (utasks.thin_gemv_params) may hold up to utasks.THIN_GEMV_REGISTERS.
 GEMV_PREFETCH = 32
+# A GEMV tile whose depth K is less than its chunk (GEMV_KC) stages a chunk of K, not of GEMV_KC: the template
+# sizes its B prefetch by the chunk, so with 256 a 64-deep tile (each of Attention's products, k = 64) held too
+# many B values to prefetch them (64 x 1 or 8 x 8 a thread against GEMV_PREFETCH) and loaded them in its FMA loop,
+# eight at a time after A's staging and barrier: two dependent L2 round trips instead of one that overlaps the
+# staging. Measured on the H200 (session 28, benchmarks/kernel_ab.py, 2 processes x 8 launches): Attention's
+# kernel bs1 102.5 -> 88.4 us, bs64 465.4 -> 388.8 us; BlockDrop and SkipNet bs1 (a shallow GEMV each) within
+# 1.3 us. (B values a thread holds still count against GEMV_PREFETCH: the sibling GEMV's 48 prefetched made that
+# op 1.1 -> 1.9 us, the bs64 kernel 466 -> 784.) Off: the old chunk (for A/B timing).
+SHALLOW_GEMV_CHUNK = True
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
 GEMV_PARTS_KC = 2048
@@ -397,6 +406,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         lanes = min(ks, warp_size) if kmajor else (warp_size // ctn if ctn < warp_size else 1)
         slots = ks // lanes
         kc = ops.op.params.get(utasks.K_CHUNK, gemm.gemv_kc)     # (the whole k at once: thin_gemv_params)
+        if SHALLOW_GEMV_CHUNK and splits == 1 and K < kc:
+            kc = K          # (a shallow k is one chunk of its own depth: see SHALLOW_GEMV_CHUNK)
         need = (M * kc + (slots * M * tn if slots > 1 else 0)) * size
         # (a tile that stages its whole k at once prefetches all of its B values where the scheduler let it:
         # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
