@@ -430,7 +430,8 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
 #pragma unroll
           for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + ks + r * KS] * bv[r][j];
     } else {
-#pragma unroll 8
+      constexpr int UNROLL = GDSL_GEMV_LOOP_UNROLL;
+#pragma unroll UNROLL
       for (int kk = ks; kk < kc; kk += KS) {
 #pragma unroll
         for (int j = 0; j < CPT; ++j) {
