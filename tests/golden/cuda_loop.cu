@@ -1,6 +1,6 @@
-#define GDSL_SMEM_BYTES 6784
-#define GDSL_RESIDENT_BASE 6144
-#define GDSL_LOCAL_BASE 6656
+#define GDSL_SMEM_BYTES 2816
+#define GDSL_RESIDENT_BASE 2176
+#define GDSL_LOCAL_BASE 2688
 
 // ---------------------------------------------------------------------------------------- ops
 GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
@@ -18,7 +18,7 @@ GDSL_DEV void op1_matmul(float* o0, const float* i0, const float* i1, int t, cha
   auto sc = [&](int m, int n, float v) { o0[c0 + m * 8 + n] = (float)(v); };
   auto la = [&](int m, int k) -> float { return (float)(i0[a0 + m * 8 + k]); };
   auto lb = [&](int k, int n) -> float { return (float)(rb[k * 16 + n - tj * 16]); };
-  gdsl_gemv_tile<4, 16, 256, 256, float, false>(8, 8, tj * 16, la, lb, sc, smem);
+  gdsl_gemv_tile<4, 16, 256, 8, float, false>(8, 8, tj * 16, la, lb, sc, smem);
 }
 
 GDSL_DEV void op2_tanh_add(float* o0, const float* i0, int t, char* smem) {
