@@ -35,7 +35,8 @@ GEMV_PREFETCH = 32
 # staging. Measured on the H200 (session 28, benchmarks/kernel_ab.py, 2 processes x 8 launches): Attention's
 # kernel bs1 102.5 -> 88.4 us, bs64 465.4 -> 388.8 us; BlockDrop and SkipNet bs1 (a shallow GEMV each) within
 # 1.3 us. (B values a thread holds still count against GEMV_PREFETCH: the sibling GEMV's 48 prefetched made that
-# op 1.1 -> 1.9 us, the bs64 kernel 466 -> 784.) Off: the old chunk (for A/B timing).
+# op 1.1 -> 1.9 us, the bs64 kernel 466 -> 784: session 23's SHALLOW_GEMV_STAGE, which did both and was removed.)
+# Off: the old chunk (for A/B timing).
 SHALLOW_GEMV_CHUNK = True
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
