@@ -517,14 +517,24 @@ GDSL_DEV void gdsl_copy_block(T* dst, const T* src, int n) {
 // Every block's thread 0 adds to one counter: 1, and block 0 adds 2^31 - (blocks - 1), so each round adds
 // exactly 2^31 and flips the top bit, which the waiting blocks watch (the scheme of cooperative groups'
 // grid.sync, on our own counter: no reset, no generation variable, one atomic per block).
+// The ordering: the block barrier before the arrival orders the block's writes before thread 0's, whose arrival
+// releases them at GPU scope; the load that sees the round complete acquires the other blocks' writes, and the
+// block barrier after it hands them to the block's threads. A dialect may define the three steps with that
+// ordering in the instructions (CUDA: atom.add.release.gpu, ld.acquire.gpu, no fences); by default a fence on
+// either side of a relaxed atomic and a volatile spin.
+#ifndef GDSL_BARRIER_ARRIVE
+#define GDSL_BARRIER_ARRIVE(bar, add) (__threadfence(), atomicAdd((bar), (add)))
+#define GDSL_BARRIER_LOAD(bar) (*(volatile unsigned*)(bar))
+#define GDSL_BARRIER_ACQUIRED() __threadfence()
+#endif
+
 GDSL_DEV void gdsl_grid_sync_atomic(unsigned* bar) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const unsigned add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1u) : 1u;
-    __threadfence();
-    const unsigned old = atomicAdd(bar, add);
-    while (((old ^ *(volatile unsigned*)bar) & 0x80000000u) == 0u) GDSL_SPIN_PAUSE();
-    __threadfence();
+    const unsigned old = GDSL_BARRIER_ARRIVE(bar, add);
+    while (((old ^ GDSL_BARRIER_LOAD(bar)) & 0x80000000u) == 0u) GDSL_SPIN_PAUSE();
+    GDSL_BARRIER_ACQUIRED();
   }
   __syncthreads();
 }
@@ -584,10 +594,9 @@ GDSL_DEV bool gdsl_group_sync_atomic(unsigned* bar, int lo, int size, volatile i
   if (threadIdx.x == 0) {
     if (size > 1) {
       const unsigned add = (int)blockIdx.x == lo ? 0x80000000u - (unsigned)(size - 1) : 1u;
-      __threadfence();
-      const unsigned old = atomicAdd(bar, add);
-      while (((old ^ *(volatile unsigned*)bar) & 0x80000000u) == 0u && *err == 0) GDSL_SPIN_PAUSE();
-      __threadfence();
+      const unsigned old = GDSL_BARRIER_ARRIVE(bar, add);
+      while (((old ^ GDSL_BARRIER_LOAD(bar)) & 0x80000000u) == 0u && *err == 0) GDSL_SPIN_PAUSE();
+      GDSL_BARRIER_ACQUIRED();
     }
     *quit = *err;
   }
