@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: gdsl/
 
 from gdsl.backends.cfamily.render import PRELUDE
 from gdsl.backends.cuda import dialect as cuda_dialect
