@@ -21,7 +21,7 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
 from gdsl.schedule import schedule
-from gdsl.schedule.plan import Loop, walk
+from gdsl.schedule.plan import N_PARTS, Loop, walk
 from gdsl.schedule.resident import RESIDENT
 from gdsl.tracing.pytree import tree_unflatten
 
@@ -43,9 +43,9 @@ def _resident_ops(plan) -> list:
     return [op for op in plan_ops(plan) if RESIDENT in op.params]
 
 
-def test_a_partitioned_loop_keeps_its_weights_only_with_the_option():
+def test_a_partitioned_loop_keeps_its_weights_unless_the_option_says_not():
     program = gdsl.make_ir(heads)(*ARGS)
-    for option, expected in ((None, 0), (True, 2)):
+    for option, expected in ((False, 0), (None, 2), (True, 2)):
         plan = schedule(program, grid=8, partition=True, resident_bytes=4096, resident_partitioned=option)
         loop = next(s for k in plan.kernels for s in walk(k.body) if isinstance(s, Loop))
         assert loop.parts == 3 and len(_resident_ops(plan)) == expected
@@ -68,10 +68,22 @@ def test_emulated_attention_matches_its_reference(batch):
 
 
 def test_attention_at_full_size_keeps_every_head_s_weights():
-    """Rendered for CUDA (no GPU needed): at batch 1 the four projections of every head read shared memory."""
+    """Rendered for CUDA (no GPU needed): at batch 1 the four projections of every head read shared memory, the
+    Q, K and V GEMVs still one op (siblings.py: their tiles lie one after another, the merged op's region)."""
     counts = [len(_resident_ops(zoo_lowered("attention", 1, resident_partitioned=option).lowering.plan))
-              for option in (None, True)]
-    assert counts == [0, 4]
+              for option in (False, True)]
+    assert counts == [0, 2]
+    merged, w_o = _resident_ops(zoo_lowered("attention", 1, resident_partitioned=True).lowering.plan)
+    assert merged.params[N_PARTS] == (64, 64, 64) and merged.params[RESIDENT] == (0, 12)
+    assert w_o.params[RESIDENT] == (3 * 64 * 64 * 4, 12) and N_PARTS not in w_o.params
+
+
+def test_a_partitioned_loop_keeps_all_of_its_weights_or_none():
+    """At batch 64 (three rounds of 768 partitions on 264 vEUs) the Q, K and V tiles fit only in part: none are
+    kept, and the siblings stay one op."""
+    plan = zoo_lowered("attention", 64, resident_partitioned=True).lowering.plan
+    assert _resident_ops(plan) == []
+    assert [len(op.params[N_PARTS]) for op in plan_ops(plan) if N_PARTS in op.params] == [3]
 
 
 @needs_nvrtc

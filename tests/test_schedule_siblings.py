@@ -5,7 +5,7 @@ results equal the interpreter on the plan simulator (race checks included) and t
 compiles the kernels; what must stay separate does."""
 import numpy as np
 import pytest
-from strategies import emulated_model_mismatches, needs_nvrtc, zoo_lowered
+from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc, zoo_lowered
 from test_schedule import VIEWS, check_emulated, check_plan
 
 import gdsl
@@ -14,6 +14,7 @@ from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.schedule import schedule
 from gdsl.schedule.plan import N_PARTS, Loop, Wave, plan_statements, walk
 from gdsl.schedule.printer import describe_op
+from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.scheduler import loop_step_rounds
 from models.floor import op_flops
 
@@ -125,6 +126,38 @@ def test_partitioned_loop_merges():
         assert loop.parts == 4
         assert _merged(plan) == [(16, 16, 16)]
         check_plan(fn, *args, window_stores=VIEWS, siblings=SIBLINGS)
+
+
+@pytest.mark.parametrize("budget, parts, read", [(3 * 8192, [(16, 16, 16)], 0), (2 * 8192, [(16, 16)], 1),
+                                                 (0, [(16, 16, 16)], 1)])
+def test_resident_siblings_merge_where_their_tiles_follow_one_another(budget, parts, read):
+    """Siblings whose B waits in shared memory (resident.py: 8 KiB for the scheduler's 16 x 128 tile of each) merge
+    with one another where
+    their tiles lie one after another, the merged op keeping their region; with room for two, those two merge
+    and the third, read from memory, stays apart; the simulator agrees with the interpreter."""
+    program = gdsl.make_ir(three_in_loop)(*THREE_ARGS)
+    plan = schedule(program, grid=1, views=VIEWS, window_stores=VIEWS, siblings=SIBLINGS, resident_bytes=budget)
+    assert _merged(plan) == parts
+    ops = [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if t.op.kind == "matmul"]
+    assert sum(RESIDENT not in op.params for op in ops) == read
+    assert all(op.params[RESIDENT] == (0, 1) for op in ops if N_PARTS in op.params and budget)
+    check_plan(three_in_loop, *THREE_ARGS, window_stores=VIEWS, siblings=SIBLINGS, resident_bytes=budget)
+
+
+@needs_cxx
+def test_emulated_resident_siblings_match_the_interpreter():
+    """The generated C with the siblings' tiles staged in shared memory (the emulator's budget), at one vEU and
+    partitioned at four."""
+    from gdsl.backends.cfamily.emulator import EmulatorDialect
+    for fn, args, grid, partition in ((three_in_loop, THREE_ARGS, 1, None), (heads_in_loop, HEADS_ARGS, 4, True)):
+        plan = _lowered(fn, args, grid, EmulatorDialect(), block=64, partition=partition,
+                        resident_partitioned=True).plan
+        assert [op.params.get(RESIDENT) is not None for op in _sibling_ops(plan)] == [True]
+        check_emulated(fn, *args, grids=(grid,), partition=partition, resident_partitioned=True, siblings=True)
+
+
+def _sibling_ops(plan) -> list:
+    return [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if N_PARTS in t.op.params]
 
 
 def test_ordinary_loop_on_separate_veus_stays_separate():

@@ -37,6 +37,9 @@ RESIDENT = "resident"
 GEMM_TILES = True
 # Resident tiles start at multiples of this many bytes (the wide tile reads them four floats at a time).
 ALIGN = 16
+# Partitioned loops keep their weights resident too unless the option resident_partitioned says otherwise (all of a
+# loop's or none: keep_resident), sibling matmuls still merged (siblings.py).
+PARTITIONED = True
 
 
 def tile_bytes(op) -> int:
@@ -69,23 +72,36 @@ def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
     allow, in program order (the first waves of an iteration first). A partitioned loop (Loop.parts) only
     with `partitioned` (the option resident_partitioned=True, off until timed): there uTask p of every op
     runs on vEU p mod grid, its rounds as in any Task, so the tiles are the same per vEU (Attention's
-    heads: each vEU keeps its head's W_q, W_k, W_v and W_o, 64 KB at head size 64)."""
+    heads: each vEU keeps its head's W_q, W_k, W_v and W_o, 64 KB at head size 64). There it is all or none:
+    a partition's ops run one after another on its vEU, and where only some fit (Attention at batch 64, three
+    rounds of partitions a vEU), the resident ones would split the sibling matmuls of a wave (siblings.py merges
+    resident siblings only with resident ones) and the chain would wait on both kinds."""
     written = _written(loop) if budget > 0 and (partitioned or not loop.parts) else None
     if written is None:
         return loop
     used: dict[int, int] = {}            # vEU -> bytes of its resident region taken
     placed: dict = {}                    # the same tiles on the same vEUs -> their offset (_tiles_key)
-    body = []
+    body, left = [], 0                   # (left: eligible tasks that did not fit)
     for stmt in loop.body:
         if isinstance(stmt, Wave):
-            stmt = Wave(tuple(_resident_task(task, written, used, placed, budget) for task in stmt.tasks))
+            tasks = tuple(_resident_task(task, written, used, placed, budget) for task in stmt.tasks)
+            left += sum(_candidate(task, written) and RESIDENT not in task.op.params for task in tasks)
+            stmt = Wave(tasks)
         body.append(stmt)
+    if loop.parts and left:
+        return loop
     return dataclasses.replace(loop, body=tuple(body))
 
 
+def _candidate(task: Task, written: set) -> bool:
+    """May `task`'s B wait in shared memory: an eligible matmul whose B is a plain buffer the loop never writes."""
+    b = task.op.inputs[1] if len(task.op.inputs) > 1 else None
+    return _eligible(task.op) and isinstance(b.storage, Buffer) and b.storage not in written and not b.dynamic \
+        and not b.perm
+
+
 def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
-    if not _eligible(task.op) or not isinstance(task.op.inputs[1].storage, Buffer) or \
-            task.op.inputs[1].storage in written or task.op.inputs[1].dynamic or task.op.inputs[1].perm:
+    if not _candidate(task, written):
         return task
     key = _tiles_key(task)
     offset = placed.get(key)

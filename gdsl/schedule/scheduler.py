@@ -44,7 +44,7 @@ from gdsl.primitives.structural import (
     take_p,
     transpose_p,
 )
-from gdsl.schedule import balance, licm, partition, speculate, splitk, trailing, utasks
+from gdsl.schedule import balance, licm, partition, resident, speculate, splitk, trailing, utasks
 from gdsl.schedule.backedge import demote_back_edges
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
@@ -229,7 +229,8 @@ class Scheduler:
         # Shared memory per vEU for loop-invariant weights (resident.py): with device control only, where the
         # loop runs inside the kernel that loads them.
         self.resident_bytes = resident_bytes if control == "device" else 0
-        self.resident_partitioned = bool(resident_partitioned)    # in partitioned loops too (keep_resident)
+        # in partitioned loops too (keep_resident); None: resident.PARTITIONED
+        self.resident_partitioned = resident.PARTITIONED if resident_partitioned is None else bool(resident_partitioned)
         self.balance = balance                # each wave's splits and shares chosen together (balance.py)
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
@@ -3041,7 +3042,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         epilogues=epilogues, views=views, balance=balance is not False, rows=rows, fork=bool(fork),
         window_stores=window_stores, resident_calls=bool(resident_calls), cells=cells is not False,
         spread_frames=spread_frames is not False, aside=aside is not False,
-        uniform_reductions=bool(uniform_reductions), resident_partitioned=bool(resident_partitioned),
+        uniform_reductions=bool(uniform_reductions), resident_partitioned=resident_partitioned,
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
         row_blocks=row_blocks, split_k=split_k is not False)
     if peel or (peel is None and not fork):      # (a Fork pairs two Calls: peeled, they are branches)

@@ -6,6 +6,9 @@ the same uTasks, each uTask one whole GEMV tile of a batch element (or a partiti
 on each vEU: A staged, a reduction, a store, three times for Attention's `x @ Wq`, `x @ Wk`, `x @ Wv`. As one
 Op (plan.N_PARTS) uTask t stages A once and computes the columns of all of them in one pass, each part's
 columns stored where its own op stored them (a window of the K/V cache included, plan.StoreWindow).
+Siblings whose B waits in shared memory (resident.py) merge where their tiles lie one after another in the vEUs'
+resident regions (keep_resident places a wave's matmuls in order): the merged op's region is theirs, a round's
+tiles of every part one after another (gemm.stage_resident); resident and read siblings stay apart.
 
 Each vEU does what it did (the same uTask t of every part, on the same vEU), so the barriers the plan
 chose stay right; the pass runs on the finished plan. Only for a backend whose lowering chain has the
@@ -33,10 +36,11 @@ from gdsl.schedule.plan import (
     Wave,
     walk,
 )
-from gdsl.schedule.resident import RESIDENT
+from gdsl.schedule.resident import RESIDENT, tile_bytes
 
-# The params that make a matmul Op something other than a plain product of A and B by whole tiles.
-_EXCLUDED = frozenset({EPILOGUE, K_PARTS, ROW_INDEX, RESIDENT, N_PARTS, utasks.GATHER_BATCH})
+# The params that make a matmul Op something other than a plain product of A and B by whole tiles (a resident B,
+# RESIDENT, is still one: siblings whose tiles lie one after another in the vEUs' resident regions merge, below).
+_EXCLUDED = frozenset({EPILOGUE, K_PARTS, ROW_INDEX, N_PARTS, utasks.GATHER_BATCH})
 
 
 def merge_siblings(body, functions) -> tuple:
@@ -101,7 +105,18 @@ def _key(task, written):
             (written is not None and b.storage in written) or not isinstance(a.storage, Buffer):
         return None
     return (id(a.storage), repr(a), a.aval, b.aval.shape[-2], b.aval.dtype, out.shape[:-2], m, out.dtype,
-            task.first, task.count, op.n_utasks, op.params.get("tile_m"), op.params.get(utasks.K_CHUNK))
+            task.first, task.count, op.n_utasks, op.params.get("tile_m"), op.params.get(utasks.K_CHUNK),
+            RESIDENT in op.params)
+
+
+def _follows(task, group) -> bool:
+    """May `task` join `group` as its next part: its B's resident tiles (if any) start where the group's end, so
+    that the parts' regions are one region (resident.py): the merged op keeps it, a round's tiles part by part."""
+    if RESIDENT not in task.op.params:
+        return True
+    start, count = group[0].op.params[RESIDENT]
+    rounds = -(-task.op.n_utasks // count)
+    return task.op.params[RESIDENT][0] == start + rounds * sum(tile_bytes(t.op) for t in group)
 
 
 def _wave(wave, written, count) -> Wave:
@@ -119,7 +134,7 @@ def _wave(wave, written, count) -> Wave:
             bs = {t.op.inputs[1].storage for t in group}
             reads = {v.storage for t in group + [task] for v in t.op.inputs}
             writes = {v.storage for t in group + [task] for v in t.op.outputs}
-            if task.op.inputs[1].storage not in bs and not reads & writes:
+            if task.op.inputs[1].storage not in bs and not reads & writes and (not group or _follows(task, group)):
                 group.append(task)
         if len(group) > 1:
             merged[group[0]] = _merged(group)

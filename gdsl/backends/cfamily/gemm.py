@@ -210,18 +210,23 @@ def sibling_matmul(ops: OpRenderer) -> str:
     acc = c_types.accumulator(ops.outs[0].dtype)
     M, K, N = a.aval.shape[-2], ops.ins[1].aval.shape[-2], sum(widths)
     bshape = ops.outs[0].aval.shape[:-2]
+    resident = RESIDENT in ops.op.params     # every part's K x width tile waits in shared memory, one after another
+    setup = [f"  const int a0 = ({broadcast_index(bshape, a.aval.shape[:-2], 'bt')}) * {M * K};"]
+    if resident:
+        setup.append(f"  const {c_types.storage(ops.ins[1].dtype)}* rb = {resident_tile(ops.op, 't', 'smem')};")
     loads, stores, n0 = [], [], 0
     for number, (b, width) in enumerate(zip(ops.ins[1:], widths)):
         n = f"(n - {n0})" if n0 else "n"
         b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
-        loads.append((n0 + width, f"return ({acc})({b.at(f'({b_off}) * {K * width} + k * {width} + {n}')});"))
+        value = (c_types.from_storage(b.dtype, f"rb[{n0 * K} + k * {width} + {n}]") if resident else
+                 b.at(f'({b_off}) * {K * width} + k * {width} + {n}'))
+        loads.append((n0 + width, f"return ({acc})({value});"))
         stores.append((n0 + width, f"{{ {store_part(ops, number, f'bt * {M * width} + m * {width} + {n}', 'v')} }}"))
         n0 += width
     load_b = " ".join(f"if (n < {end}) {load}" for end, load in loads[:-1]) + " " + loads[-1][1]
     store = " else ".join(f"if (n < {end}) {part}" for end, part in stores[:-1]) + " else " + stores[-1][1]
-    a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
     return gemm_tiles(ops, Gemm(
-        M, N, K, math.prod(bshape), setup=[f"  const int a0 = ({a_off}) * {M * K};"],
+        M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});", load_b=load_b, store=store,
         a_contiguous_k=True, b_contiguous_k=False, exact_n=N % ops.dialect.warp_size == 0))
 
@@ -304,11 +309,21 @@ def resident_tile(op, t: str, smem: str) -> str:
             f"{tile_bytes(op) // op.inputs[1].aval.dtype.itemsize})")
 
 
-def stage_resident(op, b_ptr: str, smem: str, t: str) -> str:
-    """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptr` into its
-    place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N)."""
+def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:
+    """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptrs[0]` into its
+    place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N). Sibling
+    matmuls (plan.N_PARTS): part i's whole K x N_i tile from `b_ptrs[i]`, the parts one after another."""
     b, out = op.inputs[1].aval, op.outputs[0].aval
     K, N = b.shape[-2], b.shape[-1]
+    if N_PARTS in op.params:
+        copies, n0 = [], 0
+        for b_ptr, value, width in zip(b_ptrs, op.inputs[1:], op.params[N_PARTS]):
+            b_off = broadcast_index(out.shape[:-2], value.aval.shape[:-2], "bt")
+            copies.append(f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * width}, {K}, {width}, 0, {width}, "
+                          f"{resident_tile(op, t, smem)} + {n0 * K});")
+            n0 += width
+        return f"{{ const int bt = {t}; {' '.join(copies)} }}"      # (one uTask a batch element: siblings.py)
+    b_ptr = b_ptrs[0]
     tn = op.params["tile_n"]
     tiles_n = -(-N // tn)
     if utasks.gathers_batch(op.params):       # every batch element's columns, [batch][K][tile_n]

@@ -92,6 +92,7 @@ from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
+    N_PARTS,
     Assign,
     Branch,
     Call,
@@ -1079,8 +1080,9 @@ class Renderer:
         barrier (the uTasks read what all threads copied); nothing without tasks."""
         lines = []
         for task in tasks:
+            bs = task.op.inputs[1:1 + len(task.op.params.get(N_PARTS, (None,)))]     # (sibling matmuls: every B)
             lines += self.over_utasks(task, functools.partial(
-                gemm.stage_resident, task.op, self.ptr(task.op.inputs[1]), "gdsl_smem"))
+                gemm.stage_resident, task.op, [self.ptr(b) for b in bs], "gdsl_smem"))
         return lines + [self.dialect.block_barrier] if lines else []
 
     def task_run(self, run) -> list[str]:
