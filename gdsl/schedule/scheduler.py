@@ -2969,8 +2969,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     `uniform_reductions=True`: a reduction to one element of up to UNIFORM_REDUCTION_MAX_INPUT elements is a
     uniform op (every vEU computes it, no op and no barrier) instead of only up to UNIFORM_MAX_INPUT; None or
     False: not (the default until it is timed).
-    `resident_partitioned=True`: partitioned loops keep their weights resident too (resident.keep_resident);
-    None or False: only loops that are not partitioned (the default until it is timed).
+    `resident_partitioned`: partitioned loops keep their weights resident too, all of a loop's or none
+    (resident.keep_resident); None: resident.PARTITIONED (on); False: only loops that are not partitioned.
     `index_ranges=True`: `where(i < 0, i + n, i)` of an integer `i` that is never negative (an argmax carried
     through a loop: Seq2seq's token before its embedding gather) becomes `i` first (ranges.py); None or
     False: not (the default until it is timed).
