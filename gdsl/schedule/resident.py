@@ -70,7 +70,7 @@ def _written(loop: Loop) -> set | None:
 def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
     """`loop` with the weights of its body's GEMV-shaped matmuls resident where `budget` bytes per vEU
     allow, in program order (the first waves of an iteration first). A partitioned loop (Loop.parts) only
-    with `partitioned` (the option resident_partitioned=True, off until timed): there uTask p of every op
+    with `partitioned` (the option resident_partitioned, on by default: PARTITIONED): there uTask p of every op
     runs on vEU p mod grid, its rounds as in any Task, so the tiles are the same per vEU (Attention's
     heads: each vEU keeps its head's W_q, W_k, W_v and W_o, 64 KB at head size 64). There it is all or none:
     a partition's ops run one after another on its vEU, and where only some fit (Attention at batch 64, three
@@ -95,9 +95,10 @@ def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
 
 def _candidate(task: Task, written: set) -> bool:
     """May `task`'s B wait in shared memory: an eligible matmul whose B is a plain buffer the loop never writes."""
-    b = task.op.inputs[1] if len(task.op.inputs) > 1 else None
-    return _eligible(task.op) and isinstance(b.storage, Buffer) and b.storage not in written and not b.dynamic \
-        and not b.perm
+    if not _eligible(task.op):
+        return False
+    b = task.op.inputs[1]
+    return isinstance(b.storage, Buffer) and b.storage not in written and not b.dynamic and not b.perm
 
 
 def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
