@@ -92,7 +92,6 @@ from gdsl.profiling.cfamily import trace_begin, trace_end, trace_prelude
 from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
-    N_PARTS,
     Assign,
     Branch,
     Call,
@@ -105,6 +104,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    sibling_parts,
     walk,
 )
 from gdsl.schedule.preload import element_shape, next_wave
@@ -1080,9 +1080,8 @@ class Renderer:
         barrier (the uTasks read what all threads copied); nothing without tasks."""
         lines = []
         for task in tasks:
-            bs = task.op.inputs[1:1 + len(task.op.params.get(N_PARTS, (None,)))]     # (sibling matmuls: every B)
-            lines += self.over_utasks(task, functools.partial(
-                gemm.stage_resident, task.op, [self.ptr(b) for b in bs], "gdsl_smem"))
+            bs = [self.ptr(part.inputs[1]) for part in sibling_parts(task.op)]      # (sibling matmuls: every B)
+            lines += self.over_utasks(task, functools.partial(gemm.stage_resident, task.op, bs, "gdsl_smem"))
         return lines + [self.dialect.block_barrier] if lines else []
 
     def task_run(self, run) -> list[str]:
