@@ -54,6 +54,7 @@ from gdsl.primitives.registry import (
 )
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
+    CHAIN_PARTS,
     Assign,
     Branch,
     Buffer,
@@ -229,6 +230,8 @@ class _Counter(Simulator):
 
 def op_flops(op) -> float:
     """Floating-point operations of one Op (see the module docstring for what counts)."""
+    if CHAIN_PARTS in op.params:          # a GEMV, a row chain, a GEMV as one op (plan.GEMV_ROWS_GEMV): theirs
+        return sum(op_flops(part) for part in op.params[CHAIN_PARTS])
     out = op.outputs[0].aval
     family = family_of(op.kind)
     if family in (CONTRACTION, CONVOLUTION):       # (sibling matmuls as one op: each part's, plan.N_PARTS)

@@ -11,6 +11,7 @@ from test_schedule import VIEWS, _flat_args, check_plan
 import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
+from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.interpreter import run_program
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.structural import dynamic_slice_p, take_p, transpose_p
@@ -252,8 +253,20 @@ def transposed_before_the_loop(x, W):
 def test_the_plan_text_says_which_ops_run_no_code():
     """What the plan prints is what runs: an op the backend reads in place is marked so (Lowered.plan)."""
     args = (rng.standard_normal((2, 8)).astype(np.float32), (rng.standard_normal((8, 8)) * 0.3).astype(np.float32))
-    lowered = gdsl.jit(transposed_before_the_loop, backend="cuda", grid=4).lower(*args)
+    lowered = gdsl.jit(transposed_before_the_loop, backend="cuda", grid=4, resident=False).lower(*args)
     (line,) = [line for line in lowered.plan.splitlines() if "_transpose(" in line]
     assert line.endswith("; its readers read the input in place: no code runs]")
     assert "_transpose(" not in lowered.source.split("-- ops")[-1]       # (no function for it: no code)
     assert "no code runs" not in str(lowered.lowering.plan)            # (the plan alone does not know it)
+
+
+@needs_nvrtc
+def test_a_transposed_weight_kept_resident_is_an_array():
+    """Where the loop's matmul keeps the transposed weight resident (its tiles copied into shared memory from the
+    array before the loop), the transpose runs as an op: the array must exist (before session 30 the kernel named
+    an array no code made, and NVRTC rejected it)."""
+    args = (rng.standard_normal((2, 8)).astype(np.float32), (rng.standard_normal((8, 8)) * 0.3).astype(np.float32))
+    lowered = gdsl.jit(transposed_before_the_loop, backend="cuda", grid=4).lower(*args)
+    (line,) = [line for line in lowered.plan.splitlines() if "_transpose(" in line]
+    assert "no code runs" not in line and "B resident in shared memory" in lowered.plan
+    cuda_toolchain.compile_cuda(lowered.source, "sm_90")

@@ -46,14 +46,14 @@ def test_attention_batch_1_stages_its_caches_and_x():
     the vEU's shared memory during the 32 steps, past the block-local temps; the C names point into the copies."""
     lowered = zoo_lowered("attention", 1)
     plan = lowered.lowering.plan
-    assert _staged(plan) == [("out0", 12288, 4096), ("out1", 28672, 4096), ("out2", 45056, 64)]
-    assert local.local_bytes(plan) == 45312
+    assert _staged(plan) == [("out0", 6144, 4096), ("out1", 22528, 4096), ("out2", 38912, 64)]
+    assert local.local_bytes(plan) == 39168
     text = str(plan).splitlines()
-    assert "    in each vEU's shared memory while it runs, its slice of: out0[4096 per vEU] at +12288, out1[4096 " \
-           "per vEU] at +28672, out2[64 per vEU] at +45056" in text
+    assert "    in each vEU's shared memory while it runs, its slice of: out0[4096 per vEU] at +6144, out1[4096 " \
+           "per vEU] at +22528, out2[64 per vEU] at +38912" in text
     assert "  end loop (the staged slices copied out)" in text
     source = lowered.source
-    assert "float* gdsl_staged0 = (float*)(gdsl_smem + GDSL_LOCAL_BASE + 12288);" in source
+    assert "float* gdsl_staged0 = (float*)(gdsl_smem + GDSL_LOCAL_BASE + 6144);" in source
     assert "float* out0 = gdsl_staged0 - (long long)blockIdx.x * 4096;" in source
     copy_in = "if (blockIdx.x < 12) gdsl_copy_block(gdsl_staged1, out1 + (long long)blockIdx.x * 4096, 4096);"
     copy_out = "if (blockIdx.x < 12) gdsl_copy_block(out1 + (long long)blockIdx.x * 4096, gdsl_staged1, 4096);"
@@ -75,7 +75,7 @@ def test_the_switch_off_leaves_the_plan_as_it_was(monkeypatch):
     on = zoo_lowered("attention", 1).lowering.plan
     monkeypatch.setattr(local, "SMEM_CARRIES", False)
     off = zoo_lowered("attention", 1).lowering.plan
-    assert first_loop(off).staged == () and local.local_bytes(off) == 12288
+    assert first_loop(off).staged == () and local.local_bytes(off) == 6144
     assert text(off) == [x.replace(" (the staged slices copied out)", "") for x in text(on)]
 
 

@@ -13,6 +13,7 @@ from strategies import cuda_lowering, emulated_model_mismatches, needs_nvrtc, zo
 
 import gdsl.numpy as gnp
 from gdsl.backends.cuda import toolchain as cuda_toolchain
+from gdsl.schedule import gemv_rows
 from gdsl.schedule.local import local_buffers, local_bytes
 from gdsl.schedule.plan import Loop, Task, Wave
 
@@ -24,17 +25,21 @@ def _local(plan) -> dict:
     return {buf.name: offset for buf, offset in plan.block_local}
 
 
-def test_attention_batch_1_head_chain_is_local():
-    """Attention bs1 (partitioned loop, head h on vEU h): q (t3), the scores (t10), the softmax (t11) and the
-    context (t12), 12 x 64 floats each, live in shared memory; the outputs (the K/V caches) stay global."""
+def test_attention_batch_1_head_chain_is_local(monkeypatch):
+    """Attention bs1 (partitioned loop, head h on vEU h): q (t3) and the context (t12), 12 x 64 floats each, live in
+    shared memory (the scores and the softmax never leave the uTask that computes the context: gemv_rows.py); the
+    outputs (the K/V caches) stay global. With the scores and softmax as ops of their own (t10, t11), they do too."""
     lowered = zoo_lowered("attention", 1, smem_temps=True)
     plan = lowered.lowering.plan
-    assert _local(plan) == {"t10": 0, "t11": 3072, "t12": 6144, "t3": 9216} and local_bytes(plan) == 12288
-    assert "shared memory: t10 at +0, t11 at +3072, t12 at +6144, t3 at +9216 (block-local, 12288 bytes per " \
-           "vEU after the resident weights)" in str(plan).splitlines()
+    assert _local(plan) == {"t12": 0, "t3": 3072} and local_bytes(plan) == 6144
+    assert "shared memory: t12 at +0, t3 at +3072 (block-local, 6144 bytes per vEU after the resident weights)" \
+        in str(plan).splitlines()
     source = lowered.source
-    assert "float* t3 = (float*)(gdsl_smem + GDSL_LOCAL_BASE + 9216);" in source
+    assert "float* t3 = (float*)(gdsl_smem + GDSL_LOCAL_BASE + 3072);" in source
     assert "float* out0 = " not in source and "(gdsl_ws + " not in source.split("float* t3")[1].split(";")[0]
+    monkeypatch.setattr(gemv_rows, "ENABLED", False)
+    plan = zoo_lowered("attention", 1, smem_temps=True).lowering.plan
+    assert _local(plan) == {"t10": 0, "t11": 3072, "t12": 6144, "t3": 9216} and local_bytes(plan) == 12288
 
 
 def test_nasrnn_batch_1_gates_and_cell_are_local():
@@ -47,10 +52,11 @@ def test_nasrnn_batch_1_gates_and_cell_are_local():
            "resident weights)" in str(plan).splitlines()
 
 
-def test_a_temp_read_on_another_vEU_is_never_local():
-    """Attention bs1's loop with the softmax moved one vEU up (head h's scores read on vEU h + 1): the scores
-    (t10, written on vEU h) and the softmax (t11, read by the next matmul on vEU h) are no longer block-local;
-    q and the context still are."""
+def test_a_temp_read_on_another_vEU_is_never_local(monkeypatch):
+    """Attention bs1's loop (the softmax an op of its own: gemv_rows.ENABLED off) with the softmax moved one vEU up
+    (head h's scores read on vEU h + 1): the scores (t10, written on vEU h) and the softmax (t11, read by the next
+    matmul on vEU h) are no longer block-local; q and the context still are."""
+    monkeypatch.setattr(gemv_rows, "ENABLED", False)
     plan = zoo_lowered("attention", 1).lowering.plan
     body = plan.kernels[0].body
     loop = next(s for s in body if isinstance(s, Loop))

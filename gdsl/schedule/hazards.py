@@ -38,6 +38,7 @@ from gdsl.schedule.plan import (
     Wave,
     chunk_utask,
     epilogue_operands,
+    parts_of_tasks,
     row_chunk,
     row_count,
     sibling_parts,
@@ -91,7 +92,7 @@ class Hazards:
     # ---------------------------------------------------------------------------------------- accesses
     def _accesses(self, wave: Wave):
         """(buffer, storage elements, vEU per element or one vEU for all, is_write) of every op of `wave`."""
-        for task in wave.tasks:
+        for task in parts_of_tasks(wave.tasks):      # (a GEMV_ROWS_GEMV op's parts: what each of them reads)
             op = task.op
             if op.outputs[0].aval.size > MAX_OP_ELEMENTS:
                 raise TooLarge

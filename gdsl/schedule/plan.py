@@ -57,13 +57,16 @@ from typing import Any
 import numpy as np
 
 from gdsl.core.ir import Lit, ShapedArray
-from gdsl.primitives.registry import DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
+from gdsl.primitives.registry import CONTRACTION, DATA_MOVEMENT, ELEMENTWISE, REDUCE, op_kind
 
 # The uTask kinds the scheduler makes that are not primitives (an Op's kind is one of these or a primitive).
 FUSED = op_kind("fused", ELEMENTWISE)        # a chain of fusible primitives, one expression per element
 COPY = op_kind("copy", DATA_MOVEMENT)        # a copy between buffers (numpy broadcasting, or a reshape)
 # A chain of row reductions and elementwise steps (RowStep), made only for backends with its rule.
 ROWS = op_kind("row_chain", REDUCE, optional=True)
+# A GEMV, the row chain on its output rows and a GEMV reading the chain's rows, as one uTask (gemv_rows.py:
+# params[CHAIN_PARTS]), made only for backends with its rule.
+GEMV_ROWS_GEMV = op_kind("gemv_rows_gemv", CONTRACTION, optional=True)
 
 
 @dataclass(frozen=True, eq=False)
@@ -340,6 +343,32 @@ def sibling_parts(op) -> list:
     return [Op(op.name, op.kind, (op.inputs[0], b), (out,), dict(params, tile_n=width), op.n_utasks,
                op.cost / len(widths))
             for b, out, width in zip(op.inputs[1:], op.outputs, widths)]
+
+
+# The params of a GEMV_ROWS_GEMV Op (gdsl/schedule/gemv_rows.py): its parts, the Ops it computes in this order (a
+# matmul, a ROWS op reading the matmul's output, a matmul whose left operand is the ROWS op's output), each as
+# it was, on the same uTasks; and, for each of its inputs, (part number, input number of that part). The parts'
+# intermediate results never leave the uTask: the op's outputs are the last part's.
+CHAIN_PARTS = "chain_parts"
+CHAIN_INPUTS = "chain_inputs"
+
+
+def part_tasks(task) -> tuple:
+    """`task`, or, for a GEMV_ROWS_GEMV op, one Task of each of its parts (the same vEUs and uTasks): what a pass
+    that looks for an op's own params (a resident B, plan.Task's resident tiles) sees of it."""
+    parts = task.op.params.get(CHAIN_PARTS)
+    return (task,) if parts is None else tuple(Task(part, task.first, task.count) for part in parts)
+
+
+def parts_of_tasks(tasks) -> list:
+    """`tasks` with each GEMV_ROWS_GEMV op's as its parts' (part_tasks)."""
+    return [part for task in tasks for part in part_tasks(task)]
+
+
+def chain_input(op, k) -> tuple:
+    """(the part of a GEMV_ROWS_GEMV Op, the number of that part's input) that the op's input k is."""
+    part, number = op.params[CHAIN_INPUTS][k]
+    return op.params[CHAIN_PARTS][part], number
 
 
 # The params of a ROWS op: its row shape (the rows' array shape, its last axis the row), its steps in order,

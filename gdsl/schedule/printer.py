@@ -11,6 +11,8 @@ from __future__ import annotations
 from gdsl.schedule.flags import published_in
 from gdsl.schedule.local import local_bytes
 from gdsl.schedule.plan import (
+    CHAIN_PARTS,
+    GEMV_ROWS_GEMV,
     K_PARTS,
     K_SPLITS,
     N_PARTS,
@@ -53,6 +55,9 @@ def describe_op(op) -> str:
     ins = ", ".join(_operands(op))
     outs = ", ".join(map(repr, op.outputs))
     epilogue = epilogue_of(op)
+    if CHAIN_PARTS in op.params:   # a GEMV, a row chain, a GEMV as one uTask (plan.GEMV_ROWS_GEMV): its parts
+        parts = "; ".join(describe_op(part) for part in op.params[CHAIN_PARTS])
+        return f"{outs} = {op.name}({ins}) as one uTask: {parts}"
     if epilogue is not None:       # what each output element becomes as it is stored
         return f"{outs} = {op.name}({ins}) with epilogue {epilogue!r}"
     if op.kind == ROWS.name:       # each row's steps, in order (s<k>: step k of the same row)
@@ -169,8 +174,8 @@ def _epilogues(stats) -> str:
 
 
 def _row_chains(stats) -> str:
-    n = stats.get("row_chains", 0)
-    return f", {n} row chains" if n else ""
+    n, between = stats.get("row_chains", 0), stats.get(GEMV_ROWS_GEMV.name, 0)
+    return (f", {n} row chains" if n else "") + (f" ({between} between two GEMVs, one uTask)" if between else "")
 
 
 def print_plan(plan, views=frozenset()) -> str:

@@ -27,7 +27,20 @@ import math
 
 from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import utasks
-from gdsl.schedule.plan import K_SPLITS, Assign, Branch, Buffer, Call, Fork, Loop, Task, Wave, plan_statements, walk
+from gdsl.schedule.plan import (
+    K_SPLITS,
+    Assign,
+    Branch,
+    Buffer,
+    Call,
+    Fork,
+    Loop,
+    Task,
+    Wave,
+    parts_of_tasks,
+    plan_statements,
+    walk,
+)
 
 RESIDENT = "resident"
 # GEMM-shaped matmuls (batch 64's tiles of many rows) keep their B tiles resident too, where they fit: the
@@ -166,7 +179,7 @@ def _regions_end(statements) -> int:
     """The end of the largest resident region the resident matmuls among `statements` need (0: none)."""
     end = 0
     for stmt in statements:
-        for task in stmt.tasks if isinstance(stmt, Wave) else ():
+        for task in parts_of_tasks(stmt.tasks) if isinstance(stmt, Wave) else ():
             if RESIDENT in task.op.params:
                 offset, count = task.op.params[RESIDENT]
                 end = max(end, offset + -(-task.op.n_utasks // count) * tile_bytes(task.op))
@@ -200,7 +213,7 @@ def function_resident_tasks(block):
     matmuls outside loops (a loop's are staged at the loop)."""
     for stmt in block:
         if isinstance(stmt, Wave):
-            yield from (task for task in stmt.tasks if RESIDENT in task.op.params)
+            yield from (task for task in parts_of_tasks(stmt.tasks) if RESIDENT in task.op.params)
         elif isinstance(stmt, Branch):
             for b in stmt.branches:
                 yield from function_resident_tasks(b)

@@ -44,10 +44,11 @@ from gdsl.primitives.structural import (
     take_p,
     transpose_p,
 )
-from gdsl.schedule import balance, licm, partition, resident, speculate, splitk, trailing, utasks
+from gdsl.schedule import balance, gemv_rows, licm, partition, resident, speculate, splitk, trailing, utasks
 from gdsl.schedule.backedge import demote_back_edges
 from gdsl.schedule.concat import concat_products
 from gdsl.schedule.flags import flag_syncs
+from gdsl.schedule.gemv_rows import fuse_gemv_rows
 from gdsl.schedule.hazards import Hazards
 from gdsl.schedule.local import LOOPS, block_local, smem_carries
 from gdsl.schedule.owner import Layout, Node, column_layouts
@@ -57,6 +58,7 @@ from gdsl.schedule.plan import (
     COPY,
     EPILOGUE,
     FUSED,
+    GEMV_ROWS_GEMV,
     K_PARTS,
     K_SPLITS,
     RESULT,
@@ -3053,6 +3055,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         plan = flag_syncs(plan)
         if double_temps is not False and control == "device" and source is not None and loop_grid_barriers(plan):
             plan = _doubled_temps(source, plan, options, with_flags=double_temps is None)
+    if gemv_rows.ENABLED and rows and has_lowering(GEMV_ROWS_GEMV.name, tuple(rows), "utask"):
+        plan = fuse_gemv_rows(plan)
     if smem_temps and control == "device":
         plan = block_local(plan, resident_bytes, loops_only=smem_temps == LOOPS)
         plan = smem_carries(plan, resident_bytes)

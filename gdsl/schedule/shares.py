@@ -17,6 +17,7 @@ from gdsl.primitives.registry import DATA_MOVEMENT, REGISTRY, kinds_of
 from gdsl.primitives.structural import clamp_starts
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
+    CHAIN_PARTS,
     COPY,
     EPILOGUE,
     FUSED,
@@ -29,6 +30,7 @@ from gdsl.schedule.plan import (
     ROWS,
     WINDOW_COPY,
     a_parts,
+    chain_input,
     chunk_elements,
     epilogue_operands,
     k_range,
@@ -70,6 +72,8 @@ def write_share(op, t, k=0) -> np.ndarray:
     """Flat indices of the elements of output k that uTask t writes (utasks.py's decomposition)."""
     if N_PARTS in op.params:            # sibling matmuls (plan.N_PARTS): output k is part k's
         return write_share(sibling_parts(op)[k], t)
+    if CHAIN_PARTS in op.params:        # a GEMV, a row chain, a GEMV as one (plan.GEMV_ROWS_GEMV): the last's
+        return write_share(op.params[CHAIN_PARTS][-1], t, k)
     if op.kind == ROWS.name:
         return row_elements(op, op.outputs[k].aval.size, t)
     out = op.outputs[0].aval
@@ -129,6 +133,9 @@ def read_share(op, k, t, starts=()):
     """Flat indices of input k that uTask t reads (None: all of it): exact for elementwise ops, matmul,
     reductions and data movement (where writing in place and partitioned loops depend on it),
     conservative (everything) for the others. An epilogue's operands are read at the elements written."""
+    if CHAIN_PARTS in op.params:        # (plan.GEMV_ROWS_GEMV) what uTask t of the part that reads it reads
+        part, number = chain_input(op, k)
+        return read_share(part, number, t, starts)
     if k in epilogue_operands(op):
         return _broadcast_share(op, k, write_share(op, t))
     if op.kind == ROWS.name:             # each input is read broadcast to the row shape, in the uTask's rows

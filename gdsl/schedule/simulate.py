@@ -55,6 +55,7 @@ from gdsl.primitives.structural import broadcast_p
 from gdsl.schedule import utasks
 from gdsl.schedule.flags import loop_flags, published_in
 from gdsl.schedule.plan import (
+    CHAIN_PARTS,
     COPY,
     FUSED,
     K_PARTS,
@@ -480,8 +481,16 @@ class Simulator:
             self._run_utask(task.op, t, veu, results[task.op])
             self.stats["utasks"] += 1
 
-    def _evaluate(self, op) -> list:
-        ins = [self.read(v) for v in op.inputs]
+    def _evaluate(self, op, on_chip=None) -> list:
+        """The outputs of `op` from the values before its wave (`on_chip`: storage -> the whole value of a
+        GEMV_ROWS_GEMV op's intermediate result, which its later parts read instead of memory)."""
+        if CHAIN_PARTS in op.params:      # a GEMV, a row chain, a GEMV as one (plan.GEMV_ROWS_GEMV), in order
+            on_chip = {}
+            for part in op.params[CHAIN_PARTS]:
+                outs = self._evaluate(part, on_chip)
+                on_chip.update((v.storage, out) for v, out in zip(part.outputs, outs))
+            return outs
+        ins = [on_chip[v.storage] if on_chip and v.storage in on_chip else self.read(v) for v in op.inputs]
         if op.kind == FUSED.name:
             return [evaluate_expr(op.expr, ins, op.outputs[0].aval)]
         if op.kind == ROWS.name:

@@ -37,6 +37,7 @@ from gdsl.primitives.registry import (
     GATHER,
     OP_KINDS,
     REDUCE,
+    REGISTRY,
     WINDOW,
     kinds_of,
 )
@@ -51,7 +52,8 @@ FLOPS_PER_NS_PER_VEU = 50000 / 132
 # The kinds split into chunks of output elements (everything but reductions and GEMMs).
 ELEMENTWISE_KINDS = kinds_of(ELEMENTWISE, DATA_MOVEMENT, GATHER, WINDOW)
 REDUCE_KINDS = kinds_of(REDUCE)
-GEMM_KINDS = kinds_of(CONTRACTION, CONVOLUTION)
+# The primitives split into GEMM tiles (the scheduler's GEMV_ROWS_GEMV, a contraction too, is made of split ops).
+GEMM_KINDS = frozenset(name for name in kinds_of(CONTRACTION, CONVOLUTION) if name in REGISTRY)
 
 # A matmul with at most this many rows is GEMV-shaped: its uTask is a tile of whole rows (gdsl_gemv_tile).
 GEMV_ROWS = 8

@@ -31,15 +31,19 @@ static __thread gdsl_emu_block* gdsl_emu_cur;
 static inline void __syncthreads() { pthread_barrier_wait(&gdsl_emu_cur->bar); }
 static inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 template <typename T> static inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width) {
+// v of lane `source` of this lane's group of `width` lanes (source taken modulo width, as CUDA and HIP do).
+template <typename T> static inline T gdsl_emu_shfl(T v, int source, int width) {
   const int lane = threadIdx.x % GDSL_WARP, warp = threadIdx.x / GDSL_WARP;
   unsigned long long* slots = gdsl_emu_cur->lanes + warp * GDSL_WARP;
   memcpy(&slots[lane], &v, sizeof(T));
   pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
   T r;
-  memcpy(&r, &slots[lane ^ mask], sizeof(T));
+  memcpy(&r, &slots[lane / width * width + ((source % width) + width) % width], sizeof(T));
   pthread_barrier_wait(&gdsl_emu_cur->warps[warp]);
   return r;
+}
+template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width) {
+  return gdsl_emu_shfl(v, (threadIdx.x % GDSL_WARP % width) ^ mask, width);
 }
 #ifdef GDSL_EMU_HIP
 // The HIP names the HIP dialect's header uses (hiprtc built-ins on an AMD GPU).
@@ -47,6 +51,7 @@ template <typename T> static inline T gdsl_emu_shfl_xor(T v, int mask, int width
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))
 #define __shfl_xor(v, m, w) gdsl_emu_shfl_xor((v), (m), (w))
+#define __shfl(v, s, w) gdsl_emu_shfl((v), (s), (w))
 #define __builtin_amdgcn_s_sleep(n) sched_yield()
 static inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
@@ -55,6 +60,7 @@ static inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4);
 #define GDSL_SHARED_OP static
 #define GDSL_SPIN_PAUSE() sched_yield()
 #define GDSL_SHFL_XOR(v, m, w) gdsl_emu_shfl_xor((v), (m), (w))
+#define GDSL_SHFL(v, s, w) gdsl_emu_shfl((v), (s), (w))
 static inline float GDSL_U2F(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 static inline unsigned GDSL_F2U(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float gdsl_h2f(unsigned short h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }

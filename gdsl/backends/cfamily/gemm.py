@@ -155,6 +155,18 @@ def store_part(ops: OpRenderer, number: int, idx: str, v: str) -> str:
 
 @register_lowering("matmul", backend="cfamily")
 def matmul(ops: OpRenderer) -> str:
+    if utasks.gathers_batch(ops.op.params):
+        a, b = ops.ins[:2]
+        M, K, N = a.aval.shape[-2], b.aval.shape[-2], b.aval.shape[-1]
+        return gathered_matmul(ops, M, N, K, ops.outs[0].aval.shape[:-2])
+    if N_PARTS in ops.op.params:
+        return sibling_matmul(ops)
+    return gemm_tiles(ops, matmul_gemm(ops))
+
+
+def matmul_gemm(ops: OpRenderer) -> Gemm:
+    """The Gemm of a matmul whose uTask is tiles of one batch element (not gathered, no sibling parts): its
+    batch offsets (a0, b0, c0 of `bt`), loaders and store."""
     a, b = ops.ins[:2]
     out = ops.outs[0]
     acc = c_types.accumulator(out.dtype)
@@ -164,10 +176,6 @@ def matmul(ops: OpRenderer) -> str:
     bshape = out.aval.shape[:-2]
     a_off = broadcast_index(bshape, a.aval.shape[:-2], "bt")
     b_off = broadcast_index(bshape, b.aval.shape[:-2], "bt")
-    if utasks.gathers_batch(ops.op.params):
-        return gathered_matmul(ops, M, N, K, bshape)
-    if N_PARTS in ops.op.params:
-        return sibling_matmul(ops)
     setup = [f"  const int a0 = ({a_off}) * {M * K}, b0 = ({b_off}) * {K * N}, c0 = bt * {M * N};"]
     load_b = f"return ({acc})({b.at(f'b0 + k * {N} + n')});"
     kmajor = _transposed_matrix(b)      # B is the transpose of a row-major source: contiguous along k
@@ -190,14 +198,14 @@ def matmul(ops: OpRenderer) -> str:
         load_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m")
     else:
         load_a = f"return ({acc})({a.at(f'a0 + m * {K} + k')});"
-    return gemm_tiles(ops, Gemm(
+    return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
         # (no vector loads of A read in parts or gathered: the tile checks only its first address's alignment)
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows and not a.flag
         else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
-        resident_b="rb" if resident and float32 else None))
+        resident_b="rb" if resident and float32 else None)
 
 
 @register_lowering("matmul", backend="cfamily", role="n_parts")
@@ -375,10 +383,11 @@ def conv2d(ops: OpRenderer) -> str:
         a_contiguous_k=False, b_contiguous_k=True, k_table=table))
 
 
-def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
+def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem") -> str:
     """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine. Split
     over its depth (plan.K_SPLITS: S slices, the GEMM's outer batch elements), batch element bt's tile contracts
-    only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_."""
+    only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_. `scratch`: the
+    C expression of the shared memory the tile routine works in (a resident B is at smem's GDSL_RESIDENT_BASE)."""
     M, N, K = gemm.M, gemm.N, gemm.K
     tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
     acc = c_types.accumulator(ops.outs[0].dtype)
@@ -430,7 +439,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         held = kc * tn // block
         prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
-                f"{col0}, la, lb, sc, smem);")
+                f"{col0}, la, lb, sc, {scratch});")
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)
         ops.ends_with_block_barrier = slots > 1
@@ -452,7 +461,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         need = max(GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
                 f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
-                f"{gemm.resident_b if bres else 'nullptr'}, smem);")
+                f"{gemm.resident_b if bres else 'nullptr'}, {scratch});")
     else:
         rm, rn = micro_tile(tm, tn, block)
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
@@ -461,13 +470,13 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm) -> str:
         if warps is None:
             need = GEMM_BK * (tm + 1 + tn + 1) * size
             call = (f"  gdsl_gemm_tile<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {contiguous}, {acc}>"
-                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
+                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, {scratch});")
         else:
             wr, wc = warps
             k_groups = block // ops.dialect.warp_size // (wr * wc)
             need = max(GEMM_BK * (tm + 8 + tn + 8) * size, (k_groups - 1) * tm * tn * size)
             call = (f"  gdsl_gemm_tile_tc<{tm}, {tn}, {GEMM_BK}, {block}, {wr}, {wc}, {rm}, {rn}, {contiguous}>"
-                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, smem);")
+                    f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, sc, {scratch});")
     if gemm.k_table is not None:      # (after the tile's own shared memory, 16-byte aligned)
         base = -(-need // 16) * 16
         need = base + 8 * K

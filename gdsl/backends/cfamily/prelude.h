@@ -2,7 +2,7 @@
 //
 // The dialect header in front of this file defines: GDSL_DEV (device function qualifier, inlined),
 // GDSL_SHARED_OP (the qualifier of a uTask function several ops share: not inlined), GDSL_WARP (lanes
-// of a warp/wavefront), GDSL_SHFL_XOR(v, mask, width), GDSL_LDG(p) (a read-only load), GDSL_U2F/GDSL_F2U
+// of a warp/wavefront), GDSL_SHFL_XOR(v, mask, width), GDSL_SHFL(v, source lane, width), GDSL_LDG(p) (a read-only load), GDSL_U2F/GDSL_F2U
 // (bit casts), gdsl_h2f/gdsl_f2h (float16 <-> float), GDSL_SPIN_PAUSE(), and __syncthreads, __threadfence,
 // atomicAdd with CUDA's meaning. float16 and bfloat16 are stored as 16-bit words and computed in float.
 

@@ -73,7 +73,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gdsl.backends.cfamily import data_movement, gemm, reductions, repeats  # noqa: F401 - the first three register rules
+from gdsl.backends.cfamily import data_movement, gemm, gemv_rows, reductions, repeats  # noqa: F401 - all but repeats register rules
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.elementwise import c_expression
@@ -104,6 +104,7 @@ from gdsl.schedule.plan import (
     Uniforms,
     Value,
     Wave,
+    parts_of_tasks,
     sibling_parts,
     walk,
 )
@@ -1032,7 +1033,7 @@ class Renderer:
     def resident_preload(self, loop) -> list[str]:
         """Before a loop: each vEU copies the resident tiles of its uTasks (gdsl/schedule/resident.py) into its
         shared memory, then a block barrier (the uTasks read what all threads copied)."""
-        tasks = [task for stmt in loop.body if isinstance(stmt, Wave) for task in stmt.tasks
+        tasks = [task for stmt in loop.body if isinstance(stmt, Wave) for task in parts_of_tasks(stmt.tasks)
                  if RESIDENT in task.op.params]
         return self.staged(tasks)
 

@@ -29,7 +29,8 @@ from gdsl.backends.cfamily.ops import coords, offset, strides
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.primitives.structural import dynamic_slice_p, dynamic_update_slice_p, slice_p, take_p, transpose_p
-from gdsl.schedule.plan import K_PARTS, ROW_INDEX, Assign, Branch, Call, Loop, Uniforms, Wave, walk
+from gdsl.schedule.plan import K_PARTS, ROW_INDEX, Assign, Branch, Call, Loop, Uniforms, Wave, parts_of_tasks, walk
+from gdsl.schedule.resident import RESIDENT
 from gdsl.schedule.utasks import contiguous_window, viewable_buffers
 
 
@@ -190,6 +191,9 @@ def find_views(plan) -> dict:
                 windowed = any(t.op.kind in WINDOWS and t.op.inputs[0].buffer is out.buffer
                                for s in readers if isinstance(s, Wave) for t in s.tasks) or \
                     any(_partial(x, out.buffer) for s in readers for x in _reads(s))
+                # (nor where a matmul keeps it resident: its tiles are copied from the array before the loop)
+                windowed = windowed or any(RESIDENT in t.op.params and t.op.inputs[1].buffer is out.buffer
+                                           for s in readers if isinstance(s, Wave) for t in parts_of_tasks(s.tasks))
                 if readers and not windowed and all(isinstance(s, Wave) for s in readers) and \
                         (read_only or _stable(src.buffer, op, out.buffer, positions, stmt_of)):
                     views[out.buffer] = View(op, src, "0", read_only, tuple(op.params["permutation"]))

@@ -13,6 +13,7 @@ HEADER_TEMPLATE = r"""
 #define GDSL_SHARED_OP static __device__ __noinline__
 #define GDSL_WARP $warp_size
 #define GDSL_SHFL_XOR(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
+#define GDSL_SHFL(v, s, w) __shfl_sync(0xffffffffu, (v), (s), (w))
 #define GDSL_U2F(u) __uint_as_float(u)
 #define GDSL_F2U(f) __float_as_uint(f)
 #define GDSL_SPIN_PAUSE() ((void)0)

@@ -40,6 +40,7 @@ class EmulatedHIPDialect(HIPDialect):
 CUDA_COMPAT = r"""// gdsl: HIP dialect on NVIDIA through NVRTC (test mode): HIP's names spelled in CUDA.
 #include <cuda_fp16.h>
 #define __shfl_xor(v, m, w) __shfl_xor_sync(0xffffffffu, (v), (m), (w))
+#define __shfl(v, s, w) __shfl_sync(0xffffffffu, (v), (s), (w))
 #define __builtin_amdgcn_s_sleep(n) __nanosleep(64u * (n))
 #define __builtin_amdgcn_s_memrealtime() gdsl_compat_globaltimer()
 #define _Float16 __half
