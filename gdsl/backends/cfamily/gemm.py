@@ -383,11 +383,12 @@ def conv2d(ops: OpRenderer) -> str:
         a_contiguous_k=False, b_contiguous_k=True, k_table=table))
 
 
-def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem") -> str:
+def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: str = "") -> str:
     """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine. Split
     over its depth (plan.K_SPLITS: S slices, the GEMM's outer batch elements), batch element bt's tile contracts
     only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_. `scratch`: the
-    C expression of the shared memory the tile routine works in (a resident B is at smem's GDSL_RESIDENT_BASE)."""
+    C expression of the shared memory the tile routine works in (a resident B is at smem's GDSL_RESIDENT_BASE);
+    `gemv_extra`: more arguments of a GEMV tile's call (gdsl_gemv_tile's `pre` and `a_in_place`)."""
     M, N, K = gemm.M, gemm.N, gemm.K
     tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
     acc = c_types.accumulator(ops.outs[0].dtype)
@@ -439,7 +440,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem") -> str:
         held = kc * tn // block
         prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
-                f"{col0}, la, lb, sc, {scratch});")
+                f"{col0}, la, lb, sc, {scratch}{gemv_extra});")
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)
         ops.ends_with_block_barrier = slots > 1

@@ -384,8 +384,15 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
 // most NT / GDSL_WARP, leaving a whole warp (or more) of k slices per column.
 // PF: the most B values a thread prefetches (below); a tile that stages its whole k at once may take more
 // (utasks.THIN_GEMV_REGISTERS: the scheduler checked that they fit).
-template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, int PF = 32, class LA, class LB, class SC>
-GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem) {
+// `pre()` runs once, after the first chunk's B loads are issued (a caller's own loads, in flight with them);
+// `a_in_place`: A is cheap to read where it is (shared memory), so each thread reads its elements through la
+// instead of the block staging them behind a barrier.
+template <class F> GDSL_DEV void gdsl_run(F& f) { f(); }
+GDSL_DEV void gdsl_run(int) {}         // (no hook)
+template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, int PF = 32, class LA, class LB, class SC,
+          class PRE = int>
+GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem, PRE pre = 0,
+                             bool a_in_place = false) {
   constexpr int MAX_CT = KMAJOR ? (NT / GDSL_WARP > 0 ? NT / GDSL_WARP : 1) : NT;
   constexpr int CT = (TN & -TN) < MAX_CT ? (TN & -TN) : MAX_CT, CPT = TN / CT, KS = NT / CT;
   // k slices of one column within a warp, and the lane distance between two of them
@@ -417,18 +424,24 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
           bv[r][j] = kk < kc && n < N ? lb(k0 + kk, n) : Acc(0);
         }
     }
-    for (int e = tid; e < MR * KC; e += NT) {
-      const int m = e / KC, kk = e % KC;
-      As[e] = kk < kc ? la(m, k0 + kk) : Acc(0);
+    if (k0 == 0) gdsl_run(pre);
+    if (!a_in_place) {
+      for (int e = tid; e < MR * KC; e += NT) {
+        const int m = e / KC, kk = e % KC;
+        As[e] = kk < kc ? la(m, k0 + kk) : Acc(0);
+      }
+      __syncthreads();
     }
-    __syncthreads();
     if constexpr (PREFETCH) {
 #pragma unroll
       for (int r = 0; r < PER; ++r)
 #pragma unroll
         for (int j = 0; j < CPT; ++j)
 #pragma unroll
-          for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + ks + r * KS] * bv[r][j];
+          for (int m = 0; m < MR; ++m) {
+            const int kk = ks + r * KS;
+            acc[m][j] += (a_in_place ? (kk < kc ? la(m, k0 + kk) : Acc(0)) : As[m * KC + kk]) * bv[r][j];
+          }
     } else {
       constexpr int UNROLL = GDSL_GEMV_LOOP_UNROLL;
 #pragma unroll UNROLL
@@ -438,13 +451,13 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
           const int n = col0 + c + j * CT;
           const Acc b = n < N ? lb(k0 + kk, n) : Acc(0);
 #pragma unroll
-          for (int m = 0; m < MR; ++m) acc[m][j] += As[m * KC + kk] * b;
+          for (int m = 0; m < MR; ++m) acc[m][j] += (a_in_place ? la(m, k0 + kk) : As[m * KC + kk]) * b;
         }
       }
     }
     // (before the next chunk's staging overwrites As; after the last chunk only where no block barrier of the
     // k slices' reduction follows before the tile returns: its partial sums go to `red`, not As)
-    if (SLOTS == 1 || k0 + KC < K || GDSL_GEMV_LAST_CHUNK_SYNC) __syncthreads();
+    if (!a_in_place && (SLOTS == 1 || k0 + KC < K || GDSL_GEMV_LAST_CHUNK_SYNC)) __syncthreads();
   }
 #pragma unroll
   for (int m = 0; m < MR; ++m)
