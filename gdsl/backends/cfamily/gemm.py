@@ -388,7 +388,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: s
     over its depth (plan.K_SPLITS: S slices, the GEMM's outer batch elements), batch element bt's tile contracts
     only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_. `scratch`: the
     C expression of the shared memory the tile routine works in (a resident B is at smem's GDSL_RESIDENT_BASE);
-    `gemv_extra`: more arguments of a GEMV tile's call (gdsl_gemv_tile's `pre` and `a_in_place`)."""
+    `gemv_extra`: more arguments of a GEMV tile's call (gdsl_gemv_tile's `a_in_place`)."""
     M, N, K = gemm.M, gemm.N, gemm.K
     tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
     acc = c_types.accumulator(ops.outs[0].dtype)

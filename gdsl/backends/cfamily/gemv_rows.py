@@ -3,10 +3,11 @@
 uTask t is batch element t: op1's output row S = A1 · B1 (its epilogue applied), the chain's steps on S, and
 op3's row P · B2, P the chain's output:
 
-    the first GEMV      op1's own GEMV tile (gemm.py), its store into S in shared memory, A read where it is
-                        (no staging behind a barrier: A_IN_PLACE); right after its B loads are issued, each
-                        thread issues its share of the second GEMV's B (B2_AFTER_B1), whose latency then passes
-                        while the first GEMV runs; a block barrier
+    B2's values         each thread's share of the second GEMV's B, loaded first: their latency passes while
+                        the first GEMV runs (on the H200 the order of the two GEMVs' loads made no difference:
+                        70.14 us with these first, 70.00 with them after the first GEMV's, session 30)
+    the first GEMV      op1's own GEMV tile (gemm.py), its store into S in shared memory, its A read where it
+                        is (A_IN_PLACE: no staging behind a barrier); a block barrier
     the row chain       every warp runs the whole chain on S itself (reductions.py's row steps, lane l holding
                         elements l + j * warp), so no block barrier follows: the warps agree without one
     the second GEMV     thread (c, s) of the block: column c of P · B2 over its slice s of the row, P's
@@ -25,12 +26,9 @@ from gdsl.primitives.registry import register_lowering
 from gdsl.schedule.plan import CHAIN_INPUTS, CHAIN_PARTS, GEMV_ROWS_GEMV, ROW_SHAPE, STEP_OUTPUTS, STEPS
 
 # The first GEMV reads its A (one row) where it is, each thread its own elements, instead of the block staging it
-# in shared memory behind a barrier (gdsl_gemv_tile's a_in_place).
+# in shared memory behind a barrier (gdsl_gemv_tile's a_in_place). On the H200 (session 30, benchmarks/kernel_ab.py,
+# ncu kernel time): Attention bs1 72.26 -> 70.00 us, bs64 371.66 -> 365.34.
 A_IN_PLACE = True
-# The second GEMV's B values are loaded right after the first GEMV's (gdsl_gemv_tile's `pre` hook), not before
-# them: the first GEMV's operands come back first.
-B2_AFTER_B1 = True
-
 
 class OnChip(Arg):
     """An intermediate result of the op, in shared memory: the uTask's row (one batch element's) at `buffer`."""
@@ -77,8 +75,7 @@ def gemv_rows_gemv(ops: OpRenderer) -> str:
     first, chain, second = (_part(ops, n, {op1.outputs[0].storage: row}) for n in range(3))
     gemm1, gemm2 = matmul_gemm(first), matmul_gemm(second)
     acc = c_types.accumulator(op3.outputs[0].aval.dtype)
-    extra = (", pre_" if B2_AFTER_B1 else ", 0") + (", true" if A_IN_PLACE else "")
-    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", gemv_extra=extra)
+    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", gemv_extra=", true" if A_IN_PLACE else "")
     ops.smem = max(ops.smem, scratch + first.smem)
     steps, shape = op2.params[STEPS], tuple(op2.params[ROW_SHAPE])
     last = op2.params[STEP_OUTPUTS][0]
@@ -100,9 +97,7 @@ def gemv_rows_gemv(ops: OpRenderer) -> str:
         f"  auto lb2_ = [&](int k, int n) -> {acc} {{ {gemm2.load_b} }};",
         f"  auto sc2_ = [&](int m, int n, {acc} v) {{ {gemm2.store} }};",
         f"  {acc} b2_[{per}];",
-        f"  auto pre_ = [&]() {{ for (int r_ = 0; r_ < {per}; ++r_) "
-        f"b2_[r_] = {k} < {length} && c_ < {width} ? lb2_({k}, c_) : ({acc})0; }};",
-        *([] if B2_AFTER_B1 else ["  pre_();"]),
+        f"  for (int r_ = 0; r_ < {per}; ++r_) b2_[r_] = {k} < {length} && c_ < {width} ? lb2_({k}, c_) : ({acc})0;",
         "  {     // the first GEMV, its row into S_",
         *("  " + line for line in tile.rstrip("\n").split("\n")),
         "  }",

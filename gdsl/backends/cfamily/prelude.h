@@ -384,15 +384,11 @@ GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la
 // most NT / GDSL_WARP, leaving a whole warp (or more) of k slices per column.
 // PF: the most B values a thread prefetches (below); a tile that stages its whole k at once may take more
 // (utasks.THIN_GEMV_REGISTERS: the scheduler checked that they fit).
-// `pre()` runs once, after the first chunk's B loads are issued (a caller's own loads, in flight with them);
-// `a_in_place`: A is cheap to read where it is (shared memory), so each thread reads its elements through la
-// instead of the block staging them behind a barrier.
-template <class F> GDSL_DEV void gdsl_run(F& f) { f(); }
-GDSL_DEV void gdsl_run(int) {}         // (no hook)
-template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, int PF = 32, class LA, class LB, class SC,
-          class PRE = int>
-GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem, PRE pre = 0,
-                             bool a_in_place = false) {
+// `a_in_place`: each thread reads its elements of A through la where they are, instead of the block staging
+// them in shared memory behind a barrier (a row of A that every thread reads a few elements of: cheap to read
+// twice, dear to wait for).
+template <int MR, int TN, int NT, int KC, typename Acc, bool KMAJOR, int PF = 32, class LA, class LB, class SC>
+GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* smem, bool a_in_place = false) {
   constexpr int MAX_CT = KMAJOR ? (NT / GDSL_WARP > 0 ? NT / GDSL_WARP : 1) : NT;
   constexpr int CT = (TN & -TN) < MAX_CT ? (TN & -TN) : MAX_CT, CPT = TN / CT, KS = NT / CT;
   // k slices of one column within a warp, and the lane distance between two of them
@@ -424,7 +420,6 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
           bv[r][j] = kk < kc && n < N ? lb(k0 + kk, n) : Acc(0);
         }
     }
-    if (k0 == 0) gdsl_run(pre);
     if (!a_in_place) {
       for (int e = tid; e < MR * KC; e += NT) {
         const int m = e / KC, kk = e % KC;
