@@ -38,6 +38,10 @@ GEMV_PREFETCH = 32
 # op 1.1 -> 1.9 us, the bs64 kernel 466 -> 784: session 23's SHALLOW_GEMV_STAGE, which did both and was removed.)
 # Off: the old chunk (for A/B timing).
 SHALLOW_GEMV_CHUNK = True
+# Every GEMV tile of one row whose k is one chunk reads its A in place (gdsl_gemv_tile's a_in_place: each thread
+# its own elements, no staging behind a barrier), as the first GEMV of a GEMV_ROWS_GEMV op does (gemv_rows.py,
+# where it paid 2.3 us of Attention bs1's 72). Off: not measured on the whole zoo yet.
+GEMV_A_IN_PLACE = False
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
 GEMV_PARTS_KC = 2048
@@ -439,6 +443,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: s
         # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
         held = kc * tn // block
         prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
+        if GEMV_A_IN_PLACE and M == 1 and kc >= K and not gemv_extra:
+            gemv_extra = ", true"
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
                 f"{col0}, la, lb, sc, {scratch}{gemv_extra});")
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call

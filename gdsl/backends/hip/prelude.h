@@ -68,21 +68,28 @@ static __device__ __forceinline__ __half __float2half(float f) { return (__half)
 static __device__ __forceinline__ float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 static __device__ __forceinline__ unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 
-// HIP's __shfl_xor: lane ^ mask within groups of `width` lanes (a lane whose partner is outside its group
-// keeps its own value), through ds_bpermute, one 32-bit word at a time.
+// HIP's __shfl_xor and __shfl through ds_bpermute, one 32-bit word at a time: lane ^ mask within groups of
+// `width` lanes (a lane whose partner is outside its group keeps its own value); lane `source` (modulo width)
+// of the lane's own group.
 static __device__ __forceinline__ int gdsl_lane_id() {
   return __builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
 }
-template <typename T> static __device__ __forceinline__ T __shfl_xor(T var, int lane_mask, int width) {
-  const int self = gdsl_lane_id();
-  int index = self ^ lane_mask;
-  index = index >= ((self + width) & ~(width - 1)) ? self : index;
+template <typename T> static __device__ __forceinline__ T gdsl_bpermute(T var, int index) {
   int words[(sizeof(T) + 3) / 4];
   __builtin_memcpy(words, &var, sizeof(T));
   for (unsigned i = 0; i < sizeof(words) / 4; ++i) words[i] = __builtin_amdgcn_ds_bpermute(index << 2, words[i]);
   T out;
   __builtin_memcpy(&out, words, sizeof(T));
   return out;
+}
+template <typename T> static __device__ __forceinline__ T __shfl_xor(T var, int lane_mask, int width) {
+  const int self = gdsl_lane_id();
+  int index = self ^ lane_mask;
+  index = index >= ((self + width) & ~(width - 1)) ? self : index;
+  return gdsl_bpermute(var, index);
+}
+template <typename T> static __device__ __forceinline__ T __shfl(T var, int source, int width) {
+  return gdsl_bpermute(var, (gdsl_lane_id() & ~(width - 1)) + (source & (width - 1)));
 }
 
 // The float math the elementwise table and the prelude use. Without -nogpulib's ocml most lower to AMDGPU
