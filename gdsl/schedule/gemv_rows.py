@@ -49,15 +49,13 @@ from gdsl.schedule.plan import (
     STEP_OUTPUTS,
     STEPS,
     Assign,
-    Branch,
-    Fork,
-    Loop,
     Op,
     Sync,
     Task,
     Uniforms,
     Wave,
     plan_statements,
+    rewrite_blocks,
     row_chunk,
 )
 from gdsl.schedule.rows import ROW_SLOTS
@@ -75,21 +73,13 @@ def fuse_gemv_rows(plan):
     readers = _readers(plan)
     count = [0]
 
+    def fold(out):
+        if len(out) >= 5 and (task := _fused(out[-5:], readers, plan.block)) is not None:
+            out[-5:] = [Wave((task,))]
+            count[0] += 1
+
     def block(stmts):
-        out = []
-        for stmt in stmts:
-            if isinstance(stmt, Loop):
-                stmt = dataclasses.replace(stmt, cond=block(stmt.cond), body=block(stmt.body))
-            elif isinstance(stmt, Branch):
-                stmt = dataclasses.replace(stmt, branches=tuple(block(b) for b in stmt.branches))
-            elif isinstance(stmt, Fork):
-                stmt = dataclasses.replace(stmt, first=block(stmt.first), between=block(stmt.between),
-                                           second=block(stmt.second))
-            out.append(stmt)
-            if len(out) >= 5 and (task := _fused(out[-5:], readers, plan.block)) is not None:
-                out[-5:] = [Wave((task,))]
-                count[0] += 1
-        return tuple(out)
+        return rewrite_blocks(stmts, fold)
 
     kernels = tuple(dataclasses.replace(k, body=block(k.body),
                                         functions=tuple(dataclasses.replace(f, body=block(f.body))

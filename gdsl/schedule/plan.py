@@ -51,6 +51,7 @@ Statements (a Block is a tuple of them; a Kernel runs one Block on `grid` persis
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -686,6 +687,26 @@ def walk(block):
                 yield from walk(b)
         elif isinstance(stmt, Fork):
             yield from walk(stmt.first + stmt.between + stmt.second)
+
+
+def rewrite_blocks(block, after) -> tuple:
+    """`block` with each nested block (a Loop's, a Branch's, a Fork's) rewritten the same way first, `after(out)`
+    called each time a statement is appended to the result list `out`, which it may change in place (fold the
+    statements at its end into fewer)."""
+    out: list = []
+    for stmt in block:
+        if isinstance(stmt, Loop):
+            stmt = dataclasses.replace(stmt, cond=rewrite_blocks(stmt.cond, after),
+                                       body=rewrite_blocks(stmt.body, after))
+        elif isinstance(stmt, Branch):
+            stmt = dataclasses.replace(stmt, branches=tuple(rewrite_blocks(b, after) for b in stmt.branches))
+        elif isinstance(stmt, Fork):
+            stmt = dataclasses.replace(stmt, first=rewrite_blocks(stmt.first, after),
+                                       between=rewrite_blocks(stmt.between, after),
+                                       second=rewrite_blocks(stmt.second, after))
+        out.append(stmt)
+        after(out)
+    return tuple(out)
 
 
 def plan_statements(plan: Plan):

@@ -91,6 +91,7 @@ from gdsl.schedule.plan import (
     Value,
     Wave,
     fold_expr,
+    rewrite_blocks,
     walk,
 )
 from gdsl.schedule.preload import step_preloads
@@ -1739,26 +1740,18 @@ class Scheduler:
         second call's barrier stays, as the join."""
         min_group = {f.name: max(1, math.ceil(FORK_MIN_SHARE * _widest_wave(f.body))) for f in functions}
 
-        def rewrite(block):
-            out = []
-            for stmt in block:
-                if isinstance(stmt, Loop):
-                    stmt = dataclasses.replace(stmt, cond=rewrite(stmt.cond), body=rewrite(stmt.body))
-                elif isinstance(stmt, Branch):
-                    stmt = dataclasses.replace(stmt, branches=tuple(rewrite(b) for b in stmt.branches))
-                out.append(stmt)
-                fork = _fork_at_end(out, self.after_call_syncs)
-                if fork is not None:
-                    start, made = fork
-                    made = dataclasses.replace(made, min_group=min_group[made.calls[0].fn])
-                    self.after_call_syncs.discard(out[start + len(made.first)])
-                    before = Sync("grid")
-                    self.after_call_syncs.add(before)        # (removed, not made a block sync, when demoted)
-                    out[start:] = [before, made]
-                    self.stats["forks"] = self.stats.get("forks", 0) + 1
-            return tuple(out)
-        functions = tuple(dataclasses.replace(f, body=rewrite(f.body)) for f in functions)
-        return rewrite(body), functions
+        def fold(out):
+            fork = _fork_at_end(out, self.after_call_syncs)
+            if fork is not None:
+                start, made = fork
+                made = dataclasses.replace(made, min_group=min_group[made.calls[0].fn])
+                self.after_call_syncs.discard(out[start + len(made.first)])
+                before = Sync("grid")
+                self.after_call_syncs.add(before)        # (removed, not made a block sync, when demoted)
+                out[start:] = [before, made]
+                self.stats["forks"] = self.stats.get("forks", 0) + 1
+        functions = tuple(dataclasses.replace(f, body=rewrite_blocks(f.body, fold)) for f in functions)
+        return rewrite_blocks(body, fold), functions
 
     def _after_call_sync(self) -> Sync:
         """A grid barrier right after a call, at its call site: the one that orders the callee's writes
