@@ -131,8 +131,9 @@ def _fused(stmts, readers, block) -> Task | None:
     if op1.kind != matmul_p.name or op2.kind != ROWS.name or op3.kind != matmul_p.name:
         return None
     scores, chained = op1.outputs[0] if len(op1.outputs) == 1 else None, op2.outputs[0]
-    if not (_gemv_row(op1) and _gemv_row(op3) and scores is not None and _private(scores, readers, 1) and
-            len(op2.outputs) == 1 and _private(chained, readers, 1) and op3.inputs[0].storage is chained.storage):
+    if not (_gemv_row(op1) and _gemv_row(op3) and scores is not None and _private(scores, readers) and
+            len(op2.outputs) == 1 and _private(chained, readers) and op3.inputs[0].storage is chained.storage and
+            _whole(op3.inputs[0])):
         return None
     length = scores.aval.shape[-1]
     p = op2.params
@@ -140,7 +141,7 @@ def _fused(stmts, readers, block) -> Task | None:
             length > WARP * ROW_SLOTS or p[STEPS][p[STEP_OUTPUTS][0]].per_row(p[ROW_SHAPE]):
         return None
     reads = [k for k, v in enumerate(op2.inputs) if v.storage is scores.storage]
-    if len(reads) != 1 or op2.inputs[reads[0]].aval.shape != scores.aval.shape or \
+    if len(reads) != 1 or not _whole(op2.inputs[reads[0]]) or \
             op3.outputs[0].aval.shape[-1] > block or op3.outputs[0].aval.shape[:-2] != scores.aval.shape[:-2]:
         return None
     if not all(v.aval.dtype == np.float32 for v in (scores, chained, op3.outputs[0])):
@@ -161,9 +162,14 @@ def _gemv_row(op) -> bool:
         op.params.get("tile_n", 0) >= out.shape[-1] and op.n_utasks == math.prod(out.shape[:-2])
 
 
-def _private(value, readers, count) -> bool:
-    """Is `value` a whole temp that the plan reads `count` times (its one reader in the pattern)?"""
+def _private(value, readers) -> bool:
+    """Is `value` a whole temp outside recursive frames that the plan reads once (its reader in the pattern)?"""
     buf = value.buffer
-    return buf is not None and buf.kind == "temp" and buf.frame_of is None and value.aval == buf.aval and \
-        not value.offset and not value.terms and value.perm is None and value.window is None and \
-        value.rows is None and readers.get(buf, 0) == count
+    return _whole(value) and buf.kind == "temp" and buf.frame_of is None and readers.get(buf, 0) == 1
+
+
+def _whole(value) -> bool:
+    """Is `value` its whole buffer as it is: no window, offset, permutation or gathered rows?"""
+    buf = value.buffer
+    return buf is not None and value.aval == buf.aval and not value.offset and not value.terms and \
+        value.perm is None and value.window is None and value.rows is None

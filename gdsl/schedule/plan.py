@@ -356,7 +356,8 @@ CHAIN_INPUTS = "chain_inputs"
 
 def part_tasks(task) -> tuple:
     """`task`, or, for a GEMV_ROWS_GEMV op, one Task of each of its parts (the same vEUs and uTasks): what a pass
-    that looks for an op's own params (a resident B, plan.Task's resident tiles) sees of it."""
+    that looks at the ops themselves sees of it (a part's resident B: resident.py, the renderer's staging; each
+    part's accesses: hazards.py)."""
     parts = task.op.params.get(CHAIN_PARTS)
     return (task,) if parts is None else tuple(Task(part, task.first, task.count) for part in parts)
 

@@ -30,6 +30,7 @@ from gdsl.schedule.plan import CHAIN_INPUTS, CHAIN_PARTS, GEMV_ROWS_GEMV, ROW_SH
 # ncu kernel time): Attention bs1 72.26 -> 70.00 us, bs64 371.66 -> 365.34.
 A_IN_PLACE = True
 
+
 class OnChip(Arg):
     """An intermediate result of the op, in shared memory: the uTask's row (one batch element's) at `buffer`."""
 
@@ -75,7 +76,8 @@ def gemv_rows_gemv(ops: OpRenderer) -> str:
     first, chain, second = (_part(ops, n, {op1.outputs[0].storage: row}) for n in range(3))
     gemm1, gemm2 = matmul_gemm(first), matmul_gemm(second)
     acc = c_types.accumulator(op3.outputs[0].aval.dtype)
-    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", gemv_extra=", true" if A_IN_PLACE else "")
+    in_place = A_IN_PLACE and gemm1.a_plain      # (not a published A: a flag wait per element and thread)
+    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", gemv_extra=", true" if in_place else "")
     ops.smem = max(ops.smem, scratch + first.smem)
     steps, shape = op2.params[STEPS], tuple(op2.params[ROW_SHAPE])
     last = op2.params[STEP_OUTPUTS][0]
