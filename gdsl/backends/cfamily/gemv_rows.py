@@ -21,7 +21,7 @@ from __future__ import annotations
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.gemm import gemm_tiles, matmul_gemm
 from gdsl.backends.cfamily.ops import Arg, OpRenderer
-from gdsl.backends.cfamily.reductions import _row_steps
+from gdsl.backends.cfamily.reductions import row_steps
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule.plan import CHAIN_INPUTS, CHAIN_PARTS, GEMV_ROWS_GEMV, ROW_SHAPE, STEP_OUTPUTS, STEPS
 
@@ -107,7 +107,7 @@ def gemv_rows_gemv(ops: OpRenderer) -> str:
     if not first.ends_with_block_barrier:
         lines.append(f"  {dialect.block_barrier}")
     lines += [f"  const int lane = (int){dialect.thread_index} % {warp}, o = t; const bool ok = true;",
-              *("  " + line for line in _row_steps(chain, steps, shape, slots, warp, True)),
+              *("  " + line for line in row_steps(chain, steps, shape, slots, warp, True)),
               f"  {acc} a_ = ({acc})0;",
               f"  for (int r_ = 0; r_ < {per}; ++r_) {{ {element} if ({k} < {length}) a_ += ({acc})p_ * b2_[r_]; }}",
               f"  red_[s_ * {columns} + c_] = a_;",

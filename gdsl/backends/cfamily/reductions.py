@@ -400,7 +400,7 @@ def row_chain(ops: OpRenderer) -> str:
                  f"    const int o = t * {rows} + b;",
                  f"    if (o >= {n_rows}) break;",
                  "    const bool ok = true;"]
-    body = _row_steps(ops, steps, shape, slots, g, grouped)
+    body = row_steps(ops, steps, shape, slots, g, grouped)
     outputs = {k: number for number, k in enumerate(p[STEP_OUTPUTS])}
     for k, number in outputs.items():
         out = ops.outs[number]
@@ -432,7 +432,7 @@ def _each_slot(slots: int, g: int, length: int, statement: str) -> str:
             f"if (ok && r < {length}) {{ {statement} }} }}")
 
 
-def _row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool) -> list[str]:
+def row_steps(ops: OpRenderer, steps, shape, slots: int, g: int, grouped: bool) -> list[str]:
     """C lines computing every step of a row chain, the elements each lane reads first (PRELOAD_ROW_LEAVES)
     where they fit."""
     loads: dict = {}                      # (leaf Arg's name, C index) -> (register slots, Arg, index)
