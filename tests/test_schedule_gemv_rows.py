@@ -127,4 +127,7 @@ def test_zoo_attention_compiles_with_it(batch):
     loop = next(s for s in plan.kernels[0].body if isinstance(s, Loop))
     assert loop.parts == 12 * batch
     assert "_gemv_rows_gemv(" in lowered.source and "GDSL_SHFL(" in lowered.source
+    # (the fused op's first GEMV reads its A in place; so does `@ W_o` at batch 1, whose A is a block-local temp in
+    # shared memory: gemm.GEMV_A_IN_PLACE; at batch 64 no temp is block-local)
+    assert lowered.source.count("smem, true);") == (1 if batch == 1 else 0)
     cuda_toolchain.compile_cuda(lowered.source, "sm_90")

@@ -38,13 +38,15 @@ GEMV_PREFETCH = 32
 # op 1.1 -> 1.9 us, the bs64 kernel 466 -> 784: session 23's SHALLOW_GEMV_STAGE, which did both and was removed.)
 # Off: the old chunk (for A/B timing).
 SHALLOW_GEMV_CHUNK = True
-# Every GEMV tile of one row whose k is one chunk and whose A is one plain load (Gemm.a_plain) reads its A in place
-# (gdsl_gemv_tile's a_in_place: each thread its own elements, no staging behind a barrier), as the first GEMV of a
-# GEMV_ROWS_GEMV op does (gemv_rows.py, where it paid 2.3 us of Attention bs1's 72). Measured on the H200 (session
-# 30, ncu kernel time, bs1) for every one-row GEMV, a published A (a flag wait per element) and gathered rows
-# included: LSTM 293 -> 1539 us, NASRNN 1466 -> 6040, Seq2seq 83.5 -> 216, Attention 70.2 -> 65.2: hence plain
-# loads only.
-GEMV_A_IN_PLACE = False
+# Which GEMV tiles of one row whose k is one chunk read their A in place (gdsl_gemv_tile's a_in_place: each thread
+# its own elements, no staging behind a barrier), as the first GEMV of a GEMV_ROWS_GEMV op does (gemv_rows.py,
+# where it paid 2.3 us of Attention bs1's 72): "shared", an A in the vEU's shared memory (a block-local temp:
+# staging it copies shared memory to shared memory); "plain", any A of plain loads (Gemm.a_plain); None: none.
+# Measured on the H200 (session 30, ncu kernel time, bs1): every one-row GEMV, a published A (a flag wait per
+# element) and gathered rows included: LSTM 293 -> 1539 us, NASRNN 1466 -> 6040, Seq2seq 83.5 -> 216, Attention
+# 70.2 -> 65.2; "plain": Attention 70.3 -> 65.6 (bs64 362.3 -> 352.7), LSTM the same, Seq2seq, BlockDrop, SkipNet and
+# RAE 0.2-1.8 % slower.
+GEMV_A_IN_PLACE = "shared"
 # A left operand read in parts (plan.K_PARTS: [A1 | A2] @ [B1 ; B2]) is staged whole, in one round trip, when
 # its rows hold at most this many elements (8 KB of float32 at most): the point of stacking the products.
 GEMV_PARTS_KC = 2048
@@ -126,8 +128,10 @@ class Gemm:
     # C statements of k setting A's depth-k entry of a table that the uTask fills in shared memory before its tile
     # (two ints a k, e_[0] and e_[1]); la(m, k) then reads entry k at kt_ + 2 * k. None: no table.
     k_table: str | None = None
-    # la(m, k) is one plain load (not a published buffer's flag wait, gathered rows or parts): GEMV_A_IN_PLACE.
+    # la(m, k) is one plain load (not a published buffer's flag wait, gathered rows or parts): GEMV_A_IN_PLACE; of
+    # the vEU's shared memory (a block-local temp)
     a_plain: bool = False
+    a_shared: bool = False
 
 
 @register_lowering((matmul_p, conv2d_p), backend="cfamily", role="epilogue")
@@ -214,7 +218,8 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows and not a.flag
         else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
-        resident_b="rb" if resident and float32 else None, a_plain=not parts and not rows and not a.flag)
+        resident_b="rb" if resident and float32 else None, a_plain=not parts and not rows and not a.flag,
+        a_shared=not parts and not rows and a.on_chip)
 
 
 @register_lowering("matmul", backend="cfamily", role="n_parts")
@@ -245,7 +250,8 @@ def sibling_matmul(ops: OpRenderer) -> str:
     return gemm_tiles(ops, Gemm(
         M, N, K, math.prod(bshape), setup=setup,
         load_a=f"return ({acc})({a.at(f'a0 + m * {K} + k')});", load_b=load_b, store=store,
-        a_contiguous_k=True, b_contiguous_k=False, exact_n=N % ops.dialect.warp_size == 0, a_plain=not a.flag))
+        a_contiguous_k=True, b_contiguous_k=False, exact_n=N % ops.dialect.warp_size == 0, a_plain=not a.flag,
+        a_shared=a.on_chip))
 
 
 def _gemv_kc(M: int, K: int, parts: bool) -> int:
@@ -448,7 +454,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: s
         # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
         held = kc * tn // block
         prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
-        if GEMV_A_IN_PLACE and gemm.a_plain and M == 1 and kc >= K and not gemv_extra:
+        in_place = gemm.a_shared if GEMV_A_IN_PLACE == "shared" else GEMV_A_IN_PLACE == "plain" and gemm.a_plain
+        if in_place and M == 1 and kc >= K and not gemv_extra:
             gemv_extra = ", true"
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
                 f"{col0}, la, lb, sc, {scratch}{gemv_extra});")

@@ -89,7 +89,7 @@ class Arg:
     """An Op operand as a parameter of its device function: a pointer (buffer) or a scalar (uniform/Lit)."""
 
     def __init__(self, value, name: str, dialect, output=False, read_only=(), remap=None, flag=False,
-                 preloaded=False):
+                 preloaded=False, on_chip=False):
         self.value, self.name, self.output = value, name, output
         # A published buffer (a flag sync's, gdsl/schedule/flags.py): stores also write its flag words, loads
         # wait for them (the function's parameters `<name>_f`, its words, and `<name>_tag`).
@@ -98,6 +98,7 @@ class Arg:
         # parameter `<name>_p`, the thread's own element of the uTask (one a thread).
         self.preloaded = preloaded
         self.remap = remap      # (shape, source shape, perm): read a transposed view through the source
+        self.on_chip = on_chip  # a block-local temp: in the vEU's shared memory (local.py)
         self.aval = value.aval
         self.dtype = value.aval.dtype
         self.scalar = value.is_uniform
@@ -169,15 +170,18 @@ class Arg:
 class OpRenderer:
     """Renders the device function of one Op; its kind's lowering rule writes the body."""
 
-    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None, preload=(), next_window=False):
+    def __init__(self, op, dialect, block: int, read_only=(), remap=None, flags=None, preload=(), next_window=False,
+                 on_chip=()):
         self.op, self.dialect, self.block = op, dialect, block      # block: threads per vEU
         # The uTask prefetches the next window of its left operand (views.prefetches_next_window): the parameter
         # `i0_next` points at it.
         self.next_window = next_window
         remap = remap or {}
         flags = flags or {}       # {"publish": outputs, "wait": inputs} of a flag sync (Renderer.flag_roles)
+        # (on_chip: the block-local temps, kept in each vEU's shared memory)
         self.ins = [Arg(v, f"i{k}", dialect, read_only=read_only, remap=remap.get(k), flag=k in flags.get("wait", ()),
-                        preloaded=k in preload) for k, v in enumerate(op.inputs)]
+                        preloaded=k in preload, on_chip=v.buffer is not None and v.buffer in on_chip)
+                    for k, v in enumerate(op.inputs)]
         self.outs = [Arg(v, f"o{k}", dialect, output=True, flag=k in flags.get("publish", ()))
                      for k, v in enumerate(op.outputs)]
         self.smem = 0

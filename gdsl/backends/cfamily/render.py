@@ -932,7 +932,8 @@ class Renderer:
             remap.update((k, (op.inputs[k].buffer.aval.shape, view.source.aval.shape, view.perm))
                          for k, view in self._permuted_inputs(op).items())
             renderer = OpRenderer(op, self.dialect, self.plan.block, self.read_only, remap, self.flag_roles.get(op),
-                                  self.preloads.get(op, ()), prefetches_next_window(op))
+                                  self.preloads.get(op, ()), prefetches_next_window(op),
+                                  on_chip=self.local.keys())
             params, body = renderer.render()
             if (params, body) not in self.functions:
                 self.functions[params, body] = (op.name, f"void {op.name}({params}) {{\n{body}}}\n")
