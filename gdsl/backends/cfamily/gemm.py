@@ -398,12 +398,12 @@ def conv2d(ops: OpRenderer) -> str:
         a_contiguous_k=False, b_contiguous_k=True, k_table=table))
 
 
-def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: str = "") -> str:
+def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: bool | None = None) -> str:
     """The uTask body: output tile t of params tile_m x tile_n, through the GEMV or the GEMM tile routine. Split
     over its depth (plan.K_SPLITS: S slices, the GEMM's outer batch elements), batch element bt's tile contracts
     only its slice's range of k: the loaders see k from k0_ on, the tile routine a depth of kd_. `scratch`: the
     C expression of the shared memory the tile routine works in (a resident B is at smem's GDSL_RESIDENT_BASE);
-    `gemv_extra`: more arguments of a GEMV tile's call (gdsl_gemv_tile's `a_in_place`)."""
+    `a_in_place`: a GEMV tile reads A where it is (gdsl_gemv_tile's a_in_place; None: where GEMV_A_IN_PLACE says)."""
     M, N, K = gemm.M, gemm.N, gemm.K
     tm, tn = ops.op.params["tile_m"], ops.op.params["tile_n"]
     acc = c_types.accumulator(ops.outs[0].dtype)
@@ -454,11 +454,11 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", gemv_extra: s
         # utasks.thin_gemv_params; the template's default is GEMV_PREFETCH)
         held = kc * tn // block
         prefetch = f", {held}" if utasks.K_CHUNK in ops.op.params and held > GEMV_PREFETCH else ""
-        in_place = gemm.a_shared if GEMV_A_IN_PLACE == "shared" else GEMV_A_IN_PLACE == "plain" and gemm.a_plain
-        if in_place and M == 1 and kc >= K and not gemv_extra:
-            gemv_extra = ", true"
+        if a_in_place is None:
+            rule = gemm.a_shared if GEMV_A_IN_PLACE == "shared" else GEMV_A_IN_PLACE == "plain" and gemm.a_plain
+            a_in_place = rule and M == 1 and kc >= K
         call = (f"  gdsl_gemv_tile<{M}, {tn}, {block}, {kc}, {acc}, {str(kmajor).lower()}{prefetch}>({N}, {K}, "
-                f"{col0}, la, lb, sc, {scratch}{gemv_extra});")
+                f"{col0}, la, lb, sc, {scratch}{', true' if a_in_place else ''});")
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)
         ops.ends_with_block_barrier = slots > 1

@@ -31,7 +31,7 @@ from gdsl.schedule.plan import CHAIN_INPUTS, CHAIN_PARTS, GEMV_ROWS_GEMV, ROW_SH
 A_IN_PLACE = True
 
 
-class OnChip(Arg):
+class SharedRow(Arg):
     """An intermediate result of the op, in shared memory: the uTask's row (one batch element's) at `buffer`."""
 
     def __init__(self, value, buffer: str, dialect):
@@ -48,17 +48,19 @@ class OnChip(Arg):
         return f"{self._row(idx)} = {expr};"
 
 
-def _part(ops: OpRenderer, number: int, on_chip: dict) -> OpRenderer:
-    """A renderer of part `number` whose inputs are the op's own Args (or an intermediate's OnChip)."""
+def _part(ops: OpRenderer, number: int, intermediates: dict) -> OpRenderer:
+    """A renderer of part `number` whose inputs are the op's own Args (an intermediate's: its SharedRow, from
+    `intermediates`, storage -> SharedRow)."""
     part = ops.op.params[CHAIN_PARTS][number]
     sub = OpRenderer(part, ops.dialect, ops.block)
     for k, (owner, j) in enumerate(ops.op.params[CHAIN_INPUTS]):
         if owner == number:
             sub.ins[j] = ops.ins[k]
     for j, value in enumerate(part.inputs):
-        if value.storage in on_chip:
-            sub.ins[j] = on_chip[value.storage]
-    sub.outs = [on_chip[v.storage] for v in part.outputs] if part.outputs[0].storage in on_chip else ops.outs
+        if value.storage in intermediates:
+            sub.ins[j] = intermediates[value.storage]
+    sub.outs = [intermediates[v.storage] for v in part.outputs] if part.outputs[0].storage in intermediates \
+        else ops.outs
     return sub
 
 
@@ -71,13 +73,13 @@ def gemv_rows_gemv(ops: OpRenderer) -> str:
     slices = block // columns
     per = -(-length // slices)                             # the row's elements a slice takes
     slots = -(-length // warp)                             # the chain's elements a lane holds
-    row = OnChip(op1.outputs[0], "S_", dialect)
+    row = SharedRow(op1.outputs[0], "S_", dialect)
     scratch = 16 * -(-(length + slices * columns) * 4 // 16)  # (the first GEMV's own shared memory, after S_ and red_)
     first, chain, second = (_part(ops, n, {op1.outputs[0].storage: row}) for n in range(3))
     gemm1, gemm2 = matmul_gemm(first), matmul_gemm(second)
     acc = c_types.accumulator(op3.outputs[0].aval.dtype)
-    in_place = A_IN_PLACE and gemm1.a_plain      # (not a published A: a flag wait per element and thread)
-    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", gemv_extra=", true" if in_place else "")
+    # (not a published A: a flag wait per element and thread)
+    tile = gemm_tiles(first, gemm1, scratch=f"smem + {scratch}", a_in_place=A_IN_PLACE and gemm1.a_plain)
     ops.smem = max(ops.smem, scratch + first.smem)
     steps, shape = op2.params[STEPS], tuple(op2.params[ROW_SHAPE])
     last = op2.params[STEP_OUTPUTS][0]
