@@ -1,5 +1,5 @@
 """A plan's block barrier right after a wave of GEMV tiles that end with one (gdsl_gemv_tile whose k slices
-reduce through shared memory; render.TAIL_BARRIERS, off by default, Renderer.block_sync_after): left out on
+reduce through shared memory; render.TAIL_BARRIERS, on by default, Renderer.block_sync_after): left out on
 the tiles' vEUs, kept on the others. The emulated kernels still compute their references; the full-size
 NASRNN's kernel (two such waves a step) compiles; with the switch off every barrier is rendered as before."""
 import re
@@ -39,8 +39,8 @@ def test_emulated_models_leave_out_the_second_barrier(name, sources, tail_barrie
 
 
 @needs_cxx
-def test_switch_off_renders_every_barrier(sources):
-    """(off is the default: docs/performance.md, session 19)"""
+def test_switch_off_renders_every_barrier(sources, monkeypatch):
+    monkeypatch.setattr(render, "TAIL_BARRIERS", False)
     assert emulated_model_mismatches("nasrnn", 1, grid=8, block=64) == []
     assert not any(CONDITIONAL.search(r.source) for r in sources)
 

@@ -50,7 +50,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __re
     if (!(u1)) break;
     u2 = ((int)((unsigned long long)u0 + (unsigned long long)1));
     if (blockIdx.x < 1) op1_matmul(t3, out0, in1, (int)blockIdx.x, gdsl_smem);
-    __syncthreads();
+    if (!(blockIdx.x < 1)) __syncthreads();
     if (blockIdx.x < 1) op2_tanh_add(out0, t3, (int)blockIdx.x, gdsl_smem);
     gdsl_grid_sync_atomic(gdsl_bar);
     u0 = u2;

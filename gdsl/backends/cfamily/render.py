@@ -128,9 +128,10 @@ GEMV_LAST_CHUNK_SYNC = False
 # 3 columns a thread: one group of loads instead of two), bs64 391.4 -> 386.6; Seq2seq and NASRNN bs1 within 1.5 us.
 GEMV_LOOP_UNROLL = 16
 # True: a plan's block barrier right after a wave of uTask functions that end with one is left out on their
-# vEUs (Renderer.block_sync_after). Off: measured mixed on the H200 (session 19, ncu kernel time: Attention bs1
-# 102.2 -> 99.4 µs, NASRNN bs1 2087.8 -> 2097.3 µs; docs/performance.md).
-TAIL_BARRIERS = False
+# vEUs (Renderer.block_sync_after). Measured on the H200 (ncu kernel time, docs/performance.md): mixed in session
+# 19 (Attention bs1 102.2 -> 99.4 µs, NASRNN bs1 2087.8 -> 2097.3 µs), faster on both in session 30's kernels
+# (Attention bs1 68.85 -> 67.79, NASRNN bs1 1472.75 -> 1461.95; the only zoo kernels it changes): on since.
+TAIL_BARRIERS = True
 INLINE_BUDGET = 96 * 1024    # bytes of uTask function code NVRTC gets inlined at most (see not_inlined)
 # Tasks of one wave that call the same uTask function on disjoint vEUs share one call site (Renderer.task_run):
 # NVRTC compiles the function once per run instead of once per task. Each vEU makes the same range tests as
