@@ -140,7 +140,7 @@ def test_resident_siblings_merge_where_their_tiles_follow_one_another(budget, pa
     assert _merged(plan) == parts
     ops = [t.op for s in plan_statements(plan) if isinstance(s, Wave) for t in s.tasks if t.op.kind == "matmul"]
     assert sum(RESIDENT not in op.params for op in ops) == read
-    assert all(op.params[RESIDENT] == (0, 1) for op in ops if N_PARTS in op.params and budget)
+    assert all(op.params[RESIDENT] == (0, 1, 1) for op in ops if N_PARTS in op.params and budget)
     check_plan(three_in_loop, *THREE_ARGS, window_stores=VIEWS, siblings=SIBLINGS, resident_bytes=budget)
 
 

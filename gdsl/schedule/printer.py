@@ -118,7 +118,9 @@ def print_block(block, indent: int, lines: list, device: bool = False, views=fro
                 if K_SPLITS in t.op.params:         # (split-K: splitk.py)
                     extra += f", k in {t.op.params[K_SPLITS]} ranges of {_k_chunk(t.op)}"
                 if RESIDENT in t.op.params:
-                    extra += f", B resident in shared memory at +{t.op.params[RESIDENT][0]}"
+                    offset, count, slots = t.op.params[RESIDENT]
+                    shared = " (one tile for all its rounds)" if slots < -(-t.op.n_utasks // count) else ""
+                    extra += f", B resident in shared memory at +{offset}{shared}"
                 if t.preload:                       # (preload.py: loaded before the wave before this one)
                     extra += ", operands " + ", ".join(map(str, t.preload)) + " loaded a wave early"
                 if t.op in views:                   # (a backend's view: cfamily/views.py)

@@ -7,10 +7,13 @@ own shared memory once, when the loop starts, and read them from there in every 
 matmul (batch 64: tiles of many rows, GEMM_TILES) does the same where its tiles fit; its tile then stages only
 A, one L2 round trip less per stage.
 
-The plan says where: the Op carries the param RESIDENT = (offset, count): its uTask t reads its tile of B
-at byte `offset + (t // count) * tile_bytes` of the vEU's resident region (t // count is the round in
-which the vEU runs it; `count` is the Task's vEU count). Regions are packed per vEU: ops on disjoint vEUs
-may share offsets. Backends that have no such memory get a budget of 0 and plans without the param.
+The plan says where: the Op carries the param RESIDENT = (offset, count, slots): its uTask t reads its tile
+of B at byte `offset + (t // count % slots) * tile_bytes` of the vEU's resident region (t // count is the
+round in which the vEU runs it; `count` is the Task's vEU count). `slots` is the number of rounds, or 1 where
+every round of a vEU reads the same tile (`shared_slots`: a partitioned loop's 768 (batch, head) partitions
+of Attention on 264 vEUs, whose three rounds on a vEU are one head's). Regions are packed per vEU: ops on
+disjoint vEUs may share offsets. Backends that have no such memory get a budget of 0 and plans without the
+param.
 
 A recursive function's body is entered once per call, so its weights are staged once per kernel instead:
 with the option `resident_calls` (`keep_resident_in_functions`), a GEMV-shaped matmul of a function body whose
@@ -29,6 +32,7 @@ from gdsl.primitives.linalg import matmul_p
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import (
     K_SPLITS,
+    N_PARTS,
     Assign,
     Branch,
     Buffer,
@@ -53,6 +57,9 @@ ALIGN = 16
 # Partitioned loops keep their weights resident too unless the option resident_partitioned says otherwise (all of a
 # loop's or none: keep_resident), sibling matmuls still merged (siblings.py).
 PARTITIONED = True
+# A vEU whose rounds of a resident matmul read the same tile keeps it once (slots), not once a round: Attention at
+# batch 64, 768 partitions on 264 vEUs, then keeps its head's weights (64 KiB) where three rounds' did not fit.
+SHARED_SLOTS = True
 
 
 def tile_bytes(op) -> int:
@@ -61,6 +68,31 @@ def tile_bytes(op) -> int:
     b = op.inputs[1].aval           # (K from B: A may be read in parts, plan.K_PARTS)
     batch = utasks.tiles_per_batch(op.params, math.prod(op.outputs[0].aval.shape[:-2]))
     return batch * b.shape[-2] * op.params["tile_n"] * b.dtype.itemsize
+
+
+def tile_period(op) -> int | None:
+    """The least p for which uTasks t and t + p of a tiled matmul read the same tile of B (the tile
+    `stage_resident` copies), or None where no short period exists: a B broadcast over the output's leading
+    batch dims only ([h, K, N] under [b, h, M, K]) repeats its tiles every `tiles of a batch element x
+    prod(B's batch dims)` uTasks."""
+    out, b = op.outputs[0].aval, op.inputs[1].aval
+    tiles_n = -(-out.shape[-1] // op.params["tile_n"])
+    if utasks.gathers_batch(op.params):                  # every batch element's columns in one tile
+        return tiles_n
+    out_batch, b_batch = out.shape[:-2], b.shape[:-2]
+    lead = len(out_batch) - len(b_batch)
+    if any(d != 1 for d in b_batch) and (b_batch[0] == 1 or b_batch != out_batch[lead:]):
+        return None                                      # (B broadcast in a middle or last batch dim)
+    tiles = 1 if N_PARTS in op.params else -(-out.shape[-2] // op.params["tile_m"]) * tiles_n
+    return tiles * math.prod(b_batch)
+
+
+def slots(op, count: int) -> int:
+    """How many tiles of B each vEU keeps for `op` run on `count` vEUs: one a round, or one for all its rounds
+    where they read the same tile (`count` a multiple of tile_period)."""
+    rounds = -(-op.n_utasks // count)
+    period = tile_period(op) if SHARED_SLOTS and rounds > 1 else None
+    return 1 if period and count % period == 0 else rounds
 
 
 def _eligible(op) -> bool:
@@ -120,16 +152,16 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
     key = _tiles_key(task)
     offset = placed.get(key)
     if offset is None:
-        size = tile_bytes(task.op)
-        rounds = -(-task.op.n_utasks // task.count)
+        size = tile_bytes(task.op) * slots(task.op, task.count)
         veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
         offset = -(-max(used.get(v, 0) for v in veus) // ALIGN) * ALIGN
-        if offset + rounds * size > budget:
+        if offset + size > budget:
             return task
         for v in veus:
-            used[v] = offset + rounds * size
+            used[v] = offset + size
         placed[key] = offset
-    op = dataclasses.replace(task.op, params={**task.op.params, RESIDENT: (offset, task.count)})
+    op = dataclasses.replace(task.op, params={**task.op.params,
+                                              RESIDENT: (offset, task.count, slots(task.op, task.count))})
     return Task(op, task.first, task.count)
 
 
@@ -181,8 +213,8 @@ def _regions_end(statements) -> int:
     for stmt in statements:
         for task in parts_of_tasks(stmt.tasks) if isinstance(stmt, Wave) else ():
             if RESIDENT in task.op.params:
-                offset, count = task.op.params[RESIDENT]
-                end = max(end, offset + -(-task.op.n_utasks // count) * tile_bytes(task.op))
+                offset, _, n_slots = task.op.params[RESIDENT]
+                end = max(end, offset + n_slots * tile_bytes(task.op))
     return end
 
 

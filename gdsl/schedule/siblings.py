@@ -114,9 +114,8 @@ def _follows(task, group) -> bool:
     that the parts' regions are one region (resident.py): the merged op keeps it, a round's tiles part by part."""
     if RESIDENT not in task.op.params:
         return True
-    start, count = group[0].op.params[RESIDENT]
-    rounds = -(-task.op.n_utasks // count)
-    return task.op.params[RESIDENT][0] == start + rounds * sum(tile_bytes(t.op) for t in group)
+    start, count, n_slots = group[0].op.params[RESIDENT]
+    return task.op.params[RESIDENT] == (start + n_slots * sum(tile_bytes(t.op) for t in group), count, n_slots)
 
 
 def _wave(wave, written, count) -> Wave:

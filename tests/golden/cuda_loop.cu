@@ -14,7 +14,7 @@ GDSL_DEV void op0_copy(float* o0, const float* i0, int t, char* smem) {
 GDSL_DEV void op1_matmul(float* o0, const float* i0, const float* i1, int t, char* smem) {
   const int bt = 0, ti = t / 1, tj = t % 1;
   const int a0 = (bt) * 32, b0 = (bt) * 64, c0 = bt * 32;
-  const float* rb = ((float*)(smem + GDSL_RESIDENT_BASE + 0) + (t) / 1 * 128);
+  const float* rb = ((float*)(smem + GDSL_RESIDENT_BASE + 0));
   auto sc = [&](int m, int n, float v) { o0[c0 + m * 8 + n] = (float)(v); };
   auto la = [&](int m, int k) -> float { return (float)(i0[a0 + m * 8 + k]); };
   auto lb = [&](int k, int n) -> float { return (float)(rb[k * 16 + n - tj * 16]); };
@@ -43,7 +43,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) gdsl_main(const float* __re
   u0 = 0;
   if (blockIdx.x < 1) op0_copy(out0, in0, (int)blockIdx.x, gdsl_smem);
   gdsl_grid_sync_atomic(gdsl_bar);
-  if (blockIdx.x < 1) { const int bt = ((int)blockIdx.x) / 1, tj = ((int)blockIdx.x) % 1; gdsl_stage_columns(in1 + (bt) * 64, 8, 8, tj * 16, 16, ((float*)(gdsl_smem + GDSL_RESIDENT_BASE + 0) + ((int)blockIdx.x) / 1 * 128)); }
+  if (blockIdx.x < 1) { const int bt = ((int)blockIdx.x) / 1, tj = ((int)blockIdx.x) % 1; gdsl_stage_columns(in1 + (bt) * 64, 8, 8, tj * 16, 16, ((float*)(gdsl_smem + GDSL_RESIDENT_BASE + 0))); }
   __syncthreads();
   while (true) {
     u1 = (u0 < in2[0]);

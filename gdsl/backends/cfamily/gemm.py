@@ -326,10 +326,12 @@ def gathered_matmul(ops: OpRenderer, M: int, N: int, K: int, bshape) -> str:
 def resident_tile(op, t: str, smem: str) -> str:
     """C expression: where uTask `t` of a matmul with resident B (gdsl/schedule/resident.py) keeps its tile
     in the vEU's shared memory `smem` (the resident region starts at GDSL_RESIDENT_BASE)."""
-    offset, count = op.params[RESIDENT]
+    offset, count, slots = op.params[RESIDENT]
     storage = c_types.storage(op.inputs[1].aval.dtype)
-    return (f"(({storage}*)({smem} + GDSL_RESIDENT_BASE + {offset}) + ({t}) / {count} * "
-            f"{tile_bytes(op) // op.inputs[1].aval.dtype.itemsize})")
+    base = f"(({storage}*)({smem} + GDSL_RESIDENT_BASE + {offset}))"
+    if slots == 1:                          # (one round, or every round of the vEU reads the same tile)
+        return base
+    return f"({base} + ({t}) / {count} * {tile_bytes(op) // op.inputs[1].aval.dtype.itemsize})"
 
 
 def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:

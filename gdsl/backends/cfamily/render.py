@@ -1002,9 +1002,11 @@ class Renderer:
         return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
                                                              self.trace and self.trace.op(task), t))
 
-    def over_utasks(self, task, statement) -> list[str]:
-        """`statement(t)` (C, for uTask index expression t) for every uTask of `task` this vEU runs."""
+    def over_utasks(self, task, statement, rounds: int | None = None) -> list[str]:
+        """`statement(t)` (C, for uTask index expression t) for every uTask of `task` this vEU runs (in its
+        first `rounds` rounds only, where given)."""
         first, count, n = task.first, task.count, task.op.n_utasks
+        n = n if rounds is None else min(n, rounds * count)
         veu = self.dialect.block_index
         if self.forks and self.function is not None:
             return self.over_utasks_in_group(first, count, n, statement)
@@ -1084,7 +1086,8 @@ class Renderer:
         lines = []
         for task in tasks:
             bs = [self.ptr(part.inputs[1]) for part in sibling_parts(task.op)]      # (sibling matmuls: every B)
-            lines += self.over_utasks(task, functools.partial(gemm.stage_resident, task.op, bs, "gdsl_smem"))
+            slots = task.op.params[RESIDENT][2]          # (a tile each round, or one that all rounds read)
+            lines += self.over_utasks(task, functools.partial(gemm.stage_resident, task.op, bs, "gdsl_smem"), slots)
         return lines + [self.dialect.block_barrier] if lines else []
 
     def task_run(self, run) -> list[str]:

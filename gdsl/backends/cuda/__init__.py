@@ -43,12 +43,17 @@ from gdsl.backends.cfamily.lower import check_options
 from gdsl.backends.cuda import runtime
 from gdsl.backends.cuda.dialect import CUDADialect
 from gdsl.backends.cuda.toolchain import compile_cuda, nvrtc_available
-from gdsl.schedule.plan import Wave, walk
+from gdsl.schedule.plan import Loop, Wave, parts_of_tasks, plan_statements, walk
+from gdsl.schedule.resident import RESIDENT
 
 KNOWN_OPTIONS = cfamily_lower.KNOWN_OPTIONS
 LOWERING_CHAIN = CUDADialect.lowering_chain     # where this backend's lowering rules are looked up
 ELEMENTWISE_TABLE = CUDADialect().elementwise   # the elementwise family: one C expression per primitive
 DEFAULT_SMS = 132           # an H100's SMs: assumed when no GPU is here to ask
+MAX_THREADS_PER_SM = 2048   # (sm_90: the most threads of co-resident blocks an SM holds)
+# Without a `grid` option, a partitioned loop with more partitions than vEUs may take more vEUs per SM
+# (partitions_in_flight; False: one or two vEUs per SM as before).
+PARTITIONS_IN_FLIGHT = True
 
 
 def unavailable_reason() -> str | None:
@@ -106,8 +111,34 @@ def lower(program, options) -> Lowering:
     sms = _sm_count() or DEFAULT_SMS
     lowering = lower_with_grid(program, opts, sms)
     if _most_utasks(lowering) > sms:
-        lowering = lower_with_grid(program, opts, 2 * sms)
+        lowering = partitions_in_flight(program, opts, lower_with_grid(program, opts, 2 * sms), sms, opts["block"])
     return cfamily_lower.narrowed(program, opts, lowering, lower_with_grid)
+
+
+def partitions_in_flight(program, opts, lowering, sms: int, block: int) -> Lowering:
+    """A plan with a partitioned loop of more partitions than vEUs runs them in rounds, one after another on
+    each vEU, with no grid barrier inside the loop to grow dearer with more vEUs: take more vEUs per SM where
+    that leaves fewer rounds, the fewest such (each has fewer registers a thread) that still keeps every weight
+    resident that `lowering` keeps (the region is split among more vEUs). Attention at batch 64, 768 (batch,
+    head) partitions: 264 vEUs, 3 rounds -> 396 vEUs, 2 rounds (H200, session 31: 0.334 -> 0.313 ms; on 528
+    or 792 vEUs its weights no longer fit, 0.38-0.50 ms). Else `lowering`."""
+    def rounds(lo):
+        return max((-(-s.parts // lo.plan.grid) for s in plan_statements(lo.plan) if isinstance(s, Loop)),
+                   default=0)
+
+    def resident_ops(lo):
+        return sum(RESIDENT in t.op.params for s in plan_statements(lo.plan) if isinstance(s, Wave)
+                   for t in parts_of_tasks(s.tasks))
+    if not PARTITIONS_IN_FLIGHT:
+        return lowering
+    best, kept = lowering, resident_ops(lowering)
+    for per_sm in range(lowering.plan.grid // sms + 1, MAX_THREADS_PER_SM // block + 1):
+        if rounds(best) <= 1:
+            break
+        wider = lower_with_grid(program, opts, per_sm * sms)
+        if rounds(wider) < rounds(best) and resident_ops(wider) >= kept:
+            best = wider
+    return best
 
 
 def _most_utasks(lowering) -> int:
