@@ -21,9 +21,8 @@ import gdsl
 import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.interpreter import run_program
-from gdsl.schedule import schedule
+from gdsl.schedule import resident, schedule
 from gdsl.schedule.plan import N_PARTS, Loop, walk
-from gdsl.schedule import resident
 from gdsl.schedule.resident import RESIDENT
 from gdsl.tracing.pytree import tree_unflatten
 
@@ -116,7 +115,8 @@ def batched_heads(x, W):
     return gdsl.fori_loop(0, 3, lambda t, x: gnp.tanh(gnp.matmul(x, W)) * 0.5 + x, x)
 
 
-BATCHED = (rng.standard_normal((4, 3, 1, 8)).astype(np.float32), (rng.standard_normal((3, 8, 8)) * 0.3).astype(np.float32))
+BATCHED = (rng.standard_normal((4, 3, 1, 8)).astype(np.float32),
+           (rng.standard_normal((3, 8, 8)) * 0.3).astype(np.float32))
 
 
 @pytest.mark.parametrize("grid, slots", [(3, 1), (6, 1), (4, 3), (5, 3), (12, 1)])
