@@ -129,12 +129,23 @@ def test_rounds_of_one_head_share_a_slot(grid, slots):
     assert resident.region_bytes(plan) == slots * 8 * 8 * 4
 
 
+SHARED_W = (rng.standard_normal((6, 1, 8)).astype(np.float32), (rng.standard_normal((8, 8)) * 0.3).astype(np.float32))
+
+
+@pytest.mark.parametrize("grid", [1, 4, 5])
+def test_one_weight_for_every_partition_takes_one_slot(grid):
+    """x [6, 1, 8] @ W [8, 8]: every partition reads the one W, so a vEU keeps it once for all its rounds."""
+    plan = schedule(gdsl.make_ir(batched_heads)(*SHARED_W), grid=grid, partition=True, resident_bytes=4096)
+    (op,) = _resident_ops(plan)
+    assert op.params[RESIDENT] == (0, grid, 1)
+
+
 @needs_cxx
-@pytest.mark.parametrize("grid", [1, 3, 4, 6])
-def test_emulated_shared_slots_match_the_interpreter(grid):
-    program = gdsl.make_ir(batched_heads)(*BATCHED)
-    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(BATCHED)))
-    got = emulator.emulate(batched_heads, *BATCHED, grid=grid, block=64, partition=True)
+@pytest.mark.parametrize("args, grid", [(BATCHED, 1), (BATCHED, 3), (BATCHED, 4), (BATCHED, 6), (SHARED_W, 4)])
+def test_emulated_shared_slots_match_the_interpreter(args, grid):
+    program = gdsl.make_ir(batched_heads)(*args)
+    expected = tree_unflatten(program.out_tree, run_program(program, _flat_args(args)))
+    got = emulator.emulate(batched_heads, *args, grid=grid, block=64, partition=True)
     assert_trees_close(got, expected, tolerance=BACKEND_TOLERANCE)
 
 

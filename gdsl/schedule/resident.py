@@ -71,10 +71,11 @@ def tile_bytes(op) -> int:
 
 
 def tile_period(op) -> int | None:
-    """The least p for which uTasks t and t + p of a tiled matmul read the same tile of B (the tile
-    `stage_resident` copies), or None where no short period exists: a B broadcast over the output's leading
-    batch dims only ([h, K, N] under [b, h, M, K]) repeats its tiles every `tiles of a batch element x
-    prod(B's batch dims)` uTasks."""
+    """A p for which uTasks t and t + p of a tiled matmul read the same tile of B (the tile `stage_resident`
+    copies; uTasks run batch element by batch element, row tile by row tile, column tile by column tile), or
+    None where no short one exists: one B (no batch) repeats its tiles every `column tiles` uTasks, a B
+    broadcast over the output's leading batch dims only ([h, K, N] under [b, h, M, K]) every `tiles of a batch
+    element x prod(B's batch dims)`."""
     out, b = op.outputs[0].aval, op.inputs[1].aval
     tiles_n = -(-out.shape[-1] // op.params["tile_n"])
     if utasks.gathers_batch(op.params):                  # every batch element's columns in one tile
@@ -83,8 +84,11 @@ def tile_period(op) -> int | None:
     lead = len(out_batch) - len(b_batch)
     if any(d != 1 for d in b_batch) and (b_batch[0] == 1 or b_batch != out_batch[lead:]):
         return None                                      # (B broadcast in a middle or last batch dim)
-    tiles = 1 if N_PARTS in op.params else -(-out.shape[-2] // op.params["tile_m"]) * tiles_n
-    return tiles * math.prod(b_batch)
+    if N_PARTS in op.params:                             # (one uTask a batch element: siblings.py)
+        return math.prod(b_batch)
+    if math.prod(b_batch) == 1:                          # (one B: a uTask's tile is its column range)
+        return tiles_n
+    return -(-out.shape[-2] // op.params["tile_m"]) * tiles_n * math.prod(b_batch)
 
 
 def slots(op, count: int) -> int:
