@@ -6,7 +6,8 @@ of the fast key costs over the model's weights as CuPy arrays (one pass of a C l
 type, shape, dtype, ...; the key reads the type, shape and dtype of every leaf, hashes the key and compares it
 with the table's), and the same over numpy arrays.
 
-    python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000] [--leaves]
+    python benchmarks/host_overhead.py blockdrop skipnet attention [--calls 2000] [--leaves] [--batch 64]
+        [--switch module.NAME=value]
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ def per_call_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def breakdown(name: str, calls: int) -> str:
+def breakdown(name: str, calls: int, batch: int = 1) -> str:
     model = load(name)
-    prob = common.build_problem(model, 1)
+    prob = common.build_problem(model, batch)
     w, x = tree_map(cp.asarray, prob.weights), tree_map(cp.asarray, prob.batches[0])
     f = model.make_forward(prob.cfg, backend="cuda")
     for _ in range(3):                       # traced, loaded, its fast keys entered
@@ -62,7 +63,7 @@ def breakdown(name: str, calls: int) -> str:
     bound(x)
     parts["whole call with the weights bound"] = per_call_us(lambda: bound(x), max(1, calls // 10))
     cp.cuda.Device().synchronize()
-    return f"{name}: {len(leaves)} leaves; " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
+    return f"{name} bs{batch}: {len(leaves)} leaves; " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items())
 
 
 def leaf_costs(name: str, calls: int) -> str:
@@ -93,9 +94,14 @@ def main(argv=None):
     parser.add_argument("models", nargs="+")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--leaves", action="store_true", help="also the fast key's parts per weight")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--switch", action="append", default=[], metavar="module.NAME=VALUE",
+                        help="set a module switch first (benchmarks/switches.py), e.g. "
+                             "gdsl.backends.cfamily.executor.RECYCLE_MAX_BYTES=0")
     args = parser.parse_args(argv)
+    common.set_switches(args.switch)
     for name in args.models:
-        print(breakdown(name, args.calls), flush=True)
+        print(breakdown(name, args.calls, args.batch), flush=True)
         if args.leaves:
             print(leaf_costs(name, args.calls), flush=True)
 

@@ -296,7 +296,7 @@ def test_results_still_referred_to_are_not_recycled(gpu, monkeypatch, hold):
 
 
 def test_large_results_are_allocated_every_call(gpu, monkeypatch):
-    monkeypatch.setattr(executor.OutputRecycler, "max_bytes", 8)
+    monkeypatch.setattr(executor, "RECYCLE_MAX_BYTES", 8)
     x = as_device(np.arange(4, dtype=np.float32))
     f, _ = jit_on(gpu, lambda a: a * 2, x)
     f(x)

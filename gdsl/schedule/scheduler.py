@@ -135,6 +135,9 @@ FORK_MIN_SHARE = 0.25
 # 3.9-4.1 µs against the default's 4.4, but the work before the loop 127 µs against ~30: the hoisted input
 # projection on a few vEUs, and nine weight concatenations of the stacked products; docs/performance.md).
 OWNER_WITHOUT_BARRIERS = False
+# A partitioned loop's initial carry copies split by its partitions, on their vEUs, then a block sync (schedule_while;
+# False: split for the whole grid, then a grid barrier).
+PARTITIONED_INITS = True
 
 
 def _finer(split, op) -> bool:
@@ -1535,9 +1538,13 @@ class Scheduler:
         ins = [self.read(a) for a in eqn.inputs]
         cond_consts, body_consts, inits = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
         carries = [self._carry_storage(v) for v in eqn.outs]
-        stmts = self._copies(list(zip(carries, inits)))
         cond_j, body_j = p["cond_jaxpr"], p["body_jaxpr"]
-        outer_parts, self.parts = self.parts, self._loop_parts(cond_j, body_j, nb)
+        outer_parts, parts = self.parts, self._loop_parts(cond_j, body_j, nb)
+        # A partitioned loop's carries are copied in partition by partition, each on the vEU that runs it: a
+        # block sync, not a grid barrier, before the loop, and a vEU starts as soon as its own are in.
+        self.parts = parts if PARTITIONED_INITS else outer_parts
+        stmts = self._copies(list(zip(carries, inits)))
+        self.parts = parts
         self.env.update(zip(cond_j.in_binders, cond_consts + carries))
         cond_stmts = self.schedule_block(cond_j)
         load, pred = self._as_uniform(self.read(cond_j.outs[0]))

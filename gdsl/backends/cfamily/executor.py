@@ -348,6 +348,9 @@ class CupyDevice:
         return raw.view(dtype)[0]
 
 
+RECYCLE_MAX_BYTES = 16 << 20      # OutputRecycler: larger result sets are allocated anew on every call
+
+
 class OutputRecycler:
     """The result arrays of one kernel's repeated launches: fresh arrays for every call, most of the time
     without asking the allocator for them.
@@ -364,7 +367,7 @@ class OutputRecycler:
     A result the caller keeps is therefore never handed out again while it is kept: `y = f(x)` in a loop
     alternates between two sets.
 
-    Result sets of more than `max_bytes` are allocated anew on every call: two spare sets would hold memory
+    Result sets of more than RECYCLE_MAX_BYTES are allocated anew on every call: two spare sets would hold memory
     the pool could give to other arrays, and at that size writing the results costs the GPU as much as
     the allocation costs the host.
 
@@ -373,11 +376,9 @@ class OutputRecycler:
 
     Not thread-safe by itself: the caller holds a lock around the call and the launch that writes `outs`.
     """
-    max_bytes = 16 << 20
-
     def __init__(self, allocate, avals, keep: int = 2):
         self.allocate, self.avals, self.keep = allocate, list(avals), keep
-        self.recycle = sum(a.size * a.dtype.itemsize for a in self.avals) <= self.max_bytes
+        self.recycle = sum(a.size * a.dtype.itemsize for a in self.avals) <= RECYCLE_MAX_BYTES
         self.sets = []          # (stream, arrays, their reference counts when new): the last `keep` sets
         self.oldest = 0         # which of them a new set replaces
 
