@@ -35,10 +35,11 @@ in the vEU's shared memory while the loop runs (Loop.staged, past the block-loca
 slice in when the loop is entered and back when it ends. The accesses are replayed as for temps, a run-time window
 counted over its whole range of starts; the slices must be 16-byte multiples (vector loads stay aligned); a grid
 barrier (or the kernel's start and end) must stand on both sides of the loop, so that the copy in reads what
-every vEU wrote before and the copy out is seen by every vEU after. The simulator checks each access of a staged
-buffer against its vEU's slice (BarrierError). The C-family renderer copies with gdsl_copy_block and renders the
-loop in a scope where the buffer's name is a pointer into the shared copy, shifted by the vEU's slice, so the
-loop's code indexes it as before.
+every vEU wrote before and the copy out is seen by every vEU after (before the loop, a wave of the loop's
+initial carry copies between a grid barrier and a block sync will do where each vEU writes its own slices).
+The simulator checks each access of a staged buffer against its vEU's slice (BarrierError). The C-family
+renderer copies with gdsl_copy_block and renders the loop in a scope where the buffer's name is a pointer into
+the shared copy, shifted by the vEU's slice, so the loop's code indexes it as before.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ import numpy as np
 from gdsl.schedule import utasks
 from gdsl.schedule.flags import published_in
 from gdsl.schedule.hazards import MAYBE_VIEWS
-from gdsl.schedule.plan import Branch, Buffer, Loop, Staged, Sync, Wave, plan_statements, walk
+from gdsl.schedule.plan import Assign, Branch, Buffer, Loop, Staged, Sync, Uniforms, Wave, plan_statements, walk
 from gdsl.schedule.resident import ALIGN, region_bytes
 from gdsl.schedule.shares import read_share, storage_elements, write_share
 
@@ -115,18 +116,31 @@ def _stage_block(block: tuple, state: dict, top: bool = False) -> tuple:
             out[i] = dataclasses.replace(stmt, cond=_stage_block(stmt.cond, state),
                                          body=_stage_block(stmt.body, state))
         elif isinstance(stmt, Loop):
-            before = block[i - 1] if i else None
-            after = block[i + 1] if i + 1 < len(block) else None
-            fenced = [s is None and top or isinstance(s, Sync) and s.always_grid for s in (before, after)]
-            if all(fenced):
-                out[i] = _staged_loop(stmt, state)
+            def fenced(j):       # a grid barrier at block[j], or the kernel's start or end there
+                return (j < 0 or j >= len(block)) and top or 0 <= j < len(block) and \
+                    isinstance(block[j], Sync) and block[j].always_grid
+            # (or, before the loop, a wave between a grid barrier and a block sync whose uTasks on vEU v write
+            # the buffers within v's slices: the loop's initial carry copies, scheduler.PARTITIONED_INITS)
+            prelude = block[i - 2] if i >= 2 and isinstance(block[i - 1], Sync) and \
+                isinstance(block[i - 2], Wave) and fenced(_before_uniforms(block, i - 3)) else None
+            if (fenced(i - 1) or prelude is not None) and fenced(i + 1):
+                out[i] = _staged_loop(stmt, state, prelude)
     return tuple(out)
 
 
-def _staged_loop(loop: Loop, state: dict) -> Loop:
-    """`loop` with the buffers it writes staged where every vEU's accesses to one stay in its own slice."""
+def _before_uniforms(block: tuple, j: int) -> int:
+    """The index of the last statement at or before block[j] that is not a uniform statement (which writes no
+    memory: the loop's scalar carries set before it), -1 where there is none."""
+    while j >= 0 and (isinstance(block[j], Uniforms) or isinstance(block[j], Assign) and block[j].dst.is_uniform):
+        j -= 1
+    return j
+
+
+def _staged_loop(loop: Loop, state: dict, prelude: Wave | None = None) -> Loop:
+    """`loop` with the buffers it writes staged where every vEU's accesses to one stay in its own slice (in
+    the loop, and in the `prelude` wave before it)."""
     staged = []
-    for buf in sorted(_own_slices(loop, state["excluded"]), key=lambda b: b.name):
+    for buf in sorted(_own_slices(loop, state["excluded"], prelude), key=lambda b: b.name):
         size = buf.aval.size // loop.parts
         end = _aligned(state["end"]) + size * buf.aval.dtype.itemsize
         if end > state["room"]:
@@ -136,10 +150,11 @@ def _staged_loop(loop: Loop, state: dict) -> Loop:
     return dataclasses.replace(loop, staged=tuple(staged)) if staged else loop
 
 
-def _own_slices(loop: Loop, excluded: set) -> list:
-    """The output and temp buffers `loop` writes whose every element the loop's uTasks on vEU v touch lies in
-    [v * size, (v + 1) * size), size = the buffer's elements / the loop's partitions (a run-time offset
-    counted at both ends of its range; a share shares.py does not know exactly: the whole operand)."""
+def _own_slices(loop: Loop, excluded: set, prelude: Wave | None = None) -> list:
+    """The output and temp buffers `loop` writes whose every element the loop's uTasks (and the `prelude`'s)
+    on vEU v touch lies in [v * size, (v + 1) * size), size = the buffer's elements / the loop's partitions (a
+    run-time offset counted at both ends of its range; a share shares.py does not know exactly: the whole
+    operand)."""
     waves = [s for s in walk(loop.cond + loop.body) if isinstance(s, Wave)]
     values = [v for wave in waves for task in wave.tasks for v in task.op.inputs + task.op.outputs]
     written = {v.storage for wave in waves for task in wave.tasks for v in task.op.outputs}
@@ -147,7 +162,7 @@ def _own_slices(loop: Loop, excluded: set) -> list:
     candidates = {b for b in written - gathered if isinstance(b, Buffer) and b.kind in ("output", "temp")
                   and b.frame_of is None and b not in excluded and b.aval.size % loop.parts == 0
                   and b.aval.size // loop.parts * b.aval.dtype.itemsize % ALIGN == 0}   # (16-byte loads stay aligned)
-    for wave in waves:
+    for wave in waves + ([prelude] if prelude is not None else []):
         for task in wave.tasks:
             for buf, lo, hi, veu in _spans(task, candidates):
                 size = buf.aval.size // loop.parts

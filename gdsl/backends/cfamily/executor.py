@@ -348,7 +348,11 @@ class CupyDevice:
         return raw.view(dtype)[0]
 
 
-RECYCLE_MAX_BYTES = 16 << 20      # OutputRecycler: larger result sets are allocated anew on every call
+# OutputRecycler: larger result sets are allocated anew on every call. 64 MiB: a jitted signature then holds at
+# most two spare sets, 128 MiB, while a new set costs the host far more than the launch: Attention bs64's three
+# results (25 MB) took 14.0 us a call from CuPy's pool against 1.9 recycled (H200 host, session 31,
+# benchmarks/host_overhead.py --batch 64; 16 MiB before).
+RECYCLE_MAX_BYTES = 64 << 20
 
 
 class OutputRecycler:
@@ -368,8 +372,7 @@ class OutputRecycler:
     alternates between two sets.
 
     Result sets of more than RECYCLE_MAX_BYTES are allocated anew on every call: two spare sets would hold memory
-    the pool could give to other arrays, and at that size writing the results costs the GPU as much as
-    the allocation costs the host.
+    the pool could give to other arrays.
 
         outputs = OutputRecycler(allocate, avals)     # allocate(aval) -> a new device array
         outs = outputs(stream_ptr)                    # a list of arrays of `avals`, no one else's
