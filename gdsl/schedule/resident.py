@@ -10,7 +10,7 @@ A, one L2 round trip less per stage.
 The plan says where: the Op carries the param RESIDENT = (offset, count, slots): its uTask t reads its tile
 of B at byte `offset + (t // count % slots) * tile_bytes` of the vEU's resident region (t // count is the
 round in which the vEU runs it; `count` is the Task's vEU count). `slots` is the number of rounds, or 1 where
-every round of a vEU reads the same tile (`shared_slots`: a partitioned loop's 768 (batch, head) partitions
+every round of a vEU reads the same tile (`slots`, `tile_period`: a partitioned loop's 768 (batch, head) partitions
 of Attention on 264 vEUs, whose three rounds on a vEU are one head's). Regions are packed per vEU: ops on
 disjoint vEUs may share offsets. Backends that have no such memory get a budget of 0 and plans without the
 param.

@@ -119,9 +119,9 @@ def partitions_in_flight(program, opts, lowering, sms: int, block: int) -> Lower
     """A plan with a partitioned loop of more partitions than vEUs runs them in rounds, one after another on
     each vEU, with no grid barrier inside the loop to grow dearer with more vEUs: take more vEUs per SM where
     that leaves fewer rounds, the fewest such (each has fewer registers a thread) that still keeps every weight
-    resident that `lowering` keeps (the region is split among more vEUs). Attention at batch 64, 768 (batch,
-    head) partitions: 264 vEUs, 3 rounds -> 396 vEUs, 2 rounds (H200, session 31: 0.334 -> 0.313 ms; on 528
-    or 792 vEUs its weights no longer fit, 0.38-0.50 ms). Else `lowering`."""
+    resident that `lowering` keeps (the SM's shared memory is split among more vEUs). Attention at batch 64,
+    768 (batch, head) partitions: 264 vEUs, 3 rounds -> 396 vEUs, 2 rounds (H200, session 31: kernel 295.5 ->
+    274.1 µs; on 528 vEUs or more its heads' weights no longer fit). Else `lowering`."""
     def rounds(lo):
         return max((-(-s.parts // lo.plan.grid) for s in plan_statements(lo.plan) if isinstance(s, Loop)),
                    default=0)
@@ -136,7 +136,9 @@ def partitions_in_flight(program, opts, lowering, sms: int, block: int) -> Lower
         if rounds(best) <= 1:
             break
         wider = lower_with_grid(program, opts, per_sm * sms)
-        if rounds(wider) < rounds(best) and resident_ops(wider) >= kept:
+        if resident_ops(wider) < kept:
+            break               # (a vEU's share of the shared memory only shrinks from here on)
+        if rounds(wider) < rounds(best):
             best = wider
     return best
 
