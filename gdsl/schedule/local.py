@@ -60,6 +60,11 @@ LOOPS = "loops"     # the scheduler's smem_temps value for "only temps a loop bo
 # Off: on the H200 (session 15, ncu kernel times, same call) Attention bs1 ran 103.7 us with its K/V caches and x
 # staged and 103.5 without (the only zoo plan it changes): its ops' ~0.5 us each is instruction overhead, not L2.
 SMEM_CARRIES = False
+# A partitioned loop's temps whose uTask t touches only its partition's slice, where a vEU runs several partitions
+# (rounds: Attention bs64's q and context rows, 768 B and 256 B a partition, whose whole index space, 590 KB, fits
+# no vEU): kept a slot per round, uTask t's slice in slot t // count (Plan.local_slots; the C family passes each
+# call a pointer shifted by its uTask). Off until timed on the GPU (built in session 31, not yet measured).
+SLOTTED_TEMPS = False
 
 
 def block_local(plan, budget: int, loops_only: bool = False):
@@ -70,22 +75,79 @@ def block_local(plan, budget: int, loops_only: bool = False):
         return plan
     room = budget - -(-region_bytes(plan) // ALIGN) * ALIGN
     body = plan.kernels[0].body
-    found = local_buffers(body, room, _touched_in_loops(body) if loops_only else None)
-    chosen = sorted(found, key=lambda b: (_nbytes(b), b.name))
-    placed, end = [], 0
-    for buf in chosen:
+    placed, slots, end = [], [], 0
+    if SLOTTED_TEMPS:           # (first: a slot a round is smaller than the whole index space)
+        found = slotted_buffers(body, _not_movable(body))
+        for buf, size, count, rounds in sorted(found, key=lambda c: (c[3] * c[1], c[0].name)):
+            nbytes = rounds * size * buf.aval.dtype.itemsize
+            if end + nbytes > room:
+                break
+            placed.append((buf, end))
+            slots.append((buf, size, count, rounds))
+            end = -(-(end + nbytes) // ALIGN) * ALIGN
+    taken = {buf for buf, _ in placed}
+    found = local_buffers(body, room - end, _touched_in_loops(body) if loops_only else None)
+    for buf in sorted((b for b in found if b not in taken), key=lambda b: (_nbytes(b), b.name)):
         if end + _nbytes(buf) > room:
             break
         placed.append((buf, end))
         end = -(-(end + _nbytes(buf)) // ALIGN) * ALIGN
-    return dataclasses.replace(plan, block_local=tuple(placed)) if placed else plan
+    return dataclasses.replace(plan, block_local=tuple(placed), local_slots=tuple(slots)) if placed else plan
 
 
 def local_bytes(plan) -> int:
     """Bytes of the block-local region of `plan`, its temps' and its loops' staged carries' (0: none)."""
     staged = (s.offset + s.size * s.buffer.aval.dtype.itemsize for loop in plan_statements(plan)
               if isinstance(loop, Loop) for s in loop.staged)
-    return max([offset + _nbytes(buf) for buf, offset in plan.block_local] + list(staged), default=0)
+    slotted = {buf: rounds * size * buf.aval.dtype.itemsize for buf, size, _, rounds in plan.local_slots}
+    return max([offset + slotted.get(buf, _nbytes(buf)) for buf, offset in plan.block_local] + list(staged),
+               default=0)
+
+
+def slotted_buffers(body: tuple, excluded: set) -> list:
+    """(Buffer, elements a slot, vEU count, rounds) of the temps that only the waves of one partitioned loop in
+    `body` touch, all of them tasks of its partitions (uTask p = partition p) on the same vEUs in more than one
+    round, each uTask t within [t * size, (t + 1) * size), size = elements / partitions, through plain values."""
+    uses: dict = {}                                     # Buffer -> [(task, Value)]
+    for stmt in walk(body):
+        if isinstance(stmt, Wave):
+            for task in stmt.tasks:
+                for v in task.op.inputs + task.op.outputs:
+                    if isinstance(v.storage, Buffer):
+                        uses.setdefault(v.storage, []).append((task, v))
+    found = []
+    for loop in (s for s in walk(body) if isinstance(s, Loop) and s.parts):
+        inside = {id(t) for w in walk(loop.cond + loop.body) if isinstance(w, Wave) for t in w.tasks}
+        for buf, pairs in uses.items():
+            first, count = pairs[0][0].first, pairs[0][0].count
+            if buf.kind != "temp" or buf.frame_of is not None or buf in excluded or buf.aval.size % loop.parts \
+                    or count >= loop.parts or any(id(task) not in inside or (task.first, task.count) != (first, count)
+                                                  or task.op.n_utasks != loop.parts or v.offset or v.dynamic
+                                                  or v.perm is not None for task, v in pairs):
+                continue
+            size = buf.aval.size // loop.parts
+            if all(_within_own_slice(task, buf, size) for task, _ in pairs):
+                found.append((buf, size, count, -(-loop.parts // count)))
+    return found
+
+
+def _within_own_slice(task, buf, size: int) -> bool:
+    """Does every uTask t of `task` touch `buf` only within [t * size, (t + 1) * size)?"""
+    op = task.op
+    if utasks.first_start(op.kind) is not None:         # (a dynamic start: any element)
+        return False
+    shares = [(v, lambda t, k=k: write_share(op, t, k)) for k, v in enumerate(op.outputs) if v.storage is buf]
+    shares += [(v, lambda t, k=k: read_share(op, k, t)) for k, v in enumerate(op.inputs) if v.storage is buf]
+    for t in range(op.n_utasks):
+        for value, share in shares:
+            flat = share(t)
+            if flat is None:
+                return False
+            elements = storage_elements(value, np.asarray(flat, np.int64))
+            elements = np.arange(buf.aval.size)[elements] if isinstance(elements, slice) else elements
+            if len(elements) and not t * size <= int(elements.min()) <= int(elements.max()) < (t + 1) * size:
+                return False
+    return True
 
 
 def smem_carries(plan, budget: int):

@@ -670,6 +670,10 @@ class Plan:
     # Block-local temps kept in each vEU's shared memory at the same element indices (local.py, the option
     # smem_temps): (Buffer, byte offset in the block-local region) pairs; backends without it ignore them.
     block_local: tuple = ()
+    # Of those, the temps of a partitioned loop kept a slot per round instead (local.py, SLOTTED_TEMPS): (Buffer,
+    # elements a slot, the vEU count of its tasks, rounds): uTask t's slice [t * size, (t + 1) * size) sits in slot
+    # t // count.
+    local_slots: tuple = ()
 
     def __str__(self):
         from gdsl.schedule.printer import print_plan

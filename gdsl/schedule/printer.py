@@ -193,7 +193,9 @@ def print_plan(plan, views=frozenset()) -> str:
     lines.append(f"inputs: {ins}")
     lines.append(f"outputs: {outs}")
     if plan.block_local:                    # (local.py: a copy per vEU, past the resident weights' region)
-        placed = ", ".join(f"{buf.name} at +{offset}" for buf, offset in plan.block_local)
+        slots = {buf: (size, rounds) for buf, size, _, rounds in plan.local_slots}     # (a slot per round)
+        placed = ", ".join(f"{buf.name} at +{offset}" + (f" ({slots[buf][1]} slots of {slots[buf][0]})"
+                                                          if buf in slots else "") for buf, offset in plan.block_local)
         staged = " with the loops' staged slices" if any(isinstance(s, Loop) and s.staged for s in
                                                           plan_statements(plan)) else ""
         lines.append(f"shared memory: {placed} (block-local, {local_bytes(plan)} bytes per vEU{staged} after the "

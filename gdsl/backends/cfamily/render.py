@@ -419,6 +419,8 @@ class Renderer:
         # Block-local temps (local.py, Plan.block_local): their byte offset in the region after the resident
         # tiles; every other buffer lives in the workspace (BUFFER_SPACES).
         self.local = {buf: offset for buf, offset in plan.block_local}
+        # Of those, the ones kept a slot per round (local.py, SLOTTED_TEMPS): Buffer -> (elements a slot, vEU count)
+        self.slots = {buf: (size, count) for buf, size, count, _ in plan.local_slots}
         self.local_bytes = -(-local_bytes(plan) // 16) * 16
         self.call_log: list = []            # (function name, +1 per call site rendered, -1 per site rolled away)
         self.function: str | None = None    # the recursive function whose body is being rendered
@@ -953,9 +955,11 @@ class Renderer:
         return {k: self.views[v.buffer] for k, v in enumerate(op.inputs)
                 if v.buffer in self.views and self.views[v.buffer].perm is not None}
 
-    def call_args(self, op) -> list[str]:
+    def call_args(self, op, t: str | None = None) -> list[str]:
         """The C arguments of a call of `op`'s uTask function, less the uTask index and shared memory (a
-        view's pointer: into its storage, plan.Value's offset and terms; a permuted one at its source)."""
+        view's pointer: into its storage, plan.Value's offset and terms; a permuted one at its source). A temp
+        kept a slot per round (self.slots) is passed shifted for uTask `t`, so that its slice's own indices
+        reach slot t / count."""
         permuted = self._permuted_inputs(op)
         roles = self.flag_roles.get(op, {})
         flags = [arg for k, tag in sorted(roles.get("publish", {}).items())
@@ -966,8 +970,22 @@ class Renderer:
         preloaded = [_preload_name(op, k) for k in self.preloads.get(op, ())]
         nxt = [next_window_pointer(op.inputs[0].buffer.name, op.inputs[0], self.elem)] if prefetches_next_window(op) \
             else []
-        return [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
-                                                    for k, v in enumerate(op.inputs)] + flags + preloaded + nxt
+        args = [self.ptr(v) for v in op.outputs] + [self.ptr(permuted[k].source) if k in permuted else self.arg(v)
+                                                    for k, v in enumerate(op.inputs)]
+        if t is not None:
+            args = [self._slot_shifted(v, arg, t) for v, arg in zip(op.outputs + op.inputs, args)]
+        return args + flags + preloaded + nxt
+
+    def _slot_shifted(self, value, arg: str, t: str) -> str:
+        """`arg` (the pointer of `value`) for uTask `t`: where a temp is kept a slot per round, its slice t of
+        `size` elements at slot t / count of the vEU's copy."""
+        if value.storage not in self.slots:
+            return arg
+        size, count = self.slots[value.storage]
+        return f"({arg} + ((long long)({t}) / {count} - ({t})) * {size})"
+
+    def touches_slots(self, op) -> bool:
+        return any(v.storage in self.slots for v in op.outputs + op.inputs)
 
     def preload_lines(self, stmts, index: int) -> list[str]:
         """Before the wave stmts[index]: each thread of a vEU that will run a uTask of the next wave with preloaded
@@ -999,8 +1017,10 @@ class Renderer:
         fn = self.utask_function(op)
         self.count_call(fn)
         args = ", ".join(self.call_args(op))
-        return self.over_utasks(task, lambda t: self.traced(f"{fn}({args}, {t}, gdsl_smem);",
-                                                             self.trace and self.trace.op(task), t))
+        def call(t):
+            text = ", ".join(self.call_args(op, t)) if self.touches_slots(op) else args
+            return self.traced(f"{fn}({text}, {t}, gdsl_smem);", self.trace and self.trace.op(task), t)
+        return self.over_utasks(task, call)
 
     def over_utasks(self, task, statement, rounds: int | None = None) -> list[str]:
         """`statement(t)` (C, for uTask index expression t) for every uTask of `task` this vEU runs (in its
@@ -1095,8 +1115,8 @@ class Renderer:
         chain of range tests (the tests the tasks rendered one by one make too) and takes that task's
         arguments, its first vEU and its uTask count and stride; then one call. NVRTC then compiles
         (inlines) the function once for the run instead of once per task."""
-        if len(run) == 1:
-            return self.task(run[0])
+        if len(run) == 1 or any(self.touches_slots(task.op) for task in run):
+            return [line for task in run for line in self.task(task)]
         fn = self.utask_function(run[0].op)
         self.count_call(fn)
         columns = {f"gdsl_{decl.rsplit(' ', 1)[1]}": (decl.rsplit(' ', 1)[0], args) for decl, args in
