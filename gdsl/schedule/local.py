@@ -61,8 +61,8 @@ LOOPS = "loops"     # the scheduler's smem_temps value for "only temps a loop bo
 # staged and 103.5 without (the only zoo plan it changes): its ops' ~0.5 us each is instruction overhead, not L2.
 SMEM_CARRIES = False
 # A partitioned loop's temps whose uTask t touches only its partition's slice, where a vEU runs several partitions
-# (rounds: Attention bs64's q and context rows, 768 B and 256 B a partition, whose whole index space, 590 KB, fits
-# no vEU): kept a slot per round, uTask t's slice in slot t // count (Plan.local_slots; the C family passes each
+# (rounds: Attention bs64's q and context rows, 256 B a partition each, whose whole index space, 196 KB, fits no
+# vEU): kept a slot per round, uTask t's slice in slot t // count (Plan.local_slots; the C family passes each
 # call a pointer shifted by its uTask). Off until timed on the GPU (built in session 31, not yet measured).
 SLOTTED_TEMPS = False
 
