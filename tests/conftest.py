@@ -36,3 +36,17 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a usable CUDA GPU")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def rendered_sources(monkeypatch):
+    """The sources the C-family lowerings render while the test runs (a list, filled as they are rendered)."""
+    from gdsl.backends.cfamily import lower
+    rendered = []
+    real = lower.render_plan
+
+    def capture(*args, **kwargs):
+        rendered.append(real(*args, **kwargs))
+        return rendered[-1]
+    monkeypatch.setattr(lower, "render_plan", capture)
+    return rendered

@@ -7,7 +7,7 @@ import re
 import pytest
 from strategies import emulated_model_mismatches, needs_cxx, needs_nvrtc, zoo_lowered
 
-from gdsl.backends.cfamily import lower, render
+from gdsl.backends.cfamily import render
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 
 CONDITIONAL = re.compile(r"^ *if \(!\((.*blockIdx.*)\)\) __syncthreads\(\);$", re.M)   # (the C family's block barrier)
@@ -18,31 +18,18 @@ def tail_barriers(monkeypatch):
     monkeypatch.setattr(render, "TAIL_BARRIERS", True)
 
 
-@pytest.fixture
-def sources(monkeypatch):
-    """The sources the C-family lowerings render while the test runs."""
-    rendered = []
-    real = lower.render_plan
-
-    def capture(*args, **kwargs):
-        rendered.append(real(*args, **kwargs))
-        return rendered[-1]
-    monkeypatch.setattr(lower, "render_plan", capture)
-    return rendered
-
-
 @needs_cxx
 @pytest.mark.parametrize("name", ["nasrnn", "attention"])
-def test_emulated_models_leave_out_the_second_barrier(name, sources, tail_barriers):
+def test_emulated_models_leave_out_the_second_barrier(name, rendered_sources, tail_barriers):
     assert emulated_model_mismatches(name, 1, grid=8, block=64) == []
-    assert any(CONDITIONAL.search(r.source) for r in sources)
+    assert any(CONDITIONAL.search(r.source) for r in rendered_sources)
 
 
 @needs_cxx
-def test_switch_off_renders_every_barrier(sources, monkeypatch):
+def test_switch_off_renders_every_barrier(rendered_sources, monkeypatch):
     monkeypatch.setattr(render, "TAIL_BARRIERS", False)
     assert emulated_model_mismatches("nasrnn", 1, grid=8, block=64) == []
-    assert not any(CONDITIONAL.search(r.source) for r in sources)
+    assert not any(CONDITIONAL.search(r.source) for r in rendered_sources)
 
 
 @needs_nvrtc
