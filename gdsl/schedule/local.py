@@ -107,7 +107,8 @@ def local_bytes(plan) -> int:
 def slotted_buffers(body: tuple, excluded: set) -> list:
     """(Buffer, elements a slot, vEU count, rounds) of the temps that only the waves of one partitioned loop in
     `body` touch, all of them tasks of its partitions (uTask p = partition p) on the same vEUs in more than one
-    round, each uTask t within [t * size, (t + 1) * size), size = elements / partitions, through plain values."""
+    round, each uTask t within [t * size, (t + 1) * size), size = elements / partitions (a multiple of 16 bytes:
+    vector loads stay aligned in every slot), through plain values."""
     uses: dict = {}                                     # Buffer -> [(task, Value)]
     for stmt in walk(body):
         if isinstance(stmt, Wave):
@@ -120,13 +121,13 @@ def slotted_buffers(body: tuple, excluded: set) -> list:
         inside = {id(t) for w in walk(loop.cond + loop.body) if isinstance(w, Wave) for t in w.tasks}
         for buf, pairs in uses.items():
             first, count = pairs[0][0].first, pairs[0][0].count
-            if buf.kind != "temp" or buf.frame_of is not None or buf in excluded or buf.aval.size % loop.parts \
-                    or count >= loop.parts or any(id(task) not in inside or (task.first, task.count) != (first, count)
-                                                  or task.op.n_utasks != loop.parts or v.offset or v.dynamic
-                                                  or v.perm is not None for task, v in pairs):
-                continue
             size = buf.aval.size // loop.parts
-            if all(_within_own_slice(task, buf, size) for task, _ in pairs):
+            movable = buf.kind == "temp" and buf.frame_of is None and buf not in excluded
+            sliced = buf.aval.size % loop.parts == 0 and size * buf.aval.dtype.itemsize % ALIGN == 0
+            in_rounds = count < loop.parts and all(
+                id(task) in inside and (task.first, task.count) == (first, count) and task.op.n_utasks == loop.parts
+                and not (v.offset or v.dynamic or v.perm is not None) for task, v in pairs)
+            if movable and sliced and in_rounds and all(_within_own_slice(task, buf, size) for task, _ in pairs):
                 found.append((buf, size, count, -(-loop.parts // count)))
     return found
 
