@@ -154,9 +154,9 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
     if not _candidate(task, written):
         return task
     key = _tiles_key(task)
-    offset = placed.get(key)
+    offset, n_slots = placed.get(key), slots(task.op, task.count)
     if offset is None:
-        size = tile_bytes(task.op) * slots(task.op, task.count)
+        size = tile_bytes(task.op) * n_slots
         veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
         offset = -(-max(used.get(v, 0) for v in veus) // ALIGN) * ALIGN
         if offset + size > budget:
@@ -164,8 +164,7 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
         for v in veus:
             used[v] = offset + size
         placed[key] = offset
-    op = dataclasses.replace(task.op, params={**task.op.params,
-                                              RESIDENT: (offset, task.count, slots(task.op, task.count))})
+    op = dataclasses.replace(task.op, params={**task.op.params, RESIDENT: (offset, task.count, n_slots)})
     return Task(op, task.first, task.count)
 
 

@@ -111,11 +111,11 @@ def lower(program, options) -> Lowering:
     sms = _sm_count() or DEFAULT_SMS
     lowering = lower_with_grid(program, opts, sms)
     if _most_utasks(lowering) > sms:
-        lowering = partitions_in_flight(program, opts, lower_with_grid(program, opts, 2 * sms), sms, opts["block"])
+        lowering = partitions_in_flight(program, opts, lower_with_grid(program, opts, 2 * sms), sms)
     return cfamily_lower.narrowed(program, opts, lowering, lower_with_grid)
 
 
-def partitions_in_flight(program, opts, lowering, sms: int, block: int) -> Lowering:
+def partitions_in_flight(program, opts, lowering, sms: int) -> Lowering:
     """A plan with a partitioned loop of more partitions than vEUs runs them in rounds, one after another on
     each vEU, with no grid barrier inside the loop to grow dearer with more vEUs: take more vEUs per SM where
     that leaves fewer rounds, the fewest such (each has fewer registers a thread) that still keeps every weight
@@ -132,7 +132,7 @@ def partitions_in_flight(program, opts, lowering, sms: int, block: int) -> Lower
     if not PARTITIONS_IN_FLIGHT:
         return lowering
     best, kept = lowering, resident_ops(lowering)
-    for per_sm in range(lowering.plan.grid // sms + 1, MAX_THREADS_PER_SM // block + 1):
+    for per_sm in range(lowering.plan.grid // sms + 1, MAX_THREADS_PER_SM // opts["block"] + 1):
         if rounds(best) <= 1:
             break
         wider = lower_with_grid(program, opts, per_sm * sms)
