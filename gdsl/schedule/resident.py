@@ -21,7 +21,9 @@ B is an input or const the plan never writes (RAE's `W`, read by every inner nod
 shared memory of the vEUs that run it, copied when the kernel starts (the C-family renderer's `function_preload`). Those
 regions live for the whole kernel, so they start past every loop's region (loops stage theirs at each entry
 and would overwrite them otherwise). Not in a plan with Forks: a forked call runs a plan vEU's uTasks on
-whichever vEU of its group stands for it, not on the vEU that staged the tiles.
+whichever vEU of its group stands for it, not on the vEU that staged the tiles. For the same reason the loops
+of a forked function's body keep no resident tiles either (`without_resident`): a vEU of a group smaller than
+the loop's task stands for several plan vEUs, whose tiles would share its one region.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from gdsl.schedule.plan import (
     Wave,
     parts_of_tasks,
     plan_statements,
+    rewrite_blocks,
     walk,
 )
 
@@ -197,6 +200,21 @@ def keep_resident_in_functions(body: tuple, functions: tuple, budget: int, grid:
     placed: dict = {}
     return tuple(dataclasses.replace(f, body=_resident_block(f.body, written, used, placed, budget))
                  for f in functions)
+
+
+def without_resident(block: tuple) -> tuple:
+    """`block` with none of its matmuls keeping resident tiles (loops included): a forked function's body."""
+    def strip(out):
+        if isinstance(out[-1], Wave):
+            out[-1] = Wave(tuple(_not_resident(task) for task in out[-1].tasks))
+    return rewrite_blocks(block, strip)
+
+
+def _not_resident(task: Task) -> Task:
+    if RESIDENT not in task.op.params:
+        return task
+    params = {k: v for k, v in task.op.params.items() if k != RESIDENT}
+    return Task(dataclasses.replace(task.op, params=params), task.first, task.count)
 
 
 def _written_by(statements) -> set:

@@ -385,6 +385,8 @@ class Scheduler:
         if self.resident_calls and functions:
             functions = keep_resident_in_functions(body, functions, self.resident_bytes, self.grid)
         forked = any(isinstance(s, Fork) for b in [body] + [f.body for f in functions] for s in walk(b))
+        if forked:      # a forked call's loops run on groups of vEUs: no resident tiles (resident.without_resident)
+            functions = tuple(dataclasses.replace(f, body=resident.without_resident(f.body)) for f in functions)
         if self.spread_frames and not forked:
             functions = tuple(_with_spread(f) for f in functions)
         if self.aside and functions and not forked:
