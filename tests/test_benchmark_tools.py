@@ -1,12 +1,14 @@
 """The benchmark tools that run without a GPU: benchmarks/plan_floors.py (each zoo row's floor from its plan),
-benchmarks/switches.py (the bench with module switches set) and benchmarks/kernel_ab.py (its orchestration of ncu,
-with a stand-in for ncu)."""
+benchmarks/switches.py (the bench with module switches set), benchmarks/kernel_ab.py (its orchestration of ncu,
+with a stand-in for ncu) and benchmarks/cluster_lstm.py (its hand-written cluster kernel, on the emulator and
+through NVRTC)."""
 import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from strategies import needs_cxx, needs_nvrtc
 
 from gdsl.schedule import resident
 
@@ -97,3 +99,26 @@ def test_kernel_ab_runs_each_variant_under_the_profiler(tmp_path, capsys):
     assert sorted(result["kernel_us"]) == ["seq2seq/base", "seq2seq/lane8"]
     assert len(result["kernel_us"]["seq2seq/base"]) == 4
     assert "seq2seq    lane8        median    125.68" in capsys.readouterr().out
+
+
+@needs_cxx
+def test_cluster_lstm_kernel_matches_the_reference_on_the_emulator(capsys):
+    """The layer-per-cluster LSTM kernel (cluster barriers, stores into the cluster's other blocks, counters between
+    layers) on the CPU emulator, every layout (W_hh in shared memory or registers, the input loaded ahead or not), two
+    cluster sizes, against the float64 reference of every h."""
+    assert _tool("cluster_lstm").main(["--emulate"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and all("0 timeouts" in line for line in lines)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("cluster", [8, 16])
+def test_cluster_lstm_kernel_compiles_for_sm_90(cluster):
+    """Every configuration the GPU run times, at the model's full size."""
+    from gdsl.backends.cuda import toolchain
+    from models import lstm
+    tool = _tool("cluster_lstm")
+    for input_part in (True, False):
+        for in_regs, lookahead in tool.LAYOUTS:
+            source = tool.source(lstm.Config(), cluster, 256, input_part, in_regs, lookahead)
+            assert toolchain.compile_cuda(source, "sm_90", options=("-std=c++17",))
