@@ -1,7 +1,7 @@
 """The benchmark tools that run without a GPU: benchmarks/plan_floors.py (each zoo row's floor from its plan),
 benchmarks/switches.py (the bench with module switches set), benchmarks/kernel_ab.py (its orchestration of ncu,
-with a stand-in for ncu) and benchmarks/cluster_lstm.py (its hand-written cluster kernel, on the emulator and
-through NVRTC)."""
+with a stand-in for ncu), benchmarks/cluster_lstm.py and benchmarks/tc_wave.py (their hand-written kernels, on the
+emulator and through NVRTC)."""
 import importlib.util
 import json
 import re
@@ -122,3 +122,17 @@ def test_cluster_lstm_kernel_compiles_for_sm_90(cluster):
         for in_regs, lookahead in tool.LAYOUTS:
             source = tool.source(lstm.Config(), cluster, 256, input_part, in_regs, lookahead)
             assert toolchain.compile_cuda(source, "sm_90", options=("-std=c++17",))
+
+
+@needs_cxx
+def test_tc_wave_kernels_match_float64_on_the_emulator(capsys):
+    """Every tensor-core tile variant (mma.sync's fragment layouts, the cp.async stages, the 3xTF32 split) on the CPU
+    emulator: 3xTF32 within float32's accuracy, TF32 within its own."""
+    assert _tool("tc_wave").main(["--emulate"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(_tool("tc_wave").VARIANTS)
+
+
+@needs_nvrtc
+def test_tc_wave_kernels_compile_for_sm_90():
+    from gdsl.backends.cuda import toolchain
+    assert toolchain.compile_cuda(_tool("tc_wave").instantiated_source(), "sm_90", options=("-std=c++17",))
