@@ -21,6 +21,7 @@ struct gdsl_emu_block {
   pthread_barrier_t bar;
   pthread_barrier_t warps[1024 / GDSL_WARP];
   unsigned long long lanes[1024];   // one shuffle slot per thread
+  float fragments[1024][6];         // a thread's mma operands (GDSL_EMU_TC)
   char* smem;
 };
 static __thread gdsl_dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -65,6 +66,38 @@ static inline float GDSL_U2F(unsigned u) { float f; memcpy(&f, &u, 4); return f;
 static inline unsigned GDSL_F2U(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 static inline float gdsl_h2f(unsigned short h) { _Float16 x; memcpy(&x, &h, 2); return (float)x; }
 static inline unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsigned short h; memcpy(&h, &x, 2); return h; }
+#endif
+
+#ifdef GDSL_EMU_TC
+// The CUDA dialect's tensor-core instructions (cuda/tensor_cores.h) for its tiles' tests: cvt.rna.tf32 (to 10
+// mantissa bits, ties away from zero), mma.sync.m16n8k8 computed by each lane from every lane's fragments (PTX's
+// layouts), exchanged between two warp barriers; cp.async a plain copy, so that its groups are always complete.
+#define GDSL_TC 1
+static inline unsigned gdsl_tf32(float x) {
+  unsigned u;
+  memcpy(&u, &x, 4);
+  return (u & 0x7f800000u) == 0x7f800000u ? u : (u + 0x1000u) & 0xffffe000u;
+}
+static inline void gdsl_mma_tf32(float* c, const unsigned* a, const unsigned* b) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  float (*f)[6] = gdsl_emu_cur->fragments + threadIdx.x / 32 * 32;
+  for (int e = 0; e < 4; ++e) memcpy(&f[lane][e], &a[e], 4);
+  for (int e = 0; e < 2; ++e) memcpy(&f[lane][4 + e], &b[e], 4);
+  pthread_barrier_wait(&gdsl_emu_cur->warps[threadIdx.x / GDSL_WARP]);
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + e / 2 * 8, col = 2 * t4 + e % 2;
+    float s = c[e];
+    for (int k = 0; k < 8; ++k)
+      s += f[row % 8 * 4 + k % 4][(row >= 8) + 2 * (k >= 4)] * f[col * 4 + k % 4][4 + (k >= 4)];
+    out[e] = s;
+  }
+  pthread_barrier_wait(&gdsl_emu_cur->warps[threadIdx.x / GDSL_WARP]);
+  for (int e = 0; e < 4; ++e) c[e] = out[e];
+}
+static inline void gdsl_copy16(float* dst, const float* src) { memcpy(dst, src, 16); }
+static inline void gdsl_copy_commit() {}
+template <int N> static inline void gdsl_copy_wait() {}
 #endif
 
 struct gdsl_emu_thread { gdsl_emu_block* block; int b, t, grid, nthreads; void (*body)(void**); void** args; };

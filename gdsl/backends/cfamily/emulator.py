@@ -31,6 +31,7 @@ from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.toolchain import cached_compile, compile_error, write_atomically
 
 EMU_HEADER = (Path(__file__).with_name("emu.h")).read_text()
+CUDA_TENSOR_CORES = (Path(__file__).parents[1] / "cuda" / "tensor_cores.h").read_text()
 # GDSL_EMU_SANITIZE=address builds the kernels with AddressSanitizer (run Python with LD_PRELOAD=libasan.so):
 # an out-of-bounds access of generated code then stops the run with a report.
 _SANITIZE = tuple(f"-fsanitize={s}" for s in os.environ.get("GDSL_EMU_SANITIZE", "").split(",") if s)
@@ -74,6 +75,14 @@ class EmulatorDialect(Dialect):
                        f'extern "C" void emu_{spec.name}(int grid, int block, void** args) {{\n'
                        f"  gdsl_emu_launch(grid, block, GDSL_SMEM_BYTES, emu_body_{spec.name}, args);\n}}")
         return "\n".join(out)
+
+
+class EmulatedTensorCores(EmulatorDialect):
+    """The emulator running the CUDA dialect's tensor-core tiles (cuda/tensor_cores.h on emu.h's GDSL_EMU_TC
+    instructions), float32 tiles chosen as on CUDA: for testing those tiles' indexing without a GPU."""
+    header_template = "#define GDSL_EMU_TC\n" + EMU_HEADER
+    tensor_cores = True
+    device_library = CUDA_TENSOR_CORES
 
 
 def compile_emulated(source: str) -> str:

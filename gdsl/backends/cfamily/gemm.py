@@ -58,6 +58,16 @@ GEMV_PARTS_KC = 2048
 # (Those were gdsl_gemm_tile's small tiles. The wide tile, tried first, now takes every tile of the scheduler's
 # menu, WIDE_MAX_GROUPS; this rule serves the tiles it cannot take.)
 TENSOR_CORE_BELOW = 4
+# Float32 tiles of whole fragments on gdsl_gemm_tile_tcp (cuda/tensor_cores.h) where the dialect has tensor cores and
+# the operands' addresses are known (A along k; B along n, or resident): 3xTF32 fed by TC_STAGES shared-memory
+# stages of TC_BK k that cp.async fills ahead, one block barrier a stage, before the wide FFMA tile. What session 8
+# found missing (its tensor-core tiles on the FFMA tile's single-buffered staging were no faster): built in session
+# 32 without a GPU, checked on the emulator (emulator.EmulatedTensorCores) and by NVRTC, off until it is timed
+# (benchmarks/tc_wave.py times the same tile on one wave of the LSTM's batch-64 GEMMs; kernel_ab the models).
+TC_PIPELINE = False
+TC_STAGES = 3
+TC_BK = 32
+TC_MAX_ROWS = 64        # (taller tiles would stage more than pipelined_scratch's bound)
 # gdsl_gemm_tile_wide (float32): a thread's register tile holds at most this many outputs, and at most this
 # many k groups split a tile. 4 x 4 was the fastest on the H200 at batch 64 (same run, ms: LSTM 3.611 / 3.646 /
 # 3.758 with 16 / 32 / 64, NASRNN 14.86 / 14.68 / 15.26, BlockDrop 0.468 / 0.559 / 0.561; the 8 x 8 tile spills
@@ -464,6 +474,16 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)
         ops.ends_with_block_barrier = slots > 1
+    elif (warps := pipelined_warps(tm, tn, block, ops.dialect, gemm, acc)) is not None:
+        wr, wc = warps
+        bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % TC_BK == 0
+        loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
+        if not bres:
+            loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
+        need = TC_STAGES * (tm * (TC_BK + 4) + (0 if bres else TC_BK * (tn + 8))) * size
+        call = (f"  gdsl_gemm_tile_tcp<{tm}, {tn}, {TC_BK}, {TC_STAGES}, {block}, {wr}, {wc}, {str(bres).lower()}>"
+                f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, pa, {'pa' if bres else 'pb'}, sc, "
+                f"{gemm.resident_b if bres else 'nullptr'}, {scratch});")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
         rm, rn, groups = wide
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
@@ -508,6 +528,31 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
                   f"  {ops.dialect.block_barrier}"]
     ops.smem = max(ops.smem, need)
     return "\n".join(lines + loaders + [call]) + "\n"
+
+
+def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: str) -> tuple[int, int] | None:
+    """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
+    tile: no tensor cores, more than TC_MAX_ROWS rows, not float32 with A's addresses along k and B's along n (or B
+    resident), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp
+    rows on a tie."""
+    b_known = gemm.resident_b is not None or gemm.address_b is not None and not gemm.b_contiguous_k
+    if not (TC_PIPELINE and dialect.tensor_cores and acc == "float" and tm <= TC_MAX_ROWS and
+            gemm.address_a is not None and gemm.a_contiguous_k and b_known):
+        return None
+    warps = threads // dialect.warp_size
+    shapes = [(wr, warps // wr) for wr in range(1, warps + 1)
+              if warps % wr == 0 and tm % (16 * wr) == 0 and tn % (8 * (warps // wr)) == 0]
+    return min(shapes, key=lambda s: (abs(tm // s[0] - tn // s[1]), s[0])) if shapes else None
+
+
+def pipelined_scratch(dialect) -> int:
+    """The most shared memory a gdsl_gemm_tile_tcp tile stages (B staged, the widest tile of the scheduler's menu at
+    most TC_MAX_ROWS tall), 0 without TC_PIPELINE or the dialect's tensor cores: what each vEU's resident-weight
+    budget leaves it (lower.py)."""
+    if not (TC_PIPELINE and dialect.tensor_cores):
+        return 0
+    return max(TC_STAGES * (tm * (TC_BK + 4) + TC_BK * (tn + 8)) * 4
+               for tm, tn in utasks.gemm_tile_menu() if tm <= TC_MAX_ROWS)
 
 
 def tensor_core_warps(tm: int, tn: int, threads: int, dialect) -> tuple[int, int] | None:

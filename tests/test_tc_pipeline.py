@@ -1,0 +1,142 @@
+"""The pipelined tensor-core GEMM tile (cfamily/gemm.py TC_PIPELINE, cuda/tensor_cores.h gdsl_gemm_tile_tcp: 3xTF32
+fed by cp.async stages), off by default: which tiles take it, run on the CPU emulator with the CUDA dialect's
+tensor-core code (emulator.EmulatedTensorCores: mma.sync from the PTX fragment layouts) against float64, whole
+tiles (the cp.async path), tiles past the matrix's edges (the loaders' path), a batch, a split depth and a loop's
+resident B read in place; the zoo's batch-64 kernels with it through NVRTC, and on a GPU against the references."""
+import re
+
+import numpy as np
+import pytest
+from strategies import needs_cxx, needs_nvrtc
+
+import gdsl
+import gdsl.numpy as gnp
+from gdsl.backends.cfamily import emulator, gemm
+from gdsl.backends.cfamily.lower import check_options, lower_with_grid, resident_budget
+from gdsl.backends.cuda.dialect import CUDADialect
+
+BLOCK = 128
+
+
+@pytest.fixture
+def pipelined(monkeypatch):
+    monkeypatch.setattr(gemm, "TC_PIPELINE", True)
+
+
+class RoomyTensorCores(emulator.EmulatedTensorCores):
+    """Room for resident weights beside the pipelined tile's stages."""
+    resident_smem_per_sm = 256 * 1024
+
+
+def tiles(fn, *args, dialect, grid=4, **options) -> list[str]:
+    opts = check_options({"control": "device", "block": BLOCK, **options}, dialect)
+    source = lower_with_grid(gdsl.make_ir(fn)(*args), opts, grid, dialect).rendered.source
+    return sorted(set(re.findall(r"gdsl_gemm_tile\w*<\d[^>]*>", source)))
+
+
+def rng_pair(m, k, n, batch=()):
+    rng = np.random.default_rng(m * k + n)
+    a = rng.standard_normal((*batch, m, k)).astype(np.float32)
+    return a, (rng.standard_normal((*batch, k, n)) / np.sqrt(k)).astype(np.float32)
+
+
+CASES = {                                      # name: (m, k, n, batch, options, the tile taken)
+    "whole tiles": (64, 256, 128, (), {}, "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, false>"),
+    "edges": (50, 72, 40, (), {}, "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, false>"),
+    "batch": (64, 64, 64, (3,), {}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false>"),
+    "split depth": (64, 4096, 64, (), {"split_k": True}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false>"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("name", list(CASES))
+def test_emulated_matmul(name, pipelined):
+    m, k, n, batch, options, tile = CASES[name]
+    a, b = rng_pair(m, k, n, batch)
+    fn = lambda a, b: gnp.matmul(a, b)  # noqa: E731
+    assert tile in tiles(fn, a, b, dialect=emulator.EmulatedTensorCores(), **options)
+    got = emulator.emulate(fn, a, b, grid=4, block=BLOCK, dialect=emulator.EmulatedTensorCores(), **options)
+    expected = a.astype(np.float64) @ b.astype(np.float64)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.sqrt(k))
+
+
+@needs_cxx
+def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
+    rng = np.random.default_rng(0)
+    h0 = rng.standard_normal((64, 128)).astype(np.float32)
+    W = (rng.standard_normal((128, 128)) / 12).astype(np.float32)
+
+    def loop(h, W):
+        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
+    assert "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, true>" in tiles(loop, h0, W, dialect=RoomyTensorCores())
+    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
+    expected = h0.astype(np.float64)
+    for _ in range(3):
+        expected = np.tanh(expected @ W)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):
+    """Off: the FFMA tiles. On: not without tensor cores (the dialect's or the option's), nor for a tile taller than
+    TC_MAX_ROWS, nor for B contiguous along k (a transposed view)."""
+    a, b = rng_pair(64, 256, 128)
+    on = emulator.EmulatedTensorCores()
+    assert any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=on))
+    assert not any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=on, tensor_cores=False))
+    assert not any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=emulator.EmulatorDialect()))
+    assert not any("tcp" in t for t in tiles(lambda a, b: a @ b.T, a, b.T.copy(), dialect=on))
+    monkeypatch.setattr(gemm, "TC_MAX_ROWS", 16)
+    assert not any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=on))
+    monkeypatch.setattr(gemm, "TC_PIPELINE", False)
+    assert not any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=on))
+
+
+def test_the_resident_budget_leaves_room_for_the_stages(pipelined, monkeypatch):
+    """Each vEU's budget for resident weights shrinks by the largest stages the tile takes (64 x 96: three stages of
+    64 x 36 and 32 x 104 floats), only where the dialect has tensor cores."""
+    cuda, opts = CUDADialect(), {"control": "device"}
+    stages = 3 * (64 * 36 + 32 * 104) * 4
+    assert gemm.pipelined_scratch(cuda) == stages
+    assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2 - stages
+    plain = emulator.EmulatorDialect()
+    assert resident_budget(opts, 264, 132, plain) == plain.resident_smem_per_sm // 2
+    monkeypatch.setattr(gemm, "TC_PIPELINE", False)
+    assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq"])
+def test_zoo_batch64_kernels_compile_with_it(name, pipelined):
+    """The recurrent models' batch-64 kernels at full size take the tile and compile for sm_90."""
+    from gdsl.backends.cuda import toolchain
+    from models import load
+    model = load(name)
+    cfg = model.Config()
+    source = model.make_forward(cfg, backend="cuda", control="device").lower(
+        model.init_weights(cfg), model.make_inputs(cfg, 64)).source
+    assert "gdsl_gemm_tile_tcp<" in source.split("pipelined tensor-core tile shape")[-1]
+    assert toolchain.compile_cuda(source, "sm_90")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_matmul(name, pipelined):
+    import cupy as cp
+    m, k, n, batch, options, _ = CASES[name]
+    a, b = rng_pair(m, k, n, batch)
+    fn = gdsl.jit(lambda a, b: gnp.matmul(a, b), backend="cuda", **options)
+    got = cp.asnumpy(fn(cp.asarray(a), cp.asarray(b)))
+    assert "gdsl_gemm_tile_tcp<" in fn.lower(a, b).source.split("pipelined tensor-core tile shape")[-1]
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=2e-5 * np.sqrt(k))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq"])
+def test_gpu_zoo_batch64_matches_the_reference(name, pipelined):
+    """The full-size batch-64 models with the tile, against their float64 references (the bench's tolerance)."""
+    from models import common, load
+    model = load(name)
+    cfg = model.Config()
+    weights, inputs = model.init_weights(cfg), model.make_inputs(cfg, 64)
+    got = common.to_numpy(model.make_forward(cfg, backend="cuda")(weights, inputs))
+    assert not common.compare(got, model.reference(weights, inputs, cfg))
