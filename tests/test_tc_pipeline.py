@@ -93,11 +93,15 @@ def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):
 
 def test_the_resident_budget_leaves_room_for_the_stages(pipelined, monkeypatch):
     """Each vEU's budget for resident weights shrinks by the largest stages the tile takes (64 x 96: three stages of
-    64 x 36 and 32 x 104 floats), only where the dialect has tensor cores."""
+    64 x 36 and 32 x 104 floats), only where the dialect has tensor cores and the program a matmul of more rows than
+    a GEMV's (a batch-1 program keeps its budget)."""
     cuda, opts = CUDADialect(), {"control": "device"}
     stages = 3 * (64 * 36 + 32 * 104) * 4
-    assert gemm.pipelined_scratch(cuda) == stages
-    assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2 - stages
+    gemms, gemvs = (gdsl.make_ir(lambda a, b: a @ b)(*rng_pair(m, 64, 64)) for m in (64, 1))
+    assert gemm.pipelined_scratch(cuda) == gemm.pipelined_scratch(cuda, gemms) == stages
+    assert gemm.pipelined_scratch(cuda, gemvs) == 0
+    assert resident_budget(opts, 264, 132, cuda, gemms) == cuda.resident_smem_per_sm // 2 - stages
+    assert resident_budget(opts, 264, 132, cuda, gemvs) == cuda.resident_smem_per_sm // 2
     plain = emulator.EmulatorDialect()
     assert resident_budget(opts, 264, 132, plain) == plain.resident_smem_per_sm // 2
     monkeypatch.setattr(gemm, "TC_PIPELINE", False)

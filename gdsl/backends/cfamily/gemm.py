@@ -16,6 +16,7 @@ import numpy as np
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
 from gdsl.backends.cfamily.views import window_store_index
+from gdsl.core.ir import walk_eqns
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
@@ -423,7 +424,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
     tiles_m, tiles_n = -(-M // tm), -(-N // tn)
     # A tile covering a whole dimension of any size (a partitioned loop's) is computed as the next power
     # of two, its extra rows and columns masked: the tile routines split a power of two among threads.
-    gemv = tm == M and M <= 8          # (any number of rows)
+    gemv = tm == M and M <= utasks.GEMV_ROWS          # (any number of rows)
     col0 = f"tj * {tn}"
     if gemm.gathered:                  # one GEMM of the gathered columns (Gemm.gathered): exactly its width
         tn = N = gemm.gathered * tn
@@ -545,11 +546,15 @@ def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: st
     return min(shapes, key=lambda s: (abs(tm // s[0] - tn // s[1]), s[0])) if shapes else None
 
 
-def pipelined_scratch(dialect) -> int:
+def pipelined_scratch(dialect, program=None) -> int:
     """The most shared memory a gdsl_gemm_tile_tcp tile stages (B staged, the widest tile of the scheduler's menu at
-    most TC_MAX_ROWS tall), 0 without TC_PIPELINE or the dialect's tensor cores: what each vEU's resident-weight
-    budget leaves it (lower.py)."""
+    most TC_MAX_ROWS tall), 0 without TC_PIPELINE or the dialect's tensor cores, or where `program` has no matmul of
+    more rows than a GEMV's (utasks.GEMV_ROWS: only those take GEMM tiles): what each vEU's resident-weight budget
+    leaves it (lower.py)."""
     if not (TC_PIPELINE and dialect.tensor_cores):
+        return 0
+    if program is not None and not any(eqn.primitive is matmul_p and eqn.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
+                                       for eqn in walk_eqns(program.jaxpr)):
         return 0
     return max(TC_STAGES * (tm * (TC_BK + 4) + TC_BK * (tn + 8)) * 4
                for tm, tn in utasks.gemm_tile_menu() if tm <= TC_MAX_ROWS)
