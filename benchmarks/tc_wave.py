@@ -19,9 +19,9 @@ in flight, together (docs/performance.md, "Tensor cores at batch 64, tried again
   warp's fragments (no three dependent mma in a row); TERMS 1 (hi_a hi_b: TF32's accuracy) for comparison only.
 
 Timed in the same process (CUDA events, median of --runs, after warm-up): every tile variant, gdsl's own matmul of
-the same batch (its FFMA wide tile, grids 264 and 132, as benchmarks/gemm_wave.py) and, where PyTorch is there,
-torch.bmm with TF32 off and on. Every result is checked against float64 (max abs error printed). Needs a GPU (sm_80
-or later) and CuPy; `--emulate` needs g++ only.
+the same batch (grids 264 and 132, as benchmarks/gemm_wave.py) on its FFMA wide tile and with gemm.TC_PIPELINE (the
+compiler's copy of this tile) and, where PyTorch is there, torch.bmm with TF32 off and on. Every result is checked
+against float64 (max abs error printed). Needs a GPU (sm_80 or later) and CuPy; `--emulate` needs g++ only.
 """
 from __future__ import annotations
 
@@ -341,9 +341,14 @@ def gpu_rows(a, b, runs: int) -> list[dict]:
         row(name(v), timed_ms(call, runs), (call(), dc)[1])
     import gdsl
     import gdsl.numpy as gnp
-    for grid in (264, 132):
-        fn = gdsl.jit(lambda x, y: gnp.matmul(x, y), backend="cuda", grid=grid)
-        row(f"gdsl matmul, grid {grid} (FFMA wide tile)", timed_ms(lambda fn=fn: fn(da, db), runs), fn(da, db))
+    from gdsl.backends.cfamily import gemm
+    for pipelined in (False, True):       # (gemm.TC_PIPELINE: the compiler's own copy of this tile)
+        gemm.TC_PIPELINE = pipelined
+        tile = "tensor-core tile, TC_PIPELINE" if pipelined else "FFMA wide tile"
+        for grid in (264, 132):
+            fn = gdsl.jit(lambda x, y: gnp.matmul(x, y), backend="cuda", grid=grid)
+            row(f"gdsl matmul, grid {grid} ({tile})", timed_ms(lambda fn=fn: fn(da, db), runs), fn(da, db))
+    gemm.TC_PIPELINE = False
     try:
         import torch
     except ImportError:
