@@ -33,10 +33,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import gdsl.backends.cuda  # noqa: E402  (after the path)
+from gdsl.backends.cfamily import emulator  # noqa: E402
 
 # (TM, TN, BK, S, WR, WC, TERMS) of the variants timed on the GPU.
 VARIANTS = (
@@ -62,11 +66,11 @@ KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS)(const float* A, const float* B, float*
   auto load_stage = [&](int slot, int k0) {
     for (int q = tid; q < TM * BK / 4; q += NT) {
       const int m = q / (BK / 4), kq = q % (BK / 4) * 4;
-      copy16(As + slot * TM * PA + m * PA + kq, Ab + (size_t)m * K + k0 + kq);
+      gdsl_copy16(As + slot * TM * PA + m * PA + kq, Ab + (size_t)m * K + k0 + kq);
     }
     for (int q = tid; q < BK * TN / 4; q += NT) {
       const int kk = q / (TN / 4), nq = q % (TN / 4) * 4;
-      copy16(Bs + slot * BK * PB + kk * PB + nq, Bb + (size_t)(k0 + kk) * N + nq);
+      gdsl_copy16(Bs + slot * BK * PB + kk * PB + nq, Bb + (size_t)(k0 + kk) * N + nq);
     }
   };
   float acc[MF][NF][4];
@@ -80,13 +84,13 @@ KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS)(const float* A, const float* B, float*
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
     if (s < KT) load_stage(s, s * BK);
-    copy_commit();
+    gdsl_copy_commit();
   }
   for (int kt = 0; kt < KT; ++kt) {
-    copy_wait<S - 2>();                  // stage kt is in shared memory (this thread's copies) ...
+    gdsl_copy_wait<S - 2>();                  // stage kt is in shared memory (this thread's copies) ...
     __syncthreads();                     // ... every thread's; and every warp is done with the slot refilled next
     if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, (kt + S - 1) * BK);
-    copy_commit();
+    gdsl_copy_commit();
     const float* as = As + (kt % S) * TM * PA + wm * PA;
     const float* bs = Bs + (kt % S) * BK * PB + wn;
 #pragma unroll
@@ -98,8 +102,8 @@ KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS)(const float* A, const float* B, float*
         const float x[4] = {a[0], a[8 * PA], a[4], a[8 * PA + 4]};
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          ahi[i][e] = to_tf32(x[e]);
-          alo[i][e] = to_tf32(x[e] - as_float(ahi[i][e]));
+          ahi[i][e] = gdsl_tf32(x[e]);
+          alo[i][e] = gdsl_tf32(x[e] - GDSL_U2F(ahi[i][e]));
         }
       }
 #pragma unroll
@@ -108,24 +112,24 @@ KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS)(const float* A, const float* B, float*
         const float y[2] = {b[0], b[4 * PB]};
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          bhi[j][e] = to_tf32(y[e]);
-          blo[j][e] = to_tf32(y[e] - as_float(bhi[j][e]));
+          bhi[j][e] = gdsl_tf32(y[e]);
+          blo[j][e] = gdsl_tf32(y[e] - GDSL_U2F(bhi[j][e]));
         }
       }
       if (TERMS == 3) {
 #pragma unroll
         for (int i = 0; i < MF; ++i)
 #pragma unroll
-          for (int j = 0; j < NF; ++j) mma_tf32(acc[i][j], alo[i], bhi[j]);
+          for (int j = 0; j < NF; ++j) gdsl_mma_tf32(acc[i][j], alo[i], bhi[j]);
 #pragma unroll
         for (int i = 0; i < MF; ++i)
 #pragma unroll
-          for (int j = 0; j < NF; ++j) mma_tf32(acc[i][j], ahi[i], blo[j]);
+          for (int j = 0; j < NF; ++j) gdsl_mma_tf32(acc[i][j], ahi[i], blo[j]);
       }
 #pragma unroll
       for (int i = 0; i < MF; ++i)
 #pragma unroll
-        for (int j = 0; j < NF; ++j) mma_tf32(acc[i][j], ahi[i], bhi[j]);
+        for (int j = 0; j < NF; ++j) gdsl_mma_tf32(acc[i][j], ahi[i], bhi[j]);
     }
   }
   float* Cb = C + (size_t)bt * M * N;
@@ -139,112 +143,30 @@ KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS)(const float* A, const float* B, float*
 }
 '''
 
+LIBRARY = Path(gdsl.backends.cuda.__file__).with_name("tensor_core_ops.h").read_text()
 CUDA_HEAD = r'''
+#define GDSL_DEV __device__ __forceinline__
+#define GDSL_U2F(u) __uint_as_float(u)
 #define KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS) __global__ void __launch_bounds__(WR * WC * 32) tc_gemm
 #define SMEM smem_
 extern __shared__ float smem_[];
-__device__ __forceinline__ unsigned to_tf32(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-__device__ __forceinline__ float as_float(unsigned u) { return __uint_as_float(u); }
-__device__ __forceinline__ void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-__device__ __forceinline__ void copy16(float* dst, const float* src) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-'''
+''' + LIBRARY
 
-# The same on the CPU: a CUDA thread a POSIX thread; cp.async a plain copy (so waiting is free); mma.sync done by
-# each lane from every lane's fragments, exchanged through its warp's slots between two warp barriers, with the
-# PTX ISA's m16n8k8 layouts (A row g / g + 8, column t4 / t4 + 4; B row t4 / t4 + 4, column g; C row g / g + 8,
-# columns 2 t4 and 2 t4 + 1; g = lane / 4, t4 = lane % 4).
-EMU_HEAD = r'''
-#include <math.h>
-#include <pthread.h>
-#include <stdlib.h>
-#include <string.h>
-struct emu_dim3 { unsigned x, y, z; };
-struct emu_block { pthread_barrier_t bar; pthread_barrier_t warps[32]; float slots[32][32][6]; float* smem; };
-static __thread emu_dim3 threadIdx, blockIdx;
-static __thread emu_block* emu_cur;
+# On the CPU: the emulator's header (gdsl/backends/cfamily/emu.h) with its tensor-core instructions (GDSL_EMU_TC:
+# mma.sync from every lane's fragments, cp.async a plain copy), the kernel a function its launcher runs.
+EMU_HEAD = "#define GDSL_EMU_TC\n" + (Path(emulator.__file__).with_name("emu.h")).read_text() + r'''
 #define KERNEL_HEAD(TM, TN, BK, S, WR, WC, TERMS) static void tc_gemm
-#define SMEM emu_cur->smem
-static inline void __syncthreads() { pthread_barrier_wait(&emu_cur->bar); }
-static inline float as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
-static inline unsigned to_tf32(float x) {          // round to nearest, ties away from zero, to 10 mantissa bits
-  unsigned u;
-  memcpy(&u, &x, 4);
-  return ((u & 0x7f800000u) == 0x7f800000u) ? u : ((u + 0x1000u) & 0xffffe000u);
-}
-static inline void mma_tf32(float* c, const unsigned* a, const unsigned* b) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
-  float (*slot)[6] = emu_cur->slots[warp];
-  for (int e = 0; e < 4; ++e) slot[lane][e] = as_float(a[e]);
-  for (int e = 0; e < 2; ++e) slot[lane][4 + e] = as_float(b[e]);
-  pthread_barrier_wait(&emu_cur->warps[warp]);
-  float out[4];
-  for (int e = 0; e < 4; ++e) {
-    const int row = g + e / 2 * 8, col = 2 * t4 + e % 2;
-    float s = c[e];
-    for (int k = 0; k < 8; ++k) {
-      const float av = slot[row % 8 * 4 + k % 4][(row >= 8) + 2 * (k >= 4)];
-      const float bv = slot[col * 4 + k % 4][4 + (k >= 4)];
-      s += av * bv;
-    }
-    out[e] = s;
-  }
-  pthread_barrier_wait(&emu_cur->warps[warp]);
-  for (int e = 0; e < 4; ++e) c[e] = out[e];
-}
-static inline void copy16(float* dst, const float* src) { memcpy(dst, src, 16); }
-static inline void copy_commit() {}
-template <int N> static inline void copy_wait() {}
+#define SMEM ((float*)gdsl_emu_cur->smem)
 '''
 
 EMU_MAIN = r'''
-struct emu_args { emu_block* block; int b, t; const float *A, *B; float* C; int M, N, K; };
-static void* emu_thread(void* p) {
-  emu_args* a = (emu_args*)p;
-  threadIdx = {(unsigned)a->t, 0, 0};
-  blockIdx = {(unsigned)a->b, 0, 0};
-  emu_cur = a->block;
-  tc_gemm<TM_, TN_, BK_, S_, WR_, WC_, TERMS_>(a->A, a->B, a->C, a->M, a->N, a->K);
-  return 0;
+static void emu_body(void** a) {
+  tc_gemm<TM_, TN_, BK_, S_, WR_, WC_, TERMS_>((const float*)a[0], (const float*)a[1], (float*)a[2], *(int*)a[3],
+                                               *(int*)a[4], *(int*)a[5]);
 }
 extern "C" void run(const float* A, const float* B, float* C, int batch, int M, int N, int K, int smem_bytes) {
-  const int nt = WR_ * WC_ * 32, blocks = batch * (M / TM_) * (N / TN_);
-  emu_block* bl = (emu_block*)calloc(blocks, sizeof(emu_block));
-  emu_args* args = (emu_args*)calloc((size_t)blocks * nt, sizeof(emu_args));
-  pthread_t* ids = (pthread_t*)calloc((size_t)blocks * nt, sizeof(pthread_t));
-  pthread_attr_t attr;
-  pthread_attr_init(&attr);
-  pthread_attr_setstacksize(&attr, 1 << 18);
-  for (int b = 0; b < blocks; ++b) {
-    pthread_barrier_init(&bl[b].bar, 0, nt);
-    for (int w = 0; w < nt / 32; ++w) pthread_barrier_init(&bl[b].warps[w], 0, 32);
-    bl[b].smem = (float*)calloc(smem_bytes / 4, 4);
-  }
-  for (int i = 0; i < blocks * nt; ++i) {
-    args[i] = {&bl[i / nt], i / nt, i % nt, A, B, C, M, N, K};
-    pthread_create(&ids[i], &attr, emu_thread, &args[i]);
-  }
-  for (int i = 0; i < blocks * nt; ++i) pthread_join(ids[i], 0);
-  for (int b = 0; b < blocks; ++b) {
-    pthread_barrier_destroy(&bl[b].bar);
-    for (int w = 0; w < nt / 32; ++w) pthread_barrier_destroy(&bl[b].warps[w]);
-    free(bl[b].smem);
-  }
-  free(bl); free(args); free(ids);
+  void* args[6] = {(void*)A, (void*)B, (void*)C, &M, &N, &K};
+  gdsl_emu_launch(batch * (M / TM_) * (N / TN_), WR_ * WC_ * 32, smem_bytes, emu_body, args);
 }
 '''
 
@@ -268,7 +190,6 @@ def smem_bytes(v) -> int:
 
 def emulate(v, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """A @ B for the batch (a [batch, M, K], b [batch, K, N]) by variant `v` on the CPU emulator."""
-    from gdsl.backends.cfamily import emulator
     TM, TN, BK, S, WR, WC, TERMS = v
     batch, M, K = a.shape
     N = b.shape[2]

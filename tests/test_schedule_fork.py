@@ -15,14 +15,12 @@ from strategies import needs_cxx, needs_nvrtc
 from test_schedule_recursion import CHAIN, chain, encoder, encoder_args, flat_args, height, rae_case
 
 import gdsl
-import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.hip import toolchain as hip_toolchain
 from gdsl.interpreter import run_program
 from gdsl.schedule import scheduler
-from gdsl.schedule.plan import Branch, Call, Fork, Sync, Wave, walk
-from gdsl.schedule.resident import RESIDENT
+from gdsl.schedule.plan import Branch, Call, Fork, Sync, walk
 from gdsl.schedule.simulate import BarrierError, simulate
 
 TREES = {
@@ -238,55 +236,3 @@ def test_hip_source_compiles():
     source = gdsl.jit(encoder(8, 64), backend="hip", grid=16, fork=True).lower(*args).source
     assert "gdsl_group_sync_atomic(gdsl_gbar + gdsl_g" in source
     assert hip_toolchain.compile_hip(source, "gfx90a")[:4] == b"\x7fELF"
-
-
-# ------------------------------------------------------------------------------------------ loops in a forked body
-
-def looped_encoder(max_depth, hidden):
-    """The encoder whose inner node then runs a loop of `h = tanh(h @ W2)`: a loop-invariant weight inside the
-    recursive function's body."""
-    def program(x, W, b, W2, left, right, is_leaf, root):
-        @gdsl.recurse(result=gdsl.ShapeDtype((hidden,), gdsl.float32), max_depth=max_depth)
-        def encode(node):
-            def inner():
-                h = gnp.tanh(gnp.concatenate([encode(left[node]), encode(right[node])]) @ W + b)
-                return gdsl.fori_loop(0, 2, lambda i, h: gnp.tanh(h @ W2), h)
-            return gdsl.cond(is_leaf[node], lambda: x[node], inner)
-        return encode(root)
-    return program
-
-
-def looped_args(tree, hidden):
-    x, W, b, *rest = wide_args(tree, hidden)
-    W2 = (np.random.default_rng(1).standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
-    return (x, W, b, W2, *rest)
-
-
-def resident_params(plan):
-    return [t.op.params[RESIDENT] for f in plan.functions for s in walk(f.body) if isinstance(s, Wave)
-            for t in s.tasks if RESIDENT in t.op.params]
-
-
-def test_a_forked_bodys_loop_keeps_no_resident_tiles(monkeypatch):
-    """A forked call's vEU may stand for several plan vEUs (a group of one vEU runs all four uTasks of the loop's
-    `h @ W2`), so their resident tiles would share its one region: with Forks the function's loops read their
-    weights from memory; without, the loop keeps them."""
-    monkeypatch.setattr(scheduler, "FORK_MIN_SHARE", 0.01)
-    tree = TREES["unbalanced"]
-    program = gdsl.make_ir(looped_encoder(height(tree) + 2, 64))(*looped_args(tree, 64))
-    options = dict(grid=8, epilogues=CHAIN, resident_bytes=48 * 1024)
-    assert resident_params(gdsl.schedule.schedule(program, **options)) == [(0, 4, 1)]
-    plan = gdsl.schedule.schedule(program, fork=True, **options)
-    assert forks(plan) and resident_params(plan) == []
-
-
-@needs_cxx
-def test_emulated_loop_in_a_forked_body(monkeypatch):
-    monkeypatch.setattr(scheduler, "FORK_MIN_SHARE", 0.01)
-    tree = TREES["unbalanced"]
-    args = looped_args(tree, 64)
-    fn = looped_encoder(height(tree) + 2, 64)
-    expected = run_program(gdsl.make_ir(fn)(*args), flat_args(args))[0]
-    for grid in (3, 8):
-        got = emulator.emulate(fn, *args, grid=grid, block=32, fork=True, resident=True)
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -69,7 +69,7 @@ static inline unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsig
 #endif
 
 #ifdef GDSL_EMU_TC
-// The CUDA dialect's tensor-core instructions (cuda/tensor_cores.h) for its tiles' tests: cvt.rna.tf32 (to 10
+// The CUDA dialect's tensor-core instructions (cuda/tensor_core_ops.h) for its tiles' tests: cvt.rna.tf32 (to 10
 // mantissa bits, ties away from zero), mma.sync.m16n8k8 computed by each lane from every lane's fragments (PTX's
 // layouts), exchanged between two warp barriers; cp.async a plain copy, so that its groups are always complete.
 #define GDSL_TC 1

@@ -80,7 +80,8 @@ class CUDADialect(Dialect):
     # A warp barrier orders the warp's memory accesses, so ptxas issues the loads before it there: a row chain's
     # leaves load in one round trip (reductions.FENCE_ROW_LEAVES).
     issue_fence = "__syncwarp();"
-    device_library = Path(__file__).with_name("tensor_cores.h").read_text()
+    device_library = (Path(__file__).with_name("tensor_core_ops.h").read_text() +
+                      Path(__file__).with_name("tensor_cores.h").read_text())
     trace_clock = "gdsl_globaltimer()"      # ns, the same clock on every SM (instrumented builds only)
     trace_clock_code = ('GDSL_DEV unsigned long long gdsl_globaltimer() { unsigned long long t; '
                         'asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }')

@@ -5,36 +5,29 @@
 // layouts (PTX ISA, g = lane / 4, t4 = lane % 4): A's registers (row g, k t4), (g + 8, t4), (g, t4 + 4),
 // (g + 8, t4 + 4); B's (k t4, column g), (t4 + 4, g); C's (g, 2 t4), (g, 2 t4 + 1), (g + 8, 2 t4), (g + 8, 2 t4 + 1).
 //
-// The instructions below are CUDA's (sm_80 and later); the CPU emulator defines the same functions itself
-// (cfamily/emu.h with GDSL_EMU_TC: mma from every lane's fragments, cp.async a plain copy), so that the tiles'
-// indexing runs in the tests.
-#ifndef GDSL_EMU_TC
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define GDSL_TC 1
-#endif
-GDSL_DEV unsigned gdsl_tf32(float x) {
-  unsigned r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
+// The instructions (gdsl_tf32, gdsl_mma_tf32, gdsl_copy16 and its groups) are cuda/tensor_core_ops.h's, which the
+// CUDA dialect puts before this file; the CPU emulator defines the same functions itself (cfamily/emu.h with
+// GDSL_EMU_TC), so that the tiles' indexing runs in the tests.
 
-GDSL_DEV void gdsl_mma_tf32(float* c, const unsigned* a, const unsigned* b) {
-  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+// A thread's elements of an A fragment, `a` at its (row g, k t4) and the rows 8 further and the k 4 further at
+// `row8` and `k4` elements from it, each split into its TF32 halves (hi, lo); likewise its two elements of a B
+// fragment, `b` at (k t4, column g) and k 4 further at `k4`.
+GDSL_DEV void gdsl_split_a(const float* a, int row8, int k4, unsigned* hi, unsigned* lo) {
+  const float x[4] = {a[0], a[row8], a[k4], a[row8 + k4]};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    hi[e] = gdsl_tf32(x[e]);
+    lo[e] = gdsl_tf32(x[e] - GDSL_U2F(hi[e]));
+  }
 }
-
-// 16 bytes from global memory to shared memory without passing through registers (cp.async.cg: L2 only), in the
-// thread's current group of copies; gdsl_copy_commit closes the group, gdsl_copy_wait<N> waits until at most N of
-// the thread's groups are still in flight.
-GDSL_DEV void gdsl_copy16(float* dst, const float* src) {
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
+GDSL_DEV void gdsl_split_b(const float* b, int k4, unsigned* hi, unsigned* lo) {
+  const float y[2] = {b[0], b[k4]};
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    hi[e] = gdsl_tf32(y[e]);
+    lo[e] = gdsl_tf32(y[e] - GDSL_U2F(hi[e]));
+  }
 }
-GDSL_DEV void gdsl_copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> GDSL_DEV void gdsl_copy_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
-#endif
 
 // One TM x TN tile, staged like the FFMA tile (gdsl_gemm_stages: the loaders into shared memory BK deep); rows are
 // padded by 8 elements so that the fragment loads of a warp (4 k rows x 8 columns) hit 32 different banks.
@@ -63,25 +56,11 @@ GDSL_DEV void gdsl_gemm_tile_tc(int M, int N, int K, int row0, int col0, LA la, 
     for (int k8 = kg * 8; k8 < BK; k8 += 8 * KS) {
       unsigned ahi[MF][4], alo[MF][4], bhi[NF][2], blo[NF][2];
 #pragma unroll
-      for (int i = 0; i < MF; ++i) {
-        const float* a = As + (k8 + t4) * PA + r0 + i * 16 + g;
-        const float x[4] = {a[0], a[8], a[4 * PA], a[4 * PA + 8]};
+      for (int i = 0; i < MF; ++i)
+        gdsl_split_a(As + (k8 + t4) * PA + r0 + i * 16 + g, 8, 4 * PA, ahi[i], alo[i]);   // (A k-major)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          ahi[i][e] = gdsl_tf32(x[e]);
-          alo[i][e] = gdsl_tf32(x[e] - GDSL_U2F(ahi[i][e]));
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NF; ++j) {
-        const float* b = Bs + (k8 + t4) * PB + c0 + j * 8 + g;
-        const float y[2] = {b[0], b[4 * PB]};
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          bhi[j][e] = gdsl_tf32(y[e]);
-          blo[j][e] = gdsl_tf32(y[e] - GDSL_U2F(bhi[j][e]));
-        }
-      }
+      for (int j = 0; j < NF; ++j)
+        gdsl_split_b(Bs + (k8 + t4) * PB + c0 + j * 8 + g, 4 * PB, bhi[j], blo[j]);
 #pragma unroll
       for (int i = 0; i < MF; ++i)
 #pragma unroll
@@ -208,25 +187,11 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
     for (int k8 = 0; k8 < BK; k8 += 8) {
       unsigned ahi[MF][4], alo[MF][4], bhi[NF][2], blo[NF][2];
 #pragma unroll
-      for (int i = 0; i < MF; ++i) {
-        const float* a = as + (i * 16 + g) * PA + k8 + t4;
-        const float x[4] = {a[0], a[8 * PA], a[4], a[8 * PA + 4]};
+      for (int i = 0; i < MF; ++i)
+        gdsl_split_a(as + (i * 16 + g) * PA + k8 + t4, 8 * PA, 4, ahi[i], alo[i]);        // (A row-major)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          ahi[i][e] = gdsl_tf32(x[e]);
-          alo[i][e] = gdsl_tf32(x[e] - GDSL_U2F(ahi[i][e]));
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < NF; ++j) {
-        const float* b = bs + (k8 + t4) * PB + j * 8 + g;
-        const float y[2] = {b[0], b[4 * PB]};
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          bhi[j][e] = gdsl_tf32(y[e]);
-          blo[j][e] = gdsl_tf32(y[e] - GDSL_U2F(bhi[j][e]));
-        }
-      }
+      for (int j = 0; j < NF; ++j)
+        gdsl_split_b(bs + (k8 + t4) * PB + j * 8 + g, 4 * PB, bhi[j], blo[j]);
 #pragma unroll
       for (int i = 0; i < MF; ++i)
 #pragma unroll
