@@ -5,18 +5,20 @@ runs on it by default (the 16 x 16 tiles were faster so on the H200); the tensor
 tiles the wide tile cannot, and these tests reach it with the wide tile limited to 8 k groups (`tc_menu`).
 Without a GPU: which tiles go to the tensor cores (small FFMA register tiles only, float32 only, the CUDA
 dialect only, not with tensor_cores=False), the warp grid of a tile, and NVRTC compiling the routine for
-sm_90 (its mma.sync path) and sm_75 (the FFMA fallback). On a GPU (`-m gpu`): matmuls and convolutions
-with ragged edges against float64, as close as the FFMA tile's results are.
+sm_90 (its mma.sync path) and sm_75 (the FFMA fallback); on the CPU emulator with CUDA's tensor-core code
+(emulator.EmulatedTensorCores), a matmul and a convolution with ragged edges against float64. On a GPU (`-m gpu`):
+matmuls and convolutions with ragged edges against float64, as close as the FFMA tile's results are.
 """
 import numpy as np
 import pytest
-from strategies import needs_nvrtc
+from strategies import needs_cxx, needs_nvrtc
 
 import gdsl
 import gdsl.numpy as gnp
-from gdsl.backends.cfamily import gemm
+from gdsl.backends.cfamily import emulator, gemm
 from gdsl.backends.cfamily.dialect import Dialect
 from gdsl.backends.cfamily.gemm import tensor_core_warps
+from gdsl.backends.cfamily.lower import check_options, lower_with_grid
 from gdsl.backends.cuda import toolchain as cuda_toolchain
 from gdsl.backends.cuda.dialect import CUDADialect
 
@@ -93,6 +95,23 @@ def test_tensor_core_tile_compiles(arch, tc_menu):
         source = gdsl.jit(fn, backend="cuda").lower(*args).source
         assert TC_CALL in source.split("-- ops")[-1]
         assert cuda_toolchain.compile_cuda(source, arch)[:4] == b"\x7fELF"
+
+
+@needs_cxx
+def test_emulated_tensor_core_tiles_are_float32_accurate(tc_menu):
+    """The tile's mma.sync fragments, k groups and ragged edges run on the emulator: the 16 x 16 tiles of a 17 x 24
+    matmul and of a convolution's implicit GEMM (25 pixels by 16 channels)."""
+    tensor_cores = emulator.EmulatedTensorCores()
+    a, b = operands(17, 40, 24, seed=3)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 16, 5, 5)).astype(np.float32)
+    w = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    for fn, args in ((matmul_tanh, (a, b)), (conv, (x, w))):
+        opts = check_options({"control": "device", "block": 256}, tensor_cores)
+        assert TC_CALL in lower_with_grid(gdsl.make_ir(fn)(*args), opts, 4, tensor_cores).rendered.source
+        expected = np.asarray(gdsl.jit(fn, backend="interpret")(*(v.astype(np.float64) for v in args)))
+        got = emulator.emulate(fn, *args, grid=4, block=256, dialect=tensor_cores)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
 
 
 @pytest.mark.gpu
