@@ -29,6 +29,22 @@ GDSL_DEV void gdsl_split_b(const float* b, int k4, unsigned* hi, unsigned* lo) {
   }
 }
 
+// A warp's MF x NF accumulator fragments (C's layout) stored through sc, the warp's tile at (row, col) of the
+// output, elements past M or N dropped.
+template <int MF, int NF, class SC>
+GDSL_DEV void gdsl_store_fragments(const float (&acc)[MF][NF][4], int row, int col, int M, int N, SC sc) {
+  const int g = threadIdx.x % 32 / 4, t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int gm = row + i * 16 + g + e / 2 * 8, gn = col + j * 8 + 2 * t4 + e % 2;
+        if (gm < M && gn < N) sc(gm, gn, acc[i][j][e]);
+      }
+}
+
 // One TM x TN tile, staged like the FFMA tile (gdsl_gemm_stages: the loaders into shared memory BK deep); rows are
 // padded by 8 elements so that the fragment loads of a warp (4 k rows x 8 columns) hit 32 different banks.
 // Warps tile the output WR x WC, each MF x NF fragments; with more warps than that (a small tile) the
@@ -43,13 +59,7 @@ GDSL_DEV void gdsl_gemm_tile_tc(int M, int N, int K, int row0, int col0, LA la, 
   static_assert(MF * WR * 16 == TM && NF * WC * 8 == TN && KS * WF == NW && BK % (8 * KS) == 0, "tile shape");
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t4 = lane % 4;
   const int kg = warp / WF, r0 = (warp % WF) / WC * MF * 16, c0 = (warp % WF) % WC * NF * 8;
-  float acc[MF][NF][4];
-#pragma unroll
-  for (int i = 0; i < MF; ++i)
-#pragma unroll
-    for (int j = 0; j < NF; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float acc[MF][NF][4] = {};
   gdsl_gemm_stages<TM, TN, BK, NT, PA, PB, AK, BKC, float>(M, N, K, row0, col0, la, lb, smem,
                                                             [&](const float* As, const float* Bs) {
 #pragma unroll
@@ -95,17 +105,7 @@ GDSL_DEV void gdsl_gemm_tile_tc(int M, int N, int K, int row0, int col0, LA la, 
     }
     __syncthreads();
   }
-  if (kg == 0) {
-#pragma unroll
-    for (int i = 0; i < MF; ++i)
-#pragma unroll
-      for (int j = 0; j < NF; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int gm = row0 + r0 + i * 16 + g + (e / 2) * 8, gn = col0 + c0 + j * 8 + 2 * t4 + e % 2;
-          if (gm < M && gn < N) sc(gm, gn, acc[i][j][e]);
-        }
-  }
+  if (kg == 0) gdsl_store_fragments<MF, NF>(acc, row0 + r0, col0 + c0, M, N, sc);
 #else
   gdsl_gemm_tile<TM, TN, BK, NT, RM, RN, AK, BKC, float>(M, N, K, row0, col0, la, lb, sc, smem);
 #endif
@@ -163,13 +163,7 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
       }
     }
   };
-  float acc[MF][NF][4];
-#pragma unroll
-  for (int i = 0; i < MF; ++i)
-#pragma unroll
-    for (int j = 0; j < NF; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+  float acc[MF][NF][4] = {};
   __syncthreads();                     // (the vEU's previous uTask may still read this shared memory)
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
@@ -208,15 +202,7 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
   }
   gdsl_copy_wait<0>();                 // (only empty groups are left; no copy lands after the tile)
   __syncthreads();                     // every warp is done with the stages before the next uTask's writes
-#pragma unroll
-  for (int i = 0; i < MF; ++i)
-#pragma unroll
-    for (int j = 0; j < NF; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int gm = row0 + wm + i * 16 + g + e / 2 * 8, gn = col0 + wn + j * 8 + 2 * t4 + e % 2;
-        if (gm < M && gn < N) sc(gm, gn, acc[i][j][e]);
-      }
+  gdsl_store_fragments<MF, NF>(acc, row0 + wm, col0 + wn, M, N, sc);
 #else     // (no tensor cores: each thread sums its outputs over all of k, plainly)
   for (int e = threadIdx.x; e < TM * TN; e += NT) {
     const int gm = row0 + e / TN, gn = col0 + e % TN;
