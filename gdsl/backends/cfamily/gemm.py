@@ -533,12 +533,12 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
 
 def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: str) -> tuple[int, int] | None:
     """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
-    tile: no tensor cores, more than TC_MAX_ROWS rows, not float32 with A's addresses along k and B's along n (or B
-    resident), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp
-    rows on a tie."""
+    tile: no tensor cores, more than TC_MAX_ROWS rows, not float32 with A's addresses in global memory along k and
+    B's along n (or B resident), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp
+    tile, fewer warp rows on a tie."""
     b_known = gemm.resident_b is not None or gemm.address_b is not None and not gemm.b_contiguous_k
-    if not (TC_PIPELINE and dialect.tensor_cores and acc == "float" and tm <= TC_MAX_ROWS and
-            gemm.address_a is not None and gemm.a_contiguous_k and b_known):
+    a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)
+    if not (TC_PIPELINE and dialect.tensor_cores and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
         return None
     warps = threads // dialect.warp_size
     shapes = [(wr, warps // wr) for wr in range(1, warps + 1)
