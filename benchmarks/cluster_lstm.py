@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,6 +74,26 @@ GDSL_DEV const float* input_row(int l, int t, const float* x, const float* hseq)
 
 GDSL_DEV void wait_input(int l, int t, unsigned seen, unsigned* hcount, unsigned epoch, unsigned* err) {
   if (l > 0 && (int)(seen - C * epoch) < 0) wait_count(hcount + (l - 1) * T + t, C * epoch, err);
+}
+
+// The sync of a layer's C blocks at each step, in two halves (the input part runs between them): with CLUSTER_SYNC
+// the cluster barrier, else gdsl's atomic scheme on a counter of the layer (phase p of launch `epoch` complete at
+// C * ((epoch - 1) * (T + 1) + p)).
+GDSL_DEV void step_arrive(unsigned* gbar, int l) {
+#if CLUSTER_SYNC
+  cluster_arrive();
+#else
+  __syncthreads();
+  if (threadIdx.x == 0) { __threadfence(); atomicAdd(gbar + l, 1u); }
+#endif
+}
+GDSL_DEV void step_wait(unsigned* gbar, int l, unsigned epoch, int phase, unsigned* err) {
+#if CLUSTER_SYNC
+  cluster_wait();
+#else
+  if (threadIdx.x == 0) wait_count(gbar + l, C * ((epoch - 1) * (T + 1) + phase), err);
+  __syncthreads();
+#endif
 }
 
 // xp[] = hin[] @ W_ih[l][:, this block's columns] + b. W_ih's columns are in shared memory (Wi, [H][G]) where
@@ -115,7 +136,7 @@ GDSL_DEV void input_part(int l, int t, const float* W_ih, const float* bias, con
 }
 
 KERNEL_HEAD(lstm_clusters)(const float* W_ih, const float* W_hh, const float* bias, const float* x, float* hseq,
-                           unsigned* hcount, unsigned epoch, unsigned* err) {
+                           unsigned* hcount, unsigned epoch, unsigned* err, float* hglob, unsigned* gbar) {
   float* Ws = SMEM;                    // [H][G]: this block's columns of W_hh[l] (of W_ih[l] with W_IN_REGS)
   float* hbuf = Ws + H * G;            // [2][H]: h of the last two steps, written by every block of the cluster
   float* hin = hbuf + 2 * H;           // [H]: the input part's vector
@@ -147,10 +168,14 @@ KERNEL_HEAD(lstm_clusters)(const float* W_ih, const float* W_hh, const float* bi
     for (int i = 0, k = tid; k < H; ++i, k += NT) ahead[i] = load_cg(input_row(l, 1, x, hseq) + k);
     if (tid == 0 && l > 0 && T > 2) seen = load_acquire(hcount + (l - 1) * T + 2);
   }
-  cluster_arrive();                                       // every block of the cluster started (its smem exists)
-  cluster_wait();
+  step_arrive(gbar, l);                                   // every block of the cluster started (its smem exists)
+  step_wait(gbar, l, epoch, 1, err);
   for (int t = 0; t < T; ++t) {
     STEP_STALL();
+    if (!DSMEM && t > 0) {                                // h[t - 1] from the layer's buffer in global memory
+      for (int k = tid; k < H; k += NT) hbuf[((t + 1) & 1) * H + k] = load_cg(hglob + (l * 2 + ((t + 1) & 1)) * H + k);
+      __syncthreads();
+    }
     const float* hprev = hbuf + ((t + 1) & 1) * H + ks * KS;
     float s = ks == 0 ? xp[col] : 0.f;
 #if W_IN_REGS
@@ -171,9 +196,13 @@ KERNEL_HEAD(lstm_clusters)(const float* W_ih, const float* W_hh, const float* bi
       c = sigm(pre[1]) * c + sigm(pre[0]) * tanhf(pre[2]);
       const float h = sigm(pre[3]) * tanhf(c);
       hseq[(l * T + t) * H + r * U + tid] = h;
+#if DSMEM
       for (int q = 0; q < C; ++q) store_peer(hbuf + (t & 1) * H + r * U + tid, q, h);
+#else
+      hglob[(l * 2 + (t & 1)) * H + r * U + tid] = h;
+#endif
     }
-    cluster_arrive();                  // (the step's DSMEM stores released; the next GEMV waits for every block's)
+    step_arrive(gbar, l);              // (the step's h released; the next GEMV waits for every block's)
     __syncthreads();                   // this block's hseq stores, published by its thread 0 for the layer above
     if (tid == 0) { __threadfence(); atomicAdd(hcount + l * T + t, 1u); }
     if (t + 1 < T) {
@@ -191,7 +220,7 @@ KERNEL_HEAD(lstm_clusters)(const float* W_ih, const float* W_hh, const float* bi
         input_part(l, t + 1, W_ih, bias, x, hseq, hcount, epoch, err, Ws, hin, xpart, xp);
       }
     }
-    cluster_wait();
+    step_wait(gbar, l, epoch, t + 2, err);
   }
 }
 '''
@@ -200,8 +229,13 @@ KERNEL_HEAD(lstm_clusters)(const float* W_ih, const float* W_hh, const float* bi
 CUDA_HEAD = r'''
 #define GDSL_DEV __device__ __forceinline__
 #define SMEM smem_
+#if CLUSTER_SYNC || DSMEM
+#define CLUSTER_ATTR __cluster_dims__(C, 1, 1)
+#else
+#define CLUSTER_ATTR
+#endif
 #define KERNEL_HEAD(name) extern __shared__ float smem_[]; \
-  extern "C" __global__ void __cluster_dims__(C, 1, 1) __launch_bounds__(NT, 1) name
+  extern "C" __global__ void CLUSTER_ATTR __launch_bounds__(NT, 1) name
 GDSL_DEV unsigned load_acquire(unsigned* p) {
   unsigned v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -228,8 +262,9 @@ EMU_HEAD = r'''
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-// Layer 0 slowed down, so that the layers above run ahead of it and a missing wait reads a step not written yet.
-#define STEP_STALL() usleep(blockIdx.x < C ? 20000 : 0)
+// Layer 0 slowed down, so that the layers above run ahead of it and a missing wait reads a step not written yet,
+// and the first block of every other layer a little, so that a missing barrier among a layer's blocks shows too.
+#define STEP_STALL() usleep(blockIdx.x < C ? 20000 : blockIdx.x % C == 0 ? 3000 : 0)
 struct emu_dim3 { unsigned x, y, z; };
 static __thread emu_dim3 threadIdx, blockIdx;
 static __thread unsigned emu_phase;
@@ -259,17 +294,24 @@ static inline void cluster_wait() {
 '''
 
 EMU_MAIN = r'''
-struct emu_args { int b, t; const float *W_ih, *W_hh, *bias, *x; float* hseq; unsigned* hcount; unsigned* err; };
+struct emu_args {
+  int b, t;
+  const float *W_ih, *W_hh, *bias, *x;
+  float* hseq;
+  unsigned *hcount, *err;
+  float* hglob;
+  unsigned* gbar;
+};
 static void* emu_thread(void* p) {
   emu_args* a = (emu_args*)p;
   threadIdx = {(unsigned)a->t, 0, 0};
   blockIdx = {(unsigned)a->b, 0, 0};
   emu_phase = 0;
-  lstm_clusters(a->W_ih, a->W_hh, a->bias, a->x, a->hseq, a->hcount, 1u, a->err);
+  lstm_clusters(a->W_ih, a->W_hh, a->bias, a->x, a->hseq, a->hcount, 1u, a->err, a->hglob, a->gbar);
   return 0;
 }
 extern "C" void run(const float* W_ih, const float* W_hh, const float* bias, const float* x, float* hseq,
-                    unsigned* hcount, unsigned* err, int smem_bytes) {
+                    unsigned* hcount, unsigned* err, float* hglob, unsigned* gbar, int smem_bytes) {
   const int blocks = L * C;
   emu_bars = (pthread_barrier_t*)calloc(blocks, sizeof(pthread_barrier_t));
   emu_smem = (float**)calloc(blocks, sizeof(float*));
@@ -284,7 +326,7 @@ extern "C" void run(const float* W_ih, const float* W_hh, const float* bias, con
     emu_smem[b] = (float*)calloc(smem_bytes / 4, 4);
   }
   for (int i = 0; i < blocks * NT; ++i) {
-    args[i] = {i / NT, i % NT, W_ih, W_hh, bias, x, hseq, hcount, err};
+    args[i] = {i / NT, i % NT, W_ih, W_hh, bias, x, hseq, hcount, err, hglob, gbar};
     pthread_create(&ids[i], &attr, emu_thread, &args[i]);
   }
   for (int i = 0; i < blocks * NT; ++i) pthread_join(ids[i], 0);
@@ -294,25 +336,43 @@ extern "C" void run(const float* W_ih, const float* W_hh, const float* bias, con
 '''
 
 
-# (W_hh in registers and W_ih in shared memory, else W_hh in shared memory and W_ih from L2; the input lookahead)
-LAYOUTS = ((False, False), (True, False), (False, True), (True, True))
+@dataclass(frozen=True)
+class Layout:
+    """How the kernel keeps its weights, loads its input and syncs a layer's blocks."""
+    in_regs: bool = False       # W_hh in registers and W_ih in shared memory, else W_hh in shared memory, W_ih from L2
+    lookahead: bool = False     # the input part's vector waited for and loaded two steps ahead
+    cluster_sync: bool = True   # the cluster barrier, else gdsl's atomic barrier of the layer's blocks (no clusters)
+    dsmem: bool = True          # h stored into every block's shared memory, else through a buffer in global memory
+
+    @property
+    def name(self) -> str:
+        return ", ".join(
+            ["W_hh in registers, W_ih in shared memory" if self.in_regs else "W_hh in shared memory, W_ih from L2"] +
+            ["input loaded two steps ahead"] * self.lookahead +
+            [f"{'cluster' if self.cluster_sync else 'atomic'} barrier, h through "
+             f"{'the cluster' + chr(39) + 's shared memory' if self.dsmem else 'global memory'}"])
 
 
-def layout_name(in_regs: bool, lookahead: bool) -> str:
-    return (("W_hh in registers, W_ih in shared memory" if in_regs else "W_hh in shared memory, W_ih from L2") +
-            (", input loaded two steps ahead" if lookahead else ""))
+# The layouts timed: the weights and the lookahead, then for the last one the h broadcast through global memory
+# and the barrier without clusters (what the layout gives on a GPU without them).
+LAYOUTS = (Layout(), Layout(in_regs=True), Layout(lookahead=True), Layout(in_regs=True, lookahead=True),
+           Layout(in_regs=True, lookahead=True, dsmem=False),
+           Layout(in_regs=True, lookahead=True, cluster_sync=False, dsmem=False))
 
 
-def source(cfg: lstm.Config, cluster: int, threads: int, input_part: bool = True, in_regs: bool = False,
-           lookahead: bool = False, emulated: bool = False) -> str:
+def source(cfg: lstm.Config, cluster: int, threads: int, layout: Layout, input_part: bool = True,
+           emulated: bool = False) -> str:
     L, H, T = cfg.layers, cfg.hidden, cfg.seq_len
     u = H // cluster
     if H % cluster or threads % (4 * u) or H % (threads // (4 * u)) or threads < u:
         raise ValueError(f"hidden {H}, cluster {cluster}, {threads} threads: need U = H / C whole, the threads a "
                          f"multiple of 4U and H a multiple of the k slices")
-    defines = (f"#define L {L}\n#define H {H}\n#define T {T}\n#define C {cluster}\n#define NT {threads}\n"
-               f"#define SPIN_LIMIT {SPIN_LIMIT}\n#define INPUT_PART {int(input_part)}\n"
-               f"#define W_IN_REGS {int(in_regs)}\n#define LOOKAHEAD {int(lookahead)}\n")
+    if layout.dsmem and not layout.cluster_sync:
+        raise ValueError("stores into the cluster's shared memory need the cluster barrier")
+    switches = {"SPIN_LIMIT": SPIN_LIMIT, "INPUT_PART": input_part, "W_IN_REGS": layout.in_regs,
+                "LOOKAHEAD": layout.lookahead, "CLUSTER_SYNC": layout.cluster_sync, "DSMEM": layout.dsmem}
+    defines = f"#define L {L}\n#define H {H}\n#define T {T}\n#define C {cluster}\n#define NT {threads}\n" + "".join(
+        f"#define {k} {int(v)}\n" for k, v in switches.items())
     return defines + (EMU_HEAD if emulated else CUDA_HEAD) + KERNEL + (EMU_MAIN if emulated else "")
 
 
@@ -347,22 +407,23 @@ def reference_hseq(W_ih, W_hh, bias, x) -> np.ndarray:
     return out
 
 
-def emulate(cfg: lstm.Config, cluster: int, threads: int, in_regs: bool, lookahead: bool) -> tuple[np.ndarray, int]:
+def emulate(cfg: lstm.Config, cluster: int, threads: int, layout: Layout) -> tuple[np.ndarray, int]:
     """(hseq, timeouts) of the kernel run on the CPU emulator."""
     from gdsl.backends.cfamily import emulator
     ops, _, _ = operands(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         src, lib = os.path.join(tmp, "k.cpp"), os.path.join(tmp, "k.so")
         with open(src, "w") as f:
-            f.write(source(cfg, cluster, threads, in_regs=in_regs, lookahead=lookahead, emulated=True))
+            f.write(source(cfg, cluster, threads, layout, emulated=True))
         subprocess.run([emulator.cxx(), "-O1", "-std=c++20", "-shared", "-fPIC", "-pthread", src, "-o", lib],
                        check=True)
         run = ctypes.CDLL(lib).run
         hseq = np.zeros((cfg.layers, cfg.seq_len, cfg.hidden), np.float32)
         hcount = np.zeros(cfg.layers * cfg.seq_len, np.uint32)
         err = np.zeros(1, np.uint32)
+        hglob, gbar = np.zeros((cfg.layers, 2, cfg.hidden), np.float32), np.zeros(cfg.layers, np.uint32)
         ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
-        run(*[ptr(a) for a in ops], ptr(hseq), ptr(hcount), ptr(err), ctypes.c_int(smem_bytes(cfg, cluster, threads)))
+        run(*[ptr(a) for a in (*ops, hseq, hcount, err, hglob, gbar)], ctypes.c_int(smem_bytes(cfg, cluster, threads)))
     return hseq, int(err[0])
 
 
@@ -398,23 +459,22 @@ def events_ms(call, launches: int) -> float:
     return statistics.median(times)
 
 
-def run_gpu(cfg: lstm.Config, cluster: int, threads: int, launches: int, input_part: bool, in_regs: bool,
-            lookahead: bool) -> dict:
+def run_gpu(cfg: lstm.Config, cluster: int, threads: int, launches: int, layout: Layout, input_part: bool) -> dict:
     import cupy as cp
     ops, _, _ = operands(cfg)
     L, T, H = cfg.layers, cfg.seq_len, cfg.hidden
-    module = cp.RawModule(code=source(cfg, cluster, threads, input_part, in_regs, lookahead),
-                          options=("-std=c++17",))
+    module = cp.RawModule(code=source(cfg, cluster, threads, layout, input_part), options=("-std=c++17",))
     fn = module.get_function("lstm_clusters")
     smem = smem_bytes(cfg, cluster, threads)
     fn.max_dynamic_shared_size_bytes = smem
-    if cluster > 8:
+    clustered = layout.cluster_sync or layout.dsmem
+    if clustered and cluster > 8:
         driver = ctypes.CDLL("libcuda.so.1")
         driver.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
     grid = L * cluster
     row = {"cluster": cluster, "threads": threads, "grid": grid, "smem_bytes": smem, "input_part": input_part,
-           "layout": layout_name(in_regs, lookahead), "registers": fn.num_regs,
-           "max_active_clusters": max_active_clusters(fn, grid, threads, smem)}
+           "layout": layout.name, "registers": fn.num_regs,
+           "max_active_clusters": max_active_clusters(fn, grid, threads, smem) if clustered else None}
     if row["max_active_clusters"] is not None and row["max_active_clusters"] < L:
         row["skipped"] = f"only {row['max_active_clusters']} clusters fit at once, {L} needed"
         return row
@@ -422,17 +482,18 @@ def run_gpu(cfg: lstm.Config, cluster: int, threads: int, launches: int, input_p
     hseq = cp.zeros((L, T, H), cp.float32)
     hcount = cp.zeros(L * T, cp.uint32)
     err = cp.zeros(1, cp.uint32)
+    hglob, gbar = cp.zeros((L, 2, H), cp.float32), cp.zeros(L, cp.uint32)
     epoch = [0]
 
     def call():
         epoch[0] += 1
-        fn((grid,), (threads,), (*d_ops, hseq, hcount, np.uint32(epoch[0]), err), shared_mem=smem)
+        fn((grid,), (threads,), (*d_ops, hseq, hcount, np.uint32(epoch[0]), err, hglob, gbar), shared_mem=smem)
 
     call()
     cp.cuda.Device().synchronize()
     row["timeouts"] = int(err[0])
     if row["timeouts"]:
-        row["skipped"] = "a wait timed out (clusters not co-resident?)"
+        row["skipped"] = "a wait timed out (blocks not co-resident?)"
         return row
     if input_part:
         expected = reference_hseq(*ops)
@@ -467,11 +528,11 @@ def main(argv=None) -> int:
         failures = 0
         for cfg, cluster, threads in ((lstm.Config(seq_len=5, layers=3, hidden=32), 2, 128),
                                       (lstm.Config(seq_len=4, layers=2, hidden=32), 4, 64)):
-            for in_regs, lookahead in LAYOUTS:
-                hseq, timeouts = emulate(cfg, cluster, threads, in_regs, lookahead)
+            for layout in LAYOUTS:
+                hseq, timeouts = emulate(cfg, cluster, threads, layout)
                 err = float(np.max(np.abs(hseq - reference_hseq(*operands(cfg)[0]))))
                 print(f"emulated {cfg.layers} layers x {cfg.seq_len} steps, hidden {cfg.hidden}, "
-                      f"clusters of {cluster}, {threads} threads, {layout_name(in_regs, lookahead)}: "
+                      f"clusters of {cluster}, {threads} threads, {layout.name}: "
                       f"max abs error {err:.2e}, {timeouts} timeouts")
                 failures += err > 1e-4 or timeouts > 0
         return int(failures > 0)
@@ -481,9 +542,9 @@ def main(argv=None) -> int:
     card = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     rows = []
     for cluster in map(int, args.clusters.split(",")):
-        runs = [(True, *layout) for layout in LAYOUTS] + [(False, in_regs, False) for in_regs in (False, True)]
-        for input_part, in_regs, lookahead in runs:
-            row = run_gpu(cfg, cluster, args.threads, args.launches, input_part, in_regs, lookahead)
+        runs = [(layout, True) for layout in LAYOUTS] + [(Layout(in_regs=r), False) for r in (False, True)]
+        for layout, input_part in runs:
+            row = run_gpu(cfg, cluster, args.threads, args.launches, layout, input_part)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if not args.no_gdsl:
