@@ -76,6 +76,20 @@ def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_cxx
+@pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq"])
+def test_emulated_small_models_at_batch_64(name, pipelined):
+    """The recurrent models (small configurations) at batch 64 with the tile, against their float64 references."""
+    from models import common, load
+    model = load(name)
+    cfg = model.small()
+    weights, inputs = model.init_weights(cfg), model.make_inputs(cfg, 64)
+    fn = lambda w, i: model.forward(w, i, cfg)  # noqa: E731
+    assert any("tcp" in t for t in tiles(fn, weights, inputs, dialect=emulator.EmulatedTensorCores()))
+    got = emulator.emulate(fn, weights, inputs, grid=4, block=BLOCK, dialect=emulator.EmulatedTensorCores())
+    assert not common.compare(got, model.reference(weights, inputs, cfg))
+
+
 def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):
     """Off: the FFMA tiles. On: not without tensor cores (the dialect's or the option's), nor for a tile taller than
     TC_MAX_ROWS, nor for B contiguous along k (a transposed view)."""
