@@ -105,21 +105,30 @@ def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):
     assert not any("tcp" in t for t in tiles(lambda a, b: a @ b, a, b, dialect=on))
 
 
-def test_the_resident_budget_leaves_room_for_the_stages(pipelined, monkeypatch):
-    """Each vEU's budget for resident weights shrinks by the largest stages the tile takes (64 x 96: three stages of
-    64 x 36 and 32 x 104 floats), only where the dialect has tensor cores and the program a matmul of more rows than
-    a GEMV's (a batch-1 program keeps its budget)."""
-    cuda, opts = CUDADialect(), {"control": "device"}
+def test_which_programs_take_it_and_the_budget_it_leaves(pipelined, monkeypatch):
+    """A program takes the tile where a GEMM-shaped matmul runs in a loop, or where it has no loop; then each vEU's
+    budget for resident weights shrinks by the largest stages the tile takes (64 x 96: three stages of 64 x 36 and
+    32 x 104 floats). A program whose loops run only GEMVs (a hoisted GEMM before them, as the LSTM's at batch 1)
+    keeps the FFMA tiles and its whole budget."""
+    cuda = CUDADialect()
     stages = 3 * (64 * 36 + 32 * 104) * 4
-    gemms, gemvs = (gdsl.make_ir(lambda a, b: a @ b)(*rng_pair(m, 64, 64)) for m in (64, 1))
-    assert gemm.pipelined_scratch(cuda) == gemm.pipelined_scratch(cuda, gemms) == stages
-    assert gemm.pipelined_scratch(cuda, gemvs) == 0
-    assert resident_budget(opts, 264, 132, cuda, gemms) == cuda.resident_smem_per_sm // 2 - stages
-    assert resident_budget(opts, 264, 132, cuda, gemvs) == cuda.resident_smem_per_sm // 2
-    plain = emulator.EmulatorDialect()
-    assert resident_budget(opts, 264, 132, plain) == plain.resident_smem_per_sm // 2
+    h, W = rng_pair(64, 64, 64)
+    x = h + 1
+
+    def recurrence(rows):
+        return gdsl.make_ir(lambda h, W: gdsl.fori_loop(0, 2, lambda i, h: gnp.tanh(h @ W), h))(h[:rows], W)
+    hoisted = gdsl.make_ir(lambda x, h, W: gdsl.fori_loop(0, 2, lambda i, h: gnp.tanh(h @ W), (x @ W)[:1]))(x, h, W)
+    plain = gdsl.make_ir(lambda a, b: a @ b)(x, W)
+    assert [gemm.pipelined_program(cuda, p) for p in (recurrence(64), plain, recurrence(1), hoisted)] == \
+        [True, True, False, False]
+    assert not gemm.pipelined_program(emulator.EmulatorDialect(), recurrence(64))
+    opts = {"control": "device"}
+    for program, scratch in ((recurrence(64), stages), (hoisted, 0)):
+        cuda.pipelined_tiles = gemm.pipelined_program(cuda, program)
+        assert gemm.pipelined_scratch(cuda) == scratch
+        assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2 - scratch
     monkeypatch.setattr(gemm, "TC_PIPELINE", False)
-    assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2
+    assert not gemm.pipelined_program(cuda, recurrence(64))
 
 
 @needs_nvrtc

@@ -16,6 +16,8 @@ emulator (emu.h) also accept.
     warp_size                    lanes that run in lockstep: the group of the shuffle reductions and of the
                                  GEMV lane split; `header_template` defines GDSL_WARP from it ($warp_size)
     tensor_cores                 float32 GEMM tiles run gdsl_gemm_tile_tc (device_library) at float32 accuracy
+    pipelined_tiles              set per lowering (lower.py, gemm.pipelined_program): this program's GEMM tiles
+                                 may take the pipelined tensor-core tile (gemm.TC_PIPELINE)
     flag_syncs                   the default of the jit option `flags` (gdsl/schedule/flags.py): a loop's grid
                                  barrier that orders only published carries becomes a flag sync
     issue_fence                  a statement after which the loads before it are issued, not later (the
@@ -46,6 +48,7 @@ class Dialect:
     static_smem_limit = 48 * 1024        # CUDA's (and the C family's default)
     resident_smem_per_sm = 0             # shared memory per SM that loop-invariant weights may fill (resident.py)
     tensor_cores = False                 # float32 GEMM tiles on the tensor cores (gdsl_gemm_tile_tc, 3xTF32)
+    pipelined_tiles = False              # (per lowering: gemm.pipelined_program)
     flag_syncs = False                   # flag syncs unless flags=False (else only with flags=True)
     device_library = ""                  # device code of this dialect after the prelude (the tensor-core tile)
     block_index = "blockIdx.x"

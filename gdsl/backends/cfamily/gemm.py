@@ -16,7 +16,8 @@ import numpy as np
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
 from gdsl.backends.cfamily.views import window_store_index
-from gdsl.core.ir import walk_eqns
+from gdsl.core.ir import subjaxprs, walk_eqns
+from gdsl.primitives.control import while_p
 from gdsl.primitives.linalg import matmul_p
 from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
@@ -533,12 +534,12 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
 
 def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: str) -> tuple[int, int] | None:
     """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
-    tile: no tensor cores, more than TC_MAX_ROWS rows, not float32 with A's addresses in global memory along k and
-    B's along n (or B resident), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp
-    tile, fewer warp rows on a tie."""
+    tile: not a program that takes it (dialect.pipelined_tiles: pipelined_program), more than TC_MAX_ROWS rows, not
+    float32 with A's addresses in global memory along k and B's along n (or B resident), or no grid of all the
+    block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp rows on a tie."""
     b_known = gemm.resident_b is not None or gemm.address_b is not None and not gemm.b_contiguous_k
     a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)
-    if not (TC_PIPELINE and dialect.tensor_cores and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
+    if not (TC_PIPELINE and dialect.pipelined_tiles and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
         return None
     warps = threads // dialect.warp_size
     shapes = [(wr, warps // wr) for wr in range(1, warps + 1)
@@ -546,15 +547,27 @@ def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: st
     return min(shapes, key=lambda s: (abs(tm // s[0] - tn // s[1]), s[0])) if shapes else None
 
 
-def pipelined_scratch(dialect, program=None) -> int:
-    """The most shared memory a gdsl_gemm_tile_tcp tile stages (B staged, the widest tile of the scheduler's menu at
-    most TC_MAX_ROWS tall), 0 without TC_PIPELINE or the dialect's tensor cores, or where `program` has no matmul of
-    more rows than a GEMV's (utasks.GEMV_ROWS: only those take GEMM tiles): what each vEU's resident-weight budget
-    leaves it (lower.py)."""
+def pipelined_program(dialect, program) -> bool:
+    """Do `program`'s GEMM tiles take gdsl_gemm_tile_tcp (lower.py sets dialect.pipelined_tiles from it): TC_PIPELINE
+    and the dialect's tensor cores, and a matmul of more rows than a GEMV's (utasks.GEMV_ROWS) inside a loop (a
+    recurrence's batch-64 products, what the tile is for) or a program without loops. Its stages crowd out resident
+    weights (pipelined_scratch), so a program whose loops run only GEMVs (the LSTM at batch 1, whose hoisted input
+    GEMM is outside its loop) keeps the FFMA tiles and its budget."""
     if not (TC_PIPELINE and dialect.tensor_cores):
-        return 0
-    if program is not None and not any(eqn.primitive is matmul_p and eqn.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
-                                       for eqn in walk_eqns(program.jaxpr)):
+        return False
+    loops = [sub for eqn in walk_eqns(program.jaxpr) if eqn.primitive is while_p for sub in subjaxprs(eqn)]
+    return not loops or any(_gemm_shaped(eqn) for loop in loops for eqn in walk_eqns(loop))
+
+
+def _gemm_shaped(eqn) -> bool:
+    return eqn.primitive is matmul_p and eqn.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
+
+
+def pipelined_scratch(dialect) -> int:
+    """The most shared memory a gdsl_gemm_tile_tcp tile stages (B staged, the widest tile of the scheduler's menu at
+    most TC_MAX_ROWS tall) where the lowering's program takes the tile (dialect.pipelined_tiles), else 0: what each
+    vEU's resident-weight budget leaves it (lower.py)."""
+    if not dialect.pipelined_tiles:
         return 0
     return max(TC_STAGES * (tm * (TC_BK + 4) + TC_BK * (tn + 8)) * 4
                for tm, tn in utasks.gemm_tile_menu() if tm <= TC_MAX_ROWS)

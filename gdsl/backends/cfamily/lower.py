@@ -57,14 +57,14 @@ def check_options(options, dialect) -> dict:
             "split_k": options.get("split_k"), "peel": options.get("peel")}
 
 
-def resident_budget(opts, grid: int, sms: int, dialect, program=None) -> int:
+def resident_budget(opts, grid: int, sms: int, dialect) -> int:
     """Shared memory per vEU for loop-invariant weights (gdsl/schedule/resident.py): the dialect's share per SM
-    (resident_smem_per_sm) over the vEUs one SM holds, less what a pipelined tensor-core tile of `program` stages
-    (gemm.pipelined_scratch); 0 with the option resident=False."""
+    (resident_smem_per_sm) over the vEUs one SM holds, less what a pipelined tensor-core tile stages where the
+    lowering's program takes one (gemm.pipelined_scratch); 0 with the option resident=False."""
     smem_per_sm = dialect.resident_smem_per_sm
     if opts.get("resident") is False or smem_per_sm <= 0:
         return 0
-    return max(0, smem_per_sm // -(-grid // max(1, sms)) - gemm.pipelined_scratch(dialect, program))
+    return max(0, smem_per_sm // -(-grid // max(1, sms)) - gemm.pipelined_scratch(dialect))
 
 
 def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -> Lowering:
@@ -72,7 +72,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     device's multiprocessors, for the resident-weight budget; None: one vEU per multiprocessor)."""
     if opts.get("tensor_cores") is False:       # (the dialect object is this lowering's own)
         dialect.tensor_cores = False
-    resident = resident_budget(opts, grid, sms or grid, dialect, program)
+    dialect.pipelined_tiles = gemm.pipelined_program(dialect, program)
+    resident = resident_budget(opts, grid, sms or grid, dialect)
     epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     rows = () if opts.get("rows") is False else dialect.lowering_chain
     # (a contraction storing into an in-place update's window: off with the epilogues, or on its own)
