@@ -14,6 +14,8 @@ import gdsl.numpy as gnp
 from gdsl.backends.cfamily import emulator, gemm
 from gdsl.backends.cfamily.lower import check_options, lower_with_grid, resident_budget
 from gdsl.backends.cuda.dialect import CUDADialect
+from gdsl.schedule.plan import Wave, walk
+from gdsl.schedule.resident import RESIDENT, RESIDENT_PITCH
 
 BLOCK = 128
 
@@ -41,10 +43,10 @@ def rng_pair(m, k, n, batch=()):
 
 
 CASES = {                                      # name: (m, k, n, batch, options, the tile taken)
-    "whole tiles": (64, 256, 128, (), {}, "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, false>"),
-    "edges": (50, 72, 40, (), {}, "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, false>"),
-    "batch": (64, 64, 64, (3,), {}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false>"),
-    "split depth": (64, 4096, 64, (), {"split_k": True}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false>"),
+    "whole tiles": (64, 256, 128, (), {}, "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, false, 64>"),
+    "edges": (50, 72, 40, (), {}, "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, false, 32>"),
+    "batch": (64, 64, 64, (3,), {}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false, 64>"),
+    "split depth": (64, 4096, 64, (), {"split_k": True}, "gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, false, 64>"),
 }
 
 
@@ -68,7 +70,8 @@ def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
 
     def loop(h, W):
         return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
-    assert "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, true>" in tiles(loop, h0, W, dialect=RoomyTensorCores())
+    # (its resident rows padded to 72 floats: gemm.TC_RESIDENT_PAD)
+    assert "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, true, 72>" in tiles(loop, h0, W, dialect=RoomyTensorCores())
     got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
     expected = h0.astype(np.float64)
     for _ in range(3):
@@ -88,6 +91,33 @@ def test_emulated_small_models_at_batch_64(name, pipelined):
     assert any("tcp" in t for t in tiles(fn, weights, inputs, dialect=emulator.EmulatedTensorCores()))
     got = emulator.emulate(fn, weights, inputs, grid=4, block=BLOCK, dialect=emulator.EmulatedTensorCores())
     assert not common.compare(got, model.reference(weights, inputs, cfg))
+
+
+@needs_cxx
+def test_emulated_padded_resident_rows_on_the_ffma_tile(pipelined, monkeypatch):
+    """A program that takes the tile pads its resident GEMM rows (resident.RESIDENT_PITCH); a tile that then goes to
+    the wide FFMA tile instead (here: taller than TC_MAX_ROWS) reads them in place at that pitch (its template's
+    RBP)."""
+    monkeypatch.setattr(gemm, "TC_MAX_ROWS", 16)
+    rng = np.random.default_rng(1)
+    h0 = rng.standard_normal((64, 128)).astype(np.float32)
+    W = (rng.standard_normal((128, 128)) / 12).astype(np.float32)
+
+    def loop(h, W):
+        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
+    dialect = RoomyTensorCores()
+    opts = check_options({"control": "device", "block": BLOCK}, dialect)
+    lowering = lower_with_grid(gdsl.make_ir(loop)(h0, W), opts, 4, dialect)
+    pitches = {t.op.params.get(RESIDENT_PITCH) for s in walk(lowering.plan.kernels[0].body) if isinstance(s, Wave)
+               for t in s.tasks if RESIDENT in t.op.params}
+    assert pitches == {72}
+    wide = "gdsl_gemm_tile_wide<32, 64, 32, 128, 4, 4, 1, true, true, true, false, float, 72>"
+    assert wide in lowering.rendered.source
+    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
+    expected = h0.astype(np.float64)
+    for _ in range(3):
+        expected = np.tanh(expected @ W)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):

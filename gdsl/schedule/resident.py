@@ -63,14 +63,19 @@ PARTITIONED = True
 # A vEU whose rounds of a resident matmul read the same tile keeps it once (slots), not once a round: Attention at
 # batch 64, 768 partitions on 264 vEUs, then keeps its head's weights (64 KiB) where three rounds' did not fit.
 SHARED_SLOTS = True
+# A GEMM-shaped matmul's resident rows (K x tile_n) `pad` elements apart more than tile_n where the scheduler is
+# given a pad (the option resident_pad: the C-family backends' pipelined tensor-core tile, whose fragment loads of
+# rows tile_n apart would fall four lanes to a bank): the op's param RESIDENT_PITCH, the row pitch in elements.
+RESIDENT_PITCH = "resident_pitch"
 
 
 def tile_bytes(op) -> int:
-    """Bytes of one uTask's tile of B (K rows x tile_n columns) of a matmul; of a matmul gathering its
-    batch (utasks.GATHER_BATCH), the tiles of every batch element, one after another ([batch][K][tile_n])."""
+    """Bytes of one uTask's tile of B (K rows x tile_n columns, rows RESIDENT_PITCH apart where the op has one) of a
+    matmul; of a matmul gathering its batch (utasks.GATHER_BATCH), the tiles of every batch element, one after
+    another ([batch][K][tile_n])."""
     b = op.inputs[1].aval           # (K from B: A may be read in parts, plan.K_PARTS)
     batch = utasks.tiles_per_batch(op.params, math.prod(op.outputs[0].aval.shape[:-2]))
-    return batch * b.shape[-2] * op.params["tile_n"] * b.dtype.itemsize
+    return batch * b.shape[-2] * op.params.get(RESIDENT_PITCH, op.params["tile_n"]) * b.dtype.itemsize
 
 
 def tile_period(op) -> int | None:
@@ -119,7 +124,7 @@ def _written(loop: Loop) -> set | None:
     return _written_by(statements)
 
 
-def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
+def keep_resident(loop: Loop, budget: int, partitioned: bool = False, pad: int = 0) -> Loop:
     """`loop` with the weights of its body's GEMV-shaped matmuls resident where `budget` bytes per vEU
     allow, in program order (the first waves of an iteration first). A partitioned loop (Loop.parts) only
     with `partitioned` (the option resident_partitioned, on by default: PARTITIONED): there uTask p of every op
@@ -127,7 +132,7 @@ def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
     heads: each vEU keeps its head's W_q, W_k, W_v and W_o, 64 KB at head size 64). There it is all or none:
     a partition's ops run one after another on its vEU, and where only some fit (Attention at batch 64, three
     rounds of partitions a vEU), the resident ones would split the sibling matmuls of a wave (siblings.py merges
-    resident siblings only with resident ones) and the chain would wait on both kinds."""
+    resident siblings only with resident ones) and the chain would wait on both kinds. `pad`: RESIDENT_PITCH's."""
     written = _written(loop) if budget > 0 and (partitioned or not loop.parts) else None
     if written is None:
         return loop
@@ -136,7 +141,7 @@ def keep_resident(loop: Loop, budget: int, partitioned: bool = False) -> Loop:
     body, left = [], 0                   # (left: eligible tasks that did not fit)
     for stmt in loop.body:
         if isinstance(stmt, Wave):
-            tasks = tuple(_resident_task(task, written, used, placed, budget) for task in stmt.tasks)
+            tasks = tuple(_resident_task(task, written, used, placed, budget, pad) for task in stmt.tasks)
             left += sum(_candidate(task, written) and RESIDENT not in task.op.params for task in tasks)
             stmt = Wave(tasks)
         body.append(stmt)
@@ -153,13 +158,16 @@ def _candidate(task: Task, written: set) -> bool:
     return isinstance(b.storage, Buffer) and b.storage not in written and not b.dynamic and not b.perm
 
 
-def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int) -> Task:
+def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int, pad: int = 0) -> Task:
     if not _candidate(task, written):
         return task
+    op = task.op
+    if pad and _gemm_shaped(op) and N_PARTS not in op.params and not utasks.gathers_batch(op.params):
+        op = dataclasses.replace(op, params={**op.params, RESIDENT_PITCH: op.params["tile_n"] + pad})
     key = _tiles_key(task)
-    offset, n_slots = placed.get(key), slots(task.op, task.count)
+    offset, n_slots = placed.get(key), slots(op, task.count)
     if offset is None:
-        size = tile_bytes(task.op) * n_slots
+        size = tile_bytes(op) * n_slots
         veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
         offset = -(-max(used.get(v, 0) for v in veus) // ALIGN) * ALIGN
         if offset + size > budget:
@@ -167,8 +175,13 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
         for v in veus:
             used[v] = offset + size
         placed[key] = offset
-    op = dataclasses.replace(task.op, params={**task.op.params, RESIDENT: (offset, task.count, n_slots)})
+    op = dataclasses.replace(op, params={**op.params, RESIDENT: (offset, task.count, n_slots)})
     return Task(op, task.first, task.count)
+
+
+def _gemm_shaped(op) -> bool:
+    """A matmul whose tiles are GEMM tiles (more rows than a GEMV's)."""
+    return op.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
 
 
 def _tiles_key(task: Task) -> tuple:

@@ -219,7 +219,7 @@ class Scheduler:
                  owner=False, epilogues=(), views=(), balance=True, rows=(), fork=False, window_stores=(),
                  resident_calls=False, cells=True, spread_frames=False, aside=False, uniform_reductions=False,
                  resident_partitioned=False, k_parts=(), thin_gemv=False, row_gathers=(), siblings=(),
-                 row_blocks=(), split_k=True):
+                 row_blocks=(), split_k=True, resident_pad=0):
         if control not in ("device", "host"):
             raise ValueError(f"control must be 'device' or 'host', got {control!r}")
         if partition not in (None, True, False):
@@ -237,6 +237,7 @@ class Scheduler:
         self.resident_bytes = resident_bytes if control == "device" else 0
         # in partitioned loops too (keep_resident); None: resident.PARTITIONED
         self.resident_partitioned = resident.PARTITIONED if resident_partitioned is None else bool(resident_partitioned)
+        self.resident_pad = int(resident_pad)    # resident GEMM rows this many elements wider (resident.RESIDENT_PITCH)
         self.balance = balance                # each wave's splits and shares chosen together (balance.py)
         # Two calls of a node's children as one Fork that device control may run on two halves of the vEU
         # group (_forks; device control with one recursive function only).
@@ -1564,7 +1565,7 @@ class Scheduler:
             self.hints.pop(out, None)
         self.env.update(zip(eqn.outs, carries))
         loop = [keep_resident(Loop(tuple(cond_stmts), pred, tuple(body_stmts), self.parts), self.resident_bytes,
-                              self.resident_partitioned)]
+                              self.resident_partitioned, self.resident_pad)]
         if self.parts:      # after the loop, readers may sit on any vEU
             self.stats["partitioned_loops"] += 1
             self.stats["grid_syncs"] += 1
@@ -2909,7 +2910,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
              fork=None, window_stores=(), resident_calls=None, cells=None, spread_frames=None,
              aside=None, uniform_reductions=None, resident_partitioned=None, index_ranges=None, concat_k=None,
              k_parts=(), thin_gemv=None, row_gathers=(), siblings=(), row_blocks=(), flags=None,
-             double_temps=None, smem_temps=None, split_k=None, preloads=None, peel=None) -> Plan:
+             double_temps=None, smem_temps=None, split_k=None, preloads=None, peel=None, resident_pad=0) -> Plan:
     """The Plan for `program` (see gdsl.schedule.plan). `partition`: run loops that are independent
     pipelines partitioned (True), never (False), or when estimated faster (None). `wavefront`: skew
     counted loops whose body is a chain of recurrences (True), never (False), or when estimated faster.
@@ -2975,6 +2976,8 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
     False: not (the default until it is timed).
     `resident_partitioned`: partitioned loops keep their weights resident too, all of a loop's or none
     (resident.keep_resident); None: resident.PARTITIONED (on); False: only loops that are not partitioned.
+    `resident_pad`: a GEMM-shaped matmul's resident rows that many elements wider than its tile (the backend's
+    choice: resident.RESIDENT_PITCH); 0 (the default): not.
     `index_ranges=True`: `where(i < 0, i + n, i)` of an integer `i` that is never negative (an argmax carried
     through a loop: Seq2seq's token before its embedding gather) becomes `i` first (ranges.py); None or
     False: not (the default until it is timed).
@@ -3048,7 +3051,7 @@ def schedule(program, *, control="device", grid=132, block=256, partition=None, 
         spread_frames=spread_frames is not False, aside=aside is not False,
         uniform_reductions=bool(uniform_reductions), resident_partitioned=resident_partitioned,
         k_parts=k_parts, thin_gemv=thin_gemv is not False, row_gathers=row_gathers, siblings=siblings,
-        row_blocks=row_blocks, split_k=split_k is not False)
+        row_blocks=row_blocks, split_k=split_k is not False, resident_pad=resident_pad)
     if peel or (peel is None and not fork):      # (a Fork pairs two Calls: peeled, they are branches)
         program = _checked(peel_program(program), program)
     plan, source = _scheduled(program, control, wavefront, hoist, owner, concat_k, k_parts, index_ranges, options,

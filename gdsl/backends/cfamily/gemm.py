@@ -23,7 +23,7 @@ from gdsl.primitives.nn import conv2d_p
 from gdsl.primitives.registry import register_lowering
 from gdsl.schedule import utasks
 from gdsl.schedule.plan import K_PARTS, K_SPLITS, N_PARTS, ROW_INDEX, a_parts, epilogue_of, k_chunk
-from gdsl.schedule.resident import RESIDENT, tile_bytes
+from gdsl.schedule.resident import RESIDENT, RESIDENT_PITCH, tile_bytes
 
 GEMM_BK = 32        # k depth of a shared-memory GEMM stage
 GEMV_KC = utasks.GEMV_KC    # k chunk of A rows staged in shared memory by the GEMV tile (or a split's K_CHUNK)
@@ -70,6 +70,10 @@ TC_PIPELINE = False
 TC_STAGES = 3
 TC_BK = 32
 TC_MAX_ROWS = 64        # (taller tiles would stage more than pipelined_scratch's bound)
+# In a program that takes the tile, a GEMM-shaped matmul's resident rows are this many floats wider than its tile
+# (resident.RESIDENT_PITCH): the tile reads B's fragments in place, four k rows by eight columns a warp, and rows a
+# multiple of 32 floats apart would put four lanes on each bank.
+TC_RESIDENT_PAD = 8
 # gdsl_gemm_tile_wide (float32): a thread's register tile holds at most this many outputs, and at most this
 # many k groups split a tile. 4 x 4 was the fastest on the H200 at batch 64 (same run, ms: LSTM 3.611 / 3.646 /
 # 3.758 with 16 / 32 / 64, NASRNN 14.86 / 14.68 / 15.26, BlockDrop 0.468 / 0.559 / 0.561; the 8 x 8 tile spills
@@ -134,6 +138,7 @@ class Gemm:
     # C expression: the uTask's resident tile of B (K x tile_n in shared memory, resident.py), which the wide
     # tile reads in place instead of staging B; None where B is read from memory.
     resident_b: str | None = None
+    resident_pitch: int | None = None   # its rows' distance where they are padded (resident.RESIDENT_PITCH)
     # A GEMV tile exactly N wide, not rounded up to a power of two (sibling matmuls' columns, a multiple of the
     # warp: 3 x 64 columns are split as one part's 64, three columns a thread).
     exact_n: bool = False
@@ -211,9 +216,10 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
     resident = RESIDENT in ops.op.params   # this uTask's K x tile_n columns of B wait in shared memory
     if resident:
         tn = ops.op.params["tile_n"]
+        pitch = ops.op.params.get(RESIDENT_PITCH, tn)
         storage = c_types.storage(b.dtype)
         setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
-        load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {tn} + n - tj * {tn}]')});"
+        load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {pitch} + n - tj * {tn}]')});"
         kmajor, address_b = False, None
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     rows = ROW_INDEX in ops.op.params      # A's rows gathered at run-time indices (plan.ROW_INDEX)
@@ -230,7 +236,9 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows and not a.flag
         else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
-        resident_b="rb" if resident and float32 else None, a_plain=not parts and not rows and not a.flag,
+        resident_b="rb" if resident and float32 else None,
+        resident_pitch=ops.op.params.get(RESIDENT_PITCH) if resident else None,
+        a_plain=not parts and not rows and not a.flag,
         a_shared=not parts and not rows and a.on_chip)
 
 
@@ -348,7 +356,8 @@ def resident_tile(op, t: str, smem: str) -> str:
 
 def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:
     """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptrs[0]` into its
-    place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N). Sibling
+    place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N; rows
+    RESIDENT_PITCH apart where the op has one). Sibling
     matmuls (plan.N_PARTS): part i's whole K x N_i tile from `b_ptrs[i]`, the parts one after another."""
     b, out = op.inputs[1].aval, op.outputs[0].aval
     K, N = b.shape[-2], b.shape[-1]
@@ -370,9 +379,10 @@ def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:
                 f"{resident_tile(op, t, smem)} + g * {K * tn}); }}")
     b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "bt")
     tiles = -(-out.shape[-2] // op.params["tile_m"]) * tiles_n       # (gemm_tiles' order: batch, rows, columns)
+    pitched = RESIDENT_PITCH in op.params
     return (f"{{ const int bt = ({t}) / {tiles}, tj = ({t}) % {tiles_n}; "
-            f"gdsl_stage_columns({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
-            f"{resident_tile(op, t, smem)}); }}")
+            f"gdsl_stage_columns{'_pitched' if pitched else ''}({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, "
+            f"{tn}, {resident_tile(op, t, smem)}{f', {op.params[RESIDENT_PITCH]}' if pitched else ''}); }}")
 
 
 @register_lowering("conv2d", backend="cfamily")
@@ -479,11 +489,13 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
     elif (warps := pipelined_warps(tm, tn, block, ops.dialect, gemm, acc)) is not None:
         wr, wc = warps
         bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % TC_BK == 0
+        pitch = gemm.resident_pitch or tn
         loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
         if not bres:
             loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
         need = TC_STAGES * (tm * (TC_BK + 4) + (0 if bres else TC_BK * (tn + 8))) * size
-        call = (f"  gdsl_gemm_tile_tcp<{tm}, {tn}, {TC_BK}, {TC_STAGES}, {block}, {wr}, {wc}, {str(bres).lower()}>"
+        call = (f"  gdsl_gemm_tile_tcp<{tm}, {tn}, {TC_BK}, {TC_STAGES}, {block}, {wr}, {wc}, {str(bres).lower()}, "
+                f"{pitch}>"
                 f"({M}, {N}, {depth}, ti * {tm}, {col0}, la, lb, pa, {'pa' if bres else 'pb'}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, {scratch});")
     elif (wide := wide_tile(tm, tn, block) if acc == "float" else None) is not None:
@@ -502,8 +514,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
                 loaders.append(f"  auto pb = [&](int k, int n) -> const float* {{ {shift}{gemm.address_b} }};")
         staged_b = 0 if bres else tn + 4
         need = max(GEMM_BK * (tm + 4 + staged_b) * size, groups // 2 * tm * tn * size)
+        pitch = f", {gemm.resident_pitch}" if bres and gemm.resident_pitch else ""     # (padded resident rows)
         call = (f"  gdsl_gemm_tile_wide<{tm}, {tn}, {GEMM_BK}, {block}, {rm}, {rn}, {groups}, {str(vec).lower()}, "
-                f"{str(bres).lower()}, {contiguous}, {acc}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
+                f"{str(bres).lower()}, {contiguous}, {acc}{pitch}>({M}, {N}, {depth}, ti * {tm}, {col0}, {names}, sc, "
                 f"{gemm.resident_b if bres else 'nullptr'}, {scratch});")
     else:
         rm, rn = micro_tile(tm, tn, block)

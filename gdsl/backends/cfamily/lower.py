@@ -95,7 +95,8 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
                     double_temps=opts.get("double_temps"),
                     smem_temps=SMEM_TEMPS if opts.get("smem_temps") is None else opts["smem_temps"],
-                    split_k=opts.get("split_k"), peel=opts.get("peel"), preloads=True)
+                    split_k=opts.get("split_k"), peel=opts.get("peel"), preloads=True,
+                    resident_pad=gemm.TC_RESIDENT_PAD if dialect.pipelined_tiles else 0)
     rendered = render_plan(plan, dialect, barrier=opts["barrier"], trace=trace_sites(plan, opts.get("profile")),
                            veus_per_sm=-(-grid // (sms or grid)))
     return Lowering(program, plan, rendered, dict(opts, grid=grid))

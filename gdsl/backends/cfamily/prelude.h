@@ -218,7 +218,7 @@ GDSL_DEV void gdsl_gemm_stages_vec(int M, int N, int K, int row0, int col0, LA l
     store();
     __syncthreads();
     if (k0 + BK < K) fetch(k0 + BK);
-    stage((const Acc*)As, BRES ? rb + k0 * TN : (const Acc*)Bs);
+    stage((const Acc*)As, BRES ? rb + k0 * PB : (const Acc*)Bs);      // (a resident B's rows are PB apart)
     __syncthreads();
   }
 }
@@ -282,13 +282,13 @@ GDSL_DEV void gdsl_gemm_tile(int M, int N, int K, int row0, int col0, LA la, LB 
 // at + tx; a warp's loads of each are consecutive too (wide_col gives a register's column).
 // Staging (gdsl_gemm_stages_vec): la / lb load the operands; with VEC, pa / pb give the float32 operands'
 // addresses, loaded four at a time when the tile's first addresses are 16-byte aligned. (Without VEC, pa / pb
-// are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, 16-byte aligned, K a multiple of BK),
-// never staged.
+// are la / lb.) BRES: B is the tile's resident rows at `rbs` (K x TN, RBP apart, 16-byte aligned, K a multiple of
+// BK), never staged.
 template <int TM, int TN, int BK, int NT, int RM, int RN, int KS, bool VEC, bool BRES, bool AK, bool BKC,
-          typename Acc, class LA, class LB, class PA_, class PB_, class SC>
+          typename Acc, int RBP = TN, class LA, class LB, class PA_, class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_wide(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                   const Acc* rbs, char* smem) {
-  constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = BRES ? TN : TN + 4, KG = BK / KS;
+  constexpr int TX = TN / RN, TY = TM / RM, GT = TX * TY, PA = TM + 4, PB = BRES ? RBP : TN + 4, KG = BK / KS;
   constexpr int RQ = RN / 4, RP = RN % 4 / 2, RS = RN % 2;   // a thread's blocks of 4, 2 and 1 columns
   static_assert(RM % 4 == 0 && TX * RN == TN && TY * RM == TM && GT * KS == NT &&
                 KG * KS == BK && (KS & (KS - 1)) == 0, "wide tile shape");
@@ -506,6 +506,24 @@ GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T
 #pragma unroll
     for (int b = 0; b < GDSL_COPY_BATCH; ++b)
       if (e0 + b * blockDim.x < K * TN) dst[e0 + b * blockDim.x] = v[b];
+  }
+}
+
+// The same with the rows `pitch` elements apart in dst (resident rows padded: gemm.TC_RESIDENT_PAD).
+template <typename T>
+GDSL_DEV void gdsl_stage_columns_pitched(const T* src, int K, int N, int col0, int TN, T* dst, int pitch) {
+  for (int e0 = threadIdx.x; e0 < K * TN; e0 += GDSL_COPY_BATCH * blockDim.x) {
+    T v[GDSL_COPY_BATCH];
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
+      const int e = e0 + b * blockDim.x, k = e / TN, n = col0 + e % TN;
+      v[b] = e < K * TN && n < N ? src[(long long)k * N + n] : T(0);
+    }
+#pragma unroll
+    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
+      const int e = e0 + b * blockDim.x;
+      if (e < K * TN) dst[e / TN * pitch + e % TN] = v[b];
+    }
   }
 }
 

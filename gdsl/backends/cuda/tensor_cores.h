@@ -117,16 +117,16 @@ GDSL_DEV void gdsl_gemm_tile_tc(int M, int N, int K, int row0, int col0, LA la, 
 // copies are in flight while the warps compute on earlier ones, and a stage costs one block barrier. Where the
 // tile is not whole (rows past M, columns past N, K not whole stages) or an operand's rows are not 16-byte aligned,
 // the loaders la / lb fill the stages instead (plain loads, zeros outside). BRES: B is the tile's resident rows at
-// `rbs` (K x TN), read in place. A's stage rows are padded to BK + 4 and B's to TN + 8: a warp's fragment loads hit
-// 32 banks (a resident B's rows, TN apart, do not: up to four lanes a bank). Each of the WR x WC warps computes
+// `rbs` (K x TN, RP apart), read in place. A's stage rows are padded to BK + 4 and B's to TN + 8, so a warp's
+// fragment loads hit 32 banks (resident rows are too where RP = TN + 8: gemm.TC_RESIDENT_PAD). Each of the WR x WC warps computes
 // MF x NF fragments, splitting each element into its TF32 halves as it loads it, and issues the three products
 // term by term over all of its fragments (no three dependent mma in a row). (Before sm_80, a plain loop.)
-template <int TM, int TN, int BK, int S, int NT, int WR, int WC, bool BRES, class LA, class LB, class PA_, class PB_,
-          class SC>
+template <int TM, int TN, int BK, int S, int NT, int WR, int WC, bool BRES, int RP, class LA, class LB, class PA_,
+          class PB_, class SC>
 GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la, LB lb, PA_ pa, PB_ pb, SC sc,
                                  const float* rbs, char* smem) {
 #ifdef GDSL_TC
-  constexpr int PA = BK + 4, PB = BRES ? TN : TN + 8, MF = TM / (16 * WR), NF = TN / (8 * WC);
+  constexpr int PA = BK + 4, PB = BRES ? RP : TN + 8, MF = TM / (16 * WR), NF = TN / (8 * WC);
   static_assert(MF * 16 * WR == TM && NF * 8 * WC == TN && WR * WC * 32 == NT && BK % 8 == 0 && S >= 2,
                 "pipelined tensor-core tile shape");
   float* As = (float*)smem;                       // [S][TM][PA]
@@ -176,7 +176,7 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
     if (kt + S - 1 < KT) fill((kt + S - 1) % S, (kt + S - 1) * BK);
     gdsl_copy_commit();
     const float* as = As + kt % S * TM * PA + wm * PA;
-    const float* bs = (BRES ? rbs + kt * BK * TN : Bs + kt % S * BK * PB) + wn;
+    const float* bs = (BRES ? rbs + kt * BK * RP : Bs + kt % S * BK * PB) + wn;
 #pragma unroll
     for (int k8 = 0; k8 < BK; k8 += 8) {
       unsigned ahi[MF][4], alo[MF][4], bhi[NF][2], blo[NF][2];
@@ -208,7 +208,7 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
     const int gm = row0 + e / TN, gn = col0 + e % TN;
     if (gm >= M || gn >= N) continue;
     float v = 0.f;
-    for (int k = 0; k < K; ++k) v += la(gm, k) * (BRES ? rbs[k * TN + gn - col0] : lb(k, gn));
+    for (int k = 0; k < K; ++k) v += la(gm, k) * (BRES ? rbs[k * RP + gn - col0] : lb(k, gn));
     sc(gm, gn, v);
   }
 #endif
