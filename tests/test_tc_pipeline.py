@@ -110,7 +110,7 @@ def test_emulated_padded_resident_rows_on_the_ffma_tile(pipelined, monkeypatch):
     lowering = lower_with_grid(gdsl.make_ir(loop)(h0, W), opts, 4, dialect)
     pitches = {t.op.params.get(RESIDENT_PITCH) for s in walk(lowering.plan.kernels[0].body) if isinstance(s, Wave)
                for t in s.tasks if RESIDENT in t.op.params}
-    assert pitches == {72}
+    assert pitches == {72} and "B resident in shared memory at +0 (rows 72 apart)" in str(lowering.plan)
     wide = "gdsl_gemm_tile_wide<32, 64, 32, 128, 4, 4, 1, true, true, true, false, float, 72>"
     assert wide in lowering.rendered.source
     got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())

@@ -35,7 +35,7 @@ from gdsl.schedule.plan import (
     k_chunk,
     plan_statements,
 )
-from gdsl.schedule.resident import RESIDENT
+from gdsl.schedule.resident import RESIDENT, RESIDENT_PITCH
 from gdsl.schedule.utasks import K_CHUNK, gathers_batch, gemm_dims
 
 
@@ -120,6 +120,8 @@ def print_block(block, indent: int, lines: list, device: bool = False, views=fro
                 if RESIDENT in t.op.params:
                     offset, count, slots = t.op.params[RESIDENT]
                     shared = " (one tile for all its rounds)" if slots < -(-t.op.n_utasks // count) else ""
+                    pitch = t.op.params.get(RESIDENT_PITCH)
+                    shared += f" (rows {pitch} apart)" if pitch else ""
                     extra += f", B resident in shared memory at +{offset}{shared}"
                 if t.preload:                       # (preload.py: loaded before the wave before this one)
                     extra += ", operands " + ", ".join(map(str, t.preload)) + " loaded a wave early"
