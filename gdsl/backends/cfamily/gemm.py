@@ -357,8 +357,8 @@ def resident_tile(op, t: str, smem: str) -> str:
 def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:
     """C statement: copy uTask `t`'s tile of B (its batch element's rows, its columns) from `b_ptrs[0]` into its
     place in shared memory, once before the loop (the tile's layout is [K][tile_n], zeros past N; rows
-    RESIDENT_PITCH apart where the op has one). Sibling
-    matmuls (plan.N_PARTS): part i's whole K x N_i tile from `b_ptrs[i]`, the parts one after another."""
+    RESIDENT_PITCH apart where the op has one). Sibling matmuls (plan.N_PARTS): part i's whole K x N_i tile from
+    `b_ptrs[i]`, the parts one after another."""
     b, out = op.inputs[1].aval, op.outputs[0].aval
     K, N = b.shape[-2], b.shape[-1]
     if N_PARTS in op.params:
@@ -380,9 +380,10 @@ def stage_resident(op, b_ptrs: list, smem: str, t: str) -> str:
     b_off = broadcast_index(out.shape[:-2], b.shape[:-2], "bt")
     tiles = -(-out.shape[-2] // op.params["tile_m"]) * tiles_n       # (gemm_tiles' order: batch, rows, columns)
     pitched = RESIDENT_PITCH in op.params
+    stage = f"gdsl_stage_columns<{c_types.storage(b.dtype)}, true>" if pitched else "gdsl_stage_columns"
     return (f"{{ const int bt = ({t}) / {tiles}, tj = ({t}) % {tiles_n}; "
-            f"gdsl_stage_columns{'_pitched' if pitched else ''}({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, "
-            f"{tn}, {resident_tile(op, t, smem)}{f', {op.params[RESIDENT_PITCH]}' if pitched else ''}); }}")
+            f"{stage}({b_ptr} + ({b_off}) * {K * N}, {K}, {N}, tj * {tn}, {tn}, "
+            f"{resident_tile(op, t, smem)}{f', {op.params[RESIDENT_PITCH]}' if pitched else ''}); }}")
 
 
 @register_lowering("conv2d", backend="cfamily")

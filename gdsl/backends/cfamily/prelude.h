@@ -494,8 +494,8 @@ GDSL_DEV void gdsl_gemv_tile(int N, int K, int col0, LA la, LB lb, SC sc, char* 
 // A thread loads GDSL_COPY_BATCH elements before it stores any: the copy's loads are then in flight together
 // instead of one memory round trip each (the stores may alias the loads for all the compiler knows).
 #define GDSL_COPY_BATCH 8
-template <typename T>
-GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T* dst) {
+template <typename T, bool PITCHED = false>
+GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T* dst, int pitch = 0) {
   for (int e0 = threadIdx.x; e0 < K * TN; e0 += GDSL_COPY_BATCH * blockDim.x) {
     T v[GDSL_COPY_BATCH];
 #pragma unroll
@@ -505,25 +505,14 @@ GDSL_DEV void gdsl_stage_columns(const T* src, int K, int N, int col0, int TN, T
     }
 #pragma unroll
     for (int b = 0; b < GDSL_COPY_BATCH; ++b)
-      if (e0 + b * blockDim.x < K * TN) dst[e0 + b * blockDim.x] = v[b];
-  }
-}
-
-// The same with the rows `pitch` elements apart in dst (resident rows padded: gemm.TC_RESIDENT_PAD).
-template <typename T>
-GDSL_DEV void gdsl_stage_columns_pitched(const T* src, int K, int N, int col0, int TN, T* dst, int pitch) {
-  for (int e0 = threadIdx.x; e0 < K * TN; e0 += GDSL_COPY_BATCH * blockDim.x) {
-    T v[GDSL_COPY_BATCH];
-#pragma unroll
-    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
-      const int e = e0 + b * blockDim.x, k = e / TN, n = col0 + e % TN;
-      v[b] = e < K * TN && n < N ? src[(long long)k * N + n] : T(0);
-    }
-#pragma unroll
-    for (int b = 0; b < GDSL_COPY_BATCH; ++b) {
-      const int e = e0 + b * blockDim.x;
-      if (e < K * TN) dst[e / TN * pitch + e % TN] = v[b];
-    }
+      if (e0 + b * blockDim.x < K * TN) {
+        if constexpr (PITCHED) {          // (rows `pitch` apart: gemm.TC_RESIDENT_PAD)
+          const int e = e0 + b * blockDim.x;
+          dst[e / TN * pitch + e % TN] = v[b];
+        } else {
+          dst[e0 + b * blockDim.x] = v[b];
+        }
+      }
   }
 }
 
