@@ -161,6 +161,13 @@ def test_which_programs_take_it_and_the_budget_it_leaves(pipelined, monkeypatch)
     assert not gemm.pipelined_program(cuda, recurrence(64))
 
 
+def test_wide_tc_tiles_join_the_menu_under_their_switch(monkeypatch):
+    from gdsl.schedule import utasks
+    assert (64, 128) not in utasks.gemm_tile_menu()
+    monkeypatch.setattr(utasks, "WIDE_TC_TILES", True)
+    assert (64, 128) in utasks.gemm_tile_menu()
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq"])
 def test_zoo_batch64_kernels_compile_with_it(name, pipelined):

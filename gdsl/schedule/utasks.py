@@ -245,12 +245,21 @@ GEMM_TALL_TILES = ((256, 16), (128, 32), (128, 16), (64, 32))
 GEMM_TALL_MAX_ROWS = 128
 
 
+# Tiles whose outputs only a tensor-core tile holds in registers (the FFMA tiles would take 32 a thread), offered
+# under the switch WIDE_TC_TILES (off: for measuring the C-family backends' pipelined tensor-core tile,
+# gemm.TC_PIPELINE, on fewer, larger tiles: the LSTM's batch-64 GEMMs in one round of 152 tiles; a program that
+# does not take that tile computes them on the plain FFMA tile).
+WIDE_TC_TILES = False
+GEMM_TC_TILES = ((64, 128),)
+
+
 def gemm_tile_menu(m: int | None = None) -> tuple[tuple[int, int], ...]:
     """The output tiles a GEMM uTask of `m` rows may take (None: any number): GEMM_TILES, GEMM_ODD_TILES under
-    ODD_GEMM_TILES and, under TALL_GEMM_TILES, those of GEMM_TALL_TILES at most m and GEMM_TALL_MAX_ROWS tall."""
+    ODD_GEMM_TILES, under TALL_GEMM_TILES those of GEMM_TALL_TILES at most m and GEMM_TALL_MAX_ROWS tall, and
+    GEMM_TC_TILES under WIDE_TC_TILES."""
     tall = tuple(t for t in GEMM_TALL_TILES if t[0] <= GEMM_TALL_MAX_ROWS and (m is None or t[0] <= m)) \
         if TALL_GEMM_TILES else ()
-    return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ()) + tall
+    return GEMM_TILES + (GEMM_ODD_TILES if ODD_GEMM_TILES else ()) + tall + (GEMM_TC_TILES if WIDE_TC_TILES else ())
 
 
 # The rate at which one vEU's GEMM tile computes with a 4 x 4 register tile per thread, measured (H200, a
