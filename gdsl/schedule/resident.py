@@ -162,7 +162,8 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
     if not _candidate(task, written):
         return task
     op = task.op
-    if pad and _gemm_shaped(op) and N_PARTS not in op.params and not utasks.gathers_batch(op.params):
+    plain_tiles = N_PARTS not in op.params and not utasks.gathers_batch(op.params)   # ([K][tile_n] tiles)
+    if pad and utasks.gemm_shaped(op.inputs[0].aval) and plain_tiles:
         op = dataclasses.replace(op, params={**op.params, RESIDENT_PITCH: op.params["tile_n"] + pad})
     key = _tiles_key(task)
     offset, n_slots = placed.get(key), slots(op, task.count)
@@ -177,11 +178,6 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
         placed[key] = offset
     op = dataclasses.replace(op, params={**op.params, RESIDENT: (offset, task.count, n_slots)})
     return Task(op, task.first, task.count)
-
-
-def _gemm_shaped(op) -> bool:
-    """A matmul whose tiles are GEMM tiles (more rows than a GEMV's)."""
-    return op.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
 
 
 def _tiles_key(task: Task) -> tuple:

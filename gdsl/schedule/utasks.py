@@ -58,6 +58,11 @@ GEMM_KINDS = frozenset(name for name in kinds_of(CONTRACTION, CONVOLUTION) if na
 # A matmul with at most this many rows is GEMV-shaped: its uTask is a tile of whole rows (gdsl_gemv_tile).
 GEMV_ROWS = 8
 
+
+def gemm_shaped(a_aval) -> bool:
+    """Is a matmul whose left operand is `a_aval` GEMM-shaped: more rows than a GEMV's (its uTasks GEMM tiles)?"""
+    return a_aval.shape[-2] > GEMV_ROWS
+
 # Where the scalar start operands of a dynamic window op begin (the operands before them are arrays).
 DYNAMIC_STARTS = {dynamic_slice_p: 1, dynamic_update_slice_p: 2}
 

@@ -216,10 +216,10 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
     resident = RESIDENT in ops.op.params   # this uTask's K x tile_n columns of B wait in shared memory
     if resident:
         tn = ops.op.params["tile_n"]
-        pitch = ops.op.params.get(RESIDENT_PITCH, tn)
         storage = c_types.storage(b.dtype)
         setup.append(f"  const {storage}* rb = {resident_tile(ops.op, 't', 'smem')};")
-        load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {pitch} + n - tj * {tn}]')});"
+        row = ops.op.params.get(RESIDENT_PITCH, tn)        # (padded rows: resident.RESIDENT_PITCH)
+        load_b = f"return ({acc})({c_types.from_storage(b.dtype, f'rb[k * {row} + n - tj * {tn}]')});"
         kmajor, address_b = False, None
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     rows = ROW_INDEX in ops.op.params      # A's rows gathered at run-time indices (plan.ROW_INDEX)
@@ -553,7 +553,7 @@ def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: st
     block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp rows on a tie."""
     b_known = gemm.resident_b is not None or gemm.address_b is not None and not gemm.b_contiguous_k
     a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)
-    if not (TC_PIPELINE and dialect.pipelined_tiles and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
+    if not (dialect.pipelined_tiles and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
         return None
     warps = threads // dialect.warp_size
     shapes = [(wr, warps // wr) for wr in range(1, warps + 1)
@@ -570,11 +570,8 @@ def pipelined_program(dialect, program) -> bool:
     if not (TC_PIPELINE and dialect.tensor_cores):
         return False
     loops = [sub for eqn in walk_eqns(program.jaxpr) if eqn.primitive is while_p for sub in subjaxprs(eqn)]
-    return not loops or any(_gemm_shaped(eqn) for loop in loops for eqn in walk_eqns(loop))
-
-
-def _gemm_shaped(eqn) -> bool:
-    return eqn.primitive is matmul_p and eqn.inputs[0].aval.shape[-2] > utasks.GEMV_ROWS
+    return not loops or any(eqn.primitive is matmul_p and utasks.gemm_shaped(eqn.inputs[0].aval)
+                            for loop in loops for eqn in walk_eqns(loop))
 
 
 def pipelined_scratch(dialect) -> int:
