@@ -62,6 +62,28 @@ def test_emulated_matmul(name, pipelined):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.sqrt(k))
 
 
+# What the emulator's cp.async (copies that land only when a wait needs them, emu.h) catches: the tile's source with
+# one of its syncs taken out, each a wrong answer there (on a GPU: a race that may or may not show).
+MUTATIONS = {
+    "no wait for the stage": "    gdsl_copy_wait<S - 2>();           // stage kt's copies by this thread",
+    "no block barrier after the waits": "    __syncthreads();                   // ... and every thread's; every warp",
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_emulated_tile_without_a_sync_is_wrong(mutation, pipelined):
+    line = MUTATIONS[mutation]
+    assert line in emulator.CUDA_TENSOR_CORES
+
+    class Mutated(emulator.EmulatedTensorCores):
+        device_library = emulator.CUDA_TENSOR_CORES.replace(line, "//")
+    m, k, n, *_ = CASES["whole tiles"]
+    a, b = rng_pair(m, k, n)
+    got = emulator.emulate(lambda a, b: gnp.matmul(a, b), a, b, grid=4, block=BLOCK, dialect=Mutated())
+    assert not np.allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-3, atol=1e-3)
+
+
 @needs_cxx
 def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
     rng = np.random.default_rng(0)

@@ -71,7 +71,7 @@ static inline unsigned short gdsl_f2h(float f) { _Float16 x = (_Float16)f; unsig
 #ifdef GDSL_EMU_TC
 // The CUDA dialect's tensor-core instructions (cuda/tensor_core_ops.h) for its tiles' tests: cvt.rna.tf32 (to 10
 // mantissa bits, ties away from zero), mma.sync.m16n8k8 computed by each lane from every lane's fragments (PTX's
-// layouts), exchanged between two warp barriers; cp.async a plain copy, so that its groups are always complete.
+// layouts), exchanged between two warp barriers; cp.async a copy that lands as late as PTX allows (below).
 #define GDSL_TC 1
 static inline unsigned gdsl_tf32(float x) {
   unsigned u;
@@ -95,9 +95,32 @@ static inline void gdsl_mma_tf32(float* c, const unsigned* a, const unsigned* b)
   pthread_barrier_wait(&gdsl_emu_cur->warps[threadIdx.x / GDSL_WARP]);
   for (int e = 0; e < 4; ++e) c[e] = out[e];
 }
-static inline void gdsl_copy16(float* dst, const float* src) { memcpy(dst, src, 16); }
-static inline void gdsl_copy_commit() {}
-template <int N> static inline void gdsl_copy_wait() {}
+// cp.async: a thread's copies wait in its own queue and land only when a cp.async.wait_group needs them (their
+// group is older than the N newest), reading their source then. So a tile that reads a stage before its wait,
+// or before the block barrier after every thread's wait (another thread's copies not landed yet), or that leaves
+// copies in flight past its end, reads stale shared memory here: a wrong answer, as it may be on a GPU.
+struct gdsl_emu_copy { float* dst; const float* src; int group; };   // group -1: not committed yet
+enum { GDSL_EMU_MAX_COPIES = 512 };
+static __thread gdsl_emu_copy gdsl_emu_copies[GDSL_EMU_MAX_COPIES];
+static __thread int gdsl_emu_pending, gdsl_emu_groups;
+static inline void gdsl_copy16(float* dst, const float* src) {
+  if (gdsl_emu_pending == GDSL_EMU_MAX_COPIES) abort();        // (more copies in flight than a tile issues)
+  gdsl_emu_copies[gdsl_emu_pending++] = {dst, src, -1};
+}
+static inline void gdsl_copy_commit() {
+  for (int i = 0; i < gdsl_emu_pending; ++i)
+    if (gdsl_emu_copies[i].group < 0) gdsl_emu_copies[i].group = gdsl_emu_groups;
+  ++gdsl_emu_groups;
+}
+template <int N> static inline void gdsl_copy_wait() {
+  int kept = 0;
+  for (int i = 0; i < gdsl_emu_pending; ++i) {
+    const gdsl_emu_copy c = gdsl_emu_copies[i];
+    if (c.group >= 0 && c.group < gdsl_emu_groups - N) memcpy(c.dst, c.src, 16);
+    else gdsl_emu_copies[kept++] = c;
+  }
+  gdsl_emu_pending = kept;
+}
 #endif
 
 struct gdsl_emu_thread { gdsl_emu_block* block; int b, t, grid, nthreads; void (*body)(void**); void** args; };
