@@ -6,12 +6,13 @@ On the GPU machine:
         --variant lane8:gdsl.backends.cfamily.reductions.LANE_LOAD_BATCH=8 [--rounds 2] [--launches 15] [--json F]
 
 A variant is `name` or `name:module.NAME=value[,module.NAME=value...]` (switches as benchmarks/switches.py sets
-them). Each (round, model, variant) runs in a process of its own under `ncu --clock-control none --metrics
-gpu__time_duration.sum` (the GPU's own clocks, the kernel alone, `--launches` launches after `--skip`), the
-variants' order reversed every other round; the child checks the model's result against its reference first.
-Prints each variant's median, min and max kernel µs over all its launches. Why: a batch-1 row's end-to-end
-median moves by 15-65 µs from one process to the next (host side; docs/performance.md, session 15) while its
-kernel's time holds to about a microsecond, so a microsecond lever is measured here, not with models.bench.
+them); an item without a dot in its name is a jit option of the forward instead (`grid=132`, as models.bench's
+`gdsl-device[grid=132]`). Each (round, model, variant) runs in a process of its own under `ncu --clock-control
+none --metrics gpu__time_duration.sum` (the GPU's own clocks, the kernel alone, `--launches` launches after
+`--skip`), the variants' order reversed every other round; the child checks the model's result against its
+reference first. Prints each variant's median, min and max kernel µs over all its launches. Why: a batch-1 row's
+end-to-end median moves by 15-65 µs from one process to the next (host side; docs/performance.md, session 15) while
+its kernel's time holds to about a microsecond, so a microsecond lever is measured here, not with models.bench.
 Each child compiles what the cache lacks (precompile_cuda.py --render renders a switched variant ahead).
 """
 from __future__ import annotations
@@ -38,6 +39,13 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, [s for s in switches.split(",") if s]
 
 
+def split_switches(items: list[str]) -> tuple[list[str], dict]:
+    """A variant's items -> (its module switches "module.NAME=value", its jit options {name: value})."""
+    from models import common
+    dotted = [s for s in items if "." in s.split("=", 1)[0]]
+    return dotted, dict(common.parse_option(s) for s in items if s not in dotted)
+
+
 def runs(models: list[str], variants: list[str], rounds: int) -> list[tuple[int, str, str]]:
     """(round, model, variant) in the order they run: each round every model, the variants forward in even
     rounds and backward in odd ones (a variant is not always the first process after another)."""
@@ -60,11 +68,12 @@ def kernel_us(ncu_csv: str) -> list[float]:
 def child(model_name: str, batch: int, calls: int, switches: list[str]) -> int:
     """One process's work under ncu: the model's forward `calls` times (device control, CUDA), checked first."""
     from models import common, load
-    common.set_switches(switches)
+    module_switches, options = split_switches(switches)
+    common.set_switches(module_switches)
     import gdsl
     model = load(model_name)
     prob = common.build_problem(model, batch)
-    fn = model.make_forward(prob.cfg, backend="cuda", control="device")
+    fn = model.make_forward(prob.cfg, backend="cuda", control="device", **options)
     put, sync = common._device_put_for("cuda")
     weights, inputs = common.tree_map(put, prob.weights), common.tree_map(put, prob.batches[0])
     problems = common.compare(gdsl.to_numpy(fn(weights, inputs)), prob.references()[0])

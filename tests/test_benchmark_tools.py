@@ -79,6 +79,7 @@ def test_kernel_ab_reads_ncu_and_alternates_the_variants():
     assert tool.kernel_us(NCU_CSV) == [pytest.approx(126.656), pytest.approx(124.704)]
     assert tool.parse_variant("lane8:a.B=8,c.D=None") == ("lane8", ["a.B=8", "c.D=None"])
     assert tool.parse_variant("base") == ("base", [])
+    assert tool.split_switches(["a.B=8", "grid=132", "owner=True"]) == (["a.B=8"], {"grid": 132, "owner": True})
     assert tool.runs(["m"], ["x", "y"], 3) == [(0, "m", "x"), (0, "m", "y"), (1, "m", "y"), (1, "m", "x"),
                                                (2, "m", "x"), (2, "m", "y")]
 
