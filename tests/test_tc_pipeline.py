@@ -62,6 +62,27 @@ def test_emulated_matmul(name, pipelined):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.sqrt(k))
 
 
+@needs_cxx
+@pytest.mark.parametrize("tc", [True, False], ids=["pipelined", "wide FFMA"])
+def test_emulated_gathered_rows_are_copied_by_address(tc, monkeypatch):
+    """Gathered rows (the option row_views: `take(E, idx) @ W` reads row m at E[clamp(idx[m])]) have addresses, the
+    table's rows K apart: the pipelined tile copies them with cp.async, the wide FFMA tile loads them as vectors
+    (its VEC), indices out of range clamped as take clamps them."""
+    monkeypatch.setattr(gemm, "TC_PIPELINE", tc)
+    rng = np.random.default_rng(5)
+    E = rng.standard_normal((100, 64)).astype(np.float32)
+    W = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    idx = rng.integers(-5, 105, size=64).astype(np.int32)
+    fn = lambda E, idx, W: gnp.take(E, idx, axis=0) @ W  # noqa: E731
+    dialect = emulator.EmulatedTensorCores()
+    tile = "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, false, 32>" if tc else \
+        "gdsl_gemm_tile_wide<32, 32, 32, 128, 4, 4, 2, true, false, true, false, float>"
+    assert tiles(fn, E, idx, W, dialect=dialect, row_views=True) == [tile]
+    got = emulator.emulate(fn, E, idx, W, grid=4, block=BLOCK, dialect=dialect, row_views=True)
+    rows = np.clip(np.where(idx < 0, idx + 100, idx), 0, 99)
+    np.testing.assert_allclose(got, E[rows].astype(np.float64) @ W, rtol=1e-5, atol=1e-5)
+
+
 # What the emulator's cp.async (copies that land only when a wait needs them, emu.h) catches: the tile's source with
 # one of its syncs taken out, each a wrong answer there (on a GPU: a race that may or may not show).
 MUTATIONS = {

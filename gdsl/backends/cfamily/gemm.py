@@ -223,8 +223,10 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         kmajor, address_b = False, None
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     rows = ROW_INDEX in ops.op.params      # A's rows gathered at run-time indices (plan.ROW_INDEX)
+    address_a = f"return {a.address(f'a0 + m * {K} + k')};"
     if rows:
         load_a = load_a_rows(ops, acc, K)
+        address_a = f"{_gathered_row(ops)} return {a.address(f'(int)r * {K} + k')};"
     elif parts:
         load_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m")
     else:
@@ -232,9 +234,9 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
     return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
-        # (no vector loads of A read in parts or gathered: the tile checks only its first address's alignment)
-        address_a=f"return {a.address(f'a0 + m * {K} + k')};" if float32 and not parts and not rows and not a.flag
-        else None,
+        # (no vector loads of A read in parts: the tile checks only its first rows' alignment; gathered rows are
+        # the table's, K apart as A's own rows, so that those two rows' alignment is every row's)
+        address_a=address_a if float32 and not parts and not a.flag else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None,
         resident_pitch=ops.op.params.get(RESIDENT_PITCH) if resident else None,
@@ -296,10 +298,14 @@ def load_a_rows(ops: OpRenderer, acc: str, K: int) -> str:
     """Body of la(m, k) for a left operand of gathered rows (plan.ROW_INDEX, plan.Value.rows: a take of whole
     rows folded into the matmul, A of no batch axes): element k of the table's row index[m], the index
     clamped into the table as take clamps it."""
-    a, index = ops.ins[0], ops.ins[ops.op.params[ROW_INDEX]]
-    high = a.value.rows.high
-    return (f"long long r = (long long)({index.at('m')}); r = r < 0 ? 0 : (r > {high} ? {high} : r); "
-            f"return ({acc})({a.at(f'(int)r * {K} + k')});")
+    return f"{_gathered_row(ops)} return ({acc})({ops.ins[0].at(f'(int)r * {K} + k')});"
+
+
+def _gathered_row(ops: OpRenderer) -> str:
+    """C statements setting `r` to the table row that row m of a gathered-row A reads (plan.ROW_INDEX), the index
+    clamped into the table as take clamps it."""
+    index, high = ops.ins[ops.op.params[ROW_INDEX]], ops.ins[0].value.rows.high
+    return f"long long r = (long long)({index.at('m')}); r = r < 0 ? 0 : (r > {high} ? {high} : r);"
 
 
 def _transposed_matrix(b) -> bool:
