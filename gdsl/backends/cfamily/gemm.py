@@ -235,7 +235,7 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
         # (no vector loads of A read in parts: the tile checks only its first rows' alignment; gathered rows are
-        # the table's, K apart as A's own rows, so that those two rows' alignment is every row's)
+        # the table's, K apart, and the vector paths want K % 4 == 0, so that their alignment is every row's)
         address_a=address_a if float32 and not parts and not a.flag else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None,
