@@ -63,6 +63,27 @@ def test_emulated_matmul(name, pipelined):
 
 
 @needs_cxx
+def test_emulated_resident_weights_of_no_whole_stages_go_to_the_ffma_tile(pipelined):
+    """A resident B whose depth is no whole number of the tile's stages (72 rows: 2.25 stages of 32) is not read in
+    place, and cp.async cannot copy it out of shared memory: the tile is an FFMA one (it was a tcp tile with no B
+    loader, a compile error; found by a randomized sweep on the emulator)."""
+    rng = np.random.default_rng(2)
+    h0 = rng.standard_normal((79, 72)).astype(np.float32)
+    W = (rng.standard_normal((72, 72)) / 9).astype(np.float32)
+
+    def loop(h, W):
+        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
+    dialect = RoomyTensorCores()
+    used = tiles(loop, h0, W, dialect=dialect)
+    assert used and not any("tcp" in t for t in used)
+    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=dialect)
+    expected = h0.astype(np.float64)
+    for _ in range(3):
+        expected = np.tanh(expected @ W)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_cxx
 @pytest.mark.parametrize("tc", [True, False], ids=["pipelined", "wide FFMA"])
 def test_emulated_gathered_rows_are_copied_by_address(tc, monkeypatch):
     """Gathered rows (the option row_views: `take(E, idx) @ W` reads row m at E[clamp(idx[m])]) have addresses, the

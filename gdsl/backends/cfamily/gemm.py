@@ -493,9 +493,9 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         # (the tile's last statement is a block barrier after the reduction's stores when SLOTS > 1; the call
         # is this body's last statement, and a published output's flag words are written by the stores)
         ops.ends_with_block_barrier = slots > 1
-    elif (warps := pipelined_warps(tm, tn, block, ops.dialect, gemm, acc)) is not None:
+    elif (warps := pipelined_warps(tm, tn, block, ops.dialect, gemm, acc, ops.op.params["tile_n"])) is not None:
         wr, wc = warps
-        bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % TC_BK == 0
+        bres = in_place_b(gemm, tn, ops.op.params["tile_n"], TC_BK)
         pitch = gemm.resident_pitch or tn
         loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
         if not bres:
@@ -510,7 +510,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         contiguous = f"{str(gemm.a_contiguous_k).lower()}, {str(gemm.b_contiguous_k).lower()}"
         # B read in place from its resident tile (never staged) where the tile is the resident one, whole stages
         # deep (the stages read k0 .. k0 + GEMM_BK of it) and rows of whole four-element groups
-        bres = gemm.resident_b is not None and tn == ops.op.params["tile_n"] and K % GEMM_BK == 0 and tn % 4 == 0
+        bres = in_place_b(gemm, tn, ops.op.params["tile_n"], GEMM_BK) and tn % 4 == 0
         vec = WIDE_VECTOR_LOADS and gemm.address_a is not None and gemm.a_contiguous_k and K % 4 == 0 and (
             bres or gemm.address_b is not None and (gemm.b_contiguous_k or N % 4 == 0))
         names = "la, lb, la, lb"
@@ -552,12 +552,22 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
     return "\n".join(lines + loaders + [call]) + "\n"
 
 
-def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: str) -> tuple[int, int] | None:
+def in_place_b(gemm: Gemm, tn: int, tile_n: int, stage_k: int) -> bool:
+    """Does a tile tn wide read B in place from its resident tile (tile_n wide), in stages of stage_k rows: the
+    uTask's resident tile is the one it computes, whole stages deep."""
+    return gemm.resident_b is not None and tn == tile_n and gemm.K % stage_k == 0
+
+
+def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: str,
+                    tile_n: int) -> tuple[int, int] | None:
     """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
     tile: not a program that takes it (dialect.pipelined_tiles: pipelined_program), more than TC_MAX_ROWS rows, not
-    float32 with A's addresses in global memory along k and B's along n (or B resident), or no grid of all the
-    block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp rows on a tie."""
-    b_known = gemm.resident_b is not None or gemm.address_b is not None and not gemm.b_contiguous_k
+    float32 with A's addresses in global memory along k and B's along n, or B resident and read in place
+    (in_place_b: a resident B the tile cannot read in place it cannot copy either, cp.async reading global memory
+    only), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp
+    rows on a tie."""
+    b_known = in_place_b(gemm, tn, tile_n, TC_BK) if gemm.resident_b is not None else \
+        gemm.address_b is not None and not gemm.b_contiguous_k
     a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)
     if not (dialect.pipelined_tiles and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):
         return None
