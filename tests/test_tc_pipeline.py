@@ -7,6 +7,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import needs_cxx, needs_nvrtc
 
 import gdsl
@@ -102,6 +104,53 @@ def test_emulated_gathered_rows_are_copied_by_address(tc, monkeypatch):
     got = emulator.emulate(fn, E, idx, W, grid=4, block=BLOCK, dialect=dialect, row_views=True)
     rows = np.clip(np.where(idx < 0, idx + 100, idx), 0, 99)
     np.testing.assert_allclose(got, E[rows].astype(np.float64) @ W, rtol=1e-5, atol=1e-5)
+
+
+def _random_gemm(data):
+    """A drawn GEMM program: (fn, args, float64 expected, depth): a plain product, one with an epilogue, one with B
+    transposed, gathered rows, or a loop `h = tanh(h @ W)` whose W may be resident; any sizes, edges included."""
+    kind = data.draw(st.sampled_from(["plain", "epilogue", "transposed", "gathered", "loop"]))
+    m, k = data.draw(st.integers(1, 130)), data.draw(st.integers(1, 300))
+    n = k if kind == "loop" else data.draw(st.integers(1, 200))
+    rng = np.random.default_rng(m * 1000 + k * 10 + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if kind == "epilogue":
+        c = rng.standard_normal(n).astype(np.float32)
+        return (lambda a, b, c: gnp.tanh(a @ b + c)), (a, b, c), np.tanh(a64 @ b64 + c), k
+    if kind == "transposed":
+        bt = np.ascontiguousarray(b.T)
+        return (lambda a, bt: a @ bt.T), (a, bt), a64 @ b64, k
+    if kind == "gathered":
+        idx = rng.integers(-3, m + 3, size=data.draw(st.integers(1, 100))).astype(np.int32)
+        rows = np.clip(np.where(idx < 0, idx + m, idx), 0, m - 1)
+        return (lambda a, idx, b: gnp.take(a, idx, axis=0) @ b), (a, idx, b), a64[rows] @ b64, k
+    if kind == "loop":
+        def loop(h, W):
+            return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
+        expected = a64
+        for _ in range(3):
+            expected = np.tanh(expected @ b64)
+        return loop, (a, b), expected, k
+    return (lambda a, b: a @ b), (a, b), a64 @ b64, k
+
+
+@needs_cxx
+@settings(max_examples=max(4, settings.default.max_examples // 4))
+@given(data=st.data())
+def test_emulated_random_gemms(data):
+    """Drawn GEMMs (_random_gemm) on the emulator with the tile switched on, any grid and block, against float64;
+    the sweep that found a resident B the tile could not read (above) and checked gathered rows, in the suite."""
+    fn, args, expected, k = _random_gemm(data)
+    grid, block = data.draw(st.sampled_from([1, 2, 3, 4, 7])), data.draw(st.sampled_from([64, 128, 256]))
+    saved = gemm.TC_PIPELINE
+    gemm.TC_PIPELINE = True
+    try:
+        got = emulator.emulate(fn, *args, grid=grid, block=block, dialect=RoomyTensorCores(), row_views=True)
+    finally:
+        gemm.TC_PIPELINE = saved
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.sqrt(k))
 
 
 # What the emulator's cp.async (copies that land only when a wait needs them, emu.h) catches: the tile's source with

@@ -105,6 +105,10 @@ static __thread gdsl_emu_copy gdsl_emu_copies[GDSL_EMU_MAX_COPIES];
 static __thread int gdsl_emu_pending, gdsl_emu_groups;
 static inline void gdsl_copy16(float* dst, const float* src) {
   if (gdsl_emu_pending == GDSL_EMU_MAX_COPIES) abort();        // (more copies in flight than a tile issues)
+  if (((unsigned long long)dst | (unsigned long long)src) % 16) {  // (cp.async of 16 bytes wants both aligned:
+    for (int i = 0; i < 4; ++i) dst[i] = NAN;                      //  a wrong answer here, not a crash)
+    return;
+  }
   gdsl_emu_copies[gdsl_emu_pending++] = {dst, src, -1};
 }
 static inline void gdsl_copy_commit() {
