@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import needs_cxx, needs_nvrtc
+from strategies import needs_cxx, needs_nvrtc, zoo_lowered
 
 import gdsl
 import gdsl.numpy as gnp
@@ -195,14 +195,17 @@ def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
 @needs_cxx
 @pytest.mark.parametrize("name", ["lstm", "nasrnn", "seq2seq"])
 def test_emulated_small_models_at_batch_64(name, pipelined):
-    """The recurrent models (small configurations) at batch 64 with the tile, against their float64 references."""
+    """The recurrent models (small configurations) at batch 64 with the tile, against their float64 references. No
+    weights resident: the small models' depths (16) are no whole number of the tile's stages, so a resident B would
+    send their products to the FFMA tile."""
     from models import common, load
     model = load(name)
     cfg = model.small()
     weights, inputs = model.init_weights(cfg), model.make_inputs(cfg, 64)
     fn = lambda w, i: model.forward(w, i, cfg)  # noqa: E731
-    assert any("tcp" in t for t in tiles(fn, weights, inputs, dialect=emulator.EmulatedTensorCores()))
-    got = emulator.emulate(fn, weights, inputs, grid=4, block=BLOCK, dialect=emulator.EmulatedTensorCores())
+    assert any("tcp" in t for t in tiles(fn, weights, inputs, dialect=emulator.EmulatedTensorCores(), resident=False))
+    got = emulator.emulate(fn, weights, inputs, grid=4, block=BLOCK, dialect=emulator.EmulatedTensorCores(),
+                           resident=False)
     assert not common.compare(got, model.reference(weights, inputs, cfg))
 
 
@@ -270,8 +273,19 @@ def test_which_programs_take_it_and_the_budget_it_leaves(pipelined, monkeypatch)
         cuda.pipelined_tiles = gemm.pipelined_program(cuda, program)
         assert gemm.pipelined_scratch(cuda) == scratch
         assert resident_budget(opts, 264, 132, cuda) == cuda.resident_smem_per_sm // 2 - scratch
+        a_stages = 3 * 64 * 36 * 4 if scratch else 0               # (B read in place from its resident tile)
+        assert resident_budget(opts, 264, 132, cuda, staged_b=False) == cuda.resident_smem_per_sm // 2 - a_stages
     monkeypatch.setattr(gemm, "TC_PIPELINE", False)
     assert not gemm.pipelined_program(cuda, recurrence(64))
+
+
+def test_seq2seq_batch64_keeps_every_weight_resident_with_it(pipelined):
+    """Seq2seq's three products at batch 64 (full size, CUDA's budget at 132 vEUs) keep their B resident with the tile
+    as without it: the weights get the budget the stages of A alone leave, and the kernel (165.5 KiB of shared memory)
+    fits the share (192 KiB); with the budget of B staged the logits' 120 tiles of W_out did not fit."""
+    plan = zoo_lowered("seq2seq", 64).lowering.plan
+    matmuls = [t for s in walk(plan.kernels[0].body) if isinstance(s, Wave) for t in s.tasks if "matmul" in t.op.kind]
+    assert len(matmuls) == 3 and all(RESIDENT in t.op.params for t in matmuls)
 
 
 def test_wide_tc_tiles_join_the_menu_under_their_switch(monkeypatch):

@@ -590,13 +590,13 @@ def pipelined_program(dialect, program) -> bool:
                             for loop in loops for eqn in walk_eqns(loop))
 
 
-def pipelined_scratch(dialect) -> int:
-    """The most shared memory a gdsl_gemm_tile_tcp tile stages (B staged, the widest tile of the scheduler's menu at
-    most TC_MAX_ROWS tall) where the lowering's program takes the tile (dialect.pipelined_tiles), else 0: what each
-    vEU's resident-weight budget leaves it (lower.py)."""
+def pipelined_scratch(dialect, staged_b: bool = True) -> int:
+    """The most shared memory a gdsl_gemm_tile_tcp tile stages (with `staged_b` B too, else A alone; the largest tile
+    of the scheduler's menu at most TC_MAX_ROWS tall) where the lowering's program takes the tile
+    (dialect.pipelined_tiles), else 0: what each vEU's resident-weight budget leaves it (lower.py)."""
     if not dialect.pipelined_tiles:
         return 0
-    return max(TC_STAGES * (tm * (TC_BK + 4) + TC_BK * (tn + 8)) * 4
+    return max(TC_STAGES * (tm * (TC_BK + 4) + (TC_BK * (tn + 8) if staged_b else 0)) * 4
                for tm, tn in utasks.gemm_tile_menu() if tm <= TC_MAX_ROWS)
 
 

@@ -57,23 +57,40 @@ def check_options(options, dialect) -> dict:
             "split_k": options.get("split_k"), "peel": options.get("peel")}
 
 
-def resident_budget(opts, grid: int, sms: int, dialect) -> int:
-    """Shared memory per vEU for loop-invariant weights (gdsl/schedule/resident.py): the dialect's share per SM
-    (resident_smem_per_sm) over the vEUs one SM holds, less what a pipelined tensor-core tile stages where the
-    lowering's program takes one (gemm.pipelined_scratch); 0 with the option resident=False."""
+def smem_share(opts, grid: int, sms: int, dialect) -> int:
+    """Shared memory per vEU for loop-invariant weights and the uTasks' scratch: the dialect's share per SM
+    (resident_smem_per_sm) over the vEUs one SM holds; 0 with the option resident=False."""
     smem_per_sm = dialect.resident_smem_per_sm
     if opts.get("resident") is False or smem_per_sm <= 0:
         return 0
-    return max(0, smem_per_sm // -(-grid // max(1, sms)) - gemm.pipelined_scratch(dialect))
+    return smem_per_sm // -(-grid // max(1, sms))
+
+
+def resident_budget(opts, grid: int, sms: int, dialect, staged_b: bool = True) -> int:
+    """Shared memory per vEU for loop-invariant weights (gdsl/schedule/resident.py): smem_share less what a
+    pipelined tensor-core tile stages where the lowering's program takes one (gemm.pipelined_scratch: with B
+    staged, or with `staged_b` False only A, B read in place from its resident tile)."""
+    return max(0, smem_share(opts, grid, sms, dialect) - gemm.pipelined_scratch(dialect, staged_b))
 
 
 def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -> Lowering:
     """Schedule `program` for `grid` vEUs with checked options `opts` and render it in `dialect` (`sms`: the
-    device's multiprocessors, for the resident-weight budget; None: one vEU per multiprocessor)."""
+    device's multiprocessors, for the resident-weight budget; None: one vEU per multiprocessor). Where the
+    program takes the pipelined tensor-core tile, the weights first get the budget its stages of A alone leave
+    (the tiles of resident B stage nothing else); if the kernel then needs more shared memory than the share
+    (a tile whose B is not resident staging it too), it is scheduled again with the budget of B staged."""
     if opts.get("tensor_cores") is False:       # (the dialect object is this lowering's own)
         dialect.tensor_cores = False
     dialect.pipelined_tiles = gemm.pipelined_program(dialect, program)
-    resident = resident_budget(opts, grid, sms or grid, dialect)
+    if dialect.pipelined_tiles:
+        lowering = _lower(program, opts, grid, dialect, sms, resident_budget(opts, grid, sms or grid, dialect, False))
+        if max((spec.dynamic_smem for spec in lowering.rendered.kernels), default=0) <= \
+                smem_share(opts, grid, sms or grid, dialect):
+            return lowering
+    return _lower(program, opts, grid, dialect, sms, resident_budget(opts, grid, sms or grid, dialect))
+
+
+def _lower(program, opts, grid: int, dialect, sms: int | None, resident: int) -> Lowering:
     epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     rows = () if opts.get("rows") is False else dialect.lowering_chain
     # (a contraction storing into an in-place update's window: off with the epilogues, or on its own)
