@@ -153,6 +153,33 @@ def test_emulated_random_gemms(data):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5 * np.sqrt(k))
 
 
+@needs_cxx
+def test_emulated_loop_gathers_rows_at_indices_it_computes(pipelined):
+    """A decoder-like loop with the tile: each step's rows of E gathered at the indices the step before computed
+    (an argmax pushed out of range both ways: clamped), B of both products resident, read in place."""
+    rng = np.random.default_rng(7)
+    E, h0 = rng.standard_normal((100, 64)).astype(np.float32), rng.standard_normal((64, 64)).astype(np.float32)
+    W, U = ((rng.standard_normal((2, 64, 64)) / 8).astype(np.float32))
+    idx = rng.integers(0, 100, size=64).astype(np.int32)
+
+    def decoder(E, idx, W, U, h):
+        def step(t, c):
+            h, tok = c
+            h = gnp.tanh(gnp.take(E, tok, axis=0) @ W + h @ U)
+            return h, gnp.argmax(h, axis=1).astype(gdsl.int32) * 7 - 30
+        return gdsl.fori_loop(0, 3, step, (h, idx))
+    dialect = RoomyTensorCores()
+    assert "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, true, 40>" in tiles(decoder, E, idx, W, U, h0,
+                                                                              dialect=dialect, row_views=True)
+    got_h, got_tok = emulator.emulate(decoder, E, idx, W, U, h0, grid=4, block=BLOCK, dialect=dialect, row_views=True)
+    h, tok = h0.astype(np.float64), idx
+    for _ in range(3):
+        h = np.tanh(E[np.clip(np.where(tok < 0, tok + 100, tok), 0, 99)].astype(np.float64) @ W + h @ U)
+        tok = np.argmax(h, axis=1).astype(np.int32) * 7 - 30
+    np.testing.assert_allclose(got_h, h, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(got_tok, tok)
+
+
 # What the emulator's cp.async (copies that land only when a wait needs them, emu.h) catches: the tile's source with
 # one of its syncs taken out, each a wrong answer there (on a GPU: a race that may or may not show).
 MUTATIONS = {
