@@ -495,7 +495,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         ops.ends_with_block_barrier = slots > 1
     elif (warps := pipelined_warps(tm, tn, block, ops.dialect, gemm, acc, ops.op.params["tile_n"])) is not None:
         wr, wc = warps
-        bres = in_place_b(gemm, tn, ops.op.params["tile_n"], TC_BK)
+        bres = in_place_b(gemm, tn, ops.op.params["tile_n"])
         pitch = gemm.resident_pitch or tn
         loaders.append(f"  auto pa = [&](int m, int k) -> const float* {{ {shift}{gemm.address_a} }};")
         if not bres:
@@ -552,9 +552,10 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
     return "\n".join(lines + loaders + [call]) + "\n"
 
 
-def in_place_b(gemm: Gemm, tn: int, tile_n: int, stage_k: int) -> bool:
-    """Does a tile tn wide read B in place from its resident tile (tile_n wide), in stages of stage_k rows: the
-    uTask's resident tile is the one it computes, whole stages deep."""
+def in_place_b(gemm: Gemm, tn: int, tile_n: int, stage_k: int = 1) -> bool:
+    """Does a tile tn wide read B in place from its resident tile (tile_n wide): the uTask's resident tile is the one
+    it computes, and its depth whole stages of stage_k rows (1: any depth, the pipelined tile reading no row past
+    K)."""
     return gemm.resident_b is not None and tn == tile_n and gemm.K % stage_k == 0
 
 
@@ -563,10 +564,10 @@ def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: st
     """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
     tile: not a program that takes it (dialect.pipelined_tiles: pipelined_program), more than TC_MAX_ROWS rows, not
     float32 with A's addresses in global memory along k and B's along n, or B resident and read in place
-    (in_place_b: a resident B the tile cannot read in place it cannot copy either, cp.async reading global memory
-    only), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer warp
-    rows on a tie."""
-    b_known = in_place_b(gemm, tn, tile_n, TC_BK) if gemm.resident_b is not None else \
+    (in_place_b: a resident B the tile cannot read in place, another uTask's tile, it cannot copy either, cp.async
+    reading global memory only), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest
+    warp tile, fewer warp rows on a tie."""
+    b_known = in_place_b(gemm, tn, tile_n) if gemm.resident_b is not None else \
         gemm.address_b is not None and not gemm.b_contiguous_k
     a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)
     if not (dialect.pipelined_tiles and acc == "float" and tm <= TC_MAX_ROWS and a_known and b_known):

@@ -20,8 +20,9 @@ GDSL_DEV void gdsl_split_a(const float* a, int row8, int k4, unsigned* hi, unsig
     lo[e] = gdsl_tf32(x[e] - GDSL_U2F(hi[e]));
   }
 }
-GDSL_DEV void gdsl_split_b(const float* b, int k4, unsigned* hi, unsigned* lo) {
-  const float y[2] = {b[0], b[k4]};
+// (`rows`: how many rows from b's on exist, where the tile's depth ends inside a stage read in place; 0 past them.)
+GDSL_DEV void gdsl_split_b(const float* b, int k4, unsigned* hi, unsigned* lo, int rows = 8) {
+  const float y[2] = {rows > 0 ? b[0] : 0.f, rows > 4 ? b[k4] : 0.f};
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
     hi[e] = gdsl_tf32(y[e]);
@@ -117,8 +118,9 @@ GDSL_DEV void gdsl_gemm_tile_tc(int M, int N, int K, int row0, int col0, LA la, 
 // copies are in flight while the warps compute on earlier ones, and a stage costs one block barrier. Where the
 // tile is not whole (rows past M, columns past N, K not whole stages) or an operand's rows are not 16-byte aligned,
 // the loaders la / lb fill the stages instead (plain loads, zeros outside). BRES: B is the tile's resident rows at
-// `rbs` (K x TN, RP apart), read in place. A's stage rows are padded to BK + 4 and B's to TN + 8, so a warp's
-// fragment loads hit 32 banks (resident rows are too where RP = TN + 8: gemm.TC_RESIDENT_PAD). Each of the WR x WC warps computes
+// `rbs` (K x TN, RP apart), read in place, no row past K (of a depth of no whole stages, the last stage's rows
+// past K read as zeros). A's stage rows are padded to BK + 4 and B's to TN + 8, so a warp's fragment loads hit 32
+// banks (resident rows are too where RP = TN + 8: gemm.TC_RESIDENT_PAD). Each of the WR x WC warps computes
 // MF x NF fragments, splitting each element into its TF32 halves as it loads it, and issues the three products
 // term by term over all of its fragments (no three dependent mma in a row). (Before sm_80, a plain loop.)
 template <int TM, int TN, int BK, int S, int NT, int WR, int WC, bool BRES, int RP, class LA, class LB, class PA_,
@@ -184,8 +186,8 @@ GDSL_DEV void gdsl_gemm_tile_tcp(int M, int N, int K, int row0, int col0, LA la,
       for (int i = 0; i < MF; ++i)
         gdsl_split_a(as + (i * 16 + g) * PA + k8 + t4, 8 * PA, 4, ahi[i], alo[i]);        // (A row-major)
 #pragma unroll
-      for (int j = 0; j < NF; ++j)
-        gdsl_split_b(bs + (k8 + t4) * PB + j * 8 + g, 4 * PB, bhi[j], blo[j]);
+      for (int j = 0; j < NF; ++j)      // (B read in place has K rows only: none past them is read)
+        gdsl_split_b(bs + (k8 + t4) * PB + j * 8 + g, 4 * PB, bhi[j], blo[j], BRES ? K - kt * BK - k8 - t4 : 8);
 #pragma unroll
       for (int i = 0; i < MF; ++i)
 #pragma unroll
