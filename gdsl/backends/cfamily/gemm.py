@@ -223,20 +223,20 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         kmajor, address_b = False, None
     float32 = a.dtype == b.dtype == np.float32 and acc == "float"
     rows = ROW_INDEX in ops.op.params      # A's rows gathered at run-time indices (plan.ROW_INDEX)
-    address_a = f"return {a.address(f'a0 + m * {K} + k')};"
+    # (no vector loads of A read in parts: the tiles check only their first rows' alignment; gathered rows are the
+    # table's, K apart, and the vector paths want K % 4 == 0, so that their alignment is every row's)
     if rows:
         load_a = load_a_rows(ops, acc, K)
         address_a = f"{_gathered_row(ops)} return {a.address(f'(int)r * {K} + k')};"
     elif parts:
-        load_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m")
+        load_a, address_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m"), None
     else:
         load_a = f"return ({acc})({a.at(f'a0 + m * {K} + k')});"
+        address_a = f"return {a.address(f'a0 + m * {K} + k')};"
     return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
-        # (no vector loads of A read in parts: the tile checks only its first rows' alignment; gathered rows are
-        # the table's, K apart, and the vector paths want K % 4 == 0, so that their alignment is every row's)
-        address_a=address_a if float32 and not parts and not a.flag else None,
+        address_a=address_a if float32 and not a.flag else None,
         address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None,
         resident_pitch=ops.op.params.get(RESIDENT_PITCH) if resident else None,
@@ -563,10 +563,10 @@ def pipelined_warps(tm: int, tn: int, threads: int, dialect, gemm: Gemm, acc: st
                     tile_n: int) -> tuple[int, int] | None:
     """The warp grid (WR, WC) of a tile on gdsl_gemm_tile_tcp (TC_PIPELINE), None where it does not take the
     tile: not a program that takes it (dialect.pipelined_tiles: pipelined_program), more than TC_MAX_ROWS rows, not
-    float32 with A's addresses in global memory along k and B's along n, or B resident and read in place
-    (in_place_b: a resident B the tile cannot read in place, another uTask's tile, it cannot copy either, cp.async
-    reading global memory only), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest
-    warp tile, fewer warp rows on a tie."""
+    float32 with A's addresses in global memory along k and B's along n or B read in place from the uTask's own
+    resident tile (in_place_b; another uTask's tile it could neither read in place nor copy, cp.async reading global
+    memory only), or no grid of all the block's warps over whole 16 x 8 fragments. The squarest warp tile, fewer
+    warp rows on a tie."""
     b_known = in_place_b(gemm, tn, tile_n) if gemm.resident_b is not None else \
         gemm.address_b is not None and not gemm.b_contiguous_k
     a_known = gemm.address_a is not None and gemm.a_contiguous_k and not gemm.a_shared    # (cp.async reads global)

@@ -82,10 +82,10 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     if opts.get("tensor_cores") is False:       # (the dialect object is this lowering's own)
         dialect.tensor_cores = False
     dialect.pipelined_tiles = gemm.pipelined_program(dialect, program)
-    if dialect.pipelined_tiles:
+    share = smem_share(opts, grid, sms or grid, dialect)
+    if dialect.pipelined_tiles and share:
         lowering = _lower(program, opts, grid, dialect, sms, resident_budget(opts, grid, sms or grid, dialect, False))
-        if max((spec.dynamic_smem for spec in lowering.rendered.kernels), default=0) <= \
-                smem_share(opts, grid, sms or grid, dialect):
+        if max((spec.dynamic_smem for spec in lowering.rendered.kernels), default=0) <= share:
             return lowering
     return _lower(program, opts, grid, dialect, sms, resident_budget(opts, grid, sms or grid, dialect))
 
