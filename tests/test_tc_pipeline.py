@@ -179,6 +179,18 @@ def test_emulated_loop_gathers_rows_at_indices_it_computes(pipelined):
     np.testing.assert_array_equal(got_tok, tok)
 
 
+@needs_cxx
+@pytest.mark.parametrize("m,k,n", [(9, 1, 1), (64, 1, 64)])
+def test_emulated_one_element_operands(m, k, n, pipelined):
+    """An operand of one element may be a scalar (a uniform's register), which has no address to copy from: such a
+    tile loads it through its loader (found by test_emulated_random_gemms: B transposed, 1 x 1, a compile error)."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    bt = np.ascontiguousarray(b.T)
+    got = emulator.emulate(lambda a, bt: a @ bt.T, a, bt, grid=1, block=64, dialect=RoomyTensorCores())
+    np.testing.assert_allclose(got, a.astype(np.float64) @ b, rtol=1e-5, atol=1e-6)
+
+
 # What the emulator's cp.async (copies that land only when a wait needs them, emu.h) catches: the tile's source with
 # one of its syncs taken out, each a wrong answer there (on a GPU: a race that may or may not show).
 MUTATIONS = {

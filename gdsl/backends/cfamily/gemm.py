@@ -236,8 +236,9 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
     return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
-        address_a=address_a if float32 and not a.flag else None,
-        address_b=address_b if float32 else None, gemv_kc=_gemv_kc(M, K, parts),
+        # (addresses of operands in memory only: a one-element operand may be a scalar, a uniform's register)
+        address_a=address_a if float32 and not a.flag and not a.scalar else None,
+        address_b=address_b if float32 and not b.scalar else None, gemv_kc=_gemv_kc(M, K, parts),
         resident_b="rb" if resident and float32 else None,
         resident_pitch=ops.op.params.get(RESIDENT_PITCH) if resident else None,
         a_plain=not parts and not rows and not a.flag,
