@@ -44,6 +44,18 @@ def rng_pair(m, k, n, batch=()):
     return a, (rng.standard_normal((*batch, k, n)) / np.sqrt(k)).astype(np.float32)
 
 
+def tanh_loop(h, W):
+    """Three steps of h = tanh(h @ W): a loop whose W may stay resident."""
+    return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
+
+
+def tanh_loop_reference(h0, W):
+    h = h0.astype(np.float64)
+    for _ in range(3):
+        h = np.tanh(h @ W)
+    return h
+
+
 CASES = {                                      # name: (m, k, n, batch, options, the tile taken)
     "whole tiles": (64, 256, 128, (), {}, "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, false, 64>"),
     "edges": (50, 72, 40, (), {}, "gdsl_gemm_tile_tcp<32, 32, 32, 3, 128, 2, 2, false, 32>"),
@@ -72,16 +84,10 @@ def test_emulated_resident_weights_of_no_whole_stages_are_read_in_place(pipeline
     rng = np.random.default_rng(2)
     h0 = rng.standard_normal((79, 72)).astype(np.float32)
     W = (rng.standard_normal((72, 72)) / 9).astype(np.float32)
-
-    def loop(h, W):
-        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
     dialect = RoomyTensorCores()
-    assert tiles(loop, h0, W, dialect=dialect) == ["gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, true, 72>"]
-    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=dialect)
-    expected = h0.astype(np.float64)
-    for _ in range(3):
-        expected = np.tanh(expected @ W)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert tiles(tanh_loop, h0, W, dialect=dialect) == ["gdsl_gemm_tile_tcp<64, 64, 32, 3, 128, 2, 2, true, 72>"]
+    got = emulator.emulate(tanh_loop, h0, W, grid=4, block=BLOCK, dialect=dialect)
+    np.testing.assert_allclose(got, tanh_loop_reference(h0, W), rtol=1e-5, atol=1e-5)
 
 
 @needs_cxx
@@ -126,12 +132,7 @@ def _random_gemm(data):
         rows = np.clip(np.where(idx < 0, idx + m, idx), 0, m - 1)
         return (lambda a, idx, b: gnp.take(a, idx, axis=0) @ b), (a, idx, b), a64[rows] @ b64, k
     if kind == "loop":
-        def loop(h, W):
-            return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
-        expected = a64
-        for _ in range(3):
-            expected = np.tanh(expected @ b64)
-        return loop, (a, b), expected, k
+        return tanh_loop, (a, b), tanh_loop_reference(a, b64), k
     return (lambda a, b: a @ b), (a, b), a64 @ b64, k
 
 
@@ -218,16 +219,11 @@ def test_emulated_loop_reads_its_resident_weights_in_place(pipelined):
     rng = np.random.default_rng(0)
     h0 = rng.standard_normal((64, 128)).astype(np.float32)
     W = (rng.standard_normal((128, 128)) / 12).astype(np.float32)
-
-    def loop(h, W):
-        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
     # (its resident rows padded to 72 floats: gemm.TC_RESIDENT_PAD)
-    assert "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, true, 72>" in tiles(loop, h0, W, dialect=RoomyTensorCores())
-    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
-    expected = h0.astype(np.float64)
-    for _ in range(3):
-        expected = np.tanh(expected @ W)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    tile = "gdsl_gemm_tile_tcp<32, 64, 32, 3, 128, 1, 4, true, 72>"
+    assert tile in tiles(tanh_loop, h0, W, dialect=RoomyTensorCores())
+    got = emulator.emulate(tanh_loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
+    np.testing.assert_allclose(got, tanh_loop_reference(h0, W), rtol=1e-5, atol=1e-5)
 
 
 @needs_cxx
@@ -254,22 +250,16 @@ def test_emulated_padded_resident_rows_on_the_ffma_tile(pipelined, monkeypatch):
     rng = np.random.default_rng(1)
     h0 = rng.standard_normal((64, 128)).astype(np.float32)
     W = (rng.standard_normal((128, 128)) / 12).astype(np.float32)
-
-    def loop(h, W):
-        return gdsl.fori_loop(0, 3, lambda i, h: gnp.tanh(h @ W), h)
     dialect = RoomyTensorCores()
     opts = check_options({"control": "device", "block": BLOCK}, dialect)
-    lowering = lower_with_grid(gdsl.make_ir(loop)(h0, W), opts, 4, dialect)
+    lowering = lower_with_grid(gdsl.make_ir(tanh_loop)(h0, W), opts, 4, dialect)
     pitches = {t.op.params.get(RESIDENT_PITCH) for s in walk(lowering.plan.kernels[0].body) if isinstance(s, Wave)
                for t in s.tasks if RESIDENT in t.op.params}
     assert pitches == {72} and "B resident in shared memory at +0 (rows 72 apart)" in str(lowering.plan)
     wide = "gdsl_gemm_tile_wide<32, 64, 32, 128, 4, 4, 1, true, true, true, false, float, 72>"
     assert wide in lowering.rendered.source
-    got = emulator.emulate(loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
-    expected = h0.astype(np.float64)
-    for _ in range(3):
-        expected = np.tanh(expected @ W)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    got = emulator.emulate(tanh_loop, h0, W, grid=4, block=BLOCK, dialect=RoomyTensorCores())
+    np.testing.assert_allclose(got, tanh_loop_reference(h0, W), rtol=1e-5, atol=1e-5)
 
 
 def test_off_by_default_and_where_it_does_not_apply(pipelined, monkeypatch):
