@@ -890,13 +890,15 @@ class Scheduler:
     @staticmethod
     def _level(items):
         """Waves: a global op runs one wave after its global producers and after the uniforms it reads;
-        a uniform op (level L) runs right after wave L (the -1 level: before any wave)."""
+        a uniform op (level L) runs right after wave L (the -1 level: before any wave). Levelled producers
+        first (_producers_first: a fused op stands where its last member did, after readers of the others)."""
+        items = _producers_first(items)
         for it in items:
             if it.uniform or it.view:
                 it.level = max([-1] + [d.level for d in it.deps])
             else:
                 it.level = max([0] + [d.level + 1 for d in it.deps])
-        for it in reversed(items):      # (a view's readers follow it in program order)
+        for it in reversed(items):      # (a view's readers follow it)
             for d in it.deps:
                 if d.view:
                     d.read_level = max(d.read_level, it.read_level if it.view else it.level)
@@ -2457,6 +2459,26 @@ def _one_run(eqn) -> bool:
     if eqn.primitive is take_p:
         return eqn.inputs[1].aval.size == 1 and math.prod(shape[:eqn.params["axis"]]) == 1
     return False
+
+
+def _producers_first(items) -> list:
+    """`items` in program order but with each after the items among them that it depends on: a row or cell chain
+    fused into one op (Scheduler._fuse_rows) stands at its last member's place, and a reader of an earlier member
+    (a softmax row stored into a cache before the row's other use) would otherwise be levelled before it."""
+    listed, placed, out = set(items), set(), []
+    for root in items:
+        stack = [(root, False)]
+        while stack:
+            it, ready = stack.pop()
+            if it in placed:
+                continue
+            if ready:
+                placed.add(it)
+                out.append(it)
+                continue
+            stack.append((it, True))
+            stack.extend((d, False) for d in it.deps if d in listed and d not in placed)
+    return out
 
 
 def _is_alias(eqn) -> bool:
