@@ -313,6 +313,8 @@ H_STATEMENTS = [
     ("h = h.at[c].add(0.25)", False),            # out-of-range c: the update is dropped
     ("h = gnp.tanh(h + m[c])", False),           # out-of-range c clamps
     ("h = gnp.tanh(h.T * m.max() + m[:, (c + 1) % D].sum())", False),
+    # (a row stored between two uses: a reader of a fused chain's earlier member, Scheduler._level's order)
+    ("s = gdsl.nn.softmax(h); m = m.at[c % R].set(s); h = gnp.tanh(s * D - 1.0)", False),
 ]
 M_STATEMENTS = [
     ("m = gnp.tanh(gnp.matmul(m, W))", True),
