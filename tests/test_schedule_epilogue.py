@@ -239,6 +239,31 @@ def test_chain_that_must_not_fold(name):
     assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
 
 
+def windowed_epilogue_member(x, W):
+    """A chain read by an epilogue (`h`) whose middle value is also read through a window (`e` reshaped and sliced),
+    where its reader recomputes it from the matmul's result."""
+    e = gdsl.nn.sigmoid(gnp.matmul(x, W) * 0.5)
+    return e * 2.0 + 0.25, gnp.sum(gnp.reshape(e, (4, 3))[:1] * 0.5)
+
+
+@needs_cxx
+def test_a_result_recomputed_elsewhere_is_no_epilogue():
+    """The window's reader recomputes `e` from the matmul's result, so that result must exist in memory: the chain
+    is no epilogue of it (it was, and scheduling failed with a KeyError on every backend; found by a randomized
+    sweep of row and cell chains)."""
+    rng = np.random.default_rng(52)
+    args = (rng.standard_normal((3, 4)).astype(np.float32), (rng.standard_normal((4, 4)) * 0.3).astype(np.float32))
+    program = gdsl.make_ir(windowed_epilogue_member)(*args)
+    plan = schedule(program, grid=3, epilogues=CHAIN)
+    assert not any(EPILOGUE in op.params for op in plan_ops(plan))
+    expected = interpreted(program, args)
+    assert_trees_close(simulated(plan, args), expected, tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(list(emulate(windowed_epilogue_member, *args, grid=3, block=64)), expected,
+                       tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(list(gdsl.jit(windowed_epilogue_member, backend="cpu")(*args)), expected,
+                       tolerance=BACKEND_TOLERANCE)
+
+
 def test_no_epilogue_without_the_backends_rule():
     """A backend whose lowering chain has no "epilogue" rule for the contraction keeps the chain apart."""
     program, _ = _program("conv_batch_norm_relu")

@@ -824,7 +824,7 @@ class Scheduler:
             for leaf in it.leaves:
                 c = producer.get(leaf)
                 if c is not None and self._takes_epilogue(c, leaf, it, uses, reshaped) and \
-                        not self._reads_own_target(c, it, jaxpr):
+                        not self._reads_own_target(c, it, jaxpr) and not _read_elsewhere(leaf, it, items):
                     c.absorbed = True
                     it.contraction = c
                     it.result = leaf
@@ -2508,6 +2508,14 @@ def _through_views(deps) -> set:
         else:
             out.add(d)
     return out
+
+
+def _read_elsewhere(var, item, items) -> bool:
+    """Does a live item other than `item` read `var`? (An expression that recomputes an inlined producer where it
+    reads a window of it, Scheduler._absorb_inlined, reads that producer's operands: no `uses` counts those.)"""
+    return any(o is not item and not o.absorbed and
+               any(_base_of(a) is var for a in (o.leaves if o.raw_expr is not None else o.eqn.inputs))
+               for o in items)
 
 
 def _reads(item) -> list:
