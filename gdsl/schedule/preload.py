@@ -144,11 +144,23 @@ def _eligible(task, block: int) -> bool:
         return False
     if op.kind == ROWS.name:
         shape = op.params[ROW_SHAPE]
-        if not is_cell_chain(op.params[STEPS], shape):
+        if not is_cell_chain(op.params[STEPS], shape) or not _thread_per_element(shape[-1], block):
             return False
     elif op.kind != FUSED.name and family_of(op.kind) != ELEMENTWISE:
         return False
     return op.params.get("chunk", math.prod(element_shape(op))) <= block
+
+
+# The C-family backends lay a row shorter than the block on a group of lanes (rows.row_group: the next power of two,
+# up to a warp): thread t computes element t only where the group is the row, a power of two no longer than the
+# smallest warp, or where the row is the whole block (a row of 6 on groups of 8 lanes: thread 9 computes element 7,
+# and a preload of element 9 for it fed the op another element's value; found by a randomized sweep, session 33).
+SMALLEST_WARP = 32
+
+
+def _thread_per_element(length: int, block: int) -> bool:
+    """Does thread t of a ROWS uTask of rows `length` long compute element t (see SMALLEST_WARP)?"""
+    return length == block or (length & (length - 1) == 0 and length <= SMALLEST_WARP)
 
 
 def element_shape(op) -> tuple:
