@@ -49,6 +49,7 @@ from gdsl.schedule.plan import (
     is_cell_chain,
     walk,
 )
+from gdsl.schedule.rows import row_group
 
 # Off: no preloads (for A/B timing).
 PRELOAD_STEP_READS = True
@@ -151,16 +152,17 @@ def _eligible(task, block: int) -> bool:
     return op.params.get("chunk", math.prod(element_shape(op))) <= block
 
 
-# The C-family backends lay a row shorter than the block on a group of lanes (rows.row_group: the next power of two,
-# up to a warp): thread t computes element t only where the group is the row, a power of two no longer than the
-# smallest warp, or where the row is the whole block (a row of 6 on groups of 8 lanes: thread 9 computes element 7,
-# and a preload of element 9 for it fed the op another element's value; found by a randomized sweep, session 33).
-SMALLEST_WARP = 32
+# The warps of the C-family dialects (CUDA's 32 lanes, HIP's 32 or 64): a ROWS uTask lays its rows on groups of
+# lanes of one of them (rows.row_group), and the scheduler does not know which.
+WARPS = (32, 64)
 
 
 def _thread_per_element(length: int, block: int) -> bool:
-    """Does thread t of a ROWS uTask of rows `length` long compute element t (see SMALLEST_WARP)?"""
-    return length == block or (length & (length - 1) == 0 and length <= SMALLEST_WARP)
+    """Does thread t of a cell chain's uTask of rows `length` long compute element t on every C-family warp: the
+    whole block on each row in turn, or a group of lanes exactly as long as the row? (A row of 6 on groups of 8
+    lanes: thread 9 computes element 7, and a preload of element 9 for it fed the op another element's value;
+    found by a randomized sweep, session 33.)"""
+    return all(row_group(length, False, block, warp) in (None, length) for warp in WARPS)
 
 
 def element_shape(op) -> tuple:
