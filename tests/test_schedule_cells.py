@@ -376,3 +376,24 @@ def test_lstm_batch_64_cells_take_one_round():
     cells = [t for s in loop.body if isinstance(s, Wave) for t in s.tasks if t.op.kind == ROWS.name]
     assert len(cells) == 10
     assert all(t.op.params["rows"] == 4 and t.op.n_utasks == 16 <= t.count for t in cells)
+
+
+# ----------------------------------------------------------------------------------- an iota in a chain
+def _arange_one_where(x, k):
+    return gnp.where(gnp.arange(1) == k, gnp.tanh(x + 1.0), x)
+
+
+def _arange_one_add(x):
+    return gnp.tanh(x + gnp.arange(1))
+
+
+@needs_cxx
+@pytest.mark.parametrize("fn, args", [(_arange_one_where, (np.float32([0.5]), np.int32(0))),
+                                      (_arange_one_add, (np.float32([0.5]),))], ids=["where", "add"])
+def test_a_one_element_iota_in_a_chain(fn, args):
+    """`arange(1)` reads no variable: the chain finder asked its items for their first input, and an iota has
+    none (IndexError on every C-family backend; found by a randomized sweep, the suite's D = 1 programs)."""
+    expected = interpreted(gdsl.make_ir(fn)(*args), args)
+    assert_trees_close(emulated(fn, args, grid=1, block=32), expected, tolerance=BACKEND_TOLERANCE)
+    assert_trees_close(emulated(fn, args, grid=2, block=64, dialect=EmulatedHIPDialect(64)), expected,
+                       tolerance=BACKEND_TOLERANCE)

@@ -106,10 +106,10 @@ def cell_shape(it, max_length) -> tuple | None:
 
 
 def _input_vars(it) -> list:
-    """The variables a candidate item reads, once per read."""
+    """The variables a candidate item reads, once per read (none for an iota: `arange(1)` is a one-element row)."""
     if it.raw_expr is not None:
         return [node.params["var"] for node in _input_nodes(it.raw_expr)]
-    return [it.eqn.inputs[0]]
+    return list(it.eqn.inputs[:1])
 
 
 def _input_nodes(expr) -> list:
