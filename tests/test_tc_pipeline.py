@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import needs_cxx, needs_nvrtc, zoo_lowered
+from strategies import cuda_lowering, needs_cxx, needs_nvrtc, zoo_lowered
 
 import gdsl
 import gdsl.numpy as gnp
@@ -339,15 +339,26 @@ def test_zoo_batch64_kernels_compile_with_it(name, options, pipelined):
     assert toolchain.compile_cuda(source, "sm_90")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_takes_the_emulated_tiles(name, pipelined):
+    """What test_gpu_matmul asserts on the GPU, checked without one: CUDA's dialect at the emulated grid and block
+    gives each case the emulated tile."""
+    m, k, n, batch, options, tile = CASES[name]
+    a, b = rng_pair(m, k, n, batch)
+    assert tile in cuda_lowering(lambda a, b: gnp.matmul(a, b), (a, b), grid=4, block=BLOCK, **options).source
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_gpu_matmul(name, pipelined):
+    """The emulated cases' tiles on the GPU: their grid and block (the card's own grid would split these small
+    GEMMs into 16 x 16 tiles, which the tile's warp grid of a 256-thread block does not divide)."""
     import cupy as cp
-    m, k, n, batch, options, _ = CASES[name]
+    m, k, n, batch, options, tile = CASES[name]
     a, b = rng_pair(m, k, n, batch)
-    fn = gdsl.jit(lambda a, b: gnp.matmul(a, b), backend="cuda", **options)
+    fn = gdsl.jit(lambda a, b: gnp.matmul(a, b), backend="cuda", grid=4, block=BLOCK, **options)
     got = cp.asnumpy(fn(cp.asarray(a), cp.asarray(b)))
-    assert "gdsl_gemm_tile_tcp<" in fn.lower(a, b).source.split("pipelined tensor-core tile shape")[-1]
+    assert tile in fn.lower(a, b).source
     np.testing.assert_allclose(got, a.astype(np.float64) @ b.astype(np.float64), rtol=1e-5, atol=2e-5 * np.sqrt(k))
 
 
