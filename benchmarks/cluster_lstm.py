@@ -436,7 +436,8 @@ def max_active_clusters(fn, grid: int, threads: int, smem: int) -> int | None:
         driver = ctypes.CDLL("libcuda.so.1")
         config = LaunchConfig((grid, 1, 1), (threads, 1, 1), smem, None, None, 0)
         count = ctypes.c_int(0)
-        status = driver.cuOccupancyMaxActiveClusters(ctypes.byref(count), ctypes.c_void_p(fn.ptr), ctypes.byref(config))
+        function = ctypes.c_void_p(fn.kernel.ptr)          # (the RawKernel's CUfunction)
+        status = driver.cuOccupancyMaxActiveClusters(ctypes.byref(count), function, ctypes.byref(config))
         return count.value if status == 0 else None
     except (OSError, AttributeError):
         return None
@@ -470,7 +471,7 @@ def run_gpu(cfg: lstm.Config, cluster: int, threads: int, launches: int, layout:
     clustered = layout.cluster_sync or layout.dsmem
     if clustered and cluster > 8:
         driver = ctypes.CDLL("libcuda.so.1")
-        driver.cuFuncSetAttribute(ctypes.c_void_p(fn.ptr), NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+        driver.cuFuncSetAttribute(ctypes.c_void_p(fn.kernel.ptr), NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
     grid = L * cluster
     row = {"cluster": cluster, "threads": threads, "grid": grid, "smem_bytes": smem, "input_part": input_part,
            "layout": layout.name, "registers": fn.num_regs,

@@ -1,5 +1,5 @@
 """Index wraps of values that are never negative: an IR-to-IR pass the scheduler runs first (option
-`index_ranges=True`, off until timed).
+`index_ranges`, on unless `index_ranges=False`).
 
 `gnp.take(table, i)` wraps negative indices as numpy does: `where(i < 0, i + n, i)`, three elementwise
 equations before the gather. When `i` can never be negative the test is always false and the `where` is `i`

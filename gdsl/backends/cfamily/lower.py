@@ -106,7 +106,7 @@ def _lower(program, opts, grid: int, dialect, sms: int | None, resident: int) ->
                     index_ranges=opts.get("index_ranges") is not False,                  # (on unless False)
                     concat_k=opts.get("concat_k"), k_parts=dialect.lowering_chain,
                     thin_gemv=opts.get("thin_gemv"),
-                    row_gathers=dialect.lowering_chain if opts.get("row_views") else (),
+                    row_gathers=() if opts.get("row_views") is False else dialect.lowering_chain,  # (on unless False)
                     siblings=() if opts.get("siblings") is False else dialect.lowering_chain,
                     row_blocks=dialect.lowering_chain,
                     flags=dialect.flag_syncs if opts.get("flags") is None else opts["flags"],
