@@ -63,3 +63,35 @@ def test_emulator_matches_the_interpreter(case):
 def test_cuda_source_compiles():
     for q, k in CASES.values():
         assert cuda_toolchain.compile_cuda(_source(q, k), "sm_90")[:4] == b"\x7fELF"
+
+
+# ------------------------------------------------------------------------------- a transposed left operand
+def left_transposed(a, w):
+    return gnp.matmul(a.T, w)
+
+
+LEFT = {                                                   # (M, K, N, grid, block)
+    "gemv rows": (16, 64, 4, 1, 64),                       # (a segfault: vector loads from a's misaligned columns)
+    "gemm": (22, 560, 4, 4, 256),                          # (an error of 73 on values up to 61)
+    "small": (12, 32, 8, 1, 32),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", list(LEFT))
+def test_a_transposed_left_operand_is_read_element_by_element(case):
+    """`A.T @ W` (A [K, M]): the left operand's k are M apart, so the tiles get no address for it (their vector loads
+    and copies assume consecutive k) and stage it through its loader. Found by a randomized sweep: before, the
+    emulator crashed or was wrong while the CPU backend was right."""
+    m, k, n, grid, block = LEFT[case]
+    a, w = _f32(k, m), _f32(k, n)
+    expected = a.T.astype(np.float64) @ w.astype(np.float64)
+    got = emulate(left_transposed, a, w, grid=grid, block=block)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.sqrt(k))
+
+
+@needs_nvrtc
+def test_a_transposed_left_operand_compiles():
+    m, k, n, _, _ = LEFT["gemm"]
+    source = gdsl.jit(left_transposed, backend="cuda").lower(_f32(k, m), _f32(k, n)).source
+    assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

@@ -232,10 +232,11 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         load_a, address_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m"), None
     else:
         load_a = f"return ({acc})({a.at(f'a0 + m * {K} + k')});"
-        address_a = f"return {a.address(f'a0 + m * {K} + k')};"
+        # (a view whose k is not its source's last axis, as A.T's, is read element by element: its k are apart)
+        address_a = f"return {a.address(f'a0 + m * {K} + k')};" if _unit_stride_k(a) else None
     return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
-        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=True, b_contiguous_k=kmajor,
+        store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=_unit_stride_k(a), b_contiguous_k=kmajor,
         # (addresses of operands in memory only: a one-element operand may be a scalar, a uniform's register)
         address_a=address_a if float32 and not a.flag and not a.scalar else None,
         address_b=address_b if float32 and not b.scalar else None, gemv_kc=_gemv_kc(M, K, parts),
@@ -307,6 +308,12 @@ def _gathered_row(ops: OpRenderer) -> str:
     clamped into the table as take clamps it."""
     index, high = ops.ins[ops.op.params[ROW_INDEX]], ops.ins[0].value.rows.high
     return f"long long r = (long long)({index.at('m')}); r = r < 0 ? 0 : (r > {high} ? {high} : r);"
+
+
+def _unit_stride_k(a) -> bool:
+    """Are left operand `a`'s consecutive k consecutive in memory: no transposed view (cfamily/views.py), or one
+    that keeps the last axis last."""
+    return a.remap is None or a.remap[2][-1] == len(a.remap[2]) - 1
 
 
 def _transposed_matrix(b) -> bool:
