@@ -136,12 +136,15 @@ def keep_resident(loop: Loop, budget: int, partitioned: bool = False, pad: int =
     written = _written(loop) if budget > 0 and (partitioned or not loop.parts) else None
     if written is None:
         return loop
-    used: dict[int, int] = {}            # vEU -> bytes of its resident region taken
+    # A loop's regions start past those of the loops nested in it (placed first: loops are scheduled inside out),
+    # whose tiles each iteration stages anew while this loop's must hold from its start to its end.
+    start = _regions_end(walk(loop.cond + loop.body))
+    used: dict[int, int] = {}            # vEU -> bytes of its resident region taken (from `start`)
     placed: dict = {}                    # the same tiles on the same vEUs -> their offset (_tiles_key)
     body, left = [], 0                   # (left: eligible tasks that did not fit)
     for stmt in loop.body:
         if isinstance(stmt, Wave):
-            tasks = tuple(_resident_task(task, written, used, placed, budget, pad) for task in stmt.tasks)
+            tasks = tuple(_resident_task(task, written, used, placed, budget, pad, start) for task in stmt.tasks)
             left += sum(_candidate(task, written) and RESIDENT not in task.op.params for task in tasks)
             stmt = Wave(tasks)
         body.append(stmt)
@@ -158,7 +161,8 @@ def _candidate(task: Task, written: set) -> bool:
     return isinstance(b.storage, Buffer) and b.storage not in written and not b.dynamic and not b.perm
 
 
-def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int, pad: int = 0) -> Task:
+def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: int, pad: int = 0,
+                   start: int = 0) -> Task:
     if not _candidate(task, written):
         return task
     op = task.op
@@ -170,7 +174,7 @@ def _resident_task(task: Task, written: set, used: dict, placed: dict, budget: i
     if offset is None:
         size = tile_bytes(op) * n_slots
         veus = range(task.first, task.first + min(task.count, task.op.n_utasks))
-        offset = -(-max(used.get(v, 0) for v in veus) // ALIGN) * ALIGN
+        offset = -(-max(used.get(v, start) for v in veus) // ALIGN) * ALIGN
         if offset + size > budget:
             return task
         for v in veus:
