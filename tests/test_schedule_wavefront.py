@@ -4,6 +4,7 @@ that stage s runs step k - s; the skewed program typechecks and computes exactly
 and the plan of a stacked recurrence has fewer waves and grid barriers per iteration."""
 import numpy as np
 import pytest
+from strategies import BACKEND_TOLERANCE, assert_trees_close, emulated, interpreted, needs_cxx, simulated
 from test_schedule import check_plan
 
 import gdsl
@@ -285,3 +286,49 @@ def test_random_chains_on_the_backends(seed):
         got = emulator.emulate(fn, *args, grid=3, block=64, wavefront=True)
         for g, w in zip(gdsl.tree_flatten(got)[0], want):
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def aliased_carries(xs, W, h0):
+    """Two carries take the same new value (`h = c`) from different initial values: the stage reading
+    `h` must see h's initial value first, not c's."""
+    def step(t, state):
+        h, c, g = state
+        c = gnp.tanh(xs[t] + h @ W[0])
+        h = c
+        return h, c, gnp.tanh(h @ W[1] + g)
+    return gdsl.fori_loop(0, xs.shape[0], step, (h0, gnp.zeros((1, H)), gnp.zeros((1, H))))
+
+
+def aliased_carries_concat(xs, W0, W1, h0):
+    """The same with the second cell reading [h, g]: skewed by the default at grid 2, 64 threads a vEU."""
+    def step(t, state):
+        h, c, g = state
+        c = gnp.tanh(xs[t] + h @ W0)
+        h = c
+        return h, c, gnp.tanh(gnp.concatenate([h, g], axis=-1) @ W1)
+    return gdsl.fori_loop(0, xs.shape[0], step, (h0, gnp.zeros((1, 29)), gnp.zeros((1, 29))))
+
+
+ALIASED = [
+    (aliased_carries, (XS[:3], _w(2, H, H), _w(1, H, scale=1.0)), {"wavefront": True}),
+    (aliased_carries_concat, (_w(3, 1, 29, scale=1.0), _w(29, 29, scale=0.18), _w(58, 29, scale=0.13),
+                              _w(1, 29, scale=1.0)), {}),
+]
+
+
+@pytest.mark.parametrize("fn, args, options", ALIASED, ids=[fn.__name__ for fn, _, _ in ALIASED])
+def test_carries_sharing_a_new_value_are_skewed_right(fn, args, options):
+    program, skewed = _skewed(fn, *args)
+    assert len(_loops(skewed)) == 1
+    plan = schedule(program, grid=2, block=64, **options)
+    plain = schedule(program, grid=2, block=64, wavefront=False)
+    assert _loop_counts(plan)[0] < _loop_counts(plain)[0]         # (the plan is skewed)
+    assert_trees_close(simulated(plan, args), interpreted(program, args), tolerance=BACKEND_TOLERANCE)
+
+
+@needs_cxx
+@pytest.mark.parametrize("fn, args, options", ALIASED, ids=[fn.__name__ for fn, _, _ in ALIASED])
+def test_emulated_carries_sharing_a_new_value(fn, args, options):
+    want = interpreted(gdsl.make_ir(fn)(*args), args)
+    got = emulated(fn, args, grid=2, block=64, **options)
+    assert_trees_close(got, want, tolerance=BACKEND_TOLERANCE)

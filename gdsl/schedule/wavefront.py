@@ -222,7 +222,8 @@ class _Skew:
         self.shifted: dict[int, object] = {}     # stage -> the original step it runs (k - s)
         self.valid: dict[int, Var] = {}          # stage -> bool: lo <= k - s < hi
         # a value that is the new value of a carry (masked in its stage) -> that carry's binder, which holds
-        # it one iteration late
+        # it one iteration late (of carries sharing a new value, any one serves a later stage's read: they
+        # differ only before the value's first step, when the reader's step is not valid either)
         body, counter = loop.body, loop.counter
         produced = {v for e in body.eqns for v in e.outs}
         self.carry_of_out = {out: b for j, (b, out) in enumerate(zip(loop.carries, body.outs))
@@ -285,7 +286,10 @@ class _Skew:
                     inputs.append(self.late(a, s - self.stage[producer[a]]))
                 elif a in carry_binders:
                     out = carry_binders[a]
-                    inputs.append(self.late(out, 1 + s - self.stage[producer[out]]))
+                    d = 1 + s - self.stage[producer[out]]
+                    # `a` itself is `out` one iteration late; carry_of_out may name another carry with the
+                    # same new value, whose first value (its initial one) differs from a's
+                    inputs.append(self.late(out, d) if self.carry_of_out[out] is a else self.late(a, d - 1))
                 else:
                     inputs.append(a)
             new_eqns.append(Eqn(e.primitive, tuple(inputs), e.params, e.outs))
