@@ -64,8 +64,10 @@ TENSOR_CORE_BELOW = 4
 # the operands' addresses are known (A along k; B along n, or resident): 3xTF32 fed by TC_STAGES shared-memory
 # stages of TC_BK k that cp.async fills ahead, one block barrier a stage, before the wide FFMA tile. What session 8
 # found missing (its tensor-core tiles on the FFMA tile's single-buffered staging were no faster): built in session
-# 32 without a GPU, checked on the emulator (emulator.EmulatedTensorCores) and by NVRTC, off until it is timed
-# (benchmarks/tc_wave.py times the same tile on one wave of the LSTM's batch-64 GEMMs; kernel_ab the models).
+# 32 without a GPU, checked on the emulator (emulator.EmulatedTensorCores) and by NVRTC. Off: timed in session 34
+# (H200, kernel µs) it was slower than the wide FFMA tile on every batch-64 row: LSTM 2450 -> 3082 (4 stages 2962),
+# NASRNN 8634 -> 9956, Seq2seq 533 -> 646; each vEU runs one tile of K = 256 a step, which the stages' fill and
+# barriers do not amortize (benchmarks/tc_wave.py times the tile on one wave of the LSTM's GEMMs; kernel_ab the models).
 TC_PIPELINE = False
 TC_STAGES = 3
 TC_BK = 32
