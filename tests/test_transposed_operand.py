@@ -80,8 +80,8 @@ LEFT = {                                                   # (M, K, N, grid, blo
 @needs_cxx
 @pytest.mark.parametrize("case", list(LEFT))
 def test_a_transposed_left_operand_is_read_element_by_element(case):
-    """`A.T @ W` (A [K, M]): the left operand's k are M apart, so the tiles get no address for it (their vector loads
-    and copies assume consecutive k) and stage it through its loader. Found by a randomized sweep: before, the
+    """`A.T @ W` (A [K, M]): the left operand's k are M apart, so it is no k-contiguous A (the tiles' vector loads
+    and copies assume consecutive k) and they stage it through its loader. Found by a randomized sweep: before, the
     emulator crashed or was wrong while the CPU backend was right."""
     m, k, n, grid, block = LEFT[case]
     a, w = _f32(k, m), _f32(k, n)

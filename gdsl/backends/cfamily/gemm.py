@@ -234,10 +234,11 @@ def matmul_gemm(ops: OpRenderer) -> Gemm:
         load_a, address_a = load_a_parts(ops, acc, f"({a_off}) * {M} + m"), None
     else:
         load_a = f"return ({acc})({a.at(f'a0 + m * {K} + k')});"
-        # (a view whose k is not its source's last axis, as A.T's, is read element by element: its k are apart)
-        address_a = f"return {a.address(f'a0 + m * {K} + k')};" if _unit_stride_k(a) else None
+        address_a = f"return {a.address(f'a0 + m * {K} + k')};"
     return Gemm(
         M, N, K, math.prod(bshape), setup=setup, load_a=load_a, load_b=load_b,
+        # (a view whose k is not its source's last axis, as A.T's, is no k-contiguous A: the tiles neither load it
+        # four k at a time nor copy it, whatever its address)
         store=store_output(ops, f"c0 + m * {N} + n", "v"), a_contiguous_k=_unit_stride_k(a), b_contiguous_k=kmajor,
         # (addresses of operands in memory only: a one-element operand may be a scalar, a uniform's register)
         address_a=address_a if float32 and not a.flag and not a.scalar else None,
