@@ -535,6 +535,32 @@ def test_floor_barriers_are_those_of_the_generated_cuda(case, control, monkeypat
     assert count.grid_barriers <= count.plan_grid_barriers
 
 
+# The default cuda plans of the zoo's loops at the paper's sizes (lowered without a GPU): grid barriers per step
+# of the time loop, as docs/schedule.md's "Recurrent loops of the zoo" counts them, and no work in the loop that
+# reads only what the loop never writes (issue 11's criterion for the LSTM and NASRNN loops).
+LOOP_BARRIERS_PER_STEP = {("lstm", 1): 1, ("lstm", 64): 2, ("nasrnn", 1): 0, ("nasrnn", 64): 2,
+                          ("seq2seq", 1): 2, ("seq2seq", 64): 4, ("attention", 1): 0, ("attention", 64): 0}
+
+
+@pytest.mark.parametrize("name,batch", LOOP_BARRIERS_PER_STEP, ids=[f"{n}-bs{b}" for n, b in LOOP_BARRIERS_PER_STEP])
+def test_zoo_loops_at_paper_size_keep_no_invariant_work_and_their_barriers(name, batch):
+    from gdsl.schedule.scheduler import loop_grid_barriers, loop_invariant_work
+    prob = common.build_problem(load(name), batch)
+    lowered = prob.model.make_forward(prob.cfg, backend="cuda").lower(prob.weights, prob.batches[0])
+    plan = lowered.lowering.plan
+    assert loop_invariant_work(plan) == []
+    assert loop_grid_barriers(plan) == LOOP_BARRIERS_PER_STEP[name, batch]
+
+
+def test_invariant_work_left_in_a_loop_is_found():
+    """Without LICM (hoist=False) the LSTM's bias sums stay in its loop, and the check names them."""
+    from gdsl.schedule.scheduler import loop_invariant_work
+    prob = small_problem("lstm", 2, {})
+    lowered = prob.model.make_forward(prob.cfg, backend="cuda", hoist=False).lower(prob.weights, prob.batches[0])
+    found = loop_invariant_work(lowered.lowering.plan)
+    assert found and all(name.endswith("_add") for name in found)
+
+
 @needs_cpu_backend
 @pytest.mark.parametrize("case", FLOOR_CASES, ids=case_id)
 def test_floor_count_computing_only_control_values_is_the_full_count(case):

@@ -3219,6 +3219,39 @@ def loop_grid_barriers(plan) -> float:
     return barriers / plan.stats.get("steps_per_iteration", 1)
 
 
+def loop_invariant_work(plan) -> list[str]:
+    """What the kernels' top-level loops compute (the Ops of their waves and their uniform ops, nested
+    statements included) from nothing those loops write: work that could run once before the loop (LICM's
+    leftovers, licm.py). A read counts through a view's run-time offsets and gathered rows' indices too."""
+    found = []
+    for loop in (s for k in plan.kernels for s in k.body if isinstance(s, Loop)):
+        stmts = list(walk(loop.cond + loop.body))
+        written = {id(v.storage) for s in stmts for v in _written_values(s)}
+        for s in stmts:
+            if isinstance(s, Wave):
+                found += [t.op.name for t in s.tasks if not _reads_any(t.op.inputs, written)]
+            elif isinstance(s, Uniforms):
+                found += [repr(u.output) for u in s.ops if not _reads_any(u.inputs, written)]
+    return found
+
+
+def _written_values(stmt) -> list:
+    if isinstance(stmt, Wave):
+        return [v for t in stmt.tasks for v in t.op.outputs]
+    if isinstance(stmt, Uniforms):
+        return [u.output for u in stmt.ops]
+    return [stmt.dst] if isinstance(stmt, Assign) else []
+
+
+def _reads_any(values, storages) -> bool:
+    def read(v):
+        yield v.storage
+        yield from (t.index.storage for t in v.terms if isinstance(t.index, Value))
+        if v.rows is not None:
+            yield v.rows.index.storage
+    return any(id(s) in storages for v in values for s in read(v))
+
+
 def _checked(transformed, program):
     """`transformed` (a pass's result), typechecked when the pass changed anything."""
     if transformed is not program:
