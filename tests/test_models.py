@@ -552,6 +552,16 @@ def test_zoo_loops_at_paper_size_keep_no_invariant_work_and_their_barriers(name,
     assert loop_grid_barriers(plan) == LOOP_BARRIERS_PER_STEP[name, batch]
 
 
+@pytest.mark.parametrize("name", ["lstm", "nasrnn"])
+def test_zoo_loops_at_batch_64_take_one_grid_barrier_a_step_with_owner_computes(name):
+    """The dependences need one grid barrier a step (the new state to every vEU); the default plans keep two,
+    because the owner-computes layout that needs one is slower at batch 64 (docs/schedule.md): it is built."""
+    from gdsl.schedule.scheduler import loop_grid_barriers
+    prob = common.build_problem(load(name), 64)
+    lowered = prob.model.make_forward(prob.cfg, backend="cuda", owner=True).lower(prob.weights, prob.batches[0])
+    assert loop_grid_barriers(lowered.lowering.plan) == 1
+
+
 def test_invariant_work_left_in_a_loop_is_found():
     """Without LICM (hoist=False) the LSTM's bias sums stay in its loop, and the check names them."""
     from gdsl.schedule.scheduler import loop_invariant_work
