@@ -1,6 +1,7 @@
-"""A matmul whose left operand is a window at a run-time offset of a program input (`xs[t] @ W` in a loop)
-prefetches the next window into L2 (cfamily/views.py, PREFETCH_NEXT_WINDOW): which ops take it, what the
-generated code passes and does, that the emulator still computes what the interpreter computes, and that NVRTC
+"""L2 prefetches of a matmul's left operand (cfamily/views.py): a window at a run-time offset of a program input
+(`xs[t] @ W` in a loop) prefetches the next window (PREFETCH_NEXT_WINDOW); rows gathered from a program input
+(`E[idx] @ W`) are prefetched by the GEMM tile that reads them as it starts (PREFETCH_GATHERED_ROWS). Which ops take
+them, what the generated code does, that the emulator still computes what the interpreter computes, and that NVRTC
 compiles it."""
 import numpy as np
 import pytest
@@ -68,3 +69,50 @@ def test_nvrtc_compiles_the_prefetch():
     lowering = cuda_lowering(streamed, _args(), grid=4, hoist=False)
     source = lowering.rendered.source
     assert cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"
+
+
+def gathered(E, idx, W, U):
+    """Rows of a table gathered at run-time indices feed a matmul of more rows than a GEMV takes (a GEMM tile), once
+    from the input table and once from a table the program computes (no prefetch: the kernel writes it)."""
+    return gnp.take(E, idx, axis=0) @ W + gnp.take(gnp.tanh(E), idx[::-1], axis=0) @ U
+
+
+def _gathered_args(rows=20, k=36):
+    idx = rng.integers(-60, 60, rows).astype(np.int32)       # out of range both ways: take wraps, then clamps
+    return ((rng.standard_normal((40, k)) * 0.5).astype(np.float32), idx,
+            (rng.standard_normal((k, 24)) * 0.2).astype(np.float32),
+            (rng.standard_normal((k, 24)) * 0.2).astype(np.float32))
+
+
+def test_gathered_rows_of_an_input_table_are_prefetched_by_their_gemm_tile():
+    lowering = cuda_lowering(gathered, _gathered_args(), grid=4)
+    takers = [op for op in plan_ops(lowering.plan) if views.prefetches_gathered_rows(op)]
+    assert [op.inputs[0].buffer.kind for op in takers] == ["input"]
+    source = lowering.rendered.source
+    # each of a tile's rows in 128-byte lines (36 floats: two lines a row), the row clamped into the table
+    assert source.count('prefetch.global.L2 [%0];" :: "l"((i0 + (int)r * 36 + l_ % 2 * 32))') == 1
+    assert "r > 39 ? 39 : r" in source
+
+
+def test_a_gemv_of_gathered_rows_takes_no_prefetch():
+    lowering = cuda_lowering(gathered, _gathered_args(rows=4), grid=4)
+    assert "prefetch.global.L2" not in lowering.rendered.source
+
+
+def test_gathered_rows_prefetch_switched_off(monkeypatch):
+    monkeypatch.setattr(views, "PREFETCH_GATHERED_ROWS", False)
+    assert "prefetch.global.L2" not in cuda_lowering(gathered, _gathered_args(), grid=4).rendered.source
+
+
+@needs_cxx
+@pytest.mark.parametrize("grid", [1, 3])
+def test_emulated_gathered_rows_match_the_interpreter(grid):
+    args = _gathered_args()
+    expected = interpreted(gdsl.make_ir(gathered)(*args), args)
+    assert_trees_close(emulated(gathered, args, grid=grid, block=64), expected, tolerance=BACKEND_TOLERANCE)
+
+
+@needs_nvrtc
+def test_nvrtc_compiles_the_gathered_rows_prefetch():
+    source = cuda_lowering(gathered, _gathered_args(), grid=4).rendered.source
+    assert "prefetch.global.L2" in source and cuda_toolchain.compile_cuda(source, "sm_90")[:4] == b"\x7fELF"

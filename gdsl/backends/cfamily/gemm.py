@@ -15,7 +15,7 @@ import numpy as np
 
 from gdsl.backends.cfamily import types as c_types
 from gdsl.backends.cfamily.ops import OpRenderer, broadcast_index
-from gdsl.backends.cfamily.views import window_store_index
+from gdsl.backends.cfamily.views import prefetches_gathered_rows, window_store_index
 from gdsl.core.ir import subjaxprs, walk_eqns
 from gdsl.primitives.control import while_p
 from gdsl.primitives.linalg import matmul_p
@@ -313,6 +313,17 @@ def _gathered_row(ops: OpRenderer) -> str:
     return f"long long r = (long long)({index.at('m')}); r = r < 0 ? 0 : (r > {high} ? {high} : r);"
 
 
+def _gathered_rows_prefetch(ops: OpRenderer, rows: int, M: int, K: int) -> str:
+    """C loop: the uTask's threads bring the table rows its tile reads (rows ti * rows .. of a gathered-row A,
+    plan.ROW_INDEX) into the L2, a 128-byte line each (views.prefetches_gathered_rows)."""
+    a = ops.ins[0]
+    per_line = 128 // a.dtype.itemsize
+    lines_a_row = -(-K // per_line)
+    line = ops.dialect.prefetch_template.format(ptr=a.address(f"(int)r * {K} + l_ % {lines_a_row} * {per_line}"))
+    return (f"  for (int l_ = (int){ops.dialect.thread_index}; l_ < {rows * lines_a_row}; l_ += {ops.block}) {{ "
+            f"const int m = ti * {rows} + l_ / {lines_a_row}; if (m < {M}) {{ {_gathered_row(ops)} {line}; }} }}")
+
+
 def _unit_stride_k(a) -> bool:
     """Are left operand `a`'s consecutive k consecutive in memory: no transposed view (cfamily/views.py), or one
     that keeps the last axis last."""
@@ -477,6 +488,8 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         lines.append(f"  const int k0_ = bt / {gemm.batch // splits} * {kc}, "
                      f"kd_ = {K} - k0_ < {kc} ? {K} - k0_ : {kc};")
         depth, shift = "kd_", "k += k0_; "
+    elif not gemv and prefetches_gathered_rows(ops.op):
+        lines.append(_gathered_rows_prefetch(ops, tm, M, K))
     lines.append(f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};")
     loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {shift}{gemm.load_a} }};",     # (the wide tile may add
                f"  auto lb = [&](int k, int n) -> {acc} {{ {shift}{gemm.load_b} }};"]     # the address loaders pa, pb)

@@ -89,6 +89,23 @@ def prefetches_next_window(op) -> bool:
     return len(a.terms) == 1 and a.buffer is not None and a.buffer.kind in ("input", "const") and a.perm is None
 
 
+# A matmul whose left operand is rows gathered from a read-only table (`E[idx] @ W`, plan.ROW_INDEX: a take
+# folded into the matmul) has its GEMM tiles prefetch the rows they read into L2 as they start: the tile then waits
+# for the table's DRAM once, not once a stage (Seq2seq bs64's `x @ W_ih` on embedding rows: 4.77 us a tile against
+# 3.58 for `h @ W_hh` beside it in the same wave, session 35's profile). A hint only, inside the table (the indices
+# clamped as take clamps them); a GEMV-shaped tile stages its rows at once and gains nothing from it.
+PREFETCH_GATHERED_ROWS = True
+
+
+def prefetches_gathered_rows(op) -> bool:
+    """Do the GEMM tiles of `op` prefetch their gathered rows (PREFETCH_GATHERED_ROWS): a matmul whose input 0
+    is rows gathered from a program input or const (memory the kernel never writes)."""
+    if not PREFETCH_GATHERED_ROWS or op.kind != matmul_p.name or ROW_INDEX not in op.params:
+        return False
+    a = op.inputs[0]
+    return a.buffer is not None and a.buffer.kind in ("input", "const")
+
+
 def next_window_pointer(base: str, value, elem) -> str:
     """C pointer to the window after `value`'s (its one run-time term's index plus one, clamped into the source
     as the view's is): what prefetches_next_window's uTask prefetches."""
