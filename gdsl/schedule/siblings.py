@@ -7,8 +7,9 @@ on each vEU: A staged, a reduction, a store, three times for Attention's `x @ Wq
 Op (plan.N_PARTS) uTask t stages A once and computes the columns of all of them in one pass, each part's
 columns stored where its own op stored them (a window of the K/V cache included, plan.StoreWindow).
 Siblings whose B waits in shared memory (resident.py) merge where their tiles lie one after another in the vEUs'
-resident regions (keep_resident places a wave's matmuls in order): the merged op's region is theirs, a round's
-tiles of every part one after another (gemm.stage_resident); resident and read siblings stay apart.
+resident regions (keep_resident places a wave's matmuls in order) and each vEU keeps one tile of each (one slot):
+the merged op's region is theirs, every part's tile where it was (gemm.stage_resident); resident and read siblings
+stay apart.
 
 Each vEU does what it did (the same uTask t of every part, on the same vEU), so the barriers the plan
 chose stay right; the pass runs on the finished plan. Only for a backend whose lowering chain has the
@@ -111,11 +112,14 @@ def _key(task, written):
 
 def _follows(task, group) -> bool:
     """May `task` join `group` as its next part: its B's resident tiles (if any) start where the group's end, so
-    that the parts' regions are one region (resident.py): the merged op keeps it, a round's tiles part by part."""
+    that the parts' regions are one region (resident.py): the merged op keeps it, a round's tiles part by part.
+    Only with one slot a vEU: then every part's tile stays where it was, which another op sharing that part's
+    region (the same B, split and vEUs: resident._tiles_key) still reads; with a slot a round the merged op would
+    lay the region out round by round, not part by part, under that op's reads."""
     if RESIDENT not in task.op.params:
         return True
     start, count, n_slots = group[0].op.params[RESIDENT]
-    return task.op.params[RESIDENT] == (start + n_slots * sum(tile_bytes(t.op) for t in group), count, n_slots)
+    return n_slots == 1 and task.op.params[RESIDENT] == (start + sum(tile_bytes(t.op) for t in group), count, 1)
 
 
 def _wave(wave, written, count) -> Wave:
