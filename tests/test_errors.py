@@ -348,3 +348,26 @@ def test_error_classes():
     err = gdsl.CompileError("nvrtc failed", log="kernel.cu(3): error: x", source="a\nb", line="b")
     assert isinstance(err, RuntimeError) and (err.log, err.source, err.line) == ("kernel.cu(3): error: x",
                                                                                 "a\nb", "b")
+
+
+@pytest.mark.parametrize("dialect", ["cuda", "hip", "emulator"])
+def test_arrays_past_32_bit_indices_are_refused_by_the_c_family(dialect):
+    """The C family indexes arrays with 32-bit ints: an array (an input here, a gathered table, an intermediate)
+    of more elements than they address is refused before anything is rendered, not read at wrapped indices
+    (ShapeDtype: nothing is allocated)."""
+    from gdsl.backends.cfamily.emulator import EmulatorDialect
+    from gdsl.backends.cfamily.lower import MAX_ELEMENTS, check_options, lower_with_grid
+    from gdsl.backends.cuda.dialect import CUDADialect
+    from gdsl.backends.hip.dialect import HIPDialect
+    d = {"cuda": CUDADialect, "hip": HIPDialect, "emulator": EmulatorDialect}[dialect]()
+    opts = check_options({"control": "device", "block": 256, "barrier": "atomic"}, d)
+
+    def lower(fn, *shapes):
+        return lower_with_grid(gdsl.make_ir(fn)(*shapes), opts, 8, d)
+    table = gdsl.ShapeDtype((2**20 + 8, 4096), gdsl.float32)         # 2**32 + 32768 elements
+    rows, w = gdsl.ShapeDtype((64,), gdsl.int32), gdsl.ShapeDtype((4096, 64), gdsl.float32)
+    with pytest.raises(ValueError, match=r"32-bit ints: f32\[1048584,4096\] has 4295000064 elements"):
+        lower(lambda E, idx, W: E[idx] @ W, table, rows, w)
+    with pytest.raises(ValueError, match="use the cpu backend"):            # an intermediate, from a small input
+        lower(lambda x: gnp.broadcast_to(x, (2**16, 2**16))[0] * 2.0, gdsl.ShapeDtype((2**16,), gdsl.float32))
+    assert lower(lambda x: x * 2.0, gdsl.ShapeDtype((MAX_ELEMENTS,), gdsl.float32)).plan is not None

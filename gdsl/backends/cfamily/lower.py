@@ -9,6 +9,7 @@ from __future__ import annotations
 from gdsl.backends.cfamily import gemm
 from gdsl.backends.cfamily.executor import Lowering
 from gdsl.backends.cfamily.render import render_plan
+from gdsl.core.ir import walk_eqns
 from gdsl.profiling.sites import trace_sites
 from gdsl.schedule import local, schedule
 from gdsl.schedule.plan import Fork, Wave, plan_statements
@@ -20,6 +21,11 @@ KNOWN_OPTIONS = frozenset({"control", "grid", "block", "unroll", "partition", "w
                            "index_ranges", "concat_k", "thin_gemv", "row_views", "siblings", "flags", "double_temps",
                            "smem_temps", "split_k", "place_workspace", "peel"})
 DEFAULT_BLOCK = 256
+# The C family indexes arrays with 32-bit ints (element numbers, offsets, loop bounds, a thread's next element one
+# block further): a program with an array of more elements than that leaves room for is refused, not run with
+# indices that wrap (session 35's sweep: a table of 2**32 elements read at wrapped rows, a segfault on the emulator;
+# an elementwise op over 2**31 + 64 elements whose bound wrapped). The margin covers strides and padded tiles.
+MAX_ELEMENTS = 2**31 - 2**24
 # The jit option smem_temps when not given (local.py): block-local temps of loop bodies only; True (every temp)
 # is a switch for measuring what the straight-line ones give.
 SMEM_TEMPS = local.LOOPS
@@ -90,7 +96,19 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     return _lower(program, opts, grid, dialect, sms, resident_budget(opts, grid, sms or grid, dialect))
 
 
+def check_sizes(program, dialect) -> None:
+    """Refuse `program` when one of its arrays (arguments, constants, results, any intermediate, in loops and
+    branches too) has more than MAX_ELEMENTS elements: the generated code's int indices would wrap."""
+    avals = [v.aval for v in program.jaxpr.in_binders]
+    avals += [v.aval for eqn in walk_eqns(program.jaxpr) for v in eqn.outs]
+    big = max(avals, key=lambda a: a.size, default=None)
+    if big is not None and big.size > MAX_ELEMENTS:
+        raise ValueError(f"the {dialect.name} backend indexes arrays with 32-bit ints: {big} has {big.size} elements, "
+                         f"more than it can address (at most {MAX_ELEMENTS}); split the array or use the cpu backend")
+
+
 def _lower(program, opts, grid: int, dialect, sms: int | None, resident: int) -> Lowering:
+    check_sizes(program, dialect)
     epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     rows = () if opts.get("rows") is False else dialect.lowering_chain
     # (a contraction storing into an in-place update's window: off with the epilogues, or on its own)
