@@ -112,7 +112,7 @@ def _key(task, written):
 
 def _follows(task, group) -> bool:
     """May `task` join `group` as its next part: its B's resident tiles (if any) start where the group's end, so
-    that the parts' regions are one region (resident.py): the merged op keeps it, a round's tiles part by part.
+    that the parts' regions are one region (resident.py): the merged op keeps it, its tiles part by part.
     Only with one slot a vEU: then every part's tile stays where it was, which another op sharing that part's
     region (the same B, split and vEUs: resident._tiles_key) still reads; with a slot a round the merged op would
     lay the region out round by round, not part by part, under that op's reads."""

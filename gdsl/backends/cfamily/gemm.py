@@ -488,7 +488,7 @@ def gemm_tiles(ops: OpRenderer, gemm: Gemm, scratch: str = "smem", a_in_place: b
         lines.append(f"  const int k0_ = bt / {gemm.batch // splits} * {kc}, "
                      f"kd_ = {K} - k0_ < {kc} ? {K} - k0_ : {kc};")
         depth, shift = "kd_", "k += k0_; "
-    elif not gemv and prefetches_gathered_rows(ops.op):
+    elif not gemv and prefetches_gathered_rows(ops.op):        # (a tile of a k range only takes no hint)
         lines.append(_gathered_rows_prefetch(ops, tm, M, K))
     lines.append(f"  auto sc = [&](int m, int n, {acc} v) {{ {gemm.store} }};")
     loaders = [f"  auto la = [&](int m, int k) -> {acc} {{ {shift}{gemm.load_a} }};",     # (the wide tile may add
