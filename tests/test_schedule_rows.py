@@ -131,8 +131,23 @@ LOOPS = {
     "softmax_steps": (softmax_steps, lambda: (_f32(8, 1, 32),)),
     "layer_norm_steps": (layer_norm_steps, lambda: (_f32(4, 48), _f32(48, 48, scale=0.2))),
 }
+def range_of_rows(x):
+    """Two reductions of the same rows combined per row: the chain from the min reads the max, one value per row,
+    in its per-row step (not broadcast along the row, as a row step's operands are)."""
+    return gnp.max(x, axis=-1) - gnp.min(x, axis=-1)
+
+
+def scaled_range(x, s):
+    """A per-row operand from memory (s, one value per row) read by a per-row step, and by a row step too."""
+    return gnp.max(x, axis=-1) * s - gnp.min(x, axis=-1) + gnp.sum(x * s, axis=-1)
+
+
 PARTIAL = {"max_feeds_a_uniform": (max_feeds_a_uniform, lambda: (_f32(7, 20),)),
-           "matmul_between": (matmul_between, lambda: (_f32(6, 24), _f32(24, 24)))}
+           "matmul_between": (matmul_between, lambda: (_f32(6, 24), _f32(24, 24))),
+           "range_of_rows": (range_of_rows, lambda: (_f32(2, 3),)),
+           "range_of_square_rows": (range_of_rows, lambda: (_f32(3, 3),)),
+           "scaled_range": (scaled_range, lambda: (_f32(4, 4), _f32(4)))}
+PER_ROW = ["range_of_rows", "range_of_square_rows", "scaled_range"]
 ALL = {**FUSING, **NOT_FUSING, **LOOPS, **PARTIAL}
 
 
@@ -314,6 +329,19 @@ def test_partitioned_rows_stay_on_their_veu():
     assert loop.parts == 8
     (op,) = _rows_ops(plan)
     assert op.n_utasks == 8 and op.params["rows"] == 1
+
+
+@pytest.mark.parametrize("name", PER_ROW)
+def test_per_row_reads_are_the_rows_own(name):
+    """A per-row step reads element r of a per-row operand for row r: the scheduler's hazards and the simulator's
+    race checks read it so (they broadcast it along the row, right-aligned, and crashed or, on square rows, saw
+    the wrong elements); the plan computes what the interpreter does at every grid."""
+    program, args = _program(name)
+    expected = interpreted(program, args)
+    for grid in (1, 2, 3, 5):
+        plan = schedule(program, grid=grid, rows=CHAIN)
+        assert _rows_ops(plan)
+        assert_trees_close(simulated(plan, args), expected, tolerance=BACKEND_TOLERANCE)
 
 
 @needs_cxx

@@ -43,7 +43,7 @@ from gdsl.schedule.plan import (
     row_count,
     sibling_parts,
 )
-from gdsl.schedule.shares import MOVES, broadcast_source, moved_from
+from gdsl.schedule.shares import MOVES, broadcast_source, moved_from, row_chain_reads
 
 NONE, SEVERAL = -1, -2
 MAX_TRACKED = 1 << 23        # elements tracked per segment; beyond it every barrier stays a grid barrier
@@ -264,11 +264,12 @@ def _read(task, k, out_veus):
     in_aval, out = value.aval, op.outputs[0].aval
     if value.dynamic:       # a view at a run-time offset (plan.Value.terms): its whole storage, conservatively
         return storage_elements(value, None), _one_or_several(task)
-    if op.kind == ROWS.name and value.aval.size > 1:      # read broadcast to the row shape, by each row's vEU
+    if op.kind == ROWS.name and value.aval.size > 1:      # read by each row's vEU (shares.row_chain_reads)
         shape = op.params[ROW_SHAPE]
         e = np.arange(int(np.prod(shape)))
         veus = task.first + _row_utask(op, e.size, e) % task.count
-        return storage_elements(value, broadcast_source(shape, in_aval.shape, e)), veus
+        sources = row_chain_reads(op, k, e)
+        return storage_elements(value, np.concatenate(sources)), np.tile(veus, len(sources))
     if out_veus is not None and (op.kind in (FUSED.name, COPY.name) or family_of(op.kind) == ELEMENTWISE or
                                  k in epilogue_operands(op)):
         if in_aval.size == 1:

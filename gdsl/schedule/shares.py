@@ -28,11 +28,13 @@ from gdsl.schedule.plan import (
     ROW_INDEX,
     ROW_SHAPE,
     ROWS,
+    STEPS,
     WINDOW_COPY,
     a_parts,
     chain_input,
     chunk_elements,
     epilogue_operands,
+    fold_expr,
     k_range,
     row_chunk,
     row_count,
@@ -138,13 +140,11 @@ def read_share(op, k, t, starts=()):
         return read_share(part, number, t, starts)
     if k in epilogue_operands(op):
         return _broadcast_share(op, k, write_share(op, t))
-    if op.kind == ROWS.name:             # each input is read broadcast to the row shape, in the uTask's rows
-        shape = op.params[ROW_SHAPE]
-        in_aval = op.inputs[k].aval
-        flat = row_elements(op, math.prod(shape), t)
-        if in_aval.size == 1:
+    if op.kind == ROWS.name:             # each input is read in the uTask's rows (row_chain_reads)
+        flat = row_elements(op, math.prod(op.params[ROW_SHAPE]), t)
+        if op.inputs[k].aval.size == 1:
             return np.zeros(1, np.int64) if flat.size else flat
-        return broadcast_source(shape, in_aval.shape, flat)
+        return np.concatenate(row_chain_reads(op, k, flat))
     if op.kind in utasks.REDUCE_KINDS:
         return _reduce_share(op, write_share(op, t))
     if N_PARTS in op.params:            # sibling matmuls: A as every part reads it, B_i as part i
@@ -162,6 +162,24 @@ def read_share(op, k, t, starts=()):
     if op.kind not in (FUSED.name, COPY.name):
         return None
     return _broadcast_share(op, k, write_share(op, t))
+
+
+def row_chain_reads(op, k, flat) -> list:
+    """For elements `flat` of a ROWS op's row shape S, the elements of its input k that they read, one array for
+    each way the chain reads it (rows.py): broadcast to S (numpy, right-aligned) where a row step or a reduction
+    reads it, the element of their row where a per-row step (shape S[:-1] or S[:-1] + (1,)) does."""
+    shape = tuple(op.params[ROW_SHAPE])
+    in_shape = op.inputs[k].aval.shape
+    shapes = {shape if step.reduce is not None else tuple(step.aval.shape)
+              for step in op.params[STEPS] if k in _inputs_read(step.expr)}
+    return [broadcast_source(shape, in_shape, flat) if s == shape else broadcast_source(s, in_shape, flat // shape[-1])
+            for s in sorted(shapes)] or [broadcast_source(shape, in_shape, flat)]
+
+
+def _inputs_read(expr) -> set:
+    """The input numbers an expression (plan.Expr) reads."""
+    return fold_expr(expr, lambda node, args: set().union(*args, {node.params["index"]} if node.op == "input"
+                                                          else set()))
 
 
 def _broadcast_share(op, k, flat):
