@@ -85,6 +85,7 @@ def lower_with_grid(program, opts, grid: int, dialect, sms: int | None = None) -
     program takes the pipelined tensor-core tile, the weights first get the budget its stages of A alone leave
     (the tiles of resident B stage nothing else); if the kernel then needs more shared memory than the share
     (a tile whose B is not resident staging it too), it is scheduled again with the budget of B staged."""
+    check_sizes(program, dialect)
     if opts.get("tensor_cores") is False:       # (the dialect object is this lowering's own)
         dialect.tensor_cores = False
     dialect.pipelined_tiles = gemm.pipelined_program(dialect, program)
@@ -108,7 +109,6 @@ def check_sizes(program, dialect) -> None:
 
 
 def _lower(program, opts, grid: int, dialect, sms: int | None, resident: int) -> Lowering:
-    check_sizes(program, dialect)
     epilogues = () if opts.get("epilogue") is False else dialect.lowering_chain
     rows = () if opts.get("rows") is False else dialect.lowering_chain
     # (a contraction storing into an in-place update's window: off with the epilogues, or on its own)
